@@ -1,1 +1,42 @@
-//! fanmq
+//! fanmq: an MQTT 3.1.1 broker for massive fan-out.
+//!
+//! One pinned glommio executor per core (a *shard*) owns its listener socket
+//! (SO_REUSEPORT), its connections, its sessions, its subscription router and
+//! its replica of the retained store. Shards talk only over glommio's bounded
+//! channel mesh. A PUBLISH decoded on one shard is delivered to that shard's
+//! subscribers, then handed once (in a batch) to every other shard, which
+//! delivers it to its own. Outgoing frames are encoded once per shard and
+//! shared as `Bytes`; each subscriber is flushed with one vectored send of
+//! everything queued for it.
+//!
+//! The map, in data-path order:
+//! - [`broker`]: start the shard pool, join the mesh, shut down gracefully.
+//! - [`listener`]: SO_REUSEPORT sockets, the accept loop, connection limits.
+//! - [`connection`]: one client: read ► decode ► act ► write, keep-alive.
+//! - [`codec`]: MQTT 3.1.1 / 3.1 packets, decode and encode.
+//! - [`session`]: the session state machine: QoS flows, inflight, queues.
+//! - [`shard`]: what one core owns; routing and flushing.
+//! - [`router`], [`topic`]: the subscription trie, topic validation/matching.
+//! - [`retain`]: retained messages.
+//! - [`registry`]: client-id home shards and take-over across shards.
+//! - [`mesh`]: the messages shards exchange.
+//! - [`message`], [`outqueue`]: a message, its shared frames, the write queue.
+//! - [`sys`]: counters and `$SYS` topics.
+//! - [`config`], [`os`]: configuration; host limits, logging, systemd.
+
+pub mod broker;
+pub mod codec;
+pub mod config;
+pub mod connection;
+pub mod listener;
+pub mod mesh;
+pub mod message;
+pub mod os;
+pub mod outqueue;
+pub mod registry;
+pub mod retain;
+pub mod router;
+pub mod session;
+pub mod shard;
+pub mod sys;
+pub mod topic;

@@ -1,1 +1,111 @@
-fn main() {}
+//! The `fanmq` binary: parse flags and config, set up logging, run the broker
+//! until SIGTERM or SIGINT; SIGHUP re-reads the log level.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use clap::Parser;
+use log::{error, info, warn};
+
+use fanmq::broker;
+use fanmq::config::{Cli, Config};
+use fanmq::os;
+
+/// How often the main thread checks for signals.
+const SIGNAL_POLL: Duration = Duration::from_millis(50);
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::load(&cli) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("fanmq: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    os::init_logging(&config.log_level);
+    let nofile = match os::raise_nofile_limit() {
+        Ok(limit) => Some(limit),
+        Err(e) => {
+            warn!("cannot read or raise the open-file limit: {e}");
+            None
+        }
+    };
+    for warning in os::consistency_warnings(
+        config.max_connections,
+        config.backlog,
+        nofile,
+        os::somaxconn(),
+    ) {
+        warn!("{warning}");
+    }
+    let config_file = config.config_file.clone();
+    let terminate = Arc::new(AtomicBool::new(false));
+    let reload = Arc::new(AtomicBool::new(false));
+    for (signal, flag) in [
+        (signal_hook::consts::SIGTERM, &terminate),
+        (signal_hook::consts::SIGINT, &terminate),
+        (signal_hook::consts::SIGHUP, &reload),
+    ] {
+        if let Err(e) = signal_hook::flag::register(signal, flag.clone()) {
+            error!("cannot install the handler for signal {signal}: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    let broker = match broker::start(config) {
+        Ok(broker) => broker,
+        Err(e) => {
+            error!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let listeners: Vec<String> = broker.listen_addrs.iter().map(|a| a.to_string()).collect();
+    let files = nofile.map_or("unknown".to_string(), |l| {
+        format!("soft {} (was {}) hard {}", l.soft, l.soft_before, l.hard)
+    });
+    info!(
+        "fanmq {} started: {} shards on CPUs {:?}, listening on {}, open files {files}",
+        env!("CARGO_PKG_VERSION"),
+        broker.shard_cpus.len(),
+        broker.shard_cpus,
+        listeners.join(", "),
+    );
+    os::notify_systemd(sd_notify::NotifyState::Ready);
+    while !terminate.load(Ordering::SeqCst) {
+        std::thread::sleep(SIGNAL_POLL);
+        if reload.swap(false, Ordering::SeqCst) {
+            reload_log_level(config_file.as_deref());
+        }
+    }
+    info!("shutting down");
+    os::notify_systemd(sd_notify::NotifyState::Stopping);
+    broker.shutdown();
+    match broker.wait() {
+        Ok(()) => {
+            info!("stopped");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            error!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// SIGHUP: re-read the log level from the config file.
+fn reload_log_level(path: Option<&std::path::Path>) {
+    let Some(path) = path else {
+        info!("SIGHUP: no config file to re-read");
+        return;
+    };
+    match Config::reload_log_level(path) {
+        Ok(Some(level)) => {
+            os::set_log_level(&level);
+            info!("SIGHUP: log level is now {level}");
+        }
+        Ok(None) => info!("SIGHUP: config file sets no log level"),
+        Err(e) => warn!("SIGHUP: {e}"),
+    }
+}

@@ -1,0 +1,282 @@
+//! Starting and stopping the broker: the shard pool, the mesh, the listeners.
+//!
+//! [`start`] binds every listener (one SO_REUSEPORT socket per shard), starts
+//! one glommio executor per shard pinned to its CPU, joins the channel mesh,
+//! and returns once every shard accepts connections. [`Broker::shutdown`]
+//! stops accepting, closes client connections and lets the shards end;
+//! [`Broker::wait`] joins them. The binary's `main` and the end-to-end tests
+//! both go through here, so tests run the real broker on port 0.
+
+use std::cell::RefCell;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use glommio::channels::channel_mesh::MeshBuilder;
+use glommio::{LocalExecutorPoolBuilder, PoolPlacement, PoolThreadHandles};
+use log::{debug, info, warn};
+
+use crate::config::Config;
+use crate::connection::{self, CloseReason};
+use crate::listener::{self, ListenerSet};
+use crate::mesh::{self, ShardMsg};
+use crate::shard::{Ctx, Shard};
+use crate::sys;
+
+/// How often a shard checks the shutdown flag (and the keep-alive sweep
+/// period): short enough that SIGTERM takes effect at once for a person.
+const POLL_PERIOD: Duration = Duration::from_millis(50);
+
+/// How often each shard sweeps for keep-alive timeouts.
+const KEEP_ALIVE_SWEEP: Duration = Duration::from_millis(500);
+
+/// How long shutdown waits for client connections to close.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+
+/// How long [`start`] waits for every shard to be ready.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Errors starting or running the broker.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// A listener could not be set up.
+    #[error(transparent)]
+    Listener(#[from] listener::ListenerError),
+    /// `--cpus` names a CPU the process may not run on.
+    #[error("CPU {0} is not in this process's affinity mask (see taskset / CPUAffinity=)")]
+    CpuNotAllowed(usize),
+    /// The executor pool failed to start.
+    #[error("cannot start the shard executors: {0}")]
+    Executor(String),
+    /// A shard failed.
+    #[error("shard failed: {0}")]
+    Shard(String),
+    /// Shards did not all become ready in time.
+    #[error("shards did not start within {0:?}")]
+    StartTimeout(Duration),
+}
+
+/// A running broker.
+pub struct Broker {
+    /// The addresses actually listened on (port 0 resolved).
+    pub listen_addrs: Vec<SocketAddr>,
+    /// The CPU each shard is pinned to.
+    pub shard_cpus: Vec<usize>,
+    /// Set to stop the broker.
+    shutdown: Arc<AtomicBool>,
+    /// The shard threads.
+    handles: PoolThreadHandles<Result<(), String>>,
+}
+
+/// A cloneable handle that stops the broker.
+#[derive(Clone, Debug)]
+pub struct ShutdownHandle(Arc<AtomicBool>);
+
+impl ShutdownHandle {
+    /// Begins a graceful shutdown.
+    pub fn shutdown(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Broker {
+    /// A handle that stops this broker from another thread.
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        ShutdownHandle(self.shutdown.clone())
+    }
+
+    /// Begins a graceful shutdown.
+    pub fn shutdown(&self) {
+        self.shutdown.store(true, Ordering::SeqCst);
+    }
+
+    /// Waits for every shard to end.
+    ///
+    /// # Errors
+    /// A shard that failed or panicked.
+    pub fn wait(self) -> Result<(), BrokerError> {
+        for result in self.handles.join_all() {
+            match result {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(BrokerError::Shard(e)),
+                Err(e) => return Err(BrokerError::Shard(format!("{e}"))),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The CPUs shards run on: `--cpus` (checked against the affinity mask) or
+/// the process's affinity mask, so taskset and systemd's CPUAffinity= hold.
+///
+/// # Errors
+/// A requested CPU outside the mask.
+pub fn choose_cpus(config: &Config) -> Result<Vec<usize>, BrokerError> {
+    let allowed: Vec<usize> = core_affinity::get_core_ids()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|c| c.id)
+        .collect();
+    match &config.cpus {
+        Some(list) => {
+            if let Some(&cpu) = list
+                .iter()
+                .find(|c| !allowed.is_empty() && !allowed.contains(c))
+            {
+                return Err(BrokerError::CpuNotAllowed(cpu));
+            }
+            Ok(list.clone())
+        }
+        None if allowed.is_empty() => {
+            Ok((0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect())
+        }
+        None => Ok(allowed),
+    }
+}
+
+/// Starts the broker and returns once every shard accepts connections.
+///
+/// # Errors
+/// Listeners that cannot be bound, CPUs outside the affinity mask, executor
+/// start-up failures.
+pub fn start(config: Config) -> Result<Broker, BrokerError> {
+    let cpus = choose_cpus(&config)?;
+    let nr_shards = config.shards.unwrap_or(cpus.len()).max(1);
+    let shard_cpus: Vec<usize> = (0..nr_shards).map(|i| cpus[i % cpus.len()]).collect();
+    let mut sets: Vec<ListenerSet> = Vec::new();
+    for addr in &config.listen {
+        sets.push(listener::bind(*addr, nr_shards, config.backlog)?);
+    }
+    let listen_addrs: Vec<SocketAddr> = sets.iter().map(|s| s.addr).collect();
+    let listener_fds: Arc<Vec<(SocketAddr, Vec<i32>)>> =
+        Arc::new(sets.into_iter().map(|s| (s.addr, s.fds)).collect());
+
+    let config = Arc::new(config);
+    let shutdown = Arc::new(AtomicBool::new(false));
+    let ready = Arc::new(AtomicUsize::new(0));
+    let connections = Arc::new(AtomicUsize::new(0));
+    let mesh = MeshBuilder::<ShardMsg, _>::full(nr_shards, config.mesh_capacity);
+    let pinned = Arc::new(shard_cpus.clone());
+
+    let shard_main = {
+        let shutdown = shutdown.clone();
+        let ready = ready.clone();
+        move || {
+            run_shard(ShardSetup {
+                config,
+                mesh,
+                listener_fds,
+                pinned,
+                shutdown,
+                ready,
+                connections,
+            })
+        }
+    };
+    let handles = LocalExecutorPoolBuilder::new(PoolPlacement::Unbound(nr_shards))
+        .name("fanmq-shard")
+        .on_all_shards(shard_main)
+        .map_err(|e| BrokerError::Executor(e.to_string()))?;
+
+    let started = Instant::now();
+    while ready.load(Ordering::SeqCst) < nr_shards {
+        if started.elapsed() > START_TIMEOUT {
+            shutdown.store(true, Ordering::SeqCst);
+            return Err(BrokerError::StartTimeout(START_TIMEOUT));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(Broker {
+        listen_addrs,
+        shard_cpus,
+        shutdown,
+        handles,
+    })
+}
+
+/// What every shard's thread starts with.
+struct ShardSetup {
+    config: Arc<Config>,
+    mesh: MeshBuilder<ShardMsg, glommio::channels::channel_mesh::Full>,
+    listener_fds: Arc<Vec<(SocketAddr, Vec<i32>)>>,
+    pinned: Arc<Vec<usize>>,
+    shutdown: Arc<AtomicBool>,
+    ready: Arc<AtomicUsize>,
+    connections: Arc<AtomicUsize>,
+}
+
+/// One shard, from joining the mesh to the end of its shutdown.
+async fn run_shard(setup: ShardSetup) -> Result<(), String> {
+    let nr_shards = setup.pinned.len();
+    let (senders, receivers) = setup
+        .mesh
+        .join()
+        .await
+        .map_err(|e| format!("cannot join the shard mesh: {e}"))?;
+    let id = senders.peer_id();
+    let cpu = setup.pinned[id];
+    if !core_affinity::set_for_current(core_affinity::CoreId { id: cpu }) {
+        warn!("shard {id}: cannot pin to CPU {cpu}");
+    }
+    let ctx = Ctx {
+        shard: Rc::new(RefCell::new(Shard::new(
+            id,
+            nr_shards,
+            setup.config.clone(),
+        ))),
+        mesh: Rc::new(senders),
+        id,
+        nr_shards,
+    };
+    let receivers = Rc::new(receivers);
+    for peer in (0..nr_shards).filter(|&p| p != id) {
+        glommio::spawn_local(mesh::receive_from(ctx.clone(), peer, receivers.clone())).detach();
+    }
+    glommio::spawn_local(connection::keep_alive_sweeper(
+        ctx.clone(),
+        KEEP_ALIVE_SWEEP,
+    ))
+    .detach();
+    if !setup.config.sys_interval.is_zero() {
+        glommio::spawn_local(sys::sys_task(ctx.clone(), setup.config.sys_interval)).detach();
+    }
+    let mut accept_tasks = Vec::new();
+    for (addr, fds) in setup.listener_fds.iter() {
+        let fd = fds[id];
+        accept_tasks.push(
+            glommio::spawn_local(listener::accept_loop(
+                ctx.clone(),
+                fd,
+                *addr,
+                setup.connections.clone(),
+            ))
+            .detach(),
+        );
+    }
+    debug!("shard {id} ready on CPU {cpu}");
+    setup.ready.fetch_add(1, Ordering::SeqCst);
+
+    while !setup.shutdown.load(Ordering::SeqCst) {
+        glommio::timer::sleep(POLL_PERIOD).await;
+    }
+    {
+        let mut shard = ctx.shard.borrow_mut();
+        shard.shutting_down = true;
+        for (_, session) in shard.sessions.iter() {
+            if let Some(link) = &session.link {
+                link.signal.close(CloseReason::Shutdown);
+            }
+        }
+    }
+    for task in accept_tasks {
+        let _ = task.await;
+    }
+    let deadline = Instant::now() + SHUTDOWN_GRACE;
+    while setup.connections.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+        glommio::timer::sleep(Duration::from_millis(10)).await;
+    }
+    info!("shard {id} stopped");
+    Ok(())
+}

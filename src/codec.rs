@@ -1,0 +1,1758 @@
+//! MQTT 3.1.1 (and 3.1) server-side codec: bytes on the wire to [`Packet`]s and
+//! back.
+//!
+//! # Why fanmq owns its codec
+//!
+//! mqttbytes 0.6 refuses protocol name `MQIsdp` (MQTT 3.1, level 3), which we must
+//! accept; it does not check the fixed header's reserved flag bits, does not refuse
+//! U+0000 in strings, and allocates a `String` per topic. This module does all the
+//! wire-format checks MQTT 3.1.1 requires of a server, in one pass, without a
+//! validation layer in front of someone else's decoder.
+//!
+//! # Direction
+//!
+//! A server only *decodes* what clients send (CONNECT, PUBLISH, PUBACK, PUBREC,
+//! PUBREL, PUBCOMP, SUBSCRIBE, UNSUBSCRIBE, PINGREQ, DISCONNECT) and only *encodes*
+//! what servers send (CONNACK, PUBLISH, PUBACK, PUBREC, PUBREL, PUBCOMP, SUBACK,
+//! UNSUBACK, PINGRESP). A packet type a server must never receive is an error.
+//!
+//! # What is checked here, and what is not
+//!
+//! This module checks the *wire format*: framing, reserved bits, lengths, UTF-8,
+//! packet identifiers, protocol name and level. It does **not** check the meaning
+//! of topics: the caller must run [`crate::topic::validate_topic_name`] on
+//! [`Publish::topic`] and [`LastWill::topic`], and
+//! [`crate::topic::validate_topic_filter`] on each SUBSCRIBE / UNSUBSCRIBE filter
+//! (a bad SUBSCRIBE filter gets return code [`SUBACK_FAILURE`], not a closed
+//! connection, so that decision belongs to the session). Session-level rules (the
+//! first packet must be CONNECT, a second CONNECT is a violation, an empty client
+//! id needs CleanSession) belong to the session layer too.
+//!
+//! # Remaining length encodings that are not minimal
+//!
+//! MQTT 3.1.1 §2.2.3 describes the variable length encoding but, unlike MQTT 5
+//! (§1.5.5), does not require the minimum number of bytes. The decoder therefore
+//! accepts a non-minimal encoding (`0x80 0x00` for 0) as long as it fits in four
+//! bytes; the encoder always writes the minimal form. This cannot be abused: the
+//! four-byte bound and `max_packet_size` still apply.
+//!
+//! # Memory
+//!
+//! Decoded topics, strings and payloads are *copied* out of the read buffer into
+//! fresh `Bytes` / `ByteString` values (one allocation each) rather than sliced
+//! with `split_to().freeze()`. A slice would share the read buffer's allocation:
+//! a 10-byte payload queued for a slow subscriber would pin the whole 64 KiB read
+//! buffer it arrived in, for as long as it sits in any subscriber's queue. Copying
+//! once on the way in costs one small allocation and keeps memory proportional to
+//! what is actually queued.
+//!
+//! # Errors leave the buffer untouched
+//!
+//! On `Err`, nothing is consumed from the buffer: MQTT says the connection must be
+//! closed on any of these errors, so there is nothing to resynchronise.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytestring::ByteString;
+use thiserror::Error;
+
+/// Packet Identifier (§2.3.1): names one QoS 1/2 exchange or one SUBSCRIBE /
+/// UNSUBSCRIBE. Non-zero where the spec requires one; `0` in a QoS 0 [`Publish`].
+pub type PacketId = u16;
+
+/// Largest value the Remaining Length field can carry (§2.2.3): four bytes of seven
+/// value bits each, `0xFF 0xFF 0xFF 0x7F`.
+pub const MAX_REMAINING_LENGTH: usize = 268_435_455;
+
+/// Most bytes the Remaining Length field may take (§2.2.3). A fifth byte (the
+/// fourth still has its continuation bit set) is a malformed packet.
+pub const MAX_REMAINING_LENGTH_BYTES: usize = 4;
+
+/// Largest fixed header: the first byte plus a four-byte Remaining Length. Lets a
+/// caller size a buffer for a header it is about to write.
+pub const MAX_FIXED_HEADER_LEN: usize = 1 + MAX_REMAINING_LENGTH_BYTES;
+
+/// Largest UTF-8 string or binary field (§1.5.3): its length is a 16-bit prefix.
+pub const MAX_STRING_LEN: usize = 65_535;
+
+/// Protocol Name of MQTT 3.1.1 (§3.1.2.1), sent with level [`PROTOCOL_LEVEL_V311`].
+pub const PROTOCOL_NAME_V311: &[u8] = b"MQTT";
+
+/// Protocol Level of MQTT 3.1.1 (§3.1.2.2).
+pub const PROTOCOL_LEVEL_V311: u8 = 4;
+
+/// Protocol Name of MQTT 3.1 (IBM's "MQ Integrated SCADA Device Protocol"), still
+/// sent by old clients with level [`PROTOCOL_LEVEL_V31`].
+pub const PROTOCOL_NAME_V31: &[u8] = b"MQIsdp";
+
+/// Protocol Level of MQTT 3.1.
+pub const PROTOCOL_LEVEL_V31: u8 = 3;
+
+/// CONNACK return code (§3.2.2.3): connection accepted.
+pub const CONNACK_ACCEPTED: u8 = 0x00;
+
+/// CONNACK return code: the server does not support the requested protocol level.
+/// The answer to [`DecodeError::UnsupportedProtocolLevel`].
+pub const CONNACK_UNACCEPTABLE_PROTOCOL_VERSION: u8 = 0x01;
+
+/// CONNACK return code: the client identifier is well-formed UTF-8 but not allowed
+/// (e.g. empty with CleanSession 0, §3.1.3-8).
+pub const CONNACK_IDENTIFIER_REJECTED: u8 = 0x02;
+
+/// CONNACK return code: the server is unavailable (e.g. out of connection slots).
+pub const CONNACK_SERVER_UNAVAILABLE: u8 = 0x03;
+
+/// CONNACK return code: the user name or password is malformed or wrong.
+pub const CONNACK_BAD_USERNAME_OR_PASSWORD: u8 = 0x04;
+
+/// CONNACK return code: the client is not authorized to connect.
+pub const CONNACK_NOT_AUTHORIZED: u8 = 0x05;
+
+/// SUBACK return code (§3.9.3) refusing one topic filter; success codes are the
+/// granted QoS (0, 1 or 2).
+pub const SUBACK_FAILURE: u8 = 0x80;
+
+/// Control packet type CONNECT (§2.2.1), client to server.
+const CONNECT: u8 = 1;
+/// Control packet type CONNACK, server to client: never decoded.
+const CONNACK: u8 = 2;
+/// Control packet type PUBLISH, both directions.
+const PUBLISH: u8 = 3;
+/// Control packet type PUBACK, both directions.
+const PUBACK: u8 = 4;
+/// Control packet type PUBREC, both directions.
+const PUBREC: u8 = 5;
+/// Control packet type PUBREL, both directions.
+const PUBREL: u8 = 6;
+/// Control packet type PUBCOMP, both directions.
+const PUBCOMP: u8 = 7;
+/// Control packet type SUBSCRIBE, client to server.
+const SUBSCRIBE: u8 = 8;
+/// Control packet type SUBACK, server to client: never decoded.
+const SUBACK: u8 = 9;
+/// Control packet type UNSUBSCRIBE, client to server.
+const UNSUBSCRIBE: u8 = 10;
+/// Control packet type UNSUBACK, server to client: never decoded.
+const UNSUBACK: u8 = 11;
+/// Control packet type PINGREQ, client to server.
+const PINGREQ: u8 = 12;
+/// Control packet type PINGRESP, server to client: never decoded.
+const PINGRESP: u8 = 13;
+/// Control packet type DISCONNECT, client to server.
+const DISCONNECT: u8 = 14;
+
+/// Fixed header flags that PUBREL, SUBSCRIBE and UNSUBSCRIBE must carry (§2.2.2).
+const FLAGS_0010: u8 = 0b0010;
+
+/// PUBLISH fixed header flag: DUP, a re-delivery (§3.3.1.1).
+const PUBLISH_DUP: u8 = 0b1000;
+/// PUBLISH fixed header flag: RETAIN (§3.3.1.3).
+const PUBLISH_RETAIN: u8 = 0b0001;
+/// Shift of the two QoS bits in the PUBLISH fixed header flags (§3.3.1.2).
+const PUBLISH_QOS_SHIFT: u8 = 1;
+
+/// Connect flag bit 0: reserved, must be 0 in 3.1.1 (§3.1.2.3).
+const CONNECT_RESERVED: u8 = 0b0000_0001;
+/// Connect flag: CleanSession (§3.1.2.4).
+const CONNECT_CLEAN_SESSION: u8 = 0b0000_0010;
+/// Connect flag: Will Flag (§3.1.2.5).
+const CONNECT_WILL: u8 = 0b0000_0100;
+/// Shift of the two Will QoS bits in the connect flags (§3.1.2.6).
+const CONNECT_WILL_QOS_SHIFT: u8 = 3;
+/// Connect flag: Will Retain (§3.1.2.7).
+const CONNECT_WILL_RETAIN: u8 = 0b0010_0000;
+/// Connect flag: Password Flag (§3.1.2.9).
+const CONNECT_PASSWORD: u8 = 0b0100_0000;
+/// Connect flag: User Name Flag (§3.1.2.8).
+const CONNECT_USERNAME: u8 = 0b1000_0000;
+
+/// Quality of Service level of a PUBLISH, a will, or a subscription (§4.3).
+///
+/// Ordered, so that the effective QoS of a delivery is `min(publish, granted)` and
+/// overlapping subscriptions pick the `max`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[repr(u8)]
+pub enum QoS {
+    /// QoS 0: fire and forget, no acknowledgement.
+    AtMostOnce = 0,
+    /// QoS 1: acknowledged by PUBACK, may be duplicated.
+    AtLeastOnce = 1,
+    /// QoS 2: four-step PUBREC / PUBREL / PUBCOMP exchange, delivered once.
+    ExactlyOnce = 2,
+}
+
+impl QoS {
+    /// The QoS with wire value `value`, or `None` for 3 and above (3 is reserved
+    /// and malformed everywhere in MQTT 3.1.1).
+    pub fn from_u8(value: u8) -> Option<QoS> {
+        match value {
+            0 => Some(QoS::AtMostOnce),
+            1 => Some(QoS::AtLeastOnce),
+            2 => Some(QoS::ExactlyOnce),
+            _ => None,
+        }
+    }
+}
+
+/// Which protocol a client speaks, from its CONNECT's Protocol Name and Level.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProtocolVersion {
+    /// MQTT 3.1: Protocol Name `MQIsdp`, level 3.
+    V31,
+    /// MQTT 3.1.1: Protocol Name `MQTT`, level 4.
+    V311,
+}
+
+/// The Will Message of a CONNECT (§3.1.2.5): published by the server when the
+/// connection ends without a DISCONNECT.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LastWill {
+    /// Will Topic (§3.1.3.2). Valid UTF-8 without U+0000; the caller checks it is a
+    /// valid topic name (no wildcards) with [`crate::topic::validate_topic_name`].
+    pub topic: ByteString,
+    /// Will Message (§3.1.3.3): binary application data, possibly empty.
+    pub message: Bytes,
+    /// Will QoS (§3.1.2.6): the QoS the will is published with.
+    pub qos: QoS,
+    /// Will Retain (§3.1.2.7): whether the will is published as a retained message.
+    pub retain: bool,
+}
+
+/// A CONNECT packet (§3.1): the first packet of every connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Connect {
+    /// Protocol the client speaks (3.1 or 3.1.1).
+    pub protocol: ProtocolVersion,
+    /// CleanSession (§3.1.2.4): discard any previous session and start afresh, and
+    /// discard this one when the connection ends.
+    pub clean_session: bool,
+    /// Keep Alive (§3.1.2.10) in seconds; 0 turns the keep-alive mechanism off.
+    pub keep_alive: u16,
+    /// Client Identifier (§3.1.3.1). May be empty: the session layer then generates
+    /// one (CleanSession 1) or refuses with [`CONNACK_IDENTIFIER_REJECTED`].
+    pub client_id: ByteString,
+    /// Will Message, present when the Will Flag is set.
+    pub last_will: Option<LastWill>,
+    /// User Name (§3.1.3.4), present when the User Name Flag is set.
+    pub username: Option<ByteString>,
+    /// Password (§3.1.3.5), binary data, present when the Password Flag is set.
+    pub password: Option<Bytes>,
+}
+
+/// A PUBLISH packet (§3.3): an application message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Publish {
+    /// DUP (§3.3.1.1): this may be a re-delivery. Always false for QoS 0.
+    pub dup: bool,
+    /// QoS level of this delivery (§3.3.1.2).
+    pub qos: QoS,
+    /// RETAIN (§3.3.1.3): store this as the topic's retained message.
+    pub retain: bool,
+    /// Topic Name (§3.3.2.1). Valid UTF-8 without U+0000; the caller checks it is a
+    /// valid topic name with [`crate::topic::validate_topic_name`].
+    pub topic: ByteString,
+    /// Packet Identifier (§3.3.2.2): non-zero for QoS 1 and 2, `0` for QoS 0 (which
+    /// has none on the wire).
+    pub packet_id: PacketId,
+    /// Application payload (§3.3.3), possibly empty, in its own allocation.
+    pub payload: Bytes,
+}
+
+/// A SUBSCRIBE packet (§3.8).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Subscribe {
+    /// Packet Identifier, non-zero, echoed in the SUBACK.
+    pub packet_id: PacketId,
+    /// At least one (Topic Filter, Requested QoS) pair, in packet order; the SUBACK
+    /// answers them in the same order. Filters are valid UTF-8 without U+0000 but
+    /// not yet checked as topic filters.
+    pub filters: Vec<(ByteString, QoS)>,
+}
+
+/// An UNSUBSCRIBE packet (§3.10).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Unsubscribe {
+    /// Packet Identifier, non-zero, echoed in the UNSUBACK.
+    pub packet_id: PacketId,
+    /// At least one Topic Filter, in packet order.
+    pub filters: Vec<ByteString>,
+}
+
+/// A control packet a server can receive.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Packet {
+    /// CONNECT (§3.1): connection request.
+    Connect(Connect),
+    /// PUBLISH (§3.3): application message.
+    Publish(Publish),
+    /// PUBACK (§3.4): QoS 1 acknowledgement of a PUBLISH we sent.
+    PubAck(PacketId),
+    /// PUBREC (§3.5): QoS 2 step 1 answer to a PUBLISH we sent.
+    PubRec(PacketId),
+    /// PUBREL (§3.6): QoS 2 step 2, the client releases a PUBLISH it sent us.
+    PubRel(PacketId),
+    /// PUBCOMP (§3.7): QoS 2 step 3, completes a PUBLISH we sent.
+    PubComp(PacketId),
+    /// SUBSCRIBE (§3.8).
+    Subscribe(Subscribe),
+    /// UNSUBSCRIBE (§3.10).
+    Unsubscribe(Unsubscribe),
+    /// PINGREQ (§3.12): keep-alive.
+    PingReq,
+    /// DISCONNECT (§3.14): clean close; the will is discarded.
+    Disconnect,
+}
+
+/// Why bytes from a client are not a packet the server accepts. Every variant means
+/// "close the connection" (§4.8); only [`DecodeError::UnsupportedProtocolLevel`]
+/// is answered first (CONNACK [`CONNACK_UNACCEPTABLE_PROTOCOL_VERSION`]).
+#[derive(Clone, Debug, PartialEq, Eq, Error)]
+pub enum DecodeError {
+    /// The Remaining Length needs a fifth byte (§2.2.3).
+    #[error("malformed remaining length: more than 4 bytes")]
+    MalformedRemainingLength,
+    /// The whole packet (fixed header + remaining length) is larger than the
+    /// configured maximum; reported as soon as the Remaining Length is read.
+    #[error("packet of {size} bytes exceeds the maximum of {max} bytes")]
+    PacketTooLarge {
+        /// Size the packet announces: fixed header plus remaining length.
+        size: usize,
+        /// The configured maximum packet size.
+        max: usize,
+    },
+    /// A packet type a server must never receive: CONNACK, SUBACK, UNSUBACK,
+    /// PINGRESP, or the reserved types 0 and 15 (§2.2.1).
+    #[error("unexpected packet type {0}")]
+    UnexpectedPacketType(u8),
+    /// The fixed header's flag bits are not the ones the packet type requires:
+    /// 0b0010 for PUBREL, SUBSCRIBE and UNSUBSCRIBE, 0 for others (§2.2.2).
+    #[error("invalid fixed header flags {flags:#06b} for packet type {packet_type}")]
+    InvalidFixedHeaderFlags {
+        /// The packet type (high nibble of the first byte).
+        packet_type: u8,
+        /// The flags received (low nibble of the first byte).
+        flags: u8,
+    },
+    /// A PUBLISH with both QoS bits set: QoS 3 is reserved (§3.3.1.2, MQTT-3.3.1-4).
+    #[error("PUBLISH with QoS 3")]
+    InvalidPublishQoS,
+    /// A QoS 0 PUBLISH with DUP set (§3.3.1.1, MQTT-3.3.1-2).
+    #[error("PUBLISH with QoS 0 and DUP set")]
+    DupWithQoS0,
+    /// A UTF-8 encoded string is not valid UTF-8 or contains U+0000 (§1.5.3,
+    /// MQTT-1.5.3-1 and MQTT-1.5.3-2).
+    #[error("invalid UTF-8 string")]
+    InvalidUtf8,
+    /// The Remaining Length ends before a field the packet must contain.
+    #[error("packet shorter than its fields")]
+    Truncated,
+    /// Bytes are left after the last field the packet can contain.
+    #[error("unexpected bytes after the packet's fields")]
+    TrailingBytes,
+    /// A PUBLISH (QoS > 0), SUBSCRIBE or UNSUBSCRIBE with Packet Identifier 0
+    /// (§2.3.1, MQTT-2.3.1-1).
+    #[error("packet identifier 0")]
+    ZeroPacketId,
+    /// A SUBSCRIBE or UNSUBSCRIBE without any topic filter (MQTT-3.8.3-3,
+    /// MQTT-3.10.3-2).
+    #[error("SUBSCRIBE or UNSUBSCRIBE without topic filters")]
+    NoTopicFilters,
+    /// A SUBSCRIBE Requested QoS byte with reserved upper bits set or QoS 3
+    /// (§3.8.3.1, MQTT-3.8.3-4).
+    #[error("invalid requested QoS byte {0:#04x}")]
+    InvalidRequestedQoS(u8),
+    /// A CONNECT whose Protocol Name is neither `MQTT` nor `MQIsdp` (§3.1.2.1): the
+    /// server may close without a CONNACK (MQTT-3.1.2-1).
+    #[error("invalid protocol name")]
+    InvalidProtocolName,
+    /// A CONNECT with a known Protocol Name but another level (§3.1.2.2): answer
+    /// CONNACK [`CONNACK_UNACCEPTABLE_PROTOCOL_VERSION`], then close (MQTT-3.1.2-2).
+    #[error("unsupported protocol level {0}")]
+    UnsupportedProtocolLevel(u8),
+    /// A 3.1.1 CONNECT with the reserved connect flag set (§3.1.2.3, MQTT-3.1.2-3).
+    #[error("reserved connect flag set")]
+    ReservedConnectFlag,
+    /// Will QoS or Will Retain set without the Will Flag, or Will QoS 3
+    /// (MQTT-3.1.2-11, MQTT-3.1.2-13, MQTT-3.1.2-14).
+    #[error("invalid will flags")]
+    InvalidWillFlags,
+    /// A 3.1.1 CONNECT with the Password Flag but not the User Name Flag
+    /// (MQTT-3.1.2-22).
+    #[error("password flag without user name flag")]
+    PasswordWithoutUsername,
+}
+
+/// Why a packet cannot be encoded. The broker only re-encodes what it decoded, so
+/// these only happen at the limits (e.g. a QoS 0 PUBLISH of the largest size,
+/// delivered at QoS 1, needs two more bytes for the Packet Identifier).
+#[derive(Clone, Debug, PartialEq, Eq, Error)]
+pub enum EncodeError {
+    /// The Remaining Length would exceed [`MAX_REMAINING_LENGTH`] (§2.2.3).
+    #[error("remaining length {0} exceeds {MAX_REMAINING_LENGTH}")]
+    RemainingLengthTooLarge(usize),
+    /// A UTF-8 string is longer than [`MAX_STRING_LEN`] bytes (§1.5.3).
+    #[error("string of {0} bytes exceeds {MAX_STRING_LEN}")]
+    StringTooLong(usize),
+}
+
+/// Decodes the packet at the front of `buf`.
+///
+/// Returns `Ok(None)` while the packet is incomplete (nothing is consumed: read
+/// more and call again), and `Ok(Some(packet))` after consuming exactly that
+/// packet's bytes. `max_packet_size` bounds the whole packet (fixed header plus
+/// remaining length).
+///
+/// # Errors
+///
+/// Any [`DecodeError`]: the connection must be closed. Nothing is consumed. A
+/// packet announcing more than `max_packet_size` fails as soon as its Remaining
+/// Length is known, without waiting for its bytes.
+pub fn decode(buf: &mut BytesMut, max_packet_size: usize) -> Result<Option<Packet>, DecodeError> {
+    let Some(frame_len) = peek_frame_len(buf, max_packet_size)? else {
+        return Ok(None);
+    };
+    let Some(frame) = buf.get(..frame_len) else {
+        return Ok(None);
+    };
+    let packet = decode_frame(frame)?;
+    buf.advance(frame_len);
+    Ok(Some(packet))
+}
+
+/// Reads the fixed header at the front of `buf` and returns the length of the whole
+/// packet, so that a connection can reserve exactly what it still has to read.
+///
+/// Returns `Ok(None)` when the fixed header itself is incomplete. The packet type
+/// and the fixed header flags are checked as soon as the first byte is there.
+///
+/// # Errors
+///
+/// [`DecodeError::UnexpectedPacketType`], [`DecodeError::InvalidFixedHeaderFlags`],
+/// [`DecodeError::InvalidPublishQoS`], [`DecodeError::DupWithQoS0`],
+/// [`DecodeError::MalformedRemainingLength`], [`DecodeError::PacketTooLarge`].
+pub fn peek_frame_len(buf: &[u8], max_packet_size: usize) -> Result<Option<usize>, DecodeError> {
+    let Some((&first, rest)) = buf.split_first() else {
+        return Ok(None);
+    };
+    check_fixed_header(first)?;
+    let Some((remaining_length, length_bytes)) = decode_remaining_length(rest)? else {
+        return Ok(None);
+    };
+    let size = 1 + length_bytes + remaining_length;
+    if size > max_packet_size {
+        return Err(DecodeError::PacketTooLarge {
+            size,
+            max: max_packet_size,
+        });
+    }
+    Ok(Some(size))
+}
+
+/// Decodes a Remaining Length from the bytes that follow the first byte.
+///
+/// Returns `(value, bytes used)`, `None` when more bytes are needed. Non-minimal
+/// encodings are accepted (see the module documentation).
+///
+/// # Errors
+///
+/// [`DecodeError::MalformedRemainingLength`] when the fourth byte still has its
+/// continuation bit set.
+pub fn decode_remaining_length(bytes: &[u8]) -> Result<Option<(usize, usize)>, DecodeError> {
+    let mut value = 0usize;
+    for (index, &byte) in bytes.iter().take(MAX_REMAINING_LENGTH_BYTES).enumerate() {
+        value |= usize::from(byte & 0x7F) << (7 * index);
+        if byte & 0x80 == 0 {
+            return Ok(Some((value, index + 1)));
+        }
+    }
+    if bytes.len() >= MAX_REMAINING_LENGTH_BYTES {
+        Err(DecodeError::MalformedRemainingLength)
+    } else {
+        Ok(None)
+    }
+}
+
+/// Checks the first byte of a fixed header: a packet type a server may receive,
+/// with the flags that type requires (§2.2.2).
+fn check_fixed_header(first: u8) -> Result<(), DecodeError> {
+    let packet_type = first >> 4;
+    let flags = first & 0x0F;
+    let required = match packet_type {
+        PUBLISH => return publish_flags(flags).map(|_| ()),
+        PUBREL | SUBSCRIBE | UNSUBSCRIBE => FLAGS_0010,
+        CONNECT | PUBACK | PUBREC | PUBCOMP | PINGREQ | DISCONNECT => 0,
+        _ => return Err(DecodeError::UnexpectedPacketType(packet_type)),
+    };
+    if flags == required {
+        Ok(())
+    } else {
+        Err(DecodeError::InvalidFixedHeaderFlags { packet_type, flags })
+    }
+}
+
+/// Splits PUBLISH fixed header flags into `(dup, qos, retain)` and checks them.
+fn publish_flags(flags: u8) -> Result<(bool, QoS, bool), DecodeError> {
+    let qos =
+        QoS::from_u8((flags >> PUBLISH_QOS_SHIFT) & 0b11).ok_or(DecodeError::InvalidPublishQoS)?;
+    let dup = flags & PUBLISH_DUP != 0;
+    if dup && qos == QoS::AtMostOnce {
+        return Err(DecodeError::DupWithQoS0);
+    }
+    Ok((dup, qos, flags & PUBLISH_RETAIN != 0))
+}
+
+/// Decodes one complete frame (fixed header included) whose header was checked.
+fn decode_frame(frame: &[u8]) -> Result<Packet, DecodeError> {
+    let Some((&first, rest)) = frame.split_first() else {
+        return Err(DecodeError::Truncated);
+    };
+    let Some((_, length_bytes)) = decode_remaining_length(rest)? else {
+        return Err(DecodeError::Truncated);
+    };
+    let body = rest.get(length_bytes..).ok_or(DecodeError::Truncated)?;
+    let mut reader = Reader { rest: body };
+    let packet = match first >> 4 {
+        CONNECT => Packet::Connect(decode_connect(&mut reader)?),
+        PUBLISH => Packet::Publish(decode_publish(first & 0x0F, &mut reader)?),
+        PUBACK => Packet::PubAck(reader.u16()?),
+        PUBREC => Packet::PubRec(reader.u16()?),
+        PUBREL => Packet::PubRel(reader.u16()?),
+        PUBCOMP => Packet::PubComp(reader.u16()?),
+        SUBSCRIBE => Packet::Subscribe(decode_subscribe(&mut reader)?),
+        UNSUBSCRIBE => Packet::Unsubscribe(decode_unsubscribe(&mut reader)?),
+        PINGREQ => Packet::PingReq,
+        DISCONNECT => Packet::Disconnect,
+        other => return Err(DecodeError::UnexpectedPacketType(other)),
+    };
+    reader.finish()?;
+    Ok(packet)
+}
+
+/// Decodes a CONNECT's variable header and payload (§3.1.2, §3.1.3).
+fn decode_connect(reader: &mut Reader<'_>) -> Result<Connect, DecodeError> {
+    let name = reader.binary()?;
+    let level = reader.u8()?;
+    let protocol = match name {
+        PROTOCOL_NAME_V311 if level == PROTOCOL_LEVEL_V311 => ProtocolVersion::V311,
+        PROTOCOL_NAME_V31 if level == PROTOCOL_LEVEL_V31 => ProtocolVersion::V31,
+        PROTOCOL_NAME_V311 | PROTOCOL_NAME_V31 => {
+            return Err(DecodeError::UnsupportedProtocolLevel(level));
+        }
+        _ => return Err(DecodeError::InvalidProtocolName),
+    };
+
+    let flags = reader.u8()?;
+    // MQTT 3.1 says nothing about bit 0 and the password flag alone; be lenient
+    // with old clients and strict with 3.1.1 ones.
+    let strict = protocol == ProtocolVersion::V311;
+    if strict && flags & CONNECT_RESERVED != 0 {
+        return Err(DecodeError::ReservedConnectFlag);
+    }
+    let will_flag = flags & CONNECT_WILL != 0;
+    let will_retain = flags & CONNECT_WILL_RETAIN != 0;
+    let will_qos_bits = (flags >> CONNECT_WILL_QOS_SHIFT) & 0b11;
+    if !will_flag && (will_qos_bits != 0 || will_retain) {
+        return Err(DecodeError::InvalidWillFlags);
+    }
+    let will_qos = QoS::from_u8(will_qos_bits).ok_or(DecodeError::InvalidWillFlags)?;
+    let username_flag = flags & CONNECT_USERNAME != 0;
+    let password_flag = flags & CONNECT_PASSWORD != 0;
+    if strict && password_flag && !username_flag {
+        return Err(DecodeError::PasswordWithoutUsername);
+    }
+
+    let keep_alive = reader.u16()?;
+    let client_id = ByteString::from(reader.utf8()?);
+    let last_will = if will_flag {
+        let topic = ByteString::from(reader.utf8()?);
+        let message = Bytes::copy_from_slice(reader.binary()?);
+        Some(LastWill {
+            topic,
+            message,
+            qos: will_qos,
+            retain: will_retain,
+        })
+    } else {
+        None
+    };
+    let username = if username_flag {
+        Some(ByteString::from(reader.utf8()?))
+    } else {
+        None
+    };
+    let password = if password_flag {
+        Some(Bytes::copy_from_slice(reader.binary()?))
+    } else {
+        None
+    };
+
+    Ok(Connect {
+        protocol,
+        clean_session: flags & CONNECT_CLEAN_SESSION != 0,
+        keep_alive,
+        client_id,
+        last_will,
+        username,
+        password,
+    })
+}
+
+/// Decodes a PUBLISH's variable header and payload (§3.3.2, §3.3.3).
+fn decode_publish(flags: u8, reader: &mut Reader<'_>) -> Result<Publish, DecodeError> {
+    let (dup, qos, retain) = publish_flags(flags)?;
+    let topic = ByteString::from(reader.utf8()?);
+    let packet_id = if qos == QoS::AtMostOnce {
+        0
+    } else {
+        reader.non_zero_packet_id()?
+    };
+    let payload = Bytes::copy_from_slice(reader.take_rest());
+    Ok(Publish {
+        dup,
+        qos,
+        retain,
+        topic,
+        packet_id,
+        payload,
+    })
+}
+
+/// Decodes a SUBSCRIBE's variable header and payload (§3.8.2, §3.8.3).
+fn decode_subscribe(reader: &mut Reader<'_>) -> Result<Subscribe, DecodeError> {
+    let packet_id = reader.non_zero_packet_id()?;
+    let mut filters = Vec::new();
+    while !reader.is_empty() {
+        let filter = ByteString::from(reader.utf8()?);
+        let requested = reader.u8()?;
+        let qos = QoS::from_u8(requested).ok_or(DecodeError::InvalidRequestedQoS(requested))?;
+        filters.push((filter, qos));
+    }
+    if filters.is_empty() {
+        return Err(DecodeError::NoTopicFilters);
+    }
+    Ok(Subscribe { packet_id, filters })
+}
+
+/// Decodes an UNSUBSCRIBE's variable header and payload (§3.10.2, §3.10.3).
+fn decode_unsubscribe(reader: &mut Reader<'_>) -> Result<Unsubscribe, DecodeError> {
+    let packet_id = reader.non_zero_packet_id()?;
+    let mut filters = Vec::new();
+    while !reader.is_empty() {
+        filters.push(ByteString::from(reader.utf8()?));
+    }
+    if filters.is_empty() {
+        return Err(DecodeError::NoTopicFilters);
+    }
+    Ok(Unsubscribe { packet_id, filters })
+}
+
+/// A cursor over a packet's body that never reads past it: every read is checked
+/// and a short body is [`DecodeError::Truncated`], never a panic.
+struct Reader<'a> {
+    /// The bytes not read yet.
+    rest: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    /// Whether every byte was read.
+    fn is_empty(&self) -> bool {
+        self.rest.is_empty()
+    }
+
+    /// Reads one byte.
+    fn u8(&mut self) -> Result<u8, DecodeError> {
+        let (&byte, rest) = self.rest.split_first().ok_or(DecodeError::Truncated)?;
+        self.rest = rest;
+        Ok(byte)
+    }
+
+    /// Reads a big-endian two-byte integer (§1.5.2).
+    fn u16(&mut self) -> Result<u16, DecodeError> {
+        let high = self.u8()?;
+        let low = self.u8()?;
+        Ok(u16::from_be_bytes([high, low]))
+    }
+
+    /// Reads a Packet Identifier that must not be 0 (MQTT-2.3.1-1).
+    fn non_zero_packet_id(&mut self) -> Result<PacketId, DecodeError> {
+        match self.u16()? {
+            0 => Err(DecodeError::ZeroPacketId),
+            id => Ok(id),
+        }
+    }
+
+    /// Reads `len` bytes.
+    fn take(&mut self, len: usize) -> Result<&'a [u8], DecodeError> {
+        let (taken, rest) = self
+            .rest
+            .split_at_checked(len)
+            .ok_or(DecodeError::Truncated)?;
+        self.rest = rest;
+        Ok(taken)
+    }
+
+    /// Reads every byte left (a PUBLISH payload has no length prefix).
+    fn take_rest(&mut self) -> &'a [u8] {
+        std::mem::take(&mut self.rest)
+    }
+
+    /// Reads binary data with a two-byte length prefix (§1.5.3 framing).
+    fn binary(&mut self) -> Result<&'a [u8], DecodeError> {
+        let len = self.u16()?;
+        self.take(usize::from(len))
+    }
+
+    /// Reads a UTF-8 encoded string (§1.5.3): valid UTF-8 (which already excludes
+    /// the surrogates U+D800..U+DFFF) and no U+0000. In UTF-8 a zero byte only ever
+    /// encodes U+0000, so a byte scan finds it.
+    fn utf8(&mut self) -> Result<&'a str, DecodeError> {
+        let raw = self.binary()?;
+        if raw.contains(&0) {
+            return Err(DecodeError::InvalidUtf8);
+        }
+        std::str::from_utf8(raw).map_err(|_| DecodeError::InvalidUtf8)
+    }
+
+    /// Checks that the packet has no bytes after its last field.
+    fn finish(&self) -> Result<(), DecodeError> {
+        if self.rest.is_empty() {
+            Ok(())
+        } else {
+            Err(DecodeError::TrailingBytes)
+        }
+    }
+}
+
+/// Number of bytes the Remaining Length field takes for `len` (1 to 4).
+///
+/// Values above [`MAX_REMAINING_LENGTH`] cannot be encoded; they also return 4 and
+/// [`encode_remaining_length`] refuses them.
+pub fn remaining_length_len(len: usize) -> usize {
+    match len {
+        0..=127 => 1,
+        128..=16_383 => 2,
+        16_384..=2_097_151 => 3,
+        _ => 4,
+    }
+}
+
+/// Appends `len` as a Remaining Length (§2.2.3), in its minimal form.
+///
+/// # Errors
+///
+/// [`EncodeError::RemainingLengthTooLarge`] above [`MAX_REMAINING_LENGTH`];
+/// nothing is written then.
+pub fn encode_remaining_length(len: usize, out: &mut BytesMut) -> Result<(), EncodeError> {
+    if len > MAX_REMAINING_LENGTH {
+        return Err(EncodeError::RemainingLengthTooLarge(len));
+    }
+    let mut value = len;
+    loop {
+        // The mask makes the narrowing exact.
+        let mut byte = (value & 0x7F) as u8;
+        value >>= 7;
+        if value > 0 {
+            byte |= 0x80;
+        }
+        out.put_u8(byte);
+        if value == 0 {
+            return Ok(());
+        }
+    }
+}
+
+/// Appends a packet that is a first byte plus a two-byte Packet Identifier.
+fn encode_packet_id_packet(first: u8, packet_id: PacketId, out: &mut BytesMut) {
+    out.reserve(4);
+    out.put_u8(first);
+    out.put_u8(2);
+    out.put_u16(packet_id);
+}
+
+/// Appends a CONNACK (§3.2).
+///
+/// Session Present is only sent with return code [`CONNACK_ACCEPTED`]: a refusal
+/// must carry 0 (MQTT-3.2.2-4), so it is cleared for any other code.
+pub fn encode_connack(session_present: bool, return_code: u8, out: &mut BytesMut) {
+    let session_present = session_present && return_code == CONNACK_ACCEPTED;
+    out.reserve(4);
+    out.put_u8(CONNACK << 4);
+    out.put_u8(2);
+    out.put_u8(u8::from(session_present));
+    out.put_u8(return_code);
+}
+
+/// Appends a PUBACK (§3.4): QoS 1 acknowledgement of the client's PUBLISH.
+pub fn encode_puback(packet_id: PacketId, out: &mut BytesMut) {
+    encode_packet_id_packet(PUBACK << 4, packet_id, out);
+}
+
+/// Appends a PUBREC (§3.5): QoS 2 step 1, we received the client's PUBLISH.
+pub fn encode_pubrec(packet_id: PacketId, out: &mut BytesMut) {
+    encode_packet_id_packet(PUBREC << 4, packet_id, out);
+}
+
+/// Appends a PUBREL (§3.6): QoS 2 step 2 for a PUBLISH we sent (flags 0b0010).
+pub fn encode_pubrel(packet_id: PacketId, out: &mut BytesMut) {
+    encode_packet_id_packet(PUBREL << 4 | FLAGS_0010, packet_id, out);
+}
+
+/// Appends a PUBCOMP (§3.7): QoS 2 step 3, the client's PUBLISH is complete.
+pub fn encode_pubcomp(packet_id: PacketId, out: &mut BytesMut) {
+    encode_packet_id_packet(PUBCOMP << 4, packet_id, out);
+}
+
+/// Appends a SUBACK (§3.9) with one return code per filter of the SUBSCRIBE, in
+/// order: the granted QoS (0, 1, 2) or [`SUBACK_FAILURE`].
+///
+/// # Errors
+///
+/// [`EncodeError::RemainingLengthTooLarge`] for an impossible number of codes;
+/// nothing is written then.
+pub fn encode_suback(
+    packet_id: PacketId,
+    return_codes: &[u8],
+    out: &mut BytesMut,
+) -> Result<(), EncodeError> {
+    let remaining_length = 2usize.saturating_add(return_codes.len());
+    if remaining_length > MAX_REMAINING_LENGTH {
+        return Err(EncodeError::RemainingLengthTooLarge(remaining_length));
+    }
+    out.reserve(1 + remaining_length_len(remaining_length) + remaining_length);
+    out.put_u8(SUBACK << 4);
+    encode_remaining_length(remaining_length, out)?;
+    out.put_u16(packet_id);
+    out.put_slice(return_codes);
+    Ok(())
+}
+
+/// Appends an UNSUBACK (§3.11).
+pub fn encode_unsuback(packet_id: PacketId, out: &mut BytesMut) {
+    encode_packet_id_packet(UNSUBACK << 4, packet_id, out);
+}
+
+/// Appends a PINGRESP (§3.13).
+pub fn encode_pingresp(out: &mut BytesMut) {
+    out.reserve(2);
+    out.put_u8(PINGRESP << 4);
+    out.put_u8(0);
+}
+
+/// Remaining Length of a PUBLISH: topic with its length prefix, the Packet
+/// Identifier for QoS 1 and 2, and the payload. Saturates instead of overflowing.
+pub fn publish_remaining_length(topic_len: usize, qos: QoS, payload_len: usize) -> usize {
+    let packet_id_len = if qos == QoS::AtMostOnce { 0 } else { 2 };
+    2usize
+        .saturating_add(topic_len)
+        .saturating_add(packet_id_len)
+        .saturating_add(payload_len)
+}
+
+/// Checks a PUBLISH's sizes and returns `(topic length prefix, remaining length)`.
+fn publish_sizes(topic: &str, qos: QoS, payload_len: usize) -> Result<(u16, usize), EncodeError> {
+    let topic_len =
+        u16::try_from(topic.len()).map_err(|_| EncodeError::StringTooLong(topic.len()))?;
+    let remaining_length = publish_remaining_length(topic.len(), qos, payload_len);
+    if remaining_length > MAX_REMAINING_LENGTH {
+        return Err(EncodeError::RemainingLengthTooLarge(remaining_length));
+    }
+    Ok((topic_len, remaining_length))
+}
+
+/// Writes a PUBLISH fixed header and topic whose sizes were checked.
+fn put_publish_head(
+    topic: &str,
+    topic_len: u16,
+    remaining_length: usize,
+    flags: (QoS, bool, bool),
+    out: &mut BytesMut,
+) -> Result<(), EncodeError> {
+    let (qos, retain, dup) = flags;
+    // DUP must be 0 for QoS 0 (MQTT-3.3.1-2): never write it there.
+    let dup = dup && qos != QoS::AtMostOnce;
+    let mut first = PUBLISH << 4 | (qos as u8) << PUBLISH_QOS_SHIFT;
+    if dup {
+        first |= PUBLISH_DUP;
+    }
+    if retain {
+        first |= PUBLISH_RETAIN;
+    }
+    out.put_u8(first);
+    encode_remaining_length(remaining_length, out)?;
+    out.put_u16(topic_len);
+    out.put_slice(topic.as_bytes());
+    Ok(())
+}
+
+/// Appends a whole PUBLISH (§3.3). `packet_id` is written for QoS 1 and 2 and
+/// ignored for QoS 0; `dup` is ignored for QoS 0 (MQTT-3.3.1-2).
+///
+/// # Errors
+///
+/// [`EncodeError::StringTooLong`] for a topic over 65,535 bytes,
+/// [`EncodeError::RemainingLengthTooLarge`] for a packet too large for MQTT;
+/// nothing is written then.
+pub fn encode_publish(
+    topic: &str,
+    qos: QoS,
+    retain: bool,
+    dup: bool,
+    packet_id: PacketId,
+    payload: &[u8],
+    out: &mut BytesMut,
+) -> Result<(), EncodeError> {
+    let (topic_len, remaining_length) = publish_sizes(topic, qos, payload.len())?;
+    out.reserve(1 + remaining_length_len(remaining_length) + remaining_length);
+    put_publish_head(topic, topic_len, remaining_length, (qos, retain, dup), out)?;
+    if qos != QoS::AtMostOnce {
+        out.put_u16(packet_id);
+    }
+    out.put_slice(payload);
+    Ok(())
+}
+
+/// Appends the head of a PUBLISH whose payload (of `payload_len` bytes) is sent
+/// separately: the fixed header, whose Remaining Length counts the Packet
+/// Identifier for QoS 1 and 2, and the topic.
+///
+/// This is the QoS 1/2 fan-out form: the head is encoded once and shared; each
+/// subscriber's frame is `head`, then its own two-byte Packet Identifier
+/// (big-endian, only for QoS 1 and 2), then the shared payload. For QoS 0 the frame
+/// is `head` then payload. `dup` is ignored for QoS 0.
+///
+/// # Errors
+///
+/// As [`encode_publish`]; nothing is written then.
+pub fn encode_publish_head(
+    topic: &str,
+    qos: QoS,
+    retain: bool,
+    dup: bool,
+    payload_len: usize,
+    out: &mut BytesMut,
+) -> Result<(), EncodeError> {
+    let (topic_len, remaining_length) = publish_sizes(topic, qos, payload_len)?;
+    out.reserve(MAX_FIXED_HEADER_LEN + 2 + topic.len());
+    put_publish_head(topic, topic_len, remaining_length, (qos, retain, dup), out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mqttbytes::v4 as mb;
+
+    /// A maximum packet size that never gets in the way.
+    const BIG: usize = MAX_REMAINING_LENGTH + MAX_FIXED_HEADER_LEN;
+
+    /// Decodes `bytes` and checks that exactly all of them were consumed.
+    fn decode_all(bytes: &[u8]) -> Result<Packet, DecodeError> {
+        let mut buf = BytesMut::from(bytes);
+        let packet = decode(&mut buf, BIG)?;
+        assert!(buf.is_empty(), "left {} bytes", buf.len());
+        packet.ok_or(DecodeError::Truncated)
+    }
+
+    /// Decodes `bytes` expecting an error, and checks nothing was consumed.
+    fn decode_err(bytes: &[u8]) -> DecodeError {
+        let mut buf = BytesMut::from(bytes);
+        let err = decode(&mut buf, BIG).expect_err("should fail");
+        assert_eq!(buf.len(), bytes.len());
+        err
+    }
+
+    /// Builds a frame from a first byte and a body, with a minimal remaining length.
+    fn frame(first: u8, body: &[u8]) -> Vec<u8> {
+        let mut out = BytesMut::new();
+        out.put_u8(first);
+        encode_remaining_length(body.len(), &mut out).unwrap();
+        out.put_slice(body);
+        out.to_vec()
+    }
+
+    /// A length-prefixed string field.
+    fn string(s: &[u8]) -> Vec<u8> {
+        let mut v = u16::try_from(s.len()).unwrap().to_be_bytes().to_vec();
+        v.extend_from_slice(s);
+        v
+    }
+
+    /// A CONNECT body with the given name, level and flags and a client id "c".
+    fn connect_body(name: &[u8], level: u8, flags: u8) -> Vec<u8> {
+        let mut body = string(name);
+        body.push(level);
+        body.push(flags);
+        body.extend_from_slice(&60u16.to_be_bytes());
+        body.extend(string(b"c"));
+        body
+    }
+
+    fn mb_write(packet: impl FnOnce(&mut BytesMut)) -> Vec<u8> {
+        let mut out = BytesMut::new();
+        packet(&mut out);
+        out.to_vec()
+    }
+
+    fn mb_qos(qos: QoS) -> mqttbytes::QoS {
+        match qos {
+            QoS::AtMostOnce => mqttbytes::QoS::AtMostOnce,
+            QoS::AtLeastOnce => mqttbytes::QoS::AtLeastOnce,
+            QoS::ExactlyOnce => mqttbytes::QoS::ExactlyOnce,
+        }
+    }
+
+    fn mb_read(bytes: &[u8]) -> mb::Packet {
+        let mut buf = BytesMut::from(bytes);
+        let packet = mb::read(&mut buf, BIG).unwrap();
+        assert!(buf.is_empty());
+        packet
+    }
+
+    #[test]
+    fn qos_from_u8() {
+        assert_eq!(QoS::from_u8(0), Some(QoS::AtMostOnce));
+        assert_eq!(QoS::from_u8(1), Some(QoS::AtLeastOnce));
+        assert_eq!(QoS::from_u8(2), Some(QoS::ExactlyOnce));
+        assert_eq!(QoS::from_u8(3), None);
+        assert_eq!(QoS::from_u8(0xFF), None);
+        assert!(QoS::AtMostOnce < QoS::AtLeastOnce && QoS::AtLeastOnce < QoS::ExactlyOnce);
+    }
+
+    #[test]
+    fn remaining_length_edges() {
+        let cases: [(usize, &[u8]); 8] = [
+            (0, &[0x00]),
+            (127, &[0x7F]),
+            (128, &[0x80, 0x01]),
+            (16_383, &[0xFF, 0x7F]),
+            (16_384, &[0x80, 0x80, 0x01]),
+            (2_097_151, &[0xFF, 0xFF, 0x7F]),
+            (2_097_152, &[0x80, 0x80, 0x80, 0x01]),
+            (268_435_455, &[0xFF, 0xFF, 0xFF, 0x7F]),
+        ];
+        for (value, encoded) in cases {
+            let mut out = BytesMut::new();
+            encode_remaining_length(value, &mut out).unwrap();
+            assert_eq!(&out[..], encoded, "encode {value}");
+            assert_eq!(remaining_length_len(value), encoded.len(), "len {value}");
+            assert_eq!(
+                decode_remaining_length(encoded),
+                Ok(Some((value, encoded.len()))),
+                "decode {value}"
+            );
+            // Every strict prefix is incomplete.
+            for cut in 0..encoded.len() {
+                assert_eq!(decode_remaining_length(&encoded[..cut]), Ok(None));
+            }
+        }
+        let mut out = BytesMut::new();
+        assert_eq!(
+            encode_remaining_length(MAX_REMAINING_LENGTH + 1, &mut out),
+            Err(EncodeError::RemainingLengthTooLarge(
+                MAX_REMAINING_LENGTH + 1
+            ))
+        );
+        assert!(out.is_empty());
+        assert_eq!(
+            decode_remaining_length(&[0xFF, 0xFF, 0xFF, 0xFF, 0x01]),
+            Err(DecodeError::MalformedRemainingLength)
+        );
+        // Known to be malformed as soon as the fourth byte continues.
+        assert_eq!(
+            decode_remaining_length(&[0x80, 0x80, 0x80, 0x80]),
+            Err(DecodeError::MalformedRemainingLength)
+        );
+        assert_eq!(
+            decode_err(&[PINGREQ << 4, 0xFF, 0xFF, 0xFF, 0xFF, 0x01]),
+            DecodeError::MalformedRemainingLength
+        );
+    }
+
+    #[test]
+    fn non_minimal_remaining_length_is_accepted() {
+        assert_eq!(decode_remaining_length(&[0x80, 0x00]), Ok(Some((0, 2))));
+        assert_eq!(
+            decode_all(&[PINGREQ << 4, 0x80, 0x80, 0x00]),
+            Ok(Packet::PingReq)
+        );
+        assert_eq!(
+            decode_all(&[PUBACK << 4, 0x82, 0x00, 0x00, 0x07]),
+            Ok(Packet::PubAck(7))
+        );
+    }
+
+    #[test]
+    fn packet_too_large_is_reported_before_the_bytes_arrive() {
+        // A PUBLISH announcing 200 bytes of remaining length: 203 bytes in all.
+        let mut buf = BytesMut::from(&[PUBLISH << 4, 0xC8, 0x01][..]);
+        assert_eq!(
+            decode(&mut buf, 202),
+            Err(DecodeError::PacketTooLarge {
+                size: 203,
+                max: 202
+            })
+        );
+        assert_eq!(buf.len(), 3);
+        assert_eq!(decode(&mut buf, 203), Ok(None));
+        // The limit covers the fixed header: PINGREQ is 2 bytes.
+        let mut buf = BytesMut::from(&[PINGREQ << 4, 0][..]);
+        assert!(matches!(
+            decode(&mut buf, 1),
+            Err(DecodeError::PacketTooLarge { size: 2, max: 1 })
+        ));
+        assert_eq!(decode(&mut buf, 2), Ok(Some(Packet::PingReq)));
+    }
+
+    #[test]
+    fn peek_frame_len_reports_whole_frame() {
+        assert_eq!(peek_frame_len(&[], BIG), Ok(None));
+        assert_eq!(peek_frame_len(&[PUBLISH << 4], BIG), Ok(None));
+        assert_eq!(peek_frame_len(&[PUBLISH << 4, 0x80], BIG), Ok(None));
+        assert_eq!(
+            peek_frame_len(&[PUBLISH << 4, 0x80, 0x01], BIG),
+            Ok(Some(131))
+        );
+        assert_eq!(
+            peek_frame_len(&[CONNACK << 4], BIG),
+            Err(DecodeError::UnexpectedPacketType(CONNACK))
+        );
+    }
+
+    #[test]
+    fn incomplete_input_at_every_split_point() {
+        let mut samples: Vec<Vec<u8>> = Vec::new();
+        let mut connect = mb::Connect::new("client-1");
+        connect.last_will = Some(mb::LastWill::new(
+            "will/t",
+            "bye",
+            mqttbytes::QoS::AtLeastOnce,
+            true,
+        ));
+        connect.set_login("user", "pass");
+        samples.push(mb_write(|out| {
+            connect.write(out).unwrap();
+        }));
+        let mut out = BytesMut::new();
+        encode_publish("a/b", QoS::ExactlyOnce, true, true, 9, &[7; 300], &mut out).unwrap();
+        samples.push(out.to_vec());
+        samples.push(frame(
+            SUBSCRIBE << 4 | 2,
+            &[0, 1, 0, 1, b'x', 1, 0, 1, b'y', 2],
+        ));
+        samples.push(frame(UNSUBSCRIBE << 4 | 2, &[0, 1, 0, 1, b'x']));
+        samples.push(vec![PUBREL << 4 | 2, 2, 0, 5]);
+        samples.push(vec![PINGREQ << 4, 0]);
+        for sample in samples {
+            for cut in 0..sample.len() {
+                let mut buf = BytesMut::from(&sample[..cut]);
+                assert_eq!(decode(&mut buf, BIG), Ok(None), "cut {cut} of {sample:?}");
+                assert_eq!(buf.len(), cut);
+            }
+            // Two packets back to back: the first decode consumes exactly one.
+            let mut buf = BytesMut::from(&sample[..]);
+            buf.extend_from_slice(&sample);
+            assert!(decode(&mut buf, BIG).unwrap().is_some());
+            assert_eq!(buf.len(), sample.len());
+            assert!(decode(&mut buf, BIG).unwrap().is_some());
+            assert!(buf.is_empty());
+        }
+    }
+
+    #[test]
+    fn connect_from_mqttbytes() {
+        let mut connect = mb::Connect::new("client-1");
+        connect.keep_alive = 30;
+        connect.clean_session = false;
+        connect.last_will = Some(mb::LastWill::new(
+            "will/topic",
+            "gone",
+            mqttbytes::QoS::ExactlyOnce,
+            true,
+        ));
+        connect.set_login("alice", "secret");
+        let bytes = mb_write(|out| {
+            connect.write(out).unwrap();
+        });
+        let Ok(Packet::Connect(c)) = decode_all(&bytes) else {
+            panic!("not a connect");
+        };
+        assert_eq!(c.protocol, ProtocolVersion::V311);
+        assert!(!c.clean_session);
+        assert_eq!(c.keep_alive, 30);
+        assert_eq!(c.client_id, "client-1");
+        assert_eq!(
+            c.last_will,
+            Some(LastWill {
+                topic: "will/topic".into(),
+                message: Bytes::from_static(b"gone"),
+                qos: QoS::ExactlyOnce,
+                retain: true,
+            })
+        );
+        assert_eq!(c.username.as_deref(), Some("alice"));
+        assert_eq!(c.password, Some(Bytes::from_static(b"secret")));
+
+        // Minimal: empty client id, no will, no login.
+        let connect = mb::Connect::new("");
+        let bytes = mb_write(|out| {
+            connect.write(out).unwrap();
+        });
+        let Ok(Packet::Connect(c)) = decode_all(&bytes) else {
+            panic!("not a connect");
+        };
+        assert!(c.clean_session);
+        assert_eq!(c.client_id, "");
+        assert_eq!((c.last_will, c.username, c.password), (None, None, None));
+    }
+
+    #[test]
+    fn connect_mqisdp_level_3_is_accepted() {
+        let bytes = frame(CONNECT << 4, &connect_body(b"MQIsdp", 3, 0b10));
+        let Ok(Packet::Connect(c)) = decode_all(&bytes) else {
+            panic!("not a connect");
+        };
+        assert_eq!(c.protocol, ProtocolVersion::V31);
+        assert!(c.clean_session);
+        assert_eq!(c.keep_alive, 60);
+        assert_eq!(c.client_id, "c");
+        // 3.1 is not held to 3.1.1's reserved bit and password-only rules.
+        let mut body = connect_body(b"MQIsdp", 3, 0b0100_0001);
+        body.extend(string(b"pw"));
+        let Ok(Packet::Connect(c)) = decode_all(&frame(CONNECT << 4, &body)) else {
+            panic!("not a connect");
+        };
+        assert_eq!(c.password, Some(Bytes::from_static(b"pw")));
+        assert_eq!(c.username, None);
+    }
+
+    #[test]
+    fn connect_protocol_errors() {
+        let err = |body: Vec<u8>| decode_err(&frame(CONNECT << 4, &body));
+        assert_eq!(
+            err(connect_body(b"MQTX", 4, 0)),
+            DecodeError::InvalidProtocolName
+        );
+        assert_eq!(
+            err(connect_body(b"", 4, 0)),
+            DecodeError::InvalidProtocolName
+        );
+        assert_eq!(
+            err(connect_body(b"MQTT", 5, 0)),
+            DecodeError::UnsupportedProtocolLevel(5)
+        );
+        assert_eq!(
+            err(connect_body(b"MQTT", 3, 0)),
+            DecodeError::UnsupportedProtocolLevel(3)
+        );
+        assert_eq!(
+            err(connect_body(b"MQIsdp", 4, 0)),
+            DecodeError::UnsupportedProtocolLevel(4)
+        );
+        assert_eq!(
+            err(connect_body(b"MQTT", 4, 0b1)),
+            DecodeError::ReservedConnectFlag
+        );
+        // Will QoS without the will flag, will retain without it, will QoS 3.
+        assert_eq!(
+            err(connect_body(b"MQTT", 4, 0b1000)),
+            DecodeError::InvalidWillFlags
+        );
+        assert_eq!(
+            err(connect_body(b"MQTT", 4, 0b10_0000)),
+            DecodeError::InvalidWillFlags
+        );
+        assert_eq!(
+            err(connect_body(b"MQTT", 4, 0b1_1100)),
+            DecodeError::InvalidWillFlags
+        );
+        assert_eq!(
+            err(connect_body(b"MQTT", 4, 0b0100_0000)),
+            DecodeError::PasswordWithoutUsername
+        );
+        // Will flag set but no will topic / message follow the client id.
+        assert_eq!(
+            err(connect_body(b"MQTT", 4, 0b0100)),
+            DecodeError::Truncated
+        );
+        // Trailing byte after the client id.
+        let mut body = connect_body(b"MQTT", 4, 0);
+        body.push(0);
+        assert_eq!(err(body), DecodeError::TrailingBytes);
+        // Client id with U+0000, then with invalid UTF-8.
+        let mut body = connect_body(b"MQTT", 4, 0);
+        body.truncate(body.len() - 3);
+        body.extend(string(b"a\0b"));
+        assert_eq!(err(body.clone()), DecodeError::InvalidUtf8);
+        body.truncate(body.len() - 5);
+        body.extend(string(&[0xC3, 0x28]));
+        assert_eq!(err(body), DecodeError::InvalidUtf8);
+        // Cut inside the fixed part of the variable header.
+        assert_eq!(err(string(b"MQTT")), DecodeError::Truncated);
+    }
+
+    #[test]
+    fn publish_round_trips_with_mqttbytes() {
+        for qos in [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce] {
+            for retain in [false, true] {
+                let dup = qos != QoS::AtMostOnce;
+                let packet_id = if qos == QoS::AtMostOnce { 0 } else { 4242 };
+                // mqttbytes encodes, we decode.
+                let mut publish = mb::Publish::new("sensors/t/1", mb_qos(qos), vec![1, 2, 3]);
+                publish.retain = retain;
+                publish.dup = dup;
+                publish.pkid = packet_id;
+                let bytes = mb_write(|out| {
+                    publish.write(out).unwrap();
+                });
+                let expected = Publish {
+                    dup,
+                    qos,
+                    retain,
+                    topic: "sensors/t/1".into(),
+                    packet_id,
+                    payload: Bytes::from_static(&[1, 2, 3]),
+                };
+                assert_eq!(decode_all(&bytes), Ok(Packet::Publish(expected)));
+                // We encode, mqttbytes decodes, and the bytes are identical.
+                let mut ours = BytesMut::new();
+                encode_publish(
+                    "sensors/t/1",
+                    qos,
+                    retain,
+                    dup,
+                    packet_id,
+                    &[1, 2, 3],
+                    &mut ours,
+                )
+                .unwrap();
+                assert_eq!(&ours[..], &bytes[..]);
+                assert_eq!(mb_read(&ours), mb::Packet::Publish(publish));
+            }
+        }
+    }
+
+    #[test]
+    fn publish_empty_payload_and_large_payload() {
+        let mut out = BytesMut::new();
+        encode_publish("t", QoS::AtMostOnce, false, false, 0, &[], &mut out).unwrap();
+        assert_eq!(&out[..], &[0x30, 3, 0, 1, b't']);
+        let Ok(Packet::Publish(p)) = decode_all(&out) else {
+            panic!("not a publish");
+        };
+        assert!(p.payload.is_empty());
+
+        let payload = vec![0xAB; 70_000];
+        let mut out = BytesMut::new();
+        encode_publish("big", QoS::AtLeastOnce, false, false, 1, &payload, &mut out).unwrap();
+        assert_eq!(out.len(), 1 + 3 + 2 + 3 + 2 + 70_000);
+        let Ok(Packet::Publish(p)) = decode_all(&out) else {
+            panic!("not a publish");
+        };
+        assert_eq!(p.payload.len(), 70_000);
+    }
+
+    #[test]
+    fn publish_head_plus_id_plus_payload_equals_publish() {
+        for qos in [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce] {
+            for payload_len in [0usize, 1, 120, 121, 200, 20_000] {
+                let payload = vec![0x5A; payload_len];
+                let mut whole = BytesMut::new();
+                encode_publish("a/b/c", qos, true, true, 0xBEEF, &payload, &mut whole).unwrap();
+                let mut split = BytesMut::new();
+                encode_publish_head("a/b/c", qos, true, true, payload_len, &mut split).unwrap();
+                if qos != QoS::AtMostOnce {
+                    split.put_u16(0xBEEF);
+                }
+                split.put_slice(&payload);
+                assert_eq!(whole, split, "qos {qos:?} len {payload_len}");
+            }
+        }
+    }
+
+    #[test]
+    fn publish_encode_limits() {
+        let mut out = BytesMut::new();
+        let long = "x".repeat(65_536);
+        assert_eq!(
+            encode_publish(&long, QoS::AtMostOnce, false, false, 0, &[], &mut out),
+            Err(EncodeError::StringTooLong(65_536))
+        );
+        // The largest QoS 0 publish does not fit at QoS 1 (two more bytes).
+        let payload_len = MAX_REMAINING_LENGTH - 2 - 1;
+        assert_eq!(
+            encode_publish_head("t", QoS::AtLeastOnce, false, false, payload_len, &mut out),
+            Err(EncodeError::RemainingLengthTooLarge(
+                MAX_REMAINING_LENGTH + 2
+            ))
+        );
+        assert!(out.is_empty());
+        encode_publish_head("t", QoS::AtMostOnce, false, false, payload_len, &mut out).unwrap();
+        assert_eq!(&out[..5], &[0x30, 0xFF, 0xFF, 0xFF, 0x7F]);
+        // DUP is never written for QoS 0.
+        let mut out = BytesMut::new();
+        encode_publish("t", QoS::AtMostOnce, false, true, 0, &[], &mut out).unwrap();
+        assert_eq!(out[0], 0x30);
+    }
+
+    #[test]
+    fn publish_errors() {
+        // QoS 3.
+        assert_eq!(
+            decode_err(&frame(0x36, &string(b"t"))),
+            DecodeError::InvalidPublishQoS
+        );
+        // DUP with QoS 0.
+        assert_eq!(
+            decode_err(&frame(0x38, &string(b"t"))),
+            DecodeError::DupWithQoS0
+        );
+        // QoS 1 with packet id 0.
+        let mut body = string(b"t");
+        body.extend_from_slice(&[0, 0]);
+        assert_eq!(decode_err(&frame(0x32, &body)), DecodeError::ZeroPacketId);
+        // QoS 1 without a packet id; no topic at all; topic longer than the packet.
+        assert_eq!(
+            decode_err(&frame(0x32, &string(b"t"))),
+            DecodeError::Truncated
+        );
+        assert_eq!(decode_err(&frame(0x30, &[])), DecodeError::Truncated);
+        assert_eq!(
+            decode_err(&frame(0x30, &[0, 5, b'a'])),
+            DecodeError::Truncated
+        );
+        // Topic with U+0000 or invalid UTF-8 (a lone surrogate, encoded).
+        assert_eq!(
+            decode_err(&frame(0x30, &string(b"a\0"))),
+            DecodeError::InvalidUtf8
+        );
+        assert_eq!(
+            decode_err(&frame(0x30, &string(&[0xED, 0xA0, 0x80]))),
+            DecodeError::InvalidUtf8
+        );
+        // An empty topic decodes; topic.rs refuses it.
+        assert!(decode_all(&frame(0x30, &string(b""))).is_ok());
+    }
+
+    #[test]
+    fn publish_copies_out_of_the_read_buffer() {
+        let mut out = BytesMut::new();
+        encode_publish("t", QoS::AtMostOnce, false, false, 0, b"hi", &mut out).unwrap();
+        let range = out.as_ptr_range();
+        let Ok(Some(Packet::Publish(p))) = decode(&mut out, BIG) else {
+            panic!("not a publish");
+        };
+        assert!(!range.contains(&p.payload.as_ptr()));
+        assert!(!range.contains(&p.topic.as_bytes().as_ptr()));
+    }
+
+    #[test]
+    fn acks_round_trip_with_mqttbytes() {
+        // mqttbytes encodes, we decode.
+        let bytes = mb_write(|out| {
+            mb::PubAck::new(1).write(out).unwrap();
+        });
+        assert_eq!(decode_all(&bytes), Ok(Packet::PubAck(1)));
+        let bytes = mb_write(|out| {
+            mb::PubRec::new(2).write(out).unwrap();
+        });
+        assert_eq!(decode_all(&bytes), Ok(Packet::PubRec(2)));
+        let bytes = mb_write(|out| {
+            mb::PubRel::new(3).write(out).unwrap();
+        });
+        assert_eq!(decode_all(&bytes), Ok(Packet::PubRel(3)));
+        let bytes = mb_write(|out| {
+            mb::PubComp::new(65_535).write(out).unwrap();
+        });
+        assert_eq!(decode_all(&bytes), Ok(Packet::PubComp(65_535)));
+        let bytes = mb_write(|out| {
+            mb::PingReq.write(out).unwrap();
+        });
+        assert_eq!(decode_all(&bytes), Ok(Packet::PingReq));
+        let bytes = mb_write(|out| {
+            mb::Disconnect.write(out).unwrap();
+        });
+        assert_eq!(decode_all(&bytes), Ok(Packet::Disconnect));
+
+        // We encode, mqttbytes decodes.
+        let mut out = BytesMut::new();
+        encode_puback(11, &mut out);
+        assert_eq!(mb_read(&out), mb::Packet::PubAck(mb::PubAck::new(11)));
+        let mut out = BytesMut::new();
+        encode_pubrec(12, &mut out);
+        assert_eq!(mb_read(&out), mb::Packet::PubRec(mb::PubRec::new(12)));
+        let mut out = BytesMut::new();
+        encode_pubrel(13, &mut out);
+        assert_eq!(&out[..], &[0x62, 2, 0, 13]);
+        assert_eq!(mb_read(&out), mb::Packet::PubRel(mb::PubRel::new(13)));
+        let mut out = BytesMut::new();
+        encode_pubcomp(14, &mut out);
+        assert_eq!(mb_read(&out), mb::Packet::PubComp(mb::PubComp::new(14)));
+        let mut out = BytesMut::new();
+        encode_unsuback(15, &mut out);
+        assert_eq!(mb_read(&out), mb::Packet::UnsubAck(mb::UnsubAck::new(15)));
+        let mut out = BytesMut::new();
+        encode_pingresp(&mut out);
+        assert_eq!(mb_read(&out), mb::Packet::PingResp);
+        // Our own acks decode with our decoder too (both directions exist).
+        for (bytes, packet) in [
+            (encode_with(|o| encode_puback(7, o)), Packet::PubAck(7)),
+            (encode_with(|o| encode_pubrec(7, o)), Packet::PubRec(7)),
+            (encode_with(|o| encode_pubrel(7, o)), Packet::PubRel(7)),
+            (encode_with(|o| encode_pubcomp(7, o)), Packet::PubComp(7)),
+        ] {
+            assert_eq!(decode_all(&bytes), Ok(packet));
+        }
+    }
+
+    fn encode_with(f: impl FnOnce(&mut BytesMut)) -> Vec<u8> {
+        let mut out = BytesMut::new();
+        f(&mut out);
+        out.to_vec()
+    }
+
+    #[test]
+    fn ack_length_errors() {
+        assert_eq!(decode_err(&[PUBACK << 4, 1, 0]), DecodeError::Truncated);
+        assert_eq!(
+            decode_err(&[PUBACK << 4, 3, 0, 1, 0]),
+            DecodeError::TrailingBytes
+        );
+        assert_eq!(
+            decode_err(&[PINGREQ << 4, 1, 0]),
+            DecodeError::TrailingBytes
+        );
+        assert_eq!(
+            decode_err(&[DISCONNECT << 4, 1, 0]),
+            DecodeError::TrailingBytes
+        );
+        // Acks with packet id 0 are passed on (the session ignores unknown ids).
+        assert_eq!(decode_all(&[PUBACK << 4, 2, 0, 0]), Ok(Packet::PubAck(0)));
+    }
+
+    #[test]
+    fn connack_suback_to_mqttbytes() {
+        let mut out = BytesMut::new();
+        encode_connack(true, CONNACK_ACCEPTED, &mut out);
+        assert_eq!(
+            mb_read(&out),
+            mb::Packet::ConnAck(mb::ConnAck::new(mb::ConnectReturnCode::Success, true))
+        );
+        // Session present is cleared on refusal.
+        let mut out = BytesMut::new();
+        encode_connack(true, CONNACK_NOT_AUTHORIZED, &mut out);
+        assert_eq!(&out[..], &[0x20, 2, 0, 5]);
+        assert_eq!(
+            mb_read(&out),
+            mb::Packet::ConnAck(mb::ConnAck::new(
+                mb::ConnectReturnCode::NotAuthorized,
+                false
+            ))
+        );
+        let mut out = BytesMut::new();
+        encode_suback(77, &[0, 1, 2, SUBACK_FAILURE], &mut out).unwrap();
+        assert_eq!(
+            mb_read(&out),
+            mb::Packet::SubAck(mb::SubAck::new(
+                77,
+                vec![
+                    mb::SubscribeReasonCode::Success(mqttbytes::QoS::AtMostOnce),
+                    mb::SubscribeReasonCode::Success(mqttbytes::QoS::AtLeastOnce),
+                    mb::SubscribeReasonCode::Success(mqttbytes::QoS::ExactlyOnce),
+                    mb::SubscribeReasonCode::Failure,
+                ]
+            ))
+        );
+        // Encoders append: several packets batch into one buffer.
+        let mut out = BytesMut::new();
+        encode_pingresp(&mut out);
+        encode_puback(1, &mut out);
+        assert_eq!(&out[..], &[0xD0, 0, 0x40, 2, 0, 1]);
+    }
+
+    #[test]
+    fn subscribe_and_unsubscribe_from_mqttbytes() {
+        let mut subscribe = mb::Subscribe::new("a/+/c", mqttbytes::QoS::AtLeastOnce);
+        subscribe.pkid = 10;
+        subscribe.add("#".to_string(), mqttbytes::QoS::ExactlyOnce);
+        subscribe.add("x".to_string(), mqttbytes::QoS::AtMostOnce);
+        let bytes = mb_write(|out| {
+            subscribe.write(out).unwrap();
+        });
+        assert_eq!(
+            decode_all(&bytes),
+            Ok(Packet::Subscribe(Subscribe {
+                packet_id: 10,
+                filters: vec![
+                    ("a/+/c".into(), QoS::AtLeastOnce),
+                    ("#".into(), QoS::ExactlyOnce),
+                    ("x".into(), QoS::AtMostOnce),
+                ],
+            }))
+        );
+        let mut unsubscribe = mb::Unsubscribe::new("a/+/c");
+        unsubscribe.pkid = 11;
+        unsubscribe.topics.push("#".to_string());
+        let bytes = mb_write(|out| {
+            unsubscribe.write(out).unwrap();
+        });
+        assert_eq!(
+            decode_all(&bytes),
+            Ok(Packet::Unsubscribe(Unsubscribe {
+                packet_id: 11,
+                filters: vec!["a/+/c".into(), "#".into()],
+            }))
+        );
+    }
+
+    #[test]
+    fn subscribe_errors() {
+        let sub = |body: &[u8]| decode_err(&frame(SUBSCRIBE << 4 | 2, body));
+        assert_eq!(sub(&[0, 1]), DecodeError::NoTopicFilters);
+        assert_eq!(sub(&[0, 0, 0, 1, b'a', 0]), DecodeError::ZeroPacketId);
+        assert_eq!(
+            sub(&[0, 1, 0, 1, b'a', 3]),
+            DecodeError::InvalidRequestedQoS(3)
+        );
+        assert_eq!(
+            sub(&[0, 1, 0, 1, b'a', 0x81]),
+            DecodeError::InvalidRequestedQoS(0x81)
+        );
+        assert_eq!(
+            sub(&[0, 1, 0, 1, b'a', 0x04]),
+            DecodeError::InvalidRequestedQoS(4)
+        );
+        assert_eq!(sub(&[0, 1, 0, 1, b'a']), DecodeError::Truncated);
+        assert_eq!(sub(&[0, 1, 0, 1, 0, 0]), DecodeError::InvalidUtf8);
+        assert_eq!(sub(&[0]), DecodeError::Truncated);
+        let unsub = |body: &[u8]| decode_err(&frame(UNSUBSCRIBE << 4 | 2, body));
+        assert_eq!(unsub(&[0, 1]), DecodeError::NoTopicFilters);
+        assert_eq!(unsub(&[0, 0, 0, 1, b'a']), DecodeError::ZeroPacketId);
+        assert_eq!(unsub(&[0, 1, 0, 2, b'a']), DecodeError::Truncated);
+        assert_eq!(unsub(&[0, 1, 0, 1, 0xFF]), DecodeError::InvalidUtf8);
+    }
+
+    #[test]
+    fn fixed_header_errors() {
+        for packet_type in [0u8, CONNACK, SUBACK, UNSUBACK, PINGRESP, 15] {
+            assert_eq!(
+                decode_err(&[packet_type << 4, 0]),
+                DecodeError::UnexpectedPacketType(packet_type)
+            );
+        }
+        // Wrong flags for each type with fixed flags.
+        for (packet_type, good) in [
+            (CONNECT, 0u8),
+            (PUBACK, 0),
+            (PUBREC, 0),
+            (PUBREL, 2),
+            (PUBCOMP, 0),
+            (SUBSCRIBE, 2),
+            (UNSUBSCRIBE, 2),
+            (PINGREQ, 0),
+            (DISCONNECT, 0),
+        ] {
+            for flags in 0..16u8 {
+                let result = check_fixed_header(packet_type << 4 | flags);
+                if flags == good {
+                    assert_eq!(result, Ok(()));
+                } else {
+                    assert_eq!(
+                        result,
+                        Err(DecodeError::InvalidFixedHeaderFlags { packet_type, flags })
+                    );
+                }
+            }
+        }
+        // Checked from the first byte alone.
+        assert_eq!(
+            decode_err(&[SUBSCRIBE << 4]),
+            DecodeError::InvalidFixedHeaderFlags {
+                packet_type: SUBSCRIBE,
+                flags: 0
+            }
+        );
+    }
+
+    /// Deterministic xorshift64 generator for the smoke tests.
+    struct XorShift(u64);
+
+    impl XorShift {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+    }
+
+    /// Decodes until the buffer is exhausted, incomplete, or an error: must not
+    /// panic, and each decoded packet consumes at least two bytes.
+    fn decode_loop(bytes: &[u8], max: usize) {
+        let mut buf = BytesMut::from(bytes);
+        loop {
+            let before = buf.len();
+            match decode(&mut buf, max) {
+                Ok(Some(_)) => assert!(buf.len() + 2 <= before),
+                Ok(None) => {
+                    assert_eq!(buf.len(), before);
+                    break;
+                }
+                Err(_) => {
+                    assert_eq!(buf.len(), before);
+                    break;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn random_bytes_never_panic() {
+        let mut rng = XorShift(0x9E37_79B9_7F4A_7C15);
+        for _ in 0..100_000 {
+            let len = (rng.next() % 48) as usize;
+            let bytes: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+            decode_loop(&bytes, 1024);
+        }
+    }
+
+    #[test]
+    fn mutated_packets_never_panic() {
+        let mut connect = mb::Connect::new("client-1");
+        connect.last_will = Some(mb::LastWill::new(
+            "w",
+            "m",
+            mqttbytes::QoS::AtLeastOnce,
+            false,
+        ));
+        connect.set_login("u", "p");
+        let mut samples = vec![mb_write(|out| {
+            connect.write(out).unwrap();
+        })];
+        samples.push(encode_with(|o| {
+            encode_publish("a/b", QoS::AtLeastOnce, false, false, 3, b"xyz", o).unwrap()
+        }));
+        samples.push(frame(
+            SUBSCRIBE << 4 | 2,
+            &[0, 1, 0, 1, b'x', 1, 0, 1, b'y', 2],
+        ));
+        samples.push(frame(UNSUBSCRIBE << 4 | 2, &[0, 1, 0, 1, b'x']));
+        let mut rng = XorShift(0xDEAD_BEEF_CAFE_F00D);
+        let mut decoded = 0;
+        for round in 0..100_000 {
+            let mut bytes = samples[round % samples.len()].clone();
+            let flips = 1 + rng.next() % 3;
+            for _ in 0..flips {
+                let at = (rng.next() as usize) % bytes.len();
+                bytes[at] = rng.next() as u8;
+            }
+            if rng.next().is_multiple_of(4) {
+                bytes.truncate((rng.next() as usize) % (bytes.len() + 1));
+            }
+            let mut buf = BytesMut::from(&bytes[..]);
+            if let Ok(Some(_)) = decode(&mut buf, 1024) {
+                decoded += 1;
+            }
+            decode_loop(&bytes, 1024);
+        }
+        // The mutations are small enough that some packets stay valid.
+        assert!(decoded > 0);
+    }
+}

@@ -1,0 +1,407 @@
+//! Typed configuration: a TOML file (every key optional) overridden by
+//! command-line flags. Every default is a documented constant here, and the
+//! commented sample `fanmq.toml` at the repository root mirrors them.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Parser;
+use serde::Deserialize;
+
+/// Default listener: all IPv4 addresses on MQTT's registered port.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:1883";
+/// Default connection cap: far above one host's typical need and below the
+/// 1,048,576 open files our systemd unit grants (a few are kept for logs and
+/// the io_uring rings).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1_000_000;
+/// Default largest packet accepted (fixed header included). 1 MiB, as EMQX:
+/// big enough for any telemetry or command message, small enough that one
+/// client cannot make a shard buffer hundreds of MiB (the 3.1.1 maximum is
+/// 256 MiB).
+pub const DEFAULT_MAX_PACKET_SIZE: usize = 1024 * 1024;
+/// Default listen backlog: deep enough for a reconnect storm of many
+/// thousands per second (the kernel caps it at `net.core.somaxconn`).
+pub const DEFAULT_BACKLOG: u32 = 4096;
+/// Seconds a new socket has to send its CONNECT before it is closed, so
+/// half-open or silent sockets cannot hold file descriptors.
+pub const DEFAULT_CONNECT_TIMEOUT_SECS: u64 = 10;
+/// QoS 1/2 messages in flight per client; Mosquitto's `max_inflight_messages`.
+pub const DEFAULT_MAX_INFLIGHT: usize = 20;
+/// Messages queued per client (outgoing QoS 0 queue; QoS 1/2 pending queue);
+/// Mosquitto's `max_queued_messages`.
+pub const DEFAULT_MAX_QUEUED_MESSAGES: usize = 1000;
+/// Bytes queued per client, with the same split. 1 MiB bounds a stalled
+/// subscriber's memory; a 100k-subscriber host must still budget for how many
+/// subscribers can stall at once (see README, "Limits").
+pub const DEFAULT_MAX_QUEUED_BYTES: usize = 1024 * 1024;
+/// Unreleased QoS 2 messages received per client (EMQX's `max_awaiting_rel`).
+pub const DEFAULT_MAX_AWAITING_REL: usize = 100;
+/// Seconds between `$SYS` updates; Mosquitto's `sys_interval` default.
+pub const DEFAULT_SYS_INTERVAL_SECS: u64 = 10;
+/// Batches of publishes that one shard may have queued towards another
+/// before the publisher's shard waits (and so stops reading its publisher).
+pub const DEFAULT_MESH_CAPACITY: usize = 1024;
+/// Default log level when neither `--log-level` nor `RUST_LOG` says.
+pub const DEFAULT_LOG_LEVEL: &str = "info";
+
+/// Errors loading the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML for this schema.
+    #[error("invalid config file {path}: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: Box<toml::de::Error>,
+    },
+    /// A value is out of range or inconsistent.
+    #[error("invalid setting {key}: {why}")]
+    Invalid {
+        /// The key or flag.
+        key: &'static str,
+        /// Why.
+        why: String,
+    },
+}
+
+/// Command-line flags. Each overrides the config file's key of the same name.
+#[derive(Parser, Debug, Default, Clone)]
+#[command(
+    name = "fanmq",
+    version,
+    about = "An MQTT 3.1.1 broker for massive fan-out"
+)]
+pub struct Cli {
+    /// TOML configuration file (see the commented sample fanmq.toml).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Address to accept MQTT connections on; repeat for several listeners.
+    /// Replaces the default 0.0.0.0:1883. Port 0 picks a free port.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub listen: Vec<SocketAddr>,
+    /// Number of shards (one pinned thread each). Default: one per CPU the
+    /// process may run on (its affinity mask, or --cpus).
+    #[arg(long, value_name = "N")]
+    pub shards: Option<usize>,
+    /// CPUs to pin shards to, e.g. "0-3,6". Must lie within the process's
+    /// affinity mask. Default: that mask.
+    #[arg(long, value_name = "LIST")]
+    pub cpus: Option<String>,
+    /// Most client connections held at once (all shards together).
+    #[arg(long, value_name = "N")]
+    pub max_connections: Option<usize>,
+    /// Largest MQTT packet accepted, in bytes; larger ones close the connection.
+    #[arg(long, value_name = "BYTES")]
+    pub max_packet_size: Option<usize>,
+    /// Log level: error, warn, info, debug, trace (RUST_LOG, when set, wins).
+    #[arg(long, value_name = "LEVEL")]
+    pub log_level: Option<String>,
+}
+
+/// The configuration file's schema: every key optional.
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<Vec<SocketAddr>>,
+    shards: Option<usize>,
+    cpus: Option<String>,
+    max_connections: Option<usize>,
+    max_packet_size: Option<usize>,
+    backlog: Option<u32>,
+    connect_timeout_secs: Option<u64>,
+    max_inflight_messages: Option<usize>,
+    max_queued_messages: Option<usize>,
+    max_queued_bytes: Option<usize>,
+    max_awaiting_rel: Option<usize>,
+    sys_interval_secs: Option<u64>,
+    mesh_capacity: Option<usize>,
+    log_level: Option<String>,
+}
+
+/// The broker's settings after defaults, file and flags were merged.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// Addresses to accept MQTT connections on.
+    pub listen: Vec<SocketAddr>,
+    /// Shards to run; `None`: one per allowed CPU.
+    pub shards: Option<usize>,
+    /// CPUs to pin to; `None`: the process's affinity mask.
+    pub cpus: Option<Vec<usize>>,
+    /// Most client connections at once, all shards together.
+    pub max_connections: usize,
+    /// Largest packet accepted, in bytes.
+    pub max_packet_size: usize,
+    /// Listen backlog per shard socket.
+    pub backlog: u32,
+    /// Time a new socket has to send CONNECT.
+    pub connect_timeout: Duration,
+    /// QoS 1/2 messages in flight per client.
+    pub max_inflight_messages: usize,
+    /// Messages queued per client (see [`crate::session::Limits`]).
+    pub max_queued_messages: usize,
+    /// Bytes queued per client.
+    pub max_queued_bytes: usize,
+    /// Unreleased incoming QoS 2 messages per client.
+    pub max_awaiting_rel: usize,
+    /// Interval of `$SYS` updates; zero disables them.
+    pub sys_interval: Duration,
+    /// Capacity of each mesh channel, in batches.
+    pub mesh_capacity: usize,
+    /// Log level filter (env_logger syntax).
+    pub log_level: String,
+    /// The file this came from, re-read on SIGHUP.
+    pub config_file: Option<PathBuf>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: vec![DEFAULT_LISTEN.parse().expect("constant address parses")],
+            shards: None,
+            cpus: None,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_packet_size: DEFAULT_MAX_PACKET_SIZE,
+            backlog: DEFAULT_BACKLOG,
+            connect_timeout: Duration::from_secs(DEFAULT_CONNECT_TIMEOUT_SECS),
+            max_inflight_messages: DEFAULT_MAX_INFLIGHT,
+            max_queued_messages: DEFAULT_MAX_QUEUED_MESSAGES,
+            max_queued_bytes: DEFAULT_MAX_QUEUED_BYTES,
+            max_awaiting_rel: DEFAULT_MAX_AWAITING_REL,
+            sys_interval: Duration::from_secs(DEFAULT_SYS_INTERVAL_SECS),
+            mesh_capacity: DEFAULT_MESH_CAPACITY,
+            log_level: DEFAULT_LOG_LEVEL.to_string(),
+            config_file: None,
+        }
+    }
+}
+
+impl Config {
+    /// Merges defaults, the config file named by `cli.config` and the flags.
+    ///
+    /// # Errors
+    /// An unreadable or invalid file, or an out-of-range value.
+    pub fn load(cli: &Cli) -> Result<Config, ConfigError> {
+        let file = match &cli.config {
+            Some(path) => read_file(path)?,
+            None => FileConfig::default(),
+        };
+        let mut config = Config::default();
+        config.config_file = cli.config.clone();
+        if let Some(v) = file.listen {
+            config.listen = v;
+        }
+        if !cli.listen.is_empty() {
+            config.listen = cli.listen.clone();
+        }
+        config.shards = cli.shards.or(file.shards);
+        if let Some(list) = cli.cpus.as_deref().or(file.cpus.as_deref()) {
+            config.cpus = Some(parse_cpu_list(list)?);
+        }
+        set(
+            &mut config.max_connections,
+            file.max_connections,
+            cli.max_connections,
+        );
+        set(
+            &mut config.max_packet_size,
+            file.max_packet_size,
+            cli.max_packet_size,
+        );
+        set(&mut config.backlog, file.backlog, None);
+        if let Some(s) = file.connect_timeout_secs {
+            config.connect_timeout = Duration::from_secs(s);
+        }
+        set(
+            &mut config.max_inflight_messages,
+            file.max_inflight_messages,
+            None,
+        );
+        set(
+            &mut config.max_queued_messages,
+            file.max_queued_messages,
+            None,
+        );
+        set(&mut config.max_queued_bytes, file.max_queued_bytes, None);
+        set(&mut config.max_awaiting_rel, file.max_awaiting_rel, None);
+        if let Some(s) = file.sys_interval_secs {
+            config.sys_interval = Duration::from_secs(s);
+        }
+        set(&mut config.mesh_capacity, file.mesh_capacity, None);
+        set(&mut config.log_level, file.log_level, cli.log_level.clone());
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Re-reads only the log level from the config file (SIGHUP).
+    ///
+    /// # Errors
+    /// An unreadable or invalid file.
+    pub fn reload_log_level(path: &Path) -> Result<Option<String>, ConfigError> {
+        Ok(read_file(path)?.log_level)
+    }
+
+    /// Checks ranges and consistency.
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, why: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                why: why.to_string(),
+            })
+        };
+        if self.listen.is_empty() {
+            return invalid("listen", "at least one listener is needed");
+        }
+        if self.shards == Some(0) {
+            return invalid("shards", "must be at least 1");
+        }
+        if self.max_connections == 0 {
+            return invalid("max_connections", "must be at least 1");
+        }
+        // Smallest useful packet: a CONNECT with a short client id.
+        if self.max_packet_size < 64 || self.max_packet_size > 268_435_460 {
+            return invalid("max_packet_size", "must be between 64 and 268435460 bytes");
+        }
+        if self.max_inflight_messages == 0 || self.max_inflight_messages > 65_535 {
+            return invalid("max_inflight_messages", "must be between 1 and 65535");
+        }
+        if self.max_queued_messages == 0 || self.max_queued_bytes == 0 {
+            return invalid("max_queued_messages", "queue limits must be at least 1");
+        }
+        if self.mesh_capacity == 0 {
+            return invalid("mesh_capacity", "must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+/// Overrides `slot` with the file's value, then with the flag's.
+fn set<T>(slot: &mut T, file: Option<T>, flag: Option<T>) {
+    if let Some(v) = flag.or(file) {
+        *slot = v;
+    }
+}
+
+/// Reads and parses a config file.
+fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|source| ConfigError::Parse {
+        path: path.to_path_buf(),
+        source: Box::new(source),
+    })
+}
+
+/// Parses a CPU list as taskset and systemd write it: "0-3,6,8-9".
+///
+/// # Errors
+/// Anything else, or an empty list.
+pub fn parse_cpu_list(list: &str) -> Result<Vec<usize>, ConfigError> {
+    let bad = || ConfigError::Invalid {
+        key: "cpus",
+        why: format!("{list:?} is not a CPU list like 0-3,6"),
+    };
+    let mut cpus = Vec::new();
+    for part in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let a: usize = a.trim().parse().map_err(|_| bad())?;
+                let b: usize = b.trim().parse().map_err(|_| bad())?;
+                if a > b || b - a > 4096 {
+                    return Err(bad());
+                }
+                cpus.extend(a..=b);
+            }
+            None => cpus.push(part.parse().map_err(|_| bad())?),
+        }
+    }
+    cpus.sort_unstable();
+    cpus.dedup();
+    if cpus.is_empty() {
+        return Err(bad());
+    }
+    Ok(cpus)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn cpu_lists() {
+        assert_eq!(parse_cpu_list("0-3,6").unwrap(), vec![0, 1, 2, 3, 6]);
+        assert_eq!(parse_cpu_list("2, 1,2").unwrap(), vec![1, 2]);
+        assert!(parse_cpu_list("").is_err());
+        assert!(parse_cpu_list("3-1").is_err());
+        assert!(parse_cpu_list("a").is_err());
+    }
+
+    #[test]
+    fn defaults_without_file_or_flags() {
+        let c = Config::load(&Cli::default()).unwrap();
+        assert_eq!(c, Config::default());
+        assert_eq!(c.listen[0].port(), 1883);
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        writeln!(
+            f,
+            "listen = [\"127.0.0.1:1999\"]\nmax_connections = 10\nmax_packet_size = 4096\nmax_queued_messages = 7"
+        )
+        .unwrap();
+        let cli = Cli {
+            config: Some(f.path().to_path_buf()),
+            max_connections: Some(20),
+            ..Cli::default()
+        };
+        let c = Config::load(&cli).unwrap();
+        assert_eq!(c.listen, vec!["127.0.0.1:1999".parse().unwrap()]);
+        assert_eq!(c.max_connections, 20);
+        assert_eq!(c.max_packet_size, 4096);
+        assert_eq!(c.max_queued_messages, 7);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_refused() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        writeln!(f, "no_such_key = 1").unwrap();
+        let cli = Cli {
+            config: Some(f.path().to_path_buf()),
+            ..Cli::default()
+        };
+        assert!(matches!(Config::load(&cli), Err(ConfigError::Parse { .. })));
+        let cli = Cli {
+            shards: Some(0),
+            ..Cli::default()
+        };
+        assert!(matches!(
+            Config::load(&cli),
+            Err(ConfigError::Invalid { .. })
+        ));
+    }
+
+    #[test]
+    fn the_sample_config_file_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("fanmq.toml");
+        let cli = Cli {
+            config: Some(path),
+            ..Cli::default()
+        };
+        let c = Config::load(&cli).unwrap();
+        assert_eq!(c.max_queued_messages, DEFAULT_MAX_QUEUED_MESSAGES);
+    }
+}

@@ -1,0 +1,626 @@
+//! One client connection: read ► decode ► session ► write.
+//!
+//! A connection task first waits (bounded by the connect timeout) for CONNECT
+//! (§3.1), claims the client id (take-over, see [`crate::registry`]), attaches
+//! the session, and then loops: read whatever the socket has into the shard's
+//! shared buffer, decode every complete packet, act on each, flush every
+//! subscriber that got something, and hand the publishes to the other shards.
+//!
+//! Writes normally happen outside this task: [`crate::shard::Shard::flush_dirty`]
+//! sends each dirty session's queue with one non-blocking vectored send. Only
+//! when a socket's send buffer is full does this task take over that
+//! session's writes and wait for the socket to become writable; while its
+//! queue is over the byte limit it also stops reading the client (back-pressure
+//! instead of memory growth).
+//!
+//! An idle connection holds no buffers: its receive buffer is freed whenever
+//! it is empty and its outgoing queue gives its memory back when drained.
+
+use std::cell::{Cell, RefCell};
+use std::future::poll_fn;
+use std::os::fd::{AsRawFd, RawFd};
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use bytestring::ByteString;
+use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use glommio::net::TcpStream;
+use log::{debug, info};
+
+use crate::codec::{self, Connect, DecodeError, LastWill, Packet, QoS};
+use crate::message::Message;
+use crate::outqueue::Flushed;
+use crate::registry;
+use crate::session::{self, Qos2Receipt, Session, SessionState};
+use crate::shard::{Ctx, SessionKey, Shard};
+use crate::topic;
+
+/// How much the receive buffer grows per read while waiting for CONNECT.
+const CONNECT_READ_CHUNK: usize = 512;
+
+/// The keep-alive clock's unit: a tenth of a second, so "1.5 × keep-alive"
+/// (§3.1.2.10) is exact for every keep-alive value and a `u32` lasts 13 years.
+pub const TICKS_PER_SEC: u32 = 10;
+
+/// Why a connection ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The client sent DISCONNECT (no will, §3.14.4).
+    Disconnect,
+    /// The client closed the socket without DISCONNECT.
+    PeerClosed,
+    /// A socket error.
+    Io,
+    /// Malformed packet or protocol violation (§4.8).
+    ProtocolError,
+    /// No packet within 1.5 × keep-alive (§3.1.2.10).
+    KeepAliveTimeout,
+    /// A new connection with the same client id took over (§3.1.4).
+    TakenOver,
+    /// The broker is shutting down.
+    Shutdown,
+}
+
+impl CloseReason {
+    /// True when the will message must be published (§3.1.2.5: any close
+    /// that is not a DISCONNECT from the client; not when the broker stops).
+    pub fn publishes_will(self) -> bool {
+        !matches!(self, CloseReason::Disconnect | CloseReason::Shutdown)
+    }
+}
+
+/// Shared between a connection task and its session: how the shard asks the
+/// task to close, or to take over a blocked write.
+#[derive(Debug, Default)]
+pub struct ConnSignal {
+    /// Set when the connection must close.
+    close: Cell<Option<CloseReason>>,
+    /// The connection task, while it waits.
+    waker: RefCell<Option<Waker>>,
+}
+
+impl ConnSignal {
+    /// Asks the connection to close (the first reason wins).
+    pub fn close(&self, reason: CloseReason) {
+        if self.close.get().is_none() {
+            self.close.set(Some(reason));
+        }
+        self.wake();
+    }
+
+    /// Wakes the connection task.
+    pub fn wake(&self) {
+        if let Some(waker) = self.waker.borrow_mut().take() {
+            waker.wake();
+        }
+    }
+
+    /// Takes a pending close request.
+    fn take_close(&self) -> Option<CloseReason> {
+        self.close.get()
+    }
+
+    /// Remembers the task's waker (cloned only when it changed).
+    fn set_waker(&self, waker: &Waker) {
+        let mut slot = self.waker.borrow_mut();
+        if !slot.as_ref().is_some_and(|w| w.will_wake(waker)) {
+            *slot = Some(waker.clone());
+        }
+    }
+}
+
+/// A session's live connection, as the shard sees it.
+#[derive(Debug)]
+pub struct Link {
+    /// Unique id of the connection on this shard.
+    pub conn_id: u64,
+    /// The socket, for the shard's direct vectored writes. Valid while the
+    /// link exists: the task removes the link before it closes the socket.
+    pub fd: RawFd,
+    /// The connection task's signal.
+    pub signal: Rc<ConnSignal>,
+    /// True while the socket's send buffer is full and the connection task
+    /// (not the shard) writes this session's queue.
+    pub blocked: bool,
+    /// Keep-alive in seconds from CONNECT (0: none).
+    pub keep_alive: u16,
+    /// When the last packet arrived, in [`TICKS_PER_SEC`] since shard start.
+    pub last_seen: u32,
+}
+
+/// A link with no socket, for unit tests of the session.
+#[cfg(test)]
+pub fn test_link() -> Link {
+    Link {
+        conn_id: 1,
+        fd: -1,
+        signal: Rc::new(ConnSignal::default()),
+        blocked: false,
+        keep_alive: 0,
+        last_seen: 0,
+    }
+}
+
+/// Counts a live connection against `max_connections` until dropped.
+pub struct ConnectionSlot(pub Arc<AtomicUsize>);
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// What woke the connection loop.
+enum Event {
+    /// New bytes are in the receive buffer.
+    Data,
+    /// The connection must end.
+    Closed(CloseReason),
+}
+
+/// Serves one accepted connection until it ends.
+pub async fn serve(ctx: Ctx, mut stream: TcpStream, slot: ConnectionSlot) {
+    let peer = stream
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| "?".into());
+    let mut rx = BytesMut::new();
+    let connect_timeout = ctx.shard.borrow().config.connect_timeout;
+    let first = glommio::timer::timeout(connect_timeout, async {
+        Ok(read_first_packet(&ctx, &mut stream, &mut rx).await)
+    })
+    .await;
+    let connect = match first {
+        Ok(Ok(Packet::Connect(connect))) => connect,
+        Ok(Ok(other)) => {
+            debug!("{peer}: first packet is not CONNECT ({other:?}), closing");
+            ctx.shard.borrow_mut().stats.protocol_errors += 1;
+            return;
+        }
+        Ok(Err(FirstPacketError::Decode(DecodeError::UnsupportedProtocolLevel(level)))) => {
+            debug!("{peer}: unsupported protocol level {level}, CONNACK 1");
+            refuse(&mut stream, codec::CONNACK_UNACCEPTABLE_PROTOCOL_VERSION).await;
+            return;
+        }
+        Ok(Err(FirstPacketError::Decode(e))) => {
+            debug!("{peer}: bad CONNECT: {e}");
+            ctx.shard.borrow_mut().stats.protocol_errors += 1;
+            return;
+        }
+        Ok(Err(FirstPacketError::Closed)) => return,
+        Err(_) => {
+            debug!("{peer}: no CONNECT within {connect_timeout:?}, closing");
+            return;
+        }
+    };
+    if let Some(reason) = session_of(&ctx, stream, rx, connect, &peer).await {
+        debug!("{peer}: connection closed: {reason:?}");
+    }
+    drop(slot);
+}
+
+/// Why the first packet did not arrive.
+enum FirstPacketError {
+    /// It was not a valid packet.
+    Decode(DecodeError),
+    /// The socket closed or failed first.
+    Closed,
+}
+
+/// Reads until one whole packet is decoded.
+async fn read_first_packet(
+    ctx: &Ctx,
+    stream: &mut TcpStream,
+    rx: &mut BytesMut,
+) -> Result<Packet, FirstPacketError> {
+    let max = ctx.shard.borrow().config.max_packet_size;
+    loop {
+        match codec::decode(rx, max) {
+            Ok(Some(packet)) => return Ok(packet),
+            Ok(None) => {}
+            Err(e) => return Err(FirstPacketError::Decode(e)),
+        }
+        let len = rx.len();
+        rx.resize(len + CONNECT_READ_CHUNK, 0);
+        let n = stream
+            .read(&mut rx[len..])
+            .await
+            .map_err(|_| FirstPacketError::Closed)?;
+        rx.truncate(len + n);
+        if n == 0 {
+            return Err(FirstPacketError::Closed);
+        }
+        ctx.shard.borrow_mut().stats.bytes_received += n as u64;
+    }
+}
+
+/// Answers CONNECT with a refusal code and lets the socket close (§3.2.2.3).
+async fn refuse(stream: &mut TcpStream, code: u8) {
+    let _ = stream.write_all(&[0x20, 2, 0, code]).await;
+    let _ = stream.flush().await;
+}
+
+/// Validates CONNECT, claims the session, runs the connection, tears down.
+/// Returns why it ended (None when refused before the session existed).
+async fn session_of(
+    ctx: &Ctx,
+    mut stream: TcpStream,
+    mut rx: BytesMut,
+    connect: Connect,
+    peer: &str,
+) -> Option<CloseReason> {
+    let Connect {
+        clean_session,
+        keep_alive,
+        client_id,
+        last_will,
+        ..
+    } = connect;
+    if let Some(will) = &last_will
+        && topic::validate_topic_name(&will.topic).is_err()
+    {
+        debug!("{peer}: invalid will topic {:?}", will.topic);
+        ctx.shard.borrow_mut().stats.protocol_errors += 1;
+        return None;
+    }
+    if ctx.shard.borrow().shutting_down {
+        refuse(&mut stream, codec::CONNACK_SERVER_UNAVAILABLE).await;
+        return None;
+    }
+    let client_id = if client_id.is_empty() {
+        if !clean_session {
+            debug!("{peer}: empty client id with CleanSession 0, CONNACK 2");
+            refuse(&mut stream, codec::CONNACK_IDENTIFIER_REJECTED).await;
+            return None;
+        }
+        ctx.shard.borrow_mut().generate_client_id()
+    } else {
+        client_id
+    };
+    let state = match registry::claim(ctx, client_id.clone(), clean_session).await {
+        Ok(state) => state,
+        Err(e) => {
+            debug!("{peer}: client {client_id}: {e}");
+            return Some(CloseReason::TakenOver);
+        }
+    };
+    let signal = Rc::new(ConnSignal::default());
+    let (key, conn_id) = attach(
+        ctx,
+        &stream,
+        client_id.clone(),
+        clean_session,
+        state,
+        keep_alive,
+        &signal,
+    );
+    ctx.send_outbox();
+    debug!(
+        "{peer}: client {client_id} connected (clean session {clean_session}, keep-alive {keep_alive})"
+    );
+
+    let reason = run(ctx, &mut stream, &mut rx, key, conn_id, &signal).await;
+
+    {
+        let mut shard = ctx.shard.borrow_mut();
+        shard.end_connection(key, conn_id);
+        if reason.publishes_will()
+            && let Some(will) = last_will
+        {
+            publish_will(&mut shard, will);
+        }
+        shard.flush_dirty();
+    }
+    ctx.send_outbox();
+    ctx.forward_publishes().await;
+    // The link is gone from the session; only now may the socket close.
+    drop(stream);
+    Some(reason)
+}
+
+/// Creates the session for a new connection (with the claimed state) and
+/// queues CONNACK plus any redelivery.
+fn attach(
+    ctx: &Ctx,
+    stream: &TcpStream,
+    client_id: ByteString,
+    clean_session: bool,
+    state: Option<SessionState>,
+    keep_alive: u16,
+    signal: &Rc<ConnSignal>,
+) -> (SessionKey, u64) {
+    let mut shard = ctx.shard.borrow_mut();
+    let conn_id = shard.new_conn_id();
+    let session_present = state.is_some() && !clean_session;
+    let mut session = Session::new(client_id, clean_session, state.unwrap_or_default());
+    session.link = Some(Link {
+        conn_id,
+        fd: stream.as_raw_fd(),
+        signal: signal.clone(),
+        blocked: false,
+        keep_alive,
+        last_seen: shard.now_ticks(),
+    });
+    session.queue_control(&[0x20, 2, u8::from(session_present), codec::CONNACK_ACCEPTED]);
+    let limits = shard.limits;
+    session.resume(&limits);
+    let key = shard.insert_session(session);
+    shard.mark_dirty(key);
+    shard.flush_dirty();
+    (key, conn_id)
+}
+
+/// Publishes a will message (§3.1.2.5).
+fn publish_will(shard: &mut Shard, will: LastWill) {
+    if topic::is_sys_topic(&will.topic) && will.topic.starts_with("$SYS") {
+        debug!(
+            "will to {} dropped: clients cannot publish to $SYS",
+            will.topic
+        );
+        return;
+    }
+    shard.stats.publish_received += 1;
+    shard.publish(Message {
+        topic: will.topic,
+        payload: will.message,
+        qos: will.qos,
+        retain: will.retain,
+    });
+}
+
+/// The connection's main loop; returns why it ended.
+async fn run(
+    ctx: &Ctx,
+    stream: &mut TcpStream,
+    rx: &mut BytesMut,
+    key: SessionKey,
+    conn_id: u64,
+    signal: &ConnSignal,
+) -> CloseReason {
+    loop {
+        let event = poll_fn(|cx| poll_event(cx, ctx, stream, rx, key, conn_id, signal)).await;
+        if let Event::Closed(reason) = event {
+            return reason;
+        }
+        let step = {
+            let mut shard = ctx.shard.borrow_mut();
+            let step = process(&mut shard, key, conn_id, rx);
+            shard.flush_dirty();
+            step
+        };
+        if !ctx.shard.borrow().outbox.is_empty() {
+            ctx.send_outbox();
+        }
+        ctx.forward_publishes().await;
+        if let Err(reason) = step {
+            return reason;
+        }
+        if rx.is_empty() && rx.capacity() > 0 {
+            // Idle connections hold no receive buffer.
+            *rx = BytesMut::new();
+        }
+        glommio::yield_if_needed().await;
+    }
+}
+
+/// Polls for what the connection must do next: close, write (when its socket
+/// was full), or read.
+fn poll_event(
+    cx: &mut Context<'_>,
+    ctx: &Ctx,
+    stream: &mut TcpStream,
+    rx: &mut BytesMut,
+    key: SessionKey,
+    conn_id: u64,
+    signal: &ConnSignal,
+) -> Poll<Event> {
+    if let Some(reason) = signal.take_close() {
+        return Poll::Ready(Event::Closed(reason));
+    }
+    let mut guard = ctx.shard.borrow_mut();
+    let Shard {
+        sessions,
+        stats,
+        read_buf,
+        limits,
+        ..
+    } = &mut *guard;
+    let Some(session) = sessions
+        .get_mut(key as usize)
+        .filter(|s| s.link.as_ref().is_some_and(|l| l.conn_id == conn_id))
+    else {
+        return Poll::Ready(Event::Closed(CloseReason::TakenOver));
+    };
+    if let Some(link) = session.link.as_mut()
+        && link.blocked
+    {
+        loop {
+            match session.out.flush(link.fd) {
+                Ok((n, Flushed::All)) => {
+                    stats.bytes_sent += n as u64;
+                    link.blocked = false;
+                    break;
+                }
+                Ok((n, Flushed::WouldBlock)) => {
+                    stats.bytes_sent += n as u64;
+                    let Some(chunk) = session.out.front_chunk() else {
+                        link.blocked = false;
+                        break;
+                    };
+                    // Sends what fits, or arms a wake-up for writability.
+                    match Pin::new(&mut *stream).poll_write(cx, chunk) {
+                        Poll::Ready(Ok(n)) => {
+                            stats.bytes_sent += n as u64;
+                            session.out.advance(n);
+                        }
+                        Poll::Ready(Err(_)) => return Poll::Ready(Event::Closed(CloseReason::Io)),
+                        Poll::Pending => break,
+                    }
+                }
+                Err(_) => return Poll::Ready(Event::Closed(CloseReason::Io)),
+            }
+        }
+    }
+    signal.set_waker(cx.waker());
+    if session.out.bytes() > limits.max_queued_bytes {
+        // The client does not read what it is sent: stop reading it too.
+        return Poll::Pending;
+    }
+    match Pin::new(&mut *stream).poll_read(cx, read_buf) {
+        Poll::Ready(Ok(0)) => Poll::Ready(Event::Closed(CloseReason::PeerClosed)),
+        Poll::Ready(Ok(n)) => {
+            rx.extend_from_slice(&read_buf[..n]);
+            stats.bytes_received += n as u64;
+            Poll::Ready(Event::Data)
+        }
+        Poll::Ready(Err(_)) => Poll::Ready(Event::Closed(CloseReason::Io)),
+        Poll::Pending => Poll::Pending,
+    }
+}
+
+/// Decodes and handles every complete packet in `rx`.
+fn process(
+    shard: &mut Shard,
+    key: SessionKey,
+    conn_id: u64,
+    rx: &mut BytesMut,
+) -> Result<(), CloseReason> {
+    let now = shard.now_ticks();
+    let Some(session) = shard.session_for(key, conn_id) else {
+        return Err(CloseReason::TakenOver);
+    };
+    if let Some(link) = session.link.as_mut() {
+        link.last_seen = now;
+    }
+    let max = shard.config.max_packet_size;
+    loop {
+        let packet = match codec::decode(rx, max) {
+            Ok(Some(packet)) => packet,
+            Ok(None) => return Ok(()),
+            Err(e) => {
+                debug!("client packet refused: {e}");
+                shard.stats.protocol_errors += 1;
+                return Err(CloseReason::ProtocolError);
+            }
+        };
+        shard.stats.messages_received += 1;
+        handle_packet(shard, key, conn_id, packet)?;
+    }
+}
+
+/// Acts on one packet from a connected client.
+fn handle_packet(
+    shard: &mut Shard,
+    key: SessionKey,
+    conn_id: u64,
+    packet: Packet,
+) -> Result<(), CloseReason> {
+    let limits = shard.limits;
+    let Some(session) = shard.session_for(key, conn_id) else {
+        return Err(CloseReason::TakenOver);
+    };
+    match packet {
+        Packet::Connect(_) => {
+            debug!("client {}: second CONNECT (§3.1.0-2)", session.client_id);
+            shard.stats.protocol_errors += 1;
+            return Err(CloseReason::ProtocolError);
+        }
+        Packet::Publish(publish) => {
+            if topic::validate_topic_name(&publish.topic).is_err() {
+                debug!(
+                    "client {}: invalid topic name {:?}",
+                    session.client_id, publish.topic
+                );
+                shard.stats.protocol_errors += 1;
+                return Err(CloseReason::ProtocolError);
+            }
+            let deliver = match publish.qos {
+                QoS::AtMostOnce => true,
+                QoS::AtLeastOnce => true,
+                QoS::ExactlyOnce => match session.on_publish_qos2(publish.packet_id, &limits) {
+                    Qos2Receipt::New => true,
+                    Qos2Receipt::Duplicate => false,
+                    Qos2Receipt::Refused => {
+                        info!(
+                            "client {}: more than {} unreleased QoS 2 messages, one dropped",
+                            session.client_id, limits.max_awaiting_rel
+                        );
+                        shard.stats.publish_dropped += 1;
+                        return Ok(());
+                    }
+                },
+            };
+            if let Some(ack) = session::ack_for_publish(publish.qos, publish.packet_id) {
+                session.queue_control(&ack);
+                shard.mark_dirty(key);
+            }
+            shard.stats.publish_received += 1;
+            if !deliver {
+                return Ok(());
+            }
+            if publish.topic.starts_with("$SYS") {
+                debug!("publish to {} dropped: $SYS is the broker's", publish.topic);
+                shard.stats.publish_dropped += 1;
+                return Ok(());
+            }
+            shard.publish(Message {
+                topic: publish.topic,
+                payload: publish.payload,
+                qos: publish.qos,
+                retain: publish.retain,
+            });
+        }
+        Packet::PubAck(id) => {
+            session.on_puback(id, &limits);
+            shard.mark_dirty(key);
+        }
+        Packet::PubRec(id) => {
+            session.on_pubrec(id);
+            shard.mark_dirty(key);
+        }
+        Packet::PubRel(id) => {
+            session.on_pubrel(id);
+            shard.mark_dirty(key);
+        }
+        Packet::PubComp(id) => {
+            session.on_pubcomp(id, &limits);
+            shard.mark_dirty(key);
+        }
+        Packet::Subscribe(subscribe) => shard.subscribe(key, subscribe),
+        Packet::Unsubscribe(unsubscribe) => {
+            shard.unsubscribe(key, unsubscribe.packet_id, &unsubscribe.filters)
+        }
+        Packet::PingReq => {
+            session.queue_control(&[0xd0, 0]);
+            shard.mark_dirty(key);
+        }
+        Packet::Disconnect => return Err(CloseReason::Disconnect),
+    }
+    Ok(())
+}
+
+/// Closes connections silent for more than 1.5 × their keep-alive
+/// (§3.1.2.10), checking every `period`.
+pub async fn keep_alive_sweeper(ctx: Ctx, period: Duration) {
+    loop {
+        glommio::timer::sleep(period).await;
+        let shard = ctx.shard.borrow();
+        if shard.shutting_down {
+            return;
+        }
+        let now = shard.now_ticks();
+        for (_, session) in shard.sessions.iter() {
+            let Some(link) = &session.link else { continue };
+            let limit = u32::from(link.keep_alive) * TICKS_PER_SEC * 3 / 2;
+            if link.keep_alive > 0 && now.saturating_sub(link.last_seen) > limit {
+                debug!("client {}: keep-alive timeout", session.client_id);
+                link.signal.close(CloseReason::KeepAliveTimeout);
+            }
+        }
+    }
+}

@@ -1,0 +1,188 @@
+//! Listening sockets and the accept loop.
+//!
+//! Each listen address gets one socket per shard, all bound with SO_REUSEPORT
+//! so the kernel spreads new connections over per-core accept queues. The
+//! sockets are built with `socket2` (glommio's own `bind` fixes the backlog at
+//! 1024) before the shards start, so that port 0 resolves to one port that
+//! every shard then binds.
+//!
+//! The accept loop never spins and never crashes on resource exhaustion: at
+//! `max_connections` it accepts and closes at once (the client sees a clean
+//! close, not a hanging SYN), and when the process is out of file descriptors
+//! (EMFILE/ENFILE) or memory it logs, waits, and tries again, so it recovers
+//! once descriptors free up.
+
+use std::net::SocketAddr;
+use std::os::fd::{FromRawFd, IntoRawFd, RawFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use glommio::net::TcpListener;
+use log::{debug, warn};
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::connection::{self, ConnectionSlot};
+use crate::shard::Ctx;
+
+/// Pause after an accept error caused by exhausted resources, so the loop
+/// does not spin while descriptors or memory are short.
+pub const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Least time between two identical warnings from one accept loop.
+const WARN_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Errors setting up listeners.
+#[derive(Debug, thiserror::Error)]
+pub enum ListenerError {
+    /// A socket could not be created, configured, bound or listened on.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// One listen address's sockets: one per shard, all on the same port.
+#[derive(Debug)]
+pub struct ListenerSet {
+    /// The address actually bound (port 0 resolved).
+    pub addr: SocketAddr,
+    /// One listening socket's descriptor per shard, owned until a shard takes it.
+    pub fds: Vec<RawFd>,
+}
+
+/// Creates `shards` listening sockets on `addr` with SO_REUSEPORT.
+///
+/// # Errors
+/// Any socket call failing (address in use, permission, ...).
+pub fn bind(addr: SocketAddr, shards: usize, backlog: u32) -> Result<ListenerSet, ListenerError> {
+    let mut fds = Vec::with_capacity(shards);
+    let mut bound = addr;
+    for _ in 0..shards {
+        let socket =
+            make_socket(bound, backlog).map_err(|source| ListenerError::Bind { addr, source })?;
+        if bound.port() == 0 {
+            bound = socket
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_socket())
+                .unwrap_or(bound);
+        }
+        fds.push(socket.into_raw_fd());
+    }
+    Ok(ListenerSet { addr: bound, fds })
+}
+
+/// One listening socket with the options fan-out needs.
+fn make_socket(addr: SocketAddr, backlog: u32) -> std::io::Result<Socket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.bind(&addr.into())?;
+    socket.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
+    Ok(socket)
+}
+
+/// Accepts connections on `fd` for this shard until shutdown.
+pub async fn accept_loop(ctx: Ctx, fd: RawFd, addr: SocketAddr, connections: Arc<AtomicUsize>) {
+    // SAFETY: `fd` is a listening socket created by `bind` and handed to
+    // exactly this shard; the listener takes ownership and closes it.
+    let listener = unsafe { TcpListener::from_raw_fd(fd) };
+    let max = ctx.shard.borrow().config.max_connections;
+    let mut last_warning: Option<Instant> = None;
+    loop {
+        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
+            wait_for_shutdown(&ctx).await;
+            None
+        })
+        .await;
+        let Some(accepted) = accepted else {
+            debug!("shard {}: listener {addr} closed", ctx.id);
+            return;
+        };
+        match accepted {
+            Ok(stream) => {
+                ctx.shard.borrow_mut().stats.connections_accepted += 1;
+                if connections.fetch_add(1, Ordering::Relaxed) >= max {
+                    connections.fetch_sub(1, Ordering::Relaxed);
+                    ctx.shard.borrow_mut().stats.connections_refused += 1;
+                    if should_warn(&mut last_warning) {
+                        warn!("max_connections ({max}) reached: refusing new connections");
+                    }
+                    drop(stream);
+                    continue;
+                }
+                let _ = stream.set_nodelay(true);
+                let slot = ConnectionSlot(connections.clone());
+                glommio::spawn_local(connection::serve(ctx.clone(), stream, slot)).detach();
+            }
+            Err(e) => {
+                let exhausted = matches!(
+                    e.raw_os_error(),
+                    Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+                );
+                ctx.shard.borrow_mut().stats.accept_errors += 1;
+                if should_warn(&mut last_warning) {
+                    warn!(
+                        "accept on {addr} failed: {e}{}",
+                        if exhausted {
+                            " (out of file descriptors or memory: raise LimitNOFILE / fs.file-max or lower max_connections)"
+                        } else {
+                            ""
+                        }
+                    );
+                }
+                if exhausted {
+                    glommio::timer::sleep(ACCEPT_ERROR_BACKOFF).await;
+                }
+            }
+        }
+    }
+}
+
+/// True (and remembers now) when the last warning is old enough.
+fn should_warn(last: &mut Option<Instant>) -> bool {
+    if last.is_some_and(|t| t.elapsed() < WARN_INTERVAL) {
+        return false;
+    }
+    *last = Some(Instant::now());
+    true
+}
+
+/// Resolves once the shard begins shutting down.
+pub async fn wait_for_shutdown(ctx: &Ctx) {
+    while !ctx.shard.borrow().shutting_down {
+        glommio::timer::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_zero_resolves_to_one_port_for_every_shard() {
+        let set = bind("127.0.0.1:0".parse().unwrap(), 3, 128).unwrap();
+        assert_ne!(set.addr.port(), 0);
+        assert_eq!(set.fds.len(), 3);
+        for fd in set.fds {
+            // SAFETY: fds from `bind` are owned listening sockets.
+            let socket = unsafe { Socket::from_raw_fd(fd) };
+            let local = socket.local_addr().unwrap().as_socket().unwrap();
+            assert_eq!(local, set.addr);
+        }
+    }
+
+    #[test]
+    fn warnings_are_rate_limited() {
+        let mut last = None;
+        assert!(should_warn(&mut last));
+        assert!(!should_warn(&mut last));
+    }
+}

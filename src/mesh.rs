@@ -1,0 +1,111 @@
+//! The only way shards talk: one documented message enum over glommio's
+//! bounded, lock-free channel mesh (DESIGN.md, "Mesh").
+//!
+//! Publishes travel in batches (one mesh message per read of the publisher's
+//! socket, not one per PUBLISH), as an `Arc` so that every peer gets the same
+//! batch. A full channel makes the sending connection wait, which stops it
+//! reading its socket, which lets TCP push back on the publisher.
+//! Control messages (take-over, stats) are sent from detached tasks so that a
+//! shard's receiving loop never waits on another shard (no mesh deadlock).
+
+use std::rc::Rc;
+use std::sync::Arc;
+
+use bytestring::ByteString;
+use glommio::channels::channel_mesh::{Receivers, Senders};
+use log::{debug, warn};
+
+use crate::message::Message;
+use crate::session::SessionState;
+use crate::shard::Ctx;
+use crate::sys::Counters;
+
+/// The mesh's sending half as every task of a shard holds it.
+pub type MeshSenders = Rc<Senders<ShardMsg>>;
+
+/// A message from one shard to another.
+#[derive(Debug)]
+pub enum ShardMsg {
+    /// Publishes received by the sending shard, in the order received.
+    Publish(Arc<Vec<Message>>),
+    /// To a client id's home shard: a connection on `new_shard` wants the
+    /// session of `client_id`.
+    Claim {
+        /// The client id.
+        client_id: ByteString,
+        /// Where the new connection is.
+        new_shard: usize,
+        /// The claim's id on `new_shard`.
+        token: u64,
+        /// The new connection's CleanSession flag.
+        clean_session: bool,
+    },
+    /// From the home shard to the shard holding the session: close the old
+    /// connection and hand the session to `to_shard`.
+    Evict {
+        /// The client id.
+        client_id: ByteString,
+        /// Where the new connection is.
+        to_shard: usize,
+        /// The claim's id on `to_shard`.
+        token: u64,
+        /// The new connection's CleanSession flag (1: discard the state).
+        clean_session: bool,
+    },
+    /// To the claiming shard: the claim is granted, with the previous session
+    /// state when there is one to resume.
+    Claimed {
+        /// The claim's id on the receiving shard.
+        token: u64,
+        /// The state to resume, if any.
+        state: Option<Box<SessionState>>,
+    },
+    /// To the home shard: the session of `client_id` on `shard` ended.
+    Release {
+        /// The client id.
+        client_id: ByteString,
+        /// The shard it was on.
+        shard: usize,
+    },
+    /// To shard 0: this shard's counters, for `$SYS`.
+    Stats {
+        /// The sending shard.
+        shard: usize,
+        /// Its counters.
+        counters: Counters,
+    },
+}
+
+/// Receives everything `peer` sends to this shard until the mesh closes.
+pub async fn receive_from(ctx: Ctx, peer: usize, receivers: Rc<Receivers<ShardMsg>>) {
+    while let Ok(Some(msg)) = receivers.recv_from(peer).await {
+        match msg {
+            ShardMsg::Publish(batch) => {
+                {
+                    let mut shard = ctx.shard.borrow_mut();
+                    for message in batch.iter() {
+                        shard.route(message);
+                    }
+                    shard.flush_dirty();
+                }
+                glommio::yield_if_needed().await;
+            }
+            other => {
+                ctx.shard.borrow_mut().handle_control(other);
+                ctx.send_outbox();
+            }
+        }
+    }
+    debug!("mesh channel from shard {peer} closed");
+}
+
+/// Sends `msg` to `peer` from a detached task, so the caller never waits.
+pub fn send_detached(mesh: &MeshSenders, peer: usize, msg: ShardMsg) {
+    let mesh = mesh.clone();
+    glommio::spawn_local(async move {
+        if mesh.send_to(peer, msg).await.is_err() {
+            warn!("mesh: shard {peer} is gone, control message dropped");
+        }
+    })
+    .detach();
+}

@@ -1,0 +1,323 @@
+//! Client ids across shards: home shards, claims and take-over
+//! (DESIGN.md, "Client ids").
+//!
+//! Every client id has a *home shard* (a hash of the id modulo the number of
+//! shards) that knows which shard holds its session, live or parked. A CONNECT
+//! on shard A *claims* the id at its home; the home records A and, if the
+//! session lives on shard B, tells B to *evict* it: B closes the old
+//! connection (take-over, §3.1.4) and hands the session state straight to A,
+//! which resumes it. The home shard serialises claims for an id, so two
+//! simultaneous CONNECTs end with exactly one winner: the later claim evicts
+//! the earlier one, even if that one has not finished connecting yet.
+
+use std::future::poll_fn;
+use std::task::{Poll, Waker};
+use std::time::Duration;
+
+use ahash::AHashMap;
+use bytestring::ByteString;
+use log::debug;
+
+use crate::connection::CloseReason;
+use crate::mesh::ShardMsg;
+use crate::session::{Session, SessionState};
+use crate::shard::{Ctx, Shard};
+
+/// How long a CONNECT waits for its claim to be answered before the
+/// connection is closed (the other shards are stuck or shutting down).
+pub const CLAIM_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Errors of a claim.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RegistryError {
+    /// A later CONNECT with the same client id won while this one waited.
+    #[error("a newer connection took over the client id")]
+    Superseded,
+    /// No answer in time.
+    #[error("no answer from the client id's home shard in time")]
+    TimedOut,
+}
+
+/// The outcome of a claim, once answered.
+#[derive(Debug)]
+enum Outcome {
+    /// Granted, with the session state to resume if there is one.
+    Granted(Option<SessionState>),
+    /// A later claim for the same id won.
+    Superseded,
+}
+
+/// A claim made by a connection on this shard, waiting for its answer.
+#[derive(Debug)]
+struct PendingClaim {
+    /// The client id claimed.
+    client_id: ByteString,
+    /// The answer, once it came.
+    outcome: Option<Outcome>,
+    /// The connection task to wake when it comes.
+    waker: Option<Waker>,
+    /// A later claim that must receive this one's state when it arrives:
+    /// (shard, token, its CleanSession flag).
+    superseded_by: Option<(usize, u64, bool)>,
+    /// The connection stopped waiting (timed out or went away); the answer,
+    /// when it comes, is parked or released instead.
+    abandoned: bool,
+}
+
+/// This shard's part of the client-id registry.
+#[derive(Debug, Default)]
+pub struct Registry {
+    /// For client ids homed here: the shard that holds the session.
+    homes: AHashMap<ByteString, usize>,
+    /// Claims of this shard's connections waiting for an answer, by token.
+    claims: AHashMap<u64, PendingClaim>,
+    /// Next claim token.
+    next_token: u64,
+}
+
+impl Registry {
+    /// Number of client ids homed on this shard.
+    pub fn homed(&self) -> usize {
+        self.homes.len()
+    }
+}
+
+/// The home shard of a client id: FNV-1a of its bytes modulo the shard count
+/// (a fixed function, so every shard computes the same home).
+pub fn home_shard(client_id: &str, nr_shards: usize) -> usize {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in client_id.bytes() {
+        hash ^= u64::from(b);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    (hash % nr_shards.max(1) as u64) as usize
+}
+
+/// Claims `client_id` for a new connection on this shard and waits for the
+/// answer: the previous session's state to resume (None: start fresh).
+///
+/// # Errors
+/// [`RegistryError::Superseded`] when a later connection took the id first,
+/// [`RegistryError::TimedOut`] when no answer came in [`CLAIM_TIMEOUT`].
+pub async fn claim(
+    ctx: &Ctx,
+    client_id: ByteString,
+    clean_session: bool,
+) -> Result<Option<SessionState>, RegistryError> {
+    let token = {
+        let mut shard = ctx.shard.borrow_mut();
+        let token = shard.registry.next_token;
+        shard.registry.next_token += 1;
+        shard.registry.claims.insert(
+            token,
+            PendingClaim {
+                client_id: client_id.clone(),
+                outcome: None,
+                waker: None,
+                superseded_by: None,
+                abandoned: false,
+            },
+        );
+        let home = home_shard(&client_id, shard.nr_shards);
+        if home == shard.id {
+            let me = shard.id;
+            shard.home_claim(client_id, me, token, clean_session);
+        } else {
+            let new_shard = shard.id;
+            shard.outbox.push((
+                home,
+                ShardMsg::Claim {
+                    client_id,
+                    new_shard,
+                    token,
+                    clean_session,
+                },
+            ));
+        }
+        token
+    };
+    ctx.send_outbox();
+    let wait = poll_fn(|cx| {
+        let mut shard = ctx.shard.borrow_mut();
+        let Some(pending) = shard.registry.claims.get_mut(&token) else {
+            return Poll::Ready(Ok(Outcome::Superseded));
+        };
+        match pending.outcome.take() {
+            Some(outcome) => {
+                shard.registry.claims.remove(&token);
+                Poll::Ready(Ok(outcome))
+            }
+            None => {
+                pending.waker = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        }
+    });
+    let outcome = match glommio::timer::timeout(CLAIM_TIMEOUT, wait).await {
+        Ok(outcome) => outcome,
+        Err(_) => {
+            // Keep the claim, marked abandoned: a late answer is then parked
+            // (see `claim_answered`), so a persistent session is not lost.
+            if let Some(claim) = ctx.shard.borrow_mut().registry.claims.get_mut(&token) {
+                claim.abandoned = true;
+                claim.waker = None;
+            }
+            return Err(RegistryError::TimedOut);
+        }
+    };
+    match outcome {
+        Outcome::Granted(state) => Ok(state),
+        Outcome::Superseded => Err(RegistryError::Superseded),
+    }
+}
+
+impl Shard {
+    /// At the home shard: `new_shard` claims `client_id`.
+    pub fn home_claim(
+        &mut self,
+        client_id: ByteString,
+        new_shard: usize,
+        token: u64,
+        clean_session: bool,
+    ) {
+        let previous = self.registry.homes.insert(client_id.clone(), new_shard);
+        match previous {
+            None => self.answer_claim(new_shard, token, None),
+            Some(owner) if owner == self.id => {
+                self.evict(&client_id, new_shard, token, clean_session)
+            }
+            Some(owner) => self.outbox.push((
+                owner,
+                ShardMsg::Evict {
+                    client_id,
+                    to_shard: new_shard,
+                    token,
+                    clean_session,
+                },
+            )),
+        }
+    }
+
+    /// At the shard holding the session: close its connection and hand its
+    /// state to the claim `(to_shard, token)`.
+    pub fn evict(&mut self, client_id: &str, to_shard: usize, token: u64, clean_session: bool) {
+        if let Some(&key) = self.by_client_id.get(client_id)
+            && let Some(session) = self.remove_session(key)
+        {
+            if let Some(link) = &session.link {
+                debug!("client {client_id} taken over by a new connection");
+                link.signal.close(CloseReason::TakenOver);
+            }
+            let state = (!clean_session && !session.clean_session).then_some(session.state);
+            self.answer_claim(to_shard, token, state);
+            return;
+        }
+        // No session yet: an earlier claim for this id may still be waiting
+        // here; the newer claim wins and gets that one's state when it comes.
+        let earlier = self.registry.claims.iter_mut().find(|(t, c)| {
+            !(to_shard == self.id && **t == token)
+                && c.client_id == client_id
+                && c.outcome.is_none()
+                && c.superseded_by.is_none()
+        });
+        if let Some((_, claim)) = earlier {
+            claim.superseded_by = Some((to_shard, token, clean_session));
+            return;
+        }
+        self.answer_claim(to_shard, token, None);
+    }
+
+    /// Answers the claim `token` of `shard`, locally or over the mesh.
+    fn answer_claim(&mut self, shard: usize, token: u64, state: Option<SessionState>) {
+        if shard == self.id {
+            self.claim_answered(token, state);
+        } else {
+            self.outbox.push((
+                shard,
+                ShardMsg::Claimed {
+                    token,
+                    state: state.map(Box::new),
+                },
+            ));
+        }
+    }
+
+    /// The answer to one of this shard's claims arrived.
+    pub fn claim_answered(&mut self, token: u64, state: Option<SessionState>) {
+        let Some(claim) = self.registry.claims.get_mut(&token) else {
+            debug!("answer to unknown claim {token} dropped");
+            return;
+        };
+        if let Some((to, later_token, later_clean)) = claim.superseded_by.take() {
+            claim.outcome = Some(Outcome::Superseded);
+            if let Some(waker) = claim.waker.take() {
+                waker.wake();
+            }
+            if claim.abandoned {
+                self.registry.claims.remove(&token);
+            }
+            let state = state.filter(|_| !later_clean);
+            self.answer_claim(to, later_token, state);
+            return;
+        }
+        if claim.abandoned {
+            // The connection is gone. The home shard points here: park a
+            // persistent session so it is not lost, or release the id.
+            let client_id = claim.client_id.clone();
+            self.registry.claims.remove(&token);
+            match state {
+                Some(state) => {
+                    let _ = self.insert_session(Session::new(client_id, false, state));
+                }
+                None => self.release(client_id),
+            }
+            return;
+        }
+        claim.outcome = Some(Outcome::Granted(state));
+        if let Some(waker) = claim.waker.take() {
+            waker.wake();
+        }
+    }
+
+    /// A session of this shard ended: tell its home shard.
+    pub fn release(&mut self, client_id: ByteString) {
+        let home = home_shard(&client_id, self.nr_shards);
+        let shard = self.id;
+        if home == self.id {
+            self.home_release(&client_id, shard);
+        } else {
+            self.outbox
+                .push((home, ShardMsg::Release { client_id, shard }));
+        }
+    }
+
+    /// At the home shard: the session on `shard` ended; forget it unless the
+    /// id was claimed by another shard meanwhile.
+    pub fn home_release(&mut self, client_id: &str, shard: usize) {
+        if self.registry.homes.get(client_id) == Some(&shard) {
+            self.registry.homes.remove(client_id);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn home_shard_is_stable_and_in_range() {
+        for n in 1..8 {
+            for id in ["a", "client-1", "", "ünï"] {
+                let h = home_shard(id, n);
+                assert!(h < n);
+                assert_eq!(h, home_shard(id, n));
+            }
+        }
+        // Spread: 1000 ids over 4 shards all get some.
+        let mut counts = [0; 4];
+        for i in 0..1000 {
+            counts[home_shard(&format!("c{i}"), 4)] += 1;
+        }
+        assert!(counts.iter().all(|&c| c > 150), "{counts:?}");
+    }
+}

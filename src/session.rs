@@ -1,0 +1,652 @@
+//! The MQTT session (§3.1.2.4): what the broker keeps for one client id.
+//!
+//! A session owns the client's subscriptions, its QoS 1/2 messages in flight in
+//! both directions, the messages waiting for a free slot in the inflight window
+//! (also while the client is offline, for CleanSession = 0), and the outgoing
+//! queue of the live connection. It is pure state: no sockets, no timers. The
+//! shard calls it; the connection task writes what it queued.
+//!
+//! Every queue is bounded ([`Limits`]). When a limit is hit:
+//! - QoS 0 to a live client whose outgoing queue is full: dropped and counted
+//!   (a slow subscriber never slows the others, and never grows memory).
+//! - QoS 1/2 when the inflight window is full: kept in the pending queue, which
+//!   is bounded by messages and bytes; when that is full the message is dropped
+//!   and counted, as Mosquitto does with `max_queued_messages`.
+//! - QoS 0 to an offline client: not queued (Mosquitto's default,
+//!   `queue_qos0_messages false`).
+//!
+//! The state that survives the connection ([`SessionState`]) is `Send`, so it
+//! can move to another shard on take-over.
+
+use std::collections::VecDeque;
+
+use bytes::Bytes;
+use bytestring::ByteString;
+
+#[cfg(test)]
+use crate::codec;
+use crate::codec::{PacketId, QoS};
+use crate::connection::Link;
+use crate::message::{Encoded, Message};
+use crate::outqueue::{OutFrame, OutQueue};
+
+/// The per-client bounds, from the configuration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// QoS 1/2 PUBLISH packets sent to the client and not yet acknowledged.
+    pub max_inflight: usize,
+    /// PUBLISH packets queued for the client: the outgoing queue (QoS 0) and,
+    /// separately, the pending queue (QoS 1/2) each hold at most this many.
+    pub max_queued_messages: usize,
+    /// Bytes queued for the client, with the same split as messages.
+    pub max_queued_bytes: usize,
+    /// QoS 2 PUBLISH packets received from the client and not yet released by
+    /// PUBREL; more are refused (EMQX's `max_awaiting_rel`), so a client
+    /// cannot grow this set without bound.
+    pub max_awaiting_rel: usize,
+}
+
+/// Where an outgoing QoS 1/2 PUBLISH is in its flow (§4.3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// QoS 1: PUBLISH sent, waiting for PUBACK.
+    AwaitPubAck,
+    /// QoS 2: PUBLISH sent, waiting for PUBREC.
+    AwaitPubRec,
+    /// QoS 2: PUBREL sent, waiting for PUBCOMP.
+    AwaitPubComp,
+}
+
+/// An outgoing QoS 1/2 message that is not yet acknowledged.
+#[derive(Clone, Debug)]
+pub struct Inflight {
+    /// The packet id it was sent with.
+    pub packet_id: PacketId,
+    /// The message, at the QoS it is delivered with, kept for redelivery.
+    pub message: Message,
+    /// Where its flow is.
+    pub phase: Phase,
+}
+
+/// The part of a session that outlives a connection and moves between shards.
+#[derive(Clone, Debug, Default)]
+pub struct SessionState {
+    /// Topic filters and their granted QoS, in subscription order.
+    pub subscriptions: Vec<(ByteString, QoS)>,
+    /// Outgoing QoS 1/2 messages not yet acknowledged, oldest first.
+    pub inflight: VecDeque<Inflight>,
+    /// QoS 1/2 messages waiting for a slot in the inflight window.
+    pub pending: VecDeque<Message>,
+    /// Wire bytes of `pending`, for the byte limit.
+    pub pending_bytes: usize,
+    /// Packet ids of QoS 2 messages received and not yet released (PUBREL).
+    pub awaiting_rel: Vec<PacketId>,
+    /// The last packet id used for an outgoing message (0: none yet).
+    pub last_packet_id: PacketId,
+}
+
+/// What happened to a message offered to a session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Delivery {
+    /// Queued on the live connection: the shard must flush it.
+    Queued,
+    /// Kept in the pending queue (window full or client offline).
+    Pending,
+    /// Not queued: QoS 0 to an offline client (not a loss, nothing promised).
+    Skipped,
+    /// Dropped because a limit was hit: counted as a dropped message.
+    Dropped,
+}
+
+/// What to do with a received QoS 2 PUBLISH.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Qos2Receipt {
+    /// First time this packet id is seen: deliver it, then send PUBREC.
+    New,
+    /// Already received and not yet released: send PUBREC only (§4.3.3).
+    Duplicate,
+    /// Too many unreleased QoS 2 messages: drop it (no PUBREC).
+    Refused,
+}
+
+/// One client id's session on this shard.
+#[derive(Debug)]
+pub struct Session {
+    /// The client identifier (§3.1.3.1).
+    pub client_id: ByteString,
+    /// CleanSession flag of the connection that owns it (§3.1.2.4).
+    pub clean_session: bool,
+    /// State that survives the connection.
+    pub state: SessionState,
+    /// Frames for the live connection; empty while offline.
+    pub out: OutQueue,
+    /// The live connection, if any.
+    pub link: Option<Link>,
+    /// True while this session is on the shard's list of sessions to flush.
+    pub dirty: bool,
+}
+
+impl Session {
+    /// A session for `client_id`, with the state it had (or a fresh one).
+    pub fn new(client_id: ByteString, clean_session: bool, state: SessionState) -> Session {
+        Session {
+            client_id,
+            clean_session,
+            state,
+            out: OutQueue::default(),
+            link: None,
+            dirty: false,
+        }
+    }
+
+    /// True while a connection is attached.
+    pub fn is_online(&self) -> bool {
+        self.link.is_some()
+    }
+
+    /// Adds or replaces a subscription; true when the filter is new.
+    pub fn subscribe(&mut self, filter: &ByteString, qos: QoS) -> bool {
+        if let Some(entry) = self
+            .state
+            .subscriptions
+            .iter_mut()
+            .find(|(f, _)| f == filter)
+        {
+            entry.1 = qos;
+            return false;
+        }
+        self.state.subscriptions.push((filter.clone(), qos));
+        true
+    }
+
+    /// Removes a subscription; true when it existed.
+    pub fn unsubscribe(&mut self, filter: &str) -> bool {
+        let before = self.state.subscriptions.len();
+        self.state.subscriptions.retain(|(f, _)| f != filter);
+        before != self.state.subscriptions.len()
+    }
+
+    /// Offers a message matched by a subscription granted `granted`, forwarded
+    /// with RETAIN cleared and its QoS downgraded to `granted` (§3.3.5).
+    pub fn deliver(
+        &mut self,
+        encoded: &mut Encoded<'_>,
+        granted: QoS,
+        limits: &Limits,
+    ) -> Delivery {
+        let message = encoded.message;
+        let qos = message.qos.min(granted);
+        if qos == QoS::AtMostOnce {
+            if !self.is_online() {
+                return Delivery::Skipped;
+            }
+            let frame = encoded.qos0_frame();
+            if self.out.publishes() >= limits.max_queued_messages
+                || self.out.bytes() + frame.len() > limits.max_queued_bytes
+            {
+                return Delivery::Dropped;
+            }
+            self.out.push(OutFrame::Whole(frame));
+            return Delivery::Queued;
+        }
+        let forwarded = Message {
+            topic: message.topic.clone(),
+            payload: message.payload.clone(),
+            qos,
+            retain: false,
+        };
+        if self.window_open(limits) && self.state.pending.is_empty() {
+            let head = encoded.head(qos);
+            self.start_inflight(forwarded, Some(head));
+            return Delivery::Queued;
+        }
+        self.park(forwarded, limits)
+    }
+
+    /// Offers a retained message on a new subscription: RETAIN set (§3.3.1.3),
+    /// encoded for this client alone.
+    pub fn deliver_retained(
+        &mut self,
+        message: &Message,
+        granted: QoS,
+        limits: &Limits,
+    ) -> Delivery {
+        let qos = message.qos.min(granted);
+        let forwarded = Message {
+            qos,
+            retain: true,
+            ..message.clone()
+        };
+        if qos == QoS::AtMostOnce {
+            if !self.is_online() {
+                return Delivery::Skipped;
+            }
+            let frame = forwarded.encode_whole(qos, true, false, 0);
+            if self.out.publishes() >= limits.max_queued_messages
+                || self.out.bytes() + frame.len() > limits.max_queued_bytes
+            {
+                return Delivery::Dropped;
+            }
+            self.out.push(OutFrame::Whole(frame));
+            return Delivery::Queued;
+        }
+        if self.window_open(limits) && self.state.pending.is_empty() {
+            self.start_inflight(forwarded, None);
+            return Delivery::Queued;
+        }
+        self.park(forwarded, limits)
+    }
+
+    /// True when a QoS 1/2 message may be sent now.
+    fn window_open(&self, limits: &Limits) -> bool {
+        self.is_online()
+            && self.state.inflight.len() < limits.max_inflight
+            && self.out.bytes() < limits.max_queued_bytes
+    }
+
+    /// Puts a QoS 1/2 message in the pending queue, or drops it when full.
+    fn park(&mut self, message: Message, limits: &Limits) -> Delivery {
+        let len = message.wire_len();
+        if self.state.pending.len() >= limits.max_queued_messages
+            || self.state.pending_bytes + len > limits.max_queued_bytes
+        {
+            return Delivery::Dropped;
+        }
+        self.state.pending_bytes += len;
+        self.state.pending.push_back(message);
+        Delivery::Pending
+    }
+
+    /// Assigns a packet id, records the message as in flight and queues its
+    /// PUBLISH (with the shared `head` when there is one).
+    fn start_inflight(&mut self, message: Message, head: Option<Bytes>) {
+        let packet_id = self.next_packet_id();
+        let frame = match head {
+            Some(head) => OutFrame::Publish {
+                head,
+                packet_id: packet_id.to_be_bytes(),
+                payload: message.payload.clone(),
+            },
+            None => {
+                OutFrame::Whole(message.encode_whole(message.qos, message.retain, false, packet_id))
+            }
+        };
+        let phase = if message.qos == QoS::ExactlyOnce {
+            Phase::AwaitPubRec
+        } else {
+            Phase::AwaitPubAck
+        };
+        self.state.inflight.push_back(Inflight {
+            packet_id,
+            message,
+            phase,
+        });
+        self.out.push(frame);
+    }
+
+    /// The next packet id not in flight (§2.3.1: non-zero, unique among the
+    /// client's unacknowledged messages). The window is at most 65535, so one
+    /// is always free.
+    fn next_packet_id(&mut self) -> PacketId {
+        loop {
+            let id = self.state.last_packet_id.wrapping_add(1).max(1);
+            self.state.last_packet_id = id;
+            if !self.state.inflight.iter().any(|f| f.packet_id == id) {
+                return id;
+            }
+        }
+    }
+
+    /// Moves pending messages into the inflight window while it has room.
+    /// Returns true when something was queued.
+    pub fn fill_window(&mut self, limits: &Limits) -> bool {
+        let mut queued = false;
+        while self.window_open(limits) {
+            let Some(message) = self.state.pending.pop_front() else {
+                break;
+            };
+            self.state.pending_bytes -= message.wire_len();
+            self.start_inflight(message, None);
+            queued = true;
+        }
+        queued
+    }
+
+    /// Position of the inflight message with `packet_id` in `phase`.
+    fn inflight_position(&self, packet_id: PacketId, phase: Phase) -> Option<usize> {
+        self.state
+            .inflight
+            .iter()
+            .position(|f| f.packet_id == packet_id && f.phase == phase)
+    }
+
+    /// PUBACK received: the QoS 1 message is done. False for an unknown id
+    /// (ignored, as Mosquitto does).
+    pub fn on_puback(&mut self, packet_id: PacketId, limits: &Limits) -> bool {
+        let Some(i) = self.inflight_position(packet_id, Phase::AwaitPubAck) else {
+            return false;
+        };
+        self.state.inflight.remove(i);
+        self.fill_window(limits);
+        true
+    }
+
+    /// PUBREC received: answer PUBREL and wait for PUBCOMP (§4.3.3). An unknown
+    /// id still gets a PUBREL, so the client can finish its side.
+    pub fn on_pubrec(&mut self, packet_id: PacketId) -> bool {
+        self.queue_control(&pubrel_bytes(packet_id));
+        match self.inflight_position(packet_id, Phase::AwaitPubRec) {
+            Some(i) => {
+                if let Some(f) = self.state.inflight.get_mut(i) {
+                    f.phase = Phase::AwaitPubComp;
+                }
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// PUBCOMP received: the QoS 2 message is done.
+    pub fn on_pubcomp(&mut self, packet_id: PacketId, limits: &Limits) -> bool {
+        let Some(i) = self.inflight_position(packet_id, Phase::AwaitPubComp) else {
+            return false;
+        };
+        self.state.inflight.remove(i);
+        self.fill_window(limits);
+        true
+    }
+
+    /// A QoS 2 PUBLISH with `packet_id` arrived: deliver it only the first
+    /// time, until PUBREL releases the id (exactly once, §4.3.3).
+    pub fn on_publish_qos2(&mut self, packet_id: PacketId, limits: &Limits) -> Qos2Receipt {
+        if self.state.awaiting_rel.contains(&packet_id) {
+            return Qos2Receipt::Duplicate;
+        }
+        if self.state.awaiting_rel.len() >= limits.max_awaiting_rel {
+            return Qos2Receipt::Refused;
+        }
+        self.state.awaiting_rel.push(packet_id);
+        Qos2Receipt::New
+    }
+
+    /// PUBREL received: release the id and answer PUBCOMP (also for an unknown
+    /// id, §4.3.3: the client may be retrying after a reconnect).
+    pub fn on_pubrel(&mut self, packet_id: PacketId) {
+        self.state.awaiting_rel.retain(|&id| id != packet_id);
+        self.queue_control(&[0x70, 2, (packet_id >> 8) as u8, packet_id as u8]);
+    }
+
+    /// Queues a small control packet.
+    pub fn queue_control(&mut self, packet: &[u8]) {
+        self.out.push(OutFrame::control(packet));
+    }
+
+    /// A connection (re)attached: resend unacknowledged messages with DUP set
+    /// (§4.4), then move pending messages into the window.
+    pub fn resume(&mut self, limits: &Limits) {
+        for f in &self.state.inflight {
+            let frame =
+                match f.phase {
+                    Phase::AwaitPubAck | Phase::AwaitPubRec => OutFrame::Whole(
+                        f.message
+                            .encode_whole(f.message.qos, f.message.retain, true, f.packet_id),
+                    ),
+                    Phase::AwaitPubComp => OutFrame::control(&pubrel_bytes(f.packet_id)),
+                };
+            self.out.push(frame);
+        }
+        self.fill_window(limits);
+    }
+
+    /// The connection went away: forget its queue, keep the session state.
+    pub fn detach(&mut self) {
+        self.link = None;
+        self.out.clear();
+        self.dirty = false;
+    }
+}
+
+/// The 4 bytes of a PUBREL (its fixed header flags are 0b0010, §3.6.1).
+fn pubrel_bytes(packet_id: PacketId) -> [u8; 4] {
+    [0x62, 2, (packet_id >> 8) as u8, packet_id as u8]
+}
+
+/// Encodes the PUBACK/PUBREC answer to a received PUBLISH.
+pub fn ack_for_publish(qos: QoS, packet_id: PacketId) -> Option<[u8; 4]> {
+    let kind = match qos {
+        QoS::AtMostOnce => return None,
+        QoS::AtLeastOnce => 0x40,
+        QoS::ExactlyOnce => 0x50,
+    };
+    Some([kind, 2, (packet_id >> 8) as u8, packet_id as u8])
+}
+
+/// Check that `codec`'s PUBREL encoding agrees with the inline one above.
+#[cfg(test)]
+fn codec_pubrel(packet_id: PacketId) -> Vec<u8> {
+    let mut out = bytes::BytesMut::new();
+    codec::encode_pubrel(packet_id, &mut out);
+    out.to_vec()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::connection::test_link;
+
+    const LIMITS: Limits = Limits {
+        max_inflight: 2,
+        max_queued_messages: 3,
+        max_queued_bytes: 1 << 20,
+        max_awaiting_rel: 2,
+    };
+
+    fn msg(qos: QoS, payload: &'static [u8]) -> Message {
+        Message {
+            topic: ByteString::from_static("a/b"),
+            payload: Bytes::from_static(payload),
+            qos,
+            retain: true,
+        }
+    }
+
+    fn online() -> Session {
+        let mut s = Session::new(ByteString::from_static("c"), false, SessionState::default());
+        s.link = Some(test_link());
+        s
+    }
+
+    /// Drains the out queue into one byte vector.
+    fn written(s: &mut Session) -> Vec<u8> {
+        let mut all = Vec::new();
+        while let Some(chunk) = s.out.front_chunk() {
+            let n = chunk.len();
+            all.extend_from_slice(chunk);
+            s.out.advance(n);
+        }
+        all
+    }
+
+    #[test]
+    fn qos0_is_forwarded_with_retain_cleared_and_shared() {
+        let m = msg(QoS::AtMostOnce, b"hi");
+        let mut enc = Encoded::new(&m);
+        let mut a = online();
+        let mut b = online();
+        assert_eq!(
+            a.deliver(&mut enc, QoS::ExactlyOnce, &LIMITS),
+            Delivery::Queued
+        );
+        assert_eq!(
+            b.deliver(&mut enc, QoS::AtMostOnce, &LIMITS),
+            Delivery::Queued
+        );
+        let wa = written(&mut a);
+        assert_eq!(wa, written(&mut b));
+        assert_eq!(wa, b"\x30\x07\x00\x03a/bhi");
+    }
+
+    #[test]
+    fn qos0_is_dropped_when_the_queue_is_full_and_skipped_offline() {
+        let m = msg(QoS::AtMostOnce, b"x");
+        let mut enc = Encoded::new(&m);
+        let mut s = online();
+        for _ in 0..3 {
+            assert_eq!(
+                s.deliver(&mut enc, QoS::AtMostOnce, &LIMITS),
+                Delivery::Queued
+            );
+        }
+        assert_eq!(
+            s.deliver(&mut enc, QoS::AtMostOnce, &LIMITS),
+            Delivery::Dropped
+        );
+        s.detach();
+        assert_eq!(
+            s.deliver(&mut enc, QoS::AtMostOnce, &LIMITS),
+            Delivery::Skipped
+        );
+    }
+
+    #[test]
+    fn qos_is_downgraded_to_the_granted_qos() {
+        let m = msg(QoS::ExactlyOnce, b"x");
+        let mut enc = Encoded::new(&m);
+        let mut s = online();
+        s.deliver(&mut enc, QoS::AtLeastOnce, &LIMITS);
+        assert_eq!(s.state.inflight[0].phase, Phase::AwaitPubAck);
+        assert_eq!(written(&mut s), b"\x32\x08\x00\x03a/b\x00\x01x");
+    }
+
+    #[test]
+    fn qos1_flow_window_and_pending() {
+        let m = msg(QoS::AtLeastOnce, b"x");
+        let mut enc = Encoded::new(&m);
+        let mut s = online();
+        assert_eq!(
+            s.deliver(&mut enc, QoS::AtLeastOnce, &LIMITS),
+            Delivery::Queued
+        );
+        assert_eq!(
+            s.deliver(&mut enc, QoS::AtLeastOnce, &LIMITS),
+            Delivery::Queued
+        );
+        assert_eq!(
+            s.deliver(&mut enc, QoS::AtLeastOnce, &LIMITS),
+            Delivery::Pending
+        );
+        written(&mut s);
+        assert!(!s.on_puback(7, &LIMITS), "unknown id is ignored");
+        assert!(s.on_puback(1, &LIMITS));
+        // The pending message took the free slot with a new packet id.
+        assert_eq!(written(&mut s), b"\x32\x08\x00\x03a/b\x00\x03x");
+        assert!(s.on_puback(2, &LIMITS));
+        assert!(s.on_puback(3, &LIMITS));
+        assert!(s.state.inflight.is_empty() && s.state.pending.is_empty());
+        assert_eq!(s.state.pending_bytes, 0);
+    }
+
+    #[test]
+    fn pending_is_bounded() {
+        let m = msg(QoS::AtLeastOnce, b"x");
+        let mut enc = Encoded::new(&m);
+        let mut s = online();
+        s.detach();
+        for _ in 0..3 {
+            assert_eq!(
+                s.deliver(&mut enc, QoS::AtLeastOnce, &LIMITS),
+                Delivery::Pending
+            );
+        }
+        assert_eq!(
+            s.deliver(&mut enc, QoS::AtLeastOnce, &LIMITS),
+            Delivery::Dropped
+        );
+    }
+
+    #[test]
+    fn qos2_outgoing_flow() {
+        let m = msg(QoS::ExactlyOnce, b"x");
+        let mut enc = Encoded::new(&m);
+        let mut s = online();
+        s.deliver(&mut enc, QoS::ExactlyOnce, &LIMITS);
+        written(&mut s);
+        assert!(
+            !s.on_pubcomp(1, &LIMITS),
+            "PUBCOMP before PUBREC is ignored"
+        );
+        assert!(s.on_pubrec(1));
+        assert_eq!(written(&mut s), codec_pubrel(1));
+        assert_eq!(s.state.inflight[0].phase, Phase::AwaitPubComp);
+        assert!(s.on_pubcomp(1, &LIMITS));
+        assert!(s.state.inflight.is_empty());
+    }
+
+    #[test]
+    fn qos2_incoming_is_delivered_once_until_released() {
+        let mut s = online();
+        assert_eq!(s.on_publish_qos2(5, &LIMITS), Qos2Receipt::New);
+        assert_eq!(s.on_publish_qos2(5, &LIMITS), Qos2Receipt::Duplicate);
+        assert_eq!(s.on_publish_qos2(6, &LIMITS), Qos2Receipt::New);
+        assert_eq!(s.on_publish_qos2(7, &LIMITS), Qos2Receipt::Refused);
+        s.on_pubrel(5);
+        assert_eq!(written(&mut s), b"\x70\x02\x00\x05");
+        assert_eq!(s.on_publish_qos2(5, &LIMITS), Qos2Receipt::New);
+    }
+
+    #[test]
+    fn resume_redelivers_with_dup_and_pubrel() {
+        let m = msg(QoS::ExactlyOnce, b"x");
+        let mut enc = Encoded::new(&m);
+        let mut s = online();
+        s.deliver(&mut enc, QoS::ExactlyOnce, &LIMITS);
+        s.deliver(&mut enc, QoS::ExactlyOnce, &LIMITS);
+        written(&mut s);
+        s.on_pubrec(1);
+        s.detach();
+        s.deliver(&mut enc, QoS::AtLeastOnce, &LIMITS); // parked while offline
+        s.link = Some(test_link());
+        s.resume(&LIMITS);
+        let mut expected = codec_pubrel(1);
+        expected.extend_from_slice(b"\x3c\x08\x00\x03a/b\x00\x02x"); // DUP, QoS 2
+        assert_eq!(written(&mut s), expected);
+        // The parked message waits: the window (2) is full.
+        assert_eq!(s.state.pending.len(), 1);
+        s.on_pubcomp(1, &LIMITS);
+        assert_eq!(written(&mut s), b"\x32\x08\x00\x03a/b\x00\x03x");
+    }
+
+    #[test]
+    fn retained_delivery_sets_retain() {
+        let m = msg(QoS::AtLeastOnce, b"x");
+        let mut s = online();
+        s.deliver_retained(&m, QoS::AtMostOnce, &LIMITS);
+        assert_eq!(written(&mut s), b"\x31\x06\x00\x03a/bx");
+        s.deliver_retained(&m, QoS::ExactlyOnce, &LIMITS);
+        assert_eq!(written(&mut s), b"\x33\x08\x00\x03a/b\x00\x01x");
+    }
+
+    #[test]
+    fn packet_ids_skip_zero_and_ids_in_flight() {
+        let mut s = online();
+        s.state.last_packet_id = u16::MAX;
+        assert_eq!(s.next_packet_id(), 1);
+        s.state.inflight.push_back(Inflight {
+            packet_id: 2,
+            message: msg(QoS::AtLeastOnce, b""),
+            phase: Phase::AwaitPubAck,
+        });
+        assert_eq!(s.next_packet_id(), 3);
+    }
+
+    #[test]
+    fn subscriptions_replace_and_remove() {
+        let mut s = online();
+        let f = ByteString::from_static("a/+");
+        assert!(s.subscribe(&f, QoS::AtMostOnce));
+        assert!(!s.subscribe(&f, QoS::ExactlyOnce));
+        assert_eq!(s.state.subscriptions, vec![(f.clone(), QoS::ExactlyOnce)]);
+        assert!(s.unsubscribe("a/+"));
+        assert!(!s.unsubscribe("a/+"));
+    }
+}

@@ -1,0 +1,424 @@
+//! What one core owns: its sessions, its subscription router, its replica of
+//! the retained store, its share of the client-id registry and its counters.
+//!
+//! A shard is single-threaded (one pinned glommio executor), so its state lives
+//! in one `Rc<RefCell<Shard>>` shared by the shard's tasks; no borrow is ever
+//! held across an `.await`. The publish path is synchronous from decode to
+//! write: a connection task decodes a whole read of publishes, [`Shard::route`]
+//! enqueues `Bytes` handles to every matching subscriber and marks it dirty,
+//! then [`Shard::flush_dirty`] writes each dirty subscriber once with a
+//! vectored send of everything queued.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Instant;
+
+use ahash::AHashMap;
+use bytes::BytesMut;
+use bytestring::ByteString;
+use log::debug;
+
+use crate::codec::{self, Subscribe};
+use crate::config::Config;
+use crate::connection::{CloseReason, TICKS_PER_SEC};
+use crate::mesh::{self, MeshSenders, ShardMsg};
+use crate::message::{Encoded, Message};
+use crate::outqueue::Flushed;
+use crate::registry::Registry;
+use crate::retain::RetainStore;
+use crate::router::Router;
+use crate::session::{Delivery, Limits, Session};
+use crate::sys::Counters;
+use crate::topic;
+
+/// Index of a session in its shard's slab; also the router's subscriber key
+/// (4 bytes, not 8: it is stored once per subscription).
+pub type SessionKey = u32;
+
+/// Size of the shard's read buffer, shared by all its connections (a read
+/// is processed before the next one starts, so one buffer serves all; an idle
+/// connection holds none).
+pub const READ_BUFFER_SIZE: usize = 64 * 1024;
+
+/// One core's broker state.
+pub struct Shard {
+    /// This shard's index in the mesh (0-based).
+    pub id: usize,
+    /// Number of shards.
+    pub nr_shards: usize,
+    /// The configuration, shared read-only by all shards.
+    pub config: Arc<Config>,
+    /// Per-client limits derived from the configuration.
+    pub limits: Limits,
+    /// Sessions on this shard, live or parked (CleanSession = 0, offline).
+    pub sessions: slab::Slab<Session>,
+    /// Sessions by client id.
+    pub by_client_id: AHashMap<ByteString, SessionKey>,
+    /// This shard's subscriptions.
+    pub router: Router<SessionKey>,
+    /// This shard's replica of the retained messages.
+    pub retained: RetainStore,
+    /// Client ids homed on this shard, and claims waiting for an answer.
+    pub registry: Registry,
+    /// Sessions with queued frames to flush at the end of this step.
+    dirty: Vec<SessionKey>,
+    /// Publishes received on this shard, to hand to the other shards.
+    remote_batch: Vec<Message>,
+    /// Control messages to send once the current borrow ends.
+    pub outbox: Vec<(usize, ShardMsg)>,
+    /// This shard's counters.
+    pub stats: Counters,
+    /// Latest counters of every shard (shard 0 only), for `$SYS`.
+    pub all_stats: Vec<Counters>,
+    /// The shared read buffer (see [`READ_BUFFER_SIZE`]).
+    pub read_buf: Box<[u8]>,
+    /// Next connection id; ids are never reused, so a connection task can tell
+    /// whether the session at its slab key is still its own.
+    next_conn_id: u64,
+    /// Next id for a generated client id.
+    next_generated_id: u64,
+    /// When the shard started (keep-alive clock and `$SYS` uptime).
+    pub started: Instant,
+    /// Set once shutdown begins: no new connections or sessions.
+    pub shutting_down: bool,
+}
+
+/// A shard's state plus its mesh senders, as each of its tasks holds them.
+#[derive(Clone)]
+pub struct Ctx {
+    /// The shard's state.
+    pub shard: Rc<RefCell<Shard>>,
+    /// Senders to every other shard.
+    pub mesh: MeshSenders,
+    /// This shard's index.
+    pub id: usize,
+    /// Number of shards.
+    pub nr_shards: usize,
+}
+
+impl Ctx {
+    /// Sends queued control messages from detached tasks.
+    pub fn send_outbox(&self) {
+        let outbox = std::mem::take(&mut self.shard.borrow_mut().outbox);
+        for (peer, msg) in outbox {
+            mesh::send_detached(&self.mesh, peer, msg);
+        }
+    }
+
+    /// Hands this shard's new publishes to every other shard, waiting while a
+    /// peer's channel is full (back-pressure on the publisher).
+    pub async fn forward_publishes(&self) {
+        let Some(batch) = self.shard.borrow_mut().take_remote_batch() else {
+            return;
+        };
+        for peer in (0..self.nr_shards).filter(|&p| p != self.id) {
+            if self
+                .mesh
+                .send_to(peer, ShardMsg::Publish(batch.clone()))
+                .await
+                .is_err()
+            {
+                debug!("mesh: shard {peer} is gone, publishes not forwarded");
+            }
+        }
+    }
+}
+
+impl Shard {
+    /// A fresh shard.
+    pub fn new(id: usize, nr_shards: usize, config: Arc<Config>) -> Shard {
+        let limits = Limits {
+            max_inflight: config.max_inflight_messages,
+            max_queued_messages: config.max_queued_messages,
+            max_queued_bytes: config.max_queued_bytes,
+            max_awaiting_rel: config.max_awaiting_rel,
+        };
+        Shard {
+            id,
+            nr_shards,
+            config,
+            limits,
+            sessions: slab::Slab::new(),
+            by_client_id: AHashMap::new(),
+            router: Router::new(),
+            retained: RetainStore::default(),
+            registry: Registry::default(),
+            dirty: Vec::new(),
+            remote_batch: Vec::new(),
+            outbox: Vec::new(),
+            stats: Counters::default(),
+            all_stats: vec![Counters::default(); nr_shards],
+            read_buf: vec![0u8; READ_BUFFER_SIZE].into_boxed_slice(),
+            next_conn_id: 1,
+            next_generated_id: 1,
+            started: Instant::now(),
+            shutting_down: false,
+        }
+    }
+
+    /// A new connection id.
+    pub fn new_conn_id(&mut self) -> u64 {
+        let id = self.next_conn_id;
+        self.next_conn_id += 1;
+        id
+    }
+
+    /// A client id for a client that sent an empty one with CleanSession = 1
+    /// (§3.1.3.1); unique across shards because it names the shard.
+    pub fn generate_client_id(&mut self) -> ByteString {
+        let n = self.next_generated_id;
+        self.next_generated_id += 1;
+        ByteString::from(format!("fanmq-{}-{}-{n}", std::process::id(), self.id))
+    }
+
+    /// Time since the shard started in keep-alive ticks
+    /// ([`crate::connection::TICKS_PER_SEC`]).
+    pub fn now_ticks(&self) -> u32 {
+        let ticks = self.started.elapsed().as_millis() / u128::from(1000 / TICKS_PER_SEC);
+        u32::try_from(ticks).unwrap_or(u32::MAX)
+    }
+
+    /// The session at `key` if it still belongs to connection `conn_id`.
+    pub fn session_for(&mut self, key: SessionKey, conn_id: u64) -> Option<&mut Session> {
+        self.sessions
+            .get_mut(key as usize)
+            .filter(|s| s.link.as_ref().is_some_and(|l| l.conn_id == conn_id))
+    }
+
+    /// A PUBLISH from a client of this shard (or a will, or `$SYS`): delivered
+    /// here now, and queued for the other shards.
+    pub fn publish(&mut self, message: Message) {
+        self.route(&message);
+        if self.nr_shards > 1 {
+            self.remote_batch.push(message);
+        }
+    }
+
+    /// Delivers a message to this shard's matching subscribers and applies it
+    /// to the retained store.
+    pub fn route(&mut self, message: &Message) {
+        if message.retain {
+            self.retained.apply(message);
+        }
+        let mut encoded = Encoded::new(message);
+        let Shard {
+            router,
+            sessions,
+            dirty,
+            stats,
+            limits,
+            ..
+        } = self;
+        router.for_each_match(&message.topic, |key, granted| {
+            let Some(session) = sessions.get_mut(key as usize) else {
+                return;
+            };
+            match session.deliver(&mut encoded, granted, limits) {
+                Delivery::Queued => {
+                    stats.publish_sent += 1;
+                    if !session.dirty {
+                        session.dirty = true;
+                        dirty.push(key);
+                    }
+                }
+                Delivery::Pending | Delivery::Skipped => {}
+                Delivery::Dropped => stats.publish_dropped += 1,
+            }
+        });
+    }
+
+    /// Puts a session on the list to flush (it queued something).
+    pub fn mark_dirty(&mut self, key: SessionKey) {
+        if let Some(session) = self.sessions.get_mut(key as usize)
+            && !session.dirty
+        {
+            session.dirty = true;
+            self.dirty.push(key);
+        }
+    }
+
+    /// Writes every dirty session's queue with one vectored send each. A
+    /// session whose socket is full is handed to its connection task, which
+    /// waits for the socket to become writable.
+    pub fn flush_dirty(&mut self) {
+        let dirty = std::mem::take(&mut self.dirty);
+        for &key in &dirty {
+            let Some(session) = self.sessions.get_mut(key as usize) else {
+                continue;
+            };
+            session.dirty = false;
+            let Some(link) = session.link.as_mut() else {
+                continue;
+            };
+            if link.blocked {
+                continue;
+            }
+            match session.out.flush(link.fd) {
+                Ok((n, Flushed::All)) => self.stats.bytes_sent += n as u64,
+                Ok((n, Flushed::WouldBlock)) => {
+                    self.stats.bytes_sent += n as u64;
+                    link.blocked = true;
+                    link.signal.wake();
+                }
+                Err(e) => {
+                    debug!("write to {} failed: {e}", session.client_id);
+                    link.signal.close(CloseReason::Io);
+                }
+            }
+        }
+        // Keep the list's allocation for the next step.
+        let mut dirty = dirty;
+        dirty.clear();
+        if self.dirty.is_empty() {
+            self.dirty = dirty;
+        }
+    }
+
+    /// The publishes to hand to other shards, if any.
+    pub fn take_remote_batch(&mut self) -> Option<Arc<Vec<Message>>> {
+        if self.remote_batch.is_empty() {
+            return None;
+        }
+        Some(Arc::new(std::mem::take(&mut self.remote_batch)))
+    }
+
+    /// SUBSCRIBE (§3.8): adds each valid filter, answers SUBACK with the
+    /// granted QoS or 0x80 per filter, then sends matching retained messages.
+    pub fn subscribe(&mut self, key: SessionKey, subscribe: Subscribe) {
+        let mut codes = Vec::with_capacity(subscribe.filters.len());
+        let mut granted_filters = Vec::with_capacity(subscribe.filters.len());
+        for (filter, qos) in subscribe.filters {
+            if topic::validate_topic_filter(&filter).is_err() {
+                debug!("refused topic filter {filter:?}");
+                codes.push(codec::SUBACK_FAILURE);
+                continue;
+            }
+            let Some(session) = self.sessions.get_mut(key as usize) else {
+                return;
+            };
+            session.subscribe(&filter, qos);
+            self.router.subscribe(&filter, key, qos);
+            codes.push(qos as u8);
+            granted_filters.push((filter, qos));
+        }
+        let mut suback = BytesMut::with_capacity(4 + codes.len());
+        if let Err(e) = codec::encode_suback(subscribe.packet_id, &codes, &mut suback) {
+            // Cannot happen: the SUBSCRIBE was no larger than the SUBACK.
+            log::error!("cannot encode SUBACK: {e}");
+        }
+        let Some(session) = self.sessions.get_mut(key as usize) else {
+            return;
+        };
+        session
+            .out
+            .push(crate::outqueue::OutFrame::Whole(suback.freeze()));
+        // Retained messages go after the SUBACK (§3.3.1.3).
+        let limits = self.limits;
+        for (filter, granted) in granted_filters {
+            let Shard {
+                retained, sessions, ..
+            } = self;
+            let Some(session) = sessions.get_mut(key as usize) else {
+                return;
+            };
+            retained.for_each_match(&filter, |m| {
+                if session.deliver_retained(m, granted, &limits) == Delivery::Dropped {
+                    self.stats.publish_dropped += 1;
+                }
+            });
+        }
+        self.mark_dirty(key);
+    }
+
+    /// UNSUBSCRIBE (§3.10): removes each filter and answers UNSUBACK.
+    pub fn unsubscribe(&mut self, key: SessionKey, packet_id: u16, filters: &[ByteString]) {
+        for filter in filters {
+            if let Some(session) = self.sessions.get_mut(key as usize)
+                && session.unsubscribe(filter)
+            {
+                self.router.unsubscribe(filter, key);
+            }
+        }
+        if let Some(session) = self.sessions.get_mut(key as usize) {
+            session.queue_control(&[0xb0, 2, (packet_id >> 8) as u8, packet_id as u8]);
+        }
+        self.mark_dirty(key);
+    }
+
+    /// Inserts a session and its subscriptions.
+    pub fn insert_session(&mut self, session: Session) -> SessionKey {
+        let client_id = session.client_id.clone();
+        let subscriptions = session.state.subscriptions.clone();
+        let key = self.sessions.insert(session) as SessionKey;
+        for (filter, qos) in &subscriptions {
+            self.router.subscribe(filter, key, *qos);
+        }
+        self.by_client_id.insert(client_id, key);
+        key
+    }
+
+    /// Removes a session and its subscriptions, returning it.
+    pub fn remove_session(&mut self, key: SessionKey) -> Option<Session> {
+        let session = self.sessions.try_remove(key as usize)?;
+        for (filter, _) in &session.state.subscriptions {
+            self.router.unsubscribe(filter, key);
+        }
+        if self.by_client_id.get(&session.client_id) == Some(&key) {
+            self.by_client_id.remove(&session.client_id);
+        }
+        Some(session)
+    }
+
+    /// The connection `conn_id` of session `key` ended: a CleanSession = 1
+    /// session is discarded (and its home shard told), a persistent one is
+    /// parked with its subscriptions and unacknowledged messages.
+    pub fn end_connection(&mut self, key: SessionKey, conn_id: u64) {
+        let Some(session) = self.session_for(key, conn_id) else {
+            return;
+        };
+        if session.clean_session {
+            if let Some(session) = self.remove_session(key) {
+                self.release(session.client_id);
+            }
+        } else {
+            session.detach();
+        }
+    }
+
+    /// Number of live connections (sessions with a link).
+    pub fn connected(&self) -> usize {
+        self.sessions.iter().filter(|(_, s)| s.is_online()).count()
+    }
+
+    /// A control message from another shard.
+    pub fn handle_control(&mut self, msg: ShardMsg) {
+        match msg {
+            ShardMsg::Publish(batch) => {
+                for message in batch.iter() {
+                    self.route(message);
+                }
+                self.flush_dirty();
+            }
+            ShardMsg::Claim {
+                client_id,
+                new_shard,
+                token,
+                clean_session,
+            } => self.home_claim(client_id, new_shard, token, clean_session),
+            ShardMsg::Evict {
+                client_id,
+                to_shard,
+                token,
+                clean_session,
+            } => self.evict(&client_id, to_shard, token, clean_session),
+            ShardMsg::Claimed { token, state } => self.claim_answered(token, state.map(|s| *s)),
+            ShardMsg::Release { client_id, shard } => self.home_release(&client_id, shard),
+            ShardMsg::Stats { shard, counters } => {
+                if let Some(slot) = self.all_stats.get_mut(shard) {
+                    *slot = counters;
+                }
+            }
+        }
+    }
+}
