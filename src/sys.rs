@@ -144,43 +144,50 @@ pub fn sys_messages(total: &Counters, uptime: Duration) -> Vec<(&'static str, St
 pub async fn sys_task(ctx: Ctx, interval: Duration) {
     loop {
         glommio::timer::sleep(interval).await;
-        let mut shard = ctx.shard.borrow_mut();
-        if shard.shutting_down {
+        if !publish_sys(&ctx) {
             return;
         }
-        let snapshot = shard.snapshot();
-        if shard.id != 0 {
-            let id = shard.id;
-            drop(shard);
-            mesh::send_detached(
-                &ctx.mesh,
-                0,
-                ShardMsg::Stats {
-                    shard: id,
-                    counters: snapshot,
-                },
-            );
-            continue;
-        }
-        shard.all_stats[0] = snapshot;
-        let mut total = Counters::default();
-        for c in &shard.all_stats {
-            total.add(c);
-        }
-        total.retained = snapshot.retained;
-        let uptime = shard.started.elapsed();
-        for (topic, value) in sys_messages(&total, uptime) {
-            shard.publish(Message {
-                topic: ByteString::from_static(topic),
-                payload: Bytes::from(value),
-                qos: QoS::AtMostOnce,
-                retain: true,
-            });
-        }
-        shard.flush_dirty();
-        drop(shard);
         ctx.forward_publishes().await;
     }
+}
+
+/// One `$SYS` round (see [`sys_task`]); false once the shard shuts down.
+fn publish_sys(ctx: &Ctx) -> bool {
+    let mut shard = ctx.shard.borrow_mut();
+    if shard.shutting_down {
+        return false;
+    }
+    let snapshot = shard.snapshot();
+    if shard.id != 0 {
+        let id = shard.id;
+        drop(shard);
+        mesh::send_detached(
+            &ctx.mesh,
+            0,
+            ShardMsg::Stats {
+                shard: id,
+                counters: snapshot,
+            },
+        );
+        return true;
+    }
+    shard.all_stats[0] = snapshot;
+    let mut total = Counters::default();
+    for c in &shard.all_stats {
+        total.add(c);
+    }
+    total.retained = snapshot.retained;
+    let uptime = shard.started.elapsed();
+    for (topic, value) in sys_messages(&total, uptime) {
+        shard.publish(Message {
+            topic: ByteString::from_static(topic),
+            payload: Bytes::from(value),
+            qos: QoS::AtMostOnce,
+            retain: true,
+        });
+    }
+    shard.flush_dirty();
+    true
 }
 
 #[cfg(test)]
