@@ -301,7 +301,8 @@ async fn session_of(
     );
     ctx.send_outbox();
     debug!(
-        "{peer}: client {client_id} connected (clean session {clean_session}, keep-alive {keep_alive})"
+        "{peer}: client {client_id} connected on shard {} (clean session {clean_session}, keep-alive {keep_alive})",
+        ctx.id
     );
 
     let reason = run(ctx, &mut stream, &mut rx, key, conn_id, &signal).await;
@@ -428,6 +429,7 @@ fn poll_event(
         stats,
         read_buf,
         limits,
+        iovecs,
         ..
     } = &mut *guard;
     let Some(session) = sessions
@@ -440,7 +442,7 @@ fn poll_event(
         && link.blocked
     {
         loop {
-            match session.out.flush(link.fd) {
+            match session.out.flush(link.fd, iovecs) {
                 Ok((n, Flushed::All)) => {
                     stats.bytes_sent += n as u64;
                     link.blocked = false;

@@ -8,7 +8,7 @@
 //! the socket to become writable.
 
 use std::collections::VecDeque;
-use std::io::{self, IoSlice};
+use std::io;
 use std::os::fd::RawFd;
 
 use bytes::Bytes;
@@ -90,18 +90,6 @@ impl OutFrame {
                 payload,
             } => [head, packet_id, payload],
             OutFrame::Control { bytes, len } => [&bytes[..usize::from(*len)], &[], &[]],
-        }
-    }
-
-    /// Appends the frame's bytes from `skip` on as io slices.
-    fn push_slices<'a>(&'a self, mut skip: usize, out: &mut Vec<IoSlice<'a>>) {
-        for part in self.parts() {
-            if skip >= part.len() {
-                skip -= part.len();
-                continue;
-            }
-            out.push(IoSlice::new(&part[skip..]));
-            skip = 0;
         }
     }
 }
@@ -200,27 +188,45 @@ impl OutQueue {
     }
 
     /// Writes as much as the socket takes with non-blocking vectored sends.
+    /// `iovecs` is scratch space kept by the caller (one per shard), so a
+    /// flush allocates nothing.
     ///
     /// Returns the bytes written and whether everything went out.
     ///
     /// # Errors
     /// Any socket error other than "would block" (the peer is gone).
-    pub fn flush(&mut self, fd: RawFd) -> io::Result<(usize, Flushed)> {
+    pub fn flush(
+        &mut self,
+        fd: RawFd,
+        iovecs: &mut Vec<libc::iovec>,
+    ) -> io::Result<(usize, Flushed)> {
         let mut written = 0;
         loop {
             if self.frames.is_empty() {
                 return Ok((written, Flushed::All));
             }
-            let mut slices: Vec<IoSlice<'_>> =
-                Vec::with_capacity((self.frames.len() * 3).min(MAX_IOVECS_PER_WRITE * 3));
+            iovecs.clear();
             let mut skip = self.offset;
             let mut total = 0;
             for frame in self.frames.iter().take(MAX_IOVECS_PER_WRITE) {
-                frame.push_slices(skip, &mut slices);
-                total += frame.len() - skip;
-                skip = 0;
+                for part in frame.parts() {
+                    if skip >= part.len() {
+                        skip -= part.len();
+                        continue;
+                    }
+                    let rest = &part[skip..];
+                    iovecs.push(libc::iovec {
+                        iov_base: rest.as_ptr() as *mut libc::c_void,
+                        iov_len: rest.len(),
+                    });
+                    total += rest.len();
+                    skip = 0;
+                }
             }
-            let n = match send_vectored(fd, &slices) {
+            let sent = send_vectored(fd, iovecs);
+            // The iovecs point into `self.frames`: forget them before it changes.
+            iovecs.clear();
+            let n = match sent {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     return Ok((written, Flushed::WouldBlock));
@@ -228,7 +234,6 @@ impl OutQueue {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             };
-            drop(slices);
             written += n;
             self.advance(n);
             if n < total {
@@ -238,15 +243,15 @@ impl OutQueue {
     }
 }
 
-/// One `sendmsg(MSG_DONTWAIT | MSG_NOSIGNAL)` of `slices`.
-fn send_vectored(fd: RawFd, slices: &[IoSlice<'_>]) -> io::Result<usize> {
+/// One `sendmsg(MSG_DONTWAIT | MSG_NOSIGNAL)` of `iovecs`.
+fn send_vectored(fd: RawFd, iovecs: &[libc::iovec]) -> io::Result<usize> {
     // SAFETY: `msghdr` is a plain C struct for which all-zero is a valid value.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    // `IoSlice` is guaranteed ABI-compatible with `iovec` on Unix.
-    msg.msg_iov = slices.as_ptr() as *mut libc::iovec;
-    msg.msg_iovlen = slices.len() as _;
-    // SAFETY: `msg` points at `slices.len()` valid iovecs that outlive the call;
-    // the kernel only reads them. An invalid `fd` yields EBADF, not UB.
+    msg.msg_iov = iovecs.as_ptr() as *mut libc::iovec;
+    msg.msg_iovlen = iovecs.len() as _;
+    // SAFETY: `msg` points at `iovecs.len()` iovecs describing live slices
+    // of the queued frames, which outlive the call; the kernel only reads
+    // them. An invalid `fd` yields EBADF, not UB.
     let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
     if n < 0 {
         Err(io::Error::last_os_error())
@@ -294,7 +299,7 @@ mod tests {
         q.push(OutFrame::Whole(Bytes::from_static(b"ab")));
         q.push(publish_frame(9));
         q.push(OutFrame::control(&[0xd0, 0]));
-        let (n, how) = q.flush(a.as_raw_fd()).unwrap();
+        let (n, how) = q.flush(a.as_raw_fd(), &mut Vec::new()).unwrap();
         assert_eq!((n, how), (13, Flushed::All));
         let mut got = vec![0u8; 13];
         b.read_exact(&mut got).unwrap();
@@ -310,7 +315,7 @@ mod tests {
         for _ in 0..64 {
             q.push(OutFrame::Whole(big.clone()));
         }
-        let (first, how) = q.flush(a.as_raw_fd()).unwrap();
+        let (first, how) = q.flush(a.as_raw_fd(), &mut Vec::new()).unwrap();
         assert_eq!(how, Flushed::WouldBlock);
         assert!(first > 0 && first < 64 * 64 * 1024);
         assert_eq!(q.bytes(), 64 * 64 * 1024 - first);
@@ -319,7 +324,7 @@ mod tests {
         while !q.is_empty() {
             let n = b.read(&mut sink).unwrap();
             assert!(n > 0);
-            let (w, _) = q.flush(a.as_raw_fd()).unwrap();
+            let (w, _) = q.flush(a.as_raw_fd(), &mut Vec::new()).unwrap();
             total += w;
         }
         assert_eq!(total, 64 * 64 * 1024);
@@ -331,6 +336,6 @@ mod tests {
         drop(b);
         let mut q = OutQueue::default();
         q.push(OutFrame::Whole(Bytes::from_static(b"x")));
-        assert!(q.flush(a.as_raw_fd()).is_err());
+        assert!(q.flush(a.as_raw_fd(), &mut Vec::new()).is_err());
     }
 }

@@ -73,6 +73,8 @@ pub struct Shard {
     pub all_stats: Vec<Counters>,
     /// The shared read buffer (see [`READ_BUFFER_SIZE`]).
     pub read_buf: Box<[u8]>,
+    /// Scratch iovec array for vectored writes, reused by every flush.
+    pub iovecs: Vec<libc::iovec>,
     /// Next connection id; ids are never reused, so a connection task can tell
     /// whether the session at its slab key is still its own.
     next_conn_id: u64,
@@ -150,6 +152,7 @@ impl Shard {
             stats: Counters::default(),
             all_stats: vec![Counters::default(); nr_shards],
             read_buf: vec![0u8; READ_BUFFER_SIZE].into_boxed_slice(),
+            iovecs: Vec::with_capacity(3 * crate::outqueue::MAX_IOVECS_PER_WRITE),
             next_conn_id: 1,
             next_generated_id: 1,
             started: Instant::now(),
@@ -254,7 +257,7 @@ impl Shard {
             if link.blocked {
                 continue;
             }
-            match session.out.flush(link.fd) {
+            match session.out.flush(link.fd, &mut self.iovecs) {
                 Ok((n, Flushed::All)) => self.stats.bytes_sent += n as u64,
                 Ok((n, Flushed::WouldBlock)) => {
                     self.stats.bytes_sent += n as u64;
