@@ -171,9 +171,11 @@ pub async fn serve(ctx: Ctx, mut stream: TcpStream, slot: ConnectionSlot) {
         .unwrap_or_else(|_| "?".into());
     let mut rx = BytesMut::new();
     let connect_timeout = ctx.shard.borrow().config.connect_timeout;
-    let first = glommio::timer::timeout(connect_timeout, async {
+    // Sub-futures that live only for a moment are boxed, so that the
+    // long-lived part of this task (its allocation, per connection) stays small.
+    let first = Box::pin(glommio::timer::timeout(connect_timeout, async {
         Ok(read_first_packet(&ctx, &mut stream, &mut rx).await)
-    })
+    }))
     .await;
     let connect = match first {
         Ok(Ok(Packet::Connect(connect))) => connect,
@@ -184,7 +186,11 @@ pub async fn serve(ctx: Ctx, mut stream: TcpStream, slot: ConnectionSlot) {
         }
         Ok(Err(FirstPacketError::Decode(DecodeError::UnsupportedProtocolLevel(level)))) => {
             debug!("{peer}: unsupported protocol level {level}, CONNACK 1");
-            refuse(&mut stream, codec::CONNACK_UNACCEPTABLE_PROTOCOL_VERSION).await;
+            Box::pin(refuse(
+                &mut stream,
+                codec::CONNACK_UNACCEPTABLE_PROTOCOL_VERSION,
+            ))
+            .await;
             return;
         }
         Ok(Err(FirstPacketError::Decode(e))) => {
@@ -198,7 +204,7 @@ pub async fn serve(ctx: Ctx, mut stream: TcpStream, slot: ConnectionSlot) {
             return;
         }
     };
-    if let Some(reason) = session_of(&ctx, stream, rx, connect, &peer).await {
+    if let Some(reason) = Box::pin(session_of(&ctx, stream, rx, connect, &peer)).await {
         debug!("{peer}: connection closed: {reason:?}");
     }
     drop(slot);
@@ -269,20 +275,20 @@ async fn session_of(
         return None;
     }
     if ctx.shard.borrow().shutting_down {
-        refuse(&mut stream, codec::CONNACK_SERVER_UNAVAILABLE).await;
+        Box::pin(refuse(&mut stream, codec::CONNACK_SERVER_UNAVAILABLE)).await;
         return None;
     }
     let client_id = if client_id.is_empty() {
         if !clean_session {
             debug!("{peer}: empty client id with CleanSession 0, CONNACK 2");
-            refuse(&mut stream, codec::CONNACK_IDENTIFIER_REJECTED).await;
+            Box::pin(refuse(&mut stream, codec::CONNACK_IDENTIFIER_REJECTED)).await;
             return None;
         }
         ctx.shard.borrow_mut().generate_client_id()
     } else {
         client_id
     };
-    let state = match registry::claim(ctx, client_id.clone(), clean_session).await {
+    let state = match Box::pin(registry::claim(ctx, client_id.clone(), clean_session)).await {
         Ok(state) => state,
         Err(e) => {
             debug!("{peer}: client {client_id}: {e}");
@@ -305,7 +311,7 @@ async fn session_of(
         ctx.id
     );
 
-    let reason = run(ctx, &mut stream, &mut rx, key, conn_id, &signal).await;
+    let reason = Box::pin(run(ctx, &mut stream, &mut rx, key, conn_id, &signal)).await;
 
     {
         let mut shard = ctx.shard.borrow_mut();
@@ -318,7 +324,7 @@ async fn session_of(
         shard.flush_dirty();
     }
     ctx.send_outbox();
-    ctx.forward_publishes().await;
+    Box::pin(ctx.forward_publishes()).await;
     // The link is gone from the session; only now may the socket close.
     drop(stream);
     Some(reason)
@@ -383,11 +389,16 @@ async fn run(
     conn_id: u64,
     signal: &ConnSignal,
 ) -> CloseReason {
+    // Packets that arrived together with CONNECT are handled before reading.
+    let mut unprocessed = !rx.is_empty();
     loop {
-        let event = poll_fn(|cx| poll_event(cx, ctx, stream, rx, key, conn_id, signal)).await;
-        if let Event::Closed(reason) = event {
-            return reason;
+        if !unprocessed {
+            let event = poll_fn(|cx| poll_event(cx, ctx, stream, rx, key, conn_id, signal)).await;
+            if let Event::Closed(reason) = event {
+                return reason;
+            }
         }
+        unprocessed = false;
         let step = {
             let mut shard = ctx.shard.borrow_mut();
             let step = process(&mut shard, key, conn_id, rx);
@@ -397,7 +408,9 @@ async fn run(
         if !ctx.shard.borrow().outbox.is_empty() {
             ctx.send_outbox();
         }
-        ctx.forward_publishes().await;
+        if ctx.shard.borrow().has_remote_batch() {
+            Box::pin(ctx.forward_publishes()).await;
+        }
         if let Err(reason) = step {
             return reason;
         }

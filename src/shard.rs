@@ -278,6 +278,11 @@ impl Shard {
         }
     }
 
+    /// True when publishes wait to be handed to other shards.
+    pub fn has_remote_batch(&self) -> bool {
+        !self.remote_batch.is_empty()
+    }
+
     /// The publishes to hand to other shards, if any.
     pub fn take_remote_batch(&mut self) -> Option<Arc<Vec<Message>>> {
         if self.remote_batch.is_empty() {
