@@ -102,8 +102,9 @@ fn reload_log_level(path: Option<&std::path::Path>) {
     };
     match Config::reload_log_level(path) {
         Ok(Some(level)) => {
+            // Logged before it applies, so the line shows whatever the level.
+            warn!("SIGHUP: log level set to {level}");
             os::set_log_level(&level);
-            info!("SIGHUP: log level is now {level}");
         }
         Ok(None) => info!("SIGHUP: config file sets no log level"),
         Err(e) => warn!("SIGHUP: {e}"),

@@ -1,1 +1,65 @@
-fn main() {}
+//! `fanmq-bench`: fanmq's fan-out benchmark and load generator.
+//!
+//! See `shared/BENCH.md` for how we measure. Map of the crate:
+//!
+//! | module | concern |
+//! | --- | --- |
+//! | [`cli`] | command line |
+//! | [`runner`] | one scenario against one broker, or `--compare` over several |
+//! | [`scenario`] | the scenarios: connect, fan-out, idle, storm |
+//! | [`fleet`] / [`worker`] / [`protocol`] | subscriber connections in worker processes (mio event loops) |
+//! | [`publisher`] | the paced or burst publisher |
+//! | [`rawserver`] | the plain TCP forwarder, the ceiling |
+//! | [`compare`] | starting and stopping broker processes |
+//! | [`mqtt`] | the minimal client codec |
+//! | [`stats`] | payload stamp, sequence checks, histograms |
+//! | [`procfs`] | CPU, RSS, socket memory, limits, pinning |
+//! | [`net`] | sockets, source addresses |
+//! | [`result`] / [`report`] / [`plot`] | JSON, Markdown, SVG |
+//! | [`progress`] | live progress |
+
+mod cli;
+mod compare;
+mod fleet;
+mod mqtt;
+mod net;
+mod plot;
+mod procfs;
+mod progress;
+mod protocol;
+mod publisher;
+mod rawserver;
+mod report;
+mod result;
+mod runner;
+mod scenario;
+mod stats;
+mod worker;
+
+use clap::Parser;
+use cli::{Cli, Cmd};
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_timestamp_millis()
+        .init();
+    let cli = Cli::parse();
+    let outcome = match cli.cmd {
+        Cmd::Worker => worker::run().map_err(|e| e.to_string()),
+        Cmd::RawServer { listen } => rawserver::run(listen).map_err(|e| e.to_string()),
+        Cmd::Report(o) => report::run(&o).map_err(|e| e.to_string()),
+        Cmd::Fanout(o) => runner::run(scenario::Kind::Fanout, o, false),
+        Cmd::Connect(o) => runner::run(scenario::Kind::Connect, o, false),
+        Cmd::Idle(o) => runner::run(scenario::Kind::Idle, o, false),
+        Cmd::Storm(o) => runner::run(scenario::Kind::Storm, o, false),
+        Cmd::Raw(o) => runner::run(scenario::Kind::Fanout, o, true),
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log::error!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}

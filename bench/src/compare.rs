@@ -1,0 +1,246 @@
+//! Broker processes for `--compare` (and `raw`): start a broker command on a
+//! free port, pinned to the broker CPUs, wait until it accepts, and stop it
+//! (SIGTERM, then SIGKILL) when the run is over, also on error (`Drop`).
+//!
+//! Named peers get a generated config: `mosquitto` (no per-connection log
+//! lines, which would cost it CPU in every connect; queue limits raised so
+//! that a burst to 10k subscribers is not dropped by configuration),
+//! `rumqttd`, `fanmq` (binary from `$FANMQ_BIN`, else `fanmq` on PATH) and
+//! `raw` (this binary's forwarder). Anything else is a shell command with
+//! `{port}`, run with `exec` so its PID is the broker's.
+
+use crate::net;
+use crate::procfs;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long a broker may take to start accepting.
+const START_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// How long a broker may take to exit after SIGTERM.
+const STOP_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Everything that can go wrong in this module.
+#[derive(Debug, thiserror::Error)]
+pub enum CompareError {
+    #[error("{0}")]
+    Net(#[from] net::NetError),
+    #[error("writing config {0}: {1}")]
+    Config(PathBuf, std::io::Error),
+    #[error("starting {0:?}: {1}")]
+    Spawn(String, std::io::Error),
+    #[error("{0:?} exited before accepting connections (log: {1})")]
+    Exited(String, PathBuf),
+    #[error("{0:?} did not accept connections within {1:?} (log: {2})")]
+    NotReady(String, Duration, PathBuf),
+}
+
+/// A started broker.
+pub struct Broker {
+    pub label: String,
+    pub port: u16,
+    pub raw: bool,
+    child: Child,
+}
+
+impl Broker {
+    /// The broker's PID (the exec'd command itself).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Starts `spec` (see the module doc) with its files in `dir`.
+    ///
+    /// # Errors
+    /// The command could not start, exited, or never accepted.
+    pub fn start(
+        spec: &str,
+        cpus: Option<&[usize]>,
+        dir: &Path,
+        max_queued: u64,
+    ) -> Result<Broker, CompareError> {
+        let port = net::free_port()?;
+        let (label, shell, raw) = command_for(spec, port, dir, max_queued)?;
+        let log = dir.join(format!(
+            "{}-{port}.log",
+            label.replace(|c: char| !c.is_ascii_alphanumeric(), "_")
+        ));
+        let log_file =
+            std::fs::File::create(&log).map_err(|e| CompareError::Config(log.clone(), e))?;
+        let log_err = log_file
+            .try_clone()
+            .map_err(|e| CompareError::Config(log.clone(), e))?;
+        let mut cmd = std::process::Command::new("sh");
+        cmd.arg("-c")
+            .arg(format!("exec {shell}"))
+            .stdin(Stdio::null())
+            .stdout(log_file)
+            .stderr(log_err);
+        if let Some(cpus) = cpus {
+            let cpus = cpus.to_vec();
+            // SAFETY: the closure only calls sched_setaffinity (async-signal-safe).
+            unsafe {
+                cmd.pre_exec(move || {
+                    procfs::set_affinity(0, &cpus).map_err(|e| std::io::Error::other(e.to_string()))
+                });
+            }
+        }
+        let child = cmd
+            .spawn()
+            .map_err(|e| CompareError::Spawn(shell.clone(), e))?;
+        let mut broker = Broker {
+            label,
+            port,
+            raw,
+            child,
+        };
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Ok(Some(_)) = broker.child.try_wait() {
+                return Err(CompareError::Exited(shell, log));
+            }
+            if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                // Raw forwarder: a connection that says nothing is closed
+                // harmlessly. Give the broker a moment to settle.
+                std::thread::sleep(Duration::from_millis(100));
+                return Ok(broker);
+            }
+            if Instant::now() > deadline {
+                return Err(CompareError::NotReady(shell, START_TIMEOUT, log));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let pid = self.child.id() as libc::pid_t;
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `(label, shell command, raw)` for a spec.
+fn command_for(
+    spec: &str,
+    port: u16,
+    dir: &Path,
+    max_queued: u64,
+) -> Result<(String, String, bool), CompareError> {
+    let write = |name: &str, text: String| -> Result<PathBuf, CompareError> {
+        let path = dir.join(name);
+        std::fs::write(&path, text).map_err(|e| CompareError::Config(path.clone(), e))?;
+        Ok(path)
+    };
+    Ok(match spec.trim() {
+        "raw" => {
+            let exe = std::env::current_exe().map_err(|e| CompareError::Spawn("self".into(), e))?;
+            (
+                "raw".into(),
+                format!("{} raw-server --listen 127.0.0.1:{port}", exe.display()),
+                true,
+            )
+        }
+        "mosquitto" => {
+            let conf = write(
+                &format!("mosquitto-{port}.conf"),
+                mosquitto_conf(port, max_queued),
+            )?;
+            (
+                "mosquitto".into(),
+                format!("mosquitto -c {}", conf.display()),
+                false,
+            )
+        }
+        "rumqttd" => {
+            let conf = write(&format!("rumqttd-{port}.toml"), rumqttd_conf(port))?;
+            (
+                "rumqttd".into(),
+                format!("rumqttd -q --config {}", conf.display()),
+                false,
+            )
+        }
+        "fanmq" => {
+            let bin = std::env::var("FANMQ_BIN").unwrap_or_else(|_| "fanmq".into());
+            (
+                "fanmq".into(),
+                format!("{bin} --listen 127.0.0.1:{port} --shards 1"),
+                false,
+            )
+        }
+        other => (
+            other.to_owned(),
+            other.replace("{port}", &port.to_string()),
+            false,
+        ),
+    })
+}
+
+/// Mosquitto: loopback listener, anonymous, no connection log lines, queues
+/// large enough for the run (`max_queued_messages` counts per client).
+pub fn mosquitto_conf(port: u16, max_queued: u64) -> String {
+    format!(
+        "listener {port} 127.0.0.1\nallow_anonymous true\nmax_connections -1\n\
+         max_queued_messages {max_queued}\npersistence false\n\
+         connection_messages false\nlog_dest stderr\nlog_type error\nlog_type warning\n"
+    )
+}
+
+/// rumqttd 0.20: one v4 listener on loopback, limits raised for fan-out.
+pub fn rumqttd_conf(port: u16) -> String {
+    format!(
+        r#"id = 0
+
+[router]
+id = 0
+max_connections = 1000000
+max_outgoing_packet_count = 100000
+max_segment_size = 104857600
+max_segment_count = 10
+
+[v4.1]
+name = "v4-1"
+listen = "127.0.0.1:{port}"
+next_connection_delay_ms = 0
+    [v4.1.connections]
+    connection_timeout_ms = 60000
+    max_payload_size = 1048576
+    max_inflight_count = 1000
+    dynamic_filters = true
+"#
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn named_and_custom_specs() {
+        let dir = std::env::temp_dir();
+        let (label, cmd, raw) = command_for("mosquitto", 4242, &dir, 1000).unwrap();
+        assert_eq!(label, "mosquitto");
+        assert!(cmd.starts_with("mosquitto -c ") && !raw);
+        let (_, cmd, raw) = command_for("raw", 4242, &dir, 1000).unwrap();
+        assert!(cmd.contains("raw-server --listen 127.0.0.1:4242") && raw);
+        let (label, cmd, _) = command_for("mybroker -p {port}", 4242, &dir, 1000).unwrap();
+        assert_eq!(
+            (label.as_str(), cmd.as_str()),
+            ("mybroker -p {port}", "mybroker -p 4242")
+        );
+        assert!(mosquitto_conf(4242, 5).contains("listener 4242 127.0.0.1"));
+    }
+}

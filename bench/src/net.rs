@@ -1,0 +1,146 @@
+//! Socket setup shared by the workers, the publisher and the raw forwarder:
+//! non-blocking connect from a chosen source address, loopback checks, and
+//! naming why a connection failed.
+
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, ToSocketAddrs};
+use std::os::fd::AsRawFd;
+
+/// Everything that can go wrong in this module.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("cannot resolve {0}")]
+    Resolve(String),
+    #[error("{0}: {1}")]
+    Io(&'static str, io::Error),
+}
+
+/// Resolves `host:port` to one address (IPv4 preferred).
+///
+/// # Errors
+/// The name does not resolve.
+pub fn resolve(host: &str, port: u16) -> Result<SocketAddr, NetError> {
+    let addrs: Vec<SocketAddr> = (host, port)
+        .to_socket_addrs()
+        .map_err(|_| NetError::Resolve(host.to_owned()))?
+        .collect();
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(addrs.first())
+        .copied()
+        .ok_or_else(|| NetError::Resolve(host.to_owned()))
+}
+
+/// Source addresses for loopback targets: `127.0.0.1`, `127.0.0.2`, ... Each
+/// gives a fresh ephemeral port range towards the same broker port, so many
+/// more than ~28k connections fit.
+pub fn loopback_sources(count: usize) -> Vec<String> {
+    (0..count)
+        .map(|i| Ipv4Addr::new(127, 0, (i / 254) as u8, (1 + i % 254) as u8).to_string())
+        .collect()
+}
+
+/// A free TCP port on 127.0.0.1 (bind port 0, read it, close).
+///
+/// # Errors
+/// No port could be bound.
+pub fn free_port() -> Result<u16, NetError> {
+    let l = TcpListener::bind("127.0.0.1:0").map_err(|e| NetError::Io("bind", e))?;
+    Ok(l.local_addr()
+        .map_err(|e| NetError::Io("local_addr", e))?
+        .port())
+}
+
+/// Starts a non-blocking connect to `target`, bound to `source` first if
+/// given. The connect completes later (writable readiness).
+///
+/// `IP_BIND_ADDRESS_NO_PORT` defers the port choice to connect(), so a bound
+/// source address can reuse ports per destination instead of reserving one
+/// per socket at bind() time.
+///
+/// # Errors
+/// socket(), bind() or connect() failed immediately (e.g. EMFILE).
+pub fn start_connect(
+    target: SocketAddr,
+    source: Option<IpAddr>,
+) -> io::Result<mio::net::TcpStream> {
+    let socket = Socket::new(
+        Domain::for_address(target),
+        Type::STREAM,
+        Some(Protocol::TCP),
+    )?;
+    socket.set_nonblocking(true)?;
+    socket.set_tcp_nodelay(true)?;
+    if let Some(src) = source {
+        let one: libc::c_int = 1;
+        // SAFETY: valid fd and a pointer to a c_int of the given size.
+        unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::IPPROTO_IP,
+                libc::IP_BIND_ADDRESS_NO_PORT,
+                (&one as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+        socket.bind(&SockAddr::from(SocketAddr::new(src, 0)))?;
+    }
+    match socket.connect(&SockAddr::from(target)) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    Ok(mio::net::TcpStream::from_std(socket.into()))
+}
+
+/// Is this a loopback address (where the bench may send without `--host`)?
+pub fn is_loopback(addr: &SocketAddr) -> bool {
+    addr.ip().is_loopback()
+}
+
+/// A short, stable name for why a connection failed, for the error counts.
+pub fn error_kind(e: &io::Error) -> String {
+    match e.raw_os_error() {
+        Some(libc::EMFILE) | Some(libc::ENFILE) => "too many open files (EMFILE)".into(),
+        Some(libc::EADDRNOTAVAIL) => "no free source port (EADDRNOTAVAIL)".into(),
+        Some(libc::ECONNREFUSED) => "connection refused".into(),
+        Some(libc::ECONNRESET) => "reset by broker".into(),
+        Some(libc::ETIMEDOUT) => "TCP timeout".into(),
+        Some(libc::ENOBUFS) | Some(libc::ENOMEM) => "kernel out of memory".into(),
+        Some(libc::EPIPE) => "broken pipe".into(),
+        Some(code) => format!("os error {code}"),
+        None => format!("{:?}", e.kind()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_source_addresses() {
+        let s = loopback_sources(300);
+        assert_eq!(s[0], "127.0.0.1");
+        assert_eq!(s[253], "127.0.0.254");
+        assert_eq!(s[254], "127.0.1.1");
+    }
+
+    #[test]
+    fn loopback_check_and_error_names() {
+        assert!(is_loopback(&resolve("127.0.0.5", 1).unwrap()));
+        assert!(!is_loopback(&"10.0.0.1:1".parse().unwrap()));
+        let e = io::Error::from_raw_os_error(libc::EMFILE);
+        assert!(error_kind(&e).contains("EMFILE"));
+    }
+
+    #[test]
+    fn connect_from_second_source_address() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let target = l.local_addr().unwrap();
+        let _s = start_connect(target, Some("127.0.0.2".parse().unwrap())).unwrap();
+        let (_, peer) = l.accept().unwrap();
+        assert_eq!(peer.ip().to_string(), "127.0.0.2");
+    }
+}

@@ -1,0 +1,212 @@
+//! SVG plots with `plotters` (SVG backend only: no font or system library
+//! dependencies; text is left to the SVG viewer).
+//!
+//! - latency CDF per broker: x = percentile on a "nines" scale
+//!   (`-log10(1 - p)`: 90 → 1, 99 → 2, 99.9 → 3), y = latency (µs, log);
+//! - deliveries/s over time per broker.
+
+use crate::result::{ResultFile, RunResult};
+use plotters::prelude::*;
+
+/// Plot size in pixels.
+const SIZE: (u32, u32) = (800, 480);
+
+/// Series colours, one per broker/round in order.
+const COLOURS: [RGBColor; 8] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(127, 127, 127),
+];
+
+/// Everything that can go wrong in this module.
+#[derive(Debug, thiserror::Error)]
+pub enum PlotError {
+    #[error("plot {0}: {1}")]
+    Draw(String, String),
+}
+
+fn series_name(r: &RunResult, many_rounds: bool) -> String {
+    if many_rounds {
+        format!("{} #{}", r.broker, r.round)
+    } else {
+        r.broker.clone()
+    }
+}
+
+/// Writes `{stem}-latency.svg` and `{stem}-rate.svg` for the fan-out runs in
+/// `file`; returns the paths written (none if there are no fan-out runs).
+///
+/// # Errors
+/// The SVG could not be drawn or written.
+pub fn plots_for(file: &ResultFile, stem: &str) -> Result<Vec<String>, PlotError> {
+    let runs: Vec<&RunResult> = file.runs.iter().filter(|r| r.fanout.is_some()).collect();
+    if runs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let many_rounds = runs.iter().any(|r| r.round > 0);
+    let title = format!(
+        "{} subscribers, {}",
+        runs[0].params.subs,
+        runs[0]
+            .params
+            .rate
+            .map_or("burst".to_owned(), |r| format!("paced {r}/s"))
+    );
+    let lat = format!("{stem}-latency.svg");
+    let rate = format!("{stem}-rate.svg");
+    latency_cdf(&runs, &lat, &title, many_rounds).map_err(|e| PlotError::Draw(lat.clone(), e))?;
+    rate_over_time(&runs, &rate, &title, many_rounds)
+        .map_err(|e| PlotError::Draw(rate.clone(), e))?;
+    Ok(vec![lat, rate])
+}
+
+fn nines(p: f64) -> f64 {
+    -(1.0 - (p / 100.0).min(0.999_999)).log10()
+}
+
+fn latency_cdf(runs: &[&RunResult], path: &str, title: &str, many: bool) -> Result<(), String> {
+    let root = SVGBackend::new(path, SIZE).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| e.to_string())?;
+    let points: Vec<Vec<(f64, f64)>> = runs
+        .iter()
+        .filter_map(|r| r.fanout.as_ref())
+        .map(|f| {
+            f.latency
+                .cdf
+                .iter()
+                .map(|&(p, us)| (nines(p), us.max(1.0)))
+                .collect()
+        })
+        .collect();
+    let max_y = points.iter().flatten().map(|p| p.1).fold(10.0, f64::max) * 1.5;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            format!("latency publish→subscriber, {title}"),
+            ("sans-serif", 18),
+        )
+        .margin(10)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0.0..6.0, (1.0..max_y).log_scale())
+        .map_err(|e| e.to_string())?;
+    chart
+        .configure_mesh()
+        .x_desc("percentile")
+        .y_desc("latency (µs)")
+        .x_label_formatter(&|x| {
+            let p = 100.0 * (1.0 - 10f64.powf(-x));
+            format!("{p}")
+        })
+        .x_labels(7)
+        .draw()
+        .map_err(|e| e.to_string())?;
+    for (i, (r, pts)) in runs.iter().zip(points).enumerate() {
+        let colour = COLOURS[i % COLOURS.len()];
+        chart
+            .draw_series(LineSeries::new(pts, colour.stroke_width(2)))
+            .map_err(|e| e.to_string())?
+            .label(series_name(r, many))
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], colour));
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::UpperLeft)
+        .draw()
+        .map_err(|e| e.to_string())?;
+    root.present().map_err(|e| e.to_string())
+}
+
+fn rate_over_time(runs: &[&RunResult], path: &str, title: &str, many: bool) -> Result<(), String> {
+    let root = SVGBackend::new(path, SIZE).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| e.to_string())?;
+    let series: Vec<Vec<(f64, f64)>> = runs
+        .iter()
+        .filter_map(|r| r.fanout.as_ref())
+        .map(|f| {
+            let step = f.bucket_ms as f64 / 1000.0;
+            f.timeline
+                .iter()
+                .enumerate()
+                .map(|(i, &v)| (i as f64 * step, v))
+                .collect()
+        })
+        .collect();
+    let max_x = series.iter().flatten().map(|p| p.0).fold(1.0, f64::max);
+    let max_y = series.iter().flatten().map(|p| p.1).fold(1.0, f64::max) * 1.1;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            format!("deliveries/s over time, {title}"),
+            ("sans-serif", 18),
+        )
+        .margin(10)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0.0..max_x, 0.0..max_y)
+        .map_err(|e| e.to_string())?;
+    chart
+        .configure_mesh()
+        .x_desc("seconds since first delivery")
+        .y_desc("deliveries/s")
+        .draw()
+        .map_err(|e| e.to_string())?;
+    for (i, (r, pts)) in runs.iter().zip(series).enumerate() {
+        let colour = COLOURS[i % COLOURS.len()];
+        chart
+            .draw_series(LineSeries::new(pts, colour.stroke_width(2)))
+            .map_err(|e| e.to_string())?
+            .label(series_name(r, many))
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], colour));
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| e.to_string())?;
+    root.present().map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::result::FanoutFigures;
+    use crate::stats::Latency;
+
+    #[test]
+    fn writes_both_svgs() {
+        let run = RunResult {
+            broker: "x".into(),
+            fanout: Some(FanoutFigures {
+                latency: Latency {
+                    cdf: vec![(50.0, 100.0), (99.0, 300.0), (100.0, 900.0)],
+                    ..Latency::default()
+                },
+                timeline: vec![10.0, 20.0, 15.0],
+                bucket_ms: 100,
+                ..FanoutFigures::default()
+            }),
+            ..RunResult::default()
+        };
+        let file = ResultFile {
+            runs: vec![run],
+            ..ResultFile::default()
+        };
+        let dir = std::env::temp_dir().join(format!("fmb-plot-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let stem = dir.join("t");
+        let paths = plots_for(&file, stem.to_str().unwrap()).unwrap();
+        assert_eq!(paths.len(), 2);
+        for p in paths {
+            let svg = std::fs::read_to_string(p).unwrap();
+            assert!(svg.starts_with("<svg") && svg.contains("polyline"));
+        }
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}

@@ -1,0 +1,229 @@
+//! What the kernel says about processes: CPU time and RSS from `/proc/PID`,
+//! socket memory from `/proc/net/sockstat`, our own CPU from `getrusage`,
+//! the open-file limit, and CPU pinning.
+
+use serde::{Deserialize, Serialize};
+use std::fs;
+
+/// Everything that can go wrong in this module.
+#[derive(Debug, thiserror::Error)]
+pub enum ProcError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("unexpected format in {0}")]
+    Format(String),
+    #[error("bad CPU list {0:?} (expected e.g. 0 or 0,2-3)")]
+    CpuList(String),
+    #[error("{0}: {1}")]
+    Os(&'static str, std::io::Error),
+}
+
+fn read(path: &str) -> Result<String, ProcError> {
+    fs::read_to_string(path).map_err(|source| ProcError::Read {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Clock ticks per second for `/proc/PID/stat` times.
+fn ticks_per_s() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 { t as f64 } else { 100.0 }
+}
+
+/// A process's utime+stime in seconds (all its threads), from `/proc/PID/stat`.
+///
+/// # Errors
+/// The process is gone or the file is not as documented in proc(5).
+pub fn cpu_seconds(pid: u32) -> Result<f64, ProcError> {
+    let path = format!("/proc/{pid}/stat");
+    let text = read(&path)?;
+    // The command name (field 2) may contain spaces: fields after the last ')'.
+    let rest = text
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .ok_or_else(|| ProcError::Format(path.clone()))?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // After ')': field 3 is index 0, so utime (14) is 11, stime (15) is 12.
+    let get = |i: usize| -> Result<f64, ProcError> {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .ok_or_else(|| ProcError::Format(path.clone()))
+    };
+    Ok((get(11)? + get(12)?) / ticks_per_s())
+}
+
+/// A process's resident set size in bytes (`VmRSS` in `/proc/PID/status`).
+///
+/// # Errors
+/// The process is gone or has no `VmRSS` line (a zombie).
+pub fn rss_bytes(pid: u32) -> Result<u64, ProcError> {
+    let path = format!("/proc/{pid}/status");
+    let text = read(&path)?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .ok_or(ProcError::Format(path))
+}
+
+/// The TCP line of `/proc/net/sockstat`.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
+pub struct SockStat {
+    /// TCP sockets in use (both ends of a loopback connection count).
+    pub tcp_inuse: u64,
+    /// TCP socket buffer memory in bytes (`mem` is in pages).
+    pub tcp_mem_bytes: u64,
+    /// Kernel slab memory in bytes (`Slab:` in `/proc/meminfo`): where the
+    /// socket structures themselves live (sockstat's `mem` counts only
+    /// buffered data, which is zero for an idle socket). System-wide, so
+    /// only a delta over a quiet period means anything.
+    #[serde(default)]
+    pub slab_bytes: u64,
+}
+
+/// Reads `/proc/net/sockstat` (this network namespace).
+///
+/// # Errors
+/// The file is missing or not in the documented format.
+pub fn sockstat() -> Result<SockStat, ProcError> {
+    let mut s = parse_sockstat(&read("/proc/net/sockstat")?)?;
+    s.slab_bytes = read("/proc/meminfo")?
+        .lines()
+        .find_map(|l| l.strip_prefix("Slab:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024);
+    Ok(s)
+}
+
+fn parse_sockstat(text: &str) -> Result<SockStat, ProcError> {
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("TCP:"))
+        .ok_or_else(|| ProcError::Format("sockstat".into()))?;
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let value = |key: &str| -> Option<u64> {
+        let i = words.iter().position(|w| *w == key)?;
+        words.get(i + 1)?.parse().ok()
+    };
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
+    Ok(SockStat {
+        tcp_inuse: value("inuse").unwrap_or(0),
+        tcp_mem_bytes: value("mem").unwrap_or(0) * page,
+        slab_bytes: 0,
+    })
+}
+
+/// This process's own user+system CPU seconds (all threads).
+pub fn self_cpu_seconds() -> f64 {
+    // SAFETY: zeroed rusage is a valid out-parameter.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointer, RUSAGE_SELF always exists.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// Raises the soft open-file limit to the hard limit; returns the new soft
+/// limit. Each socket is one file, so this bounds connections per process.
+pub fn raise_nofile() -> u64 {
+    // SAFETY: zeroed rlimit is a valid out-parameter.
+    let mut lim: libc::rlimit = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return 1024;
+    }
+    lim.rlim_cur = lim.rlim_max;
+    // SAFETY: valid pointer; raising soft to hard is always allowed.
+    unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
+    lim.rlim_cur
+}
+
+/// Parses a CPU list like `0`, `1,3` or `0-2,5`.
+///
+/// # Errors
+/// Anything else.
+pub fn parse_cpu_list(list: &str) -> Result<Vec<usize>, ProcError> {
+    let bad = || ProcError::CpuList(list.to_owned());
+    let mut cpus = Vec::new();
+    for part in list.split(',').filter(|p| !p.trim().is_empty()) {
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b): (usize, usize) = (
+                    a.trim().parse().map_err(|_| bad())?,
+                    b.trim().parse().map_err(|_| bad())?,
+                );
+                if a > b {
+                    return Err(bad());
+                }
+                cpus.extend(a..=b);
+            }
+            None => cpus.push(part.trim().parse().map_err(|_| bad())?),
+        }
+    }
+    if cpus.is_empty() || cpus.iter().any(|&c| c >= libc::CPU_SETSIZE as usize) {
+        return Err(bad());
+    }
+    Ok(cpus)
+}
+
+/// Pins process `pid` (0 = this one) to `cpus`; children inherit it.
+///
+/// # Errors
+/// The kernel refused (e.g. a CPU that does not exist).
+pub fn set_affinity(pid: i32, cpus: &[usize]) -> Result<(), ProcError> {
+    // SAFETY: zeroed cpu_set_t is an empty set; CPU_SET indices are checked
+    // by `parse_cpu_list`.
+    let rc = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        for &c in cpus {
+            libc::CPU_SET(c, &mut set);
+        }
+        libc::sched_setaffinity(pid, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    if rc != 0 {
+        return Err(ProcError::Os(
+            "sched_setaffinity",
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_stat_and_rss() {
+        let pid = std::process::id();
+        assert!(cpu_seconds(pid).unwrap() >= 0.0);
+        assert!(rss_bytes(pid).unwrap() > 100_000);
+    }
+
+    #[test]
+    fn sockstat_format() {
+        let s = parse_sockstat(
+            "sockets: used 5\nTCP: inuse 3 orphan 0 tw 1 alloc 4 mem 7\nUDP: inuse 0 mem 0\n",
+        )
+        .unwrap();
+        assert_eq!(s.tcp_inuse, 3);
+        assert!(s.tcp_mem_bytes >= 7 * 4096);
+        assert!(sockstat().is_ok());
+    }
+
+    #[test]
+    fn cpu_lists() {
+        assert_eq!(parse_cpu_list("0").unwrap(), vec![0]);
+        assert_eq!(parse_cpu_list("0-2,5").unwrap(), vec![0, 1, 2, 5]);
+        assert!(parse_cpu_list("2-1").is_err());
+        assert!(parse_cpu_list("x").is_err());
+        assert!(parse_cpu_list("").is_err());
+    }
+}

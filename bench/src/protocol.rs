@@ -1,0 +1,133 @@
+//! What the coordinator and its worker processes say to each other.
+//!
+//! The coordinator re-executes its own binary as `fanmq-bench worker`, writes
+//! one [`WorkerTask`] then [`Command`]s as JSON lines to the worker's stdin,
+//! and reads [`Event`]s as JSON lines from its stdout. A worker exits when
+//! its stdin closes, so a crashed or killed coordinator leaves no workers.
+//! Control messages are few (a handful per run, progress 4× a second), so
+//! JSON costs nothing that matters and keeps the protocol readable.
+
+use crate::stats::HistPairs;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// One worker's share of the subscribers and how to connect them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkerTask {
+    /// Worker number, for logs and client ids.
+    pub worker: usize,
+    /// Broker address `host:port` (already resolved).
+    pub target: String,
+    /// Global index of this worker's first connection (client ids, source
+    /// address choice).
+    pub first_index: u64,
+    /// How many connections this worker opens.
+    pub count: u64,
+    /// Client id prefix; the id is `{prefix}{index}`.
+    pub client_prefix: String,
+    /// Topic filter every subscriber subscribes to.
+    pub filter: String,
+    /// Subscription QoS.
+    pub qos: u8,
+    /// MQTT keep-alive in seconds; PINGREQ after half of it without a send.
+    pub keep_alive_s: u16,
+    /// Talk to the bench's own `raw` forwarder instead of an MQTT broker.
+    pub raw: bool,
+    /// Source addresses to bind before connect; empty = kernel's choice.
+    pub source_addrs: Vec<String>,
+    /// Connections per source address before moving to the next one.
+    pub conns_per_addr: u64,
+    /// Handshakes in flight at once: more would overflow the broker's listen
+    /// backlog and turn into 1 s SYN retransmits that distort the figures.
+    pub max_pending: usize,
+    /// A handshake (TCP + CONNECT + SUBSCRIBE) taking longer fails.
+    pub handshake_timeout_ms: u64,
+    /// Monotonic time of bucket 0 of the deliveries timeline.
+    pub timeline_start_ns: u64,
+    /// Width of a timeline bucket.
+    pub bucket_ns: u64,
+    /// Per-message "last arrival" is tracked for sequence numbers below this
+    /// (bounded memory: 8 bytes per message).
+    pub track_msgs: u64,
+}
+
+/// Coordinator → worker.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Command {
+    /// Open (or re-open) every connection; answered by [`Event::Connected`].
+    Connect,
+    /// Close every connection at once; answered by [`Event::Dropped`].
+    Drop,
+    /// Stop and report; `published` is how many messages the publisher sent
+    /// (to count the ones never received). Answered by [`Event::Report`].
+    Finish { published: u64 },
+}
+
+/// Worker → coordinator.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Event {
+    /// Counters so far, sent about 4 times a second.
+    Progress(Progress),
+    /// The connect phase is over: every connection is up or failed.
+    Connected(ConnectSummary),
+    /// All connections closed.
+    Dropped { closed: u64 },
+    /// Final figures.
+    Report(Box<WorkerReport>),
+    /// The worker cannot go on.
+    Fatal(String),
+}
+
+/// Live counters.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+pub struct Progress {
+    /// TCP connections established.
+    pub connected: u64,
+    /// Connections subscribed and ready.
+    pub ready: u64,
+    /// Connections that failed.
+    pub failed: u64,
+    /// Messages received.
+    pub delivered: u64,
+}
+
+/// The outcome of one connect phase.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ConnectSummary {
+    pub ready: u64,
+    pub failed: u64,
+    /// Why connections failed, counted by kind.
+    pub errors: BTreeMap<String, u64>,
+    /// TCP connect start → SUBACK (ns).
+    pub latency: HistPairs,
+    /// When the phase started and ended (monotonic ns).
+    pub started_ns: u64,
+    pub ended_ns: u64,
+    /// The worker's own CPU seconds so far.
+    pub cpu_s: f64,
+}
+
+/// A worker's final figures.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct WorkerReport {
+    pub delivered: u64,
+    pub lost: u64,
+    pub duplicates: u64,
+    pub out_of_order: u64,
+    /// Subscribers that lost at least one message.
+    pub subs_with_loss: u64,
+    /// Payloads without a bench stamp (not ours).
+    pub foreign: u64,
+    /// Publish → this subscriber (ns).
+    pub latency: HistPairs,
+    /// Per sequence number: the largest latency seen here (ns), 0 = none.
+    pub last_arrival: Vec<u64>,
+    /// Deliveries per timeline bucket.
+    pub timeline: Vec<u64>,
+    pub first_delivery_ns: u64,
+    pub last_delivery_ns: u64,
+    /// Connections the broker closed or that broke after subscribing.
+    pub errors: BTreeMap<String, u64>,
+    /// The worker's own CPU seconds, total.
+    pub cpu_s: f64,
+}

@@ -1,0 +1,503 @@
+//! Results: the JSON a run writes (`--out`), and the Markdown tables made
+//! from it (on stdout after a run, and in `bench/RESULTS.md`).
+//!
+//! One file is a [`ResultFile`]: the command line that produced it and its
+//! runs (one per broker per round). Everything a table or plot shows is in
+//! the file, so `fanmq-bench report` can regenerate them without rerunning.
+
+use crate::procfs::SockStat;
+use crate::stats::Latency;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+/// Everything that can go wrong in this module.
+#[derive(Debug, thiserror::Error)]
+pub enum ResultError {
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Json {
+        path: String,
+        source: serde_json::Error,
+    },
+}
+
+/// One results file.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ResultFile {
+    /// The exact command line, so anyone can rerun it.
+    pub command: String,
+    /// Host facts: CPUs, kernel; to judge whether figures compare.
+    pub host: String,
+    pub runs: Vec<RunResult>,
+}
+
+/// One scenario run against one broker.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RunResult {
+    pub scenario: String,
+    /// Broker label (the peer name or command).
+    pub broker: String,
+    pub round: u32,
+    pub params: Params,
+    pub connect: Option<ConnectFigures>,
+    pub fanout: Option<FanoutFigures>,
+    pub idle: Option<IdleFigures>,
+    pub storm: Option<StormFigures>,
+    pub broker_usage: Option<BrokerUsage>,
+    pub generator: GeneratorUsage,
+    /// Anything a reader must know (saturation, failures, lower bounds).
+    pub notes: Vec<String>,
+}
+
+/// The parameters of a run.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Params {
+    pub subs: u64,
+    pub topic: String,
+    pub filter: String,
+    pub qos: u8,
+    pub payload: usize,
+    /// Messages per second; `None` = burst.
+    pub rate: Option<f64>,
+    pub msgs: u64,
+    pub workers: usize,
+    pub broker_cpus: Option<String>,
+    pub client_cpus: Option<String>,
+}
+
+/// Connect phase figures.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ConnectFigures {
+    pub attempted: u64,
+    pub connected: u64,
+    pub failed: u64,
+    /// Why the rest did not connect.
+    pub errors: BTreeMap<String, u64>,
+    pub seconds: f64,
+    pub conns_per_s: f64,
+    /// Broker CPU µs per CONNECT+SUBSCRIBE (with `--broker-pid`).
+    pub broker_cpu_us_per_conn: Option<f64>,
+    /// TCP connect → SUBACK.
+    pub latency: Latency,
+}
+
+/// Fan-out figures.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct FanoutFigures {
+    pub published: u64,
+    /// published × subscribers.
+    pub expected: u64,
+    pub delivered: u64,
+    pub lost: u64,
+    pub duplicates: u64,
+    pub out_of_order: u64,
+    pub subs_with_loss: u64,
+    /// First publish → last delivery.
+    pub seconds: f64,
+    pub deliveries_per_s: f64,
+    /// Publish → each subscriber.
+    pub latency: Latency,
+    /// Publish → the last subscriber, per message.
+    pub latency_last: Latency,
+    /// Deliveries per second, one value per bucket.
+    pub timeline: Vec<f64>,
+    pub bucket_ms: u64,
+    /// Subscriber connections that broke during the run, by reason.
+    pub errors: BTreeMap<String, u64>,
+}
+
+/// Idle figures.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct IdleFigures {
+    pub held: u64,
+    pub hold_s: f64,
+    pub broker_rss_before: Option<u64>,
+    pub broker_rss_after: Option<u64>,
+    pub broker_rss_per_conn: Option<f64>,
+    pub sockstat_before: SockStat,
+    pub sockstat_after: SockStat,
+    /// Kernel memory per connection: TCP buffers plus slab (socket
+    /// structures), both ends of a loopback connection (the broker's and the
+    /// client's socket), system-wide delta.
+    pub kernel_mem_per_conn: f64,
+    /// Broker CPU while idle, per connection per second (keep-alive cost).
+    pub broker_idle_cpu_us_per_conn_s: Option<f64>,
+}
+
+/// Storm figures.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StormFigures {
+    pub dropped: u64,
+    pub back: u64,
+    pub failed: u64,
+    /// Drop → all back and subscribed.
+    pub seconds: f64,
+    pub errors: BTreeMap<String, u64>,
+    pub broker_cpu_s: Option<f64>,
+}
+
+/// The broker's resource use over the measured phase.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct BrokerUsage {
+    pub pid: u32,
+    pub cpu_s: f64,
+    pub wall_s: f64,
+    /// cpu_s / wall_s: 1.0 = one core busy.
+    pub cores_busy: f64,
+    pub rss_bytes: u64,
+    /// Fan-out only: deliveries per broker CPU-second.
+    pub deliveries_per_cpu_s: Option<f64>,
+}
+
+/// The load generator's own resource use.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct GeneratorUsage {
+    pub cpu_s: f64,
+    pub wall_s: f64,
+    /// CPUs the generator may use.
+    pub cpus: usize,
+    /// Busiest single process as a fraction of one core.
+    pub max_process_busy: f64,
+    /// A process of the generator was near 100%: figures are lower bounds.
+    pub saturated: bool,
+}
+
+impl ResultFile {
+    /// Reads a results file.
+    ///
+    /// # Errors
+    /// Unreadable or not a results file.
+    pub fn load(path: &str) -> Result<Self, ResultError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ResultError::Io {
+            path: path.into(),
+            source,
+        })?;
+        serde_json::from_str(&text).map_err(|source| ResultError::Json {
+            path: path.into(),
+            source,
+        })
+    }
+
+    /// Writes it as pretty JSON.
+    ///
+    /// # Errors
+    /// The file cannot be written.
+    pub fn save(&self, path: &str) -> Result<(), ResultError> {
+        let text = serde_json::to_string_pretty(self).map_err(|source| ResultError::Json {
+            path: path.into(),
+            source,
+        })?;
+        std::fs::write(path, text + "\n").map_err(|source| ResultError::Io {
+            path: path.into(),
+            source,
+        })
+    }
+}
+
+fn fmt_opt(v: Option<f64>, digits: usize) -> String {
+    v.map_or("–".into(), |v| format!("{v:.digits$}"))
+}
+
+fn fmt_bytes(v: Option<u64>) -> String {
+    v.map_or("–".into(), |b| format!("{:.1} MiB", b as f64 / 1048576.0))
+}
+
+fn fmt_errors(e: &BTreeMap<String, u64>) -> String {
+    if e.is_empty() {
+        return "–".into();
+    }
+    e.iter()
+        .map(|(k, v)| format!("{k}: {v}"))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// The headline figure of a run (higher is better unless noted), used for
+/// the comparison ratios: `(name, value, higher_is_better)`.
+pub fn headline(run: &RunResult) -> Vec<(&'static str, f64, bool)> {
+    let mut v = Vec::new();
+    let cpu = run.broker_usage.as_ref();
+    if let Some(f) = &run.fanout {
+        v.push(("deliveries/s", f.deliveries_per_s, true));
+        if let Some(d) = cpu.and_then(|c| c.deliveries_per_cpu_s) {
+            v.push(("deliveries per broker CPU-s", d, true));
+        }
+        v.push(("p99 µs", f.latency.p99_us, false));
+        v.push(("lost", f.lost as f64, false));
+    }
+    if run.storm.is_none()
+        && let Some(c) = &run.connect
+        && run.scenario == "connect"
+    {
+        v.push(("connections/s", c.conns_per_s, true));
+        if let Some(us) = c.broker_cpu_us_per_conn {
+            v.push(("broker CPU µs/conn", us, false));
+        }
+        v.push(("connect p99 µs", c.latency.p99_us, false));
+    }
+    if let Some(i) = &run.idle {
+        if let Some(b) = i.broker_rss_per_conn {
+            v.push(("broker RSS B/conn", b, false));
+        }
+        v.push(("kernel B/conn", i.kernel_mem_per_conn, false));
+    }
+    if let Some(s) = &run.storm {
+        v.push(("seconds to reconnect", s.seconds, false));
+    }
+    v
+}
+
+/// The Markdown table of one run's figures.
+pub fn run_table(run: &RunResult) -> String {
+    let mut s = String::new();
+    let p = &run.params;
+    let load = if run.fanout.is_some() {
+        let mode = p
+            .rate
+            .map_or("burst".to_owned(), |r| format!("paced {r}/s"));
+        format!(
+            ", filter `{}`, QoS {}, {} B payload, {mode}, {} messages",
+            p.filter, p.qos, p.payload, p.msgs
+        )
+    } else {
+        String::new()
+    };
+    let _ = writeln!(
+        s,
+        "**{}** vs **{}** (round {}): {} subscribers{load}, {} worker(s), broker CPUs {}, client CPUs {}\n",
+        run.scenario,
+        run.broker,
+        run.round,
+        p.subs,
+        p.workers,
+        p.broker_cpus.as_deref().unwrap_or("any"),
+        p.client_cpus.as_deref().unwrap_or("any"),
+    );
+    let _ = writeln!(s, "| figure | value |\n| --- | --- |");
+    let mut row = |k: &str, v: String| {
+        let _ = writeln!(s, "| {k} | {v} |");
+    };
+    if let Some(c) = &run.connect {
+        row(
+            "connected / attempted",
+            format!("{} / {}", c.connected, c.attempted),
+        );
+        row("connect failures", fmt_errors(&c.errors));
+        row("connections/s", format!("{:.0}", c.conns_per_s));
+        row(
+            "broker CPU µs per connection",
+            fmt_opt(c.broker_cpu_us_per_conn, 1),
+        );
+        row(
+            "connect latency p50 / p99 / max (µs)",
+            format!(
+                "{:.0} / {:.0} / {:.0}",
+                c.latency.p50_us, c.latency.p99_us, c.latency.max_us
+            ),
+        );
+    }
+    if let Some(f) = &run.fanout {
+        row("published", f.published.to_string());
+        row(
+            "delivered / expected",
+            format!("{} / {}", f.delivered, f.expected),
+        );
+        row(
+            "lost / duplicates / out of order",
+            format!("{} / {} / {}", f.lost, f.duplicates, f.out_of_order),
+        );
+        row("subscribers with loss", f.subs_with_loss.to_string());
+        row("deliveries/s", format!("{:.0}", f.deliveries_per_s));
+        row(
+            "latency publish→subscriber p50 / p99 / p999 / max (µs)",
+            format!(
+                "{:.0} / {:.0} / {:.0} / {:.0}",
+                f.latency.p50_us, f.latency.p99_us, f.latency.p999_us, f.latency.max_us
+            ),
+        );
+        row(
+            "latency publish→last subscriber p50 / p99 / p999 / max (µs)",
+            format!(
+                "{:.0} / {:.0} / {:.0} / {:.0}",
+                f.latency_last.p50_us,
+                f.latency_last.p99_us,
+                f.latency_last.p999_us,
+                f.latency_last.max_us
+            ),
+        );
+        if !f.errors.is_empty() {
+            row("subscriber errors", fmt_errors(&f.errors));
+        }
+    }
+    if let Some(i) = &run.idle {
+        row("held idle", format!("{} for {:.0} s", i.held, i.hold_s));
+        row(
+            "broker RSS before / after",
+            format!(
+                "{} / {}",
+                fmt_bytes(i.broker_rss_before),
+                fmt_bytes(i.broker_rss_after)
+            ),
+        );
+        row(
+            "broker RSS per connection (B)",
+            fmt_opt(i.broker_rss_per_conn, 0),
+        );
+        row(
+            "kernel memory (TCP buffers + slab) per connection, both ends (B)",
+            format!("{:.0}", i.kernel_mem_per_conn),
+        );
+        row(
+            "broker idle CPU µs per connection-second",
+            fmt_opt(i.broker_idle_cpu_us_per_conn_s, 3),
+        );
+    }
+    if let Some(st) = &run.storm {
+        row(
+            "dropped / back / failed",
+            format!("{} / {} / {}", st.dropped, st.back, st.failed),
+        );
+        row(
+            "seconds until all back and subscribed",
+            format!("{:.3}", st.seconds),
+        );
+        row("reconnect failures", fmt_errors(&st.errors));
+        row("broker CPU-s for the storm", fmt_opt(st.broker_cpu_s, 3));
+    }
+    if let Some(b) = &run.broker_usage {
+        row("broker CPU-s (pid)", format!("{:.3} ({})", b.cpu_s, b.pid));
+        row("broker cores busy", format!("{:.2}", b.cores_busy));
+        row("broker RSS", fmt_bytes(Some(b.rss_bytes)));
+        if let Some(d) = b.deliveries_per_cpu_s {
+            row(
+                "**deliveries per broker CPU-second**",
+                format!("**{d:.0}**"),
+            );
+        }
+    }
+    let g = &run.generator;
+    row(
+        "load generator CPU-s / busiest process",
+        format!(
+            "{:.3} / {:.0}% of a core{}",
+            g.cpu_s,
+            g.max_process_busy * 100.0,
+            if g.saturated {
+                " (SATURATED: figures are lower bounds)"
+            } else {
+                ""
+            }
+        ),
+    );
+    for n in &run.notes {
+        let _ = writeln!(s, "\n> {n}");
+    }
+    s
+}
+
+/// The comparison table: per broker the median of each headline figure over
+/// its rounds, and its ratio to the first broker's.
+pub fn compare_table(runs: &[RunResult]) -> String {
+    let mut brokers: Vec<&str> = Vec::new();
+    for r in runs {
+        if !brokers.contains(&r.broker.as_str()) {
+            brokers.push(&r.broker);
+        }
+    }
+    let Some(base) = brokers.first().copied() else {
+        return String::new();
+    };
+    let median = |broker: &str, name: &str| -> Option<f64> {
+        let mut v: Vec<f64> = runs
+            .iter()
+            .filter(|r| r.broker == broker)
+            .flat_map(headline)
+            .filter(|(n, _, _)| *n == name)
+            .map(|(_, v, _)| v)
+            .collect();
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_by(f64::total_cmp);
+        Some(v[v.len() / 2])
+    };
+    let names: Vec<&'static str> = runs
+        .iter()
+        .find(|r| r.broker == base)
+        .map(|r| headline(r).into_iter().map(|(n, _, _)| n).collect())
+        .unwrap_or_default();
+    let rounds = runs.iter().map(|r| r.round).max().unwrap_or(0) + 1;
+    let mut s =
+        format!("Comparison (median of {rounds} round(s), ratio = broker ÷ {base}):\n\n| figure |");
+    for b in &brokers {
+        let _ = write!(s, " {b} |");
+    }
+    for b in brokers.iter().skip(1) {
+        let _ = write!(s, " {b} ÷ {base} |");
+    }
+    s.push_str("\n| --- |");
+    for _ in 0..brokers.len() * 2 - 1 {
+        s.push_str(" ---: |");
+    }
+    s.push('\n');
+    for name in names {
+        let _ = write!(s, "| {name} |");
+        let base_v = median(base, name);
+        for b in &brokers {
+            let _ = write!(s, " {} |", fmt_opt(median(b, name), 1));
+        }
+        for b in brokers.iter().skip(1) {
+            let ratio = match (median(b, name), base_v) {
+                (Some(v), Some(bv)) if bv != 0.0 => Some(v / bv),
+                _ => None,
+            };
+            let _ = write!(s, " {} |", fmt_opt(ratio, 2));
+        }
+        s.push('\n');
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(broker: &str, round: u32, dps: f64) -> RunResult {
+        RunResult {
+            scenario: "fanout".into(),
+            broker: broker.into(),
+            round,
+            fanout: Some(FanoutFigures {
+                deliveries_per_s: dps,
+                ..FanoutFigures::default()
+            }),
+            ..RunResult::default()
+        }
+    }
+
+    #[test]
+    fn compare_uses_medians_and_ratios() {
+        let runs = vec![
+            run("a", 0, 100.0),
+            run("b", 0, 300.0),
+            run("a", 1, 110.0),
+            run("b", 1, 330.0),
+            run("a", 2, 90.0),
+            run("b", 2, 100.0),
+        ];
+        let t = compare_table(&runs);
+        assert!(t.contains("| deliveries/s | 100.0 | 300.0 | 3.00 |"), "{t}");
+    }
+
+    #[test]
+    fn run_table_mentions_saturation() {
+        let mut r = run("a", 0, 1.0);
+        r.generator.saturated = true;
+        assert!(run_table(&r).contains("SATURATED"));
+    }
+}

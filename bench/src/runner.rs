@@ -1,0 +1,124 @@
+//! Runs a scenario as the command line asks: once against `--host:--port`,
+//! or with `--compare` against each broker command in turn, alternating
+//! A B A B for `--rounds`; then prints the tables and writes the results.
+
+use crate::cli::Opts;
+use crate::compare::Broker;
+use crate::net;
+use crate::procfs;
+use crate::result::{self, ResultFile, RunResult};
+use crate::scenario::{self, Kind, Target};
+
+/// Runs it. `raw` is the `raw` subcommand: compare against the forwarder.
+///
+/// # Errors
+/// Bad options, a broker that does not start, or a failed run (as text: this
+/// is the top level).
+pub fn run(kind: Kind, mut o: Opts, raw: bool) -> Result<(), String> {
+    scenario::validate(&o).map_err(|e| e.to_string())?;
+    if raw {
+        if o.qos != 0 {
+            return Err("raw forwards bytes: QoS 0 only".into());
+        }
+        if o.compare.is_empty() {
+            o.compare = vec!["raw".into()];
+        }
+    }
+    if let Some(list) = &o.client_cpus {
+        let cpus = procfs::parse_cpu_list(list).map_err(|e| e.to_string())?;
+        procfs::set_affinity(0, &cpus).map_err(|e| e.to_string())?;
+        log::info!("load generator pinned to CPUs {list}");
+    }
+    let broker_cpus = match &o.broker_cpus {
+        Some(list) => {
+            log::info!("brokers pinned to CPUs {list}");
+            Some(procfs::parse_cpu_list(list).map_err(|e| e.to_string())?)
+        }
+        None => None,
+    };
+    let mut runs: Vec<RunResult> = Vec::new();
+    if o.compare.is_empty() {
+        let host = o.host.clone().unwrap_or_else(|| "127.0.0.1".into());
+        let addr = net::resolve(&host, o.port).map_err(|e| e.to_string())?;
+        if !net::is_loopback(&addr) && o.host.is_none() {
+            return Err(format!("{addr} is not loopback; name it with --host"));
+        }
+        let target = Target {
+            addr,
+            pid: o.broker_pid,
+            label: o.label.clone().unwrap_or_else(|| addr.to_string()),
+            raw: false,
+        };
+        let r = scenario::run(kind, &o, &target, 0).map_err(|e| e.to_string())?;
+        println!("{}", result::run_table(&r));
+        runs.push(r);
+    } else {
+        if o.host.is_some() {
+            return Err("--compare starts brokers on this host: drop --host".into());
+        }
+        let dir = std::env::temp_dir().join(format!("fanmq-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        for round in 0..o.rounds.max(1) {
+            for spec in &o.compare {
+                let broker = Broker::start(spec, broker_cpus.as_deref(), &dir, o.msgs + 1000)
+                    .map_err(|e| e.to_string())?;
+                log::info!(
+                    "round {round}: {} on port {} (pid {})",
+                    broker.label,
+                    broker.port,
+                    broker.pid()
+                );
+                let target = Target {
+                    addr: ([127, 0, 0, 1], broker.port).into(),
+                    pid: Some(broker.pid()),
+                    label: broker.label.clone(),
+                    raw: broker.raw,
+                };
+                let r = scenario::run(kind, &o, &target, round).map_err(|e| e.to_string())?;
+                drop(broker);
+                println!("{}", result::run_table(&r));
+                runs.push(r);
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        if o.compare.len() > 1 {
+            println!("{}", result::compare_table(&runs));
+        }
+    }
+    let file = ResultFile {
+        // argv[0] as the user would type it, not this machine's build path.
+        command: std::iter::once("fanmq-bench".to_owned())
+            .chain(std::env::args().skip(1))
+            .collect::<Vec<_>>()
+            .join(" "),
+        host: host_facts(),
+        runs,
+    };
+    if let Some(out) = &o.out {
+        file.save(out).map_err(|e| e.to_string())?;
+        log::info!("results written to {out}");
+        if o.plots {
+            let stem = out.trim_end_matches(".json");
+            for p in crate::plot::plots_for(&file, stem).map_err(|e| e.to_string())? {
+                log::info!("plot written to {p}");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// CPUs and kernel, recorded with every result.
+fn host_facts() -> String {
+    // Online CPUs of the host (not of our affinity mask, which --client-cpus
+    // may have narrowed).
+    // SAFETY: sysconf has no preconditions.
+    let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned())
+        .unwrap_or_default();
+    format!("{cpus} CPUs ({model}), Linux {}", kernel.trim())
+}

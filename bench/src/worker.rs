@@ -1,0 +1,645 @@
+//! A worker process: one single-threaded `mio` (epoll) event loop holding a
+//! share of the subscriber connections.
+//!
+//! # Why a plain epoll loop
+//! The load generator must cost far less per delivery than any broker, or it
+//! measures itself. A delivery here is: one `recv` into a shared 64 KiB
+//! scratch buffer (many frames per call when the broker coalesces), an
+//! allocation-free frame parse ([`crate::mqtt::parse`]), a histogram record
+//! and a sequence check. No task, no waker, no future, no per-connection
+//! buffer while idle (a partial frame is kept only between reads). An async
+//! runtime adds per-readiness task wake-ups and per-connection futures on top
+//! of the same epoll/io_uring readiness; glommio would also work but buys
+//! nothing for a client that never blocks on anything but the socket, and
+//! separate processes give us what threads would (more cores) plus what they
+//! cannot (a fresh open-file limit each).
+//!
+//! # Past the open-file limit
+//! A worker raises its soft `RLIMIT_NOFILE` to the hard limit and holds at
+//! most that many sockets; the coordinator spreads connections over as many
+//! workers as needed and over source addresses `127.0.0.x`. Connections that
+//! fail are counted by reason, never retried silently.
+
+use crate::mqtt::{self, Frame};
+use crate::net;
+use crate::procfs;
+use crate::protocol::{Command, ConnectSummary, Event, Progress, WorkerReport, WorkerTask};
+use crate::stats::{self, SeqTracker, Timeline};
+use hdrhistogram::Histogram;
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token};
+use std::collections::BTreeMap;
+use std::io::{self, BufRead, Read, Write};
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+/// Token of the stdin pipe (commands from the coordinator).
+const STDIN: Token = Token(usize::MAX);
+
+/// Read buffer shared by all connections: large enough that a coalesced
+/// burst from the broker is drained in few calls.
+const SCRATCH: usize = 64 * 1024;
+
+/// How often progress goes to the coordinator.
+const PROGRESS_EVERY_NS: u64 = 250_000_000;
+
+/// How often handshake timeouts and keep-alives are checked.
+const SWEEP_EVERY_NS: u64 = 500_000_000;
+
+/// Everything that can go wrong in this module.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("reading the task from stdin: {0}")]
+    Task(String),
+    #[error("bad target address {0:?}")]
+    Target(String),
+    #[error("event loop: {0}")]
+    Io(#[from] io::Error),
+    #[error("writing to the coordinator: {0}")]
+    Pipe(String),
+}
+
+/// Where one connection is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Not opened yet (or dropped, waiting for the next connect).
+    Idle,
+    /// TCP connect in progress.
+    Connecting,
+    /// CONNECT sent (raw mode: hello sent, waiting for `K`).
+    WaitConnAck,
+    /// SUBSCRIBE sent.
+    WaitSubAck,
+    /// Subscribed: receiving publishes.
+    Ready,
+    /// Gave up on it; the reason is in the error counts.
+    Failed,
+}
+
+/// One subscriber connection.
+struct Conn {
+    stream: Option<mio::net::TcpStream>,
+    state: State,
+    /// When the current connect attempt began (connect latency).
+    started_ns: u64,
+    /// When we last wrote (keep-alive).
+    last_send_ns: u64,
+    /// Part of a frame left from the previous read; empty almost always.
+    partial: Vec<u8>,
+    /// Bytes not yet accepted by the socket; empty almost always.
+    unsent: Vec<u8>,
+    seq: SeqTracker,
+}
+
+/// The worker's whole state.
+struct Worker {
+    task: WorkerTask,
+    target: SocketAddr,
+    sources: Vec<IpAddr>,
+    poll: Poll,
+    conns: Vec<Conn>,
+    scratch: Vec<u8>,
+    /// Next connection to open in this connect phase.
+    cursor: usize,
+    /// Handshakes in flight.
+    pending: usize,
+    /// Connect phase running (answer with `Connected` when it ends).
+    connecting: bool,
+    phase_started_ns: u64,
+    connected: u64,
+    ready: u64,
+    failed: u64,
+    connect_errors: BTreeMap<String, u64>,
+    run_errors: BTreeMap<String, u64>,
+    connect_latency: Histogram<u64>,
+    latency: Histogram<u64>,
+    last_arrival: Vec<u64>,
+    timeline: Timeline,
+    delivered: u64,
+    foreign: u64,
+    first_delivery_ns: u64,
+    last_delivery_ns: u64,
+    out: io::Stdout,
+}
+
+/// Entry point of `fanmq-bench worker`: reads the task and commands from
+/// stdin, runs until `Finish` or until stdin closes.
+///
+/// # Errors
+/// A bad task, or the event loop or the pipe to the coordinator failed.
+pub fn run() -> Result<(), WorkerError> {
+    let mut line = String::new();
+    io::stdin()
+        .lock()
+        .read_line(&mut line)
+        .map_err(|e| WorkerError::Task(e.to_string()))?;
+    let task: WorkerTask =
+        serde_json::from_str(&line).map_err(|e| WorkerError::Task(e.to_string()))?;
+    procfs::raise_nofile();
+    let target: SocketAddr = task
+        .target
+        .parse()
+        .map_err(|_| WorkerError::Target(task.target.clone()))?;
+    let sources = task
+        .source_addrs
+        .iter()
+        .filter_map(|s| s.parse().ok())
+        .collect();
+    let conns = (0..task.count)
+        .map(|_| Conn {
+            stream: None,
+            state: State::Idle,
+            started_ns: 0,
+            last_send_ns: 0,
+            partial: Vec::new(),
+            unsent: Vec::new(),
+            seq: SeqTracker::default(),
+        })
+        .collect();
+    let mut w = Worker {
+        timeline: Timeline::new(task.timeline_start_ns, task.bucket_ns),
+        task,
+        target,
+        sources,
+        poll: Poll::new()?,
+        conns,
+        scratch: vec![0; SCRATCH],
+        cursor: 0,
+        pending: 0,
+        connecting: false,
+        phase_started_ns: 0,
+        connected: 0,
+        ready: 0,
+        failed: 0,
+        connect_errors: BTreeMap::new(),
+        run_errors: BTreeMap::new(),
+        connect_latency: stats::new_hist(),
+        latency: stats::new_hist(),
+        last_arrival: Vec::new(),
+        delivered: 0,
+        foreign: 0,
+        first_delivery_ns: 0,
+        last_delivery_ns: 0,
+        out: io::stdout(),
+    };
+    w.event_loop()
+}
+
+/// Sets O_NONBLOCK on stdin so commands can be read from the event loop.
+fn stdin_nonblocking() {
+    // SAFETY: fcntl on fd 0 with valid flags.
+    unsafe {
+        let flags = libc::fcntl(0, libc::F_GETFL);
+        libc::fcntl(0, libc::F_SETFL, flags | libc::O_NONBLOCK);
+    }
+}
+
+impl Worker {
+    fn send(&mut self, event: &Event) -> Result<(), WorkerError> {
+        let mut line = serde_json::to_vec(event).map_err(|e| WorkerError::Pipe(e.to_string()))?;
+        line.push(b'\n');
+        self.out
+            .write_all(&line)
+            .and_then(|()| self.out.flush())
+            .map_err(|e| WorkerError::Pipe(e.to_string()))
+    }
+
+    fn progress(&self) -> Progress {
+        Progress {
+            connected: self.connected,
+            ready: self.ready,
+            failed: self.failed,
+            delivered: self.delivered,
+        }
+    }
+
+    fn event_loop(&mut self) -> Result<(), WorkerError> {
+        stdin_nonblocking();
+        self.poll
+            .registry()
+            .register(&mut SourceFd(&0), STDIN, Interest::READABLE)?;
+        let mut events = Events::with_capacity(1024);
+        let mut stdin_buf: Vec<u8> = Vec::new();
+        let mut last_progress = 0u64;
+        let mut last_sweep = 0u64;
+        loop {
+            self.open_more();
+            let timeout = Duration::from_millis(if self.connecting { 10 } else { 100 });
+            match self.poll.poll(&mut events, Some(timeout)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e.into()),
+            }
+            for ev in events.iter() {
+                if ev.token() == STDIN {
+                    continue;
+                }
+                let i = ev.token().0;
+                if ev.is_writable() {
+                    self.on_writable(i);
+                }
+                if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
+                    self.on_readable(i);
+                }
+            }
+            // Commands: checked every iteration (cheap: one failed read).
+            let mut chunk = [0u8; 4096];
+            loop {
+                match io::stdin().lock().read(&mut chunk) {
+                    Ok(0) => return Ok(()), // coordinator gone: stop.
+                    Ok(n) => stdin_buf.extend_from_slice(&chunk[..n]),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            while let Some(nl) = stdin_buf.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = stdin_buf.drain(..=nl).collect();
+                let cmd: Command = serde_json::from_slice(&line)
+                    .map_err(|e| WorkerError::Task(format!("bad command: {e}")))?;
+                if self.command(cmd)? {
+                    return Ok(());
+                }
+            }
+            let now = stats::monotonic_ns();
+            if now - last_sweep > SWEEP_EVERY_NS {
+                last_sweep = now;
+                self.sweep(now);
+            }
+            if self.connecting && self.cursor == self.conns.len() && self.pending == 0 {
+                self.connecting = false;
+                let summary = ConnectSummary {
+                    ready: self.ready,
+                    failed: self.failed,
+                    errors: self.connect_errors.clone(),
+                    latency: stats::to_pairs(&self.connect_latency),
+                    started_ns: self.phase_started_ns,
+                    ended_ns: now,
+                    cpu_s: procfs::self_cpu_seconds(),
+                };
+                self.send(&Event::Connected(summary))?;
+            }
+            if now - last_progress > PROGRESS_EVERY_NS {
+                last_progress = now;
+                let p = self.progress();
+                self.send(&Event::Progress(p))?;
+            }
+        }
+    }
+
+    /// Handles one command; `true` means exit.
+    fn command(&mut self, cmd: Command) -> Result<bool, WorkerError> {
+        match cmd {
+            Command::Connect => {
+                self.connecting = true;
+                self.cursor = 0;
+                self.pending = 0;
+                self.connected = 0;
+                self.ready = 0;
+                self.failed = 0;
+                self.connect_errors.clear();
+                self.connect_latency.reset();
+                self.phase_started_ns = stats::monotonic_ns();
+            }
+            Command::Drop => {
+                let mut closed = 0;
+                for c in &mut self.conns {
+                    if let Some(mut s) = c.stream.take() {
+                        let _ = self.poll.registry().deregister(&mut s);
+                        closed += 1;
+                    }
+                    c.state = State::Idle;
+                    c.partial = Vec::new();
+                    c.unsent = Vec::new();
+                }
+                self.connected = 0;
+                self.ready = 0;
+                self.send(&Event::Dropped { closed })?;
+            }
+            Command::Finish { published } => {
+                let report = self.report(published);
+                self.send(&Event::Report(Box::new(report)))?;
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    fn report(&mut self, published: u64) -> WorkerReport {
+        let mut r = WorkerReport {
+            delivered: self.delivered,
+            foreign: self.foreign,
+            latency: stats::to_pairs(&self.latency),
+            last_arrival: std::mem::take(&mut self.last_arrival),
+            timeline: self.timeline.counts.clone(),
+            first_delivery_ns: self.first_delivery_ns,
+            last_delivery_ns: self.last_delivery_ns,
+            errors: self.run_errors.clone(),
+            cpu_s: procfs::self_cpu_seconds(),
+            ..WorkerReport::default()
+        };
+        for c in &self.conns {
+            if c.state == State::Failed && c.seq.received == 0 {
+                continue; // never subscribed: counted as a connect failure.
+            }
+            let lost = c.seq.lost(published);
+            r.lost += lost;
+            r.subs_with_loss += u64::from(lost > 0);
+            r.duplicates += c.seq.duplicates;
+            r.out_of_order += c.seq.out_of_order;
+        }
+        r
+    }
+
+    /// Starts connects while under the in-flight cap.
+    fn open_more(&mut self) {
+        while self.connecting
+            && self.cursor < self.conns.len()
+            && self.pending < self.task.max_pending
+        {
+            let i = self.cursor;
+            self.cursor += 1;
+            let global = self.task.first_index + i as u64;
+            let source = if self.sources.is_empty() {
+                None
+            } else {
+                let k = (global / self.task.conns_per_addr.max(1)) as usize % self.sources.len();
+                Some(self.sources[k])
+            };
+            let now = stats::monotonic_ns();
+            match net::start_connect(self.target, source) {
+                Ok(mut stream) => {
+                    let reg = self.poll.registry().register(
+                        &mut stream,
+                        Token(i),
+                        Interest::READABLE | Interest::WRITABLE,
+                    );
+                    let c = &mut self.conns[i];
+                    c.started_ns = now;
+                    c.state = State::Connecting;
+                    c.stream = Some(stream);
+                    self.pending += 1;
+                    if let Err(e) = reg {
+                        self.fail(i, &net::error_kind(&e));
+                    }
+                }
+                Err(e) => {
+                    self.conns[i].state = State::Connecting;
+                    self.pending += 1;
+                    self.fail(i, &net::error_kind(&e));
+                }
+            }
+        }
+    }
+
+    /// Gives up on connection `i`, counting why.
+    fn fail(&mut self, i: usize, why: &str) {
+        let c = &mut self.conns[i];
+        let in_handshake = matches!(
+            c.state,
+            State::Connecting | State::WaitConnAck | State::WaitSubAck
+        );
+        if let Some(mut s) = c.stream.take() {
+            let _ = self.poll.registry().deregister(&mut s);
+            if c.state != State::Connecting {
+                self.connected = self.connected.saturating_sub(1);
+            }
+        }
+        if in_handshake {
+            self.pending = self.pending.saturating_sub(1);
+            self.failed += 1;
+            *self.connect_errors.entry(why.to_owned()).or_default() += 1;
+        } else if c.state == State::Ready {
+            self.ready = self.ready.saturating_sub(1);
+            *self.run_errors.entry(why.to_owned()).or_default() += 1;
+        }
+        c.state = State::Failed;
+        c.partial = Vec::new();
+        c.unsent = Vec::new();
+    }
+
+    fn on_writable(&mut self, i: usize) {
+        let Some(c) = self.conns.get_mut(i) else {
+            return;
+        };
+        if c.state == State::Connecting {
+            let Some(stream) = c.stream.as_ref() else {
+                return;
+            };
+            match stream.take_error() {
+                Ok(Some(e)) | Err(e) => return self.fail(i, &net::error_kind(&e)),
+                Ok(None) => {}
+            }
+            if let Err(e) = stream.peer_addr() {
+                if e.kind() == io::ErrorKind::NotConnected {
+                    return; // spurious wake-up; still connecting.
+                }
+                return self.fail(i, &net::error_kind(&e));
+            }
+            self.connected += 1;
+            c.state = State::WaitConnAck;
+            let hello = if self.task.raw {
+                c.unsent.push(b'S');
+                Ok(())
+            } else {
+                let id = format!(
+                    "{}{}",
+                    self.task.client_prefix,
+                    self.task.first_index + i as u64
+                );
+                mqtt::encode_connect(&id, self.task.keep_alive_s, true, &mut c.unsent)
+            };
+            if let Err(e) = hello {
+                return self.fail(i, &e.to_string());
+            }
+        }
+        self.flush(i);
+    }
+
+    /// Writes what is unsent; fails the connection on a socket error.
+    fn flush(&mut self, i: usize) {
+        let c = &mut self.conns[i];
+        let Some(stream) = c.stream.as_mut() else {
+            return;
+        };
+        while !c.unsent.is_empty() {
+            match stream.write(&c.unsent) {
+                Ok(n) => {
+                    c.unsent.drain(..n);
+                    c.last_send_ns = stats::monotonic_ns();
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return self.fail(i, &net::error_kind(&e)),
+            }
+        }
+        if c.unsent.is_empty() && c.unsent.capacity() > 0 {
+            c.unsent = Vec::new(); // idle connections keep no buffer.
+        }
+    }
+
+    fn on_readable(&mut self, i: usize) {
+        loop {
+            let Some(c) = self.conns.get_mut(i) else {
+                return;
+            };
+            if matches!(c.state, State::Idle | State::Failed | State::Connecting) {
+                return;
+            }
+            let Some(stream) = c.stream.as_mut() else {
+                return;
+            };
+            let n = match stream.read(&mut self.scratch) {
+                Ok(0) => return self.fail(i, "closed by broker"),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return self.fail(i, &net::error_kind(&e)),
+            };
+            // Parse straight from scratch unless a partial frame is waiting.
+            let mut data = std::mem::take(&mut c.partial);
+            let result = if data.is_empty() {
+                let scratch = std::mem::take(&mut self.scratch);
+                let r = self.consume(i, &scratch[..n]);
+                if let Ok(used) = r {
+                    self.conns[i].partial.extend_from_slice(&scratch[used..n]);
+                }
+                self.scratch = scratch;
+                r.map(|_| ())
+            } else {
+                data.extend_from_slice(&self.scratch[..n]);
+                let r = self.consume(i, &data);
+                if let Ok(used) = r {
+                    data.drain(..used);
+                    self.conns[i].partial = data;
+                }
+                r.map(|_| ())
+            };
+            if let Err(why) = result {
+                return self.fail(i, &why);
+            }
+            if n < self.scratch.len() {
+                break; // drained (edge-triggered: a short read means empty).
+            }
+        }
+        self.flush(i);
+    }
+
+    /// Handles every whole frame in `data`; returns the bytes used.
+    fn consume(&mut self, i: usize, data: &[u8]) -> Result<usize, String> {
+        let mut at = 0;
+        if self.conns[i].state == State::WaitConnAck && self.task.raw {
+            match data.first() {
+                None => return Ok(0),
+                Some(b'K') => {
+                    at = 1;
+                    self.became_ready(i);
+                }
+                Some(_) => return Err("raw forwarder: bad hello".into()),
+            }
+        }
+        loop {
+            let (frame, used) = match mqtt::parse(&data[at..]) {
+                Ok(Some(f)) => f,
+                Ok(None) => return Ok(at),
+                Err(e) => return Err(format!("protocol error: {e}")),
+            };
+            at += used;
+            self.on_frame(i, frame)?;
+        }
+    }
+
+    fn became_ready(&mut self, i: usize) {
+        let now = stats::monotonic_ns();
+        let c = &mut self.conns[i];
+        c.state = State::Ready;
+        self.pending = self.pending.saturating_sub(1);
+        self.ready += 1;
+        stats::record(&mut self.connect_latency, now.saturating_sub(c.started_ns));
+    }
+
+    fn on_frame(&mut self, i: usize, frame: Frame<'_>) -> Result<(), String> {
+        let state = self.conns[i].state;
+        match frame {
+            Frame::ConnAck { code } if state == State::WaitConnAck => {
+                if code != 0 {
+                    return Err(format!("CONNACK refused (code {code})"));
+                }
+                let c = &mut self.conns[i];
+                c.state = State::WaitSubAck;
+                mqtt::encode_subscribe(1, &self.task.filter, self.task.qos, &mut c.unsent)
+                    .map_err(|e| e.to_string())?;
+            }
+            Frame::SubAck { codes, .. } if state == State::WaitSubAck => {
+                if codes.contains(&0x80) {
+                    return Err("SUBACK failure".into());
+                }
+                self.became_ready(i);
+            }
+            Frame::Publish {
+                qos, pkid, payload, ..
+            } => {
+                let now = stats::monotonic_ns();
+                match stats::read_stamp(payload) {
+                    Some((sent, seq)) => {
+                        let lat = now.saturating_sub(sent);
+                        stats::record(&mut self.latency, lat);
+                        let c = &mut self.conns[i];
+                        c.seq.on_seq(seq);
+                        if seq < self.task.track_msgs {
+                            let s = seq as usize;
+                            if self.last_arrival.len() <= s {
+                                self.last_arrival.resize(s + 1, 0);
+                            }
+                            self.last_arrival[s] = self.last_arrival[s].max(lat);
+                        }
+                    }
+                    None => self.foreign += 1,
+                }
+                self.delivered += 1;
+                self.timeline.add(now);
+                if self.first_delivery_ns == 0 {
+                    self.first_delivery_ns = now;
+                }
+                self.last_delivery_ns = now;
+                let c = &mut self.conns[i];
+                match qos {
+                    1 => mqtt::encode_ack(mqtt::kind::PUBACK, pkid, &mut c.unsent),
+                    2 => mqtt::encode_ack(mqtt::kind::PUBREC, pkid, &mut c.unsent),
+                    _ => {}
+                }
+            }
+            Frame::Ack {
+                kind: mqtt::kind::PUBREL,
+                pkid,
+            } => mqtt::encode_ack(mqtt::kind::PUBCOMP, pkid, &mut self.conns[i].unsent),
+            _ => {} // PINGRESP and anything unexpected: ignored.
+        }
+        Ok(())
+    }
+
+    /// Handshake timeouts and keep-alive pings.
+    fn sweep(&mut self, now: u64) {
+        let timeout_ns = self.task.handshake_timeout_ms * 1_000_000;
+        let ping_ns = u64::from(self.task.keep_alive_s) * 500_000_000;
+        for i in 0..self.conns.len() {
+            let c = &mut self.conns[i];
+            match c.state {
+                State::Connecting | State::WaitConnAck | State::WaitSubAck
+                    if now.saturating_sub(c.started_ns) > timeout_ns =>
+                {
+                    self.fail(i, "handshake timeout");
+                }
+                State::Ready
+                    if ping_ns > 0
+                        && !self.task.raw
+                        && now.saturating_sub(c.last_send_ns) > ping_ns =>
+                {
+                    c.unsent.extend_from_slice(&mqtt::PINGREQ);
+                    self.flush(i);
+                }
+                _ => {}
+            }
+        }
+    }
+}

@@ -1,0 +1,12 @@
+//! End-to-end tests: each starts the real `fanmq` binary on a free port and
+//! talks to it with real clients (`rumqttc`) and raw TCP bytes.
+
+mod common;
+
+mod basic;
+mod limits;
+mod protocol;
+mod qos;
+mod retain_will;
+mod sessions;
+mod systemd;

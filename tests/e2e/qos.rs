@@ -1,0 +1,127 @@
+//! QoS 1 and 2 flows in both directions, checked on the wire.
+
+use rumqttc::QoS;
+
+use crate::common::*;
+
+#[test]
+fn qos1_publish_is_acknowledged_with_its_packet_id() {
+    let broker = Broker::start();
+    let mut raw = Raw::connect(broker.port, "raw-pub");
+    raw.send(&publish(b"q1/t", b"x", 1, false, false, 0x0102));
+    assert_eq!(raw.expect_packet().bytes(), ack(0x40, 0x0102));
+}
+
+#[test]
+fn qos2_duplicate_before_pubrel_is_delivered_once() {
+    let broker = Broker::start();
+    let mut sub = Mqtt::connect(broker.port, "sub");
+    sub.subscribe("q2/t", QoS::ExactlyOnce);
+    sub.subscribe("q2/end", QoS::AtLeastOnce);
+    let mut raw = Raw::connect(broker.port, "raw-pub");
+
+    raw.send(&publish(b"q2/t", b"one", 2, false, false, 7));
+    assert_eq!(raw.expect_packet().bytes(), ack(0x50, 7), "PUBREC");
+    // The client did not see PUBREC, say, and sends it again with DUP.
+    raw.send(&publish(b"q2/t", b"one", 2, false, true, 7));
+    assert_eq!(raw.expect_packet().bytes(), ack(0x50, 7), "PUBREC again");
+    raw.send(&ack(0x62, 7));
+    assert_eq!(raw.expect_packet().bytes(), ack(0x70, 7), "PUBCOMP");
+    // Released: the same id now names a new message.
+    raw.send(&publish(b"q2/t", b"two", 2, false, false, 7));
+    assert_eq!(raw.expect_packet().bytes(), ack(0x50, 7));
+    raw.send(&ack(0x62, 7));
+    assert_eq!(raw.expect_packet().bytes(), ack(0x70, 7));
+    raw.send(&publish(b"q2/end", b"m", 1, false, false, 8));
+    assert_eq!(raw.expect_packet().bytes(), ack(0x40, 8));
+
+    let got: Vec<(String, Vec<u8>)> = sub
+        .collect_until("q2/end")
+        .iter()
+        .map(|p| (p.topic.clone(), p.payload.to_vec()))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("q2/t".into(), b"one".to_vec()),
+            ("q2/t".into(), b"two".to_vec()),
+            ("q2/end".into(), b"m".to_vec()),
+        ]
+    );
+}
+
+#[test]
+fn pubrel_gets_pubcomp() {
+    let broker = Broker::start();
+    let mut raw = Raw::connect(broker.port, "raw");
+    raw.send(&publish(b"q2/t", b"x", 2, false, false, 300));
+    assert_eq!(raw.expect_packet().bytes(), ack(0x50, 300));
+    raw.send(&ack(0x62, 300));
+    assert_eq!(raw.expect_packet().bytes(), ack(0x70, 300));
+    // A PUBREL for an id the broker does not hold is still completed
+    // (the PUBCOMP may have been lost).
+    raw.send(&ack(0x62, 301));
+    assert_eq!(raw.expect_packet().bytes(), ack(0x70, 301));
+    raw.ping();
+}
+
+#[test]
+fn qos2_outgoing_flow_pubrec_pubrel_pubcomp() {
+    let broker = Broker::start();
+    let mut raw = Raw::connect(broker.port, "raw-sub");
+    assert_eq!(raw.subscribe(1, &[("q2/out", 2)]), vec![2]);
+    let publisher = Mqtt::connect(broker.port, "pub");
+    for payload in [b"a", b"b"] {
+        publisher.publish("q2/out", QoS::ExactlyOnce, false, payload);
+        let p = raw.expect_publish();
+        assert_eq!((p.qos, p.dup, &p.payload[..]), (2, false, &payload[..]));
+        assert_ne!(p.packet_id, 0);
+        raw.send(&ack(0x50, p.packet_id));
+        assert_eq!(
+            raw.expect_packet().bytes(),
+            ack(0x62, p.packet_id),
+            "PUBREL"
+        );
+        raw.send(&ack(0x70, p.packet_id));
+    }
+    raw.ping();
+}
+
+#[test]
+fn unacknowledged_qos1_is_redelivered_with_dup_after_reconnect() {
+    let broker = Broker::start();
+    let connect = ConnectBuilder::new("redeliver").clean_session(false);
+    let (mut raw, connack) = Raw::connect_with(broker.port, &connect);
+    assert_eq!(connack, CONNACK_OK);
+    assert_eq!(raw.subscribe(1, &[("rd/t", 1)]), vec![1]);
+    let mut publisher = Mqtt::connect(broker.port, "pub");
+    publisher.publish_acked("rd/t", false, b"m1");
+    let first = raw.expect_publish();
+    assert_eq!(
+        (first.qos, first.dup, &first.payload[..]),
+        (1, false, &b"m1"[..])
+    );
+    // No PUBACK: the connection drops.
+    raw.close();
+
+    let (mut raw, connack) = Raw::connect_with(broker.port, &connect);
+    assert_eq!(connack, CONNACK_SESSION);
+    let again = raw.expect_publish();
+    assert_eq!(
+        again,
+        RawPublish {
+            dup: true,
+            ..first.clone()
+        }
+    );
+    raw.send(&ack(0x40, again.packet_id));
+    raw.send(&DISCONNECT);
+    raw.expect_closed();
+
+    // Acknowledged: not redelivered the next time; the next message is new.
+    let (mut raw, connack) = Raw::connect_with(broker.port, &connect);
+    assert_eq!(connack, CONNACK_SESSION);
+    publisher.publish_acked("rd/t", false, b"m2");
+    let next = raw.expect_publish();
+    assert_eq!((next.dup, &next.payload[..]), (false, &b"m2"[..]));
+}

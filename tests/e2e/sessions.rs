@@ -1,0 +1,160 @@
+//! Persistent and clean sessions, take-over, client id rules.
+
+use rumqttc::QoS;
+
+use crate::common::*;
+
+#[test]
+fn persistent_session_queues_qos1_while_offline() {
+    let broker = Broker::start();
+    let connect = ConnectBuilder::new("persist").clean_session(false);
+    let (mut raw, connack) = Raw::connect_with(broker.port, &connect);
+    assert_eq!(connack, CONNACK_OK, "no session yet");
+    assert_eq!(raw.subscribe(1, &[("ps/t", 1)]), vec![1]);
+    raw.send(&DISCONNECT);
+    raw.expect_closed();
+
+    let mut publisher = Mqtt::connect(broker.port, "pub");
+    for payload in [b"q1", b"q2", b"q3"] {
+        publisher.publish_acked("ps/t", false, payload);
+    }
+
+    let (mut raw, connack) = Raw::connect_with(broker.port, &connect);
+    assert_eq!(connack, CONNACK_SESSION);
+    for payload in [b"q1", b"q2", b"q3"] {
+        let p = raw.expect_publish();
+        assert_eq!(
+            (p.topic.as_str(), p.qos, &p.payload[..]),
+            ("ps/t", 1, &payload[..])
+        );
+        raw.send(&ack(0x40, p.packet_id));
+    }
+    // The subscription survived too: live messages keep coming.
+    publisher.publish_acked("ps/t", false, b"live");
+    assert_eq!(raw.expect_publish().payload, b"live");
+}
+
+#[test]
+fn persistent_session_with_rumqttc_reports_session_present() {
+    let broker = Broker::start();
+    let mut options = Mqtt::options(broker.port, "rumqttc-persist");
+    options.set_clean_session(false);
+    let (mut client, connack) = Mqtt::connect_with(options.clone());
+    assert!(!connack.session_present);
+    client.subscribe("rp/t", QoS::AtLeastOnce);
+    client.disconnect();
+    let mut publisher = Mqtt::connect(broker.port, "pub");
+    publisher.publish_acked("rp/t", false, b"while away");
+    let (mut client, connack) = Mqtt::connect_with(options);
+    assert!(connack.session_present);
+    let p = client.expect_publish();
+    assert_eq!(
+        (p.topic.as_str(), &p.payload[..]),
+        ("rp/t", &b"while away"[..])
+    );
+}
+
+#[test]
+fn clean_session_discards_state() {
+    let broker = Broker::start();
+    let persistent = ConnectBuilder::new("cs").clean_session(false);
+    let (mut raw, _) = Raw::connect_with(broker.port, &persistent);
+    assert_eq!(raw.subscribe(1, &[("cs/t", 1)]), vec![1]);
+    raw.send(&DISCONNECT);
+    raw.expect_closed();
+    let mut publisher = Mqtt::connect(broker.port, "pub");
+    publisher.publish_acked("cs/t", false, b"old");
+
+    // Clean session 1: no session present, old messages and subscriptions gone.
+    let (mut raw, connack) = Raw::connect_with(broker.port, &ConnectBuilder::new("cs"));
+    assert_eq!(connack, CONNACK_OK);
+    assert_eq!(raw.subscribe(1, &[("cs/end", 1)]), vec![1]);
+    publisher.publish_acked("cs/t", false, b"new");
+    publisher.publish_acked("cs/end", false, b"m");
+    let p = raw.expect_publish();
+    assert_eq!(p.topic, "cs/end", "got {p:?} before the marker");
+    raw.send(&ack(0x40, p.packet_id));
+    raw.send(&DISCONNECT);
+    raw.expect_closed();
+
+    // A clean session ends with its connection.
+    let (_raw, connack) = Raw::connect_with(broker.port, &persistent);
+    assert_eq!(connack, CONNACK_OK);
+}
+
+#[test]
+fn take_over_closes_the_first_connection() {
+    let broker = Broker::start();
+    let first = Raw::connect(broker.port, "dup-id");
+    let mut second = Raw::connect(broker.port, "dup-id");
+    first.expect_closed();
+    second.ping();
+    assert_eq!(second.subscribe(1, &[("t", 0)]), vec![0]);
+}
+
+#[test]
+fn take_over_across_shards_moves_the_session() {
+    let broker = Broker::start();
+    let connect = ConnectBuilder::new("mover").clean_session(false);
+    let (mut current, connack) = Raw::connect_with(broker.port, &connect);
+    assert_eq!(connack, CONNACK_OK);
+    assert_eq!(current.subscribe(1, &[("mv/t", 1)]), vec![1]);
+    let mut shard = broker.shard_of("mover");
+    let mut publisher = Mqtt::connect(broker.port, "pub");
+    for attempt in 2..=40 {
+        let (mut next, connack) = Raw::connect_with(broker.port, &connect);
+        assert_eq!(
+            connack, CONNACK_SESSION,
+            "take-over {attempt} lost the session"
+        );
+        let next_shard = broker.shards_of("mover", attempt)[attempt - 1];
+        current.expect_closed();
+        // The subscription moved with the session.
+        publisher.publish_acked("mv/t", false, format!("{attempt}").as_bytes());
+        let p = next.expect_publish();
+        assert_eq!(p.payload, format!("{attempt}").as_bytes());
+        next.send(&ack(0x40, p.packet_id));
+        if next_shard != shard {
+            return;
+        }
+        current = next;
+        shard = next_shard;
+    }
+    panic!("40 connections of one client id all landed on shard {shard}");
+}
+
+#[test]
+fn empty_client_id_with_clean_session_is_accepted() {
+    let broker = Broker::start();
+    let (mut raw, connack) = Raw::connect_with(broker.port, &ConnectBuilder::new(""));
+    assert_eq!(connack, CONNACK_OK);
+    assert_eq!(raw.subscribe(1, &[("anon/t", 1)]), vec![1]);
+    raw.send(&publish(b"anon/t", b"me", 1, false, false, 2));
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        got.push(raw.expect_packet());
+    }
+    assert!(got.contains(&RawPacket {
+        first: 0x40,
+        body: vec![0, 2]
+    }));
+    assert!(
+        got.iter()
+            .any(|p| p.kind() == 3 && p.publish().payload == b"me")
+    );
+    // Two anonymous clients get different ids: neither takes the other over.
+    let (mut other, connack) = Raw::connect_with(broker.port, &ConnectBuilder::new(""));
+    assert_eq!(connack, CONNACK_OK);
+    other.ping();
+    raw.ping();
+}
+
+#[test]
+fn empty_client_id_without_clean_session_is_rejected() {
+    let mut broker = Broker::start();
+    let (raw, connack) =
+        Raw::connect_with(broker.port, &ConnectBuilder::new("").clean_session(false));
+    assert_eq!(connack, vec![0x20, 2, 0, 2]);
+    raw.expect_closed();
+    broker.assert_healthy();
+}
