@@ -163,51 +163,165 @@ enum Event {
     Closed(CloseReason),
 }
 
+/// A connection past CONNECT: what its main loop needs for its whole life.
+/// Kept small, since one exists per connected client.
+struct Established {
+    /// The client's socket.
+    stream: TcpStream,
+    /// Bytes received and not yet decoded (empty, unallocated, when idle).
+    rx: BytesMut,
+    /// The session's slab key on this shard.
+    key: SessionKey,
+    /// This connection's id (the session at `key` is ours while it matches).
+    conn_id: u64,
+    /// How the shard signals this task.
+    signal: Rc<ConnSignal>,
+    /// The will message, boxed: most clients have none.
+    will: Option<Box<LastWill>>,
+}
+
 /// Serves one accepted connection until it ends.
-pub async fn serve(ctx: Ctx, mut stream: TcpStream, slot: ConnectionSlot) {
+pub async fn serve(ctx: Ctx, stream: TcpStream, slot: ConnectionSlot) {
+    // The handshake and the teardown are boxed: their state is freed when
+    // they end, so what stays allocated for a connection's life is only
+    // `Established` and the main loop.
+    let Some(mut conn) = Box::pin(handshake(&ctx, stream)).await else {
+        return;
+    };
+    let reason = run(
+        &ctx,
+        &mut conn.stream,
+        &mut conn.rx,
+        conn.key,
+        conn.conn_id,
+        &conn.signal,
+    )
+    .await;
+    Box::pin(teardown(&ctx, conn, reason)).await;
+    drop(slot);
+}
+
+/// Waits for CONNECT (bounded by the connect timeout), validates it, claims
+/// the client id and attaches the session. None when the connection ends
+/// here (refused, timed out, invalid).
+async fn handshake(ctx: &Ctx, mut stream: TcpStream) -> Option<Established> {
     let peer = stream
         .peer_addr()
         .map(|a| a.to_string())
         .unwrap_or_else(|_| "?".into());
     let mut rx = BytesMut::new();
     let connect_timeout = ctx.shard.borrow().config.connect_timeout;
-    // Sub-futures that live only for a moment are boxed, so that the
-    // long-lived part of this task (its allocation, per connection) stays small.
-    let first = Box::pin(glommio::timer::timeout(connect_timeout, async {
-        Ok(read_first_packet(&ctx, &mut stream, &mut rx).await)
-    }))
+    let first = glommio::timer::timeout(connect_timeout, async {
+        Ok(read_first_packet(ctx, &mut stream, &mut rx).await)
+    })
     .await;
     let connect = match first {
         Ok(Ok(Packet::Connect(connect))) => connect,
         Ok(Ok(other)) => {
             debug!("{peer}: first packet is not CONNECT ({other:?}), closing");
             ctx.shard.borrow_mut().stats.protocol_errors += 1;
-            return;
+            return None;
         }
         Ok(Err(FirstPacketError::Decode(DecodeError::UnsupportedProtocolLevel(level)))) => {
             debug!("{peer}: unsupported protocol level {level}, CONNACK 1");
-            Box::pin(refuse(
-                &mut stream,
-                codec::CONNACK_UNACCEPTABLE_PROTOCOL_VERSION,
-            ))
-            .await;
-            return;
+            refuse(&mut stream, codec::CONNACK_UNACCEPTABLE_PROTOCOL_VERSION).await;
+            return None;
         }
         Ok(Err(FirstPacketError::Decode(e))) => {
             debug!("{peer}: bad CONNECT: {e}");
             ctx.shard.borrow_mut().stats.protocol_errors += 1;
-            return;
+            return None;
         }
-        Ok(Err(FirstPacketError::Closed)) => return,
+        Ok(Err(FirstPacketError::Closed)) => return None,
         Err(_) => {
             debug!("{peer}: no CONNECT within {connect_timeout:?}, closing");
-            return;
+            return None;
         }
     };
-    if let Some(reason) = Box::pin(session_of(&ctx, stream, rx, connect, &peer)).await {
-        debug!("{peer}: connection closed: {reason:?}");
+    let Connect {
+        clean_session,
+        keep_alive,
+        client_id,
+        last_will,
+        ..
+    } = connect;
+    if let Some(will) = &last_will
+        && topic::validate_topic_name(&will.topic).is_err()
+    {
+        debug!("{peer}: invalid will topic {:?}", will.topic);
+        ctx.shard.borrow_mut().stats.protocol_errors += 1;
+        return None;
     }
-    drop(slot);
+    if ctx.shard.borrow().shutting_down {
+        refuse(&mut stream, codec::CONNACK_SERVER_UNAVAILABLE).await;
+        return None;
+    }
+    let client_id = if client_id.is_empty() {
+        if !clean_session {
+            debug!("{peer}: empty client id with CleanSession 0, CONNACK 2");
+            refuse(&mut stream, codec::CONNACK_IDENTIFIER_REJECTED).await;
+            return None;
+        }
+        ctx.shard.borrow_mut().generate_client_id()
+    } else {
+        client_id
+    };
+    let state = match registry::claim(ctx, client_id.clone(), clean_session).await {
+        Ok(state) => state,
+        Err(e) => {
+            debug!("{peer}: client {client_id}: {e}");
+            return None;
+        }
+    };
+    let signal = Rc::new(ConnSignal::default());
+    let (key, conn_id) = attach(
+        ctx,
+        &stream,
+        client_id.clone(),
+        clean_session,
+        state,
+        keep_alive,
+        &signal,
+    );
+    ctx.send_outbox();
+    debug!(
+        "{peer}: client {client_id} connected on shard {} (clean session {clean_session}, keep-alive {keep_alive})",
+        ctx.id
+    );
+    Some(Established {
+        stream,
+        rx,
+        key,
+        conn_id,
+        signal,
+        will: last_will.map(Box::new),
+    })
+}
+
+/// Ends a connection: parks or removes its session, publishes its will when
+/// the close calls for it, and only then closes the socket.
+async fn teardown(ctx: &Ctx, conn: Established, reason: CloseReason) {
+    {
+        let mut shard = ctx.shard.borrow_mut();
+        shard.end_connection(conn.key, conn.conn_id);
+        if reason.publishes_will()
+            && let Some(will) = conn.will
+        {
+            publish_will(&mut shard, *will);
+        }
+        shard.flush_dirty();
+    }
+    ctx.send_outbox();
+    ctx.forward_publishes().await;
+    if log::log_enabled!(log::Level::Debug) {
+        let peer = conn.stream.peer_addr().map(|a| a.to_string());
+        debug!(
+            "{}: connection closed: {reason:?}",
+            peer.unwrap_or_else(|_| "?".into())
+        );
+    }
+    // The link is gone from the session; only now may the socket close.
+    drop(conn.stream);
 }
 
 /// Why the first packet did not arrive.
@@ -249,85 +363,6 @@ async fn read_first_packet(
 async fn refuse(stream: &mut TcpStream, code: u8) {
     let _ = stream.write_all(&[0x20, 2, 0, code]).await;
     let _ = stream.flush().await;
-}
-
-/// Validates CONNECT, claims the session, runs the connection, tears down.
-/// Returns why it ended (None when refused before the session existed).
-async fn session_of(
-    ctx: &Ctx,
-    mut stream: TcpStream,
-    mut rx: BytesMut,
-    connect: Connect,
-    peer: &str,
-) -> Option<CloseReason> {
-    let Connect {
-        clean_session,
-        keep_alive,
-        client_id,
-        last_will,
-        ..
-    } = connect;
-    if let Some(will) = &last_will
-        && topic::validate_topic_name(&will.topic).is_err()
-    {
-        debug!("{peer}: invalid will topic {:?}", will.topic);
-        ctx.shard.borrow_mut().stats.protocol_errors += 1;
-        return None;
-    }
-    if ctx.shard.borrow().shutting_down {
-        Box::pin(refuse(&mut stream, codec::CONNACK_SERVER_UNAVAILABLE)).await;
-        return None;
-    }
-    let client_id = if client_id.is_empty() {
-        if !clean_session {
-            debug!("{peer}: empty client id with CleanSession 0, CONNACK 2");
-            Box::pin(refuse(&mut stream, codec::CONNACK_IDENTIFIER_REJECTED)).await;
-            return None;
-        }
-        ctx.shard.borrow_mut().generate_client_id()
-    } else {
-        client_id
-    };
-    let state = match Box::pin(registry::claim(ctx, client_id.clone(), clean_session)).await {
-        Ok(state) => state,
-        Err(e) => {
-            debug!("{peer}: client {client_id}: {e}");
-            return Some(CloseReason::TakenOver);
-        }
-    };
-    let signal = Rc::new(ConnSignal::default());
-    let (key, conn_id) = attach(
-        ctx,
-        &stream,
-        client_id.clone(),
-        clean_session,
-        state,
-        keep_alive,
-        &signal,
-    );
-    ctx.send_outbox();
-    debug!(
-        "{peer}: client {client_id} connected on shard {} (clean session {clean_session}, keep-alive {keep_alive})",
-        ctx.id
-    );
-
-    let reason = Box::pin(run(ctx, &mut stream, &mut rx, key, conn_id, &signal)).await;
-
-    {
-        let mut shard = ctx.shard.borrow_mut();
-        shard.end_connection(key, conn_id);
-        if reason.publishes_will()
-            && let Some(will) = last_will
-        {
-            publish_will(&mut shard, will);
-        }
-        shard.flush_dirty();
-    }
-    ctx.send_outbox();
-    Box::pin(ctx.forward_publishes()).await;
-    // The link is gone from the session; only now may the socket close.
-    drop(stream);
-    Some(reason)
 }
 
 /// Creates the session for a new connection (with the claimed state) and

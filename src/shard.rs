@@ -52,7 +52,9 @@ pub struct Shard {
     /// Per-client limits derived from the configuration.
     pub limits: Limits,
     /// Sessions on this shard, live or parked (CleanSession = 0, offline).
-    pub sessions: slab::Slab<Session>,
+    /// Boxed: the slab's spare capacity (up to half of it after a doubling)
+    /// then costs a pointer per slot, not a whole session.
+    pub sessions: slab::Slab<Box<Session>>,
     /// Sessions by client id.
     pub by_client_id: AHashMap<ByteString, SessionKey>,
     /// This shard's subscriptions.
@@ -187,6 +189,7 @@ impl Shard {
         self.sessions
             .get_mut(key as usize)
             .filter(|s| s.link.as_ref().is_some_and(|l| l.conn_id == conn_id))
+            .map(|s| &mut **s)
     }
 
     /// A PUBLISH from a client of this shard (or a will, or `$SYS`): delivered
@@ -358,7 +361,7 @@ impl Shard {
     pub fn insert_session(&mut self, session: Session) -> SessionKey {
         let client_id = session.client_id.clone();
         let subscriptions = session.state.subscriptions.clone();
-        let key = self.sessions.insert(session) as SessionKey;
+        let key = self.sessions.insert(Box::new(session)) as SessionKey;
         for (filter, qos) in &subscriptions {
             self.router.subscribe(filter, key, *qos);
         }
@@ -368,7 +371,7 @@ impl Shard {
 
     /// Removes a session and its subscriptions, returning it.
     pub fn remove_session(&mut self, key: SessionKey) -> Option<Session> {
-        let session = self.sessions.try_remove(key as usize)?;
+        let session = *self.sessions.try_remove(key as usize)?;
         for (filter, _) in &session.state.subscriptions {
             self.router.unsubscribe(filter, key);
         }
