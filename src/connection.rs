@@ -205,10 +205,6 @@ pub async fn serve(ctx: Ctx, stream: TcpStream, slot: ConnectionSlot) {
 /// the client id and attaches the session. None when the connection ends
 /// here (refused, timed out, invalid).
 async fn handshake(ctx: &Ctx, mut stream: TcpStream) -> Option<Established> {
-    let peer = stream
-        .peer_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_else(|_| "?".into());
     let mut rx = BytesMut::new();
     let connect_timeout = ctx.shard.borrow().config.connect_timeout;
     let first = glommio::timer::timeout(connect_timeout, async {
@@ -218,23 +214,32 @@ async fn handshake(ctx: &Ctx, mut stream: TcpStream) -> Option<Established> {
     let connect = match first {
         Ok(Ok(Packet::Connect(connect))) => connect,
         Ok(Ok(other)) => {
-            debug!("{peer}: first packet is not CONNECT ({other:?}), closing");
+            debug!(
+                "{}: first packet is not CONNECT ({other:?}), closing",
+                Peer(&stream)
+            );
             ctx.shard.borrow_mut().stats.protocol_errors += 1;
             return None;
         }
         Ok(Err(FirstPacketError::Decode(DecodeError::UnsupportedProtocolLevel(level)))) => {
-            debug!("{peer}: unsupported protocol level {level}, CONNACK 1");
+            debug!(
+                "{}: unsupported protocol level {level}, CONNACK 1",
+                Peer(&stream)
+            );
             refuse(&mut stream, codec::CONNACK_UNACCEPTABLE_PROTOCOL_VERSION).await;
             return None;
         }
         Ok(Err(FirstPacketError::Decode(e))) => {
-            debug!("{peer}: bad CONNECT: {e}");
+            debug!("{}: bad CONNECT: {e}", Peer(&stream));
             ctx.shard.borrow_mut().stats.protocol_errors += 1;
             return None;
         }
         Ok(Err(FirstPacketError::Closed)) => return None,
         Err(_) => {
-            debug!("{peer}: no CONNECT within {connect_timeout:?}, closing");
+            debug!(
+                "{}: no CONNECT within {connect_timeout:?}, closing",
+                Peer(&stream)
+            );
             return None;
         }
     };
@@ -248,7 +253,7 @@ async fn handshake(ctx: &Ctx, mut stream: TcpStream) -> Option<Established> {
     if let Some(will) = &last_will
         && topic::validate_topic_name(&will.topic).is_err()
     {
-        debug!("{peer}: invalid will topic {:?}", will.topic);
+        debug!("{}: invalid will topic {:?}", Peer(&stream), will.topic);
         ctx.shard.borrow_mut().stats.protocol_errors += 1;
         return None;
     }
@@ -258,7 +263,10 @@ async fn handshake(ctx: &Ctx, mut stream: TcpStream) -> Option<Established> {
     }
     let client_id = if client_id.is_empty() {
         if !clean_session {
-            debug!("{peer}: empty client id with CleanSession 0, CONNACK 2");
+            debug!(
+                "{}: empty client id with CleanSession 0, CONNACK 2",
+                Peer(&stream)
+            );
             refuse(&mut stream, codec::CONNACK_IDENTIFIER_REJECTED).await;
             return None;
         }
@@ -269,7 +277,7 @@ async fn handshake(ctx: &Ctx, mut stream: TcpStream) -> Option<Established> {
     let state = match registry::claim(ctx, client_id.clone(), clean_session).await {
         Ok(state) => state,
         Err(e) => {
-            debug!("{peer}: client {client_id}: {e}");
+            debug!("{}: client {client_id}: {e}", Peer(&stream));
             return None;
         }
     };
@@ -285,7 +293,8 @@ async fn handshake(ctx: &Ctx, mut stream: TcpStream) -> Option<Established> {
     );
     ctx.send_outbox();
     debug!(
-        "{peer}: client {client_id} connected on shard {} (clean session {clean_session}, keep-alive {keep_alive})",
+        "{}: client {client_id} connected on shard {} (clean session {clean_session}, keep-alive {keep_alive})",
+        Peer(&stream),
         ctx.id
     );
     Some(Established {
@@ -313,15 +322,22 @@ async fn teardown(ctx: &Ctx, conn: Established, reason: CloseReason) {
     }
     ctx.send_outbox();
     ctx.forward_publishes().await;
-    if log::log_enabled!(log::Level::Debug) {
-        let peer = conn.stream.peer_addr().map(|a| a.to_string());
-        debug!(
-            "{}: connection closed: {reason:?}",
-            peer.unwrap_or_else(|_| "?".into())
-        );
-    }
+    debug!("{}: connection closed: {reason:?}", Peer(&conn.stream));
     // The link is gone from the session; only now may the socket close.
     drop(conn.stream);
+}
+
+/// A client's address for log lines, looked up only when a line is written
+/// (a `getpeername` per connection is not worth paying when nothing logs).
+struct Peer<'a>(&'a TcpStream);
+
+impl std::fmt::Display for Peer<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0.peer_addr() {
+            Ok(addr) => write!(f, "{addr}"),
+            Err(_) => f.write_str("?"),
+        }
+    }
 }
 
 /// Why the first packet did not arrive.
