@@ -15,6 +15,7 @@ use bytes::{Bytes, BytesMut};
 use bytestring::ByteString;
 
 use crate::codec::{self, QoS};
+use crate::outqueue::Frame;
 
 /// An application message (MQTT 3.1.1 §3.3).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -38,9 +39,9 @@ impl Message {
         1 + codec::remaining_length_len(remaining) + remaining
     }
 
-    /// Encodes a complete PUBLISH frame for one recipient (the slow path: a
-    /// retained message on SUBSCRIBE, or a redelivery with DUP set).
-    pub fn encode_whole(&self, qos: QoS, retain: bool, dup: bool, packet_id: u16) -> Bytes {
+    /// Encodes a complete PUBLISH frame (for QoS 0 fan-out once per shard;
+    /// alone for a retained message on SUBSCRIBE or a redelivery with DUP).
+    pub fn encode_whole(&self, qos: QoS, retain: bool, dup: bool, packet_id: u16) -> Frame {
         let mut out = BytesMut::with_capacity(self.wire_len());
         let encoded = codec::encode_publish(
             &self.topic,
@@ -52,7 +53,7 @@ impl Message {
             &mut out,
         );
         report_unencodable(encoded);
-        out.freeze()
+        Frame::from(&out[..])
     }
 }
 
@@ -64,9 +65,11 @@ pub struct Encoded<'a> {
     /// The message being fanned out.
     pub message: &'a Message,
     /// The whole QoS 0 frame (one allocation per message per shard).
-    qos0: Option<Bytes>,
+    qos0: Option<Frame>,
     /// Fixed header + topic for QoS 1 and QoS 2 deliveries: index 0 is QoS 1.
-    heads: [Option<Bytes>; 2],
+    heads: [Option<Frame>; 2],
+    /// The payload as a shard-local frame, for QoS 1 and 2 deliveries.
+    payload: Option<Frame>,
 }
 
 impl<'a> Encoded<'a> {
@@ -76,11 +79,12 @@ impl<'a> Encoded<'a> {
             message,
             qos0: None,
             heads: [None, None],
+            payload: None,
         }
     }
 
     /// The complete QoS 0 frame, encoded once.
-    pub fn qos0_frame(&mut self) -> Bytes {
+    pub fn qos0_frame(&mut self) -> Frame {
         let message = self.message;
         self.qos0
             .get_or_insert_with(|| message.encode_whole(QoS::AtMostOnce, false, false, 0))
@@ -89,7 +93,7 @@ impl<'a> Encoded<'a> {
 
     /// The shared head (fixed header and topic) of a QoS 1 or 2 PUBLISH; the
     /// caller writes its own packet id and then the payload.
-    pub fn head(&mut self, qos: QoS) -> Bytes {
+    pub fn head(&mut self, qos: QoS) -> Frame {
         let message = self.message;
         let slot = if qos == QoS::ExactlyOnce { 1 } else { 0 };
         self.heads[slot]
@@ -104,8 +108,16 @@ impl<'a> Encoded<'a> {
                     &mut out,
                 );
                 report_unencodable(encoded);
-                out.freeze()
+                Frame::from(&out[..])
             })
+            .clone()
+    }
+
+    /// The payload, copied once per shard into a shard-local frame.
+    pub fn payload(&mut self) -> Frame {
+        let message = self.message;
+        self.payload
+            .get_or_insert_with(|| Frame::from(&message.payload[..]))
             .clone()
     }
 }

@@ -20,7 +20,6 @@
 
 use std::collections::VecDeque;
 
-use bytes::Bytes;
 use bytestring::ByteString;
 
 #[cfg(test)]
@@ -28,7 +27,7 @@ use crate::codec;
 use crate::codec::{PacketId, QoS};
 use crate::connection::Link;
 use crate::message::{Encoded, Message};
-use crate::outqueue::{OutFrame, OutQueue};
+use crate::outqueue::{Frame, OutFrame, OutQueue};
 
 /// The per-client bounds, from the configuration.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -196,8 +195,8 @@ impl Session {
             retain: false,
         };
         if self.window_open(limits) && self.state.pending.is_empty() {
-            let head = encoded.head(qos);
-            self.start_inflight(forwarded, Some(head));
+            let shared = (encoded.head(qos), encoded.payload());
+            self.start_inflight(forwarded, Some(shared));
             return Delivery::Queued;
         }
         self.park(forwarded, limits)
@@ -258,14 +257,14 @@ impl Session {
     }
 
     /// Assigns a packet id, records the message as in flight and queues its
-    /// PUBLISH (with the shared `head` when there is one).
-    fn start_inflight(&mut self, message: Message, head: Option<Bytes>) {
+    /// PUBLISH (with the shard's shared head and payload when there are).
+    fn start_inflight(&mut self, message: Message, shared: Option<(Frame, Frame)>) {
         let packet_id = self.next_packet_id();
-        let frame = match head {
-            Some(head) => OutFrame::Publish {
+        let frame = match shared {
+            Some((head, payload)) => OutFrame::Publish {
                 head,
                 packet_id: packet_id.to_be_bytes(),
-                payload: message.payload.clone(),
+                payload,
             },
             None => {
                 OutFrame::Whole(message.encode_whole(message.qos, message.retain, false, packet_id))
@@ -433,6 +432,7 @@ fn codec_pubrel(packet_id: PacketId) -> Vec<u8> {
 mod tests {
     use super::*;
     use crate::connection::test_link;
+    use bytes::Bytes;
 
     const LIMITS: Limits = Limits {
         max_inflight: 2,

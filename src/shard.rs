@@ -24,7 +24,7 @@ use crate::config::Config;
 use crate::connection::{CloseReason, TICKS_PER_SEC};
 use crate::mesh::{self, MeshSenders, ShardMsg};
 use crate::message::{Encoded, Message};
-use crate::outqueue::Flushed;
+use crate::outqueue::{Flushed, Frame};
 use crate::registry::Registry;
 use crate::retain::RetainStore;
 use crate::router::Router;
@@ -323,7 +323,7 @@ impl Shard {
         };
         session
             .out
-            .push(crate::outqueue::OutFrame::Whole(suback.freeze()));
+            .push(crate::outqueue::OutFrame::Whole(Frame::from(&suback[..])));
         // Retained messages go after the SUBACK (§3.3.1.3).
         let limits = self.limits;
         for (filter, granted) in granted_filters {
