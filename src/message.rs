@@ -64,8 +64,11 @@ impl Message {
 pub struct Encoded<'a> {
     /// The message being fanned out.
     pub message: &'a Message,
-    /// The whole QoS 0 frame (one allocation per message per shard).
-    qos0: Option<Frame>,
+    /// The shard's batch buffer of this step, where QoS 0 frames go.
+    batch: &'a mut BytesMut,
+    /// Where the QoS 0 frame lies in the shard's batch of this step
+    /// (start, length), once encoded.
+    qos0: Option<(u32, u32)>,
     /// Fixed header + topic for QoS 1 and QoS 2 deliveries: index 0 is QoS 1.
     heads: [Option<Frame>; 2],
     /// The payload as a shard-local frame, for QoS 1 and 2 deliveries.
@@ -73,22 +76,40 @@ pub struct Encoded<'a> {
 }
 
 impl<'a> Encoded<'a> {
-    /// Starts an empty cache for `message`.
-    pub fn new(message: &'a Message) -> Self {
+    /// Starts an empty cache for `message`, encoding into `batch`.
+    pub fn new(message: &'a Message, batch: &'a mut BytesMut) -> Self {
         Encoded {
             message,
+            batch,
             qos0: None,
             heads: [None, None],
             payload: None,
         }
     }
 
-    /// The complete QoS 0 frame, encoded once.
-    pub fn qos0_frame(&mut self) -> Frame {
+    /// The QoS 0 frame's range in the shard's batch of this step: encoded
+    /// (appended) the first time, then shared by every subscriber.
+    pub fn qos0_frame(&mut self) -> (u32, u32) {
         let message = self.message;
-        self.qos0
-            .get_or_insert_with(|| message.encode_whole(QoS::AtMostOnce, false, false, 0))
-            .clone()
+        let batch = &mut *self.batch;
+        *self.qos0.get_or_insert_with(|| {
+            let start = batch.len();
+            let encoded = codec::encode_publish(
+                &message.topic,
+                QoS::AtMostOnce,
+                false,
+                false,
+                0,
+                &message.payload,
+                batch,
+            );
+            report_unencodable(encoded);
+            let len = batch.len() - start;
+            (
+                u32::try_from(start).unwrap_or(u32::MAX),
+                u32::try_from(len).unwrap_or(0),
+            )
+        })
     }
 
     /// The shared head (fixed header and topic) of a QoS 1 or 2 PUBLISH; the

@@ -179,13 +179,13 @@ impl Session {
             if !self.is_online() {
                 return Delivery::Skipped;
             }
-            let frame = encoded.qos0_frame();
+            let (start, len) = encoded.qos0_frame();
             if self.out.publishes() >= limits.max_queued_messages
-                || self.out.bytes() + frame.len() > limits.max_queued_bytes
+                || self.out.bytes() + len as usize > limits.max_queued_bytes
             {
                 return Delivery::Dropped;
             }
-            self.out.push(OutFrame::Whole(frame));
+            self.out.push_batch(start, len);
             return Delivery::Queued;
         }
         let forwarded = Message {
@@ -226,7 +226,7 @@ impl Session {
             {
                 return Delivery::Dropped;
             }
-            self.out.push(OutFrame::Whole(frame));
+            self.out.push(OutFrame::whole(frame));
             return Delivery::Queued;
         }
         if self.window_open(limits) && self.state.pending.is_empty() {
@@ -267,7 +267,7 @@ impl Session {
                 payload,
             },
             None => {
-                OutFrame::Whole(message.encode_whole(message.qos, message.retain, false, packet_id))
+                OutFrame::whole(message.encode_whole(message.qos, message.retain, false, packet_id))
             }
         };
         let phase = if message.qos == QoS::ExactlyOnce {
@@ -386,7 +386,7 @@ impl Session {
         for f in &self.state.inflight {
             let frame =
                 match f.phase {
-                    Phase::AwaitPubAck | Phase::AwaitPubRec => OutFrame::Whole(
+                    Phase::AwaitPubAck | Phase::AwaitPubRec => OutFrame::whole(
                         f.message
                             .encode_whole(f.message.qos, f.message.retain, true, f.packet_id),
                     ),
@@ -432,7 +432,7 @@ fn codec_pubrel(packet_id: PacketId) -> Vec<u8> {
 mod tests {
     use super::*;
     use crate::connection::test_link;
-    use bytes::Bytes;
+    use bytes::{Bytes, BytesMut};
 
     const LIMITS: Limits = Limits {
         max_inflight: 2,
@@ -470,7 +470,8 @@ mod tests {
     #[test]
     fn qos0_is_forwarded_with_retain_cleared_and_shared() {
         let m = msg(QoS::AtMostOnce, b"hi");
-        let mut enc = Encoded::new(&m);
+        let mut batch = BytesMut::new();
+        let mut enc = Encoded::new(&m, &mut batch);
         let mut a = online();
         let mut b = online();
         assert_eq!(
@@ -481,6 +482,10 @@ mod tests {
             b.deliver(&mut enc, QoS::AtMostOnce, &LIMITS),
             Delivery::Queued
         );
+        drop(enc);
+        let chunk = crate::outqueue::Frame::from(&batch[..]);
+        a.out.seal(&chunk);
+        b.out.seal(&chunk);
         let wa = written(&mut a);
         assert_eq!(wa, written(&mut b));
         assert_eq!(wa, b"\x30\x07\x00\x03a/bhi");
@@ -489,7 +494,8 @@ mod tests {
     #[test]
     fn qos0_is_dropped_when_the_queue_is_full_and_skipped_offline() {
         let m = msg(QoS::AtMostOnce, b"x");
-        let mut enc = Encoded::new(&m);
+        let mut batch = BytesMut::new();
+        let mut enc = Encoded::new(&m, &mut batch);
         let mut s = online();
         for _ in 0..3 {
             assert_eq!(
@@ -511,7 +517,8 @@ mod tests {
     #[test]
     fn qos_is_downgraded_to_the_granted_qos() {
         let m = msg(QoS::ExactlyOnce, b"x");
-        let mut enc = Encoded::new(&m);
+        let mut batch = BytesMut::new();
+        let mut enc = Encoded::new(&m, &mut batch);
         let mut s = online();
         s.deliver(&mut enc, QoS::AtLeastOnce, &LIMITS);
         assert_eq!(s.state.inflight[0].phase, Phase::AwaitPubAck);
@@ -521,7 +528,8 @@ mod tests {
     #[test]
     fn qos1_flow_window_and_pending() {
         let m = msg(QoS::AtLeastOnce, b"x");
-        let mut enc = Encoded::new(&m);
+        let mut batch = BytesMut::new();
+        let mut enc = Encoded::new(&m, &mut batch);
         let mut s = online();
         assert_eq!(
             s.deliver(&mut enc, QoS::AtLeastOnce, &LIMITS),
@@ -549,7 +557,8 @@ mod tests {
     #[test]
     fn pending_is_bounded() {
         let m = msg(QoS::AtLeastOnce, b"x");
-        let mut enc = Encoded::new(&m);
+        let mut batch = BytesMut::new();
+        let mut enc = Encoded::new(&m, &mut batch);
         let mut s = online();
         s.detach();
         for _ in 0..3 {
@@ -567,7 +576,8 @@ mod tests {
     #[test]
     fn qos2_outgoing_flow() {
         let m = msg(QoS::ExactlyOnce, b"x");
-        let mut enc = Encoded::new(&m);
+        let mut batch = BytesMut::new();
+        let mut enc = Encoded::new(&m, &mut batch);
         let mut s = online();
         s.deliver(&mut enc, QoS::ExactlyOnce, &LIMITS);
         written(&mut s);
@@ -597,7 +607,8 @@ mod tests {
     #[test]
     fn resume_redelivers_with_dup_and_pubrel() {
         let m = msg(QoS::ExactlyOnce, b"x");
-        let mut enc = Encoded::new(&m);
+        let mut batch = BytesMut::new();
+        let mut enc = Encoded::new(&m, &mut batch);
         let mut s = online();
         s.deliver(&mut enc, QoS::ExactlyOnce, &LIMITS);
         s.deliver(&mut enc, QoS::ExactlyOnce, &LIMITS);

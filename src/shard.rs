@@ -65,6 +65,10 @@ pub struct Shard {
     pub registry: Registry,
     /// Sessions with queued frames to flush at the end of this step.
     dirty: Vec<SessionKey>,
+    /// This step's QoS 0 frames, encoded once each and shared by every
+    /// subscriber as ranges; sealed into one chunk when the step ends
+    /// (see [`crate::outqueue`]).
+    batch: BytesMut,
     /// Publishes received on this shard, to hand to the other shards.
     remote_batch: Vec<Message>,
     /// Control messages to send once the current borrow ends.
@@ -149,6 +153,7 @@ impl Shard {
             retained: RetainStore::default(),
             registry: Registry::default(),
             dirty: Vec::new(),
+            batch: BytesMut::new(),
             remote_batch: Vec::new(),
             outbox: Vec::new(),
             stats: Counters::default(),
@@ -207,15 +212,16 @@ impl Shard {
         if message.retain {
             self.retained.apply(message);
         }
-        let mut encoded = Encoded::new(message);
         let Shard {
             router,
             sessions,
             dirty,
             stats,
             limits,
+            batch,
             ..
         } = self;
+        let mut encoded = Encoded::new(message, batch);
         router.for_each_match(&message.topic, |key, granted| {
             let Some(session) = sessions.get_mut(key as usize) else {
                 return;
@@ -249,6 +255,17 @@ impl Shard {
     /// waits for the socket to become writable.
     pub fn flush_dirty(&mut self) {
         let dirty = std::mem::take(&mut self.dirty);
+        if !self.batch.is_empty() {
+            // End of the step: every session with ranges of the batch is on
+            // the dirty list; give them the sealed chunk before any write.
+            let chunk = Frame::from(&self.batch[..]);
+            self.batch.clear();
+            for &key in &dirty {
+                if let Some(session) = self.sessions.get_mut(key as usize) {
+                    session.out.seal(&chunk);
+                }
+            }
+        }
         for &key in &dirty {
             let Some(session) = self.sessions.get_mut(key as usize) else {
                 continue;
@@ -323,7 +340,7 @@ impl Shard {
         };
         session
             .out
-            .push(crate::outqueue::OutFrame::Whole(Frame::from(&suback[..])));
+            .push(crate::outqueue::OutFrame::whole(Frame::from(&suback[..])));
         // Retained messages go after the SUBACK (§3.3.1.3).
         let limits = self.limits;
         for (filter, granted) in granted_filters {
