@@ -119,7 +119,7 @@ pub struct Opts {
     /// Start each broker command and run the same scenario against each,
     /// alternating (A B A B ...). `{port}` is replaced by a free port. Named
     /// peers: `mosquitto`, `rumqttd`, `fanmq` (binary from $FANMQ_BIN or
-    /// PATH), `raw` (the bench's own forwarder).
+    /// PATH; 1 shard), `fanmq:N` (N shards), `raw` (the bench's own forwarder).
     #[arg(long, num_args = 1..)]
     pub compare: Vec<String>,
     /// Rounds of the comparison.

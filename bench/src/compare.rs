@@ -5,8 +5,9 @@
 //! Named peers get a generated config: `mosquitto` (no per-connection log
 //! lines, which would cost it CPU in every connect; queue limits raised so
 //! that a burst to 10k subscribers is not dropped by configuration),
-//! `rumqttd`, `fanmq` (binary from `$FANMQ_BIN`, else `fanmq` on PATH) and
-//! `raw` (this binary's forwarder). Anything else is a shell command with
+//! `rumqttd`, `fanmq` (binary from `$FANMQ_BIN`, else `fanmq` on PATH; one
+//! shard), `fanmq:N` (the same with N shards) and `raw` (this binary's
+//! forwarder). Anything else is a shell command with
 //! `{port}`, run with `exec` so its PID is the broker's.
 
 use crate::net;
@@ -181,6 +182,20 @@ fn command_for(
                 false,
             )
         }
+        // `fanmq:N`: fanmq with N shards (the multi-core comparison).
+        other
+            if other
+                .strip_prefix("fanmq:")
+                .is_some_and(|n| n.parse::<u32>().is_ok()) =>
+        {
+            let shards = other.trim_start_matches("fanmq:");
+            let bin = std::env::var("FANMQ_BIN").unwrap_or_else(|_| "fanmq".into());
+            (
+                format!("fanmq-{shards}-shards"),
+                format!("{bin} --listen 127.0.0.1:{port} --shards {shards}"),
+                false,
+            )
+        }
         other => (
             other.to_owned(),
             other.replace("{port}", &port.to_string()),
@@ -236,6 +251,9 @@ mod tests {
         assert!(cmd.starts_with("mosquitto -c ") && !raw);
         let (_, cmd, raw) = command_for("raw", 4242, &dir, 1000).unwrap();
         assert!(cmd.contains("raw-server --listen 127.0.0.1:4242") && raw);
+        let (label, cmd, _) = command_for("fanmq:2", 4242, &dir, 1000).unwrap();
+        assert_eq!(label, "fanmq-2-shards");
+        assert!(cmd.ends_with("--listen 127.0.0.1:4242 --shards 2"), "{cmd}");
         let (label, cmd, _) = command_for("mybroker -p {port}", 4242, &dir, 1000).unwrap();
         assert_eq!(
             (label.as_str(), cmd.as_str()),

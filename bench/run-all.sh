@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The full benchmark behind bench/RESULTS.md: every scenario of
+# ../shared/BENCH.md at 10k-15k connections, fanmq side by side with
+# Mosquitto, rumqttd and the raw TCP forwarder in the same run (A B A B),
+# broker on CPU 0 and load generator on CPU 1. Writes bench/results/*.json
+# and bench/plots/*.svg, then regenerates bench/RESULTS.md.
+#
+# Usage: bench/run-all.sh          (after bench/peers.sh; takes ~20 minutes)
+# Every run is bounded by --duration; traffic stays on 127.0.0.1.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+cargo build --release -p fanmq -p fanmq-bench
+export FANMQ_BIN="$root/target/release/fanmq"
+bench="$root/target/release/fanmq-bench"
+results="$root/bench/results"
+mkdir -p "$results"
+pin=(--broker-cpus 0 --client-cpus 1)
+
+run() { # name, args...
+  local name=$1
+  shift
+  echo "=== $name"
+  "$bench" "$@" --out "$results/$name.json" --plots | tail -12
+}
+
+run fanout-burst-10k fanout --subs 10000 --msgs 500 --duration 120 --rounds 2 \
+  --compare fanmq mosquitto rumqttd raw "${pin[@]}"
+run fanout-paced-10k fanout --subs 10000 --msgs 100 --rate 20 --duration 60 --rounds 2 \
+  --compare fanmq mosquitto rumqttd raw "${pin[@]}"
+run fanout-qos1-10k fanout --subs 10000 --msgs 50 --qos 1 --duration 120 --rounds 2 \
+  --compare fanmq mosquitto rumqttd "${pin[@]}"
+run fanout-filter-10k fanout --subs 10000 --msgs 500 --filter 'bench/+' --duration 120 \
+  --compare fanmq mosquitto rumqttd "${pin[@]}"
+run idle-15k idle --subs 15000 --hold 10 --compare fanmq mosquitto rumqttd raw "${pin[@]}"
+run connect-1k connect --subs 1000 --rounds 2 --compare fanmq mosquitto rumqttd "${pin[@]}"
+run connect-15k connect --subs 15000 --rounds 2 --compare fanmq mosquitto rumqttd "${pin[@]}"
+run storm-10k storm --subs 10000 --compare fanmq mosquitto rumqttd "${pin[@]}"
+# Multi-core: the same burst with 1 and 2 shards; broker and generator share
+# both CPUs, so compare the broker's CPU-seconds per delivery.
+run multicore-burst-10k fanout --subs 10000 --msgs 500 --duration 120 --rounds 2 \
+  --compare fanmq:1 fanmq:2 --broker-cpus 0,1 --client-cpus 0,1
+# Latency at half of fanmq's burst rate (10k subscribers: ~1000 msg/s), 60 s.
+run latency-half-rate-10k fanout --subs 10000 --msgs 60000 --rate 1000 --duration 75 \
+  --compare fanmq "${pin[@]}"
+
+cargo run -q -p fanmq-bench --release -- report
