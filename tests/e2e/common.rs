@@ -29,10 +29,11 @@ pub struct BrokerBuilder {
     config: String,
     nofile: Option<u64>,
     env: Vec<(String, std::ffi::OsString)>,
+    affinity: Option<Vec<usize>>,
 }
 
 impl BrokerBuilder {
-    /// Number of shards (default 2).
+    /// Number of shards (default 2; 0: no `--shards` flag, the broker's default).
     pub fn shards(mut self, shards: usize) -> Self {
         self.shards = shards;
         self
@@ -47,6 +48,12 @@ impl BrokerBuilder {
     /// Sets an environment variable for the broker process.
     pub fn env(mut self, key: &str, value: impl Into<std::ffi::OsString>) -> Self {
         self.env.push((key.to_string(), value.into()));
+        self
+    }
+
+    /// Runs the broker with this CPU affinity mask, as `taskset -c` would.
+    pub fn affinity(mut self, cpus: &[usize]) -> Self {
+        self.affinity = Some(cpus.to_vec());
         self
     }
 
@@ -68,10 +75,11 @@ impl BrokerBuilder {
             Some(file)
         };
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_fanmq"));
-        cmd.args(["--listen", "127.0.0.1:0", "--log-level", "debug"])
-            .arg("--shards")
-            .arg(self.shards.to_string())
-            .env_remove("RUST_LOG")
+        cmd.args(["--listen", "127.0.0.1:0", "--log-level", "debug"]);
+        if self.shards > 0 {
+            cmd.arg("--shards").arg(self.shards.to_string());
+        }
+        cmd.env_remove("RUST_LOG")
             .env_remove("JOURNAL_STREAM")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -81,6 +89,9 @@ impl BrokerBuilder {
         }
         for (key, value) in &self.env {
             cmd.env(key, value);
+        }
+        if let Some(cpus) = self.affinity.clone() {
+            set_affinity_before_exec(&mut cmd, cpus);
         }
         if let Some(limit) = self.nofile {
             // SAFETY: setrlimit is async-signal-safe; the closure touches
@@ -128,6 +139,24 @@ impl BrokerBuilder {
     }
 }
 
+/// Makes `cmd` run with the CPU affinity mask `cpus` (as `taskset -c`).
+pub fn set_affinity_before_exec(cmd: &mut Command, cpus: Vec<usize>) {
+    // SAFETY: sched_setaffinity is async-signal-safe; the closure only
+    // builds a cpu_set_t on the stack and makes that one call.
+    unsafe {
+        cmd.pre_exec(move || {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            for &cpu in &cpus {
+                libc::CPU_SET(cpu, &mut set);
+            }
+            if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// Port from `... listening on 127.0.0.1:PORT, ...`.
 fn parse_port(line: &str) -> Option<u16> {
     let rest = &line[line.find(" listening on ")? + " listening on ".len()..];
@@ -164,6 +193,7 @@ impl Broker {
             config: String::new(),
             nofile: None,
             env: Vec::new(),
+            affinity: None,
         }
     }
 

@@ -9,4 +9,5 @@ mod protocol;
 mod qos;
 mod retain_will;
 mod sessions;
+mod startup;
 mod systemd;
