@@ -21,7 +21,7 @@ run() { # name, args...
   local name=$1
   shift
   echo "=== $name"
-  "$bench" "$@" --out "$results/$name.json" --plots | tail -12
+  "$bench" "$@" --out "bench/results/$name.json" --plots | tail -12
 }
 
 run fanout-burst-10k fanout --subs 10000 --msgs 500 --duration 120 --rounds 2 \
