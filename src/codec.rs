@@ -1671,17 +1671,7 @@ mod tests {
         );
     }
 
-    /// Deterministic xorshift64 generator for the smoke tests.
-    struct XorShift(u64);
-
-    impl XorShift {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-    }
+    use crate::test_rng::XorShift;
 
     /// Decodes until the buffer is exhausted, incomplete, or an error: must not
     /// panic, and each decoded packet consumes at least two bytes.

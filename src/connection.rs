@@ -188,15 +188,7 @@ pub async fn serve(ctx: Ctx, stream: TcpStream, slot: ConnectionSlot) {
     let Some(mut conn) = Box::pin(handshake(&ctx, stream)).await else {
         return;
     };
-    let reason = run(
-        &ctx,
-        &mut conn.stream,
-        &mut conn.rx,
-        conn.key,
-        conn.conn_id,
-        &conn.signal,
-    )
-    .await;
+    let reason = run(&ctx, &mut conn).await;
     Box::pin(teardown(&ctx, conn, reason)).await;
     drop(slot);
 }
@@ -432,19 +424,12 @@ fn publish_will(shard: &mut Shard, will: LastWill) {
 }
 
 /// The connection's main loop; returns why it ended.
-async fn run(
-    ctx: &Ctx,
-    stream: &mut TcpStream,
-    rx: &mut BytesMut,
-    key: SessionKey,
-    conn_id: u64,
-    signal: &ConnSignal,
-) -> CloseReason {
+async fn run(ctx: &Ctx, conn: &mut Established) -> CloseReason {
     // Packets that arrived together with CONNECT are handled before reading.
-    let mut unprocessed = !rx.is_empty();
+    let mut unprocessed = !conn.rx.is_empty();
     loop {
         if !unprocessed {
-            let event = poll_fn(|cx| poll_event(cx, ctx, stream, rx, key, conn_id, signal)).await;
+            let event = poll_fn(|cx| poll_event(cx, ctx, conn)).await;
             if let Event::Closed(reason) = event {
                 return reason;
             }
@@ -452,7 +437,7 @@ async fn run(
         unprocessed = false;
         let step = {
             let mut shard = ctx.shard.borrow_mut();
-            let step = process(&mut shard, key, conn_id, rx);
+            let step = process(&mut shard, conn.key, conn.conn_id, &mut conn.rx);
             shard.flush_dirty();
             step
         };
@@ -465,9 +450,9 @@ async fn run(
         if let Err(reason) = step {
             return reason;
         }
-        if rx.is_empty() && rx.capacity() > 0 {
+        if conn.rx.is_empty() && conn.rx.capacity() > 0 {
             // Idle connections hold no receive buffer.
-            *rx = BytesMut::new();
+            conn.rx = BytesMut::new();
         }
         glommio::yield_if_needed().await;
     }
@@ -475,15 +460,16 @@ async fn run(
 
 /// Polls for what the connection must do next: close, write (when its socket
 /// was full), or read.
-fn poll_event(
-    cx: &mut Context<'_>,
-    ctx: &Ctx,
-    stream: &mut TcpStream,
-    rx: &mut BytesMut,
-    key: SessionKey,
-    conn_id: u64,
-    signal: &ConnSignal,
-) -> Poll<Event> {
+fn poll_event(cx: &mut Context<'_>, ctx: &Ctx, conn: &mut Established) -> Poll<Event> {
+    let Established {
+        stream,
+        rx,
+        key,
+        conn_id,
+        signal,
+        ..
+    } = conn;
+    let (key, conn_id) = (*key, *conn_id);
     if let Some(reason) = signal.take_close() {
         return Poll::Ready(Event::Closed(reason));
     }

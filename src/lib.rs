@@ -39,4 +39,6 @@ pub mod router;
 pub mod session;
 pub mod shard;
 pub mod sys;
+#[cfg(test)]
+mod test_rng;
 pub mod topic;

@@ -694,21 +694,7 @@ mod tests {
         assert_eq!(router.node_count(), 0);
     }
 
-    /// Deterministic xorshift64 generator.
-    struct XorShift(u64);
-
-    impl XorShift {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-
-        fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
-            items[(self.next() % items.len() as u64) as usize]
-        }
-    }
+    use crate::test_rng::XorShift;
 
     #[test]
     fn randomized_against_filter_matches() {
