@@ -273,9 +273,9 @@ async fn run_shard(setup: ShardSetup) -> Result<(), String> {
     {
         let mut shard = ctx.shard.borrow_mut();
         shard.shutting_down = true;
-        for (_, session) in shard.sessions.iter() {
-            if let Some(link) = &session.link {
-                link.signal.close(CloseReason::Shutdown);
+        for (_, session) in shard.sessions.iter_mut() {
+            if let Some(link) = &mut session.link {
+                link.close(CloseReason::Shutdown);
             }
         }
     }

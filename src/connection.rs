@@ -16,11 +16,9 @@
 //! An idle connection holds no buffers: its receive buffer is freed whenever
 //! it is empty and its outgoing queue gives its memory back when drained.
 
-use std::cell::{Cell, RefCell};
 use std::future::poll_fn;
 use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
-use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll, Waker};
@@ -74,47 +72,10 @@ impl CloseReason {
     }
 }
 
-/// Shared between a connection task and its session: how the shard asks the
-/// task to close, or to take over a blocked write.
-#[derive(Debug, Default)]
-pub struct ConnSignal {
-    /// Set when the connection must close.
-    close: Cell<Option<CloseReason>>,
-    /// The connection task, while it waits.
-    waker: RefCell<Option<Waker>>,
-}
-
-impl ConnSignal {
-    /// Asks the connection to close (the first reason wins).
-    pub fn close(&self, reason: CloseReason) {
-        if self.close.get().is_none() {
-            self.close.set(Some(reason));
-        }
-        self.wake();
-    }
-
-    /// Wakes the connection task.
-    pub fn wake(&self) {
-        if let Some(waker) = self.waker.borrow_mut().take() {
-            waker.wake();
-        }
-    }
-
-    /// Takes a pending close request.
-    fn take_close(&self) -> Option<CloseReason> {
-        self.close.get()
-    }
-
-    /// Remembers the task's waker (cloned only when it changed).
-    fn set_waker(&self, waker: &Waker) {
-        let mut slot = self.waker.borrow_mut();
-        if !slot.as_ref().is_some_and(|w| w.will_wake(waker)) {
-            *slot = Some(waker.clone());
-        }
-    }
-}
-
-/// A session's live connection, as the shard sees it.
+/// A session's live connection, as the shard sees it. It is also how the
+/// shard talks to the connection task: it sets `close` or `blocked` and wakes
+/// `waker`. When the shard removes the session altogether (take-over), the
+/// task, woken, finds its session gone and ends.
 #[derive(Debug)]
 pub struct Link {
     /// Unique id of the connection on this shard.
@@ -122,8 +83,10 @@ pub struct Link {
     /// The socket, for the shard's direct vectored writes. Valid while the
     /// link exists: the task removes the link before it closes the socket.
     pub fd: RawFd,
-    /// The connection task's signal.
-    pub signal: Rc<ConnSignal>,
+    /// The connection task, while it waits.
+    waker: Option<Waker>,
+    /// Set when the connection must close (the first reason wins).
+    close: Option<CloseReason>,
     /// True while the socket's send buffer is full and the connection task
     /// (not the shard) writes this session's queue.
     pub blocked: bool,
@@ -133,17 +96,45 @@ pub struct Link {
     pub last_seen: u32,
 }
 
+impl Link {
+    /// A link for connection `conn_id` on socket `fd`.
+    pub fn new(conn_id: u64, fd: RawFd, keep_alive: u16, last_seen: u32) -> Link {
+        Link {
+            conn_id,
+            fd,
+            waker: None,
+            close: None,
+            blocked: false,
+            keep_alive,
+            last_seen,
+        }
+    }
+
+    /// Asks the connection to close (the first reason wins).
+    pub fn close(&mut self, reason: CloseReason) {
+        self.close.get_or_insert(reason);
+        self.wake();
+    }
+
+    /// Wakes the connection task.
+    pub fn wake(&mut self) {
+        if let Some(waker) = self.waker.take() {
+            waker.wake();
+        }
+    }
+
+    /// Remembers the task's waker (cloned only when it changed).
+    fn set_waker(&mut self, waker: &Waker) {
+        if !self.waker.as_ref().is_some_and(|w| w.will_wake(waker)) {
+            self.waker = Some(waker.clone());
+        }
+    }
+}
+
 /// A link with no socket, for unit tests of the session.
 #[cfg(test)]
 pub fn test_link() -> Link {
-    Link {
-        conn_id: 1,
-        fd: -1,
-        signal: Rc::new(ConnSignal::default()),
-        blocked: false,
-        keep_alive: 0,
-        last_seen: 0,
-    }
+    Link::new(1, -1, 0, 0)
 }
 
 /// Counts a live connection against `max_connections` until dropped.
@@ -174,8 +165,6 @@ struct Established {
     key: SessionKey,
     /// This connection's id (the session at `key` is ours while it matches).
     conn_id: u64,
-    /// How the shard signals this task.
-    signal: Rc<ConnSignal>,
     /// The will message, boxed: most clients have none.
     will: Option<Box<LastWill>>,
 }
@@ -273,7 +262,6 @@ async fn handshake(ctx: &Ctx, mut stream: TcpStream) -> Option<Established> {
             return None;
         }
     };
-    let signal = Rc::new(ConnSignal::default());
     let (key, conn_id) = attach(
         ctx,
         &stream,
@@ -281,7 +269,6 @@ async fn handshake(ctx: &Ctx, mut stream: TcpStream) -> Option<Established> {
         clean_session,
         state,
         keep_alive,
-        &signal,
     );
     ctx.send_outbox();
     debug!(
@@ -294,7 +281,6 @@ async fn handshake(ctx: &Ctx, mut stream: TcpStream) -> Option<Established> {
         rx,
         key,
         conn_id,
-        signal,
         will: last_will.map(Box::new),
     })
 }
@@ -382,20 +368,17 @@ fn attach(
     clean_session: bool,
     state: Option<SessionState>,
     keep_alive: u16,
-    signal: &Rc<ConnSignal>,
 ) -> (SessionKey, u64) {
     let mut shard = ctx.shard.borrow_mut();
     let conn_id = shard.new_conn_id();
     let session_present = state.is_some() && !clean_session;
     let mut session = Session::new(client_id, clean_session, state.unwrap_or_default());
-    session.link = Some(Link {
+    session.link = Some(Link::new(
         conn_id,
-        fd: stream.as_raw_fd(),
-        signal: signal.clone(),
-        blocked: false,
+        stream.as_raw_fd(),
         keep_alive,
-        last_seen: shard.now_ticks(),
-    });
+        shard.now_ticks(),
+    ));
     session.queue_control(&[0x20, 2, u8::from(session_present), codec::CONNACK_ACCEPTED]);
     let limits = shard.limits;
     session.resume(&limits);
@@ -466,13 +449,9 @@ fn poll_event(cx: &mut Context<'_>, ctx: &Ctx, conn: &mut Established) -> Poll<E
         rx,
         key,
         conn_id,
-        signal,
         ..
     } = conn;
     let (key, conn_id) = (*key, *conn_id);
-    if let Some(reason) = signal.take_close() {
-        return Poll::Ready(Event::Closed(reason));
-    }
     let mut guard = ctx.shard.borrow_mut();
     let Shard {
         sessions,
@@ -486,11 +465,16 @@ fn poll_event(cx: &mut Context<'_>, ctx: &Ctx, conn: &mut Established) -> Poll<E
         .get_mut(key as usize)
         .filter(|s| s.link.as_ref().is_some_and(|l| l.conn_id == conn_id))
     else {
+        // The session left this connection (take-over).
         return Poll::Ready(Event::Closed(CloseReason::TakenOver));
     };
-    if let Some(link) = session.link.as_mut()
-        && link.blocked
-    {
+    let Some(link) = session.link.as_mut() else {
+        return Poll::Ready(Event::Closed(CloseReason::TakenOver));
+    };
+    if let Some(reason) = link.close {
+        return Poll::Ready(Event::Closed(reason));
+    }
+    if link.blocked {
         loop {
             match session.out.flush(link.fd, iovecs) {
                 Ok((n, Flushed::All)) => {
@@ -518,7 +502,7 @@ fn poll_event(cx: &mut Context<'_>, ctx: &Ctx, conn: &mut Established) -> Poll<E
             }
         }
     }
-    signal.set_waker(cx.waker());
+    link.set_waker(cx.waker());
     if session.out.bytes() > limits.max_queued_bytes {
         // The client does not read what it is sent: stop reading it too.
         return Poll::Pending;
@@ -661,17 +645,19 @@ fn handle_packet(
 pub async fn keep_alive_sweeper(ctx: Ctx, period: Duration) {
     loop {
         glommio::timer::sleep(period).await;
-        let shard = ctx.shard.borrow();
+        let mut shard = ctx.shard.borrow_mut();
         if shard.shutting_down {
             return;
         }
         let now = shard.now_ticks();
-        for (_, session) in shard.sessions.iter() {
-            let Some(link) = &session.link else { continue };
+        for (_, session) in shard.sessions.iter_mut() {
+            let Some(link) = &mut session.link else {
+                continue;
+            };
             let limit = u32::from(link.keep_alive) * TICKS_PER_SEC * 3 / 2;
             if link.keep_alive > 0 && now.saturating_sub(link.last_seen) > limit {
                 debug!("client {}: keep-alive timeout", session.client_id);
-                link.signal.close(CloseReason::KeepAliveTimeout);
+                link.close(CloseReason::KeepAliveTimeout);
             }
         }
     }

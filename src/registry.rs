@@ -204,9 +204,9 @@ impl Shard {
         if let Some(&key) = self.by_client_id.get(client_id)
             && let Some(session) = self.remove_session(key)
         {
-            if let Some(link) = &session.link {
+            if let Some(mut link) = session.link {
                 debug!("client {client_id} taken over by a new connection");
-                link.signal.close(CloseReason::TakenOver);
+                link.close(CloseReason::TakenOver);
             }
             let state = (!clean_session && !session.clean_session).then_some(session.state);
             self.answer_claim(to_shard, token, state);

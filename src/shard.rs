@@ -282,11 +282,11 @@ impl Shard {
                 Ok((n, Flushed::WouldBlock)) => {
                     self.stats.bytes_sent += n as u64;
                     link.blocked = true;
-                    link.signal.wake();
+                    link.wake();
                 }
                 Err(e) => {
                     debug!("write to {} failed: {e}", session.client_id);
-                    link.signal.close(CloseReason::Io);
+                    link.close(CloseReason::Io);
                 }
             }
         }
