@@ -72,6 +72,14 @@ pub struct Inflight {
 pub struct SessionState {
     /// Topic filters and their granted QoS, in subscription order.
     pub subscriptions: Vec<(ByteString, QoS)>,
+    /// QoS 1/2 flows, allocated on first use: a subscriber that only ever
+    /// gets QoS 0 (the common fan-out case) does not pay ~100 bytes for them.
+    pub flows: Option<Box<Flows>>,
+}
+
+/// A session's QoS 1/2 state.
+#[derive(Clone, Debug, Default)]
+pub struct Flows {
     /// Outgoing QoS 1/2 messages not yet acknowledged, oldest first.
     pub inflight: VecDeque<Inflight>,
     /// QoS 1/2 messages waiting for a slot in the inflight window.
@@ -194,7 +202,7 @@ impl Session {
             qos,
             retain: false,
         };
-        if self.window_open(limits) && self.state.pending.is_empty() {
+        if self.window_open(limits) && self.pending_is_empty() {
             let shared = (encoded.head(qos), encoded.payload());
             self.start_inflight(forwarded, Some(shared));
             return Delivery::Queued;
@@ -229,30 +237,45 @@ impl Session {
             self.out.push(OutFrame::whole(frame));
             return Delivery::Queued;
         }
-        if self.window_open(limits) && self.state.pending.is_empty() {
+        if self.window_open(limits) && self.pending_is_empty() {
             self.start_inflight(forwarded, None);
             return Delivery::Queued;
         }
         self.park(forwarded, limits)
     }
 
+    /// The QoS 1/2 state, allocated on first use.
+    fn flows(&mut self) -> &mut Flows {
+        self.state.flows.get_or_insert_with(Box::default)
+    }
+
+    /// True when no QoS 1/2 message waits for the window.
+    fn pending_is_empty(&self) -> bool {
+        self.state
+            .flows
+            .as_ref()
+            .is_none_or(|f| f.pending.is_empty())
+    }
+
     /// True when a QoS 1/2 message may be sent now.
     fn window_open(&self, limits: &Limits) -> bool {
+        let inflight = self.state.flows.as_ref().map_or(0, |f| f.inflight.len());
         self.is_online()
-            && self.state.inflight.len() < limits.max_inflight
+            && inflight < limits.max_inflight
             && self.out.bytes() < limits.max_queued_bytes
     }
 
     /// Puts a QoS 1/2 message in the pending queue, or drops it when full.
     fn park(&mut self, message: Message, limits: &Limits) -> Delivery {
         let len = message.wire_len();
-        if self.state.pending.len() >= limits.max_queued_messages
-            || self.state.pending_bytes + len > limits.max_queued_bytes
+        let flows = self.flows();
+        if flows.pending.len() >= limits.max_queued_messages
+            || flows.pending_bytes + len > limits.max_queued_bytes
         {
             return Delivery::Dropped;
         }
-        self.state.pending_bytes += len;
-        self.state.pending.push_back(message);
+        flows.pending_bytes += len;
+        flows.pending.push_back(message);
         Delivery::Pending
     }
 
@@ -275,7 +298,7 @@ impl Session {
         } else {
             Phase::AwaitPubAck
         };
-        self.state.inflight.push_back(Inflight {
+        self.flows().inflight.push_back(Inflight {
             packet_id,
             message,
             phase,
@@ -287,10 +310,11 @@ impl Session {
     /// client's unacknowledged messages). The window is at most 65535, so one
     /// is always free.
     fn next_packet_id(&mut self) -> PacketId {
+        let flows = self.flows();
         loop {
-            let id = self.state.last_packet_id.wrapping_add(1).max(1);
-            self.state.last_packet_id = id;
-            if !self.state.inflight.iter().any(|f| f.packet_id == id) {
+            let id = flows.last_packet_id.wrapping_add(1).max(1);
+            flows.last_packet_id = id;
+            if !flows.inflight.iter().any(|f| f.packet_id == id) {
                 return id;
             }
         }
@@ -301,10 +325,13 @@ impl Session {
     pub fn fill_window(&mut self, limits: &Limits) -> bool {
         let mut queued = false;
         while self.window_open(limits) {
-            let Some(message) = self.state.pending.pop_front() else {
+            let Some(flows) = self.state.flows.as_mut() else {
                 break;
             };
-            self.state.pending_bytes -= message.wire_len();
+            let Some(message) = flows.pending.pop_front() else {
+                break;
+            };
+            flows.pending_bytes -= message.wire_len();
             self.start_inflight(message, None);
             queued = true;
         }
@@ -314,6 +341,8 @@ impl Session {
     /// Position of the inflight message with `packet_id` in `phase`.
     fn inflight_position(&self, packet_id: PacketId, phase: Phase) -> Option<usize> {
         self.state
+            .flows
+            .as_ref()?
             .inflight
             .iter()
             .position(|f| f.packet_id == packet_id && f.phase == phase)
@@ -325,7 +354,7 @@ impl Session {
         let Some(i) = self.inflight_position(packet_id, Phase::AwaitPubAck) else {
             return false;
         };
-        self.state.inflight.remove(i);
+        self.flows().inflight.remove(i);
         self.fill_window(limits);
         true
     }
@@ -336,7 +365,7 @@ impl Session {
         self.queue_control(&pubrel_bytes(packet_id));
         match self.inflight_position(packet_id, Phase::AwaitPubRec) {
             Some(i) => {
-                if let Some(f) = self.state.inflight.get_mut(i) {
+                if let Some(f) = self.flows().inflight.get_mut(i) {
                     f.phase = Phase::AwaitPubComp;
                 }
                 true
@@ -350,7 +379,7 @@ impl Session {
         let Some(i) = self.inflight_position(packet_id, Phase::AwaitPubComp) else {
             return false;
         };
-        self.state.inflight.remove(i);
+        self.flows().inflight.remove(i);
         self.fill_window(limits);
         true
     }
@@ -358,20 +387,23 @@ impl Session {
     /// A QoS 2 PUBLISH with `packet_id` arrived: deliver it only the first
     /// time, until PUBREL releases the id (exactly once, §4.3.3).
     pub fn on_publish_qos2(&mut self, packet_id: PacketId, limits: &Limits) -> Qos2Receipt {
-        if self.state.awaiting_rel.contains(&packet_id) {
+        let flows = self.flows();
+        if flows.awaiting_rel.contains(&packet_id) {
             return Qos2Receipt::Duplicate;
         }
-        if self.state.awaiting_rel.len() >= limits.max_awaiting_rel {
+        if flows.awaiting_rel.len() >= limits.max_awaiting_rel {
             return Qos2Receipt::Refused;
         }
-        self.state.awaiting_rel.push(packet_id);
+        flows.awaiting_rel.push(packet_id);
         Qos2Receipt::New
     }
 
     /// PUBREL received: release the id and answer PUBCOMP (also for an unknown
     /// id, §4.3.3: the client may be retrying after a reconnect).
     pub fn on_pubrel(&mut self, packet_id: PacketId) {
-        self.state.awaiting_rel.retain(|&id| id != packet_id);
+        if let Some(flows) = self.state.flows.as_mut() {
+            flows.awaiting_rel.retain(|&id| id != packet_id);
+        }
         self.queue_control(&[0x70, 2, (packet_id >> 8) as u8, packet_id as u8]);
     }
 
@@ -383,7 +415,8 @@ impl Session {
     /// A connection (re)attached: resend unacknowledged messages with DUP set
     /// (§4.4), then move pending messages into the window.
     pub fn resume(&mut self, limits: &Limits) {
-        for f in &self.state.inflight {
+        let inflight = self.state.flows.as_ref().map(|f| &f.inflight);
+        for f in inflight.into_iter().flatten() {
             let frame =
                 match f.phase {
                     Phase::AwaitPubAck | Phase::AwaitPubRec => OutFrame::whole(
@@ -521,7 +554,7 @@ mod tests {
         let mut enc = Encoded::new(&m, &mut batch);
         let mut s = online();
         s.deliver(&mut enc, QoS::AtLeastOnce, &LIMITS);
-        assert_eq!(s.state.inflight[0].phase, Phase::AwaitPubAck);
+        assert_eq!(s.flows().inflight[0].phase, Phase::AwaitPubAck);
         assert_eq!(written(&mut s), b"\x32\x08\x00\x03a/b\x00\x01x");
     }
 
@@ -550,8 +583,8 @@ mod tests {
         assert_eq!(written(&mut s), b"\x32\x08\x00\x03a/b\x00\x03x");
         assert!(s.on_puback(2, &LIMITS));
         assert!(s.on_puback(3, &LIMITS));
-        assert!(s.state.inflight.is_empty() && s.state.pending.is_empty());
-        assert_eq!(s.state.pending_bytes, 0);
+        assert!(s.flows().inflight.is_empty() && s.flows().pending.is_empty());
+        assert_eq!(s.flows().pending_bytes, 0);
     }
 
     #[test]
@@ -587,9 +620,9 @@ mod tests {
         );
         assert!(s.on_pubrec(1));
         assert_eq!(written(&mut s), codec_pubrel(1));
-        assert_eq!(s.state.inflight[0].phase, Phase::AwaitPubComp);
+        assert_eq!(s.flows().inflight[0].phase, Phase::AwaitPubComp);
         assert!(s.on_pubcomp(1, &LIMITS));
-        assert!(s.state.inflight.is_empty());
+        assert!(s.flows().inflight.is_empty());
     }
 
     #[test]
@@ -622,7 +655,7 @@ mod tests {
         expected.extend_from_slice(b"\x3c\x08\x00\x03a/b\x00\x02x"); // DUP, QoS 2
         assert_eq!(written(&mut s), expected);
         // The parked message waits: the window (2) is full.
-        assert_eq!(s.state.pending.len(), 1);
+        assert_eq!(s.flows().pending.len(), 1);
         s.on_pubcomp(1, &LIMITS);
         assert_eq!(written(&mut s), b"\x32\x08\x00\x03a/b\x00\x03x");
     }
@@ -640,9 +673,9 @@ mod tests {
     #[test]
     fn packet_ids_skip_zero_and_ids_in_flight() {
         let mut s = online();
-        s.state.last_packet_id = u16::MAX;
+        s.flows().last_packet_id = u16::MAX;
         assert_eq!(s.next_packet_id(), 1);
-        s.state.inflight.push_back(Inflight {
+        s.flows().inflight.push_back(Inflight {
             packet_id: 2,
             message: msg(QoS::AtLeastOnce, b""),
             phase: Phase::AwaitPubAck,
