@@ -16,7 +16,7 @@
 //! An idle connection holds no buffers: its receive buffer is freed whenever
 //! it is empty and its outgoing queue gives its memory back when drained.
 
-use std::future::poll_fn;
+use std::future::Future;
 use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -169,17 +169,23 @@ struct Established {
     will: Option<Box<LastWill>>,
 }
 
-/// Serves one accepted connection until it ends.
+/// Serves one accepted connection: the handshake in this task, then the
+/// connection's life in a task of its own, [`Live`], whose allocation is
+/// only what a connected client needs (the handshake's state is freed).
 pub async fn serve(ctx: Ctx, stream: TcpStream, slot: ConnectionSlot) {
-    // The handshake and the teardown are boxed: their state is freed when
-    // they end, so what stays allocated for a connection's life is only
-    // `Established` and the main loop.
-    let Some(mut conn) = Box::pin(handshake(&ctx, stream)).await else {
+    let Some(conn) = handshake(&ctx, stream).await else {
         return;
     };
-    let reason = run(&ctx, &mut conn).await;
-    Box::pin(teardown(&ctx, conn, reason)).await;
-    drop(slot);
+    let unprocessed = !conn.rx.is_empty();
+    glommio::spawn_local(Live {
+        ctx,
+        conn: Some(conn),
+        slot: Some(slot),
+        unprocessed,
+        forwarding: None,
+        ended: None,
+    })
+    .detach();
 }
 
 /// Waits for CONNECT (bounded by the connect timeout), validates it, claims
@@ -406,42 +412,98 @@ fn publish_will(shard: &mut Shard, will: LastWill) {
     });
 }
 
-/// The connection's main loop; returns why it ended.
-async fn run(ctx: &Ctx, conn: &mut Established) -> CloseReason {
-    // Packets that arrived together with CONNECT are handled before reading.
-    let mut unprocessed = !conn.rx.is_empty();
-    loop {
-        if !unprocessed {
-            let event = poll_fn(|cx| poll_event(cx, ctx, conn)).await;
-            if let Event::Closed(reason) = event {
-                return reason;
+/// The connection's main loop, as a future that ends with why the
+/// connection ended: wait for bytes (or a close request, or writability
+/// when the socket was full), handle every complete packet, flush, hand the
+/// publishes to the other shards.
+struct Live {
+    /// The shard.
+    ctx: Ctx,
+    /// The connection; taken by the teardown when it ends.
+    conn: Option<Established>,
+    /// The connection's place under `max_connections`, given back at the end.
+    slot: Option<ConnectionSlot>,
+    /// Bytes that arrived with CONNECT wait in `conn.rx`: handle them before
+    /// reading.
+    unprocessed: bool,
+    /// Publishes being handed to other shards, then the teardown (boxed:
+    /// rarely in progress, and each may wait on the mesh).
+    forwarding: Option<Pin<Box<dyn Future<Output = ()>>>>,
+    /// Why the connection ends, once known, while `forwarding` completes.
+    ended: Option<CloseReason>,
+}
+
+impl Future for Live {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = &mut *self;
+        loop {
+            if let Some(forwarding) = this.forwarding.as_mut() {
+                if forwarding.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                this.forwarding = None;
+            }
+            let Some(conn) = this.conn.as_mut() else {
+                // The teardown has finished.
+                this.slot = None;
+                return Poll::Ready(());
+            };
+            if let Some(reason) = this.ended {
+                this.end(reason);
+                continue;
+            }
+            if this.unprocessed {
+                this.unprocessed = false;
+            } else {
+                match poll_event(cx, &this.ctx, conn) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Event::Closed(reason)) => {
+                        this.end(reason);
+                        continue;
+                    }
+                    Poll::Ready(Event::Data) => {}
+                }
+            }
+            let (step, forward) = {
+                let mut shard = this.ctx.shard.borrow_mut();
+                let step = process(&mut shard, conn.key, conn.conn_id, &mut conn.rx);
+                shard.flush_dirty();
+                (step, shard.has_remote_batch())
+            };
+            if !this.ctx.shard.borrow().outbox.is_empty() {
+                this.ctx.send_outbox();
+            }
+            this.ended = step.err();
+            if conn.rx.is_empty() && conn.rx.capacity() > 0 {
+                // Idle connections hold no receive buffer.
+                conn.rx = BytesMut::new();
+            }
+            if forward {
+                let ctx = this.ctx.clone();
+                this.forwarding = Some(Box::pin(async move { ctx.forward_publishes().await }));
+                continue;
+            }
+            if this.ended.is_some() {
+                continue;
+            }
+            if glommio::executor().need_preempt() {
+                // Let the shard's other tasks run first.
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
             }
         }
-        unprocessed = false;
-        let step = {
-            let mut shard = ctx.shard.borrow_mut();
-            let step = process(&mut shard, conn.key, conn.conn_id, &mut conn.rx);
-            shard.flush_dirty();
-            step
-        };
-        if !ctx.shard.borrow().outbox.is_empty() {
-            ctx.send_outbox();
-        }
-        if ctx.shard.borrow().has_remote_batch() {
-            Box::pin(ctx.forward_publishes()).await;
-        }
-        if let Err(reason) = step {
-            return reason;
-        }
-        if conn.rx.is_empty() && conn.rx.capacity() > 0 {
-            // Idle connections hold no receive buffer.
-            conn.rx = BytesMut::new();
-        }
-        if glommio::executor().need_preempt() {
-            // Let the shard's other tasks run (glommio's own
-            // `yield_if_needed` future would add ~200 bytes to every
-            // connection's task).
-            futures_lite::future::yield_now().await;
+    }
+}
+
+impl Live {
+    /// The connection ended: start its teardown (polled like a forward).
+    fn end(&mut self, reason: CloseReason) {
+        self.ended = None;
+        if let Some(conn) = self.conn.take() {
+            let ctx = self.ctx.clone();
+            self.forwarding = Some(Box::pin(async move { teardown(&ctx, conn, reason).await }));
         }
     }
 }
