@@ -760,45 +760,73 @@ pub fn encode_remaining_length(len: usize, out: &mut BytesMut) -> Result<(), Enc
     }
 }
 
-/// Appends a packet that is a first byte plus a two-byte Packet Identifier.
-fn encode_packet_id_packet(first: u8, packet_id: PacketId, out: &mut BytesMut) {
-    out.reserve(4);
-    out.put_u8(first);
-    out.put_u8(2);
-    out.put_u16(packet_id);
+/// The 4 bytes of a packet that is a fixed header and a packet id (PUBACK,
+/// PUBREC, PUBREL, PUBCOMP, UNSUBACK).
+fn packet_id_packet(first: u8, packet_id: PacketId) -> [u8; 4] {
+    let [high, low] = packet_id.to_be_bytes();
+    [first, 2, high, low]
 }
 
-/// Appends a CONNACK (§3.2).
+/// A CONNACK (§3.2) as its 4 bytes.
 ///
 /// Session Present is only sent with return code [`CONNACK_ACCEPTED`]: a refusal
 /// must carry 0 (MQTT-3.2.2-4), so it is cleared for any other code.
-pub fn encode_connack(session_present: bool, return_code: u8, out: &mut BytesMut) {
+pub fn connack(session_present: bool, return_code: u8) -> [u8; 4] {
     let session_present = session_present && return_code == CONNACK_ACCEPTED;
-    out.reserve(4);
-    out.put_u8(CONNACK << 4);
-    out.put_u8(2);
-    out.put_u8(u8::from(session_present));
-    out.put_u8(return_code);
+    [CONNACK << 4, 2, u8::from(session_present), return_code]
 }
 
-/// Appends a PUBACK (§3.4): QoS 1 acknowledgement of the client's PUBLISH.
+/// A PUBACK (§3.4): QoS 1 acknowledgement of the client's PUBLISH.
+pub fn puback(packet_id: PacketId) -> [u8; 4] {
+    packet_id_packet(PUBACK << 4, packet_id)
+}
+
+/// A PUBREC (§3.5): QoS 2 step 1, we received the client's PUBLISH.
+pub fn pubrec(packet_id: PacketId) -> [u8; 4] {
+    packet_id_packet(PUBREC << 4, packet_id)
+}
+
+/// A PUBREL (§3.6): QoS 2 step 2 for a PUBLISH we sent (flags 0b0010).
+pub fn pubrel(packet_id: PacketId) -> [u8; 4] {
+    packet_id_packet(PUBREL << 4 | FLAGS_0010, packet_id)
+}
+
+/// A PUBCOMP (§3.7): QoS 2 step 3, the client's PUBLISH is complete.
+pub fn pubcomp(packet_id: PacketId) -> [u8; 4] {
+    packet_id_packet(PUBCOMP << 4, packet_id)
+}
+
+/// An UNSUBACK (§3.11).
+pub fn unsuback(packet_id: PacketId) -> [u8; 4] {
+    packet_id_packet(UNSUBACK << 4, packet_id)
+}
+
+/// A PINGRESP (§3.13).
+pub const PINGRESP_BYTES: [u8; 2] = [PINGRESP << 4, 0];
+
+/// Appends a CONNACK (§3.2); see [`connack`].
+pub fn encode_connack(session_present: bool, return_code: u8, out: &mut BytesMut) {
+    out.extend_from_slice(&connack(session_present, return_code));
+}
+
+/// Appends a PUBACK (§3.4).
 pub fn encode_puback(packet_id: PacketId, out: &mut BytesMut) {
-    encode_packet_id_packet(PUBACK << 4, packet_id, out);
+    out.extend_from_slice(&puback(packet_id));
 }
 
-/// Appends a PUBREC (§3.5): QoS 2 step 1, we received the client's PUBLISH.
+/// Appends a PUBREC (§3.5).
 pub fn encode_pubrec(packet_id: PacketId, out: &mut BytesMut) {
-    encode_packet_id_packet(PUBREC << 4, packet_id, out);
+    out.extend_from_slice(&pubrec(packet_id));
 }
 
-/// Appends a PUBREL (§3.6): QoS 2 step 2 for a PUBLISH we sent (flags 0b0010).
+/// Appends a PUBREL (§3.6).
 pub fn encode_pubrel(packet_id: PacketId, out: &mut BytesMut) {
-    encode_packet_id_packet(PUBREL << 4 | FLAGS_0010, packet_id, out);
+    out.extend_from_slice(&pubrel(packet_id));
 }
 
-/// Appends a PUBCOMP (§3.7): QoS 2 step 3, the client's PUBLISH is complete.
+/// Appends a PUBCOMP (§3.7).
 pub fn encode_pubcomp(packet_id: PacketId, out: &mut BytesMut) {
-    encode_packet_id_packet(PUBCOMP << 4, packet_id, out);
+    out.extend_from_slice(&pubcomp(packet_id));
 }
 
 /// Appends a SUBACK (§3.9) with one return code per filter of the SUBSCRIBE, in
@@ -827,14 +855,12 @@ pub fn encode_suback(
 
 /// Appends an UNSUBACK (§3.11).
 pub fn encode_unsuback(packet_id: PacketId, out: &mut BytesMut) {
-    encode_packet_id_packet(UNSUBACK << 4, packet_id, out);
+    out.extend_from_slice(&unsuback(packet_id));
 }
 
 /// Appends a PINGRESP (§3.13).
 pub fn encode_pingresp(out: &mut BytesMut) {
-    out.reserve(2);
-    out.put_u8(PINGRESP << 4);
-    out.put_u8(0);
+    out.extend_from_slice(&PINGRESP_BYTES);
 }
 
 /// Remaining Length of a PUBLISH: topic with its length prefix, the Packet

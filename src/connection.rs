@@ -361,7 +361,7 @@ async fn read_first_packet(
 
 /// Answers CONNECT with a refusal code and lets the socket close (§3.2.2.3).
 async fn refuse(stream: &mut TcpStream, code: u8) {
-    let _ = stream.write_all(&[0x20, 2, 0, code]).await;
+    let _ = stream.write_all(&codec::connack(false, code)).await;
     let _ = stream.flush().await;
 }
 
@@ -385,7 +385,7 @@ fn attach(
         keep_alive,
         shard.now_ticks(),
     ));
-    session.queue_control(&[0x20, 2, u8::from(session_present), codec::CONNACK_ACCEPTED]);
+    session.queue_control(&codec::connack(session_present, codec::CONNACK_ACCEPTED));
     let limits = shard.limits;
     session.resume(&limits);
     let key = shard.insert_session(session);
@@ -699,7 +699,7 @@ fn handle_packet(
             shard.unsubscribe(key, unsubscribe.packet_id, &unsubscribe.filters)
         }
         Packet::PingReq => {
-            session.queue_control(&[0xd0, 0]);
+            session.queue_control(&codec::PINGRESP_BYTES);
             shard.mark_dirty(key);
         }
         Packet::Disconnect => return Err(CloseReason::Disconnect),

@@ -22,9 +22,7 @@ use std::collections::VecDeque;
 
 use bytestring::ByteString;
 
-#[cfg(test)]
-use crate::codec;
-use crate::codec::{PacketId, QoS};
+use crate::codec::{self, PacketId, QoS};
 use crate::connection::Link;
 use crate::message::{Encoded, Message};
 use crate::outqueue::{Frame, OutFrame, OutQueue};
@@ -362,7 +360,7 @@ impl Session {
     /// PUBREC received: answer PUBREL and wait for PUBCOMP (§4.3.3). An unknown
     /// id still gets a PUBREL, so the client can finish its side.
     pub fn on_pubrec(&mut self, packet_id: PacketId) -> bool {
-        self.queue_control(&pubrel_bytes(packet_id));
+        self.queue_control(&codec::pubrel(packet_id));
         match self.inflight_position(packet_id, Phase::AwaitPubRec) {
             Some(i) => {
                 if let Some(f) = self.flows().inflight.get_mut(i) {
@@ -404,7 +402,7 @@ impl Session {
         if let Some(flows) = self.state.flows.as_mut() {
             flows.awaiting_rel.retain(|&id| id != packet_id);
         }
-        self.queue_control(&[0x70, 2, (packet_id >> 8) as u8, packet_id as u8]);
+        self.queue_control(&codec::pubcomp(packet_id));
     }
 
     /// Queues a small control packet.
@@ -423,7 +421,7 @@ impl Session {
                         f.message
                             .encode_whole(f.message.qos, f.message.retain, true, f.packet_id),
                     ),
-                    Phase::AwaitPubComp => OutFrame::control(&pubrel_bytes(f.packet_id)),
+                    Phase::AwaitPubComp => OutFrame::control(&codec::pubrel(f.packet_id)),
                 };
             self.out.push(frame);
         }
@@ -438,27 +436,13 @@ impl Session {
     }
 }
 
-/// The 4 bytes of a PUBREL (its fixed header flags are 0b0010, §3.6.1).
-fn pubrel_bytes(packet_id: PacketId) -> [u8; 4] {
-    [0x62, 2, (packet_id >> 8) as u8, packet_id as u8]
-}
-
-/// Encodes the PUBACK/PUBREC answer to a received PUBLISH.
+/// The PUBACK/PUBREC answer to a received PUBLISH (none for QoS 0).
 pub fn ack_for_publish(qos: QoS, packet_id: PacketId) -> Option<[u8; 4]> {
-    let kind = match qos {
-        QoS::AtMostOnce => return None,
-        QoS::AtLeastOnce => 0x40,
-        QoS::ExactlyOnce => 0x50,
-    };
-    Some([kind, 2, (packet_id >> 8) as u8, packet_id as u8])
-}
-
-/// Check that `codec`'s PUBREL encoding agrees with the inline one above.
-#[cfg(test)]
-fn codec_pubrel(packet_id: PacketId) -> Vec<u8> {
-    let mut out = bytes::BytesMut::new();
-    codec::encode_pubrel(packet_id, &mut out);
-    out.to_vec()
+    match qos {
+        QoS::AtMostOnce => None,
+        QoS::AtLeastOnce => Some(codec::puback(packet_id)),
+        QoS::ExactlyOnce => Some(codec::pubrec(packet_id)),
+    }
 }
 
 #[cfg(test)]
@@ -619,7 +603,7 @@ mod tests {
             "PUBCOMP before PUBREC is ignored"
         );
         assert!(s.on_pubrec(1));
-        assert_eq!(written(&mut s), codec_pubrel(1));
+        assert_eq!(written(&mut s), codec::pubrel(1).to_vec());
         assert_eq!(s.flows().inflight[0].phase, Phase::AwaitPubComp);
         assert!(s.on_pubcomp(1, &LIMITS));
         assert!(s.flows().inflight.is_empty());
@@ -651,7 +635,7 @@ mod tests {
         s.deliver(&mut enc, QoS::AtLeastOnce, &LIMITS); // parked while offline
         s.link = Some(test_link());
         s.resume(&LIMITS);
-        let mut expected = codec_pubrel(1);
+        let mut expected = codec::pubrel(1).to_vec();
         expected.extend_from_slice(b"\x3c\x08\x00\x03a/b\x00\x02x"); // DUP, QoS 2
         assert_eq!(written(&mut s), expected);
         // The parked message waits: the window (2) is full.

@@ -369,7 +369,7 @@ impl Shard {
             }
         }
         if let Some(session) = self.sessions.get_mut(key as usize) {
-            session.queue_control(&[0xb0, 2, (packet_id >> 8) as u8, packet_id as u8]);
+            session.queue_control(&codec::unsuback(packet_id));
         }
         self.mark_dirty(key);
     }
