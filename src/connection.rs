@@ -1,10 +1,12 @@
 //! One client connection: read ► decode ► session ► write.
 //!
-//! A connection task first waits (bounded by the connect timeout) for CONNECT
-//! (§3.1), claims the client id (take-over, see [`crate::registry`]), attaches
-//! the session, and then loops: read whatever the socket has into the shard's
-//! shared buffer, decode every complete packet, act on each, flush every
-//! subscriber that got something, and hand the publishes to the other shards.
+//! A handshake task waits (bounded by the connect timeout) for CONNECT
+//! (§3.1), claims the client id (take-over, see [`crate::registry`]) and
+//! attaches the session. The connected client then lives in a task of its own,
+//! [`Live`], a small hand-written future that loops: read whatever the socket
+//! has into the shard's shared buffer, decode every complete packet, act on
+//! each, flush every subscriber that got something, hand the publishes to the
+//! other shards; at the end it tears the connection down (will, session).
 //!
 //! Writes normally happen outside this task: [`crate::shard::Shard::flush_dirty`]
 //! sends each dirty session's queue with one non-blocking vectored send. Only
