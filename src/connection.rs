@@ -3,7 +3,7 @@
 //! A handshake task waits (bounded by the connect timeout) for CONNECT
 //! (§3.1), claims the client id (take-over, see [`crate::registry`]) and
 //! attaches the session. The connected client then lives in a task of its own,
-//! [`Live`], a small hand-written future that loops: read whatever the socket
+//! `Live`, a small hand-written future that loops: read whatever the socket
 //! has into the shard's shared buffer, decode every complete packet, act on
 //! each, flush every subscriber that got something, hand the publishes to the
 //! other shards; at the end it tears the connection down (will, session).
@@ -172,7 +172,7 @@ struct Established {
 }
 
 /// Serves one accepted connection: the handshake in this task, then the
-/// connection's life in a task of its own, [`Live`], whose allocation is
+/// connection's life in a task of its own, `Live`, whose allocation is
 /// only what a connected client needs (the handshake's state is freed).
 pub async fn serve(ctx: Ctx, stream: TcpStream, slot: ConnectionSlot) {
     let Some(conn) = handshake(&ctx, stream).await else {
