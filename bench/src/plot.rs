@@ -89,19 +89,29 @@ fn latency_cdf(runs: &[&RunResult], path: &str, title: &str, many: bool) -> Resu
             format!("latency publish→subscriber, {title}"),
             ("sans-serif", 18),
         )
-        .margin(10)
+        .margin(20)
         .x_label_area_size(40)
-        .y_label_area_size(60)
+        .y_label_area_size(80)
         .build_cartesian_2d(0.0..6.0, (1.0..max_y).log_scale())
         .map_err(|e| e.to_string())?;
     chart
         .configure_mesh()
         .x_desc("percentile")
-        .y_desc("latency (µs)")
-        .x_label_formatter(&|x| {
-            let p = 100.0 * (1.0 - 10f64.powf(-x));
-            format!("{p}")
+        .y_desc("latency")
+        .x_label_formatter(&|x: &f64| {
+            // x counts nines: 1 -> 90, 2 -> 99, 3 -> 99.9, ...
+            let nines = x.round().max(0.0) as usize;
+            match nines {
+                0 => "0".to_string(),
+                1 => "90".to_string(),
+                n => format!(
+                    "99{}{}",
+                    if n > 2 { "." } else { "" },
+                    "9".repeat(n.saturating_sub(2))
+                ),
+            }
         })
+        .y_label_formatter(&|y| format_us(*y))
         .x_labels(7)
         .draw()
         .map_err(|e| e.to_string())?;
@@ -117,10 +127,32 @@ fn latency_cdf(runs: &[&RunResult], path: &str, title: &str, many: bool) -> Resu
         .configure_series_labels()
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK)
-        .position(SeriesLabelPosition::UpperLeft)
+        .position(SeriesLabelPosition::LowerRight)
         .draw()
         .map_err(|e| e.to_string())?;
     root.present().map_err(|e| e.to_string())
+}
+
+/// A rate axis label: 1, 10k, 2M, without a fraction.
+fn format_si(v: f64) -> String {
+    if v >= 1e6 {
+        format!("{:.0}M", v / 1e6)
+    } else if v >= 1e3 {
+        format!("{:.0}k", v / 1e3)
+    } else {
+        format!("{v:.0}")
+    }
+}
+
+/// A latency axis label: µs, ms or s, without a fraction.
+fn format_us(us: f64) -> String {
+    if us >= 1e6 {
+        format!("{:.0} s", us / 1e6)
+    } else if us >= 1e3 {
+        format!("{:.0} ms", us / 1e3)
+    } else {
+        format!("{us:.0} µs")
+    }
 }
 
 fn rate_over_time(runs: &[&RunResult], path: &str, title: &str, many: bool) -> Result<(), String> {
@@ -134,26 +166,30 @@ fn rate_over_time(runs: &[&RunResult], path: &str, title: &str, many: bool) -> R
             f.timeline
                 .iter()
                 .enumerate()
-                .map(|(i, &v)| (i as f64 * step, v))
+                .map(|(i, &v)| (i as f64 * step, v.max(1.0)))
                 .collect()
         })
         .collect();
     let max_x = series.iter().flatten().map(|p| p.0).fold(1.0, f64::max);
-    let max_y = series.iter().flatten().map(|p| p.1).fold(1.0, f64::max) * 1.1;
+    // Log scale: peers differ by orders of magnitude (fanmq's burst lasts
+    // a fraction of a second at millions/s, Mosquitto's a minute at tens of
+    // thousands/s), and a linear axis would show only one of them.
+    let max_y = series.iter().flatten().map(|p| p.1).fold(10.0, f64::max) * 2.0;
     let mut chart = ChartBuilder::on(&root)
         .caption(
             format!("deliveries/s over time, {title}"),
             ("sans-serif", 18),
         )
-        .margin(10)
+        .margin(20)
         .x_label_area_size(40)
         .y_label_area_size(70)
-        .build_cartesian_2d(0.0..max_x, 0.0..max_y)
+        .build_cartesian_2d(0.0..max_x, (1.0..max_y).log_scale())
         .map_err(|e| e.to_string())?;
     chart
         .configure_mesh()
         .x_desc("seconds since first delivery")
         .y_desc("deliveries/s")
+        .y_label_formatter(&|y: &f64| format_si(*y))
         .draw()
         .map_err(|e| e.to_string())?;
     for (i, (r, pts)) in runs.iter().zip(series).enumerate() {
@@ -176,6 +212,17 @@ fn rate_over_time(runs: &[&RunResult], path: &str, title: &str, many: bool) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn latency_labels_use_units_without_fractions() {
+        assert_eq!(format_us(1.0), "1 µs");
+        assert_eq!(format_us(1000.0), "1 ms");
+        assert_eq!(format_us(250_000.0), "250 ms");
+        assert_eq!(format_us(100_000_000.0), "100 s");
+        assert_eq!(format_si(40_000.0), "40k");
+        assert_eq!(format_si(25_000_000.0), "25M");
+        assert_eq!(format_si(7.0), "7");
+    }
     use crate::result::FanoutFigures;
     use crate::stats::Latency;
 
