@@ -6,6 +6,7 @@
 //! - deliveries/s over time per broker.
 
 use crate::result::{ResultFile, RunResult};
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 
 /// Plot size in pixels.
@@ -115,7 +116,29 @@ fn latency_cdf(runs: &[&RunResult], path: &str, title: &str, many: bool) -> Resu
         .x_labels(7)
         .draw()
         .map_err(|e| e.to_string())?;
-    for (i, (r, pts)) in runs.iter().zip(points).enumerate() {
+    draw_lines(
+        &mut chart,
+        runs,
+        points,
+        many,
+        SeriesLabelPosition::LowerRight,
+    )?;
+    root.present().map_err(|e| e.to_string())
+}
+
+/// A chart with a linear x axis and a logarithmic y axis (both plots).
+type LogChart<'a, 'b> =
+    ChartContext<'a, SVGBackend<'b>, Cartesian2d<RangedCoordf64, LogCoord<f64>>>;
+
+/// Draws one line per run, in the run's colour, with a legend at `legend`.
+fn draw_lines<'a, 'b: 'a>(
+    chart: &mut LogChart<'a, 'b>,
+    runs: &[&RunResult],
+    lines: Vec<Vec<(f64, f64)>>,
+    many: bool,
+    legend: SeriesLabelPosition,
+) -> Result<(), String> {
+    for (i, (r, pts)) in runs.iter().zip(lines).enumerate() {
         let colour = COLOURS[i % COLOURS.len()];
         chart
             .draw_series(LineSeries::new(pts, colour.stroke_width(2)))
@@ -127,10 +150,9 @@ fn latency_cdf(runs: &[&RunResult], path: &str, title: &str, many: bool) -> Resu
         .configure_series_labels()
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK)
-        .position(SeriesLabelPosition::LowerRight)
+        .position(legend)
         .draw()
-        .map_err(|e| e.to_string())?;
-    root.present().map_err(|e| e.to_string())
+        .map_err(|e| e.to_string())
 }
 
 /// A rate axis label: 1, 10k, 2M, without a fraction.
@@ -192,20 +214,13 @@ fn rate_over_time(runs: &[&RunResult], path: &str, title: &str, many: bool) -> R
         .y_label_formatter(&|y: &f64| format_si(*y))
         .draw()
         .map_err(|e| e.to_string())?;
-    for (i, (r, pts)) in runs.iter().zip(series).enumerate() {
-        let colour = COLOURS[i % COLOURS.len()];
-        chart
-            .draw_series(LineSeries::new(pts, colour.stroke_width(2)))
-            .map_err(|e| e.to_string())?
-            .label(series_name(r, many))
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], colour));
-    }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()
-        .map_err(|e| e.to_string())?;
+    draw_lines(
+        &mut chart,
+        runs,
+        series,
+        many,
+        SeriesLabelPosition::MiddleRight,
+    )?;
     root.present().map_err(|e| e.to_string())
 }
 

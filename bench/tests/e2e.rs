@@ -96,6 +96,26 @@ fn assert_no_loss(results: &Value, subs: u64, msgs: u64) {
     }
 }
 
+/// A fanout of 100 messages to 50 subscribers against the broker on
+/// `port` (plus `extra` options), checked for zero loss; returns the results.
+fn tiny_fanout(port: &str, extra: &[&str]) -> Value {
+    let mut args = vec![
+        "fanout",
+        "--port",
+        port,
+        "--subs",
+        "50",
+        "--msgs",
+        "100",
+        "--duration",
+        "30",
+    ];
+    args.extend_from_slice(extra);
+    let r = bench(&args);
+    assert_no_loss(&r, 50, 100);
+    r
+}
+
 #[test]
 fn fanout_against_mosquitto_loses_nothing() {
     if !have("mosquitto") {
@@ -107,64 +127,27 @@ fn fanout_against_mosquitto_loses_nothing() {
     let pid = broker.0.id().to_string();
     let port = port.to_string();
     // Paced, QoS 0, exact topic, with broker CPU.
-    let r = bench(&[
-        "fanout",
-        "--port",
-        &port,
-        "--subs",
-        "50",
-        "--msgs",
-        "100",
-        "--rate",
-        "500",
-        "--broker-pid",
-        &pid,
-        "--duration",
-        "30",
-    ]);
-    assert_no_loss(&r, 50, 100);
+    let r = tiny_fanout(&port, &["--rate", "500", "--broker-pid", &pid]);
     assert!(r["runs"][0]["broker_usage"]["cpu_s"].as_f64().is_some());
     // Burst, QoS 1, wildcard filter.
-    let r = bench(&[
-        "fanout",
-        "--port",
-        &port,
-        "--subs",
-        "50",
-        "--msgs",
-        "100",
-        "--qos",
-        "1",
-        "--filter",
-        "bench/+",
-        "--duration",
-        "30",
-    ]);
-    assert_no_loss(&r, 50, 100);
+    tiny_fanout(&port, &["--qos", "1", "--filter", "bench/+"]);
     // QoS 2 with '#', two worker processes. Paced: Mosquitto 2.0.11 never
     // sends the QoS 2 messages it queued beyond its inflight window (20) in a
     // burst or faster than it gets PUBCOMPs back (seen here even at 1000/s
     // to 50 subscribers); the bench reports that as loss.
-    let r = bench(&[
-        "fanout",
-        "--port",
+    tiny_fanout(
         &port,
-        "--subs",
-        "50",
-        "--msgs",
-        "100",
-        "--qos",
-        "2",
-        "--filter",
-        "#",
-        "--workers",
-        "2",
-        "--rate",
-        "100",
-        "--duration",
-        "30",
-    ]);
-    assert_no_loss(&r, 50, 100);
+        &[
+            "--qos",
+            "2",
+            "--filter",
+            "#",
+            "--workers",
+            "2",
+            "--rate",
+            "100",
+        ],
+    );
 }
 
 #[test]
@@ -190,32 +173,8 @@ fn fanout_against_fanmq_loses_nothing() {
         port,
     );
     let port = port.to_string();
-    let r = bench(&[
-        "fanout",
-        "--port",
-        &port,
-        "--subs",
-        "50",
-        "--msgs",
-        "100",
-        "--duration",
-        "30",
-    ]);
-    assert_no_loss(&r, 50, 100);
-    let r = bench(&[
-        "fanout",
-        "--port",
-        &port,
-        "--subs",
-        "50",
-        "--msgs",
-        "100",
-        "--qos",
-        "1",
-        "--duration",
-        "30",
-    ]);
-    assert_no_loss(&r, 50, 100);
+    tiny_fanout(&port, &[]);
+    tiny_fanout(&port, &["--qos", "1"]);
 }
 
 #[test]
