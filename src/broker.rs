@@ -18,6 +18,7 @@ use glommio::channels::channel_mesh::MeshBuilder;
 use glommio::{LocalExecutorPoolBuilder, PoolPlacement, PoolThreadHandles};
 use log::{debug, info, warn};
 
+use crate::admission::ConnectionCounts;
 use crate::config::Config;
 use crate::connection::{self, CloseReason};
 use crate::listener::{self, ListenerSet};
@@ -164,7 +165,7 @@ pub fn start(config: Config) -> Result<Broker, BrokerError> {
     let config = Arc::new(config);
     let shutdown = Arc::new(AtomicBool::new(false));
     let ready = Arc::new(AtomicUsize::new(0));
-    let connections = Arc::new(AtomicUsize::new(0));
+    let connections = Arc::new(ConnectionCounts::default());
     let mesh = MeshBuilder::<ShardMsg, _>::full(nr_shards, config.mesh_capacity);
     let pinned = Arc::new(shard_cpus.clone());
 
@@ -213,7 +214,7 @@ struct ShardSetup {
     pinned: Arc<Vec<usize>>,
     shutdown: Arc<AtomicBool>,
     ready: Arc<AtomicUsize>,
-    connections: Arc<AtomicUsize>,
+    connections: Arc<ConnectionCounts>,
 }
 
 /// One shard, from joining the mesh to the end of its shutdown.
@@ -283,7 +284,7 @@ async fn run_shard(setup: ShardSetup) -> Result<(), String> {
         let _ = task.await;
     }
     let deadline = Instant::now() + SHUTDOWN_GRACE;
-    while setup.connections.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+    while setup.connections.total() > 0 && Instant::now() < deadline {
         glommio::timer::sleep(Duration::from_millis(10)).await;
     }
     info!("shard {id} stopped");

@@ -45,6 +45,44 @@ pub const DEFAULT_MESH_CAPACITY: usize = 1024;
 /// Default log level when neither `--log-level` nor `RUST_LOG` says.
 pub const DEFAULT_LOG_LEVEL: &str = "info";
 
+// Hostile-client limits (README, "Security").
+
+/// Connections held at once from one source address (an IPv4 address, or an
+/// IPv6 /64, which one host usually owns whole). 1024 is far more than one
+/// honest host needs and stops one host from taking every descriptor.
+/// Loopback is exempt by default ([`DEFAULT_LIMITS_EXEMPT_LOOPBACK`]). 0: no limit.
+pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 1024;
+/// New connections per second accepted on one listen address (a token bucket
+/// refilled at this rate). 2000/s lets a broker of 100k clients recover from a
+/// restart in under a minute while bounding a connect flood's CPU cost.
+/// 0: no limit.
+pub const DEFAULT_MAX_CONNECTION_RATE: u32 = 2000;
+/// Connections a listener accepts in one burst above the rate (the token
+/// bucket's size).
+pub const DEFAULT_CONNECTION_RATE_BURST: u32 = 4000;
+/// Loopback clients (127.0.0.0/8, ::1) are exempt from the per-address and
+/// rate limits: they are local processes (benchmarks, bridges, health
+/// checks), not remote attackers.
+pub const DEFAULT_LIMITS_EXEMPT_LOOPBACK: bool = true;
+/// Subscriptions one client may hold; SUBSCRIBE beyond it gets 0x80 for the
+/// extra filters. 1000 is plenty for a device, and bounds the router memory
+/// one client can claim. 0: no limit.
+pub const DEFAULT_MAX_SUBSCRIPTIONS_PER_CLIENT: usize = 1000;
+/// Levels in a Topic Name or Topic Filter. Deeper PUBLISH topics close the
+/// connection, deeper filters get SUBACK 0x80. 32 is far beyond real topic
+/// trees and bounds the router's per-match recursion. 0: no limit.
+pub const DEFAULT_MAX_TOPIC_LEVELS: usize = 32;
+/// Longest client id in bytes; longer ones get CONNACK 2 (identifier
+/// rejected). MQTT requires 23 to be allowed (§3.1.3.1); 256 fits UUIDs,
+/// hostnames and cloud thing names, and bounds what a session keeps per id.
+pub const DEFAULT_MAX_CLIENT_ID_LEN: usize = 256;
+/// Bytes queued to clients by all shards together (each shard gets an equal
+/// share). When a shard is over its share it disconnects the non-reading
+/// clients with the largest queues first (README, "Security"). Counted per
+/// client, so frames shared by many queues count many times: an upper bound
+/// of the memory really held. 8 GiB. 0: no limit.
+pub const DEFAULT_MAX_QUEUED_BYTES_TOTAL: usize = 8 << 30;
+
 /// Errors loading the configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -106,6 +144,12 @@ pub struct Cli {
     /// Log level: error, warn, info, debug, trace (RUST_LOG, when set, wins).
     #[arg(long, value_name = "LEVEL")]
     pub log_level: Option<String>,
+    /// Most connections from one IPv4 address or IPv6 /64 (0: no limit).
+    #[arg(long, value_name = "N")]
+    pub max_connections_per_ip: Option<usize>,
+    /// New connections per second per listen address (0: no limit).
+    #[arg(long, value_name = "N")]
+    pub max_connection_rate: Option<u32>,
 }
 
 /// The configuration file's schema: every key optional.
@@ -126,6 +170,14 @@ struct FileConfig {
     sys_interval_secs: Option<u64>,
     mesh_capacity: Option<usize>,
     log_level: Option<String>,
+    max_connections_per_ip: Option<usize>,
+    max_connection_rate: Option<u32>,
+    connection_rate_burst: Option<u32>,
+    limits_exempt_loopback: Option<bool>,
+    max_subscriptions_per_client: Option<usize>,
+    max_topic_levels: Option<usize>,
+    max_client_id_len: Option<usize>,
+    max_queued_bytes_total: Option<usize>,
 }
 
 /// The broker's settings after defaults, file and flags were merged.
@@ -161,6 +213,22 @@ pub struct Config {
     pub log_level: String,
     /// The file this came from, re-read on SIGHUP.
     pub config_file: Option<PathBuf>,
+    /// Connections at once per IPv4 address or IPv6 /64; 0: no limit.
+    pub max_connections_per_ip: usize,
+    /// New connections per second per listen address; 0: no limit.
+    pub max_connection_rate: u32,
+    /// Token-bucket size of the connection rate limit.
+    pub connection_rate_burst: u32,
+    /// Loopback clients skip the per-address and rate limits.
+    pub limits_exempt_loopback: bool,
+    /// Subscriptions per client; 0: no limit.
+    pub max_subscriptions_per_client: usize,
+    /// Levels per Topic Name or Topic Filter; 0: no limit.
+    pub max_topic_levels: usize,
+    /// Longest client id in bytes.
+    pub max_client_id_len: usize,
+    /// Bytes queued to clients, all shards together; 0: no limit.
+    pub max_queued_bytes_total: usize,
 }
 
 impl Default for Config {
@@ -181,6 +249,14 @@ impl Default for Config {
             mesh_capacity: DEFAULT_MESH_CAPACITY,
             log_level: DEFAULT_LOG_LEVEL.to_string(),
             config_file: None,
+            max_connections_per_ip: DEFAULT_MAX_CONNECTIONS_PER_IP,
+            max_connection_rate: DEFAULT_MAX_CONNECTION_RATE,
+            connection_rate_burst: DEFAULT_CONNECTION_RATE_BURST,
+            limits_exempt_loopback: DEFAULT_LIMITS_EXEMPT_LOOPBACK,
+            max_subscriptions_per_client: DEFAULT_MAX_SUBSCRIPTIONS_PER_CLIENT,
+            max_topic_levels: DEFAULT_MAX_TOPIC_LEVELS,
+            max_client_id_len: DEFAULT_MAX_CLIENT_ID_LEN,
+            max_queued_bytes_total: DEFAULT_MAX_QUEUED_BYTES_TOTAL,
         }
     }
 }
@@ -238,6 +314,38 @@ impl Config {
         }
         set(&mut config.mesh_capacity, file.mesh_capacity, None);
         set(&mut config.log_level, file.log_level, cli.log_level.clone());
+        set(
+            &mut config.max_connections_per_ip,
+            file.max_connections_per_ip,
+            cli.max_connections_per_ip,
+        );
+        set(
+            &mut config.max_connection_rate,
+            file.max_connection_rate,
+            cli.max_connection_rate,
+        );
+        set(
+            &mut config.connection_rate_burst,
+            file.connection_rate_burst,
+            None,
+        );
+        set(
+            &mut config.limits_exempt_loopback,
+            file.limits_exempt_loopback,
+            None,
+        );
+        set(
+            &mut config.max_subscriptions_per_client,
+            file.max_subscriptions_per_client,
+            None,
+        );
+        set(&mut config.max_topic_levels, file.max_topic_levels, None);
+        set(&mut config.max_client_id_len, file.max_client_id_len, None);
+        set(
+            &mut config.max_queued_bytes_total,
+            file.max_queued_bytes_total,
+            None,
+        );
         config.validate()?;
         Ok(config)
     }
@@ -279,6 +387,13 @@ impl Config {
         }
         if self.mesh_capacity == 0 {
             return invalid("mesh_capacity", "must be at least 1");
+        }
+        if self.max_connection_rate > 0 && self.connection_rate_burst == 0 {
+            return invalid("connection_rate_burst", "must be at least 1");
+        }
+        // §3.1.3.1: the server MUST allow client ids of 1 to 23 bytes.
+        if self.max_client_id_len < 23 || self.max_client_id_len > 65_535 {
+            return invalid("max_client_id_len", "must be between 23 and 65535");
         }
         Ok(())
     }

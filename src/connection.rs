@@ -22,7 +22,7 @@ use std::future::Future;
 use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
@@ -32,6 +32,7 @@ use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use glommio::net::TcpStream;
 use log::{debug, info};
 
+use crate::admission::{ConnectionCounts, IpKey};
 use crate::codec::{self, Connect, DecodeError, LastWill, Packet, QoS};
 use crate::message::Message;
 use crate::outqueue::Flushed;
@@ -139,12 +140,21 @@ pub fn test_link() -> Link {
     Link::new(1, -1, 0, 0)
 }
 
-/// Counts a live connection against `max_connections` until dropped.
-pub struct ConnectionSlot(pub Arc<AtomicUsize>);
+/// Counts a live connection against `max_connections` (and, when counted,
+/// against `max_connections_per_ip`) until dropped.
+pub struct ConnectionSlot {
+    /// The broker's connection counts.
+    pub counts: Arc<ConnectionCounts>,
+    /// The source address it is counted under; 0: not counted per address.
+    pub ip_key: IpKey,
+}
 
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.counts.total.fetch_sub(1, Ordering::Relaxed);
+        if self.ip_key != 0 {
+            self.counts.remove_ip(self.ip_key);
+        }
     }
 }
 
@@ -244,6 +254,29 @@ async fn handshake(ctx: &Ctx, mut stream: TcpStream) -> Option<Established> {
     {
         debug!("{}: invalid will topic {:?}", Peer(&stream), will.topic);
         ctx.shard.borrow_mut().stats.protocol_errors += 1;
+        return None;
+    }
+    let (max_levels, max_client_id_len) = {
+        let config = &ctx.shard.borrow().config;
+        (config.max_topic_levels, config.max_client_id_len)
+    };
+    if let Some(will) = &last_will
+        && topic::exceeds_levels(&will.topic, max_levels)
+    {
+        debug!(
+            "{}: will topic deeper than max_topic_levels ({max_levels})",
+            Peer(&stream)
+        );
+        ctx.shard.borrow_mut().stats.protocol_errors += 1;
+        return None;
+    }
+    if client_id.len() > max_client_id_len {
+        debug!(
+            "{}: client id of {} bytes is over max_client_id_len ({max_client_id_len}), CONNACK 2",
+            Peer(&stream),
+            client_id.len()
+        );
+        refuse(&mut stream, codec::CONNACK_IDENTIFIER_REJECTED).await;
         return None;
     }
     if ctx.shard.borrow().shutting_down {
@@ -626,6 +659,7 @@ fn handle_packet(
     packet: Packet,
 ) -> Result<(), CloseReason> {
     let limits = shard.limits;
+    let max_topic_levels = shard.config.max_topic_levels;
     let Some(session) = shard.session_for(key, conn_id) else {
         return Err(CloseReason::TakenOver);
     };
@@ -640,6 +674,14 @@ fn handle_packet(
                 debug!(
                     "client {}: invalid topic name {:?}",
                     session.client_id, publish.topic
+                );
+                shard.stats.protocol_errors += 1;
+                return Err(CloseReason::ProtocolError);
+            }
+            if topic::exceeds_levels(&publish.topic, max_topic_levels) {
+                debug!(
+                    "client {}: topic deeper than max_topic_levels ({max_topic_levels}), closing",
+                    session.client_id
                 );
                 shard.stats.protocol_errors += 1;
                 return Err(CloseReason::ProtocolError);

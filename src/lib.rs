@@ -12,6 +12,7 @@
 //! The map, in data-path order:
 //! - [`broker`]: start the shard pool, join the mesh, shut down gracefully.
 //! - [`listener`]: SO_REUSEPORT sockets, the accept loop, connection limits.
+//! - [`admission`]: per-address connection counts, connection-rate bucket.
 //! - [`connection`]: one client: read ► decode ► act ► write, keep-alive.
 //! - [`codec`]: MQTT 3.1.1 / 3.1 packets, decode and encode.
 //! - [`session`]: the session state machine: QoS flows, inflight, queues.
@@ -24,6 +25,7 @@
 //! - [`sys`]: counters and `$SYS` topics.
 //! - [`config`], [`os`]: configuration; host limits, logging, systemd.
 
+pub mod admission;
 pub mod broker;
 pub mod codec;
 pub mod config;

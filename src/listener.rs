@@ -11,17 +11,22 @@
 //! close, not a hanging SYN), and when the process is out of file descriptors
 //! (EMFILE/ENFILE) or memory it logs, waits, and tries again, so it recovers
 //! once descriptors free up.
+//!
+//! It also applies the per-address connection limit and the connection-rate
+//! token bucket ([`crate::admission`]): a refused socket is closed right
+//! after accept, counted, and logged at most once per [`WARN_INTERVAL`].
 
 use std::net::SocketAddr;
 use std::os::fd::{FromRawFd, IntoRawFd, RawFd};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use glommio::net::TcpListener;
 use log::{debug, warn};
 use socket2::{Domain, Protocol, Socket, Type};
 
+use crate::admission::{self, ConnectionCounts, TokenBucket};
 use crate::connection::{self, ConnectionSlot};
 use crate::shard::Ctx;
 
@@ -90,11 +95,13 @@ fn make_socket(addr: SocketAddr, backlog: u32) -> std::io::Result<Socket> {
 }
 
 /// Accepts connections on `fd` for this shard until shutdown.
-pub async fn accept_loop(ctx: Ctx, fd: RawFd, addr: SocketAddr, connections: Arc<AtomicUsize>) {
+pub async fn accept_loop(ctx: Ctx, fd: RawFd, addr: SocketAddr, counts: Arc<ConnectionCounts>) {
     // SAFETY: `fd` is a listening socket created by `bind` and handed to
     // exactly this shard; the listener takes ownership and closes it.
     let listener = unsafe { TcpListener::from_raw_fd(fd) };
-    let max = ctx.shard.borrow().config.max_connections;
+    let config = ctx.shard.borrow().config.clone();
+    let max = config.max_connections;
+    let mut admission = Admission::new(&config, ctx.nr_shards);
     let mut last_warning: Option<Instant> = None;
     loop {
         let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
@@ -109,8 +116,18 @@ pub async fn accept_loop(ctx: Ctx, fd: RawFd, addr: SocketAddr, connections: Arc
         match accepted {
             Ok(stream) => {
                 ctx.shard.borrow_mut().stats.connections_accepted += 1;
-                if connections.fetch_add(1, Ordering::Relaxed) >= max {
-                    connections.fetch_sub(1, Ordering::Relaxed);
+                let ip_key = match admission.admit(&ctx, &stream, &counts) {
+                    Ok(key) => key,
+                    Err(()) => {
+                        drop(stream);
+                        continue;
+                    }
+                };
+                if counts.total.fetch_add(1, Ordering::Relaxed) >= max {
+                    counts.total.fetch_sub(1, Ordering::Relaxed);
+                    if ip_key != 0 {
+                        counts.remove_ip(ip_key);
+                    }
                     ctx.shard.borrow_mut().stats.connections_refused += 1;
                     if should_warn(&mut last_warning) {
                         warn!("max_connections ({max}) reached: refusing new connections");
@@ -119,7 +136,10 @@ pub async fn accept_loop(ctx: Ctx, fd: RawFd, addr: SocketAddr, connections: Arc
                     continue;
                 }
                 let _ = stream.set_nodelay(true);
-                let slot = ConnectionSlot(connections.clone());
+                let slot = ConnectionSlot {
+                    counts: counts.clone(),
+                    ip_key,
+                };
                 glommio::spawn_local(connection::serve(ctx.clone(), stream, slot)).detach();
             }
             Err(e) => {
@@ -143,6 +163,90 @@ pub async fn accept_loop(ctx: Ctx, fd: RawFd, addr: SocketAddr, connections: Arc
                 }
             }
         }
+    }
+}
+
+/// One accept loop's per-address and rate limits (see [`crate::admission`]).
+struct Admission {
+    /// Connections at once per address; 0: no limit.
+    max_per_ip: usize,
+    /// This shard's share of the listener's rate; None: no limit.
+    bucket: Option<TokenBucket>,
+    /// Loopback clients skip both limits.
+    exempt_loopback: bool,
+    /// Last per-address warning (rate-limited log line).
+    last_ip_warning: Option<Instant>,
+    /// Last rate warning.
+    last_rate_warning: Option<Instant>,
+}
+
+impl Admission {
+    /// The limits of `config`, for one of `shards` accept loops.
+    fn new(config: &crate::config::Config, shards: usize) -> Admission {
+        let bucket = (config.max_connection_rate > 0).then(|| {
+            TokenBucket::shard_share(
+                config.max_connection_rate,
+                config.connection_rate_burst,
+                shards,
+                Instant::now(),
+            )
+        });
+        Admission {
+            max_per_ip: config.max_connections_per_ip,
+            bucket,
+            exempt_loopback: config.limits_exempt_loopback,
+            last_ip_warning: None,
+            last_rate_warning: None,
+        }
+    }
+
+    /// Checks the rate and the per-address count for a new connection.
+    /// Ok with the address key it was counted under (0: not counted), Err
+    /// when it must be closed now (already counted in the stats).
+    fn admit(
+        &mut self,
+        ctx: &Ctx,
+        stream: &glommio::net::TcpStream,
+        counts: &ConnectionCounts,
+    ) -> Result<admission::IpKey, ()> {
+        if self.bucket.is_none() && self.max_per_ip == 0 {
+            return Ok(0);
+        }
+        let Ok(peer) = stream.peer_addr() else {
+            // Already gone (reset before we looked): nothing to count.
+            return Err(());
+        };
+        if self.exempt_loopback && peer.ip().to_canonical().is_loopback() {
+            return Ok(0);
+        }
+        if let Some(bucket) = &mut self.bucket
+            && !bucket.try_take(Instant::now())
+        {
+            ctx.shard.borrow_mut().stats.connections_rate_limited += 1;
+            if should_warn(&mut self.last_rate_warning) {
+                warn!(
+                    "max_connection_rate reached on {}: closing new connections (latest from {peer})",
+                    stream.local_addr().map_or_else(|_| "?".into(), |a| a.to_string())
+                );
+            }
+            return Err(());
+        }
+        if self.max_per_ip == 0 {
+            return Ok(0);
+        }
+        let key = admission::ip_key(peer.ip());
+        if !counts.try_add_ip(key, self.max_per_ip) {
+            ctx.shard.borrow_mut().stats.connections_ip_limited += 1;
+            if should_warn(&mut self.last_ip_warning) {
+                warn!(
+                    "max_connections_per_ip ({}) reached for {}: closing its new connections",
+                    self.max_per_ip,
+                    peer.ip()
+                );
+            }
+            return Err(());
+        }
+        Ok(key)
     }
 }
 

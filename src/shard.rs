@@ -322,9 +322,29 @@ impl Shard {
                 codes.push(codec::SUBACK_FAILURE);
                 continue;
             }
+            if topic::exceeds_levels(&filter, self.config.max_topic_levels) {
+                debug!("refused topic filter {filter:?}: over max_topic_levels");
+                self.stats.subscriptions_refused += 1;
+                codes.push(codec::SUBACK_FAILURE);
+                continue;
+            }
+            let max_subscriptions = self.config.max_subscriptions_per_client;
             let Some(session) = self.sessions.get_mut(key as usize) else {
                 return;
             };
+            let subscriptions = &session.state.subscriptions;
+            if max_subscriptions > 0
+                && subscriptions.len() >= max_subscriptions
+                && !subscriptions.iter().any(|(f, _)| *f == filter)
+            {
+                debug!(
+                    "client {}: refused topic filter {filter:?}: max_subscriptions_per_client ({max_subscriptions}) reached",
+                    session.client_id
+                );
+                self.stats.subscriptions_refused += 1;
+                codes.push(codec::SUBACK_FAILURE);
+                continue;
+            }
             session.subscribe(&filter, qos);
             self.router.subscribe(&filter, key, qos);
             codes.push(qos as u8);

@@ -47,6 +47,21 @@ pub struct Counters {
     pub bytes_sent: u64,
     /// Connections closed for malformed packets or protocol violations.
     pub protocol_errors: u64,
+    /// Connections closed right after accept: their address already had
+    /// `max_connections_per_ip`.
+    pub connections_ip_limited: u64,
+    /// Connections closed right after accept: the listener was over
+    /// `max_connection_rate`.
+    pub connections_rate_limited: u64,
+    /// SUBSCRIBE filters refused (0x80) by `max_subscriptions_per_client`
+    /// or `max_topic_levels`.
+    pub subscriptions_refused: u64,
+    /// Clients disconnected because their shard was over its share of
+    /// `max_queued_bytes_total` and they were not reading.
+    pub clients_shed: u64,
+    /// Bytes queued to clients (gauge, per-client count; see
+    /// `max_queued_bytes_total`).
+    pub queued_bytes: u64,
 }
 
 impl Counters {
@@ -65,6 +80,11 @@ impl Counters {
         self.bytes_received += other.bytes_received;
         self.bytes_sent += other.bytes_sent;
         self.protocol_errors += other.protocol_errors;
+        self.connections_ip_limited += other.connections_ip_limited;
+        self.connections_rate_limited += other.connections_rate_limited;
+        self.subscriptions_refused += other.subscriptions_refused;
+        self.clients_shed += other.clients_shed;
+        self.queued_bytes += other.queued_bytes;
     }
 }
 
@@ -135,6 +155,23 @@ pub fn sys_messages(total: &Counters, uptime: Duration) -> Vec<(&'static str, St
         (
             "$SYS/broker/connections/refused",
             total.connections_refused.to_string(),
+        ),
+        (
+            "$SYS/broker/connections/refused/per_ip",
+            total.connections_ip_limited.to_string(),
+        ),
+        (
+            "$SYS/broker/connections/refused/rate",
+            total.connections_rate_limited.to_string(),
+        ),
+        (
+            "$SYS/broker/subscriptions/refused",
+            total.subscriptions_refused.to_string(),
+        ),
+        ("$SYS/broker/clients/shed", total.clients_shed.to_string()),
+        (
+            "$SYS/broker/queued/bytes",
+            total.queued_bytes.to_string(),
         ),
     ]
 }

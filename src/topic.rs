@@ -64,6 +64,13 @@ fn validate_common(topic: &str) -> Result<(), TopicError> {
     Ok(())
 }
 
+/// True when `topic` (a Topic Name or Filter) has more than `max` levels
+/// (`max_topic_levels`; 0: no limit). One byte scan, once per PUBLISH or
+/// filter received, never per delivery.
+pub fn exceeds_levels(topic: &str, max: usize) -> bool {
+    max > 0 && topic.bytes().filter(|&b| b == b'/').count() >= max
+}
+
 /// Checks a Topic Name (a PUBLISH's or a will's topic): non-empty, at most
 /// [`MAX_TOPIC_LEN`] bytes, no U+0000, no wildcard characters.
 ///
@@ -311,5 +318,15 @@ mod tests {
                 let _ = filter_matches(filter, topic);
             }
         }
+    }
+
+    #[test]
+    fn level_limit() {
+        assert!(!exceeds_levels("a/b/c", 3));
+        assert!(exceeds_levels("a/b/c/d", 3));
+        assert!(exceeds_levels("///", 3), "empty levels count");
+        assert!(!exceeds_levels("a/b/c/d/e/f", 0), "0: no limit");
+        assert!(!exceeds_levels("a", 1));
+        assert!(exceeds_levels("a/", 1));
     }
 }

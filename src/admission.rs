@@ -1,0 +1,242 @@
+//! Who may connect: the per-address connection count and the per-listener
+//! connection rate (README, "Security").
+//!
+//! Both are checked in the accept loop ([`crate::listener`]), right after
+//! `accept`, before anything is read: a refused socket is closed at once
+//! (no CONNACK is possible before CONNECT, and reading the CONNECT first
+//! would hand the flood the very CPU and descriptors the limits protect).
+//!
+//! - **Per address** ([`ConnectionCounts`]): exact and global across shards.
+//!   SO_REUSEPORT spreads one address's connections over every shard (the
+//!   kernel hashes the source port too), so a per-shard share would refuse
+//!   honest clients early on an unlucky spread. The counts live in a map
+//!   split into [`STRIPES`] mutex-guarded stripes: only accepts and closes
+//!   touch it, never the fan-out path, and two shards rarely hit one stripe.
+//!   An IPv4 client is counted by its address, an IPv6 client by its /64
+//!   (one host usually owns a whole /64 and can pick any address in it).
+//! - **Rate** ([`TokenBucket`]): per shard, with the configured rate and
+//!   burst divided by the number of shards. SO_REUSEPORT spreads new
+//!   connections evenly, so the listener as a whole accepts about the
+//!   configured rate, with no shared state at all.
+//!
+//! Loopback clients are exempt from both by default
+//! (`limits_exempt_loopback`): benchmarks and local tools open tens of
+//! thousands of connections from 127.0.0.x in bursts.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+/// Stripes of the per-address map; a power of two well above the shard
+/// count, so concurrent accepts on different shards rarely share a lock.
+pub const STRIPES: usize = 64;
+
+/// A source address as counted: an IPv4 address (upper 32 bits zero) or an
+/// IPv6 /64 prefix. 0 marks a connection that is not counted (exempt, or
+/// the limit is off); 0.0.0.0 is never a peer address.
+pub type IpKey = u64;
+
+/// The counting key of `ip` (IPv4-mapped IPv6 counts as IPv4).
+pub fn ip_key(ip: IpAddr) -> IpKey {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => u64::from(u32::from(v4)),
+        IpAddr::V6(v6) => (u128::from(v6) >> 64) as u64,
+    }
+}
+
+/// The live connection count of the broker and of each source address,
+/// shared by all shards.
+#[derive(Debug)]
+pub struct ConnectionCounts {
+    /// Live connections, all shards together (`max_connections`).
+    pub total: AtomicUsize,
+    /// Live counted connections per [`IpKey`], split into stripes.
+    per_ip: Vec<Mutex<HashMap<IpKey, u32>>>,
+}
+
+impl Default for ConnectionCounts {
+    fn default() -> Self {
+        ConnectionCounts {
+            total: AtomicUsize::new(0),
+            per_ip: (0..STRIPES).map(|_| Mutex::default()).collect(),
+        }
+    }
+}
+
+impl ConnectionCounts {
+    /// The stripe holding `key`.
+    fn stripe(&self, key: IpKey) -> &Mutex<HashMap<IpKey, u32>> {
+        // Fold the bits that differ between neighbours (the low ones of an
+        // IPv4 address, the high ones of a /64) into the stripe index.
+        let mixed = key ^ (key >> 32) ^ (key >> 17);
+        &self.per_ip[(mixed as usize) % STRIPES]
+    }
+
+    /// Counts one more connection from `key` unless it already has `max`;
+    /// false when refused.
+    pub fn try_add_ip(&self, key: IpKey, max: usize) -> bool {
+        let mut map = match self.stripe(key).lock() {
+            Ok(map) => map,
+            // A panic while holding the lock cannot leave a count half
+            // updated (each update is one statement): keep using it.
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let count = map.entry(key).or_insert(0);
+        if *count as usize >= max {
+            if *count == 0 {
+                map.remove(&key);
+            }
+            return false;
+        }
+        *count += 1;
+        true
+    }
+
+    /// One connection from `key` ended.
+    pub fn remove_ip(&self, key: IpKey) {
+        let mut map = match self.stripe(key).lock() {
+            Ok(map) => map,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if let Some(count) = map.get_mut(&key) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                map.remove(&key);
+            }
+        }
+    }
+
+    /// Live counted connections from `key` (for tests and diagnostics).
+    pub fn ip_count(&self, key: IpKey) -> u32 {
+        let map = match self.stripe(key).lock() {
+            Ok(map) => map,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        map.get(&key).copied().unwrap_or(0)
+    }
+
+    /// Live connections, all shards together.
+    pub fn total(&self) -> usize {
+        self.total.load(Ordering::Relaxed)
+    }
+}
+
+/// A token bucket: `rate` tokens per second, at most `capacity` saved up.
+#[derive(Clone, Debug)]
+pub struct TokenBucket {
+    /// Tokens added per second.
+    rate: f64,
+    /// Most tokens held (the burst).
+    capacity: f64,
+    /// Tokens now.
+    tokens: f64,
+    /// When `tokens` was last brought up to date.
+    last: Instant,
+}
+
+impl TokenBucket {
+    /// A full bucket.
+    pub fn new(rate: f64, capacity: f64, now: Instant) -> TokenBucket {
+        TokenBucket {
+            rate,
+            capacity,
+            tokens: capacity,
+            last: now,
+        }
+    }
+
+    /// This shard's share of a listener's `rate`/s and `burst`: each divided
+    /// by `shards` (at least one connection per second and per burst).
+    pub fn shard_share(rate: u32, burst: u32, shards: usize, now: Instant) -> TokenBucket {
+        let shards = shards.max(1) as f64;
+        TokenBucket::new(
+            (f64::from(rate) / shards).max(1.0),
+            (f64::from(burst) / shards).ceil().max(1.0),
+            now,
+        )
+    }
+
+    /// Takes a token if there is one at `now`.
+    pub fn try_take(&mut self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.capacity);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn ipv4_by_address_ipv6_by_slash_64() {
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        assert_ne!(ip_key(a), ip_key(b));
+        let mapped: IpAddr = "::ffff:10.0.0.1".parse().unwrap();
+        assert_eq!(ip_key(a), ip_key(mapped));
+        let v6a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let v6b: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        let v6c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(ip_key(v6a), ip_key(v6b));
+        assert_ne!(ip_key(v6a), ip_key(v6c));
+        assert_ne!(ip_key(a), 0);
+    }
+
+    #[test]
+    fn per_ip_counts_refuse_beyond_the_limit_and_free_on_close() {
+        let counts = ConnectionCounts::default();
+        let a = ip_key("192.0.2.7".parse().unwrap());
+        let b = ip_key("192.0.2.8".parse().unwrap());
+        assert!(counts.try_add_ip(a, 2));
+        assert!(counts.try_add_ip(a, 2));
+        assert!(!counts.try_add_ip(a, 2));
+        assert!(counts.try_add_ip(b, 2));
+        counts.remove_ip(a);
+        assert_eq!(counts.ip_count(a), 1);
+        assert!(counts.try_add_ip(a, 2));
+        counts.remove_ip(a);
+        counts.remove_ip(a);
+        counts.remove_ip(a);
+        assert_eq!(counts.ip_count(a), 0);
+        assert!(!counts.try_add_ip(a, 0), "a zero limit admits nobody");
+        assert_eq!(counts.ip_count(a), 0);
+    }
+
+    #[test]
+    fn token_bucket_allows_the_burst_then_the_rate() {
+        let t0 = Instant::now();
+        let mut bucket = TokenBucket::new(10.0, 3.0, t0);
+        assert!(bucket.try_take(t0));
+        assert!(bucket.try_take(t0));
+        assert!(bucket.try_take(t0));
+        assert!(!bucket.try_take(t0));
+        // 10/s: one token every 100 ms.
+        assert!(!bucket.try_take(t0 + Duration::from_millis(50)));
+        assert!(bucket.try_take(t0 + Duration::from_millis(110)));
+        assert!(!bucket.try_take(t0 + Duration::from_millis(120)));
+        // Never more than the burst saved up.
+        let later = t0 + Duration::from_secs(60);
+        let taken = (0..10).filter(|_| bucket.try_take(later)).count();
+        assert_eq!(taken, 3);
+    }
+
+    #[test]
+    fn shard_share_divides_rate_and_burst() {
+        let t0 = Instant::now();
+        let mut bucket = TokenBucket::shard_share(100, 8, 4, t0);
+        let taken = (0..10).filter(|_| bucket.try_take(t0)).count();
+        assert_eq!(taken, 2);
+        let mut tiny = TokenBucket::shard_share(1, 1, 4, t0);
+        assert!(tiny.try_take(t0), "at least one per burst");
+    }
+}
