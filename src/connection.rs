@@ -65,6 +65,9 @@ pub enum CloseReason {
     TakenOver,
     /// The broker is shutting down.
     Shutdown,
+    /// The client did not read while its shard was over its share of
+    /// `max_queued_bytes_total` (see [`crate::shard::Shard::shed`]).
+    Shed,
 }
 
 impl CloseReason {

@@ -18,6 +18,7 @@
 //! subscribers costs plain increments, not atomic read-modify-writes (17% of
 //! the broker's CPU in a burst fan-out when frames were `Bytes`).
 
+use std::cell::Cell;
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::RawFd;
@@ -29,6 +30,31 @@ pub const MAX_IOVECS_PER_WRITE: usize = 256;
 
 /// Encoded bytes shared by the queues of one shard.
 pub type Frame = Rc<[u8]>;
+
+thread_local! {
+    /// Bytes queued in every [`OutQueue`] of this thread. A shard is one
+    /// thread, so this is the shard's total, kept with one plain add or
+    /// subtract per queue change (no atomics, nothing to pass around); the
+    /// shard compares it with its share of `max_queued_bytes_total` once per
+    /// step (see [`crate::shard::Shard::flush_dirty`]).
+    static QUEUED_BYTES: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Bytes queued in all the outgoing queues of this shard (thread). Counted
+/// per queue: a frame shared by many queues counts once per queue.
+pub fn shard_queued_bytes() -> usize {
+    QUEUED_BYTES.with(Cell::get)
+}
+
+/// Adds `n` to this shard's queued bytes.
+fn count_queued(n: usize) {
+    QUEUED_BYTES.with(|c| c.set(c.get() + n));
+}
+
+/// Subtracts `n` from this shard's queued bytes.
+fn uncount_queued(n: usize) {
+    QUEUED_BYTES.with(|c| c.set(c.get().saturating_sub(n)));
+}
 
 /// One entry of a client's outgoing queue.
 #[derive(Clone, Debug)]
@@ -189,6 +215,7 @@ impl OutQueue {
     /// Appends an entry.
     pub fn push(&mut self, frame: OutFrame) {
         self.bytes += frame.len();
+        count_queued(frame.len());
         self.publishes += frame.publishes();
         self.frames.push_back(frame);
     }
@@ -198,6 +225,7 @@ impl OutQueue {
     /// there (the usual case in a burst: no new entry per message).
     pub fn push_batch(&mut self, start: u32, len: u32) {
         self.bytes += len as usize;
+        count_queued(len as usize);
         self.publishes += 1;
         if let Some(OutFrame::Batch {
             start: s,
@@ -259,7 +287,14 @@ impl OutQueue {
     }
 
     /// Marks `n` bytes as written, popping completed frames.
-    pub fn advance(&mut self, mut n: usize) {
+    pub fn advance(&mut self, n: usize) {
+        let before = self.bytes;
+        self.pop_written(n);
+        uncount_queued(before - self.bytes);
+    }
+
+    /// [`OutQueue::advance`] without the shard's count.
+    fn pop_written(&mut self, mut n: usize) {
         while n > 0 {
             let Some(front) = self.frames.front() else {
                 return;
@@ -335,6 +370,14 @@ impl OutQueue {
                 return Ok((written, Flushed::WouldBlock));
             }
         }
+    }
+}
+
+impl Drop for OutQueue {
+    fn drop(&mut self) {
+        // Whatever was never written leaves the shard's count with the queue
+        // (this also covers `clear`, which replaces the queue).
+        uncount_queued(self.bytes);
     }
 }
 
@@ -465,5 +508,24 @@ mod tests {
         let mut q = OutQueue::default();
         q.push(OutFrame::whole(Frame::from(&b"x"[..])));
         assert!(q.flush(a.as_raw_fd(), &mut Vec::new()).is_err());
+    }
+
+    #[test]
+    fn the_shard_count_follows_every_queue() {
+        // Tests run on their own threads: the count starts at zero here.
+        let base = shard_queued_bytes();
+        let mut a = OutQueue::default();
+        let mut b = OutQueue::default();
+        a.push(OutFrame::control(&[0xd0, 0]));
+        a.push_batch(0, 10);
+        b.push(publish_frame(1));
+        let b_len = b.bytes();
+        assert_eq!(shard_queued_bytes(), base + 12 + b_len);
+        a.advance(5);
+        assert_eq!(shard_queued_bytes(), base + 7 + b_len);
+        a.clear();
+        assert_eq!(shard_queued_bytes(), base + b_len);
+        drop(b);
+        assert_eq!(shard_queued_bytes(), base);
     }
 }

@@ -14,6 +14,9 @@
 //!   and counted, as Mosquitto does with `max_queued_messages`.
 //! - QoS 0 to an offline client: not queued (Mosquitto's default,
 //!   `queue_qos0_messages false`).
+//! - QoS 1/2 to an offline client while the shard is over its share of
+//!   `max_queued_bytes_total`: dropped and counted (see
+//!   [`crate::shard::Shard::shed`] for the rest of the shedding order).
 //!
 //! The state that survives the connection ([`SessionState`]) is `Send`, so it
 //! can move to another shard on take-over.
@@ -41,6 +44,18 @@ pub struct Limits {
     /// PUBREL; more are refused (EMQX's `max_awaiting_rel`), so a client
     /// cannot grow this set without bound.
     pub max_awaiting_rel: usize,
+    /// This shard's share of `max_queued_bytes_total` (0: no limit). While
+    /// the shard's queued bytes are over it, QoS 1/2 messages are no longer
+    /// parked for offline sessions (shedding stage 1, README "Security").
+    pub max_queued_bytes_shard: usize,
+}
+
+impl Limits {
+    /// True while this shard is over its share of `max_queued_bytes_total`.
+    pub fn shard_over_budget(&self) -> bool {
+        self.max_queued_bytes_shard > 0
+            && crate::outqueue::shard_queued_bytes() > self.max_queued_bytes_shard
+    }
 }
 
 /// Where an outgoing QoS 1/2 PUBLISH is in its flow (§4.3).
@@ -265,6 +280,9 @@ impl Session {
 
     /// Puts a QoS 1/2 message in the pending queue, or drops it when full.
     fn park(&mut self, message: Message, limits: &Limits) -> Delivery {
+        if !self.is_online() && limits.shard_over_budget() {
+            return Delivery::Dropped;
+        }
         let len = message.wire_len();
         let flows = self.flows();
         if flows.pending.len() >= limits.max_queued_messages
@@ -456,6 +474,7 @@ mod tests {
         max_queued_messages: 3,
         max_queued_bytes: 1 << 20,
         max_awaiting_rel: 2,
+        max_queued_bytes_shard: 0,
     };
 
     fn msg(qos: QoS, payload: &'static [u8]) -> Message {

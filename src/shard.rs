@@ -141,6 +141,7 @@ impl Shard {
             max_queued_messages: config.max_queued_messages,
             max_queued_bytes: config.max_queued_bytes,
             max_awaiting_rel: config.max_awaiting_rel,
+            max_queued_bytes_shard: config.max_queued_bytes_total / nr_shards.max(1),
         };
         Shard {
             id,
@@ -295,6 +296,55 @@ impl Shard {
         dirty.clear();
         if self.dirty.is_empty() {
             self.dirty = dirty;
+        }
+        // Once per step, not per delivery: is the shard over its share of
+        // `max_queued_bytes_total`?
+        if self.limits.shard_over_budget() {
+            self.shed();
+        }
+    }
+
+    /// The shard is over its share of `max_queued_bytes_total`: disconnects
+    /// the clients that do not read (their socket's send buffer is full),
+    /// largest queue first, until the shard is back under its share. Their
+    /// queues are freed at once, so the next step does not shed again for
+    /// the same bytes. This is stage 2 of the shedding order (README,
+    /// "Security"); stage 0 is each client's own queue limit (QoS 0 dropped
+    /// at a full queue), stage 1 refuses to park QoS 1/2 for offline
+    /// sessions while over budget ([`Limits::shard_over_budget`]).
+    pub fn shed(&mut self) {
+        let budget = self.limits.max_queued_bytes_shard;
+        let mut stalled: Vec<(usize, SessionKey)> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.link.as_ref().is_some_and(|l| l.blocked) && !s.out.is_empty())
+            .map(|(key, s)| (s.out.bytes(), key as SessionKey))
+            .collect();
+        stalled.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        let before = self.stats.clients_shed;
+        for (bytes, key) in stalled {
+            if crate::outqueue::shard_queued_bytes() <= budget {
+                break;
+            }
+            let Some(session) = self.sessions.get_mut(key as usize) else {
+                continue;
+            };
+            debug!(
+                "client {} shed: not reading, {bytes} bytes queued",
+                session.client_id
+            );
+            session.out.clear();
+            if let Some(link) = session.link.as_mut() {
+                link.close(CloseReason::Shed);
+            }
+            self.stats.clients_shed += 1;
+        }
+        let shed = self.stats.clients_shed - before;
+        if shed > 0 {
+            log::info!(
+                "shard {} over its share of max_queued_bytes_total ({budget} bytes): disconnected {shed} clients that do not read",
+                self.id
+            );
         }
     }
 

@@ -96,6 +96,7 @@ impl Shard {
         c.clients_total = self.sessions.len() as u64;
         c.subscriptions = self.router.len() as u64;
         c.retained = self.retained.len() as u64;
+        c.queued_bytes = crate::outqueue::shard_queued_bytes() as u64;
         c
     }
 }
