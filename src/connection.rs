@@ -345,8 +345,40 @@ async fn teardown(ctx: &Ctx, conn: Established, reason: CloseReason) {
     ctx.send_outbox();
     ctx.forward_publishes().await;
     debug!("{}: connection closed: {reason:?}", Peer(&conn.stream));
+    if reason == CloseReason::Shed {
+        // An abortive close (RST): the kernel drops the megabytes still in
+        // the socket's send buffer now instead of trickling them out to a
+        // client that does not read.
+        reset_on_close(conn.stream.as_raw_fd());
+    }
     // The link is gone from the session; only now may the socket close.
     drop(conn.stream);
+}
+
+/// Makes the coming `close` of `fd` send a reset and discard unsent data
+/// (SO_LINGER with a zero timeout).
+fn reset_on_close(fd: RawFd) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: `fd` is an open socket owned by the caller; the option value
+    // is a valid `linger` of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        debug!(
+            "SO_LINGER on a shed connection failed: {}",
+            std::io::Error::last_os_error()
+        );
+    }
 }
 
 /// A client's address for log lines, looked up only when a line is written
@@ -564,13 +596,18 @@ fn poll_event(cx: &mut Context<'_>, ctx: &Ctx, conn: &mut Established) -> Poll<E
         read_buf,
         limits,
         iovecs,
+        shed_conns,
         ..
     } = &mut *guard;
     let Some(session) = sessions
         .get_mut(key as usize)
         .filter(|s| s.link.as_ref().is_some_and(|l| l.conn_id == conn_id))
     else {
-        // The session left this connection (take-over).
+        // The session left this connection: shed, or taken over.
+        if let Some(i) = shed_conns.iter().position(|&c| c == conn_id) {
+            shed_conns.swap_remove(i);
+            return Poll::Ready(Event::Closed(CloseReason::Shed));
+        }
         return Poll::Ready(Event::Closed(CloseReason::TakenOver));
     };
     let Some(link) = session.link.as_mut() else {
@@ -625,7 +662,7 @@ fn poll_event(cx: &mut Context<'_>, ctx: &Ctx, conn: &mut Established) -> Poll<E
 }
 
 /// Decodes and handles every complete packet in `rx`.
-fn process(
+pub(crate) fn process(
     shard: &mut Shard,
     key: SessionKey,
     conn_id: u64,

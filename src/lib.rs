@@ -24,12 +24,15 @@
 //! - [`message`], [`outqueue`]: a message, its shared frames, the write queue.
 //! - [`sys`]: counters and `$SYS` topics.
 //! - [`config`], [`os`]: configuration; host limits, logging, systemd.
+//! - `fuzzing`: the `cargo fuzz` targets' entry points (see `fuzz/`).
 
 pub mod admission;
 pub mod broker;
 pub mod codec;
 pub mod config;
 pub mod connection;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod listener;
 pub mod mesh;
 pub mod message;

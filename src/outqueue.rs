@@ -193,7 +193,13 @@ pub struct OutQueue {
     bytes: usize,
     /// PUBLISH packets queued (the limit on queued messages counts these;
     /// a partly written run counts until it is written in full).
-    publishes: usize,
+    publishes: u32,
+    /// [`OutFrame::Batch`] entries not yet sealed. Within one step other
+    /// frames (a PUBACK, a SUBACK, a QoS 1 PUBLISH) can land between two
+    /// batch ranges, so [`OutQueue::seal`] must find every one of them, and
+    /// this count says when it may stop. (Found by the `session` fuzz
+    /// target: a batch range left unsealed made `flush` loop forever.)
+    unsealed: u32,
 }
 
 impl OutQueue {
@@ -209,14 +215,17 @@ impl OutQueue {
 
     /// PUBLISH frames waiting to be written.
     pub fn publishes(&self) -> usize {
-        self.publishes
+        self.publishes as usize
     }
 
     /// Appends an entry.
     pub fn push(&mut self, frame: OutFrame) {
         self.bytes += frame.len();
         count_queued(frame.len());
-        self.publishes += frame.publishes();
+        self.publishes += frame.publishes() as u32;
+        if matches!(frame, OutFrame::Batch { .. }) {
+            self.unsealed += 1;
+        }
         self.frames.push_back(frame);
     }
 
@@ -238,6 +247,7 @@ impl OutQueue {
             *publishes += 1;
             return;
         }
+        self.unsealed += 1;
         self.frames.push_back(OutFrame::Batch {
             start,
             len,
@@ -246,16 +256,20 @@ impl OutQueue {
     }
 
     /// The step ended: the batch is now `chunk`. Turns this step's batch
-    /// ranges (always the newest entries) into ranges of the chunk.
+    /// ranges (all among the entries pushed this step, the newest) into
+    /// ranges of the chunk; walks back only as far as the oldest of them.
     pub fn seal(&mut self, chunk: &Frame) {
         for frame in self.frames.iter_mut().rev() {
+            if self.unsealed == 0 {
+                break;
+            }
             let OutFrame::Batch {
                 start,
                 len,
                 publishes,
             } = *frame
             else {
-                break;
+                continue;
             };
             *frame = OutFrame::Chunk {
                 chunk: chunk.clone(),
@@ -263,6 +277,7 @@ impl OutQueue {
                 len,
                 publishes,
             };
+            self.unsealed -= 1;
         }
     }
 
@@ -308,7 +323,7 @@ impl OutQueue {
             n -= remaining;
             self.bytes -= remaining;
             self.offset = 0;
-            self.publishes -= front.publishes();
+            self.publishes -= front.publishes() as u32;
             self.frames.pop_front();
         }
         if self.frames.is_empty() {
@@ -352,6 +367,14 @@ impl OutQueue {
                     total += rest.len();
                     skip = 0;
                 }
+            }
+            debug_assert!(total > 0, "an unsealed batch range at the queue's front");
+            if total == 0 {
+                // Nothing writable (cannot happen once every range is
+                // sealed): never spin on empty sends, which would stall
+                // the whole shard.
+                iovecs.clear();
+                return Ok((written, Flushed::All));
             }
             let sent = send_vectored(fd, iovecs);
             // The iovecs point into `self.frames`: forget them before it changes.
@@ -527,5 +550,25 @@ mod tests {
         assert_eq!(shard_queued_bytes(), base + b_len);
         drop(b);
         assert_eq!(shard_queued_bytes(), base);
+    }
+
+    #[test]
+    fn seal_finds_batch_ranges_behind_other_frames() {
+        // One step: a range, a PUBACK, another range (a client publishing
+        // QoS 1 twice in one read to a topic it subscribes to).
+        let mut q = OutQueue::default();
+        q.push_batch(0, 3);
+        q.push(OutFrame::control(&[0x40, 2, 0, 1]));
+        q.push_batch(10, 2);
+        let chunk = Frame::from(&b"abc-------de"[..]);
+        q.seal(&chunk);
+        let mut all = Vec::new();
+        while let Some(part) = q.front_chunk() {
+            let n = part.len();
+            all.extend_from_slice(part);
+            q.advance(n);
+        }
+        assert_eq!(all, b"abc\x40\x02\x00\x01de");
+        assert!(q.is_empty());
     }
 }

@@ -90,6 +90,9 @@ pub struct Shard {
     pub started: Instant,
     /// Set once shutdown begins: no new connections or sessions.
     pub shutting_down: bool,
+    /// Connections ended by [`Shard::shed`] whose tasks have not yet seen
+    /// it (so they close with [`CloseReason::Shed`], not as a take-over).
+    pub shed_conns: Vec<u64>,
 }
 
 /// A shard's state plus its mesh senders, as each of its tasks holds them.
@@ -165,6 +168,7 @@ impl Shard {
             next_generated_id: 1,
             started: Instant::now(),
             shutting_down: false,
+            shed_conns: Vec::new(),
         }
     }
 
@@ -329,14 +333,21 @@ impl Shard {
             let Some(session) = self.sessions.get_mut(key as usize) else {
                 continue;
             };
+            let Some(link) = session.link.as_mut() else {
+                continue;
+            };
             debug!(
                 "client {} shed: not reading, {bytes} bytes queued",
                 session.client_id
             );
-            session.out.clear();
-            if let Some(link) = session.link.as_mut() {
-                link.close(CloseReason::Shed);
-            }
+            // End the connection now, as its teardown would (the session is
+            // parked or removed and its queue freed), so no more messages
+            // are queued to it; the woken connection task finds its session
+            // gone and closes the socket with a reset.
+            let conn_id = link.conn_id;
+            link.close(CloseReason::Shed);
+            self.shed_conns.push(conn_id);
+            self.end_connection(key, conn_id);
             self.stats.clients_shed += 1;
         }
         let shed = self.stats.clients_shed - before;

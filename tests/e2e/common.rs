@@ -970,3 +970,36 @@ pub fn connect_spread(broker: &Broker, prefix: &str, min: usize, max: usize) -> 
     }
     panic!("{max} connections all landed on shards {shards:?}");
 }
+
+// ---------------------------------------------------------------------------
+// Hostile-client helpers (tests/e2e/hostile.rs).
+
+impl Raw {
+    /// A bare TCP connection to the broker from source address `source`
+    /// (e.g. 127.0.0.2: every 127.0.0.0/8 address is local on Linux).
+    pub fn tcp_from(port: u16, source: std::net::IpAddr) -> Raw {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("socket");
+        socket
+            .bind(&std::net::SocketAddr::new(source, 0).into())
+            .expect("bind the source address");
+        let target: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+        socket.connect(&target.into()).expect("TCP connect");
+        let stream: TcpStream = socket.into();
+        stream.set_nodelay(true).unwrap();
+        Raw {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+}
+
+/// The resident memory of process `pid` in KiB (VmRSS in /proc/PID/status).
+pub fn vm_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS line")
+}

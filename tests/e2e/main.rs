@@ -4,6 +4,7 @@
 mod common;
 
 mod basic;
+mod hostile;
 mod limits;
 mod protocol;
 mod qos;
