@@ -226,7 +226,9 @@ impl Admission {
             if should_warn(&mut self.last_rate_warning) {
                 warn!(
                     "max_connection_rate reached on {}: closing new connections (latest from {peer})",
-                    stream.local_addr().map_or_else(|_| "?".into(), |a| a.to_string())
+                    stream
+                        .local_addr()
+                        .map_or_else(|_| "?".into(), |a| a.to_string())
                 );
             }
             return Err(());

@@ -324,7 +324,7 @@ impl Shard {
             .filter(|(_, s)| s.link.as_ref().is_some_and(|l| l.blocked) && !s.out.is_empty())
             .map(|(key, s)| (s.out.bytes(), key as SessionKey))
             .collect();
-        stalled.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        stalled.sort_unstable_by_key(|&(bytes, _)| std::cmp::Reverse(bytes));
         let before = self.stats.clients_shed;
         for (bytes, key) in stalled {
             if crate::outqueue::shard_queued_bytes() <= budget {

@@ -170,10 +170,7 @@ pub fn sys_messages(total: &Counters, uptime: Duration) -> Vec<(&'static str, St
             total.subscriptions_refused.to_string(),
         ),
         ("$SYS/broker/clients/shed", total.clients_shed.to_string()),
-        (
-            "$SYS/broker/queued/bytes",
-            total.queued_bytes.to_string(),
-        ),
+        ("$SYS/broker/queued/bytes", total.queued_bytes.to_string()),
     ]
 }
 

@@ -41,8 +41,12 @@ impl Witness {
     fn check(&mut self, count: usize) {
         let first = self.sent;
         for i in first..first + count {
-            self.publisher
-                .publish(&self.topic, QoS::AtLeastOnce, false, format!("{i}").as_bytes());
+            self.publisher.publish(
+                &self.topic,
+                QoS::AtLeastOnce,
+                false,
+                format!("{i}").as_bytes(),
+            );
         }
         self.sent += count;
         for i in first..first + count {
@@ -93,7 +97,10 @@ fn connections_per_ip_are_capped_while_other_addresses_connect() {
     fourth.send_lossy(&ConnectBuilder::new("ip2-3").bytes());
     fourth.expect_closed_silently();
     broker
-        .wait_log(|l| l.contains("max_connections_per_ip (3) reached for 127.0.0.2"), TIMEOUT)
+        .wait_log(
+            |l| l.contains("max_connections_per_ip (3) reached for 127.0.0.2"),
+            TIMEOUT,
+        )
         .expect("a log line for the refused connection");
     // Another address still gets in, and everyone already connected works.
     let mut other = try_connect_from(broker.port, ip("127.0.0.3"), "ip3").expect("other address");
@@ -346,7 +353,11 @@ fn never_reading_subscriber_is_shed_while_a_reader_gets_all_10k() {
             let p = reader
                 .recv_publish(TIMEOUT)
                 .unwrap_or_else(|| panic!("reader stuck at message {i}"));
-            assert_eq!(&p.payload[..8], format!("{i:08}").as_bytes(), "out of order");
+            assert_eq!(
+                &p.payload[..8],
+                format!("{i:08}").as_bytes(),
+                "out of order"
+            );
         }
     }
     // 10 MiB went to the non-reader; the broker holds at most its queue
@@ -399,7 +410,11 @@ fn queued_memory_budget_disconnects_non_readers_first() {
             let p = reader
                 .recv_publish(TIMEOUT)
                 .unwrap_or_else(|| panic!("reader stuck at message {i}"));
-            assert_eq!(&p.payload[..8], format!("{i:08}").as_bytes(), "out of order");
+            assert_eq!(
+                &p.payload[..8],
+                format!("{i:08}").as_bytes(),
+                "out of order"
+            );
         }
     }
     // Both non-readers were disconnected; the reader was not.
@@ -407,7 +422,10 @@ fn queued_memory_budget_disconnects_non_readers_first() {
         raw.expect_closed();
     }
     broker
-        .wait_log(|l| l.contains("over its share of max_queued_bytes_total"), TIMEOUT)
+        .wait_log(
+            |l| l.contains("over its share of max_queued_bytes_total"),
+            TIMEOUT,
+        )
         .expect("a shed log line");
     let mut sys = Mqtt::connect(broker.port, "budget-sys");
     sys.subscribe("$SYS/broker/clients/shed", QoS::AtMostOnce);
