@@ -510,6 +510,42 @@ mod tests {
     }
 
     #[test]
+    fn hostile_client_limits_load_and_are_checked() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        writeln!(
+            f,
+            "max_connections_per_ip = 3\nmax_connection_rate = 0\nlimits_exempt_loopback = false\n\
+             max_subscriptions_per_client = 7\nmax_topic_levels = 4\nmax_client_id_len = 30\n\
+             max_queued_bytes_total = 1048576"
+        )
+        .unwrap();
+        let cli = Cli {
+            config: Some(f.path().to_path_buf()),
+            max_connection_rate: Some(5),
+            ..Cli::default()
+        };
+        let c = Config::load(&cli).unwrap();
+        assert_eq!(c.max_connections_per_ip, 3);
+        assert_eq!(c.max_connection_rate, 5, "the flag wins");
+        assert_eq!(c.connection_rate_burst, DEFAULT_CONNECTION_RATE_BURST);
+        assert!(!c.limits_exempt_loopback);
+        assert_eq!(c.max_subscriptions_per_client, 7);
+        assert_eq!(c.max_topic_levels, 4);
+        assert_eq!(c.max_client_id_len, 30);
+        assert_eq!(c.max_queued_bytes_total, 1 << 20);
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        writeln!(f, "max_client_id_len = 22").unwrap();
+        let cli = Cli {
+            config: Some(f.path().to_path_buf()),
+            ..Cli::default()
+        };
+        assert!(
+            matches!(Config::load(&cli), Err(ConfigError::Invalid { key, .. }) if key == "max_client_id_len"),
+            "MQTT requires 23-byte client ids to be allowed"
+        );
+    }
+
+    #[test]
     fn the_sample_config_file_parses() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("fanmq.toml");
         let cli = Cli {

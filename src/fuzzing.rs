@@ -118,7 +118,7 @@ pub fn session(data: &[u8]) {
             max_topic_levels: 3,
             max_packet_size: 1024,
             // A small budget, so that shedding happens too.
-            max_queued_bytes_total: 8192,
+            max_queued_bytes_total: 3000,
             ..Config::default()
         };
         let mut shard = Shard::new(0, 1, Arc::new(config));
