@@ -107,8 +107,13 @@ struct Client {
 /// # Panics
 /// When the shard's accounting breaks (that is the point).
 pub fn session(data: &[u8]) {
+    run_session(data);
+}
+
+/// [`session`], returning the shard's counters at the end.
+fn run_session(data: &[u8]) -> crate::sys::Counters {
     let base = outqueue::shard_queued_bytes();
-    {
+    let stats = {
         let config = Config {
             max_inflight_messages: 2,
             max_queued_messages: 8,
@@ -118,7 +123,7 @@ pub fn session(data: &[u8]) {
             max_topic_levels: 3,
             max_packet_size: 1024,
             // A small budget, so that shedding happens too.
-            max_queued_bytes_total: 3000,
+            max_queued_bytes_total: 1024,
             ..Config::default()
         };
         let mut shard = Shard::new(0, 1, Arc::new(config));
@@ -168,9 +173,11 @@ pub fn session(data: &[u8]) {
         }
         shard.flush_dirty();
         check_accounting(&shard, base);
-    }
+        shard.stats
+    };
     // Every queue is gone: the count is back where it started.
     assert_eq!(outqueue::shard_queued_bytes(), base, "queued bytes leaked");
+    stats
 }
 
 /// The shard's queued-byte count equals the sum of its queues.
@@ -334,13 +341,16 @@ mod tests {
     }
 
     #[test]
-    fn session_survives_a_flood_with_a_full_socket() {
-        // Client 0 subscribes, client 1 publishes a lot, nobody reads.
-        let mut ops = vec![0x00, 0x10, 0x07, 0x00, 0x01, 0x03];
+    fn session_sheds_non_readers_in_a_flood() {
+        // Clients 0 and 1 subscribe to "#" at QoS 0, the broker publishes a
+        // lot, nobody reads: over the 1024-byte budget the larger queue goes.
+        let mut ops = vec![0x80, 0x90, 0x07, 3, 0, 0x17, 3, 0];
         for _ in 0..200 {
-            ops.extend_from_slice(&[0x02, 0x00, 0xfc, 0x03]);
+            ops.extend_from_slice(&[0x02, 0x00, 0xfc]);
         }
-        ops.extend_from_slice(&[0x04, 0x05, 0x04, 0x03, 0x06]);
-        session(&ops);
+        ops.extend_from_slice(&[0x04, 0x05, 0x14, 0x15, 0x06, 0x16]);
+        let stats = run_session(&ops);
+        assert!(stats.clients_shed >= 1, "nobody shed: {stats:?}");
+        assert!(stats.publish_dropped > 0);
     }
 }
