@@ -24,6 +24,7 @@ use crate::listener::{self, ListenerSet};
 use crate::mesh::{self, ShardMsg};
 use crate::shard::{Ctx, Shard};
 use crate::sys;
+use crate::transport::{Acceptor, TlsCerts, TlsSettings, Transport, TransportError};
 
 /// How often a shard checks the shutdown flag (and the keep-alive sweep
 /// period): short enough that SIGTERM takes effect at once for a person.
@@ -64,6 +65,9 @@ pub enum BrokerError {
     /// Shards did not all become ready in time.
     #[error("shards did not start within {0:?}")]
     StartTimeout(Duration),
+    /// The TLS certificates could not be loaded.
+    #[error(transparent)]
+    Tls(#[from] TransportError),
 }
 
 /// A running broker.
@@ -76,6 +80,12 @@ pub struct Broker {
     shutdown: Arc<AtomicBool>,
     /// The shard threads.
     handles: PoolThreadHandles<Result<(), String>>,
+    /// Every listener with its transport and bound address (port 0
+    /// resolved), plain MQTT ones included, in the order configured.
+    pub transport_addrs: Vec<(Transport, SocketAddr)>,
+    /// The TLS certificates, when a TLS or WSS listener is configured;
+    /// [`TlsCerts::reload`] swaps them (SIGHUP).
+    pub tls: Option<Arc<TlsCerts>>,
 }
 
 /// A cloneable handle that stops the broker.
@@ -153,13 +163,35 @@ pub fn start(config: Config) -> Result<Broker, BrokerError> {
     let cpus = choose_cpus(&config)?;
     let nr_shards = config.shards.unwrap_or(cpus.len()).max(1);
     let shard_cpus: Vec<usize> = (0..nr_shards).map(|i| cpus[i % cpus.len()]).collect();
-    let mut sets: Vec<ListenerSet> = Vec::new();
-    for addr in &config.listen {
-        sets.push(listener::bind(*addr, nr_shards, config.backlog)?);
+    let tls = match TlsSettings::from_config(&config) {
+        Some(settings) if config.uses_tls() => Some(Arc::new(TlsCerts::load(settings)?)),
+        _ => None,
+    };
+    let mut sets: Vec<(Acceptor, ListenerSet)> = Vec::new();
+    for (transport, addrs) in [
+        (Transport::Mqtt, &config.listen),
+        (Transport::Tls, &config.tls_listen),
+        (Transport::Ws, &config.ws_listen),
+        (Transport::Wss, &config.wss_listen),
+    ] {
+        for addr in addrs {
+            let certs = transport.uses_tls().then(|| tls.clone()).flatten();
+            let acceptor = Acceptor::new(transport, certs, config.max_packet_size);
+            sets.push((acceptor, listener::bind(*addr, nr_shards, config.backlog)?));
+        }
     }
-    let listen_addrs: Vec<SocketAddr> = sets.iter().map(|s| s.addr).collect();
-    let listener_fds: Arc<Vec<(SocketAddr, Vec<i32>)>> =
-        Arc::new(sets.into_iter().map(|s| (s.addr, s.fds)).collect());
+    let transport_addrs: Vec<(Transport, SocketAddr)> =
+        sets.iter().map(|(a, s)| (a.transport, s.addr)).collect();
+    let listen_addrs: Vec<SocketAddr> = transport_addrs
+        .iter()
+        .filter(|(t, _)| *t == Transport::Mqtt)
+        .map(|(_, a)| *a)
+        .collect();
+    let listener_fds: Arc<Vec<(Acceptor, SocketAddr, Vec<i32>)>> = Arc::new(
+        sets.into_iter()
+            .map(|(acceptor, s)| (acceptor, s.addr, s.fds))
+            .collect(),
+    );
 
     let config = Arc::new(config);
     let shutdown = Arc::new(AtomicBool::new(false));
@@ -202,6 +234,8 @@ pub fn start(config: Config) -> Result<Broker, BrokerError> {
         shard_cpus,
         shutdown,
         handles,
+        transport_addrs,
+        tls,
     })
 }
 
@@ -209,7 +243,7 @@ pub fn start(config: Config) -> Result<Broker, BrokerError> {
 struct ShardSetup {
     config: Arc<Config>,
     mesh: MeshBuilder<ShardMsg, glommio::channels::channel_mesh::Full>,
-    listener_fds: Arc<Vec<(SocketAddr, Vec<i32>)>>,
+    listener_fds: Arc<Vec<(Acceptor, SocketAddr, Vec<i32>)>>,
     pinned: Arc<Vec<usize>>,
     shutdown: Arc<AtomicBool>,
     ready: Arc<AtomicUsize>,
@@ -252,13 +286,14 @@ async fn run_shard(setup: ShardSetup) -> Result<(), String> {
         glommio::spawn_local(sys::sys_task(ctx.clone(), setup.config.sys_interval)).detach();
     }
     let mut accept_tasks = Vec::new();
-    for (addr, fds) in setup.listener_fds.iter() {
+    for (acceptor, addr, fds) in setup.listener_fds.iter() {
         let fd = fds[id];
         accept_tasks.push(
             glommio::spawn_local(listener::accept_loop(
                 ctx.clone(),
                 fd,
                 *addr,
+                acceptor.clone(),
                 setup.connections.clone(),
             ))
             .detach(),

@@ -45,6 +45,32 @@ pub const DEFAULT_MESH_CAPACITY: usize = 1024;
 /// Default log level when neither `--log-level` nor `RUST_LOG` says.
 pub const DEFAULT_LOG_LEVEL: &str = "info";
 
+// Transports (TLS, WebSocket; see `crate::transport`). Every transport other
+// than plain MQTT is off by default: it needs certificates (TLS, WSS) or is a
+// deliberate choice (WS), and the tests run many brokers at once on port 0,
+// so no fixed port may be bound unless configured.
+
+/// Default TLS listeners (`tls_listen`): none. MQTT over TLS's registered
+/// port is 8883 ([`CONVENTIONAL_TLS_PORT`]).
+pub const DEFAULT_TLS_LISTEN: &[SocketAddr] = &[];
+/// Default MQTT-over-WebSocket listeners (`ws_listen`): none; conventionally
+/// port 8083 ([`CONVENTIONAL_WS_PORT`]).
+pub const DEFAULT_WS_LISTEN: &[SocketAddr] = &[];
+/// Default MQTT-over-WebSocket-over-TLS listeners (`wss_listen`): none;
+/// conventionally port 8084 ([`CONVENTIONAL_WSS_PORT`]).
+pub const DEFAULT_WSS_LISTEN: &[SocketAddr] = &[];
+/// IANA's port for MQTT over TLS (documentation and the sample config).
+pub const CONVENTIONAL_TLS_PORT: u16 = 8883;
+/// The usual port of MQTT over WebSocket (EMQX, HiveMQ).
+pub const CONVENTIONAL_WS_PORT: u16 = 8083;
+/// The usual port of MQTT over secure WebSocket (EMQX, HiveMQ).
+pub const CONVENTIONAL_WSS_PORT: u16 = 8084;
+/// Default for `require_certificate`: TLS clients need no certificate, as in
+/// Mosquitto.
+pub const DEFAULT_REQUIRE_CERTIFICATE: bool = false;
+/// Default for `use_identity_as_username`: off, as in Mosquitto.
+pub const DEFAULT_USE_IDENTITY_AS_USERNAME: bool = false;
+
 /// Errors loading the configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -106,6 +132,27 @@ pub struct Cli {
     /// Log level: error, warn, info, debug, trace (RUST_LOG, when set, wins).
     #[arg(long, value_name = "LEVEL")]
     pub log_level: Option<String>,
+    /// Address to accept MQTT over TLS on (conventionally port 8883);
+    /// repeatable. Needs --certfile and --keyfile.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub tls_listen: Vec<SocketAddr>,
+    /// Address to accept MQTT over WebSocket on (conventionally port 8083);
+    /// repeatable.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub ws_listen: Vec<SocketAddr>,
+    /// Address to accept MQTT over secure WebSocket on (conventionally port
+    /// 8084); repeatable. Needs --certfile and --keyfile.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub wss_listen: Vec<SocketAddr>,
+    /// PEM file with the server's certificate chain (TLS and WSS).
+    #[arg(long, value_name = "FILE")]
+    pub certfile: Option<PathBuf>,
+    /// PEM file with the server's private key (TLS and WSS).
+    #[arg(long, value_name = "FILE")]
+    pub keyfile: Option<PathBuf>,
+    /// PEM file with the CA certificates that client certificates must chain to.
+    #[arg(long, value_name = "FILE")]
+    pub cafile: Option<PathBuf>,
 }
 
 /// The configuration file's schema: every key optional.
@@ -126,6 +173,14 @@ struct FileConfig {
     sys_interval_secs: Option<u64>,
     mesh_capacity: Option<usize>,
     log_level: Option<String>,
+    tls_listen: Option<Vec<SocketAddr>>,
+    ws_listen: Option<Vec<SocketAddr>>,
+    wss_listen: Option<Vec<SocketAddr>>,
+    certfile: Option<PathBuf>,
+    keyfile: Option<PathBuf>,
+    cafile: Option<PathBuf>,
+    require_certificate: Option<bool>,
+    use_identity_as_username: Option<bool>,
 }
 
 /// The broker's settings after defaults, file and flags were merged.
@@ -161,6 +216,23 @@ pub struct Config {
     pub log_level: String,
     /// The file this came from, re-read on SIGHUP.
     pub config_file: Option<PathBuf>,
+    /// Addresses to accept MQTT over TLS on.
+    pub tls_listen: Vec<SocketAddr>,
+    /// Addresses to accept MQTT over WebSocket on.
+    pub ws_listen: Vec<SocketAddr>,
+    /// Addresses to accept MQTT over WebSocket over TLS on.
+    pub wss_listen: Vec<SocketAddr>,
+    /// The server's certificate chain (PEM), re-read on SIGHUP.
+    pub certfile: Option<PathBuf>,
+    /// The server's private key (PEM), re-read on SIGHUP.
+    pub keyfile: Option<PathBuf>,
+    /// CA certificates (PEM) client certificates are verified against.
+    pub cafile: Option<PathBuf>,
+    /// TLS clients must present a certificate signed by `cafile`.
+    pub require_certificate: bool,
+    /// The client certificate's Common Name is the client's username
+    /// (checked by the authentication step).
+    pub use_identity_as_username: bool,
 }
 
 impl Default for Config {
@@ -181,6 +253,14 @@ impl Default for Config {
             mesh_capacity: DEFAULT_MESH_CAPACITY,
             log_level: DEFAULT_LOG_LEVEL.to_string(),
             config_file: None,
+            tls_listen: DEFAULT_TLS_LISTEN.to_vec(),
+            ws_listen: DEFAULT_WS_LISTEN.to_vec(),
+            wss_listen: DEFAULT_WSS_LISTEN.to_vec(),
+            certfile: None,
+            keyfile: None,
+            cafile: None,
+            require_certificate: DEFAULT_REQUIRE_CERTIFICATE,
+            use_identity_as_username: DEFAULT_USE_IDENTITY_AS_USERNAME,
         }
     }
 }
@@ -238,6 +318,27 @@ impl Config {
         }
         set(&mut config.mesh_capacity, file.mesh_capacity, None);
         set(&mut config.log_level, file.log_level, cli.log_level.clone());
+        for (slot, file, flag) in [
+            (&mut config.tls_listen, file.tls_listen, &cli.tls_listen),
+            (&mut config.ws_listen, file.ws_listen, &cli.ws_listen),
+            (&mut config.wss_listen, file.wss_listen, &cli.wss_listen),
+        ] {
+            let flag = (!flag.is_empty()).then(|| flag.clone());
+            set(slot, file, flag);
+        }
+        config.certfile = cli.certfile.clone().or(file.certfile);
+        config.keyfile = cli.keyfile.clone().or(file.keyfile);
+        config.cafile = cli.cafile.clone().or(file.cafile);
+        set(
+            &mut config.require_certificate,
+            file.require_certificate,
+            None,
+        );
+        set(
+            &mut config.use_identity_as_username,
+            file.use_identity_as_username,
+            None,
+        );
         config.validate()?;
         Ok(config)
     }
@@ -279,6 +380,41 @@ impl Config {
         }
         if self.mesh_capacity == 0 {
             return invalid("mesh_capacity", "must be at least 1");
+        }
+        self.validate_tls()
+    }
+
+    /// True when a TLS or WSS listener is configured (certificates needed).
+    pub fn uses_tls(&self) -> bool {
+        !self.tls_listen.is_empty() || !self.wss_listen.is_empty()
+    }
+
+    /// Checks the TLS keys: certificates where a listener needs them, a CA
+    /// where client certificates are required.
+    fn validate_tls(&self) -> Result<(), ConfigError> {
+        let invalid = |key, why: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                why: why.to_string(),
+            })
+        };
+        if self.uses_tls() && (self.certfile.is_none() || self.keyfile.is_none()) {
+            return invalid(
+                "tls_listen",
+                "a TLS or WSS listener needs certfile and keyfile",
+            );
+        }
+        if self.require_certificate && self.cafile.is_none() {
+            return invalid(
+                "require_certificate",
+                "needs cafile, the CA client certificates must chain to",
+            );
+        }
+        if self.use_identity_as_username && !self.require_certificate {
+            return invalid(
+                "use_identity_as_username",
+                "needs require_certificate = true (as in Mosquitto)",
+            );
         }
         Ok(())
     }
@@ -392,6 +528,49 @@ mod tests {
             Config::load(&cli),
             Err(ConfigError::Invalid { .. })
         ));
+    }
+
+    #[test]
+    fn tls_keys_are_checked() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        writeln!(f, "tls_listen = [\"127.0.0.1:0\"]").unwrap();
+        let cli = Cli {
+            config: Some(f.path().to_path_buf()),
+            ..Cli::default()
+        };
+        assert!(matches!(
+            Config::load(&cli),
+            Err(ConfigError::Invalid {
+                key: "tls_listen",
+                ..
+            })
+        ));
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        writeln!(
+            f,
+            "certfile = \"c.pem\"\nkeyfile = \"k.pem\"\nrequire_certificate = true\nws_listen = [\"127.0.0.1:8083\"]"
+        )
+        .unwrap();
+        let cli = Cli {
+            config: Some(f.path().to_path_buf()),
+            wss_listen: vec!["127.0.0.1:0".parse().unwrap()],
+            ..Cli::default()
+        };
+        assert!(matches!(
+            Config::load(&cli),
+            Err(ConfigError::Invalid {
+                key: "require_certificate",
+                ..
+            })
+        ));
+        let cli = Cli {
+            cafile: Some("ca.pem".into()),
+            ..cli
+        };
+        let c = Config::load(&cli).unwrap();
+        assert_eq!(c.ws_listen, vec!["127.0.0.1:8083".parse().unwrap()]);
+        assert_eq!(c.wss_listen, vec!["127.0.0.1:0".parse().unwrap()]);
+        assert!(c.require_certificate && c.uses_tls());
     }
 
     #[test]

@@ -15,11 +15,19 @@
 //! queue is over the byte limit it also stops reading the client (back-pressure
 //! instead of memory growth).
 //!
+//! Connections over TLS or WebSocket ([`crate::transport`]) frame what is
+//! written, so the shard never writes to their socket: their link's `fd` is
+//! [`FRAMED_FD`], the shard hands each flush to this task, and this task
+//! writes the queue through the stream (and flushes it: TLS buffers records).
+//! Their transport handshake also runs here, before CONNECT, bounded by the
+//! connect timeout.
+//!
 //! An idle connection holds no buffers: its receive buffer is freed whenever
 //! it is empty and its outgoing queue gives its memory back when drained.
 
 use std::future::Future;
-use std::os::fd::{AsRawFd, RawFd};
+use std::io;
+use std::os::fd::RawFd;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -34,11 +42,18 @@ use log::{debug, info};
 
 use crate::codec::{self, Connect, DecodeError, LastWill, Packet, QoS};
 use crate::message::Message;
-use crate::outqueue::Flushed;
+use crate::outqueue::{Flushed, OutQueue};
 use crate::registry;
 use crate::session::{self, Qos2Receipt, Session, SessionState};
 use crate::shard::{Ctx, SessionKey, Shard};
 use crate::topic;
+use crate::transport::{Acceptor, Stream, Transport};
+
+/// A [`Link::fd`] meaning "no socket the shard may write to": the
+/// connection's transport frames its bytes (TLS, WebSocket), so the shard
+/// leaves every write to the connection task (see [`Shard::flush_dirty`]).
+/// A valid descriptor is never negative.
+pub const FRAMED_FD: RawFd = -1;
 
 /// How much the receive buffer grows per read while waiting for CONNECT.
 const CONNECT_READ_CHUNK: usize = 512;
@@ -84,13 +99,16 @@ pub struct Link {
     pub conn_id: u64,
     /// The socket, for the shard's direct vectored writes. Valid while the
     /// link exists: the task removes the link before it closes the socket.
+    /// [`FRAMED_FD`] for TLS and WebSocket connections, which only their
+    /// task writes.
     pub fd: RawFd,
     /// The connection task, while it waits.
     waker: Option<Waker>,
     /// Set when the connection must close (the first reason wins).
     close: Option<CloseReason>,
     /// True while the socket's send buffer is full and the connection task
-    /// (not the shard) writes this session's queue.
+    /// (not the shard) writes this session's queue; for a framed link
+    /// ([`FRAMED_FD`]), while the task has queued bytes to write.
     pub blocked: bool,
     /// Keep-alive in seconds from CONNECT (0: none).
     pub keep_alive: u16,
@@ -133,10 +151,11 @@ impl Link {
     }
 }
 
-/// A link with no socket, for unit tests of the session.
+/// A link with no socket (framed: the shard never writes to it), for unit
+/// tests of the session.
 #[cfg(test)]
 pub fn test_link() -> Link {
-    Link::new(1, -1, 0, 0)
+    Link::new(1, FRAMED_FD, 0, 0)
 }
 
 /// Counts a live connection against `max_connections` until dropped.
@@ -159,8 +178,8 @@ enum Event {
 /// A connection past CONNECT: what its main loop needs for its whole life.
 /// Kept small, since one exists per connected client.
 struct Established {
-    /// The client's socket.
-    stream: TcpStream,
+    /// The client's connection (plain TCP, or boxed TLS / WebSocket state).
+    stream: Stream,
     /// Bytes received and not yet decoded (empty, unallocated, when idle).
     rx: BytesMut,
     /// The session's slab key on this shard.
@@ -174,7 +193,14 @@ struct Established {
 /// Serves one accepted connection: the handshake in this task, then the
 /// connection's life in a task of its own, `Live`, whose allocation is
 /// only what a connected client needs (the handshake's state is freed).
-pub async fn serve(ctx: Ctx, stream: TcpStream, slot: ConnectionSlot) {
+pub async fn serve(ctx: Ctx, tcp: TcpStream, acceptor: Acceptor, slot: ConnectionSlot) {
+    let stream = match acceptor.transport {
+        Transport::Mqtt => Stream::Tcp(tcp),
+        _ => match accept_transport(&ctx, tcp, &acceptor).await {
+            Some(stream) => stream,
+            None => return,
+        },
+    };
     let Some(conn) = handshake(&ctx, stream).await else {
         return;
     };
@@ -190,10 +216,29 @@ pub async fn serve(ctx: Ctx, stream: TcpStream, slot: ConnectionSlot) {
     .detach();
 }
 
+/// Runs a TLS or WebSocket handshake, bounded by the connect timeout. None
+/// when it fails or times out (logged; the socket closes).
+async fn accept_transport(ctx: &Ctx, tcp: TcpStream, acceptor: &Acceptor) -> Option<Stream> {
+    let connect_timeout = ctx.shard.borrow().config.connect_timeout;
+    let peer = tcp.peer_addr().ok();
+    let name = acceptor.transport.name();
+    match glommio::timer::timeout(connect_timeout, async { Ok(acceptor.accept(tcp).await) }).await {
+        Ok(Ok(stream)) => Some(stream),
+        Ok(Err(e)) => {
+            debug!("{peer:?}: {name}: {e}, closing");
+            None
+        }
+        Err(_) => {
+            debug!("{peer:?}: {name}: no handshake within {connect_timeout:?}, closing");
+            None
+        }
+    }
+}
+
 /// Waits for CONNECT (bounded by the connect timeout), validates it, claims
 /// the client id and attaches the session. None when the connection ends
 /// here (refused, timed out, invalid).
-async fn handshake(ctx: &Ctx, mut stream: TcpStream) -> Option<Established> {
+async fn handshake(ctx: &Ctx, mut stream: Stream) -> Option<Established> {
     let mut rx = BytesMut::new();
     let connect_timeout = ctx.shard.borrow().config.connect_timeout;
     let first = glommio::timer::timeout(connect_timeout, async {
@@ -315,7 +360,7 @@ async fn teardown(ctx: &Ctx, conn: Established, reason: CloseReason) {
 
 /// A client's address for log lines, looked up only when a line is written
 /// (a `getpeername` per connection is not worth paying when nothing logs).
-struct Peer<'a>(&'a TcpStream);
+struct Peer<'a>(&'a Stream);
 
 impl std::fmt::Display for Peer<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -337,7 +382,7 @@ enum FirstPacketError {
 /// Reads until one whole packet is decoded.
 async fn read_first_packet(
     ctx: &Ctx,
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     rx: &mut BytesMut,
 ) -> Result<Packet, FirstPacketError> {
     let max = ctx.shard.borrow().config.max_packet_size;
@@ -362,7 +407,7 @@ async fn read_first_packet(
 }
 
 /// Answers CONNECT with a refusal code and lets the socket close (§3.2.2.3).
-async fn refuse(stream: &mut TcpStream, code: u8) {
+async fn refuse(stream: &mut Stream, code: u8) {
     let _ = stream.write_all(&codec::connack(false, code)).await;
     let _ = stream.flush().await;
 }
@@ -371,7 +416,7 @@ async fn refuse(stream: &mut TcpStream, code: u8) {
 /// queues CONNACK plus any redelivery.
 fn attach(
     ctx: &Ctx,
-    stream: &TcpStream,
+    stream: &Stream,
     client_id: ByteString,
     clean_session: bool,
     state: Option<SessionState>,
@@ -383,7 +428,7 @@ fn attach(
     let mut session = Session::new(client_id, clean_session, state.unwrap_or_default());
     session.link = Some(Link::new(
         conn_id,
-        stream.as_raw_fd(),
+        stream.raw_fd().unwrap_or(FRAMED_FD),
         keep_alive,
         shard.now_ticks(),
     ));
@@ -543,7 +588,15 @@ fn poll_event(cx: &mut Context<'_>, ctx: &Ctx, conn: &mut Established) -> Poll<E
     if let Some(reason) = link.close {
         return Poll::Ready(Event::Closed(reason));
     }
-    if link.blocked {
+    if link.blocked && link.fd == FRAMED_FD {
+        match write_framed(cx, stream, &mut session.out, read_buf) {
+            Ok((n, done)) => {
+                stats.bytes_sent += n as u64;
+                link.blocked = !done;
+            }
+            Err(_) => return Poll::Ready(Event::Closed(CloseReason::Io)),
+        }
+    } else if link.blocked {
         loop {
             match session.out.flush(link.fd, iovecs) {
                 Ok((n, Flushed::All)) => {
@@ -585,6 +638,41 @@ fn poll_event(cx: &mut Context<'_>, ctx: &Ctx, conn: &mut Established) -> Poll<E
         }
         Poll::Ready(Err(_)) => Poll::Ready(Event::Closed(CloseReason::Io)),
         Poll::Pending => Poll::Pending,
+    }
+}
+
+/// Writes a framed (TLS, WebSocket) connection's queue through its stream,
+/// copied in pieces of up to `scratch.len()` bytes (the shard's read buffer,
+/// free while writing) so each piece becomes one TLS record run or one
+/// WebSocket message, then flushes the stream. Returns the bytes written and
+/// whether everything was written and flushed; otherwise the stream woke
+/// this task up when it can take more.
+fn write_framed(
+    cx: &mut Context<'_>,
+    stream: &mut Stream,
+    out: &mut OutQueue,
+    scratch: &mut [u8],
+) -> io::Result<(usize, bool)> {
+    let mut written = 0;
+    loop {
+        let len = out.copy_front(scratch);
+        if len == 0 {
+            break;
+        }
+        match Pin::new(&mut *stream).poll_write(cx, &scratch[..len]) {
+            Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
+            Poll::Ready(Ok(n)) => {
+                out.advance(n);
+                written += n;
+            }
+            Poll::Ready(Err(e)) => return Err(e),
+            Poll::Pending => return Ok((written, false)),
+        }
+    }
+    match Pin::new(&mut *stream).poll_flush(cx) {
+        Poll::Ready(Ok(())) => Ok((written, true)),
+        Poll::Ready(Err(e)) => Err(e),
+        Poll::Pending => Ok((written, false)),
     }
 }
 

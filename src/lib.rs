@@ -22,6 +22,7 @@
 //! - [`mesh`]: the messages shards exchange.
 //! - [`message`], [`outqueue`]: a message, its shared frames, the write queue.
 //! - [`sys`]: counters and `$SYS` topics.
+//! - [`transport`]: TLS and WebSocket streams, certificate reload.
 //! - [`config`], [`os`]: configuration; host limits, logging, systemd.
 
 pub mod broker;
@@ -42,3 +43,4 @@ pub mod sys;
 #[cfg(test)]
 mod test_rng;
 pub mod topic;
+pub mod transport;

@@ -24,6 +24,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::connection::{self, ConnectionSlot};
 use crate::shard::Ctx;
+use crate::transport::Acceptor;
 
 /// Pause after an accept error caused by exhausted resources, so the loop
 /// does not spin while descriptors or memory are short.
@@ -89,8 +90,16 @@ fn make_socket(addr: SocketAddr, backlog: u32) -> std::io::Result<Socket> {
     Ok(socket)
 }
 
-/// Accepts connections on `fd` for this shard until shutdown.
-pub async fn accept_loop(ctx: Ctx, fd: RawFd, addr: SocketAddr, connections: Arc<AtomicUsize>) {
+/// Accepts connections on `fd` for this shard until shutdown; `acceptor`
+/// says which transport the listener speaks (its handshake runs in each
+/// connection's task).
+pub async fn accept_loop(
+    ctx: Ctx,
+    fd: RawFd,
+    addr: SocketAddr,
+    acceptor: Acceptor,
+    connections: Arc<AtomicUsize>,
+) {
     // SAFETY: `fd` is a listening socket created by `bind` and handed to
     // exactly this shard; the listener takes ownership and closes it.
     let listener = unsafe { TcpListener::from_raw_fd(fd) };
@@ -120,7 +129,13 @@ pub async fn accept_loop(ctx: Ctx, fd: RawFd, addr: SocketAddr, connections: Arc
                 }
                 let _ = stream.set_nodelay(true);
                 let slot = ConnectionSlot(connections.clone());
-                glommio::spawn_local(connection::serve(ctx.clone(), stream, slot)).detach();
+                glommio::spawn_local(connection::serve(
+                    ctx.clone(),
+                    stream,
+                    acceptor.clone(),
+                    slot,
+                ))
+                .detach();
             }
             Err(e) => {
                 let exhausted = matches!(

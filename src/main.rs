@@ -1,5 +1,6 @@
 //! The `fanmq` binary: parse flags and config, set up logging, run the broker
-//! until SIGTERM or SIGINT; SIGHUP re-reads the log level.
+//! until SIGTERM or SIGINT; SIGHUP re-reads the log level and the TLS
+//! certificates.
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -61,7 +62,16 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let listeners: Vec<String> = broker.listen_addrs.iter().map(|a| a.to_string()).collect();
+    // Plain MQTT listeners by address, the others as "tls ADDR", "ws ADDR",
+    // "wss ADDR", each with its bound port (tests listen on port 0).
+    let listeners: Vec<String> = broker
+        .transport_addrs
+        .iter()
+        .map(|(transport, addr)| match transport {
+            fanmq::transport::Transport::Mqtt => addr.to_string(),
+            other => format!("{} {addr}", other.name()),
+        })
+        .collect();
     let files = nofile.map_or("unknown".to_string(), |l| {
         format!("soft {} (was {}) hard {}", l.soft, l.soft_before, l.hard)
     });
@@ -77,6 +87,7 @@ fn main() -> ExitCode {
         std::thread::sleep(SIGNAL_POLL);
         if reload.swap(false, Ordering::SeqCst) {
             reload_log_level(config_file.as_deref());
+            reload_tls(broker.tls.as_deref());
         }
     }
     info!("shutting down");
@@ -91,6 +102,21 @@ fn main() -> ExitCode {
             error!("{e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// SIGHUP: re-read the TLS certificate, key and CA files for new
+/// connections; a bad file keeps the old certificates.
+fn reload_tls(tls: Option<&fanmq::transport::TlsCerts>) {
+    let Some(tls) = tls else {
+        return;
+    };
+    match tls.reload() {
+        Ok(()) => info!(
+            "SIGHUP: TLS certificates reloaded from {}",
+            tls.certfile().display()
+        ),
+        Err(e) => error!("SIGHUP: TLS certificates not reloaded, keeping the old ones: {e}"),
     }
 }
 

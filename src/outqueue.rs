@@ -282,6 +282,31 @@ impl OutQueue {
         }
     }
 
+    /// Copies the queue's first bytes into `buf` (as many as fit) without
+    /// consuming them; [`OutQueue::advance`] consumes what was written. For
+    /// streams that must be written through a buffer (TLS, WebSocket).
+    pub fn copy_front(&self, buf: &mut [u8]) -> usize {
+        let mut skip = self.offset;
+        let mut copied = 0;
+        for frame in &self.frames {
+            for part in frame.parts() {
+                if skip >= part.len() {
+                    skip -= part.len();
+                    continue;
+                }
+                let rest = &part[skip..];
+                skip = 0;
+                let n = rest.len().min(buf.len() - copied);
+                buf[copied..copied + n].copy_from_slice(&rest[..n]);
+                copied += n;
+                if copied == buf.len() {
+                    return copied;
+                }
+            }
+        }
+        copied
+    }
+
     /// Writes as much as the socket takes with non-blocking vectored sends.
     /// `iovecs` is scratch space kept by the caller (one per shard), so a
     /// flush allocates nothing.
@@ -385,6 +410,24 @@ mod tests {
         q.advance(11);
         assert!(q.is_empty());
         assert_eq!(q.publishes(), 0);
+    }
+
+    #[test]
+    fn copy_front_copies_across_frames_and_parts_without_consuming() {
+        let mut q = OutQueue::default();
+        q.push(OutFrame::whole(Frame::from(&b"ab"[..])));
+        q.push(publish_frame(9));
+        q.push(OutFrame::control(&[0xd0, 0]));
+        let mut buf = [0u8; 64];
+        let n = q.copy_front(&mut buf);
+        assert_eq!(&buf[..n], b"ab\x32\x07\x00\x01t\x00\x09xy\xd0\x00");
+        q.advance(5);
+        let mut small = [0u8; 4];
+        assert_eq!(q.copy_front(&mut small), 4);
+        assert_eq!(&small, b"\x01t\x00\x09");
+        assert_eq!(q.bytes(), 8);
+        q.advance(8);
+        assert_eq!(q.copy_front(&mut buf), 0);
     }
 
     #[test]

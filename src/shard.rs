@@ -21,7 +21,7 @@ use log::debug;
 
 use crate::codec::{self, Subscribe};
 use crate::config::Config;
-use crate::connection::{CloseReason, TICKS_PER_SEC};
+use crate::connection::{CloseReason, FRAMED_FD, TICKS_PER_SEC};
 use crate::mesh::{self, MeshSenders, ShardMsg};
 use crate::message::{Encoded, Message};
 use crate::outqueue::{Flushed, Frame};
@@ -252,7 +252,8 @@ impl Shard {
 
     /// Writes every dirty session's queue with one vectored send each. A
     /// session whose socket is full is handed to its connection task, which
-    /// waits for the socket to become writable.
+    /// waits for the socket to become writable; so is every TLS or
+    /// WebSocket session ([`FRAMED_FD`]), whose bytes only its task may write.
     pub fn flush_dirty(&mut self) {
         let dirty = std::mem::take(&mut self.dirty);
         if !self.batch.is_empty() {
@@ -275,6 +276,12 @@ impl Shard {
                 continue;
             };
             if link.blocked {
+                continue;
+            }
+            if link.fd == FRAMED_FD {
+                // TLS / WebSocket: only the connection task may write.
+                link.blocked = true;
+                link.wake();
                 continue;
             }
             match session.out.flush(link.fd, &mut self.iovecs) {
