@@ -161,8 +161,13 @@ pub enum Flushed {
 pub struct OutQueue {
     /// Entries not yet fully written, oldest first.
     frames: VecDeque<OutFrame>,
-    /// Bytes of the front entry already written (a partial write).
-    offset: usize,
+    /// Bytes of the front entry already written (a partial write; an entry
+    /// is at most `u32::MAX` bytes).
+    offset: u32,
+    /// Batch ranges of the current step not yet sealed ([`OutQueue::seal`]
+    /// walks back until it has sealed this many). Beside `offset`, in what
+    /// was its padding: the queue did not grow.
+    unsealed: u32,
     /// Bytes queued, counting the front entry in full.
     bytes: usize,
     /// PUBLISH packets queued (the limit on queued messages counts these;
@@ -215,20 +220,29 @@ impl OutQueue {
             len,
             publishes: 1,
         });
+        self.unsealed += 1;
     }
 
     /// The step ended: the batch is now `chunk`. Turns this step's batch
-    /// ranges (always the newest entries) into ranges of the chunk.
+    /// ranges into ranges of the chunk. They are among the newest entries,
+    /// but other frames of the same step may lie between and after them (a
+    /// QoS 0 then a QoS 1 publish in one read, a SUBACK): those are skipped,
+    /// and the walk ends once all `unsealed` ranges are sealed, so it costs
+    /// this step's entries, not the queue's length.
     pub fn seal(&mut self, chunk: &Frame) {
         for frame in self.frames.iter_mut().rev() {
+            if self.unsealed == 0 {
+                break;
+            }
             let OutFrame::Batch {
                 start,
                 len,
                 publishes,
             } = *frame
             else {
-                break;
+                continue;
             };
+            self.unsealed -= 1;
             *frame = OutFrame::Chunk {
                 chunk: chunk.clone(),
                 start,
@@ -247,7 +261,7 @@ impl OutQueue {
     /// that waits for the socket to become writable.
     pub fn front_chunk(&self) -> Option<&[u8]> {
         let frame = self.frames.front()?;
-        let mut skip = self.offset;
+        let mut skip = self.offset as usize;
         for part in frame.parts() {
             if skip >= part.len() {
                 skip -= part.len();
@@ -264,9 +278,10 @@ impl OutQueue {
             let Some(front) = self.frames.front() else {
                 return;
             };
-            let remaining = front.len() - self.offset;
+            let remaining = front.len() - self.offset as usize;
             if n < remaining {
-                self.offset += n;
+                // n < remaining <= an entry's length, which fits in u32.
+                self.offset += n as u32;
                 self.bytes -= n;
                 return;
             }
@@ -279,6 +294,7 @@ impl OutQueue {
         if self.frames.is_empty() {
             // Give the ring buffer back: an idle subscriber holds no queue.
             self.frames = VecDeque::new();
+            self.unsealed = 0;
         }
     }
 
@@ -286,7 +302,7 @@ impl OutQueue {
     /// consuming them; [`OutQueue::advance`] consumes what was written. For
     /// streams that must be written through a buffer (TLS, WebSocket).
     pub fn copy_front(&self, buf: &mut [u8]) -> usize {
-        let mut skip = self.offset;
+        let mut skip = self.offset as usize;
         let mut copied = 0;
         for frame in &self.frames {
             for part in frame.parts() {
@@ -326,7 +342,7 @@ impl OutQueue {
                 return Ok((written, Flushed::All));
             }
             iovecs.clear();
-            let mut skip = self.offset;
+            let mut skip = self.offset as usize;
             let mut total = 0;
             for frame in self.frames.iter().take(MAX_IOVECS_PER_WRITE) {
                 for part in frame.parts() {
@@ -410,6 +426,29 @@ mod tests {
         q.advance(11);
         assert!(q.is_empty());
         assert_eq!(q.publishes(), 0);
+    }
+
+    #[test]
+    fn seal_reaches_batch_ranges_behind_other_frames_of_the_step() {
+        // A QoS 0 then a QoS 1 publish in one step, then a SUBACK: the
+        // range is sealed although it is not the newest entry.
+        let mut q = OutQueue::default();
+        q.push_batch(0, 2);
+        q.push(publish_frame(3));
+        q.push(OutFrame::whole(Frame::from(&[0x90, 3, 0, 1, 0][..])));
+        q.seal(&Frame::from(&b"ab"[..]));
+        let mut buf = [0u8; 64];
+        let n = q.copy_front(&mut buf);
+        assert_eq!(
+            &buf[..n],
+            b"ab\x32\x07\x00\x01t\x00\x03xy\x90\x03\x00\x01\x00"
+        );
+        assert_eq!(n, q.bytes());
+        assert_eq!(
+            std::mem::size_of::<OutQueue>(),
+            std::mem::size_of::<VecDeque<OutFrame>>() + 3 * std::mem::size_of::<usize>(),
+            "the queue must not grow"
+        );
     }
 
     #[test]
