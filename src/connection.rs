@@ -325,9 +325,10 @@ async fn handshake(ctx: &Ctx, mut stream: Stream) -> Option<Established> {
     );
     ctx.send_outbox();
     debug!(
-        "{}: client {client_id} connected on shard {} (clean session {clean_session}, keep-alive {keep_alive})",
+        "{}: client {client_id} connected on shard {} (clean session {clean_session}, keep-alive {keep_alive}{})",
         Peer(&stream),
-        ctx.id
+        ctx.id,
+        Identity(&stream),
     );
     Some(Established {
         stream,
@@ -367,6 +368,19 @@ impl std::fmt::Display for Peer<'_> {
         match self.0.peer_addr() {
             Ok(addr) => write!(f, "{addr}"),
             Err(_) => f.write_str("?"),
+        }
+    }
+}
+
+/// The TLS client certificate's identity for log lines: ", TLS identity
+/// CN" (nothing without one).
+struct Identity<'a>(&'a Stream);
+
+impl std::fmt::Display for Identity<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0.tls_identity() {
+            Some(cn) => write!(f, ", TLS identity {cn:?}"),
+            None => Ok(()),
         }
     }
 }

@@ -127,6 +127,7 @@ impl BrokerBuilder {
         let mut broker = Broker {
             child,
             port: 0,
+            listeners: Vec::new(),
             log,
             _config: config_file,
         };
@@ -135,6 +136,7 @@ impl BrokerBuilder {
             .unwrap_or_else(|| panic!("broker did not start:\n{}", broker.log_text()));
         broker.port =
             parse_port(&line).unwrap_or_else(|| panic!("no port in the start-up line: {line}"));
+        broker.listeners = parse_listeners(&line);
         broker
     }
 }
@@ -157,6 +159,24 @@ pub fn set_affinity_before_exec(cmd: &mut Command, cpus: Vec<usize>) {
     }
 }
 
+/// Every listener in `... listening on 127.0.0.1:P1, tls 127.0.0.1:P2,
+/// ws 127.0.0.1:P3, open files ...`: (transport, port), plain MQTT ones
+/// named "mqtt".
+fn parse_listeners(line: &str) -> Vec<(String, u16)> {
+    let Some(start) = line.find(" listening on ") else {
+        return Vec::new();
+    };
+    let rest = &line[start + " listening on ".len()..];
+    let rest = rest.split(", open files").next().unwrap_or(rest);
+    rest.split(", ")
+        .filter_map(|item| {
+            let (name, addr) = item.split_once(' ').unwrap_or(("mqtt", item));
+            let port = addr.rsplit(':').next()?.parse().ok()?;
+            Some((name.to_string(), port))
+        })
+        .collect()
+}
+
 /// Port from `... listening on 127.0.0.1:PORT, ...`.
 fn parse_port(line: &str) -> Option<u16> {
     let rest = &line[line.find(" listening on ")? + " listening on ".len()..];
@@ -169,6 +189,9 @@ pub struct Broker {
     child: Child,
     /// The port it listens on (127.0.0.1).
     pub port: u16,
+    /// Every listener: (transport as the log names it: "mqtt", "tls",
+    /// "ws", "wss"; port on 127.0.0.1).
+    pub listeners: Vec<(String, u16)>,
     log: Arc<(Mutex<Log>, Condvar)>,
     _config: Option<tempfile::NamedTempFile>,
 }
@@ -195,6 +218,16 @@ impl Broker {
             env: Vec::new(),
             affinity: None,
         }
+    }
+
+    /// The port of the first listener of `transport` ("mqtt", "tls", "ws",
+    /// "wss"); panics when there is none.
+    pub fn port_of(&self, transport: &str) -> u16 {
+        self.listeners
+            .iter()
+            .find(|(name, _)| name == transport)
+            .map(|(_, port)| *port)
+            .unwrap_or_else(|| panic!("no {transport} listener in {:?}", self.listeners))
     }
 
     /// The `--config` file, when the broker was started with one.

@@ -11,3 +11,4 @@ mod retain_will;
 mod sessions;
 mod startup;
 mod systemd;
+mod tls;
