@@ -356,7 +356,13 @@ async fn teardown(ctx: &Ctx, conn: Established, reason: CloseReason) {
     ctx.forward_publishes().await;
     debug!("{}: connection closed: {reason:?}", Peer(&conn.stream));
     // The link is gone from the session; only now may the socket close.
-    drop(conn.stream);
+    let mut stream = conn.stream;
+    if stream.raw_fd().is_none() {
+        // TLS / WebSocket: say goodbye in the transport's terms (close_notify,
+        // a close frame) if the socket takes it at once; never wait for it.
+        let _ = futures_lite::future::poll_once(stream.close()).await;
+    }
+    drop(stream);
 }
 
 /// A client's address for log lines, looked up only when a line is written

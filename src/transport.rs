@@ -117,23 +117,24 @@ impl Transport {
 }
 
 /// A client connection, whatever carries it. Exactly as large as a
-/// `TcpStream` (a unit test checks it): the framed transports are one boxed
-/// variant, which fits beside the `TcpStream`'s non-null pointer (its niche),
-/// so plain TCP connections pay no memory for the others.
+/// `TcpStream` (a unit test checks it): the framed transports are one
+/// variant of two boxes, which fits beside the `TcpStream`'s non-null
+/// pointer (its niche), so plain TCP connections pay no memory for them.
 pub enum Stream {
     /// Plain TCP: the shard writes to its socket directly.
     Tcp(TcpStream),
-    /// TLS or WebSocket (boxed: most connections are plain, and their state
-    /// is large).
-    Framed(Box<Framed>),
+    /// TLS or WebSocket.
+    Framed(Framed),
 }
 
-/// A connection whose transport frames the MQTT bytes.
+/// A connection whose transport frames the MQTT bytes (boxed: most
+/// connections are plain, and this state is large: about 1.3 kB for TLS,
+/// 0.4 kB more for WebSocket).
 pub enum Framed {
     /// TLS over TCP.
-    Tls(TlsConn),
+    Tls(Box<TlsConn>),
     /// WebSocket over TCP or TLS.
-    Ws(WsConn),
+    Ws(Box<WsConn>),
 }
 
 /// A TLS connection and the identity its client certificate proved.
@@ -175,7 +176,7 @@ impl Stream {
     pub fn tls_identity(&self) -> Option<&str> {
         match self {
             Stream::Tcp(_) => None,
-            Stream::Framed(framed) => match &**framed {
+            Stream::Framed(framed) => match framed {
                 Framed::Tls(tls) => tls.identity.as_deref(),
                 Framed::Ws(ws) => ws.ws.get_ref().tls_identity(),
             },
@@ -186,7 +187,7 @@ impl Stream {
     fn tcp(&self) -> &TcpStream {
         match self {
             Stream::Tcp(tcp) => tcp,
-            Stream::Framed(framed) => match &**framed {
+            Stream::Framed(framed) => match framed {
                 Framed::Tls(tls) => tls.stream.get_ref().0,
                 Framed::Ws(ws) => ws.ws.get_ref().tcp(),
             },
@@ -246,7 +247,7 @@ impl Acceptor {
             .peer_certificates()
             .and_then(|chain| chain.first())
             .and_then(|cert| common_name(cert));
-        Ok(Stream::Framed(Box::new(Framed::Tls(TlsConn {
+        Ok(Stream::Framed(Framed::Tls(Box::new(TlsConn {
             stream,
             identity,
         }))))
@@ -264,7 +265,7 @@ impl Acceptor {
         )
         .await
         .map_err(TransportError::WsHandshake)?;
-        Ok(Stream::Framed(Box::new(Framed::Ws(WsConn {
+        Ok(Stream::Framed(Framed::Ws(Box::new(WsConn {
             ws,
             pending: Bytes::new(),
         }))))
@@ -438,7 +439,7 @@ impl AsyncRead for Stream {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Stream::Tcp(tcp) => Pin::new(tcp).poll_read(cx, buf),
-            Stream::Framed(framed) => match &mut **framed {
+            Stream::Framed(framed) => match framed {
                 Framed::Tls(tls) => Pin::new(&mut tls.stream).poll_read(cx, buf),
                 Framed::Ws(ws) => ws.poll_read(cx, buf),
             },
@@ -454,7 +455,7 @@ impl AsyncWrite for Stream {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Stream::Tcp(tcp) => Pin::new(tcp).poll_write(cx, buf),
-            Stream::Framed(framed) => match &mut **framed {
+            Stream::Framed(framed) => match framed {
                 Framed::Tls(tls) => Pin::new(&mut tls.stream).poll_write(cx, buf),
                 Framed::Ws(ws) => ws.poll_write(cx, buf),
             },
@@ -464,7 +465,7 @@ impl AsyncWrite for Stream {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Tcp(tcp) => Pin::new(tcp).poll_flush(cx),
-            Stream::Framed(framed) => match &mut **framed {
+            Stream::Framed(framed) => match framed {
                 Framed::Tls(tls) => Pin::new(&mut tls.stream).poll_flush(cx),
                 Framed::Ws(ws) => Pin::new(&mut ws.ws).poll_flush(cx).map_err(ws_error),
             },
@@ -474,7 +475,7 @@ impl AsyncWrite for Stream {
     fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Tcp(tcp) => Pin::new(tcp).poll_close(cx),
-            Stream::Framed(framed) => match &mut **framed {
+            Stream::Framed(framed) => match framed {
                 Framed::Tls(tls) => Pin::new(&mut tls.stream).poll_close(cx),
                 Framed::Ws(ws) => Pin::new(&mut ws.ws).poll_close(cx).map_err(ws_error),
             },

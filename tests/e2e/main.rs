@@ -12,3 +12,4 @@ mod sessions;
 mod startup;
 mod systemd;
 mod tls;
+mod websocket;

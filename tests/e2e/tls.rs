@@ -140,7 +140,7 @@ fn handshake(
 
 /// A TLS connection made with a bare rustls client: the stream, the
 /// server's leaf certificate (DER) and the protocol version agreed.
-fn connect_tls(
+pub fn connect_tls(
     port: u16,
     ca_pem: &str,
     versions: &[&'static rustls::SupportedProtocolVersion],
