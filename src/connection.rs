@@ -196,7 +196,9 @@ struct Established {
 pub async fn serve(ctx: Ctx, tcp: TcpStream, acceptor: Acceptor, slot: ConnectionSlot) {
     let stream = match acceptor.transport {
         Transport::Mqtt => Stream::Tcp(tcp),
-        _ => match accept_transport(&ctx, tcp, &acceptor).await {
+        // Boxed: the TLS / WebSocket handshake's state is kilobytes, which
+        // plain connections waiting for CONNECT must not carry.
+        _ => match Box::pin(accept_transport(&ctx, tcp, &acceptor)).await {
             Some(stream) => stream,
             None => return,
         },
