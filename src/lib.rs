@@ -24,6 +24,7 @@
 //! - [`sys`]: counters and `$SYS` topics.
 //! - [`config`], [`os`]: configuration; host limits, logging, systemd.
 
+pub mod acl;
 pub mod broker;
 pub mod codec;
 pub mod config;
@@ -32,6 +33,7 @@ pub mod listener;
 pub mod mesh;
 pub mod message;
 pub mod os;
+pub mod password;
 pub mod outqueue;
 pub mod registry;
 pub mod retain;
