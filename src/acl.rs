@@ -137,11 +137,7 @@ enum Unresolved {
 impl Entry {
     /// The entry's levels for `who`, written into `out` (reused, so a check
     /// allocates at most once per entry count, not per level).
-    fn resolve<'a>(
-        &'a self,
-        who: Who<'a>,
-        out: &mut Vec<Resolved<'a>>,
-    ) -> Result<(), Unresolved> {
+    fn resolve<'a>(&'a self, who: Who<'a>, out: &mut Vec<Resolved<'a>>) -> Result<(), Unresolved> {
         out.clear();
         for level in &self.levels {
             let value = match level {
@@ -480,7 +476,10 @@ pattern deny users/%u/private/#
         assert!(!acl.can_subscribe(bob, "users/alice/inbox"));
         assert!(!acl.can_subscribe(bob, "users/bob/#".replace("bob", "+").as_str()));
         assert!(acl.can_subscribe(bob, "users/bob/inbox"));
-        assert!(!acl.can_subscribe(bob, "users/bob/private/x"), "deny pattern");
+        assert!(
+            !acl.can_subscribe(bob, "users/bob/private/x"),
+            "deny pattern"
+        );
         // Anonymous clients: %c patterns apply, %u ones do not.
         let anon = who("sensor-9", None);
         assert!(acl.can_publish(anon, "devices/sensor-9/status"));
@@ -535,7 +534,11 @@ pattern deny users/%u/private/#
             ("a/b", "a", false),
         ];
         for (entry, filter, want) in cases {
-            assert_eq!(covers(&r(entry), &r(filter)), want, "{entry} covers {filter}");
+            assert_eq!(
+                covers(&r(entry), &r(filter)),
+                want,
+                "{entry} covers {filter}"
+            );
             if want {
                 // Coverage implies MQTT matching for a sample topic.
                 let sample = filter.replace('+', "z").replace("/#", "").replace('#', "z");
@@ -552,7 +555,11 @@ pattern deny users/%u/private/#
             ("a", "a/b", false),
         ];
         for (deny, filter, want) in overlap {
-            assert_eq!(overlaps(&r(deny), &r(filter)), want, "{deny} overlaps {filter}");
+            assert_eq!(
+                overlaps(&r(deny), &r(filter)),
+                want,
+                "{deny} overlaps {filter}"
+            );
         }
     }
 

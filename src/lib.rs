@@ -23,8 +23,11 @@
 //! - [`message`], [`outqueue`]: a message, its shared frames, the write queue.
 //! - [`sys`]: counters and `$SYS` topics.
 //! - [`config`], [`os`]: configuration; host limits, logging, systemd.
+//! - [`auth`], [`password`], [`acl`]: `password_file`, `acl_file`,
+//!   `allow_anonymous` (Mosquitto-compatible); [`passwd`]: `fanmq passwd`.
 
 pub mod acl;
+pub mod auth;
 pub mod broker;
 pub mod codec;
 pub mod config;
@@ -33,8 +36,9 @@ pub mod listener;
 pub mod mesh;
 pub mod message;
 pub mod os;
-pub mod password;
 pub mod outqueue;
+pub mod passwd;
+pub mod password;
 pub mod registry;
 pub mod retain;
 pub mod router;

@@ -1,5 +1,6 @@
 //! The `fanmq` binary: parse flags and config, set up logging, run the broker
-//! until SIGTERM or SIGINT; SIGHUP re-reads the log level.
+//! until SIGTERM or SIGINT; SIGHUP re-reads the log level, the password file
+//! and the ACL file. `fanmq passwd ...` manages a password file instead.
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -10,14 +11,24 @@ use clap::Parser;
 use log::{error, info, warn};
 
 use fanmq::broker;
-use fanmq::config::{Cli, Config};
+use fanmq::config::{Cli, Command, Config};
 use fanmq::os;
+use fanmq::passwd;
 
 /// How often the main thread checks for signals.
 const SIGNAL_POLL: Duration = Duration::from_millis(50);
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::Passwd(args)) = &cli.command {
+        return match passwd::run(args) {
+            Ok(_) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("fanmq passwd: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let config = match Config::load(&cli) {
         Ok(config) => config,
         Err(e) => {
@@ -72,11 +83,15 @@ fn main() -> ExitCode {
         broker.shard_cpus,
         listeners.join(", "),
     );
+    for warning in broker.auth.startup_warnings(&broker.listen_addrs) {
+        warn!("{warning}");
+    }
     os::notify_systemd(sd_notify::NotifyState::Ready);
     while !terminate.load(Ordering::SeqCst) {
         std::thread::sleep(SIGNAL_POLL);
         if reload.swap(false, Ordering::SeqCst) {
             reload_log_level(config_file.as_deref());
+            broker.auth.reload();
         }
     }
     info!("shutting down");

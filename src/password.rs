@@ -373,15 +373,15 @@ mod tests {
     fn bad_lines_refuse_the_file_and_name_the_line() {
         let truncated = &MOSQUITTO_7[..MOSQUITTO_7.len() - 10];
         let cases = [
-            ("alice", 1),                         // no colon
-            (":$6$c2FsdA==$AAAA", 1),             // empty user
-            ("alice:secret", 1),                  // plain text
-            (truncated, 1),                       // truncated hash
-            ("alice:$7$abc$AAAA$AAAA", 1),        // iterations not a number
-            ("alice:$7$0$c2FsdA==$AAAA", 1),      // zero iterations
-            ("alice:$6$!!!$AAAA", 1),             // bad base64
-            ("# ok\nalice:$5$c2FsdA==$AAAA", 2),  // unknown scheme
-            ("alice:$7$101$$AAAA", 1),            // empty salt
+            ("alice", 1),                                  // no colon
+            (":$6$c2FsdA==$AAAA", 1),                      // empty user
+            ("alice:secret", 1),                           // plain text
+            (truncated, 1),                                // truncated hash
+            ("alice:$7$abc$AAAA$AAAA", 1),                 // iterations not a number
+            ("alice:$7$0$c2FsdA==$AAAA", 1),               // zero iterations
+            ("alice:$6$!!!$AAAA", 1),                      // bad base64
+            ("# ok\nalice:$5$c2FsdA==$AAAA", 2),           // unknown scheme
+            ("alice:$7$101$$AAAA", 1),                     // empty salt
             (&format!("{MOSQUITTO_7}\n{MOSQUITTO_7}"), 2), // listed twice
         ];
         for (text, line) in cases {
