@@ -508,3 +508,62 @@ fn sighup_reloads_the_password_and_acl_files_and_keeps_them_when_broken() {
     );
     broker.assert_running();
 }
+
+/// Kills the broker process it holds when dropped (also on a failed assert).
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn anonymous_access_on_a_public_listener_is_warned_about_at_start() {
+    use std::io::BufRead;
+    // Loopback first: warnings follow the listeners' order, so a warning for
+    // it would come before the one for 0.0.0.0.
+    let child = Command::new(env!("CARGO_BIN_EXE_fanmq"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--listen",
+            "0.0.0.0:0",
+            "--shards",
+            "1",
+        ])
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start fanmq");
+    let mut child = KillOnDrop(child);
+    let stderr = child.0.stderr.take().expect("piped stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    let mut warnings = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let line = rx
+            .recv_timeout(left)
+            .unwrap_or_else(|_| panic!("no warning for 0.0.0.0; got {warnings:?}"));
+        if line.contains("anonymous clients are accepted on") {
+            warnings.push(line.clone());
+            if line.contains("0.0.0.0:") {
+                break;
+            }
+        }
+    }
+    assert_eq!(warnings.len(), 1, "loopback warned about: {warnings:?}");
+    drop(child);
+}
