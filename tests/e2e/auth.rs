@@ -567,3 +567,38 @@ fn anonymous_access_on_a_public_listener_is_warned_about_at_start() {
     assert_eq!(warnings.len(), 1, "loopback warned about: {warnings:?}");
     drop(child);
 }
+
+#[test]
+fn denied_qos2_and_retained_publishes_complete_their_flow_and_leave_nothing() {
+    use crate::common::{ack, publish};
+    let files = acl_setup(ACL);
+    // One shard: the retained store then has a single replica to inspect.
+    let broker = Broker::builder()
+        .shards(1)
+        .config(&config(Some(&files.passwd), Some(&files.acl), ""))
+        .start();
+    let port = broker.port;
+    let (mut alice, connack) = raw_connect(port, "dev1", Some("alice"), Some("a"));
+    assert_eq!(connack, CONNACK_ACCEPTED);
+    // QoS 2 to a denied topic: PUBREC, PUBREL, PUBCOMP as usual.
+    alice.send(&publish(b"alice/secret", b"q2", 2, true, false, 9));
+    assert_eq!(alice.expect_packet().bytes(), ack(0x50, 9), "PUBREC");
+    alice.send(&ack(0x62, 9));
+    assert_eq!(alice.expect_packet().bytes(), ack(0x70, 9), "PUBCOMP");
+    // A retained QoS 1 to an allowed topic, for comparison.
+    alice.send(&publish(b"alice/kept", b"r", 1, true, false, 10));
+    assert_eq!(alice.expect_packet().bytes(), ack(0x40, 10), "PUBACK");
+    // bob reads both topics: only the allowed message was retained. The
+    // retained messages follow the SUBACK in filter order, so a retained
+    // alice/secret would come first.
+    let (mut bob, connack) = raw_connect(port, "bob-1", Some("bob"), Some("b"));
+    assert_eq!(connack, CONNACK_ACCEPTED);
+    assert_eq!(
+        bob.subscribe(1, &[("alice/secret", 0), ("alice/kept", 0)]),
+        vec![0, 0]
+    );
+    let first = bob.expect_publish();
+    assert_eq!((first.topic.as_str(), first.retain), ("alice/kept", true));
+    alice.ping();
+    bob.ping();
+}
