@@ -22,7 +22,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Some(Command::Passwd(args)) = &cli.command {
         return match passwd::run(args) {
-            Ok(_) => ExitCode::SUCCESS,
+            Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("fanmq passwd: {e}");
                 ExitCode::FAILURE

@@ -75,11 +75,11 @@ pub struct PasswdArgs {
     pub password: Option<String>,
 }
 
-/// Runs `fanmq passwd`; returns a line to print on success.
+/// Runs `fanmq passwd`; silent on success, as `mosquitto_passwd`.
 ///
 /// # Errors
 /// Bad arguments, an unreadable or invalid file, a write that fails.
-pub fn run(args: &PasswdArgs) -> Result<String, PasswdError> {
+pub fn run(args: &PasswdArgs) -> Result<(), PasswdError> {
     check_username(&args.username)?;
     if args.iterations == 0 || args.iterations > MAX_ITERATIONS {
         return Err(PasswdError::Usage(format!(
@@ -104,8 +104,7 @@ pub fn run(args: &PasswdArgs) -> Result<String, PasswdError> {
     if args.delete {
         let text = remove_user(&existing, &args.username)
             .ok_or_else(|| PasswdError::NoSuchUser(args.username.clone()))?;
-        write_atomically(&args.file, &text)?;
-        return Ok(format!("user {} deleted", args.username));
+        return write_atomically(&args.file, &text);
     }
     let password = match (&args.password, args.batch) {
         (Some(p), _) => p.clone(),
@@ -122,8 +121,7 @@ pub fn run(args: &PasswdArgs) -> Result<String, PasswdError> {
     let hash =
         Hash::new_pbkdf2(password.as_bytes(), args.iterations).map_err(PasswdError::Random)?;
     let text = set_user(&existing, &args.username, &hash);
-    write_atomically(&args.file, &text)?;
-    Ok(format!("user {} set", args.username))
+    write_atomically(&args.file, &text)
 }
 
 /// A user name the file format can hold: not empty, no `:` (the separator),
