@@ -18,6 +18,7 @@ use glommio::channels::channel_mesh::MeshBuilder;
 use glommio::{LocalExecutorPoolBuilder, PoolPlacement, PoolThreadHandles};
 use log::{debug, info, warn};
 
+use crate::auth::{self, Auth};
 use crate::config::Config;
 use crate::connection::{self, CloseReason};
 use crate::listener::{self, ListenerSet};
@@ -68,6 +69,9 @@ pub enum BrokerError {
     /// The TLS certificates could not be loaded.
     #[error(transparent)]
     Tls(#[from] TransportError),
+    /// The password or ACL file is unreadable or invalid.
+    #[error(transparent)]
+    Auth(#[from] auth::AuthError),
 }
 
 /// A running broker.
@@ -86,6 +90,8 @@ pub struct Broker {
     /// The TLS certificates, when a TLS or WSS listener is configured;
     /// [`TlsCerts::reload`] swaps them (SIGHUP).
     pub tls: Option<Arc<TlsCerts>>,
+    /// Password file and ACL, shared with the shards; reloaded on SIGHUP.
+    pub auth: Arc<Auth>,
 }
 
 /// A cloneable handle that stops the broker.
@@ -160,6 +166,7 @@ pub fn choose_cpus(config: &Config) -> Result<Vec<usize>, BrokerError> {
 /// Listeners that cannot be bound, CPUs outside the affinity mask, executor
 /// start-up failures.
 pub fn start(config: Config) -> Result<Broker, BrokerError> {
+    let auth = Arc::new(Auth::load(&config)?);
     let cpus = choose_cpus(&config)?;
     let nr_shards = config.shards.unwrap_or(cpus.len()).max(1);
     let shard_cpus: Vec<usize> = (0..nr_shards).map(|i| cpus[i % cpus.len()]).collect();
@@ -203,6 +210,7 @@ pub fn start(config: Config) -> Result<Broker, BrokerError> {
     let shard_main = {
         let shutdown = shutdown.clone();
         let ready = ready.clone();
+        let auth = auth.clone();
         move || {
             run_shard(ShardSetup {
                 config,
@@ -212,6 +220,7 @@ pub fn start(config: Config) -> Result<Broker, BrokerError> {
                 shutdown,
                 ready,
                 connections,
+                auth,
             })
         }
     };
@@ -236,6 +245,7 @@ pub fn start(config: Config) -> Result<Broker, BrokerError> {
         handles,
         transport_addrs,
         tls,
+        auth,
     })
 }
 
@@ -248,6 +258,7 @@ struct ShardSetup {
     shutdown: Arc<AtomicBool>,
     ready: Arc<AtomicUsize>,
     connections: Arc<AtomicUsize>,
+    auth: Arc<Auth>,
 }
 
 /// One shard, from joining the mesh to the end of its shutdown.
@@ -268,6 +279,7 @@ async fn run_shard(setup: ShardSetup) -> Result<(), String> {
             id,
             nr_shards,
             setup.config.clone(),
+            setup.auth.clone(),
         ))),
         mesh: Rc::new(senders),
         id,

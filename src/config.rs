@@ -44,6 +44,14 @@ pub const DEFAULT_SYS_INTERVAL_SECS: u64 = 10;
 pub const DEFAULT_MESH_CAPACITY: usize = 1024;
 /// Default log level when neither `--log-level` nor `RUST_LOG` says.
 pub const DEFAULT_LOG_LEVEL: &str = "info";
+/// Default `allow_anonymous` when no `password_file` is set: true, so a
+/// broker without any authentication configured works out of the box (the
+/// start-up log warns when such a broker listens beyond loopback).
+pub const DEFAULT_ALLOW_ANONYMOUS_WITHOUT_PASSWORD_FILE: bool = true;
+/// Default `allow_anonymous` when a `password_file` is set: false, since
+/// configuring passwords means clients must log in (Mosquitto 2.x refuses
+/// anonymous clients by default too).
+pub const DEFAULT_ALLOW_ANONYMOUS_WITH_PASSWORD_FILE: bool = false;
 
 // Transports (TLS, WebSocket; see `crate::transport`). Every transport other
 // than plain MQTT is off by default: it needs certificates (TLS, WSS) or is a
@@ -105,7 +113,8 @@ pub enum ConfigError {
 #[command(
     name = "fanmq",
     version,
-    about = "An MQTT 3.1.1 broker for massive fan-out"
+    about = "An MQTT 3.1.1 broker for massive fan-out",
+    args_conflicts_with_subcommands = true
 )]
 pub struct Cli {
     /// TOML configuration file (see the commented sample fanmq.toml).
@@ -153,6 +162,28 @@ pub struct Cli {
     /// PEM file with the CA certificates that client certificates must chain to.
     #[arg(long, value_name = "FILE")]
     pub cafile: Option<PathBuf>,
+    /// Password file in mosquitto_passwd format (see `fanmq passwd`);
+    /// clients with a user name must match an entry.
+    #[arg(long, value_name = "FILE")]
+    pub password_file: Option<PathBuf>,
+    /// ACL file in Mosquitto's acl_file syntax; without one everything is
+    /// allowed.
+    #[arg(long, value_name = "FILE")]
+    pub acl_file: Option<PathBuf>,
+    /// Whether clients without a user name may connect. Default: true
+    /// without a password file, false with one.
+    #[arg(long, value_name = "BOOL")]
+    pub allow_anonymous: Option<bool>,
+    /// A tool instead of the broker (none: run the broker).
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// The `fanmq` subcommands; without one, `fanmq` runs the broker.
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum Command {
+    /// Manage a password file, like mosquitto_passwd.
+    Passwd(crate::passwd::PasswdArgs),
 }
 
 /// The configuration file's schema: every key optional.
@@ -181,6 +212,9 @@ struct FileConfig {
     cafile: Option<PathBuf>,
     require_certificate: Option<bool>,
     use_identity_as_username: Option<bool>,
+    password_file: Option<PathBuf>,
+    acl_file: Option<PathBuf>,
+    allow_anonymous: Option<bool>,
 }
 
 /// The broker's settings after defaults, file and flags were merged.
@@ -233,6 +267,15 @@ pub struct Config {
     /// The client certificate's Common Name is the client's username
     /// (checked by the authentication step).
     pub use_identity_as_username: bool,
+    /// Password file (mosquitto_passwd format), re-read on SIGHUP; `None`:
+    /// user names are not checked.
+    pub password_file: Option<PathBuf>,
+    /// ACL file (Mosquitto syntax), re-read on SIGHUP; `None`: everything
+    /// is allowed.
+    pub acl_file: Option<PathBuf>,
+    /// `allow_anonymous` as configured; `None`: the default that depends on
+    /// `password_file` (see [`Config::allow_anonymous`]).
+    pub allow_anonymous: Option<bool>,
 }
 
 impl Default for Config {
@@ -261,6 +304,9 @@ impl Default for Config {
             cafile: None,
             require_certificate: DEFAULT_REQUIRE_CERTIFICATE,
             use_identity_as_username: DEFAULT_USE_IDENTITY_AS_USERNAME,
+            password_file: None,
+            acl_file: None,
+            allow_anonymous: None,
         }
     }
 }
@@ -339,8 +385,23 @@ impl Config {
             file.use_identity_as_username,
             None,
         );
+        config.password_file = cli.password_file.clone().or(file.password_file);
+        config.acl_file = cli.acl_file.clone().or(file.acl_file);
+        config.allow_anonymous = cli.allow_anonymous.or(file.allow_anonymous);
         config.validate()?;
         Ok(config)
+    }
+
+    /// Whether clients without a user name may connect: the explicit
+    /// setting, else [`DEFAULT_ALLOW_ANONYMOUS_WITHOUT_PASSWORD_FILE`] or
+    /// [`DEFAULT_ALLOW_ANONYMOUS_WITH_PASSWORD_FILE`].
+    pub fn allow_anonymous(&self) -> bool {
+        self.allow_anonymous
+            .unwrap_or(if self.password_file.is_some() {
+                DEFAULT_ALLOW_ANONYMOUS_WITH_PASSWORD_FILE
+            } else {
+                DEFAULT_ALLOW_ANONYMOUS_WITHOUT_PASSWORD_FILE
+            })
     }
 
     /// Re-reads only the log level from the config file (SIGHUP).

@@ -40,6 +40,7 @@ use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use glommio::net::TcpStream;
 use log::{debug, info};
 
+use crate::acl::Who;
 use crate::codec::{self, Connect, DecodeError, LastWill, Packet, QoS};
 use crate::message::Message;
 use crate::outqueue::{Flushed, OutQueue};
@@ -186,8 +187,29 @@ struct Established {
     key: SessionKey,
     /// This connection's id (the session at `key` is ours while it matches).
     conn_id: u64,
-    /// The will message, boxed: most clients have none.
-    will: Option<Box<LastWill>>,
+    /// The will message and the ACL identity, boxed: most clients have
+    /// neither (None when there is no will and no ACL file).
+    rare: Option<Box<Rare>>,
+}
+
+/// The rarely needed part of an [`Established`] connection.
+#[derive(Debug)]
+struct Rare {
+    /// The will message (§3.1.2.5), if any.
+    will: Option<LastWill>,
+    /// The user name for ACL checks (CONNECT's, or the TLS identity); kept
+    /// only when an ACL file is in force.
+    username: Option<ByteString>,
+    /// The client id for the will's ACL check (the session may be gone when
+    /// the will is published); kept only with a will and an ACL file.
+    client_id: Option<ByteString>,
+}
+
+impl Rare {
+    /// The user name for ACL checks of a connection's packets.
+    fn username(rare: Option<&Rare>) -> Option<&str> {
+        rare.and_then(|r| r.username.as_deref())
+    }
 }
 
 /// Serves one accepted connection: the handshake in this task, then the
@@ -284,6 +306,8 @@ async fn handshake(ctx: &Ctx, mut stream: Stream) -> Option<Established> {
         keep_alive,
         client_id,
         last_will,
+        username,
+        password,
         ..
     } = connect;
     if let Some(will) = &last_will
@@ -309,6 +333,46 @@ async fn handshake(ctx: &Ctx, mut stream: Stream) -> Option<Established> {
         ctx.shard.borrow_mut().generate_client_id()
     } else {
         client_id
+    };
+    // Before the claim: a refused client must not take over a session.
+    let auth = ctx.shard.borrow().auth.clone();
+    // use_identity_as_username: a verified client certificate's Common Name
+    // is the user name and authenticates the client (TLS / WSS listeners).
+    let tls_identity = if ctx.shard.borrow().config.use_identity_as_username {
+        stream.tls_identity().map(ByteString::from)
+    } else {
+        None
+    };
+    if let Err(refusal) = auth
+        .check_connect(
+            username.as_deref(),
+            password.as_ref(),
+            tls_identity.as_deref(),
+        )
+        .await
+    {
+        info!(
+            "{}: client {client_id} (user {:?}) refused: {refusal}, CONNACK 5",
+            Peer(&stream),
+            username.as_deref().unwrap_or("")
+        );
+        ctx.shard.borrow_mut().stats.auth_failed += 1;
+        refuse(&mut stream, codec::CONNACK_NOT_AUTHORIZED).await;
+        return None;
+    }
+    let acl_username = if auth.acl_enabled() {
+        tls_identity.or(username)
+    } else {
+        None
+    };
+    let rare = if last_will.is_some() || acl_username.is_some() {
+        Some(Box::new(Rare {
+            client_id: (last_will.is_some() && auth.acl_enabled()).then(|| client_id.clone()),
+            will: last_will,
+            username: acl_username,
+        }))
+    } else {
+        None
     };
     let state = match registry::claim(ctx, client_id.clone(), clean_session).await {
         Ok(state) => state,
@@ -337,7 +401,7 @@ async fn handshake(ctx: &Ctx, mut stream: Stream) -> Option<Established> {
         rx,
         key,
         conn_id,
-        will: last_will.map(Box::new),
+        rare,
     })
 }
 
@@ -348,9 +412,19 @@ async fn teardown(ctx: &Ctx, conn: Established, reason: CloseReason) {
         let mut shard = ctx.shard.borrow_mut();
         shard.end_connection(conn.key, conn.conn_id);
         if reason.publishes_will()
-            && let Some(will) = conn.will
+            && let Some(rare) = conn.rare
+            && let Some(will) = rare.will
         {
-            publish_will(&mut shard, *will);
+            let who = Who {
+                client_id: rare.client_id.as_deref().unwrap_or(""),
+                username: rare.username.as_deref(),
+            };
+            if shard.auth.can_publish(who, &will.topic) {
+                publish_will(&mut shard, will);
+            } else {
+                debug!("will to {} dropped: denied by the ACL", will.topic);
+                shard.stats.publish_denied += 1;
+            }
         }
         shard.flush_dirty();
     }
@@ -537,7 +611,8 @@ impl Future for Live {
             }
             let (step, forward) = {
                 let mut shard = this.ctx.shard.borrow_mut();
-                let step = process(&mut shard, conn.key, conn.conn_id, &mut conn.rx);
+                let username = Rare::username(conn.rare.as_deref());
+                let step = process(&mut shard, conn.key, conn.conn_id, &mut conn.rx, username);
                 shard.flush_dirty();
                 (step, shard.has_remote_batch())
             };
@@ -698,12 +773,14 @@ fn write_framed(
     }
 }
 
-/// Decodes and handles every complete packet in `rx`.
+/// Decodes and handles every complete packet in `rx`; `username` is the
+/// client's, for ACL checks.
 fn process(
     shard: &mut Shard,
     key: SessionKey,
     conn_id: u64,
     rx: &mut BytesMut,
+    username: Option<&str>,
 ) -> Result<(), CloseReason> {
     let now = shard.now_ticks();
     let Some(session) = shard.session_for(key, conn_id) else {
@@ -724,18 +801,25 @@ fn process(
             }
         };
         shard.stats.messages_received += 1;
-        handle_packet(shard, key, conn_id, packet)?;
+        handle_packet(shard, key, conn_id, packet, username)?;
     }
 }
 
-/// Acts on one packet from a connected client.
+/// Acts on one packet from a connected client (`username`: for the ACL).
 fn handle_packet(
     shard: &mut Shard,
     key: SessionKey,
     conn_id: u64,
     packet: Packet,
+    username: Option<&str>,
 ) -> Result<(), CloseReason> {
     let limits = shard.limits;
+    // A denied PUBLISH still completes its QoS flow (acknowledged, then
+    // dropped and counted), as Mosquitto does.
+    let denied = match &packet {
+        Packet::Publish(publish) => !shard.may_publish(key, username, &publish.topic),
+        _ => false,
+    };
     let Some(session) = shard.session_for(key, conn_id) else {
         return Err(CloseReason::TakenOver);
     };
@@ -783,6 +867,11 @@ fn handle_packet(
                 shard.stats.publish_dropped += 1;
                 return Ok(());
             }
+            if denied {
+                debug!("publish to {} dropped: denied by the ACL", publish.topic);
+                shard.stats.publish_denied += 1;
+                return Ok(());
+            }
             shard.publish(Message {
                 topic: publish.topic,
                 payload: publish.payload,
@@ -806,7 +895,7 @@ fn handle_packet(
             session.on_pubcomp(id, &limits);
             shard.mark_dirty(key);
         }
-        Packet::Subscribe(subscribe) => shard.subscribe(key, subscribe),
+        Packet::Subscribe(subscribe) => shard.subscribe(key, subscribe, username),
         Packet::Unsubscribe(unsubscribe) => {
             shard.unsubscribe(key, unsubscribe.packet_id, &unsubscribe.filters)
         }

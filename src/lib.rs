@@ -24,7 +24,11 @@
 //! - [`sys`]: counters and `$SYS` topics.
 //! - [`transport`]: TLS and WebSocket streams, certificate reload.
 //! - [`config`], [`os`]: configuration; host limits, logging, systemd.
+//! - [`auth`], [`password`], [`acl`]: `password_file`, `acl_file`,
+//!   `allow_anonymous` (Mosquitto-compatible); [`passwd`]: `fanmq passwd`.
 
+pub mod acl;
+pub mod auth;
 pub mod broker;
 pub mod codec;
 pub mod config;
@@ -34,6 +38,8 @@ pub mod mesh;
 pub mod message;
 pub mod os;
 pub mod outqueue;
+pub mod passwd;
+pub mod password;
 pub mod registry;
 pub mod retain;
 pub mod router;

@@ -1,6 +1,7 @@
 //! The `fanmq` binary: parse flags and config, set up logging, run the broker
-//! until SIGTERM or SIGINT; SIGHUP re-reads the log level and the TLS
-//! certificates.
+//! until SIGTERM or SIGINT; SIGHUP re-reads the log level, the password file,
+//! the ACL file and the TLS certificates. `fanmq passwd ...` manages a
+//! password file instead.
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -11,14 +12,24 @@ use clap::Parser;
 use log::{error, info, warn};
 
 use fanmq::broker;
-use fanmq::config::{Cli, Config};
+use fanmq::config::{Cli, Command, Config};
 use fanmq::os;
+use fanmq::passwd;
 
 /// How often the main thread checks for signals.
 const SIGNAL_POLL: Duration = Duration::from_millis(50);
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::Passwd(args)) = &cli.command {
+        return match passwd::run(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("fanmq passwd: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let config = match Config::load(&cli) {
         Ok(config) => config,
         Err(e) => {
@@ -82,12 +93,19 @@ fn main() -> ExitCode {
         broker.shard_cpus,
         listeners.join(", "),
     );
+    // Every listener, TLS and WebSocket ones included.
+    let all_listeners: Vec<std::net::SocketAddr> =
+        broker.transport_addrs.iter().map(|(_, addr)| *addr).collect();
+    for warning in broker.auth.startup_warnings(&all_listeners) {
+        warn!("{warning}");
+    }
     os::notify_systemd(sd_notify::NotifyState::Ready);
     while !terminate.load(Ordering::SeqCst) {
         std::thread::sleep(SIGNAL_POLL);
         if reload.swap(false, Ordering::SeqCst) {
             reload_log_level(config_file.as_deref());
             reload_tls(broker.tls.as_deref());
+            broker.auth.reload();
         }
     }
     info!("shutting down");

@@ -19,6 +19,8 @@ use bytes::BytesMut;
 use bytestring::ByteString;
 use log::debug;
 
+use crate::acl::Who;
+use crate::auth::Auth;
 use crate::codec::{self, Subscribe};
 use crate::config::Config;
 use crate::connection::{CloseReason, FRAMED_FD, TICKS_PER_SEC};
@@ -90,6 +92,8 @@ pub struct Shard {
     pub started: Instant,
     /// Set once shutdown begins: no new connections or sessions.
     pub shutting_down: bool,
+    /// Password file and ACL, shared by all shards (lock-free reads).
+    pub auth: Arc<Auth>,
 }
 
 /// A shard's state plus its mesh senders, as each of its tasks holds them.
@@ -135,7 +139,7 @@ impl Ctx {
 
 impl Shard {
     /// A fresh shard.
-    pub fn new(id: usize, nr_shards: usize, config: Arc<Config>) -> Shard {
+    pub fn new(id: usize, nr_shards: usize, config: Arc<Config>, auth: Arc<Auth>) -> Shard {
         let limits = Limits {
             max_inflight: config.max_inflight_messages,
             max_queued_messages: config.max_queued_messages,
@@ -164,6 +168,7 @@ impl Shard {
             next_generated_id: 1,
             started: Instant::now(),
             shutting_down: false,
+            auth,
         }
     }
 
@@ -318,9 +323,26 @@ impl Shard {
         Some(Arc::new(std::mem::take(&mut self.remote_batch)))
     }
 
-    /// SUBSCRIBE (§3.8): adds each valid filter, answers SUBACK with the
-    /// granted QoS or 0x80 per filter, then sends matching retained messages.
-    pub fn subscribe(&mut self, key: SessionKey, subscribe: Subscribe) {
+    /// May the client of session `key`, with user name `username`, publish
+    /// to `topic`? Always true without an ACL file.
+    pub fn may_publish(&self, key: SessionKey, username: Option<&str>, topic: &str) -> bool {
+        if !self.auth.acl_enabled() {
+            return true;
+        }
+        let Some(session) = self.sessions.get(key as usize) else {
+            return false;
+        };
+        let who = Who {
+            client_id: &session.client_id,
+            username,
+        };
+        self.auth.can_publish(who, topic)
+    }
+
+    /// SUBSCRIBE (§3.8): adds each valid filter the ACL allows (`username`:
+    /// the client's, for the ACL), answers SUBACK with the granted QoS or
+    /// 0x80 per filter, then sends matching retained messages.
+    pub fn subscribe(&mut self, key: SessionKey, subscribe: Subscribe, username: Option<&str>) {
         let mut codes = Vec::with_capacity(subscribe.filters.len());
         let mut granted_filters = Vec::with_capacity(subscribe.filters.len());
         for (filter, qos) in subscribe.filters {
@@ -332,6 +354,21 @@ impl Shard {
             let Some(session) = self.sessions.get_mut(key as usize) else {
                 return;
             };
+            if self.auth.acl_enabled() {
+                let who = Who {
+                    client_id: &session.client_id,
+                    username,
+                };
+                if !self.auth.can_subscribe(who, &filter) {
+                    debug!(
+                        "client {}: subscription to {filter:?} denied by the ACL",
+                        session.client_id
+                    );
+                    self.stats.subscribe_denied += 1;
+                    codes.push(codec::SUBACK_FAILURE);
+                    continue;
+                }
+            }
             session.subscribe(&filter, qos);
             self.router.subscribe(&filter, key, qos);
             codes.push(qos as u8);

@@ -47,6 +47,13 @@ pub struct Counters {
     pub bytes_sent: u64,
     /// Connections closed for malformed packets or protocol violations.
     pub protocol_errors: u64,
+    /// CONNECTs refused by authentication (CONNACK 5: anonymous refused,
+    /// unknown user, wrong password).
+    pub auth_failed: u64,
+    /// PUBLISH packets (and wills) dropped because the ACL denies them.
+    pub publish_denied: u64,
+    /// Topic filters refused in SUBACK because the ACL denies them.
+    pub subscribe_denied: u64,
 }
 
 impl Counters {
@@ -65,6 +72,9 @@ impl Counters {
         self.bytes_received += other.bytes_received;
         self.bytes_sent += other.bytes_sent;
         self.protocol_errors += other.protocol_errors;
+        self.auth_failed += other.auth_failed;
+        self.publish_denied += other.publish_denied;
+        self.subscribe_denied += other.subscribe_denied;
     }
 }
 
@@ -135,6 +145,18 @@ pub fn sys_messages(total: &Counters, uptime: Duration) -> Vec<(&'static str, St
         (
             "$SYS/broker/connections/refused",
             total.connections_refused.to_string(),
+        ),
+        (
+            "$SYS/broker/clients/auth_failed",
+            total.auth_failed.to_string(),
+        ),
+        (
+            "$SYS/broker/publish/messages/denied",
+            total.publish_denied.to_string(),
+        ),
+        (
+            "$SYS/broker/subscriptions/denied",
+            total.subscribe_denied.to_string(),
         ),
     ]
 }

@@ -183,22 +183,6 @@ impl Stream {
         }
     }
 
-    /// The username the client authenticates as: with
-    /// `use_identity_as_username`, its certificate's Common Name (None
-    /// without a verified certificate: the client must then be refused as
-    /// not authorized, as Mosquitto does), otherwise CONNECT's username.
-    pub fn username<'a>(
-        &'a self,
-        use_identity_as_username: bool,
-        connect_username: Option<&'a str>,
-    ) -> Option<&'a str> {
-        if use_identity_as_username {
-            self.tls_identity()
-        } else {
-            connect_username
-        }
-    }
-
     /// The TCP connection underneath.
     fn tcp(&self) -> &TcpStream {
         match self {

@@ -3,6 +3,7 @@
 
 mod common;
 
+mod auth;
 mod basic;
 mod limits;
 mod protocol;

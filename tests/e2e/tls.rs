@@ -485,3 +485,44 @@ fn a_tls_client_gets_its_connack_refusal() {
     assert!(rest.is_empty());
     broker.assert_healthy();
 }
+
+#[test]
+fn the_certificate_identity_is_the_username_for_authentication_and_acls() {
+    // use_identity_as_username: the client certificate's CN logs the client
+    // in (no password file entry needed) and is the ACL's user name.
+    let pki = Pki::new();
+    let acl = pki.path("acl");
+    std::fs::write(&acl, "user alice\ntopic readwrite alice/#\n").unwrap();
+    let config = pki.config(&format!(
+        "cafile = {:?}\nrequire_certificate = true\nuse_identity_as_username = true\n\
+         allow_anonymous = false\nacl_file = {:?}",
+        pki.path("ca.pem"),
+        acl
+    ));
+    let mut broker = Broker::builder().config(&config).start();
+    let tls = broker.port_of("tls");
+    let id = unique();
+
+    let (mut alice, _) = Mqtt::connect_with(tls_options(
+        tls,
+        &format!("alice-{id}"),
+        &pki.ca_pem,
+        Some(pki.issue("alice", false)),
+    ));
+    assert_eq!(
+        alice.subscribe_many(&[("alice/in", QoS::AtLeastOnce), ("bob/in", QoS::AtLeastOnce)]),
+        vec![
+            rumqttc::SubscribeReasonCode::Success(QoS::AtLeastOnce),
+            rumqttc::SubscribeReasonCode::Failure,
+        ],
+        "the ACL applies to the certificate's CN"
+    );
+    alice.publish_acked("alice/in", false, b"for alice");
+    assert_eq!(&alice.expect_publish().payload[..], b"for alice");
+
+    // Without a certificate there is no identity: an anonymous plain TCP
+    // client is refused with CONNACK 5.
+    let (_, connack) = Raw::connect_with(broker.port, &ConnectBuilder::new("anon"));
+    assert_eq!(connack, [0x20, 2, 0, 5]);
+    broker.assert_running();
+}
