@@ -94,8 +94,11 @@ fn main() -> ExitCode {
         listeners.join(", "),
     );
     // Every listener, TLS and WebSocket ones included.
-    let all_listeners: Vec<std::net::SocketAddr> =
-        broker.transport_addrs.iter().map(|(_, addr)| *addr).collect();
+    let all_listeners: Vec<std::net::SocketAddr> = broker
+        .transport_addrs
+        .iter()
+        .map(|(_, addr)| *addr)
+        .collect();
     for warning in broker.auth.startup_warnings(&all_listeners) {
         warn!("{warning}");
     }
