@@ -244,16 +244,18 @@ pub async fn serve(ctx: Ctx, tcp: TcpStream, acceptor: Acceptor, slot: Connectio
 /// when it fails or times out (logged; the socket closes).
 async fn accept_transport(ctx: &Ctx, tcp: TcpStream, acceptor: &Acceptor) -> Option<Stream> {
     let connect_timeout = ctx.shard.borrow().config.connect_timeout;
-    let peer = tcp.peer_addr().ok();
+    let peer = tcp
+        .peer_addr()
+        .map_or_else(|_| "?".to_string(), |a| a.to_string());
     let name = acceptor.transport.name();
     match glommio::timer::timeout(connect_timeout, async { Ok(acceptor.accept(tcp).await) }).await {
         Ok(Ok(stream)) => Some(stream),
         Ok(Err(e)) => {
-            debug!("{peer:?}: {name}: {e}, closing");
+            debug!("{peer}: {name}: {e}, closing");
             None
         }
         Err(_) => {
-            debug!("{peer:?}: {name}: no handshake within {connect_timeout:?}, closing");
+            debug!("{peer}: {name}: no handshake within {connect_timeout:?}, closing");
             None
         }
     }

@@ -526,3 +526,52 @@ fn the_certificate_identity_is_the_username_for_authentication_and_acls() {
     assert_eq!(connack, [0x20, 2, 0, 5]);
     broker.assert_running();
 }
+
+#[test]
+fn max_connections_counts_tls_and_websocket_connections_too() {
+    let pki = Pki::new();
+    let config = pki.config("max_connections = 1\nws_listen = [\"127.0.0.1:0\"]");
+    let mut broker = Broker::builder().config(&config).start();
+    let (mut only, _) = Mqtt::connect_with(tls_options(
+        broker.port_of("tls"),
+        "the-only-one",
+        &pki.ca_pem,
+        None,
+    ));
+    // Every other listener now accepts and closes at once.
+    for port in [broker.port_of("tls"), broker.port_of("ws"), broker.port] {
+        let mut socket = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let mut received = Vec::new();
+        expect_closed_stream(&mut socket, &mut received);
+        assert!(received.is_empty(), "{received:?}");
+    }
+    only.subscribe("only/t", QoS::AtLeastOnce);
+    only.publish_acked("only/t", false, b"alone");
+    assert_eq!(&only.expect_publish().payload[..], b"alone");
+    broker.assert_running();
+}
+
+#[test]
+fn sys_topics_count_tls_clients_and_reach_them() {
+    let pki = Pki::new();
+    let broker = Broker::builder()
+        .config(&pki.config("sys_interval_secs = 1"))
+        .start();
+    let (mut client, _) = Mqtt::connect_with(tls_options(
+        broker.port_of("tls"),
+        "sys-reader",
+        &pki.ca_pem,
+        None,
+    ));
+    client.subscribe("$SYS/broker/clients/connected", QoS::AtMostOnce);
+    // The first update may predate this client; wait for one that counts it.
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let p = client
+            .recv_publish(deadline.saturating_duration_since(Instant::now()))
+            .expect("a $SYS update");
+        if &p.payload[..] == b"1" {
+            break;
+        }
+    }
+}
