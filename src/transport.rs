@@ -56,6 +56,17 @@ use crate::config::Config;
 /// `mqtt` (§6.0) and MQTT 3.1's `mqttv3.1`.
 pub const WS_SUBPROTOCOLS: [&str; 2] = ["mqtt", "mqttv3.1"];
 
+/// Read buffer of each WebSocket connection. tungstenite's default (128 KiB,
+/// allocated per connection) made an idle WebSocket client cost 134 kB;
+/// 4 KiB (tungstenite's own advice for many connections) brings it near a
+/// TLS client's. Larger messages still arrive, in several reads.
+pub const WS_READ_BUFFER_SIZE: usize = 4 * 1024;
+
+/// Bytes tungstenite gathers before writing to the socket: none, since
+/// the connection task already hands it the queue in pieces of up to 64 KiB
+/// (one message each).
+pub const WS_WRITE_BUFFER_SIZE: usize = 0;
+
 /// Errors setting up or accepting a transport.
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
@@ -256,6 +267,8 @@ impl Acceptor {
     /// The WebSocket upgrade: requires an MQTT subprotocol.
     async fn accept_ws(&self, stream: Stream) -> Result<Stream, TransportError> {
         let config = WebSocketConfig::default()
+            .read_buffer_size(WS_READ_BUFFER_SIZE)
+            .write_buffer_size(WS_WRITE_BUFFER_SIZE)
             .max_message_size(Some(self.max_message_size))
             .max_frame_size(Some(self.max_message_size));
         let ws = async_tungstenite::accept_hdr_async_with_config(
