@@ -423,3 +423,31 @@ fn wss_carries_mqtt_over_websocket_over_tls() {
     assert_eq!(reply[2..], CONNACK_OK);
     broker.assert_healthy();
 }
+
+#[test]
+fn a_burst_of_large_publishes_reaches_a_websocket_subscriber_whole() {
+    let mut broker = Broker::builder().config(WS).start();
+    let mut ws = ws_connect(broker.port_of("ws"), "mqtt");
+    ws_send(&mut ws, &ConnectBuilder::new("ws-burst").bytes());
+    assert_eq!(ws_read(&mut ws, 4), CONNACK_OK);
+    ws_send(&mut ws, &subscribe(1, &[(b"ws/burst", 0)]));
+    assert_eq!(ws_read(&mut ws, 5), [0x90, 3, 0, 1, 0]);
+    let mut plain = Mqtt::connect(broker.port, "ws-burst-pub");
+    let payload: Vec<u8> = (0..30_000u32).map(|i| (i % 251) as u8).collect();
+    // 20 × 30 kB: under max_queued_bytes, so nothing may be dropped.
+    for _ in 0..20 {
+        plain.publish("ws/burst", QoS::AtMostOnce, false, &payload);
+    }
+    plain.publish_acked("ws/burst", false, b"end");
+    // Each PUBLISH: 0x30, a 3-byte remaining length, topic (2 + 8), payload.
+    let frame_len = 1 + 3 + 10 + payload.len();
+    let bytes = ws_read(&mut ws, 20 * frame_len + 2 + 10 + 3);
+    for i in 0..20 {
+        let frame = &bytes[i * frame_len..(i + 1) * frame_len];
+        assert_eq!(frame[0], 0x30, "publish {i} starts at its header");
+        assert_eq!(&frame[4..14], b"\x00\x08ws/burst");
+        assert_eq!(&frame[14..], &payload[..], "publish {i} is whole");
+    }
+    assert!(bytes.ends_with(b"end"));
+    broker.assert_healthy();
+}
