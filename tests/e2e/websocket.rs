@@ -27,6 +27,11 @@ const WS: &str = "ws_listen = [\"127.0.0.1:0\"]";
 /// A WebSocket client of the broker's WS listener offering `subprotocol`.
 fn ws_connect(port: u16, subprotocol: &str) -> WebSocket<TcpStream> {
     let socket = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    ws_over(socket, port, subprotocol)
+}
+
+/// The WebSocket upgrade over an already connected `socket`.
+fn ws_over(socket: TcpStream, port: u16, subprotocol: &str) -> WebSocket<TcpStream> {
     socket.set_read_timeout(Some(TIMEOUT)).unwrap();
     let mut request = format!("ws://127.0.0.1:{port}/mqtt")
         .into_client_request()
@@ -449,5 +454,59 @@ fn a_burst_of_large_publishes_reaches_a_websocket_subscriber_whole() {
         assert_eq!(&frame[14..], &payload[..], "publish {i} is whole");
     }
     assert!(bytes.ends_with(b"end"));
+    broker.assert_healthy();
+}
+
+#[test]
+fn a_websocket_subscriber_that_reads_slowly_gets_whole_packets_in_order() {
+    // As the TLS test of the same name: tiny socket buffers, nothing read
+    // until the flood is over, so the broker's WebSocket writes must wait.
+    let mut broker = Broker::builder().config(WS).start();
+    let port = broker.port_of("ws");
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    socket.connect(&addr.into()).unwrap();
+    let mut ws = ws_over(socket.into(), port, "mqtt");
+    ws_send(&mut ws, &ConnectBuilder::new("slow-ws").bytes());
+    assert_eq!(ws_read(&mut ws, 4), CONNACK_OK);
+    ws_send(&mut ws, &subscribe(1, &[(b"slow", 0)]));
+    assert_eq!(ws_read(&mut ws, 5), [0x90, 3, 0, 1, 0]);
+
+    let mut plain = Mqtt::connect(broker.port, "slow-ws-pub");
+    let payload: Vec<u8> = (0..30_000u32).map(|i| (i % 251) as u8).collect();
+    for n in 0..200u32 {
+        let mut numbered = payload.clone();
+        numbered[..4].copy_from_slice(&n.to_be_bytes());
+        plain.publish("slow", QoS::AtMostOnce, false, &numbered);
+    }
+    plain.publish_acked("slow-done", false, b"");
+    ws_send(&mut ws, &PINGREQ);
+    // Each PUBLISH: 0x30, a 3-byte remaining length, topic (2 + 4), payload.
+    let frame_len = 1 + 3 + 6 + payload.len();
+    let mut bytes = Vec::new();
+    let mut last = None;
+    let mut received = 0;
+    loop {
+        while bytes.len() < 2 || (bytes[0] == 0x30 && bytes.len() < frame_len) {
+            bytes.extend(ws_read(&mut ws, 1));
+        }
+        if bytes[0] == 0xd0 {
+            assert_eq!(bytes, PINGRESP, "PINGRESP is the last packet");
+            break;
+        }
+        let frame: Vec<u8> = bytes.drain(..frame_len).collect();
+        assert_eq!(
+            frame[0], 0x30,
+            "a packet boundary after {received} publishes"
+        );
+        assert_eq!(&frame[4..10], b"\x00\x04slow");
+        let n = u32::from_be_bytes(frame[10..14].try_into().unwrap());
+        assert_eq!(&frame[14..], &payload[4..], "publish {n} is whole");
+        assert!(last.is_none_or(|l| n > l), "publish {n} after {last:?}");
+        last = Some(n);
+        received += 1;
+    }
+    assert!(received > 0 && received < 200, "{received} publishes");
     broker.assert_healthy();
 }
