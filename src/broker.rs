@@ -18,10 +18,13 @@ use glommio::channels::channel_mesh::MeshBuilder;
 use glommio::{LocalExecutorPoolBuilder, PoolPlacement, PoolThreadHandles};
 use log::{debug, info, warn};
 
+use crate::admin;
+use crate::admin_query::{self, ShardRequest};
 use crate::config::Config;
 use crate::connection::{self, CloseReason};
 use crate::listener::{self, ListenerSet};
 use crate::mesh::{self, ShardMsg};
+use crate::metrics::{BrokerGauges, ListenerKind, SessionTotals};
 use crate::shard::{Ctx, Shard};
 use crate::sys;
 
@@ -29,8 +32,9 @@ use crate::sys;
 /// period): short enough that SIGTERM takes effect at once for a person.
 const POLL_PERIOD: Duration = Duration::from_millis(50);
 
-/// How often each shard sweeps for keep-alive timeouts.
-const KEEP_ALIVE_SWEEP: Duration = Duration::from_millis(500);
+/// How often each shard sweeps for keep-alive timeouts (and refreshes its
+/// admin gauges, [`crate::metrics::REFRESH_PERIOD`]).
+pub const KEEP_ALIVE_SWEEP: Duration = Duration::from_millis(500);
 
 /// How long shutdown waits for client connections to close.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
@@ -61,6 +65,9 @@ pub enum BrokerError {
     /// A shard failed.
     #[error("shard failed: {0}")]
     Shard(String),
+    /// The admin HTTP listener could not be set up.
+    #[error(transparent)]
+    Admin(#[from] admin::AdminError),
     /// Shards did not all become ready in time.
     #[error("shards did not start within {0:?}")]
     StartTimeout(Duration),
@@ -76,6 +83,10 @@ pub struct Broker {
     shutdown: Arc<AtomicBool>,
     /// The shard threads.
     handles: PoolThreadHandles<Result<(), String>>,
+    /// The admin HTTP listener's address, when it runs.
+    pub http_addr: Option<SocketAddr>,
+    /// The admin HTTP listener's accept thread.
+    http_thread: Option<std::thread::JoinHandle<()>>,
 }
 
 /// A cloneable handle that stops the broker.
@@ -105,6 +116,10 @@ impl Broker {
     /// # Errors
     /// A shard that failed or panicked.
     pub fn wait(self) -> Result<(), BrokerError> {
+        if let Some(thread) = self.http_thread {
+            // It polls the shutdown flag; a panic there only ends the API.
+            let _ = thread.join();
+        }
         for result in self.handles.join_all() {
             match result {
                 Ok(Ok(())) => {}
@@ -167,6 +182,20 @@ pub fn start(config: Config) -> Result<Broker, BrokerError> {
     let connections = Arc::new(AtomicUsize::new(0));
     let mesh = MeshBuilder::<ShardMsg, _>::full(nr_shards, config.mesh_capacity);
     let pinned = Arc::new(shard_cpus.clone());
+    let gauges = Arc::new(BrokerGauges::new(nr_shards));
+    let (admin_senders, admin_receivers): (Vec<_>, Vec<_>) = (0..nr_shards)
+        .map(|_| async_channel::bounded(admin_query::REQUEST_QUEUE))
+        .unzip();
+    let admin_receivers = Arc::new(admin_receivers);
+    let admin_state = admin::AdminState {
+        gauges: gauges.clone(),
+        shards: admin_senders,
+        auth: admin::Auth {
+            token: config.http_auth_token.clone(),
+            basic: config.http_basic_auth.clone(),
+        },
+    };
+    let http_listen = config.http_listen;
 
     let shard_main = {
         let shutdown = shutdown.clone();
@@ -180,6 +209,8 @@ pub fn start(config: Config) -> Result<Broker, BrokerError> {
                 shutdown,
                 ready,
                 connections,
+                gauges,
+                admin_receivers,
             })
         }
     };
@@ -197,11 +228,23 @@ pub fn start(config: Config) -> Result<Broker, BrokerError> {
         }
         std::thread::sleep(Duration::from_millis(5));
     }
+    let (http_addr, http_thread) = match http_listen {
+        Some(addr) => match admin::start(addr, admin_state, shutdown.clone()) {
+            Ok(server) => (Some(server.addr), Some(server.thread)),
+            Err(e) => {
+                shutdown.store(true, Ordering::SeqCst);
+                return Err(e.into());
+            }
+        },
+        None => (None, None),
+    };
     Ok(Broker {
         listen_addrs,
         shard_cpus,
         shutdown,
         handles,
+        http_addr,
+        http_thread,
     })
 }
 
@@ -214,6 +257,10 @@ struct ShardSetup {
     shutdown: Arc<AtomicBool>,
     ready: Arc<AtomicUsize>,
     connections: Arc<AtomicUsize>,
+    /// Every shard's admin gauges (each shard refreshes its own).
+    gauges: Arc<BrokerGauges>,
+    /// Each shard's admin request channel, by shard index.
+    admin_receivers: Arc<Vec<async_channel::Receiver<ShardRequest>>>,
 }
 
 /// One shard, from joining the mesh to the end of its shutdown.
@@ -239,6 +286,15 @@ async fn run_shard(setup: ShardSetup) -> Result<(), String> {
         id,
         nr_shards,
     };
+    {
+        let mut shard = ctx.shard.borrow_mut();
+        shard.gauges = setup.gauges.clone();
+        // First figures at once, so /health is ready with the shard.
+        shard.gauges.refresh(&shard, &SessionTotals::default());
+    }
+    if let Some(requests) = setup.admin_receivers.get(id) {
+        glommio::spawn_local(admin_query::serve_requests(ctx.clone(), requests.clone())).detach();
+    }
     let receivers = Rc::new(receivers);
     for peer in (0..nr_shards).filter(|&p| p != id) {
         glommio::spawn_local(mesh::receive_from(ctx.clone(), peer, receivers.clone())).detach();
@@ -260,6 +316,7 @@ async fn run_shard(setup: ShardSetup) -> Result<(), String> {
                 fd,
                 *addr,
                 setup.connections.clone(),
+                ListenerKind::Mqtt,
             ))
             .detach(),
         );

@@ -23,7 +23,12 @@
 //! - [`message`], [`outqueue`]: a message, its shared frames, the write queue.
 //! - [`sys`]: counters and `$SYS` topics.
 //! - [`config`], [`os`]: configuration; host limits, logging, systemd.
+//! - [`admin`], [`admin_query`], [`metrics`]: the admin HTTP listener
+//!   (Prometheus, JSON API, dashboard) on its own thread, the shard side of
+//!   its queries, and the per-shard figures it sums.
 
+pub mod admin;
+pub mod admin_query;
 pub mod broker;
 pub mod codec;
 pub mod config;
@@ -31,6 +36,7 @@ pub mod connection;
 pub mod listener;
 pub mod mesh;
 pub mod message;
+pub mod metrics;
 pub mod os;
 pub mod outqueue;
 pub mod registry;

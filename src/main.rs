@@ -72,6 +72,12 @@ fn main() -> ExitCode {
         broker.shard_cpus,
         listeners.join(", "),
     );
+    match broker.http_addr {
+        Some(addr) => info!(
+            "admin HTTP on http://{addr}/ (dashboard /, Prometheus /metrics, JSON /api/v1/stats)"
+        ),
+        None => info!("admin HTTP off"),
+    }
     os::notify_systemd(sd_notify::NotifyState::Ready);
     while !terminate.load(Ordering::SeqCst) {
         std::thread::sleep(SIGNAL_POLL);

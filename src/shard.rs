@@ -24,6 +24,7 @@ use crate::config::Config;
 use crate::connection::{CloseReason, TICKS_PER_SEC};
 use crate::mesh::{self, MeshSenders, ShardMsg};
 use crate::message::{Encoded, Message};
+use crate::metrics::BrokerGauges;
 use crate::outqueue::{Flushed, Frame};
 use crate::registry::Registry;
 use crate::retain::RetainStore;
@@ -90,6 +91,10 @@ pub struct Shard {
     pub started: Instant,
     /// Set once shutdown begins: no new connections or sessions.
     pub shutting_down: bool,
+    /// Every shard's admin gauges; this shard refreshes its own entry
+    /// (see [`crate::metrics`]). The broker shares one set with the HTTP
+    /// thread; a shard made alone (tests) has its own.
+    pub gauges: Arc<BrokerGauges>,
 }
 
 /// A shard's state plus its mesh senders, as each of its tasks holds them.
@@ -164,6 +169,7 @@ impl Shard {
             next_generated_id: 1,
             started: Instant::now(),
             shutting_down: false,
+            gauges: Arc::new(BrokerGauges::new(nr_shards)),
         }
     }
 
