@@ -18,7 +18,7 @@ use serde::Serialize;
 
 use crate::connection::{CloseReason, TICKS_PER_SEC};
 use crate::session::Session;
-use crate::shard::{Ctx, Shard};
+use crate::shard::{Ctx, SessionKey, Shard};
 use crate::topic;
 
 /// Requests a shard's channel holds before the HTTP thread's sends fail
@@ -178,32 +178,72 @@ impl Shard {
                     None => Answer::Disconnected(false),
                 }
             }
-            Query::Subscriptions { topic, skip, limit } => {
-                let mut total = 0;
-                let mut subscriptions = Vec::new();
-                for (_, session) in &self.sessions {
-                    for (filter, qos) in &session.state.subscriptions {
-                        if let Some(topic) = &topic
-                            && !topic::filter_matches(filter, topic)
-                        {
-                            continue;
-                        }
-                        if total >= skip && subscriptions.len() < limit {
-                            subscriptions.push(SubscriptionInfo {
-                                client_id: session.client_id.to_string(),
-                                filter: filter.to_string(),
-                                qos: *qos as u8,
-                                shard: self.id,
-                            });
-                        }
-                        total += 1;
-                    }
+            Query::Subscriptions { topic, skip, limit } => self.subscriptions(topic, skip, limit),
+        }
+    }
+
+    /// A page of subscriptions. With a topic, only the sessions the router
+    /// matches are visited (work follows the number of matches); without,
+    /// the walk stops once the page is full (work follows offset + limit).
+    fn subscriptions(&mut self, topic: Option<String>, skip: usize, limit: usize) -> Answer {
+        if topic.is_none() && limit == 0 {
+            return Answer::Subscriptions {
+                total: self.router.len(),
+                subscriptions: Vec::new(),
+            };
+        }
+        let keys: Vec<SessionKey> = match &topic {
+            Some(topic) => {
+                let mut keys = Vec::new();
+                self.router.for_each_match(topic, |key, _| keys.push(key));
+                keys.sort_unstable();
+                keys.dedup();
+                keys
+            }
+            None => Vec::new(),
+        };
+        let sessions: Box<dyn Iterator<Item = &Session>> = match &topic {
+            Some(_) => Box::new(
+                keys.iter()
+                    .filter_map(|&key| self.sessions.get(key as usize))
+                    .map(|s| &**s),
+            ),
+            None => Box::new(self.sessions.iter().map(|(_, s)| &**s)),
+        };
+        let mut seen = 0;
+        let mut subscriptions = Vec::new();
+        for session in sessions {
+            for (filter, qos) in &session.state.subscriptions {
+                if let Some(topic) = &topic
+                    && !topic::filter_matches(filter, topic)
+                {
+                    continue;
                 }
-                Answer::Subscriptions {
-                    total,
-                    subscriptions,
+                if seen >= skip && subscriptions.len() < limit {
+                    subscriptions.push(SubscriptionInfo {
+                        client_id: session.client_id.to_string(),
+                        filter: filter.to_string(),
+                        qos: *qos as u8,
+                        shard: self.id,
+                    });
+                }
+                seen += 1;
+                if topic.is_none() && subscriptions.len() >= limit && seen >= skip {
+                    // The total of all subscriptions is the router's count.
+                    return Answer::Subscriptions {
+                        total: self.router.len(),
+                        subscriptions,
+                    };
                 }
             }
+        }
+        Answer::Subscriptions {
+            total: if topic.is_some() {
+                seen
+            } else {
+                self.router.len()
+            },
+            subscriptions,
         }
     }
 
@@ -316,6 +356,19 @@ mod tests {
         assert_eq!(total, 1);
         assert_eq!(subscriptions[0].client_id, "c2");
         assert_eq!(subscriptions[0].qos, 1);
+        let Answer::Subscriptions {
+            total,
+            subscriptions,
+        } = shard.answer(Query::Subscriptions {
+            topic: None,
+            skip: 1,
+            limit: 1,
+        })
+        else {
+            panic!("wrong answer");
+        };
+        assert_eq!(total, 3);
+        assert_eq!(subscriptions[0].filter, "t/1/#");
         assert_eq!(
             shard.answer(Query::Disconnect {
                 client_id: "c1".into()
