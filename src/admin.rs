@@ -61,8 +61,9 @@ pub const DEFAULT_LIMIT: usize = 100;
 /// Largest page size of the list endpoints (bounds the work per request).
 pub const MAX_LIMIT: usize = 1000;
 
-/// How often the accept loop checks for shutdown.
-const ACCEPT_POLL: Duration = Duration::from_millis(50);
+/// Pause after a failed accept (e.g. out of file descriptors), so the
+/// accept loop does not spin.
+const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
 
 /// The dashboard page: HTML, CSS and JS in one file, embedded in the binary.
 const DASHBOARD: &str = include_str!("dashboard.html");
@@ -170,7 +171,6 @@ pub fn start(
 ) -> Result<AdminServer, AdminError> {
     let bind_err = |source| AdminError::Bind { addr, source };
     let listener = TcpListener::bind(addr).map_err(bind_err)?;
-    listener.set_nonblocking(true).map_err(bind_err)?;
     let bound = listener.local_addr().map_err(bind_err)?;
     if !bound.ip().is_loopback() && state.auth.is_open() {
         // Config validation refuses this; say so loudly if it ever happens.
@@ -187,24 +187,36 @@ pub fn start(
     })
 }
 
-/// Accepts admin connections until shutdown; each request runs on a thread
-/// of its own.
+/// Wakes an accept loop blocked in `accept` so that it sees the shutdown
+/// flag: one connection to its own address (call after setting the flag).
+pub fn wake(addr: SocketAddr) {
+    let mut target = addr;
+    if target.ip().is_unspecified() {
+        target.set_ip(match addr {
+            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    let _ = TcpStream::connect_timeout(&target, READ_TIMEOUT);
+}
+
+/// Accepts admin connections (blocking) until shutdown, which [`wake`]
+/// makes it notice; each request runs on a thread of its own.
 fn accept_loop(listener: TcpListener, state: Arc<AdminState>, shutdown: Arc<AtomicBool>) {
     let active = Arc::new(AtomicUsize::new(0));
-    while !shutdown.load(Ordering::SeqCst) {
-        let (mut stream, peer) = match listener.accept() {
+    loop {
+        let accepted = listener.accept();
+        if shutdown.load(Ordering::SeqCst) {
+            break;
+        }
+        let (mut stream, peer) = match accepted {
             Ok(accepted) => accepted,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                std::thread::sleep(ACCEPT_POLL);
-                continue;
-            }
             Err(e) => {
                 debug!("admin HTTP accept failed: {e}");
-                std::thread::sleep(ACCEPT_POLL);
+                std::thread::sleep(ACCEPT_ERROR_BACKOFF);
                 continue;
             }
         };
-        let _ = stream.set_nonblocking(false);
         let _ = stream.set_write_timeout(Some(READ_TIMEOUT));
         if active.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
             active.fetch_sub(1, Ordering::SeqCst);

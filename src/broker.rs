@@ -116,11 +116,14 @@ impl Broker {
     /// # Errors
     /// A shard that failed or panicked.
     pub fn wait(self) -> Result<(), BrokerError> {
-        if let Some(thread) = self.http_thread {
-            // It polls the shutdown flag; a panic there only ends the API.
+        let results = self.handles.join_all();
+        if let (Some(thread), Some(addr)) = (self.http_thread, self.http_addr) {
+            // The shards ended, so shutdown is set; the admin accept blocks:
+            // wake it so it sees that. A panic there only ended the API.
+            admin::wake(addr);
             let _ = thread.join();
         }
-        for result in self.handles.join_all() {
+        for result in results {
             match result {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => return Err(BrokerError::Shard(e)),

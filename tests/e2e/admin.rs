@@ -444,3 +444,18 @@ fn off_and_non_loopback_without_auth() {
         .wait_log(|l| l.contains("admin HTTP off"), TIMEOUT)
         .expect("no 'admin HTTP off' line");
 }
+
+#[test]
+fn sigterm_also_stops_the_admin_listener() {
+    let mut broker = Broker::start();
+    assert_eq!(http(&broker, "GET", "/health", None).status, 200);
+    broker.signal(libc::SIGTERM);
+    let status = broker
+        .wait_exit(TIMEOUT)
+        .unwrap_or_else(|| panic!("still running after SIGTERM:\n{}", broker.log_text()));
+    assert!(status.success(), "exit status {status}");
+    assert!(
+        TcpStream::connect(("127.0.0.1", broker.http_port)).is_err(),
+        "the admin port still accepts"
+    );
+}
