@@ -77,6 +77,7 @@ test("the dashboard shows the live connection count", { timeout: 120_000 }, asyn
   const userDataDir = mkdtempSync(path.join(tmpdir(), "fanmq-chromium-"));
   const clients = [];
   let context = null;
+  let page = null;
   let traffic = null;
   try {
     context = await chromium.launchPersistentContext(userDataDir, {
@@ -88,7 +89,7 @@ test("the dashboard shows the live connection count", { timeout: 120_000 }, asyn
       ],
       viewport: { width: 1280, height: 820 },
     });
-    const page = context.pages()[0] ?? await context.newPage();
+    page = context.pages()[0] ?? await context.newPage();
     const errors = [];
     page.on("pageerror", (e) => errors.push(String(e)));
     // Everything the page loads must come from the broker itself (no CDN).
@@ -139,6 +140,13 @@ test("the dashboard shows the live connection count", { timeout: 120_000 }, asyn
     const shot = path.join(ROOT, "target", "dashboard.png");
     await page.screenshot({ path: shot, fullPage: true });
     if (process.env.UPDATE_DOCS) copyFileSync(shot, path.join(ROOT, "docs", "dashboard.png"));
+  } catch (e) {
+    // What the page showed when it failed, for the CI artifacts.
+    if (page) {
+      mkdirSync(path.join(ROOT, "target"), { recursive: true });
+      await page.screenshot({ path: path.join(ROOT, "target", "dashboard-failure.png") }).catch(() => {});
+    }
+    throw e;
   } finally {
     if (traffic) clearInterval(traffic);
     if (context) await context.close();
