@@ -756,6 +756,7 @@ pub async fn keep_alive_sweeper(ctx: Ctx, period: Duration) {
         shard.gauges.refresh(&shard, &totals);
     }
 }
+
 /// The admin figures' per-connection fields (`Link::connected_at`,
 /// `Live::listener`) live in padding: they must not grow what a connection
 /// costs (measured before they were added: 40 and 240 bytes on 64-bit).
