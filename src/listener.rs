@@ -23,6 +23,7 @@ use log::{debug, warn};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::connection::{self, ConnectionSlot};
+use crate::metrics::ListenerKind;
 use crate::shard::Ctx;
 
 /// Pause after an accept error caused by exhausted resources, so the loop
@@ -90,7 +91,13 @@ fn make_socket(addr: SocketAddr, backlog: u32) -> std::io::Result<Socket> {
 }
 
 /// Accepts connections on `fd` for this shard until shutdown.
-pub async fn accept_loop(ctx: Ctx, fd: RawFd, addr: SocketAddr, connections: Arc<AtomicUsize>) {
+pub async fn accept_loop(
+    ctx: Ctx,
+    fd: RawFd,
+    addr: SocketAddr,
+    connections: Arc<AtomicUsize>,
+    kind: ListenerKind,
+) {
     // SAFETY: `fd` is a listening socket created by `bind` and handed to
     // exactly this shard; the listener takes ownership and closes it.
     let listener = unsafe { TcpListener::from_raw_fd(fd) };
@@ -108,7 +115,11 @@ pub async fn accept_loop(ctx: Ctx, fd: RawFd, addr: SocketAddr, connections: Arc
         };
         match accepted {
             Ok(stream) => {
-                ctx.shard.borrow_mut().stats.connections_accepted += 1;
+                {
+                    let mut shard = ctx.shard.borrow_mut();
+                    shard.stats.connections_accepted += 1;
+                    shard.stats.accepted_by_listener[kind.index()] += 1;
+                }
                 if connections.fetch_add(1, Ordering::Relaxed) >= max {
                     connections.fetch_sub(1, Ordering::Relaxed);
                     ctx.shard.borrow_mut().stats.connections_refused += 1;
@@ -120,7 +131,7 @@ pub async fn accept_loop(ctx: Ctx, fd: RawFd, addr: SocketAddr, connections: Arc
                 }
                 let _ = stream.set_nodelay(true);
                 let slot = ConnectionSlot(connections.clone());
-                glommio::spawn_local(connection::serve(ctx.clone(), stream, slot)).detach();
+                glommio::spawn_local(connection::serve(ctx.clone(), stream, slot, kind)).detach();
             }
             Err(e) => {
                 let exhausted = matches!(

@@ -166,8 +166,14 @@ pub struct OutQueue {
     /// Bytes queued, counting the front entry in full.
     bytes: usize,
     /// PUBLISH packets queued (the limit on queued messages counts these;
-    /// a partly written run counts until it is written in full).
-    publishes: usize,
+    /// a partly written run counts until it is written in full). A `u32`
+    /// (queues hold far fewer) so that `unsealed` fits beside it.
+    publishes: u32,
+    /// Batch entries of the current step not yet sealed. They are among
+    /// the newest entries, but other entries (a QoS 1 PUBLISH, a SUBACK)
+    /// may lie between them, so [`OutQueue::seal`] walks back until it has
+    /// sealed this many, not just the trailing run.
+    unsealed: u32,
 }
 
 impl OutQueue {
@@ -183,13 +189,13 @@ impl OutQueue {
 
     /// PUBLISH frames waiting to be written.
     pub fn publishes(&self) -> usize {
-        self.publishes
+        self.publishes as usize
     }
 
     /// Appends an entry.
     pub fn push(&mut self, frame: OutFrame) {
         self.bytes += frame.len();
-        self.publishes += frame.publishes();
+        self.publishes += frame.publishes() as u32;
         self.frames.push_back(frame);
     }
 
@@ -210,6 +216,7 @@ impl OutQueue {
             *publishes += 1;
             return;
         }
+        self.unsealed += 1;
         self.frames.push_back(OutFrame::Batch {
             start,
             len,
@@ -221,14 +228,18 @@ impl OutQueue {
     /// ranges (always the newest entries) into ranges of the chunk.
     pub fn seal(&mut self, chunk: &Frame) {
         for frame in self.frames.iter_mut().rev() {
+            if self.unsealed == 0 {
+                break;
+            }
             let OutFrame::Batch {
                 start,
                 len,
                 publishes,
             } = *frame
             else {
-                break;
+                continue;
             };
+            self.unsealed -= 1;
             *frame = OutFrame::Chunk {
                 chunk: chunk.clone(),
                 start,
@@ -273,7 +284,7 @@ impl OutQueue {
             n -= remaining;
             self.bytes -= remaining;
             self.offset = 0;
-            self.publishes -= front.publishes();
+            self.publishes -= front.publishes() as u32;
             self.frames.pop_front();
         }
         if self.frames.is_empty() {
@@ -447,6 +458,28 @@ mod tests {
         assert_eq!(&got[..4], &[0x20, 2, 0, 0]);
         assert_eq!(&got[4..], &batch[..]);
         assert_eq!(q.publishes(), 0);
+    }
+
+    #[test]
+    fn batch_ranges_behind_a_qos1_publish_are_sealed_too() {
+        // A QoS 0 range, then a QoS 1 PUBLISH queued in the same step: the
+        // range must be sealed although it is not the newest entry (an
+        // unsealed range has no bytes and made flush spin).
+        let batch = b"\x30\x03\x00\x01a";
+        let mut q = OutQueue::default();
+        q.push_batch(0, 5);
+        q.push(OutFrame::whole(Frame::from(
+            &b"\x32\x05\x00\x01b\x00\x01"[..],
+        )));
+        q.seal(&Frame::from(&batch[..]));
+        let (a, mut b) = UnixStream::pair().unwrap();
+        assert_eq!(
+            q.flush(a.as_raw_fd(), &mut Vec::new()).unwrap(),
+            (12, Flushed::All)
+        );
+        let mut got = vec![0u8; 12];
+        b.read_exact(&mut got).unwrap();
+        assert_eq!(&got[..5], &batch[..]);
     }
 
     #[test]
