@@ -18,11 +18,14 @@ use glommio::channels::channel_mesh::MeshBuilder;
 use glommio::{LocalExecutorPoolBuilder, PoolPlacement, PoolThreadHandles};
 use log::{debug, info, warn};
 
+use crate::admin;
+use crate::admin_query::{self, ShardRequest};
 use crate::auth::{self, Auth};
 use crate::config::Config;
 use crate::connection::{self, CloseReason};
 use crate::listener::{self, ListenerSet};
 use crate::mesh::{self, ShardMsg};
+use crate::metrics::{BrokerGauges, SessionTotals};
 use crate::shard::{Ctx, Shard};
 use crate::sys;
 use crate::transport::{Acceptor, TlsCerts, TlsSettings, Transport, TransportError};
@@ -31,8 +34,9 @@ use crate::transport::{Acceptor, TlsCerts, TlsSettings, Transport, TransportErro
 /// period): short enough that SIGTERM takes effect at once for a person.
 const POLL_PERIOD: Duration = Duration::from_millis(50);
 
-/// How often each shard sweeps for keep-alive timeouts.
-const KEEP_ALIVE_SWEEP: Duration = Duration::from_millis(500);
+/// How often each shard sweeps for keep-alive timeouts (and refreshes its
+/// admin gauges, [`crate::metrics::REFRESH_PERIOD`]).
+pub const KEEP_ALIVE_SWEEP: Duration = Duration::from_millis(500);
 
 /// How long shutdown waits for client connections to close.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
@@ -63,6 +67,9 @@ pub enum BrokerError {
     /// A shard failed.
     #[error("shard failed: {0}")]
     Shard(String),
+    /// The admin HTTP listener could not be set up.
+    #[error(transparent)]
+    Admin(#[from] admin::AdminError),
     /// Shards did not all become ready in time.
     #[error("shards did not start within {0:?}")]
     StartTimeout(Duration),
@@ -92,6 +99,10 @@ pub struct Broker {
     pub tls: Option<Arc<TlsCerts>>,
     /// Password file and ACL, shared with the shards; reloaded on SIGHUP.
     pub auth: Arc<Auth>,
+    /// The admin HTTP listener's address, when it runs.
+    pub http_addr: Option<SocketAddr>,
+    /// The admin HTTP listener's accept thread.
+    http_thread: Option<std::thread::JoinHandle<()>>,
 }
 
 /// A cloneable handle that stops the broker.
@@ -121,7 +132,14 @@ impl Broker {
     /// # Errors
     /// A shard that failed or panicked.
     pub fn wait(self) -> Result<(), BrokerError> {
-        for result in self.handles.join_all() {
+        let results = self.handles.join_all();
+        if let (Some(thread), Some(addr)) = (self.http_thread, self.http_addr) {
+            // The shards ended, so shutdown is set; the admin accept blocks:
+            // wake it so it sees that. A panic there only ended the API.
+            admin::wake(addr);
+            let _ = thread.join();
+        }
+        for result in results {
             match result {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => return Err(BrokerError::Shard(e)),
@@ -206,6 +224,20 @@ pub fn start(config: Config) -> Result<Broker, BrokerError> {
     let connections = Arc::new(AtomicUsize::new(0));
     let mesh = MeshBuilder::<ShardMsg, _>::full(nr_shards, config.mesh_capacity);
     let pinned = Arc::new(shard_cpus.clone());
+    let gauges = Arc::new(BrokerGauges::new(nr_shards));
+    let (admin_senders, admin_receivers): (Vec<_>, Vec<_>) = (0..nr_shards)
+        .map(|_| async_channel::bounded(admin_query::REQUEST_QUEUE))
+        .unzip();
+    let admin_receivers = Arc::new(admin_receivers);
+    let admin_state = admin::AdminState {
+        gauges: gauges.clone(),
+        shards: admin_senders,
+        auth: admin::Auth {
+            token: config.http_auth_token.clone(),
+            basic: config.http_basic_auth.clone(),
+        },
+    };
+    let http_listen = config.http_listen;
 
     let shard_main = {
         let shutdown = shutdown.clone();
@@ -221,6 +253,8 @@ pub fn start(config: Config) -> Result<Broker, BrokerError> {
                 ready,
                 connections,
                 auth,
+                gauges,
+                admin_receivers,
             })
         }
     };
@@ -238,6 +272,16 @@ pub fn start(config: Config) -> Result<Broker, BrokerError> {
         }
         std::thread::sleep(Duration::from_millis(5));
     }
+    let (http_addr, http_thread) = match http_listen {
+        Some(addr) => match admin::start(addr, admin_state, shutdown.clone()) {
+            Ok(server) => (Some(server.addr), Some(server.thread)),
+            Err(e) => {
+                shutdown.store(true, Ordering::SeqCst);
+                return Err(e.into());
+            }
+        },
+        None => (None, None),
+    };
     Ok(Broker {
         listen_addrs,
         shard_cpus,
@@ -246,6 +290,8 @@ pub fn start(config: Config) -> Result<Broker, BrokerError> {
         transport_addrs,
         tls,
         auth,
+        http_addr,
+        http_thread,
     })
 }
 
@@ -259,6 +305,10 @@ struct ShardSetup {
     ready: Arc<AtomicUsize>,
     connections: Arc<AtomicUsize>,
     auth: Arc<Auth>,
+    /// Every shard's admin gauges (each shard refreshes its own).
+    gauges: Arc<BrokerGauges>,
+    /// Each shard's admin request channel, by shard index.
+    admin_receivers: Arc<Vec<async_channel::Receiver<ShardRequest>>>,
 }
 
 /// One shard, from joining the mesh to the end of its shutdown.
@@ -285,6 +335,15 @@ async fn run_shard(setup: ShardSetup) -> Result<(), String> {
         id,
         nr_shards,
     };
+    {
+        let mut shard = ctx.shard.borrow_mut();
+        shard.gauges = setup.gauges.clone();
+        // First figures at once, so /health is ready with the shard.
+        shard.gauges.refresh(&shard, &SessionTotals::default());
+    }
+    if let Some(requests) = setup.admin_receivers.get(id) {
+        glommio::spawn_local(admin_query::serve_requests(ctx.clone(), requests.clone())).detach();
+    }
     let receivers = Rc::new(receivers);
     for peer in (0..nr_shards).filter(|&p| p != id) {
         glommio::spawn_local(mesh::receive_from(ctx.clone(), peer, receivers.clone())).detach();

@@ -52,6 +52,9 @@ pub const DEFAULT_ALLOW_ANONYMOUS_WITHOUT_PASSWORD_FILE: bool = true;
 /// configuring passwords means clients must log in (Mosquitto 2.x refuses
 /// anonymous clients by default too).
 pub const DEFAULT_ALLOW_ANONYMOUS_WITH_PASSWORD_FILE: bool = false;
+/// Default address of the admin HTTP listener (metrics, API, dashboard):
+/// loopback only, EMQX's dashboard port. `off` (or empty) disables it.
+pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:18083";
 
 // Transports (TLS, WebSocket; see `crate::transport`). Every transport other
 // than plain MQTT is off by default: it needs certificates (TLS, WSS) or is a
@@ -174,6 +177,10 @@ pub struct Cli {
     /// without a password file, false with one.
     #[arg(long, value_name = "BOOL")]
     pub allow_anonymous: Option<bool>,
+    /// Admin HTTP listener (Prometheus /metrics, JSON API, dashboard), or
+    /// "off". Default 127.0.0.1:18083. Port 0 picks a free port.
+    #[arg(long, value_name = "ADDR:PORT|off")]
+    pub http_listen: Option<String>,
     /// A tool instead of the broker (none: run the broker).
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -215,6 +222,10 @@ struct FileConfig {
     password_file: Option<PathBuf>,
     acl_file: Option<PathBuf>,
     allow_anonymous: Option<bool>,
+    http_listen: Option<String>,
+    http_auth_token: Option<String>,
+    http_basic_user: Option<String>,
+    http_basic_password: Option<String>,
 }
 
 /// The broker's settings after defaults, file and flags were merged.
@@ -276,6 +287,12 @@ pub struct Config {
     /// `allow_anonymous` as configured; `None`: the default that depends on
     /// `password_file` (see [`Config::allow_anonymous`]).
     pub allow_anonymous: Option<bool>,
+    /// Admin HTTP listener address; `None`: disabled.
+    pub http_listen: Option<SocketAddr>,
+    /// Bearer token the admin API requires (`Authorization: Bearer ...`).
+    pub http_auth_token: Option<String>,
+    /// User and password the admin API accepts with HTTP basic auth.
+    pub http_basic_auth: Option<(String, String)>,
 }
 
 impl Default for Config {
@@ -307,6 +324,13 @@ impl Default for Config {
             password_file: None,
             acl_file: None,
             allow_anonymous: None,
+            http_listen: Some(
+                DEFAULT_HTTP_LISTEN
+                    .parse()
+                    .expect("constant address parses"),
+            ),
+            http_auth_token: None,
+            http_basic_auth: None,
         }
     }
 }
@@ -388,6 +412,20 @@ impl Config {
         config.password_file = cli.password_file.clone().or(file.password_file);
         config.acl_file = cli.acl_file.clone().or(file.acl_file);
         config.allow_anonymous = cli.allow_anonymous.or(file.allow_anonymous);
+        if let Some(v) = cli.http_listen.as_deref().or(file.http_listen.as_deref()) {
+            config.http_listen = parse_http_listen(v)?;
+        }
+        config.http_auth_token = file.http_auth_token;
+        config.http_basic_auth = match (file.http_basic_user, file.http_basic_password) {
+            (None, None) => None,
+            (Some(user), Some(password)) => Some((user, password)),
+            _ => {
+                return Err(ConfigError::Invalid {
+                    key: "http_basic_user",
+                    why: "http_basic_user and http_basic_password go together".to_string(),
+                });
+            }
+        };
         config.validate()?;
         Ok(config)
     }
@@ -442,6 +480,32 @@ impl Config {
         if self.mesh_capacity == 0 {
             return invalid("mesh_capacity", "must be at least 1");
         }
+        if self.http_auth_token.as_deref().is_some_and(str::is_empty) {
+            return invalid("http_auth_token", "must not be empty");
+        }
+        if self
+            .http_basic_auth
+            .as_ref()
+            .is_some_and(|(u, p)| u.is_empty() || u.contains(':') || p.is_empty())
+        {
+            return invalid(
+                "http_basic_user",
+                "user (without ':') and password must not be empty",
+            );
+        }
+        if let Some(addr) = self.http_listen
+            && !addr.ip().is_loopback()
+            && self.http_auth_token.is_none()
+            && self.http_basic_auth.is_none()
+        {
+            return Err(ConfigError::Invalid {
+                key: "http_listen",
+                why: format!(
+                    "{addr} is not a loopback address: set http_auth_token or \
+                     http_basic_user/http_basic_password, or bind 127.0.0.1"
+                ),
+            });
+        }
         self.validate_tls()
     }
 
@@ -479,6 +543,21 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// Parses `http_listen`: an address, or `off` / empty to disable.
+///
+/// # Errors
+/// Anything else.
+pub fn parse_http_listen(value: &str) -> Result<Option<SocketAddr>, ConfigError> {
+    let value = value.trim();
+    if value.is_empty() || value.eq_ignore_ascii_case("off") {
+        return Ok(None);
+    }
+    value.parse().map(Some).map_err(|_| ConfigError::Invalid {
+        key: "http_listen",
+        why: format!("{value:?} is not ADDR:PORT or off"),
+    })
 }
 
 /// Overrides `slot` with the file's value, then with the flag's.
@@ -589,6 +668,41 @@ mod tests {
             Config::load(&cli),
             Err(ConfigError::Invalid { .. })
         ));
+    }
+
+    #[test]
+    fn http_listen_off_default_and_auth_rules() {
+        assert_eq!(parse_http_listen("off").unwrap(), None);
+        assert_eq!(parse_http_listen("").unwrap(), None);
+        assert!(parse_http_listen("nope").is_err());
+        let c = Config::load(&Cli::default()).unwrap();
+        assert_eq!(c.http_listen.unwrap().port(), 18083);
+        let open = Cli {
+            http_listen: Some("0.0.0.0:0".into()),
+            ..Cli::default()
+        };
+        assert!(matches!(
+            Config::load(&open),
+            Err(ConfigError::Invalid {
+                key: "http_listen",
+                ..
+            })
+        ));
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        writeln!(f, "http_auth_token = \"s3cret\"").unwrap();
+        let with_token = Cli {
+            config: Some(f.path().to_path_buf()),
+            ..open.clone()
+        };
+        let c = Config::load(&with_token).unwrap();
+        assert_eq!(c.http_auth_token.as_deref(), Some("s3cret"));
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        writeln!(f, "http_basic_user = \"admin\"").unwrap();
+        let half = Cli {
+            config: Some(f.path().to_path_buf()),
+            ..Cli::default()
+        };
+        assert!(Config::load(&half).is_err());
     }
 
     #[test]

@@ -26,8 +26,13 @@
 //! - [`config`], [`os`]: configuration; host limits, logging, systemd.
 //! - [`auth`], [`password`], [`acl`]: `password_file`, `acl_file`,
 //!   `allow_anonymous` (Mosquitto-compatible); [`passwd`]: `fanmq passwd`.
+//! - [`admin`], [`admin_query`], [`metrics`]: the admin HTTP listener
+//!   (Prometheus, JSON API, dashboard) on its own thread, the shard side of
+//!   its queries, and the per-shard figures it sums.
 
 pub mod acl;
+pub mod admin;
+pub mod admin_query;
 pub mod auth;
 pub mod broker;
 pub mod codec;
@@ -36,6 +41,7 @@ pub mod connection;
 pub mod listener;
 pub mod mesh;
 pub mod message;
+pub mod metrics;
 pub mod os;
 pub mod outqueue;
 pub mod passwd;

@@ -100,6 +100,7 @@ pub async fn accept_loop(
     acceptor: Acceptor,
     connections: Arc<AtomicUsize>,
 ) {
+    let kind = acceptor.transport.listener_kind();
     // SAFETY: `fd` is a listening socket created by `bind` and handed to
     // exactly this shard; the listener takes ownership and closes it.
     let listener = unsafe { TcpListener::from_raw_fd(fd) };
@@ -117,7 +118,11 @@ pub async fn accept_loop(
         };
         match accepted {
             Ok(stream) => {
-                ctx.shard.borrow_mut().stats.connections_accepted += 1;
+                {
+                    let mut shard = ctx.shard.borrow_mut();
+                    shard.stats.connections_accepted += 1;
+                    shard.stats.accepted_by_listener[kind.index()] += 1;
+                }
                 if connections.fetch_add(1, Ordering::Relaxed) >= max {
                     connections.fetch_sub(1, Ordering::Relaxed);
                     ctx.shard.borrow_mut().stats.connections_refused += 1;

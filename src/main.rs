@@ -102,6 +102,12 @@ fn main() -> ExitCode {
     for warning in broker.auth.startup_warnings(&all_listeners) {
         warn!("{warning}");
     }
+    match broker.http_addr {
+        Some(addr) => info!(
+            "admin HTTP on http://{addr}/ (dashboard /, Prometheus /metrics, JSON /api/v1/stats)"
+        ),
+        None => info!("admin HTTP off"),
+    }
     os::notify_systemd(sd_notify::NotifyState::Ready);
     while !terminate.load(Ordering::SeqCst) {
         std::thread::sleep(SIGNAL_POLL);

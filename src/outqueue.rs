@@ -161,18 +161,19 @@ pub enum Flushed {
 pub struct OutQueue {
     /// Entries not yet fully written, oldest first.
     frames: VecDeque<OutFrame>,
-    /// Bytes of the front entry already written (a partial write; an entry
-    /// is at most `u32::MAX` bytes).
-    offset: u32,
-    /// Batch ranges of the current step not yet sealed ([`OutQueue::seal`]
-    /// walks back until it has sealed this many). Beside `offset`, in what
-    /// was its padding: the queue did not grow.
-    unsealed: u32,
+    /// Bytes of the front entry already written (a partial write).
+    offset: usize,
     /// Bytes queued, counting the front entry in full.
     bytes: usize,
     /// PUBLISH packets queued (the limit on queued messages counts these;
-    /// a partly written run counts until it is written in full).
-    publishes: usize,
+    /// a partly written run counts until it is written in full). A `u32`
+    /// (queues hold far fewer) so that `unsealed` fits beside it.
+    publishes: u32,
+    /// Batch entries of the current step not yet sealed. They are among
+    /// the newest entries, but other entries (a QoS 1 PUBLISH, a SUBACK)
+    /// may lie between them, so [`OutQueue::seal`] walks back until it has
+    /// sealed this many, not just the trailing run.
+    unsealed: u32,
 }
 
 impl OutQueue {
@@ -188,13 +189,13 @@ impl OutQueue {
 
     /// PUBLISH frames waiting to be written.
     pub fn publishes(&self) -> usize {
-        self.publishes
+        self.publishes as usize
     }
 
     /// Appends an entry.
     pub fn push(&mut self, frame: OutFrame) {
         self.bytes += frame.len();
-        self.publishes += frame.publishes();
+        self.publishes += frame.publishes() as u32;
         self.frames.push_back(frame);
     }
 
@@ -215,20 +216,16 @@ impl OutQueue {
             *publishes += 1;
             return;
         }
+        self.unsealed += 1;
         self.frames.push_back(OutFrame::Batch {
             start,
             len,
             publishes: 1,
         });
-        self.unsealed += 1;
     }
 
     /// The step ended: the batch is now `chunk`. Turns this step's batch
-    /// ranges into ranges of the chunk. They are among the newest entries,
-    /// but other frames of the same step may lie between and after them (a
-    /// QoS 0 then a QoS 1 publish in one read, a SUBACK): those are skipped,
-    /// and the walk ends once all `unsealed` ranges are sealed, so it costs
-    /// this step's entries, not the queue's length.
+    /// ranges (always the newest entries) into ranges of the chunk.
     pub fn seal(&mut self, chunk: &Frame) {
         for frame in self.frames.iter_mut().rev() {
             if self.unsealed == 0 {
@@ -261,7 +258,7 @@ impl OutQueue {
     /// that waits for the socket to become writable.
     pub fn front_chunk(&self) -> Option<&[u8]> {
         let frame = self.frames.front()?;
-        let mut skip = self.offset as usize;
+        let mut skip = self.offset;
         for part in frame.parts() {
             if skip >= part.len() {
                 skip -= part.len();
@@ -278,23 +275,21 @@ impl OutQueue {
             let Some(front) = self.frames.front() else {
                 return;
             };
-            let remaining = front.len() - self.offset as usize;
+            let remaining = front.len() - self.offset;
             if n < remaining {
-                // n < remaining <= an entry's length, which fits in u32.
-                self.offset += n as u32;
+                self.offset += n;
                 self.bytes -= n;
                 return;
             }
             n -= remaining;
             self.bytes -= remaining;
             self.offset = 0;
-            self.publishes -= front.publishes();
+            self.publishes -= front.publishes() as u32;
             self.frames.pop_front();
         }
         if self.frames.is_empty() {
             // Give the ring buffer back: an idle subscriber holds no queue.
             self.frames = VecDeque::new();
-            self.unsealed = 0;
         }
     }
 
@@ -302,7 +297,7 @@ impl OutQueue {
     /// consuming them; [`OutQueue::advance`] consumes what was written. For
     /// streams that must be written through a buffer (TLS, WebSocket).
     pub fn copy_front(&self, buf: &mut [u8]) -> usize {
-        let mut skip = self.offset as usize;
+        let mut skip = self.offset;
         let mut copied = 0;
         for frame in &self.frames {
             for part in frame.parts() {
@@ -342,7 +337,7 @@ impl OutQueue {
                 return Ok((written, Flushed::All));
             }
             iovecs.clear();
-            let mut skip = self.offset as usize;
+            let mut skip = self.offset;
             let mut total = 0;
             for frame in self.frames.iter().take(MAX_IOVECS_PER_WRITE) {
                 for part in frame.parts() {
@@ -429,29 +424,6 @@ mod tests {
     }
 
     #[test]
-    fn seal_reaches_batch_ranges_behind_other_frames_of_the_step() {
-        // A QoS 0 then a QoS 1 publish in one step, then a SUBACK: the
-        // range is sealed although it is not the newest entry.
-        let mut q = OutQueue::default();
-        q.push_batch(0, 2);
-        q.push(publish_frame(3));
-        q.push(OutFrame::whole(Frame::from(&[0x90, 3, 0, 1, 0][..])));
-        q.seal(&Frame::from(&b"ab"[..]));
-        let mut buf = [0u8; 64];
-        let n = q.copy_front(&mut buf);
-        assert_eq!(
-            &buf[..n],
-            b"ab\x32\x07\x00\x01t\x00\x03xy\x90\x03\x00\x01\x00"
-        );
-        assert_eq!(n, q.bytes());
-        assert_eq!(
-            std::mem::size_of::<OutQueue>(),
-            std::mem::size_of::<VecDeque<OutFrame>>() + 3 * std::mem::size_of::<usize>(),
-            "the queue must not grow"
-        );
-    }
-
-    #[test]
     fn copy_front_copies_across_frames_and_parts_without_consuming() {
         let mut q = OutQueue::default();
         q.push(OutFrame::whole(Frame::from(&b"ab"[..])));
@@ -529,6 +501,28 @@ mod tests {
         assert_eq!(&got[..4], &[0x20, 2, 0, 0]);
         assert_eq!(&got[4..], &batch[..]);
         assert_eq!(q.publishes(), 0);
+    }
+
+    #[test]
+    fn batch_ranges_behind_a_qos1_publish_are_sealed_too() {
+        // A QoS 0 range, then a QoS 1 PUBLISH queued in the same step: the
+        // range must be sealed although it is not the newest entry (an
+        // unsealed range has no bytes and made flush spin).
+        let batch = b"\x30\x03\x00\x01a";
+        let mut q = OutQueue::default();
+        q.push_batch(0, 5);
+        q.push(OutFrame::whole(Frame::from(
+            &b"\x32\x05\x00\x01b\x00\x01"[..],
+        )));
+        q.seal(&Frame::from(&batch[..]));
+        let (a, mut b) = UnixStream::pair().unwrap();
+        assert_eq!(
+            q.flush(a.as_raw_fd(), &mut Vec::new()).unwrap(),
+            (12, Flushed::All)
+        );
+        let mut got = vec![0u8; 12];
+        b.read_exact(&mut got).unwrap();
+        assert_eq!(&got[..5], &batch[..]);
     }
 
     #[test]

@@ -26,6 +26,7 @@ use crate::config::Config;
 use crate::connection::{CloseReason, FRAMED_FD, TICKS_PER_SEC};
 use crate::mesh::{self, MeshSenders, ShardMsg};
 use crate::message::{Encoded, Message};
+use crate::metrics::BrokerGauges;
 use crate::outqueue::{Flushed, Frame};
 use crate::registry::Registry;
 use crate::retain::RetainStore;
@@ -94,6 +95,10 @@ pub struct Shard {
     pub shutting_down: bool,
     /// Password file and ACL, shared by all shards (lock-free reads).
     pub auth: Arc<Auth>,
+    /// Every shard's admin gauges; this shard refreshes its own entry
+    /// (see [`crate::metrics`]). The broker shares one set with the HTTP
+    /// thread; a shard made alone (tests) has its own.
+    pub gauges: Arc<BrokerGauges>,
 }
 
 /// A shard's state plus its mesh senders, as each of its tasks holds them.
@@ -169,6 +174,7 @@ impl Shard {
             started: Instant::now(),
             shutting_down: false,
             auth,
+            gauges: Arc::new(BrokerGauges::new(nr_shards)),
         }
     }
 

@@ -54,6 +54,18 @@ pub struct Counters {
     pub publish_denied: u64,
     /// Topic filters refused in SUBACK because the ACL denies them.
     pub subscribe_denied: u64,
+    /// Of `publish_dropped`: publishes to `$SYS` topics by clients.
+    pub dropped_sys_topic: u64,
+    /// Of `publish_dropped`: QoS 2 publishes over `max_awaiting_rel`.
+    pub dropped_qos2_overflow: u64,
+    /// PUBLISH packets received, by QoS (counted per publish received, not
+    /// per delivery).
+    pub publish_received_by_qos: [u64; 3],
+    /// Connected clients by listener kind (gauge kept by the connection
+    /// tasks: +1 after CONNECT, -1 when the connection ends).
+    pub clients_by_listener: [u64; crate::metrics::NR_LISTENER_KINDS],
+    /// TCP connections accepted, by listener kind.
+    pub accepted_by_listener: [u64; crate::metrics::NR_LISTENER_KINDS],
 }
 
 impl Counters {
@@ -75,6 +87,29 @@ impl Counters {
         self.auth_failed += other.auth_failed;
         self.publish_denied += other.publish_denied;
         self.subscribe_denied += other.subscribe_denied;
+        self.dropped_sys_topic += other.dropped_sys_topic;
+        self.dropped_qos2_overflow += other.dropped_qos2_overflow;
+        for (s, o) in self
+            .publish_received_by_qos
+            .iter_mut()
+            .zip(other.publish_received_by_qos)
+        {
+            *s += o;
+        }
+        for (s, o) in self
+            .clients_by_listener
+            .iter_mut()
+            .zip(other.clients_by_listener)
+        {
+            *s += o;
+        }
+        for (s, o) in self
+            .accepted_by_listener
+            .iter_mut()
+            .zip(other.accepted_by_listener)
+        {
+            *s += o;
+        }
     }
 }
 

@@ -51,6 +51,7 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 
 use crate::config::Config;
+use crate::metrics::ListenerKind;
 
 /// WebSocket subprotocols accepted, in order of preference: MQTT 3.1.1's
 /// `mqtt` (§6.0) and MQTT 3.1's `mqttv3.1`.
@@ -118,6 +119,16 @@ impl Transport {
             Transport::Tls => "tls",
             Transport::Ws => "ws",
             Transport::Wss => "wss",
+        }
+    }
+
+    /// The `listener` label of the connection metrics.
+    pub fn listener_kind(self) -> ListenerKind {
+        match self {
+            Transport::Mqtt => ListenerKind::Mqtt,
+            Transport::Tls => ListenerKind::Tls,
+            Transport::Ws => ListenerKind::Ws,
+            Transport::Wss => ListenerKind::Wss,
         }
     }
 

@@ -30,9 +30,17 @@ pub struct BrokerBuilder {
     nofile: Option<u64>,
     env: Vec<(String, std::ffi::OsString)>,
     affinity: Option<Vec<usize>>,
+    http: bool,
 }
 
 impl BrokerBuilder {
+    /// Runs the admin HTTP listener (default, on a free port) or not
+    /// (`--http-listen off`).
+    pub fn http(mut self, on: bool) -> Self {
+        self.http = on;
+        self
+    }
+
     /// Number of shards (default 2; 0: no `--shards` flag, the broker's default).
     pub fn shards(mut self, shards: usize) -> Self {
         self.shards = shards;
@@ -76,6 +84,9 @@ impl BrokerBuilder {
         };
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_fanmq"));
         cmd.args(["--listen", "127.0.0.1:0", "--log-level", "debug"]);
+        // Brokers run in parallel: the admin HTTP listener on a free port too.
+        let http = if self.http { "127.0.0.1:0" } else { "off" };
+        cmd.args(["--http-listen", http]);
         if self.shards > 0 {
             cmd.arg("--shards").arg(self.shards.to_string());
         }
@@ -130,6 +141,7 @@ impl BrokerBuilder {
             listeners: Vec::new(),
             log,
             _config: config_file,
+            http_port: 0,
         };
         let line = broker
             .wait_log(|l| l.contains(" listening on "), TIMEOUT)
@@ -137,6 +149,14 @@ impl BrokerBuilder {
         broker.port =
             parse_port(&line).unwrap_or_else(|| panic!("no port in the start-up line: {line}"));
         broker.listeners = parse_listeners(&line);
+        if !self.http {
+            return broker;
+        }
+        let line = broker
+            .wait_log(|l| l.contains("admin HTTP on http://"), TIMEOUT)
+            .unwrap_or_else(|| panic!("no admin HTTP line:\n{}", broker.log_text()));
+        broker.http_port = parse_http_port(&line)
+            .unwrap_or_else(|| panic!("no port in the admin HTTP line: {line}"));
         broker
     }
 }
@@ -184,6 +204,13 @@ fn parse_port(line: &str) -> Option<u16> {
     addr.rsplit(':').next()?.parse().ok()
 }
 
+/// Port from `... admin HTTP on http://127.0.0.1:PORT/ ...`.
+fn parse_http_port(line: &str) -> Option<u16> {
+    let rest = &line[line.find("http://")? + "http://".len()..];
+    let addr = rest.split('/').next()?;
+    addr.rsplit(':').next()?.parse().ok()
+}
+
 /// A running broker process; killed when dropped (also when a test panics).
 pub struct Broker {
     child: Child,
@@ -194,6 +221,8 @@ pub struct Broker {
     pub listeners: Vec<(String, u16)>,
     log: Arc<(Mutex<Log>, Condvar)>,
     _config: Option<tempfile::NamedTempFile>,
+    /// The admin HTTP listener's port (127.0.0.1).
+    pub http_port: u16,
 }
 
 impl Drop for Broker {
@@ -217,6 +246,7 @@ impl Broker {
             nofile: None,
             env: Vec::new(),
             affinity: None,
+            http: true,
         }
     }
 

@@ -662,3 +662,40 @@ fn a_tls_subscriber_that_reads_slowly_gets_whole_packets_in_order() {
     // not exercise the waiting writes it is about.
     assert!(received > 0 && received < 200, "{received} publishes");
 }
+
+#[test]
+fn metrics_count_connections_per_transport() {
+    let pki = Pki::new();
+    let broker = Broker::builder()
+        .config(&pki.config("ws_listen = [\"127.0.0.1:0\"]"))
+        .start();
+    let (_secure, _) = Mqtt::connect_with(tls_options(
+        broker.port_of("tls"),
+        "metrics-tls",
+        &pki.ca_pem,
+        None,
+    ));
+    let _plain = Mqtt::connect(broker.port, "metrics-plain");
+    let url = format!("http://127.0.0.1:{}/metrics", broker.http_port);
+    let expected = [
+        "fanmq_connections{listener=\"mqtt\"} 1",
+        "fanmq_connections{listener=\"tls\"} 1",
+        "fanmq_connections{listener=\"ws\"} 0",
+        "fanmq_connections_accepted_total{listener=\"tls\"} 1",
+    ];
+    // Shards refresh their figures every 500 ms.
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let text = ureq::get(&url)
+            .call()
+            .expect("GET /metrics")
+            .body_mut()
+            .read_to_string()
+            .expect("metrics text");
+        if expected.iter().all(|line| text.lines().any(|l| l == *line)) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{expected:?} not all in\n{text}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
