@@ -254,7 +254,9 @@ impl Shard {
         ClientInfo {
             client_id: session.client_id.to_string(),
             connected: link.is_some(),
-            peer: link.and_then(|l| peer_addr(l.fd)).map(|a| a.to_string()),
+            peer: link
+                .and_then(|l| peer_addr(l.socket()))
+                .map(|a| a.to_string()),
             shard: self.id,
             connected_since: link.map(|l| self.unix_seconds_at(l.connected_at)),
             clean_session: session.clean_session,

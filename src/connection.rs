@@ -17,7 +17,7 @@
 //!
 //! Connections over TLS or WebSocket ([`crate::transport`]) frame what is
 //! written, so the shard never writes to their socket: their link's `fd` is
-//! [`FRAMED_FD`], the shard hands each flush to this task, and this task
+//! negative ([`framed_fd`]), the shard hands each flush to this task, and this task
 //! writes the queue through the stream (and flushes it: TLS buffers records).
 //! Their transport handshake also runs here, before CONNECT, bounded by the
 //! connect timeout.
@@ -51,11 +51,15 @@ use crate::shard::{Ctx, SessionKey, Shard};
 use crate::topic;
 use crate::transport::{Acceptor, Stream, Transport};
 
-/// A [`Link::fd`] meaning "no socket the shard may write to": the
-/// connection's transport frames its bytes (TLS, WebSocket), so the shard
-/// leaves every write to the connection task (see [`Shard::flush_dirty`]).
-/// A valid descriptor is never negative.
-pub const FRAMED_FD: RawFd = -1;
+/// The [`Link::fd`] of a connection whose transport frames its bytes (TLS,
+/// WebSocket) on socket `fd`: the descriptor bit-inverted, so negative (a
+/// valid descriptor never is). The shard must not write to such a link's
+/// socket and leaves every write to the connection task (see
+/// [`Shard::flush_dirty`]); [`Link::socket`] gives the socket back for
+/// lookups such as the peer address. No field is added to the link.
+pub fn framed_fd(fd: RawFd) -> RawFd {
+    !fd
+}
 
 /// How much the receive buffer grows per read while waiting for CONNECT.
 const CONNECT_READ_CHUNK: usize = 512;
@@ -103,8 +107,8 @@ pub struct Link {
     pub conn_id: u64,
     /// The socket, for the shard's direct vectored writes. Valid while the
     /// link exists: the task removes the link before it closes the socket.
-    /// [`FRAMED_FD`] for TLS and WebSocket connections, which only their
-    /// task writes.
+    /// Negative ([`framed_fd`]) for TLS and WebSocket connections, which
+    /// only their task writes.
     pub fd: RawFd,
     /// The connection task, while it waits.
     waker: Option<Waker>,
@@ -112,7 +116,7 @@ pub struct Link {
     close: Option<CloseReason>,
     /// True while the socket's send buffer is full and the connection task
     /// (not the shard) writes this session's queue; for a framed link
-    /// ([`FRAMED_FD`]), while the task has queued bytes to write.
+    /// ([`Link::is_framed`]), while the task has queued bytes to write.
     pub blocked: bool,
     /// Keep-alive in seconds from CONNECT (0: none).
     pub keep_alive: u16,
@@ -137,6 +141,16 @@ impl Link {
             last_seen,
             connected_at: last_seen,
         }
+    }
+
+    /// True for a TLS or WebSocket connection: only its task may write.
+    pub fn is_framed(&self) -> bool {
+        self.fd < 0
+    }
+
+    /// The connection's socket, framed or not (for lookups, never writes).
+    pub fn socket(&self) -> RawFd {
+        if self.is_framed() { !self.fd } else { self.fd }
     }
 
     /// Asks the connection to close (the first reason wins).
@@ -164,7 +178,8 @@ impl Link {
 /// tests of the session.
 #[cfg(test)]
 pub fn test_link() -> Link {
-    Link::new(1, FRAMED_FD, 0, 0)
+    // i32::MIN: framed, on descriptor i32::MAX, which is never open.
+    Link::new(1, i32::MIN, 0, 0)
 }
 
 /// Counts a live connection against `max_connections` until dropped.
@@ -537,7 +552,9 @@ fn attach(
     let mut session = Session::new(client_id, clean_session, state.unwrap_or_default());
     session.link = Some(Link::new(
         conn_id,
-        stream.raw_fd().unwrap_or(FRAMED_FD),
+        stream
+            .raw_fd()
+            .unwrap_or_else(|| framed_fd(stream.socket_fd())),
         keep_alive,
         shard.now_ticks(),
     ));
@@ -705,7 +722,7 @@ fn poll_event(cx: &mut Context<'_>, ctx: &Ctx, conn: &mut Established) -> Poll<E
     if let Some(reason) = link.close {
         return Poll::Ready(Event::Closed(reason));
     }
-    if link.blocked && link.fd == FRAMED_FD {
+    if link.blocked && link.is_framed() {
         match write_framed(cx, stream, &mut session.out, read_buf) {
             Ok((n, done)) => {
                 stats.bytes_sent += n as u64;

@@ -23,7 +23,7 @@ use crate::acl::Who;
 use crate::auth::Auth;
 use crate::codec::{self, Subscribe};
 use crate::config::Config;
-use crate::connection::{CloseReason, FRAMED_FD, TICKS_PER_SEC};
+use crate::connection::{CloseReason, TICKS_PER_SEC};
 use crate::mesh::{self, MeshSenders, ShardMsg};
 use crate::message::{Encoded, Message};
 use crate::metrics::BrokerGauges;
@@ -264,7 +264,8 @@ impl Shard {
     /// Writes every dirty session's queue with one vectored send each. A
     /// session whose socket is full is handed to its connection task, which
     /// waits for the socket to become writable; so is every TLS or
-    /// WebSocket session ([`FRAMED_FD`]), whose bytes only its task may write.
+    /// WebSocket session (a framed link, [`crate::connection::framed_fd`]),
+    /// whose bytes only its task may write.
     pub fn flush_dirty(&mut self) {
         let dirty = std::mem::take(&mut self.dirty);
         if !self.batch.is_empty() {
@@ -289,7 +290,7 @@ impl Shard {
             if link.blocked {
                 continue;
             }
-            if link.fd == FRAMED_FD {
+            if link.is_framed() {
                 // TLS / WebSocket: only the connection task may write.
                 link.blocked = true;
                 link.wake();

@@ -8,7 +8,7 @@
 //! socket. The other transports *frame* what is written (TLS records,
 //! WebSocket frames), so the shard must not write to their socket: it hands
 //! their queues to the connection task, which writes through the stream
-//! (see [`crate::connection::FRAMED_FD`]).
+//! (see [`crate::connection::framed_fd`]).
 //!
 //! The transport handshake (TLS, the WebSocket upgrade) runs in the
 //! connection's own task, bounded by the connect timeout, so a slow or
@@ -183,6 +183,12 @@ impl Stream {
             Stream::Tcp(tcp) => Some(tcp.as_raw_fd()),
             Stream::Framed(_) => None,
         }
+    }
+
+    /// The TCP socket underneath, whatever the transport (for lookups such
+    /// as the peer address; only plain TCP may be written to directly).
+    pub fn socket_fd(&self) -> RawFd {
+        self.tcp().as_raw_fd()
     }
 
     /// The client's address.

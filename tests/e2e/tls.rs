@@ -698,4 +698,22 @@ fn metrics_count_connections_per_transport() {
         assert!(Instant::now() < deadline, "{expected:?} not all in\n{text}");
         std::thread::sleep(Duration::from_millis(100));
     }
+    // The admin API finds a TLS client's address like a plain one's.
+    let url = format!(
+        "http://127.0.0.1:{}/api/v1/clients/metrics-tls",
+        broker.http_port
+    );
+    let body = ureq::get(&url)
+        .call()
+        .expect("GET client")
+        .body_mut()
+        .read_to_string()
+        .expect("client JSON");
+    let client: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    assert!(
+        client["peer"]
+            .as_str()
+            .is_some_and(|p| p.starts_with("127.0.0.1:")),
+        "{body}"
+    );
 }
