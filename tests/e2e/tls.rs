@@ -596,8 +596,10 @@ fn a_tls_subscriber_that_reads_slowly_gets_whole_packets_in_order() {
     // (the framed write path's pending case). What arrives must be whole
     // packets in order (the broker may drop whole messages past
     // max_queued_bytes, never parts of one).
+    // One shard, so the PUBACK of the last publish means every publish is
+    // already queued for the subscriber, before the PINGRESP.
     let pki = Pki::new();
-    let broker = Broker::builder().config(&pki.config("")).start();
+    let broker = Broker::builder().shards(1).config(&pki.config("")).start();
     let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
     let addr: std::net::SocketAddr = ([127, 0, 0, 1], broker.port_of("tls")).into();

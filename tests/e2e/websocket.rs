@@ -461,7 +461,10 @@ fn a_burst_of_large_publishes_reaches_a_websocket_subscriber_whole() {
 fn a_websocket_subscriber_that_reads_slowly_gets_whole_packets_in_order() {
     // As the TLS test of the same name: tiny socket buffers, nothing read
     // until the flood is over, so the broker's WebSocket writes must wait.
-    let mut broker = Broker::builder().config(WS).start();
+    // One shard, so the PUBACK of the last publish means every publish is
+    // already queued for the subscriber (across shards they would still be
+    // on their way, and the PINGRESP could overtake them).
+    let mut broker = Broker::builder().shards(1).config(WS).start();
     let port = broker.port_of("ws");
     let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
