@@ -18,20 +18,26 @@ use glommio::channels::channel_mesh::MeshBuilder;
 use glommio::{LocalExecutorPoolBuilder, PoolPlacement, PoolThreadHandles};
 use log::{debug, info, warn};
 
+use crate::admin;
+use crate::admin_query::{self, ShardRequest};
 use crate::admission::ConnectionCounts;
+use crate::auth::{self, Auth};
 use crate::config::Config;
 use crate::connection::{self, CloseReason};
 use crate::listener::{self, ListenerSet};
 use crate::mesh::{self, ShardMsg};
+use crate::metrics::{BrokerGauges, SessionTotals};
 use crate::shard::{Ctx, Shard};
 use crate::sys;
+use crate::transport::{Acceptor, TlsCerts, TlsSettings, Transport, TransportError};
 
 /// How often a shard checks the shutdown flag (and the keep-alive sweep
 /// period): short enough that SIGTERM takes effect at once for a person.
 const POLL_PERIOD: Duration = Duration::from_millis(50);
 
-/// How often each shard sweeps for keep-alive timeouts.
-const KEEP_ALIVE_SWEEP: Duration = Duration::from_millis(500);
+/// How often each shard sweeps for keep-alive timeouts (and refreshes its
+/// admin gauges, [`crate::metrics::REFRESH_PERIOD`]).
+pub const KEEP_ALIVE_SWEEP: Duration = Duration::from_millis(500);
 
 /// How long shutdown waits for client connections to close.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
@@ -62,9 +68,18 @@ pub enum BrokerError {
     /// A shard failed.
     #[error("shard failed: {0}")]
     Shard(String),
+    /// The admin HTTP listener could not be set up.
+    #[error(transparent)]
+    Admin(#[from] admin::AdminError),
     /// Shards did not all become ready in time.
     #[error("shards did not start within {0:?}")]
     StartTimeout(Duration),
+    /// The TLS certificates could not be loaded.
+    #[error(transparent)]
+    Tls(#[from] TransportError),
+    /// The password or ACL file is unreadable or invalid.
+    #[error(transparent)]
+    Auth(#[from] auth::AuthError),
 }
 
 /// A running broker.
@@ -77,6 +92,18 @@ pub struct Broker {
     shutdown: Arc<AtomicBool>,
     /// The shard threads.
     handles: PoolThreadHandles<Result<(), String>>,
+    /// Every listener with its transport and bound address (port 0
+    /// resolved), plain MQTT ones included, in the order configured.
+    pub transport_addrs: Vec<(Transport, SocketAddr)>,
+    /// The TLS certificates, when a TLS or WSS listener is configured;
+    /// [`TlsCerts::reload`] swaps them (SIGHUP).
+    pub tls: Option<Arc<TlsCerts>>,
+    /// Password file and ACL, shared with the shards; reloaded on SIGHUP.
+    pub auth: Arc<Auth>,
+    /// The admin HTTP listener's address, when it runs.
+    pub http_addr: Option<SocketAddr>,
+    /// The admin HTTP listener's accept thread.
+    http_thread: Option<std::thread::JoinHandle<()>>,
 }
 
 /// A cloneable handle that stops the broker.
@@ -106,7 +133,14 @@ impl Broker {
     /// # Errors
     /// A shard that failed or panicked.
     pub fn wait(self) -> Result<(), BrokerError> {
-        for result in self.handles.join_all() {
+        let results = self.handles.join_all();
+        if let (Some(thread), Some(addr)) = (self.http_thread, self.http_addr) {
+            // The shards ended, so shutdown is set; the admin accept blocks:
+            // wake it so it sees that. A panic there only ended the API.
+            admin::wake(addr);
+            let _ = thread.join();
+        }
+        for result in results {
             match result {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => return Err(BrokerError::Shard(e)),
@@ -151,16 +185,39 @@ pub fn choose_cpus(config: &Config) -> Result<Vec<usize>, BrokerError> {
 /// Listeners that cannot be bound, CPUs outside the affinity mask, executor
 /// start-up failures.
 pub fn start(config: Config) -> Result<Broker, BrokerError> {
+    let auth = Arc::new(Auth::load(&config)?);
     let cpus = choose_cpus(&config)?;
     let nr_shards = config.shards.unwrap_or(cpus.len()).max(1);
     let shard_cpus: Vec<usize> = (0..nr_shards).map(|i| cpus[i % cpus.len()]).collect();
-    let mut sets: Vec<ListenerSet> = Vec::new();
-    for addr in &config.listen {
-        sets.push(listener::bind(*addr, nr_shards, config.backlog)?);
+    let tls = match TlsSettings::from_config(&config) {
+        Some(settings) if config.uses_tls() => Some(Arc::new(TlsCerts::load(settings)?)),
+        _ => None,
+    };
+    let mut sets: Vec<(Acceptor, ListenerSet)> = Vec::new();
+    for (transport, addrs) in [
+        (Transport::Mqtt, &config.listen),
+        (Transport::Tls, &config.tls_listen),
+        (Transport::Ws, &config.ws_listen),
+        (Transport::Wss, &config.wss_listen),
+    ] {
+        for addr in addrs {
+            let certs = transport.uses_tls().then(|| tls.clone()).flatten();
+            let acceptor = Acceptor::new(transport, certs, config.max_packet_size);
+            sets.push((acceptor, listener::bind(*addr, nr_shards, config.backlog)?));
+        }
     }
-    let listen_addrs: Vec<SocketAddr> = sets.iter().map(|s| s.addr).collect();
-    let listener_fds: Arc<Vec<(SocketAddr, Vec<i32>)>> =
-        Arc::new(sets.into_iter().map(|s| (s.addr, s.fds)).collect());
+    let transport_addrs: Vec<(Transport, SocketAddr)> =
+        sets.iter().map(|(a, s)| (a.transport, s.addr)).collect();
+    let listen_addrs: Vec<SocketAddr> = transport_addrs
+        .iter()
+        .filter(|(t, _)| *t == Transport::Mqtt)
+        .map(|(_, a)| *a)
+        .collect();
+    let listener_fds: Arc<Vec<(Acceptor, SocketAddr, Vec<i32>)>> = Arc::new(
+        sets.into_iter()
+            .map(|(acceptor, s)| (acceptor, s.addr, s.fds))
+            .collect(),
+    );
 
     let config = Arc::new(config);
     let shutdown = Arc::new(AtomicBool::new(false));
@@ -168,10 +225,25 @@ pub fn start(config: Config) -> Result<Broker, BrokerError> {
     let connections = Arc::new(ConnectionCounts::default());
     let mesh = MeshBuilder::<ShardMsg, _>::full(nr_shards, config.mesh_capacity);
     let pinned = Arc::new(shard_cpus.clone());
+    let gauges = Arc::new(BrokerGauges::new(nr_shards));
+    let (admin_senders, admin_receivers): (Vec<_>, Vec<_>) = (0..nr_shards)
+        .map(|_| async_channel::bounded(admin_query::REQUEST_QUEUE))
+        .unzip();
+    let admin_receivers = Arc::new(admin_receivers);
+    let admin_state = admin::AdminState {
+        gauges: gauges.clone(),
+        shards: admin_senders,
+        auth: admin::Auth {
+            token: config.http_auth_token.clone(),
+            basic: config.http_basic_auth.clone(),
+        },
+    };
+    let http_listen = config.http_listen;
 
     let shard_main = {
         let shutdown = shutdown.clone();
         let ready = ready.clone();
+        let auth = auth.clone();
         move || {
             run_shard(ShardSetup {
                 config,
@@ -181,6 +253,9 @@ pub fn start(config: Config) -> Result<Broker, BrokerError> {
                 shutdown,
                 ready,
                 connections,
+                auth,
+                gauges,
+                admin_receivers,
             })
         }
     };
@@ -198,11 +273,26 @@ pub fn start(config: Config) -> Result<Broker, BrokerError> {
         }
         std::thread::sleep(Duration::from_millis(5));
     }
+    let (http_addr, http_thread) = match http_listen {
+        Some(addr) => match admin::start(addr, admin_state, shutdown.clone()) {
+            Ok(server) => (Some(server.addr), Some(server.thread)),
+            Err(e) => {
+                shutdown.store(true, Ordering::SeqCst);
+                return Err(e.into());
+            }
+        },
+        None => (None, None),
+    };
     Ok(Broker {
         listen_addrs,
         shard_cpus,
         shutdown,
         handles,
+        transport_addrs,
+        tls,
+        auth,
+        http_addr,
+        http_thread,
     })
 }
 
@@ -210,11 +300,16 @@ pub fn start(config: Config) -> Result<Broker, BrokerError> {
 struct ShardSetup {
     config: Arc<Config>,
     mesh: MeshBuilder<ShardMsg, glommio::channels::channel_mesh::Full>,
-    listener_fds: Arc<Vec<(SocketAddr, Vec<i32>)>>,
+    listener_fds: Arc<Vec<(Acceptor, SocketAddr, Vec<i32>)>>,
     pinned: Arc<Vec<usize>>,
     shutdown: Arc<AtomicBool>,
     ready: Arc<AtomicUsize>,
     connections: Arc<ConnectionCounts>,
+    auth: Arc<Auth>,
+    /// Every shard's admin gauges (each shard refreshes its own).
+    gauges: Arc<BrokerGauges>,
+    /// Each shard's admin request channel, by shard index.
+    admin_receivers: Arc<Vec<async_channel::Receiver<ShardRequest>>>,
 }
 
 /// One shard, from joining the mesh to the end of its shutdown.
@@ -235,11 +330,21 @@ async fn run_shard(setup: ShardSetup) -> Result<(), String> {
             id,
             nr_shards,
             setup.config.clone(),
+            setup.auth.clone(),
         ))),
         mesh: Rc::new(senders),
         id,
         nr_shards,
     };
+    {
+        let mut shard = ctx.shard.borrow_mut();
+        shard.gauges = setup.gauges.clone();
+        // First figures at once, so /health is ready with the shard.
+        shard.gauges.refresh(&shard, &SessionTotals::default());
+    }
+    if let Some(requests) = setup.admin_receivers.get(id) {
+        glommio::spawn_local(admin_query::serve_requests(ctx.clone(), requests.clone())).detach();
+    }
     let receivers = Rc::new(receivers);
     for peer in (0..nr_shards).filter(|&p| p != id) {
         glommio::spawn_local(mesh::receive_from(ctx.clone(), peer, receivers.clone())).detach();
@@ -253,13 +358,14 @@ async fn run_shard(setup: ShardSetup) -> Result<(), String> {
         glommio::spawn_local(sys::sys_task(ctx.clone(), setup.config.sys_interval)).detach();
     }
     let mut accept_tasks = Vec::new();
-    for (addr, fds) in setup.listener_fds.iter() {
+    for (acceptor, addr, fds) in setup.listener_fds.iter() {
         let fd = fds[id];
         accept_tasks.push(
             glommio::spawn_local(listener::accept_loop(
                 ctx.clone(),
                 fd,
                 *addr,
+                acceptor.clone(),
                 setup.connections.clone(),
             ))
             .detach(),

@@ -44,6 +44,43 @@ pub const DEFAULT_SYS_INTERVAL_SECS: u64 = 10;
 pub const DEFAULT_MESH_CAPACITY: usize = 1024;
 /// Default log level when neither `--log-level` nor `RUST_LOG` says.
 pub const DEFAULT_LOG_LEVEL: &str = "info";
+/// Default `allow_anonymous` when no `password_file` is set: true, so a
+/// broker without any authentication configured works out of the box (the
+/// start-up log warns when such a broker listens beyond loopback).
+pub const DEFAULT_ALLOW_ANONYMOUS_WITHOUT_PASSWORD_FILE: bool = true;
+/// Default `allow_anonymous` when a `password_file` is set: false, since
+/// configuring passwords means clients must log in (Mosquitto 2.x refuses
+/// anonymous clients by default too).
+pub const DEFAULT_ALLOW_ANONYMOUS_WITH_PASSWORD_FILE: bool = false;
+/// Default address of the admin HTTP listener (metrics, API, dashboard):
+/// loopback only, EMQX's dashboard port. `off` (or empty) disables it.
+pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:18083";
+
+// Transports (TLS, WebSocket; see `crate::transport`). Every transport other
+// than plain MQTT is off by default: it needs certificates (TLS, WSS) or is a
+// deliberate choice (WS), and the tests run many brokers at once on port 0,
+// so no fixed port may be bound unless configured.
+
+/// Default TLS listeners (`tls_listen`): none. MQTT over TLS's registered
+/// port is 8883 ([`CONVENTIONAL_TLS_PORT`]).
+pub const DEFAULT_TLS_LISTEN: &[SocketAddr] = &[];
+/// Default MQTT-over-WebSocket listeners (`ws_listen`): none; conventionally
+/// port 8083 ([`CONVENTIONAL_WS_PORT`]).
+pub const DEFAULT_WS_LISTEN: &[SocketAddr] = &[];
+/// Default MQTT-over-WebSocket-over-TLS listeners (`wss_listen`): none;
+/// conventionally port 8084 ([`CONVENTIONAL_WSS_PORT`]).
+pub const DEFAULT_WSS_LISTEN: &[SocketAddr] = &[];
+/// IANA's port for MQTT over TLS (documentation and the sample config).
+pub const CONVENTIONAL_TLS_PORT: u16 = 8883;
+/// The usual port of MQTT over WebSocket (EMQX, HiveMQ).
+pub const CONVENTIONAL_WS_PORT: u16 = 8083;
+/// The usual port of MQTT over secure WebSocket (EMQX, HiveMQ).
+pub const CONVENTIONAL_WSS_PORT: u16 = 8084;
+/// Default for `require_certificate`: TLS clients need no certificate, as in
+/// Mosquitto.
+pub const DEFAULT_REQUIRE_CERTIFICATE: bool = false;
+/// Default for `use_identity_as_username`: off, as in Mosquitto.
+pub const DEFAULT_USE_IDENTITY_AS_USERNAME: bool = false;
 
 // Hostile-client limits (README, "Security").
 
@@ -117,7 +154,8 @@ pub enum ConfigError {
 #[command(
     name = "fanmq",
     version,
-    about = "An MQTT 3.1.1 broker for massive fan-out"
+    about = "An MQTT 3.1.1 broker for massive fan-out",
+    args_conflicts_with_subcommands = true
 )]
 pub struct Cli {
     /// TOML configuration file (see the commented sample fanmq.toml).
@@ -150,6 +188,53 @@ pub struct Cli {
     /// New connections per second per listen address (0: no limit).
     #[arg(long, value_name = "N")]
     pub max_connection_rate: Option<u32>,
+    /// Address to accept MQTT over TLS on (conventionally port 8883);
+    /// repeatable. Needs --certfile and --keyfile.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub tls_listen: Vec<SocketAddr>,
+    /// Address to accept MQTT over WebSocket on (conventionally port 8083);
+    /// repeatable.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub ws_listen: Vec<SocketAddr>,
+    /// Address to accept MQTT over secure WebSocket on (conventionally port
+    /// 8084); repeatable. Needs --certfile and --keyfile.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub wss_listen: Vec<SocketAddr>,
+    /// PEM file with the server's certificate chain (TLS and WSS).
+    #[arg(long, value_name = "FILE")]
+    pub certfile: Option<PathBuf>,
+    /// PEM file with the server's private key (TLS and WSS).
+    #[arg(long, value_name = "FILE")]
+    pub keyfile: Option<PathBuf>,
+    /// PEM file with the CA certificates that client certificates must chain to.
+    #[arg(long, value_name = "FILE")]
+    pub cafile: Option<PathBuf>,
+    /// Password file in mosquitto_passwd format (see `fanmq passwd`);
+    /// clients with a user name must match an entry.
+    #[arg(long, value_name = "FILE")]
+    pub password_file: Option<PathBuf>,
+    /// ACL file in Mosquitto's acl_file syntax; without one everything is
+    /// allowed.
+    #[arg(long, value_name = "FILE")]
+    pub acl_file: Option<PathBuf>,
+    /// Whether clients without a user name may connect. Default: true
+    /// without a password file, false with one.
+    #[arg(long, value_name = "BOOL")]
+    pub allow_anonymous: Option<bool>,
+    /// Admin HTTP listener (Prometheus /metrics, JSON API, dashboard), or
+    /// "off". Default 127.0.0.1:18083. Port 0 picks a free port.
+    #[arg(long, value_name = "ADDR:PORT|off")]
+    pub http_listen: Option<String>,
+    /// A tool instead of the broker (none: run the broker).
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// The `fanmq` subcommands; without one, `fanmq` runs the broker.
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum Command {
+    /// Manage a password file, like mosquitto_passwd.
+    Passwd(crate::passwd::PasswdArgs),
 }
 
 /// The configuration file's schema: every key optional.
@@ -178,6 +263,21 @@ struct FileConfig {
     max_topic_levels: Option<usize>,
     max_client_id_len: Option<usize>,
     max_queued_bytes_total: Option<usize>,
+    tls_listen: Option<Vec<SocketAddr>>,
+    ws_listen: Option<Vec<SocketAddr>>,
+    wss_listen: Option<Vec<SocketAddr>>,
+    certfile: Option<PathBuf>,
+    keyfile: Option<PathBuf>,
+    cafile: Option<PathBuf>,
+    require_certificate: Option<bool>,
+    use_identity_as_username: Option<bool>,
+    password_file: Option<PathBuf>,
+    acl_file: Option<PathBuf>,
+    allow_anonymous: Option<bool>,
+    http_listen: Option<String>,
+    http_auth_token: Option<String>,
+    http_basic_user: Option<String>,
+    http_basic_password: Option<String>,
 }
 
 /// The broker's settings after defaults, file and flags were merged.
@@ -229,6 +329,38 @@ pub struct Config {
     pub max_client_id_len: usize,
     /// Bytes queued to clients, all shards together; 0: no limit.
     pub max_queued_bytes_total: usize,
+    /// Addresses to accept MQTT over TLS on.
+    pub tls_listen: Vec<SocketAddr>,
+    /// Addresses to accept MQTT over WebSocket on.
+    pub ws_listen: Vec<SocketAddr>,
+    /// Addresses to accept MQTT over WebSocket over TLS on.
+    pub wss_listen: Vec<SocketAddr>,
+    /// The server's certificate chain (PEM), re-read on SIGHUP.
+    pub certfile: Option<PathBuf>,
+    /// The server's private key (PEM), re-read on SIGHUP.
+    pub keyfile: Option<PathBuf>,
+    /// CA certificates (PEM) client certificates are verified against.
+    pub cafile: Option<PathBuf>,
+    /// TLS clients must present a certificate signed by `cafile`.
+    pub require_certificate: bool,
+    /// The client certificate's Common Name is the client's username
+    /// (checked by the authentication step).
+    pub use_identity_as_username: bool,
+    /// Password file (mosquitto_passwd format), re-read on SIGHUP; `None`:
+    /// user names are not checked.
+    pub password_file: Option<PathBuf>,
+    /// ACL file (Mosquitto syntax), re-read on SIGHUP; `None`: everything
+    /// is allowed.
+    pub acl_file: Option<PathBuf>,
+    /// `allow_anonymous` as configured; `None`: the default that depends on
+    /// `password_file` (see [`Config::allow_anonymous`]).
+    pub allow_anonymous: Option<bool>,
+    /// Admin HTTP listener address; `None`: disabled.
+    pub http_listen: Option<SocketAddr>,
+    /// Bearer token the admin API requires (`Authorization: Bearer ...`).
+    pub http_auth_token: Option<String>,
+    /// User and password the admin API accepts with HTTP basic auth.
+    pub http_basic_auth: Option<(String, String)>,
 }
 
 impl Default for Config {
@@ -257,6 +389,24 @@ impl Default for Config {
             max_topic_levels: DEFAULT_MAX_TOPIC_LEVELS,
             max_client_id_len: DEFAULT_MAX_CLIENT_ID_LEN,
             max_queued_bytes_total: DEFAULT_MAX_QUEUED_BYTES_TOTAL,
+            tls_listen: DEFAULT_TLS_LISTEN.to_vec(),
+            ws_listen: DEFAULT_WS_LISTEN.to_vec(),
+            wss_listen: DEFAULT_WSS_LISTEN.to_vec(),
+            certfile: None,
+            keyfile: None,
+            cafile: None,
+            require_certificate: DEFAULT_REQUIRE_CERTIFICATE,
+            use_identity_as_username: DEFAULT_USE_IDENTITY_AS_USERNAME,
+            password_file: None,
+            acl_file: None,
+            allow_anonymous: None,
+            http_listen: Some(
+                DEFAULT_HTTP_LISTEN
+                    .parse()
+                    .expect("constant address parses"),
+            ),
+            http_auth_token: None,
+            http_basic_auth: None,
         }
     }
 }
@@ -346,8 +496,58 @@ impl Config {
             file.max_queued_bytes_total,
             None,
         );
+        for (slot, file, flag) in [
+            (&mut config.tls_listen, file.tls_listen, &cli.tls_listen),
+            (&mut config.ws_listen, file.ws_listen, &cli.ws_listen),
+            (&mut config.wss_listen, file.wss_listen, &cli.wss_listen),
+        ] {
+            let flag = (!flag.is_empty()).then(|| flag.clone());
+            set(slot, file, flag);
+        }
+        config.certfile = cli.certfile.clone().or(file.certfile);
+        config.keyfile = cli.keyfile.clone().or(file.keyfile);
+        config.cafile = cli.cafile.clone().or(file.cafile);
+        set(
+            &mut config.require_certificate,
+            file.require_certificate,
+            None,
+        );
+        set(
+            &mut config.use_identity_as_username,
+            file.use_identity_as_username,
+            None,
+        );
+        config.password_file = cli.password_file.clone().or(file.password_file);
+        config.acl_file = cli.acl_file.clone().or(file.acl_file);
+        config.allow_anonymous = cli.allow_anonymous.or(file.allow_anonymous);
+        if let Some(v) = cli.http_listen.as_deref().or(file.http_listen.as_deref()) {
+            config.http_listen = parse_http_listen(v)?;
+        }
+        config.http_auth_token = file.http_auth_token;
+        config.http_basic_auth = match (file.http_basic_user, file.http_basic_password) {
+            (None, None) => None,
+            (Some(user), Some(password)) => Some((user, password)),
+            _ => {
+                return Err(ConfigError::Invalid {
+                    key: "http_basic_user",
+                    why: "http_basic_user and http_basic_password go together".to_string(),
+                });
+            }
+        };
         config.validate()?;
         Ok(config)
+    }
+
+    /// Whether clients without a user name may connect: the explicit
+    /// setting, else [`DEFAULT_ALLOW_ANONYMOUS_WITHOUT_PASSWORD_FILE`] or
+    /// [`DEFAULT_ALLOW_ANONYMOUS_WITH_PASSWORD_FILE`].
+    pub fn allow_anonymous(&self) -> bool {
+        self.allow_anonymous
+            .unwrap_or(if self.password_file.is_some() {
+                DEFAULT_ALLOW_ANONYMOUS_WITH_PASSWORD_FILE
+            } else {
+                DEFAULT_ALLOW_ANONYMOUS_WITHOUT_PASSWORD_FILE
+            })
     }
 
     /// Re-reads only the log level from the config file (SIGHUP).
@@ -395,8 +595,84 @@ impl Config {
         if self.max_client_id_len < 23 || self.max_client_id_len > 65_535 {
             return invalid("max_client_id_len", "must be between 23 and 65535");
         }
+        if self.http_auth_token.as_deref().is_some_and(str::is_empty) {
+            return invalid("http_auth_token", "must not be empty");
+        }
+        if self
+            .http_basic_auth
+            .as_ref()
+            .is_some_and(|(u, p)| u.is_empty() || u.contains(':') || p.is_empty())
+        {
+            return invalid(
+                "http_basic_user",
+                "user (without ':') and password must not be empty",
+            );
+        }
+        if let Some(addr) = self.http_listen
+            && !addr.ip().is_loopback()
+            && self.http_auth_token.is_none()
+            && self.http_basic_auth.is_none()
+        {
+            return Err(ConfigError::Invalid {
+                key: "http_listen",
+                why: format!(
+                    "{addr} is not a loopback address: set http_auth_token or \
+                     http_basic_user/http_basic_password, or bind 127.0.0.1"
+                ),
+            });
+        }
+        self.validate_tls()
+    }
+
+    /// True when a TLS or WSS listener is configured (certificates needed).
+    pub fn uses_tls(&self) -> bool {
+        !self.tls_listen.is_empty() || !self.wss_listen.is_empty()
+    }
+
+    /// Checks the TLS keys: certificates where a listener needs them, a CA
+    /// where client certificates are required.
+    fn validate_tls(&self) -> Result<(), ConfigError> {
+        let invalid = |key, why: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                why: why.to_string(),
+            })
+        };
+        if self.uses_tls() && (self.certfile.is_none() || self.keyfile.is_none()) {
+            return invalid(
+                "tls_listen",
+                "a TLS or WSS listener needs certfile and keyfile",
+            );
+        }
+        if self.require_certificate && self.cafile.is_none() {
+            return invalid(
+                "require_certificate",
+                "needs cafile, the CA client certificates must chain to",
+            );
+        }
+        if self.use_identity_as_username && !self.require_certificate {
+            return invalid(
+                "use_identity_as_username",
+                "needs require_certificate = true (as in Mosquitto)",
+            );
+        }
         Ok(())
     }
+}
+
+/// Parses `http_listen`: an address, or `off` / empty to disable.
+///
+/// # Errors
+/// Anything else.
+pub fn parse_http_listen(value: &str) -> Result<Option<SocketAddr>, ConfigError> {
+    let value = value.trim();
+    if value.is_empty() || value.eq_ignore_ascii_case("off") {
+        return Ok(None);
+    }
+    value.parse().map(Some).map_err(|_| ConfigError::Invalid {
+        key: "http_listen",
+        why: format!("{value:?} is not ADDR:PORT or off"),
+    })
 }
 
 /// Overrides `slot` with the file's value, then with the flag's.
@@ -507,6 +783,84 @@ mod tests {
             Config::load(&cli),
             Err(ConfigError::Invalid { .. })
         ));
+    }
+
+    #[test]
+    fn http_listen_off_default_and_auth_rules() {
+        assert_eq!(parse_http_listen("off").unwrap(), None);
+        assert_eq!(parse_http_listen("").unwrap(), None);
+        assert!(parse_http_listen("nope").is_err());
+        let c = Config::load(&Cli::default()).unwrap();
+        assert_eq!(c.http_listen.unwrap().port(), 18083);
+        let open = Cli {
+            http_listen: Some("0.0.0.0:0".into()),
+            ..Cli::default()
+        };
+        assert!(matches!(
+            Config::load(&open),
+            Err(ConfigError::Invalid {
+                key: "http_listen",
+                ..
+            })
+        ));
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        writeln!(f, "http_auth_token = \"s3cret\"").unwrap();
+        let with_token = Cli {
+            config: Some(f.path().to_path_buf()),
+            ..open.clone()
+        };
+        let c = Config::load(&with_token).unwrap();
+        assert_eq!(c.http_auth_token.as_deref(), Some("s3cret"));
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        writeln!(f, "http_basic_user = \"admin\"").unwrap();
+        let half = Cli {
+            config: Some(f.path().to_path_buf()),
+            ..Cli::default()
+        };
+        assert!(Config::load(&half).is_err());
+    }
+
+    #[test]
+    fn tls_keys_are_checked() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        writeln!(f, "tls_listen = [\"127.0.0.1:0\"]").unwrap();
+        let cli = Cli {
+            config: Some(f.path().to_path_buf()),
+            ..Cli::default()
+        };
+        assert!(matches!(
+            Config::load(&cli),
+            Err(ConfigError::Invalid {
+                key: "tls_listen",
+                ..
+            })
+        ));
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        writeln!(
+            f,
+            "certfile = \"c.pem\"\nkeyfile = \"k.pem\"\nrequire_certificate = true\nws_listen = [\"127.0.0.1:8083\"]"
+        )
+        .unwrap();
+        let cli = Cli {
+            config: Some(f.path().to_path_buf()),
+            wss_listen: vec!["127.0.0.1:0".parse().unwrap()],
+            ..Cli::default()
+        };
+        assert!(matches!(
+            Config::load(&cli),
+            Err(ConfigError::Invalid {
+                key: "require_certificate",
+                ..
+            })
+        ));
+        let cli = Cli {
+            cafile: Some("ca.pem".into()),
+            ..cli
+        };
+        let c = Config::load(&cli).unwrap();
+        assert_eq!(c.ws_listen, vec!["127.0.0.1:8083".parse().unwrap()]);
+        assert_eq!(c.wss_listen, vec!["127.0.0.1:0".parse().unwrap()]);
+        assert!(c.require_certificate && c.uses_tls());
     }
 
     #[test]

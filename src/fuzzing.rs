@@ -20,6 +20,7 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use bytestring::ByteString;
 
+use crate::auth::Auth;
 use crate::codec::{self, QoS};
 use crate::config::Config;
 use crate::connection::{self, Link};
@@ -126,7 +127,7 @@ fn run_session(data: &[u8]) -> crate::sys::Counters {
             max_queued_bytes_total: 1024,
             ..Config::default()
         };
-        let mut shard = Shard::new(0, 1, Arc::new(config));
+        let mut shard = Shard::new(0, 1, Arc::new(config), Arc::new(Auth::open()));
         let mut clients: Vec<Option<Client>> = (0..CLIENTS).map(|_| None).collect();
         let mut ops = data.iter().copied();
         while let Some(op) = ops.next() {
@@ -236,7 +237,7 @@ fn feed(shard: &mut Shard, slot: &mut Option<Client>, bytes: &[u8]) {
         return;
     };
     client.rx.extend_from_slice(bytes);
-    if connection::process(shard, client.key, client.conn_id, &mut client.rx).is_err() {
+    if connection::process(shard, client.key, client.conn_id, &mut client.rx, None).is_err() {
         disconnect(shard, slot);
     }
 }

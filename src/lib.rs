@@ -23,10 +23,20 @@
 //! - [`mesh`]: the messages shards exchange.
 //! - [`message`], [`outqueue`]: a message, its shared frames, the write queue.
 //! - [`sys`]: counters and `$SYS` topics.
+//! - [`transport`]: TLS and WebSocket streams, certificate reload.
 //! - [`config`], [`os`]: configuration; host limits, logging, systemd.
+//! - [`auth`], [`password`], [`acl`]: `password_file`, `acl_file`,
+//!   `allow_anonymous` (Mosquitto-compatible); [`passwd`]: `fanmq passwd`.
+//! - [`admin`], [`admin_query`], [`metrics`]: the admin HTTP listener
+//!   (Prometheus, JSON API, dashboard) on its own thread, the shard side of
+//!   its queries, and the per-shard figures it sums.
 //! - `fuzzing`: the `cargo fuzz` targets' entry points (see `fuzz/`).
 
+pub mod acl;
+pub mod admin;
+pub mod admin_query;
 pub mod admission;
+pub mod auth;
 pub mod broker;
 pub mod codec;
 pub mod config;
@@ -36,8 +46,11 @@ pub mod fuzzing;
 pub mod listener;
 pub mod mesh;
 pub mod message;
+pub mod metrics;
 pub mod os;
 pub mod outqueue;
+pub mod passwd;
+pub mod password;
 pub mod registry;
 pub mod retain;
 pub mod router;
@@ -47,3 +60,4 @@ pub mod sys;
 #[cfg(test)]
 mod test_rng;
 pub mod topic;
+pub mod transport;

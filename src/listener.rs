@@ -29,6 +29,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use crate::admission::{self, ConnectionCounts, TokenBucket};
 use crate::connection::{self, ConnectionSlot};
 use crate::shard::Ctx;
+use crate::transport::Acceptor;
 
 /// Pause after an accept error caused by exhausted resources, so the loop
 /// does not spin while descriptors or memory are short.
@@ -94,8 +95,17 @@ fn make_socket(addr: SocketAddr, backlog: u32) -> std::io::Result<Socket> {
     Ok(socket)
 }
 
-/// Accepts connections on `fd` for this shard until shutdown.
-pub async fn accept_loop(ctx: Ctx, fd: RawFd, addr: SocketAddr, counts: Arc<ConnectionCounts>) {
+/// Accepts connections on `fd` for this shard until shutdown; `acceptor`
+/// says which transport the listener speaks (its handshake runs in each
+/// connection's task).
+pub async fn accept_loop(
+    ctx: Ctx,
+    fd: RawFd,
+    addr: SocketAddr,
+    acceptor: Acceptor,
+    counts: Arc<ConnectionCounts>,
+) {
+    let kind = acceptor.transport.listener_kind();
     // SAFETY: `fd` is a listening socket created by `bind` and handed to
     // exactly this shard; the listener takes ownership and closes it.
     let listener = unsafe { TcpListener::from_raw_fd(fd) };
@@ -115,7 +125,11 @@ pub async fn accept_loop(ctx: Ctx, fd: RawFd, addr: SocketAddr, counts: Arc<Conn
         };
         match accepted {
             Ok(stream) => {
-                ctx.shard.borrow_mut().stats.connections_accepted += 1;
+                {
+                    let mut shard = ctx.shard.borrow_mut();
+                    shard.stats.connections_accepted += 1;
+                    shard.stats.accepted_by_listener[kind.index()] += 1;
+                }
                 let ip_key = match admission.admit(&ctx, &stream, &counts) {
                     Ok(key) => key,
                     Err(()) => {
@@ -140,7 +154,13 @@ pub async fn accept_loop(ctx: Ctx, fd: RawFd, addr: SocketAddr, counts: Arc<Conn
                     counts: counts.clone(),
                     ip_key,
                 };
-                glommio::spawn_local(connection::serve(ctx.clone(), stream, slot)).detach();
+                glommio::spawn_local(connection::serve(
+                    ctx.clone(),
+                    stream,
+                    acceptor.clone(),
+                    slot,
+                ))
+                .detach();
             }
             Err(e) => {
                 let exhausted = matches!(

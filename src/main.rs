@@ -1,5 +1,7 @@
 //! The `fanmq` binary: parse flags and config, set up logging, run the broker
-//! until SIGTERM or SIGINT; SIGHUP re-reads the log level.
+//! until SIGTERM or SIGINT; SIGHUP re-reads the log level, the password file,
+//! the ACL file and the TLS certificates. `fanmq passwd ...` manages a
+//! password file instead.
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -10,14 +12,24 @@ use clap::Parser;
 use log::{error, info, warn};
 
 use fanmq::broker;
-use fanmq::config::{Cli, Config};
+use fanmq::config::{Cli, Command, Config};
 use fanmq::os;
+use fanmq::passwd;
 
 /// How often the main thread checks for signals.
 const SIGNAL_POLL: Duration = Duration::from_millis(50);
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::Passwd(args)) = &cli.command {
+        return match passwd::run(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("fanmq passwd: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let config = match Config::load(&cli) {
         Ok(config) => config,
         Err(e) => {
@@ -61,7 +73,16 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let listeners: Vec<String> = broker.listen_addrs.iter().map(|a| a.to_string()).collect();
+    // Plain MQTT listeners by address, the others as "tls ADDR", "ws ADDR",
+    // "wss ADDR", each with its bound port (tests listen on port 0).
+    let listeners: Vec<String> = broker
+        .transport_addrs
+        .iter()
+        .map(|(transport, addr)| match transport {
+            fanmq::transport::Transport::Mqtt => addr.to_string(),
+            other => format!("{} {addr}", other.name()),
+        })
+        .collect();
     let files = nofile.map_or("unknown".to_string(), |l| {
         format!("soft {} (was {}) hard {}", l.soft, l.soft_before, l.hard)
     });
@@ -72,11 +93,28 @@ fn main() -> ExitCode {
         broker.shard_cpus,
         listeners.join(", "),
     );
+    // Every listener, TLS and WebSocket ones included.
+    let all_listeners: Vec<std::net::SocketAddr> = broker
+        .transport_addrs
+        .iter()
+        .map(|(_, addr)| *addr)
+        .collect();
+    for warning in broker.auth.startup_warnings(&all_listeners) {
+        warn!("{warning}");
+    }
+    match broker.http_addr {
+        Some(addr) => info!(
+            "admin HTTP on http://{addr}/ (dashboard /, Prometheus /metrics, JSON /api/v1/stats)"
+        ),
+        None => info!("admin HTTP off"),
+    }
     os::notify_systemd(sd_notify::NotifyState::Ready);
     while !terminate.load(Ordering::SeqCst) {
         std::thread::sleep(SIGNAL_POLL);
         if reload.swap(false, Ordering::SeqCst) {
             reload_log_level(config_file.as_deref());
+            reload_tls(broker.tls.as_deref());
+            broker.auth.reload();
         }
     }
     info!("shutting down");
@@ -91,6 +129,21 @@ fn main() -> ExitCode {
             error!("{e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// SIGHUP: re-read the TLS certificate, key and CA files for new
+/// connections; a bad file keeps the old certificates.
+fn reload_tls(tls: Option<&fanmq::transport::TlsCerts>) {
+    let Some(tls) = tls else {
+        return;
+    };
+    match tls.reload() {
+        Ok(()) => info!(
+            "SIGHUP: TLS certificates reloaded from {}",
+            tls.certfile().display()
+        ),
+        Err(e) => error!("SIGHUP: TLS certificates not reloaded, keeping the old ones: {e}"),
     }
 }
 

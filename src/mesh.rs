@@ -71,8 +71,9 @@ pub enum ShardMsg {
     Stats {
         /// The sending shard.
         shard: usize,
-        /// Its counters.
-        counters: Counters,
+        /// Its counters (boxed: the largest variant by far, sent once per
+        /// `sys_interval`).
+        counters: Box<Counters>,
     },
 }
 

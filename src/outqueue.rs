@@ -192,13 +192,13 @@ pub struct OutQueue {
     /// Bytes queued, counting the front entry in full.
     bytes: usize,
     /// PUBLISH packets queued (the limit on queued messages counts these;
-    /// a partly written run counts until it is written in full).
+    /// a partly written run counts until it is written in full). A `u32`
+    /// (queues hold far fewer) so that `unsealed` fits beside it.
     publishes: u32,
-    /// [`OutFrame::Batch`] entries not yet sealed. Within one step other
-    /// frames (a PUBACK, a SUBACK, a QoS 1 PUBLISH) can land between two
-    /// batch ranges, so [`OutQueue::seal`] must find every one of them, and
-    /// this count says when it may stop. (Found by the `session` fuzz
-    /// target: a batch range left unsealed made `flush` loop forever.)
+    /// Batch entries of the current step not yet sealed. They are among
+    /// the newest entries, but other entries (a QoS 1 PUBLISH, a SUBACK)
+    /// may lie between them, so [`OutQueue::seal`] walks back until it has
+    /// sealed this many, not just the trailing run.
     unsealed: u32,
 }
 
@@ -223,9 +223,6 @@ impl OutQueue {
         self.bytes += frame.len();
         count_queued(frame.len());
         self.publishes += frame.publishes() as u32;
-        if matches!(frame, OutFrame::Batch { .. }) {
-            self.unsealed += 1;
-        }
         self.frames.push_back(frame);
     }
 
@@ -330,6 +327,31 @@ impl OutQueue {
             // Give the ring buffer back: an idle subscriber holds no queue.
             self.frames = VecDeque::new();
         }
+    }
+
+    /// Copies the queue's first bytes into `buf` (as many as fit) without
+    /// consuming them; [`OutQueue::advance`] consumes what was written. For
+    /// streams that must be written through a buffer (TLS, WebSocket).
+    pub fn copy_front(&self, buf: &mut [u8]) -> usize {
+        let mut skip = self.offset;
+        let mut copied = 0;
+        for frame in &self.frames {
+            for part in frame.parts() {
+                if skip >= part.len() {
+                    skip -= part.len();
+                    continue;
+                }
+                let rest = &part[skip..];
+                skip = 0;
+                let n = rest.len().min(buf.len() - copied);
+                buf[copied..copied + n].copy_from_slice(&rest[..n]);
+                copied += n;
+                if copied == buf.len() {
+                    return copied;
+                }
+            }
+        }
+        copied
     }
 
     /// Writes as much as the socket takes with non-blocking vectored sends.
@@ -454,6 +476,24 @@ mod tests {
     }
 
     #[test]
+    fn copy_front_copies_across_frames_and_parts_without_consuming() {
+        let mut q = OutQueue::default();
+        q.push(OutFrame::whole(Frame::from(&b"ab"[..])));
+        q.push(publish_frame(9));
+        q.push(OutFrame::control(&[0xd0, 0]));
+        let mut buf = [0u8; 64];
+        let n = q.copy_front(&mut buf);
+        assert_eq!(&buf[..n], b"ab\x32\x07\x00\x01t\x00\x09xy\xd0\x00");
+        q.advance(5);
+        let mut small = [0u8; 4];
+        assert_eq!(q.copy_front(&mut small), 4);
+        assert_eq!(&small, b"\x01t\x00\x09");
+        assert_eq!(q.bytes(), 8);
+        q.advance(8);
+        assert_eq!(q.copy_front(&mut buf), 0);
+    }
+
+    #[test]
     fn flush_writes_every_frame_in_order() {
         let (a, mut b) = UnixStream::pair().unwrap();
         let mut q = OutQueue::default();
@@ -513,6 +553,28 @@ mod tests {
         assert_eq!(&got[..4], &[0x20, 2, 0, 0]);
         assert_eq!(&got[4..], &batch[..]);
         assert_eq!(q.publishes(), 0);
+    }
+
+    #[test]
+    fn batch_ranges_behind_a_qos1_publish_are_sealed_too() {
+        // A QoS 0 range, then a QoS 1 PUBLISH queued in the same step: the
+        // range must be sealed although it is not the newest entry (an
+        // unsealed range has no bytes and made flush spin).
+        let batch = b"\x30\x03\x00\x01a";
+        let mut q = OutQueue::default();
+        q.push_batch(0, 5);
+        q.push(OutFrame::whole(Frame::from(
+            &b"\x32\x05\x00\x01b\x00\x01"[..],
+        )));
+        q.seal(&Frame::from(&batch[..]));
+        let (a, mut b) = UnixStream::pair().unwrap();
+        assert_eq!(
+            q.flush(a.as_raw_fd(), &mut Vec::new()).unwrap(),
+            (12, Flushed::All)
+        );
+        let mut got = vec![0u8; 12];
+        b.read_exact(&mut got).unwrap();
+        assert_eq!(&got[..5], &batch[..]);
     }
 
     #[test]

@@ -19,11 +19,14 @@ use bytes::BytesMut;
 use bytestring::ByteString;
 use log::debug;
 
+use crate::acl::Who;
+use crate::auth::Auth;
 use crate::codec::{self, Subscribe};
 use crate::config::Config;
 use crate::connection::{CloseReason, TICKS_PER_SEC};
 use crate::mesh::{self, MeshSenders, ShardMsg};
 use crate::message::{Encoded, Message};
+use crate::metrics::BrokerGauges;
 use crate::outqueue::{Flushed, Frame};
 use crate::registry::Registry;
 use crate::retain::RetainStore;
@@ -93,6 +96,12 @@ pub struct Shard {
     /// Connections ended by [`Shard::shed`] whose tasks have not yet seen
     /// it (so they close with [`CloseReason::Shed`], not as a take-over).
     pub shed_conns: Vec<u64>,
+    /// Password file and ACL, shared by all shards (lock-free reads).
+    pub auth: Arc<Auth>,
+    /// Every shard's admin gauges; this shard refreshes its own entry
+    /// (see [`crate::metrics`]). The broker shares one set with the HTTP
+    /// thread; a shard made alone (tests) has its own.
+    pub gauges: Arc<BrokerGauges>,
 }
 
 /// A shard's state plus its mesh senders, as each of its tasks holds them.
@@ -138,7 +147,7 @@ impl Ctx {
 
 impl Shard {
     /// A fresh shard.
-    pub fn new(id: usize, nr_shards: usize, config: Arc<Config>) -> Shard {
+    pub fn new(id: usize, nr_shards: usize, config: Arc<Config>, auth: Arc<Auth>) -> Shard {
         let limits = Limits {
             max_inflight: config.max_inflight_messages,
             max_queued_messages: config.max_queued_messages,
@@ -169,6 +178,8 @@ impl Shard {
             started: Instant::now(),
             shutting_down: false,
             shed_conns: Vec::new(),
+            auth,
+            gauges: Arc::new(BrokerGauges::new(nr_shards)),
         }
     }
 
@@ -257,7 +268,9 @@ impl Shard {
 
     /// Writes every dirty session's queue with one vectored send each. A
     /// session whose socket is full is handed to its connection task, which
-    /// waits for the socket to become writable.
+    /// waits for the socket to become writable; so is every TLS or
+    /// WebSocket session (a framed link, [`crate::connection::framed_fd`]),
+    /// whose bytes only its task may write.
     pub fn flush_dirty(&mut self) {
         let dirty = std::mem::take(&mut self.dirty);
         if !self.batch.is_empty() {
@@ -280,6 +293,12 @@ impl Shard {
                 continue;
             };
             if link.blocked {
+                continue;
+            }
+            if link.is_framed() {
+                // TLS / WebSocket: only the connection task may write.
+                link.blocked = true;
+                link.wake();
                 continue;
             }
             match session.out.flush(link.fd, &mut self.iovecs) {
@@ -318,10 +337,18 @@ impl Shard {
     /// sessions while over budget ([`Limits::shard_over_budget`]).
     pub fn shed(&mut self) {
         let budget = self.limits.max_queued_bytes_shard;
+        // A TLS or WebSocket link is "blocked" whenever it has something to
+        // write (its own task writes it), so for those a queue of at least
+        // half the client's limit is the sign that it does not keep up.
+        let framed_stalled = self.limits.max_queued_bytes / 2;
         let mut stalled: Vec<(usize, SessionKey)> = self
             .sessions
             .iter()
-            .filter(|(_, s)| s.link.as_ref().is_some_and(|l| l.blocked) && !s.out.is_empty())
+            .filter(|(_, s)| {
+                s.link.as_ref().is_some_and(|l| {
+                    l.blocked && (!l.is_framed() || s.out.bytes() >= framed_stalled)
+                }) && !s.out.is_empty()
+            })
             .map(|(key, s)| (s.out.bytes(), key as SessionKey))
             .collect();
         stalled.sort_unstable_by_key(|&(bytes, _)| std::cmp::Reverse(bytes));
@@ -372,9 +399,26 @@ impl Shard {
         Some(Arc::new(std::mem::take(&mut self.remote_batch)))
     }
 
-    /// SUBSCRIBE (§3.8): adds each valid filter, answers SUBACK with the
-    /// granted QoS or 0x80 per filter, then sends matching retained messages.
-    pub fn subscribe(&mut self, key: SessionKey, subscribe: Subscribe) {
+    /// May the client of session `key`, with user name `username`, publish
+    /// to `topic`? Always true without an ACL file.
+    pub fn may_publish(&self, key: SessionKey, username: Option<&str>, topic: &str) -> bool {
+        if !self.auth.acl_enabled() {
+            return true;
+        }
+        let Some(session) = self.sessions.get(key as usize) else {
+            return false;
+        };
+        let who = Who {
+            client_id: &session.client_id,
+            username,
+        };
+        self.auth.can_publish(who, topic)
+    }
+
+    /// SUBSCRIBE (§3.8): adds each valid filter the ACL allows (`username`:
+    /// the client's, for the ACL), answers SUBACK with the granted QoS or
+    /// 0x80 per filter, then sends matching retained messages.
+    pub fn subscribe(&mut self, key: SessionKey, subscribe: Subscribe, username: Option<&str>) {
         let mut codes = Vec::with_capacity(subscribe.filters.len());
         let mut granted_filters = Vec::with_capacity(subscribe.filters.len());
         for (filter, qos) in subscribe.filters {
@@ -405,6 +449,21 @@ impl Shard {
                 self.stats.subscriptions_refused += 1;
                 codes.push(codec::SUBACK_FAILURE);
                 continue;
+            }
+            if self.auth.acl_enabled() {
+                let who = Who {
+                    client_id: &session.client_id,
+                    username,
+                };
+                if !self.auth.can_subscribe(who, &filter) {
+                    debug!(
+                        "client {}: subscription to {filter:?} denied by the ACL",
+                        session.client_id
+                    );
+                    self.stats.subscribe_denied += 1;
+                    codes.push(codec::SUBACK_FAILURE);
+                    continue;
+                }
             }
             session.subscribe(&filter, qos);
             self.router.subscribe(&filter, key, qos);
@@ -525,7 +584,7 @@ impl Shard {
             ShardMsg::Release { client_id, shard } => self.home_release(&client_id, shard),
             ShardMsg::Stats { shard, counters } => {
                 if let Some(slot) = self.all_stats.get_mut(shard) {
-                    *slot = counters;
+                    *slot = *counters;
                 }
             }
         }

@@ -62,6 +62,25 @@ pub struct Counters {
     /// Bytes queued to clients (gauge, per-client count; see
     /// `max_queued_bytes_total`).
     pub queued_bytes: u64,
+    /// CONNECTs refused by authentication (CONNACK 5: anonymous refused,
+    /// unknown user, wrong password).
+    pub auth_failed: u64,
+    /// PUBLISH packets (and wills) dropped because the ACL denies them.
+    pub publish_denied: u64,
+    /// Topic filters refused in SUBACK because the ACL denies them.
+    pub subscribe_denied: u64,
+    /// Of `publish_dropped`: publishes to `$SYS` topics by clients.
+    pub dropped_sys_topic: u64,
+    /// Of `publish_dropped`: QoS 2 publishes over `max_awaiting_rel`.
+    pub dropped_qos2_overflow: u64,
+    /// PUBLISH packets received, by QoS (counted per publish received, not
+    /// per delivery).
+    pub publish_received_by_qos: [u64; 3],
+    /// Connected clients by listener kind (gauge kept by the connection
+    /// tasks: +1 after CONNECT, -1 when the connection ends).
+    pub clients_by_listener: [u64; crate::metrics::NR_LISTENER_KINDS],
+    /// TCP connections accepted, by listener kind.
+    pub accepted_by_listener: [u64; crate::metrics::NR_LISTENER_KINDS],
 }
 
 impl Counters {
@@ -85,6 +104,32 @@ impl Counters {
         self.subscriptions_refused += other.subscriptions_refused;
         self.clients_shed += other.clients_shed;
         self.queued_bytes += other.queued_bytes;
+        self.auth_failed += other.auth_failed;
+        self.publish_denied += other.publish_denied;
+        self.subscribe_denied += other.subscribe_denied;
+        self.dropped_sys_topic += other.dropped_sys_topic;
+        self.dropped_qos2_overflow += other.dropped_qos2_overflow;
+        for (s, o) in self
+            .publish_received_by_qos
+            .iter_mut()
+            .zip(other.publish_received_by_qos)
+        {
+            *s += o;
+        }
+        for (s, o) in self
+            .clients_by_listener
+            .iter_mut()
+            .zip(other.clients_by_listener)
+        {
+            *s += o;
+        }
+        for (s, o) in self
+            .accepted_by_listener
+            .iter_mut()
+            .zip(other.accepted_by_listener)
+        {
+            *s += o;
+        }
     }
 }
 
@@ -171,6 +216,18 @@ pub fn sys_messages(total: &Counters, uptime: Duration) -> Vec<(&'static str, St
         ),
         ("$SYS/broker/clients/shed", total.clients_shed.to_string()),
         ("$SYS/broker/queued/bytes", total.queued_bytes.to_string()),
+        (
+            "$SYS/broker/clients/auth_failed",
+            total.auth_failed.to_string(),
+        ),
+        (
+            "$SYS/broker/publish/messages/denied",
+            total.publish_denied.to_string(),
+        ),
+        (
+            "$SYS/broker/subscriptions/denied",
+            total.subscribe_denied.to_string(),
+        ),
     ]
 }
 
@@ -201,7 +258,7 @@ fn publish_sys(ctx: &Ctx) -> bool {
             0,
             ShardMsg::Stats {
                 shard: id,
-                counters: snapshot,
+                counters: Box::new(snapshot),
             },
         );
         return true;

@@ -178,7 +178,7 @@ fn command_for(
             let bin = std::env::var("FANMQ_BIN").unwrap_or_else(|_| "fanmq".into());
             (
                 "fanmq".into(),
-                format!("{bin} --listen 127.0.0.1:{port} --shards 1"),
+                format!("{bin} --listen 127.0.0.1:{port} --shards 1 --http-listen off"),
                 false,
             )
         }
@@ -192,7 +192,7 @@ fn command_for(
             let bin = std::env::var("FANMQ_BIN").unwrap_or_else(|_| "fanmq".into());
             (
                 format!("fanmq-{shards}-shards"),
-                format!("{bin} --listen 127.0.0.1:{port} --shards {shards}"),
+                format!("{bin} --listen 127.0.0.1:{port} --shards {shards} --http-listen off"),
                 false,
             )
         }
@@ -253,7 +253,10 @@ mod tests {
         assert!(cmd.contains("raw-server --listen 127.0.0.1:4242") && raw);
         let (label, cmd, _) = command_for("fanmq:2", 4242, &dir, 1000).unwrap();
         assert_eq!(label, "fanmq-2-shards");
-        assert!(cmd.ends_with("--listen 127.0.0.1:4242 --shards 2"), "{cmd}");
+        assert!(
+            cmd.ends_with("--listen 127.0.0.1:4242 --shards 2 --http-listen off"),
+            "{cmd}"
+        );
         let (label, cmd, _) = command_for("mybroker -p {port}", 4242, &dir, 1000).unwrap();
         assert_eq!(
             (label.as_str(), cmd.as_str()),

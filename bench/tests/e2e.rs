@@ -169,6 +169,8 @@ fn fanout_against_fanmq_loses_nothing() {
             format!("127.0.0.1:{port}"),
             "--shards".into(),
             "1".into(),
+            "--http-listen".into(),
+            "off".into(),
         ],
         port,
     );

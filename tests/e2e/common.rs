@@ -30,9 +30,17 @@ pub struct BrokerBuilder {
     nofile: Option<u64>,
     env: Vec<(String, std::ffi::OsString)>,
     affinity: Option<Vec<usize>>,
+    http: bool,
 }
 
 impl BrokerBuilder {
+    /// Runs the admin HTTP listener (default, on a free port) or not
+    /// (`--http-listen off`).
+    pub fn http(mut self, on: bool) -> Self {
+        self.http = on;
+        self
+    }
+
     /// Number of shards (default 2; 0: no `--shards` flag, the broker's default).
     pub fn shards(mut self, shards: usize) -> Self {
         self.shards = shards;
@@ -76,6 +84,9 @@ impl BrokerBuilder {
         };
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_fanmq"));
         cmd.args(["--listen", "127.0.0.1:0", "--log-level", "debug"]);
+        // Brokers run in parallel: the admin HTTP listener on a free port too.
+        let http = if self.http { "127.0.0.1:0" } else { "off" };
+        cmd.args(["--http-listen", http]);
         if self.shards > 0 {
             cmd.arg("--shards").arg(self.shards.to_string());
         }
@@ -127,14 +138,25 @@ impl BrokerBuilder {
         let mut broker = Broker {
             child,
             port: 0,
+            listeners: Vec::new(),
             log,
             _config: config_file,
+            http_port: 0,
         };
         let line = broker
             .wait_log(|l| l.contains(" listening on "), TIMEOUT)
             .unwrap_or_else(|| panic!("broker did not start:\n{}", broker.log_text()));
         broker.port =
             parse_port(&line).unwrap_or_else(|| panic!("no port in the start-up line: {line}"));
+        broker.listeners = parse_listeners(&line);
+        if !self.http {
+            return broker;
+        }
+        let line = broker
+            .wait_log(|l| l.contains("admin HTTP on http://"), TIMEOUT)
+            .unwrap_or_else(|| panic!("no admin HTTP line:\n{}", broker.log_text()));
+        broker.http_port = parse_http_port(&line)
+            .unwrap_or_else(|| panic!("no port in the admin HTTP line: {line}"));
         broker
     }
 }
@@ -157,10 +179,35 @@ pub fn set_affinity_before_exec(cmd: &mut Command, cpus: Vec<usize>) {
     }
 }
 
+/// Every listener in `... listening on 127.0.0.1:P1, tls 127.0.0.1:P2,
+/// ws 127.0.0.1:P3, open files ...`: (transport, port), plain MQTT ones
+/// named "mqtt".
+fn parse_listeners(line: &str) -> Vec<(String, u16)> {
+    let Some(start) = line.find(" listening on ") else {
+        return Vec::new();
+    };
+    let rest = &line[start + " listening on ".len()..];
+    let rest = rest.split(", open files").next().unwrap_or(rest);
+    rest.split(", ")
+        .filter_map(|item| {
+            let (name, addr) = item.split_once(' ').unwrap_or(("mqtt", item));
+            let port = addr.rsplit(':').next()?.parse().ok()?;
+            Some((name.to_string(), port))
+        })
+        .collect()
+}
+
 /// Port from `... listening on 127.0.0.1:PORT, ...`.
 fn parse_port(line: &str) -> Option<u16> {
     let rest = &line[line.find(" listening on ")? + " listening on ".len()..];
     let addr = rest.split([',', ' ']).next()?;
+    addr.rsplit(':').next()?.parse().ok()
+}
+
+/// Port from `... admin HTTP on http://127.0.0.1:PORT/ ...`.
+fn parse_http_port(line: &str) -> Option<u16> {
+    let rest = &line[line.find("http://")? + "http://".len()..];
+    let addr = rest.split('/').next()?;
     addr.rsplit(':').next()?.parse().ok()
 }
 
@@ -169,8 +216,13 @@ pub struct Broker {
     child: Child,
     /// The port it listens on (127.0.0.1).
     pub port: u16,
+    /// Every listener: (transport as the log names it: "mqtt", "tls",
+    /// "ws", "wss"; port on 127.0.0.1).
+    pub listeners: Vec<(String, u16)>,
     log: Arc<(Mutex<Log>, Condvar)>,
     _config: Option<tempfile::NamedTempFile>,
+    /// The admin HTTP listener's port (127.0.0.1).
+    pub http_port: u16,
 }
 
 impl Drop for Broker {
@@ -194,7 +246,18 @@ impl Broker {
             nofile: None,
             env: Vec::new(),
             affinity: None,
+            http: true,
         }
+    }
+
+    /// The port of the first listener of `transport` ("mqtt", "tls", "ws",
+    /// "wss"); panics when there is none.
+    pub fn port_of(&self, transport: &str) -> u16 {
+        self.listeners
+            .iter()
+            .find(|(name, _)| name == transport)
+            .map(|(_, port)| *port)
+            .unwrap_or_else(|| panic!("no {transport} listener in {:?}", self.listeners))
     }
 
     /// The `--config` file, when the broker was started with one.

@@ -3,6 +3,8 @@
 
 mod common;
 
+mod admin;
+mod auth;
 mod basic;
 mod hostile;
 mod limits;
@@ -12,3 +14,5 @@ mod retain_will;
 mod sessions;
 mod startup;
 mod systemd;
+mod tls;
+mod websocket;

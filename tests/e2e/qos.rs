@@ -125,3 +125,24 @@ fn unacknowledged_qos1_is_redelivered_with_dup_after_reconnect() {
     let next = raw.expect_publish();
     assert_eq!((next.dup, &next.payload[..]), (false, &b"m2"[..]));
 }
+
+#[test]
+fn qos0_then_qos1_in_one_read_reach_a_qos1_subscriber_intact() {
+    // Regression: the QoS 0 frame's batch range was left unsealed behind
+    // the QoS 1 frame of the same step, and the subscriber's stream was
+    // corrupted (the QoS 1 frame's tail sent twice).
+    let broker = Broker::start();
+    let mut sub = Raw::connect(broker.port, "mixed-sub");
+    sub.subscribe(1, &[("mixed/t", 1)]);
+    let mut publisher = Raw::connect(broker.port, "mixed-pub");
+    let mut both = publish(b"mixed/t", b"zero", 0, false, false, 0);
+    both.extend(publish(b"mixed/t", b"one", 1, false, false, 1));
+    publisher.send(&both);
+    assert_eq!(publisher.expect_packet().bytes(), ack(0x40, 1));
+    let zero = sub.expect_publish();
+    assert_eq!((zero.qos, &zero.payload[..]), (0, &b"zero"[..]));
+    let one = sub.expect_publish();
+    assert_eq!((one.qos, &one.payload[..]), (1, &b"one"[..]));
+    // Nothing else was sent: the next packet is the answer to a ping.
+    sub.ping();
+}

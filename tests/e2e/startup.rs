@@ -32,6 +32,7 @@ fn cpus_outside_the_affinity_mask_are_refused() {
     let outside = if allowed == 0 { 1 } else { 0 };
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_fanmq"));
     cmd.args(["--listen", "127.0.0.1:0", "--cpus", &outside.to_string()])
+        .args(["--http-listen", "off"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());

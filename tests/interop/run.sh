@@ -27,7 +27,7 @@ failed=0
 pass() { passed=$((passed + 1)); echo "ok   - $1"; }
 fail() { failed=$((failed + 1)); echo "FAIL - $1${2:+: $2}"; }
 
-"$bin" --listen 127.0.0.1:0 --shards 2 --log-level info 2>"$work/broker.log" &
+"$bin" --listen 127.0.0.1:0 --shards 2 --http-listen off --log-level info 2>"$work/broker.log" &
 broker_pid=$!
 port=""
 for _ in $(seq 1 100); do
