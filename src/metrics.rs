@@ -195,6 +195,16 @@ figures! {
     publish_denied,
     /// Subscription filters the ACL denied (SUBACK 0x80).
     subscribe_denied,
+    /// Connections closed after accept: `max_connections_per_ip` reached.
+    connections_ip_limited,
+    /// Connections closed after accept: `max_connection_rate` reached.
+    connections_rate_limited,
+    /// Filters refused by `max_subscriptions_per_client` or
+    /// `max_topic_levels` (SUBACK 0x80).
+    subscriptions_refused,
+    /// Clients disconnected for not reading while their shard was over its
+    /// share of `max_queued_bytes_total`.
+    clients_shed,
 }
 
 /// Stores every value of `values` into `slots`.
@@ -353,6 +363,10 @@ fn figures_of(stats: &Counters, shard: &Shard, totals: &SessionTotals) -> Figure
         auth_failed: stats.auth_failed,
         publish_denied: stats.publish_denied,
         subscribe_denied: stats.subscribe_denied,
+        connections_ip_limited: stats.connections_ip_limited,
+        connections_rate_limited: stats.connections_rate_limited,
+        subscriptions_refused: stats.subscriptions_refused,
+        clients_shed: stats.clients_shed,
         clients_by_listener: stats.clients_by_listener,
         accepted_by_listener: stats.accepted_by_listener,
         publish_received_by_qos: stats.publish_received_by_qos,
@@ -547,6 +561,34 @@ pub fn render_prometheus(stats: &Stats) -> String {
         "subscribe_denied",
         "Subscription filters denied by the ACL (SUBACK 0x80)",
         t.subscribe_denied,
+        true,
+    );
+    scalar(
+        &mut registry,
+        "connections_ip_limited",
+        "Connections closed after accept because max_connections_per_ip was reached",
+        t.connections_ip_limited,
+        true,
+    );
+    scalar(
+        &mut registry,
+        "connections_rate_limited",
+        "Connections closed after accept because max_connection_rate was reached",
+        t.connections_rate_limited,
+        true,
+    );
+    scalar(
+        &mut registry,
+        "subscriptions_refused",
+        "Filters refused by max_subscriptions_per_client or max_topic_levels (SUBACK 0x80)",
+        t.subscriptions_refused,
+        true,
+    );
+    scalar(
+        &mut registry,
+        "clients_shed",
+        "Non-reading clients disconnected while over max_queued_bytes_total",
+        t.clients_shed,
         true,
     );
     let per_shard = |registry: &mut Registry, name, help, get: fn(&Figures) -> u64, counter| {
