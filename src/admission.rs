@@ -14,6 +14,10 @@
 //!   touch it, never the fan-out path, and two shards rarely hit one stripe.
 //!   An IPv4 client is counted by its address, an IPv6 client by its /64
 //!   (one host usually owns a whole /64 and can pick any address in it).
+//!   The key is 32 bits, so that a connection carries it in what was padding
+//!   (a million connections): an IPv4 address as is, a /64 as a keyed hash
+//!   (random per process, so a client cannot aim at a victim's key). A
+//!   chance collision makes two sources share one count.
 //! - **Rate** ([`TokenBucket`]): per shard, with the configured rate and
 //!   burst divided by the number of shards. SO_REUSEPORT spreads new
 //!   connections evenly, so the listener as a whole accepts about the
@@ -33,18 +37,10 @@ use std::time::Instant;
 /// count, so concurrent accepts on different shards rarely share a lock.
 pub const STRIPES: usize = 64;
 
-/// A source address as counted: an IPv4 address (upper 32 bits zero) or an
-/// IPv6 /64 prefix. 0 marks a connection that is not counted (exempt, or
-/// the limit is off); 0.0.0.0 is never a peer address.
-pub type IpKey = u64;
-
-/// The counting key of `ip` (IPv4-mapped IPv6 counts as IPv4).
-pub fn ip_key(ip: IpAddr) -> IpKey {
-    match ip.to_canonical() {
-        IpAddr::V4(v4) => u64::from(u32::from(v4)),
-        IpAddr::V6(v6) => (u128::from(v6) >> 64) as u64,
-    }
-}
+/// A source address as counted: an IPv4 address, or a keyed 32-bit hash
+/// of an IPv6 /64 prefix. 0 marks a connection that is not counted (exempt,
+/// or the limit is off); 0.0.0.0 is never a peer address.
+pub type IpKey = u32;
 
 /// The live connection count of the broker and of each source address,
 /// shared by all shards.
@@ -54,6 +50,8 @@ pub struct ConnectionCounts {
     pub total: AtomicUsize,
     /// Live counted connections per [`IpKey`], split into stripes.
     per_ip: Vec<Mutex<HashMap<IpKey, u32>>>,
+    /// Seeds the IPv6 /64 hash (random per process).
+    hasher: ahash::RandomState,
 }
 
 impl Default for ConnectionCounts {
@@ -61,16 +59,28 @@ impl Default for ConnectionCounts {
         ConnectionCounts {
             total: AtomicUsize::new(0),
             per_ip: (0..STRIPES).map(|_| Mutex::default()).collect(),
+            hasher: ahash::RandomState::new(),
         }
     }
 }
 
 impl ConnectionCounts {
+    /// The counting key of `ip` (IPv4-mapped IPv6 counts as IPv4); never 0.
+    pub fn ip_key(&self, ip: IpAddr) -> IpKey {
+        match ip.to_canonical() {
+            IpAddr::V4(v4) => u32::from(v4).max(1),
+            IpAddr::V6(v6) => {
+                let prefix = (u128::from(v6) >> 64) as u64;
+                (self.hasher.hash_one(prefix) as u32).max(1)
+            }
+        }
+    }
+
     /// The stripe holding `key`.
     fn stripe(&self, key: IpKey) -> &Mutex<HashMap<IpKey, u32>> {
         // Fold the bits that differ between neighbours (the low ones of an
-        // IPv4 address, the high ones of a /64) into the stripe index.
-        let mixed = key ^ (key >> 32) ^ (key >> 17);
+        // IPv4 address) into the stripe index.
+        let mixed = key ^ (key >> 16) ^ (key >> 8);
         &self.per_ip[(mixed as usize) % STRIPES]
     }
 
@@ -179,24 +189,20 @@ mod tests {
 
     #[test]
     fn ipv4_by_address_ipv6_by_slash_64() {
-        let a: IpAddr = "10.0.0.1".parse().unwrap();
-        let b: IpAddr = "10.0.0.2".parse().unwrap();
-        assert_ne!(ip_key(a), ip_key(b));
-        let mapped: IpAddr = "::ffff:10.0.0.1".parse().unwrap();
-        assert_eq!(ip_key(a), ip_key(mapped));
-        let v6a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
-        let v6b: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
-        let v6c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
-        assert_eq!(ip_key(v6a), ip_key(v6b));
-        assert_ne!(ip_key(v6a), ip_key(v6c));
-        assert_ne!(ip_key(a), 0);
+        let counts = ConnectionCounts::default();
+        let key = |s: &str| counts.ip_key(s.parse().unwrap());
+        assert_ne!(key("10.0.0.1"), key("10.0.0.2"));
+        assert_eq!(key("10.0.0.1"), key("::ffff:10.0.0.1"));
+        assert_eq!(key("2001:db8:1:2::1"), key("2001:db8:1:2:ffff::9"));
+        assert_ne!(key("2001:db8:1:2::1"), key("2001:db8:1:3::1"));
+        assert_ne!(key("0.0.0.0"), 0, "0 means not counted");
     }
 
     #[test]
     fn per_ip_counts_refuse_beyond_the_limit_and_free_on_close() {
         let counts = ConnectionCounts::default();
-        let a = ip_key("192.0.2.7".parse().unwrap());
-        let b = ip_key("192.0.2.8".parse().unwrap());
+        let a = counts.ip_key("192.0.2.7".parse().unwrap());
+        let b = counts.ip_key("192.0.2.8".parse().unwrap());
         assert!(counts.try_add_ip(a, 2));
         assert!(counts.try_add_ip(a, 2));
         assert!(!counts.try_add_ip(a, 2));

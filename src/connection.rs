@@ -186,21 +186,25 @@ pub fn test_link() -> Link {
     Link::new(1, i32::MIN, 0, 0)
 }
 
-/// Counts a live connection against `max_connections` (and, when counted,
-/// against `max_connections_per_ip`) until dropped.
-pub struct ConnectionSlot {
-    /// The broker's connection counts.
-    pub counts: Arc<ConnectionCounts>,
-    /// The source address it is counted under; 0: not counted per address.
-    pub ip_key: IpKey,
+/// Counts a live connection against `max_connections` until dropped. Its
+/// count under `max_connections_per_ip` (its [`IpKey`], kept beside it in
+/// what was padding, so a connection grows by nothing) is given back with
+/// [`ConnectionSlot::release`].
+pub struct ConnectionSlot(pub Arc<ConnectionCounts>);
+
+impl ConnectionSlot {
+    /// The connection ended: gives back its count under `ip_key` (0: it
+    /// was not counted per address) and, dropped, its place.
+    pub fn release(self, ip_key: IpKey) {
+        if ip_key != 0 {
+            self.0.remove_ip(ip_key);
+        }
+    }
 }
 
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
-        self.counts.total.fetch_sub(1, Ordering::Relaxed);
-        if self.ip_key != 0 {
-            self.counts.remove_ip(self.ip_key);
-        }
+        self.0.total.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -251,18 +255,16 @@ impl Rare {
 /// Serves one accepted connection: the handshake in this task, then the
 /// connection's life in a task of its own, `Live`, whose allocation is
 /// only what a connected client needs (the handshake's state is freed).
-pub async fn serve(ctx: Ctx, tcp: TcpStream, acceptor: Acceptor, slot: ConnectionSlot) {
+pub async fn serve(
+    ctx: Ctx,
+    tcp: TcpStream,
+    acceptor: Acceptor,
+    slot: ConnectionSlot,
+    ip_key: IpKey,
+) {
     let listener = acceptor.transport.listener_kind();
-    let stream = match acceptor.transport {
-        Transport::Mqtt => Stream::Tcp(tcp),
-        // Boxed: the TLS / WebSocket handshake's state is kilobytes, which
-        // plain connections waiting for CONNECT must not carry.
-        _ => match Box::pin(accept_transport(&ctx, tcp, &acceptor)).await {
-            Some(stream) => stream,
-            None => return,
-        },
-    };
-    let Some(conn) = handshake(&ctx, stream).await else {
+    let Some(conn) = establish(&ctx, tcp, &acceptor).await else {
+        slot.release(ip_key);
         return;
     };
     let unprocessed = !conn.rx.is_empty();
@@ -275,8 +277,21 @@ pub async fn serve(ctx: Ctx, tcp: TcpStream, acceptor: Acceptor, slot: Connectio
         forwarding: None,
         ended: None,
         listener,
+        ip_key,
     })
     .detach();
+}
+
+/// The transport's handshake (TLS, WebSocket), then MQTT's: None when the
+/// connection ends there.
+async fn establish(ctx: &Ctx, tcp: TcpStream, acceptor: &Acceptor) -> Option<Established> {
+    let stream = match acceptor.transport {
+        Transport::Mqtt => Stream::Tcp(tcp),
+        // Boxed: the TLS / WebSocket handshake's state is kilobytes, which
+        // plain connections waiting for CONNECT must not carry.
+        _ => Box::pin(accept_transport(ctx, tcp, acceptor)).await?,
+    };
+    handshake(ctx, stream).await
 }
 
 /// Runs a TLS or WebSocket handshake, bounded by the connect timeout. None
@@ -675,6 +690,19 @@ struct Live {
     /// The listener it came in on (per-listener connection gauge; fits in
     /// the struct's padding).
     listener: ListenerKind,
+    /// The source address `slot` is counted under (0: not counted); fits
+    /// in the struct's padding too.
+    ip_key: IpKey,
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        // Dropped before its end (the executor stopped): still give back
+        // the per-address count.
+        if let Some(slot) = self.slot.take() {
+            slot.release(self.ip_key);
+        }
+    }
 }
 
 impl Future for Live {
@@ -691,7 +719,8 @@ impl Future for Live {
             }
             let Some(conn) = this.conn.as_mut() else {
                 // The teardown has finished.
-                if this.slot.take().is_some() {
+                if let Some(slot) = this.slot.take() {
+                    slot.release(this.ip_key);
                     let mut shard = this.ctx.shard.borrow_mut();
                     let gauge = &mut shard.stats.clients_by_listener[this.listener.index()];
                     *gauge = gauge.saturating_sub(1);

@@ -150,15 +150,13 @@ pub async fn accept_loop(
                     continue;
                 }
                 let _ = stream.set_nodelay(true);
-                let slot = ConnectionSlot {
-                    counts: counts.clone(),
-                    ip_key,
-                };
+                let slot = ConnectionSlot(counts.clone());
                 glommio::spawn_local(connection::serve(
                     ctx.clone(),
                     stream,
                     acceptor.clone(),
                     slot,
+                    ip_key,
                 ))
                 .detach();
             }
@@ -256,7 +254,7 @@ impl Admission {
         if self.max_per_ip == 0 {
             return Ok(0);
         }
-        let key = admission::ip_key(peer.ip());
+        let key = counts.ip_key(peer.ip());
         if !counts.try_add_ip(key, self.max_per_ip) {
             ctx.shard.borrow_mut().stats.connections_ip_limited += 1;
             if should_warn(&mut self.last_ip_warning) {
