@@ -138,15 +138,16 @@ fn connection_rate_is_limited_by_a_token_bucket() {
     let start = Instant::now();
     let mut accepted = Vec::new();
     let mut refused = 0;
-    for i in 0..20 {
+    for i in 0..30 {
         match try_connect_from(broker.port, ip("127.0.0.4"), &format!("rate-{i}")) {
             Some(raw) => accepted.push(raw),
             None => refused += 1,
         }
     }
     let elapsed = start.elapsed().as_secs_f64();
-    // At most the 3 tokens left in the bucket plus 2 per second since.
-    let allowed = 3 + (2.0 * elapsed).ceil() as usize;
+    // At most a full bucket (5: it may have refilled since the witness
+    // connected) plus 2 per second since.
+    let allowed = 5 + (2.0 * elapsed).ceil() as usize;
     assert!(
         accepted.len() <= allowed,
         "{} accepted in {elapsed:.2} s, at most {allowed} allowed",
