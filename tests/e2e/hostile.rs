@@ -328,10 +328,38 @@ fn connect_sent_one_byte_per_second_is_closed_at_the_connect_timeout() {
     broker.assert_healthy();
 }
 
+/// Publishes `total` QoS 1 messages of `size` bytes (numbered in their first
+/// 8 bytes) to `topic`, in batches of `batch`, and checks that `reader`
+/// gets every one, in order, before the next batch goes out.
+fn publish_and_read_in_order(
+    publisher: &Mqtt,
+    reader: &mut Mqtt,
+    topic: &str,
+    (total, batch, size): (usize, usize, usize),
+) {
+    let mut payload = vec![b'.'; size];
+    for start in (0..total).step_by(batch) {
+        let end = (start + batch).min(total);
+        for i in start..end {
+            payload[..8].copy_from_slice(format!("{i:08}").as_bytes());
+            publisher.publish(topic, QoS::AtLeastOnce, false, &payload);
+        }
+        for i in start..end {
+            let p = reader
+                .recv_publish(TIMEOUT)
+                .unwrap_or_else(|| panic!("reader stuck at message {i}"));
+            assert_eq!(
+                &p.payload[..8],
+                format!("{i:08}").as_bytes(),
+                "out of order"
+            );
+        }
+    }
+}
+
 #[test]
 fn never_reading_subscriber_is_shed_while_a_reader_gets_all_10k() {
     const TOTAL: usize = 10_000;
-    const BATCH: usize = 500;
     let mut broker = Broker::start();
     let mut stalled = Raw::connect(broker.port, "never-reads");
     assert_eq!(stalled.subscribe(1, &[("flood/10k", 0)]), vec![0]);
@@ -344,23 +372,7 @@ fn never_reading_subscriber_is_shed_while_a_reader_gets_all_10k() {
     reader.subscribe("flood/10k", QoS::AtLeastOnce);
     let publisher = Mqtt::connect(broker.port, "flood-pub");
     let rss_before = vm_rss_kib(broker.pid());
-    let mut payload = vec![b'.'; 1024];
-    for start in (0..TOTAL).step_by(BATCH) {
-        for i in start..start + BATCH {
-            payload[..8].copy_from_slice(format!("{i:08}").as_bytes());
-            publisher.publish("flood/10k", QoS::AtLeastOnce, false, &payload);
-        }
-        for i in start..start + BATCH {
-            let p = reader
-                .recv_publish(TIMEOUT)
-                .unwrap_or_else(|| panic!("reader stuck at message {i}"));
-            assert_eq!(
-                &p.payload[..8],
-                format!("{i:08}").as_bytes(),
-                "out of order"
-            );
-        }
-    }
+    publish_and_read_in_order(&publisher, &mut reader, "flood/10k", (TOTAL, 500, 1024));
     // 10 MiB went to the non-reader; the broker holds at most its queue
     // limit (1 MiB) and the kernel the socket buffers.
     let grown = vm_rss_kib(broker.pid()).saturating_sub(rss_before);
@@ -379,7 +391,6 @@ fn never_reading_subscriber_is_shed_while_a_reader_gets_all_10k() {
 #[test]
 fn queued_memory_budget_disconnects_non_readers_first() {
     const TOTAL: usize = 4000;
-    const BATCH: usize = 200;
     // 1 MiB for the whole broker (512 KiB per shard); each client may queue
     // 8 MiB, so it is the budget, not the client's limit, that acts.
     let mut broker = Broker::builder()
@@ -401,23 +412,7 @@ fn queued_memory_budget_disconnects_non_readers_first() {
     let mut reader = Mqtt::connect(broker.port, "budget-reader");
     reader.subscribe("budget/t", QoS::AtLeastOnce);
     let publisher = Mqtt::connect(broker.port, "budget-pub");
-    let mut payload = vec![b'.'; 4096];
-    for start in (0..TOTAL).step_by(BATCH) {
-        for i in start..start + BATCH {
-            payload[..8].copy_from_slice(format!("{i:08}").as_bytes());
-            publisher.publish("budget/t", QoS::AtLeastOnce, false, &payload);
-        }
-        for i in start..start + BATCH {
-            let p = reader
-                .recv_publish(TIMEOUT)
-                .unwrap_or_else(|| panic!("reader stuck at message {i}"));
-            assert_eq!(
-                &p.payload[..8],
-                format!("{i:08}").as_bytes(),
-                "out of order"
-            );
-        }
-    }
+    publish_and_read_in_order(&publisher, &mut reader, "budget/t", (TOTAL, 200, 4096));
     // Both non-readers were disconnected; the reader was not.
     for raw in stalled {
         raw.expect_closed();
