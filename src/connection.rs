@@ -32,7 +32,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::{Context, Poll, Waker};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use bytestring::ByteString;
@@ -283,26 +283,34 @@ pub async fn serve(
 }
 
 /// The transport's handshake (TLS, WebSocket), then MQTT's: None when the
-/// connection ends there.
+/// connection ends there. Both together must finish within the connect
+/// timeout, counted from the accept.
 async fn establish(ctx: &Ctx, tcp: TcpStream, acceptor: &Acceptor) -> Option<Established> {
+    let deadline = Instant::now() + ctx.shard.borrow().config.connect_timeout;
     let stream = match acceptor.transport {
         Transport::Mqtt => Stream::Tcp(tcp),
         // Boxed: the TLS / WebSocket handshake's state is kilobytes, which
         // plain connections waiting for CONNECT must not carry.
-        _ => Box::pin(accept_transport(ctx, tcp, acceptor)).await?,
+        _ => Box::pin(accept_transport(ctx, tcp, acceptor, deadline)).await?,
     };
-    handshake(ctx, stream).await
+    handshake(ctx, stream, deadline).await
 }
 
-/// Runs a TLS or WebSocket handshake, bounded by the connect timeout. None
-/// when it fails or times out (logged; the socket closes).
-async fn accept_transport(ctx: &Ctx, tcp: TcpStream, acceptor: &Acceptor) -> Option<Stream> {
+/// Runs a TLS or WebSocket handshake, bounded by `deadline`. None when it
+/// fails or times out (logged; the socket closes).
+async fn accept_transport(
+    ctx: &Ctx,
+    tcp: TcpStream,
+    acceptor: &Acceptor,
+    deadline: Instant,
+) -> Option<Stream> {
     let connect_timeout = ctx.shard.borrow().config.connect_timeout;
+    let left = deadline.saturating_duration_since(Instant::now());
     let peer = tcp
         .peer_addr()
         .map_or_else(|_| "?".to_string(), |a| a.to_string());
     let name = acceptor.transport.name();
-    match glommio::timer::timeout(connect_timeout, async { Ok(acceptor.accept(tcp).await) }).await {
+    match glommio::timer::timeout(left, async { Ok(acceptor.accept(tcp).await) }).await {
         Ok(Ok(stream)) => Some(stream),
         Ok(Err(e)) => {
             debug!("{peer}: {name}: {e}, closing");
@@ -315,13 +323,14 @@ async fn accept_transport(ctx: &Ctx, tcp: TcpStream, acceptor: &Acceptor) -> Opt
     }
 }
 
-/// Waits for CONNECT (bounded by the connect timeout), validates it, claims
-/// the client id and attaches the session. None when the connection ends
-/// here (refused, timed out, invalid).
-async fn handshake(ctx: &Ctx, mut stream: Stream) -> Option<Established> {
+/// Waits for CONNECT (until `deadline`, the end of the connect timeout),
+/// validates it, claims the client id and attaches the session. None when
+/// the connection ends here (refused, timed out, invalid).
+async fn handshake(ctx: &Ctx, mut stream: Stream, deadline: Instant) -> Option<Established> {
     let mut rx = BytesMut::new();
     let connect_timeout = ctx.shard.borrow().config.connect_timeout;
-    let first = glommio::timer::timeout(connect_timeout, async {
+    let left = deadline.saturating_duration_since(Instant::now());
+    let first = glommio::timer::timeout(left, async {
         Ok(read_first_packet(ctx, &mut stream, &mut rx).await)
     })
     .await;
