@@ -113,12 +113,28 @@ pub const DEFAULT_MAX_TOPIC_LEVELS: usize = 32;
 /// rejected). MQTT requires 23 to be allowed (§3.1.3.1); 256 fits UUIDs,
 /// hostnames and cloud thing names, and bounds what a session keeps per id.
 pub const DEFAULT_MAX_CLIENT_ID_LEN: usize = 256;
-/// Bytes queued to clients by all shards together (each shard gets an equal
-/// share). When a shard is over its share it disconnects the non-reading
-/// clients with the largest queues first (README, "Security"). Counted per
-/// client, so frames shared by many queues count many times: an upper bound
-/// of the memory really held. 8 GiB. 0: no limit.
-pub const DEFAULT_MAX_QUEUED_BYTES_TOTAL: usize = 8 << 30;
+/// Default bytes queued to clients by all shards together (each shard gets
+/// an equal share), as a fraction of the memory the broker may use
+/// ([`crate::os::memory_limit`]: RAM, or the cgroup's cap in a container or
+/// under systemd's `MemoryMax=`): a quarter, so that queued messages cannot
+/// push a small VM (1 GB for 100k subscribers) into the OOM killer while
+/// connections, the kernel's socket buffers and the rest keep the other
+/// three quarters. When a shard is over its share it disconnects the
+/// non-reading clients with the largest queues first (README, "Security").
+/// Counted per client, so frames shared by many queues count many times: an
+/// upper bound of the memory really held.
+pub const DEFAULT_QUEUED_BYTES_TOTAL_DIVISOR: u64 = 4;
+/// The default budget when the memory limit cannot be read: 8 GiB.
+pub const DEFAULT_MAX_QUEUED_BYTES_TOTAL_FALLBACK: usize = 8 << 30;
+
+/// Default `max_queued_bytes_total`: a quarter of the memory limit (see
+/// [`DEFAULT_QUEUED_BYTES_TOTAL_DIVISOR`]).
+pub fn default_max_queued_bytes_total() -> usize {
+    crate::os::memory_limit()
+        .map(|bytes| bytes / DEFAULT_QUEUED_BYTES_TOTAL_DIVISOR)
+        .and_then(|bytes| usize::try_from(bytes).ok())
+        .unwrap_or(DEFAULT_MAX_QUEUED_BYTES_TOTAL_FALLBACK)
+}
 
 /// Errors loading the configuration.
 #[derive(Debug, thiserror::Error)]
@@ -388,7 +404,7 @@ impl Default for Config {
             max_subscriptions_per_client: DEFAULT_MAX_SUBSCRIPTIONS_PER_CLIENT,
             max_topic_levels: DEFAULT_MAX_TOPIC_LEVELS,
             max_client_id_len: DEFAULT_MAX_CLIENT_ID_LEN,
-            max_queued_bytes_total: DEFAULT_MAX_QUEUED_BYTES_TOTAL,
+            max_queued_bytes_total: default_max_queued_bytes_total(),
             tls_listen: DEFAULT_TLS_LISTEN.to_vec(),
             ws_listen: DEFAULT_WS_LISTEN.to_vec(),
             wss_listen: DEFAULT_WSS_LISTEN.to_vec(),

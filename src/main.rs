@@ -53,6 +53,11 @@ fn main() -> ExitCode {
     ) {
         warn!("{warning}");
     }
+    info!(
+        "queued-bytes budget (max_queued_bytes_total): {} MiB over all shards{}",
+        config.max_queued_bytes_total >> 20,
+        os::memory_limit().map_or_else(String::new, |m| format!(" (memory limit {} MiB)", m >> 20)),
+    );
     let config_file = config.config_file.clone();
     let terminate = Arc::new(AtomicBool::new(false));
     let reload = Arc::new(AtomicBool::new(false));

@@ -1,6 +1,6 @@
 //! What the broker reads from and sets on the host at start-up: the
-//! open-file limit, `net.core.somaxconn`, logging, and systemd's readiness
-//! protocol.
+//! open-file limit, `net.core.somaxconn`, the memory it may use, logging,
+//! and systemd's readiness protocol.
 
 use std::io::{IsTerminal, Write};
 
@@ -51,6 +51,68 @@ pub fn somaxconn() -> Option<u32> {
         .trim()
         .parse()
         .ok()
+}
+
+/// The memory this process may use, in bytes: the host's RAM, or less when
+/// its cgroup caps it (a container's limit, systemd's `MemoryMax=`; cgroup
+/// v2 `memory.max` or v1 `memory.limit_in_bytes`). None when neither can be
+/// read.
+pub fn memory_limit() -> Option<u64> {
+    let ram = physical_memory();
+    let cgroup = std::fs::read_to_string("/proc/self/cgroup")
+        .ok()
+        .and_then(|text| {
+            cgroup_memory_files(&text)
+                .iter()
+                .find_map(|file| std::fs::read_to_string(file).ok())
+        })
+        .and_then(|text| parse_memory_max(&text));
+    match (ram, cgroup) {
+        (Some(ram), Some(cap)) => Some(ram.min(cap)),
+        (ram, cap) => ram.or(cap),
+    }
+}
+
+/// Total RAM from `sysinfo(2)`.
+fn physical_memory() -> Option<u64> {
+    // SAFETY: sysinfo only writes into the zeroed struct we own.
+    let mut info: libc::sysinfo = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; the pointer is to a live, writable struct.
+    if unsafe { libc::sysinfo(&mut info) } != 0 {
+        return None;
+    }
+    info.totalram.checked_mul(u64::from(info.mem_unit))
+}
+
+/// The files that may hold the process's cgroup memory cap, most specific
+/// first, from `/proc/self/cgroup`: cgroup v2's `memory.max` (the `0::PATH`
+/// line) and v1's `memory.limit_in_bytes` (the line naming the `memory`
+/// controller), each under its own cgroup and under the mount's root (in a
+/// cgroup namespace the listed path may not exist below the mount).
+fn cgroup_memory_files(proc_self_cgroup: &str) -> Vec<String> {
+    let mut files = Vec::new();
+    for line in proc_self_cgroup.lines() {
+        let mut fields = line.splitn(3, ':');
+        let (Some(_), Some(controllers), Some(path)) =
+            (fields.next(), fields.next(), fields.next())
+        else {
+            continue;
+        };
+        let path = path.trim().trim_end_matches('/');
+        if controllers.is_empty() {
+            files.push(format!("/sys/fs/cgroup{path}/memory.max"));
+        } else if controllers.split(',').any(|c| c == "memory") {
+            files.push(format!("/sys/fs/cgroup/memory{path}/memory.limit_in_bytes"));
+            files.push("/sys/fs/cgroup/memory/memory.limit_in_bytes".to_string());
+        }
+    }
+    files
+}
+
+/// A cgroup memory cap: a byte count, or None for v2's "max" (no limit;
+/// v1 writes a huge number instead, which the `min` with RAM absorbs).
+fn parse_memory_max(text: &str) -> Option<u64> {
+    text.trim().parse().ok()
 }
 
 /// One warning line for each setting that caps another (DESIGN.md; issue 4).
@@ -122,6 +184,31 @@ pub fn notify_systemd(state: sd_notify::NotifyState<'_>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cgroup_memory_files_and_caps_parse() {
+        assert_eq!(
+            cgroup_memory_files("0::/system.slice/fanmq.service\n"),
+            ["/sys/fs/cgroup/system.slice/fanmq.service/memory.max"]
+        );
+        assert_eq!(cgroup_memory_files("0::/\n"), ["/sys/fs/cgroup/memory.max"]);
+        assert_eq!(
+            cgroup_memory_files("5:cpu,cpuacct:/a\n4:memory:/docker/x\n"),
+            [
+                "/sys/fs/cgroup/memory/docker/x/memory.limit_in_bytes",
+                "/sys/fs/cgroup/memory/memory.limit_in_bytes"
+            ]
+        );
+        assert!(cgroup_memory_files("garbage\n").is_empty());
+        assert_eq!(parse_memory_max("1073741824\n"), Some(1 << 30));
+        assert_eq!(parse_memory_max("max\n"), None);
+    }
+
+    #[test]
+    fn memory_limit_is_known_on_linux() {
+        let limit = memory_limit().expect("sysinfo works on Linux");
+        assert!(limit >= 64 << 20, "memory limit {limit} B");
+    }
 
     #[test]
     fn nofile_soft_limit_is_raised_to_hard() {

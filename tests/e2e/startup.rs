@@ -68,3 +68,37 @@ fn journald_lines_carry_syslog_priorities() {
     assert!(warning.starts_with("<4>"), "warning line: {warning}");
     assert!(!started.contains('\u{1b}'), "no colour codes: {started}");
 }
+
+/// The number before `marker` in `line` (e.g. "6026 MiB").
+fn mib_before(line: &str, marker: &str) -> u64 {
+    let head = &line[..line.find(marker).expect("marker in line")];
+    let digits = head.rsplit(' ').next().expect("a number before the marker");
+    digits.parse().expect("MiB figure")
+}
+
+#[test]
+fn queued_bytes_budget_defaults_to_a_quarter_of_memory_and_follows_the_config() {
+    let broker = Broker::start();
+    let line = broker
+        .wait_log(|l| l.contains("queued-bytes budget"), Duration::from_secs(10))
+        .expect("budget line");
+    let budget = mib_before(&line, " MiB over all shards");
+    let limit = mib_before(&line, " MiB)");
+    // MemTotal, unless a cgroup caps the test below it.
+    let meminfo = std::fs::read_to_string("/proc/meminfo").expect("/proc/meminfo");
+    let total_kib: u64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("MemTotal");
+    assert!(limit <= total_kib / 1024 + 1, "line: {line}");
+    assert!(budget.abs_diff(limit / 4) <= 1, "line: {line}");
+
+    let configured = Broker::builder()
+        .config("max_queued_bytes_total = 104857600")
+        .start();
+    let line = configured
+        .wait_log(|l| l.contains("queued-bytes budget"), Duration::from_secs(10))
+        .expect("budget line");
+    assert_eq!(mib_before(&line, " MiB over all shards"), 100, "line: {line}");
+}
