@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Client interoperability: fanmq against mosquitto_pub / mosquitto_sub (Debian
-# mosquitto-clients) and Python paho-mqtt. Starts the release broker on a free
-# port with 2 shards, runs every check, stops the broker (also on failure) and
-# prints "N passed, M failed".
+# mosquitto-clients) and Python paho-mqtt. Starts the release broker on free
+# ports with 2 shards (plain MQTT, TLS with a certificate made here by
+# openssl, WebSocket), runs every check, stops the broker (also on failure)
+# and prints "N passed, M failed".
 #
 # Usage: tests/interop/run.sh [path/to/fanmq]
 set -euo pipefail
@@ -27,7 +28,12 @@ failed=0
 pass() { passed=$((passed + 1)); echo "ok   - $1"; }
 fail() { failed=$((failed + 1)); echo "FAIL - $1${2:+: $2}"; }
 
-"$bin" --listen 127.0.0.1:0 --shards 2 --http-listen off --log-level info 2>"$work/broker.log" &
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+  -keyout "$work/key.pem" -out "$work/cert.pem" -days 1 -subj /CN=localhost \
+  -addext subjectAltName=IP:127.0.0.1,DNS:localhost 2>/dev/null
+"$bin" --listen 127.0.0.1:0 --shards 2 --http-listen off --log-level info \
+  --tls-listen 127.0.0.1:0 --certfile "$work/cert.pem" --keyfile "$work/key.pem" \
+  --ws-listen 127.0.0.1:0 2>"$work/broker.log" &
 broker_pid=$!
 port=""
 for _ in $(seq 1 100); do
@@ -40,7 +46,9 @@ if [ -z "$port" ]; then
   echo "0 passed, 1 failed"
   exit 1
 fi
-echo "# fanmq on port $port (pid $broker_pid)"
+tls_port="$(grep -o 'tls 127.0.0.1:[0-9]*' "$work/broker.log" | head -1 | cut -d: -f2 || true)"
+ws_port="$(grep -o 'ws 127.0.0.1:[0-9]*' "$work/broker.log" | head -1 | cut -d: -f2 || true)"
+echo "# fanmq on port $port, TLS $tls_port, WebSocket $ws_port (pid $broker_pid)"
 
 sub() { mosquitto_sub -h 127.0.0.1 -p "$port" "$@"; }
 pub() { mosquitto_pub -h 127.0.0.1 -p "$port" "$@"; }
@@ -108,7 +116,28 @@ else
   fail "paho-mqtt checks"
 fi
 
-# 7. SIGTERM: graceful exit with status 0.
+# 7. TLS: mosquitto_sub over TLS gets what mosquitto_pub sends in plain.
+out="$work/tls.txt"
+timeout 20 mosquitto_sub -h 127.0.0.1 -p "$tls_port" --cafile "$work/cert.pem" \
+  -t interop/tls -t ready/tls -C 11 >"$out" &
+spid=$!
+for _ in $(seq 1 50); do pub -t ready/tls -m go; wait_for_line "$out" go && break; done
+for i in $(seq 1 10); do pub -t interop/tls -m "t$i" -q 1; done
+if wait "$spid" && [ "$(grep '^t' "$out" | tr '\n' ' ')" = "$(seq -f 't%g' 1 10 | tr '\n' ' ')" ]; then
+  pass "mosquitto_sub --cafile over TLS: 10 messages in order"
+else
+  fail "mosquitto_sub over TLS" "$(tr '\n' ' ' <"$out")"
+fi
+
+# 8. paho-mqtt over WebSocket and TLS, mixed with plain TCP.
+if python3 "$here/paho_transports.py" 127.0.0.1 "$port" "$tls_port" "$ws_port" "$work/cert.pem" >"$work/paho_transports.txt" 2>&1; then
+  pass "paho-mqtt over TLS and WebSocket ($(tail -1 "$work/paho_transports.txt"))"
+else
+  cat "$work/paho_transports.txt"
+  fail "paho-mqtt over TLS and WebSocket"
+fi
+
+# 9. SIGTERM: graceful exit with status 0.
 kill -TERM "$broker_pid"
 status=0
 timeout 10 tail --pid="$broker_pid" -f /dev/null || true
