@@ -80,7 +80,10 @@ fn mib_before(line: &str, marker: &str) -> u64 {
 fn queued_bytes_budget_defaults_to_a_quarter_of_memory_and_follows_the_config() {
     let broker = Broker::start();
     let line = broker
-        .wait_log(|l| l.contains("queued-bytes budget"), Duration::from_secs(10))
+        .wait_log(
+            |l| l.contains("queued-bytes budget"),
+            Duration::from_secs(10),
+        )
         .expect("budget line");
     let budget = mib_before(&line, " MiB over all shards");
     let limit = mib_before(&line, " MiB)");
@@ -98,7 +101,14 @@ fn queued_bytes_budget_defaults_to_a_quarter_of_memory_and_follows_the_config() 
         .config("max_queued_bytes_total = 104857600")
         .start();
     let line = configured
-        .wait_log(|l| l.contains("queued-bytes budget"), Duration::from_secs(10))
+        .wait_log(
+            |l| l.contains("queued-bytes budget"),
+            Duration::from_secs(10),
+        )
         .expect("budget line");
-    assert_eq!(mib_before(&line, " MiB over all shards"), 100, "line: {line}");
+    assert_eq!(
+        mib_before(&line, " MiB over all shards"),
+        100,
+        "line: {line}"
+    );
 }
