@@ -92,6 +92,8 @@ macro_rules! figures {
             pub accepted_by_listener: [u64; NR_LISTENER_KINDS],
             /// PUBLISH packets received by QoS (0, 1, 2).
             pub publish_received_by_qos: [u64; 3],
+            /// Deliveries by the QoS they are sent at (0, 1, 2).
+            pub publish_sent_by_qos: [u64; 3],
         }
 
         /// One shard's figures as atomics: written by the shard (relaxed
@@ -105,6 +107,8 @@ macro_rules! figures {
             accepted_by_listener: [AtomicU64; NR_LISTENER_KINDS],
             /// See [`Figures::publish_received_by_qos`].
             publish_received_by_qos: [AtomicU64; 3],
+            /// See [`Figures::publish_sent_by_qos`].
+            publish_sent_by_qos: [AtomicU64; 3],
             /// Milliseconds since the broker started at the last refresh
             /// (`/health`: a shard that stops refreshing is stuck).
             heartbeat_ms: AtomicU64,
@@ -119,6 +123,7 @@ macro_rules! figures {
                 store_all(&self.clients_by_listener, &f.clients_by_listener);
                 store_all(&self.accepted_by_listener, &f.accepted_by_listener);
                 store_all(&self.publish_received_by_qos, &f.publish_received_by_qos);
+                store_all(&self.publish_sent_by_qos, &f.publish_sent_by_qos);
             }
 
             /// Loads the figures last stored.
@@ -128,6 +133,7 @@ macro_rules! figures {
                     clients_by_listener: load_all(&self.clients_by_listener),
                     accepted_by_listener: load_all(&self.accepted_by_listener),
                     publish_received_by_qos: load_all(&self.publish_received_by_qos),
+                    publish_sent_by_qos: load_all(&self.publish_sent_by_qos),
                 }
             }
         }
@@ -142,6 +148,7 @@ macro_rules! figures {
                 add_all(&mut self.clients_by_listener, &other.clients_by_listener);
                 add_all(&mut self.accepted_by_listener, &other.accepted_by_listener);
                 add_all(&mut self.publish_received_by_qos, &other.publish_received_by_qos);
+                add_all(&mut self.publish_sent_by_qos, &other.publish_sent_by_qos);
             }
         }
     };
@@ -353,7 +360,7 @@ fn figures_of(stats: &Counters, shard: &Shard, totals: &SessionTotals) -> Figure
         accept_errors: stats.accept_errors,
         messages_received: stats.messages_received,
         publish_received: stats.publish_received,
-        publish_sent: stats.publish_sent,
+        publish_sent: stats.publish_sent(),
         publish_dropped: stats.publish_dropped,
         dropped_sys_topic: stats.dropped_sys_topic,
         dropped_qos2_overflow: stats.dropped_qos2_overflow,
@@ -370,6 +377,7 @@ fn figures_of(stats: &Counters, shard: &Shard, totals: &SessionTotals) -> Figure
         clients_by_listener: stats.clients_by_listener,
         accepted_by_listener: stats.accepted_by_listener,
         publish_received_by_qos: stats.publish_received_by_qos,
+        publish_sent_by_qos: stats.publish_sent_by_qos,
     }
 }
 
@@ -494,11 +502,11 @@ pub fn render_prometheus(stats: &Stats) -> String {
         (0..3).map(|q| (vec![("qos", q.to_string())], t.publish_received_by_qos[q])),
         true,
     );
-    scalar(
+    family(
         &mut registry,
         "messages_delivered",
-        "PUBLISH packets queued to subscribers (deliveries)",
-        t.publish_sent,
+        "PUBLISH packets queued to subscribers (deliveries), by the QoS sent at",
+        (0..3).map(|q| (vec![("qos", q.to_string())], t.publish_sent_by_qos[q])),
         true,
     );
     family(

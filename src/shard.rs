@@ -244,7 +244,7 @@ impl Shard {
             };
             match session.deliver(&mut encoded, granted, limits) {
                 Delivery::Queued => {
-                    stats.publish_sent += 1;
+                    stats.publish_sent_by_qos[message.qos.min(granted) as usize] += 1;
                     if !session.dirty {
                         session.dirty = true;
                         dirty.push(key);

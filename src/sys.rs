@@ -37,8 +37,10 @@ pub struct Counters {
     pub messages_received: u64,
     /// PUBLISH packets received.
     pub publish_received: u64,
-    /// PUBLISH packets queued to subscribers.
-    pub publish_sent: u64,
+    /// PUBLISH packets queued to subscribers, by the QoS they are sent at
+    /// (0, 1, 2): the same one add per delivery as a single counter, indexed
+    /// by the delivered QoS. [`Counters::publish_sent`] is their sum.
+    pub publish_sent_by_qos: [u64; 3],
     /// PUBLISH packets dropped (queue full, `$SYS` publish, QoS 2 overflow).
     pub publish_dropped: u64,
     /// Bytes received.
@@ -84,6 +86,11 @@ pub struct Counters {
 }
 
 impl Counters {
+    /// PUBLISH packets queued to subscribers, every QoS.
+    pub fn publish_sent(&self) -> u64 {
+        self.publish_sent_by_qos.iter().sum()
+    }
+
     /// Adds another shard's counters (gauges too; see `retained`).
     pub fn add(&mut self, other: &Counters) {
         self.clients_connected += other.clients_connected;
@@ -94,7 +101,6 @@ impl Counters {
         self.accept_errors += other.accept_errors;
         self.messages_received += other.messages_received;
         self.publish_received += other.publish_received;
-        self.publish_sent += other.publish_sent;
         self.publish_dropped += other.publish_dropped;
         self.bytes_received += other.bytes_received;
         self.bytes_sent += other.bytes_sent;
@@ -113,6 +119,13 @@ impl Counters {
             .publish_received_by_qos
             .iter_mut()
             .zip(other.publish_received_by_qos)
+        {
+            *s += o;
+        }
+        for (s, o) in self
+            .publish_sent_by_qos
+            .iter_mut()
+            .zip(other.publish_sent_by_qos)
         {
             *s += o;
         }
@@ -187,7 +200,7 @@ pub fn sys_messages(total: &Counters, uptime: Duration) -> Vec<(&'static str, St
         ),
         (
             "$SYS/broker/publish/messages/sent",
-            total.publish_sent.to_string(),
+            total.publish_sent().to_string(),
         ),
         (
             "$SYS/broker/publish/messages/dropped",

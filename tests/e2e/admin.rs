@@ -143,6 +143,10 @@ fn metrics_and_stats_match_what_clients_did() {
         stats["total"]["publish_received_by_qos"],
         serde_json::json!([3, 2, 0])
     );
+    assert_eq!(
+        stats["total"]["publish_sent_by_qos"],
+        serde_json::json!([12, 8, 0])
+    );
     assert_eq!(total(&stats, "subscriptions"), 4);
     assert_eq!(stats["total"]["clients_by_listener"][0], 5);
     assert_eq!(stats["listeners"][0], "mqtt");
@@ -167,7 +171,15 @@ fn metrics_and_stats_match_what_clients_did() {
         sample(&text, "fanmq_messages_received_total{qos=\"1\"}"),
         2.0
     );
-    assert_eq!(sample(&text, "fanmq_messages_delivered_total"), 20.0);
+    // 3 QoS 0 and 2 QoS 1 publishes to 4 QoS 1 subscribers.
+    assert_eq!(
+        sample(&text, "fanmq_messages_delivered_total{qos=\"0\"}"),
+        12.0
+    );
+    assert_eq!(
+        sample(&text, "fanmq_messages_delivered_total{qos=\"1\"}"),
+        8.0
+    );
     assert_eq!(sample(&text, "fanmq_subscriptions"), 4.0);
     assert!(sample(&text, "fanmq_connections_accepted_total{listener=\"mqtt\"}") >= 5.0);
     assert!(sample(&text, "fanmq_bytes_received_total") > 0.0);
