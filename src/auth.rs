@@ -178,7 +178,8 @@ impl Auth {
     }
 
     /// [`Auth::check_connect`] without an executor: every verification
-    /// inline (tools and tests).
+    /// inline (unit tests).
+    #[cfg(test)]
     ///
     /// # Errors
     /// Why the client is refused.

@@ -23,7 +23,7 @@ use serde::Serialize;
 
 use crate::session::Session;
 use crate::shard::Shard;
-use crate::sys::Counters;
+use crate::sys::{Counters, add_all};
 
 /// How stale the figures may be: the keep-alive sweep period, which is when
 /// shards refresh their [`ShardGauges`].
@@ -224,13 +224,6 @@ fn store_all<const N: usize>(slots: &[AtomicU64; N], values: &[u64; N]) {
 /// Loads every slot.
 fn load_all<const N: usize>(slots: &[AtomicU64; N]) -> [u64; N] {
     std::array::from_fn(|i| slots[i].load(Ordering::Relaxed))
-}
-
-/// Adds `other` element-wise.
-fn add_all<const N: usize>(sum: &mut [u64; N], other: &[u64; N]) {
-    for (s, o) in sum.iter_mut().zip(other) {
-        *s += o;
-    }
 }
 
 impl Figures {

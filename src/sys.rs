@@ -115,34 +115,20 @@ impl Counters {
         self.subscribe_denied += other.subscribe_denied;
         self.dropped_sys_topic += other.dropped_sys_topic;
         self.dropped_qos2_overflow += other.dropped_qos2_overflow;
-        for (s, o) in self
-            .publish_received_by_qos
-            .iter_mut()
-            .zip(other.publish_received_by_qos)
-        {
-            *s += o;
-        }
-        for (s, o) in self
-            .publish_sent_by_qos
-            .iter_mut()
-            .zip(other.publish_sent_by_qos)
-        {
-            *s += o;
-        }
-        for (s, o) in self
-            .clients_by_listener
-            .iter_mut()
-            .zip(other.clients_by_listener)
-        {
-            *s += o;
-        }
-        for (s, o) in self
-            .accepted_by_listener
-            .iter_mut()
-            .zip(other.accepted_by_listener)
-        {
-            *s += o;
-        }
+        add_all(
+            &mut self.publish_received_by_qos,
+            &other.publish_received_by_qos,
+        );
+        add_all(&mut self.publish_sent_by_qos, &other.publish_sent_by_qos);
+        add_all(&mut self.clients_by_listener, &other.clients_by_listener);
+        add_all(&mut self.accepted_by_listener, &other.accepted_by_listener);
+    }
+}
+
+/// Adds `other` to `sum` element-wise (per-QoS and per-listener counters).
+pub(crate) fn add_all<const N: usize>(sum: &mut [u64; N], other: &[u64; N]) {
+    for (s, o) in sum.iter_mut().zip(other) {
+        *s += o;
     }
 }
 

@@ -63,6 +63,21 @@ fn login(port: u16, id: &str, user: &str, password: &str) -> Mqtt {
     Mqtt::connect_with(options).0
 }
 
+/// bob (who may read everything) subscribed to `#` at `qos` and to the
+/// `$SYS` filter `sys` at QoS 0 (a `$` topic needs its own filter); both
+/// granted.
+fn bob_watching(port: u16, qos: QoS, sys: &str) -> Mqtt {
+    let mut bob = login(port, "bob-watch", "bob", "b");
+    assert_eq!(
+        bob.subscribe_many(&[("#", qos), (sys, QoS::AtMostOnce)]),
+        vec![
+            SubscribeReasonCode::Success(qos),
+            SubscribeReasonCode::Success(QoS::AtMostOnce)
+        ]
+    );
+    bob
+}
+
 /// `rumqttc` is refused (its error names the refusal).
 fn login_refused(port: u16, user: &str, password: &str) -> String {
     let mut options = Mqtt::options(port, &format!("refused-{}", unique()));
@@ -312,17 +327,7 @@ fn acl_drops_denied_publishes_after_their_puback_and_refuses_filters_in_suback()
         .start();
     let port = broker.port;
     // bob reads everything (but $-topics need their own entry).
-    let mut bob = login(port, "bob-watch", "bob", "b");
-    assert_eq!(
-        bob.subscribe_many(&[
-            ("#", QoS::AtLeastOnce),
-            ("$SYS/broker/publish/#", QoS::AtMostOnce)
-        ]),
-        vec![
-            SubscribeReasonCode::Success(QoS::AtLeastOnce),
-            SubscribeReasonCode::Success(QoS::AtMostOnce)
-        ]
-    );
+    let mut bob = bob_watching(port, QoS::AtLeastOnce, "$SYS/broker/publish/#");
 
     // alice, client id dev1: QoS 1 publishes, each PUBACKed, denied ones
     // dropped, the others delivered in order.
@@ -426,17 +431,7 @@ fn acl_checks_wills_when_they_are_published() {
         .config(&config(Some(&files.passwd), Some(&files.acl), ""))
         .start();
     let port = broker.port;
-    let mut bob = login(port, "bob-watch", "bob", "b");
-    assert_eq!(
-        bob.subscribe_many(&[
-            ("#", QoS::AtMostOnce),
-            ("$SYS/broker/publish/messages/denied", QoS::AtMostOnce)
-        ]),
-        vec![
-            SubscribeReasonCode::Success(QoS::AtMostOnce),
-            SubscribeReasonCode::Success(QoS::AtMostOnce)
-        ]
-    );
+    let mut bob = bob_watching(port, QoS::AtMostOnce, "$SYS/broker/publish/messages/denied");
     for (topic, allowed) in [("alice/secret", false), ("alice/gone", true)] {
         let id = format!("will-{}", unique());
         let mut connect = ConnectBuilder::new(&id).will(topic, b"bye", 0, false);

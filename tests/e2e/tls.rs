@@ -93,8 +93,15 @@ impl Pki {
 
     /// Config lines: a TLS listener on port 0 with the server certificate.
     pub fn config(&self, extra: &str) -> String {
+        self.listener_config("tls_listen", extra)
+    }
+
+    /// Broker config with one `listener_key` (`tls_listen`, `wss_listen`)
+    /// listener on a free loopback port using the server certificate, plus
+    /// `extra`.
+    pub fn listener_config(&self, listener_key: &str, extra: &str) -> String {
         format!(
-            "tls_listen = [\"127.0.0.1:0\"]\ncertfile = {:?}\nkeyfile = {:?}\n{extra}\n",
+            "{listener_key} = [\"127.0.0.1:0\"]\ncertfile = {:?}\nkeyfile = {:?}\n{extra}\n",
             self.path("server.pem"),
             self.path("server.key"),
         )
@@ -653,11 +660,7 @@ fn a_tls_subscriber_that_reads_slowly_gets_whole_packets_in_order() {
         }
         let mut body = vec![0u8; len];
         stream.read_exact(&mut body).unwrap();
-        assert_eq!(&body[..6], b"\x00\x04slow");
-        let n = u32::from_be_bytes(body[6..10].try_into().unwrap());
-        assert_eq!(&body[10..], &payload[4..], "publish {n} is whole");
-        assert!(last.is_none_or(|l| n > l), "publish {n} after {last:?}");
-        last = Some(n);
+        check_slow_publish(&body, &payload, &mut last);
         received += 1;
     }
     // Some arrived; not all, or the socket never filled and the test did
@@ -718,4 +721,15 @@ fn metrics_count_connections_per_transport() {
             .is_some_and(|p| p.starts_with("127.0.0.1:")),
         "{body}"
     );
+}
+
+/// Checks one PUBLISH body (after the fixed header) of the slow-reader
+/// tests: topic `slow`, a payload that is `payload` with its first 4 bytes
+/// replaced by a number, whole, and numbered after `last`.
+pub fn check_slow_publish(body: &[u8], payload: &[u8], last: &mut Option<u32>) {
+    assert_eq!(&body[..6], b"\x00\x04slow");
+    let n = u32::from_be_bytes(body[6..10].try_into().unwrap());
+    assert_eq!(&body[10..], &payload[4..], "publish {n} is whole");
+    assert!(last.is_none_or(|l| n > l), "publish {n} after {last:?}");
+    *last = Some(n);
 }

@@ -365,11 +365,7 @@ fn mqtt_js_in_chromium_receives_over_websocket() {
 #[ignore = "needs `npm ci` in tests/node; run by .ci/run"]
 fn mqtt_js_in_node_receives_over_secure_websocket() {
     let pki = Pki::new();
-    let config = format!(
-        "wss_listen = [\"127.0.0.1:0\"]\ncertfile = {:?}\nkeyfile = {:?}",
-        pki.path("server.pem"),
-        pki.path("server.key")
-    );
+    let config = pki.listener_config("wss_listen", "");
     let mut broker = Broker::builder().config(&config).start();
     let url = format!("wss://127.0.0.1:{}/mqtt", broker.port_of("wss"));
     let ca = pki.path("ca.pem");
@@ -388,11 +384,7 @@ fn wss_carries_mqtt_over_websocket_over_tls() {
     // Without Node: a raw TLS connection, a WebSocket upgrade by hand, one
     // CONNECT frame, the CONNACK frame back.
     let pki = Pki::new();
-    let config = format!(
-        "wss_listen = [\"127.0.0.1:0\"]\ncertfile = {:?}\nkeyfile = {:?}",
-        pki.path("server.pem"),
-        pki.path("server.key")
-    );
+    let config = pki.listener_config("wss_listen", "");
     let mut broker = Broker::builder().config(&config).start();
     let port = broker.port_of("wss");
     let (mut tls, _, _) = crate::tls::connect_tls(port, &pki.ca_pem, rustls::DEFAULT_VERSIONS);
@@ -503,11 +495,7 @@ fn a_websocket_subscriber_that_reads_slowly_gets_whole_packets_in_order() {
             frame[0], 0x30,
             "a packet boundary after {received} publishes"
         );
-        assert_eq!(&frame[4..10], b"\x00\x04slow");
-        let n = u32::from_be_bytes(frame[10..14].try_into().unwrap());
-        assert_eq!(&frame[14..], &payload[4..], "publish {n} is whole");
-        assert!(last.is_none_or(|l| n > l), "publish {n} after {last:?}");
-        last = Some(n);
+        crate::tls::check_slow_publish(&frame[4..], &payload, &mut last);
         received += 1;
     }
     assert!(received > 0 && received < 200, "{received} publishes");
