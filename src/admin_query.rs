@@ -9,8 +9,6 @@
 //! its `limit` (the HTTP side caps it), and nothing here touches the data
 //! path: a request only reads sessions, or closes one connection.
 
-use std::net::SocketAddr;
-use std::os::fd::BorrowedFd;
 use std::sync::mpsc::SyncSender;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -255,7 +253,7 @@ impl Shard {
             client_id: session.client_id.to_string(),
             connected: link.is_some(),
             peer: link
-                .and_then(|l| peer_addr(l.socket()))
+                .and_then(|l| crate::connection::peer_addr(l.socket()))
                 .map(|a| a.to_string()),
             shard: self.id,
             connected_since: link.map(|l| self.unix_seconds_at(l.connected_at)),
@@ -278,19 +276,6 @@ impl Shard {
             .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
             .map_or(0, |d| d.as_secs())
     }
-}
-
-/// The peer address of a connected socket (getpeername), None if the
-/// socket is gone.
-fn peer_addr(fd: i32) -> Option<SocketAddr> {
-    if fd < 0 {
-        return None;
-    }
-    // SAFETY: `fd` is a link's socket, open while the link exists (the
-    // connection task removes the link before it closes the socket), and it
-    // is only borrowed for this call.
-    let fd = unsafe { BorrowedFd::borrow_raw(fd) };
-    socket2::SockRef::from(&fd).peer_addr().ok()?.as_socket()
 }
 
 #[cfg(test)]

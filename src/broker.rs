@@ -27,6 +27,7 @@ use crate::connection::{self, CloseReason};
 use crate::listener::{self, ListenerSet};
 use crate::mesh::{self, ShardMsg};
 use crate::metrics::{BrokerGauges, SessionTotals};
+use crate::park;
 use crate::shard::{Ctx, Shard};
 use crate::sys;
 use crate::transport::{Acceptor, TlsCerts, TlsSettings, Transport, TransportError};
@@ -325,6 +326,8 @@ async fn run_shard(setup: ShardSetup) -> Result<(), String> {
     if !core_affinity::set_for_current(core_affinity::CoreId { id: cpu }) {
         warn!("shard {id}: cannot pin to CPU {cpu}");
     }
+    let (poller, from_watcher) =
+        park::Poller::start(id, Some(cpu)).map_err(|e| format!("shard {id}: {e}"))?;
     let ctx = Ctx {
         shard: Rc::new(RefCell::new(Shard::new(
             id,
@@ -335,7 +338,10 @@ async fn run_shard(setup: ShardSetup) -> Result<(), String> {
         mesh: Rc::new(senders),
         id,
         nr_shards,
+        poller: Rc::new(poller),
     };
+    glommio::spawn_local(park::receive_ready(ctx.clone(), from_watcher)).detach();
+    glommio::spawn_local(park::Unparker::new(ctx.clone())).detach();
     {
         let mut shard = ctx.shard.borrow_mut();
         shard.gauges = setup.gauges.clone();

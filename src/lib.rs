@@ -14,6 +14,7 @@
 //! - [`listener`]: SO_REUSEPORT sockets, the accept loop, connection limits.
 //! - [`admission`]: per-address connection counts, connection-rate bucket.
 //! - [`connection`]: one client: read ► decode ► act ► write, keep-alive.
+//! - [`park`]: idle plain connections without a task, woken through epoll.
 //! - [`codec`]: MQTT 3.1.1 / 3.1 packets, decode and encode.
 //! - [`session`]: the session state machine: QoS flows, inflight, queues.
 //! - [`shard`]: what one core owns; routing and flushing.
@@ -49,6 +50,7 @@ pub mod message;
 pub mod metrics;
 pub mod os;
 pub mod outqueue;
+pub mod park;
 pub mod passwd;
 pub mod password;
 pub mod registry;

@@ -28,6 +28,7 @@ use crate::mesh::{self, MeshSenders, ShardMsg};
 use crate::message::{Encoded, Message};
 use crate::metrics::BrokerGauges;
 use crate::outqueue::{Flushed, Frame};
+use crate::park::Poller;
 use crate::registry::Registry;
 use crate::retain::RetainStore;
 use crate::router::Router;
@@ -115,6 +116,9 @@ pub struct Ctx {
     pub id: usize,
     /// Number of shards.
     pub nr_shards: usize,
+    /// The shard's epoll instance, which parked connections wait on
+    /// ([`crate::park`]).
+    pub poller: Rc<Poller>,
 }
 
 impl Ctx {

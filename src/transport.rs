@@ -29,7 +29,6 @@
 //! by `max_packet_size`.
 
 use std::io;
-use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -176,27 +175,10 @@ pub struct WsConn {
 }
 
 impl Stream {
-    /// The socket, for the shard's direct writes: plain TCP only (any other
-    /// transport must be written through [`AsyncWrite`]).
-    pub fn raw_fd(&self) -> Option<RawFd> {
-        match self {
-            Stream::Tcp(tcp) => Some(tcp.as_raw_fd()),
-            Stream::Framed(_) => None,
-        }
-    }
-
     /// The TCP socket underneath, whatever the transport (for lookups such
     /// as the peer address; only plain TCP may be written to directly).
     pub fn socket_fd(&self) -> RawFd {
         self.tcp().as_raw_fd()
-    }
-
-    /// The client's address.
-    ///
-    /// # Errors
-    /// The socket's `getpeername` failing (the peer is gone).
-    pub fn peer_addr(&self) -> io::Result<SocketAddr> {
-        self.tcp().peer_addr().map_err(io::Error::from)
     }
 
     /// The Common Name of the client certificate verified during the TLS
