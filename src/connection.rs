@@ -20,9 +20,13 @@
 //! it waits for writability), its task ends and the connection is *parked*
 //! in its session's link, its socket watched by the shard's epoll instance
 //! ([`crate::park`]); [`socket_ready`] or the shard's own wake-up gives it a
-//! task again ([`resume`]). Its socket is a plain descriptor taken from
-//! glommio's stream once CONNECT is accepted ([`Wire::Plain`]), read with
-//! non-blocking `recv`.
+//! task again ([`resume`]). Its socket is read with non-blocking `recv`.
+//! Only the first wait after CONNECT happens in the task, on glommio's
+//! stream ([`Wire::Fresh`]): the client's next packet (SUBSCRIBE) usually
+//! follows at once, and waking a task through glommio costs less than
+//! through the watcher thread. At its next wait (or when the keep-alive sweep
+//! finds it idle) the socket leaves glommio's stream ([`Wire::Plain`]) and
+//! the connection parks.
 //!
 //! Connections over TLS or WebSocket ([`crate::transport`]) frame what is
 //! written, so the shard never writes to their socket: their link's `fd` is
@@ -47,7 +51,7 @@ use bytes::BytesMut;
 use bytestring::ByteString;
 use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use glommio::net::TcpStream;
-use log::{debug, info};
+use log::{debug, info, warn};
 
 use crate::acl::Who;
 use crate::admission::{ConnectionCounts, IpKey};
@@ -78,6 +82,13 @@ const CONNECT_READ_CHUNK: usize = 512;
 /// The keep-alive clock's unit: a tenth of a second, so "1.5 × keep-alive"
 /// (§3.1.2.10) is exact for every keep-alive value and a `u32` lasts 13 years.
 pub const TICKS_PER_SEC: u32 = 10;
+
+/// A plain connection still waiting in its task ([`Wire::Fresh`]: the
+/// client sent nothing after CONNECT) is woken to park once it has been
+/// silent this long: a second, so that the keep-alive sweep (every half
+/// second) parks such clients within 1.5 s and never a client in the middle
+/// of its first exchange.
+const PARK_AFTER_TICKS: u32 = TICKS_PER_SEC;
 
 /// Why a connection ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -272,10 +283,14 @@ struct Established {
 
 /// How an established connection's bytes travel.
 enum Wire {
-    /// Plain TCP: the socket itself (taken from glommio's stream after
-    /// CONNECT, see [`plain_socket`]), read with non-blocking `recv` and
-    /// waited on through the shard's epoll instance, so that the connection
-    /// can be parked.
+    /// Plain TCP until its first wait after CONNECT has ended: still
+    /// glommio's stream, which that wait uses; read with `recv` like
+    /// [`Wire::Plain`].
+    Fresh(TcpStream),
+    /// Plain TCP: the socket itself (taken from glommio's stream, see
+    /// [`plain_socket`]), read with non-blocking `recv` and waited on
+    /// through the shard's epoll instance, so that the connection can be
+    /// parked.
     Plain(OwnedFd),
     /// TLS or WebSocket: the transport's stream (never parked).
     Framed(Stream),
@@ -285,6 +300,7 @@ impl Wire {
     /// The TCP socket underneath (for lookups and socket options).
     fn socket_fd(&self) -> RawFd {
         match self {
+            Wire::Fresh(tcp) => tcp.as_raw_fd(),
             Wire::Plain(fd) => fd.as_raw_fd(),
             Wire::Framed(stream) => stream.socket_fd(),
         }
@@ -333,6 +349,7 @@ pub async fn serve(
         conn: Some(conn),
         slot: Some(slot),
         unprocessed,
+        fresh_waited: false,
         forwarding: None,
         ended: None,
         listener,
@@ -525,20 +542,8 @@ async fn handshake(ctx: &Ctx, mut stream: Stream, deadline: Instant) -> Option<E
     } else {
         None
     };
-    // Plain TCP leaves glommio's stream here (before the claim, which a
-    // failure must not lose), so that the connection can park.
     let wire = match stream {
-        Stream::Tcp(tcp) => match plain_socket(&tcp) {
-            Ok(fd) => Wire::Plain(fd),
-            Err(e) => {
-                info!(
-                    "{}: client {client_id}: cannot take the socket over ({e}), CONNACK 3",
-                    Peer(tcp.as_raw_fd())
-                );
-                refuse(&mut Stream::Tcp(tcp), codec::CONNACK_SERVER_UNAVAILABLE).await;
-                return None;
-            }
-        },
+        Stream::Tcp(tcp) => Wire::Fresh(tcp),
         framed => Wire::Framed(framed),
     };
     let state = match registry::claim(ctx, client_id.clone(), clean_session).await {
@@ -549,8 +554,8 @@ async fn handshake(ctx: &Ctx, mut stream: Stream, deadline: Instant) -> Option<E
         }
     };
     let link_fd = match &wire {
-        Wire::Plain(fd) => fd.as_raw_fd(),
         Wire::Framed(stream) => framed_fd(stream.socket_fd()),
+        plain => plain.socket_fd(),
     };
     let (key, conn_id) = attach(
         ctx,
@@ -695,7 +700,7 @@ impl std::fmt::Display for Identity<'_> {
                 Some(cn) => write!(f, ", TLS identity {cn:?}"),
                 None => Ok(()),
             },
-            Wire::Plain(_) => Ok(()),
+            Wire::Fresh(_) | Wire::Plain(_) => Ok(()),
         }
     }
 }
@@ -797,6 +802,9 @@ struct Live {
     /// Bytes that arrived with CONNECT wait in `conn.rx`: handle them before
     /// reading.
     unprocessed: bool,
+    /// The connection ([`Wire::Fresh`]) has had its one wait in this task
+    /// after CONNECT: it parks at its next.
+    fresh_waited: bool,
     /// Publishes being handed to other shards, then the teardown (boxed:
     /// rarely in progress, and each may wait on the mesh).
     forwarding: Option<Pin<Box<dyn Future<Output = ()>>>>,
@@ -849,7 +857,7 @@ impl Future for Live {
             if this.unprocessed {
                 this.unprocessed = false;
             } else {
-                match poll_event(cx, &this.ctx, conn) {
+                match poll_event(cx, &this.ctx, conn, &mut this.fresh_waited) {
                     Poll::Pending => return Poll::Pending,
                     Poll::Ready(Event::Closed(reason)) => {
                         this.end(reason);
@@ -907,27 +915,16 @@ enum Waited {
 }
 
 impl Live {
-    /// A plain connection's socket has nothing for it now: arms the shard's
+    /// A plain connection's socket has nothing for it now: takes the socket
+    /// from glommio's stream if still [`Wire::Fresh`], arms the shard's
     /// epoll instance for `interest`, then parks the connection (its task
     /// ends) or, while part of a packet waits in its receive buffer, waits in
     /// this task. Errs with why the connection must end instead.
     fn wait(&mut self, cx: &Context<'_>, interest: Interest) -> Result<Waited, CloseReason> {
-        let Some(conn) = self.conn.as_ref() else {
-            return Err(CloseReason::Io);
-        };
-        let Wire::Plain(fd) = &conn.wire else {
-            // Only plain connections wait this way (see `poll_event`).
+        let Some(conn) = self.conn.as_mut() else {
             return Err(CloseReason::Io);
         };
         let (key, conn_id, partial) = (conn.key, conn.conn_id, !conn.rx.is_empty());
-        if let Err(e) = self
-            .ctx
-            .poller
-            .arm(fd.as_raw_fd(), park::token(key, conn_id), interest)
-        {
-            debug!("{}: cannot watch the socket: {e}", Peer(fd.as_raw_fd()));
-            return Err(CloseReason::Io);
-        }
         let mut shard = self.ctx.shard.borrow_mut();
         let Some(link) = shard
             .sessions
@@ -937,6 +934,34 @@ impl Live {
         else {
             return Err(CloseReason::TakenOver);
         };
+        if let Wire::Fresh(tcp) = &conn.wire {
+            let fd = plain_socket(tcp).map_err(|e| {
+                warn!(
+                    "{}: cannot take the socket from glommio ({e}), closing",
+                    Peer(tcp.as_raw_fd())
+                );
+                CloseReason::Io
+            })?;
+            // The shard writes to the new descriptor from now on; the old one
+            // closes with glommio's stream.
+            link.fd = fd.as_raw_fd();
+            conn.wire = Wire::Plain(fd);
+        }
+        let Wire::Plain(fd) = &conn.wire else {
+            // Only plain connections wait this way (see `poll_event`).
+            return Err(CloseReason::Io);
+        };
+        if let Err(e) = self
+            .ctx
+            .poller
+            .arm(fd.as_raw_fd(), park::token(key, conn_id), interest)
+        {
+            warn!(
+                "{}: cannot watch the socket ({e}), closing",
+                Peer(fd.as_raw_fd())
+            );
+            return Err(CloseReason::Io);
+        }
         if partial {
             link.set_waker(cx.waker());
             return Ok(Waited::Pending);
@@ -969,8 +994,14 @@ impl Live {
 }
 
 /// Polls for what the connection must do next: close, write (when its socket
-/// was full), or read.
-fn poll_event(cx: &mut Context<'_>, ctx: &Ctx, conn: &mut Established) -> Poll<Event> {
+/// was full), read, or wait. `fresh_waited`: a [`Wire::Fresh`] connection
+/// already had its one wait in the task.
+fn poll_event(
+    cx: &mut Context<'_>,
+    ctx: &Ctx,
+    conn: &mut Established,
+    fresh_waited: &mut bool,
+) -> Poll<Event> {
     let Established {
         wire,
         rx,
@@ -1033,6 +1064,7 @@ fn poll_event(cx: &mut Context<'_>, ctx: &Ctx, conn: &mut Established) -> Poll<E
                 Poll::Pending => Poll::Pending,
             };
         }
+        Wire::Fresh(tcp) => tcp.as_raw_fd(),
         Wire::Plain(fd) => fd.as_raw_fd(),
     };
     if link.blocked {
@@ -1058,6 +1090,25 @@ fn poll_event(cx: &mut Context<'_>, ctx: &Ctx, conn: &mut Established) -> Poll<E
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(_) => return Poll::Ready(Event::Closed(CloseReason::Io)),
         }
+    }
+    if let Wire::Fresh(tcp) = wire
+        && !*fresh_waited
+        && read
+        && !link.blocked
+    {
+        // The first wait after CONNECT: in this task, on glommio's stream.
+        *fresh_waited = true;
+        link.set_waker(cx.waker());
+        return match Pin::new(tcp).poll_read(cx, read_buf) {
+            Poll::Ready(Ok(0)) => Poll::Ready(Event::Closed(CloseReason::PeerClosed)),
+            Poll::Ready(Ok(n)) => {
+                rx.extend_from_slice(&read_buf[..n]);
+                stats.bytes_received += n as u64;
+                Poll::Ready(Event::Data)
+            }
+            Poll::Ready(Err(_)) => Poll::Ready(Event::Closed(CloseReason::Io)),
+            Poll::Pending => Poll::Pending,
+        };
     }
     Poll::Ready(Event::Wait(Interest {
         read,
@@ -1101,6 +1152,7 @@ pub fn resume(ctx: &Ctx, conn_id: u64, mut parked: Parked) {
         }),
         slot: parked.slot.take(),
         unprocessed: false,
+        fresh_waited: true,
         forwarding: None,
         ended: None,
         listener: parked.listener,
@@ -1335,9 +1387,16 @@ pub async fn keep_alive_sweeper(ctx: Ctx, period: Duration) {
                 continue;
             };
             let limit = u32::from(link.keep_alive) * TICKS_PER_SEC * 3 / 2;
-            if link.keep_alive > 0 && now.saturating_sub(link.last_seen) > limit {
+            let silent = now.saturating_sub(link.last_seen);
+            if link.keep_alive > 0 && silent > limit {
                 debug!("client {}: keep-alive timeout", session.client_id);
                 link.close(CloseReason::KeepAliveTimeout);
+            } else if silent >= PARK_AFTER_TICKS
+                && !link.is_framed()
+                && matches!(link.waiter, Waiter::Task(_))
+            {
+                // A plain connection idle in its task: it parks when woken.
+                link.wake();
             }
         }
         shard.gauges.refresh(&shard, &totals);

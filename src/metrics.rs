@@ -157,6 +157,8 @@ macro_rules! figures {
 figures! {
     /// Live client connections (sessions with a connection).
     clients_connected,
+    /// Of those: connections parked, with no task ([`crate::park`]).
+    clients_parked,
     /// Sessions, live or parked.
     sessions,
     /// Subscriptions.
@@ -241,6 +243,8 @@ impl Figures {
 pub struct SessionTotals {
     /// Sessions with a live connection.
     pub connected: u64,
+    /// Of those: connections parked ([`crate::park`]).
+    pub parked: u64,
     /// PUBLISH packets queued for live clients.
     pub queued_messages: u64,
     /// Bytes queued for live clients.
@@ -254,8 +258,9 @@ pub struct SessionTotals {
 impl SessionTotals {
     /// Counts one session.
     pub fn count(&mut self, session: &Session) {
-        if session.is_online() {
+        if let Some(link) = &session.link {
             self.connected += 1;
+            self.parked += u64::from(link.is_parked());
         }
         let bytes = session.out.bytes() as u64;
         self.queued_messages += session.out.publishes() as u64;
@@ -341,6 +346,7 @@ impl BrokerGauges {
 fn figures_of(stats: &Counters, shard: &Shard, totals: &SessionTotals) -> Figures {
     Figures {
         clients_connected: totals.connected,
+        clients_parked: totals.parked,
         sessions: shard.sessions.len() as u64,
         subscriptions: shard.router.len() as u64,
         retained: shard.retained.len() as u64,
@@ -647,6 +653,13 @@ pub fn render_prometheus(stats: &Stats) -> String {
         "shard_max_client_queue_bytes",
         "Largest single client queue per shard, in bytes",
         |f| f.max_client_queue_bytes,
+        false,
+    );
+    per_shard(
+        &mut registry,
+        "shard_clients_parked",
+        "Connections parked (idle, no task) per shard",
+        |f| f.clients_parked,
         false,
     );
     per_shard(

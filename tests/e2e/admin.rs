@@ -62,7 +62,7 @@ fn http(broker: &Broker, method: &str, path: &str, authorization: Option<&str>) 
 }
 
 /// `GET path` without credentials, asserting 200; the body as JSON.
-fn get_json(broker: &Broker, path: &str) -> Value {
+pub(crate) fn get_json(broker: &Broker, path: &str) -> Value {
     let a = http(broker, "GET", path, None);
     assert_eq!(a.status, 200, "GET {path}: {}", a.body);
     a.json()
@@ -70,7 +70,7 @@ fn get_json(broker: &Broker, path: &str) -> Value {
 
 /// Polls `/api/v1/stats` until `done` accepts it (figures are refreshed
 /// every half second); panics with the last stats after [`TIMEOUT`].
-fn wait_stats(broker: &Broker, done: impl Fn(&Value) -> bool) -> Value {
+pub(crate) fn wait_stats(broker: &Broker, done: impl Fn(&Value) -> bool) -> Value {
     let deadline = Instant::now() + TIMEOUT;
     loop {
         let stats = get_json(broker, "/api/v1/stats");
@@ -83,7 +83,7 @@ fn wait_stats(broker: &Broker, done: impl Fn(&Value) -> bool) -> Value {
 }
 
 /// A figure of the stats' total.
-fn total(stats: &Value, key: &str) -> u64 {
+pub(crate) fn total(stats: &Value, key: &str) -> u64 {
     stats["total"][key]
         .as_u64()
         .unwrap_or_else(|| panic!("no total.{key} in {stats}"))

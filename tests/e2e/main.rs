@@ -8,6 +8,7 @@ mod auth;
 mod basic;
 mod hostile;
 mod limits;
+mod park;
 mod protocol;
 mod qos;
 mod retain_will;

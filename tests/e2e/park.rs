@@ -1,0 +1,135 @@
+//! Parked connections (`src/park.rs`): idle plain-TCP clients hold no task
+//! and wake through the shard's epoll watcher. Each test first waits until
+//! the admin stats say the clients are parked, then checks that a parked
+//! client behaves like any other: it gets every message, its PINGREQ,
+//! SUBSCRIBE and UNSUBSCRIBE are answered, keep-alive, take-over, a vanishing
+//! client's will and shutdown all still work.
+
+use std::time::Duration;
+
+use rumqttc::QoS;
+
+use crate::admin::{total, wait_stats};
+use crate::common::{Broker, ConnectBuilder, Mqtt, Raw, ack, unique, unsubscribe};
+
+/// Waits until at least `count` connections are parked.
+fn wait_parked(broker: &Broker, count: u64) {
+    wait_stats(broker, |s| total(s, "clients_parked") >= count);
+}
+
+#[test]
+fn parked_subscribers_get_every_message_and_answers() {
+    let broker = Broker::start();
+    let topic = format!("park/{}", unique());
+    let mut subscribers: Vec<Raw> = (0..20)
+        .map(|i| {
+            let mut raw = Raw::connect(broker.port, &format!("park-sub-{i}-{}", unique()));
+            assert_eq!(raw.subscribe(1, &[(&topic, 1)]), vec![1]);
+            raw
+        })
+        .collect();
+    wait_parked(&broker, 20);
+
+    let mut publisher = Mqtt::connect(broker.port, &format!("park-pub-{}", unique()));
+    for i in 0..10u8 {
+        if i % 2 == 0 {
+            publisher.publish(&topic, QoS::AtMostOnce, false, &[i]);
+        } else {
+            publisher.publish_acked(&topic, false, &[i]);
+        }
+    }
+    for raw in &mut subscribers {
+        for i in 0..10u8 {
+            let p = raw.expect_publish();
+            assert_eq!(p.payload, vec![i], "message {i} out of order or lost");
+            if p.qos == 1 {
+                raw.send(&ack(0x40, p.packet_id));
+            }
+        }
+    }
+    // They park again once they have nothing to do; then their packets
+    // wake them through the watcher.
+    wait_parked(&broker, 20);
+    for raw in &mut subscribers {
+        raw.ping();
+    }
+    let first = &mut subscribers[0];
+    first.send(&unsubscribe(7, &[topic.as_bytes()]));
+    let unsuback = first.expect_packet();
+    assert_eq!(unsuback.kind(), 11, "expected UNSUBACK, got {unsuback:?}");
+    assert_eq!(unsuback.body, vec![0, 7]);
+    let other = format!("{topic}/other");
+    assert_eq!(first.subscribe(8, &[(&other, 0)]), vec![0]);
+    publisher.publish_acked(&other, false, b"x");
+    assert_eq!(first.expect_publish().payload, b"x");
+}
+
+#[test]
+fn a_silent_parked_client_is_closed_on_keep_alive_and_its_will_published() {
+    let broker = Broker::start();
+    let will_topic = format!("park/will/{}", unique());
+    let mut watcher = Raw::connect(broker.port, &format!("park-watch-{}", unique()));
+    assert_eq!(watcher.subscribe(1, &[(&will_topic, 0)]), vec![0]);
+    let connect = ConnectBuilder::new(&format!("park-ka-{}", unique()))
+        .keep_alive(1)
+        .will(&will_topic, b"gone", 0, false);
+    let (silent, _) = Raw::connect_with(broker.port, &connect);
+    wait_parked(&broker, 2);
+    // Silent for more than 1.5 × 1 s: the sweep closes it.
+    silent.expect_closed_silently();
+    assert_eq!(watcher.expect_publish().payload, b"gone");
+}
+
+#[test]
+fn a_parked_client_that_vanishes_publishes_its_will() {
+    let broker = Broker::start();
+    let will_topic = format!("park/will/{}", unique());
+    let mut watcher = Raw::connect(broker.port, &format!("park-watch-{}", unique()));
+    assert_eq!(watcher.subscribe(1, &[(&will_topic, 1)]), vec![1]);
+    let connect = ConnectBuilder::new(&format!("park-rst-{}", unique())).will(
+        &will_topic,
+        b"reset",
+        1,
+        false,
+    );
+    let (client, _) = Raw::connect_with(broker.port, &connect);
+    wait_parked(&broker, 2);
+    client.reset();
+    let will = watcher.expect_publish();
+    assert_eq!(will.payload, b"reset");
+    watcher.send(&ack(0x40, will.packet_id));
+    wait_stats(&broker, |s| total(s, "clients_connected") == 1);
+}
+
+#[test]
+fn a_parked_client_is_taken_over() {
+    let broker = Broker::start();
+    let id = format!("park-takeover-{}", unique());
+    let topic = format!("park/takeover/{}", unique());
+    let mut old = Raw::connect(broker.port, &id);
+    assert_eq!(old.subscribe(1, &[(&topic, 0)]), vec![0]);
+    wait_parked(&broker, 1);
+    let mut new = Raw::connect(broker.port, &id);
+    old.expect_closed();
+    assert_eq!(new.subscribe(1, &[(&topic, 0)]), vec![0]);
+    let publisher = Mqtt::connect(broker.port, &format!("park-pub-{}", unique()));
+    publisher.publish(&topic, QoS::AtMostOnce, false, b"to the new one");
+    assert_eq!(new.expect_publish().payload, b"to the new one");
+}
+
+#[test]
+fn parked_clients_are_closed_when_the_broker_stops() {
+    let mut broker = Broker::start();
+    let clients: Vec<Raw> = (0..10)
+        .map(|i| Raw::connect(broker.port, &format!("park-stop-{i}-{}", unique())))
+        .collect();
+    wait_parked(&broker, 10);
+    broker.signal(libc::SIGTERM);
+    let status = broker
+        .wait_exit(Duration::from_secs(10))
+        .expect("broker did not stop within 10 s with parked clients");
+    assert!(status.success(), "broker exited with {status}");
+    for client in clients {
+        client.expect_closed();
+    }
+}
