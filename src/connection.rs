@@ -866,6 +866,10 @@ impl Future for Live {
                     Poll::Ready(Event::Wait(interest)) => match this.wait(cx, interest) {
                         Ok(Waited::Parked) => return Poll::Ready(()),
                         Ok(Waited::Pending) => return Poll::Pending,
+                        Ok(Waited::InTask) => {
+                            this.fresh_waited = false;
+                            continue;
+                        }
                         Err(reason) => {
                             this.end(reason);
                             continue;
@@ -912,6 +916,9 @@ enum Waited {
     Parked,
     /// In its task, which the socket's readiness wakes.
     Pending,
+    /// Not yet: it could not leave glommio's stream (out of descriptors),
+    /// so it waits on that stream, in its task.
+    InTask,
 }
 
 impl Live {
@@ -935,13 +942,18 @@ impl Live {
             return Err(CloseReason::TakenOver);
         };
         if let Wire::Fresh(tcp) = &conn.wire {
-            let fd = plain_socket(tcp).map_err(|e| {
-                warn!(
-                    "{}: cannot take the socket from glommio ({e}), closing",
-                    Peer(tcp.as_raw_fd())
-                );
-                CloseReason::Io
-            })?;
+            let fd = match plain_socket(tcp) {
+                Ok(fd) => fd,
+                Err(e) => {
+                    // Out of descriptors: stay on glommio's stream for now
+                    // (the keep-alive sweep tries again).
+                    debug!(
+                        "{}: cannot take the socket from glommio ({e}), not parked",
+                        Peer(tcp.as_raw_fd())
+                    );
+                    return Ok(Waited::InTask);
+                }
+            };
             // The shard writes to the new descriptor from now on; the old one
             // closes with glommio's stream.
             link.fd = fd.as_raw_fd();
