@@ -311,7 +311,10 @@ mod tests {
         );
         for i in 0..n {
             let state = SessionState {
-                subscriptions: vec![(ByteString::from(format!("t/{i}/#")), QoS::AtLeastOnce)],
+                subscriptions: smallvec::smallvec![(
+                    crate::router::SharedFilter::from(format!("t/{i}/#")),
+                    QoS::AtLeastOnce
+                )],
                 flows: None,
             };
             let mut session = Session::new(ByteString::from(format!("c{i}")), true, state);

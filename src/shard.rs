@@ -440,7 +440,7 @@ impl Shard {
             let subscriptions = &session.state.subscriptions;
             if max_subscriptions > 0
                 && subscriptions.len() >= max_subscriptions
-                && !subscriptions.iter().any(|(f, _)| *f == filter)
+                && !subscriptions.iter().any(|(f, _)| **f == *filter)
             {
                 debug!(
                     "client {}: refused topic filter {filter:?}: max_subscriptions_per_client ({max_subscriptions}) reached",
@@ -465,8 +465,9 @@ impl Shard {
                     continue;
                 }
             }
-            session.subscribe(&filter, qos);
-            self.router.subscribe(&filter, key, qos);
+            // The session keeps the router's copy of the filter string.
+            let (_, shared) = self.router.subscribe_shared(&filter, key, qos);
+            session.subscribe(shared, qos);
             codes.push(qos as u8);
             granted_filters.push((filter, qos));
         }
@@ -517,10 +518,13 @@ impl Shard {
     /// Inserts a session and its subscriptions.
     pub fn insert_session(&mut self, session: Session) -> SessionKey {
         let client_id = session.client_id.clone();
-        let subscriptions = session.state.subscriptions.clone();
         let key = self.sessions.insert(Box::new(session)) as SessionKey;
-        for (filter, qos) in &subscriptions {
-            self.router.subscribe(filter, key, *qos);
+        if let Some(session) = self.sessions.get_mut(key as usize) {
+            for (filter, qos) in &mut session.state.subscriptions {
+                // Share this shard's copy of the filter (a session taken over
+                // from another shard drops its copy of that shard's).
+                *filter = self.router.subscribe_shared(filter, key, *qos).1;
+            }
         }
         self.by_client_id.insert(client_id, key);
         key
