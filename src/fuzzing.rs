@@ -203,9 +203,7 @@ fn connect(shard: &mut Shard, slot: &mut Option<Client>, i: usize, clean: bool) 
     let client_id = ByteString::from(format!("fuzz-{i}"));
     // A persistent session parked earlier comes back with its state.
     let state = shard
-        .by_client_id
-        .get(&client_id)
-        .copied()
+        .session_key(&client_id)
         .and_then(|key| shard.remove_session(key))
         .map(|s| s.state);
     let session_present = state.is_some() && !clean;

@@ -201,7 +201,7 @@ impl Shard {
     /// At the shard holding the session: close its connection and hand its
     /// state to the claim `(to_shard, token)`.
     pub fn evict(&mut self, client_id: &str, to_shard: usize, token: u64, clean_session: bool) {
-        if let Some(&key) = self.by_client_id.get(client_id)
+        if let Some(key) = self.session_key(client_id)
             && let Some(session) = self.remove_session(key)
         {
             if let Some(mut link) = session.link {
@@ -302,7 +302,112 @@ impl Shard {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
+    use crate::codec::{QoS, Subscribe};
+    use crate::config::Config;
+    use crate::shard::SessionKey;
+
+    /// A one-shard shard, as the broker makes it.
+    fn shard() -> Shard {
+        Shard::new(
+            0,
+            1,
+            Arc::new(Config::default()),
+            Arc::new(crate::auth::Auth::open()),
+        )
+    }
+
+    /// Connects `client_id` (persistent unless `clean`) and subscribes it to
+    /// `filter`, as a connection does.
+    fn connect(shard: &mut Shard, client_id: &str, clean: bool, filter: &str) -> SessionKey {
+        // The claim at home (here); its answer goes to no waiting claim.
+        shard.home_claim(ByteString::from(client_id), 0, u64::MAX, clean);
+        let mut session = Session::new(ByteString::from(client_id), clean, SessionState::default());
+        session.link = Some(crate::connection::test_link());
+        let key = shard.insert_session(session);
+        let subscribe = Subscribe {
+            packet_id: 1,
+            filters: vec![(ByteString::from(filter), QoS::AtMostOnce)],
+        };
+        shard.subscribe(key, subscribe, None);
+        key
+    }
+
+    /// Records a claim of this shard waiting for its answer.
+    fn pending(shard: &mut Shard, client_id: &str, token: u64) {
+        shard.registry.claims.insert(
+            token,
+            PendingClaim {
+                client_id: ByteString::from(client_id),
+                outcome: None,
+                waker: None,
+                superseded_by: None,
+                abandoned: false,
+            },
+        );
+    }
+
+    #[test]
+    fn sessions_share_the_routers_filter_and_are_found_by_id() {
+        let mut shard = shard();
+        let a = connect(&mut shard, "client-a", true, "bench/fanout");
+        let b = connect(&mut shard, "client-b", true, "bench/fanout");
+        assert_eq!(shard.session_key("client-a"), Some(a));
+        assert_eq!(shard.session_key("client-b"), Some(b));
+        assert_eq!(shard.session_key("client-c"), None);
+        let filter_of = |shard: &Shard, key: SessionKey| {
+            shard.sessions[key as usize].state.subscriptions[0]
+                .0
+                .clone()
+        };
+        let (fa, fb) = (filter_of(&shard, a), filter_of(&shard, b));
+        assert!(Arc::ptr_eq(&fa, &fb), "one filter string for both sessions");
+        assert_eq!(&*fa, "bench/fanout");
+        // Router's copy, two sessions, and the two clones here.
+        assert_eq!(Arc::strong_count(&fa), 5);
+        drop(fb);
+        shard.remove_session(a);
+        shard.remove_session(b);
+        assert_eq!(Arc::strong_count(&fa), 1, "freed with the last subscriber");
+        assert!(shard.router.is_empty());
+        assert_eq!(shard.session_key("client-a"), None);
+        assert!(shard.by_client_id.is_empty());
+    }
+
+    #[test]
+    fn take_over_hands_a_persistent_session_to_the_new_claim() {
+        let mut shard = shard();
+        let old = connect(&mut shard, "dev-1", false, "cmd/dev-1");
+        let other = connect(&mut shard, "dev-2", true, "cmd/dev-2");
+        // A new CONNECT claims the id: the home (this shard) evicts the old.
+        pending(&mut shard, "dev-1", 7);
+        shard.home_claim(ByteString::from("dev-1"), 0, 7, false);
+        assert_eq!(shard.session_key("dev-1"), None, "old session gone");
+        assert_eq!(shard.session_key("dev-2"), Some(other));
+        assert!(shard.sessions.get(old as usize).is_none());
+        assert_eq!(shard.registry.homed(), 2);
+        let Some(PendingClaim {
+            outcome: Some(Outcome::Granted(Some(state))),
+            ..
+        }) = shard.registry.claims.remove(&7)
+        else {
+            panic!("claim not granted with the old state");
+        };
+        assert_eq!(&*state.subscriptions[0].0, "cmd/dev-1");
+        // The new connection resumes it: found by id, subscribed again.
+        let new = shard.insert_session(Session::new(ByteString::from("dev-1"), false, state));
+        assert_eq!(shard.session_key("dev-1"), Some(new));
+        assert_eq!(shard.router.len(), 2);
+        assert_eq!(shard.registry.homed(), 2);
+        // Its clean end releases the id at home.
+        shard.remove_session(new);
+        shard.release(ByteString::from("dev-1"));
+        assert_eq!(shard.registry.homed(), 1);
+        assert_eq!(shard.session_key("dev-1"), None);
+        assert_eq!(shard.by_client_id.len(), 1);
+    }
 
     #[test]
     fn home_shard_is_stable_and_in_range() {
