@@ -26,7 +26,7 @@ use crate::config::Config;
 use crate::connection::{self, Link};
 use crate::message::Message;
 use crate::outqueue::{self, Flushed};
-use crate::session::{Session, SessionState};
+use crate::session::Session;
 use crate::shard::{SessionKey, Shard};
 
 /// Largest packet the decode target allows, so that large announced
@@ -211,7 +211,7 @@ fn connect(shard: &mut Shard, slot: &mut Option<Client>, i: usize, clean: bool) 
     let mut session = Session::new(
         client_id,
         clean,
-        state.unwrap_or_else(SessionState::default),
+        state.unwrap_or_default(),
     );
     session.link = Some(Link::new(conn_id, broker_end.as_raw_fd(), 0, 0));
     session.queue_control(&codec::connack(session_present, codec::CONNACK_ACCEPTED));
