@@ -208,11 +208,7 @@ fn connect(shard: &mut Shard, slot: &mut Option<Client>, i: usize, clean: bool) 
         .map(|s| s.state);
     let session_present = state.is_some() && !clean;
     let conn_id = shard.new_conn_id();
-    let mut session = Session::new(
-        client_id,
-        clean,
-        state.unwrap_or_default(),
-    );
+    let mut session = Session::new(client_id, clean, state.unwrap_or_default());
     session.link = Some(Link::new(conn_id, broker_end.as_raw_fd(), 0, 0));
     session.queue_control(&codec::connack(session_present, codec::CONNACK_ACCEPTED));
     let limits = shard.limits;

@@ -3,10 +3,11 @@
 //!
 //! Every client id has a *home shard* (a hash of the id modulo the number of
 //! shards) that knows which shard holds its session, live or parked. A CONNECT
-//! on shard A *claims* the id at its home; the home records A and, if the
-//! session lives on shard B, tells B to *evict* it: B closes the old
-//! connection (take-over, §3.1.4) and hands the session state straight to A,
-//! which resumes it. The home shard serialises claims for an id, so two
+//! on shard A *claims* the id at its home; the home records A (unless A is the
+//! home itself: its own sessions and claims say so, and a record would cost
+//! ~90 bytes per client) and, if the session lives on shard B, tells B to
+//! *evict* it: B closes the old connection (take-over, §3.1.4) and hands the
+//! session state straight to A, which resumes it. The home shard serialises claims for an id, so two
 //! simultaneous CONNECTs end with exactly one winner: the later claim evicts
 //! the earlier one, even if that one has not finished connecting yet.
 
@@ -67,7 +68,13 @@ struct PendingClaim {
 /// This shard's part of the client-id registry.
 #[derive(Debug, Default)]
 pub struct Registry {
-    /// For client ids homed here: the shard that holds the session.
+    /// For client ids homed here and held by *another* shard: that shard.
+    /// An id held here has no entry: this shard's own sessions
+    /// ([`Shard::session_key`]) and claims say where it is. An entry is a
+    /// clone of the id (32 bytes) and the shard (40 with padding), at
+    /// 2.2 buckets per entry when the table has just doubled: about 90 bytes
+    /// per client. With one shard the table stays empty; with N shards it
+    /// holds the (N-1)/N of the ids homed here that live elsewhere.
     homes: AHashMap<ByteString, usize>,
     /// Claims of this shard's connections waiting for an answer, by token.
     claims: AHashMap<u64, PendingClaim>,
@@ -76,8 +83,8 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// Number of client ids homed on this shard.
-    pub fn homed(&self) -> usize {
+    /// Number of client ids homed on this shard and held by another shard.
+    pub fn homed_elsewhere(&self) -> usize {
         self.homes.len()
     }
 }
@@ -173,6 +180,10 @@ pub async fn claim(
 
 impl Shard {
     /// At the home shard: `new_shard` claims `client_id`.
+    ///
+    /// The previous owner is the shard in `homes`, or else this shard or no
+    /// shard: [`Shard::evict`] then finds the id's session or waiting claim
+    /// here (and takes it over), or answers that there is nothing to resume.
     pub fn home_claim(
         &mut self,
         client_id: ByteString,
@@ -180,13 +191,13 @@ impl Shard {
         token: u64,
         clean_session: bool,
     ) {
-        let previous = self.registry.homes.insert(client_id.clone(), new_shard);
+        let previous = if new_shard == self.id {
+            self.registry.homes.remove(&client_id)
+        } else {
+            self.registry.homes.insert(client_id.clone(), new_shard)
+        };
         match previous {
-            None => self.answer_claim(new_shard, token, None),
-            Some(owner) if owner == self.id => {
-                self.evict(&client_id, new_shard, token, clean_session)
-            }
-            Some(owner) => self.outbox.push((
+            Some(owner) if owner != self.id => self.outbox.push((
                 owner,
                 ShardMsg::Evict {
                     client_id,
@@ -195,6 +206,7 @@ impl Shard {
                     clean_session,
                 },
             )),
+            _ => self.evict(&client_id, new_shard, token, clean_session),
         }
     }
 
@@ -292,7 +304,8 @@ impl Shard {
     }
 
     /// At the home shard: the session on `shard` ended; forget it unless the
-    /// id was claimed by another shard meanwhile.
+    /// id was claimed by another shard meanwhile. (A session on the home
+    /// shard itself has no entry to forget.)
     pub fn home_release(&mut self, client_id: &str, shard: usize) {
         if self.registry.homes.get(client_id) == Some(&shard) {
             self.registry.homes.remove(client_id);
@@ -387,7 +400,6 @@ mod tests {
         assert_eq!(shard.session_key("dev-1"), None, "old session gone");
         assert_eq!(shard.session_key("dev-2"), Some(other));
         assert!(shard.sessions.get(old as usize).is_none());
-        assert_eq!(shard.registry.homed(), 2);
         let Some(PendingClaim {
             outcome: Some(Outcome::Granted(Some(state))),
             ..
@@ -400,13 +412,96 @@ mod tests {
         let new = shard.insert_session(Session::new(ByteString::from("dev-1"), false, state));
         assert_eq!(shard.session_key("dev-1"), Some(new));
         assert_eq!(shard.router.len(), 2);
-        assert_eq!(shard.registry.homed(), 2);
-        // Its clean end releases the id at home.
+        // Every id lives on its home (the only shard): no home records.
+        assert_eq!(shard.registry.homed_elsewhere(), 0);
         shard.remove_session(new);
         shard.release(ByteString::from("dev-1"));
-        assert_eq!(shard.registry.homed(), 1);
         assert_eq!(shard.session_key("dev-1"), None);
         assert_eq!(shard.by_client_id.len(), 1);
+        // The id is free: a new claim starts fresh.
+        pending(&mut shard, "dev-1", 8);
+        shard.home_claim(ByteString::from("dev-1"), 0, 8, false);
+        assert!(matches!(
+            shard
+                .registry
+                .claims
+                .get(&8)
+                .and_then(|c| c.outcome.as_ref()),
+            Some(Outcome::Granted(None))
+        ));
+    }
+
+    #[test]
+    fn home_records_only_ids_held_by_other_shards() {
+        let mut home = Shard::new(
+            0,
+            2,
+            Arc::new(Config::default()),
+            Arc::new(crate::auth::Auth::open()),
+        );
+        let id = (0..)
+            .map(|i| format!("c{i}"))
+            .find(|id| home_shard(id, 2) == 0)
+            .unwrap_or_default();
+        let take_outbox = |shard: &mut Shard| std::mem::take(&mut shard.outbox);
+        // Shard 1 claims the id: recorded, granted fresh over the mesh.
+        home.home_claim(ByteString::from(id.as_str()), 1, 1, false);
+        assert_eq!(home.registry.homed_elsewhere(), 1);
+        assert!(matches!(
+            take_outbox(&mut home)[..],
+            [(
+                1,
+                ShardMsg::Claimed {
+                    token: 1,
+                    state: None
+                }
+            )]
+        ));
+        // A connection on the home claims it: shard 1 must evict, no record.
+        pending(&mut home, &id, 2);
+        home.home_claim(ByteString::from(id.as_str()), 0, 2, false);
+        assert_eq!(home.registry.homed_elsewhere(), 0);
+        assert!(matches!(
+            take_outbox(&mut home)[..],
+            [(
+                1,
+                ShardMsg::Evict {
+                    to_shard: 0,
+                    token: 2,
+                    ..
+                }
+            )]
+        ));
+        // Shard 1's late release does not forget the new owner: a claim from
+        // shard 1 now supersedes the home's waiting claim.
+        home.home_release(&id, 1);
+        home.home_claim(ByteString::from(id.as_str()), 1, 3, false);
+        assert_eq!(home.registry.homed_elsewhere(), 1);
+        assert_eq!(
+            home.registry.claims.get(&2).and_then(|c| c.superseded_by),
+            Some((1, 3, false))
+        );
+        // The state shard 1 hands over for claim 2 goes on to claim 3.
+        home.claim_answered(2, Some(SessionState::default()));
+        assert!(matches!(
+            home.registry
+                .claims
+                .get(&2)
+                .and_then(|c| c.outcome.as_ref()),
+            Some(Outcome::Superseded)
+        ));
+        assert!(matches!(
+            take_outbox(&mut home)[..],
+            [(
+                1,
+                ShardMsg::Claimed {
+                    token: 3,
+                    state: Some(_)
+                }
+            )]
+        ));
+        home.home_release(&id, 1);
+        assert_eq!(home.registry.homed_elsewhere(), 0);
     }
 
     #[test]
