@@ -281,7 +281,7 @@ impl Shard {
                 Some(state) => {
                     let _ = self.insert_session(Session::new(client_id, false, state));
                 }
-                None => self.release(client_id),
+                None => self.release(&client_id),
             }
             return;
         }
@@ -292,12 +292,13 @@ impl Shard {
     }
 
     /// A session of this shard ended: tell its home shard.
-    pub fn release(&mut self, client_id: ByteString) {
-        let home = home_shard(&client_id, self.nr_shards);
+    pub fn release(&mut self, client_id: &str) {
+        let home = home_shard(client_id, self.nr_shards);
         let shard = self.id;
         if home == self.id {
-            self.home_release(&client_id, shard);
+            self.home_release(client_id, shard);
         } else {
+            let client_id = ByteString::from(client_id);
             self.outbox
                 .push((home, ShardMsg::Release { client_id, shard }));
         }
@@ -415,7 +416,7 @@ mod tests {
         // Every id lives on its home (the only shard): no home records.
         assert_eq!(shard.registry.homed_elsewhere(), 0);
         shard.remove_session(new);
-        shard.release(ByteString::from("dev-1"));
+        shard.release("dev-1");
         assert_eq!(shard.session_key("dev-1"), None);
         assert_eq!(shard.by_client_id.len(), 1);
         // The id is free: a new claim starts fresh.

@@ -143,8 +143,12 @@ pub enum Qos2Receipt {
 /// One client id's session on this shard.
 #[derive(Debug)]
 pub struct Session {
-    /// The client identifier (§3.1.3.1).
-    pub client_id: ByteString,
+    /// The client identifier (§3.1.3.1), the session's own copy: a
+    /// `Box<str>` is 16 bytes and one allocation of the id's length. The
+    /// `ByteString` the codec made (32 bytes, and once cloned a second,
+    /// shared header of 24 bytes) is dropped with the handshake; the shard's
+    /// index by client id reads this copy ([`crate::session_index`]).
+    pub client_id: Box<str>,
     /// CleanSession flag of the connection that owns it (§3.1.2.4).
     pub clean_session: bool,
     /// State that survives the connection.
@@ -161,7 +165,7 @@ impl Session {
     /// A session for `client_id`, with the state it had (or a fresh one).
     pub fn new(client_id: ByteString, clean_session: bool, state: SessionState) -> Session {
         Session {
-            client_id,
+            client_id: Box::from(&*client_id),
             clean_session,
             state,
             out: OutQueue::default(),

@@ -556,7 +556,7 @@ impl Shard {
         };
         if session.clean_session {
             if let Some(session) = self.remove_session(key) {
-                self.release(session.client_id);
+                self.release(&session.client_id);
             }
         } else {
             session.detach();
