@@ -194,7 +194,11 @@ impl Shard {
         let previous = if new_shard == self.id {
             self.registry.homes.remove(&client_id)
         } else {
-            self.registry.homes.insert(client_id.clone(), new_shard)
+            // A copy, not a clone: a clone would keep the connection's
+            // buffer and the 24-byte shared header its first clone made
+            // alive for as long as the record lives.
+            let record = ByteString::from(&*client_id);
+            self.registry.homes.insert(record, new_shard)
         };
         match previous {
             Some(owner) if owner != self.id => self.outbox.push((

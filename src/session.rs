@@ -728,7 +728,7 @@ mod tests {
     }
 
     #[test]
-    fn one_subscription_is_inline_and_more_grow_by_one() {
+    fn one_subscription_is_inline_and_more_grow_by_a_quarter() {
         let mut s = online();
         assert!(s.subscribe(SharedFilter::from("a"), QoS::AtMostOnce));
         assert!(
@@ -737,7 +737,8 @@ mod tests {
         );
         for (n, f) in ["b", "c", "d", "e"].into_iter().enumerate() {
             assert!(s.subscribe(SharedFilter::from(f), QoS::AtLeastOnce));
-            assert_eq!(s.state.subscriptions.capacity(), n + 2, "grows by one");
+            // Up to 4 entries, a quarter is less than one: one at a time.
+            assert_eq!(s.state.subscriptions.capacity(), n + 2);
         }
         for f in ["b", "c", "d", "e"] {
             assert!(s.unsubscribe(f));
