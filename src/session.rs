@@ -147,7 +147,8 @@ pub struct Session {
     /// `Box<str>` is 16 bytes and one allocation of the id's length. The
     /// `ByteString` the codec made (32 bytes, and once cloned a second,
     /// shared header of 24 bytes) is dropped with the handshake; the shard's
-    /// index by client id reads this copy ([`crate::session_index`]).
+    /// index by client id reads this copy ([`crate::session_index`]), so it
+    /// must not change while the session is in the shard's slab.
     pub client_id: Box<str>,
     /// CleanSession flag of the connection that owns it (§3.1.2.4).
     pub clean_session: bool,
