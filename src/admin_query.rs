@@ -155,16 +155,13 @@ impl Shard {
                     .collect(),
             },
             Query::Client { client_id } => Answer::Client(
-                self.by_client_id
-                    .get(client_id.as_str())
-                    .and_then(|&key| self.sessions.get(key as usize))
+                self.session_key(&client_id)
+                    .and_then(|key| self.sessions.get(key as usize))
                     .map(|s| self.client_info(s)),
             ),
             Query::Disconnect { client_id } => {
                 let link = self
-                    .by_client_id
-                    .get(client_id.as_str())
-                    .copied()
+                    .session_key(&client_id)
                     .and_then(|key| self.sessions.get_mut(key as usize))
                     .and_then(|s| s.link.as_mut());
                 match link {
@@ -296,7 +293,10 @@ mod tests {
         );
         for i in 0..n {
             let state = SessionState {
-                subscriptions: vec![(ByteString::from(format!("t/{i}/#")), QoS::AtLeastOnce)],
+                subscriptions: smallvec::smallvec![(
+                    crate::router::SharedFilter::from(format!("t/{i}/#")),
+                    QoS::AtLeastOnce
+                )],
                 flows: None,
             };
             let mut session = Session::new(ByteString::from(format!("c{i}")), true, state);

@@ -26,7 +26,7 @@ use crate::config::Config;
 use crate::connection::{self, Link};
 use crate::message::Message;
 use crate::outqueue::{self, Flushed};
-use crate::session::{Session, SessionState};
+use crate::session::Session;
 use crate::shard::{SessionKey, Shard};
 
 /// Largest packet the decode target allows, so that large announced
@@ -203,18 +203,12 @@ fn connect(shard: &mut Shard, slot: &mut Option<Client>, i: usize, clean: bool) 
     let client_id = ByteString::from(format!("fuzz-{i}"));
     // A persistent session parked earlier comes back with its state.
     let state = shard
-        .by_client_id
-        .get(&client_id)
-        .copied()
+        .session_key(&client_id)
         .and_then(|key| shard.remove_session(key))
         .map(|s| s.state);
     let session_present = state.is_some() && !clean;
     let conn_id = shard.new_conn_id();
-    let mut session = Session::new(
-        client_id,
-        clean,
-        state.unwrap_or_else(SessionState::default),
-    );
+    let mut session = Session::new(client_id, clean, state.unwrap_or_default());
     session.link = Some(Link::new(conn_id, broker_end.as_raw_fd(), 0, 0));
     session.queue_control(&codec::connack(session_present, codec::CONNACK_ACCEPTED));
     let limits = shard.limits;

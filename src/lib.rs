@@ -18,6 +18,7 @@
 //! - [`codec`]: MQTT 3.1.1 / 3.1 packets, decode and encode.
 //! - [`session`]: the session state machine: QoS flows, inflight, queues.
 //! - [`shard`]: what one core owns; routing and flushing.
+//! - [`session_index`]: a shard's sessions by client id.
 //! - [`router`], [`topic`]: the subscription trie, topic validation/matching.
 //! - [`retain`]: retained messages.
 //! - [`registry`]: client-id home shards and take-over across shards.
@@ -57,6 +58,7 @@ pub mod registry;
 pub mod retain;
 pub mod router;
 pub mod session;
+pub mod session_index;
 pub mod shard;
 pub mod sys;
 #[cfg(test)]

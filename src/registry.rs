@@ -3,10 +3,11 @@
 //!
 //! Every client id has a *home shard* (a hash of the id modulo the number of
 //! shards) that knows which shard holds its session, live or parked. A CONNECT
-//! on shard A *claims* the id at its home; the home records A and, if the
-//! session lives on shard B, tells B to *evict* it: B closes the old
-//! connection (take-over, §3.1.4) and hands the session state straight to A,
-//! which resumes it. The home shard serialises claims for an id, so two
+//! on shard A *claims* the id at its home; the home records A (unless A is the
+//! home itself: its own sessions and claims say so, and a record would cost
+//! ~90 bytes per client) and, if the session lives on shard B, tells B to
+//! *evict* it: B closes the old connection (take-over, §3.1.4) and hands the
+//! session state straight to A, which resumes it. The home shard serialises claims for an id, so two
 //! simultaneous CONNECTs end with exactly one winner: the later claim evicts
 //! the earlier one, even if that one has not finished connecting yet.
 
@@ -67,7 +68,13 @@ struct PendingClaim {
 /// This shard's part of the client-id registry.
 #[derive(Debug, Default)]
 pub struct Registry {
-    /// For client ids homed here: the shard that holds the session.
+    /// For client ids homed here and held by *another* shard: that shard.
+    /// An id held here has no entry: this shard's own sessions
+    /// ([`Shard::session_key`]) and claims say where it is. An entry is a
+    /// clone of the id (32 bytes) and the shard (40 with padding), at
+    /// 2.2 buckets per entry when the table has just doubled: about 90 bytes
+    /// per client. With one shard the table stays empty; with N shards it
+    /// holds the (N-1)/N of the ids homed here that live elsewhere.
     homes: AHashMap<ByteString, usize>,
     /// Claims of this shard's connections waiting for an answer, by token.
     claims: AHashMap<u64, PendingClaim>,
@@ -76,8 +83,8 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// Number of client ids homed on this shard.
-    pub fn homed(&self) -> usize {
+    /// Number of client ids homed on this shard and held by another shard.
+    pub fn homed_elsewhere(&self) -> usize {
         self.homes.len()
     }
 }
@@ -173,6 +180,10 @@ pub async fn claim(
 
 impl Shard {
     /// At the home shard: `new_shard` claims `client_id`.
+    ///
+    /// The previous owner is the shard in `homes`, or else this shard or no
+    /// shard: [`Shard::evict`] then finds the id's session or waiting claim
+    /// here (and takes it over), or answers that there is nothing to resume.
     pub fn home_claim(
         &mut self,
         client_id: ByteString,
@@ -180,13 +191,17 @@ impl Shard {
         token: u64,
         clean_session: bool,
     ) {
-        let previous = self.registry.homes.insert(client_id.clone(), new_shard);
+        let previous = if new_shard == self.id {
+            self.registry.homes.remove(&client_id)
+        } else {
+            // A copy, not a clone: a clone would keep the connection's
+            // buffer and the 24-byte shared header its first clone made
+            // alive for as long as the record lives.
+            let record = ByteString::from(&*client_id);
+            self.registry.homes.insert(record, new_shard)
+        };
         match previous {
-            None => self.answer_claim(new_shard, token, None),
-            Some(owner) if owner == self.id => {
-                self.evict(&client_id, new_shard, token, clean_session)
-            }
-            Some(owner) => self.outbox.push((
+            Some(owner) if owner != self.id => self.outbox.push((
                 owner,
                 ShardMsg::Evict {
                     client_id,
@@ -195,13 +210,14 @@ impl Shard {
                     clean_session,
                 },
             )),
+            _ => self.evict(&client_id, new_shard, token, clean_session),
         }
     }
 
     /// At the shard holding the session: close its connection and hand its
     /// state to the claim `(to_shard, token)`.
     pub fn evict(&mut self, client_id: &str, to_shard: usize, token: u64, clean_session: bool) {
-        if let Some(&key) = self.by_client_id.get(client_id)
+        if let Some(key) = self.session_key(client_id)
             && let Some(session) = self.remove_session(key)
         {
             if let Some(mut link) = session.link {
@@ -269,7 +285,7 @@ impl Shard {
                 Some(state) => {
                     let _ = self.insert_session(Session::new(client_id, false, state));
                 }
-                None => self.release(client_id),
+                None => self.release(&client_id),
             }
             return;
         }
@@ -280,19 +296,21 @@ impl Shard {
     }
 
     /// A session of this shard ended: tell its home shard.
-    pub fn release(&mut self, client_id: ByteString) {
-        let home = home_shard(&client_id, self.nr_shards);
+    pub fn release(&mut self, client_id: &str) {
+        let home = home_shard(client_id, self.nr_shards);
         let shard = self.id;
         if home == self.id {
-            self.home_release(&client_id, shard);
+            self.home_release(client_id, shard);
         } else {
+            let client_id = ByteString::from(client_id);
             self.outbox
                 .push((home, ShardMsg::Release { client_id, shard }));
         }
     }
 
     /// At the home shard: the session on `shard` ended; forget it unless the
-    /// id was claimed by another shard meanwhile.
+    /// id was claimed by another shard meanwhile. (A session on the home
+    /// shard itself has no entry to forget.)
     pub fn home_release(&mut self, client_id: &str, shard: usize) {
         if self.registry.homes.get(client_id) == Some(&shard) {
             self.registry.homes.remove(client_id);
@@ -302,7 +320,194 @@ impl Shard {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
+    use crate::codec::{QoS, Subscribe};
+    use crate::config::Config;
+    use crate::shard::SessionKey;
+
+    /// A one-shard shard, as the broker makes it.
+    fn shard() -> Shard {
+        Shard::new(
+            0,
+            1,
+            Arc::new(Config::default()),
+            Arc::new(crate::auth::Auth::open()),
+        )
+    }
+
+    /// Connects `client_id` (persistent unless `clean`) and subscribes it to
+    /// `filter`, as a connection does.
+    fn connect(shard: &mut Shard, client_id: &str, clean: bool, filter: &str) -> SessionKey {
+        // The claim at home (here); its answer goes to no waiting claim.
+        shard.home_claim(ByteString::from(client_id), 0, u64::MAX, clean);
+        let mut session = Session::new(ByteString::from(client_id), clean, SessionState::default());
+        session.link = Some(crate::connection::test_link());
+        let key = shard.insert_session(session);
+        let subscribe = Subscribe {
+            packet_id: 1,
+            filters: vec![(ByteString::from(filter), QoS::AtMostOnce)],
+        };
+        shard.subscribe(key, subscribe, None);
+        key
+    }
+
+    /// Records a claim of this shard waiting for its answer.
+    fn pending(shard: &mut Shard, client_id: &str, token: u64) {
+        shard.registry.claims.insert(
+            token,
+            PendingClaim {
+                client_id: ByteString::from(client_id),
+                outcome: None,
+                waker: None,
+                superseded_by: None,
+                abandoned: false,
+            },
+        );
+    }
+
+    #[test]
+    fn sessions_share_the_routers_filter_and_are_found_by_id() {
+        let mut shard = shard();
+        let a = connect(&mut shard, "client-a", true, "bench/fanout");
+        let b = connect(&mut shard, "client-b", true, "bench/fanout");
+        assert_eq!(shard.session_key("client-a"), Some(a));
+        assert_eq!(shard.session_key("client-b"), Some(b));
+        assert_eq!(shard.session_key("client-c"), None);
+        let filter_of = |shard: &Shard, key: SessionKey| {
+            shard.sessions[key as usize].state.subscriptions[0]
+                .0
+                .clone()
+        };
+        let (fa, fb) = (filter_of(&shard, a), filter_of(&shard, b));
+        assert!(Arc::ptr_eq(&fa, &fb), "one filter string for both sessions");
+        assert_eq!(&*fa, "bench/fanout");
+        // Router's copy, two sessions, and the two clones here.
+        assert_eq!(Arc::strong_count(&fa), 5);
+        drop(fb);
+        shard.remove_session(a);
+        shard.remove_session(b);
+        assert_eq!(Arc::strong_count(&fa), 1, "freed with the last subscriber");
+        assert!(shard.router.is_empty());
+        assert_eq!(shard.session_key("client-a"), None);
+        assert!(shard.by_client_id.is_empty());
+    }
+
+    #[test]
+    fn take_over_hands_a_persistent_session_to_the_new_claim() {
+        let mut shard = shard();
+        let old = connect(&mut shard, "dev-1", false, "cmd/dev-1");
+        let other = connect(&mut shard, "dev-2", true, "cmd/dev-2");
+        // A new CONNECT claims the id: the home (this shard) evicts the old.
+        pending(&mut shard, "dev-1", 7);
+        shard.home_claim(ByteString::from("dev-1"), 0, 7, false);
+        assert_eq!(shard.session_key("dev-1"), None, "old session gone");
+        assert_eq!(shard.session_key("dev-2"), Some(other));
+        assert!(shard.sessions.get(old as usize).is_none());
+        let Some(PendingClaim {
+            outcome: Some(Outcome::Granted(Some(state))),
+            ..
+        }) = shard.registry.claims.remove(&7)
+        else {
+            panic!("claim not granted with the old state");
+        };
+        assert_eq!(&*state.subscriptions[0].0, "cmd/dev-1");
+        // The new connection resumes it: found by id, subscribed again.
+        let new = shard.insert_session(Session::new(ByteString::from("dev-1"), false, state));
+        assert_eq!(shard.session_key("dev-1"), Some(new));
+        assert_eq!(shard.router.len(), 2);
+        // Every id lives on its home (the only shard): no home records.
+        assert_eq!(shard.registry.homed_elsewhere(), 0);
+        shard.remove_session(new);
+        shard.release("dev-1");
+        assert_eq!(shard.session_key("dev-1"), None);
+        assert_eq!(shard.by_client_id.len(), 1);
+        // The id is free: a new claim starts fresh.
+        pending(&mut shard, "dev-1", 8);
+        shard.home_claim(ByteString::from("dev-1"), 0, 8, false);
+        assert!(matches!(
+            shard
+                .registry
+                .claims
+                .get(&8)
+                .and_then(|c| c.outcome.as_ref()),
+            Some(Outcome::Granted(None))
+        ));
+    }
+
+    #[test]
+    fn home_records_only_ids_held_by_other_shards() {
+        let mut home = Shard::new(
+            0,
+            2,
+            Arc::new(Config::default()),
+            Arc::new(crate::auth::Auth::open()),
+        );
+        let id = (0..)
+            .map(|i| format!("c{i}"))
+            .find(|id| home_shard(id, 2) == 0)
+            .unwrap_or_default();
+        let take_outbox = |shard: &mut Shard| std::mem::take(&mut shard.outbox);
+        // Shard 1 claims the id: recorded, granted fresh over the mesh.
+        home.home_claim(ByteString::from(id.as_str()), 1, 1, false);
+        assert_eq!(home.registry.homed_elsewhere(), 1);
+        assert!(matches!(
+            take_outbox(&mut home)[..],
+            [(
+                1,
+                ShardMsg::Claimed {
+                    token: 1,
+                    state: None
+                }
+            )]
+        ));
+        // A connection on the home claims it: shard 1 must evict, no record.
+        pending(&mut home, &id, 2);
+        home.home_claim(ByteString::from(id.as_str()), 0, 2, false);
+        assert_eq!(home.registry.homed_elsewhere(), 0);
+        assert!(matches!(
+            take_outbox(&mut home)[..],
+            [(
+                1,
+                ShardMsg::Evict {
+                    to_shard: 0,
+                    token: 2,
+                    ..
+                }
+            )]
+        ));
+        // Shard 1's late release does not forget the new owner: a claim from
+        // shard 1 now supersedes the home's waiting claim.
+        home.home_release(&id, 1);
+        home.home_claim(ByteString::from(id.as_str()), 1, 3, false);
+        assert_eq!(home.registry.homed_elsewhere(), 1);
+        assert_eq!(
+            home.registry.claims.get(&2).and_then(|c| c.superseded_by),
+            Some((1, 3, false))
+        );
+        // The state shard 1 hands over for claim 2 goes on to claim 3.
+        home.claim_answered(2, Some(SessionState::default()));
+        assert!(matches!(
+            home.registry
+                .claims
+                .get(&2)
+                .and_then(|c| c.outcome.as_ref()),
+            Some(Outcome::Superseded)
+        ));
+        assert!(matches!(
+            take_outbox(&mut home)[..],
+            [(
+                1,
+                ShardMsg::Claimed {
+                    token: 3,
+                    state: Some(_)
+                }
+            )]
+        ));
+        home.home_release(&id, 1);
+        assert_eq!(home.registry.homed_elsewhere(), 0);
+    }
 
     #[test]
     fn home_shard_is_stable_and_in_range() {

@@ -24,11 +24,22 @@
 use std::collections::VecDeque;
 
 use bytestring::ByteString;
+use smallvec::SmallVec;
 
 use crate::codec::{self, PacketId, QoS};
 use crate::connection::Link;
 use crate::message::{Encoded, Message};
 use crate::outqueue::{Frame, OutFrame, OutQueue};
+use crate::router::SharedFilter;
+
+/// A session's subscriptions: (Topic Filter, granted QoS), in subscription
+/// order. The filter is the router's shared copy ([`SharedFilter`], 16 bytes),
+/// so an entry is 24 bytes and owns no string. The fan-out case is one
+/// subscription per client, so one entry lives inline in the session (the
+/// array is 32 bytes, 8 more than an empty `Vec`) and a client with one
+/// subscription allocates nothing for it; a `Vec` would allocate room for 4
+/// entries on the first push. More subscriptions move to the heap.
+pub type Subscriptions = SmallVec<[(SharedFilter, QoS); 1]>;
 
 /// The per-client bounds, from the configuration.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -84,7 +95,7 @@ pub struct Inflight {
 #[derive(Clone, Debug, Default)]
 pub struct SessionState {
     /// Topic filters and their granted QoS, in subscription order.
-    pub subscriptions: Vec<(ByteString, QoS)>,
+    pub subscriptions: Subscriptions,
     /// QoS 1/2 flows, allocated on first use: a subscriber that only ever
     /// gets QoS 0 (the common fan-out case) does not pay ~100 bytes for them.
     pub flows: Option<Box<Flows>>,
@@ -132,8 +143,13 @@ pub enum Qos2Receipt {
 /// One client id's session on this shard.
 #[derive(Debug)]
 pub struct Session {
-    /// The client identifier (§3.1.3.1).
-    pub client_id: ByteString,
+    /// The client identifier (§3.1.3.1), the session's own copy: a
+    /// `Box<str>` is 16 bytes and one allocation of the id's length. The
+    /// `ByteString` the codec made (32 bytes, and once cloned a second,
+    /// shared header of 24 bytes) is dropped with the handshake; the shard's
+    /// index by client id reads this copy ([`crate::session_index`]), so it
+    /// must not change while the session is in the shard's slab.
+    pub client_id: Box<str>,
     /// CleanSession flag of the connection that owns it (§3.1.2.4).
     pub clean_session: bool,
     /// State that survives the connection.
@@ -150,7 +166,7 @@ impl Session {
     /// A session for `client_id`, with the state it had (or a fresh one).
     pub fn new(client_id: ByteString, clean_session: bool, state: SessionState) -> Session {
         Session {
-            client_id,
+            client_id: Box::from(&*client_id),
             clean_session,
             state,
             out: OutQueue::default(),
@@ -165,25 +181,40 @@ impl Session {
     }
 
     /// Adds or replaces a subscription; true when the filter is new.
-    pub fn subscribe(&mut self, filter: &ByteString, qos: QoS) -> bool {
-        if let Some(entry) = self
-            .state
-            .subscriptions
-            .iter_mut()
-            .find(|(f, _)| f == filter)
-        {
+    /// `filter` is the router's shared copy ([`crate::router::Router::subscribe_shared`]).
+    pub fn subscribe(&mut self, filter: SharedFilter, qos: QoS) -> bool {
+        let subscriptions = &mut self.state.subscriptions;
+        if let Some(entry) = subscriptions.iter_mut().find(|(f, _)| *f == filter) {
             entry.1 = qos;
             return false;
         }
-        self.state.subscriptions.push((filter.clone(), qos));
+        if subscriptions.len() == subscriptions.capacity() {
+            // Grow by a quarter (at least one), not by doubling: clients
+            // rarely add many, and every spare entry costs 24 bytes for the
+            // session's life; still geometric, so a client with thousands of
+            // filters does not copy its array on every SUBSCRIBE.
+            subscriptions.reserve_exact((subscriptions.len() / 4).max(1));
+        }
+        subscriptions.push((filter, qos));
         true
     }
 
     /// Removes a subscription; true when it existed.
     pub fn unsubscribe(&mut self, filter: &str) -> bool {
-        let before = self.state.subscriptions.len();
-        self.state.subscriptions.retain(|(f, _)| f != filter);
-        before != self.state.subscriptions.len()
+        let subscriptions = &mut self.state.subscriptions;
+        let before = subscriptions.len();
+        subscriptions.retain(|(f, _)| &**f != filter);
+        if subscriptions.len() != before {
+            // Back inline (or to a tight array) once most are gone.
+            let len = subscriptions.len();
+            if subscriptions.spilled()
+                && (len <= subscriptions.inline_size() || subscriptions.capacity() > 2 * len)
+            {
+                subscriptions.shrink_to_fit();
+            }
+            return true;
+        }
+        false
     }
 
     /// Offers a message matched by a subscription granted `granted`, forwarded
@@ -689,11 +720,36 @@ mod tests {
     #[test]
     fn subscriptions_replace_and_remove() {
         let mut s = online();
-        let f = ByteString::from_static("a/+");
-        assert!(s.subscribe(&f, QoS::AtMostOnce));
-        assert!(!s.subscribe(&f, QoS::ExactlyOnce));
-        assert_eq!(s.state.subscriptions, vec![(f.clone(), QoS::ExactlyOnce)]);
+        let f = SharedFilter::from("a/+");
+        assert!(s.subscribe(f.clone(), QoS::AtMostOnce));
+        assert!(!s.subscribe(f.clone(), QoS::ExactlyOnce));
+        assert_eq!(s.state.subscriptions[..], [(f.clone(), QoS::ExactlyOnce)]);
         assert!(s.unsubscribe("a/+"));
         assert!(!s.unsubscribe("a/+"));
+    }
+
+    #[test]
+    fn one_subscription_is_inline_and_more_grow_by_a_quarter() {
+        let mut s = online();
+        assert!(s.subscribe(SharedFilter::from("a"), QoS::AtMostOnce));
+        assert!(
+            !s.state.subscriptions.spilled(),
+            "one subscription: no heap"
+        );
+        for (n, f) in ["b", "c", "d", "e"].into_iter().enumerate() {
+            assert!(s.subscribe(SharedFilter::from(f), QoS::AtLeastOnce));
+            // Up to 4 entries, a quarter is less than one: one at a time.
+            assert_eq!(s.state.subscriptions.capacity(), n + 2);
+        }
+        for f in ["b", "c", "d", "e"] {
+            assert!(s.unsubscribe(f));
+        }
+        assert!(!s.state.subscriptions.spilled(), "back inline");
+        assert_eq!(
+            s.state.subscriptions[..],
+            [(SharedFilter::from("a"), QoS::AtMostOnce)]
+        );
+        // The inline array costs 8 bytes over an empty `Vec`.
+        assert_eq!(std::mem::size_of::<Subscriptions>(), 32);
     }
 }

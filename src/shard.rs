@@ -14,7 +14,6 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
 
-use ahash::AHashMap;
 use bytes::BytesMut;
 use bytestring::ByteString;
 use log::debug;
@@ -33,6 +32,7 @@ use crate::registry::Registry;
 use crate::retain::RetainStore;
 use crate::router::Router;
 use crate::session::{Delivery, Limits, Session};
+use crate::session_index::SessionIndex;
 use crate::sys::Counters;
 use crate::topic;
 
@@ -59,8 +59,10 @@ pub struct Shard {
     /// Boxed: the slab's spare capacity (up to half of it after a doubling)
     /// then costs a pointer per slot, not a whole session.
     pub sessions: slab::Slab<Box<Session>>,
-    /// Sessions by client id.
-    pub by_client_id: AHashMap<ByteString, SessionKey>,
+    /// Sessions by client id: 4 bytes per entry, hashed by the session's own
+    /// client id (see [`crate::session_index`]); look up with
+    /// [`Shard::session_key`].
+    pub by_client_id: SessionIndex,
     /// This shard's subscriptions.
     pub router: Router<SessionKey>,
     /// This shard's replica of the retained messages.
@@ -165,7 +167,7 @@ impl Shard {
             config,
             limits,
             sessions: slab::Slab::new(),
-            by_client_id: AHashMap::new(),
+            by_client_id: SessionIndex::default(),
             router: Router::new(),
             retained: RetainStore::default(),
             registry: Registry::default(),
@@ -444,7 +446,7 @@ impl Shard {
             let subscriptions = &session.state.subscriptions;
             if max_subscriptions > 0
                 && subscriptions.len() >= max_subscriptions
-                && !subscriptions.iter().any(|(f, _)| *f == filter)
+                && !subscriptions.iter().any(|(f, _)| **f == *filter)
             {
                 debug!(
                     "client {}: refused topic filter {filter:?}: max_subscriptions_per_client ({max_subscriptions}) reached",
@@ -469,8 +471,9 @@ impl Shard {
                     continue;
                 }
             }
-            session.subscribe(&filter, qos);
-            self.router.subscribe(&filter, key, qos);
+            // The session keeps the router's copy of the filter string.
+            let (_, shared) = self.router.subscribe_shared(&filter, key, qos);
+            session.subscribe(shared, qos);
             codes.push(qos as u8);
             granted_filters.push((filter, qos));
         }
@@ -518,15 +521,22 @@ impl Shard {
         self.mark_dirty(key);
     }
 
+    /// The session with `client_id` on this shard, live or parked.
+    pub fn session_key(&self, client_id: &str) -> Option<SessionKey> {
+        self.by_client_id.get(&self.sessions, client_id)
+    }
+
     /// Inserts a session and its subscriptions.
     pub fn insert_session(&mut self, session: Session) -> SessionKey {
-        let client_id = session.client_id.clone();
-        let subscriptions = session.state.subscriptions.clone();
         let key = self.sessions.insert(Box::new(session)) as SessionKey;
-        for (filter, qos) in &subscriptions {
-            self.router.subscribe(filter, key, *qos);
+        if let Some(session) = self.sessions.get_mut(key as usize) {
+            for (filter, qos) in &mut session.state.subscriptions {
+                // Share this shard's copy of the filter (a session taken over
+                // from another shard drops its copy of that shard's).
+                *filter = self.router.subscribe_shared(filter, key, *qos).1;
+            }
         }
-        self.by_client_id.insert(client_id, key);
+        self.by_client_id.insert(&self.sessions, key);
         key
     }
 
@@ -536,9 +546,8 @@ impl Shard {
         for (filter, _) in &session.state.subscriptions {
             self.router.unsubscribe(filter, key);
         }
-        if self.by_client_id.get(&session.client_id) == Some(&key) {
-            self.by_client_id.remove(&session.client_id);
-        }
+        self.by_client_id
+            .remove(&self.sessions, &session.client_id, key);
         Some(session)
     }
 
@@ -551,7 +560,7 @@ impl Shard {
         };
         if session.clean_session {
             if let Some(session) = self.remove_session(key) {
-                self.release(session.client_id);
+                self.release(&session.client_id);
             }
         } else {
             session.detach();
