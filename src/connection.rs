@@ -349,7 +349,7 @@ pub async fn serve(
         conn: Some(conn),
         slot: Some(slot),
         unprocessed,
-        fresh_waited: false,
+        reading: Reading::default(),
         forwarding: None,
         ended: None,
         listener,
@@ -802,9 +802,8 @@ struct Live {
     /// Bytes that arrived with CONNECT wait in `conn.rx`: handle them before
     /// reading.
     unprocessed: bool,
-    /// The connection ([`Wire::Fresh`]) has had its one wait in this task
-    /// after CONNECT: it parks at its next.
-    fresh_waited: bool,
+    /// What the task knows of its plain socket's reading.
+    reading: Reading,
     /// Publishes being handed to other shards, then the teardown (boxed:
     /// rarely in progress, and each may wait on the mesh).
     forwarding: Option<Pin<Box<dyn Future<Output = ()>>>>,
@@ -857,7 +856,7 @@ impl Future for Live {
             if this.unprocessed {
                 this.unprocessed = false;
             } else {
-                match poll_event(cx, &this.ctx, conn, &mut this.fresh_waited) {
+                match poll_event(cx, &this.ctx, conn, &mut this.reading) {
                     Poll::Pending => return Poll::Pending,
                     Poll::Ready(Event::Closed(reason)) => {
                         this.end(reason);
@@ -867,7 +866,7 @@ impl Future for Live {
                         Ok(Waited::Parked) => return Poll::Ready(()),
                         Ok(Waited::Pending) => return Poll::Pending,
                         Ok(Waited::InTask) => {
-                            this.fresh_waited = false;
+                            this.reading.fresh_waited = false;
                             continue;
                         }
                         Err(reason) => {
@@ -908,6 +907,19 @@ impl Future for Live {
             }
         }
     }
+}
+
+/// What a connection task knows of its plain socket, to spare `recv` calls
+/// that would only say "nothing yet".
+#[derive(Clone, Copy, Debug, Default)]
+struct Reading {
+    /// The connection ([`Wire::Fresh`]) has had its one wait in this task
+    /// after CONNECT: it parks at its next.
+    fresh_waited: bool,
+    /// The last `recv` returned less than it could take: the socket was
+    /// drained, so the connection may wait without another `recv` (arming
+    /// epoll reports data that arrived since at once).
+    drained: bool,
 }
 
 /// How a plain connection waits for its socket ([`Live::wait`]).
@@ -1006,13 +1018,12 @@ impl Live {
 }
 
 /// Polls for what the connection must do next: close, write (when its socket
-/// was full), read, or wait. `fresh_waited`: a [`Wire::Fresh`] connection
-/// already had its one wait in the task.
+/// was full), read, or wait.
 fn poll_event(
     cx: &mut Context<'_>,
     ctx: &Ctx,
     conn: &mut Established,
-    fresh_waited: &mut bool,
+    reading: &mut Reading,
 ) -> Poll<Event> {
     let Established {
         wire,
@@ -1091,25 +1102,13 @@ fn poll_event(
     // While its queue is stuck over the limit, the client does not read
     // what it is sent: stop reading it too (back-pressure).
     let read = !(link.blocked && session.out.bytes() > limits.max_queued_bytes);
-    if read {
-        match recv(fd, read_buf) {
-            Ok(0) => return Poll::Ready(Event::Closed(CloseReason::PeerClosed)),
-            Ok(n) => {
-                rx.extend_from_slice(&read_buf[..n]);
-                stats.bytes_received += n as u64;
-                return Poll::Ready(Event::Data);
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(_) => return Poll::Ready(Event::Closed(CloseReason::Io)),
-        }
-    }
     if let Wire::Fresh(tcp) = wire
-        && !*fresh_waited
+        && !reading.fresh_waited
         && read
         && !link.blocked
     {
-        // The first wait after CONNECT: in this task, on glommio's stream.
-        *fresh_waited = true;
+        // The first wait after CONNECT: in this task, on glommio's stream
+        // (whose read tries a `recv` first).
         link.set_waker(cx.waker());
         return match Pin::new(tcp).poll_read(cx, read_buf) {
             Poll::Ready(Ok(0)) => Poll::Ready(Event::Closed(CloseReason::PeerClosed)),
@@ -1119,8 +1118,24 @@ fn poll_event(
                 Poll::Ready(Event::Data)
             }
             Poll::Ready(Err(_)) => Poll::Ready(Event::Closed(CloseReason::Io)),
-            Poll::Pending => Poll::Pending,
+            Poll::Pending => {
+                reading.fresh_waited = true;
+                Poll::Pending
+            }
         };
+    }
+    if read && !reading.drained {
+        match recv(fd, read_buf) {
+            Ok(0) => return Poll::Ready(Event::Closed(CloseReason::PeerClosed)),
+            Ok(n) => {
+                reading.drained = n < read_buf.len();
+                rx.extend_from_slice(&read_buf[..n]);
+                stats.bytes_received += n as u64;
+                return Poll::Ready(Event::Data);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(_) => return Poll::Ready(Event::Closed(CloseReason::Io)),
+        }
     }
     Poll::Ready(Event::Wait(Interest {
         read,
@@ -1164,7 +1179,10 @@ pub fn resume(ctx: &Ctx, conn_id: u64, mut parked: Parked) {
         }),
         slot: parked.slot.take(),
         unprocessed: false,
-        fresh_waited: true,
+        reading: Reading {
+            fresh_waited: true,
+            drained: false,
+        },
         forwarding: None,
         ended: None,
         listener: parked.listener,
