@@ -864,7 +864,11 @@ impl Future for Live {
                     }
                     Poll::Ready(Event::Wait(interest)) => match this.wait(cx, interest) {
                         Ok(Waited::Parked) => return Poll::Ready(()),
-                        Ok(Waited::Pending) => return Poll::Pending,
+                        Ok(Waited::Pending) => {
+                            // Woken, it reads before it waits again.
+                            this.reading.drained = false;
+                            return Poll::Pending;
+                        }
                         Ok(Waited::InTask) => {
                             this.reading.fresh_waited = false;
                             continue;
