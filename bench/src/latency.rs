@@ -314,6 +314,8 @@ struct Measured {
     generator: (GeneratorUsage, Option<String>),
     /// Everything delivered: nothing of it can still be in flight.
     clean: bool,
+    /// The broker's CPUs busy with anything over the phase (fraction).
+    broker_cpus_busy: Option<f64>,
 }
 
 /// Runs the search and the measured run. The fleet is connected; `ready`
@@ -374,6 +376,7 @@ pub fn run(
                 broker_cores_busy: m
                     .window
                     .map(|(a, b, w)| (b - a) / (w as f64 / 1e9).max(1e-9)),
+                broker_cpus_busy: m.broker_cpus_busy,
                 generator_busy: g.cpu_s / g.wall_s.max(1e-9) / g.cpus.max(1) as f64,
                 generator_saturated: g.saturated,
                 sustained: verdict.is_ok(),
@@ -476,11 +479,21 @@ fn limited_by(f: &LatencyFigures) -> String {
         .is_some_and(|c| c >= scenario::SATURATED)
     {
         "the broker's CPU".into()
+    } else if let Some(busy) = step.broker_cpus_busy.filter(|&b| b >= scenario::SATURATED) {
+        format!(
+            "the broker's CPUs, {:.0}% busy, but only {} cores of that by the broker: other processes on this host took the rest (rerun on a quiet host)",
+            busy * 100.0,
+            fmt_cores(step.broker_cores_busy)
+        )
     } else if step.published < step.planned {
         "the publisher's schedule (the broker stopped reading, or the publisher fell behind)".into()
     } else {
         "neither CPU saturated (latency, not throughput, failed the step)".into()
     }
+}
+
+fn fmt_cores(c: Option<f64>) -> String {
+    c.map_or("–".into(), |c| format!("{c:.2}"))
 }
 
 /// Before a phase: reconnects subscribers the broker shed. Returns `false`
@@ -575,7 +588,17 @@ fn measure(
         track_stride: stride,
         limit_ns: ((seconds * STEP_SLACK + o.drain_timeout) * 1e9) as u64,
     };
+    let broker_cpus = o
+        .broker_cpus
+        .as_deref()
+        .and_then(|l| procfs::parse_cpu_list(l).ok());
+    let ticks = |c: &Option<Vec<usize>>| c.as_deref().and_then(|c| procfs::cpus_ticks(c).ok());
+    let ticks0 = ticks(&broker_cpus);
     let (published, window) = scenario::publish_phase(fleet, o, t, cur.ready, &phase, progress)?;
+    let broker_cpus_busy = ticks0
+        .zip(ticks(&broker_cpus))
+        .filter(|((_, t0), (_, t1))| t1 > t0)
+        .map(|((b0, t0), (b1, t1))| (b1 - b0) as f64 / (t1 - t0) as f64);
     cur.seq += published.sent;
     let reports = step(fleet, cur, 1, stats::monotonic_ns(), progress)?;
     let wall_s = (stats::monotonic_ns() - start) as f64 / 1e9;
@@ -610,6 +633,7 @@ fn measure(
         window,
         generator,
         clean,
+        broker_cpus_busy,
     })
 }
 

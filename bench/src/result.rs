@@ -201,6 +201,11 @@ pub struct LatencyStep {
     pub p99_us: f64,
     /// Broker CPU over the step, in cores.
     pub broker_cores_busy: Option<f64>,
+    /// The broker's CPUs (`--broker-cpus`) busy with anything, broker or
+    /// not, as a fraction: near 1 with the broker itself below that means
+    /// other processes took its cores.
+    #[serde(default)]
+    pub broker_cpus_busy: Option<f64>,
     /// Load generator CPU over the step, as a fraction of its CPUs.
     pub generator_busy: f64,
     pub generator_saturated: bool,
@@ -271,6 +276,15 @@ fn fmt_opt(v: Option<f64>, digits: usize) -> String {
     v.map_or("–".into(), |v| format!("{v:.digits$}"))
 }
 
+/// A rate as typed (`20`) when whole, else to one decimal (R_max / 2).
+fn fmt_rate(r: f64) -> String {
+    if r.fract() == 0.0 {
+        format!("{r}")
+    } else {
+        format!("{r:.1}")
+    }
+}
+
 fn fmt_bytes(v: Option<u64>) -> String {
     v.map_or("–".into(), |b| format!("{:.1} MiB", b as f64 / 1048576.0))
 }
@@ -338,7 +352,7 @@ pub fn run_table(run: &RunResult) -> String {
     let load = if run.fanout.is_some() {
         let mode = p
             .rate
-            .map_or("burst".to_owned(), |r| format!("paced {r}/s"));
+            .map_or("burst".to_owned(), |r| format!("paced {}/s", fmt_rate(r)));
         format!(
             ", filter `{}`, QoS {}, {} B payload, {mode}, {} messages",
             p.filter, p.qos, p.payload, p.msgs
@@ -536,7 +550,7 @@ fn latency_rows(l: &LatencyFigures, row: &mut impl FnMut(&str, String)) {
 fn steps_table(l: &LatencyFigures) -> String {
     let mut s = String::from(
         "\nRate search (open loop; a step is sustained when every subscriber got every message and the publish→last-subscriber lag did not grow):\n\n\
-         | msg/s | published / planned | delivered / expected | lost | lag first → last tenth (ms) | growth / tolerance (ms) | p99 µs | broker cores | generator busy | sustained |\n\
+         | msg/s | published / planned | delivered / expected | lost | lag first → last tenth (ms) | growth / tolerance (ms) | p99 µs | broker cores (its CPUs busy) | generator busy | sustained |\n\
          | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |\n",
     );
     for st in &l.steps {
@@ -548,7 +562,7 @@ fn steps_table(l: &LatencyFigures) -> String {
         });
         let _ = writeln!(
             s,
-            "| {:.1} | {} / {} | {} / {} | {} | {lag} | {growth} | {:.0} | {} | {:.0}%{} | {} |",
+            "| {:.1} | {} / {} | {} / {} | {} | {lag} | {growth} | {:.0} | {}{} | {:.0}%{} | {} |",
             st.rate,
             st.published,
             st.planned,
@@ -557,6 +571,8 @@ fn steps_table(l: &LatencyFigures) -> String {
             st.lost,
             st.p99_us,
             fmt_opt(st.broker_cores_busy, 2),
+            st.broker_cpus_busy
+                .map_or(String::new(), |b| format!(" ({:.0}%)", b * 100.0)),
             st.generator_busy * 100.0,
             if st.generator_saturated {
                 " (saturated)"
