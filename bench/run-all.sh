@@ -5,7 +5,7 @@
 # broker on CPU 0 and load generator on CPU 1. Writes bench/results/*.json
 # and bench/plots/*.svg, then regenerates bench/RESULTS.md.
 #
-# Usage: bench/run-all.sh          (after bench/peers.sh; takes ~20 minutes)
+# Usage: bench/run-all.sh          (after bench/peers.sh; takes ~25 minutes)
 # Every run is bounded by --duration; traffic stays on 127.0.0.1.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -40,8 +40,11 @@ run storm-10k storm --subs 10000 --compare fanmq mosquitto rumqttd "${pin[@]}"
 # both CPUs, so compare the broker's CPU-seconds per delivery.
 run multicore-burst-10k fanout --subs 10000 --msgs 500 --duration 120 --rounds 2 \
   --compare fanmq:1 fanmq:2 --broker-cpus 0,1 --client-cpus 0,1
-# Latency at half of fanmq's burst rate (10k subscribers: ~1000 msg/s), 60 s.
-run latency-half-rate-10k fanout --subs 10000 --msgs 60000 --rate 1000 --duration 75 \
-  --compare fanmq "${pin[@]}"
+# Issue 3's latency target: find fanmq's max sustained rate R_max for N
+# subscribers (open-loop steps of 5 s, doubling then bisecting to 10%, at most
+# 16 steps), then 60 s at R_max / 2: p99 against 1.2 x N / (R_max x N) and
+# the backlog growth. About 2-3 minutes each.
+run latency-1k latency --subs 1000 --duration 60 --compare fanmq "${pin[@]}"
+run latency-10k latency --subs 10000 --duration 60 --compare fanmq "${pin[@]}"
 
 cargo run -q -p fanmq-bench --release -- report

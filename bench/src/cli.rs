@@ -93,7 +93,7 @@ pub struct Opts {
     #[arg(long, default_value_t = 100.0)]
     pub start_rate: f64,
     /// Latency: most steps of the rate search.
-    #[arg(long, default_value_t = 12)]
+    #[arg(long, default_value_t = 16)]
     pub max_steps: u32,
     /// Latency: stop bisecting when the lowest failed rate is within this
     /// fraction above the highest sustained one.

@@ -337,6 +337,9 @@ pub fn headline(run: &RunResult) -> Vec<(&'static str, f64, bool)> {
         }
         if let Some(b) = l.bound_us {
             v.push(("bound 1.2·N÷max deliveries/s µs", b, false));
+            if let Some(p) = l.p99_us {
+                v.push(("p99 ÷ bound at R_max/2 (≤ 1 meets it)", p / b, false));
+            }
         }
         if let Some(g) = l.lag.as_ref() {
             v.push(("lag growth at R_max/2 ms", g.growth_ms, false));
@@ -681,6 +684,31 @@ mod tests {
         ];
         let t = compare_table(&runs);
         assert!(t.contains("| deliveries/s | 100.0 | 300.0 | 3.00 |"), "{t}");
+    }
+
+    #[test]
+    fn latency_rows_and_headline() {
+        let mut r = run("fanmq", 0, 1.0);
+        r.scenario = "latency".into();
+        r.latency = Some(LatencyFigures {
+            subscribers: 10,
+            max_rate: Some(1000.0),
+            bound_us: Some(1200.0),
+            p99_us: Some(600.0),
+            meets_bound: Some(true),
+            steps: vec![LatencyStep {
+                rate: 1000.0,
+                sustained: true,
+                ..LatencyStep::default()
+            }],
+            ..LatencyFigures::default()
+        });
+        let t = run_table(&r);
+        assert!(t.contains("| p99 ≤ bound | **yes** |"), "{t}");
+        assert!(t.contains("Rate search"), "{t}");
+        let h = headline(&r);
+        assert!(h.contains(&("p99 ÷ bound at R_max/2 (≤ 1 meets it)", 0.5, false)));
+        assert!(h.contains(&("max sustained msg/s (R_max)", 1000.0, true)));
     }
 
     #[test]
