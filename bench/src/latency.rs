@@ -20,10 +20,19 @@
 //!    schedule, so a broker that stops reading cannot hide its backlog in
 //!    our socket). It grows when the median lag of the last tenth of the
 //!    step's messages exceeds the median of the first tenth by more than the
-//!    tolerance: [`GROWTH_FLOOR_MS`], or [`GROWTH_SLOPE`] of the time between
-//!    the two tenths, whichever is larger. Medians of tenths, not a fitted
-//!    slope: one scheduler hiccup does not fail a step, a queue that fills
-//!    at any steady overload does (a rate ε above capacity adds ε·t of lag).
+//!    tolerance: the largest of [`GROWTH_FLOOR_MS`], [`GROWTH_SLOPE`] of the
+//!    time between the two tenths, and [`GROWTH_REL`] of the first tenth's
+//!    lag. Medians of tenths, not a fitted slope: one scheduler hiccup does
+//!    not fail a step, a queue that fills at a steady overload does (a rate
+//!    ε above capacity adds ε·t of lag). The relative term is there because
+//!    a broker that coalesces (one write per subscriber carries every
+//!    message queued for it) runs at a lag of about one pass over all its
+//!    subscribers, hundreds of ms at 10k, which swings with the CPU it gets;
+//!    on this shared 2-core host a 20 ms tolerance failed steps at a tenth of
+//!    the rate another run sustained. A false failure would *understate*
+//!    R_max and so *loosen* the bound in the broker's favour; a missed small
+//!    overload overstates R_max by at most the bisection step, which only
+//!    tightens the bound.
 //! 4. **Measure at R_max / 2** for `--duration` seconds: p50/p99/p999/max
 //!    publish→subscriber (the fan-out figures of the run), the bound
 //!    1.2 × N ÷ (R_max × N) ([`bound_us`]), whether p99 meets it, and the
@@ -76,6 +85,10 @@ pub const GROWTH_FLOOR_MS: f64 = 20.0;
 /// queue growing at 1% of the elapsed time is a 1% overload.
 pub const GROWTH_SLOPE: f64 = 0.01;
 
+/// Lag growth tolerated relative to the first tenth's lag: the lag may not
+/// double (see the module doc for why a relative term is needed).
+pub const GROWTH_REL: f64 = 1.0;
+
 /// A step whose messages did not all arrive leaves a backlog in the broker;
 /// the next step starts once no old message arrived for this long (s)...
 pub const SETTLE_QUIET_S: f64 = 1.0;
@@ -96,7 +109,7 @@ pub struct LagTrend {
     /// `last_ms - first_ms`.
     pub growth_ms: f64,
     /// Growth allowed: max([`GROWTH_FLOOR_MS`], [`GROWTH_SLOPE`] × time
-    /// between the tenths).
+    /// between the tenths, [`GROWTH_REL`] × `first_ms`).
     pub tolerance_ms: f64,
     /// `growth_ms > tolerance_ms`: the backlog grows.
     pub grows: bool,
@@ -120,7 +133,9 @@ pub fn lag_trend(lags_ns: &[u64], span_s: f64) -> Option<LagTrend> {
     let last_ms = median_ms(&lags[lags.len() - tenth..]);
     let growth_ms = last_ms - first_ms;
     // The tenths' centres are 0.9 of the span apart.
-    let tolerance_ms = GROWTH_FLOOR_MS.max(GROWTH_SLOPE * 0.9 * span_s * 1000.0);
+    let tolerance_ms = GROWTH_FLOOR_MS
+        .max(GROWTH_SLOPE * 0.9 * span_s * 1000.0)
+        .max(GROWTH_REL * first_ms);
     Some(LagTrend {
         messages: lags.len() as u64,
         first_ms,
@@ -743,6 +758,20 @@ mod tests {
         let t = lag_trend(&ramp, 10.0).unwrap();
         assert!(t.grows, "{t:?}");
         assert!((t.growth_ms - 180.0).abs() < 1.0, "{t:?}");
+    }
+
+    #[test]
+    fn a_coalescing_broker_may_swing_but_not_double() {
+        // 10k subscribers: a lag of ~300 ms that swings by half is noise...
+        let swing: Vec<u64> = (0..500u64)
+            .map(|k| if k < 250 { 300_000_000 } else { 450_000_000 })
+            .collect();
+        let t = lag_trend(&swing, 5.0).unwrap();
+        assert!(!t.grows && (t.tolerance_ms - 300.0).abs() < 1e-9, "{t:?}");
+        // ... a lag that triples over the step is a backlog.
+        let ramp: Vec<u64> = (0..500u64).map(|k| 300_000_000 + k * 1_200_000).collect();
+        let t = lag_trend(&ramp, 5.0).unwrap();
+        assert!(t.grows, "{t:?}");
     }
 
     #[test]
