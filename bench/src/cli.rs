@@ -74,10 +74,11 @@ pub struct Opts {
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(16..=1_048_576))]
     pub payload: u64,
     /// Messages per second (open loop, one send per message); without it the
-    /// publisher sends as fast as TCP takes it (burst).
+    /// publisher sends as fast as TCP takes it (burst). Latency: not used
+    /// (the search sets the rate; see --start-rate, --max-rate).
     #[arg(long)]
     pub rate: Option<f64>,
-    /// Messages to publish.
+    /// Messages to publish. Latency: not used (rate × duration).
     #[arg(long, default_value_t = 200)]
     pub msgs: u64,
     /// Hard time limit in seconds for the measured phase (publishing and
