@@ -96,6 +96,22 @@ pub const SETTLE_QUIET_S: f64 = 1.0;
 /// ... or, if the backlog never clears, the search stops after this (s).
 pub const SETTLE_LIMIT_S: f64 = 60.0;
 
+/// Other processes using more than this fraction of the broker's CPUs
+/// during a phase make the result say the host was contended: the broker
+/// was short of CPU it would have had on a quiet host.
+pub const CONTENDED: f64 = 0.2;
+
+/// The fraction of the broker's `ncpus` CPUs that other processes used:
+/// those CPUs' busy fraction minus the broker's own share of them.
+pub fn others_share(
+    cpus_busy: Option<f64>,
+    broker_cores: Option<f64>,
+    ncpus: usize,
+) -> Option<f64> {
+    let (busy, cores) = (cpus_busy?, broker_cores?);
+    Some((busy - cores / ncpus.max(1) as f64).max(0.0))
+}
+
 /// The lag trend of a run: medians of the first and last tenth of its
 /// messages (publish→last subscriber, plus the publisher's slip).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -354,6 +370,11 @@ pub fn run(
         wanted: ready,
     };
     out.figures.subscribers = ready;
+    let ncpus = o
+        .broker_cpus
+        .as_deref()
+        .and_then(|l| procfs::parse_cpu_list(l).ok())
+        .map_or(1, |c| c.len());
     let mut search = RateSearch::new(
         MIN_STEP_MSGS as f64 / o.step_duration,
         MAX_RATE,
@@ -428,6 +449,21 @@ pub fn run(
             None => format!("stopped after {} step(s)", out.figures.steps.len()),
         };
         out.figures.limited_by = limited_by(&out.figures);
+        let worst = out
+            .figures
+            .steps
+            .iter()
+            .filter_map(|s| {
+                others_share(s.broker_cpus_busy, s.broker_cores_busy, ncpus).map(|o| (o, s.rate))
+            })
+            .filter(|&(o, _)| o > CONTENDED)
+            .max_by(|a, b| a.0.total_cmp(&b.0));
+        if let Some((share, at)) = worst {
+            out.notes.push(format!(
+                "host contended: other processes used up to {:.0}% of the broker's CPUs during the search (step at {at:.1} msg/s); R_max may be understated: rerun on a quiet host",
+                share * 100.0
+            ));
+        }
         if let Some(hi) = out.figures.failed_rate
             && out
                 .figures
@@ -468,6 +504,15 @@ pub fn run(
     out.figures.meets_bound = out.figures.bound_us.map(|b| m.fanout.latency.p99_us <= b);
     out.figures.lag = m.outcome.lag.clone();
     out.figures.sustained = Some(verdict.is_ok());
+    let cores = m
+        .window
+        .map(|(a, b, w)| (b - a) / (w as f64 / 1e9).max(1e-9));
+    if let Some(share) = others_share(m.broker_cpus_busy, cores, ncpus).filter(|&o| o > CONTENDED) {
+        out.notes.push(format!(
+            "host contended: other processes used {:.0}% of the broker's CPUs during the run at R_max / 2: rerun on a quiet host",
+            share * 100.0
+        ));
+    }
     if let Err(why) = verdict {
         out.notes
             .push(format!("the run at R_max / 2 was not sustained: {why}"));
@@ -788,6 +833,18 @@ mod tests {
         // message out takes 1 ms, the bound is 1.2 ms.
         assert!((bound_us(10_000, 10_000_000.0) - 1200.0).abs() < 1e-9);
         assert!((bound_us(1, 1.0) - 1.2e6).abs() < 1e-6);
+    }
+
+    #[test]
+    fn others_share_of_the_broker_cpus() {
+        // CPU 0 fully busy, the broker used 0.19 of it: others took 81%.
+        let o = others_share(Some(1.0), Some(0.19), 1).unwrap();
+        assert!((o - 0.81).abs() < 1e-9);
+        // Two CPUs half busy, all of it the broker's (one core's worth).
+        assert_eq!(others_share(Some(0.5), Some(1.0), 2), Some(0.0));
+        // Tick rounding may put the broker above its CPUs: never negative.
+        assert_eq!(others_share(Some(0.9), Some(0.95), 1), Some(0.0));
+        assert_eq!(others_share(None, Some(1.0), 1), None);
     }
 
     #[test]
