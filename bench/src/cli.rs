@@ -24,6 +24,13 @@ pub enum Cmd {
     Idle(Opts),
     /// Drop all N subscribers at once and reconnect them.
     Storm(Opts),
+    /// Issue 3's latency target: find the highest message rate R_max the
+    /// broker sustains to N subscribers (open-loop steps: doubling, then
+    /// bisecting; sustained = nothing lost and the publish→last-subscriber
+    /// lag does not grow), then publish at R_max / 2 for --duration seconds
+    /// and report p50/p99/p999/max publish→subscriber against the bound
+    /// 1.2 × N ÷ (R_max × N), the backlog growth, broker and generator CPU.
+    Latency(Opts),
     /// The same fan-out through the bench's own plain TCP forwarder: the
     /// ceiling. Runs paced (`--rate`) or burst.
     Raw(Opts),
@@ -67,16 +74,36 @@ pub struct Opts {
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(16..=1_048_576))]
     pub payload: u64,
     /// Messages per second (open loop, one send per message); without it the
-    /// publisher sends as fast as TCP takes it (burst).
+    /// publisher sends as fast as TCP takes it (burst). Latency: not used
+    /// (the search sets the rate; see --start-rate, --max-rate).
     #[arg(long)]
     pub rate: Option<f64>,
-    /// Messages to publish.
+    /// Messages to publish. Latency: not used (rate × duration).
     #[arg(long, default_value_t = 200)]
     pub msgs: u64,
     /// Hard time limit in seconds for the measured phase (publishing and
-    /// draining, holding idle, reconnecting).
+    /// draining, holding idle, reconnecting). Latency: how long the run at
+    /// R_max / 2 publishes.
     #[arg(long, default_value_t = 60.0)]
     pub duration: f64,
+    /// Latency: seconds each step of the rate search publishes.
+    #[arg(long, default_value_t = 5.0)]
+    pub step_duration: f64,
+    /// Latency: the first rate the search tries (msg/s); it doubles from
+    /// there while sustained, halves while not.
+    #[arg(long, default_value_t = 100.0)]
+    pub start_rate: f64,
+    /// Latency: most steps of the rate search.
+    #[arg(long, default_value_t = 16)]
+    pub max_steps: u32,
+    /// Latency: stop bisecting when the lowest failed rate is within this
+    /// fraction above the highest sustained one.
+    #[arg(long, default_value_t = 0.1)]
+    pub precision: f64,
+    /// Latency: skip the search and take this as R_max (msg/s), e.g. to
+    /// measure every broker at half of the same rate.
+    #[arg(long)]
+    pub max_rate: Option<f64>,
     /// After the last publish, stop when nothing arrived for this long (s).
     #[arg(long, default_value_t = 5.0)]
     pub drain_timeout: f64,

@@ -115,6 +115,7 @@ impl Fleet {
                 ready: a.ready + p.ready,
                 failed: a.failed + p.failed,
                 delivered: a.delivered + p.delivered,
+                stale: a.stale + p.stale,
             })
     }
 

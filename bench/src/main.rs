@@ -7,6 +7,7 @@
 //! | [`cli`] | command line |
 //! | [`runner`] | one scenario against one broker, or `--compare` over several |
 //! | [`scenario`] | the scenarios: connect, fan-out, idle, storm |
+//! | [`latency`] | the latency scenario: rate search, lag trend, bound |
 //! | [`fleet`] / [`worker`] / [`protocol`] | subscriber connections in worker processes (mio event loops) |
 //! | [`publisher`] | the paced or burst publisher |
 //! | [`rawserver`] | the plain TCP forwarder, the ceiling |
@@ -21,6 +22,7 @@
 mod cli;
 mod compare;
 mod fleet;
+mod latency;
 mod mqtt;
 mod net;
 mod plot;
@@ -53,6 +55,7 @@ fn main() -> ExitCode {
         Cmd::Connect(o) => runner::run(scenario::Kind::Connect, o, false),
         Cmd::Idle(o) => runner::run(scenario::Kind::Idle, o, false),
         Cmd::Storm(o) => runner::run(scenario::Kind::Storm, o, false),
+        Cmd::Latency(o) => runner::run(scenario::Kind::Latency, o, false),
         Cmd::Raw(o) => runner::run(scenario::Kind::Fanout, o, true),
     };
     match outcome {

@@ -50,14 +50,16 @@ pub fn plots_for(file: &ResultFile, stem: &str) -> Result<Vec<String>, PlotError
         return Ok(Vec::new());
     }
     let many_rounds = runs.iter().any(|r| r.round > 0);
-    let title = format!(
-        "{} subscribers, {}",
-        runs[0].params.subs,
+    let mode = if runs[0].latency.is_some() {
+        // Each broker runs at half of its own maximum.
+        "paced at half of each broker's max sustained rate".to_owned()
+    } else {
         runs[0]
             .params
             .rate
             .map_or("burst".to_owned(), |r| format!("paced {r}/s"))
-    );
+    };
+    let title = format!("{} subscribers, {mode}", runs[0].params.subs);
     let lat = format!("{stem}-latency.svg");
     let rate = format!("{stem}-rate.svg");
     latency_cdf(&runs, &lat, &title, many_rounds).map_err(|e| PlotError::Draw(lat.clone(), e))?;

@@ -120,6 +120,38 @@ fn parse_sockstat(text: &str) -> Result<SockStat, ProcError> {
     })
 }
 
+/// Busy and total clock ticks of `cpus` summed, from `/proc/stat` (busy =
+/// everything but idle and iowait, by any process): tells a broker short
+/// of CPU because others ran on its cores from one that was not.
+///
+/// # Errors
+/// `/proc/stat` is unreadable or a listed CPU has no line.
+pub fn cpus_ticks(cpus: &[usize]) -> Result<(u64, u64), ProcError> {
+    parse_cpus_ticks(&read("/proc/stat")?, cpus)
+}
+
+fn parse_cpus_ticks(text: &str, cpus: &[usize]) -> Result<(u64, u64), ProcError> {
+    let (mut busy, mut total) = (0, 0);
+    for &cpu in cpus {
+        let name = format!("cpu{cpu}");
+        let line = text
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(name.as_str()))
+            .ok_or_else(|| ProcError::Format(format!("/proc/stat: no {name}")))?;
+        let v: Vec<u64> = line
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|f| f.parse().ok())
+            .collect();
+        // user nice system idle iowait irq softirq steal ...
+        let sum: u64 = v.iter().take(8).sum();
+        let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+        busy += sum.saturating_sub(idle);
+        total += sum;
+    }
+    Ok((busy, total))
+}
+
 /// This process's own user+system CPU seconds (all threads).
 pub fn self_cpu_seconds() -> f64 {
     // SAFETY: zeroed rusage is a valid out-parameter.
@@ -216,6 +248,16 @@ mod tests {
         assert_eq!(s.tcp_inuse, 3);
         assert!(s.tcp_mem_bytes >= 7 * 4096);
         assert!(sockstat().is_ok());
+    }
+
+    #[test]
+    fn stat_ticks() {
+        let text =
+            "cpu  9 9 9 9 9 9 9 9 0 0\ncpu0 10 1 5 80 4 0 0 0 0 0\ncpu1 1 0 1 8 0 0 0 0 0 0\n";
+        assert_eq!(parse_cpus_ticks(text, &[0]).unwrap(), (16, 100));
+        assert_eq!(parse_cpus_ticks(text, &[0, 1]).unwrap(), (18, 110));
+        assert!(parse_cpus_ticks(text, &[2]).is_err());
+        assert!(cpus_ticks(&[0]).is_ok());
     }
 
     #[test]

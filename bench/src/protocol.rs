@@ -46,8 +46,8 @@ pub struct WorkerTask {
     pub timeline_start_ns: u64,
     /// Width of a timeline bucket.
     pub bucket_ns: u64,
-    /// Per-message "last arrival" is tracked for sequence numbers below this
-    /// (bounded memory: 8 bytes per message).
+    /// Per-message "last arrival" is tracked for at most this many messages
+    /// of a phase (bounded memory: 8 bytes per message).
     pub track_msgs: u64,
 }
 
@@ -58,9 +58,27 @@ pub enum Command {
     Connect,
     /// Close every connection at once; answered by [`Event::Dropped`].
     Drop,
-    /// Stop and report; `published` is how many messages the publisher sent
-    /// (to count the ones never received). Answered by [`Event::Report`].
+    /// Stop and report; `published` is the sequence number after the last
+    /// one the publisher sent (to count the ones never received). Answered
+    /// by [`Event::Report`].
     Finish { published: u64 },
+    /// Report the phase so far like [`Command::Finish`], then start a new
+    /// phase (the latency scenario's steps): counters, histograms and
+    /// sequence checks start over, expecting sequence numbers from
+    /// `next_first_seq` on (older ones still arriving are counted as stale
+    /// and otherwise ignored); publish→last-subscriber latency is kept for
+    /// every `track_stride`-th message; the timeline restarts at
+    /// `timeline_start_ns`. Answered by [`Event::Report`].
+    Step {
+        published: u64,
+        next_first_seq: u64,
+        track_stride: u64,
+        timeline_start_ns: u64,
+    },
+    /// Open again every connection that is not subscribed (the broker shed
+    /// or closed it); the others stay as they are. Answered by
+    /// [`Event::Connected`] with the totals.
+    Repair,
 }
 
 /// Worker → coordinator.
@@ -89,6 +107,9 @@ pub struct Progress {
     pub failed: u64,
     /// Messages received.
     pub delivered: u64,
+    /// Messages of an earlier phase received in this one (the latency
+    /// scenario waits for these to stop before its next step).
+    pub stale: u64,
 }
 
 /// The outcome of one connect phase.
@@ -118,9 +139,18 @@ pub struct WorkerReport {
     pub subs_with_loss: u64,
     /// Payloads without a bench stamp (not ours).
     pub foreign: u64,
+    /// Publishes of an earlier phase that arrived in this one (ignored).
+    pub stale: u64,
+    /// Connections subscribed when the report was made.
+    pub ready: u64,
+    /// Subscribers counted in this phase (subscribed at its start or during
+    /// it): each should have received every message of the phase.
+    pub counted: u64,
     /// Publish → this subscriber (ns).
     pub latency: HistPairs,
-    /// Per sequence number: the largest latency seen here (ns), 0 = none.
+    /// Per tracked message of the phase (every `track_stride`-th from the
+    /// phase's first sequence number): the largest latency seen here (ns),
+    /// 0 = none.
     pub last_arrival: Vec<u64>,
     /// Deliveries per timeline bucket.
     pub timeline: Vec<u64>,

@@ -11,6 +11,13 @@
 //!
 //! QoS 1/2 keep at most [`INFLIGHT`] messages unacknowledged (PUBREL is sent
 //! on PUBREC).
+//!
+//! Paced runs also record each message's *slip*: how late it went out
+//! against its schedule (`sent - due`). An open-loop publisher that falls
+//! behind (the broker stops reading, or the publisher itself is too slow)
+//! hides that backlog from the stamped latency, which starts at the actual
+//! send; the latency scenario adds the slip back when it judges whether the
+//! lag grows.
 
 use crate::mqtt::{self, Frame};
 use crate::stats;
@@ -54,6 +61,13 @@ pub struct Plan {
     /// Speak to the raw forwarder (hello `P`, no CONNECT).
     pub raw: bool,
     pub client_id: String,
+    /// Sequence number of the first message (the latency scenario's steps
+    /// continue the numbering, so late messages of a step are recognized).
+    pub first_seq: u64,
+    /// Record the slip of every `track_stride`-th message (paced only)...
+    pub track_stride: u64,
+    /// ... and of at most this many (8 bytes each).
+    pub track_msgs: u64,
 }
 
 /// What was published.
@@ -63,6 +77,8 @@ pub struct Published {
     pub acked: u64,
     pub first_ns: u64,
     pub last_ns: u64,
+    /// Paced: per tracked message, ns between its due time and its send.
+    pub slip_ns: Vec<u64>,
 }
 
 /// Publishes until `plan.msgs` are sent (and acked for QoS > 0), `stop` is
@@ -122,7 +138,14 @@ pub fn run(
                     0
                 };
                 let sent_ns = stats::monotonic_ns();
-                stats::stamp(&mut payload, sent_ns, pub_.sent);
+                stats::stamp(&mut payload, sent_ns, plan.first_seq + pub_.sent);
+                let stride = plan.track_stride.max(1);
+                if interval_ns.is_some()
+                    && pub_.sent.is_multiple_of(stride)
+                    && pub_.sent / stride < plan.track_msgs
+                {
+                    pub_.slip_ns.push(sent_ns.saturating_sub(due));
+                }
                 mqtt::encode_publish_header(&plan.topic, plan.qos, pkid, payload.len(), &mut out);
                 out.extend_from_slice(&payload);
                 if pub_.first_ns == 0 {

@@ -5,6 +5,7 @@
 //! runs (one per broker per round). Everything a table or plot shows is in
 //! the file, so `fanmq-bench report` can regenerate them without rerunning.
 
+use crate::latency::LagTrend;
 use crate::procfs::SockStat;
 use crate::stats::Latency;
 use serde::{Deserialize, Serialize};
@@ -48,6 +49,10 @@ pub struct RunResult {
     pub fanout: Option<FanoutFigures>,
     pub idle: Option<IdleFigures>,
     pub storm: Option<StormFigures>,
+    /// The latency scenario: the rate search and the verdict; the run at
+    /// half the maximum rate is in `fanout`.
+    #[serde(default)]
+    pub latency: Option<LatencyFigures>,
     pub broker_usage: Option<BrokerUsage>,
     pub generator: GeneratorUsage,
     /// Anything a reader must know (saturation, failures, lower bounds).
@@ -141,6 +146,74 @@ pub struct StormFigures {
     pub broker_cpu_s: Option<f64>,
 }
 
+/// The latency scenario's figures (see `crate::latency`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct LatencyFigures {
+    /// Subscribers counted in the search (N).
+    pub subscribers: u64,
+    /// Every step of the rate search, in the order run.
+    pub steps: Vec<LatencyStep>,
+    /// How the search ended: converged, step budget used, cap reached,
+    /// nothing sustained, or the rate was given (`--max-rate`).
+    pub search: String,
+    /// The highest sustained message rate found (R_max, msg/s).
+    pub max_rate: Option<f64>,
+    /// The lowest rate that was not sustained, if one was tried.
+    pub failed_rate: Option<f64>,
+    /// What stopped the first rate that was not sustained: the broker, the
+    /// load generator (then R_max is a lower bound for the broker), or
+    /// neither CPU-bound.
+    pub limited_by: String,
+    /// R_max × N.
+    pub max_deliveries_per_s: Option<f64>,
+    /// The rate of the measured run: R_max / 2.
+    pub rate: Option<f64>,
+    /// 1.2 × N ÷ max deliveries/s, in µs (issue 3's target).
+    pub bound_us: Option<f64>,
+    /// p99 publish→subscriber of the run at R_max / 2, in µs.
+    pub p99_us: Option<f64>,
+    /// p99 ≤ bound.
+    pub meets_bound: Option<bool>,
+    /// Lag trend of the run at R_max / 2 (backlog growth).
+    pub lag: Option<LagTrend>,
+    /// The run at R_max / 2 delivered everything and its lag did not grow.
+    pub sustained: Option<bool>,
+}
+
+/// One step of the rate search: an open-loop run at `rate`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct LatencyStep {
+    /// Messages per second.
+    pub rate: f64,
+    /// Messages the step should publish (rate × step duration).
+    pub planned: u64,
+    pub published: u64,
+    /// Subscribers counted (subscribed at the step's start).
+    pub subscribers: u64,
+    pub delivered: u64,
+    pub expected: u64,
+    pub lost: u64,
+    /// Subscriber connections that broke during the step.
+    pub broken: u64,
+    /// Publish→last-subscriber lag trend (with the publisher's slip).
+    pub lag: Option<LagTrend>,
+    /// p99 publish→subscriber (µs).
+    pub p99_us: f64,
+    /// Broker CPU over the step, in cores.
+    pub broker_cores_busy: Option<f64>,
+    /// The broker's CPUs (`--broker-cpus`) busy with anything, broker or
+    /// not, as a fraction: near 1 with the broker itself below that means
+    /// other processes took its cores.
+    #[serde(default)]
+    pub broker_cpus_busy: Option<f64>,
+    /// Load generator CPU over the step, as a fraction of its CPUs.
+    pub generator_busy: f64,
+    pub generator_saturated: bool,
+    pub sustained: bool,
+    /// Why the step was not sustained (empty when it was).
+    pub why: String,
+}
+
 /// The broker's resource use over the measured phase.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct BrokerUsage {
@@ -203,6 +276,15 @@ fn fmt_opt(v: Option<f64>, digits: usize) -> String {
     v.map_or("–".into(), |v| format!("{v:.digits$}"))
 }
 
+/// A rate as typed (`20`) when whole, else to one decimal (R_max / 2).
+fn fmt_rate(r: f64) -> String {
+    if r.fract() == 0.0 {
+        format!("{r}")
+    } else {
+        format!("{r:.1}")
+    }
+}
+
 fn fmt_bytes(v: Option<u64>) -> String {
     v.map_or("–".into(), |b| format!("{:.1} MiB", b as f64 / 1048576.0))
 }
@@ -249,6 +331,20 @@ pub fn headline(run: &RunResult) -> Vec<(&'static str, f64, bool)> {
     if let Some(s) = &run.storm {
         v.push(("seconds to reconnect", s.seconds, false));
     }
+    if let Some(l) = &run.latency {
+        if let Some(r) = l.max_rate {
+            v.push(("max sustained msg/s (R_max)", r, true));
+        }
+        if let Some(b) = l.bound_us {
+            v.push(("bound 1.2·N÷max deliveries/s µs", b, false));
+            if let Some(p) = l.p99_us {
+                v.push(("p99 ÷ bound at R_max/2 (≤ 1 meets it)", p / b, false));
+            }
+        }
+        if let Some(g) = l.lag.as_ref() {
+            v.push(("lag growth at R_max/2 ms", g.growth_ms, false));
+        }
+    }
     v
 }
 
@@ -259,7 +355,7 @@ pub fn run_table(run: &RunResult) -> String {
     let load = if run.fanout.is_some() {
         let mode = p
             .rate
-            .map_or("burst".to_owned(), |r| format!("paced {r}/s"));
+            .map_or("burst".to_owned(), |r| format!("paced {}/s", fmt_rate(r)));
         format!(
             ", filter `{}`, QoS {}, {} B payload, {mode}, {} messages",
             p.filter, p.qos, p.payload, p.msgs
@@ -369,6 +465,9 @@ pub fn run_table(run: &RunResult) -> String {
         row("reconnect failures", fmt_errors(&st.errors));
         row("broker CPU-s for the storm", fmt_opt(st.broker_cpu_s, 3));
     }
+    if let Some(l) = &run.latency {
+        latency_rows(l, &mut row);
+    }
     if let Some(b) = &run.broker_usage {
         row("broker CPU-s (pid)", format!("{:.3} ({})", b.cpu_s, b.pid));
         row("broker cores busy", format!("{:.2}", b.cores_busy));
@@ -396,6 +495,99 @@ pub fn run_table(run: &RunResult) -> String {
     );
     for n in &run.notes {
         let _ = writeln!(s, "\n> {n}");
+    }
+    if let Some(l) = &run.latency
+        && !l.steps.is_empty()
+    {
+        s.push_str(&steps_table(l));
+    }
+    s
+}
+
+/// The latency verdict rows (the run at R_max / 2 is the fan-out above).
+fn latency_rows(l: &LatencyFigures, row: &mut impl FnMut(&str, String)) {
+    let yes_no = |b: Option<bool>| match b {
+        Some(true) => "**yes**",
+        Some(false) => "**no**",
+        None => "–",
+    };
+    row(
+        "max sustained rate R_max (msg/s), search",
+        format!("{} ({})", fmt_opt(l.max_rate, 1), l.search),
+    );
+    row(
+        "first rate not sustained (msg/s)",
+        fmt_opt(l.failed_rate, 1),
+    );
+    row("limited by", l.limited_by.clone());
+    row(
+        "max deliveries/s = R_max × N",
+        format!(
+            "{} (N = {})",
+            fmt_opt(l.max_deliveries_per_s, 0),
+            l.subscribers
+        ),
+    );
+    row("measured at R_max / 2 (msg/s)", fmt_opt(l.rate, 1));
+    row(
+        "p99 publish→subscriber / bound 1.2 × N ÷ max deliveries/s (µs)",
+        format!("{} / {}", fmt_opt(l.p99_us, 0), fmt_opt(l.bound_us, 0)),
+    );
+    row("p99 ≤ bound", yes_no(l.meets_bound).into());
+    if let Some(g) = &l.lag {
+        row(
+            "lag first / last tenth, growth (tolerance) (ms)",
+            format!(
+                "{:.1} / {:.1}, {:+.1} ({:.1})",
+                g.first_ms, g.last_ms, g.growth_ms, g.tolerance_ms
+            ),
+        );
+    }
+    row(
+        "sustained at R_max / 2 (no loss, no backlog growth)",
+        yes_no(l.sustained).into(),
+    );
+}
+
+/// The rate search, one row per step.
+fn steps_table(l: &LatencyFigures) -> String {
+    let mut s = String::from(
+        "\nRate search (open loop; a step is sustained when every subscriber got every message and the publish→last-subscriber lag did not grow):\n\n\
+         | msg/s | published / planned | delivered / expected | lost | lag first → last tenth (ms) | growth / tolerance (ms) | p99 µs | broker cores (its CPUs busy) | generator busy | sustained |\n\
+         | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |\n",
+    );
+    for st in &l.steps {
+        let (lag, growth) = st.lag.as_ref().map_or(("–".into(), "–".into()), |g| {
+            (
+                format!("{:.1} → {:.1}", g.first_ms, g.last_ms),
+                format!("{:+.1} / {:.1}", g.growth_ms, g.tolerance_ms),
+            )
+        });
+        let _ = writeln!(
+            s,
+            "| {:.1} | {} / {} | {} / {} | {} | {lag} | {growth} | {:.0} | {}{} | {:.0}%{} | {} |",
+            st.rate,
+            st.published,
+            st.planned,
+            st.delivered,
+            st.expected,
+            st.lost,
+            st.p99_us,
+            fmt_opt(st.broker_cores_busy, 2),
+            st.broker_cpus_busy
+                .map_or(String::new(), |b| format!(" ({:.0}%)", b * 100.0)),
+            st.generator_busy * 100.0,
+            if st.generator_saturated {
+                " (saturated)"
+            } else {
+                ""
+            },
+            if st.sustained {
+                "yes".to_owned()
+            } else {
+                format!("no: {}", st.why)
+            },
+        );
     }
     s
 }
@@ -492,6 +684,31 @@ mod tests {
         ];
         let t = compare_table(&runs);
         assert!(t.contains("| deliveries/s | 100.0 | 300.0 | 3.00 |"), "{t}");
+    }
+
+    #[test]
+    fn latency_rows_and_headline() {
+        let mut r = run("fanmq", 0, 1.0);
+        r.scenario = "latency".into();
+        r.latency = Some(LatencyFigures {
+            subscribers: 10,
+            max_rate: Some(1000.0),
+            bound_us: Some(1200.0),
+            p99_us: Some(600.0),
+            meets_bound: Some(true),
+            steps: vec![LatencyStep {
+                rate: 1000.0,
+                sustained: true,
+                ..LatencyStep::default()
+            }],
+            ..LatencyFigures::default()
+        });
+        let t = run_table(&r);
+        assert!(t.contains("| p99 ≤ bound | **yes** |"), "{t}");
+        assert!(t.contains("Rate search"), "{t}");
+        let h = headline(&r);
+        assert!(h.contains(&("p99 ÷ bound at R_max/2 (≤ 1 meets it)", 0.5, false)));
+        assert!(h.contains(&("max sustained msg/s (R_max)", 1000.0, true)));
     }
 
     #[test]

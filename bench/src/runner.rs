@@ -60,8 +60,9 @@ pub fn run(kind: Kind, mut o: Opts, raw: bool) -> Result<(), String> {
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         for round in 0..o.rounds.max(1) {
             for spec in &o.compare {
-                let broker = Broker::start(spec, broker_cpus.as_deref(), &dir, o.msgs + 1000)
-                    .map_err(|e| e.to_string())?;
+                let broker =
+                    Broker::start(spec, broker_cpus.as_deref(), &dir, max_queued(kind, &o))
+                        .map_err(|e| e.to_string())?;
                 log::info!(
                     "round {round}: {} on port {} (pid {})",
                     broker.label,
@@ -105,6 +106,21 @@ pub fn run(kind: Kind, mut o: Opts, raw: bool) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Messages a started peer may queue per client (Mosquitto's
+/// `max_queued_messages`): the whole run for `fanout`, so a burst is not
+/// dropped by configuration. The latency search overloads the broker on
+/// purpose, briefly: a generous fixed queue lets an overload show as lag
+/// growth (what it is) rather than as configured drops.
+fn max_queued(kind: Kind, o: &crate::cli::Opts) -> u64 {
+    /// Per-client queue for the latency scenario's peers.
+    const LATENCY_MAX_QUEUED: u64 = 100_000;
+    if kind == Kind::Latency {
+        LATENCY_MAX_QUEUED
+    } else {
+        o.msgs + 1000
+    }
 }
 
 /// CPUs and kernel, recorded with every result.

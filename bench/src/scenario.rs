@@ -1,10 +1,12 @@
 //! The scenarios, run by the coordinator against one broker: connect the
 //! subscribers through the worker processes, do the scenario's phase, read
 //! the broker's and our own CPU around it, and turn the workers' reports
-//! into a [`RunResult`].
+//! into a [`RunResult`]. The latency scenario's search is in
+//! [`crate::latency`]; it publishes through [`publish_phase`] like `fanout`.
 
 use crate::cli::Opts;
 use crate::fleet::{Fleet, FleetError};
+use crate::latency;
 use crate::net;
 use crate::procfs;
 use crate::progress::Progress;
@@ -28,14 +30,16 @@ const BUCKET_NS: u64 = 100_000_000;
 const FD_RESERVE: u64 = 64;
 
 /// A generator process busier than this fraction of a core is saturated.
-const SATURATED: f64 = 0.9;
+pub const SATURATED: f64 = 0.9;
 
-/// Messages whose publish→last-subscriber latency is tracked (8 B each per
-/// worker); later messages still count in every other figure.
-const TRACK_MSGS: u64 = 2_000_000;
+/// Messages of a phase whose publish→last-subscriber latency is tracked
+/// (8 B each per worker); later messages still count in every other figure.
+/// The latency scenario tracks every n-th message instead when its run is
+/// longer.
+pub const TRACK_MSGS: u64 = 2_000_000;
 
 /// Broker CPU seconds before and after a phase, and its wall time (ns).
-type CpuWindow = Option<(f64, f64, u64)>;
+pub type CpuWindow = Option<(f64, f64, u64)>;
 
 /// Everything that can go wrong in this module.
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +61,7 @@ pub enum Kind {
     Connect,
     Idle,
     Storm,
+    Latency,
 }
 
 impl Kind {
@@ -66,6 +71,7 @@ impl Kind {
             Kind::Connect => "connect",
             Kind::Idle => "idle",
             Kind::Storm => "storm",
+            Kind::Latency => "latency",
         }
     }
 }
@@ -106,6 +112,7 @@ pub fn validate(o: &Opts) -> Result<(), ScenarioError> {
     if o.rate.is_some_and(|r| !r.is_finite() || r <= 0.0) {
         return Err(ScenarioError::Invalid("--rate must be positive".into()));
     }
+    latency::validate(o)?;
     Ok(())
 }
 
@@ -128,7 +135,7 @@ fn plan_workers(o: &Opts) -> (usize, u64) {
     (workers, o.subs.div_ceil(workers as u64))
 }
 
-fn cpu_of(pid: Option<u32>) -> Option<f64> {
+pub fn cpu_of(pid: Option<u32>) -> Option<f64> {
     pid.and_then(|p| procfs::cpu_seconds(p).ok())
 }
 
@@ -224,7 +231,11 @@ pub fn run(kind: Kind, o: &Opts, t: &Target, round: u32) -> Result<RunResult, Sc
     let self_cpu0 = procfs::self_cpu_seconds();
     let wall0 = stats::monotonic_ns();
     let mut published = 0;
+    // Sequence number after the last message of the final phase.
+    let mut finish_seq = 0;
     let mut broker_window: CpuWindow = None;
+    // The latency scenario measures its generator over its final run.
+    let mut generator = None;
 
     match kind {
         Kind::Connect => {
@@ -234,9 +245,21 @@ pub fn run(kind: Kind, o: &Opts, t: &Target, round: u32) -> Result<RunResult, Sc
                 broker_window = Some((a, b, wall));
             }
         }
+        Kind::Latency => {
+            let out = latency::run(&mut fleet, o, t, ready, &gen_cpu0, &progress)?;
+            result.fanout = out.fanout;
+            result.latency = Some(out.figures);
+            result.notes.extend(out.notes);
+            result.params.rate = out.rate;
+            result.params.msgs = out.planned;
+            broker_window = out.window;
+            generator = out.generator;
+            finish_seq = out.finish_seq;
+        }
         Kind::Fanout => {
             let (pubd, window) = fanout_phase(&mut fleet, o, t, ready, &progress)?;
             published = pubd.sent;
+            finish_seq = pubd.sent;
             broker_window = window;
             if pubd.sent < o.msgs {
                 result.notes.push(format!(
@@ -347,7 +370,9 @@ pub fn run(kind: Kind, o: &Opts, t: &Target, round: u32) -> Result<RunResult, Sc
     }
 
     // Final reports.
-    fleet.send_all(&Command::Finish { published })?;
+    fleet.send_all(&Command::Finish {
+        published: finish_seq,
+    })?;
     let reports: Vec<WorkerReport> = fleet
         .gather(
             "reports",
@@ -366,43 +391,22 @@ pub fn run(kind: Kind, o: &Opts, t: &Target, round: u32) -> Result<RunResult, Sc
     let wall_s = (stats::monotonic_ns() - wall0) as f64 / 1e9;
 
     // Generator CPU over the measured phase.
-    let mut gen_cpu = procfs::self_cpu_seconds() - self_cpu0;
-    let mut busiest = gen_cpu / wall_s.max(1e-9);
-    let mut subscriber_busiest: f64 = 0.0;
-    for (r, c0) in reports.iter().zip(&gen_cpu0) {
-        let d = r.cpu_s - c0;
-        gen_cpu += d;
-        let busy = d / wall_s.max(1e-9);
-        busiest = busiest.max(busy);
-        subscriber_busiest = subscriber_busiest.max(busy);
-    }
-    let client_cpus = o
-        .client_cpus
-        .as_deref()
-        .and_then(|l| procfs::parse_cpu_list(l).ok())
-        .map_or_else(
-            || std::thread::available_parallelism().map_or(1, |n| n.get()),
-            |c| c.len(),
-        );
-    let total_busy = gen_cpu / wall_s.max(1e-9) / client_cpus as f64;
-    result.generator = GeneratorUsage {
-        cpu_s: gen_cpu,
-        wall_s,
-        cpus: client_cpus,
-        max_process_busy: busiest,
-        saturated: subscriber_busiest > SATURATED || total_busy > SATURATED,
+    let (usage, note) = match generator {
+        Some(g) => g,
+        None => {
+            let workers: Vec<f64> = reports
+                .iter()
+                .zip(&gen_cpu0)
+                .map(|(r, c0)| r.cpu_s - c0)
+                .collect();
+            generator_usage(o, &workers, procfs::self_cpu_seconds() - self_cpu0, wall_s)
+        }
     };
-    if result.generator.saturated {
-        result.notes.push(format!(
-            "the load generator was saturated (busiest subscriber process {:.0}% of a core, all processes {:.0}% of {} CPU(s)): throughput figures are lower bounds",
-            subscriber_busiest * 100.0,
-            total_busy * 100.0,
-            client_cpus
-        ));
-    }
+    result.generator = usage;
+    result.notes.extend(note);
 
     if kind == Kind::Fanout {
-        result.fanout = Some(fanout_figures(&reports, published, ready));
+        result.fanout = Some(fanout_figures(&reports, published).0);
     }
     if let (Some(pid), Some((a, b, wall))) = (t.pid, broker_window) {
         let cpu = b - a;
@@ -420,6 +424,51 @@ pub fn run(kind: Kind, o: &Opts, t: &Target, round: u32) -> Result<RunResult, Sc
         });
     }
     Ok(result)
+}
+
+/// The load generator's CPU use over a phase of `wall_s` seconds: each
+/// worker process's CPU-seconds and the coordinator's own (publisher thread
+/// included); with a note when it was saturated.
+pub fn generator_usage(
+    o: &Opts,
+    workers: &[f64],
+    coordinator: f64,
+    wall_s: f64,
+) -> (GeneratorUsage, Option<String>) {
+    let wall_s = wall_s.max(1e-9);
+    let mut gen_cpu = coordinator;
+    let mut busiest = coordinator / wall_s;
+    let mut subscriber_busiest: f64 = 0.0;
+    for d in workers {
+        gen_cpu += d;
+        busiest = busiest.max(d / wall_s);
+        subscriber_busiest = subscriber_busiest.max(d / wall_s);
+    }
+    let client_cpus = o
+        .client_cpus
+        .as_deref()
+        .and_then(|l| procfs::parse_cpu_list(l).ok())
+        .map_or_else(
+            || std::thread::available_parallelism().map_or(1, |n| n.get()),
+            |c| c.len(),
+        );
+    let total_busy = gen_cpu / wall_s / client_cpus as f64;
+    let usage = GeneratorUsage {
+        cpu_s: gen_cpu,
+        wall_s,
+        cpus: client_cpus,
+        max_process_busy: busiest,
+        saturated: subscriber_busiest > SATURATED || total_busy > SATURATED,
+    };
+    let note = usage.saturated.then(|| {
+        format!(
+            "the load generator was saturated (busiest subscriber process {:.0}% of a core, all processes {:.0}% of {} CPU(s)): throughput figures are lower bounds",
+            subscriber_busiest * 100.0,
+            total_busy * 100.0,
+            client_cpus
+        )
+    });
+    (usage, note)
 }
 
 /// Opens every connection; returns the figures and each worker's summary.
@@ -477,8 +526,8 @@ fn connect_phase(
     ))
 }
 
-/// Publishes and waits for the deliveries; returns what was published and
-/// the broker CPU window (before, after, wall ns).
+/// The fan-out scenario's one phase: `--msgs` at `--rate` (or burst) within
+/// `--duration`.
 fn fanout_phase(
     fleet: &mut Fleet,
     o: &Opts,
@@ -486,19 +535,62 @@ fn fanout_phase(
     ready: u64,
     progress: &Progress,
 ) -> Result<(Published, CpuWindow), ScenarioError> {
+    let phase = Phase {
+        msgs: o.msgs,
+        rate: o.rate,
+        first_seq: 0,
+        track_stride: 1,
+        limit_ns: (o.duration * 1e9) as u64,
+    };
+    publish_phase(fleet, o, t, ready, &phase, progress)
+}
+
+/// One publishing phase.
+#[derive(Debug, Clone)]
+pub struct Phase {
+    /// Messages to publish.
+    pub msgs: u64,
+    /// Messages per second; `None` = burst.
+    pub rate: Option<f64>,
+    /// Sequence number of the first message.
+    pub first_seq: u64,
+    /// The publisher records the schedule slip of every n-th message.
+    pub track_stride: u64,
+    /// Hard limit for publishing and draining (ns).
+    pub limit_ns: u64,
+}
+
+/// Publishes `phase` to `ready` subscribers and waits for the deliveries:
+/// until all arrived, nothing arrived for `--drain-timeout` after the last
+/// publish, or the phase's limit passed. Returns what was published and the
+/// broker CPU window (before, after, wall ns).
+///
+/// # Errors
+/// A worker failed, or the publisher could not connect.
+pub fn publish_phase(
+    fleet: &mut Fleet,
+    o: &Opts,
+    t: &Target,
+    ready: u64,
+    phase: &Phase,
+    progress: &Progress,
+) -> Result<(Published, CpuWindow), ScenarioError> {
     let plan = Plan {
         target: t.addr,
         topic: o.topic.clone(),
         qos: o.qos,
         payload: o.payload as usize,
-        msgs: o.msgs,
-        rate: o.rate,
+        msgs: phase.msgs,
+        rate: phase.rate,
         raw: t.raw,
         client_id: format!("fmb-{}-pub", std::process::id()),
+        first_seq: phase.first_seq,
+        track_stride: phase.track_stride,
+        track_msgs: TRACK_MSGS,
     };
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicBool::new(false));
-    let limit_ns = (o.duration * 1e9) as u64;
+    let limit_ns = phase.limit_ns;
     let c0 = cpu_of(t.pid);
     let w0 = stats::monotonic_ns();
     let deadline = w0 + limit_ns;
@@ -510,7 +602,7 @@ fn fanout_phase(
             r
         })
     };
-    let expected = ready * o.msgs;
+    let expected = ready * phase.msgs;
     let drain_ns = (o.drain_timeout * 1e9) as u64;
     let mut last_count = 0;
     let mut last_change = stats::monotonic_ns();
@@ -539,18 +631,24 @@ fn fanout_phase(
         Err(e) => return Err(e.into()),
     }
     let published = handle.join().map_err(|_| ScenarioError::PublisherPanic)??;
-    progress.println(&format!("published {} messages", published.sent));
+    progress.println(&format!(
+        "published {} of {} messages",
+        published.sent, phase.msgs
+    ));
     Ok((published, c0.zip(c1).map(|(a, b)| (a, b, w1 - w0))))
 }
 
-/// Merges the workers' reports into the fan-out figures.
-fn fanout_figures(reports: &[WorkerReport], published: u64, ready: u64) -> FanoutFigures {
+/// Merges the workers' reports of one phase into the fan-out figures, and
+/// returns with them the publish→last-subscriber latency per tracked
+/// message (ns, 0 = never arrived).
+pub fn fanout_figures(reports: &[WorkerReport], published: u64) -> (FanoutFigures, Vec<u64>) {
     let mut hist = stats::new_hist();
     let mut last = Vec::new();
     let mut timeline = Vec::new();
+    let counted: u64 = reports.iter().map(|r| r.counted).sum();
     let mut f = FanoutFigures {
         published,
-        expected: published * ready,
+        expected: published * counted,
         bucket_ms: BUCKET_NS / 1_000_000,
         ..FanoutFigures::default()
     };
@@ -591,5 +689,5 @@ fn fanout_figures(reports: &[WorkerReport], published: u64, ready: u64) -> Fanou
         .collect();
     f.latency = stats::summarize(&hist);
     f.latency_last = stats::summarize(&last_hist);
-    f
+    (f, last)
 }

@@ -148,6 +148,15 @@ pub struct SeqTracker {
 }
 
 impl SeqTracker {
+    /// A tracker for a phase whose first message has sequence number
+    /// `first` (the latency scenario's steps continue the numbering).
+    pub fn starting_at(first: u64) -> Self {
+        Self {
+            next: first,
+            ..Self::default()
+        }
+    }
+
     /// Accounts one arrival.
     pub fn on_seq(&mut self, seq: u64) {
         self.received += 1;
@@ -186,7 +195,8 @@ impl SeqTracker {
         }
     }
 
-    /// Messages lost out of `published` (sequence numbers `0..published`).
+    /// Messages lost out of the phase's sequence numbers up to `published`
+    /// (exclusive; `0..published` for a tracker from `default()`).
     pub fn lost(&self, published: u64) -> u64 {
         let holes: u64 = self
             .missing
@@ -219,16 +229,17 @@ impl Timeline {
         }
     }
 
-    /// Counts one delivery at `now_ns`.
-    pub fn add(&mut self, now_ns: u64) {
+    /// Counts `n` deliveries at `now_ns` (all frames of one read: one
+    /// division per read, not per frame).
+    pub fn add_n(&mut self, now_ns: u64, n: u64) {
         let i = (now_ns.saturating_sub(self.start_ns) / self.bucket_ns) as usize;
-        if i >= MAX_BUCKETS {
+        if i >= MAX_BUCKETS || n == 0 {
             return;
         }
         if self.counts.len() <= i {
             self.counts.resize(i + 1, 0);
         }
-        self.counts[i] += 1;
+        self.counts[i] += n;
     }
 }
 
@@ -298,6 +309,16 @@ mod tests {
     }
 
     #[test]
+    fn seq_starting_later_counts_only_its_phase() {
+        let mut t = SeqTracker::starting_at(1000);
+        for s in [1000, 1001, 1003] {
+            t.on_seq(s);
+        }
+        assert_eq!(t.lost(1005), 2, "1002 and 1004");
+        assert_eq!((t.duplicates, t.out_of_order), (0, 0));
+    }
+
+    #[test]
     fn hist_pairs_roundtrip_and_summary() {
         let mut h = new_hist();
         for v in 1..=10_000u64 {
@@ -316,10 +337,13 @@ mod tests {
     #[test]
     fn timeline_and_series() {
         let mut t = Timeline::new(1_000, 100);
-        t.add(1_050);
-        t.add(1_250);
-        t.add(500); // before start: bucket 0
+        t.add_n(1_050, 1);
+        t.add_n(1_250, 1);
+        t.add_n(500, 1); // before start: bucket 0
         assert_eq!(t.counts, vec![2, 0, 1]);
+        t.add_n(1_150, 3);
+        t.add_n(1_150, 0);
+        assert_eq!(t.counts, vec![2, 3, 1]);
         let mut s = vec![1, 1];
         add_series(&mut s, &[1, 2, 3]);
         assert_eq!(s, vec![2, 3, 3]);

@@ -7,6 +7,8 @@
 //!   --workspace` builds next to this one; skipped with a printed reason when
 //!   neither exists.
 //! - the bench's own `raw` forwarder, and `--compare` between two brokers.
+//! - the `latency` scenario against fanmq: a tiny rate search through
+//!   `--compare fanmq`, and the measured run alone with `--max-rate`.
 
 use serde_json::Value;
 use std::net::{TcpListener, TcpStream};
@@ -61,6 +63,11 @@ fn have(program: &str) -> bool {
 
 /// Runs the bench with `args` plus `--out`, returns the parsed results.
 fn bench(args: &[&str]) -> Value {
+    bench_with(args, &[])
+}
+
+/// [`bench`] with extra environment variables.
+fn bench_with(args: &[&str], env: &[(&str, &str)]) -> Value {
     let out = std::env::temp_dir().join(format!(
         "fmb-e2e-{}-{}.json",
         std::process::id(),
@@ -68,6 +75,7 @@ fn bench(args: &[&str]) -> Value {
     ));
     let status = Command::new(BENCH)
         .args(args)
+        .envs(env.iter().copied())
         .arg("--out")
         .arg(&out)
         .stdout(Stdio::null())
@@ -150,20 +158,25 @@ fn fanout_against_mosquitto_loses_nothing() {
     );
 }
 
-#[test]
-fn fanout_against_fanmq_loses_nothing() {
+/// The fanmq binary: `$FANMQ_BIN`, else the one `cargo test --workspace`
+/// builds next to the bench; `None` (the caller skips) when neither exists.
+fn fanmq_bin() -> Option<String> {
     let sibling = std::path::Path::new(BENCH).with_file_name("fanmq");
-    let bin = match std::env::var("FANMQ_BIN") {
-        Ok(bin) => bin,
-        Err(_) if sibling.exists() => sibling.to_string_lossy().into_owned(),
+    match std::env::var("FANMQ_BIN") {
+        Ok(bin) => Some(bin),
+        Err(_) if sibling.exists() => Some(sibling.to_string_lossy().into_owned()),
         Err(_) => {
             println!("SKIPPED: no fanmq binary (set FANMQ_BIN or run cargo test --workspace)");
-            return;
+            None
         }
-    };
+    }
+}
+
+/// Starts fanmq (one shard) on a free port; returns it and the port.
+fn start_fanmq(bin: &str) -> (Broker, u16) {
     let port = free_port();
-    let _broker = start(
-        &bin,
+    let broker = start(
+        bin,
         &[
             "--listen".into(),
             format!("127.0.0.1:{port}"),
@@ -174,9 +187,123 @@ fn fanout_against_fanmq_loses_nothing() {
         ],
         port,
     );
+    (broker, port)
+}
+
+#[test]
+fn fanout_against_fanmq_loses_nothing() {
+    let Some(bin) = fanmq_bin() else { return };
+    let (_broker, port) = start_fanmq(&bin);
     let port = port.to_string();
     tiny_fanout(&port, &[]);
     tiny_fanout(&port, &["--qos", "1"]);
+}
+
+/// Checks a latency run's measured run at R_max / 2 (in `fanout`): every
+/// message to every subscriber, and the verdict consistent with the figures.
+fn assert_latency_run(run: &Value, subs: u64) {
+    let who = &run["broker"];
+    assert_eq!(run["scenario"], "latency", "{who}");
+    let l = &run["latency"];
+    let max_rate = l["max_rate"].as_f64().expect("max_rate");
+    let rate = l["rate"].as_f64().expect("rate");
+    assert_eq!(rate, max_rate / 2.0);
+    assert_eq!(l["subscribers"], subs);
+    let dps = l["max_deliveries_per_s"].as_f64().unwrap();
+    assert!((dps - max_rate * subs as f64).abs() < 1e-6);
+    // 1.2 × N ÷ (R_max × N) seconds, in µs.
+    let bound = l["bound_us"].as_f64().unwrap();
+    assert!((bound - 1.2e6 / max_rate).abs() < 1e-6, "{bound}");
+    let f = &run["fanout"];
+    let planned = (rate * 1.0).ceil().max(50.0) as u64;
+    assert_eq!(f["published"], planned, "{who}: published");
+    assert_eq!(f["delivered"], planned * subs, "{who}: delivered; {run}");
+    assert_eq!(f["lost"], 0, "{who}: lost");
+    assert_eq!(f["duplicates"], 0, "{who}: duplicates");
+    let p99 = f["latency"]["p99_us"].as_f64().unwrap();
+    assert!(p99 > 0.0);
+    assert_eq!(l["p99_us"].as_f64(), Some(p99));
+    assert_eq!(l["meets_bound"].as_bool(), Some(p99 <= bound));
+    let lag = &l["lag"];
+    assert!(lag["messages"].as_u64().unwrap() > 0);
+    assert_eq!(
+        lag["grows"].as_bool(),
+        Some(lag["growth_ms"].as_f64() > lag["tolerance_ms"].as_f64())
+    );
+    assert!(run["broker_usage"]["cpu_s"].as_f64().is_some());
+    assert!(run["generator"]["cpu_s"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn latency_against_fanmq_searches_then_measures_without_loss() {
+    let Some(bin) = fanmq_bin() else { return };
+    // The search, through --compare (which starts fanmq itself): three
+    // steps of 0.5 s from 100 msg/s, then 1 s at half the highest sustained.
+    let r = bench_with(
+        &[
+            "latency",
+            "--subs",
+            "20",
+            "--start-rate",
+            "100",
+            "--step-duration",
+            "0.5",
+            "--max-steps",
+            "3",
+            "--duration",
+            "1",
+            "--compare",
+            "fanmq",
+        ],
+        &[("FANMQ_BIN", &bin)],
+    );
+    let run = &r["runs"][0];
+    let l = &run["latency"];
+    let steps = l["steps"].as_array().expect("steps");
+    assert!(!steps.is_empty() && steps.len() <= 3, "{l}");
+    let mut best: Option<f64> = None;
+    for s in steps {
+        let rate = s["rate"].as_f64().unwrap();
+        assert!(s["published"].as_u64() <= s["planned"].as_u64());
+        if s["sustained"] == true {
+            assert_eq!(s["lost"], 0);
+            assert_eq!(s["delivered"], s["expected"]);
+            assert_eq!(s["published"], s["planned"]);
+            assert_eq!(s["lag"]["grows"], false);
+            best = Some(best.map_or(rate, |b: f64| b.max(rate)));
+        } else {
+            assert!(!s["why"].as_str().unwrap().is_empty());
+        }
+    }
+    // R_max is the highest sustained step; a machine too busy to sustain
+    // even 100 msg/s to 20 subscribers measures nothing, and says so.
+    assert_eq!(l["max_rate"].as_f64(), best, "{l}");
+    match best {
+        Some(_) => assert_latency_run(run, 20),
+        None => assert!(run["notes"].to_string().contains("no rate was sustained")),
+    }
+
+    // The measured run alone, at half of a given R_max: deterministic.
+    let (broker, port) = start_fanmq(&bin);
+    let pid = broker.0.id().to_string();
+    let port = port.to_string();
+    let r = bench(&[
+        "latency",
+        "--port",
+        &port,
+        "--broker-pid",
+        &pid,
+        "--subs",
+        "20",
+        "--max-rate",
+        "200",
+        "--duration",
+        "1",
+    ]);
+    let run = &r["runs"][0];
+    assert_eq!(run["latency"]["steps"].as_array().map(Vec::len), Some(0));
+    assert_eq!(run["latency"]["search"], "given by --max-rate");
+    assert_latency_run(run, 20);
 }
 
 #[test]
