@@ -1080,16 +1080,9 @@ fn poll_event(
                 // The client does not read what it is sent: stop reading it too.
                 return Poll::Pending;
             }
-            return match Pin::new(&mut *stream).poll_read(cx, read_buf) {
-                Poll::Ready(Ok(0)) => Poll::Ready(Event::Closed(CloseReason::PeerClosed)),
-                Poll::Ready(Ok(n)) => {
-                    rx.extend_from_slice(&read_buf[..n]);
-                    stats.bytes_received += n as u64;
-                    Poll::Ready(Event::Data)
-                }
-                Poll::Ready(Err(_)) => Poll::Ready(Event::Closed(CloseReason::Io)),
-                Poll::Pending => Poll::Pending,
-            };
+            return Pin::new(&mut *stream)
+                .poll_read(cx, read_buf)
+                .map(|r| read_event(r, read_buf, rx, &mut stats.bytes_received));
         }
         Wire::Fresh(tcp) => tcp.as_raw_fd(),
         Wire::Plain(fd) => fd.as_raw_fd(),
@@ -1115,13 +1108,7 @@ fn poll_event(
         // (whose read tries a `recv` first).
         link.set_waker(cx.waker());
         return match Pin::new(tcp).poll_read(cx, read_buf) {
-            Poll::Ready(Ok(0)) => Poll::Ready(Event::Closed(CloseReason::PeerClosed)),
-            Poll::Ready(Ok(n)) => {
-                rx.extend_from_slice(&read_buf[..n]);
-                stats.bytes_received += n as u64;
-                Poll::Ready(Event::Data)
-            }
-            Poll::Ready(Err(_)) => Poll::Ready(Event::Closed(CloseReason::Io)),
+            Poll::Ready(r) => Poll::Ready(read_event(r, read_buf, rx, &mut stats.bytes_received)),
             Poll::Pending => {
                 reading.fresh_waited = true;
                 Poll::Pending
@@ -1130,21 +1117,38 @@ fn poll_event(
     }
     if read && !reading.drained {
         match recv(fd, read_buf) {
-            Ok(0) => return Poll::Ready(Event::Closed(CloseReason::PeerClosed)),
-            Ok(n) => {
-                reading.drained = n < read_buf.len();
-                rx.extend_from_slice(&read_buf[..n]);
-                stats.bytes_received += n as u64;
-                return Poll::Ready(Event::Data);
-            }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(_) => return Poll::Ready(Event::Closed(CloseReason::Io)),
+            result => {
+                reading.drained = result.as_ref().is_ok_and(|&n| n < read_buf.len());
+                return Poll::Ready(read_event(result, read_buf, rx, &mut stats.bytes_received));
+            }
         }
     }
     Poll::Ready(Event::Wait(Interest {
         read,
         write: link.blocked,
     }))
+}
+
+/// What a read's outcome means for the connection: 0 bytes is the peer's
+/// close; `n` bytes are new data, moved from `read_buf` to the receive
+/// buffer `rx` and counted in `bytes_received`; an error breaks the
+/// connection.
+fn read_event(
+    result: io::Result<usize>,
+    read_buf: &[u8],
+    rx: &mut BytesMut,
+    bytes_received: &mut u64,
+) -> Event {
+    match result {
+        Ok(0) => Event::Closed(CloseReason::PeerClosed),
+        Ok(n) => {
+            rx.extend_from_slice(&read_buf[..n]);
+            *bytes_received += n as u64;
+            Event::Data
+        }
+        Err(_) => Event::Closed(CloseReason::Io),
+    }
 }
 
 /// One non-blocking `recv` from a plain socket into `buf`.
@@ -1403,7 +1407,8 @@ fn handle_packet(
 }
 
 /// Closes connections silent for more than 1.5 × their keep-alive
-/// (§3.1.2.10), checking every `period`.
+/// (§3.1.2.10), checking every `period`; wakes plain connections idle in
+/// their task for [`PARK_AFTER_TICKS`] so that they park.
 pub async fn keep_alive_sweeper(ctx: Ctx, period: Duration) {
     loop {
         glommio::timer::sleep(period).await;
@@ -1450,6 +1455,6 @@ mod size_tests {
         assert_eq!(std::mem::size_of::<crate::park::Parked>(), 32);
         assert_eq!(std::mem::size_of::<super::Waiter>(), 32);
         assert_eq!(std::mem::size_of::<Option<super::Link>>(), 56);
-        assert_eq!(std::mem::size_of::<super::Live>(), 256);
+        assert_eq!(std::mem::size_of::<super::Live>(), 264);
     }
 }

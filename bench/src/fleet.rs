@@ -2,7 +2,7 @@
 //! commands, gather their events, and make sure they are gone afterwards.
 
 use crate::progress::Progress as Display;
-use crate::protocol::{Command, Event, Progress, WorkerTask};
+use crate::protocol::{Command, Event, Progress, WorkerReport, WorkerTask};
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, Stdio};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
@@ -117,6 +117,32 @@ impl Fleet {
                 delivered: a.delivered + p.delivered,
                 stale: a.stale + p.stale,
             })
+    }
+
+    /// Waits for every worker's report (answers to `Finish` or `Step`), in
+    /// worker order, for up to a minute.
+    ///
+    /// # Errors
+    /// As [`Fleet::gather`].
+    pub fn gather_reports(
+        &mut self,
+        what: &'static str,
+        display: &Display,
+    ) -> Result<Vec<WorkerReport>, FleetError> {
+        Ok(self
+            .gather(
+                what,
+                Duration::from_secs(60),
+                display,
+                |e| match e {
+                    Event::Report(r) => Some(*r),
+                    _ => None,
+                },
+                |_| false,
+            )?
+            .into_iter()
+            .flatten()
+            .collect())
     }
 
     /// Waits for one event per worker that `pick` accepts, updating the

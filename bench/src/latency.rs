@@ -712,20 +712,7 @@ fn step(
         track_stride: stride,
         timeline_start_ns,
     })?;
-    let reports: Vec<WorkerReport> = fleet
-        .gather(
-            "step reports",
-            Duration::from_secs(60),
-            progress,
-            |e| match e {
-                Event::Report(r) => Some(*r),
-                _ => None,
-            },
-            |_| false,
-        )?
-        .into_iter()
-        .flatten()
-        .collect();
+    let reports = fleet.gather_reports("step reports", progress)?;
     // Counters restart with the new phase.
     for p in &mut fleet.progress {
         p.delivered = 0;

@@ -373,20 +373,7 @@ pub fn run(kind: Kind, o: &Opts, t: &Target, round: u32) -> Result<RunResult, Sc
     fleet.send_all(&Command::Finish {
         published: finish_seq,
     })?;
-    let reports: Vec<WorkerReport> = fleet
-        .gather(
-            "reports",
-            Duration::from_secs(60),
-            &progress,
-            |e| match e {
-                Event::Report(r) => Some(*r),
-                _ => None,
-            },
-            |_| false,
-        )?
-        .into_iter()
-        .flatten()
-        .collect();
+    let reports = fleet.gather_reports("reports", &progress)?;
     drop(fleet);
     let wall_s = (stats::monotonic_ns() - wall0) as f64 / 1e9;
 
