@@ -41,6 +41,7 @@ fn start(program: &str, args: &[String], port: u16) -> Broker {
         .spawn()
         .unwrap_or_else(|e| panic!("starting {program}: {e}"));
     let broker = Broker(child);
+    let mut broker = broker;
     let deadline = Instant::now() + Duration::from_secs(10);
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
         assert!(
@@ -49,6 +50,12 @@ fn start(program: &str, args: &[String], port: u16) -> Broker {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    // A broker that could not bind exits; then what answered was another.
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        matches!(broker.0.try_wait(), Ok(None)),
+        "{program} exited after start (port {port} taken by another process?)"
+    );
     broker
 }
 
@@ -172,22 +179,53 @@ fn fanmq_bin() -> Option<String> {
     }
 }
 
-/// Starts fanmq (one shard) on a free port; returns it and the port.
+/// Starts fanmq (one shard) on port 0 and returns it with the port it
+/// reports in its start-up line: no other process can hold that port (a
+/// port picked free beforehand may be taken by a parallel test's broker).
 fn start_fanmq(bin: &str) -> (Broker, u16) {
-    let port = free_port();
-    let broker = start(
-        bin,
-        &[
-            "--listen".into(),
-            format!("127.0.0.1:{port}"),
-            "--shards".into(),
-            "1".into(),
-            "--http-listen".into(),
-            "off".into(),
-        ],
-        port,
-    );
+    let mut child = Command::new(bin)
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--shards",
+            "1",
+            "--http-listen",
+            "off",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {bin}: {e}"));
+    let stderr = child.stderr.take().expect("piped stderr");
+    let broker = Broker(child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        // Reads the log to its end, so the broker never blocks on a full pipe.
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if let Some(port) = started_port(&line) {
+                let _ = tx.send(port);
+            }
+        }
+    });
+    let port = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("fanmq printed no start-up line within 10 s");
     (broker, port)
+}
+
+/// The port in fanmq's start-up line (`... listening on 127.0.0.1:PORT, ...`).
+fn started_port(line: &str) -> Option<u16> {
+    let rest = &line[line.find(" listening on ")? + " listening on ".len()..];
+    rest.split([',', ' '])
+        .next()?
+        .rsplit(':')
+        .next()?
+        .parse()
+        .ok()
 }
 
 #[test]
