@@ -105,8 +105,13 @@ impl Broker {
             }
             if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
                 // Raw forwarder: a connection that says nothing is closed
-                // harmlessly. Give the broker a moment to settle.
+                // harmlessly. Give the broker a moment to settle; one that
+                // exited meanwhile (it could not bind: another process took
+                // the port, and answered) is not the broker measured.
                 std::thread::sleep(Duration::from_millis(100));
+                if let Ok(Some(_)) = broker.child.try_wait() {
+                    return Err(CompareError::Exited(shell, log));
+                }
                 return Ok(broker);
             }
             if Instant::now() > deadline {
