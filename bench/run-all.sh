@@ -34,8 +34,8 @@ run fanout-qos1-10k fanout --subs 10000 --msgs 50 --qos 1 --duration 120 --round
 run fanout-filter-10k fanout --subs 10000 --msgs 500 --filter 'bench/+' --duration 120 \
   --compare fanmq mosquitto rumqttd "${pin[@]}"
 run idle-15k idle --subs 15000 --hold 10 --compare fanmq mosquitto rumqttd raw "${pin[@]}"
-run connect-1k connect --subs 1000 --rounds 2 --compare fanmq mosquitto rumqttd "${pin[@]}"
-run connect-15k connect --subs 15000 --rounds 2 --compare fanmq mosquitto rumqttd "${pin[@]}"
+run connect-1k connect --subs 1000 --rounds 3 --compare fanmq mosquitto rumqttd "${pin[@]}"
+run connect-15k connect --subs 15000 --rounds 3 --compare fanmq mosquitto rumqttd "${pin[@]}"
 run storm-10k storm --subs 10000 --compare fanmq mosquitto rumqttd "${pin[@]}"
 # Multi-core: the same burst with 1 and 2 shards; broker and generator share
 # both CPUs, so compare the broker's CPU-seconds per delivery.
