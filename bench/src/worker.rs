@@ -307,19 +307,25 @@ impl Worker {
         }
     }
 
+    /// Starts a connect phase: opening connections from the first one
+    /// again, with fresh failure and latency counts.
+    fn start_connecting(&mut self) {
+        self.connecting = true;
+        self.cursor = 0;
+        self.pending = 0;
+        self.failed = 0;
+        self.connect_errors.clear();
+        self.connect_latency.reset();
+        self.phase_started_ns = stats::monotonic_ns();
+    }
+
     /// Handles one command; `true` means exit.
     fn command(&mut self, cmd: Command) -> Result<bool, WorkerError> {
         match cmd {
             Command::Connect => {
-                self.connecting = true;
-                self.cursor = 0;
-                self.pending = 0;
                 self.connected = 0;
                 self.ready = 0;
-                self.failed = 0;
-                self.connect_errors.clear();
-                self.connect_latency.reset();
-                self.phase_started_ns = stats::monotonic_ns();
+                self.start_connecting();
             }
             Command::Drop => {
                 let mut closed = 0;
@@ -339,13 +345,7 @@ impl Worker {
             Command::Repair => {
                 // Like Connect, but the subscribed connections stay: only
                 // idle or failed ones are opened again (see `open_more`).
-                self.connecting = true;
-                self.cursor = 0;
-                self.pending = 0;
-                self.failed = 0;
-                self.connect_errors.clear();
-                self.connect_latency.reset();
-                self.phase_started_ns = stats::monotonic_ns();
+                self.start_connecting();
             }
             Command::Finish { published } => {
                 let report = self.report(published);

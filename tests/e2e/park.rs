@@ -17,6 +17,13 @@ fn wait_parked(broker: &Broker, count: u64) {
     wait_stats(broker, |s| total(s, "clients_parked") >= count);
 }
 
+/// A client subscribed to `topic` at `qos` (to see wills arrive).
+fn watching(broker: &Broker, topic: &str, qos: u8) -> Raw {
+    let mut watcher = Raw::connect(broker.port, &format!("park-watch-{}", unique()));
+    assert_eq!(watcher.subscribe(1, &[(topic, qos)]), vec![qos]);
+    watcher
+}
+
 #[test]
 fn parked_subscribers_get_every_message_and_answers() {
     let broker = Broker::start();
@@ -68,8 +75,7 @@ fn parked_subscribers_get_every_message_and_answers() {
 fn a_silent_parked_client_is_closed_on_keep_alive_and_its_will_published() {
     let broker = Broker::start();
     let will_topic = format!("park/will/{}", unique());
-    let mut watcher = Raw::connect(broker.port, &format!("park-watch-{}", unique()));
-    assert_eq!(watcher.subscribe(1, &[(&will_topic, 0)]), vec![0]);
+    let mut watcher = watching(&broker, &will_topic, 0);
     let connect = ConnectBuilder::new(&format!("park-ka-{}", unique()))
         .keep_alive(1)
         .will(&will_topic, b"gone", 0, false);
@@ -84,8 +90,7 @@ fn a_silent_parked_client_is_closed_on_keep_alive_and_its_will_published() {
 fn a_parked_client_that_vanishes_publishes_its_will() {
     let broker = Broker::start();
     let will_topic = format!("park/will/{}", unique());
-    let mut watcher = Raw::connect(broker.port, &format!("park-watch-{}", unique()));
-    assert_eq!(watcher.subscribe(1, &[(&will_topic, 1)]), vec![1]);
+    let mut watcher = watching(&broker, &will_topic, 1);
     let connect = ConnectBuilder::new(&format!("park-rst-{}", unique())).will(
         &will_topic,
         b"reset",
