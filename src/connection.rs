@@ -957,6 +957,7 @@ impl Live {
         else {
             return Err(CloseReason::TakenOver);
         };
+        let new = matches!(conn.wire, Wire::Fresh(_));
         if let Wire::Fresh(tcp) = &conn.wire {
             let fd = match plain_socket(tcp) {
                 Ok(fd) => fd,
@@ -979,10 +980,10 @@ impl Live {
             // Only plain connections wait this way (see `poll_event`).
             return Err(CloseReason::Io);
         };
-        if let Err(e) = self
-            .ctx
-            .poller
-            .arm(fd.as_raw_fd(), park::token(key, conn_id), interest)
+        if let Err(e) =
+            self.ctx
+                .poller
+                .arm(fd.as_raw_fd(), park::token(key, conn_id), interest, new)
         {
             warn!(
                 "{}: cannot watch the socket ({e}), closing",

@@ -206,27 +206,23 @@ impl Poller {
     }
 
     /// Arms `fd` to be reported once with `token` when it becomes ready as
-    /// `interest` says (registering it on its first wait).
+    /// `interest` says. `new`: the socket was never registered (its first
+    /// wait), so it is added in one call; otherwise its registration is
+    /// re-armed (added after all if it is missing).
     ///
     /// # Errors
     /// `epoll_ctl` failing (the socket is gone, or the system is out of
     /// memory for the registration).
-    pub fn arm(&self, fd: RawFd, token: u64, interest: Interest) -> io::Result<()> {
+    pub fn arm(&self, fd: RawFd, token: u64, interest: Interest, new: bool) -> io::Result<()> {
         let events = interest.events();
-        match ctl(
-            self.epoll.as_raw_fd(),
-            libc::EPOLL_CTL_MOD,
-            fd,
-            token,
-            events,
-        ) {
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => ctl(
-                self.epoll.as_raw_fd(),
-                libc::EPOLL_CTL_ADD,
-                fd,
-                token,
-                events,
-            ),
+        let epoll = self.epoll.as_raw_fd();
+        if new {
+            return ctl(epoll, libc::EPOLL_CTL_ADD, fd, token, events);
+        }
+        match ctl(epoll, libc::EPOLL_CTL_MOD, fd, token, events) {
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                ctl(epoll, libc::EPOLL_CTL_ADD, fd, token, events)
+            }
             other => other,
         }
     }
@@ -417,7 +413,7 @@ mod tests {
                     read: true,
                     write: false,
                 };
-                poller.arm(ours.as_raw_fd(), 42, read).expect("arm");
+                poller.arm(ours.as_raw_fd(), 42, read, true).expect("arm");
                 peer.write_all(b"x").expect("write");
                 let mut message = [0u8; 64];
                 let n = from_watcher.read(&mut message).await.expect("read");
@@ -426,7 +422,9 @@ mod tests {
                 // One-shot: the second write is not reported with the old
                 // token; the next report is the re-armed one.
                 peer.write_all(b"y").expect("write");
-                poller.arm(ours.as_raw_fd(), 43, read).expect("re-arm");
+                poller
+                    .arm(ours.as_raw_fd(), 43, read, false)
+                    .expect("re-arm");
                 let n = from_watcher.read(&mut message).await.expect("read");
                 assert_eq!(u64::from_ne_bytes(message[..n].try_into().unwrap()), 43);
             })
