@@ -82,11 +82,15 @@ pub fn bind(addr: SocketAddr, shards: usize, backlog: u32) -> Result<ListenerSet
     Ok(ListenerSet { addr: bound, fds })
 }
 
-/// One listening socket with the options fan-out needs.
+/// One listening socket with the options fan-out needs. TCP_NODELAY is set
+/// here once: Linux clones an accepted socket from its listener, so every
+/// connection inherits it without a `setsockopt` of its own (a CONNACK, a
+/// SUBACK or a lone PUBLISH must not wait for Nagle's algorithm).
 fn make_socket(addr: SocketAddr, backlog: u32) -> std::io::Result<Socket> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
+    socket.set_tcp_nodelay(true)?;
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
     }
@@ -149,7 +153,6 @@ pub async fn accept_loop(
                     drop(stream);
                     continue;
                 }
-                let _ = stream.set_nodelay(true);
                 let slot = ConnectionSlot(counts.clone());
                 glommio::spawn_local(connection::serve(
                     ctx.clone(),
@@ -289,6 +292,15 @@ pub async fn wait_for_shutdown(ctx: &Ctx) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn accepted_sockets_inherit_nodelay_from_the_listener() {
+        let listener = make_socket("127.0.0.1:0".parse().unwrap(), 16).unwrap();
+        let addr = listener.local_addr().unwrap().as_socket().unwrap();
+        let _client = std::net::TcpStream::connect(addr).unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        assert!(accepted.tcp_nodelay().unwrap(), "TCP_NODELAY not inherited");
+    }
 
     #[test]
     fn port_zero_resolves_to_one_port_for_every_shard() {
