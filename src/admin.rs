@@ -34,7 +34,7 @@ use log::{debug, warn};
 use serde::Serialize;
 use serde_json::json;
 
-use crate::admin_query::{Answer, ClientInfo, Query, ShardRequest, SubscriptionInfo};
+use crate::admin_query::{Answer, Query, ShardRequest};
 use crate::metrics::{self, BrokerGauges};
 use crate::topic;
 
@@ -524,32 +524,51 @@ fn shard_timeout() -> Response {
     error(503, "a shard did not answer in time")
 }
 
-/// `GET /api/v1/clients`: sessions of every shard, shard by shard (the
-/// offset runs over shard 0's sessions, then shard 1's, ...).
-fn list_clients(state: &AdminState, page: Page) -> Response {
+/// A page over every shard's items, shard by shard (the offset runs over
+/// shard 0's items, then shard 1's, ...): `query` asks one shard for up to
+/// `limit` items after skipping `skip`, `part` takes its answer apart into
+/// (that shard's total, its items). Errs with the 503 when a shard does not
+/// answer.
+fn gather_page<T>(
+    state: &AdminState,
+    page: Page,
+    query: impl Fn(usize, usize) -> Query,
+    part: impl Fn(Answer) -> Option<(usize, Vec<T>)>,
+) -> Result<(usize, Vec<T>), Response> {
     let mut skip = page.offset;
     let mut total = 0;
-    let mut clients: Vec<ClientInfo> = Vec::new();
+    let mut items: Vec<T> = Vec::new();
     for shard in &state.shards {
-        let query = Query::Clients {
-            skip,
-            limit: page.limit - clients.len(),
-        };
-        let Some(Answer::Clients {
-            total: t,
-            clients: page_part,
-        }) = ask(shard, query)
+        let Some((t, page_part)) =
+            ask(shard, query(skip, page.limit - items.len())).and_then(&part)
         else {
-            return shard_timeout();
+            return Err(shard_timeout());
         };
         total += t;
         skip = skip.saturating_sub(t);
-        clients.extend(page_part);
+        items.extend(page_part);
     }
-    json_response(
-        200,
-        &json!({ "total": total, "offset": page.offset, "limit": page.limit, "clients": clients }),
-    )
+    Ok((total, items))
+}
+
+/// `GET /api/v1/clients`: sessions of every shard, shard by shard.
+fn list_clients(state: &AdminState, page: Page) -> Response {
+    let gathered = gather_page(
+        state,
+        page,
+        |skip, limit| Query::Clients { skip, limit },
+        |answer| match answer {
+            Answer::Clients { total, clients } => Some((total, clients)),
+            _ => None,
+        },
+    );
+    match gathered {
+        Ok((total, clients)) => json_response(
+            200,
+            &json!({ "total": total, "offset": page.offset, "limit": page.limit, "clients": clients }),
+        ),
+        Err(response) => response,
+    }
 }
 
 /// `GET /api/v1/subscriptions`: every shard's subscriptions, optionally only
@@ -560,30 +579,29 @@ fn list_subscriptions(state: &AdminState, page: Page, topic: Option<String>) -> 
     {
         return error(400, "topic must be a valid topic name (no wildcards)");
     }
-    let mut skip = page.offset;
-    let mut total = 0;
-    let mut subscriptions: Vec<SubscriptionInfo> = Vec::new();
-    for shard in &state.shards {
-        let query = Query::Subscriptions {
+    let gathered = gather_page(
+        state,
+        page,
+        |skip, limit| Query::Subscriptions {
             topic: topic.clone(),
             skip,
-            limit: page.limit - subscriptions.len(),
-        };
-        let Some(Answer::Subscriptions {
-            total: t,
-            subscriptions: part,
-        }) = ask(shard, query)
-        else {
-            return shard_timeout();
-        };
-        total += t;
-        skip = skip.saturating_sub(t);
-        subscriptions.extend(part);
+            limit,
+        },
+        |answer| match answer {
+            Answer::Subscriptions {
+                total,
+                subscriptions,
+            } => Some((total, subscriptions)),
+            _ => None,
+        },
+    );
+    match gathered {
+        Ok((total, subscriptions)) => json_response(
+            200,
+            &json!({ "total": total, "offset": page.offset, "limit": page.limit, "topic": topic, "subscriptions": subscriptions }),
+        ),
+        Err(response) => response,
     }
-    json_response(
-        200,
-        &json!({ "total": total, "offset": page.offset, "limit": page.limit, "topic": topic, "subscriptions": subscriptions }),
-    )
 }
 
 /// `GET /api/v1/clients/{id}`.

@@ -33,6 +33,12 @@ pub struct Pki {
 }
 
 impl Pki {
+    /// A rumqttc client over TLS to `port` trusting this CA, without a
+    /// client certificate; waits for CONNACK (panics on refusal).
+    pub fn client(&self, port: u16, client_id: &str) -> (Mqtt, rumqttc::ConnAck) {
+        Mqtt::connect_with(tls_options(port, client_id, &self.ca_pem, None))
+    }
+
     /// A fresh CA (ca.pem) and a server certificate for 127.0.0.1 and
     /// localhost with CN "server-one" (server.pem, server.key).
     pub fn new() -> Pki {
@@ -208,12 +214,7 @@ fn tls_clients_exchange_qos0_and_qos1_with_plain_tcp_clients() {
     let id = unique();
 
     // TLS subscriber, plain publisher.
-    let (mut secure, _) = Mqtt::connect_with(tls_options(
-        tls,
-        &format!("tls-sub-{id}"),
-        &pki.ca_pem,
-        None,
-    ));
+    let (mut secure, _) = pki.client(tls, &format!("tls-sub-{id}"));
     let topic = format!("tls/{id}/down");
     assert_eq!(
         secure.subscribe(&topic, QoS::AtLeastOnce),
@@ -388,8 +389,7 @@ fn a_slow_tls_handshake_does_not_stall_other_clients() {
     let mut partial = TcpStream::connect(("127.0.0.1", tls)).unwrap();
     partial.write_all(&[0x16]).unwrap();
 
-    let (mut client, _) =
-        Mqtt::connect_with(tls_options(tls, &format!("fast-{id}"), &pki.ca_pem, None));
+    let (mut client, _) = pki.client(tls, &format!("fast-{id}"));
     let topic = format!("tls/{id}/fast");
     client.subscribe(&topic, QoS::AtLeastOnce);
     let mut plain = Mqtt::connect(broker.port, &format!("plain-{id}"));
@@ -420,8 +420,7 @@ fn certificates_are_reloaded_on_sighup_and_a_bad_file_keeps_the_old_ones() {
 
     // A client connected before the reload keeps its connection.
     let id = unique();
-    let (mut before, _) =
-        Mqtt::connect_with(tls_options(tls, &format!("before-{id}"), &pki.ca_pem, None));
+    let (mut before, _) = pki.client(tls, &format!("before-{id}"));
 
     let (two, _) = pki.write("server", "server-two", true);
     broker.signal(libc::SIGHUP);
@@ -455,12 +454,7 @@ fn garbage_on_the_tls_port_is_closed_and_the_broker_stays_up() {
     let mut broker = Broker::builder().config(&pki.config("")).start();
     let tls = broker.port_of("tls");
     let id = unique();
-    let (mut client, _) = Mqtt::connect_with(tls_options(
-        tls,
-        &format!("bystander-{id}"),
-        &pki.ca_pem,
-        None,
-    ));
+    let (mut client, _) = pki.client(tls, &format!("bystander-{id}"));
     let topic = format!("tls/{id}/garbage");
     client.subscribe(&topic, QoS::AtLeastOnce);
 
@@ -552,12 +546,7 @@ fn max_connections_counts_tls_and_websocket_connections_too() {
     let pki = Pki::new();
     let config = pki.config("max_connections = 1\nws_listen = [\"127.0.0.1:0\"]");
     let mut broker = Broker::builder().config(&config).start();
-    let (mut only, _) = Mqtt::connect_with(tls_options(
-        broker.port_of("tls"),
-        "the-only-one",
-        &pki.ca_pem,
-        None,
-    ));
+    let (mut only, _) = pki.client(broker.port_of("tls"), "the-only-one");
     // Every other listener now accepts and closes at once.
     for port in [broker.port_of("tls"), broker.port_of("ws"), broker.port] {
         let mut socket = TcpStream::connect(("127.0.0.1", port)).unwrap();
@@ -577,12 +566,7 @@ fn sys_topics_count_tls_clients_and_reach_them() {
     let broker = Broker::builder()
         .config(&pki.config("sys_interval_secs = 1"))
         .start();
-    let (mut client, _) = Mqtt::connect_with(tls_options(
-        broker.port_of("tls"),
-        "sys-reader",
-        &pki.ca_pem,
-        None,
-    ));
+    let (mut client, _) = pki.client(broker.port_of("tls"), "sys-reader");
     client.subscribe("$SYS/broker/clients/connected", QoS::AtMostOnce);
     // The first update may predate this client; wait for one that counts it.
     let deadline = Instant::now() + TIMEOUT;
@@ -623,13 +607,7 @@ fn a_tls_subscriber_that_reads_slowly_gets_whole_packets_in_order() {
     stream.read_exact(&mut suback).unwrap();
 
     let mut plain = Mqtt::connect(broker.port, "slow-tls-pub");
-    let payload: Vec<u8> = (0..30_000u32).map(|i| (i % 251) as u8).collect();
-    for n in 0..200u32 {
-        let mut numbered = payload.clone();
-        numbered[..4].copy_from_slice(&n.to_be_bytes());
-        plain.publish("slow", QoS::AtMostOnce, false, &numbered);
-    }
-    plain.publish_acked("slow-done", false, b"");
+    let payload = publish_slow_flood(&mut plain);
     // PINGRESP is queued after everything the broker kept for us.
     stream.write_all(&PINGREQ).unwrap();
     let mut last = None;
@@ -674,12 +652,7 @@ fn metrics_count_connections_per_transport() {
     let broker = Broker::builder()
         .config(&pki.config("ws_listen = [\"127.0.0.1:0\"]"))
         .start();
-    let (_secure, _) = Mqtt::connect_with(tls_options(
-        broker.port_of("tls"),
-        "metrics-tls",
-        &pki.ca_pem,
-        None,
-    ));
+    let (_secure, _) = pki.client(broker.port_of("tls"), "metrics-tls");
     let _plain = Mqtt::connect(broker.port, "metrics-plain");
     let url = format!("http://127.0.0.1:{}/metrics", broker.http_port);
     let expected = [
@@ -721,6 +694,20 @@ fn metrics_count_connections_per_transport() {
             .is_some_and(|p| p.starts_with("127.0.0.1:")),
         "{body}"
     );
+}
+
+/// The slow-reader tests' flood: 200 QoS 0 publishes to `slow` of a 30 kB
+/// payload numbered in its first 4 bytes, then a QoS 1 publish to
+/// `slow-done` whose PUBACK says they were all taken. Returns the payload.
+pub fn publish_slow_flood(plain: &mut Mqtt) -> Vec<u8> {
+    let payload: Vec<u8> = (0..30_000u32).map(|i| (i % 251) as u8).collect();
+    for n in 0..200u32 {
+        let mut numbered = payload.clone();
+        numbered[..4].copy_from_slice(&n.to_be_bytes());
+        plain.publish("slow", QoS::AtMostOnce, false, &numbered);
+    }
+    plain.publish_acked("slow-done", false, b"");
+    payload
 }
 
 /// Checks one PUBLISH body (after the fixed header) of the slow-reader

@@ -469,13 +469,7 @@ fn a_websocket_subscriber_that_reads_slowly_gets_whole_packets_in_order() {
     assert_eq!(ws_read(&mut ws, 5), [0x90, 3, 0, 1, 0]);
 
     let mut plain = Mqtt::connect(broker.port, "slow-ws-pub");
-    let payload: Vec<u8> = (0..30_000u32).map(|i| (i % 251) as u8).collect();
-    for n in 0..200u32 {
-        let mut numbered = payload.clone();
-        numbered[..4].copy_from_slice(&n.to_be_bytes());
-        plain.publish("slow", QoS::AtMostOnce, false, &numbered);
-    }
-    plain.publish_acked("slow-done", false, b"");
+    let payload = crate::tls::publish_slow_flood(&mut plain);
     ws_send(&mut ws, &PINGREQ);
     // Each PUBLISH: 0x30, a 3-byte remaining length, topic (2 + 4), payload.
     let frame_len = 1 + 3 + 6 + payload.len();

@@ -14,6 +14,8 @@ import uuid
 
 import paho.mqtt.client as mqtt
 
+import checks
+
 HOST, PORT = sys.argv[1], int(sys.argv[2])
 TIMEOUT = 10.0
 
@@ -132,17 +134,9 @@ def check_qos2_round_trip():
 
 
 def main():
-    passed = failed = 0
-    for check in (check_persistent_session, check_will_on_abrupt_close, check_qos2_round_trip):
-        try:
-            check()
-            passed += 1
-            print(f"ok   - {check.__name__}")
-        except Exception as e:  # report every failing check, then fail
-            failed += 1
-            print(f"FAIL - {check.__name__}: {e!r}")
-    print(f"{passed} passed, {failed} failed")
-    sys.exit(1 if failed else 0)
-
+    checks.run(
+        (check.__name__, check)
+        for check in (check_persistent_session, check_will_on_abrupt_close, check_qos2_round_trip)
+    )
 
 main()

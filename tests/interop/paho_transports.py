@@ -14,6 +14,8 @@ import uuid
 
 import paho.mqtt.client as mqtt
 
+import checks
+
 HOST = sys.argv[1]
 TCP_PORT, TLS_PORT, WS_PORT = (int(p) for p in sys.argv[2:5])
 CAFILE = sys.argv[5]
@@ -87,25 +89,20 @@ def check(sub_over, pub_over, qos):
 
 
 def main():
-    checks = [
+    pairs = [
         ("ws", "tcp", 0),
         ("ws", "tls", 1),
         ("tls", "ws", 1),
         ("tls", "tcp", 2),
         ("tcp", "ws", 2),
     ]
-    passed = failed = 0
-    for sub_over, pub_over, qos in checks:
-        name = f"paho: subscribe over {sub_over}, publish over {pub_over}, QoS {qos}"
-        try:
-            check(sub_over, pub_over, qos)
-            passed += 1
-            print(f"ok   - {name}")
-        except Exception as e:  # report every failing check, then fail
-            failed += 1
-            print(f"FAIL - {name}: {e!r}")
-    print(f"{passed} passed, {failed} failed")
-    sys.exit(1 if failed else 0)
+    checks.run(
+        (
+            f"paho: subscribe over {sub_over}, publish over {pub_over}, QoS {qos}",
+            lambda sub_over=sub_over, pub_over=pub_over, qos=qos: check(sub_over, pub_over, qos),
+        )
+        for sub_over, pub_over, qos in pairs
+    )
 
 
 if __name__ == "__main__":
