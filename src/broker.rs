@@ -19,25 +19,25 @@ use glommio::{LocalExecutorPoolBuilder, PoolPlacement, PoolThreadHandles};
 use log::{debug, info, warn};
 
 use crate::admin;
-use crate::admin_query::{self, ShardRequest};
-use crate::admission::ConnectionCounts;
-use crate::auth::{self, Auth};
 use crate::config::Config;
+use crate::connection::park;
 use crate::connection::{self, CloseReason};
 use crate::listener::{self, ListenerSet};
 use crate::mesh::{self, ShardMsg};
-use crate::metrics::{BrokerGauges, SessionTotals};
-use crate::park;
+use crate::net::admission::ConnectionCounts;
+use crate::net::transport::{Acceptor, TlsCerts, TlsSettings, Transport, TransportError};
+use crate::observe::metrics::{BrokerGauges, SessionTotals};
+use crate::observe::sys;
+use crate::security::auth::{self, Auth};
+use crate::shard::query::{self, ShardRequest};
 use crate::shard::{Ctx, Shard};
-use crate::sys;
-use crate::transport::{Acceptor, TlsCerts, TlsSettings, Transport, TransportError};
 
 /// How often a shard checks the shutdown flag (and the keep-alive sweep
 /// period): short enough that SIGTERM takes effect at once for a person.
 const POLL_PERIOD: Duration = Duration::from_millis(50);
 
 /// How often each shard sweeps for keep-alive timeouts (and refreshes its
-/// admin gauges, [`crate::metrics::REFRESH_PERIOD`]).
+/// admin gauges, [`crate::observe::metrics::REFRESH_PERIOD`]).
 pub const KEEP_ALIVE_SWEEP: Duration = Duration::from_millis(500);
 
 /// How long shutdown waits for client connections to close.
@@ -228,7 +228,7 @@ pub fn start(config: Config) -> Result<Broker, BrokerError> {
     let pinned = Arc::new(shard_cpus.clone());
     let gauges = Arc::new(BrokerGauges::new(nr_shards));
     let (admin_senders, admin_receivers): (Vec<_>, Vec<_>) = (0..nr_shards)
-        .map(|_| async_channel::bounded(admin_query::REQUEST_QUEUE))
+        .map(|_| async_channel::bounded(query::REQUEST_QUEUE))
         .unzip();
     let admin_receivers = Arc::new(admin_receivers);
     let admin_state = admin::AdminState {
@@ -349,7 +349,7 @@ async fn run_shard(setup: ShardSetup) -> Result<(), String> {
         shard.gauges.refresh(&shard, &SessionTotals::default());
     }
     if let Some(requests) = setup.admin_receivers.get(id) {
-        glommio::spawn_local(admin_query::serve_requests(ctx.clone(), requests.clone())).detach();
+        glommio::spawn_local(query::serve_requests(ctx.clone(), requests.clone())).detach();
     }
     let receivers = Rc::new(receivers);
     for peer in (0..nr_shards).filter(|&p| p != id) {

@@ -11,7 +11,7 @@
 //!   exactly as a connection does), broker publishes, each step ended by a
 //!   flush into real (non-blocking, socketpair) sockets that may be full,
 //!   writes when a full socket drains, reads by the peers, disconnects. It never panics, and after every step the shard's
-//!   queued-byte count ([`crate::outqueue::shard_queued_bytes`]) equals the
+//!   queued-byte count ([`crate::session::outqueue::shard_queued_bytes`]) equals the
 //!   sum of its queues.
 
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -20,13 +20,13 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use bytestring::ByteString;
 
-use crate::auth::Auth;
-use crate::codec::{self, QoS};
 use crate::config::Config;
 use crate::connection::{self, Link};
-use crate::message::Message;
-use crate::outqueue::{self, Flushed};
+use crate::protocol::codec::{self, QoS};
+use crate::protocol::message::Message;
+use crate::security::auth::Auth;
 use crate::session::Session;
+use crate::session::outqueue::{self, Flushed};
 use crate::shard::{SessionKey, Shard};
 
 /// Largest packet the decode target allows, so that large announced
@@ -112,7 +112,7 @@ pub fn session(data: &[u8]) {
 }
 
 /// [`session`], returning the shard's counters at the end.
-fn run_session(data: &[u8]) -> crate::sys::Counters {
+fn run_session(data: &[u8]) -> crate::observe::sys::Counters {
     let base = outqueue::shard_queued_bytes();
     let stats = {
         let config = Config {

@@ -34,34 +34,20 @@
 //!   its queries, and the per-shard figures it sums.
 //! - `fuzzing`: the `cargo fuzz` targets' entry points (see `fuzz/`).
 
-pub mod acl;
 pub mod admin;
-pub mod admin_query;
-pub mod admission;
-pub mod auth;
 pub mod broker;
-pub mod codec;
 pub mod config;
 pub mod connection;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod listener;
 pub mod mesh;
-pub mod message;
-pub mod metrics;
-pub mod os;
-pub mod outqueue;
-pub mod park;
-pub mod passwd;
-pub mod password;
-pub mod registry;
-pub mod retain;
+pub mod net;
+pub mod observe;
+pub mod protocol;
 pub mod router;
+pub mod security;
 pub mod session;
-pub mod session_index;
 pub mod shard;
-pub mod sys;
 #[cfg(test)]
 mod test_rng;
-pub mod topic;
-pub mod transport;

@@ -13,7 +13,7 @@
 //! once descriptors free up.
 //!
 //! It also applies the per-address connection limit and the connection-rate
-//! token bucket ([`crate::admission`]): a refused socket is closed right
+//! token bucket ([`crate::net::admission`]): a refused socket is closed right
 //! after accept, counted, and logged at most once per [`WARN_INTERVAL`].
 
 use std::net::SocketAddr;
@@ -26,10 +26,10 @@ use glommio::net::TcpListener;
 use log::{debug, warn};
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::admission::{self, ConnectionCounts, TokenBucket};
 use crate::connection::{self, ConnectionSlot};
+use crate::net::admission::{self, ConnectionCounts, TokenBucket};
+use crate::net::transport::Acceptor;
 use crate::shard::Ctx;
-use crate::transport::Acceptor;
 
 /// Pause after an accept error caused by exhausted resources, so the loop
 /// does not spin while descriptors or memory are short.
@@ -187,7 +187,7 @@ pub async fn accept_loop(
     }
 }
 
-/// One accept loop's per-address and rate limits (see [`crate::admission`]).
+/// One accept loop's per-address and rate limits (see [`crate::net::admission`]).
 struct Admission {
     /// Connections at once per address; 0: no limit.
     max_per_ip: usize,

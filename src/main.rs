@@ -12,9 +12,9 @@ use clap::Parser;
 use log::{error, info, warn};
 
 use fanmq::broker;
+use fanmq::config::os;
 use fanmq::config::{Cli, Command, Config};
-use fanmq::os;
-use fanmq::passwd;
+use fanmq::security::passwd;
 
 /// How often the main thread checks for signals.
 const SIGNAL_POLL: Duration = Duration::from_millis(50);
@@ -84,7 +84,7 @@ fn main() -> ExitCode {
         .transport_addrs
         .iter()
         .map(|(transport, addr)| match transport {
-            fanmq::transport::Transport::Mqtt => addr.to_string(),
+            fanmq::net::transport::Transport::Mqtt => addr.to_string(),
             other => format!("{} {addr}", other.name()),
         })
         .collect();
@@ -139,7 +139,7 @@ fn main() -> ExitCode {
 
 /// SIGHUP: re-read the TLS certificate, key and CA files for new
 /// connections; a bad file keeps the old certificates.
-fn reload_tls(tls: Option<&fanmq::transport::TlsCerts>) {
+fn reload_tls(tls: Option<&fanmq::net::transport::TlsCerts>) {
     let Some(tls) = tls else {
         return;
     };

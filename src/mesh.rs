@@ -15,10 +15,10 @@ use bytestring::ByteString;
 use glommio::channels::channel_mesh::{Receivers, Senders};
 use log::{debug, warn};
 
-use crate::message::Message;
+use crate::observe::sys::Counters;
+use crate::protocol::message::Message;
 use crate::session::SessionState;
 use crate::shard::Ctx;
-use crate::sys::Counters;
 
 /// The mesh's sending half as every task of a shard holds it.
 pub type MeshSenders = Rc<Senders<ShardMsg>>;

@@ -21,9 +21,9 @@ use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 use serde::Serialize;
 
+use crate::observe::sys::{Counters, add_all};
 use crate::session::Session;
 use crate::shard::Shard;
-use crate::sys::{Counters, add_all};
 
 /// How stale the figures may be: the keep-alive sweep period, which is when
 /// shards refresh their [`ShardGauges`].
@@ -157,7 +157,7 @@ macro_rules! figures {
 figures! {
     /// Live client connections (sessions with a connection).
     clients_connected,
-    /// Of those: connections parked, with no task ([`crate::park`]).
+    /// Of those: connections parked, with no task ([`crate::connection::park`]).
     clients_parked,
     /// Sessions, live or parked.
     sessions,
@@ -243,7 +243,7 @@ impl Figures {
 pub struct SessionTotals {
     /// Sessions with a live connection.
     pub connected: u64,
-    /// Of those: connections parked ([`crate::park`]).
+    /// Of those: connections parked ([`crate::connection::park`]).
     pub parked: u64,
     /// PUBLISH packets queued for live clients.
     pub queued_messages: u64,

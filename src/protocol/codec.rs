@@ -20,9 +20,9 @@
 //!
 //! This module checks the *wire format*: framing, reserved bits, lengths, UTF-8,
 //! packet identifiers, protocol name and level. It does **not** check the meaning
-//! of topics: the caller must run [`crate::topic::validate_topic_name`] on
+//! of topics: the caller must run [`crate::protocol::topic::validate_topic_name`] on
 //! [`Publish::topic`] and [`LastWill::topic`], and
-//! [`crate::topic::validate_topic_filter`] on each SUBSCRIBE / UNSUBSCRIBE filter
+//! [`crate::protocol::topic::validate_topic_filter`] on each SUBSCRIBE / UNSUBSCRIBE filter
 //! (a bad SUBSCRIBE filter gets return code [`SUBACK_FAILURE`], not a closed
 //! connection, so that decision belongs to the session). Session-level rules (the
 //! first packet must be CONNECT, a second CONNECT is a violation, an empty client
@@ -207,7 +207,7 @@ pub enum ProtocolVersion {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LastWill {
     /// Will Topic (§3.1.3.2). Valid UTF-8 without U+0000; the caller checks it is a
-    /// valid topic name (no wildcards) with [`crate::topic::validate_topic_name`].
+    /// valid topic name (no wildcards) with [`crate::protocol::topic::validate_topic_name`].
     pub topic: ByteString,
     /// Will Message (§3.1.3.3): binary application data, possibly empty.
     pub message: Bytes,
@@ -248,7 +248,7 @@ pub struct Publish {
     /// RETAIN (§3.3.1.3): store this as the topic's retained message.
     pub retain: bool,
     /// Topic Name (§3.3.2.1). Valid UTF-8 without U+0000; the caller checks it is a
-    /// valid topic name with [`crate::topic::validate_topic_name`].
+    /// valid topic name with [`crate::protocol::topic::validate_topic_name`].
     pub topic: ByteString,
     /// Packet Identifier (§3.3.2.2): non-zero for QoS 1 and 2, `0` for QoS 0 (which
     /// has none on the wire).

@@ -41,14 +41,18 @@
 //! arrays shrink when they are mostly empty, and the index is dropped when a node
 //! falls back to a few subscribers.
 
+pub mod retain;
+
 use std::hash::Hash;
 use std::sync::Arc;
 
 use ahash::AHashMap;
 use hashbrown::HashTable;
 
-use crate::codec::QoS;
-use crate::topic::{LEVEL_SEPARATOR, MULTI_LEVEL_WILDCARD, SINGLE_LEVEL_WILDCARD, is_sys_topic};
+use crate::protocol::codec::QoS;
+use crate::protocol::topic::{
+    LEVEL_SEPARATOR, MULTI_LEVEL_WILDCARD, SINGLE_LEVEL_WILDCARD, is_sys_topic,
+};
 
 /// Index of a node in the router's arena.
 type NodeId = usize;
@@ -380,7 +384,7 @@ impl<K: Copy + Eq + Hash> Router<K> {
     /// with the same key and filter replaces the QoS (§3.8.4). Returns true if the
     /// subscription is new.
     ///
-    /// `filter` must already be valid ([`crate::topic::validate_topic_filter`]);
+    /// `filter` must already be valid ([`crate::protocol::topic::validate_topic_filter`]);
     /// an invalid one is stored literally and never panics.
     pub fn subscribe(&mut self, filter: &str, key: K, qos: QoS) -> bool {
         self.subscribe_shared(filter, key, qos).0
@@ -595,7 +599,7 @@ mod tests {
     use std::collections::{BTreeMap, HashMap};
 
     use super::*;
-    use crate::topic::filter_matches;
+    use crate::protocol::topic::filter_matches;
 
     /// Collects the matches of `topic`, checking each key is called once.
     fn matches(router: &mut Router<u32>, topic: &str) -> BTreeMap<u32, QoS> {

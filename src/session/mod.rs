@@ -21,16 +21,18 @@
 //! The state that survives the connection ([`SessionState`]) is `Send`, so it
 //! can move to another shard on take-over.
 
+pub mod outqueue;
+
 use std::collections::VecDeque;
 
 use bytestring::ByteString;
 use smallvec::SmallVec;
 
-use crate::codec::{self, PacketId, QoS};
 use crate::connection::Link;
-use crate::message::{Encoded, Message};
-use crate::outqueue::{Frame, OutFrame, OutQueue};
+use crate::protocol::codec::{self, PacketId, QoS};
+use crate::protocol::message::{Encoded, Message};
 use crate::router::SharedFilter;
+use crate::session::outqueue::{Frame, OutFrame, OutQueue};
 
 /// A session's subscriptions: (Topic Filter, granted QoS), in subscription
 /// order. The filter is the router's shared copy ([`SharedFilter`], 16 bytes),
@@ -65,7 +67,7 @@ impl Limits {
     /// True while this shard is over its share of `max_queued_bytes_total`.
     pub fn shard_over_budget(&self) -> bool {
         self.max_queued_bytes_shard > 0
-            && crate::outqueue::shard_queued_bytes() > self.max_queued_bytes_shard
+            && crate::session::outqueue::shard_queued_bytes() > self.max_queued_bytes_shard
     }
 }
 
@@ -147,7 +149,7 @@ pub struct Session {
     /// `Box<str>` is 16 bytes and one allocation of the id's length. The
     /// `ByteString` the codec made (32 bytes, and once cloned a second,
     /// shared header of 24 bytes) is dropped with the handshake; the shard's
-    /// index by client id reads this copy ([`crate::session_index`]), so it
+    /// index by client id reads this copy ([`crate::shard::index`]), so it
     /// must not change while the session is in the shard's slab.
     pub client_id: Box<str>,
     /// CleanSession flag of the connection that owns it (§3.1.2.4).
@@ -550,7 +552,7 @@ mod tests {
             Delivery::Queued
         );
         drop(enc);
-        let chunk = crate::outqueue::Frame::from(&batch[..]);
+        let chunk = crate::session::outqueue::Frame::from(&batch[..]);
         a.out.seal(&chunk);
         b.out.seal(&chunk);
         let wa = written(&mut a);

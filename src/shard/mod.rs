@@ -9,6 +9,10 @@
 //! then [`Shard::flush_dirty`] writes each dirty subscriber once with a
 //! vectored send of everything queued.
 
+pub mod index;
+pub mod query;
+pub mod registry;
+
 use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -18,23 +22,23 @@ use bytes::BytesMut;
 use bytestring::ByteString;
 use log::debug;
 
-use crate::acl::Who;
-use crate::auth::Auth;
-use crate::codec::{self, Subscribe};
 use crate::config::Config;
+use crate::connection::park::Poller;
 use crate::connection::{CloseReason, TICKS_PER_SEC};
 use crate::mesh::{self, MeshSenders, ShardMsg};
-use crate::message::{Encoded, Message};
-use crate::metrics::BrokerGauges;
-use crate::outqueue::{Flushed, Frame};
-use crate::park::Poller;
-use crate::registry::Registry;
-use crate::retain::RetainStore;
+use crate::observe::metrics::BrokerGauges;
+use crate::observe::sys::Counters;
+use crate::protocol::codec::{self, Subscribe};
+use crate::protocol::message::{Encoded, Message};
+use crate::protocol::topic;
 use crate::router::Router;
+use crate::router::retain::RetainStore;
+use crate::security::acl::Who;
+use crate::security::auth::Auth;
+use crate::session::outqueue::{Flushed, Frame};
 use crate::session::{Delivery, Limits, Session};
-use crate::session_index::SessionIndex;
-use crate::sys::Counters;
-use crate::topic;
+use crate::shard::index::SessionIndex;
+use crate::shard::registry::Registry;
 
 /// Index of a session in its shard's slab; also the router's subscriber key
 /// (4 bytes, not 8: it is stored once per subscription).
@@ -60,7 +64,7 @@ pub struct Shard {
     /// then costs a pointer per slot, not a whole session.
     pub sessions: slab::Slab<Box<Session>>,
     /// Sessions by client id: 4 bytes per entry, hashed by the session's own
-    /// client id (see [`crate::session_index`]); look up with
+    /// client id (see [`crate::shard::index`]); look up with
     /// [`Shard::session_key`].
     pub by_client_id: SessionIndex,
     /// This shard's subscriptions.
@@ -73,7 +77,7 @@ pub struct Shard {
     dirty: Vec<SessionKey>,
     /// This step's QoS 0 frames, encoded once each and shared by every
     /// subscriber as ranges; sealed into one chunk when the step ends
-    /// (see [`crate::outqueue`]).
+    /// (see [`crate::session::outqueue`]).
     batch: BytesMut,
     /// Publishes received on this shard, to hand to the other shards.
     remote_batch: Vec<Message>,
@@ -102,7 +106,7 @@ pub struct Shard {
     /// Password file and ACL, shared by all shards (lock-free reads).
     pub auth: Arc<Auth>,
     /// Every shard's admin gauges; this shard refreshes its own entry
-    /// (see [`crate::metrics`]). The broker shares one set with the HTTP
+    /// (see [`crate::observe::metrics`]). The broker shares one set with the HTTP
     /// thread; a shard made alone (tests) has its own.
     pub gauges: Arc<BrokerGauges>,
 }
@@ -119,7 +123,7 @@ pub struct Ctx {
     /// Number of shards.
     pub nr_shards: usize,
     /// The shard's epoll instance, which parked connections wait on
-    /// ([`crate::park`]).
+    /// ([`crate::connection::park`]).
     pub poller: Rc<Poller>,
 }
 
@@ -178,7 +182,7 @@ impl Shard {
             stats: Counters::default(),
             all_stats: vec![Counters::default(); nr_shards],
             read_buf: vec![0u8; READ_BUFFER_SIZE].into_boxed_slice(),
-            iovecs: Vec::with_capacity(3 * crate::outqueue::MAX_IOVECS_PER_WRITE),
+            iovecs: Vec::with_capacity(3 * crate::session::outqueue::MAX_IOVECS_PER_WRITE),
             next_conn_id: 1,
             next_generated_id: 1,
             started: Instant::now(),
@@ -360,7 +364,7 @@ impl Shard {
         stalled.sort_unstable_by_key(|&(bytes, _)| std::cmp::Reverse(bytes));
         let before = self.stats.clients_shed;
         for (bytes, key) in stalled {
-            if crate::outqueue::shard_queued_bytes() <= budget {
+            if crate::session::outqueue::shard_queued_bytes() <= budget {
                 break;
             }
             let Some(session) = self.sessions.get_mut(key as usize) else {
@@ -487,7 +491,9 @@ impl Shard {
         };
         session
             .out
-            .push(crate::outqueue::OutFrame::whole(Frame::from(&suback[..])));
+            .push(crate::session::outqueue::OutFrame::whole(Frame::from(
+                &suback[..],
+            )));
         // Retained messages go after the SUBACK (§3.3.1.3).
         let limits = self.limits;
         for (filter, granted) in granted_filters {

@@ -3,9 +3,9 @@
 //!
 //! It runs on threads of its own, never on a shard: one accept thread, and
 //! one short-lived thread per request (at most [`MAX_CONNECTIONS`] at once).
-//! Figures come from the shards' atomics ([`crate::metrics`]), summed on
+//! Figures come from the shards' atomics ([`crate::observe::metrics`]), summed on
 //! read; questions about sessions go to every shard over its request channel
-//! ([`crate::admin_query`]) and wait at most [`SHARD_TIMEOUT`].
+//! ([`crate::shard::query`]) and wait at most [`SHARD_TIMEOUT`].
 //!
 //! HTTP/1.1 is parsed with `httparse` and kept deliberately small: one request
 //! per connection (`Connection: close`), no request bodies, a request head of
@@ -34,9 +34,9 @@ use log::{debug, warn};
 use serde::Serialize;
 use serde_json::json;
 
-use crate::admin_query::{Answer, Query, ShardRequest};
-use crate::metrics::{self, BrokerGauges};
-use crate::topic;
+use crate::observe::metrics::{self, BrokerGauges};
+use crate::protocol::topic;
+use crate::shard::query::{Answer, Query, ShardRequest};
 
 /// Largest request head (request line and headers) accepted; larger ones get
 /// 431 and the connection closes. Plenty for any URL this API takes.

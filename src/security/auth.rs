@@ -1,6 +1,6 @@
 //! Authentication (CONNECT) and authorisation (PUBLISH, SUBSCRIBE, wills),
-//! as Mosquitto does them: a `password_file` ([`crate::password`]), an
-//! `acl_file` ([`crate::acl`]) and `allow_anonymous`.
+//! as Mosquitto does them: a `password_file` ([`crate::security::password`]), an
+//! `acl_file` ([`crate::security::acl`]) and `allow_anonymous`.
 //!
 //! Both files live behind [`ArcSwap`]: every shard reads them without a lock,
 //! and [`Auth::reload`] (SIGHUP) swaps in freshly read copies. A file that no
@@ -23,16 +23,16 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use log::{error, info};
 
-use crate::acl::{Acl, AclError, Who};
 use crate::config::Config;
-use crate::password::{Hash, PasswordDb, PasswordError};
+use crate::security::acl::{Acl, AclError, Who};
+use crate::security::password::{Hash, PasswordDb, PasswordError};
 
 /// Largest PBKDF2 iteration count verified on the shard itself: at the
-/// measured ~0.29 µs per iteration ([`crate::password`]) that is at most
+/// measured ~0.29 µs per iteration ([`crate::security::password`]) that is at most
 /// ~0.3 ms, the cost of a few dozen sends. Mosquitto's default of 101
 /// iterations (29 µs) stays inline, where a hand-off to another thread would
 /// cost about as much as the work; costlier entries (up to
-/// [`crate::password::MAX_ITERATIONS`], ~30 ms) run on the shard's blocking
+/// [`crate::security::password::MAX_ITERATIONS`], ~30 ms) run on the shard's blocking
 /// thread (glommio's `spawn_blocking`, one unpinned thread per shard), so
 /// one CONNECT never stalls the other clients of its shard.
 pub const INLINE_MAX_ITERATIONS: u32 = 1000;

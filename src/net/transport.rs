@@ -4,7 +4,7 @@
 //! Every accepted socket becomes a [`Stream`], which reads and writes MQTT
 //! bytes whatever carries them. Plain TCP stays a bare `TcpStream`: the
 //! shard writes its clients' queues straight to the socket with one
-//! `sendmsg` ([`crate::outqueue`]), and [`Stream::raw_fd`] gives it that
+//! `sendmsg` ([`crate::session::outqueue`]), and [`Stream::raw_fd`] gives it that
 //! socket. The other transports *frame* what is written (TLS records,
 //! WebSocket frames), so the shard must not write to their socket: it hands
 //! their queues to the connection task, which writes through the stream
@@ -50,7 +50,7 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 
 use crate::config::Config;
-use crate::metrics::ListenerKind;
+use crate::observe::metrics::ListenerKind;
 
 /// WebSocket subprotocols accepted, in order of preference: MQTT 3.1.1's
 /// `mqtt` (§6.0) and MQTT 3.1's `mqttv3.1`.

@@ -20,7 +20,9 @@ use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use crate::password::{DEFAULT_ITERATIONS, Hash, MAX_ITERATIONS, PasswordDb, PasswordError};
+use crate::security::password::{
+    DEFAULT_ITERATIONS, Hash, MAX_ITERATIONS, PasswordDb, PasswordError,
+};
 
 /// Mode of a password file `fanmq passwd` creates: owner read/write only
 /// (the hashes are slow to crack, not impossible).

@@ -9,8 +9,8 @@
 use ahash::AHashMap;
 use bytestring::ByteString;
 
-use crate::message::Message;
-use crate::topic;
+use crate::protocol::message::Message;
+use crate::protocol::topic;
 
 /// Retained messages by topic.
 #[derive(Debug, Default)]
@@ -58,7 +58,7 @@ impl RetainStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::codec::QoS;
+    use crate::protocol::codec::QoS;
     use bytes::Bytes;
 
     fn m(topic: &'static str, payload: &'static [u8]) -> Message {

@@ -2,6 +2,8 @@
 //! command-line flags. Every default is a documented constant here, and the
 //! commented sample `fanmq.toml` at the repository root mirrors them.
 
+pub mod os;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -56,7 +58,7 @@ pub const DEFAULT_ALLOW_ANONYMOUS_WITH_PASSWORD_FILE: bool = false;
 /// loopback only, EMQX's dashboard port. `off` (or empty) disables it.
 pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:18083";
 
-// Transports (TLS, WebSocket; see `crate::transport`). Every transport other
+// Transports (TLS, WebSocket; see `crate::net::transport`). Every transport other
 // than plain MQTT is off by default: it needs certificates (TLS, WSS) or is a
 // deliberate choice (WS), and the tests run many brokers at once on port 0,
 // so no fixed port may be bound unless configured.
@@ -115,7 +117,7 @@ pub const DEFAULT_MAX_TOPIC_LEVELS: usize = 32;
 pub const DEFAULT_MAX_CLIENT_ID_LEN: usize = 256;
 /// Default bytes queued to clients by all shards together (each shard gets
 /// an equal share), as a fraction of the memory the broker may use
-/// ([`crate::os::memory_limit`]: RAM, or the cgroup's cap in a container or
+/// ([`crate::config::os::memory_limit`]: RAM, or the cgroup's cap in a container or
 /// under systemd's `MemoryMax=`): a quarter, so that queued messages cannot
 /// push a small VM (1 GB for 100k subscribers) into the OOM killer while
 /// connections, the kernel's socket buffers and the rest keep the other
@@ -130,7 +132,7 @@ pub const DEFAULT_MAX_QUEUED_BYTES_TOTAL_FALLBACK: usize = 8 << 30;
 /// Default `max_queued_bytes_total`: a quarter of the memory limit (see
 /// [`DEFAULT_QUEUED_BYTES_TOTAL_DIVISOR`]).
 pub fn default_max_queued_bytes_total() -> usize {
-    crate::os::memory_limit()
+    crate::config::os::memory_limit()
         .map(|bytes| bytes / DEFAULT_QUEUED_BYTES_TOTAL_DIVISOR)
         .and_then(|bytes| usize::try_from(bytes).ok())
         .unwrap_or(DEFAULT_MAX_QUEUED_BYTES_TOTAL_FALLBACK)
@@ -250,7 +252,7 @@ pub struct Cli {
 #[derive(clap::Subcommand, Debug, Clone)]
 pub enum Command {
     /// Manage a password file, like mosquitto_passwd.
-    Passwd(crate::passwd::PasswdArgs),
+    Passwd(crate::security::passwd::PasswdArgs),
 }
 
 /// The configuration file's schema: every key optional.

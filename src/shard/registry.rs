@@ -323,8 +323,8 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::codec::{QoS, Subscribe};
     use crate::config::Config;
+    use crate::protocol::codec::{QoS, Subscribe};
     use crate::shard::SessionKey;
 
     /// A one-shard shard, as the broker makes it.
@@ -333,7 +333,7 @@ mod tests {
             0,
             1,
             Arc::new(Config::default()),
-            Arc::new(crate::auth::Auth::open()),
+            Arc::new(crate::security::auth::Auth::open()),
         )
     }
 
@@ -442,7 +442,7 @@ mod tests {
             0,
             2,
             Arc::new(Config::default()),
-            Arc::new(crate::auth::Auth::open()),
+            Arc::new(crate::security::auth::Auth::open()),
         );
         let id = (0..)
             .map(|i| format!("c{i}"))

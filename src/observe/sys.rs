@@ -10,9 +10,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use bytestring::ByteString;
 
-use crate::codec::QoS;
 use crate::mesh::{self, ShardMsg};
-use crate::message::Message;
+use crate::protocol::codec::QoS;
+use crate::protocol::message::Message;
 use crate::shard::{Ctx, Shard};
 
 /// Counters and gauges of one shard (or, summed, of the broker).
@@ -80,9 +80,9 @@ pub struct Counters {
     pub publish_received_by_qos: [u64; 3],
     /// Connected clients by listener kind (gauge kept by the connection
     /// tasks: +1 after CONNECT, -1 when the connection ends).
-    pub clients_by_listener: [u64; crate::metrics::NR_LISTENER_KINDS],
+    pub clients_by_listener: [u64; crate::observe::metrics::NR_LISTENER_KINDS],
     /// TCP connections accepted, by listener kind.
-    pub accepted_by_listener: [u64; crate::metrics::NR_LISTENER_KINDS],
+    pub accepted_by_listener: [u64; crate::observe::metrics::NR_LISTENER_KINDS],
 }
 
 impl Counters {
@@ -140,7 +140,7 @@ impl Shard {
         c.clients_total = self.sessions.len() as u64;
         c.subscriptions = self.router.len() as u64;
         c.retained = self.retained.len() as u64;
-        c.queued_bytes = crate::outqueue::shard_queued_bytes() as u64;
+        c.queued_bytes = crate::session::outqueue::shard_queued_bytes() as u64;
         c
     }
 }

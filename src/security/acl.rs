@@ -34,7 +34,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use crate::topic;
+use crate::protocol::topic;
 
 /// Errors reading or parsing an ACL file.
 #[derive(Debug, thiserror::Error)]

@@ -15,9 +15,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 
 use crate::connection::{CloseReason, TICKS_PER_SEC};
+use crate::protocol::topic;
 use crate::session::Session;
 use crate::shard::{Ctx, SessionKey, Shard};
-use crate::topic;
 
 /// Requests a shard's channel holds before the HTTP thread's sends fail
 /// (answered as 503): the HTTP thread is one thread, so a few suffice.
@@ -278,8 +278,8 @@ impl Shard {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::codec::QoS;
     use crate::config::Config;
+    use crate::protocol::codec::QoS;
     use crate::session::SessionState;
     use bytestring::ByteString;
     use std::sync::Arc;
@@ -289,7 +289,7 @@ mod tests {
             0,
             1,
             Arc::new(Config::default()),
-            Arc::new(crate::auth::Auth::open()),
+            Arc::new(crate::security::auth::Auth::open()),
         );
         for i in 0..n {
             let state = SessionState {

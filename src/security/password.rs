@@ -20,8 +20,8 @@
 //! 10,000 2.9 ms, 100,000 29 ms: about 0.29 µs per iteration. A `$6$`
 //! entry costs one SHA-512, under 1 µs. Entries above [`MAX_ITERATIONS`] are
 //! refused so that one CONNECT costs at most ~30 ms of a CPU, and
-//! [`crate::auth`] runs verifications above
-//! [`crate::auth::INLINE_MAX_ITERATIONS`] off the shard.
+//! [`crate::security::auth`] runs verifications above
+//! [`crate::security::auth::INLINE_MAX_ITERATIONS`] off the shard.
 
 use std::collections::HashMap;
 use std::path::Path;

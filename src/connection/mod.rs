@@ -1,7 +1,7 @@
 //! One client connection: read ► decode ► session ► write.
 //!
 //! A handshake task waits (bounded by the connect timeout) for CONNECT
-//! (§3.1), claims the client id (take-over, see [`crate::registry`]) and
+//! (§3.1), claims the client id (take-over, see [`crate::shard::registry`]) and
 //! attaches the session. The connected client then lives in a task of its own,
 //! `Live`, a small hand-written future that loops: read whatever the socket
 //! has into the shard's shared buffer, decode every complete packet, act on
@@ -19,7 +19,7 @@
 //! socket has nothing to read (and it has nothing it must wait to write, or
 //! it waits for writability), its task ends and the connection is *parked*
 //! in its session's link, its socket watched by the shard's epoll instance
-//! ([`crate::park`]); [`socket_ready`] or the shard's own wake-up gives it a
+//! ([`crate::connection::park`]); [`socket_ready`] or the shard's own wake-up gives it a
 //! task again ([`resume`]). Its socket is read with non-blocking `recv`.
 //! Only the first wait after CONNECT happens in the task, on glommio's
 //! stream ([`Wire::Fresh`]): the client's next packet (SUBSCRIBE) usually
@@ -28,7 +28,7 @@
 //! finds it idle) the socket leaves glommio's stream ([`Wire::Plain`]) and
 //! the connection parks.
 //!
-//! Connections over TLS or WebSocket ([`crate::transport`]) frame what is
+//! Connections over TLS or WebSocket ([`crate::net::transport`]) frame what is
 //! written, so the shard never writes to their socket: their link's `fd` is
 //! negative ([`framed_fd`]), the shard hands each flush to this task, and this task
 //! writes the queue through the stream (and flushes it: TLS buffers records).
@@ -37,6 +37,8 @@
 //!
 //! An idle connection holds no buffers: its receive buffer is freed whenever
 //! it is empty and its outgoing queue gives its memory back when drained.
+
+pub mod park;
 
 use std::future::Future;
 use std::io;
@@ -53,18 +55,18 @@ use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use glommio::net::TcpStream;
 use log::{debug, info, warn};
 
-use crate::acl::Who;
-use crate::admission::{ConnectionCounts, IpKey};
-use crate::codec::{self, Connect, DecodeError, LastWill, Packet, QoS};
-use crate::message::Message;
-use crate::metrics::{ListenerKind, SessionTotals};
-use crate::outqueue::{Flushed, OutQueue};
-use crate::park::{self, Interest, Parked};
-use crate::registry;
+use crate::net::admission::{ConnectionCounts, IpKey};
+use crate::net::transport::{Acceptor, Stream, Transport};
+use crate::observe::metrics::{ListenerKind, SessionTotals};
+use crate::protocol::codec::{self, Connect, DecodeError, LastWill, Packet, QoS};
+use crate::protocol::message::Message;
+use crate::protocol::topic;
+use crate::security::acl::Who;
+use crate::session::outqueue::{Flushed, OutQueue};
 use crate::session::{self, Qos2Receipt, Session, SessionState};
+use crate::shard::registry;
 use crate::shard::{Ctx, SessionKey, Shard};
-use crate::topic;
-use crate::transport::{Acceptor, Stream, Transport};
+use park::{Interest, Parked};
 
 /// The [`Link::fd`] of a connection whose transport frames its bytes (TLS,
 /// WebSocket) on socket `fd`: the descriptor bit-inverted, so negative (a
@@ -218,7 +220,7 @@ enum Waiter {
     Running,
     /// The connection's task waits.
     Task(Waker),
-    /// The connection has no task ([`crate::park`]).
+    /// The connection has no task ([`crate::connection::park`]).
     Parked(Parked),
 }
 
@@ -1172,7 +1174,7 @@ fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
     }
 }
 
-/// Gives a parked connection its task back (see [`crate::park`]).
+/// Gives a parked connection its task back (see [`crate::connection::park`]).
 pub fn resume(ctx: &Ctx, conn_id: u64, mut parked: Parked) {
     let Some(fd) = parked.fd.take() else {
         return;
@@ -1444,7 +1446,7 @@ pub async fn keep_alive_sweeper(ctx: Ctx, period: Duration) {
 }
 
 /// What a connection costs while idle is its session's link (with the
-/// parked state in place of a task, [`crate::park::Parked`]); the admin
+/// parked state in place of a task, [`crate::connection::park::Parked`]); the admin
 /// figures' per-connection fields (`Link::connected_at`, `Live::listener`)
 /// live in padding. Measured on 64-bit: the link was 40 bytes with a waker,
 /// 56 with the parked state (which replaced a ~300-byte task and glommio's
@@ -1453,7 +1455,7 @@ pub async fn keep_alive_sweeper(ctx: Ctx, period: Duration) {
 mod size_tests {
     #[test]
     fn an_idle_connection_costs_its_link() {
-        assert_eq!(std::mem::size_of::<crate::park::Parked>(), 32);
+        assert_eq!(std::mem::size_of::<crate::connection::park::Parked>(), 32);
         assert_eq!(std::mem::size_of::<super::Waiter>(), 32);
         assert_eq!(std::mem::size_of::<Option<super::Link>>(), 56);
         assert_eq!(std::mem::size_of::<super::Live>(), 264);

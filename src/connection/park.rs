@@ -35,9 +35,9 @@ use futures_lite::AsyncReadExt;
 use glommio::net::UnixStream;
 use log::{debug, warn};
 
-use crate::admission::IpKey;
 use crate::connection::{self, ConnectionSlot, Rare};
-use crate::metrics::ListenerKind;
+use crate::net::admission::IpKey;
+use crate::observe::metrics::ListenerKind;
 use crate::shard::{Ctx, SessionKey};
 
 /// Ready sockets the watcher takes from one `epoll_wait` and sends to the

@@ -1,0 +1,4 @@
+//! Sockets below MQTT: transports (TLS, WebSocket), admission limits.
+
+pub mod admission;
+pub mod transport;
