@@ -19,26 +19,24 @@ use glommio::{LocalExecutorPoolBuilder, PoolPlacement, PoolThreadHandles};
 use log::{debug, info, warn};
 
 use crate::admin;
-use crate::config::Config;
+use crate::config::{Config, KEEP_ALIVE_SWEEP};
+use crate::connection;
 use crate::connection::park;
-use crate::connection::{self, CloseReason};
 use crate::listener::{self, ListenerSet};
-use crate::mesh::{self, ShardMsg};
+use crate::mesh::ShardMsg;
 use crate::net::admission::ConnectionCounts;
+use crate::net::poller::Poller;
 use crate::net::transport::{Acceptor, TlsCerts, TlsSettings, Transport, TransportError};
-use crate::observe::metrics::{BrokerGauges, SessionTotals};
-use crate::observe::sys;
+use crate::observe::metrics::BrokerGauges;
 use crate::security::auth::{self, Auth};
+use crate::session::link::CloseReason;
 use crate::shard::query::{self, ShardRequest};
-use crate::shard::{Ctx, Shard};
+use crate::shard::sys::SessionTotals;
+use crate::shard::{self, Ctx, Shard, inbox};
 
 /// How often a shard checks the shutdown flag (and the keep-alive sweep
 /// period): short enough that SIGTERM takes effect at once for a person.
 const POLL_PERIOD: Duration = Duration::from_millis(50);
-
-/// How often each shard sweeps for keep-alive timeouts (and refreshes its
-/// admin gauges, [`crate::observe::metrics::REFRESH_PERIOD`]).
-pub const KEEP_ALIVE_SWEEP: Duration = Duration::from_millis(500);
 
 /// How long shutdown waits for client connections to close.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
@@ -327,7 +325,7 @@ async fn run_shard(setup: ShardSetup) -> Result<(), String> {
         warn!("shard {id}: cannot pin to CPU {cpu}");
     }
     let (poller, from_watcher) =
-        park::Poller::start(id, Some(cpu)).map_err(|e| format!("shard {id}: {e}"))?;
+        Poller::start(id, Some(cpu)).map_err(|e| format!("shard {id}: {e}"))?;
     let ctx = Ctx {
         shard: Rc::new(RefCell::new(Shard::new(
             id,
@@ -346,14 +344,14 @@ async fn run_shard(setup: ShardSetup) -> Result<(), String> {
         let mut shard = ctx.shard.borrow_mut();
         shard.gauges = setup.gauges.clone();
         // First figures at once, so /health is ready with the shard.
-        shard.gauges.refresh(&shard, &SessionTotals::default());
+        shard.refresh_gauges(SessionTotals::default());
     }
     if let Some(requests) = setup.admin_receivers.get(id) {
         glommio::spawn_local(query::serve_requests(ctx.clone(), requests.clone())).detach();
     }
     let receivers = Rc::new(receivers);
     for peer in (0..nr_shards).filter(|&p| p != id) {
-        glommio::spawn_local(mesh::receive_from(ctx.clone(), peer, receivers.clone())).detach();
+        glommio::spawn_local(inbox::receive_from(ctx.clone(), peer, receivers.clone())).detach();
     }
     glommio::spawn_local(connection::keep_alive_sweeper(
         ctx.clone(),
@@ -361,7 +359,7 @@ async fn run_shard(setup: ShardSetup) -> Result<(), String> {
     ))
     .detach();
     if !setup.config.sys_interval.is_zero() {
-        glommio::spawn_local(sys::sys_task(ctx.clone(), setup.config.sys_interval)).detach();
+        glommio::spawn_local(shard::sys::sys_task(ctx.clone(), setup.config.sys_interval)).detach();
     }
     let mut accept_tasks = Vec::new();
     for (acceptor, addr, fds) in setup.listener_fds.iter() {

@@ -21,11 +21,12 @@ use bytes::{Bytes, BytesMut};
 use bytestring::ByteString;
 
 use crate::config::Config;
-use crate::connection::{self, Link};
+use crate::connection;
 use crate::protocol::codec::{self, QoS};
 use crate::protocol::message::Message;
 use crate::security::auth::Auth;
 use crate::session::Session;
+use crate::session::link::Link;
 use crate::session::outqueue::{self, Flushed};
 use crate::shard::{SessionKey, Shard};
 
@@ -112,7 +113,7 @@ pub fn session(data: &[u8]) {
 }
 
 /// [`session`], returning the shard's counters at the end.
-fn run_session(data: &[u8]) -> crate::observe::sys::Counters {
+fn run_session(data: &[u8]) -> crate::observe::counters::Counters {
     let base = outqueue::shard_queued_bytes();
     let stats = {
         let config = Config {
@@ -260,16 +261,8 @@ fn peer_reads(slot: &Option<Client>) {
     };
     let mut buf = [0u8; 4096];
     loop {
-        // SAFETY: `buf` is valid for `buf.len()` bytes; the fd is open.
-        let n = unsafe {
-            libc::recv(
-                client.peer_end.as_raw_fd(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                libc::MSG_DONTWAIT,
-            )
-        };
-        if n <= 0 {
+        let n = crate::net::fd::recv(client.peer_end.as_raw_fd(), &mut buf).unwrap_or(0);
+        if n == 0 {
             return;
         }
     }
@@ -291,17 +284,7 @@ fn socket_pair() -> std::io::Result<(OwnedFd, OwnedFd)> {
     let (a, b) = std::os::unix::net::UnixStream::pair()?;
     a.set_nonblocking(true)?;
     b.set_nonblocking(true)?;
-    let small: libc::c_int = 4096;
-    // SAFETY: valid fd and option value of the size passed.
-    unsafe {
-        libc::setsockopt(
-            a.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_SNDBUF,
-            (&small as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
-    }
+    socket2::SockRef::from(&a).set_send_buffer_size(4096)?;
     Ok((OwnedFd::from(a), OwnedFd::from(b)))
 }
 

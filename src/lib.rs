@@ -36,6 +36,7 @@
 
 pub mod admin;
 pub mod broker;
+pub mod cli;
 pub mod config;
 pub mod connection;
 #[doc(hidden)]

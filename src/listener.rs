@@ -26,8 +26,8 @@ use glommio::net::TcpListener;
 use log::{debug, warn};
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::connection::{self, ConnectionSlot};
-use crate::net::admission::{self, ConnectionCounts, TokenBucket};
+use crate::connection;
+use crate::net::admission::{self, ConnectionCounts, ConnectionSlot, TokenBucket};
 use crate::net::transport::Acceptor;
 use crate::shard::Ctx;
 
@@ -109,7 +109,7 @@ pub async fn accept_loop(
     acceptor: Acceptor,
     counts: Arc<ConnectionCounts>,
 ) {
-    let kind = acceptor.transport.listener_kind();
+    let kind = acceptor.transport;
     // SAFETY: `fd` is a listening socket created by `bind` and handed to
     // exactly this shard; the listener takes ownership and closes it.
     let listener = unsafe { TcpListener::from_raw_fd(fd) };

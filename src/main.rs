@@ -12,8 +12,9 @@ use clap::Parser;
 use log::{error, info, warn};
 
 use fanmq::broker;
+use fanmq::cli::{Cli, Command};
+use fanmq::config::Config;
 use fanmq::config::os;
-use fanmq::config::{Cli, Command, Config};
 use fanmq::security::passwd;
 
 /// How often the main thread checks for signals.
@@ -30,7 +31,7 @@ fn main() -> ExitCode {
             }
         };
     }
-    let config = match Config::load(&cli) {
+    let config = match Config::load(&cli.flags) {
         Ok(config) => config,
         Err(e) => {
             eprintln!("fanmq: {e}");

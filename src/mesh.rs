@@ -12,13 +12,12 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use bytestring::ByteString;
-use glommio::channels::channel_mesh::{Receivers, Senders};
-use log::{debug, warn};
+use glommio::channels::channel_mesh::Senders;
+use log::warn;
 
-use crate::observe::sys::Counters;
+use crate::observe::counters::Counters;
 use crate::protocol::message::Message;
 use crate::session::SessionState;
-use crate::shard::Ctx;
 
 /// The mesh's sending half as every task of a shard holds it.
 pub type MeshSenders = Rc<Senders<ShardMsg>>;
@@ -75,29 +74,6 @@ pub enum ShardMsg {
         /// `sys_interval`).
         counters: Box<Counters>,
     },
-}
-
-/// Receives everything `peer` sends to this shard until the mesh closes.
-pub async fn receive_from(ctx: Ctx, peer: usize, receivers: Rc<Receivers<ShardMsg>>) {
-    while let Ok(Some(msg)) = receivers.recv_from(peer).await {
-        match msg {
-            ShardMsg::Publish(batch) => {
-                {
-                    let mut shard = ctx.shard.borrow_mut();
-                    for message in batch.iter() {
-                        shard.route(message);
-                    }
-                    shard.flush_dirty();
-                }
-                glommio::yield_if_needed().await;
-            }
-            other => {
-                ctx.shard.borrow_mut().handle_control(other);
-                ctx.send_outbox();
-            }
-        }
-    }
-    debug!("mesh channel from shard {peer} closed");
 }
 
 /// Sends `msg` to `peer` from a detached task, so the caller never waits.

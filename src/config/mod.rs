@@ -8,8 +8,13 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use clap::Parser;
 use serde::Deserialize;
+
+/// How often each shard sweeps for keep-alive timeouts (and refreshes its
+/// admin gauges, `crate::observe::metrics::REFRESH_PERIOD`). Half a second:
+/// a keep-alive timeout (1.5 × keep-alive, §3.1.2.10) is then noticed within
+/// 0.5 s, and figures are at most that old.
+pub const KEEP_ALIVE_SWEEP: Duration = Duration::from_millis(500);
 
 /// Default listener: all IPv4 addresses on MQTT's registered port.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:1883";
@@ -167,15 +172,11 @@ pub enum ConfigError {
     },
 }
 
-/// Command-line flags. Each overrides the config file's key of the same name.
-#[derive(Parser, Debug, Default, Clone)]
-#[command(
-    name = "fanmq",
-    version,
-    about = "An MQTT 3.1.1 broker for massive fan-out",
-    args_conflicts_with_subcommands = true
-)]
-pub struct Cli {
+/// The command-line flags that override the configuration file: each
+/// overrides the file's key of the same name. The binary's `Cli`
+/// (`crate::cli`) flattens them beside its subcommands.
+#[derive(clap::Args, Debug, Default, Clone)]
+pub struct Flags {
     /// TOML configuration file (see the commented sample fanmq.toml).
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -243,16 +244,6 @@ pub struct Cli {
     /// "off". Default 127.0.0.1:18083. Port 0 picks a free port.
     #[arg(long, value_name = "ADDR:PORT|off")]
     pub http_listen: Option<String>,
-    /// A tool instead of the broker (none: run the broker).
-    #[command(subcommand)]
-    pub command: Option<Command>,
-}
-
-/// The `fanmq` subcommands; without one, `fanmq` runs the broker.
-#[derive(clap::Subcommand, Debug, Clone)]
-pub enum Command {
-    /// Manage a password file, like mosquitto_passwd.
-    Passwd(crate::security::passwd::PasswdArgs),
 }
 
 /// The configuration file's schema: every key optional.
@@ -430,11 +421,11 @@ impl Default for Config {
 }
 
 impl Config {
-    /// Merges defaults, the config file named by `cli.config` and the flags.
+    /// Merges defaults, the config file named by `flags.config` and the flags.
     ///
     /// # Errors
     /// An unreadable or invalid file, or an out-of-range value.
-    pub fn load(cli: &Cli) -> Result<Config, ConfigError> {
+    pub fn load(cli: &Flags) -> Result<Config, ConfigError> {
         let file = match &cli.config {
             Some(path) => read_file(path)?,
             None => FileConfig::default(),
@@ -759,7 +750,7 @@ mod tests {
 
     #[test]
     fn defaults_without_file_or_flags() {
-        let c = Config::load(&Cli::default()).unwrap();
+        let c = Config::load(&Flags::default()).unwrap();
         assert_eq!(c, Config::default());
         assert_eq!(c.listen[0].port(), 1883);
     }
@@ -772,10 +763,10 @@ mod tests {
             "listen = [\"127.0.0.1:1999\"]\nmax_connections = 10\nmax_packet_size = 4096\nmax_queued_messages = 7"
         )
         .unwrap();
-        let cli = Cli {
+        let cli = Flags {
             config: Some(f.path().to_path_buf()),
             max_connections: Some(20),
-            ..Cli::default()
+            ..Flags::default()
         };
         let c = Config::load(&cli).unwrap();
         assert_eq!(c.listen, vec!["127.0.0.1:1999".parse().unwrap()]);
@@ -788,14 +779,14 @@ mod tests {
     fn unknown_keys_and_bad_values_are_refused() {
         let mut f = tempfile::NamedTempFile::new().unwrap();
         writeln!(f, "no_such_key = 1").unwrap();
-        let cli = Cli {
+        let cli = Flags {
             config: Some(f.path().to_path_buf()),
-            ..Cli::default()
+            ..Flags::default()
         };
         assert!(matches!(Config::load(&cli), Err(ConfigError::Parse { .. })));
-        let cli = Cli {
+        let cli = Flags {
             shards: Some(0),
-            ..Cli::default()
+            ..Flags::default()
         };
         assert!(matches!(
             Config::load(&cli),
@@ -808,11 +799,11 @@ mod tests {
         assert_eq!(parse_http_listen("off").unwrap(), None);
         assert_eq!(parse_http_listen("").unwrap(), None);
         assert!(parse_http_listen("nope").is_err());
-        let c = Config::load(&Cli::default()).unwrap();
+        let c = Config::load(&Flags::default()).unwrap();
         assert_eq!(c.http_listen.unwrap().port(), 18083);
-        let open = Cli {
+        let open = Flags {
             http_listen: Some("0.0.0.0:0".into()),
-            ..Cli::default()
+            ..Flags::default()
         };
         assert!(matches!(
             Config::load(&open),
@@ -823,7 +814,7 @@ mod tests {
         ));
         let mut f = tempfile::NamedTempFile::new().unwrap();
         writeln!(f, "http_auth_token = \"s3cret\"").unwrap();
-        let with_token = Cli {
+        let with_token = Flags {
             config: Some(f.path().to_path_buf()),
             ..open.clone()
         };
@@ -831,9 +822,9 @@ mod tests {
         assert_eq!(c.http_auth_token.as_deref(), Some("s3cret"));
         let mut f = tempfile::NamedTempFile::new().unwrap();
         writeln!(f, "http_basic_user = \"admin\"").unwrap();
-        let half = Cli {
+        let half = Flags {
             config: Some(f.path().to_path_buf()),
-            ..Cli::default()
+            ..Flags::default()
         };
         assert!(Config::load(&half).is_err());
     }
@@ -842,9 +833,9 @@ mod tests {
     fn tls_keys_are_checked() {
         let mut f = tempfile::NamedTempFile::new().unwrap();
         writeln!(f, "tls_listen = [\"127.0.0.1:0\"]").unwrap();
-        let cli = Cli {
+        let cli = Flags {
             config: Some(f.path().to_path_buf()),
-            ..Cli::default()
+            ..Flags::default()
         };
         assert!(matches!(
             Config::load(&cli),
@@ -859,10 +850,10 @@ mod tests {
             "certfile = \"c.pem\"\nkeyfile = \"k.pem\"\nrequire_certificate = true\nws_listen = [\"127.0.0.1:8083\"]"
         )
         .unwrap();
-        let cli = Cli {
+        let cli = Flags {
             config: Some(f.path().to_path_buf()),
             wss_listen: vec!["127.0.0.1:0".parse().unwrap()],
-            ..Cli::default()
+            ..Flags::default()
         };
         assert!(matches!(
             Config::load(&cli),
@@ -871,7 +862,7 @@ mod tests {
                 ..
             })
         ));
-        let cli = Cli {
+        let cli = Flags {
             cafile: Some("ca.pem".into()),
             ..cli
         };
@@ -891,10 +882,10 @@ mod tests {
              max_queued_bytes_total = 1048576"
         )
         .unwrap();
-        let cli = Cli {
+        let cli = Flags {
             config: Some(f.path().to_path_buf()),
             max_connection_rate: Some(5),
-            ..Cli::default()
+            ..Flags::default()
         };
         let c = Config::load(&cli).unwrap();
         assert_eq!(c.max_connections_per_ip, 3);
@@ -907,9 +898,9 @@ mod tests {
         assert_eq!(c.max_queued_bytes_total, 1 << 20);
         let mut f = tempfile::NamedTempFile::new().unwrap();
         writeln!(f, "max_client_id_len = 22").unwrap();
-        let cli = Cli {
+        let cli = Flags {
             config: Some(f.path().to_path_buf()),
-            ..Cli::default()
+            ..Flags::default()
         };
         assert!(
             matches!(Config::load(&cli), Err(ConfigError::Invalid { key, .. }) if key == "max_client_id_len"),
@@ -920,9 +911,9 @@ mod tests {
     #[test]
     fn the_sample_config_file_parses() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("fanmq.toml");
-        let cli = Cli {
+        let cli = Flags {
             config: Some(path),
-            ..Cli::default()
+            ..Flags::default()
         };
         let c = Config::load(&cli).unwrap();
         assert_eq!(c.max_queued_messages, DEFAULT_MAX_QUEUED_MESSAGES);

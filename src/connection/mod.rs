@@ -42,11 +42,9 @@ pub mod park;
 
 use std::future::Future;
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -55,35 +53,25 @@ use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use glommio::net::TcpStream;
 use log::{debug, info, warn};
 
-use crate::net::admission::{ConnectionCounts, IpKey};
+use crate::net::admission::{ConnectionSlot, IpKey};
+use crate::net::fd;
+use crate::net::poller::{self, Interest};
 use crate::net::transport::{Acceptor, Stream, Transport};
-use crate::observe::metrics::{ListenerKind, SessionTotals};
 use crate::protocol::codec::{self, Connect, DecodeError, LastWill, Packet, QoS};
 use crate::protocol::message::Message;
 use crate::protocol::topic;
 use crate::security::acl::Who;
+use crate::session::link::{
+    CloseReason, Link, Parked, Rare, SessionKey, TICKS_PER_SEC, Waiter, framed_fd,
+};
 use crate::session::outqueue::{Flushed, OutQueue};
 use crate::session::{self, Qos2Receipt, Session, SessionState};
 use crate::shard::registry;
-use crate::shard::{Ctx, SessionKey, Shard};
-use park::{Interest, Parked};
-
-/// The [`Link::fd`] of a connection whose transport frames its bytes (TLS,
-/// WebSocket) on socket `fd`: the descriptor bit-inverted, so negative (a
-/// valid descriptor never is). The shard must not write to such a link's
-/// socket and leaves every write to the connection task (see
-/// [`Shard::flush_dirty`]); [`Link::socket`] gives the socket back for
-/// lookups such as the peer address. No field is added to the link.
-pub fn framed_fd(fd: RawFd) -> RawFd {
-    !fd
-}
+use crate::shard::sys::SessionTotals;
+use crate::shard::{Ctx, Shard};
 
 /// How much the receive buffer grows per read while waiting for CONNECT.
 const CONNECT_READ_CHUNK: usize = 512;
-
-/// The keep-alive clock's unit: a tenth of a second, so "1.5 × keep-alive"
-/// (§3.1.2.10) is exact for every keep-alive value and a `u32` lasts 13 years.
-pub const TICKS_PER_SEC: u32 = 10;
 
 /// A plain connection still waiting in its task ([`Wire::Fresh`]: the
 /// client sent nothing after CONNECT) is woken to park once it has been
@@ -91,169 +79,6 @@ pub const TICKS_PER_SEC: u32 = 10;
 /// second) parks such clients within 1.5 s and never a client in the middle
 /// of its first exchange.
 const PARK_AFTER_TICKS: u32 = TICKS_PER_SEC;
-
-/// Why a connection ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CloseReason {
-    /// The client sent DISCONNECT (no will, §3.14.4).
-    Disconnect,
-    /// The client closed the socket without DISCONNECT.
-    PeerClosed,
-    /// A socket error.
-    Io,
-    /// Malformed packet or protocol violation (§4.8).
-    ProtocolError,
-    /// No packet within 1.5 × keep-alive (§3.1.2.10).
-    KeepAliveTimeout,
-    /// A new connection with the same client id took over (§3.1.4).
-    TakenOver,
-    /// The broker is shutting down.
-    Shutdown,
-    /// The client did not read while its shard was over its share of
-    /// `max_queued_bytes_total` (see [`crate::shard::Shard::shed`]).
-    Shed,
-    /// An operator disconnected the client through the admin API.
-    AdminDisconnect,
-}
-
-impl CloseReason {
-    /// True when the will message must be published (§3.1.2.5: any close
-    /// that is not a DISCONNECT from the client; not when the broker stops).
-    pub fn publishes_will(self) -> bool {
-        !matches!(self, CloseReason::Disconnect | CloseReason::Shutdown)
-    }
-}
-
-/// A session's live connection, as the shard sees it. It is also how the
-/// shard talks to the connection task: it sets `close` or `blocked` and wakes
-/// the task ([`Link::wake`]; a parked connection gets a task back). When the
-/// shard removes the session altogether (take-over), the task, woken, finds
-/// its session gone and ends.
-#[derive(Debug)]
-pub struct Link {
-    /// Unique id of the connection on this shard.
-    pub conn_id: u64,
-    /// The socket, for the shard's direct vectored writes. Valid while the
-    /// link exists: the task removes the link before it closes the socket.
-    /// Negative ([`framed_fd`]) for TLS and WebSocket connections, which
-    /// only their task writes.
-    pub fd: RawFd,
-    /// Who to wake: the connection task while it waits, or the parked
-    /// connection.
-    waiter: Waiter,
-    /// Set when the connection must close (the first reason wins).
-    close: Option<CloseReason>,
-    /// True while the socket's send buffer is full and the connection task
-    /// (not the shard) writes this session's queue; for a framed link
-    /// ([`Link::is_framed`]), while the task has queued bytes to write.
-    pub blocked: bool,
-    /// Keep-alive in seconds from CONNECT (0: none).
-    pub keep_alive: u16,
-    /// When the last packet arrived, in [`TICKS_PER_SEC`] since shard start.
-    pub last_seen: u32,
-    /// When the connection attached, in [`TICKS_PER_SEC`] since shard start
-    /// (the admin API's "connected since"; fits in the struct's padding, so
-    /// it costs no memory per connection).
-    pub connected_at: u32,
-}
-
-impl Link {
-    /// A link for connection `conn_id` on socket `fd`.
-    pub fn new(conn_id: u64, fd: RawFd, keep_alive: u16, last_seen: u32) -> Link {
-        Link {
-            conn_id,
-            fd,
-            waiter: Waiter::Running,
-            close: None,
-            blocked: false,
-            keep_alive,
-            last_seen,
-            connected_at: last_seen,
-        }
-    }
-
-    /// True for a TLS or WebSocket connection: only its task may write.
-    pub fn is_framed(&self) -> bool {
-        self.fd < 0
-    }
-
-    /// The connection's socket, framed or not (for lookups, never writes).
-    pub fn socket(&self) -> RawFd {
-        if self.is_framed() { !self.fd } else { self.fd }
-    }
-
-    /// Asks the connection to close (the first reason wins).
-    pub fn close(&mut self, reason: CloseReason) {
-        self.close.get_or_insert(reason);
-        self.wake();
-    }
-
-    /// Wakes the connection task; a parked connection gets one (soon: the
-    /// shard's unparker spawns it, since the caller holds the shard).
-    pub fn wake(&mut self) {
-        match std::mem::take(&mut self.waiter) {
-            Waiter::Running => {}
-            Waiter::Task(waker) => waker.wake(),
-            Waiter::Parked(parked) => park::wake_later(self.conn_id, parked),
-        }
-    }
-
-    /// True while the connection is parked (has no task).
-    pub fn is_parked(&self) -> bool {
-        matches!(self.waiter, Waiter::Parked(_))
-    }
-
-    /// Remembers the task's waker (cloned only when it changed).
-    fn set_waker(&mut self, waker: &Waker) {
-        if !matches!(&self.waiter, Waiter::Task(w) if w.will_wake(waker)) {
-            self.waiter = Waiter::Task(waker.clone());
-        }
-    }
-}
-
-/// Who wakes up when the shard has something for a connection.
-#[derive(Debug, Default)]
-enum Waiter {
-    /// The connection's task is running, or will look at the link before it
-    /// waits (so nothing needs waking).
-    #[default]
-    Running,
-    /// The connection's task waits.
-    Task(Waker),
-    /// The connection has no task ([`crate::connection::park`]).
-    Parked(Parked),
-}
-
-/// A link with no socket (framed: the shard never writes to it), for unit
-/// tests of the session.
-#[cfg(test)]
-pub fn test_link() -> Link {
-    // i32::MIN: framed, on descriptor i32::MAX, which is never open.
-    Link::new(1, i32::MIN, 0, 0)
-}
-
-/// Counts a live connection against `max_connections` until dropped. Its
-/// count under `max_connections_per_ip` (its [`IpKey`], kept beside it in
-/// what was padding, so a connection grows by nothing) is given back with
-/// [`ConnectionSlot::release`].
-#[derive(Debug)]
-pub struct ConnectionSlot(pub Arc<ConnectionCounts>);
-
-impl ConnectionSlot {
-    /// The connection ended: gives back its count under `ip_key` (0: it
-    /// was not counted per address) and, dropped, its place.
-    pub fn release(self, ip_key: IpKey) {
-        if ip_key != 0 {
-            self.0.remove_ip(ip_key);
-        }
-    }
-}
-
-impl Drop for ConnectionSlot {
-    fn drop(&mut self) {
-        self.0.total.fetch_sub(1, Ordering::Relaxed);
-    }
-}
 
 /// What woke the connection loop.
 enum Event {
@@ -309,26 +134,6 @@ impl Wire {
     }
 }
 
-/// The rarely needed part of an [`Established`] connection.
-#[derive(Debug)]
-pub struct Rare {
-    /// The will message (§3.1.2.5), if any.
-    will: Option<LastWill>,
-    /// The user name for ACL checks (CONNECT's, or the TLS identity); kept
-    /// only when an ACL file is in force.
-    username: Option<ByteString>,
-    /// The client id for the will's ACL check (the session may be gone when
-    /// the will is published); kept only with a will and an ACL file.
-    client_id: Option<ByteString>,
-}
-
-impl Rare {
-    /// The user name for ACL checks of a connection's packets.
-    fn username(rare: Option<&Rare>) -> Option<&str> {
-        rare.and_then(|r| r.username.as_deref())
-    }
-}
-
 /// Serves one accepted connection: the handshake in this task, then the
 /// connection's life in a task of its own, `Live`, whose allocation is
 /// only what a connected client needs (the handshake's state is freed).
@@ -339,7 +144,7 @@ pub async fn serve(
     slot: ConnectionSlot,
     ip_key: IpKey,
 ) {
-    let listener = acceptor.transport.listener_kind();
+    let listener = acceptor.transport;
     let Some(conn) = establish(&ctx, tcp, &acceptor).await else {
         slot.release(ip_key);
         return;
@@ -526,7 +331,7 @@ async fn handshake(ctx: &Ctx, mut stream: Stream, deadline: Instant) -> Option<E
             Peer(stream.socket_fd()),
             username.as_deref().unwrap_or("")
         );
-        ctx.shard.borrow_mut().stats.auth_failed += 1;
+        ctx.shard.borrow_mut().stats.auth_failures += 1;
         refuse(&mut stream, codec::CONNACK_NOT_AUTHORIZED).await;
         return None;
     }
@@ -583,18 +388,6 @@ async fn handshake(ctx: &Ctx, mut stream: Stream, deadline: Instant) -> Option<E
     })
 }
 
-/// The socket of a plain TCP connection, taken from glommio's stream (which
-/// has no way to give its descriptor up): a duplicate, so the stream can be
-/// dropped (closing the original and cancelling its poll) while the
-/// connection keeps the socket.
-///
-/// # Errors
-/// The process is out of descriptors.
-fn plain_socket(tcp: &TcpStream) -> io::Result<OwnedFd> {
-    // SAFETY: the stream's descriptor is open for the duration of this call.
-    unsafe { BorrowedFd::borrow_raw(tcp.as_raw_fd()) }.try_clone_to_owned()
-}
-
 /// Ends a connection: parks or removes its session, publishes its will when
 /// the close calls for it, and only then closes the socket.
 async fn teardown(ctx: &Ctx, conn: Established, reason: CloseReason) {
@@ -628,39 +421,13 @@ async fn teardown(ctx: &Ctx, conn: Established, reason: CloseReason) {
         // An abortive close (RST): the kernel drops the megabytes still in
         // the socket's send buffer now instead of trickling them out to a
         // client that does not read.
-        reset_on_close(conn.wire.socket_fd());
+        fd::reset_on_close(conn.wire.socket_fd());
     }
     // The link is gone from the session; only now may the socket close.
     if let Wire::Framed(mut stream) = conn.wire {
         // TLS / WebSocket: say goodbye in the transport's terms (close_notify,
         // a close frame) if the socket takes it at once; never wait for it.
         let _ = futures_lite::future::poll_once(stream.close()).await;
-    }
-}
-
-/// Makes the coming `close` of `fd` send a reset and discard unsent data
-/// (SO_LINGER with a zero timeout).
-fn reset_on_close(fd: RawFd) {
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: `fd` is an open socket owned by the caller; the option value
-    // is a valid `linger` of the size passed.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&linger as *const libc::linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        debug!(
-            "SO_LINGER on a shed connection failed: {}",
-            std::io::Error::last_os_error()
-        );
     }
 }
 
@@ -671,24 +438,11 @@ struct Peer(RawFd);
 
 impl std::fmt::Display for Peer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match peer_addr(self.0) {
+        match fd::peer_addr(self.0) {
             Some(addr) => write!(f, "{addr}"),
             None => f.write_str("?"),
         }
     }
-}
-
-/// The peer address of a connection's socket `fd` (getpeername), None if
-/// the peer is gone or `fd` is not a socket descriptor (negative).
-pub fn peer_addr(fd: RawFd) -> Option<std::net::SocketAddr> {
-    if fd < 0 {
-        return None;
-    }
-    // SAFETY: `fd` is a connection's socket, open while the connection (or
-    // its link: the connection removes the link before it closes the
-    // socket) exists; it is only borrowed for this call.
-    let fd = unsafe { BorrowedFd::borrow_raw(fd) };
-    socket2::SockRef::from(&fd).peer_addr().ok()?.as_socket()
 }
 
 /// The TLS client certificate's identity for log lines: ", TLS identity
@@ -813,7 +567,7 @@ struct Live {
     ended: Option<CloseReason>,
     /// The listener it came in on (per-listener connection gauge; fits in
     /// the struct's padding).
-    listener: ListenerKind,
+    listener: Transport,
     /// The source address `slot` is counted under (0: not counted); fits
     /// in the struct's padding too.
     ip_key: IpKey,
@@ -961,7 +715,7 @@ impl Live {
         };
         let new = matches!(conn.wire, Wire::Fresh(_));
         if let Wire::Fresh(tcp) = &conn.wire {
-            let fd = match plain_socket(tcp) {
+            let fd = match fd::duplicate(tcp.as_raw_fd()) {
                 Ok(fd) => fd,
                 Err(e) => {
                     // Out of descriptors: stay on glommio's stream for now
@@ -985,7 +739,7 @@ impl Live {
         if let Err(e) =
             self.ctx
                 .poller
-                .arm(fd.as_raw_fd(), park::token(key, conn_id), interest, new)
+                .arm(fd.as_raw_fd(), poller::token(key, conn_id), interest, new)
         {
             warn!(
                 "{}: cannot watch the socket ({e}), closing",
@@ -1119,7 +873,7 @@ fn poll_event(
         };
     }
     if read && !reading.drained {
-        match recv(fd, read_buf) {
+        match fd::recv(fd, read_buf) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             result => {
                 reading.drained = result.as_ref().is_ok_and(|&n| n < read_buf.len());
@@ -1151,26 +905,6 @@ fn read_event(
             Event::Data
         }
         Err(_) => Event::Closed(CloseReason::Io),
-    }
-}
-
-/// One non-blocking `recv` from a plain socket into `buf`.
-///
-/// # Errors
-/// `WouldBlock` when nothing waits; any other error means the connection
-/// is broken.
-fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
-    loop {
-        // SAFETY: `buf` is valid for writes of its length; `fd` is the
-        // connection's open socket.
-        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
-        if n >= 0 {
-            return Ok(n as usize);
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
     }
 }
 
@@ -1207,7 +941,7 @@ pub fn resume(ctx: &Ctx, conn_id: u64, mut parked: Parked) {
 /// ended, or that is running, changes nothing (a running task reads its
 /// socket before it waits again).
 pub fn socket_ready(ctx: &Ctx, token: u64) {
-    let (key, conn_tag) = park::split_token(token);
+    let (key, conn_tag) = poller::split_token(token);
     let (conn_id, waiter) = {
         let mut shard = ctx.shard.borrow_mut();
         let Some(link) = shard
@@ -1289,7 +1023,7 @@ pub(crate) fn process(
                 return Err(CloseReason::ProtocolError);
             }
         };
-        shard.stats.messages_received += 1;
+        shard.stats.packets_received += 1;
         handle_packet(shard, key, conn_id, packet, username)?;
     }
 }
@@ -1441,12 +1175,12 @@ pub async fn keep_alive_sweeper(ctx: Ctx, period: Duration) {
                 link.wake();
             }
         }
-        shard.gauges.refresh(&shard, &totals);
+        shard.refresh_gauges(totals);
     }
 }
 
 /// What a connection costs while idle is its session's link (with the
-/// parked state in place of a task, [`crate::connection::park::Parked`]); the admin
+/// parked state in place of a task, [`crate::session::link::Parked`]); the admin
 /// figures' per-connection fields (`Link::connected_at`, `Live::listener`)
 /// live in padding. Measured on 64-bit: the link was 40 bytes with a waker,
 /// 56 with the parked state (which replaced a ~300-byte task and glommio's
@@ -1455,7 +1189,7 @@ pub async fn keep_alive_sweeper(ctx: Ctx, period: Duration) {
 mod size_tests {
     #[test]
     fn an_idle_connection_costs_its_link() {
-        assert_eq!(std::mem::size_of::<crate::connection::park::Parked>(), 32);
+        assert_eq!(std::mem::size_of::<crate::session::link::Parked>(), 32);
         assert_eq!(std::mem::size_of::<super::Waiter>(), 32);
         assert_eq!(std::mem::size_of::<Option<super::Link>>(), 56);
         assert_eq!(std::mem::size_of::<super::Live>(), 264);

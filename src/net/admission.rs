@@ -29,8 +29,8 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 /// Stripes of the per-address map; a power of two well above the shard
@@ -179,6 +179,29 @@ impl TokenBucket {
         } else {
             false
         }
+    }
+}
+
+/// Counts a live connection against `max_connections` until dropped. Its
+/// count under `max_connections_per_ip` (its [`IpKey`], kept beside it in
+/// what was padding, so a connection grows by nothing) is given back with
+/// [`ConnectionSlot::release`].
+#[derive(Debug)]
+pub struct ConnectionSlot(pub Arc<ConnectionCounts>);
+
+impl ConnectionSlot {
+    /// The connection ended: gives back its count under `ip_key` (0: it
+    /// was not counted per address) and, dropped, its place.
+    pub fn release(self, ip_key: IpKey) {
+        if ip_key != 0 {
+            self.0.remove_ip(ip_key);
+        }
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0.total.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

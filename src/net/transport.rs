@@ -50,7 +50,6 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 
 use crate::config::Config;
-use crate::observe::metrics::ListenerKind;
 
 /// WebSocket subprotocols accepted, in order of preference: MQTT 3.1.1's
 /// `mqtt` (§6.0) and MQTT 3.1's `mqttv3.1`.
@@ -97,21 +96,33 @@ pub enum TransportError {
     NoCertificates,
 }
 
-/// What a listener speaks.
+/// What a listener speaks; also the `listener` label of the connection
+/// metrics ([`Transport::name`]). Adding a transport is one variant here
+/// plus its entry in [`Transport::ALL`] and [`Transport::name`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
 pub enum Transport {
     /// MQTT over TCP.
-    Mqtt,
+    Mqtt = 0,
     /// MQTT over TLS.
-    Tls,
+    Tls = 1,
     /// MQTT over WebSocket.
-    Ws,
+    Ws = 2,
     /// MQTT over WebSocket over TLS.
-    Wss,
+    Wss = 3,
 }
 
 impl Transport {
-    /// The name used in the config keys (`tls_listen`, ...) and log lines.
+    /// Every transport, in the order of the per-listener arrays.
+    pub const ALL: [Transport; 4] = [
+        Transport::Mqtt,
+        Transport::Tls,
+        Transport::Ws,
+        Transport::Wss,
+    ];
+
+    /// The name used in the config keys (`tls_listen`, ...), log lines and
+    /// the metrics' `listener` label.
     pub fn name(self) -> &'static str {
         match self {
             Transport::Mqtt => "mqtt",
@@ -121,14 +132,10 @@ impl Transport {
         }
     }
 
-    /// The `listener` label of the connection metrics.
-    pub fn listener_kind(self) -> ListenerKind {
-        match self {
-            Transport::Mqtt => ListenerKind::Mqtt,
-            Transport::Tls => ListenerKind::Tls,
-            Transport::Ws => ListenerKind::Ws,
-            Transport::Wss => ListenerKind::Wss,
-        }
+    /// Index into per-listener arrays (counters by listener), in the
+    /// order of [`Transport::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
     }
 
     /// True when the transport runs over TLS.

@@ -2,13 +2,13 @@
 //! read, rendered as Prometheus text or JSON.
 //!
 //! Shards count in their own plain [`Counters`] (no atomics on the data
-//! path). Every keep-alive sweep (see
-//! [`crate::connection::keep_alive_sweeper`], every
-//! [`REFRESH_PERIOD`]) a shard copies its counters, plus the queue totals the
-//! sweep gathered while it walked its sessions anyway, into its own
-//! [`ShardGauges`] with relaxed stores. The HTTP thread only loads those
-//! atomics and sums them: scraping never blocks or slows a shard, and figures
-//! are at most one sweep period old.
+//! path). Every keep-alive sweep (every [`REFRESH_PERIOD`]) a shard completes
+//! its counters with the gauges of its latest pass over its sessions and
+//! stores them into its own [`AtomicCounters`] with relaxed stores
+//! ([`BrokerGauges::store`]). The HTTP thread only loads those atomics and
+//! sums them: scraping never blocks or slows a shard, and figures are at
+//! most one sweep period old. What is exported, and under which name, is the
+//! counter table's ([`crate::observe::counters`]).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -21,255 +21,28 @@ use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 use serde::Serialize;
 
-use crate::observe::sys::{Counters, add_all};
-use crate::session::Session;
-use crate::shard::Shard;
+use crate::config::KEEP_ALIVE_SWEEP;
+use crate::net::transport::Transport;
+use crate::observe::counters::{AtomicCounters, Counters, Kind, LABELED, SCALARS};
 
 /// How stale the figures may be: the keep-alive sweep period, which is when
-/// shards refresh their [`ShardGauges`].
-pub const REFRESH_PERIOD: Duration = crate::broker::KEEP_ALIVE_SWEEP;
+/// shards refresh their gauges.
+pub const REFRESH_PERIOD: Duration = KEEP_ALIVE_SWEEP;
 
 /// A shard whose gauges were not refreshed for this long is reported as not
 /// ready by `/health` (it is stuck or gone).
 pub const HEALTH_STALE_AFTER: Duration = Duration::from_secs(5);
 
-/// The kinds of client listener, the `listener` label of the connection
-/// metrics. Adding a transport is one variant here plus one entry in
-/// [`LISTENER_KINDS`] and [`ListenerKind::label`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u8)]
-pub enum ListenerKind {
-    /// Plain MQTT over TCP.
-    Mqtt = 0,
-    /// MQTT over TLS.
-    Tls = 1,
-    /// MQTT over WebSocket.
-    Ws = 2,
-    /// MQTT over WebSocket over TLS.
-    Wss = 3,
-}
-
-/// Number of listener kinds (the length of the per-listener arrays).
-pub const NR_LISTENER_KINDS: usize = 4;
-
-/// Every listener kind, in label order.
-pub const LISTENER_KINDS: [ListenerKind; NR_LISTENER_KINDS] = [
-    ListenerKind::Mqtt,
-    ListenerKind::Tls,
-    ListenerKind::Ws,
-    ListenerKind::Wss,
-];
-
-impl ListenerKind {
-    /// The Prometheus / JSON label value (the transport's name in the
-    /// config keys and the start-up line).
-    pub fn label(self) -> &'static str {
-        match self {
-            ListenerKind::Mqtt => "mqtt",
-            ListenerKind::Tls => "tls",
-            ListenerKind::Ws => "ws",
-            ListenerKind::Wss => "wss",
-        }
-    }
-
-    /// Index into the per-listener arrays.
-    pub fn index(self) -> usize {
-        self as usize
-    }
-}
-
-/// Declares [`Figures`] (plain numbers, one shard's or the sum) and its
-/// atomic mirror [`ShardGauges`] from one list of scalar fields.
-macro_rules! figures {
-    ($($(#[$doc:meta])* $name:ident,)*) => {
-        /// One shard's figures, or the broker's once summed.
-        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
-        pub struct Figures {
-            $($(#[$doc])* pub $name: u64,)*
-            /// Connected clients by listener kind (gauge).
-            pub clients_by_listener: [u64; NR_LISTENER_KINDS],
-            /// Connections accepted by listener kind.
-            pub accepted_by_listener: [u64; NR_LISTENER_KINDS],
-            /// PUBLISH packets received by QoS (0, 1, 2).
-            pub publish_received_by_qos: [u64; 3],
-            /// Deliveries by the QoS they are sent at (0, 1, 2).
-            pub publish_sent_by_qos: [u64; 3],
-        }
-
-        /// One shard's figures as atomics: written by the shard (relaxed
-        /// stores, every [`REFRESH_PERIOD`]), read by the HTTP thread.
-        #[derive(Debug, Default)]
-        pub struct ShardGauges {
-            $($name: AtomicU64,)*
-            /// See [`Figures::clients_by_listener`].
-            clients_by_listener: [AtomicU64; NR_LISTENER_KINDS],
-            /// See [`Figures::accepted_by_listener`].
-            accepted_by_listener: [AtomicU64; NR_LISTENER_KINDS],
-            /// See [`Figures::publish_received_by_qos`].
-            publish_received_by_qos: [AtomicU64; 3],
-            /// See [`Figures::publish_sent_by_qos`].
-            publish_sent_by_qos: [AtomicU64; 3],
-            /// Milliseconds since the broker started at the last refresh
-            /// (`/health`: a shard that stops refreshing is stuck).
-            heartbeat_ms: AtomicU64,
-            /// True while the shard accepts connections.
-            accepting: AtomicBool,
-        }
-
-        impl ShardGauges {
-            /// Stores a shard's figures.
-            fn store(&self, f: &Figures) {
-                $(self.$name.store(f.$name, Ordering::Relaxed);)*
-                store_all(&self.clients_by_listener, &f.clients_by_listener);
-                store_all(&self.accepted_by_listener, &f.accepted_by_listener);
-                store_all(&self.publish_received_by_qos, &f.publish_received_by_qos);
-                store_all(&self.publish_sent_by_qos, &f.publish_sent_by_qos);
-            }
-
-            /// Loads the figures last stored.
-            pub fn load(&self) -> Figures {
-                Figures {
-                    $($name: self.$name.load(Ordering::Relaxed),)*
-                    clients_by_listener: load_all(&self.clients_by_listener),
-                    accepted_by_listener: load_all(&self.accepted_by_listener),
-                    publish_received_by_qos: load_all(&self.publish_received_by_qos),
-                    publish_sent_by_qos: load_all(&self.publish_sent_by_qos),
-                }
-            }
-        }
-
-        impl Figures {
-            /// Adds another shard's figures (`retained` is a replica on
-            /// every shard: the largest is kept, not the sum).
-            pub fn add(&mut self, other: &Figures) {
-                let retained = self.retained.max(other.retained);
-                $(self.$name += other.$name;)*
-                self.retained = retained;
-                add_all(&mut self.clients_by_listener, &other.clients_by_listener);
-                add_all(&mut self.accepted_by_listener, &other.accepted_by_listener);
-                add_all(&mut self.publish_received_by_qos, &other.publish_received_by_qos);
-                add_all(&mut self.publish_sent_by_qos, &other.publish_sent_by_qos);
-            }
-        }
-    };
-}
-
-figures! {
-    /// Live client connections (sessions with a connection).
-    clients_connected,
-    /// Of those: connections parked, with no task ([`crate::connection::park`]).
-    clients_parked,
-    /// Sessions, live or parked.
-    sessions,
-    /// Subscriptions.
-    subscriptions,
-    /// Retained messages (each shard holds a full replica).
-    retained,
-    /// PUBLISH packets queued for live clients, not yet written.
-    queued_messages,
-    /// Bytes queued for live clients, not yet written.
-    queued_bytes,
-    /// The largest queue of one client on the shard, in bytes: a slow
-    /// subscriber shows here first.
-    max_client_queue_bytes,
-    /// QoS 1/2 messages waiting for a free slot in an inflight window.
-    pending_messages,
-    /// TCP connections accepted.
-    connections_accepted,
-    /// Connections closed at once because `max_connections` was reached.
-    connections_refused,
-    /// Accept calls that failed.
-    accept_errors,
-    /// MQTT packets received.
-    messages_received,
-    /// PUBLISH packets received.
-    publish_received,
-    /// PUBLISH packets queued to subscribers (deliveries).
-    publish_sent,
-    /// PUBLISH packets dropped, every reason.
-    publish_dropped,
-    /// Of those: publishes to `$SYS` topics by clients.
-    dropped_sys_topic,
-    /// Of those: QoS 2 publishes over `max_awaiting_rel`.
-    dropped_qos2_overflow,
-    /// Bytes received.
-    bytes_received,
-    /// Bytes sent.
-    bytes_sent,
-    /// Connections closed for malformed packets or protocol violations.
-    protocol_errors,
-    /// CONNECTs refused by authentication (`password_file`, anonymous).
-    auth_failed,
-    /// PUBLISH packets from clients the ACL denied (acknowledged, dropped).
-    publish_denied,
-    /// Subscription filters the ACL denied (SUBACK 0x80).
-    subscribe_denied,
-    /// Connections closed after accept: `max_connections_per_ip` reached.
-    connections_ip_limited,
-    /// Connections closed after accept: `max_connection_rate` reached.
-    connections_rate_limited,
-    /// Filters refused by `max_subscriptions_per_client` or
-    /// `max_topic_levels` (SUBACK 0x80).
-    subscriptions_refused,
-    /// Clients disconnected for not reading while their shard was over its
-    /// share of `max_queued_bytes_total`.
-    clients_shed,
-}
-
-/// Stores every value of `values` into `slots`.
-fn store_all<const N: usize>(slots: &[AtomicU64; N], values: &[u64; N]) {
-    for (slot, v) in slots.iter().zip(values) {
-        slot.store(*v, Ordering::Relaxed);
-    }
-}
-
-/// Loads every slot.
-fn load_all<const N: usize>(slots: &[AtomicU64; N]) -> [u64; N] {
-    std::array::from_fn(|i| slots[i].load(Ordering::Relaxed))
-}
-
-impl Figures {
-    /// Publishes dropped because a client's queue was full (every drop that
-    /// is not counted under another reason).
-    pub fn dropped_queue_full(&self) -> u64 {
-        self.publish_dropped
-            .saturating_sub(self.dropped_sys_topic)
-            .saturating_sub(self.dropped_qos2_overflow)
-    }
-}
-
-/// What a shard's periodic pass over its sessions gathers.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct SessionTotals {
-    /// Sessions with a live connection.
-    pub connected: u64,
-    /// Of those: connections parked ([`crate::connection::park`]).
-    pub parked: u64,
-    /// PUBLISH packets queued for live clients.
-    pub queued_messages: u64,
-    /// Bytes queued for live clients.
-    pub queued_bytes: u64,
-    /// The largest single queue, in bytes.
-    pub max_queue_bytes: u64,
-    /// QoS 1/2 messages waiting for a slot in an inflight window.
-    pending_messages: u64,
-}
-
-impl SessionTotals {
-    /// Counts one session.
-    pub fn count(&mut self, session: &Session) {
-        if let Some(link) = &session.link {
-            self.connected += 1;
-            self.parked += u64::from(link.is_parked());
-        }
-        let bytes = session.out.bytes() as u64;
-        self.queued_messages += session.out.publishes() as u64;
-        self.queued_bytes += bytes;
-        self.max_queue_bytes = self.max_queue_bytes.max(bytes);
-        if let Some(flows) = &session.state.flows {
-            self.pending_messages += flows.pending.len() as u64;
-        }
-    }
+/// One shard's figures as the HTTP thread reads them.
+#[derive(Debug, Default)]
+pub struct ShardGauges {
+    /// The shard's counters, as of its last refresh.
+    counters: AtomicCounters,
+    /// Milliseconds since the broker started at the last refresh
+    /// (`/health`: a shard that stops refreshing is stuck).
+    heartbeat_ms: AtomicU64,
+    /// True while the shard accepts connections.
+    accepting: AtomicBool,
 }
 
 /// Every shard's gauges, shared by the shards (each writes its own) and the
@@ -291,23 +64,21 @@ impl BrokerGauges {
         }
     }
 
-    /// Refreshes shard `shard`'s gauges from its counters and the totals of
-    /// its latest pass over its sessions.
-    pub fn refresh(&self, shard: &Shard, totals: &SessionTotals) {
-        let Some(gauges) = self.shards.get(shard.id) else {
+    /// Stores shard `shard`'s figures (completed with its gauges) and
+    /// whether it accepts connections.
+    pub fn store(&self, shard: usize, counters: &Counters, accepting: bool) {
+        let Some(gauges) = self.shards.get(shard) else {
             return;
         };
-        gauges.store(&figures_of(&shard.stats, shard, totals));
+        gauges.counters.store(counters);
         let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
         gauges.heartbeat_ms.store(ms, Ordering::Relaxed);
-        gauges
-            .accepting
-            .store(!shard.shutting_down, Ordering::Relaxed);
+        gauges.accepting.store(accepting, Ordering::Relaxed);
     }
 
     /// Every shard's figures, by shard index.
-    pub fn per_shard(&self) -> Vec<Figures> {
-        self.shards.iter().map(ShardGauges::load).collect()
+    pub fn per_shard(&self) -> Vec<Counters> {
+        self.shards.iter().map(|g| g.counters.load()).collect()
     }
 
     /// True when every shard accepts connections and refreshed its gauges
@@ -323,7 +94,7 @@ impl BrokerGauges {
     /// A snapshot of everything, for JSON and Prometheus.
     pub fn stats(&self) -> Stats {
         let shards = self.per_shard();
-        let mut total = Figures::default();
+        let mut total = Counters::default();
         for f in &shards {
             total.add(f);
         }
@@ -334,49 +105,10 @@ impl BrokerGauges {
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
             refresh_ms: u64::try_from(REFRESH_PERIOD.as_millis()).unwrap_or(u64::MAX),
-            listeners: LISTENER_KINDS.iter().map(|k| k.label()).collect(),
-            dropped_queue_full: total.dropped_queue_full(),
+            listeners: Transport::ALL.iter().map(|t| t.name()).collect(),
             total,
             shards,
         }
-    }
-}
-
-/// A shard's figures from its counters and its latest session pass.
-fn figures_of(stats: &Counters, shard: &Shard, totals: &SessionTotals) -> Figures {
-    Figures {
-        clients_connected: totals.connected,
-        clients_parked: totals.parked,
-        sessions: shard.sessions.len() as u64,
-        subscriptions: shard.router.len() as u64,
-        retained: shard.retained.len() as u64,
-        queued_messages: totals.queued_messages,
-        queued_bytes: totals.queued_bytes,
-        max_client_queue_bytes: totals.max_queue_bytes,
-        pending_messages: totals.pending_messages,
-        connections_accepted: stats.connections_accepted,
-        connections_refused: stats.connections_refused,
-        accept_errors: stats.accept_errors,
-        messages_received: stats.messages_received,
-        publish_received: stats.publish_received,
-        publish_sent: stats.publish_sent(),
-        publish_dropped: stats.publish_dropped,
-        dropped_sys_topic: stats.dropped_sys_topic,
-        dropped_qos2_overflow: stats.dropped_qos2_overflow,
-        bytes_received: stats.bytes_received,
-        bytes_sent: stats.bytes_sent,
-        protocol_errors: stats.protocol_errors,
-        auth_failed: stats.auth_failed,
-        publish_denied: stats.publish_denied,
-        subscribe_denied: stats.subscribe_denied,
-        connections_ip_limited: stats.connections_ip_limited,
-        connections_rate_limited: stats.connections_rate_limited,
-        subscriptions_refused: stats.subscriptions_refused,
-        clients_shed: stats.clients_shed,
-        clients_by_listener: stats.clients_by_listener,
-        accepted_by_listener: stats.accepted_by_listener,
-        publish_received_by_qos: stats.publish_received_by_qos,
-        publish_sent_by_qos: stats.publish_sent_by_qos,
     }
 }
 
@@ -393,18 +125,18 @@ pub struct Stats {
     pub refresh_ms: u64,
     /// Listener label values, in the order of the per-listener arrays.
     pub listeners: Vec<&'static str>,
-    /// Publishes dropped because a client's queue was full.
-    pub dropped_queue_full: u64,
     /// Every shard summed.
-    pub total: Figures,
+    pub total: Counters,
     /// Each shard's own figures, by shard index.
-    pub shards: Vec<Figures>,
+    pub shards: Vec<Counters>,
 }
 
-/// Label set of a per-shard metric.
-type ShardLabel = Vec<(&'static str, String)>;
+/// Label set of a metric.
+type Labels = Vec<(&'static str, String)>;
 
-/// Renders `stats` in the Prometheus text exposition format.
+/// Renders `stats` in the Prometheus text exposition format: every row of the
+/// counter table that has a Prometheus name, broker-wide and per shard, plus
+/// the build, the uptime and the drops by reason.
 pub fn render_prometheus(stats: &Stats) -> String {
     let mut registry = Registry::with_prefix("fanmq");
     let t = &stats.total;
@@ -419,260 +151,62 @@ pub fn render_prometheus(stats: &Stats) -> String {
         "Seconds since the broker started",
         stats.uptime_seconds,
     );
-    let by_listener =
-        |registry: &mut Registry, name, help, values: &[u64; NR_LISTENER_KINDS], counter| {
-            let labels = LISTENER_KINDS
-                .iter()
-                .zip(values)
-                .map(|(k, v)| (vec![("listener", k.label().to_string())], *v));
-            family(registry, name, help, labels, counter);
-        };
-    by_listener(
-        &mut registry,
-        "connections",
-        "Connected MQTT clients by listener",
-        &t.clients_by_listener,
-        false,
-    );
-    by_listener(
-        &mut registry,
-        "connections_accepted",
-        "TCP connections accepted by listener",
-        &t.accepted_by_listener,
-        true,
-    );
-    let scalar = |registry: &mut Registry, name, help, v: u64, counter| {
-        if counter {
-            let c = Counter::<u64>::default();
-            c.inc_by(v);
-            registry.register(name, help, c);
-        } else {
-            let g = Gauge::<i64>::default();
-            g.set(i64::try_from(v).unwrap_or(i64::MAX));
-            registry.register(name, help, g);
+    for row in SCALARS {
+        if let Some(name) = row.prometheus {
+            scalar(&mut registry, name, row.help, (row.get)(t), row.kind);
         }
-    };
-    scalar(
-        &mut registry,
-        "connections_refused",
-        "Connections closed at once because max_connections was reached",
-        t.connections_refused,
-        true,
-    );
-    scalar(
-        &mut registry,
-        "accept_errors",
-        "Failed accept calls",
-        t.accept_errors,
-        true,
-    );
-    scalar(
-        &mut registry,
-        "sessions",
-        "Sessions, live or parked",
-        t.sessions,
-        false,
-    );
-    scalar(
-        &mut registry,
-        "subscriptions",
-        "Subscriptions",
-        t.subscriptions,
-        false,
-    );
-    scalar(
-        &mut registry,
-        "retained_messages",
-        "Retained messages",
-        t.retained,
-        false,
-    );
-    scalar(
-        &mut registry,
-        "packets_received",
-        "MQTT packets received",
-        t.messages_received,
-        true,
-    );
-    family(
-        &mut registry,
-        "messages_received",
-        "PUBLISH packets received, by QoS",
-        (0..3).map(|q| (vec![("qos", q.to_string())], t.publish_received_by_qos[q])),
-        true,
-    );
-    family(
-        &mut registry,
-        "messages_delivered",
-        "PUBLISH packets queued to subscribers (deliveries), by the QoS sent at",
-        (0..3).map(|q| (vec![("qos", q.to_string())], t.publish_sent_by_qos[q])),
-        true,
-    );
+    }
+    for row in LABELED {
+        if let Some(name) = row.prometheus {
+            let values = (row.get)(t)
+                .iter()
+                .enumerate()
+                .map(|(i, v)| (vec![(row.label, (row.value)(i).to_string())], *v));
+            family(&mut registry, name, row.help, values, row.kind);
+        }
+    }
     family(
         &mut registry,
         "messages_dropped",
         "PUBLISH packets dropped, by reason",
         [
-            (
-                vec![("reason", "queue_full".to_string())],
-                t.dropped_queue_full(),
-            ),
-            (
-                vec![("reason", "sys_topic".to_string())],
-                t.dropped_sys_topic,
-            ),
-            (
-                vec![("reason", "qos2_overflow".to_string())],
-                t.dropped_qos2_overflow,
-            ),
-        ],
-        true,
+            ("queue_full", t.dropped_queue_full),
+            ("sys_topic", t.dropped_sys_topic),
+            ("qos2_overflow", t.dropped_qos2_overflow),
+        ]
+        .map(|(reason, v)| (vec![("reason", reason.to_string())], v)),
+        Kind::Counter,
     );
-    scalar(
-        &mut registry,
-        "bytes_received",
-        "Bytes received from clients",
-        t.bytes_received,
-        true,
-    );
-    scalar(
-        &mut registry,
-        "bytes_sent",
-        "Bytes sent to clients",
-        t.bytes_sent,
-        true,
-    );
-    scalar(
-        &mut registry,
-        "protocol_errors",
-        "Connections closed for malformed packets or protocol violations",
-        t.protocol_errors,
-        true,
-    );
-    scalar(
-        &mut registry,
-        "auth_failures",
-        "CONNECTs refused by authentication (CONNACK 5)",
-        t.auth_failed,
-        true,
-    );
-    scalar(
-        &mut registry,
-        "publish_denied",
-        "PUBLISH packets from clients denied by the ACL (acknowledged, dropped)",
-        t.publish_denied,
-        true,
-    );
-    scalar(
-        &mut registry,
-        "subscribe_denied",
-        "Subscription filters denied by the ACL (SUBACK 0x80)",
-        t.subscribe_denied,
-        true,
-    );
-    scalar(
-        &mut registry,
-        "connections_ip_limited",
-        "Connections closed after accept because max_connections_per_ip was reached",
-        t.connections_ip_limited,
-        true,
-    );
-    scalar(
-        &mut registry,
-        "connections_rate_limited",
-        "Connections closed after accept because max_connection_rate was reached",
-        t.connections_rate_limited,
-        true,
-    );
-    scalar(
-        &mut registry,
-        "subscriptions_refused",
-        "Filters refused by max_subscriptions_per_client or max_topic_levels (SUBACK 0x80)",
-        t.subscriptions_refused,
-        true,
-    );
-    scalar(
-        &mut registry,
-        "clients_shed",
-        "Non-reading clients disconnected while over max_queued_bytes_total",
-        t.clients_shed,
-        true,
-    );
-    let per_shard = |registry: &mut Registry, name, help, get: fn(&Figures) -> u64, counter| {
-        let labels = stats
-            .shards
-            .iter()
-            .enumerate()
-            .map(|(i, f)| (vec![("shard", i.to_string())], get(f)));
-        family(registry, name, help, labels, counter);
-    };
-    per_shard(
-        &mut registry,
-        "shard_connections",
-        "Connected clients per shard",
-        |f| f.clients_connected,
-        false,
-    );
-    per_shard(
-        &mut registry,
-        "shard_subscriptions",
-        "Subscriptions per shard",
-        |f| f.subscriptions,
-        false,
-    );
-    per_shard(
-        &mut registry,
-        "shard_messages_received",
-        "PUBLISH packets received per shard",
-        |f| f.publish_received,
-        true,
-    );
-    per_shard(
-        &mut registry,
-        "shard_messages_delivered",
-        "Deliveries per shard",
-        |f| f.publish_sent,
-        true,
-    );
-    per_shard(
-        &mut registry,
-        "shard_queued_messages",
-        "PUBLISH packets queued for live clients per shard",
-        |f| f.queued_messages,
-        false,
-    );
-    per_shard(
-        &mut registry,
-        "shard_queued_bytes",
-        "Bytes queued for live clients per shard",
-        |f| f.queued_bytes,
-        false,
-    );
-    per_shard(
-        &mut registry,
-        "shard_max_client_queue_bytes",
-        "Largest single client queue per shard, in bytes",
-        |f| f.max_client_queue_bytes,
-        false,
-    );
-    per_shard(
-        &mut registry,
-        "shard_clients_parked",
-        "Connections parked (idle, no task) per shard",
-        |f| f.clients_parked,
-        false,
-    );
-    per_shard(
-        &mut registry,
-        "shard_pending_messages",
-        "QoS 1/2 messages waiting for an inflight slot per shard",
-        |f| f.pending_messages,
-        false,
-    );
+    for row in SCALARS {
+        if let Some(name) = row.per_shard {
+            let values = stats
+                .shards
+                .iter()
+                .enumerate()
+                .map(|(i, f)| (vec![("shard", i.to_string())], (row.get)(f)));
+            family(&mut registry, name, row.help, values, row.kind);
+        }
+    }
     let mut text = String::new();
     // Writing to a String cannot fail.
     let _ = encode(&mut text, &registry);
     text
+}
+
+/// Registers one unlabelled counter or gauge.
+fn scalar(registry: &mut Registry, name: &str, help: &str, v: u64, kind: Kind) {
+    match kind {
+        Kind::Counter => {
+            let c = Counter::<u64>::default();
+            c.inc_by(v);
+            registry.register(name, help, c);
+        }
+        Kind::Gauge => {
+            let g = Gauge::<i64>::default();
+            g.set(i64::try_from(v).unwrap_or(i64::MAX));
+            registry.register(name, help, g);
+        }
+    }
 }
 
 /// Registers one metric family with the given label sets and values.
@@ -680,17 +214,17 @@ fn family(
     registry: &mut Registry,
     name: &str,
     help: &str,
-    values: impl IntoIterator<Item = (ShardLabel, u64)>,
-    counter: bool,
+    values: impl IntoIterator<Item = (Labels, u64)>,
+    kind: Kind,
 ) {
-    if counter {
-        let fam = Family::<ShardLabel, Counter>::default();
+    if kind == Kind::Counter {
+        let fam = Family::<Labels, Counter>::default();
         for (labels, v) in values {
             fam.get_or_create(&labels).inc_by(v);
         }
         registry.register(name, help, fam);
     } else {
-        let fam = Family::<ShardLabel, Gauge>::default();
+        let fam = Family::<Labels, Gauge>::default();
         for (labels, v) in values {
             fam.get_or_create(&labels)
                 .set(i64::try_from(v).unwrap_or(i64::MAX));
@@ -712,7 +246,7 @@ mod tests {
 
     fn sample() -> Stats {
         let gauges = BrokerGauges::new(2);
-        let a = Figures {
+        let mut a = Counters {
             clients_connected: 3,
             retained: 4,
             publish_received: 5,
@@ -720,10 +254,11 @@ mod tests {
             publish_dropped: 7,
             dropped_sys_topic: 1,
             clients_by_listener: [2, 1, 0, 0],
-            ..Figures::default()
+            ..Counters::default()
         };
-        gauges.shards[0].store(&a);
-        gauges.shards[1].store(&a);
+        a.complete();
+        gauges.store(0, &a, true);
+        gauges.store(1, &a, true);
         gauges.stats()
     }
 
@@ -733,7 +268,7 @@ mod tests {
         assert_eq!(stats.total.clients_connected, 6);
         assert_eq!(stats.total.retained, 4);
         assert_eq!(stats.total.publish_received_by_qos, [4, 6, 0]);
-        assert_eq!(stats.dropped_queue_full, 12);
+        assert_eq!(stats.total.dropped_queue_full, 12);
         assert_eq!(stats.shards.len(), 2);
     }
 

@@ -1,4 +1,5 @@
 //! What the broker tells about itself: counters, `$SYS` topics, Prometheus.
 
+pub mod counters;
 pub mod metrics;
 pub mod sys;

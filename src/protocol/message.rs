@@ -9,13 +9,16 @@
 //! [`Encoded`] caches the wire form of one message for one fan-out on one shard:
 //! every QoS 0 subscriber gets a clone of the same frame, every QoS 1/2
 //! subscriber gets the same head (fixed header + topic) and payload with its own
-//! packet id written between them (see [`crate::session::outqueue::OutFrame`]).
+//! packet id written between them (see `crate::session::outqueue::OutFrame`).
 
 use bytes::{Bytes, BytesMut};
 use bytestring::ByteString;
+use std::rc::Rc;
 
 use crate::protocol::codec::{self, QoS};
-use crate::session::outqueue::Frame;
+
+/// Encoded bytes shared by the queues of one shard.
+pub type Frame = Rc<[u8]>;
 
 /// An application message (MQTT 3.1.1 §3.3).
 #[derive(Clone, Debug, PartialEq, Eq)]

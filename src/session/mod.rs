@@ -21,6 +21,7 @@
 //! The state that survives the connection ([`SessionState`]) is `Send`, so it
 //! can move to another shard on take-over.
 
+pub mod link;
 pub mod outqueue;
 
 use std::collections::VecDeque;
@@ -28,10 +29,10 @@ use std::collections::VecDeque;
 use bytestring::ByteString;
 use smallvec::SmallVec;
 
-use crate::connection::Link;
 use crate::protocol::codec::{self, PacketId, QoS};
 use crate::protocol::message::{Encoded, Message};
 use crate::router::SharedFilter;
+use crate::session::link::Link;
 use crate::session::outqueue::{Frame, OutFrame, OutQueue};
 
 /// A session's subscriptions: (Topic Filter, granted QoS), in subscription
@@ -499,7 +500,7 @@ pub fn ack_for_publish(qos: QoS, packet_id: PacketId) -> Option<[u8; 4]> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::connection::test_link;
+    use crate::session::link::test_link;
     use bytes::{Bytes, BytesMut};
 
     const LIMITS: Limits = Limits {

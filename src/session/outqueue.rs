@@ -22,14 +22,14 @@ use std::cell::Cell;
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::RawFd;
-use std::rc::Rc;
+
+use crate::net::fd;
 
 /// Most queue entries handed to one `sendmsg` (each is up to 3 iovecs;
 /// Linux's `IOV_MAX` is 1024).
 pub const MAX_IOVECS_PER_WRITE: usize = 256;
 
-/// Encoded bytes shared by the queues of one shard.
-pub type Frame = Rc<[u8]>;
+pub use crate::protocol::message::Frame;
 
 thread_local! {
     /// Bytes queued in every [`OutQueue`] of this thread. A shard is one
@@ -398,7 +398,7 @@ impl OutQueue {
                 iovecs.clear();
                 return Ok((written, Flushed::All));
             }
-            let sent = send_vectored(fd, iovecs);
+            let sent = fd::send_vectored(fd, iovecs);
             // The iovecs point into `self.frames`: forget them before it changes.
             iovecs.clear();
             let n = match sent {
@@ -423,23 +423,6 @@ impl Drop for OutQueue {
         // Whatever was never written leaves the shard's count with the queue
         // (this also covers `clear`, which replaces the queue).
         uncount_queued(self.bytes);
-    }
-}
-
-/// One `sendmsg(MSG_DONTWAIT | MSG_NOSIGNAL)` of `iovecs`.
-fn send_vectored(fd: RawFd, iovecs: &[libc::iovec]) -> io::Result<usize> {
-    // SAFETY: `msghdr` is a plain C struct for which all-zero is a valid value.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = iovecs.as_ptr() as *mut libc::iovec;
-    msg.msg_iovlen = iovecs.len() as _;
-    // SAFETY: `msg` points at `iovecs.len()` iovecs describing live slices
-    // of the queued frames, which outlive the call; the kernel only reads
-    // them. An invalid `fd` yields EBADF, not UB.
-    let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
     }
 }
 

@@ -26,7 +26,7 @@ use hashbrown::HashTable;
 use hashbrown::hash_table::Entry;
 
 use crate::session::Session;
-use crate::shard::SessionKey;
+use crate::session::link::SessionKey;
 
 /// A shard's sessions, live or parked (see [`crate::shard::Shard::sessions`]).
 pub type Sessions = slab::Slab<Box<Session>>;

@@ -9,9 +9,11 @@
 //! then [`Shard::flush_dirty`] writes each dirty subscriber once with a
 //! vectored send of everything queued.
 
+pub mod inbox;
 pub mod index;
 pub mod query;
 pub mod registry;
+pub mod sys;
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -23,11 +25,10 @@ use bytestring::ByteString;
 use log::debug;
 
 use crate::config::Config;
-use crate::connection::park::Poller;
-use crate::connection::{CloseReason, TICKS_PER_SEC};
 use crate::mesh::{self, MeshSenders, ShardMsg};
+use crate::net::poller::Poller;
+use crate::observe::counters::Counters;
 use crate::observe::metrics::BrokerGauges;
-use crate::observe::sys::Counters;
 use crate::protocol::codec::{self, Subscribe};
 use crate::protocol::message::{Encoded, Message};
 use crate::protocol::topic;
@@ -35,14 +36,14 @@ use crate::router::Router;
 use crate::router::retain::RetainStore;
 use crate::security::acl::Who;
 use crate::security::auth::Auth;
+use crate::session::link::{CloseReason, TICKS_PER_SEC};
 use crate::session::outqueue::{Flushed, Frame};
 use crate::session::{Delivery, Limits, Session};
 use crate::shard::index::SessionIndex;
 use crate::shard::registry::Registry;
+use crate::shard::sys::SessionTotals;
 
-/// Index of a session in its shard's slab; also the router's subscriber key
-/// (4 bytes, not 8: it is stored once per subscription).
-pub type SessionKey = u32;
+pub use crate::session::link::SessionKey;
 
 /// Size of the shard's read buffer, shared by all its connections (a read
 /// is processed before the next one starts, so one buffer serves all; an idle
@@ -85,6 +86,8 @@ pub struct Shard {
     pub outbox: Vec<(usize, ShardMsg)>,
     /// This shard's counters.
     pub stats: Counters,
+    /// The gauges of the latest pass over the sessions (keep-alive sweep).
+    pub session_totals: SessionTotals,
     /// Latest counters of every shard (shard 0 only), for `$SYS`.
     pub all_stats: Vec<Counters>,
     /// The shared read buffer (see [`READ_BUFFER_SIZE`]).
@@ -180,6 +183,7 @@ impl Shard {
             remote_batch: Vec::new(),
             outbox: Vec::new(),
             stats: Counters::default(),
+            session_totals: SessionTotals::default(),
             all_stats: vec![Counters::default(); nr_shards],
             read_buf: vec![0u8; READ_BUFFER_SIZE].into_boxed_slice(),
             iovecs: Vec::with_capacity(3 * crate::session::outqueue::MAX_IOVECS_PER_WRITE),
@@ -576,36 +580,5 @@ impl Shard {
     /// Number of live connections (sessions with a link).
     pub fn connected(&self) -> usize {
         self.sessions.iter().filter(|(_, s)| s.is_online()).count()
-    }
-
-    /// A control message from another shard.
-    pub fn handle_control(&mut self, msg: ShardMsg) {
-        match msg {
-            ShardMsg::Publish(batch) => {
-                for message in batch.iter() {
-                    self.route(message);
-                }
-                self.flush_dirty();
-            }
-            ShardMsg::Claim {
-                client_id,
-                new_shard,
-                token,
-                clean_session,
-            } => self.home_claim(client_id, new_shard, token, clean_session),
-            ShardMsg::Evict {
-                client_id,
-                to_shard,
-                token,
-                clean_session,
-            } => self.evict(&client_id, to_shard, token, clean_session),
-            ShardMsg::Claimed { token, state } => self.claim_answered(token, state.map(|s| *s)),
-            ShardMsg::Release { client_id, shard } => self.home_release(&client_id, shard),
-            ShardMsg::Stats { shard, counters } => {
-                if let Some(slot) = self.all_stats.get_mut(shard) {
-                    *slot = *counters;
-                }
-            }
-        }
     }
 }

@@ -14,9 +14,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
-use crate::connection::{CloseReason, TICKS_PER_SEC};
 use crate::protocol::topic;
 use crate::session::Session;
+use crate::session::link::{CloseReason, TICKS_PER_SEC};
 use crate::shard::{Ctx, SessionKey, Shard};
 
 /// Requests a shard's channel holds before the HTTP thread's sends fail
@@ -250,7 +250,7 @@ impl Shard {
             client_id: session.client_id.to_string(),
             connected: link.is_some(),
             peer: link
-                .and_then(|l| crate::connection::peer_addr(l.socket()))
+                .and_then(|l| crate::net::fd::peer_addr(l.socket()))
                 .map(|a| a.to_string()),
             shard: self.id,
             connected_since: link.map(|l| self.unix_seconds_at(l.connected_at)),
@@ -300,7 +300,7 @@ mod tests {
                 flows: None,
             };
             let mut session = Session::new(ByteString::from(format!("c{i}")), true, state);
-            session.link = Some(crate::connection::test_link());
+            session.link = Some(crate::session::link::test_link());
             shard.insert_session(session);
         }
         shard

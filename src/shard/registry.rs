@@ -19,8 +19,8 @@ use ahash::AHashMap;
 use bytestring::ByteString;
 use log::debug;
 
-use crate::connection::CloseReason;
 use crate::mesh::ShardMsg;
+use crate::session::link::CloseReason;
 use crate::session::{Session, SessionState};
 use crate::shard::{Ctx, Shard};
 
@@ -343,7 +343,7 @@ mod tests {
         // The claim at home (here); its answer goes to no waiting claim.
         shard.home_claim(ByteString::from(client_id), 0, u64::MAX, clean);
         let mut session = Session::new(ByteString::from(client_id), clean, SessionState::default());
-        session.link = Some(crate::connection::test_link());
+        session.link = Some(crate::session::link::test_link());
         let key = shard.insert_session(session);
         let subscribe = Subscribe {
             packet_id: 1,

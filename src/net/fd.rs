@@ -1,0 +1,199 @@
+//! Every socket system call fanmq makes itself, behind safe wrappers.
+//!
+//! glommio owns most sockets, but the hot path writes to sockets directly
+//! (one vectored `sendmsg` per subscriber per step), parked connections are
+//! read with plain `recv` and waited on through epoll, and a few socket
+//! options have no wrapper in glommio or socket2. Each `unsafe` call lives
+//! here, once, with the reason it is sound; callers see `io::Result`s.
+//! (The two host queries of `crate::config::os`, `getrlimit`/`setrlimit`
+//! and `sysinfo`, stay there: config/ is the bottom floor and imports
+//! nothing of the crate.)
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+use log::debug;
+
+/// A duplicate of socket `fd`, owned (glommio's stream cannot give its
+/// descriptor up, so a connection that leaves the stream keeps a duplicate
+/// and drops the stream).
+///
+/// # Errors
+/// The process is out of descriptors.
+pub fn duplicate(fd: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: the caller's descriptor is open for the duration of this call
+    // (it holds the stream that owns it).
+    unsafe { BorrowedFd::borrow_raw(fd) }.try_clone_to_owned()
+}
+
+/// Makes the coming `close` of `fd` send a reset and discard unsent data
+/// (SO_LINGER with a zero timeout).
+pub fn reset_on_close(fd: RawFd) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: `fd` is an open socket owned by the caller; the option value
+    // is a valid `linger` of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        debug!(
+            "SO_LINGER on a shed connection failed: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+/// The peer address of a connection's socket `fd` (getpeername), None if
+/// the peer is gone or `fd` is not a socket descriptor (negative).
+pub fn peer_addr(fd: RawFd) -> Option<std::net::SocketAddr> {
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: `fd` is a connection's socket, open while the connection (or
+    // its link: the connection removes the link before it closes the
+    // socket) exists; it is only borrowed for this call.
+    let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+    socket2::SockRef::from(&fd).peer_addr().ok()?.as_socket()
+}
+
+/// One non-blocking `recv` from a plain socket into `buf`.
+///
+/// # Errors
+/// `WouldBlock` when nothing waits; any other error means the connection
+/// is broken.
+pub fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        // SAFETY: `buf` is valid for writes of its length; `fd` is the
+        // connection's open socket.
+        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// One `sendmsg(MSG_DONTWAIT | MSG_NOSIGNAL)` of `iovecs`.
+pub fn send_vectored(fd: RawFd, iovecs: &[libc::iovec]) -> io::Result<usize> {
+    // SAFETY: `msghdr` is a plain C struct for which all-zero is a valid value.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iovecs.as_ptr() as *mut libc::iovec;
+    msg.msg_iovlen = iovecs.len() as _;
+    // SAFETY: `msg` points at `iovecs.len()` iovecs describing live slices
+    // of the queued frames, which outlive the call; the kernel only reads
+    // them. An invalid `fd` yields EBADF, not UB.
+    let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// A new epoll instance (close-on-exec).
+///
+/// # Errors
+/// The system refusing one (out of descriptors or memory).
+pub fn epoll_create() -> io::Result<OwnedFd> {
+    // SAFETY: a plain system call; the result is checked and then owned.
+    let epoll = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+    if epoll < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `epoll` is a new descriptor nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(epoll) })
+}
+
+/// One `epoll_ctl` call: `op` on `fd` with `events` and `token`.
+///
+/// # Errors
+/// The kernel refusing it (`ENOENT` for a modification of a socket that is
+/// not registered, `EBADF` for a closed one, `ENOMEM`).
+pub fn epoll_ctl(
+    epoll: RawFd,
+    op: libc::c_int,
+    fd: RawFd,
+    token: u64,
+    events: u32,
+) -> io::Result<()> {
+    let mut event = libc::epoll_event { events, u64: token };
+    // SAFETY: `event` is a valid epoll_event for the duration of the call.
+    if unsafe { libc::epoll_ctl(epoll, op, fd, &mut event) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Waits (without a timeout) until `epoll` reports ready descriptors, and
+/// returns how many of `events` it filled.
+///
+/// # Errors
+/// `Interrupted` on a signal; anything else means the instance is broken.
+pub fn epoll_wait(epoll: &OwnedFd, events: &mut [libc::epoll_event]) -> io::Result<usize> {
+    let room = libc::c_int::try_from(events.len()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: `events` has room for `room` entries.
+    let n = unsafe { libc::epoll_wait(epoll.as_raw_fd(), events.as_mut_ptr(), room, -1) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// A connected pair of `SOCK_SEQPACKET` Unix sockets (close-on-exec): each
+/// send arrives as one message.
+///
+/// # Errors
+/// The system refusing the pair (out of descriptors).
+pub fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut pair = [0; 2];
+    // SAFETY: `pair` has room for the two descriptors.
+    let rc = unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+            0,
+            pair.as_mut_ptr(),
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: both are new descriptors nothing else owns.
+    Ok(unsafe { (OwnedFd::from_raw_fd(pair[0]), OwnedFd::from_raw_fd(pair[1])) })
+}
+
+/// One blocking `send` of `bytes` on socket `fd` (MSG_NOSIGNAL: a closed
+/// peer is an error, not a SIGPIPE).
+///
+/// # Errors
+/// The peer is gone, or `Interrupted` by a signal.
+pub fn send(fd: &OwnedFd, bytes: &[u8]) -> io::Result<usize> {
+    // SAFETY: `bytes` is valid for its length.
+    let sent = unsafe {
+        libc::send(
+            fd.as_raw_fd(),
+            bytes.as_ptr().cast(),
+            bytes.len(),
+            libc::MSG_NOSIGNAL,
+        )
+    };
+    if sent < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(sent as usize)
+    }
+}

@@ -1,0 +1,128 @@
+//! The shard's part of `$SYS` and of the admin figures: its snapshot of
+//! counters and gauges, and the `$SYS` task (every `sys_interval` each shard
+//! sends its snapshot to shard 0, which sums them and publishes the totals,
+//! see [`crate::observe::sys`]).
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use bytestring::ByteString;
+
+use crate::mesh::{self, ShardMsg};
+use crate::observe::counters::Counters;
+use crate::observe::sys::sys_messages;
+use crate::protocol::codec::QoS;
+use crate::protocol::message::Message;
+use crate::session::Session;
+use crate::shard::{Ctx, Shard};
+
+/// What a shard's periodic pass over its sessions gathers (the keep-alive
+/// sweep walks them anyway): the gauges that no counter keeps up to date.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SessionTotals {
+    /// Sessions with a live connection.
+    pub connected: u64,
+    /// Of those: connections parked (`crate::connection::park`).
+    pub parked: u64,
+    /// PUBLISH packets queued for live clients.
+    pub queued_messages: u64,
+    /// The largest single queue, in bytes.
+    pub max_queue_bytes: u64,
+    /// QoS 1/2 messages waiting for a slot in an inflight window.
+    pub pending_messages: u64,
+}
+
+impl SessionTotals {
+    /// Counts one session.
+    pub fn count(&mut self, session: &Session) {
+        if let Some(link) = &session.link {
+            self.connected += 1;
+            self.parked += u64::from(link.is_parked());
+        }
+        self.queued_messages += session.out.publishes() as u64;
+        self.max_queue_bytes = self.max_queue_bytes.max(session.out.bytes() as u64);
+        if let Some(flows) = &session.state.flows {
+            self.pending_messages += flows.pending.len() as u64;
+        }
+    }
+}
+
+impl Shard {
+    /// This shard's counters with the gauges filled in: those of its latest
+    /// pass over its sessions ([`SessionTotals`], one sweep old at most)
+    /// and those it keeps itself. The same figures feed `$SYS` and the admin
+    /// listener, so the two agree.
+    pub fn snapshot(&self) -> Counters {
+        let totals = &self.session_totals;
+        let mut c = self.stats;
+        c.clients_connected = totals.connected;
+        c.clients_parked = totals.parked;
+        c.queued_messages = totals.queued_messages;
+        c.max_client_queue_bytes = totals.max_queue_bytes;
+        c.pending_messages = totals.pending_messages;
+        c.sessions = self.sessions.len() as u64;
+        c.subscriptions = self.router.len() as u64;
+        c.retained = self.retained.len() as u64;
+        c.queued_bytes = crate::session::outqueue::shard_queued_bytes() as u64;
+        c.complete();
+        c
+    }
+
+    /// Records the totals of a pass over the sessions and refreshes this
+    /// shard's admin gauges.
+    pub fn refresh_gauges(&mut self, totals: SessionTotals) {
+        self.session_totals = totals;
+        let snapshot = self.snapshot();
+        self.gauges.store(self.id, &snapshot, !self.shutting_down);
+    }
+}
+
+/// Every `interval`: send this shard's snapshot to shard 0; on shard 0, sum
+/// and publish the `$SYS` topics.
+pub async fn sys_task(ctx: Ctx, interval: Duration) {
+    loop {
+        glommio::timer::sleep(interval).await;
+        if !publish_sys(&ctx) {
+            return;
+        }
+        ctx.forward_publishes().await;
+    }
+}
+
+/// One `$SYS` round (see [`sys_task`]); false once the shard shuts down.
+fn publish_sys(ctx: &Ctx) -> bool {
+    let mut shard = ctx.shard.borrow_mut();
+    if shard.shutting_down {
+        return false;
+    }
+    let snapshot = shard.snapshot();
+    if shard.id != 0 {
+        let id = shard.id;
+        drop(shard);
+        mesh::send_detached(
+            &ctx.mesh,
+            0,
+            ShardMsg::Stats {
+                shard: id,
+                counters: Box::new(snapshot),
+            },
+        );
+        return true;
+    }
+    shard.all_stats[0] = snapshot;
+    let mut total = Counters::default();
+    for c in &shard.all_stats {
+        total.add(c);
+    }
+    let uptime = shard.started.elapsed();
+    for (topic, value) in sys_messages(&total, uptime) {
+        shard.publish(Message {
+            topic: ByteString::from_static(topic),
+            payload: Bytes::from(value),
+            qos: QoS::AtMostOnce,
+            retain: true,
+        });
+    }
+    shard.flush_dirty();
+    true
+}
