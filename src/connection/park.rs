@@ -27,13 +27,18 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use bytes::BytesMut;
 use futures_lite::AsyncReadExt;
 use glommio::net::UnixStream;
 use log::warn;
 
 use crate::connection;
+use crate::connection::live::{Live, Reading};
+use crate::connection::{Established, Wire};
+use crate::net::poller;
 use crate::net::poller::WATCH_BATCH;
 use crate::session::link;
+use crate::session::link::{Parked, Waiter};
 use crate::shard::Ctx;
 
 /// The shard's side of the watcher: resumes the connections whose sockets
@@ -79,5 +84,58 @@ impl Future for Unparker {
             connection::resume(&self.ctx, conn_id, parked);
         }
         Poll::Pending
+    }
+}
+
+/// Gives a parked connection its task back (see [`crate::connection::park`]).
+pub fn resume(ctx: &Ctx, conn_id: u64, mut parked: Parked) {
+    let Some(fd) = parked.fd.take() else {
+        return;
+    };
+    glommio::spawn_local(Live {
+        ctx: ctx.clone(),
+        conn: Some(Established {
+            wire: Wire::Plain(fd),
+            rx: BytesMut::new(),
+            key: parked.key,
+            conn_id,
+            rare: parked.rare.take(),
+        }),
+        slot: parked.slot.take(),
+        unprocessed: false,
+        reading: Reading {
+            fresh_waited: true,
+            drained: false,
+        },
+        forwarding: None,
+        ended: None,
+        listener: parked.listener,
+        ip_key: parked.ip_key,
+    })
+    .detach();
+}
+
+/// The socket registered with `token` (see [`park::token`]) is ready: wakes
+/// its connection, resuming it if parked. A token of a connection that has
+/// ended, or that is running, changes nothing (a running task reads its
+/// socket before it waits again).
+pub fn socket_ready(ctx: &Ctx, token: u64) {
+    let (key, conn_tag) = poller::split_token(token);
+    let (conn_id, waiter) = {
+        let mut shard = ctx.shard.borrow_mut();
+        let Some(link) = shard
+            .sessions
+            .get_mut(key as usize)
+            .and_then(|s| s.link.as_mut())
+            .filter(|l| l.conn_id as u32 == conn_tag)
+        else {
+            return;
+        };
+        (link.conn_id, std::mem::take(&mut link.waiter))
+    };
+    match waiter {
+        Waiter::Running => {}
+        Waiter::Task(waker) => waker.wake(),
+        Waiter::Parked(parked) => resume(ctx, conn_id, parked),
     }
 }

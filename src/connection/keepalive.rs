@@ -1,0 +1,53 @@
+//! The keep-alive sweep (§3.1.2.10): closes silent connections, parks idle
+//! ones still in their task, and gathers the shard's session gauges.
+
+use std::time::Duration;
+
+use log::debug;
+
+use crate::session::link::{CloseReason, TICKS_PER_SEC, Waiter};
+use crate::shard::Ctx;
+use crate::shard::sys::SessionTotals;
+
+/// A plain connection still waiting in its task ([`Wire::Fresh`]: the
+/// client sent nothing after CONNECT) is woken to park once it has been
+/// silent this long: a second, so that the keep-alive sweep (every half
+/// second) parks such clients within 1.5 s and never a client in the middle
+/// of its first exchange.
+pub(super) const PARK_AFTER_TICKS: u32 = TICKS_PER_SEC;
+
+/// Closes connections silent for more than 1.5 × their keep-alive
+/// (§3.1.2.10), checking every `period`; wakes plain connections idle in
+/// their task for [`PARK_AFTER_TICKS`] so that they park.
+pub async fn keep_alive_sweeper(ctx: Ctx, period: Duration) {
+    loop {
+        glommio::timer::sleep(period).await;
+        let mut shard = ctx.shard.borrow_mut();
+        if shard.shutting_down {
+            return;
+        }
+        let now = shard.now_ticks();
+        // The sweep walks every session anyway: it also gathers the queue
+        // totals for the admin figures, which it then publishes.
+        let mut totals = SessionTotals::default();
+        for (_, session) in shard.sessions.iter_mut() {
+            totals.count(session);
+            let Some(link) = &mut session.link else {
+                continue;
+            };
+            let limit = u32::from(link.keep_alive) * TICKS_PER_SEC * 3 / 2;
+            let silent = now.saturating_sub(link.last_seen);
+            if link.keep_alive > 0 && silent > limit {
+                debug!("client {}: keep-alive timeout", session.client_id);
+                link.close(CloseReason::KeepAliveTimeout);
+            } else if silent >= PARK_AFTER_TICKS
+                && !link.is_framed()
+                && matches!(link.waiter, Waiter::Task(_))
+            {
+                // A plain connection idle in its task: it parks when woken.
+                link.wake();
+            }
+        }
+        shard.refresh_gauges(totals);
+    }
+}

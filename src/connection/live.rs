@@ -1,0 +1,424 @@
+//! `Live`: a connected client's task, a small hand-written future that
+//! loops read ► decode ► act ► flush until the connection must close, waits
+//! for its socket (on glommio's stream at first, then through the shard's
+//! epoll instance so that it can park), and writes a framed (TLS, WebSocket)
+//! connection's queue through its stream.
+
+use std::future::Future;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::BytesMut;
+use futures_lite::{AsyncRead, AsyncWrite};
+use log::{debug, warn};
+
+use super::dispatch::process;
+use super::{Established, Event, Peer, Wire, teardown};
+use crate::net::admission::{ConnectionSlot, IpKey};
+use crate::net::fd;
+use crate::net::poller::{self, Interest};
+use crate::net::transport::{Stream, Transport};
+use crate::session::link::{CloseReason, Parked, Rare, Waiter};
+use crate::session::outqueue::{Flushed, OutQueue};
+use crate::shard::{Ctx, Shard};
+
+/// The connection's main loop, as a future that ends with why the
+/// connection ended: wait for bytes (or a close request, or writability
+/// when the socket was full), handle every complete packet, flush, hand the
+/// publishes to the other shards.
+pub(super) struct Live {
+    /// The shard.
+    pub(super) ctx: Ctx,
+    /// The connection; taken by the teardown when it ends.
+    pub(super) conn: Option<Established>,
+    /// The connection's place under `max_connections`, given back at the end.
+    pub(super) slot: Option<ConnectionSlot>,
+    /// Bytes that arrived with CONNECT wait in `conn.rx`: handle them before
+    /// reading.
+    pub(super) unprocessed: bool,
+    /// What the task knows of its plain socket's reading.
+    pub(super) reading: Reading,
+    /// Publishes being handed to other shards, then the teardown (boxed:
+    /// rarely in progress, and each may wait on the mesh).
+    pub(super) forwarding: Option<Pin<Box<dyn Future<Output = ()>>>>,
+    /// Why the connection ends, once known, while `forwarding` completes.
+    pub(super) ended: Option<CloseReason>,
+    /// The listener it came in on (per-listener connection gauge; fits in
+    /// the struct's padding).
+    pub(super) listener: Transport,
+    /// The source address `slot` is counted under (0: not counted); fits
+    /// in the struct's padding too.
+    pub(super) ip_key: IpKey,
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        // Dropped before its end (the executor stopped): still give back
+        // the per-address count.
+        if let Some(slot) = self.slot.take() {
+            slot.release(self.ip_key);
+        }
+    }
+}
+
+impl Future for Live {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = &mut *self;
+        loop {
+            if let Some(forwarding) = this.forwarding.as_mut() {
+                if forwarding.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                this.forwarding = None;
+            }
+            let Some(conn) = this.conn.as_mut() else {
+                // The teardown has finished.
+                if let Some(slot) = this.slot.take() {
+                    slot.release(this.ip_key);
+                    let mut shard = this.ctx.shard.borrow_mut();
+                    let gauge = &mut shard.stats.clients_by_listener[this.listener.index()];
+                    *gauge = gauge.saturating_sub(1);
+                }
+                return Poll::Ready(());
+            };
+            if let Some(reason) = this.ended {
+                this.end(reason);
+                continue;
+            }
+            if this.unprocessed {
+                this.unprocessed = false;
+            } else {
+                match poll_event(cx, &this.ctx, conn, &mut this.reading) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Event::Closed(reason)) => {
+                        this.end(reason);
+                        continue;
+                    }
+                    Poll::Ready(Event::Wait(interest)) => match this.wait(cx, interest) {
+                        Ok(Waited::Parked) => return Poll::Ready(()),
+                        Ok(Waited::Pending) => {
+                            // Woken, it reads before it waits again.
+                            this.reading.drained = false;
+                            return Poll::Pending;
+                        }
+                        Ok(Waited::InTask) => {
+                            this.reading.fresh_waited = false;
+                            continue;
+                        }
+                        Err(reason) => {
+                            this.end(reason);
+                            continue;
+                        }
+                    },
+                    Poll::Ready(Event::Data) => {}
+                }
+            }
+            let (step, forward) = {
+                let mut shard = this.ctx.shard.borrow_mut();
+                let username = Rare::username(conn.rare.as_deref());
+                let step = process(&mut shard, conn.key, conn.conn_id, &mut conn.rx, username);
+                shard.flush_dirty();
+                (step, shard.has_remote_batch())
+            };
+            if !this.ctx.shard.borrow().outbox.is_empty() {
+                this.ctx.send_outbox();
+            }
+            this.ended = step.err();
+            if conn.rx.is_empty() && conn.rx.capacity() > 0 {
+                // Idle connections hold no receive buffer.
+                conn.rx = BytesMut::new();
+            }
+            if forward {
+                let ctx = this.ctx.clone();
+                this.forwarding = Some(Box::pin(async move { ctx.forward_publishes().await }));
+                continue;
+            }
+            if this.ended.is_some() {
+                continue;
+            }
+            if glommio::executor().need_preempt() {
+                // Let the shard's other tasks run first.
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+        }
+    }
+}
+
+/// What a connection task knows of its plain socket, to spare `recv` calls
+/// that would only say "nothing yet".
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct Reading {
+    /// The connection ([`Wire::Fresh`]) has had its one wait in this task
+    /// after CONNECT: it parks at its next.
+    pub(super) fresh_waited: bool,
+    /// The last `recv` returned less than it could take: the socket was
+    /// drained, so the connection may wait without another `recv` (arming
+    /// epoll reports data that arrived since at once).
+    pub(super) drained: bool,
+}
+
+/// How a plain connection waits for its socket ([`Live::wait`]).
+pub(super) enum Waited {
+    /// Parked: its task ends.
+    Parked,
+    /// In its task, which the socket's readiness wakes.
+    Pending,
+    /// Not yet: it could not leave glommio's stream (out of descriptors),
+    /// so it waits on that stream, in its task.
+    InTask,
+}
+
+impl Live {
+    /// A plain connection's socket has nothing for it now: takes the socket
+    /// from glommio's stream if still [`Wire::Fresh`], arms the shard's
+    /// epoll instance for `interest`, then parks the connection (its task
+    /// ends) or, while part of a packet waits in its receive buffer, waits in
+    /// this task. Errs with why the connection must end instead.
+    fn wait(&mut self, cx: &Context<'_>, interest: Interest) -> Result<Waited, CloseReason> {
+        let Some(conn) = self.conn.as_mut() else {
+            return Err(CloseReason::Io);
+        };
+        let (key, conn_id, partial) = (conn.key, conn.conn_id, !conn.rx.is_empty());
+        let mut shard = self.ctx.shard.borrow_mut();
+        let Some(link) = shard
+            .sessions
+            .get_mut(key as usize)
+            .and_then(|s| s.link.as_mut())
+            .filter(|l| l.conn_id == conn_id)
+        else {
+            return Err(CloseReason::TakenOver);
+        };
+        let new = matches!(conn.wire, Wire::Fresh(_));
+        if let Wire::Fresh(tcp) = &conn.wire {
+            let fd = match fd::duplicate(tcp.as_raw_fd()) {
+                Ok(fd) => fd,
+                Err(e) => {
+                    // Out of descriptors: stay on glommio's stream for now
+                    // (the keep-alive sweep tries again).
+                    debug!(
+                        "{}: cannot take the socket from glommio ({e}), not parked",
+                        Peer(tcp.as_raw_fd())
+                    );
+                    return Ok(Waited::InTask);
+                }
+            };
+            // The shard writes to the new descriptor from now on; the old one
+            // closes with glommio's stream.
+            link.fd = fd.as_raw_fd();
+            conn.wire = Wire::Plain(fd);
+        }
+        let Wire::Plain(fd) = &conn.wire else {
+            // Only plain connections wait this way (see `poll_event`).
+            return Err(CloseReason::Io);
+        };
+        if let Err(e) =
+            self.ctx
+                .poller
+                .arm(fd.as_raw_fd(), poller::token(key, conn_id), interest, new)
+        {
+            warn!(
+                "{}: cannot watch the socket ({e}), closing",
+                Peer(fd.as_raw_fd())
+            );
+            return Err(CloseReason::Io);
+        }
+        if partial {
+            link.set_waker(cx.waker());
+            return Ok(Waited::Pending);
+        }
+        let Some(conn) = self.conn.take() else {
+            return Err(CloseReason::Io);
+        };
+        let Wire::Plain(fd) = conn.wire else {
+            return Err(CloseReason::Io);
+        };
+        link.waiter = Waiter::Parked(Parked {
+            fd: Some(fd),
+            key,
+            ip_key: self.ip_key,
+            listener: self.listener,
+            slot: self.slot.take(),
+            rare: conn.rare,
+        });
+        Ok(Waited::Parked)
+    }
+
+    /// The connection ended: start its teardown (polled like a forward).
+    fn end(&mut self, reason: CloseReason) {
+        self.ended = None;
+        if let Some(conn) = self.conn.take() {
+            let ctx = self.ctx.clone();
+            self.forwarding = Some(Box::pin(async move { teardown(&ctx, conn, reason).await }));
+        }
+    }
+}
+
+/// Polls for what the connection must do next: close, write (when its socket
+/// was full), read, or wait.
+pub(super) fn poll_event(
+    cx: &mut Context<'_>,
+    ctx: &Ctx,
+    conn: &mut Established,
+    reading: &mut Reading,
+) -> Poll<Event> {
+    let Established {
+        wire,
+        rx,
+        key,
+        conn_id,
+        ..
+    } = conn;
+    let (key, conn_id) = (*key, *conn_id);
+    let mut guard = ctx.shard.borrow_mut();
+    let Shard {
+        sessions,
+        stats,
+        read_buf,
+        limits,
+        iovecs,
+        shed_conns,
+        ..
+    } = &mut *guard;
+    let Some(session) = sessions
+        .get_mut(key as usize)
+        .filter(|s| s.link.as_ref().is_some_and(|l| l.conn_id == conn_id))
+    else {
+        // The session left this connection: shed, or taken over.
+        if let Some(i) = shed_conns.iter().position(|&c| c == conn_id) {
+            shed_conns.swap_remove(i);
+            return Poll::Ready(Event::Closed(CloseReason::Shed));
+        }
+        return Poll::Ready(Event::Closed(CloseReason::TakenOver));
+    };
+    let Some(link) = session.link.as_mut() else {
+        return Poll::Ready(Event::Closed(CloseReason::TakenOver));
+    };
+    if let Some(reason) = link.close {
+        return Poll::Ready(Event::Closed(reason));
+    }
+    let fd = match wire {
+        Wire::Framed(stream) => {
+            if link.blocked {
+                match write_framed(cx, stream, &mut session.out, read_buf) {
+                    Ok((n, done)) => {
+                        stats.bytes_sent += n as u64;
+                        link.blocked = !done;
+                    }
+                    Err(_) => return Poll::Ready(Event::Closed(CloseReason::Io)),
+                }
+            }
+            link.set_waker(cx.waker());
+            if session.out.bytes() > limits.max_queued_bytes {
+                // The client does not read what it is sent: stop reading it too.
+                return Poll::Pending;
+            }
+            return Pin::new(&mut *stream)
+                .poll_read(cx, read_buf)
+                .map(|r| read_event(r, read_buf, rx, &mut stats.bytes_received));
+        }
+        Wire::Fresh(tcp) => tcp.as_raw_fd(),
+        Wire::Plain(fd) => fd.as_raw_fd(),
+    };
+    if link.blocked {
+        match session.out.flush(fd, iovecs) {
+            Ok((n, flushed)) => {
+                stats.bytes_sent += n as u64;
+                link.blocked = flushed == Flushed::WouldBlock && !session.out.is_empty();
+            }
+            Err(_) => return Poll::Ready(Event::Closed(CloseReason::Io)),
+        }
+    }
+    // While its queue is stuck over the limit, the client does not read
+    // what it is sent: stop reading it too (back-pressure).
+    let read = !(link.blocked && session.out.bytes() > limits.max_queued_bytes);
+    if let Wire::Fresh(tcp) = wire
+        && !reading.fresh_waited
+        && read
+        && !link.blocked
+    {
+        // The first wait after CONNECT: in this task, on glommio's stream
+        // (whose read tries a `recv` first).
+        link.set_waker(cx.waker());
+        return match Pin::new(tcp).poll_read(cx, read_buf) {
+            Poll::Ready(r) => Poll::Ready(read_event(r, read_buf, rx, &mut stats.bytes_received)),
+            Poll::Pending => {
+                reading.fresh_waited = true;
+                Poll::Pending
+            }
+        };
+    }
+    if read && !reading.drained {
+        match fd::recv(fd, read_buf) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            result => {
+                reading.drained = result.as_ref().is_ok_and(|&n| n < read_buf.len());
+                return Poll::Ready(read_event(result, read_buf, rx, &mut stats.bytes_received));
+            }
+        }
+    }
+    Poll::Ready(Event::Wait(Interest {
+        read,
+        write: link.blocked,
+    }))
+}
+
+/// What a read's outcome means for the connection: 0 bytes is the peer's
+/// close; `n` bytes are new data, moved from `read_buf` to the receive
+/// buffer `rx` and counted in `bytes_received`; an error breaks the
+/// connection.
+pub(super) fn read_event(
+    result: io::Result<usize>,
+    read_buf: &[u8],
+    rx: &mut BytesMut,
+    bytes_received: &mut u64,
+) -> Event {
+    match result {
+        Ok(0) => Event::Closed(CloseReason::PeerClosed),
+        Ok(n) => {
+            rx.extend_from_slice(&read_buf[..n]);
+            *bytes_received += n as u64;
+            Event::Data
+        }
+        Err(_) => Event::Closed(CloseReason::Io),
+    }
+}
+
+/// Writes a framed (TLS, WebSocket) connection's queue through its stream,
+/// copied in pieces of up to `scratch.len()` bytes (the shard's read buffer,
+/// free while writing) so each piece becomes one TLS record run or one
+/// WebSocket message, then flushes the stream. Returns the bytes written and
+/// whether everything was written and flushed; otherwise the stream woke
+/// this task up when it can take more.
+pub(super) fn write_framed(
+    cx: &mut Context<'_>,
+    stream: &mut Stream,
+    out: &mut OutQueue,
+    scratch: &mut [u8],
+) -> io::Result<(usize, bool)> {
+    let mut written = 0;
+    loop {
+        let len = out.copy_front(scratch);
+        if len == 0 {
+            break;
+        }
+        match Pin::new(&mut *stream).poll_write(cx, &scratch[..len]) {
+            Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
+            Poll::Ready(Ok(n)) => {
+                out.advance(n);
+                written += n;
+            }
+            Poll::Ready(Err(e)) => return Err(e),
+            Poll::Pending => return Ok((written, false)),
+        }
+    }
+    match Pin::new(&mut *stream).poll_flush(cx) {
+        Poll::Ready(Ok(())) => Ok((written, true)),
+        Poll::Ready(Err(e)) => Err(e),
+        Poll::Pending => Ok((written, false)),
+    }
+}
