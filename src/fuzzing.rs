@@ -22,8 +22,8 @@ use bytestring::ByteString;
 
 use crate::config::Config;
 use crate::connection;
-use crate::protocol::codec::{self, QoS};
 use crate::protocol::message::Message;
+use crate::protocol::v3::{self as codec, QoS};
 use crate::security::auth::Auth;
 use crate::session::Session;
 use crate::session::link::Link;

@@ -4,9 +4,9 @@
 use bytes::BytesMut;
 use log::{debug, info};
 
-use crate::protocol::codec::{self, Packet, QoS};
 use crate::protocol::message::Message;
 use crate::protocol::topic;
+use crate::protocol::v3::{self as codec, Packet, QoS};
 use crate::session::link::{CloseReason, SessionKey};
 use crate::session::{self, Qos2Receipt};
 use crate::shard::Shard;

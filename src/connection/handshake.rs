@@ -14,9 +14,9 @@ use log::{debug, info};
 
 use super::{Established, Identity, Peer, Wire};
 use crate::net::transport::{Acceptor, Stream, Transport};
-use crate::protocol::codec::{self, Connect, DecodeError, LastWill, Packet};
 use crate::protocol::message::Message;
 use crate::protocol::topic;
+use crate::protocol::v3::{self as codec, Connect, DecodeError, LastWill, Packet};
 use crate::session::link::{Link, Rare, SessionKey, framed_fd};
 use crate::session::{Session, SessionState};
 use crate::shard::registry;

@@ -15,7 +15,7 @@ use bytes::{Bytes, BytesMut};
 use bytestring::ByteString;
 use std::rc::Rc;
 
-use crate::protocol::codec::{self, QoS};
+use crate::protocol::v3::{self as codec, QoS};
 
 /// Encoded bytes shared by the queues of one shard.
 pub type Frame = Rc<[u8]>;

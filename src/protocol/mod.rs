@@ -1,5 +1,5 @@
 //! MQTT on the wire: packets, topics, the application message.
 
-pub mod codec;
 pub mod message;
 pub mod topic;
+pub mod v3;

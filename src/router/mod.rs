@@ -49,10 +49,10 @@ use std::sync::Arc;
 use ahash::AHashMap;
 use hashbrown::HashTable;
 
-use crate::protocol::codec::QoS;
 use crate::protocol::topic::{
     LEVEL_SEPARATOR, MULTI_LEVEL_WILDCARD, SINGLE_LEVEL_WILDCARD, is_sys_topic,
 };
+use crate::protocol::v3::QoS;
 
 /// Index of a node in the router's arena.
 type NodeId = usize;

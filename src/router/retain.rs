@@ -58,7 +58,7 @@ impl RetainStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::codec::QoS;
+    use crate::protocol::v3::QoS;
     use bytes::Bytes;
 
     fn m(topic: &'static str, payload: &'static [u8]) -> Message {

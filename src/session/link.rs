@@ -17,7 +17,7 @@ use bytestring::ByteString;
 
 use crate::net::admission::{ConnectionSlot, IpKey};
 use crate::net::transport::Transport;
-use crate::protocol::codec::LastWill;
+use crate::protocol::v3::LastWill;
 
 /// Index of a session in its shard's slab; also the router's subscriber key
 /// (4 bytes, not 8: it is stored once per subscription).

@@ -29,8 +29,8 @@ use std::collections::VecDeque;
 use bytestring::ByteString;
 use smallvec::SmallVec;
 
-use crate::protocol::codec::{self, PacketId, QoS};
 use crate::protocol::message::{Encoded, Message};
+use crate::protocol::v3::{self as codec, PacketId, QoS};
 use crate::router::SharedFilter;
 use crate::session::link::Link;
 use crate::session::outqueue::{Frame, OutFrame, OutQueue};

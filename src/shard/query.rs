@@ -279,7 +279,7 @@ impl Shard {
 mod tests {
     use super::*;
     use crate::config::Config;
-    use crate::protocol::codec::QoS;
+    use crate::protocol::v3::QoS;
     use crate::session::SessionState;
     use bytestring::ByteString;
     use std::sync::Arc;

@@ -324,7 +324,7 @@ mod tests {
 
     use super::*;
     use crate::config::Config;
-    use crate::protocol::codec::{QoS, Subscribe};
+    use crate::protocol::v3::{QoS, Subscribe};
     use crate::shard::SessionKey;
 
     /// A one-shard shard, as the broker makes it.

@@ -11,8 +11,8 @@ use bytestring::ByteString;
 use crate::mesh::{self, ShardMsg};
 use crate::observe::counters::Counters;
 use crate::observe::sys::sys_messages;
-use crate::protocol::codec::QoS;
 use crate::protocol::message::Message;
+use crate::protocol::v3::QoS;
 use crate::session::Session;
 use crate::shard::{Ctx, Shard};
 
