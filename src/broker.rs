@@ -25,7 +25,7 @@ use crate::connection::park;
 use crate::listener::{self, ListenerSet};
 use crate::mesh::ShardMsg;
 use crate::net::admission::ConnectionCounts;
-use crate::net::poller::Poller;
+use crate::net::poller::{Poller, PollerError};
 use crate::net::transport::{Acceptor, TlsCerts, TlsSettings, Transport, TransportError};
 use crate::observe::metrics::BrokerGauges;
 use crate::security::auth::{self, Auth};
@@ -63,10 +63,13 @@ pub enum BrokerError {
     CpuNotAllowed(usize),
     /// The executor pool failed to start.
     #[error("cannot start the shard executors: {0}")]
-    Executor(String),
+    Executor(#[source] glommio::GlommioError<()>),
     /// A shard failed.
     #[error("shard failed: {0}")]
-    Shard(String),
+    Shard(#[from] ShardError),
+    /// A shard's thread ended abnormally (glommio reports its panic).
+    #[error("a shard's thread failed: {0}")]
+    ShardThread(#[source] glommio::GlommioError<()>),
     /// The admin HTTP listener could not be set up.
     #[error(transparent)]
     Admin(#[from] admin::AdminError),
@@ -81,6 +84,23 @@ pub enum BrokerError {
     Auth(#[from] auth::AuthError),
 }
 
+/// Why one shard could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum ShardError {
+    /// The shard could not join the channel mesh.
+    #[error("cannot join the shard mesh: {0}")]
+    Mesh(#[source] glommio::GlommioError<()>),
+    /// The shard's epoll instance or watcher thread could not start.
+    #[error("shard {shard}: {source}")]
+    Poller {
+        /// The shard.
+        shard: usize,
+        /// Why.
+        #[source]
+        source: PollerError,
+    },
+}
+
 /// A running broker.
 pub struct Broker {
     /// The addresses actually listened on (port 0 resolved).
@@ -90,7 +110,7 @@ pub struct Broker {
     /// Set to stop the broker.
     shutdown: Arc<AtomicBool>,
     /// The shard threads.
-    handles: PoolThreadHandles<Result<(), String>>,
+    handles: PoolThreadHandles<Result<(), ShardError>>,
     /// Every listener with its transport and bound address (port 0
     /// resolved), plain MQTT ones included, in the order configured.
     pub transport_addrs: Vec<(Transport, SocketAddr)>,
@@ -143,7 +163,7 @@ impl Broker {
             match result {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => return Err(BrokerError::Shard(e)),
-                Err(e) => return Err(BrokerError::Shard(format!("{e}"))),
+                Err(e) => return Err(BrokerError::ShardThread(e)),
             }
         }
         Ok(())
@@ -232,7 +252,7 @@ pub fn start(config: Config) -> Result<Broker, BrokerError> {
     let admin_state = admin::AdminState {
         gauges: gauges.clone(),
         shards: admin_senders,
-        auth: admin::Auth {
+        auth: admin::ApiCredentials {
             token: config.http_auth_token.clone(),
             basic: config.http_basic_auth.clone(),
         },
@@ -262,7 +282,7 @@ pub fn start(config: Config) -> Result<Broker, BrokerError> {
         .name("fanmq-shard")
         .ring_depth(RING_DEPTH)
         .on_all_shards(shard_main)
-        .map_err(|e| BrokerError::Executor(e.to_string()))?;
+        .map_err(BrokerError::Executor)?;
 
     let started = Instant::now();
     while ready.load(Ordering::SeqCst) < nr_shards {
@@ -312,20 +332,16 @@ struct ShardSetup {
 }
 
 /// One shard, from joining the mesh to the end of its shutdown.
-async fn run_shard(setup: ShardSetup) -> Result<(), String> {
+async fn run_shard(setup: ShardSetup) -> Result<(), ShardError> {
     let nr_shards = setup.pinned.len();
-    let (senders, receivers) = setup
-        .mesh
-        .join()
-        .await
-        .map_err(|e| format!("cannot join the shard mesh: {e}"))?;
+    let (senders, receivers) = setup.mesh.join().await.map_err(ShardError::Mesh)?;
     let id = senders.peer_id();
     let cpu = setup.pinned[id];
     if !core_affinity::set_for_current(core_affinity::CoreId { id: cpu }) {
         warn!("shard {id}: cannot pin to CPU {cpu}");
     }
     let (poller, from_watcher) =
-        Poller::start(id, Some(cpu)).map_err(|e| format!("shard {id}: {e}"))?;
+        Poller::start(id, Some(cpu)).map_err(|source| ShardError::Poller { shard: id, source })?;
     let ctx = Ctx {
         shard: Rc::new(RefCell::new(Shard::new(
             id,

@@ -202,7 +202,7 @@ fn connect(shard: &mut Shard, slot: &mut Option<Client>, i: usize, clean: bool) 
         return;
     };
     let client_id = ByteString::from(format!("fuzz-{i}"));
-    // A persistent session parked earlier comes back with its state.
+    // A persistent session kept offline earlier comes back with its state.
     let state = shard
         .session_key(&client_id)
         .and_then(|key| shard.remove_session(key))
@@ -213,7 +213,7 @@ fn connect(shard: &mut Shard, slot: &mut Option<Client>, i: usize, clean: bool) 
     session.link = Some(Link::new(conn_id, broker_end.as_raw_fd(), 0, 0));
     session.queue_control(&codec::connack(session_present, codec::CONNACK_ACCEPTED));
     let limits = shard.limits;
-    session.resume(&limits);
+    session.reattach(&limits);
     let key = shard.insert_session(session);
     shard.mark_dirty(key);
     *slot = Some(Client {

@@ -34,21 +34,21 @@
 //!   its queries, and the per-shard figures it sums.
 //! - `fuzzing`: the `cargo fuzz` targets' entry points (see `fuzz/`).
 
-pub mod admin;
+pub(crate) mod admin;
 pub mod broker;
 pub mod cli;
 pub mod config;
-pub mod connection;
+pub(crate) mod connection;
 #[doc(hidden)]
 pub mod fuzzing;
-pub mod listener;
-pub mod mesh;
+pub(crate) mod listener;
+pub(crate) mod mesh;
 pub mod net;
-pub mod observe;
-pub mod protocol;
-pub mod router;
+pub(crate) mod observe;
+pub(crate) mod protocol;
+pub(crate) mod router;
 pub mod security;
-pub mod session;
-pub mod shard;
+pub(crate) mod session;
+pub(crate) mod shard;
 #[cfg(test)]
 mod test_rng;

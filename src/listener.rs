@@ -115,7 +115,7 @@ pub async fn accept_loop(
     let listener = unsafe { TcpListener::from_raw_fd(fd) };
     let config = ctx.shard.borrow().config.clone();
     let max = config.max_connections;
-    let mut admission = Admission::new(&config, ctx.nr_shards);
+    let mut limits = AcceptLimits::new(&config, ctx.nr_shards);
     let mut last_warning: Option<Instant> = None;
     loop {
         let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
@@ -134,9 +134,10 @@ pub async fn accept_loop(
                     shard.stats.connections_accepted += 1;
                     shard.stats.accepted_by_listener[kind.index()] += 1;
                 }
-                let ip_key = match admission.admit(&ctx, &stream, &counts) {
+                let ip_key = match limits.admit(&ctx, &stream, &counts) {
                     Ok(key) => key,
-                    Err(()) => {
+                    Err(refused) => {
+                        debug!("shard {}: connection closed at accept: {refused}", ctx.id);
                         drop(stream);
                         continue;
                     }
@@ -187,8 +188,23 @@ pub async fn accept_loop(
     }
 }
 
+/// Why a freshly accepted connection is closed at once (already counted in
+/// the stats and, rate-limited, logged).
+#[derive(Debug, thiserror::Error)]
+enum Refused {
+    /// The peer was gone before its address could be read.
+    #[error("the peer is already gone")]
+    PeerGone(#[source] glommio::GlommioError<()>),
+    /// The listener is over `max_connection_rate`.
+    #[error("max_connection_rate reached")]
+    RateLimited,
+    /// Its address already has `max_connections_per_ip` connections.
+    #[error("max_connections_per_ip reached")]
+    IpLimited,
+}
+
 /// One accept loop's per-address and rate limits (see [`crate::net::admission`]).
-struct Admission {
+struct AcceptLimits {
     /// Connections at once per address; 0: no limit.
     max_per_ip: usize,
     /// This shard's share of the listener's rate; None: no limit.
@@ -201,9 +217,9 @@ struct Admission {
     last_rate_warning: Option<Instant>,
 }
 
-impl Admission {
+impl AcceptLimits {
     /// The limits of `config`, for one of `shards` accept loops.
-    fn new(config: &crate::config::Config, shards: usize) -> Admission {
+    fn new(config: &crate::config::Config, shards: usize) -> AcceptLimits {
         let bucket = (config.max_connection_rate > 0).then(|| {
             TokenBucket::shard_share(
                 config.max_connection_rate,
@@ -212,7 +228,7 @@ impl Admission {
                 Instant::now(),
             )
         });
-        Admission {
+        AcceptLimits {
             max_per_ip: config.max_connections_per_ip,
             bucket,
             exempt_loopback: config.limits_exempt_loopback,
@@ -224,19 +240,20 @@ impl Admission {
     /// Checks the rate and the per-address count for a new connection.
     /// Ok with the address key it was counted under (0: not counted), Err
     /// when it must be closed now (already counted in the stats).
+    ///
+    /// # Errors
+    /// [`Refused`]: why the connection must be closed.
     fn admit(
         &mut self,
         ctx: &Ctx,
         stream: &glommio::net::TcpStream,
         counts: &ConnectionCounts,
-    ) -> Result<admission::IpKey, ()> {
+    ) -> Result<admission::IpKey, Refused> {
         if self.bucket.is_none() && self.max_per_ip == 0 {
             return Ok(0);
         }
-        let Ok(peer) = stream.peer_addr() else {
-            // Already gone (reset before we looked): nothing to count.
-            return Err(());
-        };
+        // Already gone (reset before we looked): nothing to count.
+        let peer = stream.peer_addr().map_err(Refused::PeerGone)?;
         if self.exempt_loopback && peer.ip().to_canonical().is_loopback() {
             return Ok(0);
         }
@@ -252,7 +269,7 @@ impl Admission {
                         .map_or_else(|_| "?".into(), |a| a.to_string())
                 );
             }
-            return Err(());
+            return Err(Refused::RateLimited);
         }
         if self.max_per_ip == 0 {
             return Ok(0);
@@ -267,7 +284,7 @@ impl Admission {
                     peer.ip()
                 );
             }
-            return Err(());
+            return Err(Refused::IpLimited);
         }
         Ok(key)
     }

@@ -83,14 +83,14 @@ pub enum AdminError {
 
 /// What the admin API requires of a request.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Auth {
+pub struct ApiCredentials {
     /// Bearer token, when configured.
     pub token: Option<String>,
     /// Basic-auth user and password, when configured.
     pub basic: Option<(String, String)>,
 }
 
-impl Auth {
+impl ApiCredentials {
     /// True when nothing is configured (the API is open).
     pub fn is_open(&self) -> bool {
         self.token.is_none() && self.basic.is_none()
@@ -148,7 +148,7 @@ pub struct AdminState {
     /// Every shard's request channel, by shard index.
     pub shards: Vec<async_channel::Sender<ShardRequest>>,
     /// The API's credentials.
-    pub auth: Auth,
+    pub auth: ApiCredentials,
 }
 
 /// A running admin listener.
@@ -643,7 +643,7 @@ fn disconnect(state: &AdminState, client_id: String) -> Response {
 mod tests {
     use super::*;
 
-    fn state(auth: Auth) -> AdminState {
+    fn state(auth: ApiCredentials) -> AdminState {
         AdminState {
             gauges: Arc::new(BrokerGauges::new(1)),
             shards: Vec::new(),
@@ -690,9 +690,9 @@ mod tests {
 
     #[test]
     fn auth_bearer_and_basic() {
-        let open = Auth::default();
+        let open = ApiCredentials::default();
         assert!(open.allows(None));
-        let auth = Auth {
+        let auth = ApiCredentials {
             token: Some("t0k".into()),
             basic: Some(("u".into(), "p:w".into())),
         };
@@ -708,7 +708,7 @@ mod tests {
 
     #[test]
     fn routes_and_errors() {
-        let s = state(Auth {
+        let s = state(ApiCredentials {
             token: Some("t".into()),
             basic: None,
         });

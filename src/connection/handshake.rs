@@ -314,7 +314,7 @@ pub(super) fn attach(
     session.link = Some(Link::new(conn_id, link_fd, keep_alive, shard.now_ticks()));
     session.queue_control(&codec::connack(session_present, codec::CONNACK_ACCEPTED));
     let limits = shard.limits;
-    session.resume(&limits);
+    session.reattach(&limits);
     let key = shard.insert_session(session);
     shard.mark_dirty(key);
     shard.flush_dirty();

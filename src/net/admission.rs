@@ -119,6 +119,7 @@ impl ConnectionCounts {
     }
 
     /// Live counted connections from `key` (for tests and diagnostics).
+    #[cfg(test)]
     pub fn ip_count(&self, key: IpKey) -> u32 {
         let map = match self.stripe(key).lock() {
             Ok(map) => map,

@@ -1,6 +1,6 @@
 //! Sockets below MQTT: transports (TLS, WebSocket), admission limits.
 
-pub mod admission;
-pub mod fd;
-pub mod poller;
+pub(crate) mod admission;
+pub(crate) mod fd;
+pub(crate) mod poller;
 pub mod transport;

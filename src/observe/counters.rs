@@ -55,12 +55,8 @@ impl Merge {
 /// One scalar row of the table, as data for the renderers.
 #[derive(Clone, Copy, Debug)]
 pub struct Scalar {
-    /// The field's name (also its JSON key).
-    pub name: &'static str,
     /// Counter or gauge.
     pub kind: Kind,
-    /// How shards combine.
-    pub merge: Merge,
     /// The broker-wide Prometheus metric (without the `fanmq_` prefix), if
     /// exported as a scalar.
     pub prometheus: Option<&'static str>,
@@ -77,8 +73,6 @@ pub struct Scalar {
 /// One labelled row of the table (an array of figures, one per label value).
 #[derive(Clone, Copy, Debug)]
 pub struct Labeled {
-    /// The field's name (also its JSON key).
-    pub name: &'static str,
     /// Counter or gauge.
     pub kind: Kind,
     /// The Prometheus label's name.
@@ -169,9 +163,7 @@ macro_rules! counter_table {
         /// The scalar rows, in table order.
         pub const SCALARS: &[Scalar] = &[
             $( Scalar {
-                name: stringify!($name),
                 kind: Kind::$kind,
-                merge: Merge::$merge,
                 prometheus: $prom,
                 per_shard: $shard,
                 sys: $sys,
@@ -183,7 +175,6 @@ macro_rules! counter_table {
         /// The labelled rows, in table order.
         pub const LABELED: &[Labeled] = &[
             $( Labeled {
-                name: stringify!($lname),
                 kind: Kind::$lkind,
                 label: $label,
                 value: $value,
@@ -395,23 +386,20 @@ mod tests {
     }
 
     #[test]
-    fn every_row_is_named_once_and_reads_its_own_field() {
-        let mut names: Vec<&str> = SCALARS.iter().map(|s| s.name).collect();
-        names.extend(LABELED.iter().map(|l| l.name));
-        let count = names.len();
-        names.sort_unstable();
-        names.dedup();
-        assert_eq!(names.len(), count, "a field twice in the table");
+    fn every_row_reads_its_own_field_and_names_are_unique() {
         let c = Counters {
             bytes_sent: 42,
             publish_received_by_qos: [0, 8, 0],
             ..Counters::default()
         };
-        let row = SCALARS.iter().find(|s| s.name == "bytes_sent").unwrap();
+        let row = SCALARS
+            .iter()
+            .find(|s| s.prometheus == Some("bytes_sent"))
+            .unwrap();
         assert_eq!((row.get)(&c), 42);
         let row = LABELED
             .iter()
-            .find(|l| l.name == "publish_received_by_qos")
+            .find(|l| l.prometheus == Some("messages_received"))
             .unwrap();
         assert_eq!((row.get)(&c), &[0, 8, 0]);
         assert_eq!((row.value)(1), "1");

@@ -349,6 +349,7 @@ impl<K: Copy + Eq + Hash> Router<K> {
     }
 
     /// Whether there is no subscription.
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
@@ -386,6 +387,7 @@ impl<K: Copy + Eq + Hash> Router<K> {
     ///
     /// `filter` must already be valid ([`crate::protocol::topic::validate_topic_filter`]);
     /// an invalid one is stored literally and never panics.
+    #[cfg(test)]
     pub fn subscribe(&mut self, filter: &str, key: K, qos: QoS) -> bool {
         self.subscribe_shared(filter, key, qos).0
     }

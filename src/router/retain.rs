@@ -48,11 +48,6 @@ impl RetainStore {
     pub fn len(&self) -> usize {
         self.messages.len()
     }
-
-    /// True when nothing is retained.
-    pub fn is_empty(&self) -> bool {
-        self.messages.is_empty()
-    }
 }
 
 #[cfg(test)]

@@ -1,6 +1,6 @@
 //! Who may connect and what they may do: passwords, ACLs.
 
-pub mod acl;
-pub mod auth;
+pub(crate) mod acl;
+pub(crate) mod auth;
 pub mod passwd;
-pub mod password;
+pub(crate) mod password;

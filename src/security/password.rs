@@ -275,13 +275,9 @@ impl PasswordDb {
     }
 
     /// Adds or replaces a user.
+    #[cfg(test)]
     pub fn set(&mut self, username: &str, hash: Hash) {
         self.users.insert(username.to_string(), hash);
-    }
-
-    /// Removes a user; false when it was not listed.
-    pub fn remove(&mut self, username: &str) -> bool {
-        self.users.remove(username).is_some()
     }
 
     /// Number of users.
@@ -289,12 +285,8 @@ impl PasswordDb {
         self.users.len()
     }
 
-    /// True when the file lists nobody.
-    pub fn is_empty(&self) -> bool {
-        self.users.is_empty()
-    }
-
     /// The file's text, one `user:hash` line per user, sorted by name.
+    #[cfg(test)]
     pub fn to_file_text(&self) -> String {
         let mut names: Vec<&String> = self.users.keys().collect();
         names.sort();

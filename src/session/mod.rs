@@ -60,7 +60,7 @@ pub struct Limits {
     pub max_awaiting_rel: usize,
     /// This shard's share of `max_queued_bytes_total` (0: no limit). While
     /// the shard's queued bytes are over it, QoS 1/2 messages are no longer
-    /// parked for offline sessions (shedding stage 1, README "Security").
+    /// queued for offline sessions (shedding stage 1, README "Security").
     pub max_queued_bytes_shard: usize,
 }
 
@@ -74,6 +74,10 @@ impl Limits {
 
 /// Where an outgoing QoS 1/2 PUBLISH is in its flow (§4.3).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[expect(
+    clippy::enum_variant_names,
+    reason = "each names the packet awaited (PUBACK, PUBREC, PUBCOMP)"
+)]
 pub enum Phase {
     /// QoS 1: PUBLISH sent, waiting for PUBACK.
     AwaitPubAck,
@@ -254,7 +258,7 @@ impl Session {
             self.start_inflight(forwarded, Some(shared));
             return Delivery::Queued;
         }
-        self.park(forwarded, limits)
+        self.queue_pending(forwarded, limits)
     }
 
     /// Offers a retained message on a new subscription: RETAIN set (§3.3.1.3),
@@ -288,7 +292,7 @@ impl Session {
             self.start_inflight(forwarded, None);
             return Delivery::Queued;
         }
-        self.park(forwarded, limits)
+        self.queue_pending(forwarded, limits)
     }
 
     /// The QoS 1/2 state, allocated on first use.
@@ -313,7 +317,7 @@ impl Session {
     }
 
     /// Puts a QoS 1/2 message in the pending queue, or drops it when full.
-    fn park(&mut self, message: Message, limits: &Limits) -> Delivery {
+    fn queue_pending(&mut self, message: Message, limits: &Limits) -> Delivery {
         if !self.is_online() && limits.shard_over_budget() {
             return Delivery::Dropped;
         }
@@ -464,7 +468,7 @@ impl Session {
 
     /// A connection (re)attached: resend unacknowledged messages with DUP set
     /// (§4.4), then move pending messages into the window.
-    pub fn resume(&mut self, limits: &Limits) {
+    pub fn reattach(&mut self, limits: &Limits) {
         let inflight = self.state.flows.as_ref().map(|f| &f.inflight);
         for f in inflight.into_iter().flatten() {
             let frame =
@@ -675,7 +679,7 @@ mod tests {
     }
 
     #[test]
-    fn resume_redelivers_with_dup_and_pubrel() {
+    fn reattach_redelivers_with_dup_and_pubrel() {
         let m = msg(QoS::ExactlyOnce, b"x");
         let mut batch = BytesMut::new();
         let mut enc = Encoded::new(&m, &mut batch);
@@ -685,13 +689,13 @@ mod tests {
         written(&mut s);
         s.on_pubrec(1);
         s.detach();
-        s.deliver(&mut enc, QoS::AtLeastOnce, &LIMITS); // parked while offline
+        s.deliver(&mut enc, QoS::AtLeastOnce, &LIMITS); // pending while offline
         s.link = Some(test_link());
-        s.resume(&LIMITS);
+        s.reattach(&LIMITS);
         let mut expected = codec::pubrel(1).to_vec();
         expected.extend_from_slice(b"\x3c\x08\x00\x03a/b\x00\x02x"); // DUP, QoS 2
         assert_eq!(written(&mut s), expected);
-        // The parked message waits: the window (2) is full.
+        // The pending message waits: the window (2) is full.
         assert_eq!(s.flows().pending.len(), 1);
         s.on_pubcomp(1, &LIMITS);
         assert_eq!(written(&mut s), b"\x32\x08\x00\x03a/b\x00\x03x");

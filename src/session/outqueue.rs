@@ -136,11 +136,6 @@ impl OutFrame {
         }
     }
 
-    /// True for an empty entry (never produced by the broker).
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// PUBLISH packets in this entry (counted against the queue limits).
     fn publishes(&self) -> usize {
         match self {
@@ -285,6 +280,7 @@ impl OutQueue {
 
     /// The unwritten bytes of the front frame's current piece, for a write
     /// that waits for the socket to become writable.
+    #[cfg(test)]
     pub fn front_chunk(&self) -> Option<&[u8]> {
         let frame = self.frames.front()?;
         let mut skip = self.offset;

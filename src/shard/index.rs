@@ -28,7 +28,7 @@ use hashbrown::hash_table::Entry;
 use crate::session::Session;
 use crate::session::link::SessionKey;
 
-/// A shard's sessions, live or parked (see [`crate::shard::Shard::sessions`]).
+/// A shard's sessions, live or offline (see [`crate::shard::Shard::sessions`]).
 pub type Sessions = slab::Slab<Box<Session>>;
 
 /// Sessions by client id (see the module documentation).
@@ -48,11 +48,13 @@ fn client_id_of(sessions: &Sessions, key: SessionKey) -> Option<&str> {
 
 impl SessionIndex {
     /// Number of indexed sessions.
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.keys.len()
     }
 
     /// Whether no session is indexed.
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.keys.is_empty()
     }

@@ -60,7 +60,7 @@ pub struct Shard {
     pub config: Arc<Config>,
     /// Per-client limits derived from the configuration.
     pub limits: Limits,
-    /// Sessions on this shard, live or parked (CleanSession = 0, offline).
+    /// Sessions on this shard, live or offline (CleanSession = 0, no connection).
     /// Boxed: the slab's spare capacity (up to half of it after a doubling)
     /// then costs a pointer per slot, not a whole session.
     pub sessions: slab::Slab<Box<Session>>,
@@ -382,7 +382,7 @@ impl Shard {
                 session.client_id
             );
             // End the connection now, as its teardown would (the session is
-            // parked or removed and its queue freed), so no more messages
+            // kept offline or removed and its queue freed), so no more messages
             // are queued to it; the woken connection task finds its session
             // gone and closes the socket with a reset.
             let conn_id = link.conn_id;
@@ -531,7 +531,7 @@ impl Shard {
         self.mark_dirty(key);
     }
 
-    /// The session with `client_id` on this shard, live or parked.
+    /// The session with `client_id` on this shard, live or offline.
     pub fn session_key(&self, client_id: &str) -> Option<SessionKey> {
         self.by_client_id.get(&self.sessions, client_id)
     }
@@ -563,7 +563,7 @@ impl Shard {
 
     /// The connection `conn_id` of session `key` ended: a CleanSession = 1
     /// session is discarded (and its home shard told), a persistent one is
-    /// parked with its subscriptions and unacknowledged messages.
+    /// kept offline with its subscriptions and unacknowledged messages.
     pub fn end_connection(&mut self, key: SessionKey, conn_id: u64) {
         let Some(session) = self.session_for(key, conn_id) else {
             return;
@@ -575,10 +575,5 @@ impl Shard {
         } else {
             session.detach();
         }
-    }
-
-    /// Number of live connections (sessions with a link).
-    pub fn connected(&self) -> usize {
-        self.sessions.iter().filter(|(_, s)| s.is_online()).count()
     }
 }

@@ -2,7 +2,7 @@
 //! (DESIGN.md, "Client ids").
 //!
 //! Every client id has a *home shard* (a hash of the id modulo the number of
-//! shards) that knows which shard holds its session, live or parked. A CONNECT
+//! shards) that knows which shard holds its session, live or offline. A CONNECT
 //! on shard A *claims* the id at its home; the home records A (unless A is the
 //! home itself: its own sessions and claims say so, and a record would cost
 //! ~90 bytes per client) and, if the session lives on shard B, tells B to
@@ -61,7 +61,7 @@ struct PendingClaim {
     /// (shard, token, its CleanSession flag).
     superseded_by: Option<(usize, u64, bool)>,
     /// The connection stopped waiting (timed out or went away); the answer,
-    /// when it comes, is parked or released instead.
+    /// when it comes, is kept as an offline session or released instead.
     abandoned: bool,
 }
 
@@ -84,6 +84,7 @@ pub struct Registry {
 
 impl Registry {
     /// Number of client ids homed on this shard and held by another shard.
+    #[cfg(test)]
     pub fn homed_elsewhere(&self) -> usize {
         self.homes.len()
     }
@@ -163,7 +164,7 @@ pub async fn claim(
     let outcome = match glommio::timer::timeout(CLAIM_TIMEOUT, wait).await {
         Ok(outcome) => outcome,
         Err(_) => {
-            // Keep the claim, marked abandoned: a late answer is then parked
+            // Keep the claim, marked abandoned: a late answer is then kept offline
             // (see `claim_answered`), so a persistent session is not lost.
             if let Some(claim) = ctx.shard.borrow_mut().registry.claims.get_mut(&token) {
                 claim.abandoned = true;

@@ -88,26 +88,31 @@ pub fn unsuback(packet_id: PacketId) -> [u8; 4] {
 pub const PINGRESP_BYTES: [u8; 2] = [PINGRESP << 4, 0];
 
 /// Appends a CONNACK (§3.2); see [`connack`].
+#[cfg(test)]
 pub fn encode_connack(session_present: bool, return_code: u8, out: &mut BytesMut) {
     out.extend_from_slice(&connack(session_present, return_code));
 }
 
 /// Appends a PUBACK (§3.4).
+#[cfg(test)]
 pub fn encode_puback(packet_id: PacketId, out: &mut BytesMut) {
     out.extend_from_slice(&puback(packet_id));
 }
 
 /// Appends a PUBREC (§3.5).
+#[cfg(test)]
 pub fn encode_pubrec(packet_id: PacketId, out: &mut BytesMut) {
     out.extend_from_slice(&pubrec(packet_id));
 }
 
 /// Appends a PUBREL (§3.6).
+#[cfg(test)]
 pub fn encode_pubrel(packet_id: PacketId, out: &mut BytesMut) {
     out.extend_from_slice(&pubrel(packet_id));
 }
 
 /// Appends a PUBCOMP (§3.7).
+#[cfg(test)]
 pub fn encode_pubcomp(packet_id: PacketId, out: &mut BytesMut) {
     out.extend_from_slice(&pubcomp(packet_id));
 }
@@ -137,11 +142,13 @@ pub fn encode_suback(
 }
 
 /// Appends an UNSUBACK (§3.11).
+#[cfg(test)]
 pub fn encode_unsuback(packet_id: PacketId, out: &mut BytesMut) {
     out.extend_from_slice(&unsuback(packet_id));
 }
 
 /// Appends a PINGRESP (§3.13).
+#[cfg(test)]
 pub fn encode_pingresp(out: &mut BytesMut) {
     out.extend_from_slice(&PINGRESP_BYTES);
 }

@@ -107,9 +107,6 @@ pub const CONNACK_IDENTIFIER_REJECTED: u8 = 0x02;
 /// CONNACK return code: the server is unavailable (e.g. out of connection slots).
 pub const CONNACK_SERVER_UNAVAILABLE: u8 = 0x03;
 
-/// CONNACK return code: the user name or password is malformed or wrong.
-pub const CONNACK_BAD_USERNAME_OR_PASSWORD: u8 = 0x04;
-
 /// CONNACK return code: the client is not authorized to connect.
 pub const CONNACK_NOT_AUTHORIZED: u8 = 0x05;
 
@@ -177,6 +174,10 @@ const CONNECT_USERNAME: u8 = 0b1000_0000;
 /// overlapping subscriptions pick the `max`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 #[repr(u8)]
+#[expect(
+    clippy::enum_variant_names,
+    reason = "the spec's names (§4.3): At most once, At least once, Exactly once"
+)]
 pub enum QoS {
     /// QoS 0: fire and forget, no acknowledgement.
     AtMostOnce = 0,
