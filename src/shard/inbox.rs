@@ -64,3 +64,68 @@ impl Shard {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+    use bytestring::ByteString;
+
+    use super::*;
+    use crate::config::Config;
+    use crate::observe::counters::Counters;
+    use crate::protocol::message::Message;
+    use crate::protocol::v3::QoS;
+    use crate::shard::testing::{self, attach_client};
+
+    #[test]
+    fn a_publish_batch_from_another_shard_is_delivered_and_flushed_here() {
+        let mut shard = testing::shard_with(1, 2, Config::default());
+        let mut client = attach_client(&mut shard, "c", "t/#", QoS::AtMostOnce, None);
+        shard.flush_dirty();
+        let batch = Arc::new(vec![
+            Message {
+                topic: ByteString::from("t/1"),
+                payload: Bytes::from_static(b"a"),
+                qos: QoS::AtMostOnce,
+                retain: false,
+            },
+            Message {
+                topic: ByteString::from("t/2"),
+                payload: Bytes::from_static(b"b"),
+                qos: QoS::AtMostOnce,
+                retain: true,
+            },
+        ]);
+        shard.handle_control(ShardMsg::Publish(batch));
+        let got = client.publishes();
+        assert_eq!(got.len(), 2, "flushed within the same step");
+        assert_eq!(shard.retained.len(), 1, "the retained replica applied");
+        assert!(
+            shard.take_remote_batch().is_none(),
+            "a forwarded publish is never forwarded again"
+        );
+    }
+
+    #[test]
+    fn stats_from_another_shard_replace_its_last_snapshot() {
+        let mut shard = testing::shard_with(0, 2, Config::default());
+        for bytes_sent in [5, 7] {
+            let counters = Counters {
+                bytes_sent,
+                ..Counters::default()
+            };
+            shard.handle_control(ShardMsg::Stats {
+                shard: 1,
+                counters: Box::new(counters),
+            });
+        }
+        assert_eq!(shard.all_stats[1].bytes_sent, 7);
+        // A shard index out of range is ignored, not a panic.
+        shard.handle_control(ShardMsg::Stats {
+            shard: 9,
+            counters: Box::default(),
+        });
+    }
+}

@@ -14,6 +14,8 @@ pub mod index;
 pub mod query;
 pub mod registry;
 pub mod sys;
+#[cfg(test)]
+pub mod testing;
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -575,5 +577,155 @@ impl Shard {
         } else {
             session.detach();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::{self, attach, attach_client};
+    use super::*;
+    use crate::protocol::v3::QoS;
+    use bytes::Bytes;
+
+    /// A message on `topic` at `qos`.
+    fn message(topic: &str, payload: &str, qos: QoS, retain: bool) -> Message {
+        Message {
+            topic: ByteString::from(topic),
+            payload: Bytes::from(payload.to_string()),
+            qos,
+            retain,
+        }
+    }
+
+    #[test]
+    fn route_queues_to_matching_subscribers_and_flush_writes_each_once() {
+        let mut shard = testing::shard();
+        let mut a = attach_client(&mut shard, "a", "score/+", QoS::AtMostOnce, None);
+        let mut b = attach_client(&mut shard, "b", "score/#", QoS::AtLeastOnce, None);
+        let mut other = attach_client(&mut shard, "c", "news/#", QoS::AtMostOnce, None);
+        shard.flush_dirty(); // the SUBACKs
+        shard.route(&message("score/1", "1-0", QoS::AtLeastOnce, false));
+        shard.route(&message("score/1", "2-0", QoS::AtMostOnce, false));
+        assert_eq!(shard.stats.publish_sent_by_qos, [3, 1, 0]);
+        shard.flush_dirty();
+        let got_a = a.publishes();
+        assert_eq!(
+            got_a,
+            vec![
+                ("score/1".into(), b"1-0".to_vec(), QoS::AtMostOnce),
+                ("score/1".into(), b"2-0".to_vec(), QoS::AtMostOnce),
+            ],
+            "granted QoS 0 downgrades the QoS 1 publish"
+        );
+        let got_b = b.publishes();
+        assert_eq!(got_b.len(), 2);
+        assert_eq!(got_b[0].2, QoS::AtLeastOnce);
+        assert!(other.publishes().is_empty());
+        assert!(shard.dirty.is_empty(), "every dirty session was flushed");
+        assert!(shard.stats.bytes_sent > 0);
+    }
+
+    #[test]
+    fn a_retained_publish_is_stored_and_given_to_later_subscribers() {
+        let mut shard = testing::shard();
+        shard.route(&message("price/x", "9", QoS::AtMostOnce, true));
+        assert_eq!(shard.retained.len(), 1);
+        let mut late = attach_client(&mut shard, "late", "price/#", QoS::AtMostOnce, None);
+        shard.flush_dirty();
+        assert_eq!(
+            late.publishes(),
+            vec![("price/x".into(), b"9".to_vec(), QoS::AtMostOnce)]
+        );
+    }
+
+    #[test]
+    fn publish_keeps_a_remote_batch_only_with_other_shards() {
+        let mut alone = testing::shard();
+        alone.publish(message("t", "x", QoS::AtMostOnce, false));
+        assert!(alone.take_remote_batch().is_none());
+        let mut two = testing::shard_with(0, 2, Config::default());
+        two.publish(message("t", "x", QoS::AtMostOnce, false));
+        two.publish(message("t", "y", QoS::AtMostOnce, false));
+        let batch = two.take_remote_batch().expect("a batch for shard 1");
+        assert_eq!(batch.len(), 2, "one mesh message for the whole read");
+        assert!(two.take_remote_batch().is_none());
+    }
+
+    #[test]
+    fn a_full_socket_hands_the_session_to_its_task_and_the_rest_still_gets_written() {
+        let mut shard = testing::shard();
+        let mut slow = attach_client(&mut shard, "slow", "t", QoS::AtMostOnce, Some(4096));
+        let mut fast = attach_client(&mut shard, "fast", "t", QoS::AtMostOnce, None);
+        shard.flush_dirty();
+        let payload = "x".repeat(1000);
+        for _ in 0..200 {
+            shard.route(&message("t", &payload, QoS::AtMostOnce, false));
+            shard.flush_dirty();
+            let _ = fast.publishes();
+        }
+        let slow_link = shard.sessions[slow.key as usize].link.as_ref().unwrap();
+        assert!(slow_link.blocked, "the socket filled: its task writes now");
+        assert!(!shard.sessions[slow.key as usize].out.is_empty());
+        assert!(
+            !shard.sessions[fast.key as usize]
+                .link
+                .as_ref()
+                .unwrap()
+                .blocked
+        );
+        // The slow client reads: it gets a prefix of what was queued, in order.
+        assert!(!slow.publishes().is_empty());
+    }
+
+    #[test]
+    fn over_its_share_of_queued_bytes_the_shard_sheds_the_clients_that_do_not_read() {
+        let config = Config {
+            max_queued_bytes_total: 64 * 1024,
+            max_queued_bytes: 1 << 20,
+            max_queued_messages: 100_000,
+            ..Config::default()
+        };
+        let mut shard = testing::shard_with(0, 1, config);
+        let stalled = attach_client(&mut shard, "stalled", "t", QoS::AtMostOnce, Some(4096));
+        let mut reading = attach_client(&mut shard, "reading", "t", QoS::AtMostOnce, None);
+        shard.flush_dirty();
+        let payload = "x".repeat(1000);
+        for _ in 0..400 {
+            shard.route(&message("t", &payload, QoS::AtMostOnce, false));
+            shard.flush_dirty();
+            let _ = reading.publishes();
+            if shard.stats.clients_shed > 0 {
+                break;
+            }
+        }
+        assert_eq!(shard.stats.clients_shed, 1);
+        assert!(
+            shard.sessions.get(stalled.key as usize).is_none(),
+            "the stalled clean session is gone"
+        );
+        assert!(shard.sessions.get(reading.key as usize).is_some());
+        assert!(shard.shed_conns.len() == 1);
+        assert!(crate::session::outqueue::shard_queued_bytes() <= 64 * 1024);
+    }
+
+    #[test]
+    fn subscribe_refuses_invalid_filters_and_counts_the_limits() {
+        let config = Config {
+            max_topic_levels: 2,
+            ..Config::default()
+        };
+        let mut shard = testing::shard_with(0, 1, config);
+        let key = attach(&mut shard, "c", "a/b", QoS::AtMostOnce);
+        assert_eq!(shard.router.len(), 1);
+        let _ = attach(&mut shard, "d", "a/b/c", QoS::AtMostOnce);
+        assert_eq!(shard.stats.subscriptions_refused, 1);
+        let _ = attach(&mut shard, "e", "a/#/b", QoS::AtMostOnce);
+        assert_eq!(
+            shard.router.len(),
+            1,
+            "neither the deep nor the invalid filter"
+        );
+        assert!(shard.remove_session(key).is_some());
+        assert_eq!(shard.router.len(), 0, "removing a session unsubscribes it");
     }
 }

@@ -278,19 +278,12 @@ impl Shard {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Config;
     use crate::protocol::v3::QoS;
     use crate::session::SessionState;
     use bytestring::ByteString;
-    use std::sync::Arc;
 
     fn shard_with(n: usize) -> Shard {
-        let mut shard = Shard::new(
-            0,
-            1,
-            Arc::new(Config::default()),
-            Arc::new(crate::security::auth::Auth::open()),
-        );
+        let mut shard = crate::shard::testing::shard();
         for i in 0..n {
             let state = SessionState {
                 subscriptions: smallvec::smallvec![(

@@ -328,15 +328,7 @@ mod tests {
     use crate::protocol::v3::{QoS, Subscribe};
     use crate::shard::SessionKey;
 
-    /// A one-shard shard, as the broker makes it.
-    fn shard() -> Shard {
-        Shard::new(
-            0,
-            1,
-            Arc::new(Config::default()),
-            Arc::new(crate::security::auth::Auth::open()),
-        )
-    }
+    use crate::shard::testing::shard;
 
     /// Connects `client_id` (persistent unless `clean`) and subscribes it to
     /// `filter`, as a connection does.
@@ -439,12 +431,7 @@ mod tests {
 
     #[test]
     fn home_records_only_ids_held_by_other_shards() {
-        let mut home = Shard::new(
-            0,
-            2,
-            Arc::new(Config::default()),
-            Arc::new(crate::security::auth::Auth::open()),
-        );
+        let mut home = crate::shard::testing::shard_with(0, 2, Config::default());
         let id = (0..)
             .map(|i| format!("c{i}"))
             .find(|id| home_shard(id, 2) == 0)
