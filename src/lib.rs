@@ -6,32 +6,32 @@
 //! channel mesh. A PUBLISH decoded on one shard is delivered to that shard's
 //! subscribers, then handed once (in a batch) to every other shard, which
 //! delivers it to its own. Outgoing frames are encoded once per shard and
-//! shared as `Bytes`; each subscriber is flushed with one vectored send of
-//! everything queued for it.
+//! shared as shard-local reference-counted frames; each subscriber is
+//! flushed with one vectored send of everything queued for it.
 //!
-//! The map, in data-path order:
-//! - [`broker`]: start the shard pool, join the mesh, shut down gracefully.
-//! - [`listener`]: SO_REUSEPORT sockets, the accept loop, connection limits.
-//! - [`admission`]: per-address connection counts, connection-rate bucket.
-//! - [`connection`]: one client: read ► decode ► act ► write, keep-alive.
-//! - [`park`]: idle plain connections without a task, woken through epoll.
-//! - [`codec`]: MQTT 3.1.1 / 3.1 packets, decode and encode.
-//! - [`session`]: the session state machine: QoS flows, inflight, queues.
-//! - [`shard`]: what one core owns; routing and flushing.
-//! - [`session_index`]: a shard's sessions by client id.
-//! - [`router`], [`topic`]: the subscription trie, topic validation/matching.
-//! - [`retain`]: retained messages.
-//! - [`registry`]: client-id home shards and take-over across shards.
-//! - [`mesh`]: the messages shards exchange.
-//! - [`message`], [`outqueue`]: a message, its shared frames, the write queue.
-//! - [`sys`]: counters and `$SYS` topics.
-//! - [`transport`]: TLS and WebSocket streams, certificate reload.
-//! - [`config`], [`os`]: configuration; host limits, logging, systemd.
-//! - [`auth`], [`password`], [`acl`]: `password_file`, `acl_file`,
-//!   `allow_anonymous` (Mosquitto-compatible); [`passwd`]: `fanmq passwd`.
-//! - [`admin`], [`admin_query`], [`metrics`]: the admin HTTP listener
-//!   (Prometheus, JSON API, dashboard) on its own thread, the shard side of
-//!   its queries, and the per-shard figures it sums.
+//! The map, top floor first (a module imports only modules below it; see
+//! docs/ARCHITECTURE.md, "Layers", checked by `.ci/layers.py`):
+//! - [`cli`]: the binary's flags and subcommands.
+//! - `broker`: start the shard pool, join the mesh, shut down gracefully.
+//! - `listener`: SO_REUSEPORT sockets, the accept loop, connection limits.
+//! - `admin`: the admin HTTP listener (Prometheus, JSON API, dashboard) on
+//!   its own thread.
+//! - `connection`: one client: handshake, the live task (read ► decode ►
+//!   dispatch ► flush), keep-alive, parked connections.
+//! - `shard`: what one core owns; routing and flushing, the mesh inbox,
+//!   client-id registry and take-over, `$SYS`, the admin queries.
+//! - `mesh`: the messages shards exchange.
+//! - `session`: the session state machine (QoS flows, inflight, queues),
+//!   its link to a connection, the write queue.
+//! - `observe`: the one counter table, `$SYS` and Prometheus rendering.
+//! - `router`: the subscription trie and the retained store.
+//! - `net`: socket system calls, epoll and its watcher, transports (TLS,
+//!   WebSocket), admission limits.
+//! - `security`: `password_file`, `acl_file`, `allow_anonymous`
+//!   (Mosquitto-compatible) and `fanmq passwd`.
+//! - `protocol`: MQTT 3.1.1 / 3.1 packets (`protocol::v3`), topics, the
+//!   application message and its encoded frames.
+//! - [`config`]: configuration, every default; host limits, logging, systemd.
 //! - `fuzzing`: the `cargo fuzz` targets' entry points (see `fuzz/`).
 
 pub(crate) mod admin;

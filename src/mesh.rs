@@ -1,5 +1,5 @@
 //! The only way shards talk: one documented message enum over glommio's
-//! bounded, lock-free channel mesh (DESIGN.md, "Mesh").
+//! bounded, lock-free channel mesh (docs/ARCHITECTURE.md, "The shape").
 //!
 //! Publishes travel in batches (one mesh message per read of the publisher's
 //! socket, not one per PUBLISH), as an `Arc` so that every peer gets the same

@@ -115,7 +115,7 @@ fn parse_memory_max(text: &str) -> Option<u64> {
     text.trim().parse().ok()
 }
 
-/// One warning line for each setting that caps another (DESIGN.md; issue 4).
+/// One warning line for each setting that caps another (README, "Kernel tuning").
 pub fn consistency_warnings(
     max_connections: usize,
     backlog: u32,

@@ -115,7 +115,7 @@ pub fn resume(ctx: &Ctx, conn_id: u64, mut parked: Parked) {
     .detach();
 }
 
-/// The socket registered with `token` (see [`park::token`]) is ready: wakes
+/// The socket registered with `token` (see [`crate::net::poller::token`]) is ready: wakes
 /// its connection, resuming it if parked. A token of a connection that has
 /// ended, or that is running, changes nothing (a running task reads its
 /// socket before it waits again).

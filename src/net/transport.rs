@@ -8,7 +8,7 @@
 //! socket. The other transports *frame* what is written (TLS records,
 //! WebSocket frames), so the shard must not write to their socket: it hands
 //! their queues to the connection task, which writes through the stream
-//! (see [`crate::connection::framed_fd`]).
+//! (see `crate::session::link::framed_fd`).
 //!
 //! The transport handshake (TLS, the WebSocket upgrade) runs in the
 //! connection's own task, bounded by the connect timeout, so a slow or

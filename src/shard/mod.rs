@@ -215,7 +215,7 @@ impl Shard {
     }
 
     /// Time since the shard started in keep-alive ticks
-    /// ([`crate::connection::TICKS_PER_SEC`]).
+    /// ([`crate::session::link::TICKS_PER_SEC`]).
     pub fn now_ticks(&self) -> u32 {
         let ticks = self.started.elapsed().as_millis() / u128::from(1000 / TICKS_PER_SEC);
         u32::try_from(ticks).unwrap_or(u32::MAX)
@@ -285,7 +285,7 @@ impl Shard {
     /// Writes every dirty session's queue with one vectored send each. A
     /// session whose socket is full is handed to its connection task, which
     /// waits for the socket to become writable; so is every TLS or
-    /// WebSocket session (a framed link, [`crate::connection::framed_fd`]),
+    /// WebSocket session (a framed link, [`crate::session::link::framed_fd`]),
     /// whose bytes only its task may write.
     pub fn flush_dirty(&mut self) {
         let dirty = std::mem::take(&mut self.dirty);

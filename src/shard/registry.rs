@@ -1,5 +1,5 @@
 //! Client ids across shards: home shards, claims and take-over
-//! (DESIGN.md, "Client ids").
+//! (docs/ARCHITECTURE.md, "Client ids and take-over across shards").
 //!
 //! Every client id has a *home shard* (a hash of the id modulo the number of
 //! shards) that knows which shard holds its session, live or offline. A CONNECT
