@@ -70,12 +70,19 @@ pub const WS_WRITE_BUFFER_SIZE: usize = 0;
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
     /// A certificate, key or CA file could not be read or parsed.
-    #[error("cannot load {path}: {why}")]
+    #[error("cannot load {path}: {source}")]
     Pem {
         /// The file.
         path: PathBuf,
         /// Why.
-        why: String,
+        #[source]
+        source: rustls::pki_types::pem::Error,
+    },
+    /// A certificate file holds no certificate.
+    #[error("cannot load {path}: no certificate in the file")]
+    NoCertificate {
+        /// The file.
+        path: PathBuf,
     },
     /// rustls refused the certificates or settings.
     #[error("invalid TLS configuration: {0}")]
@@ -434,9 +441,8 @@ fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, Transp
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| pem_error(path, e))?;
     if certs.is_empty() {
-        return Err(TransportError::Pem {
+        return Err(TransportError::NoCertificate {
             path: path.to_path_buf(),
-            why: "no certificate in the file".to_string(),
         });
     }
     Ok(certs)
@@ -446,7 +452,7 @@ fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, Transp
 fn pem_error(path: &Path, e: rustls::pki_types::pem::Error) -> TransportError {
     TransportError::Pem {
         path: path.to_path_buf(),
-        why: e.to_string(),
+        source: e,
     }
 }
 
