@@ -8,6 +8,8 @@
 //! | [`runner`] | one scenario against one broker, or `--compare` over several |
 //! | [`scenario`] | the scenarios: connect, fan-out, idle, storm |
 //! | [`latency`] | the latency scenario: rate search, lag trend, bound |
+//! | [`phase`] | one publishing phase and its fan-out figures (both of the above) |
+//! | [`target`] | the broker under test, a phase, the scenarios' error |
 //! | [`fleet`] / [`worker`] / [`protocol`] | subscriber connections in worker processes (mio event loops) |
 //! | [`publisher`] | the paced or burst publisher |
 //! | [`rawserver`] | the plain TCP forwarder, the ceiling |
@@ -25,6 +27,7 @@ mod fleet;
 mod latency;
 mod mqtt;
 mod net;
+mod phase;
 mod plot;
 mod procfs;
 mod progress;
@@ -36,6 +39,7 @@ mod result;
 mod runner;
 mod scenario;
 mod stats;
+mod target;
 mod worker;
 
 use clap::Parser;

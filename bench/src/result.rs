@@ -5,7 +5,6 @@
 //! runs (one per broker per round). Everything a table or plot shows is in
 //! the file, so `fanmq-bench report` can regenerate them without rerunning.
 
-use crate::latency::LagTrend;
 use crate::procfs::SockStat;
 use crate::stats::Latency;
 use serde::{Deserialize, Serialize};
@@ -212,6 +211,26 @@ pub struct LatencyStep {
     pub sustained: bool,
     /// Why the step was not sustained (empty when it was).
     pub why: String,
+}
+
+/// The lag trend of a run: medians of the first and last tenth of its
+/// messages (publish→last subscriber, plus the publisher's slip); computed
+/// by [`crate::latency::lag_trend`].
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct LagTrend {
+    /// Messages with a lag (every subscriber's arrival seen).
+    pub messages: u64,
+    /// Median lag of the first tenth (ms).
+    pub first_ms: f64,
+    /// Median lag of the last tenth (ms).
+    pub last_ms: f64,
+    /// `last_ms - first_ms`.
+    pub growth_ms: f64,
+    /// Growth allowed: max([`crate::latency::GROWTH_FLOOR_MS`], [`crate::latency::GROWTH_SLOPE`] × time
+    /// between the tenths, [`crate::latency::GROWTH_REL`] × `first_ms`).
+    pub tolerance_ms: f64,
+    /// `growth_ms > tolerance_ms`: the backlog grows.
+    pub grows: bool,
 }
 
 /// The broker's resource use over the measured phase.

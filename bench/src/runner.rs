@@ -7,7 +7,8 @@ use crate::compare::Broker;
 use crate::net;
 use crate::procfs;
 use crate::result::{self, ResultFile, RunResult};
-use crate::scenario::{self, Kind, Target};
+use crate::scenario::{self, Kind};
+use crate::target::Target;
 
 /// Runs it. `raw` is the `raw` subcommand: compare against the forwarder.
 ///
