@@ -9,11 +9,12 @@ use crate::cli::Opts;
 use crate::fleet::{Fleet, FleetError};
 use crate::procfs;
 use crate::progress::Progress;
-use crate::protocol::WorkerReport;
+use crate::protocol::{ConnectSummary, WorkerReport};
 use crate::publisher::{self, Plan, Published};
-use crate::result::{FanoutFigures, GeneratorUsage};
-use crate::stats;
+use crate::result::{ConnectFigures, FanoutFigures, GeneratorUsage};
+use crate::stats::{self, Clock};
 use crate::target::{CpuWindow, Phase, ScenarioError, Target};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -68,6 +69,7 @@ pub fn generator_usage(
         cpus: client_cpus,
         max_process_busy: busiest,
         saturated: subscriber_busiest > SATURATED || total_busy > SATURATED,
+        ..GeneratorUsage::default()
     };
     let note = usage.saturated.then(|| {
         format!(
@@ -107,13 +109,13 @@ pub fn publish_phase(
         first_seq: phase.first_seq,
         track_stride: phase.track_stride,
         track_msgs: TRACK_MSGS,
+        clock: stamp_clock(o),
     };
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicBool::new(false));
-    let limit_ns = phase.limit_ns;
     let c0 = cpu_of(t.pid);
     let w0 = stats::monotonic_ns();
-    let deadline = w0 + limit_ns;
+    let deadline = w0 + phase.limit_ns;
     let handle = {
         let (stop, done) = (stop.clone(), done.clone());
         std::thread::spawn(move || {
@@ -122,13 +124,42 @@ pub fn publish_phase(
             r
         })
     };
-    let expected = ready * phase.msgs;
+    let waited = await_deliveries(fleet, o, ready * phase.msgs, deadline, progress, |_| {
+        done.load(Ordering::Relaxed)
+    });
+    stop.store(true, Ordering::Relaxed);
+    let c1 = cpu_of(t.pid);
+    let w1 = stats::monotonic_ns();
+    waited?;
+    let published = handle.join().map_err(|_| ScenarioError::PublisherPanic)??;
+    progress.println(&format!(
+        "published {} of {} messages",
+        published.sent, phase.msgs
+    ));
+    Ok((published, c0.zip(c1).map(|(a, b)| (a, b, w1 - w0))))
+}
+
+/// Waits until `expected` deliveries arrived, the monotonic `deadline_ns`
+/// passed, or nothing arrived for `--drain-timeout` once `sent_all` says
+/// everything is on its way (the publisher finished; a part that only
+/// subscribes: its first delivery arrived).
+///
+/// # Errors
+/// A worker failed; running out of time is not an error.
+pub fn await_deliveries(
+    fleet: &mut Fleet,
+    o: &Opts,
+    expected: u64,
+    deadline_ns: u64,
+    progress: &Progress,
+    sent_all: impl Fn(&crate::protocol::Progress) -> bool,
+) -> Result<(), ScenarioError> {
     let drain_ns = (o.drain_timeout * 1e9) as u64;
     let mut last_count = 0;
     let mut last_change = stats::monotonic_ns();
     let waited = fleet.gather::<()>(
         "deliveries",
-        Duration::from_nanos(limit_ns) + Duration::from_secs(5),
+        Duration::from_nanos(deadline_ns.saturating_sub(last_change)) + Duration::from_secs(5),
         progress,
         |_| None,
         |p| {
@@ -137,25 +168,71 @@ pub fn publish_phase(
                 last_count = p.delivered;
                 last_change = now;
             }
-            let published_all = done.load(Ordering::Relaxed);
             p.delivered >= expected
-                || now > deadline
-                || (published_all && now - last_change > drain_ns)
+                || now > deadline_ns
+                || (sent_all(p) && now - last_change > drain_ns)
         },
     );
-    stop.store(true, Ordering::Relaxed);
-    let c1 = cpu_of(t.pid);
-    let w1 = stats::monotonic_ns();
     match waited {
-        Ok(_) | Err(FleetError::Timeout(..)) => {}
-        Err(e) => return Err(e.into()),
+        Ok(_) | Err(FleetError::Timeout(..)) => Ok(()),
+        Err(e) => Err(e.into()),
     }
-    let published = handle.join().map_err(|_| ScenarioError::PublisherPanic)??;
-    progress.println(&format!(
-        "published {} of {} messages",
-        published.sent, phase.msgs
-    ));
-    Ok((published, c0.zip(c1).map(|(a, b)| (a, b, w1 - w0))))
+}
+
+/// The connect phase's figures from the workers' summaries of it, for
+/// `attempted` subscribers. Its duration runs from the first worker's start
+/// to the last one's end: summaries of one host share its monotonic clock
+/// (`merge` shifts each part's to start at 0, since hosts do not).
+pub fn connect_figures(summaries: &[ConnectSummary], attempted: u64) -> ConnectFigures {
+    let mut hist = stats::new_hist();
+    let mut f = ConnectFigures {
+        attempted,
+        ..ConnectFigures::default()
+    };
+    for s in summaries {
+        f.connected += s.ready;
+        f.failed += s.failed;
+        add_counts(&mut f.errors, &s.errors);
+        add_counts(&mut f.by_source, &s.by_source);
+        add_counts(&mut f.by_target, &s.by_target);
+        // Pairs come from our own workers' histograms: always in range.
+        let _ = stats::add_pairs(&mut hist, &s.latency);
+    }
+    let start = summaries.iter().map(|s| s.started_ns).min().unwrap_or(0);
+    let end = summaries.iter().map(|s| s.ended_ns).max().unwrap_or(0);
+    f.seconds = end.saturating_sub(start) as f64 / 1e9;
+    f.conns_per_s = f.connected as f64 / f.seconds.max(1e-9);
+    f.latency = stats::summarize(&hist);
+    f
+}
+
+/// Adds the counts of `from` into `into`, key by key.
+pub fn add_counts(into: &mut BTreeMap<String, u64>, from: &BTreeMap<String, u64>) {
+    for (k, v) in from {
+        *into.entry(k.clone()).or_default() += v;
+    }
+}
+
+/// The generator's memory after the connect phase: the workers' RSS, and
+/// its growth over the subscribers they hold (bytes per idle subscriber).
+pub fn add_generator_memory(g: &mut GeneratorUsage, summaries: &[ConnectSummary]) {
+    let ready: u64 = summaries.iter().map(|s| s.ready).sum();
+    g.rss_bytes = summaries.iter().map(|s| s.rss_bytes).sum();
+    let growth: u64 = summaries
+        .iter()
+        .map(|s| s.rss_bytes.saturating_sub(s.rss_start_bytes))
+        .sum();
+    g.rss_per_subscriber = (ready > 0).then(|| growth as f64 / ready as f64);
+}
+
+/// The clock of the payload stamps: the wall clock when the run is split
+/// over load hosts (`--part`), else the monotonic one (see [`Clock`]).
+pub fn stamp_clock(o: &Opts) -> Clock {
+    if o.part.is_some() {
+        Clock::Realtime
+    } else {
+        Clock::Monotonic
+    }
 }
 
 /// Merges the workers' reports of one phase into the fan-out figures, and
@@ -186,9 +263,7 @@ pub fn fanout_figures(reports: &[WorkerReport], published: u64) -> (FanoutFigure
             first = first.min(r.first_delivery_ns);
         }
         end = end.max(r.last_delivery_ns);
-        for (k, v) in &r.errors {
-            *f.errors.entry(k.clone()).or_default() += v;
-        }
+        add_counts(&mut f.errors, &r.errors);
     }
     let mut last_hist = stats::new_hist();
     for &l in last.iter().take(published as usize) {

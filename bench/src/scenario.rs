@@ -4,23 +4,25 @@
 //! into a [`RunResult`]. The latency scenario's search is in
 //! [`crate::latency`]; both publish through [`crate::phase`].
 
+use crate::capacity;
 use crate::cli::Opts;
 use crate::fleet::{Fleet, FleetError};
 use crate::latency;
 use crate::net;
-use crate::phase::{BUCKET_NS, TRACK_MSGS, cpu_of, fanout_figures, generator_usage, publish_phase};
+use crate::part;
+use crate::phase::{
+    self, BUCKET_NS, TRACK_MSGS, cpu_of, fanout_figures, generator_usage, publish_phase,
+};
 use crate::procfs;
 use crate::progress::Progress;
 use crate::protocol::{Command, ConnectSummary, Event, WorkerTask};
 use crate::publisher::Published;
-use crate::result::{BrokerUsage, ConnectFigures, IdleFigures, Params, RunResult, StormFigures};
+use crate::result::{
+    BrokerUsage, ConnectFigures, IdleFigures, Params, PartRecord, RunResult, StormFigures,
+};
 use crate::stats;
 use crate::target::{CpuWindow, Phase, ScenarioError, Target};
-use std::collections::BTreeMap;
 use std::time::Duration;
-
-/// File descriptors a worker keeps for itself (pipes, epoll, stdio).
-const FD_RESERVE: u64 = 64;
 
 /// Which scenario.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,27 +72,9 @@ pub fn validate(o: &Opts) -> Result<(), ScenarioError> {
     if o.rate.is_some_and(|r| !r.is_finite() || r <= 0.0) {
         return Err(ScenarioError::Invalid("--rate must be positive".into()));
     }
+    part::validate(o)?;
     latency::validate(o)?;
     Ok(())
-}
-
-/// The number of worker processes and connections per worker.
-fn plan_workers(o: &Opts) -> (usize, u64) {
-    // SAFETY: zeroed rlimit is a valid out-parameter.
-    let mut lim: libc::rlimit = unsafe { std::mem::zeroed() };
-    // SAFETY: valid pointer.
-    let hard = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
-        lim.rlim_max
-    } else {
-        1024
-    };
-    let per_worker = o
-        .conns_per_worker
-        .min(hard.saturating_sub(FD_RESERVE))
-        .max(1);
-    let needed = o.subs.div_ceil(per_worker).max(1) as usize;
-    let workers = o.workers.unwrap_or(needed).max(1);
-    (workers, o.subs.div_ceil(workers as u64))
 }
 
 fn rss_of(pid: Option<u32>) -> Option<u64> {
@@ -102,38 +86,66 @@ fn rss_of(pid: Option<u32>) -> Option<u64> {
 /// # Errors
 /// The workers or the publisher failed; connection failures are results.
 pub fn run(kind: Kind, o: &Opts, t: &Target, round: u32) -> Result<RunResult, ScenarioError> {
-    let (workers, per_worker) = plan_workers(o);
+    // This host's share of the subscribers (all of them without --part).
+    let (first_index, end_index) = o.part.map_or((0, o.subs), |p| p.share(o.subs));
+    let subs = end_index - first_index;
+    let publishes = o.part.is_none_or(|p| p.publishes());
+    let limits = capacity::Limits::of_this_host();
+    let (workers, per_worker) =
+        capacity::plan_workers(subs, o.conns_per_worker, o.workers, limits.nofile_hard);
     let filter = o.filter.clone().unwrap_or_else(|| o.topic.clone());
-    let sources = if net::is_loopback(&t.addr) && t.addr.is_ipv4() {
-        net::loopback_sources(o.subs.div_ceil(o.conns_per_addr.max(1)) as usize)
+    let sources: Vec<String> = if !o.source_addrs.is_empty() {
+        net::parse_sources(&o.source_addrs)?
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    } else if net::is_loopback(&t.addr) && t.addr.is_ipv4() {
+        net::loopback_sources(subs.div_ceil(o.conns_per_addr.max(1)) as usize)
     } else {
         Vec::new()
     };
-    let timeline_start = stats::monotonic_ns();
+    let need = capacity::Need {
+        conns: subs + u64::from(publishes && kind != Kind::Connect),
+        sources: sources.len() as u64,
+        targets: t.listeners.len() as u64,
+        workers,
+        per_worker,
+    };
+    let fits = capacity::check(&need, &limits)?;
+    log::info!("{fits}");
+    let clock = phase::stamp_clock(o);
+    // Bucket 0 starts on a multiple of the bucket width, so the timelines
+    // of parts on other hosts (wall clock) line up bucket for bucket.
+    let timeline_start = clock.now_ns() / BUCKET_NS * BUCKET_NS;
+    let client_prefix = match o.part {
+        // The index is global: ids stay unique over all parts.
+        Some(p) => format!("fmb-part{}-{round}-", p.of),
+        None => format!("fmb-{}-{round}-", std::process::id()),
+    };
     let mut tasks = Vec::new();
-    let mut first = 0;
-    for w in 0..workers {
-        let count = per_worker.min(o.subs - first);
+    let mut first = first_index;
+    for w in 0..workers as usize {
+        let count = per_worker.min(end_index - first);
         if count == 0 {
             break;
         }
         tasks.push(WorkerTask {
             worker: w,
-            target: t.addr.to_string(),
+            targets: t.listeners.iter().map(ToString::to_string).collect(),
             first_index: first,
             count,
-            client_prefix: format!("fmb-{}-{round}-", std::process::id()),
+            client_prefix: client_prefix.clone(),
             filter: filter.clone(),
             qos: o.qos,
             keep_alive_s: o.keep_alive,
             raw: t.raw,
             source_addrs: sources.clone(),
-            conns_per_addr: o.conns_per_addr,
-            max_pending: (o.max_pending / workers).max(1),
+            max_pending: (o.max_pending / workers as usize).max(1),
             handshake_timeout_ms: o.handshake_timeout_ms,
             timeline_start_ns: timeline_start,
             bucket_ns: BUCKET_NS,
             track_msgs: TRACK_MSGS,
+            clock,
         });
         first += count;
     }
@@ -153,6 +165,7 @@ pub fn run(kind: Kind, o: &Opts, t: &Target, round: u32) -> Result<RunResult, Sc
             broker_cpus: o.broker_cpus.clone(),
             client_cpus: o.client_cpus.clone(),
         },
+        notes: vec![fits],
         ..RunResult::default()
     };
     let progress = Progress::new(&format!("{} vs {}", kind.name(), t.label));
@@ -162,7 +175,7 @@ pub fn run(kind: Kind, o: &Opts, t: &Target, round: u32) -> Result<RunResult, Sc
 
     // Connect phase (every scenario).
     let cpu0 = cpu_of(t.pid);
-    let (connect, summaries) = connect_phase(&mut fleet, o, &progress)?;
+    let (connect, summaries) = connect_phase(&mut fleet, o, subs, &progress)?;
     let cpu1 = cpu_of(t.pid);
     if let (Some(a), Some(b)) = (cpu0, cpu1)
         && connect.connected > 0
@@ -175,10 +188,9 @@ pub fn run(kind: Kind, o: &Opts, t: &Target, round: u32) -> Result<RunResult, Sc
         result.connect = Some(connect);
     }
     let ready = result.connect.as_ref().map_or(0, |c| c.connected);
-    if ready < o.subs {
+    if ready < subs {
         result.notes.push(format!(
-            "only {ready} of {} subscribers connected; see connect failures",
-            o.subs
+            "only {ready} of {subs} subscribers connected; see connect failures"
         ));
     }
     let gen_cpu0: Vec<f64> = summaries.iter().map(|s| s.cpu_s).collect();
@@ -210,7 +222,14 @@ pub fn run(kind: Kind, o: &Opts, t: &Target, round: u32) -> Result<RunResult, Sc
             generator = out.generator;
             finish_seq = out.finish_seq;
         }
+        Kind::Fanout if !publishes => {
+            part::receive_only(&mut fleet, o, ready, &progress)?;
+            // A part that only subscribes expects every planned message.
+            published = o.msgs;
+            finish_seq = o.msgs;
+        }
         Kind::Fanout => {
+            part::before_publishing(&mut fleet, o, &progress, &mut result.notes)?;
             let (pubd, window) = fanout_phase(&mut fleet, o, t, ready, &progress)?;
             published = pubd.sent;
             finish_seq = pubd.sent;
@@ -330,6 +349,16 @@ pub fn run(kind: Kind, o: &Opts, t: &Target, round: u32) -> Result<RunResult, Sc
     let reports = fleet.gather_reports("reports", &progress)?;
     drop(fleet);
     let wall_s = (stats::monotonic_ns() - wall0) as f64 / 1e9;
+    if let Some(p) = o.part {
+        result.params.workers = tasks.len();
+        result.notes.push(format!(
+            "part {}/{} on this host: subscribers {first_index}..{end_index} of {}{}",
+            p.index,
+            p.of,
+            o.subs,
+            if publishes { ", and the publisher" } else { "" }
+        ));
+    }
 
     // Generator CPU over the measured phase.
     let (usage, note) = match generator {
@@ -348,6 +377,17 @@ pub fn run(kind: Kind, o: &Opts, t: &Target, round: u32) -> Result<RunResult, Sc
 
     if kind == Kind::Fanout {
         result.fanout = Some(fanout_figures(&reports, published).0);
+    }
+    phase::add_generator_memory(&mut result.generator, &summaries);
+    if let Some(part) = o.part {
+        result.part = Some(PartRecord {
+            part,
+            publisher: publishes,
+            clock,
+            timeline_start_ns: timeline_start,
+            connects: summaries,
+            reports,
+        });
     }
     if let (Some(pid), Some((a, b, wall))) = (t.pid, broker_window) {
         let cpu = b - a;
@@ -371,6 +411,7 @@ pub fn run(kind: Kind, o: &Opts, t: &Target, round: u32) -> Result<RunResult, Sc
 fn connect_phase(
     fleet: &mut Fleet,
     o: &Opts,
+    subs: u64,
     progress: &Progress,
 ) -> Result<(ConnectFigures, Vec<ConnectSummary>), ScenarioError> {
     fleet.send_all(&Command::Connect)?;
@@ -388,38 +429,12 @@ fn connect_phase(
         .into_iter()
         .flatten()
         .collect();
-    let mut hist = stats::new_hist();
-    let mut errors: BTreeMap<String, u64> = BTreeMap::new();
-    let (mut ready, mut failed) = (0, 0);
-    for s in &summaries {
-        ready += s.ready;
-        failed += s.failed;
-        for (k, v) in &s.errors {
-            *errors.entry(k.clone()).or_default() += v;
-        }
-        // Pairs come from our own workers' histograms: always in range.
-        let _ = stats::add_pairs(&mut hist, &s.latency);
-    }
-    let start = summaries.iter().map(|s| s.started_ns).min().unwrap_or(0);
-    let end = summaries.iter().map(|s| s.ended_ns).max().unwrap_or(0);
-    let seconds = (end.saturating_sub(start)) as f64 / 1e9;
+    let figures = phase::connect_figures(&summaries, subs);
     progress.println(&format!(
-        "connected {ready} of {} in {seconds:.2} s ({failed} failed)",
-        o.subs
+        "connected {} of {subs} in {:.2} s ({} failed)",
+        figures.connected, figures.seconds, figures.failed
     ));
-    Ok((
-        ConnectFigures {
-            attempted: o.subs,
-            connected: ready,
-            failed,
-            errors,
-            seconds,
-            conns_per_s: ready as f64 / seconds.max(1e-9),
-            broker_cpu_us_per_conn: None,
-            latency: stats::summarize(&hist),
-        },
-        summaries,
-    ))
+    Ok((figures, summaries))
 }
 
 /// The fan-out scenario's one phase: `--msgs` at `--rate` (or burst) within

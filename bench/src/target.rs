@@ -5,8 +5,11 @@
 //! A leaf below [`crate::scenario`] and [`crate::latency`], which both use
 //! these types (LAYOUT.md item 7: no import circle in the bench).
 
+use crate::capacity::CapacityError;
 use crate::fleet::FleetError;
+use crate::net::NetError;
 use crate::publisher::PublishError;
+use crate::stats_api::StatsApiError;
 use std::net::SocketAddr;
 
 /// Broker CPU seconds before and after a phase, and its wall time (ns).
@@ -19,6 +22,12 @@ pub enum ScenarioError {
     Fleet(#[from] FleetError),
     #[error(transparent)]
     Publish(#[from] PublishError),
+    #[error(transparent)]
+    Capacity(#[from] CapacityError),
+    #[error(transparent)]
+    Net(#[from] NetError),
+    #[error(transparent)]
+    StatsApi(#[from] StatsApiError),
     #[error("publisher thread panicked")]
     PublisherPanic,
     #[error("{0}")]
@@ -28,7 +37,10 @@ pub enum ScenarioError {
 /// The broker under test.
 #[derive(Debug, Clone)]
 pub struct Target {
+    /// Where the publisher connects: the first of `listeners`.
     pub addr: SocketAddr,
+    /// Every broker address:port the subscribers spread over.
+    pub listeners: Vec<SocketAddr>,
     pub pid: Option<u32>,
     pub label: String,
     /// The bench's raw forwarder rather than an MQTT broker.
