@@ -24,9 +24,10 @@ pub const FD_RESERVE: u64 = 64;
 
 /// The generator's user-space memory per idle subscriber: its `Conn`
 /// (state, two empty buffers, the sequence checker) and its share of the
-/// connection table. Measured with `fanmq-bench idle --subs 10000` (the
-/// results' "generator RSS per subscriber"), see docs/BENCHMARKING.md.
-pub const BYTES_PER_SUBSCRIBER: u64 = 200;
+/// connection table: 208-214 B measured (`bench/netns-test.sh`, 9,000 per
+/// part; the results' "generator RSS per subscriber"), rounded up. See
+/// docs/BENCHMARKING.md.
+pub const BYTES_PER_SUBSCRIBER: u64 = 256;
 
 /// Kernel memory of one idle client-side TCP socket (socket, inode, file,
 /// epoll item; no buffered data): half of what `fanmq-bench idle` measures
@@ -140,6 +141,15 @@ fn parse_mem_available(text: &str) -> Option<u64> {
 pub enum CapacityError {
     #[error("refused: the plan does not fit on this load host: {}", .0.join("; "))]
     DoesNotFit(Vec<String>),
+    #[error("refused: the plan does not fit on this load host: source address(es) not configured on this host's interfaces: {}", list(.0))]
+    Unconfigured(Vec<std::net::IpAddr>),
+}
+
+fn list(ips: &[std::net::IpAddr]) -> String {
+    ips.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Checks `need` against `limits`; returns what the host allows, in one

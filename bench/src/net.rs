@@ -114,6 +114,16 @@ fn from_u128(like: IpAddr, v: u128) -> IpAddr {
     }
 }
 
+/// The addresses of `sources` this host cannot bind (not configured on
+/// any of its interfaces): one bind to port 0 each, closed at once.
+pub fn unconfigured(sources: &[IpAddr]) -> Vec<IpAddr> {
+    sources
+        .iter()
+        .copied()
+        .filter(|&ip| std::net::TcpListener::bind(SocketAddr::new(ip, 0)).is_err())
+        .collect()
+}
+
 /// Source addresses for loopback targets: `127.0.0.1`, `127.0.0.2`, ... Each
 /// gives a fresh ephemeral port range towards the same broker port, so many
 /// more than ~28k connections fit.
@@ -251,6 +261,13 @@ mod tests {
             parse_sources(&items(&["10.0.0.0/8"])),
             Err(NetError::TooManySources(_))
         ));
+    }
+
+    #[test]
+    fn unconfigured_sources_are_named() {
+        let (lo, far): (IpAddr, IpAddr) =
+            ("127.0.0.3".parse().unwrap(), "192.0.2.77".parse().unwrap());
+        assert_eq!(unconfigured(&[lo, far]), vec![far]);
     }
 
     #[test]

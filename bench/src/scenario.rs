@@ -95,10 +95,12 @@ pub fn run(kind: Kind, o: &Opts, t: &Target, round: u32) -> Result<RunResult, Sc
         capacity::plan_workers(subs, o.conns_per_worker, o.workers, limits.nofile_hard);
     let filter = o.filter.clone().unwrap_or_else(|| o.topic.clone());
     let sources: Vec<String> = if !o.source_addrs.is_empty() {
-        net::parse_sources(&o.source_addrs)?
-            .iter()
-            .map(ToString::to_string)
-            .collect()
+        let ips = net::parse_sources(&o.source_addrs)?;
+        let missing = net::unconfigured(&ips);
+        if !missing.is_empty() {
+            return Err(capacity::CapacityError::Unconfigured(missing).into());
+        }
+        ips.iter().map(ToString::to_string).collect()
     } else if net::is_loopback(&t.addr) && t.addr.is_ipv4() {
         net::loopback_sources(subs.div_ceil(o.conns_per_addr.max(1)) as usize)
     } else {
