@@ -49,8 +49,9 @@ pub struct Need {
     pub sources: u64,
     /// Broker address:port pairs.
     pub targets: u64,
-    /// Worker processes and the most subscribers one of them holds.
+    /// Worker processes.
     pub workers: u64,
+    /// The most subscribers one worker holds (its open files).
     pub per_worker: u64,
 }
 

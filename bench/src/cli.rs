@@ -237,8 +237,9 @@ pub struct MergeOpts {
 /// Part K of N of a run split over load hosts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Part {
-    /// 1-based.
+    /// K: which part this is, 1-based.
     pub index: u64,
+    /// N: how many parts the run has.
     pub of: u64,
 }
 

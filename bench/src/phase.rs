@@ -3,7 +3,9 @@
 //! ([`crate::latency`]): publish while the workers count deliveries
 //! ([`publish_phase`]), merge the workers' reports into the fan-out figures
 //! ([`fanout_figures`]), and the load generator's CPU over the phase
-//! ([`generator_usage`]).
+//! ([`generator_usage`]); also the connect phase's figures
+//! ([`connect_figures`]) and the generator's memory. `merge` builds a split
+//! run's figures with the same functions.
 
 use crate::cli::Opts;
 use crate::fleet::{Fleet, FleetError};

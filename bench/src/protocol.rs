@@ -139,15 +139,18 @@ pub struct ConnectSummary {
     pub ended_ns: u64,
     /// The worker's own CPU seconds so far.
     pub cpu_s: f64,
-    /// Connections established in this phase by local address (as the
-    /// kernel bound them) and by broker address:port.
+    /// Connections established in this phase by local address, as the
+    /// kernel bound them (every source address should be there).
     #[serde(default)]
     pub by_source: BTreeMap<String, u64>,
+    /// The same by broker address:port, as the kernel connected them.
     #[serde(default)]
     pub by_target: BTreeMap<String, u64>,
-    /// The worker's RSS before it allocated its connections, and now (B).
+    /// The worker's RSS before it allocated its connections (B): the
+    /// baseline of the generator's memory per subscriber.
     #[serde(default)]
     pub rss_start_bytes: u64,
+    /// The worker's RSS at the end of the phase (B).
     #[serde(default)]
     pub rss_bytes: u64,
 }

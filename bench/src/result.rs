@@ -76,7 +76,10 @@ pub struct PartRecord {
     pub clock: Clock,
     /// Bucket 0 of the reports' timelines, in that clock (ns).
     pub timeline_start_ns: u64,
+    /// Each worker's connect summary (its connect latency histogram).
     pub connects: Vec<ConnectSummary>,
+    /// Each worker's final report (its delivery latency histogram, last
+    /// arrivals, timeline, loss counts).
     pub reports: Vec<WorkerReport>,
 }
 
@@ -110,10 +113,11 @@ pub struct ConnectFigures {
     pub broker_cpu_us_per_conn: Option<f64>,
     /// TCP connect → SUBACK.
     pub latency: Latency,
-    /// Connections established by source address (as the kernel bound
-    /// them) and by broker address:port.
+    /// Connections established by source address, as the kernel bound
+    /// them: how evenly `--source-addrs` was used.
     #[serde(default)]
     pub by_source: BTreeMap<String, u64>,
+    /// Connections established by broker address:port (`--ports`).
     #[serde(default)]
     pub by_target: BTreeMap<String, u64>,
 }

@@ -107,7 +107,7 @@ pub fn run(kind: Kind, o: &Opts, t: &Target, round: u32) -> Result<RunResult, Sc
         Vec::new()
     };
     let need = capacity::Need {
-        conns: subs + u64::from(publishes && kind != Kind::Connect),
+        conns: subs + u64::from(publishes && matches!(kind, Kind::Fanout | Kind::Latency)),
         sources: sources.len() as u64,
         targets: t.listeners.len() as u64,
         workers,
