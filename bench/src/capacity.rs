@@ -24,7 +24,8 @@ pub const FD_RESERVE: u64 = 64;
 
 /// The generator's user-space memory per idle subscriber: its `Conn`
 /// (state, two empty buffers, the sequence checker) and its share of the
-/// connection table: 208-214 B measured (`bench/netns-test.sh`, 9,000 per
+/// connection table: 175 B measured at 15,000 in one worker (`idle`), 208-219
+/// B at 9,000 (`bench/netns-test.sh`, one worker per
 /// part; the results' "generator RSS per subscriber"), rounded up. See
 /// docs/BENCHMARKING.md.
 pub const BYTES_PER_SUBSCRIBER: u64 = 256;

@@ -70,8 +70,8 @@ pub fn run(kind: Kind, mut o: Opts, raw: bool) -> Result<(), String> {
         println!("{}", result::run_table(&r));
         runs.push(r);
     } else {
-        if o.host.is_some() {
-            return Err("--compare starts brokers on this host: drop --host".into());
+        if o.host.is_some() || !o.ports.is_empty() {
+            return Err("--compare starts brokers on this host: drop --host and --ports".into());
         }
         let dir = std::env::temp_dir().join(format!("fanmq-bench-{}", std::process::id()));
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
