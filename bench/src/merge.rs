@@ -20,6 +20,7 @@ use crate::phase;
 use crate::protocol::ConnectSummary;
 use crate::report::{self, ReportError};
 use crate::result::{self, GeneratorUsage, PartRecord, ResultError, ResultFile, RunResult};
+use crate::stats;
 
 /// Everything that can go wrong in this module.
 #[derive(Debug, thiserror::Error)]
@@ -113,8 +114,21 @@ pub fn merge(runs: &[RunResult]) -> Result<RunResult, MergeError> {
     let bucket_ns = first
         .fanout
         .as_ref()
-        .map_or(phase::BUCKET_NS, |f| f.bucket_ms * 1_000_000)
+        .map_or(phase::BUCKET_NS, |f| f.bucket_ms.saturating_mul(1_000_000))
         .max(1);
+    // Parts of one run start within the connect timeout of each other; a
+    // shift past a timeline's length means files of different runs.
+    let latest = parts
+        .iter()
+        .map(|(_, rec)| rec.timeline_start_ns)
+        .max()
+        .unwrap_or(0);
+    if (latest - base) / bucket_ns >= stats::MAX_BUCKETS as u64 {
+        return mismatch(format!(
+            "the parts' timelines start {:.0} s apart",
+            (latest - base) as f64 / 1e9
+        ));
+    }
     let mut reports = Vec::new();
     let mut connects: Vec<ConnectSummary> = Vec::new();
     let mut merged = RunResult {
@@ -178,7 +192,7 @@ mod tests {
     use crate::cli::Part;
     use crate::protocol::WorkerReport;
     use crate::result::{FanoutFigures, Params};
-    use crate::stats::{self, Clock};
+    use crate::stats::Clock;
 
     /// Part `index` of 2: `subs` subscribers that each got 10 messages at
     /// `latency_ns`, its timeline starting `start_bucket` buckets in.
@@ -265,5 +279,8 @@ mod tests {
         other.params.msgs = 11;
         let differ = merge(&[part(1, 10, 1, 0), other]).unwrap_err();
         assert!(differ.to_string().contains("msgs 10 versus"), "{differ}");
+        // Timelines an hour apart (36,000 buckets): not one run.
+        let apart = merge(&[part(1, 10, 1, 0), part(2, 10, 1, 36_000)]).unwrap_err();
+        assert!(apart.to_string().contains("3600 s apart"), "{apart}");
     }
 }

@@ -248,7 +248,7 @@ pub struct Timeline {
 }
 
 /// At most this many buckets are kept (an hour at 100 ms): bounded memory.
-const MAX_BUCKETS: usize = 36_000;
+pub const MAX_BUCKETS: usize = 36_000;
 
 impl Timeline {
     /// A timeline starting at `start_ns` with buckets of `bucket_ns`.
