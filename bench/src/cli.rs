@@ -34,6 +34,10 @@ pub enum Cmd {
     /// The same fan-out through the bench's own plain TCP forwarder: the
     /// ceiling. Runs paced (`--rate`) or burst.
     Raw(Opts),
+    /// Merge the results of a run split over load hosts (`--part K/N`,
+    /// one JSON per part) into one run: the same table, JSON and plots as a
+    /// single-host run, histograms merged (not averaged).
+    Merge(MergeOpts),
     /// Regenerate bench/RESULTS.md and bench/plots/*.svg from results JSON.
     Report(ReportOpts),
     /// Internal: a worker process (commands on stdin, events on stdout).
@@ -53,13 +57,51 @@ pub struct Opts {
     /// Subscribers (connections) to open.
     #[arg(long, default_value_t = 100)]
     pub subs: u64,
-    /// Broker host. Without it the target is 127.0.0.1: the bench sends
-    /// nothing off this host unless told to explicitly.
+    /// Broker host, or several addresses of it, comma-separated. Without it
+    /// the target is 127.0.0.1: the bench sends nothing off this host unless
+    /// told to explicitly.
     #[arg(long)]
     pub host: Option<String>,
     /// Broker port.
     #[arg(long, default_value_t = 1883)]
     pub port: u16,
+    /// Several broker listener ports, comma-separated (e.g. `1883,1884`),
+    /// instead of `--port`: subscribers are spread over every (source
+    /// address, broker address:port) pair, and each pair has its own range
+    /// of ephemeral ports. The publisher uses the first.
+    #[arg(long, value_delimiter = ',')]
+    pub ports: Vec<u16>,
+    /// Source addresses to connect the subscribers from, configured on this
+    /// host's interfaces, comma-separated: addresses, ranges
+    /// (`10.0.0.10-10.0.0.29`) or CIDR blocks (`10.0.1.0/28`, every address
+    /// of it). Default: 127.0.0.x for a loopback broker, else the kernel's
+    /// choice (one address: one range of ephemeral ports per broker port).
+    #[arg(long, value_delimiter = ',')]
+    pub source_addrs: Vec<String>,
+    /// This load host's share when several run the same command: part K of
+    /// N (`--part 2/5`) opens subscribers K of N of --subs (client ids stay
+    /// unique). Part 1 also publishes; the others only subscribe and expect
+    /// --msgs messages. Payloads are stamped with the wall clock (hosts in
+    /// step by NTP). Fan-out only; `merge` combines the parts' --out files.
+    #[arg(long, value_parser = parse_part)]
+    pub part: Option<Part>,
+    /// Wall-clock time to start publishing, as Unix seconds or
+    /// `2026-12-01T23:00:00Z` (UTC): every part subscribes, then part 1
+    /// waits for it. Parts 2..N end at most --duration after it.
+    #[arg(long, value_parser = parse_start_at)]
+    pub start_at: Option<f64>,
+    /// Before publishing, poll the broker's `/api/v1/stats` (fanmq) until
+    /// it holds this many subscriptions, for at most --connect-timeout
+    /// seconds: part 1 then starts when every part is subscribed.
+    #[arg(long)]
+    pub wait_subscribers: Option<u64>,
+    /// The stats URL for --wait-subscribers (plain HTTP). Default:
+    /// `http://HOST:18083/api/v1/stats` (the broker's --http-listen).
+    #[arg(long)]
+    pub stats_url: Option<String>,
+    /// Bearer token for --stats-url, when the admin API asks for one.
+    #[arg(long)]
+    pub stats_token: Option<String>,
     /// Topic the publisher publishes to.
     #[arg(long, default_value = "bench/fanout")]
     pub topic: String,
@@ -128,7 +170,8 @@ pub struct Opts {
     /// Most connections per worker process (also capped by RLIMIT_NOFILE).
     #[arg(long, default_value_t = 15_000)]
     pub conns_per_worker: u64,
-    /// Connections per source address 127.0.0.x (loopback targets only).
+    /// Connections per source address 127.0.0.x (loopback targets without
+    /// --source-addrs): sets how many 127.0.0.x addresses are used.
     #[arg(long, default_value_t = 20_000)]
     pub conns_per_addr: u64,
     /// Handshakes in flight at once, over all workers. Keep it below the
@@ -175,4 +218,140 @@ pub struct ReportOpts {
     /// Folder for the SVG plots.
     #[arg(long, default_value = "bench/plots")]
     pub plots: String,
+}
+
+/// Options of `merge`.
+#[derive(Debug, Clone, Args)]
+pub struct MergeOpts {
+    /// The parts' results files (`--out` of each `--part K/N` run).
+    #[arg(required = true)]
+    pub parts: Vec<String>,
+    /// Write the merged results as JSON to this file.
+    #[arg(long)]
+    pub out: Option<String>,
+    /// Also write SVG plots next to --out (latency CDF, deliveries/s).
+    #[arg(long)]
+    pub plots: bool,
+}
+
+/// Part K of N of a run split over load hosts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Part {
+    /// K: which part this is, 1-based.
+    pub index: u64,
+    /// N: how many parts the run has.
+    pub of: u64,
+}
+
+impl Part {
+    /// The global indices `[first, end)` of this part's share of `subs`
+    /// subscribers: shares differ by at most one.
+    pub fn share(self, subs: u64) -> (u64, u64) {
+        let at = |k: u64| (u128::from(subs) * u128::from(k) / u128::from(self.of)) as u64;
+        (at(self.index - 1), at(self.index))
+    }
+
+    /// Part 1 publishes; the others only subscribe.
+    pub fn publishes(self) -> bool {
+        self.index == 1
+    }
+}
+
+/// Parses `K/N` with 1 ≤ K ≤ N.
+///
+/// # Errors
+/// Not two numbers, or K outside 1..=N.
+pub fn parse_part(s: &str) -> Result<Part, String> {
+    let bad = || format!("{s:?}: expected K/N with 1 <= K <= N, e.g. 2/5");
+    let (k, n) = s.split_once('/').ok_or_else(bad)?;
+    let (index, of) = (
+        k.trim().parse::<u64>().map_err(|_| bad())?,
+        n.trim().parse::<u64>().map_err(|_| bad())?,
+    );
+    if index == 0 || index > of {
+        return Err(bad());
+    }
+    Ok(Part { index, of })
+}
+
+/// Parses a wall-clock time: Unix seconds (`1764630000`, fractions
+/// allowed) or UTC `YYYY-MM-DDTHH:MM:SS[.frac]Z`; returns Unix seconds.
+///
+/// # Errors
+/// Neither form.
+pub fn parse_start_at(s: &str) -> Result<f64, String> {
+    if let Ok(secs) = s.parse::<f64>() {
+        return if secs.is_finite() && secs > 0.0 {
+            Ok(secs)
+        } else {
+            Err(format!("{s:?}: not a time"))
+        };
+    }
+    let bad = || format!("{s:?}: expected Unix seconds or YYYY-MM-DDTHH:MM:SSZ (UTC)");
+    let t = s.strip_suffix('Z').ok_or_else(bad)?;
+    let (date, time) = t.split_once('T').ok_or_else(bad)?;
+    let num = |v: &str| v.parse::<i64>().map_err(|_| bad());
+    let d: Vec<&str> = date.split('-').collect();
+    let h: Vec<&str> = time.split(':').collect();
+    let ([y, mo, da], [hh, mi, ss]) = (d.as_slice(), h.as_slice()) else {
+        return Err(bad());
+    };
+    let (y, mo, da) = (num(y)?, num(mo)?, num(da)?);
+    let (hh, mi) = (num(hh)?, num(mi)?);
+    let ss: f64 = ss.parse().map_err(|_| bad())?;
+    if !(1..=12).contains(&mo)
+        || !(1..=31).contains(&da)
+        || hh > 23
+        || mi > 59
+        || !(0.0..61.0).contains(&ss)
+    {
+        return Err(bad());
+    }
+    let days = days_from_civil(y, mo, da);
+    Ok((days * 86_400 + hh * 3600 + mi * 60) as f64 + ss)
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's
+/// `days_from_civil`).
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parts_share_every_subscriber_once() {
+        let parts: Vec<(u64, u64)> = (1..=3)
+            .map(|k| parse_part(&format!("{k}/3")).unwrap().share(10))
+            .collect();
+        assert_eq!(parts, vec![(0, 3), (3, 6), (6, 10)]);
+        assert!(parse_part("1/3").unwrap().publishes());
+        assert!(!parse_part("2/3").unwrap().publishes());
+        for bad in ["0/2", "3/2", "2", "a/b", "1/0"] {
+            assert!(parse_part(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn start_at_as_unix_seconds_or_utc() {
+        assert_eq!(parse_start_at("1764630000"), Ok(1_764_630_000.0));
+        assert_eq!(parse_start_at("1970-01-01T00:00:00Z"), Ok(0.0));
+        // `date -u -d 2026-12-01T23:00:00Z +%s`
+        assert_eq!(parse_start_at("2026-12-01T23:00:00Z"), Ok(1_796_166_000.0));
+        assert_eq!(
+            parse_start_at("2024-02-29T12:30:15.5Z"),
+            Ok(1_709_209_815.5)
+        );
+        for bad in ["2026-12-01 23:00:00", "2026-13-01T00:00:00Z", "-5", "soon"] {
+            assert!(parse_start_at(bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -52,13 +52,13 @@
 
 use crate::cli::Opts;
 use crate::fleet::{Fleet, FleetError};
+use crate::phase;
 use crate::procfs;
 use crate::progress::Progress;
 use crate::protocol::{Command, Event, WorkerReport};
-use crate::result::{FanoutFigures, GeneratorUsage, LatencyFigures, LatencyStep};
-use crate::scenario::{self, CpuWindow, Phase, ScenarioError, Target};
+use crate::result::{FanoutFigures, GeneratorUsage, LagTrend, LatencyFigures, LatencyStep};
 use crate::stats;
-use serde::{Deserialize, Serialize};
+use crate::target::{CpuWindow, Phase, ScenarioError, Target};
 use std::time::Duration;
 
 /// Issue 3's factor: p99 ≤ 1.2 × N ÷ max deliveries/s, i.e. 1.2 times the
@@ -110,25 +110,6 @@ pub fn others_share(
 ) -> Option<f64> {
     let (busy, cores) = (cpus_busy?, broker_cores?);
     Some((busy - cores / ncpus.max(1) as f64).max(0.0))
-}
-
-/// The lag trend of a run: medians of the first and last tenth of its
-/// messages (publish→last subscriber, plus the publisher's slip).
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-pub struct LagTrend {
-    /// Messages with a lag (every subscriber's arrival seen).
-    pub messages: u64,
-    /// Median lag of the first tenth (ms).
-    pub first_ms: f64,
-    /// Median lag of the last tenth (ms).
-    pub last_ms: f64,
-    /// `last_ms - first_ms`.
-    pub growth_ms: f64,
-    /// Growth allowed: max([`GROWTH_FLOOR_MS`], [`GROWTH_SLOPE`] × time
-    /// between the tenths, [`GROWTH_REL`] × `first_ms`).
-    pub tolerance_ms: f64,
-    /// `growth_ms > tolerance_ms`: the backlog grows.
-    pub grows: bool,
 }
 
 /// The lag trend of `lags_ns` (one per message, in publish order, 0 = not
@@ -536,10 +517,10 @@ fn limited_by(f: &LatencyFigures) -> String {
         "the load generator (saturated): R_max is a lower bound for the broker".into()
     } else if step
         .broker_cores_busy
-        .is_some_and(|c| c >= scenario::SATURATED)
+        .is_some_and(|c| c >= phase::SATURATED)
     {
         "the broker's CPU".into()
-    } else if let Some(busy) = step.broker_cpus_busy.filter(|&b| b >= scenario::SATURATED) {
+    } else if let Some(busy) = step.broker_cpus_busy.filter(|&b| b >= phase::SATURATED) {
         format!(
             "the broker's CPUs, {:.0}% busy, but only {} cores of that by the broker: other processes on this host took the rest (rerun on a quiet host)",
             busy * 100.0,
@@ -634,7 +615,7 @@ fn measure(
     progress: &Progress,
 ) -> Result<Measured, ScenarioError> {
     let planned = ((rate * seconds).ceil() as u64).max(MIN_STEP_MSGS);
-    let stride = planned.div_ceil(scenario::TRACK_MSGS).max(1);
+    let stride = planned.div_ceil(phase::TRACK_MSGS).max(1);
     // Start the phase: numbering, tracking stride and timeline; the report
     // of the (empty) time since the last phase is dropped.
     let start = stats::monotonic_ns();
@@ -654,7 +635,7 @@ fn measure(
         .and_then(|l| procfs::parse_cpu_list(l).ok());
     let ticks = |c: &Option<Vec<usize>>| c.as_deref().and_then(|c| procfs::cpus_ticks(c).ok());
     let ticks0 = ticks(&broker_cpus);
-    let (published, window) = scenario::publish_phase(fleet, o, t, cur.ready, &phase, progress)?;
+    let (published, window) = phase::publish_phase(fleet, o, t, cur.ready, &phase, progress)?;
     let broker_cpus_busy = ticks0
         .zip(ticks(&broker_cpus))
         .filter(|((_, t0), (_, t1))| t1 > t0)
@@ -667,9 +648,8 @@ fn measure(
         .zip(&cpu0)
         .map(|(r, c0)| r.cpu_s - c0)
         .collect();
-    let generator =
-        scenario::generator_usage(o, &workers, procfs::self_cpu_seconds() - self0, wall_s);
-    let (fanout, last) = scenario::fanout_figures(&reports, published.sent);
+    let generator = phase::generator_usage(o, &workers, procfs::self_cpu_seconds() - self0, wall_s);
+    let (fanout, last) = phase::fanout_figures(&reports, published.sent);
     // Lag = last arrival after the stamp + the stamp's slip behind schedule.
     let lags: Vec<u64> = last
         .iter()

@@ -8,6 +8,8 @@
 //! | [`runner`] | one scenario against one broker, or `--compare` over several |
 //! | [`scenario`] | the scenarios: connect, fan-out, idle, storm |
 //! | [`latency`] | the latency scenario: rate search, lag trend, bound |
+//! | [`phase`] | one publishing phase and its fan-out figures (both of the above) |
+//! | [`target`] | the broker under test, a phase, the scenarios' error |
 //! | [`fleet`] / [`worker`] / [`protocol`] | subscriber connections in worker processes (mio event loops) |
 //! | [`publisher`] | the paced or burst publisher |
 //! | [`rawserver`] | the plain TCP forwarder, the ceiling |
@@ -16,15 +18,21 @@
 //! | [`stats`] | payload stamp, sequence checks, histograms |
 //! | [`procfs`] | CPU, RSS, socket memory, limits, pinning |
 //! | [`net`] | sockets, source addresses |
+//! | [`capacity`] | how many connections this load host allows; refusing plans that do not fit |
+//! | [`part`] / [`stats_api`] / [`merge`] | a fan-out split over load hosts: `--part K/N`, `--start-at`, `--wait-subscribers`, `merge` |
 //! | [`result`] / [`report`] / [`plot`] | JSON, Markdown, SVG |
 //! | [`progress`] | live progress |
 
+mod capacity;
 mod cli;
 mod compare;
 mod fleet;
 mod latency;
+mod merge;
 mod mqtt;
 mod net;
+mod part;
+mod phase;
 mod plot;
 mod procfs;
 mod progress;
@@ -36,6 +44,8 @@ mod result;
 mod runner;
 mod scenario;
 mod stats;
+mod stats_api;
+mod target;
 mod worker;
 
 use clap::Parser;
@@ -51,6 +61,7 @@ fn main() -> ExitCode {
         Cmd::Worker => worker::run().map_err(|e| e.to_string()),
         Cmd::RawServer { listen } => rawserver::run(listen).map_err(|e| e.to_string()),
         Cmd::Report(o) => report::run(&o).map_err(|e| e.to_string()),
+        Cmd::Merge(o) => merge::run(&o).map_err(|e| e.to_string()),
         Cmd::Fanout(o) => runner::run(scenario::Kind::Fanout, o, false),
         Cmd::Connect(o) => runner::run(scenario::Kind::Connect, o, false),
         Cmd::Idle(o) => runner::run(scenario::Kind::Idle, o, false),

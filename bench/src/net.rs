@@ -12,6 +12,10 @@ use std::os::fd::AsRawFd;
 pub enum NetError {
     #[error("cannot resolve {0}")]
     Resolve(String),
+    #[error("source address {0:?}: expected an address, FIRST-LAST or ADDR/PREFIX")]
+    Source(String),
+    #[error("--source-addrs names {0} addresses, more than the {MAX_SOURCES} allowed")]
+    TooManySources(u128),
     #[error("{0}: {1}")]
     Io(&'static str, io::Error),
 }
@@ -31,6 +35,93 @@ pub fn resolve(host: &str, port: u16) -> Result<SocketAddr, NetError> {
         .or(addrs.first())
         .copied()
         .ok_or_else(|| NetError::Resolve(host.to_owned()))
+}
+
+/// Most source addresses one run takes: 1M subscribers need about 40 (at
+/// 28k ephemeral ports each); 65,536 (a /16) is far past any plan and keeps
+/// a mistyped `/8` from making a list of 16M addresses.
+pub const MAX_SOURCES: u128 = 65_536;
+
+/// Parses `--source-addrs` items: `10.0.0.5`, `10.0.0.10-10.0.0.29`
+/// (inclusive) or `10.0.1.0/28` (every address of the block, network and
+/// broadcast included: on a load host they are just addresses). IPv6 too.
+/// Duplicates are dropped, order kept.
+///
+/// # Errors
+/// An item of none of these forms, a range from high to low or across
+/// families, or more than [`MAX_SOURCES`] addresses.
+pub fn parse_sources(items: &[String]) -> Result<Vec<IpAddr>, NetError> {
+    let mut out: Vec<IpAddr> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for item in items.iter().map(|i| i.trim()).filter(|i| !i.is_empty()) {
+        let bad = || NetError::Source(item.to_owned());
+        let (first, last) = if let Some((a, b)) = item.split_once('-') {
+            let a: IpAddr = a.trim().parse().map_err(|_| bad())?;
+            let b: IpAddr = b.trim().parse().map_err(|_| bad())?;
+            (a, b)
+        } else if let Some((a, len)) = item.split_once('/') {
+            let a: IpAddr = a.trim().parse().map_err(|_| bad())?;
+            let len: u32 = len.trim().parse().map_err(|_| bad())?;
+            let bits = if a.is_ipv4() { 32 } else { 128 };
+            if len > bits {
+                return Err(bad());
+            }
+            let host_mask = if len == 0 {
+                u128::MAX
+            } else {
+                (1u128 << (bits - len)) - 1
+            };
+            let host_mask = if bits == 32 {
+                host_mask & u128::from(u32::MAX)
+            } else {
+                host_mask
+            };
+            let base = ip_to_u128(a) & !host_mask;
+            (from_u128(a, base), from_u128(a, base | host_mask))
+        } else {
+            let a: IpAddr = item.parse().map_err(|_| bad())?;
+            (a, a)
+        };
+        if first.is_ipv4() != last.is_ipv4() || ip_to_u128(first) > ip_to_u128(last) {
+            return Err(bad());
+        }
+        let count = ip_to_u128(last) - ip_to_u128(first) + 1;
+        if count + out.len() as u128 > MAX_SOURCES {
+            return Err(NetError::TooManySources(count + out.len() as u128));
+        }
+        for v in ip_to_u128(first)..=ip_to_u128(last) {
+            let ip = from_u128(first, v);
+            if seen.insert(ip) {
+                out.push(ip);
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn ip_to_u128(ip: IpAddr) -> u128 {
+    match ip {
+        IpAddr::V4(a) => u128::from(u32::from(a)),
+        IpAddr::V6(a) => u128::from(a),
+    }
+}
+
+/// The address of `like`'s family with value `v` (`v` fits the family).
+fn from_u128(like: IpAddr, v: u128) -> IpAddr {
+    match like {
+        IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::from(v as u32)),
+        IpAddr::V6(_) => IpAddr::V6(v.into()),
+    }
+}
+
+/// The addresses of `sources` this host cannot bind (not configured on
+/// any of its interfaces): one bind to port 0 each, closed at once.
+pub fn unconfigured(sources: &[IpAddr]) -> Vec<IpAddr> {
+    sources
+        .iter()
+        .copied()
+        .filter(|&ip| std::net::TcpListener::bind(SocketAddr::new(ip, 0)).is_err())
+        .collect()
 }
 
 /// Source addresses for loopback targets: `127.0.0.1`, `127.0.0.2`, ... Each
@@ -125,6 +216,58 @@ mod tests {
         assert_eq!(s[0], "127.0.0.1");
         assert_eq!(s[253], "127.0.0.254");
         assert_eq!(s[254], "127.0.1.1");
+    }
+
+    #[test]
+    fn source_lists_ranges_and_blocks() {
+        let items = |l: &[&str]| l.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let v = parse_sources(&items(&[
+            "10.0.0.254-10.0.1.1",
+            "10.0.0.255",
+            "192.168.7.8/30",
+        ]))
+        .unwrap();
+        let v: Vec<String> = v.iter().map(IpAddr::to_string).collect();
+        assert_eq!(
+            v,
+            [
+                "10.0.0.254",
+                "10.0.0.255",
+                "10.0.1.0",
+                "10.0.1.1",
+                "192.168.7.8",
+                "192.168.7.9",
+                "192.168.7.10",
+                "192.168.7.11"
+            ]
+        );
+        assert_eq!(
+            parse_sources(&items(&["fd00::1-fd00::3"])).unwrap().len(),
+            3
+        );
+        assert_eq!(parse_sources(&items(&["10.1.2.3/32"])).unwrap().len(), 1);
+        for bad in [
+            "10.0.0.9-10.0.0.1",
+            "10.0.0.1-fd00::1",
+            "10.0.0.0/33",
+            "eth0",
+        ] {
+            assert!(
+                matches!(parse_sources(&items(&[bad])), Err(NetError::Source(_))),
+                "{bad}"
+            );
+        }
+        assert!(matches!(
+            parse_sources(&items(&["10.0.0.0/8"])),
+            Err(NetError::TooManySources(_))
+        ));
+    }
+
+    #[test]
+    fn unconfigured_sources_are_named() {
+        let (lo, far): (IpAddr, IpAddr) =
+            ("127.0.0.3".parse().unwrap(), "192.0.2.77".parse().unwrap());
+        assert_eq!(unconfigured(&[lo, far]), vec![far]);
     }
 
     #[test]

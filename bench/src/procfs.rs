@@ -197,15 +197,26 @@ pub fn self_cpu_seconds() -> f64 {
     tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
-/// Raises the soft open-file limit to the hard limit; returns the new soft
-/// limit. Each socket is one file, so this bounds connections per process.
-pub fn raise_nofile() -> u64 {
+/// This process's `RLIMIT_NOFILE` (soft and hard), `None` if unreadable.
+fn nofile_limit() -> Option<libc::rlimit> {
     // SAFETY: zeroed rlimit is a valid out-parameter.
     let mut lim: libc::rlimit = unsafe { std::mem::zeroed() };
     // SAFETY: valid pointer.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+    (unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0).then_some(lim)
+}
+
+/// The hard `RLIMIT_NOFILE`: the most sockets one worker can hold (1024,
+/// the usual default, if unreadable).
+pub fn nofile_hard() -> u64 {
+    nofile_limit().map_or(1024, |l| l.rlim_max)
+}
+
+/// Raises the soft open-file limit to the hard limit; returns the new soft
+/// limit. Each socket is one file, so this bounds connections per process.
+pub fn raise_nofile() -> u64 {
+    let Some(mut lim) = nofile_limit() else {
         return 1024;
-    }
+    };
     lim.rlim_cur = lim.rlim_max;
     // SAFETY: valid pointer; raising soft to hard is always allowed.
     unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };

@@ -7,7 +7,7 @@
 //! Control messages are few (a handful per run, progress 4× a second), so
 //! JSON costs nothing that matters and keeps the protocol readable.
 
-use crate::stats::HistPairs;
+use crate::stats::{Clock, HistPairs};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -16,8 +16,10 @@ use std::collections::BTreeMap;
 pub struct WorkerTask {
     /// Worker number, for logs and client ids.
     pub worker: usize,
-    /// Broker address `host:port` (already resolved).
-    pub target: String,
+    /// Broker addresses `host:port` (already resolved): connection `i` of
+    /// this worker goes to pair `i % (sources × targets)` of
+    /// [`pair_of`].
+    pub targets: Vec<String>,
     /// Global index of this worker's first connection (client ids, source
     /// address choice).
     pub first_index: u64,
@@ -35,8 +37,6 @@ pub struct WorkerTask {
     pub raw: bool,
     /// Source addresses to bind before connect; empty = kernel's choice.
     pub source_addrs: Vec<String>,
-    /// Connections per source address before moving to the next one.
-    pub conns_per_addr: u64,
     /// Handshakes in flight at once: more would overflow the broker's listen
     /// backlog and turn into 1 s SYN retransmits that distort the figures.
     pub max_pending: usize,
@@ -49,6 +49,19 @@ pub struct WorkerTask {
     /// Per-message "last arrival" is tracked for at most this many messages
     /// of a phase (bounded memory: 8 bytes per message).
     pub track_msgs: u64,
+    /// The clock of the payload stamps, read on every arrival; the
+    /// timeline's and first/last delivery's times are in it too.
+    pub clock: Clock,
+}
+
+/// The (source index, target index) of pair `k` of `sources × targets`
+/// pairs: consecutive connections go to consecutive targets, then the next
+/// source, so every pair gets an equal share (±1) and none runs out of
+/// ephemeral ports before the others.
+pub fn pair_of(k: u64, sources: usize, targets: usize) -> (usize, usize) {
+    let targets = targets.max(1) as u64;
+    let k = k % (sources.max(1) as u64 * targets);
+    ((k / targets) as usize, (k % targets) as usize)
 }
 
 /// Coordinator → worker.
@@ -126,6 +139,20 @@ pub struct ConnectSummary {
     pub ended_ns: u64,
     /// The worker's own CPU seconds so far.
     pub cpu_s: f64,
+    /// Connections established in this phase by local address, as the
+    /// kernel bound them (every source address should be there).
+    #[serde(default)]
+    pub by_source: BTreeMap<String, u64>,
+    /// The same by broker address:port, as the kernel connected them.
+    #[serde(default)]
+    pub by_target: BTreeMap<String, u64>,
+    /// The worker's RSS before it allocated its connections (B): the
+    /// baseline of the generator's memory per subscriber.
+    #[serde(default)]
+    pub rss_start_bytes: u64,
+    /// The worker's RSS at the end of the phase (B).
+    #[serde(default)]
+    pub rss_bytes: u64,
 }
 
 /// A worker's final figures.

@@ -68,6 +68,8 @@ pub struct Plan {
     pub track_stride: u64,
     /// ... and of at most this many (8 bytes each).
     pub track_msgs: u64,
+    /// The clock of the payload stamps (the subscribers read the same one).
+    pub clock: stats::Clock,
 }
 
 /// What was published.
@@ -138,7 +140,11 @@ pub fn run(
                     0
                 };
                 let sent_ns = stats::monotonic_ns();
-                stats::stamp(&mut payload, sent_ns, plan.first_seq + pub_.sent);
+                let stamp_ns = match plan.clock {
+                    stats::Clock::Monotonic => sent_ns,
+                    clock => clock.now_ns(),
+                };
+                stats::stamp(&mut payload, stamp_ns, plan.first_seq + pub_.sent);
                 let stride = plan.track_stride.max(1);
                 if interval_ns.is_some()
                     && pub_.sent.is_multiple_of(stride)

@@ -19,6 +19,33 @@ pub enum ReportError {
     Plot(#[from] plot::PlotError),
 }
 
+/// The command line as the user would type it (`fanmq-bench ...`, not this
+/// machine's build path), recorded in every results file.
+pub fn command_line() -> String {
+    std::iter::once("fanmq-bench".to_owned())
+        .chain(std::env::args().skip(1))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Writes `file` as JSON to `out` and, with `plots`, its SVG plots next to
+/// it (`{out without .json}-latency.svg`, `-rate.svg`): what a run and
+/// `merge` write alike.
+///
+/// # Errors
+/// The file or a plot cannot be written.
+pub fn write_results(file: &ResultFile, out: &str, plots: bool) -> Result<(), ReportError> {
+    file.save(out)?;
+    log::info!("results written to {out}");
+    if plots {
+        let stem = out.trim_end_matches(".json");
+        for p in plot::plots_for(file, stem)? {
+            log::info!("plot written to {p}");
+        }
+    }
+    Ok(())
+}
+
 /// Regenerates the Markdown and the plots.
 ///
 /// # Errors

@@ -5,9 +5,10 @@
 //! runs (one per broker per round). Everything a table or plot shows is in
 //! the file, so `fanmq-bench report` can regenerate them without rerunning.
 
-use crate::latency::LagTrend;
+use crate::cli::Part;
 use crate::procfs::SockStat;
-use crate::stats::Latency;
+use crate::protocol::{ConnectSummary, WorkerReport};
+use crate::stats::{Clock, Latency};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -57,6 +58,29 @@ pub struct RunResult {
     pub generator: GeneratorUsage,
     /// Anything a reader must know (saturation, failures, lower bounds).
     pub notes: Vec<String>,
+    /// A part of a run split over load hosts (`--part K/N`): what `merge`
+    /// needs to combine it with the others.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub part: Option<PartRecord>,
+}
+
+/// One part of a split run, as `merge` needs it: the workers' own reports
+/// (histograms as `(value, count)` pairs, so parts merge as histograms, not
+/// as averaged percentiles) and their connect summaries.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PartRecord {
+    pub part: Part,
+    /// This part published (part 1).
+    pub publisher: bool,
+    /// The clock of the stamps and of the times below (the wall clock).
+    pub clock: Clock,
+    /// Bucket 0 of the reports' timelines, in that clock (ns).
+    pub timeline_start_ns: u64,
+    /// Each worker's connect summary (its connect latency histogram).
+    pub connects: Vec<ConnectSummary>,
+    /// Each worker's final report (its delivery latency histogram, last
+    /// arrivals, timeline, loss counts).
+    pub reports: Vec<WorkerReport>,
 }
 
 /// The parameters of a run.
@@ -89,6 +113,13 @@ pub struct ConnectFigures {
     pub broker_cpu_us_per_conn: Option<f64>,
     /// TCP connect → SUBACK.
     pub latency: Latency,
+    /// Connections established by source address, as the kernel bound
+    /// them: how evenly `--source-addrs` was used.
+    #[serde(default)]
+    pub by_source: BTreeMap<String, u64>,
+    /// Connections established by broker address:port (`--ports`).
+    #[serde(default)]
+    pub by_target: BTreeMap<String, u64>,
 }
 
 /// Fan-out figures.
@@ -214,6 +245,26 @@ pub struct LatencyStep {
     pub why: String,
 }
 
+/// The lag trend of a run: medians of the first and last tenth of its
+/// messages (publish→last subscriber, plus the publisher's slip); computed
+/// by [`crate::latency::lag_trend`].
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct LagTrend {
+    /// Messages with a lag (every subscriber's arrival seen).
+    pub messages: u64,
+    /// Median lag of the first tenth (ms).
+    pub first_ms: f64,
+    /// Median lag of the last tenth (ms).
+    pub last_ms: f64,
+    /// `last_ms - first_ms`.
+    pub growth_ms: f64,
+    /// Growth allowed: max([`crate::latency::GROWTH_FLOOR_MS`], [`crate::latency::GROWTH_SLOPE`] × time
+    /// between the tenths, [`crate::latency::GROWTH_REL`] × `first_ms`).
+    pub tolerance_ms: f64,
+    /// `growth_ms > tolerance_ms`: the backlog grows.
+    pub grows: bool,
+}
+
 /// The broker's resource use over the measured phase.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct BrokerUsage {
@@ -238,6 +289,14 @@ pub struct GeneratorUsage {
     pub max_process_busy: f64,
     /// A process of the generator was near 100%: figures are lower bounds.
     pub saturated: bool,
+    /// The worker processes' RSS after the connect phase (B).
+    #[serde(default)]
+    pub rss_bytes: u64,
+    /// Their RSS growth over the connect phase per subscriber held (B):
+    /// what the generator itself costs per idle subscriber (the kernel's
+    /// socket memory is not in it).
+    #[serde(default)]
+    pub rss_per_subscriber: Option<f64>,
 }
 
 impl ResultFile {
@@ -287,6 +346,16 @@ fn fmt_rate(r: f64) -> String {
 
 fn fmt_bytes(v: Option<u64>) -> String {
     v.map_or("–".into(), |b| format!("{:.1} MiB", b as f64 / 1048576.0))
+}
+
+/// How evenly connections spread: the count of keys and the fewest and
+/// most connections one had.
+fn spread(m: &BTreeMap<String, u64>) -> String {
+    let (lo, hi) = (m.values().min(), m.values().max());
+    match (lo, hi) {
+        (Some(lo), Some(hi)) => format!("{} addresses, {lo} to {hi} each", m.len()),
+        _ => "–".into(),
+    }
 }
 
 fn fmt_errors(e: &BTreeMap<String, u64>) -> String {
@@ -396,6 +465,10 @@ pub fn run_table(run: &RunResult) -> String {
                 c.latency.p50_us, c.latency.p99_us, c.latency.max_us
             ),
         );
+        if c.by_source.len() > 1 || c.by_target.len() > 1 {
+            row("connections by source address", spread(&c.by_source));
+            row("connections by broker address", spread(&c.by_target));
+        }
     }
     if let Some(f) = &run.fanout {
         row("published", f.published.to_string());
@@ -493,6 +566,12 @@ pub fn run_table(run: &RunResult) -> String {
             }
         ),
     );
+    if let Some(b) = g.rss_per_subscriber {
+        row(
+            "load generator RSS / per subscriber",
+            format!("{} / {b:.0} B", fmt_bytes(Some(g.rss_bytes))),
+        );
+    }
     for n in &run.notes {
         let _ = writeln!(s, "\n> {n}");
     }

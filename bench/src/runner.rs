@@ -6,8 +6,10 @@ use crate::cli::Opts;
 use crate::compare::Broker;
 use crate::net;
 use crate::procfs;
+use crate::report;
 use crate::result::{self, ResultFile, RunResult};
-use crate::scenario::{self, Kind, Target};
+use crate::scenario::{self, Kind};
+use crate::target::Target;
 
 /// Runs it. `raw` is the `raw` subcommand: compare against the forwarder.
 ///
@@ -16,6 +18,9 @@ use crate::scenario::{self, Kind, Target};
 /// is the top level).
 pub fn run(kind: Kind, mut o: Opts, raw: bool) -> Result<(), String> {
     scenario::validate(&o).map_err(|e| e.to_string())?;
+    if o.part.is_some() && (kind != Kind::Fanout || raw) {
+        return Err("--part splits a fan-out over load hosts: fanout only".into());
+    }
     if raw {
         if o.qos != 0 {
             return Err("raw forwards bytes: QoS 0 only".into());
@@ -39,12 +44,24 @@ pub fn run(kind: Kind, mut o: Opts, raw: bool) -> Result<(), String> {
     let mut runs: Vec<RunResult> = Vec::new();
     if o.compare.is_empty() {
         let host = o.host.clone().unwrap_or_else(|| "127.0.0.1".into());
-        let addr = net::resolve(&host, o.port).map_err(|e| e.to_string())?;
-        if !net::is_loopback(&addr) && o.host.is_none() {
+        let ports = if o.ports.is_empty() {
+            vec![o.port]
+        } else {
+            o.ports.clone()
+        };
+        let mut listeners = Vec::new();
+        for h in host.split(',').map(str::trim).filter(|h| !h.is_empty()) {
+            for &port in &ports {
+                listeners.push(net::resolve(h, port).map_err(|e| e.to_string())?);
+            }
+        }
+        let addr = *listeners.first().ok_or("--host names no address")?;
+        if !listeners.iter().all(net::is_loopback) && o.host.is_none() {
             return Err(format!("{addr} is not loopback; name it with --host"));
         }
         let target = Target {
             addr,
+            listeners,
             pid: o.broker_pid,
             label: o.label.clone().unwrap_or_else(|| addr.to_string()),
             raw: false,
@@ -53,8 +70,8 @@ pub fn run(kind: Kind, mut o: Opts, raw: bool) -> Result<(), String> {
         println!("{}", result::run_table(&r));
         runs.push(r);
     } else {
-        if o.host.is_some() {
-            return Err("--compare starts brokers on this host: drop --host".into());
+        if o.host.is_some() || !o.ports.is_empty() {
+            return Err("--compare starts brokers on this host: drop --host and --ports".into());
         }
         let dir = std::env::temp_dir().join(format!("fanmq-bench-{}", std::process::id()));
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
@@ -69,8 +86,10 @@ pub fn run(kind: Kind, mut o: Opts, raw: bool) -> Result<(), String> {
                     broker.port,
                     broker.pid()
                 );
+                let addr = ([127, 0, 0, 1], broker.port).into();
                 let target = Target {
-                    addr: ([127, 0, 0, 1], broker.port).into(),
+                    addr,
+                    listeners: vec![addr],
                     pid: Some(broker.pid()),
                     label: broker.label.clone(),
                     raw: broker.raw,
@@ -87,23 +106,12 @@ pub fn run(kind: Kind, mut o: Opts, raw: bool) -> Result<(), String> {
         }
     }
     let file = ResultFile {
-        // argv[0] as the user would type it, not this machine's build path.
-        command: std::iter::once("fanmq-bench".to_owned())
-            .chain(std::env::args().skip(1))
-            .collect::<Vec<_>>()
-            .join(" "),
+        command: report::command_line(),
         host: host_facts(),
         runs,
     };
     if let Some(out) = &o.out {
-        file.save(out).map_err(|e| e.to_string())?;
-        log::info!("results written to {out}");
-        if o.plots {
-            let stem = out.trim_end_matches(".json");
-            for p in crate::plot::plots_for(&file, stem).map_err(|e| e.to_string())? {
-                log::info!("plot written to {p}");
-            }
-        }
+        report::write_results(&file, out, o.plots).map_err(|e| e.to_string())?;
     }
     Ok(())
 }

@@ -2,57 +2,27 @@
 //! subscribers through the worker processes, do the scenario's phase, read
 //! the broker's and our own CPU around it, and turn the workers' reports
 //! into a [`RunResult`]. The latency scenario's search is in
-//! [`crate::latency`]; it publishes through [`publish_phase`] like `fanout`.
+//! [`crate::latency`]; both publish through [`crate::phase`].
 
+use crate::capacity;
 use crate::cli::Opts;
 use crate::fleet::{Fleet, FleetError};
 use crate::latency;
 use crate::net;
+use crate::part;
+use crate::phase::{
+    self, BUCKET_NS, TRACK_MSGS, cpu_of, fanout_figures, generator_usage, publish_phase,
+};
 use crate::procfs;
 use crate::progress::Progress;
-use crate::protocol::{Command, ConnectSummary, Event, WorkerReport, WorkerTask};
-use crate::publisher::{self, Plan, Published};
+use crate::protocol::{Command, ConnectSummary, Event, WorkerTask};
+use crate::publisher::Published;
 use crate::result::{
-    BrokerUsage, ConnectFigures, FanoutFigures, GeneratorUsage, IdleFigures, Params, RunResult,
-    StormFigures,
+    BrokerUsage, ConnectFigures, IdleFigures, Params, PartRecord, RunResult, StormFigures,
 };
 use crate::stats;
-use std::collections::BTreeMap;
-use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use crate::target::{CpuWindow, Phase, ScenarioError, Target};
 use std::time::Duration;
-
-/// Width of a deliveries-timeline bucket.
-const BUCKET_NS: u64 = 100_000_000;
-
-/// File descriptors a worker keeps for itself (pipes, epoll, stdio).
-const FD_RESERVE: u64 = 64;
-
-/// A generator process busier than this fraction of a core is saturated.
-pub const SATURATED: f64 = 0.9;
-
-/// Messages of a phase whose publish→last-subscriber latency is tracked
-/// (8 B each per worker); later messages still count in every other figure.
-/// The latency scenario tracks every n-th message instead when its run is
-/// longer.
-pub const TRACK_MSGS: u64 = 2_000_000;
-
-/// Broker CPU seconds before and after a phase, and its wall time (ns).
-pub type CpuWindow = Option<(f64, f64, u64)>;
-
-/// Everything that can go wrong in this module.
-#[derive(Debug, thiserror::Error)]
-pub enum ScenarioError {
-    #[error(transparent)]
-    Fleet(#[from] FleetError),
-    #[error(transparent)]
-    Publish(#[from] publisher::PublishError),
-    #[error("publisher thread panicked")]
-    PublisherPanic,
-    #[error("{0}")]
-    Invalid(String),
-}
 
 /// Which scenario.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,16 +44,6 @@ impl Kind {
             Kind::Latency => "latency",
         }
     }
-}
-
-/// The broker under test.
-#[derive(Debug, Clone)]
-pub struct Target {
-    pub addr: SocketAddr,
-    pub pid: Option<u32>,
-    pub label: String,
-    /// The bench's raw forwarder rather than an MQTT broker.
-    pub raw: bool,
 }
 
 /// Checks options that clap cannot.
@@ -112,31 +72,9 @@ pub fn validate(o: &Opts) -> Result<(), ScenarioError> {
     if o.rate.is_some_and(|r| !r.is_finite() || r <= 0.0) {
         return Err(ScenarioError::Invalid("--rate must be positive".into()));
     }
+    part::validate(o)?;
     latency::validate(o)?;
     Ok(())
-}
-
-/// The number of worker processes and connections per worker.
-fn plan_workers(o: &Opts) -> (usize, u64) {
-    // SAFETY: zeroed rlimit is a valid out-parameter.
-    let mut lim: libc::rlimit = unsafe { std::mem::zeroed() };
-    // SAFETY: valid pointer.
-    let hard = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
-        lim.rlim_max
-    } else {
-        1024
-    };
-    let per_worker = o
-        .conns_per_worker
-        .min(hard.saturating_sub(FD_RESERVE))
-        .max(1);
-    let needed = o.subs.div_ceil(per_worker).max(1) as usize;
-    let workers = o.workers.unwrap_or(needed).max(1);
-    (workers, o.subs.div_ceil(workers as u64))
-}
-
-pub fn cpu_of(pid: Option<u32>) -> Option<f64> {
-    pid.and_then(|p| procfs::cpu_seconds(p).ok())
 }
 
 fn rss_of(pid: Option<u32>) -> Option<u64> {
@@ -148,38 +86,68 @@ fn rss_of(pid: Option<u32>) -> Option<u64> {
 /// # Errors
 /// The workers or the publisher failed; connection failures are results.
 pub fn run(kind: Kind, o: &Opts, t: &Target, round: u32) -> Result<RunResult, ScenarioError> {
-    let (workers, per_worker) = plan_workers(o);
+    // This host's share of the subscribers (all of them without --part).
+    let (first_index, end_index) = o.part.map_or((0, o.subs), |p| p.share(o.subs));
+    let subs = end_index - first_index;
+    let publishes = o.part.is_none_or(|p| p.publishes());
+    let limits = capacity::Limits::of_this_host();
+    let (workers, per_worker) =
+        capacity::plan_workers(subs, o.conns_per_worker, o.workers, limits.nofile_hard);
     let filter = o.filter.clone().unwrap_or_else(|| o.topic.clone());
-    let sources = if net::is_loopback(&t.addr) && t.addr.is_ipv4() {
-        net::loopback_sources(o.subs.div_ceil(o.conns_per_addr.max(1)) as usize)
+    let sources: Vec<String> = if !o.source_addrs.is_empty() {
+        let ips = net::parse_sources(&o.source_addrs)?;
+        let missing = net::unconfigured(&ips);
+        if !missing.is_empty() {
+            return Err(capacity::CapacityError::Unconfigured(missing).into());
+        }
+        ips.iter().map(ToString::to_string).collect()
+    } else if net::is_loopback(&t.addr) && t.addr.is_ipv4() {
+        net::loopback_sources(subs.div_ceil(o.conns_per_addr.max(1)) as usize)
     } else {
         Vec::new()
     };
-    let timeline_start = stats::monotonic_ns();
+    let need = capacity::Need {
+        conns: subs + u64::from(publishes && matches!(kind, Kind::Fanout | Kind::Latency)),
+        sources: sources.len() as u64,
+        targets: t.listeners.len() as u64,
+        workers,
+        per_worker,
+    };
+    let fits = capacity::check(&need, &limits)?;
+    log::info!("{fits}");
+    let clock = phase::stamp_clock(o);
+    // Bucket 0 starts on a multiple of the bucket width, so the timelines
+    // of parts on other hosts (wall clock) line up bucket for bucket.
+    let timeline_start = clock.now_ns() / BUCKET_NS * BUCKET_NS;
+    let client_prefix = match o.part {
+        // The index is global: ids stay unique over all parts.
+        Some(p) => format!("fmb-part{}-{round}-", p.of),
+        None => format!("fmb-{}-{round}-", std::process::id()),
+    };
     let mut tasks = Vec::new();
-    let mut first = 0;
-    for w in 0..workers {
-        let count = per_worker.min(o.subs - first);
+    let mut first = first_index;
+    for w in 0..workers as usize {
+        let count = per_worker.min(end_index - first);
         if count == 0 {
             break;
         }
         tasks.push(WorkerTask {
             worker: w,
-            target: t.addr.to_string(),
+            targets: t.listeners.iter().map(ToString::to_string).collect(),
             first_index: first,
             count,
-            client_prefix: format!("fmb-{}-{round}-", std::process::id()),
+            client_prefix: client_prefix.clone(),
             filter: filter.clone(),
             qos: o.qos,
             keep_alive_s: o.keep_alive,
             raw: t.raw,
             source_addrs: sources.clone(),
-            conns_per_addr: o.conns_per_addr,
-            max_pending: (o.max_pending / workers).max(1),
+            max_pending: (o.max_pending / workers as usize).max(1),
             handshake_timeout_ms: o.handshake_timeout_ms,
             timeline_start_ns: timeline_start,
             bucket_ns: BUCKET_NS,
             track_msgs: TRACK_MSGS,
+            clock,
         });
         first += count;
     }
@@ -199,6 +167,7 @@ pub fn run(kind: Kind, o: &Opts, t: &Target, round: u32) -> Result<RunResult, Sc
             broker_cpus: o.broker_cpus.clone(),
             client_cpus: o.client_cpus.clone(),
         },
+        notes: vec![fits],
         ..RunResult::default()
     };
     let progress = Progress::new(&format!("{} vs {}", kind.name(), t.label));
@@ -208,7 +177,7 @@ pub fn run(kind: Kind, o: &Opts, t: &Target, round: u32) -> Result<RunResult, Sc
 
     // Connect phase (every scenario).
     let cpu0 = cpu_of(t.pid);
-    let (connect, summaries) = connect_phase(&mut fleet, o, &progress)?;
+    let (connect, summaries) = connect_phase(&mut fleet, o, subs, &progress)?;
     let cpu1 = cpu_of(t.pid);
     if let (Some(a), Some(b)) = (cpu0, cpu1)
         && connect.connected > 0
@@ -221,10 +190,9 @@ pub fn run(kind: Kind, o: &Opts, t: &Target, round: u32) -> Result<RunResult, Sc
         result.connect = Some(connect);
     }
     let ready = result.connect.as_ref().map_or(0, |c| c.connected);
-    if ready < o.subs {
+    if ready < subs {
         result.notes.push(format!(
-            "only {ready} of {} subscribers connected; see connect failures",
-            o.subs
+            "only {ready} of {subs} subscribers connected; see connect failures"
         ));
     }
     let gen_cpu0: Vec<f64> = summaries.iter().map(|s| s.cpu_s).collect();
@@ -256,7 +224,14 @@ pub fn run(kind: Kind, o: &Opts, t: &Target, round: u32) -> Result<RunResult, Sc
             generator = out.generator;
             finish_seq = out.finish_seq;
         }
+        Kind::Fanout if !publishes => {
+            part::receive_only(&mut fleet, o, ready, &progress)?;
+            // A part that only subscribes expects every planned message.
+            published = o.msgs;
+            finish_seq = o.msgs;
+        }
         Kind::Fanout => {
+            part::before_publishing(&mut fleet, o, &progress, &mut result.notes)?;
             let (pubd, window) = fanout_phase(&mut fleet, o, t, ready, &progress)?;
             published = pubd.sent;
             finish_seq = pubd.sent;
@@ -376,6 +351,16 @@ pub fn run(kind: Kind, o: &Opts, t: &Target, round: u32) -> Result<RunResult, Sc
     let reports = fleet.gather_reports("reports", &progress)?;
     drop(fleet);
     let wall_s = (stats::monotonic_ns() - wall0) as f64 / 1e9;
+    if let Some(p) = o.part {
+        result.params.workers = tasks.len();
+        result.notes.push(format!(
+            "part {}/{} on this host: subscribers {first_index}..{end_index} of {}{}",
+            p.index,
+            p.of,
+            o.subs,
+            if publishes { ", and the publisher" } else { "" }
+        ));
+    }
 
     // Generator CPU over the measured phase.
     let (usage, note) = match generator {
@@ -395,6 +380,17 @@ pub fn run(kind: Kind, o: &Opts, t: &Target, round: u32) -> Result<RunResult, Sc
     if kind == Kind::Fanout {
         result.fanout = Some(fanout_figures(&reports, published).0);
     }
+    phase::add_generator_memory(&mut result.generator, &summaries);
+    if let Some(part) = o.part {
+        result.part = Some(PartRecord {
+            part,
+            publisher: publishes,
+            clock,
+            timeline_start_ns: timeline_start,
+            connects: summaries,
+            reports,
+        });
+    }
     if let (Some(pid), Some((a, b, wall))) = (t.pid, broker_window) {
         let cpu = b - a;
         result.broker_usage = Some(BrokerUsage {
@@ -413,55 +409,11 @@ pub fn run(kind: Kind, o: &Opts, t: &Target, round: u32) -> Result<RunResult, Sc
     Ok(result)
 }
 
-/// The load generator's CPU use over a phase of `wall_s` seconds: each
-/// worker process's CPU-seconds and the coordinator's own (publisher thread
-/// included); with a note when it was saturated.
-pub fn generator_usage(
-    o: &Opts,
-    workers: &[f64],
-    coordinator: f64,
-    wall_s: f64,
-) -> (GeneratorUsage, Option<String>) {
-    let wall_s = wall_s.max(1e-9);
-    let mut gen_cpu = coordinator;
-    let mut busiest = coordinator / wall_s;
-    let mut subscriber_busiest: f64 = 0.0;
-    for d in workers {
-        gen_cpu += d;
-        busiest = busiest.max(d / wall_s);
-        subscriber_busiest = subscriber_busiest.max(d / wall_s);
-    }
-    let client_cpus = o
-        .client_cpus
-        .as_deref()
-        .and_then(|l| procfs::parse_cpu_list(l).ok())
-        .map_or_else(
-            || std::thread::available_parallelism().map_or(1, |n| n.get()),
-            |c| c.len(),
-        );
-    let total_busy = gen_cpu / wall_s / client_cpus as f64;
-    let usage = GeneratorUsage {
-        cpu_s: gen_cpu,
-        wall_s,
-        cpus: client_cpus,
-        max_process_busy: busiest,
-        saturated: subscriber_busiest > SATURATED || total_busy > SATURATED,
-    };
-    let note = usage.saturated.then(|| {
-        format!(
-            "the load generator was saturated (busiest subscriber process {:.0}% of a core, all processes {:.0}% of {} CPU(s)): throughput figures are lower bounds",
-            subscriber_busiest * 100.0,
-            total_busy * 100.0,
-            client_cpus
-        )
-    });
-    (usage, note)
-}
-
 /// Opens every connection; returns the figures and each worker's summary.
 fn connect_phase(
     fleet: &mut Fleet,
     o: &Opts,
+    subs: u64,
     progress: &Progress,
 ) -> Result<(ConnectFigures, Vec<ConnectSummary>), ScenarioError> {
     fleet.send_all(&Command::Connect)?;
@@ -479,38 +431,12 @@ fn connect_phase(
         .into_iter()
         .flatten()
         .collect();
-    let mut hist = stats::new_hist();
-    let mut errors: BTreeMap<String, u64> = BTreeMap::new();
-    let (mut ready, mut failed) = (0, 0);
-    for s in &summaries {
-        ready += s.ready;
-        failed += s.failed;
-        for (k, v) in &s.errors {
-            *errors.entry(k.clone()).or_default() += v;
-        }
-        // Pairs come from our own workers' histograms: always in range.
-        let _ = stats::add_pairs(&mut hist, &s.latency);
-    }
-    let start = summaries.iter().map(|s| s.started_ns).min().unwrap_or(0);
-    let end = summaries.iter().map(|s| s.ended_ns).max().unwrap_or(0);
-    let seconds = (end.saturating_sub(start)) as f64 / 1e9;
+    let figures = phase::connect_figures(&summaries, subs);
     progress.println(&format!(
-        "connected {ready} of {} in {seconds:.2} s ({failed} failed)",
-        o.subs
+        "connected {} of {subs} in {:.2} s ({} failed)",
+        figures.connected, figures.seconds, figures.failed
     ));
-    Ok((
-        ConnectFigures {
-            attempted: o.subs,
-            connected: ready,
-            failed,
-            errors,
-            seconds,
-            conns_per_s: ready as f64 / seconds.max(1e-9),
-            broker_cpu_us_per_conn: None,
-            latency: stats::summarize(&hist),
-        },
-        summaries,
-    ))
+    Ok((figures, summaries))
 }
 
 /// The fan-out scenario's one phase: `--msgs` at `--rate` (or burst) within
@@ -530,151 +456,4 @@ fn fanout_phase(
         limit_ns: (o.duration * 1e9) as u64,
     };
     publish_phase(fleet, o, t, ready, &phase, progress)
-}
-
-/// One publishing phase.
-#[derive(Debug, Clone)]
-pub struct Phase {
-    /// Messages to publish.
-    pub msgs: u64,
-    /// Messages per second; `None` = burst.
-    pub rate: Option<f64>,
-    /// Sequence number of the first message.
-    pub first_seq: u64,
-    /// The publisher records the schedule slip of every n-th message.
-    pub track_stride: u64,
-    /// Hard limit for publishing and draining (ns).
-    pub limit_ns: u64,
-}
-
-/// Publishes `phase` to `ready` subscribers and waits for the deliveries:
-/// until all arrived, nothing arrived for `--drain-timeout` after the last
-/// publish, or the phase's limit passed. Returns what was published and the
-/// broker CPU window (before, after, wall ns).
-///
-/// # Errors
-/// A worker failed, or the publisher could not connect.
-pub fn publish_phase(
-    fleet: &mut Fleet,
-    o: &Opts,
-    t: &Target,
-    ready: u64,
-    phase: &Phase,
-    progress: &Progress,
-) -> Result<(Published, CpuWindow), ScenarioError> {
-    let plan = Plan {
-        target: t.addr,
-        topic: o.topic.clone(),
-        qos: o.qos,
-        payload: o.payload as usize,
-        msgs: phase.msgs,
-        rate: phase.rate,
-        raw: t.raw,
-        client_id: format!("fmb-{}-pub", std::process::id()),
-        first_seq: phase.first_seq,
-        track_stride: phase.track_stride,
-        track_msgs: TRACK_MSGS,
-    };
-    let stop = Arc::new(AtomicBool::new(false));
-    let done = Arc::new(AtomicBool::new(false));
-    let limit_ns = phase.limit_ns;
-    let c0 = cpu_of(t.pid);
-    let w0 = stats::monotonic_ns();
-    let deadline = w0 + limit_ns;
-    let handle = {
-        let (stop, done) = (stop.clone(), done.clone());
-        std::thread::spawn(move || {
-            let r = publisher::run(&plan, &stop, deadline);
-            done.store(true, Ordering::Relaxed);
-            r
-        })
-    };
-    let expected = ready * phase.msgs;
-    let drain_ns = (o.drain_timeout * 1e9) as u64;
-    let mut last_count = 0;
-    let mut last_change = stats::monotonic_ns();
-    let waited = fleet.gather::<()>(
-        "deliveries",
-        Duration::from_nanos(limit_ns) + Duration::from_secs(5),
-        progress,
-        |_| None,
-        |p| {
-            let now = stats::monotonic_ns();
-            if p.delivered != last_count {
-                last_count = p.delivered;
-                last_change = now;
-            }
-            let published_all = done.load(Ordering::Relaxed);
-            p.delivered >= expected
-                || now > deadline
-                || (published_all && now - last_change > drain_ns)
-        },
-    );
-    stop.store(true, Ordering::Relaxed);
-    let c1 = cpu_of(t.pid);
-    let w1 = stats::monotonic_ns();
-    match waited {
-        Ok(_) | Err(FleetError::Timeout(..)) => {}
-        Err(e) => return Err(e.into()),
-    }
-    let published = handle.join().map_err(|_| ScenarioError::PublisherPanic)??;
-    progress.println(&format!(
-        "published {} of {} messages",
-        published.sent, phase.msgs
-    ));
-    Ok((published, c0.zip(c1).map(|(a, b)| (a, b, w1 - w0))))
-}
-
-/// Merges the workers' reports of one phase into the fan-out figures, and
-/// returns with them the publish→last-subscriber latency per tracked
-/// message (ns, 0 = never arrived).
-pub fn fanout_figures(reports: &[WorkerReport], published: u64) -> (FanoutFigures, Vec<u64>) {
-    let mut hist = stats::new_hist();
-    let mut last = Vec::new();
-    let mut timeline = Vec::new();
-    let counted: u64 = reports.iter().map(|r| r.counted).sum();
-    let mut f = FanoutFigures {
-        published,
-        expected: published * counted,
-        bucket_ms: BUCKET_NS / 1_000_000,
-        ..FanoutFigures::default()
-    };
-    let (mut first, mut end) = (u64::MAX, 0);
-    for r in reports {
-        f.delivered += r.delivered;
-        f.lost += r.lost;
-        f.duplicates += r.duplicates;
-        f.out_of_order += r.out_of_order;
-        f.subs_with_loss += r.subs_with_loss;
-        let _ = stats::add_pairs(&mut hist, &r.latency);
-        stats::max_series(&mut last, &r.last_arrival);
-        stats::add_series(&mut timeline, &r.timeline);
-        if r.first_delivery_ns > 0 {
-            first = first.min(r.first_delivery_ns);
-        }
-        end = end.max(r.last_delivery_ns);
-        for (k, v) in &r.errors {
-            *f.errors.entry(k.clone()).or_default() += v;
-        }
-    }
-    let mut last_hist = stats::new_hist();
-    for &l in last.iter().take(published as usize) {
-        if l > 0 {
-            stats::record(&mut last_hist, l);
-        }
-    }
-    // Rate over first → last delivery (the publish stamp of the first
-    // message is within its latency of the first delivery).
-    if end > first {
-        f.seconds = (end - first) as f64 / 1e9;
-        f.deliveries_per_s = f.delivered as f64 / f.seconds;
-    }
-    let lead = timeline.iter().position(|&c| c > 0).unwrap_or(0);
-    f.timeline = timeline[lead..]
-        .iter()
-        .map(|&c| c as f64 * 1e9 / BUCKET_NS as f64)
-        .collect();
-    f.latency = stats::summarize(&hist);
-    f.latency_last = stats::summarize(&last_hist);
-    (f, last)
 }

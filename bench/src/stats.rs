@@ -41,6 +41,37 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// The clock that stamps payloads and times their arrival.
+///
+/// One host: `CLOCK_MONOTONIC`, immune to clock steps. Several load hosts
+/// (`--part`): `CLOCK_REALTIME`, the one clock that NTP keeps in step across
+/// hosts; a latency then includes the offset between the publisher's and the
+/// subscriber's clocks (chrony on one LAN: tens of µs), and a step of the
+/// clock during the run shows as a latency jump.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Clock {
+    #[default]
+    Monotonic,
+    Realtime,
+}
+
+impl Clock {
+    /// Now, in nanoseconds of this clock.
+    pub fn now_ns(self) -> u64 {
+        match self {
+            Clock::Monotonic => monotonic_ns(),
+            Clock::Realtime => realtime_ns(),
+        }
+    }
+}
+
+/// `CLOCK_REALTIME` in nanoseconds since the Unix epoch (0 before 1970).
+pub fn realtime_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
 /// Writes the send time and sequence number into the front of `payload`.
 pub fn stamp(payload: &mut [u8], sent_ns: u64, seq: u64) {
     payload[..8].copy_from_slice(&sent_ns.to_le_bytes());
@@ -217,7 +248,7 @@ pub struct Timeline {
 }
 
 /// At most this many buckets are kept (an hour at 100 ms): bounded memory.
-const MAX_BUCKETS: usize = 36_000;
+pub const MAX_BUCKETS: usize = 36_000;
 
 impl Timeline {
     /// A timeline starting at `start_ns` with buckets of `bucket_ns`.

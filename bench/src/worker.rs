@@ -21,13 +21,17 @@
 //! # Past the open-file limit
 //! A worker raises its soft `RLIMIT_NOFILE` to the hard limit and holds at
 //! most that many sockets; the coordinator spreads connections over as many
-//! workers as needed and over source addresses `127.0.0.x`. Connections that
+//! workers as needed; connection `i` goes to (source address, broker
+//! address) pair `i` mod the pairs (each pair has its own ephemeral port
+//! range, see [`crate::capacity`]). Connections that
 //! fail are counted by reason, never retried silently.
 
 use crate::mqtt::{self, Frame};
 use crate::net;
 use crate::procfs;
-use crate::protocol::{Command, ConnectSummary, Event, Progress, WorkerReport, WorkerTask};
+use crate::protocol::{
+    Command, ConnectSummary, Event, Progress, WorkerReport, WorkerTask, pair_of,
+};
 use crate::stats::{self, SeqTracker, Timeline};
 use hdrhistogram::Histogram;
 use mio::unix::SourceFd;
@@ -57,6 +61,10 @@ pub enum WorkerError {
     Task(String),
     #[error("bad target address {0:?}")]
     Target(String),
+    #[error("no target address")]
+    NoTarget,
+    #[error("bad source address {0:?}")]
+    Source(String),
     #[error("event loop: {0}")]
     Io(#[from] io::Error),
     #[error("writing to the coordinator: {0}")]
@@ -102,7 +110,7 @@ struct Conn {
 /// The worker's whole state.
 struct Worker {
     task: WorkerTask,
-    target: SocketAddr,
+    targets: Vec<SocketAddr>,
     sources: Vec<IpAddr>,
     poll: Poll,
     conns: Vec<Conn>,
@@ -118,6 +126,12 @@ struct Worker {
     ready: u64,
     failed: u64,
     connect_errors: BTreeMap<String, u64>,
+    /// Connections established in this connect phase, by local address
+    /// and by broker address (see [`ConnectSummary`]).
+    by_source: BTreeMap<IpAddr, u64>,
+    by_target: BTreeMap<SocketAddr, u64>,
+    /// RSS before the connection table was allocated (B).
+    rss_start_bytes: u64,
     run_errors: BTreeMap<String, u64>,
     connect_latency: Histogram<u64>,
     latency: Histogram<u64>,
@@ -151,15 +165,20 @@ pub fn run() -> Result<(), WorkerError> {
     let task: WorkerTask =
         serde_json::from_str(&line).map_err(|e| WorkerError::Task(e.to_string()))?;
     procfs::raise_nofile();
-    let target: SocketAddr = task
-        .target
-        .parse()
-        .map_err(|_| WorkerError::Target(task.target.clone()))?;
+    let targets = task
+        .targets
+        .iter()
+        .map(|t| t.parse().map_err(|_| WorkerError::Target(t.clone())))
+        .collect::<Result<Vec<SocketAddr>, _>>()?;
+    if targets.is_empty() {
+        return Err(WorkerError::NoTarget);
+    }
     let sources = task
         .source_addrs
         .iter()
-        .filter_map(|s| s.parse().ok())
-        .collect();
+        .map(|s| s.parse().map_err(|_| WorkerError::Source(s.clone())))
+        .collect::<Result<Vec<IpAddr>, _>>()?;
+    let rss_start_bytes = procfs::rss_bytes(std::process::id()).unwrap_or(0);
     let conns = (0..task.count)
         .map(|_| Conn {
             stream: None,
@@ -175,7 +194,7 @@ pub fn run() -> Result<(), WorkerError> {
     let mut w = Worker {
         timeline: Timeline::new(task.timeline_start_ns, task.bucket_ns),
         task,
-        target,
+        targets,
         sources,
         poll: Poll::new()?,
         conns,
@@ -188,6 +207,9 @@ pub fn run() -> Result<(), WorkerError> {
         ready: 0,
         failed: 0,
         connect_errors: BTreeMap::new(),
+        by_source: BTreeMap::new(),
+        by_target: BTreeMap::new(),
+        rss_start_bytes,
         run_errors: BTreeMap::new(),
         connect_latency: stats::new_hist(),
         latency: stats::new_hist(),
@@ -296,6 +318,10 @@ impl Worker {
                     started_ns: self.phase_started_ns,
                     ended_ns: now,
                     cpu_s: procfs::self_cpu_seconds(),
+                    by_source: count_strings(&self.by_source),
+                    by_target: count_strings(&self.by_target),
+                    rss_start_bytes: self.rss_start_bytes,
+                    rss_bytes: procfs::rss_bytes(std::process::id()).unwrap_or(0),
                 };
                 self.send(&Event::Connected(summary))?;
             }
@@ -315,6 +341,8 @@ impl Worker {
         self.pending = 0;
         self.failed = 0;
         self.connect_errors.clear();
+        self.by_source.clear();
+        self.by_target.clear();
         self.connect_latency.reset();
         self.phase_started_ns = stats::monotonic_ns();
     }
@@ -426,15 +454,9 @@ impl Worker {
             if !matches!(self.conns[i].state, State::Idle | State::Failed) {
                 continue; // Repair: this one is up (or on its way).
             }
-            let global = self.task.first_index + i as u64;
-            let source = if self.sources.is_empty() {
-                None
-            } else {
-                let k = (global / self.task.conns_per_addr.max(1)) as usize % self.sources.len();
-                Some(self.sources[k])
-            };
+            let (target, source) = self.pair(i);
             let now = stats::monotonic_ns();
-            match net::start_connect(self.target, source) {
+            match net::start_connect(target, source) {
                 Ok(mut stream) => {
                     let reg = self.poll.registry().register(
                         &mut stream,
@@ -457,6 +479,12 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// The broker address and source address of connection `i`.
+    fn pair(&self, i: usize) -> (SocketAddr, Option<IpAddr>) {
+        let (s, t) = pair_of(i as u64, self.sources.len(), self.targets.len());
+        (self.targets[t], self.sources.get(s).copied())
     }
 
     /// Gives up on connection `i`, counting why.
@@ -497,11 +525,16 @@ impl Worker {
                 Ok(Some(e)) | Err(e) => return self.fail(i, &net::error_kind(&e)),
                 Ok(None) => {}
             }
-            if let Err(e) = stream.peer_addr() {
-                if e.kind() == io::ErrorKind::NotConnected {
-                    return; // spurious wake-up; still connecting.
-                }
-                return self.fail(i, &net::error_kind(&e));
+            let peer = match stream.peer_addr() {
+                Ok(peer) => peer,
+                // A spurious wake-up: still connecting.
+                Err(e) if e.kind() == io::ErrorKind::NotConnected => return,
+                Err(e) => return self.fail(i, &net::error_kind(&e)),
+            };
+            // The addresses as the kernel has them, not as we asked.
+            *self.by_target.entry(peer).or_default() += 1;
+            if let Ok(local) = stream.local_addr() {
+                *self.by_source.entry(local.ip()).or_default() += 1;
             }
             self.connected += 1;
             c.state = State::WaitConnAck;
@@ -564,7 +597,7 @@ impl Worker {
                 Err(e) => return self.fail(i, &net::error_kind(&e)),
             };
             // One clock read per recv: the arrival time of all its frames.
-            let now = stats::monotonic_ns();
+            let now = self.task.clock.now_ns();
             // Parse straight from scratch unless a partial frame is waiting.
             let mut data = std::mem::take(&mut c.partial);
             let result = if data.is_empty() {
@@ -736,4 +769,9 @@ impl Worker {
             }
         }
     }
+}
+
+/// A count map with string keys, for the coordinator's JSON.
+fn count_strings<K: std::fmt::Display>(m: &BTreeMap<K, u64>) -> BTreeMap<String, u64> {
+    m.iter().map(|(k, v)| (k.to_string(), *v)).collect()
 }

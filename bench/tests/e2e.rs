@@ -422,3 +422,66 @@ fn refuses_a_filter_that_does_not_match() {
         .unwrap();
     assert!(!status.success());
 }
+
+/// A split run's path on loopback, without namespaces (bench/netns-test.sh
+/// does it across them): one part of one, from four 127.0.0.x source
+/// addresses, merged. The merged run must show what the part showed, and
+/// every source address must have been used.
+#[test]
+fn one_part_from_four_source_addresses_merges_to_its_own_figures() {
+    let Some(bin) = fanmq_bin() else { return };
+    let (_broker, port) = start_fanmq(&bin);
+    let dir = std::env::temp_dir().join(format!("fmb-e2e-part-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let part = dir.join("part1.json");
+    let merged = dir.join("merged.json");
+    let run = |args: &[&str]| {
+        let status = Command::new(BENCH)
+            .args(args)
+            .stdout(Stdio::null())
+            .status()
+            .expect("running fanmq-bench");
+        assert!(status.success(), "fanmq-bench {args:?} failed");
+    };
+    run(&[
+        "fanout",
+        "--port",
+        &port.to_string(),
+        "--subs",
+        "40",
+        "--msgs",
+        "50",
+        "--duration",
+        "30",
+        "--part",
+        "1/1",
+        "--source-addrs",
+        "127.0.0.2-127.0.0.5",
+        "--out",
+        part.to_str().unwrap(),
+    ]);
+    run(&[
+        "merge",
+        part.to_str().unwrap(),
+        "--out",
+        merged.to_str().unwrap(),
+        "--plots",
+    ]);
+    let load = |p: &std::path::Path| -> Value {
+        serde_json::from_str(&std::fs::read_to_string(p).expect("results file")).expect("JSON")
+    };
+    let (part, merged_v) = (load(&part), load(&merged));
+    assert_no_loss(&merged_v, 40, 50);
+    let (p, m) = (&part["runs"][0], &merged_v["runs"][0]);
+    assert_eq!(p["fanout"]["delivered"], m["fanout"]["delivered"]);
+    assert_eq!(
+        p["fanout"]["latency"]["count"],
+        m["fanout"]["latency"]["count"]
+    );
+    let sources = m["connect"]["by_source"].as_object().expect("by_source");
+    let used: Vec<&String> = sources.keys().collect();
+    assert_eq!(used, ["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"]);
+    assert!(sources.values().all(|n| n == 10), "{sources:?}");
+    assert!(dir.join("merged-latency.svg").exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}

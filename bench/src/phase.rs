@@ -1,0 +1,290 @@
+//! One publishing phase and its figures, shared by the `fanout` scenario
+//! ([`crate::scenario`]) and the `latency` scenario's steps
+//! ([`crate::latency`]): publish while the workers count deliveries
+//! ([`publish_phase`]), merge the workers' reports into the fan-out figures
+//! ([`fanout_figures`]), and the load generator's CPU over the phase
+//! ([`generator_usage`]); also the connect phase's figures
+//! ([`connect_figures`]) and the generator's memory. `merge` builds a split
+//! run's figures with the same functions.
+
+use crate::cli::Opts;
+use crate::fleet::{Fleet, FleetError};
+use crate::procfs;
+use crate::progress::Progress;
+use crate::protocol::{ConnectSummary, WorkerReport};
+use crate::publisher::{self, Plan, Published};
+use crate::result::{ConnectFigures, FanoutFigures, GeneratorUsage};
+use crate::stats::{self, Clock};
+use crate::target::{CpuWindow, Phase, ScenarioError, Target};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+/// Width of a deliveries-timeline bucket.
+pub const BUCKET_NS: u64 = 100_000_000;
+
+/// A generator process busier than this fraction of a core is saturated.
+pub const SATURATED: f64 = 0.9;
+
+/// Messages of a phase whose publish→last-subscriber latency is tracked
+/// (8 B each per worker); later messages still count in every other figure.
+/// The latency scenario tracks every n-th message instead when its run is
+/// longer.
+pub const TRACK_MSGS: u64 = 2_000_000;
+
+/// The broker's CPU seconds so far (`None` without a pid or once it is gone).
+pub fn cpu_of(pid: Option<u32>) -> Option<f64> {
+    pid.and_then(|p| procfs::cpu_seconds(p).ok())
+}
+
+/// The load generator's CPU use over a phase of `wall_s` seconds: each
+/// worker process's CPU-seconds and the coordinator's own (publisher thread
+/// included); with a note when it was saturated.
+pub fn generator_usage(
+    o: &Opts,
+    workers: &[f64],
+    coordinator: f64,
+    wall_s: f64,
+) -> (GeneratorUsage, Option<String>) {
+    let wall_s = wall_s.max(1e-9);
+    let mut gen_cpu = coordinator;
+    let mut busiest = coordinator / wall_s;
+    let mut subscriber_busiest: f64 = 0.0;
+    for d in workers {
+        gen_cpu += d;
+        busiest = busiest.max(d / wall_s);
+        subscriber_busiest = subscriber_busiest.max(d / wall_s);
+    }
+    let client_cpus = o
+        .client_cpus
+        .as_deref()
+        .and_then(|l| procfs::parse_cpu_list(l).ok())
+        .map_or_else(
+            || std::thread::available_parallelism().map_or(1, |n| n.get()),
+            |c| c.len(),
+        );
+    let total_busy = gen_cpu / wall_s / client_cpus as f64;
+    let usage = GeneratorUsage {
+        cpu_s: gen_cpu,
+        wall_s,
+        cpus: client_cpus,
+        max_process_busy: busiest,
+        saturated: subscriber_busiest > SATURATED || total_busy > SATURATED,
+        ..GeneratorUsage::default()
+    };
+    let note = usage.saturated.then(|| {
+        format!(
+            "the load generator was saturated (busiest subscriber process {:.0}% of a core, all processes {:.0}% of {} CPU(s)): throughput figures are lower bounds",
+            subscriber_busiest * 100.0,
+            total_busy * 100.0,
+            client_cpus
+        )
+    });
+    (usage, note)
+}
+
+/// Publishes `phase` to `ready` subscribers and waits for the deliveries:
+/// until all arrived, nothing arrived for `--drain-timeout` after the last
+/// publish, or the phase's limit passed. Returns what was published and the
+/// broker CPU window (before, after, wall ns).
+///
+/// # Errors
+/// A worker failed, or the publisher could not connect.
+pub fn publish_phase(
+    fleet: &mut Fleet,
+    o: &Opts,
+    t: &Target,
+    ready: u64,
+    phase: &Phase,
+    progress: &Progress,
+) -> Result<(Published, CpuWindow), ScenarioError> {
+    let plan = Plan {
+        target: t.addr,
+        topic: o.topic.clone(),
+        qos: o.qos,
+        payload: o.payload as usize,
+        msgs: phase.msgs,
+        rate: phase.rate,
+        raw: t.raw,
+        client_id: format!("fmb-{}-pub", std::process::id()),
+        first_seq: phase.first_seq,
+        track_stride: phase.track_stride,
+        track_msgs: TRACK_MSGS,
+        clock: stamp_clock(o),
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicBool::new(false));
+    let c0 = cpu_of(t.pid);
+    let w0 = stats::monotonic_ns();
+    let deadline = w0 + phase.limit_ns;
+    let handle = {
+        let (stop, done) = (stop.clone(), done.clone());
+        std::thread::spawn(move || {
+            let r = publisher::run(&plan, &stop, deadline);
+            done.store(true, Ordering::Relaxed);
+            r
+        })
+    };
+    let waited = await_deliveries(fleet, o, ready * phase.msgs, deadline, progress, |_| {
+        done.load(Ordering::Relaxed)
+    });
+    stop.store(true, Ordering::Relaxed);
+    let c1 = cpu_of(t.pid);
+    let w1 = stats::monotonic_ns();
+    waited?;
+    let published = handle.join().map_err(|_| ScenarioError::PublisherPanic)??;
+    progress.println(&format!(
+        "published {} of {} messages",
+        published.sent, phase.msgs
+    ));
+    Ok((published, c0.zip(c1).map(|(a, b)| (a, b, w1 - w0))))
+}
+
+/// Waits until `expected` deliveries arrived, the monotonic `deadline_ns`
+/// passed, or nothing arrived for `--drain-timeout` once `sent_all` says
+/// everything is on its way (the publisher finished; a part that only
+/// subscribes: its first delivery arrived).
+///
+/// # Errors
+/// A worker failed; running out of time is not an error.
+pub fn await_deliveries(
+    fleet: &mut Fleet,
+    o: &Opts,
+    expected: u64,
+    deadline_ns: u64,
+    progress: &Progress,
+    sent_all: impl Fn(&crate::protocol::Progress) -> bool,
+) -> Result<(), ScenarioError> {
+    let drain_ns = (o.drain_timeout * 1e9) as u64;
+    let mut last_count = 0;
+    let mut last_change = stats::monotonic_ns();
+    let waited = fleet.gather::<()>(
+        "deliveries",
+        Duration::from_nanos(deadline_ns.saturating_sub(last_change)) + Duration::from_secs(5),
+        progress,
+        |_| None,
+        |p| {
+            let now = stats::monotonic_ns();
+            if p.delivered != last_count {
+                last_count = p.delivered;
+                last_change = now;
+            }
+            p.delivered >= expected
+                || now > deadline_ns
+                || (sent_all(p) && now - last_change > drain_ns)
+        },
+    );
+    match waited {
+        Ok(_) | Err(FleetError::Timeout(..)) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The connect phase's figures from the workers' summaries of it, for
+/// `attempted` subscribers. Its duration runs from the first worker's start
+/// to the last one's end: summaries of one host share its monotonic clock
+/// (`merge` shifts each part's to start at 0, since hosts do not).
+pub fn connect_figures(summaries: &[ConnectSummary], attempted: u64) -> ConnectFigures {
+    let mut hist = stats::new_hist();
+    let mut f = ConnectFigures {
+        attempted,
+        ..ConnectFigures::default()
+    };
+    for s in summaries {
+        f.connected += s.ready;
+        f.failed += s.failed;
+        add_counts(&mut f.errors, &s.errors);
+        add_counts(&mut f.by_source, &s.by_source);
+        add_counts(&mut f.by_target, &s.by_target);
+        // Pairs come from our own workers' histograms: always in range.
+        let _ = stats::add_pairs(&mut hist, &s.latency);
+    }
+    let start = summaries.iter().map(|s| s.started_ns).min().unwrap_or(0);
+    let end = summaries.iter().map(|s| s.ended_ns).max().unwrap_or(0);
+    f.seconds = end.saturating_sub(start) as f64 / 1e9;
+    f.conns_per_s = f.connected as f64 / f.seconds.max(1e-9);
+    f.latency = stats::summarize(&hist);
+    f
+}
+
+/// Adds the counts of `from` into `into`, key by key.
+pub fn add_counts(into: &mut BTreeMap<String, u64>, from: &BTreeMap<String, u64>) {
+    for (k, v) in from {
+        *into.entry(k.clone()).or_default() += v;
+    }
+}
+
+/// The generator's memory after the connect phase: the workers' RSS, and
+/// its growth over the subscribers they hold (bytes per idle subscriber).
+pub fn add_generator_memory(g: &mut GeneratorUsage, summaries: &[ConnectSummary]) {
+    let ready: u64 = summaries.iter().map(|s| s.ready).sum();
+    g.rss_bytes = summaries.iter().map(|s| s.rss_bytes).sum();
+    let growth: u64 = summaries
+        .iter()
+        .map(|s| s.rss_bytes.saturating_sub(s.rss_start_bytes))
+        .sum();
+    g.rss_per_subscriber = (ready > 0).then(|| growth as f64 / ready as f64);
+}
+
+/// The clock of the payload stamps: the wall clock when the run is split
+/// over load hosts (`--part`), else the monotonic one (see [`Clock`]).
+pub fn stamp_clock(o: &Opts) -> Clock {
+    if o.part.is_some() {
+        Clock::Realtime
+    } else {
+        Clock::Monotonic
+    }
+}
+
+/// Merges the workers' reports of one phase into the fan-out figures, and
+/// returns with them the publish→last-subscriber latency per tracked
+/// message (ns, 0 = never arrived).
+pub fn fanout_figures(reports: &[WorkerReport], published: u64) -> (FanoutFigures, Vec<u64>) {
+    let mut hist = stats::new_hist();
+    let mut last = Vec::new();
+    let mut timeline = Vec::new();
+    let counted: u64 = reports.iter().map(|r| r.counted).sum();
+    let mut f = FanoutFigures {
+        published,
+        expected: published * counted,
+        bucket_ms: BUCKET_NS / 1_000_000,
+        ..FanoutFigures::default()
+    };
+    let (mut first, mut end) = (u64::MAX, 0);
+    for r in reports {
+        f.delivered += r.delivered;
+        f.lost += r.lost;
+        f.duplicates += r.duplicates;
+        f.out_of_order += r.out_of_order;
+        f.subs_with_loss += r.subs_with_loss;
+        let _ = stats::add_pairs(&mut hist, &r.latency);
+        stats::max_series(&mut last, &r.last_arrival);
+        stats::add_series(&mut timeline, &r.timeline);
+        if r.first_delivery_ns > 0 {
+            first = first.min(r.first_delivery_ns);
+        }
+        end = end.max(r.last_delivery_ns);
+        add_counts(&mut f.errors, &r.errors);
+    }
+    let mut last_hist = stats::new_hist();
+    for &l in last.iter().take(published as usize) {
+        if l > 0 {
+            stats::record(&mut last_hist, l);
+        }
+    }
+    // Rate over first → last delivery (the publish stamp of the first
+    // message is within its latency of the first delivery).
+    if end > first {
+        f.seconds = (end - first) as f64 / 1e9;
+        f.deliveries_per_s = f.delivered as f64 / f.seconds;
+    }
+    let lead = timeline.iter().position(|&c| c > 0).unwrap_or(0);
+    f.timeline = timeline[lead..]
+        .iter()
+        .map(|&c| c as f64 * 1e9 / BUCKET_NS as f64)
+        .collect();
+    f.latency = stats::summarize(&hist);
+    f.latency_last = stats::summarize(&last_hist);
+    (f, last)
+}
