@@ -54,6 +54,7 @@ pub mod outqueue;
 pub mod park;
 pub mod passwd;
 pub mod password;
+pub mod protocol;
 pub mod registry;
 pub mod retain;
 pub mod router;

@@ -1,0 +1,1 @@
+//! Cross-checks against rumqttc (an independent implementation).
