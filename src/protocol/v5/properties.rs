@@ -709,3 +709,425 @@ fn truncated_is(error: DecodeError, instead: DecodeError) -> DecodeError {
         error
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::ReasonCode;
+    use super::super::tests::{cat, props, string};
+    use super::*;
+
+    /// Decodes a property block for `context`.
+    fn decode_block(bytes: &[u8], context: Context) -> Result<Properties, DecodeError> {
+        let mut reader = Reader::new(bytes);
+        let properties = Properties::decode(&mut reader, context)?;
+        assert!(reader.is_empty(), "block not consumed");
+        Ok(properties)
+    }
+
+    /// Encodes `properties` for `context`, checking the announced length.
+    fn encode_block(properties: &Properties, context: Context) -> Result<Vec<u8>, EncodeError> {
+        let len = properties.encoded_len(context)?;
+        let mut out = BytesMut::new();
+        properties.encode(&mut out)?;
+        assert_eq!(out.len(), len);
+        Ok(out.to_vec())
+    }
+
+    fn connack_properties() -> Properties {
+        use Property as P;
+        [
+            P::SessionExpiryInterval(3600),
+            P::ReceiveMaximum(NonZeroU16::new(20).unwrap()),
+            P::MaximumQoS(QoS::AtLeastOnce),
+            P::RetainAvailable(true),
+            P::MaximumPacketSize(NonZeroU32::new(1 << 20).unwrap()),
+            P::AssignedClientIdentifier("auto-1".into()),
+            P::TopicAliasMaximum(10),
+            P::ReasonString("welcome".into()),
+            P::UserProperty("b".into(), "2".into()),
+            P::UserProperty("a".into(), "1".into()),
+            P::WildcardSubscriptionAvailable(false),
+            P::SubscriptionIdentifierAvailable(true),
+            P::SharedSubscriptionAvailable(false),
+            P::ServerKeepAlive(30),
+            P::ResponseInformation("resp/".into()),
+            P::ServerReference("other:1883".into()),
+            P::AuthenticationMethod("SCRAM".into()),
+            P::AuthenticationData(Bytes::from_static(b"\x00\x01")),
+        ]
+        .into_iter()
+        .collect()
+    }
+
+    #[test]
+    fn empty_properties_do_not_allocate() {
+        assert_eq!(Properties::new().list.capacity(), 0);
+        let decoded = decode_block(&[0], Context::Packet(PacketType::Publish)).unwrap();
+        assert!(decoded.is_empty());
+        assert_eq!(decoded.list.capacity(), 0);
+        assert_eq!(
+            encode_block(&decoded, Context::Packet(PacketType::Publish)),
+            Ok(vec![0])
+        );
+    }
+
+    #[test]
+    fn every_connack_property_round_trips() {
+        let context = Context::Packet(PacketType::ConnAck);
+        let properties = connack_properties();
+        let bytes = encode_block(&properties, context).unwrap();
+        assert_eq!(decode_block(&bytes, context), Ok(properties.clone()));
+        assert_eq!(properties.session_expiry_interval(), Some(3600));
+        assert_eq!(properties.maximum_qos(), Some(QoS::AtLeastOnce));
+        assert_eq!(properties.server_keep_alive(), Some(30));
+        assert_eq!(properties.reason_string().map(|s| &s[..]), Some("welcome"));
+        assert_eq!(properties.topic_alias(), None);
+        let users: Vec<_> = properties
+            .user_properties()
+            .map(|(n, v)| (&n[..], &v[..]))
+            .collect();
+        assert_eq!(users, [("b", "2"), ("a", "1")]);
+        assert_eq!(properties.len(), 18);
+        assert!(properties.contains(PropertyId::ServerReference));
+    }
+
+    #[test]
+    fn publish_and_will_properties_round_trip() {
+        use Property as P;
+        let message = Properties::new()
+            .with(P::PayloadFormatIndicator(true))
+            .with(P::MessageExpiryInterval(60))
+            .with(P::ContentType("text/plain".into()))
+            .with(P::ResponseTopic("reply/me".into()))
+            .with(P::CorrelationData(Bytes::from_static(b"\xFF\x00")))
+            .with(P::UserProperty("k".into(), "v".into()))
+            .with(P::UserProperty("k".into(), "w".into()));
+        let will = message.clone().with(P::WillDelayInterval(5));
+        let bytes = encode_block(&will, Context::Will).unwrap();
+        assert_eq!(decode_block(&bytes, Context::Will), Ok(will.clone()));
+        assert_eq!(will.will_delay_interval(), Some(5));
+
+        let publish = message
+            .with(P::TopicAlias(NonZeroU16::new(3).unwrap()))
+            .with(P::SubscriptionIdentifier(NonZeroU32::new(1).unwrap()))
+            .with(P::SubscriptionIdentifier(
+                NonZeroU32::new(MAX_REMAINING_LENGTH as u32).unwrap(),
+            ));
+        let context = Context::Packet(PacketType::Publish);
+        let bytes = encode_block(&publish, context).unwrap();
+        assert_eq!(decode_block(&bytes, context), Ok(publish.clone()));
+        let ids: Vec<u32> = publish
+            .subscription_identifiers()
+            .map(|id| id.get())
+            .collect();
+        assert_eq!(ids, [1, MAX_REMAINING_LENGTH as u32]);
+    }
+
+    #[test]
+    fn wire_bytes_of_each_data_type() {
+        use Property as P;
+        let cases: Vec<(Property, Vec<u8>)> = vec![
+            (P::PayloadFormatIndicator(true), vec![0x01, 1]),
+            (
+                P::ReceiveMaximum(NonZeroU16::new(0x0102).unwrap()),
+                vec![0x21, 1, 2],
+            ),
+            (P::SessionExpiryInterval(0x01020304), vec![0x11, 1, 2, 3, 4]),
+            (
+                P::SubscriptionIdentifier(NonZeroU32::new(128).unwrap()),
+                vec![0x0B, 0x80, 0x01],
+            ),
+            (
+                P::ContentType("é".into()),
+                cat(&[&[0x03], &string("é".as_bytes())]),
+            ),
+            (
+                P::CorrelationData(Bytes::from_static(b"\x00")),
+                cat(&[&[0x09], &string(b"\x00")]),
+            ),
+            (
+                P::UserProperty("n".into(), "v".into()),
+                cat(&[&[0x26], &string(b"n"), &string(b"v")]),
+            ),
+        ];
+        for (property, wire) in cases {
+            let context = if property.id() == PropertyId::ReceiveMaximum
+                || property.id() == PropertyId::SessionExpiryInterval
+            {
+                Context::Packet(PacketType::Connect)
+            } else {
+                Context::Packet(PacketType::Publish)
+            };
+            let set = Properties::new().with(property);
+            let bytes = encode_block(&set, context).unwrap();
+            assert_eq!(bytes, props(&wire), "{set:?}");
+            assert_eq!(decode_block(&bytes, context), Ok(set));
+        }
+    }
+
+    /// Decodes `block` (without its length) for `context`, expecting `error`
+    /// with reason code `reason`.
+    fn refused(block: &[u8], context: Context, error: DecodeError, reason: ReasonCode) {
+        assert_eq!(decode_block(&props(block), context), Err(error.clone()));
+        assert_eq!(error.reason_code(), reason, "{error:?}");
+    }
+
+    #[test]
+    fn unknown_and_misplaced_properties_are_malformed() {
+        use DecodeError as E;
+        let connect = Context::Packet(PacketType::Connect);
+        let malformed = ReasonCode::MALFORMED_PACKET;
+        refused(&[0x00, 0], connect, E::UnknownProperty(0), malformed);
+        refused(&[0x04, 0], connect, E::UnknownProperty(4), malformed);
+        refused(&[0x2B, 0], connect, E::UnknownProperty(0x2B), malformed);
+        // A two-byte identifier (129), defined nowhere.
+        refused(
+            &[0x81, 0x01, 0],
+            connect,
+            E::UnknownProperty(129),
+            malformed,
+        );
+        // A non-minimal identifier.
+        refused(
+            &[0x91, 0x00, 0, 0, 0, 0],
+            connect,
+            E::NonMinimalVariableByteInteger,
+            malformed,
+        );
+        let misplaced: [(&[u8], Context, PropertyId); 5] = [
+            (&[0x23, 0, 1], connect, PropertyId::TopicAlias),
+            (&[0x12, 0, 0], connect, PropertyId::AssignedClientIdentifier),
+            (
+                &[0x11, 0, 0, 0, 1],
+                Context::Will,
+                PropertyId::SessionExpiryInterval,
+            ),
+            (&[0x18, 0, 0, 0, 1], connect, PropertyId::WillDelayInterval),
+            (
+                &[0x1F, 0, 0],
+                Context::Packet(PacketType::Subscribe),
+                PropertyId::ReasonString,
+            ),
+        ];
+        for (block, context, property) in misplaced {
+            refused(
+                block,
+                context,
+                E::PropertyNotAllowed { property, context },
+                malformed,
+            );
+        }
+    }
+
+    #[test]
+    fn duplicates_are_protocol_errors() {
+        use DecodeError as E;
+        let protocol = ReasonCode::PROTOCOL_ERROR;
+        let connect = Context::Packet(PacketType::Connect);
+        refused(
+            &[0x11, 0, 0, 0, 1, 0x11, 0, 0, 0, 2],
+            connect,
+            E::DuplicateProperty(PropertyId::SessionExpiryInterval),
+            protocol,
+        );
+        refused(
+            &[0x0B, 1, 0x0B, 2],
+            Context::Packet(PacketType::Subscribe),
+            E::DuplicateProperty(PropertyId::SubscriptionIdentifier),
+            protocol,
+        );
+        let pair = cat(&[&[0x26], &string(b"a"), &string(b"b")]);
+        let twice = cat(&[&pair, &pair]);
+        assert_eq!(
+            decode_block(&props(&twice), connect).map(|p| p.len()),
+            Ok(2)
+        );
+        let publish = Context::Packet(PacketType::Publish);
+        assert_eq!(
+            decode_block(&props(&[0x0B, 1, 0x0B, 2]), publish).map(|p| p.len()),
+            Ok(2)
+        );
+    }
+
+    #[test]
+    fn values_out_of_range() {
+        use DecodeError as E;
+        let protocol = ReasonCode::PROTOCOL_ERROR;
+        let connect = Context::Packet(PacketType::Connect);
+        let connack = Context::Packet(PacketType::ConnAck);
+        let publish = Context::Packet(PacketType::Publish);
+        let cases: [(&[u8], Context, DecodeError, ReasonCode); 11] = [
+            (
+                &[0x01, 2],
+                publish,
+                E::InvalidPayloadFormatIndicator(2),
+                protocol,
+            ),
+            (
+                &[0x01, 0xFF],
+                Context::Will,
+                E::InvalidPayloadFormatIndicator(0xFF),
+                protocol,
+            ),
+            (
+                &[0x17, 2],
+                connect,
+                E::InvalidRequestProblemInformation(2),
+                protocol,
+            ),
+            (
+                &[0x19, 7],
+                connect,
+                E::InvalidRequestResponseInformation(7),
+                protocol,
+            ),
+            (&[0x21, 0, 0], connect, E::ZeroReceiveMaximum, protocol),
+            (
+                &[0x27, 0, 0, 0, 0],
+                connect,
+                E::ZeroMaximumPacketSize,
+                protocol,
+            ),
+            (
+                &[0x23, 0, 0],
+                publish,
+                E::ZeroTopicAlias,
+                ReasonCode::TOPIC_ALIAS_INVALID,
+            ),
+            (
+                &[0x0B, 0],
+                Context::Packet(PacketType::Subscribe),
+                E::ZeroSubscriptionIdentifier,
+                protocol,
+            ),
+            (&[0x24, 2], connack, E::InvalidMaximumQoS(2), protocol),
+            (
+                &[0x25, 2],
+                connack,
+                E::InvalidFlagProperty {
+                    property: PropertyId::RetainAvailable,
+                    value: 2,
+                },
+                protocol,
+            ),
+            (
+                &[0x0B, 0x80, 0x80, 0x80, 0x80, 0x01],
+                publish,
+                E::MalformedVariableByteInteger,
+                ReasonCode::MALFORMED_PACKET,
+            ),
+        ];
+        for (block, context, error, reason) in cases {
+            refused(block, context, error, reason);
+        }
+    }
+
+    #[test]
+    fn strings_must_be_utf8_without_nul() {
+        let publish = Context::Packet(PacketType::Publish);
+        let malformed = ReasonCode::MALFORMED_PACKET;
+        let bad: [&[u8]; 4] = [b"\xFF", b"a\x00", b"\xED\xA0\x80", b"\xC0\x80"];
+        for raw in bad {
+            let content_type = cat(&[&[0x03], &string(raw)]);
+            refused(&content_type, publish, DecodeError::InvalidUtf8, malformed);
+            // Either half of a User Property pair.
+            let name = cat(&[&[0x26], &string(raw), &string(b"v")]);
+            refused(&name, publish, DecodeError::InvalidUtf8, malformed);
+            let value = cat(&[&[0x26], &string(b"n"), &string(raw)]);
+            refused(&value, publish, DecodeError::InvalidUtf8, malformed);
+        }
+    }
+
+    #[test]
+    fn property_length_must_match() {
+        let publish = Context::Packet(PacketType::Publish);
+        let mismatch = DecodeError::PropertyLengthMismatch;
+        // A Message Expiry Interval cut by the Property Length.
+        let mut reader = Reader::new(&[3, 0x02, 0, 0, 0, 1]);
+        assert_eq!(
+            Properties::decode(&mut reader, publish),
+            Err(mismatch.clone())
+        );
+        // A Property Length beyond the packet.
+        let mut reader = Reader::new(&[9, 0x01, 1]);
+        assert_eq!(
+            Properties::decode(&mut reader, publish),
+            Err(mismatch.clone())
+        );
+        // A string whose length runs past the block.
+        refused(
+            &[0x03, 0, 5, b'a'],
+            publish,
+            mismatch.clone(),
+            ReasonCode::MALFORMED_PACKET,
+        );
+        // Missing the Property Length itself is a short packet.
+        let mut reader = Reader::new(&[]);
+        assert_eq!(
+            Properties::decode(&mut reader, publish),
+            Err(DecodeError::Truncated)
+        );
+        // The block ends where it says: what follows is the caller's.
+        let mut reader = Reader::new(&[2, 0x01, 1, 0xAA]);
+        assert!(Properties::decode(&mut reader, publish).is_ok());
+        assert_eq!(reader.u8(), Ok(0xAA));
+    }
+
+    #[test]
+    fn encoding_checks_the_same_rules() {
+        use Property as P;
+        let connect = Context::Packet(PacketType::Connect);
+        let set = Properties::new().with(P::TopicAlias(NonZeroU16::new(1).unwrap()));
+        assert_eq!(
+            encode_block(&set, connect),
+            Err(EncodeError::PropertyNotAllowed {
+                property: PropertyId::TopicAlias,
+                context: connect
+            })
+        );
+        let twice = Properties::new()
+            .with(P::SessionExpiryInterval(1))
+            .with(P::SessionExpiryInterval(2));
+        assert_eq!(
+            encode_block(&twice, connect),
+            Err(EncodeError::DuplicateProperty(
+                PropertyId::SessionExpiryInterval
+            ))
+        );
+        let connack = Context::Packet(PacketType::ConnAck);
+        let qos2 = Properties::new().with(P::MaximumQoS(QoS::ExactlyOnce));
+        assert_eq!(encode_block(&qos2, connack), Err(EncodeError::MaximumQoS2));
+        let long = "x".repeat(65_536);
+        let set = Properties::new().with(P::ReasonString(long.as_str().into()));
+        assert_eq!(
+            encode_block(&set, connack),
+            Err(EncodeError::StringTooLong(65_536))
+        );
+        let set = Properties::new().with(P::UserProperty("n".into(), long.as_str().into()));
+        assert_eq!(
+            encode_block(&set, connack),
+            Err(EncodeError::StringTooLong(65_536))
+        );
+        let huge = NonZeroU32::new(MAX_REMAINING_LENGTH as u32 + 1).unwrap();
+        let set = Properties::new().with(P::SubscriptionIdentifier(huge));
+        assert_eq!(
+            encode_block(&set, Context::Packet(PacketType::Publish)),
+            Err(EncodeError::VariableByteIntegerTooLarge(huge.get()))
+        );
+    }
+
+    #[test]
+    fn repeatable_only_where_the_spec_says() {
+        let publish = Context::Packet(PacketType::Publish);
+        let subscribe = Context::Packet(PacketType::Subscribe);
+        assert!(PropertyId::UserProperty.is_repeatable_in(Context::Will));
+        assert!(PropertyId::SubscriptionIdentifier.is_repeatable_in(publish));
+        assert!(!PropertyId::SubscriptionIdentifier.is_repeatable_in(subscribe));
+        assert!(!PropertyId::ContentType.is_repeatable_in(publish));
+        assert_eq!(
+            PropertyId::from_u8(0x2A),
+            Some(PropertyId::SharedSubscriptionAvailable)
+        );
+        assert_eq!(PropertyId::from_u8(0x14), None);
+    }
+}
