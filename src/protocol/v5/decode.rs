@@ -722,3 +722,825 @@ impl<'a> Reader<'a> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::num::{NonZeroU16, NonZeroU32};
+
+    use super::super::Property;
+    use super::super::tests::{BIG, cat, decode_all, decode_err, frame, props, string};
+    use super::*;
+
+    /// First bytes of the client packets, with their required flags.
+    const CONNECT: u8 = 0x10;
+    const PUBLISH: u8 = 0x30;
+    const PUBACK: u8 = 0x40;
+    const PUBREC: u8 = 0x50;
+    const PUBREL: u8 = 0x62;
+    const PUBCOMP: u8 = 0x70;
+    const SUBSCRIBE: u8 = 0x82;
+    const UNSUBSCRIBE: u8 = 0xA2;
+    const PINGREQ: u8 = 0xC0;
+    const DISCONNECT: u8 = 0xE0;
+    const AUTH: u8 = 0xF0;
+
+    /// Expects `bytes` to fail with `error`, whose reason code is `reason`.
+    fn refused(bytes: &[u8], error: DecodeError, reason: ReasonCode) {
+        assert_eq!(decode_err(bytes), error, "{bytes:02x?}");
+        assert_eq!(error.reason_code(), reason, "{error:?}");
+    }
+
+    /// A CONNECT body: "MQTT" level 5, `flags`, keep alive 60, `properties`
+    /// (a whole block), client id "c", then `rest`.
+    fn connect_body(flags: u8, properties: &[u8], rest: &[u8]) -> Vec<u8> {
+        cat(&[
+            &string(b"MQTT"),
+            &[5, flags, 0, 60],
+            properties,
+            &string(b"c"),
+            rest,
+        ])
+    }
+
+    #[test]
+    fn variable_byte_integers_must_be_minimal() {
+        let cases: [(u32, &[u8]); 8] = [
+            (0, &[0x00]),
+            (127, &[0x7F]),
+            (128, &[0x80, 0x01]),
+            (16_383, &[0xFF, 0x7F]),
+            (16_384, &[0x80, 0x80, 0x01]),
+            (2_097_151, &[0xFF, 0xFF, 0x7F]),
+            (2_097_152, &[0x80, 0x80, 0x80, 0x01]),
+            (268_435_455, &[0xFF, 0xFF, 0xFF, 0x7F]),
+        ];
+        for (value, encoded) in cases {
+            assert_eq!(
+                decode_variable_byte_integer(encoded),
+                Ok(Some((value, encoded.len())))
+            );
+            for cut in 0..encoded.len() {
+                assert_eq!(decode_variable_byte_integer(&encoded[..cut]), Ok(None));
+            }
+        }
+        let non_minimal: [&[u8]; 4] = [
+            &[0x80, 0x00],
+            &[0xFF, 0x00],
+            &[0x80, 0x80, 0x00],
+            &[0x81, 0x80, 0x80, 0x00],
+        ];
+        for encoded in non_minimal {
+            assert_eq!(
+                decode_variable_byte_integer(encoded),
+                Err(DecodeError::NonMinimalVariableByteInteger)
+            );
+        }
+        assert_eq!(
+            decode_variable_byte_integer(&[0x80, 0x80, 0x80, 0x80]),
+            Err(DecodeError::MalformedVariableByteInteger)
+        );
+        let malformed = ReasonCode::MALFORMED_PACKET;
+        refused(
+            &[PINGREQ, 0x80, 0x00],
+            DecodeError::NonMinimalVariableByteInteger,
+            malformed,
+        );
+        refused(
+            &[PINGREQ, 0xFF, 0xFF, 0xFF, 0xFF, 0x01],
+            DecodeError::MalformedVariableByteInteger,
+            malformed,
+        );
+    }
+
+    #[test]
+    fn packet_too_large_is_reported_before_the_bytes_arrive() {
+        let mut buf = BytesMut::from(&[PUBLISH, 0xC8, 0x01][..]);
+        let error = decode(&mut buf, 202).expect_err("too large");
+        assert_eq!(
+            error,
+            DecodeError::PacketTooLarge {
+                size: 203,
+                max: 202
+            }
+        );
+        assert_eq!(error.reason_code(), ReasonCode::PACKET_TOO_LARGE);
+        assert_eq!(buf.len(), 3);
+        assert_eq!(decode(&mut buf, 203), Ok(None));
+        assert_eq!(peek_frame_len(&[PUBLISH, 0xC8, 0x01], BIG), Ok(Some(203)));
+        assert_eq!(peek_frame_len(&[PUBLISH, 0xC8], BIG), Ok(None));
+        assert_eq!(peek_frame_len(&[], BIG), Ok(None));
+    }
+
+    #[test]
+    fn fixed_header_errors() {
+        use DecodeError as E;
+        let malformed = ReasonCode::MALFORMED_PACKET;
+        refused(&[0x00, 0], E::ReservedPacketType, malformed);
+        for packet_type in [
+            PacketType::ConnAck,
+            PacketType::SubAck,
+            PacketType::UnsubAck,
+            PacketType::PingResp,
+        ] {
+            refused(
+                &[packet_type.first_byte(), 0],
+                E::UnexpectedPacketType(packet_type),
+                ReasonCode::PROTOCOL_ERROR,
+            );
+        }
+        let bad_flags = [
+            (PacketType::PubRel, 0x60),
+            (PacketType::Subscribe, 0x80),
+            (PacketType::Unsubscribe, 0xA3),
+            (PacketType::PubAck, 0x42),
+            (PacketType::PingReq, 0xC1),
+            (PacketType::Disconnect, 0xE8),
+            (PacketType::Auth, 0xF2),
+            (PacketType::Connect, 0x11),
+        ];
+        for (packet_type, first) in bad_flags {
+            let flags = first & 0x0F;
+            refused(
+                &[first, 0],
+                E::InvalidFixedHeaderFlags { packet_type, flags },
+                malformed,
+            );
+        }
+        refused(
+            &frame(PUBLISH | 0b0110, &string(b"t")),
+            E::InvalidPublishQoS,
+            malformed,
+        );
+        refused(
+            &frame(PUBLISH | 0b1000, &string(b"t")),
+            E::DupWithQoS0,
+            malformed,
+        );
+    }
+
+    #[test]
+    fn incomplete_input_at_every_split_point() {
+        let samples = [
+            frame(
+                CONNECT,
+                &connect_body(
+                    0xC6,
+                    &props(&[0x11, 0, 0, 0, 9]),
+                    &cat(&[
+                        &props(&[0x18, 0, 0, 0, 1]),
+                        &string(b"w"),
+                        &string(b"bye"),
+                        &string(b"user"),
+                        &string(b"pw"),
+                    ]),
+                ),
+            ),
+            frame(
+                PUBLISH | 0b0100,
+                &cat(&[&string(b"a/b"), &[0, 9], &props(&[0x01, 1]), &[7; 300]]),
+            ),
+            frame(
+                SUBSCRIBE,
+                &cat(&[&[0, 1], &props(&[0x0B, 5]), &string(b"x"), &[0x2D]]),
+            ),
+            frame(UNSUBSCRIBE, &cat(&[&[0, 1], &props(&[]), &string(b"x")])),
+            vec![PUBREL, 3, 0, 5, 0x92],
+            vec![PINGREQ, 0],
+            vec![DISCONNECT, 0],
+            frame(
+                AUTH,
+                &cat(&[&[0x18], &props(&cat(&[&[0x15], &string(b"m")]))]),
+            ),
+        ];
+        for sample in samples {
+            for cut in 0..sample.len() {
+                let mut buf = BytesMut::from(&sample[..cut]);
+                assert_eq!(
+                    decode(&mut buf, BIG),
+                    Ok(None),
+                    "cut {cut} of {sample:02x?}"
+                );
+                assert_eq!(buf.len(), cut);
+            }
+            let mut buf = BytesMut::from(&sample[..]);
+            buf.extend_from_slice(&sample);
+            assert!(
+                matches!(decode(&mut buf, BIG), Ok(Some(_))),
+                "{sample:02x?}"
+            );
+            assert_eq!(buf.len(), sample.len());
+            assert!(matches!(decode(&mut buf, BIG), Ok(Some(_))));
+            assert!(buf.is_empty());
+        }
+    }
+
+    #[test]
+    fn connect_with_everything() {
+        let connect_properties = cat(&[
+            &[0x11, 0, 0, 0x0E, 0x10],
+            &[0x21, 0, 10],
+            &[0x27, 0, 1, 0, 0],
+            &[0x22, 0, 5],
+            &[0x19, 1],
+            &[0x17, 0],
+            &[0x26],
+            &string(b"k"),
+            &string(b"v"),
+            &[0x15],
+            &string(b"PLAIN"),
+            &[0x16],
+            &string(b"\x00tok"),
+        ]);
+        let will_properties = cat(&[&[0x18, 0, 0, 0, 30, 0x01, 1, 0x03], &string(b"text/plain")]);
+        // User Name, Password, Will Retain, Will QoS 2, Will, Clean Start.
+        let bytes = frame(
+            CONNECT,
+            &connect_body(
+                0b1111_0110,
+                &props(&connect_properties),
+                &cat(&[
+                    &props(&will_properties),
+                    &string(b"will/t"),
+                    &string(b"\xFFgone"),
+                    &string(b"alice"),
+                    &string(b"secret"),
+                ]),
+            ),
+        );
+        let Ok(Packet::Connect(connect)) = decode_all(&bytes) else {
+            panic!("not a CONNECT");
+        };
+        assert!(connect.clean_start);
+        assert_eq!(connect.keep_alive, 60);
+        assert_eq!(&connect.client_id[..], "c");
+        let p = &connect.properties;
+        assert_eq!(p.session_expiry_interval(), Some(3600));
+        assert_eq!(p.receive_maximum(), NonZeroU16::new(10));
+        assert_eq!(p.maximum_packet_size(), NonZeroU32::new(65_536));
+        assert_eq!(p.topic_alias_maximum(), Some(5));
+        assert_eq!(p.request_response_information(), Some(true));
+        assert_eq!(p.request_problem_information(), Some(false));
+        assert_eq!(p.authentication_method().map(|m| &m[..]), Some("PLAIN"));
+        assert_eq!(
+            p.authentication_data().map(|d| &d[..]),
+            Some(&b"\x00tok"[..])
+        );
+        assert_eq!(p.user_properties().count(), 1);
+        let will = connect.will.as_ref().expect("will");
+        assert_eq!(will.qos, QoS::ExactlyOnce);
+        assert!(will.retain);
+        assert_eq!(&will.topic[..], "will/t");
+        assert_eq!(&will.payload[..], b"\xFFgone");
+        assert_eq!(will.properties.will_delay_interval(), Some(30));
+        assert_eq!(will.properties.payload_format_indicator(), Some(true));
+        assert_eq!(
+            will.properties.content_type().map(|c| &c[..]),
+            Some("text/plain")
+        );
+        assert_eq!(connect.username.as_deref(), Some("alice"));
+        assert_eq!(connect.password.as_deref(), Some(&b"secret"[..]));
+    }
+
+    #[test]
+    fn connect_minimal_and_password_without_username() {
+        let Ok(Packet::Connect(connect)) = decode_all(&frame(CONNECT, &connect_body(0, &[0], &[])))
+        else {
+            panic!("not a CONNECT");
+        };
+        assert!(!connect.clean_start && connect.will.is_none() && connect.properties.is_empty());
+        assert_eq!((connect.username, connect.password), (None, None));
+        // Allowed in 5.0 (§3.1.2.9), unlike 3.1.1.
+        let bytes = frame(CONNECT, &connect_body(0b0100_0000, &[0], &string(b"pw")));
+        let Ok(Packet::Connect(connect)) = decode_all(&bytes) else {
+            panic!("not a CONNECT");
+        };
+        assert_eq!(connect.username, None);
+        assert_eq!(connect.password.as_deref(), Some(&b"pw"[..]));
+    }
+
+    #[test]
+    fn connect_errors() {
+        use DecodeError as E;
+        let malformed = ReasonCode::MALFORMED_PACKET;
+        let protocol = ReasonCode::PROTOCOL_ERROR;
+        let unsupported = ReasonCode::UNSUPPORTED_PROTOCOL_VERSION;
+        let mut wrong_name = connect_body(0, &[0], &[]);
+        wrong_name[2..6].copy_from_slice(b"MQTX");
+        refused(
+            &frame(CONNECT, &wrong_name),
+            E::InvalidProtocolName,
+            unsupported,
+        );
+        for level in [3, 4, 6] {
+            let mut body = connect_body(0, &[0], &[]);
+            body[6] = level;
+            refused(
+                &frame(CONNECT, &body),
+                E::UnsupportedProtocolVersion(level),
+                unsupported,
+            );
+        }
+        let cases: [(u8, DecodeError, ReasonCode); 5] = [
+            (0b0000_0001, E::ReservedConnectFlag, malformed),
+            (0b0001_1100, E::InvalidWillQoS, malformed),
+            (0b0000_1000, E::WillFlagsWithoutWill, malformed),
+            (0b0001_0000, E::WillFlagsWithoutWill, malformed),
+            (0b0010_0000, E::WillFlagsWithoutWill, malformed),
+        ];
+        for (flags, error, reason) in cases {
+            refused(
+                &frame(CONNECT, &connect_body(flags, &[0], &[])),
+                error,
+                reason,
+            );
+        }
+        let data_only = props(&cat(&[&[0x16], &string(b"x")]));
+        refused(
+            &frame(CONNECT, &connect_body(0, &data_only, &[])),
+            E::AuthenticationDataWithoutMethod,
+            protocol,
+        );
+        refused(
+            &frame(CONNECT, &connect_body(0, &props(&[0x17, 2]), &[])),
+            E::InvalidRequestProblemInformation(2),
+            protocol,
+        );
+        refused(
+            &frame(CONNECT, &connect_body(0, &props(&[0x23, 0, 1]), &[])),
+            E::PropertyNotAllowed {
+                property: PropertyId::TopicAlias,
+                context: Context::Packet(PacketType::Connect),
+            },
+            malformed,
+        );
+        // A CONNECT property in the Will Properties.
+        let will = cat(&[&props(&[0x11, 0, 0, 0, 1]), &string(b"t"), &string(b"")]);
+        refused(
+            &frame(CONNECT, &connect_body(0b0000_0100, &[0], &will)),
+            E::PropertyNotAllowed {
+                property: PropertyId::SessionExpiryInterval,
+                context: Context::Will,
+            },
+            malformed,
+        );
+        // Flags promise a user name that is not there; a byte too many.
+        refused(
+            &frame(CONNECT, &connect_body(0x80, &[0], &[])),
+            E::Truncated,
+            malformed,
+        );
+        refused(
+            &frame(CONNECT, &connect_body(0, &[0], &[0])),
+            E::TrailingBytes,
+            malformed,
+        );
+        let bad_id = cat(&[&string(b"MQTT"), &[5, 0, 0, 60, 0], &string(b"a\x00")]);
+        refused(&frame(CONNECT, &bad_id), E::InvalidUtf8, malformed);
+        let bad_user = connect_body(0x80, &[0], &string(b"\xC3"));
+        refused(&frame(CONNECT, &bad_user), E::InvalidUtf8, malformed);
+    }
+
+    #[test]
+    fn publish_with_properties() {
+        let properties = cat(&[
+            &[0x01, 1, 0x02, 0, 0, 0, 10, 0x23, 0, 7, 0x08],
+            &string(b"re/ply"),
+            &[0x09],
+            &string(b"\x01\x02"),
+            &[0x26],
+            &string(b"a"),
+            &string(b"1"),
+            &[0x26],
+            &string(b"a"),
+            &string(b"2"),
+            &[0x03],
+            &string(b"json"),
+        ]);
+        let bytes = frame(
+            PUBLISH | 0b1011,
+            &cat(&[&string(b"a/b"), &[0x12, 0x34], &props(&properties), b"{}"]),
+        );
+        let Ok(Packet::Publish(publish)) = decode_all(&bytes) else {
+            panic!("not a PUBLISH");
+        };
+        assert!(publish.dup && publish.retain);
+        assert_eq!(publish.qos, QoS::AtLeastOnce);
+        assert_eq!(publish.packet_id, 0x1234);
+        assert_eq!(&publish.topic[..], "a/b");
+        assert_eq!(&publish.payload[..], b"{}");
+        let p = &publish.properties;
+        assert_eq!(p.payload_format_indicator(), Some(true));
+        assert_eq!(p.message_expiry_interval(), Some(10));
+        assert_eq!(p.topic_alias(), NonZeroU16::new(7));
+        assert_eq!(p.response_topic().map(|t| &t[..]), Some("re/ply"));
+        assert_eq!(p.correlation_data().map(|d| &d[..]), Some(&[1u8, 2][..]));
+        assert_eq!(p.content_type().map(|t| &t[..]), Some("json"));
+        let values: Vec<_> = p.user_properties().map(|(_, v)| &v[..]).collect();
+        assert_eq!(values, ["1", "2"]);
+        assert!(publish.payload_is_utf8());
+    }
+
+    #[test]
+    fn publish_rules() {
+        use DecodeError as E;
+        let protocol = ReasonCode::PROTOCOL_ERROR;
+        // An empty topic is fine with a Topic Alias, not without.
+        let aliased = frame(PUBLISH, &cat(&[&string(b""), &props(&[0x23, 0, 1]), b"x"]));
+        let Ok(Packet::Publish(publish)) = decode_all(&aliased) else {
+            panic!("not a PUBLISH");
+        };
+        assert!(publish.topic.is_empty());
+        refused(
+            &frame(PUBLISH, &cat(&[&string(b""), &[0], b"x"])),
+            E::EmptyTopicWithoutAlias,
+            protocol,
+        );
+        refused(
+            &frame(PUBLISH, &cat(&[&string(b"t"), &props(&[0x23, 0, 0])])),
+            E::ZeroTopicAlias,
+            ReasonCode::TOPIC_ALIAS_INVALID,
+        );
+        refused(
+            &frame(PUBLISH, &cat(&[&string(b"t"), &props(&[0x0B, 1])])),
+            E::SubscriptionIdentifierFromClient,
+            protocol,
+        );
+        refused(
+            &frame(PUBLISH | 0b0010, &cat(&[&string(b"t"), &[0, 0], &[0]])),
+            E::ZeroPacketId,
+            protocol,
+        );
+        refused(
+            &frame(PUBLISH, &cat(&[&string(b"t"), &props(&[0x01, 2])])),
+            E::InvalidPayloadFormatIndicator(2),
+            protocol,
+        );
+        refused(
+            &frame(PUBLISH, &cat(&[&string(b"t"), &props(&[0x11, 0, 0, 0, 0])])),
+            E::PropertyNotAllowed {
+                property: PropertyId::SessionExpiryInterval,
+                context: Context::Packet(PacketType::Publish),
+            },
+            ReasonCode::MALFORMED_PACKET,
+        );
+        // The Property Length is not optional in a PUBLISH.
+        refused(
+            &frame(PUBLISH, &string(b"t")),
+            E::Truncated,
+            ReasonCode::MALFORMED_PACKET,
+        );
+        // A promise of UTF-8 that the payload breaks is the caller's call.
+        let bytes = frame(PUBLISH, &cat(&[&string(b"t"), &props(&[0x01, 1]), b"\xFF"]));
+        let Ok(Packet::Publish(publish)) = decode_all(&bytes) else {
+            panic!("not a PUBLISH");
+        };
+        assert!(!publish.payload_is_utf8());
+    }
+
+    #[test]
+    fn decoded_data_is_copied_out_of_the_read_buffer() {
+        let bytes = frame(
+            PUBLISH,
+            &cat(&[
+                &string(b"t"),
+                &props(&cat(&[&[0x08], &string(b"r")])),
+                b"payload",
+            ]),
+        );
+        let mut buf = BytesMut::from(&bytes[..]);
+        let range = buf.as_ptr_range();
+        let Ok(Some(Packet::Publish(publish))) = decode(&mut buf, BIG) else {
+            panic!("not a PUBLISH");
+        };
+        let response = publish.properties.response_topic().expect("response topic");
+        for slice in [
+            &publish.payload[..],
+            publish.topic.as_bytes(),
+            response.as_bytes(),
+        ] {
+            assert!(!range.contains(&slice.as_ptr()), "shares the read buffer");
+        }
+    }
+
+    #[test]
+    fn acknowledgements_and_their_short_forms() {
+        use DecodeError as E;
+        let ack = |reason: u8, properties: Properties| Ack {
+            packet_id: 7,
+            reason_code: ReasonCode(reason),
+            properties,
+        };
+        let reason_string = cat(&[&[0x1F], &string(b"why")]);
+        let with_reason_string =
+            Properties::new().with(Property::ReasonString(ByteString::from("why")));
+        for first in [PUBACK, PUBREC, PUBREL, PUBCOMP] {
+            let wrap = |a: Ack| match first {
+                PUBACK => Packet::PubAck(a),
+                PUBREC => Packet::PubRec(a),
+                PUBREL => Packet::PubRel(a),
+                _ => Packet::PubComp(a),
+            };
+            assert_eq!(decode_all(&[first, 2, 0, 7]), Ok(wrap(Ack::success(7))));
+            assert_eq!(decode_all(&[first, 3, 0, 7, 0]), Ok(wrap(Ack::success(7))));
+            assert_eq!(
+                decode_all(&[first, 4, 0, 7, 0, 0]),
+                Ok(wrap(Ack::success(7)))
+            );
+            let failure = if first == PUBACK || first == PUBREC {
+                0x80
+            } else {
+                0x92
+            };
+            assert_eq!(
+                decode_all(&[first, 3, 0, 7, failure]),
+                Ok(wrap(ack(failure, Properties::new())))
+            );
+            let bytes = frame(first, &cat(&[&[0, 7, failure], &props(&reason_string)]));
+            assert_eq!(
+                decode_all(&bytes),
+                Ok(wrap(ack(failure, with_reason_string.clone())))
+            );
+            let packet_type = PacketType::from_u8(first >> 4).expect("ack type");
+            let wrong = if failure == 0x92 { 0x80 } else { 0x92 };
+            refused(
+                &[first, 3, 0, 7, wrong],
+                E::InvalidReasonCode {
+                    packet_type,
+                    reason_code: ReasonCode(wrong),
+                },
+                ReasonCode::MALFORMED_PACKET,
+            );
+            refused(
+                &frame(first, &cat(&[&[0, 7, 0], &props(&[0x01, 0])])),
+                E::PropertyNotAllowed {
+                    property: PropertyId::PayloadFormatIndicator,
+                    context: Context::Packet(packet_type),
+                },
+                ReasonCode::MALFORMED_PACKET,
+            );
+            refused(&[first, 1, 0], E::Truncated, ReasonCode::MALFORMED_PACKET);
+            refused(
+                &[first, 5, 0, 7, 0, 0, 0],
+                E::TrailingBytes,
+                ReasonCode::MALFORMED_PACKET,
+            );
+        }
+        assert_eq!(
+            decode_all(&[PUBACK, 3, 0, 7, 0x10]),
+            Ok(Packet::PubAck(ack(0x10, Properties::new())))
+        );
+    }
+
+    #[test]
+    fn subscribe_options_and_properties() {
+        let options = [0x00, 0x01, 0x02, 0x04, 0x08, 0x10, 0x20, 0x2E];
+        let mut body = cat(&[
+            &[0, 9],
+            &props(&cat(&[
+                &[0x0B, 0x80, 0x01, 0x26],
+                &string(b"k"),
+                &string(b"v"),
+            ])),
+        ]);
+        for &option in &options {
+            body.extend(cat(&[&string(b"f/+"), &[option]]));
+        }
+        let Ok(Packet::Subscribe(subscribe)) = decode_all(&frame(SUBSCRIBE, &body)) else {
+            panic!("not a SUBSCRIBE");
+        };
+        assert_eq!(subscribe.packet_id, 9);
+        assert_eq!(subscribe.subscription_identifier(), NonZeroU32::new(128));
+        assert_eq!(subscribe.filters.len(), options.len());
+        let last = subscribe.filters[7].1;
+        assert_eq!(
+            last,
+            SubscriptionOptions {
+                qos: QoS::ExactlyOnce,
+                no_local: true,
+                retain_as_published: true,
+                retain_handling: RetainHandling::DoNotSend,
+            }
+        );
+        assert_eq!(
+            subscribe.filters[6].1.retain_handling,
+            RetainHandling::DoNotSend
+        );
+        assert_eq!(
+            subscribe.filters[5].1.retain_handling,
+            RetainHandling::SendAtSubscribeIfNew
+        );
+        assert!(subscribe.filters[3].1.no_local);
+        assert!(subscribe.filters[4].1.retain_as_published);
+        assert_eq!(subscribe.filters[0].1.qos, QoS::AtMostOnce);
+        assert_eq!(
+            subscribe.filters[0].1.retain_handling,
+            RetainHandling::SendAtSubscribe
+        );
+        assert_eq!(&subscribe.filters[0].0[..], "f/+");
+    }
+
+    #[test]
+    fn subscribe_errors() {
+        use DecodeError as E;
+        let malformed = ReasonCode::MALFORMED_PACKET;
+        let protocol = ReasonCode::PROTOCOL_ERROR;
+        let with_option =
+            |option: u8| frame(SUBSCRIBE, &cat(&[&[0, 1, 0], &string(b"f"), &[option]]));
+        refused(
+            &with_option(0x40),
+            E::ReservedSubscriptionOptions(0x40),
+            malformed,
+        );
+        refused(
+            &with_option(0x80),
+            E::ReservedSubscriptionOptions(0x80),
+            malformed,
+        );
+        refused(&with_option(0x03), E::InvalidSubscriptionQoS, protocol);
+        refused(&with_option(0x30), E::InvalidRetainHandling, protocol);
+        refused(&frame(SUBSCRIBE, &[0, 1, 0]), E::NoTopicFilters, protocol);
+        refused(
+            &frame(SUBSCRIBE, &cat(&[&[0, 0, 0], &string(b"f"), &[0]])),
+            E::ZeroPacketId,
+            protocol,
+        );
+        refused(
+            &frame(
+                SUBSCRIBE,
+                &cat(&[&[0, 1], &props(&[0x0B, 0]), &string(b"f"), &[0]]),
+            ),
+            E::ZeroSubscriptionIdentifier,
+            protocol,
+        );
+        refused(
+            &frame(
+                SUBSCRIBE,
+                &cat(&[&[0, 1], &props(&[0x0B, 1, 0x0B, 2]), &string(b"f"), &[0]]),
+            ),
+            E::DuplicateProperty(PropertyId::SubscriptionIdentifier),
+            protocol,
+        );
+        // A filter without its options byte.
+        refused(
+            &frame(SUBSCRIBE, &cat(&[&[0, 1, 0], &string(b"f")])),
+            E::Truncated,
+            malformed,
+        );
+    }
+
+    #[test]
+    fn unsubscribe() {
+        use DecodeError as E;
+        let body = cat(&[
+            &[0, 4],
+            &props(&cat(&[&[0x26], &string(b"k"), &string(b"v")])),
+            &string(b"a"),
+            &string(b"b/#"),
+        ]);
+        let Ok(Packet::Unsubscribe(unsubscribe)) = decode_all(&frame(UNSUBSCRIBE, &body)) else {
+            panic!("not an UNSUBSCRIBE");
+        };
+        assert_eq!(unsubscribe.packet_id, 4);
+        assert_eq!(unsubscribe.properties.user_properties().count(), 1);
+        let filters: Vec<&str> = unsubscribe.filters.iter().map(|f| &f[..]).collect();
+        assert_eq!(filters, ["a", "b/#"]);
+        refused(
+            &frame(UNSUBSCRIBE, &[0, 4, 0]),
+            E::NoTopicFilters,
+            ReasonCode::PROTOCOL_ERROR,
+        );
+        refused(
+            &frame(UNSUBSCRIBE, &cat(&[&[0, 0, 0], &string(b"a")])),
+            E::ZeroPacketId,
+            ReasonCode::PROTOCOL_ERROR,
+        );
+        refused(
+            &frame(
+                UNSUBSCRIBE,
+                &cat(&[&[0, 4], &props(&[0x0B, 1]), &string(b"a")]),
+            ),
+            E::PropertyNotAllowed {
+                property: PropertyId::SubscriptionIdentifier,
+                context: Context::Packet(PacketType::Unsubscribe),
+            },
+            ReasonCode::MALFORMED_PACKET,
+        );
+    }
+
+    #[test]
+    fn pingreq_and_disconnect() {
+        use DecodeError as E;
+        assert_eq!(decode_all(&[PINGREQ, 0]), Ok(Packet::PingReq));
+        refused(
+            &[PINGREQ, 1, 0],
+            E::TrailingBytes,
+            ReasonCode::MALFORMED_PACKET,
+        );
+        let normal = ReasonAndProperties::default();
+        assert_eq!(
+            decode_all(&[DISCONNECT, 0]),
+            Ok(Packet::Disconnect(normal.clone()))
+        );
+        assert_eq!(
+            decode_all(&[DISCONNECT, 1, 0]),
+            Ok(Packet::Disconnect(normal.clone()))
+        );
+        assert_eq!(
+            decode_all(&[DISCONNECT, 2, 0, 0]),
+            Ok(Packet::Disconnect(normal))
+        );
+        assert_eq!(
+            decode_all(&[DISCONNECT, 1, 0x04]),
+            Ok(Packet::Disconnect(ReasonAndProperties {
+                reason_code: ReasonCode::DISCONNECT_WITH_WILL_MESSAGE,
+                properties: Properties::new(),
+            }))
+        );
+        let properties = cat(&[
+            &[0x11, 0, 0, 0, 5, 0x1F],
+            &string(b"bye"),
+            &[0x26],
+            &string(b"k"),
+            &string(b"v"),
+            &[0x1C],
+            &string(b"elsewhere"),
+        ]);
+        let Ok(Packet::Disconnect(disconnect)) =
+            decode_all(&frame(DISCONNECT, &cat(&[&[0x80], &props(&properties)])))
+        else {
+            panic!("not a DISCONNECT");
+        };
+        assert_eq!(disconnect.reason_code, ReasonCode::UNSPECIFIED_ERROR);
+        assert_eq!(disconnect.properties.session_expiry_interval(), Some(5));
+        assert_eq!(
+            disconnect.properties.reason_string().map(|s| &s[..]),
+            Some("bye")
+        );
+        assert_eq!(
+            disconnect.properties.server_reference().map(|s| &s[..]),
+            Some("elsewhere")
+        );
+        refused(
+            &[DISCONNECT, 1, 0x18],
+            E::InvalidReasonCode {
+                packet_type: PacketType::Disconnect,
+                reason_code: ReasonCode::CONTINUE_AUTHENTICATION,
+            },
+            ReasonCode::MALFORMED_PACKET,
+        );
+        refused(
+            &frame(DISCONNECT, &cat(&[&[0], &props(&[0x02, 0, 0, 0, 1])])),
+            E::PropertyNotAllowed {
+                property: PropertyId::MessageExpiryInterval,
+                context: Context::Packet(PacketType::Disconnect),
+            },
+            ReasonCode::MALFORMED_PACKET,
+        );
+    }
+
+    #[test]
+    fn auth() {
+        use DecodeError as E;
+        assert_eq!(
+            decode_all(&[AUTH, 0]),
+            Ok(Packet::Auth(ReasonAndProperties::default()))
+        );
+        let method = cat(&[&[0x15], &string(b"SCRAM-SHA-1"), &[0x16], &string(b"nonce")]);
+        let Ok(Packet::Auth(auth)) = decode_all(&frame(AUTH, &cat(&[&[0x18], &props(&method)])))
+        else {
+            panic!("not an AUTH");
+        };
+        assert_eq!(auth.reason_code, ReasonCode::CONTINUE_AUTHENTICATION);
+        assert_eq!(
+            auth.properties.authentication_method().map(|m| &m[..]),
+            Some("SCRAM-SHA-1")
+        );
+        assert_eq!(
+            auth.properties.authentication_data().map(|d| &d[..]),
+            Some(&b"nonce"[..])
+        );
+        let protocol = ReasonCode::PROTOCOL_ERROR;
+        refused(
+            &[AUTH, 2, 0x19, 0],
+            E::MissingAuthenticationMethod,
+            protocol,
+        );
+        refused(&[AUTH, 1, 0x18], E::MissingAuthenticationMethod, protocol);
+        refused(
+            &frame(
+                AUTH,
+                &cat(&[&[0x19], &props(&cat(&[&[0x16], &string(b"d")]))]),
+            ),
+            E::MissingAuthenticationMethod,
+            protocol,
+        );
+        refused(
+            &frame(AUTH, &cat(&[&[0x04], &props(&method)])),
+            E::InvalidReasonCode {
+                packet_type: PacketType::Auth,
+                reason_code: ReasonCode::DISCONNECT_WITH_WILL_MESSAGE,
+            },
+            ReasonCode::MALFORMED_PACKET,
+        );
+    }
+}
