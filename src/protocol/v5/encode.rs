@@ -430,3 +430,360 @@ fn encode_reason_and_properties(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::num::{NonZeroU16, NonZeroU32};
+
+    use bytestring::ByteString;
+
+    use super::super::tests::{cat, props, string};
+    use super::super::{Packet, Property, decode};
+    use super::*;
+
+    /// What `encode` appended to an empty buffer.
+    fn encoded(
+        encode: impl FnOnce(&mut BytesMut) -> Result<(), EncodeError>,
+    ) -> Result<Vec<u8>, EncodeError> {
+        let mut out = BytesMut::new();
+        let result = encode(&mut out);
+        if result.is_err() {
+            assert!(out.is_empty(), "an error wrote bytes");
+        }
+        result.map(|()| out.to_vec())
+    }
+
+    fn reason_string(text: &str) -> Properties {
+        Properties::new().with(Property::ReasonString(ByteString::from(text)))
+    }
+
+    #[test]
+    fn connack() {
+        let accepted = ConnAck {
+            session_present: true,
+            reason_code: ReasonCode::SUCCESS,
+            properties: Properties::new(),
+        };
+        assert_eq!(
+            encoded(|out| encode_connack(&accepted, out)),
+            Ok(vec![0x20, 3, 1, 0, 0])
+        );
+        // Session Present is cleared with a failure (MQTT-3.2.2-6).
+        let refused = ConnAck {
+            reason_code: ReasonCode::BAD_USER_NAME_OR_PASSWORD,
+            properties: reason_string("no"),
+            ..accepted.clone()
+        };
+        let expected = cat(&[
+            &[0x20, 8, 0, 0x86],
+            &props(&cat(&[&[0x1F], &string(b"no")])),
+        ]);
+        assert_eq!(encoded(|out| encode_connack(&refused, out)), Ok(expected));
+        let taken_over = ConnAck {
+            reason_code: ReasonCode::SESSION_TAKEN_OVER,
+            ..accepted.clone()
+        };
+        assert_eq!(
+            encoded(|out| encode_connack(&taken_over, out)),
+            Err(EncodeError::ReasonCodeNotAllowed {
+                packet_type: PacketType::ConnAck,
+                reason_code: ReasonCode::SESSION_TAKEN_OVER,
+            })
+        );
+        let alias = ConnAck {
+            properties: Properties::new().with(Property::TopicAlias(NonZeroU16::MIN)),
+            ..accepted
+        };
+        assert_eq!(
+            encoded(|out| encode_connack(&alias, out)),
+            Err(EncodeError::PropertyNotAllowed {
+                property: PropertyId::TopicAlias,
+                context: Context::Packet(PacketType::ConnAck),
+            })
+        );
+    }
+
+    #[test]
+    fn acks_use_the_short_forms() {
+        for packet_type in [
+            PacketType::PubAck,
+            PacketType::PubRec,
+            PacketType::PubRel,
+            PacketType::PubComp,
+        ] {
+            let first = packet_type.first_byte();
+            let success = Ack::success(0x0102);
+            assert_eq!(
+                encoded(|out| encode_ack(packet_type, &success, out)),
+                Ok(vec![first, 2, 1, 2])
+            );
+            let failure = if packet_type == PacketType::PubAck || packet_type == PacketType::PubRec
+            {
+                ReasonCode::QUOTA_EXCEEDED
+            } else {
+                ReasonCode::PACKET_IDENTIFIER_NOT_FOUND
+            };
+            let short = Ack {
+                reason_code: failure,
+                ..success.clone()
+            };
+            assert_eq!(
+                encoded(|out| encode_ack(packet_type, &short, out)),
+                Ok(vec![first, 3, 1, 2, failure.0])
+            );
+            let long = Ack {
+                properties: reason_string("r"),
+                ..success.clone()
+            };
+            assert_eq!(
+                encoded(|out| encode_ack(packet_type, &long, out)),
+                Ok(cat(&[
+                    &[first, 8, 1, 2, 0],
+                    &props(&cat(&[&[0x1F], &string(b"r")]))
+                ]))
+            );
+            let wrong = Ack {
+                reason_code: ReasonCode::GRANTED_QOS_1,
+                ..success
+            };
+            assert_eq!(
+                encoded(|out| encode_ack(packet_type, &wrong, out)),
+                Err(EncodeError::ReasonCodeNotAllowed {
+                    packet_type,
+                    reason_code: ReasonCode::GRANTED_QOS_1
+                })
+            );
+        }
+        // The success short form is MQTT 3.1.1's acknowledgement.
+        let success = Ack::success(9);
+        let v5 = |packet_type| encoded(|out| encode_ack(packet_type, &success, out)).unwrap();
+        assert_eq!(v5(PacketType::PubAck), codec::puback(9));
+        assert_eq!(v5(PacketType::PubRec), codec::pubrec(9));
+        assert_eq!(v5(PacketType::PubRel), codec::pubrel(9));
+        assert_eq!(v5(PacketType::PubComp), codec::pubcomp(9));
+        assert_eq!(
+            encoded(|out| encode_ack(PacketType::SubAck, &success, out)),
+            Err(EncodeError::NotAnAck(PacketType::SubAck))
+        );
+    }
+
+    #[test]
+    fn suback_and_unsuback() {
+        let codes = [
+            ReasonCode::GRANTED_QOS_0,
+            ReasonCode::GRANTED_QOS_2,
+            ReasonCode::TOPIC_FILTER_INVALID,
+        ];
+        assert_eq!(
+            encoded(|out| encode_suback(5, &Properties::new(), &codes, out)),
+            Ok(vec![0x90, 6, 0, 5, 0, 0x00, 0x02, 0x8F])
+        );
+        assert_eq!(
+            encoded(|out| encode_unsuback(
+                5,
+                &reason_string("x"),
+                &[ReasonCode::NO_SUBSCRIPTION_EXISTED],
+                out
+            )),
+            Ok(cat(&[
+                &[0xB0, 8, 0, 5],
+                &props(&cat(&[&[0x1F], &string(b"x")])),
+                &[0x11]
+            ]))
+        );
+        assert_eq!(
+            encoded(|out| encode_unsuback(
+                5,
+                &Properties::new(),
+                &[ReasonCode::GRANTED_QOS_1],
+                out
+            )),
+            Err(EncodeError::ReasonCodeNotAllowed {
+                packet_type: PacketType::UnsubAck,
+                reason_code: ReasonCode::GRANTED_QOS_1
+            })
+        );
+    }
+
+    #[test]
+    fn disconnect_and_auth() {
+        let normal = ReasonAndProperties::default();
+        assert_eq!(
+            encoded(|out| encode_disconnect(&normal, out)),
+            Ok(vec![0xE0, 0])
+        );
+        let shutting_down = ReasonAndProperties {
+            reason_code: ReasonCode::SERVER_SHUTTING_DOWN,
+            properties: Properties::new(),
+        };
+        assert_eq!(
+            encoded(|out| encode_disconnect(&shutting_down, out)),
+            Ok(vec![0xE0, 1, 0x8B])
+        );
+        let moved = ReasonAndProperties {
+            reason_code: ReasonCode::SERVER_MOVED,
+            properties: Properties::new().with(Property::ServerReference("b:1883".into())),
+        };
+        assert_eq!(
+            encoded(|out| encode_disconnect(&moved, out)),
+            Ok(cat(&[
+                &[0xE0, 11, 0x9D],
+                &props(&cat(&[&[0x1C], &string(b"b:1883")]))
+            ]))
+        );
+        assert_eq!(encoded(|out| encode_auth(&normal, out)), Ok(vec![0xF0, 0]));
+        let continue_auth = ReasonAndProperties {
+            reason_code: ReasonCode::CONTINUE_AUTHENTICATION,
+            properties: Properties::new().with(Property::AuthenticationMethod("M".into())),
+        };
+        assert_eq!(
+            encoded(|out| encode_auth(&continue_auth, out)),
+            Ok(cat(&[
+                &[0xF0, 6, 0x18],
+                &props(&cat(&[&[0x15], &string(b"M")]))
+            ]))
+        );
+        let no_method = ReasonAndProperties {
+            reason_code: ReasonCode::CONTINUE_AUTHENTICATION,
+            properties: Properties::new(),
+        };
+        assert_eq!(
+            encoded(|out| encode_auth(&no_method, out)),
+            Err(EncodeError::MissingAuthenticationMethod)
+        );
+        let mut out = BytesMut::new();
+        encode_pingresp(&mut out);
+        assert_eq!(&out[..], &[0xD0, 0]);
+    }
+
+    fn publish_properties() -> Properties {
+        Properties::new()
+            .with(Property::MessageExpiryInterval(9))
+            .with(Property::SubscriptionIdentifier(
+                NonZeroU32::new(3).unwrap(),
+            ))
+            .with(Property::SubscriptionIdentifier(
+                NonZeroU32::new(300).unwrap(),
+            ))
+            .with(Property::UserProperty("z".into(), "1".into()))
+            .with(Property::UserProperty("a".into(), "2".into()))
+    }
+
+    #[test]
+    fn publish_head_with_slot_is_the_whole_publish() {
+        let properties = publish_properties();
+        let payload = vec![0xAB; 200];
+        for qos in [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce] {
+            let header = PublishHeader {
+                topic: "a/b",
+                qos,
+                retain: true,
+                dup: true,
+                properties: &properties,
+            };
+            let whole = encoded(|out| encode_publish(&header, 0xBEEF, &payload, out)).unwrap();
+            assert_eq!(publish_len(&header, payload.len()), Ok(whole.len()));
+            let mut head = BytesMut::from(&b"prefix"[..]);
+            let at = encode_publish_head(&header, payload.len(), &mut head).unwrap();
+            let head = &head[6..];
+            let frame = match at {
+                Some(at) => cat(&[
+                    &head[..at],
+                    &0xBEEFu16.to_be_bytes(),
+                    &head[at + 2..],
+                    &payload,
+                ]),
+                None => cat(&[head, &payload]),
+            };
+            assert_eq!(frame, whole, "{qos:?}");
+            assert_eq!(at.is_some(), qos != QoS::AtMostOnce);
+            // DUP is never written with QoS 0.
+            let dup = whole[0] & PUBLISH_DUP != 0;
+            assert_eq!(dup, qos != QoS::AtMostOnce);
+        }
+    }
+
+    #[test]
+    fn publish_errors() {
+        let empty = Properties::new();
+        let header = PublishHeader {
+            topic: "",
+            qos: QoS::AtMostOnce,
+            retain: false,
+            dup: false,
+            properties: &empty,
+        };
+        assert_eq!(
+            encoded(|out| encode_publish(&header, 0, b"", out)),
+            Err(EncodeError::EmptyTopicWithoutAlias)
+        );
+        let alias = Properties::new().with(Property::TopicAlias(NonZeroU16::MIN));
+        let aliased = PublishHeader {
+            properties: &alias,
+            ..header
+        };
+        assert_eq!(
+            encoded(|out| encode_publish(&aliased, 0, b"", out)),
+            Ok(vec![0x30, 6, 0, 0, 3, 0x23, 0, 1])
+        );
+        let long = "t".repeat(65_536);
+        let long_topic = PublishHeader {
+            topic: &long,
+            ..header
+        };
+        assert_eq!(
+            encoded(|out| encode_publish(&long_topic, 0, b"", out)),
+            Err(EncodeError::StringTooLong(65_536))
+        );
+        let huge = PublishHeader {
+            topic: "t",
+            ..header
+        };
+        let mut out = BytesMut::new();
+        assert_eq!(
+            encode_publish_head(&huge, MAX_REMAINING_LENGTH, &mut out),
+            Err(EncodeError::RemainingLengthTooLarge(
+                MAX_REMAINING_LENGTH + 4
+            ))
+        );
+        assert!(out.is_empty());
+        let session = Properties::new().with(Property::SessionExpiryInterval(1));
+        let wrong = PublishHeader {
+            topic: "t",
+            properties: &session,
+            ..header
+        };
+        assert_eq!(
+            encoded(|out| encode_publish(&wrong, 0, b"", out)),
+            Err(EncodeError::PropertyNotAllowed {
+                property: PropertyId::SessionExpiryInterval,
+                context: Context::Packet(PacketType::Publish),
+            })
+        );
+    }
+
+    #[test]
+    fn a_publish_without_subscription_identifiers_decodes_back() {
+        let properties = Properties::new()
+            .with(Property::PayloadFormatIndicator(true))
+            .with(Property::ContentType("text/plain".into()));
+        let header = PublishHeader {
+            topic: "x/y",
+            qos: QoS::ExactlyOnce,
+            retain: false,
+            dup: false,
+            properties: &properties,
+        };
+        let mut buf = BytesMut::new();
+        encode_publish(&header, 4, b"hello", &mut buf).unwrap();
+        let Ok(Some(Packet::Publish(publish))) = decode(&mut buf, 1 << 20) else {
+            panic!("not a PUBLISH");
+        };
+        assert_eq!(
+            (&publish.topic[..], publish.qos, publish.packet_id),
+            ("x/y", QoS::ExactlyOnce, 4)
+        );
+        assert_eq!(publish.properties, properties);
+        assert_eq!(&publish.payload[..], b"hello");
+    }
+}
