@@ -1543,4 +1543,128 @@ mod tests {
             ReasonCode::MALFORMED_PACKET,
         );
     }
+
+    /// Decodes `bytes` until they run out, are incomplete or fail: never a
+    /// panic, an error or `None` consumes nothing, a packet at least 2 bytes.
+    /// A decoded PUBLISH, encoded again, decodes to itself.
+    fn decode_loop(bytes: &[u8], max: usize) -> usize {
+        let mut buf = BytesMut::from(bytes);
+        let mut packets = 0;
+        loop {
+            let before = buf.len();
+            match decode(&mut buf, max) {
+                Ok(Some(packet)) => {
+                    assert!(buf.len() + 2 <= before);
+                    packets += 1;
+                    if let Packet::Publish(publish) = packet {
+                        publish_round_trips(&publish);
+                    }
+                }
+                Ok(None) | Err(_) => {
+                    assert_eq!(buf.len(), before);
+                    return packets;
+                }
+            }
+        }
+    }
+
+    /// Encodes `publish` with [`super::super::encode_publish`] and decodes it.
+    fn publish_round_trips(publish: &Publish) {
+        let header = super::super::PublishHeader {
+            topic: &publish.topic,
+            qos: publish.qos,
+            retain: publish.retain,
+            dup: publish.dup,
+            properties: &publish.properties,
+        };
+        let mut out = BytesMut::new();
+        super::super::encode_publish(&header, publish.packet_id, &publish.payload, &mut out)
+            .expect("a decoded PUBLISH encodes");
+        assert_eq!(
+            decode(&mut out, BIG),
+            Ok(Some(Packet::Publish(publish.clone())))
+        );
+    }
+
+    #[test]
+    fn random_bytes_never_panic() {
+        let mut rng = crate::test_rng::XorShift(0x9E37_79B9_7F4A_7C15);
+        for _ in 0..20_000 {
+            let len = (rng.next() % 48) as usize;
+            let bytes: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+            decode_loop(&bytes, 1024);
+        }
+    }
+
+    #[test]
+    fn mutated_packets_never_panic() {
+        let samples = [
+            frame(
+                CONNECT,
+                &connect_body(
+                    0xC6,
+                    &props(&[0x11, 0, 0, 0, 9, 0x21, 0, 1]),
+                    &cat(&[
+                        &props(&[0x18, 0, 0, 0, 1, 0x01, 1]),
+                        &string(b"w"),
+                        &string(b"bye"),
+                        &string(b"user"),
+                        &string(b"pw"),
+                    ]),
+                ),
+            ),
+            frame(
+                PUBLISH | 0b0011,
+                &cat(&[
+                    &string(b"a/b"),
+                    &[0, 9],
+                    &props(&cat(&[
+                        &[0x01, 1, 0x23, 0, 4, 0x26],
+                        &string(b"k"),
+                        &string(b"v"),
+                    ])),
+                    b"data",
+                ]),
+            ),
+            frame(
+                SUBSCRIBE,
+                &cat(&[
+                    &[0, 1],
+                    &props(&[0x0B, 5]),
+                    &string(b"x"),
+                    &[0x2D],
+                    &string(b"y"),
+                    &[1],
+                ]),
+            ),
+            frame(UNSUBSCRIBE, &cat(&[&[0, 1], &props(&[]), &string(b"x")])),
+            frame(
+                PUBACK,
+                &cat(&[&[0, 5, 0x10], &props(&cat(&[&[0x1F], &string(b"r")]))]),
+            ),
+            frame(DISCONNECT, &cat(&[&[0x04], &props(&[0x11, 0, 0, 0, 1])])),
+            frame(
+                AUTH,
+                &cat(&[
+                    &[0x18],
+                    &props(&cat(&[&[0x15], &string(b"m"), &[0x16], &string(b"d")])),
+                ]),
+            ),
+        ];
+        let mut rng = crate::test_rng::XorShift(0xDEAD_BEEF_CAFE_F00D);
+        let mut decoded = 0;
+        for round in 0..20_000 {
+            let mut bytes = samples[round % samples.len()].clone();
+            for _ in 0..1 + rng.next() % 3 {
+                let at = (rng.next() as usize) % bytes.len();
+                bytes[at] = rng.next() as u8;
+            }
+            if rng.next().is_multiple_of(4) {
+                bytes.truncate((rng.next() as usize) % (bytes.len() + 1));
+            }
+            decoded += decode_loop(&bytes, 1024);
+        }
+        // The mutations are small enough that some packets stay valid.
+        assert!(decoded > 1000, "{decoded}");
+    }
 }
