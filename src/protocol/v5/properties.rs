@@ -713,7 +713,7 @@ fn truncated_is(error: DecodeError, instead: DecodeError) -> DecodeError {
 #[cfg(test)]
 mod tests {
     use super::super::ReasonCode;
-    use super::super::tests::{cat, props, string};
+    use super::super::tests::{cat, every_connack_property, props, string};
     use super::*;
 
     /// Decodes a property block for `context`.
@@ -733,32 +733,6 @@ mod tests {
         Ok(out.to_vec())
     }
 
-    fn connack_properties() -> Properties {
-        use Property as P;
-        [
-            P::SessionExpiryInterval(3600),
-            P::ReceiveMaximum(NonZeroU16::new(20).unwrap()),
-            P::MaximumQoS(QoS::AtLeastOnce),
-            P::RetainAvailable(true),
-            P::MaximumPacketSize(NonZeroU32::new(1 << 20).unwrap()),
-            P::AssignedClientIdentifier("auto-1".into()),
-            P::TopicAliasMaximum(10),
-            P::ReasonString("welcome".into()),
-            P::UserProperty("b".into(), "2".into()),
-            P::UserProperty("a".into(), "1".into()),
-            P::WildcardSubscriptionAvailable(false),
-            P::SubscriptionIdentifierAvailable(true),
-            P::SharedSubscriptionAvailable(false),
-            P::ServerKeepAlive(30),
-            P::ResponseInformation("resp/".into()),
-            P::ServerReference("other:1883".into()),
-            P::AuthenticationMethod("SCRAM".into()),
-            P::AuthenticationData(Bytes::from_static(b"\x00\x01")),
-        ]
-        .into_iter()
-        .collect()
-    }
-
     #[test]
     fn empty_properties_do_not_allocate() {
         assert_eq!(Properties::new().list.capacity(), 0);
@@ -774,19 +748,19 @@ mod tests {
     #[test]
     fn every_connack_property_round_trips() {
         let context = Context::Packet(PacketType::ConnAck);
-        let properties = connack_properties();
+        let properties = every_connack_property();
         let bytes = encode_block(&properties, context).unwrap();
         assert_eq!(decode_block(&bytes, context), Ok(properties.clone()));
-        assert_eq!(properties.session_expiry_interval(), Some(3600));
+        assert_eq!(properties.session_expiry_interval(), Some(600));
         assert_eq!(properties.maximum_qos(), Some(QoS::AtLeastOnce));
-        assert_eq!(properties.server_keep_alive(), Some(30));
-        assert_eq!(properties.reason_string().map(|s| &s[..]), Some("welcome"));
+        assert_eq!(properties.server_keep_alive(), Some(25));
+        assert_eq!(properties.reason_string().map(|s| &s[..]), Some("hello"));
         assert_eq!(properties.topic_alias(), None);
         let users: Vec<_> = properties
             .user_properties()
             .map(|(n, v)| (&n[..], &v[..]))
             .collect();
-        assert_eq!(users, [("b", "2"), ("a", "1")]);
+        assert_eq!(users, [("z", "1"), ("a", "2")]);
         assert_eq!(properties.len(), 18);
         assert!(properties.contains(PropertyId::ServerReference));
     }

@@ -3,9 +3,11 @@
 //! (`rumqttc::v5::mqttbytes::v5`), written by rumqttc and decoded here, encoded
 //! here and read by rumqttc.
 
+use std::num::{NonZeroU16, NonZeroU32};
+
 use bytes::{BufMut, BytesMut};
 
-use super::{DecodeError, Packet, decode};
+use super::{DecodeError, Packet, Properties, Property, QoS, decode};
 use crate::codec::{self, MAX_FIXED_HEADER_LEN, MAX_REMAINING_LENGTH};
 
 /// A maximum packet size that never gets in the way.
@@ -41,6 +43,34 @@ pub(super) fn props(block: &[u8]) -> Vec<u8> {
 /// Concatenates byte pieces.
 pub(super) fn cat(pieces: &[&[u8]]) -> Vec<u8> {
     pieces.concat()
+}
+
+/// A CONNACK property set with every CONNACK property, User Properties out of
+/// alphabetical order (their order must be kept).
+pub(super) fn every_connack_property() -> Properties {
+    use Property as P;
+    [
+        P::SessionExpiryInterval(600),
+        P::ReceiveMaximum(NonZeroU16::new(100).unwrap()),
+        P::MaximumQoS(QoS::AtLeastOnce),
+        P::RetainAvailable(false),
+        P::MaximumPacketSize(NonZeroU32::new(1 << 20).unwrap()),
+        P::AssignedClientIdentifier("auto-7".into()),
+        P::TopicAliasMaximum(16),
+        P::ReasonString("hello".into()),
+        P::UserProperty("z".into(), "1".into()),
+        P::UserProperty("a".into(), "2".into()),
+        P::WildcardSubscriptionAvailable(true),
+        P::SubscriptionIdentifierAvailable(false),
+        P::SharedSubscriptionAvailable(true),
+        P::ServerKeepAlive(25),
+        P::ResponseInformation("resp/".into()),
+        P::ServerReference("other".into()),
+        P::AuthenticationMethod("TOKEN".into()),
+        P::AuthenticationData(bytes::Bytes::from_static(b"ok")),
+    ]
+    .into_iter()
+    .collect()
 }
 
 /// Decodes `bytes`, checking that exactly all of them were consumed.
@@ -418,29 +448,7 @@ mod we_encode_rumqttc_reads {
 
     #[test]
     fn connack_with_every_property() {
-        use Property as P;
-        let properties = [
-            P::SessionExpiryInterval(600),
-            P::ReceiveMaximum(NonZeroU16::new(100).unwrap()),
-            P::MaximumQoS(QoS::AtLeastOnce),
-            P::RetainAvailable(false),
-            P::MaximumPacketSize(NonZeroU32::new(1 << 20).unwrap()),
-            P::AssignedClientIdentifier("auto-7".into()),
-            P::TopicAliasMaximum(16),
-            P::ReasonString("hello".into()),
-            P::UserProperty("z".into(), "1".into()),
-            P::UserProperty("a".into(), "2".into()),
-            P::WildcardSubscriptionAvailable(true),
-            P::SubscriptionIdentifierAvailable(false),
-            P::SharedSubscriptionAvailable(true),
-            P::ServerKeepAlive(25),
-            P::ResponseInformation("resp/".into()),
-            P::ServerReference("other".into()),
-            P::AuthenticationMethod("TOKEN".into()),
-            P::AuthenticationData(bytes::Bytes::from_static(b"ok")),
-        ]
-        .into_iter()
-        .collect();
+        let properties = every_connack_property();
         let connack = ConnAck {
             session_present: true,
             reason_code: ReasonCode::SUCCESS,
