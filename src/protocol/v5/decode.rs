@@ -19,8 +19,9 @@
 //!   (§3.8.3, §3.10.3), SUBSCRIBE QoS 3 or Retain Handling 3 (§3.8.3.1),
 //!   Authentication Data without a method (§3.1.2.11.10), an AUTH without a
 //!   method (§3.15.2.2.2), an empty topic without a Topic Alias (§3.3.2.3.4),
-//!   a Subscription Identifier from a client (MQTT-3.3.4-6), and packets a
-//!   client never sends (CONNACK, SUBACK, UNSUBACK, PINGRESP).
+//!   a Subscription Identifier from a client (MQTT-3.3.4-6), a DISCONNECT
+//!   reason code only a server sends (§3.14.2.1), and packets a client never
+//!   sends (CONNACK, SUBACK, UNSUBACK, PINGRESP).
 //! - 0x84 Unsupported Protocol Version for a CONNECT that is not "MQTT" level 5
 //!   (§3.1.2.1, §3.1.2.2; for a wrong name the server MAY also just close).
 //! - 0x94 Topic Alias invalid for Topic Alias 0 (§3.3.2.3.4).
@@ -214,6 +215,10 @@ pub enum DecodeError {
     /// An AUTH without an Authentication Method (§3.15.2.2.2). 0x82.
     #[error("AUTH without an authentication method")]
     MissingAuthenticationMethod,
+    /// A DISCONNECT from a client with a reason code only a server sends
+    /// (MQTT-3.14.2-1, the "Sent by" column of §3.14.2.1). 0x82.
+    #[error("DISCONNECT with server-only reason code {0}")]
+    ServerOnlyDisconnectReason(ReasonCode),
     /// A reason code this packet may not carry (§2.4). 0x81.
     #[error("reason code {reason_code} not valid in {packet_type:?}")]
     InvalidReasonCode {
@@ -252,7 +257,8 @@ impl DecodeError {
             | E::SubscriptionIdentifierFromClient
             | E::EmptyTopicWithoutAlias
             | E::AuthenticationDataWithoutMethod
-            | E::MissingAuthenticationMethod => ReasonCode::PROTOCOL_ERROR,
+            | E::MissingAuthenticationMethod
+            | E::ServerOnlyDisconnectReason(_) => ReasonCode::PROTOCOL_ERROR,
             E::MalformedVariableByteInteger
             | E::NonMinimalVariableByteInteger
             | E::ReservedPacketType
@@ -399,9 +405,7 @@ fn decode_frame(frame: &[u8]) -> Result<Packet, DecodeError> {
         PacketType::Subscribe => Packet::Subscribe(decode_subscribe(&mut reader)?),
         PacketType::Unsubscribe => Packet::Unsubscribe(decode_unsubscribe(&mut reader)?),
         PacketType::PingReq => Packet::PingReq,
-        PacketType::Disconnect => {
-            Packet::Disconnect(decode_reason_and_properties(packet_type, &mut reader)?)
-        }
+        PacketType::Disconnect => Packet::Disconnect(decode_disconnect(&mut reader)?),
         PacketType::Auth => Packet::Auth(decode_auth(&mut reader)?),
         PacketType::ConnAck | PacketType::SubAck | PacketType::UnsubAck | PacketType::PingResp => {
             return Err(DecodeError::UnexpectedPacketType(packet_type));
@@ -542,6 +546,18 @@ fn decode_reason_and_properties(
         reason_code,
         properties,
     })
+}
+
+/// Decodes a DISCONNECT (§3.14), whose reason code must be one a client may
+/// send (§3.14.2.1).
+fn decode_disconnect(reader: &mut Reader<'_>) -> Result<ReasonAndProperties, DecodeError> {
+    let disconnect = decode_reason_and_properties(PacketType::Disconnect, reader)?;
+    if !disconnect.reason_code.client_may_disconnect_with() {
+        return Err(DecodeError::ServerOnlyDisconnectReason(
+            disconnect.reason_code,
+        ));
+    }
+    Ok(disconnect)
 }
 
 /// Decodes an AUTH (§3.15): Remaining Length 0 is Success without properties
@@ -993,6 +1009,8 @@ mod tests {
         assert_eq!(&will.payload[..], b"\xFFgone");
         assert_eq!(will.properties.will_delay_interval(), Some(30));
         assert_eq!(will.properties.payload_format_indicator(), Some(true));
+        // It promises UTF-8 and sends 0xFF: the caller may refuse with 0x99.
+        assert!(!will.payload_is_utf8());
         assert_eq!(
             will.properties.content_type().map(|c| &c[..]),
             Some("text/plain")
@@ -1479,6 +1497,11 @@ mod tests {
         assert_eq!(
             disconnect.properties.server_reference().map(|s| &s[..]),
             Some("elsewhere")
+        );
+        refused(
+            &[DISCONNECT, 1, 0x8E],
+            E::ServerOnlyDisconnectReason(ReasonCode::SESSION_TAKEN_OVER),
+            ReasonCode::PROTOCOL_ERROR,
         );
         refused(
             &[DISCONNECT, 1, 0x18],

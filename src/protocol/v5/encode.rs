@@ -277,7 +277,7 @@ pub fn encode_publish_head(
     out: &mut BytesMut,
 ) -> Result<Option<usize>, EncodeError> {
     let sizes = header.sizes(payload_len)?;
-    out.reserve(MAX_REMAINING_LENGTH.min(2 + header.topic.len() + 2 + sizes.properties_len) + 5);
+    out.reserve(codec::MAX_FIXED_HEADER_LEN + 2 + header.topic.len() + 2 + sizes.properties_len);
     header.put(&sizes, 0, out)
 }
 

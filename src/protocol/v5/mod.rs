@@ -31,7 +31,8 @@
 //! Alias 0 is refused here); the Receive Maximum quota; a DISCONNECT's Session
 //! Expiry Interval when the CONNECT's was 0 (§3.14.2.2.2); an AUTH whose method
 //! differs from the CONNECT's; the Payload Format Indicator's promise that the
-//! payload is UTF-8 (a MAY, §3.3.2.3.2: see [`Publish::payload_is_utf8`]).
+//! payload is UTF-8 (a MAY, §3.3.2.3.2: see [`Publish::payload_is_utf8`] and
+//! [`Will::payload_is_utf8`]).
 //!
 //! # Memory
 //!
@@ -192,6 +193,15 @@ pub struct Will {
     pub retain: bool,
 }
 
+impl Will {
+    /// As [`Publish::payload_is_utf8`], for the Will Payload: a server MAY
+    /// refuse a broken promise with CONNACK 0x99 Payload format invalid
+    /// (§3.1.3.2.3).
+    pub fn payload_is_utf8(&self) -> bool {
+        payload_matches_format(&self.properties, &self.payload)
+    }
+}
+
 /// A CONNECT packet (§3.1).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Connect {
@@ -243,9 +253,14 @@ impl Publish {
     /// (§3.3.2.3.2); checking it costs a scan of the payload, so the decoder
     /// leaves the choice to the caller.
     pub fn payload_is_utf8(&self) -> bool {
-        self.properties.payload_format_indicator() != Some(true)
-            || std::str::from_utf8(&self.payload).is_ok()
+        payload_matches_format(&self.properties, &self.payload)
     }
+}
+
+/// Whether `payload` keeps the promise of the Payload Format Indicator in
+/// `properties`: true unless it says UTF-8 and the payload is not.
+fn payload_matches_format(properties: &Properties, payload: &[u8]) -> bool {
+    properties.payload_format_indicator() != Some(true) || std::str::from_utf8(payload).is_ok()
 }
 
 /// Retain Handling of a subscription (§3.8.3.1, bits 4 and 5 of the options).

@@ -90,6 +90,11 @@ const TABLE: &[(u8, &str, u16)] = &[
     (0xA2, "Wildcard Subscriptions not supported", SA | D),
 ];
 
+/// The DISCONNECT Reason Codes a client may send (§3.14.2.1, "Sent by").
+const CLIENT_DISCONNECT: [u8; 14] = [
+    0x00, 0x04, 0x80, 0x81, 0x82, 0x83, 0x90, 0x93, 0x94, 0x95, 0x96, 0x97, 0x98, 0x99,
+];
+
 impl ReasonCode {
     /// 0x00 Success: CONNACK, PUBACK, PUBREC, PUBREL, PUBCOMP, UNSUBACK, AUTH.
     pub const SUCCESS: ReasonCode = ReasonCode(0x00);
@@ -206,6 +211,14 @@ impl ReasonCode {
         Self::entry(self.0).is_some_and(|(_, _, packets)| packets & bit(packet) != 0)
     }
 
+    /// Whether a client may send this Reason Code in a DISCONNECT: the "Sent
+    /// by" column of the table in §3.14.2.1 says "Client" or "Client or
+    /// Server" (MQTT-3.14.2-1). The others (Session taken over, Server
+    /// shutting down, ...) only a server sends.
+    pub fn client_may_disconnect_with(self) -> bool {
+        CLIENT_DISCONNECT.contains(&self.0)
+    }
+
     /// The row of [`TABLE`] for `value`.
     fn entry(value: u8) -> Option<(u8, &'static str, u16)> {
         TABLE.iter().copied().find(|(code, _, _)| *code == value)
@@ -247,6 +260,13 @@ mod tests {
         assert!(!ReasonCode::TOPIC_ALIAS_INVALID.is_valid_for(T::ConnAck));
         assert!(!ReasonCode(0x03).is_valid_for(T::Disconnect));
         assert!(!ReasonCode(0xFF).is_valid_for(T::Disconnect));
+        for code in CLIENT_DISCONNECT {
+            assert!(ReasonCode(code).is_valid_for(T::Disconnect));
+        }
+        assert!(ReasonCode::DISCONNECT_WITH_WILL_MESSAGE.client_may_disconnect_with());
+        assert!(ReasonCode::PAYLOAD_FORMAT_INVALID.client_may_disconnect_with());
+        assert!(!ReasonCode::SESSION_TAKEN_OVER.client_may_disconnect_with());
+        assert!(!ReasonCode::SERVER_SHUTTING_DOWN.client_may_disconnect_with());
     }
 
     #[test]
