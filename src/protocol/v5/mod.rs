@@ -55,9 +55,12 @@
 //! - [`properties`]: Properties (§2.2.2): [`Property`], [`Properties`].
 //! - [`decode`]: client packets, [`DecodeError`].
 //! - [`encode`]: server packets, [`EncodeError`], the shared PUBLISH head.
+//! - `fuzz`: the `decode_v5` cargo-fuzz target's entry point.
 
 pub mod decode;
 pub mod encode;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod properties;
 pub mod reason;
 #[cfg(test)]
