@@ -18,7 +18,7 @@
 //!   Identifier 0 (§2.2.1), a SUBSCRIBE or UNSUBSCRIBE without filters
 //!   (§3.8.3, §3.10.3), SUBSCRIBE QoS 3 or Retain Handling 3 (§3.8.3.1),
 //!   Authentication Data without a method (§3.1.2.11.10), an AUTH without a
-//!   method (§3.15.2.2.2), an empty topic without a Topic Alias (§3.3.2.3.4),
+//!   method (§3.15.2.2.2), an empty topic without a Topic Alias (§3.3.2.1),
 //!   a Subscription Identifier from a client (MQTT-3.3.4-6), a DISCONNECT
 //!   reason code only a server sends (§3.14.2.1), and packets a client never
 //!   sends (CONNACK, SUBACK, UNSUBACK, PINGRESP).
@@ -168,7 +168,9 @@ pub enum DecodeError {
     /// packet, or a property runs past it (§2.2.2.1). 0x81.
     #[error("property length does not match the properties")]
     PropertyLengthMismatch,
-    /// Payload Format Indicator other than 0 or 1 (§3.3.2.3.2). 0x82.
+    /// Payload Format Indicator other than 0 or 1 (§3.3.2.3.2, §3.1.3.2.3).
+    /// Those sections define only 0 and 1 without naming a code for the
+    /// rest; 0x82, as the sections of the other byte flags say.
     #[error("payload format indicator {0}")]
     InvalidPayloadFormatIndicator(u8),
     /// Request Problem Information other than 0 or 1 (§3.1.2.11.7). 0x82.
@@ -205,7 +207,8 @@ pub enum DecodeError {
     /// 0x82.
     #[error("subscription identifier in a PUBLISH from a client")]
     SubscriptionIdentifierFromClient,
-    /// A PUBLISH with an empty Topic Name and no Topic Alias (§3.3.2.3.4). 0x82.
+    /// A PUBLISH with an empty Topic Name and no Topic Alias (§3.3.2.1,
+    /// §3.3.2.3.4). 0x82.
     #[error("empty topic name without a topic alias")]
     EmptyTopicWithoutAlias,
     /// Authentication Data without an Authentication Method (§3.1.2.11.10).
