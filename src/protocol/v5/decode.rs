@@ -19,9 +19,9 @@
 //!   (§3.8.3, §3.10.3), SUBSCRIBE QoS 3 or Retain Handling 3 (§3.8.3.1),
 //!   Authentication Data without a method (§3.1.2.11.10), an AUTH without a
 //!   method (§3.15.2.2.2), an empty topic without a Topic Alias (§3.3.2.1),
-//!   a Subscription Identifier from a client (MQTT-3.3.4-6), a DISCONNECT
-//!   reason code only a server sends (§3.14.2.1), and packets a client never
-//!   sends (CONNACK, SUBACK, UNSUBACK, PINGRESP).
+//!   a Subscription Identifier from a client (MQTT-3.3.4-6), a DISCONNECT or
+//!   AUTH reason code only a server sends (§3.14.2.1, §3.15.2.1), and packets
+//!   a client never sends (CONNACK, SUBACK, UNSUBACK, PINGRESP).
 //! - 0x84 Unsupported Protocol Version for a CONNECT that is not "MQTT" level 5
 //!   (§3.1.2.1, §3.1.2.2; for a wrong name the server MAY also just close).
 //! - 0x94 Topic Alias invalid for Topic Alias 0 (§3.3.2.3.4).
@@ -218,10 +218,16 @@ pub enum DecodeError {
     /// An AUTH without an Authentication Method (§3.15.2.2.2). 0x82.
     #[error("AUTH without an authentication method")]
     MissingAuthenticationMethod,
-    /// A DISCONNECT from a client with a reason code only a server sends
-    /// (MQTT-3.14.2-1, the "Sent by" column of §3.14.2.1). 0x82.
-    #[error("DISCONNECT with server-only reason code {0}")]
-    ServerOnlyDisconnectReason(ReasonCode),
+    /// A reason code the packet may carry but only a server sends: in a
+    /// DISCONNECT (MQTT-3.14.2-1, the "Sent by" column of §3.14.2.1), in an
+    /// AUTH (Success, §3.15.2.1; also its empty short form). 0x82.
+    #[error("{packet_type:?} from a client with server-only reason code {reason_code}")]
+    ServerOnlyReasonCode {
+        /// The packet type.
+        packet_type: PacketType,
+        /// The reason code received.
+        reason_code: ReasonCode,
+    },
     /// A reason code this packet may not carry (§2.4). 0x81.
     #[error("reason code {reason_code} not valid in {packet_type:?}")]
     InvalidReasonCode {
@@ -261,7 +267,7 @@ impl DecodeError {
             | E::EmptyTopicWithoutAlias
             | E::AuthenticationDataWithoutMethod
             | E::MissingAuthenticationMethod
-            | E::ServerOnlyDisconnectReason(_) => ReasonCode::PROTOCOL_ERROR,
+            | E::ServerOnlyReasonCode { .. } => ReasonCode::PROTOCOL_ERROR,
             E::MalformedVariableByteInteger
             | E::NonMinimalVariableByteInteger
             | E::ReservedPacketType
@@ -408,7 +414,9 @@ fn decode_frame(frame: &[u8]) -> Result<Packet, DecodeError> {
         PacketType::Subscribe => Packet::Subscribe(decode_subscribe(&mut reader)?),
         PacketType::Unsubscribe => Packet::Unsubscribe(decode_unsubscribe(&mut reader)?),
         PacketType::PingReq => Packet::PingReq,
-        PacketType::Disconnect => Packet::Disconnect(decode_disconnect(&mut reader)?),
+        PacketType::Disconnect => {
+            Packet::Disconnect(decode_reason_and_properties(packet_type, &mut reader)?)
+        }
         PacketType::Auth => Packet::Auth(decode_auth(&mut reader)?),
         PacketType::ConnAck | PacketType::SubAck | PacketType::UnsubAck | PacketType::PingResp => {
             return Err(DecodeError::UnexpectedPacketType(packet_type));
@@ -525,17 +533,25 @@ fn decode_ack(packet_type: PacketType, reader: &mut Reader<'_>) -> Result<Ack, D
 /// Decodes an optional reason code and optional properties, as they end a
 /// PUBACK, PUBREC, PUBREL, PUBCOMP (after the Packet Identifier) and make a
 /// DISCONNECT (§3.14.2): nothing left means Success without properties, one
-/// byte a reason code without properties.
+/// byte a reason code without properties. The reason code must be one the
+/// packet may carry (§2.4) and a client may send.
 fn decode_reason_and_properties(
     packet_type: PacketType,
     reader: &mut Reader<'_>,
 ) -> Result<ReasonAndProperties, DecodeError> {
-    if reader.is_empty() {
-        return Ok(ReasonAndProperties::default());
-    }
-    let reason_code = ReasonCode(reader.u8()?);
+    let reason_code = if reader.is_empty() {
+        ReasonCode::SUCCESS
+    } else {
+        ReasonCode(reader.u8()?)
+    };
     if !reason_code.is_valid_for(packet_type) {
         return Err(DecodeError::InvalidReasonCode {
+            packet_type,
+            reason_code,
+        });
+    }
+    if !reason_code.client_may_send(packet_type) {
+        return Err(DecodeError::ServerOnlyReasonCode {
             packet_type,
             reason_code,
         });
@@ -551,25 +567,10 @@ fn decode_reason_and_properties(
     })
 }
 
-/// Decodes a DISCONNECT (§3.14), whose reason code must be one a client may
-/// send (§3.14.2.1).
-fn decode_disconnect(reader: &mut Reader<'_>) -> Result<ReasonAndProperties, DecodeError> {
-    let disconnect = decode_reason_and_properties(PacketType::Disconnect, reader)?;
-    if !disconnect.reason_code.client_may_disconnect_with() {
-        return Err(DecodeError::ServerOnlyDisconnectReason(
-            disconnect.reason_code,
-        ));
-    }
-    Ok(disconnect)
-}
-
-/// Decodes an AUTH (§3.15): Remaining Length 0 is Success without properties
-/// (§3.15.2.1); otherwise a reason code, then properties that must name the
-/// Authentication Method (§3.15.2.2.2).
+/// Decodes an AUTH (§3.15) from a client: Continue authentication or
+/// Re-authenticate (the empty short form means Success, which only a server
+/// sends), with properties that name the Authentication Method (§3.15.2.2.2).
 fn decode_auth(reader: &mut Reader<'_>) -> Result<ReasonAndProperties, DecodeError> {
-    if reader.is_empty() {
-        return Ok(ReasonAndProperties::default());
-    }
     let auth = decode_reason_and_properties(PacketType::Auth, reader)?;
     if !auth.properties.contains(PropertyId::AuthenticationMethod) {
         return Err(DecodeError::MissingAuthenticationMethod);
@@ -1503,7 +1504,10 @@ mod tests {
         );
         refused(
             &[DISCONNECT, 1, 0x8E],
-            E::ServerOnlyDisconnectReason(ReasonCode::SESSION_TAKEN_OVER),
+            E::ServerOnlyReasonCode {
+                packet_type: PacketType::Disconnect,
+                reason_code: ReasonCode::SESSION_TAKEN_OVER,
+            },
             ReasonCode::PROTOCOL_ERROR,
         );
         refused(
@@ -1527,11 +1531,18 @@ mod tests {
     #[test]
     fn auth() {
         use DecodeError as E;
-        assert_eq!(
-            decode_all(&[AUTH, 0]),
-            Ok(Packet::Auth(ReasonAndProperties::default()))
-        );
         let method = cat(&[&[0x15], &string(b"SCRAM-SHA-1"), &[0x16], &string(b"nonce")]);
+        // Success (and so the empty short form) is the server's.
+        let success = E::ServerOnlyReasonCode {
+            packet_type: PacketType::Auth,
+            reason_code: ReasonCode::SUCCESS,
+        };
+        refused(&[AUTH, 0], success.clone(), ReasonCode::PROTOCOL_ERROR);
+        refused(
+            &frame(AUTH, &cat(&[&[0], &props(&method)])),
+            success,
+            ReasonCode::PROTOCOL_ERROR,
+        );
         let Ok(Packet::Auth(auth)) = decode_all(&frame(AUTH, &cat(&[&[0x18], &props(&method)])))
         else {
             panic!("not an AUTH");

@@ -69,8 +69,9 @@ pub enum EncodeError {
     /// Maximum QoS 2: only 0 or 1 may be sent; absence means 2 (§3.2.2.3.4).
     #[error("maximum QoS 2 must be sent as no Maximum QoS property")]
     MaximumQoS2,
-    /// A reason code this packet may not carry (§2.4).
-    #[error("reason code {reason_code} not valid in {packet_type:?}")]
+    /// A reason code this packet may not carry (§2.4), or one only a client
+    /// sends (Disconnect with Will Message, Re-authenticate).
+    #[error("reason code {reason_code} not valid in {packet_type:?} from a server")]
     ReasonCodeNotAllowed {
         /// The packet type.
         packet_type: PacketType,
@@ -122,9 +123,10 @@ fn put_fixed_header(
     Ok(())
 }
 
-/// Checks that `packet_type` may carry `reason_code` (§2.4).
+/// Checks that a server may send `reason_code` in `packet_type` (§2.4, and
+/// the "Sent by" columns of §3.14.2.1 and §3.15.2.1).
 fn check_reason_code(packet_type: PacketType, reason_code: ReasonCode) -> Result<(), EncodeError> {
-    if reason_code.is_valid_for(packet_type) {
+    if reason_code.server_may_send(packet_type) {
         Ok(())
     } else {
         Err(EncodeError::ReasonCodeNotAllowed {
@@ -643,6 +645,29 @@ mod tests {
                 &props(&cat(&[&[0x15], &string(b"M")]))
             ]))
         );
+        for (packet_type, reason_code) in [
+            (PacketType::Auth, ReasonCode::RE_AUTHENTICATE),
+            (
+                PacketType::Disconnect,
+                ReasonCode::DISCONNECT_WITH_WILL_MESSAGE,
+            ),
+        ] {
+            let clients = ReasonAndProperties {
+                reason_code,
+                properties: continue_auth.properties.clone(),
+            };
+            let encode = |out: &mut BytesMut| match packet_type {
+                PacketType::Auth => encode_auth(&clients, out),
+                _ => encode_disconnect(&clients, out),
+            };
+            assert_eq!(
+                encoded(encode),
+                Err(EncodeError::ReasonCodeNotAllowed {
+                    packet_type,
+                    reason_code
+                })
+            );
+        }
         let no_method = ReasonAndProperties {
             reason_code: ReasonCode::CONTINUE_AUTHENTICATION,
             properties: Properties::new(),

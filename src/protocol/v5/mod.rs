@@ -17,7 +17,8 @@
 //! bits; lengths (the Property Length must match the properties exactly);
 //! UTF-8 strings and string pairs (§1.5.4, §1.5.7); which properties each packet
 //! may carry, which may repeat, and their values (§2.2.2, per-packet sections);
-//! which reason codes each packet may carry (§2.4); Packet Identifiers; the
+//! which reason codes each packet may carry (§2.4) and which of them only the
+//! other side sends (§3.14.2.1, §3.15.2.1); Packet Identifiers; the
 //! CONNECT protocol name, version and flags; the SUBSCRIBE options. Every
 //! failure is a distinct [`DecodeError`] whose [`DecodeError::reason_code`] is
 //! the Reason Code of the CONNACK (before the connection is accepted) or

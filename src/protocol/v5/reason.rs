@@ -5,7 +5,8 @@
 //! Some values have several names, one per packet (0x00 is Success, Normal
 //! disconnection and Granted QoS 0), so a [`ReasonCode`] is a byte with named
 //! constants rather than an enum. [`ReasonCode::is_valid_for`] says which
-//! packets may carry a value (Table 2-6).
+//! packets may carry a value (Table 2-6), [`ReasonCode::client_may_send`] and
+//! [`ReasonCode::server_may_send`] which side may send it there.
 
 use super::PacketType;
 
@@ -211,12 +212,34 @@ impl ReasonCode {
         Self::entry(self.0).is_some_and(|(_, _, packets)| packets & bit(packet) != 0)
     }
 
-    /// Whether a client may send this Reason Code in a DISCONNECT: the "Sent
-    /// by" column of the table in §3.14.2.1 says "Client" or "Client or
-    /// Server" (MQTT-3.14.2-1). The others (Session taken over, Server
-    /// shutting down, ...) only a server sends.
-    pub fn client_may_disconnect_with(self) -> bool {
-        CLIENT_DISCONNECT.contains(&self.0)
+    /// Whether a client may send this Reason Code in `packet`: one `packet`
+    /// may carry, and one the "Sent by" columns allow a client. They matter
+    /// for DISCONNECT (§3.14.2.1: Session taken over, Server shutting down
+    /// and the like only a server sends; MQTT-3.14.2-1) and AUTH (§3.15.2.1:
+    /// a client sends Continue authentication or Re-authenticate, never
+    /// Success). CONNACK, SUBACK and UNSUBACK only a server sends.
+    pub fn client_may_send(self, packet: PacketType) -> bool {
+        match packet {
+            PacketType::Disconnect => CLIENT_DISCONNECT.contains(&self.0),
+            PacketType::Auth => {
+                self == Self::CONTINUE_AUTHENTICATION || self == Self::RE_AUTHENTICATE
+            }
+            PacketType::ConnAck | PacketType::SubAck | PacketType::UnsubAck => false,
+            _ => self.is_valid_for(packet),
+        }
+    }
+
+    /// Whether a server may send this Reason Code in `packet`: one `packet`
+    /// may carry, except Disconnect with Will Message (a client's, §3.14.2.1)
+    /// and Re-authenticate (a client's, §3.15.2.1).
+    pub fn server_may_send(self, packet: PacketType) -> bool {
+        match packet {
+            PacketType::Disconnect => {
+                self != Self::DISCONNECT_WITH_WILL_MESSAGE && self.is_valid_for(packet)
+            }
+            PacketType::Auth => self == Self::SUCCESS || self == Self::CONTINUE_AUTHENTICATION,
+            _ => self.is_valid_for(packet),
+        }
     }
 
     /// The row of [`TABLE`] for `value`.
@@ -263,10 +286,20 @@ mod tests {
         for code in CLIENT_DISCONNECT {
             assert!(ReasonCode(code).is_valid_for(T::Disconnect));
         }
-        assert!(ReasonCode::DISCONNECT_WITH_WILL_MESSAGE.client_may_disconnect_with());
-        assert!(ReasonCode::PAYLOAD_FORMAT_INVALID.client_may_disconnect_with());
-        assert!(!ReasonCode::SESSION_TAKEN_OVER.client_may_disconnect_with());
-        assert!(!ReasonCode::SERVER_SHUTTING_DOWN.client_may_disconnect_with());
+        let will = ReasonCode::DISCONNECT_WITH_WILL_MESSAGE;
+        assert!(will.client_may_send(T::Disconnect) && !will.server_may_send(T::Disconnect));
+        let taken = ReasonCode::SESSION_TAKEN_OVER;
+        assert!(!taken.client_may_send(T::Disconnect) && taken.server_may_send(T::Disconnect));
+        assert!(ReasonCode::PAYLOAD_FORMAT_INVALID.client_may_send(T::Disconnect));
+        let success = ReasonCode::SUCCESS;
+        assert!(!success.client_may_send(T::Auth) && success.server_may_send(T::Auth));
+        let again = ReasonCode::RE_AUTHENTICATE;
+        assert!(again.client_may_send(T::Auth) && !again.server_may_send(T::Auth));
+        let more = ReasonCode::CONTINUE_AUTHENTICATION;
+        assert!(more.client_may_send(T::Auth) && more.server_may_send(T::Auth));
+        assert!(!success.client_may_send(T::ConnAck) && success.server_may_send(T::ConnAck));
+        assert!(ReasonCode::QUOTA_EXCEEDED.client_may_send(T::PubAck));
+        assert!(!ReasonCode(0x03).client_may_send(T::PubAck));
     }
 
     #[test]
