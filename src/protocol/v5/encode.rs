@@ -82,6 +82,10 @@ pub enum EncodeError {
     /// PUBCOMP.
     #[error("{0:?} is not a PUBLISH acknowledgement")]
     NotAnAck(PacketType),
+    /// A SUBACK or UNSUBACK without reason codes: it answers a SUBSCRIBE or
+    /// UNSUBSCRIBE, which has at least one filter (§3.9.3, §3.11.3).
+    #[error("SUBACK or UNSUBACK without reason codes")]
+    NoReasonCodes,
     /// A PUBLISH with an empty topic and no Topic Alias (§3.3.2.3.4).
     #[error("PUBLISH with an empty topic and no topic alias")]
     EmptyTopicWithoutAlias,
@@ -325,8 +329,9 @@ pub fn encode_ack(
 ///
 /// # Errors
 ///
-/// A reason code SUBACK may not carry, properties other than Reason String and
-/// User Property, a packet too large; nothing is written then.
+/// No reason codes, a reason code SUBACK may not carry, properties other than
+/// Reason String and User Property, a packet too large; nothing is written
+/// then.
 pub fn encode_suback(
     packet_id: PacketId,
     properties: &Properties,
@@ -366,6 +371,9 @@ fn encode_reason_list(
     reason_codes: &[ReasonCode],
     out: &mut BytesMut,
 ) -> Result<(), EncodeError> {
+    if reason_codes.is_empty() {
+        return Err(EncodeError::NoReasonCodes);
+    }
     for &reason_code in reason_codes {
         check_reason_code(packet_type, reason_code)?;
     }
@@ -604,6 +612,10 @@ mod tests {
                 packet_type: PacketType::UnsubAck,
                 reason_code: ReasonCode::GRANTED_QOS_1
             })
+        );
+        assert_eq!(
+            encoded(|out| encode_suback(5, &Properties::new(), &[], out)),
+            Err(EncodeError::NoReasonCodes)
         );
     }
 
