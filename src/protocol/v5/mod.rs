@@ -54,7 +54,7 @@
 //!
 //! - [`reason`]: Reason Codes (§2.4) and which packets may carry each.
 //! - [`properties`]: Properties (§2.2.2): [`Property`], [`Properties`].
-//! - [`decode`]: client packets, [`DecodeError`].
+//! - [`mod@decode`]: client packets, [`DecodeError`].
 //! - [`encode`]: server packets, [`EncodeError`], the shared PUBLISH head.
 //! - `fuzz`: the `decode_v5` cargo-fuzz target's entry point.
 
