@@ -232,10 +232,17 @@ impl ReasonCode {
     /// Whether a server may send this Reason Code in `packet`: one `packet`
     /// may carry, except Disconnect with Will Message (a client's, §3.14.2.1)
     /// and Re-authenticate (a client's, §3.15.2.1).
+    ///
+    /// Nor Bad authentication method in a DISCONNECT: Table 2-6 lists it
+    /// there, the DISCONNECT table of §3.14.2.1 does not, and clients that
+    /// follow the latter (rumqttc, MQTTnet's server-side list) cannot parse
+    /// it; a failed re-authentication can say 0x87 Not authorized instead.
     pub fn server_may_send(self, packet: PacketType) -> bool {
         match packet {
             PacketType::Disconnect => {
-                self != Self::DISCONNECT_WITH_WILL_MESSAGE && self.is_valid_for(packet)
+                self != Self::DISCONNECT_WITH_WILL_MESSAGE
+                    && self != Self::BAD_AUTHENTICATION_METHOD
+                    && self.is_valid_for(packet)
             }
             PacketType::Auth => self == Self::SUCCESS || self == Self::CONTINUE_AUTHENTICATION,
             _ => self.is_valid_for(packet),
@@ -288,6 +295,11 @@ mod tests {
         }
         let will = ReasonCode::DISCONNECT_WITH_WILL_MESSAGE;
         assert!(will.client_may_send(T::Disconnect) && !will.server_may_send(T::Disconnect));
+        let bad_method = ReasonCode::BAD_AUTHENTICATION_METHOD;
+        assert!(
+            bad_method.is_valid_for(T::Disconnect) && !bad_method.server_may_send(T::Disconnect)
+        );
+        assert!(bad_method.server_may_send(T::ConnAck));
         let taken = ReasonCode::SESSION_TAKEN_OVER;
         assert!(!taken.client_may_send(T::Disconnect) && taken.server_may_send(T::Disconnect));
         assert!(ReasonCode::PAYLOAD_FORMAT_INVALID.client_may_send(T::Disconnect));

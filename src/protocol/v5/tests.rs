@@ -672,3 +672,64 @@ mod we_encode_rumqttc_reads {
         assert_eq!(read(&out), r::Packet::PingResp(r::PingResp));
     }
 }
+
+/// Table 2-6 (which packet carries which Reason Code) against rumqttc's
+/// reason code enums, for every byte value.
+mod reason_code_table {
+    use rumqttc::v5::mqttbytes::v5 as r;
+
+    use super::super::*;
+    use super::*;
+
+    /// Whether rumqttc reads `bytes` as a packet.
+    fn rumqttc_reads(bytes: &[u8]) -> bool {
+        r::Packet::read(&mut BytesMut::from(bytes), None).is_ok()
+    }
+
+    #[test]
+    fn every_code_in_every_packet_agrees_with_rumqttc() {
+        for code in 0..=u8::MAX {
+            let reason = ReasonCode(code);
+            let packets: [(PacketType, Vec<u8>); 8] = [
+                (PacketType::ConnAck, vec![0x20, 3, 0, code, 0]),
+                (PacketType::PubAck, vec![0x40, 4, 0, 1, code, 0]),
+                (PacketType::PubRec, vec![0x50, 4, 0, 1, code, 0]),
+                (PacketType::PubRel, vec![0x62, 4, 0, 1, code, 0]),
+                (PacketType::PubComp, vec![0x70, 4, 0, 1, code, 0]),
+                (PacketType::SubAck, vec![0x90, 4, 0, 1, 0, code]),
+                (PacketType::UnsubAck, vec![0xB0, 4, 0, 1, 0, code]),
+                (PacketType::Disconnect, vec![0xE0, 2, code, 0]),
+            ];
+            for (packet_type, bytes) in packets {
+                let valid = reason.is_valid_for(packet_type);
+                // Table 2-6 lists Bad authentication method for DISCONNECT, the
+                // DISCONNECT table of §3.14.2.1 does not; rumqttc follows the
+                // latter (and so we never send it, see server_may_send).
+                let known_difference = packet_type == PacketType::Disconnect
+                    && reason == ReasonCode::BAD_AUTHENTICATION_METHOD;
+                assert_eq!(
+                    rumqttc_reads(&bytes),
+                    valid && !known_difference,
+                    "{reason} in {packet_type:?}"
+                );
+                if reason.server_may_send(packet_type) {
+                    assert!(rumqttc_reads(&bytes), "we send {reason} in {packet_type:?}");
+                }
+                // What a client may send decodes here; the rest is refused.
+                if matches!(
+                    packet_type,
+                    PacketType::ConnAck | PacketType::SubAck | PacketType::UnsubAck
+                ) {
+                    continue;
+                }
+                let decoded = decode(&mut BytesMut::from(&bytes[..]), BIG);
+                let client = valid && reason.client_may_send(packet_type);
+                assert_eq!(
+                    decoded.is_ok(),
+                    client,
+                    "{reason} in {packet_type:?}: {decoded:?}"
+                );
+            }
+        }
+    }
+}
