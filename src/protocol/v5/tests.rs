@@ -733,3 +733,142 @@ mod reason_code_table {
         }
     }
 }
+
+/// Table 2-4 (which packet carries which property) against rumqttc's
+/// property parsers, for every property in every packet both implement.
+mod property_table {
+    use std::num::{NonZeroU16, NonZeroU32};
+
+    use rumqttc::v5::mqttbytes::v5 as r;
+
+    use super::super::properties::Context;
+    use super::super::*;
+    use super::*;
+
+    /// One property of each identifier, with a valid value.
+    fn one_of_each() -> Vec<Property> {
+        use Property as P;
+        let one16 = NonZeroU16::MIN;
+        let one32 = NonZeroU32::MIN;
+        vec![
+            P::PayloadFormatIndicator(true),
+            P::MessageExpiryInterval(1),
+            P::ContentType("c".into()),
+            P::ResponseTopic("r".into()),
+            P::CorrelationData(bytes::Bytes::from_static(b"d")),
+            P::SubscriptionIdentifier(one32),
+            P::SessionExpiryInterval(1),
+            P::AssignedClientIdentifier("a".into()),
+            P::ServerKeepAlive(1),
+            P::AuthenticationMethod("m".into()),
+            P::AuthenticationData(bytes::Bytes::from_static(b"d")),
+            P::RequestProblemInformation(true),
+            P::WillDelayInterval(1),
+            P::RequestResponseInformation(true),
+            P::ResponseInformation("i".into()),
+            P::ServerReference("s".into()),
+            P::ReasonString("r".into()),
+            P::ReceiveMaximum(one16),
+            P::TopicAliasMaximum(1),
+            P::TopicAlias(one16),
+            P::MaximumQoS(QoS::AtLeastOnce),
+            P::RetainAvailable(true),
+            P::UserProperty("k".into(), "v".into()),
+            P::MaximumPacketSize(one32),
+            P::WildcardSubscriptionAvailable(true),
+            P::SubscriptionIdentifierAvailable(true),
+            P::SharedSubscriptionAvailable(true),
+        ]
+    }
+
+    /// The property block holding `property` (and the Authentication Method
+    /// that Authentication Data needs, §3.1.2.11.10), unchecked.
+    fn block(property: &Property) -> Vec<u8> {
+        let mut properties = Properties::new();
+        if property.id() == PropertyId::AuthenticationData {
+            properties.push(Property::AuthenticationMethod("m".into()));
+        }
+        properties.push(property.clone());
+        let mut out = BytesMut::new();
+        properties.encode(&mut out).expect("encodes");
+        out.to_vec()
+    }
+
+    /// A packet of `context` carrying the property block `props`.
+    fn packet(context: Context, props: &[u8]) -> Vec<u8> {
+        let connect = |flags: u8, will: &[u8]| {
+            let mut body = cat(&[&string(b"MQTT"), &[5, flags, 0, 10]]);
+            body.extend_from_slice(if flags == 0x02 { props } else { &[0] });
+            body.extend(string(b"id"));
+            body.extend_from_slice(will);
+            frame(0x10, &body)
+        };
+        let Context::Packet(packet_type) = context else {
+            let will = cat(&[props, &string(b"w"), &string(b"x")]);
+            return connect(0x06, &will);
+        };
+        let first = packet_type.first_byte();
+        match packet_type {
+            PacketType::Connect => connect(0x02, &[]),
+            PacketType::ConnAck => frame(first, &cat(&[&[0, 0], props])),
+            PacketType::Publish => frame(first, &cat(&[&string(b"t"), props, b"p"])),
+            PacketType::Subscribe => frame(first, &cat(&[&[0, 1], props, &string(b"t"), &[0]])),
+            PacketType::Unsubscribe => frame(first, &cat(&[&[0, 1], props, &string(b"t")])),
+            PacketType::SubAck | PacketType::UnsubAck => {
+                frame(first, &cat(&[&[0, 1], props, &[0]]))
+            }
+            PacketType::Disconnect => frame(first, &cat(&[&[0], props])),
+            _ => frame(first, &cat(&[&[0, 1, 0], props])),
+        }
+    }
+
+    #[test]
+    fn every_property_in_every_packet_agrees_with_rumqttc() {
+        use PacketType as T;
+        let ids: std::collections::HashSet<_> = one_of_each().iter().map(Property::id).collect();
+        assert_eq!(ids.len(), 27, "one of each identifier");
+        let server_sends = [T::ConnAck, T::SubAck, T::UnsubAck];
+        let both = [
+            T::Publish,
+            T::PubAck,
+            T::PubRec,
+            T::PubRel,
+            T::PubComp,
+            T::Disconnect,
+        ];
+        let client_sends = [T::Connect, T::Subscribe, T::Unsubscribe];
+        let contexts = server_sends
+            .iter()
+            .chain(&both)
+            .chain(&client_sends)
+            .map(|&t| Context::Packet(t))
+            .chain([Context::Will]);
+        for context in contexts {
+            for property in one_of_each() {
+                let bytes = packet(context, &block(&property));
+                let valid = property.id().is_valid_in(context);
+                let rumqttc = r::Packet::read(&mut BytesMut::from(&bytes[..]), None);
+                assert_eq!(
+                    rumqttc.is_ok(),
+                    valid,
+                    "{property:?} in {context:?}: {rumqttc:?}"
+                );
+                let from_client =
+                    !matches!(context, Context::Packet(t) if server_sends.contains(&t));
+                if !from_client {
+                    continue;
+                }
+                // A client must not send a Subscription Identifier in a PUBLISH.
+                let client_may = valid
+                    && !(context == Context::Packet(T::Publish)
+                        && property.id() == PropertyId::SubscriptionIdentifier);
+                let ours = decode(&mut BytesMut::from(&bytes[..]), BIG);
+                assert_eq!(
+                    ours.is_ok(),
+                    client_may,
+                    "{property:?} in {context:?}: {ours:?}"
+                );
+            }
+        }
+    }
+}
