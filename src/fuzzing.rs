@@ -288,6 +288,14 @@ fn socket_pair() -> std::io::Result<(OwnedFd, OwnedFd)> {
     Ok((OwnedFd::from(a), OwnedFd::from(b)))
 }
 
+/// The MQTT 5.0 decoder on `data`, whole and in chunks: the `decode_v5`
+/// target's entry point (the checks are the codec's own,
+/// `crate::protocol::v5::fuzz::decode`, which its randomized unit tests run
+/// too).
+pub fn decode_v5(data: &[u8]) {
+    crate::protocol::v5::fuzz::decode(data);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -311,6 +319,11 @@ mod tests {
     #[test]
     fn decode_corpus_replays() {
         replay("decode", decode);
+    }
+
+    #[test]
+    fn decode_v5_corpus_replays() {
+        replay("decode_v5", decode_v5);
     }
 
     #[test]

@@ -148,7 +148,6 @@ pub fn encode_unsuback(packet_id: PacketId, out: &mut BytesMut) {
 }
 
 /// Appends a PINGRESP (§3.13).
-#[cfg(test)]
 pub fn encode_pingresp(out: &mut BytesMut) {
     out.extend_from_slice(&PINGRESP_BYTES);
 }
