@@ -106,6 +106,7 @@ impl BrokerGauges {
                 .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
             refresh_ms: u64::try_from(REFRESH_PERIOD.as_millis()).unwrap_or(u64::MAX),
             listeners: Transport::ALL.iter().map(|t| t.name()).collect(),
+            dropped_queue_full: total.dropped_queue_full,
             total,
             shards,
         }
@@ -125,6 +126,9 @@ pub struct Stats {
     pub refresh_ms: u64,
     /// Listener label values, in the order of the per-listener arrays.
     pub listeners: Vec<&'static str>,
+    /// Publishes dropped because a client's queue was full (the same as
+    /// `total.dropped_queue_full`; kept where API users read it before).
+    pub dropped_queue_full: u64,
     /// Every shard summed.
     pub total: Counters,
     /// Each shard's own figures, by shard index.
@@ -269,6 +273,7 @@ mod tests {
         assert_eq!(stats.total.retained, 4);
         assert_eq!(stats.total.publish_received_by_qos, [4, 6, 0]);
         assert_eq!(stats.total.dropped_queue_full, 12);
+        assert_eq!(stats.dropped_queue_full, 12);
         assert_eq!(stats.shards.len(), 2);
     }
 
