@@ -546,8 +546,8 @@ async fn handshake(ctx: &Ctx, mut stream: Stream, deadline: Instant) -> Option<E
         Stream::Tcp(tcp) => Wire::Fresh(tcp),
         framed => Wire::Framed(framed),
     };
-    let state = match registry::claim(ctx, client_id.clone(), clean_session).await {
-        Ok(state) => state,
+    let (claim, state) = match registry::claim(ctx, client_id.clone(), clean_session).await {
+        Ok(granted) => granted,
         Err(e) => {
             debug!("{}: client {client_id}: {e}", Peer(wire.socket_fd()));
             return None;
@@ -561,6 +561,7 @@ async fn handshake(ctx: &Ctx, mut stream: Stream, deadline: Instant) -> Option<E
         ctx,
         link_fd,
         client_id.clone(),
+        claim,
         clean_session,
         state,
         keep_alive,
@@ -746,12 +747,13 @@ async fn refuse(stream: &mut Stream, code: u8) {
     let _ = stream.flush().await;
 }
 
-/// Creates the session for a new connection (with the claimed state) and
-/// queues CONNACK plus any redelivery.
+/// Creates the session for a new connection (under its claim `claim`, with the
+/// claimed state) and queues CONNACK plus any redelivery.
 fn attach(
     ctx: &Ctx,
     link_fd: RawFd,
     client_id: ByteString,
+    claim: u64,
     clean_session: bool,
     state: Option<SessionState>,
     keep_alive: u16,
@@ -760,6 +762,7 @@ fn attach(
     let conn_id = shard.new_conn_id();
     let session_present = state.is_some() && !clean_session;
     let mut session = Session::new(client_id, clean_session, state.unwrap_or_default());
+    session.claim = claim;
     session.link = Some(Link::new(conn_id, link_fd, keep_alive, shard.now_ticks()));
     session.queue_control(&codec::connack(session_present, codec::CONNACK_ACCEPTED));
     let limits = shard.limits;

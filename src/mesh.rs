@@ -45,6 +45,11 @@ pub enum ShardMsg {
     Evict {
         /// The client id.
         client_id: ByteString,
+        /// The claim (its token on the receiving shard) that owned the id
+        /// and loses it; only that claim or its session is evicted, never a
+        /// newer one made there meanwhile. None: whichever claim of the
+        /// receiving shard owns the id (sent by a shard to itself only).
+        victim: Option<u64>,
         /// Where the new connection is.
         to_shard: usize,
         /// The claim's id on `to_shard`.
@@ -66,6 +71,8 @@ pub enum ShardMsg {
         client_id: ByteString,
         /// The shard it was on.
         shard: usize,
+        /// The token of the claim it was attached under.
+        token: u64,
     },
     /// To shard 0: this shard's counters, for `$SYS`.
     Stats {

@@ -152,6 +152,11 @@ pub struct Session {
     pub client_id: Box<str>,
     /// CleanSession flag of the connection that owns it (§3.1.2.4).
     pub clean_session: bool,
+    /// The token of the claim it was attached under
+    /// ([`crate::registry`]): the home shard names it to evict exactly this
+    /// session, and its release names it, so that neither touches a newer
+    /// session or claim of the same id.
+    pub claim: u64,
     /// State that survives the connection.
     pub state: SessionState,
     /// Frames for the live connection; empty while offline.
@@ -168,6 +173,7 @@ impl Session {
         Session {
             client_id: Box::from(&*client_id),
             clean_session,
+            claim: 0,
             state,
             out: OutQueue::default(),
             link: None,

@@ -560,7 +560,7 @@ impl Shard {
         };
         if session.clean_session {
             if let Some(session) = self.remove_session(key) {
-                self.release(&session.client_id);
+                self.release(&session.client_id, session.claim);
             }
         } else {
             session.detach();
@@ -589,12 +589,17 @@ impl Shard {
             } => self.home_claim(client_id, new_shard, token, clean_session),
             ShardMsg::Evict {
                 client_id,
+                victim,
                 to_shard,
                 token,
                 clean_session,
-            } => self.evict(&client_id, to_shard, token, clean_session),
+            } => self.evict(&client_id, victim, to_shard, token, clean_session),
             ShardMsg::Claimed { token, state } => self.claim_answered(token, state.map(|s| *s)),
-            ShardMsg::Release { client_id, shard } => self.home_release(&client_id, shard),
+            ShardMsg::Release {
+                client_id,
+                shard,
+                token,
+            } => self.home_release(&client_id, shard, token),
             ShardMsg::Stats { shard, counters } => {
                 if let Some(slot) = self.all_stats.get_mut(shard) {
                     *slot = *counters;

@@ -117,7 +117,7 @@ fn config(password_file: Option<&Path>, acl_file: Option<&Path>, extra: &str) ->
 }
 
 /// Waits until a retained `$SYS` topic carries a value `ok` accepts.
-fn wait_sys(client: &mut Mqtt, topic: &str, ok: impl Fn(u64) -> bool) -> u64 {
+pub(crate) fn wait_sys(client: &mut Mqtt, topic: &str, ok: impl Fn(u64) -> bool) -> u64 {
     let deadline = std::time::Instant::now() + TIMEOUT;
     while std::time::Instant::now() < deadline {
         if let Some(p) = client.recv_publish(Duration::from_secs(2))
