@@ -1311,6 +1311,9 @@ fn handle_packet(
         Packet::Publish(publish) => !shard.may_publish(key, username, &publish.topic),
         _ => false,
     };
+    // Acks of retained publishes wait for every replica, and later acks of
+    // this session wait behind them ([`crate::retain::HeldAcks`]).
+    let (replicas, holding) = (shard.nr_shards > 1, shard.held_acks.holds(key));
     let Some(session) = shard.session_for(key, conn_id) else {
         return Err(CloseReason::TakenOver);
     };
@@ -1355,8 +1358,17 @@ fn handle_packet(
                 },
             };
             if let Some(ack) = session::ack_for_publish(publish.qos, publish.packet_id) {
-                session.queue_control(&ack);
-                shard.mark_dirty(key);
+                let retained = replicas
+                    && publish.retain
+                    && deliver
+                    && !denied
+                    && !publish.topic.starts_with("$SYS");
+                if retained || holding {
+                    shard.held_acks.hold(key, conn_id, ack);
+                } else {
+                    session.queue_control(&ack);
+                    shard.mark_dirty(key);
+                }
             }
             shard.stats.publish_received += 1;
             shard.stats.publish_received_by_qos[publish.qos as usize] += 1;

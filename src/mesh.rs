@@ -26,8 +26,16 @@ pub type MeshSenders = Rc<Senders<ShardMsg>>;
 /// A message from one shard to another.
 #[derive(Debug)]
 pub enum ShardMsg {
-    /// Publishes received by the sending shard, in the order received.
-    Publish(Arc<Vec<Message>>),
+    /// Publishes received by the sending shard, in the order received; with
+    /// (shard, token): answer that shard [`ShardMsg::Applied`] once routed
+    /// (its retained publishes then wait for their acks,
+    /// [`crate::retain::HeldAcks`]).
+    Publish(Arc<Vec<Message>>, Option<(usize, u64)>),
+    /// To a publisher's shard: the batch of its barrier `token` is applied.
+    Applied {
+        /// The barrier's token on the receiving shard.
+        token: u64,
+    },
     /// To a client id's home shard: a connection on `new_shard` wants the
     /// session of `client_id`.
     Claim {
@@ -88,13 +96,16 @@ pub enum ShardMsg {
 pub async fn receive_from(ctx: Ctx, peer: usize, receivers: Rc<Receivers<ShardMsg>>) {
     while let Ok(Some(msg)) = receivers.recv_from(peer).await {
         match msg {
-            ShardMsg::Publish(batch) => {
+            ShardMsg::Publish(batch, applied) => {
                 {
                     let mut shard = ctx.shard.borrow_mut();
                     for message in batch.iter() {
                         shard.route(message);
                     }
                     shard.flush_dirty();
+                }
+                if let Some((shard, token)) = applied {
+                    send_detached(&ctx.mesh, shard, ShardMsg::Applied { token });
                 }
                 glommio::yield_if_needed().await;
             }

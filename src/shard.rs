@@ -29,7 +29,7 @@ use crate::metrics::BrokerGauges;
 use crate::outqueue::{Flushed, Frame};
 use crate::park::Poller;
 use crate::registry::Registry;
-use crate::retain::RetainStore;
+use crate::retain::{APPLY_TIMEOUT, HeldAcks, RetainStore};
 use crate::router::Router;
 use crate::session::{Delivery, Limits, Session};
 use crate::session_index::SessionIndex;
@@ -69,6 +69,8 @@ pub struct Shard {
     pub retained: RetainStore,
     /// Client ids homed on this shard, and claims waiting for an answer.
     pub registry: Registry,
+    /// Acks of retained publishes waiting for every replica.
+    pub held_acks: HeldAcks,
     /// Sessions with queued frames to flush at the end of this step.
     dirty: Vec<SessionKey>,
     /// This step's QoS 0 frames, encoded once each and shared by every
@@ -133,21 +135,60 @@ impl Ctx {
     }
 
     /// Hands this shard's new publishes to every other shard, waiting while a
-    /// peer's channel is full (back-pressure on the publisher).
+    /// peer's channel is full (back-pressure on the publisher). With held
+    /// acks of retained publishes, waits until every shard applied them,
+    /// then sends the acks ([`HeldAcks`]).
     pub async fn forward_publishes(&self) {
-        let Some(batch) = self.shard.borrow_mut().take_remote_batch() else {
-            return;
+        let (batch, held) = {
+            let mut shard = self.shard.borrow_mut();
+            (shard.take_remote_batch(), shard.held_acks.take())
         };
-        for peer in (0..self.nr_shards).filter(|&p| p != self.id) {
-            if self
-                .mesh
-                .send_to(peer, ShardMsg::Publish(batch.clone()))
-                .await
-                .is_err()
-            {
-                debug!("mesh: shard {peer} is gone, publishes not forwarded");
+        let peers = self.nr_shards - 1;
+        let barrier = (batch.is_some() && !held.is_empty())
+            .then(|| self.shard.borrow_mut().held_acks.start(peers));
+        if let Some(batch) = batch {
+            for peer in (0..self.nr_shards).filter(|&p| p != self.id) {
+                let applied = barrier.map(|token| (self.id, token));
+                if self
+                    .mesh
+                    .send_to(peer, ShardMsg::Publish(batch.clone(), applied))
+                    .await
+                    .is_err()
+                {
+                    debug!("mesh: shard {peer} is gone, publishes not forwarded");
+                    if let Some(token) = barrier {
+                        self.shard.borrow_mut().held_acks.applied(token);
+                    }
+                }
             }
         }
+        if let Some(token) = barrier {
+            let applied = std::future::poll_fn(|cx| {
+                self.shard.borrow_mut().held_acks.poll_applied(token, cx)
+            });
+            let waited = glommio::timer::timeout(APPLY_TIMEOUT, async {
+                applied.await;
+                Ok(())
+            })
+            .await;
+            if waited.is_err() {
+                log::warn!(
+                    "shards did not apply a retained publish in {APPLY_TIMEOUT:?}, acknowledged anyway"
+                );
+                self.shard.borrow_mut().held_acks.forget(token);
+            }
+        }
+        if held.is_empty() {
+            return;
+        }
+        let mut shard = self.shard.borrow_mut();
+        for (key, conn_id, ack) in held {
+            if let Some(session) = shard.session_for(key, conn_id) {
+                session.queue_control(&ack);
+                shard.mark_dirty(key);
+            }
+        }
+        shard.flush_dirty();
     }
 }
 
@@ -171,6 +212,7 @@ impl Shard {
             router: Router::new(),
             retained: RetainStore::default(),
             registry: Registry::default(),
+            held_acks: HeldAcks::default(),
             dirty: Vec::new(),
             batch: BytesMut::new(),
             remote_batch: Vec::new(),
@@ -575,12 +617,16 @@ impl Shard {
     /// A control message from another shard.
     pub fn handle_control(&mut self, msg: ShardMsg) {
         match msg {
-            ShardMsg::Publish(batch) => {
+            ShardMsg::Publish(batch, applied) => {
                 for message in batch.iter() {
                     self.route(message);
                 }
                 self.flush_dirty();
+                if let Some((shard, token)) = applied {
+                    self.outbox.push((shard, ShardMsg::Applied { token }));
+                }
             }
+            ShardMsg::Applied { token } => self.held_acks.applied(token),
             ShardMsg::Claim {
                 client_id,
                 new_shard,

@@ -270,3 +270,67 @@ fn connect_storm_on_one_client_id_leaves_one_session_or_none() {
     assert_eq!(listed_sessions(&broker).len(), 1);
     wait_sys(&mut watcher, "$SYS/broker/clients/total", |n| n == 1);
 }
+
+/// Rounds of the retained-replica test: the race it checks was lost in a
+/// few percent of rounds.
+const RETAIN_ROUNDS: usize = 300;
+
+/// Raw clients `prefix-0`, `prefix-1`, ... until one is on shard 0 and one
+/// on shard 1 (at most 64 tries); returns those two, shard 0's first.
+fn raw_on_each_shard(broker: &Broker, prefix: &str) -> (Raw, Raw) {
+    let mut on: [Option<Raw>; 2] = [None, None];
+    for i in 0..64 {
+        let id = format!("{prefix}-{i}");
+        let raw = Raw::connect(broker.port, &id);
+        let shard = broker.shard_of(&id);
+        if let Some(slot @ None) = on.get_mut(shard) {
+            *slot = Some(raw);
+        }
+        if let [Some(_), Some(_)] = on {
+            let [Some(a), Some(b)] = on else {
+                unreachable!()
+            };
+            return (a, b);
+        }
+    }
+    panic!("64 connections did not reach both shards");
+}
+
+/// Issue #16, part 3: once a retained QoS 1 publish is PUBACKed, a SUBSCRIBE
+/// on another shard gets it with RETAIN set (every replica applied it before
+/// the PUBACK), in every round, in both directions. Before the fix the
+/// PUBACK went out before the other shard's replica held it, and the
+/// subscriber sometimes got it as a live forward with RETAIN 0.
+#[test]
+fn retained_publish_is_on_every_shard_once_pubacked() {
+    let broker = Broker::start();
+    let (mut a, mut b) = raw_on_each_shard(&broker, &format!("rr-{}", unique()));
+    for round in 0..RETAIN_ROUNDS {
+        let (publisher, subscriber) = if round % 2 == 0 {
+            (&mut a, &mut b)
+        } else {
+            (&mut b, &mut a)
+        };
+        let topic = format!("rr/{round}");
+        let packet_id = (round + 1) as u16;
+        publisher.send(&publish(
+            topic.as_bytes(),
+            b"kept",
+            1,
+            true,
+            false,
+            packet_id,
+        ));
+        let puback = publisher.expect_packet();
+        assert_eq!(puback.bytes(), ack(0x40, packet_id), "round {round}");
+        let granted = subscriber.subscribe(packet_id, &[(&topic, 1)]);
+        assert_eq!(granted, vec![1]);
+        let p = subscriber.expect_publish();
+        assert_eq!(
+            (p.topic.as_str(), p.retain, &p.payload[..]),
+            (topic.as_str(), true, &b"kept"[..]),
+            "round {round}: not delivered as retained"
+        );
+        subscriber.send(&ack(0x40, p.packet_id));
+    }
+}
