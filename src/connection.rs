@@ -51,11 +51,15 @@ use bytes::BytesMut;
 use bytestring::ByteString;
 use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use glommio::net::TcpStream;
-use log::{debug, info, warn};
+use log::{debug, warn};
 
 use crate::acl::Who;
 use crate::admission::{ConnectionCounts, IpKey};
 use crate::codec::{self, Connect, DecodeError, LastWill, Packet, QoS};
+use crate::log_limit::LogKind::{
+    ConnectRefused, MaxAwaitingRel, NotAuthorized, ProtocolError, PublishDenied,
+};
+use crate::log_limit::limited;
 use crate::message::Message;
 use crate::metrics::{ListenerKind, SessionTotals};
 use crate::outqueue::{Flushed, OutQueue};
@@ -389,7 +393,7 @@ async fn accept_transport(
     match glommio::timer::timeout(left, async { Ok(acceptor.accept(tcp).await) }).await {
         Ok(Ok(stream)) => Some(stream),
         Ok(Err(e)) => {
-            debug!("{peer}: {name}: {e}, closing");
+            limited!(ProtocolError, debug, "{peer}: {name}: {e}, closing");
             None
         }
         Err(_) => {
@@ -413,7 +417,9 @@ async fn handshake(ctx: &Ctx, mut stream: Stream, deadline: Instant) -> Option<E
     let connect = match first {
         Ok(Ok(Packet::Connect(connect))) => connect,
         Ok(Ok(other)) => {
-            debug!(
+            limited!(
+                ProtocolError,
+                debug,
                 "{}: first packet is not CONNECT ({other:?}), closing",
                 Peer(stream.socket_fd())
             );
@@ -421,15 +427,23 @@ async fn handshake(ctx: &Ctx, mut stream: Stream, deadline: Instant) -> Option<E
             return None;
         }
         Ok(Err(FirstPacketError::Decode(DecodeError::UnsupportedProtocolLevel(level)))) => {
-            debug!(
+            limited!(
+                ConnectRefused,
+                debug,
                 "{}: unsupported protocol level {level}, CONNACK 1",
                 Peer(stream.socket_fd())
             );
+            ctx.shard.borrow_mut().stats.connect_refused += 1;
             refuse(&mut stream, codec::CONNACK_UNACCEPTABLE_PROTOCOL_VERSION).await;
             return None;
         }
         Ok(Err(FirstPacketError::Decode(e))) => {
-            debug!("{}: bad CONNECT: {e}", Peer(stream.socket_fd()));
+            limited!(
+                ProtocolError,
+                debug,
+                "{}: bad CONNECT: {e}",
+                Peer(stream.socket_fd())
+            );
             ctx.shard.borrow_mut().stats.protocol_errors += 1;
             return None;
         }
@@ -454,7 +468,9 @@ async fn handshake(ctx: &Ctx, mut stream: Stream, deadline: Instant) -> Option<E
     if let Some(will) = &last_will
         && topic::validate_topic_name(&will.topic).is_err()
     {
-        debug!(
+        limited!(
+            ProtocolError,
+            debug,
             "{}: invalid will topic {:?}",
             Peer(stream.socket_fd()),
             will.topic
@@ -469,7 +485,9 @@ async fn handshake(ctx: &Ctx, mut stream: Stream, deadline: Instant) -> Option<E
     if let Some(will) = &last_will
         && topic::exceeds_levels(&will.topic, max_levels)
     {
-        debug!(
+        limited!(
+            ProtocolError,
+            debug,
             "{}: will topic deeper than max_topic_levels ({max_levels})",
             Peer(stream.socket_fd())
         );
@@ -477,24 +495,31 @@ async fn handshake(ctx: &Ctx, mut stream: Stream, deadline: Instant) -> Option<E
         return None;
     }
     if client_id.len() > max_client_id_len {
-        debug!(
+        limited!(
+            ConnectRefused,
+            debug,
             "{}: client id of {} bytes is over max_client_id_len ({max_client_id_len}), CONNACK 2",
             Peer(stream.socket_fd()),
             client_id.len()
         );
+        ctx.shard.borrow_mut().stats.connect_refused += 1;
         refuse(&mut stream, codec::CONNACK_IDENTIFIER_REJECTED).await;
         return None;
     }
     if ctx.shard.borrow().shutting_down {
+        ctx.shard.borrow_mut().stats.connect_refused += 1;
         refuse(&mut stream, codec::CONNACK_SERVER_UNAVAILABLE).await;
         return None;
     }
     let client_id = if client_id.is_empty() {
         if !clean_session {
-            debug!(
+            limited!(
+                ConnectRefused,
+                debug,
                 "{}: empty client id with CleanSession 0, CONNACK 2",
                 Peer(stream.socket_fd())
             );
+            ctx.shard.borrow_mut().stats.connect_refused += 1;
             refuse(&mut stream, codec::CONNACK_IDENTIFIER_REJECTED).await;
             return None;
         }
@@ -519,7 +544,9 @@ async fn handshake(ctx: &Ctx, mut stream: Stream, deadline: Instant) -> Option<E
         )
         .await
     {
-        info!(
+        limited!(
+            NotAuthorized,
+            info,
             "{}: client {client_id} (user {:?}) refused: {refusal}, CONNACK 5",
             Peer(stream.socket_fd()),
             username.as_deref().unwrap_or("")
@@ -611,7 +638,12 @@ async fn teardown(ctx: &Ctx, conn: Established, reason: CloseReason) {
             if shard.auth.can_publish(who, &will.topic) {
                 publish_will(&mut shard, will);
             } else {
-                debug!("will to {} dropped: denied by the ACL", will.topic);
+                limited!(
+                    PublishDenied,
+                    debug,
+                    "will to {} dropped: denied by the ACL",
+                    will.topic
+                );
                 shard.stats.publish_denied += 1;
             }
         }
@@ -776,7 +808,9 @@ fn attach(
 /// Publishes a will message (§3.1.2.5).
 fn publish_will(shard: &mut Shard, will: LastWill) {
     if topic::is_sys_topic(&will.topic) && will.topic.starts_with("$SYS") {
-        debug!(
+        limited!(
+            PublishDenied,
+            debug,
             "will to {} dropped: clients cannot publish to $SYS",
             will.topic
         );
@@ -1285,7 +1319,7 @@ pub(crate) fn process(
             Ok(Some(packet)) => packet,
             Ok(None) => return Ok(()),
             Err(e) => {
-                debug!("client packet refused: {e}");
+                limited!(ProtocolError, debug, "client packet refused: {e}");
                 shard.stats.protocol_errors += 1;
                 return Err(CloseReason::ProtocolError);
             }
@@ -1319,21 +1353,31 @@ fn handle_packet(
     };
     match packet {
         Packet::Connect(_) => {
-            debug!("client {}: second CONNECT (§3.1.0-2)", session.client_id);
+            limited!(
+                ProtocolError,
+                debug,
+                "client {}: second CONNECT (§3.1.0-2)",
+                session.client_id
+            );
             shard.stats.protocol_errors += 1;
             return Err(CloseReason::ProtocolError);
         }
         Packet::Publish(publish) => {
             if topic::validate_topic_name(&publish.topic).is_err() {
-                debug!(
+                limited!(
+                    ProtocolError,
+                    debug,
                     "client {}: invalid topic name {:?}",
-                    session.client_id, publish.topic
+                    session.client_id,
+                    publish.topic
                 );
                 shard.stats.protocol_errors += 1;
                 return Err(CloseReason::ProtocolError);
             }
             if topic::exceeds_levels(&publish.topic, max_topic_levels) {
-                debug!(
+                limited!(
+                    ProtocolError,
+                    debug,
                     "client {}: topic deeper than max_topic_levels ({max_topic_levels}), closing",
                     session.client_id
                 );
@@ -1347,9 +1391,12 @@ fn handle_packet(
                     Qos2Receipt::New => true,
                     Qos2Receipt::Duplicate => false,
                     Qos2Receipt::Refused => {
-                        info!(
+                        limited!(
+                            MaxAwaitingRel,
+                            info,
                             "client {}: more than {} unreleased QoS 2 messages, one dropped",
-                            session.client_id, limits.max_awaiting_rel
+                            session.client_id,
+                            limits.max_awaiting_rel
                         );
                         shard.stats.publish_dropped += 1;
                         shard.stats.dropped_qos2_overflow += 1;
@@ -1376,13 +1423,23 @@ fn handle_packet(
                 return Ok(());
             }
             if publish.topic.starts_with("$SYS") {
-                debug!("publish to {} dropped: $SYS is the broker's", publish.topic);
+                limited!(
+                    PublishDenied,
+                    debug,
+                    "publish to {} dropped: $SYS is the broker's",
+                    publish.topic
+                );
                 shard.stats.publish_dropped += 1;
                 shard.stats.dropped_sys_topic += 1;
                 return Ok(());
             }
             if denied {
-                debug!("publish to {} dropped: denied by the ACL", publish.topic);
+                limited!(
+                    PublishDenied,
+                    debug,
+                    "publish to {} dropped: denied by the ACL",
+                    publish.topic
+                );
                 shard.stats.publish_denied += 1;
                 return Ok(());
             }

@@ -46,6 +46,7 @@ pub mod connection;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod listener;
+pub mod log_limit;
 pub mod mesh;
 pub mod message;
 pub mod metrics;

@@ -200,6 +200,11 @@ figures! {
     protocol_errors,
     /// CONNECTs refused by authentication (`password_file`, anonymous).
     auth_failed,
+    /// CONNECTs refused with CONNACK 1, 2 or 3.
+    connect_refused,
+    /// Log lines about clients left out by the rate limit
+    /// ([`crate::log_limit`]).
+    log_lines_suppressed,
     /// PUBLISH packets from clients the ACL denied (acknowledged, dropped).
     publish_denied,
     /// Subscription filters the ACL denied (SUBACK 0x80).
@@ -367,6 +372,9 @@ fn figures_of(stats: &Counters, shard: &Shard, totals: &SessionTotals) -> Figure
         bytes_sent: stats.bytes_sent,
         protocol_errors: stats.protocol_errors,
         auth_failed: stats.auth_failed,
+        connect_refused: stats.connect_refused,
+        // Read on the shard's own thread: the count is per thread.
+        log_lines_suppressed: crate::log_limit::suppressed_total(),
         publish_denied: stats.publish_denied,
         subscribe_denied: stats.subscribe_denied,
         connections_ip_limited: stats.connections_ip_limited,
@@ -554,6 +562,20 @@ pub fn render_prometheus(stats: &Stats) -> String {
         "auth_failures",
         "CONNECTs refused by authentication (CONNACK 5)",
         t.auth_failed,
+        true,
+    );
+    scalar(
+        &mut registry,
+        "connect_refused",
+        "CONNECTs refused with CONNACK 1, 2 or 3 (protocol version, client identifier, server unavailable)",
+        t.connect_refused,
+        true,
+    );
+    scalar(
+        &mut registry,
+        "log_lines_suppressed",
+        "Log lines about clients not written: at most one per kind per shard every 10 s",
+        t.log_lines_suppressed,
         true,
     );
     scalar(

@@ -23,6 +23,8 @@ use crate::auth::Auth;
 use crate::codec::{self, Subscribe};
 use crate::config::Config;
 use crate::connection::{CloseReason, TICKS_PER_SEC};
+use crate::log_limit::LogKind::SubscribeRefused;
+use crate::log_limit::limited;
 use crate::mesh::{self, MeshSenders, ShardMsg};
 use crate::message::{Encoded, Message};
 use crate::metrics::BrokerGauges;
@@ -471,12 +473,16 @@ impl Shard {
         let mut granted_filters = Vec::with_capacity(subscribe.filters.len());
         for (filter, qos) in subscribe.filters {
             if topic::validate_topic_filter(&filter).is_err() {
-                debug!("refused topic filter {filter:?}");
+                limited!(SubscribeRefused, debug, "refused topic filter {filter:?}");
                 codes.push(codec::SUBACK_FAILURE);
                 continue;
             }
             if topic::exceeds_levels(&filter, self.config.max_topic_levels) {
-                debug!("refused topic filter {filter:?}: over max_topic_levels");
+                limited!(
+                    SubscribeRefused,
+                    debug,
+                    "refused topic filter {filter:?}: over max_topic_levels"
+                );
                 self.stats.subscriptions_refused += 1;
                 codes.push(codec::SUBACK_FAILURE);
                 continue;
@@ -490,7 +496,9 @@ impl Shard {
                 && subscriptions.len() >= max_subscriptions
                 && !subscriptions.iter().any(|(f, _)| **f == *filter)
             {
-                debug!(
+                limited!(
+                    SubscribeRefused,
+                    debug,
                     "client {}: refused topic filter {filter:?}: max_subscriptions_per_client ({max_subscriptions}) reached",
                     session.client_id
                 );
@@ -504,7 +512,9 @@ impl Shard {
                     username,
                 };
                 if !self.auth.can_subscribe(who, &filter) {
-                    debug!(
+                    limited!(
+                        SubscribeRefused,
+                        debug,
                         "client {}: subscription to {filter:?} denied by the ACL",
                         session.client_id
                     );

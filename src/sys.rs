@@ -64,6 +64,9 @@ pub struct Counters {
     /// Bytes queued to clients (gauge, per-client count; see
     /// `max_queued_bytes_total`).
     pub queued_bytes: u64,
+    /// CONNECTs refused with CONNACK 1, 2 or 3 (protocol version, client
+    /// identifier, server unavailable).
+    pub connect_refused: u64,
     /// CONNECTs refused by authentication (CONNACK 5: anonymous refused,
     /// unknown user, wrong password).
     pub auth_failed: u64,
@@ -111,6 +114,7 @@ impl Counters {
         self.clients_shed += other.clients_shed;
         self.queued_bytes += other.queued_bytes;
         self.auth_failed += other.auth_failed;
+        self.connect_refused += other.connect_refused;
         self.publish_denied += other.publish_denied;
         self.subscribe_denied += other.subscribe_denied;
         self.dropped_sys_topic += other.dropped_sys_topic;

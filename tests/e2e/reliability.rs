@@ -334,3 +334,73 @@ fn retained_publish_is_on_every_shard_once_pubacked() {
         subscriber.send(&ack(0x40, p.packet_id));
     }
 }
+
+/// Packets of each kind in the log-flood test (the issue's figure).
+const FLOOD_PACKETS: usize = 20_000;
+
+/// Issue #16, part 2: 20k packets of each of three kinds that each used to
+/// write a log line (QoS 2 over `max_awaiting_rel`, PUBLISH to `$SYS`, a
+/// refused SUBSCRIBE filter) write a few lines, not 60k, while every one is
+/// still counted and the lines left out are counted too. Before, the QoS 2
+/// overflow alone wrote one INFO line per packet (19,900 in the issue).
+#[test]
+fn client_triggered_log_lines_are_rate_limited_and_counted() {
+    let broker = Broker::start();
+    let mut raw = Raw::connect(broker.port, &format!("flood-{}", unique()));
+    let max_awaiting_rel = 100;
+    let lines_before = broker.log_text().lines().count();
+    let mut bytes = Vec::new();
+    for i in 0..(max_awaiting_rel + FLOOD_PACKETS) {
+        // Packet ids 1..=20100, none released: all past the 100th dropped.
+        let id = (i + 1) as u16;
+        bytes.extend(publish(b"flood/q2", b"x", 2, false, false, id));
+    }
+    for _ in 0..FLOOD_PACKETS {
+        bytes.extend(publish(b"$SYS/flood", b"x", 0, false, false, 0));
+    }
+    raw.send(&bytes);
+    let mut refused = Vec::new();
+    for i in 0..FLOOD_PACKETS {
+        // '#' not last: an invalid filter (§4.7.1.2), refused in SUBACK.
+        refused.extend(subscribe((i % 60_000 + 1) as u16, &[(b"flood/#/x", 0)]));
+    }
+    raw.send(&refused);
+    // Every packet was handled (the last SUBACK came) and counted.
+    let mut subacks = 0;
+    let deadline = Instant::now() + TIMEOUT * 3;
+    while subacks < FLOOD_PACKETS {
+        assert!(Instant::now() < deadline, "only {subacks} SUBACKs");
+        let p = raw.expect_packet();
+        if p.kind() == 9 {
+            assert_eq!(p.body[2], 0x80, "invalid filter granted");
+            subacks += 1;
+        }
+    }
+    let metrics = poll_until(
+        "drops counted",
+        || http(&broker, "GET", "/metrics", None).body,
+        |m| {
+            sample(m, "fanmq_messages_dropped_total{reason=\"qos2_overflow\"}")
+                == FLOOD_PACKETS as f64
+                && sample(m, "fanmq_messages_dropped_total{reason=\"sys_topic\"}")
+                    == FLOOD_PACKETS as f64
+        },
+    );
+    let log = broker.log_text();
+    let flood_lines: Vec<&str> = log.lines().skip(lines_before).collect();
+    let count = |needle: &str| flood_lines.iter().filter(|l| l.contains(needle)).count();
+    // One line per kind per shard per 10 s: the test takes a few seconds.
+    assert!(
+        (1..=2).contains(&count("unreleased QoS 2")),
+        "{flood_lines:#?}"
+    );
+    assert!((1..=2).contains(&count("$SYS is the broker's")));
+    assert!((1..=2).contains(&count("refused topic filter")));
+    assert!(
+        flood_lines.len() < 50,
+        "{} lines for {} packets",
+        flood_lines.len(),
+        3 * FLOOD_PACKETS
+    );
+    assert!(sample(&metrics, "fanmq_log_lines_suppressed_total") >= (3 * FLOOD_PACKETS - 6) as f64);
+}
