@@ -822,6 +822,7 @@ fn publish_will(shard: &mut Shard, will: LastWill) {
         payload: will.message,
         qos: will.qos,
         retain: will.retain,
+        retain_stamp: 0,
     });
 }
 
@@ -1448,6 +1449,7 @@ fn handle_packet(
                 payload: publish.payload,
                 qos: publish.qos,
                 retain: publish.retain,
+                retain_stamp: 0,
             });
         }
         Packet::PubAck(id) => {

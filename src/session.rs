@@ -251,6 +251,7 @@ impl Session {
             payload: message.payload.clone(),
             qos,
             retain: false,
+            retain_stamp: 0,
         };
         if self.window_open(limits) && self.pending_is_empty() {
             let shared = (encoded.head(qos), encoded.payload());
@@ -520,6 +521,7 @@ mod tests {
             payload: Bytes::from_static(payload),
             qos,
             retain: true,
+            retain_stamp: 0,
         }
     }
 

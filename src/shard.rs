@@ -265,7 +265,10 @@ impl Shard {
 
     /// A PUBLISH from a client of this shard (or a will, or `$SYS`): delivered
     /// here now, and queued for the other shards.
-    pub fn publish(&mut self, message: Message) {
+    pub fn publish(&mut self, mut message: Message) {
+        if message.retain {
+            message.retain_stamp = self.retained.stamp(self.id);
+        }
         self.route(&message);
         if self.nr_shards > 1 {
             self.remote_batch.push(message);

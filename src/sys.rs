@@ -279,6 +279,7 @@ fn publish_sys(ctx: &Ctx) -> bool {
             payload: Bytes::from(value),
             qos: QoS::AtMostOnce,
             retain: true,
+            retain_stamp: 0,
         });
     }
     shard.flush_dirty();

@@ -404,3 +404,32 @@ fn client_triggered_log_lines_are_rate_limited_and_counted() {
     );
     assert!(sample(&metrics, "fanmq_log_lines_suppressed_total") >= (3 * FLOOD_PACKETS - 6) as f64);
 }
+
+/// Issue #16, part 3: two publishers on different shards retain the same
+/// topic at the same moment; once both have their PUBACK, a subscriber on
+/// either shard gets the same one of the two (the replicas agree), in every
+/// round. Before, each shard kept the one it applied last (its own
+/// publisher's came first), so they disagreed in some rounds.
+#[test]
+fn racing_retained_publishes_leave_every_replica_equal() {
+    let broker = Broker::start();
+    let (mut a, mut b) = raw_on_each_shard(&broker, &format!("rx-{}", unique()));
+    for round in 0..RETAIN_ROUNDS {
+        let topic = format!("rx/{round}");
+        let packet_id = (round + 1) as u16;
+        a.send(&publish(topic.as_bytes(), b"from-a", 1, true, false, packet_id));
+        b.send(&publish(topic.as_bytes(), b"from-b", 1, true, false, packet_id));
+        for publisher in [&mut a, &mut b] {
+            assert_eq!(publisher.expect_packet().bytes(), ack(0x40, packet_id));
+        }
+        let mut seen = Vec::new();
+        for subscriber in [&mut a, &mut b] {
+            assert_eq!(subscriber.subscribe(packet_id, &[(&topic, 1)]), vec![1]);
+            let p = subscriber.expect_publish();
+            assert!(p.retain, "round {round}: not retained");
+            subscriber.send(&ack(0x40, p.packet_id));
+            seen.push(String::from_utf8_lossy(&p.payload).into_owned());
+        }
+        assert_eq!(seen[0], seen[1], "round {round}: replicas disagree");
+    }
+}
