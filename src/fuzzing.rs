@@ -148,6 +148,7 @@ fn run_session(data: &[u8]) -> crate::observe::counters::Counters {
                         payload: Bytes::from(vec![b'x'; usize::from(qos >> 2)]),
                         qos: QoS::from_u8(qos % 3).unwrap_or(QoS::AtMostOnce),
                         retain: qos & 0x80 != 0,
+                        retain_stamp: 0,
                     });
                 }
                 3 => {

@@ -14,7 +14,8 @@
 //!
 //! It also applies the per-address connection limit and the connection-rate
 //! token bucket ([`crate::net::admission`]): a refused socket is closed right
-//! after accept, counted, and logged at most once per [`WARN_INTERVAL`].
+//! after accept, counted, and logged at most once per
+//! [`crate::observe::log_limit::LOG_INTERVAL`] per kind ([`crate::observe::log_limit`]).
 
 use std::net::SocketAddr;
 use std::os::fd::{FromRawFd, IntoRawFd, RawFd};
@@ -23,20 +24,21 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use glommio::net::TcpListener;
-use log::{debug, warn};
+use log::debug;
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::connection;
 use crate::net::admission::{self, ConnectionCounts, ConnectionSlot, TokenBucket};
 use crate::net::transport::Acceptor;
+use crate::observe::log_limit::LogKind::{
+    AcceptFailed, MaxConnectionRate, MaxConnections, MaxConnectionsPerIp,
+};
+use crate::observe::log_limit::limited;
 use crate::shard::Ctx;
 
 /// Pause after an accept error caused by exhausted resources, so the loop
 /// does not spin while descriptors or memory are short.
 pub const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
-
-/// Least time between two identical warnings from one accept loop.
-const WARN_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Errors setting up listeners.
 #[derive(Debug, thiserror::Error)]
@@ -116,7 +118,6 @@ pub async fn accept_loop(
     let config = ctx.shard.borrow().config.clone();
     let max = config.max_connections;
     let mut limits = AcceptLimits::new(&config, ctx.nr_shards);
-    let mut last_warning: Option<Instant> = None;
     loop {
         let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
             wait_for_shutdown(&ctx).await;
@@ -148,9 +149,11 @@ pub async fn accept_loop(
                         counts.remove_ip(ip_key);
                     }
                     ctx.shard.borrow_mut().stats.connections_refused += 1;
-                    if should_warn(&mut last_warning) {
-                        warn!("max_connections ({max}) reached: refusing new connections");
-                    }
+                    limited!(
+                        MaxConnections,
+                        warn,
+                        "max_connections ({max}) reached: refusing new connections"
+                    );
                     drop(stream);
                     continue;
                 }
@@ -170,16 +173,16 @@ pub async fn accept_loop(
                     Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
                 );
                 ctx.shard.borrow_mut().stats.accept_errors += 1;
-                if should_warn(&mut last_warning) {
-                    warn!(
-                        "accept on {addr} failed: {e}{}",
-                        if exhausted {
-                            " (out of file descriptors or memory: raise LimitNOFILE / fs.file-max or lower max_connections)"
-                        } else {
-                            ""
-                        }
-                    );
-                }
+                limited!(
+                    AcceptFailed,
+                    warn,
+                    "accept on {addr} failed: {e}{}",
+                    if exhausted {
+                        " (out of file descriptors or memory: raise LimitNOFILE / fs.file-max or lower max_connections)"
+                    } else {
+                        ""
+                    }
+                );
                 if exhausted {
                     glommio::timer::sleep(ACCEPT_ERROR_BACKOFF).await;
                 }
@@ -211,10 +214,6 @@ struct AcceptLimits {
     bucket: Option<TokenBucket>,
     /// Loopback clients skip both limits.
     exempt_loopback: bool,
-    /// Last per-address warning (rate-limited log line).
-    last_ip_warning: Option<Instant>,
-    /// Last rate warning.
-    last_rate_warning: Option<Instant>,
 }
 
 impl AcceptLimits {
@@ -232,8 +231,6 @@ impl AcceptLimits {
             max_per_ip: config.max_connections_per_ip,
             bucket,
             exempt_loopback: config.limits_exempt_loopback,
-            last_ip_warning: None,
-            last_rate_warning: None,
         }
     }
 
@@ -261,14 +258,14 @@ impl AcceptLimits {
             && !bucket.try_take(Instant::now())
         {
             ctx.shard.borrow_mut().stats.connections_rate_limited += 1;
-            if should_warn(&mut self.last_rate_warning) {
-                warn!(
-                    "max_connection_rate reached on {}: closing new connections (latest from {peer})",
-                    stream
-                        .local_addr()
-                        .map_or_else(|_| "?".into(), |a| a.to_string())
-                );
-            }
+            limited!(
+                MaxConnectionRate,
+                warn,
+                "max_connection_rate reached on {}: closing new connections (latest from {peer})",
+                stream
+                    .local_addr()
+                    .map_or_else(|_| "?".into(), |a| a.to_string())
+            );
             return Err(Refused::RateLimited);
         }
         if self.max_per_ip == 0 {
@@ -277,26 +274,17 @@ impl AcceptLimits {
         let key = counts.ip_key(peer.ip());
         if !counts.try_add_ip(key, self.max_per_ip) {
             ctx.shard.borrow_mut().stats.connections_ip_limited += 1;
-            if should_warn(&mut self.last_ip_warning) {
-                warn!(
-                    "max_connections_per_ip ({}) reached for {}: closing its new connections",
-                    self.max_per_ip,
-                    peer.ip()
-                );
-            }
+            limited!(
+                MaxConnectionsPerIp,
+                warn,
+                "max_connections_per_ip ({}) reached for {}: closing its new connections",
+                self.max_per_ip,
+                peer.ip()
+            );
             return Err(Refused::IpLimited);
         }
         Ok(key)
     }
-}
-
-/// True (and remembers now) when the last warning is old enough.
-fn should_warn(last: &mut Option<Instant>) -> bool {
-    if last.is_some_and(|t| t.elapsed() < WARN_INTERVAL) {
-        return false;
-    }
-    *last = Some(Instant::now());
-    true
 }
 
 /// Resolves once the shard begins shutting down.
@@ -330,12 +318,5 @@ mod tests {
             let local = socket.local_addr().unwrap().as_socket().unwrap();
             assert_eq!(local, set.addr);
         }
-    }
-
-    #[test]
-    fn warnings_are_rate_limited() {
-        let mut last = None;
-        assert!(should_warn(&mut last));
-        assert!(!should_warn(&mut last));
     }
 }

@@ -25,8 +25,16 @@ pub type MeshSenders = Rc<Senders<ShardMsg>>;
 /// A message from one shard to another.
 #[derive(Debug)]
 pub enum ShardMsg {
-    /// Publishes received by the sending shard, in the order received.
-    Publish(Arc<Vec<Message>>),
+    /// Publishes received by the sending shard, in the order received; with
+    /// (shard, token): answer that shard [`ShardMsg::Applied`] once routed
+    /// (its retained publishes then wait for their acks,
+    /// `crate::shard::held_acks::HeldAcks`).
+    Publish(Arc<Vec<Message>>, Option<(usize, u64)>),
+    /// To a publisher's shard: the batch of its barrier `token` is applied.
+    Applied {
+        /// The barrier's token on the receiving shard.
+        token: u64,
+    },
     /// To a client id's home shard: a connection on `new_shard` wants the
     /// session of `client_id`.
     Claim {
@@ -44,6 +52,11 @@ pub enum ShardMsg {
     Evict {
         /// The client id.
         client_id: ByteString,
+        /// The claim (its token on the receiving shard) that owned the id
+        /// and loses it; only that claim or its session is evicted, never a
+        /// newer one made there meanwhile. None: whichever claim of the
+        /// receiving shard owns the id (sent by a shard to itself only).
+        victim: Option<u64>,
         /// Where the new connection is.
         to_shard: usize,
         /// The claim's id on `to_shard`.
@@ -65,6 +78,8 @@ pub enum ShardMsg {
         client_id: ByteString,
         /// The shard it was on.
         shard: usize,
+        /// The token of the claim it was attached under.
+        token: u64,
     },
     /// To shard 0: this shard's counters, for `$SYS`.
     Stats {

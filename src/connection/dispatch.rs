@@ -2,8 +2,9 @@
 //! session and the shard do with it (§3.3 to §3.14).
 
 use bytes::BytesMut;
-use log::{debug, info};
 
+use crate::observe::log_limit::LogKind::{MaxAwaitingRel, ProtocolError, PublishDenied};
+use crate::observe::log_limit::limited;
 use crate::protocol::message::Message;
 use crate::protocol::topic;
 use crate::protocol::v3::{self as codec, Packet, QoS};
@@ -33,7 +34,7 @@ pub fn process(
             Ok(Some(packet)) => packet,
             Ok(None) => return Ok(()),
             Err(e) => {
-                debug!("client packet refused: {e}");
+                limited!(ProtocolError, debug, "client packet refused: {e}");
                 shard.stats.protocol_errors += 1;
                 return Err(CloseReason::ProtocolError);
             }
@@ -59,26 +60,39 @@ pub(super) fn handle_packet(
         Packet::Publish(publish) => !shard.may_publish(key, username, &publish.topic),
         _ => false,
     };
+    // Acks of retained publishes wait for every replica, and later acks of
+    // this session wait behind them ([`crate::shard::held_acks::HeldAcks`]).
+    let (replicas, holding) = (shard.nr_shards > 1, shard.held_acks.holds(key));
     let Some(session) = shard.session_for(key, conn_id) else {
         return Err(CloseReason::TakenOver);
     };
     match packet {
         Packet::Connect(_) => {
-            debug!("client {}: second CONNECT (§3.1.0-2)", session.client_id);
+            limited!(
+                ProtocolError,
+                debug,
+                "client {}: second CONNECT (§3.1.0-2)",
+                session.client_id
+            );
             shard.stats.protocol_errors += 1;
             return Err(CloseReason::ProtocolError);
         }
         Packet::Publish(publish) => {
             if topic::validate_topic_name(&publish.topic).is_err() {
-                debug!(
+                limited!(
+                    ProtocolError,
+                    debug,
                     "client {}: invalid topic name {:?}",
-                    session.client_id, publish.topic
+                    session.client_id,
+                    publish.topic
                 );
                 shard.stats.protocol_errors += 1;
                 return Err(CloseReason::ProtocolError);
             }
             if topic::exceeds_levels(&publish.topic, max_topic_levels) {
-                debug!(
+                limited!(
+                    ProtocolError,
+                    debug,
                     "client {}: topic deeper than max_topic_levels ({max_topic_levels}), closing",
                     session.client_id
                 );
@@ -92,9 +106,12 @@ pub(super) fn handle_packet(
                     Qos2Receipt::New => true,
                     Qos2Receipt::Duplicate => false,
                     Qos2Receipt::Refused => {
-                        info!(
+                        limited!(
+                            MaxAwaitingRel,
+                            info,
                             "client {}: more than {} unreleased QoS 2 messages, one dropped",
-                            session.client_id, limits.max_awaiting_rel
+                            session.client_id,
+                            limits.max_awaiting_rel
                         );
                         shard.stats.publish_dropped += 1;
                         shard.stats.dropped_qos2_overflow += 1;
@@ -103,8 +120,17 @@ pub(super) fn handle_packet(
                 },
             };
             if let Some(ack) = session::ack_for_publish(publish.qos, publish.packet_id) {
-                session.queue_control(&ack);
-                shard.mark_dirty(key);
+                let retained = replicas
+                    && publish.retain
+                    && deliver
+                    && !denied
+                    && !publish.topic.starts_with("$SYS");
+                if retained || holding {
+                    shard.held_acks.hold(key, conn_id, ack);
+                } else {
+                    session.queue_control(&ack);
+                    shard.mark_dirty(key);
+                }
             }
             shard.stats.publish_received += 1;
             shard.stats.publish_received_by_qos[publish.qos as usize] += 1;
@@ -112,13 +138,23 @@ pub(super) fn handle_packet(
                 return Ok(());
             }
             if publish.topic.starts_with("$SYS") {
-                debug!("publish to {} dropped: $SYS is the broker's", publish.topic);
+                limited!(
+                    PublishDenied,
+                    debug,
+                    "publish to {} dropped: $SYS is the broker's",
+                    publish.topic
+                );
                 shard.stats.publish_dropped += 1;
                 shard.stats.dropped_sys_topic += 1;
                 return Ok(());
             }
             if denied {
-                debug!("publish to {} dropped: denied by the ACL", publish.topic);
+                limited!(
+                    PublishDenied,
+                    debug,
+                    "publish to {} dropped: denied by the ACL",
+                    publish.topic
+                );
                 shard.stats.publish_denied += 1;
                 return Ok(());
             }
@@ -127,6 +163,7 @@ pub(super) fn handle_packet(
                 payload: publish.payload,
                 qos: publish.qos,
                 retain: publish.retain,
+                retain_stamp: 0,
             });
         }
         Packet::PubAck(id) => {

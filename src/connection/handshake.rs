@@ -10,10 +10,14 @@ use bytes::BytesMut;
 use bytestring::ByteString;
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
-use log::{debug, info};
+use log::debug;
 
 use super::{Established, Identity, Peer, Wire};
 use crate::net::transport::{Acceptor, Stream, Transport};
+use crate::observe::log_limit::LogKind::{
+    ConnectRefused, NotAuthorized, ProtocolError, PublishDenied,
+};
+use crate::observe::log_limit::limited;
 use crate::protocol::message::Message;
 use crate::protocol::topic;
 use crate::protocol::v3::{self as codec, Connect, DecodeError, LastWill, Packet};
@@ -60,7 +64,7 @@ pub(super) async fn accept_transport(
     match glommio::timer::timeout(left, async { Ok(acceptor.accept(tcp).await) }).await {
         Ok(Ok(stream)) => Some(stream),
         Ok(Err(e)) => {
-            debug!("{peer}: {name}: {e}, closing");
+            limited!(ProtocolError, debug, "{peer}: {name}: {e}, closing");
             None
         }
         Err(_) => {
@@ -88,7 +92,9 @@ pub(super) async fn handshake(
     let connect = match first {
         Ok(Ok(Packet::Connect(connect))) => connect,
         Ok(Ok(other)) => {
-            debug!(
+            limited!(
+                ProtocolError,
+                debug,
                 "{}: first packet is not CONNECT ({other:?}), closing",
                 Peer(stream.socket_fd())
             );
@@ -96,15 +102,23 @@ pub(super) async fn handshake(
             return None;
         }
         Ok(Err(FirstPacketError::Decode(DecodeError::UnsupportedProtocolLevel(level)))) => {
-            debug!(
+            limited!(
+                ConnectRefused,
+                debug,
                 "{}: unsupported protocol level {level}, CONNACK 1",
                 Peer(stream.socket_fd())
             );
+            ctx.shard.borrow_mut().stats.connect_refused += 1;
             refuse(&mut stream, codec::CONNACK_UNACCEPTABLE_PROTOCOL_VERSION).await;
             return None;
         }
         Ok(Err(FirstPacketError::Decode(e))) => {
-            debug!("{}: bad CONNECT: {e}", Peer(stream.socket_fd()));
+            limited!(
+                ProtocolError,
+                debug,
+                "{}: bad CONNECT: {e}",
+                Peer(stream.socket_fd())
+            );
             ctx.shard.borrow_mut().stats.protocol_errors += 1;
             return None;
         }
@@ -129,7 +143,9 @@ pub(super) async fn handshake(
     if let Some(will) = &last_will
         && topic::validate_topic_name(&will.topic).is_err()
     {
-        debug!(
+        limited!(
+            ProtocolError,
+            debug,
             "{}: invalid will topic {:?}",
             Peer(stream.socket_fd()),
             will.topic
@@ -144,7 +160,9 @@ pub(super) async fn handshake(
     if let Some(will) = &last_will
         && topic::exceeds_levels(&will.topic, max_levels)
     {
-        debug!(
+        limited!(
+            ProtocolError,
+            debug,
             "{}: will topic deeper than max_topic_levels ({max_levels})",
             Peer(stream.socket_fd())
         );
@@ -152,24 +170,31 @@ pub(super) async fn handshake(
         return None;
     }
     if client_id.len() > max_client_id_len {
-        debug!(
+        limited!(
+            ConnectRefused,
+            debug,
             "{}: client id of {} bytes is over max_client_id_len ({max_client_id_len}), CONNACK 2",
             Peer(stream.socket_fd()),
             client_id.len()
         );
+        ctx.shard.borrow_mut().stats.connect_refused += 1;
         refuse(&mut stream, codec::CONNACK_IDENTIFIER_REJECTED).await;
         return None;
     }
     if ctx.shard.borrow().shutting_down {
+        ctx.shard.borrow_mut().stats.connect_refused += 1;
         refuse(&mut stream, codec::CONNACK_SERVER_UNAVAILABLE).await;
         return None;
     }
     let client_id = if client_id.is_empty() {
         if !clean_session {
-            debug!(
+            limited!(
+                ConnectRefused,
+                debug,
                 "{}: empty client id with CleanSession 0, CONNACK 2",
                 Peer(stream.socket_fd())
             );
+            ctx.shard.borrow_mut().stats.connect_refused += 1;
             refuse(&mut stream, codec::CONNACK_IDENTIFIER_REJECTED).await;
             return None;
         }
@@ -194,7 +219,9 @@ pub(super) async fn handshake(
         )
         .await
     {
-        info!(
+        limited!(
+            NotAuthorized,
+            info,
             "{}: client {client_id} (user {:?}) refused: {refusal}, CONNACK 5",
             Peer(stream.socket_fd()),
             username.as_deref().unwrap_or("")
@@ -221,8 +248,8 @@ pub(super) async fn handshake(
         Stream::Tcp(tcp) => Wire::Fresh(tcp),
         framed => Wire::Framed(framed),
     };
-    let state = match registry::claim(ctx, client_id.clone(), clean_session).await {
-        Ok(state) => state,
+    let (claim, state) = match registry::claim(ctx, client_id.clone(), clean_session).await {
+        Ok(granted) => granted,
         Err(e) => {
             debug!("{}: client {client_id}: {e}", Peer(wire.socket_fd()));
             return None;
@@ -236,6 +263,7 @@ pub(super) async fn handshake(
         ctx,
         link_fd,
         client_id.clone(),
+        claim,
         clean_session,
         state,
         keep_alive,
@@ -297,12 +325,13 @@ pub(super) async fn refuse(stream: &mut Stream, code: u8) {
     let _ = stream.flush().await;
 }
 
-/// Creates the session for a new connection (with the claimed state) and
-/// queues CONNACK plus any redelivery.
+/// Creates the session for a new connection (under its claim `claim`, with the
+/// claimed state) and queues CONNACK plus any redelivery.
 pub(super) fn attach(
     ctx: &Ctx,
     link_fd: RawFd,
     client_id: ByteString,
+    claim: u64,
     clean_session: bool,
     state: Option<SessionState>,
     keep_alive: u16,
@@ -311,6 +340,7 @@ pub(super) fn attach(
     let conn_id = shard.new_conn_id();
     let session_present = state.is_some() && !clean_session;
     let mut session = Session::new(client_id, clean_session, state.unwrap_or_default());
+    session.claim = claim;
     session.link = Some(Link::new(conn_id, link_fd, keep_alive, shard.now_ticks()));
     session.queue_control(&codec::connack(session_present, codec::CONNACK_ACCEPTED));
     let limits = shard.limits;
@@ -324,7 +354,9 @@ pub(super) fn attach(
 /// Publishes a will message (§3.1.2.5).
 pub(super) fn publish_will(shard: &mut Shard, will: LastWill) {
     if topic::is_sys_topic(&will.topic) && will.topic.starts_with("$SYS") {
-        debug!(
+        limited!(
+            PublishDenied,
+            debug,
             "will to {} dropped: clients cannot publish to $SYS",
             will.topic
         );
@@ -336,5 +368,6 @@ pub(super) fn publish_will(shard: &mut Shard, will: LastWill) {
         payload: will.message,
         qos: will.qos,
         retain: will.retain,
+        retain_stamp: 0,
     });
 }

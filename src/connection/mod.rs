@@ -62,6 +62,8 @@ use crate::net::admission::{ConnectionSlot, IpKey};
 use crate::net::fd;
 use crate::net::poller::Interest;
 use crate::net::transport::{Acceptor, Stream};
+use crate::observe::log_limit::LogKind::PublishDenied;
+use crate::observe::log_limit::limited;
 use crate::security::acl::Who;
 use crate::session::link::{CloseReason, Rare, SessionKey};
 use crate::shard::Ctx;
@@ -168,7 +170,12 @@ async fn teardown(ctx: &Ctx, conn: Established, reason: CloseReason) {
             if shard.auth.can_publish(who, &will.topic) {
                 publish_will(&mut shard, will);
             } else {
-                debug!("will to {} dropped: denied by the ACL", will.topic);
+                limited!(
+                    PublishDenied,
+                    debug,
+                    "will to {} dropped: denied by the ACL",
+                    will.topic
+                );
                 shard.stats.publish_denied += 1;
             }
         }

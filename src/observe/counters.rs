@@ -277,6 +277,12 @@ counter_table! {
             prometheus Some("auth_failures"), per_shard None,
             sys Some("$SYS/broker/clients/auth_failed"),
             help "CONNECTs refused by authentication (CONNACK 5: anonymous refused, unknown user, wrong password)";
+        connect_refused: Counter Sum,
+            prometheus Some("connect_refused"), per_shard None, sys None,
+            help "CONNECTs refused with CONNACK 1, 2 or 3 (protocol version, client identifier, server unavailable)";
+        log_lines_suppressed: Counter Sum,
+            prometheus Some("log_lines_suppressed"), per_shard None, sys None,
+            help "Log lines about clients not written: at most one per kind per shard every 10 s";
         publish_denied: Counter Sum,
             prometheus Some("publish_denied"), per_shard None,
             sys Some("$SYS/broker/publish/messages/denied"),

@@ -32,6 +32,11 @@ pub struct Message {
     pub qos: QoS,
     /// The RETAIN flag as the publisher set it.
     pub retain: bool,
+    /// Where a retained message stands in the order every replica agrees on
+    /// (`crate::router::retain::RetainStore::stamp`); 0 when not retained or not
+    /// stamped (only the shard that received it stamps it). 8 bytes, past
+    /// the padding: a message is 80 bytes, not 72.
+    pub retain_stamp: u64,
 }
 
 impl Message {

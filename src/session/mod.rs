@@ -159,6 +159,11 @@ pub struct Session {
     pub client_id: Box<str>,
     /// CleanSession flag of the connection that owns it (§3.1.2.4).
     pub clean_session: bool,
+    /// The token of the claim it was attached under
+    /// ([`crate::shard::registry`]): the home shard names it to evict exactly this
+    /// session, and its release names it, so that neither touches a newer
+    /// session or claim of the same id.
+    pub claim: u64,
     /// State that survives the connection.
     pub state: SessionState,
     /// Frames for the live connection; empty while offline.
@@ -175,6 +180,7 @@ impl Session {
         Session {
             client_id: Box::from(&*client_id),
             clean_session,
+            claim: 0,
             state,
             out: OutQueue::default(),
             link: None,
@@ -252,6 +258,7 @@ impl Session {
             payload: message.payload.clone(),
             qos,
             retain: false,
+            retain_stamp: 0,
         };
         if self.window_open(limits) && self.pending_is_empty() {
             let shared = (encoded.head(qos), encoded.payload());
@@ -521,6 +528,7 @@ mod tests {
             payload: Bytes::from_static(payload),
             qos,
             retain: true,
+            retain_stamp: 0,
         }
     }
 

@@ -6,20 +6,23 @@ use std::rc::Rc;
 use glommio::channels::channel_mesh::Receivers;
 use log::debug;
 
-use crate::mesh::ShardMsg;
+use crate::mesh::{self, ShardMsg};
 use crate::shard::{Ctx, Shard};
 
 /// Receives everything `peer` sends to this shard until the mesh closes.
 pub async fn receive_from(ctx: Ctx, peer: usize, receivers: Rc<Receivers<ShardMsg>>) {
     while let Ok(Some(msg)) = receivers.recv_from(peer).await {
         match msg {
-            ShardMsg::Publish(batch) => {
+            ShardMsg::Publish(batch, applied) => {
                 {
                     let mut shard = ctx.shard.borrow_mut();
                     for message in batch.iter() {
                         shard.route(message);
                     }
                     shard.flush_dirty();
+                }
+                if let Some((shard, token)) = applied {
+                    mesh::send_detached(&ctx.mesh, shard, ShardMsg::Applied { token });
                 }
                 glommio::yield_if_needed().await;
             }
@@ -36,12 +39,16 @@ impl Shard {
     /// A control message from another shard.
     pub fn handle_control(&mut self, msg: ShardMsg) {
         match msg {
-            ShardMsg::Publish(batch) => {
+            ShardMsg::Publish(batch, applied) => {
                 for message in batch.iter() {
                     self.route(message);
                 }
                 self.flush_dirty();
+                if let Some((shard, token)) = applied {
+                    self.outbox.push((shard, ShardMsg::Applied { token }));
+                }
             }
+            ShardMsg::Applied { token } => self.held_acks.applied(token),
             ShardMsg::Claim {
                 client_id,
                 new_shard,
@@ -50,12 +57,17 @@ impl Shard {
             } => self.home_claim(client_id, new_shard, token, clean_session),
             ShardMsg::Evict {
                 client_id,
+                victim,
                 to_shard,
                 token,
                 clean_session,
-            } => self.evict(&client_id, to_shard, token, clean_session),
+            } => self.evict(&client_id, victim, to_shard, token, clean_session),
             ShardMsg::Claimed { token, state } => self.claim_answered(token, state.map(|s| *s)),
-            ShardMsg::Release { client_id, shard } => self.home_release(&client_id, shard),
+            ShardMsg::Release {
+                client_id,
+                shard,
+                token,
+            } => self.home_release(&client_id, shard, token),
             ShardMsg::Stats { shard, counters } => {
                 if let Some(slot) = self.all_stats.get_mut(shard) {
                     *slot = *counters;
@@ -90,15 +102,17 @@ mod tests {
                 payload: Bytes::from_static(b"a"),
                 qos: QoS::AtMostOnce,
                 retain: false,
+                retain_stamp: 0,
             },
             Message {
                 topic: ByteString::from("t/2"),
                 payload: Bytes::from_static(b"b"),
                 qos: QoS::AtMostOnce,
                 retain: true,
+                retain_stamp: 1,
             },
         ]);
-        shard.handle_control(ShardMsg::Publish(batch));
+        shard.handle_control(ShardMsg::Publish(batch, None));
         let got = client.publishes();
         assert_eq!(got.len(), 2, "flushed within the same step");
         assert_eq!(shard.retained.len(), 1, "the retained replica applied");

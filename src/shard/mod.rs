@@ -9,6 +9,7 @@
 //! then [`Shard::flush_dirty`] writes each dirty subscriber once with a
 //! vectored send of everything queued.
 
+pub mod held_acks;
 pub mod inbox;
 pub mod index;
 pub mod query;
@@ -30,6 +31,8 @@ use crate::config::Config;
 use crate::mesh::{self, MeshSenders, ShardMsg};
 use crate::net::poller::Poller;
 use crate::observe::counters::Counters;
+use crate::observe::log_limit::LogKind::SubscribeRefused;
+use crate::observe::log_limit::limited;
 use crate::observe::metrics::BrokerGauges;
 use crate::protocol::message::{Encoded, Message};
 use crate::protocol::topic;
@@ -41,6 +44,7 @@ use crate::security::auth::Auth;
 use crate::session::link::{CloseReason, TICKS_PER_SEC};
 use crate::session::outqueue::{Flushed, Frame};
 use crate::session::{Delivery, Limits, Session};
+use crate::shard::held_acks::{APPLY_TIMEOUT, HeldAcks};
 use crate::shard::index::SessionIndex;
 use crate::shard::registry::Registry;
 use crate::shard::sys::SessionTotals;
@@ -76,6 +80,8 @@ pub struct Shard {
     pub retained: RetainStore,
     /// Client ids homed on this shard, and claims waiting for an answer.
     pub registry: Registry,
+    /// Acks of retained publishes waiting for every replica.
+    pub held_acks: HeldAcks,
     /// Sessions with queued frames to flush at the end of this step.
     dirty: Vec<SessionKey>,
     /// This step's QoS 0 frames, encoded once each and shared by every
@@ -142,21 +148,60 @@ impl Ctx {
     }
 
     /// Hands this shard's new publishes to every other shard, waiting while a
-    /// peer's channel is full (back-pressure on the publisher).
+    /// peer's channel is full (back-pressure on the publisher). With held
+    /// acks of retained publishes, waits until every shard applied them,
+    /// then sends the acks ([`HeldAcks`]).
     pub async fn forward_publishes(&self) {
-        let Some(batch) = self.shard.borrow_mut().take_remote_batch() else {
-            return;
+        let (batch, held) = {
+            let mut shard = self.shard.borrow_mut();
+            (shard.take_remote_batch(), shard.held_acks.take())
         };
-        for peer in (0..self.nr_shards).filter(|&p| p != self.id) {
-            if self
-                .mesh
-                .send_to(peer, ShardMsg::Publish(batch.clone()))
-                .await
-                .is_err()
-            {
-                debug!("mesh: shard {peer} is gone, publishes not forwarded");
+        let peers = self.nr_shards - 1;
+        let barrier = (batch.is_some() && !held.is_empty())
+            .then(|| self.shard.borrow_mut().held_acks.start(peers));
+        if let Some(batch) = batch {
+            for peer in (0..self.nr_shards).filter(|&p| p != self.id) {
+                let applied = barrier.map(|token| (self.id, token));
+                if self
+                    .mesh
+                    .send_to(peer, ShardMsg::Publish(batch.clone(), applied))
+                    .await
+                    .is_err()
+                {
+                    debug!("mesh: shard {peer} is gone, publishes not forwarded");
+                    if let Some(token) = barrier {
+                        self.shard.borrow_mut().held_acks.applied(token);
+                    }
+                }
             }
         }
+        if let Some(token) = barrier {
+            let applied = std::future::poll_fn(|cx| {
+                self.shard.borrow_mut().held_acks.poll_applied(token, cx)
+            });
+            let waited = glommio::timer::timeout(APPLY_TIMEOUT, async {
+                applied.await;
+                Ok(())
+            })
+            .await;
+            if waited.is_err() {
+                log::warn!(
+                    "shards did not apply a retained publish in {APPLY_TIMEOUT:?}, acknowledged anyway"
+                );
+                self.shard.borrow_mut().held_acks.forget(token);
+            }
+        }
+        if held.is_empty() {
+            return;
+        }
+        let mut shard = self.shard.borrow_mut();
+        for (key, conn_id, ack) in held {
+            if let Some(session) = shard.session_for(key, conn_id) {
+                session.queue_control(&ack);
+                shard.mark_dirty(key);
+            }
+        }
+        shard.flush_dirty();
     }
 }
 
@@ -180,6 +225,7 @@ impl Shard {
             router: Router::new(),
             retained: RetainStore::default(),
             registry: Registry::default(),
+            held_acks: HeldAcks::default(),
             dirty: Vec::new(),
             batch: BytesMut::new(),
             remote_batch: Vec::new(),
@@ -231,7 +277,10 @@ impl Shard {
 
     /// A PUBLISH from a client of this shard (or a will, or `$SYS`): delivered
     /// here now, and queued for the other shards.
-    pub fn publish(&mut self, message: Message) {
+    pub fn publish(&mut self, mut message: Message) {
+        if message.retain {
+            message.retain_stamp = self.retained.stamp(self.id);
+        }
         self.route(&message);
         if self.nr_shards > 1 {
             self.remote_batch.push(message);
@@ -439,12 +488,16 @@ impl Shard {
         let mut granted_filters = Vec::with_capacity(subscribe.filters.len());
         for (filter, qos) in subscribe.filters {
             if topic::validate_topic_filter(&filter).is_err() {
-                debug!("refused topic filter {filter:?}");
+                limited!(SubscribeRefused, debug, "refused topic filter {filter:?}");
                 codes.push(codec::SUBACK_FAILURE);
                 continue;
             }
             if topic::exceeds_levels(&filter, self.config.max_topic_levels) {
-                debug!("refused topic filter {filter:?}: over max_topic_levels");
+                limited!(
+                    SubscribeRefused,
+                    debug,
+                    "refused topic filter {filter:?}: over max_topic_levels"
+                );
                 self.stats.subscriptions_refused += 1;
                 codes.push(codec::SUBACK_FAILURE);
                 continue;
@@ -458,7 +511,9 @@ impl Shard {
                 && subscriptions.len() >= max_subscriptions
                 && !subscriptions.iter().any(|(f, _)| **f == *filter)
             {
-                debug!(
+                limited!(
+                    SubscribeRefused,
+                    debug,
                     "client {}: refused topic filter {filter:?}: max_subscriptions_per_client ({max_subscriptions}) reached",
                     session.client_id
                 );
@@ -472,7 +527,9 @@ impl Shard {
                     username,
                 };
                 if !self.auth.can_subscribe(who, &filter) {
-                    debug!(
+                    limited!(
+                        SubscribeRefused,
+                        debug,
                         "client {}: subscription to {filter:?} denied by the ACL",
                         session.client_id
                     );
@@ -572,7 +629,7 @@ impl Shard {
         };
         if session.clean_session {
             if let Some(session) = self.remove_session(key) {
-                self.release(&session.client_id);
+                self.release(&session.client_id, session.claim);
             }
         } else {
             session.detach();
@@ -594,6 +651,7 @@ mod tests {
             payload: Bytes::from(payload.to_string()),
             qos,
             retain,
+            retain_stamp: 0,
         }
     }
 

@@ -10,6 +10,19 @@
 //! session state straight to A, which resumes it. The home shard serialises claims for an id, so two
 //! simultaneous CONNECTs end with exactly one winner: the later claim evicts
 //! the earlier one, even if that one has not finished connecting yet.
+//!
+//! # The owner is a claim, not a shard
+//!
+//! The home records the *claim* that owns the id (its shard and token), and
+//! an eviction names that claim. Messages from the home to a shard and from
+//! that shard's connections to the home travel on different channels, so an
+//! eviction meant for an older claim can reach a shard after a newer claim
+//! for the same id was made there; evicting "whatever holds the id" there
+//! took the newer one (two claims superseding each other: no CONNACK, or two
+//! sessions). The owning claim stays the owner through every stage: waiting
+//! for its answer, answered but not yet attached by its connection task, and
+//! attached as a session ([`Session::claim`]); a release names it too, so a
+//! late release cannot forget a newer owner on the same shard.
 
 use std::future::poll_fn;
 use std::task::{Poll, Waker};
@@ -48,6 +61,16 @@ enum Outcome {
     Superseded,
 }
 
+/// The claim that holds a client id: the shard it was made on and its token
+/// there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Owner {
+    /// The shard of the claim.
+    shard: usize,
+    /// The claim's token on that shard.
+    token: u64,
+}
+
 /// A claim made by a connection on this shard, waiting for its answer.
 #[derive(Debug)]
 struct PendingClaim {
@@ -68,14 +91,15 @@ struct PendingClaim {
 /// This shard's part of the client-id registry.
 #[derive(Debug, Default)]
 pub struct Registry {
-    /// For client ids homed here and held by *another* shard: that shard.
-    /// An id held here has no entry: this shard's own sessions
-    /// ([`Shard::session_key`]) and claims say where it is. An entry is a
-    /// clone of the id (32 bytes) and the shard (40 with padding), at
-    /// 2.2 buckets per entry when the table has just doubled: about 90 bytes
-    /// per client. With one shard the table stays empty; with N shards it
-    /// holds the (N-1)/N of the ids homed here that live elsewhere.
-    homes: AHashMap<ByteString, usize>,
+    /// For client ids homed here and held by *another* shard: the claim
+    /// that holds it there. An id held here has no entry: this shard's own
+    /// sessions ([`Shard::session_key`]) and claims say where it is (they
+    /// are made here in the order the home sees them). An entry is a clone
+    /// of the id (32 bytes) and the owner (16), at 2.2 buckets per entry
+    /// when the table has just doubled: about 105 bytes per client. With one
+    /// shard the table stays empty; with N shards it holds the (N-1)/N of
+    /// the ids homed here that live elsewhere.
+    homes: AHashMap<ByteString, Owner>,
     /// Claims of this shard's connections waiting for an answer, by token.
     claims: AHashMap<u64, PendingClaim>,
     /// Next claim token.
@@ -102,7 +126,8 @@ pub fn home_shard(client_id: &str, nr_shards: usize) -> usize {
 }
 
 /// Claims `client_id` for a new connection on this shard and waits for the
-/// answer: the previous session's state to resume (None: start fresh).
+/// answer: the claim's token (the session's [`Session::claim`]) and the
+/// previous session's state to resume (None: start fresh).
 ///
 /// # Errors
 /// [`RegistryError::Superseded`] when a later connection took the id first,
@@ -111,39 +136,8 @@ pub async fn claim(
     ctx: &Ctx,
     client_id: ByteString,
     clean_session: bool,
-) -> Result<Option<SessionState>, RegistryError> {
-    let token = {
-        let mut shard = ctx.shard.borrow_mut();
-        let token = shard.registry.next_token;
-        shard.registry.next_token += 1;
-        shard.registry.claims.insert(
-            token,
-            PendingClaim {
-                client_id: client_id.clone(),
-                outcome: None,
-                waker: None,
-                superseded_by: None,
-                abandoned: false,
-            },
-        );
-        let home = home_shard(&client_id, shard.nr_shards);
-        if home == shard.id {
-            let me = shard.id;
-            shard.home_claim(client_id, me, token, clean_session);
-        } else {
-            let new_shard = shard.id;
-            shard.outbox.push((
-                home,
-                ShardMsg::Claim {
-                    client_id,
-                    new_shard,
-                    token,
-                    clean_session,
-                },
-            ));
-        }
-        token
-    };
+) -> Result<(u64, Option<SessionState>), RegistryError> {
+    let token = ctx.shard.borrow_mut().start_claim(client_id, clean_session);
     ctx.send_outbox();
     let wait = poll_fn(|cx| {
         let mut shard = ctx.shard.borrow_mut();
@@ -174,17 +168,52 @@ pub async fn claim(
         }
     };
     match outcome {
-        Outcome::Granted(state) => Ok(state),
+        Outcome::Granted(state) => Ok((token, state)),
         Outcome::Superseded => Err(RegistryError::Superseded),
     }
 }
 
 impl Shard {
+    /// Records a claim of `client_id` by a connection on this shard and
+    /// sends it to the id's home (or serves it here when this is the home);
+    /// returns its token. The answer arrives in [`Shard::claim_answered`].
+    pub fn start_claim(&mut self, client_id: ByteString, clean_session: bool) -> u64 {
+        let token = self.registry.next_token;
+        self.registry.next_token += 1;
+        self.registry.claims.insert(
+            token,
+            PendingClaim {
+                client_id: client_id.clone(),
+                outcome: None,
+                waker: None,
+                superseded_by: None,
+                abandoned: false,
+            },
+        );
+        let home = home_shard(&client_id, self.nr_shards);
+        let new_shard = self.id;
+        if home == self.id {
+            self.home_claim(client_id, new_shard, token, clean_session);
+        } else {
+            self.outbox.push((
+                home,
+                ShardMsg::Claim {
+                    client_id,
+                    new_shard,
+                    token,
+                    clean_session,
+                },
+            ));
+        }
+        token
+    }
+
     /// At the home shard: `new_shard` claims `client_id`.
     ///
-    /// The previous owner is the shard in `homes`, or else this shard or no
-    /// shard: [`Shard::evict`] then finds the id's session or waiting claim
-    /// here (and takes it over), or answers that there is nothing to resume.
+    /// The previous owner is the claim in `homes`, which is told to go; or
+    /// else this shard or no shard: [`Shard::evict`] then finds the id's
+    /// session or owning claim here (and takes it over), or answers that
+    /// there is nothing to resume.
     pub fn home_claim(
         &mut self,
         client_id: ByteString,
@@ -199,26 +228,67 @@ impl Shard {
             // buffer and the 24-byte shared header its first clone made
             // alive for as long as the record lives.
             let record = ByteString::from(&*client_id);
-            self.registry.homes.insert(record, new_shard)
+            let owner = Owner {
+                shard: new_shard,
+                token,
+            };
+            self.registry.homes.insert(record, owner)
         };
         match previous {
-            Some(owner) if owner != self.id => self.outbox.push((
-                owner,
+            // Records name only other shards (see `homes`).
+            Some(owner) => self.outbox.push((
+                owner.shard,
                 ShardMsg::Evict {
                     client_id,
+                    victim: Some(owner.token),
                     to_shard: new_shard,
                     token,
                     clean_session,
                 },
             )),
-            _ => self.evict(&client_id, new_shard, token, clean_session),
+            None => self.evict(&client_id, None, new_shard, token, clean_session),
         }
     }
 
-    /// At the shard holding the session: close its connection and hand its
-    /// state to the claim `(to_shard, token)`.
-    pub fn evict(&mut self, client_id: &str, to_shard: usize, token: u64, clean_session: bool) {
+    /// At the shard holding the id: the claim `victim` of this shard (None:
+    /// whichever claim of this shard, the id's home, owns it) loses the id;
+    /// close its connection and hand its state to the claim `(to_shard,
+    /// token)`, now or, if it is still waiting for its own answer, when that
+    /// comes.
+    pub fn evict(
+        &mut self,
+        client_id: &str,
+        victim: Option<u64>,
+        to_shard: usize,
+        token: u64,
+        clean_session: bool,
+    ) {
+        let later = (to_shard, token, clean_session);
+        // A claim not yet attached as a session: waiting for its answer, or
+        // answered and its connection task not yet run. At the home, claims
+        // are made in the order the home serves them, so the owner is the
+        // one not superseded yet (never the new claim itself).
+        let waiting = match victim {
+            Some(victim) => Some(victim),
+            None => self
+                .registry
+                .claims
+                .iter()
+                .find(|(t, c)| {
+                    !(to_shard == self.id && **t == token)
+                        && c.client_id == client_id
+                        && c.superseded_by.is_none()
+                        && !matches!(c.outcome, Some(Outcome::Superseded))
+                })
+                .map(|(t, _)| *t),
+        };
+        if let Some(waiting) = waiting
+            && self.supersede(waiting, later)
+        {
+            return;
+        }
         if let Some(key) = self.session_key(client_id)
+            && victim.is_none_or(|v| self.sessions[key as usize].claim == v)
             && let Some(session) = self.remove_session(key)
         {
             if let Some(mut link) = session.link {
@@ -229,19 +299,41 @@ impl Shard {
             self.answer_claim(to_shard, token, state);
             return;
         }
-        // No session yet: an earlier claim for this id may still be waiting
-        // here; the newer claim wins and gets that one's state when it comes.
-        let earlier = self.registry.claims.iter_mut().find(|(t, c)| {
-            !(to_shard == self.id && **t == token)
-                && c.client_id == client_id
-                && c.outcome.is_none()
-                && c.superseded_by.is_none()
-        });
-        if let Some((_, claim)) = earlier {
-            claim.superseded_by = Some((to_shard, token, clean_session));
-            return;
-        }
+        // The owner is gone (a clean session ended, its release on the way).
         self.answer_claim(to_shard, token, None);
+    }
+
+    /// The claim `token` of this shard, not yet attached, loses its id to
+    /// the claim `later` (shard, token, CleanSession): if it is still
+    /// waiting, `later` gets its state when its answer comes; if answered,
+    /// its connection task finds it superseded and `later` gets the state
+    /// now. False when there is no such claim (it is attached, or gone).
+    fn supersede(&mut self, token: u64, later: (usize, u64, bool)) -> bool {
+        let Some(claim) = self.registry.claims.get_mut(&token) else {
+            return false;
+        };
+        if claim.superseded_by.is_some() {
+            return false;
+        }
+        match claim.outcome.take() {
+            None => {
+                claim.superseded_by = Some(later);
+                true
+            }
+            Some(Outcome::Granted(state)) => {
+                claim.outcome = Some(Outcome::Superseded);
+                if let Some(waker) = claim.waker.take() {
+                    waker.wake();
+                }
+                let (to, later_token, later_clean) = later;
+                self.answer_claim(to, later_token, state.filter(|_| !later_clean));
+                true
+            }
+            Some(Outcome::Superseded) => {
+                claim.outcome = Some(Outcome::Superseded);
+                false
+            }
+        }
     }
 
     /// Answers the claim `token` of `shard`, locally or over the mesh.
@@ -284,9 +376,11 @@ impl Shard {
             self.registry.claims.remove(&token);
             match state {
                 Some(state) => {
-                    let _ = self.insert_session(Session::new(client_id, false, state));
+                    let mut session = Session::new(client_id, false, state);
+                    session.claim = token;
+                    let _ = self.insert_session(session);
                 }
-                None => self.release(&client_id),
+                None => self.release(&client_id, token),
             }
             return;
         }
@@ -296,24 +390,31 @@ impl Shard {
         }
     }
 
-    /// A session of this shard ended: tell its home shard.
-    pub fn release(&mut self, client_id: &str) {
+    /// The session of this shard's claim `token` ended: tell its home shard.
+    pub fn release(&mut self, client_id: &str, token: u64) {
         let home = home_shard(client_id, self.nr_shards);
         let shard = self.id;
         if home == self.id {
-            self.home_release(client_id, shard);
+            self.home_release(client_id, shard, token);
         } else {
             let client_id = ByteString::from(client_id);
-            self.outbox
-                .push((home, ShardMsg::Release { client_id, shard }));
+            self.outbox.push((
+                home,
+                ShardMsg::Release {
+                    client_id,
+                    shard,
+                    token,
+                },
+            ));
         }
     }
 
-    /// At the home shard: the session on `shard` ended; forget it unless the
-    /// id was claimed by another shard meanwhile. (A session on the home
-    /// shard itself has no entry to forget.)
-    pub fn home_release(&mut self, client_id: &str, shard: usize) {
-        if self.registry.homes.get(client_id) == Some(&shard) {
+    /// At the home shard: the session of claim `token` on `shard` ended;
+    /// forget it unless the id was claimed again meanwhile (by any shard,
+    /// this one included). (A session on the home shard itself has no entry
+    /// to forget.)
+    pub fn home_release(&mut self, client_id: &str, shard: usize, token: u64) {
+        if self.registry.homes.get(client_id) == Some(&Owner { shard, token }) {
             self.registry.homes.remove(client_id);
         }
     }
@@ -413,7 +514,7 @@ mod tests {
         // Every id lives on its home (the only shard): no home records.
         assert_eq!(shard.registry.homed_elsewhere(), 0);
         shard.remove_session(new);
-        shard.release("dev-1");
+        shard.release("dev-1", 7);
         assert_eq!(shard.session_key("dev-1"), None);
         assert_eq!(shard.by_client_id.len(), 1);
         // The id is free: a new claim starts fresh.
@@ -467,7 +568,7 @@ mod tests {
         ));
         // Shard 1's late release does not forget the new owner: a claim from
         // shard 1 now supersedes the home's waiting claim.
-        home.home_release(&id, 1);
+        home.home_release(&id, 1, 1);
         home.home_claim(ByteString::from(id.as_str()), 1, 3, false);
         assert_eq!(home.registry.homed_elsewhere(), 1);
         assert_eq!(
@@ -493,7 +594,10 @@ mod tests {
                 }
             )]
         ));
-        home.home_release(&id, 1);
+        // A late release of shard 1's older claim 1 does not forget claim 3.
+        home.home_release(&id, 1, 1);
+        assert_eq!(home.registry.homed_elsewhere(), 1);
+        home.home_release(&id, 1, 3);
         assert_eq!(home.registry.homed_elsewhere(), 0);
     }
 
@@ -512,5 +616,303 @@ mod tests {
             counts[home_shard(&format!("c{i}"), 4)] += 1;
         }
         assert!(counts.iter().all(|&c| c > 150), "{counts:?}");
+    }
+}
+
+/// A randomized model of the claim protocol: several shards exchange their
+/// claim messages in a random order (any message in flight may arrive next,
+/// across and within channels), connection tasks run late, give up or end at
+/// random, and after every step at most one session per client id exists
+/// across all shards. Once everything in flight arrived, the home's record
+/// names exactly the claim whose session holds the id, and a clean CONNECT
+/// leaves nothing behind. (This model found the answered-but-not-attached
+/// window and the eviction of a newer claim by a late Evict.)
+#[cfg(test)]
+mod claim_model {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::config::Config;
+    use crate::session::link::Link;
+    use crate::shard::SessionKey;
+    use crate::test_rng::XorShift;
+
+    /// Shards in the model: three, so that a take-over can involve the
+    /// home, the old shard and the new shard all different.
+    const SHARDS: usize = 3;
+    /// Client ids in the model; with three shards their homes differ.
+    const IDS: [&str; 3] = ["a", "b", "c"];
+    /// Random steps per run, and runs (seeds).
+    const STEPS: usize = 400;
+    const RUNS: u64 = 300;
+
+    /// A connection task of the model.
+    enum Task {
+        /// Waiting for the answer to claim `token` of `shard`.
+        Waiting {
+            shard: usize,
+            token: u64,
+            clean: bool,
+        },
+        /// Attached as session `key` with connection `conn_id`.
+        Attached {
+            shard: usize,
+            key: SessionKey,
+            conn_id: u64,
+        },
+    }
+
+    /// The model's world: shards, messages in flight, tasks.
+    struct World {
+        shards: Vec<Shard>,
+        in_flight: Vec<(usize, ShardMsg)>,
+        tasks: Vec<Task>,
+        rng: XorShift,
+    }
+
+    impl World {
+        fn new(seed: u64) -> World {
+            let config = Arc::new(Config::default());
+            let auth = Arc::new(crate::security::auth::Auth::open());
+            World {
+                shards: (0..SHARDS)
+                    .map(|id| Shard::new(id, SHARDS, config.clone(), auth.clone()))
+                    .collect(),
+                in_flight: Vec::new(),
+                tasks: Vec::new(),
+                rng: XorShift(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1),
+            }
+        }
+
+        fn below(&mut self, n: usize) -> usize {
+            (self.rng.next() % n as u64) as usize
+        }
+
+        /// Moves every shard's outbox into the messages in flight.
+        fn collect_outboxes(&mut self) {
+            for shard in &mut self.shards {
+                self.in_flight.append(&mut shard.outbox);
+            }
+        }
+
+        /// A CONNECT of `id` on `shard`.
+        fn connect(&mut self, shard: usize, id: &str, clean: bool) {
+            let token = self.shards[shard].start_claim(ByteString::from(id), clean);
+            self.tasks.push(Task::Waiting {
+                shard,
+                token,
+                clean,
+            });
+        }
+
+        /// Delivers message `i` of those in flight.
+        fn deliver(&mut self, i: usize) {
+            let (to, msg) = self.in_flight.swap_remove(i);
+            self.shards[to].handle_control(msg);
+        }
+
+        /// Runs task `i` as its connection task would when woken; `give_up`:
+        /// a waiting task times out instead if not answered. False when the
+        /// task ended.
+        fn run_task(&mut self, i: usize, give_up: bool) -> bool {
+            match self.tasks[i] {
+                Task::Waiting {
+                    shard,
+                    token,
+                    clean,
+                } => {
+                    let s = &mut self.shards[shard];
+                    let Some(claim) = s.registry.claims.get_mut(&token) else {
+                        return false;
+                    };
+                    match claim.outcome.take() {
+                        Some(Outcome::Granted(state)) => {
+                            let id = claim.client_id.clone();
+                            s.registry.claims.remove(&token);
+                            let conn_id = s.new_conn_id();
+                            let mut session = Session::new(id, clean, state.unwrap_or_default());
+                            session.claim = token;
+                            session.link = Some(Link::new(conn_id, i32::MIN, 0, 0));
+                            let key = s.insert_session(session);
+                            self.tasks[i] = Task::Attached {
+                                shard,
+                                key,
+                                conn_id,
+                            };
+                            true
+                        }
+                        Some(Outcome::Superseded) => {
+                            s.registry.claims.remove(&token);
+                            false
+                        }
+                        None if give_up => {
+                            claim.abandoned = true;
+                            false
+                        }
+                        None => true,
+                    }
+                }
+                Task::Attached {
+                    shard,
+                    key,
+                    conn_id,
+                } => {
+                    // The connection ends (or finds it was taken over).
+                    self.shards[shard].end_connection(key, conn_id);
+                    false
+                }
+            }
+        }
+
+        /// Every session of `id`, across shards: (shard, key, claim).
+        fn sessions_of(&self, id: &str) -> Vec<(usize, SessionKey, u64)> {
+            let mut found = Vec::new();
+            for shard in &self.shards {
+                for (key, s) in shard.sessions.iter() {
+                    if &*s.client_id == id {
+                        found.push((shard.id, key as SessionKey, s.claim));
+                    }
+                }
+            }
+            found
+        }
+
+        /// At most one session per id at any time, found by its shard's index.
+        fn check_one_session(&self, seed: u64, step: usize) {
+            for id in IDS {
+                let sessions = self.sessions_of(id);
+                assert!(
+                    sessions.len() <= 1,
+                    "seed {seed} step {step}: sessions of {id}: {sessions:?}"
+                );
+                for &(shard, key, _) in &sessions {
+                    assert_eq!(self.shards[shard].session_key(id), Some(key));
+                }
+            }
+        }
+
+        /// Delivers everything and runs every task until nothing moves (no
+        /// task gives up: every claim is answered).
+        fn settle(&mut self, seed: u64) {
+            loop {
+                self.collect_outboxes();
+                if !self.in_flight.is_empty() {
+                    let i = self.below(self.in_flight.len());
+                    self.deliver(i);
+                    self.check_one_session(seed, usize::MAX);
+                    continue;
+                }
+                let before = self.tasks.len();
+                let mut i = 0;
+                let mut moved = false;
+                while i < self.tasks.len() {
+                    let waiting = matches!(self.tasks[i], Task::Waiting { .. });
+                    if !waiting {
+                        i += 1;
+                        continue;
+                    }
+                    let was_answered = self.answered(i);
+                    if !self.run_task(i, false) {
+                        self.tasks.swap_remove(i);
+                        moved = true;
+                        continue;
+                    }
+                    moved |= was_answered;
+                    i += 1;
+                }
+                self.collect_outboxes();
+                if !moved && self.in_flight.is_empty() && before == self.tasks.len() {
+                    return;
+                }
+            }
+        }
+
+        /// Whether waiting task `i` has its answer.
+        fn answered(&self, i: usize) -> bool {
+            match self.tasks[i] {
+                Task::Waiting { shard, token, .. } => self.shards[shard]
+                    .registry
+                    .claims
+                    .get(&token)
+                    .is_none_or(|c| c.outcome.is_some()),
+                Task::Attached { .. } => false,
+            }
+        }
+
+        /// Quiescent: each id's home records exactly its session's claim
+        /// when the session is on another shard, and nothing else.
+        fn check_records(&self, seed: u64) {
+            for id in IDS {
+                let home = &self.shards[home_shard(id, SHARDS)];
+                let record = home.registry.homes.get(id).copied();
+                let expected = match self.sessions_of(id)[..] {
+                    [(shard, _, token)] if shard != home.id => Some(Owner { shard, token }),
+                    _ => None,
+                };
+                assert_eq!(record, expected, "seed {seed}: home record of {id}");
+            }
+            for shard in &self.shards {
+                assert!(
+                    shard.registry.claims.values().all(|c| c.abandoned),
+                    "seed {seed}: claims left waiting on shard {}",
+                    shard.id
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn claims_in_any_order_leave_one_session_per_id() {
+        // The ids' homes: one per shard, so every role is played.
+        let mut homes: Vec<usize> = IDS.iter().map(|id| home_shard(id, SHARDS)).collect();
+        homes.sort_unstable();
+        homes.dedup();
+        assert!(homes.len() >= 2, "model ids all homed on one shard");
+        for seed in 1..=RUNS {
+            let mut world = World::new(seed);
+            for step in 0..STEPS {
+                world.collect_outboxes();
+                match world.below(10) {
+                    0..=2 => {
+                        let shard = world.below(SHARDS);
+                        let id = IDS[world.below(IDS.len())];
+                        let clean = world.below(2) == 0;
+                        world.connect(shard, id, clean);
+                    }
+                    3..=6 if !world.in_flight.is_empty() => {
+                        let i = world.below(world.in_flight.len());
+                        world.deliver(i);
+                    }
+                    _ if !world.tasks.is_empty() => {
+                        let i = world.below(world.tasks.len());
+                        // Rarely, a waiting connection times out.
+                        let give_up = world.below(20) == 0;
+                        if !world.run_task(i, give_up) {
+                            world.tasks.swap_remove(i);
+                        }
+                    }
+                    _ => {}
+                }
+                world.check_one_session(seed, step);
+            }
+            world.settle(seed);
+            world.check_records(seed);
+            // A clean CONNECT per id, then its DISCONNECT: nothing is left.
+            for (n, id) in IDS.iter().enumerate() {
+                world.connect(n % SHARDS, id, true);
+            }
+            world.settle(seed);
+            while !world.tasks.is_empty() {
+                let i = world.tasks.len() - 1;
+                if !world.run_task(i, false) {
+                    world.tasks.swap_remove(i);
+                }
+                world.settle(seed);
+            }
+            for id in IDS {
+                assert_eq!(world.sessions_of(id), [], "seed {seed}: {id} left behind");
+            }
+            world.check_records(seed);
+        }
     }
 }

@@ -64,6 +64,8 @@ impl Shard {
         c.subscriptions = self.router.len() as u64;
         c.retained = self.retained.len() as u64;
         c.queued_bytes = crate::session::outqueue::shard_queued_bytes() as u64;
+        // Read on the shard's own thread: the count is per thread.
+        c.log_lines_suppressed = crate::observe::log_limit::suppressed_total();
         c.complete();
         c
     }
@@ -121,6 +123,7 @@ fn publish_sys(ctx: &Ctx) -> bool {
             payload: Bytes::from(value),
             qos: QoS::AtMostOnce,
             retain: true,
+            retain_stamp: 0,
         });
     }
     shard.flush_dirty();

@@ -14,9 +14,9 @@ use serde_json::Value;
 use crate::common::{Broker, Mqtt, TIMEOUT};
 
 /// An HTTP answer: status and body.
-struct Answer {
-    status: u16,
-    body: String,
+pub(crate) struct Answer {
+    pub(crate) status: u16,
+    pub(crate) body: String,
 }
 
 impl Answer {
@@ -27,7 +27,12 @@ impl Answer {
 }
 
 /// One request to the broker's admin listener.
-fn http(broker: &Broker, method: &str, path: &str, authorization: Option<&str>) -> Answer {
+pub(crate) fn http(
+    broker: &Broker,
+    method: &str,
+    path: &str,
+    authorization: Option<&str>,
+) -> Answer {
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .timeout_global(Some(TIMEOUT))
@@ -91,7 +96,7 @@ pub(crate) fn total(stats: &Value, key: &str) -> u64 {
 
 /// The value of the sample `name{labels}` in Prometheus text, checking that
 /// every sample line is `name[{labels}] number`.
-fn sample(text: &str, series: &str) -> f64 {
+pub(crate) fn sample(text: &str, series: &str) -> f64 {
     let mut found = None;
     for line in text
         .lines()

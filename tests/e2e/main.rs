@@ -11,6 +11,7 @@ mod limits;
 mod park;
 mod protocol;
 mod qos;
+mod reliability;
 mod retain_will;
 mod sessions;
 mod startup;

@@ -25,7 +25,7 @@
 //! it is `head` then the payload. The head depends on the QoS, the flags and the
 //! properties, and the properties may differ per subscriber (Subscription
 //! Identifiers, a Topic Alias), so the broker keeps one head per (QoS,
-//! properties variant) of a message, as [`crate::message::Encoded`] keeps one
+//! properties variant) of a message, as [`crate::protocol::message::Encoded`] keeps one
 //! per QoS for MQTT 3.1.1.
 
 use bytes::{BufMut, BytesMut};

@@ -25,7 +25,7 @@
 //! DISCONNECT (after) the server sends before closing (§4.13).
 //!
 //! Not checked here, because they need state or topic rules that belong to the
-//! session layer: topic names and filters (run [`crate::topic`] on them; a bad
+//! session layer: topic names and filters (run [`crate::protocol::topic`] on them; a bad
 //! filter is a SUBACK reason code, not a closed connection); Response Topic
 //! wildcards (§3.3.2.3.5); No Local on a shared subscription (MQTT-3.8.3-4);
 //! Topic Alias above the Topic Alias Maximum the server announced (only Topic
@@ -187,7 +187,7 @@ pub struct Will {
     /// User Property.
     pub properties: Properties,
     /// Will Topic (§3.1.3.3): valid UTF-8 without U+0000; the caller checks it is
-    /// a topic name with [`crate::topic::validate_topic_name`].
+    /// a topic name with [`crate::protocol::topic::validate_topic_name`].
     pub topic: ByteString,
     /// Will Payload (§3.1.3.4): binary data, possibly empty.
     pub payload: Bytes,
@@ -239,7 +239,7 @@ pub struct Publish {
     pub retain: bool,
     /// Topic Name (§3.3.2.1): valid UTF-8 without U+0000, possibly empty when a
     /// Topic Alias is present (§3.3.2.3.4); the caller resolves the alias and
-    /// checks the name with [`crate::topic::validate_topic_name`].
+    /// checks the name with [`crate::protocol::topic::validate_topic_name`].
     pub topic: ByteString,
     /// Packet Identifier (§3.3.2.2): non-zero for QoS 1 and 2, 0 for QoS 0.
     pub packet_id: PacketId,

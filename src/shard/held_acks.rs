@@ -1,0 +1,95 @@
+//! Acknowledgements of retained QoS 1/2 publishes, held back until every
+//! shard's replica of the retained store applied them (so that once a
+//! publisher has its PUBACK or PUBREC, a SUBSCRIBE on any shard gets the
+//! message as retained).
+
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use ahash::AHashMap;
+
+use crate::session::link::SessionKey;
+
+/// How long a publisher's held acknowledgements wait for the other shards
+/// to apply its retained publish ([`HeldAcks`]) before they go anyway (a
+/// shard that does not answer in that time is stuck or shutting down).
+pub const APPLY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Acknowledgements of retained publishes, held until every other shard's
+/// replica applied them, so that once a publisher has its PUBACK (or PUBREC)
+/// a SUBSCRIBE on any shard gets the message as retained. The connection
+/// holds the acks of its read ([`HeldAcks::hold`]; the acks after a held one
+/// in that read wait behind it, keeping their order, §4.6), the forwarding
+/// of that read's publishes sends them with a request to be told once
+/// applied, and the acks go out when every shard has answered
+/// ([`crate::shard::Ctx::forward_publishes`]). The connection reads nothing
+/// more meanwhile. Only retained QoS 1/2 publishes wait: a mesh round trip.
+#[derive(Debug, Default)]
+pub struct HeldAcks {
+    /// Acks of this step held back: session, connection, PUBACK or PUBREC;
+    /// in the order the publishes were received.
+    held: Vec<(SessionKey, u64, [u8; 4])>,
+    /// Forwarded batches not yet applied by every other shard: token to the
+    /// number of shards still to answer and the task waiting for them.
+    barriers: AHashMap<u64, (usize, Option<Waker>)>,
+    /// Next barrier token.
+    next_token: u64,
+}
+
+impl HeldAcks {
+    /// Whether an ack of session `key` is held in this step (so the next
+    /// must wait behind it).
+    pub fn holds(&self, key: SessionKey) -> bool {
+        self.held.iter().any(|&(k, _, _)| k == key)
+    }
+
+    /// Holds `ack` for connection `conn_id` of session `key`.
+    pub fn hold(&mut self, key: SessionKey, conn_id: u64, ack: [u8; 4]) {
+        self.held.push((key, conn_id, ack));
+    }
+
+    /// This step's held acks, to send once the step's publishes are applied
+    /// everywhere.
+    pub fn take(&mut self) -> Vec<(SessionKey, u64, [u8; 4])> {
+        std::mem::take(&mut self.held)
+    }
+
+    /// A barrier that `shards` other shards must answer; its token.
+    pub fn start(&mut self, shards: usize) -> u64 {
+        let token = self.next_token;
+        self.next_token += 1;
+        self.barriers.insert(token, (shards, None));
+        token
+    }
+
+    /// One shard applied the batch of barrier `token` (or cannot).
+    pub fn applied(&mut self, token: u64) {
+        if let Some((left, waker)) = self.barriers.get_mut(&token) {
+            *left = left.saturating_sub(1);
+            if *left == 0
+                && let Some(waker) = waker.take()
+            {
+                waker.wake();
+            }
+        }
+    }
+
+    /// Ready (and forgotten) once every shard answered barrier `token`.
+    pub fn poll_applied(&mut self, token: u64, cx: &Context<'_>) -> Poll<()> {
+        match self.barriers.get_mut(&token) {
+            Some((0, _)) | None => {
+                self.barriers.remove(&token);
+                Poll::Ready(())
+            }
+            Some((_, waker)) => {
+                *waker = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        }
+    }
+
+    /// Stops waiting for barrier `token` (timed out).
+    pub fn forget(&mut self, token: u64) {
+        self.barriers.remove(&token);
+    }
+}
