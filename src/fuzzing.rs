@@ -148,6 +148,7 @@ fn run_session(data: &[u8]) -> crate::observe::counters::Counters {
                         payload: Bytes::from(vec![b'x'; usize::from(qos >> 2)]),
                         qos: QoS::from_u8(qos % 3).unwrap_or(QoS::AtMostOnce),
                         retain: qos & 0x80 != 0,
+                        properties: None,
                     });
                 }
                 3 => {
@@ -232,7 +233,7 @@ fn feed(shard: &mut Shard, slot: &mut Option<Client>, bytes: &[u8]) {
         return;
     };
     client.rx.extend_from_slice(bytes);
-    if connection::process(shard, client.key, client.conn_id, &mut client.rx, None).is_err() {
+    if connection::process(shard, client.key, client.conn_id, &mut client.rx, &mut None).is_err() {
         disconnect(shard, slot);
     }
 }

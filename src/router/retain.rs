@@ -62,6 +62,7 @@ mod tests {
             payload: Bytes::from_static(payload),
             qos: QoS::AtLeastOnce,
             retain: true,
+            properties: None,
         }
     }
 

@@ -29,6 +29,7 @@ use std::collections::VecDeque;
 use bytestring::ByteString;
 use smallvec::SmallVec;
 
+use crate::protocol::Version;
 use crate::protocol::message::{Encoded, Message};
 use crate::protocol::v3::{self as codec, PacketId, QoS};
 use crate::router::SharedFilter;
@@ -159,6 +160,9 @@ pub struct Session {
     pub client_id: Box<str>,
     /// CleanSession flag of the connection that owns it (§3.1.2.4).
     pub clean_session: bool,
+    /// The protocol of the connection that owns it: how its frames are
+    /// encoded (the session's last connection's, while offline).
+    pub version: Version,
     /// State that survives the connection.
     pub state: SessionState,
     /// Frames for the live connection; empty while offline.
@@ -175,6 +179,7 @@ impl Session {
         Session {
             client_id: Box::from(&*client_id),
             clean_session,
+            version: Version::V3,
             state,
             out: OutQueue::default(),
             link: None,
@@ -238,7 +243,7 @@ impl Session {
             if !self.is_online() {
                 return Delivery::Skipped;
             }
-            let (start, len) = encoded.qos0_frame();
+            let (start, len) = encoded.qos0_frame(self.version);
             if self.out.publishes() >= limits.max_queued_messages
                 || self.out.bytes() + len as usize > limits.max_queued_bytes
             {
@@ -252,9 +257,13 @@ impl Session {
             payload: message.payload.clone(),
             qos,
             retain: false,
+            properties: message.properties.clone(),
         };
         if self.window_open(limits) && self.pending_is_empty() {
-            let shared = (encoded.head(qos), encoded.payload());
+            let shared = (
+                encoded.head(self.version, qos),
+                encoded.payload(self.version),
+            );
             self.start_inflight(forwarded, Some(shared));
             return Delivery::Queued;
         }
@@ -269,6 +278,10 @@ impl Session {
         granted: QoS,
         limits: &Limits,
     ) -> Delivery {
+        if message.is_expired() {
+            // Retained past its Message Expiry Interval (§3.3.2.3.3).
+            return Delivery::Skipped;
+        }
         let qos = message.qos.min(granted);
         let forwarded = Message {
             qos,
@@ -279,7 +292,7 @@ impl Session {
             if !self.is_online() {
                 return Delivery::Skipped;
             }
-            let frame = forwarded.encode_whole(qos, true, false, 0);
+            let frame = forwarded.encode_whole(self.version, qos, true, false, 0);
             if self.out.publishes() >= limits.max_queued_messages
                 || self.out.bytes() + frame.len() > limits.max_queued_bytes
             {
@@ -343,9 +356,13 @@ impl Session {
                 packet_id: packet_id.to_be_bytes(),
                 payload,
             },
-            None => {
-                OutFrame::whole(message.encode_whole(message.qos, message.retain, false, packet_id))
-            }
+            None => OutFrame::whole(message.encode_whole(
+                self.version,
+                message.qos,
+                message.retain,
+                false,
+                packet_id,
+            )),
         };
         let phase = if message.qos == QoS::ExactlyOnce {
             Phase::AwaitPubRec
@@ -374,8 +391,9 @@ impl Session {
         }
     }
 
-    /// Moves pending messages into the inflight window while it has room.
-    /// Returns true when something was queued.
+    /// Moves pending messages into the inflight window while it has room;
+    /// one whose Message Expiry Interval has passed meanwhile is dropped
+    /// (§3.3.2.3.3). Returns true when something was queued.
     pub fn fill_window(&mut self, limits: &Limits) -> bool {
         let mut queued = false;
         while self.window_open(limits) {
@@ -386,6 +404,9 @@ impl Session {
                 break;
             };
             flows.pending_bytes -= message.wire_len();
+            if message.is_expired() {
+                continue;
+            }
             self.start_inflight(message, None);
             queued = true;
         }
@@ -405,7 +426,13 @@ impl Session {
     /// PUBACK received: the QoS 1 message is done. False for an unknown id
     /// (ignored, as Mosquitto does).
     pub fn on_puback(&mut self, packet_id: PacketId, limits: &Limits) -> bool {
-        let Some(i) = self.inflight_position(packet_id, Phase::AwaitPubAck) else {
+        self.finish(packet_id, Phase::AwaitPubAck, limits)
+    }
+
+    /// Ends the flow of the inflight message with `packet_id` in `phase`
+    /// and lets a pending message take its slot; false when there is none.
+    fn finish(&mut self, packet_id: PacketId, phase: Phase, limits: &Limits) -> bool {
+        let Some(i) = self.inflight_position(packet_id, phase) else {
             return false;
         };
         self.flows().inflight.remove(i);
@@ -428,14 +455,15 @@ impl Session {
         }
     }
 
+    /// PUBREC with a failure Reason Code received (MQTT 5.0): the client
+    /// refused the QoS 2 message, whose flow ends without PUBREL (§4.3.3).
+    pub fn on_pubrec_refused(&mut self, packet_id: PacketId, limits: &Limits) -> bool {
+        self.finish(packet_id, Phase::AwaitPubRec, limits)
+    }
+
     /// PUBCOMP received: the QoS 2 message is done.
     pub fn on_pubcomp(&mut self, packet_id: PacketId, limits: &Limits) -> bool {
-        let Some(i) = self.inflight_position(packet_id, Phase::AwaitPubComp) else {
-            return false;
-        };
-        self.flows().inflight.remove(i);
-        self.fill_window(limits);
-        true
+        self.finish(packet_id, Phase::AwaitPubComp, limits)
     }
 
     /// A QoS 2 PUBLISH with `packet_id` arrived: deliver it only the first
@@ -466,19 +494,32 @@ impl Session {
         self.out.push(OutFrame::control(packet));
     }
 
+    /// Queues a packet of any size: inline when it is small enough
+    /// ([`OutFrame::control`]), in a frame of its own otherwise (MQTT 5.0
+    /// CONNACK, SUBACK, UNSUBACK and acknowledgements with a reason code).
+    pub fn queue_frame(&mut self, packet: &[u8]) {
+        if packet.len() <= 4 {
+            self.queue_control(packet);
+        } else {
+            self.out.push(OutFrame::whole(Frame::from(packet)));
+        }
+    }
+
     /// A connection (re)attached: resend unacknowledged messages with DUP set
     /// (§4.4), then move pending messages into the window.
     pub fn reattach(&mut self, limits: &Limits) {
         let inflight = self.state.flows.as_ref().map(|f| &f.inflight);
         for f in inflight.into_iter().flatten() {
-            let frame =
-                match f.phase {
-                    Phase::AwaitPubAck | Phase::AwaitPubRec => OutFrame::whole(
-                        f.message
-                            .encode_whole(f.message.qos, f.message.retain, true, f.packet_id),
-                    ),
-                    Phase::AwaitPubComp => OutFrame::control(&codec::pubrel(f.packet_id)),
-                };
+            let frame = match f.phase {
+                Phase::AwaitPubAck | Phase::AwaitPubRec => OutFrame::whole(f.message.encode_whole(
+                    self.version,
+                    f.message.qos,
+                    f.message.retain,
+                    true,
+                    f.packet_id,
+                )),
+                Phase::AwaitPubComp => OutFrame::control(&codec::pubrel(f.packet_id)),
+            };
             self.out.push(frame);
         }
         self.fill_window(limits);
@@ -521,6 +562,7 @@ mod tests {
             payload: Bytes::from_static(payload),
             qos,
             retain: true,
+            properties: None,
         }
     }
 

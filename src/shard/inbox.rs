@@ -90,12 +90,14 @@ mod tests {
                 payload: Bytes::from_static(b"a"),
                 qos: QoS::AtMostOnce,
                 retain: false,
+                properties: None,
             },
             Message {
                 topic: ByteString::from("t/2"),
                 payload: Bytes::from_static(b"b"),
                 qos: QoS::AtMostOnce,
                 retain: true,
+                properties: None,
             },
         ]);
         shard.handle_control(ShardMsg::Publish(batch));

@@ -31,9 +31,11 @@ use crate::mesh::{self, MeshSenders, ShardMsg};
 use crate::net::poller::Poller;
 use crate::observe::counters::Counters;
 use crate::observe::metrics::BrokerGauges;
+use crate::protocol::Version;
 use crate::protocol::message::{Encoded, Message};
 use crate::protocol::topic;
 use crate::protocol::v3::{self as codec, Subscribe};
+use crate::protocol::v5::{self, ReasonCode};
 use crate::router::Router;
 use crate::router::retain::RetainStore;
 use crate::security::acl::Who;
@@ -432,21 +434,24 @@ impl Shard {
     }
 
     /// SUBSCRIBE (§3.8): adds each valid filter the ACL allows (`username`:
-    /// the client's, for the ACL), answers SUBACK with the granted QoS or
-    /// 0x80 per filter, then sends matching retained messages.
+    /// the client's, for the ACL), answers SUBACK with the granted QoS or a
+    /// failure per filter (3.1.1: 0x80; 5.0: 0x8F Topic Filter invalid,
+    /// 0x97 Quota exceeded, 0x87 Not authorized), then sends matching
+    /// retained messages. Both versions' SUBSCRIBEs come as the 3.1.1 type:
+    /// (filter, maximum QoS) pairs.
     pub fn subscribe(&mut self, key: SessionKey, subscribe: Subscribe, username: Option<&str>) {
         let mut codes = Vec::with_capacity(subscribe.filters.len());
         let mut granted_filters = Vec::with_capacity(subscribe.filters.len());
         for (filter, qos) in subscribe.filters {
             if topic::validate_topic_filter(&filter).is_err() {
                 debug!("refused topic filter {filter:?}");
-                codes.push(codec::SUBACK_FAILURE);
+                codes.push(ReasonCode::TOPIC_FILTER_INVALID);
                 continue;
             }
             if topic::exceeds_levels(&filter, self.config.max_topic_levels) {
                 debug!("refused topic filter {filter:?}: over max_topic_levels");
                 self.stats.subscriptions_refused += 1;
-                codes.push(codec::SUBACK_FAILURE);
+                codes.push(ReasonCode::TOPIC_FILTER_INVALID);
                 continue;
             }
             let max_subscriptions = self.config.max_subscriptions_per_client;
@@ -463,7 +468,7 @@ impl Shard {
                     session.client_id
                 );
                 self.stats.subscriptions_refused += 1;
-                codes.push(codec::SUBACK_FAILURE);
+                codes.push(ReasonCode::QUOTA_EXCEEDED);
                 continue;
             }
             if self.auth.acl_enabled() {
@@ -477,24 +482,47 @@ impl Shard {
                         session.client_id
                     );
                     self.stats.subscribe_denied += 1;
-                    codes.push(codec::SUBACK_FAILURE);
+                    codes.push(ReasonCode::NOT_AUTHORIZED);
                     continue;
                 }
             }
             // The session keeps the router's copy of the filter string.
             let (_, shared) = self.router.subscribe_shared(&filter, key, qos);
             session.subscribe(shared, qos);
-            codes.push(qos as u8);
+            codes.push(ReasonCode::granted(qos));
             granted_filters.push((filter, qos));
-        }
-        let mut suback = BytesMut::with_capacity(4 + codes.len());
-        if let Err(e) = codec::encode_suback(subscribe.packet_id, &codes, &mut suback) {
-            // Cannot happen: the SUBSCRIBE was no larger than the SUBACK.
-            log::error!("cannot encode SUBACK: {e}");
         }
         let Some(session) = self.sessions.get_mut(key as usize) else {
             return;
         };
+        let mut suback = BytesMut::with_capacity(5 + codes.len());
+        let encoded = match session.version {
+            Version::V3 => {
+                let codes: Vec<u8> = codes
+                    .iter()
+                    .map(|&code| {
+                        if code.is_failure() {
+                            codec::SUBACK_FAILURE
+                        } else {
+                            code.0
+                        }
+                    })
+                    .collect();
+                codec::encode_suback(subscribe.packet_id, &codes, &mut suback)
+                    .map_err(|e| e.to_string())
+            }
+            Version::V5 => v5::encode_suback(
+                subscribe.packet_id,
+                &v5::Properties::new(),
+                &codes,
+                &mut suback,
+            )
+            .map_err(|e| e.to_string()),
+        };
+        if let Err(e) = encoded {
+            // Cannot happen: the SUBSCRIBE was no larger than the SUBACK.
+            log::error!("cannot encode SUBACK: {e}");
+        }
         session
             .out
             .push(crate::session::outqueue::OutFrame::whole(Frame::from(
@@ -518,17 +546,36 @@ impl Shard {
         self.mark_dirty(key);
     }
 
-    /// UNSUBSCRIBE (§3.10): removes each filter and answers UNSUBACK.
+    /// UNSUBSCRIBE (§3.10): removes each filter and answers UNSUBACK (5.0:
+    /// with 0x00 Success or 0x11 No subscription existed per filter).
     pub fn unsubscribe(&mut self, key: SessionKey, packet_id: u16, filters: &[ByteString]) {
+        let mut codes = Vec::with_capacity(filters.len());
         for filter in filters {
             if let Some(session) = self.sessions.get_mut(key as usize)
                 && session.unsubscribe(filter)
             {
                 self.router.unsubscribe(filter, key);
+                codes.push(ReasonCode::SUCCESS);
+            } else {
+                codes.push(ReasonCode::NO_SUBSCRIPTION_EXISTED);
             }
         }
         if let Some(session) = self.sessions.get_mut(key as usize) {
-            session.queue_control(&codec::unsuback(packet_id));
+            match session.version {
+                Version::V3 => session.queue_control(&codec::unsuback(packet_id)),
+                Version::V5 => {
+                    let mut unsuback = BytesMut::new();
+                    if let Err(e) = v5::encode_unsuback(
+                        packet_id,
+                        &v5::Properties::new(),
+                        &codes,
+                        &mut unsuback,
+                    ) {
+                        log::error!("cannot encode UNSUBACK: {e}");
+                    }
+                    session.queue_frame(&unsuback);
+                }
+            }
         }
         self.mark_dirty(key);
     }
@@ -594,6 +641,7 @@ mod tests {
             payload: Bytes::from(payload.to_string()),
             qos,
             retain,
+            properties: None,
         }
     }
 

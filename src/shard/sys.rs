@@ -121,6 +121,7 @@ fn publish_sys(ctx: &Ctx) -> bool {
             payload: Bytes::from(value),
             qos: QoS::AtMostOnce,
             retain: true,
+            properties: None,
         });
     }
     shard.flush_dirty();

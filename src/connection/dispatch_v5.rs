@@ -1,0 +1,304 @@
+//! The MQTT 5.0 rules for a connected client: each packet decoded by
+//! [`crate::protocol::v5`] and what the session and the shard do with it.
+//! What both versions share (a received PUBLISH, SUBSCRIBE, UNSUBSCRIBE)
+//! is [`super::dispatch`]'s and the shard's; this module adds what MQTT 5.0
+//! says on top: Reason Codes in acknowledgements, the properties a PUBLISH
+//! carries on, DISCONNECT with a reason.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use bytestring::ByteString;
+use log::debug;
+
+use super::dispatch::{Received, receive_publish};
+use crate::protocol::message::{Message, MessageProperties};
+use crate::protocol::topic;
+use crate::protocol::v3::{self as codec, QoS};
+use crate::protocol::v5::{
+    self, Ack, PacketType, Properties, Property, Publish, ReasonAndProperties, ReasonCode,
+};
+use crate::session::link::{CloseReason, Rare, SessionKey};
+use crate::shard::Shard;
+
+/// Decodes and handles every complete MQTT 5.0 packet in `rx`. A decode
+/// error closes the connection with the DISCONNECT Reason Code the decoder
+/// names (§4.13.1: 0x81 Malformed Packet, 0x82 Protocol Error, ...).
+pub(super) fn process(
+    shard: &mut Shard,
+    key: SessionKey,
+    conn_id: u64,
+    rx: &mut BytesMut,
+    rare: &mut Option<Box<Rare>>,
+) -> Result<(), CloseReason> {
+    let max = shard.config.max_packet_size;
+    let max_topic_alias = shard.config.max_topic_alias;
+    loop {
+        let mut packet = match v5::decode(rx, max) {
+            Ok(Some(packet)) => packet,
+            Ok(None) => return Ok(()),
+            Err(e) => {
+                debug!("client packet refused: {e}");
+                shard.stats.protocol_errors += 1;
+                return Err(CloseReason::for_reason_code(e.reason_code()));
+            }
+        };
+        shard.stats.packets_received += 1;
+        if let v5::Packet::Publish(publish) = &mut packet
+            && let Err(reason) = resolve_topic_alias(publish, rare, max_topic_alias)
+        {
+            shard.stats.protocol_errors += 1;
+            return Err(reason);
+        }
+        handle_packet(shard, key, conn_id, packet, Rare::username(rare.as_deref()))?;
+    }
+}
+
+/// Applies a PUBLISH's Topic Alias (§3.3.2.3.4): with a topic, the alias is
+/// set to it; with an empty topic, the topic is the alias's. An alias of 0
+/// is the decoder's error; one over `max_topic_alias` (what the CONNACK
+/// announced) or an empty topic with an alias not set is 0x94 Topic Alias
+/// invalid.
+fn resolve_topic_alias(
+    publish: &mut Publish,
+    rare: &mut Option<Box<Rare>>,
+    max_topic_alias: u16,
+) -> Result<(), CloseReason> {
+    let Some(alias) = publish.properties.topic_alias() else {
+        return Ok(());
+    };
+    let alias = alias.get();
+    if alias > max_topic_alias {
+        debug!("topic alias {alias} over the maximum {max_topic_alias}");
+        return Err(CloseReason::TopicAliasInvalid);
+    }
+    let index = usize::from(alias - 1);
+    let rare = rare.get_or_insert_with(|| {
+        Box::new(Rare {
+            will: None,
+            username: None,
+            client_id: None,
+            topic_aliases: Vec::new(),
+        })
+    });
+    let aliases = &mut rare.topic_aliases;
+    if publish.topic.is_empty() {
+        match aliases.get(index).filter(|topic| !topic.is_empty()) {
+            Some(topic) => publish.topic = topic.clone(),
+            None => {
+                debug!("topic alias {alias} used before it was set");
+                return Err(CloseReason::TopicAliasInvalid);
+            }
+        }
+    } else {
+        if aliases.len() <= index {
+            aliases.resize(index + 1, ByteString::new());
+        }
+        if let Some(slot) = aliases.get_mut(index) {
+            *slot = publish.topic.clone();
+        }
+    }
+    Ok(())
+}
+
+/// Acts on one MQTT 5.0 packet from a connected client (`username`: for
+/// the ACL).
+fn handle_packet(
+    shard: &mut Shard,
+    key: SessionKey,
+    conn_id: u64,
+    packet: v5::Packet,
+    username: Option<&str>,
+) -> Result<(), CloseReason> {
+    use v5::Packet as P;
+    let limits = shard.limits;
+    let Some(session) = shard.session_for(key, conn_id) else {
+        return Err(CloseReason::TakenOver);
+    };
+    match packet {
+        P::Connect(_) => {
+            debug!("client {}: second CONNECT (§3.1.0-2)", session.client_id);
+            shard.stats.protocol_errors += 1;
+            return Err(CloseReason::ProtocolError);
+        }
+        P::Publish(publish) => return handle_publish(shard, key, conn_id, publish, username),
+        P::PubAck(ack) => {
+            session.on_puback(ack.packet_id, &limits);
+            shard.mark_dirty(key);
+        }
+        P::PubRec(ack) if ack.reason_code.is_failure() => {
+            // The client refused the message: its QoS 2 flow ends here
+            // (§4.3.3), no PUBREL.
+            session.on_pubrec_refused(ack.packet_id, &limits);
+            shard.mark_dirty(key);
+        }
+        P::PubRec(ack) => {
+            session.on_pubrec(ack.packet_id);
+            shard.mark_dirty(key);
+        }
+        P::PubRel(ack) => {
+            session.on_pubrel(ack.packet_id);
+            shard.mark_dirty(key);
+        }
+        P::PubComp(ack) => {
+            session.on_pubcomp(ack.packet_id, &limits);
+            shard.mark_dirty(key);
+        }
+        P::Subscribe(subscribe) => {
+            let filters = subscribe
+                .filters
+                .into_iter()
+                .map(|(filter, options)| (filter, options.qos))
+                .collect();
+            let subscribe = codec::Subscribe {
+                packet_id: subscribe.packet_id,
+                filters,
+            };
+            shard.subscribe(key, subscribe, username);
+        }
+        P::Unsubscribe(unsubscribe) => {
+            shard.unsubscribe(key, unsubscribe.packet_id, &unsubscribe.filters)
+        }
+        P::PingReq => {
+            session.queue_control(&codec::PINGRESP_BYTES);
+            shard.mark_dirty(key);
+        }
+        P::Disconnect(ReasonAndProperties { reason_code, .. }) => {
+            return Err(if reason_code == ReasonCode::DISCONNECT_WITH_WILL_MESSAGE {
+                CloseReason::DisconnectWithWill
+            } else {
+                CloseReason::Disconnect
+            });
+        }
+        P::Auth(_) => {
+            // No Authentication Method was accepted in CONNECT, so an AUTH
+            // is a protocol error (§4.12).
+            debug!(
+                "client {}: AUTH without extended authentication",
+                session.client_id
+            );
+            shard.stats.protocol_errors += 1;
+            return Err(CloseReason::ProtocolError);
+        }
+    }
+    Ok(())
+}
+
+/// A PUBLISH: its properties kept for MQTT 5.0 subscribers, the shared
+/// rules applied ([`receive_publish`]), then PUBACK or PUBREC with the
+/// Reason Code of what became of it.
+fn handle_publish(
+    shard: &mut Shard,
+    key: SessionKey,
+    conn_id: u64,
+    publish: Publish,
+    username: Option<&str>,
+) -> Result<(), CloseReason> {
+    if !publish.payload_is_utf8() {
+        // The Payload Format Indicator says UTF-8 and it is not: refused
+        // with 0x99 Payload format invalid (§3.3.2.3.2, a MAY).
+        debug!("publish to {}: payload is not UTF-8", publish.topic);
+        shard.stats.publish_dropped += 1;
+        acknowledge(
+            shard,
+            key,
+            conn_id,
+            publish.qos,
+            publish.packet_id,
+            ReasonCode::PAYLOAD_FORMAT_INVALID,
+        );
+        return Ok(());
+    }
+    let Publish {
+        qos,
+        retain,
+        topic,
+        packet_id,
+        properties,
+        payload,
+        ..
+    } = publish;
+    if let Some(response_topic) = properties.response_topic()
+        && topic::validate_topic_name(response_topic).is_err()
+    {
+        // A Response Topic is a Topic Name: no wildcards (§3.3.2.3.5).
+        debug!("invalid response topic {response_topic:?}");
+        shard.stats.protocol_errors += 1;
+        return Err(CloseReason::ProtocolError);
+    }
+    let message = Message {
+        topic,
+        payload,
+        qos,
+        retain,
+        properties: message_properties(&properties, Instant::now()),
+    };
+    let received = receive_publish(shard, key, conn_id, message, packet_id, username)?;
+    let reason_code = match received {
+        Received::Accepted => ReasonCode::SUCCESS,
+        Received::NotAuthorized => ReasonCode::NOT_AUTHORIZED,
+        Received::QuotaExceeded => ReasonCode::QUOTA_EXCEEDED,
+    };
+    acknowledge(shard, key, conn_id, qos, packet_id, reason_code);
+    Ok(())
+}
+
+/// Queues the PUBACK (QoS 1) or PUBREC (QoS 2) of a received PUBLISH with
+/// `reason_code` (nothing for QoS 0).
+fn acknowledge(
+    shard: &mut Shard,
+    key: SessionKey,
+    conn_id: u64,
+    qos: QoS,
+    packet_id: v5::PacketId,
+    reason_code: ReasonCode,
+) {
+    let ack_type = match qos {
+        QoS::AtMostOnce => return,
+        QoS::AtLeastOnce => PacketType::PubAck,
+        QoS::ExactlyOnce => PacketType::PubRec,
+    };
+    let ack = Ack {
+        packet_id,
+        reason_code,
+        properties: Properties::new(),
+    };
+    let mut bytes = BytesMut::new();
+    if let Err(e) = v5::encode_ack(ack_type, &ack, &mut bytes) {
+        log::error!("cannot encode {ack_type:?}: {e}");
+    }
+    if let Some(session) = shard.session_for(key, conn_id) {
+        session.queue_frame(&bytes);
+        shard.mark_dirty(key);
+    }
+}
+
+/// What of a PUBLISH's properties goes on with the message (§3.3.2.3):
+/// Payload Format Indicator, Content Type, Response Topic, Correlation
+/// Data and User Properties unchanged, the Message Expiry Interval as a
+/// deadline; None when there is none of them (no allocation).
+fn message_properties(properties: &Properties, now: Instant) -> Option<Arc<MessageProperties>> {
+    let mut forwarded = Properties::new();
+    let mut expires_at = None;
+    for property in properties.iter() {
+        match property {
+            Property::PayloadFormatIndicator(_)
+            | Property::ContentType(_)
+            | Property::ResponseTopic(_)
+            | Property::CorrelationData(_)
+            | Property::UserProperty(..) => forwarded.push(property.clone()),
+            Property::MessageExpiryInterval(secs) => {
+                expires_at = Some(now + Duration::from_secs(u64::from(*secs)));
+            }
+            _ => {}
+        }
+    }
+    if forwarded.is_empty() && expires_at.is_none() {
+        return None;
+    }
+    Some(Arc::new(MessageProperties {
+        forwarded,
+        expires_at,
+    }))
+}
