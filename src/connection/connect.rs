@@ -13,10 +13,7 @@ use crate::config::Config;
 use crate::protocol::Version;
 use crate::protocol::v3::{self as codec, LastWill};
 use crate::protocol::v5::{self, ConnAck, Properties, Property, ReasonCode};
-
-/// Session Expiry Interval meaning "the session never ends" (§3.1.2.11.2);
-/// what a 3.1.1 CleanSession = 0 session gets.
-pub(super) const SESSION_NEVER_EXPIRES: u32 = u32::MAX;
+use crate::session::SESSION_NEVER_EXPIRES;
 
 /// A CONNECT, whichever protocol version it came in, reduced to what the
 /// handshake needs.

@@ -164,7 +164,25 @@ fn handle_packet(
             session.queue_control(&codec::PINGRESP_BYTES);
             shard.mark_dirty(key);
         }
-        P::Disconnect(ReasonAndProperties { reason_code, .. }) => {
+        P::Disconnect(ReasonAndProperties {
+            reason_code,
+            properties,
+        }) => {
+            if let Some(expiry) = properties.session_expiry_interval() {
+                // A session that ends with its connection cannot be made to
+                // outlive it now (§3.14.2.2.2); otherwise the new interval
+                // holds from this disconnection.
+                if session.session_expiry == 0 && expiry != 0 {
+                    debug!(
+                        "client {}: DISCONNECT sets a Session Expiry Interval after 0",
+                        session.client_id
+                    );
+                    shard.stats.protocol_errors += 1;
+                    return Err(CloseReason::ProtocolError);
+                }
+                session.session_expiry = expiry;
+                session.clean_session = expiry == 0;
+            }
             return Err(if reason_code == ReasonCode::DISCONNECT_WITH_WILL_MESSAGE {
                 CloseReason::DisconnectWithWill
             } else {

@@ -415,6 +415,7 @@ pub(super) fn attach(
         state.unwrap_or_default(),
     );
     session.version = attach.version;
+    session.session_expiry = attach.session_expiry;
     session.link = Some(Link::new(
         conn_id,
         link_fd,

@@ -1,11 +1,12 @@
 //! The keep-alive sweep (§3.1.2.10): closes silent connections, parks idle
-//! ones still in their task, and gathers the shard's session gauges.
+//! ones still in their task, ends offline sessions past their Session
+//! Expiry Interval, and gathers the shard's session gauges.
 
 use std::time::Duration;
 
 use log::debug;
 
-use crate::session::link::{CloseReason, TICKS_PER_SEC, Waiter};
+use crate::session::link::{CloseReason, SessionKey, TICKS_PER_SEC, Waiter};
 use crate::shard::Ctx;
 use crate::shard::sys::SessionTotals;
 
@@ -30,9 +31,13 @@ pub async fn keep_alive_sweeper(ctx: Ctx, period: Duration) {
         // The sweep walks every session anyway: it also gathers the queue
         // totals for the admin figures, which it then publishes.
         let mut totals = SessionTotals::default();
-        for (_, session) in shard.sessions.iter_mut() {
+        let mut expired = Vec::new();
+        for (key, session) in shard.sessions.iter_mut() {
             totals.count(session);
             let Some(link) = &mut session.link else {
+                if session.has_expired(now) {
+                    expired.push(key as SessionKey);
+                }
                 continue;
             };
             let limit = u32::from(link.keep_alive) * TICKS_PER_SEC * 3 / 2;
@@ -49,5 +54,10 @@ pub async fn keep_alive_sweeper(ctx: Ctx, period: Duration) {
             }
         }
         shard.refresh_gauges(totals);
+        if !expired.is_empty() {
+            shard.end_expired_sessions(&expired);
+            drop(shard);
+            ctx.send_outbox();
+        }
     }
 }

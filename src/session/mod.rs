@@ -45,6 +45,10 @@ use crate::session::outqueue::{Frame, OutFrame, OutQueue};
 /// entries on the first push. More subscriptions move to the heap.
 pub type Subscriptions = SmallVec<[(SharedFilter, QoS); 1]>;
 
+/// Session Expiry Interval meaning "the session never ends" (§3.1.2.11.2),
+/// what a 3.1.1 CleanSession = 0 session gets.
+pub const SESSION_NEVER_EXPIRES: u32 = u32::MAX;
+
 /// The per-client bounds, from the configuration.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
@@ -163,6 +167,15 @@ pub struct Session {
     /// The protocol of the connection that owns it: how its frames are
     /// encoded (the session's last connection's, while offline).
     pub version: Version,
+    /// Session Expiry Interval in seconds (§3.1.2.11.2, §3.14.2.2.2): how
+    /// long the session outlives its connection; 0 exactly when
+    /// `clean_session`, [`SESSION_NEVER_EXPIRES`] for ever (3.1.1's
+    /// CleanSession = 0). The keep-alive sweep ends offline sessions whose
+    /// interval has passed (`crate::shard::Shard::expire_sessions`).
+    pub session_expiry: u32,
+    /// When the session went offline, in keep-alive ticks
+    /// ([`crate::session::link::TICKS_PER_SEC`]); meaningless while online.
+    pub offline_since: u32,
     /// State that survives the connection.
     pub state: SessionState,
     /// Frames for the live connection; empty while offline.
@@ -180,6 +193,12 @@ impl Session {
             client_id: Box::from(&*client_id),
             clean_session,
             version: Version::V3,
+            session_expiry: if clean_session {
+                0
+            } else {
+                SESSION_NEVER_EXPIRES
+            },
+            offline_since: 0,
             state,
             out: OutQueue::default(),
             link: None,
@@ -525,6 +544,15 @@ impl Session {
         self.fill_window(limits);
     }
 
+    /// True when the session has been offline for longer than its Session
+    /// Expiry Interval at `now` (keep-alive ticks).
+    pub fn has_expired(&self, now: u32) -> bool {
+        self.link.is_none()
+            && self.session_expiry != SESSION_NEVER_EXPIRES
+            && u64::from(now.saturating_sub(self.offline_since))
+                >= u64::from(self.session_expiry) * u64::from(crate::session::link::TICKS_PER_SEC)
+    }
+
     /// The connection went away: forget its queue, keep the session state.
     pub fn detach(&mut self) {
         self.link = None;
@@ -605,6 +633,33 @@ mod tests {
         let wa = written(&mut a);
         assert_eq!(wa, written(&mut b));
         assert_eq!(wa, b"\x30\x07\x00\x03a/bhi");
+    }
+
+    #[test]
+    fn v3_and_v5_subscribers_share_the_payload_and_get_their_own_frames() {
+        let m = msg(QoS::AtLeastOnce, b"x");
+        let mut batch = BytesMut::new();
+        let mut enc = Encoded::new(&m, &mut batch);
+        let mut v3 = online();
+        let mut v5 = online();
+        v5.version = Version::V5;
+        let mut v5_qos0 = online();
+        v5_qos0.version = Version::V5;
+        v3.deliver(&mut enc, QoS::AtLeastOnce, &LIMITS);
+        v5.deliver(&mut enc, QoS::AtLeastOnce, &LIMITS);
+        v5_qos0.deliver(&mut enc, QoS::AtMostOnce, &LIMITS);
+        drop(enc);
+        let chunk = crate::session::outqueue::Frame::from(&batch[..]);
+        v5_qos0.out.seal(&chunk);
+        assert_eq!(written(&mut v3), b"\x32\x08\x00\x03a/b\x00\x01x");
+        // 5.0: the packet id, then the (empty) properties, then the payload.
+        assert_eq!(written(&mut v5), b"\x32\x09\x00\x03a/b\x00\x01\x00x");
+        assert_eq!(written(&mut v5_qos0), b"\x30\x07\x00\x03a/b\x00x");
+        // A redelivery is encoded in the session's version too.
+        v5.detach();
+        v5.link = Some(test_link());
+        v5.reattach(&LIMITS);
+        assert_eq!(written(&mut v5), b"\x3a\x09\x00\x03a/b\x00\x01\x00x");
     }
 
     #[test]

@@ -614,6 +614,7 @@ impl Shard {
     /// session is discarded (and its home shard told), a persistent one is
     /// kept offline with its subscriptions and unacknowledged messages.
     pub fn end_connection(&mut self, key: SessionKey, conn_id: u64) {
+        let now = self.now_ticks();
         let Some(session) = self.session_for(key, conn_id) else {
             return;
         };
@@ -623,6 +624,20 @@ impl Shard {
             }
         } else {
             session.detach();
+            session.offline_since = now;
+        }
+    }
+
+    /// Ends the offline sessions `expired` whose Session Expiry Interval
+    /// has passed (§4.1), found by the keep-alive sweep while it walks the
+    /// sessions anyway, so no session has a timer of its own. Their home
+    /// shards are told through the outbox.
+    pub fn end_expired_sessions(&mut self, expired: &[SessionKey]) {
+        for &key in expired {
+            if let Some(session) = self.remove_session(key) {
+                debug!("client {}: session expired", session.client_id);
+                self.release(&session.client_id);
+            }
         }
     }
 }

@@ -594,3 +594,102 @@ fn a_v5_payload_that_breaks_its_format_indicator_gets_0x99() {
     raw.send(&packet(0x32, &body));
     assert_eq!(raw.expect_packet().bytes(), vec![0x40, 3, 0, 5, 0x99]);
 }
+
+/// An MQTT 5.0 CONNECT without Clean Start, with a Session Expiry Interval
+/// of `expiry` seconds.
+fn connect_v5_persistent(client_id: &str, expiry: u32) -> Vec<u8> {
+    let mut body = string(b"MQTT");
+    body.extend([5, 0x00, 0, 60, 5, 0x11]);
+    body.extend(expiry.to_be_bytes());
+    body.extend(string(client_id.as_bytes()));
+    packet(0x10, &body)
+}
+
+/// Connects `client_id` persistently; returns the client and whether the
+/// CONNACK said Session Present.
+fn resume_v5(port: u16, client_id: &str, expiry: u32) -> (Raw, bool) {
+    let mut raw = Raw::tcp(port);
+    raw.send(&connect_v5_persistent(client_id, expiry));
+    let connack = raw.expect_packet().bytes();
+    assert_eq!((connack[0], connack[3]), (0x20, 0), "CONNACK Success");
+    (raw, connack[2] == 1)
+}
+
+/// Ends a raw MQTT 5.0 connection with a normal DISCONNECT.
+fn disconnect_v5(mut raw: Raw) {
+    raw.send(&[0xe0, 0]);
+    raw.expect_closed();
+}
+
+#[test]
+fn a_v5_session_outlives_its_connection_for_its_expiry_interval_only() {
+    let broker = Broker::start();
+    let (mut raw, present) = resume_v5(broker.port, "persist", 2);
+    assert!(!present);
+    raw.send(&subscribe_v5(1, "exp/t", 1));
+    assert_eq!(raw.expect_packet().bytes(), vec![0x90, 4, 0, 1, 0, 1]);
+    disconnect_v5(raw);
+    let mut publisher = raw_v5(broker.port, "exp-pub");
+    publisher.send(&publish_v5_qos1("exp/t", 1, b"queued"));
+    assert_eq!(publisher.expect_packet().bytes(), vec![0x40, 2, 0, 1]);
+    // Within the interval: the session is there, with the message.
+    let (mut raw, present) = resume_v5(broker.port, "persist", 2);
+    assert!(present, "session present within its expiry interval");
+    // The raw reader parses 3.1.1: the empty properties' length byte comes
+    // first.
+    assert_eq!(&raw.expect_publish().payload[..], b"\0queued");
+    disconnect_v5(raw);
+    // After it: gone (the sweep says so in the log).
+    broker
+        .wait_log(|l| l.contains("client persist: session expired"), WAIT)
+        .expect("the session expires");
+    let (raw, present) = resume_v5(broker.port, "persist", 0);
+    assert!(!present, "no session after its expiry interval");
+    disconnect_v5(raw);
+    // 3.1.1 CleanSession = 0 maps to "never expires": still there.
+    let mut options = Mqtt::options(broker.port, "v3-persist");
+    options.set_clean_session(false);
+    let (v3, _) = Mqtt::connect_with(options.clone());
+    v3.disconnect();
+    let (_v3, connack) = Mqtt::connect_with(options);
+    assert!(connack.session_present);
+}
+
+/// A QoS 1 PUBLISH with a Message Expiry Interval of `secs`.
+fn publish_v5_expiring(topic: &str, packet_id: u16, secs: u32, payload: &[u8]) -> Vec<u8> {
+    let mut body = string(topic.as_bytes());
+    body.extend(packet_id.to_be_bytes());
+    body.extend([5, 0x02]);
+    body.extend(secs.to_be_bytes());
+    body.extend(payload);
+    packet(0x32, &body)
+}
+
+#[test]
+fn a_queued_message_expires_and_the_rest_of_its_interval_is_forwarded() {
+    let broker = Broker::start();
+    let (mut raw, _) = resume_v5(broker.port, "offline", 60);
+    raw.send(&subscribe_v5(1, "mei/t", 1));
+    raw.expect_packet();
+    disconnect_v5(raw);
+    let mut publisher = raw_v5(broker.port, "mei-pub");
+    publisher.send(&publish_v5_expiring("mei/t", 1, 1, b"short"));
+    publisher.expect_packet();
+    publisher.send(&publish_v5_expiring("mei/t", 2, 100, b"long"));
+    publisher.expect_packet();
+    let published = Instant::now();
+    // The short one's second passes while the subscriber is away.
+    std::thread::sleep(Duration::from_millis(1100).saturating_sub(published.elapsed()));
+    let mut options = V5::options(broker.port, "offline");
+    options.set_clean_start(false);
+    let (mut sub, connack) = V5::connect_with(options);
+    assert!(connack.session_present);
+    let p = sub.expect_publish();
+    assert_eq!(&p.payload[..], b"long", "the expired message is not sent");
+    let left = p
+        .properties
+        .and_then(|p| p.message_expiry_interval)
+        .expect("the interval left");
+    assert!((98..=100).contains(&left), "{left}");
+    assert!(sub.recv_publish(Duration::from_millis(200)).is_none());
+}
