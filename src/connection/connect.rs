@@ -39,11 +39,9 @@ pub(super) struct ConnectRequest {
     pub(super) session_expiry: u32,
     /// The client's Receive Maximum (§3.1.2.11.3): QoS 1/2 PUBLISHes it
     /// accepts unacknowledged; 65,535 when absent (and for 3.1.1).
-    #[expect(dead_code, reason = "not honoured yet (issue 12, goal 5)")]
     pub(super) receive_maximum: u16,
     /// The client's Maximum Packet Size (§3.1.2.11.4); `u32::MAX` when
     /// absent (MQTT's own limit applies).
-    #[expect(dead_code, reason = "not honoured yet (issue 12, goal 5)")]
     pub(super) maximum_packet_size: u32,
     /// True when the CONNECT names an Authentication Method (§3.1.2.11.9):
     /// extended authentication, which fanmq does not support.

@@ -245,6 +245,23 @@ fn handle_publish(
         shard.stats.protocol_errors += 1;
         return Err(CloseReason::ProtocolError);
     }
+    // The Receive Maximum fanmq announced (max_inflight_messages) bounds
+    // the QoS 2 messages the client may have unreleased (§3.3.4): one more
+    // is 0x93 (a duplicate of one it has is not more).
+    let receive_maximum = shard.limits.max_inflight.min(usize::from(u16::MAX));
+    if qos == QoS::ExactlyOnce
+        && let Some(session) = shard.session_for(key, conn_id)
+        && let Some(flows) = session.state.flows.as_deref()
+        && flows.awaiting_rel.len() >= receive_maximum
+        && !flows.awaiting_rel.contains(&packet_id)
+    {
+        debug!(
+            "client {}: more than {receive_maximum} QoS 2 messages unreleased",
+            session.client_id
+        );
+        shard.stats.protocol_errors += 1;
+        return Err(CloseReason::ReceiveMaximumExceeded);
+    }
     let message = Message {
         topic,
         payload,

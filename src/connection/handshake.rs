@@ -212,6 +212,8 @@ pub(super) async fn handshake(
         username,
         password,
         session_expiry,
+        receive_maximum,
+        maximum_packet_size,
         ..
     } = request;
     let mut accepted = Accepted {
@@ -304,6 +306,8 @@ pub(super) async fn handshake(
         clean_start,
         session_expiry,
         keep_alive,
+        receive_maximum,
+        max_packet_size: maximum_packet_size,
         accepted,
     };
     let (key, conn_id) = attach(ctx, link_fd, client_id.clone(), state, &attached);
@@ -393,6 +397,10 @@ pub(super) struct Attach {
     pub(super) session_expiry: u32,
     /// The keep-alive the connection is held to.
     pub(super) keep_alive: u16,
+    /// The client's Receive Maximum.
+    pub(super) receive_maximum: u16,
+    /// The client's Maximum Packet Size.
+    pub(super) max_packet_size: u32,
     /// What the CONNACK tells an accepted client.
     pub(super) accepted: Accepted,
 }
@@ -416,6 +424,8 @@ pub(super) fn attach(
     );
     session.version = attach.version;
     session.session_expiry = attach.session_expiry;
+    session.receive_maximum = attach.receive_maximum;
+    session.max_packet_size = attach.max_packet_size;
     session.link = Some(Link::new(
         conn_id,
         link_fd,

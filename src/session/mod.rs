@@ -176,6 +176,14 @@ pub struct Session {
     /// When the session went offline, in keep-alive ticks
     /// ([`crate::session::link::TICKS_PER_SEC`]); meaningless while online.
     pub offline_since: u32,
+    /// The client's Receive Maximum (MQTT 5.0, §3.1.2.11.3): never more
+    /// QoS 1/2 messages in flight to it than this, nor than
+    /// `max_inflight_messages`; 65,535 for 3.1.1. Fits in padding.
+    pub receive_maximum: u16,
+    /// The client's Maximum Packet Size (MQTT 5.0, §3.1.2.11.4): a PUBLISH
+    /// larger than this is not sent but dropped and counted
+    /// (MQTT-3.1.2-25); checked only for MQTT 5.0 sessions.
+    pub max_packet_size: u32,
     /// State that survives the connection.
     pub state: SessionState,
     /// Frames for the live connection; empty while offline.
@@ -199,6 +207,8 @@ impl Session {
                 SESSION_NEVER_EXPIRES
             },
             offline_since: 0,
+            receive_maximum: u16::MAX,
+            max_packet_size: u32::MAX,
             state,
             out: OutQueue::default(),
             link: None,
@@ -263,6 +273,9 @@ impl Session {
                 return Delivery::Skipped;
             }
             let (start, len) = encoded.qos0_frame(self.version);
+            if self.too_large(len as usize) {
+                return Delivery::Dropped;
+            }
             if self.out.publishes() >= limits.max_queued_messages
                 || self.out.bytes() + len as usize > limits.max_queued_bytes
             {
@@ -283,8 +296,7 @@ impl Session {
                 encoded.head(self.version, qos),
                 encoded.payload(self.version),
             );
-            self.start_inflight(forwarded, Some(shared));
-            return Delivery::Queued;
+            return self.start_inflight(forwarded, Some(shared));
         }
         self.queue_pending(forwarded, limits)
     }
@@ -312,6 +324,9 @@ impl Session {
                 return Delivery::Skipped;
             }
             let frame = forwarded.encode_whole(self.version, qos, true, false, 0);
+            if self.too_large(frame.len()) {
+                return Delivery::Dropped;
+            }
             if self.out.publishes() >= limits.max_queued_messages
                 || self.out.bytes() + frame.len() > limits.max_queued_bytes
             {
@@ -321,8 +336,7 @@ impl Session {
             return Delivery::Queued;
         }
         if self.window_open(limits) && self.pending_is_empty() {
-            self.start_inflight(forwarded, None);
-            return Delivery::Queued;
+            return self.start_inflight(forwarded, None);
         }
         self.queue_pending(forwarded, limits)
     }
@@ -344,7 +358,7 @@ impl Session {
     fn window_open(&self, limits: &Limits) -> bool {
         let inflight = self.state.flows.as_ref().map_or(0, |f| f.inflight.len());
         self.is_online()
-            && inflight < limits.max_inflight
+            && inflight < limits.max_inflight.min(usize::from(self.receive_maximum))
             && self.out.bytes() < limits.max_queued_bytes
     }
 
@@ -365,9 +379,17 @@ impl Session {
         Delivery::Pending
     }
 
+    /// True when a packet of `len` bytes is over an MQTT 5.0 client's
+    /// Maximum Packet Size (3.1.1 has none: only the version is checked).
+    fn too_large(&self, len: usize) -> bool {
+        self.version == Version::V5 && len > self.max_packet_size as usize
+    }
+
     /// Assigns a packet id, records the message as in flight and queues its
-    /// PUBLISH (with the shard's shared head and payload when there are).
-    fn start_inflight(&mut self, message: Message, shared: Option<(Frame, Frame)>) {
+    /// PUBLISH (with the shard's shared head and payload when there are):
+    /// [`Delivery::Queued`], or [`Delivery::Dropped`] when the PUBLISH is
+    /// over the client's Maximum Packet Size.
+    fn start_inflight(&mut self, message: Message, shared: Option<(Frame, Frame)>) -> Delivery {
         let packet_id = self.next_packet_id();
         let frame = match shared {
             Some((head, payload)) => OutFrame::Publish {
@@ -383,6 +405,9 @@ impl Session {
                 packet_id,
             )),
         };
+        if self.too_large(frame.len()) {
+            return Delivery::Dropped;
+        }
         let phase = if message.qos == QoS::ExactlyOnce {
             Phase::AwaitPubRec
         } else {
@@ -394,6 +419,7 @@ impl Session {
             phase,
         });
         self.out.push(frame);
+        Delivery::Queued
     }
 
     /// The next packet id not in flight (§2.3.1: non-zero, unique among the
@@ -426,8 +452,9 @@ impl Session {
             if message.is_expired() {
                 continue;
             }
-            self.start_inflight(message, None);
-            queued = true;
+            // One over the client's Maximum Packet Size is dropped here
+            // (not counted: the session has no counters).
+            queued |= self.start_inflight(message, None) == Delivery::Queued;
         }
         queued
     }

@@ -693,3 +693,70 @@ fn a_queued_message_expires_and_the_rest_of_its_interval_is_forwarded() {
     assert!((98..=100).contains(&left), "{left}");
     assert!(sub.recv_publish(Duration::from_millis(200)).is_none());
 }
+
+#[test]
+fn the_clients_receive_maximum_bounds_what_is_in_flight_to_it() {
+    let broker = Broker::start();
+    let mut options = V5::options(broker.port, "slow-acker");
+    options.set_manual_acks(true);
+    options.set_receive_maximum(Some(2));
+    let (mut sub, _) = V5::connect_with(options);
+    sub.subscribe("burst", QoS5::AtLeastOnce);
+    let mut publisher = raw_v5(broker.port, "burster");
+    for id in 1..=10u16 {
+        publisher.send(&publish_v5_qos1("burst", id, &id.to_be_bytes()));
+        publisher.expect_packet();
+    }
+    let first = sub.expect_publish();
+    let second = sub.expect_publish();
+    assert!(
+        sub.recv_publish(Duration::from_millis(300)).is_none(),
+        "no third before an acknowledgement"
+    );
+    sub.client.ack(&first).expect("ack");
+    let third = sub.expect_publish();
+    assert_eq!(&third.payload[..], &3u16.to_be_bytes());
+    assert!(sub.recv_publish(Duration::from_millis(300)).is_none());
+    sub.client.ack(&second).expect("ack");
+    sub.client.ack(&third).expect("ack");
+    let got: Vec<Publish> = (0..2).map(|_| sub.expect_publish()).collect();
+    assert_eq!(&got[1].payload[..], &5u16.to_be_bytes());
+}
+
+#[test]
+fn nothing_larger_than_the_clients_maximum_packet_size_is_sent() {
+    let broker = Broker::start();
+    let mut body = string(b"MQTT");
+    body.extend([5, 0x02, 0, 60, 5, 0x27, 0, 0, 0, 30]);
+    body.extend(string(b"small-client"));
+    let mut sub = Raw::tcp(broker.port);
+    sub.send(&packet(0x10, &body));
+    assert_eq!(sub.expect_packet().kind(), 2);
+    sub.send(&subscribe_v5(1, "mps/#", 1));
+    sub.expect_packet();
+    let publisher = V5::connect(broker.port, "mps-pub");
+    publisher.publish("mps/big", QoS5::AtMostOnce, false, &[b'x'; 40]);
+    publisher.publish("mps/big", QoS5::AtLeastOnce, false, &[b'x'; 40]);
+    publisher.publish("mps/end", QoS5::AtMostOnce, false, b"ok");
+    let p = sub.expect_publish();
+    assert_eq!(p.topic, "mps/end", "the large ones were dropped");
+}
+
+#[test]
+fn more_unreleased_qos_2_than_the_receive_maximum_is_0x93() {
+    let broker = Broker::builder()
+        .config("max_inflight_messages = 2\n")
+        .start();
+    let mut raw = raw_v5(broker.port, "greedy");
+    for id in 1..=3u16 {
+        let mut body = string(b"q2");
+        body.extend(id.to_be_bytes());
+        body.extend([0, b'x']);
+        raw.send(&packet(0x34, &body));
+        if id < 3 {
+            assert_eq!(raw.expect_packet().bytes(), vec![0x50, 2, 0, id as u8]);
+        }
+    }
+    assert_eq!(raw.expect_packet().bytes(), vec![0xe0, 1, 0x93]);
+    raw.expect_closed();
+}
