@@ -232,7 +232,7 @@ pub(super) fn accepting_connack(
     }
     properties.push(Property::RetainAvailable(true));
     properties.push(Property::WildcardSubscriptionAvailable(true));
-    properties.push(Property::SubscriptionIdentifierAvailable(false));
+    properties.push(Property::SubscriptionIdentifierAvailable(true));
     properties.push(Property::SharedSubscriptionAvailable(false));
     let connack = ConnAck {
         session_present,

@@ -193,7 +193,7 @@ pub(super) fn receive_publish(
         return Ok(Received::NotAuthorized);
     }
     if deliver {
-        shard.publish(message);
+        shard.publish_from(message, Some(key));
     }
     Ok(Received::Accepted)
 }

@@ -146,16 +146,14 @@ fn handle_packet(
             shard.mark_dirty(key);
         }
         P::Subscribe(subscribe) => {
-            let filters = subscribe
-                .filters
-                .into_iter()
-                .map(|(filter, options)| (filter, options.qos))
-                .collect();
-            let subscribe = codec::Subscribe {
-                packet_id: subscribe.packet_id,
-                filters,
-            };
-            shard.subscribe(key, subscribe, username);
+            let identifier = subscribe.subscription_identifier();
+            shard.subscribe_with(
+                key,
+                subscribe.packet_id,
+                subscribe.filters,
+                identifier,
+                username,
+            );
         }
         P::Unsubscribe(unsubscribe) => {
             shard.unsubscribe(key, unsubscribe.packet_id, &unsubscribe.filters)

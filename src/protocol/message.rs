@@ -165,6 +165,9 @@ impl Message {
 pub struct Encoded<'a> {
     /// The message being fanned out.
     pub message: &'a Message,
+    /// The publisher's session key when it is on this shard (for MQTT 5.0
+    /// No Local); None for messages from other shards, wills and `$SYS`.
+    pub origin: Option<u32>,
     /// The shard's batch buffer of this step, where QoS 0 frames go.
     batch: &'a mut BytesMut,
     /// Where the QoS 0 frame lies in the shard's batch of this step
@@ -196,6 +199,7 @@ impl<'a> Encoded<'a> {
     pub fn new(message: &'a Message, batch: &'a mut BytesMut) -> Self {
         Encoded {
             message,
+            origin: None,
             batch,
             qos0: None,
             heads: [None, None],

@@ -25,13 +25,17 @@ pub mod link;
 pub mod outqueue;
 
 use std::collections::VecDeque;
+use std::num::NonZeroU32;
+use std::sync::Arc;
 
 use bytestring::ByteString;
 use smallvec::SmallVec;
 
 use crate::protocol::Version;
-use crate::protocol::message::{Encoded, Message};
+use crate::protocol::message::{Encoded, Message, MessageProperties};
+use crate::protocol::topic;
 use crate::protocol::v3::{self as codec, PacketId, QoS};
+use crate::protocol::v5::{Property, SubscriptionOptions};
 use crate::router::SharedFilter;
 use crate::session::link::Link;
 use crate::session::outqueue::{Frame, OutFrame, OutQueue};
@@ -126,6 +130,25 @@ pub struct Flows {
     pub awaiting_rel: Vec<PacketId>,
     /// The last packet id used for an outgoing message (0: none yet).
     pub last_packet_id: PacketId,
+    /// MQTT 5.0 options of the subscriptions that have any besides their
+    /// QoS (No Local, Retain As Published, a Subscription Identifier),
+    /// kept here so that a session without them (every 3.1.1 session, most
+    /// 5.0 ones) pays nothing; a subscription not listed has none.
+    pub subscription_options: Vec<SubscriptionExtras>,
+}
+
+/// The MQTT 5.0 options of one subscription that change its deliveries
+/// (§3.8.3.1, §3.8.2.1.2).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SubscriptionExtras {
+    /// The subscription's Topic Filter (the router's shared copy).
+    pub filter: SharedFilter,
+    /// No Local: not the client's own publications.
+    pub no_local: bool,
+    /// Retain As Published: RETAIN as the publisher set it, not cleared.
+    pub retain_as_published: bool,
+    /// The Subscription Identifier, sent with every message it matches.
+    pub identifier: Option<NonZeroU32>,
 }
 
 /// What happened to a message offered to a session.
@@ -240,8 +263,32 @@ impl Session {
         true
     }
 
+    /// Records the MQTT 5.0 options of the subscription to `filter`
+    /// (replacing earlier ones): kept only when there is one besides QoS.
+    pub fn set_subscription_options(
+        &mut self,
+        filter: SharedFilter,
+        options: &SubscriptionOptions,
+        identifier: Option<NonZeroU32>,
+    ) {
+        if let Some(flows) = self.state.flows.as_mut() {
+            flows.subscription_options.retain(|e| e.filter != filter);
+        }
+        if options.no_local || options.retain_as_published || identifier.is_some() {
+            self.flows().subscription_options.push(SubscriptionExtras {
+                filter,
+                no_local: options.no_local,
+                retain_as_published: options.retain_as_published,
+                identifier,
+            });
+        }
+    }
+
     /// Removes a subscription; true when it existed.
     pub fn unsubscribe(&mut self, filter: &str) -> bool {
+        if let Some(flows) = self.state.flows.as_mut() {
+            flows.subscription_options.retain(|e| &*e.filter != filter);
+        }
         let subscriptions = &mut self.state.subscriptions;
         let before = subscriptions.len();
         subscriptions.retain(|(f, _)| &**f != filter);
@@ -301,12 +348,72 @@ impl Session {
         self.queue_pending(forwarded, limits)
     }
 
+    /// [`Session::deliver`] for an MQTT 5.0 session: the same, unless the
+    /// matching subscriptions have options besides QoS. Then No Local skips
+    /// the client's own publication (`origin` is the publisher's session
+    /// when it is on this shard, and `key` this session's), Retain As
+    /// Published keeps RETAIN, and the Subscription Identifiers go with the
+    /// message, encoded for this client alone.
+    pub fn deliver_v5(
+        &mut self,
+        encoded: &mut Encoded<'_>,
+        key: u32,
+        granted: QoS,
+        limits: &Limits,
+    ) -> Delivery {
+        let Some(flows) = self
+            .state
+            .flows
+            .as_deref()
+            .filter(|f| !f.subscription_options.is_empty())
+        else {
+            return self.deliver(encoded, granted, limits);
+        };
+        let message = encoded.message;
+        let mut no_local_only = true;
+        let mut retain_as_published = false;
+        let mut identifiers: SmallVec<[NonZeroU32; 2]> = SmallVec::new();
+        for (filter, _) in &self.state.subscriptions {
+            if !topic::filter_matches(filter, &message.topic) {
+                continue;
+            }
+            match flows
+                .subscription_options
+                .iter()
+                .find(|e| e.filter == *filter)
+            {
+                Some(extras) => {
+                    no_local_only &= extras.no_local;
+                    retain_as_published |= extras.retain_as_published;
+                    identifiers.extend(extras.identifier);
+                }
+                None => no_local_only = false,
+            }
+        }
+        if no_local_only && encoded.origin == Some(key) {
+            return Delivery::Skipped;
+        }
+        let retain = retain_as_published && message.retain;
+        if !retain && identifiers.is_empty() {
+            return self.deliver(encoded, granted, limits);
+        }
+        let qos = message.qos.min(granted);
+        let forwarded = Message {
+            qos,
+            retain,
+            ..with_identifiers(message, &identifiers)
+        };
+        self.deliver_alone(forwarded, limits)
+    }
+
     /// Offers a retained message on a new subscription: RETAIN set (§3.3.1.3),
-    /// encoded for this client alone.
+    /// encoded for this client alone, with the Subscription Identifiers of
+    /// the new subscription (MQTT 5.0 sessions only).
     pub fn deliver_retained(
         &mut self,
         message: &Message,
         granted: QoS,
+        identifiers: &[NonZeroU32],
         limits: &Limits,
     ) -> Delivery {
         if message.is_expired() {
@@ -314,16 +421,28 @@ impl Session {
             return Delivery::Skipped;
         }
         let qos = message.qos.min(granted);
+        let message = if identifiers.is_empty() || self.version != Version::V5 {
+            message.clone()
+        } else {
+            with_identifiers(message, identifiers)
+        };
         let forwarded = Message {
             qos,
             retain: true,
-            ..message.clone()
+            ..message
         };
+        self.deliver_alone(forwarded, limits)
+    }
+
+    /// Queues `forwarded` (QoS and RETAIN as they are to be sent) encoded
+    /// for this client alone.
+    fn deliver_alone(&mut self, forwarded: Message, limits: &Limits) -> Delivery {
+        let qos = forwarded.qos;
         if qos == QoS::AtMostOnce {
             if !self.is_online() {
                 return Delivery::Skipped;
             }
-            let frame = forwarded.encode_whole(self.version, qos, true, false, 0);
+            let frame = forwarded.encode_whole(self.version, qos, forwarded.retain, false, 0);
             if self.too_large(frame.len()) {
                 return Delivery::Dropped;
             }
@@ -588,6 +707,31 @@ impl Session {
     }
 }
 
+/// `message` with `identifiers` added to its properties (MQTT 5.0
+/// Subscription Identifiers, §3.3.2.3.8), for one subscriber.
+fn with_identifiers(message: &Message, identifiers: &[NonZeroU32]) -> Message {
+    if identifiers.is_empty() {
+        return message.clone();
+    }
+    let mut properties = message
+        .properties
+        .as_deref()
+        .cloned()
+        .unwrap_or(MessageProperties {
+            forwarded: Default::default(),
+            expires_at: None,
+        });
+    for &id in identifiers {
+        properties
+            .forwarded
+            .push(Property::SubscriptionIdentifier(id));
+    }
+    Message {
+        properties: Some(Arc::new(properties)),
+        ..message.clone()
+    }
+}
+
 /// The PUBACK/PUBREC answer to a received PUBLISH (none for QoS 0).
 pub fn ack_for_publish(qos: QoS, packet_id: PacketId) -> Option<[u8; 4]> {
     match qos {
@@ -829,9 +973,9 @@ mod tests {
     fn retained_delivery_sets_retain() {
         let m = msg(QoS::AtLeastOnce, b"x");
         let mut s = online();
-        s.deliver_retained(&m, QoS::AtMostOnce, &LIMITS);
+        s.deliver_retained(&m, QoS::AtMostOnce, &[], &LIMITS);
         assert_eq!(written(&mut s), b"\x31\x06\x00\x03a/bx");
-        s.deliver_retained(&m, QoS::ExactlyOnce, &LIMITS);
+        s.deliver_retained(&m, QoS::ExactlyOnce, &[], &LIMITS);
         assert_eq!(written(&mut s), b"\x33\x08\x00\x03a/b\x00\x01x");
     }
 

@@ -13,6 +13,7 @@ pub mod inbox;
 pub mod index;
 pub mod query;
 pub mod registry;
+pub mod subscribe;
 pub mod sys;
 #[cfg(test)]
 pub mod testing;
@@ -33,9 +34,6 @@ use crate::observe::counters::Counters;
 use crate::observe::metrics::BrokerGauges;
 use crate::protocol::Version;
 use crate::protocol::message::{Encoded, Message};
-use crate::protocol::topic;
-use crate::protocol::v3::{self as codec, Subscribe};
-use crate::protocol::v5::{self, ReasonCode};
 use crate::router::Router;
 use crate::router::retain::RetainStore;
 use crate::security::acl::Who;
@@ -234,7 +232,13 @@ impl Shard {
     /// A PUBLISH from a client of this shard (or a will, or `$SYS`): delivered
     /// here now, and queued for the other shards.
     pub fn publish(&mut self, message: Message) {
-        self.route(&message);
+        self.publish_from(message, None);
+    }
+
+    /// [`Shard::publish`] of a client's PUBLISH: `origin` is its session
+    /// (MQTT 5.0 No Local).
+    pub fn publish_from(&mut self, message: Message, origin: Option<SessionKey>) {
+        self.route_from(&message, origin);
         if self.nr_shards > 1 {
             self.remote_batch.push(message);
         }
@@ -243,6 +247,13 @@ impl Shard {
     /// Delivers a message to this shard's matching subscribers and applies it
     /// to the retained store.
     pub fn route(&mut self, message: &Message) {
+        self.route_from(message, None);
+    }
+
+    /// [`Shard::route`] of a message published by session `origin` of this
+    /// shard. MQTT 5.0 subscribers go through [`Session::deliver_v5`]
+    /// (subscription options): one version check per delivery.
+    fn route_from(&mut self, message: &Message, origin: Option<SessionKey>) {
         if message.retain {
             self.retained.apply(message);
         }
@@ -256,11 +267,17 @@ impl Shard {
             ..
         } = self;
         let mut encoded = Encoded::new(message, batch);
+        encoded.origin = origin;
         router.for_each_match(&message.topic, |key, granted| {
             let Some(session) = sessions.get_mut(key as usize) else {
                 return;
             };
-            match session.deliver(&mut encoded, granted, limits) {
+            let delivery = if session.version == Version::V5 {
+                session.deliver_v5(&mut encoded, key, granted, limits)
+            } else {
+                session.deliver(&mut encoded, granted, limits)
+            };
+            match delivery {
                 Delivery::Queued => {
                     stats.publish_sent_by_qos[message.qos.min(granted) as usize] += 1;
                     if !session.dirty {
@@ -431,153 +448,6 @@ impl Shard {
             username,
         };
         self.auth.can_publish(who, topic)
-    }
-
-    /// SUBSCRIBE (§3.8): adds each valid filter the ACL allows (`username`:
-    /// the client's, for the ACL), answers SUBACK with the granted QoS or a
-    /// failure per filter (3.1.1: 0x80; 5.0: 0x8F Topic Filter invalid,
-    /// 0x97 Quota exceeded, 0x87 Not authorized), then sends matching
-    /// retained messages. Both versions' SUBSCRIBEs come as the 3.1.1 type:
-    /// (filter, maximum QoS) pairs.
-    pub fn subscribe(&mut self, key: SessionKey, subscribe: Subscribe, username: Option<&str>) {
-        let mut codes = Vec::with_capacity(subscribe.filters.len());
-        let mut granted_filters = Vec::with_capacity(subscribe.filters.len());
-        for (filter, qos) in subscribe.filters {
-            if topic::validate_topic_filter(&filter).is_err() {
-                debug!("refused topic filter {filter:?}");
-                codes.push(ReasonCode::TOPIC_FILTER_INVALID);
-                continue;
-            }
-            if topic::exceeds_levels(&filter, self.config.max_topic_levels) {
-                debug!("refused topic filter {filter:?}: over max_topic_levels");
-                self.stats.subscriptions_refused += 1;
-                codes.push(ReasonCode::TOPIC_FILTER_INVALID);
-                continue;
-            }
-            let max_subscriptions = self.config.max_subscriptions_per_client;
-            let Some(session) = self.sessions.get_mut(key as usize) else {
-                return;
-            };
-            let subscriptions = &session.state.subscriptions;
-            if max_subscriptions > 0
-                && subscriptions.len() >= max_subscriptions
-                && !subscriptions.iter().any(|(f, _)| **f == *filter)
-            {
-                debug!(
-                    "client {}: refused topic filter {filter:?}: max_subscriptions_per_client ({max_subscriptions}) reached",
-                    session.client_id
-                );
-                self.stats.subscriptions_refused += 1;
-                codes.push(ReasonCode::QUOTA_EXCEEDED);
-                continue;
-            }
-            if self.auth.acl_enabled() {
-                let who = Who {
-                    client_id: &session.client_id,
-                    username,
-                };
-                if !self.auth.can_subscribe(who, &filter) {
-                    debug!(
-                        "client {}: subscription to {filter:?} denied by the ACL",
-                        session.client_id
-                    );
-                    self.stats.subscribe_denied += 1;
-                    codes.push(ReasonCode::NOT_AUTHORIZED);
-                    continue;
-                }
-            }
-            // The session keeps the router's copy of the filter string.
-            let (_, shared) = self.router.subscribe_shared(&filter, key, qos);
-            session.subscribe(shared, qos);
-            codes.push(ReasonCode::granted(qos));
-            granted_filters.push((filter, qos));
-        }
-        let Some(session) = self.sessions.get_mut(key as usize) else {
-            return;
-        };
-        let mut suback = BytesMut::with_capacity(5 + codes.len());
-        let encoded = match session.version {
-            Version::V3 => {
-                let codes: Vec<u8> = codes
-                    .iter()
-                    .map(|&code| {
-                        if code.is_failure() {
-                            codec::SUBACK_FAILURE
-                        } else {
-                            code.0
-                        }
-                    })
-                    .collect();
-                codec::encode_suback(subscribe.packet_id, &codes, &mut suback)
-                    .map_err(|e| e.to_string())
-            }
-            Version::V5 => v5::encode_suback(
-                subscribe.packet_id,
-                &v5::Properties::new(),
-                &codes,
-                &mut suback,
-            )
-            .map_err(|e| e.to_string()),
-        };
-        if let Err(e) = encoded {
-            // Cannot happen: the SUBSCRIBE was no larger than the SUBACK.
-            log::error!("cannot encode SUBACK: {e}");
-        }
-        session
-            .out
-            .push(crate::session::outqueue::OutFrame::whole(Frame::from(
-                &suback[..],
-            )));
-        // Retained messages go after the SUBACK (§3.3.1.3).
-        let limits = self.limits;
-        for (filter, granted) in granted_filters {
-            let Shard {
-                retained, sessions, ..
-            } = self;
-            let Some(session) = sessions.get_mut(key as usize) else {
-                return;
-            };
-            retained.for_each_match(&filter, |m| {
-                if session.deliver_retained(m, granted, &limits) == Delivery::Dropped {
-                    self.stats.publish_dropped += 1;
-                }
-            });
-        }
-        self.mark_dirty(key);
-    }
-
-    /// UNSUBSCRIBE (§3.10): removes each filter and answers UNSUBACK (5.0:
-    /// with 0x00 Success or 0x11 No subscription existed per filter).
-    pub fn unsubscribe(&mut self, key: SessionKey, packet_id: u16, filters: &[ByteString]) {
-        let mut codes = Vec::with_capacity(filters.len());
-        for filter in filters {
-            if let Some(session) = self.sessions.get_mut(key as usize)
-                && session.unsubscribe(filter)
-            {
-                self.router.unsubscribe(filter, key);
-                codes.push(ReasonCode::SUCCESS);
-            } else {
-                codes.push(ReasonCode::NO_SUBSCRIPTION_EXISTED);
-            }
-        }
-        if let Some(session) = self.sessions.get_mut(key as usize) {
-            match session.version {
-                Version::V3 => session.queue_control(&codec::unsuback(packet_id)),
-                Version::V5 => {
-                    let mut unsuback = BytesMut::new();
-                    if let Err(e) = v5::encode_unsuback(
-                        packet_id,
-                        &v5::Properties::new(),
-                        &codes,
-                        &mut unsuback,
-                    ) {
-                        log::error!("cannot encode UNSUBACK: {e}");
-                    }
-                    session.queue_frame(&unsuback);
-                }
-            }
-        }
-        self.mark_dirty(key);
     }
 
     /// The session with `client_id` on this shard, live or offline.

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use rumqttc::v5::mqttbytes::QoS as QoS5;
 use rumqttc::v5::mqttbytes::v5::{
     ConnAck, ConnectReturnCode, DisconnectReasonCode, Filter, Packet, PubAckReason, PubRecReason,
-    Publish, PublishProperties, SubscribeReasonCode,
+    Publish, PublishProperties, RetainForwardRule, SubscribeReasonCode,
 };
 use rumqttc::v5::{Client, ConnectionError, Event, MqttOptions};
 
@@ -759,4 +759,103 @@ fn more_unreleased_qos_2_than_the_receive_maximum_is_0x93() {
     }
     assert_eq!(raw.expect_packet().bytes(), vec![0xe0, 1, 0x93]);
     raw.expect_closed();
+}
+
+impl V5 {
+    /// Subscribes to `filter` with Subscription Identifier `id`.
+    fn subscribe_with_id(&mut self, filter: &str, id: usize) -> Vec<SubscribeReasonCode> {
+        let properties = rumqttc::v5::mqttbytes::v5::SubscribeProperties {
+            id: Some(id),
+            user_properties: Vec::new(),
+        };
+        self.client
+            .subscribe_many_with_properties(
+                vec![Filter::new(filter, QoS5::AtLeastOnce)],
+                properties,
+            )
+            .expect("subscribe request");
+        self.wait_for(|p| match p {
+            Packet::SubAck(s) => Some(s.return_codes.clone()),
+            _ => None,
+        })
+        .unwrap_or_else(|e| panic!("no SUBACK: {e}"))
+    }
+}
+
+#[test]
+fn no_local_keeps_a_clients_own_publications_from_it() {
+    let broker = Broker::start();
+    let mut client = V5::connect(broker.port, "talker");
+    let mut filter = Filter::new("room/#", QoS5::AtLeastOnce);
+    filter.nolocal = true;
+    client.subscribe_filter(filter);
+    let other = V5::connect(broker.port, "listener-pub");
+    client.publish("room/mine", QoS5::AtLeastOnce, false, b"self");
+    other.publish("room/theirs", QoS5::AtLeastOnce, false, b"other");
+    let p = client.expect_publish();
+    assert_eq!(
+        topic_of(&p),
+        "room/theirs",
+        "its own publication is not echoed"
+    );
+    assert!(client.recv_publish(Duration::from_millis(200)).is_none());
+}
+
+#[test]
+fn retain_handling_and_retain_as_published() {
+    let broker = Broker::start();
+    let publisher = V5::connect(broker.port, "retainer");
+    publisher.publish("keep/a", QoS5::AtLeastOnce, true, b"kept");
+    let mut probe = V5::connect(broker.port, "probe");
+    probe.subscribe("keep/a", QoS5::AtLeastOnce);
+    assert_eq!(&probe.expect_publish().payload[..], b"kept", "stored");
+    // Retain Handling 2: no retained message at subscribe.
+    let mut never = V5::connect(broker.port, "never");
+    let mut filter = Filter::new("keep/#", QoS5::AtLeastOnce);
+    filter.retain_forward_rule = RetainForwardRule::Never;
+    filter.preserve_retain = true;
+    never.subscribe_filter(filter.clone());
+    // Retain Handling 1: only for a new subscription.
+    let mut once = V5::connect(broker.port, "once");
+    let mut filter1 = Filter::new("keep/#", QoS5::AtLeastOnce);
+    filter1.retain_forward_rule = RetainForwardRule::OnNewSubscribe;
+    once.subscribe_filter(filter1.clone());
+    assert!(once.expect_publish().retain, "new: sent, RETAIN set");
+    once.subscribe_filter(filter1);
+    // Retain As Published: a live retained publish keeps RETAIN for
+    // `never`, and is cleared for `once`.
+    publisher.publish("keep/b", QoS5::AtLeastOnce, true, b"live");
+    let p = never.expect_publish();
+    assert_eq!((topic_of(&p).as_str(), p.retain), ("keep/b", true));
+    let p = once.expect_publish();
+    assert_eq!(
+        (topic_of(&p).as_str(), p.retain),
+        ("keep/b", false),
+        "the second subscribe sent no retained message"
+    );
+}
+
+#[test]
+fn every_matching_subscription_identifier_comes_with_the_message() {
+    let broker = Broker::start();
+    let mut client = V5::connect(broker.port, "ids");
+    client.subscribe_with_id("sensors/+/temp", 7);
+    client.subscribe_with_id("sensors/#", 300);
+    client.subscribe("sensors/x/temp", QoS5::AtLeastOnce);
+    let mut plain = Mqtt::connect(broker.port, "ids-v3");
+    plain.subscribe("sensors/#", rumqttc::QoS::AtLeastOnce);
+    let publisher = V5::connect(broker.port, "ids-pub");
+    publisher.publish("sensors/x/temp", QoS5::AtLeastOnce, false, b"21");
+    publisher.publish("sensors/x/hum", QoS5::AtMostOnce, false, b"40");
+    let p = client.expect_publish();
+    let mut ids = p.properties.expect("properties").subscription_identifiers;
+    ids.sort();
+    assert_eq!(ids, vec![7, 300], "one message, both identifiers");
+    let p = client.expect_publish();
+    assert_eq!(
+        p.properties.expect("properties").subscription_identifiers,
+        vec![300]
+    );
+    assert_eq!(&plain.expect_publish().payload[..], b"21");
+    assert_eq!(&plain.expect_publish().payload[..], b"40");
 }

@@ -311,10 +311,6 @@ pub struct Subscribe {
 
 impl Subscribe {
     /// The Subscription Identifier (§3.8.2.1.2), if any.
-    #[cfg_attr(
-        not(test),
-        expect(dead_code, reason = "subscription identifiers are not supported yet")
-    )]
     pub fn subscription_identifier(&self) -> Option<NonZeroU32> {
         self.properties.subscription_identifiers().next()
     }
