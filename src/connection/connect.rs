@@ -29,6 +29,10 @@ pub(super) struct ConnectRequest {
     pub(super) client_id: ByteString,
     /// The will message.
     pub(super) will: Option<LastWill>,
+    /// The will's properties besides the delay (5.0).
+    pub(super) will_properties: Option<Box<Properties>>,
+    /// Will Delay Interval in seconds (5.0; 0 for 3.1.1).
+    pub(super) will_delay: u32,
     /// User Name.
     pub(super) username: Option<ByteString>,
     /// Password.
@@ -59,6 +63,8 @@ impl From<codec::Connect> for ConnectRequest {
             keep_alive: connect.keep_alive,
             client_id: connect.client_id,
             will: connect.last_will,
+            will_properties: None,
+            will_delay: 0,
             username: connect.username,
             password: connect.password,
             session_expiry: if connect.clean_session {
@@ -86,6 +92,14 @@ impl From<Box<v5::Connect>> for ConnectRequest {
             password,
         } = *connect;
         let will_payload_invalid = will.as_ref().is_some_and(|will| !will.payload_is_utf8());
+        let will_delay = will
+            .as_ref()
+            .and_then(|will| will.properties.will_delay_interval())
+            .unwrap_or(0);
+        let will_properties = will
+            .as_ref()
+            .filter(|will| !will.properties.is_empty())
+            .map(|will| Box::new(will.properties.clone()));
         ConnectRequest {
             version: Version::V5,
             clean_start,
@@ -97,6 +111,8 @@ impl From<Box<v5::Connect>> for ConnectRequest {
                 qos: will.qos,
                 retain: will.retain,
             }),
+            will_properties,
+            will_delay,
             username,
             password,
             session_expiry: properties.session_expiry_interval().unwrap_or(0),

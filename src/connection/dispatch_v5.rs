@@ -5,8 +5,7 @@
 //! says on top: Reason Codes in acknowledgements, the properties a PUBLISH
 //! carries on, DISCONNECT with a reason.
 
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::BytesMut;
 use bytestring::ByteString;
@@ -17,7 +16,7 @@ use crate::protocol::message::{Message, MessageProperties};
 use crate::protocol::topic;
 use crate::protocol::v3::{self as codec, QoS};
 use crate::protocol::v5::{
-    self, Ack, PacketType, Properties, Property, Publish, ReasonAndProperties, ReasonCode,
+    self, Ack, PacketType, Properties, Publish, ReasonAndProperties, ReasonCode,
 };
 use crate::session::link::{CloseReason, Rare, SessionKey};
 use crate::shard::Shard;
@@ -77,6 +76,8 @@ fn resolve_topic_alias(
     let rare = rare.get_or_insert_with(|| {
         Box::new(Rare {
             will: None,
+            will_properties: None,
+            will_delay: 0,
             username: None,
             client_id: None,
             topic_aliases: Vec::new(),
@@ -265,7 +266,7 @@ fn handle_publish(
         payload,
         qos,
         retain,
-        properties: message_properties(&properties, Instant::now()),
+        properties: MessageProperties::of(&properties, Instant::now()),
     };
     let received = receive_publish(shard, key, conn_id, message, packet_id, username)?;
     let reason_code = match received {
@@ -305,33 +306,4 @@ fn acknowledge(
         session.queue_frame(&bytes);
         shard.mark_dirty(key);
     }
-}
-
-/// What of a PUBLISH's properties goes on with the message (§3.3.2.3):
-/// Payload Format Indicator, Content Type, Response Topic, Correlation
-/// Data and User Properties unchanged, the Message Expiry Interval as a
-/// deadline; None when there is none of them (no allocation).
-fn message_properties(properties: &Properties, now: Instant) -> Option<Arc<MessageProperties>> {
-    let mut forwarded = Properties::new();
-    let mut expires_at = None;
-    for property in properties.iter() {
-        match property {
-            Property::PayloadFormatIndicator(_)
-            | Property::ContentType(_)
-            | Property::ResponseTopic(_)
-            | Property::CorrelationData(_)
-            | Property::UserProperty(..) => forwarded.push(property.clone()),
-            Property::MessageExpiryInterval(secs) => {
-                expires_at = Some(now + Duration::from_secs(u64::from(*secs)));
-            }
-            _ => {}
-        }
-    }
-    if forwarded.is_empty() && expires_at.is_none() {
-        return None;
-    }
-    Some(Arc::new(MessageProperties {
-        forwarded,
-        expires_at,
-    }))
 }

@@ -18,15 +18,15 @@ use super::connect::{
 use super::{Established, Identity, Peer, Wire};
 use crate::net::transport::{Acceptor, Stream, Transport};
 use crate::protocol::Version;
-use crate::protocol::message::Message;
+use crate::protocol::message::{Message, MessageProperties};
 use crate::protocol::topic;
 use crate::protocol::v3::{self as codec, DecodeError, LastWill, Packet};
-use crate::protocol::v5::{self, ReasonCode};
+use crate::protocol::v5::{self, Properties, ReasonCode};
 use crate::security::auth;
 use crate::session::link::{Link, Rare, SessionKey, framed_fd};
 use crate::session::{Session, SessionState};
+use crate::shard::Ctx;
 use crate::shard::registry;
-use crate::shard::{Ctx, Shard};
 
 /// How much the receive buffer grows per read while waiting for CONNECT.
 pub(super) const CONNECT_READ_CHUNK: usize = 512;
@@ -209,6 +209,8 @@ pub(super) async fn handshake(
         keep_alive,
         client_id,
         will: last_will,
+        will_properties,
+        will_delay,
         username,
         password,
         session_expiry,
@@ -280,6 +282,8 @@ pub(super) async fn handshake(
         Some(Box::new(Rare {
             client_id: (last_will.is_some() && auth.acl_enabled()).then(|| client_id.clone()),
             will: last_will,
+            will_properties,
+            will_delay,
             username: acl_username,
             topic_aliases: Vec::new(),
         }))
@@ -439,6 +443,11 @@ pub(super) fn attach(
         &shard.config,
     );
     session.queue_frame(&connack);
+    if let Some(flows) = session.state.flows.as_mut() {
+        // The client is back: a will still waiting for its delay is not
+        // sent (§3.1.3.2.2).
+        flows.delayed_will = None;
+    }
     let limits = shard.limits;
     session.reattach(&limits);
     let key = shard.insert_session(session);
@@ -447,21 +456,26 @@ pub(super) fn attach(
     (key, conn_id)
 }
 
-/// Publishes a will message (§3.1.2.5).
-pub(super) fn publish_will(shard: &mut Shard, will: LastWill) {
+/// The will as the message to publish (§3.1.2.5), with its MQTT 5.0
+/// properties, its Message Expiry Interval counted from `sent_at`; None for
+/// a will to `$SYS` (clients cannot publish there).
+pub(super) fn will_message(
+    will: LastWill,
+    properties: Option<&Properties>,
+    sent_at: Instant,
+) -> Option<Message> {
     if topic::is_sys_topic(&will.topic) && will.topic.starts_with("$SYS") {
         debug!(
             "will to {} dropped: clients cannot publish to $SYS",
             will.topic
         );
-        return;
+        return None;
     }
-    shard.stats.publish_received += 1;
-    shard.publish(Message {
+    Some(Message {
         topic: will.topic,
         payload: will.message,
         qos: will.qos,
         retain: will.retain,
-        properties: None,
-    });
+        properties: properties.and_then(|p| MessageProperties::of(p, sent_at)),
+    })
 }

@@ -50,10 +50,11 @@ pub use dispatch::process;
 pub use keepalive::keep_alive_sweeper;
 pub use park::{resume, socket_ready};
 
-use handshake::{establish, publish_will};
+use handshake::{establish, will_message};
 use live::{Live, Reading};
 
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use futures_lite::AsyncWriteExt;
@@ -163,6 +164,9 @@ pub async fn serve(
 async fn teardown(ctx: &Ctx, conn: Established, reason: CloseReason) {
     {
         let mut shard = ctx.shard.borrow_mut();
+        let outlives = shard
+            .session_for(conn.key, conn.conn_id)
+            .is_some_and(|s| !s.clean_session);
         shard.end_connection(conn.key, conn.conn_id);
         if reason.publishes_will()
             && let Some(rare) = conn.rare
@@ -172,11 +176,26 @@ async fn teardown(ctx: &Ctx, conn: Established, reason: CloseReason) {
                 client_id: rare.client_id.as_deref().unwrap_or(""),
                 username: rare.username.as_deref(),
             };
-            if shard.auth.can_publish(who, &will.topic) {
-                publish_will(&mut shard, will);
-            } else {
+            let delay = rare.will_delay;
+            if !shard.auth.can_publish(who, &will.topic) {
                 debug!("will to {} dropped: denied by the ACL", will.topic);
                 shard.stats.publish_denied += 1;
+            } else if delay > 0 && reason == CloseReason::TakenOver {
+                // The client is back (on a new connection): a delayed will
+                // is not sent (§3.1.3.2.2).
+            } else if delay > 0 && outlives {
+                // The session outlives the connection: the will waits in it
+                // for its delay, found by the keep-alive sweep.
+                let sent_at = Instant::now() + Duration::from_secs(u64::from(delay));
+                if let Some(message) = will_message(will, rare.will_properties.as_deref(), sent_at)
+                {
+                    shard.delay_will(conn.key, message, delay);
+                }
+            } else if let Some(message) =
+                will_message(will, rare.will_properties.as_deref(), Instant::now())
+            {
+                shard.stats.publish_received += 1;
+                shard.publish(message);
             }
         }
         shard.flush_dirty();

@@ -65,6 +65,38 @@ pub struct MessageProperties {
     pub expires_at: Option<Instant>,
 }
 
+impl MessageProperties {
+    /// What of a PUBLISH's (or Will's) properties goes on with the message
+    /// (§3.3.2.3): Payload Format Indicator, Content Type, Response Topic,
+    /// Correlation Data and User Properties unchanged, the Message Expiry
+    /// Interval as a deadline counted from `now`; None when there is none
+    /// of them (no allocation).
+    pub fn of(properties: &Properties, now: Instant) -> Option<Arc<MessageProperties>> {
+        let mut forwarded = Properties::new();
+        let mut expires_at = None;
+        for property in properties.iter() {
+            match property {
+                Property::PayloadFormatIndicator(_)
+                | Property::ContentType(_)
+                | Property::ResponseTopic(_)
+                | Property::CorrelationData(_)
+                | Property::UserProperty(..) => forwarded.push(property.clone()),
+                Property::MessageExpiryInterval(secs) => {
+                    expires_at = Some(now + std::time::Duration::from_secs(u64::from(*secs)));
+                }
+                _ => {}
+            }
+        }
+        if forwarded.is_empty() && expires_at.is_none() {
+            return None;
+        }
+        Some(Arc::new(MessageProperties {
+            forwarded,
+            expires_at,
+        }))
+    }
+}
+
 impl Message {
     /// A message without MQTT 5.0 properties.
     pub fn new(topic: ByteString, payload: Bytes, qos: QoS, retain: bool) -> Message {

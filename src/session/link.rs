@@ -19,7 +19,7 @@ use crate::net::admission::{ConnectionSlot, IpKey};
 use crate::net::transport::Transport;
 use crate::protocol::Version;
 use crate::protocol::v3::LastWill;
-use crate::protocol::v5::ReasonCode;
+use crate::protocol::v5::{Properties, ReasonCode};
 
 /// Index of a session in its shard's slab; also the router's subscriber key
 /// (4 bytes, not 8: it is stored once per subscription).
@@ -233,6 +233,13 @@ pub fn test_link() -> Link {
 pub struct Rare {
     /// The will message (§3.1.2.5), if any.
     pub will: Option<LastWill>,
+    /// MQTT 5.0 Will Properties besides the delay (§3.1.3.2), forwarded
+    /// with the will as a PUBLISH's are; None for 3.1.1 and for none.
+    pub will_properties: Option<Box<Properties>>,
+    /// MQTT 5.0 Will Delay Interval in seconds (§3.1.3.2.2): the will of a
+    /// session that outlives its connection waits this long, and is not
+    /// sent if the client is back first (0: at once).
+    pub will_delay: u32,
     /// The user name for ACL checks (CONNECT's, or the TLS identity); kept
     /// only when an ACL file is in force.
     pub username: Option<ByteString>,

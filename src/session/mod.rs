@@ -135,6 +135,10 @@ pub struct Flows {
     /// kept here so that a session without them (every 3.1.1 session, most
     /// 5.0 ones) pays nothing; a subscription not listed has none.
     pub subscription_options: Vec<SubscriptionExtras>,
+    /// An MQTT 5.0 will waiting for its Will Delay Interval while the
+    /// session is offline: (when it is due, in keep-alive ticks; the will).
+    /// Boxed: almost no session has one.
+    pub delayed_will: Option<Box<(u32, Message)>>,
 }
 
 /// The MQTT 5.0 options of one subscription that change its deliveries
@@ -697,6 +701,20 @@ impl Session {
             && self.session_expiry != SESSION_NEVER_EXPIRES
             && u64::from(now.saturating_sub(self.offline_since))
                 >= u64::from(self.session_expiry) * u64::from(crate::session::link::TICKS_PER_SEC)
+    }
+
+    /// Keeps `will` until tick `due` (an MQTT 5.0 Will Delay Interval).
+    pub fn delay_will(&mut self, due: u32, will: Message) {
+        self.flows().delayed_will = Some(Box::new((due, will)));
+    }
+
+    /// The offline session's delayed will, when it is due at `now` (ticks).
+    pub fn take_due_will(&mut self, now: u32) -> Option<Message> {
+        let flows = self.state.flows.as_mut()?;
+        if flows.delayed_will.as_ref().is_some_and(|w| w.0 <= now) {
+            return flows.delayed_will.take().map(|w| w.1);
+        }
+        None
     }
 
     /// The connection went away: forget its queue, keep the session state.

@@ -504,11 +504,45 @@ impl Shard {
     /// shards are told through the outbox.
     pub fn end_expired_sessions(&mut self, expired: &[SessionKey]) {
         for &key in expired {
-            if let Some(session) = self.remove_session(key) {
+            if let Some(mut session) = self.remove_session(key) {
                 debug!("client {}: session expired", session.client_id);
+                // A will still waiting for its delay goes when its session
+                // ends (§3.1.3.2.2).
+                if let Some(will) = session.take_due_will(u32::MAX) {
+                    self.stats.publish_received += 1;
+                    self.publish(will);
+                }
                 self.release(&session.client_id);
             }
         }
+    }
+
+    /// Keeps `will` in offline session `key` until `delay` seconds from
+    /// now (MQTT 5.0 Will Delay Interval), or until its session ends.
+    pub fn delay_will(&mut self, key: SessionKey, will: Message, delay: u32) {
+        let due = self
+            .now_ticks()
+            .saturating_add(delay.saturating_mul(TICKS_PER_SEC));
+        if let Some(session) = self.sessions.get_mut(key as usize) {
+            session.delay_will(due, will);
+        }
+    }
+
+    /// Publishes the delayed wills of sessions `due` (found by the
+    /// keep-alive sweep).
+    pub fn publish_due_wills(&mut self, due: &[SessionKey]) {
+        let now = self.now_ticks();
+        for &key in due {
+            let will = self
+                .sessions
+                .get_mut(key as usize)
+                .and_then(|s| s.take_due_will(now));
+            if let Some(will) = will {
+                self.stats.publish_received += 1;
+                self.publish(will);
+            }
+        }
+        self.flush_dirty();
     }
 }
 

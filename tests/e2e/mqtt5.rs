@@ -859,3 +859,61 @@ fn every_matching_subscription_identifier_comes_with_the_message() {
     assert_eq!(&plain.expect_publish().payload[..], b"21");
     assert_eq!(&plain.expect_publish().payload[..], b"40");
 }
+
+/// An MQTT 5.0 CONNECT without Clean Start, Session Expiry Interval 60 s,
+/// and a QoS 1 will to `will/<client_id>` delayed by `delay` seconds with
+/// a Content Type and a User Property.
+fn connect_v5_with_delayed_will(client_id: &str, delay: u32) -> Vec<u8> {
+    let mut body = string(b"MQTT");
+    body.extend([5, 0x0c, 0, 60, 5, 0x11, 0, 0, 0, 60]);
+    body.extend(string(client_id.as_bytes()));
+    let mut will_properties = vec![0x18];
+    will_properties.extend(delay.to_be_bytes());
+    will_properties.push(0x03);
+    will_properties.extend(string(b"text/plain"));
+    will_properties.push(0x26);
+    will_properties.extend(string(b"why"));
+    will_properties.extend(string(b"lost"));
+    body.push(will_properties.len() as u8);
+    body.extend(will_properties);
+    body.extend(string(format!("will/{client_id}").as_bytes()));
+    body.extend(string(b"gone"));
+    packet(0x10, &body)
+}
+
+#[test]
+fn a_delayed_will_waits_and_is_not_sent_when_the_client_is_back() {
+    let broker = Broker::start();
+    let mut watcher = V5::connect(broker.port, "will-watcher");
+    watcher.subscribe("will/#", QoS5::AtLeastOnce);
+    // Back within the delay: no will.
+    let mut raw = Raw::tcp(broker.port);
+    raw.send(&connect_v5_with_delayed_will("back", 2));
+    assert_eq!(raw.expect_packet().kind(), 2);
+    raw.reset();
+    let (raw, present) = resume_v5(broker.port, "back", 60);
+    assert!(present);
+    // Gone for good: the will comes after its delay, with its properties.
+    let mut lost = Raw::tcp(broker.port);
+    lost.send(&connect_v5_with_delayed_will("lost", 1));
+    assert_eq!(lost.expect_packet().kind(), 2);
+    lost.reset();
+    let closed = Instant::now();
+    let p = watcher.expect_publish();
+    assert!(
+        closed.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        closed.elapsed()
+    );
+    assert_eq!(topic_of(&p), "will/lost", "not will/back: it came back");
+    let properties = p.properties.expect("will properties");
+    assert_eq!(properties.content_type.as_deref(), Some("text/plain"));
+    assert_eq!(
+        properties.user_properties,
+        vec![("why".into(), "lost".into())]
+    );
+    disconnect_v5(raw);
+    let marker = V5::connect(broker.port, "will-marker");
+    marker.publish("will/end", QoS5::AtLeastOnce, false, b"");
+    assert_eq!(topic_of(&watcher.expect_publish()), "will/end");
+}
