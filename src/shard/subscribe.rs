@@ -18,6 +18,9 @@ use crate::session::Delivery;
 use crate::session::outqueue::{Frame, OutFrame};
 use crate::shard::{SessionKey, Shard};
 
+/// How an MQTT 5.0 shared subscription's filter starts (§4.8.2).
+const SHARED_SUBSCRIPTION_PREFIX: &str = "$share/";
+
 impl Shard {
     /// SUBSCRIBE (§3.8): adds each valid filter the ACL allows (`username`:
     /// the client's, for the ACL), answers SUBACK with the granted QoS or a
@@ -59,8 +62,21 @@ impl Shard {
     ) {
         let mut codes = Vec::with_capacity(filters.len());
         let mut granted_filters = Vec::with_capacity(filters.len());
+        let v5 = self
+            .sessions
+            .get(key as usize)
+            .is_some_and(|s| s.version == Version::V5);
         for (filter, options) in filters {
             let qos = options.qos;
+            if v5 && filter.starts_with(SHARED_SUBSCRIPTION_PREFIX) {
+                // Announced as unavailable in CONNACK (§4.8.2): refused
+                // rather than taken as a plain filter. A 3.1.1 client's
+                // `$share/...` stays a plain filter, as it always was.
+                debug!("refused shared subscription {filter:?}: not supported");
+                self.stats.subscriptions_refused += 1;
+                codes.push(ReasonCode::SHARED_SUBSCRIPTIONS_NOT_SUPPORTED);
+                continue;
+            }
             if topic::validate_topic_filter(&filter).is_err() {
                 debug!("refused topic filter {filter:?}");
                 codes.push(ReasonCode::TOPIC_FILTER_INVALID);

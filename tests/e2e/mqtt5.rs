@@ -917,3 +917,56 @@ fn a_delayed_will_waits_and_is_not_sent_when_the_client_is_back() {
     marker.publish("will/end", QoS5::AtLeastOnce, false, b"");
     assert_eq!(topic_of(&watcher.expect_publish()), "will/end");
 }
+
+#[test]
+fn shared_subscriptions_are_refused_with_0x9e() {
+    let broker = Broker::start();
+    let mut raw = raw_v5(broker.port, "sharer");
+    raw.send(&subscribe_v5(1, "$share/group/t", 1));
+    assert_eq!(raw.expect_packet().bytes(), vec![0x90, 4, 0, 1, 0, 0x9e]);
+}
+
+#[test]
+fn a_silent_v5_client_gets_disconnect_0x8d() {
+    let broker = Broker::start();
+    let mut raw = Raw::tcp(broker.port);
+    let mut body = string(b"MQTT");
+    body.extend([5, 0x02, 0, 1, 0]);
+    body.extend(string(b"silent"));
+    raw.send(&packet(0x10, &body));
+    assert_eq!(raw.expect_packet().kind(), 2);
+    // Keep-alive 1 s: closed after 1.5 s of silence, with the reason.
+    assert_eq!(raw.expect_packet().bytes(), vec![0xe0, 1, 0x8d]);
+    raw.expect_closed();
+}
+
+#[test]
+fn a_packet_over_max_packet_size_is_disconnect_0x95() {
+    let broker = Broker::builder().config("max_packet_size = 100\n").start();
+    let mut raw = raw_v5(broker.port, "big");
+    raw.send(&publish_v5_qos1("big", 1, &[b'x'; 200]));
+    assert_eq!(raw.expect_packet().bytes(), vec![0xe0, 1, 0x95]);
+    raw.expect_closed();
+}
+
+#[test]
+fn qos_2_past_max_awaiting_rel_gets_pubrec_0x97() {
+    let broker = Broker::builder().config("max_awaiting_rel = 1\n").start();
+    let mut raw = raw_v5(broker.port, "hoarder");
+    for (id, expected) in [(1u8, vec![0x50, 2, 0, 1]), (2, vec![0x50, 3, 0, 2, 0x97])] {
+        let mut body = string(b"q2");
+        body.extend([0, id, 0, b'x']);
+        raw.send(&packet(0x34, &body));
+        assert_eq!(raw.expect_packet().bytes(), expected);
+    }
+}
+
+#[test]
+fn shutdown_tells_v5_clients_0x8b() {
+    let mut broker = Broker::start();
+    let mut raw = raw_v5(broker.port, "stayer");
+    broker.signal(libc::SIGTERM);
+    assert_eq!(raw.expect_packet().bytes(), vec![0xe0, 1, 0x8b]);
+    raw.expect_closed();
+    broker.wait_exit(WAIT).expect("the broker exits");
+}
