@@ -139,8 +139,21 @@ fn handle_packet(
             shard.mark_dirty(key);
         }
         P::PubRel(ack) => {
-            session.on_pubrel(ack.packet_id);
-            shard.mark_dirty(key);
+            // PUBCOMP, with 0x92 Packet Identifier not found for an id that
+            // was not awaiting release (§3.7.2.1; 3.1.1 answers plainly).
+            let reason_code = if session.release(ack.packet_id) {
+                ReasonCode::SUCCESS
+            } else {
+                ReasonCode::PACKET_IDENTIFIER_NOT_FOUND
+            };
+            queue_ack(
+                shard,
+                key,
+                conn_id,
+                PacketType::PubComp,
+                ack.packet_id,
+                reason_code,
+            );
         }
         P::PubComp(ack) => {
             session.on_pubcomp(ack.packet_id, &limits);
@@ -293,6 +306,19 @@ fn acknowledge(
         QoS::AtLeastOnce => PacketType::PubAck,
         QoS::ExactlyOnce => PacketType::PubRec,
     };
+    queue_ack(shard, key, conn_id, ack_type, packet_id, reason_code);
+}
+
+/// Queues a PUBACK, PUBREC or PUBCOMP for `packet_id` with `reason_code`
+/// (the 4-byte short form for Success).
+fn queue_ack(
+    shard: &mut Shard,
+    key: SessionKey,
+    conn_id: u64,
+    ack_type: PacketType,
+    packet_id: v5::PacketId,
+    reason_code: ReasonCode,
+) {
     let ack = Ack {
         packet_id,
         reason_code,
@@ -305,5 +331,63 @@ fn acknowledge(
     if let Some(session) = shard.session_for(key, conn_id) {
         session.queue_frame(&bytes);
         shard.mark_dirty(key);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::num::NonZeroU16;
+
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::protocol::v5::Property;
+
+    /// A QoS 0 PUBLISH to `topic` with Topic Alias `alias`.
+    fn publish(topic: &'static str, alias: u16) -> Publish {
+        let alias = NonZeroU16::new(alias).expect("non-zero alias");
+        Publish {
+            dup: false,
+            qos: QoS::AtMostOnce,
+            retain: false,
+            topic: ByteString::from_static(topic),
+            packet_id: 0,
+            properties: Properties::new().with(Property::TopicAlias(alias)),
+            payload: Bytes::new(),
+        }
+    }
+
+    #[test]
+    fn topic_aliases_are_set_used_and_bounded() {
+        let mut rare = None;
+        let mut set = publish("a/b", 2);
+        assert_eq!(resolve_topic_alias(&mut set, &mut rare, 2), Ok(()));
+        let mut used = publish("", 2);
+        assert_eq!(resolve_topic_alias(&mut used, &mut rare, 2), Ok(()));
+        assert_eq!(used.topic, "a/b");
+        let mut unset = publish("", 1);
+        assert_eq!(
+            resolve_topic_alias(&mut unset, &mut rare, 2),
+            Err(CloseReason::TopicAliasInvalid),
+            "alias 1 was never set"
+        );
+        let mut over = publish("c", 3);
+        assert_eq!(
+            resolve_topic_alias(&mut over, &mut rare, 2),
+            Err(CloseReason::TopicAliasInvalid)
+        );
+        assert_eq!(rare.map(|r| r.topic_aliases.len()), Some(2));
+    }
+
+    #[test]
+    fn decode_errors_close_with_their_reason() {
+        for code in [0x81, 0x82, 0x93, 0x94, 0x95] {
+            let reason = CloseReason::for_reason_code(ReasonCode(code));
+            assert_eq!(reason.disconnect_reason(), Some(ReasonCode(code)));
+        }
+        assert_eq!(
+            CloseReason::for_reason_code(ReasonCode::UNSUPPORTED_PROTOCOL_VERSION),
+            CloseReason::ProtocolError
+        );
     }
 }

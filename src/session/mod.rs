@@ -652,10 +652,19 @@ impl Session {
     /// PUBREL received: release the id and answer PUBCOMP (also for an unknown
     /// id, §4.3.3: the client may be retrying after a reconnect).
     pub fn on_pubrel(&mut self, packet_id: PacketId) {
-        if let Some(flows) = self.state.flows.as_mut() {
-            flows.awaiting_rel.retain(|&id| id != packet_id);
-        }
+        self.release(packet_id);
         self.queue_control(&codec::pubcomp(packet_id));
+    }
+
+    /// Releases the received QoS 2 packet id `packet_id` (PUBREL); false
+    /// when it was not awaiting release (MQTT 5.0 answers PUBCOMP 0x92).
+    pub fn release(&mut self, packet_id: PacketId) -> bool {
+        let Some(flows) = self.state.flows.as_mut() else {
+            return false;
+        };
+        let before = flows.awaiting_rel.len();
+        flows.awaiting_rel.retain(|&id| id != packet_id);
+        flows.awaiting_rel.len() != before
     }
 
     /// Queues a small control packet.

@@ -970,3 +970,17 @@ fn shutdown_tells_v5_clients_0x8b() {
     raw.expect_closed();
     broker.wait_exit(WAIT).expect("the broker exits");
 }
+
+#[test]
+fn a_pubrel_for_an_unknown_packet_id_gets_pubcomp_0x92() {
+    let broker = Broker::start();
+    let mut raw = raw_v5(broker.port, "releaser");
+    raw.send(&[0x62, 2, 0, 9]);
+    assert_eq!(raw.expect_packet().bytes(), vec![0x70, 3, 0, 9, 0x92]);
+    let mut body = string(b"q2");
+    body.extend([0, 10, 0, b'x']);
+    raw.send(&packet(0x34, &body));
+    assert_eq!(raw.expect_packet().bytes(), vec![0x50, 2, 0, 10]);
+    raw.send(&[0x62, 2, 0, 10]);
+    assert_eq!(raw.expect_packet().bytes(), vec![0x70, 2, 0, 10]);
+}
