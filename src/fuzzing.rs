@@ -22,6 +22,7 @@ use bytestring::ByteString;
 
 use crate::config::Config;
 use crate::connection;
+use crate::protocol::Version;
 use crate::protocol::message::Message;
 use crate::protocol::v3::{self as codec, QoS};
 use crate::security::auth::Auth;
@@ -211,6 +212,11 @@ fn connect(shard: &mut Shard, slot: &mut Option<Client>, i: usize, clean: bool) 
     let session_present = state.is_some() && !clean;
     let conn_id = shard.new_conn_id();
     let mut session = Session::new(client_id, clean, state.unwrap_or_default());
+    // The last client speaks MQTT 5.0: its bytes go through the 5.0 decoder
+    // and dispatch, and its frames are encoded in 5.0.
+    if i == CLIENTS - 1 {
+        session.version = Version::V5;
+    }
     session.link = Some(Link::new(conn_id, broker_end.as_raw_fd(), 0, 0));
     session.queue_control(&codec::connack(session_present, codec::CONNACK_ACCEPTED));
     let limits = shard.limits;
