@@ -148,7 +148,7 @@ pub(super) fn receive_publish(
             session.client_id, message.topic
         );
         shard.stats.protocol_errors += 1;
-        return Err(CloseReason::ProtocolError);
+        return Err(CloseReason::TopicNameInvalid);
     }
     if topic::exceeds_levels(&message.topic, max_topic_levels) {
         debug!(
@@ -156,7 +156,7 @@ pub(super) fn receive_publish(
             session.client_id
         );
         shard.stats.protocol_errors += 1;
-        return Err(CloseReason::ProtocolError);
+        return Err(CloseReason::TopicNameInvalid);
     }
     let refused = message.topic.starts_with("$SYS") || denied;
     let deliver = match message.qos {

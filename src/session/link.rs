@@ -58,6 +58,10 @@ pub enum CloseReason {
     MalformedPacket,
     /// A packet over `max_packet_size` (MQTT 5.0: DISCONNECT 0x95).
     PacketTooLarge,
+    /// A PUBLISH to a topic name that is not one (wildcards, too deep:
+    /// MQTT 5.0: DISCONNECT 0x90 Topic Name invalid, §3.3.2.1); 3.1.1
+    /// connections close as for [`CloseReason::ProtocolError`].
+    TopicNameInvalid,
     /// More QoS 1/2 PUBLISHes unacknowledged than the Receive Maximum the
     /// broker announced (MQTT 5.0: DISCONNECT 0x93, §3.3.4).
     ReceiveMaximumExceeded,
@@ -97,6 +101,7 @@ impl CloseReason {
             CloseReason::ProtocolError => ReasonCode::PROTOCOL_ERROR,
             CloseReason::MalformedPacket => ReasonCode::MALFORMED_PACKET,
             CloseReason::PacketTooLarge => ReasonCode::PACKET_TOO_LARGE,
+            CloseReason::TopicNameInvalid => ReasonCode::TOPIC_NAME_INVALID,
             CloseReason::ReceiveMaximumExceeded => ReasonCode::RECEIVE_MAXIMUM_EXCEEDED,
             CloseReason::TopicAliasInvalid => ReasonCode::TOPIC_ALIAS_INVALID,
             CloseReason::KeepAliveTimeout => ReasonCode::KEEP_ALIVE_TIMEOUT,

@@ -984,3 +984,14 @@ fn a_pubrel_for_an_unknown_packet_id_gets_pubcomp_0x92() {
     raw.send(&[0x62, 2, 0, 10]);
     assert_eq!(raw.expect_packet().bytes(), vec![0x70, 2, 0, 10]);
 }
+
+#[test]
+fn a_publish_to_a_wildcard_topic_is_disconnect_0x90() {
+    let broker = Broker::start();
+    let mut raw = raw_v5(broker.port, "wild");
+    let mut body = string(b"a/+");
+    body.push(0);
+    raw.send(&packet(0x30, &body));
+    assert_eq!(raw.expect_packet().bytes(), vec![0xe0, 1, 0x90]);
+    raw.expect_closed();
+}
