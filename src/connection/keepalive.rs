@@ -60,8 +60,10 @@ fn sweep(ctx: &Ctx) -> Swept {
         let mut totals = SessionTotals::default();
         let mut expired = Vec::new();
         let mut wills = Vec::new();
+        let mut dropped = 0;
         for (key, session) in shard.sessions.iter_mut() {
             totals.count(session);
+            dropped += session.take_unreported_drops();
             let Some(link) = &mut session.link else {
                 if session.has_expired(now) {
                     expired.push(key as SessionKey);
@@ -88,6 +90,7 @@ fn sweep(ctx: &Ctx) -> Swept {
                 link.wake();
             }
         }
+        shard.stats.publish_dropped += dropped;
         shard.refresh_gauges(totals);
         if expired.is_empty() && wills.is_empty() {
             return Swept::Quiet;

@@ -139,6 +139,10 @@ pub struct Flows {
     /// session is offline: (when it is due, in keep-alive ticks; the will).
     /// Boxed: almost no session has one.
     pub delayed_will: Option<Box<(u32, Message)>>,
+    /// Messages dropped when they left the pending queue (over an MQTT 5.0
+    /// client's Maximum Packet Size), where the session has no counters:
+    /// the keep-alive sweep adds them to the shard's `publish_dropped`.
+    pub unreported_drops: u32,
 }
 
 /// The MQTT 5.0 options of one subscription that change its deliveries
@@ -575,9 +579,15 @@ impl Session {
             if message.is_expired() {
                 continue;
             }
-            // One over the client's Maximum Packet Size is dropped here
-            // (not counted: the session has no counters).
-            queued |= self.start_inflight(message, None) == Delivery::Queued;
+            // One over the client's Maximum Packet Size is dropped here,
+            // counted by the next keep-alive sweep.
+            match self.start_inflight(message, None) {
+                Delivery::Queued => queued = true,
+                _ => {
+                    let flows = self.flows();
+                    flows.unreported_drops = flows.unreported_drops.saturating_add(1);
+                }
+            }
         }
         queued
     }
@@ -710,6 +720,15 @@ impl Session {
             && self.session_expiry != SESSION_NEVER_EXPIRES
             && u64::from(now.saturating_sub(self.offline_since))
                 >= u64::from(self.session_expiry) * u64::from(crate::session::link::TICKS_PER_SEC)
+    }
+
+    /// The drops since the last call that only the session saw
+    /// ([`Flows::unreported_drops`]).
+    pub fn take_unreported_drops(&mut self) -> u64 {
+        self.state
+            .flows
+            .as_mut()
+            .map_or(0, |f| u64::from(std::mem::take(&mut f.unreported_drops)))
     }
 
     /// Keeps `will` until tick `due` (an MQTT 5.0 Will Delay Interval).
