@@ -880,6 +880,35 @@ mod tests {
     }
 
     #[test]
+    fn the_v5_clients_limits_bound_what_it_is_sent() {
+        let m = msg(QoS::AtLeastOnce, b"payload");
+        let mut batch = BytesMut::new();
+        let mut enc = Encoded::new(&m, &mut batch);
+        let mut s = online();
+        s.version = Version::V5;
+        s.receive_maximum = 1;
+        assert_eq!(
+            s.deliver(&mut enc, QoS::AtLeastOnce, &LIMITS),
+            Delivery::Queued
+        );
+        assert_eq!(
+            s.deliver(&mut enc, QoS::AtLeastOnce, &LIMITS),
+            Delivery::Pending,
+            "its Receive Maximum, not max_inflight (2)"
+        );
+        // The pending one turns out over its Maximum Packet Size: dropped
+        // when it leaves the queue, counted by the sweep.
+        s.max_packet_size = 10;
+        assert!(s.on_puback(1, &LIMITS));
+        assert_eq!(s.take_unreported_drops(), 1);
+        assert_eq!(s.take_unreported_drops(), 0);
+        assert_eq!(
+            s.deliver(&mut enc, QoS::AtMostOnce, &LIMITS),
+            Delivery::Dropped
+        );
+    }
+
+    #[test]
     fn qos0_is_dropped_when_the_queue_is_full_and_skipped_offline() {
         let m = msg(QoS::AtMostOnce, b"x");
         let mut batch = BytesMut::new();
