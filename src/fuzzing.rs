@@ -22,6 +22,7 @@ use bytestring::ByteString;
 
 use crate::config::Config;
 use crate::connection;
+use crate::protocol::Version;
 use crate::protocol::message::Message;
 use crate::protocol::v3::{self as codec, QoS};
 use crate::security::auth::Auth;
@@ -149,6 +150,7 @@ fn run_session(data: &[u8]) -> crate::observe::counters::Counters {
                         qos: QoS::from_u8(qos % 3).unwrap_or(QoS::AtMostOnce),
                         retain: qos & 0x80 != 0,
                         retain_stamp: 0,
+                        properties: None,
                     });
                 }
                 3 => {
@@ -211,6 +213,11 @@ fn connect(shard: &mut Shard, slot: &mut Option<Client>, i: usize, clean: bool) 
     let session_present = state.is_some() && !clean;
     let conn_id = shard.new_conn_id();
     let mut session = Session::new(client_id, clean, state.unwrap_or_default());
+    // The last client speaks MQTT 5.0: its bytes go through the 5.0 decoder
+    // and dispatch, and its frames are encoded in 5.0.
+    if i == CLIENTS - 1 {
+        session.version = Version::V5;
+    }
     session.link = Some(Link::new(conn_id, broker_end.as_raw_fd(), 0, 0));
     session.queue_control(&codec::connack(session_present, codec::CONNACK_ACCEPTED));
     let limits = shard.limits;
@@ -233,7 +240,7 @@ fn feed(shard: &mut Shard, slot: &mut Option<Client>, bytes: &[u8]) {
         return;
     };
     client.rx.extend_from_slice(bytes);
-    if connection::process(shard, client.key, client.conn_id, &mut client.rx, None).is_err() {
+    if connection::process(shard, client.key, client.conn_id, &mut client.rx, &mut None).is_err() {
         disconnect(shard, slot);
     }
 }

@@ -44,6 +44,16 @@ pub const DEFAULT_MAX_QUEUED_MESSAGES: usize = 1000;
 pub const DEFAULT_MAX_QUEUED_BYTES: usize = 1024 * 1024;
 /// Unreleased QoS 2 messages received per client (EMQX's `max_awaiting_rel`).
 pub const DEFAULT_MAX_AWAITING_REL: usize = 100;
+/// Largest keep-alive, in seconds, an MQTT 5.0 client may use (Mosquitto's
+/// `max_keepalive`): a client asking for more, or for 0 (none), is told this
+/// value as Server Keep Alive in CONNACK (§3.2.2.3.14). 65535, the largest
+/// MQTT can say, as Mosquitto: only a client without keep-alive is changed.
+pub const DEFAULT_MAX_KEEPALIVE: u16 = u16::MAX;
+/// Highest Topic Alias an MQTT 5.0 client may use towards the broker
+/// (Topic Alias Maximum in CONNACK, §3.2.2.3.8), Mosquitto's
+/// `max_topic_alias` default. Each costs the connection one stored topic;
+/// 0 turns topic aliases off.
+pub const DEFAULT_MAX_TOPIC_ALIAS: u16 = 10;
 /// Seconds between `$SYS` updates; Mosquitto's `sys_interval` default.
 pub const DEFAULT_SYS_INTERVAL_SECS: u64 = 10;
 /// Batches of publishes that one shard may have queued towards another
@@ -261,6 +271,8 @@ struct FileConfig {
     max_queued_messages: Option<usize>,
     max_queued_bytes: Option<usize>,
     max_awaiting_rel: Option<usize>,
+    max_keepalive: Option<u16>,
+    max_topic_alias: Option<u16>,
     sys_interval_secs: Option<u64>,
     mesh_capacity: Option<usize>,
     log_level: Option<String>,
@@ -314,6 +326,12 @@ pub struct Config {
     pub max_queued_bytes: usize,
     /// Unreleased incoming QoS 2 messages per client.
     pub max_awaiting_rel: usize,
+    /// Largest keep-alive an MQTT 5.0 client gets, in seconds (see
+    /// [`DEFAULT_MAX_KEEPALIVE`]).
+    pub max_keepalive: u16,
+    /// Highest Topic Alias an MQTT 5.0 client may send (see
+    /// [`DEFAULT_MAX_TOPIC_ALIAS`]).
+    pub max_topic_alias: u16,
     /// Interval of `$SYS` updates; zero disables them.
     pub sys_interval: Duration,
     /// Capacity of each mesh channel, in batches.
@@ -386,6 +404,8 @@ impl Default for Config {
             max_queued_messages: DEFAULT_MAX_QUEUED_MESSAGES,
             max_queued_bytes: DEFAULT_MAX_QUEUED_BYTES,
             max_awaiting_rel: DEFAULT_MAX_AWAITING_REL,
+            max_keepalive: DEFAULT_MAX_KEEPALIVE,
+            max_topic_alias: DEFAULT_MAX_TOPIC_ALIAS,
             sys_interval: Duration::from_secs(DEFAULT_SYS_INTERVAL_SECS),
             mesh_capacity: DEFAULT_MESH_CAPACITY,
             log_level: DEFAULT_LOG_LEVEL.to_string(),
@@ -468,6 +488,8 @@ impl Config {
         );
         set(&mut config.max_queued_bytes, file.max_queued_bytes, None);
         set(&mut config.max_awaiting_rel, file.max_awaiting_rel, None);
+        set(&mut config.max_keepalive, file.max_keepalive, None);
+        set(&mut config.max_topic_alias, file.max_topic_alias, None);
         if let Some(s) = file.sys_interval_secs {
             config.sys_interval = Duration::from_secs(s);
         }

@@ -5,21 +5,23 @@ use bytes::BytesMut;
 
 use crate::observe::log_limit::LogKind::{MaxAwaitingRel, ProtocolError, PublishDenied};
 use crate::observe::log_limit::limited;
+use crate::protocol::Version;
 use crate::protocol::message::Message;
 use crate::protocol::topic;
-use crate::protocol::v3::{self as codec, Packet, QoS};
-use crate::session::link::{CloseReason, SessionKey};
+use crate::protocol::v3::{self as codec, Packet, PacketId, QoS};
+use crate::session::link::{CloseReason, Rare, SessionKey};
 use crate::session::{self, Qos2Receipt};
 use crate::shard::Shard;
 
-/// Decodes and handles every complete packet in `rx`; `username` is the
-/// client's, for ACL checks.
+/// Decodes and handles every complete packet in `rx`; `rare` holds the
+/// client's user name, for ACL checks (and an MQTT 5.0 client's topic
+/// aliases). An MQTT 5.0 connection's packets go to [`super::dispatch_v5`].
 pub fn process(
     shard: &mut Shard,
     key: SessionKey,
     conn_id: u64,
     rx: &mut BytesMut,
-    username: Option<&str>,
+    rare: &mut Option<Box<Rare>>,
 ) -> Result<(), CloseReason> {
     let now = shard.now_ticks();
     let Some(session) = shard.session_for(key, conn_id) else {
@@ -28,6 +30,10 @@ pub fn process(
     if let Some(link) = session.link.as_mut() {
         link.last_seen = now;
     }
+    if session.version == Version::V5 {
+        return super::dispatch_v5::process(shard, key, conn_id, rx, rare);
+    }
+    let username = Rare::username(rare.as_deref());
     let max = shard.config.max_packet_size;
     loop {
         let packet = match codec::decode(rx, max) {
@@ -53,16 +59,6 @@ pub(super) fn handle_packet(
     username: Option<&str>,
 ) -> Result<(), CloseReason> {
     let limits = shard.limits;
-    let max_topic_levels = shard.config.max_topic_levels;
-    // A denied PUBLISH still completes its QoS flow (acknowledged, then
-    // dropped and counted), as Mosquitto does.
-    let denied = match &packet {
-        Packet::Publish(publish) => !shard.may_publish(key, username, &publish.topic),
-        _ => false,
-    };
-    // Acks of retained publishes wait for every replica, and later acks of
-    // this session wait behind them ([`crate::shard::held_acks::HeldAcks`]).
-    let (replicas, holding) = (shard.nr_shards > 1, shard.held_acks.holds(key));
     let Some(session) = shard.session_for(key, conn_id) else {
         return Err(CloseReason::TakenOver);
     };
@@ -78,93 +74,20 @@ pub(super) fn handle_packet(
             return Err(CloseReason::ProtocolError);
         }
         Packet::Publish(publish) => {
-            if topic::validate_topic_name(&publish.topic).is_err() {
-                limited!(
-                    ProtocolError,
-                    debug,
-                    "client {}: invalid topic name {:?}",
-                    session.client_id,
-                    publish.topic
-                );
-                shard.stats.protocol_errors += 1;
-                return Err(CloseReason::ProtocolError);
+            let (qos, packet_id, retain) = (publish.qos, publish.packet_id, publish.retain);
+            let message = Message::new(publish.topic, publish.payload, qos, retain);
+            let received = receive_publish(shard, key, conn_id, message, packet_id, username)?;
+            // A denied PUBLISH still completes its QoS flow (acknowledged,
+            // then dropped and counted), as Mosquitto does; one over
+            // max_awaiting_rel gets no PUBREC. The ack of a retained
+            // publish waits for every replica
+            // ([`crate::shard::held_acks::HeldAcks`]).
+            if received != Received::QuotaExceeded
+                && let Some(ack) = session::ack_for_publish(qos, packet_id)
+            {
+                let retained = retain && received == Received::Accepted;
+                shard.queue_ack(key, conn_id, &ack, retained);
             }
-            if topic::exceeds_levels(&publish.topic, max_topic_levels) {
-                limited!(
-                    ProtocolError,
-                    debug,
-                    "client {}: topic deeper than max_topic_levels ({max_topic_levels}), closing",
-                    session.client_id
-                );
-                shard.stats.protocol_errors += 1;
-                return Err(CloseReason::ProtocolError);
-            }
-            let deliver = match publish.qos {
-                QoS::AtMostOnce => true,
-                QoS::AtLeastOnce => true,
-                QoS::ExactlyOnce => match session.on_publish_qos2(publish.packet_id, &limits) {
-                    Qos2Receipt::New => true,
-                    Qos2Receipt::Duplicate => false,
-                    Qos2Receipt::Refused => {
-                        limited!(
-                            MaxAwaitingRel,
-                            info,
-                            "client {}: more than {} unreleased QoS 2 messages, one dropped",
-                            session.client_id,
-                            limits.max_awaiting_rel
-                        );
-                        shard.stats.publish_dropped += 1;
-                        shard.stats.dropped_qos2_overflow += 1;
-                        return Ok(());
-                    }
-                },
-            };
-            if let Some(ack) = session::ack_for_publish(publish.qos, publish.packet_id) {
-                let retained = replicas
-                    && publish.retain
-                    && deliver
-                    && !denied
-                    && !publish.topic.starts_with("$SYS");
-                if retained || holding {
-                    shard.held_acks.hold(key, conn_id, ack);
-                } else {
-                    session.queue_control(&ack);
-                    shard.mark_dirty(key);
-                }
-            }
-            shard.stats.publish_received += 1;
-            shard.stats.publish_received_by_qos[publish.qos as usize] += 1;
-            if !deliver {
-                return Ok(());
-            }
-            if publish.topic.starts_with("$SYS") {
-                limited!(
-                    PublishDenied,
-                    debug,
-                    "publish to {} dropped: $SYS is the broker's",
-                    publish.topic
-                );
-                shard.stats.publish_dropped += 1;
-                shard.stats.dropped_sys_topic += 1;
-                return Ok(());
-            }
-            if denied {
-                limited!(
-                    PublishDenied,
-                    debug,
-                    "publish to {} dropped: denied by the ACL",
-                    publish.topic
-                );
-                shard.stats.publish_denied += 1;
-                return Ok(());
-            }
-            shard.publish(Message {
-                topic: publish.topic,
-                payload: publish.payload,
-                qos: publish.qos,
-                retain: publish.retain,
-                retain_stamp: 0,
-            });
         }
         Packet::PubAck(id) => {
             session.on_puback(id, &limits);
@@ -193,4 +116,109 @@ pub(super) fn handle_packet(
         Packet::Disconnect => return Err(CloseReason::Disconnect),
     }
     Ok(())
+}
+
+/// What became of a received PUBLISH: it decides the acknowledgement.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Received {
+    /// Published (or, for QoS 2, a duplicate of one already published).
+    Accepted,
+    /// Refused by the ACL, or to a `$SYS` topic: acknowledged, dropped and
+    /// counted (5.0: Reason Code 0x87 Not authorized).
+    NotAuthorized,
+    /// A QoS 2 PUBLISH over `max_awaiting_rel` unreleased ones: dropped and
+    /// counted (3.1.1: no PUBREC; 5.0: PUBREC 0x97 Quota exceeded).
+    QuotaExceeded,
+}
+
+/// The MQTT rules for a received PUBLISH of either version, its topic
+/// already resolved: the topic is checked (a bad one closes the
+/// connection), a QoS 2 packet id is deduplicated (§4.3.3), `$SYS` topics
+/// and ACL refusals are dropped and counted, and the message is published.
+pub(super) fn receive_publish(
+    shard: &mut Shard,
+    key: SessionKey,
+    conn_id: u64,
+    message: Message,
+    packet_id: PacketId,
+    username: Option<&str>,
+) -> Result<Received, CloseReason> {
+    let limits = shard.limits;
+    let max_topic_levels = shard.config.max_topic_levels;
+    let denied = !shard.may_publish(key, username, &message.topic);
+    let Some(session) = shard.session_for(key, conn_id) else {
+        return Err(CloseReason::TakenOver);
+    };
+    if topic::validate_topic_name(&message.topic).is_err() {
+        limited!(
+            ProtocolError,
+            debug,
+            "client {}: invalid topic name {:?}",
+            session.client_id,
+            message.topic
+        );
+        shard.stats.protocol_errors += 1;
+        return Err(CloseReason::TopicNameInvalid);
+    }
+    if topic::exceeds_levels(&message.topic, max_topic_levels) {
+        limited!(
+            ProtocolError,
+            debug,
+            "client {}: topic deeper than max_topic_levels ({max_topic_levels}), closing",
+            session.client_id
+        );
+        shard.stats.protocol_errors += 1;
+        return Err(CloseReason::TopicNameInvalid);
+    }
+    let refused = message.topic.starts_with("$SYS") || denied;
+    let deliver = match message.qos {
+        QoS::AtMostOnce | QoS::AtLeastOnce => true,
+        // A refused QoS 2 message is not remembered: an MQTT 5.0 client
+        // ends its flow at a failing PUBREC (and a 3.1.1 client's PUBREL
+        // for an unknown id is still answered, §4.3.3).
+        QoS::ExactlyOnce if refused => true,
+        QoS::ExactlyOnce => match session.on_publish_qos2(packet_id, &limits) {
+            Qos2Receipt::New => true,
+            Qos2Receipt::Duplicate => false,
+            Qos2Receipt::Refused => {
+                limited!(
+                    MaxAwaitingRel,
+                    info,
+                    "client {}: more than {} unreleased QoS 2 messages, one dropped",
+                    session.client_id,
+                    limits.max_awaiting_rel
+                );
+                shard.stats.publish_dropped += 1;
+                shard.stats.dropped_qos2_overflow += 1;
+                return Ok(Received::QuotaExceeded);
+            }
+        },
+    };
+    shard.stats.publish_received += 1;
+    shard.stats.publish_received_by_qos[message.qos as usize] += 1;
+    if message.topic.starts_with("$SYS") {
+        limited!(
+            PublishDenied,
+            debug,
+            "publish to {} dropped: $SYS is the broker's",
+            message.topic
+        );
+        shard.stats.publish_dropped += 1;
+        shard.stats.dropped_sys_topic += 1;
+        return Ok(Received::NotAuthorized);
+    }
+    if denied {
+        limited!(
+            PublishDenied,
+            debug,
+            "publish to {} dropped: denied by the ACL",
+            message.topic
+        );
+        shard.stats.publish_denied += 1;
+        return Ok(Received::NotAuthorized);
+    }
+    if deliver {
+        shard.publish_from(message, Some(key));
+    }
+    Ok(Received::Accepted)
 }

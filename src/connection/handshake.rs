@@ -12,19 +12,25 @@ use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
 use log::debug;
 
+use super::connect::{
+    Accepted, ConnectRequest, Refusal, accepting_connack, effective_keep_alive, refusing_connack_v5,
+};
 use super::{Established, Identity, Peer, Wire};
 use crate::net::transport::{Acceptor, Stream, Transport};
 use crate::observe::log_limit::LogKind::{
     ConnectRefused, NotAuthorized, ProtocolError, PublishDenied,
 };
 use crate::observe::log_limit::limited;
-use crate::protocol::message::Message;
+use crate::protocol::Version;
+use crate::protocol::message::{Message, MessageProperties};
 use crate::protocol::topic;
-use crate::protocol::v3::{self as codec, Connect, DecodeError, LastWill, Packet};
+use crate::protocol::v3::{self as codec, DecodeError, LastWill, Packet};
+use crate::protocol::v5::{self, Properties, ReasonCode};
+use crate::security::auth;
 use crate::session::link::{Link, Rare, SessionKey, framed_fd};
 use crate::session::{Session, SessionState};
+use crate::shard::Ctx;
 use crate::shard::registry;
-use crate::shard::{Ctx, Shard};
 
 /// How much the receive buffer grows per read while waiting for CONNECT.
 pub(super) const CONNECT_READ_CHUNK: usize = 512;
@@ -89,27 +95,34 @@ pub(super) async fn handshake(
         Ok(read_first_packet(ctx, &mut stream, &mut rx).await)
     })
     .await;
-    let connect = match first {
-        Ok(Ok(Packet::Connect(connect))) => connect,
-        Ok(Ok(other)) => {
+    let request = match first {
+        Ok(Ok(request)) => request,
+        Ok(Err(FirstPacketError::NotConnect(what))) => {
             limited!(
                 ProtocolError,
                 debug,
-                "{}: first packet is not CONNECT ({other:?}), closing",
+                "{}: first packet is not CONNECT ({what}), closing",
                 Peer(stream.socket_fd())
             );
             ctx.shard.borrow_mut().stats.protocol_errors += 1;
             return None;
         }
         Ok(Err(FirstPacketError::Decode(DecodeError::UnsupportedProtocolLevel(level)))) => {
+            // 3.x clients understand 3.1.1's CONNACK 1; a client of a later
+            // version than 5.0 gets MQTT 5.0's 0x84 (§3.1.2.2).
+            let version = if level > v5::PROTOCOL_VERSION {
+                Version::V5
+            } else {
+                Version::V3
+            };
             limited!(
                 ConnectRefused,
                 debug,
-                "{}: unsupported protocol level {level}, CONNACK 1",
+                "{}: unsupported protocol level {level}, refused",
                 Peer(stream.socket_fd())
             );
             ctx.shard.borrow_mut().stats.connect_refused += 1;
-            refuse(&mut stream, codec::CONNACK_UNACCEPTABLE_PROTOCOL_VERSION).await;
+            refuse(&mut stream, version, Refusal::UnsupportedProtocolVersion).await;
             return None;
         }
         Ok(Err(FirstPacketError::Decode(e))) => {
@@ -122,6 +135,21 @@ pub(super) async fn handshake(
             ctx.shard.borrow_mut().stats.protocol_errors += 1;
             return None;
         }
+        Ok(Err(FirstPacketError::DecodeV5(e))) => {
+            // §4.13.1: a CONNACK with the reason, then close.
+            limited!(
+                ProtocolError,
+                debug,
+                "{}: bad MQTT 5.0 CONNECT: {e}",
+                Peer(stream.socket_fd())
+            );
+            ctx.shard.borrow_mut().stats.protocol_errors += 1;
+            let _ = stream
+                .write_all(&refusing_connack_v5(e.reason_code()))
+                .await;
+            let _ = stream.flush().await;
+            return None;
+        }
         Ok(Err(FirstPacketError::Closed)) => return None,
         Err(_) => {
             debug!(
@@ -131,16 +159,8 @@ pub(super) async fn handshake(
             return None;
         }
     };
-    let Connect {
-        clean_session,
-        keep_alive,
-        client_id,
-        last_will,
-        username,
-        password,
-        ..
-    } = connect;
-    if let Some(will) = &last_will
+    let version = request.version;
+    if let Some(will) = &request.will
         && topic::validate_topic_name(&will.topic).is_err()
     {
         limited!(
@@ -151,13 +171,22 @@ pub(super) async fn handshake(
             will.topic
         );
         ctx.shard.borrow_mut().stats.protocol_errors += 1;
+        if version == Version::V5 {
+            let code = ReasonCode::TOPIC_NAME_INVALID;
+            let _ = stream.write_all(&refusing_connack_v5(code)).await;
+            let _ = stream.flush().await;
+        }
         return None;
     }
-    let (max_levels, max_client_id_len) = {
+    let (max_levels, max_client_id_len, max_keepalive) = {
         let config = &ctx.shard.borrow().config;
-        (config.max_topic_levels, config.max_client_id_len)
+        (
+            config.max_topic_levels,
+            config.max_client_id_len,
+            config.max_keepalive,
+        )
     };
-    if let Some(will) = &last_will
+    if let Some(will) = &request.will
         && topic::exceeds_levels(&will.topic, max_levels)
     {
         limited!(
@@ -169,25 +198,65 @@ pub(super) async fn handshake(
         ctx.shard.borrow_mut().stats.protocol_errors += 1;
         return None;
     }
-    if client_id.len() > max_client_id_len {
+    if request.will_payload_invalid {
         limited!(
             ConnectRefused,
             debug,
-            "{}: client id of {} bytes is over max_client_id_len ({max_client_id_len}), CONNACK 2",
+            "{}: will payload is not UTF-8 as its format says, refused",
+            Peer(stream.socket_fd())
+        );
+        refuse(&mut stream, version, Refusal::PayloadFormatInvalid).await;
+        return None;
+    }
+    if request.authentication_method {
+        limited!(
+            ConnectRefused,
+            debug,
+            "{}: extended authentication is not supported, refused",
+            Peer(stream.socket_fd())
+        );
+        refuse(&mut stream, version, Refusal::BadAuthenticationMethod).await;
+        return None;
+    }
+    if request.client_id.len() > max_client_id_len {
+        limited!(
+            ConnectRefused,
+            debug,
+            "{}: client id of {} bytes is over max_client_id_len ({max_client_id_len}), refused",
             Peer(stream.socket_fd()),
-            client_id.len()
+            request.client_id.len()
         );
         ctx.shard.borrow_mut().stats.connect_refused += 1;
-        refuse(&mut stream, codec::CONNACK_IDENTIFIER_REJECTED).await;
+        refuse(&mut stream, version, Refusal::ClientIdentifierNotValid).await;
         return None;
     }
     if ctx.shard.borrow().shutting_down {
         ctx.shard.borrow_mut().stats.connect_refused += 1;
-        refuse(&mut stream, codec::CONNACK_SERVER_UNAVAILABLE).await;
+        refuse(&mut stream, version, Refusal::ServerUnavailable).await;
         return None;
     }
+    let ConnectRequest {
+        clean_start,
+        keep_alive,
+        client_id,
+        will: last_will,
+        will_properties,
+        will_delay,
+        username,
+        password,
+        session_expiry,
+        receive_maximum,
+        maximum_packet_size,
+        ..
+    } = request;
+    let mut accepted = Accepted {
+        assigned_client_id: None,
+        server_keep_alive: None,
+    };
     let client_id = if client_id.is_empty() {
-        if !clean_session {
+        // 3.1.1 refuses an empty id with CleanSession 0 (§3.1.3-8); 5.0
+        // assigns one in any case (§3.1.3.1).
+        if version == Version::V3 && !clean_start {
             limited!(
                 ConnectRefused,
                 debug,
@@ -195,13 +264,19 @@ pub(super) async fn handshake(
                 Peer(stream.socket_fd())
             );
             ctx.shard.borrow_mut().stats.connect_refused += 1;
-            refuse(&mut stream, codec::CONNACK_IDENTIFIER_REJECTED).await;
+            refuse(&mut stream, version, Refusal::ClientIdentifierNotValid).await;
             return None;
         }
-        ctx.shard.borrow_mut().generate_client_id()
+        let id = ctx.shard.borrow_mut().generate_client_id();
+        if version == Version::V5 {
+            accepted.assigned_client_id = Some(id.clone());
+        }
+        id
     } else {
         client_id
     };
+    let (keep_alive, server_keep_alive) = effective_keep_alive(version, keep_alive, max_keepalive);
+    accepted.server_keep_alive = server_keep_alive;
     // Before the claim: a refused client must not take over a session.
     let auth = ctx.shard.borrow().auth.clone();
     // use_identity_as_username: a verified client certificate's Common Name
@@ -219,15 +294,21 @@ pub(super) async fn handshake(
         )
         .await
     {
+        let answer = match refusal {
+            auth::Refusal::Anonymous => Refusal::NotAuthorized,
+            _ => Refusal::BadUserNameOrPassword,
+        };
         limited!(
             NotAuthorized,
             info,
-            "{}: client {client_id} (user {:?}) refused: {refusal}, CONNACK 5",
+            "{}: client {client_id} (user {:?}) refused: {refusal}, {}",
             Peer(stream.socket_fd()),
-            username.as_deref().unwrap_or("")
+            username.as_deref().unwrap_or(""),
+            answer.describe(version)
         );
         ctx.shard.borrow_mut().stats.auth_failures += 1;
-        refuse(&mut stream, codec::CONNACK_NOT_AUTHORIZED).await;
+        let refusal = answer;
+        refuse(&mut stream, version, refusal).await;
         return None;
     }
     let acl_username = if auth.acl_enabled() {
@@ -239,7 +320,10 @@ pub(super) async fn handshake(
         Some(Box::new(Rare {
             client_id: (last_will.is_some() && auth.acl_enabled()).then(|| client_id.clone()),
             will: last_will,
+            will_properties,
+            will_delay,
             username: acl_username,
+            topic_aliases: Vec::new(),
         }))
     } else {
         None
@@ -248,7 +332,7 @@ pub(super) async fn handshake(
         Stream::Tcp(tcp) => Wire::Fresh(tcp),
         framed => Wire::Framed(framed),
     };
-    let (claim, state) = match registry::claim(ctx, client_id.clone(), clean_session).await {
+    let (claim, state) = match registry::claim(ctx, client_id.clone(), clean_start).await {
         Ok(granted) => granted,
         Err(e) => {
             debug!("{}: client {client_id}: {e}", Peer(wire.socket_fd()));
@@ -259,18 +343,20 @@ pub(super) async fn handshake(
         Wire::Framed(stream) => framed_fd(stream.socket_fd()),
         plain => plain.socket_fd(),
     };
-    let (key, conn_id) = attach(
-        ctx,
-        link_fd,
-        client_id.clone(),
+    let attached = Attach {
         claim,
-        clean_session,
-        state,
+        version,
+        clean_start,
+        session_expiry,
         keep_alive,
-    );
+        receive_maximum,
+        max_packet_size: maximum_packet_size,
+        accepted,
+    };
+    let (key, conn_id) = attach(ctx, link_fd, client_id.clone(), state, &attached);
     ctx.send_outbox();
     debug!(
-        "{}: client {client_id} connected on shard {} (clean session {clean_session}, keep-alive {keep_alive}{})",
+        "{}: client {client_id} connected on shard {} ({version:?}, clean start {clean_start}, session expiry {session_expiry}, keep-alive {keep_alive}{})",
         Peer(wire.socket_fd()),
         ctx.id,
         Identity(&wire),
@@ -280,29 +366,46 @@ pub(super) async fn handshake(
         rx,
         key,
         conn_id,
+        version,
         rare,
     })
 }
 
 /// Why the first packet did not arrive.
 pub(super) enum FirstPacketError {
-    /// It was not a valid packet.
+    /// It was not a valid 3.1.1 packet.
     Decode(DecodeError),
+    /// It was a CONNECT for MQTT 5.0 that is not valid.
+    DecodeV5(v5::DecodeError),
+    /// A valid packet, but not CONNECT (its type, for the log).
+    NotConnect(&'static str),
     /// The socket closed or failed first.
     Closed,
 }
 
-/// Reads until one whole packet is decoded.
+/// Reads until one whole packet is decoded: a CONNECT of 3.1.1 (or 3.1), or,
+/// when the 3.1.1 decoder finds protocol level 5, of MQTT 5.0 (the 3.1.1
+/// decoder leaves the buffer untouched on errors).
 pub(super) async fn read_first_packet(
     ctx: &Ctx,
     stream: &mut Stream,
     rx: &mut BytesMut,
-) -> Result<Packet, FirstPacketError> {
+) -> Result<ConnectRequest, FirstPacketError> {
     let max = ctx.shard.borrow().config.max_packet_size;
     loop {
         match codec::decode(rx, max) {
-            Ok(Some(packet)) => return Ok(packet),
+            Ok(Some(Packet::Connect(connect))) => return Ok(ConnectRequest::from(connect)),
+            Ok(Some(_)) => return Err(FirstPacketError::NotConnect("MQTT 3.1.1")),
             Ok(None) => {}
+            Err(DecodeError::UnsupportedProtocolLevel(v5::PROTOCOL_VERSION)) => {
+                return match v5::decode(rx, max) {
+                    Ok(Some(v5::Packet::Connect(connect))) => Ok(ConnectRequest::from(connect)),
+                    Ok(Some(_)) => Err(FirstPacketError::NotConnect("MQTT 5.0")),
+                    // The 3.1.1 decoder read the level, so the packet is whole.
+                    Ok(None) => Err(FirstPacketError::Closed),
+                    Err(e) => Err(FirstPacketError::DecodeV5(e)),
+                };
+            }
             Err(e) => return Err(FirstPacketError::Decode(e)),
         }
         let len = rx.len();
@@ -319,30 +422,75 @@ pub(super) async fn read_first_packet(
     }
 }
 
-/// Answers CONNECT with a refusal code and lets the socket close (§3.2.2.3).
-pub(super) async fn refuse(stream: &mut Stream, code: u8) {
-    let _ = stream.write_all(&codec::connack(false, code)).await;
+/// Answers CONNECT with a refusal in `version`'s format and lets the socket
+/// close (§3.2.2.3; 5.0: §3.2.2.2).
+pub(super) async fn refuse(stream: &mut Stream, version: Version, refusal: Refusal) {
+    let _ = stream.write_all(&refusal.connack(version)).await;
     let _ = stream.flush().await;
 }
 
-/// Creates the session for a new connection (under its claim `claim`, with the
-/// claimed state) and queues CONNACK plus any redelivery.
+/// What [`attach`] needs of the CONNECT besides the client id.
+pub(super) struct Attach {
+    /// The token of the claim the session is attached under
+    /// (`Session::claim`).
+    pub(super) claim: u64,
+    /// The connection's protocol.
+    pub(super) version: Version,
+    /// Clean Start / CleanSession: the claimed state was discarded.
+    pub(super) clean_start: bool,
+    /// Session Expiry Interval in seconds (0: the session ends with the
+    /// connection).
+    pub(super) session_expiry: u32,
+    /// The keep-alive the connection is held to.
+    pub(super) keep_alive: u16,
+    /// The client's Receive Maximum.
+    pub(super) receive_maximum: u16,
+    /// The client's Maximum Packet Size.
+    pub(super) max_packet_size: u32,
+    /// What the CONNACK tells an accepted client.
+    pub(super) accepted: Accepted,
+}
+
+/// Creates the session for a new connection (with the claimed state) and
+/// queues CONNACK plus any redelivery.
 pub(super) fn attach(
     ctx: &Ctx,
     link_fd: RawFd,
     client_id: ByteString,
-    claim: u64,
-    clean_session: bool,
     state: Option<SessionState>,
-    keep_alive: u16,
+    attach: &Attach,
 ) -> (SessionKey, u64) {
     let mut shard = ctx.shard.borrow_mut();
     let conn_id = shard.new_conn_id();
-    let session_present = state.is_some() && !clean_session;
-    let mut session = Session::new(client_id, clean_session, state.unwrap_or_default());
-    session.claim = claim;
-    session.link = Some(Link::new(conn_id, link_fd, keep_alive, shard.now_ticks()));
-    session.queue_control(&codec::connack(session_present, codec::CONNACK_ACCEPTED));
+    let session_present = state.is_some() && !attach.clean_start;
+    let mut session = Session::new(
+        client_id,
+        attach.session_expiry == 0,
+        state.unwrap_or_default(),
+    );
+    session.claim = attach.claim;
+    session.version = attach.version;
+    session.session_expiry = attach.session_expiry;
+    session.receive_maximum = attach.receive_maximum;
+    session.max_packet_size = attach.max_packet_size;
+    session.link = Some(Link::new(
+        conn_id,
+        link_fd,
+        attach.keep_alive,
+        shard.now_ticks(),
+    ));
+    let connack = accepting_connack(
+        attach.version,
+        session_present,
+        &attach.accepted,
+        &shard.config,
+    );
+    session.queue_frame(&connack);
+    if let Some(flows) = session.state.flows.as_mut() {
+        // The client is back: a will still waiting for its delay is not
+        // sent (§3.1.3.2.2).
+        flows.delayed_will = None;
+    }
     let limits = shard.limits;
     session.reattach(&limits);
     let key = shard.insert_session(session);
@@ -351,8 +499,14 @@ pub(super) fn attach(
     (key, conn_id)
 }
 
-/// Publishes a will message (§3.1.2.5).
-pub(super) fn publish_will(shard: &mut Shard, will: LastWill) {
+/// The will as the message to publish (§3.1.2.5), with its MQTT 5.0
+/// properties, its Message Expiry Interval counted from `sent_at`; None for
+/// a will to `$SYS` (clients cannot publish there).
+pub(super) fn will_message(
+    will: LastWill,
+    properties: Option<&Properties>,
+    sent_at: Instant,
+) -> Option<Message> {
     if topic::is_sys_topic(&will.topic) && will.topic.starts_with("$SYS") {
         limited!(
             PublishDenied,
@@ -360,14 +514,14 @@ pub(super) fn publish_will(shard: &mut Shard, will: LastWill) {
             "will to {} dropped: clients cannot publish to $SYS",
             will.topic
         );
-        return;
+        return None;
     }
-    shard.stats.publish_received += 1;
-    shard.publish(Message {
+    Some(Message {
         topic: will.topic,
         payload: will.message,
         qos: will.qos,
         retain: will.retain,
         retain_stamp: 0,
-    });
+        properties: properties.and_then(|p| MessageProperties::of(p, sent_at)),
+    })
 }

@@ -20,7 +20,7 @@ use crate::net::admission::{ConnectionSlot, IpKey};
 use crate::net::fd;
 use crate::net::poller::{self, Interest};
 use crate::net::transport::{Stream, Transport};
-use crate::session::link::{CloseReason, Parked, Rare, Waiter};
+use crate::session::link::{CloseReason, Parked, Waiter};
 use crate::session::outqueue::{Flushed, OutQueue};
 use crate::shard::{Ctx, Shard};
 
@@ -119,8 +119,13 @@ impl Future for Live {
             }
             let (step, forward) = {
                 let mut shard = this.ctx.shard.borrow_mut();
-                let username = Rare::username(conn.rare.as_deref());
-                let step = process(&mut shard, conn.key, conn.conn_id, &mut conn.rx, username);
+                let step = process(
+                    &mut shard,
+                    conn.key,
+                    conn.conn_id,
+                    &mut conn.rx,
+                    &mut conn.rare,
+                );
                 shard.flush_dirty();
                 (step, shard.has_remote_batch())
             };
@@ -242,6 +247,7 @@ impl Live {
             key,
             ip_key: self.ip_key,
             listener: self.listener,
+            version: conn.version,
             slot: self.slot.take(),
             rare: conn.rare,
         });

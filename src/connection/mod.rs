@@ -38,7 +38,9 @@
 //! An idle connection holds no buffers: its receive buffer is freed whenever
 //! it is empty and its outgoing queue gives its memory back when drained.
 
+mod connect;
 mod dispatch;
+mod dispatch_v5;
 mod handshake;
 mod keepalive;
 mod live;
@@ -48,10 +50,11 @@ pub use dispatch::process;
 pub use keepalive::keep_alive_sweeper;
 pub use park::{resume, socket_ready};
 
-use handshake::{establish, publish_will};
+use handshake::{establish, will_message};
 use live::{Live, Reading};
 
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use futures_lite::AsyncWriteExt;
@@ -64,6 +67,8 @@ use crate::net::poller::Interest;
 use crate::net::transport::{Acceptor, Stream};
 use crate::observe::log_limit::LogKind::PublishDenied;
 use crate::observe::log_limit::limited;
+use crate::protocol::Version;
+use crate::protocol::v5::{self, ReasonCode};
 use crate::security::acl::Who;
 use crate::session::link::{CloseReason, Rare, SessionKey};
 use crate::shard::Ctx;
@@ -91,6 +96,9 @@ struct Established {
     key: SessionKey,
     /// This connection's id (the session at `key` is ours while it matches).
     conn_id: u64,
+    /// The protocol it speaks (how its packets are decoded, and whether a
+    /// server DISCONNECT is sent when it ends).
+    version: Version,
     /// The will message and the ACL identity, boxed: most clients have
     /// neither (None when there is no will and no ACL file).
     rare: Option<Box<Rare>>,
@@ -158,6 +166,9 @@ pub async fn serve(
 async fn teardown(ctx: &Ctx, conn: Established, reason: CloseReason) {
     {
         let mut shard = ctx.shard.borrow_mut();
+        let outlives = shard
+            .session_for(conn.key, conn.conn_id)
+            .is_some_and(|s| !s.clean_session);
         shard.end_connection(conn.key, conn.conn_id);
         if reason.publishes_will()
             && let Some(rare) = conn.rare
@@ -167,9 +178,8 @@ async fn teardown(ctx: &Ctx, conn: Established, reason: CloseReason) {
                 client_id: rare.client_id.as_deref().unwrap_or(""),
                 username: rare.username.as_deref(),
             };
-            if shard.auth.can_publish(who, &will.topic) {
-                publish_will(&mut shard, will);
-            } else {
+            let delay = rare.will_delay;
+            if !shard.auth.can_publish(who, &will.topic) {
                 limited!(
                     PublishDenied,
                     debug,
@@ -177,6 +187,22 @@ async fn teardown(ctx: &Ctx, conn: Established, reason: CloseReason) {
                     will.topic
                 );
                 shard.stats.publish_denied += 1;
+            } else if delay > 0 && reason == CloseReason::TakenOver {
+                // The client is back (on a new connection): a delayed will
+                // is not sent (§3.1.3.2.2).
+            } else if delay > 0 && outlives {
+                // The session outlives the connection: the will waits in it
+                // for its delay, found by the keep-alive sweep.
+                let sent_at = Instant::now() + Duration::from_secs(u64::from(delay));
+                if let Some(message) = will_message(will, rare.will_properties.as_deref(), sent_at)
+                {
+                    shard.delay_will(conn.key, message, delay);
+                }
+            } else if let Some(message) =
+                will_message(will, rare.will_properties.as_deref(), Instant::now())
+            {
+                shard.stats.publish_received += 1;
+                shard.publish(message);
             }
         }
         shard.flush_dirty();
@@ -187,6 +213,12 @@ async fn teardown(ctx: &Ctx, conn: Established, reason: CloseReason) {
         "{}: connection closed: {reason:?}",
         Peer(conn.wire.socket_fd())
     );
+    if conn.version == Version::V5
+        && !matches!(conn.wire, Wire::Framed(_))
+        && let Some(code) = reason.disconnect_reason()
+    {
+        say_disconnect(conn.wire.socket_fd(), code);
+    }
     if reason == CloseReason::Shed {
         // An abortive close (RST): the kernel drops the megabytes still in
         // the socket's send buffer now instead of trickling them out to a
@@ -195,10 +227,47 @@ async fn teardown(ctx: &Ctx, conn: Established, reason: CloseReason) {
     }
     // The link is gone from the session; only now may the socket close.
     if let Wire::Framed(mut stream) = conn.wire {
+        if conn.version == Version::V5
+            && let Some(code) = reason.disconnect_reason()
+        {
+            say_disconnect_framed(&mut stream, code).await;
+        }
         // TLS / WebSocket: say goodbye in the transport's terms (close_notify,
         // a close frame) if the socket takes it at once; never wait for it.
         let _ = futures_lite::future::poll_once(stream.close()).await;
     }
+}
+
+/// Tells an MQTT 5.0 client why the broker closes its connection: a
+/// DISCONNECT with `code` (§3.14, §4.13), written if the socket takes it at
+/// once (a client that does not read loses nothing it could use).
+fn say_disconnect(socket: RawFd, code: ReasonCode) {
+    let bytes = disconnect_bytes(code);
+    let iovec = libc::iovec {
+        iov_base: bytes.as_ptr() as *mut libc::c_void,
+        iov_len: bytes.len(),
+    };
+    let _ = fd::send_vectored(socket, &[iovec]);
+}
+
+/// As [`say_disconnect`], through a TLS or WebSocket stream.
+async fn say_disconnect_framed(stream: &mut Stream, code: ReasonCode) {
+    let bytes = disconnect_bytes(code);
+    let _ = futures_lite::future::poll_once(stream.write_all(&bytes)).await;
+    let _ = futures_lite::future::poll_once(stream.flush()).await;
+}
+
+/// A server DISCONNECT with `code` and no properties (§3.14).
+fn disconnect_bytes(code: ReasonCode) -> BytesMut {
+    let mut bytes = BytesMut::new();
+    let disconnect = v5::ReasonAndProperties {
+        reason_code: code,
+        properties: v5::Properties::new(),
+    };
+    if let Err(e) = v5::encode_disconnect(&disconnect, &mut bytes) {
+        log::error!("cannot encode DISCONNECT {code}: {e}");
+    }
+    bytes
 }
 
 /// A client's address (from its TCP socket) for log lines, looked up only

@@ -99,6 +99,7 @@ pub fn resume(ctx: &Ctx, conn_id: u64, mut parked: Parked) {
             rx: BytesMut::new(),
             key: parked.key,
             conn_id,
+            version: parked.version,
             rare: parked.rare.take(),
         }),
         slot: parked.slot.take(),

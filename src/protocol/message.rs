@@ -10,12 +10,23 @@
 //! every QoS 0 subscriber gets a clone of the same frame, every QoS 1/2
 //! subscriber gets the same head (fixed header + topic) and payload with its own
 //! packet id written between them (see `crate::session::outqueue::OutFrame`).
+//!
+//! Sessions, the router and the queues are version-neutral: one [`Message`]
+//! serves MQTT 3.1.1 and MQTT 5.0 subscribers alike, and [`Encoded`] keeps one
+//! frame per (protocol [`Version`], QoS). An MQTT 5.0 QoS 1/2 PUBLISH has its
+//! packet id between the topic and the properties, so its shared head ends
+//! after the topic and its shared "payload" frame is the properties followed
+//! by the payload (copied once per shard, as the 3.1.1 payload is).
 
 use bytes::{Bytes, BytesMut};
 use bytestring::ByteString;
 use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Instant;
 
+use crate::protocol::Version;
 use crate::protocol::v3::{self as codec, QoS};
+use crate::protocol::v5::{self, Properties, Property, PublishHeader};
 
 /// Encoded bytes shared by the queues of one shard.
 pub type Frame = Rc<[u8]>;
@@ -37,9 +48,100 @@ pub struct Message {
     /// stamped (only the shard that received it stamps it). 8 bytes, past
     /// the padding: a message is 80 bytes, not 72.
     pub retain_stamp: u64,
+    /// MQTT 5.0 PUBLISH properties to forward, boxed behind an `Arc` (the
+    /// message crosses shards): `None` for every message without any, so a
+    /// 3.1.1 message costs one pointer more and nothing per delivery.
+    pub properties: Option<Arc<MessageProperties>>,
+}
+
+/// What an MQTT 5.0 publisher said besides topic and payload, kept with the
+/// message for its MQTT 5.0 subscribers (3.1.1 subscribers get the plain
+/// message).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MessageProperties {
+    /// Properties forwarded unchanged (§3.3.2.3): Payload Format Indicator,
+    /// Content Type, Response Topic, Correlation Data, User Properties, in the
+    /// publisher's order. Never a Topic Alias (resolved on receipt), a
+    /// Subscription Identifier (added per subscriber) or the Message Expiry
+    /// Interval (written from `expires_at` as what is left, §3.3.2.3.3).
+    pub forwarded: Properties,
+    /// When the message expires (its Message Expiry Interval after receipt);
+    /// a queued or retained message past it is not delivered (§3.3.2.3.3).
+    pub expires_at: Option<Instant>,
+}
+
+impl MessageProperties {
+    /// What of a PUBLISH's (or Will's) properties goes on with the message
+    /// (§3.3.2.3): Payload Format Indicator, Content Type, Response Topic,
+    /// Correlation Data and User Properties unchanged, the Message Expiry
+    /// Interval as a deadline counted from `now`; None when there is none
+    /// of them (no allocation).
+    pub fn of(properties: &Properties, now: Instant) -> Option<Arc<MessageProperties>> {
+        let mut forwarded = Properties::new();
+        let mut expires_at = None;
+        for property in properties.iter() {
+            match property {
+                Property::PayloadFormatIndicator(_)
+                | Property::ContentType(_)
+                | Property::ResponseTopic(_)
+                | Property::CorrelationData(_)
+                | Property::UserProperty(..) => forwarded.push(property.clone()),
+                Property::MessageExpiryInterval(secs) => {
+                    expires_at = Some(now + std::time::Duration::from_secs(u64::from(*secs)));
+                }
+                _ => {}
+            }
+        }
+        if forwarded.is_empty() && expires_at.is_none() {
+            return None;
+        }
+        Some(Arc::new(MessageProperties {
+            forwarded,
+            expires_at,
+        }))
+    }
 }
 
 impl Message {
+    /// A message without MQTT 5.0 properties.
+    pub fn new(topic: ByteString, payload: Bytes, qos: QoS, retain: bool) -> Message {
+        Message {
+            topic,
+            payload,
+            qos,
+            retain,
+            retain_stamp: 0,
+            properties: None,
+        }
+    }
+
+    /// True once the message's Message Expiry Interval has passed (never
+    /// for a message without one; the clock is read only for one with).
+    pub fn is_expired(&self) -> bool {
+        self.properties
+            .as_ref()
+            .and_then(|p| p.expires_at)
+            .is_some_and(|at| at <= Instant::now())
+    }
+
+    /// The properties an MQTT 5.0 subscriber gets with this message now: the
+    /// forwarded ones plus the Message Expiry Interval left (rounded up, so
+    /// a live message never says 0). Empty for a message without any.
+    pub fn v5_properties(&self, now: Instant) -> Properties {
+        let Some(extra) = self.properties.as_deref() else {
+            return Properties::new();
+        };
+        let mut properties = extra.forwarded.clone();
+        if let Some(at) = extra.expires_at {
+            let left = at.saturating_duration_since(now);
+            let secs = left.as_secs() + u64::from(left.subsec_nanos() > 0);
+            properties.push(Property::MessageExpiryInterval(
+                u32::try_from(secs.max(1)).unwrap_or(u32::MAX),
+            ));
+        }
+        properties
+    }
+
     /// Bytes this message occupies on the wire as a PUBLISH with a packet id
     /// (used to account queued bytes against a client's limit).
     pub fn wire_len(&self) -> usize {
@@ -47,9 +149,35 @@ impl Message {
         1 + codec::remaining_length_len(remaining) + remaining
     }
 
-    /// Encodes a complete PUBLISH frame (for QoS 0 fan-out once per shard;
-    /// alone for a retained message on SUBSCRIBE or a redelivery with DUP).
-    pub fn encode_whole(&self, qos: QoS, retain: bool, dup: bool, packet_id: u16) -> Frame {
+    /// Encodes a complete PUBLISH frame for a subscriber speaking `version`
+    /// (alone: a retained message on SUBSCRIBE, a redelivery with DUP, a
+    /// message from the pending queue).
+    pub fn encode_whole(
+        &self,
+        version: Version,
+        qos: QoS,
+        retain: bool,
+        dup: bool,
+        packet_id: u16,
+    ) -> Frame {
+        if version == Version::V5 {
+            let properties = self.v5_properties(Instant::now());
+            let header = PublishHeader {
+                topic: &self.topic,
+                qos,
+                retain,
+                dup,
+                properties: &properties,
+            };
+            let mut out = BytesMut::new();
+            report_unencodable_v5(v5::encode_publish(
+                &header,
+                packet_id,
+                &self.payload,
+                &mut out,
+            ));
+            return Frame::from(&out[..]);
+        }
         let mut out = BytesMut::with_capacity(self.wire_len());
         let encoded = codec::encode_publish(
             &self.topic,
@@ -68,10 +196,16 @@ impl Message {
 /// The wire forms of one message for one fan-out on one shard, each encoded on
 /// first use and then shared by every subscriber that needs it.
 ///
-/// Normal forwarding always clears RETAIN (§3.3.1.3), so only the QoS varies.
+/// Normal forwarding always clears RETAIN (§3.3.1.3), so only the QoS and
+/// the subscriber's protocol version vary. The MQTT 5.0 forms live in a box
+/// of their own ([`EncodedV5`]), allocated only when an MQTT 5.0 subscriber
+/// matches, so a 3.1.1-only fan-out costs what it did.
 pub struct Encoded<'a> {
     /// The message being fanned out.
     pub message: &'a Message,
+    /// The publisher's session key when it is on this shard (for MQTT 5.0
+    /// No Local); None for messages from other shards, wills and `$SYS`.
+    pub origin: Option<u32>,
     /// The shard's batch buffer of this step, where QoS 0 frames go.
     batch: &'a mut BytesMut,
     /// Where the QoS 0 frame lies in the shard's batch of this step
@@ -81,6 +215,21 @@ pub struct Encoded<'a> {
     heads: [Option<Frame>; 2],
     /// The payload as a shard-local frame, for QoS 1 and 2 deliveries.
     payload: Option<Frame>,
+    /// The MQTT 5.0 forms, once an MQTT 5.0 subscriber needed one.
+    v5: Option<Box<EncodedV5>>,
+}
+
+/// The MQTT 5.0 wire forms of one message for one fan-out on one shard.
+#[derive(Default)]
+struct EncodedV5 {
+    /// Where the QoS 0 frame lies in the shard's batch (start, length).
+    qos0: Option<(u32, u32)>,
+    /// Fixed header + topic for QoS 1 and QoS 2 (index 0 is QoS 1); the
+    /// packet id follows, then [`EncodedV5::tail`].
+    heads: [Option<Frame>; 2],
+    /// Properties (with their length) and payload: what follows the packet
+    /// id of a QoS 1/2 PUBLISH, the same for both QoS.
+    tail: Option<Frame>,
 }
 
 impl<'a> Encoded<'a> {
@@ -88,16 +237,22 @@ impl<'a> Encoded<'a> {
     pub fn new(message: &'a Message, batch: &'a mut BytesMut) -> Self {
         Encoded {
             message,
+            origin: None,
             batch,
             qos0: None,
             heads: [None, None],
             payload: None,
+            v5: None,
         }
     }
 
-    /// The QoS 0 frame's range in the shard's batch of this step: encoded
-    /// (appended) the first time, then shared by every subscriber.
-    pub fn qos0_frame(&mut self) -> (u32, u32) {
+    /// The QoS 0 frame's range in the shard's batch of this step for a
+    /// subscriber speaking `version`: encoded (appended) the first time,
+    /// then shared by every subscriber of that version.
+    pub fn qos0_frame(&mut self, version: Version) -> (u32, u32) {
+        if version == Version::V5 {
+            return self.qos0_frame_v5();
+        }
         let message = self.message;
         let batch = &mut *self.batch;
         *self.qos0.get_or_insert_with(|| {
@@ -120,9 +275,13 @@ impl<'a> Encoded<'a> {
         })
     }
 
-    /// The shared head (fixed header and topic) of a QoS 1 or 2 PUBLISH; the
-    /// caller writes its own packet id and then the payload.
-    pub fn head(&mut self, qos: QoS) -> Frame {
+    /// The shared head (fixed header and topic) of a QoS 1 or 2 PUBLISH for
+    /// a subscriber speaking `version`; the caller writes its own packet id
+    /// and then [`Encoded::payload`].
+    pub fn head(&mut self, version: Version, qos: QoS) -> Frame {
+        if version == Version::V5 {
+            return self.v5_publish(qos).0;
+        }
         let message = self.message;
         let slot = if qos == QoS::ExactlyOnce { 1 } else { 0 };
         self.heads[slot]
@@ -142,12 +301,94 @@ impl<'a> Encoded<'a> {
             .clone()
     }
 
-    /// The payload, copied once per shard into a shard-local frame.
-    pub fn payload(&mut self) -> Frame {
+    /// What follows the packet id of a QoS 1/2 PUBLISH for a subscriber
+    /// speaking `version`, copied once per shard into a shard-local frame:
+    /// the payload (3.1.1), or the properties and the payload (5.0).
+    pub fn payload(&mut self, version: Version) -> Frame {
+        if version == Version::V5 {
+            return self.v5_publish(QoS::AtLeastOnce).1;
+        }
         let message = self.message;
         self.payload
             .get_or_insert_with(|| Frame::from(&message.payload[..]))
             .clone()
+    }
+
+    /// The MQTT 5.0 QoS 0 frame's range in the batch (see
+    /// [`Encoded::qos0_frame`]).
+    fn qos0_frame_v5(&mut self) -> (u32, u32) {
+        let message = self.message;
+        let batch = &mut *self.batch;
+        let v5 = self.v5.get_or_insert_with(Box::default);
+        *v5.qos0.get_or_insert_with(|| {
+            let start = batch.len();
+            let properties = message.v5_properties(Instant::now());
+            let header = publish_header(message, QoS::AtMostOnce, &properties);
+            report_unencodable_v5(v5::encode_publish(&header, 0, &message.payload, batch));
+            let len = batch.len() - start;
+            (
+                u32::try_from(start).unwrap_or(u32::MAX),
+                u32::try_from(len).unwrap_or(0),
+            )
+        })
+    }
+
+    /// The MQTT 5.0 head for `qos` (1 or 2) and the tail shared by both,
+    /// encoded on first use: `encode_publish_head` writes fixed header,
+    /// topic, a packet id slot and the properties; the head is what comes
+    /// before the slot, the tail what comes after it, then the payload.
+    fn v5_publish(&mut self, qos: QoS) -> (Frame, Frame) {
+        let message = self.message;
+        let v5 = self.v5.get_or_insert_with(Box::default);
+        let slot = if qos == QoS::ExactlyOnce { 1 } else { 0 };
+        if let (Some(head), Some(tail)) = (&v5.heads[slot], &v5.tail) {
+            return (head.clone(), tail.clone());
+        }
+        let properties = message.v5_properties(Instant::now());
+        let header = publish_header(message, qos, &properties);
+        let mut out = BytesMut::new();
+        let at = match v5::encode_publish_head(&header, message.payload.len(), &mut out) {
+            Ok(Some(at)) => at,
+            Ok(None) => 0,
+            Err(e) => {
+                log::error!("cannot encode an outgoing PUBLISH: {e}");
+                0
+            }
+        };
+        let head = Frame::from(out.get(..at).unwrap_or(&[]));
+        let tail = v5.tail.get_or_insert_with(|| {
+            let props = out.get(at + 2..).unwrap_or(&[]);
+            let mut tail = Vec::with_capacity(props.len() + message.payload.len());
+            tail.extend_from_slice(props);
+            tail.extend_from_slice(&message.payload);
+            Frame::from(tail)
+        });
+        let tail = tail.clone();
+        v5.heads[slot] = Some(head.clone());
+        (head, tail)
+    }
+}
+
+/// The header of a forwarded MQTT 5.0 PUBLISH: RETAIN cleared (§3.3.1.3),
+/// never DUP.
+fn publish_header<'m>(
+    message: &'m Message,
+    qos: QoS,
+    properties: &'m Properties,
+) -> PublishHeader<'m> {
+    PublishHeader {
+        topic: &message.topic,
+        qos,
+        retain: false,
+        dup: false,
+        properties,
+    }
+}
+
+/// As [`report_unencodable`], for the MQTT 5.0 encoder.
+fn report_unencodable_v5(result: Result<(), v5::EncodeError>) {
+    if let Err(e) = result {
+        log::error!("cannot encode an outgoing MQTT 5.0 PUBLISH: {e}");
     }
 }
 

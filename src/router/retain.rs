@@ -142,6 +142,7 @@ mod tests {
             qos: QoS::AtLeastOnce,
             retain: true,
             retain_stamp: 0,
+            properties: None,
         }
     }
 
@@ -195,6 +196,7 @@ mod order_tests {
             qos: QoS::AtMostOnce,
             retain: true,
             retain_stamp: store.stamp(shard),
+            properties: None,
         }
     }
 

@@ -17,7 +17,9 @@ use bytestring::ByteString;
 
 use crate::net::admission::{ConnectionSlot, IpKey};
 use crate::net::transport::Transport;
+use crate::protocol::Version;
 use crate::protocol::v3::LastWill;
+use crate::protocol::v5::{Properties, ReasonCode};
 
 /// Index of a session in its shard's slab; also the router's subscriber key
 /// (4 bytes, not 8: it is stored once per subscription).
@@ -42,12 +44,30 @@ pub const TICKS_PER_SEC: u32 = 10;
 pub enum CloseReason {
     /// The client sent DISCONNECT (no will, §3.14.4).
     Disconnect,
+    /// The client sent DISCONNECT with Reason Code 0x04, Disconnect with
+    /// Will Message (MQTT 5.0, §3.14.2.1): the will is published.
+    DisconnectWithWill,
     /// The client closed the socket without DISCONNECT.
     PeerClosed,
     /// A socket error.
     Io,
-    /// Malformed packet or protocol violation (§4.8).
+    /// A protocol violation (§4.8; MQTT 5.0: DISCONNECT 0x82).
     ProtocolError,
+    /// A malformed packet (MQTT 5.0: DISCONNECT 0x81, §4.13.1); 3.1.1
+    /// connections close as for [`CloseReason::ProtocolError`].
+    MalformedPacket,
+    /// A packet over `max_packet_size` (MQTT 5.0: DISCONNECT 0x95).
+    PacketTooLarge,
+    /// A PUBLISH to a topic name that is not one (wildcards, too deep:
+    /// MQTT 5.0: DISCONNECT 0x90 Topic Name invalid, §3.3.2.1); 3.1.1
+    /// connections close as for [`CloseReason::ProtocolError`].
+    TopicNameInvalid,
+    /// More QoS 1/2 PUBLISHes unacknowledged than the Receive Maximum the
+    /// broker announced (MQTT 5.0: DISCONNECT 0x93, §3.3.4).
+    ReceiveMaximumExceeded,
+    /// A Topic Alias of 0, over the announced maximum, or unknown with an
+    /// empty topic (MQTT 5.0: DISCONNECT 0x94, §3.3.2.3.4).
+    TopicAliasInvalid,
     /// No packet within 1.5 × keep-alive (§3.1.2.10).
     KeepAliveTimeout,
     /// A new connection with the same client id took over (§3.1.4).
@@ -66,6 +86,41 @@ impl CloseReason {
     /// that is not a DISCONNECT from the client; not when the broker stops).
     pub fn publishes_will(self) -> bool {
         !matches!(self, CloseReason::Disconnect | CloseReason::Shutdown)
+    }
+
+    /// The Reason Code of the DISCONNECT an MQTT 5.0 client is sent before
+    /// its connection closes (§3.14.2.1, §4.13); None when the client
+    /// ended it, the socket failed, or it is reset (shed).
+    pub fn disconnect_reason(self) -> Option<ReasonCode> {
+        Some(match self {
+            CloseReason::Disconnect
+            | CloseReason::DisconnectWithWill
+            | CloseReason::PeerClosed
+            | CloseReason::Io
+            | CloseReason::Shed => return None,
+            CloseReason::ProtocolError => ReasonCode::PROTOCOL_ERROR,
+            CloseReason::MalformedPacket => ReasonCode::MALFORMED_PACKET,
+            CloseReason::PacketTooLarge => ReasonCode::PACKET_TOO_LARGE,
+            CloseReason::TopicNameInvalid => ReasonCode::TOPIC_NAME_INVALID,
+            CloseReason::ReceiveMaximumExceeded => ReasonCode::RECEIVE_MAXIMUM_EXCEEDED,
+            CloseReason::TopicAliasInvalid => ReasonCode::TOPIC_ALIAS_INVALID,
+            CloseReason::KeepAliveTimeout => ReasonCode::KEEP_ALIVE_TIMEOUT,
+            CloseReason::TakenOver => ReasonCode::SESSION_TAKEN_OVER,
+            CloseReason::Shutdown => ReasonCode::SERVER_SHUTTING_DOWN,
+            CloseReason::AdminDisconnect => ReasonCode::ADMINISTRATIVE_ACTION,
+        })
+    }
+
+    /// The close reason for an MQTT 5.0 decode error's Reason Code
+    /// ([`crate::protocol::v5::DecodeError::reason_code`]).
+    pub fn for_reason_code(code: ReasonCode) -> CloseReason {
+        match code {
+            ReasonCode::MALFORMED_PACKET => CloseReason::MalformedPacket,
+            ReasonCode::PACKET_TOO_LARGE => CloseReason::PacketTooLarge,
+            ReasonCode::TOPIC_ALIAS_INVALID => CloseReason::TopicAliasInvalid,
+            ReasonCode::RECEIVE_MAXIMUM_EXCEEDED => CloseReason::ReceiveMaximumExceeded,
+            _ => CloseReason::ProtocolError,
+        }
     }
 }
 
@@ -183,12 +238,24 @@ pub fn test_link() -> Link {
 pub struct Rare {
     /// The will message (§3.1.2.5), if any.
     pub will: Option<LastWill>,
+    /// MQTT 5.0 Will Properties besides the delay (§3.1.3.2), forwarded
+    /// with the will as a PUBLISH's are; None for 3.1.1 and for none.
+    pub will_properties: Option<Box<Properties>>,
+    /// MQTT 5.0 Will Delay Interval in seconds (§3.1.3.2.2): the will of a
+    /// session that outlives its connection waits this long, and is not
+    /// sent if the client is back first (0: at once).
+    pub will_delay: u32,
     /// The user name for ACL checks (CONNECT's, or the TLS identity); kept
     /// only when an ACL file is in force.
     pub username: Option<ByteString>,
     /// The client id for the will's ACL check (the session may be gone when
     /// the will is published); kept only with a will and an ACL file.
     pub client_id: Option<ByteString>,
+    /// The topics an MQTT 5.0 client set Topic Aliases for on this
+    /// connection (§3.3.2.3.4): alias `n` is entry `n - 1`, an empty topic
+    /// is an alias not set. At most `max_topic_alias` entries; empty (no
+    /// allocation) until the client uses one.
+    pub topic_aliases: Vec<ByteString>,
 }
 
 impl Rare {
@@ -214,6 +281,8 @@ pub struct Parked {
     pub ip_key: IpKey,
     /// The listener it came in on.
     pub listener: Transport,
+    /// The protocol the connection speaks.
+    pub version: Version,
     /// Its place under `max_connections`.
     pub slot: Option<ConnectionSlot>,
     /// Its will and ACL identity, if any.

@@ -25,12 +25,17 @@ pub mod link;
 pub mod outqueue;
 
 use std::collections::VecDeque;
+use std::num::NonZeroU32;
+use std::sync::Arc;
 
 use bytestring::ByteString;
 use smallvec::SmallVec;
 
-use crate::protocol::message::{Encoded, Message};
+use crate::protocol::Version;
+use crate::protocol::message::{Encoded, Message, MessageProperties};
+use crate::protocol::topic;
 use crate::protocol::v3::{self as codec, PacketId, QoS};
+use crate::protocol::v5::{Property, SubscriptionOptions};
 use crate::router::SharedFilter;
 use crate::session::link::Link;
 use crate::session::outqueue::{Frame, OutFrame, OutQueue};
@@ -43,6 +48,10 @@ use crate::session::outqueue::{Frame, OutFrame, OutQueue};
 /// subscription allocates nothing for it; a `Vec` would allocate room for 4
 /// entries on the first push. More subscriptions move to the heap.
 pub type Subscriptions = SmallVec<[(SharedFilter, QoS); 1]>;
+
+/// Session Expiry Interval meaning "the session never ends" (§3.1.2.11.2),
+/// what a 3.1.1 CleanSession = 0 session gets.
+pub const SESSION_NEVER_EXPIRES: u32 = u32::MAX;
 
 /// The per-client bounds, from the configuration.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -121,6 +130,33 @@ pub struct Flows {
     pub awaiting_rel: Vec<PacketId>,
     /// The last packet id used for an outgoing message (0: none yet).
     pub last_packet_id: PacketId,
+    /// MQTT 5.0 options of the subscriptions that have any besides their
+    /// QoS (No Local, Retain As Published, a Subscription Identifier),
+    /// kept here so that a session without them (every 3.1.1 session, most
+    /// 5.0 ones) pays nothing; a subscription not listed has none.
+    pub subscription_options: Vec<SubscriptionExtras>,
+    /// An MQTT 5.0 will waiting for its Will Delay Interval while the
+    /// session is offline: (when it is due, in keep-alive ticks; the will).
+    /// Boxed: almost no session has one.
+    pub delayed_will: Option<Box<(u32, Message)>>,
+    /// Messages dropped when they left the pending queue (over an MQTT 5.0
+    /// client's Maximum Packet Size), where the session has no counters:
+    /// the keep-alive sweep adds them to the shard's `publish_dropped`.
+    pub unreported_drops: u32,
+}
+
+/// The MQTT 5.0 options of one subscription that change its deliveries
+/// (§3.8.3.1, §3.8.2.1.2).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SubscriptionExtras {
+    /// The subscription's Topic Filter (the router's shared copy).
+    pub filter: SharedFilter,
+    /// No Local: not the client's own publications.
+    pub no_local: bool,
+    /// Retain As Published: RETAIN as the publisher set it, not cleared.
+    pub retain_as_published: bool,
+    /// The Subscription Identifier, sent with every message it matches.
+    pub identifier: Option<NonZeroU32>,
 }
 
 /// What happened to a message offered to a session.
@@ -164,6 +200,26 @@ pub struct Session {
     /// session, and its release names it, so that neither touches a newer
     /// session or claim of the same id.
     pub claim: u64,
+    /// The protocol of the connection that owns it: how its frames are
+    /// encoded (the session's last connection's, while offline).
+    pub version: Version,
+    /// Session Expiry Interval in seconds (§3.1.2.11.2, §3.14.2.2.2): how
+    /// long the session outlives its connection; 0 exactly when
+    /// `clean_session`, [`SESSION_NEVER_EXPIRES`] for ever (3.1.1's
+    /// CleanSession = 0). The keep-alive sweep ends offline sessions whose
+    /// interval has passed (`crate::shard::Shard::expire_sessions`).
+    pub session_expiry: u32,
+    /// When the session went offline, in keep-alive ticks
+    /// ([`crate::session::link::TICKS_PER_SEC`]); meaningless while online.
+    pub offline_since: u32,
+    /// The client's Receive Maximum (MQTT 5.0, §3.1.2.11.3): never more
+    /// QoS 1/2 messages in flight to it than this, nor than
+    /// `max_inflight_messages`; 65,535 for 3.1.1. Fits in padding.
+    pub receive_maximum: u16,
+    /// The client's Maximum Packet Size (MQTT 5.0, §3.1.2.11.4): a PUBLISH
+    /// larger than this is not sent but dropped and counted
+    /// (MQTT-3.1.2-25); checked only for MQTT 5.0 sessions.
+    pub max_packet_size: u32,
     /// State that survives the connection.
     pub state: SessionState,
     /// Frames for the live connection; empty while offline.
@@ -181,6 +237,15 @@ impl Session {
             client_id: Box::from(&*client_id),
             clean_session,
             claim: 0,
+            version: Version::V3,
+            session_expiry: if clean_session {
+                0
+            } else {
+                SESSION_NEVER_EXPIRES
+            },
+            offline_since: 0,
+            receive_maximum: u16::MAX,
+            max_packet_size: u32::MAX,
             state,
             out: OutQueue::default(),
             link: None,
@@ -212,8 +277,32 @@ impl Session {
         true
     }
 
+    /// Records the MQTT 5.0 options of the subscription to `filter`
+    /// (replacing earlier ones): kept only when there is one besides QoS.
+    pub fn set_subscription_options(
+        &mut self,
+        filter: SharedFilter,
+        options: &SubscriptionOptions,
+        identifier: Option<NonZeroU32>,
+    ) {
+        if let Some(flows) = self.state.flows.as_mut() {
+            flows.subscription_options.retain(|e| e.filter != filter);
+        }
+        if options.no_local || options.retain_as_published || identifier.is_some() {
+            self.flows().subscription_options.push(SubscriptionExtras {
+                filter,
+                no_local: options.no_local,
+                retain_as_published: options.retain_as_published,
+                identifier,
+            });
+        }
+    }
+
     /// Removes a subscription; true when it existed.
     pub fn unsubscribe(&mut self, filter: &str) -> bool {
+        if let Some(flows) = self.state.flows.as_mut() {
+            flows.subscription_options.retain(|e| &*e.filter != filter);
+        }
         let subscriptions = &mut self.state.subscriptions;
         let before = subscriptions.len();
         subscriptions.retain(|(f, _)| &**f != filter);
@@ -244,7 +333,10 @@ impl Session {
             if !self.is_online() {
                 return Delivery::Skipped;
             }
-            let (start, len) = encoded.qos0_frame();
+            let (start, len) = encoded.qos0_frame(self.version);
+            if self.too_large(len as usize) {
+                return Delivery::Dropped;
+            }
             if self.out.publishes() >= limits.max_queued_messages
                 || self.out.bytes() + len as usize > limits.max_queued_bytes
             {
@@ -259,34 +351,116 @@ impl Session {
             qos,
             retain: false,
             retain_stamp: 0,
+            properties: message.properties.clone(),
         };
         if self.window_open(limits) && self.pending_is_empty() {
-            let shared = (encoded.head(qos), encoded.payload());
-            self.start_inflight(forwarded, Some(shared));
-            return Delivery::Queued;
+            let shared = (
+                encoded.head(self.version, qos),
+                encoded.payload(self.version),
+            );
+            return self.start_inflight(forwarded, Some(shared));
         }
         self.queue_pending(forwarded, limits)
     }
 
+    /// [`Session::deliver`] for an MQTT 5.0 session: the same, unless the
+    /// matching subscriptions have options besides QoS. Then No Local skips
+    /// the client's own publication (`origin` is the publisher's session
+    /// when it is on this shard, and `key` this session's), Retain As
+    /// Published keeps RETAIN, and the Subscription Identifiers go with the
+    /// message, encoded for this client alone.
+    pub fn deliver_v5(
+        &mut self,
+        encoded: &mut Encoded<'_>,
+        key: u32,
+        granted: QoS,
+        limits: &Limits,
+    ) -> Delivery {
+        let Some(flows) = self
+            .state
+            .flows
+            .as_deref()
+            .filter(|f| !f.subscription_options.is_empty())
+        else {
+            return self.deliver(encoded, granted, limits);
+        };
+        let message = encoded.message;
+        let mut no_local_only = true;
+        let mut retain_as_published = false;
+        let mut identifiers: SmallVec<[NonZeroU32; 2]> = SmallVec::new();
+        for (filter, _) in &self.state.subscriptions {
+            if !topic::filter_matches(filter, &message.topic) {
+                continue;
+            }
+            match flows
+                .subscription_options
+                .iter()
+                .find(|e| e.filter == *filter)
+            {
+                Some(extras) => {
+                    no_local_only &= extras.no_local;
+                    retain_as_published |= extras.retain_as_published;
+                    identifiers.extend(extras.identifier);
+                }
+                None => no_local_only = false,
+            }
+        }
+        if no_local_only && encoded.origin == Some(key) {
+            return Delivery::Skipped;
+        }
+        let retain = retain_as_published && message.retain;
+        if !retain && identifiers.is_empty() {
+            return self.deliver(encoded, granted, limits);
+        }
+        let qos = message.qos.min(granted);
+        let forwarded = Message {
+            qos,
+            retain,
+            ..with_identifiers(message, &identifiers)
+        };
+        self.deliver_alone(forwarded, limits)
+    }
+
     /// Offers a retained message on a new subscription: RETAIN set (§3.3.1.3),
-    /// encoded for this client alone.
+    /// encoded for this client alone, with the Subscription Identifiers of
+    /// the new subscription (MQTT 5.0 sessions only).
     pub fn deliver_retained(
         &mut self,
         message: &Message,
         granted: QoS,
+        identifiers: &[NonZeroU32],
         limits: &Limits,
     ) -> Delivery {
+        if message.is_expired() {
+            // Retained past its Message Expiry Interval (§3.3.2.3.3).
+            return Delivery::Skipped;
+        }
         let qos = message.qos.min(granted);
+        let message = if identifiers.is_empty() || self.version != Version::V5 {
+            message.clone()
+        } else {
+            with_identifiers(message, identifiers)
+        };
         let forwarded = Message {
             qos,
             retain: true,
-            ..message.clone()
+            ..message
         };
+        self.deliver_alone(forwarded, limits)
+    }
+
+    /// Queues `forwarded` (QoS and RETAIN as they are to be sent) encoded
+    /// for this client alone.
+    fn deliver_alone(&mut self, forwarded: Message, limits: &Limits) -> Delivery {
+        let qos = forwarded.qos;
         if qos == QoS::AtMostOnce {
             if !self.is_online() {
                 return Delivery::Skipped;
             }
-            let frame = forwarded.encode_whole(qos, true, false, 0);
+            let frame = forwarded.encode_whole(self.version, qos, forwarded.retain, false, 0);
+            if self.too_large(frame.len()) {
+                return Delivery::Dropped;
+            }
             if self.out.publishes() >= limits.max_queued_messages
                 || self.out.bytes() + frame.len() > limits.max_queued_bytes
             {
@@ -296,8 +470,7 @@ impl Session {
             return Delivery::Queued;
         }
         if self.window_open(limits) && self.pending_is_empty() {
-            self.start_inflight(forwarded, None);
-            return Delivery::Queued;
+            return self.start_inflight(forwarded, None);
         }
         self.queue_pending(forwarded, limits)
     }
@@ -319,7 +492,7 @@ impl Session {
     fn window_open(&self, limits: &Limits) -> bool {
         let inflight = self.state.flows.as_ref().map_or(0, |f| f.inflight.len());
         self.is_online()
-            && inflight < limits.max_inflight
+            && inflight < limits.max_inflight.min(usize::from(self.receive_maximum))
             && self.out.bytes() < limits.max_queued_bytes
     }
 
@@ -340,9 +513,17 @@ impl Session {
         Delivery::Pending
     }
 
+    /// True when a packet of `len` bytes is over an MQTT 5.0 client's
+    /// Maximum Packet Size (3.1.1 has none: only the version is checked).
+    fn too_large(&self, len: usize) -> bool {
+        self.version == Version::V5 && len > self.max_packet_size as usize
+    }
+
     /// Assigns a packet id, records the message as in flight and queues its
-    /// PUBLISH (with the shard's shared head and payload when there are).
-    fn start_inflight(&mut self, message: Message, shared: Option<(Frame, Frame)>) {
+    /// PUBLISH (with the shard's shared head and payload when there are):
+    /// [`Delivery::Queued`], or [`Delivery::Dropped`] when the PUBLISH is
+    /// over the client's Maximum Packet Size.
+    fn start_inflight(&mut self, message: Message, shared: Option<(Frame, Frame)>) -> Delivery {
         let packet_id = self.next_packet_id();
         let frame = match shared {
             Some((head, payload)) => OutFrame::Publish {
@@ -350,10 +531,17 @@ impl Session {
                 packet_id: packet_id.to_be_bytes(),
                 payload,
             },
-            None => {
-                OutFrame::whole(message.encode_whole(message.qos, message.retain, false, packet_id))
-            }
+            None => OutFrame::whole(message.encode_whole(
+                self.version,
+                message.qos,
+                message.retain,
+                false,
+                packet_id,
+            )),
         };
+        if self.too_large(frame.len()) {
+            return Delivery::Dropped;
+        }
         let phase = if message.qos == QoS::ExactlyOnce {
             Phase::AwaitPubRec
         } else {
@@ -365,6 +553,7 @@ impl Session {
             phase,
         });
         self.out.push(frame);
+        Delivery::Queued
     }
 
     /// The next packet id not in flight (§2.3.1: non-zero, unique among the
@@ -381,8 +570,9 @@ impl Session {
         }
     }
 
-    /// Moves pending messages into the inflight window while it has room.
-    /// Returns true when something was queued.
+    /// Moves pending messages into the inflight window while it has room;
+    /// one whose Message Expiry Interval has passed meanwhile is dropped
+    /// (§3.3.2.3.3). Returns true when something was queued.
     pub fn fill_window(&mut self, limits: &Limits) -> bool {
         let mut queued = false;
         while self.window_open(limits) {
@@ -393,8 +583,18 @@ impl Session {
                 break;
             };
             flows.pending_bytes -= message.wire_len();
-            self.start_inflight(message, None);
-            queued = true;
+            if message.is_expired() {
+                continue;
+            }
+            // One over the client's Maximum Packet Size is dropped here,
+            // counted by the next keep-alive sweep.
+            match self.start_inflight(message, None) {
+                Delivery::Queued => queued = true,
+                _ => {
+                    let flows = self.flows();
+                    flows.unreported_drops = flows.unreported_drops.saturating_add(1);
+                }
+            }
         }
         queued
     }
@@ -412,7 +612,13 @@ impl Session {
     /// PUBACK received: the QoS 1 message is done. False for an unknown id
     /// (ignored, as Mosquitto does).
     pub fn on_puback(&mut self, packet_id: PacketId, limits: &Limits) -> bool {
-        let Some(i) = self.inflight_position(packet_id, Phase::AwaitPubAck) else {
+        self.finish(packet_id, Phase::AwaitPubAck, limits)
+    }
+
+    /// Ends the flow of the inflight message with `packet_id` in `phase`
+    /// and lets a pending message take its slot; false when there is none.
+    fn finish(&mut self, packet_id: PacketId, phase: Phase, limits: &Limits) -> bool {
+        let Some(i) = self.inflight_position(packet_id, phase) else {
             return false;
         };
         self.flows().inflight.remove(i);
@@ -435,14 +641,15 @@ impl Session {
         }
     }
 
+    /// PUBREC with a failure Reason Code received (MQTT 5.0): the client
+    /// refused the QoS 2 message, whose flow ends without PUBREL (§4.3.3).
+    pub fn on_pubrec_refused(&mut self, packet_id: PacketId, limits: &Limits) -> bool {
+        self.finish(packet_id, Phase::AwaitPubRec, limits)
+    }
+
     /// PUBCOMP received: the QoS 2 message is done.
     pub fn on_pubcomp(&mut self, packet_id: PacketId, limits: &Limits) -> bool {
-        let Some(i) = self.inflight_position(packet_id, Phase::AwaitPubComp) else {
-            return false;
-        };
-        self.flows().inflight.remove(i);
-        self.fill_window(limits);
-        true
+        self.finish(packet_id, Phase::AwaitPubComp, limits)
     }
 
     /// A QoS 2 PUBLISH with `packet_id` arrived: deliver it only the first
@@ -462,10 +669,19 @@ impl Session {
     /// PUBREL received: release the id and answer PUBCOMP (also for an unknown
     /// id, §4.3.3: the client may be retrying after a reconnect).
     pub fn on_pubrel(&mut self, packet_id: PacketId) {
-        if let Some(flows) = self.state.flows.as_mut() {
-            flows.awaiting_rel.retain(|&id| id != packet_id);
-        }
+        self.release(packet_id);
         self.queue_control(&codec::pubcomp(packet_id));
+    }
+
+    /// Releases the received QoS 2 packet id `packet_id` (PUBREL); false
+    /// when it was not awaiting release (MQTT 5.0 answers PUBCOMP 0x92).
+    pub fn release(&mut self, packet_id: PacketId) -> bool {
+        let Some(flows) = self.state.flows.as_mut() else {
+            return false;
+        };
+        let before = flows.awaiting_rel.len();
+        flows.awaiting_rel.retain(|&id| id != packet_id);
+        flows.awaiting_rel.len() != before
     }
 
     /// Queues a small control packet.
@@ -473,22 +689,67 @@ impl Session {
         self.out.push(OutFrame::control(packet));
     }
 
+    /// Queues a packet of any size: inline when it is small enough
+    /// ([`OutFrame::control`]), in a frame of its own otherwise (MQTT 5.0
+    /// CONNACK, SUBACK, UNSUBACK and acknowledgements with a reason code).
+    pub fn queue_frame(&mut self, packet: &[u8]) {
+        if packet.len() <= 4 {
+            self.queue_control(packet);
+        } else {
+            self.out.push(OutFrame::whole(Frame::from(packet)));
+        }
+    }
+
     /// A connection (re)attached: resend unacknowledged messages with DUP set
     /// (§4.4), then move pending messages into the window.
     pub fn reattach(&mut self, limits: &Limits) {
         let inflight = self.state.flows.as_ref().map(|f| &f.inflight);
         for f in inflight.into_iter().flatten() {
-            let frame =
-                match f.phase {
-                    Phase::AwaitPubAck | Phase::AwaitPubRec => OutFrame::whole(
-                        f.message
-                            .encode_whole(f.message.qos, f.message.retain, true, f.packet_id),
-                    ),
-                    Phase::AwaitPubComp => OutFrame::control(&codec::pubrel(f.packet_id)),
-                };
+            let frame = match f.phase {
+                Phase::AwaitPubAck | Phase::AwaitPubRec => OutFrame::whole(f.message.encode_whole(
+                    self.version,
+                    f.message.qos,
+                    f.message.retain,
+                    true,
+                    f.packet_id,
+                )),
+                Phase::AwaitPubComp => OutFrame::control(&codec::pubrel(f.packet_id)),
+            };
             self.out.push(frame);
         }
         self.fill_window(limits);
+    }
+
+    /// True when the session has been offline for longer than its Session
+    /// Expiry Interval at `now` (keep-alive ticks).
+    pub fn has_expired(&self, now: u32) -> bool {
+        self.link.is_none()
+            && self.session_expiry != SESSION_NEVER_EXPIRES
+            && u64::from(now.saturating_sub(self.offline_since))
+                >= u64::from(self.session_expiry) * u64::from(crate::session::link::TICKS_PER_SEC)
+    }
+
+    /// The drops since the last call that only the session saw
+    /// ([`Flows::unreported_drops`]).
+    pub fn take_unreported_drops(&mut self) -> u64 {
+        self.state
+            .flows
+            .as_mut()
+            .map_or(0, |f| u64::from(std::mem::take(&mut f.unreported_drops)))
+    }
+
+    /// Keeps `will` until tick `due` (an MQTT 5.0 Will Delay Interval).
+    pub fn delay_will(&mut self, due: u32, will: Message) {
+        self.flows().delayed_will = Some(Box::new((due, will)));
+    }
+
+    /// The offline session's delayed will, when it is due at `now` (ticks).
+    pub fn take_due_will(&mut self, now: u32) -> Option<Message> {
+        let flows = self.state.flows.as_mut()?;
+        if flows.delayed_will.as_ref().is_some_and(|w| w.0 <= now) {
+            return flows.delayed_will.take().map(|w| w.1);
+        }
+        None
     }
 
     /// The connection went away: forget its queue, keep the session state.
@@ -496,6 +757,31 @@ impl Session {
         self.link = None;
         self.out.clear();
         self.dirty = false;
+    }
+}
+
+/// `message` with `identifiers` added to its properties (MQTT 5.0
+/// Subscription Identifiers, §3.3.2.3.8), for one subscriber.
+fn with_identifiers(message: &Message, identifiers: &[NonZeroU32]) -> Message {
+    if identifiers.is_empty() {
+        return message.clone();
+    }
+    let mut properties = message
+        .properties
+        .as_deref()
+        .cloned()
+        .unwrap_or(MessageProperties {
+            forwarded: Default::default(),
+            expires_at: None,
+        });
+    for &id in identifiers {
+        properties
+            .forwarded
+            .push(Property::SubscriptionIdentifier(id));
+    }
+    Message {
+        properties: Some(Arc::new(properties)),
+        ..message.clone()
     }
 }
 
@@ -529,6 +815,7 @@ mod tests {
             qos,
             retain: true,
             retain_stamp: 0,
+            properties: None,
         }
     }
 
@@ -571,6 +858,62 @@ mod tests {
         let wa = written(&mut a);
         assert_eq!(wa, written(&mut b));
         assert_eq!(wa, b"\x30\x07\x00\x03a/bhi");
+    }
+
+    #[test]
+    fn v3_and_v5_subscribers_share_the_payload_and_get_their_own_frames() {
+        let m = msg(QoS::AtLeastOnce, b"x");
+        let mut batch = BytesMut::new();
+        let mut enc = Encoded::new(&m, &mut batch);
+        let mut v3 = online();
+        let mut v5 = online();
+        v5.version = Version::V5;
+        let mut v5_qos0 = online();
+        v5_qos0.version = Version::V5;
+        v3.deliver(&mut enc, QoS::AtLeastOnce, &LIMITS);
+        v5.deliver(&mut enc, QoS::AtLeastOnce, &LIMITS);
+        v5_qos0.deliver(&mut enc, QoS::AtMostOnce, &LIMITS);
+        drop(enc);
+        let chunk = crate::session::outqueue::Frame::from(&batch[..]);
+        v5_qos0.out.seal(&chunk);
+        assert_eq!(written(&mut v3), b"\x32\x08\x00\x03a/b\x00\x01x");
+        // 5.0: the packet id, then the (empty) properties, then the payload.
+        assert_eq!(written(&mut v5), b"\x32\x09\x00\x03a/b\x00\x01\x00x");
+        assert_eq!(written(&mut v5_qos0), b"\x30\x07\x00\x03a/b\x00x");
+        // A redelivery is encoded in the session's version too.
+        v5.detach();
+        v5.link = Some(test_link());
+        v5.reattach(&LIMITS);
+        assert_eq!(written(&mut v5), b"\x3a\x09\x00\x03a/b\x00\x01\x00x");
+    }
+
+    #[test]
+    fn the_v5_clients_limits_bound_what_it_is_sent() {
+        let m = msg(QoS::AtLeastOnce, b"payload");
+        let mut batch = BytesMut::new();
+        let mut enc = Encoded::new(&m, &mut batch);
+        let mut s = online();
+        s.version = Version::V5;
+        s.receive_maximum = 1;
+        assert_eq!(
+            s.deliver(&mut enc, QoS::AtLeastOnce, &LIMITS),
+            Delivery::Queued
+        );
+        assert_eq!(
+            s.deliver(&mut enc, QoS::AtLeastOnce, &LIMITS),
+            Delivery::Pending,
+            "its Receive Maximum, not max_inflight (2)"
+        );
+        // The pending one turns out over its Maximum Packet Size: dropped
+        // when it leaves the queue, counted by the sweep.
+        s.max_packet_size = 10;
+        assert!(s.on_puback(1, &LIMITS));
+        assert_eq!(s.take_unreported_drops(), 1);
+        assert_eq!(s.take_unreported_drops(), 0);
+        assert_eq!(
+            s.deliver(&mut enc, QoS::AtMostOnce, &LIMITS),
+            Delivery::Dropped
+        );
     }
 
     #[test]
@@ -713,9 +1056,9 @@ mod tests {
     fn retained_delivery_sets_retain() {
         let m = msg(QoS::AtLeastOnce, b"x");
         let mut s = online();
-        s.deliver_retained(&m, QoS::AtMostOnce, &LIMITS);
+        s.deliver_retained(&m, QoS::AtMostOnce, &[], &LIMITS);
         assert_eq!(written(&mut s), b"\x31\x06\x00\x03a/bx");
-        s.deliver_retained(&m, QoS::ExactlyOnce, &LIMITS);
+        s.deliver_retained(&m, QoS::ExactlyOnce, &[], &LIMITS);
         assert_eq!(written(&mut s), b"\x33\x08\x00\x03a/b\x00\x01x");
     }
 

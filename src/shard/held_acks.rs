@@ -9,6 +9,7 @@ use std::time::Duration;
 use ahash::AHashMap;
 
 use crate::session::link::SessionKey;
+use crate::shard::Shard;
 
 /// How long a publisher's held acknowledgements wait for the other shards
 /// to apply its retained publish ([`HeldAcks`]) before they go anyway (a
@@ -28,7 +29,7 @@ pub const APPLY_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct HeldAcks {
     /// Acks of this step held back: session, connection, PUBACK or PUBREC;
     /// in the order the publishes were received.
-    held: Vec<(SessionKey, u64, [u8; 4])>,
+    held: Vec<(SessionKey, u64, Box<[u8]>)>,
     /// Forwarded batches not yet applied by every other shard: token to the
     /// number of shards still to answer and the task waiting for them.
     barriers: AHashMap<u64, (usize, Option<Waker>)>,
@@ -44,13 +45,13 @@ impl HeldAcks {
     }
 
     /// Holds `ack` for connection `conn_id` of session `key`.
-    pub fn hold(&mut self, key: SessionKey, conn_id: u64, ack: [u8; 4]) {
+    pub fn hold(&mut self, key: SessionKey, conn_id: u64, ack: Box<[u8]>) {
         self.held.push((key, conn_id, ack));
     }
 
     /// This step's held acks, to send once the step's publishes are applied
     /// everywhere.
-    pub fn take(&mut self) -> Vec<(SessionKey, u64, [u8; 4])> {
+    pub fn take(&mut self) -> Vec<(SessionKey, u64, Box<[u8]>)> {
         std::mem::take(&mut self.held)
     }
 
@@ -91,5 +92,26 @@ impl HeldAcks {
     /// Stops waiting for barrier `token` (timed out).
     pub fn forget(&mut self, token: u64) {
         self.barriers.remove(&token);
+    }
+}
+
+impl Shard {
+    /// Queues `ack` (a PUBACK, PUBREC or PUBCOMP of any protocol version) for
+    /// connection `conn_id` of session `key`, or holds it until the read's
+    /// publishes are applied on every shard: when it acknowledges a retained
+    /// publish (`retained`) that goes to other shards, or when an earlier
+    /// ack of this session in this read is held (acks keep the order of the
+    /// publishes, §4.6). A held ack always has a remote batch to wait for,
+    /// so `Ctx::forward_publishes` releases it at the end of the read.
+    pub fn queue_ack(&mut self, key: SessionKey, conn_id: u64, ack: &[u8], retained: bool) {
+        let behind_replicas = retained && self.nr_shards > 1 && self.has_remote_batch();
+        if behind_replicas || self.held_acks.holds(key) {
+            self.held_acks.hold(key, conn_id, Box::from(ack));
+            return;
+        }
+        if let Some(session) = self.session_for(key, conn_id) {
+            session.queue_frame(ack);
+            self.mark_dirty(key);
+        }
     }
 }

@@ -103,6 +103,7 @@ mod tests {
                 qos: QoS::AtMostOnce,
                 retain: false,
                 retain_stamp: 0,
+                properties: None,
             },
             Message {
                 topic: ByteString::from("t/2"),
@@ -110,6 +111,7 @@ mod tests {
                 qos: QoS::AtMostOnce,
                 retain: true,
                 retain_stamp: 1,
+                properties: None,
             },
         ]);
         shard.handle_control(ShardMsg::Publish(batch, None));

@@ -14,6 +14,7 @@ pub mod inbox;
 pub mod index;
 pub mod query;
 pub mod registry;
+pub mod subscribe;
 pub mod sys;
 #[cfg(test)]
 pub mod testing;
@@ -31,12 +32,9 @@ use crate::config::Config;
 use crate::mesh::{self, MeshSenders, ShardMsg};
 use crate::net::poller::Poller;
 use crate::observe::counters::Counters;
-use crate::observe::log_limit::LogKind::SubscribeRefused;
-use crate::observe::log_limit::limited;
 use crate::observe::metrics::BrokerGauges;
+use crate::protocol::Version;
 use crate::protocol::message::{Encoded, Message};
-use crate::protocol::topic;
-use crate::protocol::v3::{self as codec, Subscribe};
 use crate::router::Router;
 use crate::router::retain::RetainStore;
 use crate::security::acl::Who;
@@ -197,7 +195,7 @@ impl Ctx {
         let mut shard = self.shard.borrow_mut();
         for (key, conn_id, ack) in held {
             if let Some(session) = shard.session_for(key, conn_id) {
-                session.queue_control(&ack);
+                session.queue_frame(&ack);
                 shard.mark_dirty(key);
             }
         }
@@ -277,11 +275,19 @@ impl Shard {
 
     /// A PUBLISH from a client of this shard (or a will, or `$SYS`): delivered
     /// here now, and queued for the other shards.
-    pub fn publish(&mut self, mut message: Message) {
+    pub fn publish(&mut self, message: Message) {
+        self.publish_from(message, None);
+    }
+
+    /// [`Shard::publish`] of a client's PUBLISH: `origin` is its session
+    /// (MQTT 5.0 No Local). A retained message is stamped here, where it
+    /// enters the broker (`RetainStore::stamp`), so every replica orders
+    /// it the same.
+    pub fn publish_from(&mut self, mut message: Message, origin: Option<SessionKey>) {
         if message.retain {
             message.retain_stamp = self.retained.stamp(self.id);
         }
-        self.route(&message);
+        self.route_from(&message, origin);
         if self.nr_shards > 1 {
             self.remote_batch.push(message);
         }
@@ -290,6 +296,13 @@ impl Shard {
     /// Delivers a message to this shard's matching subscribers and applies it
     /// to the retained store.
     pub fn route(&mut self, message: &Message) {
+        self.route_from(message, None);
+    }
+
+    /// [`Shard::route`] of a message published by session `origin` of this
+    /// shard. MQTT 5.0 subscribers go through [`Session::deliver_v5`]
+    /// (subscription options): one version check per delivery.
+    fn route_from(&mut self, message: &Message, origin: Option<SessionKey>) {
         if message.retain {
             self.retained.apply(message);
         }
@@ -303,11 +316,17 @@ impl Shard {
             ..
         } = self;
         let mut encoded = Encoded::new(message, batch);
+        encoded.origin = origin;
         router.for_each_match(&message.topic, |key, granted| {
             let Some(session) = sessions.get_mut(key as usize) else {
                 return;
             };
-            match session.deliver(&mut encoded, granted, limits) {
+            let delivery = if session.version == Version::V5 {
+                session.deliver_v5(&mut encoded, key, granted, limits)
+            } else {
+                session.deliver(&mut encoded, granted, limits)
+            };
+            match delivery {
                 Delivery::Queued => {
                     stats.publish_sent_by_qos[message.qos.min(granted) as usize] += 1;
                     if !session.dirty {
@@ -480,116 +499,6 @@ impl Shard {
         self.auth.can_publish(who, topic)
     }
 
-    /// SUBSCRIBE (§3.8): adds each valid filter the ACL allows (`username`:
-    /// the client's, for the ACL), answers SUBACK with the granted QoS or
-    /// 0x80 per filter, then sends matching retained messages.
-    pub fn subscribe(&mut self, key: SessionKey, subscribe: Subscribe, username: Option<&str>) {
-        let mut codes = Vec::with_capacity(subscribe.filters.len());
-        let mut granted_filters = Vec::with_capacity(subscribe.filters.len());
-        for (filter, qos) in subscribe.filters {
-            if topic::validate_topic_filter(&filter).is_err() {
-                limited!(SubscribeRefused, debug, "refused topic filter {filter:?}");
-                codes.push(codec::SUBACK_FAILURE);
-                continue;
-            }
-            if topic::exceeds_levels(&filter, self.config.max_topic_levels) {
-                limited!(
-                    SubscribeRefused,
-                    debug,
-                    "refused topic filter {filter:?}: over max_topic_levels"
-                );
-                self.stats.subscriptions_refused += 1;
-                codes.push(codec::SUBACK_FAILURE);
-                continue;
-            }
-            let max_subscriptions = self.config.max_subscriptions_per_client;
-            let Some(session) = self.sessions.get_mut(key as usize) else {
-                return;
-            };
-            let subscriptions = &session.state.subscriptions;
-            if max_subscriptions > 0
-                && subscriptions.len() >= max_subscriptions
-                && !subscriptions.iter().any(|(f, _)| **f == *filter)
-            {
-                limited!(
-                    SubscribeRefused,
-                    debug,
-                    "client {}: refused topic filter {filter:?}: max_subscriptions_per_client ({max_subscriptions}) reached",
-                    session.client_id
-                );
-                self.stats.subscriptions_refused += 1;
-                codes.push(codec::SUBACK_FAILURE);
-                continue;
-            }
-            if self.auth.acl_enabled() {
-                let who = Who {
-                    client_id: &session.client_id,
-                    username,
-                };
-                if !self.auth.can_subscribe(who, &filter) {
-                    limited!(
-                        SubscribeRefused,
-                        debug,
-                        "client {}: subscription to {filter:?} denied by the ACL",
-                        session.client_id
-                    );
-                    self.stats.subscribe_denied += 1;
-                    codes.push(codec::SUBACK_FAILURE);
-                    continue;
-                }
-            }
-            // The session keeps the router's copy of the filter string.
-            let (_, shared) = self.router.subscribe_shared(&filter, key, qos);
-            session.subscribe(shared, qos);
-            codes.push(qos as u8);
-            granted_filters.push((filter, qos));
-        }
-        let mut suback = BytesMut::with_capacity(4 + codes.len());
-        if let Err(e) = codec::encode_suback(subscribe.packet_id, &codes, &mut suback) {
-            // Cannot happen: the SUBSCRIBE was no larger than the SUBACK.
-            log::error!("cannot encode SUBACK: {e}");
-        }
-        let Some(session) = self.sessions.get_mut(key as usize) else {
-            return;
-        };
-        session
-            .out
-            .push(crate::session::outqueue::OutFrame::whole(Frame::from(
-                &suback[..],
-            )));
-        // Retained messages go after the SUBACK (§3.3.1.3).
-        let limits = self.limits;
-        for (filter, granted) in granted_filters {
-            let Shard {
-                retained, sessions, ..
-            } = self;
-            let Some(session) = sessions.get_mut(key as usize) else {
-                return;
-            };
-            retained.for_each_match(&filter, |m| {
-                if session.deliver_retained(m, granted, &limits) == Delivery::Dropped {
-                    self.stats.publish_dropped += 1;
-                }
-            });
-        }
-        self.mark_dirty(key);
-    }
-
-    /// UNSUBSCRIBE (§3.10): removes each filter and answers UNSUBACK.
-    pub fn unsubscribe(&mut self, key: SessionKey, packet_id: u16, filters: &[ByteString]) {
-        for filter in filters {
-            if let Some(session) = self.sessions.get_mut(key as usize)
-                && session.unsubscribe(filter)
-            {
-                self.router.unsubscribe(filter, key);
-            }
-        }
-        if let Some(session) = self.sessions.get_mut(key as usize) {
-            session.queue_control(&codec::unsuback(packet_id));
-        }
-        self.mark_dirty(key);
-    }
-
     /// The session with `client_id` on this shard, live or offline.
     pub fn session_key(&self, client_id: &str) -> Option<SessionKey> {
         self.by_client_id.get(&self.sessions, client_id)
@@ -624,6 +533,7 @@ impl Shard {
     /// session is discarded (and its home shard told), a persistent one is
     /// kept offline with its subscriptions and unacknowledged messages.
     pub fn end_connection(&mut self, key: SessionKey, conn_id: u64) {
+        let now = self.now_ticks();
         let Some(session) = self.session_for(key, conn_id) else {
             return;
         };
@@ -633,7 +543,55 @@ impl Shard {
             }
         } else {
             session.detach();
+            session.offline_since = now;
         }
+    }
+
+    /// Ends the offline sessions `expired` whose Session Expiry Interval
+    /// has passed (§4.1), found by the keep-alive sweep while it walks the
+    /// sessions anyway, so no session has a timer of its own. Their home
+    /// shards are told through the outbox.
+    pub fn end_expired_sessions(&mut self, expired: &[SessionKey]) {
+        for &key in expired {
+            if let Some(mut session) = self.remove_session(key) {
+                debug!("client {}: session expired", session.client_id);
+                // A will still waiting for its delay goes when its session
+                // ends (§3.1.3.2.2).
+                if let Some(will) = session.take_due_will(u32::MAX) {
+                    self.stats.publish_received += 1;
+                    self.publish(will);
+                }
+                self.release(&session.client_id, session.claim);
+            }
+        }
+    }
+
+    /// Keeps `will` in offline session `key` until `delay` seconds from
+    /// now (MQTT 5.0 Will Delay Interval), or until its session ends.
+    pub fn delay_will(&mut self, key: SessionKey, will: Message, delay: u32) {
+        let due = self
+            .now_ticks()
+            .saturating_add(delay.saturating_mul(TICKS_PER_SEC));
+        if let Some(session) = self.sessions.get_mut(key as usize) {
+            session.delay_will(due, will);
+        }
+    }
+
+    /// Publishes the delayed wills of sessions `due` (found by the
+    /// keep-alive sweep).
+    pub fn publish_due_wills(&mut self, due: &[SessionKey]) {
+        let now = self.now_ticks();
+        for &key in due {
+            let will = self
+                .sessions
+                .get_mut(key as usize)
+                .and_then(|s| s.take_due_will(now));
+            if let Some(will) = will {
+                self.stats.publish_received += 1;
+                self.publish(will);
+            }
+        }
+        self.flush_dirty();
     }
 }
 
@@ -652,6 +610,7 @@ mod tests {
             qos,
             retain,
             retain_stamp: 0,
+            properties: None,
         }
     }
 

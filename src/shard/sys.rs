@@ -124,6 +124,7 @@ fn publish_sys(ctx: &Ctx) -> bool {
             qos: QoS::AtMostOnce,
             retain: true,
             retain_stamp: 0,
+            properties: None,
         });
     }
     shard.flush_dirty();

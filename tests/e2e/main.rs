@@ -8,6 +8,7 @@ mod auth;
 mod basic;
 mod hostile;
 mod limits;
+mod mqtt5;
 mod park;
 mod protocol;
 mod qos;

@@ -720,3 +720,51 @@ pub fn check_slow_publish(body: &[u8], payload: &[u8], last: &mut Option<u32>) {
     assert!(last.is_none_or(|l| n > l), "publish {n} after {last:?}");
     *last = Some(n);
 }
+
+#[test]
+fn mosquitto_v5_clients_talk_over_tls() {
+    let pki = Pki::new();
+    let mut broker = Broker::builder().config(&pki.config("")).start();
+    let tls = broker.port_of("tls").to_string();
+    let ca = pki.path("ca.pem");
+    let mut plain = Mqtt::connect(broker.port, "plain-v3");
+    plain.publish_acked("tls5/retained", true, b"to a v5 client over tls");
+    let out = Command::new("mosquitto_sub")
+        .args([
+            "-V",
+            "5",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &tls,
+            "-t",
+            "tls5/retained",
+        ])
+        .args(["-C", "1", "-W", "10", "-F", "%r %p"])
+        .arg("--cafile")
+        .arg(&ca)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run mosquitto_sub");
+    assert!(out.status.success(), "mosquitto_sub: {out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "1 to a v5 client over tls",
+        "retained, over MQTT 5.0 and TLS"
+    );
+    plain.subscribe("tls5/pub", QoS::AtLeastOnce);
+    let status = Command::new("mosquitto_pub")
+        .args(["-V", "5", "-h", "127.0.0.1", "-p", &tls, "-t", "tls5/pub"])
+        .args(["-q", "2", "-m", "from a v5 client over tls"])
+        .arg("--cafile")
+        .arg(&ca)
+        .stdin(Stdio::null())
+        .status()
+        .expect("run mosquitto_pub");
+    assert!(status.success());
+    assert_eq!(
+        &plain.expect_publish().payload[..],
+        b"from a v5 client over tls"
+    );
+    broker.assert_healthy();
+}

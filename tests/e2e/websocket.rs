@@ -495,3 +495,42 @@ fn a_websocket_subscriber_that_reads_slowly_gets_whole_packets_in_order() {
     assert!(received > 0 && received < 200, "{received} publishes");
     broker.assert_healthy();
 }
+
+#[test]
+fn mqtt_5_over_websocket_and_its_take_over_disconnect() {
+    let broker = Broker::builder().config(WS).start();
+    let port = broker.port_of("ws");
+    let mut ws = ws_connect(port, "mqtt");
+    // CONNECT (level 5, clean start, no properties), SUBSCRIBE QoS 1.
+    let mut body = string(b"MQTT");
+    body.extend([5, 0x02, 0, 60, 0]);
+    body.extend(string(b"ws5"));
+    ws_send(&mut ws, &packet(0x10, &body));
+    // One WebSocket message holds the whole CONNACK (with its properties).
+    let connack = ws_read(&mut ws, 2);
+    assert_eq!(connack[0], 0x20);
+    assert_eq!(connack.len(), 2 + usize::from(connack[1]));
+    assert_eq!(connack[3], 0, "CONNACK Success");
+    let mut body = vec![0, 1, 0];
+    body.extend(string(b"ws5/t"));
+    body.push(1);
+    ws_send(&mut ws, &packet(0x82, &body));
+    assert_eq!(ws_read(&mut ws, 6), vec![0x90, 4, 0, 1, 0, 1]);
+    let publisher = Mqtt::connect(broker.port, "ws5-pub");
+    publisher.publish("ws5/t", QoS::AtLeastOnce, false, b"hi");
+    // The MQTT 5.0 PUBLISH: packet id 1, then no properties.
+    let mut expected = vec![0x32, 12];
+    expected.extend(string(b"ws5/t"));
+    expected.extend([0, 1, 0]);
+    expected.extend(b"hi");
+    assert_eq!(ws_read(&mut ws, expected.len()), expected);
+    // Taken over from a TCP connection: DISCONNECT 0x8E, then the close.
+    let mut raw = Raw::tcp(broker.port);
+    let mut body = string(b"MQTT");
+    body.extend([5, 0x02, 0, 60, 0]);
+    body.extend(string(b"ws5"));
+    raw.send(&packet(0x10, &body));
+    assert_eq!(raw.expect_packet().kind(), 2);
+    assert_eq!(ws_read(&mut ws, 3), vec![0xe0, 1, 0x8e]);
+    assert!(ws_closed(&mut ws));
+}

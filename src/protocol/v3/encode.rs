@@ -147,7 +147,8 @@ pub fn encode_unsuback(packet_id: PacketId, out: &mut BytesMut) {
     out.extend_from_slice(&unsuback(packet_id));
 }
 
-/// Appends a PINGRESP (§3.13).
+/// Appends a PINGRESP (§3.13); the broker queues [`PINGRESP_BYTES`] itself.
+#[cfg(test)]
 pub fn encode_pingresp(out: &mut BytesMut) {
     out.extend_from_slice(&PINGRESP_BYTES);
 }

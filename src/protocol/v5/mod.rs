@@ -74,12 +74,15 @@ use bytestring::ByteString;
 
 pub use crate::protocol::v3::{PacketId, QoS};
 pub use decode::{DecodeError, decode, peek_frame_len};
+#[cfg(test)]
+pub use encode::encode_pingresp;
 pub use encode::{
-    EncodeError, PublishHeader, encode_ack, encode_auth, encode_connack, encode_disconnect,
-    encode_pingresp, encode_publish, encode_publish_head, encode_suback, encode_unsuback,
-    publish_len,
+    EncodeError, PublishHeader, encode_ack, encode_connack, encode_disconnect, encode_publish,
+    encode_publish_head, encode_suback, encode_unsuback,
 };
-pub use properties::{Properties, Property, PropertyId};
+#[cfg(test)]
+pub use properties::PropertyId;
+pub use properties::{Properties, Property};
 pub use reason::ReasonCode;
 
 /// Protocol Name of MQTT 5.0 (§3.1.2.1): the same as MQTT 3.1.1's.
@@ -340,6 +343,7 @@ pub struct Ack {
 
 impl Ack {
     /// A successful acknowledgement without properties (the short form).
+    #[cfg(test)]
     pub fn success(packet_id: PacketId) -> Ack {
         Ack {
             packet_id,

@@ -96,6 +96,12 @@ const CLIENT_DISCONNECT: [u8; 14] = [
     0x00, 0x04, 0x80, 0x81, 0x82, 0x83, 0x90, 0x93, 0x94, 0x95, 0x96, 0x97, 0x98, 0x99,
 ];
 
+// The whole table of §2.4, named as the specification names them; the
+// broker sends only some of them.
+#[expect(
+    dead_code,
+    reason = "the table of §2.4 is complete, the broker uses part of it"
+)]
 impl ReasonCode {
     /// 0x00 Success: CONNACK, PUBACK, PUBREC, PUBREL, PUBCOMP, UNSUBACK, AUTH.
     pub const SUCCESS: ReasonCode = ReasonCode(0x00);

@@ -1,0 +1,230 @@
+//! SUBSCRIBE and UNSUBSCRIBE on a shard (§3.8, §3.10), for both protocol
+//! versions: the checks, the router, the session's list, SUBACK and
+//! UNSUBACK in the client's version, and the retained messages a new
+//! subscription gets.
+
+use std::num::NonZeroU32;
+
+use bytes::BytesMut;
+use bytestring::ByteString;
+
+use crate::observe::log_limit::LogKind::SubscribeRefused;
+use crate::observe::log_limit::limited;
+use crate::protocol::Version;
+use crate::protocol::topic;
+use crate::protocol::v3::{self as codec, Subscribe};
+use crate::protocol::v5::{self, ReasonCode, RetainHandling, SubscriptionOptions};
+use crate::security::acl::Who;
+use crate::session::Delivery;
+use crate::session::outqueue::{Frame, OutFrame};
+use crate::shard::{SessionKey, Shard};
+
+/// How an MQTT 5.0 shared subscription's filter starts (§4.8.2).
+const SHARED_SUBSCRIPTION_PREFIX: &str = "$share/";
+
+impl Shard {
+    /// SUBSCRIBE (§3.8): adds each valid filter the ACL allows (`username`:
+    /// the client's, for the ACL), answers SUBACK with the granted QoS or a
+    /// failure per filter (3.1.1: 0x80; 5.0: 0x8F Topic Filter invalid,
+    /// 0x97 Quota exceeded, 0x87 Not authorized), then sends matching
+    /// retained messages. A 3.1.1 SUBSCRIBE: every filter with the default
+    /// options.
+    pub fn subscribe(&mut self, key: SessionKey, subscribe: Subscribe, username: Option<&str>) {
+        let filters = subscribe
+            .filters
+            .into_iter()
+            .map(|(filter, qos)| {
+                let options = SubscriptionOptions {
+                    qos,
+                    no_local: false,
+                    retain_as_published: false,
+                    retain_handling: RetainHandling::SendAtSubscribe,
+                };
+                (filter, options)
+            })
+            .collect();
+        self.subscribe_with(key, subscribe.packet_id, filters, None, username);
+    }
+
+    /// SUBSCRIBE of either version: [`Shard::subscribe`] with MQTT 5.0's
+    /// Subscription Options per filter (§3.8.3.1) and Subscription
+    /// Identifier (§3.8.2.1.2). No Local, Retain As Published and the
+    /// identifier are kept with the session's subscription
+    /// (`Session::set_subscription_options`); Retain Handling decides here
+    /// which retained messages are sent: 0 always, 1 for a new subscription
+    /// only, 2 never.
+    pub fn subscribe_with(
+        &mut self,
+        key: SessionKey,
+        packet_id: codec::PacketId,
+        filters: Vec<(ByteString, SubscriptionOptions)>,
+        identifier: Option<NonZeroU32>,
+        username: Option<&str>,
+    ) {
+        let mut codes = Vec::with_capacity(filters.len());
+        let mut granted_filters = Vec::with_capacity(filters.len());
+        let v5 = self
+            .sessions
+            .get(key as usize)
+            .is_some_and(|s| s.version == Version::V5);
+        for (filter, options) in filters {
+            let qos = options.qos;
+            if v5 && filter.starts_with(SHARED_SUBSCRIPTION_PREFIX) {
+                // Announced as unavailable in CONNACK (§4.8.2): refused
+                // rather than taken as a plain filter. A 3.1.1 client's
+                // `$share/...` stays a plain filter, as it always was.
+                limited!(
+                    SubscribeRefused,
+                    debug,
+                    "refused shared subscription {filter:?}: not supported"
+                );
+                self.stats.subscriptions_refused += 1;
+                codes.push(ReasonCode::SHARED_SUBSCRIPTIONS_NOT_SUPPORTED);
+                continue;
+            }
+            if topic::validate_topic_filter(&filter).is_err() {
+                limited!(SubscribeRefused, debug, "refused topic filter {filter:?}");
+                codes.push(ReasonCode::TOPIC_FILTER_INVALID);
+                continue;
+            }
+            if topic::exceeds_levels(&filter, self.config.max_topic_levels) {
+                limited!(
+                    SubscribeRefused,
+                    debug,
+                    "refused topic filter {filter:?}: over max_topic_levels"
+                );
+                self.stats.subscriptions_refused += 1;
+                codes.push(ReasonCode::TOPIC_FILTER_INVALID);
+                continue;
+            }
+            let max_subscriptions = self.config.max_subscriptions_per_client;
+            let Some(session) = self.sessions.get_mut(key as usize) else {
+                return;
+            };
+            let subscriptions = &session.state.subscriptions;
+            if max_subscriptions > 0
+                && subscriptions.len() >= max_subscriptions
+                && !subscriptions.iter().any(|(f, _)| **f == *filter)
+            {
+                limited!(
+                    SubscribeRefused,
+                    debug,
+                    "client {}: refused topic filter {filter:?}: max_subscriptions_per_client ({max_subscriptions}) reached",
+                    session.client_id
+                );
+                self.stats.subscriptions_refused += 1;
+                codes.push(ReasonCode::QUOTA_EXCEEDED);
+                continue;
+            }
+            if self.auth.acl_enabled() {
+                let who = Who {
+                    client_id: &session.client_id,
+                    username,
+                };
+                if !self.auth.can_subscribe(who, &filter) {
+                    limited!(
+                        SubscribeRefused,
+                        debug,
+                        "client {}: subscription to {filter:?} denied by the ACL",
+                        session.client_id
+                    );
+                    self.stats.subscribe_denied += 1;
+                    codes.push(ReasonCode::NOT_AUTHORIZED);
+                    continue;
+                }
+            }
+            // The session keeps the router's copy of the filter string.
+            let (_, shared) = self.router.subscribe_shared(&filter, key, qos);
+            let new = session.subscribe(shared.clone(), qos);
+            session.set_subscription_options(shared, &options, identifier);
+            codes.push(ReasonCode::granted(qos));
+            let send_retained = match options.retain_handling {
+                RetainHandling::SendAtSubscribe => true,
+                RetainHandling::SendAtSubscribeIfNew => new,
+                RetainHandling::DoNotSend => false,
+            };
+            if send_retained {
+                granted_filters.push((filter, qos));
+            }
+        }
+        let Some(session) = self.sessions.get_mut(key as usize) else {
+            return;
+        };
+        let mut suback = BytesMut::with_capacity(5 + codes.len());
+        let encoded = match session.version {
+            Version::V3 => {
+                let codes: Vec<u8> = codes
+                    .iter()
+                    .map(|&code| {
+                        if code.is_failure() {
+                            codec::SUBACK_FAILURE
+                        } else {
+                            code.0
+                        }
+                    })
+                    .collect();
+                codec::encode_suback(packet_id, &codes, &mut suback).map_err(|e| e.to_string())
+            }
+            Version::V5 => {
+                v5::encode_suback(packet_id, &v5::Properties::new(), &codes, &mut suback)
+                    .map_err(|e| e.to_string())
+            }
+        };
+        if let Err(e) = encoded {
+            // Cannot happen: the SUBSCRIBE was no larger than the SUBACK.
+            log::error!("cannot encode SUBACK: {e}");
+        }
+        session.out.push(OutFrame::whole(Frame::from(&suback[..])));
+        // Retained messages go after the SUBACK (§3.3.1.3).
+        let limits = self.limits;
+        for (filter, granted) in granted_filters {
+            let Shard {
+                retained, sessions, ..
+            } = self;
+            let Some(session) = sessions.get_mut(key as usize) else {
+                return;
+            };
+            let identifiers: &[NonZeroU32] = identifier.as_slice();
+            retained.for_each_match(&filter, |m| {
+                if session.deliver_retained(m, granted, identifiers, &limits) == Delivery::Dropped {
+                    self.stats.publish_dropped += 1;
+                }
+            });
+        }
+        self.mark_dirty(key);
+    }
+
+    /// UNSUBSCRIBE (§3.10): removes each filter and answers UNSUBACK (5.0:
+    /// with 0x00 Success or 0x11 No subscription existed per filter).
+    pub fn unsubscribe(&mut self, key: SessionKey, packet_id: u16, filters: &[ByteString]) {
+        let mut codes = Vec::with_capacity(filters.len());
+        for filter in filters {
+            if let Some(session) = self.sessions.get_mut(key as usize)
+                && session.unsubscribe(filter)
+            {
+                self.router.unsubscribe(filter, key);
+                codes.push(ReasonCode::SUCCESS);
+            } else {
+                codes.push(ReasonCode::NO_SUBSCRIPTION_EXISTED);
+            }
+        }
+        if let Some(session) = self.sessions.get_mut(key as usize) {
+            match session.version {
+                Version::V3 => session.queue_control(&codec::unsuback(packet_id)),
+                Version::V5 => {
+                    let mut unsuback = BytesMut::new();
+                    if let Err(e) = v5::encode_unsuback(
+                        packet_id,
+                        &v5::Properties::new(),
+                        &codes,
+                        &mut unsuback,
+                    ) {
+                        log::error!("cannot encode UNSUBACK: {e}");
+                    }
+                    session.queue_frame(&unsuback);
+                }
+            }
+        }
+        self.mark_dirty(key);
+    }
+}
