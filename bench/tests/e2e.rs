@@ -235,6 +235,20 @@ fn fanout_against_fanmq_loses_nothing() {
     let port = port.to_string();
     tiny_fanout(&port, &[]);
     tiny_fanout(&port, &["--qos", "1"]);
+    // The kinder generator of before: acks coalesced, SUBSCRIBE after
+    // CONNACK, one handshake at a time.
+    tiny_fanout(
+        &port,
+        &[
+            "--qos",
+            "1",
+            "--coalesce-acks",
+            "--handshake",
+            "sequential",
+            "--connect-in-flight",
+            "1",
+        ],
+    );
 }
 
 /// Checks a latency run's measured run at R_max / 2 (in `fanout`): every
@@ -408,8 +422,19 @@ fn compare_runs_each_broker_and_connect_idle_storm_work() {
     ]);
     assert_eq!(r["runs"][0]["idle"]["held"], 200);
     assert!(r["runs"][0]["idle"]["broker_rss_per_conn"].is_number());
+    // The peak over the RSS before the first connection: at least the
+    // growth that is still there after the hold.
+    let idle = &r["runs"][0]["idle"];
+    assert!(
+        idle["broker_peak_rss_per_conn"].as_f64().unwrap()
+            >= idle["broker_rss_per_conn"].as_f64().unwrap(),
+        "{idle}"
+    );
     let r = bench(&["storm", "--subs", "200", "--compare", "mosquitto"]);
-    assert_eq!(r["runs"][0]["storm"]["back"], 200);
+    let storm = &r["runs"][0]["storm"];
+    assert_eq!(storm["back"], 200);
+    assert!(storm["open_seconds"].as_f64().unwrap() > 0.0, "{storm}");
+    assert!(storm["broker_peak_rss_per_conn"].is_number(), "{storm}");
 }
 
 #[test]
