@@ -6,6 +6,8 @@
 //! - fanmq, from `$FANMQ_BIN`, else the `fanmq` binary that `cargo test
 //!   --workspace` builds next to this one; skipped with a printed reason when
 //!   neither exists.
+//! - FlashMQ, from `$FLASHMQ_BIN`, else the one `bench/peers.sh` builds;
+//!   skipped with a printed reason when neither exists.
 //! - the bench's own `raw` forwarder, and `--compare` between two brokers.
 //! - the `latency` scenario against fanmq: a tiny rate search through
 //!   `--compare fanmq`, and the measured run alone with `--max-rate`.
@@ -249,6 +251,41 @@ fn fanout_against_fanmq_loses_nothing() {
             "1",
         ],
     );
+}
+
+/// FlashMQ through `--compare flashmq` (1 thread) and `flashmq:2`: the
+/// binary from `$FLASHMQ_BIN`, else the one `bench/peers.sh` builds;
+/// skipped with a printed reason when neither exists.
+#[test]
+fn fanout_against_flashmq_loses_nothing() {
+    let built = concat!(env!("CARGO_MANIFEST_DIR"), "/peers/flashmq/build/flashmq");
+    let bin = match std::env::var("FLASHMQ_BIN") {
+        Ok(bin) => bin,
+        Err(_) if std::path::Path::new(built).exists() => built.to_owned(),
+        Err(_) => {
+            println!("SKIPPED: no FlashMQ binary (set FLASHMQ_BIN or run bench/peers.sh)");
+            return;
+        }
+    };
+    let r = bench_with(
+        &[
+            "fanout",
+            "--subs",
+            "50",
+            "--msgs",
+            "100",
+            "--qos",
+            "1",
+            "--duration",
+            "30",
+            "--compare",
+            "flashmq",
+            "flashmq:2",
+        ],
+        &[("FLASHMQ_BIN", &bin)],
+    );
+    assert_no_loss(&r, 50, 100);
+    assert_eq!(r["runs"][1]["broker"], "flashmq-2-threads");
 }
 
 /// Checks a latency run's measured run at R_max / 2 (in `fanout`): every
