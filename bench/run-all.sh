@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The full benchmark behind bench/RESULTS.md: every scenario of
 # ../shared/BENCH.md at 10k-15k connections, fanmq side by side with
-# Mosquitto, rumqttd and the raw TCP forwarder in the same run (A B A B),
-# broker on CPU 0 and load generator on CPU 1. Writes bench/results/*.json
+# FlashMQ, Mosquitto, rumqttd and the raw TCP forwarder in the same run
+# (A B A B), broker on CPU 0 and load generator on CPU 1 (FlashMQ with 1
+# thread there, and 1 and 2 in the multi-core run). Writes bench/results/*.json
 # and bench/plots/*.svg, then regenerates bench/RESULTS.md.
 #
-# Usage: bench/run-all.sh          (after bench/peers.sh; takes ~25 minutes)
+# Usage: bench/run-all.sh          (after bench/peers.sh; takes ~30 minutes)
 # Every run is bounded by --duration; traffic stays on 127.0.0.1.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -13,6 +14,8 @@ cd "$root"
 cargo build --release -p fanmq -p fanmq-bench
 target="${CARGO_TARGET_DIR:-$root/target}"
 export FANMQ_BIN="$target/release/fanmq"
+# FlashMQ as bench/peers.sh builds it, unless FLASHMQ_BIN names another.
+export FLASHMQ_BIN="${FLASHMQ_BIN:-$root/bench/peers/flashmq/build/flashmq}"
 bench="$target/release/fanmq-bench"
 results="$root/bench/results"
 mkdir -p "$results"
@@ -25,22 +28,25 @@ run() { # name, args...
   "$bench" "$@" --out "bench/results/$name.json" --plots | tail -12
 }
 
-run fanout-burst-10k fanout --subs 10000 --msgs 500 --duration 120 --rounds 2 \
-  --compare fanmq mosquitto rumqttd raw "${pin[@]}"
+# --drain-timeout 30: FlashMQ on one core handles the whole burst before it
+# writes its first delivery, more than the default 5 s after the last
+# publish at 10k subscribers; with 5 s it would count as losing everything.
+run fanout-burst-10k fanout --subs 10000 --msgs 500 --duration 120 --rounds 2 --drain-timeout 30 \
+  --compare fanmq flashmq mosquitto rumqttd raw "${pin[@]}"
 run fanout-paced-10k fanout --subs 10000 --msgs 100 --rate 20 --duration 60 --rounds 2 \
-  --compare fanmq mosquitto rumqttd raw "${pin[@]}"
+  --compare fanmq flashmq mosquitto rumqttd raw "${pin[@]}"
 run fanout-qos1-10k fanout --subs 10000 --msgs 50 --qos 1 --duration 120 --rounds 2 \
-  --compare fanmq mosquitto rumqttd "${pin[@]}"
+  --compare fanmq flashmq mosquitto rumqttd "${pin[@]}"
 run fanout-filter-10k fanout --subs 10000 --msgs 500 --filter 'bench/+' --duration 120 \
-  --compare fanmq mosquitto rumqttd "${pin[@]}"
-run idle-15k idle --subs 15000 --hold 10 --compare fanmq mosquitto rumqttd raw "${pin[@]}"
-run connect-1k connect --subs 1000 --rounds 3 --compare fanmq mosquitto rumqttd "${pin[@]}"
-run connect-15k connect --subs 15000 --rounds 3 --compare fanmq mosquitto rumqttd "${pin[@]}"
-run storm-10k storm --subs 10000 --compare fanmq mosquitto rumqttd "${pin[@]}"
-# Multi-core: the same burst with 1 and 2 shards; broker and generator share
+  --compare fanmq flashmq mosquitto rumqttd "${pin[@]}"
+run idle-15k idle --subs 15000 --hold 10 --compare fanmq flashmq mosquitto rumqttd raw "${pin[@]}"
+run connect-1k connect --subs 1000 --rounds 3 --compare fanmq flashmq mosquitto rumqttd "${pin[@]}"
+run connect-15k connect --subs 15000 --rounds 3 --compare fanmq flashmq mosquitto rumqttd "${pin[@]}"
+run storm-10k storm --subs 10000 --compare fanmq flashmq mosquitto rumqttd "${pin[@]}"
+# Multi-core: the same burst with 1 and 2 shards (FlashMQ: threads); broker and generator share
 # both CPUs, so compare the broker's CPU-seconds per delivery.
-run multicore-burst-10k fanout --subs 10000 --msgs 500 --duration 120 --rounds 2 \
-  --compare fanmq:1 fanmq:2 --broker-cpus 0,1 --client-cpus 0,1
+run multicore-burst-10k fanout --subs 10000 --msgs 500 --duration 120 --rounds 2 --drain-timeout 30 \
+  --compare fanmq:1 fanmq:2 flashmq flashmq:2 --broker-cpus 0,1 --client-cpus 0,1
 # Issue 3's latency target: find fanmq's max sustained rate R_max for N
 # subscribers (open-loop steps of 5 s, doubling then bisecting to 10%, at most
 # 16 steps), then 60 s at R_max / 2: p99 against 1.2 x N / (R_max x N) and
@@ -49,7 +55,7 @@ run multicore-burst-10k fanout --subs 10000 --msgs 500 --duration 120 --rounds 2
 # msg/s) is below the search's floor (50 messages per 5 s step), so 10k is
 # fanmq alone.
 run latency-1k latency --subs 1000 --duration 60 \
-  --compare fanmq mosquitto rumqttd "${pin[@]}"
+  --compare fanmq flashmq mosquitto rumqttd "${pin[@]}"
 run latency-10k latency --subs 10000 --duration 60 --compare fanmq "${pin[@]}"
 
 cargo run -q -p fanmq-bench --release -- report

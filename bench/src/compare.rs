@@ -6,7 +6,9 @@
 //! lines, which would cost it CPU in every connect; queue limits raised so
 //! that a burst to 10k subscribers is not dropped by configuration),
 //! `rumqttd`, `fanmq` (binary from `$FANMQ_BIN`, else `fanmq` on PATH; one
-//! shard), `fanmq:N` (the same with N shards) and `raw` (this binary's
+//! shard), `fanmq:N` (the same with N shards), `flashmq` (binary from
+//! `$FLASHMQ_BIN`, else `flashmq` on PATH, as `bench/peers.sh` builds it;
+//! one thread), `flashmq:N` (N threads) and `raw` (this binary's
 //! forwarder). Anything else is a shell command with
 //! `{port}`, run with `exec` so its PID is the broker's.
 
@@ -201,6 +203,18 @@ fn command_for(
                 false,
             )
         }
+        "flashmq" => flashmq(1, port, &write)?,
+        // `flashmq:N`: FlashMQ with N threads.
+        other
+            if other
+                .strip_prefix("flashmq:")
+                .is_some_and(|n| n.parse::<u32>().is_ok_and(|n| n > 0)) =>
+        {
+            let threads = other.trim_start_matches("flashmq:");
+            // Checked just above.
+            let n = threads.parse::<u32>().unwrap_or(1);
+            flashmq(n, port, &write)?
+        }
         other => (
             other.to_owned(),
             other.replace("{port}", &port.to_string()),
@@ -216,6 +230,44 @@ pub fn mosquitto_conf(port: u16, max_queued: u64) -> String {
         "listener {port} 127.0.0.1\nallow_anonymous true\nmax_connections -1\n\
          max_queued_messages {max_queued}\npersistence false\n\
          connection_messages false\nlog_dest stderr\nlog_type error\nlog_type warning\n"
+    )
+}
+
+/// `(label, command, raw)` of FlashMQ with `threads` threads on `port`,
+/// its config written by `write`.
+fn flashmq(
+    threads: u32,
+    port: u16,
+    write: &dyn Fn(&str, String) -> Result<PathBuf, CompareError>,
+) -> Result<(String, String, bool), CompareError> {
+    let conf = write(
+        &format!("flashmq-{port}.conf"),
+        flashmq_conf(port, threads, procfs::nofile_hard()),
+    )?;
+    let bin = std::env::var("FLASHMQ_BIN").unwrap_or_else(|_| "flashmq".into());
+    let label = if threads == 1 {
+        "flashmq".to_owned()
+    } else {
+        format!("flashmq-{threads}-threads")
+    };
+    Ok((
+        label,
+        format!("{bin} --config-file {}", conf.display()),
+        false,
+    ))
+}
+
+/// FlashMQ (syntax of its `flashmq.conf`): `threads` threads, anonymous,
+/// one loopback listener. `rlimit_nofile` is FlashMQ's own setrlimit
+/// (default 1000000), which fails above the hard limit `nofile_hard`, so it
+/// is the hard limit. `log_level warning`: no log line per connection
+/// (FlashMQ logs every accept and login at `notice`), as for Mosquitto.
+/// No `storage_dir`: nothing persisted, as for the other peers.
+pub fn flashmq_conf(port: u16, threads: u32, nofile_hard: u64) -> String {
+    format!(
+        "thread_count {threads}\nrlimit_nofile {nofile_hard}\nallow_anonymous true\n\
+         log_level warning\nlisten {{\n  port {port}\n  protocol mqtt\n  inet_protocol ip4\n\
+         \x20 inet4_bind_address 127.0.0.1\n}}\n"
     )
 }
 
@@ -268,5 +320,24 @@ mod tests {
             ("mybroker -p {port}", "mybroker -p 4242")
         );
         assert!(mosquitto_conf(4242, 5).contains("listener 4242 127.0.0.1"));
+        let (label, cmd, raw) = command_for("flashmq", 4242, &dir, 1000).unwrap();
+        assert_eq!(label, "flashmq");
+        assert!(cmd.contains(" --config-file ") && cmd.ends_with("flashmq-4242.conf") && !raw);
+        let (label, _, _) = command_for("flashmq:2", 4242, &dir, 1000).unwrap();
+        assert_eq!(label, "flashmq-2-threads");
+        let conf = flashmq_conf(4242, 2, 20_000);
+        for line in [
+            "thread_count 2",
+            "rlimit_nofile 20000",
+            "allow_anonymous true",
+            "port 4242",
+        ] {
+            assert!(conf.contains(line), "{line}: {conf}");
+        }
+        // `flashmq:0` is no peer: a shell command of that name.
+        assert_eq!(
+            command_for("flashmq:0", 4242, &dir, 1000).unwrap().0,
+            "flashmq:0"
+        );
     }
 }

@@ -26,6 +26,7 @@
 mod capacity;
 mod cli;
 mod compare;
+mod conn;
 mod fleet;
 mod latency;
 mod merge;

@@ -19,6 +19,11 @@ pub enum ProcError {
     CpuList(String),
     #[error("{0}: {1}")]
     Os(&'static str, std::io::Error),
+    #[error("writing {path}: {source}")]
+    Write {
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 fn read(path: &str) -> Result<String, ProcError> {
@@ -98,10 +103,37 @@ fn parse_schedstat_ns(text: &str) -> Option<u64> {
 /// # Errors
 /// The process is gone or has no `VmRSS` line (a zombie).
 pub fn rss_bytes(pid: u32) -> Result<u64, ProcError> {
+    status_bytes(pid, "VmRSS:")
+}
+
+/// A process's peak resident set size in bytes (`VmHWM` in
+/// `/proc/PID/status`): since it started, or since [`reset_peak_rss`].
+///
+/// # Errors
+/// The process is gone or has no `VmHWM` line (a zombie).
+pub fn peak_rss_bytes(pid: u32) -> Result<u64, ProcError> {
+    status_bytes(pid, "VmHWM:")
+}
+
+/// Resets a process's `VmHWM` to its current RSS (writes `5` to
+/// `/proc/PID/clear_refs`, Linux ≥ 4.0; needs the right to ptrace it), so
+/// that a peak read later is this run's, not one of an earlier run against
+/// the same broker.
+///
+/// # Errors
+/// Not allowed, or the process is gone: the peak then counts from the
+/// broker's start.
+pub fn reset_peak_rss(pid: u32) -> Result<(), ProcError> {
+    let path = format!("/proc/{pid}/clear_refs");
+    fs::write(&path, "5").map_err(|source| ProcError::Write { path, source })
+}
+
+/// A `kB` field of `/proc/PID/status`, in bytes.
+fn status_bytes(pid: u32, field: &str) -> Result<u64, ProcError> {
     let path = format!("/proc/{pid}/status");
     let text = read(&path)?;
     text.lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         .map(|kb| kb * 1024)
         .ok_or(ProcError::Format(path))
@@ -321,6 +353,9 @@ mod tests {
         let pid = std::process::id();
         assert!(cpu_seconds(pid).unwrap() >= 0.0);
         assert!(rss_bytes(pid).unwrap() > 100_000);
+        // After a reset the peak is the RSS then, not zero.
+        reset_peak_rss(pid).unwrap();
+        assert!(peak_rss_bytes(pid).unwrap() > 100_000);
     }
 
     #[test]

@@ -37,9 +37,21 @@ pub struct WorkerTask {
     pub raw: bool,
     /// Source addresses to bind before connect; empty = kernel's choice.
     pub source_addrs: Vec<String>,
-    /// Handshakes in flight at once: more would overflow the broker's listen
-    /// backlog and turn into 1 s SYN retransmits that distort the figures.
+    /// Handshakes in flight at once (TCP connect to SUBACK), this worker's
+    /// share of `--connect-in-flight`; the storm sets it to `count` (every
+    /// socket at once).
     pub max_pending: usize,
+    /// CONNECT and SUBSCRIBE written together, without waiting for CONNACK
+    /// (what many clients do); `false`: SUBSCRIBE once CONNACK arrived
+    /// (MQTT.js, and the storm).
+    #[serde(default)]
+    pub pipeline: bool,
+    /// Acknowledgements of one read written together in one `write`;
+    /// `false` (the default, as paho, MQTT.js and mosquitto_sub do): every
+    /// PUBACK, PUBREC and PUBCOMP is its own `write` the moment its packet
+    /// is parsed.
+    #[serde(default)]
+    pub coalesce_acks: bool,
     /// A handshake (TCP + CONNECT + SUBSCRIBE) taking longer fails.
     pub handshake_timeout_ms: u64,
     /// Monotonic time of bucket 0 of the deliveries timeline.

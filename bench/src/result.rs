@@ -155,6 +155,13 @@ pub struct IdleFigures {
     pub broker_rss_before: Option<u64>,
     pub broker_rss_after: Option<u64>,
     pub broker_rss_per_conn: Option<f64>,
+    /// The broker's peak RSS (`VmHWM`, reset before the first connection
+    /// where allowed) after the hold: what a user provisions for.
+    #[serde(default)]
+    pub broker_peak_rss_after: Option<u64>,
+    /// (peak after the hold − RSS before the first connection) ÷ held.
+    #[serde(default)]
+    pub broker_peak_rss_per_conn: Option<f64>,
     pub sockstat_before: SockStat,
     pub sockstat_after: SockStat,
     /// Kernel memory per connection: TCP buffers plus slab (socket
@@ -175,6 +182,16 @@ pub struct StormFigures {
     pub seconds: f64,
     pub errors: BTreeMap<String, u64>,
     pub broker_cpu_s: Option<f64>,
+    /// The first storm: every socket opened at once → all subscribed.
+    #[serde(default)]
+    pub open_seconds: f64,
+    /// The broker's peak RSS (`VmHWM`) after both storms.
+    #[serde(default)]
+    pub broker_peak_rss_after: Option<u64>,
+    /// (peak after both storms − RSS before the first connection) ÷
+    /// subscribers.
+    #[serde(default)]
+    pub broker_peak_rss_per_conn: Option<f64>,
 }
 
 /// The latency scenario's figures (see `crate::latency`).
@@ -395,10 +412,17 @@ pub fn headline(run: &RunResult) -> Vec<(&'static str, f64, bool)> {
         if let Some(b) = i.broker_rss_per_conn {
             v.push(("broker RSS B/conn", b, false));
         }
+        if let Some(b) = i.broker_peak_rss_per_conn {
+            v.push(("broker peak RSS B/conn", b, false));
+        }
         v.push(("kernel B/conn", i.kernel_mem_per_conn, false));
     }
     if let Some(s) = &run.storm {
+        v.push(("seconds until all subscribed", s.open_seconds, false));
         v.push(("seconds to reconnect", s.seconds, false));
+        if let Some(b) = s.broker_peak_rss_per_conn {
+            v.push(("broker peak RSS B/conn", b, false));
+        }
     }
     if let Some(l) = &run.latency {
         if let Some(r) = l.max_rate {
@@ -518,6 +542,14 @@ pub fn run_table(run: &RunResult) -> String {
             fmt_opt(i.broker_rss_per_conn, 0),
         );
         row(
+            "broker peak RSS after / per connection (B)",
+            format!(
+                "{} / {}",
+                fmt_bytes(i.broker_peak_rss_after),
+                fmt_opt(i.broker_peak_rss_per_conn, 0)
+            ),
+        );
+        row(
             "kernel memory (TCP buffers + slab) per connection, both ends (B)",
             format!("{:.0}", i.kernel_mem_per_conn),
         );
@@ -532,8 +564,20 @@ pub fn run_table(run: &RunResult) -> String {
             format!("{} / {} / {}", st.dropped, st.back, st.failed),
         );
         row(
+            "seconds from all sockets opened at once to all subscribed",
+            format!("{:.3}", st.open_seconds),
+        );
+        row(
             "seconds until all back and subscribed",
             format!("{:.3}", st.seconds),
+        );
+        row(
+            "broker peak RSS after / per connection (B)",
+            format!(
+                "{} / {}",
+                fmt_bytes(st.broker_peak_rss_after),
+                fmt_opt(st.broker_peak_rss_per_conn, 0)
+            ),
         );
         row("reconnect failures", fmt_errors(&st.errors));
         row("broker CPU-s for the storm", fmt_opt(st.broker_cpu_s, 3));

@@ -5,7 +5,7 @@
 //! [`crate::latency`]; both publish through [`crate::phase`].
 
 use crate::capacity;
-use crate::cli::Opts;
+use crate::cli::{Handshake, Opts};
 use crate::fleet::{Fleet, FleetError};
 use crate::latency;
 use crate::net;
@@ -81,6 +81,17 @@ fn rss_of(pid: Option<u32>) -> Option<u64> {
     pid.and_then(|p| procfs::rss_bytes(p).ok())
 }
 
+fn peak_rss_of(pid: Option<u32>) -> Option<u64> {
+    pid.and_then(|p| procfs::peak_rss_bytes(p).ok())
+}
+
+/// (`after` − `before`) ÷ `conns` in bytes, when both were read.
+fn growth_per_conn(before: Option<u64>, after: Option<u64>, conns: u64) -> Option<f64> {
+    before
+        .zip(after)
+        .map(|(a, b)| (b as f64 - a as f64) / conns.max(1) as f64)
+}
+
 /// Runs one scenario against one broker.
 ///
 /// # Errors
@@ -142,7 +153,15 @@ pub fn run(kind: Kind, o: &Opts, t: &Target, round: u32) -> Result<RunResult, Sc
             keep_alive_s: o.keep_alive,
             raw: t.raw,
             source_addrs: sources.clone(),
-            max_pending: (o.max_pending / workers as usize).max(1),
+            // The storm opens every socket at once, each sending SUBSCRIBE
+            // once its CONNACK is in (as MQTT.js does).
+            max_pending: if kind == Kind::Storm {
+                count as usize
+            } else {
+                (o.connect_in_flight / workers as usize).max(1)
+            },
+            pipeline: kind != Kind::Storm && o.handshake == Handshake::Pipelined,
+            coalesce_acks: o.coalesce_acks,
             handshake_timeout_ms: o.handshake_timeout_ms,
             timeline_start_ns: timeline_start,
             bucket_ns: BUCKET_NS,
@@ -171,6 +190,15 @@ pub fn run(kind: Kind, o: &Opts, t: &Target, round: u32) -> Result<RunResult, Sc
         ..RunResult::default()
     };
     let progress = Progress::new(&format!("{} vs {}", kind.name(), t.label));
+    // The peak (VmHWM) counts from here: a broker measured before (an
+    // earlier round, --broker-pid) would otherwise report its old peak.
+    if let Some(pid) = t.pid
+        && let Err(e) = procfs::reset_peak_rss(pid)
+    {
+        result.notes.push(format!(
+            "broker peak RSS not reset ({e}): it counts from the broker's start"
+        ));
+    }
     let rss_before = rss_of(t.pid);
     let sock_before = procfs::sockstat().unwrap_or_default();
     let mut fleet = Fleet::spawn(&tasks)?;
@@ -259,6 +287,7 @@ pub fn run(kind: Kind, o: &Opts, t: &Target, round: u32) -> Result<RunResult, Sc
             let wall = stats::monotonic_ns() - w0;
             let sock_after = procfs::sockstat().unwrap_or_default();
             let rss_after = rss_of(t.pid);
+            let peak_after = peak_rss_of(t.pid);
             let n = ready.max(1) as f64;
             result.idle = Some(IdleFigures {
                 held: fleet.total().ready,
@@ -268,6 +297,8 @@ pub fn run(kind: Kind, o: &Opts, t: &Target, round: u32) -> Result<RunResult, Sc
                 broker_rss_per_conn: rss_before
                     .zip(rss_after)
                     .map(|(a, b)| (b as f64 - a as f64) / n),
+                broker_peak_rss_after: peak_after,
+                broker_peak_rss_per_conn: growth_per_conn(rss_before, peak_after, ready),
                 sockstat_before: sock_before,
                 sockstat_after: sock_after,
                 kernel_mem_per_conn: ((sock_after.tcp_mem_bytes + sock_after.slab_bytes) as f64
@@ -313,10 +344,15 @@ pub fn run(kind: Kind, o: &Opts, t: &Target, round: u32) -> Result<RunResult, Sc
             );
             let w1 = stats::monotonic_ns();
             let c1 = cpu_of(t.pid);
+            let peak_after = peak_rss_of(t.pid);
             let mut storm = StormFigures {
                 dropped,
                 seconds: (w1 - w0) as f64 / 1e9,
                 broker_cpu_s: c0.zip(c1).map(|(a, b)| b - a),
+                // The connect phase above was the first storm.
+                open_seconds: result.connect.as_ref().map_or(0.0, |c| c.seconds),
+                broker_peak_rss_after: peak_after,
+                broker_peak_rss_per_conn: growth_per_conn(rss_before, peak_after, subs),
                 ..StormFigures::default()
             };
             match back {

@@ -26,6 +26,7 @@
 //! range, see [`crate::capacity`]). Connections that
 //! fail are counted by reason, never retried silently.
 
+use crate::conn::{Conn, State};
 use crate::mqtt::{self, Frame};
 use crate::net;
 use crate::procfs;
@@ -69,42 +70,6 @@ pub enum WorkerError {
     Io(#[from] io::Error),
     #[error("writing to the coordinator: {0}")]
     Pipe(String),
-}
-
-/// Where one connection is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum State {
-    /// Not opened yet (or dropped, waiting for the next connect).
-    Idle,
-    /// TCP connect in progress.
-    Connecting,
-    /// CONNECT sent (raw mode: hello sent, waiting for `K`).
-    WaitConnAck,
-    /// SUBSCRIBE sent.
-    WaitSubAck,
-    /// Subscribed: receiving publishes.
-    Ready,
-    /// Gave up on it; the reason is in the error counts.
-    Failed,
-}
-
-/// One subscriber connection.
-struct Conn {
-    stream: Option<mio::net::TcpStream>,
-    state: State,
-    /// When the current connect attempt began (connect latency).
-    started_ns: u64,
-    /// When we last wrote (keep-alive).
-    last_send_ns: u64,
-    /// Part of a frame left from the previous read; empty almost always.
-    partial: Vec<u8>,
-    /// Bytes not yet accepted by the socket; empty almost always.
-    unsent: Vec<u8>,
-    seq: SeqTracker,
-    /// Subscribed at the start of the current phase or during it: must
-    /// receive every message of the phase (a connection that breaks later
-    /// counts its missing messages as lost).
-    counted: bool,
 }
 
 /// The worker's whole state.
@@ -179,18 +144,7 @@ pub fn run() -> Result<(), WorkerError> {
         .map(|s| s.parse().map_err(|_| WorkerError::Source(s.clone())))
         .collect::<Result<Vec<IpAddr>, _>>()?;
     let rss_start_bytes = procfs::rss_bytes(std::process::id()).unwrap_or(0);
-    let conns = (0..task.count)
-        .map(|_| Conn {
-            stream: None,
-            state: State::Idle,
-            started_ns: 0,
-            last_send_ns: 0,
-            partial: Vec::new(),
-            unsent: Vec::new(),
-            seq: SeqTracker::default(),
-            counted: false,
-        })
-        .collect();
+    let conns = (0..task.count).map(|_| Conn::new()).collect();
     let mut w = Worker {
         timeline: Timeline::new(task.timeline_start_ns, task.bucket_ns),
         task,
@@ -547,7 +501,22 @@ impl Worker {
                     self.task.client_prefix,
                     self.task.first_index + i as u64
                 );
-                mqtt::encode_connect(&id, self.task.keep_alive_s, true, &mut c.unsent)
+                mqtt::encode_connect(&id, self.task.keep_alive_s, true, &mut c.unsent).and_then(
+                    |()| {
+                        // Pipelined: SUBSCRIBE right behind CONNECT, in the
+                        // same write, before any CONNACK.
+                        if self.task.pipeline {
+                            mqtt::encode_subscribe(
+                                1,
+                                &self.task.filter,
+                                self.task.qos,
+                                &mut c.unsent,
+                            )
+                        } else {
+                            Ok(())
+                        }
+                    },
+                )
             };
             if let Err(e) = hello {
                 return self.fail(i, &e.to_string());
@@ -686,8 +655,10 @@ impl Worker {
                 }
                 let c = &mut self.conns[i];
                 c.state = State::WaitSubAck;
-                mqtt::encode_subscribe(1, &self.task.filter, self.task.qos, &mut c.unsent)
-                    .map_err(|e| e.to_string())?;
+                if !self.task.pipeline {
+                    mqtt::encode_subscribe(1, &self.task.filter, self.task.qos, &mut c.unsent)
+                        .map_err(|e| e.to_string())?;
+                }
             }
             Frame::SubAck { codes, .. } if state == State::WaitSubAck => {
                 if codes.contains(&0x80) {
@@ -729,18 +700,35 @@ impl Worker {
                         self.delivered += 1;
                     }
                 }
-                let c = &mut self.conns[i];
                 match qos {
-                    1 => mqtt::encode_ack(mqtt::kind::PUBACK, pkid, &mut c.unsent),
-                    2 => mqtt::encode_ack(mqtt::kind::PUBREC, pkid, &mut c.unsent),
+                    1 => self.ack(i, mqtt::kind::PUBACK, pkid)?,
+                    2 => self.ack(i, mqtt::kind::PUBREC, pkid)?,
                     _ => {}
                 }
             }
             Frame::Ack {
                 kind: mqtt::kind::PUBREL,
                 pkid,
-            } => mqtt::encode_ack(mqtt::kind::PUBCOMP, pkid, &mut self.conns[i].unsent),
+            } => self.ack(i, mqtt::kind::PUBCOMP, pkid)?,
             _ => {} // PINGRESP and anything unexpected: ignored.
+        }
+        Ok(())
+    }
+
+    /// Queues an acknowledgement and, unless acknowledgements are coalesced,
+    /// writes it now in its own `write` (as real clients do: each ack is a
+    /// separate segment the broker must read).
+    ///
+    /// # Errors
+    /// The write failed: the connection is already failed and counted.
+    fn ack(&mut self, i: usize, kind: u8, pkid: u16) -> Result<(), String> {
+        mqtt::encode_ack(kind, pkid, &mut self.conns[i].unsent);
+        if self.task.coalesce_acks {
+            return Ok(()); // written after the whole read, in one write.
+        }
+        self.flush(i);
+        if self.conns[i].stream.is_none() {
+            return Err("acknowledgement write failed".into());
         }
         Ok(())
     }

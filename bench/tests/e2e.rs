@@ -6,6 +6,8 @@
 //! - fanmq, from `$FANMQ_BIN`, else the `fanmq` binary that `cargo test
 //!   --workspace` builds next to this one; skipped with a printed reason when
 //!   neither exists.
+//! - FlashMQ, from `$FLASHMQ_BIN`, else the one `bench/peers.sh` builds;
+//!   skipped with a printed reason when neither exists.
 //! - the bench's own `raw` forwarder, and `--compare` between two brokers.
 //! - the `latency` scenario against fanmq: a tiny rate search through
 //!   `--compare fanmq`, and the measured run alone with `--max-rate`.
@@ -235,6 +237,55 @@ fn fanout_against_fanmq_loses_nothing() {
     let port = port.to_string();
     tiny_fanout(&port, &[]);
     tiny_fanout(&port, &["--qos", "1"]);
+    // The kinder generator of before: acks coalesced, SUBSCRIBE after
+    // CONNACK, one handshake at a time.
+    tiny_fanout(
+        &port,
+        &[
+            "--qos",
+            "1",
+            "--coalesce-acks",
+            "--handshake",
+            "sequential",
+            "--connect-in-flight",
+            "1",
+        ],
+    );
+}
+
+/// FlashMQ through `--compare flashmq` (1 thread) and `flashmq:2`: the
+/// binary from `$FLASHMQ_BIN`, else the one `bench/peers.sh` builds;
+/// skipped with a printed reason when neither exists.
+#[test]
+fn fanout_against_flashmq_loses_nothing() {
+    let built = concat!(env!("CARGO_MANIFEST_DIR"), "/peers/flashmq/build/flashmq");
+    let bin = match std::env::var("FLASHMQ_BIN") {
+        Ok(bin) => bin,
+        Err(_) if std::path::Path::new(built).exists() => built.to_owned(),
+        Err(_) => {
+            println!("SKIPPED: no FlashMQ binary (set FLASHMQ_BIN or run bench/peers.sh)");
+            return;
+        }
+    };
+    let r = bench_with(
+        &[
+            "fanout",
+            "--subs",
+            "50",
+            "--msgs",
+            "100",
+            "--qos",
+            "1",
+            "--duration",
+            "30",
+            "--compare",
+            "flashmq",
+            "flashmq:2",
+        ],
+        &[("FLASHMQ_BIN", &bin)],
+    );
+    assert_no_loss(&r, 50, 100);
+    assert_eq!(r["runs"][1]["broker"], "flashmq-2-threads");
 }
 
 /// Checks a latency run's measured run at R_max / 2 (in `fanout`): every
@@ -408,8 +459,19 @@ fn compare_runs_each_broker_and_connect_idle_storm_work() {
     ]);
     assert_eq!(r["runs"][0]["idle"]["held"], 200);
     assert!(r["runs"][0]["idle"]["broker_rss_per_conn"].is_number());
+    // The peak over the RSS before the first connection: at least the
+    // growth that is still there after the hold.
+    let idle = &r["runs"][0]["idle"];
+    assert!(
+        idle["broker_peak_rss_per_conn"].as_f64().unwrap()
+            >= idle["broker_rss_per_conn"].as_f64().unwrap(),
+        "{idle}"
+    );
     let r = bench(&["storm", "--subs", "200", "--compare", "mosquitto"]);
-    assert_eq!(r["runs"][0]["storm"]["back"], 200);
+    let storm = &r["runs"][0]["storm"];
+    assert_eq!(storm["back"], 200);
+    assert!(storm["open_seconds"].as_f64().unwrap() > 0.0, "{storm}");
+    assert!(storm["broker_peak_rss_per_conn"].is_number(), "{storm}");
 }
 
 #[test]

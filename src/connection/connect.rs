@@ -327,7 +327,15 @@ mod tests {
         // The codec decodes only client packets: look for a few properties'
         // bytes instead.
         assert!(bytes.windows(4).any(|w| w == [0x12, 0, 2, b'i']));
-        assert!(bytes.windows(3).any(|w| w == [0x21, 0, 20]), "receive max");
+        let receive_maximum = u16::try_from(config.max_inflight_messages)
+            .unwrap_or(u16::MAX)
+            .to_be_bytes();
+        assert!(
+            bytes
+                .windows(3)
+                .any(|w| w == [0x21, receive_maximum[0], receive_maximum[1]]),
+            "receive max"
+        );
         assert!(bytes.windows(2).any(|w| w == [0x2A, 0]), "no shared subs");
         assert_eq!(
             accepting_connack(Version::V3, true, &accepted, &config),

@@ -24,7 +24,8 @@
 //! Only the first wait after CONNECT happens in the task, on glommio's
 //! stream ([`Wire::Fresh`]): the client's next packet (SUBSCRIBE) usually
 //! follows at once, and waking a task through glommio costs less than
-//! through the watcher thread. At its next wait (or when the keep-alive sweep
+//! through the watcher thread. A client whose SUBSCRIBE came with its
+//! CONNECT (pipelined) skips that wait. At its next wait (or when the keep-alive sweep
 //! finds it idle) the socket leaves glommio's stream ([`Wire::Plain`]) and
 //! the connection parks.
 //!
@@ -152,7 +153,15 @@ pub async fn serve(
         conn: Some(conn),
         slot: Some(slot),
         unprocessed,
-        reading: Reading::default(),
+        reading: Reading {
+            // A client that wrote SUBSCRIBE with CONNECT (pipelined) has
+            // sent what the wait on glommio's stream is for: it parks at its
+            // first wait. Waiting there instead held every such connection's
+            // task and glommio poll source (~900 B) until the keep-alive
+            // sweep, all at once after a connect burst.
+            fresh_waited: unprocessed,
+            drained: false,
+        },
         forwarding: None,
         ended: None,
         listener,

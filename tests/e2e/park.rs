@@ -10,7 +10,9 @@ use std::time::Duration;
 use rumqttc::QoS;
 
 use crate::admin::{total, wait_stats};
-use crate::common::{Broker, ConnectBuilder, Mqtt, Raw, ack, unique, unsubscribe};
+use crate::common::{
+    Broker, CONNACK_OK, ConnectBuilder, Mqtt, Raw, ack, subscribe, unique, unsubscribe,
+};
 
 /// Waits until at least `count` connections are parked.
 fn wait_parked(broker: &Broker, count: u64) {
@@ -69,6 +71,43 @@ fn parked_subscribers_get_every_message_and_answers() {
     assert_eq!(first.subscribe(8, &[(&other, 0)]), vec![0]);
     publisher.publish_acked(&other, false, b"x");
     assert_eq!(first.expect_publish().payload, b"x");
+}
+
+/// Clients that write SUBSCRIBE with CONNECT, before CONNACK (pipelined,
+/// as many do) park at once, without the wait on glommio's stream, and get
+/// every message like the others.
+#[test]
+fn pipelined_subscribers_park_and_get_every_message() {
+    let broker = Broker::start();
+    let topic = format!("park/pipelined/{}", unique());
+    let mut subscribers: Vec<Raw> = (0..20)
+        .map(|i| {
+            let id = format!("park-pipe-{i}-{}", unique());
+            let mut raw = Raw::send_connect(broker.port, &ConnectBuilder::new(&id));
+            raw.send(&subscribe(1, &[(topic.as_bytes(), 1)]));
+            let connack = raw.expect_packet();
+            assert_eq!(
+                (connack.kind(), connack.body.as_slice()),
+                (2, &CONNACK_OK[2..])
+            );
+            let suback = raw.expect_packet();
+            assert_eq!((suback.kind(), suback.body.as_slice()), (9, &[0, 1, 1][..]));
+            raw
+        })
+        .collect();
+    wait_parked(&broker, 20);
+    let mut publisher = Mqtt::connect(broker.port, &format!("park-pipe-pub-{}", unique()));
+    for i in 0..5u8 {
+        publisher.publish_acked(&topic, false, &[i]);
+    }
+    for raw in &mut subscribers {
+        for i in 0..5u8 {
+            let p = raw.expect_publish();
+            assert_eq!(p.payload, vec![i], "message {i} out of order or lost");
+            raw.send(&ack(0x40, p.packet_id));
+        }
+    }
+    wait_parked(&broker, 20);
 }
 
 #[test]
