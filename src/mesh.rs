@@ -28,7 +28,7 @@ pub enum ShardMsg {
     /// Publishes received by the sending shard, in the order received; with
     /// (shard, token): answer that shard [`ShardMsg::Applied`] once routed
     /// (its retained publishes then wait for their acks,
-    /// `crate::shard::held_acks::HeldAcks`).
+    /// `shard::held_acks::HeldAcks`).
     Publish(Arc<Vec<Message>>, Option<(usize, u64)>),
     /// To a publisher's shard: the batch of its barrier `token` is applied.
     Applied {

@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 /// How often each shard sweeps for keep-alive timeouts (and refreshes its
-/// admin gauges, `crate::observe::metrics::REFRESH_PERIOD`). Half a second:
+/// admin gauges, `observe::metrics::REFRESH_PERIOD`). Half a second:
 /// a keep-alive timeout (1.5 × keep-alive, §3.1.2.10) is then noticed within
 /// 0.5 s, and figures are at most that old.
 pub const KEEP_ALIVE_SWEEP: Duration = Duration::from_millis(500);
@@ -83,7 +83,7 @@ pub const DEFAULT_ALLOW_ANONYMOUS_WITH_PASSWORD_FILE: bool = false;
 /// loopback only, EMQX's dashboard port. `off` (or empty) disables it.
 pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:18083";
 
-// Transports (TLS, WebSocket; see `crate::net::transport`). Every transport other
+// Transports (TLS, WebSocket; see `net::transport`). Every transport other
 // than plain MQTT is off by default: it needs certificates (TLS, WSS) or is a
 // deliberate choice (WS), and the tests run many brokers at once on port 0,
 // so no fixed port may be bound unless configured.
@@ -330,7 +330,7 @@ pub struct Config {
     pub connect_timeout: Duration,
     /// QoS 1/2 messages in flight per client.
     pub max_inflight_messages: usize,
-    /// Messages queued per client (see [`crate::session::Limits`]).
+    /// Messages queued per client (see `session::Limits`).
     pub max_queued_messages: usize,
     /// Bytes queued per client.
     pub max_queued_bytes: usize,

@@ -4,11 +4,11 @@
 //! Every accepted socket becomes a [`Stream`], which reads and writes MQTT
 //! bytes whatever carries them. Plain TCP stays a bare `TcpStream`: the
 //! shard writes its clients' queues straight to the socket with one
-//! `sendmsg` ([`crate::session::outqueue`]), and [`Stream::raw_fd`] gives it that
+//! `sendmsg` (`session::outqueue`), and [`Stream::raw_fd`] gives it that
 //! socket. The other transports *frame* what is written (TLS records,
 //! WebSocket frames), so the shard must not write to their socket: it hands
 //! their queues to the connection task, which writes through the stream
-//! (see `crate::session::link::framed_fd`).
+//! (see `session::link::framed_fd`).
 //!
 //! The transport handshake (TLS, the WebSocket upgrade) runs in the
 //! connection's own task, bounded by the connect timeout, so a slow or

@@ -189,7 +189,7 @@ macro_rules! counter_table {
 counter_table! {
     scalars {
         // Gauges: a shard fills them in from its state when it takes a
-        // snapshot (`crate::shard::sys`).
+        // snapshot (`shard::sys`).
         clients_connected: Gauge Sum,
             prometheus None, per_shard Some("shard_connections"),
             sys Some("$SYS/broker/clients/connected"),

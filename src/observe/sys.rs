@@ -1,7 +1,7 @@
 //! The `$SYS/broker/...` topics (Mosquitto's names): the broker-wide totals
 //! as topic and value pairs, from the counter table
 //! ([`crate::observe::counters`]). Publishing them is the shard's part
-//! (`crate::shard::sys`): every `sys_interval` each shard sends a snapshot
+//! (`shard::sys`): every `sys_interval` each shard sends a snapshot
 //! to shard 0, which sums them and publishes these as retained QoS 0
 //! messages, so a client subscribing to `$SYS/#` gets them at once.
 

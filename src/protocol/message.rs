@@ -9,7 +9,7 @@
 //! [`Encoded`] caches the wire form of one message for one fan-out on one shard:
 //! every QoS 0 subscriber gets a clone of the same frame, every QoS 1/2
 //! subscriber gets the same head (fixed header + topic) and payload with its own
-//! packet id written between them (see `crate::session::outqueue::OutFrame`).
+//! packet id written between them (see `session::outqueue::OutFrame`).
 //!
 //! Sessions, the router and the queues are version-neutral: one [`Message`]
 //! serves MQTT 3.1.1 and MQTT 5.0 subscribers alike, and [`Encoded`] keeps one
@@ -44,7 +44,7 @@ pub struct Message {
     /// The RETAIN flag as the publisher set it.
     pub retain: bool,
     /// Where a retained message stands in the order every replica agrees on
-    /// (`crate::router::retain::RetainStore::stamp`); 0 when not retained or not
+    /// (`router::retain::RetainStore::stamp`); 0 when not retained or not
     /// stamped (only the shard that received it stamps it). 8 bytes, past
     /// the padding: a message is 80 bytes, not 72.
     pub retain_stamp: u64,

@@ -3,7 +3,7 @@
 //! Every PUBLISH reaches every shard (locally or over the mesh), so each shard
 //! applies retained updates to its own copy and answers SUBSCRIBE from it
 //! without asking anyone. A retained QoS 1/2 publish is acknowledged only
-//! once every replica holds it (`crate::shard::held_acks`).
+//! once every replica holds it (`shard::held_acks`).
 //!
 //! # One order for every replica
 //!

@@ -5,7 +5,7 @@
 //! knowing how the connection is served: [`Link`] is that handle, filled in
 //! by the connection layer above (rumqttd's router/connection.rs is the same
 //! idea). It also carries what a *parked* connection keeps while it has no
-//! task ([`Parked`], see `crate::connection::park`), and the shard's wake
+//! task ([`Parked`], see `connection::park`), and the shard's wake
 //! list through which [`Link::wake`] gives a parked connection its task back
 //! without this layer knowing the connection code.
 
@@ -75,7 +75,7 @@ pub enum CloseReason {
     /// The broker is shutting down.
     Shutdown,
     /// The client did not read while its shard was over its share of
-    /// `max_queued_bytes_total` (see [`crate::shard::Shard::shed`]).
+    /// `max_queued_bytes_total` (see `shard::Shard::shed`).
     Shed,
     /// An operator disconnected the client through the admin API.
     AdminDisconnect,
@@ -220,7 +220,7 @@ pub enum Waiter {
     Running,
     /// The connection's task waits.
     Task(Waker),
-    /// The connection has no task (`crate::connection::park`).
+    /// The connection has no task (`connection::park`).
     Parked(Parked),
 }
 

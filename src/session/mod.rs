@@ -16,7 +16,7 @@
 //!   `queue_qos0_messages false`).
 //! - QoS 1/2 to an offline client while the shard is over its share of
 //!   `max_queued_bytes_total`: dropped and counted (see
-//!   [`crate::shard::Shard::shed`] for the rest of the shedding order).
+//!   `shard::Shard::shed` for the rest of the shedding order).
 //!
 //! The state that survives the connection ([`SessionState`]) is `Send`, so it
 //! can move to another shard on take-over.
@@ -190,13 +190,13 @@ pub struct Session {
     /// `Box<str>` is 16 bytes and one allocation of the id's length. The
     /// `ByteString` the codec made (32 bytes, and once cloned a second,
     /// shared header of 24 bytes) is dropped with the handshake; the shard's
-    /// index by client id reads this copy ([`crate::shard::index`]), so it
+    /// index by client id reads this copy (`shard::index`), so it
     /// must not change while the session is in the shard's slab.
     pub client_id: Box<str>,
     /// CleanSession flag of the connection that owns it (§3.1.2.4).
     pub clean_session: bool,
     /// The token of the claim it was attached under
-    /// ([`crate::shard::registry`]): the home shard names it to evict exactly this
+    /// (`shard::registry`): the home shard names it to evict exactly this
     /// session, and its release names it, so that neither touches a newer
     /// session or claim of the same id.
     pub claim: u64,
@@ -207,7 +207,7 @@ pub struct Session {
     /// long the session outlives its connection; 0 exactly when
     /// `clean_session`, [`SESSION_NEVER_EXPIRES`] for ever (3.1.1's
     /// CleanSession = 0). The keep-alive sweep ends offline sessions whose
-    /// interval has passed (`crate::shard::Shard::expire_sessions`).
+    /// interval has passed (`shard::Shard::expire_sessions`).
     pub session_expiry: u32,
     /// When the session went offline, in keep-alive ticks
     /// ([`crate::session::link::TICKS_PER_SEC`]); meaningless while online.

@@ -36,7 +36,7 @@ thread_local! {
     /// thread, so this is the shard's total, kept with one plain add or
     /// subtract per queue change (no atomics, nothing to pass around); the
     /// shard compares it with its share of `max_queued_bytes_total` once per
-    /// step (see [`crate::shard::Shard::flush_dirty`]).
+    /// step (see `shard::Shard::flush_dirty`).
     static QUEUED_BYTES: Cell<usize> = const { Cell::new(0) };
 }
 

@@ -132,7 +132,7 @@ pub struct Ctx {
     /// Number of shards.
     pub nr_shards: usize,
     /// The shard's epoll instance, which parked connections wait on
-    /// ([`crate::connection::park`]).
+    /// (`connection::park`).
     pub poller: Rc<Poller>,
 }
 

@@ -22,7 +22,7 @@ use crate::shard::{Ctx, Shard};
 pub struct SessionTotals {
     /// Sessions with a live connection.
     pub connected: u64,
-    /// Of those: connections parked (`crate::connection::park`).
+    /// Of those: connections parked (`connection::park`).
     pub parked: u64,
     /// PUBLISH packets queued for live clients.
     pub queued_messages: u64,
