@@ -33,6 +33,9 @@ use crate::session::link::CloseReason;
 use crate::shard::query::{self, ShardRequest};
 use crate::shard::sys::SessionTotals;
 use crate::shard::{self, Ctx, Shard, inbox};
+use crate::store::journal::{self, Journal};
+use crate::store::record::{Record, unix_ms_now};
+use crate::store::{RetainedState, Store, StoreError};
 
 /// How often a shard checks the shutdown flag (and the keep-alive sweep
 /// period): short enough that SIGTERM takes effect at once for a person.
@@ -82,6 +85,9 @@ pub enum BrokerError {
     /// The password or ACL file is unreadable or invalid.
     #[error(transparent)]
     Auth(#[from] auth::AuthError),
+    /// The persistence directory cannot be used.
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 /// Why one shard could not run.
@@ -123,6 +129,8 @@ pub struct Broker {
     pub http_addr: Option<SocketAddr>,
     /// The admin HTTP listener's accept thread.
     http_thread: Option<std::thread::JoinHandle<()>>,
+    /// The persistence directory, locked while the broker runs.
+    _store: Option<Store>,
 }
 
 /// A cloneable handle that stops the broker.
@@ -206,6 +214,14 @@ pub fn choose_cpus(config: &Config) -> Result<Vec<usize>, BrokerError> {
 pub fn start(config: Config) -> Result<Broker, BrokerError> {
     let auth = Arc::new(Auth::load(&config)?);
     let cpus = choose_cpus(&config)?;
+    let (store, persisted) = match (&config.persistence, &config.persistence_location) {
+        (true, Some(dir)) => {
+            let store = Store::open(dir)?;
+            let state = store.load_retained()?;
+            (Some(store), Some(Arc::new(state)))
+        }
+        _ => (None, None),
+    };
     let nr_shards = config.shards.unwrap_or(cpus.len()).max(1);
     let shard_cpus: Vec<usize> = (0..nr_shards).map(|i| cpus[i % cpus.len()]).collect();
     let tls = match TlsSettings::from_config(&config) {
@@ -275,6 +291,7 @@ pub fn start(config: Config) -> Result<Broker, BrokerError> {
                 auth,
                 gauges,
                 admin_receivers,
+                persisted,
             })
         }
     };
@@ -312,6 +329,7 @@ pub fn start(config: Config) -> Result<Broker, BrokerError> {
         auth,
         http_addr,
         http_thread,
+        _store: store,
     })
 }
 
@@ -329,6 +347,8 @@ struct ShardSetup {
     gauges: Arc<BrokerGauges>,
     /// Each shard's admin request channel, by shard index.
     admin_receivers: Arc<Vec<async_channel::Receiver<ShardRequest>>>,
+    /// What persistence loaded (persistence on).
+    persisted: Option<Arc<RetainedState>>,
 }
 
 /// One shard, from joining the mesh to the end of its shutdown.
@@ -354,6 +374,10 @@ async fn run_shard(setup: ShardSetup) -> Result<(), ShardError> {
         nr_shards,
         poller: Rc::new(poller),
     };
+    let commit = setup
+        .persisted
+        .as_ref()
+        .and_then(|state| load_persisted(&ctx, &setup.config, state, &setup.shutdown));
     glommio::spawn_local(park::receive_ready(ctx.clone(), from_watcher)).detach();
     glommio::spawn_local(park::Unparker::new(ctx.clone())).detach();
     {
@@ -413,6 +437,57 @@ async fn run_shard(setup: ShardSetup) -> Result<(), ShardError> {
     while setup.connections.total() > 0 && Instant::now() < deadline {
         glommio::timer::sleep(Duration::from_millis(10)).await;
     }
+    if let Some(commit) = commit {
+        commit.await;
+    }
     info!("shard {id} stopped");
     Ok(())
+}
+
+/// Gives this shard what persistence loaded: every shard applies the
+/// retained messages to its own replica; shard 0 starts the retained
+/// journal (its new segment begins with every live message, so the older
+/// segments go once it is durable) and returns its commit task.
+fn load_persisted(
+    ctx: &Ctx,
+    config: &Config,
+    state: &RetainedState,
+    shutdown: &Arc<AtomicBool>,
+) -> Option<glommio::task::JoinHandle<()>> {
+    let started = Instant::now();
+    let unix_now = unix_ms_now();
+    let mut shard = ctx.shard.borrow_mut();
+    shard.store_failing = Some(state.failing.clone());
+    let live: Vec<_> = state
+        .retained
+        .iter()
+        .filter_map(|(stamp, stored)| Some((stored.to_message(*stamp, started, unix_now)?, stored)))
+        .collect();
+    for (message, _) in &live {
+        shard.retained.apply(message);
+    }
+    let commit = (ctx.id == 0).then(|| {
+        let journal = Rc::new(Journal::new(
+            &state.dir,
+            crate::store::frame::RETAINED_SHARD,
+            u16::try_from(ctx.nr_shards).unwrap_or(u16::MAX),
+            state.next_base,
+            config.persistence_sync,
+            config.persistence_sync_interval,
+            state.segments.clone(),
+            state.failing.clone(),
+        ));
+        for (message, stored) in &live {
+            journal.append(&Record::Retain(message.retain_stamp, (*stored).clone()));
+        }
+        shard.retain_journal = Some(journal.clone());
+        glommio::spawn_local(journal::commit_loop(journal, shutdown.clone())).detach()
+    });
+    info!(
+        "shard {}: persistence: {} retained messages loaded in {:?}",
+        ctx.id,
+        shard.retained.len(),
+        started.elapsed()
+    );
+    commit
 }

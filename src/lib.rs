@@ -29,6 +29,8 @@
 //!   WebSocket), admission limits.
 //! - `security`: `password_file`, `acl_file`, `allow_anonymous`
 //!   (Mosquitto-compatible) and `fanmq passwd`.
+//! - `store`: persistence (`persistence`, `persistence_location`): the
+//!   retained messages' journal, its record format and start-up load.
 //! - `protocol`: MQTT 3.1.1 / 3.1 packets (`protocol::v3`), topics, the
 //!   application message and its encoded frames.
 //! - [`config`]: configuration, every default; host limits, logging, systemd.
@@ -50,5 +52,6 @@ pub(crate) mod router;
 pub mod security;
 pub(crate) mod session;
 pub(crate) mod shard;
+pub(crate) mod store;
 #[cfg(test)]
 mod test_rng;

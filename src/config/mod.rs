@@ -163,6 +163,28 @@ pub fn default_max_queued_bytes_total() -> usize {
         .unwrap_or(DEFAULT_MAX_QUEUED_BYTES_TOTAL_FALLBACK)
 }
 
+/// Whether persistence is on by default: no disk I/O unless asked (tests
+/// run many brokers; Mosquitto's default too).
+pub const DEFAULT_PERSISTENCE: bool = false;
+
+/// Period of the `fdatasync` in `persistence_sync = "interval"` mode: what a
+/// power loss may take.
+pub const DEFAULT_PERSISTENCE_SYNC_INTERVAL_MS: u64 = 1000;
+
+/// When what persistence writes is durable, and so when the QoS 1/2
+/// acknowledgements that need it go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum SyncMode {
+    /// Acknowledge once it is on disk (`fdatasync`, one per batch): it
+    /// survives a power loss.
+    #[default]
+    Ack,
+    /// Acknowledge once written to the kernel (survives `kill -9`), sync every
+    /// `persistence_sync_interval_ms` (a power loss may take that much).
+    Interval,
+}
+
 /// Errors loading the configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -264,6 +286,10 @@ pub struct Flags {
     /// "off". Default 127.0.0.1:18083. Port 0 picks a free port.
     #[arg(long, value_name = "ADDR:PORT|off")]
     pub http_listen: Option<String>,
+    /// Keep retained messages in DIR across restarts and crashes (turns
+    /// `persistence` on; overrides `persistence_location`).
+    #[arg(long, value_name = "DIR")]
+    pub persistence_dir: Option<PathBuf>,
 }
 
 /// The configuration file's schema: every key optional.
@@ -309,6 +335,10 @@ struct FileConfig {
     http_auth_token: Option<String>,
     http_basic_user: Option<String>,
     http_basic_password: Option<String>,
+    persistence: Option<bool>,
+    persistence_location: Option<PathBuf>,
+    persistence_sync: Option<SyncMode>,
+    persistence_sync_interval_ms: Option<u64>,
 }
 
 /// The broker's settings after defaults, file and flags were merged.
@@ -398,6 +428,14 @@ pub struct Config {
     pub http_auth_token: Option<String>,
     /// User and password the admin API accepts with HTTP basic auth.
     pub http_basic_auth: Option<(String, String)>,
+    /// Whether retained messages are kept on disk.
+    pub persistence: bool,
+    /// The directory persistence writes to (required when it is on).
+    pub persistence_location: Option<PathBuf>,
+    /// When what persistence writes counts as stored.
+    pub persistence_sync: SyncMode,
+    /// Sync period in [`SyncMode::Interval`].
+    pub persistence_sync_interval: Duration,
 }
 
 impl Default for Config {
@@ -446,6 +484,10 @@ impl Default for Config {
             ),
             http_auth_token: None,
             http_basic_auth: None,
+            persistence: DEFAULT_PERSISTENCE,
+            persistence_location: None,
+            persistence_sync: SyncMode::default(),
+            persistence_sync_interval: Duration::from_millis(DEFAULT_PERSISTENCE_SYNC_INTERVAL_MS),
         }
     }
 }
@@ -575,6 +617,16 @@ impl Config {
                 });
             }
         };
+        set(&mut config.persistence, file.persistence, None);
+        config.persistence_location = file.persistence_location;
+        if let Some(dir) = &cli.persistence_dir {
+            config.persistence = true;
+            config.persistence_location = Some(dir.clone());
+        }
+        set(&mut config.persistence_sync, file.persistence_sync, None);
+        if let Some(ms) = file.persistence_sync_interval_ms {
+            config.persistence_sync_interval = Duration::from_millis(ms);
+        }
         config.validate()?;
         Ok(config)
     }
@@ -648,6 +700,15 @@ impl Config {
                 "http_basic_user",
                 "user (without ':') and password must not be empty",
             );
+        }
+        if self.persistence && self.persistence_location.is_none() {
+            return invalid(
+                "persistence_location",
+                "persistence = true needs a directory (persistence_location or --persistence-dir)",
+            );
+        }
+        if self.persistence_sync_interval.is_zero() {
+            return invalid("persistence_sync_interval_ms", "must be at least 1");
         }
         if let Some(addr) = self.http_listen
             && !addr.ip().is_loopback()
@@ -823,6 +884,45 @@ mod tests {
         assert!(matches!(
             Config::load(&cli),
             Err(ConfigError::Invalid { .. })
+        ));
+    }
+
+    #[test]
+    fn persistence_keys_flag_and_checks() {
+        let load = |toml: &str, flag: Option<&str>| {
+            let mut f = tempfile::NamedTempFile::new().unwrap();
+            writeln!(f, "{toml}").unwrap();
+            Config::load(&Flags {
+                config: Some(f.path().to_path_buf()),
+                persistence_dir: flag.map(PathBuf::from),
+                ..Flags::default()
+            })
+        };
+        let off = load("", None).unwrap();
+        assert!(!off.persistence);
+        assert_eq!(off.persistence_sync, SyncMode::Ack);
+        assert_eq!(off.persistence_sync_interval, Duration::from_millis(1000));
+        let on = load(
+            "persistence = true\npersistence_location = \"/x\"\npersistence_sync = \"interval\"\npersistence_sync_interval_ms = 250",
+            None,
+        )
+        .unwrap();
+        assert!(on.persistence);
+        assert_eq!(on.persistence_location, Some(PathBuf::from("/x")));
+        assert_eq!(on.persistence_sync, SyncMode::Interval);
+        assert_eq!(on.persistence_sync_interval, Duration::from_millis(250));
+        let flag = load("persistence_location = \"/x\"", Some("/y")).unwrap();
+        assert!(flag.persistence, "--persistence-dir turns it on");
+        assert_eq!(flag.persistence_location, Some(PathBuf::from("/y")));
+        for bad in ["persistence = true", "persistence_sync_interval_ms = 0"] {
+            assert!(
+                matches!(load(bad, None), Err(ConfigError::Invalid { .. })),
+                "{bad}"
+            );
+        }
+        assert!(matches!(
+            load("persistence_sync = \"never\"", None),
+            Err(ConfigError::Parse { .. })
         ));
     }
 

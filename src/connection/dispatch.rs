@@ -3,7 +3,9 @@
 
 use bytes::BytesMut;
 
-use crate::observe::log_limit::LogKind::{MaxAwaitingRel, ProtocolError, PublishDenied};
+use crate::observe::log_limit::LogKind::{
+    MaxAwaitingRel, ProtocolError, PublishDenied, StoreRefused,
+};
 use crate::observe::log_limit::limited;
 use crate::protocol::Version;
 use crate::protocol::message::Message;
@@ -146,6 +148,7 @@ pub(super) fn receive_publish(
     let limits = shard.limits;
     let max_topic_levels = shard.config.max_topic_levels;
     let denied = !shard.may_publish(key, username, &message.topic);
+    let store_refuses = shard.store_refuses();
     let Some(session) = shard.session_for(key, conn_id) else {
         return Err(CloseReason::TakenOver);
     };
@@ -171,6 +174,27 @@ pub(super) fn receive_publish(
         return Err(CloseReason::TopicNameInvalid);
     }
     let refused = message.topic.starts_with("$SYS") || denied;
+    if message.retain && message.qos != QoS::AtMostOnce && !refused && store_refuses {
+        // Persistence cannot store it (full disk): never acknowledged. A
+        // 5.0 client gets PUBACK/PUBREC 0x97 Quota exceeded; a 3.1.1 one
+        // has no way to hear "not stored", and an unanswered packet id
+        // would stay stuck in its window: its connection closes and it
+        // resends after reconnecting (§4.4).
+        limited!(
+            StoreRefused,
+            warn,
+            "persistence cannot store a retained QoS {} publish to {}: refused",
+            message.qos as u8,
+            message.topic
+        );
+        let version = session.version;
+        shard.stats.store_refused += 1;
+        shard.stats.publish_dropped += 1;
+        return match version {
+            Version::V5 => Ok(Received::QuotaExceeded),
+            _ => Err(CloseReason::StoreUnavailable),
+        };
+    }
     let deliver = match message.qos {
         QoS::AtMostOnce | QoS::AtLeastOnce => true,
         // A refused QoS 2 message is not remembered: an MQTT 5.0 client

@@ -127,7 +127,10 @@ impl Future for Live {
                     &mut conn.rare,
                 );
                 shard.flush_dirty();
-                (step, shard.has_remote_batch())
+                (
+                    step,
+                    shard.has_remote_batch() || shard.held_acks.is_holding(),
+                )
             };
             if !this.ctx.shard.borrow().outbox.is_empty() {
                 this.ctx.send_outbox();

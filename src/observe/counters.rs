@@ -307,6 +307,24 @@ counter_table! {
             prometheus Some("clients_shed"), per_shard None,
             sys Some("$SYS/broker/clients/shed"),
             help "Non-reading clients disconnected while their shard was over its share of max_queued_bytes_total";
+        store_records_written: Counter Sum,
+            prometheus Some("store_records_written"), per_shard None, sys None,
+            help "Records appended to the persistence journal";
+        store_bytes_written: Counter Sum,
+            prometheus Some("store_bytes_written"), per_shard None, sys None,
+            help "Bytes written to the persistence journal";
+        store_fsyncs: Counter Sum,
+            prometheus Some("store_fsyncs"), per_shard None, sys None,
+            help "fdatasync calls of the persistence journal";
+        store_write_errors: Counter Sum,
+            prometheus Some("store_write_errors"), per_shard None, sys None,
+            help "Persistence journal writes that failed (full disk, I/O error), each retried every second";
+        store_disk_full: Gauge Max,
+            prometheus Some("store_disk_full"), per_shard None, sys None,
+            help "1 while the persistence journal cannot write: retained QoS 1/2 publishes are refused";
+        store_refused: Counter Sum,
+            prometheus Some("store_refused"), per_shard None, sys None,
+            help "QoS 1/2 publishes not acknowledged because persistence could not store them (5.0: reason 0x97; 3.1.1: connection closed)";
     }
     labeled {
         clients_by_listener[NR_LISTENERS]: Gauge, label "listener" = listener_label,

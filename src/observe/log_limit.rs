@@ -44,6 +44,8 @@ pub enum LogKind {
     MaxConnectionRate,
     /// A new connection closed at once: `max_connections_per_ip` reached.
     MaxConnectionsPerIp,
+    /// A retained QoS 1/2 PUBLISH refused: persistence cannot store it.
+    StoreRefused,
     /// An accept call failed (out of descriptors or memory).
     AcceptFailed,
 }

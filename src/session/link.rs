@@ -79,6 +79,11 @@ pub enum CloseReason {
     Shed,
     /// An operator disconnected the client through the admin API.
     AdminDisconnect,
+    /// Persistence cannot store what the client's QoS 1/2 PUBLISH needs
+    /// (full disk, write error): no acknowledgement is sent for it, so the
+    /// client resends after reconnecting (MQTT 5.0: DISCONNECT 0x97 Quota
+    /// exceeded).
+    StoreUnavailable,
 }
 
 impl CloseReason {
@@ -108,6 +113,7 @@ impl CloseReason {
             CloseReason::TakenOver => ReasonCode::SESSION_TAKEN_OVER,
             CloseReason::Shutdown => ReasonCode::SERVER_SHUTTING_DOWN,
             CloseReason::AdminDisconnect => ReasonCode::ADMINISTRATIVE_ACTION,
+            CloseReason::StoreUnavailable => ReasonCode::QUOTA_EXCEEDED,
         })
     }
 

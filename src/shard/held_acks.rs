@@ -49,6 +49,12 @@ impl HeldAcks {
         self.held.push((key, conn_id, ack));
     }
 
+    /// Whether acks of this step are held (the read must end in
+    /// `Ctx::forward_publishes`, which sends them).
+    pub fn is_holding(&self) -> bool {
+        !self.held.is_empty()
+    }
+
     /// This step's held acks, to send once the step's publishes are applied
     /// everywhere.
     pub fn take(&mut self) -> Vec<(SessionKey, u64, Box<[u8]>)> {
@@ -101,11 +107,15 @@ impl Shard {
     /// publishes are applied on every shard: when it acknowledges a retained
     /// publish (`retained`) that goes to other shards, or when an earlier
     /// ack of this session in this read is held (acks keep the order of the
-    /// publishes, §4.6). A held ack always has a remote batch to wait for,
-    /// so `Ctx::forward_publishes` releases it at the end of the read.
+    /// publishes, §4.6); with persistence, also when it acknowledges a
+    /// retained publish that this shard journals (shard 0), until the
+    /// journal has it. A held ack always has a remote batch or this shard's
+    /// journal to wait for, and `Ctx::forward_publishes` releases it at the
+    /// end of the read.
     pub fn queue_ack(&mut self, key: SessionKey, conn_id: u64, ack: &[u8], retained: bool) {
         let behind_replicas = retained && self.nr_shards > 1 && self.has_remote_batch();
-        if behind_replicas || self.held_acks.holds(key) {
+        let behind_disk = retained && self.retain_journal.is_some();
+        if behind_replicas || behind_disk || self.held_acks.holds(key) {
             self.held_acks.hold(key, conn_id, Box::from(ack));
             return;
         }

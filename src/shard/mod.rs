@@ -22,6 +22,7 @@ pub mod testing;
 use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use bytes::BytesMut;
@@ -46,6 +47,8 @@ use crate::shard::held_acks::{APPLY_TIMEOUT, HeldAcks};
 use crate::shard::index::SessionIndex;
 use crate::shard::registry::Registry;
 use crate::shard::sys::SessionTotals;
+use crate::store::journal::Journal;
+use crate::store::record::Record;
 
 pub use crate::session::link::SessionKey;
 
@@ -80,6 +83,11 @@ pub struct Shard {
     pub registry: Registry,
     /// Acks of retained publishes waiting for every replica.
     pub held_acks: HeldAcks,
+    /// The journal of retained updates (persistence on, shard 0 only).
+    pub retain_journal: Option<Rc<Journal>>,
+    /// Set while the retained journal cannot write (persistence on, every
+    /// shard): retained QoS 1/2 publishes are refused, not acknowledged.
+    pub store_failing: Option<Arc<AtomicBool>>,
     /// Sessions with queued frames to flush at the end of this step.
     dirty: Vec<SessionKey>,
     /// This step's QoS 0 frames, encoded once each and shared by every
@@ -150,10 +158,21 @@ impl Ctx {
     /// acks of retained publishes, waits until every shard applied them,
     /// then sends the acks ([`HeldAcks`]).
     pub async fn forward_publishes(&self) {
-        let (batch, held) = {
+        let (batch, held, durable) = {
             let mut shard = self.shard.borrow_mut();
-            (shard.take_remote_batch(), shard.held_acks.take())
+            let held = shard.held_acks.take();
+            // What this shard's journal must hold before the acks go.
+            let durable = shard
+                .retain_journal
+                .clone()
+                .filter(|_| !held.is_empty())
+                .map(|journal| {
+                    let lsn = journal.end_lsn();
+                    (journal, lsn)
+                });
+            (shard.take_remote_batch(), held, durable)
         };
+        let persistent = self.shard.borrow().store_failing.is_some();
         let peers = self.nr_shards - 1;
         let barrier = (batch.is_some() && !held.is_empty())
             .then(|| self.shard.borrow_mut().held_acks.start(peers));
@@ -183,10 +202,25 @@ impl Ctx {
             })
             .await;
             if waited.is_err() {
+                self.shard.borrow_mut().held_acks.forget(token);
+                if persistent {
+                    self.refuse_held(held, "the retained store did not confirm it");
+                    return;
+                }
                 log::warn!(
                     "shards did not apply a retained publish in {APPLY_TIMEOUT:?}, acknowledged anyway"
                 );
-                self.shard.borrow_mut().held_acks.forget(token);
+            }
+        }
+        if let Some((journal, lsn)) = durable {
+            let waited = glommio::timer::timeout(APPLY_TIMEOUT, async {
+                journal.wait_acked(lsn).await;
+                Ok(())
+            })
+            .await;
+            if waited.is_err() {
+                self.refuse_held(held, "its journal write did not complete");
+                return;
             }
         }
         if held.is_empty() {
@@ -203,7 +237,37 @@ impl Ctx {
     }
 }
 
+impl Ctx {
+    /// Held acks whose publishes persistence could not store in
+    /// [`APPLY_TIMEOUT`]: never sent (an acknowledgement the disk cannot back
+    /// is a lie); their connections close, so the clients resend after
+    /// reconnecting.
+    fn refuse_held(&self, held: Vec<(SessionKey, u64, Box<[u8]>)>, why: &str) {
+        log::warn!(
+            "persistence: a retained QoS 1/2 publish not acknowledged in {APPLY_TIMEOUT:?} ({why}); closing its connection"
+        );
+        let mut shard = self.shard.borrow_mut();
+        shard.stats.store_refused += held.len() as u64;
+        for (key, conn_id, _) in held {
+            if let Some(link) = shard
+                .session_for(key, conn_id)
+                .and_then(|s| s.link.as_mut())
+            {
+                link.close(CloseReason::StoreUnavailable);
+            }
+        }
+    }
+}
+
 impl Shard {
+    /// True while persistence is on and cannot store retained updates (full
+    /// disk): a retained QoS 1/2 publish is refused, not acknowledged.
+    pub fn store_refuses(&self) -> bool {
+        self.store_failing
+            .as_ref()
+            .is_some_and(|f| f.load(Ordering::Relaxed))
+    }
+
     /// A fresh shard.
     pub fn new(id: usize, nr_shards: usize, config: Arc<Config>, auth: Arc<Auth>) -> Shard {
         let limits = Limits {
@@ -224,6 +288,8 @@ impl Shard {
             retained: RetainStore::default(),
             registry: Registry::default(),
             held_acks: HeldAcks::default(),
+            retain_journal: None,
+            store_failing: None,
             dirty: Vec::new(),
             batch: BytesMut::new(),
             remote_batch: Vec::new(),
@@ -305,6 +371,11 @@ impl Shard {
     fn route_from(&mut self, message: &Message, origin: Option<SessionKey>) {
         if message.retain {
             self.retained.apply(message);
+            if let Some(journal) = &self.retain_journal
+                && let Some(record) = Record::of_retained(message)
+            {
+                journal.append(&record);
+            }
         }
         let Shard {
             router,

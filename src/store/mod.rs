@@ -1,0 +1,582 @@
+//! Persistence: what fanmq keeps on disk across restarts and crashes
+//! (docs/design/persistence.md). This version keeps the retained messages.
+//!
+//! ```text
+//! <persistence_location>/
+//!   LOCK             flock()ed while a broker runs: a second one refuses to start
+//!   FORMAT           "fanmq-store 1": an older fanmq refuses a newer format
+//!   retained/        log-<base LSN, 16 hex>.fml: shard 0's journal of retained updates
+//!   corrupt-<ms>/    damaged files moved (or copied) aside, never read again
+//! ```
+//!
+//! [`Store::open`] checks the directory and takes the lock; [`load_log`]
+//! reads a journal directory, keeping the valid prefix of damaged files (a
+//! torn or corrupt tail is expected after a crash or power loss: never a
+//! reason to refuse to start, never a panic); the [`journal`] writes.
+
+pub mod frame;
+pub mod journal;
+pub mod record;
+
+use std::fs::{self, File};
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use log::{info, warn};
+
+use crate::store::frame::{End, HEADER_LEN, Header, HeaderError};
+use crate::store::record::Record;
+
+/// The store layout this fanmq writes into `FORMAT`; a higher one is
+/// refused.
+pub const STORE_VERSION: u32 = 1;
+
+/// The directory of the retained messages' journal.
+pub const RETAINED_DIR: &str = "retained";
+
+/// Errors opening or loading the store: each one a clear start-up error.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The location is missing, not a directory, or not writable.
+    #[error("persistence_location {path}: {why}")]
+    Location {
+        /// The directory.
+        path: PathBuf,
+        /// What is wrong.
+        why: String,
+    },
+    /// Another process holds the lock.
+    #[error(
+        "persistence_location {0} is in use by another fanmq (its LOCK file is locked); two brokers cannot share one directory"
+    )]
+    Locked(PathBuf),
+    /// Written by a newer fanmq.
+    #[error("{path}: {why}")]
+    Newer {
+        /// The file.
+        path: PathBuf,
+        /// Which format and what to do.
+        why: String,
+    },
+    /// Any other I/O error on the store's files.
+    #[error("persistence: {path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// An opened store directory; holds the lock while it lives.
+#[derive(Debug)]
+pub struct Store {
+    /// The directory.
+    pub dir: PathBuf,
+    /// The `LOCK` file, `flock`ed (the lock goes with the descriptor).
+    _lock: File,
+}
+
+impl Store {
+    /// Opens `dir`: checks that it is a writable directory, takes `LOCK`,
+    /// checks or writes `FORMAT`, and creates the journal directories.
+    ///
+    /// # Errors
+    /// A missing or unwritable directory, a lock held by another broker,
+    /// a newer format.
+    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        let location = |why: String| StoreError::Location {
+            path: dir.to_path_buf(),
+            why,
+        };
+        match fs::metadata(dir) {
+            Ok(meta) if meta.is_dir() => {}
+            Ok(_) => return Err(location("not a directory".to_string())),
+            Err(e) => {
+                return Err(location(format!(
+                    "{e} (create it, owned by the user fanmq runs as)"
+                )));
+            }
+        }
+        let lock_path = dir.join("LOCK");
+        let lock = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| location(format!("not writable: {e}")))?;
+        // SAFETY: flock on a descriptor this function owns.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err(StoreError::Locked(dir.to_path_buf()));
+        }
+        check_format(dir)?;
+        let retained = dir.join(RETAINED_DIR);
+        fs::create_dir_all(&retained).map_err(|source| StoreError::Io {
+            path: retained,
+            source,
+        })?;
+        Ok(Store {
+            dir: dir.to_path_buf(),
+            _lock: lock,
+        })
+    }
+}
+
+/// Reads `FORMAT` (refusing a newer version) or writes it.
+fn check_format(dir: &Path) -> Result<(), StoreError> {
+    let path = dir.join("FORMAT");
+    let io = |source| StoreError::Io {
+        path: path.clone(),
+        source,
+    };
+    match fs::read_to_string(&path) {
+        Ok(text) => {
+            let version = text
+                .lines()
+                .next()
+                .and_then(|l| l.strip_prefix("fanmq-store "))
+                .and_then(|v| v.trim().parse::<u32>().ok());
+            match version {
+                Some(v) if v > STORE_VERSION => {
+                    return Err(StoreError::Newer {
+                        path,
+                        why: format!(
+                            "store format {v} was written by a newer fanmq (this one reads up to {STORE_VERSION}); upgrade fanmq, or move the directory away to start empty"
+                        ),
+                    });
+                }
+                Some(_) => return Ok(()),
+                None => warn!("persistence: {} is damaged; rewriting it", path.display()),
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(e)),
+    }
+    let tmp = dir.join("FORMAT.tmp");
+    let mut file = File::create(&tmp).map_err(io)?;
+    file.write_all(format!("fanmq-store {STORE_VERSION}\n").as_bytes())
+        .and_then(|()| file.sync_all())
+        .map_err(io)?;
+    fs::rename(&tmp, &path).map_err(io)?;
+    journal::sync_dir(dir);
+    Ok(())
+}
+
+/// What [`load_log`] read from one journal directory.
+#[derive(Debug, Default)]
+pub struct LoadedLog {
+    /// Every valid record, oldest first.
+    pub records: Vec<Record>,
+    /// The segments read: to remove once their live records are durable in
+    /// a new segment.
+    pub segments: Vec<PathBuf>,
+    /// The LSN a new segment starts at (after every segment found).
+    pub next_base: u64,
+    /// Files moved or copied to a `corrupt-<ms>/` directory.
+    pub quarantined: usize,
+    /// Bytes of valid records read.
+    pub bytes: u64,
+}
+
+/// Reads every segment of the journal directory `dir` (in `store`, for the
+/// `corrupt-<ms>/` directory): the valid prefix of the log. A segment with a
+/// bad header or a bad record ends the log there: that segment is copied
+/// to `corrupt-<ms>/` (its valid records are kept and written again by the
+/// next journal), every later segment is moved there, and a warning names
+/// file and offset.
+///
+/// # Errors
+/// A segment written by a newer fanmq, or a directory that cannot be listed.
+pub fn load_log(store: &Path, dir: &Path) -> Result<LoadedLog, StoreError> {
+    let io = |path: &Path, source| StoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut segments: Vec<(u64, PathBuf)> = Vec::new();
+    for entry in fs::read_dir(dir).map_err(|e| io(dir, e))? {
+        let entry = entry.map_err(|e| io(dir, e))?;
+        let name = entry.file_name();
+        let Some(hex) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("log-"))
+            .and_then(|n| n.strip_suffix(".fml"))
+        else {
+            continue;
+        };
+        match u64::from_str_radix(hex, 16) {
+            Ok(base) => segments.push((base, entry.path())),
+            Err(_) => warn!("persistence: ignoring {}", entry.path().display()),
+        }
+    }
+    segments.sort();
+    let mut loaded = LoadedLog::default();
+    let mut quarantine = Quarantine::new(store);
+    let mut damaged = false;
+    for (base, path) in segments {
+        // LSNs only grow: a new segment starts after every one found.
+        loaded.next_base = loaded.next_base.max(base + 1);
+        if damaged {
+            quarantine.keep(&path, true);
+            loaded.quarantined += 1;
+            continue;
+        }
+        let data = match fs::read(&path) {
+            Ok(data) if data.is_empty() => {
+                // Created by a journal that stopped before its first write.
+                loaded.next_base = loaded.next_base.max(base + 1);
+                loaded.segments.push(path);
+                continue;
+            }
+            Ok(data) => data,
+            Err(e) => {
+                warn!(
+                    "persistence: cannot read {}: {e}; moved aside",
+                    path.display()
+                );
+                quarantine.keep(&path, true);
+                loaded.quarantined += 1;
+                damaged = true;
+                continue;
+            }
+        };
+        loaded.next_base = loaded.next_base.max(base + data.len() as u64 + 1);
+        match Header::decode(&data) {
+            Ok(_) => {}
+            Err(HeaderError::Newer(_)) => {
+                return Err(StoreError::Newer {
+                    why: HeaderError::Newer(u16::from_le_bytes([data[8], data[9]])).to_string(),
+                    path,
+                });
+            }
+            Err(e) => {
+                warn!("persistence: {}: {e}; moved aside", path.display());
+                quarantine.keep(&path, true);
+                loaded.quarantined += 1;
+                damaged = true;
+                continue;
+            }
+        }
+        let (raw, end) = frame::scan(&data[HEADER_LEN..]);
+        let mut bad = match end {
+            End::Clean => None,
+            End::Damaged { offset, why } => Some((offset, why.to_string())),
+        };
+        for r in raw {
+            match Record::decode(r.kind, r.body) {
+                Ok(record) => {
+                    loaded.bytes += (frame::RECORD_HEAD_LEN + 1 + r.body.len()) as u64;
+                    loaded.records.push(record);
+                }
+                Err(e) => {
+                    bad = Some((r.offset, e.to_string()));
+                    break;
+                }
+            }
+        }
+        if let Some((offset, why)) = bad {
+            warn!(
+                "persistence: {} is damaged at byte {} ({why}); loaded what came before, the file is copied aside",
+                path.display(),
+                offset + HEADER_LEN
+            );
+            quarantine.keep(&path, false);
+            loaded.quarantined += 1;
+            damaged = true;
+        }
+        loaded.segments.push(path);
+    }
+    Ok(loaded)
+}
+
+/// The `corrupt-<unix ms>/` directory of one load, made on first use.
+struct Quarantine {
+    /// Its path.
+    dir: PathBuf,
+    /// Whether it exists yet.
+    made: bool,
+}
+
+impl Quarantine {
+    fn new(store: &Path) -> Quarantine {
+        Quarantine {
+            dir: store.join(format!("corrupt-{}", record::unix_ms_now())),
+            made: false,
+        }
+    }
+
+    /// Moves (or, `moved` false, copies) `path` into the directory. A
+    /// failure is logged: the load goes on either way.
+    fn keep(&mut self, path: &Path, moved: bool) {
+        if !self.made {
+            if let Err(e) = fs::create_dir_all(&self.dir) {
+                warn!("persistence: cannot create {}: {e}", self.dir.display());
+            }
+            self.made = true;
+        }
+        let name = path.file_name().unwrap_or_default();
+        let parent = path.parent().and_then(Path::file_name).unwrap_or_default();
+        let target = self.dir.join(format!(
+            "{}-{}",
+            parent.to_string_lossy(),
+            name.to_string_lossy()
+        ));
+        let done = if moved {
+            fs::rename(path, &target)
+        } else {
+            fs::copy(path, &target).map(|_| ())
+        };
+        match done {
+            Ok(()) => warn!(
+                "persistence: {} {} to {}",
+                path.display(),
+                if moved { "moved" } else { "copied" },
+                target.display()
+            ),
+            Err(e) => warn!("persistence: cannot set {} aside: {e}", path.display()),
+        }
+    }
+}
+
+/// The retained messages loaded at start-up, and where shard 0's journal
+/// goes on from: what every shard starts with.
+#[derive(Debug)]
+pub struct RetainedState {
+    /// The journal directory.
+    pub dir: PathBuf,
+    /// Where the new segment starts.
+    pub next_base: u64,
+    /// The segments read, removed once the new one holds their live records.
+    pub segments: Vec<PathBuf>,
+    /// The live retained messages with their stamps.
+    pub retained: Vec<(u64, record::StoredMessage)>,
+    /// Set while shard 0's journal cannot write; read by every shard.
+    pub failing: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Store {
+    /// Reads the retained messages' journal (at start-up, before any shard
+    /// runs) and logs what it found and how long it took.
+    ///
+    /// # Errors
+    /// See [`load_log`].
+    pub fn load_retained(&self) -> Result<RetainedState, StoreError> {
+        let started = Instant::now();
+        let dir = self.dir.join(RETAINED_DIR);
+        let mut loaded = load_log(&self.dir, &dir)?;
+        let records = std::mem::take(&mut loaded.records);
+        let count = records.len();
+        let retained = live_retained(records);
+        loaded.records = Vec::with_capacity(0);
+        info!(
+            "persistence: {}: {} retained messages from {count} records ({} bytes, {} segments, {} files set aside) in {:?}",
+            dir.display(),
+            retained.len(),
+            loaded.bytes,
+            loaded.segments.len(),
+            loaded.quarantined,
+            started.elapsed()
+        );
+        Ok(RetainedState {
+            dir,
+            next_base: loaded.next_base,
+            segments: loaded.segments,
+            retained,
+            failing: std::sync::Arc::default(),
+        })
+    }
+}
+
+/// The retained messages that a replay of `records` leaves: per topic the
+/// update with the highest stamp (as `RetainStore::apply` keeps it, so the
+/// order of the records does not matter), deletes left out.
+pub fn live_retained(records: Vec<Record>) -> Vec<(u64, record::StoredMessage)> {
+    let mut topics: ahash::AHashMap<bytestring::ByteString, (u64, Option<record::StoredMessage>)> =
+        ahash::AHashMap::new();
+    for record in records {
+        let (stamp, topic, message) = match record {
+            Record::Retain(stamp, message) => (stamp, message.topic.clone(), Some(message)),
+            Record::RetainDelete(stamp, topic) => (stamp, topic, None),
+        };
+        match topics.get(&topic) {
+            Some((held, _)) if *held > stamp => {}
+            _ => {
+                topics.insert(topic, (stamp, message));
+            }
+        }
+    }
+    topics
+        .into_values()
+        .filter_map(|(stamp, message)| message.map(|m| (stamp, m)))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::v3::QoS;
+    use crate::store::journal::segment_path;
+    use crate::store::record::StoredMessage;
+    use bytes::Bytes;
+    use bytestring::ByteString;
+
+    fn retain(stamp: u64, topic: &str, payload: &'static [u8]) -> Record {
+        Record::Retain(
+            stamp,
+            StoredMessage {
+                qos: QoS::AtLeastOnce,
+                retain: true,
+                expires_unix_ms: 0,
+                topic: ByteString::from(topic),
+                properties: Default::default(),
+                payload: Bytes::from_static(payload),
+            },
+        )
+    }
+
+    /// A segment at `base` holding `records`.
+    fn segment(base: u64, records: &[Record]) -> Vec<u8> {
+        let mut out = Header {
+            version: frame::FORMAT_VERSION,
+            shard: frame::RETAINED_SHARD,
+            shards: 1,
+            base_lsn: base,
+        }
+        .encode()
+        .to_vec();
+        for r in records {
+            frame::append_record(&mut out, r.kind(), |b| r.encode_body(b));
+        }
+        out
+    }
+
+    fn payloads(loaded: LoadedLog) -> Vec<(String, Bytes)> {
+        let mut got: Vec<(String, Bytes)> = live_retained(loaded.records)
+            .into_iter()
+            .map(|(_, m)| (m.topic.to_string(), m.payload))
+            .collect();
+        got.sort();
+        got
+    }
+
+    #[test]
+    fn open_locks_writes_format_and_refuses_a_second_broker_or_a_newer_format() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).expect("opens");
+        assert!(matches!(
+            Store::open(dir.path()),
+            Err(StoreError::Locked(_))
+        ));
+        drop(store);
+        Store::open(dir.path()).expect("lock released with the first");
+        fs::write(dir.path().join("FORMAT"), "fanmq-store 2\n").unwrap();
+        let err = Store::open(dir.path()).unwrap_err();
+        assert!(err.to_string().contains("newer fanmq"), "{err}");
+        let missing = dir.path().join("nope");
+        let err = Store::open(&missing).unwrap_err();
+        assert!(err.to_string().contains("persistence_location"), "{err}");
+    }
+
+    #[test]
+    fn replay_keeps_the_highest_stamp_per_topic_and_drops_deletes() {
+        let records = vec![
+            retain(3 << 16, "a", b"new"),
+            retain(2 << 16, "a", b"old"),
+            retain(4 << 16, "b", b"b"),
+            Record::RetainDelete(5 << 16, ByteString::from("b")),
+            retain(1 << 16, "c", b"c"),
+        ];
+        let mut live: Vec<_> = live_retained(records)
+            .into_iter()
+            .map(|(s, m)| (s, m.payload))
+            .collect();
+        live.sort();
+        assert_eq!(
+            live,
+            vec![
+                (1 << 16, Bytes::from_static(b"c")),
+                (3 << 16, Bytes::from_static(b"new"))
+            ]
+        );
+    }
+
+    #[test]
+    fn garbage_after_the_records_keeps_the_valid_prefix_and_sets_the_file_aside() {
+        let store = tempfile::tempdir().unwrap();
+        let dir = store.path().join(RETAINED_DIR);
+        fs::create_dir_all(&dir).unwrap();
+        let mut first = segment(0, &[retain(1 << 16, "a", b"1"), retain(2 << 16, "b", b"2")]);
+        first.extend_from_slice(b"garbage \x01\x02 after the records");
+        fs::write(segment_path(&dir, 0), &first).unwrap();
+        // A later segment after the damage is moved aside, not read.
+        fs::write(
+            segment_path(&dir, 1000),
+            segment(1000, &[retain(3 << 16, "c", b"3")]),
+        )
+        .unwrap();
+        let loaded = load_log(store.path(), &dir).expect("loads");
+        assert_eq!(loaded.quarantined, 2);
+        assert_eq!(loaded.segments, vec![segment_path(&dir, 0)]);
+        assert!(loaded.next_base > 1000);
+        assert_eq!(
+            payloads(loaded),
+            vec![
+                ("a".to_string(), Bytes::from_static(b"1")),
+                ("b".to_string(), Bytes::from_static(b"2"))
+            ]
+        );
+        let aside: Vec<_> = fs::read_dir(store.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().starts_with("corrupt-"))
+            .collect();
+        assert_eq!(aside.len(), 1);
+        assert_eq!(fs::read_dir(aside[0].path()).unwrap().count(), 2);
+    }
+
+    #[test]
+    fn a_torn_header_an_empty_segment_and_random_files_never_stop_the_load() {
+        let store = tempfile::tempdir().unwrap();
+        let dir = store.path().join(RETAINED_DIR);
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(segment_path(&dir, 0), segment(0, &[retain(1, "a", b"1")])).unwrap();
+        fs::write(segment_path(&dir, 100), b"").unwrap();
+        fs::write(segment_path(&dir, 200), &segment(200, &[])[..10]).unwrap();
+        fs::write(dir.join("notes.txt"), b"not a segment").unwrap();
+        let loaded = load_log(store.path(), &dir).expect("loads");
+        assert_eq!(loaded.quarantined, 1, "the torn header");
+        assert_eq!(
+            payloads(loaded),
+            vec![("a".to_string(), Bytes::from_static(b"1"))]
+        );
+        let mut rng = crate::test_rng::XorShift(0xD15C);
+        for round in 0..200 {
+            let len = (rng.next() % 300) as usize;
+            let mut data = segment(0, &[retain(1, "a", b"1")]);
+            if round % 2 == 0 {
+                data.truncate(len.min(data.len()));
+            }
+            data.extend((0..len).map(|_| rng.next() as u8));
+            fs::write(segment_path(&dir, 0), &data).unwrap();
+            let _ = load_log(store.path(), &dir).expect("never fails on damage");
+        }
+    }
+
+    #[test]
+    fn a_segment_of_a_newer_format_is_refused() {
+        let store = tempfile::tempdir().unwrap();
+        let dir = store.path().join(RETAINED_DIR);
+        fs::create_dir_all(&dir).unwrap();
+        let newer = Header {
+            version: frame::FORMAT_VERSION + 1,
+            shard: 0,
+            shards: 1,
+            base_lsn: 0,
+        };
+        fs::write(segment_path(&dir, 0), newer.encode()).unwrap();
+        let err = load_log(store.path(), &dir).unwrap_err();
+        assert!(err.to_string().contains("newer fanmq"), "{err}");
+    }
+}

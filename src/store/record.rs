@@ -1,0 +1,467 @@
+//! The records of the store's logs and how their bodies are laid out
+//! (docs/design/persistence.md §4.2): plain data that knows messages,
+//! never sessions or shards. This first version stores the retained
+//! messages; the session kinds of the design come with persistent sessions.
+//!
+//! Little-endian; strings are u16 length + bytes (MQTT topics and client ids
+//! fit), payloads u32 length + bytes. [`Record::decode`] reads any bytes
+//! without panicking (fuzzed by the `store_load` target).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use bytestring::ByteString;
+
+use crate::protocol::message::{Message, MessageProperties};
+use crate::protocol::v3::QoS;
+use crate::protocol::v5::{Properties, Property};
+
+/// Record kinds, as written in a frame's `kind` byte.
+pub mod kind {
+    /// A retained message stored or replaced.
+    pub const RETAIN: u8 = 0x20;
+    /// A retained message deleted.
+    pub const RETAIN_DELETE: u8 = 0x21;
+}
+
+/// MQTT 5.0 property identifiers of the forwarded properties (§2.2.2.2),
+/// written as they are on the wire.
+mod property_id {
+    /// Payload Format Indicator (a byte).
+    pub const PAYLOAD_FORMAT: u8 = 0x01;
+    /// Content Type (a string).
+    pub const CONTENT_TYPE: u8 = 0x03;
+    /// Response Topic (a string).
+    pub const RESPONSE_TOPIC: u8 = 0x08;
+    /// Correlation Data (binary).
+    pub const CORRELATION_DATA: u8 = 0x09;
+    /// User Property (two strings).
+    pub const USER_PROPERTY: u8 = 0x26;
+}
+
+/// Why a record body could not be read: the frame's checksum held, so this
+/// is a bug or a format this fanmq does not know.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RecordError {
+    /// The body ended early.
+    #[error("record body ends early")]
+    Truncated,
+    /// Bytes left after the body.
+    #[error("record body has {0} bytes too many")]
+    Trailing(usize),
+    /// A kind this fanmq does not know.
+    #[error("unknown record kind {0:#04x}")]
+    UnknownKind(u8),
+    /// A field out of range (QoS 3, bad UTF-8, unknown property).
+    #[error("invalid field: {0}")]
+    Invalid(&'static str),
+}
+
+/// A message as stored: what a `Message` holds, with its MQTT 5.0 expiry as
+/// a wall-clock deadline (an `Instant` means nothing after a restart).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredMessage {
+    /// QoS it was published with.
+    pub qos: QoS,
+    /// RETAIN flag.
+    pub retain: bool,
+    /// Unix milliseconds when it expires; 0: never.
+    pub expires_unix_ms: u64,
+    /// Topic name.
+    pub topic: ByteString,
+    /// MQTT 5.0 properties forwarded with it (empty for 3.1.1).
+    pub properties: Properties,
+    /// Payload.
+    pub payload: Bytes,
+}
+
+/// One record of a log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Record {
+    /// [`kind::RETAIN`]: stamp and message.
+    Retain(u64, StoredMessage),
+    /// [`kind::RETAIN_DELETE`]: stamp and topic.
+    RetainDelete(u64, ByteString),
+}
+
+/// Unix milliseconds now.
+pub fn unix_ms_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+impl StoredMessage {
+    /// `message` as stored, its expiry counted from (`now`, `now_unix_ms`).
+    pub fn of(message: &Message, now: Instant, now_unix_ms: u64) -> StoredMessage {
+        let extra = message.properties.as_deref();
+        let expires_unix_ms = extra.and_then(|p| p.expires_at).map_or(0, |at| {
+            let left = at.saturating_duration_since(now);
+            now_unix_ms
+                .saturating_add(u64::try_from(left.as_millis()).unwrap_or(u64::MAX))
+                .max(1)
+        });
+        StoredMessage {
+            qos: message.qos,
+            retain: message.retain,
+            expires_unix_ms,
+            topic: message.topic.clone(),
+            properties: extra.map(|p| p.forwarded.clone()).unwrap_or_default(),
+            payload: message.payload.clone(),
+        }
+    }
+
+    /// The message again, stamped `stamp`, or `None` once it has expired.
+    pub fn to_message(&self, stamp: u64, now: Instant, now_unix_ms: u64) -> Option<Message> {
+        let expires_at = match self.expires_unix_ms {
+            0 => None,
+            at if at <= now_unix_ms => return None,
+            at => Some(now + Duration::from_millis(at - now_unix_ms)),
+        };
+        let properties = (expires_at.is_some() || !self.properties.is_empty()).then(|| {
+            Arc::new(MessageProperties {
+                forwarded: self.properties.clone(),
+                expires_at,
+            })
+        });
+        Some(Message {
+            topic: self.topic.clone(),
+            payload: self.payload.clone(),
+            qos: self.qos,
+            retain: self.retain,
+            retain_stamp: stamp,
+            properties,
+        })
+    }
+
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.push(self.qos as u8);
+        out.push(u8::from(self.retain));
+        out.extend_from_slice(&self.expires_unix_ms.to_le_bytes());
+        put_str(out, &self.topic);
+        let forwarded: Vec<&Property> = self
+            .properties
+            .iter()
+            .filter(|p| property_bytes(p).is_some())
+            .collect();
+        put_u16(out, u16::try_from(forwarded.len()).unwrap_or(u16::MAX));
+        for property in forwarded.into_iter().take(usize::from(u16::MAX)) {
+            if let Some((id, first, second)) = property_bytes(property) {
+                out.push(id);
+                put_bin(out, first);
+                if let Some(second) = second {
+                    put_bin(out, second);
+                }
+            }
+        }
+        put_bin(out, &self.payload);
+    }
+
+    fn decode(r: &mut Reader<'_>) -> Result<StoredMessage, RecordError> {
+        let qos = QoS::from_u8(r.u8()?).ok_or(RecordError::Invalid("QoS"))?;
+        let retain = r.u8()? != 0;
+        let expires_unix_ms = r.u64()?;
+        let topic = r.str()?;
+        let mut properties = Properties::new();
+        for _ in 0..r.u16()? {
+            let id = r.u8()?;
+            let property = match id {
+                property_id::PAYLOAD_FORMAT => {
+                    Property::PayloadFormatIndicator(r.bin()?.first().is_some_and(|&b| b != 0))
+                }
+                property_id::CONTENT_TYPE => Property::ContentType(r.bin_str()?),
+                property_id::RESPONSE_TOPIC => Property::ResponseTopic(r.bin_str()?),
+                property_id::CORRELATION_DATA => {
+                    Property::CorrelationData(Bytes::copy_from_slice(r.bin()?))
+                }
+                property_id::USER_PROPERTY => Property::UserProperty(r.bin_str()?, r.bin_str()?),
+                _ => return Err(RecordError::Invalid("property")),
+            };
+            properties.push(property);
+        }
+        let payload = Bytes::copy_from_slice(r.bin()?);
+        Ok(StoredMessage {
+            qos,
+            retain,
+            expires_unix_ms,
+            topic,
+            properties,
+            payload,
+        })
+    }
+}
+
+/// A forwarded property as stored: its identifier, its value, and the
+/// second value of a User Property.
+type StoredProperty<'a> = (u8, &'a [u8], Option<&'a [u8]>);
+
+/// The stored form of a forwarded property; `None` for a property that is
+/// never forwarded.
+fn property_bytes(property: &Property) -> Option<StoredProperty<'_>> {
+    /// Payload Format Indicator values as stored.
+    const FORMAT: [&[u8]; 2] = [&[0], &[1]];
+    Some(match property {
+        Property::PayloadFormatIndicator(utf8) => (
+            property_id::PAYLOAD_FORMAT,
+            FORMAT[usize::from(*utf8)],
+            None,
+        ),
+        Property::ContentType(v) => (property_id::CONTENT_TYPE, v.as_bytes(), None),
+        Property::ResponseTopic(v) => (property_id::RESPONSE_TOPIC, v.as_bytes(), None),
+        Property::CorrelationData(v) => (property_id::CORRELATION_DATA, &v[..], None),
+        Property::UserProperty(k, v) => {
+            (property_id::USER_PROPERTY, k.as_bytes(), Some(v.as_bytes()))
+        }
+        _ => return None,
+    })
+}
+
+impl Record {
+    /// The record of a retained update (`message.retain`): stored, or a
+    /// delete for an empty payload; `None` for `$SYS` topics, which the
+    /// broker makes again after a restart.
+    pub fn of_retained(message: &Message) -> Option<Record> {
+        if message.topic.starts_with("$SYS") {
+            return None;
+        }
+        let stamp = message.retain_stamp;
+        Some(if message.payload.is_empty() {
+            Record::RetainDelete(stamp, message.topic.clone())
+        } else {
+            Record::Retain(
+                stamp,
+                StoredMessage::of(message, Instant::now(), unix_ms_now()),
+            )
+        })
+    }
+
+    /// The record's kind byte.
+    pub fn kind(&self) -> u8 {
+        match self {
+            Record::Retain(..) => kind::RETAIN,
+            Record::RetainDelete(..) => kind::RETAIN_DELETE,
+        }
+    }
+
+    /// Appends the record's body to `out`.
+    pub fn encode_body(&self, out: &mut Vec<u8>) {
+        match self {
+            Record::Retain(stamp, message) => {
+                out.extend_from_slice(&stamp.to_le_bytes());
+                message.encode(out);
+            }
+            Record::RetainDelete(stamp, topic) => {
+                out.extend_from_slice(&stamp.to_le_bytes());
+                put_str(out, topic);
+            }
+        }
+    }
+
+    /// Reads a record of `kind` from `body`.
+    ///
+    /// # Errors
+    /// A body that does not hold a whole record of that kind.
+    pub fn decode(kind: u8, body: &[u8]) -> Result<Record, RecordError> {
+        let mut r = Reader(body);
+        let record = match kind {
+            kind::RETAIN => Record::Retain(r.u64()?, StoredMessage::decode(&mut r)?),
+            kind::RETAIN_DELETE => Record::RetainDelete(r.u64()?, r.str()?),
+            other => return Err(RecordError::UnknownKind(other)),
+        };
+        if !r.0.is_empty() {
+            return Err(RecordError::Trailing(r.0.len()));
+        }
+        Ok(record)
+    }
+}
+
+/// A u16 little-endian.
+fn put_u16(out: &mut Vec<u8>, v: u16) {
+    out.extend_from_slice(&v.to_le_bytes());
+}
+
+/// A string: u16 length + bytes (cut at 65,535 bytes, which MQTT strings
+/// never exceed).
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    let bytes = &s.as_bytes()[..s.len().min(usize::from(u16::MAX))];
+    put_u16(out, bytes.len() as u16);
+    out.extend_from_slice(bytes);
+}
+
+/// Binary data: u32 length + bytes.
+fn put_bin(out: &mut Vec<u8>, bytes: &[u8]) {
+    let len = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
+    out.extend_from_slice(&len.to_le_bytes());
+    out.extend_from_slice(&bytes[..len as usize]);
+}
+
+/// Reads a record body front to back.
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], RecordError> {
+        if self.0.len() < n {
+            return Err(RecordError::Truncated);
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Ok(head)
+    }
+
+    fn u8(&mut self) -> Result<u8, RecordError> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn u16(&mut self) -> Result<u16, RecordError> {
+        let b = self.take(2)?;
+        Ok(u16::from_le_bytes([b[0], b[1]]))
+    }
+
+    fn u32(&mut self) -> Result<u32, RecordError> {
+        let b = self.take(4)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    fn u64(&mut self) -> Result<u64, RecordError> {
+        let mut v = [0u8; 8];
+        v.copy_from_slice(self.take(8)?);
+        Ok(u64::from_le_bytes(v))
+    }
+
+    fn str(&mut self) -> Result<ByteString, RecordError> {
+        let len = usize::from(self.u16()?);
+        utf8(self.take(len)?)
+    }
+
+    fn bin(&mut self) -> Result<&'a [u8], RecordError> {
+        let len = self.u32()? as usize;
+        self.take(len)
+    }
+
+    fn bin_str(&mut self) -> Result<ByteString, RecordError> {
+        let bytes = self.bin()?;
+        utf8(bytes)
+    }
+}
+
+/// `bytes` as a string, or an error for invalid UTF-8.
+fn utf8(bytes: &[u8]) -> Result<ByteString, RecordError> {
+    std::str::from_utf8(bytes)
+        .map(ByteString::from)
+        .map_err(|_| RecordError::Invalid("UTF-8"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_rng::XorShift;
+
+    fn stored() -> StoredMessage {
+        let mut properties = Properties::new();
+        properties.push(Property::PayloadFormatIndicator(true));
+        properties.push(Property::ContentType(ByteString::from("text/plain")));
+        properties.push(Property::ResponseTopic(ByteString::from("r/t")));
+        properties.push(Property::CorrelationData(Bytes::from_static(b"\x00\x01")));
+        properties.push(Property::UserProperty(
+            ByteString::from("k"),
+            ByteString::from("v"),
+        ));
+        StoredMessage {
+            qos: QoS::ExactlyOnce,
+            retain: true,
+            expires_unix_ms: 0,
+            topic: ByteString::from("a/b"),
+            properties,
+            payload: Bytes::from_static(b"payload"),
+        }
+    }
+
+    fn samples() -> Vec<Record> {
+        vec![
+            Record::Retain(7 << 16, stored()),
+            Record::RetainDelete(8 << 16, ByteString::from("a/b")),
+        ]
+    }
+
+    #[test]
+    fn every_record_round_trips() {
+        for record in samples() {
+            let mut body = Vec::new();
+            record.encode_body(&mut body);
+            assert_eq!(Record::decode(record.kind(), &body), Ok(record.clone()));
+            if !body.is_empty() {
+                let short = Record::decode(record.kind(), &body[..body.len() - 1]);
+                assert!(short.is_err(), "{record:?} cut short");
+            }
+            body.push(0);
+            assert_eq!(
+                Record::decode(record.kind(), &body),
+                Err(RecordError::Trailing(1))
+            );
+        }
+        assert_eq!(
+            Record::decode(0x55, &[]),
+            Err(RecordError::UnknownKind(0x55))
+        );
+    }
+
+    #[test]
+    fn expiry_is_kept_as_a_wall_clock_deadline() {
+        let now = Instant::now();
+        let mut message = Message::new(
+            ByteString::from("t"),
+            Bytes::from_static(b"x"),
+            QoS::AtLeastOnce,
+            true,
+        );
+        message.properties = Some(Arc::new(MessageProperties {
+            forwarded: Properties::new(),
+            expires_at: Some(now + Duration::from_secs(10)),
+        }));
+        let s = StoredMessage::of(&message, now, 1_000_000);
+        assert_eq!(s.expires_unix_ms, 1_010_000);
+        let back = s.to_message(5, now, 1_004_000).expect("not yet expired");
+        assert_eq!(
+            back.properties.and_then(|p| p.expires_at),
+            Some(now + Duration::from_secs(6))
+        );
+        assert_eq!(s.to_message(5, now, 1_010_000), None, "expired at load");
+        let plain = StoredMessage::of(
+            &Message::new(ByteString::from("t"), Bytes::new(), QoS::AtMostOnce, false),
+            now,
+            1,
+        );
+        assert_eq!(
+            plain.to_message(0, now, 2).map(|m| m.properties),
+            Some(None)
+        );
+    }
+
+    #[test]
+    fn random_bodies_never_panic() {
+        let mut rng = XorShift(0xC0FF_EE11);
+        let mut encoded: Vec<(u8, Vec<u8>)> = samples()
+            .iter()
+            .map(|r| {
+                let mut b = Vec::new();
+                r.encode_body(&mut b);
+                (r.kind(), b)
+            })
+            .collect();
+        for _ in 0..5000 {
+            let kind = [0x20u8, 0x21, rng.next() as u8][(rng.next() % 3) as usize];
+            let len = (rng.next() % 64) as usize;
+            let body: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+            let _ = Record::decode(kind, &body);
+            // And valid bodies with bytes flipped.
+            let pick = (rng.next() % encoded.len() as u64) as usize;
+            let (k, b) = &mut encoded[pick];
+            if !b.is_empty() {
+                let at = (rng.next() % b.len() as u64) as usize;
+                b[at] ^= rng.next() as u8;
+            }
+            let _ = Record::decode(*k, b);
+        }
+    }
+}
