@@ -141,6 +141,16 @@ pub enum End {
     },
 }
 
+/// How records end at `offset` where `rest` is what is left: cleanly when
+/// it is all zeros (pre-allocated space), else damaged for reason `why`.
+fn zeros_or_damage(rest: &[u8], offset: usize, why: &'static str) -> End {
+    if rest.iter().all(|&b| b == 0) {
+        End::Clean
+    } else {
+        End::Damaged { offset, why }
+    }
+}
+
 /// The records of `data` (the bytes after a segment header) up to the first
 /// bad one, and how they end. Never panics, whatever the bytes.
 pub fn scan(data: &[u8]) -> (Vec<RawRecord<'_>>, End) {
@@ -149,27 +159,14 @@ pub fn scan(data: &[u8]) -> (Vec<RawRecord<'_>>, End) {
     while at < data.len() {
         let rest = &data[at..];
         if rest.len() < RECORD_HEAD_LEN {
-            let end = if rest.iter().all(|&b| b == 0) {
-                End::Clean
-            } else {
-                End::Damaged {
-                    offset: at,
-                    why: "record header torn",
-                }
-            };
-            return (records, end);
+            return (records, zeros_or_damage(rest, at, "record header torn"));
         }
         let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]);
         if len == 0 {
-            let end = if rest.iter().all(|&b| b == 0) {
-                End::Clean
-            } else {
-                End::Damaged {
-                    offset: at,
-                    why: "zero length followed by data",
-                }
-            };
-            return (records, end);
+            return (
+                records,
+                zeros_or_damage(rest, at, "zero length followed by data"),
+            );
         }
         if len > MAX_RECORD {
             return (

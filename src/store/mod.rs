@@ -132,8 +132,9 @@ fn check_format(dir: &Path) -> Result<(), StoreError> {
         path: path.clone(),
         source,
     };
-    match fs::read_to_string(&path) {
-        Ok(text) => {
+    match fs::read(&path) {
+        Ok(bytes) => {
+            let text = String::from_utf8_lossy(&bytes);
             let version = text
                 .lines()
                 .next()

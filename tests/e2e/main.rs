@@ -10,6 +10,7 @@ mod hostile;
 mod limits;
 mod mqtt5;
 mod park;
+mod persistence;
 mod protocol;
 mod qos;
 mod reliability;

@@ -1,0 +1,451 @@
+//! Persistence (`persistence = true`): retained messages survive a restart
+//! and `kill -9`; damaged files, a full disk and an unusable directory never
+//! lose an acknowledged message nor stop the broker from starting.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::common::*;
+
+/// A 2-shard broker with persistence in `dir` and `extra` TOML.
+fn start(dir: &Path, extra: &str) -> Broker {
+    Broker::builder()
+        .http(false)
+        .config(&format!(
+            "persistence = true\npersistence_location = \"{}\"\n{extra}",
+            dir.display()
+        ))
+        .start()
+}
+
+/// Kills the broker with SIGKILL and waits for it to be gone.
+fn kill_9(mut broker: Broker) {
+    broker.signal(libc::SIGKILL);
+    assert!(
+        broker.wait_exit(TIMEOUT).is_some(),
+        "still running after SIGKILL"
+    );
+}
+
+/// The retained messages matching `filter` that a new subscriber gets, by
+/// topic, and the shard it was on. It subscribes at QoS 0, so that every
+/// one is queued with the SUBACK, before the PINGRESP (at QoS 1 the
+/// inflight window would hold some back).
+fn retained(broker: &Broker, filter: &str) -> (usize, BTreeMap<String, Vec<u8>>) {
+    let id = format!("probe-{}", unique());
+    let mut raw = Raw::connect(broker.port, &id);
+    let shard = broker.shard_of(&id);
+    assert_eq!(raw.subscribe(1, &[(filter, 0)]), vec![0]);
+    raw.send(&PINGREQ);
+    let mut got = BTreeMap::new();
+    loop {
+        let p = raw.expect_packet();
+        if p.bytes() == PINGRESP {
+            return (shard, got);
+        }
+        let p = p.publish();
+        assert!(p.retain, "a retained message has RETAIN set: {p:?}");
+        got.insert(p.topic, p.payload);
+    }
+}
+
+/// What new subscribers on each of the 2 shards get as retained for
+/// `filter` (connects until both shards were seen).
+fn retained_on_both_shards(broker: &Broker, filter: &str) -> [BTreeMap<String, Vec<u8>>; 2] {
+    let mut seen: [Option<BTreeMap<String, Vec<u8>>>; 2] = [None, None];
+    for _ in 0..64 {
+        let (shard, got) = retained(broker, filter);
+        seen[shard] = Some(got);
+        if let [Some(a), Some(b)] = &seen {
+            return [a.clone(), b.clone()];
+        }
+    }
+    panic!("64 connections never reached both shards");
+}
+
+/// Publishes retained QoS 1 messages `stream/<n>` (payload n) from a raw
+/// 3.1.1 client, 8 in flight, until the connection breaks; returns the
+/// shared list of acknowledged numbers and the highest number sent.
+fn publish_stream(port: u16) -> (Arc<Mutex<Vec<u16>>>, Arc<Mutex<u16>>) {
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    let sent = Arc::new(Mutex::new(0u16));
+    let mut raw = Raw::connect(port, &format!("stream-pub-{}", unique()));
+    let (acked_in, sent_in) = (acked.clone(), sent.clone());
+    std::thread::spawn(move || {
+        let mut next = 1u16;
+        let mut window = 0;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while next < u16::MAX && Instant::now() < deadline {
+            while window < 8 {
+                let n = next.to_string();
+                let topic = format!("stream/{n}");
+                raw.send_lossy(&publish(
+                    topic.as_bytes(),
+                    n.as_bytes(),
+                    1,
+                    true,
+                    false,
+                    next,
+                ));
+                *sent_in.lock().unwrap() = next;
+                next += 1;
+                window += 1;
+            }
+            match raw.read_packet(TIMEOUT) {
+                Ok(Some(p)) if p.kind() == 4 => {
+                    let id = u16::from_be_bytes([p.body[0], p.body[1]]);
+                    acked_in.lock().unwrap().push(id);
+                    window -= 1;
+                }
+                Ok(Some(p)) => panic!("unexpected packet {p:?}"),
+                Ok(None) | Err(_) => return,
+            }
+        }
+    });
+    (acked, sent)
+}
+
+/// The kill -9 test for one `persistence_sync` mode: every retained QoS 1
+/// publish that was PUBACKed is retained after the restart, on both shards,
+/// and nothing that was never sent is.
+fn every_acknowledged_retained_message_survives_kill_9(sync: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!("persistence_sync = \"{sync}\"\npersistence_sync_interval_ms = 200");
+    let broker = start(dir.path(), &config);
+    let (acked, sent) = publish_stream(broker.port);
+    let started = Instant::now();
+    while acked.lock().unwrap().len() < 200 {
+        assert!(
+            started.elapsed() < TIMEOUT * 3,
+            "publishes not acknowledged"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    kill_9(broker);
+    let acked = acked.lock().unwrap().clone();
+    let sent = *sent.lock().unwrap();
+    let broker = start(dir.path(), &config);
+    for got in retained_on_both_shards(&broker, "stream/#") {
+        for n in &acked {
+            assert_eq!(
+                got.get(&format!("stream/{n}")).map(Vec::as_slice),
+                Some(n.to_string().as_bytes()),
+                "acknowledged retained message {n} lost ({sync}; {} acked, {} retained)",
+                acked.len(),
+                got.len()
+            );
+        }
+        for (topic, payload) in &got {
+            let n: u16 = topic["stream/".len()..].parse().unwrap();
+            assert!(n <= sent, "{topic} was never sent");
+            assert_eq!(payload, n.to_string().as_bytes());
+        }
+    }
+    assert!(
+        broker.log_text().contains("retained messages loaded in"),
+        "start-up log says what each shard loaded:\n{}",
+        broker.log_text()
+    );
+}
+
+#[test]
+fn acknowledged_retained_messages_survive_kill_9_with_ack_sync() {
+    every_acknowledged_retained_message_survives_kill_9("ack");
+}
+
+#[test]
+fn acknowledged_retained_messages_survive_kill_9_with_interval_sync() {
+    every_acknowledged_retained_message_survives_kill_9("interval");
+}
+
+#[test]
+fn retained_updates_and_deletes_survive_a_restart_and_the_log_is_compacted() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = start(dir.path(), "");
+    let mut client = Mqtt::connect(broker.port, "retainer");
+    client.publish_acked("keep/a", true, b"first");
+    client.publish_acked("keep/a", true, b"second");
+    client.publish_acked("keep/b", true, b"b");
+    client.publish_acked("keep/b", true, b"");
+    client.disconnect();
+    // A graceful stop this time (SIGTERM).
+    broker.signal(libc::SIGTERM);
+    assert!(broker.wait_exit(TIMEOUT).is_some_and(|s| s.success()));
+    drop(broker);
+    for _ in 0..2 {
+        let broker = start(dir.path(), "");
+        let expected = BTreeMap::from([("keep/a".to_string(), b"second".to_vec())]);
+        assert_eq!(
+            retained_on_both_shards(&broker, "keep/#"),
+            [expected.clone(), expected]
+        );
+        assert!(
+            broker
+                .wait_log(|l| l.contains("1 retained messages from"), TIMEOUT)
+                .is_some(),
+            "start-up line with what was loaded:\n{}",
+            broker.log_text()
+        );
+        kill_9(broker);
+    }
+    let segments: Vec<_> = std::fs::read_dir(dir.path().join("retained"))
+        .unwrap()
+        .filter_map(Result::ok)
+        .collect();
+    assert!(
+        segments.len() <= 2,
+        "older segments are removed once the new one holds what they held: {segments:?}"
+    );
+}
+
+/// Appends garbage to every file under `dir`.
+fn append_garbage(dir: &Path) {
+    for entry in std::fs::read_dir(dir).unwrap().filter_map(Result::ok) {
+        let path = entry.path();
+        if path.is_dir() {
+            append_garbage(&path);
+            continue;
+        }
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        file.write_all(b"\x13\x00\x00\x00garbage\xff\xfe after the end")
+            .unwrap();
+    }
+}
+
+#[test]
+fn garbage_appended_to_every_file_starts_and_serves_what_is_valid() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = start(dir.path(), "");
+    let mut client = Mqtt::connect(broker.port, "garbage-pub");
+    client.publish_acked("junk/a", true, b"a");
+    client.publish_acked("junk/b", true, b"b");
+    drop(client);
+    kill_9(broker);
+    append_garbage(dir.path());
+    let mut broker = start(dir.path(), "");
+    let both = BTreeMap::from([
+        ("junk/a".to_string(), b"a".to_vec()),
+        ("junk/b".to_string(), b"b".to_vec()),
+    ]);
+    assert_eq!(
+        retained_on_both_shards(&broker, "junk/#"),
+        [both.clone(), both.clone()]
+    );
+    assert!(
+        broker.log_text().contains("is damaged at byte"),
+        "the damage is logged:\n{}",
+        broker.log_text()
+    );
+    let aside = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().starts_with("corrupt-"))
+        .count();
+    assert_eq!(aside, 1, "the damaged file is set aside in corrupt-<ms>/");
+    broker.assert_healthy();
+    // The journal goes on after the damage.
+    let mut client = Mqtt::connect(broker.port, "garbage-pub");
+    client.publish_acked("junk/c", true, b"c");
+    drop(client);
+    kill_9(broker);
+    let broker = start(dir.path(), "");
+    let mut all = both;
+    all.insert("junk/c".to_string(), b"c".to_vec());
+    assert_eq!(
+        retained_on_both_shards(&broker, "junk/#"),
+        [all.clone(), all]
+    );
+}
+
+/// Runs the broker binary with `args` and returns its stderr; it must fail.
+fn start_fails(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_fanmq"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "off",
+            "--shards",
+            "2",
+        ])
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .expect("run fanmq");
+    assert!(!out.status.success(), "started with {args:?}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn an_unusable_or_locked_directory_or_a_newer_format_is_a_clear_start_up_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing");
+    let stderr = start_fails(&["--persistence-dir", missing.to_str().unwrap()]);
+    assert!(
+        stderr.contains("persistence_location") && stderr.contains("missing"),
+        "{stderr}"
+    );
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, b"").unwrap();
+    let stderr = start_fails(&["--persistence-dir", file.to_str().unwrap()]);
+    assert!(stderr.contains("not a directory"), "{stderr}");
+    let mut config = tempfile::NamedTempFile::new().unwrap();
+    writeln!(config, "persistence = true").unwrap();
+    let stderr = start_fails(&["--config", config.path().to_str().unwrap()]);
+    assert!(stderr.contains("persistence_location"), "{stderr}");
+
+    let store = dir.path().join("store");
+    std::fs::create_dir(&store).unwrap();
+    let broker = start(&store, "");
+    let stderr = start_fails(&["--persistence-dir", store.to_str().unwrap()]);
+    assert!(stderr.contains("in use by another fanmq"), "{stderr}");
+    kill_9(broker);
+
+    std::fs::write(store.join("FORMAT"), "fanmq-store 99\n").unwrap();
+    let stderr = start_fails(&["--persistence-dir", store.to_str().unwrap()]);
+    assert!(stderr.contains("newer fanmq"), "{stderr}");
+}
+
+/// Mounts a tmpfs of `size` on `dir`; false (with the reason printed) where
+/// that is not permitted (not root).
+fn mount_tmpfs(dir: &Path, size: &str) -> bool {
+    let out = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+        .arg(dir)
+        .output();
+    match out {
+        Ok(out) if out.status.success() => true,
+        Ok(out) => {
+            eprintln!(
+                "skipped: cannot mount a tmpfs ({})",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+            false
+        }
+        Err(e) => {
+            eprintln!("skipped: cannot run mount ({e})");
+            false
+        }
+    }
+}
+
+/// Unmounts the tmpfs when the test ends, however it ends.
+struct Unmount<'a>(&'a Path);
+
+impl Drop for Unmount<'_> {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(self.0).status();
+    }
+}
+
+/// An MQTT 5.0 CONNECT in raw bytes: clean start, keep-alive 60.
+fn connect_v5(client_id: &str) -> Vec<u8> {
+    let mut body = string(b"MQTT");
+    body.extend([5, 0x02, 0, 60, 0]);
+    body.extend(string(client_id.as_bytes()));
+    packet(0x10, &body)
+}
+
+/// A retained MQTT 5.0 QoS 1 PUBLISH without properties.
+fn retained_v5_qos1(topic: &str, packet_id: u16, payload: &[u8]) -> Vec<u8> {
+    let mut body = string(topic.as_bytes());
+    body.extend(packet_id.to_be_bytes());
+    body.push(0);
+    body.extend(payload);
+    packet(0x33, &body)
+}
+
+#[test]
+fn a_full_disk_refuses_retained_qos_1_until_space_frees() {
+    let dir = tempfile::tempdir().unwrap();
+    if !mount_tmpfs(dir.path(), "256k") {
+        if std::env::var_os("CI").is_some() {
+            panic!("CI runs as root: the tmpfs must mount");
+        }
+        return;
+    }
+    let _unmount = Unmount(dir.path());
+    let store = dir.path().join("store");
+    std::fs::create_dir(&store).unwrap();
+    let mut broker = start(&store, "");
+    let mut client = Mqtt::connect(broker.port, "full-pub");
+    client.publish_acked("full/before", true, b"stored");
+    // Fill the file system.
+    let filler = dir.path().join("filler");
+    let mut file = std::fs::File::create(&filler).unwrap();
+    let chunk = vec![0u8; 4096];
+    while file.write_all(&chunk).is_ok() {}
+    drop(file);
+    // A retained QoS 0 update needs new pages: the journal cannot write it.
+    client.publish(
+        "full/zero",
+        rumqttc::QoS::AtMostOnce,
+        true,
+        &[7u8; 16 * 1024],
+    );
+    assert!(
+        broker
+            .wait_log(|l| l.contains("persistence: cannot write"), TIMEOUT)
+            .is_some(),
+        "the failing journal is logged once:\n{}",
+        broker.log_text()
+    );
+    // 5.0: PUBACK 0x97 Quota exceeded.
+    let mut v5 = Raw::tcp(broker.port);
+    v5.send(&connect_v5("full-v5"));
+    assert_eq!(v5.expect_packet().kind(), 2);
+    v5.send(&retained_v5_qos1("full/v5", 1, b"x"));
+    assert_eq!(v5.expect_packet().bytes(), vec![0x40, 3, 0, 1, 0x97]);
+    // 3.1.1: no PUBACK; the connection closes, so the client resends.
+    let mut v3 = Raw::connect(broker.port, "full-v3");
+    v3.send(&publish(b"full/v3", b"x", 1, true, false, 1));
+    let before_close = v3.expect_closed();
+    assert!(
+        !before_close.starts_with(&[0x40]),
+        "no PUBACK for what was not stored: {before_close:?}"
+    );
+    // Everything else goes on: non-retained QoS 1, clean subscribers.
+    broker.assert_healthy();
+    // Space frees: the journal writes what it held and acknowledges again.
+    std::fs::remove_file(&filler).unwrap();
+    let started = Instant::now();
+    loop {
+        v5.send(&retained_v5_qos1("full/v5", 2, b"after"));
+        let reply = v5.expect_packet().bytes();
+        if reply == vec![0x40, 2, 0, 2] {
+            break;
+        }
+        assert_eq!(reply, vec![0x40, 3, 0, 2, 0x97]);
+        assert!(started.elapsed() < TIMEOUT, "did not recover");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        broker
+            .wait_log(|l| l.contains("acknowledgements resume"), TIMEOUT)
+            .is_some()
+    );
+    drop(client);
+    drop(v5);
+    kill_9(broker);
+    let broker = start(&store, "");
+    let got = retained_on_both_shards(&broker, "full/#");
+    for got in got {
+        assert_eq!(
+            got.get("full/before").map(Vec::as_slice),
+            Some(&b"stored"[..])
+        );
+        assert_eq!(got.get("full/v5").map(Vec::as_slice), Some(&b"after"[..]));
+        assert_eq!(got.get("full/zero").map(Vec::len), Some(16 * 1024));
+        assert!(!got.contains_key("full/v3"), "refused, never stored");
+    }
+    kill_9(broker);
+}
