@@ -1049,5 +1049,11 @@ mod tests {
         };
         let c = Config::load(&cli).unwrap();
         assert_eq!(c.max_queued_messages, DEFAULT_MAX_QUEUED_MESSAGES);
+        // The packaged config keeps state in the unit's StateDirectory.
+        assert!(c.persistence);
+        assert_eq!(
+            c.persistence_location.as_deref(),
+            Some(Path::new("/var/lib/fanmq"))
+        );
     }
 }

@@ -260,23 +260,9 @@ pub fn load_log(store: &Path, dir: &Path) -> Result<LoadedLog, StoreError> {
                 continue;
             }
         }
-        let (raw, end) = frame::scan(&data[HEADER_LEN..]);
-        let mut bad = match end {
-            End::Clean => None,
-            End::Damaged { offset, why } => Some((offset, why.to_string())),
-        };
-        for r in raw {
-            match Record::decode(r.kind, r.body) {
-                Ok(record) => {
-                    loaded.bytes += (frame::RECORD_HEAD_LEN + 1 + r.body.len()) as u64;
-                    loaded.records.push(record);
-                }
-                Err(e) => {
-                    bad = Some((r.offset, e.to_string()));
-                    break;
-                }
-            }
-        }
+        let (records, valid, bad) = read_records(&data[HEADER_LEN..]);
+        loaded.bytes += valid as u64;
+        loaded.records.extend(records);
         if let Some((offset, why)) = bad {
             warn!(
                 "persistence: {} is damaged at byte {} ({why}); loaded what came before, the file is copied aside",
@@ -290,6 +276,32 @@ pub fn load_log(store: &Path, dir: &Path) -> Result<LoadedLog, StoreError> {
         loaded.segments.push(path);
     }
     Ok(loaded)
+}
+
+/// The records of a segment's body (the bytes after its header) up to the
+/// first bad one: the records, the bytes they take, and where and why the
+/// valid prefix ends if it is not the end. Never panics, whatever the bytes.
+pub fn read_records(body: &[u8]) -> (Vec<Record>, usize, Option<(usize, String)>) {
+    let (raw, end) = frame::scan(body);
+    let mut bad = match end {
+        End::Clean => None,
+        End::Damaged { offset, why } => Some((offset, why.to_string())),
+    };
+    let mut records = Vec::with_capacity(raw.len());
+    let mut valid = 0;
+    for r in raw {
+        match Record::decode(r.kind, r.body) {
+            Ok(record) => {
+                valid = r.offset + frame::RECORD_HEAD_LEN + 1 + r.body.len();
+                records.push(record);
+            }
+            Err(e) => {
+                bad = Some((r.offset, e.to_string()));
+                break;
+            }
+        }
+    }
+    (records, valid, bad)
 }
 
 /// The `corrupt-<unix ms>/` directory of one load, made on first use.

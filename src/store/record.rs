@@ -160,16 +160,22 @@ impl StoredMessage {
 
     fn decode(r: &mut Reader<'_>) -> Result<StoredMessage, RecordError> {
         let qos = QoS::from_u8(r.u8()?).ok_or(RecordError::Invalid("QoS"))?;
-        let retain = r.u8()? != 0;
+        let retain = match r.u8()? {
+            0 => false,
+            1 => true,
+            _ => return Err(RecordError::Invalid("RETAIN flag")),
+        };
         let expires_unix_ms = r.u64()?;
         let topic = r.str()?;
         let mut properties = Properties::new();
         for _ in 0..r.u16()? {
             let id = r.u8()?;
             let property = match id {
-                property_id::PAYLOAD_FORMAT => {
-                    Property::PayloadFormatIndicator(r.bin()?.first().is_some_and(|&b| b != 0))
-                }
+                property_id::PAYLOAD_FORMAT => match r.bin()? {
+                    [0] => Property::PayloadFormatIndicator(false),
+                    [1] => Property::PayloadFormatIndicator(true),
+                    _ => return Err(RecordError::Invalid("Payload Format Indicator")),
+                },
                 property_id::CONTENT_TYPE => Property::ContentType(r.bin_str()?),
                 property_id::RESPONSE_TOPIC => Property::ResponseTopic(r.bin_str()?),
                 property_id::CORRELATION_DATA => {

@@ -131,6 +131,10 @@ check_eq "empty capability bounding set" 0000000000000000 "$(awk '/^CapBnd:/ {pr
 check_eq "NoNewPrivs" 1 "$(awk '/^NoNewPrivs:/ {print $2}' <<<"$status")"
 check_eq "seccomp filter active" 2 "$(awk '/^Seccomp:/ {print $2}' <<<"$status")"
 check_eq "state dir owned by fanmq, 0750" "fanmq 750" "$(in_ct stat -c '%U %a' /var/lib/fanmq)"
+# The packaged config keeps persistence in the state directory: the broker
+# holds its LOCK and has made its retained journal there, as user fanmq.
+check "persistence uses the state dir (LOCK, FORMAT)" in_ct test -f /var/lib/fanmq/LOCK -a -f /var/lib/fanmq/FORMAT
+check_eq "retained journal dir owned by fanmq" fanmq "$(in_ct stat -c '%U' /var/lib/fanmq/retained)"
 
 # MQTT 3.1.1 CONNECT (clean session, empty client id) -> CONNACK 20 02 00 00.
 connack() {
