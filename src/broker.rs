@@ -31,10 +31,11 @@ use crate::observe::metrics::BrokerGauges;
 use crate::security::auth::{self, Auth};
 use crate::session::link::CloseReason;
 use crate::shard::query::{self, ShardRequest};
+use crate::shard::registry::home_shard;
 use crate::shard::sys::SessionTotals;
 use crate::shard::{self, Ctx, Shard, inbox};
 use crate::store::journal::{self, Journal};
-use crate::store::record::{Record, unix_ms_now};
+use crate::store::record::{Record, StoredSession, unix_ms_now};
 use crate::store::{RetainedState, Store, StoreError};
 
 /// How often a shard checks the shutdown flag (and the keep-alive sweep
@@ -214,15 +215,19 @@ pub fn choose_cpus(config: &Config) -> Result<Vec<usize>, BrokerError> {
 pub fn start(config: Config) -> Result<Broker, BrokerError> {
     let auth = Arc::new(Auth::load(&config)?);
     let cpus = choose_cpus(&config)?;
+    let nr_shards = config.shards.unwrap_or(cpus.len()).max(1);
     let (store, persisted) = match (&config.persistence, &config.persistence_location) {
         (true, Some(dir)) => {
             let store = Store::open(dir)?;
-            let state = store.load_retained()?;
-            (Some(store), Some(Arc::new(state)))
+            let retained = store.load_retained()?;
+            let sessions = load_sessions(&store, nr_shards)?;
+            (
+                Some(store),
+                Some(Arc::new(Persisted { retained, sessions })),
+            )
         }
         _ => (None, None),
     };
-    let nr_shards = config.shards.unwrap_or(cpus.len()).max(1);
     let shard_cpus: Vec<usize> = (0..nr_shards).map(|i| cpus[i % cpus.len()]).collect();
     let tls = match TlsSettings::from_config(&config) {
         Some(settings) if config.uses_tls() => Some(Arc::new(TlsCerts::load(settings)?)),
@@ -348,7 +353,33 @@ struct ShardSetup {
     /// Each shard's admin request channel, by shard index.
     admin_receivers: Arc<Vec<async_channel::Receiver<ShardRequest>>>,
     /// What persistence loaded (persistence on).
-    persisted: Option<Arc<RetainedState>>,
+    persisted: Option<Arc<Persisted>>,
+}
+
+/// What persistence loaded at start, for every shard.
+struct Persisted {
+    /// The retained messages, and where shard 0's journal goes on.
+    retained: RetainedState,
+    /// Each shard's persistent sessions (placed on their home shards) and
+    /// where its session journal goes on.
+    sessions: Vec<(Vec<StoredSession>, u64)>,
+}
+
+/// Reads every shard's session journal, places each session on its client
+/// id's home shard (so the registry needs no entry for it), and writes each
+/// shard's sessions into a new segment of its own before the older
+/// segments go (the start-up compaction).
+fn load_sessions(
+    store: &Store,
+    nr_shards: usize,
+) -> Result<Vec<(Vec<StoredSession>, u64)>, StoreError> {
+    let loaded = store.load_sessions(unix_ms_now())?;
+    let mut per_shard: Vec<Vec<StoredSession>> = vec![Vec::new(); nr_shards];
+    for session in &loaded.sessions {
+        per_shard[home_shard(&session.client_id, nr_shards)].push(session.clone());
+    }
+    let bases = store.compact_sessions(&loaded, &per_shard)?;
+    Ok(per_shard.into_iter().zip(bases).collect())
 }
 
 /// One shard, from joining the mesh to the end of its shutdown.
@@ -377,7 +408,8 @@ async fn run_shard(setup: ShardSetup) -> Result<(), ShardError> {
     let commit = setup
         .persisted
         .as_ref()
-        .and_then(|state| load_persisted(&ctx, &setup.config, state, &setup.shutdown));
+        .map(|state| load_persisted(&ctx, &setup.config, state, &setup.shutdown))
+        .unwrap_or_default();
     glommio::spawn_local(park::receive_ready(ctx.clone(), from_watcher)).detach();
     glommio::spawn_local(park::Unparker::new(ctx.clone())).detach();
     {
@@ -437,26 +469,55 @@ async fn run_shard(setup: ShardSetup) -> Result<(), ShardError> {
     while setup.connections.total() > 0 && Instant::now() < deadline {
         glommio::timer::sleep(Duration::from_millis(10)).await;
     }
-    if let Some(commit) = commit {
-        commit.await;
+    for task in commit {
+        task.await;
     }
     info!("shard {id} stopped");
     Ok(())
 }
 
 /// Gives this shard what persistence loaded: every shard applies the
-/// retained messages to its own replica; shard 0 starts the retained
-/// journal (its new segment begins with every live message, so the older
-/// segments go once it is durable) and returns its commit task.
+/// retained messages to its own replica and restores its persistent
+/// sessions; shard 0 starts the retained journal (its new segment begins
+/// with every live message, so the older segments go once it is durable),
+/// every shard its session journal. Returns their commit tasks.
 fn load_persisted(
     ctx: &Ctx,
     config: &Config,
-    state: &RetainedState,
+    persisted: &Persisted,
     shutdown: &Arc<AtomicBool>,
-) -> Option<glommio::task::JoinHandle<()>> {
+) -> Vec<glommio::task::JoinHandle<()>> {
+    let state = &persisted.retained;
     let started = Instant::now();
     let unix_now = unix_ms_now();
     let mut shard = ctx.shard.borrow_mut();
+    let mut tasks = Vec::new();
+    if let (Some((sessions, base)), Some(dir)) = (
+        persisted.sessions.get(ctx.id),
+        state
+            .dir
+            .parent()
+            .map(|store| crate::store::shard_dir(store, ctx.id)),
+    ) {
+        let restored = shard.restore_sessions(sessions, unix_now);
+        info!(
+            "shard {}: persistence: {restored} persistent sessions restored in {:?}",
+            ctx.id,
+            started.elapsed()
+        );
+        let journal = Rc::new(Journal::new(
+            &dir,
+            u16::try_from(ctx.id).unwrap_or(u16::MAX),
+            u16::try_from(ctx.nr_shards).unwrap_or(u16::MAX),
+            *base,
+            config.persistence_sync,
+            config.persistence_sync_interval,
+            Vec::new(),
+            Arc::default(),
+        ));
+        shard.session_journal = Some(journal.clone());
+        tasks.push(glommio::spawn_local(journal::commit_loop(journal, shutdown.clone())).detach());
+    }
     shard.store_failing = Some(state.failing.clone());
     let live: Vec<_> = state
         .retained
@@ -483,11 +544,12 @@ fn load_persisted(
         shard.retain_journal = Some(journal.clone());
         glommio::spawn_local(journal::commit_loop(journal, shutdown.clone())).detach()
     });
+    tasks.extend(commit);
     info!(
         "shard {}: persistence: {} retained messages loaded in {:?}",
         ctx.id,
         shard.retained.len(),
         started.elapsed()
     );
-    commit
+    tasks
 }

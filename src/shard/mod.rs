@@ -12,6 +12,7 @@
 pub mod held_acks;
 pub mod inbox;
 pub mod index;
+pub mod persist;
 pub mod query;
 pub mod registry;
 pub mod subscribe;
@@ -85,6 +86,8 @@ pub struct Shard {
     pub held_acks: HeldAcks,
     /// The journal of retained updates (persistence on, shard 0 only).
     pub retain_journal: Option<Rc<Journal>>,
+    /// This shard's journal of persistent sessions (persistence on).
+    pub session_journal: Option<Rc<Journal>>,
     /// Set while the retained journal cannot write (persistence on, every
     /// shard): retained QoS 1/2 publishes are refused, not acknowledged.
     pub store_failing: Option<Arc<AtomicBool>>,
@@ -161,15 +164,17 @@ impl Ctx {
         let (batch, held, durable) = {
             let mut shard = self.shard.borrow_mut();
             let held = shard.held_acks.take();
-            // What this shard's journal must hold before the acks go.
-            let durable = shard
-                .retain_journal
-                .clone()
-                .filter(|_| !held.is_empty())
-                .map(|journal| {
-                    let lsn = journal.end_lsn();
-                    (journal, lsn)
-                });
+            // What this shard's journals must hold before the acks go.
+            let durable: Vec<(Rc<Journal>, u64)> = if held.is_empty() {
+                Vec::new()
+            } else {
+                shard
+                    .retain_journal
+                    .iter()
+                    .chain(&shard.session_journal)
+                    .map(|journal| (journal.clone(), journal.end_lsn()))
+                    .collect()
+            };
             (shard.take_remote_batch(), held, durable)
         };
         let persistent = self.shard.borrow().store_failing.is_some();
@@ -212,7 +217,7 @@ impl Ctx {
                 );
             }
         }
-        if let Some((journal, lsn)) = durable {
+        for (journal, lsn) in durable {
             let waited = glommio::timer::timeout(APPLY_TIMEOUT, async {
                 journal.wait_acked(lsn).await;
                 Ok(())
@@ -289,6 +294,7 @@ impl Shard {
             registry: Registry::default(),
             held_acks: HeldAcks::default(),
             retain_journal: None,
+            session_journal: None,
             store_failing: None,
             dirty: Vec::new(),
             batch: BytesMut::new(),
@@ -586,6 +592,7 @@ impl Shard {
             }
         }
         self.by_client_id.insert(&self.sessions, key);
+        self.journal_session(key);
         key
     }
 
@@ -615,6 +622,7 @@ impl Shard {
         } else {
             session.detach();
             session.offline_since = now;
+            self.journal_session(key);
         }
     }
 
@@ -626,6 +634,7 @@ impl Shard {
         for &key in expired {
             if let Some(mut session) = self.remove_session(key) {
                 debug!("client {}: session expired", session.client_id);
+                self.journal_drop(&session.client_id);
                 // A will still waiting for its delay goes when its session
                 // ends (§3.1.3.2.2).
                 if let Some(will) = session.take_due_will(u32::MAX) {

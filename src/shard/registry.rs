@@ -296,6 +296,10 @@ impl Shard {
                 link.close(CloseReason::TakenOver);
             }
             let state = (!clean_session && !session.clean_session).then_some(session.state);
+            if state.is_none() && !session.clean_session {
+                // A clean start ends the persistent session (§3.1.2.4).
+                self.journal_drop(client_id);
+            }
             self.answer_claim(to_shard, token, state);
             return;
         }

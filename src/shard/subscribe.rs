@@ -192,6 +192,7 @@ impl Shard {
             });
         }
         self.mark_dirty(key);
+        self.journal_session(key);
     }
 
     /// UNSUBSCRIBE (§3.10): removes each filter and answers UNSUBACK (5.0:
@@ -226,5 +227,6 @@ impl Shard {
             }
         }
         self.mark_dirty(key);
+        self.journal_session(key);
     }
 }

@@ -66,12 +66,12 @@ impl Shard {
         c.queued_bytes = crate::session::outqueue::shard_queued_bytes() as u64;
         // Read on the shard's own thread: the count is per thread.
         c.log_lines_suppressed = crate::observe::log_limit::suppressed_total();
-        if let Some(journal) = &self.retain_journal {
+        for journal in self.retain_journal.iter().chain(&self.session_journal) {
             let s = journal.stats();
-            c.store_records_written = s.records;
-            c.store_bytes_written = s.bytes_written;
-            c.store_fsyncs = s.fsyncs;
-            c.store_write_errors = s.write_errors;
+            c.store_records_written += s.records;
+            c.store_bytes_written += s.bytes_written;
+            c.store_fsyncs += s.fsyncs;
+            c.store_write_errors += s.write_errors;
         }
         c.store_disk_full = u64::from(self.store_refuses());
         c.complete();

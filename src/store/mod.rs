@@ -6,6 +6,7 @@
 //!   LOCK             flock()ed while a broker runs: a second one refuses to start
 //!   FORMAT           "fanmq-store 1": an older fanmq refuses a newer format
 //!   retained/        log-<base LSN, 16 hex>.fml: shard 0's journal of retained updates
+//!   shard-<k>/       log-*.fml: shard k's persistent sessions (subscriptions)
 //!   corrupt-<ms>/    damaged files moved (or copied) aside, never read again
 //! ```
 //!
@@ -402,6 +403,157 @@ impl Store {
     }
 }
 
+/// The directory of shard `shard`'s session journal.
+pub fn shard_dir(store: &Path, shard: usize) -> PathBuf {
+    store.join(format!("shard-{shard}"))
+}
+
+/// The persistent sessions found in every shard's journal at start-up.
+#[derive(Debug, Default)]
+pub struct LoadedSessions {
+    /// The live sessions: per client id the image with the highest stamp,
+    /// unless a drop came later or its Session Expiry Interval has passed.
+    pub sessions: Vec<record::StoredSession>,
+    /// Sessions found expired at load.
+    pub expired: usize,
+    /// Every segment read (of every `shard-*` directory).
+    pub segments: Vec<PathBuf>,
+    /// Where new segments start (after every one found).
+    pub next_base: u64,
+}
+
+impl Store {
+    /// Reads every `shard-*/` journal (a broker with another shard count
+    /// wrote some of them: sessions are placed by client id afterwards) and
+    /// logs what it found and how long it took. A session online at the
+    /// crash counts as offline from `now_unix_ms`.
+    ///
+    /// # Errors
+    /// See [`load_log`].
+    pub fn load_sessions(&self, now_unix_ms: u64) -> Result<LoadedSessions, StoreError> {
+        let started = Instant::now();
+        let mut latest: ahash::AHashMap<bytestring::ByteString, Record> = ahash::AHashMap::new();
+        let mut out = LoadedSessions::default();
+        let entries = fs::read_dir(&self.dir).map_err(|source| StoreError::Io {
+            path: self.dir.clone(),
+            source,
+        })?;
+        let mut records = 0usize;
+        for entry in entries.filter_map(Result::ok) {
+            let path = entry.path();
+            let is_shard = entry
+                .file_name()
+                .to_str()
+                .is_some_and(|n| n.starts_with("shard-"));
+            if !is_shard || !path.is_dir() {
+                continue;
+            }
+            let loaded = load_log(&self.dir, &path)?;
+            out.next_base = out.next_base.max(loaded.next_base);
+            out.segments.extend(loaded.segments);
+            records += loaded.records.len();
+            for record in loaded.records {
+                let (stamp, client_id) = match &record {
+                    Record::SessionImage(s) => (s.stamp, s.client_id.clone()),
+                    Record::SessionDrop(stamp, id) => (*stamp, id.clone()),
+                    Record::Retain(..) | Record::RetainDelete(..) => continue,
+                };
+                record::seen_stamp(stamp);
+                let newer = latest.get(&client_id).is_none_or(|held| match held {
+                    Record::SessionImage(s) => s.stamp < stamp,
+                    Record::SessionDrop(held, _) => *held < stamp,
+                    _ => true,
+                });
+                if newer {
+                    latest.insert(client_id, record);
+                }
+            }
+        }
+        for record in latest.into_values() {
+            let Record::SessionImage(mut session) = record else {
+                continue;
+            };
+            if session.offline_since_unix_ms == 0 {
+                session.offline_since_unix_ms = now_unix_ms;
+            }
+            let deadline = session
+                .offline_since_unix_ms
+                .saturating_add(u64::from(session.expiry_interval) * 1000);
+            if session.expiry_interval != u32::MAX && deadline <= now_unix_ms {
+                out.expired += 1;
+                continue;
+            }
+            out.sessions.push(session);
+        }
+        info!(
+            "persistence: {} persistent sessions from {records} records of {} segments ({} expired while the broker was down) in {:?}",
+            out.sessions.len(),
+            out.segments.len(),
+            out.expired,
+            started.elapsed()
+        );
+        Ok(out)
+    }
+
+    /// Writes each shard's sessions (`per_shard[k]`, placed by the caller)
+    /// into a new segment of `shard-<k>/`, makes them durable, then removes
+    /// every segment `loaded` read (so a crash at any point leaves every
+    /// session in some segment). Returns where each shard's journal goes on.
+    ///
+    /// # Errors
+    /// A segment that cannot be written (the caller may go on without
+    /// compaction: the old segments are still there).
+    pub fn compact_sessions(
+        &self,
+        loaded: &LoadedSessions,
+        per_shard: &[Vec<record::StoredSession>],
+    ) -> Result<Vec<u64>, StoreError> {
+        let shards = u16::try_from(per_shard.len()).unwrap_or(u16::MAX);
+        let mut bases = Vec::with_capacity(per_shard.len());
+        for (k, sessions) in per_shard.iter().enumerate() {
+            let dir = shard_dir(&self.dir, k);
+            let io = |path: &Path, source| StoreError::Io {
+                path: path.to_path_buf(),
+                source,
+            };
+            fs::create_dir_all(&dir).map_err(|e| io(&dir, e))?;
+            let base = loaded.next_base;
+            let mut data = Header {
+                version: frame::FORMAT_VERSION,
+                shard: u16::try_from(k).unwrap_or(u16::MAX),
+                shards,
+                base_lsn: base,
+            }
+            .encode()
+            .to_vec();
+            for session in sessions {
+                let record = Record::SessionImage(session.clone());
+                frame::append_record(&mut data, record.kind(), |out| record.encode_body(out));
+            }
+            let path = journal::segment_path(&dir, base);
+            let tmp = path.with_extension("fml.tmp");
+            let mut file = File::create(&tmp).map_err(|e| io(&tmp, e))?;
+            file.write_all(&data)
+                .and_then(|()| file.sync_all())
+                .map_err(|e| io(&tmp, e))?;
+            fs::rename(&tmp, &path).map_err(|e| io(&path, e))?;
+            journal::sync_dir(&dir);
+            bases.push(base + data.len() as u64 + 1);
+        }
+        let kept: Vec<PathBuf> = (0..per_shard.len())
+            .map(|k| journal::segment_path(&shard_dir(&self.dir, k), loaded.next_base))
+            .collect();
+        for old in &loaded.segments {
+            if !kept.contains(old)
+                && let Err(e) = fs::remove_file(old)
+            {
+                warn!("persistence: cannot remove {}: {e}", old.display());
+            }
+        }
+        Ok(bases)
+    }
+}
+
 /// The retained messages that a replay of `records` leaves: per topic the
 /// update with the highest stamp (as `RetainStore::apply` keeps it, so the
 /// order of the records does not matter), deletes left out.
@@ -412,6 +564,7 @@ pub fn live_retained(records: Vec<Record>) -> Vec<(u64, record::StoredMessage)> 
         let (stamp, topic, message) = match record {
             Record::Retain(stamp, message) => (stamp, message.topic.clone(), Some(message)),
             Record::RetainDelete(stamp, topic) => (stamp, topic, None),
+            Record::SessionImage(_) | Record::SessionDrop(..) => continue,
         };
         match topics.get(&topic) {
             Some((held, _)) if *held > stamp => {}

@@ -1,7 +1,9 @@
 //! The records of the store's logs and how their bodies are laid out
 //! (docs/design/persistence.md §4.2): plain data that knows messages,
-//! never sessions or shards. This first version stores the retained
-//! messages; the session kinds of the design come with persistent sessions.
+//! never sessions or shards. This version stores the retained messages and
+//! the persistent sessions' subscriptions (a whole image per change, keyed
+//! by client id and ordered by [`next_stamp`]); the per-message queue and
+//! ack records of the design come with the offline queues.
 //!
 //! Little-endian; strings are u16 length + bytes (MQTT topics and client ids
 //! fit), payloads u32 length + bytes. [`Record::decode`] reads any bytes
@@ -19,6 +21,11 @@ use crate::protocol::v5::{Properties, Property};
 
 /// Record kinds, as written in a frame's `kind` byte.
 pub mod kind {
+    /// A persistent session as it is now (its subscriptions), replacing
+    /// every earlier record of its client id with a lower stamp.
+    pub const SESSION_IMAGE: u8 = 0x01;
+    /// A persistent session ended (expired, or discarded by a clean start).
+    pub const SESSION_DROP: u8 = 0x02;
     /// A retained message stored or replaced.
     pub const RETAIN: u8 = 0x20;
     /// A retained message deleted.
@@ -76,9 +83,83 @@ pub struct StoredMessage {
     pub payload: Bytes,
 }
 
+/// A persistent session as stored: what brings it back, offline, with its
+/// subscriptions, after a restart.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredSession {
+    /// When the image was taken ([`next_stamp`]): the highest stamp of a
+    /// client id wins, across every shard's log.
+    pub stamp: u64,
+    /// Client identifier.
+    pub client_id: ByteString,
+    /// Protocol level of its last connection: 5 for MQTT 5.0, else 4.
+    pub protocol_level: u8,
+    /// Session Expiry Interval in seconds (`u32::MAX`: never).
+    pub expiry_interval: u32,
+    /// Unix milliseconds when it went offline; 0 while it was online.
+    pub offline_since_unix_ms: u64,
+    /// Its subscriptions in order.
+    pub subscriptions: Vec<StoredSubscription>,
+}
+
+/// One subscription of a [`StoredSession`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredSubscription {
+    /// Topic filter.
+    pub filter: ByteString,
+    /// Granted QoS.
+    pub qos: QoS,
+    /// MQTT 5.0 No Local.
+    pub no_local: bool,
+    /// MQTT 5.0 Retain As Published.
+    pub retain_as_published: bool,
+    /// MQTT 5.0 Subscription Identifier (0: none).
+    pub identifier: u32,
+}
+
+/// Bits of a stored subscription's options byte (QoS in bits 0-1).
+mod options {
+    /// No Local.
+    pub const NO_LOCAL: u8 = 0x04;
+    /// Retain As Published.
+    pub const RETAIN_AS_PUBLISHED: u8 = 0x08;
+}
+
+/// The last stamp handed out by [`next_stamp`].
+static LAST_STAMP: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// A stamp for a session record: wall-clock nanoseconds, but always above
+/// every stamp handed out or loaded before ([`seen_stamp`]), so records
+/// made one after another on any shard are ordered even if the clock
+/// steps back. One atomic, touched at connect, disconnect and
+/// subscribe time only.
+pub fn next_stamp() -> u64 {
+    use std::sync::atomic::Ordering;
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+    let mut last = LAST_STAMP.load(Ordering::Relaxed);
+    loop {
+        let next = now.max(last + 1);
+        match LAST_STAMP.compare_exchange_weak(last, next, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => return next,
+            Err(seen) => last = seen,
+        }
+    }
+}
+
+/// Makes [`next_stamp`] hand out only stamps above `stamp` (a loaded one).
+pub fn seen_stamp(stamp: u64) {
+    LAST_STAMP.fetch_max(stamp, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// One record of a log.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Record {
+    /// [`kind::SESSION_IMAGE`].
+    SessionImage(StoredSession),
+    /// [`kind::SESSION_DROP`]: stamp and client id.
+    SessionDrop(u64, ByteString),
     /// [`kind::RETAIN`]: stamp and message.
     Retain(u64, StoredMessage),
     /// [`kind::RETAIN_DELETE`]: stamp and topic.
@@ -245,6 +326,8 @@ impl Record {
     /// The record's kind byte.
     pub fn kind(&self) -> u8 {
         match self {
+            Record::SessionImage(_) => kind::SESSION_IMAGE,
+            Record::SessionDrop(..) => kind::SESSION_DROP,
             Record::Retain(..) => kind::RETAIN,
             Record::RetainDelete(..) => kind::RETAIN_DELETE,
         }
@@ -253,6 +336,31 @@ impl Record {
     /// Appends the record's body to `out`.
     pub fn encode_body(&self, out: &mut Vec<u8>) {
         match self {
+            Record::SessionImage(s) => {
+                out.extend_from_slice(&s.stamp.to_le_bytes());
+                put_str(out, &s.client_id);
+                out.push(s.protocol_level);
+                out.extend_from_slice(&s.expiry_interval.to_le_bytes());
+                out.extend_from_slice(&s.offline_since_unix_ms.to_le_bytes());
+                let n = u32::try_from(s.subscriptions.len()).unwrap_or(u32::MAX);
+                out.extend_from_slice(&n.to_le_bytes());
+                for sub in s.subscriptions.iter().take(n as usize) {
+                    let mut byte = sub.qos as u8;
+                    if sub.no_local {
+                        byte |= options::NO_LOCAL;
+                    }
+                    if sub.retain_as_published {
+                        byte |= options::RETAIN_AS_PUBLISHED;
+                    }
+                    out.push(byte);
+                    out.extend_from_slice(&sub.identifier.to_le_bytes());
+                    put_str(out, &sub.filter);
+                }
+            }
+            Record::SessionDrop(stamp, client_id) => {
+                out.extend_from_slice(&stamp.to_le_bytes());
+                put_str(out, client_id);
+            }
             Record::Retain(stamp, message) => {
                 out.extend_from_slice(&stamp.to_le_bytes());
                 message.encode(out);
@@ -271,6 +379,39 @@ impl Record {
     pub fn decode(kind: u8, body: &[u8]) -> Result<Record, RecordError> {
         let mut r = Reader(body);
         let record = match kind {
+            kind::SESSION_IMAGE => {
+                let stamp = r.u64()?;
+                let client_id = r.str()?;
+                let protocol_level = r.u8()?;
+                let expiry_interval = r.u32()?;
+                let offline_since_unix_ms = r.u64()?;
+                let n = r.u32()?;
+                let mut subscriptions = Vec::new();
+                for _ in 0..n {
+                    let byte = r.u8()?;
+                    if byte & !(3 | options::NO_LOCAL | options::RETAIN_AS_PUBLISHED) != 0 {
+                        return Err(RecordError::Invalid("subscription options"));
+                    }
+                    let qos = QoS::from_u8(byte & 3).ok_or(RecordError::Invalid("QoS"))?;
+                    let identifier = r.u32()?;
+                    subscriptions.push(StoredSubscription {
+                        filter: r.str()?,
+                        qos,
+                        no_local: byte & options::NO_LOCAL != 0,
+                        retain_as_published: byte & options::RETAIN_AS_PUBLISHED != 0,
+                        identifier,
+                    });
+                }
+                Record::SessionImage(StoredSession {
+                    stamp,
+                    client_id,
+                    protocol_level,
+                    expiry_interval,
+                    offline_since_unix_ms,
+                    subscriptions,
+                })
+            }
+            kind::SESSION_DROP => Record::SessionDrop(r.u64()?, r.str()?),
             kind::RETAIN => Record::Retain(r.u64()?, StoredMessage::decode(&mut r)?),
             kind::RETAIN_DELETE => Record::RetainDelete(r.u64()?, r.str()?),
             other => return Err(RecordError::UnknownKind(other)),
@@ -385,6 +526,30 @@ mod tests {
 
     fn samples() -> Vec<Record> {
         vec![
+            Record::SessionImage(StoredSession {
+                stamp: 99,
+                client_id: ByteString::from("c1"),
+                protocol_level: 5,
+                expiry_interval: 3600,
+                offline_since_unix_ms: 1234,
+                subscriptions: vec![
+                    StoredSubscription {
+                        filter: ByteString::from("a/#"),
+                        qos: QoS::AtLeastOnce,
+                        no_local: true,
+                        retain_as_published: false,
+                        identifier: 7,
+                    },
+                    StoredSubscription {
+                        filter: ByteString::from("b"),
+                        qos: QoS::ExactlyOnce,
+                        no_local: false,
+                        retain_as_published: true,
+                        identifier: 0,
+                    },
+                ],
+            }),
+            Record::SessionDrop(100, ByteString::from("c1")),
             Record::Retain(7 << 16, stored()),
             Record::RetainDelete(8 << 16, ByteString::from("a/b")),
         ]
@@ -410,6 +575,15 @@ mod tests {
             Record::decode(0x55, &[]),
             Err(RecordError::UnknownKind(0x55))
         );
+    }
+
+    #[test]
+    fn stamps_only_grow_and_stay_above_loaded_ones() {
+        let a = next_stamp();
+        let b = next_stamp();
+        assert!(b > a);
+        seen_stamp(u64::MAX / 2);
+        assert!(next_stamp() > u64::MAX / 2);
     }
 
     #[test]
@@ -456,7 +630,7 @@ mod tests {
             })
             .collect();
         for _ in 0..5000 {
-            let kind = [0x20u8, 0x21, rng.next() as u8][(rng.next() % 3) as usize];
+            let kind = [1u8, 2, 0x20, 0x21, rng.next() as u8][(rng.next() % 5) as usize];
             let len = (rng.next() % 64) as usize;
             let body: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
             let _ = Record::decode(kind, &body);
