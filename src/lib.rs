@@ -30,7 +30,8 @@
 //! - `security`: `password_file`, `acl_file`, `allow_anonymous`
 //!   (Mosquitto-compatible) and `fanmq passwd`.
 //! - `store`: persistence (`persistence`, `persistence_location`): the
-//!   retained messages' journal, its record format and start-up load.
+//!   journals of retained messages and persistent sessions, their record
+//!   format and start-up load.
 //! - `protocol`: MQTT 3.1.1 / 3.1 packets (`protocol::v3`), topics, the
 //!   application message and its encoded frames.
 //! - [`config`]: configuration, every default; host limits, logging, systemd.

@@ -1,5 +1,6 @@
 //! Persistence: what fanmq keeps on disk across restarts and crashes
-//! (docs/design/persistence.md). This version keeps the retained messages.
+//! (docs/design/persistence.md). This version keeps the retained messages
+//! and the persistent sessions' subscriptions.
 //!
 //! ```text
 //! <persistence_location>/
