@@ -35,8 +35,8 @@ use crate::shard::registry::home_shard;
 use crate::shard::sys::SessionTotals;
 use crate::shard::{self, Ctx, Shard, inbox};
 use crate::store::journal::{self, Journal};
-use crate::store::record::{Record, StoredSession, unix_ms_now};
-use crate::store::{RetainedState, Store, StoreError};
+use crate::store::record::{Record, unix_ms_now};
+use crate::store::{LoadedSession, RetainedState, Store, StoreError};
 
 /// How often a shard checks the shutdown flag (and the keep-alive sweep
 /// period): short enough that SIGTERM takes effect at once for a person.
@@ -362,7 +362,7 @@ struct Persisted {
     retained: RetainedState,
     /// Each shard's persistent sessions (placed on their home shards) and
     /// where its session journal goes on.
-    sessions: Vec<(Vec<StoredSession>, u64)>,
+    sessions: Vec<(Vec<LoadedSession>, u64)>,
 }
 
 /// Reads every shard's session journal, places each session on its client
@@ -372,11 +372,11 @@ struct Persisted {
 fn load_sessions(
     store: &Store,
     nr_shards: usize,
-) -> Result<Vec<(Vec<StoredSession>, u64)>, StoreError> {
+) -> Result<Vec<(Vec<LoadedSession>, u64)>, StoreError> {
     let loaded = store.load_sessions(unix_ms_now())?;
-    let mut per_shard: Vec<Vec<StoredSession>> = vec![Vec::new(); nr_shards];
-    for session in &loaded.sessions {
-        per_shard[home_shard(&session.client_id, nr_shards)].push(session.clone());
+    let mut per_shard: Vec<Vec<LoadedSession>> = vec![Vec::new(); nr_shards];
+    for loaded in &loaded.sessions {
+        per_shard[home_shard(&loaded.session.client_id, nr_shards)].push(loaded.clone());
     }
     let bases = store.compact_sessions(&loaded, &per_shard)?;
     Ok(per_shard.into_iter().zip(bases).collect())
@@ -499,9 +499,9 @@ fn load_persisted(
             .parent()
             .map(|store| crate::store::shard_dir(store, ctx.id)),
     ) {
-        let restored = shard.restore_sessions(sessions, unix_now);
+        let (restored, queued) = shard.restore_sessions(sessions, unix_now);
         info!(
-            "shard {}: persistence: {restored} persistent sessions restored in {:?}",
+            "shard {}: persistence: {restored} persistent sessions ({queued} queued messages) restored in {:?}",
             ctx.id,
             started.elapsed()
         );

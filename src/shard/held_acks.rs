@@ -107,14 +107,20 @@ impl Shard {
     /// publishes are applied on every shard: when it acknowledges a retained
     /// publish (`retained`) that goes to other shards, or when an earlier
     /// ack of this session in this read is held (acks keep the order of the
-    /// publishes, §4.6); with persistence, also when it acknowledges a
-    /// retained publish that this shard journals (shard 0), until the
-    /// journal has it. A held ack always has a remote batch or this shard's
-    /// journal to wait for, and `Ctx::forward_publishes` releases it at the
-    /// end of the read.
+    /// publishes, §4.6). With persistence every ack waits: until each
+    /// shard's journals hold what the read's publishes made them write (a
+    /// retained update on shard 0, the messages persistent sessions queued
+    /// on any shard). A held ack always has a remote batch or this shard's
+    /// journals to wait for, and `Ctx::forward_publishes` releases it at
+    /// the end of the read.
     pub fn queue_ack(&mut self, key: SessionKey, conn_id: u64, ack: &[u8], retained: bool) {
-        let behind_replicas = retained && self.nr_shards > 1 && self.has_remote_batch();
-        let behind_disk = retained && self.retain_journal.is_some();
+        // A refusal (MQTT 5.0 reason 0x80 or above) acknowledges nothing
+        // stored: it never waits for the disk.
+        let refusal = ack.len() >= 5 && ack[4] >= 0x80;
+        let persistence = self.session_journal.is_some() && !refusal;
+        let behind_replicas =
+            (retained || persistence) && self.nr_shards > 1 && self.has_remote_batch();
+        let behind_disk = persistence;
         if behind_replicas || behind_disk || self.held_acks.holds(key) {
             self.held_acks.hold(key, conn_id, Box::from(ack));
             return;

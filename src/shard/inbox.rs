@@ -14,29 +14,35 @@ pub async fn receive_from(ctx: Ctx, peer: usize, receivers: Rc<Receivers<ShardMs
     while let Ok(Some(msg)) = receivers.recv_from(peer).await {
         match msg {
             ShardMsg::Publish(batch, applied) => {
-                let journal = {
+                let unsynced: Vec<_> = {
                     let mut shard = ctx.shard.borrow_mut();
                     for message in batch.iter() {
                         shard.route(message);
                     }
                     shard.flush_dirty();
-                    shard.retain_journal.clone()
+                    shard
+                        .retain_journal
+                        .iter()
+                        .chain(&shard.session_journal)
+                        .filter(|j| j.acked_lsn() < j.end_lsn())
+                        .map(|j| (j.clone(), j.end_lsn()))
+                        .collect()
                 };
                 if let Some((shard, token)) = applied {
-                    // With persistence, shard 0 answers once its journal
-                    // holds the batch's retained updates (the publisher's
+                    // With persistence, a shard answers once its journals
+                    // hold what the batch made it write (the publisher's
                     // PUBACK waits for that), without holding up the mesh.
-                    match journal.filter(|j| j.acked_lsn() < j.end_lsn()) {
-                        Some(journal) => {
-                            let mesh = ctx.mesh.clone();
-                            let lsn = journal.end_lsn();
-                            glommio::spawn_local(async move {
+                    if unsynced.is_empty() {
+                        mesh::send_detached(&ctx.mesh, shard, ShardMsg::Applied { token });
+                    } else {
+                        let mesh = ctx.mesh.clone();
+                        glommio::spawn_local(async move {
+                            for (journal, lsn) in unsynced {
                                 journal.wait_acked(lsn).await;
-                                mesh::send_detached(&mesh, shard, ShardMsg::Applied { token });
-                            })
-                            .detach();
-                        }
-                        None => mesh::send_detached(&ctx.mesh, shard, ShardMsg::Applied { token }),
+                            }
+                            mesh::send_detached(&mesh, shard, ShardMsg::Applied { token });
+                        })
+                        .detach();
                     }
                 }
                 glommio::yield_if_needed().await;

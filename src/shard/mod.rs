@@ -37,6 +37,7 @@ use crate::observe::counters::Counters;
 use crate::observe::metrics::BrokerGauges;
 use crate::protocol::Version;
 use crate::protocol::message::{Encoded, Message};
+use crate::protocol::v3::QoS;
 use crate::router::Router;
 use crate::router::retain::RetainStore;
 use crate::security::acl::Who;
@@ -88,6 +89,17 @@ pub struct Shard {
     pub retain_journal: Option<Rc<Journal>>,
     /// This shard's journal of persistent sessions (persistence on).
     pub session_journal: Option<Rc<Journal>>,
+    /// The stamp of each journalled persistent session's latest image,
+    /// which the records of messages queued for it name (empty without
+    /// persistence, so the fan-out path checks one length).
+    pub persist_stamps: ahash::AHashMap<SessionKey, u64>,
+    /// Scratch: the journalled sessions that queued the message being
+    /// routed, with the QoS each gets it at.
+    persist_refs: Vec<(u64, QoS)>,
+    /// The LSNs that what this shard routed since the last
+    /// `Ctx::forward_publishes` appended up to, in the retained and the
+    /// session journal: what the held acks wait for (0: nothing).
+    pub needed_lsns: [u64; 2],
     /// Set while the retained journal cannot write (persistence on, every
     /// shard): retained QoS 1/2 publishes are refused, not acknowledged.
     pub store_failing: Option<Arc<AtomicBool>>,
@@ -164,17 +176,15 @@ impl Ctx {
         let (batch, held, durable) = {
             let mut shard = self.shard.borrow_mut();
             let held = shard.held_acks.take();
-            // What this shard's journals must hold before the acks go.
-            let durable: Vec<(Rc<Journal>, u64)> = if held.is_empty() {
-                Vec::new()
-            } else {
-                shard
-                    .retain_journal
-                    .iter()
-                    .chain(&shard.session_journal)
-                    .map(|journal| (journal.clone(), journal.end_lsn()))
-                    .collect()
-            };
+            // What this shard's journals must hold before the acks go:
+            // what the publishes since the last time appended.
+            let needed = std::mem::take(&mut shard.needed_lsns);
+            let durable: Vec<(Rc<Journal>, u64)> = [&shard.retain_journal, &shard.session_journal]
+                .into_iter()
+                .zip(needed)
+                .filter_map(|(journal, lsn)| Some((journal.clone()?, lsn)))
+                .filter(|(journal, lsn)| journal.acked_lsn() < *lsn)
+                .collect();
             (shard.take_remote_batch(), held, durable)
         };
         let persistent = self.shard.borrow().store_failing.is_some();
@@ -295,6 +305,9 @@ impl Shard {
             held_acks: HeldAcks::default(),
             retain_journal: None,
             session_journal: None,
+            persist_stamps: ahash::AHashMap::new(),
+            persist_refs: Vec::new(),
+            needed_lsns: [0; 2],
             store_failing: None,
             dirty: Vec::new(),
             batch: BytesMut::new(),
@@ -380,7 +393,7 @@ impl Shard {
             if let Some(journal) = &self.retain_journal
                 && let Some(record) = Record::of_retained(message)
             {
-                journal.append(&record);
+                self.needed_lsns[0] = journal.append(&record);
             }
         }
         let Shard {
@@ -390,6 +403,8 @@ impl Shard {
             stats,
             limits,
             batch,
+            persist_stamps,
+            persist_refs,
             ..
         } = self;
         let mut encoded = Encoded::new(message, batch);
@@ -403,9 +418,17 @@ impl Shard {
             } else {
                 session.deliver(&mut encoded, granted, limits)
             };
+            let qos = message.qos.min(granted);
+            if !persist_stamps.is_empty()
+                && qos != QoS::AtMostOnce
+                && matches!(delivery, Delivery::Queued | Delivery::Pending)
+                && let Some(&stamp) = persist_stamps.get(&key)
+            {
+                persist_refs.push((stamp, qos));
+            }
             match delivery {
                 Delivery::Queued => {
-                    stats.publish_sent_by_qos[message.qos.min(granted) as usize] += 1;
+                    stats.publish_sent_by_qos[qos as usize] += 1;
                     if !session.dirty {
                         session.dirty = true;
                         dirty.push(key);
@@ -415,6 +438,9 @@ impl Shard {
                 Delivery::Dropped => stats.publish_dropped += 1,
             }
         });
+        if !self.persist_refs.is_empty() {
+            self.journal_queued(message);
+        }
     }
 
     /// Puts a session on the list to flush (it queued something).
@@ -599,6 +625,7 @@ impl Shard {
     /// Removes a session and its subscriptions, returning it.
     pub fn remove_session(&mut self, key: SessionKey) -> Option<Session> {
         let session = *self.sessions.try_remove(key as usize)?;
+        self.persist_stamps.remove(&key);
         for (filter, _) in &session.state.subscriptions {
             self.router.unsubscribe(filter, key);
         }

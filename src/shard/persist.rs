@@ -8,46 +8,97 @@
 //! (`store::record::next_stamp`): across every shard's log the highest
 //! stamp of a client id wins, so a session that moved to another shard
 //! (take-over) is found where it went. The offline queue and the messages
-//! in flight are not journalled yet: they are lost on a restart.
+//! in flight are journalled too: a QoS 1/2 message a persistent session
+//! queues is written once per shard (`Record::Message`) with the stamps of
+//! the sessions that took it (`Record::Queue`, 9 bytes a subscriber), and an
+//! image lists what the session had not had acknowledged when it was
+//! taken (at connect, disconnect and subscription changes). After a restart
+//! those messages are resent from the pending queue with new packet ids:
+//! QoS 1 may come twice (allowed), QoS 2 sent before the crash may too.
 
 use std::num::NonZeroU32;
+use std::time::Instant;
 
 use bytestring::ByteString;
 
 use crate::protocol::Version;
+use crate::protocol::message::Message;
 use crate::protocol::v5::{RetainHandling, SubscriptionOptions};
 use crate::router::SharedFilter;
 use crate::session::link::TICKS_PER_SEC;
 use crate::session::{SESSION_NEVER_EXPIRES, Session, SessionState};
 use crate::shard::{SessionKey, Shard};
-use crate::store::record::{Record, StoredSession, StoredSubscription, next_stamp, unix_ms_now};
+use crate::store::LoadedSession;
+use crate::store::record::{
+    Record, StoredMessage, StoredSession, StoredSubscription, next_stamp, unix_ms_now,
+};
 
 impl Shard {
     /// Journals the image of session `key` if it is persistent (and
-    /// persistence is on).
-    pub fn journal_session(&self, key: SessionKey) {
-        let (Some(journal), Some(session)) =
-            (&self.session_journal, self.sessions.get(key as usize))
-        else {
+    /// persistence is on): first a message record for each QoS 1/2 message
+    /// it has not had acknowledged, then the image naming them.
+    pub fn journal_session(&mut self, key: SessionKey) {
+        let (Some(journal), Some(session)) = (
+            self.session_journal.clone(),
+            self.sessions.get(key as usize),
+        ) else {
             return;
         };
         if session.clean_session {
             return;
         }
-        journal.append(&Record::SessionImage(self.image_of(session)));
+        let now = Instant::now();
+        let unix_now = unix_ms_now();
+        let mut queued = Vec::new();
+        if let Some(flows) = session.state.flows.as_deref() {
+            let messages = flows
+                .inflight
+                .iter()
+                .map(|f| &f.message)
+                .chain(flows.pending.iter());
+            for message in messages {
+                let mid = next_stamp();
+                journal.append(&Record::Message(
+                    mid,
+                    StoredMessage::of(message, now, unix_now),
+                ));
+                queued.push((mid, message.qos));
+            }
+        }
+        let image = StoredSession {
+            queued,
+            ..self.image_of(session)
+        };
+        self.persist_stamps.insert(key, image.stamp);
+        self.needed_lsns[1] = journal.append(&Record::SessionImage(image));
+    }
+
+    /// Journals `message` once and the sessions that just queued it
+    /// (`persist_refs`, gathered by `Shard::route`).
+    pub(super) fn journal_queued(&mut self, message: &Message) {
+        let refs = std::mem::take(&mut self.persist_refs);
+        let Some(journal) = &self.session_journal else {
+            return;
+        };
+        let mid = next_stamp();
+        journal.append(&Record::Message(
+            mid,
+            StoredMessage::of(message, Instant::now(), unix_ms_now()),
+        ));
+        self.needed_lsns[1] = journal.append(&Record::Queue(mid, refs));
     }
 
     /// Journals that the persistent session of `client_id` ended here.
-    pub fn journal_drop(&self, client_id: &str) {
+    pub fn journal_drop(&mut self, client_id: &str) {
         if let Some(journal) = &self.session_journal {
-            journal.append(&Record::SessionDrop(
+            self.needed_lsns[1] = journal.append(&Record::SessionDrop(
                 next_stamp(),
                 ByteString::from(client_id),
             ));
         }
     }
 
-    /// `session` as stored now.
+    /// `session` as stored now, without its queue.
     fn image_of(&self, session: &Session) -> StoredSession {
         let offline_since_unix_ms = if session.is_online() {
             0
@@ -83,16 +134,25 @@ impl Shard {
             expiry_interval: session.session_expiry,
             offline_since_unix_ms,
             subscriptions,
+            queued: Vec::new(),
         }
     }
 
     /// Brings back the persistent sessions loaded for this shard (before
     /// its journal is attached: the start-up compaction already wrote
-    /// them), offline, with their subscriptions and what is left of their
-    /// expiry. Returns how many.
-    pub fn restore_sessions(&mut self, stored: &[StoredSession], now_unix_ms: u64) -> usize {
+    /// them), offline, with their subscriptions, their queued messages (in
+    /// the pending queue: resent with new packet ids) and what is left of
+    /// their expiry. Returns how many sessions and messages.
+    pub fn restore_sessions(
+        &mut self,
+        stored: &[LoadedSession],
+        now_unix_ms: u64,
+    ) -> (usize, usize) {
         let now = self.now_ticks();
-        for s in stored {
+        let started = Instant::now();
+        let mut messages = 0;
+        for loaded in stored {
+            let s = &loaded.session;
             if self.session_key(&s.client_id).is_some() {
                 continue;
             }
@@ -114,7 +174,21 @@ impl Shard {
             for sub in &s.subscriptions {
                 session.subscribe(SharedFilter::from(&*sub.filter), sub.qos);
             }
+            if !loaded.queued.is_empty() {
+                let flows = session.state.flows.get_or_insert_with(Box::default);
+                for (_, stored, qos) in &loaded.queued {
+                    let Some(mut message) = stored.to_message(0, started, now_unix_ms) else {
+                        continue;
+                    };
+                    message.qos = *qos;
+                    message.retain = false;
+                    flows.pending_bytes += message.wire_len();
+                    flows.pending.push_back(message);
+                    messages += 1;
+                }
+            }
             let key = self.insert_session(session);
+            self.persist_stamps.insert(key, s.stamp);
             let Some(session) = self.sessions.get_mut(key as usize) else {
                 continue;
             };
@@ -134,7 +208,7 @@ impl Shard {
                 session.set_subscription_options(filter, &options, NonZeroU32::new(sub.identifier));
             }
         }
-        stored.len()
+        (stored.len(), messages)
     }
 }
 
@@ -154,21 +228,38 @@ mod tests {
     fn restored_sessions_keep_subscriptions_options_and_the_rest_of_their_expiry() {
         let mut shard = testing::shard_with(0, 1, Config::default());
         let now = 10_000_000;
-        let stored = vec![StoredSession {
-            stamp: 1,
-            client_id: ByteString::from("back"),
-            protocol_level: 5,
-            expiry_interval: 100,
-            offline_since_unix_ms: now - 40_000,
-            subscriptions: vec![StoredSubscription {
-                filter: ByteString::from("a/+"),
-                qos: QoS::AtLeastOnce,
-                no_local: true,
-                retain_as_published: false,
-                identifier: 9,
-            }],
+        let queued_message = |payload: &'static [u8], expires_unix_ms| StoredMessage {
+            qos: QoS::ExactlyOnce,
+            retain: true,
+            expires_unix_ms,
+            topic: ByteString::from("a/b"),
+            properties: Default::default(),
+            payload: bytes::Bytes::from_static(payload),
+        };
+        let stored = vec![LoadedSession {
+            session: StoredSession {
+                stamp: 1,
+                client_id: ByteString::from("back"),
+                protocol_level: 5,
+                expiry_interval: 100,
+                offline_since_unix_ms: now - 40_000,
+                subscriptions: vec![StoredSubscription {
+                    filter: ByteString::from("a/+"),
+                    qos: QoS::AtLeastOnce,
+                    no_local: true,
+                    retain_as_published: false,
+                    identifier: 9,
+                }],
+                queued: Vec::new(),
+            },
+            queued: vec![
+                (10, queued_message(b"one", 0), QoS::AtLeastOnce),
+                (11, queued_message(b"expired", now - 1), QoS::AtLeastOnce),
+                (12, queued_message(b"two", now + 60_000), QoS::ExactlyOnce),
+            ],
         }];
-        assert_eq!(shard.restore_sessions(&stored, now), 1);
+        assert_eq!(shard.restore_sessions(&stored, now), (1, 2));
+        assert_eq!(shard.persist_stamps.len(), 1, "its image stamp is known");
         let key = shard.session_key("back").expect("restored");
         let session = &shard.sessions[key as usize];
         assert!(!session.is_online() && !session.clean_session);
@@ -178,9 +269,28 @@ mod tests {
             "100 s less the 40 s it was offline"
         );
         assert_eq!(shard.router.len(), 1);
+        let pending: Vec<_> = session
+            .state
+            .flows
+            .as_ref()
+            .map(|f| {
+                f.pending
+                    .iter()
+                    .map(|m| (m.payload.clone(), m.qos, m.retain))
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert_eq!(
+            pending,
+            vec![
+                (bytes::Bytes::from_static(b"one"), QoS::AtLeastOnce, false),
+                (bytes::Bytes::from_static(b"two"), QoS::ExactlyOnce, false)
+            ],
+            "queued in order, at their QoS, RETAIN cleared, the expired one left out"
+        );
         // Its image says the same (the stamp aside).
         let image = shard.image_of(&shard.sessions[key as usize]);
-        assert_eq!(image.subscriptions, stored[0].subscriptions);
+        assert_eq!(image.subscriptions, stored[0].session.subscriptions);
         assert_eq!(image.expiry_interval, 60);
     }
 

@@ -409,12 +409,24 @@ pub fn shard_dir(store: &Path, shard: usize) -> PathBuf {
     store.join(format!("shard-{shard}"))
 }
 
+/// One persistent session found at start-up.
+#[derive(Clone, Debug)]
+pub struct LoadedSession {
+    /// Its latest image (`queued` as the image had it).
+    pub session: record::StoredSession,
+    /// The messages queued for it, oldest first, with their ids and the
+    /// QoS it gets them at.
+    pub queued: Vec<(u64, record::StoredMessage, crate::protocol::v3::QoS)>,
+}
+
 /// The persistent sessions found in every shard's journal at start-up.
 #[derive(Debug, Default)]
 pub struct LoadedSessions {
     /// The live sessions: per client id the image with the highest stamp,
-    /// unless a drop came later or its Session Expiry Interval has passed.
-    pub sessions: Vec<record::StoredSession>,
+    /// unless a drop came later or its Session Expiry Interval has passed;
+    /// each with the messages it had queued (its image's, then those queued
+    /// for it after the image), expired ones left out.
+    pub sessions: Vec<LoadedSession>,
     /// Sessions found expired at load.
     pub expired: usize,
     /// Every segment read (of every `shard-*` directory).
@@ -434,6 +446,9 @@ impl Store {
     pub fn load_sessions(&self, now_unix_ms: u64) -> Result<LoadedSessions, StoreError> {
         let started = Instant::now();
         let mut latest: ahash::AHashMap<bytestring::ByteString, Record> = ahash::AHashMap::new();
+        let mut messages: ahash::AHashMap<u64, record::StoredMessage> = ahash::AHashMap::new();
+        let mut queued_after: ahash::AHashMap<u64, Vec<(u64, crate::protocol::v3::QoS)>> =
+            ahash::AHashMap::new();
         let mut out = LoadedSessions::default();
         let entries = fs::read_dir(&self.dir).map_err(|source| StoreError::Io {
             path: self.dir.clone(),
@@ -454,9 +469,20 @@ impl Store {
             out.segments.extend(loaded.segments);
             records += loaded.records.len();
             for record in loaded.records {
-                let (stamp, client_id) = match &record {
-                    Record::SessionImage(s) => (s.stamp, s.client_id.clone()),
-                    Record::SessionDrop(stamp, id) => (*stamp, id.clone()),
+                let (stamp, client_id) = match record {
+                    Record::SessionImage(ref s) => (s.stamp, s.client_id.clone()),
+                    Record::SessionDrop(stamp, ref id) => (stamp, id.clone()),
+                    Record::Message(mid, message) => {
+                        record::seen_stamp(mid);
+                        messages.insert(mid, message);
+                        continue;
+                    }
+                    Record::Queue(mid, refs) => {
+                        for (session, qos) in refs {
+                            queued_after.entry(session).or_default().push((mid, qos));
+                        }
+                        continue;
+                    }
                     Record::Retain(..) | Record::RetainDelete(..) => continue,
                 };
                 record::seen_stamp(stamp);
@@ -484,7 +510,19 @@ impl Store {
                 out.expired += 1;
                 continue;
             }
-            out.sessions.push(session);
+            let after = queued_after.remove(&session.stamp).unwrap_or_default();
+            let queued = session
+                .queued
+                .iter()
+                .chain(&after)
+                .filter_map(|&(mid, qos)| {
+                    let message = messages.get(&mid)?;
+                    let live =
+                        message.expires_unix_ms == 0 || message.expires_unix_ms > now_unix_ms;
+                    live.then(|| (mid, message.clone(), qos))
+                })
+                .collect();
+            out.sessions.push(LoadedSession { session, queued });
         }
         info!(
             "persistence: {} persistent sessions from {records} records of {} segments ({} expired while the broker was down) in {:?}",
@@ -507,7 +545,7 @@ impl Store {
     pub fn compact_sessions(
         &self,
         loaded: &LoadedSessions,
-        per_shard: &[Vec<record::StoredSession>],
+        per_shard: &[Vec<LoadedSession>],
     ) -> Result<Vec<u64>, StoreError> {
         let shards = u16::try_from(per_shard.len()).unwrap_or(u16::MAX);
         let mut bases = Vec::with_capacity(per_shard.len());
@@ -527,8 +565,23 @@ impl Store {
             }
             .encode()
             .to_vec();
-            for session in sessions {
-                let record = Record::SessionImage(session.clone());
+            let mut written = ahash::AHashSet::new();
+            for loaded in sessions {
+                for (mid, message, _) in &loaded.queued {
+                    if written.insert(*mid) {
+                        let record = Record::Message(*mid, message.clone());
+                        frame::append_record(&mut data, record.kind(), |out| {
+                            record.encode_body(out)
+                        });
+                    }
+                }
+                let mut image = loaded.session.clone();
+                image.queued = loaded
+                    .queued
+                    .iter()
+                    .map(|(mid, _, qos)| (*mid, *qos))
+                    .collect();
+                let record = Record::SessionImage(image);
                 frame::append_record(&mut data, record.kind(), |out| record.encode_body(out));
             }
             let path = journal::segment_path(&dir, base);
@@ -565,7 +618,10 @@ pub fn live_retained(records: Vec<Record>) -> Vec<(u64, record::StoredMessage)> 
         let (stamp, topic, message) = match record {
             Record::Retain(stamp, message) => (stamp, message.topic.clone(), Some(message)),
             Record::RetainDelete(stamp, topic) => (stamp, topic, None),
-            Record::SessionImage(_) | Record::SessionDrop(..) => continue,
+            Record::SessionImage(_)
+            | Record::SessionDrop(..)
+            | Record::Message(..)
+            | Record::Queue(..) => continue,
         };
         match topics.get(&topic) {
             Some((held, _)) if *held > stamp => {}

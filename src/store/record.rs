@@ -26,6 +26,11 @@ pub mod kind {
     pub const SESSION_IMAGE: u8 = 0x01;
     /// A persistent session ended (expired, or discarded by a clean start).
     pub const SESSION_DROP: u8 = 0x02;
+    /// A QoS 1/2 message that persistent sessions of this shard queued,
+    /// written once per shard however many queued it.
+    pub const MESSAGE: u8 = 0x05;
+    /// The persistent sessions (by image stamp) that queued a message.
+    pub const QUEUE: u8 = 0x06;
     /// A retained message stored or replaced.
     pub const RETAIN: u8 = 0x20;
     /// A retained message deleted.
@@ -100,6 +105,10 @@ pub struct StoredSession {
     pub offline_since_unix_ms: u64,
     /// Its subscriptions in order.
     pub subscriptions: Vec<StoredSubscription>,
+    /// The QoS 1/2 messages it had not had acknowledged when the image was
+    /// taken (in flight first, then pending), oldest first: a message id
+    /// ([`Record::Message`], earlier in the log) and the QoS to deliver at.
+    pub queued: Vec<(u64, QoS)>,
 }
 
 /// One subscription of a [`StoredSession`].
@@ -160,6 +169,11 @@ pub enum Record {
     SessionImage(StoredSession),
     /// [`kind::SESSION_DROP`]: stamp and client id.
     SessionDrop(u64, ByteString),
+    /// [`kind::MESSAGE`]: message id ([`next_stamp`]) and message.
+    Message(u64, StoredMessage),
+    /// [`kind::QUEUE`]: message id, then each session (its latest image's
+    /// stamp) that queued it with the QoS it gets: 9 bytes a subscriber.
+    Queue(u64, Vec<(u64, QoS)>),
     /// [`kind::RETAIN`]: stamp and message.
     Retain(u64, StoredMessage),
     /// [`kind::RETAIN_DELETE`]: stamp and topic.
@@ -328,6 +342,8 @@ impl Record {
         match self {
             Record::SessionImage(_) => kind::SESSION_IMAGE,
             Record::SessionDrop(..) => kind::SESSION_DROP,
+            Record::Message(..) => kind::MESSAGE,
+            Record::Queue(..) => kind::QUEUE,
             Record::Retain(..) => kind::RETAIN,
             Record::RetainDelete(..) => kind::RETAIN_DELETE,
         }
@@ -356,6 +372,15 @@ impl Record {
                     out.extend_from_slice(&sub.identifier.to_le_bytes());
                     put_str(out, &sub.filter);
                 }
+                put_refs(out, &s.queued);
+            }
+            Record::Message(mid, message) => {
+                out.extend_from_slice(&mid.to_le_bytes());
+                message.encode(out);
+            }
+            Record::Queue(mid, refs) => {
+                out.extend_from_slice(&mid.to_le_bytes());
+                put_refs(out, refs);
             }
             Record::SessionDrop(stamp, client_id) => {
                 out.extend_from_slice(&stamp.to_le_bytes());
@@ -402,6 +427,7 @@ impl Record {
                         identifier,
                     });
                 }
+                let queued = r.refs()?;
                 Record::SessionImage(StoredSession {
                     stamp,
                     client_id,
@@ -409,8 +435,11 @@ impl Record {
                     expiry_interval,
                     offline_since_unix_ms,
                     subscriptions,
+                    queued,
                 })
             }
+            kind::MESSAGE => Record::Message(r.u64()?, StoredMessage::decode(&mut r)?),
+            kind::QUEUE => Record::Queue(r.u64()?, r.refs()?),
             kind::SESSION_DROP => Record::SessionDrop(r.u64()?, r.str()?),
             kind::RETAIN => Record::Retain(r.u64()?, StoredMessage::decode(&mut r)?),
             kind::RETAIN_DELETE => Record::RetainDelete(r.u64()?, r.str()?),
@@ -434,6 +463,16 @@ fn put_str(out: &mut Vec<u8>, s: &str) {
     let bytes = &s.as_bytes()[..s.len().min(usize::from(u16::MAX))];
     put_u16(out, bytes.len() as u16);
     out.extend_from_slice(bytes);
+}
+
+/// A list of (id u64, QoS u8): u32 count, then the pairs.
+fn put_refs(out: &mut Vec<u8>, refs: &[(u64, QoS)]) {
+    let n = u32::try_from(refs.len()).unwrap_or(u32::MAX);
+    out.extend_from_slice(&n.to_le_bytes());
+    for (id, qos) in refs.iter().take(n as usize) {
+        out.extend_from_slice(&id.to_le_bytes());
+        out.push(*qos as u8);
+    }
 }
 
 /// Binary data: u32 length + bytes.
@@ -484,6 +523,17 @@ impl<'a> Reader<'a> {
     fn bin(&mut self) -> Result<&'a [u8], RecordError> {
         let len = self.u32()? as usize;
         self.take(len)
+    }
+
+    fn refs(&mut self) -> Result<Vec<(u64, QoS)>, RecordError> {
+        let n = self.u32()?;
+        let mut refs = Vec::with_capacity((n as usize).min(self.0.len() / 9));
+        for _ in 0..n {
+            let id = self.u64()?;
+            let qos = QoS::from_u8(self.u8()?).ok_or(RecordError::Invalid("QoS"))?;
+            refs.push((id, qos));
+        }
+        Ok(refs)
     }
 
     fn bin_str(&mut self) -> Result<ByteString, RecordError> {
@@ -548,7 +598,10 @@ mod tests {
                         identifier: 0,
                     },
                 ],
+                queued: vec![(5, QoS::AtLeastOnce), (6, QoS::ExactlyOnce)],
             }),
+            Record::Message(5, stored()),
+            Record::Queue(5, vec![(99, QoS::AtLeastOnce), (100, QoS::ExactlyOnce)]),
             Record::SessionDrop(100, ByteString::from("c1")),
             Record::Retain(7 << 16, stored()),
             Record::RetainDelete(8 << 16, ByteString::from("a/b")),
@@ -630,7 +683,7 @@ mod tests {
             })
             .collect();
         for _ in 0..5000 {
-            let kind = [1u8, 2, 0x20, 0x21, rng.next() as u8][(rng.next() % 5) as usize];
+            let kind = [1u8, 2, 5, 6, 0x20, 0x21, rng.next() as u8][(rng.next() % 7) as usize];
             let len = (rng.next() % 64) as usize;
             let body: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
             let _ = Record::decode(kind, &body);

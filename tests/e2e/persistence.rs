@@ -67,10 +67,11 @@ fn retained_on_both_shards(broker: &Broker, filter: &str) -> [BTreeMap<String, V
     panic!("64 connections never reached both shards");
 }
 
-/// Publishes retained QoS 1 messages `stream/<n>` (payload n) from a raw
-/// 3.1.1 client, 8 in flight, until the connection breaks; returns the
-/// shared list of acknowledged numbers and the highest number sent.
-fn publish_stream(port: u16) -> (Arc<Mutex<Vec<u16>>>, Arc<Mutex<u16>>) {
+/// Publishes QoS 1 messages with payload n from a raw 3.1.1 client, 8 in
+/// flight, until the connection breaks: retained to `stream/<n>`, or else
+/// all to `q1/s`. Returns the shared list of acknowledged numbers and the
+/// highest number sent.
+fn publish_stream(port: u16, retain: bool) -> (Arc<Mutex<Vec<u16>>>, Arc<Mutex<u16>>) {
     let acked = Arc::new(Mutex::new(Vec::new()));
     let sent = Arc::new(Mutex::new(0u16));
     let mut raw = Raw::connect(port, &format!("stream-pub-{}", unique()));
@@ -82,12 +83,16 @@ fn publish_stream(port: u16) -> (Arc<Mutex<Vec<u16>>>, Arc<Mutex<u16>>) {
         while next < u16::MAX && Instant::now() < deadline {
             while window < 8 {
                 let n = next.to_string();
-                let topic = format!("stream/{n}");
+                let topic = if retain {
+                    format!("stream/{n}")
+                } else {
+                    "q1/s".to_string()
+                };
                 raw.send_lossy(&publish(
                     topic.as_bytes(),
                     n.as_bytes(),
                     1,
-                    true,
+                    retain,
                     false,
                     next,
                 ));
@@ -116,7 +121,7 @@ fn every_acknowledged_retained_message_survives_kill_9(sync: &str) {
     let dir = tempfile::tempdir().unwrap();
     let config = format!("persistence_sync = \"{sync}\"\npersistence_sync_interval_ms = 200");
     let broker = start(dir.path(), &config);
-    let (acked, sent) = publish_stream(broker.port);
+    let (acked, sent) = publish_stream(broker.port, true);
     let started = Instant::now();
     while acked.lock().unwrap().len() < 200 {
         assert!(
@@ -513,7 +518,7 @@ fn persistent_sessions_keep_their_subscriptions_across_kill_9_on_both_shards() {
     let broker = start(dir.path(), "");
     assert!(
         broker
-            .wait_log(|l| l.contains("persistent sessions restored in"), TIMEOUT)
+            .wait_log(|l| l.contains("queued messages) restored in"), TIMEOUT)
             .is_some(),
         "start-up log says what each shard restored:\n{}",
         broker.log_text()
@@ -594,4 +599,116 @@ fn session_expiry_is_honoured_across_a_restart() {
         "{}",
         broker.log_text()
     );
+}
+
+/// Persistent subscribers to `filter` (QoS 2, then offline) until both
+/// shards hold some (at least `at_least`); their client ids.
+fn offline_subscribers(
+    broker: &Broker,
+    prefix: &str,
+    filter: &str,
+    at_least: usize,
+) -> Vec<String> {
+    let mut ids = Vec::new();
+    let mut shards_seen = [false; 2];
+    for n in 0..64 {
+        let id = format!("{prefix}-{n}-{}", unique());
+        let (mut client, _) = persistent(broker.port, &id);
+        shards_seen[broker.shard_of(&id)] = true;
+        assert_eq!(
+            client.subscribe(filter, rumqttc::QoS::ExactlyOnce),
+            vec![rumqttc::SubscribeReasonCode::Success(
+                rumqttc::QoS::ExactlyOnce
+            )]
+        );
+        until_journalled(&mut client, &id);
+        client.disconnect();
+        ids.push(id);
+        if ids.len() >= at_least && shards_seen == [true, true] {
+            return ids;
+        }
+    }
+    panic!("64 connections never reached both shards");
+}
+
+#[test]
+fn every_acknowledged_qos_1_message_reaches_every_persistent_subscriber_after_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = start(dir.path(), "");
+    let ids = offline_subscribers(&broker, "q1-sub", "q1/#", 3);
+    let (acked, sent) = publish_stream(broker.port, false);
+    let started = Instant::now();
+    while acked.lock().unwrap().len() < 300 {
+        assert!(
+            started.elapsed() < TIMEOUT * 3,
+            "publishes not acknowledged"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    kill_9(broker);
+    let acked = acked.lock().unwrap().clone();
+    let sent = *sent.lock().unwrap();
+    let broker = start(dir.path(), "");
+    let mut marker = Mqtt::connect(broker.port, "q1-marker");
+    marker.publish_acked("q1/end", false, b"end");
+    for id in &ids {
+        let (mut client, present) = persistent(broker.port, id);
+        assert!(present, "{id}: session present");
+        let got: Vec<u16> = client
+            .collect_until("q1/end")
+            .iter()
+            .filter(|p| p.topic == "q1/s")
+            .map(|p| String::from_utf8_lossy(&p.payload).parse().unwrap())
+            .collect();
+        let mut first_seen = Vec::new();
+        for n in &got {
+            assert!(*n <= sent, "{id}: {n} was never sent");
+            if !first_seen.contains(n) {
+                first_seen.push(*n);
+            }
+        }
+        assert!(
+            first_seen.windows(2).all(|w| w[0] < w[1]),
+            "{id}: in publish order: {first_seen:?}"
+        );
+        for n in &acked {
+            assert!(
+                first_seen.contains(n),
+                "{id}: acknowledged message {n} lost ({} acked, {} received)",
+                acked.len(),
+                first_seen.len()
+            );
+        }
+        client.disconnect();
+    }
+}
+
+#[test]
+fn qos_2_is_delivered_once_across_a_kill_9_between_pubrec_and_pubrel() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = start(dir.path(), "");
+    let ids = offline_subscribers(&broker, "q2-sub", "q2/#", 2);
+    let publisher = ConnectBuilder::new("q2-pub").clean_session(false);
+    let (mut raw, _) = Raw::connect_with(broker.port, &publisher);
+    raw.send(&publish(b"q2/once", b"exactly once", 2, false, false, 7));
+    // PUBREC: the broker holds the message durably for every subscriber.
+    assert_eq!(raw.expect_packet().bytes(), ack(0x50, 7));
+    kill_9(broker);
+    let broker = start(dir.path(), "");
+    // The publisher goes on with PUBREL (§4.3.3), never the PUBLISH again.
+    let (mut raw, _) = Raw::connect_with(broker.port, &publisher);
+    raw.send(&ack(0x62, 7));
+    assert_eq!(raw.expect_packet().bytes(), ack(0x70, 7), "PUBCOMP");
+    let mut marker = Mqtt::connect(broker.port, "q2-marker");
+    marker.publish_acked("q2/end", false, b"end");
+    for id in &ids {
+        let (mut client, present) = persistent(broker.port, id);
+        assert!(present);
+        let got = client.collect_until("q2/end");
+        let once: Vec<_> = got.iter().filter(|p| p.topic == "q2/once").collect();
+        assert_eq!(once.len(), 1, "{id}: exactly once: {got:?}");
+        assert_eq!(&once[0].payload[..], b"exactly once");
+        assert_eq!(once[0].qos, rumqttc::QoS::ExactlyOnce);
+        client.disconnect();
+    }
 }
