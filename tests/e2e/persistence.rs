@@ -114,16 +114,13 @@ fn publish_stream(port: u16, retain: bool) -> (Arc<Mutex<Vec<u16>>>, Arc<Mutex<u
     (acked, sent)
 }
 
-/// The kill -9 test for one `persistence_sync` mode: every retained QoS 1
-/// publish that was PUBACKed is retained after the restart, on both shards,
-/// and nothing that was never sent is.
-fn every_acknowledged_retained_message_survives_kill_9(sync: &str) {
-    let dir = tempfile::tempdir().unwrap();
-    let config = format!("persistence_sync = \"{sync}\"\npersistence_sync_interval_ms = 200");
-    let broker = start(dir.path(), &config);
-    let (acked, sent) = publish_stream(broker.port, true);
+/// Runs [`publish_stream`] against `broker` and kills it with SIGKILL once
+/// `after` publishes were acknowledged; returns the acknowledged numbers
+/// and the highest number sent.
+fn kill_9_during_a_stream(broker: Broker, retain: bool, after: usize) -> (Vec<u16>, u16) {
+    let (acked, sent) = publish_stream(broker.port, retain);
     let started = Instant::now();
-    while acked.lock().unwrap().len() < 200 {
+    while acked.lock().unwrap().len() < after {
         assert!(
             started.elapsed() < TIMEOUT * 3,
             "publishes not acknowledged"
@@ -133,6 +130,17 @@ fn every_acknowledged_retained_message_survives_kill_9(sync: &str) {
     kill_9(broker);
     let acked = acked.lock().unwrap().clone();
     let sent = *sent.lock().unwrap();
+    (acked, sent)
+}
+
+/// The kill -9 test for one `persistence_sync` mode: every retained QoS 1
+/// publish that was PUBACKed is retained after the restart, on both shards,
+/// and nothing that was never sent is.
+fn every_acknowledged_retained_message_survives_kill_9(sync: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!("persistence_sync = \"{sync}\"\npersistence_sync_interval_ms = 200");
+    let broker = start(dir.path(), &config);
+    let (acked, sent) = kill_9_during_a_stream(broker, true, 200);
     let broker = start(dir.path(), &config);
     for got in retained_on_both_shards(&broker, "stream/#") {
         for n in &acked {
@@ -636,18 +644,7 @@ fn every_acknowledged_qos_1_message_reaches_every_persistent_subscriber_after_ki
     let dir = tempfile::tempdir().unwrap();
     let broker = start(dir.path(), "");
     let ids = offline_subscribers(&broker, "q1-sub", "q1/#", 3);
-    let (acked, sent) = publish_stream(broker.port, false);
-    let started = Instant::now();
-    while acked.lock().unwrap().len() < 300 {
-        assert!(
-            started.elapsed() < TIMEOUT * 3,
-            "publishes not acknowledged"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    kill_9(broker);
-    let acked = acked.lock().unwrap().clone();
-    let sent = *sent.lock().unwrap();
+    let (acked, sent) = kill_9_during_a_stream(broker, false, 300);
     let broker = start(dir.path(), "");
     let mut marker = Mqtt::connect(broker.port, "q1-marker");
     marker.publish_acked("q1/end", false, b"end");
