@@ -8,7 +8,8 @@ of --dir (default: the system's temporary directory; name the disk in any
 figure you report). One raw MQTT 3.1.1 publisher sends N retained (and then
 N non-retained) QoS 1 publishes, at most WINDOW unacknowledged, to TOPICS
 topics, and counts PUBACKs per second. Then prints the journal's bytes per
-retained update.
+retained update, and the session journals' bytes per message queued for
+many offline persistent subscribers.
 
   bench/persistence-bench.py target/release/fanmq [--n 20000] [--window 1,100] [--topics 1000]
 """
@@ -49,7 +50,7 @@ def free_port():
         return s.getsockname()[1]
 
 
-def connect(port, cid):
+def connect(port, cid, clean=True):
     deadline = time.time() + 10
     while True:
         try:
@@ -60,7 +61,8 @@ def connect(port, cid):
                 raise
             time.sleep(0.05)
     c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    body = string(b"MQTT") + bytes([4, 2]) + struct.pack(">H", 60) + string(cid)
+    flags = 2 if clean else 0
+    body = string(b"MQTT") + bytes([4, flags]) + struct.pack(">H", 60) + string(cid)
     c.sendall(packet(0x10, body))
     assert c.recv(4)[0] == 0x20
     return c
@@ -96,6 +98,57 @@ def run(port, n, window, topics, retain):
     return n / elapsed
 
 
+def journal_bytes(store):
+    """Bytes of every shard's session journal under the store directory."""
+    total = 0
+    for d in os.listdir(store):
+        if d.startswith("shard-"):
+            for f in os.listdir(os.path.join(store, d)):
+                total += os.path.getsize(os.path.join(store, d, f))
+    return total
+
+
+def fanout_bytes(binary, shards, subscribers, messages, tmpdir):
+    """Disk bytes per queued message and per subscriber: `subscribers`
+    persistent sessions subscribe and go offline, one publisher sends
+    `messages` QoS 1 messages (64-byte payload) that every one queues."""
+    scratch = tempfile.mkdtemp(prefix="fanmq-persist-bench-", dir=tmpdir)
+    store = os.path.join(scratch, "store")
+    os.mkdir(store)
+    port = free_port()
+    broker = subprocess.Popen(
+        [binary, "--listen", f"127.0.0.1:{port}", "--http-listen", "off", "--shards",
+         str(shards), "--log-level", "warn", "--persistence-dir", store],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for i in range(subscribers):
+            c = connect(port, b"fan-sub-%d" % i, clean=False)
+            body = struct.pack(">H", 1) + string(b"fan/t") + b"\x01"
+            c.sendall(packet(0x82, body))
+            assert c.recv(5)[0] == 0x90
+            c.sendall(b"\xe0\x00")
+            c.close()
+        time.sleep(0.5)  # the images of the last disconnects reach the disk
+        before = journal_bytes(store)
+        c = connect(port, b"fan-pub")
+        for n in range(messages):
+            c.sendall(packet(0x32, string(b"fan/t") + struct.pack(">H", n + 1) + b"x" * 64))
+            assert c.recv(4)[0] == 0x40
+        c.close()
+        grown = journal_bytes(store) - before
+        print(f"fan-out: {subscribers} offline persistent subscribers, {messages} QoS 1 messages "
+              f"(64-byte payload, 5-byte topic): {grown} bytes, {grown / messages:.0f} bytes per "
+              f"message, {grown / messages / subscribers:.1f} bytes per subscriber per message")
+    finally:
+        broker.terminate()
+        try:
+            broker.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            broker.kill()
+            broker.wait()
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("binary")
@@ -104,6 +157,8 @@ def main():
     ap.add_argument("--topics", type=int, default=1000)
     ap.add_argument("--shards", type=int, default=2)
     ap.add_argument("--dir", default=None)
+    ap.add_argument("--subscribers", type=int, default=1000)
+    ap.add_argument("--messages", type=int, default=100)
     args = ap.parse_args()
     windows = [int(w) for w in args.window.split(",")]
     for mode in ["off", "interval", "ack"]:
@@ -141,6 +196,7 @@ def main():
                 broker.kill()
                 broker.wait()
             shutil.rmtree(scratch, ignore_errors=True)
+    fanout_bytes(args.binary, args.shards, args.subscribers, args.messages, args.dir)
 
 
 if __name__ == "__main__":
