@@ -322,7 +322,7 @@ pub(super) async fn handshake(
             will: last_will,
             will_properties,
             will_delay,
-            username: acl_username,
+            username: acl_username.clone(),
             topic_aliases: Vec::new(),
         }))
     } else {
@@ -352,6 +352,7 @@ pub(super) async fn handshake(
         receive_maximum,
         max_packet_size: maximum_packet_size,
         accepted,
+        acl_username,
     };
     let (key, conn_id) = attach(ctx, link_fd, client_id.clone(), state, &attached);
     ctx.send_outbox();
@@ -449,6 +450,9 @@ pub(super) struct Attach {
     pub(super) max_packet_size: u32,
     /// What the CONNACK tells an accepted client.
     pub(super) accepted: Accepted,
+    /// The user name for ACL checks (None without an ACL file): a session
+    /// with per-delivery read checks takes this connection's.
+    pub(super) acl_username: Option<ByteString>,
 }
 
 /// Creates the session for a new connection (with the claimed state) and
@@ -473,6 +477,9 @@ pub(super) fn attach(
     session.session_expiry = attach.session_expiry;
     session.receive_maximum = attach.receive_maximum;
     session.max_packet_size = attach.max_packet_size;
+    if session.read_check {
+        session.check_reads(attach.acl_username.clone());
+    }
     session.link = Some(Link::new(
         conn_id,
         link_fd,

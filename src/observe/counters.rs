@@ -291,6 +291,9 @@ counter_table! {
             prometheus Some("subscribe_denied"), per_shard None,
             sys Some("$SYS/broker/subscriptions/denied"),
             help "Subscription filters denied by the ACL (SUBACK 0x80)";
+        read_denied: Counter Sum,
+            prometheus Some("read_denied"), per_shard None, sys None,
+            help "Messages not delivered to a subscriber because the ACL denies it read access to their topic (checked only for subscriptions the ACL covers partly)";
         connections_ip_limited: Counter Sum,
             prometheus Some("connections_ip_limited"), per_shard None,
             sys Some("$SYS/broker/connections/refused/per_ip"),

@@ -24,7 +24,7 @@ use bytes::Bytes;
 use log::{error, info};
 
 use crate::config::Config;
-use crate::security::acl::{Acl, AclError, Who};
+use crate::security::acl::{Acl, AclError, Coverage, Who};
 use crate::security::password::{Hash, PasswordDb, PasswordError};
 
 /// Largest PBKDF2 iteration count verified on the shard itself: at the
@@ -231,9 +231,21 @@ impl Auth {
         !self.acl_enabled() || self.acl.load().can_publish(who, topic)
     }
 
-    /// May `who` subscribe to `filter`? Always true without an ACL file.
-    pub fn can_subscribe(&self, who: Who<'_>, filter: &str) -> bool {
-        !self.acl_enabled() || self.acl.load().can_subscribe(who, filter)
+    /// How much of `filter` `who` may read ([`Coverage`]): all of it
+    /// without an ACL file.
+    pub fn subscription(&self, who: Who<'_>, filter: &str) -> Coverage {
+        if self.acl_enabled() {
+            self.acl.load().subscription(who, filter)
+        } else {
+            Coverage::Full
+        }
+    }
+
+    /// May `who` receive a message on `topic`? Always true without an ACL
+    /// file. Asked per delivery only for clients with a
+    /// [`Coverage::Partial`] subscription.
+    pub fn can_read(&self, who: Who<'_>, topic: &str) -> bool {
+        !self.acl_enabled() || self.acl.load().can_read(who, topic)
     }
 
     /// Re-reads the password and ACL files (SIGHUP). A file that fails to
@@ -386,7 +398,8 @@ mod tests {
             username: None,
         };
         assert!(auth.can_publish(who, "a/b"));
-        assert!(auth.can_subscribe(who, "#"));
+        assert_eq!(auth.subscription(who, "#"), Coverage::Full);
+        assert!(auth.can_read(who, "a/b"));
     }
 
     #[test]

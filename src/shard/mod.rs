@@ -54,6 +54,16 @@ pub use crate::session::link::SessionKey;
 /// connection holds none).
 pub const READ_BUFFER_SIZE: usize = 64 * 1024;
 
+/// May `session` receive a message on `topic`: the per-delivery check of
+/// sessions with a partly covered subscription ([`Session::read_check`]).
+pub fn may_read(auth: &Auth, session: &Session, topic: &str) -> bool {
+    let who = Who {
+        client_id: &session.client_id,
+        username: session.read_check_username(),
+    };
+    auth.can_read(who, topic)
+}
+
 /// One core's broker state.
 pub struct Shard {
     /// This shard's index in the mesh (0-based).
@@ -301,7 +311,10 @@ impl Shard {
 
     /// [`Shard::route`] of a message published by session `origin` of this
     /// shard. MQTT 5.0 subscribers go through [`Session::deliver_v5`]
-    /// (subscription options): one version check per delivery.
+    /// (subscription options): one version check per delivery. A session
+    /// with a subscription the ACL covers only partly
+    /// ([`Session::read_check`]) gets the message only if the ACL lets it
+    /// read the topic: one flag test per delivery for the others.
     fn route_from(&mut self, message: &Message, origin: Option<SessionKey>) {
         if message.retain {
             self.retained.apply(message);
@@ -313,6 +326,7 @@ impl Shard {
             stats,
             limits,
             batch,
+            auth,
             ..
         } = self;
         let mut encoded = Encoded::new(message, batch);
@@ -321,6 +335,10 @@ impl Shard {
             let Some(session) = sessions.get_mut(key as usize) else {
                 return;
             };
+            if session.read_check && !may_read(auth, session, &message.topic) {
+                stats.read_denied += 1;
+                return;
+            }
             let delivery = if session.version == Version::V5 {
                 session.deliver_v5(&mut encoded, key, granted, limits)
             } else {

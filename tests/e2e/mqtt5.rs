@@ -475,7 +475,11 @@ fn publish_v5_qos1(topic: &str, packet_id: u16, payload: &[u8]) -> Vec<u8> {
 fn v5_reason_codes_for_invalid_and_denied_filters_and_publishes() {
     // rumqttc ends its connection at a failing SUBACK: raw bytes here.
     let acl = tempfile::NamedTempFile::new().expect("acl file");
-    std::fs::write(acl.path(), "topic readwrite open/#\n").expect("write acl");
+    std::fs::write(
+        acl.path(),
+        "topic readwrite open/#\ntopic deny open/secret\n",
+    )
+    .expect("write acl");
     let broker = Broker::builder()
         .config(&format!("acl_file = {:?}\n", acl.path()))
         .start();
@@ -484,6 +488,9 @@ fn v5_reason_codes_for_invalid_and_denied_filters_and_publishes() {
         (1u8, "open/x", 1u8),
         (2, "closed/x", 0x87),
         (3, "open/#/x", 0x8f),
+        // Over the denied topic: granted, open/secret withheld per message.
+        (4, "open/+", 1),
+        (5, "open/secret", 0x87),
     ] {
         raw.send(&subscribe_v5(u16::from(id), filter, 1));
         assert_eq!(
@@ -496,7 +503,7 @@ fn v5_reason_codes_for_invalid_and_denied_filters_and_publishes() {
     // allowed one with the short Success form.
     raw.send(&publish_v5_qos1("closed/x", 7, b"no"));
     assert_eq!(raw.expect_packet().bytes(), vec![0x40, 3, 0, 7, 0x87]);
-    raw.send(&publish_v5_qos1("open/y", 8, b"yes"));
+    raw.send(&publish_v5_qos1("open/y/z", 8, b"yes"));
     assert_eq!(raw.expect_packet().bytes(), vec![0x40, 2, 0, 8]);
     // UNSUBACK: Success, then No subscription existed.
     let mut body = vec![0, 9, 0];
