@@ -283,6 +283,7 @@ struct FileConfig {
     max_awaiting_rel: Option<usize>,
     max_keepalive: Option<u16>,
     max_topic_alias: Option<u16>,
+    response_information: Option<String>,
     sys_interval_secs: Option<u64>,
     mesh_capacity: Option<usize>,
     log_level: Option<String>,
@@ -342,6 +343,12 @@ pub struct Config {
     /// Highest Topic Alias an MQTT 5.0 client may send (see
     /// [`DEFAULT_MAX_TOPIC_ALIAS`]).
     pub max_topic_alias: u16,
+    /// The Response Information an MQTT 5.0 CONNACK carries when the
+    /// CONNECT asks for it (Request Response Information = 1, §3.1.2.11.7):
+    /// the base of the Response Topics the client may use; `%c` is replaced
+    /// by the client id. `None` (the default, as EMQX's empty
+    /// `response_information`): never sent.
+    pub response_information: Option<String>,
     /// Interval of `$SYS` updates; zero disables them.
     pub sys_interval: Duration,
     /// Capacity of each mesh channel, in batches.
@@ -416,6 +423,7 @@ impl Default for Config {
             max_awaiting_rel: DEFAULT_MAX_AWAITING_REL,
             max_keepalive: DEFAULT_MAX_KEEPALIVE,
             max_topic_alias: DEFAULT_MAX_TOPIC_ALIAS,
+            response_information: None,
             sys_interval: Duration::from_secs(DEFAULT_SYS_INTERVAL_SECS),
             mesh_capacity: DEFAULT_MESH_CAPACITY,
             log_level: DEFAULT_LOG_LEVEL.to_string(),
@@ -500,6 +508,7 @@ impl Config {
         set(&mut config.max_awaiting_rel, file.max_awaiting_rel, None);
         set(&mut config.max_keepalive, file.max_keepalive, None);
         set(&mut config.max_topic_alias, file.max_topic_alias, None);
+        config.response_information = file.response_information.filter(|s| !s.is_empty());
         if let Some(s) = file.sys_interval_secs {
             config.sys_interval = Duration::from_secs(s);
         }

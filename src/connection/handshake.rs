@@ -13,7 +13,8 @@ use glommio::net::TcpStream;
 use log::debug;
 
 use super::connect::{
-    Accepted, ConnectRequest, Refusal, accepting_connack, effective_keep_alive, refusing_connack_v5,
+    Accepted, ConnectRequest, Refusal, accepting_connack, effective_keep_alive,
+    refusing_connack_v5, response_information,
 };
 use super::{Established, Identity, Peer, Wire};
 use crate::net::transport::{Acceptor, Stream, Transport};
@@ -247,11 +248,13 @@ pub(super) async fn handshake(
         session_expiry,
         receive_maximum,
         maximum_packet_size,
+        request_response_information,
         ..
     } = request;
     let mut accepted = Accepted {
         assigned_client_id: None,
         server_keep_alive: None,
+        response_information: None,
     };
     let client_id = if client_id.is_empty() {
         // 3.1.1 refuses an empty id with CleanSession 0 (§3.1.3-8); 5.0
@@ -277,6 +280,11 @@ pub(super) async fn handshake(
     };
     let (keep_alive, server_keep_alive) = effective_keep_alive(version, keep_alive, max_keepalive);
     accepted.server_keep_alive = server_keep_alive;
+    if request_response_information {
+        let config = &ctx.shard.borrow().config;
+        accepted.response_information =
+            response_information(config.response_information.as_deref(), &client_id);
+    }
     // Before the claim: a refused client must not take over a session.
     let auth = ctx.shard.borrow().auth.clone();
     // use_identity_as_username: a verified client certificate's Common Name

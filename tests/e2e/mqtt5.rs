@@ -1002,3 +1002,89 @@ fn a_publish_to_a_wildcard_topic_is_disconnect_0x90() {
     assert_eq!(raw.expect_packet().bytes(), vec![0xe0, 1, 0x90]);
     raw.expect_closed();
 }
+
+/// A clean-start client asking for Response Information (or not).
+fn connect_asking_response_information(port: u16, client_id: &str, ask: bool) -> (V5, ConnAck) {
+    let mut options = V5::options(port, client_id);
+    options.set_request_response_info(ask.then_some(1));
+    V5::connect_with(options)
+}
+
+/// The Response Information of a CONNACK.
+fn response_information(connack: &ConnAck) -> Option<String> {
+    connack
+        .properties
+        .as_ref()
+        .and_then(|p| p.response_information.clone())
+}
+
+#[test]
+fn response_information_only_when_asked_for_and_configured() {
+    let broker = Broker::builder()
+        .config("response_information = \"reply/%c/\"\n")
+        .start();
+    let (_asks, connack) = connect_asking_response_information(broker.port, "rr-asks", true);
+    assert_eq!(
+        response_information(&connack).as_deref(),
+        Some("reply/rr-asks/")
+    );
+    let (_silent, connack) = connect_asking_response_information(broker.port, "rr-silent", false);
+    assert_eq!(response_information(&connack), None, "not asked for");
+    let plain = Broker::start();
+    let (_asks, connack) = connect_asking_response_information(plain.port, "rr-asks", true);
+    assert_eq!(response_information(&connack), None, "not configured");
+}
+
+#[test]
+fn a_request_and_its_response_carry_response_topic_and_correlation_data_across_shards() {
+    let broker = Broker::builder()
+        .config("response_information = \"reply/%c/\"\n")
+        .start();
+    let (mut requester, connack) = connect_asking_response_information(broker.port, "req-1", true);
+    let base = response_information(&connack).expect("Response Information");
+    let response_topic = format!("{base}answer");
+    requester.subscribe(&response_topic, QoS5::AtLeastOnce);
+    // The responder on the other shard.
+    let requester_shard = broker.shard_of("req-1");
+    let mut responder = (0..16)
+        .find_map(|i| {
+            let id = format!("svc-{i}");
+            let client = V5::connect(broker.port, &id);
+            (broker.shard_of(&id) != requester_shard).then_some(client)
+        })
+        .expect("a responder on the other shard");
+    responder.subscribe("svc/request", QoS5::AtLeastOnce);
+    let request = PublishProperties {
+        response_topic: Some(response_topic.clone()),
+        correlation_data: Some(Bytes::from_static(b"id-42")),
+        ..Default::default()
+    };
+    requester
+        .client
+        .publish_with_properties(
+            "svc/request",
+            QoS5::AtLeastOnce,
+            false,
+            b"2+2".to_vec(),
+            request,
+        )
+        .expect("publish");
+    let got = responder.expect_publish();
+    let props = got.properties.expect("request properties");
+    let reply_to = props.response_topic.expect("Response Topic");
+    assert_eq!(reply_to, response_topic);
+    assert_eq!(props.correlation_data.as_deref(), Some(&b"id-42"[..]));
+    let response = PublishProperties {
+        correlation_data: props.correlation_data,
+        ..Default::default()
+    };
+    responder
+        .client
+        .publish_with_properties(reply_to, QoS5::AtLeastOnce, false, b"4".to_vec(), response)
+        .expect("publish");
+    let answer = requester.expect_publish();
+    assert_eq!(topic_of(&answer), response_topic);
+    assert_eq!(&answer.payload[..], b"4");
+    let props = answer.properties.expect("response properties");
+    assert_eq!(props.correlation_data.as_deref(), Some(&b"id-42"[..]));
+}
