@@ -20,6 +20,9 @@ use crate::session::SESSION_NEVER_EXPIRES;
 pub(super) struct ConnectRequest {
     /// The protocol the connection speaks from now on.
     pub(super) version: Version,
+    /// The CONNECT's Protocol Level: 3 (MQTT 3.1), 4 (3.1.1) or 5 (5.0),
+    /// which the admin API shows.
+    pub(super) protocol_level: u8,
     /// Clean Start (5.0, §3.1.2.4) or CleanSession (3.1.1): discard any
     /// existing session for the client id.
     pub(super) clean_start: bool,
@@ -62,6 +65,10 @@ impl From<codec::Connect> for ConnectRequest {
     fn from(connect: codec::Connect) -> ConnectRequest {
         ConnectRequest {
             version: Version::V3,
+            protocol_level: match connect.protocol {
+                codec::ProtocolVersion::V31 => codec::PROTOCOL_LEVEL_V31,
+                codec::ProtocolVersion::V311 => codec::PROTOCOL_LEVEL_V311,
+            },
             clean_start: connect.clean_session,
             keep_alive: connect.keep_alive,
             client_id: connect.client_id,
@@ -106,6 +113,7 @@ impl From<Box<v5::Connect>> for ConnectRequest {
             .map(|will| Box::new(will.properties.clone()));
         ConnectRequest {
             version: Version::V5,
+            protocol_level: v5::PROTOCOL_VERSION,
             clean_start,
             keep_alive,
             client_id,

@@ -237,6 +237,7 @@ pub(super) async fn handshake(
         return None;
     }
     let ConnectRequest {
+        protocol_level,
         clean_start,
         keep_alive,
         client_id,
@@ -361,6 +362,7 @@ pub(super) async fn handshake(
         max_packet_size: maximum_packet_size,
         accepted,
         acl_username,
+        protocol_level,
     };
     let (key, conn_id) = attach(ctx, link_fd, client_id.clone(), state, &attached);
     ctx.send_outbox();
@@ -461,6 +463,8 @@ pub(super) struct Attach {
     /// The user name for ACL checks (None without an ACL file): a session
     /// with per-delivery read checks takes this connection's.
     pub(super) acl_username: Option<ByteString>,
+    /// The CONNECT's Protocol Level (`Session::protocol_level`).
+    pub(super) protocol_level: u8,
 }
 
 /// Creates the session for a new connection (with the claimed state) and
@@ -482,6 +486,7 @@ pub(super) fn attach(
     );
     session.claim = attach.claim;
     session.version = attach.version;
+    session.protocol_level = attach.protocol_level;
     session.session_expiry = attach.session_expiry;
     session.receive_maximum = attach.receive_maximum;
     session.max_packet_size = attach.max_packet_size;

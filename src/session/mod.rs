@@ -218,6 +218,9 @@ pub struct Session {
     /// The protocol of the connection that owns it: how its frames are
     /// encoded (the session's last connection's, while offline).
     pub version: Version,
+    /// The Protocol Level of that connection's CONNECT: 3 (MQTT 3.1), 4
+    /// (3.1.1) or 5 (5.0), for the admin API (fits in padding).
+    pub protocol_level: u8,
     /// Session Expiry Interval in seconds (§3.1.2.11.2, §3.14.2.2.2): how
     /// long the session outlives its connection; 0 exactly when
     /// `clean_session`, [`SESSION_NEVER_EXPIRES`] for ever (3.1.1's
@@ -257,6 +260,7 @@ impl Session {
             clean_session,
             claim: 0,
             version: Version::V3,
+            protocol_level: codec::PROTOCOL_LEVEL_V311,
             session_expiry: if clean_session {
                 0
             } else {
