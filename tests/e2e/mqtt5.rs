@@ -600,6 +600,40 @@ fn a_v5_payload_that_breaks_its_format_indicator_gets_0x99() {
     body.extend([0xff, 0xfe]);
     raw.send(&packet(0x32, &body));
     assert_eq!(raw.expect_packet().bytes(), vec![0x40, 3, 0, 5, 0x99]);
+    // QoS 2: PUBREC 0x99, the flow ends there; the connection stays.
+    let mut body = string(b"pfi");
+    body.extend([0, 6, 2, 0x01, 1]);
+    body.extend([0xc3, 0x28]);
+    raw.send(&packet(0x34, &body));
+    assert_eq!(raw.expect_packet().bytes(), vec![0x50, 3, 0, 6, 0x99]);
+    // A valid UTF-8 payload with the indicator is accepted.
+    let mut body = string(b"pfi");
+    body.extend([0, 7, 2, 0x01, 1]);
+    body.extend("é".as_bytes());
+    raw.send(&packet(0x32, &body));
+    assert_eq!(raw.expect_packet().bytes(), vec![0x40, 2, 0, 7]);
+    // QoS 0 has no acknowledgement to carry the reason: DISCONNECT 0x99,
+    // this connection only; nothing reaches a subscriber.
+    let mut sub = V5::connect(broker.port, "pfi-sub");
+    sub.subscribe("pfi", QoS5::AtMostOnce);
+    let mut body = string(b"pfi");
+    body.extend([2, 0x01, 1]);
+    body.push(0xff);
+    raw.send(&packet(0x30, &body));
+    assert_eq!(raw.expect_packet().bytes(), vec![0xe0, 1, 0x99]);
+    raw.expect_closed();
+    let mut other = raw_v5(broker.port, "pfi-2");
+    let mut body = string(b"pfi");
+    body.extend([0, 8, 0]);
+    body.extend(b"after");
+    other.send(&packet(0x32, &body));
+    assert_eq!(other.expect_packet().bytes(), vec![0x40, 2, 0, 8]);
+    let got = sub.expect_publish();
+    assert_eq!(
+        &got.payload[..],
+        b"after",
+        "the invalid QoS 0 was not forwarded"
+    );
 }
 
 /// An MQTT 5.0 CONNECT without Clean Start, with a Session Expiry Interval
