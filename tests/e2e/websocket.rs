@@ -1,6 +1,7 @@
 //! MQTT over WebSocket (and WSS): a WebSocket client from tungstenite that
 //! splits and joins packets across frames, bad upgrades and frames, and
-//! MQTT.js in Node and in headless Chromium.
+//! MQTT.js in Node and in headless Chromium (and MQTT.js speaking MQTT 5.0,
+//! over TCP and WebSocket).
 //!
 //! The MQTT.js tests need `npm ci` in tests/node and Debian's chromium, so
 //! they are `#[ignore]`d in a plain `cargo test`; `.ci/run` installs both
@@ -376,6 +377,47 @@ fn mqtt_js_in_node_receives_over_secure_websocket() {
         &[ca.to_str().unwrap()],
         TIMEOUT,
     );
+    broker.assert_healthy();
+}
+
+/// MQTT.js speaking MQTT 5.0 at `url`: a publisher and a subscriber on
+/// different shards; the user properties, content type, response topic,
+/// correlation data and the subscription's identifier reach the subscriber.
+fn mqtt_js_v5_round_trip(broker: &Broker, url: &str) {
+    let topic = format!("node5/{}", unique());
+    let admin = format!("http://127.0.0.1:{}", broker.http_port);
+    let mut node = NodeScript::start("v5_roundtrip.mjs", &[url, &admin, &topic]);
+    node.expect_line("subscribed", TIMEOUT);
+    let line = node.expect_line("message", TIMEOUT);
+    assert_eq!(
+        line,
+        format!(
+            "message {topic} hello v5 {{\"userProperties\":{{\"k\":\"v\",\"n\":[\"1\",\"2\"]}},\
+             \"contentType\":\"text/plain\",\"responseTopic\":\"{topic}/reply\",\
+             \"correlationData\":\"c-1\",\"subscriptionIdentifier\":5}}"
+        )
+    );
+    assert!(
+        node.wait_success(TIMEOUT),
+        "v5_roundtrip.mjs did not exit cleanly"
+    );
+}
+
+#[test]
+#[ignore = "needs `npm ci` in tests/node; run by .ci/run"]
+fn mqtt_js_v5_round_trip_with_properties_over_tcp_across_shards() {
+    let mut broker = Broker::start();
+    let url = format!("mqtt://127.0.0.1:{}", broker.port);
+    mqtt_js_v5_round_trip(&broker, &url);
+    broker.assert_healthy();
+}
+
+#[test]
+#[ignore = "needs `npm ci` in tests/node; run by .ci/run"]
+fn mqtt_js_v5_round_trip_with_properties_over_websocket_across_shards() {
+    let mut broker = Broker::builder().config(WS).start();
+    let url = format!("ws://127.0.0.1:{}/mqtt", broker.port_of("ws"));
+    mqtt_js_v5_round_trip(&broker, &url);
     broker.assert_healthy();
 }
 
