@@ -10,7 +10,6 @@ each check uses several subscribers so that both shards deliver.
 
 import queue
 import sys
-import time
 import uuid
 
 import paho.mqtt.client as mqtt
@@ -74,30 +73,13 @@ def subscribe(c, topic, options, properties=None):
     c.subscribe([(topic, options)], properties=properties)
     codes = c.subacks.get(timeout=TIMEOUT)
     assert [rc.value for rc in codes] == [options.QoS], f"SUBACK {codes}"
-    marker = f"marker/{uuid.uuid4().hex}"
-    c.subscribe(marker, 0)
-    c.subacks.get(timeout=TIMEOUT)
-    while True:
-        c.publish(marker, b"m", qos=0)
-        try:
-            msg = c.inbox.get(timeout=0.5)
-        except queue.Empty:
-            continue
-        if msg.topic == marker:
-            return
+    checks.marker_round_trip(c)
+    c.subacks.get(timeout=TIMEOUT)  # the marker's
 
 
-def receive(c, n, timeout=TIMEOUT):
+def receive(c, n):
     """The next `n` messages that are not markers."""
-    got = []
-    deadline = time.monotonic() + timeout
-    while len(got) < n:
-        left = deadline - time.monotonic()
-        assert left > 0, f"got {len(got)} of {n}: {[m.topic for m in got]}"
-        msg = c.inbox.get(timeout=left)
-        if not msg.topic.startswith("marker/"):
-            got.append(msg)
-    return got
+    return checks.receive(c, n, TIMEOUT)
 
 
 def until(c, topic):
