@@ -201,6 +201,9 @@ pub struct Acl {
     users: HashMap<String, Vec<Entry>>,
     /// `pattern` entries: every client.
     patterns: Vec<Entry>,
+    /// True when a pattern names the client id (`%c`): only then can two
+    /// clients with the same user name get different answers.
+    names_client_id: bool,
 }
 
 impl Acl {
@@ -247,6 +250,7 @@ impl Acl {
                     let is_pattern = keyword == "pattern";
                     let entry = parse_entry(rest, is_pattern).map_err(bad)?;
                     if is_pattern {
+                        acl.names_client_id |= entry.levels.contains(&Level::ClientId);
                         acl.patterns.push(entry);
                     } else if let Some(name) = &user {
                         acl.users.entry(name.clone()).or_default().push(entry);
@@ -272,6 +276,12 @@ impl Acl {
             None => self.anonymous.as_slice(),
         };
         own.iter().chain(self.patterns.iter())
+    }
+
+    /// True when some answer depends on the client id (a pattern with
+    /// `%c`); otherwise the user name alone decides.
+    pub fn names_client_id(&self) -> bool {
+        self.names_client_id
     }
 
     /// May `who` publish to `topic` (a valid topic name)? True when an entry
@@ -621,6 +631,20 @@ pattern deny users/%u/private/#
         assert_eq!(
             acl.subscription(who("a/b", None), "devices/+/status"),
             Coverage::None
+        );
+    }
+
+    #[test]
+    fn only_client_id_patterns_make_answers_depend_on_the_client_id() {
+        assert!(
+            !Acl::parse("topic #\npattern read u/%u/#\n")
+                .unwrap()
+                .names_client_id()
+        );
+        assert!(
+            Acl::parse("pattern read d/%c/#\n")
+                .unwrap()
+                .names_client_id()
         );
     }
 

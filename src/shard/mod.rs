@@ -38,7 +38,7 @@ use crate::protocol::message::{Encoded, Message};
 use crate::router::Router;
 use crate::router::retain::RetainStore;
 use crate::security::acl::Who;
-use crate::security::auth::Auth;
+use crate::security::auth::{Auth, ReadChecker};
 use crate::session::link::{CloseReason, TICKS_PER_SEC};
 use crate::session::outqueue::{Flushed, Frame};
 use crate::session::{Delivery, Limits, Session};
@@ -331,13 +331,22 @@ impl Shard {
         } = self;
         let mut encoded = Encoded::new(message, batch);
         encoded.origin = origin;
+        // Made at the first session with read checks only.
+        let mut reads: Option<ReadChecker<'_>> = None;
         router.for_each_match(&message.topic, |key, granted| {
             let Some(session) = sessions.get_mut(key as usize) else {
                 return;
             };
-            if session.read_check && !may_read(auth, session, &message.topic) {
-                stats.read_denied += 1;
-                return;
+            if session.read_check {
+                let reads = reads.get_or_insert_with(|| auth.read_checker(&message.topic));
+                let who = Who {
+                    client_id: &session.client_id,
+                    username: session.read_check_username(),
+                };
+                if !reads.can_read(who) {
+                    stats.read_denied += 1;
+                    return;
+                }
             }
             let delivery = if session.version == Version::V5 {
                 session.deliver_v5(&mut encoded, key, granted, limits)

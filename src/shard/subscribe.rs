@@ -25,10 +25,10 @@ const SHARED_SUBSCRIPTION_PREFIX: &str = "$share/";
 impl Shard {
     /// SUBSCRIBE (§3.8): adds each valid filter the ACL allows (`username`:
     /// the client's, for the ACL; a filter it covers only partly makes the
-    /// session check read access per delivery), answers SUBACK with the granted QoS or a
-    /// failure per filter (3.1.1: 0x80; 5.0: 0x8F Topic Filter invalid,
-    /// 0x97 Quota exceeded, 0x87 Not authorized), then sends matching
-    /// retained messages. A 3.1.1 SUBSCRIBE: every filter with the default
+    /// session check read access per delivery), answers SUBACK with the
+    /// granted QoS or a failure per filter (3.1.1: 0x80; 5.0: 0x8F Topic
+    /// Filter invalid, 0x97 Quota exceeded, 0x87 Not authorized), then
+    /// sends matching retained messages. A 3.1.1 SUBSCRIBE: every filter with the default
     /// options.
     pub fn subscribe(&mut self, key: SessionKey, subscribe: Subscribe, username: Option<&str>) {
         let filters = subscribe
