@@ -746,6 +746,19 @@ impl Raw {
         }
     }
 
+    /// The client, after CONNECT was sent, if CONNACK 0 comes back; None if
+    /// the broker closes the socket instead (a refusal at accept).
+    pub fn accepted(mut self) -> Option<Raw> {
+        match self.read_packet(TIMEOUT) {
+            Ok(Some(p)) => {
+                assert_eq!(p.bytes(), CONNACK_OK, "unexpected answer to CONNECT");
+                Some(self)
+            }
+            Ok(None) => panic!("no CONNACK and no close within {TIMEOUT:?}"),
+            Err(_) => None,
+        }
+    }
+
     /// The next packet; panics on timeout or close.
     pub fn expect_packet(&mut self) -> RawPacket {
         match self.read_packet(TIMEOUT) {

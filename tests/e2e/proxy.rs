@@ -12,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::admin::{get_json, total, wait_stats};
-use crate::common::{Broker, CONNACK_OK, ConnectBuilder, Raw, TIMEOUT, unique};
+use crate::common::{Broker, ConnectBuilder, Raw, TIMEOUT, unique};
 use crate::tls::Pki;
 
 /// A v1 header for a TCP4 client.
@@ -23,30 +23,21 @@ fn v1(client: &str, port: u16) -> Vec<u8> {
 /// The v2 signature.
 const V2_SIGNATURE: &[u8; 12] = b"\r\n\r\n\0\r\nQUIT\n";
 
-/// A v2 header: `command` 0 (LOCAL) or 1 (PROXY), the family byte, the
-/// address block and TLVs.
-fn v2(command: u8, family: u8, addresses: &[u8], tlvs: &[u8]) -> Vec<u8> {
-    let mut h = V2_SIGNATURE.to_vec();
-    h.push(0x20 | command);
-    h.push(family);
-    let len = u16::try_from(addresses.len() + tlvs.len()).unwrap();
-    h.extend_from_slice(&len.to_be_bytes());
-    h.extend_from_slice(addresses);
-    h.extend_from_slice(tlvs);
-    h
-}
+/// A v2 LOCAL header without addresses (a balancer's health check).
+const V2_LOCAL: [u8; 16] = *b"\r\n\r\n\0\r\nQUIT\n\x20\x00\x00\x00";
 
 /// A v2 PROXY header for a TCP over IPv6 client, with two TLVs (AWS's VPC
-/// endpoint id and a NOOP).
+/// endpoint id and a NOOP), written by `ppp`'s builder (the unit tests
+/// build their headers by hand).
 fn v2_tcp6(client: Ipv6Addr, port: u16) -> Vec<u8> {
-    let mut addresses = client.octets().to_vec();
-    addresses.extend_from_slice(&"2001:db8::1".parse::<Ipv6Addr>().unwrap().octets());
-    addresses.extend_from_slice(&port.to_be_bytes());
-    addresses.extend_from_slice(&1883u16.to_be_bytes());
-    let tlvs = [
-        0xEA, 0x00, 0x06, 0x01, b'v', b'p', b'c', b'-', b'1', 0x04, 0x00, 0x00,
-    ];
-    v2(1, 0x21, &addresses, &tlvs)
+    use ppp::v2::{Builder, Command, IPv6, Protocol, Type, Version};
+    let server: Ipv6Addr = "2001:db8::1".parse().unwrap();
+    let addresses = IPv6::new(client, server, port, 1883);
+    Builder::with_addresses(Version::Two | Command::Proxy, Protocol::Stream, addresses)
+        .write_tlv(0xEA, b"\x01vpc-1")
+        .and_then(|b| b.write_tlv(Type::NoOp, b""))
+        .and_then(Builder::build)
+        .expect("a v2 header")
 }
 
 /// A broker with a plain listener (`broker.port`) and a PROXY protocol one.
@@ -77,14 +68,19 @@ fn connect_behind(port: u16, header: &[u8], client_id: &str, one_write: bool) ->
         std::thread::sleep(Duration::from_millis(30));
         raw.send_lossy(&connect);
     }
-    match raw.read_packet(TIMEOUT) {
-        Ok(Some(p)) => {
-            assert_eq!(p.bytes(), CONNACK_OK, "unexpected answer to CONNECT");
-            Some(raw)
-        }
-        Ok(None) => panic!("no CONNACK and no close within {TIMEOUT:?}"),
-        Err(_) => None,
-    }
+    raw.accepted()
+}
+
+/// `count` clients from `client` (source ports from `first_port`) behind
+/// `port`, each of which must get in.
+fn hold(port: u16, client: &str, first_port: u16, count: u16, prefix: &str) -> Vec<Raw> {
+    (0..count)
+        .map(|i| {
+            let header = v1(client, first_port + i);
+            connect_behind(port, &header, &format!("{prefix}-{i}"), true)
+                .unwrap_or_else(|| panic!("{client} connection {i} was refused"))
+        })
+        .collect()
 }
 
 /// The `peer` the admin API shows for `client_id`.
@@ -121,7 +117,7 @@ fn the_header_address_is_what_the_admin_api_and_the_logs_see() {
     // v2 LOCAL (a balancer's own connection) and v1 UNKNOWN: the socket's
     // own peer address.
     let local_id = format!("pp-local-{id}");
-    let c = connect_behind(port, &v2(0, 0x00, &[], &[]), &local_id, true).expect("LOCAL");
+    let c = connect_behind(port, &V2_LOCAL, &local_id, true).expect("LOCAL");
     let own = c.stream.local_addr().unwrap().to_string();
     assert_eq!(admin_peer(&broker, &local_id), own);
     let unknown_id = format!("pp-unknown-{id}");
@@ -160,8 +156,8 @@ fn a_proxy_listener_refuses_connections_without_a_valid_header() {
     // A broken header: v1 with a bad address, v2 with version 1.
     let broken = connect_behind(port, b"PROXY TCP4 300.1.1.1 192.0.2.1 1 2\r\n", "b1", true);
     assert!(broken.is_none(), "a bad v1 header was accepted");
-    let mut bad_v2 = v2(1, 0x11, &[203, 0, 113, 7, 192, 0, 2, 1, 0, 1, 0, 2], &[]);
-    bad_v2[12] = 0x11;
+    let mut bad_v2 = V2_LOCAL;
+    bad_v2[12] = 0x10;
     assert!(connect_behind(port, &bad_v2, "b2", true).is_none());
     // Longer than 4 KiB (a v2 length of 65535): refused at once.
     let mut long = V2_SIGNATURE.to_vec();
@@ -191,17 +187,7 @@ fn max_connections_per_ip_counts_the_header_address() {
     // 127.0.0.1, so only the header's address can be limited.
     let (mut broker, port) = proxied_broker("max_connections_per_ip = 2");
     let id = unique();
-    let held: Vec<Raw> = (0..2)
-        .map(|i| {
-            connect_behind(
-                port,
-                &v1("203.0.113.7", 1000 + i),
-                &format!("ip7-{id}-{i}"),
-                true,
-            )
-            .expect("within the per-address limit")
-        })
-        .collect();
+    let held = hold(port, "203.0.113.7", 1000, 2, &format!("ip7-{id}"));
     let third = connect_behind(port, &v1("203.0.113.7", 1002), &format!("ip7-{id}-2"), true);
     assert!(
         third.is_none(),
@@ -218,17 +204,7 @@ fn max_connections_per_ip_counts_the_header_address() {
     let mut other = connect_behind(port, &v1("203.0.113.8", 1), &format!("ip8-{id}"), true)
         .expect("another address");
     other.ping();
-    let looped: Vec<Raw> = (0..3)
-        .map(|i| {
-            connect_behind(
-                port,
-                &v1("127.0.0.5", 2000 + i),
-                &format!("lo-{id}-{i}"),
-                true,
-            )
-            .expect("loopback is exempt")
-        })
-        .collect();
+    let looped = hold(port, "127.0.0.5", 2000, 3, &format!("lo-{id}"));
     // One of 203.0.113.7's connections ends: its place is free again.
     drop(held);
     drop(looped);
@@ -407,11 +383,7 @@ fn haproxy_in_front_of_two_brokers_with_send_proxy_v2_and_send_proxy() {
     let through = |front: u16, source: &str, client_id: &str| {
         let mut raw = Raw::tcp_from(front, source.parse().unwrap());
         raw.send_lossy(&ConnectBuilder::new(client_id).bytes());
-        match raw.read_packet(TIMEOUT) {
-            Ok(Some(p)) if p.bytes() == CONNACK_OK => Some(raw),
-            Ok(other) => panic!("unexpected answer {other:?}"),
-            Err(_) => None,
-        }
+        raw.accepted()
     };
     let mut held = Vec::new();
     for (node, front, name) in [(&node1, front1, "v2"), (&node2, front2, "v1")] {
