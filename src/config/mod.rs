@@ -1092,4 +1092,16 @@ mod tests {
         let c = Config::load(&cli).unwrap();
         assert_eq!(c.max_queued_messages, DEFAULT_MAX_QUEUED_MESSAGES);
     }
+
+    #[test]
+    fn the_container_image_config_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("container/fanmq.toml");
+        let cli = Flags {
+            config: Some(path),
+            ..Flags::default()
+        };
+        let c = Config::load(&cli).unwrap();
+        assert_eq!(c.listen, vec!["0.0.0.0:1883".parse().unwrap()]);
+        assert_eq!(c.ws_listen, vec!["0.0.0.0:8083".parse().unwrap()]);
+    }
 }
