@@ -102,4 +102,33 @@ check "passwd names the user fanmq" bash -c "podman export '$container' | tar -x
 check "the config is the container's (listens on 0.0.0.0)" \
     bash -c "podman export '$container' | tar -xOf - etc/fanmq/fanmq.toml | grep -q '^listen = \[\"0.0.0.0:1883\"\]'"
 
+# ---- compose.yaml and its HAProxy config (not started: no containers here) -----
+compose_check() {
+    python3 - "$REPO_DIR/compose.yaml" <<'PY'
+import sys, yaml
+c = yaml.safe_load(open(sys.argv[1]))
+s = c["services"]
+assert set(s) == {"nats", "fanmq1", "fanmq2", "fanmq3", "haproxy"}, set(s)
+assert "-js" in s["nats"]["command"], s["nats"]
+for n in ("fanmq1", "fanmq2", "fanmq3"):
+    cmd = s[n]["command"]
+    assert cmd[cmd.index("--cluster-nats") + 1] == "nats://nats:4222", cmd
+    assert cmd[cmd.index("--node-name") + 1] == n, cmd
+    assert "--proxy-listen" in cmd, cmd
+    assert s[n]["ulimits"]["nofile"]["hard"] >= 1048576, s[n]
+PY
+}
+if python3 -c 'import yaml' 2>/dev/null; then
+    check "compose.yaml: nats -js, three fanmq nodes with cluster flags, haproxy" compose_check
+else
+    skip "python3-yaml missing: compose.yaml not checked"
+fi
+if command -v haproxy >/dev/null 2>&1; then
+    check "haproxy -c container/haproxy.cfg" haproxy -q -c -f "$REPO_DIR/container/haproxy.cfg"
+    check "HAProxy sends PROXY v2 to all three nodes" \
+        test "$(grep -c 'send-proxy-v2' "$REPO_DIR/container/haproxy.cfg")" -eq 3
+else
+    skip "haproxy not installed: container/haproxy.cfg not checked"
+fi
+
 summary
