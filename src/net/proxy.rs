@@ -48,6 +48,12 @@ use ppp::{PartialResult, v1, v2};
 /// room for them and bounds what a connection waiting for its header costs.
 pub const MAX_HEADER_LEN: usize = 4096;
 
+/// Bytes first peeked for a header: a v1 line (at most 107) or a v2
+/// header with its addresses (at most 16 + 216) fits, so a connection
+/// waiting for its header holds this much, not [`MAX_HEADER_LEN`]; a v2
+/// header whose TLVs need more grows the buffer to its stated length.
+pub const FIRST_PEEK_LEN: usize = 256;
+
 /// Pause before peeking again at a header that arrived in pieces. Balancers
 /// write the header in one piece, so this is the rare path; the header
 /// timeout bounds the retries.
@@ -193,7 +199,7 @@ fn parse_v1(buf: &[u8]) -> Result<Option<(Origin, usize)>, ProxyError> {
 /// No valid header within `timeout` ([`ProxyError`]).
 pub async fn read_header(tcp: &mut TcpStream, timeout: Duration) -> Result<Origin, ProxyError> {
     let read = async {
-        let mut buf = vec![0u8; MAX_HEADER_LEN];
+        let mut buf = vec![0u8; FIRST_PEEK_LEN];
         let mut seen = 0;
         loop {
             let n = tcp.peek(&mut buf).await.map_err(io_error)?;
@@ -206,6 +212,14 @@ pub async fn read_header(tcp: &mut TcpStream, timeout: Duration) -> Result<Origi
                     .map_err(ProxyError::Io)?;
                 return Ok(origin);
             }
+            // A v2 header longer than the buffer (TLVs): make room for it
+            // (parse refused it if over MAX_HEADER_LEN).
+            if let Some(len) = v2_stated_len(&buf[..n])
+                && len > buf.len()
+            {
+                buf.resize(len, 0);
+                continue;
+            }
             if n == seen {
                 // Nothing new since the last peek: let more arrive.
                 glommio::timer::sleep(PEEK_RETRY).await;
@@ -217,6 +231,16 @@ pub async fn read_header(tcp: &mut TcpStream, timeout: Duration) -> Result<Origi
         Ok(result) => result,
         Err(_) => Err(ProxyError::Timeout(timeout)),
     }
+}
+
+/// The whole length a v2 header states in its first 16 bytes, if `buf`
+/// holds them.
+fn v2_stated_len(buf: &[u8]) -> Option<usize> {
+    let fixed = v2::PROTOCOL_PREFIX.len() + 4;
+    if buf.len() < fixed || !buf.starts_with(v2::PROTOCOL_PREFIX) {
+        return None;
+    }
+    Some(fixed + usize::from(u16::from_be_bytes([buf[fixed - 2], buf[fixed - 1]])))
 }
 
 /// glommio's error as an I/O error.
@@ -475,6 +499,20 @@ mod tests {
                 assert!(len <= buf.len() && len <= MAX_HEADER_LEN, "{buf:?}");
             }
         }
+    }
+
+    #[test]
+    fn a_v2_header_states_its_length_up_front() {
+        let h = v2(1, 0x11, &V4, &[0x04, 0x00, 0x01, 0x00]);
+        assert_eq!(v2_stated_len(&h[..16]), Some(h.len()));
+        assert_eq!(v2_stated_len(&h[..15]), None);
+        assert_eq!(v2_stated_len(b"PROXY TCP4 203.0.113.7 192"), None);
+        let mut tlvs = vec![0x04, 0x01, 0x00];
+        tlvs.resize(3 + 256, 0);
+        let long = v2(1, 0x11, &V4, &tlvs);
+        assert!(long.len() > FIRST_PEEK_LEN);
+        assert_eq!(v2_stated_len(&long[..FIRST_PEEK_LEN]), Some(long.len()));
+        assert_eq!(parse(&long[..FIRST_PEEK_LEN]).unwrap(), None);
     }
 
     #[test]

@@ -27,15 +27,15 @@ const V2_SIGNATURE: &[u8; 12] = b"\r\n\r\n\0\r\nQUIT\n";
 const V2_LOCAL: [u8; 16] = *b"\r\n\r\n\0\r\nQUIT\n\x20\x00\x00\x00";
 
 /// A v2 PROXY header for a TCP over IPv6 client, with two TLVs (AWS's VPC
-/// endpoint id and a NOOP), written by `ppp`'s builder (the unit tests
-/// build their headers by hand).
-fn v2_tcp6(client: Ipv6Addr, port: u16) -> Vec<u8> {
+/// endpoint id and a NOOP of `padding` bytes), written by `ppp`'s builder
+/// (the unit tests build their headers by hand).
+fn v2_tcp6(client: Ipv6Addr, port: u16, padding: usize) -> Vec<u8> {
     use ppp::v2::{Builder, Command, IPv6, Protocol, Type, Version};
     let server: Ipv6Addr = "2001:db8::1".parse().unwrap();
     let addresses = IPv6::new(client, server, port, 1883);
     Builder::with_addresses(Version::Two | Command::Proxy, Protocol::Stream, addresses)
         .write_tlv(0xEA, b"\x01vpc-1")
-        .and_then(|b| b.write_tlv(Type::NoOp, b""))
+        .and_then(|b| b.write_tlv(Type::NoOp, &vec![0; padding]))
         .and_then(Builder::build)
         .expect("a v2 header")
 }
@@ -111,8 +111,15 @@ fn the_header_address_is_what_the_admin_api_and_the_logs_see() {
     // v2 PROXY over IPv6 with TLVs, the header in pieces.
     let v2_id = format!("pp-v2-{id}");
     let client: Ipv6Addr = "2001:db8:7::7".parse().unwrap();
-    let mut b = connect_behind(port, &v2_tcp6(client, 40002), &v2_id, false).expect("v2");
+    let mut b = connect_behind(port, &v2_tcp6(client, 40002, 0), &v2_id, false).expect("v2");
     assert_eq!(admin_peer(&broker, &v2_id), "[2001:db8:7::7]:40002");
+    // TLVs of 1 KiB (HAProxy's TLS details can be long): still read whole.
+    let long_id = format!("pp-long-{id}");
+    let header = v2_tcp6(client, 40003, 1024);
+    assert!(header.len() > 1024);
+    let mut long = connect_behind(port, &header, &long_id, true).expect("long v2");
+    assert_eq!(admin_peer(&broker, &long_id), "[2001:db8:7::7]:40003");
+    long.ping();
 
     // v2 LOCAL (a balancer's own connection) and v1 UNKNOWN: the socket's
     // own peer address.
