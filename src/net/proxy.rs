@@ -192,6 +192,36 @@ fn parse_v1(buf: &[u8]) -> Result<Option<(Origin, usize)>, ProxyError> {
     Ok(Some((origin, end + 1)))
 }
 
+/// The promises of [`parse`] on arbitrary bytes (the `proxy_header` fuzz
+/// target's checks, also run by the unit tests): it never panics; a header
+/// it accepts lies within the input and [`MAX_HEADER_LEN`] and is accepted
+/// alone, with the same meaning; and every cut of it shorter than its length
+/// waits for more (so reading it as it arrives, in any pieces, never
+/// refuses or accepts what the whole header would not).
+///
+/// # Panics
+/// When one of them is broken (that is the point).
+pub fn check_parse(data: &[u8]) {
+    let Ok(Some((origin, len))) = parse(data) else {
+        return;
+    };
+    assert!(
+        len > 0 && len <= data.len() && len <= MAX_HEADER_LEN,
+        "length {len}"
+    );
+    assert_eq!(
+        parse(&data[..len]).ok().flatten(),
+        Some((origin, len)),
+        "alone"
+    );
+    for cut in 0..len {
+        assert!(
+            matches!(parse(&data[..cut]), Ok(None)),
+            "a cut at {cut} of a {len}-byte header does not wait for more"
+        );
+    }
+}
+
 /// Reads the PROXY protocol header from the start of `tcp` within
 /// `timeout`, consuming exactly its bytes.
 ///
@@ -404,6 +434,8 @@ mod tests {
         for cut in 1..h.len() {
             assert_eq!(parse(&h[..cut]).unwrap(), None, "v2 cut at {cut}");
         }
+        check_parse(line);
+        check_parse(&h);
     }
 
     #[test]
@@ -467,7 +499,7 @@ mod tests {
     }
 
     #[test]
-    fn random_bytes_never_panic_and_lengths_stay_in_the_input() {
+    fn random_bytes_keep_the_promises_of_parse() {
         let mut rng = XorShift(0x5052_4f58);
         let mut below = |n: u64| rng.next() % n;
         let valid = [
@@ -495,9 +527,7 @@ mod tests {
                 }
                 buf
             };
-            if let Ok(Some((_, len))) = parse(&buf) {
-                assert!(len <= buf.len() && len <= MAX_HEADER_LEN, "{buf:?}");
-            }
+            check_parse(&buf);
         }
     }
 
