@@ -12,8 +12,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::admin::{get_json, total, wait_stats};
-use crate::common::{Broker, ConnectBuilder, Raw, TIMEOUT, unique};
+use crate::common::{Broker, CONNACK_OK, ConnectBuilder, Raw, TIMEOUT, unique};
 use crate::tls::Pki;
+use crate::websocket::{ws_over, ws_read, ws_send};
 
 /// A v1 header for a TCP4 client.
 fn v1(client: &str, port: u16) -> Vec<u8> {
@@ -232,6 +233,26 @@ fn max_connections_per_ip_counts_the_header_address() {
         std::thread::sleep(Duration::from_millis(50));
     };
     again.ping();
+    broker.assert_healthy();
+}
+
+#[test]
+fn a_websocket_listener_reads_the_header_before_the_upgrade() {
+    let mut broker = Broker::builder()
+        .config("ws_listen = [{ address = \"127.0.0.1:0\", proxy_protocol = true }]")
+        .start();
+    let port = broker.port_of("ws+proxy");
+    let mut socket = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    socket.write_all(&v1("203.0.113.20", 5000)).unwrap();
+    let mut ws = ws_over(socket, port, "mqtt");
+    let id = format!("pp-ws-{}", unique());
+    ws_send(&mut ws, &ConnectBuilder::new(&id).bytes());
+    assert_eq!(ws_read(&mut ws, 4), CONNACK_OK);
+    assert_eq!(admin_peer(&broker, &id), "203.0.113.20:5000");
+    // Without the header, the upgrade request itself is refused.
+    let mut raw = Raw::tcp(port);
+    raw.send_lossy(b"GET /mqtt HTTP/1.1\r\nHost: x\r\n\r\n");
+    raw.expect_closed_silently();
     broker.assert_healthy();
 }
 
