@@ -1080,6 +1080,19 @@ mod tests {
             Config::load(&typo),
             Err(ConfigError::Parse { .. })
         ));
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        writeln!(f, "proxy_protocol_timeout_secs = 0").unwrap();
+        let zero = Flags {
+            config: Some(f.path().to_path_buf()),
+            ..Flags::default()
+        };
+        assert!(matches!(
+            Config::load(&zero),
+            Err(ConfigError::Invalid {
+                key: "proxy_protocol_timeout_secs",
+                ..
+            })
+        ));
     }
 
     #[test]
