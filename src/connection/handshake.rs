@@ -64,9 +64,8 @@ pub(super) async fn accept_transport(
 ) -> Option<Stream> {
     let connect_timeout = ctx.shard.borrow().config.connect_timeout;
     let left = deadline.saturating_duration_since(Instant::now());
-    let peer = tcp
-        .peer_addr()
-        .map_or_else(|_| "?".to_string(), |a| a.to_string());
+    // The client's address (a PROXY protocol header's, if any).
+    let peer = Peer(std::os::fd::AsRawFd::as_raw_fd(&tcp)).to_string();
     let name = acceptor.transport.name();
     match glommio::timer::timeout(left, async { Ok(acceptor.accept(tcp).await) }).await {
         Ok(Ok(stream)) => Some(stream),

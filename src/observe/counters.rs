@@ -302,6 +302,10 @@ counter_table! {
             prometheus Some("connections_rate_limited"), per_shard None,
             sys Some("$SYS/broker/connections/refused/rate"),
             help "Connections closed after accept because max_connection_rate was reached";
+        connections_proxy_refused: Counter Sum,
+            prometheus Some("connections_proxy_refused"), per_shard None,
+            sys Some("$SYS/broker/connections/refused/proxy_protocol"),
+            help "Connections closed on a proxy_protocol listener: no valid PROXY protocol header in time";
         subscriptions_refused: Counter Sum,
             prometheus Some("subscriptions_refused"), per_shard None,
             sys Some("$SYS/broker/subscriptions/refused"),

@@ -32,7 +32,7 @@ fn ws_connect(port: u16, subprotocol: &str) -> WebSocket<TcpStream> {
 }
 
 /// The WebSocket upgrade over an already connected `socket`.
-fn ws_over(socket: TcpStream, port: u16, subprotocol: &str) -> WebSocket<TcpStream> {
+pub(crate) fn ws_over(socket: TcpStream, port: u16, subprotocol: &str) -> WebSocket<TcpStream> {
     socket.set_read_timeout(Some(TIMEOUT)).unwrap();
     let mut request = format!("ws://127.0.0.1:{port}/mqtt")
         .into_client_request()
@@ -50,7 +50,7 @@ fn ws_over(socket: TcpStream, port: u16, subprotocol: &str) -> WebSocket<TcpStre
 }
 
 /// Reads binary messages until `len` bytes arrived; returns them.
-fn ws_read(ws: &mut WebSocket<TcpStream>, len: usize) -> Vec<u8> {
+pub(crate) fn ws_read(ws: &mut WebSocket<TcpStream>, len: usize) -> Vec<u8> {
     let mut got = Vec::new();
     while got.len() < len {
         match ws.read().expect("WebSocket read") {
@@ -62,7 +62,7 @@ fn ws_read(ws: &mut WebSocket<TcpStream>, len: usize) -> Vec<u8> {
 }
 
 /// Sends one binary message.
-fn ws_send(ws: &mut WebSocket<TcpStream>, bytes: &[u8]) {
+pub(crate) fn ws_send(ws: &mut WebSocket<TcpStream>, bytes: &[u8]) {
     ws.send(Message::binary(bytes.to_vec())).unwrap();
 }
 
