@@ -17,6 +17,8 @@
 //!   arbitrary bytes (with and without a valid header): it never panics, and
 //!   the records it keeps, framed again, are exactly the valid prefix it
 //!   reported.
+//! - [`proxy_header`]: the PROXY protocol header parser on arbitrary bytes
+//!   (the checks are its own, [`crate::net::proxy::check_parse`]).
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
@@ -337,6 +339,12 @@ pub fn store_load(data: &[u8]) {
     }
 }
 
+/// The PROXY protocol header parser on `data`: the `proxy_header` target's
+/// entry point.
+pub fn proxy_header(data: &[u8]) {
+    crate::net::proxy::check_parse(data);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -375,6 +383,11 @@ mod tests {
     #[test]
     fn session_corpus_replays() {
         replay("session", session);
+    }
+
+    #[test]
+    fn proxy_header_corpus_replays() {
+        replay("proxy_header", proxy_header);
     }
 
     #[test]

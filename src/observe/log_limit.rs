@@ -46,6 +46,9 @@ pub enum LogKind {
     MaxConnectionsPerIp,
     /// A retained QoS 1/2 PUBLISH refused: persistence cannot store it.
     StoreRefused,
+    /// A connection on a `proxy_protocol` listener closed: no valid PROXY
+    /// protocol header in time.
+    ProxyProtocol,
     /// An accept call failed (out of descriptors or memory).
     AcceptFailed,
 }

@@ -143,6 +143,21 @@ pub struct Flows {
     /// client's Maximum Packet Size), where the session has no counters:
     /// the keep-alive sweep adds them to the shard's `publish_dropped`.
     pub unreported_drops: u32,
+    /// Set once a subscription was granted that the ACL covers only partly
+    /// (`security::acl::Coverage::Partial`): every message offered to the
+    /// session is then checked for read access first, under this identity.
+    /// Kept here, with the session, so that messages queued while it is
+    /// offline are checked too.
+    pub read_check: Option<ReadCheck>,
+}
+
+/// The client identity a session's per-delivery read checks use
+/// ([`Flows::read_check`]); the client id is the session's own.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReadCheck {
+    /// The user name the ACL sees (the CONNECT's, or the TLS identity), of
+    /// the latest connection.
+    pub username: Option<ByteString>,
 }
 
 /// The MQTT 5.0 options of one subscription that change its deliveries
@@ -203,6 +218,9 @@ pub struct Session {
     /// The protocol of the connection that owns it: how its frames are
     /// encoded (the session's last connection's, while offline).
     pub version: Version,
+    /// The Protocol Level of that connection's CONNECT: 3 (MQTT 3.1), 4
+    /// (3.1.1) or 5 (5.0), for the admin API (fits in padding).
+    pub protocol_level: u8,
     /// Session Expiry Interval in seconds (§3.1.2.11.2, §3.14.2.2.2): how
     /// long the session outlives its connection; 0 exactly when
     /// `clean_session`, [`SESSION_NEVER_EXPIRES`] for ever (3.1.1's
@@ -228,6 +246,10 @@ pub struct Session {
     pub link: Option<Link>,
     /// True while this session is on the shard's list of sessions to flush.
     pub dirty: bool,
+    /// True when [`Flows::read_check`] is set: the one flag the fan-out
+    /// tests per delivery, so that sessions without a partly covered
+    /// subscription pay one branch (fits in padding).
+    pub read_check: bool,
 }
 
 impl Session {
@@ -238,6 +260,7 @@ impl Session {
             clean_session,
             claim: 0,
             version: Version::V3,
+            protocol_level: codec::PROTOCOL_LEVEL_V311,
             session_expiry: if clean_session {
                 0
             } else {
@@ -246,11 +269,31 @@ impl Session {
             offline_since: 0,
             receive_maximum: u16::MAX,
             max_packet_size: u32::MAX,
-            state,
             out: OutQueue::default(),
             link: None,
             dirty: false,
+            read_check: state.flows.as_ref().is_some_and(|f| f.read_check.is_some()),
+            state,
         }
+    }
+
+    /// From now on every message offered to this session is checked for
+    /// read access under `username` (it has a subscription the ACL covers
+    /// only partly); a later call, from a new connection, updates the
+    /// identity.
+    pub fn check_reads(&mut self, username: Option<ByteString>) {
+        self.flows().read_check = Some(ReadCheck { username });
+        self.read_check = true;
+    }
+
+    /// The user name of the per-delivery read checks, if the session has
+    /// them ([`Session::check_reads`]).
+    pub fn read_check_username(&self) -> Option<&str> {
+        self.state
+            .flows
+            .as_ref()
+            .and_then(|f| f.read_check.as_ref())
+            .and_then(|r| r.username.as_deref())
     }
 
     /// True while a connection is attached.

@@ -12,6 +12,7 @@ mod mqtt5;
 mod park;
 mod persistence;
 mod protocol;
+mod proxy;
 mod qos;
 mod reliability;
 mod retain_will;

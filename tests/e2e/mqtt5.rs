@@ -475,7 +475,11 @@ fn publish_v5_qos1(topic: &str, packet_id: u16, payload: &[u8]) -> Vec<u8> {
 fn v5_reason_codes_for_invalid_and_denied_filters_and_publishes() {
     // rumqttc ends its connection at a failing SUBACK: raw bytes here.
     let acl = tempfile::NamedTempFile::new().expect("acl file");
-    std::fs::write(acl.path(), "topic readwrite open/#\n").expect("write acl");
+    std::fs::write(
+        acl.path(),
+        "topic readwrite open/#\ntopic deny open/secret\n",
+    )
+    .expect("write acl");
     let broker = Broker::builder()
         .config(&format!("acl_file = {:?}\n", acl.path()))
         .start();
@@ -484,6 +488,9 @@ fn v5_reason_codes_for_invalid_and_denied_filters_and_publishes() {
         (1u8, "open/x", 1u8),
         (2, "closed/x", 0x87),
         (3, "open/#/x", 0x8f),
+        // Over the denied topic: granted, open/secret withheld per message.
+        (4, "open/+", 1),
+        (5, "open/secret", 0x87),
     ] {
         raw.send(&subscribe_v5(u16::from(id), filter, 1));
         assert_eq!(
@@ -496,7 +503,7 @@ fn v5_reason_codes_for_invalid_and_denied_filters_and_publishes() {
     // allowed one with the short Success form.
     raw.send(&publish_v5_qos1("closed/x", 7, b"no"));
     assert_eq!(raw.expect_packet().bytes(), vec![0x40, 3, 0, 7, 0x87]);
-    raw.send(&publish_v5_qos1("open/y", 8, b"yes"));
+    raw.send(&publish_v5_qos1("open/y/z", 8, b"yes"));
     assert_eq!(raw.expect_packet().bytes(), vec![0x40, 2, 0, 8]);
     // UNSUBACK: Success, then No subscription existed.
     let mut body = vec![0, 9, 0];
@@ -593,6 +600,40 @@ fn a_v5_payload_that_breaks_its_format_indicator_gets_0x99() {
     body.extend([0xff, 0xfe]);
     raw.send(&packet(0x32, &body));
     assert_eq!(raw.expect_packet().bytes(), vec![0x40, 3, 0, 5, 0x99]);
+    // QoS 2: PUBREC 0x99, the flow ends there; the connection stays.
+    let mut body = string(b"pfi");
+    body.extend([0, 6, 2, 0x01, 1]);
+    body.extend([0xc3, 0x28]);
+    raw.send(&packet(0x34, &body));
+    assert_eq!(raw.expect_packet().bytes(), vec![0x50, 3, 0, 6, 0x99]);
+    // A valid UTF-8 payload with the indicator is accepted.
+    let mut body = string(b"pfi");
+    body.extend([0, 7, 2, 0x01, 1]);
+    body.extend("é".as_bytes());
+    raw.send(&packet(0x32, &body));
+    assert_eq!(raw.expect_packet().bytes(), vec![0x40, 2, 0, 7]);
+    // QoS 0 has no acknowledgement to carry the reason: DISCONNECT 0x99,
+    // this connection only; nothing reaches a subscriber.
+    let mut sub = V5::connect(broker.port, "pfi-sub");
+    sub.subscribe("pfi", QoS5::AtMostOnce);
+    let mut body = string(b"pfi");
+    body.extend([2, 0x01, 1]);
+    body.push(0xff);
+    raw.send(&packet(0x30, &body));
+    assert_eq!(raw.expect_packet().bytes(), vec![0xe0, 1, 0x99]);
+    raw.expect_closed();
+    let mut other = raw_v5(broker.port, "pfi-2");
+    let mut body = string(b"pfi");
+    body.extend([0, 8, 0]);
+    body.extend(b"after");
+    other.send(&packet(0x32, &body));
+    assert_eq!(other.expect_packet().bytes(), vec![0x40, 2, 0, 8]);
+    let got = sub.expect_publish();
+    assert_eq!(
+        &got.payload[..],
+        b"after",
+        "the invalid QoS 0 was not forwarded"
+    );
 }
 
 /// An MQTT 5.0 CONNECT without Clean Start, with a Session Expiry Interval
@@ -994,4 +1035,90 @@ fn a_publish_to_a_wildcard_topic_is_disconnect_0x90() {
     raw.send(&packet(0x30, &body));
     assert_eq!(raw.expect_packet().bytes(), vec![0xe0, 1, 0x90]);
     raw.expect_closed();
+}
+
+/// A clean-start client asking for Response Information (or not).
+fn connect_asking_response_information(port: u16, client_id: &str, ask: bool) -> (V5, ConnAck) {
+    let mut options = V5::options(port, client_id);
+    options.set_request_response_info(ask.then_some(1));
+    V5::connect_with(options)
+}
+
+/// The Response Information of a CONNACK.
+fn response_information(connack: &ConnAck) -> Option<String> {
+    connack
+        .properties
+        .as_ref()
+        .and_then(|p| p.response_information.clone())
+}
+
+#[test]
+fn response_information_only_when_asked_for_and_configured() {
+    let broker = Broker::builder()
+        .config("response_information = \"reply/%c/\"\n")
+        .start();
+    let (_asks, connack) = connect_asking_response_information(broker.port, "rr-asks", true);
+    assert_eq!(
+        response_information(&connack).as_deref(),
+        Some("reply/rr-asks/")
+    );
+    let (_silent, connack) = connect_asking_response_information(broker.port, "rr-silent", false);
+    assert_eq!(response_information(&connack), None, "not asked for");
+    let plain = Broker::start();
+    let (_asks, connack) = connect_asking_response_information(plain.port, "rr-asks", true);
+    assert_eq!(response_information(&connack), None, "not configured");
+}
+
+#[test]
+fn a_request_and_its_response_carry_response_topic_and_correlation_data_across_shards() {
+    let broker = Broker::builder()
+        .config("response_information = \"reply/%c/\"\n")
+        .start();
+    let (mut requester, connack) = connect_asking_response_information(broker.port, "req-1", true);
+    let base = response_information(&connack).expect("Response Information");
+    let response_topic = format!("{base}answer");
+    requester.subscribe(&response_topic, QoS5::AtLeastOnce);
+    // The responder on the other shard.
+    let requester_shard = broker.shard_of("req-1");
+    let mut responder = (0..16)
+        .find_map(|i| {
+            let id = format!("svc-{i}");
+            let client = V5::connect(broker.port, &id);
+            (broker.shard_of(&id) != requester_shard).then_some(client)
+        })
+        .expect("a responder on the other shard");
+    responder.subscribe("svc/request", QoS5::AtLeastOnce);
+    let request = PublishProperties {
+        response_topic: Some(response_topic.clone()),
+        correlation_data: Some(Bytes::from_static(b"id-42")),
+        ..Default::default()
+    };
+    requester
+        .client
+        .publish_with_properties(
+            "svc/request",
+            QoS5::AtLeastOnce,
+            false,
+            b"2+2".to_vec(),
+            request,
+        )
+        .expect("publish");
+    let got = responder.expect_publish();
+    let props = got.properties.expect("request properties");
+    let reply_to = props.response_topic.expect("Response Topic");
+    assert_eq!(reply_to, response_topic);
+    assert_eq!(props.correlation_data.as_deref(), Some(&b"id-42"[..]));
+    let response = PublishProperties {
+        correlation_data: props.correlation_data,
+        ..Default::default()
+    };
+    responder
+        .client
+        .publish_with_properties(reply_to, QoS5::AtLeastOnce, false, b"4".to_vec(), response)
+        .expect("publish");
+    let answer = requester.expect_publish();
+    assert_eq!(topic_of(&answer), response_topic);
+    assert_eq!(&answer.payload[..], b"4");
+    let props = answer.properties.expect("response properties");
+    assert_eq!(props.correlation_data.as_deref(), Some(&b"id-42"[..]));
 }
