@@ -98,6 +98,16 @@ def run(port, n, window, topics, retain):
     return n / elapsed
 
 
+def stop(broker):
+    """Stops the broker process (SIGTERM, then SIGKILL after 10 s)."""
+    broker.terminate()
+    try:
+        broker.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        broker.kill()
+        broker.wait()
+
+
 def journal_bytes(store):
     """Bytes of every shard's session journal under the store directory."""
     total = 0
@@ -140,12 +150,7 @@ def fanout_bytes(binary, shards, subscribers, messages, tmpdir):
               f"(64-byte payload, 5-byte topic): {grown} bytes, {grown / messages:.0f} bytes per "
               f"message, {grown / messages / subscribers:.1f} bytes per subscriber per message")
     finally:
-        broker.terminate()
-        try:
-            broker.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            broker.kill()
-            broker.wait()
+        stop(broker)
         shutil.rmtree(scratch, ignore_errors=True)
 
 

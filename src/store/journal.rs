@@ -14,9 +14,11 @@
 //! every `persistence_sync_interval_ms`.
 //!
 //! A write that fails (a full disk) keeps its bytes pending, marks the
-//! journal failing (one log line per episode; acknowledgements that need the
-//! journal are refused meanwhile) and is retried every [`RETRY_PERIOD`]
-//! until it succeeds. A failed `fdatasync` is not retried: Linux may have
+//! journal failing (one log line per episode; for the retained journal every
+//! shard then refuses retained QoS 1/2 publishes, while acknowledgements
+//! waiting for a session journal wait, at most `APPLY_TIMEOUT`, after which
+//! their connection closes) and is retried every [`RETRY_PERIOD`] until it
+//! succeeds. A failed `fdatasync` is not retried: Linux may have
 //! dropped the dirty pages and will not report it twice, so fanmq exits
 //! non-zero and the next start reads exactly what is durable (nothing
 //! unsynced was acknowledged).
