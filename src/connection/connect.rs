@@ -258,7 +258,7 @@ pub(super) fn accepting_connack(
     properties.push(Property::RetainAvailable(true));
     properties.push(Property::WildcardSubscriptionAvailable(true));
     properties.push(Property::SubscriptionIdentifierAvailable(true));
-    properties.push(Property::SharedSubscriptionAvailable(false));
+    properties.push(Property::SharedSubscriptionAvailable(true));
     let connack = ConnAck {
         session_present,
         reason_code: ReasonCode::SUCCESS,

@@ -63,6 +63,8 @@ impl Shard {
         c.sessions = self.sessions.len() as u64;
         c.subscriptions = self.router.len() as u64;
         c.retained = self.retained.len() as u64;
+        c.shared_groups = self.shared.groups() as u64;
+        c.shared_members = self.shared.members() as u64;
         c.queued_bytes = crate::session::outqueue::shard_queued_bytes() as u64;
         // Read on the shard's own thread: the count is per thread.
         c.log_lines_suppressed = crate::observe::log_limit::suppressed_total();

@@ -15,6 +15,7 @@ mod qos;
 mod reliability;
 mod retain_will;
 mod sessions;
+mod shared;
 mod startup;
 mod systemd;
 mod tls;
