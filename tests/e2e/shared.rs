@@ -269,6 +269,18 @@ fn an_offline_persistent_member_is_skipped_and_keeps_what_nobody_else_could_take
         &queued,
         "the reconnected member",
     );
+    // The membership came back with the session (wherever it reconnected):
+    // connected again, it gets the next messages directly.
+    wait_replicas_connected(&broker, 1, 1);
+    let later = payloads("later", 5);
+    for p in &later {
+        publisher.publish_acked("off", false, p);
+    }
+    assert_once_each(
+        &collect(&mut back, later.len()),
+        &later,
+        "the member, back online",
+    );
 }
 
 #[test]
