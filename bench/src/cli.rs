@@ -112,6 +112,12 @@ pub struct Opts {
     /// topic itself. Must match the topic.
     #[arg(long)]
     pub filter: Option<String>,
+    /// Fan-out: subscribers join the shared subscription group NAME
+    /// (`$share/NAME/<filter>`), so each message is delivered once over all
+    /// of them, not once per subscriber: the expected deliveries are the
+    /// messages, and loss is messages less deliveries.
+    #[arg(long, value_name = "NAME")]
+    pub shared_group: Option<String>,
     /// QoS of the publishes and the subscriptions.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=2))]
     pub qos: u8,

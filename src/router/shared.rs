@@ -170,6 +170,14 @@ impl SharedGroups {
         self.groups.iter().map(|(_, g)| g.members.len()).sum()
     }
 
+    /// Number of memberships of sessions on `shard`.
+    pub fn members_of(&self, shard: usize) -> usize {
+        self.groups
+            .iter()
+            .map(|(_, g)| g.members.iter().filter(|m| m.shard == shard).count())
+            .sum()
+    }
+
     /// Number of memberships whose session is connected.
     pub fn connected_members(&self) -> usize {
         self.groups

@@ -189,6 +189,7 @@ fn a_group_of_v5_and_v3_members_shares_300_messages_once_each_beside_a_second_gr
         crate::admin::total(s, "shared_deliveries") == 2 * COUNT as u64
             && crate::admin::total(s, "shared_groups") == 2
             && crate::admin::total(s, "shared_members") == 5
+            && crate::admin::total(s, "subscriptions") == 6
     });
 }
 
