@@ -325,6 +325,67 @@ mod tests {
     }
 
     #[test]
+    fn a_member_with_a_full_queue_is_passed_over_for_one_that_can_take_it() {
+        let config = Config {
+            max_queued_messages: 4,
+            ..Config::default()
+        };
+        let mut shard = testing::shard_with(0, 1, config);
+        // `stalled` never reads and its socket buffer is small: its queue
+        // fills up; `reading` reads after every step.
+        let stalled = attach_client(
+            &mut shard,
+            "stalled",
+            "$share/g/t",
+            QoS::AtMostOnce,
+            Some(4096),
+        );
+        let mut reading = attach_client(&mut shard, "reading", "$share/g/t", QoS::AtMostOnce, None);
+        shard.flush_dirty();
+        let payload = "x".repeat(1000);
+        let mut got = 0;
+        for _ in 0..60 {
+            shard.publish(Message {
+                qos: QoS::AtMostOnce,
+                ..message("t", &payload)
+            });
+            shard.flush_dirty();
+            got += reading.publishes().len();
+        }
+        let stalled_queue = shard.sessions[stalled.key as usize].out.publishes();
+        assert_eq!(stalled_queue, 4, "the stalled member's queue is full");
+        assert_eq!(shard.stats.shared_dropped, 0, "nothing lost");
+        assert_eq!(shard.stats.shared_deliveries, 60);
+        assert!(got > 30, "the reading member took the rest: {got}");
+    }
+
+    #[test]
+    fn a_message_for_a_member_that_left_goes_to_another_member_of_its_shard() {
+        let mut shard = testing::shard_with(1, 2, Config::default());
+        let gone = attach_client(&mut shard, "gone", "$share/g/t", QoS::AtLeastOnce, None);
+        let mut other = attach_client(&mut shard, "other", "$share/g/t", QoS::AtLeastOnce, None);
+        shard.flush_dirty();
+        let _ = other.publishes();
+        shard.remove_session(gone.key);
+        let delivery = |key| SharedDelivery {
+            message: message("t", "x"),
+            share: ByteString::from("$share/g/t"),
+            key,
+        };
+        shard.handle_control(ShardMsg::SharedPublish(vec![delivery(gone.key)]));
+        assert_eq!(other.publishes().len(), 1);
+        // A group this shard no longer has: dropped and counted.
+        shard.handle_control(ShardMsg::SharedPublish(vec![SharedDelivery {
+            share: ByteString::from("$share/none/t"),
+            ..delivery(other.key)
+        }]));
+        assert_eq!(
+            (shard.stats.shared_deliveries, shard.stats.shared_dropped),
+            (1, 1)
+        );
+    }
+
+    #[test]
     fn an_offline_member_is_skipped_while_a_connected_one_can_take_it() {
         let mut shard = testing::shard();
         let off = attach_client(&mut shard, "off", "$share/g/t", QoS::AtLeastOnce, None);
