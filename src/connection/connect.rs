@@ -336,7 +336,10 @@ mod tests {
                 .any(|w| w == [0x21, receive_maximum[0], receive_maximum[1]]),
             "receive max"
         );
-        assert!(bytes.windows(2).any(|w| w == [0x2A, 1]), "shared subscriptions");
+        assert!(
+            bytes.windows(2).any(|w| w == [0x2A, 1]),
+            "shared subscriptions"
+        );
         assert_eq!(
             accepting_connack(Version::V3, true, &accepted, &config),
             vec![0x20, 2, 1, 0]

@@ -404,3 +404,58 @@ fn no_local_on_a_shared_subscription_is_disconnect_0x82() {
     v5.expect_closed();
     broker.assert_running();
 }
+
+#[test]
+fn a_take_over_on_the_other_shard_moves_the_membership_with_the_session() {
+    let broker = Broker::start();
+    let port = broker.port;
+    let mut options = Mqtt::options(port, "to-m");
+    options.set_clean_session(false);
+    let (mut first, _) = Mqtt::connect_with(options.clone());
+    first.subscribe("$share/g/to", QoS::AtLeastOnce);
+    wait_replicas(&broker, 1);
+    let home = broker.shard_of("to-m");
+    // Connect again with the same client id until the new connection lands
+    // on the other shard: each one takes the session over.
+    let mut moved = None;
+    let mut previous = Some(first);
+    for n in 2..=40 {
+        let (client, connack) = Mqtt::connect_with(options.clone());
+        assert!(
+            connack.session_present,
+            "connection {n}: the session came along"
+        );
+        drop(previous.take());
+        if broker.shards_of("to-m", n)[n - 1] != home {
+            moved = Some(client);
+            break;
+        }
+        previous = Some(client);
+    }
+    let client = moved.expect("40 connections all landed on one shard");
+    // The membership is now the other shard's, connected.
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let shared = wait_replicas_connected(&broker, 1, 1);
+        let member = &shared["groups"][0]["members"][0];
+        if member["client_id"] == "to-m" && member["shard"] != home as u64 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "membership did not move: {shared}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let publisher = Mqtt::connect(port, "to-pub");
+    let expected = payloads("moved", 10);
+    for p in &expected {
+        publisher.publish("to", QoS::AtLeastOnce, false, p);
+    }
+    let mut members = vec![Member::V4(client)];
+    assert_once_each(
+        &collect(&mut members, expected.len()),
+        &expected,
+        "the moved member",
+    );
+}
