@@ -27,6 +27,7 @@ use crate::protocol::topic;
 use crate::protocol::v3::{self as codec, DecodeError, LastWill, Packet};
 use crate::protocol::v5::{self, Properties, ReasonCode};
 use crate::security::auth;
+use crate::session::alias::ServerAliases;
 use crate::session::link::{Link, Rare, SessionKey, framed_fd};
 use crate::session::{Session, SessionState};
 use crate::shard::Ctx;
@@ -247,6 +248,7 @@ pub(super) async fn handshake(
         session_expiry,
         receive_maximum,
         maximum_packet_size,
+        topic_alias_maximum,
         ..
     } = request;
     let mut accepted = Accepted {
@@ -351,6 +353,7 @@ pub(super) async fn handshake(
         keep_alive,
         receive_maximum,
         max_packet_size: maximum_packet_size,
+        topic_alias_maximum,
         accepted,
     };
     let (key, conn_id) = attach(ctx, link_fd, client_id.clone(), state, &attached);
@@ -447,6 +450,8 @@ pub(super) struct Attach {
     pub(super) receive_maximum: u16,
     /// The client's Maximum Packet Size.
     pub(super) max_packet_size: u32,
+    /// The client's Topic Alias Maximum (0 for 3.1.1).
+    pub(super) topic_alias_maximum: u16,
     /// What the CONNACK tells an accepted client.
     pub(super) accepted: Accepted,
 }
@@ -473,6 +478,12 @@ pub(super) fn attach(
     session.session_expiry = attach.session_expiry;
     session.receive_maximum = attach.receive_maximum;
     session.max_packet_size = attach.max_packet_size;
+    if attach.version == Version::V5 {
+        session.server_aliases = ServerAliases::new(
+            attach.topic_alias_maximum,
+            shard.config.server_topic_aliases,
+        );
+    }
     session.link = Some(Link::new(
         conn_id,
         link_fd,
