@@ -250,9 +250,19 @@ pub struct Encoded<'a> {
     payload: Option<Frame>,
     /// The MQTT 5.0 forms, once an MQTT 5.0 subscriber needed one: the plain
     /// one and those with a Topic Alias, each encoded once.
-    v5: Option<Box<SmallVec<[EncodedV5; 2]>>>,
+    v5: Option<Box<V5Forms>>,
     /// The hash of the topic that picks its Topic Alias, once computed.
     topic_hash: Option<u64>,
+}
+
+/// The MQTT 5.0 wire forms of one message for one fan-out on one shard.
+#[derive(Default)]
+struct V5Forms {
+    /// Without a Topic Alias: found without a search, as most deliveries
+    /// need it.
+    plain: EncodedV5,
+    /// With a Topic Alias, one per [`AliasUse`] (usually one or two).
+    aliased: SmallVec<[EncodedV5; 2]>,
 }
 
 /// One MQTT 5.0 wire form of one message for one fan-out on one shard.
@@ -387,17 +397,21 @@ impl<'a> Encoded<'a> {
     /// added empty on first use.
     fn v5_form(&mut self, alias: Option<AliasUse>) -> &mut EncodedV5 {
         let forms = self.v5.get_or_insert_with(Box::default);
-        let at = match forms.iter().position(|form| form.alias == alias) {
+        if alias.is_none() {
+            return &mut forms.plain;
+        }
+        let aliased = &mut forms.aliased;
+        let at = match aliased.iter().position(|form| form.alias == alias) {
             Some(at) => at,
             None => {
-                forms.push(EncodedV5 {
+                aliased.push(EncodedV5 {
                     alias,
                     ..EncodedV5::default()
                 });
-                forms.len() - 1
+                aliased.len() - 1
             }
         };
-        &mut forms[at]
+        &mut aliased[at]
     }
 
     /// The MQTT 5.0 QoS 0 frame's range in the batch (see

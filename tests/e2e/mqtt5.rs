@@ -755,6 +755,32 @@ fn server_topic_aliases_on_the_wire_and_none_without_the_clients_maximum() {
 }
 
 #[test]
+fn server_topic_aliases_0_turns_them_off() {
+    let broker = Broker::builder()
+        .config("server_topic_aliases = 0\n")
+        .start();
+    let mut publisher = raw_v5(broker.port, "so-pub");
+    let pub_shard = broker.shard_of("so-pub");
+    let (mut sub, _) = on_other_shard(&broker, "so-sub", pub_shard, |id| {
+        raw_v5_with(
+            broker.port,
+            &connect_v5_with(id, true, &topic_alias_maximum(10)),
+        )
+    });
+    sub.send(&subscribe_v5(1, "off/#", 0));
+    assert_eq!(sub.expect_packet().bytes(), vec![0x90, 4, 0, 1, 0, 0]);
+    for n in 0..3u8 {
+        publisher.send(&packet(0x30, &[string(b"off/t"), vec![0, n]].concat()));
+    }
+    for n in 0..3u8 {
+        assert_eq!(
+            v5_publish_parts(&sub.expect_packet()),
+            ("off/t".to_string(), 0, vec![], vec![n])
+        );
+    }
+}
+
+#[test]
 fn a_message_sent_again_after_a_reconnect_has_its_topic_not_an_alias() {
     let broker = Broker::start();
     let mut publisher = raw_v5(broker.port, "sr-pub");
