@@ -615,6 +615,15 @@ fn raw_v5_with(port: u16, connect: &[u8]) -> Raw {
     raw
 }
 
+/// A raw clean-start MQTT 5.0 client past CONNACK that allows `maximum`
+/// Topic Aliases from the broker.
+fn raw_v5_aliased(port: u16, client_id: &str, maximum: u16) -> Raw {
+    raw_v5_with(
+        port,
+        &connect_v5_with(client_id, true, &topic_alias_maximum(maximum)),
+    )
+}
+
 /// Connects clients `{prefix}-0`, `{prefix}-1`, ... with `connect` until one
 /// is on another shard than `shard`; returns it and its client id.
 fn on_other_shard<T>(
@@ -699,10 +708,7 @@ fn server_topic_aliases_on_the_wire_and_none_without_the_clients_maximum() {
     let mut publisher = raw_v5(broker.port, "sw-pub");
     let pub_shard = broker.shard_of("sw-pub");
     let (mut aliased, _) = on_other_shard(&broker, "sw-aliased", pub_shard, |id| {
-        raw_v5_with(
-            broker.port,
-            &connect_v5_with(id, true, &topic_alias_maximum(3)),
-        )
+        raw_v5_aliased(broker.port, id, 3)
     });
     let (mut plain, _) =
         on_other_shard(&broker, "sw-plain", pub_shard, |id| raw_v5(broker.port, id));
@@ -762,10 +768,7 @@ fn server_topic_aliases_0_turns_them_off() {
     let mut publisher = raw_v5(broker.port, "so-pub");
     let pub_shard = broker.shard_of("so-pub");
     let (mut sub, _) = on_other_shard(&broker, "so-sub", pub_shard, |id| {
-        raw_v5_with(
-            broker.port,
-            &connect_v5_with(id, true, &topic_alias_maximum(10)),
-        )
+        raw_v5_aliased(broker.port, id, 10)
     });
     sub.send(&subscribe_v5(1, "off/#", 0));
     assert_eq!(sub.expect_packet().bytes(), vec![0x90, 4, 0, 1, 0, 0]);
