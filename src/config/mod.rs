@@ -64,6 +64,12 @@ pub const DEFAULT_MAX_KEEPALIVE: u16 = u16::MAX;
 /// `max_topic_alias` default. Each costs the connection one stored topic;
 /// 0 turns topic aliases off.
 pub const DEFAULT_MAX_TOPIC_ALIAS: u16 = 10;
+/// Topic Aliases the broker itself uses towards an MQTT 5.0 client that
+/// allows them (its CONNECT's Topic Alias Maximum, §3.1.2.11.8), at most:
+/// the connection keeps one copied topic per alias in use, so this bounds
+/// that memory, and 16 covers a fan-out subscriber's few hot topics. 0
+/// turns server topic aliases off.
+pub const DEFAULT_SERVER_TOPIC_ALIASES: u16 = 16;
 /// Seconds between `$SYS` updates; Mosquitto's `sys_interval` default.
 pub const DEFAULT_SYS_INTERVAL_SECS: u64 = 10;
 /// Batches of publishes that one shard may have queued towards another
@@ -294,6 +300,7 @@ struct FileConfig {
     max_keepalive: Option<u16>,
     max_topic_alias: Option<u16>,
     response_information: Option<String>,
+    server_topic_aliases: Option<u16>,
     sys_interval_secs: Option<u64>,
     mesh_capacity: Option<usize>,
     log_level: Option<String>,
@@ -396,6 +403,9 @@ pub struct Config {
     /// by the client id. `None` (the default, as EMQX's empty
     /// `response_information`): never sent.
     pub response_information: Option<String>,
+    /// Most Topic Aliases the broker assigns towards one MQTT 5.0 client
+    /// (see [`DEFAULT_SERVER_TOPIC_ALIASES`]); 0: none.
+    pub server_topic_aliases: u16,
     /// Interval of `$SYS` updates; zero disables them.
     pub sys_interval: Duration,
     /// Capacity of each mesh channel, in batches.
@@ -477,6 +487,7 @@ impl Default for Config {
             max_keepalive: DEFAULT_MAX_KEEPALIVE,
             max_topic_alias: DEFAULT_MAX_TOPIC_ALIAS,
             response_information: None,
+            server_topic_aliases: DEFAULT_SERVER_TOPIC_ALIASES,
             sys_interval: Duration::from_secs(DEFAULT_SYS_INTERVAL_SECS),
             mesh_capacity: DEFAULT_MESH_CAPACITY,
             log_level: DEFAULT_LOG_LEVEL.to_string(),
@@ -567,6 +578,11 @@ impl Config {
         set(&mut config.max_keepalive, file.max_keepalive, None);
         set(&mut config.max_topic_alias, file.max_topic_alias, None);
         config.response_information = file.response_information.filter(|s| !s.is_empty());
+        set(
+            &mut config.server_topic_aliases,
+            file.server_topic_aliases,
+            None,
+        );
         if let Some(s) = file.sys_interval_secs {
             config.sys_interval = Duration::from_secs(s);
         }
