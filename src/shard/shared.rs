@@ -12,9 +12,10 @@ use crate::observe::counters::Counters;
 use crate::protocol::message::{Encoded, Message};
 use crate::protocol::v3::QoS;
 use crate::router::shared::{self, Member, MemberUpdate, SharedDelivery, SharedGroups};
+use crate::security::auth::Auth;
 use crate::session::{Delivery, Limits, Session};
 use crate::shard::registry::home_shard;
-use crate::shard::{SessionKey, Shard};
+use crate::shard::{SessionKey, Shard, may_read};
 
 /// Where the message for one group went.
 enum Chosen {
@@ -89,6 +90,7 @@ impl Shard {
                 dirty: &mut self.dirty,
                 stats: &mut self.stats,
                 limits: &self.limits,
+                auth: &self.auth,
             },
             batch: &mut self.batch,
             shared_out: &mut self.shared_out,
@@ -223,16 +225,24 @@ struct Targets<'a> {
     stats: &'a mut Counters,
     /// The per-client limits.
     limits: &'a Limits,
+    /// The ACL, for members with a partly covered subscription.
+    auth: &'a Auth,
 }
 
 impl Targets<'_> {
     /// Offers the message to `member`'s session (of this shard) at the
     /// member's granted QoS: true when it took it (queued, or waiting in
-    /// its pending queue), and then it is counted and marked dirty.
+    /// its pending queue), and then it is counted and marked dirty. A
+    /// member whose subscription the ACL covers only partly and that may not
+    /// read the topic is counted in `read_denied` and passed over.
     fn offer(&mut self, encoded: &mut Encoded<'_>, member: &Member) -> bool {
         let Some(session) = self.sessions.get_mut(member.key as usize) else {
             return false;
         };
+        if session.read_check && !may_read(self.auth, session, &encoded.message.topic) {
+            self.stats.read_denied += 1;
+            return false;
+        }
         match session.deliver(encoded, member.qos, self.limits) {
             Delivery::Queued => {
                 let qos = encoded.message.qos.min(member.qos);
