@@ -459,3 +459,48 @@ fn a_take_over_on_the_other_shard_moves_the_membership_with_the_session() {
         "the moved member",
     );
 }
+
+#[test]
+fn a_member_the_acl_denies_a_topic_is_passed_over_for_one_that_may_read_it() {
+    let mut acl = tempfile::NamedTempFile::new().expect("acl file");
+    std::io::Write::write_all(
+        &mut acl,
+        b"topic readwrite #\ntopic deny secret/x\n\nuser admin\ntopic readwrite #\n",
+    )
+    .expect("write acl");
+    let broker = Broker::builder()
+        .config(&format!(
+            "acl_file = {:?}\n",
+            acl.path().display().to_string()
+        ))
+        .start();
+    let port = broker.port;
+    // An anonymous member (its "+/+" covers the denied secret/x: partly
+    // covered) and admin (fully covered).
+    let anonymous = Member::v4(port, "acl-anon", "$share/g/+/+");
+    let mut options = Mqtt::options(port, "acl-admin");
+    options.set_credentials("admin", "x");
+    let (mut admin, _) = Mqtt::connect_with(options);
+    admin.subscribe("$share/g/+/+", QoS::AtLeastOnce);
+    wait_replicas(&broker, 2);
+    let mut publisher = Mqtt::connect_with({
+        let mut o = Mqtt::options(port, "acl-pub");
+        o.set_credentials("admin", "x");
+        o
+    })
+    .0;
+    let secrets = payloads("secret", 6);
+    let open = payloads("open", 6);
+    for (s, o) in secrets.iter().zip(&open) {
+        publisher.publish_acked("secret/x", false, s);
+        publisher.publish_acked("a/b", false, o);
+    }
+    let mut members = vec![anonymous, Member::V4(admin)];
+    let got = collect(&mut members, secrets.len() + open.len());
+    let everything: Vec<Vec<u8>> = secrets.iter().chain(&open).cloned().collect();
+    assert_once_each(&got, &everything, "the group");
+    assert!(
+        got[0].iter().all(|p| p.starts_with(b"open")),
+        "the anonymous member got a denied message"
+    );
+}
