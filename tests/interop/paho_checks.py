@@ -9,6 +9,7 @@ import queue
 import socket
 import struct
 import sys
+import time
 import uuid
 
 import paho.mqtt.client as mqtt
