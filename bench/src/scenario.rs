@@ -72,6 +72,11 @@ pub fn validate(o: &Opts) -> Result<(), ScenarioError> {
     if o.rate.is_some_and(|r| !r.is_finite() || r <= 0.0) {
         return Err(ScenarioError::Invalid("--rate must be positive".into()));
     }
+    if o.publisher_protocol == crate::mqtt::Protocol::Mixed {
+        return Err(ScenarioError::Invalid(
+            "--publisher-protocol is 4 or 5 (mixed is for subscribers)".into(),
+        ));
+    }
     part::validate(o)?;
     latency::validate(o)?;
     Ok(())
@@ -105,6 +110,10 @@ pub fn run(kind: Kind, o: &Opts, t: &Target, round: u32) -> Result<RunResult, Sc
     let (workers, per_worker) =
         capacity::plan_workers(subs, o.conns_per_worker, o.workers, limits.nofile_hard);
     let filter = o.filter.clone().unwrap_or_else(|| o.topic.clone());
+    let filter = match &o.shared_group {
+        Some(group) => format!("$share/{group}/{filter}"),
+        None => filter,
+    };
     let sources: Vec<String> = if !o.source_addrs.is_empty() {
         let ips = net::parse_sources(&o.source_addrs)?;
         let missing = net::unconfigured(&ips);
@@ -150,6 +159,8 @@ pub fn run(kind: Kind, o: &Opts, t: &Target, round: u32) -> Result<RunResult, Sc
             client_prefix: client_prefix.clone(),
             filter: filter.clone(),
             qos: o.qos,
+            protocol: o.protocol,
+            topic_alias_max: o.topic_alias_max,
             keep_alive_s: o.keep_alive,
             raw: t.raw,
             source_addrs: sources.clone(),
@@ -179,6 +190,9 @@ pub fn run(kind: Kind, o: &Opts, t: &Target, round: u32) -> Result<RunResult, Sc
             topic: o.topic.clone(),
             filter,
             qos: o.qos,
+            protocol: o.protocol,
+            publisher_protocol: o.publisher_protocol,
+            topic_alias_max: o.topic_alias_max,
             payload: o.payload as usize,
             rate: o.rate,
             msgs: o.msgs,
@@ -414,7 +428,14 @@ pub fn run(kind: Kind, o: &Opts, t: &Target, round: u32) -> Result<RunResult, Sc
     result.notes.extend(note);
 
     if kind == Kind::Fanout {
-        result.fanout = Some(fanout_figures(&reports, published).0);
+        let mut figures = fanout_figures(&reports, published).0;
+        if o.shared_group.is_some() {
+            phase::shared_figures(&mut figures);
+            result
+                .notes
+                .push("shared group: each message is expected once over all subscribers".into());
+        }
+        result.fanout = Some(figures);
     }
     phase::add_generator_memory(&mut result.generator, &summaries);
     if let Some(part) = o.part {

@@ -64,11 +64,34 @@ pub const DEFAULT_MAX_KEEPALIVE: u16 = u16::MAX;
 /// `max_topic_alias` default. Each costs the connection one stored topic;
 /// 0 turns topic aliases off.
 pub const DEFAULT_MAX_TOPIC_ALIAS: u16 = 10;
+/// Topic Aliases the broker itself uses towards an MQTT 5.0 client that
+/// allows them (its CONNECT's Topic Alias Maximum, §3.1.2.11.8), at most:
+/// the connection keeps one copied topic per alias in use, so this bounds
+/// that memory, and 16 covers a fan-out subscriber's few hot topics. 0
+/// turns server topic aliases off.
+pub const DEFAULT_SERVER_TOPIC_ALIASES: u16 = 16;
 /// Seconds between `$SYS` updates; Mosquitto's `sys_interval` default.
 pub const DEFAULT_SYS_INTERVAL_SECS: u64 = 10;
 /// Batches of publishes that one shard may have queued towards another
 /// before the publisher's shard waits (and so stops reading its publisher).
 pub const DEFAULT_MESH_CAPACITY: usize = 1024;
+
+/// How a message for a shared subscription group chooses its one member
+/// (`shared_subscription_strategy`, EMQX's names). Members that cannot take
+/// the message are skipped in every strategy.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SharedStrategy {
+    /// Each member in turn (per publishing shard): the default, as EMQX's.
+    #[default]
+    RoundRobin,
+    /// A member drawn at random for each message.
+    Random,
+    /// The member chosen by a hash of the publisher's client id: one
+    /// publisher's messages all go to the same member while the group's
+    /// members stay the same.
+    HashClientid,
+}
 /// Default log level when neither `--log-level` nor `RUST_LOG` says.
 pub const DEFAULT_LOG_LEVEL: &str = "info";
 /// Default `allow_anonymous` when no `password_file` is set: true, so a
@@ -320,8 +343,10 @@ struct FileConfig {
     max_keepalive: Option<u16>,
     max_topic_alias: Option<u16>,
     response_information: Option<String>,
+    server_topic_aliases: Option<u16>,
     sys_interval_secs: Option<u64>,
     mesh_capacity: Option<usize>,
+    shared_subscription_strategy: Option<SharedStrategy>,
     log_level: Option<String>,
     max_connections_per_ip: Option<usize>,
     max_connection_rate: Option<u32>,
@@ -426,10 +451,15 @@ pub struct Config {
     /// by the client id. `None` (the default, as EMQX's empty
     /// `response_information`): never sent.
     pub response_information: Option<String>,
+    /// Most Topic Aliases the broker assigns towards one MQTT 5.0 client
+    /// (see [`DEFAULT_SERVER_TOPIC_ALIASES`]); 0: none.
+    pub server_topic_aliases: u16,
     /// Interval of `$SYS` updates; zero disables them.
     pub sys_interval: Duration,
     /// Capacity of each mesh channel, in batches.
     pub mesh_capacity: usize,
+    /// How a shared subscription group's member is chosen per message.
+    pub shared_subscription_strategy: SharedStrategy,
     /// Log level filter (env_logger syntax).
     pub log_level: String,
     /// The file this came from, re-read on SIGHUP.
@@ -515,8 +545,10 @@ impl Default for Config {
             max_keepalive: DEFAULT_MAX_KEEPALIVE,
             max_topic_alias: DEFAULT_MAX_TOPIC_ALIAS,
             response_information: None,
+            server_topic_aliases: DEFAULT_SERVER_TOPIC_ALIASES,
             sys_interval: Duration::from_secs(DEFAULT_SYS_INTERVAL_SECS),
             mesh_capacity: DEFAULT_MESH_CAPACITY,
+            shared_subscription_strategy: SharedStrategy::default(),
             log_level: DEFAULT_LOG_LEVEL.to_string(),
             config_file: None,
             max_connections_per_ip: DEFAULT_MAX_CONNECTIONS_PER_IP,
@@ -609,10 +641,20 @@ impl Config {
         set(&mut config.max_keepalive, file.max_keepalive, None);
         set(&mut config.max_topic_alias, file.max_topic_alias, None);
         config.response_information = file.response_information.filter(|s| !s.is_empty());
+        set(
+            &mut config.server_topic_aliases,
+            file.server_topic_aliases,
+            None,
+        );
         if let Some(s) = file.sys_interval_secs {
             config.sys_interval = Duration::from_secs(s);
         }
         set(&mut config.mesh_capacity, file.mesh_capacity, None);
+        set(
+            &mut config.shared_subscription_strategy,
+            file.shared_subscription_strategy,
+            None,
+        );
         set(&mut config.log_level, file.log_level, cli.log_level.clone());
         set(
             &mut config.max_connections_per_ip,
@@ -970,6 +1012,29 @@ mod tests {
         assert_eq!(c.max_connections, 20);
         assert_eq!(c.max_packet_size, 4096);
         assert_eq!(c.max_queued_messages, 7);
+    }
+
+    #[test]
+    fn shared_subscription_strategy_takes_emqx_names() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        writeln!(f, "shared_subscription_strategy = \"hash_clientid\"").unwrap();
+        let cli = Flags {
+            config: Some(f.path().to_path_buf()),
+            ..Flags::default()
+        };
+        let c = Config::load(&cli).unwrap();
+        assert_eq!(c.shared_subscription_strategy, SharedStrategy::HashClientid);
+        assert_eq!(
+            Config::default().shared_subscription_strategy,
+            SharedStrategy::RoundRobin
+        );
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        writeln!(f, "shared_subscription_strategy = \"sticky\"").unwrap();
+        let cli = Flags {
+            config: Some(f.path().to_path_buf()),
+            ..Flags::default()
+        };
+        assert!(matches!(Config::load(&cli), Err(ConfigError::Parse { .. })));
     }
 
     #[test]

@@ -50,6 +50,9 @@ pub(super) struct ConnectRequest {
     /// The client's Maximum Packet Size (§3.1.2.11.4); `u32::MAX` when
     /// absent (MQTT's own limit applies).
     pub(super) maximum_packet_size: u32,
+    /// The client's Topic Alias Maximum (§3.1.2.11.8): aliases the broker
+    /// may use towards it; 0 when absent (and for 3.1.1).
+    pub(super) topic_alias_maximum: u16,
     /// True when the CONNECT names an Authentication Method (§3.1.2.11.9):
     /// extended authentication, which fanmq does not support.
     pub(super) authentication_method: bool,
@@ -84,6 +87,7 @@ impl From<codec::Connect> for ConnectRequest {
             },
             receive_maximum: u16::MAX,
             maximum_packet_size: u32::MAX,
+            topic_alias_maximum: 0,
             authentication_method: false,
             will_payload_invalid: false,
             request_response_information: false,
@@ -130,6 +134,7 @@ impl From<Box<v5::Connect>> for ConnectRequest {
             session_expiry: properties.session_expiry_interval().unwrap_or(0),
             receive_maximum: properties.receive_maximum().map_or(u16::MAX, u16::from),
             maximum_packet_size: properties.maximum_packet_size().map_or(u32::MAX, u32::from),
+            topic_alias_maximum: properties.topic_alias_maximum().unwrap_or(0),
             authentication_method: properties.authentication_method().is_some(),
             will_payload_invalid,
             request_response_information: properties
@@ -286,7 +291,7 @@ pub(super) fn accepting_connack(
     properties.push(Property::RetainAvailable(true));
     properties.push(Property::WildcardSubscriptionAvailable(true));
     properties.push(Property::SubscriptionIdentifierAvailable(true));
-    properties.push(Property::SharedSubscriptionAvailable(false));
+    properties.push(Property::SharedSubscriptionAvailable(true));
     let connack = ConnAck {
         session_present,
         reason_code: ReasonCode::SUCCESS,
@@ -381,7 +386,10 @@ mod tests {
                 .any(|w| w == [0x21, receive_maximum[0], receive_maximum[1]]),
             "receive max"
         );
-        assert!(bytes.windows(2).any(|w| w == [0x2A, 0]), "no shared subs");
+        assert!(
+            bytes.windows(2).any(|w| w == [0x2A, 1]),
+            "shared subscriptions"
+        );
         assert_eq!(
             accepting_connack(Version::V3, true, &accepted, &config),
             vec![0x20, 2, 1, 0]

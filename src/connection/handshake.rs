@@ -28,6 +28,7 @@ use crate::protocol::topic;
 use crate::protocol::v3::{self as codec, DecodeError, LastWill, Packet};
 use crate::protocol::v5::{self, Properties, ReasonCode};
 use crate::security::auth;
+use crate::session::alias::ServerAliases;
 use crate::session::link::{Link, Rare, SessionKey, framed_fd};
 use crate::session::{Session, SessionState};
 use crate::shard::Ctx;
@@ -249,6 +250,7 @@ pub(super) async fn handshake(
         receive_maximum,
         maximum_packet_size,
         request_response_information,
+        topic_alias_maximum,
         ..
     } = request;
     let mut accepted = Accepted {
@@ -359,6 +361,7 @@ pub(super) async fn handshake(
         keep_alive,
         receive_maximum,
         max_packet_size: maximum_packet_size,
+        topic_alias_maximum,
         accepted,
         acl_username,
         protocol_level,
@@ -457,6 +460,8 @@ pub(super) struct Attach {
     pub(super) receive_maximum: u16,
     /// The client's Maximum Packet Size.
     pub(super) max_packet_size: u32,
+    /// The client's Topic Alias Maximum (0 for 3.1.1).
+    pub(super) topic_alias_maximum: u16,
     /// What the CONNACK tells an accepted client.
     pub(super) accepted: Accepted,
     /// The user name for ACL checks (None without an ACL file): a session
@@ -491,6 +496,12 @@ pub(super) fn attach(
     session.max_packet_size = attach.max_packet_size;
     if session.read_check {
         session.check_reads(attach.acl_username.clone());
+    }
+    if attach.version == Version::V5 {
+        session.server_aliases = ServerAliases::new(
+            attach.topic_alias_maximum,
+            shard.config.server_topic_aliases,
+        );
     }
     session.link = Some(Link::new(
         conn_id,

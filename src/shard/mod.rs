@@ -15,6 +15,7 @@ pub mod index;
 pub mod persist;
 pub mod query;
 pub mod registry;
+pub mod shared;
 pub mod subscribe;
 pub mod sys;
 #[cfg(test)]
@@ -40,6 +41,7 @@ use crate::protocol::message::{Encoded, Message};
 use crate::protocol::v3::QoS;
 use crate::router::Router;
 use crate::router::retain::RetainStore;
+use crate::router::shared::{self as share, SharedDelivery, SharedGroups};
 use crate::security::acl::Who;
 use crate::security::auth::{Auth, ReadChecker};
 use crate::session::link::{CloseReason, TICKS_PER_SEC};
@@ -91,6 +93,12 @@ pub struct Shard {
     pub router: Router<SessionKey>,
     /// This shard's replica of the retained messages.
     pub retained: RetainStore,
+    /// This shard's replica of every shared subscription group
+    /// ([`crate::shard::shared`]).
+    pub shared: SharedGroups,
+    /// Messages published here for shared subscription members on other
+    /// shards, by shard, sent with the step's publishes.
+    shared_out: Vec<Vec<SharedDelivery>>,
     /// Client ids homed on this shard, and claims waiting for an answer.
     pub registry: Registry,
     /// Acks of retained publishes waiting for every replica.
@@ -183,7 +191,7 @@ impl Ctx {
     /// acks of retained publishes, waits until every shard applied them,
     /// then sends the acks ([`HeldAcks`]).
     pub async fn forward_publishes(&self) {
-        let (batch, held, durable) = {
+        let (batch, held, durable, shared) = {
             let mut shard = self.shard.borrow_mut();
             let held = shard.held_acks.take();
             // What this shard's journals must hold before the acks go:
@@ -195,9 +203,20 @@ impl Ctx {
                 .filter_map(|(journal, lsn)| Some((journal.clone()?, lsn)))
                 .filter(|(journal, lsn)| journal.acked_lsn() < *lsn)
                 .collect();
-            (shard.take_remote_batch(), held, durable)
+            let shared = shard.take_shared_out();
+            (shard.take_remote_batch(), held, durable, shared)
         };
         let persistent = self.shard.borrow().store_failing.is_some();
+        for (peer, deliveries) in shared {
+            if self
+                .mesh
+                .send_to(peer, ShardMsg::SharedPublish(deliveries))
+                .await
+                .is_err()
+            {
+                debug!("mesh: shard {peer} is gone, shared deliveries not forwarded");
+            }
+        }
         let peers = self.nr_shards - 1;
         let barrier = (batch.is_some() && !held.is_empty())
             .then(|| self.shard.borrow_mut().held_acks.start(peers));
@@ -302,6 +321,7 @@ impl Shard {
             max_awaiting_rel: config.max_awaiting_rel,
             max_queued_bytes_shard: config.max_queued_bytes_total / nr_shards.max(1),
         };
+        let strategy = config.shared_subscription_strategy;
         Shard {
             id,
             nr_shards,
@@ -311,6 +331,8 @@ impl Shard {
             by_client_id: SessionIndex::default(),
             router: Router::new(),
             retained: RetainStore::default(),
+            shared: SharedGroups::new(strategy),
+            shared_out: (0..nr_shards).map(|_| Vec::new()).collect(),
             registry: Registry::default(),
             held_acks: HeldAcks::default(),
             retain_journal: None,
@@ -383,6 +405,9 @@ impl Shard {
             message.retain_stamp = self.retained.stamp(self.id);
         }
         self.route_from(&message, origin);
+        if !self.shared.is_empty() {
+            self.route_shared(&message, origin);
+        }
         if self.nr_shards > 1 {
             self.remote_batch.push(message);
         }
@@ -602,7 +627,7 @@ impl Shard {
 
     /// True when publishes wait to be handed to other shards.
     pub fn has_remote_batch(&self) -> bool {
-        !self.remote_batch.is_empty()
+        !self.remote_batch.is_empty() || self.has_shared_out()
     }
 
     /// The publishes to hand to other shards, if any.
@@ -638,10 +663,18 @@ impl Shard {
     pub fn insert_session(&mut self, session: Session) -> SessionKey {
         let key = self.sessions.insert(Box::new(session)) as SessionKey;
         if let Some(session) = self.sessions.get_mut(key as usize) {
+            let mut shares = Vec::new();
             for (filter, qos) in &mut session.state.subscriptions {
+                if share::is_shared(filter) {
+                    shares.push((ByteString::from(&**filter), *qos));
+                    continue;
+                }
                 // Share this shard's copy of the filter (a session taken over
                 // from another shard drops its copy of that shard's).
                 *filter = self.router.subscribe_shared(filter, key, *qos).1;
+            }
+            for (share, qos) in shares {
+                self.shared_join(key, share, qos);
             }
         }
         self.by_client_id.insert(&self.sessions, key);
@@ -654,7 +687,11 @@ impl Shard {
         let session = *self.sessions.try_remove(key as usize)?;
         self.persist_stamps.remove(&key);
         for (filter, _) in &session.state.subscriptions {
-            self.router.unsubscribe(filter, key);
+            if share::is_shared(filter) {
+                self.shared_leave(key, filter);
+            } else {
+                self.router.unsubscribe(filter, key);
+            }
         }
         self.by_client_id
             .remove(&self.sessions, &session.client_id, key);
@@ -677,6 +714,9 @@ impl Shard {
             session.detach();
             session.offline_since = now;
             self.journal_session(key);
+            if !self.shared.is_empty() {
+                self.shared_offline(key);
+            }
         }
     }
 

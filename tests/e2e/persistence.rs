@@ -592,7 +592,13 @@ fn session_expiry_is_honoured_across_a_restart() {
         raw.send(&[0xe0, 0]);
         raw.expect_closed();
     }
-    kill_9(broker);
+    // A graceful stop, so that the images the DISCONNECTs wrote (when each
+    // went offline) are on disk; after a kill -9 an image not yet written
+    // makes the session count as offline from the restart instead.
+    let mut broker = broker;
+    broker.signal(libc::SIGTERM);
+    assert!(broker.wait_exit(TIMEOUT).is_some_and(|s| s.success()));
+    drop(broker);
     // Longer than the short session's expiry while the broker is down.
     std::thread::sleep(Duration::from_millis(1500));
     let broker = start(dir.path(), "");
