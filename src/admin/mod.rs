@@ -16,7 +16,8 @@
 //! - `/metrics` Prometheus text; `/api/v1/stats` the same figures as JSON;
 //! - `/api/v1/clients?limit=&offset=`, `/api/v1/clients/{id}`,
 //!   `DELETE /api/v1/clients/{id}` (disconnect);
-//! - `/api/v1/subscriptions?topic=&limit=&offset=`.
+//! - `/api/v1/subscriptions?topic=&limit=&offset=`;
+//! - `/api/v1/cluster`: the NATS link, the other nodes heard, the subjects.
 //!
 //! When a bearer token or basic-auth credentials are configured, every route
 //! but `/health` and `/` (the page holds no data) requires them.
@@ -34,6 +35,7 @@ use log::{debug, warn};
 use serde::Serialize;
 use serde_json::json;
 
+use crate::cluster::link::ClusterStatus;
 use crate::observe::metrics::{self, BrokerGauges};
 use crate::protocol::topic;
 use crate::shard::query::{Answer, Query, ShardRequest};
@@ -149,6 +151,8 @@ pub struct AdminState {
     pub shards: Vec<async_channel::Sender<ShardRequest>>,
     /// The API's credentials.
     pub auth: ApiCredentials,
+    /// The cluster link's status, when the node is in a cluster.
+    pub cluster: Option<Arc<ClusterStatus>>,
 }
 
 /// A running admin listener.
@@ -420,10 +424,23 @@ pub fn handle(state: &AdminState, head: &Head) -> Response {
             body: DASHBOARD.as_bytes().to_vec(),
             challenge: None,
         }),
-        "/health" => get_only(if state.gauges.healthy() {
-            json_response(200, &json!({ "status": "ok" }))
-        } else {
-            json_response(503, &json!({ "status": "unavailable" }))
+        // A NATS link that is down does not make the node unhealthy: it
+        // serves its local clients (an orchestrator must not restart every
+        // node when NATS fails); the link's state is shown beside.
+        "/health" => get_only(match (state.gauges.healthy(), &state.cluster) {
+            (true, None) => json_response(200, &json!({ "status": "ok" })),
+            (false, None) => json_response(503, &json!({ "status": "unavailable" })),
+            (healthy, Some(cluster)) => json_response(
+                if healthy { 200 } else { 503 },
+                &json!({
+                    "status": if healthy { "ok" } else { "unavailable" },
+                    "cluster": if cluster.link_up() { "up" } else { "down" },
+                }),
+            ),
+        }),
+        "/api/v1/cluster" => get_only(match &state.cluster {
+            Some(cluster) => json_response(200, &cluster.to_json()),
+            None => json_response(200, &json!({ "link": "none", "nodes": {} })),
         }),
         "/metrics" => get_only(Response {
             status: 200,
@@ -648,6 +665,7 @@ mod tests {
             gauges: Arc::new(BrokerGauges::new(1)),
             shards: Vec::new(),
             auth,
+            cluster: None,
         }
     }
 

@@ -2,6 +2,7 @@
 //! command-line flags. Every default is a documented constant here, and the
 //! commented sample `fanmq.toml` at the repository root mirrors them.
 
+pub mod cluster;
 pub mod os;
 
 use std::net::SocketAddr;
@@ -264,6 +265,14 @@ pub struct Flags {
     /// "off". Default 127.0.0.1:18083. Port 0 picks a free port.
     #[arg(long, value_name = "ADDR:PORT|off")]
     pub http_listen: Option<String>,
+    /// NATS server URL that joins this node to a cluster (repeatable, for a
+    /// NATS cluster's seeds); replaces `[cluster] nats_urls`. Without any,
+    /// fanmq is a single node.
+    #[arg(long, value_name = "URL")]
+    pub cluster_nats: Vec<String>,
+    /// This node's name in the cluster (default: the host name).
+    #[arg(long, value_name = "NAME")]
+    pub node_name: Option<String>,
 }
 
 /// The configuration file's schema: every key optional.
@@ -309,6 +318,7 @@ struct FileConfig {
     http_auth_token: Option<String>,
     http_basic_user: Option<String>,
     http_basic_password: Option<String>,
+    cluster: Option<cluster::FileCluster>,
 }
 
 /// The broker's settings after defaults, file and flags were merged.
@@ -398,6 +408,8 @@ pub struct Config {
     pub http_auth_token: Option<String>,
     /// User and password the admin API accepts with HTTP basic auth.
     pub http_basic_auth: Option<(String, String)>,
+    /// The NATS cluster this node joins; `None`: a single node.
+    pub cluster: Option<cluster::ClusterConfig>,
 }
 
 impl Default for Config {
@@ -446,6 +458,7 @@ impl Default for Config {
             ),
             http_auth_token: None,
             http_basic_auth: None,
+            cluster: None,
         }
     }
 }
@@ -575,6 +588,7 @@ impl Config {
                 });
             }
         };
+        config.cluster = cluster::merge(file.cluster, &cli.cluster_nats, cli.node_name.as_deref())?;
         config.validate()?;
         Ok(config)
     }

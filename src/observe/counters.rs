@@ -307,6 +307,45 @@ counter_table! {
             prometheus Some("clients_shed"), per_shard None,
             sys Some("$SYS/broker/clients/shed"),
             help "Non-reading clients disconnected while their shard was over its share of max_queued_bytes_total";
+        cluster_sent: Counter Sum,
+            prometheus Some("cluster_sent"), per_shard None, sys None,
+            help "Messages this node handed to its NATS bridge (each published message once, by the shard it entered on)";
+        cluster_send_dropped: Counter Sum,
+            prometheus Some("cluster_send_dropped"), per_shard None, sys None,
+            help "Messages not handed to the NATS bridge: its queue stayed full for stall_ms (delivered locally only)";
+        cluster_received: Counter Sum,
+            prometheus Some("cluster_received"), per_shard None, sys None,
+            help "Messages from other nodes routed on this node (each once per shard with a subscriber)";
+        cluster_link_up: Gauge Max,
+            prometheus Some("cluster_link_up"), per_shard None, sys None,
+            help "1 while the NATS connection is up (every shard copies the bridge's figures)";
+        cluster_connects: Counter Max,
+            prometheus Some("cluster_connects"), per_shard None, sys None,
+            help "NATS connections made: the first and every reconnect";
+        cluster_subscriptions: Gauge Max,
+            prometheus Some("cluster_subscriptions"), per_shard None, sys None,
+            help "NATS subscriptions this node holds for MQTT filters (one per distinct filter, two for a trailing #)";
+        cluster_published: Counter Max,
+            prometheus Some("cluster_published"), per_shard None, sys None,
+            help "Messages the bridge published to NATS";
+        cluster_publish_dropped: Counter Max,
+            prometheus Some("cluster_publish_dropped"), per_shard None, sys None,
+            help "Messages the bridge did not publish to NATS (link down, or a publish error)";
+        cluster_deliver_dropped: Counter Max,
+            prometheus Some("cluster_deliver_dropped"), per_shard None, sys None,
+            help "Messages from NATS dropped for a shard whose queue from the bridge was full";
+        cluster_received_invalid: Counter Max,
+            prometheus Some("cluster_received_invalid"), per_shard None, sys None,
+            help "Messages from NATS that are no fanmq message (subject or headers), dropped";
+        cluster_slow_consumer: Counter Max,
+            prometheus Some("cluster_slow_consumer"), per_shard None, sys None,
+            help "Slow-consumer events of the NATS client (it dropped messages of a subscription)";
+        cluster_kv_errors: Counter Max,
+            prometheus Some("cluster_kv_errors"), per_shard None, sys None,
+            help "Failed operations on the retained-message bucket";
+        cluster_nodes: Gauge Max,
+            prometheus Some("cluster_nodes"), per_shard None, sys None,
+            help "Other nodes heard from within the node timeout";
     }
     labeled {
         clients_by_listener[NR_LISTENERS]: Gauge, label "listener" = listener_label,

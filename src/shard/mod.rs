@@ -9,6 +9,7 @@
 //! then [`Shard::flush_dirty`] writes each dirty subscriber once with a
 //! vectored send of everything queued.
 
+pub mod cluster;
 pub mod held_acks;
 pub mod inbox;
 pub mod index;
@@ -118,6 +119,9 @@ pub struct Shard {
     /// (see [`crate::observe::metrics`]). The broker shares one set with the HTTP
     /// thread; a shard made alone (tests) has its own.
     pub gauges: Arc<BrokerGauges>,
+    /// The shard's side of the NATS bridge (`shard::cluster`); `None` for
+    /// a single node.
+    pub cluster: Option<crate::cluster::link::ClusterLink>,
 }
 
 /// A shard's state plus its mesh senders, as each of its tasks holds them.
@@ -157,7 +161,7 @@ impl Ctx {
         let peers = self.nr_shards - 1;
         let barrier = (batch.is_some() && !held.is_empty())
             .then(|| self.shard.borrow_mut().held_acks.start(peers));
-        if let Some(batch) = batch {
+        if let Some(batch) = &batch {
             for peer in (0..self.nr_shards).filter(|&p| p != self.id) {
                 let applied = barrier.map(|token| (self.id, token));
                 if self
@@ -172,6 +176,9 @@ impl Ctx {
                     }
                 }
             }
+        }
+        if let Some(batch) = batch {
+            self.forward_to_cluster(batch).await;
         }
         if let Some(token) = barrier {
             let applied = std::future::poll_fn(|cx| {
@@ -240,6 +247,7 @@ impl Shard {
             shed_conns: Vec::new(),
             auth,
             gauges: Arc::new(BrokerGauges::new(nr_shards)),
+            cluster: None,
         }
     }
 
@@ -288,7 +296,7 @@ impl Shard {
             message.retain_stamp = self.retained.stamp(self.id);
         }
         self.route_from(&message, origin);
-        if self.nr_shards > 1 {
+        if self.nr_shards > 1 || self.cluster.is_some() {
             self.remote_batch.push(message);
         }
     }
@@ -512,6 +520,9 @@ impl Shard {
                 // Share this shard's copy of the filter (a session taken over
                 // from another shard drops its copy of that shard's).
                 *filter = self.router.subscribe_shared(filter, key, *qos).1;
+                if let Some(link) = &mut self.cluster {
+                    link.subscribed(filter);
+                }
             }
         }
         self.by_client_id.insert(&self.sessions, key);
@@ -522,7 +533,11 @@ impl Shard {
     pub fn remove_session(&mut self, key: SessionKey) -> Option<Session> {
         let session = *self.sessions.try_remove(key as usize)?;
         for (filter, _) in &session.state.subscriptions {
-            self.router.unsubscribe(filter, key);
+            if self.router.unsubscribe(filter, key)
+                && let Some(link) = &mut self.cluster
+            {
+                link.unsubscribed(filter);
+            }
         }
         self.by_client_id
             .remove(&self.sessions, &session.client_id, key);

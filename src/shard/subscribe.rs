@@ -134,7 +134,10 @@ impl Shard {
                 }
             }
             // The session keeps the router's copy of the filter string.
-            let (_, shared) = self.router.subscribe_shared(&filter, key, qos);
+            let (added, shared) = self.router.subscribe_shared(&filter, key, qos);
+            if added && let Some(link) = &mut self.cluster {
+                link.subscribed(&filter);
+            }
             let new = session.subscribe(shared.clone(), qos);
             session.set_subscription_options(shared, &options, identifier);
             codes.push(ReasonCode::granted(qos));
@@ -202,7 +205,11 @@ impl Shard {
             if let Some(session) = self.sessions.get_mut(key as usize)
                 && session.unsubscribe(filter)
             {
-                self.router.unsubscribe(filter, key);
+                if self.router.unsubscribe(filter, key)
+                    && let Some(link) = &mut self.cluster
+                {
+                    link.unsubscribed(filter);
+                }
                 codes.push(ReasonCode::SUCCESS);
             } else {
                 codes.push(ReasonCode::NO_SUBSCRIPTION_EXISTED);

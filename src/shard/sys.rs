@@ -66,6 +66,9 @@ impl Shard {
         c.queued_bytes = crate::session::outqueue::shard_queued_bytes() as u64;
         // Read on the shard's own thread: the count is per thread.
         c.log_lines_suppressed = crate::observe::log_limit::suppressed_total();
+        if let Some(link) = &self.cluster {
+            link.status.figures.fill(&mut c);
+        }
         c.complete();
         c
     }
