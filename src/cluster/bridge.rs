@@ -577,34 +577,21 @@ async fn retained_loop(
         let b = bridge.borrow();
         (b.client.clone(), b.root.clone(), b.status.clone())
     };
-    let context = async_nats::jetstream::new(client);
+    let context = async_nats::jetstream::new(client.clone());
     let name = retained::bucket(&root);
     let store = loop {
-        let store = match context.get_key_value(name.clone()).await {
-            Ok(store) => Ok(store),
-            Err(_) => {
-                context
-                    .create_key_value(kv::Config {
-                        bucket: name.clone(),
-                        description: "fanmq retained messages".to_string(),
-                        history: 1,
-                        max_value_size: i32::try_from(max_value_size).unwrap_or(i32::MAX),
-                        num_replicas: replicas,
-                        storage: async_nats::jetstream::stream::StorageType::File,
-                        ..Default::default()
-                    })
-                    .await
-            }
-        };
-        match store {
+        match context.get_key_value(name.clone()).await {
             Ok(store) => break store,
             Err(e) => {
-                status
-                    .figures
-                    .cluster_kv_errors
-                    .fetch_add(1, Ordering::Relaxed);
-                debug!("cluster: retained bucket {name} not ready: {e}");
-                tokio::time::sleep(KV_RETRY).await;
+                debug!("cluster: retained bucket {name} not found ({e}), creating it");
+                if let Err(e) = create_bucket(&client, &name, replicas, max_value_size).await {
+                    status
+                        .figures
+                        .cluster_kv_errors
+                        .fetch_add(1, Ordering::Relaxed);
+                    debug!("cluster: retained bucket {name} not ready: {e}");
+                    tokio::time::sleep(KV_RETRY).await;
+                }
             }
         }
     };
@@ -620,6 +607,43 @@ async fn retained_loop(
             debug!("cluster: retained watch ended: {e}");
         }
         tokio::time::sleep(KV_RETRY).await;
+    }
+}
+
+/// Creates the bucket's stream as a KV bucket is made (`KV_<bucket>`,
+/// one message per key, rollups, direct get), with a plain JetStream API
+/// request of only the fields nats-server 2.9 knows: async-nats' own
+/// `create_key_value` sends newer fields and cannot read 2.9's answer.
+async fn create_bucket(
+    client: &Client,
+    bucket: &str,
+    replicas: usize,
+    max_value_size: usize,
+) -> Result<(), String> {
+    let config = serde_json::json!({
+        "name": format!("KV_{bucket}"),
+        "subjects": [format!("$KV.{bucket}.>")],
+        "max_msgs_per_subject": 1,
+        "max_msg_size": max_value_size,
+        "discard": "new",
+        "allow_rollup_hdrs": true,
+        "deny_delete": true,
+        "allow_direct": true,
+        "storage": "file",
+        "num_replicas": replicas,
+    });
+    let answer = client
+        .request(
+            format!("$JS.API.STREAM.CREATE.KV_{bucket}"),
+            Bytes::from(config.to_string()),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    let answer: serde_json::Value =
+        serde_json::from_slice(&answer.payload).map_err(|e| e.to_string())?;
+    match answer.get("error") {
+        None => Ok(()),
+        Some(error) => Err(error.to_string()),
     }
 }
 

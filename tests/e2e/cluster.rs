@@ -1,0 +1,411 @@
+//! Nodes joined through NATS (`[cluster]`): a real `nats-server -js` on free
+//! ports with a temporary store, and several real fanmq processes pointed at
+//! it. Publishes cross nodes once and in order, a node holds one NATS
+//! subscription per filter whatever its local subscribers, retained
+//! messages reach every node (also one started later), a node killed with
+//! SIGKILL leaves the others working, and a NATS restart heals by itself.
+//!
+//! Each test skips, saying so, when `nats-server` is not on PATH (CI
+//! installs it: `.ci/run`); `FANMQ_NATS_SERVER` names another binary.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{Receiver, channel};
+use std::time::{Duration, Instant};
+
+use rumqttc::QoS;
+use serde_json::Value;
+
+use crate::admin::{get_json, wait_stats};
+use crate::common::{Broker, Mqtt, TIMEOUT, unique};
+
+/// The nats-server binary: `FANMQ_NATS_SERVER`, else `nats-server` on PATH;
+/// `None` (the test skips) when there is none.
+fn nats_binary() -> Option<PathBuf> {
+    if let Some(path) = std::env::var_os("FANMQ_NATS_SERVER") {
+        return Some(PathBuf::from(path));
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join("nats-server"))
+        .find(|p| p.is_file())
+}
+
+/// A nats-server process with JetStream; killed when dropped.
+struct Nats {
+    /// The binary.
+    binary: PathBuf,
+    /// The running process, if any.
+    child: Option<Child>,
+    /// Its store directory, kept across restarts.
+    store: tempfile::TempDir,
+    /// The client port.
+    port: u16,
+    /// The HTTP monitoring port.
+    monitor: u16,
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+impl Nats {
+    /// Starts nats-server on free ports; `None` (after saying why) without
+    /// a binary.
+    fn start(test: &str) -> Option<Nats> {
+        let Some(binary) = nats_binary() else {
+            eprintln!("{test}: skipped: nats-server is not on PATH (set FANMQ_NATS_SERVER)");
+            return None;
+        };
+        let mut nats = Nats {
+            binary,
+            child: None,
+            store: tempfile::tempdir().expect("store directory"),
+            port: 0,
+            monitor: 0,
+        };
+        nats.run();
+        Some(nats)
+    }
+
+    /// Runs the server (port -1: a free one, the first time; the same ports
+    /// and store on a restart) and waits until it is ready.
+    fn run(&mut self) {
+        let port = if self.port == 0 {
+            "-1".to_string()
+        } else {
+            self.port.to_string()
+        };
+        let monitor = if self.monitor == 0 {
+            "-1".to_string()
+        } else {
+            self.monitor.to_string()
+        };
+        let mut child = Command::new(&self.binary)
+            .args(["-js", "-a", "127.0.0.1", "-p", &port, "-m", &monitor, "-sd"])
+            .arg(self.store.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start nats-server");
+        let lines = lines_of(child.stderr.take().expect("piped stderr"));
+        self.child = Some(child);
+        let deadline = Instant::now() + TIMEOUT;
+        let mut log = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Ok(line) = lines.recv_timeout(left) else {
+                panic!("nats-server did not start:\n{}", log.join("\n"));
+            };
+            if let Some(p) = port_after(&line, "Listening for client connections on ") {
+                self.port = p;
+            }
+            if let Some(p) = port_after(&line, "Starting http monitor on ") {
+                self.monitor = p;
+            }
+            let ready = line.contains("Server is ready");
+            log.push(line);
+            if ready && self.port != 0 && self.monitor != 0 {
+                return;
+            }
+        }
+    }
+
+    /// Kills the server (SIGKILL: no goodbye to its clients).
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// The `[cluster]` table for node `name`.
+    fn config(&self, name: &str) -> String {
+        format!(
+            "[cluster]\nnats_urls = [\"nats://127.0.0.1:{}\"]\nnode_name = \"{name}\"\n",
+            self.port
+        )
+    }
+
+    /// Starts a fanmq node of 2 shards joined to this server.
+    fn node(&self, name: &str) -> Broker {
+        let node = Broker::builder().config(&self.config(name)).start();
+        node.wait_log(|l| l.contains("cluster: connected to NATS"), TIMEOUT)
+            .unwrap_or_else(|| panic!("node {name} did not connect:\n{}", node.log_text()));
+        node
+    }
+
+    /// How many NATS subscriptions exist on `subject` (monitoring `/subsz`).
+    fn subscriptions_on(&self, subject: &str) -> usize {
+        let url = format!(
+            "http://127.0.0.1:{}/subsz?subs=1&limit=100000",
+            self.monitor
+        );
+        let body = ureq::get(&url)
+            .call()
+            .expect("GET /subsz")
+            .body_mut()
+            .read_to_string()
+            .expect("subsz body");
+        let json: Value = serde_json::from_str(&body).expect("subsz JSON");
+        json["subscriptions_list"].as_array().map_or(0, |subs| {
+            subs.iter().filter(|s| s["subject"] == subject).count()
+        })
+    }
+
+    /// Waits until `/subsz` shows `count` subscriptions on `subject`.
+    fn wait_subscriptions(&self, subject: &str, count: usize) {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let now = self.subscriptions_on(subject);
+            if now == count {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{subject}: {now} subscriptions, expected {count}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// The lines of a child's pipe, read on a thread of their own.
+fn lines_of(pipe: impl std::io::Read + Send + 'static) -> Receiver<String> {
+    let (tx, rx) = channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(pipe).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// The port at the end of `... <marker>127.0.0.1:PORT`.
+fn port_after(line: &str, marker: &str) -> Option<u16> {
+    let rest = &line[line.find(marker)? + marker.len()..];
+    rest.split_whitespace()
+        .next()?
+        .rsplit(':')
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Waits until `/api/v1/cluster` of `node` says the link is `state`.
+fn wait_link(node: &Broker, state: &str) -> Value {
+    let deadline = Instant::now() + TIMEOUT * 2;
+    loop {
+        let cluster = get_json(node, "/api/v1/cluster");
+        if cluster["link"] == state {
+            return cluster;
+        }
+        assert!(Instant::now() < deadline, "link never {state}: {cluster}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The payloads of everything `client` gets up to the marker topic.
+fn payloads_until(client: &mut Mqtt, marker: &str) -> Vec<String> {
+    client
+        .collect_until(marker)
+        .iter()
+        .filter(|p| p.topic != marker)
+        .map(|p| String::from_utf8_lossy(&p.payload).into_owned())
+        .collect()
+}
+
+#[test]
+fn a_publish_reaches_every_other_node_once_and_in_order_over_one_subscription_per_filter() {
+    let Some(nats) = Nats::start("cluster order") else {
+        return;
+    };
+    let (a, b, c) = (nats.node("a"), nats.node("b"), nats.node("c"));
+    // On B: one subscriber with two overlapping filters, and many more on
+    // both shards; on C: one.
+    let mut both = Mqtt::connect(b.port, "both");
+    both.subscribe_many(&[("order/#", QoS::AtLeastOnce), ("order/+", QoS::AtLeastOnce)]);
+    let mut many: Vec<Mqtt> = (0..12)
+        .map(|i| {
+            let mut m = Mqtt::connect(b.port, &format!("many-{i}"));
+            m.subscribe("order/#", QoS::AtLeastOnce);
+            m
+        })
+        .collect();
+    let mut on_c = Mqtt::connect(c.port, "on-c");
+    on_c.subscribe("order/#", QoS::AtLeastOnce);
+    // One NATS subscription per node and filter, whatever the local count:
+    // `order/#` holds `order.>` and its parent `order`.
+    nats.wait_subscriptions("fanmq.t.order.>", 2);
+    nats.wait_subscriptions("fanmq.t.order", 2);
+    nats.wait_subscriptions("fanmq.t.order.*", 1);
+
+    let publisher = Mqtt::connect(a.port, "publisher");
+    let mut local = Mqtt::connect(a.port, "local");
+    local.subscribe("order/#", QoS::AtLeastOnce);
+    for i in 0..200 {
+        publisher.publish("order/n", QoS::AtLeastOnce, false, i.to_string().as_bytes());
+    }
+    publisher.publish("order/end", QoS::AtLeastOnce, false, b"end");
+    let expected: Vec<String> = (0..200).map(|i: i32| i.to_string()).collect();
+    for (name, client) in [
+        ("both on B", &mut both),
+        ("C", &mut on_c),
+        ("local on A", &mut local),
+    ] {
+        assert_eq!(payloads_until(client, "order/end"), expected, "{name}");
+    }
+    for m in &mut many {
+        assert_eq!(payloads_until(m, "order/end"), expected);
+    }
+    // Nothing came twice later either (the last copy would be right behind).
+    assert!(both.recv_publish(Duration::from_millis(300)).is_none());
+    let stats = wait_stats(&a, |s| {
+        s["total"]["cluster_published"].as_u64() >= Some(201)
+    });
+    assert_eq!(
+        stats["total"]["cluster_published"], 201,
+        "published to NATS once each"
+    );
+
+    // The last local subscribers gone, B drops its subscriptions.
+    drop(many);
+    both.disconnect();
+    nats.wait_subscriptions("fanmq.t.order.*", 0);
+    // A's and C's remain.
+    nats.wait_subscriptions("fanmq.t.order.>", 2);
+    let cluster = get_json(&c, "/api/v1/cluster");
+    assert_eq!(cluster["link"], "up");
+    assert!(
+        cluster["subjects"]
+            .as_array()
+            .unwrap()
+            .contains(&Value::from("fanmq.t.order.>"))
+    );
+    let nodes = wait_cluster(&c, |v| v["nodes"].as_object().is_some_and(|n| n.len() == 2));
+    assert!(nodes["nodes"].get("a").is_some() && nodes["nodes"].get("b").is_some());
+}
+
+/// Polls `/api/v1/cluster` of `node` until `done` accepts it.
+fn wait_cluster(node: &Broker, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let cluster = get_json(node, "/api/v1/cluster");
+        if done(&cluster) {
+            return cluster;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "cluster view never as expected: {cluster}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn retained_messages_reach_every_node_also_one_started_later_and_deletes_too() {
+    let Some(nats) = Nats::start("cluster retained") else {
+        return;
+    };
+    let (a, b) = (nats.node("a"), nats.node("b"));
+    let mut publisher = Mqtt::connect(a.port, "ret-pub");
+    publisher.publish_acked("ret/x", true, b"kept");
+    wait_stats(&b, |s| s["total"]["retained"] == 1);
+    let mut late = Mqtt::connect(b.port, "ret-sub");
+    late.subscribe("ret/#", QoS::AtLeastOnce);
+    let p = late.expect_publish();
+    assert_eq!(
+        (p.topic.as_str(), &p.payload[..], p.retain),
+        ("ret/x", &b"kept"[..], true)
+    );
+
+    // A node started afterwards loads the bucket.
+    let c = nats.node("c");
+    wait_stats(&c, |s| s["total"]["retained"] == 1);
+    let mut on_c = Mqtt::connect(c.port, "ret-c");
+    on_c.subscribe("ret/+", QoS::AtMostOnce);
+    assert_eq!(&on_c.expect_publish().payload[..], b"kept");
+
+    // A delete (empty retained payload) goes everywhere too.
+    publisher.publish_acked("ret/x", true, b"");
+    wait_stats(&b, |s| s["total"]["retained"] == 0);
+    wait_stats(&c, |s| s["total"]["retained"] == 0);
+    let mut after = Mqtt::connect(c.port, &format!("ret-after-{}", unique()));
+    after.subscribe("ret/#", QoS::AtMostOnce);
+    assert!(
+        after.recv_publish(Duration::from_millis(500)).is_none(),
+        "deleted everywhere"
+    );
+}
+
+#[test]
+fn a_killed_node_leaves_the_others_working_and_a_nats_restart_heals_by_itself() {
+    let Some(mut nats) = Nats::start("cluster faults") else {
+        return;
+    };
+    let (mut a, mut b, mut c) = (nats.node("a"), nats.node("b"), nats.node("c"));
+    let mut on_c = Mqtt::connect(c.port, "fault-c");
+    on_c.subscribe("fault/#", QoS::AtLeastOnce);
+    let mut on_a = Mqtt::connect(a.port, "fault-a");
+    on_a.subscribe("fault/#", QoS::AtLeastOnce);
+    nats.wait_subscriptions("fanmq.t.fault.>", 2);
+
+    a.signal(libc::SIGKILL);
+    a.wait_exit(TIMEOUT).expect("node a killed");
+    let publisher = Mqtt::connect(b.port, "fault-pub");
+    publisher.publish("fault/1", QoS::AtLeastOnce, false, b"after a died");
+    publisher.publish("fault/end", QoS::AtLeastOnce, false, b"");
+    assert_eq!(payloads_until(&mut on_c, "fault/end"), ["after a died"]);
+    nats.wait_subscriptions("fanmq.t.fault.>", 1);
+
+    // NATS goes away: the nodes serve their local clients and say so.
+    nats.stop();
+    wait_link(&b, "down");
+    let health = crate::admin::http(&b, "GET", "/health", None);
+    assert_eq!(
+        health.status, 200,
+        "a NATS outage does not make a node unhealthy"
+    );
+    assert!(
+        health.body.contains("\"cluster\":\"down\""),
+        "{}",
+        health.body
+    );
+    b.assert_healthy();
+    c.assert_healthy();
+
+    // It comes back on the same port and store: the nodes reconnect and
+    // re-subscribe by themselves.
+    nats.run();
+    wait_link(&b, "up");
+    wait_link(&c, "up");
+    nats.wait_subscriptions("fanmq.t.fault.>", 1);
+    for i in 0..20 {
+        publisher.publish(
+            "fault/again",
+            QoS::AtLeastOnce,
+            false,
+            i.to_string().as_bytes(),
+        );
+    }
+    publisher.publish("fault/end", QoS::AtLeastOnce, false, b"");
+    let expected: Vec<String> = (0..20).map(|i: i32| i.to_string()).collect();
+    assert_eq!(payloads_until(&mut on_c, "fault/end"), expected);
+    let stats = wait_stats(&b, |s| s["total"]["cluster_connects"].as_u64() >= Some(2));
+    assert_eq!(stats["total"]["cluster_link_up"], 1);
+    let metrics = crate::admin::http(&b, "GET", "/metrics", None).body;
+    assert!(
+        metrics.lines().any(|l| l == "fanmq_cluster_link_up 1"),
+        "{metrics}"
+    );
+    b.assert_running();
+    c.assert_running();
+    drop(on_a);
+}
