@@ -179,6 +179,7 @@ fn on_event(status: &ClusterStatus, event: Event) {
     let f = &status.figures;
     match event {
         Event::Connected => {
+            status.errors_since_up.store(0, Ordering::Relaxed);
             let n = f.cluster_connects.fetch_add(1, Ordering::Relaxed);
             f.cluster_link_up.store(1, Ordering::Relaxed);
             if n == 0 {
@@ -200,6 +201,15 @@ fn on_event(status: &ClusterStatus, event: Event) {
         Event::Closed => {
             f.cluster_link_up.store(0, Ordering::Relaxed);
             info!("cluster: NATS connection closed");
+        }
+        Event::ClientError(e) => {
+            if status.errors_since_up.fetch_add(1, Ordering::Relaxed) == 0 {
+                warn!(
+                    "cluster: cannot reach NATS ({e}): serving local clients only, retrying with backoff"
+                );
+            } else {
+                debug!("cluster: NATS: {e}");
+            }
         }
         other => warn!("cluster: NATS: {other}"),
     }
@@ -337,22 +347,25 @@ async fn interest_loop(bridge: Shared, changes: async_channel::Receiver<Interest
 
 /// Shard `shard` got its first subscriber of `filter`.
 async fn add_interest(bridge: &Shared, shard: usize, filter: ByteString) {
-    let root = {
+    // Another shard holds it already: only the escaped subject may be new.
+    let held = {
         let mut b = bridge.borrow_mut();
-        if let Some(held) = b.filters.get_mut(&filter) {
+        let found = b.filters.get_mut(&filter).map(|held| {
             let new = held.shards.insert(shard);
-            let escaped = held.escaped;
-            if new && escaped {
-                add_escaped(&mut b, shard);
-            }
-            drop(b);
-            if new && escaped {
-                ensure_escaped_reader(bridge).await;
-            }
-            return;
+            new && held.escaped
+        });
+        if found == Some(true) {
+            add_escaped(&mut b, shard);
         }
-        b.root.clone()
+        found
     };
+    if let Some(needs_escaped) = held {
+        if needs_escaped {
+            ensure_escaped_reader(bridge).await;
+        }
+        return;
+    }
+    let root = bridge.borrow().root.clone();
     let (subjects, escaped) = subject::filter_subjects(&root, &filter);
     let mut readers = Vec::with_capacity(subjects.len());
     let client = bridge.borrow().client.clone();

@@ -184,6 +184,9 @@ pub struct ClusterStatus {
     pub view: Mutex<ClusterView>,
     /// Set when the broker stops: the bridge ends.
     pub shutdown: AtomicBool,
+    /// NATS client errors since the link was last up: only the first is
+    /// logged as a warning (a server down is retried forever).
+    pub errors_since_up: AtomicU64,
 }
 
 impl ClusterStatus {
@@ -195,6 +198,7 @@ impl ClusterStatus {
             figures: StatusFigures::default(),
             view: Mutex::new(ClusterView::default()),
             shutdown: AtomicBool::new(false),
+            errors_since_up: AtomicU64::new(0),
         }
     }
 
