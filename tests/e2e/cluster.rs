@@ -416,3 +416,102 @@ fn a_killed_node_leaves_the_others_working_and_a_nats_restart_heals_by_itself() 
     c.assert_running();
     drop(on_a);
 }
+
+/// Publishes `payload` on `subject` as a plain NATS client would (the text
+/// protocol over TCP), and waits for the server's PONG.
+fn nats_publish(nats: &Nats, subject: &str, payload: &[u8]) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", nats.port)).expect("NATS connect");
+    stream.set_read_timeout(Some(TIMEOUT)).expect("timeout");
+    let mut line = format!(
+        "CONNECT {{\"verbose\":false}}\r\nPUB {subject} {}\r\n",
+        payload.len()
+    )
+    .into_bytes();
+    line.extend_from_slice(payload);
+    line.extend_from_slice(b"\r\nPING\r\n");
+    stream.write_all(&line).expect("NATS publish");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains("PONG") {
+        let n = stream.read(&mut buf).expect("NATS answer");
+        assert!(n > 0, "NATS closed: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
+#[test]
+fn topics_map_to_subjects_both_ways_and_mqtt5_properties_cross_nodes() {
+    let Some(nats) = Nats::start("cluster mapping") else {
+        return;
+    };
+    let (a, b) = (nats.node("a"), nats.node("b"));
+    let mut all = Mqtt::connect(b.port, "map-all");
+    all.subscribe_many(&[("#", QoS::AtLeastOnce), ("$app/#", QoS::AtLeastOnce)]);
+    nats.wait_subscriptions("fanmq.t.>", 1);
+    nats.wait_subscriptions("fanmq.d.$app.>", 1);
+    nats.wait_subscriptions("fanmq.x", 1);
+
+    // Empty levels, dots, a `$` topic, and topics that cannot be subjects.
+    let mut topics = vec!["/a", "a/", "a//b", "a.b/c", "$app/x", "a b", "a/*"];
+    let publisher = Mqtt::connect(a.port, "map-pub");
+    for t in &topics {
+        publisher.publish(t, QoS::AtLeastOnce, false, t.as_bytes());
+    }
+    // A NATS application publishing on a fanmq subject reaches MQTT.
+    nats_publish(&nats, "fanmq.t.from.nats", b"hello");
+    topics.push("from/nats");
+    let mut got = Vec::new();
+    while got.len() < topics.len() {
+        let p = all
+            .recv_publish(TIMEOUT)
+            .unwrap_or_else(|| panic!("only {got:?} of {topics:?}"));
+        got.push(p.topic.clone());
+    }
+    // Different subjects are different NATS subscriptions: compared as sets.
+    got.sort();
+    topics.sort();
+    assert_eq!(got, topics, "each once");
+    assert!(all.recv_publish(Duration::from_millis(300)).is_none());
+
+    // A subject under the root that spells no topic is dropped and counted.
+    nats_publish(&nats, "fanmq.t.a/b", b"x");
+    wait_stats(&b, |s| s["total"]["cluster_received_invalid"] == 1);
+
+    // MQTT 5.0 properties travel too (mosquitto's clients, -V mqttv5).
+    let mut sub = Command::new("mosquitto_sub")
+        .args([
+            "-V",
+            "mqttv5",
+            "-p",
+            &b.port.to_string(),
+            "-t",
+            "v5/#",
+            "-C",
+            "1",
+        ])
+        .args(["-W", "10", "-F", "%t %P %p"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("mosquitto_sub");
+    nats.wait_subscriptions("fanmq.t.v5.>", 1);
+    let published = Command::new("mosquitto_pub")
+        .args([
+            "-V",
+            "mqttv5",
+            "-p",
+            &a.port.to_string(),
+            "-t",
+            "v5/1",
+            "-m",
+            "hi",
+        ])
+        .args(["-D", "publish", "user-property", "k", "v"])
+        .status()
+        .expect("mosquitto_pub");
+    assert!(published.success());
+    let mut out = String::new();
+    std::io::Read::read_to_string(sub.stdout.as_mut().expect("piped"), &mut out).expect("read");
+    let _ = sub.wait();
+    assert_eq!(out.trim(), "v5/1 k:v hi");
+}
