@@ -28,7 +28,7 @@ use futures_lite::StreamExt;
 use log::{debug, info, warn};
 use tokio::task::JoinHandle;
 
-use crate::cluster::link::{ClusterStatus, Interest, ToShard};
+use crate::cluster::link::{ClusterStatus, Control, ToShard};
 use crate::cluster::{ClusterError, headers, retained, subject};
 use crate::config::cluster::{ClusterConfig, NatsAuth};
 use crate::protocol::message::Message;
@@ -60,8 +60,8 @@ pub struct BridgeSetup {
     pub max_value_size: usize,
     /// Publish batches from every shard.
     pub publish: async_channel::Receiver<Arc<Vec<Message>>>,
-    /// Interest changes from every shard.
-    pub interest: async_channel::Receiver<Interest>,
+    /// Interest changes and connects from every shard.
+    pub interest: async_channel::Receiver<Control>,
     /// Each shard's queue, by shard index.
     pub to_shards: Vec<async_channel::Sender<ToShard>>,
     /// Shared figures.
@@ -263,6 +263,7 @@ async fn serve(setup: BridgeSetup) -> Result<(), ClusterError> {
             setup.max_value_size,
         )),
         tokio::task::spawn_local(heartbeat_loop(bridge.clone(), config.node_name.clone())),
+        tokio::task::spawn_local(takeover_loop(bridge.clone())),
     ];
     while !status.shutdown.load(Ordering::Relaxed) {
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -333,15 +334,77 @@ async fn publish_loop(
     }
 }
 
-/// Applies every interest change.
-async fn interest_loop(bridge: Shared, changes: async_channel::Receiver<Interest>) {
+/// Applies every interest change, and announces every connect.
+async fn interest_loop(bridge: Shared, changes: async_channel::Receiver<Control>) {
     while let Ok(change) = changes.recv().await {
-        if change.add {
-            add_interest(&bridge, change.shard, change.filter).await;
-        } else {
-            remove_interest(&bridge, change.shard, &change.filter);
+        match change {
+            Control::Interest(change) => {
+                if change.add {
+                    add_interest(&bridge, change.shard, change.filter).await;
+                } else {
+                    remove_interest(&bridge, change.shard, &change.filter);
+                }
+                refresh_view(&bridge);
+            }
+            Control::Connected(client_id) => {
+                let (client, subject, up) = {
+                    let b = bridge.borrow();
+                    (
+                        b.client.clone(),
+                        connect_subject(&b.root),
+                        b.status.link_up(),
+                    )
+                };
+                let payload = format!("{} {client_id}", unix_ms_now());
+                if up && let Err(e) = client.publish(subject, Bytes::from(payload)).await {
+                    debug!("cluster: connect of {client_id:?} not announced: {e}");
+                }
+            }
         }
-        refresh_view(&bridge);
+    }
+}
+
+/// Milliseconds since the Unix epoch, now.
+fn unix_ms_now() -> u64 {
+    let wall = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    u64::try_from(wall.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// The subject on which nodes announce the client ids that connect to
+/// them: `<root>.c.connect`, payload `<Unix ms> <client id>`.
+fn connect_subject(root: &str) -> String {
+    format!("{root}.c.connect")
+}
+
+/// Closes, on this node, the connections of client ids that connected to
+/// another node (no echo: never this node's own).
+async fn takeover_loop(bridge: Shared) {
+    let (client, subject) = {
+        let b = bridge.borrow();
+        (b.client.clone(), connect_subject(&b.root))
+    };
+    let mut announced = match client.subscribe(subject.clone()).await {
+        Ok(sub) => sub,
+        Err(e) => {
+            warn!("cluster: cannot subscribe to {subject}: take-over across nodes is off: {e}");
+            return;
+        }
+    };
+    while let Some(msg) = announced.next().await {
+        let Some((at, client_id)) = std::str::from_utf8(&msg.payload)
+            .ok()
+            .and_then(|p| p.split_once(' '))
+            .and_then(|(at, id)| Some((at.parse::<u64>().ok()?, ByteString::from(id))))
+        else {
+            continue;
+        };
+        let queues = bridge.borrow().to_shards.clone();
+        for queue in queues {
+            // Awaited: a take-over must reach the shard holding the id.
+            let _ = queue.send(ToShard::TakenOver(client_id.clone(), at)).await;
+        }
     }
 }
 

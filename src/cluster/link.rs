@@ -32,6 +32,16 @@ pub struct Interest {
     pub add: bool,
 }
 
+/// From a shard to the bridge, besides publishes: never dropped.
+#[derive(Debug)]
+pub enum Control {
+    /// A filter's first or last subscriber on a shard.
+    Interest(Interest),
+    /// A client connected on this node: the other nodes close their
+    /// connection with this client id (MQTT §3.1.4-3 across nodes).
+    Connected(ByteString),
+}
+
 /// From the bridge to one shard.
 #[derive(Debug)]
 pub enum ToShard {
@@ -44,6 +54,10 @@ pub enum ToShard {
     /// bucket, stamped with its revision: applied to the shard's replica,
     /// never delivered.
     Retained(Message),
+    /// The client id connected on another node at this Unix time in
+    /// milliseconds: close an older connection here and drop its session
+    /// (the state does not move across nodes yet).
+    TakenOver(ByteString, u64),
 }
 
 /// One shard's ends of its queues.
@@ -51,8 +65,8 @@ pub enum ToShard {
 pub struct ShardEnds {
     /// Publish batches to the bridge (shared by every shard).
     pub publish: async_channel::Sender<Arc<Vec<Message>>>,
-    /// Interest changes to the bridge (shared by every shard).
-    pub interest: async_channel::Sender<Interest>,
+    /// Interest changes and connects to the bridge (shared by every shard).
+    pub interest: async_channel::Sender<Control>,
     /// What the bridge sends this shard.
     pub from_bridge: async_channel::Receiver<ToShard>,
 }
@@ -112,13 +126,25 @@ impl ClusterLink {
         self.counts.len()
     }
 
+    /// A client connected on this shard: the other nodes hear of it.
+    pub fn connected(&self, client_id: &str) {
+        if self
+            .ends
+            .interest
+            .try_send(Control::Connected(ByteString::from(client_id)))
+            .is_err()
+        {
+            log::debug!("cluster bridge gone: connect of {client_id:?} not announced");
+        }
+    }
+
     /// Sends an interest change (the queue is unbounded: never full).
     fn tell(&self, filter: &str, add: bool) {
-        let change = Interest {
+        let change = Control::Interest(Interest {
             shard: self.shard,
             filter: ByteString::from(filter),
             add,
-        };
+        });
         if self.ends.interest.try_send(change).is_err() {
             log::debug!("cluster bridge gone: interest change for {filter:?} dropped");
         }
@@ -261,7 +287,10 @@ mod tests {
         link.unsubscribed("a/#");
         link.unsubscribed("never");
         let got: Vec<(usize, String, bool)> = std::iter::from_fn(|| changes.try_recv().ok())
-            .map(|i| (i.shard, i.filter.to_string(), i.add))
+            .filter_map(|c| match c {
+                Control::Interest(i) => Some((i.shard, i.filter.to_string(), i.add)),
+                Control::Connected(_) => None,
+            })
             .collect();
         assert_eq!(
             got,

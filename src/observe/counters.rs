@@ -316,6 +316,9 @@ counter_table! {
         cluster_received: Counter Sum,
             prometheus Some("cluster_received"), per_shard None, sys None,
             help "Messages from other nodes routed on this node (each once per shard with a subscriber)";
+        cluster_taken_over: Counter Sum,
+            prometheus Some("cluster_taken_over"), per_shard None, sys None,
+            help "Connections closed (and their sessions dropped) because their client id connected to another node";
         cluster_link_up: Gauge Max,
             prometheus Some("cluster_link_up"), per_shard None, sys None,
             help "1 while the NATS connection is up (every shard copies the bridge's figures)";

@@ -11,6 +11,7 @@
 //! through the route, never the publish: they are never handed on again.
 
 use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::cluster::link::ToShard;
 use crate::protocol::Version;
@@ -18,6 +19,7 @@ use crate::protocol::message::{Encoded, Message};
 use crate::protocol::topic;
 use crate::protocol::v3::QoS;
 use crate::session::Delivery;
+use crate::session::link::{CloseReason, TICKS_PER_SEC};
 use crate::shard::{Ctx, Shard};
 
 impl Ctx {
@@ -68,6 +70,7 @@ pub async fn receive_from_bridge(ctx: Ctx, from_bridge: async_channel::Receiver<
                     shard.flush_dirty();
                 }
                 ToShard::Retained(message) => shard.retained.apply(&message),
+                ToShard::TakenOver(client_id, at) => shard.taken_over_elsewhere(&client_id, at),
             }
         }
         glommio::yield_if_needed().await;
@@ -76,6 +79,44 @@ pub async fn receive_from_bridge(ctx: Ctx, from_bridge: async_channel::Receiver<
 }
 
 impl Shard {
+    /// `client_id` connected on another node at Unix time `at_ms`: its
+    /// connection here closes (as a take-over) if it is older, and its
+    /// session goes, persistent or not: the state does not move across
+    /// nodes yet, and two nodes must not both queue for it. A connection
+    /// that may be later (an announcement overtaken by the client's next
+    /// connect) stays: the connect time here is known to a keep-alive tick
+    /// (100 ms), so two connects within a tick both stay; and the hosts'
+    /// clocks must agree to better than the time between two connects.
+    pub fn taken_over_elsewhere(&mut self, client_id: &str, at_ms: u64) {
+        let Some(key) = self.session_key(client_id) else {
+            return;
+        };
+        let tick_ms = u64::from(1000 / TICKS_PER_SEC);
+        if let Some(link) = self
+            .sessions
+            .get(key as usize)
+            .and_then(|s| s.link.as_ref())
+        {
+            let age_ms = u64::from(self.now_ticks().saturating_sub(link.connected_at)) * tick_ms;
+            let now_ms = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+            // The latest this connection can have been made.
+            if now_ms.saturating_sub(age_ms) >= at_ms {
+                return;
+            }
+        }
+        let Some(session) = self.remove_session(key) else {
+            return;
+        };
+        if let Some(mut link) = session.link {
+            log::debug!("client {client_id} connected to another node: connection closed");
+            link.close(CloseReason::TakenOver);
+        }
+        self.release(&session.client_id, session.claim);
+        self.stats.cluster_taken_over += 1;
+    }
+
     /// Delivers a message from another node to this shard's subscribers of
     /// `filter` (`None`: every matching subscriber); never stored as
     /// retained (the bucket's watch does that) and never handed on.

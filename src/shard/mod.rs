@@ -263,7 +263,17 @@ impl Shard {
     pub fn generate_client_id(&mut self) -> ByteString {
         let n = self.next_generated_id;
         self.next_generated_id += 1;
-        ByteString::from(format!("fanmq-{}-{}-{n}", std::process::id(), self.id))
+        match &self.cluster {
+            // Process ids repeat across hosts: the node's name keeps the
+            // id unique in the cluster.
+            Some(link) => ByteString::from(format!(
+                "fanmq-{}-{}-{}-{n}",
+                link.status.node_name,
+                std::process::id(),
+                self.id
+            )),
+            None => ByteString::from(format!("fanmq-{}-{}-{n}", std::process::id(), self.id)),
+        }
     }
 
     /// Time since the shard started in keep-alive ticks
@@ -526,6 +536,11 @@ impl Shard {
             }
         }
         self.by_client_id.insert(&self.sessions, key);
+        if let (Some(link), Some(session)) = (&self.cluster, self.sessions.get(key as usize))
+            && session.link.is_some()
+        {
+            link.connected(&session.client_id);
+        }
         key
     }
 

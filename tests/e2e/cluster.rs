@@ -20,7 +20,7 @@ use rumqttc::QoS;
 use serde_json::Value;
 
 use crate::admin::{get_json, wait_stats};
-use crate::common::{Broker, Mqtt, TIMEOUT, unique};
+use crate::common::{Broker, ConnectBuilder, Mqtt, Raw, TIMEOUT, unique};
 
 /// The nats-server binary: `FANMQ_NATS_SERVER`, else `nats-server` on PATH;
 /// `None` (the test skips) when there is none.
@@ -514,4 +514,41 @@ fn topics_map_to_subjects_both_ways_and_mqtt5_properties_cross_nodes() {
     std::io::Read::read_to_string(sub.stdout.as_mut().expect("piped"), &mut out).expect("read");
     let _ = sub.wait();
     assert_eq!(out.trim(), "v5/1 k:v hi");
+}
+
+#[test]
+fn a_client_id_connecting_to_another_node_ends_its_connection_and_session_on_the_first() {
+    let Some(nats) = Nats::start("cluster take-over") else {
+        return;
+    };
+    let (a, b) = (nats.node("a"), nats.node("b"));
+    // The announcements travel on one NATS subject every node subscribes to.
+    nats.wait_subscriptions("fanmq.c.connect", 2);
+    let first = Raw::connect(a.port, "roaming");
+    // Connect times are known to a keep-alive tick (100 ms): the second
+    // connect must be in a later tick to be the newer one.
+    std::thread::sleep(Duration::from_millis(300));
+    let _second = Raw::connect(b.port, "roaming");
+    first.expect_closed_silently();
+    // A persistent session on A is dropped too: two nodes must not both
+    // queue for one client id.
+    let (mut offline, _) = Raw::connect_with(
+        a.port,
+        &ConnectBuilder::new("roaming-p").clean_session(false),
+    );
+    offline.subscribe(1, &[("roam/#", 1)]);
+    offline.close();
+    let found = |broker: &Broker, id: &str| {
+        crate::admin::http(broker, "GET", &format!("/api/v1/clients/{id}"), None).status
+    };
+    assert_eq!(found(&a, "roaming-p"), 200, "kept offline on A");
+    std::thread::sleep(Duration::from_millis(300));
+    let (_on_b, _) = Raw::connect_with(
+        b.port,
+        &ConnectBuilder::new("roaming-p").clean_session(false),
+    );
+    wait_stats(&a, |s| s["total"]["cluster_taken_over"] == 2);
+    assert_eq!(found(&a, "roaming-p"), 404);
+    assert_eq!(found(&a, "roaming"), 404);
+    assert_eq!(found(&b, "roaming"), 200);
 }
