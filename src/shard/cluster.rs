@@ -226,6 +226,26 @@ mod tests {
     }
 
     #[test]
+    fn a_connect_elsewhere_ends_an_older_connection_here_but_not_a_newer_one() {
+        let mut shard = testing::shard();
+        let client = attach_client(&mut shard, "x", "t", QoS::AtMostOnce, None);
+        // Announced as made before this connection: stays.
+        shard.taken_over_elsewhere("x", 0);
+        assert!(shard.session_key("x").is_some());
+        // Made later (a second from now): this one closes and goes.
+        let later = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64 + 1000)
+            .unwrap();
+        shard.taken_over_elsewhere("x", later);
+        assert!(shard.session_key("x").is_none());
+        assert!(shard.sessions.get(client.key as usize).is_none());
+        assert_eq!(shard.stats.cluster_taken_over, 1);
+        shard.taken_over_elsewhere("unknown", later);
+        assert_eq!(shard.stats.cluster_taken_over, 1);
+    }
+
+    #[test]
     fn an_escaped_message_is_matched_in_full_and_never_stored_as_retained() {
         let mut shard = testing::shard();
         let mut sub = attach_client(&mut shard, "s", "#", QoS::AtMostOnce, None);
