@@ -14,13 +14,11 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::cluster::link::ToShard;
-use crate::protocol::Version;
 use crate::protocol::message::{Encoded, Message};
 use crate::protocol::topic;
 use crate::protocol::v3::QoS;
-use crate::session::Delivery;
 use crate::session::link::{CloseReason, TICKS_PER_SEC};
-use crate::shard::{Ctx, Shard};
+use crate::shard::{Ctx, Shard, offer};
 
 impl Ctx {
     /// Hands this step's publishes to the bridge, waiting at most the
@@ -160,18 +158,8 @@ impl Shard {
             if smallest != Some(filter) {
                 return;
             }
-            let delivery = if session.version == Version::V5 {
-                session.deliver_v5(&mut encoded, key, granted, limits)
-            } else {
-                session.deliver(&mut encoded, granted, limits)
-            };
-            match delivery {
-                Delivery::Queued => {
-                    stats.publish_sent_by_qos[message.qos.min(granted) as usize] += 1;
-                    dirty.push(key);
-                }
-                Delivery::Pending | Delivery::Skipped => {}
-                Delivery::Dropped => stats.publish_dropped += 1,
+            if offer(session, &mut encoded, key, granted, limits, stats) {
+                dirty.push(key);
             }
         });
         for key in dirty {

@@ -36,6 +36,7 @@ use crate::observe::counters::Counters;
 use crate::observe::metrics::BrokerGauges;
 use crate::protocol::Version;
 use crate::protocol::message::{Encoded, Message};
+use crate::protocol::v3::QoS;
 use crate::router::Router;
 use crate::router::retain::RetainStore;
 use crate::security::acl::Who;
@@ -122,6 +123,37 @@ pub struct Shard {
     /// The shard's side of the NATS bridge (`shard::cluster`); `None` for
     /// a single node.
     pub cluster: Option<crate::cluster::link::ClusterLink>,
+}
+
+/// Offers the message of `encoded` to `session` (key `key`) at QoS
+/// `granted`, through the delivery of its protocol version, and counts the
+/// outcome in `stats`; true when something was queued (the session is to
+/// be flushed).
+pub(crate) fn offer(
+    session: &mut Session,
+    encoded: &mut Encoded<'_>,
+    key: SessionKey,
+    granted: QoS,
+    limits: &Limits,
+    stats: &mut Counters,
+) -> bool {
+    let qos = encoded.message.qos;
+    let delivery = if session.version == Version::V5 {
+        session.deliver_v5(encoded, key, granted, limits)
+    } else {
+        session.deliver(encoded, granted, limits)
+    };
+    match delivery {
+        Delivery::Queued => {
+            stats.publish_sent_by_qos[qos.min(granted) as usize] += 1;
+            true
+        }
+        Delivery::Pending | Delivery::Skipped => false,
+        Delivery::Dropped => {
+            stats.publish_dropped += 1;
+            false
+        }
+    }
 }
 
 /// A shard's state plus its mesh senders, as each of its tasks holds them.
@@ -339,21 +371,9 @@ impl Shard {
             let Some(session) = sessions.get_mut(key as usize) else {
                 return;
             };
-            let delivery = if session.version == Version::V5 {
-                session.deliver_v5(&mut encoded, key, granted, limits)
-            } else {
-                session.deliver(&mut encoded, granted, limits)
-            };
-            match delivery {
-                Delivery::Queued => {
-                    stats.publish_sent_by_qos[message.qos.min(granted) as usize] += 1;
-                    if !session.dirty {
-                        session.dirty = true;
-                        dirty.push(key);
-                    }
-                }
-                Delivery::Pending | Delivery::Skipped => {}
-                Delivery::Dropped => stats.publish_dropped += 1,
+            if offer(session, &mut encoded, key, granted, limits, stats) && !session.dirty {
+                session.dirty = true;
+                dirty.push(key);
             }
         });
     }
