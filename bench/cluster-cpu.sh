@@ -35,11 +35,21 @@ trap cleanup EXIT
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 # CPU ticks (user + system) of a process.
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+# The process `timeout` runs (its only child), whose CPU is measured.
+child_of() {
+    local child=""
+    for _ in $(seq 50); do
+        child=$(pgrep -P "$1" | head -n 1) && [ -n "$child" ] && break
+        sleep 0.1
+    done
+    echo "$child"
+}
 hz=$(getconf CLK_TCK)
 
 nats_port=$(free_port)
 timeout 600 "$nats" -js -a 127.0.0.1 -p "$nats_port" -sd "$work/js" >"$work/nats.log" 2>&1 &
-nats_pid=$!; pids+=("$nats_pid")
+pids+=("$!")
+nats_pid=$(child_of "$!")
 for _ in $(seq 100); do grep -q "Server is ready" "$work/nats.log" && break; sleep 0.1; done
 
 start_node() { # name port [cluster flags]
@@ -50,13 +60,16 @@ start_node() { # name port [cluster flags]
     echo "$!"
 }
 port_a=$(free_port); port_b=$(free_port); port_s=$(free_port)
-pid_a=$(start_node a "$port_a" --cluster-nats "nats://127.0.0.1:$nats_port" --node-name a)
-pid_b=$(start_node b "$port_b" --cluster-nats "nats://127.0.0.1:$nats_port" --node-name b)
-pid_s=$(start_node s "$port_s")
-pids+=("$pid_a" "$pid_b" "$pid_s")
+timeout_a=$(start_node a "$port_a" --cluster-nats "nats://127.0.0.1:$nats_port" --node-name a)
+timeout_b=$(start_node b "$port_b" --cluster-nats "nats://127.0.0.1:$nats_port" --node-name b)
+timeout_s=$(start_node s "$port_s")
+pids+=("$timeout_a" "$timeout_b" "$timeout_s")
+pid_a=$(child_of "$timeout_a"); pid_b=$(child_of "$timeout_b"); pid_s=$(child_of "$timeout_s")
 sleep 1
 
 payload=$(head -c 64 /dev/zero | tr '\0' x)
+# The messages, one per line for mosquitto_pub -l (yes ends on SIGPIPE).
+(yes "$payload" || true) | head -n "$messages" >"$work/messages"
 run() { # label publisher-port subscriber-port
     local label=$1 pub_port=$2 port=$3 subs=()
     for _ in $(seq "$subscribers"); do
@@ -67,7 +80,7 @@ run() { # label publisher-port subscriber-port
     local a0 b0 s0 n0 t0
     a0=$(ticks "$pid_a"); b0=$(ticks "$pid_b"); s0=$(ticks "$pid_s"); n0=$(ticks "$nats_pid")
     t0=$(date +%s.%N)
-    yes "$payload" | head -n "$messages" | timeout 300 mosquitto_pub -p "$pub_port" -t "bench/$label" -l -q 0
+    timeout 300 mosquitto_pub -p "$pub_port" -t "bench/$label" -l -q 0 <"$work/messages"
     local ok=0
     for pid in "${subs[@]}"; do
         if wait "$pid"; then ok=$((ok + 1)); fi
