@@ -118,6 +118,9 @@ pub struct Broker {
     /// Every listener with its transport and bound address (port 0
     /// resolved), plain MQTT ones included, in the order configured.
     pub transport_addrs: Vec<(Transport, SocketAddr)>,
+    /// The bound addresses of the listeners that expect a PROXY protocol
+    /// header.
+    pub proxy_addrs: Vec<SocketAddr>,
     /// The TLS certificates, when a TLS or WSS listener is configured;
     /// [`TlsCerts::reload`] swaps them (SIGHUP).
     pub tls: Option<Arc<TlsCerts>>,
@@ -224,20 +227,30 @@ pub fn start(config: Config) -> Result<Broker, BrokerError> {
         _ => None,
     };
     let mut sets: Vec<(Acceptor, ListenerSet)> = Vec::new();
-    for (transport, addrs) in [
+    // In the order of config::LISTEN_LISTS.
+    for (list, (transport, addrs)) in [
         (Transport::Mqtt, &config.listen),
         (Transport::Tls, &config.tls_listen),
         (Transport::Ws, &config.ws_listen),
         (Transport::Wss, &config.wss_listen),
-    ] {
-        for addr in addrs {
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        for (index, addr) in addrs.iter().enumerate() {
             let certs = transport.uses_tls().then(|| tls.clone()).flatten();
-            let acceptor = Acceptor::new(transport, certs, config.max_packet_size);
+            let acceptor = Acceptor::new(transport, certs, config.max_packet_size)
+                .with_proxy_protocol(config.expects_proxy_header(list, index));
             sets.push((acceptor, listener::bind(*addr, nr_shards, config.backlog)?));
         }
     }
     let transport_addrs: Vec<(Transport, SocketAddr)> =
         sets.iter().map(|(a, s)| (a.transport, s.addr)).collect();
+    let proxy_addrs: Vec<SocketAddr> = sets
+        .iter()
+        .filter(|(a, _)| a.proxy_protocol)
+        .map(|(_, s)| s.addr)
+        .collect();
     let listen_addrs: Vec<SocketAddr> = transport_addrs
         .iter()
         .filter(|(t, _)| *t == Transport::Mqtt)
@@ -336,6 +349,7 @@ pub fn start(config: Config) -> Result<Broker, BrokerError> {
         shutdown,
         handles,
         transport_addrs,
+        proxy_addrs,
         tls,
         auth,
         http_addr,

@@ -13,6 +13,8 @@
 //!   writes when a full socket drains, reads by the peers, disconnects. It never panics, and after every step the shard's
 //!   queued-byte count ([`crate::session::outqueue::shard_queued_bytes`]) equals the
 //!   sum of its queues.
+//! - [`proxy_header`]: the PROXY protocol header parser on arbitrary bytes
+//!   (the checks are its own, [`crate::net::proxy::check_parse`]).
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
@@ -304,6 +306,12 @@ pub fn decode_v5(data: &[u8]) {
     crate::protocol::v5::fuzz::decode(data);
 }
 
+/// The PROXY protocol header parser on `data`: the `proxy_header` target's
+/// entry point.
+pub fn proxy_header(data: &[u8]) {
+    crate::net::proxy::check_parse(data);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -337,6 +345,11 @@ mod tests {
     #[test]
     fn session_corpus_replays() {
         replay("session", session);
+    }
+
+    #[test]
+    fn proxy_header_corpus_replays() {
+        replay("proxy_header", proxy_header);
     }
 
     #[test]

@@ -16,9 +16,21 @@
 //! token bucket ([`crate::net::admission`]): a refused socket is closed right
 //! after accept, counted, and logged at most once per
 //! [`crate::observe::log_limit::LOG_INTERVAL`] per kind ([`crate::observe::log_limit`]).
+//!
+//! On a listener that expects the PROXY protocol ([`crate::net::proxy`]),
+//! the accepted socket's peer is the load balancer, not the client. There
+//! `max_connections` still counts every accepted socket at once, but the
+//! rate, the per-address count and the loopback exemption wait for the
+//! header: a task of the connection's own reads it (within
+//! `proxy_protocol_timeout_secs`), then applies them to the client's
+//! address from the header, then serves the connection. A connection
+//! without a valid header in time is closed, counted
+//! (`connections_proxy_refused`) and logged (rate-limited).
 
+use std::cell::RefCell;
 use std::net::SocketAddr;
 use std::os::fd::{FromRawFd, IntoRawFd, RawFd};
+use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -29,9 +41,10 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::connection;
 use crate::net::admission::{self, ConnectionCounts, ConnectionSlot, TokenBucket};
+use crate::net::proxy::{self, Origin};
 use crate::net::transport::Acceptor;
 use crate::observe::log_limit::LogKind::{
-    AcceptFailed, MaxConnectionRate, MaxConnections, MaxConnectionsPerIp,
+    AcceptFailed, MaxConnectionRate, MaxConnections, MaxConnectionsPerIp, ProxyProtocol,
 };
 use crate::observe::log_limit::limited;
 use crate::shard::Ctx;
@@ -117,7 +130,9 @@ pub async fn accept_loop(
     let listener = unsafe { TcpListener::from_raw_fd(fd) };
     let config = ctx.shard.borrow().config.clone();
     let max = config.max_connections;
-    let mut limits = AcceptLimits::new(&config, ctx.nr_shards);
+    // Shared with the tasks that read PROXY protocol headers (one shard,
+    // one thread; never borrowed across an await).
+    let limits = Rc::new(RefCell::new(AcceptLimits::new(&config, ctx.nr_shards)));
     loop {
         let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
             wait_for_shutdown(&ctx).await;
@@ -135,12 +150,20 @@ pub async fn accept_loop(
                     shard.stats.connections_accepted += 1;
                     shard.stats.accepted_by_listener[kind.index()] += 1;
                 }
-                let ip_key = match limits.admit(&ctx, &stream, &counts) {
-                    Ok(key) => key,
-                    Err(refused) => {
-                        debug!("shard {}: connection closed at accept: {refused}", ctx.id);
-                        drop(stream);
-                        continue;
+                let ip_key = if acceptor.proxy_protocol {
+                    // Counted per address once the header names the client.
+                    0
+                } else {
+                    let admitted = limits
+                        .borrow_mut()
+                        .admit_socket(&ctx, &stream, addr, &counts);
+                    match admitted {
+                        Ok(key) => key,
+                        Err(refused) => {
+                            debug!("shard {}: connection closed at accept: {refused}", ctx.id);
+                            drop(stream);
+                            continue;
+                        }
                     }
                 };
                 if counts.total.fetch_add(1, Ordering::Relaxed) >= max {
@@ -158,6 +181,18 @@ pub async fn accept_loop(
                     continue;
                 }
                 let slot = ConnectionSlot(counts.clone());
+                if acceptor.proxy_protocol {
+                    glommio::spawn_local(serve_proxied(
+                        ctx.clone(),
+                        stream,
+                        addr,
+                        acceptor.clone(),
+                        slot,
+                        limits.clone(),
+                    ))
+                    .detach();
+                    continue;
+                }
                 glommio::spawn_local(connection::serve(
                     ctx.clone(),
                     stream,
@@ -188,6 +223,49 @@ pub async fn accept_loop(
                 }
             }
         }
+    }
+}
+
+/// A connection on a PROXY protocol listener: reads the header, applies the
+/// rate and per-address limits to the client it names, then serves the
+/// connection. Closes it (the slot gives its place back) when the header is
+/// missing, invalid or late, or a limit refuses the client.
+async fn serve_proxied(
+    ctx: Ctx,
+    mut stream: glommio::net::TcpStream,
+    addr: SocketAddr,
+    acceptor: Acceptor,
+    slot: ConnectionSlot,
+    limits: Rc<RefCell<AcceptLimits>>,
+) {
+    let (Ok(peer), Ok(local)) = (stream.peer_addr(), stream.local_addr()) else {
+        return; // Already gone.
+    };
+    let timeout = ctx.shard.borrow().config.proxy_protocol_timeout;
+    let client = match proxy::read_header(&mut stream, timeout).await {
+        Ok(origin) => {
+            proxy::remember(local, peer, origin);
+            match origin {
+                Origin::Client(client) => client,
+                Origin::Balancer => peer,
+            }
+        }
+        Err(e) => {
+            ctx.shard.borrow_mut().stats.connections_proxy_refused += 1;
+            limited!(
+                ProxyProtocol,
+                warn,
+                "{peer} on {} listener {addr}: {e}: closing (the listener has proxy_protocol = true)",
+                acceptor.transport.name()
+            );
+            return;
+        }
+    };
+    let counts = slot.0.clone();
+    let admitted = limits.borrow_mut().admit(&ctx, client, addr, &counts);
+    match admitted {
+        Ok(ip_key) => connection::serve(ctx, stream, acceptor, slot, ip_key).await,
+        Err(refused) => debug!("shard {}: {client} via {peer} closed: {refused}", ctx.id),
     }
 }
 
@@ -234,16 +312,17 @@ impl AcceptLimits {
         }
     }
 
-    /// Checks the rate and the per-address count for a new connection.
-    /// Ok with the address key it was counted under (0: not counted), Err
-    /// when it must be closed now (already counted in the stats).
+    /// [`AcceptLimits::admit`] for an accepted socket whose peer is the
+    /// client (no PROXY protocol), looking the address up only when a
+    /// limit is on.
     ///
     /// # Errors
     /// [`Refused`]: why the connection must be closed.
-    fn admit(
+    fn admit_socket(
         &mut self,
         ctx: &Ctx,
         stream: &glommio::net::TcpStream,
+        listener: SocketAddr,
         counts: &ConnectionCounts,
     ) -> Result<admission::IpKey, Refused> {
         if self.bucket.is_none() && self.max_per_ip == 0 {
@@ -251,6 +330,23 @@ impl AcceptLimits {
         }
         // Already gone (reset before we looked): nothing to count.
         let peer = stream.peer_addr().map_err(Refused::PeerGone)?;
+        self.admit(ctx, peer, listener, counts)
+    }
+
+    /// Checks the rate and the per-address count for a new connection from
+    /// `peer` to `listener`. Ok with the address key it was counted under
+    /// (0: not counted), Err when it must be closed now (already counted in
+    /// the stats).
+    ///
+    /// # Errors
+    /// [`Refused`]: why the connection must be closed.
+    fn admit(
+        &mut self,
+        ctx: &Ctx,
+        peer: SocketAddr,
+        listener: SocketAddr,
+        counts: &ConnectionCounts,
+    ) -> Result<admission::IpKey, Refused> {
         if self.exempt_loopback && peer.ip().to_canonical().is_loopback() {
             return Ok(0);
         }
@@ -261,10 +357,7 @@ impl AcceptLimits {
             limited!(
                 MaxConnectionRate,
                 warn,
-                "max_connection_rate reached on {}: closing new connections (latest from {peer})",
-                stream
-                    .local_addr()
-                    .map_or_else(|_| "?".into(), |a| a.to_string())
+                "max_connection_rate reached on {listener}: closing new connections (latest from {peer})"
             );
             return Err(Refused::RateLimited);
         }

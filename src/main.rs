@@ -80,13 +80,19 @@ fn main() -> ExitCode {
         }
     };
     // Plain MQTT listeners by address, the others as "tls ADDR", "ws ADDR",
-    // "wss ADDR", each with its bound port (tests listen on port 0).
+    // "wss ADDR", each with its bound port (tests listen on port 0); those
+    // that expect a PROXY protocol header as "mqtt+proxy ADDR", "tls+proxy
+    // ADDR", ...
     let listeners: Vec<String> = broker
         .transport_addrs
         .iter()
-        .map(|(transport, addr)| match transport {
-            fanmq::net::transport::Transport::Mqtt => addr.to_string(),
-            other => format!("{} {addr}", other.name()),
+        .map(|(transport, addr)| {
+            let proxy = broker.proxy_addrs.contains(addr);
+            match transport {
+                fanmq::net::transport::Transport::Mqtt if !proxy => addr.to_string(),
+                other if proxy => format!("{}+proxy {addr}", other.name()),
+                other => format!("{} {addr}", other.name()),
+            }
         })
         .collect();
     let files = nofile.map_or("unknown".to_string(), |l| {

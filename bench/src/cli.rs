@@ -2,6 +2,8 @@
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::mqtt::Protocol;
+
 /// fanmq's fan-out benchmark and load generator.
 ///
 /// Every scenario is bounded (connection count and time limit) and talks to
@@ -112,6 +114,19 @@ pub struct Opts {
     /// topic itself. Must match the topic.
     #[arg(long)]
     pub filter: Option<String>,
+    /// MQTT version of the subscribers: `4` (3.1.1), `5`, or `mixed` (half
+    /// of them each, alternating).
+    #[arg(long, value_enum, default_value_t = Protocol::V311)]
+    pub protocol: Protocol,
+    /// MQTT version of the publisher: `4` (3.1.1) or `5`.
+    #[arg(long, value_enum, default_value_t = Protocol::V311)]
+    pub publisher_protocol: Protocol,
+    /// Topic Alias Maximum in the MQTT 5.0 subscribers' CONNECT: the
+    /// aliases the broker may use towards each (0: none, the property left
+    /// out). With it, a broker that assigns aliases sends a repeated topic
+    /// as a 3-byte alias; `bytes_per_delivery` in the results shows it.
+    #[arg(long, default_value_t = 0)]
+    pub topic_alias_max: u16,
     /// QoS of the publishes and the subscriptions.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=2))]
     pub qos: u8,

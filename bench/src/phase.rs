@@ -9,6 +9,7 @@
 
 use crate::cli::Opts;
 use crate::fleet::{Fleet, FleetError};
+use crate::mqtt::Protocol;
 use crate::procfs;
 use crate::progress::Progress;
 use crate::protocol::{ConnectSummary, WorkerReport};
@@ -107,6 +108,7 @@ pub fn publish_phase(
         msgs: phase.msgs,
         rate: phase.rate,
         raw: t.raw,
+        v5: o.publisher_protocol == Protocol::V5,
         client_id: format!("fmb-{}-pub", std::process::id()),
         first_seq: phase.first_seq,
         track_stride: phase.track_stride,
@@ -258,6 +260,9 @@ pub fn fanout_figures(reports: &[WorkerReport], published: u64) -> (FanoutFigure
         f.duplicates += r.duplicates;
         f.out_of_order += r.out_of_order;
         f.subs_with_loss += r.subs_with_loss;
+        f.publish_bytes += r.publish_bytes;
+        f.aliased += r.aliased;
+        f.alias_only += r.alias_only;
         let _ = stats::add_pairs(&mut hist, &r.latency);
         stats::max_series(&mut last, &r.last_arrival);
         stats::add_series(&mut timeline, &r.timeline);
@@ -284,6 +289,9 @@ pub fn fanout_figures(reports: &[WorkerReport], published: u64) -> (FanoutFigure
         .iter()
         .map(|&c| c as f64 * 1e9 / BUCKET_NS as f64)
         .collect();
+    if f.delivered > 0 {
+        f.bytes_per_delivery = f.publish_bytes as f64 / f.delivered as f64;
+    }
     f.latency = stats::summarize(&hist);
     f.latency_last = stats::summarize(&last_hist);
     (f, last)

@@ -7,6 +7,7 @@
 //! Control messages are few (a handful per run, progress 4× a second), so
 //! JSON costs nothing that matters and keeps the protocol readable.
 
+use crate::mqtt::Protocol;
 use crate::stats::{Clock, HistPairs};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -31,6 +32,12 @@ pub struct WorkerTask {
     pub filter: String,
     /// Subscription QoS.
     pub qos: u8,
+    /// MQTT version of the subscribers (by global index for `mixed`).
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// Topic Alias Maximum in the MQTT 5.0 subscribers' CONNECT (0: none).
+    #[serde(default)]
+    pub topic_alias_max: u16,
     /// MQTT keep-alive in seconds; PINGREQ after half of it without a send.
     pub keep_alive_s: u16,
     /// Talk to the bench's own `raw` forwarder instead of an MQTT broker.
@@ -199,4 +206,15 @@ pub struct WorkerReport {
     pub errors: BTreeMap<String, u64>,
     /// The worker's own CPU seconds, total.
     pub cpu_s: f64,
+    /// Bytes of the PUBLISH packets received in this phase, whole frames
+    /// (fixed header to payload): over `delivered`, the bytes a delivery
+    /// takes on the wire.
+    #[serde(default)]
+    pub publish_bytes: u64,
+    /// PUBLISH packets of this phase that carried a Topic Alias, and of
+    /// those, how many came with an empty topic (the alias alone).
+    #[serde(default)]
+    pub aliased: u64,
+    #[serde(default)]
+    pub alias_only: u64,
 }

@@ -60,6 +60,8 @@ pub struct Plan {
     pub rate: Option<f64>,
     /// Speak to the raw forwarder (hello `P`, no CONNECT).
     pub raw: bool,
+    /// Speak MQTT 5.0 (else 3.1.1).
+    pub v5: bool,
     pub client_id: String,
     /// Sequence number of the first message (the latency scenario's steps
     /// continue the numbering, so late messages of a step are recognized).
@@ -152,7 +154,14 @@ pub fn run(
                 {
                     pub_.slip_ns.push(sent_ns.saturating_sub(due));
                 }
-                mqtt::encode_publish_header(&plan.topic, plan.qos, pkid, payload.len(), &mut out);
+                mqtt::encode_publish_header(
+                    &plan.topic,
+                    plan.qos,
+                    pkid,
+                    payload.len(),
+                    plan.v5,
+                    &mut out,
+                );
                 out.extend_from_slice(&payload);
                 if pub_.first_ns == 0 {
                     pub_.first_ns = sent_ns;
@@ -188,8 +197,8 @@ pub fn run(
             }
         }
         let mut used = 0;
-        while let Some((frame, n)) =
-            mqtt::parse(&inbuf[used..]).map_err(|e| PublishError::Protocol(e.to_string()))?
+        while let Some((frame, n)) = mqtt::parse_as(&inbuf[used..], plan.v5)
+            .map_err(|e| PublishError::Protocol(e.to_string()))?
         {
             used += n;
             match frame {
@@ -256,8 +265,12 @@ fn handshake(plan: &Plan) -> Result<mio::net::TcpStream, PublishError> {
             .map_err(|e| PublishError::Io("hello", e))?;
     } else {
         let mut buf = Vec::new();
-        mqtt::encode_connect(&plan.client_id, 60, true, &mut buf)
-            .map_err(|e| PublishError::Protocol(e.to_string()))?;
+        let connect = if plan.v5 {
+            mqtt::encode_connect_v5(&plan.client_id, 60, true, 0, &mut buf)
+        } else {
+            mqtt::encode_connect(&plan.client_id, 60, true, &mut buf)
+        };
+        connect.map_err(|e| PublishError::Protocol(e.to_string()))?;
         s.write_all(&buf)
             .map_err(|e| PublishError::Io("CONNECT", e))?;
         let mut got = Vec::new();
@@ -270,7 +283,7 @@ fn handshake(plan: &Plan) -> Result<mio::net::TcpStream, PublishError> {
                 return Err(PublishError::Protocol("closed before CONNACK".into()));
             }
             got.extend_from_slice(&chunk[..n]);
-            match mqtt::parse(&got) {
+            match mqtt::parse_as(&got, plan.v5) {
                 Ok(Some((Frame::ConnAck { code: 0 }, _))) => break,
                 Ok(Some((f, _))) => {
                     return Err(PublishError::Protocol(format!(

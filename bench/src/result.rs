@@ -6,6 +6,7 @@
 //! the file, so `fanmq-bench report` can regenerate them without rerunning.
 
 use crate::cli::Part;
+use crate::mqtt::Protocol;
 use crate::procfs::SockStat;
 use crate::protocol::{ConnectSummary, WorkerReport};
 use crate::stats::{Clock, Latency};
@@ -90,6 +91,15 @@ pub struct Params {
     pub topic: String,
     pub filter: String,
     pub qos: u8,
+    /// MQTT version of the subscribers (`4`, `5` or `mixed`).
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// MQTT version of the publisher (`4` or `5`).
+    #[serde(default)]
+    pub publisher_protocol: Protocol,
+    /// Topic Alias Maximum in the MQTT 5.0 subscribers' CONNECT (0: none).
+    #[serde(default)]
+    pub topic_alias_max: u16,
     pub payload: usize,
     /// Messages per second; `None` = burst.
     pub rate: Option<f64>,
@@ -145,6 +155,19 @@ pub struct FanoutFigures {
     pub bucket_ms: u64,
     /// Subscriber connections that broke during the run, by reason.
     pub errors: BTreeMap<String, u64>,
+    /// Bytes of the delivered PUBLISH packets, whole frames.
+    #[serde(default)]
+    pub publish_bytes: u64,
+    /// `publish_bytes` ÷ `delivered`: what one delivery takes on the wire
+    /// (MQTT framing included, TCP/IP not).
+    #[serde(default)]
+    pub bytes_per_delivery: f64,
+    /// Deliveries that carried a Topic Alias (MQTT 5.0), and of those, how
+    /// many with the alias alone (an empty topic).
+    #[serde(default)]
+    pub aliased: u64,
+    #[serde(default)]
+    pub alias_only: u64,
 }
 
 /// Idle figures.

@@ -72,6 +72,11 @@ pub fn validate(o: &Opts) -> Result<(), ScenarioError> {
     if o.rate.is_some_and(|r| !r.is_finite() || r <= 0.0) {
         return Err(ScenarioError::Invalid("--rate must be positive".into()));
     }
+    if o.publisher_protocol == crate::mqtt::Protocol::Mixed {
+        return Err(ScenarioError::Invalid(
+            "--publisher-protocol is 4 or 5 (mixed is for subscribers)".into(),
+        ));
+    }
     part::validate(o)?;
     latency::validate(o)?;
     Ok(())
@@ -150,6 +155,8 @@ pub fn run(kind: Kind, o: &Opts, t: &Target, round: u32) -> Result<RunResult, Sc
             client_prefix: client_prefix.clone(),
             filter: filter.clone(),
             qos: o.qos,
+            protocol: o.protocol,
+            topic_alias_max: o.topic_alias_max,
             keep_alive_s: o.keep_alive,
             raw: t.raw,
             source_addrs: sources.clone(),
@@ -179,6 +186,9 @@ pub fn run(kind: Kind, o: &Opts, t: &Target, round: u32) -> Result<RunResult, Sc
             topic: o.topic.clone(),
             filter,
             qos: o.qos,
+            protocol: o.protocol,
+            publisher_protocol: o.publisher_protocol,
+            topic_alias_max: o.topic_alias_max,
             payload: o.payload as usize,
             rate: o.rate,
             msgs: o.msgs,

@@ -105,6 +105,12 @@ struct Worker {
     timeline: Timeline,
     delivered: u64,
     foreign: u64,
+    /// Bytes of this phase's delivered PUBLISH frames (see
+    /// [`WorkerReport::publish_bytes`]).
+    publish_bytes: u64,
+    /// Delivered PUBLISH frames with a Topic Alias, and with the alias alone.
+    aliased: u64,
+    alias_only: u64,
     /// Publishes from an earlier phase (sequence number below `first_seq`).
     stale: u64,
     /// Sequence number of the current phase's first message.
@@ -170,6 +176,9 @@ pub fn run() -> Result<(), WorkerError> {
         last_arrival: Vec::new(),
         delivered: 0,
         foreign: 0,
+        publish_bytes: 0,
+        aliased: 0,
+        alias_only: 0,
         stale: 0,
         first_seq: 0,
         stride: 1,
@@ -362,6 +371,9 @@ impl Worker {
         self.timeline = Timeline::new(timeline_start_ns, self.task.bucket_ns);
         self.delivered = 0;
         self.foreign = 0;
+        self.publish_bytes = 0;
+        self.aliased = 0;
+        self.alias_only = 0;
         self.stale = 0;
         self.first_delivery_ns = 0;
         self.last_delivery_ns = 0;
@@ -381,6 +393,9 @@ impl Worker {
             last_delivery_ns: self.last_delivery_ns,
             errors: self.run_errors.clone(),
             cpu_s: procfs::self_cpu_seconds(),
+            publish_bytes: self.publish_bytes,
+            aliased: self.aliased,
+            alias_only: self.alias_only,
             ..WorkerReport::default()
         };
         for c in &self.conns {
@@ -496,27 +511,28 @@ impl Worker {
                 c.unsent.push(b'S');
                 Ok(())
             } else {
-                let id = format!(
-                    "{}{}",
-                    self.task.client_prefix,
-                    self.task.first_index + i as u64
-                );
-                mqtt::encode_connect(&id, self.task.keep_alive_s, true, &mut c.unsent).and_then(
-                    |()| {
-                        // Pipelined: SUBSCRIBE right behind CONNECT, in the
-                        // same write, before any CONNACK.
-                        if self.task.pipeline {
-                            mqtt::encode_subscribe(
-                                1,
-                                &self.task.filter,
-                                self.task.qos,
-                                &mut c.unsent,
-                            )
-                        } else {
-                            Ok(())
-                        }
-                    },
-                )
+                let index = self.task.first_index + i as u64;
+                let id = format!("{}{index}", self.task.client_prefix);
+                let connect = if self.task.protocol.v5_for(index) {
+                    mqtt::encode_connect_v5(
+                        &id,
+                        self.task.keep_alive_s,
+                        true,
+                        self.task.topic_alias_max,
+                        &mut c.unsent,
+                    )
+                } else {
+                    mqtt::encode_connect(&id, self.task.keep_alive_s, true, &mut c.unsent)
+                };
+                connect.and_then(|()| {
+                    // Pipelined: SUBSCRIBE right behind CONNECT, in the
+                    // same write, before any CONNACK.
+                    if self.task.pipeline {
+                        encode_subscribe(&self.task, index, &mut c.unsent)
+                    } else {
+                        Ok(())
+                    }
+                })
             };
             if let Err(e) = hello {
                 return self.fail(i, &e.to_string());
@@ -624,14 +640,28 @@ impl Worker {
                 Some(_) => return Err("raw forwarder: bad hello".into()),
             }
         }
+        let v5 = self.task.protocol.v5_for(self.task.first_index + i as u64);
         loop {
-            let (frame, used) = match mqtt::parse(&data[at..]) {
+            let (frame, used) = match mqtt::parse_as(&data[at..], v5) {
                 Ok(Some(f)) => f,
                 Ok(None) => return Ok(at),
                 Err(e) => return Err(format!("protocol error: {e}")),
             };
             at += used;
+            if let Frame::Publish {
+                alias: Some(_),
+                topic,
+                ..
+            } = frame
+            {
+                self.aliased += 1;
+                self.alias_only += u64::from(topic.is_empty());
+            }
+            let delivered = self.delivered;
             self.on_frame(i, frame, now)?;
+            if self.delivered > delivered {
+                self.publish_bytes += used as u64;
+            }
         }
     }
 
@@ -656,12 +686,14 @@ impl Worker {
                 let c = &mut self.conns[i];
                 c.state = State::WaitSubAck;
                 if !self.task.pipeline {
-                    mqtt::encode_subscribe(1, &self.task.filter, self.task.qos, &mut c.unsent)
+                    let index = self.task.first_index + i as u64;
+                    encode_subscribe(&self.task, index, &mut c.unsent)
                         .map_err(|e| e.to_string())?;
                 }
             }
             Frame::SubAck { codes, .. } if state == State::WaitSubAck => {
-                if codes.contains(&0x80) {
+                // 0x80 in 3.1.1; every 5.0 failure reason is 0x80 or more.
+                if codes.iter().any(|&code| code >= 0x80) {
                     return Err("SUBACK failure".into());
                 }
                 self.became_ready(i);
@@ -756,6 +788,19 @@ impl Worker {
                 _ => {}
             }
         }
+    }
+}
+
+/// Appends subscriber `index`'s SUBSCRIBE (packet id 1) in its version.
+fn encode_subscribe(
+    task: &WorkerTask,
+    index: u64,
+    out: &mut Vec<u8>,
+) -> Result<(), mqtt::MqttError> {
+    if task.protocol.v5_for(index) {
+        mqtt::encode_subscribe_v5(1, &task.filter, task.qos, out)
+    } else {
+        mqtt::encode_subscribe(1, &task.filter, task.qos, out)
     }
 }
 

@@ -253,6 +253,50 @@ fn fanout_against_fanmq_loses_nothing() {
     );
 }
 
+/// MQTT 5.0 subscribers (all, and half of them) and publisher against
+/// fanmq, with and without Topic Alias Maximum: nothing lost, the protocol
+/// in the results, and the aliased deliveries fewer bytes each.
+#[test]
+fn v5_and_mixed_fanout_against_fanmq_with_and_without_topic_aliases() {
+    let Some(bin) = fanmq_bin() else { return };
+    let (_broker, port) = start_fanmq(&bin);
+    let port = port.to_string();
+    let topic = "bench/a/long/enough/topic/for/an/alias/to/pay";
+    let plain = tiny_fanout(&port, &["--protocol", "5", "--topic", topic]);
+    let run = &plain["runs"][0];
+    assert_eq!(run["params"]["protocol"], "5");
+    assert_eq!(run["fanout"]["aliased"], 0, "no alias without the maximum");
+    let aliased = tiny_fanout(
+        &port,
+        &[
+            "--protocol",
+            "5",
+            "--publisher-protocol",
+            "5",
+            "--topic-alias-max",
+            "8",
+            "--qos",
+            "1",
+            "--topic",
+            topic,
+        ],
+    );
+    let a = &aliased["runs"][0];
+    assert_eq!(a["params"]["publisher_protocol"], "5");
+    assert_eq!(a["fanout"]["aliased"], 50 * 100);
+    assert_eq!(a["fanout"]["alias_only"], 50 * 99, "the topic once each");
+    let bytes = |r: &Value| r["fanout"]["bytes_per_delivery"].as_f64().unwrap();
+    assert!(
+        bytes(a) + 30.0 < bytes(run),
+        "aliased {} B vs {} B per delivery",
+        bytes(a),
+        bytes(run)
+    );
+    let mixed = tiny_fanout(&port, &["--protocol", "mixed", "--topic-alias-max", "8"]);
+    assert_eq!(mixed["runs"][0]["params"]["protocol"], "mixed");
+    assert_eq!(mixed["runs"][0]["fanout"]["aliased"], 25 * 100);
+}
+
 /// FlashMQ through `--compare flashmq` (1 thread) and `flashmq:2`: the
 /// binary from `$FLASHMQ_BIN`, else the one `bench/peers.sh` builds;
 /// skipped with a printed reason when neither exists.

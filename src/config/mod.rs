@@ -65,6 +65,12 @@ pub const DEFAULT_MAX_KEEPALIVE: u16 = u16::MAX;
 /// `max_topic_alias` default. Each costs the connection one stored topic;
 /// 0 turns topic aliases off.
 pub const DEFAULT_MAX_TOPIC_ALIAS: u16 = 10;
+/// Topic Aliases the broker itself uses towards an MQTT 5.0 client that
+/// allows them (its CONNECT's Topic Alias Maximum, §3.1.2.11.8), at most:
+/// the connection keeps one copied topic per alias in use, so this bounds
+/// that memory, and 16 covers a fan-out subscriber's few hot topics. 0
+/// turns server topic aliases off.
+pub const DEFAULT_SERVER_TOPIC_ALIASES: u16 = 16;
 /// Seconds between `$SYS` updates; Mosquitto's `sys_interval` default.
 pub const DEFAULT_SYS_INTERVAL_SECS: u64 = 10;
 /// Batches of publishes that one shard may have queued towards another
@@ -104,6 +110,11 @@ pub const CONVENTIONAL_TLS_PORT: u16 = 8883;
 pub const CONVENTIONAL_WS_PORT: u16 = 8083;
 /// The usual port of MQTT over secure WebSocket (EMQX, HiveMQ).
 pub const CONVENTIONAL_WSS_PORT: u16 = 8084;
+/// Seconds a connection on a `proxy_protocol` listener has to send its
+/// PROXY protocol header before it is closed (EMQX's `proxy_protocol_timeout`
+/// default). A balancer sends the header at once, in its first packet; the
+/// connect timeout starts once the header is read.
+pub const DEFAULT_PROXY_PROTOCOL_TIMEOUT_SECS: u64 = 3;
 /// Default for `require_certificate`: TLS clients need no certificate, as in
 /// Mosquitto.
 pub const DEFAULT_REQUIRE_CERTIFICATE: bool = false;
@@ -205,6 +216,11 @@ pub struct Flags {
     /// Replaces the default 0.0.0.0:1883. Port 0 picks a free port.
     #[arg(long, value_name = "ADDR:PORT")]
     pub listen: Vec<SocketAddr>,
+    /// Address to accept MQTT connections on from a load balancer that
+    /// sends the PROXY protocol header (v1 or v2) first; repeatable. Joins
+    /// --listen's listeners (together they replace the file's `listen`).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub proxy_listen: Vec<SocketAddr>,
     /// Number of shards (one pinned thread each). Default: one per CPU the
     /// process may run on (its affinity mask, or --cpus).
     #[arg(long, value_name = "N")]
@@ -279,7 +295,7 @@ pub struct Flags {
 #[derive(Deserialize, Debug, Default)]
 #[serde(deny_unknown_fields)]
 struct FileConfig {
-    listen: Option<Vec<SocketAddr>>,
+    listen: Option<Vec<ListenEntry>>,
     shards: Option<usize>,
     cpus: Option<String>,
     max_connections: Option<usize>,
@@ -292,6 +308,8 @@ struct FileConfig {
     max_awaiting_rel: Option<usize>,
     max_keepalive: Option<u16>,
     max_topic_alias: Option<u16>,
+    response_information: Option<String>,
+    server_topic_aliases: Option<u16>,
     sys_interval_secs: Option<u64>,
     mesh_capacity: Option<usize>,
     log_level: Option<String>,
@@ -303,9 +321,10 @@ struct FileConfig {
     max_topic_levels: Option<usize>,
     max_client_id_len: Option<usize>,
     max_queued_bytes_total: Option<usize>,
-    tls_listen: Option<Vec<SocketAddr>>,
-    ws_listen: Option<Vec<SocketAddr>>,
-    wss_listen: Option<Vec<SocketAddr>>,
+    tls_listen: Option<Vec<ListenEntry>>,
+    ws_listen: Option<Vec<ListenEntry>>,
+    wss_listen: Option<Vec<ListenEntry>>,
+    proxy_protocol_timeout_secs: Option<u64>,
     certfile: Option<PathBuf>,
     keyfile: Option<PathBuf>,
     cafile: Option<PathBuf>,
@@ -320,6 +339,42 @@ struct FileConfig {
     http_basic_password: Option<String>,
     cluster: Option<cluster::FileCluster>,
 }
+
+/// One entry of a listen list (`listen`, `tls_listen`, `ws_listen`,
+/// `wss_listen`): an address, or a table with the listener's options.
+#[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(untagged)]
+enum ListenEntry {
+    /// `"0.0.0.0:1883"`.
+    Address(SocketAddr),
+    /// `{ address = "0.0.0.0:1883", proxy_protocol = true }`.
+    Table(ListenTable),
+}
+
+/// A listener with options.
+#[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+struct ListenTable {
+    /// Where to listen.
+    address: SocketAddr,
+    /// Connections start with a PROXY protocol header (v1 or v2).
+    #[serde(default)]
+    proxy_protocol: bool,
+}
+
+impl ListenEntry {
+    /// The address and whether it expects a PROXY protocol header.
+    fn split(self) -> (SocketAddr, bool) {
+        match self {
+            ListenEntry::Address(address) => (address, false),
+            ListenEntry::Table(t) => (t.address, t.proxy_protocol),
+        }
+    }
+}
+
+/// Index of each listen list in [`Config::proxy_protocol`] (the order of
+/// the transports in the net layer's `Transport::ALL`).
+pub const LISTEN_LISTS: [&str; 4] = ["listen", "tls_listen", "ws_listen", "wss_listen"];
 
 /// The broker's settings after defaults, file and flags were merged.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -352,6 +407,15 @@ pub struct Config {
     /// Highest Topic Alias an MQTT 5.0 client may send (see
     /// [`DEFAULT_MAX_TOPIC_ALIAS`]).
     pub max_topic_alias: u16,
+    /// The Response Information an MQTT 5.0 CONNACK carries when the
+    /// CONNECT asks for it (Request Response Information = 1, §3.1.2.11.7):
+    /// the base of the Response Topics the client may use; `%c` is replaced
+    /// by the client id. `None` (the default, as EMQX's empty
+    /// `response_information`): never sent.
+    pub response_information: Option<String>,
+    /// Most Topic Aliases the broker assigns towards one MQTT 5.0 client
+    /// (see [`DEFAULT_SERVER_TOPIC_ALIASES`]); 0: none.
+    pub server_topic_aliases: u16,
     /// Interval of `$SYS` updates; zero disables them.
     pub sys_interval: Duration,
     /// Capacity of each mesh channel, in batches.
@@ -382,6 +446,12 @@ pub struct Config {
     pub ws_listen: Vec<SocketAddr>,
     /// Addresses to accept MQTT over WebSocket over TLS on.
     pub wss_listen: Vec<SocketAddr>,
+    /// Which listeners expect a PROXY protocol header: per listen list, in
+    /// the order of [`LISTEN_LISTS`], one flag per address of that list
+    /// (missing flags are false; see [`Config::expects_proxy_header`]).
+    pub proxy_protocol: [Vec<bool>; 4],
+    /// Time a connection on a PROXY protocol listener has to send the header.
+    pub proxy_protocol_timeout: Duration,
     /// The server's certificate chain (PEM), re-read on SIGHUP.
     pub certfile: Option<PathBuf>,
     /// The server's private key (PEM), re-read on SIGHUP.
@@ -428,6 +498,8 @@ impl Default for Config {
             max_awaiting_rel: DEFAULT_MAX_AWAITING_REL,
             max_keepalive: DEFAULT_MAX_KEEPALIVE,
             max_topic_alias: DEFAULT_MAX_TOPIC_ALIAS,
+            response_information: None,
+            server_topic_aliases: DEFAULT_SERVER_TOPIC_ALIASES,
             sys_interval: Duration::from_secs(DEFAULT_SYS_INTERVAL_SECS),
             mesh_capacity: DEFAULT_MESH_CAPACITY,
             log_level: DEFAULT_LOG_LEVEL.to_string(),
@@ -443,6 +515,8 @@ impl Default for Config {
             tls_listen: DEFAULT_TLS_LISTEN.to_vec(),
             ws_listen: DEFAULT_WS_LISTEN.to_vec(),
             wss_listen: DEFAULT_WSS_LISTEN.to_vec(),
+            proxy_protocol: Default::default(),
+            proxy_protocol_timeout: Duration::from_secs(DEFAULT_PROXY_PROTOCOL_TIMEOUT_SECS),
             certfile: None,
             keyfile: None,
             cafile: None,
@@ -476,10 +550,13 @@ impl Config {
         let mut config = Config::default();
         config.config_file = cli.config.clone();
         if let Some(v) = file.listen {
-            config.listen = v;
+            (config.listen, config.proxy_protocol[0]) =
+                v.into_iter().map(ListenEntry::split).unzip();
         }
-        if !cli.listen.is_empty() {
-            config.listen = cli.listen.clone();
+        if !cli.listen.is_empty() || !cli.proxy_listen.is_empty() {
+            let plain = cli.listen.iter().map(|a| (*a, false));
+            let proxied = cli.proxy_listen.iter().map(|a| (*a, true));
+            (config.listen, config.proxy_protocol[0]) = plain.chain(proxied).unzip();
         }
         config.shards = cli.shards.or(file.shards);
         if let Some(list) = cli.cpus.as_deref().or(file.cpus.as_deref()) {
@@ -513,6 +590,12 @@ impl Config {
         set(&mut config.max_awaiting_rel, file.max_awaiting_rel, None);
         set(&mut config.max_keepalive, file.max_keepalive, None);
         set(&mut config.max_topic_alias, file.max_topic_alias, None);
+        config.response_information = file.response_information.filter(|s| !s.is_empty());
+        set(
+            &mut config.server_topic_aliases,
+            file.server_topic_aliases,
+            None,
+        );
         if let Some(s) = file.sys_interval_secs {
             config.sys_interval = Duration::from_secs(s);
         }
@@ -550,13 +633,37 @@ impl Config {
             file.max_queued_bytes_total,
             None,
         );
-        for (slot, file, flag) in [
-            (&mut config.tls_listen, file.tls_listen, &cli.tls_listen),
-            (&mut config.ws_listen, file.ws_listen, &cli.ws_listen),
-            (&mut config.wss_listen, file.wss_listen, &cli.wss_listen),
+        let [_, tls_proxy, ws_proxy, wss_proxy] = &mut config.proxy_protocol;
+        for (slot, proxy, file, flag) in [
+            (
+                &mut config.tls_listen,
+                tls_proxy,
+                file.tls_listen,
+                &cli.tls_listen,
+            ),
+            (
+                &mut config.ws_listen,
+                ws_proxy,
+                file.ws_listen,
+                &cli.ws_listen,
+            ),
+            (
+                &mut config.wss_listen,
+                wss_proxy,
+                file.wss_listen,
+                &cli.wss_listen,
+            ),
         ] {
-            let flag = (!flag.is_empty()).then(|| flag.clone());
-            set(slot, file, flag);
+            if let Some(v) = file {
+                (*slot, *proxy) = v.into_iter().map(ListenEntry::split).unzip();
+            }
+            if !flag.is_empty() {
+                *slot = flag.clone();
+                *proxy = vec![false; flag.len()];
+            }
+        }
+        if let Some(s) = file.proxy_protocol_timeout_secs {
+            config.proxy_protocol_timeout = Duration::from_secs(s);
         }
         config.certfile = cli.certfile.clone().or(file.certfile);
         config.keyfile = cli.keyfile.clone().or(file.keyfile);
@@ -643,6 +750,9 @@ impl Config {
         if self.mesh_capacity == 0 {
             return invalid("mesh_capacity", "must be at least 1");
         }
+        if self.proxy_protocol_timeout.is_zero() {
+            return invalid("proxy_protocol_timeout_secs", "must be at least 1");
+        }
         if self.max_connection_rate > 0 && self.connection_rate_burst == 0 {
             return invalid("connection_rate_burst", "must be at least 1");
         }
@@ -677,6 +787,16 @@ impl Config {
             });
         }
         self.validate_tls()
+    }
+
+    /// Whether entry `index` of listen list `list` (an index into
+    /// [`LISTEN_LISTS`]) expects a PROXY protocol header.
+    pub fn expects_proxy_header(&self, list: usize, index: usize) -> bool {
+        self.proxy_protocol
+            .get(list)
+            .and_then(|flags| flags.get(index))
+            .copied()
+            .unwrap_or(false)
     }
 
     /// True when a TLS or WSS listener is configured (certificates needed).
@@ -955,6 +1075,66 @@ mod tests {
     }
 
     #[test]
+    fn listeners_may_expect_a_proxy_protocol_header() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        writeln!(
+            f,
+            "listen = [\"127.0.0.1:1883\", {{ address = \"127.0.0.1:1884\", proxy_protocol = true }}]\n\
+             ws_listen = [{{ address = \"127.0.0.1:8083\" }}]\n\
+             proxy_protocol_timeout_secs = 5"
+        )
+        .unwrap();
+        let file = Flags {
+            config: Some(f.path().to_path_buf()),
+            ..Flags::default()
+        };
+        let c = Config::load(&file).unwrap();
+        assert_eq!(c.listen.len(), 2);
+        assert!(!c.expects_proxy_header(0, 0));
+        assert!(c.expects_proxy_header(0, 1));
+        assert_eq!(c.ws_listen, vec!["127.0.0.1:8083".parse().unwrap()]);
+        assert!(!c.expects_proxy_header(2, 0));
+        assert!(!c.expects_proxy_header(1, 0), "no TLS listener");
+        assert_eq!(c.proxy_protocol_timeout, Duration::from_secs(5));
+        // The flags replace the file's plain listeners: --listen ones first.
+        let flags = Flags {
+            listen: vec!["127.0.0.1:0".parse().unwrap()],
+            proxy_listen: vec!["127.0.0.1:0".parse().unwrap()],
+            ..file
+        };
+        let c = Config::load(&flags).unwrap();
+        assert_eq!(c.listen.len(), 2);
+        assert_eq!(c.proxy_protocol[0], vec![false, true]);
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        writeln!(
+            f,
+            "listen = [{{ address = \"127.0.0.1:1884\", proxy = true }}]"
+        )
+        .unwrap();
+        let typo = Flags {
+            config: Some(f.path().to_path_buf()),
+            ..Flags::default()
+        };
+        assert!(matches!(
+            Config::load(&typo),
+            Err(ConfigError::Parse { .. })
+        ));
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        writeln!(f, "proxy_protocol_timeout_secs = 0").unwrap();
+        let zero = Flags {
+            config: Some(f.path().to_path_buf()),
+            ..Flags::default()
+        };
+        assert!(matches!(
+            Config::load(&zero),
+            Err(ConfigError::Invalid {
+                key: "proxy_protocol_timeout_secs",
+                ..
+            })
+        ));
+    }
+
+    #[test]
     fn the_sample_config_file_parses() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("fanmq.toml");
         let cli = Flags {
@@ -963,5 +1143,17 @@ mod tests {
         };
         let c = Config::load(&cli).unwrap();
         assert_eq!(c.max_queued_messages, DEFAULT_MAX_QUEUED_MESSAGES);
+    }
+
+    #[test]
+    fn the_container_image_config_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("container/fanmq.toml");
+        let cli = Flags {
+            config: Some(path),
+            ..Flags::default()
+        };
+        let c = Config::load(&cli).unwrap();
+        assert_eq!(c.listen, vec!["0.0.0.0:1883".parse().unwrap()]);
+        assert_eq!(c.ws_listen, vec!["0.0.0.0:8083".parse().unwrap()]);
     }
 }

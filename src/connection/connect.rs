@@ -20,6 +20,9 @@ use crate::session::SESSION_NEVER_EXPIRES;
 pub(super) struct ConnectRequest {
     /// The protocol the connection speaks from now on.
     pub(super) version: Version,
+    /// The CONNECT's Protocol Level: 3 (MQTT 3.1), 4 (3.1.1) or 5 (5.0),
+    /// which the admin API shows.
+    pub(super) protocol_level: u8,
     /// Clean Start (5.0, §3.1.2.4) or CleanSession (3.1.1): discard any
     /// existing session for the client id.
     pub(super) clean_start: bool,
@@ -47,18 +50,28 @@ pub(super) struct ConnectRequest {
     /// The client's Maximum Packet Size (§3.1.2.11.4); `u32::MAX` when
     /// absent (MQTT's own limit applies).
     pub(super) maximum_packet_size: u32,
+    /// The client's Topic Alias Maximum (§3.1.2.11.8): aliases the broker
+    /// may use towards it; 0 when absent (and for 3.1.1).
+    pub(super) topic_alias_maximum: u16,
     /// True when the CONNECT names an Authentication Method (§3.1.2.11.9):
     /// extended authentication, which fanmq does not support.
     pub(super) authentication_method: bool,
     /// True when the will's Payload Format Indicator says UTF-8 and its
     /// payload is not (5.0; refused with 0x99, §3.1.3.2.3).
     pub(super) will_payload_invalid: bool,
+    /// Request Response Information = 1 (5.0, §3.1.2.11.7): the client
+    /// asks for a Response Information in CONNACK.
+    pub(super) request_response_information: bool,
 }
 
 impl From<codec::Connect> for ConnectRequest {
     fn from(connect: codec::Connect) -> ConnectRequest {
         ConnectRequest {
             version: Version::V3,
+            protocol_level: match connect.protocol {
+                codec::ProtocolVersion::V31 => codec::PROTOCOL_LEVEL_V31,
+                codec::ProtocolVersion::V311 => codec::PROTOCOL_LEVEL_V311,
+            },
             clean_start: connect.clean_session,
             keep_alive: connect.keep_alive,
             client_id: connect.client_id,
@@ -74,8 +87,10 @@ impl From<codec::Connect> for ConnectRequest {
             },
             receive_maximum: u16::MAX,
             maximum_packet_size: u32::MAX,
+            topic_alias_maximum: 0,
             authentication_method: false,
             will_payload_invalid: false,
+            request_response_information: false,
         }
     }
 }
@@ -102,6 +117,7 @@ impl From<Box<v5::Connect>> for ConnectRequest {
             .map(|will| Box::new(will.properties.clone()));
         ConnectRequest {
             version: Version::V5,
+            protocol_level: v5::PROTOCOL_VERSION,
             clean_start,
             keep_alive,
             client_id,
@@ -118,8 +134,12 @@ impl From<Box<v5::Connect>> for ConnectRequest {
             session_expiry: properties.session_expiry_interval().unwrap_or(0),
             receive_maximum: properties.receive_maximum().map_or(u16::MAX, u16::from),
             maximum_packet_size: properties.maximum_packet_size().map_or(u32::MAX, u32::from),
+            topic_alias_maximum: properties.topic_alias_maximum().unwrap_or(0),
             authentication_method: properties.authentication_method().is_some(),
             will_payload_invalid,
+            request_response_information: properties
+                .request_response_information()
+                .unwrap_or(false),
         }
     }
 }
@@ -216,6 +236,16 @@ pub(super) struct Accepted {
     /// The keep-alive the broker imposes when it differs from the client's
     /// (Server Keep Alive, §3.2.2.3.14).
     pub(super) server_keep_alive: Option<u16>,
+    /// Response Information (§3.2.2.3.15): `response_information` for this
+    /// client, when it asked for one and one is configured.
+    pub(super) response_information: Option<ByteString>,
+}
+
+/// The Response Information for a client that asked for one: the
+/// configured `template` with `%c` replaced by its client id; None when
+/// none is configured.
+pub(super) fn response_information(template: Option<&str>, client_id: &str) -> Option<ByteString> {
+    template.map(|t| ByteString::from(t.replace("%c", client_id)))
 }
 
 /// The accepting CONNACK in `version`'s format. For 5.0 its properties
@@ -239,6 +269,9 @@ pub(super) fn accepting_connack(
     }
     if let Some(keep_alive) = accepted.server_keep_alive {
         properties.push(Property::ServerKeepAlive(keep_alive));
+    }
+    if let Some(information) = &accepted.response_information {
+        properties.push(Property::ResponseInformation(information.clone()));
     }
     let receive_maximum = u16::try_from(config.max_inflight_messages).unwrap_or(u16::MAX);
     if let Some(receive_maximum) = std::num::NonZeroU16::new(receive_maximum)
@@ -316,11 +349,28 @@ mod tests {
     }
 
     #[test]
+    fn response_information_fills_in_the_client_id() {
+        assert_eq!(
+            response_information(Some("reply/%c/"), "dev-1").as_deref(),
+            Some("reply/dev-1/")
+        );
+        assert_eq!(response_information(None, "dev-1"), None);
+        let accepted = Accepted {
+            assigned_client_id: None,
+            server_keep_alive: None,
+            response_information: response_information(Some("r/"), "x"),
+        };
+        let bytes = accepting_connack(Version::V5, false, &accepted, &Config::default());
+        assert!(bytes.windows(5).any(|w| w == [0x1a, 0, 2, b'r', b'/']));
+    }
+
+    #[test]
     fn an_accepting_v5_connack_announces_the_limits() {
         let config = Config::default();
         let accepted = Accepted {
             assigned_client_id: Some(ByteString::from_static("id")),
             server_keep_alive: None,
+            response_information: None,
         };
         let bytes = accepting_connack(Version::V5, false, &accepted, &config);
         assert_eq!(&bytes[2..4], &[0, 0]);

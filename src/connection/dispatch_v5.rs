@@ -246,7 +246,9 @@ fn handle_publish(
 ) -> Result<(), CloseReason> {
     if !publish.payload_is_utf8() {
         // The Payload Format Indicator says UTF-8 and it is not: refused
-        // with 0x99 Payload format invalid (§3.3.2.3.2, a MAY).
+        // with 0x99 Payload format invalid (§3.3.2.3.2, a MAY): in the
+        // PUBACK / PUBREC of QoS 1/2, by DISCONNECT for QoS 0, which has no
+        // acknowledgement to carry it (§4.13: the connection only).
         limited!(
             ProtocolError,
             debug,
@@ -254,6 +256,10 @@ fn handle_publish(
             publish.topic
         );
         shard.stats.publish_dropped += 1;
+        if publish.qos == QoS::AtMostOnce {
+            shard.stats.protocol_errors += 1;
+            return Err(CloseReason::PayloadFormatInvalid);
+        }
         acknowledge(
             shard,
             key,

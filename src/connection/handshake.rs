@@ -13,7 +13,8 @@ use glommio::net::TcpStream;
 use log::debug;
 
 use super::connect::{
-    Accepted, ConnectRequest, Refusal, accepting_connack, effective_keep_alive, refusing_connack_v5,
+    Accepted, ConnectRequest, Refusal, accepting_connack, effective_keep_alive,
+    refusing_connack_v5, response_information,
 };
 use super::{Established, Identity, Peer, Wire};
 use crate::net::transport::{Acceptor, Stream, Transport};
@@ -27,6 +28,7 @@ use crate::protocol::topic;
 use crate::protocol::v3::{self as codec, DecodeError, LastWill, Packet};
 use crate::protocol::v5::{self, Properties, ReasonCode};
 use crate::security::auth;
+use crate::session::alias::ServerAliases;
 use crate::session::link::{Link, Rare, SessionKey, framed_fd};
 use crate::session::{Session, SessionState};
 use crate::shard::Ctx;
@@ -63,9 +65,8 @@ pub(super) async fn accept_transport(
 ) -> Option<Stream> {
     let connect_timeout = ctx.shard.borrow().config.connect_timeout;
     let left = deadline.saturating_duration_since(Instant::now());
-    let peer = tcp
-        .peer_addr()
-        .map_or_else(|_| "?".to_string(), |a| a.to_string());
+    // The client's address (a PROXY protocol header's, if any).
+    let peer = Peer(std::os::fd::AsRawFd::as_raw_fd(&tcp)).to_string();
     let name = acceptor.transport.name();
     match glommio::timer::timeout(left, async { Ok(acceptor.accept(tcp).await) }).await {
         Ok(Ok(stream)) => Some(stream),
@@ -236,6 +237,7 @@ pub(super) async fn handshake(
         return None;
     }
     let ConnectRequest {
+        protocol_level,
         clean_start,
         keep_alive,
         client_id,
@@ -247,11 +249,14 @@ pub(super) async fn handshake(
         session_expiry,
         receive_maximum,
         maximum_packet_size,
+        request_response_information,
+        topic_alias_maximum,
         ..
     } = request;
     let mut accepted = Accepted {
         assigned_client_id: None,
         server_keep_alive: None,
+        response_information: None,
     };
     let client_id = if client_id.is_empty() {
         // 3.1.1 refuses an empty id with CleanSession 0 (§3.1.3-8); 5.0
@@ -277,6 +282,11 @@ pub(super) async fn handshake(
     };
     let (keep_alive, server_keep_alive) = effective_keep_alive(version, keep_alive, max_keepalive);
     accepted.server_keep_alive = server_keep_alive;
+    if request_response_information {
+        let config = &ctx.shard.borrow().config;
+        accepted.response_information =
+            response_information(config.response_information.as_deref(), &client_id);
+    }
     // Before the claim: a refused client must not take over a session.
     let auth = ctx.shard.borrow().auth.clone();
     // use_identity_as_username: a verified client certificate's Common Name
@@ -322,7 +332,7 @@ pub(super) async fn handshake(
             will: last_will,
             will_properties,
             will_delay,
-            username: acl_username,
+            username: acl_username.clone(),
             topic_aliases: Vec::new(),
         }))
     } else {
@@ -351,7 +361,10 @@ pub(super) async fn handshake(
         keep_alive,
         receive_maximum,
         max_packet_size: maximum_packet_size,
+        topic_alias_maximum,
         accepted,
+        acl_username,
+        protocol_level,
     };
     let (key, conn_id) = attach(ctx, link_fd, client_id.clone(), state, &attached);
     ctx.send_outbox();
@@ -447,8 +460,15 @@ pub(super) struct Attach {
     pub(super) receive_maximum: u16,
     /// The client's Maximum Packet Size.
     pub(super) max_packet_size: u32,
+    /// The client's Topic Alias Maximum (0 for 3.1.1).
+    pub(super) topic_alias_maximum: u16,
     /// What the CONNACK tells an accepted client.
     pub(super) accepted: Accepted,
+    /// The user name for ACL checks (None without an ACL file): a session
+    /// with per-delivery read checks takes this connection's.
+    pub(super) acl_username: Option<ByteString>,
+    /// The CONNECT's Protocol Level (`Session::protocol_level`).
+    pub(super) protocol_level: u8,
 }
 
 /// Creates the session for a new connection (with the claimed state) and
@@ -470,9 +490,19 @@ pub(super) fn attach(
     );
     session.claim = attach.claim;
     session.version = attach.version;
+    session.protocol_level = attach.protocol_level;
     session.session_expiry = attach.session_expiry;
     session.receive_maximum = attach.receive_maximum;
     session.max_packet_size = attach.max_packet_size;
+    if session.read_check {
+        session.check_reads(attach.acl_username.clone());
+    }
+    if attach.version == Version::V5 {
+        session.server_aliases = ServerAliases::new(
+            attach.topic_alias_maximum,
+            shard.config.server_topic_aliases,
+        );
+    }
     session.link = Some(Link::new(
         conn_id,
         link_fd,

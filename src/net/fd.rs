@@ -14,6 +14,8 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use log::debug;
 
+use crate::net::proxy;
+
 /// A duplicate of socket `fd`, owned (glommio's stream cannot give its
 /// descriptor up, so a connection that leaves the stream keeps a duplicate
 /// and drops the stream).
@@ -52,8 +54,10 @@ pub fn reset_on_close(fd: RawFd) {
     }
 }
 
-/// The peer address of a connection's socket `fd` (getpeername), None if
-/// the peer is gone or `fd` is not a socket descriptor (negative).
+/// The client address of a connection's socket `fd`: the one its PROXY
+/// protocol header named ([`crate::net::proxy`]), else the socket's peer
+/// address (getpeername). None if the peer is gone or `fd` is not a socket
+/// descriptor (negative).
 pub fn peer_addr(fd: RawFd) -> Option<std::net::SocketAddr> {
     if fd < 0 {
         return None;
@@ -62,7 +66,15 @@ pub fn peer_addr(fd: RawFd) -> Option<std::net::SocketAddr> {
     // its link: the connection removes the link before it closes the
     // socket) exists; it is only borrowed for this call.
     let fd = unsafe { BorrowedFd::borrow_raw(fd) };
-    socket2::SockRef::from(&fd).peer_addr().ok()?.as_socket()
+    let socket = socket2::SockRef::from(&fd);
+    let peer = socket.peer_addr().ok()?.as_socket()?;
+    if proxy::in_use()
+        && let Some(local) = socket.local_addr().ok().and_then(|a| a.as_socket())
+        && let Some(client) = proxy::client_behind(local, peer)
+    {
+        return Some(client);
+    }
+    Some(peer)
 }
 
 /// One non-blocking `recv` from a plain socket into `buf`.

@@ -1,6 +1,8 @@
-//! Sockets below MQTT: transports (TLS, WebSocket), admission limits.
+//! Sockets below MQTT: transports (TLS, WebSocket), admission limits, the
+//! PROXY protocol.
 
 pub(crate) mod admission;
 pub(crate) mod fd;
 pub(crate) mod poller;
+pub mod proxy;
 pub mod transport;

@@ -228,6 +228,9 @@ pub struct Acceptor {
     tls: Option<Arc<TlsCerts>>,
     /// Largest WebSocket frame and message accepted: `max_packet_size`.
     max_message_size: usize,
+    /// Connections start with a PROXY protocol header, read before the
+    /// transport's handshake ([`crate::net::proxy`]).
+    pub proxy_protocol: bool,
 }
 
 impl Acceptor {
@@ -237,7 +240,15 @@ impl Acceptor {
             transport,
             tls,
             max_message_size: max_packet_size,
+            proxy_protocol: false,
         }
+    }
+
+    /// The same acceptor for a listener whose connections start with a
+    /// PROXY protocol header (`expects`) or not.
+    pub fn with_proxy_protocol(mut self, expects: bool) -> Self {
+        self.proxy_protocol = expects;
+        self
     }
 
     /// Runs the transport's handshake on an accepted socket. The caller

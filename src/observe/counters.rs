@@ -291,6 +291,9 @@ counter_table! {
             prometheus Some("subscribe_denied"), per_shard None,
             sys Some("$SYS/broker/subscriptions/denied"),
             help "Subscription filters denied by the ACL (SUBACK 0x80)";
+        read_denied: Counter Sum,
+            prometheus Some("read_denied"), per_shard None, sys None,
+            help "Messages not delivered to a subscriber because the ACL denies it read access to their topic (checked only for subscriptions the ACL covers partly)";
         connections_ip_limited: Counter Sum,
             prometheus Some("connections_ip_limited"), per_shard None,
             sys Some("$SYS/broker/connections/refused/per_ip"),
@@ -299,6 +302,10 @@ counter_table! {
             prometheus Some("connections_rate_limited"), per_shard None,
             sys Some("$SYS/broker/connections/refused/rate"),
             help "Connections closed after accept because max_connection_rate was reached";
+        connections_proxy_refused: Counter Sum,
+            prometheus Some("connections_proxy_refused"), per_shard None,
+            sys Some("$SYS/broker/connections/refused/proxy_protocol"),
+            help "Connections closed on a proxy_protocol listener: no valid PROXY protocol header in time";
         subscriptions_refused: Counter Sum,
             prometheus Some("subscriptions_refused"), per_shard None,
             sys Some("$SYS/broker/subscriptions/refused"),

@@ -44,6 +44,9 @@ pub enum LogKind {
     MaxConnectionRate,
     /// A new connection closed at once: `max_connections_per_ip` reached.
     MaxConnectionsPerIp,
+    /// A connection on a `proxy_protocol` listener closed: no valid PROXY
+    /// protocol header in time.
+    ProxyProtocol,
     /// An accept call failed (out of descriptors or memory).
     AcceptFailed,
 }

@@ -17,9 +17,20 @@
 //! packet id between the topic and the properties, so its shared head ends
 //! after the topic and its shared "payload" frame is the properties followed
 //! by the payload (copied once per shard, as the 3.1.1 payload is).
+//!
+//! A Topic Alias the broker assigned (§3.3.2.3.4) makes a per-subscriber
+//! variant of the MQTT 5.0 frame: the alias property, and an empty topic once
+//! the client knows the alias. Aliases are chosen from the topic
+//! ([`Encoded::alias_for`]), so every subscriber on a shard with the same
+//! alias limit gets the same alias for a topic and the variants of one
+//! message stay few (one with the topic, one without, per distinct limit):
+//! each is encoded once and shared like the plain form ([`AliasUse`] is the
+//! key).
 
 use bytes::{Bytes, BytesMut};
 use bytestring::ByteString;
+use smallvec::SmallVec;
+use std::num::NonZeroU16;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
@@ -30,6 +41,28 @@ use crate::protocol::v5::{self, Properties, Property, PublishHeader};
 
 /// Encoded bytes shared by the queues of one shard.
 pub type Frame = Rc<[u8]>;
+
+/// Seeds of the topic hash that picks a server Topic Alias: fixed, so that
+/// every subscriber of a shard gets the same alias for a topic (the frames
+/// stay shared), and arbitrary (nothing depends on the values).
+const ALIAS_HASH: ahash::RandomState = ahash::RandomState::with_seeds(
+    0x243f_6a88_85a3_08d3,
+    0x1319_8a2e_0370_7344,
+    0xa409_3822_299f_31d0,
+    0x082e_fa98_ec4e_6c89,
+);
+
+/// How one MQTT 5.0 delivery uses a Topic Alias the broker assigned
+/// (§3.3.2.3.4): the key of a frame variant in [`Encoded`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AliasUse {
+    /// The alias, 1 to the client's Topic Alias Maximum.
+    pub alias: NonZeroU16,
+    /// True when this connection already maps the alias to this topic: the
+    /// PUBLISH carries an empty topic. False: topic and alias, which (re)sets
+    /// the mapping.
+    pub known: bool,
+}
 
 /// An application message (MQTT 3.1.1 §3.3).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -215,13 +248,28 @@ pub struct Encoded<'a> {
     heads: [Option<Frame>; 2],
     /// The payload as a shard-local frame, for QoS 1 and 2 deliveries.
     payload: Option<Frame>,
-    /// The MQTT 5.0 forms, once an MQTT 5.0 subscriber needed one.
-    v5: Option<Box<EncodedV5>>,
+    /// The MQTT 5.0 forms, once an MQTT 5.0 subscriber needed one: the plain
+    /// one and those with a Topic Alias, each encoded once.
+    v5: Option<Box<V5Forms>>,
+    /// The hash of the topic that picks its Topic Alias, once computed.
+    topic_hash: Option<u64>,
 }
 
 /// The MQTT 5.0 wire forms of one message for one fan-out on one shard.
 #[derive(Default)]
+struct V5Forms {
+    /// Without a Topic Alias: found without a search, as most deliveries
+    /// need it.
+    plain: EncodedV5,
+    /// With a Topic Alias, one per [`AliasUse`] (usually one or two).
+    aliased: SmallVec<[EncodedV5; 2]>,
+}
+
+/// One MQTT 5.0 wire form of one message for one fan-out on one shard.
+#[derive(Default)]
 struct EncodedV5 {
+    /// The Topic Alias this form carries (None: the plain form).
+    alias: Option<AliasUse>,
     /// Where the QoS 0 frame lies in the shard's batch (start, length).
     qos0: Option<(u32, u32)>,
     /// Fixed header + topic for QoS 1 and QoS 2 (index 0 is QoS 1); the
@@ -243,7 +291,22 @@ impl<'a> Encoded<'a> {
             heads: [None, None],
             payload: None,
             v5: None,
+            topic_hash: None,
         }
+    }
+
+    /// The Topic Alias of this message's topic for a client that accepts
+    /// `maximum` (at least 1) aliases from the broker: 1 + the topic's hash
+    /// modulo `maximum`, the same for every such client (see the module
+    /// documentation). Two topics may get the same alias; the connection's
+    /// table then keeps the latest (session::alias).
+    pub fn alias_for(&mut self, maximum: NonZeroU16) -> NonZeroU16 {
+        let message = self.message;
+        let hash = *self
+            .topic_hash
+            .get_or_insert_with(|| ALIAS_HASH.hash_one(message.topic.as_bytes()));
+        let index = u16::try_from(hash % u64::from(maximum.get())).unwrap_or(0);
+        NonZeroU16::MIN.saturating_add(index)
     }
 
     /// The QoS 0 frame's range in the shard's batch of this step for a
@@ -251,7 +314,7 @@ impl<'a> Encoded<'a> {
     /// then shared by every subscriber of that version.
     pub fn qos0_frame(&mut self, version: Version) -> (u32, u32) {
         if version == Version::V5 {
-            return self.qos0_frame_v5();
+            return self.qos0_frame_v5(None);
         }
         let message = self.message;
         let batch = &mut *self.batch;
@@ -280,7 +343,7 @@ impl<'a> Encoded<'a> {
     /// and then [`Encoded::payload`].
     pub fn head(&mut self, version: Version, qos: QoS) -> Frame {
         if version == Version::V5 {
-            return self.v5_publish(qos).0;
+            return self.v5_publish(qos, None).0;
         }
         let message = self.message;
         let slot = if qos == QoS::ExactlyOnce { 1 } else { 0 };
@@ -306,7 +369,7 @@ impl<'a> Encoded<'a> {
     /// the payload (3.1.1), or the properties and the payload (5.0).
     pub fn payload(&mut self, version: Version) -> Frame {
         if version == Version::V5 {
-            return self.v5_publish(QoS::AtLeastOnce).1;
+            return self.v5_publish(QoS::AtLeastOnce, None).1;
         }
         let message = self.message;
         self.payload
@@ -314,38 +377,78 @@ impl<'a> Encoded<'a> {
             .clone()
     }
 
+    /// The MQTT 5.0 QoS 0 frame with Topic Alias `alias`: its range in the
+    /// shard's batch, encoded the first time, then shared by every
+    /// subscriber that uses the alias the same way.
+    pub fn qos0_frame_aliased(&mut self, alias: AliasUse) -> (u32, u32) {
+        self.qos0_frame_v5(Some(alias))
+    }
+
+    /// The MQTT 5.0 head and tail of a QoS 1 or 2 PUBLISH with Topic Alias
+    /// `alias` (as [`Encoded::head`] and [`Encoded::payload`]): the head
+    /// (with the topic or without) shared by every subscriber that uses the
+    /// alias the same way, the tail (properties with the alias, payload) by
+    /// every one that uses it at all.
+    pub fn aliased_publish(&mut self, qos: QoS, alias: AliasUse) -> (Frame, Frame) {
+        self.v5_publish(qos, Some(alias))
+    }
+
+    /// The MQTT 5.0 form with Topic Alias `alias` (None: the plain one),
+    /// added empty on first use.
+    fn v5_form(&mut self, alias: Option<AliasUse>) -> &mut EncodedV5 {
+        let forms = self.v5.get_or_insert_with(Box::default);
+        if alias.is_none() {
+            return &mut forms.plain;
+        }
+        let aliased = &mut forms.aliased;
+        let at = match aliased.iter().position(|form| form.alias == alias) {
+            Some(at) => at,
+            None => {
+                aliased.push(EncodedV5 {
+                    alias,
+                    ..EncodedV5::default()
+                });
+                aliased.len() - 1
+            }
+        };
+        &mut aliased[at]
+    }
+
     /// The MQTT 5.0 QoS 0 frame's range in the batch (see
-    /// [`Encoded::qos0_frame`]).
-    fn qos0_frame_v5(&mut self) -> (u32, u32) {
+    /// [`Encoded::qos0_frame`]), with Topic Alias `alias` or without.
+    fn qos0_frame_v5(&mut self, alias: Option<AliasUse>) -> (u32, u32) {
         let message = self.message;
+        if let Some(range) = self.v5_form(alias).qos0 {
+            return range;
+        }
         let batch = &mut *self.batch;
-        let v5 = self.v5.get_or_insert_with(Box::default);
-        *v5.qos0.get_or_insert_with(|| {
-            let start = batch.len();
-            let properties = message.v5_properties(Instant::now());
-            let header = publish_header(message, QoS::AtMostOnce, &properties);
-            report_unencodable_v5(v5::encode_publish(&header, 0, &message.payload, batch));
-            let len = batch.len() - start;
-            (
-                u32::try_from(start).unwrap_or(u32::MAX),
-                u32::try_from(len).unwrap_or(0),
-            )
-        })
+        let start = batch.len();
+        let properties = v5_properties(message, alias);
+        let header = publish_header(message, QoS::AtMostOnce, &properties, alias);
+        report_unencodable_v5(v5::encode_publish(&header, 0, &message.payload, batch));
+        let len = batch.len() - start;
+        let range = (
+            u32::try_from(start).unwrap_or(u32::MAX),
+            u32::try_from(len).unwrap_or(0),
+        );
+        self.v5_form(alias).qos0 = Some(range);
+        range
     }
 
     /// The MQTT 5.0 head for `qos` (1 or 2) and the tail shared by both,
-    /// encoded on first use: `encode_publish_head` writes fixed header,
-    /// topic, a packet id slot and the properties; the head is what comes
-    /// before the slot, the tail what comes after it, then the payload.
-    fn v5_publish(&mut self, qos: QoS) -> (Frame, Frame) {
+    /// with Topic Alias `alias` or without, encoded on first use:
+    /// `encode_publish_head` writes fixed header, topic, a packet id slot
+    /// and the properties; the head is what comes before the slot, the tail
+    /// what comes after it, then the payload.
+    fn v5_publish(&mut self, qos: QoS, alias: Option<AliasUse>) -> (Frame, Frame) {
         let message = self.message;
-        let v5 = self.v5.get_or_insert_with(Box::default);
+        let v5 = self.v5_form(alias);
         let slot = if qos == QoS::ExactlyOnce { 1 } else { 0 };
         if let (Some(head), Some(tail)) = (&v5.heads[slot], &v5.tail) {
             return (head.clone(), tail.clone());
         }
-        let properties = message.v5_properties(Instant::now());
-        let header = publish_header(message, qos, &properties);
+        let properties = v5_properties(message, alias);
+        let header = publish_header(message, qos, &properties, alias);
         let mut out = BytesMut::new();
         let at = match v5::encode_publish_head(&header, message.payload.len(), &mut out) {
             Ok(Some(at)) => at,
@@ -369,15 +472,31 @@ impl<'a> Encoded<'a> {
     }
 }
 
+/// The properties of a forwarded MQTT 5.0 PUBLISH: the message's, plus the
+/// Topic Alias when the delivery uses one.
+fn v5_properties(message: &Message, alias: Option<AliasUse>) -> Properties {
+    let mut properties = message.v5_properties(Instant::now());
+    if let Some(alias) = alias {
+        properties.push(Property::TopicAlias(alias.alias));
+    }
+    properties
+}
+
 /// The header of a forwarded MQTT 5.0 PUBLISH: RETAIN cleared (§3.3.1.3),
-/// never DUP.
+/// never DUP; the topic left out when the client knows its alias.
 fn publish_header<'m>(
     message: &'m Message,
     qos: QoS,
     properties: &'m Properties,
+    alias: Option<AliasUse>,
 ) -> PublishHeader<'m> {
+    let topic = if alias.is_some_and(|a| a.known) {
+        ""
+    } else {
+        &message.topic
+    };
     PublishHeader {
-        topic: &message.topic,
+        topic,
         qos,
         retain: false,
         dup: false,

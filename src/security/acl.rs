@@ -22,17 +22,29 @@
 //! - A `deny` entry that matches wins over any grant, whatever the order.
 //!   Anything not granted is denied.
 //!
-//! **Difference from Mosquitto**, for the fan-out path: Mosquitto grants a
-//! SUBSCRIBE and then checks read access for every delivered message. fanmq
-//! checks nothing per delivery: a subscription is granted only if one
-//! read-allowing entry *covers* its filter (every topic the filter can match
-//! is matched by the entry) and no `deny` entry *overlaps* it (no topic
-//! matched by both). So `topic read a/#` allows subscribing to `a/#` and
-//! `a/b/+`, but not to `#`; with `topic deny a/x`, `a/#` is refused and `a/y`
-//! is granted.
+//! **Subscriptions** ([`Acl::subscription`]): Mosquitto grants every
+//! SUBSCRIBE and checks read access for each message it delivers. fanmq
+//! sorts a filter into one of three cases when it is subscribed, so that the
+//! common case costs nothing per delivery:
+//! - [`Coverage::Full`]: a read-allowing entry *covers* the filter (every
+//!   topic the filter can match is matched by the entry) and no `deny` entry
+//!   *overlaps* it (no topic matched by both). Every message it matches is
+//!   readable: nothing is checked per delivery.
+//! - [`Coverage::Partial`]: some read-allowing entry overlaps the filter and
+//!   no `deny` entry covers it. Granted, and read access
+//!   ([`Acl::can_read`]) is checked for every message offered to that
+//!   client, as Mosquitto does. So with `topic readwrite #` and
+//!   `topic deny secret/x`, `+/+` is granted and gets everything but
+//!   `secret/x`.
+//! - [`Coverage::None`]: no read-allowing entry overlaps the filter, or a
+//!   `deny` entry covers it: no message could ever be delivered, and the
+//!   filter is refused (SUBACK 0x80 / 0x87), where Mosquitto grants it and
+//!   delivers nothing.
 
 use std::collections::HashMap;
 use std::path::Path;
+
+use smallvec::SmallVec;
 
 use crate::protocol::topic;
 
@@ -126,6 +138,22 @@ pub struct Who<'a> {
     pub username: Option<&'a str>,
 }
 
+/// How much of a subscription's filter the ACL lets a client read (see the
+/// module documentation).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Coverage {
+    /// Every topic the filter matches is readable.
+    Full,
+    /// Some may be: read access is checked per delivered message.
+    Partial,
+    /// None is: the subscription is refused.
+    None,
+}
+
+/// An entry's levels resolved for one client: inline up to 8 levels, so a
+/// check allocates nothing for usual filters.
+type Levels<'a> = SmallVec<[Resolved<'a>; 8]>;
+
 /// Why a pattern cannot be filled in for a client.
 enum Unresolved {
     /// `%u` and the client has no user name: the pattern does not apply.
@@ -135,9 +163,9 @@ enum Unresolved {
 }
 
 impl Entry {
-    /// The entry's levels for `who`, written into `out` (reused, so a check
-    /// allocates at most once per entry count, not per level).
-    fn resolve<'a>(&'a self, who: Who<'a>, out: &mut Vec<Resolved<'a>>) -> Result<(), Unresolved> {
+    /// The entry's levels for `who`, written into `out` (reused by every
+    /// entry of a check).
+    fn resolve<'a>(&'a self, who: Who<'a>, out: &mut Levels<'a>) -> Result<(), Unresolved> {
         out.clear();
         for level in &self.levels {
             let value = match level {
@@ -173,6 +201,9 @@ pub struct Acl {
     users: HashMap<String, Vec<Entry>>,
     /// `pattern` entries: every client.
     patterns: Vec<Entry>,
+    /// True when a pattern names the client id (`%c`): only then can two
+    /// clients with the same user name get different answers.
+    names_client_id: bool,
 }
 
 impl Acl {
@@ -219,6 +250,7 @@ impl Acl {
                     let is_pattern = keyword == "pattern";
                     let entry = parse_entry(rest, is_pattern).map_err(bad)?;
                     if is_pattern {
+                        acl.names_client_id |= entry.levels.contains(&Level::ClientId);
                         acl.patterns.push(entry);
                     } else if let Some(name) = &user {
                         acl.users.entry(name.clone()).or_default().push(entry);
@@ -246,10 +278,29 @@ impl Acl {
         own.iter().chain(self.patterns.iter())
     }
 
+    /// True when some answer depends on the client id (a pattern with
+    /// `%c`); otherwise the user name alone decides.
+    pub fn names_client_id(&self) -> bool {
+        self.names_client_id
+    }
+
     /// May `who` publish to `topic` (a valid topic name)? True when an entry
     /// allowing write matches and no `deny` entry does.
     pub fn can_publish(&self, who: Who<'_>, topic: &str) -> bool {
-        let mut levels = Vec::new();
+        self.permits(who, topic, Access::writes)
+    }
+
+    /// May `who` receive a message on `topic` (a valid topic name)? True
+    /// when an entry allowing read matches and no `deny` entry does: the
+    /// check made per delivery for [`Coverage::Partial`] subscriptions.
+    pub fn can_read(&self, who: Who<'_>, topic: &str) -> bool {
+        self.permits(who, topic, Access::reads)
+    }
+
+    /// True when an entry for which `allows` holds matches `topic` and no
+    /// `deny` entry does.
+    fn permits(&self, who: Who<'_>, topic: &str, allows: fn(Access) -> bool) -> bool {
+        let mut levels = Levels::new();
         let mut allowed = false;
         for entry in self.entries(who) {
             match entry.resolve(who, &mut levels) {
@@ -262,35 +313,42 @@ impl Acl {
                 if entry.access == Access::Deny {
                     return false;
                 }
-                allowed |= entry.access.writes();
+                allowed |= allows(entry.access);
             }
         }
         allowed
     }
 
-    /// May `who` subscribe to `filter` (a valid topic filter)? True when an
-    /// entry allowing read covers the filter and no `deny` entry overlaps it
-    /// (see the module documentation).
-    pub fn can_subscribe(&self, who: Who<'_>, filter: &str) -> bool {
-        let filter: Vec<Resolved<'_>> = filter.split('/').map(resolved_level).collect();
-        let mut levels = Vec::new();
-        let mut allowed = false;
+    /// How much of `filter` (a valid topic filter) `who` may read: see the
+    /// module documentation.
+    pub fn subscription(&self, who: Who<'_>, filter: &str) -> Coverage {
+        let filter: Levels<'_> = filter.split('/').map(resolved_level).collect();
+        let mut levels = Levels::new();
+        let (mut covered, mut overlapped, mut denied_in_part) = (false, false, false);
         for entry in self.entries(who) {
             match entry.resolve(who, &mut levels) {
                 Ok(()) => {}
                 Err(Unresolved::NotApplicable) => continue,
-                Err(Unresolved::Unsafe) if entry.access == Access::Deny => return false,
+                Err(Unresolved::Unsafe) if entry.access == Access::Deny => return Coverage::None,
                 Err(Unresolved::Unsafe) => continue,
             }
             if entry.access == Access::Deny {
-                if overlaps(&levels, &filter) {
-                    return false;
+                if covers(&levels, &filter) {
+                    return Coverage::None;
                 }
-            } else if entry.access.reads() && !allowed {
-                allowed = covers(&levels, &filter);
+                denied_in_part |= overlaps(&levels, &filter);
+            } else if entry.access.reads() && !covered {
+                covered = covers(&levels, &filter);
+                overlapped |= covered || overlaps(&levels, &filter);
             }
         }
-        allowed
+        if covered && !denied_in_part {
+            Coverage::Full
+        } else if overlapped {
+            Coverage::Partial
+        } else {
+            Coverage::None
+        }
     }
 }
 
@@ -404,6 +462,7 @@ fn overlaps(entry: &[Resolved<'_>], filter: &[Resolved<'_>]) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use super::Coverage::{Full, Partial};
     use super::*;
 
     fn who<'a>(client_id: &'a str, username: Option<&'a str>) -> Who<'a> {
@@ -436,12 +495,19 @@ pattern deny users/%u/private/#
         let anon = who("c1", None);
         assert!(acl.can_publish(anon, "anon/in"));
         assert!(!acl.can_publish(anon, "public/x"), "read-only");
-        assert!(acl.can_subscribe(anon, "public/#"));
-        assert!(acl.can_subscribe(anon, "public/+/x"));
-        assert!(!acl.can_subscribe(anon, "anon/in"), "write-only");
-        assert!(!acl.can_subscribe(anon, "#"));
+        assert_eq!(acl.subscription(anon, "public/#"), Full);
+        assert_eq!(acl.subscription(anon, "public/+/x"), Full);
+        assert_eq!(
+            acl.subscription(anon, "anon/in"),
+            Coverage::None,
+            "write-only"
+        );
+        assert_eq!(acl.subscription(anon, "#"), Partial, "public/# in it");
         // A named user does not get the anonymous entries.
-        assert!(!acl.can_subscribe(who("c1", Some("alice")), "public/#"));
+        assert_eq!(
+            acl.subscription(who("c1", Some("alice")), "public/#"),
+            Coverage::None
+        );
         // Nor does a user name without a section: only the patterns.
         let carol = who("c9", Some("carol"));
         assert!(!acl.can_publish(carol, "anon/in"));
@@ -453,16 +519,24 @@ pattern deny users/%u/private/#
         let acl = Acl::parse(FILE).unwrap();
         let alice = who("a1", Some("alice"));
         assert!(acl.can_publish(alice, "alice/x"), "readwrite by default");
-        assert!(acl.can_subscribe(alice, "alice/x/+"));
+        assert_eq!(acl.subscription(alice, "alice/x/+"), Full);
         assert!(!acl.can_publish(alice, "alice/secret"), "deny wins");
-        assert!(!acl.can_subscribe(alice, "alice/#"), "overlaps the deny");
-        assert!(!acl.can_subscribe(alice, "alice/+"), "overlaps the deny");
-        assert!(acl.can_subscribe(alice, "alice/public"));
+        assert_eq!(
+            acl.subscription(alice, "alice/#"),
+            Partial,
+            "overlaps the deny"
+        );
+        assert_eq!(
+            acl.subscription(alice, "alice/+"),
+            Partial,
+            "overlaps the deny"
+        );
+        assert_eq!(acl.subscription(alice, "alice/public"), Full);
         assert!(!acl.can_publish(alice, "bob/out"));
-        assert!(acl.can_subscribe(alice, "$SYS/broker/#"));
+        assert_eq!(acl.subscription(alice, "$SYS/broker/#"), Full);
         let bob = who("b1", Some("bob"));
         assert!(acl.can_publish(bob, "bob/out"));
-        assert!(!acl.can_subscribe(bob, "bob/out"));
+        assert_eq!(acl.subscription(bob, "bob/out"), Coverage::None);
     }
 
     #[test]
@@ -471,19 +545,28 @@ pattern deny users/%u/private/#
         let bob = who("sensor-7", Some("bob"));
         assert!(acl.can_publish(bob, "devices/sensor-7/status"));
         assert!(!acl.can_publish(bob, "devices/sensor-8/status"));
-        assert!(acl.can_subscribe(bob, "users/bob/inbox/#"));
-        assert!(!acl.can_subscribe(bob, "users/bob/#"), "overlaps the deny");
-        assert!(!acl.can_subscribe(bob, "users/alice/inbox"));
-        assert!(!acl.can_subscribe(bob, "users/bob/#".replace("bob", "+").as_str()));
-        assert!(acl.can_subscribe(bob, "users/bob/inbox"));
-        assert!(
-            !acl.can_subscribe(bob, "users/bob/private/x"),
+        assert_eq!(acl.subscription(bob, "users/bob/inbox/#"), Full);
+        assert_eq!(
+            acl.subscription(bob, "users/bob/#"),
+            Partial,
+            "overlaps the deny"
+        );
+        assert_eq!(acl.subscription(bob, "users/alice/inbox"), Coverage::None);
+        assert_eq!(
+            acl.subscription(bob, "users/+/#"),
+            Partial,
+            "users/bob/# in it"
+        );
+        assert_eq!(acl.subscription(bob, "users/bob/inbox"), Full);
+        assert_eq!(
+            acl.subscription(bob, "users/bob/private/x"),
+            Coverage::None,
             "deny pattern"
         );
         // Anonymous clients: %c patterns apply, %u ones do not.
         let anon = who("sensor-9", None);
         assert!(acl.can_publish(anon, "devices/sensor-9/status"));
-        assert!(!acl.can_subscribe(anon, "users/+/inbox"));
+        assert_eq!(acl.subscription(anon, "users/+/inbox"), Coverage::None);
     }
 
     #[test]
@@ -500,7 +583,7 @@ pattern deny users/%u/private/#
     fn no_entries_deny_everything() {
         let acl = Acl::parse("# nothing\n\n").unwrap();
         assert!(!acl.can_publish(who("c", None), "a"));
-        assert!(!acl.can_subscribe(who("c", Some("u")), "a"));
+        assert_eq!(acl.subscription(who("c", Some("u")), "a"), Coverage::None);
     }
 
     #[test]
@@ -508,12 +591,61 @@ pattern deny users/%u/private/#
         let acl = Acl::parse("topic #\n").unwrap();
         let anon = who("c", None);
         assert!(acl.can_publish(anon, "a/b"));
-        assert!(acl.can_subscribe(anon, "#"));
-        assert!(!acl.can_subscribe(anon, "$SYS/#"));
+        assert_eq!(acl.subscription(anon, "#"), Full);
+        assert_eq!(acl.subscription(anon, "$SYS/#"), Coverage::None);
         assert!(!acl.can_publish(anon, "$foo"));
         // A deny on $SYS does not overlap "#", which never matches it.
         let acl = Acl::parse("topic #\ntopic deny $SYS/#\n").unwrap();
-        assert!(acl.can_subscribe(anon, "#"));
+        assert_eq!(acl.subscription(anon, "#"), Full);
+    }
+
+    #[test]
+    fn wildcards_over_a_denied_topic_are_granted_and_checked_per_message() {
+        let acl = Acl::parse("topic readwrite #\ntopic deny secret/x\n").unwrap();
+        let anon = who("c", None);
+        assert_eq!(acl.subscription(anon, "+/+"), Partial);
+        assert_eq!(acl.subscription(anon, "secret/+"), Partial);
+        assert_eq!(acl.subscription(anon, "#"), Partial);
+        assert_eq!(acl.subscription(anon, "a/b"), Full);
+        assert_eq!(acl.subscription(anon, "secret/y"), Full);
+        assert_eq!(acl.subscription(anon, "secret/x"), Coverage::None);
+        assert!(acl.can_read(anon, "a/b"));
+        assert!(acl.can_read(anon, "secret/y"));
+        assert!(!acl.can_read(anon, "secret/x"));
+        // A deny that covers the whole filter refuses it.
+        let acl = Acl::parse("topic #\ntopic deny secret/#\n").unwrap();
+        assert_eq!(acl.subscription(anon, "secret/+"), Coverage::None);
+        assert_eq!(acl.subscription(anon, "+/x"), Partial);
+        // Write-only entries give nothing to read.
+        let acl = Acl::parse("topic write #\n").unwrap();
+        assert_eq!(acl.subscription(anon, "+/+"), Coverage::None);
+        assert!(!acl.can_read(anon, "a/b"));
+        // Patterns: a wildcard over other clients' levels is partial, and
+        // each message is read-checked with this client's id.
+        let acl = Acl::parse("pattern read devices/%c/#\n").unwrap();
+        let dev = who("d1", None);
+        assert_eq!(acl.subscription(dev, "devices/d1/#"), Full);
+        assert_eq!(acl.subscription(dev, "devices/+/status"), Partial);
+        assert!(acl.can_read(dev, "devices/d1/status"));
+        assert!(!acl.can_read(dev, "devices/d2/status"));
+        assert_eq!(
+            acl.subscription(who("a/b", None), "devices/+/status"),
+            Coverage::None
+        );
+    }
+
+    #[test]
+    fn only_client_id_patterns_make_answers_depend_on_the_client_id() {
+        assert!(
+            !Acl::parse("topic #\npattern read u/%u/#\n")
+                .unwrap()
+                .names_client_id()
+        );
+        assert!(
+            Acl::parse("pattern read d/%c/#\n")
+                .unwrap()
+                .names_client_id()
+        );
     }
 
     #[test]
@@ -586,7 +718,7 @@ pattern deny users/%u/private/#
         // "topic deny" with no filter is an error (empty filter).
         assert!(matches!(acl, AclError::Line { line: 3, .. }));
         let acl = Acl::parse("topic  read   a b/c\ntopic write\tw\n").unwrap();
-        assert!(acl.can_subscribe(who("c", None), "a b/c"));
+        assert_eq!(acl.subscription(who("c", None), "a b/c"), Full);
         assert!(acl.can_publish(who("c", None), "w"));
     }
 }

@@ -19,12 +19,12 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, Guard};
 use bytes::Bytes;
 use log::{error, info};
 
 use crate::config::Config;
-use crate::security::acl::{Acl, AclError, Who};
+use crate::security::acl::{Acl, AclError, Coverage, Who};
 use crate::security::password::{Hash, PasswordDb, PasswordError};
 
 /// Largest PBKDF2 iteration count verified on the shard itself: at the
@@ -231,9 +231,31 @@ impl Auth {
         !self.acl_enabled() || self.acl.load().can_publish(who, topic)
     }
 
-    /// May `who` subscribe to `filter`? Always true without an ACL file.
-    pub fn can_subscribe(&self, who: Who<'_>, filter: &str) -> bool {
-        !self.acl_enabled() || self.acl.load().can_subscribe(who, filter)
+    /// How much of `filter` `who` may read ([`Coverage`]): all of it
+    /// without an ACL file.
+    pub fn subscription(&self, who: Who<'_>, filter: &str) -> Coverage {
+        if self.acl_enabled() {
+            self.acl.load().subscription(who, filter)
+        } else {
+            Coverage::Full
+        }
+    }
+
+    /// May `who` receive a message on `topic`? Always true without an ACL
+    /// file. Asked per delivery only for clients with a
+    /// [`Coverage::Partial`] subscription.
+    pub fn can_read(&self, who: Who<'_>, topic: &str) -> bool {
+        !self.acl_enabled() || self.acl.load().can_read(who, topic)
+    }
+
+    /// Read checks of one message on `topic` for the subscribers it is
+    /// offered to ([`ReadChecker`]).
+    pub fn read_checker<'a>(&self, topic: &'a str) -> ReadChecker<'a> {
+        ReadChecker {
+            acl: self.acl_enabled().then(|| self.acl.load()),
+            topic,
+            last: None,
+        }
     }
 
     /// Re-reads the password and ACL files (SIGHUP). A file that fails to
@@ -261,6 +283,40 @@ impl Auth {
                 Err(e) => error!("SIGHUP: {e}; the previous ACL file stays in force"),
             }
         }
+    }
+}
+
+/// The read checks of one message's topic for the subscribers it is
+/// offered to: the ACL is loaded once, not per subscriber, and while no
+/// entry names the client id (`%c`) the answer depends on the user name
+/// alone, so the last user name's answer is kept (the subscribers of a
+/// fan-out are mostly one user, or all anonymous).
+pub struct ReadChecker<'a> {
+    /// The ACL in force; None without an ACL file (everything readable).
+    acl: Option<Guard<Arc<Acl>>>,
+    /// The message's topic.
+    topic: &'a str,
+    /// The last user name checked and its answer.
+    last: Option<(Option<Box<str>>, bool)>,
+}
+
+impl ReadChecker<'_> {
+    /// May `who` receive the message?
+    pub fn can_read(&mut self, who: Who<'_>) -> bool {
+        let Some(acl) = &self.acl else {
+            return true;
+        };
+        if acl.names_client_id() {
+            return acl.can_read(who, self.topic);
+        }
+        if let Some((username, answer)) = &self.last
+            && username.as_deref() == who.username
+        {
+            return *answer;
+        }
+        let answer = acl.can_read(who, self.topic);
+        self.last = Some((who.username.map(Box::from), answer));
+        answer
     }
 }
 
@@ -386,7 +442,42 @@ mod tests {
             username: None,
         };
         assert!(auth.can_publish(who, "a/b"));
-        assert!(auth.can_subscribe(who, "#"));
+        assert_eq!(auth.subscription(who, "#"), Coverage::Full);
+        assert!(auth.can_read(who, "a/b"));
+        assert!(auth.read_checker("a/b").can_read(who));
+    }
+
+    #[test]
+    fn a_read_checker_answers_per_user_name_and_per_client_with_client_id_patterns() {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        file.write_all(b"topic read a/#\nuser bob\ntopic read b/#\n")
+            .unwrap();
+        let config = Config {
+            acl_file: Some(file.path().to_path_buf()),
+            ..Config::default()
+        };
+        let auth = Auth::load(&config).unwrap();
+        let anon = Who {
+            client_id: "c1",
+            username: None,
+        };
+        let bob = Who {
+            client_id: "c2",
+            username: Some("bob"),
+        };
+        let mut checker = auth.read_checker("a/x");
+        for _ in 0..2 {
+            assert!(checker.can_read(anon));
+            assert!(!checker.can_read(bob));
+        }
+        std::fs::write(file.path(), "pattern read d/%c\n").unwrap();
+        auth.reload();
+        let mut checker = auth.read_checker("d/c1");
+        assert!(checker.can_read(anon));
+        assert!(!checker.can_read(Who {
+            client_id: "c3",
+            username: None
+        }));
     }
 
     #[test]

@@ -68,6 +68,10 @@ pub enum CloseReason {
     /// A Topic Alias of 0, over the announced maximum, or unknown with an
     /// empty topic (MQTT 5.0: DISCONNECT 0x94, §3.3.2.3.4).
     TopicAliasInvalid,
+    /// A QoS 0 PUBLISH whose Payload Format Indicator says UTF-8 and whose
+    /// payload is not (MQTT 5.0: DISCONNECT 0x99, §3.3.2.3.2; QoS 1/2 get
+    /// PUBACK / PUBREC 0x99 instead and stay connected).
+    PayloadFormatInvalid,
     /// No packet within 1.5 × keep-alive (§3.1.2.10).
     KeepAliveTimeout,
     /// A new connection with the same client id took over (§3.1.4).
@@ -104,6 +108,7 @@ impl CloseReason {
             CloseReason::TopicNameInvalid => ReasonCode::TOPIC_NAME_INVALID,
             CloseReason::ReceiveMaximumExceeded => ReasonCode::RECEIVE_MAXIMUM_EXCEEDED,
             CloseReason::TopicAliasInvalid => ReasonCode::TOPIC_ALIAS_INVALID,
+            CloseReason::PayloadFormatInvalid => ReasonCode::PAYLOAD_FORMAT_INVALID,
             CloseReason::KeepAliveTimeout => ReasonCode::KEEP_ALIVE_TIMEOUT,
             CloseReason::TakenOver => ReasonCode::SESSION_TAKEN_OVER,
             CloseReason::Shutdown => ReasonCode::SERVER_SHUTTING_DOWN,

@@ -21,6 +21,7 @@
 //! The state that survives the connection ([`SessionState`]) is `Send`, so it
 //! can move to another shard on take-over.
 
+pub mod alias;
 pub mod link;
 pub mod outqueue;
 
@@ -32,11 +33,12 @@ use bytestring::ByteString;
 use smallvec::SmallVec;
 
 use crate::protocol::Version;
-use crate::protocol::message::{Encoded, Message, MessageProperties};
+use crate::protocol::message::{AliasUse, Encoded, Message, MessageProperties};
 use crate::protocol::topic;
 use crate::protocol::v3::{self as codec, PacketId, QoS};
 use crate::protocol::v5::{Property, SubscriptionOptions};
 use crate::router::SharedFilter;
+use crate::session::alias::{AliasState, ServerAliases};
 use crate::session::link::Link;
 use crate::session::outqueue::{Frame, OutFrame, OutQueue};
 
@@ -143,6 +145,21 @@ pub struct Flows {
     /// client's Maximum Packet Size), where the session has no counters:
     /// the keep-alive sweep adds them to the shard's `publish_dropped`.
     pub unreported_drops: u32,
+    /// Set once a subscription was granted that the ACL covers only partly
+    /// (`security::acl::Coverage::Partial`): every message offered to the
+    /// session is then checked for read access first, under this identity.
+    /// Kept here, with the session, so that messages queued while it is
+    /// offline are checked too.
+    pub read_check: Option<ReadCheck>,
+}
+
+/// The client identity a session's per-delivery read checks use
+/// ([`Flows::read_check`]); the client id is the session's own.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReadCheck {
+    /// The user name the ACL sees (the CONNECT's, or the TLS identity), of
+    /// the latest connection.
+    pub username: Option<ByteString>,
 }
 
 /// The MQTT 5.0 options of one subscription that change its deliveries
@@ -203,6 +220,9 @@ pub struct Session {
     /// The protocol of the connection that owns it: how its frames are
     /// encoded (the session's last connection's, while offline).
     pub version: Version,
+    /// The Protocol Level of that connection's CONNECT: 3 (MQTT 3.1), 4
+    /// (3.1.1) or 5 (5.0), for the admin API (fits in padding).
+    pub protocol_level: u8,
     /// Session Expiry Interval in seconds (§3.1.2.11.2, §3.14.2.2.2): how
     /// long the session outlives its connection; 0 exactly when
     /// `clean_session`, [`SESSION_NEVER_EXPIRES`] for ever (3.1.1's
@@ -220,6 +240,10 @@ pub struct Session {
     /// larger than this is not sent but dropped and counted
     /// (MQTT-3.1.2-25); checked only for MQTT 5.0 sessions.
     pub max_packet_size: u32,
+    /// The Topic Aliases the broker assigned on the live connection (MQTT
+    /// 5.0, server to client): none until the connection allows them, and
+    /// forgotten with the connection (aliases are per connection).
+    pub server_aliases: ServerAliases,
     /// State that survives the connection.
     pub state: SessionState,
     /// Frames for the live connection; empty while offline.
@@ -228,6 +252,10 @@ pub struct Session {
     pub link: Option<Link>,
     /// True while this session is on the shard's list of sessions to flush.
     pub dirty: bool,
+    /// True when [`Flows::read_check`] is set: the one flag the fan-out
+    /// tests per delivery, so that sessions without a partly covered
+    /// subscription pay one branch (fits in padding).
+    pub read_check: bool,
 }
 
 impl Session {
@@ -238,6 +266,7 @@ impl Session {
             clean_session,
             claim: 0,
             version: Version::V3,
+            protocol_level: codec::PROTOCOL_LEVEL_V311,
             session_expiry: if clean_session {
                 0
             } else {
@@ -246,11 +275,32 @@ impl Session {
             offline_since: 0,
             receive_maximum: u16::MAX,
             max_packet_size: u32::MAX,
-            state,
+            server_aliases: ServerAliases::NONE,
             out: OutQueue::default(),
             link: None,
             dirty: false,
+            read_check: state.flows.as_ref().is_some_and(|f| f.read_check.is_some()),
+            state,
         }
+    }
+
+    /// From now on every message offered to this session is checked for
+    /// read access under `username` (it has a subscription the ACL covers
+    /// only partly); a later call, from a new connection, updates the
+    /// identity.
+    pub fn check_reads(&mut self, username: Option<ByteString>) {
+        self.flows().read_check = Some(ReadCheck { username });
+        self.read_check = true;
+    }
+
+    /// The user name of the per-delivery read checks, if the session has
+    /// them ([`Session::check_reads`]).
+    pub fn read_check_username(&self) -> Option<&str> {
+        self.state
+            .flows
+            .as_ref()
+            .and_then(|f| f.read_check.as_ref())
+            .and_then(|r| r.username.as_deref())
     }
 
     /// True while a connection is attached.
@@ -333,7 +383,11 @@ impl Session {
             if !self.is_online() {
                 return Delivery::Skipped;
             }
-            let (start, len) = encoded.qos0_frame(self.version);
+            let alias = self.alias_use(encoded);
+            let (start, len) = match alias {
+                Some(alias) => encoded.qos0_frame_aliased(alias),
+                None => encoded.qos0_frame(self.version),
+            };
             if self.too_large(len as usize) {
                 return Delivery::Dropped;
             }
@@ -343,6 +397,7 @@ impl Session {
                 return Delivery::Dropped;
             }
             self.out.push_batch(start, len);
+            self.remember_alias(alias, &message.topic);
             return Delivery::Queued;
         }
         let forwarded = Message {
@@ -354,13 +409,44 @@ impl Session {
             properties: message.properties.clone(),
         };
         if self.window_open(limits) && self.pending_is_empty() {
-            let shared = (
-                encoded.head(self.version, qos),
-                encoded.payload(self.version),
-            );
-            return self.start_inflight(forwarded, Some(shared));
+            let alias = self.alias_use(encoded);
+            let shared = match alias {
+                Some(alias) => encoded.aliased_publish(qos, alias),
+                None => (
+                    encoded.head(self.version, qos),
+                    encoded.payload(self.version),
+                ),
+            };
+            let delivery = self.start_inflight(forwarded, Some(shared));
+            if delivery == Delivery::Queued {
+                self.remember_alias(alias, &message.topic);
+            }
+            return delivery;
         }
         self.queue_pending(forwarded, limits)
+    }
+
+    /// The Topic Alias this delivery of `encoded` uses, when the connection
+    /// takes aliases from the broker (never for 3.1.1: its table is empty).
+    fn alias_use(&self, encoded: &mut Encoded<'_>) -> Option<AliasUse> {
+        let maximum = self.server_aliases.maximum()?;
+        let alias = encoded.alias_for(maximum);
+        let known = self.server_aliases.state(alias, &encoded.message.topic) == AliasState::Known;
+        Some(AliasUse { alias, known })
+    }
+
+    /// Records an alias that a just queued PUBLISH set for `topic` (nothing
+    /// for one already known or no alias): only once the frame is queued,
+    /// so a dropped frame never leaves the client without a mapping that
+    /// later frames rely on.
+    fn remember_alias(&mut self, alias: Option<AliasUse>, topic: &str) {
+        if let Some(AliasUse {
+            alias,
+            known: false,
+        }) = alias
+        {
+            self.server_aliases.remember(alias, topic);
+        }
     }
 
     /// [`Session::deliver`] for an MQTT 5.0 session: the same, unless the
@@ -756,6 +842,7 @@ impl Session {
     pub fn detach(&mut self) {
         self.link = None;
         self.out.clear();
+        self.server_aliases.clear();
         self.dirty = false;
     }
 }
@@ -885,6 +972,103 @@ mod tests {
         v5.link = Some(test_link());
         v5.reattach(&LIMITS);
         assert_eq!(written(&mut v5), b"\x3a\x09\x00\x03a/b\x00\x01\x00x");
+    }
+
+    /// An online MQTT 5.0 session that takes `maximum` aliases from the
+    /// broker.
+    fn online_v5(maximum: u16) -> Session {
+        let mut s = online();
+        s.version = Version::V5;
+        s.server_aliases = ServerAliases::new(maximum, 16);
+        s
+    }
+
+    /// Delivers `m` to every session in one step and returns what each
+    /// would write, and the batch's length (to see what was shared).
+    fn one_step(m: &Message, sessions: &mut [&mut Session], granted: QoS) -> (Vec<Vec<u8>>, usize) {
+        let mut batch = BytesMut::new();
+        let mut enc = Encoded::new(m, &mut batch);
+        for s in sessions.iter_mut() {
+            assert_eq!(s.deliver(&mut enc, granted, &LIMITS), Delivery::Queued);
+        }
+        drop(enc);
+        let chunk = crate::session::outqueue::Frame::from(&batch[..]);
+        let frames = sessions
+            .iter_mut()
+            .map(|s| {
+                s.out.seal(&chunk);
+                written(s)
+            })
+            .collect();
+        (frames, batch.len())
+    }
+
+    #[test]
+    fn a_server_alias_is_set_once_then_used_alone_and_the_frames_stay_shared() {
+        // Maximum 1: every topic maps to alias 1.
+        let m = msg(QoS::AtMostOnce, b"hi");
+        let (mut a, mut b) = (online_v5(1), online_v5(1));
+        let (frames, batch) = one_step(&m, &mut [&mut a, &mut b], QoS::AtMostOnce);
+        let first = b"\x30\x0b\x00\x03a/b\x03\x23\x00\x01hi";
+        assert_eq!(frames, vec![first.to_vec(), first.to_vec()]);
+        assert_eq!(batch, first.len(), "one frame for both subscribers");
+        let (frames, batch) = one_step(&m, &mut [&mut a, &mut b], QoS::AtMostOnce);
+        let later = b"\x30\x08\x00\x00\x03\x23\x00\x01hi";
+        assert_eq!(frames, vec![later.to_vec(), later.to_vec()]);
+        assert_eq!(batch, later.len());
+        // QoS 1: the shared head without the topic, the packet id, the
+        // tail with the alias.
+        let m1 = msg(QoS::AtLeastOnce, b"x");
+        let (frames, _) = one_step(&m1, &mut [&mut a], QoS::AtLeastOnce);
+        assert_eq!(frames[0], b"\x32\x09\x00\x00\x00\x01\x03\x23\x00\x01x");
+        // Another topic takes the alias over, with its topic; the first
+        // topic then comes with its topic again.
+        let other = Message {
+            topic: ByteString::from_static("c"),
+            ..msg(QoS::AtMostOnce, b"hi")
+        };
+        let (frames, _) = one_step(&other, &mut [&mut a], QoS::AtMostOnce);
+        assert_eq!(frames[0], b"\x30\x09\x00\x01c\x03\x23\x00\x01hi");
+        let (frames, _) = one_step(&m, &mut [&mut a], QoS::AtMostOnce);
+        assert_eq!(frames[0], first);
+    }
+
+    #[test]
+    fn no_alias_without_the_clients_maximum_or_for_3_1_1() {
+        let m = msg(QoS::AtMostOnce, b"hi");
+        let (mut v5, mut v3) = (online_v5(0), online());
+        for _ in 0..2 {
+            let (frames, _) = one_step(&m, &mut [&mut v5, &mut v3], QoS::AtMostOnce);
+            assert_eq!(frames[0], b"\x30\x08\x00\x03a/b\x00hi");
+            assert_eq!(frames[1], b"\x30\x07\x00\x03a/bhi");
+        }
+    }
+
+    #[test]
+    fn a_dropped_frame_sets_no_alias_and_a_new_connection_starts_without() {
+        let m = msg(QoS::AtMostOnce, b"hi");
+        let mut s = online_v5(4);
+        s.max_packet_size = 5;
+        let mut batch = BytesMut::new();
+        let mut enc = Encoded::new(&m, &mut batch);
+        assert_eq!(
+            s.deliver(&mut enc, QoS::AtMostOnce, &LIMITS),
+            Delivery::Dropped
+        );
+        drop(enc);
+        s.max_packet_size = u32::MAX;
+        let (frames, _) = one_step(&m, &mut [&mut s], QoS::AtMostOnce);
+        assert_eq!(&frames[0][..7], b"\x30\x0b\x00\x03a/b", "the topic, still");
+        // A QoS 1 message in flight is sent again after a reconnect with its
+        // topic and no alias (the new connection knows none).
+        let m1 = msg(QoS::AtLeastOnce, b"x");
+        let (frames, _) = one_step(&m1, &mut [&mut s], QoS::AtLeastOnce);
+        assert_eq!(&frames[0][..4], b"\x32\x09\x00\x00", "aliased");
+        s.detach();
+        s.link = Some(test_link());
+        s.server_aliases = ServerAliases::new(4, 16);
+        s.reattach(&LIMITS);
+        assert_eq!(written(&mut s), b"\x3a\x09\x00\x03a/b\x00\x01\x00x");
     }
 
     #[test]

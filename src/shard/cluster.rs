@@ -18,7 +18,7 @@ use crate::protocol::message::{Encoded, Message};
 use crate::protocol::topic;
 use crate::protocol::v3::QoS;
 use crate::session::link::{CloseReason, TICKS_PER_SEC};
-use crate::shard::{Ctx, Shard, offer};
+use crate::shard::{Ctx, Shard, offer, read_allowed};
 
 impl Ctx {
     /// Hands this step's publishes to the bridge, waiting at most the
@@ -136,10 +136,13 @@ impl Shard {
             stats,
             limits,
             batch,
+            auth,
             ..
         } = self;
         let mut dirty = Vec::new();
         let mut encoded = Encoded::new(message, batch);
+        // The ACL's read rules apply as for a local publish.
+        let mut reads = None;
         router.for_each_subscriber(filter, |key, _| {
             let Some(session) = sessions.get_mut(key as usize) else {
                 return;
@@ -155,7 +158,9 @@ impl Shard {
                     granted = granted.max(*qos);
                 }
             }
-            if smallest != Some(filter) {
+            if smallest != Some(filter)
+                || !read_allowed(session, &mut reads, auth, &message.topic, stats)
+            {
                 return;
             }
             if offer(session, &mut encoded, key, granted, limits, stats) {

@@ -40,7 +40,7 @@ use crate::protocol::v3::QoS;
 use crate::router::Router;
 use crate::router::retain::RetainStore;
 use crate::security::acl::Who;
-use crate::security::auth::Auth;
+use crate::security::auth::{Auth, ReadChecker};
 use crate::session::link::{CloseReason, TICKS_PER_SEC};
 use crate::session::outqueue::{Flushed, Frame};
 use crate::session::{Delivery, Limits, Session};
@@ -55,6 +55,16 @@ pub use crate::session::link::SessionKey;
 /// is processed before the next one starts, so one buffer serves all; an idle
 /// connection holds none).
 pub const READ_BUFFER_SIZE: usize = 64 * 1024;
+
+/// May `session` receive a message on `topic`: the per-delivery check of
+/// sessions with a partly covered subscription ([`Session::read_check`]).
+pub fn may_read(auth: &Auth, session: &Session, topic: &str) -> bool {
+    let who = Who {
+        client_id: &session.client_id,
+        username: session.read_check_username(),
+    };
+    auth.can_read(who, topic)
+}
 
 /// One core's broker state.
 pub struct Shard {
@@ -123,6 +133,31 @@ pub struct Shard {
     /// The shard's side of the NATS bridge (`shard::cluster`); `None` for
     /// a single node.
     pub cluster: Option<crate::cluster::link::ClusterLink>,
+}
+
+/// Whether `session` may read a message on `topic` (the ACL's read rules,
+/// checked only for sessions that need it; `reads` is made at the first
+/// such session of a fan-out); a refusal is counted.
+pub(crate) fn read_allowed<'a>(
+    session: &Session,
+    reads: &mut Option<ReadChecker<'a>>,
+    auth: &Auth,
+    topic: &'a str,
+    stats: &mut Counters,
+) -> bool {
+    if !session.read_check {
+        return true;
+    }
+    let reads = reads.get_or_insert_with(|| auth.read_checker(topic));
+    let who = Who {
+        client_id: &session.client_id,
+        username: session.read_check_username(),
+    };
+    if reads.can_read(who) {
+        return true;
+    }
+    stats.read_denied += 1;
+    false
 }
 
 /// Offers the message of `encoded` to `session` (key `key`) at QoS
@@ -351,7 +386,10 @@ impl Shard {
 
     /// [`Shard::route`] of a message published by session `origin` of this
     /// shard. MQTT 5.0 subscribers go through [`Session::deliver_v5`]
-    /// (subscription options): one version check per delivery.
+    /// (subscription options): one version check per delivery. A session
+    /// with a subscription the ACL covers only partly
+    /// ([`Session::read_check`]) gets the message only if the ACL lets it
+    /// read the topic: one flag test per delivery for the others.
     fn route_from(&mut self, message: &Message, origin: Option<SessionKey>) {
         if message.retain {
             self.retained.apply(message);
@@ -363,14 +401,20 @@ impl Shard {
             stats,
             limits,
             batch,
+            auth,
             ..
         } = self;
         let mut encoded = Encoded::new(message, batch);
         encoded.origin = origin;
+        // Made at the first session with read checks only.
+        let mut reads: Option<ReadChecker<'_>> = None;
         router.for_each_match(&message.topic, |key, granted| {
             let Some(session) = sessions.get_mut(key as usize) else {
                 return;
             };
+            if !read_allowed(session, &mut reads, auth, &message.topic, stats) {
+                return;
+            }
             if offer(session, &mut encoded, key, granted, limits, stats) && !session.dirty {
                 session.dirty = true;
                 dirty.push(key);

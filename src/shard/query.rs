@@ -102,6 +102,9 @@ pub struct ClientInfo {
     pub shard: usize,
     /// When the connection attached, Unix seconds (None while offline).
     pub connected_since: Option<u64>,
+    /// The MQTT version of its (latest) connection, as CONNECT's Protocol
+    /// Level: 3 (MQTT 3.1), 4 (3.1.1) or 5 (5.0).
+    pub protocol_version: u8,
     /// The CleanSession flag.
     pub clean_session: bool,
     /// Keep-alive in seconds (None while offline).
@@ -254,6 +257,7 @@ impl Shard {
                 .map(|a| a.to_string()),
             shard: self.id,
             connected_since: link.map(|l| self.unix_seconds_at(l.connected_at)),
+            protocol_version: session.protocol_level,
             clean_session: session.clean_session,
             keep_alive: link.map(|l| l.keep_alive),
             subscriptions: session.state.subscriptions.len(),

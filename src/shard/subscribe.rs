@@ -14,20 +14,21 @@ use crate::protocol::Version;
 use crate::protocol::topic;
 use crate::protocol::v3::{self as codec, Subscribe};
 use crate::protocol::v5::{self, ReasonCode, RetainHandling, SubscriptionOptions};
-use crate::security::acl::Who;
+use crate::security::acl::{Coverage, Who};
 use crate::session::Delivery;
 use crate::session::outqueue::{Frame, OutFrame};
-use crate::shard::{SessionKey, Shard};
+use crate::shard::{SessionKey, Shard, may_read};
 
 /// How an MQTT 5.0 shared subscription's filter starts (§4.8.2).
 const SHARED_SUBSCRIPTION_PREFIX: &str = "$share/";
 
 impl Shard {
     /// SUBSCRIBE (§3.8): adds each valid filter the ACL allows (`username`:
-    /// the client's, for the ACL), answers SUBACK with the granted QoS or a
-    /// failure per filter (3.1.1: 0x80; 5.0: 0x8F Topic Filter invalid,
-    /// 0x97 Quota exceeded, 0x87 Not authorized), then sends matching
-    /// retained messages. A 3.1.1 SUBSCRIBE: every filter with the default
+    /// the client's, for the ACL; a filter it covers only partly makes the
+    /// session check read access per delivery), answers SUBACK with the
+    /// granted QoS or a failure per filter (3.1.1: 0x80; 5.0: 0x8F Topic
+    /// Filter invalid, 0x97 Quota exceeded, 0x87 Not authorized), then
+    /// sends matching retained messages. A 3.1.1 SUBSCRIBE: every filter with the default
     /// options.
     pub fn subscribe(&mut self, key: SessionKey, subscribe: Subscribe, username: Option<&str>) {
         let filters = subscribe
@@ -116,12 +117,19 @@ impl Shard {
                 codes.push(ReasonCode::QUOTA_EXCEEDED);
                 continue;
             }
-            if self.auth.acl_enabled() {
+            let coverage = if self.auth.acl_enabled() {
                 let who = Who {
                     client_id: &session.client_id,
                     username,
                 };
-                if !self.auth.can_subscribe(who, &filter) {
+                self.auth.subscription(who, &filter)
+            } else {
+                Coverage::Full
+            };
+            match coverage {
+                Coverage::Full => {}
+                Coverage::Partial => session.check_reads(username.map(ByteString::from)),
+                Coverage::None => {
                     limited!(
                         SubscribeRefused,
                         debug,
@@ -147,7 +155,7 @@ impl Shard {
                 RetainHandling::DoNotSend => false,
             };
             if send_retained {
-                granted_filters.push((filter, qos));
+                granted_filters.push((filter, qos, coverage == Coverage::Partial));
             }
         }
         let Some(session) = self.sessions.get_mut(key as usize) else {
@@ -178,19 +186,28 @@ impl Shard {
             log::error!("cannot encode SUBACK: {e}");
         }
         session.out.push(OutFrame::whole(Frame::from(&suback[..])));
-        // Retained messages go after the SUBACK (§3.3.1.3).
+        // Retained messages go after the SUBACK (§3.3.1.3); those of a
+        // partly covered filter only where the ACL lets the client read.
         let limits = self.limits;
-        for (filter, granted) in granted_filters {
+        for (filter, granted, partial) in granted_filters {
             let Shard {
-                retained, sessions, ..
+                retained,
+                sessions,
+                auth,
+                stats,
+                ..
             } = self;
             let Some(session) = sessions.get_mut(key as usize) else {
                 return;
             };
             let identifiers: &[NonZeroU32] = identifier.as_slice();
             retained.for_each_match(&filter, |m| {
+                if partial && !may_read(auth, session, &m.topic) {
+                    stats.read_denied += 1;
+                    return;
+                }
                 if session.deliver_retained(m, granted, identifiers, &limits) == Delivery::Dropped {
-                    self.stats.publish_dropped += 1;
+                    stats.publish_dropped += 1;
                 }
             });
         }

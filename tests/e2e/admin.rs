@@ -209,6 +209,37 @@ fn metrics_and_stats_match_what_clients_did() {
 }
 
 #[test]
+fn each_client_shows_the_mqtt_version_it_connected_with() {
+    use crate::common::{ConnectBuilder, Raw, packet, string};
+    let broker = Broker::start();
+    let _v311 = Mqtt::connect(broker.port, "proto-4");
+    let (_v31, connack) = Raw::connect_with(
+        broker.port,
+        &ConnectBuilder::new("proto-3").protocol(b"MQIsdp", 3),
+    );
+    assert_eq!(connack, [0x20, 2, 0, 0], "MQTT 3.1 accepted");
+    let mut v5 = Raw::tcp(broker.port);
+    let mut connect = string(b"MQTT");
+    connect.extend([5, 0x02, 0, 60, 0]);
+    connect.extend(string(b"proto-5"));
+    v5.send(&packet(0x10, &connect));
+    assert_eq!(v5.expect_packet().kind(), 2, "MQTT 5.0 CONNACK");
+    for (id, level) in [("proto-3", 3), ("proto-4", 4), ("proto-5", 5)] {
+        let client = get_json(&broker, &format!("/api/v1/clients/{id}"));
+        assert_eq!(client["protocol_version"], level, "{client}");
+    }
+    let list = get_json(&broker, "/api/v1/clients");
+    let mut levels: Vec<u64> = list["clients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["protocol_version"].as_u64().unwrap())
+        .collect();
+    levels.sort_unstable();
+    assert_eq!(levels, [3, 4, 5], "{list}");
+}
+
+#[test]
 fn clients_paging_one_client_and_disconnect() {
     let mut broker = Broker::start();
     let mut clients: Vec<Mqtt> = (0..5)

@@ -368,10 +368,11 @@ fn acl_drops_denied_publishes_after_their_puback_and_refuses_filters_in_suback()
         ]
     );
 
-    // SUBSCRIBE: 0x80 for each denied filter, the others granted.
+    // SUBSCRIBE: 0x80 for each filter nothing of which is readable, the
+    // others granted (a filter over a denied topic too, as in Mosquitto).
     assert_eq!(
         alice.subscribe_many(&[
-            ("alice/#", QoS::AtLeastOnce),            // overlaps the deny
+            ("alice/#", QoS::AtLeastOnce),            // overlaps the deny: granted
             ("alice/inbox/+", QoS::AtLeastOnce),      // covered
             ("users/alice/#", QoS::AtMostOnce),       // pattern %u
             ("users/bob/#", QoS::AtMostOnce),         // another user's
@@ -379,7 +380,7 @@ fn acl_drops_denied_publishes_after_their_puback_and_refuses_filters_in_suback()
             ("devices/dev1/status", QoS::AtMostOnce), // write-only pattern
         ]),
         vec![
-            SubscribeReasonCode::Failure,
+            SubscribeReasonCode::Success(QoS::AtLeastOnce),
             SubscribeReasonCode::Success(QoS::AtLeastOnce),
             SubscribeReasonCode::Success(QoS::AtMostOnce),
             SubscribeReasonCode::Failure,
@@ -396,12 +397,13 @@ fn acl_drops_denied_publishes_after_their_puback_and_refuses_filters_in_suback()
     let p = alice.expect_publish();
     assert_eq!(p.topic, "alice/inbox/2");
 
-    // Anonymous (raw): public/# readable, not writable; QoS 1 still PUBACKed.
+    // Anonymous (raw): public/# readable, not writable; QoS 1 still PUBACKed;
+    // "#" granted (public/# is in it), "alice/#" refused (nothing in it).
     let (mut anon, connack) = raw_connect(port, "anon-1", None, None);
     assert_eq!(connack, CONNACK_ACCEPTED);
     assert_eq!(
-        anon.subscribe(1, &[("public/#", 1), ("#", 0)]),
-        vec![1, 0x80]
+        anon.subscribe(1, &[("public/#", 1), ("#", 0), ("alice/#", 0)]),
+        vec![1, 0, 0x80]
     );
     anon.send(&crate::common::publish(
         b"public/x",
@@ -604,4 +606,93 @@ fn denied_qos2_and_retained_publishes_complete_their_flow_and_leave_nothing() {
     assert_eq!((first.topic.as_str(), first.retain), ("alice/kept", true));
     alice.ping();
     bob.ping();
+}
+
+/// Mosquitto's read semantics: a wildcard over a denied topic is granted and
+/// only the denied topic's messages are withheld.
+const PARTIAL_ACL: &str = "\
+# anonymous clients: everything but secret/x
+topic readwrite #
+topic deny secret/x
+
+user admin
+topic readwrite #
+
+user dev
+pattern read devices/%c/status
+";
+
+#[test]
+fn acl_wildcards_over_a_denied_topic_are_granted_and_withhold_only_it() {
+    use crate::common::connect_spread;
+    let files = acl_setup(PARTIAL_ACL);
+    let broker = Broker::builder()
+        .config(&config(None, Some(&files.acl), ""))
+        .start();
+    let port = broker.port;
+    // admin (no password file: any password) writes everything, retained
+    // messages first: acknowledged once every shard holds them.
+    let mut admin = login(port, "admin-1", "admin", "x");
+    admin.publish_acked("secret/x", true, b"hidden");
+    admin.publish_acked("r/ok", true, b"kept");
+    // Anonymous subscribers on both shards: "+/+" is granted, the denied
+    // topic alone refused (3.1.1: 0x80).
+    let mut subscribers = connect_spread(&broker, "wild", 2, 16);
+    for (client, _) in &mut subscribers {
+        assert_eq!(
+            client.subscribe_many(&[("+/+", QoS::AtLeastOnce), ("secret/x", QoS::AtMostOnce)]),
+            vec![
+                SubscribeReasonCode::Success(QoS::AtLeastOnce),
+                SubscribeReasonCode::Failure
+            ]
+        );
+    }
+    for (topic, qos) in [
+        ("secret/x", QoS::AtLeastOnce),
+        ("a/b", QoS::AtLeastOnce),
+        ("secret/x", QoS::AtMostOnce),
+        ("secret/y", QoS::AtMostOnce),
+        ("x/end", QoS::AtLeastOnce),
+    ] {
+        admin.publish(topic, qos, false, b"m");
+    }
+    for (client, shard) in &mut subscribers {
+        let got = client.collect_until("x/end");
+        let retained: Vec<String> = got
+            .iter()
+            .filter(|p| p.retain)
+            .map(|p| p.topic.clone())
+            .collect();
+        assert_eq!(
+            retained,
+            ["r/ok"],
+            "retained secret/x withheld (shard {shard})"
+        );
+        let live: Vec<String> = got
+            .iter()
+            .filter(|p| !p.retain)
+            .map(|p| p.topic.clone())
+            .collect();
+        assert_eq!(live, ["a/b", "secret/y", "x/end"], "shard {shard}");
+    }
+    // admin's own "+/+" is fully covered: it gets secret/x.
+    assert_eq!(
+        admin.subscribe("+/+", QoS::AtLeastOnce),
+        vec![SubscribeReasonCode::Success(QoS::AtLeastOnce)]
+    );
+    admin.publish("secret/x", QoS::AtLeastOnce, false, b"m");
+    let got: Vec<String> = topics(&admin.collect_until("secret/x"));
+    assert!(got.contains(&"secret/x".to_string()), "{got:?}");
+
+    // Patterns: dev's "devices/+/status" covers other clients' devices too;
+    // granted, and each message is read-checked with its own client id.
+    let mut dev = login(port, "d1", "dev", "x");
+    assert_eq!(
+        dev.subscribe("devices/+/status", QoS::AtLeastOnce),
+        vec![SubscribeReasonCode::Success(QoS::AtLeastOnce)]
+    );
+    admin.publish_acked("devices/d2/status", false, b"other");
+    admin.publish_acked("devices/d1/status", false, b"own");
+    let got = dev.collect_until("devices/d1/status");
+    assert_eq!(topics(&got), ["devices/d1/status"]);
 }

@@ -31,6 +31,7 @@ pub struct BrokerBuilder {
     env: Vec<(String, std::ffi::OsString)>,
     affinity: Option<Vec<usize>>,
     http: bool,
+    args: Vec<String>,
 }
 
 impl BrokerBuilder {
@@ -50,6 +51,12 @@ impl BrokerBuilder {
     /// TOML text for `--config` (e.g. `"sys_interval_secs = 1"`).
     pub fn config(mut self, toml: &str) -> Self {
         self.config = toml.to_string();
+        self
+    }
+
+    /// One more command-line argument (after the harness's own).
+    pub fn arg(mut self, arg: &str) -> Self {
+        self.args.push(arg.to_string());
         self
     }
 
@@ -98,6 +105,7 @@ impl BrokerBuilder {
         if let Some(file) = &config_file {
             cmd.arg("--config").arg(file.path());
         }
+        cmd.args(&self.args);
         for (key, value) in &self.env {
             cmd.env(key, value);
         }
@@ -247,6 +255,7 @@ impl Broker {
             env: Vec::new(),
             affinity: None,
             http: true,
+            args: Vec::new(),
         }
     }
 
@@ -734,6 +743,19 @@ impl Raw {
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(e) => return Err(format!("closed ({e})")),
             }
+        }
+    }
+
+    /// The client, after CONNECT was sent, if CONNACK 0 comes back; None if
+    /// the broker closes the socket instead (a refusal at accept).
+    pub fn accepted(mut self) -> Option<Raw> {
+        match self.read_packet(TIMEOUT) {
+            Ok(Some(p)) => {
+                assert_eq!(p.bytes(), CONNACK_OK, "unexpected answer to CONNECT");
+                Some(self)
+            }
+            Ok(None) => panic!("no CONNACK and no close within {TIMEOUT:?}"),
+            Err(_) => None,
         }
     }
 

@@ -12,6 +12,7 @@ mod limits;
 mod mqtt5;
 mod park;
 mod protocol;
+mod proxy;
 mod qos;
 mod reliability;
 mod retain_will;

@@ -475,7 +475,11 @@ fn publish_v5_qos1(topic: &str, packet_id: u16, payload: &[u8]) -> Vec<u8> {
 fn v5_reason_codes_for_invalid_and_denied_filters_and_publishes() {
     // rumqttc ends its connection at a failing SUBACK: raw bytes here.
     let acl = tempfile::NamedTempFile::new().expect("acl file");
-    std::fs::write(acl.path(), "topic readwrite open/#\n").expect("write acl");
+    std::fs::write(
+        acl.path(),
+        "topic readwrite open/#\ntopic deny open/secret\n",
+    )
+    .expect("write acl");
     let broker = Broker::builder()
         .config(&format!("acl_file = {:?}\n", acl.path()))
         .start();
@@ -484,6 +488,9 @@ fn v5_reason_codes_for_invalid_and_denied_filters_and_publishes() {
         (1u8, "open/x", 1u8),
         (2, "closed/x", 0x87),
         (3, "open/#/x", 0x8f),
+        // Over the denied topic: granted, open/secret withheld per message.
+        (4, "open/+", 1),
+        (5, "open/secret", 0x87),
     ] {
         raw.send(&subscribe_v5(u16::from(id), filter, 1));
         assert_eq!(
@@ -496,7 +503,7 @@ fn v5_reason_codes_for_invalid_and_denied_filters_and_publishes() {
     // allowed one with the short Success form.
     raw.send(&publish_v5_qos1("closed/x", 7, b"no"));
     assert_eq!(raw.expect_packet().bytes(), vec![0x40, 3, 0, 7, 0x87]);
-    raw.send(&publish_v5_qos1("open/y", 8, b"yes"));
+    raw.send(&publish_v5_qos1("open/y/z", 8, b"yes"));
     assert_eq!(raw.expect_packet().bytes(), vec![0x40, 2, 0, 8]);
     // UNSUBACK: Success, then No subscription existed.
     let mut body = vec![0, 9, 0];
@@ -584,6 +591,245 @@ fn v5_topic_aliases_from_the_client_up_to_the_maximum() {
     raw.expect_closed();
 }
 
+/// An MQTT 5.0 CONNECT with keep-alive 60, Clean Start as `clean`, and
+/// `properties` (already encoded, at most 127 bytes).
+fn connect_v5_with(client_id: &str, clean: bool, properties: &[u8]) -> Vec<u8> {
+    let mut body = string(b"MQTT");
+    body.extend([5, if clean { 0x02 } else { 0x00 }, 0, 60]);
+    body.push(u8::try_from(properties.len()).unwrap());
+    body.extend(properties);
+    body.extend(string(client_id.as_bytes()));
+    packet(0x10, &body)
+}
+
+/// The Topic Alias Maximum property (0x22) for a CONNECT.
+fn topic_alias_maximum(maximum: u16) -> Vec<u8> {
+    let mut property = vec![0x22];
+    property.extend(maximum.to_be_bytes());
+    property
+}
+
+/// A raw MQTT 5.0 client past CONNACK, connected with `connect`.
+fn raw_v5_with(port: u16, connect: &[u8]) -> Raw {
+    let mut raw = Raw::tcp(port);
+    raw.send(connect);
+    let connack = raw.expect_packet();
+    assert_eq!(
+        (connack.kind(), connack.bytes()[3]),
+        (2, 0),
+        "CONNACK Success"
+    );
+    raw
+}
+
+/// A raw clean-start MQTT 5.0 client past CONNACK that allows `maximum`
+/// Topic Aliases from the broker.
+fn raw_v5_aliased(port: u16, client_id: &str, maximum: u16) -> Raw {
+    raw_v5_with(
+        port,
+        &connect_v5_with(client_id, true, &topic_alias_maximum(maximum)),
+    )
+}
+
+/// Connects clients `{prefix}-0`, `{prefix}-1`, ... with `connect` until one
+/// is on another shard than `shard`; returns it and its client id.
+fn on_other_shard<T>(
+    broker: &Broker,
+    prefix: &str,
+    shard: usize,
+    mut connect: impl FnMut(&str) -> T,
+) -> (T, String) {
+    for i in 0..64 {
+        let id = format!("{prefix}-{i}");
+        let client = connect(&id);
+        if broker.shard_of(&id) != shard {
+            return (client, id);
+        }
+    }
+    panic!("64 connections of {prefix} all on shard {shard}");
+}
+
+/// An MQTT 5.0 PUBLISH as the wire has it: (topic, packet id or 0,
+/// properties without their length, payload).
+fn v5_publish_parts(p: &RawPacket) -> (String, u16, Vec<u8>, Vec<u8>) {
+    assert_eq!(p.kind(), 3, "not a PUBLISH: {p:?}");
+    let body = &p.body;
+    let len = usize::from(u16::from_be_bytes([body[0], body[1]]));
+    let topic = String::from_utf8(body[2..2 + len].to_vec()).unwrap();
+    let mut at = 2 + len;
+    let mut packet_id = 0;
+    if (p.first >> 1) & 3 > 0 {
+        packet_id = u16::from_be_bytes([body[at], body[at + 1]]);
+        at += 2;
+    }
+    let properties_len = usize::from(body[at]);
+    assert!(properties_len < 128, "short properties in these tests");
+    let properties = body[at + 1..at + 1 + properties_len].to_vec();
+    let payload = body[at + 1 + properties_len..].to_vec();
+    (topic, packet_id, properties, payload)
+}
+
+#[test]
+fn server_topic_aliases_are_resolved_by_a_rumqttc_client_across_shards() {
+    let broker = Broker::start();
+    let publisher = V5::connect(broker.port, "sa-pub");
+    let pub_shard = broker.shard_of("sa-pub");
+    let (mut sub, _) = on_other_shard(&broker, "sa-sub", pub_shard, |id| {
+        let mut options = V5::options(broker.port, id);
+        options.set_topic_alias_max(Some(3));
+        V5::connect_with(options).0
+    });
+    sub.subscribe("alias/server/side/#", QoS5::AtLeastOnce);
+    // Five topics over at most three aliases: aliases are set, used and
+    // taken over by other topics.
+    let topics: Vec<String> = (0..5)
+        .map(|t| format!("alias/server/side/a/rather/long/topic/name/{t}"))
+        .collect();
+    const COUNT: usize = 60;
+    for n in 0..COUNT {
+        let qos = if n % 2 == 0 {
+            QoS5::AtMostOnce
+        } else {
+            QoS5::AtLeastOnce
+        };
+        publisher.publish(&topics[(n / 2) % 5], qos, false, n.to_string().as_bytes());
+    }
+    let mut got: Vec<(usize, String)> = (0..COUNT)
+        .map(|_| {
+            let p = sub.expect_publish();
+            let n: usize = String::from_utf8_lossy(&p.payload).parse().unwrap();
+            (n, topic_of(&p))
+        })
+        .collect();
+    got.sort();
+    let expected: Vec<(usize, String)> = (0..COUNT)
+        .map(|n| (n, topics[(n / 2) % 5].clone()))
+        .collect();
+    assert_eq!(got, expected, "every message with its own topic");
+    assert!(sub.recv_publish(Duration::from_millis(100)).is_none());
+}
+
+#[test]
+fn server_topic_aliases_on_the_wire_and_none_without_the_clients_maximum() {
+    let broker = Broker::start();
+    let mut publisher = raw_v5(broker.port, "sw-pub");
+    let pub_shard = broker.shard_of("sw-pub");
+    let (mut aliased, _) = on_other_shard(&broker, "sw-aliased", pub_shard, |id| {
+        raw_v5_aliased(broker.port, id, 3)
+    });
+    let (mut plain, _) =
+        on_other_shard(&broker, "sw-plain", pub_shard, |id| raw_v5(broker.port, id));
+    for sub in [&mut aliased, &mut plain] {
+        sub.send(&subscribe_v5(1, "wire/#", 1));
+        assert_eq!(sub.expect_packet().bytes(), vec![0x90, 4, 0, 1, 0, 1]);
+    }
+    let topic = "wire/a/topic/long/enough/to/be/worth/an/alias";
+    for n in 0..3u8 {
+        publisher.send(&packet(
+            0x30,
+            &[string(topic.as_bytes()), vec![0, n]].concat(),
+        ));
+    }
+    publisher.send(&publish_v5_qos1(topic, 7, b"q1"));
+    assert_eq!(publisher.expect_packet().bytes(), vec![0x40, 2, 0, 7]);
+    // The first carries topic and alias, the later ones the alias alone.
+    let first = aliased.expect_packet();
+    let (t, _, properties, payload) = v5_publish_parts(&first);
+    assert_eq!((t.as_str(), payload), (topic, vec![0]));
+    assert_eq!(properties.len(), 3, "one Topic Alias: {properties:?}");
+    assert_eq!(properties[0], 0x23);
+    let alias = u16::from_be_bytes([properties[1], properties[2]]);
+    assert!(
+        (1..=3).contains(&alias),
+        "alias {alias} within the maximum 3"
+    );
+    for n in 1..3u8 {
+        let later = aliased.expect_packet();
+        assert_eq!(
+            v5_publish_parts(&later),
+            (String::new(), 0, properties.clone(), vec![n])
+        );
+        assert!(later.bytes().len() + topic.len() == first.bytes().len());
+    }
+    let qos1 = aliased.expect_packet();
+    let (t, packet_id, p, payload) = v5_publish_parts(&qos1);
+    assert_eq!((t.as_str(), &p, payload), ("", &properties, b"q1".to_vec()));
+    aliased.send(&ack(0x40, packet_id));
+    // A client that did not allow aliases gets every topic, never an alias.
+    for n in 0..3u8 {
+        assert_eq!(
+            v5_publish_parts(&plain.expect_packet()),
+            (topic.to_string(), 0, vec![], vec![n])
+        );
+    }
+    let (t, packet_id, p, _) = v5_publish_parts(&plain.expect_packet());
+    assert_eq!((t.as_str(), p), (topic, vec![]));
+    plain.send(&ack(0x40, packet_id));
+}
+
+#[test]
+fn server_topic_aliases_0_turns_them_off() {
+    let broker = Broker::builder()
+        .config("server_topic_aliases = 0\n")
+        .start();
+    let mut publisher = raw_v5(broker.port, "so-pub");
+    let pub_shard = broker.shard_of("so-pub");
+    let (mut sub, _) = on_other_shard(&broker, "so-sub", pub_shard, |id| {
+        raw_v5_aliased(broker.port, id, 10)
+    });
+    sub.send(&subscribe_v5(1, "off/#", 0));
+    assert_eq!(sub.expect_packet().bytes(), vec![0x90, 4, 0, 1, 0, 0]);
+    for n in 0..3u8 {
+        publisher.send(&packet(0x30, &[string(b"off/t"), vec![0, n]].concat()));
+    }
+    for n in 0..3u8 {
+        assert_eq!(
+            v5_publish_parts(&sub.expect_packet()),
+            ("off/t".to_string(), 0, vec![], vec![n])
+        );
+    }
+}
+
+#[test]
+fn a_message_sent_again_after_a_reconnect_has_its_topic_not_an_alias() {
+    let broker = Broker::start();
+    let mut publisher = raw_v5(broker.port, "sr-pub");
+    let pub_shard = broker.shard_of("sr-pub");
+    let mut properties = vec![0x11, 0, 0, 0, 60];
+    properties.extend(topic_alias_maximum(5));
+    let (mut sub, id) = on_other_shard(&broker, "sr-sub", pub_shard, |id| {
+        raw_v5_with(broker.port, &connect_v5_with(id, false, &properties))
+    });
+    sub.send(&subscribe_v5(1, "again/#", 1));
+    assert_eq!(sub.expect_packet().bytes(), vec![0x90, 4, 0, 1, 0, 1]);
+    let topic = "again/the/same/topic";
+    for n in 1..=2u16 {
+        publisher.send(&publish_v5_qos1(topic, n, &[n as u8]));
+        assert_eq!(publisher.expect_packet().bytes(), vec![0x40, 2, 0, n as u8]);
+    }
+    let (t1, _, alias, _) = v5_publish_parts(&sub.expect_packet());
+    let (t2, _, alias2, _) = v5_publish_parts(&sub.expect_packet());
+    assert_eq!((t1.as_str(), t2.as_str()), (topic, ""));
+    assert_eq!(alias.len(), 3);
+    assert_eq!(alias, alias2);
+    // Gone without acknowledging either; back on a new connection, which
+    // knows no alias: both again with DUP and their topic.
+    sub.reset();
+    let mut sub = raw_v5_with(broker.port, &connect_v5_with(&id, false, &properties));
+    for n in 1..=2u8 {
+        let p = sub.expect_packet();
+        assert_eq!(p.first & 0x08, 0x08, "DUP");
+        let (t, packet_id, props, payload) = v5_publish_parts(&p);
+        assert_eq!((t.as_str(), props, payload), (topic, vec![], vec![n]));
+        sub.send(&ack(0x40, packet_id));
+    }
+    // A new message sets the alias again, with the topic.
+    publisher.send(&publish_v5_qos1(topic, 3, b"new"));
+    let (t, packet_id, props, _) = v5_publish_parts(&sub.expect_packet());
+    assert_eq!((t.as_str(), props.len(), props[0]), (topic, 3, 0x23));
+    sub.send(&ack(0x40, packet_id));
+}
+
 #[test]
 fn a_v5_payload_that_breaks_its_format_indicator_gets_0x99() {
     let broker = Broker::start();
@@ -593,6 +839,40 @@ fn a_v5_payload_that_breaks_its_format_indicator_gets_0x99() {
     body.extend([0xff, 0xfe]);
     raw.send(&packet(0x32, &body));
     assert_eq!(raw.expect_packet().bytes(), vec![0x40, 3, 0, 5, 0x99]);
+    // QoS 2: PUBREC 0x99, the flow ends there; the connection stays.
+    let mut body = string(b"pfi");
+    body.extend([0, 6, 2, 0x01, 1]);
+    body.extend([0xc3, 0x28]);
+    raw.send(&packet(0x34, &body));
+    assert_eq!(raw.expect_packet().bytes(), vec![0x50, 3, 0, 6, 0x99]);
+    // A valid UTF-8 payload with the indicator is accepted.
+    let mut body = string(b"pfi");
+    body.extend([0, 7, 2, 0x01, 1]);
+    body.extend("é".as_bytes());
+    raw.send(&packet(0x32, &body));
+    assert_eq!(raw.expect_packet().bytes(), vec![0x40, 2, 0, 7]);
+    // QoS 0 has no acknowledgement to carry the reason: DISCONNECT 0x99,
+    // this connection only; nothing reaches a subscriber.
+    let mut sub = V5::connect(broker.port, "pfi-sub");
+    sub.subscribe("pfi", QoS5::AtMostOnce);
+    let mut body = string(b"pfi");
+    body.extend([2, 0x01, 1]);
+    body.push(0xff);
+    raw.send(&packet(0x30, &body));
+    assert_eq!(raw.expect_packet().bytes(), vec![0xe0, 1, 0x99]);
+    raw.expect_closed();
+    let mut other = raw_v5(broker.port, "pfi-2");
+    let mut body = string(b"pfi");
+    body.extend([0, 8, 0]);
+    body.extend(b"after");
+    other.send(&packet(0x32, &body));
+    assert_eq!(other.expect_packet().bytes(), vec![0x40, 2, 0, 8]);
+    let got = sub.expect_publish();
+    assert_eq!(
+        &got.payload[..],
+        b"after",
+        "the invalid QoS 0 was not forwarded"
+    );
 }
 
 /// An MQTT 5.0 CONNECT without Clean Start, with a Session Expiry Interval
@@ -994,4 +1274,90 @@ fn a_publish_to_a_wildcard_topic_is_disconnect_0x90() {
     raw.send(&packet(0x30, &body));
     assert_eq!(raw.expect_packet().bytes(), vec![0xe0, 1, 0x90]);
     raw.expect_closed();
+}
+
+/// A clean-start client asking for Response Information (or not).
+fn connect_asking_response_information(port: u16, client_id: &str, ask: bool) -> (V5, ConnAck) {
+    let mut options = V5::options(port, client_id);
+    options.set_request_response_info(ask.then_some(1));
+    V5::connect_with(options)
+}
+
+/// The Response Information of a CONNACK.
+fn response_information(connack: &ConnAck) -> Option<String> {
+    connack
+        .properties
+        .as_ref()
+        .and_then(|p| p.response_information.clone())
+}
+
+#[test]
+fn response_information_only_when_asked_for_and_configured() {
+    let broker = Broker::builder()
+        .config("response_information = \"reply/%c/\"\n")
+        .start();
+    let (_asks, connack) = connect_asking_response_information(broker.port, "rr-asks", true);
+    assert_eq!(
+        response_information(&connack).as_deref(),
+        Some("reply/rr-asks/")
+    );
+    let (_silent, connack) = connect_asking_response_information(broker.port, "rr-silent", false);
+    assert_eq!(response_information(&connack), None, "not asked for");
+    let plain = Broker::start();
+    let (_asks, connack) = connect_asking_response_information(plain.port, "rr-asks", true);
+    assert_eq!(response_information(&connack), None, "not configured");
+}
+
+#[test]
+fn a_request_and_its_response_carry_response_topic_and_correlation_data_across_shards() {
+    let broker = Broker::builder()
+        .config("response_information = \"reply/%c/\"\n")
+        .start();
+    let (mut requester, connack) = connect_asking_response_information(broker.port, "req-1", true);
+    let base = response_information(&connack).expect("Response Information");
+    let response_topic = format!("{base}answer");
+    requester.subscribe(&response_topic, QoS5::AtLeastOnce);
+    // The responder on the other shard.
+    let requester_shard = broker.shard_of("req-1");
+    let mut responder = (0..16)
+        .find_map(|i| {
+            let id = format!("svc-{i}");
+            let client = V5::connect(broker.port, &id);
+            (broker.shard_of(&id) != requester_shard).then_some(client)
+        })
+        .expect("a responder on the other shard");
+    responder.subscribe("svc/request", QoS5::AtLeastOnce);
+    let request = PublishProperties {
+        response_topic: Some(response_topic.clone()),
+        correlation_data: Some(Bytes::from_static(b"id-42")),
+        ..Default::default()
+    };
+    requester
+        .client
+        .publish_with_properties(
+            "svc/request",
+            QoS5::AtLeastOnce,
+            false,
+            b"2+2".to_vec(),
+            request,
+        )
+        .expect("publish");
+    let got = responder.expect_publish();
+    let props = got.properties.expect("request properties");
+    let reply_to = props.response_topic.expect("Response Topic");
+    assert_eq!(reply_to, response_topic);
+    assert_eq!(props.correlation_data.as_deref(), Some(&b"id-42"[..]));
+    let response = PublishProperties {
+        correlation_data: props.correlation_data,
+        ..Default::default()
+    };
+    responder
+        .client
+        .publish_with_properties(reply_to, QoS5::AtLeastOnce, false, b"4".to_vec(), response)
+        .expect("publish");
+    let answer = requester.expect_publish();
+    assert_eq!(topic_of(&answer), response_topic);
+    assert_eq!(&answer.payload[..], b"4");
+    let props = answer.properties.expect("response properties");
+    assert_eq!(props.correlation_data.as_deref(), Some(&b"id-42"[..]));
 }

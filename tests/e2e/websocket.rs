@@ -1,6 +1,7 @@
 //! MQTT over WebSocket (and WSS): a WebSocket client from tungstenite that
 //! splits and joins packets across frames, bad upgrades and frames, and
-//! MQTT.js in Node and in headless Chromium.
+//! MQTT.js in Node and in headless Chromium (and MQTT.js speaking MQTT 5.0,
+//! over TCP and WebSocket).
 //!
 //! The MQTT.js tests need `npm ci` in tests/node and Debian's chromium, so
 //! they are `#[ignore]`d in a plain `cargo test`; `.ci/run` installs both
@@ -31,7 +32,7 @@ fn ws_connect(port: u16, subprotocol: &str) -> WebSocket<TcpStream> {
 }
 
 /// The WebSocket upgrade over an already connected `socket`.
-fn ws_over(socket: TcpStream, port: u16, subprotocol: &str) -> WebSocket<TcpStream> {
+pub(crate) fn ws_over(socket: TcpStream, port: u16, subprotocol: &str) -> WebSocket<TcpStream> {
     socket.set_read_timeout(Some(TIMEOUT)).unwrap();
     let mut request = format!("ws://127.0.0.1:{port}/mqtt")
         .into_client_request()
@@ -49,7 +50,7 @@ fn ws_over(socket: TcpStream, port: u16, subprotocol: &str) -> WebSocket<TcpStre
 }
 
 /// Reads binary messages until `len` bytes arrived; returns them.
-fn ws_read(ws: &mut WebSocket<TcpStream>, len: usize) -> Vec<u8> {
+pub(crate) fn ws_read(ws: &mut WebSocket<TcpStream>, len: usize) -> Vec<u8> {
     let mut got = Vec::new();
     while got.len() < len {
         match ws.read().expect("WebSocket read") {
@@ -61,7 +62,7 @@ fn ws_read(ws: &mut WebSocket<TcpStream>, len: usize) -> Vec<u8> {
 }
 
 /// Sends one binary message.
-fn ws_send(ws: &mut WebSocket<TcpStream>, bytes: &[u8]) {
+pub(crate) fn ws_send(ws: &mut WebSocket<TcpStream>, bytes: &[u8]) {
     ws.send(Message::binary(bytes.to_vec())).unwrap();
 }
 
@@ -376,6 +377,47 @@ fn mqtt_js_in_node_receives_over_secure_websocket() {
         &[ca.to_str().unwrap()],
         TIMEOUT,
     );
+    broker.assert_healthy();
+}
+
+/// MQTT.js speaking MQTT 5.0 at `url`: a publisher and a subscriber on
+/// different shards; the user properties, content type, response topic,
+/// correlation data and the subscription's identifier reach the subscriber.
+fn mqtt_js_v5_round_trip(broker: &Broker, url: &str) {
+    let topic = format!("node5/{}", unique());
+    let admin = format!("http://127.0.0.1:{}", broker.http_port);
+    let mut node = NodeScript::start("v5_roundtrip.mjs", &[url, &admin, &topic]);
+    node.expect_line("subscribed", TIMEOUT);
+    let line = node.expect_line("message", TIMEOUT);
+    assert_eq!(
+        line,
+        format!(
+            "message {topic} hello v5 {{\"userProperties\":{{\"k\":\"v\",\"n\":[\"1\",\"2\"]}},\
+             \"contentType\":\"text/plain\",\"responseTopic\":\"{topic}/reply\",\
+             \"correlationData\":\"c-1\",\"subscriptionIdentifier\":5}}"
+        )
+    );
+    assert!(
+        node.wait_success(TIMEOUT),
+        "v5_roundtrip.mjs did not exit cleanly"
+    );
+}
+
+#[test]
+#[ignore = "needs `npm ci` in tests/node; run by .ci/run"]
+fn mqtt_js_v5_round_trip_with_properties_over_tcp_across_shards() {
+    let mut broker = Broker::start();
+    let url = format!("mqtt://127.0.0.1:{}", broker.port);
+    mqtt_js_v5_round_trip(&broker, &url);
+    broker.assert_healthy();
+}
+
+#[test]
+#[ignore = "needs `npm ci` in tests/node; run by .ci/run"]
+fn mqtt_js_v5_round_trip_with_properties_over_websocket_across_shards() {
+    let mut broker = Broker::builder().config(WS).start();
+    let url = format!("ws://127.0.0.1:{}/mqtt", broker.port_of("ws"));
+    mqtt_js_v5_round_trip(&broker, &url);
     broker.assert_healthy();
 }
 

@@ -9,7 +9,6 @@ import queue
 import socket
 import struct
 import sys
-import time
 import uuid
 
 import paho.mqtt.client as mqtt
@@ -46,28 +45,11 @@ def subscribe(c, topic, qos):
     result, mid = c.subscribe(topic, qos)
     assert result == mqtt.MQTT_ERR_SUCCESS
     # A marker round trip proves the subscription is active.
-    marker = f"marker/{uuid.uuid4().hex}"
-    c.subscribe(marker, 0)
-    while True:
-        c.publish(marker, b"m", qos=0)
-        try:
-            msg = c.inbox.get(timeout=0.5)
-        except queue.Empty:
-            continue
-        if msg.topic == marker:
-            return
+    checks.marker_round_trip(c)
 
 
 def receive(c, n):
-    got = []
-    deadline = time.monotonic() + TIMEOUT
-    while len(got) < n:
-        left = deadline - time.monotonic()
-        assert left > 0, f"got {len(got)} of {n}"
-        msg = c.inbox.get(timeout=left)
-        if not msg.topic.startswith("marker/"):
-            got.append(msg)
-    return got
+    return checks.receive(c, n, TIMEOUT)
 
 
 def check_persistent_session():

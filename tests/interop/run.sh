@@ -117,6 +117,16 @@ else
   fail "paho-mqtt checks"
 fi
 
+# 6b. paho-mqtt speaking MQTT 5.0: CONNECT/CONNACK properties, session
+#     expiry, subscription options and identifiers, PUBLISH properties,
+#     request/response.
+if python3 "$here/paho_v5.py" 127.0.0.1 "$port" >"$work/paho_v5.txt" 2>&1; then
+  pass "paho-mqtt MQTT 5.0 checks ($(tail -1 "$work/paho_v5.txt"))"
+else
+  cat "$work/paho_v5.txt"
+  fail "paho-mqtt MQTT 5.0 checks"
+fi
+
 # 7. TLS: mosquitto_sub over TLS gets what mosquitto_pub sends in plain.
 out="$work/tls.txt"
 timeout 20 mosquitto_sub -h 127.0.0.1 -p "$tls_port" --cafile "$work/cert.pem" \
