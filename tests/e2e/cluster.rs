@@ -140,7 +140,13 @@ impl Nats {
 
     /// Starts a fanmq node of 2 shards joined to this server.
     fn node(&self, name: &str) -> Broker {
-        let node = Broker::builder().config(&self.config(name)).start();
+        self.node_with(name, "")
+    }
+
+    /// [`Nats::node`] with more top-level settings (TOML lines).
+    fn node_with(&self, name: &str, settings: &str) -> Broker {
+        let config = format!("{settings}\n{}", self.config(name));
+        let node = Broker::builder().config(&config).start();
         node.wait_log(|l| l.contains("cluster: connected to NATS"), TIMEOUT)
             .unwrap_or_else(|| panic!("node {name} did not connect:\n{}", node.log_text()));
         node
@@ -551,4 +557,39 @@ fn a_client_id_connecting_to_another_node_ends_its_connection_and_session_on_the
     assert_eq!(found(&a, "roaming-p"), 404);
     assert_eq!(found(&a, "roaming"), 404);
     assert_eq!(found(&b, "roaming"), 200);
+}
+
+#[test]
+fn the_acl_read_rules_hold_for_messages_from_other_nodes() {
+    let Some(nats) = Nats::start("cluster acl") else {
+        return;
+    };
+    let mut acl = tempfile::NamedTempFile::new().expect("ACL file");
+    std::io::Write::write_all(
+        &mut acl,
+        b"topic readwrite #\ntopic deny secret/x\n\nuser admin\ntopic readwrite #\n",
+    )
+    .expect("write ACL");
+    let settings = format!("acl_file = {:?}", acl.path().display().to_string());
+    let (a, b) = (
+        nats.node_with("a", &settings),
+        nats.node_with("b", &settings),
+    );
+    // Anonymous on B: a wildcard over the denied topic is granted.
+    let mut reader = Mqtt::connect(b.port, "acl-reader");
+    reader.subscribe("+/+", QoS::AtLeastOnce);
+    nats.wait_subscriptions("fanmq.t.*.*", 1);
+    let mut options = Mqtt::options(a.port, "acl-admin");
+    options.set_credentials("admin", "x");
+    let (admin, _) = Mqtt::connect_with(options);
+    for topic in ["secret/x", "a/b", "x/end"] {
+        admin.publish(topic, QoS::AtLeastOnce, false, b"m");
+    }
+    let got: Vec<String> = reader
+        .collect_until("x/end")
+        .iter()
+        .map(|p| p.topic.clone())
+        .collect();
+    assert_eq!(got, ["a/b", "x/end"], "secret/x withheld on B as on A");
+    wait_stats(&b, |s| s["total"]["read_denied"] == 1);
 }
