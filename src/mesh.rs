@@ -17,6 +17,7 @@ use log::warn;
 
 use crate::observe::counters::Counters;
 use crate::protocol::message::Message;
+use crate::router::shared::{MemberUpdate, SharedDelivery};
 use crate::session::SessionState;
 
 /// The mesh's sending half as every task of a shard holds it.
@@ -81,6 +82,12 @@ pub enum ShardMsg {
         /// The token of the claim it was attached under.
         token: u64,
     },
+    /// From a shared subscription member's shard to every other: the
+    /// member joined, changed or left its group (`router::shared`).
+    SharedMember(MemberUpdate),
+    /// To the shard of shared subscription members: the messages the
+    /// publishing shard chose them for, in the order published.
+    SharedPublish(Vec<SharedDelivery>),
     /// To shard 0: this shard's counters, for `$SYS`.
     Stats {
         /// The sending shard.

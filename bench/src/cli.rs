@@ -114,6 +114,12 @@ pub struct Opts {
     /// topic itself. Must match the topic.
     #[arg(long)]
     pub filter: Option<String>,
+    /// Fan-out: subscribers join the shared subscription group NAME
+    /// (`$share/NAME/<filter>`), so each message is delivered once over all
+    /// of them, not once per subscriber: the expected deliveries are the
+    /// messages, and loss is messages less deliveries.
+    #[arg(long, value_name = "NAME")]
+    pub shared_group: Option<String>,
     /// MQTT version of the subscribers: `4` (3.1.1), `5`, or `mixed` (half
     /// of them each, alternating).
     #[arg(long, value_enum, default_value_t = Protocol::V311)]

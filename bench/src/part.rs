@@ -163,7 +163,12 @@ pub fn receive_only(
         "receiving only (part 1 publishes), for at most {:.0} s",
         wait_s + o.duration
     ));
-    phase::await_deliveries(fleet, o, ready * o.msgs, deadline, progress, |p| {
-        p.delivered > 0
-    })
+    phase::await_deliveries(
+        fleet,
+        o,
+        phase::expected(o, ready, o.msgs),
+        deadline,
+        progress,
+        |p| p.delivered > 0,
+    )
 }

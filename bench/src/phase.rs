@@ -128,9 +128,14 @@ pub fn publish_phase(
             r
         })
     };
-    let waited = await_deliveries(fleet, o, ready * phase.msgs, deadline, progress, |_| {
-        done.load(Ordering::Relaxed)
-    });
+    let waited = await_deliveries(
+        fleet,
+        o,
+        expected(o, ready, phase.msgs),
+        deadline,
+        progress,
+        |_| done.load(Ordering::Relaxed),
+    );
     stop.store(true, Ordering::Relaxed);
     let c1 = cpu_of(t.pid);
     let w1 = stats::monotonic_ns();
@@ -239,6 +244,26 @@ pub fn stamp_clock(o: &Opts) -> Clock {
     }
 }
 
+/// The deliveries `msgs` messages make to `ready` subscribers: one per
+/// subscriber, or one in all for a shared group (`--shared-group`).
+pub fn expected(o: &Opts, ready: u64, msgs: u64) -> u64 {
+    if o.shared_group.is_some() {
+        msgs
+    } else {
+        ready * msgs
+    }
+}
+
+/// Fan-out figures of a shared group (`--shared-group`): each message is
+/// expected once over all subscribers, so the per-subscriber sequence gaps
+/// the workers count as lost are not losses; loss is messages less
+/// deliveries (duplicates and order are still checked per subscriber).
+pub fn shared_figures(f: &mut FanoutFigures) {
+    f.expected = f.published;
+    f.lost = f.published.saturating_sub(f.delivered);
+    f.subs_with_loss = 0;
+}
+
 /// Merges the workers' reports of one phase into the fan-out figures, and
 /// returns with them the publish→last-subscriber latency per tracked
 /// message (ns, 0 = never arrived).
@@ -295,4 +320,23 @@ pub fn fanout_figures(reports: &[WorkerReport], published: u64) -> (FanoutFigure
     f.latency = stats::summarize(&hist);
     f.latency_last = stats::summarize(&last_hist);
     (f, last)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_shared_group_expects_each_message_once_over_all_subscribers() {
+        let mut f = FanoutFigures {
+            published: 100,
+            expected: 100 * 50,
+            delivered: 98,
+            lost: 4_900,
+            subs_with_loss: 50,
+            ..FanoutFigures::default()
+        };
+        shared_figures(&mut f);
+        assert_eq!((f.expected, f.lost, f.subs_with_loss), (100, 2, 0));
+    }
 }

@@ -110,6 +110,10 @@ pub fn run(kind: Kind, o: &Opts, t: &Target, round: u32) -> Result<RunResult, Sc
     let (workers, per_worker) =
         capacity::plan_workers(subs, o.conns_per_worker, o.workers, limits.nofile_hard);
     let filter = o.filter.clone().unwrap_or_else(|| o.topic.clone());
+    let filter = match &o.shared_group {
+        Some(group) => format!("$share/{group}/{filter}"),
+        None => filter,
+    };
     let sources: Vec<String> = if !o.source_addrs.is_empty() {
         let ips = net::parse_sources(&o.source_addrs)?;
         let missing = net::unconfigured(&ips);
@@ -424,7 +428,14 @@ pub fn run(kind: Kind, o: &Opts, t: &Target, round: u32) -> Result<RunResult, Sc
     result.notes.extend(note);
 
     if kind == Kind::Fanout {
-        result.fanout = Some(fanout_figures(&reports, published).0);
+        let mut figures = fanout_figures(&reports, published).0;
+        if o.shared_group.is_some() {
+            phase::shared_figures(&mut figures);
+            result
+                .notes
+                .push("shared group: each message is expected once over all subscribers".into());
+        }
+        result.fanout = Some(figures);
     }
     phase::add_generator_memory(&mut result.generator, &summaries);
     if let Some(part) = o.part {

@@ -18,6 +18,8 @@
 //!   `DELETE /api/v1/clients/{id}` (disconnect);
 //! - `/api/v1/subscriptions?topic=&limit=&offset=`;
 //! - `/api/v1/cluster`: the NATS link, the other nodes heard, the subjects.
+//! - `/api/v1/shared?limit=&offset=`: shared subscription groups and their
+//!   members.
 //!
 //! When a bearer token or basic-auth credentials are configured, every route
 //! but `/health` and `/` (the page holds no data) requires them.
@@ -457,6 +459,10 @@ pub fn handle(state: &AdminState, head: &Head) -> Response {
             Ok((page, topic)) => list_subscriptions(state, page, topic),
             Err(why) => error(400, &why),
         }),
+        "/api/v1/shared" => get_only(match parse_page(query, &[]) {
+            Ok((page, _)) => list_shared(state, page),
+            Err(why) => error(400, &why),
+        }),
         _ => match path.strip_prefix("/api/v1/clients/") {
             Some(id) => match decode_client_id(id) {
                 Ok(client_id) => match method {
@@ -619,6 +625,66 @@ fn list_subscriptions(state: &AdminState, page: Page, topic: Option<String>) -> 
         ),
         Err(response) => response,
     }
+}
+
+/// `GET /api/v1/shared`: the members of every shared subscription group,
+/// shard by shard (paged over members), grouped by group; and, per shard,
+/// the size of its replica of the groups (equal on every shard once the
+/// mesh has carried every membership change).
+fn list_shared(state: &AdminState, page: Page) -> Response {
+    let replicas = std::cell::RefCell::new(Vec::new());
+    let gathered = gather_page(
+        state,
+        page,
+        |skip, limit| Query::Shared { skip, limit },
+        |answer| match answer {
+            Answer::Shared {
+                total,
+                members,
+                replica_groups,
+                replica_members,
+                replica_connected,
+            } => {
+                let mut replicas = replicas.borrow_mut();
+                let shard = replicas.len();
+                replicas.push(json!({
+                    "shard": shard,
+                    "groups": replica_groups,
+                    "members": replica_members,
+                    "connected": replica_connected,
+                }));
+                Some((total, members))
+            }
+            _ => None,
+        },
+    );
+    let (total, members) = match gathered {
+        Ok(gathered) => gathered,
+        Err(response) => return response,
+    };
+    let mut groups: std::collections::BTreeMap<String, Vec<serde_json::Value>> = Default::default();
+    for m in members {
+        groups.entry(m.group.clone()).or_default().push(json!({
+            "client_id": m.client_id,
+            "qos": m.qos,
+            "shard": m.shard,
+            "connected": m.connected,
+        }));
+    }
+    let groups: Vec<serde_json::Value> = groups
+        .into_iter()
+        .map(|(group, members)| json!({ "group": group, "members": members }))
+        .collect();
+    json_response(
+        200,
+        &json!({
+            "total": total,
+            "offset": page.offset,
+            "limit": page.limit,
+            "groups": groups,
+            "replicas": replicas.into_inner(),
+        }),
+    )
 }
 
 /// `GET /api/v1/clients/{id}`.

@@ -76,6 +76,23 @@ pub const DEFAULT_SYS_INTERVAL_SECS: u64 = 10;
 /// Batches of publishes that one shard may have queued towards another
 /// before the publisher's shard waits (and so stops reading its publisher).
 pub const DEFAULT_MESH_CAPACITY: usize = 1024;
+
+/// How a message for a shared subscription group chooses its one member
+/// (`shared_subscription_strategy`, EMQX's names). Members that cannot take
+/// the message are skipped in every strategy.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SharedStrategy {
+    /// Each member in turn (per publishing shard): the default, as EMQX's.
+    #[default]
+    RoundRobin,
+    /// A member drawn at random for each message.
+    Random,
+    /// The member chosen by a hash of the publisher's client id: one
+    /// publisher's messages all go to the same member while the group's
+    /// members stay the same.
+    HashClientid,
+}
 /// Default log level when neither `--log-level` nor `RUST_LOG` says.
 pub const DEFAULT_LOG_LEVEL: &str = "info";
 /// Default `allow_anonymous` when no `password_file` is set: true, so a
@@ -312,6 +329,7 @@ struct FileConfig {
     server_topic_aliases: Option<u16>,
     sys_interval_secs: Option<u64>,
     mesh_capacity: Option<usize>,
+    shared_subscription_strategy: Option<SharedStrategy>,
     log_level: Option<String>,
     max_connections_per_ip: Option<usize>,
     max_connection_rate: Option<u32>,
@@ -420,6 +438,8 @@ pub struct Config {
     pub sys_interval: Duration,
     /// Capacity of each mesh channel, in batches.
     pub mesh_capacity: usize,
+    /// How a shared subscription group's member is chosen per message.
+    pub shared_subscription_strategy: SharedStrategy,
     /// Log level filter (env_logger syntax).
     pub log_level: String,
     /// The file this came from, re-read on SIGHUP.
@@ -502,6 +522,7 @@ impl Default for Config {
             server_topic_aliases: DEFAULT_SERVER_TOPIC_ALIASES,
             sys_interval: Duration::from_secs(DEFAULT_SYS_INTERVAL_SECS),
             mesh_capacity: DEFAULT_MESH_CAPACITY,
+            shared_subscription_strategy: SharedStrategy::default(),
             log_level: DEFAULT_LOG_LEVEL.to_string(),
             config_file: None,
             max_connections_per_ip: DEFAULT_MAX_CONNECTIONS_PER_IP,
@@ -600,6 +621,11 @@ impl Config {
             config.sys_interval = Duration::from_secs(s);
         }
         set(&mut config.mesh_capacity, file.mesh_capacity, None);
+        set(
+            &mut config.shared_subscription_strategy,
+            file.shared_subscription_strategy,
+            None,
+        );
         set(&mut config.log_level, file.log_level, cli.log_level.clone());
         set(
             &mut config.max_connections_per_ip,
@@ -939,6 +965,29 @@ mod tests {
         assert_eq!(c.max_connections, 20);
         assert_eq!(c.max_packet_size, 4096);
         assert_eq!(c.max_queued_messages, 7);
+    }
+
+    #[test]
+    fn shared_subscription_strategy_takes_emqx_names() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        writeln!(f, "shared_subscription_strategy = \"hash_clientid\"").unwrap();
+        let cli = Flags {
+            config: Some(f.path().to_path_buf()),
+            ..Flags::default()
+        };
+        let c = Config::load(&cli).unwrap();
+        assert_eq!(c.shared_subscription_strategy, SharedStrategy::HashClientid);
+        assert_eq!(
+            Config::default().shared_subscription_strategy,
+            SharedStrategy::RoundRobin
+        );
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        writeln!(f, "shared_subscription_strategy = \"sticky\"").unwrap();
+        let cli = Flags {
+            config: Some(f.path().to_path_buf()),
+            ..Flags::default()
+        };
+        assert!(matches!(Config::load(&cli), Err(ConfigError::Parse { .. })));
     }
 
     #[test]

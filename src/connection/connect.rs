@@ -291,7 +291,7 @@ pub(super) fn accepting_connack(
     properties.push(Property::RetainAvailable(true));
     properties.push(Property::WildcardSubscriptionAvailable(true));
     properties.push(Property::SubscriptionIdentifierAvailable(true));
-    properties.push(Property::SharedSubscriptionAvailable(false));
+    properties.push(Property::SharedSubscriptionAvailable(true));
     let connack = ConnAck {
         session_present,
         reason_code: ReasonCode::SUCCESS,
@@ -386,7 +386,10 @@ mod tests {
                 .any(|w| w == [0x21, receive_maximum[0], receive_maximum[1]]),
             "receive max"
         );
-        assert!(bytes.windows(2).any(|w| w == [0x2A, 0]), "no shared subs");
+        assert!(
+            bytes.windows(2).any(|w| w == [0x2A, 1]),
+            "shared subscriptions"
+        );
         assert_eq!(
             accepting_connack(Version::V3, true, &accepted, &config),
             vec![0x20, 2, 1, 0]

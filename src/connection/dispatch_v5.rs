@@ -19,6 +19,7 @@ use crate::protocol::v3::{self as codec, QoS};
 use crate::protocol::v5::{
     self, Ack, PacketType, Properties, Publish, ReasonAndProperties, ReasonCode,
 };
+use crate::router::shared;
 use crate::session::link::{CloseReason, Rare, SessionKey};
 use crate::shard::Shard;
 
@@ -175,6 +176,21 @@ fn handle_packet(
             shard.mark_dirty(key);
         }
         P::Subscribe(subscribe) => {
+            if subscribe
+                .filters
+                .iter()
+                .any(|(filter, options)| options.no_local && shared::is_shared(filter))
+            {
+                // No Local on a shared subscription (MQTT-3.8.3-4).
+                limited!(
+                    ProtocolError,
+                    debug,
+                    "client {}: No Local on a shared subscription",
+                    session.client_id
+                );
+                shard.stats.protocol_errors += 1;
+                return Err(CloseReason::ProtocolError);
+            }
             let identifier = subscribe.subscription_identifier();
             shard.subscribe_with(
                 key,

@@ -213,6 +213,14 @@ counter_table! {
             prometheus Some("retained_messages"), per_shard None,
             sys Some("$SYS/broker/retained messages/count"),
             help "Retained messages (every shard holds a full replica)";
+        shared_groups: Gauge Max,
+            prometheus Some("shared_groups"), per_shard None,
+            sys Some("$SYS/broker/shared_subscriptions/groups"),
+            help "Shared subscription groups (every shard holds a full replica)";
+        shared_members: Gauge Max,
+            prometheus Some("shared_members"), per_shard None,
+            sys Some("$SYS/broker/shared_subscriptions/members"),
+            help "Members of shared subscription groups, all groups together";
         queued_messages: Gauge Sum,
             prometheus None, per_shard Some("shard_queued_messages"), sys None,
             help "PUBLISH packets queued for live clients, not yet written";
@@ -356,6 +364,14 @@ counter_table! {
         cluster_nodes: Gauge Max,
             prometheus Some("cluster_nodes"), per_shard None, sys None,
             help "Other nodes heard from within the node timeout";
+        shared_deliveries: Counter Sum,
+            prometheus Some("shared_deliveries"), per_shard None,
+            sys Some("$SYS/broker/shared_subscriptions/delivered"),
+            help "Messages given to a shared subscription group's chosen member (one per message and group)";
+        shared_dropped: Counter Sum,
+            prometheus Some("shared_dropped"), per_shard None,
+            sys Some("$SYS/broker/shared_subscriptions/dropped"),
+            help "Messages for a shared subscription group that no member could take";
     }
     labeled {
         clients_by_listener[NR_LISTENERS]: Gauge, label "listener" = listener_label,

@@ -42,6 +42,7 @@
 //! falls back to a few subscribers.
 
 pub mod retain;
+pub mod shared;
 
 use std::hash::Hash;
 use std::sync::Arc;

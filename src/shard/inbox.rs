@@ -68,6 +68,8 @@ impl Shard {
                 shard,
                 token,
             } => self.home_release(&client_id, shard, token),
+            ShardMsg::SharedMember(update) => self.shared.apply(update),
+            ShardMsg::SharedPublish(deliveries) => self.deliver_shared(deliveries),
             ShardMsg::Stats { shard, counters } => {
                 if let Some(slot) = self.all_stats.get_mut(shard) {
                     *slot = *counters;

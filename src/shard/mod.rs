@@ -15,6 +15,7 @@ pub mod inbox;
 pub mod index;
 pub mod query;
 pub mod registry;
+pub mod shared;
 pub mod subscribe;
 pub mod sys;
 #[cfg(test)]
@@ -39,6 +40,7 @@ use crate::protocol::message::{Encoded, Message};
 use crate::protocol::v3::QoS;
 use crate::router::Router;
 use crate::router::retain::RetainStore;
+use crate::router::shared::{self as share, SharedDelivery, SharedGroups};
 use crate::security::acl::Who;
 use crate::security::auth::{Auth, ReadChecker};
 use crate::session::link::{CloseReason, TICKS_PER_SEC};
@@ -88,6 +90,12 @@ pub struct Shard {
     pub router: Router<SessionKey>,
     /// This shard's replica of the retained messages.
     pub retained: RetainStore,
+    /// This shard's replica of every shared subscription group
+    /// ([`crate::shard::shared`]).
+    pub shared: SharedGroups,
+    /// Messages published here for shared subscription members on other
+    /// shards, by shard, sent with the step's publishes.
+    shared_out: Vec<Vec<SharedDelivery>>,
     /// Client ids homed on this shard, and claims waiting for an answer.
     pub registry: Registry,
     /// Acks of retained publishes waiting for every replica.
@@ -221,10 +229,21 @@ impl Ctx {
     /// acks of retained publishes, waits until every shard applied them,
     /// then sends the acks ([`HeldAcks`]).
     pub async fn forward_publishes(&self) {
-        let (batch, held) = {
+        let (batch, held, shared) = {
             let mut shard = self.shard.borrow_mut();
-            (shard.take_remote_batch(), shard.held_acks.take())
+            let shared = shard.take_shared_out();
+            (shard.take_remote_batch(), shard.held_acks.take(), shared)
         };
+        for (peer, deliveries) in shared {
+            if self
+                .mesh
+                .send_to(peer, ShardMsg::SharedPublish(deliveries))
+                .await
+                .is_err()
+            {
+                debug!("mesh: shard {peer} is gone, shared deliveries not forwarded");
+            }
+        }
         let peers = self.nr_shards - 1;
         let barrier = (batch.is_some() && !held.is_empty())
             .then(|| self.shard.borrow_mut().held_acks.start(peers));
@@ -287,6 +306,7 @@ impl Shard {
             max_awaiting_rel: config.max_awaiting_rel,
             max_queued_bytes_shard: config.max_queued_bytes_total / nr_shards.max(1),
         };
+        let strategy = config.shared_subscription_strategy;
         Shard {
             id,
             nr_shards,
@@ -296,6 +316,8 @@ impl Shard {
             by_client_id: SessionIndex::default(),
             router: Router::new(),
             retained: RetainStore::default(),
+            shared: SharedGroups::new(strategy),
+            shared_out: (0..nr_shards).map(|_| Vec::new()).collect(),
             registry: Registry::default(),
             held_acks: HeldAcks::default(),
             dirty: Vec::new(),
@@ -373,6 +395,9 @@ impl Shard {
             message.retain_stamp = self.retained.stamp(self.id);
         }
         self.route_from(&message, origin);
+        if !self.shared.is_empty() {
+            self.route_shared(&message, origin);
+        }
         if self.nr_shards > 1 || self.cluster.is_some() {
             self.remote_batch.push(message);
         }
@@ -554,7 +579,7 @@ impl Shard {
 
     /// True when publishes wait to be handed to other shards.
     pub fn has_remote_batch(&self) -> bool {
-        !self.remote_batch.is_empty()
+        !self.remote_batch.is_empty() || self.has_shared_out()
     }
 
     /// The publishes to hand to other shards, if any.
@@ -590,13 +615,21 @@ impl Shard {
     pub fn insert_session(&mut self, session: Session) -> SessionKey {
         let key = self.sessions.insert(Box::new(session)) as SessionKey;
         if let Some(session) = self.sessions.get_mut(key as usize) {
+            let mut shares = Vec::new();
             for (filter, qos) in &mut session.state.subscriptions {
+                if share::is_shared(filter) {
+                    shares.push((ByteString::from(&**filter), *qos));
+                    continue;
+                }
                 // Share this shard's copy of the filter (a session taken over
                 // from another shard drops its copy of that shard's).
                 *filter = self.router.subscribe_shared(filter, key, *qos).1;
                 if let Some(link) = &mut self.cluster {
                     link.subscribed(filter);
                 }
+            }
+            for (share, qos) in shares {
+                self.shared_join(key, share, qos);
             }
         }
         self.by_client_id.insert(&self.sessions, key);
@@ -612,7 +645,9 @@ impl Shard {
     pub fn remove_session(&mut self, key: SessionKey) -> Option<Session> {
         let session = *self.sessions.try_remove(key as usize)?;
         for (filter, _) in &session.state.subscriptions {
-            if self.router.unsubscribe(filter, key)
+            if share::is_shared(filter) {
+                self.shared_leave(key, filter);
+            } else if self.router.unsubscribe(filter, key)
                 && let Some(link) = &mut self.cluster
             {
                 link.unsubscribed(filter);
@@ -638,6 +673,9 @@ impl Shard {
         } else {
             session.detach();
             session.offline_since = now;
+            if !self.shared.is_empty() {
+                self.shared_offline(key);
+            }
         }
     }
 

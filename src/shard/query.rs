@@ -53,6 +53,15 @@ pub enum Query {
         /// Most to return.
         limit: usize,
     },
+    /// The members of shared subscription groups that are sessions of this
+    /// shard (skip `skip`, then at most `limit`), and the size of the
+    /// shard's replica of every group.
+    Shared {
+        /// Members to skip.
+        skip: usize,
+        /// Most to return.
+        limit: usize,
+    },
 }
 
 /// A shard's answer.
@@ -76,6 +85,19 @@ pub enum Answer {
         total: usize,
         /// The page.
         subscriptions: Vec<SubscriptionInfo>,
+    },
+    /// A page of this shard's shared subscription members.
+    Shared {
+        /// This shard's members, all groups together.
+        total: usize,
+        /// The page.
+        members: Vec<SharedMemberInfo>,
+        /// Groups in this shard's replica (every shard's members).
+        replica_groups: usize,
+        /// Members in this shard's replica (every shard's members).
+        replica_members: usize,
+        /// Of those, the connected ones.
+        replica_connected: usize,
     },
 }
 
@@ -134,6 +156,21 @@ pub struct SubscriptionInfo {
     pub shard: usize,
 }
 
+/// One member of a shared subscription group as the admin API shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct SharedMemberInfo {
+    /// The group: the whole `$share/{ShareName}/{filter}`.
+    pub group: String,
+    /// The member's client id.
+    pub client_id: String,
+    /// The granted QoS.
+    pub qos: u8,
+    /// The shard holding the session.
+    pub shard: usize,
+    /// False while the member is an offline persistent session.
+    pub connected: bool,
+}
+
 /// Answers the HTTP thread's requests on this shard until the channel closes.
 pub async fn serve_requests(ctx: Ctx, requests: async_channel::Receiver<ShardRequest>) {
     while let Ok(request) = requests.recv().await {
@@ -177,6 +214,37 @@ impl Shard {
                 }
             }
             Query::Subscriptions { topic, skip, limit } => self.subscriptions(topic, skip, limit),
+            Query::Shared { skip, limit } => self.shared_members(skip, limit),
+        }
+    }
+
+    /// A page of the shared subscription members that are sessions of this
+    /// shard (the replica's entries for this shard are kept by this shard
+    /// itself, so they are exact), with the replica's size.
+    fn shared_members(&self, skip: usize, limit: usize) -> Answer {
+        let own = self.shared.iter().flat_map(|group| {
+            group
+                .members
+                .iter()
+                .filter(|m| m.shard == self.id)
+                .map(move |m| (group, m))
+        });
+        Answer::Shared {
+            total: own.clone().count(),
+            members: own
+                .skip(skip)
+                .take(limit)
+                .map(|(group, m)| SharedMemberInfo {
+                    group: group.share.to_string(),
+                    client_id: m.client_id.to_string(),
+                    qos: m.qos as u8,
+                    shard: m.shard,
+                    connected: m.online,
+                })
+                .collect(),
+            replica_groups: self.shared.groups(),
+            replica_members: self.shared.members(),
+            replica_connected: self.shared.connected_members(),
         }
     }
 

@@ -1,7 +1,9 @@
 //! SUBSCRIBE and UNSUBSCRIBE on a shard (§3.8, §3.10), for both protocol
 //! versions: the checks, the router, the session's list, SUBACK and
 //! UNSUBACK in the client's version, and the retained messages a new
-//! subscription gets.
+//! subscription gets. A `$share/{ShareName}/{filter}` filter, from either
+//! version, joins a shared subscription group instead of the router
+//! ([`crate::shard::shared`]).
 
 use std::num::NonZeroU32;
 
@@ -14,13 +16,12 @@ use crate::protocol::Version;
 use crate::protocol::topic;
 use crate::protocol::v3::{self as codec, Subscribe};
 use crate::protocol::v5::{self, ReasonCode, RetainHandling, SubscriptionOptions};
+use crate::router::SharedFilter;
+use crate::router::shared::{self, Parsed};
 use crate::security::acl::{Coverage, Who};
 use crate::session::Delivery;
 use crate::session::outqueue::{Frame, OutFrame};
 use crate::shard::{SessionKey, Shard, may_read};
-
-/// How an MQTT 5.0 shared subscription's filter starts (§4.8.2).
-const SHARED_SUBSCRIPTION_PREFIX: &str = "$share/";
 
 impl Shard {
     /// SUBSCRIBE (§3.8): adds each valid filter the ACL allows (`username`:
@@ -29,7 +30,8 @@ impl Shard {
     /// granted QoS or a failure per filter (3.1.1: 0x80; 5.0: 0x8F Topic
     /// Filter invalid, 0x97 Quota exceeded, 0x87 Not authorized), then
     /// sends matching retained messages. A 3.1.1 SUBSCRIBE: every filter with the default
-    /// options.
+    /// options. A shared subscription (`$share/...`, §4.8.2) gets no
+    /// retained messages; a malformed one is refused as an invalid filter.
     pub fn subscribe(&mut self, key: SessionKey, subscribe: Subscribe, username: Option<&str>) {
         let filters = subscribe
             .filters
@@ -64,25 +66,26 @@ impl Shard {
     ) {
         let mut codes = Vec::with_capacity(filters.len());
         let mut granted_filters = Vec::with_capacity(filters.len());
-        let v5 = self
-            .sessions
-            .get(key as usize)
-            .is_some_and(|s| s.version == Version::V5);
-        for (filter, options) in filters {
+        for (whole, options) in filters {
             let qos = options.qos;
-            if v5 && filter.starts_with(SHARED_SUBSCRIPTION_PREFIX) {
-                // Announced as unavailable in CONNACK (§4.8.2): refused
-                // rather than taken as a plain filter. A 3.1.1 client's
-                // `$share/...` stays a plain filter, as it always was.
-                limited!(
-                    SubscribeRefused,
-                    debug,
-                    "refused shared subscription {filter:?}: not supported"
-                );
-                self.stats.subscriptions_refused += 1;
-                codes.push(ReasonCode::SHARED_SUBSCRIPTIONS_NOT_SUPPORTED);
-                continue;
-            }
+            // A shared subscription: the checks below apply to the filter
+            // after the ShareName; the session keeps the whole string.
+            let (share, filter) = match shared::parse(&whole) {
+                Parsed::Plain => (None, whole),
+                Parsed::Shared { filter, .. } => {
+                    let inner = whole.slice_ref(filter);
+                    (Some(whole), inner)
+                }
+                Parsed::Invalid => {
+                    limited!(
+                        SubscribeRefused,
+                        debug,
+                        "refused shared subscription {whole:?}: malformed"
+                    );
+                    codes.push(ReasonCode::TOPIC_FILTER_INVALID);
+                    continue;
+                }
+            };
             if topic::validate_topic_filter(&filter).is_err() {
                 limited!(SubscribeRefused, debug, "refused topic filter {filter:?}");
                 codes.push(ReasonCode::TOPIC_FILTER_INVALID);
@@ -103,9 +106,10 @@ impl Shard {
                 return;
             };
             let subscriptions = &session.state.subscriptions;
+            let stored: &str = share.as_deref().unwrap_or(&filter);
             if max_subscriptions > 0
                 && subscriptions.len() >= max_subscriptions
-                && !subscriptions.iter().any(|(f, _)| **f == *filter)
+                && !subscriptions.iter().any(|(f, _)| **f == *stored)
             {
                 limited!(
                     SubscribeRefused,
@@ -140,6 +144,13 @@ impl Shard {
                     codes.push(ReasonCode::NOT_AUTHORIZED);
                     continue;
                 }
+            }
+            if let Some(share) = share {
+                // No retained messages for a shared subscription (§4.8.2).
+                session.subscribe(SharedFilter::from(&*share), qos);
+                self.shared_join(key, share, qos);
+                codes.push(ReasonCode::granted(qos));
+                continue;
             }
             // The session keeps the router's copy of the filter string.
             let (added, shared) = self.router.subscribe_shared(&filter, key, qos);
@@ -222,7 +233,9 @@ impl Shard {
             if let Some(session) = self.sessions.get_mut(key as usize)
                 && session.unsubscribe(filter)
             {
-                if self.router.unsubscribe(filter, key)
+                if shared::is_shared(filter) {
+                    self.shared_leave(key, filter);
+                } else if self.router.unsubscribe(filter, key)
                     && let Some(link) = &mut self.cluster
                 {
                     link.unsubscribed(filter);

@@ -61,8 +61,12 @@ impl Shard {
         c.max_client_queue_bytes = totals.max_queue_bytes;
         c.pending_messages = totals.pending_messages;
         c.sessions = self.sessions.len() as u64;
-        c.subscriptions = self.router.len() as u64;
+        // A shared subscription is a subscription too (as Mosquitto counts
+        // it): this shard's own memberships.
+        c.subscriptions = (self.router.len() + self.shared.members_of(self.id)) as u64;
         c.retained = self.retained.len() as u64;
+        c.shared_groups = self.shared.groups() as u64;
+        c.shared_members = self.shared.members() as u64;
         c.queued_bytes = crate::session::outqueue::shard_queued_bytes() as u64;
         // Read on the shard's own thread: the count is per thread.
         c.log_lines_suppressed = crate::observe::log_limit::suppressed_total();

@@ -17,6 +17,7 @@ mod qos;
 mod reliability;
 mod retain_will;
 mod sessions;
+mod shared;
 mod startup;
 mod systemd;
 mod tls;

@@ -20,7 +20,7 @@ use crate::common::*;
 const WAIT: Duration = Duration::from_secs(10);
 
 /// A `rumqttc::v5` sync client whose event loop runs on its own thread.
-struct V5 {
+pub(crate) struct V5 {
     client: Client,
     events: Receiver<Result<Event, String>>,
     /// Publishes that arrived while waiting for something else.
@@ -36,7 +36,7 @@ impl V5 {
     }
 
     /// A clean-start client; waits for CONNACK Success.
-    fn connect(port: u16, client_id: &str) -> V5 {
+    pub(crate) fn connect(port: u16, client_id: &str) -> V5 {
         V5::connect_with(V5::options(port, client_id)).0
     }
 
@@ -113,7 +113,7 @@ impl V5 {
     }
 
     /// Subscribes to one filter at `qos`.
-    fn subscribe(&mut self, filter: &str, qos: QoS5) -> Vec<SubscribeReasonCode> {
+    pub(crate) fn subscribe(&mut self, filter: &str, qos: QoS5) -> Vec<SubscribeReasonCode> {
         self.subscribe_filter(Filter::new(filter, qos))
     }
 
@@ -125,7 +125,7 @@ impl V5 {
     }
 
     /// The next publish, or None after `timeout`.
-    fn recv_publish(&mut self, timeout: Duration) -> Option<Publish> {
+    pub(crate) fn recv_publish(&mut self, timeout: Duration) -> Option<Publish> {
         if let Some(p) = self.backlog.pop_front() {
             return Some(p);
         }
@@ -188,7 +188,7 @@ fn connect_v5(client_id: &str) -> Vec<u8> {
 }
 
 /// A raw MQTT 5.0 client past CONNACK.
-fn raw_v5(port: u16, client_id: &str) -> Raw {
+pub(crate) fn raw_v5(port: u16, client_id: &str) -> Raw {
     let mut raw = Raw::tcp(port);
     raw.send(&connect_v5(client_id));
     let connack = raw.expect_packet();
@@ -216,7 +216,7 @@ fn v5_connack_announces_the_broker_limits() {
             .is_some_and(|id| id.starts_with("fanmq-")),
         "an empty client id is assigned one"
     );
-    assert_eq!(p.shared_subscription_available, Some(0));
+    assert_eq!(p.shared_subscription_available, Some(1));
     assert_eq!(p.retain_available, Some(1));
     assert_eq!(p.wildcard_subscription_available, Some(1));
     assert_eq!(p.max_qos, None, "QoS 2 is supported");
@@ -454,7 +454,7 @@ fn v5_properties_are_forwarded_to_v5_subscribers_only() {
 
 /// An MQTT 5.0 SUBSCRIBE of one filter with `options` (QoS in bits 0-1),
 /// without properties.
-fn subscribe_v5(packet_id: u16, filter: &str, options: u8) -> Vec<u8> {
+pub(crate) fn subscribe_v5(packet_id: u16, filter: &str, options: u8) -> Vec<u8> {
     let mut body = packet_id.to_be_bytes().to_vec();
     body.push(0);
     body.extend(string(filter.as_bytes()));
@@ -1196,14 +1196,6 @@ fn a_delayed_will_waits_and_is_not_sent_when_the_client_is_back() {
     let marker = V5::connect(broker.port, "will-marker");
     marker.publish("will/end", QoS5::AtLeastOnce, false, b"");
     assert_eq!(topic_of(&watcher.expect_publish()), "will/end");
-}
-
-#[test]
-fn shared_subscriptions_are_refused_with_0x9e() {
-    let broker = Broker::start();
-    let mut raw = raw_v5(broker.port, "sharer");
-    raw.send(&subscribe_v5(1, "$share/group/t", 1));
-    assert_eq!(raw.expect_packet().bytes(), vec![0x90, 4, 0, 1, 0, 0x9e]);
 }
 
 #[test]

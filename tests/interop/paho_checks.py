@@ -9,6 +9,7 @@ import queue
 import socket
 import struct
 import sys
+import time
 import uuid
 
 import paho.mqtt.client as mqtt
@@ -115,10 +116,57 @@ def check_qos2_round_trip():
         c.loop_stop()
 
 
+def check_shared_subscription_v5_and_v311():
+    """One $share group with a paho MQTTv5 member and a paho MQTTv311
+    member: every message reaches exactly one of them, both get some."""
+    group = f"$share/paho-{uuid.uuid4().hex[:8]}/paho/shared"
+    v5 = mqtt.Client(
+        mqtt.CallbackAPIVersion.VERSION2,
+        client_id=f"paho-sh5-{uuid.uuid4().hex[:8]}",
+        protocol=mqtt.MQTTv5,
+    )
+    v5.inbox = queue.Queue()
+    v5.connacks = queue.Queue()
+    v5.on_message = lambda cl, ud, msg: cl.inbox.put(msg)
+    v5.on_connect = lambda cl, ud, flags, rc, props: cl.connacks.put((flags, rc))
+    v3 = client(f"paho-sh3-{uuid.uuid4().hex[:8]}")
+    members = (v5, v3)
+    for c in members:
+        connect(c)
+        subscribe(c, group, 1)
+    pub = client(f"paho-sh-pub-{uuid.uuid4().hex[:8]}")
+    connect(pub)
+    sent = [str(i) for i in range(40)]
+    for p in sent:
+        pub.publish("paho/shared", p.encode(), qos=1).wait_for_publish(TIMEOUT)
+    got = {id(c): [] for c in members}
+    deadline = time.monotonic() + TIMEOUT
+    while sum(len(g) for g in got.values()) < len(sent):
+        assert time.monotonic() < deadline, f"got {[len(g) for g in got.values()]}"
+        for c in members:
+            try:
+                msg = c.inbox.get(timeout=0.05)
+            except queue.Empty:
+                continue
+            if not msg.topic.startswith("marker/"):
+                got[id(c)].append(msg.payload.decode())
+    everything = sorted(p for g in got.values() for p in g)
+    assert everything == sorted(sent), everything
+    assert all(got.values()), "a member got nothing"
+    for c in (*members, pub):
+        c.disconnect()
+        c.loop_stop()
+
+
 def main():
     checks.run(
         (check.__name__, check)
-        for check in (check_persistent_session, check_will_on_abrupt_close, check_qos2_round_trip)
+        for check in (
+            check_persistent_session,
+            check_will_on_abrupt_close,
+            check_qos2_round_trip,
+            check_shared_subscription_v5_and_v311,
+        )
     )
 
 main()

@@ -1,0 +1,402 @@
+//! Shared subscriptions (MQTT 5.0 §4.8.2, accepted from 3.1.1 clients too):
+//! the groups `$share/{ShareName}/{filter}` and their members, as one shard
+//! sees them.
+//!
+//! Every shard keeps a full replica of every group: its own members, added
+//! and removed directly, and the other shards' members, added and removed by
+//! the updates ([`MemberUpdate`]) those shards send over the mesh. The shard
+//! where a message is published walks its replica ([`SharedGroups::for_each_match`]),
+//! chooses one member per matching group ([`SharedGroups::choose`]) and
+//! delivers to it, on its own shard or by sending the message to the
+//! member's shard. No lock: each replica belongs to one shard.
+//!
+//! A shard with no group pays one `is_empty` check per publish.
+
+use ahash::AHashMap;
+use bytestring::ByteString;
+
+use crate::config::SharedStrategy;
+use crate::protocol::message::Message;
+use crate::protocol::topic;
+use crate::protocol::v3::QoS;
+use crate::router::Router;
+
+/// How a shared subscription's filter starts (§4.8.2).
+pub const SHARED_PREFIX: &str = "$share/";
+
+/// A Topic Filter parsed for the shared-subscription form.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Parsed<'a> {
+    /// Not `$share/...`: an ordinary filter.
+    Plain,
+    /// `$share/{name}/{filter}` with a valid ShareName and a non-empty filter
+    /// (still to be validated as a Topic Filter by the caller).
+    Shared {
+        /// The ShareName.
+        name: &'a str,
+        /// The Topic Filter after the ShareName.
+        filter: &'a str,
+    },
+    /// `$share/...` that breaks §4.8.2: empty ShareName, a ShareName with
+    /// `+` or `#`, or no filter after it.
+    Invalid,
+}
+
+/// Parses `filter` as a shared subscription (§4.8.2): the ShareName is at
+/// least one character and holds no `/`, `+` or `#`; a filter follows it.
+pub fn parse(filter: &str) -> Parsed<'_> {
+    let Some(rest) = filter.strip_prefix(SHARED_PREFIX) else {
+        return Parsed::Plain;
+    };
+    let Some((name, filter)) = rest.split_once('/') else {
+        return Parsed::Invalid;
+    };
+    if name.is_empty() || name.contains(['+', '#']) || filter.is_empty() {
+        return Parsed::Invalid;
+    }
+    Parsed::Shared { name, filter }
+}
+
+/// True when `filter` is written as a shared subscription (valid or not).
+pub fn is_shared(filter: &str) -> bool {
+    filter.starts_with(SHARED_PREFIX)
+}
+
+/// One member of a group: a session on some shard.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Member {
+    /// The shard that holds the session.
+    pub shard: usize,
+    /// The session's key on that shard.
+    pub key: u32,
+    /// The session's client id (admin API; the `hash_clientid` strategy
+    /// hashes the publisher's, not this).
+    pub client_id: ByteString,
+    /// The QoS granted to this member's subscription.
+    pub qos: QoS,
+    /// False while the member is a persistent session without a
+    /// connection: it is chosen only when no connected member is left.
+    pub online: bool,
+}
+
+/// A change to one membership, sent by the member's shard to every other.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MemberUpdate {
+    /// The session joined the group `share` (the whole `$share/...` filter),
+    /// or changed its QoS or connection state in it.
+    Join {
+        /// The whole `$share/{ShareName}/{filter}` string.
+        share: ByteString,
+        /// The member.
+        member: Member,
+    },
+    /// The session left the group `share`.
+    Leave {
+        /// The whole `$share/{ShareName}/{filter}` string.
+        share: ByteString,
+        /// The member's shard.
+        shard: usize,
+        /// The member's session key there.
+        key: u32,
+    },
+}
+
+/// A message for one member, sent to the member's shard by the shard that
+/// chose it.
+#[derive(Clone, Debug)]
+pub struct SharedDelivery {
+    /// The message as published.
+    pub message: Message,
+    /// The group (the whole `$share/...` filter).
+    pub share: ByteString,
+    /// The chosen member's session key on the receiving shard.
+    pub key: u32,
+}
+
+/// One group as a shard sees it.
+#[derive(Debug)]
+pub struct Group {
+    /// The whole `$share/{ShareName}/{filter}` string.
+    pub share: ByteString,
+    /// Its members, in the order this shard learnt of them.
+    pub members: Vec<Member>,
+    /// Round robin: the index to try first next time.
+    next: usize,
+}
+
+/// Every group, with a trie of their filters.
+#[derive(Debug)]
+pub struct SharedGroups {
+    /// Groups by id (the trie's key).
+    groups: slab::Slab<Group>,
+    /// Group ids by the whole `$share/...` filter.
+    by_share: AHashMap<ByteString, u32>,
+    /// The groups' Topic Filters (after the ShareName); the key is the
+    /// group id.
+    router: Router<u32>,
+    /// Scratch: the ids of the groups matching the current topic.
+    matched: Vec<u32>,
+    /// The choice among members.
+    strategy: SharedStrategy,
+    /// Random numbers for the `random` strategy.
+    rng: fastrand::Rng,
+}
+
+impl SharedGroups {
+    /// No group yet; members chosen by `strategy`.
+    pub fn new(strategy: SharedStrategy) -> SharedGroups {
+        SharedGroups {
+            groups: slab::Slab::new(),
+            by_share: AHashMap::new(),
+            router: Router::new(),
+            matched: Vec::new(),
+            strategy,
+            rng: fastrand::Rng::new(),
+        }
+    }
+
+    /// Whether there is no group at all (the publish path's only check).
+    pub fn is_empty(&self) -> bool {
+        self.groups.is_empty()
+    }
+
+    /// Number of groups.
+    pub fn groups(&self) -> usize {
+        self.groups.len()
+    }
+
+    /// Number of memberships, all groups together.
+    pub fn members(&self) -> usize {
+        self.groups.iter().map(|(_, g)| g.members.len()).sum()
+    }
+
+    /// Number of memberships of sessions on `shard`.
+    pub fn members_of(&self, shard: usize) -> usize {
+        self.groups
+            .iter()
+            .map(|(_, g)| g.members.iter().filter(|m| m.shard == shard).count())
+            .sum()
+    }
+
+    /// Number of memberships whose session is connected.
+    pub fn connected_members(&self) -> usize {
+        self.groups
+            .iter()
+            .map(|(_, g)| g.members.iter().filter(|m| m.online).count())
+            .sum()
+    }
+
+    /// Every group, for the admin API.
+    pub fn iter(&self) -> impl Iterator<Item = &Group> + Clone {
+        self.groups.iter().map(|(_, g)| g)
+    }
+
+    /// The group `share`, if it has members.
+    pub fn group(&self, share: &str) -> Option<&Group> {
+        let id = *self.by_share.get(share)?;
+        self.groups.get(id as usize)
+    }
+
+    /// Applies a membership change (from this shard or another).
+    pub fn apply(&mut self, update: MemberUpdate) {
+        match update {
+            MemberUpdate::Join { share, member } => self.join(share, member),
+            MemberUpdate::Leave { share, shard, key } => self.leave(&share, shard, key),
+        }
+    }
+
+    /// Adds `member` to group `share`, or replaces its entry (same shard and
+    /// key). `share` must parse as [`Parsed::Shared`]; anything else is
+    /// ignored.
+    pub fn join(&mut self, share: ByteString, member: Member) {
+        let Parsed::Shared { filter, .. } = parse(&share) else {
+            return;
+        };
+        if topic::validate_topic_filter(filter).is_err() {
+            return;
+        }
+        let id = match self.by_share.get(&share) {
+            Some(&id) => id,
+            None => {
+                let id = self.groups.insert(Group {
+                    share: share.clone(),
+                    members: Vec::new(),
+                    next: 0,
+                }) as u32;
+                self.router.subscribe_shared(filter, id, QoS::AtMostOnce);
+                self.by_share.insert(share, id);
+                id
+            }
+        };
+        let Some(group) = self.groups.get_mut(id as usize) else {
+            return;
+        };
+        match group
+            .members
+            .iter_mut()
+            .find(|m| m.shard == member.shard && m.key == member.key)
+        {
+            Some(entry) => *entry = member,
+            None => group.members.push(member),
+        }
+    }
+
+    /// Removes the member (`shard`, `key`) from group `share`; the group
+    /// goes with its last member.
+    pub fn leave(&mut self, share: &str, shard: usize, key: u32) {
+        let Some(&id) = self.by_share.get(share) else {
+            return;
+        };
+        let Some(group) = self.groups.get_mut(id as usize) else {
+            return;
+        };
+        group
+            .members
+            .retain(|m| !(m.shard == shard && m.key == key));
+        if !group.members.is_empty() {
+            return;
+        }
+        self.groups.remove(id as usize);
+        self.by_share.remove(share);
+        if let Parsed::Shared { filter, .. } = parse(share) {
+            self.router.unsubscribe(filter, id);
+        }
+    }
+
+    /// Calls `f(group, first)` once per group whose filter matches `topic`,
+    /// `first` being the index of the member to try first, chosen by the
+    /// strategy (`publisher_hash`: the hash of the publisher's client id,
+    /// for `hash_clientid`). The caller tries the members from there on, in
+    /// order ([`Group::members_from`]), skipping those that cannot take the
+    /// message. Advances each matching group's round robin.
+    pub fn for_each_match(
+        &mut self,
+        topic: &str,
+        publisher_hash: u64,
+        mut f: impl FnMut(&Group, usize),
+    ) {
+        let mut matched = std::mem::take(&mut self.matched);
+        matched.clear();
+        self.router.for_each_match(topic, |id, _| matched.push(id));
+        for &id in &matched {
+            let Some(group) = self.groups.get_mut(id as usize) else {
+                continue;
+            };
+            let n = group.members.len().max(1);
+            let first = match self.strategy {
+                SharedStrategy::RoundRobin => {
+                    let first = group.next % n;
+                    group.next = (first + 1) % n;
+                    first
+                }
+                SharedStrategy::Random => self.rng.usize(..n),
+                SharedStrategy::HashClientid => (publisher_hash % n as u64) as usize,
+            };
+            f(group, first);
+        }
+        self.matched = matched;
+    }
+}
+
+impl Group {
+    /// The members in the order to try them, starting at `first`.
+    pub fn members_from(&self, first: usize) -> impl Iterator<Item = &Member> {
+        let n = self.members.len();
+        (0..n).filter_map(move |i| self.members.get((first + i) % n))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(shard: usize, key: u32, online: bool) -> Member {
+        Member {
+            shard,
+            key,
+            client_id: ByteString::from(format!("c{shard}-{key}")),
+            qos: QoS::AtLeastOnce,
+            online,
+        }
+    }
+
+    #[test]
+    fn parse_follows_the_share_name_rules() {
+        assert_eq!(parse("a/b"), Parsed::Plain);
+        assert_eq!(parse("$share"), Parsed::Plain);
+        assert_eq!(
+            parse("$share/g/a/+"),
+            Parsed::Shared {
+                name: "g",
+                filter: "a/+"
+            }
+        );
+        for bad in [
+            "$share/",
+            "$share/g",
+            "$share/g/",
+            "$share//a",
+            "$share/g+/a",
+            "$share/#/a",
+        ] {
+            assert_eq!(parse(bad), Parsed::Invalid, "{bad}");
+        }
+    }
+
+    #[test]
+    fn groups_match_by_their_filter_and_go_with_their_last_member() {
+        let mut groups = SharedGroups::new(SharedStrategy::RoundRobin);
+        groups.join("$share/g/a/+".into(), member(0, 1, true));
+        groups.join("$share/g/a/+".into(), member(1, 1, true));
+        groups.join("$share/h/a/b".into(), member(1, 2, true));
+        assert_eq!((groups.groups(), groups.members()), (2, 3));
+        let mut seen = Vec::new();
+        groups.for_each_match("a/b", 0, |g, _| seen.push(g.share.to_string()));
+        seen.sort();
+        assert_eq!(seen, ["$share/g/a/+", "$share/h/a/b"]);
+        groups.leave("$share/h/a/b", 1, 2);
+        groups.leave("$share/g/a/+", 0, 1);
+        assert_eq!((groups.groups(), groups.members()), (1, 1));
+        let mut seen = 0;
+        groups.for_each_match("a/b", 0, |_, _| seen += 1);
+        assert_eq!(seen, 1);
+        groups.apply(MemberUpdate::Leave {
+            share: "$share/g/a/+".into(),
+            shard: 1,
+            key: 1,
+        });
+        assert!(groups.is_empty());
+    }
+
+    #[test]
+    fn a_second_join_replaces_the_member_entry() {
+        let mut groups = SharedGroups::new(SharedStrategy::RoundRobin);
+        groups.join("$share/g/t".into(), member(0, 1, true));
+        groups.join("$share/g/t".into(), member(0, 1, false));
+        let group = groups.group("$share/g/t").expect("the group");
+        assert_eq!(group.members.len(), 1);
+        assert!(!group.members[0].online);
+    }
+
+    #[test]
+    fn round_robin_takes_each_member_in_turn_and_hash_always_the_same() {
+        let mut groups = SharedGroups::new(SharedStrategy::RoundRobin);
+        for key in 0..3 {
+            groups.join("$share/g/t".into(), member(0, key, true));
+        }
+        let mut firsts = Vec::new();
+        for _ in 0..6 {
+            groups.for_each_match("t", 0, |_, first| firsts.push(first));
+        }
+        assert_eq!(firsts, [0, 1, 2, 0, 1, 2]);
+        groups.strategy = SharedStrategy::HashClientid;
+        let mut picks = Vec::new();
+        for _ in 0..5 {
+            groups.for_each_match("t", 7, |_, first| picks.push(first));
+        }
+        assert_eq!(picks, [1; 5], "7 % 3 members, every time");
+        let group = groups.group("$share/g/t").expect("the group");
+        let order: Vec<u32> = group.members_from(2).map(|m| m.key).collect();
+        assert_eq!(order, [2, 0, 1]);
+    }
+}
