@@ -65,6 +65,8 @@ timeout_b=$(start_node b "$port_b" --cluster-nats "nats://127.0.0.1:$nats_port" 
 timeout_s=$(start_node s "$port_s")
 pids+=("$timeout_a" "$timeout_b" "$timeout_s")
 pid_a=$(child_of "$timeout_a"); pid_b=$(child_of "$timeout_b"); pid_s=$(child_of "$timeout_s")
+# Killing `timeout` leaves its child running: the children are killed too.
+pids+=("$nats_pid" "$pid_a" "$pid_b" "$pid_s")
 sleep 1
 
 payload=$(head -c 64 /dev/zero | tr '\0' x)
