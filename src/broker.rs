@@ -19,6 +19,7 @@ use glommio::{LocalExecutorPoolBuilder, PoolPlacement, PoolThreadHandles};
 use log::{debug, info, warn};
 
 use crate::admin;
+use crate::cluster::{self, link::ClusterLink, link::ClusterStatus, link::ShardEnds};
 use crate::config::{Config, KEEP_ALIVE_SWEEP};
 use crate::connection;
 use crate::connection::park;
@@ -80,6 +81,9 @@ pub enum BrokerError {
     /// Shards did not all become ready in time.
     #[error("shards did not start within {0:?}")]
     StartTimeout(Duration),
+    /// The cluster thread could not start.
+    #[error(transparent)]
+    Cluster(#[from] cluster::ClusterError),
     /// The TLS certificates could not be loaded.
     #[error(transparent)]
     Tls(#[from] TransportError),
@@ -135,6 +139,8 @@ pub struct Broker {
     http_thread: Option<std::thread::JoinHandle<()>>,
     /// The persistence directory, locked while the broker runs.
     _store: Option<Store>,
+    /// The cluster bridge's status and thread, when `[cluster]` is set.
+    cluster: Option<(Arc<ClusterStatus>, std::thread::JoinHandle<()>)>,
 }
 
 /// A cloneable handle that stops the broker.
@@ -165,6 +171,11 @@ impl Broker {
     /// A shard that failed or panicked.
     pub fn wait(self) -> Result<(), BrokerError> {
         let results = self.handles.join_all();
+        if let Some((status, thread)) = self.cluster {
+            // The shards are gone: nothing more to hand to NATS.
+            status.shutdown.store(true, Ordering::SeqCst);
+            let _ = thread.join();
+        }
         if let (Some(thread), Some(addr)) = (self.http_thread, self.http_addr) {
             // The shards ended, so shutdown is set; the admin accept blocks:
             // wake it so it sees that. A panic there only ended the API.
@@ -283,6 +294,15 @@ pub fn start(config: Config) -> Result<Broker, BrokerError> {
         .map(|_| async_channel::bounded(query::REQUEST_QUEUE))
         .unzip();
     let admin_receivers = Arc::new(admin_receivers);
+    let cluster = match &config.cluster {
+        Some(settings) => Some(cluster::start(settings, nr_shards, config.max_packet_size)?),
+        None => None,
+    };
+    let cluster_status = cluster.as_ref().map(|c| c.status.clone());
+    let cluster_ends = cluster.as_ref().map(|c| {
+        let stall = config.cluster.as_ref().map(|s| s.stall).unwrap_or_default();
+        (Arc::new(c.ends.clone()), c.status.clone(), stall)
+    });
     let admin_state = admin::AdminState {
         gauges: gauges.clone(),
         shards: admin_senders,
@@ -290,6 +310,7 @@ pub fn start(config: Config) -> Result<Broker, BrokerError> {
             token: config.http_auth_token.clone(),
             basic: config.http_basic_auth.clone(),
         },
+        cluster: cluster_status,
     };
     let http_listen = config.http_listen;
 
@@ -310,6 +331,7 @@ pub fn start(config: Config) -> Result<Broker, BrokerError> {
                 gauges,
                 admin_receivers,
                 persisted,
+                cluster: cluster_ends.clone(),
             })
         }
     };
@@ -323,6 +345,9 @@ pub fn start(config: Config) -> Result<Broker, BrokerError> {
     while ready.load(Ordering::SeqCst) < nr_shards {
         if started.elapsed() > START_TIMEOUT {
             shutdown.store(true, Ordering::SeqCst);
+            if let Some(c) = &cluster {
+                c.status.shutdown.store(true, Ordering::SeqCst);
+            }
             return Err(BrokerError::StartTimeout(START_TIMEOUT));
         }
         std::thread::sleep(Duration::from_millis(5));
@@ -332,6 +357,9 @@ pub fn start(config: Config) -> Result<Broker, BrokerError> {
             Ok(server) => (Some(server.addr), Some(server.thread)),
             Err(e) => {
                 shutdown.store(true, Ordering::SeqCst);
+                if let Some(c) = &cluster {
+                    c.status.shutdown.store(true, Ordering::SeqCst);
+                }
                 return Err(e.into());
             }
         },
@@ -349,6 +377,7 @@ pub fn start(config: Config) -> Result<Broker, BrokerError> {
         http_addr,
         http_thread,
         _store: store,
+        cluster: cluster.map(|c| (c.status, c.thread)),
     })
 }
 
@@ -368,6 +397,9 @@ struct ShardSetup {
     admin_receivers: Arc<Vec<async_channel::Receiver<ShardRequest>>>,
     /// What persistence loaded (persistence on).
     persisted: Option<Arc<Persisted>>,
+    /// Each shard's ends of the cluster bridge's queues, the shared status
+    /// and the publish stall; `None` for a single node.
+    cluster: Option<(Arc<Vec<ShardEnds>>, Arc<ClusterStatus>, Duration)>,
 }
 
 /// What persistence loaded at start, for every shard.
@@ -431,6 +463,17 @@ async fn run_shard(setup: ShardSetup) -> Result<(), ShardError> {
         shard.gauges = setup.gauges.clone();
         // First figures at once, so /health is ready with the shard.
         shard.refresh_gauges(SessionTotals::default());
+    }
+    if let Some((ends, status, stall)) = &setup.cluster
+        && let Some(ends) = ends.get(id)
+    {
+        let link = ClusterLink::new(id, ends.clone(), status.clone(), *stall);
+        ctx.shard.borrow_mut().cluster = Some(link);
+        glommio::spawn_local(shard::cluster::receive_from_bridge(
+            ctx.clone(),
+            ends.from_bridge.clone(),
+        ))
+        .detach();
     }
     if let Some(requests) = setup.admin_receivers.get(id) {
         glommio::spawn_local(query::serve_requests(ctx.clone(), requests.clone())).detach();

@@ -35,11 +35,13 @@
 //! - `protocol`: MQTT 3.1.1 / 3.1 packets (`protocol::v3`), topics, the
 //!   application message and its encoded frames.
 //! - [`config`]: configuration, every default; host limits, logging, systemd.
+//! - `cluster`: nodes joined through NATS (`[cluster]`, `--cluster-nats`).
 //! - `fuzzing`: the `cargo fuzz` targets' entry points (see `fuzz/`).
 
 pub(crate) mod admin;
 pub mod broker;
 pub mod cli;
+pub(crate) mod cluster;
 pub mod config;
 pub(crate) mod connection;
 #[doc(hidden)]

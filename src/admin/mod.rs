@@ -17,6 +17,7 @@
 //! - `/api/v1/clients?limit=&offset=`, `/api/v1/clients/{id}`,
 //!   `DELETE /api/v1/clients/{id}` (disconnect);
 //! - `/api/v1/subscriptions?topic=&limit=&offset=`;
+//! - `/api/v1/cluster`: the NATS link, the other nodes heard, the subjects.
 //! - `/api/v1/shared?limit=&offset=`: shared subscription groups and their
 //!   members.
 //!
@@ -36,6 +37,7 @@ use log::{debug, warn};
 use serde::Serialize;
 use serde_json::json;
 
+use crate::cluster::link::ClusterStatus;
 use crate::observe::metrics::{self, BrokerGauges};
 use crate::protocol::topic;
 use crate::shard::query::{Answer, Query, ShardRequest};
@@ -151,6 +153,8 @@ pub struct AdminState {
     pub shards: Vec<async_channel::Sender<ShardRequest>>,
     /// The API's credentials.
     pub auth: ApiCredentials,
+    /// The cluster link's status, when the node is in a cluster.
+    pub cluster: Option<Arc<ClusterStatus>>,
 }
 
 /// A running admin listener.
@@ -422,10 +426,23 @@ pub fn handle(state: &AdminState, head: &Head) -> Response {
             body: DASHBOARD.as_bytes().to_vec(),
             challenge: None,
         }),
-        "/health" => get_only(if state.gauges.healthy() {
-            json_response(200, &json!({ "status": "ok" }))
-        } else {
-            json_response(503, &json!({ "status": "unavailable" }))
+        // A NATS link that is down does not make the node unhealthy: it
+        // serves its local clients (an orchestrator must not restart every
+        // node when NATS fails); the link's state is shown beside.
+        "/health" => get_only(match (state.gauges.healthy(), &state.cluster) {
+            (true, None) => json_response(200, &json!({ "status": "ok" })),
+            (false, None) => json_response(503, &json!({ "status": "unavailable" })),
+            (healthy, Some(cluster)) => json_response(
+                if healthy { 200 } else { 503 },
+                &json!({
+                    "status": if healthy { "ok" } else { "unavailable" },
+                    "cluster": if cluster.link_up() { "up" } else { "down" },
+                }),
+            ),
+        }),
+        "/api/v1/cluster" => get_only(match &state.cluster {
+            Some(cluster) => json_response(200, &cluster.to_json()),
+            None => json_response(200, &json!({ "link": "none", "nodes": {} })),
         }),
         "/metrics" => get_only(Response {
             status: 200,
@@ -714,6 +731,7 @@ mod tests {
             gauges: Arc::new(BrokerGauges::new(1)),
             shards: Vec::new(),
             auth,
+            cluster: None,
         }
     }
 

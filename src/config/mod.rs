@@ -2,6 +2,7 @@
 //! command-line flags. Every default is a documented constant here, and the
 //! commented sample `fanmq.toml` at the repository root mirrors them.
 
+pub mod cluster;
 pub mod os;
 
 use std::net::SocketAddr;
@@ -323,6 +324,14 @@ pub struct Flags {
     /// `persistence` on; overrides `persistence_location`).
     #[arg(long, value_name = "DIR")]
     pub persistence_dir: Option<PathBuf>,
+    /// NATS server URL that joins this node to a cluster (repeatable, for a
+    /// NATS cluster's seeds); replaces `[cluster] nats_urls`. Without any,
+    /// fanmq is a single node.
+    #[arg(long, value_name = "URL")]
+    pub cluster_nats: Vec<String>,
+    /// This node's name in the cluster (default: the host name).
+    #[arg(long, value_name = "NAME")]
+    pub node_name: Option<String>,
 }
 
 /// The configuration file's schema: every key optional.
@@ -376,6 +385,7 @@ struct FileConfig {
     persistence_location: Option<PathBuf>,
     persistence_sync: Option<SyncMode>,
     persistence_sync_interval_ms: Option<u64>,
+    cluster: Option<cluster::FileCluster>,
 }
 
 /// One entry of a listen list (`listen`, `tls_listen`, `ws_listen`,
@@ -526,6 +536,8 @@ pub struct Config {
     pub persistence_sync: SyncMode,
     /// Sync period in [`SyncMode::Interval`].
     pub persistence_sync_interval: Duration,
+    /// The NATS cluster this node joins; `None`: a single node.
+    pub cluster: Option<cluster::ClusterConfig>,
 }
 
 impl Default for Config {
@@ -583,6 +595,7 @@ impl Default for Config {
             persistence_location: None,
             persistence_sync: SyncMode::default(),
             persistence_sync_interval: Duration::from_millis(DEFAULT_PERSISTENCE_SYNC_INTERVAL_MS),
+            cluster: None,
         }
     }
 }
@@ -760,6 +773,7 @@ impl Config {
         if let Some(ms) = file.persistence_sync_interval_ms {
             config.persistence_sync_interval = Duration::from_millis(ms);
         }
+        config.cluster = cluster::merge(file.cluster, &cli.cluster_nats, cli.node_name.as_deref())?;
         config.validate()?;
         Ok(config)
     }

@@ -340,6 +340,48 @@ counter_table! {
         store_refused: Counter Sum,
             prometheus Some("store_refused"), per_shard None, sys None,
             help "QoS 1/2 publishes not acknowledged because persistence could not store them (5.0: reason 0x97; 3.1.1: connection closed)";
+        cluster_sent: Counter Sum,
+            prometheus Some("cluster_sent"), per_shard None, sys None,
+            help "Messages this node handed to its NATS bridge (each published message once, by the shard it entered on)";
+        cluster_send_dropped: Counter Sum,
+            prometheus Some("cluster_send_dropped"), per_shard None, sys None,
+            help "Messages not handed to the NATS bridge: its queue stayed full for stall_ms (delivered locally only)";
+        cluster_received: Counter Sum,
+            prometheus Some("cluster_received"), per_shard None, sys None,
+            help "Messages from other nodes routed on this node (each once per shard with a subscriber)";
+        cluster_taken_over: Counter Sum,
+            prometheus Some("cluster_taken_over"), per_shard None, sys None,
+            help "Connections closed (and their sessions dropped) because their client id connected to another node";
+        cluster_link_up: Gauge Max,
+            prometheus Some("cluster_link_up"), per_shard None, sys None,
+            help "1 while the NATS connection is up (every shard copies the bridge's figures)";
+        cluster_connects: Counter Max,
+            prometheus Some("cluster_connects"), per_shard None, sys None,
+            help "NATS connections made: the first and every reconnect";
+        cluster_subscriptions: Gauge Max,
+            prometheus Some("cluster_subscriptions"), per_shard None, sys None,
+            help "NATS subscriptions this node holds for MQTT filters (one per distinct filter, two for a trailing #)";
+        cluster_published: Counter Max,
+            prometheus Some("cluster_published"), per_shard None, sys None,
+            help "Messages the bridge published to NATS";
+        cluster_publish_dropped: Counter Max,
+            prometheus Some("cluster_publish_dropped"), per_shard None, sys None,
+            help "Messages the bridge did not publish to NATS (link down, or a publish error)";
+        cluster_deliver_dropped: Counter Max,
+            prometheus Some("cluster_deliver_dropped"), per_shard None, sys None,
+            help "Messages from NATS dropped for a shard whose queue from the bridge was full";
+        cluster_received_invalid: Counter Max,
+            prometheus Some("cluster_received_invalid"), per_shard None, sys None,
+            help "Messages from NATS that are no fanmq message (subject or headers), dropped";
+        cluster_slow_consumer: Counter Max,
+            prometheus Some("cluster_slow_consumer"), per_shard None, sys None,
+            help "Slow-consumer events of the NATS client (it dropped messages of a subscription)";
+        cluster_kv_errors: Counter Max,
+            prometheus Some("cluster_kv_errors"), per_shard None, sys None,
+            help "Failed operations on the retained-message bucket";
+        cluster_nodes: Gauge Max,
+            prometheus Some("cluster_nodes"), per_shard None, sys None,
+            help "Other nodes heard from within the node timeout";
         shared_deliveries: Counter Sum,
             prometheus Some("shared_deliveries"), per_shard None,
             sys Some("$SYS/broker/shared_subscriptions/delivered"),

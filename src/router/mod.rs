@@ -496,6 +496,24 @@ impl<K: Copy + Eq + Hash> Router<K> {
         }
     }
 
+    /// Calls `f(key, qos)` for each subscriber of exactly `filter` (its own
+    /// node, no matching): a message from another node comes tagged with the
+    /// filter whose NATS subscription carried it.
+    pub fn for_each_subscriber(&self, filter: &str, mut f: impl FnMut(K, QoS)) {
+        let mut id = ROOT;
+        for level in filter.split(LEVEL_SEPARATOR) {
+            match self.child(id, Edge::of(level)) {
+                Some(child) => id = child,
+                None => return,
+            }
+        }
+        if let Some(node) = self.nodes.get(id) {
+            for &(key, qos) in &node.subscribers.entries {
+                f(key, qos);
+            }
+        }
+    }
+
     /// Calls `f(key, qos)` exactly once per subscriber with a filter matching the
     /// Topic Name `topic`, with the highest QoS granted among its matching filters
     /// (§3.3.5: overlapping subscriptions are delivered once). Topics starting with

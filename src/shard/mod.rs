@@ -9,6 +9,7 @@
 //! then [`Shard::flush_dirty`] writes each dirty subscriber once with a
 //! vectored send of everything queued.
 
+pub mod cluster;
 pub mod held_acks;
 pub mod inbox;
 pub mod index;
@@ -159,6 +160,65 @@ pub struct Shard {
     /// (see [`crate::observe::metrics`]). The broker shares one set with the HTTP
     /// thread; a shard made alone (tests) has its own.
     pub gauges: Arc<BrokerGauges>,
+    /// The shard's side of the NATS bridge (`shard::cluster`); `None` for
+    /// a single node.
+    pub cluster: Option<crate::cluster::link::ClusterLink>,
+}
+
+/// Whether `session` may read a message on `topic` (the ACL's read rules,
+/// checked only for sessions that need it; `reads` is made at the first
+/// such session of a fan-out); a refusal is counted.
+pub(crate) fn read_allowed<'a>(
+    session: &Session,
+    reads: &mut Option<ReadChecker<'a>>,
+    auth: &Auth,
+    topic: &'a str,
+    stats: &mut Counters,
+) -> bool {
+    if !session.read_check {
+        return true;
+    }
+    let reads = reads.get_or_insert_with(|| auth.read_checker(topic));
+    let who = Who {
+        client_id: &session.client_id,
+        username: session.read_check_username(),
+    };
+    if reads.can_read(who) {
+        return true;
+    }
+    stats.read_denied += 1;
+    false
+}
+
+/// Offers the message of `encoded` to `session` (key `key`) at QoS
+/// `granted`, through the delivery of its protocol version, and counts the
+/// outcome in `stats`; true when something was queued (the session is to
+/// be flushed).
+pub(crate) fn offer(
+    session: &mut Session,
+    encoded: &mut Encoded<'_>,
+    key: SessionKey,
+    granted: QoS,
+    limits: &Limits,
+    stats: &mut Counters,
+) -> bool {
+    let qos = encoded.message.qos;
+    let delivery = if session.version == Version::V5 {
+        session.deliver_v5(encoded, key, granted, limits)
+    } else {
+        session.deliver(encoded, granted, limits)
+    };
+    match delivery {
+        Delivery::Queued => {
+            stats.publish_sent_by_qos[qos.min(granted) as usize] += 1;
+            true
+        }
+        Delivery::Pending | Delivery::Skipped => false,
+        Delivery::Dropped => {
+            stats.publish_dropped += 1;
+            false
+        }
+    }
 }
 
 /// A shard's state plus its mesh senders, as each of its tasks holds them.
@@ -220,7 +280,7 @@ impl Ctx {
         let peers = self.nr_shards - 1;
         let barrier = (batch.is_some() && !held.is_empty())
             .then(|| self.shard.borrow_mut().held_acks.start(peers));
-        if let Some(batch) = batch {
+        if let Some(batch) = &batch {
             for peer in (0..self.nr_shards).filter(|&p| p != self.id) {
                 let applied = barrier.map(|token| (self.id, token));
                 if self
@@ -235,6 +295,9 @@ impl Ctx {
                     }
                 }
             }
+        }
+        if let Some(batch) = batch {
+            self.forward_to_cluster(batch).await;
         }
         if let Some(token) = barrier {
             let applied = std::future::poll_fn(|cx| {
@@ -357,6 +420,7 @@ impl Shard {
             shed_conns: Vec::new(),
             auth,
             gauges: Arc::new(BrokerGauges::new(nr_shards)),
+            cluster: None,
         }
     }
 
@@ -372,7 +436,17 @@ impl Shard {
     pub fn generate_client_id(&mut self) -> ByteString {
         let n = self.next_generated_id;
         self.next_generated_id += 1;
-        ByteString::from(format!("fanmq-{}-{}-{n}", std::process::id(), self.id))
+        match &self.cluster {
+            // Process ids repeat across hosts: the node's name keeps the
+            // id unique in the cluster.
+            Some(link) => ByteString::from(format!(
+                "fanmq-{}-{}-{}-{n}",
+                link.status.node_name,
+                std::process::id(),
+                self.id
+            )),
+            None => ByteString::from(format!("fanmq-{}-{}-{n}", std::process::id(), self.id)),
+        }
     }
 
     /// Time since the shard started in keep-alive ticks
@@ -408,7 +482,7 @@ impl Shard {
         if !self.shared.is_empty() {
             self.route_shared(&message, origin);
         }
-        if self.nr_shards > 1 {
+        if self.nr_shards > 1 || self.cluster.is_some() {
             self.remote_batch.push(message);
         }
     }
@@ -454,40 +528,24 @@ impl Shard {
             let Some(session) = sessions.get_mut(key as usize) else {
                 return;
             };
-            if session.read_check {
-                let reads = reads.get_or_insert_with(|| auth.read_checker(&message.topic));
-                let who = Who {
-                    client_id: &session.client_id,
-                    username: session.read_check_username(),
-                };
-                if !reads.can_read(who) {
-                    stats.read_denied += 1;
-                    return;
-                }
+            if !read_allowed(session, &mut reads, auth, &message.topic, stats) {
+                return;
             }
-            let delivery = if session.version == Version::V5 {
-                session.deliver_v5(&mut encoded, key, granted, limits)
+            let tracked = if persist_stamps.is_empty() {
+                None
             } else {
-                session.deliver(&mut encoded, granted, limits)
+                persist_stamps.get(&key).copied()
             };
-            let qos = message.qos.min(granted);
-            if !persist_stamps.is_empty()
-                && qos != QoS::AtMostOnce
-                && matches!(delivery, Delivery::Queued | Delivery::Pending)
-                && let Some(&stamp) = persist_stamps.get(&key)
+            let before = tracked.map(|_| persist::queued_count(session));
+            let queued = offer(session, &mut encoded, key, granted, limits, stats);
+            if let (Some(stamp), Some(before)) = (tracked, before)
+                && persist::queued_count(session) > before
             {
-                persist_refs.push((stamp, qos));
+                persist_refs.push((stamp, message.qos.min(granted)));
             }
-            match delivery {
-                Delivery::Queued => {
-                    stats.publish_sent_by_qos[qos as usize] += 1;
-                    if !session.dirty {
-                        session.dirty = true;
-                        dirty.push(key);
-                    }
-                }
-                Delivery::Pending | Delivery::Skipped => {}
-                Delivery::Dropped => stats.publish_dropped += 1,
+            if queued && !session.dirty {
+                session.dirty = true;
+                dirty.push(key);
             }
         });
         if !self.persist_refs.is_empty() {
@@ -672,6 +730,9 @@ impl Shard {
                 // Share this shard's copy of the filter (a session taken over
                 // from another shard drops its copy of that shard's).
                 *filter = self.router.subscribe_shared(filter, key, *qos).1;
+                if let Some(link) = &mut self.cluster {
+                    link.subscribed(filter);
+                }
             }
             for (share, qos) in shares {
                 self.shared_join(key, share, qos);
@@ -679,6 +740,11 @@ impl Shard {
         }
         self.by_client_id.insert(&self.sessions, key);
         self.journal_session(key);
+        if let (Some(link), Some(session)) = (&self.cluster, self.sessions.get(key as usize))
+            && session.link.is_some()
+        {
+            link.connected(&session.client_id);
+        }
         key
     }
 
@@ -689,8 +755,10 @@ impl Shard {
         for (filter, _) in &session.state.subscriptions {
             if share::is_shared(filter) {
                 self.shared_leave(key, filter);
-            } else {
-                self.router.unsubscribe(filter, key);
+            } else if self.router.unsubscribe(filter, key)
+                && let Some(link) = &mut self.cluster
+            {
+                link.unsubscribed(filter);
             }
         }
         self.by_client_id

@@ -33,6 +33,16 @@ use crate::store::record::{
     Record, StoredMessage, StoredSession, StoredSubscription, next_stamp, unix_ms_now,
 };
 
+/// QoS 1/2 messages `session` holds (in flight and pending): one more
+/// after an offer means it took the message.
+pub(super) fn queued_count(session: &Session) -> usize {
+    session
+        .state
+        .flows
+        .as_deref()
+        .map_or(0, |f| f.inflight.len() + f.pending.len())
+}
+
 impl Shard {
     /// Journals the image of session `key` if it is persistent (and
     /// persistence is on): first a message record for each QoS 1/2 message

@@ -153,7 +153,10 @@ impl Shard {
                 continue;
             }
             // The session keeps the router's copy of the filter string.
-            let (_, shared) = self.router.subscribe_shared(&filter, key, qos);
+            let (added, shared) = self.router.subscribe_shared(&filter, key, qos);
+            if added && let Some(link) = &mut self.cluster {
+                link.subscribed(&filter);
+            }
             let new = session.subscribe(shared.clone(), qos);
             session.set_subscription_options(shared, &options, identifier);
             codes.push(ReasonCode::granted(qos));
@@ -233,8 +236,10 @@ impl Shard {
             {
                 if shared::is_shared(filter) {
                     self.shared_leave(key, filter);
-                } else {
-                    self.router.unsubscribe(filter, key);
+                } else if self.router.unsubscribe(filter, key)
+                    && let Some(link) = &mut self.cluster
+                {
+                    link.unsubscribed(filter);
                 }
                 codes.push(ReasonCode::SUCCESS);
             } else {

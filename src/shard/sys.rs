@@ -78,6 +78,9 @@ impl Shard {
             c.store_write_errors += s.write_errors;
         }
         c.store_disk_full = u64::from(self.store_refuses());
+        if let Some(link) = &self.cluster {
+            link.status.figures.fill(&mut c);
+        }
         c.complete();
         c
     }

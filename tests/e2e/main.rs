@@ -6,6 +6,7 @@ mod common;
 mod admin;
 mod auth;
 mod basic;
+mod cluster;
 mod hostile;
 mod limits;
 mod mqtt5;

@@ -678,6 +678,35 @@ impl Properties {
     }
 }
 
+impl Properties {
+    /// This set as a PUBLISH's property block (Property Length first), for
+    /// carrying a message's forwarded properties outside MQTT (between
+    /// cluster nodes).
+    ///
+    /// # Errors
+    /// A property a PUBLISH may not carry, or a value too long.
+    pub fn to_publish_block(&self) -> Result<Vec<u8>, EncodeError> {
+        let len = self.encoded_len(Context::Packet(PacketType::Publish))?;
+        let mut out = BytesMut::with_capacity(len);
+        self.encode(&mut out)?;
+        Ok(out.to_vec())
+    }
+
+    /// Reads a block written by [`Properties::to_publish_block`]; the
+    /// whole of `bytes` must be the block.
+    ///
+    /// # Errors
+    /// Not a valid PUBLISH property block, or bytes after it.
+    pub fn from_publish_block(bytes: &[u8]) -> Result<Properties, DecodeError> {
+        let mut reader = Reader::new(bytes);
+        let properties = Properties::decode(&mut reader, Context::Packet(PacketType::Publish))?;
+        if !reader.is_empty() {
+            return Err(DecodeError::PropertyLengthMismatch);
+        }
+        Ok(properties)
+    }
+}
+
 impl<'a> IntoIterator for &'a Properties {
     type Item = &'a Property;
     type IntoIter = std::slice::Iter<'a, Property>;

@@ -98,7 +98,7 @@ const CLIENT_DISCONNECT: [u8; 14] = [
 
 // The whole table of §2.4, named as the specification names them; the
 // broker sends only some of them.
-#[expect(
+#[allow(
     dead_code,
     reason = "the table of §2.4 is complete, the broker uses part of it"
 )]

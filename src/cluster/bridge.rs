@@ -1,0 +1,884 @@
+//! The bridge thread, `fanmq-cluster`: one tokio `current_thread` runtime
+//! with a `LocalSet` running the NATS client (async-nats is tokio-only) and
+//! the tasks between it and the shards (docs/design/cluster.md §3).
+//!
+//! - **publish**: batches from the shards' queue, each message published
+//!   once on its subject (the data connection has no echo, so this node never
+//!   gets its own messages back); retained ones also go to the bucket;
+//! - **interest**: per distinct MQTT filter, the shards interested and the
+//!   NATS subscriptions held (subscribed for the first shard, dropped after
+//!   the last), one reader task per subscription that hands messages to the
+//!   interested shards with `try_send`;
+//! - **retained**: a watch of the bucket, every change sent to every shard;
+//! - **heartbeat**: `<root>.n.<node>` every [`HEARTBEAT`], and the other
+//!   nodes' heard, for `/api/v1/cluster`.
+
+use std::cell::RefCell;
+use std::collections::{BTreeSet, HashMap};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use async_nats::jetstream::kv::{self, Operation};
+use async_nats::{Client, ConnectOptions, Event, ServerAddr};
+use bytes::Bytes;
+use bytestring::ByteString;
+use futures_lite::StreamExt;
+use log::{debug, info, warn};
+use tokio::task::JoinHandle;
+
+use crate::cluster::link::{ClusterStatus, Control, ToShard};
+use crate::cluster::{ClusterError, headers, retained, subject};
+use crate::config::cluster::{ClusterConfig, NatsAuth};
+use crate::protocol::message::Message;
+use crate::protocol::v3::QoS;
+
+/// How often the node says it is alive, and how often the bridge checks
+/// the shutdown flag.
+const HEARTBEAT: Duration = Duration::from_secs(2);
+/// A node not heard for this long is no longer listed.
+const NODE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most messages of one subscription handed to a shard in one batch.
+const DELIVER_BATCH: usize = 256;
+/// Wait before retrying the retained bucket after an error (the link is
+/// down, JetStream not ready).
+const KV_RETRY: Duration = Duration::from_secs(1);
+/// Longest the interest task waits for the server to confirm a new
+/// subscription (a PING round trip) before going on to the next change.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
+/// Commands the NATS client queues before a publish waits: far above the
+/// default 2,048, so that bursts pass (design §3).
+const CLIENT_CAPACITY: usize = 65_536;
+
+/// What the bridge thread starts with.
+pub struct BridgeSetup {
+    /// The settings.
+    pub config: ClusterConfig,
+    /// Largest retained value the bucket must hold: `max_packet_size` plus
+    /// the value's own fields.
+    pub max_value_size: usize,
+    /// Publish batches from every shard.
+    pub publish: async_channel::Receiver<Arc<Vec<Message>>>,
+    /// Interest changes and connects from every shard.
+    pub interest: async_channel::Receiver<Control>,
+    /// Each shard's queue, by shard index.
+    pub to_shards: Vec<async_channel::Sender<ToShard>>,
+    /// Shared figures.
+    pub status: Arc<ClusterStatus>,
+}
+
+/// One MQTT filter the node holds NATS subscriptions for.
+struct Held {
+    /// The shards with a subscriber.
+    shards: BTreeSet<usize>,
+    /// The reader task of each NATS subscription (aborting it drops the
+    /// subscriber, which unsubscribes).
+    readers: Vec<JoinHandle<()>>,
+    /// The subjects subscribed.
+    subjects: Vec<String>,
+    /// Whether the filter also needs the escaped subject.
+    escaped: bool,
+}
+
+/// The bridge's tables, shared by its tasks (one thread: `Rc<RefCell>`).
+struct Bridge {
+    /// The NATS client (data connection, no echo).
+    client: Client,
+    /// Subject root.
+    root: String,
+    /// Held filters.
+    filters: HashMap<ByteString, Held>,
+    /// The shards interested in the escaped subject, with how many of their
+    /// filters need it; and its reader.
+    escaped: (HashMap<usize, usize>, Option<JoinHandle<()>>),
+    /// Each shard's queue.
+    to_shards: Vec<async_channel::Sender<ToShard>>,
+    /// Shared figures.
+    status: Arc<ClusterStatus>,
+    /// Retained updates this node wrote whose echo from the watch is still
+    /// due, by key: the watch skips those (the shards hold them already).
+    own_writes: HashMap<String, u32>,
+    /// The topic of each key seen in the bucket (a delete carries only the
+    /// key).
+    topics: HashMap<String, ByteString>,
+}
+
+/// The bridge as its tasks hold it.
+type Shared = Rc<RefCell<Bridge>>;
+
+/// Runs the bridge until the broker stops: the body of the `fanmq-cluster`
+/// thread.
+///
+/// # Errors
+/// The tokio runtime cannot start, or the NATS options are invalid
+/// (unreadable credentials file, bad URL).
+pub fn run(setup: BridgeSetup) -> Result<(), ClusterError> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(ClusterError::Runtime)?;
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&runtime, serve(setup))
+}
+
+/// The NATS options from the settings.
+async fn options(
+    config: &ClusterConfig,
+    status: &Arc<ClusterStatus>,
+) -> Result<ConnectOptions, ClusterError> {
+    let events = status.clone();
+    let mut options = ConnectOptions::new()
+        .name(format!("fanmq {}", config.node_name))
+        .no_echo()
+        .retry_on_initial_connect()
+        .client_capacity(CLIENT_CAPACITY)
+        .event_callback(move |event| {
+            let status = events.clone();
+            async move { on_event(&status, event) }
+        });
+    options = match &config.auth {
+        NatsAuth::None => options,
+        NatsAuth::Token(token) => options.token(token.clone()),
+        NatsAuth::UserPassword(user, password) => {
+            options.user_and_password(user.clone(), password.clone())
+        }
+        NatsAuth::NkeySeedFile(path) => {
+            let seed =
+                std::fs::read_to_string(path).map_err(|source| ClusterError::Credentials {
+                    path: path.clone(),
+                    source,
+                })?;
+            options.nkey(seed.trim().to_string())
+        }
+        NatsAuth::CredsFile(path) => {
+            options
+                .credentials_file(path)
+                .await
+                .map_err(|source| ClusterError::Credentials {
+                    path: path.clone(),
+                    source,
+                })?
+        }
+    };
+    if let Some(ca) = &config.tls_ca_file {
+        options = options.add_root_certificates(ca.clone());
+    }
+    if let Some((cert, key)) = &config.tls_client {
+        options = options.add_client_certificate(cert.clone(), key.clone());
+    }
+    if config.tls_required {
+        options = options.require_tls(true);
+    }
+    Ok(options)
+}
+
+/// What the NATS client reports: link state, reconnects, slow consumers,
+/// in the log and the figures.
+fn on_event(status: &ClusterStatus, event: Event) {
+    let f = &status.figures;
+    match event {
+        Event::Connected => {
+            status.errors_since_up.store(0, Ordering::Relaxed);
+            let n = f.cluster_connects.fetch_add(1, Ordering::Relaxed);
+            f.cluster_link_up.store(1, Ordering::Relaxed);
+            if n == 0 {
+                info!("cluster: connected to NATS");
+            } else {
+                warn!("cluster: reconnected to NATS (subscriptions restored by the client)");
+            }
+        }
+        Event::Disconnected => {
+            f.cluster_link_up.store(0, Ordering::Relaxed);
+            warn!(
+                "cluster: NATS link down, serving local clients only and reconnecting with backoff"
+            );
+        }
+        Event::SlowConsumer(sid) => {
+            f.cluster_slow_consumer.fetch_add(1, Ordering::Relaxed);
+            warn!("cluster: NATS subscription {sid} is a slow consumer: messages dropped");
+        }
+        Event::Closed => {
+            f.cluster_link_up.store(0, Ordering::Relaxed);
+            info!("cluster: NATS connection closed");
+        }
+        Event::ClientError(e) => {
+            if status.errors_since_up.fetch_add(1, Ordering::Relaxed) == 0 {
+                warn!(
+                    "cluster: cannot reach NATS ({e}): serving local clients only, retrying with backoff"
+                );
+            } else {
+                debug!("cluster: NATS: {e}");
+            }
+        }
+        other => warn!("cluster: NATS: {other}"),
+    }
+}
+
+/// Connects and runs every task until shutdown.
+async fn serve(setup: BridgeSetup) -> Result<(), ClusterError> {
+    let config = setup.config;
+    let status = setup.status;
+    let addrs = config
+        .nats_urls
+        .iter()
+        .map(|u| {
+            u.parse::<ServerAddr>()
+                .map_err(|e| ClusterError::Url(u.clone(), e.to_string()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let client = options(&config, &status)
+        .await?
+        .connect(addrs)
+        .await
+        .map_err(|e| ClusterError::Connect(e.to_string()))?;
+    info!(
+        "cluster: node {} joining through NATS {}",
+        config.node_name,
+        config.nats_urls.join(", ")
+    );
+    let bridge: Shared = Rc::new(RefCell::new(Bridge {
+        client: client.clone(),
+        root: config.name.clone(),
+        filters: HashMap::new(),
+        escaped: (HashMap::new(), None),
+        to_shards: setup.to_shards,
+        status: status.clone(),
+        own_writes: HashMap::new(),
+        topics: HashMap::new(),
+    }));
+    let (puts, put_queue) = async_channel::unbounded::<(String, Option<Bytes>)>();
+    let tasks = [
+        tokio::task::spawn_local(publish_loop(
+            bridge.clone(),
+            setup.publish,
+            puts,
+            config.node_name.clone(),
+        )),
+        tokio::task::spawn_local(interest_loop(bridge.clone(), setup.interest)),
+        tokio::task::spawn_local(retained_loop(
+            bridge.clone(),
+            put_queue,
+            config.kv_replicas,
+            setup.max_value_size,
+        )),
+        tokio::task::spawn_local(heartbeat_loop(bridge.clone(), config.node_name.clone())),
+        tokio::task::spawn_local(takeover_loop(bridge.clone())),
+    ];
+    while !status.shutdown.load(Ordering::Relaxed) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for task in tasks {
+        task.abort();
+    }
+    // Whatever was published goes out before the connection closes.
+    let _ = tokio::time::timeout(Duration::from_secs(1), client.flush()).await;
+    status.figures.cluster_link_up.store(0, Ordering::Relaxed);
+    info!("cluster: bridge stopped");
+    Ok(())
+}
+
+/// Publishes every message of every batch once.
+async fn publish_loop(
+    bridge: Shared,
+    batches: async_channel::Receiver<Arc<Vec<Message>>>,
+    puts: async_channel::Sender<(String, Option<Bytes>)>,
+    node: String,
+) {
+    let (client, root, status) = {
+        let b = bridge.borrow();
+        (b.client.clone(), b.root.clone(), b.status.clone())
+    };
+    let f = &status.figures;
+    while let Ok(batch) = batches.recv().await {
+        let now = Instant::now();
+        for message in batch.iter() {
+            // `$SYS` is per node.
+            if message.topic == "$SYS" || message.topic.starts_with("$SYS/") {
+                continue;
+            }
+            if message.retain {
+                let value = if message.payload.is_empty() {
+                    None
+                } else {
+                    retained::encode(message, &node, now)
+                };
+                let key = retained::key(&message.topic);
+                if value.is_some() || message.payload.is_empty() {
+                    let _ = puts.try_send((key, value));
+                }
+            }
+            if !status.link_up() {
+                f.cluster_publish_dropped.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            let Some(out) = headers::encode(&root, message, now) else {
+                continue;
+            };
+            let sent = match out.headers {
+                Some(h) => {
+                    client
+                        .publish_with_headers(out.subject, h, out.payload)
+                        .await
+                }
+                None => client.publish(out.subject, out.payload).await,
+            };
+            match sent {
+                Ok(()) => f.cluster_published.fetch_add(1, Ordering::Relaxed),
+                Err(e) => {
+                    debug!("cluster: publish failed: {e}");
+                    f.cluster_publish_dropped.fetch_add(1, Ordering::Relaxed)
+                }
+            };
+        }
+    }
+}
+
+/// Applies every interest change, and announces every connect.
+async fn interest_loop(bridge: Shared, changes: async_channel::Receiver<Control>) {
+    while let Ok(change) = changes.recv().await {
+        match change {
+            Control::Interest(change) => {
+                if change.add {
+                    add_interest(&bridge, change.shard, change.filter).await;
+                } else {
+                    remove_interest(&bridge, change.shard, &change.filter);
+                }
+                refresh_view(&bridge);
+            }
+            Control::Connected(client_id) => {
+                let (client, subject, up) = {
+                    let b = bridge.borrow();
+                    (
+                        b.client.clone(),
+                        connect_subject(&b.root),
+                        b.status.link_up(),
+                    )
+                };
+                let payload = format!("{} {client_id}", unix_ms_now());
+                if up && let Err(e) = client.publish(subject, Bytes::from(payload)).await {
+                    debug!("cluster: connect of {client_id:?} not announced: {e}");
+                }
+            }
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch, now.
+fn unix_ms_now() -> u64 {
+    let wall = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    u64::try_from(wall.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// The subject on which nodes announce the client ids that connect to
+/// them: `<root>.c.connect`, payload `<Unix ms> <client id>`.
+fn connect_subject(root: &str) -> String {
+    format!("{root}.c.connect")
+}
+
+/// Closes, on this node, the connections of client ids that connected to
+/// another node (no echo: never this node's own).
+async fn takeover_loop(bridge: Shared) {
+    let (client, subject) = {
+        let b = bridge.borrow();
+        (b.client.clone(), connect_subject(&b.root))
+    };
+    let mut announced = match client.subscribe(subject.clone()).await {
+        Ok(sub) => sub,
+        Err(e) => {
+            warn!("cluster: cannot subscribe to {subject}: take-over across nodes is off: {e}");
+            return;
+        }
+    };
+    while let Some(msg) = announced.next().await {
+        let Some((at, client_id)) = std::str::from_utf8(&msg.payload)
+            .ok()
+            .and_then(|p| p.split_once(' '))
+            .and_then(|(at, id)| Some((at.parse::<u64>().ok()?, ByteString::from(id))))
+        else {
+            continue;
+        };
+        let queues = bridge.borrow().to_shards.clone();
+        for queue in queues {
+            // Awaited: a take-over must reach the shard holding the id.
+            let _ = queue.send(ToShard::TakenOver(client_id.clone(), at)).await;
+        }
+    }
+}
+
+/// Shard `shard` got its first subscriber of `filter`.
+async fn add_interest(bridge: &Shared, shard: usize, filter: ByteString) {
+    // Another shard holds it already: only the escaped subject may be new.
+    let held = {
+        let mut b = bridge.borrow_mut();
+        let found = b.filters.get_mut(&filter).map(|held| {
+            let new = held.shards.insert(shard);
+            new && held.escaped
+        });
+        if found == Some(true) {
+            add_escaped(&mut b, shard);
+        }
+        found
+    };
+    if let Some(needs_escaped) = held {
+        if needs_escaped {
+            ensure_escaped_reader(bridge).await;
+        }
+        return;
+    }
+    let root = bridge.borrow().root.clone();
+    let (subjects, escaped) = subject::filter_subjects(&root, &filter);
+    let mut readers = Vec::with_capacity(subjects.len());
+    let client = bridge.borrow().client.clone();
+    for s in &subjects {
+        match client.subscribe(s.clone()).await {
+            Ok(sub) => readers.push(tokio::task::spawn_local(read_subscription(
+                bridge.clone(),
+                Some(filter.clone()),
+                sub,
+            ))),
+            Err(e) => warn!("cluster: cannot subscribe to {s}: {e}"),
+        }
+    }
+    {
+        let mut b = bridge.borrow_mut();
+        b.status
+            .figures
+            .cluster_subscriptions
+            .fetch_add(readers.len() as u64, Ordering::Relaxed);
+        if escaped {
+            add_escaped(&mut b, shard);
+        }
+        b.filters.insert(
+            filter.clone(),
+            Held {
+                shards: BTreeSet::from([shard]),
+                readers,
+                subjects,
+                escaped,
+            },
+        );
+    }
+    if escaped {
+        ensure_escaped_reader(bridge).await;
+    }
+    // The server holds the interest once it answered a PING after the SUB.
+    // Bounded: while the link is down a flush waits for the reconnect.
+    match tokio::time::timeout(FLUSH_TIMEOUT, client.flush()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => debug!("cluster: flush after subscribing {filter:?}: {e}"),
+        Err(_) => debug!("cluster: no flush after subscribing {filter:?} within {FLUSH_TIMEOUT:?}"),
+    }
+}
+
+/// Shard `shard` has one more filter that needs the escaped subject.
+fn add_escaped(b: &mut Bridge, shard: usize) {
+    *b.escaped.0.entry(shard).or_insert(0) += 1;
+}
+
+/// Subscribes the escaped subject if nobody reads it yet.
+async fn ensure_escaped_reader(bridge: &Shared) {
+    let (client, subject) = {
+        let b = bridge.borrow();
+        if b.escaped.1.is_some() {
+            return;
+        }
+        (b.client.clone(), subject::escaped_subject(&b.root))
+    };
+    match client.subscribe(subject.clone()).await {
+        Ok(sub) => {
+            let reader = tokio::task::spawn_local(read_subscription(bridge.clone(), None, sub));
+            let mut b = bridge.borrow_mut();
+            b.status
+                .figures
+                .cluster_subscriptions
+                .fetch_add(1, Ordering::Relaxed);
+            if let Some(old) = b.escaped.1.replace(reader) {
+                old.abort();
+                b.status
+                    .figures
+                    .cluster_subscriptions
+                    .fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        Err(e) => warn!("cluster: cannot subscribe to {subject}: {e}"),
+    }
+}
+
+/// Shard `shard` lost its last subscriber of `filter`.
+fn remove_interest(bridge: &Shared, shard: usize, filter: &str) {
+    let mut b = bridge.borrow_mut();
+    let Some(held) = b.filters.get_mut(filter) else {
+        return;
+    };
+    if !held.shards.remove(&shard) {
+        return;
+    }
+    let escaped = held.escaped;
+    let gone = held
+        .shards
+        .is_empty()
+        .then(|| b.filters.remove(filter))
+        .flatten();
+    if let Some(held) = gone {
+        b.status
+            .figures
+            .cluster_subscriptions
+            .fetch_sub(held.readers.len() as u64, Ordering::Relaxed);
+        for reader in held.readers {
+            reader.abort();
+        }
+    }
+    if escaped {
+        let left = b.escaped.0.get_mut(&shard).map(|n| {
+            *n -= 1;
+            *n
+        });
+        if left == Some(0) {
+            b.escaped.0.remove(&shard);
+        }
+        if b.escaped.0.is_empty()
+            && let Some(reader) = b.escaped.1.take()
+        {
+            reader.abort();
+            b.status
+                .figures
+                .cluster_subscriptions
+                .fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Copies the subjects held into the admin view.
+fn refresh_view(bridge: &Shared) {
+    let b = bridge.borrow();
+    let mut subjects: Vec<String> = b
+        .filters
+        .values()
+        .flat_map(|h| h.subjects.iter().cloned())
+        .collect();
+    if b.escaped.1.is_some() {
+        subjects.push(subject::escaped_subject(&b.root));
+    }
+    subjects.sort();
+    if let Ok(mut view) = b.status.view.lock() {
+        view.subjects = subjects;
+    }
+}
+
+/// Reads one NATS subscription and hands its messages to the shards with
+/// a subscriber of `filter` (`None`: the escaped subject, every shard with
+/// a filter that needs it), in batches of what is already there.
+async fn read_subscription(
+    bridge: Shared,
+    filter: Option<ByteString>,
+    mut sub: async_nats::Subscriber,
+) {
+    let root = bridge.borrow().root.clone();
+    while let Some(first) = sub.next().await {
+        let now = Instant::now();
+        let mut batch = Vec::with_capacity(8);
+        let mut next = Some(first);
+        while let Some(msg) = next.take() {
+            match headers::decode(
+                &root,
+                msg.subject.as_str(),
+                msg.headers.as_ref(),
+                msg.payload,
+                now,
+            ) {
+                Ok(message) => batch.push((filter.clone(), message)),
+                Err(e) => {
+                    debug!("cluster: dropped a message on {}: {e}", msg.subject);
+                    bridge
+                        .borrow()
+                        .status
+                        .figures
+                        .cluster_received_invalid
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            if batch.len() < DELIVER_BATCH {
+                next = futures_lite::future::poll_once(sub.next()).await.flatten();
+            }
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        let b = bridge.borrow();
+        let shards: Vec<usize> = match &filter {
+            Some(f) => b
+                .filters
+                .get(f)
+                .map(|h| h.shards.iter().copied().collect())
+                .unwrap_or_default(),
+            None => b.escaped.0.keys().copied().collect(),
+        };
+        let Some((&last, rest)) = shards.split_last() else {
+            continue;
+        };
+        for &shard in rest {
+            deliver(&b, shard, batch.clone());
+        }
+        deliver(&b, last, batch);
+    }
+}
+
+/// Hands a batch to one shard without waiting: a full queue drops it for
+/// that shard only.
+fn deliver(b: &Bridge, shard: usize, batch: Vec<(Option<ByteString>, Message)>) {
+    let Some(queue) = b.to_shards.get(shard) else {
+        return;
+    };
+    let n = batch.len() as u64;
+    if queue.try_send(ToShard::Deliver(batch)).is_err() {
+        b.status
+            .figures
+            .cluster_deliver_dropped
+            .fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// The retained bucket: writes this node's retained updates in order, and
+/// mirrors every other node's into every shard. Restarts after errors.
+async fn retained_loop(
+    bridge: Shared,
+    puts: async_channel::Receiver<(String, Option<Bytes>)>,
+    replicas: usize,
+    max_value_size: usize,
+) {
+    let (client, root, status) = {
+        let b = bridge.borrow();
+        (b.client.clone(), b.root.clone(), b.status.clone())
+    };
+    let context = async_nats::jetstream::new(client.clone());
+    let name = retained::bucket(&root);
+    let store = loop {
+        match context.get_key_value(name.clone()).await {
+            Ok(store) => break store,
+            Err(e) => {
+                debug!("cluster: retained bucket {name} not found ({e}), creating it");
+                if let Err(e) = create_bucket(&client, &name, replicas, max_value_size).await {
+                    status
+                        .figures
+                        .cluster_kv_errors
+                        .fetch_add(1, Ordering::Relaxed);
+                    debug!("cluster: retained bucket {name} not ready: {e}");
+                    tokio::time::sleep(KV_RETRY).await;
+                }
+            }
+        }
+    };
+    info!("cluster: retained messages in bucket {name}");
+    // Ends with the bridge's runtime.
+    tokio::task::spawn_local(write_retained(bridge.clone(), store.clone(), puts));
+    loop {
+        if let Err(e) = watch_retained(&bridge, &store).await {
+            status
+                .figures
+                .cluster_kv_errors
+                .fetch_add(1, Ordering::Relaxed);
+            debug!("cluster: retained watch ended: {e}");
+        }
+        tokio::time::sleep(KV_RETRY).await;
+    }
+}
+
+/// Creates the bucket's stream as a KV bucket is made (`KV_<bucket>`,
+/// one message per key, rollups, direct get), with a plain JetStream API
+/// request of only the fields nats-server 2.9 knows: async-nats' own
+/// `create_key_value` sends newer fields and cannot read 2.9's answer.
+async fn create_bucket(
+    client: &Client,
+    bucket: &str,
+    replicas: usize,
+    max_value_size: usize,
+) -> Result<(), String> {
+    let config = serde_json::json!({
+        "name": format!("KV_{bucket}"),
+        "subjects": [format!("$KV.{bucket}.>")],
+        "max_msgs_per_subject": 1,
+        "max_msg_size": max_value_size,
+        "discard": "new",
+        "allow_rollup_hdrs": true,
+        "deny_delete": true,
+        "allow_direct": true,
+        "storage": "file",
+        "num_replicas": replicas,
+    });
+    let answer = client
+        .request(
+            format!("$JS.API.STREAM.CREATE.KV_{bucket}"),
+            Bytes::from(config.to_string()),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    let answer: serde_json::Value =
+        serde_json::from_slice(&answer.payload).map_err(|e| e.to_string())?;
+    match answer.get("error") {
+        None => Ok(()),
+        Some(error) => Err(error.to_string()),
+    }
+}
+
+/// Writes retained updates to the bucket, one after the other (the order
+/// of one topic's updates is the order they were published).
+async fn write_retained(
+    bridge: Shared,
+    store: kv::Store,
+    puts: async_channel::Receiver<(String, Option<Bytes>)>,
+) {
+    while let Ok((key, value)) = puts.recv().await {
+        *bridge
+            .borrow_mut()
+            .own_writes
+            .entry(key.clone())
+            .or_insert(0) += 1;
+        let done = match value {
+            Some(value) => store
+                .put(&key, value)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+            None => store.delete(&key).await.map_err(|e| e.to_string()),
+        };
+        if let Err(e) = done {
+            let mut b = bridge.borrow_mut();
+            b.status
+                .figures
+                .cluster_kv_errors
+                .fetch_add(1, Ordering::Relaxed);
+            if let Some(n) = b.own_writes.get_mut(&key) {
+                *n = n.saturating_sub(1);
+            }
+            debug!("cluster: retained update not stored: {e}");
+        }
+    }
+}
+
+/// Mirrors the bucket into every shard: its current values first, then
+/// every change, until the watch fails.
+async fn watch_retained(bridge: &Shared, store: &kv::Store) -> Result<(), String> {
+    let mut watch = store
+        .watch_with_history(">")
+        .await
+        .map_err(|e| e.to_string())?;
+    while let Some(entry) = watch.next().await {
+        let entry = entry.map_err(|e| e.to_string())?;
+        let now = Instant::now();
+        let message = {
+            let mut b = bridge.borrow_mut();
+            if let Some(n) = b.own_writes.get_mut(&entry.key) {
+                // This node's own update: its shards hold it already.
+                *n -= 1;
+                if *n == 0 {
+                    b.own_writes.remove(&entry.key);
+                }
+                if entry.operation == Operation::Put
+                    && let Ok(d) = retained::decode(&entry.value, now)
+                {
+                    b.topics.insert(entry.key.clone(), d.message.topic);
+                }
+                continue;
+            }
+            match entry.operation {
+                Operation::Put => match retained::decode(&entry.value, now) {
+                    Ok(d) => {
+                        b.topics.insert(entry.key.clone(), d.message.topic.clone());
+                        d.message
+                    }
+                    Err(e) => {
+                        debug!("cluster: retained value {} invalid: {e}", entry.key);
+                        continue;
+                    }
+                },
+                Operation::Delete | Operation::Purge => match b.topics.remove(&entry.key) {
+                    Some(topic) => Message::new(topic, Bytes::new(), QoS::AtMostOnce, true),
+                    None => continue,
+                },
+            }
+        };
+        let message = Message {
+            retain_stamp: retained::stamp(entry.revision),
+            ..message
+        };
+        let queues = bridge.borrow().to_shards.clone();
+        for queue in queues {
+            // Awaited: a retained update must reach every replica.
+            let _ = queue.send(ToShard::Retained(message.clone())).await;
+        }
+    }
+    Err("watch ended".to_string())
+}
+
+/// Says this node is alive and lists the others heard.
+async fn heartbeat_loop(bridge: Shared, node: String) {
+    let (client, root, status) = {
+        let b = bridge.borrow();
+        (b.client.clone(), b.root.clone(), b.status.clone())
+    };
+    let prefix = format!("{root}.n.");
+    let mut heard = match client.subscribe(format!("{prefix}*")).await {
+        Ok(sub) => Some(sub),
+        Err(e) => {
+            warn!("cluster: cannot subscribe to heartbeats: {e}");
+            None
+        }
+    };
+    let mut seen: HashMap<String, Instant> = HashMap::new();
+    let mut tick = tokio::time::interval(HEARTBEAT);
+    loop {
+        let beat = async {
+            tick.tick().await;
+            None
+        };
+        let heard_one = async {
+            match heard.as_mut() {
+                Some(sub) => sub.next().await,
+                None => std::future::pending().await,
+            }
+        };
+        match futures_lite::future::or(heard_one, beat).await {
+            Some(msg) => {
+                if let Some(name) = msg.subject.strip_prefix(prefix.as_str())
+                    && name != node
+                {
+                    seen.insert(name.to_string(), Instant::now());
+                }
+            }
+            None => {
+                if status.link_up()
+                    && let Err(e) = client
+                        .publish(format!("{prefix}{node}"), Bytes::new())
+                        .await
+                {
+                    debug!("cluster: heartbeat not sent: {e}");
+                }
+                seen.retain(|_, at| at.elapsed() < NODE_TIMEOUT);
+                let wall = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .unwrap_or_default();
+                let nodes = seen
+                    .iter()
+                    .map(|(name, at)| {
+                        let ago = wall.saturating_sub(at.elapsed());
+                        (name.clone(), u64::try_from(ago.as_millis()).unwrap_or(0))
+                    })
+                    .collect();
+                status
+                    .figures
+                    .cluster_nodes
+                    .store(seen.len() as u64, Ordering::Relaxed);
+                if let Ok(mut view) = status.view.lock() {
+                    view.nodes = nodes;
+                    view.server = status.link_up().then(|| {
+                        let info = client.server_info();
+                        format!("{}:{} ({})", info.host, info.port, info.server_name)
+                    });
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,304 @@
+//! What shards and the bridge thread send each other, and the state both
+//! sides and the admin API read (docs/design/cluster.md §3).
+//!
+//! Three queues, all `async-channel` (runtime-agnostic: the shards are on
+//! glommio, the bridge on tokio): one bounded queue of publish batches from
+//! every shard to the bridge; one unbounded queue of interest changes (a
+//! change must never be lost, and there is at most one per subscription);
+//! and one bounded queue per shard from the bridge, which the bridge only
+//! `try_send`s messages into, so that one busy shard never stops it.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ahash::AHashMap;
+use bytestring::ByteString;
+use serde::Serialize;
+
+use crate::observe::counters::Counters;
+use crate::protocol::message::Message;
+
+/// A change of a shard's interest in a filter.
+#[derive(Debug)]
+pub struct Interest {
+    /// The shard.
+    pub shard: usize,
+    /// The MQTT filter.
+    pub filter: ByteString,
+    /// True: the filter got its first subscriber on the shard; false: it
+    /// lost its last.
+    pub add: bool,
+}
+
+/// From a shard to the bridge, besides publishes: never dropped.
+#[derive(Debug)]
+pub enum Control {
+    /// A filter's first or last subscriber on a shard.
+    Interest(Interest),
+    /// A client connected on this node: the other nodes close their
+    /// connection with this client id (MQTT §3.1.4-3 across nodes).
+    Connected(ByteString),
+}
+
+/// From the bridge to one shard.
+#[derive(Debug)]
+pub enum ToShard {
+    /// Messages from other nodes, each with the filter of the NATS
+    /// subscription it came on (`None`: the escaped subject, matched in
+    /// full). The shard delivers each only to that filter's subscribers,
+    /// once per session (docs/design/cluster.md §6).
+    Deliver(Vec<(Option<ByteString>, Message)>),
+    /// A retained message (empty payload: a delete) from the cluster's
+    /// bucket, stamped with its revision: applied to the shard's replica,
+    /// never delivered.
+    Retained(Message),
+    /// The client id connected on another node at this Unix time in
+    /// milliseconds: close an older connection here and drop its session
+    /// (the state does not move across nodes yet).
+    TakenOver(ByteString, u64),
+}
+
+/// One shard's ends of its queues.
+#[derive(Clone, Debug)]
+pub struct ShardEnds {
+    /// Publish batches to the bridge (shared by every shard).
+    pub publish: async_channel::Sender<Arc<Vec<Message>>>,
+    /// Interest changes and connects to the bridge (shared by every shard).
+    pub interest: async_channel::Sender<Control>,
+    /// What the bridge sends this shard.
+    pub from_bridge: async_channel::Receiver<ToShard>,
+}
+
+/// A shard's side of the cluster, kept in the shard.
+#[derive(Debug)]
+pub struct ClusterLink {
+    /// The queues.
+    pub ends: ShardEnds,
+    /// The figures shared with the bridge and the admin API.
+    pub status: Arc<ClusterStatus>,
+    /// Longest a publisher waits for room in the publish queue.
+    pub stall: Duration,
+    /// This shard's subscriptions per filter: the bridge hears of a filter
+    /// when its count leaves or reaches zero.
+    counts: AHashMap<ByteString, u32>,
+    /// This shard's index.
+    shard: usize,
+}
+
+impl ClusterLink {
+    /// Shard `shard`'s link.
+    pub fn new(shard: usize, ends: ShardEnds, status: Arc<ClusterStatus>, stall: Duration) -> Self {
+        ClusterLink {
+            ends,
+            status,
+            stall,
+            counts: AHashMap::new(),
+            shard,
+        }
+    }
+
+    /// A subscription to `filter` was added on this shard.
+    pub fn subscribed(&mut self, filter: &str) {
+        let count = self.counts.entry(ByteString::from(filter)).or_insert(0);
+        *count += 1;
+        if *count == 1 {
+            self.tell(filter, true);
+        }
+    }
+
+    /// A subscription to `filter` was removed on this shard.
+    pub fn unsubscribed(&mut self, filter: &str) {
+        let Some(count) = self.counts.get_mut(filter) else {
+            return;
+        };
+        *count -= 1;
+        if *count == 0 {
+            self.counts.remove(filter);
+            self.tell(filter, false);
+        }
+    }
+
+    /// Distinct filters subscribed on this shard.
+    #[cfg(test)]
+    pub fn filters(&self) -> usize {
+        self.counts.len()
+    }
+
+    /// A client connected on this shard: the other nodes hear of it.
+    pub fn connected(&self, client_id: &str) {
+        if self
+            .ends
+            .interest
+            .try_send(Control::Connected(ByteString::from(client_id)))
+            .is_err()
+        {
+            log::debug!("cluster bridge gone: connect of {client_id:?} not announced");
+        }
+    }
+
+    /// Sends an interest change (the queue is unbounded: never full).
+    fn tell(&self, filter: &str, add: bool) {
+        let change = Control::Interest(Interest {
+            shard: self.shard,
+            filter: ByteString::from(filter),
+            add,
+        });
+        if self.ends.interest.try_send(change).is_err() {
+            log::debug!("cluster bridge gone: interest change for {filter:?} dropped");
+        }
+    }
+}
+
+/// What the admin API shows of the cluster beyond the figures.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ClusterView {
+    /// Other nodes heard from (their heartbeat), with the Unix time in
+    /// milliseconds they were last heard.
+    pub nodes: BTreeMap<String, u64>,
+    /// The NATS subjects this node subscribes to.
+    pub subjects: Vec<String>,
+    /// The NATS server the node is connected to, when connected.
+    pub server: Option<String>,
+}
+
+/// Declares [`ClusterStatus`]'s figures and the copy into [`Counters`].
+macro_rules! status_figures {
+    ($( $name:ident: $doc:literal; )*) => {
+        /// The bridge's figures: written by the bridge thread, read by the
+        /// shards (which copy them into their counters for `/metrics`) and
+        /// the admin API.
+        #[derive(Debug, Default)]
+        pub struct StatusFigures {
+            $( #[doc = $doc] pub $name: AtomicU64, )*
+        }
+
+        impl StatusFigures {
+            /// Copies every figure into the counters of the same name.
+            pub fn fill(&self, c: &mut Counters) {
+                $( c.$name = self.$name.load(Ordering::Relaxed); )*
+            }
+        }
+    };
+}
+
+status_figures! {
+    cluster_link_up: "1 while the NATS connection is up";
+    cluster_connects: "NATS connections made (the first and every reconnect)";
+    cluster_subscriptions: "NATS subscriptions held for MQTT filters";
+    cluster_published: "Messages published to NATS";
+    cluster_publish_dropped: "Messages not published to NATS (link down, or an error)";
+    cluster_deliver_dropped: "Messages from NATS dropped for a shard whose queue was full";
+    cluster_received_invalid: "Messages from NATS that are no fanmq message (subject or headers)";
+    cluster_slow_consumer: "Slow-consumer events of the NATS client (messages it dropped)";
+    cluster_kv_errors: "Failed retained-bucket operations";
+    cluster_nodes: "Other nodes heard within the node timeout";
+}
+
+/// The cluster's state, shared by the bridge, the shards and the admin API.
+#[derive(Debug)]
+pub struct ClusterStatus {
+    /// This node's name.
+    pub node_name: String,
+    /// The NATS URLs configured.
+    pub urls: Vec<String>,
+    /// Counters and gauges.
+    pub figures: StatusFigures,
+    /// Nodes and subjects (written on interest changes and heartbeats,
+    /// never on the data path).
+    pub view: Mutex<ClusterView>,
+    /// Set when the broker stops: the bridge ends.
+    pub shutdown: AtomicBool,
+    /// NATS client errors since the link was last up: only the first is
+    /// logged as a warning (a server down is retried forever).
+    pub errors_since_up: AtomicU64,
+}
+
+impl ClusterStatus {
+    /// A status for `node_name` connecting to `urls`, link down.
+    pub fn new(node_name: String, urls: Vec<String>) -> Self {
+        ClusterStatus {
+            node_name,
+            urls,
+            figures: StatusFigures::default(),
+            view: Mutex::new(ClusterView::default()),
+            shutdown: AtomicBool::new(false),
+            errors_since_up: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether the NATS connection is up.
+    pub fn link_up(&self) -> bool {
+        self.figures.cluster_link_up.load(Ordering::Relaxed) == 1
+    }
+
+    /// The status as `/api/v1/cluster` returns it.
+    pub fn to_json(&self) -> serde_json::Value {
+        let view = self
+            .view
+            .lock()
+            .map(|v| v.clone())
+            .unwrap_or_else(|poisoned| poisoned.into_inner().clone());
+        let mut figures = Counters::default();
+        self.figures.fill(&mut figures);
+        serde_json::json!({
+            "node": self.node_name,
+            "nats_urls": self.urls,
+            "link": if self.link_up() { "up" } else { "down" },
+            "server": view.server,
+            "nodes": view.nodes,
+            "subjects": view.subjects,
+            "connects": figures.cluster_connects,
+            "subscriptions": figures.cluster_subscriptions,
+            "published": figures.cluster_published,
+            "publish_dropped": figures.cluster_publish_dropped,
+            "deliver_dropped": figures.cluster_deliver_dropped,
+            "received_invalid": figures.cluster_received_invalid,
+            "slow_consumer": figures.cluster_slow_consumer,
+            "kv_errors": figures.cluster_kv_errors,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bridge_hears_of_a_filter_at_its_first_and_last_subscriber_only() {
+        let (publish, _p) = async_channel::bounded(1);
+        let (interest, changes) = async_channel::unbounded();
+        let (_to_shard, from_bridge) = async_channel::bounded(1);
+        let ends = ShardEnds {
+            publish,
+            interest,
+            from_bridge,
+        };
+        let status = Arc::new(ClusterStatus::new("a".into(), vec![]));
+        let mut link = ClusterLink::new(3, ends, status, Duration::from_millis(1));
+        for _ in 0..3 {
+            link.subscribed("a/#");
+        }
+        link.subscribed("b");
+        link.unsubscribed("a/#");
+        link.unsubscribed("a/#");
+        assert_eq!(link.filters(), 2);
+        link.unsubscribed("a/#");
+        link.unsubscribed("never");
+        let got: Vec<(usize, String, bool)> = std::iter::from_fn(|| changes.try_recv().ok())
+            .filter_map(|c| match c {
+                Control::Interest(i) => Some((i.shard, i.filter.to_string(), i.add)),
+                Control::Connected(_) => None,
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (3, "a/#".into(), true),
+                (3, "b".into(), true),
+                (3, "a/#".into(), false)
+            ]
+        );
+    }
+}
