@@ -152,14 +152,16 @@ pub struct Ctx {
     /// The shard's epoll instance, which parked connections wait on
     /// (`connection::park`).
     pub poller: Rc<Poller>,
+    /// The outbox's per-peer queues, which keep its messages in order.
+    pub control: Rc<mesh::Control>,
 }
 
 impl Ctx {
-    /// Sends queued control messages from detached tasks.
+    /// Sends queued control messages from detached tasks, in order per peer.
     pub fn send_outbox(&self) {
         let outbox = std::mem::take(&mut self.shard.borrow_mut().outbox);
         for (peer, msg) in outbox {
-            mesh::send_detached(&self.mesh, peer, msg);
+            mesh::send_ordered(&self.mesh, &self.control, peer, msg);
         }
     }
 
@@ -609,7 +611,7 @@ impl Shard {
             session.detach();
             session.offline_since = now;
             if !self.shared.is_empty() {
-                self.shared_offline(key);
+                self.shared_refresh(key);
             }
         }
     }
