@@ -367,7 +367,6 @@ async fn run_shard(setup: ShardSetup) -> Result<(), ShardError> {
         id,
         nr_shards,
         poller: Rc::new(poller),
-        control: Rc::default(),
     };
     glommio::spawn_local(park::receive_ready(ctx.clone(), from_watcher)).detach();
     glommio::spawn_local(park::Unparker::new(ctx.clone())).detach();

@@ -108,6 +108,9 @@ pub struct Shard {
     remote_batch: Vec<Message>,
     /// Control messages to send once the current borrow ends.
     pub outbox: Vec<(usize, ShardMsg)>,
+    /// The outbox's per-peer queues once sent ([`Ctx::send_outbox`]),
+    /// which keep its messages in order towards each peer.
+    pub control: Rc<mesh::Control>,
     /// This shard's counters.
     pub stats: Counters,
     /// The gauges of the latest pass over the sessions (keep-alive sweep).
@@ -152,16 +155,17 @@ pub struct Ctx {
     /// The shard's epoll instance, which parked connections wait on
     /// (`connection::park`).
     pub poller: Rc<Poller>,
-    /// The outbox's per-peer queues, which keep its messages in order.
-    pub control: Rc<mesh::Control>,
 }
 
 impl Ctx {
     /// Sends queued control messages from detached tasks, in order per peer.
     pub fn send_outbox(&self) {
-        let outbox = std::mem::take(&mut self.shard.borrow_mut().outbox);
+        let (outbox, control) = {
+            let mut shard = self.shard.borrow_mut();
+            (std::mem::take(&mut shard.outbox), shard.control.clone())
+        };
         for (peer, msg) in outbox {
-            mesh::send_ordered(&self.mesh, &self.control, peer, msg);
+            mesh::send_ordered(&self.mesh, &control, peer, msg);
         }
     }
 
@@ -262,6 +266,7 @@ impl Shard {
             batch: BytesMut::new(),
             remote_batch: Vec::new(),
             outbox: Vec::new(),
+            control: Rc::default(),
             stats: Counters::default(),
             session_totals: SessionTotals::default(),
             all_stats: vec![Counters::default(); nr_shards],
