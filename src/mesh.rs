@@ -6,8 +6,12 @@
 //! batch. A full channel makes the sending connection wait, which stops it
 //! reading its socket, which lets TCP push back on the publisher.
 //! Control messages (take-over, stats) are sent from detached tasks so that a
-//! shard's receiving loop never waits on another shard (no mesh deadlock).
+//! shard's receiving loop never waits on another shard (no mesh deadlock);
+//! those of the outbox go through one queue per peer ([`Control`]), so they
+//! arrive in the order they were made even when the channel is full.
 
+use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -107,4 +111,94 @@ pub fn send_detached(mesh: &MeshSenders, peer: usize, msg: ShardMsg) {
         }
     })
     .detach();
+}
+
+/// The outbox's control messages waiting for their peer's channel: one FIFO
+/// per peer, drained by at most one detached task at a time. One task per
+/// message would not keep their order: when the channel is full, the tasks
+/// wait, and the one woken first sends first, so a shared subscription
+/// member's `Leave` could overtake its `Join` and leave a stale member in
+/// the peer's replica.
+#[derive(Default)]
+pub struct Control {
+    /// Per peer: the messages not yet sent, oldest first, and whether a
+    /// task is draining them.
+    queues: RefCell<Vec<(VecDeque<ShardMsg>, bool)>>,
+}
+
+impl Control {
+    /// Queues `msg` for `peer`: true when no task drains that peer's queue,
+    /// so the caller must start one.
+    fn push(&self, peer: usize, msg: ShardMsg) -> bool {
+        let mut queues = self.queues.borrow_mut();
+        if queues.len() <= peer {
+            queues.resize_with(peer + 1, Default::default);
+        }
+        let (queue, draining) = &mut queues[peer];
+        queue.push_back(msg);
+        !std::mem::replace(draining, true)
+    }
+
+    /// The next message for `peer`, oldest first; None when its queue is
+    /// empty, and then its draining task ends.
+    fn next(&self, peer: usize) -> Option<ShardMsg> {
+        let mut queues = self.queues.borrow_mut();
+        let (queue, draining) = queues.get_mut(peer)?;
+        let next = queue.pop_front();
+        if next.is_none() {
+            *draining = false;
+        }
+        next
+    }
+}
+
+/// Sends `msg` to `peer` after every message sent to it before through
+/// `control`, from a detached task, so the caller never waits.
+pub fn send_ordered(mesh: &MeshSenders, control: &Rc<Control>, peer: usize, msg: ShardMsg) {
+    if !control.push(peer, msg) {
+        return;
+    }
+    let mesh = mesh.clone();
+    let control = control.clone();
+    glommio::spawn_local(async move {
+        while let Some(msg) = control.next(peer) {
+            if mesh.send_to(peer, msg).await.is_err() {
+                warn!("mesh: shard {peer} is gone, control message dropped");
+            }
+        }
+    })
+    .detach();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A message told apart by `token`.
+    fn applied(token: u64) -> ShardMsg {
+        ShardMsg::Applied { token }
+    }
+
+    /// The token of an [`applied`] message.
+    fn token(msg: Option<ShardMsg>) -> Option<u64> {
+        match msg {
+            Some(ShardMsg::Applied { token }) => Some(token),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn one_task_per_peer_drains_its_messages_in_the_order_they_were_queued() {
+        let control = Control::default();
+        assert!(control.push(1, applied(1)), "the first starts a task");
+        assert!(!control.push(1, applied(2)), "the task is running");
+        assert!(control.push(0, applied(10)), "another peer, its own task");
+        assert_eq!(token(control.next(1)), Some(1));
+        assert!(!control.push(1, applied(3)), "queued behind 2");
+        assert_eq!(token(control.next(1)), Some(2));
+        assert_eq!(token(control.next(1)), Some(3));
+        assert_eq!(token(control.next(1)), None, "drained: the task ends");
+        assert!(control.push(1, applied(4)), "so the next one starts a task");
+        assert_eq!(token(control.next(0)), Some(10));
+    }
 }

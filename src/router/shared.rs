@@ -77,6 +77,14 @@ pub struct Member {
     /// False while the member is a persistent session without a
     /// connection: it is chosen only when no connected member is left.
     pub online: bool,
+    /// True when the session has a subscription the ACL covers only partly
+    /// (its reads are checked per delivery): the shard that chooses the
+    /// member checks the topic first, so that a message the member may not
+    /// read goes to another member instead of being sent to its shard and
+    /// dropped there.
+    pub read_check: bool,
+    /// The user name those read checks are made under (with `client_id`).
+    pub username: Option<ByteString>,
 }
 
 /// A change to one membership, sent by the member's shard to every other.
@@ -317,6 +325,8 @@ mod tests {
             client_id: ByteString::from(format!("c{shard}-{key}")),
             qos: QoS::AtLeastOnce,
             online,
+            read_check: false,
+            username: None,
         }
     }
 

@@ -132,6 +132,9 @@ pub struct Shard {
     remote_batch: Vec<Message>,
     /// Control messages to send once the current borrow ends.
     pub outbox: Vec<(usize, ShardMsg)>,
+    /// The outbox's per-peer queues once sent ([`Ctx::send_outbox`]),
+    /// which keep its messages in order towards each peer.
+    pub control: Rc<mesh::Control>,
     /// This shard's counters.
     pub stats: Counters,
     /// The gauges of the latest pass over the sessions (keep-alive sweep).
@@ -238,11 +241,14 @@ pub struct Ctx {
 }
 
 impl Ctx {
-    /// Sends queued control messages from detached tasks.
+    /// Sends queued control messages from detached tasks, in order per peer.
     pub fn send_outbox(&self) {
-        let outbox = std::mem::take(&mut self.shard.borrow_mut().outbox);
+        let (outbox, control) = {
+            let mut shard = self.shard.borrow_mut();
+            (std::mem::take(&mut shard.outbox), shard.control.clone())
+        };
         for (peer, msg) in outbox {
-            mesh::send_detached(&self.mesh, peer, msg);
+            mesh::send_ordered(&self.mesh, &control, peer, msg);
         }
     }
 
@@ -408,6 +414,7 @@ impl Shard {
             batch: BytesMut::new(),
             remote_batch: Vec::new(),
             outbox: Vec::new(),
+            control: Rc::default(),
             stats: Counters::default(),
             session_totals: SessionTotals::default(),
             all_stats: vec![Counters::default(); nr_shards],
@@ -783,7 +790,7 @@ impl Shard {
             session.offline_since = now;
             self.journal_session(key);
             if !self.shared.is_empty() {
-                self.shared_offline(key);
+                self.shared_refresh(key);
             }
         }
     }

@@ -12,6 +12,7 @@ use crate::observe::counters::Counters;
 use crate::protocol::message::{Encoded, Message};
 use crate::protocol::v3::QoS;
 use crate::router::shared::{self, Member, MemberUpdate, SharedDelivery, SharedGroups};
+use crate::security::acl::Who;
 use crate::security::auth::Auth;
 use crate::session::{Delivery, Limits, Session};
 use crate::shard::registry::home_shard;
@@ -49,6 +50,8 @@ impl Shard {
             client_id: ByteString::from(&*session.client_id),
             qos,
             online: session.is_online(),
+            read_check: session.read_check,
+            username: session.read_check_username().map(ByteString::from),
         };
         self.share_update(MemberUpdate::Join { share, member });
     }
@@ -63,9 +66,12 @@ impl Shard {
         self.share_update(update);
     }
 
-    /// Session `key` lost its connection (persistent, kept offline): its
-    /// memberships say so, so that publishers prefer connected members.
-    pub fn shared_offline(&mut self, key: SessionKey) {
+    /// Sends session `key`'s memberships again with its current state: when
+    /// it lost its connection (persistent, kept offline), so that publishers
+    /// prefer connected members, and when its reads became checked (a
+    /// subscription the ACL covers only partly), so that they pass it over
+    /// for topics it may not read.
+    pub fn shared_refresh(&mut self, key: SessionKey) {
         let Some(session) = self.sessions.get(key as usize) else {
             return;
         };
@@ -122,6 +128,9 @@ impl Shard {
             let online = group.members_from(first).filter(|m| m.online);
             let offline = group.members_from(first).filter(|m| !m.online).take(1);
             for member in online.chain(offline) {
+                if member.shard != id && !targets.may_read_remote(member, &message.topic) {
+                    continue;
+                }
                 if member.shard != id {
                     if let Some(out) = shared_out.get_mut(member.shard) {
                         out.push(SharedDelivery {
@@ -230,6 +239,25 @@ struct Targets<'a> {
 }
 
 impl Targets<'_> {
+    /// May `member`, of another shard, read `topic`: its shard checks again,
+    /// but a message sent there for a member that may not read it would be
+    /// dropped, as that shard does not pass it on to a third. A denial is
+    /// counted in `read_denied`.
+    fn may_read_remote(&mut self, member: &Member, topic: &str) -> bool {
+        if !member.read_check {
+            return true;
+        }
+        let who = Who {
+            client_id: &member.client_id,
+            username: member.username.as_deref(),
+        };
+        let may = self.auth.can_read(who, topic);
+        if !may {
+            self.stats.read_denied += 1;
+        }
+        may
+    }
+
     /// Offers the message to `member`'s session (of this shard) at the
     /// member's granted QoS: true when it took it (queued, or waiting in
     /// its pending queue), and then it is counted and marked dirty. A
@@ -265,6 +293,7 @@ mod tests {
 
     use super::*;
     use crate::config::Config;
+    use crate::protocol::v3::Subscribe;
     use crate::shard::testing::{self, attach_client};
 
     /// A QoS 1 message on `topic`.
@@ -393,6 +422,95 @@ mod tests {
             (shard.stats.shared_deliveries, shard.stats.shared_dropped),
             (1, 1)
         );
+    }
+
+    /// An ACL that lets every client read everything but
+    /// `secret/{its client id}`.
+    fn acl_file() -> tempfile::NamedTempFile {
+        let mut acl = tempfile::NamedTempFile::new().expect("acl file");
+        std::io::Write::write_all(&mut acl, b"topic readwrite #\npattern deny secret/%c\n")
+            .expect("write acl");
+        acl
+    }
+
+    /// Shard `id` of 2 with the ACL `acl` ([`acl_file`]).
+    fn shard_with_acl(id: usize, acl: &tempfile::NamedTempFile) -> Shard {
+        let config = Config {
+            acl_file: Some(acl.path().to_path_buf()),
+            ..Config::default()
+        };
+        let auth = Auth::load(&config).expect("the ACL loads");
+        Shard::new(
+            id,
+            2,
+            std::sync::Arc::new(config),
+            std::sync::Arc::new(auth),
+        )
+    }
+
+    #[test]
+    fn a_member_of_another_shard_that_may_not_read_the_topic_is_passed_over_there() {
+        let acl = acl_file();
+        let mut publisher = shard_with_acl(0, &acl);
+        let mut remote = shard_with_acl(1, &acl);
+        // Both members' "+/+" cover a denied topic: partly covered, their
+        // reads are checked; only "anon" may not read secret/anon.
+        let _denied = attach_client(&mut remote, "anon", "$share/g/+/+", QoS::AtLeastOnce, None);
+        let mut local = attach_client(
+            &mut publisher,
+            "local",
+            "$share/g/+/+",
+            QoS::AtLeastOnce,
+            None,
+        );
+        assert!(remote.sessions.iter().all(|(_, s)| s.read_check));
+        for (peer, msg) in std::mem::take(&mut remote.outbox) {
+            assert_eq!(peer, 0);
+            publisher.handle_control(msg);
+        }
+        assert_eq!(publisher.shared.members(), 2);
+        // Round robin would give the remote member every other message;
+        // the publishing shard passes it over instead of sending it there,
+        // where no other member could take it.
+        for i in 0..4 {
+            publisher.publish(message("secret/anon", &i.to_string()));
+        }
+        publisher.flush_dirty();
+        assert!(
+            publisher.take_shared_out().is_empty(),
+            "nothing sent to the denied member"
+        );
+        assert_eq!(local.publishes().len(), 4);
+        assert_eq!(publisher.stats.shared_dropped, 0);
+        assert!(publisher.stats.read_denied >= 2);
+    }
+
+    #[test]
+    fn a_membership_is_announced_again_when_the_sessions_reads_become_checked() {
+        let acl = acl_file();
+        let mut shard = shard_with_acl(1, &acl);
+        // "$share/g/a/b" is fully covered: announced unchecked.
+        let member = attach_client(&mut shard, "anon", "$share/g/a/b", QoS::AtLeastOnce, None);
+        let checked = |shard: &mut Shard| -> Vec<bool> {
+            std::mem::take(&mut shard.outbox)
+                .into_iter()
+                .filter_map(|(_, msg)| match msg {
+                    ShardMsg::SharedMember(MemberUpdate::Join { member, .. }) => {
+                        Some(member.read_check)
+                    }
+                    _ => None,
+                })
+                .collect()
+        };
+        assert_eq!(checked(&mut shard), vec![false]);
+        // A plain "+/+" covers secret/anon: from now on its reads are
+        // checked, and the other shards learn it for the membership too.
+        let subscribe = Subscribe {
+            packet_id: 2,
+            filters: vec![(ByteString::from("+/+"), QoS::AtLeastOnce)],
+        };
+        shard.subscribe(member.key, subscribe, None);
+        assert_eq!(checked(&mut shard), vec![true]);
     }
 
     #[test]

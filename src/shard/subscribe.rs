@@ -66,6 +66,10 @@ impl Shard {
     ) {
         let mut codes = Vec::with_capacity(filters.len());
         let mut granted_filters = Vec::with_capacity(filters.len());
+        let checked_before = self
+            .sessions
+            .get(key as usize)
+            .is_some_and(|s| s.read_check);
         for (whole, options) in filters {
             let qos = options.qos;
             // A shared subscription: the checks below apply to the filter
@@ -168,6 +172,14 @@ impl Shard {
             if send_retained {
                 granted_filters.push((filter, qos, coverage == Coverage::Partial));
             }
+        }
+        let Some(session) = self.sessions.get_mut(key as usize) else {
+            return;
+        };
+        if session.read_check && !checked_before {
+            // Its memberships were announced unchecked: the shards that
+            // choose it learn to check its reads.
+            self.shared_refresh(key);
         }
         let Some(session) = self.sessions.get_mut(key as usize) else {
             return;

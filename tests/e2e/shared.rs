@@ -243,8 +243,11 @@ fn an_offline_persistent_member_is_skipped_and_keeps_what_nobody_else_could_take
     );
     let mut publisher = Mqtt::connect(port, "off-pub");
     let first = payloads("first", 20);
+    // Each PUBACK awaited here: a PUBACK left unread would be taken by a
+    // later `publish_acked` for its own, and the stage that reconnects the
+    // persistent member would then start with its messages still unrouted.
     for p in &first {
-        publisher.publish("off", QoS::AtLeastOnce, false, p);
+        publisher.publish_acked("off", false, p);
     }
     let mut on = vec![Member::V4(online)];
     assert_once_each(
