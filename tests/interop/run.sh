@@ -51,7 +51,9 @@ ws_port="$(grep -o 'ws 127.0.0.1:[0-9]*' "$work/broker.log" | head -1 | cut -d: 
 echo "# fanmq on port $port, TLS $tls_port, WebSocket $ws_port (pid $broker_pid)"
 
 sub() { mosquitto_sub -h 127.0.0.1 -p "$port" "$@"; }
-pub() { mosquitto_pub -h 127.0.0.1 -p "$port" "$@"; }
+# Every client runs under a timeout, so a hung client fails the run instead
+# of hanging it.
+pub() { timeout 10 mosquitto_pub -h 127.0.0.1 -p "$port" "$@"; }
 
 # Waits until a background mosquitto_sub has subscribed: it prints nothing
 # until then, so we publish a retained marker per check and wait for it.
@@ -69,7 +71,11 @@ for qos in 0 1 2; do
   timeout 20 mosquitto_sub -h 127.0.0.1 -p "$port" -t "interop/q$qos/#" -t "ready/q$qos" -q "$qos" -C 101 -v >"$out" &
   spid=$!
   for _ in $(seq 1 50); do pub -t "ready/q$qos" -m go -q 1; wait_for_line "$out" "ready/q$qos" && break; done
-  seq 1 100 | mosquitto_pub -h 127.0.0.1 -p "$port" -t "interop/q$qos/n" -q "$qos" -l
+  # mosquitto_pub 2.0.11 -l sometimes never exits once stdin ends, after it
+  # sent every line (a race in the client: mosquitto issue 1448, seen here
+  # in CI with all 100 messages delivered and the connection still open).
+  # The timeout ends it; what the check asserts is what the subscriber got.
+  seq 1 100 | timeout 20 mosquitto_pub -h 127.0.0.1 -p "$port" -t "interop/q$qos/n" -q "$qos" -l || true
   if wait "$spid"; then
     got="$(grep -c "^interop/q$qos/n " "$out" || true)"
     expected="$(seq 1 100 | sed "s|^|interop/q$qos/n |")"
