@@ -194,12 +194,7 @@ def main():
                 print(f"{mode:8} journal: {size} bytes for {updates} retained updates "
                       f"({size / updates:.1f} bytes each, 64-byte payload, ~10-byte topic)")
         finally:
-            broker.terminate()
-            try:
-                broker.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                broker.kill()
-                broker.wait()
+            stop(broker)
             shutil.rmtree(scratch, ignore_errors=True)
     fanout_bytes(args.binary, args.shards, args.subscribers, args.messages, args.dir)
 
