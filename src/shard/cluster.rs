@@ -54,22 +54,41 @@ impl Ctx {
     }
 }
 
+/// Messages from the bridge handled in one turn before the subscribers'
+/// sockets are written: what waited in the queue while the shard was busy
+/// goes out in one write per subscriber (as a local burst read in one
+/// piece does), not one write per NATS message; the bound keeps one turn
+/// short (the mesh and the connections are served between turns).
+const DRAIN_PER_TURN: usize = 64;
+
 /// Receives what the bridge sends this shard until the bridge ends.
 pub async fn receive_from_bridge(ctx: Ctx, from_bridge: async_channel::Receiver<ToShard>) {
-    while let Ok(msg) = from_bridge.recv().await {
+    while let Ok(first) = from_bridge.recv().await {
         {
             let mut shard = ctx.shard.borrow_mut();
-            match msg {
-                ToShard::Deliver(batch) => {
-                    shard.stats.cluster_received += batch.len() as u64;
-                    for (filter, message) in &batch {
-                        shard.route_from_cluster(filter.as_deref(), message);
+            let mut next = Some(first);
+            let mut handled = 0;
+            while let Some(msg) = next.take() {
+                match msg {
+                    ToShard::Deliver(batch) => {
+                        shard.stats.cluster_received += batch.len() as u64;
+                        for (filter, message) in &batch {
+                            shard.route_from_cluster(filter.as_deref(), message);
+                        }
                     }
-                    shard.flush_dirty();
+                    ToShard::Retained(message) => shard.retained.apply(&message),
+                    ToShard::TakenOver(client_id, at) => {
+                        // What was routed to the connection goes out first.
+                        shard.flush_dirty();
+                        shard.taken_over_elsewhere(&client_id, at);
+                    }
                 }
-                ToShard::Retained(message) => shard.retained.apply(&message),
-                ToShard::TakenOver(client_id, at) => shard.taken_over_elsewhere(&client_id, at),
+                handled += 1;
+                if handled < DRAIN_PER_TURN {
+                    next = from_bridge.try_recv().ok();
+                }
             }
+            shard.flush_dirty();
         }
         glommio::yield_if_needed().await;
     }
