@@ -3,7 +3,9 @@
 //! it. Publishes cross nodes once and in order, a node holds one NATS
 //! subscription per filter whatever its local subscribers, retained
 //! messages reach every node (also one started later), a node killed with
-//! SIGKILL leaves the others working, and a NATS restart heals by itself.
+//! SIGKILL leaves the others working, a NATS restart heals by itself, and
+//! a NATS cluster of three servers loses the one a node uses without the
+//! node losing anything published after it moved to another.
 //!
 //! Each test skips, saying so, when `nats-server` is not on PATH (CI
 //! installs it, `.ci/run`, and sets CI=true, which makes a missing server a
@@ -46,6 +48,8 @@ struct Nats {
     port: u16,
     /// The HTTP monitoring port.
     monitor: u16,
+    /// More arguments (a NATS cluster's `--cluster`, `--routes`, ...).
+    extra: Vec<String>,
 }
 
 impl Drop for Nats {
@@ -58,6 +62,11 @@ impl Nats {
     /// Starts nats-server on free ports; `None` (after saying why) without
     /// a binary.
     fn start(test: &str) -> Option<Nats> {
+        Self::start_with(test, Vec::new())
+    }
+
+    /// [`Nats::start`] with more arguments.
+    fn start_with(test: &str, extra: Vec<String>) -> Option<Nats> {
         let Some(binary) = nats_binary() else {
             // CI installs it: there a missing server is a failure.
             assert!(
@@ -73,6 +82,7 @@ impl Nats {
             store: tempfile::tempdir().expect("store directory"),
             port: 0,
             monitor: 0,
+            extra,
         };
         nats.run();
         Some(nats)
@@ -94,6 +104,7 @@ impl Nats {
         let mut child = Command::new(&self.binary)
             .args(["-js", "-a", "127.0.0.1", "-p", &port, "-m", &monitor, "-sd"])
             .arg(self.store.path())
+            .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -187,15 +198,16 @@ impl Nats {
     }
 }
 
-/// The lines of a child's pipe, read on a thread of their own.
+/// The lines of a child's pipe, read on a thread of their own until the
+/// child closes it: once nobody listens the lines are dropped, but the pipe
+/// is still drained (a closed pipe would kill a server that logs on, such
+/// as a NATS cluster's routes, with SIGPIPE).
 fn lines_of(pipe: impl std::io::Read + Send + 'static) -> Receiver<String> {
     let (tx, rx) = channel();
     std::thread::spawn(move || {
         for line in BufReader::new(pipe).lines() {
             let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
+            let _ = tx.send(line);
         }
     });
     rx
@@ -592,4 +604,167 @@ fn the_acl_read_rules_hold_for_messages_from_other_nodes() {
         .collect();
     assert_eq!(got, ["a/b", "x/end"], "secret/x withheld on B as on A");
     wait_stats(&b, |s| s["total"]["read_denied"] == 1);
+}
+
+/// Three nats-servers joined as one NATS cluster (routes between them, one
+/// JetStream domain), each on free ports.
+fn nats_cluster(test: &str) -> Option<Vec<Nats>> {
+    // Route ports are named to every server up front: picked free, then
+    // released for the server to bind.
+    let routes: Vec<u16> = (0..3)
+        .map(|_| {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("free port")
+                .port()
+        })
+        .collect();
+    let all = routes
+        .iter()
+        .map(|p| format!("nats://127.0.0.1:{p}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut servers = Vec::new();
+    for (i, port) in routes.iter().enumerate() {
+        let extra = vec![
+            "--server_name".to_string(),
+            format!("s{i}"),
+            "--cluster_name".to_string(),
+            "fanmq-test".to_string(),
+            "--cluster".to_string(),
+            format!("nats://127.0.0.1:{port}"),
+            "--routes".to_string(),
+            all.clone(),
+        ];
+        servers.push(Nats::start_with(test, extra)?);
+    }
+    // Formed: every server routes to the two others (2.10 and later pool
+    // several connections per route) and answers /healthz
+    // (JetStream has its meta leader) before a node connects.
+    for server in &servers {
+        let deadline = Instant::now() + TIMEOUT * 6;
+        while !(routes_of(server) >= 2 && healthy(server)) {
+            assert!(
+                Instant::now() < deadline,
+                "the NATS cluster did not form: /routez {} /healthz {}",
+                monitor_json(server, "/routez"),
+                monitor_json(server, "/healthz")
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    Some(servers)
+}
+
+/// `server`'s monitoring JSON at `path`, or null while it does not answer.
+fn monitor_json(server: &Nats, path: &str) -> Value {
+    let url = format!("http://127.0.0.1:{}{path}", server.monitor);
+    ureq::get(&url)
+        .call()
+        .ok()
+        .and_then(|mut r| r.body_mut().read_to_string().ok())
+        .and_then(|body| serde_json::from_str(&body).ok())
+        .unwrap_or_default()
+}
+
+/// How many routes `server` has (monitoring `/routez`).
+fn routes_of(server: &Nats) -> u64 {
+    monitor_json(server, "/routez")["num_routes"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+/// Whether `server`'s `/healthz` says ok (JetStream included).
+fn healthy(server: &Nats) -> bool {
+    monitor_json(server, "/healthz")["status"] == "ok"
+}
+
+/// The `[cluster]` table for node `name` with every server of `servers` as
+/// a seed.
+fn cluster_config(servers: &[Nats], name: &str) -> String {
+    let urls = servers
+        .iter()
+        .map(|s| format!("\"nats://127.0.0.1:{}\"", s.port))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!("[cluster]\nnats_urls = [{urls}]\nnode_name = \"{name}\"\n")
+}
+
+/// Whether `server`'s `/connz` lists a client named `name`.
+fn connected_to(server: &Nats, name: &str) -> bool {
+    monitor_json(server, "/connz?limit=1000")["connections"]
+        .as_array()
+        .is_some_and(|c| c.iter().any(|c| c["name"] == name))
+}
+
+/// Publishes probes on `topic` from `publisher` until `subscriber` gets
+/// one (interest crosses the NATS cluster's routes asynchronously), then
+/// drains the probes.
+fn until_routed(publisher: &Mqtt, subscriber: &mut Mqtt, topic: &str) {
+    let deadline = Instant::now() + TIMEOUT * 2;
+    loop {
+        publisher.publish(topic, QoS::AtMostOnce, false, b"probe");
+        if subscriber
+            .recv_publish(Duration::from_millis(200))
+            .is_some_and(|p| p.topic == topic)
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{topic} never crossed the NATS cluster"
+        );
+    }
+    publisher.publish("ha/drained", QoS::AtLeastOnce, false, b"");
+    subscriber.collect_until("ha/drained");
+}
+
+#[test]
+fn a_three_server_nats_cluster_loses_a_server_and_the_nodes_go_on_through_the_others() {
+    let Some(mut servers) = nats_cluster("NATS cluster") else {
+        return;
+    };
+    let node = |name: &str| {
+        let node = Broker::builder()
+            .config(&cluster_config(&servers, name))
+            .start();
+        node.wait_log(|l| l.contains("cluster: connected to NATS"), TIMEOUT)
+            .unwrap_or_else(|| panic!("node {name} did not connect:\n{}", node.log_text()));
+        node
+    };
+    let (mut a, mut b) = (node("a"), node("b"));
+    let mut subscriber = Mqtt::connect(b.port, "ha-sub");
+    subscriber.subscribe("ha/#", QoS::AtLeastOnce);
+    let publisher = Mqtt::connect(a.port, "ha-pub");
+    until_routed(&publisher, &mut subscriber, "ha/probe");
+
+    // Kill the server that the subscriber's node talks to.
+    let used = servers
+        .iter()
+        .position(|s| connected_to(s, "fanmq b"))
+        .expect("node b is connected to one of the servers");
+    servers[used].stop();
+    let others: Vec<usize> = (0..servers.len()).filter(|&i| i != used).collect();
+    let deadline = Instant::now() + TIMEOUT * 2;
+    while !others.iter().any(|&i| connected_to(&servers[i], "fanmq b")) {
+        assert!(
+            Instant::now() < deadline,
+            "node b never reconnected to another server"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    wait_link(&b, "up");
+    until_routed(&publisher, &mut subscriber, "ha/probe-again");
+
+    // Everything published now arrives, once and in order.
+    for i in 0..50 {
+        publisher.publish("ha/n", QoS::AtLeastOnce, false, i.to_string().as_bytes());
+    }
+    publisher.publish("ha/end", QoS::AtLeastOnce, false, b"");
+    let expected: Vec<String> = (0..50).map(|i: i32| i.to_string()).collect();
+    assert_eq!(payloads_until(&mut subscriber, "ha/end"), expected);
+    let stats = wait_stats(&b, |s| s["total"]["cluster_connects"].as_u64() >= Some(2));
+    assert_eq!(stats["total"]["cluster_link_up"], 1);
+    a.assert_running();
+    b.assert_running();
 }
