@@ -115,6 +115,9 @@ pub struct Shard {
     /// Scratch: the journalled sessions that queued the message being
     /// routed, with the QoS each gets it at.
     persist_refs: Vec<(u64, QoS)>,
+    /// Scratch: the journalled sessions that sent the message being routed
+    /// at once (in flight, not queued), with packet id and QoS.
+    persist_sent: Vec<crate::store::record::SentRef>,
     /// The LSNs that what this shard routed since the last
     /// `Ctx::forward_publishes` appended up to, in the retained and the
     /// session journal: what the held acks wait for (0: nothing).
@@ -408,6 +411,7 @@ impl Shard {
             session_journal: None,
             persist_stamps: ahash::AHashMap::new(),
             persist_refs: Vec::new(),
+            persist_sent: Vec::new(),
             needed_lsns: [0; 2],
             store_failing: None,
             dirty: Vec::new(),
@@ -524,9 +528,13 @@ impl Shard {
             batch,
             persist_stamps,
             persist_refs,
+            persist_sent,
             auth,
             ..
         } = self;
+        // The message's id in the session journal, taken when the first
+        // journalled session keeps it.
+        let mut mid = None;
         let mut encoded = Encoded::new(message, batch);
         encoded.origin = origin;
         // Made at the first session with read checks only.
@@ -548,15 +556,16 @@ impl Shard {
             if let (Some(stamp), Some(before)) = (tracked, before)
                 && persist::queued_count(session) > before
             {
-                persist_refs.push((stamp, message.qos.min(granted)));
+                let id = *mid.get_or_insert_with(crate::store::record::next_stamp);
+                persist::note_kept(session, stamp, id, persist_refs, persist_sent);
             }
             if queued && !session.dirty {
                 session.dirty = true;
                 dirty.push(key);
             }
         });
-        if !self.persist_refs.is_empty() {
-            self.journal_queued(message);
+        if let Some(mid) = mid {
+            self.journal_queued(message, mid);
         }
     }
 

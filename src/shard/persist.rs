@@ -26,12 +26,12 @@ use crate::protocol::message::Message;
 use crate::protocol::v5::{RetainHandling, SubscriptionOptions};
 use crate::router::SharedFilter;
 use crate::session::link::TICKS_PER_SEC;
-use crate::session::{SESSION_NEVER_EXPIRES, Session, SessionState};
+use crate::session::{Inflight, Phase, SESSION_NEVER_EXPIRES, Session, SessionState};
 use crate::shard::{SessionKey, Shard};
-use crate::store::LoadedSession;
 use crate::store::record::{
-    Record, StoredMessage, StoredSession, StoredSubscription, next_stamp, unix_ms_now,
+    FlowStep, Record, StoredMessage, StoredSession, StoredSubscription, next_stamp, unix_ms_now,
 };
+use crate::store::{LoadedSession, flows};
 
 /// QoS 1/2 messages `session` holds (in flight and pending): one more
 /// after an offer means it took the message.
@@ -43,59 +43,163 @@ pub(super) fn queued_count(session: &Session) -> usize {
         .map_or(0, |f| f.inflight.len() + f.pending.len())
 }
 
+/// A journalled session (image `stamp`) just kept a message that is
+/// journalled as `mid`: sent at once (the newest in flight, which then
+/// carries `mid` and counts as journalled) goes into `sent`, queued (the
+/// newest pending) into `refs`.
+pub(super) fn note_kept(
+    session: &mut Session,
+    stamp: u64,
+    mid: u64,
+    refs: &mut Vec<(u64, crate::protocol::v3::QoS)>,
+    sent: &mut Vec<crate::store::record::SentRef>,
+) {
+    let Some(flows) = session.state.flows.as_deref_mut() else {
+        return;
+    };
+    if let Some(last) = flows.pending.back() {
+        // Queued: the window was closed or others waited before it.
+        refs.push((stamp, last.qos));
+        if let Some(id) = flows.pending_stored.back_mut() {
+            *id = mid;
+        }
+    } else if let Some(last) = flows.inflight.back_mut() {
+        last.stored = mid;
+        last.journalled = true;
+        sent.push((stamp, last.packet_id, last.message.qos));
+    }
+}
+
 impl Shard {
     /// Journals the image of session `key` if it is persistent (and
     /// persistence is on): first a message record for each QoS 1/2 message
     /// it has not had acknowledged, then the image naming them.
     pub fn journal_session(&mut self, key: SessionKey) {
-        let (Some(journal), Some(session)) = (
-            self.session_journal.clone(),
-            self.sessions.get(key as usize),
-        ) else {
+        let Some(journal) = self.session_journal.clone() else {
+            return;
+        };
+        let Some(session) = self.sessions.get(key as usize) else {
             return;
         };
         if session.clean_session {
             return;
         }
+        let mut image = self.image_of(session);
+        let Some(session) = self.sessions.get_mut(key as usize) else {
+            return;
+        };
         let now = Instant::now();
         let unix_now = unix_ms_now();
-        let mut queued = Vec::new();
-        if let Some(flows) = session.state.flows.as_deref() {
-            let messages = flows
-                .inflight
-                .iter()
-                .map(|f| &f.message)
-                .chain(flows.pending.iter());
-            for message in messages {
+        let mut inflight = Vec::new();
+        let mut awaiting_rel: &[u16] = &[];
+        if let Some(flows) = session.state.flows.as_deref_mut() {
+            // Each message written again under a new id, which the
+            // session's entries then carry (the records after this image
+            // name it by that id).
+            let mut store = |message: &Message| {
                 let mid = next_stamp();
                 journal.append(&Record::Message(
                     mid,
                     StoredMessage::of(message, now, unix_now),
                 ));
-                queued.push((mid, message.qos));
+                image.queued.push((mid, message.qos));
+                mid
+            };
+            for f in &mut flows.inflight {
+                f.stored = store(&f.message);
+                f.journalled = true;
+                inflight.push((
+                    f.stored,
+                    f.packet_id,
+                    f.message.qos,
+                    f.phase == Phase::AwaitPubComp,
+                ));
             }
+            let pending = flows.pending.len();
+            flows.pending_stored.resize(pending, 0);
+            for (message, id) in flows.pending.iter().zip(flows.pending_stored.iter_mut()) {
+                *id = store(message);
+            }
+            awaiting_rel = &flows.awaiting_rel;
         }
-        let image = StoredSession {
-            queued,
-            ..self.image_of(session)
-        };
-        self.persist_stamps.insert(key, image.stamp);
+        let stamp = image.stamp;
+        self.persist_stamps.insert(key, stamp);
         self.needed_lsns[1] = journal.append(&Record::SessionImage(image));
+        for record in flows::image_tail(stamp, inflight, awaiting_rel) {
+            self.needed_lsns[1] = journal.append(&record);
+        }
     }
 
-    /// Journals `message` once and the sessions that just queued it
-    /// (`persist_refs`, gathered by `Shard::route`).
-    pub(super) fn journal_queued(&mut self, message: &Message) {
+    /// Journals `message` once, as `mid`, and the sessions that just
+    /// queued it (`persist_refs`) or sent it at once (`persist_sent`),
+    /// gathered by `Shard::route` ([`note_kept`]).
+    pub(super) fn journal_queued(&mut self, message: &Message, mid: u64) {
         let refs = std::mem::take(&mut self.persist_refs);
+        let sent = std::mem::take(&mut self.persist_sent);
         let Some(journal) = &self.session_journal else {
             return;
         };
-        let mid = next_stamp();
         journal.append(&Record::Message(
             mid,
             StoredMessage::of(message, Instant::now(), unix_ms_now()),
         ));
-        self.needed_lsns[1] = journal.append(&Record::Queue(mid, refs));
+        if !refs.is_empty() {
+            self.needed_lsns[1] = journal.append(&Record::Queue(mid, refs));
+        }
+        if !sent.is_empty() {
+            self.needed_lsns[1] = journal.append(&Record::Sent(mid, sent));
+        }
+    }
+
+    /// Journals a step of a journalled session's QoS flows (an
+    /// acknowledgement received or an incoming QoS 2 id seen or released),
+    /// and the messages that went in flight since ([`Shard::journal_sent`]).
+    /// An incoming id's record is what the PUBREC or PUBCOMP then waits for
+    /// (`Shard::queue_ack` holds it until the journal is durable): else a
+    /// restart would deliver a resent PUBLISH again, or drop the client's
+    /// next message with a reused id as a duplicate.
+    pub fn journal_step(&mut self, key: SessionKey, step: FlowStep, packet_id: u16) {
+        let (Some(journal), Some(&stamp)) = (&self.session_journal, self.persist_stamps.get(&key))
+        else {
+            return;
+        };
+        let lsn = journal.append(&Record::Flow(step, stamp, packet_id));
+        if matches!(step, FlowStep::AwaitRel | FlowStep::Released) {
+            self.needed_lsns[1] = lsn;
+        }
+        self.journal_sent(key);
+    }
+
+    /// Journals the packet ids of a journalled session's messages that went
+    /// in flight without a record yet (from its pending queue after an
+    /// acknowledgement or a reconnect, or a retained message at subscribe
+    /// time, which is first stored itself). Scans its window only.
+    pub fn journal_sent(&mut self, key: SessionKey) {
+        let (Some(journal), Some(&stamp)) = (&self.session_journal, self.persist_stamps.get(&key))
+        else {
+            return;
+        };
+        let Some(flows) = self
+            .sessions
+            .get_mut(key as usize)
+            .and_then(|s| s.state.flows.as_deref_mut())
+        else {
+            return;
+        };
+        for f in flows.inflight.iter_mut().filter(|f| !f.journalled) {
+            if f.stored == 0 {
+                f.stored = next_stamp();
+                journal.append(&Record::Message(
+                    f.stored,
+                    StoredMessage::of(&f.message, Instant::now(), unix_ms_now()),
+                ));
+            }
+            f.journalled = true;
+            journal.append(&Record::Sent(
+                f.stored,
+                vec![(stamp, f.packet_id, f.message.qos)],
+            ));
+        }
     }
 
     /// Journals that the persistent session of `client_id` ended here.
@@ -186,7 +290,7 @@ impl Shard {
             }
             if !loaded.queued.is_empty() {
                 let flows = session.state.flows.get_or_insert_with(Box::default);
-                for (_, stored, qos) in &loaded.queued {
+                for (mid, stored, qos) in &loaded.queued {
                     let Some(mut message) = stored.to_message(0, started, now_unix_ms) else {
                         continue;
                     };
@@ -194,9 +298,11 @@ impl Shard {
                     message.retain = false;
                     flows.pending_bytes += message.wire_len();
                     flows.pending.push_back(message);
+                    flows.pending_stored.push_back(*mid);
                     messages += 1;
                 }
             }
+            messages += restore_flows(&mut session, &loaded.flows, started);
             let key = self.insert_session(session);
             self.persist_stamps.insert(key, s.stamp);
             let Some(session) = self.sessions.get_mut(key as usize) else {
@@ -220,6 +326,42 @@ impl Shard {
         }
         (stored.len(), messages)
     }
+}
+
+/// Puts a loaded session's outgoing messages in flight back with their
+/// packet ids and phase (resent with DUP, or PUBREL, when it reconnects:
+/// `Session::reattach`) and its incoming QoS 2 ids awaiting PUBREL.
+/// Returns how many messages are in flight. A message past its expiry
+/// still completes its flow: the client may hold its packet id.
+fn restore_flows(session: &mut Session, loaded: &flows::LoadedFlows, now: Instant) -> usize {
+    if loaded.inflight.is_empty() && loaded.awaiting_rel.is_empty() {
+        return 0;
+    }
+    let flows = session.state.flows.get_or_insert_with(Box::default);
+    for f in &loaded.inflight {
+        let mut stored = f.message.clone();
+        stored.expires_unix_ms = 0;
+        let Some(mut message) = stored.to_message(0, now, unix_ms_now()) else {
+            continue;
+        };
+        message.qos = f.qos;
+        message.retain = false;
+        let phase = match (f.qos, f.pubrecd) {
+            (crate::protocol::v3::QoS::ExactlyOnce, true) => Phase::AwaitPubComp,
+            (crate::protocol::v3::QoS::ExactlyOnce, false) => Phase::AwaitPubRec,
+            _ => Phase::AwaitPubAck,
+        };
+        flows.last_packet_id = flows.last_packet_id.max(f.packet_id);
+        flows.inflight.push_back(Inflight {
+            packet_id: f.packet_id,
+            message,
+            phase,
+            stored: f.mid,
+            journalled: true,
+        });
+    }
+    flows.awaiting_rel.extend(&loaded.awaiting_rel);
+    loaded.inflight.len()
 }
 
 #[cfg(test)]
@@ -267,6 +409,7 @@ mod tests {
                 (11, queued_message(b"expired", now - 1), QoS::AtLeastOnce),
                 (12, queued_message(b"two", now + 60_000), QoS::ExactlyOnce),
             ],
+            flows: Default::default(),
         }];
         assert_eq!(shard.restore_sessions(&stored, now), (1, 2));
         assert_eq!(shard.persist_stamps.len(), 1, "its image stamp is known");
@@ -330,5 +473,193 @@ mod tests {
         shard.sessions[clean as usize].clean_session = false;
         shard.journal_session(clean);
         assert!(journal.end_lsn() > before);
+    }
+
+    /// A shard with a session journal (never written: the test reads what
+    /// is pending) and an online persistent session subscribed to "t".
+    fn journalled_shard() -> (Shard, Rc<Journal>, SessionKey, u64) {
+        let mut shard = testing::shard_with(0, 1, Config::default());
+        let journal = Rc::new(Journal::new(
+            std::path::Path::new("/nonexistent"),
+            0,
+            1,
+            0,
+            SyncMode::Ack,
+            Duration::from_secs(1),
+            Vec::new(),
+            Arc::default(),
+        ));
+        shard.session_journal = Some(journal.clone());
+        let key = testing::attach(&mut shard, "kept", "t", QoS::ExactlyOnce);
+        shard.sessions[key as usize].clean_session = false;
+        shard.journal_session(key);
+        let stamp = shard.persist_stamps[&key];
+        (shard, journal, key, stamp)
+    }
+
+    /// The flows that replaying `records` gives session `stamp`, as the
+    /// loader does: (mid, packet id, QoS, PUBREC'd) in flight, then the
+    /// incoming ids awaiting PUBREL.
+    fn replayed(records: &[Record], stamp: u64) -> (Vec<(u16, QoS, bool)>, Vec<u16>) {
+        let mut messages = ahash::AHashMap::new();
+        let mut events = Vec::new();
+        for record in records {
+            match record {
+                Record::Message(mid, m) => {
+                    messages.insert(*mid, m.clone());
+                }
+                Record::Sent(mid, refs) => events.extend(
+                    refs.iter()
+                        .filter(|r| r.0 == stamp)
+                        .map(|r| flows::FlowEvent::Sent(*mid, r.1, r.2)),
+                ),
+                Record::Flow(step, s, id) if *s == stamp => {
+                    events.push(flows::FlowEvent::Step(*step, *id))
+                }
+                _ => {}
+            }
+        }
+        let (_, loaded) = flows::replay(&[], &events, |mid| messages.get(&mid));
+        (
+            loaded
+                .inflight
+                .iter()
+                .map(|f| (f.packet_id, f.qos, f.pubrecd))
+                .collect(),
+            loaded.awaiting_rel,
+        )
+    }
+
+    #[test]
+    fn a_publish_sent_at_once_its_pubrec_its_ack_and_incoming_ids_are_journalled() {
+        let (mut shard, journal, key, stamp) = journalled_shard();
+        let message = |payload: &'static [u8]| {
+            Message::new(
+                ByteString::from("t"),
+                bytes::Bytes::from_static(payload),
+                QoS::ExactlyOnce,
+                false,
+            )
+        };
+        shard.publish(message(b"one"));
+        shard.publish(message(b"two"));
+        let records = journal.pending_records();
+        let sent: Vec<_> = records
+            .iter()
+            .filter_map(|r| match r {
+                Record::Sent(_, refs) => Some(refs.clone()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            sent,
+            vec![
+                vec![(stamp, 1, QoS::ExactlyOnce)],
+                vec![(stamp, 2, QoS::ExactlyOnce)]
+            ],
+            "11 bytes a session, the message stored once"
+        );
+        assert_eq!(
+            replayed(&records, stamp),
+            (
+                vec![(1, QoS::ExactlyOnce, false), (2, QoS::ExactlyOnce, false)],
+                vec![]
+            )
+        );
+        let session = &mut shard.sessions[key as usize];
+        assert!(session.on_pubrec(1));
+        shard.journal_step(key, FlowStep::PubRecd, 1);
+        let limits = shard.limits;
+        assert!(shard.sessions[key as usize].on_pubrec_refused(2, &limits));
+        shard.journal_step(key, FlowStep::Done, 2);
+        let before = shard.needed_lsns[1];
+        shard.journal_step(key, FlowStep::AwaitRel, 9);
+        assert!(
+            shard.needed_lsns[1] > before,
+            "the PUBREC of an incoming id waits for its record"
+        );
+        assert_eq!(
+            replayed(&journal.pending_records(), stamp),
+            (vec![(1, QoS::ExactlyOnce, true)], vec![9])
+        );
+        // A new image (reconnect, take-over) writes the flows again.
+        shard.sessions[key as usize]
+            .state
+            .flows
+            .as_mut()
+            .unwrap()
+            .awaiting_rel = vec![9];
+        shard.journal_session(key);
+        let stamp = shard.persist_stamps[&key];
+        // Only the records after the new image name its stamp.
+        assert_eq!(
+            replayed(&journal.pending_records(), stamp),
+            (vec![(1, QoS::ExactlyOnce, true)], vec![9])
+        );
+    }
+
+    #[test]
+    fn restored_flows_are_resent_with_their_packet_ids_dup_and_pubrel() {
+        let mut shard = testing::shard_with(0, 1, Config::default());
+        let body = |payload: &'static [u8]| StoredMessage {
+            qos: QoS::ExactlyOnce,
+            retain: false,
+            expires_unix_ms: 1,
+            topic: ByteString::from("a/b"),
+            properties: Default::default(),
+            payload: bytes::Bytes::from_static(payload),
+        };
+        let inflight = |mid, packet_id, qos, pubrecd| flows::LoadedInflight {
+            mid,
+            message: body(b"x"),
+            qos,
+            packet_id,
+            pubrecd,
+        };
+        let stored = vec![LoadedSession {
+            session: StoredSession {
+                stamp: 1,
+                client_id: ByteString::from("back"),
+                protocol_level: 4,
+                expiry_interval: SESSION_NEVER_EXPIRES,
+                offline_since_unix_ms: 0,
+                subscriptions: Vec::new(),
+                queued: Vec::new(),
+            },
+            queued: Vec::new(),
+            flows: flows::LoadedFlows {
+                inflight: vec![
+                    inflight(5, 300, QoS::AtLeastOnce, false),
+                    inflight(6, 301, QoS::ExactlyOnce, false),
+                    inflight(7, 302, QoS::ExactlyOnce, true),
+                ],
+                awaiting_rel: vec![44],
+            },
+        }];
+        assert_eq!(shard.restore_sessions(&stored, 1000), (1, 3));
+        let key = shard.session_key("back").expect("restored");
+        let session = &mut shard.sessions[key as usize];
+        let flows = session.state.flows.as_deref().unwrap();
+        let phases: Vec<_> = flows
+            .inflight
+            .iter()
+            .map(|f| (f.packet_id, f.phase, f.stored, f.journalled))
+            .collect();
+        assert_eq!(
+            phases,
+            vec![
+                (300, Phase::AwaitPubAck, 5, true),
+                (301, Phase::AwaitPubRec, 6, true),
+                (302, Phase::AwaitPubComp, 7, true)
+            ],
+            "expired bodies still complete their flows"
+        );
+        assert_eq!(flows.awaiting_rel, vec![44]);
+        let limits = shard.limits;
+        assert_eq!(
+            session.on_publish_qos2(44, &limits),
+            crate::session::Qos2Receipt::Duplicate,
+            "a PUBLISH resent after the restart is not delivered again"
+        );
     }
 }

@@ -16,6 +16,7 @@
 //! torn or corrupt tail is expected after a crash or power loss: never a
 //! reason to refuse to start, never a panic); the [`journal`] writes.
 
+pub mod flows;
 pub mod frame;
 pub mod journal;
 pub mod record;
@@ -417,6 +418,9 @@ pub struct LoadedSession {
     /// The messages queued for it, oldest first, with their ids and the
     /// QoS it gets them at.
     pub queued: Vec<(u64, record::StoredMessage, crate::protocol::v3::QoS)>,
+    /// Its outgoing messages in flight and incoming QoS 2 ids awaiting
+    /// PUBREL.
+    pub flows: flows::LoadedFlows,
 }
 
 /// The persistent sessions found in every shard's journal at start-up.
@@ -447,8 +451,7 @@ impl Store {
         let started = Instant::now();
         let mut latest: ahash::AHashMap<bytestring::ByteString, Record> = ahash::AHashMap::new();
         let mut messages: ahash::AHashMap<u64, record::StoredMessage> = ahash::AHashMap::new();
-        let mut queued_after: ahash::AHashMap<u64, Vec<(u64, crate::protocol::v3::QoS)>> =
-            ahash::AHashMap::new();
+        let mut queued_after: ahash::AHashMap<u64, Vec<flows::FlowEvent>> = ahash::AHashMap::new();
         let mut out = LoadedSessions::default();
         let entries = fs::read_dir(&self.dir).map_err(|source| StoreError::Io {
             path: self.dir.clone(),
@@ -479,8 +482,27 @@ impl Store {
                     }
                     Record::Queue(mid, refs) => {
                         for (session, qos) in refs {
-                            queued_after.entry(session).or_default().push((mid, qos));
+                            queued_after
+                                .entry(session)
+                                .or_default()
+                                .push(flows::FlowEvent::Queued(mid, qos));
                         }
+                        continue;
+                    }
+                    Record::Sent(mid, refs) => {
+                        for (session, packet_id, qos) in refs {
+                            queued_after
+                                .entry(session)
+                                .or_default()
+                                .push(flows::FlowEvent::Sent(mid, packet_id, qos));
+                        }
+                        continue;
+                    }
+                    Record::Flow(step, session, packet_id) => {
+                        queued_after
+                            .entry(session)
+                            .or_default()
+                            .push(flows::FlowEvent::Step(step, packet_id));
                         continue;
                     }
                     Record::Retain(..) | Record::RetainDelete(..) => continue,
@@ -511,18 +533,16 @@ impl Store {
                 continue;
             }
             let after = queued_after.remove(&session.stamp).unwrap_or_default();
-            let queued = session
-                .queued
-                .iter()
-                .chain(&after)
-                .filter_map(|&(mid, qos)| {
-                    let message = messages.get(&mid)?;
-                    let live =
-                        message.expires_unix_ms == 0 || message.expires_unix_ms > now_unix_ms;
-                    live.then(|| (mid, message.clone(), qos))
-                })
-                .collect();
-            out.sessions.push(LoadedSession { session, queued });
+            let (mut queued, flows) =
+                flows::replay(&session.queued, &after, |mid| messages.get(&mid));
+            queued.retain(|(_, message, _)| {
+                message.expires_unix_ms == 0 || message.expires_unix_ms > now_unix_ms
+            });
+            out.sessions.push(LoadedSession {
+                session,
+                queued,
+                flows,
+            });
         }
         info!(
             "persistence: {} persistent sessions from {records} records of {} segments ({} expired while the broker was down) in {:?}",
@@ -567,22 +587,34 @@ impl Store {
             .to_vec();
             let mut written = ahash::AHashSet::new();
             for loaded in sessions {
-                for (mid, message, _) in &loaded.queued {
-                    if written.insert(*mid) {
-                        let record = Record::Message(*mid, message.clone());
+                let inflight = loaded.flows.inflight.iter().map(|f| (f.mid, &f.message));
+                let queued = loaded
+                    .queued
+                    .iter()
+                    .map(|(mid, message, _)| (*mid, message));
+                for (mid, message) in inflight.chain(queued) {
+                    if written.insert(mid) {
+                        let record = Record::Message(mid, message.clone());
                         frame::append_record(&mut data, record.kind(), |out| {
                             record.encode_body(out)
                         });
                     }
                 }
                 let mut image = loaded.session.clone();
+                // In flight first, as a running image lists them.
                 image.queued = loaded
-                    .queued
+                    .flows
+                    .inflight
                     .iter()
-                    .map(|(mid, _, qos)| (*mid, *qos))
+                    .map(|f| (f.mid, f.qos))
+                    .chain(loaded.queued.iter().map(|(mid, _, qos)| (*mid, *qos)))
                     .collect();
+                let stamp = image.stamp;
                 let record = Record::SessionImage(image);
                 frame::append_record(&mut data, record.kind(), |out| record.encode_body(out));
+                for record in flows::loaded_tail(stamp, &loaded.flows) {
+                    frame::append_record(&mut data, record.kind(), |out| record.encode_body(out));
+                }
             }
             let path = journal::segment_path(&dir, base);
             let tmp = path.with_extension("fml.tmp");
@@ -621,7 +653,9 @@ pub fn live_retained(records: Vec<Record>) -> Vec<(u64, record::StoredMessage)> 
             Record::SessionImage(_)
             | Record::SessionDrop(..)
             | Record::Message(..)
-            | Record::Queue(..) => continue,
+            | Record::Queue(..)
+            | Record::Sent(..)
+            | Record::Flow(..) => continue,
         };
         match topics.get(&topic) {
             Some((held, _)) if *held > stamp => {}
