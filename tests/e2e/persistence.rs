@@ -734,6 +734,171 @@ fn qos_2_is_delivered_once_across_a_kill_9_between_pubrec_and_pubrel() {
     }
 }
 
+/// A client on the other shard than `other_id`'s connection: connects
+/// fresh ids until one lands there; its id.
+fn on_other_shard(broker: &Broker, prefix: &str, other_id: &str) -> (Mqtt, String) {
+    let other = broker.shard_of(other_id);
+    for n in 0..64 {
+        let id = format!("{prefix}-{n}-{}", unique());
+        let client = Mqtt::connect(broker.port, &id);
+        if broker.shard_of(&id) != other {
+            return (client, id);
+        }
+        client.disconnect();
+    }
+    panic!("64 connections never reached the other shard");
+}
+
+#[test]
+fn a_qos_2_publish_resent_after_a_kill_9_between_pubrec_and_pubrel_is_delivered_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = start(dir.path(), "");
+    let ids = offline_subscribers(&broker, "q2dup-sub", "q2dup/#", 2);
+    let publisher = ConnectBuilder::new("q2dup-pub").clean_session(false);
+    let (mut raw, _) = Raw::connect_with(broker.port, &publisher);
+    raw.send(&publish(b"q2dup/once", b"exactly once", 2, false, false, 9));
+    // PUBREC: the message is durable for every subscriber, and so is the
+    // publisher's packet id 9, awaiting PUBREL.
+    assert_eq!(raw.expect_packet().bytes(), ack(0x50, 9));
+    kill_9(broker);
+    let broker = start(dir.path(), "");
+    // A client that lost the PUBREC resends the PUBLISH with DUP (§4.4),
+    // then releases it.
+    let (mut raw, connack) = Raw::connect_with(broker.port, &publisher);
+    assert_eq!(connack, CONNACK_SESSION, "the publisher's session is back");
+    raw.send(&publish(b"q2dup/once", b"exactly once", 2, false, true, 9));
+    assert_eq!(raw.expect_packet().bytes(), ack(0x50, 9), "PUBREC again");
+    raw.send(&ack(0x62, 9));
+    assert_eq!(raw.expect_packet().bytes(), ack(0x70, 9), "PUBCOMP");
+    // Id 9 is free again: a new message with it is delivered.
+    raw.send(&publish(b"q2dup/next", b"next", 2, false, false, 9));
+    assert_eq!(raw.expect_packet().bytes(), ack(0x50, 9));
+    raw.send(&ack(0x62, 9));
+    assert_eq!(raw.expect_packet().bytes(), ack(0x70, 9));
+    let mut marker = Mqtt::connect(broker.port, "q2dup-marker");
+    marker.publish_acked("q2dup/end", false, b"end");
+    for id in &ids {
+        let (mut client, present) = persistent(broker.port, id);
+        assert!(present);
+        let got = client.collect_until("q2dup/end");
+        let topics: Vec<&str> = got.iter().map(|p| p.topic.as_str()).collect();
+        assert_eq!(
+            topics,
+            ["q2dup/once", "q2dup/next", "q2dup/end"],
+            "{id}: exactly once each"
+        );
+        client.disconnect();
+    }
+}
+
+/// A raw persistent (CleanSession 0) MQTT 3.1.1 client `id`; asserts
+/// CONNACK's Session Present is `present`.
+fn raw_persistent(port: u16, id: &str, present: bool) -> Raw {
+    let (raw, connack) = Raw::connect_with(port, &ConnectBuilder::new(id).clean_session(false));
+    let expected = if present { CONNACK_SESSION } else { CONNACK_OK };
+    assert_eq!(connack, expected, "{id}: CONNACK");
+    raw
+}
+
+/// Reads `n` packets: (kind, DUP, packet id, topic) each, PUBLISH topics
+/// only ("" for others).
+fn next_packets(raw: &mut Raw, n: usize) -> Vec<(u8, bool, u16, String)> {
+    (0..n)
+        .map(|_| {
+            let p = raw.expect_packet();
+            if p.kind() == 3 {
+                let publish = p.publish();
+                (3, publish.dup, publish.packet_id, publish.topic)
+            } else {
+                let id = u16::from_be_bytes([p.body[0], p.body[1]]);
+                (p.kind(), false, id, String::new())
+            }
+        })
+        .collect()
+}
+
+/// Publishes QoS 1 `topic` from the raw client `raw` (subscribed to it)
+/// with packet id `id`, and returns the packet id its own copy came with:
+/// the PUBACK waits until the journal holds everything the client's shard
+/// appended before (one file, written in order).
+fn journalled_by_own_publish(raw: &mut Raw, topic: &str, id: u16) -> u16 {
+    raw.send(&publish(topic.as_bytes(), b"mark", 1, false, false, id));
+    let got = next_packets(raw, 2);
+    assert!(
+        got.contains(&(4, false, id, String::new())),
+        "PUBACK: {got:?}"
+    );
+    got.iter()
+        .find(|p| p.0 == 3 && p.3 == topic)
+        .unwrap_or_else(|| panic!("its own copy: {got:?}"))
+        .2
+}
+
+#[test]
+fn unacknowledged_outgoing_messages_are_resent_with_their_packet_ids_after_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = start(dir.path(), "");
+    let sub_id = format!("inflight-sub-{}", unique());
+    let mut sub = raw_persistent(broker.port, &sub_id, false);
+    assert_eq!(sub.subscribe(1, &[("inf/#", 2)]), vec![2]);
+    // The publisher on the other shard: its acks wait for the subscriber's
+    // shard's journal (docs/design/persistence.md §5.3).
+    let (publisher, _) = on_other_shard(&broker, "inflight-pub", &sub_id);
+    let qos = [
+        ("inf/one", rumqttc::QoS::AtLeastOnce),
+        ("inf/two", rumqttc::QoS::ExactlyOnce),
+        ("inf/three", rumqttc::QoS::ExactlyOnce),
+    ];
+    for (topic, qos) in qos {
+        publisher.publish(topic, qos, false, topic.as_bytes());
+    }
+    let sent = next_packets(&mut sub, 3);
+    let topics: Vec<&str> = sent.iter().map(|p| p.3.as_str()).collect();
+    assert_eq!(topics, ["inf/one", "inf/two", "inf/three"]);
+    assert!(sent.iter().all(|p| p.0 == 3 && !p.1), "{sent:?}");
+    let [one, two, three] = [sent[0].2, sent[1].2, sent[2].2];
+    // "three" is PUBREC'd: the broker releases it and waits for PUBCOMP.
+    sub.send(&ack(0x50, three));
+    assert_eq!(sub.expect_packet().bytes(), ack(0x62, three), "PUBREL");
+    let mark = journalled_by_own_publish(&mut sub, "inf/mark", 100);
+    kill_9(broker);
+
+    let broker = start(dir.path(), "");
+    let mut sub = raw_persistent(broker.port, &sub_id, true);
+    // Resent in order with the same packet ids (§4.4): PUBLISH with DUP,
+    // PUBREL for the one past PUBREC.
+    assert_eq!(
+        next_packets(&mut sub, 4),
+        vec![
+            (3, true, one, "inf/one".to_string()),
+            (3, true, two, "inf/two".to_string()),
+            (6, false, three, String::new()),
+            (3, true, mark, "inf/mark".to_string()),
+        ]
+    );
+    sub.send(&ack(0x40, one));
+    sub.send(&ack(0x70, three));
+    sub.send(&ack(0x40, mark));
+    sub.send(&ack(0x50, two));
+    assert_eq!(sub.expect_packet().bytes(), ack(0x62, two), "PUBREL");
+    sub.send(&ack(0x70, two));
+    sub.ping();
+    let last = journalled_by_own_publish(&mut sub, "inf/last", 101);
+    kill_9(broker);
+
+    // Acknowledged before the second kill -9: gone, only the last one comes
+    // again.
+    let broker = start(dir.path(), "");
+    let mut sub = raw_persistent(broker.port, &sub_id, true);
+    assert_eq!(
+        next_packets(&mut sub, 1),
+        vec![(3, true, last, "inf/last".to_string())]
+    );
+    sub.send(&ack(0x40, last));
+    sub.ping();
+    drop(broker);
+}
+
 #[test]
 fn sessions_resume_after_a_restart_with_another_shard_count() {
     let dir = tempfile::tempdir().unwrap();
