@@ -279,4 +279,82 @@ mod tests {
             (1, false)
         );
     }
+
+    #[test]
+    fn the_load_keeps_the_flows_before_a_torn_record() {
+        use crate::store::record::{StoredSession, next_stamp};
+        use crate::store::{Store, frame, journal::segment_path, shard_dir};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let stamp = next_stamp();
+        let image = StoredSession {
+            stamp,
+            client_id: ByteString::from("torn"),
+            protocol_level: 4,
+            expiry_interval: u32::MAX,
+            offline_since_unix_ms: 0,
+            subscriptions: Vec::new(),
+            queued: vec![(1, QoS::ExactlyOnce)],
+        };
+        let records = [
+            Record::Message(1, message(1)),
+            Record::Message(2, message(2)),
+            Record::SessionImage(image),
+            Record::Sent(1, vec![(stamp, 3, QoS::ExactlyOnce)]),
+            Record::Flow(FlowStep::PubRecd, stamp, 3),
+            Record::Sent(2, vec![(stamp, 4, QoS::AtLeastOnce)]),
+            Record::Flow(FlowStep::AwaitRel, stamp, 8),
+            // Torn below: its PUBACK is lost, so message 2 stays in flight.
+            Record::Flow(FlowStep::Done, stamp, 4),
+        ];
+        let mut data = frame::Header {
+            version: frame::FORMAT_VERSION,
+            shard: 0,
+            shards: 1,
+            base_lsn: 0,
+        }
+        .encode()
+        .to_vec();
+        for record in &records {
+            frame::append_record(&mut data, record.kind(), |out| record.encode_body(out));
+        }
+        data.truncate(data.len() - 3);
+        let shard = shard_dir(dir.path(), 0);
+        std::fs::create_dir_all(&shard).unwrap();
+        std::fs::write(segment_path(&shard, 0), &data).unwrap();
+        let loaded = store
+            .load_sessions(crate::store::record::unix_ms_now())
+            .unwrap();
+        assert_eq!(loaded.sessions.len(), 1);
+        let session = &loaded.sessions[0];
+        assert!(session.queued.is_empty(), "both went in flight");
+        let inflight: Vec<_> = session
+            .flows
+            .inflight
+            .iter()
+            .map(|f| (f.mid, f.packet_id, f.qos, f.pubrecd))
+            .collect();
+        assert_eq!(
+            inflight,
+            vec![
+                (1, 3, QoS::ExactlyOnce, true),
+                (2, 4, QoS::AtLeastOnce, false)
+            ]
+        );
+        assert_eq!(session.flows.awaiting_rel, vec![8]);
+    }
+
+    #[test]
+    fn the_fuzz_seed_of_the_flow_records_is_valid() {
+        let seed = std::fs::read(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/store_load/flows"),
+        )
+        .unwrap();
+        let (records, valid, bad) =
+            crate::store::read_records(&seed[crate::store::frame::HEADER_LEN..]);
+        assert_eq!(bad, None);
+        assert_eq!(valid, seed.len() - crate::store::frame::HEADER_LEN);
+        assert_eq!(records.len(), 5);
+        assert!(matches!(&records[0], Record::Sent(5, refs) if refs.len() == 2));
+    }
 }

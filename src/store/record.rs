@@ -740,6 +740,24 @@ mod tests {
     }
 
     #[test]
+    fn flow_records_are_small_and_refuse_a_zero_packet_id_or_qos_0() {
+        let framed = |record: &Record| {
+            let mut out = Vec::new();
+            crate::store::frame::append_record(&mut out, record.kind(), |b| record.encode_body(b));
+            out.len()
+        };
+        let one = Record::Sent(1, vec![(2, 3, QoS::AtLeastOnce)]);
+        let two = Record::Sent(1, vec![(2, 3, QoS::AtLeastOnce), (4, 5, QoS::ExactlyOnce)]);
+        assert_eq!(framed(&two) - framed(&one), 11, "bytes a session");
+        assert_eq!(framed(&Record::Flow(FlowStep::Done, 2, 3)), 19);
+        for bad in [(2, 0, QoS::AtLeastOnce), (2, 3, QoS::AtMostOnce)] {
+            let mut body = Vec::new();
+            Record::Sent(1, vec![bad]).encode_body(&mut body);
+            assert!(Record::decode(kind::SENT, &body).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
     fn stamps_only_grow_and_stay_above_loaded_ones() {
         let a = next_stamp();
         let b = next_stamp();
