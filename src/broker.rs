@@ -573,6 +573,14 @@ fn load_persisted(
             Arc::default(),
         ));
         shard.session_journal = Some(journal.clone());
+        tasks.push(
+            glommio::spawn_local(crate::shard::held_out::release_loop(
+                ctx.shard.clone(),
+                journal.clone(),
+                shutdown.clone(),
+            ))
+            .detach(),
+        );
         tasks.push(glommio::spawn_local(journal::commit_loop(journal, shutdown.clone())).detach());
     }
     shard.store_failing = Some(state.failing.clone());

@@ -312,7 +312,9 @@ pub(super) fn poll_event(
     }
     let fd = match wire {
         Wire::Framed(stream) => {
-            if link.blocked {
+            // A queue held for the journal (`Link::out_hold`) is written
+            // once the shard releases it.
+            if link.blocked && link.out_hold == 0 {
                 match write_framed(cx, stream, &mut session.out, read_buf) {
                     Ok((n, done)) => {
                         stats.bytes_sent += n as u64;
@@ -333,7 +335,7 @@ pub(super) fn poll_event(
         Wire::Fresh(tcp) => tcp.as_raw_fd(),
         Wire::Plain(fd) => fd.as_raw_fd(),
     };
-    if link.blocked {
+    if link.blocked && link.out_hold == 0 {
         match session.out.flush(fd, iovecs) {
             Ok((n, flushed)) => {
                 stats.bytes_sent += n as u64;

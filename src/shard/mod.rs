@@ -11,6 +11,7 @@
 
 pub mod cluster;
 pub mod held_acks;
+pub mod held_out;
 pub mod inbox;
 pub mod index;
 pub mod persist;
@@ -118,6 +119,12 @@ pub struct Shard {
     /// Scratch: the journalled sessions that sent the message being routed
     /// at once (in flight, not queued), with packet id and QoS.
     persist_sent: Vec<crate::store::record::SentRef>,
+    /// Scratch: those of them that sent it at QoS 2, whose PUBLISH waits
+    /// for the record of its packet id.
+    persist_hold: Vec<SessionKey>,
+    /// Sessions whose packets wait for the session journal (`Link::out_hold`),
+    /// and the task that releases them (`held_out::release_loop`).
+    pub held_out: held_out::HeldOut,
     /// The LSNs that what this shard routed since the last
     /// `Ctx::forward_publishes` appended up to, in the retained and the
     /// session journal: what the held acks wait for (0: nothing).
@@ -412,6 +419,8 @@ impl Shard {
             persist_stamps: ahash::AHashMap::new(),
             persist_refs: Vec::new(),
             persist_sent: Vec::new(),
+            persist_hold: Vec::new(),
+            held_out: held_out::HeldOut::default(),
             needed_lsns: [0; 2],
             store_failing: None,
             dirty: Vec::new(),
@@ -529,6 +538,7 @@ impl Shard {
             persist_stamps,
             persist_refs,
             persist_sent,
+            persist_hold,
             auth,
             ..
         } = self;
@@ -557,7 +567,9 @@ impl Shard {
                 && persist::queued_count(session) > before
             {
                 let id = *mid.get_or_insert_with(crate::store::record::next_stamp);
-                persist::note_kept(session, stamp, id, persist_refs, persist_sent);
+                if persist::note_kept(session, stamp, id, persist_refs, persist_sent) {
+                    persist_hold.push(key);
+                }
             }
             if queued && !session.dirty {
                 session.dirty = true;
@@ -597,6 +609,7 @@ impl Shard {
                 }
             }
         }
+        let durable = self.session_journal.as_ref().map(|j| j.acked_lsn());
         for &key in &dirty {
             let Some(session) = self.sessions.get_mut(key as usize) else {
                 continue;
@@ -605,6 +618,9 @@ impl Shard {
             let Some(link) = session.link.as_mut() else {
                 continue;
             };
+            if link.out_hold != 0 && self.held_out.holds(key, link, durable) {
+                continue;
+            }
             if link.blocked {
                 continue;
             }

@@ -46,16 +46,17 @@ pub(super) fn queued_count(session: &Session) -> usize {
 /// A journalled session (image `stamp`) just kept a message that is
 /// journalled as `mid`: sent at once (the newest in flight, which then
 /// carries `mid` and counts as journalled) goes into `sent`, queued (the
-/// newest pending) into `refs`.
+/// newest pending) into `refs`. True when it was sent at once at QoS 2:
+/// its PUBLISH then waits for the record (`Shard::hold_out`).
 pub(super) fn note_kept(
     session: &mut Session,
     stamp: u64,
     mid: u64,
     refs: &mut Vec<(u64, crate::protocol::v3::QoS)>,
     sent: &mut Vec<crate::store::record::SentRef>,
-) {
+) -> bool {
     let Some(flows) = session.state.flows.as_deref_mut() else {
-        return;
+        return false;
     };
     if let Some(last) = flows.pending.back() {
         // Queued: the window was closed or others waited before it.
@@ -67,7 +68,9 @@ pub(super) fn note_kept(
         last.stored = mid;
         last.journalled = true;
         sent.push((stamp, last.packet_id, last.message.qos));
+        return last.message.qos == crate::protocol::v3::QoS::ExactlyOnce;
     }
+    false
 }
 
 impl Shard {
@@ -123,10 +126,18 @@ impl Shard {
             awaiting_rel = &flows.awaiting_rel;
         }
         let stamp = image.stamp;
+        // Resent QoS 2 packets (a reconnect) wait for the new image's
+        // records of their packet ids.
+        let qos2 = inflight
+            .iter()
+            .any(|f| f.2 == crate::protocol::v3::QoS::ExactlyOnce);
         self.persist_stamps.insert(key, stamp);
         self.needed_lsns[1] = journal.append(&Record::SessionImage(image));
         for record in flows::image_tail(stamp, inflight, awaiting_rel) {
             self.needed_lsns[1] = journal.append(&record);
+        }
+        if qos2 {
+            self.hold_out(key, self.needed_lsns[1]);
         }
     }
 
@@ -147,7 +158,11 @@ impl Shard {
             self.needed_lsns[1] = journal.append(&Record::Queue(mid, refs));
         }
         if !sent.is_empty() {
-            self.needed_lsns[1] = journal.append(&Record::Sent(mid, sent));
+            let lsn = journal.append(&Record::Sent(mid, sent));
+            self.needed_lsns[1] = lsn;
+            for key in std::mem::take(&mut self.persist_hold) {
+                self.hold_out(key, lsn);
+            }
         }
     }
 
@@ -164,8 +179,12 @@ impl Shard {
             return;
         };
         let lsn = journal.append(&Record::Flow(step, stamp, packet_id));
-        if matches!(step, FlowStep::AwaitRel | FlowStep::Released) {
-            self.needed_lsns[1] = lsn;
+        match step {
+            FlowStep::AwaitRel | FlowStep::Released => self.needed_lsns[1] = lsn,
+            // The PUBREL (queued) waits: a restart that lost the record would
+            // resend the PUBLISH the client already released.
+            FlowStep::PubRecd => self.hold_out(key, lsn),
+            FlowStep::Done => {}
         }
         self.journal_sent(key);
     }
@@ -186,6 +205,7 @@ impl Shard {
         else {
             return;
         };
+        let mut hold = 0;
         for f in flows.inflight.iter_mut().filter(|f| !f.journalled) {
             if f.stored == 0 {
                 f.stored = next_stamp();
@@ -195,10 +215,16 @@ impl Shard {
                 ));
             }
             f.journalled = true;
-            journal.append(&Record::Sent(
+            let lsn = journal.append(&Record::Sent(
                 f.stored,
                 vec![(stamp, f.packet_id, f.message.qos)],
             ));
+            if f.message.qos == crate::protocol::v3::QoS::ExactlyOnce {
+                hold = lsn;
+            }
+        }
+        if hold != 0 {
+            self.hold_out(key, hold);
         }
     }
 
