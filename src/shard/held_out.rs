@@ -149,10 +149,7 @@ pub async fn release_loop(shard: Rc<RefCell<Shard>>, journal: Rc<Journal>, stop:
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
-    use super::*;
-    use crate::config::{Config, SyncMode};
+    use crate::config::Config;
     use crate::protocol::message::Message;
     use crate::protocol::v3::QoS;
     use crate::shard::testing;
@@ -160,17 +157,7 @@ mod tests {
     #[test]
     fn a_qos_2_publish_to_a_journalled_session_waits_for_its_record_and_qos_1_does_not() {
         let mut shard = testing::shard_with(0, 1, Config::default());
-        let journal = Rc::new(Journal::new(
-            std::path::Path::new("/nonexistent"),
-            0,
-            1,
-            0,
-            SyncMode::Ack,
-            Duration::from_secs(1),
-            Vec::new(),
-            Arc::default(),
-        ));
-        shard.session_journal = Some(journal.clone());
+        let journal = testing::unwritten_journal(&mut shard);
         let mut client = testing::attach_client(&mut shard, "held", "t", QoS::ExactlyOnce, None);
         shard.sessions[client.key as usize].clean_session = false;
         shard.journal_session(client.key);

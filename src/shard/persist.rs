@@ -505,17 +505,7 @@ mod tests {
     /// is pending) and an online persistent session subscribed to "t".
     fn journalled_shard() -> (Shard, Rc<Journal>, SessionKey, u64) {
         let mut shard = testing::shard_with(0, 1, Config::default());
-        let journal = Rc::new(Journal::new(
-            std::path::Path::new("/nonexistent"),
-            0,
-            1,
-            0,
-            SyncMode::Ack,
-            Duration::from_secs(1),
-            Vec::new(),
-            Arc::default(),
-        ));
-        shard.session_journal = Some(journal.clone());
+        let journal = testing::unwritten_journal(&mut shard);
         let key = testing::attach(&mut shard, "kept", "t", QoS::ExactlyOnce);
         shard.sessions[key as usize].clean_session = false;
         shard.journal_session(key);

@@ -152,12 +152,16 @@ pub fn image_tail(
 pub fn loaded_tail(stamp: u64, flows: &LoadedFlows) -> Vec<Record> {
     image_tail(
         stamp,
-        flows
-            .inflight
-            .iter()
-            .map(|f| (f.mid, f.packet_id, f.qos, f.pubrecd)),
+        flows.inflight.iter().map(LoadedInflight::tail_ref),
         &flows.awaiting_rel,
     )
+}
+
+impl LoadedInflight {
+    /// The message as [`image_tail`] writes it.
+    pub fn tail_ref(&self) -> InflightRef {
+        (self.mid, self.packet_id, self.qos, self.pubrecd)
+    }
 }
 
 #[cfg(test)]
@@ -175,6 +179,15 @@ mod tests {
             properties: Default::default(),
             payload: Bytes::from(vec![n]),
         }
+    }
+
+    /// The messages in flight of `flows`, as [`InflightRef`]s.
+    fn refs(flows: &LoadedFlows) -> Vec<InflightRef> {
+        flows
+            .inflight
+            .iter()
+            .map(LoadedInflight::tail_ref)
+            .collect()
     }
 
     /// The events that `records` (of any sessions) hold for session
@@ -233,13 +246,8 @@ mod tests {
             vec![(2, message(2), QoS::ExactlyOnce)],
             "queued after the image and not yet sent"
         );
-        let inflight: Vec<_> = flows
-            .inflight
-            .iter()
-            .map(|f| (f.mid, f.packet_id, f.qos, f.pubrecd))
-            .collect();
         assert_eq!(
-            inflight,
+            refs(&flows),
             vec![
                 (1, 11, QoS::ExactlyOnce, true),
                 (3, 12, QoS::ExactlyOnce, false)
@@ -328,14 +336,8 @@ mod tests {
         assert_eq!(loaded.sessions.len(), 1);
         let session = &loaded.sessions[0];
         assert!(session.queued.is_empty(), "both went in flight");
-        let inflight: Vec<_> = session
-            .flows
-            .inflight
-            .iter()
-            .map(|f| (f.mid, f.packet_id, f.qos, f.pubrecd))
-            .collect();
         assert_eq!(
-            inflight,
+            refs(&session.flows),
             vec![
                 (1, 3, QoS::ExactlyOnce, true),
                 (2, 4, QoS::AtLeastOnce, false)

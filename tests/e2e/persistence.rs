@@ -706,30 +706,70 @@ fn qos_1_stream_to_offline_subscribers_survives_kill_9(sync: &str) {
 
 #[test]
 fn qos_2_is_delivered_once_across_a_kill_9_between_pubrec_and_pubrel() {
+    qos_2_across_a_kill_9_between_pubrec_and_pubrel("q2", false);
+}
+
+#[test]
+fn a_qos_2_publish_resent_after_a_kill_9_between_pubrec_and_pubrel_is_delivered_once() {
+    qos_2_across_a_kill_9_between_pubrec_and_pubrel("q2dup", true);
+}
+
+/// A persistent publisher's QoS 2 PUBLISH is PUBREC'd, the broker is
+/// killed with SIGKILL and restarted; the publisher reconnects and sends
+/// PUBREL (§4.3.3), after resending the PUBLISH with DUP when `resend` (a
+/// client that lost the PUBREC, §4.4). Persistent subscribers on both
+/// shards get it exactly once, and the packet id is free again.
+fn qos_2_across_a_kill_9_between_pubrec_and_pubrel(prefix: &str, resend: bool) {
     let dir = tempfile::tempdir().unwrap();
     let broker = start(dir.path(), "");
-    let ids = offline_subscribers(&broker, "q2-sub", "q2/#", 2);
-    let publisher = ConnectBuilder::new("q2-pub").clean_session(false);
+    let filter = format!("{prefix}/#");
+    let ids = offline_subscribers(&broker, &format!("{prefix}-sub"), &filter, 2);
+    let [once, next, end] = ["once", "next", "end"].map(|t| format!("{prefix}/{t}"));
+    let publisher = ConnectBuilder::new(&format!("{prefix}-pub")).clean_session(false);
     let (mut raw, _) = Raw::connect_with(broker.port, &publisher);
-    raw.send(&publish(b"q2/once", b"exactly once", 2, false, false, 7));
-    // PUBREC: the broker holds the message durably for every subscriber.
+    raw.send(&publish(
+        once.as_bytes(),
+        b"exactly once",
+        2,
+        false,
+        false,
+        7,
+    ));
+    // PUBREC: the message is durable for every subscriber, and so is the
+    // publisher's packet id 7, awaiting PUBREL.
     assert_eq!(raw.expect_packet().bytes(), ack(0x50, 7));
     kill_9(broker);
     let broker = start(dir.path(), "");
-    // The publisher goes on with PUBREL (§4.3.3), never the PUBLISH again.
-    let (mut raw, _) = Raw::connect_with(broker.port, &publisher);
+    let (mut raw, connack) = Raw::connect_with(broker.port, &publisher);
+    assert_eq!(connack, CONNACK_SESSION, "the publisher's session is back");
+    if resend {
+        raw.send(&publish(
+            once.as_bytes(),
+            b"exactly once",
+            2,
+            false,
+            true,
+            7,
+        ));
+        assert_eq!(raw.expect_packet().bytes(), ack(0x50, 7), "PUBREC again");
+    }
     raw.send(&ack(0x62, 7));
     assert_eq!(raw.expect_packet().bytes(), ack(0x70, 7), "PUBCOMP");
-    let mut marker = Mqtt::connect(broker.port, "q2-marker");
-    marker.publish_acked("q2/end", false, b"end");
+    // Id 7 is free again: a new message with it is delivered.
+    raw.send(&publish(next.as_bytes(), b"next", 2, false, false, 7));
+    assert_eq!(raw.expect_packet().bytes(), ack(0x50, 7));
+    raw.send(&ack(0x62, 7));
+    assert_eq!(raw.expect_packet().bytes(), ack(0x70, 7));
+    let mut marker = Mqtt::connect(broker.port, &format!("{prefix}-marker"));
+    marker.publish_acked(&end, false, b"end");
     for id in &ids {
         let (mut client, present) = persistent(broker.port, id);
         assert!(present);
-        let got = client.collect_until("q2/end");
-        let once: Vec<_> = got.iter().filter(|p| p.topic == "q2/once").collect();
-        assert_eq!(once.len(), 1, "{id}: exactly once: {got:?}");
-        assert_eq!(&once[0].payload[..], b"exactly once");
-        assert_eq!(once[0].qos, rumqttc::QoS::ExactlyOnce);
+        let got = client.collect_until(&end);
+        let topics: Vec<&str> = got.iter().map(|p| p.topic.as_str()).collect();
+        assert_eq!(topics, [&once, &next, &end], "{id}: exactly once each");
+        assert_eq!(&got[0].payload[..], b"exactly once");
+        assert_eq!(got[0].qos, rumqttc::QoS::ExactlyOnce);
         client.disconnect();
     }
 }
@@ -747,48 +787,6 @@ fn on_other_shard(broker: &Broker, prefix: &str, other_id: &str) -> (Mqtt, Strin
         client.disconnect();
     }
     panic!("64 connections never reached the other shard");
-}
-
-#[test]
-fn a_qos_2_publish_resent_after_a_kill_9_between_pubrec_and_pubrel_is_delivered_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let broker = start(dir.path(), "");
-    let ids = offline_subscribers(&broker, "q2dup-sub", "q2dup/#", 2);
-    let publisher = ConnectBuilder::new("q2dup-pub").clean_session(false);
-    let (mut raw, _) = Raw::connect_with(broker.port, &publisher);
-    raw.send(&publish(b"q2dup/once", b"exactly once", 2, false, false, 9));
-    // PUBREC: the message is durable for every subscriber, and so is the
-    // publisher's packet id 9, awaiting PUBREL.
-    assert_eq!(raw.expect_packet().bytes(), ack(0x50, 9));
-    kill_9(broker);
-    let broker = start(dir.path(), "");
-    // A client that lost the PUBREC resends the PUBLISH with DUP (§4.4),
-    // then releases it.
-    let (mut raw, connack) = Raw::connect_with(broker.port, &publisher);
-    assert_eq!(connack, CONNACK_SESSION, "the publisher's session is back");
-    raw.send(&publish(b"q2dup/once", b"exactly once", 2, false, true, 9));
-    assert_eq!(raw.expect_packet().bytes(), ack(0x50, 9), "PUBREC again");
-    raw.send(&ack(0x62, 9));
-    assert_eq!(raw.expect_packet().bytes(), ack(0x70, 9), "PUBCOMP");
-    // Id 9 is free again: a new message with it is delivered.
-    raw.send(&publish(b"q2dup/next", b"next", 2, false, false, 9));
-    assert_eq!(raw.expect_packet().bytes(), ack(0x50, 9));
-    raw.send(&ack(0x62, 9));
-    assert_eq!(raw.expect_packet().bytes(), ack(0x70, 9));
-    let mut marker = Mqtt::connect(broker.port, "q2dup-marker");
-    marker.publish_acked("q2dup/end", false, b"end");
-    for id in &ids {
-        let (mut client, present) = persistent(broker.port, id);
-        assert!(present);
-        let got = client.collect_until("q2dup/end");
-        let topics: Vec<&str> = got.iter().map(|p| p.topic.as_str()).collect();
-        assert_eq!(
-            topics,
-            ["q2dup/once", "q2dup/next", "q2dup/end"],
-            "{id}: exactly once each"
-        );
-        client.disconnect();
-    }
 }
 
 /// A raw persistent (CleanSession 0) MQTT 3.1.1 client `id`; asserts
