@@ -12,9 +12,11 @@
 //! queues is written once per shard (`Record::Message`) with the stamps of
 //! the sessions that took it (`Record::Queue`, 9 bytes a subscriber), and an
 //! image lists what the session had not had acknowledged when it was
-//! taken (at connect, disconnect and subscription changes). After a restart
-//! those messages are resent from the pending queue with new packet ids:
-//! QoS 1 may come twice (allowed), QoS 2 sent before the crash may too.
+//! taken (at connect, disconnect and subscription changes). Its QoS 1/2
+//! flows follow as small records (`store::flows`): sent with a packet id,
+//! PUBREC'd, done, incoming QoS 2 ids awaiting PUBREL or released; after a
+//! restart the messages in flight come back with their packet ids and
+//! phase, and are resent with them on reconnect.
 
 use std::num::NonZeroU32;
 use std::time::Instant;

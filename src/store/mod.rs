@@ -1,6 +1,7 @@
 //! Persistence: what fanmq keeps on disk across restarts and crashes
 //! (docs/design/persistence.md). This version keeps the retained messages
-//! and the persistent sessions' subscriptions.
+//! and the persistent sessions: subscriptions, queued messages, and the
+//! QoS 1/2 flows in progress ([`flows`]).
 //!
 //! ```text
 //! <persistence_location>/

@@ -2,8 +2,10 @@
 //! (docs/design/persistence.md §4.2): plain data that knows messages,
 //! never sessions or shards. This version stores the retained messages and
 //! the persistent sessions' subscriptions (a whole image per change, keyed
-//! by client id and ordered by [`next_stamp`]); the per-message queue and
-//! ack records of the design come with the offline queues.
+//! by client id and ordered by [`next_stamp`]), the messages they queued
+//! (stored once per shard, named by id), and the steps of their QoS 1/2
+//! flows ([`Record::Sent`], [`Record::Flow`]; replayed by the `flows`
+//! module).
 //!
 //! Little-endian; strings are u16 length + bytes (MQTT topics and client ids
 //! fit), payloads u32 length + bytes. [`Record::decode`] reads any bytes
