@@ -166,12 +166,6 @@ pub struct Link {
     /// (the admin API's "connected since"; fits in the struct's padding, so
     /// it costs no memory per connection).
     pub connected_at: u32,
-    /// With persistence: the session journal's LSN that this connection's
-    /// queued packets wait for, because one of them must not leave before
-    /// its record is durable (a QoS 2 PUBLISH's packet id, a PUBREL's
-    /// phase: docs/design/persistence.md §5.2); 0: none. Nothing of the
-    /// queue is written meanwhile, so the order stays.
-    pub out_hold: u64,
 }
 
 impl Link {
@@ -186,7 +180,6 @@ impl Link {
             keep_alive,
             last_seen,
             connected_at: last_seen,
-            out_hold: 0,
         }
     }
 

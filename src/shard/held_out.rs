@@ -4,11 +4,12 @@
 //! another id, a second delivery), a PUBREL once its PUBREC'd record is
 //! (else a restart would resend the PUBLISH the client already released).
 //!
-//! Such a packet sets its connection's `Link::out_hold` to the LSN it
-//! needs; `Shard::flush_dirty` then writes nothing of that connection's
-//! queue (the order stays) and lists the session here; [`release_loop`],
-//! one task per shard beside the journal's commit task, waits until the
-//! journal is durable that far and flushes them. QoS 1, QoS 0, clean
+//! Such a packet holds its session's connection at the LSN it needs
+//! ([`HeldOut`], kept by the shard so that a connection pays nothing for
+//! it); `Shard::flush_dirty` and the connection task then write nothing of
+//! that connection's queue (the order stays), and [`release_loop`], one
+//! task per shard beside the journal's commit task, waits until the
+//! journal is durable that far and flushes it. QoS 1, QoS 0, clean
 //! sessions and persistence off never wait.
 
 use std::cell::RefCell;
@@ -19,7 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Poll, Waker};
 use std::time::Duration;
 
-use crate::session::link::{Link, SessionKey};
+use crate::session::link::SessionKey;
 use crate::shard::Shard;
 use crate::store::journal::Journal;
 
@@ -27,34 +28,42 @@ use crate::store::journal::Journal;
 /// waits.
 const STOP_POLL: Duration = Duration::from_millis(50);
 
-/// The sessions whose packets wait for the journal.
+/// The connections whose packets wait for the journal.
 #[derive(Debug, Default)]
 pub struct HeldOut {
-    /// Their keys (a key may be listed twice; each release checks).
-    keys: Vec<SessionKey>,
-    /// The release task, waiting for a first key.
+    /// Per session key: its connection's id and the LSN it waits for.
+    holds: ahash::AHashMap<SessionKey, (u64, u64)>,
+    /// The release task, waiting for a first hold.
     waker: Option<Waker>,
 }
 
 impl HeldOut {
-    /// Whether `link`'s queue must still wait, `durable` being what the
-    /// journal has made durable (`None`: no journal): lists `key` if so,
-    /// else clears the hold.
-    pub fn holds(&mut self, key: SessionKey, link: &mut Link, durable: Option<u64>) -> bool {
-        if durable.is_none_or(|d| d >= link.out_hold) {
-            link.out_hold = 0;
+    /// Whether the queue of connection `conn_id` of session `key` must
+    /// still wait, `durable` being what the journal has made durable
+    /// (`None`: no journal); a hold it covers is dropped.
+    pub fn holds(&mut self, key: SessionKey, conn_id: u64, durable: Option<u64>) -> bool {
+        if self.holds.is_empty() {
             return false;
         }
-        self.keys.push(key);
-        if let Some(waker) = self.waker.take() {
-            waker.wake();
+        match self.holds.get(&key) {
+            Some(&(conn, lsn)) if conn == conn_id && durable.is_some_and(|d| d < lsn) => true,
+            Some(_) => {
+                self.holds.remove(&key);
+                false
+            }
+            None => false,
         }
-        true
     }
 
-    /// True when none is listed.
+    /// Whether connection `conn_id` of session `key` is held (its task
+    /// must not write).
+    pub fn waits(&self, key: SessionKey, conn_id: u64) -> bool {
+        !self.holds.is_empty() && self.holds.get(&key).is_some_and(|h| h.0 == conn_id)
+    }
+
+    /// True when no connection is held.
     pub fn is_empty(&self) -> bool {
-        self.keys.is_empty()
+        self.holds.is_empty()
     }
 }
 
@@ -63,50 +72,50 @@ impl Shard {
     /// session journal is durable up to `lsn` (nothing while offline: a
     /// reconnect queues its packets again).
     pub fn hold_out(&mut self, key: SessionKey, lsn: u64) {
-        if let Some(link) = self
+        let Some(link) = self
             .sessions
-            .get_mut(key as usize)
-            .and_then(|s| s.link.as_mut())
-        {
-            link.out_hold = link.out_hold.max(lsn);
+            .get(key as usize)
+            .and_then(|s| s.link.as_ref())
+        else {
+            return;
+        };
+        let hold = self.held_out.holds.entry(key).or_insert((link.conn_id, 0));
+        *hold = (link.conn_id, hold.1.max(lsn));
+        if let Some(waker) = self.held_out.waker.take() {
+            waker.wake();
         }
     }
 
-    /// The highest LSN a listed session waits for (0: none).
+    /// The highest LSN a held connection waits for (0: none).
     fn held_out_target(&self) -> u64 {
-        self.held_out
-            .keys
-            .iter()
-            .filter_map(|&key| self.sessions.get(key as usize)?.link.as_ref())
-            .map(|link| link.out_hold)
-            .max()
-            .unwrap_or(0)
+        self.held_out.holds.values().map(|h| h.1).max().unwrap_or(0)
     }
 
-    /// Flushes the listed sessions whose hold `durable` covers (a framed or
-    /// blocked connection's task is woken to write), keeps the others.
+    /// Flushes the held connections whose hold `durable` covers (a framed
+    /// or blocked connection's task is woken to write), keeps the others.
     pub fn release_held_out(&mut self, durable: u64) {
-        let keys = std::mem::take(&mut self.held_out.keys);
-        let mut kept = Vec::new();
-        for key in keys {
+        let due: Vec<(SessionKey, u64)> = self
+            .held_out
+            .holds
+            .iter()
+            .filter(|(_, h)| h.1 <= durable)
+            .map(|(&key, h)| (key, h.0))
+            .collect();
+        for (key, conn_id) in due {
+            self.held_out.holds.remove(&key);
             let Some(link) = self
                 .sessions
                 .get_mut(key as usize)
                 .and_then(|s| s.link.as_mut())
+                .filter(|l| l.conn_id == conn_id)
             else {
                 continue;
             };
-            if link.out_hold > durable {
-                kept.push(key);
-                continue;
-            }
-            link.out_hold = 0;
             if link.blocked {
                 link.wake();
             }
             self.mark_dirty(key);
         }
-        self.held_out.keys.extend(kept);
         self.flush_dirty();
     }
 }
@@ -179,10 +188,7 @@ mod tests {
         shard.flush_dirty();
         assert!(client.publishes().is_empty(), "held, and what follows too");
         assert!(!shard.held_out.is_empty());
-        let hold = shard.sessions[client.key as usize]
-            .link
-            .as_ref()
-            .map_or(0, |l| l.out_hold);
+        let hold = shard.held_out_target();
         assert!(
             hold > 0 && hold < journal.end_lsn(),
             "the QoS 2 record's end"

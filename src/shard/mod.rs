@@ -15,6 +15,7 @@ pub mod held_out;
 pub mod inbox;
 pub mod index;
 pub mod persist;
+pub mod persist_will;
 pub mod query;
 pub mod registry;
 pub mod shared;
@@ -122,8 +123,8 @@ pub struct Shard {
     /// Scratch: those of them that sent it at QoS 2, whose PUBLISH waits
     /// for the record of its packet id.
     persist_hold: Vec<SessionKey>,
-    /// Sessions whose packets wait for the session journal (`Link::out_hold`),
-    /// and the task that releases them (`held_out::release_loop`).
+    /// Connections whose packets wait for the session journal, released by
+    /// `held_out::release_loop`.
     pub held_out: held_out::HeldOut,
     /// The LSNs that what this shard routed since the last
     /// `Ctx::forward_publishes` appended up to, in the retained and the
@@ -618,7 +619,7 @@ impl Shard {
             let Some(link) = session.link.as_mut() else {
                 continue;
             };
-            if link.out_hold != 0 && self.held_out.holds(key, link, durable) {
+            if self.held_out.holds(key, link.conn_id, durable) {
                 continue;
             }
             if link.blocked {
@@ -846,6 +847,8 @@ impl Shard {
         let due = self
             .now_ticks()
             .saturating_add(delay.saturating_mul(TICKS_PER_SEC));
+        let due_unix_ms = crate::store::record::unix_ms_now() + u64::from(delay) * 1000;
+        self.journal_will(key, Some((&will, delay)), due_unix_ms);
         if let Some(session) = self.sessions.get_mut(key as usize) {
             session.delay_will(due, will);
         }
@@ -863,6 +866,7 @@ impl Shard {
             if let Some(will) = will {
                 self.stats.publish_received += 1;
                 self.publish(will);
+                self.journal_will(key, None, 0);
             }
         }
         self.flush_dirty();

@@ -331,6 +331,9 @@ impl Shard {
                 }
             }
             messages += restore_flows(&mut session, &loaded.flows, started);
+            if let Some(will) = &loaded.will {
+                super::persist_will::restore_will(&mut session, will, now, now_unix_ms, started);
+            }
             let key = self.insert_session(session);
             self.persist_stamps.insert(key, s.stamp);
             let Some(session) = self.sessions.get_mut(key as usize) else {
@@ -438,6 +441,7 @@ mod tests {
                 (12, queued_message(b"two", now + 60_000), QoS::ExactlyOnce),
             ],
             flows: Default::default(),
+            will: None,
         }];
         assert_eq!(shard.restore_sessions(&stored, now), (1, 2));
         assert_eq!(shard.persist_stamps.len(), 1, "its image stamp is known");
@@ -653,6 +657,7 @@ mod tests {
                 ],
                 awaiting_rel: vec![44],
             },
+            will: None,
         }];
         assert_eq!(shard.restore_sessions(&stored, 1000), (1, 3));
         let key = shard.session_key("back").expect("restored");

@@ -422,6 +422,8 @@ pub struct LoadedSession {
     /// Its outgoing messages in flight and incoming QoS 2 ids awaiting
     /// PUBREL.
     pub flows: flows::LoadedFlows,
+    /// Its will, if one was owed or waiting for its delay.
+    pub will: Option<record::StoredWill>,
 }
 
 /// The persistent sessions found in every shard's journal at start-up.
@@ -459,6 +461,8 @@ impl Store {
             source,
         })?;
         let mut records = 0usize;
+        let mut wills: ahash::AHashMap<bytestring::ByteString, (u64, Option<record::StoredWill>)> =
+            ahash::AHashMap::new();
         for entry in entries.filter_map(Result::ok) {
             let path = entry.path();
             let is_shard = entry
@@ -506,6 +510,15 @@ impl Store {
                             .push(flows::FlowEvent::Step(step, packet_id));
                         continue;
                     }
+                    Record::Will(will) => {
+                        let (stamp, id) = (will.stamp, will.client_id.clone());
+                        latest_will(&mut wills, id, stamp, Some(will));
+                        continue;
+                    }
+                    Record::WillClear(stamp, id) => {
+                        latest_will(&mut wills, id, stamp, None);
+                        continue;
+                    }
                     Record::Retain(..) | Record::RetainDelete(..) => continue,
                 };
                 record::seen_stamp(stamp);
@@ -539,10 +552,12 @@ impl Store {
             queued.retain(|(_, message, _)| {
                 message.expires_unix_ms == 0 || message.expires_unix_ms > now_unix_ms
             });
+            let will = wills.remove(&session.client_id).and_then(|(_, will)| will);
             out.sessions.push(LoadedSession {
                 session,
                 queued,
                 flows,
+                will,
             });
         }
         info!(
@@ -613,7 +628,11 @@ impl Store {
                 let stamp = image.stamp;
                 let record = Record::SessionImage(image);
                 frame::append_record(&mut data, record.kind(), |out| record.encode_body(out));
-                for record in flows::loaded_tail(stamp, &loaded.flows) {
+                let will = loaded.will.clone().map(Record::Will);
+                for record in flows::loaded_tail(stamp, &loaded.flows)
+                    .into_iter()
+                    .chain(will)
+                {
                     frame::append_record(&mut data, record.kind(), |out| record.encode_body(out));
                 }
             }
@@ -641,6 +660,20 @@ impl Store {
     }
 }
 
+/// Keeps in `wills` the will record (`None`: a clear) with the highest
+/// stamp of client id `id`.
+fn latest_will(
+    wills: &mut ahash::AHashMap<bytestring::ByteString, (u64, Option<record::StoredWill>)>,
+    id: bytestring::ByteString,
+    stamp: u64,
+    will: Option<record::StoredWill>,
+) {
+    record::seen_stamp(stamp);
+    if wills.get(&id).is_none_or(|(held, _)| *held < stamp) {
+        wills.insert(id, (stamp, will));
+    }
+}
+
 /// The retained messages that a replay of `records` leaves: per topic the
 /// update with the highest stamp (as `RetainStore::apply` keeps it, so the
 /// order of the records does not matter), deletes left out.
@@ -656,7 +689,9 @@ pub fn live_retained(records: Vec<Record>) -> Vec<(u64, record::StoredMessage)> 
             | Record::Message(..)
             | Record::Queue(..)
             | Record::Sent(..)
-            | Record::Flow(..) => continue,
+            | Record::Flow(..)
+            | Record::Will(_)
+            | Record::WillClear(..) => continue,
         };
         match topics.get(&topic) {
             Some((held, _)) if *held > stamp => {}

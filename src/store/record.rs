@@ -48,6 +48,12 @@ pub mod kind {
     pub const AWAIT_REL: u8 = 0x0A;
     /// An incoming QoS 2 packet id was released (PUBREL).
     pub const RELEASED: u8 = 0x0B;
+    /// A persistent session's will, owed if its connection ends without
+    /// DISCONNECT (or already waiting for its Will Delay).
+    pub const WILL: u8 = 0x0C;
+    /// A persistent session has no will any more (none at CONNECT, a
+    /// DISCONNECT, or it was published).
+    pub const WILL_CLEAR: u8 = 0x0D;
 }
 
 /// MQTT 5.0 property identifiers of the forwarded properties (§2.2.2.2),
@@ -215,6 +221,23 @@ impl FlowStep {
     }
 }
 
+/// A persistent session's will as stored ([`kind::WILL`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredWill {
+    /// [`next_stamp`] when written: the highest stamp of a client id wins,
+    /// across every shard's log.
+    pub stamp: u64,
+    /// The session's client id.
+    pub client_id: ByteString,
+    /// MQTT 5.0 Will Delay Interval in seconds (0: at once).
+    pub delay: u32,
+    /// Unix milliseconds when it is due (its connection ended and the delay
+    /// runs); 0 while its connection was open.
+    pub due_unix_ms: u64,
+    /// The will, without an expiry (counted from its publication).
+    pub message: StoredMessage,
+}
+
 /// One session's share of a [`Record::Sent`]: its image stamp, the packet
 /// id the message went out with, and the QoS it was sent at (11 bytes).
 pub type SentRef = (u64, u16, QoS);
@@ -240,6 +263,10 @@ pub enum Record {
     Sent(u64, Vec<SentRef>),
     /// A [`FlowStep`] of the session with the image stamp, for a packet id.
     Flow(FlowStep, u64, u16),
+    /// [`kind::WILL`].
+    Will(StoredWill),
+    /// [`kind::WILL_CLEAR`]: stamp and client id.
+    WillClear(u64, ByteString),
 }
 
 /// Unix milliseconds now.
@@ -410,6 +437,8 @@ impl Record {
             Record::RetainDelete(..) => kind::RETAIN_DELETE,
             Record::Sent(..) => kind::SENT,
             Record::Flow(step, ..) => step.kind(),
+            Record::Will(_) => kind::WILL,
+            Record::WillClear(..) => kind::WILL_CLEAR,
         }
     }
 
@@ -466,6 +495,17 @@ impl Record {
                 out.extend_from_slice(&stamp.to_le_bytes());
                 put_u16(out, *packet_id);
             }
+            Record::Will(will) => {
+                out.extend_from_slice(&will.stamp.to_le_bytes());
+                put_str(out, &will.client_id);
+                out.extend_from_slice(&will.delay.to_le_bytes());
+                out.extend_from_slice(&will.due_unix_ms.to_le_bytes());
+                will.message.encode(out);
+            }
+            Record::WillClear(stamp, client_id) => {
+                out.extend_from_slice(&stamp.to_le_bytes());
+                put_str(out, client_id);
+            }
         }
     }
 
@@ -516,6 +556,14 @@ impl Record {
             kind::RETAIN => Record::Retain(r.u64()?, StoredMessage::decode(&mut r)?),
             kind::RETAIN_DELETE => Record::RetainDelete(r.u64()?, r.str()?),
             kind::SENT => Record::Sent(r.u64()?, r.sent_refs()?),
+            kind::WILL => Record::Will(StoredWill {
+                stamp: r.u64()?,
+                client_id: r.str()?,
+                delay: r.u32()?,
+                due_unix_ms: r.u64()?,
+                message: StoredMessage::decode(&mut r)?,
+            }),
+            kind::WILL_CLEAR => Record::WillClear(r.u64()?, r.str()?),
             other => match FlowStep::of_kind(other) {
                 Some(step) => Record::Flow(step, r.u64()?, r.u16()?),
                 None => return Err(RecordError::UnknownKind(other)),
@@ -716,6 +764,14 @@ mod tests {
             Record::Flow(FlowStep::PubRecd, 100, 65535),
             Record::Flow(FlowStep::AwaitRel, 99, 7),
             Record::Flow(FlowStep::Released, 99, 7),
+            Record::Will(StoredWill {
+                stamp: 101,
+                client_id: ByteString::from("c1"),
+                delay: 30,
+                due_unix_ms: 5000,
+                message: stored(),
+            }),
+            Record::WillClear(102, ByteString::from("c1")),
         ]
     }
 
@@ -812,8 +868,8 @@ mod tests {
             })
             .collect();
         for _ in 0..5000 {
-            let kinds = [1u8, 2, 5, 6, 7, 8, 9, 0x0A, 0x0B, 0x20, 0x21];
-            let kind = match (rng.next() % 12) as usize {
+            let kinds = [1u8, 2, 5, 6, 7, 8, 9, 0x0A, 0x0B, 0x0C, 0x0D, 0x20, 0x21];
+            let kind = match (rng.next() % 14) as usize {
                 i if i < kinds.len() => kinds[i],
                 _ => rng.next() as u8,
             };
