@@ -181,6 +181,44 @@ mod tests {
         }
     }
 
+    /// A session image of `client_id` queueing `queued`.
+    fn image(
+        stamp: u64,
+        client_id: &str,
+        queued: Vec<(u64, QoS)>,
+    ) -> crate::store::record::StoredSession {
+        crate::store::record::StoredSession {
+            stamp,
+            client_id: ByteString::from(client_id),
+            protocol_level: 4,
+            expiry_interval: u32::MAX,
+            offline_since_unix_ms: 0,
+            subscriptions: Vec::new(),
+            queued,
+        }
+    }
+
+    /// Writes `records` as shard 0's log in store `dir`, less its last
+    /// `torn` bytes.
+    fn write_log(dir: &std::path::Path, records: &[Record], torn: usize) {
+        use crate::store::{frame, journal::segment_path, shard_dir};
+        let mut data = frame::Header {
+            version: frame::FORMAT_VERSION,
+            shard: 0,
+            shards: 1,
+            base_lsn: 0,
+        }
+        .encode()
+        .to_vec();
+        for record in records {
+            frame::append_record(&mut data, record.kind(), |out| record.encode_body(out));
+        }
+        data.truncate(data.len() - torn);
+        let shard = shard_dir(dir, 0);
+        std::fs::create_dir_all(&shard).unwrap();
+        std::fs::write(segment_path(&shard, 0), &data).unwrap();
+    }
+
     /// The messages in flight of `flows`, as [`InflightRef`]s.
     fn refs(flows: &LoadedFlows) -> Vec<InflightRef> {
         flows
@@ -290,20 +328,10 @@ mod tests {
 
     #[test]
     fn the_load_keeps_the_flows_before_a_torn_record() {
-        use crate::store::record::{StoredSession, next_stamp};
-        use crate::store::{Store, frame, journal::segment_path, shard_dir};
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let stamp = next_stamp();
-        let image = StoredSession {
-            stamp,
-            client_id: ByteString::from("torn"),
-            protocol_level: 4,
-            expiry_interval: u32::MAX,
-            offline_since_unix_ms: 0,
-            subscriptions: Vec::new(),
-            queued: vec![(1, QoS::ExactlyOnce)],
-        };
+        let store = crate::store::Store::open(dir.path()).unwrap();
+        let stamp = crate::store::record::next_stamp();
+        let image = image(stamp, "torn", vec![(1, QoS::ExactlyOnce)]);
         let records = [
             Record::Message(1, message(1)),
             Record::Message(2, message(2)),
@@ -315,21 +343,7 @@ mod tests {
             // Torn below: its PUBACK is lost, so message 2 stays in flight.
             Record::Flow(FlowStep::Done, stamp, 4),
         ];
-        let mut data = frame::Header {
-            version: frame::FORMAT_VERSION,
-            shard: 0,
-            shards: 1,
-            base_lsn: 0,
-        }
-        .encode()
-        .to_vec();
-        for record in &records {
-            frame::append_record(&mut data, record.kind(), |out| record.encode_body(out));
-        }
-        data.truncate(data.len() - 3);
-        let shard = shard_dir(dir.path(), 0);
-        std::fs::create_dir_all(&shard).unwrap();
-        std::fs::write(segment_path(&shard, 0), &data).unwrap();
+        write_log(dir.path(), &records, 3);
         let loaded = store
             .load_sessions(crate::store::record::unix_ms_now())
             .unwrap();
@@ -347,7 +361,7 @@ mod tests {
     }
 
     #[test]
-    fn the_fuzz_seed_of_the_flow_records_is_valid() {
+    fn the_fuzz_seed_of_the_flow_and_will_records_is_valid() {
         let seed = std::fs::read(
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/store_load/flows"),
         )
@@ -356,7 +370,59 @@ mod tests {
             crate::store::read_records(&seed[crate::store::frame::HEADER_LEN..]);
         assert_eq!(bad, None);
         assert_eq!(valid, seed.len() - crate::store::frame::HEADER_LEN);
-        assert_eq!(records.len(), 5);
+        assert_eq!(records.len(), 7);
         assert!(matches!(&records[0], Record::Sent(5, refs) if refs.len() == 2));
+        assert!(matches!(&records[5], Record::Will(w) if w.delay == 5));
+        assert!(matches!(&records[6], Record::WillClear(79, _)));
+    }
+
+    #[test]
+    fn the_latest_will_record_of_a_live_session_is_loaded() {
+        use crate::store::record::{StoredWill, next_stamp};
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open(dir.path()).unwrap();
+        let will = |id: &str, payload: u8| {
+            Record::Will(StoredWill {
+                stamp: next_stamp(),
+                client_id: ByteString::from(id),
+                delay: 0,
+                due_unix_ms: 0,
+                message: message(payload),
+            })
+        };
+        let clear = |id: &str| Record::WillClear(next_stamp(), ByteString::from(id));
+        let records = [
+            Record::SessionImage(image(next_stamp(), "kept", Vec::new())),
+            Record::SessionImage(image(next_stamp(), "cleared", Vec::new())),
+            Record::SessionImage(image(next_stamp(), "dropped", Vec::new())),
+            will("kept", 1),
+            clear("cleared"),
+            will("dropped", 3),
+            clear("kept"),
+            will("kept", 2),
+            will("cleared", 4),
+            clear("cleared"),
+            Record::SessionDrop(next_stamp(), ByteString::from("dropped")),
+        ];
+        write_log(dir.path(), &records, 0);
+        let loaded = store
+            .load_sessions(crate::store::record::unix_ms_now())
+            .unwrap();
+        let mut wills: Vec<_> = loaded
+            .sessions
+            .iter()
+            .map(|s| {
+                let payload = s.will.as_ref().map(|w| w.message.payload.to_vec());
+                (s.session.client_id.to_string(), payload)
+            })
+            .collect();
+        wills.sort();
+        assert_eq!(
+            wills,
+            vec![
+                ("cleared".to_string(), None),
+                ("kept".to_string(), Some(vec![2]))
+            ]
+        );
     }
 }

@@ -935,3 +935,65 @@ fn sessions_resume_after_a_restart_with_another_shard_count() {
         earlier.push(shards);
     }
 }
+
+/// An MQTT 5.0 CONNECT with Clean Start 0, Session Expiry 3600 s and a
+/// retained QoS 1 will to `topic` with Will Delay `delay` seconds.
+fn connect_v5_with_will(client_id: &str, topic: &str, payload: &[u8], delay: u32) -> Vec<u8> {
+    let mut body = string(b"MQTT");
+    // Will flag, will QoS 1, will retain; Clean Start 0.
+    body.extend([5, 0x2C, 0, 60, 5, 0x11]);
+    body.extend(3600u32.to_be_bytes());
+    body.extend(string(client_id.as_bytes()));
+    body.extend([5, 0x18]);
+    body.extend(delay.to_be_bytes());
+    body.extend(string(topic.as_bytes()));
+    body.extend(string(payload));
+    packet(0x10, &body)
+}
+
+#[test]
+fn wills_of_persistent_sessions_are_published_after_a_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = start(dir.path(), "");
+    // Persistent sessions on both shards: a QoS 1 PUBACK to their filter
+    // waits until every shard's journal holds what came before.
+    offline_subscribers(&broker, "will-sync", "wsync/#", 2);
+    let mut syncer = Mqtt::connect(broker.port, "will-syncer");
+    // Connected when the broker dies: its will is owed (§3.1.2.5).
+    let open = ConnectBuilder::new("will-open").clean_session(false).will(
+        "wills/open",
+        b"open gone",
+        1,
+        true,
+    );
+    let (_open, connack) = Raw::connect_with(broker.port, &open);
+    assert_eq!(connack, CONNACK_OK);
+    // Offline with its Will Delay running (MQTT 5.0): due 3 s after it left.
+    let mut delayed = Raw::tcp(broker.port);
+    delayed.send(&connect_v5_with_will(
+        "will-delayed",
+        "wills/delayed",
+        b"delayed gone",
+        3,
+    ));
+    assert_eq!(delayed.expect_packet().kind(), 2, "CONNACK");
+    delayed.reset();
+    syncer.publish_acked("wsync/x", false, b"sync");
+    kill_9(broker);
+
+    let broker = start(dir.path(), "");
+    let mut watcher = Mqtt::connect(broker.port, "will-watcher");
+    watcher.subscribe("wills/#", rumqttc::QoS::AtLeastOnce);
+    let mut got = BTreeMap::new();
+    while got.len() < 2 {
+        let p = watcher.expect_publish();
+        got.insert(p.topic.clone(), p.payload.to_vec());
+    }
+    assert_eq!(
+        got,
+        BTreeMap::from([
+            ("wills/delayed".to_string(), b"delayed gone".to_vec()),
+            ("wills/open".to_string(), b"open gone".to_vec()),
+        ])
+    );
+}
