@@ -135,8 +135,9 @@ pub struct Flows {
     /// Wire bytes of `pending`, for the byte limit.
     pub pending_bytes: usize,
     /// With persistence, the journal's message id of each entry of
-    /// `pending`, in the same order (0: not stored); always as long as
-    /// `pending`, so that a message keeps its id when it goes in flight.
+    /// `pending`, in the same order (0: not stored), so that a message
+    /// keeps its id when it goes in flight: either empty (nothing stored,
+    /// persistence off: no cost) or exactly as long as `pending`.
     pub pending_stored: VecDeque<u64>,
     /// Packet ids of QoS 2 messages received and not yet released (PUBREL).
     pub awaiting_rel: Vec<PacketId>,
@@ -606,7 +607,9 @@ impl Session {
         }
         flows.pending_bytes += len;
         flows.pending.push_back(message);
-        flows.pending_stored.push_back(0);
+        if !flows.pending_stored.is_empty() {
+            flows.pending_stored.push_back(0);
+        }
         Delivery::Pending
     }
 

@@ -63,6 +63,9 @@ pub(super) fn note_kept(
     if let Some(last) = flows.pending.back() {
         // Queued: the window was closed or others waited before it.
         refs.push((stamp, last.qos));
+        // The first stored one: the older entries are not (0).
+        let pending = flows.pending.len();
+        flows.pending_stored.resize(pending, 0);
         if let Some(id) = flows.pending_stored.back_mut() {
             *id = mid;
         }
@@ -618,6 +621,44 @@ mod tests {
             replayed(&journal.pending_records(), stamp),
             (vec![(1, QoS::ExactlyOnce, true)], vec![9])
         );
+    }
+
+    #[test]
+    fn a_message_queued_offline_goes_in_flight_under_the_id_it_was_stored_with() {
+        let (mut shard, journal, key, stamp) = journalled_shard();
+        shard.sessions[key as usize].detach();
+        for payload in [&b"one"[..], b"two"] {
+            shard.publish(Message::new(
+                ByteString::from("t"),
+                bytes::Bytes::copy_from_slice(payload),
+                QoS::AtLeastOnce,
+                false,
+            ));
+        }
+        let queued: Vec<u64> = journal
+            .pending_records()
+            .iter()
+            .filter_map(|r| match r {
+                Record::Queue(mid, refs) if refs == &vec![(stamp, QoS::AtLeastOnce)] => Some(*mid),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(queued.len(), 2);
+        // Back online: the window takes both from the queue.
+        let limits = shard.limits;
+        let session = &mut shard.sessions[key as usize];
+        session.link = Some(crate::session::link::test_link());
+        session.reattach(&limits);
+        shard.journal_sent(key);
+        let sent: Vec<(u64, u16)> = journal
+            .pending_records()
+            .iter()
+            .filter_map(|r| match r {
+                Record::Sent(mid, refs) => Some((*mid, refs[0].1)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(sent, vec![(queued[0], 1), (queued[1], 2)]);
     }
 
     #[test]
