@@ -819,8 +819,16 @@ fn next_packets(raw: &mut Raw, n: usize) -> Vec<(u8, bool, u16, String)> {
 /// with packet id `id`, and returns the packet id its own copy came with:
 /// the PUBACK waits until the journal holds everything the client's shard
 /// appended before (one file, written in order).
-fn journalled_by_own_publish(raw: &mut Raw, topic: &str, id: u16) -> u16 {
-    raw.send(&publish(topic.as_bytes(), b"mark", 1, false, false, id));
+fn journalled_by_own_publish(raw: &mut Raw, v5: bool, topic: &str, id: u16) -> u16 {
+    if v5 {
+        let mut body = string(topic.as_bytes());
+        body.extend(id.to_be_bytes());
+        body.push(0);
+        body.extend_from_slice(b"mark");
+        raw.send(&packet(0x32, &body));
+    } else {
+        raw.send(&publish(topic.as_bytes(), b"mark", 1, false, false, id));
+    }
     let got = next_packets(raw, 2);
     assert!(
         got.contains(&(4, false, id, String::new())),
@@ -832,13 +840,49 @@ fn journalled_by_own_publish(raw: &mut Raw, topic: &str, id: u16) -> u16 {
         .2
 }
 
+/// A raw persistent subscriber `id` of MQTT 5.0 (`v5`, Session Expiry
+/// 3600 s) or 3.1.1 (CleanSession 0); asserts Session Present is
+/// `present`.
+fn raw_subscriber(port: u16, id: &str, v5: bool, present: bool) -> Raw {
+    if !v5 {
+        return raw_persistent(port, id, present);
+    }
+    let (raw, was_present) = v5_session(port, id, 3600);
+    assert_eq!(was_present, present, "{id}: Session Present");
+    raw
+}
+
 #[test]
 fn unacknowledged_outgoing_messages_are_resent_with_their_packet_ids_after_kill_9() {
+    outgoing_flows_survive_kill_9(false);
+}
+
+#[test]
+fn with_mqtt_5_unacknowledged_outgoing_messages_are_resent_with_their_packet_ids_after_kill_9() {
+    outgoing_flows_survive_kill_9(true);
+}
+
+/// A persistent raw subscriber (MQTT 5.0 when `v5`, else 3.1.1) gets QoS
+/// 1 and QoS 2 messages from a publisher on the other shard and
+/// acknowledges none but one PUBREC; after `kill -9` and a restart, the
+/// same packet ids come again (PUBLISH with DUP, PUBREL for the PUBREC'd
+/// one); once acknowledged, a second `kill -9` does not bring them back.
+fn outgoing_flows_survive_kill_9(v5: bool) {
     let dir = tempfile::tempdir().unwrap();
     let broker = start(dir.path(), "");
-    let sub_id = format!("inflight-sub-{}", unique());
-    let mut sub = raw_persistent(broker.port, &sub_id, false);
-    assert_eq!(sub.subscribe(1, &[("inf/#", 2)]), vec![2]);
+    let sub_id = format!("inflight-sub-{v5}-{}", unique());
+    let mut sub = raw_subscriber(broker.port, &sub_id, v5, false);
+    if v5 {
+        // SUBSCRIBE packet id 1, no properties, "inf/#" at QoS 2.
+        let mut body = vec![0, 1, 0];
+        body.extend(string(b"inf/#"));
+        body.push(2);
+        sub.send(&packet(0x82, &body));
+        let suback = sub.expect_packet();
+        assert_eq!((suback.kind(), suback.body[3]), (9, 2), "SUBACK QoS 2");
+    } else {
+        assert_eq!(sub.subscribe(1, &[("inf/#", 2)]), vec![2]);
+    }
     // The publisher on the other shard: its acks wait for the subscriber's
     // shard's journal (docs/design/persistence.md §5.3).
     let (publisher, _) = on_other_shard(&broker, "inflight-pub", &sub_id);
@@ -858,11 +902,11 @@ fn unacknowledged_outgoing_messages_are_resent_with_their_packet_ids_after_kill_
     // "three" is PUBREC'd: the broker releases it and waits for PUBCOMP.
     sub.send(&ack(0x50, three));
     assert_eq!(sub.expect_packet().bytes(), ack(0x62, three), "PUBREL");
-    let mark = journalled_by_own_publish(&mut sub, "inf/mark", 100);
+    let mark = journalled_by_own_publish(&mut sub, v5, "inf/mark", 100);
     kill_9(broker);
 
     let broker = start(dir.path(), "");
-    let mut sub = raw_persistent(broker.port, &sub_id, true);
+    let mut sub = raw_subscriber(broker.port, &sub_id, v5, true);
     // Resent in order with the same packet ids (§4.4): PUBLISH with DUP,
     // PUBREL for the one past PUBREC.
     assert_eq!(
@@ -881,13 +925,13 @@ fn unacknowledged_outgoing_messages_are_resent_with_their_packet_ids_after_kill_
     assert_eq!(sub.expect_packet().bytes(), ack(0x62, two), "PUBREL");
     sub.send(&ack(0x70, two));
     sub.ping();
-    let last = journalled_by_own_publish(&mut sub, "inf/last", 101);
+    let last = journalled_by_own_publish(&mut sub, v5, "inf/last", 101);
     kill_9(broker);
 
     // Acknowledged before the second kill -9: gone, only the last one comes
     // again.
     let broker = start(dir.path(), "");
-    let mut sub = raw_persistent(broker.port, &sub_id, true);
+    let mut sub = raw_subscriber(broker.port, &sub_id, v5, true);
     assert_eq!(
         next_packets(&mut sub, 1),
         vec![(3, true, last, "inf/last".to_string())]
