@@ -123,6 +123,10 @@ pub struct Shard {
     /// Scratch: those of them that sent it at QoS 2, whose PUBLISH waits
     /// for the record of its packet id.
     persist_hold: Vec<SessionKey>,
+    /// Acknowledgements of journalled sessions' outgoing messages in this
+    /// step, (image stamp, packet id), journalled as one record at its end
+    /// (`Shard::journal_done`).
+    persist_done: Vec<(u64, u16)>,
     /// Connections whose packets wait for the session journal, released by
     /// `held_out::release_loop`.
     pub held_out: held_out::HeldOut,
@@ -421,6 +425,7 @@ impl Shard {
             persist_refs: Vec::new(),
             persist_sent: Vec::new(),
             persist_hold: Vec::new(),
+            persist_done: Vec::new(),
             held_out: held_out::HeldOut::default(),
             needed_lsns: [0; 2],
             store_failing: None,
@@ -598,6 +603,7 @@ impl Shard {
     /// WebSocket session (a framed link, [`crate::session::link::framed_fd`]),
     /// whose bytes only its task may write.
     pub fn flush_dirty(&mut self) {
+        self.journal_done();
         let dirty = std::mem::take(&mut self.dirty);
         if !self.batch.is_empty() {
             // End of the step: every session with ranges of the batch is on

@@ -163,6 +163,10 @@ impl Shard {
             self.needed_lsns[1] = journal.append(&Record::Queue(mid, refs));
         }
         if !sent.is_empty() {
+            if !self.persist_done.is_empty() {
+                let done = std::mem::take(&mut self.persist_done);
+                journal.append(&Record::DoneMany(done));
+            }
             let lsn = journal.append(&Record::Sent(mid, sent));
             self.needed_lsns[1] = lsn;
             for key in std::mem::take(&mut self.persist_hold) {
@@ -183,6 +187,12 @@ impl Shard {
         else {
             return;
         };
+        if step == FlowStep::Done {
+            // Nothing waits for it: one record for the step's (§4.2).
+            self.persist_done.push((stamp, packet_id));
+            self.journal_sent(key);
+            return;
+        }
         let lsn = journal.append(&Record::Flow(step, stamp, packet_id));
         match step {
             FlowStep::AwaitRel | FlowStep::Released => self.needed_lsns[1] = lsn,
@@ -194,13 +204,37 @@ impl Shard {
         self.journal_sent(key);
     }
 
+    /// Journals the acknowledgements gathered since the last call as one
+    /// record (at the end of a step, and before any packet id is sent
+    /// again, so that a reused id is never ended by an older ack).
+    pub fn journal_done(&mut self) {
+        if self.persist_done.is_empty() {
+            return;
+        }
+        let done = std::mem::take(&mut self.persist_done);
+        if let Some(journal) = &self.session_journal {
+            journal.append(&Record::DoneMany(done));
+        }
+    }
+
     /// Journals the packet ids of a journalled session's messages that went
     /// in flight without a record yet (from its pending queue after an
     /// acknowledgement or a reconnect, or a retained message at subscribe
     /// time, which is first stored itself). Scans its window only.
     pub fn journal_sent(&mut self, key: SessionKey) {
-        let (Some(journal), Some(&stamp)) = (&self.session_journal, self.persist_stamps.get(&key))
-        else {
+        let Some(&stamp) = self.persist_stamps.get(&key) else {
+            return;
+        };
+        let unjournalled = self
+            .sessions
+            .get(key as usize)
+            .and_then(|s| s.state.flows.as_deref())
+            .is_some_and(|f| f.inflight.iter().any(|f| !f.journalled));
+        if !unjournalled {
+            return;
+        }
+        self.journal_done();
+        let Some(journal) = &self.session_journal else {
             return;
         };
         let Some(flows) = self
@@ -541,6 +575,11 @@ mod tests {
                 Record::Flow(step, s, id) if *s == stamp => {
                     events.push(flows::FlowEvent::Step(*step, *id))
                 }
+                Record::DoneMany(done) => events.extend(
+                    done.iter()
+                        .filter(|d| d.0 == stamp)
+                        .map(|d| flows::FlowEvent::Step(FlowStep::Done, d.1)),
+                ),
                 _ => {}
             }
         }
@@ -599,6 +638,8 @@ mod tests {
         shard.journal_step(key, FlowStep::Done, 2);
         let before = shard.needed_lsns[1];
         shard.journal_step(key, FlowStep::AwaitRel, 9);
+        // The step's acknowledgements go as one record at its end.
+        shard.flush_dirty();
         assert!(
             shard.needed_lsns[1] > before,
             "the PUBREC of an incoming id waits for its record"

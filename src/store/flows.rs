@@ -7,8 +7,9 @@
 //! follow it as its flows move, each naming the image by its stamp:
 //! [`Record::Queue`] (queued), [`Record::Sent`] (in flight with a packet
 //! id, 11 bytes a session, the message itself stored once per shard),
-//! [`Record::Flow`] (PUBREC'd, done, an incoming id awaiting PUBREL or
-//! released: 19 bytes). [`replay`] turns an image and the records after
+//! [`Record::DoneMany`] (acknowledged: 10 bytes each, one record per step
+//! of the shard), [`Record::Flow`] (PUBREC'd, an incoming id awaiting
+//! PUBREL or released: 19 bytes). [`replay`] turns an image and the records after
 //! it, in log order, into what the session holds at restart; [`image_tail`]
 //! writes those flows again after a new image (the start-up compaction, a
 //! session's image at connect, disconnect and take-over).
@@ -370,10 +371,11 @@ mod tests {
             crate::store::read_records(&seed[crate::store::frame::HEADER_LEN..]);
         assert_eq!(bad, None);
         assert_eq!(valid, seed.len() - crate::store::frame::HEADER_LEN);
-        assert_eq!(records.len(), 7);
+        assert_eq!(records.len(), 8);
         assert!(matches!(&records[0], Record::Sent(5, refs) if refs.len() == 2));
         assert!(matches!(&records[5], Record::Will(w) if w.delay == 5));
         assert!(matches!(&records[6], Record::WillClear(79, _)));
+        assert_eq!(records[7], Record::DoneMany(vec![(77, 1), (78, 2)]));
     }
 
     #[test]

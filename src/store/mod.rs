@@ -510,6 +510,15 @@ impl Store {
                             .push(flows::FlowEvent::Step(step, packet_id));
                         continue;
                     }
+                    Record::DoneMany(done) => {
+                        for (session, packet_id) in done {
+                            queued_after
+                                .entry(session)
+                                .or_default()
+                                .push(flows::FlowEvent::Step(record::FlowStep::Done, packet_id));
+                        }
+                        continue;
+                    }
                     Record::Will(will) => {
                         let (stamp, id) = (will.stamp, will.client_id.clone());
                         latest_will(&mut wills, id, stamp, Some(will));
@@ -691,7 +700,8 @@ pub fn live_retained(records: Vec<Record>) -> Vec<(u64, record::StoredMessage)> 
             | Record::Sent(..)
             | Record::Flow(..)
             | Record::Will(_)
-            | Record::WillClear(..) => continue,
+            | Record::WillClear(..)
+            | Record::DoneMany(_) => continue,
         };
         match topics.get(&topic) {
             Some((held, _)) if *held > stamp => {}

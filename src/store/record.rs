@@ -54,6 +54,9 @@ pub mod kind {
     /// A persistent session has no will any more (none at CONNECT, a
     /// DISCONNECT, or it was published).
     pub const WILL_CLEAR: u8 = 0x0D;
+    /// Outgoing messages' flows ended ([`DONE`]) for many sessions at once:
+    /// the acknowledgements of one step of a shard, 10 bytes each.
+    pub const DONE_MANY: u8 = 0x0E;
 }
 
 /// MQTT 5.0 property identifiers of the forwarded properties (§2.2.2.2),
@@ -267,6 +270,9 @@ pub enum Record {
     Will(StoredWill),
     /// [`kind::WILL_CLEAR`]: stamp and client id.
     WillClear(u64, ByteString),
+    /// [`kind::DONE_MANY`]: (image stamp, packet id) of each outgoing
+    /// message acknowledged.
+    DoneMany(Vec<(u64, u16)>),
 }
 
 /// Unix milliseconds now.
@@ -439,6 +445,7 @@ impl Record {
             Record::Flow(step, ..) => step.kind(),
             Record::Will(_) => kind::WILL,
             Record::WillClear(..) => kind::WILL_CLEAR,
+            Record::DoneMany(_) => kind::DONE_MANY,
         }
     }
 
@@ -506,6 +513,14 @@ impl Record {
                 out.extend_from_slice(&stamp.to_le_bytes());
                 put_str(out, client_id);
             }
+            Record::DoneMany(done) => {
+                let n = u32::try_from(done.len()).unwrap_or(u32::MAX);
+                out.extend_from_slice(&n.to_le_bytes());
+                for (stamp, packet_id) in done.iter().take(n as usize) {
+                    out.extend_from_slice(&stamp.to_le_bytes());
+                    put_u16(out, *packet_id);
+                }
+            }
         }
     }
 
@@ -564,6 +579,14 @@ impl Record {
                 message: StoredMessage::decode(&mut r)?,
             }),
             kind::WILL_CLEAR => Record::WillClear(r.u64()?, r.str()?),
+            kind::DONE_MANY => {
+                let n = r.u32()?;
+                let mut done = Vec::with_capacity((n as usize).min(r.0.len() / 10));
+                for _ in 0..n {
+                    done.push((r.u64()?, r.u16()?));
+                }
+                Record::DoneMany(done)
+            }
             other => match FlowStep::of_kind(other) {
                 Some(step) => Record::Flow(step, r.u64()?, r.u16()?),
                 None => return Err(RecordError::UnknownKind(other)),
@@ -772,6 +795,7 @@ mod tests {
                 message: stored(),
             }),
             Record::WillClear(102, ByteString::from("c1")),
+            Record::DoneMany(vec![(99, 1), (100, 65535)]),
         ]
     }
 
@@ -808,6 +832,8 @@ mod tests {
         let two = Record::Sent(1, vec![(2, 3, QoS::AtLeastOnce), (4, 5, QoS::ExactlyOnce)]);
         assert_eq!(framed(&two) - framed(&one), 11, "bytes a session");
         assert_eq!(framed(&Record::Flow(FlowStep::Done, 2, 3)), 19);
+        let done = |n| framed(&Record::DoneMany(vec![(2, 3); n]));
+        assert_eq!(done(2) - done(1), 10, "bytes an acknowledgement");
         for bad in [(2, 0, QoS::AtLeastOnce), (2, 3, QoS::AtMostOnce)] {
             let mut body = Vec::new();
             Record::Sent(1, vec![bad]).encode_body(&mut body);
@@ -868,8 +894,10 @@ mod tests {
             })
             .collect();
         for _ in 0..5000 {
-            let kinds = [1u8, 2, 5, 6, 7, 8, 9, 0x0A, 0x0B, 0x0C, 0x0D, 0x20, 0x21];
-            let kind = match (rng.next() % 14) as usize {
+            let kinds = [
+                1u8, 2, 5, 6, 7, 8, 9, 0x0A, 0x0B, 0x0C, 0x0D, 0x0E, 0x20, 0x21,
+            ];
+            let kind = match (rng.next() % 15) as usize {
                 i if i < kinds.len() => kinds[i],
                 _ => rng.next() as u8,
             };
