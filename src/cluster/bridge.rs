@@ -29,16 +29,14 @@ use log::{debug, info, warn};
 use tokio::task::JoinHandle;
 
 use crate::cluster::link::{ClusterStatus, Control, ToShard};
-use crate::cluster::{ClusterError, headers, retained, subject};
-use crate::config::cluster::{ClusterConfig, NatsAuth};
+use crate::cluster::{ClusterError, headers, ownership, retained, subject};
+use crate::config::cluster::{ClusterConfig, NatsAuth, PartitionMode};
 use crate::protocol::message::Message;
 use crate::protocol::v3::QoS;
 
 /// How often the node says it is alive, and how often the bridge checks
 /// the shutdown flag.
 const HEARTBEAT: Duration = Duration::from_secs(2);
-/// A node not heard for this long is no longer listed.
-const NODE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most messages of one subscription handed to a shard in one batch.
 const DELIVER_BATCH: usize = 256;
 /// Wait before retrying the retained bucket after an error (the link is
@@ -82,20 +80,41 @@ struct Held {
 }
 
 /// The bridge's tables, shared by its tasks (one thread: `Rc<RefCell>`).
-struct Bridge {
+pub(super) struct Bridge {
     /// The NATS client (data connection, no echo).
-    client: Client,
+    pub(super) client: Client,
     /// Subject root.
-    root: String,
+    pub(super) root: String,
+    /// This node's name.
+    pub(super) node: String,
+    /// This node's incarnation: random at each start, so that a record of an
+    /// earlier run of the node is not taken for this one's.
+    pub(super) incarnation: String,
+    /// The other nodes heard (heartbeats), and when.
+    pub(super) nodes: HashMap<String, Instant>,
+    /// When the bridge started: a node not heard since is taken for dead
+    /// only once `node_ttl` has passed.
+    pub(super) started: Instant,
+    /// A node not heard for this long is dead.
+    pub(super) node_ttl: Duration,
+    /// Longest wait for an owner's answer to a take-over request.
+    pub(super) takeover_timeout: Duration,
+    /// CONNECTs while the link is down.
+    pub(super) partition_mode: PartitionMode,
+    /// The sessions bucket, once it is there.
+    pub(super) sessions: Option<kv::Store>,
+    /// The client ids this node owns in the sessions bucket: the claim that
+    /// holds each (shard, token) and the record's revision.
+    pub(super) owned: HashMap<ByteString, ownership::Owned>,
     /// Held filters.
     filters: HashMap<ByteString, Held>,
     /// The shards interested in the escaped subject, with how many of their
     /// filters need it; and its reader.
     escaped: (HashMap<usize, usize>, Option<JoinHandle<()>>),
     /// Each shard's queue.
-    to_shards: Vec<async_channel::Sender<ToShard>>,
+    pub(super) to_shards: Vec<async_channel::Sender<ToShard>>,
     /// Shared figures.
-    status: Arc<ClusterStatus>,
+    pub(super) status: Arc<ClusterStatus>,
     /// Retained updates this node wrote whose echo from the watch is still
     /// due, by key: the watch skips those (the shards hold them already).
     own_writes: HashMap<String, u32>,
@@ -105,7 +124,7 @@ struct Bridge {
 }
 
 /// The bridge as its tasks hold it.
-type Shared = Rc<RefCell<Bridge>>;
+pub(super) type Shared = Rc<RefCell<Bridge>>;
 
 /// Runs the bridge until the broker stops: the body of the `fanmq-cluster`
 /// thread.
@@ -240,6 +259,15 @@ async fn serve(setup: BridgeSetup) -> Result<(), ClusterError> {
     let bridge: Shared = Rc::new(RefCell::new(Bridge {
         client: client.clone(),
         root: config.name.clone(),
+        node: config.node_name.clone(),
+        incarnation: format!("{:016x}", fastrand::u64(..)),
+        nodes: HashMap::new(),
+        started: Instant::now(),
+        node_ttl: config.node_ttl,
+        takeover_timeout: config.takeover_timeout,
+        partition_mode: config.partition_mode,
+        sessions: None,
+        owned: HashMap::new(),
         filters: HashMap::new(),
         escaped: (HashMap::new(), None),
         to_shards: setup.to_shards,
@@ -263,7 +291,8 @@ async fn serve(setup: BridgeSetup) -> Result<(), ClusterError> {
             setup.max_value_size,
         )),
         tokio::task::spawn_local(heartbeat_loop(bridge.clone(), config.node_name.clone())),
-        tokio::task::spawn_local(takeover_loop(bridge.clone())),
+        tokio::task::spawn_local(ownership::sessions_loop(bridge.clone(), config.kv_replicas)),
+        tokio::task::spawn_local(ownership::serve_takeovers(bridge.clone())),
     ];
     while !status.shutdown.load(Ordering::Relaxed) {
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -334,7 +363,9 @@ async fn publish_loop(
     }
 }
 
-/// Applies every interest change, and announces every connect.
+/// Applies every interest change, and starts every claim and release of a
+/// client id (each claim in a task of its own: one slow owner must not hold
+/// up the others).
 async fn interest_loop(bridge: Shared, changes: async_channel::Receiver<Control>) {
     while let Ok(change) = changes.recv().await {
         match change {
@@ -346,64 +377,14 @@ async fn interest_loop(bridge: Shared, changes: async_channel::Receiver<Control>
                 }
                 refresh_view(&bridge);
             }
-            Control::Connected(client_id) => {
-                let (client, subject, up) = {
-                    let b = bridge.borrow();
-                    (
-                        b.client.clone(),
-                        connect_subject(&b.root),
-                        b.status.link_up(),
-                    )
-                };
-                let payload = format!("{} {client_id}", unix_ms_now());
-                if up && let Err(e) = client.publish(subject, Bytes::from(payload)).await {
-                    debug!("cluster: connect of {client_id:?} not announced: {e}");
-                }
+            Control::Claim(request) => {
+                tokio::task::spawn_local(ownership::claim(bridge.clone(), request));
             }
-        }
-    }
-}
-
-/// Milliseconds since the Unix epoch, now.
-fn unix_ms_now() -> u64 {
-    let wall = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    u64::try_from(wall.as_millis()).unwrap_or(u64::MAX)
-}
-
-/// The subject on which nodes announce the client ids that connect to
-/// them: `<root>.c.connect`, payload `<Unix ms> <client id>`.
-fn connect_subject(root: &str) -> String {
-    format!("{root}.c.connect")
-}
-
-/// Closes, on this node, the connections of client ids that connected to
-/// another node (no echo: never this node's own).
-async fn takeover_loop(bridge: Shared) {
-    let (client, subject) = {
-        let b = bridge.borrow();
-        (b.client.clone(), connect_subject(&b.root))
-    };
-    let mut announced = match client.subscribe(subject.clone()).await {
-        Ok(sub) => sub,
-        Err(e) => {
-            warn!("cluster: cannot subscribe to {subject}: take-over across nodes is off: {e}");
-            return;
-        }
-    };
-    while let Some(msg) = announced.next().await {
-        let Some((at, client_id)) = std::str::from_utf8(&msg.payload)
-            .ok()
-            .and_then(|p| p.split_once(' '))
-            .and_then(|(at, id)| Some((at.parse::<u64>().ok()?, ByteString::from(id))))
-        else {
-            continue;
-        };
-        let queues = bridge.borrow().to_shards.clone();
-        for queue in queues {
-            // Awaited: a take-over must reach the shard holding the id.
-            let _ = queue.send(ToShard::TakenOver(client_id.clone(), at)).await;
+            Control::Released {
+                client_id,
+                shard,
+                token,
+            } => ownership::released(&bridge, client_id, shard, token),
         }
     }
 }
@@ -653,24 +634,8 @@ async fn retained_loop(
         let b = bridge.borrow();
         (b.client.clone(), b.root.clone(), b.status.clone())
     };
-    let context = async_nats::jetstream::new(client.clone());
     let name = retained::bucket(&root);
-    let store = loop {
-        match context.get_key_value(name.clone()).await {
-            Ok(store) => break store,
-            Err(e) => {
-                debug!("cluster: retained bucket {name} not found ({e}), creating it");
-                if let Err(e) = create_bucket(&client, &name, replicas, max_value_size).await {
-                    status
-                        .figures
-                        .cluster_kv_errors
-                        .fetch_add(1, Ordering::Relaxed);
-                    debug!("cluster: retained bucket {name} not ready: {e}");
-                    tokio::time::sleep(KV_RETRY).await;
-                }
-            }
-        }
-    };
+    let store = open_bucket(&client, &status, &name, replicas, max_value_size).await;
     info!("cluster: retained messages in bucket {name}");
     // Ends with the bridge's runtime.
     tokio::task::spawn_local(write_retained(bridge.clone(), store.clone(), puts));
@@ -683,6 +648,34 @@ async fn retained_loop(
             debug!("cluster: retained watch ended: {e}");
         }
         tokio::time::sleep(KV_RETRY).await;
+    }
+}
+
+/// Opens KV bucket `name`, creating it when it is not there, retrying
+/// after errors until it is (the link is down, JetStream not ready).
+pub(super) async fn open_bucket(
+    client: &Client,
+    status: &ClusterStatus,
+    name: &str,
+    replicas: usize,
+    max_value_size: usize,
+) -> kv::Store {
+    let context = async_nats::jetstream::new(client.clone());
+    loop {
+        match context.get_key_value(name.to_string()).await {
+            Ok(store) => return store,
+            Err(e) => {
+                debug!("cluster: bucket {name} not found ({e}), creating it");
+                if let Err(e) = create_bucket(client, name, replicas, max_value_size).await {
+                    status
+                        .figures
+                        .cluster_kv_errors
+                        .fetch_add(1, Ordering::Relaxed);
+                    debug!("cluster: bucket {name} not ready: {e}");
+                    tokio::time::sleep(KV_RETRY).await;
+                }
+            }
+        }
     }
 }
 
@@ -827,7 +820,7 @@ async fn heartbeat_loop(bridge: Shared, node: String) {
             None
         }
     };
-    let mut seen: HashMap<String, Instant> = HashMap::new();
+    let incarnation = Bytes::from(bridge.borrow().incarnation.clone());
     let mut tick = tokio::time::interval(HEARTBEAT);
     loop {
         let beat = async {
@@ -845,22 +838,28 @@ async fn heartbeat_loop(bridge: Shared, node: String) {
                 if let Some(name) = msg.subject.strip_prefix(prefix.as_str())
                     && name != node
                 {
-                    seen.insert(name.to_string(), Instant::now());
+                    bridge
+                        .borrow_mut()
+                        .nodes
+                        .insert(name.to_string(), Instant::now());
                 }
             }
             None => {
                 if status.link_up()
                     && let Err(e) = client
-                        .publish(format!("{prefix}{node}"), Bytes::new())
+                        .publish(format!("{prefix}{node}"), incarnation.clone())
                         .await
                 {
                     debug!("cluster: heartbeat not sent: {e}");
                 }
-                seen.retain(|_, at| at.elapsed() < NODE_TIMEOUT);
+                let mut b = bridge.borrow_mut();
+                let ttl = b.node_ttl;
+                b.nodes.retain(|_, at| at.elapsed() < ttl);
                 let wall = SystemTime::now()
                     .duration_since(UNIX_EPOCH)
                     .unwrap_or_default();
-                let nodes = seen
+                let nodes = b
+                    .nodes
                     .iter()
                     .map(|(name, at)| {
                         let ago = wall.saturating_sub(at.elapsed());
@@ -870,7 +869,7 @@ async fn heartbeat_loop(bridge: Shared, node: String) {
                 status
                     .figures
                     .cluster_nodes
-                    .store(seen.len() as u64, Ordering::Relaxed);
+                    .store(b.nodes.len() as u64, Ordering::Relaxed);
                 if let Ok(mut view) = status.view.lock() {
                     view.nodes = nodes;
                     view.server = status.link_up().then(|| {

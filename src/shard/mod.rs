@@ -747,11 +747,6 @@ impl Shard {
         }
         self.by_client_id.insert(&self.sessions, key);
         self.journal_session(key);
-        if let (Some(link), Some(session)) = (&self.cluster, self.sessions.get(key as usize))
-            && session.link.is_some()
-        {
-            link.connected(&session.client_id);
-        }
         key
     }
 

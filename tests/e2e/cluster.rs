@@ -4,6 +4,9 @@
 //! subscription per filter whatever its local subscribers, retained
 //! messages reach every node (also one started later), a node killed with
 //! SIGKILL leaves the others working, and a NATS restart heals by itself.
+//! Session ownership: a persistent session moves to the node its client
+//! reconnects to, with its queue; a take-over closes the old connection; a
+//! dead owner's ids are taken fresh; racing CONNECTs leave one owner.
 //!
 //! Each test skips, saying so, when `nats-server` is not on PATH (CI
 //! installs it, `.ci/run`, and sets CI=true, which makes a missing server a
@@ -522,41 +525,218 @@ fn topics_map_to_subjects_both_ways_and_mqtt5_properties_cross_nodes() {
     assert_eq!(out.trim(), "v5/1 k:v hi");
 }
 
+/// The session of `id` on `node` as `/api/v1/clients/{id}` shows it; None
+/// when the node does not hold it.
+fn client_on(node: &Broker, id: &str) -> Option<Value> {
+    let answer = crate::admin::http(node, "GET", &format!("/api/v1/clients/{id}"), None);
+    match answer.status {
+        200 => Some(serde_json::from_str(&answer.body).expect("client JSON")),
+        404 => None,
+        other => panic!("GET /api/v1/clients/{id}: {other} {}", answer.body),
+    }
+}
+
+/// Polls `node` until `done` accepts what it says of client `id`.
+fn wait_client(node: &Broker, id: &str, done: impl Fn(Option<&Value>) -> bool) -> Option<Value> {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let got = client_on(node, id);
+        if done(got.as_ref()) {
+            return got;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "client {id} never as expected: {got:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A persistent-session (CleanSession 0) rumqttc client of `port`.
+fn persistent(port: u16, id: &str) -> (Mqtt, rumqttc::ConnAck) {
+    let mut options = Mqtt::options(port, id);
+    options.set_clean_session(false);
+    Mqtt::connect_with(options)
+}
+
 #[test]
-fn a_client_id_connecting_to_another_node_ends_its_connection_and_session_on_the_first() {
+fn a_persistent_session_moves_to_another_node_with_its_queued_messages() {
+    let Some(nats) = Nats::start("cluster session move") else {
+        return;
+    };
+    let (a, b) = (nats.node("a"), nats.node("b"));
+    let (mut first, connack) = persistent(a.port, "mover");
+    assert!(!connack.session_present);
+    first.subscribe("move/#", QoS::AtLeastOnce);
+    first.disconnect();
+    wait_client(&a, "mover", |c| c.is_some_and(|c| c["connected"] == false));
+    // Offline on A: QoS 1 messages queue there.
+    let mut publisher = Mqtt::connect(a.port, "move-pub");
+    for i in 0..5 {
+        publisher.publish_acked("move/q", false, i.to_string().as_bytes());
+    }
+    let held = wait_client(&a, "mover", |c| c.is_some_and(|c| c["pending"] == 5));
+    assert_eq!(held.unwrap()["subscriptions"], 1);
+
+    // It comes back on B: B takes the session over from A, with its queue.
+    let (mut second, connack) = persistent(b.port, "mover");
+    assert!(
+        connack.session_present,
+        "Session Present = 1 on the other node"
+    );
+    let got: Vec<String> = (0..5)
+        .map(|_| String::from_utf8_lossy(&second.expect_publish().payload).into_owned())
+        .collect();
+    assert_eq!(
+        got,
+        ["0", "1", "2", "3", "4"],
+        "the queued messages, in order"
+    );
+    assert!(client_on(&a, "mover").is_none(), "A no longer holds it");
+    let on_b = client_on(&b, "mover").expect("B holds it");
+    assert_eq!(
+        (on_b["connected"].clone(), on_b["subscriptions"].clone()),
+        (Value::from(true), Value::from(1))
+    );
+    // Its subscription works on B: a publish on A crosses to it.
+    nats.wait_subscriptions("fanmq.t.move.>", 1);
+    publisher.publish_acked("move/live", false, b"after");
+    let p = second.expect_publish();
+    assert_eq!(
+        (p.topic.as_str(), &p.payload[..]),
+        ("move/live", &b"after"[..])
+    );
+    wait_stats(&b, |s| s["total"]["cluster_takeovers"] == 1);
+    wait_stats(&a, |s| s["total"]["cluster_taken_over"] == 1);
+    assert!(
+        second.recv_publish(Duration::from_millis(300)).is_none(),
+        "nothing twice"
+    );
+}
+
+#[test]
+fn a_live_take_over_across_nodes_closes_the_old_connection() {
     let Some(nats) = Nats::start("cluster take-over") else {
         return;
     };
     let (a, b) = (nats.node("a"), nats.node("b"));
-    // The announcements travel on one NATS subject every node subscribes to.
-    nats.wait_subscriptions("fanmq.c.connect", 2);
-    let first = Raw::connect(a.port, "roaming");
-    // Connect times are known to a keep-alive tick (100 ms): the second
-    // connect must be in a later tick to be the newer one.
-    std::thread::sleep(Duration::from_millis(300));
-    let _second = Raw::connect(b.port, "roaming");
+    // Each node serves take-over requests on a subject of its own.
+    nats.wait_subscriptions("fanmq.c.a.takeover", 1);
+    nats.wait_subscriptions("fanmq.c.b.takeover", 1);
+    let mut first = Raw::connect(a.port, "roaming");
+    first.ping();
+    let mut second = Raw::connect(b.port, "roaming");
+    // 3.1.1 has no server DISCONNECT: the old connection just closes.
     first.expect_closed_silently();
-    // A persistent session on A is dropped too: two nodes must not both
-    // queue for one client id.
-    let (mut offline, _) = Raw::connect_with(
-        a.port,
-        &ConnectBuilder::new("roaming-p").clean_session(false),
+    second.ping();
+    assert!(client_on(&a, "roaming").is_none());
+    assert_eq!(client_on(&b, "roaming").unwrap()["connected"], true);
+    // A clean session ends on B: back on A there is nothing to take over.
+    second.close();
+    wait_client(&b, "roaming", |c| c.is_none());
+    let (mut again, connack) =
+        Raw::connect_with(a.port, &ConnectBuilder::new("roaming").clean_session(false));
+    assert_eq!(
+        connack,
+        [0x20, 2, 0, 0],
+        "Session Present 0: a fresh session"
     );
-    offline.subscribe(1, &[("roam/#", 1)]);
-    offline.close();
-    let found = |broker: &Broker, id: &str| {
-        crate::admin::http(broker, "GET", &format!("/api/v1/clients/{id}"), None).status
+    again.ping();
+}
+
+#[test]
+fn a_killed_nodes_client_gets_a_fresh_session_on_another_node() {
+    let Some(nats) = Nats::start("cluster dead owner") else {
+        return;
     };
-    assert_eq!(found(&a, "roaming-p"), 200, "kept offline on A");
-    std::thread::sleep(Duration::from_millis(300));
-    let (_on_b, _) = Raw::connect_with(
-        b.port,
-        &ConnectBuilder::new("roaming-p").clean_session(false),
+    let (mut a, b) = (nats.node("a"), nats.node("b"));
+    let (mut on_a, _) = persistent(a.port, "orphan");
+    on_a.subscribe("orphan/#", QoS::AtLeastOnce);
+    a.signal(libc::SIGKILL);
+    a.wait_exit(TIMEOUT).expect("node a killed");
+    drop(on_a);
+    // Its state died with it; B grants the id fresh, well within the
+    // node timeout (NATS has no responder on A's subject any more).
+    let started = Instant::now();
+    let (mut on_b, connack) = persistent(b.port, "orphan");
+    assert!(!connack.session_present, "the state died with node a");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "granted within the node timeout"
     );
-    wait_stats(&a, |s| s["total"]["cluster_taken_over"] == 2);
-    assert_eq!(found(&a, "roaming-p"), 404);
-    assert_eq!(found(&a, "roaming"), 404);
-    assert_eq!(found(&b, "roaming"), 200);
+    on_b.subscribe("orphan/#", QoS::AtLeastOnce);
+    let mut publisher = Mqtt::connect(b.port, "orphan-pub");
+    publisher.publish_acked("orphan/x", false, b"x");
+    assert_eq!(&on_b.expect_publish().payload[..], b"x");
+}
+
+#[test]
+fn racing_connects_of_one_client_id_on_two_nodes_leave_one_owner() {
+    let Some(nats) = Nats::start("cluster race") else {
+        return;
+    };
+    let (a, b) = (nats.node("a"), nats.node("b"));
+    for round in 0..5 {
+        let id = format!("racer-{round}");
+        let connect = ConnectBuilder::new(&id).clean_session(false);
+        let (ca, cb) = (connect.clone(), connect.clone());
+        let (pa, pb) = (a.port, b.port);
+        let on_a = std::thread::spawn(move || Raw::send_connect(pa, &ca));
+        let on_b = std::thread::spawn(move || Raw::send_connect(pb, &cb));
+        let mut clients = [on_a.join().unwrap(), on_b.join().unwrap()];
+        // Each either keeps its connection or is closed (with or without
+        // a CONNACK first); within the timeout exactly one is left.
+        let mut open = [true, true];
+        let mut acked = [false, false];
+        let deadline = Instant::now() + TIMEOUT;
+        while open.iter().filter(|o| **o).count() > 1
+            || !open.iter().zip(&acked).any(|(o, a)| *o && *a)
+        {
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: open {open:?}, acknowledged {acked:?}"
+            );
+            for (i, c) in clients.iter_mut().enumerate() {
+                if !open[i] {
+                    continue;
+                }
+                match c.read_packet(Duration::from_millis(50)) {
+                    Err(_) => open[i] = false,
+                    Ok(Some(p)) => {
+                        // Session Present 0, or 1 when it took over the
+                        // other's just-made session.
+                        let b = p.bytes();
+                        assert!(
+                            b == [0x20, 2, 0, 0] || b == [0x20, 2, 1, 0],
+                            "round {round}: {b:?}"
+                        );
+                        acked[i] = true;
+                    }
+                    Ok(None) => {}
+                }
+            }
+        }
+        let winner = open
+            .iter()
+            .position(|o| *o)
+            .unwrap_or_else(|| panic!("round {round}: none left"));
+        let [ca, cb] = clients;
+        let (mut alive, nodes) = if winner == 0 {
+            (ca, [&a, &b])
+        } else {
+            (cb, [&b, &a])
+        };
+        alive.ping();
+        assert_eq!(
+            client_on(nodes[0], &id).unwrap()["connected"],
+            true,
+            "round {round}"
+        );
+        assert!(
+            client_on(nodes[1], &id).is_none(),
+            "round {round}: one owner"
+        );
+    }
 }
 
 #[test]
