@@ -28,7 +28,7 @@ use futures_lite::StreamExt;
 use log::{debug, info, warn};
 use tokio::task::JoinHandle;
 
-use crate::cluster::link::{ClusterStatus, Control, ToShard};
+use crate::cluster::link::{ClusterStatus, Control, Interest, ToShard};
 use crate::cluster::{ClusterError, headers, ownership, retained, subject};
 use crate::config::cluster::{ClusterConfig, NatsAuth, PartitionMode};
 use crate::protocol::message::Message;
@@ -363,19 +363,17 @@ async fn publish_loop(
     }
 }
 
-/// Applies every interest change, and starts every claim and release of a
-/// client id (each claim in a task of its own: one slow owner must not hold
-/// up the others).
+/// Hands every interest change, in order, to [`apply_interest`], and starts
+/// every claim of a client id at once, in a task of its own (a claim must
+/// not wait behind subscriptions that wait for a NATS server that is down,
+/// nor behind a slow owner's answer); releases are applied at once.
 async fn interest_loop(bridge: Shared, changes: async_channel::Receiver<Control>) {
+    let (interest, in_order) = async_channel::unbounded();
+    tokio::task::spawn_local(apply_interest(bridge.clone(), in_order));
     while let Ok(change) = changes.recv().await {
         match change {
             Control::Interest(change) => {
-                if change.add {
-                    add_interest(&bridge, change.shard, change.filter).await;
-                } else {
-                    remove_interest(&bridge, change.shard, &change.filter);
-                }
-                refresh_view(&bridge);
+                let _ = interest.send(change).await;
             }
             Control::Claim(request) => {
                 tokio::task::spawn_local(ownership::claim(bridge.clone(), request));
@@ -386,6 +384,18 @@ async fn interest_loop(bridge: Shared, changes: async_channel::Receiver<Control>
                 token,
             } => ownership::released(&bridge, client_id, shard, token),
         }
+    }
+}
+
+/// Applies the interest changes one after the other.
+async fn apply_interest(bridge: Shared, changes: async_channel::Receiver<Interest>) {
+    while let Ok(change) = changes.recv().await {
+        if change.add {
+            add_interest(&bridge, change.shard, change.filter).await;
+        } else {
+            remove_interest(&bridge, change.shard, &change.filter);
+        }
+        refresh_view(&bridge);
     }
 }
 

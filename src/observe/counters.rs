@@ -351,7 +351,7 @@ counter_table! {
             help "Messages from other nodes routed on this node (each once per shard with a subscriber)";
         cluster_taken_over: Counter Sum,
             prometheus Some("cluster_taken_over"), per_shard None, sys None,
-            help "Sessions ended here because another node took their client id over (their state sent to it)";
+            help "Take-over requests from other nodes served: each ends this node's session of the client id, if any, and sends its state";
         cluster_link_up: Gauge Max,
             prometheus Some("cluster_link_up"), per_shard None, sys None,
             help "1 while the NATS connection is up (every shard copies the bridge's figures)";

@@ -163,10 +163,14 @@ pub async fn claim(
         Some(link) => link.claim(&client_id, clean_session, token),
         None => return Err(RegistryError::ClusterUnavailable),
     };
-    let answer = glommio::timer::timeout(CLAIM_TIMEOUT, async { Ok(answered.recv().await.ok()) })
-        .await
-        .ok()
-        .flatten();
+    let answer =
+        match glommio::timer::timeout(CLAIM_TIMEOUT, async { Ok(answered.recv().await) }).await {
+            Ok(Ok(answer)) => Some(answer),
+            // The bridge thread is gone (it could not start): the node serves
+            // its local clients only, as with the link down.
+            Ok(Err(_)) => Some(ClaimAnswer::Granted(None)),
+            Err(_) => None,
+        };
     let mut shard = ctx.shard.borrow_mut();
     let local = match take_outcome(&mut shard, token) {
         Outcome::Granted(state) => state,

@@ -740,6 +740,35 @@ fn racing_connects_of_one_client_id_on_two_nodes_leave_one_owner() {
 }
 
 #[test]
+fn while_nats_is_down_a_serving_node_grants_connects_and_a_fenced_one_refuses_them() {
+    let Some(mut nats) = Nats::start("cluster partition") else {
+        return;
+    };
+    let serving = nats.node("serving");
+    let fenced = Broker::builder()
+        .config(&format!(
+            "{}partition_mode = \"fence\"\n",
+            nats.config("fenced")
+        ))
+        .start();
+    fenced
+        .wait_log(|l| l.contains("cluster: connected to NATS"), TIMEOUT)
+        .expect("fenced node connects");
+    // Both grant while the link is up.
+    Raw::connect(fenced.port, "before").ping();
+    nats.stop();
+    wait_link(&serving, "down");
+    wait_link(&fenced, "down");
+    let mut granted = Raw::connect(serving.port, "cut-off");
+    granted.ping();
+    wait_stats(&serving, |s| s["total"]["cluster_unregistered"] == 1);
+    let (refused, connack) = Raw::connect_with(fenced.port, &ConnectBuilder::new("cut-off"));
+    assert_eq!(connack, [0x20, 2, 0, 3], "0x03 Server unavailable");
+    refused.expect_closed();
+    wait_stats(&fenced, |s| s["total"]["cluster_claims_unavailable"] == 1);
+}
+
+#[test]
 fn the_acl_read_rules_hold_for_messages_from_other_nodes() {
     let Some(nats) = Nats::start("cluster acl") else {
         return;
