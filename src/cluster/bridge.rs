@@ -32,7 +32,9 @@ use crate::cluster::link::{ClusterStatus, Control, Interest, ToShard};
 use crate::cluster::{ClusterError, headers, ownership, retained, subject};
 use crate::config::cluster::{ClusterConfig, NatsAuth, PartitionMode};
 use crate::protocol::message::Message;
+use crate::protocol::topic;
 use crate::protocol::v3::QoS;
+use crate::router::shared;
 
 /// How often the node says it is alive, and how often the bridge checks
 /// the shutdown flag.
@@ -77,12 +79,19 @@ struct Held {
     subjects: Vec<String>,
     /// Whether the filter also needs the escaped subject.
     escaped: bool,
+    /// For a shared subscription: the shard that gets the next message
+    /// NATS gave this node (round robin over `shards`).
+    turn: usize,
 }
 
 /// The bridge's tables, shared by its tasks (one thread: `Rc<RefCell>`).
 pub(super) struct Bridge {
     /// The NATS client (data connection, no echo).
     pub(super) client: Client,
+    /// The queue connection (echo on): the queue subscriptions of shared
+    /// subscriptions only, since this node's own publishes must reach its
+    /// own members through the queue group (design §7).
+    queue_client: Client,
     /// Subject root.
     pub(super) root: String,
     /// This node's name.
@@ -145,17 +154,29 @@ pub fn run(setup: BridgeSetup) -> Result<(), ClusterError> {
 async fn options(
     config: &ClusterConfig,
     status: &Arc<ClusterStatus>,
+    queue: bool,
 ) -> Result<ConnectOptions, ClusterError> {
     let events = status.clone();
     let mut options = ConnectOptions::new()
-        .name(format!("fanmq {}", config.node_name))
-        .no_echo()
         .retry_on_initial_connect()
-        .client_capacity(CLIENT_CAPACITY)
-        .event_callback(move |event| {
-            let status = events.clone();
-            async move { on_event(&status, event) }
-        });
+        .client_capacity(CLIENT_CAPACITY);
+    options = if queue {
+        // Its link state is the data connection's to the same servers;
+        // only its errors are logged.
+        options
+            .name(format!("fanmq {} queue", config.node_name))
+            .event_callback(|event| async move {
+                debug!("cluster: NATS queue connection: {event}");
+            })
+    } else {
+        options
+            .name(format!("fanmq {}", config.node_name))
+            .no_echo()
+            .event_callback(move |event| {
+                let status = events.clone();
+                async move { on_event(&status, event) }
+            })
+    };
     options = match &config.auth {
         NatsAuth::None => options,
         NatsAuth::Token(token) => options.token(token.clone()),
@@ -246,7 +267,12 @@ async fn serve(setup: BridgeSetup) -> Result<(), ClusterError> {
                 .map_err(|e| ClusterError::Url(u.clone(), e.to_string()))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let client = options(&config, &status)
+    let client = options(&config, &status, false)
+        .await?
+        .connect(addrs.clone())
+        .await
+        .map_err(|e| ClusterError::Connect(e.to_string()))?;
+    let queue_client = options(&config, &status, true)
         .await?
         .connect(addrs)
         .await
@@ -258,6 +284,7 @@ async fn serve(setup: BridgeSetup) -> Result<(), ClusterError> {
     );
     let bridge: Shared = Rc::new(RefCell::new(Bridge {
         client: client.clone(),
+        queue_client: queue_client.clone(),
         root: config.name.clone(),
         node: config.node_name.clone(),
         incarnation: format!("{:016x}", fastrand::u64(..)),
@@ -420,19 +447,54 @@ async fn add_interest(bridge: &Shared, shard: usize, filter: ByteString) {
         return;
     }
     let root = bridge.borrow().root.clone();
-    let (subjects, escaped) = subject::filter_subjects(&root, &filter);
-    let mut readers = Vec::with_capacity(subjects.len());
-    let client = bridge.borrow().client.clone();
-    for s in &subjects {
-        match client.subscribe(s.clone()).await {
-            Ok(sub) => readers.push(tokio::task::spawn_local(read_subscription(
-                bridge.clone(),
-                Some(filter.clone()),
-                sub,
-            ))),
-            Err(e) => warn!("cluster: cannot subscribe to {s}: {e}"),
+    let share = match shared::parse(&filter) {
+        shared::Parsed::Shared {
+            name,
+            filter: inner,
+        } => Some((name, inner)),
+        _ => None,
+    };
+    let (subjects, escaped, readers, client) = match share {
+        Some((group, inner)) => {
+            // A queue subscription per subject, the escaped one included
+            // (a message NATS gives this node there is matched here).
+            let (mut subjects, escaped) = subject::filter_subjects(&root, inner);
+            if escaped {
+                subjects.push(subject::escaped_subject(&root));
+            }
+            let queue = subject::queue_group(&root, group, inner);
+            let client = bridge.borrow().queue_client.clone();
+            let mut readers = Vec::with_capacity(subjects.len());
+            for s in &subjects {
+                match client.queue_subscribe(s.clone(), queue.clone()).await {
+                    Ok(sub) => readers.push(tokio::task::spawn_local(read_queue_subscription(
+                        bridge.clone(),
+                        filter.clone(),
+                        ByteString::from(inner),
+                        sub,
+                    ))),
+                    Err(e) => warn!("cluster: cannot subscribe to {s} in queue {queue}: {e}"),
+                }
+            }
+            (subjects, false, readers, client)
         }
-    }
+        None => {
+            let (subjects, escaped) = subject::filter_subjects(&root, &filter);
+            let client = bridge.borrow().client.clone();
+            let mut readers = Vec::with_capacity(subjects.len());
+            for s in &subjects {
+                match client.subscribe(s.clone()).await {
+                    Ok(sub) => readers.push(tokio::task::spawn_local(read_subscription(
+                        bridge.clone(),
+                        Some(filter.clone()),
+                        sub,
+                    ))),
+                    Err(e) => warn!("cluster: cannot subscribe to {s}: {e}"),
+                }
+            }
+            (subjects, escaped, readers, client)
+        }
+    };
     {
         let mut b = bridge.borrow_mut();
         b.status
@@ -449,6 +511,7 @@ async fn add_interest(bridge: &Shared, shard: usize, filter: ByteString) {
                 readers,
                 subjects,
                 escaped,
+                turn: 0,
             },
         );
     }
@@ -559,6 +622,42 @@ fn refresh_view(bridge: &Shared) {
     }
 }
 
+/// The next batch of one NATS subscription: what is there already after
+/// the first message, decoded, at most [`DELIVER_BATCH`]; None when the
+/// subscription ended. Messages that are no fanmq message are dropped and
+/// counted.
+async fn next_batch(bridge: &Shared, sub: &mut async_nats::Subscriber) -> Option<Vec<Message>> {
+    let first = sub.next().await?;
+    let root = bridge.borrow().root.clone();
+    let now = Instant::now();
+    let mut batch = Vec::with_capacity(8);
+    let mut next = Some(first);
+    while let Some(msg) = next.take() {
+        match headers::decode(
+            &root,
+            msg.subject.as_str(),
+            msg.headers.as_ref(),
+            msg.payload,
+            now,
+        ) {
+            Ok(message) => batch.push(message),
+            Err(e) => {
+                debug!("cluster: dropped a message on {}: {e}", msg.subject);
+                bridge
+                    .borrow()
+                    .status
+                    .figures
+                    .cluster_received_invalid
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        if batch.len() < DELIVER_BATCH {
+            next = futures_lite::future::poll_once(sub.next()).await.flatten();
+        }
+    }
+    Some(batch)
+}
+
 /// Reads one NATS subscription and hands its messages to the shards with
 /// a subscriber of `filter` (`None`: the escaped subject, every shard with
 /// a filter that needs it), in batches of what is already there.
@@ -567,37 +666,11 @@ async fn read_subscription(
     filter: Option<ByteString>,
     mut sub: async_nats::Subscriber,
 ) {
-    let root = bridge.borrow().root.clone();
-    while let Some(first) = sub.next().await {
-        let now = Instant::now();
-        let mut batch = Vec::with_capacity(8);
-        let mut next = Some(first);
-        while let Some(msg) = next.take() {
-            match headers::decode(
-                &root,
-                msg.subject.as_str(),
-                msg.headers.as_ref(),
-                msg.payload,
-                now,
-            ) {
-                Ok(message) => batch.push((filter.clone(), message)),
-                Err(e) => {
-                    debug!("cluster: dropped a message on {}: {e}", msg.subject);
-                    bridge
-                        .borrow()
-                        .status
-                        .figures
-                        .cluster_received_invalid
-                        .fetch_add(1, Ordering::Relaxed);
-                }
-            }
-            if batch.len() < DELIVER_BATCH {
-                next = futures_lite::future::poll_once(sub.next()).await.flatten();
-            }
-        }
+    while let Some(batch) = next_batch(&bridge, &mut sub).await {
         if batch.is_empty() {
             continue;
         }
+        let batch: Vec<_> = batch.into_iter().map(|m| (filter.clone(), m)).collect();
         let b = bridge.borrow();
         let shards: Vec<usize> = match &filter {
             Some(f) => b
@@ -611,20 +684,61 @@ async fn read_subscription(
             continue;
         };
         for &shard in rest {
-            deliver(&b, shard, batch.clone());
+            deliver(&b, shard, ToShard::Deliver(batch.clone()));
         }
-        deliver(&b, last, batch);
+        deliver(&b, last, ToShard::Deliver(batch));
+    }
+}
+
+/// Reads one queue subscription of the shared subscription `share` (whose
+/// Topic Filter is `filter`): NATS gave each message to this node alone,
+/// so each goes to one shard with a member, in turn, which picks one of
+/// its members.
+async fn read_queue_subscription(
+    bridge: Shared,
+    share: ByteString,
+    filter: ByteString,
+    mut sub: async_nats::Subscriber,
+) {
+    while let Some(batch) = next_batch(&bridge, &mut sub).await {
+        let mut b = bridge.borrow_mut();
+        let Some(held) = b.filters.get_mut(&share) else {
+            continue;
+        };
+        let shards: Vec<usize> = held.shards.iter().copied().collect();
+        let mut per_shard: HashMap<usize, Vec<(ByteString, Message)>> = HashMap::new();
+        for message in batch {
+            // The escaped subject carries every unmappable topic.
+            if !topic::filter_matches(&filter, &message.topic) {
+                continue;
+            }
+            let Some(&shard) = shards.get(held.turn % shards.len().max(1)) else {
+                continue;
+            };
+            held.turn = held.turn.wrapping_add(1);
+            per_shard
+                .entry(shard)
+                .or_default()
+                .push((share.clone(), message));
+        }
+        for (shard, batch) in per_shard {
+            deliver(&b, shard, ToShard::DeliverShared(batch));
+        }
     }
 }
 
 /// Hands a batch to one shard without waiting: a full queue drops it for
 /// that shard only.
-fn deliver(b: &Bridge, shard: usize, batch: Vec<(Option<ByteString>, Message)>) {
+fn deliver(b: &Bridge, shard: usize, batch: ToShard) {
     let Some(queue) = b.to_shards.get(shard) else {
         return;
     };
-    let n = batch.len() as u64;
-    if queue.try_send(ToShard::Deliver(batch)).is_err() {
+    let n = match &batch {
+        ToShard::Deliver(batch) => batch.len(),
+        ToShard::DeliverShared(batch) => batch.len(),
+        _ => 1,
+    } as u64;
+    if queue.try_send(batch).is_err() {
         b.status
             .figures
             .cluster_deliver_dropped

@@ -88,6 +88,9 @@ pub enum ToShard {
     /// full). The shard delivers each only to that filter's subscribers,
     /// once per session (docs/design/cluster.md §6).
     Deliver(Vec<(Option<ByteString>, Message)>),
+    /// Messages NATS gave this node for a shared subscription (the whole
+    /// `$share/...` filter), each to one member of the group on the shard.
+    DeliverShared(Vec<(ByteString, Message)>),
     /// A retained message (empty payload: a delete) from the cluster's
     /// bucket, stamped with its revision: applied to the shard's replica,
     /// never delivered.
@@ -130,6 +133,8 @@ pub struct ClusterLink {
     counts: AHashMap<ByteString, u32>,
     /// This shard's index.
     shard: usize,
+    /// Turn among this shard's members of a group, for messages from NATS.
+    pub share_turn: usize,
 }
 
 impl ClusterLink {
@@ -141,6 +146,7 @@ impl ClusterLink {
             stall,
             counts: AHashMap::new(),
             shard,
+            share_turn: 0,
         }
     }
 

@@ -21,6 +21,7 @@ use crate::protocol::message::{Encoded, Message};
 use crate::protocol::topic;
 use crate::protocol::v3::QoS;
 use crate::router::SharedFilter;
+use crate::router::shared::SharedDelivery;
 use crate::session::{Session, SessionState};
 use crate::shard::persist::{set_stored_options, stored_subscriptions};
 use crate::shard::{Ctx, Shard, offer, read_allowed, registry};
@@ -72,6 +73,11 @@ pub async fn receive_from_bridge(ctx: Ctx, from_bridge: async_channel::Receiver<
                         shard.route_from_cluster(filter.as_deref(), message);
                     }
                     shard.flush_dirty();
+                    None
+                }
+                ToShard::DeliverShared(batch) => {
+                    shard.stats.cluster_received += batch.len() as u64;
+                    shard.deliver_shared_from_cluster(batch);
                     None
                 }
                 ToShard::Retained(message) => {
@@ -268,6 +274,52 @@ pub fn decode_image(mut bytes: &[u8]) -> Result<SessionState, ImageError> {
 }
 
 impl Shard {
+    /// Whether shared subscriptions are served through NATS's queue groups
+    /// (the cluster link is up) rather than by the publishing shard: a
+    /// node's own publishes then come back to it only if NATS picks it.
+    /// `$SYS` topics stay on their node, so their groups are served here.
+    pub(super) fn shares_through_cluster(&self, topic: &str) -> bool {
+        self.cluster.as_ref().is_some_and(|c| c.status.link_up())
+            && !(topic == "$SYS" || topic.starts_with("$SYS/"))
+    }
+
+    /// Messages NATS gave this node for shared subscriptions, which the
+    /// bridge sent this shard: each to one of this shard's members of its
+    /// group, in turn (one that cannot take it is passed over for another
+    /// here, as for a message from another shard).
+    pub fn deliver_shared_from_cluster(&mut self, batch: Vec<(ByteString, Message)>) {
+        let mut deliveries = Vec::with_capacity(batch.len());
+        for (share, message) in batch {
+            let here: Vec<u32> = self
+                .shared
+                .group(&share)
+                .map(|g| {
+                    g.members
+                        .iter()
+                        .filter(|m| m.shard == self.id)
+                        .map(|m| m.key)
+                        .collect()
+                })
+                .unwrap_or_default();
+            let turn = self.cluster.as_mut().map_or(0, |c| {
+                c.share_turn = c.share_turn.wrapping_add(1);
+                c.share_turn
+            });
+            // None here (the last member just left): `deliver_shared`
+            // counts it dropped.
+            let key = here
+                .get(turn % here.len().max(1))
+                .copied()
+                .unwrap_or(u32::MAX);
+            deliveries.push(SharedDelivery {
+                message,
+                share,
+                key,
+            });
+        }
+        self.deliver_shared(deliveries);
+    }
+
     /// Delivers a message from another node to this shard's subscribers of
     /// `filter` (`None`: every matching subscriber); never stored as
     /// retained (the bucket's watch does that) and never handed on.

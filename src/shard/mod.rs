@@ -486,7 +486,7 @@ impl Shard {
             message.retain_stamp = self.retained.stamp(self.id);
         }
         self.route_from(&message, origin);
-        if !self.shared.is_empty() {
+        if !self.shared.is_empty() && !self.shares_through_cluster(&message.topic) {
             self.route_shared(&message, origin);
         }
         if self.nr_shards > 1 || self.cluster.is_some() {
@@ -742,6 +742,9 @@ impl Shard {
                 }
             }
             for (share, qos) in shares {
+                if let Some(link) = &mut self.cluster {
+                    link.subscribed(&share);
+                }
                 self.shared_join(key, share, qos);
             }
         }
@@ -757,6 +760,9 @@ impl Shard {
         for (filter, _) in &session.state.subscriptions {
             if share::is_shared(filter) {
                 self.shared_leave(key, filter);
+                if let Some(link) = &mut self.cluster {
+                    link.unsubscribed(filter);
+                }
             } else if self.router.unsubscribe(filter, key)
                 && let Some(link) = &mut self.cluster
             {

@@ -769,6 +769,84 @@ fn while_nats_is_down_a_serving_node_grants_connects_and_a_fenced_one_refuses_th
 }
 
 #[test]
+fn a_shared_subscription_gives_each_message_to_one_member_across_nodes() {
+    let Some(nats) = Nats::start("cluster shared") else {
+        return;
+    };
+    let (a, b) = (nats.node("a"), nats.node("b"));
+    // Members on both nodes, one group; a second group with one member on
+    // B gets every message.
+    let mut members: Vec<Mqtt> = [(a.port, "sh-a1"), (b.port, "sh-b1"), (b.port, "sh-b2")]
+        .iter()
+        .map(|&(port, id)| {
+            let mut m = Mqtt::connect(port, id);
+            m.subscribe("$share/g/sh/#", QoS::AtLeastOnce);
+            m
+        })
+        .collect();
+    let mut other = Mqtt::connect(b.port, "sh-other");
+    other.subscribe("$share/h/sh/#", QoS::AtLeastOnce);
+    // One queue subscription per node and subject, whatever the members.
+    nats.wait_subscriptions("fanmq.t.sh.>", 3);
+    let publisher_a = Mqtt::connect(a.port, "sh-pub-a");
+    let publisher_b = Mqtt::connect(b.port, "sh-pub-b");
+    for i in 0..100 {
+        let publisher = if i % 2 == 0 {
+            &publisher_a
+        } else {
+            &publisher_b
+        };
+        publisher.publish("sh/n", QoS::AtLeastOnce, false, i.to_string().as_bytes());
+    }
+    // Until all 100 arrived (bounded), then nothing more.
+    let mut got: Vec<Vec<u32>> = vec![Vec::new(); members.len()];
+    let deadline = Instant::now() + TIMEOUT;
+    while got.iter().map(Vec::len).sum::<usize>() < 100 {
+        assert!(Instant::now() < deadline, "only {got:?}");
+        for (m, mine) in members.iter_mut().zip(got.iter_mut()) {
+            while let Some(p) = m.recv_publish(Duration::from_millis(20)) {
+                mine.push(
+                    String::from_utf8_lossy(&p.payload)
+                        .parse::<u32>()
+                        .expect("a number"),
+                );
+            }
+        }
+    }
+    for m in &mut members {
+        assert!(
+            m.recv_publish(Duration::from_millis(300)).is_none(),
+            "nothing twice"
+        );
+    }
+    let mut all: Vec<u32> = got.concat();
+    all.sort_unstable();
+    assert_eq!(
+        all,
+        (0..100).collect::<Vec<u32>>(),
+        "each message to one member of g"
+    );
+    assert!(
+        !got[0].is_empty() && got[1].len() + got[2].len() > 0,
+        "members on both nodes served: {got:?}"
+    );
+    let mut h: Vec<u32> = (0..100)
+        .map(|_| {
+            String::from_utf8_lossy(&other.expect_publish().payload)
+                .parse()
+                .expect("a number")
+        })
+        .collect();
+    h.sort_unstable();
+    assert_eq!(
+        h,
+        (0..100).collect::<Vec<u32>>(),
+        "group h: all of them, once"
+    );
+    assert!(other.recv_publish(Duration::from_millis(300)).is_none());
+}
+
+#[test]
 fn the_acl_read_rules_hold_for_messages_from_other_nodes() {
     let Some(nats) = Nats::start("cluster acl") else {
         return;
