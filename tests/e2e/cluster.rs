@@ -671,6 +671,46 @@ fn a_killed_nodes_client_gets_a_fresh_session_on_another_node() {
 }
 
 #[test]
+fn an_owner_that_does_not_answer_gets_0x03_until_its_lease_runs_out() {
+    let Some(nats) = Nats::start("cluster silent owner") else {
+        return;
+    };
+    let a = nats.node("a");
+    // B waits longer for a silent node than a CONNECT may wait; C does not.
+    let with_ttl = |name: &str, ttl: u32| {
+        let node = Broker::builder()
+            .config(&format!("{}node_ttl_ms = {ttl}\n", nats.config(name)))
+            .start();
+        node.wait_log(|l| l.contains("cluster: connected to NATS"), TIMEOUT)
+            .expect("node connects");
+        node
+    };
+    let (b, c) = (with_ttl("b", 60_000), with_ttl("c", 4_000));
+    let (mut held, _) =
+        Raw::connect_with(a.port, &ConnectBuilder::new("stuck").clean_session(false));
+    held.ping();
+    wait_cluster(&b, |v| v["nodes"].get("a").is_some());
+    wait_cluster(&c, |v| v["nodes"].get("a").is_some());
+    // A stops (SIGSTOP): its NATS connection stays, nothing answers on it.
+    a.signal(libc::SIGSTOP);
+    let (refused, connack) =
+        Raw::connect_with(b.port, &ConnectBuilder::new("stuck").clean_session(false));
+    assert_eq!(
+        connack,
+        [0x20, 2, 0, 3],
+        "0x03 Server unavailable while A may be alive"
+    );
+    refused.expect_closed();
+    wait_stats(&b, |s| s["total"]["cluster_claims_unavailable"] == 1);
+    // C takes A for dead once it has not heard it for 4 s: granted fresh.
+    let (mut granted, connack) =
+        Raw::connect_with(c.port, &ConnectBuilder::new("stuck").clean_session(false));
+    assert_eq!(connack, [0x20, 2, 0, 0], "a fresh session on C");
+    granted.ping();
+    a.signal(libc::SIGCONT);
+}
+
+#[test]
 fn racing_connects_of_one_client_id_on_two_nodes_leave_one_owner() {
     let Some(nats) = Nats::start("cluster race") else {
         return;
