@@ -411,7 +411,11 @@ async fn hand_over(bridge: Shared, request: TakeoverRequest, reply: async_nats::
         // No longer this node's: its end here must not delete the record.
         b.owned.remove(&client_id);
         let n = b.to_shards.len().max(1);
-        let shard = retained::key(&client_id).bytes().next().map_or(0, usize::from) % n;
+        let shard = retained::key(&client_id)
+            .bytes()
+            .next()
+            .map_or(0, usize::from)
+            % n;
         (b.client.clone(), b.to_shards.get(shard).cloned())
     };
     let (answer, answered) = async_channel::bounded(1);

@@ -148,8 +148,17 @@ impl Nats {
 
     /// [`Nats::node`] with more top-level settings (TOML lines).
     fn node_with(&self, name: &str, settings: &str) -> Broker {
-        let config = format!("{settings}\n{}", self.config(name));
-        let node = Broker::builder().config(&config).start();
+        self.node_configured(&format!("{settings}\n{}", self.config(name)), name)
+    }
+
+    /// [`Nats::node`] with more `[cluster]` settings (TOML lines).
+    fn node_cluster(&self, name: &str, cluster: &str) -> Broker {
+        self.node_configured(&format!("{}{cluster}\n", self.config(name)), name)
+    }
+
+    /// A node of 2 shards with the whole configuration `config`.
+    fn node_configured(&self, config: &str, name: &str) -> Broker {
+        let node = Broker::builder().config(config).start();
         node.wait_log(|l| l.contains("cluster: connected to NATS"), TIMEOUT)
             .unwrap_or_else(|| panic!("node {name} did not connect:\n{}", node.log_text()));
         node
@@ -552,6 +561,12 @@ fn wait_client(node: &Broker, id: &str, done: impl Fn(Option<&Value>) -> bool) -
     }
 }
 
+/// A persistent-session (CleanSession 0) raw client of `port` and its
+/// CONNACK.
+fn raw_persistent(port: u16, id: &str) -> (Raw, Vec<u8>) {
+    Raw::connect_with(port, &ConnectBuilder::new(id).clean_session(false))
+}
+
 /// A persistent-session (CleanSession 0) rumqttc client of `port`.
 fn persistent(port: u16, id: &str) -> (Mqtt, rumqttc::ConnAck) {
     let mut options = Mqtt::options(port, id);
@@ -634,8 +649,7 @@ fn a_live_take_over_across_nodes_closes_the_old_connection() {
     // A clean session ends on B: back on A there is nothing to take over.
     second.close();
     wait_client(&b, "roaming", |c| c.is_none());
-    let (mut again, connack) =
-        Raw::connect_with(a.port, &ConnectBuilder::new("roaming").clean_session(false));
+    let (mut again, connack) = raw_persistent(a.port, "roaming");
     assert_eq!(
         connack,
         [0x20, 2, 0, 0],
@@ -677,24 +691,17 @@ fn an_owner_that_does_not_answer_gets_0x03_until_its_lease_runs_out() {
     };
     let a = nats.node("a");
     // B waits longer for a silent node than a CONNECT may wait; C does not.
-    let with_ttl = |name: &str, ttl: u32| {
-        let node = Broker::builder()
-            .config(&format!("{}node_ttl_ms = {ttl}\n", nats.config(name)))
-            .start();
-        node.wait_log(|l| l.contains("cluster: connected to NATS"), TIMEOUT)
-            .expect("node connects");
-        node
-    };
-    let (b, c) = (with_ttl("b", 60_000), with_ttl("c", 4_000));
-    let (mut held, _) =
-        Raw::connect_with(a.port, &ConnectBuilder::new("stuck").clean_session(false));
+    let (b, c) = (
+        nats.node_cluster("b", "node_ttl_ms = 60000"),
+        nats.node_cluster("c", "node_ttl_ms = 4000"),
+    );
+    let (mut held, _) = raw_persistent(a.port, "stuck");
     held.ping();
     wait_cluster(&b, |v| v["nodes"].get("a").is_some());
     wait_cluster(&c, |v| v["nodes"].get("a").is_some());
     // A stops (SIGSTOP): its NATS connection stays, nothing answers on it.
     a.signal(libc::SIGSTOP);
-    let (refused, connack) =
-        Raw::connect_with(b.port, &ConnectBuilder::new("stuck").clean_session(false));
+    let (refused, connack) = raw_persistent(b.port, "stuck");
     assert_eq!(
         connack,
         [0x20, 2, 0, 3],
@@ -703,8 +710,7 @@ fn an_owner_that_does_not_answer_gets_0x03_until_its_lease_runs_out() {
     refused.expect_closed();
     wait_stats(&b, |s| s["total"]["cluster_claims_unavailable"] == 1);
     // C takes A for dead once it has not heard it for 4 s: granted fresh.
-    let (mut granted, connack) =
-        Raw::connect_with(c.port, &ConnectBuilder::new("stuck").clean_session(false));
+    let (mut granted, connack) = raw_persistent(c.port, "stuck");
     assert_eq!(connack, [0x20, 2, 0, 0], "a fresh session on C");
     granted.ping();
     a.signal(libc::SIGCONT);
@@ -785,15 +791,7 @@ fn while_nats_is_down_a_serving_node_grants_connects_and_a_fenced_one_refuses_th
         return;
     };
     let serving = nats.node("serving");
-    let fenced = Broker::builder()
-        .config(&format!(
-            "{}partition_mode = \"fence\"\n",
-            nats.config("fenced")
-        ))
-        .start();
-    fenced
-        .wait_log(|l| l.contains("cluster: connected to NATS"), TIMEOUT)
-        .expect("fenced node connects");
+    let fenced = nats.node_cluster("fenced", "partition_mode = \"fence\"");
     // Both grant while the link is up.
     Raw::connect(fenced.port, "before").ping();
     nats.stop();
