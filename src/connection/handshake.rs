@@ -338,16 +338,19 @@ pub(super) async fn handshake(
     } else {
         None
     };
-    let wire = match stream {
-        Stream::Tcp(tcp) => Wire::Fresh(tcp),
-        framed => Wire::Framed(framed),
-    };
     let (claim, state) = match registry::claim(ctx, client_id.clone(), clean_start).await {
         Ok(granted) => granted,
         Err(e) => {
-            debug!("{}: client {client_id}: {e}", Peer(wire.socket_fd()));
+            debug!("{}: client {client_id}: {e}", Peer(stream.socket_fd()));
+            if e == registry::RegistryError::ClusterUnavailable {
+                refuse(&mut stream, version, Refusal::ServerUnavailable).await;
+            }
             return None;
         }
+    };
+    let wire = match stream {
+        Stream::Tcp(tcp) => Wire::Fresh(tcp),
+        framed => Wire::Framed(framed),
     };
     let link_fd = match &wire {
         Wire::Framed(stream) => framed_fd(stream.socket_fd()),

@@ -505,7 +505,7 @@ impl Shard {
             message.retain_stamp = self.retained.stamp(self.id);
         }
         self.route_from(&message, origin);
-        if !self.shared.is_empty() {
+        if !self.shared.is_empty() && !self.shares_through_cluster(&message.topic) {
             self.route_shared(&message, origin);
         }
         if self.nr_shards > 1 || self.cluster.is_some() {
@@ -774,16 +774,14 @@ impl Shard {
                 }
             }
             for (share, qos) in shares {
+                if let Some(link) = &mut self.cluster {
+                    link.subscribed(&share);
+                }
                 self.shared_join(key, share, qos);
             }
         }
         self.by_client_id.insert(&self.sessions, key);
         self.journal_session(key);
-        if let (Some(link), Some(session)) = (&self.cluster, self.sessions.get(key as usize))
-            && session.link.is_some()
-        {
-            link.connected(&session.client_id);
-        }
         key
     }
 
@@ -794,6 +792,9 @@ impl Shard {
         for (filter, _) in &session.state.subscriptions {
             if share::is_shared(filter) {
                 self.shared_leave(key, filter);
+                if let Some(link) = &mut self.cluster {
+                    link.unsubscribed(filter);
+                }
             } else if self.router.unsubscribe(filter, key)
                 && let Some(link) = &mut self.cluster
             {

@@ -78,6 +78,45 @@ pub(super) fn note_kept(
     false
 }
 
+/// The subscriptions of `state` with their options, as stored.
+pub(super) fn stored_subscriptions(state: &SessionState) -> Vec<StoredSubscription> {
+    let extras = state
+        .flows
+        .as_deref()
+        .map(|f| f.subscription_options.as_slice())
+        .unwrap_or_default();
+    state
+        .subscriptions
+        .iter()
+        .map(|(filter, qos)| {
+            let extra = extras.iter().find(|e| e.filter == *filter);
+            StoredSubscription {
+                filter: ByteString::from(&**filter),
+                qos: *qos,
+                no_local: extra.is_some_and(|e| e.no_local),
+                retain_as_published: extra.is_some_and(|e| e.retain_as_published),
+                identifier: extra.and_then(|e| e.identifier).map_or(0, NonZeroU32::get),
+            }
+        })
+        .collect()
+}
+
+/// Gives `session`'s subscription `filter` the MQTT 5.0 options `sub` was
+/// stored with.
+pub(super) fn set_stored_options(
+    session: &mut Session,
+    filter: SharedFilter,
+    sub: &StoredSubscription,
+) {
+    let options = SubscriptionOptions {
+        qos: sub.qos,
+        no_local: sub.no_local,
+        retain_as_published: sub.retain_as_published,
+        retain_handling: RetainHandling::SendAtSubscribe,
+    };
+    session.set_subscription_options(filter, &options, NonZeroU32::new(sub.identifier));
+}
+
 impl Shard {
     /// Journals the image of session `key` if it is persistent (and
     /// persistence is on): first a message record for each QoS 1/2 message
@@ -285,27 +324,7 @@ impl Shard {
             let ticks = self.now_ticks().saturating_sub(session.offline_since);
             unix_ms_now().saturating_sub(u64::from(ticks) * 1000 / u64::from(TICKS_PER_SEC))
         };
-        let extras = session
-            .state
-            .flows
-            .as_deref()
-            .map(|f| f.subscription_options.as_slice())
-            .unwrap_or_default();
-        let subscriptions = session
-            .state
-            .subscriptions
-            .iter()
-            .map(|(filter, qos)| {
-                let extra = extras.iter().find(|e| e.filter == *filter);
-                StoredSubscription {
-                    filter: ByteString::from(&**filter),
-                    qos: *qos,
-                    no_local: extra.is_some_and(|e| e.no_local),
-                    retain_as_published: extra.is_some_and(|e| e.retain_as_published),
-                    identifier: extra.and_then(|e| e.identifier).map_or(0, NonZeroU32::get),
-                }
-            })
-            .collect();
+        let subscriptions = stored_subscriptions(&session.state);
         StoredSession {
             stamp: next_stamp(),
             client_id: ByteString::from(&*session.client_id),
@@ -383,13 +402,7 @@ impl Shard {
                 .map(|(f, _)| f.clone())
                 .collect();
             for (sub, filter) in s.subscriptions.iter().zip(filters) {
-                let options = SubscriptionOptions {
-                    qos: sub.qos,
-                    no_local: sub.no_local,
-                    retain_as_published: sub.retain_as_published,
-                    retain_handling: RetainHandling::SendAtSubscribe,
-                };
-                session.set_subscription_options(filter, &options, NonZeroU32::new(sub.identifier));
+                set_stored_options(session, filter, sub);
             }
         }
         (stored.len(), messages)

@@ -151,7 +151,10 @@ impl Shard {
             }
             if let Some(share) = share {
                 // No retained messages for a shared subscription (§4.8.2).
-                session.subscribe(SharedFilter::from(&*share), qos);
+                let new = session.subscribe(SharedFilter::from(&*share), qos);
+                if new && let Some(link) = &mut self.cluster {
+                    link.subscribed(&share);
+                }
                 self.shared_join(key, share, qos);
                 codes.push(ReasonCode::granted(qos));
                 continue;
@@ -248,6 +251,9 @@ impl Shard {
             {
                 if shared::is_shared(filter) {
                     self.shared_leave(key, filter);
+                    if let Some(link) = &mut self.cluster {
+                        link.unsubscribed(filter);
+                    }
                 } else if self.router.unsubscribe(filter, key)
                     && let Some(link) = &mut self.cluster
                 {
