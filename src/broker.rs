@@ -602,6 +602,12 @@ fn load_persisted(
         glommio::spawn_local(journal::commit_loop(journal, shutdown.clone())).detach()
     });
     tasks.extend(commit);
+    glommio::spawn_local(shard::snapshot::snapshot_loop(
+        ctx.shard.clone(),
+        config.persistence_snapshot_log_bytes,
+        shutdown.clone(),
+    ))
+    .detach();
     info!(
         "shard {}: persistence: {} retained messages loaded in {:?}",
         ctx.id,

@@ -17,6 +17,7 @@ pub mod persist;
 pub mod query;
 pub mod registry;
 pub mod shared;
+pub mod snapshot;
 pub mod subscribe;
 pub mod sys;
 #[cfg(test)]

@@ -109,7 +109,7 @@ impl Shard {
     }
 
     /// `session` as stored now, without its queue.
-    fn image_of(&self, session: &Session) -> StoredSession {
+    pub(super) fn image_of(&self, session: &Session) -> StoredSession {
         let offline_since_unix_ms = if session.is_online() {
             0
         } else {

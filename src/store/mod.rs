@@ -19,6 +19,7 @@
 pub mod frame;
 pub mod journal;
 pub mod record;
+pub mod snapshot;
 
 use std::fs::{self, File};
 use std::io::Write;
@@ -217,8 +218,26 @@ pub fn load_log(store: &Path, dir: &Path) -> Result<LoadedLog, StoreError> {
     segments.sort();
     let mut loaded = LoadedLog::default();
     let mut quarantine = Quarantine::new(store);
+    // The newest complete snapshot, then the log from its base on; older
+    // segments are obsolete (removed with the rest by the start-up
+    // compaction).
+    let found = snapshot::newest(dir, &mut quarantine)?;
+    loaded.quarantined += found.quarantined;
+    loaded.segments.extend(found.files);
+    loaded.next_base = found.highest_base + u64::from(found.highest_base > 0);
+    let from = match found.chosen {
+        Some((base, records)) => {
+            loaded.records = records;
+            base
+        }
+        None => 0,
+    };
     let mut damaged = false;
     for (base, path) in segments {
+        if base < from {
+            loaded.segments.push(path);
+            continue;
+        }
         // LSNs only grow: a new segment starts after every one found.
         loaded.next_base = loaded.next_base.max(base + 1);
         if damaged {

@@ -1,0 +1,256 @@
+//! Snapshots while the broker serves (docs/design/persistence.md §5.4,
+//! "What is built"): [`snapshot_loop`] watches this shard's journals and,
+//! when one's log since its last snapshot is past
+//! `persistence_snapshot_log_bytes` (and past the size of its last
+//! snapshot, so that snapshots never cost more than twice the log they
+//! replace), starts a new segment and writes what is live into a snapshot
+//! (`store::snapshot`), then removes the files older than the previous one.
+//!
+//! The walk is fuzzy and never stalls the data path for long: the
+//! persistent sessions are visited [`SESSIONS_PER_CHUNK`] slab slots at a
+//! time with `yield_if_needed` between chunks. Each visited session gets a
+//! fresh image (a new stamp, so the `Queue` records of the new segment that
+//! name its older stamp, already part of the image, are not counted
+//! twice), after a `Message` record for each queued message it is the first
+//! to hold in this snapshot: a message fanned out to many sessions is
+//! written once (found by the identity of its shared payload, topic and
+//! property buffers, which only an identical message can share). What
+//! changes during the walk is in the new segment too; a session that
+//! appears during it writes its own image there. Retained messages (shard
+//! 0): the replica's messages are cloned (reference counts only) in one
+//! step, then written in chunks.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use ahash::AHashMap;
+use log::{info, warn};
+
+use crate::protocol::message::Message;
+use crate::shard::Shard;
+use crate::store::journal::{Journal, Lsn};
+use crate::store::record::{Record, StoredMessage, StoredSession, next_stamp, unix_ms_now};
+use crate::store::snapshot::{SnapshotWriter, remove_before};
+
+/// Slab slots visited between two yields: short enough that a step of the
+/// walk takes well under a millisecond for sessions with small queues.
+pub const SESSIONS_PER_CHUNK: usize = 1024;
+
+/// Retained messages written between two yields.
+pub const RETAINED_PER_CHUNK: usize = 4096;
+
+/// How often the loop compares the logs with the threshold.
+pub const CHECK_PERIOD: Duration = Duration::from_millis(250);
+
+/// Identity of a message's shared buffers: payload, topic, properties.
+type MessageKey = (usize, usize, usize, usize, usize);
+
+/// The buffers `message` shares with its copies in other queues.
+fn identity(message: &Message) -> MessageKey {
+    (
+        message.payload.as_ptr() as usize,
+        message.payload.len(),
+        message.topic.as_ptr() as usize,
+        message.topic.len(),
+        message
+            .properties
+            .as_ref()
+            .map_or(0, |p| Arc::as_ptr(p) as usize),
+    )
+}
+
+/// Which journal a snapshot is of.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Which {
+    /// The shard's persistent sessions.
+    Sessions,
+    /// The retained messages (shard 0).
+    Retained,
+}
+
+/// A journal's snapshot bookkeeping in [`snapshot_loop`].
+struct Tracked {
+    /// The journal.
+    journal: Rc<Journal>,
+    /// What it holds.
+    which: Which,
+    /// Base of the last snapshot written: with the log after it, the
+    /// fallback of the next one.
+    previous: Option<Lsn>,
+    /// Size of the last snapshot.
+    last_size: u64,
+}
+
+impl Shard {
+    /// Appends the images of the persistent sessions in slab slots
+    /// `from..from + count` to `out`, each after the messages it is the
+    /// first in this snapshot to queue (`seen` maps them to their ids).
+    /// Returns the next slot, or `None` past the last.
+    pub fn snapshot_sessions_chunk(
+        &mut self,
+        from: usize,
+        count: usize,
+        seen: &mut AHashMap<MessageKey, u64>,
+        out: &mut SnapshotWriter,
+    ) -> Option<usize> {
+        let end = self.sessions.capacity();
+        if from >= end {
+            return None;
+        }
+        let now = Instant::now();
+        let unix_now = unix_ms_now();
+        let upto = (from + count).min(end);
+        for slot in from..upto {
+            let Some(session) = self.sessions.get(slot) else {
+                continue;
+            };
+            if session.clean_session {
+                continue;
+            }
+            let mut queued = Vec::new();
+            if let Some(flows) = session.state.flows.as_deref() {
+                let messages = flows
+                    .inflight
+                    .iter()
+                    .map(|f| &f.message)
+                    .chain(flows.pending.iter());
+                for message in messages {
+                    let mid = *seen.entry(identity(message)).or_insert_with(|| {
+                        let mid = next_stamp();
+                        out.append(&Record::Message(
+                            mid,
+                            StoredMessage::of(message, now, unix_now),
+                        ));
+                        mid
+                    });
+                    queued.push((mid, message.qos));
+                }
+            }
+            let image = StoredSession {
+                queued,
+                ..self.image_of(session)
+            };
+            let Ok(key) = u32::try_from(slot) else {
+                continue;
+            };
+            self.persist_stamps.insert(key, image.stamp);
+            out.append(&Record::SessionImage(image));
+        }
+        Some(upto)
+    }
+}
+
+/// Writes one snapshot of `journal` (whose log now starts at `base`).
+/// Returns its size.
+async fn write_snapshot(
+    shard: &Rc<RefCell<Shard>>,
+    journal: &Journal,
+    which: Which,
+    base: Lsn,
+) -> std::io::Result<u64> {
+    let (tag, shards) = journal.tags();
+    let mut out = SnapshotWriter::create(journal.dir(), base, tag, shards).await?;
+    let walked = match which {
+        Which::Sessions => {
+            let mut seen = AHashMap::new();
+            let mut slot = 0;
+            loop {
+                let next = shard.borrow_mut().snapshot_sessions_chunk(
+                    slot,
+                    SESSIONS_PER_CHUNK,
+                    &mut seen,
+                    &mut out,
+                );
+                let Some(next) = next else { break Ok(()) };
+                slot = next;
+                if let Err(e) = out.flush_if_full().await {
+                    break Err(e);
+                }
+                glommio::yield_if_needed().await;
+            }
+        }
+        Which::Retained => {
+            let messages: Vec<Message> = shard.borrow().retained.messages().cloned().collect();
+            let mut written = Ok(());
+            for chunk in messages.chunks(RETAINED_PER_CHUNK) {
+                for message in chunk {
+                    if let Some(record @ Record::Retain(..)) = Record::of_retained(message) {
+                        out.append(&record);
+                    }
+                }
+                if let Err(e) = out.flush_if_full().await {
+                    written = Err(e);
+                    break;
+                }
+                glommio::yield_if_needed().await;
+            }
+            written
+        }
+    };
+    match walked {
+        Ok(()) => out.finish().await,
+        Err(e) => {
+            out.abandon().await;
+            Err(e)
+        }
+    }
+}
+
+/// Snapshots this shard's journals while it runs, each when its log since
+/// its last snapshot is past `threshold` bytes (and past the last
+/// snapshot's size), until `stop`.
+pub async fn snapshot_loop(shard: Rc<RefCell<Shard>>, threshold: u64, stop: Arc<AtomicBool>) {
+    let mut tracked: Vec<Tracked> = {
+        let s = shard.borrow();
+        [
+            (s.session_journal.clone(), Which::Sessions),
+            (s.retain_journal.clone(), Which::Retained),
+        ]
+        .into_iter()
+        .filter_map(|(journal, which)| {
+            Some(Tracked {
+                journal: journal?,
+                which,
+                previous: None,
+                last_size: 0,
+            })
+        })
+        .collect()
+    };
+    while !stop.load(Ordering::Relaxed) {
+        glommio::timer::sleep(CHECK_PERIOD).await;
+        for t in &mut tracked {
+            if t.journal.log_bytes_since_snapshot() < threshold.max(t.last_size) {
+                continue;
+            }
+            let started = Instant::now();
+            let base = t.journal.rotate();
+            match write_snapshot(&shard, &t.journal, t.which, base).await {
+                Ok(size) => {
+                    t.journal.snapshot_written(base);
+                    if let Some(previous) = t.previous {
+                        remove_before(t.journal.dir(), previous);
+                    }
+                    t.previous = Some(base);
+                    t.last_size = size;
+                    info!(
+                        "persistence: snapshot {} of {size} bytes written in {:?}",
+                        crate::store::snapshot::snapshot_path(t.journal.dir(), base).display(),
+                        started.elapsed()
+                    );
+                }
+                Err(e) => {
+                    // Tried again once the log grew by another threshold.
+                    t.journal.snapshot_failed(base);
+                    warn!(
+                        "persistence: snapshot of {} failed ({e}); the log is kept",
+                        t.journal.dir().display()
+                    );
+                }
+            }
+        }
+    }
+}
