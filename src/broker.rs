@@ -602,17 +602,13 @@ fn load_persisted(
         glommio::spawn_local(journal::commit_loop(journal, shutdown.clone())).detach()
     });
     tasks.extend(commit);
-    glommio::spawn_local(shard::snapshot::snapshot_loop(
-        ctx.shard.clone(),
-        config.persistence_snapshot_log_bytes,
-        shutdown.clone(),
-    ))
-    .detach();
     info!(
         "shard {}: persistence: {} retained messages loaded in {:?}",
         ctx.id,
         shard.retained.len(),
         started.elapsed()
     );
+    drop(shard);
+    shard::snapshot::spawn_snapshots(&ctx.shard, config.persistence_snapshot_log_bytes, shutdown);
     tasks
 }

@@ -1,6 +1,6 @@
 //! Snapshots while the broker serves (docs/design/persistence.md §5.4,
-//! "What is built"): [`snapshot_loop`] watches this shard's journals and,
-//! when one's log since its last snapshot is past
+//! "What is built"): [`spawn_snapshots`] starts a task per journal of
+//! the shard which, when its log since its last snapshot is past
 //! `persistence_snapshot_log_bytes` (and past the size of its last
 //! snapshot, so that snapshots never cost more than twice the log they
 //! replace), starts a new segment and writes what is live into a snapshot
@@ -33,7 +33,7 @@ use crate::protocol::message::Message;
 use crate::shard::Shard;
 use crate::store::journal::{Journal, Lsn};
 use crate::store::record::{Record, StoredMessage, StoredSession, next_stamp, unix_ms_now};
-use crate::store::snapshot::{SnapshotWriter, remove_before};
+use crate::store::snapshot::{SnapshotWriter, remove_before, snapshot_path};
 
 /// Slab slots visited between two yields: short enough that a step of the
 /// walk takes well under a millisecond for sessions with small queues.
@@ -42,8 +42,8 @@ pub const SESSIONS_PER_CHUNK: usize = 1024;
 /// Retained messages written between two yields.
 pub const RETAINED_PER_CHUNK: usize = 4096;
 
-/// How often the loop compares the logs with the threshold.
-pub const CHECK_PERIOD: Duration = Duration::from_millis(250);
+/// How often a snapshot task waiting for its log checks for shutdown.
+pub const STOP_POLL: Duration = Duration::from_millis(250);
 
 /// Identity of a message's shared buffers: payload, topic, properties.
 type MessageKey = (usize, usize, usize, usize, usize);
@@ -69,19 +69,6 @@ enum Which {
     Sessions,
     /// The retained messages (shard 0).
     Retained,
-}
-
-/// A journal's snapshot bookkeeping in [`snapshot_loop`].
-struct Tracked {
-    /// The journal.
-    journal: Rc<Journal>,
-    /// What it holds.
-    which: Which,
-    /// Base of the last snapshot written: with the log after it, the
-    /// fallback of the next one.
-    previous: Option<Lsn>,
-    /// Size of the last snapshot.
-    last_size: u64,
 }
 
 impl Shard {
@@ -199,58 +186,156 @@ async fn write_snapshot(
     }
 }
 
-/// Snapshots this shard's journals while it runs, each when its log since
+/// Snapshots `journal` of this shard while it runs, whenever its log since
 /// its last snapshot is past `threshold` bytes (and past the last
 /// snapshot's size), until `stop`.
-pub async fn snapshot_loop(shard: Rc<RefCell<Shard>>, threshold: u64, stop: Arc<AtomicBool>) {
-    let mut tracked: Vec<Tracked> = {
+async fn snapshot_journal(
+    shard: Rc<RefCell<Shard>>,
+    journal: Rc<Journal>,
+    which: Which,
+    threshold: u64,
+    stop: Arc<AtomicBool>,
+) {
+    // Base of the last snapshot written: with the log after it, the
+    // fallback of the next one.
+    let mut previous: Option<Lsn> = None;
+    let mut last_size = 0;
+    while !stop.load(Ordering::Relaxed) {
+        let due = glommio::timer::timeout(STOP_POLL, async {
+            journal.wait_log_bytes(threshold.max(last_size)).await;
+            Ok(())
+        })
+        .await;
+        if due.is_err() {
+            continue;
+        }
+        let started = Instant::now();
+        let base = journal.rotate();
+        match write_snapshot(&shard, &journal, which, base).await {
+            Ok(size) => {
+                journal.snapshot_written(base);
+                if let Some(previous) = previous {
+                    remove_before(journal.dir(), previous);
+                }
+                previous = Some(base);
+                last_size = size;
+                info!(
+                    "persistence: snapshot {} of {size} bytes written in {:?}",
+                    snapshot_path(journal.dir(), base).display(),
+                    started.elapsed()
+                );
+            }
+            Err(e) => {
+                // Tried again once the log grew by another threshold.
+                journal.snapshot_failed(base);
+                warn!(
+                    "persistence: snapshot of {} failed ({e}); the log is kept",
+                    journal.dir().display()
+                );
+            }
+        }
+    }
+}
+
+/// Starts a snapshot task for each of this shard's journals (see
+/// [`snapshot_journal`]).
+pub fn spawn_snapshots(shard: &Rc<RefCell<Shard>>, threshold: u64, stop: &Arc<AtomicBool>) {
+    let journals = {
         let s = shard.borrow();
         [
             (s.session_journal.clone(), Which::Sessions),
             (s.retain_journal.clone(), Which::Retained),
         ]
-        .into_iter()
-        .filter_map(|(journal, which)| {
-            Some(Tracked {
-                journal: journal?,
-                which,
-                previous: None,
-                last_size: 0,
-            })
-        })
-        .collect()
     };
-    while !stop.load(Ordering::Relaxed) {
-        glommio::timer::sleep(CHECK_PERIOD).await;
-        for t in &mut tracked {
-            if t.journal.log_bytes_since_snapshot() < threshold.max(t.last_size) {
-                continue;
-            }
-            let started = Instant::now();
-            let base = t.journal.rotate();
-            match write_snapshot(&shard, &t.journal, t.which, base).await {
-                Ok(size) => {
-                    t.journal.snapshot_written(base);
-                    if let Some(previous) = t.previous {
-                        remove_before(t.journal.dir(), previous);
-                    }
-                    t.previous = Some(base);
-                    t.last_size = size;
-                    info!(
-                        "persistence: snapshot {} of {size} bytes written in {:?}",
-                        crate::store::snapshot::snapshot_path(t.journal.dir(), base).display(),
-                        started.elapsed()
-                    );
-                }
-                Err(e) => {
-                    // Tried again once the log grew by another threshold.
-                    t.journal.snapshot_failed(base);
-                    warn!(
-                        "persistence: snapshot of {} failed ({e}); the log is kept",
-                        t.journal.dir().display()
-                    );
-                }
-            }
+    for (journal, which) in journals {
+        if let Some(journal) = journal {
+            glommio::spawn_local(snapshot_journal(
+                shard.clone(),
+                journal,
+                which,
+                threshold,
+                stop.clone(),
+            ))
+            .detach();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use bytestring::ByteString;
+
+    use super::*;
+    use crate::config::Config;
+    use crate::protocol::v3::QoS;
+    use crate::session::{Session, SessionState};
+    use crate::shard::testing;
+    use crate::store::load_log;
+
+    /// A message fanned out to two persistent sessions is written once,
+    /// each image names it with the QoS it gets; a clean session is left
+    /// out; the images' new stamps become what later `Queue` records name.
+    #[test]
+    fn a_fanned_out_message_is_written_once_and_clean_sessions_are_left_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().to_path_buf();
+        glommio::LocalExecutorBuilder::default()
+            .spawn(move || async move {
+                let mut shard = testing::shard_with(0, 1, Config::default());
+                let message = Message {
+                    topic: ByteString::from("fan/out"),
+                    payload: Bytes::from_static(b"once"),
+                    qos: QoS::AtLeastOnce,
+                    retain: false,
+                    retain_stamp: 0,
+                    properties: None,
+                };
+                let mut keys = Vec::new();
+                for (id, clean) in [("p1", false), ("p2", false), ("clean", true)] {
+                    let mut session =
+                        Session::new(ByteString::from(id), clean, SessionState::default());
+                    let flows = session.state.flows.get_or_insert_with(Box::default);
+                    flows.pending.push_back(message.clone());
+                    keys.push(shard.insert_session(session));
+                }
+                let mut out = SnapshotWriter::create(&path, 1000, 0, 1).await.unwrap();
+                let mut seen = AHashMap::new();
+                let mut slot = 0;
+                while let Some(next) = shard.snapshot_sessions_chunk(slot, 2, &mut seen, &mut out) {
+                    slot = next;
+                }
+                out.finish().await.unwrap();
+                let loaded = load_log(&path, &path).expect("loads");
+                let mids: Vec<u64> = loaded
+                    .records
+                    .iter()
+                    .filter_map(|r| match r {
+                        Record::Message(mid, m) => {
+                            assert_eq!(&m.payload[..], b"once");
+                            Some(*mid)
+                        }
+                        _ => None,
+                    })
+                    .collect();
+                assert_eq!(mids.len(), 1, "written once: {:?}", loaded.records);
+                let images: Vec<&StoredSession> = loaded
+                    .records
+                    .iter()
+                    .filter_map(|r| match r {
+                        Record::SessionImage(s) => Some(s),
+                        _ => None,
+                    })
+                    .collect();
+                let ids: Vec<&str> = images.iter().map(|s| &*s.client_id).collect();
+                assert_eq!(ids, vec!["p1", "p2"]);
+                for (image, key) in images.iter().zip(&keys) {
+                    assert_eq!(image.queued, vec![(mids[0], QoS::AtLeastOnce)]);
+                    assert_eq!(shard.persist_stamps.get(key), Some(&image.stamp));
+                }
+            })
+            .expect("executor")
+            .join()
+            .expect("runs");
     }
 }

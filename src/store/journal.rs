@@ -76,6 +76,10 @@ struct State {
     /// A segment switch asked for by [`Journal::rotate`]: where in
     /// `pending` the new segment (its header) starts, and its base LSN.
     rotate: Option<(usize, Lsn)>,
+    /// The snapshot task waiting for the log to reach `snapshot_at`.
+    snapshot_waker: Option<Waker>,
+    /// The LSN past which the snapshot task is woken (`u64::MAX`: none).
+    snapshot_at: Lsn,
 }
 
 /// One shard's journal of one directory.
@@ -154,6 +158,8 @@ impl Journal {
                     ..JournalStats::default()
                 },
                 rotate: None,
+                snapshot_waker: None,
+                snapshot_at: Lsn::MAX,
             }),
         }
     }
@@ -233,7 +239,27 @@ impl Journal {
             waker.wake();
         }
         self.end.set(self.end.get() + added);
+        if self.end.get() >= state.snapshot_at
+            && let Some(waker) = state.snapshot_waker.take()
+        {
+            waker.wake();
+        }
         self.end.get()
+    }
+
+    /// Waits until the log since the last snapshot is at least `bytes`
+    /// long (the snapshot task; woken by [`Journal::append`]).
+    pub async fn wait_log_bytes(&self, bytes: u64) {
+        poll_fn(|cx| {
+            if self.log_bytes_since_snapshot() >= bytes {
+                return Poll::Ready(());
+            }
+            let mut state = self.state.borrow_mut();
+            state.snapshot_at = state.stats.snapshot_base.saturating_add(bytes);
+            state.snapshot_waker = Some(cx.waker().clone());
+            Poll::Pending
+        })
+        .await;
     }
 
     /// LSN after the last appended record.

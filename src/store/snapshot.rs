@@ -426,7 +426,7 @@ mod tests {
                 .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
                 .collect();
             names.sort();
-            let expected = vec![
+            let expected = [
                 segment_path(&d, first),
                 segment_path(&d, second),
                 snapshot_path(&d, first),
