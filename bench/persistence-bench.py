@@ -70,32 +70,9 @@ def connect(port, cid, clean=True):
 
 def run(port, n, window, topics, retain):
     """Sends n QoS 1 publishes with at most window in flight; PUBACKs/s."""
-    c = connect(port, b"persist-bench-%d" % time.time_ns())
-    payload = b"x" * 64
-    first = 0x33 if retain else 0x32
-    sent = acked = 0
-    buf = b""
     t0 = time.time()
-    while acked < n:
-        batch = []
-        while sent < n and sent - acked < window:
-            pid = sent % 65535 + 1
-            topic = b"bench/%d" % (sent % topics)
-            batch.append(packet(first, string(topic) + struct.pack(">H", pid) + payload))
-            sent += 1
-        if batch:
-            c.sendall(b"".join(batch))
-        data = c.recv(1 << 16)
-        if not data:
-            raise SystemExit("connection closed")
-        buf += data
-        k = len(buf) // 4
-        assert all(b == 0x40 for b in buf[0:4 * k:4]), buf[:4]
-        acked += k
-        buf = buf[4 * k:]
-    elapsed = time.time() - t0
-    c.close()
-    return n / elapsed
+    publish_many(port, n, lambda i: b"bench/%d" % (i % topics), retain, window)
+    return n / (time.time() - t0)
 
 
 def cpu_seconds(pid):
@@ -361,6 +338,7 @@ def publish_many(port, n, topic_of, retain, window=1000, payload=b"x" * 64):
             raise SystemExit("connection closed")
         buf += data
         k = len(buf) // 4
+        assert all(b == 0x40 for b in buf[0:4 * k:4]), buf[:4]
         acked += k
         buf = buf[4 * k:]
     c.close()

@@ -43,6 +43,23 @@ pub(super) fn queued_count(session: &Session) -> usize {
         .map_or(0, |f| f.inflight.len() + f.pending.len())
 }
 
+/// The QoS 1/2 messages `session` has not had acknowledged, oldest first:
+/// in flight, then pending (what its image lists).
+pub(super) fn unacknowledged(session: &Session) -> impl Iterator<Item = &Message> {
+    session
+        .state
+        .flows
+        .as_deref()
+        .into_iter()
+        .flat_map(|flows| {
+            flows
+                .inflight
+                .iter()
+                .map(|f| &f.message)
+                .chain(flows.pending.iter())
+        })
+}
+
 impl Shard {
     /// Journals the image of session `key` if it is persistent (and
     /// persistence is on): first a message record for each QoS 1/2 message
@@ -60,20 +77,13 @@ impl Shard {
         let now = Instant::now();
         let unix_now = unix_ms_now();
         let mut queued = Vec::new();
-        if let Some(flows) = session.state.flows.as_deref() {
-            let messages = flows
-                .inflight
-                .iter()
-                .map(|f| &f.message)
-                .chain(flows.pending.iter());
-            for message in messages {
-                let mid = next_stamp();
-                journal.append(&Record::Message(
-                    mid,
-                    StoredMessage::of(message, now, unix_now),
-                ));
-                queued.push((mid, message.qos));
-            }
+        for message in unacknowledged(session) {
+            let mid = next_stamp();
+            journal.append(&Record::Message(
+                mid,
+                StoredMessage::of(message, now, unix_now),
+            ));
+            queued.push((mid, message.qos));
         }
         let image = StoredSession {
             queued,

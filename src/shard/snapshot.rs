@@ -31,6 +31,7 @@ use log::{info, warn};
 
 use crate::protocol::message::Message;
 use crate::shard::Shard;
+use crate::shard::persist::unacknowledged;
 use crate::store::journal::{Journal, Lsn};
 use crate::store::record::{Record, StoredMessage, StoredSession, next_stamp, unix_ms_now};
 use crate::store::snapshot::{SnapshotWriter, remove_before, snapshot_path};
@@ -98,23 +99,16 @@ impl Shard {
                 continue;
             }
             let mut queued = Vec::new();
-            if let Some(flows) = session.state.flows.as_deref() {
-                let messages = flows
-                    .inflight
-                    .iter()
-                    .map(|f| &f.message)
-                    .chain(flows.pending.iter());
-                for message in messages {
-                    let mid = *seen.entry(identity(message)).or_insert_with(|| {
-                        let mid = next_stamp();
-                        out.append(&Record::Message(
-                            mid,
-                            StoredMessage::of(message, now, unix_now),
-                        ));
-                        mid
-                    });
-                    queued.push((mid, message.qos));
-                }
+            for message in unacknowledged(session) {
+                let mid = *seen.entry(identity(message)).or_insert_with(|| {
+                    let mid = next_stamp();
+                    out.append(&Record::Message(
+                        mid,
+                        StoredMessage::of(message, now, unix_now),
+                    ));
+                    mid
+                });
+                queued.push((mid, message.qos));
             }
             let image = StoredSession {
                 queued,

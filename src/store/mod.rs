@@ -664,7 +664,7 @@ mod tests {
     use bytes::Bytes;
     use bytestring::ByteString;
 
-    fn retain(stamp: u64, topic: &str, payload: &'static [u8]) -> Record {
+    pub(super) fn retain(stamp: u64, topic: &str, payload: &'static [u8]) -> Record {
         Record::Retain(
             stamp,
             StoredMessage {
@@ -679,7 +679,7 @@ mod tests {
     }
 
     /// A segment at `base` holding `records`.
-    fn segment(base: u64, records: &[Record]) -> Vec<u8> {
+    pub(super) fn segment(base: u64, records: &[Record]) -> Vec<u8> {
         let mut out = Header {
             version: frame::FORMAT_VERSION,
             shard: frame::RETAINED_SHARD,

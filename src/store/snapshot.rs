@@ -298,28 +298,15 @@ mod tests {
     use std::sync::atomic::AtomicBool;
     use std::time::Duration;
 
-    use bytes::Bytes;
     use bytestring::ByteString;
 
     use super::*;
     use crate::config::SyncMode;
-    use crate::protocol::v3::QoS;
     use crate::store::journal::{Journal, commit_loop, segment_path};
-    use crate::store::record::StoredMessage;
     use crate::store::{live_retained, load_log};
 
-    fn retain(stamp: u64, topic: &str, payload: &str) -> Record {
-        Record::Retain(
-            stamp,
-            StoredMessage {
-                qos: QoS::AtLeastOnce,
-                retain: true,
-                expires_unix_ms: 0,
-                topic: ByteString::from(topic),
-                properties: Default::default(),
-                payload: Bytes::from(payload.to_string()),
-            },
-        )
+    fn retain(stamp: u64, topic: &str, payload: &'static str) -> Record {
+        crate::store::tests::retain(stamp, topic, payload.as_bytes())
     }
 
     /// What a replay of `dir` leaves: topic and payload, sorted.
@@ -460,20 +447,7 @@ mod tests {
         let store = tempfile::tempdir().unwrap();
         let dir = store.path().join("retained");
         fs::create_dir_all(&dir).unwrap();
-        let frame_of = |base: u64, records: &[Record]| {
-            let mut out = Header {
-                version: FORMAT_VERSION,
-                shard: 0,
-                shards: 1,
-                base_lsn: base,
-            }
-            .encode()
-            .to_vec();
-            for r in records {
-                frame::append_record(&mut out, r.kind(), |b| r.encode_body(b));
-            }
-            out
-        };
+        let frame_of = crate::store::tests::segment;
         // The previous snapshot at 100, the log after it (100..200 and
         // 200..), the newest snapshot at 200.
         let mut older = frame_of(100, &[retain(1, "a", "a1")]);

@@ -813,9 +813,9 @@ fn publish_all(
 /// messages to online persistent subscribers (who acknowledge them) and of
 /// retained messages replacing each other makes several snapshots while
 /// the broker runs, and the directory stays bounded however many messages
-/// went through; after a kill -9 the messages held for offline persistent
-/// subscribers (published before every snapshot) and every retained message
-/// are back.
+/// went through; after a kill -9, with each journal's newest snapshot torn,
+/// the messages held for offline persistent subscribers (published before
+/// every snapshot) and every retained message are back.
 #[test]
 fn snapshots_while_running_bound_the_directory_and_lose_nothing_to_kill_9() {
     /// The threshold under test.
@@ -915,6 +915,28 @@ fn snapshots_while_running_bound_the_directory_and_lose_nothing_to_kill_9() {
         client.disconnect();
     }
     kill_9(broker);
+    // Tear each journal's newest snapshot in half (as a disk error would):
+    // the load falls back to the snapshot before it and the log after that.
+    let mut torn = 0;
+    for journal in std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(Result::ok)
+    {
+        let mut snaps: Vec<_> = std::fs::read_dir(journal.path())
+            .into_iter()
+            .flatten()
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "fms"))
+            .collect();
+        snaps.sort();
+        if let Some(newest) = snaps.last() {
+            let data = std::fs::read(newest).unwrap();
+            std::fs::write(newest, &data[..data.len() / 2]).unwrap();
+            torn += 1;
+        }
+    }
+    assert_eq!(torn, 3, "a snapshot in each journal");
     let broker = start(dir.path(), &config);
     assert_eq!(
         retained_on_both_shards(&broker, "ret/#"),
