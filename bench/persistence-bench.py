@@ -1,17 +1,30 @@
 #!/usr/bin/env python3
-"""Persistence cost: QoS 1 publisher throughput with persistence off, on with
-persistence_sync = "interval", and on with "ack" (README, "Persistence").
+"""Persistence cost (README "Persistence", bench/RESULTS.md "Persistence").
 
-Starts the broker binary (argument 1) itself for each mode, on a free port,
+Starts the broker binary (argument 1) itself for each run, on a free port,
 with its persistence directory in a temporary directory on the file system
 of --dir (default: the system's temporary directory; name the disk in any
-figure you report). One raw MQTT 3.1.1 publisher sends N retained (and then
-N non-retained) QoS 1 publishes, at most WINDOW unacknowledged, to TOPICS
-topics, and counts PUBACKs per second. Then prints the journal's bytes per
-retained update, and the session journals' bytes per message queued for
-many offline persistent subscribers.
+figure you report). Sections, chosen with --only (comma-separated):
 
-  bench/persistence-bench.py target/release/fanmq [--n 20000] [--window 1,100] [--topics 1000]
+  throughput  one raw MQTT 3.1.1 publisher sends N retained (then N plain)
+              QoS 1 publishes, at most WINDOW unacknowledged, to TOPICS
+              topics: PUBACKs/s and broker CPU-seconds with persistence off,
+              "interval" and "ack", alternating in each of --rounds rounds,
+              medians; and the journal's bytes per retained update
+  bytes       the session journals' bytes per message queued for many
+              offline persistent subscribers (per message, per subscriber)
+  fanout      `fanmq-bench fanout --qos 1 --clean-session false` to
+              --fanout-subs online persistent subscribers: deliveries per
+              broker CPU-second, off / ack / interval, --rounds rounds
+  restart     exec to first CONNACK, and the start-up log, after SIGTERM and
+              after kill -9, with --restart-retained retained messages and
+              with --restart-sessions sessions holding --queued messages
+  kill9       a persistent subscriber offline, --kill-n acknowledged QoS 1
+              messages for it and --kill-n acknowledged retained messages,
+              kill -9, restart: what was lost, for fanmq (ack, interval) and
+              Mosquitto with its defaults (autosave_interval 1800 s)
+
+  bench/persistence-bench.py target/release/fanmq [--only throughput,bytes] [--rounds 3]
 """
 
 import argparse
@@ -190,7 +203,7 @@ def throughput(args):
                         figures.setdefault((kind, window, mode), []).append(
                             (rate, n / cpu if cpu > 0 else float("inf")))
                         print(f"round {rnd} {mode:8} {kind:8} window {window:4}: {rate:10.0f} "
-                              f"PUBACKs/s, {n / max(cpu, 1e-9):10.0f} per broker CPU-s", flush=True)
+                              f"PUBACKs/s, broker CPU {cpu:.2f} s", flush=True)
                 if mode != "off" and rnd == 0:
                     rdir = os.path.join(store, "retained")
                     size = sum(os.path.getsize(os.path.join(rdir, f)) for f in os.listdir(rdir))
@@ -221,7 +234,7 @@ def fanout_cpu(args):
     for rnd in range(args.rounds):
         for mode in ["off", "ack", "interval"]:
             scratch = tempfile.mkdtemp(prefix="fanmq-persist-bench-", dir=args.dir)
-            broker, port, _ = start_broker(args.binary, args.shards, mode, scratch)
+            broker, port, store = start_broker(args.binary, args.shards, mode, scratch)
             out = os.path.join(scratch, "result.json")
             try:
                 connect(port, b"probe").close()
@@ -238,8 +251,12 @@ def fanout_cpu(args):
                 figure = find_key(r, "deliveries_per_cpu_s")
                 lost = find_key(r, "lost")
                 per_cpu.setdefault(mode, []).append(figure)
+                disk = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(store)
+                           for f in fs)
+                per_sub = disk / (args.fanout_msgs * args.fanout_subs)
                 print(f"round {rnd} {mode:8}: {figure:,.0f} deliveries per broker CPU-s, "
-                      f"lost {lost}", flush=True)
+                      f"lost {lost}, {disk} bytes on disk ({per_sub:.1f} per subscriber per "
+                      f"message, images included)", flush=True)
             finally:
                 stop(broker)
                 shutil.rmtree(scratch, ignore_errors=True)
@@ -282,8 +299,8 @@ def wait_ready(port, timeout=600):
 
 def persistence_lines(log_path):
     with open(log_path) as f:
-        return [l.rstrip() for l in f if "persistence" in l and ("loaded" in l or "restored" in l
-                                                             or "sessions from" in l)]
+        return [l.rstrip() for l in f if "persistence" in l and (
+            "loaded" in l or "restored" in l or "sessions from" in l or "messages from" in l)]
 
 
 def restart_time(args, build, what):
