@@ -110,6 +110,22 @@ pub fn run(o: &ReportOpts) -> Result<(), ReportError> {
             md.push_str("</details>\n");
         }
     }
+    // Sections another tool wrote as Markdown (`bench/persistence-bench.py`
+    // output with its commands, `bench/results/*.md`): verbatim, after the
+    // JSON ones.
+    let mut sections: Vec<_> = std::fs::read_dir(&o.results)
+        .map_err(|e| ReportError::Io(o.results.clone(), e))?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "md"))
+        .collect();
+    sections.sort();
+    for path in &sections {
+        let p = path.to_string_lossy().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ReportError::Io(p, e))?;
+        md.push('\n');
+        md.push_str(&text);
+    }
     std::fs::write(&o.markdown, md).map_err(|e| ReportError::Io(o.markdown.clone(), e))?;
     log::info!("wrote {} from {} result file(s)", o.markdown, files.len());
     Ok(())

@@ -34,7 +34,7 @@ use crate::shard::Shard;
 use crate::shard::persist::unacknowledged;
 use crate::store::journal::{Journal, Lsn};
 use crate::store::record::{Record, StoredMessage, StoredSession, next_stamp, unix_ms_now};
-use crate::store::snapshot::{SnapshotWriter, remove_before, snapshot_path};
+use crate::store::snapshot::{SnapshotWriter, WRITE_CHUNK, remove_before, snapshot_path};
 
 /// Slab slots visited between two yields: short enough that a step of the
 /// walk takes well under a millisecond for sessions with small queues.
@@ -75,8 +75,9 @@ enum Which {
 impl Shard {
     /// Appends the images of the persistent sessions in slab slots
     /// `from..from + count` to `out`, each after the messages it is the
-    /// first in this snapshot to queue (`seen` maps them to their ids).
-    /// Returns the next slot, or `None` past the last.
+    /// first in this snapshot to queue (`seen` maps them to their ids);
+    /// stops early once `out` holds a [`WRITE_CHUNK`] to write (sessions
+    /// with long queues). Returns the next slot, or `None` past the last.
     pub fn snapshot_sessions_chunk(
         &mut self,
         from: usize,
@@ -119,6 +120,9 @@ impl Shard {
             };
             self.persist_stamps.insert(key, image.stamp);
             out.append(&Record::SessionImage(image));
+            if out.buffered() >= WRITE_CHUNK {
+                return Some(slot + 1);
+            }
         }
         Some(upto)
     }
@@ -156,17 +160,17 @@ async fn write_snapshot(
         Which::Retained => {
             let messages: Vec<Message> = shard.borrow().retained.messages().cloned().collect();
             let mut written = Ok(());
-            for chunk in messages.chunks(RETAINED_PER_CHUNK) {
-                for message in chunk {
-                    if let Some(record @ Record::Retain(..)) = Record::of_retained(message) {
-                        out.append(&record);
+            for (n, message) in messages.iter().enumerate() {
+                if let Some(record @ Record::Retain(..)) = Record::of_retained(message) {
+                    out.append(&record);
+                }
+                if out.buffered() >= WRITE_CHUNK || n % RETAINED_PER_CHUNK == 0 {
+                    if let Err(e) = out.flush_if_full().await {
+                        written = Err(e);
+                        break;
                     }
+                    glommio::yield_if_needed().await;
                 }
-                if let Err(e) = out.flush_if_full().await {
-                    written = Err(e);
-                    break;
-                }
-                glommio::yield_if_needed().await;
             }
             written
         }

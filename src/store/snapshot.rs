@@ -110,6 +110,11 @@ impl SnapshotWriter {
         self.records += 1;
     }
 
+    /// Bytes framed and not yet written.
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
     /// Writes what is buffered once it reaches [`WRITE_CHUNK`].
     ///
     /// # Errors
