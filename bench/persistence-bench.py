@@ -190,7 +190,10 @@ def throughput(args):
     for rnd in range(args.rounds):
         for mode in ["off", "interval", "ack"]:
             scratch = tempfile.mkdtemp(prefix="fanmq-persist-bench-", dir=args.dir)
-            broker, port, store = start_broker(args.binary, args.shards, mode, scratch)
+            extra = (f"persistence_snapshot_log_bytes = {args.snapshot_bytes}\n"
+                     if args.snapshot_bytes and mode != "off" else "")
+            broker, port, store = start_broker(args.binary, args.shards, mode, scratch,
+                                               extra=extra)
             try:
                 connect(port, b"probe").close()
                 for retain in [True, False]:
@@ -208,8 +211,10 @@ def throughput(args):
                     rdir = os.path.join(store, "retained")
                     size = sum(os.path.getsize(os.path.join(rdir, f)) for f in os.listdir(rdir))
                     updates = sum(args.n if w > 1 else min(args.n, 2000) for w in windows)
-                    print(f"{mode:8} journal: {size} bytes for {updates} retained updates "
-                          f"({size / updates:.1f} bytes each, 64-byte payload, ~10-byte topic)")
+                    print(f"{mode:8} retained journal now: {size} bytes after {updates} retained "
+                          f"updates to {args.topics} topics ({size / updates:.1f} bytes per update"
+                          f", 64-byte payload, ~10-byte topic; snapshots while running: "
+                          f"{args.snapshot_bytes or 'default threshold'})")
             finally:
                 stop(broker)
                 shutil.rmtree(scratch, ignore_errors=True)
@@ -243,7 +248,8 @@ def fanout_cpu(args):
                        "--qos", "1", "--clean-session", "false", "--port", str(port),
                        "--broker-pid", str(broker.pid), "--label", f"fanmq-{mode}",
                        "--duration", "120", "--out", out]
-                subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, timeout=300)
+                subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               timeout=300)
                 with open(out) as f:
                     result = json.load(f)
                 runs = result if isinstance(result, list) else result.get("runs", [result])
@@ -513,6 +519,8 @@ def main():
     ap.add_argument("--fanout-msgs", type=int, default=50)
     ap.add_argument("--client-cpus", default="1")
     ap.add_argument("--broker-cpus", default="")
+    ap.add_argument("--snapshot-bytes", type=int, default=0,
+                    help="persistence_snapshot_log_bytes for the throughput runs (0: default)")
     ap.add_argument("--restart-retained", type=int, default=1000000)
     ap.add_argument("--restart-sessions", type=int, default=15000)
     ap.add_argument("--queued", type=int, default=100)
