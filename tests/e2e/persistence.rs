@@ -832,7 +832,13 @@ fn snapshots_while_running_bound_the_directory_and_lose_nothing_to_kill_9() {
     const HELD: usize = 20;
     let dir = tempfile::tempdir().unwrap();
     let config = format!("persistence_snapshot_log_bytes = {THRESHOLD}");
-    let broker = start(dir.path(), &config);
+    // HTTP on this time: the metrics count the snapshots.
+    let broker = Broker::builder()
+        .config(&format!(
+            "persistence = true\npersistence_location = \"{}\"\n{config}",
+            dir.path().display()
+        ))
+        .start();
     let offline = offline_subscribers(&broker, "snap-held", "held/#", 2);
     let mut online = Vec::new();
     let mut shards_seen = [false; 2];
@@ -911,6 +917,13 @@ fn snapshots_while_running_bound_the_directory_and_lose_nothing_to_kill_9() {
             "after round {round} the directory holds {size} bytes (bound {bound}; sizes {sizes:?})"
         );
     }
+    let stats = crate::admin::wait_stats(&broker, |s| {
+        crate::admin::total(s, "store_snapshots") >= snapshots as u64
+    });
+    assert!(
+        crate::admin::total(&stats, "store_log_bytes") <= bound,
+        "log since the last snapshots: {stats}"
+    );
     for client in online {
         client.disconnect();
     }
