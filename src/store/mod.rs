@@ -8,6 +8,8 @@
 //!   FORMAT           "fanmq-store 1": an older fanmq refuses a newer format
 //!   retained/        log-<base LSN, 16 hex>.fml: shard 0's journal of retained updates
 //!   shard-<k>/       log-*.fml: shard k's persistent sessions (subscriptions)
+//!   */snap-<LSN>.fms a snapshot of that journal for the log from LSN on
+//!                    (written while running: the snapshot module)
 //!   corrupt-<ms>/    damaged files moved (or copied) aside, never read again
 //! ```
 //!
@@ -174,8 +176,9 @@ fn check_format(dir: &Path) -> Result<(), StoreError> {
 pub struct LoadedLog {
     /// Every valid record, oldest first.
     pub records: Vec<Record>,
-    /// The segments read: to remove once their live records are durable in
-    /// a new segment.
+    /// The segments and snapshots read (or made obsolete by the snapshot
+    /// read): to remove once their live records are durable in a new
+    /// segment.
     pub segments: Vec<PathBuf>,
     /// The LSN a new segment starts at (after every segment found).
     pub next_base: u64,
