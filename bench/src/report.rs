@@ -46,18 +46,24 @@ pub fn write_results(file: &ResultFile, out: &str, plots: bool) -> Result<(), Re
     Ok(())
 }
 
+/// The files of folder `dir` whose extension is `ext`, sorted by name.
+fn files_with(dir: &str, ext: &str) -> Result<Vec<std::path::PathBuf>, ReportError> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .map_err(|e| ReportError::Io(dir.to_string(), e))?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == ext))
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
 /// Regenerates the Markdown and the plots.
 ///
 /// # Errors
 /// A results file is unreadable, or an output cannot be written.
 pub fn run(o: &ReportOpts) -> Result<(), ReportError> {
-    let mut files: Vec<_> = std::fs::read_dir(&o.results)
-        .map_err(|e| ReportError::Io(o.results.clone(), e))?
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "json"))
-        .collect();
-    files.sort();
+    let files = files_with(&o.results, "json")?;
     std::fs::create_dir_all(&o.plots).map_err(|e| ReportError::Io(o.plots.clone(), e))?;
     let md_dir = Path::new(&o.markdown).parent().unwrap_or(Path::new("."));
     let mut md = String::from(
@@ -113,14 +119,7 @@ pub fn run(o: &ReportOpts) -> Result<(), ReportError> {
     // Sections another tool wrote as Markdown (`bench/persistence-bench.py`
     // output with its commands, `bench/results/*.md`): verbatim, after the
     // JSON ones.
-    let mut sections: Vec<_> = std::fs::read_dir(&o.results)
-        .map_err(|e| ReportError::Io(o.results.clone(), e))?
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "md"))
-        .collect();
-    sections.sort();
-    for path in &sections {
+    for path in &files_with(&o.results, "md")? {
         let p = path.to_string_lossy().to_string();
         let text = std::fs::read_to_string(path).map_err(|e| ReportError::Io(p, e))?;
         md.push('\n');
