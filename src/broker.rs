@@ -620,5 +620,7 @@ fn load_persisted(
         shard.retained.len(),
         started.elapsed()
     );
+    drop(shard);
+    shard::snapshot::spawn_snapshots(&ctx.shard, config.persistence_snapshot_log_bytes, shutdown);
     tasks
 }

@@ -192,6 +192,13 @@ pub struct Opts {
     /// MQTT keep-alive (s); a PINGREQ goes out after half of it.
     #[arg(long, default_value_t = 60)]
     pub keep_alive: u16,
+    /// CleanSession flag of the subscribers' CONNECT: `--clean-session
+    /// false` makes their sessions persistent (MQTT 3.1.1 §3.1.2.4), so a
+    /// broker with persistence on journals their subscriptions and QoS 1/2
+    /// queues. 3.1.1 subscribers only: an MQTT 5.0 one sends no Session
+    /// Expiry Interval, so its session still ends with the connection.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub clean_session: bool,
     /// Broker process to measure (CPU from /proc/PID/stat, RSS). Several,
     /// comma-separated (every node of a cluster, `--nodes`): their CPU and
     /// RSS are added up.

@@ -40,6 +40,9 @@ pub struct WorkerTask {
     pub topic_alias_max: u16,
     /// MQTT keep-alive in seconds; PINGREQ after half of it without a send.
     pub keep_alive_s: u16,
+    /// Subscribers connect with CleanSession = 0 (`--clean-session false`).
+    #[serde(default)]
+    pub persistent: bool,
     /// Talk to the bench's own `raw` forwarder instead of an MQTT broker.
     pub raw: bool,
     /// Source addresses to bind before connect; empty = kernel's choice.

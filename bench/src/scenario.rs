@@ -173,6 +173,7 @@ pub fn run(kind: Kind, o: &Opts, t: &Target, round: u32) -> Result<RunResult, Sc
             protocol: o.protocol,
             topic_alias_max: o.topic_alias_max,
             keep_alive_s: o.keep_alive,
+            persistent: !o.clean_session,
             raw: t.raw,
             source_addrs: sources.clone(),
             // The storm opens every socket at once, each sending SUBSCRIBE

@@ -522,7 +522,12 @@ impl Worker {
                         &mut c.unsent,
                     )
                 } else {
-                    mqtt::encode_connect(&id, self.task.keep_alive_s, true, &mut c.unsent)
+                    mqtt::encode_connect(
+                        &id,
+                        self.task.keep_alive_s,
+                        !self.task.persistent,
+                        &mut c.unsent,
+                    )
                 };
                 connect.and_then(|()| {
                     // Pipelined: SUBSCRIBE right behind CONNECT, in the

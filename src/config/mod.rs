@@ -200,6 +200,16 @@ pub const DEFAULT_PERSISTENCE: bool = false;
 /// power loss may take.
 pub const DEFAULT_PERSISTENCE_SYNC_INTERVAL_MS: u64 = 1000;
 
+/// Bytes of a shard's log since its last snapshot past which the shard
+/// writes a new snapshot while it runs (`persistence_snapshot_log_bytes`):
+/// bounds the disk a long-running broker uses (about twice this plus two
+/// snapshots per shard) and the log replayed at start. A snapshot is also
+/// put off until the log is larger than the previous snapshot, so that
+/// snapshots never write more than the log they replace. Mosquitto's peer
+/// is `autosave_interval` (1800 s), a timer that rewrites the whole
+/// database.
+pub const DEFAULT_PERSISTENCE_SNAPSHOT_LOG_BYTES: u64 = 256 * 1024 * 1024;
+
 /// When what persistence writes is durable, and so when the QoS 1/2
 /// acknowledgements that need it go.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
@@ -386,6 +396,7 @@ struct FileConfig {
     persistence_location: Option<PathBuf>,
     persistence_sync: Option<SyncMode>,
     persistence_sync_interval_ms: Option<u64>,
+    persistence_snapshot_log_bytes: Option<u64>,
     cluster: Option<cluster::FileCluster>,
 }
 
@@ -537,6 +548,9 @@ pub struct Config {
     pub persistence_sync: SyncMode,
     /// Sync period in [`SyncMode::Interval`].
     pub persistence_sync_interval: Duration,
+    /// Log bytes per shard since its last snapshot that start a new one
+    /// ([`DEFAULT_PERSISTENCE_SNAPSHOT_LOG_BYTES`]).
+    pub persistence_snapshot_log_bytes: u64,
     /// The NATS cluster this node joins; `None`: a single node.
     pub cluster: Option<cluster::ClusterConfig>,
 }
@@ -596,6 +610,7 @@ impl Default for Config {
             persistence_location: None,
             persistence_sync: SyncMode::default(),
             persistence_sync_interval: Duration::from_millis(DEFAULT_PERSISTENCE_SYNC_INTERVAL_MS),
+            persistence_snapshot_log_bytes: DEFAULT_PERSISTENCE_SNAPSHOT_LOG_BYTES,
             cluster: None,
         }
     }
@@ -771,6 +786,11 @@ impl Config {
             config.persistence_location = Some(dir.clone());
         }
         set(&mut config.persistence_sync, file.persistence_sync, None);
+        set(
+            &mut config.persistence_snapshot_log_bytes,
+            file.persistence_snapshot_log_bytes,
+            None,
+        );
         if let Some(ms) = file.persistence_sync_interval_ms {
             config.persistence_sync_interval = Duration::from_millis(ms);
         }
@@ -857,6 +877,9 @@ impl Config {
                 "persistence_location",
                 "persistence = true needs a directory (persistence_location or --persistence-dir)",
             );
+        }
+        if self.persistence_snapshot_log_bytes == 0 {
+            return invalid("persistence_snapshot_log_bytes", "must be at least 1");
         }
         if self.persistence_sync_interval.is_zero() {
             return invalid("persistence_sync_interval_ms", "must be at least 1");
@@ -1086,8 +1109,12 @@ mod tests {
         assert!(!off.persistence);
         assert_eq!(off.persistence_sync, SyncMode::Ack);
         assert_eq!(off.persistence_sync_interval, Duration::from_millis(1000));
+        assert_eq!(
+            off.persistence_snapshot_log_bytes,
+            DEFAULT_PERSISTENCE_SNAPSHOT_LOG_BYTES
+        );
         let on = load(
-            "persistence = true\npersistence_location = \"/x\"\npersistence_sync = \"interval\"\npersistence_sync_interval_ms = 250",
+            "persistence = true\npersistence_location = \"/x\"\npersistence_sync = \"interval\"\npersistence_sync_interval_ms = 250\npersistence_snapshot_log_bytes = 4096",
             None,
         )
         .unwrap();
@@ -1095,10 +1122,15 @@ mod tests {
         assert_eq!(on.persistence_location, Some(PathBuf::from("/x")));
         assert_eq!(on.persistence_sync, SyncMode::Interval);
         assert_eq!(on.persistence_sync_interval, Duration::from_millis(250));
+        assert_eq!(on.persistence_snapshot_log_bytes, 4096);
         let flag = load("persistence_location = \"/x\"", Some("/y")).unwrap();
         assert!(flag.persistence, "--persistence-dir turns it on");
         assert_eq!(flag.persistence_location, Some(PathBuf::from("/y")));
-        for bad in ["persistence = true", "persistence_sync_interval_ms = 0"] {
+        for bad in [
+            "persistence = true",
+            "persistence_sync_interval_ms = 0",
+            "persistence_snapshot_log_bytes = 0",
+        ] {
             assert!(
                 matches!(load(bad, None), Err(ConfigError::Invalid { .. })),
                 "{bad}"

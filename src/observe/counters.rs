@@ -337,6 +337,12 @@ counter_table! {
         store_disk_full: Gauge Max,
             prometheus Some("store_disk_full"), per_shard None, sys None,
             help "1 while the persistence journal cannot write: retained QoS 1/2 publishes are refused";
+        store_snapshots: Counter Sum,
+            prometheus Some("store_snapshots"), per_shard None, sys None,
+            help "Snapshots of the persistence journals written while running (persistence_snapshot_log_bytes)";
+        store_log_bytes: Gauge Sum,
+            prometheus Some("store_log_bytes"), per_shard None, sys None,
+            help "Bytes of the persistence journals since their last snapshot";
         store_refused: Counter Sum,
             prometheus Some("store_refused"), per_shard None, sys None,
             help "QoS 1/2 publishes not acknowledged because persistence could not store them (5.0: reason 0x97; 3.1.1: connection closed)";

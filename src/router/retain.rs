@@ -123,6 +123,12 @@ impl RetainStore {
         }
     }
 
+    /// Every message the store holds, tombstones (empty payloads) included,
+    /// in no order (a snapshot of the replica).
+    pub fn messages(&self) -> impl Iterator<Item = &Message> {
+        self.messages.values()
+    }
+
     /// Number of retained messages (tombstones not counted).
     pub fn len(&self) -> usize {
         self.messages.len() - self.tombstones_held

@@ -19,6 +19,7 @@ pub mod persist_will;
 pub mod query;
 pub mod registry;
 pub mod shared;
+pub mod snapshot;
 pub mod subscribe;
 pub mod sys;
 #[cfg(test)]
@@ -114,6 +115,11 @@ pub struct Shard {
     /// which the records of messages queued for it name (empty without
     /// persistence, so the fan-out path checks one length).
     pub persist_stamps: ahash::AHashMap<SessionKey, u64>,
+    /// The latest `Record::Will` journalled for each persistent session
+    /// that has one, by client id: what a snapshot carries forward, since
+    /// the will of a connected client lives with its connection, not its
+    /// session (empty without persistence).
+    pub persist_wills: ahash::AHashMap<bytestring::ByteString, Record>,
     /// Scratch: the journalled sessions that queued the message being
     /// routed, with the QoS each gets it at.
     persist_refs: Vec<(u64, QoS)>,
@@ -422,6 +428,7 @@ impl Shard {
             retain_journal: None,
             session_journal: None,
             persist_stamps: ahash::AHashMap::new(),
+            persist_wills: ahash::AHashMap::new(),
             persist_refs: Vec::new(),
             persist_sent: Vec::new(),
             persist_hold: Vec::new(),

@@ -125,35 +125,56 @@ impl Shard {
         let Some(journal) = self.session_journal.clone() else {
             return;
         };
-        let Some(session) = self.sessions.get(key as usize) else {
-            return;
-        };
-        if session.clean_session {
-            return;
-        }
-        let mut image = self.image_of(session);
-        let Some(session) = self.sessions.get_mut(key as usize) else {
-            return;
-        };
         let now = Instant::now();
         let unix_now = unix_ms_now();
+        let store = |message: &Message| {
+            let mid = next_stamp();
+            journal.append(&Record::Message(
+                mid,
+                StoredMessage::of(message, now, unix_now),
+            ));
+            mid
+        };
+        let Some((image, tail, qos2)) = self.image_with_flows(key, store) else {
+            return;
+        };
+        self.persist_stamps.insert(key, image.stamp);
+        self.needed_lsns[1] = journal.append(&Record::SessionImage(image));
+        for record in tail {
+            self.needed_lsns[1] = journal.append(&record);
+        }
+        if qos2 {
+            // Resent QoS 2 packets (a reconnect) wait for the new image's
+            // records of their packet ids.
+            self.hold_out(key, self.needed_lsns[1]);
+        }
+    }
+
+    /// The image of persistent session `key` (None: no such session, or a
+    /// clean one) and the records that follow it (its flows in flight and
+    /// its incoming QoS 2 ids, [`flows::image_tail`]), each of its queued
+    /// and in-flight messages written by `store`, which returns the id it
+    /// wrote it under: the session's entries then carry that id (the
+    /// records after this image name messages by it). True as the third
+    /// when a QoS 2 message is in flight. Shared by the journal
+    /// ([`Shard::journal_session`]) and the snapshots (shard/snapshot.rs).
+    pub(super) fn image_with_flows(
+        &mut self,
+        key: SessionKey,
+        mut store: impl FnMut(&Message) -> u64,
+    ) -> Option<(StoredSession, Vec<Record>, bool)> {
+        let session = self.sessions.get(key as usize)?;
+        if session.clean_session {
+            return None;
+        }
+        let mut image = self.image_of(session);
+        let session = self.sessions.get_mut(key as usize)?;
         let mut inflight = Vec::new();
         let mut awaiting_rel: &[u16] = &[];
         if let Some(flows) = session.state.flows.as_deref_mut() {
-            // Each message written again under a new id, which the
-            // session's entries then carry (the records after this image
-            // name it by that id).
-            let mut store = |message: &Message| {
-                let mid = next_stamp();
-                journal.append(&Record::Message(
-                    mid,
-                    StoredMessage::of(message, now, unix_now),
-                ));
-                image.queued.push((mid, message.qos));
-                mid
-            };
             for f in &mut flows.inflight {
                 f.stored = store(&f.message);
+                image.queued.push((f.stored, f.message.qos));
                 f.journalled = true;
                 inflight.push((
                     f.stored,
@@ -166,23 +187,15 @@ impl Shard {
             flows.pending_stored.resize(pending, 0);
             for (message, id) in flows.pending.iter().zip(flows.pending_stored.iter_mut()) {
                 *id = store(message);
+                image.queued.push((*id, message.qos));
             }
             awaiting_rel = &flows.awaiting_rel;
         }
-        let stamp = image.stamp;
-        // Resent QoS 2 packets (a reconnect) wait for the new image's
-        // records of their packet ids.
         let qos2 = inflight
             .iter()
             .any(|f| f.2 == crate::protocol::v3::QoS::ExactlyOnce);
-        self.persist_stamps.insert(key, stamp);
-        self.needed_lsns[1] = journal.append(&Record::SessionImage(image));
-        for record in flows::image_tail(stamp, inflight, awaiting_rel) {
-            self.needed_lsns[1] = journal.append(&record);
-        }
-        if qos2 {
-            self.hold_out(key, self.needed_lsns[1]);
-        }
+        let tail = flows::image_tail(image.stamp, inflight, awaiting_rel);
+        Some((image, tail, qos2))
     }
 
     /// Journals `message` once, as `mid`, and the sessions that just
@@ -308,6 +321,7 @@ impl Shard {
 
     /// Journals that the persistent session of `client_id` ended here.
     pub fn journal_drop(&mut self, client_id: &str) {
+        self.persist_wills.remove(client_id);
         if let Some(journal) = &self.session_journal {
             self.needed_lsns[1] = journal.append(&Record::SessionDrop(
                 next_stamp(),
@@ -317,7 +331,7 @@ impl Shard {
     }
 
     /// `session` as stored now, without its queue.
-    fn image_of(&self, session: &Session) -> StoredSession {
+    pub(super) fn image_of(&self, session: &Session) -> StoredSession {
         let offline_since_unix_ms = if session.is_online() {
             0
         } else {
@@ -389,6 +403,8 @@ impl Shard {
             messages += restore_flows(&mut session, &loaded.flows, started);
             if let Some(will) = &loaded.will {
                 super::persist_will::restore_will(&mut session, will, now, now_unix_ms, started);
+                self.persist_wills
+                    .insert(will.client_id.clone(), Record::Will(will.clone()));
             }
             let key = self.insert_session(session);
             self.persist_stamps.insert(key, s.stamp);

@@ -54,6 +54,16 @@ impl Shard {
             None => Record::WillClear(next_stamp(), client_id),
         };
         journal.append(&record);
+        match &record {
+            Record::Will(will) => {
+                self.persist_wills
+                    .insert(will.client_id.clone(), record.clone());
+            }
+            Record::WillClear(_, client_id) => {
+                self.persist_wills.remove(client_id);
+            }
+            _ => {}
+        }
     }
 
     /// True when session `key` holds a will waiting for its delay.

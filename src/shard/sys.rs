@@ -76,6 +76,8 @@ impl Shard {
             c.store_bytes_written += s.bytes_written;
             c.store_fsyncs += s.fsyncs;
             c.store_write_errors += s.write_errors;
+            c.store_snapshots += s.snapshots;
+            c.store_log_bytes += journal.log_bytes_since_snapshot();
         }
         c.store_disk_full = u64::from(self.store_refuses());
         if let Some(link) = &self.cluster {

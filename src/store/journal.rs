@@ -56,6 +56,11 @@ pub struct JournalStats {
     pub fsyncs: u64,
     /// Writes that failed (full disk, I/O error).
     pub write_errors: u64,
+    /// Snapshots written while running (store::snapshot).
+    pub snapshots: u64,
+    /// LSN where the log since the last snapshot starts (the journal's
+    /// first segment until the first snapshot).
+    pub snapshot_base: Lsn,
 }
 
 /// What the commit task and the shard share (one thread: `Cell`s).
@@ -68,6 +73,13 @@ struct State {
     waiters: Vec<Waker>,
     /// Figures.
     stats: JournalStats,
+    /// A segment switch asked for by [`Journal::rotate`]: where in
+    /// `pending` the new segment (its header) starts, and its base LSN.
+    rotate: Option<(usize, Lsn)>,
+    /// The snapshot task waiting for the log to reach `snapshot_at`.
+    snapshot_waker: Option<Waker>,
+    /// The LSN past which the snapshot task is woken (`u64::MAX`: none).
+    snapshot_at: Lsn,
 }
 
 /// One shard's journal of one directory.
@@ -78,8 +90,9 @@ pub struct Journal {
     shard_tag: u16,
     /// Shards of the broker (segment headers).
     shards: u16,
-    /// LSN of the new segment's first byte (its header).
-    base: Lsn,
+    /// LSN of the current segment's first byte (its header); moves at
+    /// each [`Journal::rotate`], once the commit task switched files.
+    base: Cell<Lsn>,
     /// `ack` or `interval`.
     mode: SyncMode,
     /// Period of the syncs in `interval` mode.
@@ -128,7 +141,7 @@ impl Journal {
             dir: dir.to_path_buf(),
             shard_tag,
             shards,
-            base,
+            base: Cell::new(base),
             mode,
             interval,
             end: Cell::new(base + HEADER_LEN as u64),
@@ -140,14 +153,76 @@ impl Journal {
                 pending,
                 commit_waker: None,
                 waiters: Vec::new(),
-                stats: JournalStats::default(),
+                stats: JournalStats {
+                    snapshot_base: base,
+                    ..JournalStats::default()
+                },
+                rotate: None,
+                snapshot_waker: None,
+                snapshot_at: Lsn::MAX,
             }),
         }
     }
 
     /// The segment file this journal writes.
     pub fn path(&self) -> PathBuf {
-        segment_path(&self.dir, self.base)
+        segment_path(&self.dir, self.base.get())
+    }
+
+    /// The directory its segments go to.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The shard number and shard count written in its segment headers.
+    pub fn tags(&self) -> (u16, u16) {
+        (self.shard_tag, self.shards)
+    }
+
+    /// Starts a new segment at the end of the log: what was appended so far
+    /// goes to the current file, which the commit task makes durable and
+    /// closes; what is appended from now on goes to `log-<returned LSN>`.
+    /// A snapshot taken from now on makes every earlier segment obsolete.
+    /// A second call before the switch happened returns the same LSN.
+    pub fn rotate(&self) -> Lsn {
+        let mut state = self.state.borrow_mut();
+        if let Some((_, base)) = state.rotate {
+            return base;
+        }
+        let base = self.end.get();
+        let at = state.pending.len();
+        state.rotate = Some((at, base));
+        let header = Header {
+            version: FORMAT_VERSION,
+            shard: self.shard_tag,
+            shards: self.shards,
+            base_lsn: base,
+        };
+        state.pending.extend_from_slice(&header.encode());
+        if let Some(waker) = state.commit_waker.take() {
+            waker.wake();
+        }
+        self.end.set(base + HEADER_LEN as u64);
+        base
+    }
+
+    /// Records a snapshot written for the log from `base` on.
+    pub fn snapshot_written(&self, base: Lsn) {
+        let mut state = self.state.borrow_mut();
+        state.stats.snapshots += 1;
+        state.stats.snapshot_base = base;
+    }
+
+    /// Records that a snapshot for the log from `base` on failed: the next
+    /// try waits until the log grew by another threshold from there.
+    pub fn snapshot_failed(&self, base: Lsn) {
+        self.state.borrow_mut().stats.snapshot_base = base;
+    }
+
+    /// Bytes of log since the last snapshot (or since the journal started).
+    pub fn log_bytes_since_snapshot(&self) -> u64 {
+        let since = self.state.borrow().stats.snapshot_base;
+        self.end.get().saturating_sub(since)
     }
 
     /// Appends `record`; returns the LSN after it (what an acknowledgement
@@ -164,6 +239,11 @@ impl Journal {
             waker.wake();
         }
         self.end.set(self.end.get() + added);
+        if self.end.get() >= state.snapshot_at
+            && let Some(waker) = state.snapshot_waker.take()
+        {
+            waker.wake();
+        }
         self.end.get()
     }
 
@@ -173,10 +253,25 @@ impl Journal {
     pub fn pending_records(&self) -> Vec<Record> {
         let state = self.state.borrow();
         let body = match self.written.get() {
-            w if w == self.base => &state.pending[HEADER_LEN..],
+            w if w == self.base.get() => &state.pending[HEADER_LEN..],
             _ => &state.pending[..],
         };
         crate::store::read_records(body).0
+    }
+
+    /// Waits until the log since the last snapshot is at least `bytes`
+    /// long (the snapshot task; woken by [`Journal::append`]).
+    pub async fn wait_log_bytes(&self, bytes: u64) {
+        poll_fn(|cx| {
+            if self.log_bytes_since_snapshot() >= bytes {
+                return Poll::Ready(());
+            }
+            let mut state = self.state.borrow_mut();
+            state.snapshot_at = state.stats.snapshot_base.saturating_add(bytes);
+            state.snapshot_waker = Some(cx.waker().clone());
+            Poll::Pending
+        })
+        .await;
     }
 
     /// LSN after the last appended record.
@@ -242,24 +337,30 @@ pub fn segment_path(dir: &Path, base: Lsn) -> PathBuf {
     dir.join(format!("log-{base:016x}.fml"))
 }
 
-/// Writes and syncs `journal` until `stop` is set and nothing is pending.
-pub async fn commit_loop(journal: Rc<Journal>, stop: Arc<AtomicBool>) {
-    let path = journal.path();
-    let file = loop {
+/// Opens (creating or truncating) the segment file at `path`, retrying
+/// every [`RETRY_PERIOD`] while that fails.
+async fn open_segment(journal: &Journal, path: &Path) -> BufferedFile {
+    loop {
         match OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
-            .buffered_open(&path)
+            .buffered_open(path)
             .await
         {
-            Ok(file) => break file,
+            Ok(file) => return file,
             Err(e) => {
                 journal.set_failing(true, &e);
                 glommio::timer::sleep(RETRY_PERIOD).await;
             }
         }
-    };
+    }
+}
+
+/// Writes and syncs `journal` until `stop` is set and nothing is pending.
+pub async fn commit_loop(journal: Rc<Journal>, stop: Arc<AtomicBool>) {
+    let path = journal.path();
+    let mut file = open_segment(&journal, &path).await;
     info!(
         "persistence: journal {} open (shard tag {}, {} shards)",
         path.display(),
@@ -275,23 +376,52 @@ pub async fn commit_loop(journal: Rc<Journal>, stop: Arc<AtomicBool>) {
             break;
         }
         if has_pending {
-            let buf = journal.state.borrow().pending.clone();
-            match file.write_at(buf, pos).await {
-                Ok(n) => {
-                    pos += n as u64;
-                    let mut state = journal.state.borrow_mut();
-                    state.pending.drain(..n);
-                    state.stats.bytes_written += n as u64;
-                    drop(state);
-                    journal.written.set(journal.base + pos);
-                    journal.set_failing(false, &"");
+            // Up to a segment switch, if one is asked for: the rest goes
+            // to the next file.
+            let buf = {
+                let state = journal.state.borrow();
+                let upto = state.rotate.map_or(state.pending.len(), |(at, _)| at);
+                state.pending[..upto].to_vec()
+            };
+            if !buf.is_empty() {
+                match file.write_at(buf, pos).await {
+                    Ok(n) => {
+                        pos += n as u64;
+                        let mut state = journal.state.borrow_mut();
+                        state.pending.drain(..n);
+                        if let Some((at, _)) = &mut state.rotate {
+                            *at -= n;
+                        }
+                        state.stats.bytes_written += n as u64;
+                        drop(state);
+                        journal.written.set(journal.base.get() + pos);
+                        journal.set_failing(false, &"");
+                    }
+                    Err(e) => {
+                        journal.state.borrow_mut().stats.write_errors += 1;
+                        journal.set_failing(true, &e);
+                        glommio::timer::sleep(RETRY_PERIOD).await;
+                        continue;
+                    }
                 }
-                Err(e) => {
-                    journal.state.borrow_mut().stats.write_errors += 1;
-                    journal.set_failing(true, &e);
-                    glommio::timer::sleep(RETRY_PERIOD).await;
-                    continue;
-                }
+            }
+            let switch = journal
+                .state
+                .borrow()
+                .rotate
+                .and_then(|(at, base)| (at == 0).then_some(base));
+            if let Some(base) = switch {
+                // The old segment is complete: durable before anything of
+                // the new one can count (the prefix property, §5.1).
+                sync(&journal, &file).await;
+                let _ = file.close().await;
+                journal.base.set(base);
+                journal.state.borrow_mut().rotate = None;
+                file = open_segment(&journal, &journal.path()).await;
+                sync_dir(&journal.dir);
+                pos = 0;
+                journal.wake_waiters();
+                continue;
             }
         }
         let due = match journal.mode {

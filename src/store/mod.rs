@@ -9,6 +9,8 @@
 //!   FORMAT           "fanmq-store 1": an older fanmq refuses a newer format
 //!   retained/        log-<base LSN, 16 hex>.fml: shard 0's journal of retained updates
 //!   shard-<k>/       log-*.fml: shard k's persistent sessions (subscriptions)
+//!   */snap-<LSN>.fms a snapshot of that journal for the log from LSN on
+//!                    (written while running: the snapshot module)
 //!   corrupt-<ms>/    damaged files moved (or copied) aside, never read again
 //! ```
 //!
@@ -21,6 +23,7 @@ pub mod flows;
 pub mod frame;
 pub mod journal;
 pub mod record;
+pub mod snapshot;
 
 use std::fs::{self, File};
 use std::io::Write;
@@ -175,8 +178,9 @@ fn check_format(dir: &Path) -> Result<(), StoreError> {
 pub struct LoadedLog {
     /// Every valid record, oldest first.
     pub records: Vec<Record>,
-    /// The segments read: to remove once their live records are durable in
-    /// a new segment.
+    /// The segments and snapshots read (or made obsolete by the snapshot
+    /// read): to remove once their live records are durable in a new
+    /// segment.
     pub segments: Vec<PathBuf>,
     /// The LSN a new segment starts at (after every segment found).
     pub next_base: u64,
@@ -219,8 +223,26 @@ pub fn load_log(store: &Path, dir: &Path) -> Result<LoadedLog, StoreError> {
     segments.sort();
     let mut loaded = LoadedLog::default();
     let mut quarantine = Quarantine::new(store);
+    // The newest complete snapshot, then the log from its base on; older
+    // segments are obsolete (removed with the rest by the start-up
+    // compaction).
+    let found = snapshot::newest(dir, &mut quarantine)?;
+    loaded.quarantined += found.quarantined;
+    loaded.segments.extend(found.files);
+    loaded.next_base = found.highest_base + u64::from(found.highest_base > 0);
+    let from = match found.chosen {
+        Some((base, records)) => {
+            loaded.records = records;
+            base
+        }
+        None => 0,
+    };
     let mut damaged = false;
     for (base, path) in segments {
+        if base < from {
+            loaded.segments.push(path);
+            continue;
+        }
         // LSNs only grow: a new segment starts after every one found.
         loaded.next_base = loaded.next_base.max(base + 1);
         if damaged {
@@ -725,7 +747,7 @@ mod tests {
     use bytes::Bytes;
     use bytestring::ByteString;
 
-    fn retain(stamp: u64, topic: &str, payload: &'static [u8]) -> Record {
+    pub(super) fn retain(stamp: u64, topic: &str, payload: &'static [u8]) -> Record {
         Record::Retain(
             stamp,
             StoredMessage {
@@ -740,7 +762,7 @@ mod tests {
     }
 
     /// A segment at `base` holding `records`.
-    fn segment(base: u64, records: &[Record]) -> Vec<u8> {
+    pub(super) fn segment(base: u64, records: &[Record]) -> Vec<u8> {
         let mut out = Header {
             version: frame::FORMAT_VERSION,
             shard: frame::RETAINED_SHARD,

@@ -1041,3 +1041,205 @@ fn wills_of_persistent_sessions_are_published_after_a_kill_9() {
         ])
     );
 }
+
+/// Bytes of every file under `dir`.
+fn dir_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| {
+            let meta = e.metadata().unwrap();
+            if meta.is_dir() {
+                dir_bytes(&e.path())
+            } else {
+                meta.len()
+            }
+        })
+        .sum()
+}
+
+/// Publishes `count` QoS 1 messages from `client` (as many in flight as
+/// rumqttc allows), topic and payload from `message(n)`, and waits for
+/// every PUBACK.
+fn publish_all(
+    client: &mut Mqtt,
+    count: usize,
+    retain: bool,
+    message: impl Fn(usize) -> (String, Vec<u8>),
+) {
+    for n in 0..count {
+        let (topic, payload) = message(n);
+        client.publish(&topic, rumqttc::QoS::AtLeastOnce, retain, &payload);
+    }
+    for _ in 0..count {
+        client
+            .wait_for(|p| matches!(p, rumqttc::Packet::PubAck(_)).then_some(()))
+            .unwrap_or_else(|e| panic!("no PUBACK: {e}"));
+    }
+}
+
+/// With a small `persistence_snapshot_log_bytes`, a stream of QoS 1
+/// messages to online persistent subscribers (who acknowledge them) and of
+/// retained messages replacing each other makes several snapshots while
+/// the broker runs, and the directory stays bounded however many messages
+/// went through; after a kill -9, with each journal's newest snapshot torn,
+/// the messages held for offline persistent subscribers (published before
+/// every snapshot) and every retained message are back.
+#[test]
+fn snapshots_while_running_bound_the_directory_and_lose_nothing_to_kill_9() {
+    /// The threshold under test.
+    const THRESHOLD: u64 = 64 * 1024;
+    /// Rounds of publishing; the directory is measured after each.
+    const ROUNDS: usize = 10;
+    /// QoS 1 messages to the online subscribers per round.
+    const PER_ROUND: usize = 800;
+    /// Retained publishes per round, over [`TOPICS`] topics.
+    const RETAINED_PER_ROUND: usize = 100;
+    /// Retained topics.
+    const TOPICS: usize = 25;
+    /// Messages held for the offline subscribers.
+    const HELD: usize = 20;
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!("persistence_snapshot_log_bytes = {THRESHOLD}");
+    // HTTP on this time: the metrics count the snapshots.
+    let broker = Broker::builder()
+        .config(&format!(
+            "persistence = true\npersistence_location = \"{}\"\n{config}",
+            dir.path().display()
+        ))
+        .start();
+    let offline = offline_subscribers(&broker, "snap-held", "held/#", 2);
+    let mut online = Vec::new();
+    let mut shards_seen = [false; 2];
+    for n in 0..64 {
+        let id = format!("snap-online-{n}-{}", unique());
+        let (mut client, _) = persistent(broker.port, &id);
+        client.subscribe("flow/#", rumqttc::QoS::AtLeastOnce);
+        shards_seen[broker.shard_of(&id)] = true;
+        online.push(client);
+        if online.len() >= 2 && shards_seen == [true, true] {
+            break;
+        }
+    }
+    assert_eq!(
+        shards_seen,
+        [true, true],
+        "online subscribers on both shards"
+    );
+    let mut publisher = Mqtt::connect(broker.port, "snap-pub");
+    publish_all(&mut publisher, HELD, false, |n| {
+        (format!("held/{n}"), format!("held {n}").into_bytes())
+    });
+    let payload = vec![b'x'; 512];
+    let mut sizes = Vec::new();
+    let mut last_retained = BTreeMap::new();
+    for round in 0..ROUNDS {
+        publish_all(&mut publisher, PER_ROUND, false, |n| {
+            (format!("flow/{round}/{n}"), payload.clone())
+        });
+        publish_all(&mut publisher, RETAINED_PER_ROUND, true, |n| {
+            let topic = format!("ret/{}", n % TOPICS);
+            (
+                topic,
+                format!("{round} {n} {}", "r".repeat(400)).into_bytes(),
+            )
+        });
+        for n in RETAINED_PER_ROUND - TOPICS..RETAINED_PER_ROUND {
+            last_retained.insert(
+                format!("ret/{}", n % TOPICS),
+                format!("{round} {n} {}", "r".repeat(400)).into_bytes(),
+            );
+        }
+        // Every online subscriber has had (and acknowledged) the round.
+        let marker = format!("flow/end/{round}");
+        publisher.publish_acked(&marker, false, b"end");
+        for client in &mut online {
+            let got = client.collect_until(&marker);
+            assert!(got.len() > PER_ROUND, "round {round}: {}", got.len());
+        }
+        sizes.push(dir_bytes(dir.path()));
+    }
+    let snapshots = broker
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("persistence: snapshot") && l.contains("written"))
+        .count();
+    assert!(
+        snapshots >= 6,
+        "several snapshots of each journal ({snapshots}):\n{}",
+        broker.log_text()
+    );
+    // What went through the logs: each flow message once on both shards'
+    // logs, each retained publish once on the retained log.
+    let logged = (ROUNDS * (PER_ROUND * 2 * payload.len() + RETAINED_PER_ROUND * 400)) as u64;
+    // Three journals (retained, two shards), each at most two snapshots and
+    // the log since the older one, with room for what one round leaves
+    // unacknowledged in flight.
+    let bound = 3 * (4 * THRESHOLD + 256 * 1024);
+    assert!(
+        logged > 4 * bound,
+        "the test writes far more than the bound"
+    );
+    for (round, size) in sizes.iter().enumerate() {
+        assert!(
+            *size <= bound,
+            "after round {round} the directory holds {size} bytes (bound {bound}; sizes {sizes:?})"
+        );
+    }
+    let stats = crate::admin::wait_stats(&broker, |s| {
+        crate::admin::total(s, "store_snapshots") >= snapshots as u64
+    });
+    assert!(
+        crate::admin::total(&stats, "store_log_bytes") <= bound,
+        "log since the last snapshots: {stats}"
+    );
+    for client in online {
+        client.disconnect();
+    }
+    kill_9(broker);
+    // Tear each journal's newest snapshot in half (as a disk error would):
+    // the load falls back to the snapshot before it and the log after that.
+    let mut torn = 0;
+    for journal in std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(Result::ok)
+    {
+        let mut snaps: Vec<_> = std::fs::read_dir(journal.path())
+            .into_iter()
+            .flatten()
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "fms"))
+            .collect();
+        snaps.sort();
+        if let Some(newest) = snaps.last() {
+            let data = std::fs::read(newest).unwrap();
+            std::fs::write(newest, &data[..data.len() / 2]).unwrap();
+            torn += 1;
+        }
+    }
+    assert_eq!(torn, 3, "a snapshot in each journal");
+    let broker = start(dir.path(), &config);
+    assert_eq!(
+        retained_on_both_shards(&broker, "ret/#"),
+        [last_retained.clone(), last_retained],
+        "every retained message, as last published"
+    );
+    let mut marker = Mqtt::connect(broker.port, "snap-marker");
+    marker.publish_acked("held/end", false, b"end");
+    for id in &offline {
+        let (mut client, present) = persistent(broker.port, id);
+        assert!(present, "{id}: session present");
+        let got: Vec<String> = client
+            .collect_until("held/end")
+            .iter()
+            .map(|p| String::from_utf8_lossy(&p.payload).to_string())
+            .collect();
+        let expected: Vec<String> = (0..HELD)
+            .map(|n| format!("held {n}"))
+            .chain(["end".to_string()])
+            .collect();
+        assert_eq!(got, expected, "{id}: every held message, in order");
+        client.disconnect();
+    }
+}
