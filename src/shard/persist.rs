@@ -135,7 +135,7 @@ impl Shard {
             ));
             mid
         };
-        let Some((image, tail, qos2)) = self.image_with_flows(key, store) else {
+        let Some((image, tail, _)) = self.image_with_flows(key, store) else {
             return;
         };
         self.persist_stamps.insert(key, image.stamp);
@@ -143,11 +143,13 @@ impl Shard {
         for record in tail {
             self.needed_lsns[1] = journal.append(&record);
         }
-        if qos2 {
-            // Resent QoS 2 packets (a reconnect) wait for the new image's
-            // records of their packet ids.
-            self.hold_out(key, self.needed_lsns[1]);
-        }
+        // What the connection is sent next waits for the image: the
+        // CONNACK of a persistent session (its subscriptions and queue are
+        // on disk before Session Present is promised), a SUBACK or UNSUBACK
+        // (a granted subscription survives a crash right after it), QoS 2
+        // packets resent at a reconnect (the records of their packet ids).
+        // An offline session has no connection to hold.
+        self.hold_out(key, self.needed_lsns[1]);
     }
 
     /// The image of persistent session `key` (None: no such session, or a

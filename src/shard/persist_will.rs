@@ -53,7 +53,10 @@ impl Shard {
             }
             None => Record::WillClear(next_stamp(), client_id),
         };
-        journal.append(&record);
+        // The CONNACK that accepted the will waits for it, as for the image.
+        let lsn = journal.append(&record);
+        self.needed_lsns[1] = self.needed_lsns[1].max(lsn);
+        self.hold_out(key, lsn);
         match &record {
             Record::Will(will) => {
                 self.persist_wills

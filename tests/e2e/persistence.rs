@@ -481,8 +481,9 @@ fn persistent(port: u16, id: &str) -> (Mqtt, bool) {
 }
 
 /// Waits until this client's shard has journalled what it did so far: a
-/// retained QoS 1 PUBACK waits for that shard's journals (the SUBACK
-/// itself does not wait for the disk yet, README "Persistence").
+/// retained QoS 1 PUBACK waits for that shard's journals (as the CONNACK
+/// and SUBACK of a persistent session do; this also covers what came
+/// after them).
 fn until_journalled(client: &mut Mqtt, id: &str) {
     client.publish_acked(&format!("marks/{id}"), true, b"m");
 }
@@ -557,6 +558,61 @@ fn persistent_sessions_keep_their_subscriptions_across_kill_9_on_both_shards() {
     );
     let (_ended, present) = persistent(broker.port, "keep-ended");
     assert!(!present, "a clean start ended the session for good");
+}
+
+/// The CONNACK and SUBACK of a persistent session leave only once its image
+/// is durable: a `kill -9` right after them keeps the session (Session
+/// Present after the restart) and the granted subscription, on both
+/// shards, with nothing else waited for in between.
+#[test]
+fn a_session_and_a_subscription_survive_a_kill_9_right_after_connack_and_suback() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = start(dir.path(), "");
+    let mut subscribed = Vec::new();
+    let mut connected = Vec::new();
+    let mut shards_seen = [false; 2];
+    for n in 0..64 {
+        let id = format!("acked-{n}-{}", unique());
+        let (mut client, present) = persistent(broker.port, &id);
+        assert!(!present);
+        shards_seen[broker.shard_of(&id)] = true;
+        if n % 2 == 0 {
+            assert_eq!(
+                client.subscribe("acked/t", rumqttc::QoS::AtLeastOnce),
+                vec![rumqttc::SubscribeReasonCode::Success(
+                    rumqttc::QoS::AtLeastOnce
+                )]
+            );
+            subscribed.push((id, client));
+        } else {
+            connected.push((id, client));
+        }
+        if subscribed.len() >= 4 && connected.len() >= 4 && shards_seen == [true, true] {
+            break;
+        }
+    }
+    assert_eq!(shards_seen, [true, true], "sessions on both shards");
+    // At once after the last SUBACK: no PUBACK or other wait in between.
+    kill_9(broker);
+
+    let broker = start(dir.path(), "");
+    let mut publisher = Mqtt::connect(broker.port, "acked-pub");
+    publisher.publish_acked("acked/t", false, b"after restart");
+    for (id, _) in &connected {
+        let (client, present) = persistent(broker.port, id);
+        assert!(present, "{id}: the session its CONNACK promised is there");
+        drop(client);
+    }
+    for (id, _) in &subscribed {
+        let (mut client, present) = persistent(broker.port, id);
+        assert!(present, "{id}: session present after the restart");
+        let p = client.expect_publish();
+        assert_eq!(
+            (p.topic.as_str(), &p.payload[..]),
+            ("acked/t", &b"after restart"[..]),
+            "{id}: the subscription its SUBACK granted"
+        );
+    }
 }
 
 /// An MQTT 5.0 CONNECT with Clean Start 0 and Session Expiry `expiry`.
