@@ -46,18 +46,24 @@ pub fn write_results(file: &ResultFile, out: &str, plots: bool) -> Result<(), Re
     Ok(())
 }
 
+/// The files of directory `dir` with extension `ext`, sorted by name.
+fn files_ending(dir: &str, ext: &str) -> Result<Vec<std::path::PathBuf>, ReportError> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .map_err(|e| ReportError::Io(dir.to_owned(), e))?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == ext))
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
 /// Regenerates the Markdown and the plots.
 ///
 /// # Errors
 /// A results file is unreadable, or an output cannot be written.
 pub fn run(o: &ReportOpts) -> Result<(), ReportError> {
-    let mut files: Vec<_> = std::fs::read_dir(&o.results)
-        .map_err(|e| ReportError::Io(o.results.clone(), e))?
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "json"))
-        .collect();
-    files.sort();
+    let files = files_ending(&o.results, "json")?;
     std::fs::create_dir_all(&o.plots).map_err(|e| ReportError::Io(o.plots.clone(), e))?;
     let md_dir = Path::new(&o.markdown).parent().unwrap_or(Path::new("."));
     let mut md = String::from(
@@ -71,7 +77,9 @@ pub fn run(o: &ReportOpts) -> Result<(), ReportError> {
          message's scheduled send, not growing from the first to the last tenth of a step), then \
          a run at R_max / 2 reports p50/p99/p999/max publish→subscriber against the bound \
          1.2 × N ÷ (R_max × N), and the backlog growth over that run. Every run reports the load \
-         generator's own CPU; where it was saturated, the figures are lower bounds for the broker.\n",
+         generator's own CPU; where it was saturated, the figures are lower bounds for the broker. \
+         The last sections (from `bench/results/*.md`) summarize series of runs by hand: the \
+         medians and ratios of alternating rounds, with the commands that made them.\n",
     );
     for path in &files {
         let p = path.to_string_lossy().to_string();
@@ -109,6 +117,15 @@ pub fn run(o: &ReportOpts) -> Result<(), ReportError> {
         if fold {
             md.push_str("</details>\n");
         }
+    }
+    // Summaries over several runs (medians of alternating rounds, ratios)
+    // that no single results file holds: `bench/results/*.md`, appended as
+    // they are, after the generated sections.
+    for path in &files_ending(&o.results, "md")? {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ReportError::Io(path.to_string_lossy().to_string(), e))?;
+        md.push('\n');
+        md.push_str(&text);
     }
     std::fs::write(&o.markdown, md).map_err(|e| ReportError::Io(o.markdown.clone(), e))?;
     log::info!("wrote {} from {} result file(s)", o.markdown, files.len());
