@@ -14,7 +14,7 @@ use crate::procfs;
 use crate::progress::Progress;
 use crate::protocol::{ConnectSummary, WorkerReport};
 use crate::publisher::{self, Plan, Published};
-use crate::result::{ConnectFigures, FanoutFigures, GeneratorUsage};
+use crate::result::{ConnectFigures, FanoutFigures, GeneratorUsage, VersionFigures};
 use crate::stats::{self, Clock};
 use crate::target::{CpuWindow, Phase, ScenarioError, Target};
 use std::collections::BTreeMap;
@@ -275,6 +275,8 @@ pub fn shared_figures(f: &mut FanoutFigures) {
 /// message (ns, 0 = never arrived).
 pub fn fanout_figures(reports: &[WorkerReport], published: u64) -> (FanoutFigures, Vec<u64>) {
     let mut hist = stats::new_hist();
+    let mut v5_hist = stats::new_hist();
+    let (mut v5_delivered, mut v5_bytes) = (0, 0);
     let mut last = Vec::new();
     let mut timeline = Vec::new();
     let counted: u64 = reports.iter().map(|r| r.counted).sum();
@@ -295,6 +297,9 @@ pub fn fanout_figures(reports: &[WorkerReport], published: u64) -> (FanoutFigure
         f.aliased += r.aliased;
         f.alias_only += r.alias_only;
         let _ = stats::add_pairs(&mut hist, &r.latency);
+        let _ = stats::add_pairs(&mut v5_hist, &r.v5_latency);
+        v5_delivered += r.v5_delivered;
+        v5_bytes += r.v5_publish_bytes;
         stats::max_series(&mut last, &r.last_arrival);
         stats::add_series(&mut timeline, &r.timeline);
         if r.first_delivery_ns > 0 {
@@ -323,8 +328,38 @@ pub fn fanout_figures(reports: &[WorkerReport], published: u64) -> (FanoutFigure
     if f.delivered > 0 {
         f.bytes_per_delivery = f.publish_bytes as f64 / f.delivered as f64;
     }
-    f.latency = stats::summarize(&hist);
     f.latency_last = stats::summarize(&last_hist);
+    if v5_delivered > 0 {
+        let mut v3_hist = hist.clone();
+        // The 5.0 histogram is a part of the whole one: never fails.
+        let _ = v3_hist.subtract(&v5_hist);
+        let split = [
+            (
+                "4",
+                f.delivered - v5_delivered,
+                f.publish_bytes - v5_bytes,
+                &v3_hist,
+            ),
+            ("5", v5_delivered, v5_bytes, &v5_hist),
+        ];
+        for (version, delivered, bytes, h) in split {
+            if delivered == 0 {
+                continue;
+            }
+            let figures = VersionFigures {
+                delivered,
+                deliveries_per_s: if f.seconds > 0.0 {
+                    delivered as f64 / f.seconds
+                } else {
+                    0.0
+                },
+                bytes_per_delivery: bytes as f64 / delivered as f64,
+                latency: stats::summarize(h),
+            };
+            f.by_version.insert(version.to_owned(), figures);
+        }
+    }
+    f.latency = stats::summarize(&hist);
     (f, last)
 }
 

@@ -220,4 +220,13 @@ pub struct WorkerReport {
     pub aliased: u64,
     #[serde(default)]
     pub alias_only: u64,
+    /// The MQTT 5.0 subscribers' part of `delivered`, `latency` and
+    /// `publish_bytes` (all of it with `--protocol 5`, about half with
+    /// `mixed`, none with `4`).
+    #[serde(default)]
+    pub v5_delivered: u64,
+    #[serde(default)]
+    pub v5_latency: HistPairs,
+    #[serde(default)]
+    pub v5_publish_bytes: u64,
 }

@@ -168,6 +168,24 @@ pub struct FanoutFigures {
     pub aliased: u64,
     #[serde(default)]
     pub alias_only: u64,
+    /// The same figures per subscriber protocol version (`"4"`, `"5"`),
+    /// for a run with MQTT 5.0 subscribers (`--protocol 5` or `mixed`): in
+    /// a mixed run, whether one version's subscribers get their messages
+    /// later or in more bytes than the other's. Empty for a 3.1.1 run.
+    #[serde(default)]
+    pub by_version: BTreeMap<String, VersionFigures>,
+}
+
+/// Fan-out figures of the subscribers of one protocol version.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct VersionFigures {
+    pub delivered: u64,
+    /// `delivered` ÷ the run's `seconds` (the whole run's first to last
+    /// delivery).
+    pub deliveries_per_s: f64,
+    pub bytes_per_delivery: f64,
+    /// Publish → each subscriber of this version.
+    pub latency: Latency,
 }
 
 /// Idle figures.
@@ -553,6 +571,33 @@ pub fn run_table(run: &RunResult) -> String {
         );
         if !f.errors.is_empty() {
             row("subscriber errors", fmt_errors(&f.errors));
+        }
+        // Only for runs with MQTT 5.0 subscribers, so that the sections of
+        // older 3.1.1 results stay as they were.
+        if !f.by_version.is_empty() {
+            row(
+                "PUBLISH bytes per delivery (with a Topic Alias / alias alone)",
+                format!(
+                    "{:.1} ({} / {})",
+                    f.bytes_per_delivery, f.aliased, f.alias_only
+                ),
+            );
+        }
+        for (version, v) in &f.by_version {
+            let name = if version == "4" { "3.1.1" } else { "5.0" };
+            row(
+                &format!(
+                    "MQTT {name} subscribers: delivered, deliveries/s, p50 / p99 µs, bytes per delivery"
+                ),
+                format!(
+                    "{}, {:.0}, {:.0} / {:.0}, {:.1}",
+                    v.delivered,
+                    v.deliveries_per_s,
+                    v.latency.p50_us,
+                    v.latency.p99_us,
+                    v.bytes_per_delivery
+                ),
+            );
         }
     }
     if let Some(i) = &run.idle {

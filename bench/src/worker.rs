@@ -100,6 +100,11 @@ struct Worker {
     run_errors: BTreeMap<String, u64>,
     connect_latency: Histogram<u64>,
     latency: Histogram<u64>,
+    /// The part of `latency`, `delivered` and `publish_bytes` that went to
+    /// MQTT 5.0 subscribers (the per-version split of a `mixed` run).
+    v5_latency: Histogram<u64>,
+    v5_delivered: u64,
+    v5_publish_bytes: u64,
     /// Per tracked message of the phase: the largest latency seen here.
     last_arrival: Vec<u64>,
     timeline: Timeline,
@@ -173,6 +178,9 @@ pub fn run() -> Result<(), WorkerError> {
         run_errors: BTreeMap::new(),
         connect_latency: stats::new_hist(),
         latency: stats::new_hist(),
+        v5_latency: stats::new_hist(),
+        v5_delivered: 0,
+        v5_publish_bytes: 0,
         last_arrival: Vec::new(),
         delivered: 0,
         foreign: 0,
@@ -367,6 +375,9 @@ impl Worker {
             c.counted = c.state == State::Ready;
         }
         self.latency.reset();
+        self.v5_latency.reset();
+        self.v5_delivered = 0;
+        self.v5_publish_bytes = 0;
         self.last_arrival = Vec::new();
         self.timeline = Timeline::new(timeline_start_ns, self.task.bucket_ns);
         self.delivered = 0;
@@ -396,6 +407,9 @@ impl Worker {
             publish_bytes: self.publish_bytes,
             aliased: self.aliased,
             alias_only: self.alias_only,
+            v5_delivered: self.v5_delivered,
+            v5_latency: stats::to_pairs(&self.v5_latency),
+            v5_publish_bytes: self.v5_publish_bytes,
             ..WorkerReport::default()
         };
         for c in &self.conns {
@@ -666,6 +680,9 @@ impl Worker {
             self.on_frame(i, frame, now)?;
             if self.delivered > delivered {
                 self.publish_bytes += used as u64;
+                if v5 {
+                    self.v5_publish_bytes += used as u64;
+                }
             }
         }
     }
@@ -714,6 +731,10 @@ impl Worker {
                         self.delivered += 1;
                         let lat = now.saturating_sub(sent);
                         stats::record(&mut self.latency, lat);
+                        if self.task.protocol.v5_for(self.task.first_index + i as u64) {
+                            self.v5_delivered += 1;
+                            stats::record(&mut self.v5_latency, lat);
+                        }
                         let c = &mut self.conns[i];
                         c.seq.on_seq(seq);
                         // Slot of a tracked message (no division when

@@ -42,6 +42,99 @@ use crate::protocol::v5::{self, Properties, Property, PublishHeader};
 /// Encoded bytes shared by the queues of one shard.
 pub type Frame = Rc<[u8]>;
 
+/// Lanes of a shard's [`Batch`]: one per kind of QoS 0 frame (3.1.1, 5.0
+/// plain, 5.0 with a Topic Alias).
+pub const LANES: usize = 3;
+
+/// The lane of MQTT 3.1.1 frames.
+const LANE_V3: u8 = 0;
+
+/// The lane of MQTT 5.0 frames without a Topic Alias.
+const LANE_V5: u8 = 1;
+
+/// The lane of MQTT 5.0 frames with a Topic Alias (every variant).
+const LANE_V5_ALIASED: u8 = 2;
+
+/// Where one QoS 0 frame lies in the shard's [`Batch`] of this step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BatchRange {
+    /// The lane it was appended to (below [`LANES`]).
+    pub lane: u8,
+    /// Its first byte in that lane.
+    pub start: u32,
+    /// Its length in bytes.
+    pub len: u32,
+}
+
+/// The QoS 0 frames a shard encodes in one step, one buffer ("lane") per
+/// kind of frame, sealed into one shared chunk at the end of the step.
+///
+/// Why lanes: a subscriber's consecutive frames of one step extend one
+/// queue entry only when they are adjacent in the batch
+/// (`session::outqueue::OutQueue::push_batch`). With one buffer, a step
+/// that serves both 3.1.1 and 5.0 subscribers interleaves their frames
+/// (3.1.1 frame of message 1, 5.0 frame of message 1, 3.1.1 frame of
+/// message 2, ...), so every subscriber got one entry and one iovec per
+/// message instead of one per step. With a lane per kind, each kind's
+/// frames stay back to back.
+#[derive(Debug, Default)]
+pub struct Batch {
+    /// The frames of each lane, in the order they were encoded.
+    lanes: [BytesMut; LANES],
+}
+
+impl Batch {
+    /// True when nothing was encoded in this step.
+    pub fn is_empty(&self) -> bool {
+        self.lanes.iter().all(BytesMut::is_empty)
+    }
+
+    /// Bytes encoded in this step, over every lane.
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.lanes.iter().map(BytesMut::len).sum()
+    }
+
+    /// Ends the step: the lanes back to back as one shared chunk, and where
+    /// each lane starts in it (what `OutQueue::seal` adds to a range's
+    /// start). The lanes are empty afterwards, their memory kept.
+    pub fn seal(&mut self) -> (Frame, [u32; LANES]) {
+        let mut bases = [0u32; LANES];
+        let mut at = 0usize;
+        for (base, lane) in bases.iter_mut().zip(&self.lanes) {
+            *base = u32::try_from(at).unwrap_or(u32::MAX);
+            at += lane.len();
+        }
+        let [first, rest @ ..] = &mut self.lanes;
+        for lane in rest.iter_mut() {
+            first.extend_from_slice(lane);
+            lane.clear();
+        }
+        let chunk = Frame::from(&first[..]);
+        first.clear();
+        (chunk, bases)
+    }
+
+    /// Appends what `encode` writes to `lane` and returns where it lies.
+    fn append(&mut self, lane: u8, encode: impl FnOnce(&mut BytesMut)) -> BatchRange {
+        let Some(buf) = self.lanes.get_mut(usize::from(lane)) else {
+            return BatchRange {
+                lane,
+                start: 0,
+                len: 0,
+            };
+        };
+        let start = buf.len();
+        encode(buf);
+        let len = buf.len() - start;
+        BatchRange {
+            lane,
+            start: u32::try_from(start).unwrap_or(u32::MAX),
+            len: u32::try_from(len).unwrap_or(0),
+        }
+    }
+}
+
 /// Seeds of the topic hash that picks a server Topic Alias: fixed, so that
 /// every subscriber of a shard gets the same alias for a topic (the frames
 /// stay shared), and arbitrary (nothing depends on the values).
@@ -239,11 +332,13 @@ pub struct Encoded<'a> {
     /// The publisher's session key when it is on this shard (for MQTT 5.0
     /// No Local); None for messages from other shards, wills and `$SYS`.
     pub origin: Option<u32>,
-    /// The shard's batch buffer of this step, where QoS 0 frames go.
-    batch: &'a mut BytesMut,
-    /// Where the QoS 0 frame lies in the shard's batch of this step
-    /// (start, length), once encoded.
-    qos0: Option<(u32, u32)>,
+    /// The shard's batch of this step, where QoS 0 frames go.
+    batch: &'a mut Batch,
+    /// Where the QoS 0 frame without a Topic Alias lies in the shard's
+    /// batch of this step, once encoded: index 0 for 3.1.1, 1 for 5.0. Kept
+    /// here, not in [`V5Forms`], so that the per-subscriber lookup is the
+    /// same indexed load for both versions.
+    qos0: [Option<BatchRange>; 2],
     /// Fixed header + topic for QoS 1 and QoS 2 deliveries: index 0 is QoS 1.
     heads: [Option<Frame>; 2],
     /// The payload as a shard-local frame, for QoS 1 and 2 deliveries.
@@ -255,11 +350,11 @@ pub struct Encoded<'a> {
     topic_hash: Option<u64>,
 }
 
-/// The MQTT 5.0 wire forms of one message for one fan-out on one shard.
+/// The MQTT 5.0 wire forms of one message for one fan-out on one shard
+/// (the plain QoS 0 frame's range is in [`Encoded::qos0`]).
 #[derive(Default)]
 struct V5Forms {
-    /// Without a Topic Alias: found without a search, as most deliveries
-    /// need it.
+    /// Without a Topic Alias (QoS 1/2): found without a search.
     plain: EncodedV5,
     /// With a Topic Alias, one per [`AliasUse`] (usually one or two).
     aliased: SmallVec<[EncodedV5; 2]>,
@@ -270,8 +365,8 @@ struct V5Forms {
 struct EncodedV5 {
     /// The Topic Alias this form carries (None: the plain form).
     alias: Option<AliasUse>,
-    /// Where the QoS 0 frame lies in the shard's batch (start, length).
-    qos0: Option<(u32, u32)>,
+    /// Where the QoS 0 frame lies in the shard's batch (aliased forms only).
+    qos0: Option<BatchRange>,
     /// Fixed header + topic for QoS 1 and QoS 2 (index 0 is QoS 1); the
     /// packet id follows, then [`EncodedV5::tail`].
     heads: [Option<Frame>; 2],
@@ -282,12 +377,12 @@ struct EncodedV5 {
 
 impl<'a> Encoded<'a> {
     /// Starts an empty cache for `message`, encoding into `batch`.
-    pub fn new(message: &'a Message, batch: &'a mut BytesMut) -> Self {
+    pub fn new(message: &'a Message, batch: &'a mut Batch) -> Self {
         Encoded {
             message,
             origin: None,
             batch,
-            qos0: None,
+            qos0: [None, None],
             heads: [None, None],
             payload: None,
             v5: None,
@@ -311,31 +406,43 @@ impl<'a> Encoded<'a> {
 
     /// The QoS 0 frame's range in the shard's batch of this step for a
     /// subscriber speaking `version`: encoded (appended) the first time,
-    /// then shared by every subscriber of that version.
-    pub fn qos0_frame(&mut self, version: Version) -> (u32, u32) {
-        if version == Version::V5 {
-            return self.qos0_frame_v5(None);
+    /// then shared by every subscriber of that version. Inlined: after the
+    /// first subscriber it is one load and test, for either version.
+    #[inline]
+    pub fn qos0_frame(&mut self, version: Version) -> BatchRange {
+        let slot = usize::from(version == Version::V5);
+        if let Some(range) = self.qos0[slot] {
+            return range;
         }
+        self.encode_qos0(version)
+    }
+
+    /// Encodes the QoS 0 frame without a Topic Alias for `version` into its
+    /// lane (the first subscriber of that version in this fan-out).
+    #[inline(never)]
+    fn encode_qos0(&mut self, version: Version) -> BatchRange {
         let message = self.message;
-        let batch = &mut *self.batch;
-        *self.qos0.get_or_insert_with(|| {
-            let start = batch.len();
-            let encoded = codec::encode_publish(
-                &message.topic,
-                QoS::AtMostOnce,
-                false,
-                false,
-                0,
-                &message.payload,
-                batch,
-            );
-            report_unencodable(encoded);
-            let len = batch.len() - start;
-            (
-                u32::try_from(start).unwrap_or(u32::MAX),
-                u32::try_from(len).unwrap_or(0),
-            )
-        })
+        let range = if version == Version::V5 {
+            let properties = message.v5_properties(Instant::now());
+            let header = publish_header(message, QoS::AtMostOnce, &properties, None);
+            self.batch.append(LANE_V5, |batch| {
+                report_unencodable_v5(v5::encode_publish(&header, 0, &message.payload, batch));
+            })
+        } else {
+            self.batch.append(LANE_V3, |batch| {
+                report_unencodable(codec::encode_publish(
+                    &message.topic,
+                    QoS::AtMostOnce,
+                    false,
+                    false,
+                    0,
+                    &message.payload,
+                    batch,
+                ));
+            })
+        };
+        self.qos0[usize::from(version == Version::V5)] = Some(range);
+        range
     }
 
     /// The shared head (fixed header and topic) of a QoS 1 or 2 PUBLISH for
@@ -380,8 +487,18 @@ impl<'a> Encoded<'a> {
     /// The MQTT 5.0 QoS 0 frame with Topic Alias `alias`: its range in the
     /// shard's batch, encoded the first time, then shared by every
     /// subscriber that uses the alias the same way.
-    pub fn qos0_frame_aliased(&mut self, alias: AliasUse) -> (u32, u32) {
-        self.qos0_frame_v5(Some(alias))
+    pub fn qos0_frame_aliased(&mut self, alias: AliasUse) -> BatchRange {
+        let message = self.message;
+        if let Some(range) = self.v5_form(Some(alias)).qos0 {
+            return range;
+        }
+        let properties = v5_properties(message, Some(alias));
+        let header = publish_header(message, QoS::AtMostOnce, &properties, Some(alias));
+        let range = self.batch.append(LANE_V5_ALIASED, |batch| {
+            report_unencodable_v5(v5::encode_publish(&header, 0, &message.payload, batch));
+        });
+        self.v5_form(Some(alias)).qos0 = Some(range);
+        range
     }
 
     /// The MQTT 5.0 head and tail of a QoS 1 or 2 PUBLISH with Topic Alias
@@ -412,27 +529,6 @@ impl<'a> Encoded<'a> {
             }
         };
         &mut aliased[at]
-    }
-
-    /// The MQTT 5.0 QoS 0 frame's range in the batch (see
-    /// [`Encoded::qos0_frame`]), with Topic Alias `alias` or without.
-    fn qos0_frame_v5(&mut self, alias: Option<AliasUse>) -> (u32, u32) {
-        let message = self.message;
-        if let Some(range) = self.v5_form(alias).qos0 {
-            return range;
-        }
-        let batch = &mut *self.batch;
-        let start = batch.len();
-        let properties = v5_properties(message, alias);
-        let header = publish_header(message, QoS::AtMostOnce, &properties, alias);
-        report_unencodable_v5(v5::encode_publish(&header, 0, &message.payload, batch));
-        let len = batch.len() - start;
-        let range = (
-            u32::try_from(start).unwrap_or(u32::MAX),
-            u32::try_from(len).unwrap_or(0),
-        );
-        self.v5_form(alias).qos0 = Some(range);
-        range
     }
 
     /// The MQTT 5.0 head for `qos` (1 or 2) and the tail shared by both,

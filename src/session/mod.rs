@@ -395,10 +395,11 @@ impl Session {
                 return Delivery::Skipped;
             }
             let alias = self.alias_use(encoded);
-            let (start, len) = match alias {
+            let range = match alias {
                 Some(alias) => encoded.qos0_frame_aliased(alias),
                 None => encoded.qos0_frame(self.version),
             };
+            let len = range.len;
             if self.too_large(len as usize) {
                 return Delivery::Dropped;
             }
@@ -407,7 +408,7 @@ impl Session {
             {
                 return Delivery::Dropped;
             }
-            self.out.push_batch(start, len);
+            self.out.push_batch(range);
             self.remember_alias(alias, &message.topic);
             return Delivery::Queued;
         }
@@ -458,6 +459,19 @@ impl Session {
         {
             self.server_aliases.remember(alias, topic);
         }
+    }
+
+    /// True when a subscription of this session has an MQTT 5.0 option
+    /// besides QoS (No Local, Retain As Published, a Subscription
+    /// Identifier): its deliveries need [`Session::deliver_v5`]. Inlined,
+    /// one pointer test for most sessions, so that an MQTT 5.0 subscriber
+    /// without options takes the 3.1.1 subscriber's path.
+    #[inline]
+    pub fn has_subscription_options(&self) -> bool {
+        self.state
+            .flows
+            .as_deref()
+            .is_some_and(|f| !f.subscription_options.is_empty())
     }
 
     /// [`Session::deliver`] for an MQTT 5.0 session: the same, unless the
@@ -899,8 +913,9 @@ pub fn ack_for_publish(qos: QoS, packet_id: PacketId) -> Option<[u8; 4]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::message::Batch;
     use crate::session::link::test_link;
-    use bytes::{Bytes, BytesMut};
+    use bytes::Bytes;
 
     const LIMITS: Limits = Limits {
         max_inflight: 2,
@@ -941,7 +956,7 @@ mod tests {
     #[test]
     fn qos0_is_forwarded_with_retain_cleared_and_shared() {
         let m = msg(QoS::AtMostOnce, b"hi");
-        let mut batch = BytesMut::new();
+        let mut batch = Batch::default();
         let mut enc = Encoded::new(&m, &mut batch);
         let mut a = online();
         let mut b = online();
@@ -954,9 +969,9 @@ mod tests {
             Delivery::Queued
         );
         drop(enc);
-        let chunk = crate::session::outqueue::Frame::from(&batch[..]);
-        a.out.seal(&chunk);
-        b.out.seal(&chunk);
+        let (chunk, bases) = batch.seal();
+        a.out.seal(&chunk, &bases);
+        b.out.seal(&chunk, &bases);
         let wa = written(&mut a);
         assert_eq!(wa, written(&mut b));
         assert_eq!(wa, b"\x30\x07\x00\x03a/bhi");
@@ -965,7 +980,7 @@ mod tests {
     #[test]
     fn v3_and_v5_subscribers_share_the_payload_and_get_their_own_frames() {
         let m = msg(QoS::AtLeastOnce, b"x");
-        let mut batch = BytesMut::new();
+        let mut batch = Batch::default();
         let mut enc = Encoded::new(&m, &mut batch);
         let mut v3 = online();
         let mut v5 = online();
@@ -976,8 +991,8 @@ mod tests {
         v5.deliver(&mut enc, QoS::AtLeastOnce, &LIMITS);
         v5_qos0.deliver(&mut enc, QoS::AtMostOnce, &LIMITS);
         drop(enc);
-        let chunk = crate::session::outqueue::Frame::from(&batch[..]);
-        v5_qos0.out.seal(&chunk);
+        let (chunk, bases) = batch.seal();
+        v5_qos0.out.seal(&chunk, &bases);
         assert_eq!(written(&mut v3), b"\x32\x08\x00\x03a/b\x00\x01x");
         // 5.0: the packet id, then the (empty) properties, then the payload.
         assert_eq!(written(&mut v5), b"\x32\x09\x00\x03a/b\x00\x01\x00x");
@@ -987,6 +1002,35 @@ mod tests {
         v5.link = Some(test_link());
         v5.reattach(&LIMITS);
         assert_eq!(written(&mut v5), b"\x3a\x09\x00\x03a/b\x00\x01\x00x");
+    }
+
+    #[test]
+    fn a_step_for_both_versions_keeps_each_subscribers_frames_in_one_entry() {
+        // Two messages in one step to a 3.1.1 and a 5.0 subscriber: each
+        // version's frames lie in their own lane of the batch, so each
+        // subscriber's two frames merge into one entry (one iovec).
+        let (m1, m2) = (msg(QoS::AtMostOnce, b"1"), msg(QoS::AtMostOnce, b"2"));
+        let mut batch = Batch::default();
+        let mut v3 = online();
+        let mut v5 = online();
+        v5.version = Version::V5;
+        for m in [&m1, &m2] {
+            let mut enc = Encoded::new(m, &mut batch);
+            v3.deliver(&mut enc, QoS::AtMostOnce, &LIMITS);
+            v5.deliver(&mut enc, QoS::AtMostOnce, &LIMITS);
+        }
+        assert_eq!((v3.out.entries(), v5.out.entries()), (1, 1));
+        let (chunk, bases) = batch.seal();
+        v3.out.seal(&chunk, &bases);
+        v5.out.seal(&chunk, &bases);
+        assert_eq!(
+            written(&mut v3),
+            b"\x30\x06\x00\x03a/b1\x30\x06\x00\x03a/b2"
+        );
+        assert_eq!(
+            written(&mut v5),
+            b"\x30\x07\x00\x03a/b\x001\x30\x07\x00\x03a/b\x002"
+        );
     }
 
     /// An online MQTT 5.0 session that takes `maximum` aliases from the
@@ -1001,21 +1045,22 @@ mod tests {
     /// Delivers `m` to every session in one step and returns what each
     /// would write, and the batch's length (to see what was shared).
     fn one_step(m: &Message, sessions: &mut [&mut Session], granted: QoS) -> (Vec<Vec<u8>>, usize) {
-        let mut batch = BytesMut::new();
+        let mut batch = Batch::default();
         let mut enc = Encoded::new(m, &mut batch);
         for s in sessions.iter_mut() {
             assert_eq!(s.deliver(&mut enc, granted, &LIMITS), Delivery::Queued);
         }
         drop(enc);
-        let chunk = crate::session::outqueue::Frame::from(&batch[..]);
+        let len = batch.len();
+        let (chunk, bases) = batch.seal();
         let frames = sessions
             .iter_mut()
             .map(|s| {
-                s.out.seal(&chunk);
+                s.out.seal(&chunk, &bases);
                 written(s)
             })
             .collect();
-        (frames, batch.len())
+        (frames, len)
     }
 
     #[test]
@@ -1064,7 +1109,7 @@ mod tests {
         let m = msg(QoS::AtMostOnce, b"hi");
         let mut s = online_v5(4);
         s.max_packet_size = 5;
-        let mut batch = BytesMut::new();
+        let mut batch = Batch::default();
         let mut enc = Encoded::new(&m, &mut batch);
         assert_eq!(
             s.deliver(&mut enc, QoS::AtMostOnce, &LIMITS),
@@ -1089,7 +1134,7 @@ mod tests {
     #[test]
     fn the_v5_clients_limits_bound_what_it_is_sent() {
         let m = msg(QoS::AtLeastOnce, b"payload");
-        let mut batch = BytesMut::new();
+        let mut batch = Batch::default();
         let mut enc = Encoded::new(&m, &mut batch);
         let mut s = online();
         s.version = Version::V5;
@@ -1118,7 +1163,7 @@ mod tests {
     #[test]
     fn qos0_is_dropped_when_the_queue_is_full_and_skipped_offline() {
         let m = msg(QoS::AtMostOnce, b"x");
-        let mut batch = BytesMut::new();
+        let mut batch = Batch::default();
         let mut enc = Encoded::new(&m, &mut batch);
         let mut s = online();
         for _ in 0..3 {
@@ -1141,7 +1186,7 @@ mod tests {
     #[test]
     fn qos_is_downgraded_to_the_granted_qos() {
         let m = msg(QoS::ExactlyOnce, b"x");
-        let mut batch = BytesMut::new();
+        let mut batch = Batch::default();
         let mut enc = Encoded::new(&m, &mut batch);
         let mut s = online();
         s.deliver(&mut enc, QoS::AtLeastOnce, &LIMITS);
@@ -1152,7 +1197,7 @@ mod tests {
     #[test]
     fn qos1_flow_window_and_pending() {
         let m = msg(QoS::AtLeastOnce, b"x");
-        let mut batch = BytesMut::new();
+        let mut batch = Batch::default();
         let mut enc = Encoded::new(&m, &mut batch);
         let mut s = online();
         assert_eq!(
@@ -1181,7 +1226,7 @@ mod tests {
     #[test]
     fn pending_is_bounded() {
         let m = msg(QoS::AtLeastOnce, b"x");
-        let mut batch = BytesMut::new();
+        let mut batch = Batch::default();
         let mut enc = Encoded::new(&m, &mut batch);
         let mut s = online();
         s.detach();
@@ -1200,7 +1245,7 @@ mod tests {
     #[test]
     fn qos2_outgoing_flow() {
         let m = msg(QoS::ExactlyOnce, b"x");
-        let mut batch = BytesMut::new();
+        let mut batch = Batch::default();
         let mut enc = Encoded::new(&m, &mut batch);
         let mut s = online();
         s.deliver(&mut enc, QoS::ExactlyOnce, &LIMITS);
@@ -1231,7 +1276,7 @@ mod tests {
     #[test]
     fn reattach_redelivers_with_dup_and_pubrel() {
         let m = msg(QoS::ExactlyOnce, b"x");
-        let mut batch = BytesMut::new();
+        let mut batch = Batch::default();
         let mut enc = Encoded::new(&m, &mut batch);
         let mut s = online();
         s.deliver(&mut enc, QoS::ExactlyOnce, &LIMITS);

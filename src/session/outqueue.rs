@@ -30,6 +30,7 @@ use crate::net::fd;
 pub const MAX_IOVECS_PER_WRITE: usize = 256;
 
 pub use crate::protocol::message::Frame;
+use crate::protocol::message::{BatchRange, LANES};
 
 thread_local! {
     /// Bytes queued in every [`OutQueue`] of this thread. A shard is one
@@ -75,7 +76,9 @@ pub enum OutFrame {
     /// becomes a [`OutFrame::Chunk`] when the step ends ([`OutQueue::seal`]),
     /// before anything is written.
     Batch {
-        /// First byte of the range in the batch.
+        /// The batch lane it lies in (`protocol::message::Batch`).
+        lane: u8,
+        /// First byte of the range in its lane.
         start: u32,
         /// Length of the range.
         len: u32,
@@ -213,6 +216,12 @@ impl OutQueue {
         self.publishes as usize
     }
 
+    /// Entries queued (tests: whether frames merged).
+    #[cfg(test)]
+    pub fn entries(&self) -> usize {
+        self.frames.len()
+    }
+
     /// Appends an entry.
     pub fn push(&mut self, frame: OutFrame) {
         self.bytes += frame.len();
@@ -221,18 +230,22 @@ impl OutQueue {
         self.frames.push_back(frame);
     }
 
-    /// Appends one QoS 0 PUBLISH that lies at `start..start + len` of the
-    /// current step's batch, extending the last entry when it ends exactly
-    /// there (the usual case in a burst: no new entry per message).
-    pub fn push_batch(&mut self, start: u32, len: u32) {
+    /// Appends one QoS 0 PUBLISH that lies at `range` of the current
+    /// step's batch, extending the last entry when it ends exactly there in
+    /// the same lane (the usual case in a burst: no new entry per message).
+    #[inline]
+    pub fn push_batch(&mut self, range: BatchRange) {
+        let BatchRange { lane, start, len } = range;
         self.bytes += len as usize;
         count_queued(len as usize);
         self.publishes += 1;
         if let Some(OutFrame::Batch {
+            lane: l_lane,
             start: s,
             len: l,
             publishes,
         }) = self.frames.back_mut()
+            && *l_lane == lane
             && *s + *l == start
         {
             *l += len;
@@ -241,21 +254,24 @@ impl OutQueue {
         }
         self.unsealed += 1;
         self.frames.push_back(OutFrame::Batch {
+            lane,
             start,
             len,
             publishes: 1,
         });
     }
 
-    /// The step ended: the batch is now `chunk`. Turns this step's batch
+    /// The step ended: the batch is now `chunk`, its lanes starting at
+    /// `bases` (`protocol::message::Batch::seal`). Turns this step's batch
     /// ranges (all among the entries pushed this step, the newest) into
     /// ranges of the chunk; walks back only as far as the oldest of them.
-    pub fn seal(&mut self, chunk: &Frame) {
+    pub fn seal(&mut self, chunk: &Frame, bases: &[u32; LANES]) {
         for frame in self.frames.iter_mut().rev() {
             if self.unsealed == 0 {
                 break;
             }
             let OutFrame::Batch {
+                lane,
                 start,
                 len,
                 publishes,
@@ -263,9 +279,10 @@ impl OutQueue {
             else {
                 continue;
             };
+            let base = bases.get(usize::from(lane)).copied().unwrap_or(0);
             *frame = OutFrame::Chunk {
                 chunk: chunk.clone(),
-                start,
+                start: base + start,
                 len,
                 publishes,
             };
@@ -425,6 +442,22 @@ impl Drop for OutQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Everything `q` would write, front to back, consumed.
+    fn drain(q: &mut OutQueue) -> Vec<u8> {
+        let mut all = Vec::new();
+        while let Some(part) = q.front_chunk() {
+            let n = part.len();
+            all.extend_from_slice(part);
+            q.advance(n);
+        }
+        all
+    }
+
+    /// A range of lane `lane` of the batch.
+    fn range(lane: u8, start: u32, len: u32) -> BatchRange {
+        BatchRange { lane, start, len }
+    }
     use std::io::Read;
     use std::os::fd::AsRawFd;
     use std::os::unix::net::UnixStream;
@@ -515,13 +548,13 @@ mod tests {
         let batch = b"\x30\x03\x00\x01a\x30\x03\x00\x01b\x30\x03\x00\x01c";
         let mut q = OutQueue::default();
         q.push(OutFrame::control(&[0x20, 2, 0, 0]));
-        q.push_batch(0, 5);
-        q.push_batch(5, 5);
-        q.push_batch(10, 5);
+        q.push_batch(range(0, 0, 5));
+        q.push_batch(range(0, 5, 5));
+        q.push_batch(range(0, 10, 5));
         assert_eq!(q.frames.len(), 2, "adjacent ranges share one entry");
         assert_eq!(q.publishes(), 3);
         assert_eq!(q.bytes(), 19);
-        q.seal(&Frame::from(&batch[..]));
+        q.seal(&Frame::from(&batch[..]), &[0; LANES]);
         let (a, mut b) = UnixStream::pair().unwrap();
         assert_eq!(
             q.flush(a.as_raw_fd(), &mut Vec::new()).unwrap(),
@@ -541,11 +574,11 @@ mod tests {
         // unsealed range has no bytes and made flush spin).
         let batch = b"\x30\x03\x00\x01a";
         let mut q = OutQueue::default();
-        q.push_batch(0, 5);
+        q.push_batch(range(0, 0, 5));
         q.push(OutFrame::whole(Frame::from(
             &b"\x32\x05\x00\x01b\x00\x01"[..],
         )));
-        q.seal(&Frame::from(&batch[..]));
+        q.seal(&Frame::from(&batch[..]), &[0; LANES]);
         let (a, mut b) = UnixStream::pair().unwrap();
         assert_eq!(
             q.flush(a.as_raw_fd(), &mut Vec::new()).unwrap(),
@@ -559,8 +592,8 @@ mod tests {
     #[test]
     fn a_gap_in_the_batch_starts_a_new_entry() {
         let mut q = OutQueue::default();
-        q.push_batch(0, 5);
-        q.push_batch(10, 5);
+        q.push_batch(range(0, 0, 5));
+        q.push_batch(range(0, 10, 5));
         assert_eq!(q.frames.len(), 2);
         assert_eq!(q.publishes(), 2);
     }
@@ -581,7 +614,7 @@ mod tests {
         let mut a = OutQueue::default();
         let mut b = OutQueue::default();
         a.push(OutFrame::control(&[0xd0, 0]));
-        a.push_batch(0, 10);
+        a.push_batch(range(0, 0, 10));
         b.push(publish_frame(1));
         let b_len = b.bytes();
         assert_eq!(shard_queued_bytes(), base + 12 + b_len);
@@ -598,18 +631,37 @@ mod tests {
         // One step: a range, a PUBACK, another range (a client publishing
         // QoS 1 twice in one read to a topic it subscribes to).
         let mut q = OutQueue::default();
-        q.push_batch(0, 3);
+        q.push_batch(range(0, 0, 3));
         q.push(OutFrame::control(&[0x40, 2, 0, 1]));
-        q.push_batch(10, 2);
+        q.push_batch(range(0, 10, 2));
         let chunk = Frame::from(&b"abc-------de"[..]);
-        q.seal(&chunk);
-        let mut all = Vec::new();
-        while let Some(part) = q.front_chunk() {
-            let n = part.len();
-            all.extend_from_slice(part);
-            q.advance(n);
-        }
-        assert_eq!(all, b"abc\x40\x02\x00\x01de");
+        q.seal(&chunk, &[0; LANES]);
+        assert_eq!(drain(&mut q), b"abc\x40\x02\x00\x01de");
         assert!(q.is_empty());
+    }
+
+    #[test]
+    fn ranges_of_different_lanes_never_merge_and_seal_at_their_lane() {
+        // Lane 0 holds "aaabbb" (two frames), lane 1 "XY"; sealed back to
+        // back as "aaabbbXY": lane 1 starts at 6.
+        let mut q = OutQueue::default();
+        q.push_batch(range(0, 0, 3));
+        q.push_batch(range(1, 0, 1));
+        q.push_batch(range(0, 3, 3));
+        q.push_batch(range(1, 1, 1));
+        assert_eq!(
+            q.frames.len(),
+            4,
+            "adjacent offsets of two lanes stay apart"
+        );
+        let mut p = OutQueue::default();
+        p.push_batch(range(1, 0, 1));
+        p.push_batch(range(1, 1, 1));
+        assert_eq!(p.frames.len(), 1, "one lane's consecutive frames merge");
+        let chunk = Frame::from(&b"aaabbbXY"[..]);
+        q.seal(&chunk, &[0, 6, 8]);
+        p.seal(&chunk, &[0, 6, 8]);
+        assert_eq!(drain(&mut q), b"aaaXbbbY");
+        assert_eq!(p.front_chunk(), Some(&b"XY"[..]));
     }
 }

@@ -170,6 +170,10 @@ mod tests {
         let mut client = testing::attach_client(&mut shard, "held", "t", QoS::ExactlyOnce, None);
         shard.sessions[client.key as usize].clean_session = false;
         shard.journal_session(client.key);
+        // The image holds what follows too (a SUBACK, a CONNACK) until it
+        // is durable.
+        assert_eq!(shard.held_out_target(), journal.end_lsn());
+        shard.release_held_out(journal.end_lsn());
         shard.flush_dirty();
         let _ = client.publishes();
         let message = |qos| {

@@ -31,7 +31,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use bytes::BytesMut;
 use bytestring::ByteString;
 use log::debug;
 
@@ -41,7 +40,7 @@ use crate::net::poller::Poller;
 use crate::observe::counters::Counters;
 use crate::observe::metrics::BrokerGauges;
 use crate::protocol::Version;
-use crate::protocol::message::{Encoded, Message};
+use crate::protocol::message::{Batch, Encoded, Message};
 use crate::protocol::v3::QoS;
 use crate::router::Router;
 use crate::router::retain::RetainStore;
@@ -49,7 +48,7 @@ use crate::router::shared::{self as share, SharedDelivery, SharedGroups};
 use crate::security::acl::Who;
 use crate::security::auth::{Auth, ReadChecker};
 use crate::session::link::{CloseReason, TICKS_PER_SEC};
-use crate::session::outqueue::{Flushed, Frame};
+use crate::session::outqueue::Flushed;
 use crate::session::{Delivery, Limits, Session};
 use crate::shard::held_acks::{APPLY_TIMEOUT, HeldAcks};
 use crate::shard::index::SessionIndex;
@@ -145,10 +144,11 @@ pub struct Shard {
     pub store_failing: Option<Arc<AtomicBool>>,
     /// Sessions with queued frames to flush at the end of this step.
     dirty: Vec<SessionKey>,
-    /// This step's QoS 0 frames, encoded once each and shared by every
-    /// subscriber as ranges; sealed into one chunk when the step ends
+    /// This step's QoS 0 frames, encoded once each (per protocol version
+    /// and Topic Alias variant, each kind in its own lane) and shared by
+    /// every subscriber as ranges; sealed into one chunk when the step ends
     /// (see [`crate::session::outqueue`]).
-    batch: BytesMut,
+    batch: Batch,
     /// Publishes received on this shard, to hand to the other shards.
     remote_batch: Vec<Message>,
     /// Control messages to send once the current borrow ends.
@@ -227,7 +227,9 @@ pub(crate) fn offer(
     stats: &mut Counters,
 ) -> bool {
     let qos = encoded.message.qos;
-    let delivery = if session.version == Version::V5 {
+    // One delivery path for both versions unless a 5.0 subscription has
+    // options (No Local, Retain As Published, Subscription Identifiers).
+    let delivery = if session.version == Version::V5 && session.has_subscription_options() {
         session.deliver_v5(encoded, key, granted, limits)
     } else {
         session.deliver(encoded, granted, limits)
@@ -437,7 +439,7 @@ impl Shard {
             needed_lsns: [0; 2],
             store_failing: None,
             dirty: Vec::new(),
-            batch: BytesMut::new(),
+            batch: Batch::default(),
             remote_batch: Vec::new(),
             outbox: Vec::new(),
             control: Rc::default(),
@@ -615,11 +617,10 @@ impl Shard {
         if !self.batch.is_empty() {
             // End of the step: every session with ranges of the batch is on
             // the dirty list; give them the sealed chunk before any write.
-            let chunk = Frame::from(&self.batch[..]);
-            self.batch.clear();
+            let (chunk, bases) = self.batch.seal();
             for &key in &dirty {
                 if let Some(session) = self.sessions.get_mut(key as usize) {
-                    session.out.seal(&chunk);
+                    session.out.seal(&chunk, &bases);
                 }
             }
         }

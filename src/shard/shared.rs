@@ -4,12 +4,11 @@
 //! date, choosing one member per group for each message published here, and
 //! delivering what other shards chose this shard's members for.
 
-use bytes::BytesMut;
 use bytestring::ByteString;
 
 use crate::mesh::ShardMsg;
 use crate::observe::counters::Counters;
-use crate::protocol::message::{Encoded, Message};
+use crate::protocol::message::{Batch, Encoded, Message};
 use crate::protocol::v3::QoS;
 use crate::router::shared::{self, Member, MemberUpdate, SharedDelivery, SharedGroups};
 use crate::security::acl::Who;
@@ -216,7 +215,7 @@ struct Parts<'a> {
     /// Where local members' messages go.
     targets: Targets<'a>,
     /// The step's QoS 0 frames (see `Shard::route`).
-    batch: &'a mut BytesMut,
+    batch: &'a mut Batch,
     /// Messages for other shards' members.
     shared_out: &'a mut Vec<Vec<SharedDelivery>>,
     /// This shard's id.
