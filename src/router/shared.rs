@@ -306,6 +306,20 @@ impl SharedGroups {
     }
 }
 
+impl SharedGroups {
+    /// Calls `f(group)` once per group whose filter matches `topic`,
+    /// choosing no member and leaving the round robin as it is (the admin
+    /// API's "who would receive a publish").
+    pub fn for_each_matching_group(&mut self, topic: &str, mut f: impl FnMut(&Group)) {
+        let SharedGroups { groups, router, .. } = self;
+        router.for_each_match(topic, |id, _| {
+            if let Some(group) = groups.get(id as usize) {
+                f(group);
+            }
+        });
+    }
+}
+
 impl Group {
     /// The members in the order to try them, starting at `first`.
     pub fn members_from(&self, first: usize) -> impl Iterator<Item = &Member> {

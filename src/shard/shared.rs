@@ -142,7 +142,7 @@ impl Shard {
                     }
                     break;
                 }
-                if targets.offer(&mut encoded, member) {
+                if targets.offer(&mut encoded, &group.share, member) {
                     chosen = Chosen::Here;
                     break;
                 }
@@ -183,7 +183,7 @@ impl Shard {
                 .filter(|m| m.online)
                 .chain(named.filter(|m| !m.online));
             let mut encoded = Encoded::new(&delivery.message, batch);
-            if candidates.any(|member| targets.offer(&mut encoded, member)) {
+            if candidates.any(|member| targets.offer(&mut encoded, &delivery.share, member)) {
                 targets.stats.shared_deliveries += 1;
             } else {
                 targets.stats.shared_dropped += 1;
@@ -259,11 +259,13 @@ impl Targets<'_> {
     }
 
     /// Offers the message to `member`'s session (of this shard) at the
-    /// member's granted QoS: true when it took it (queued, or waiting in
+    /// member's granted QoS, as the copy for its subscription `share`
+    /// (`Session::deliver_shared`: that subscription's Subscription
+    /// Identifier and Retain As Published): true when it took it (queued, or waiting in
     /// its pending queue), and then it is counted and marked dirty. A
     /// member whose subscription the ACL covers only partly and that may not
     /// read the topic is counted in `read_denied` and passed over.
-    fn offer(&mut self, encoded: &mut Encoded<'_>, member: &Member) -> bool {
+    fn offer(&mut self, encoded: &mut Encoded<'_>, share: &str, member: &Member) -> bool {
         let Some(session) = self.sessions.get_mut(member.key as usize) else {
             return false;
         };
@@ -271,7 +273,7 @@ impl Targets<'_> {
             self.stats.read_denied += 1;
             return false;
         }
-        match session.deliver(encoded, member.qos, self.limits) {
+        match session.deliver_shared(encoded, share, member.qos, self.limits) {
             Delivery::Queued => {
                 let qos = encoded.message.qos.min(member.qos);
                 self.stats.publish_sent_by_qos[qos as usize] += 1;

@@ -151,7 +151,11 @@ impl Shard {
             }
             if let Some(share) = share {
                 // No retained messages for a shared subscription (§4.8.2).
-                session.subscribe(SharedFilter::from(&*share), qos);
+                let stored = SharedFilter::from(&*share);
+                session.subscribe(stored.clone(), qos);
+                // Its Subscription Identifier and Retain As Published go with
+                // the copies its group sends it (`Session::deliver_shared`).
+                session.set_subscription_options(stored, &options, identifier);
                 self.shared_join(key, share, qos);
                 codes.push(ReasonCode::granted(qos));
                 continue;
