@@ -120,6 +120,60 @@ pub struct SessionState {
     pub flows: Option<Box<Flows>>,
 }
 
+impl SessionState {
+    /// The options of the shared subscription `share` (the whole
+    /// `$share/...` filter) that change its copies: (Retain As Published,
+    /// Subscription Identifier).
+    fn shared_extras(&self, share: &str) -> (bool, Option<NonZeroU32>) {
+        self.flows
+            .as_deref()
+            .and_then(|f| f.subscription_options.iter().find(|e| &*e.filter == share))
+            .map_or((false, None), |e| (e.retain_as_published, e.identifier))
+    }
+
+    /// Keeps, in this state's pending queue, the copy of `message` for its
+    /// shared subscription `share`: the state of a session between two
+    /// shards (taken over, granted to the new connection, not yet attached),
+    /// for a copy chosen for it before the take-over and passed on by its
+    /// old shard. At the subscription's granted QoS, with its Subscription
+    /// Identifier and Retain As Published (as [`Session::deliver_shared`]),
+    /// within the pending queue's limits: [`Delivery::Pending`] when kept,
+    /// [`Delivery::Skipped`] at QoS 0 (nothing is promised to a session
+    /// without a connection) or without that subscription,
+    /// [`Delivery::Dropped`] when the queue is full.
+    pub fn keep_shared(&mut self, message: &Message, share: &str, limits: &Limits) -> Delivery {
+        let Some(granted) = self
+            .subscriptions
+            .iter()
+            .find(|(filter, _)| &**filter == share)
+            .map(|(_, qos)| *qos)
+        else {
+            return Delivery::Skipped;
+        };
+        let qos = message.qos.min(granted);
+        if qos == QoS::AtMostOnce {
+            return Delivery::Skipped;
+        }
+        let (retain_as_published, identifier) = self.shared_extras(share);
+        let kept = Message {
+            qos,
+            retain: retain_as_published && message.retain,
+            ..with_identifiers(message, identifier.as_slice())
+        };
+        let len = kept.wire_len();
+        let flows = self.flows.get_or_insert_with(Box::default);
+        if limits.shard_over_budget()
+            || flows.pending.len() >= limits.max_queued_messages
+            || flows.pending_bytes + len > limits.max_queued_bytes
+        {
+            return Delivery::Dropped;
+        }
+        flows.pending_bytes += len;
+        flows.pending.push_back(kept);
+        Delivery::Pending
+    }
+}
+
 /// A session's QoS 1/2 state.
 #[derive(Clone, Debug, Default)]
 pub struct Flows {
@@ -527,17 +581,11 @@ impl Session {
         granted: QoS,
         limits: &Limits,
     ) -> Delivery {
-        let extras = self
-            .state
-            .flows
-            .as_deref()
-            .filter(|_| self.version == Version::V5)
-            .and_then(|f| f.subscription_options.iter().find(|e| &*e.filter == share))
-            .map(|e| (e.retain_as_published, e.identifier));
-        let Some((retain_as_published, identifier)) = extras else {
+        if self.version != Version::V5 {
             return self.deliver(encoded, granted, limits);
-        };
+        }
         let message = encoded.message;
+        let (retain_as_published, identifier) = self.state.shared_extras(share);
         let retain = retain_as_published && message.retain;
         if !retain && identifier.is_none() {
             return self.deliver(encoded, granted, limits);

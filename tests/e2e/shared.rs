@@ -651,3 +651,66 @@ fn the_subscriptions_api_lists_shared_members_of_both_shards_by_topic() {
     let all = get_json(&broker, "/api/v1/subscriptions");
     assert_eq!(all["total"], members.len() as u64 + 2, "{all}");
 }
+
+#[test]
+fn a_take_over_storm_loses_no_acknowledged_shared_message() {
+    const MESSAGES: usize = 300;
+    const MOST_TAKE_OVERS: usize = 200;
+    let broker = Broker::start();
+    let port = broker.port;
+    // The group's only member, persistent: each message has one place to
+    // go, the session, wherever it is at the time.
+    let mut options = Mqtt::options(port, "storm-m");
+    options.set_clean_session(false);
+    let (mut member, _) = Mqtt::connect_with(options.clone());
+    member.subscribe("$share/g/storm", QoS::AtLeastOnce);
+    wait_replicas(&broker, 1);
+    let publisher = std::thread::spawn(move || {
+        let mut publisher = Mqtt::connect(port, "storm-pub");
+        for i in 0..MESSAGES {
+            publisher.publish_acked("storm", false, format!("storm-{i}").as_bytes());
+        }
+    });
+    // Take the session over again and again while the messages flow; the
+    // new connections land on either shard.
+    let mut got = Vec::new();
+    let mut take_overs = 0;
+    while !publisher.is_finished() && take_overs < MOST_TAKE_OVERS {
+        let (next, connack) = Mqtt::connect_with(options.clone());
+        assert!(connack.session_present, "take-over {take_overs}");
+        // The broker closes the old connection: what it received by then
+        // (and acknowledged) is all it gets.
+        got.extend(member.publishes_until_closed());
+        member = next;
+        take_overs += 1;
+    }
+    publisher.join().expect("the publisher");
+    let shards: HashSet<usize> = broker
+        .shards_of("storm-m", take_overs + 1)
+        .into_iter()
+        .collect();
+    assert_eq!(shards.len(), 2, "the session moved between the shards");
+    // Every PUBACKed message reaches the member at least once (QoS 1: a
+    // redelivery after a take-over may repeat one).
+    let expected: HashSet<Vec<u8>> = payloads("storm", MESSAGES).into_iter().collect();
+    let mut seen: HashSet<Vec<u8>> = got.iter().map(|p| p.payload.to_vec()).collect();
+    let deadline = Instant::now() + TIMEOUT;
+    while !expected.is_subset(&seen) {
+        assert!(
+            Instant::now() < deadline,
+            "after {take_overs} take-overs, {} of {MESSAGES} arrived; missing e.g. {:?}; {}",
+            expected.intersection(&seen).count(),
+            expected
+                .difference(&seen)
+                .take(3)
+                .map(|p| String::from_utf8_lossy(p).into_owned())
+                .collect::<Vec<_>>(),
+            get_json(&broker, "/api/v1/stats")["total"]
+        );
+        if let Some(p) = member.recv_publish(Duration::from_millis(50)) {
+            seen.insert(p.payload.to_vec());
+        }
+    }
+    let stats = get_json(&broker, "/api/v1/stats");
+    assert_eq!(crate::admin::total(&stats, "shared_dropped"), 0, "{stats}");
+}
