@@ -255,8 +255,21 @@ fn connect(shard: &mut Shard, slot: &mut Option<Client>, i: usize, clean: bool) 
     if i == CLIENTS - 1 {
         session.version = Version::V5;
     }
-    session.link = Some(Link::new(conn_id, broker_end.as_raw_fd(), 0, 0));
     session.queue_control(&codec::connack(session_present, codec::CONNACK_ACCEPTED));
+    attach(shard, slot, session, conn_id, (broker_end, peer_end));
+}
+
+/// Attaches `session` (connection `conn_id`) to its socket pair
+/// `(broker end, peer end)`, as the handshake's `attach` does: redelivery,
+/// the shard's slab, a flush to come.
+fn attach(
+    shard: &mut Shard,
+    slot: &mut Option<Client>,
+    mut session: Session,
+    conn_id: u64,
+    (broker_end, peer_end): (OwnedFd, OwnedFd),
+) {
+    session.link = Some(Link::new(conn_id, broker_end.as_raw_fd(), 0, 0));
     let limits = shard.limits;
     session.reattach(&limits);
     let key = shard.insert_session(session);
@@ -343,19 +356,7 @@ fn connect_v5(
         props.topic_alias_maximum().unwrap_or(0),
         shard.config.server_topic_aliases,
     );
-    session.link = Some(Link::new(conn_id, broker_end.as_raw_fd(), 0, 0));
-    let limits = shard.limits;
-    session.reattach(&limits);
-    let key = shard.insert_session(session);
-    shard.mark_dirty(key);
-    *slot = Some(Client {
-        key,
-        conn_id,
-        rx: BytesMut::new(),
-        rare: None,
-        broker_end,
-        peer_end,
-    });
+    attach(shard, slot, session, conn_id, (broker_end, peer_end));
 }
 
 /// An MQTT 5.0 SUBSCRIBE from `ops`: one filter of [`FILTERS_V5`] with

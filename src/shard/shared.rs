@@ -77,12 +77,12 @@ enum Chosen {
 impl Shard {
     /// Applies `update` here and sends it to every other shard.
     fn share_update(&mut self, update: MemberUpdate) {
-        self.to_peers(&update);
+        self.send_to_peers(&update);
         self.shared_member_update(update);
     }
 
     /// Sends `update` to every other shard.
-    fn to_peers(&mut self, update: &MemberUpdate) {
+    fn send_to_peers(&mut self, update: &MemberUpdate) {
         for peer in (0..self.nr_shards).filter(|&p| p != self.id) {
             self.outbox
                 .push((peer, ShardMsg::SharedMember(update.clone())));

@@ -106,6 +106,22 @@ fn v5_on(broker: &Broker, prefix: &str, shard: usize) -> V5 {
     panic!("64 connections of {prefix} all missed shard {shard}");
 }
 
+/// A persistent 3.1.1 session `client_id`, the only member of the group
+/// `share` (QoS 1), once every replica has it; with the options to take it
+/// over.
+fn persistent_member(
+    broker: &Broker,
+    client_id: &str,
+    share: &str,
+) -> (Mqtt, rumqttc::MqttOptions) {
+    let mut options = Mqtt::options(broker.port, client_id);
+    options.set_clean_session(false);
+    let (mut member, _) = Mqtt::connect_with(options.clone());
+    member.subscribe(share, QoS::AtLeastOnce);
+    wait_replicas(broker, 1);
+    (member, options)
+}
+
 /// Receives from `members` until `count` payloads arrived in all, then
 /// drains what else is there; returns each member's payloads.
 fn collect(members: &mut [Member], count: usize) -> Vec<Vec<Vec<u8>>> {
@@ -425,11 +441,7 @@ fn no_local_on_a_shared_subscription_is_disconnect_0x82() {
 fn a_take_over_on_the_other_shard_moves_the_membership_with_the_session() {
     let broker = Broker::start();
     let port = broker.port;
-    let mut options = Mqtt::options(port, "to-m");
-    options.set_clean_session(false);
-    let (mut first, _) = Mqtt::connect_with(options.clone());
-    first.subscribe("$share/g/to", QoS::AtLeastOnce);
-    wait_replicas(&broker, 1);
+    let (first, options) = persistent_member(&broker, "to-m", "$share/g/to");
     let home = broker.shard_of("to-m");
     // Connect again with the same client id until the new connection lands
     // on the other shard: each one takes the session over.
@@ -660,11 +672,7 @@ fn a_take_over_storm_loses_no_acknowledged_shared_message() {
     let port = broker.port;
     // The group's only member, persistent: each message has one place to
     // go, the session, wherever it is at the time.
-    let mut options = Mqtt::options(port, "storm-m");
-    options.set_clean_session(false);
-    let (mut member, _) = Mqtt::connect_with(options.clone());
-    member.subscribe("$share/g/storm", QoS::AtLeastOnce);
-    wait_replicas(&broker, 1);
+    let (mut member, options) = persistent_member(&broker, "storm-m", "$share/g/storm");
     let publisher = std::thread::spawn(move || {
         let mut publisher = Mqtt::connect(port, "storm-pub");
         for i in 0..MESSAGES {
