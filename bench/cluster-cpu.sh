@@ -24,26 +24,9 @@ fanmq=${FANMQ:-target/release/fanmq}
 nats=${NATS_SERVER:-$(command -v nats-server)}
 work=$(mktemp -d)
 pids=()
-cleanup() {
-    for pid in "${pids[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$work"
-}
+. bench/procs.sh
 trap cleanup EXIT
 
-# A free TCP port on 127.0.0.1.
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-# CPU ticks (user + system) of a process.
-ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-# The process `timeout` runs (its only child), whose CPU is measured.
-child_of() {
-    local child=""
-    for _ in $(seq 50); do
-        child=$(pgrep -P "$1" | head -n 1) && [ -n "$child" ] && break
-        sleep 0.1
-    done
-    echo "$child"
-}
 hz=$(getconf CLK_TCK)
 
 nats_port=$(free_port)

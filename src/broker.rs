@@ -451,10 +451,13 @@ async fn run_shard(setup: ShardSetup) -> Result<(), ShardError> {
         nr_shards,
         poller: Rc::new(poller),
     };
+    // The journals stop after the connections have ended, so that what
+    // their ends journal (images, wills cleared) is written.
+    let store_stop = Arc::new(AtomicBool::new(false));
     let commit = setup
         .persisted
         .as_ref()
-        .map(|state| load_persisted(&ctx, &setup.config, state, &setup.shutdown))
+        .map(|state| load_persisted(&ctx, &setup.config, state, &store_stop))
         .unwrap_or_default();
     glommio::spawn_local(park::receive_ready(ctx.clone(), from_watcher)).detach();
     glommio::spawn_local(park::Unparker::new(ctx.clone())).detach();
@@ -526,6 +529,7 @@ async fn run_shard(setup: ShardSetup) -> Result<(), ShardError> {
     while setup.connections.total() > 0 && Instant::now() < deadline {
         glommio::timer::sleep(Duration::from_millis(10)).await;
     }
+    store_stop.store(true, Ordering::SeqCst);
     for task in commit {
         task.await;
     }
@@ -573,6 +577,14 @@ fn load_persisted(
             Arc::default(),
         ));
         shard.session_journal = Some(journal.clone());
+        tasks.push(
+            glommio::spawn_local(crate::shard::held_out::release_loop(
+                ctx.shard.clone(),
+                journal.clone(),
+                shutdown.clone(),
+            ))
+            .detach(),
+        );
         tasks.push(glommio::spawn_local(journal::commit_loop(journal, shutdown.clone())).detach());
     }
     shard.store_failing = Some(state.failing.clone());

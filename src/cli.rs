@@ -11,7 +11,7 @@ use crate::security::passwd::PasswdArgs;
 #[command(
     name = "fanmq",
     version,
-    about = "An MQTT 3.1.1 broker for massive fan-out",
+    about = "An MQTT 5.0 and 3.1.1 broker for massive fan-out",
     args_conflicts_with_subcommands = true
 )]
 pub struct Cli {

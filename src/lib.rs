@@ -1,4 +1,4 @@
-//! fanmq: an MQTT 3.1.1 broker for massive fan-out.
+//! fanmq: an MQTT 5.0 and 3.1.1 broker for massive fan-out.
 //!
 //! One pinned glommio executor per core (a *shard*) owns its listener socket
 //! (SO_REUSEPORT), its connections, its sessions, its subscription router and

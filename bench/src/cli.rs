@@ -70,6 +70,14 @@ pub struct Opts {
     /// Broker port.
     #[arg(long, default_value_t = 1883)]
     pub port: u16,
+    /// The nodes of a fanmq cluster (or any set of brokers that route to
+    /// each other), as `HOST:PORT`, comma-separated, instead of --host and
+    /// --port: subscribers are spread over them round-robin and the
+    /// publisher connects to the first. Give every node's process with
+    /// --broker-pid to measure the cluster's CPU, and every node's stats
+    /// URL with --stats-url for --wait-subscribers.
+    #[arg(long, value_delimiter = ',', conflicts_with_all = ["host", "ports"])]
+    pub nodes: Vec<String>,
     /// Several broker listener ports, comma-separated (e.g. `1883,1884`),
     /// instead of `--port`: subscribers are spread over every (source
     /// address, broker address:port) pair, and each pair has its own range
@@ -102,8 +110,10 @@ pub struct Opts {
     pub wait_subscribers: Option<u64>,
     /// The stats URL for --wait-subscribers (plain HTTP). Default:
     /// `http://HOST:18083/api/v1/stats` (the broker's --http-listen).
-    #[arg(long)]
-    pub stats_url: Option<String>,
+    /// Several, comma-separated (one per node of a cluster, `--nodes`): the
+    /// subscriptions they report are added up.
+    #[arg(long, value_delimiter = ',')]
+    pub stats_url: Vec<String>,
     /// Bearer token for --stats-url, when the admin API asks for one.
     #[arg(long)]
     pub stats_token: Option<String>,
@@ -182,9 +192,11 @@ pub struct Opts {
     /// MQTT keep-alive (s); a PINGREQ goes out after half of it.
     #[arg(long, default_value_t = 60)]
     pub keep_alive: u16,
-    /// Broker process to measure (CPU from /proc/PID/stat, RSS).
-    #[arg(long)]
-    pub broker_pid: Option<u32>,
+    /// Broker process to measure (CPU from /proc/PID/stat, RSS). Several,
+    /// comma-separated (every node of a cluster, `--nodes`): their CPU and
+    /// RSS are added up.
+    #[arg(long, value_delimiter = ',')]
+    pub broker_pid: Vec<u32>,
     /// Label of the broker in results (default: its address).
     #[arg(long)]
     pub label: Option<String>,

@@ -104,10 +104,12 @@ pub fn before_publishing(
     };
     let host = o.host.as_deref().unwrap_or("127.0.0.1");
     let first_host = host.split(',').next().unwrap_or(host).trim();
-    let url = o
-        .stats_url
-        .clone()
-        .unwrap_or_else(|| stats_api::default_url(first_host));
+    let urls = if o.stats_url.is_empty() {
+        vec![stats_api::default_url(first_host)]
+    } else {
+        o.stats_url.clone()
+    };
+    let url = urls.join(", ");
     progress.println(&format!("waiting for {wanted} subscriptions at {url}"));
     let limit = Duration::from_secs_f64(o.connect_timeout);
     let mut last: Result<u64, StatsApiError> = Ok(0);
@@ -122,7 +124,10 @@ pub fn before_publishing(
                 return false;
             }
             asked = std::time::Instant::now();
-            last = stats_api::subscriptions(&url, o.stats_token.as_deref());
+            last = urls
+                .iter()
+                .map(|u| stats_api::subscriptions(u, o.stats_token.as_deref()))
+                .sum();
             last.as_ref().is_ok_and(|&n| n >= wanted)
         },
     );

@@ -34,9 +34,15 @@ pub const SATURATED: f64 = 0.9;
 /// longer.
 pub const TRACK_MSGS: u64 = 2_000_000;
 
-/// The broker's CPU seconds so far (`None` without a pid or once it is gone).
-pub fn cpu_of(pid: Option<u32>) -> Option<f64> {
-    pid.and_then(|p| procfs::cpu_seconds(p).ok())
+/// The broker's CPU seconds so far, summed over its processes (`None`
+/// without a pid, or once one of them is gone).
+pub fn cpu_of(pids: &[u32]) -> Option<f64> {
+    if pids.is_empty() {
+        return None;
+    }
+    pids.iter()
+        .map(|&p| procfs::cpu_seconds(p).ok())
+        .sum::<Option<f64>>()
 }
 
 /// The load generator's CPU use over a phase of `wall_s` seconds: each
@@ -117,7 +123,7 @@ pub fn publish_phase(
     };
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicBool::new(false));
-    let c0 = cpu_of(t.pid);
+    let c0 = cpu_of(&t.pids);
     let w0 = stats::monotonic_ns();
     let deadline = w0 + phase.limit_ns;
     let handle = {
@@ -137,7 +143,7 @@ pub fn publish_phase(
         |_| done.load(Ordering::Relaxed),
     );
     stop.store(true, Ordering::Relaxed);
-    let c1 = cpu_of(t.pid);
+    let c1 = cpu_of(&t.pids);
     let w1 = stats::monotonic_ns();
     waited?;
     let published = handle.join().map_err(|_| ScenarioError::PublisherPanic)??;
@@ -353,5 +359,23 @@ mod tests {
         };
         shared_figures(&mut twice);
         assert_eq!((twice.lost, twice.duplicates), (0, 3));
+    }
+
+    #[test]
+    fn broker_cpu_is_summed_over_its_processes() {
+        assert_eq!(cpu_of(&[]), None);
+        let me = std::process::id();
+        // Burn a little CPU so that the figure is above zero.
+        let mut x = 0u64;
+        for i in 0..2_000_000u64 {
+            x = x.wrapping_mul(31).wrapping_add(i);
+        }
+        assert_ne!(x, 1);
+        let one = cpu_of(&[me]).expect("own CPU");
+        let two = cpu_of(&[me, me]).expect("own CPU twice");
+        // Read after `one`, so at least twice it (CPU time only grows).
+        assert!(one > 0.0 && two >= 2.0 * one, "{one} {two}");
+        // A process that is gone makes the sum unknown, not smaller.
+        assert_eq!(cpu_of(&[me, u32::MAX]), None);
     }
 }

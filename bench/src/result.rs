@@ -312,7 +312,12 @@ pub struct LagTrend {
 /// The broker's resource use over the measured phase.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct BrokerUsage {
+    /// The broker's process (the first node's, with several).
     pub pid: u32,
+    /// Every node's process when the broker was several (`--nodes`): CPU
+    /// and RSS are their sums. Empty for one process (and in older files).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pids: Vec<u32>,
     pub cpu_s: f64,
     pub wall_s: f64,
     /// cpu_s / wall_s: 1.0 = one core busy.
@@ -613,7 +618,14 @@ pub fn run_table(run: &RunResult) -> String {
         latency_rows(l, &mut row);
     }
     if let Some(b) = &run.broker_usage {
-        row("broker CPU-s (pid)", format!("{:.3} ({})", b.cpu_s, b.pid));
+        if b.pids.is_empty() {
+            row("broker CPU-s (pid)", format!("{:.3} ({})", b.cpu_s, b.pid));
+        } else {
+            row(
+                "broker CPU-s, all nodes (pids)",
+                format!("{:.3} ({:?})", b.cpu_s, b.pids),
+            );
+        }
         row("broker cores busy", format!("{:.2}", b.cores_busy));
         row("broker RSS", fmt_bytes(Some(b.rss_bytes)));
         if let Some(d) = b.deliveries_per_cpu_s {

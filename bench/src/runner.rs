@@ -43,26 +43,19 @@ pub fn run(kind: Kind, mut o: Opts, raw: bool) -> Result<(), String> {
     };
     let mut runs: Vec<RunResult> = Vec::new();
     if o.compare.is_empty() {
-        let host = o.host.clone().unwrap_or_else(|| "127.0.0.1".into());
-        let ports = if o.ports.is_empty() {
-            vec![o.port]
+        let listeners = if o.nodes.is_empty() {
+            listeners_of(&o)?
         } else {
-            o.ports.clone()
+            nodes_of(&o.nodes)?
         };
-        let mut listeners = Vec::new();
-        for h in host.split(',').map(str::trim).filter(|h| !h.is_empty()) {
-            for &port in &ports {
-                listeners.push(net::resolve(h, port).map_err(|e| e.to_string())?);
-            }
-        }
         let addr = *listeners.first().ok_or("--host names no address")?;
-        if !listeners.iter().all(net::is_loopback) && o.host.is_none() {
+        if !listeners.iter().all(net::is_loopback) && o.host.is_none() && o.nodes.is_empty() {
             return Err(format!("{addr} is not loopback; name it with --host"));
         }
         let target = Target {
             addr,
             listeners,
-            pid: o.broker_pid,
+            pids: o.broker_pid.clone(),
             label: o.label.clone().unwrap_or_else(|| addr.to_string()),
             raw: false,
         };
@@ -70,8 +63,10 @@ pub fn run(kind: Kind, mut o: Opts, raw: bool) -> Result<(), String> {
         println!("{}", result::run_table(&r));
         runs.push(r);
     } else {
-        if o.host.is_some() || !o.ports.is_empty() {
-            return Err("--compare starts brokers on this host: drop --host and --ports".into());
+        if o.host.is_some() || !o.ports.is_empty() || !o.nodes.is_empty() {
+            return Err(
+                "--compare starts brokers on this host: drop --host, --ports and --nodes".into(),
+            );
         }
         let dir = std::env::temp_dir().join(format!("fanmq-bench-{}", std::process::id()));
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
@@ -90,7 +85,7 @@ pub fn run(kind: Kind, mut o: Opts, raw: bool) -> Result<(), String> {
                 let target = Target {
                     addr,
                     listeners: vec![addr],
-                    pid: Some(broker.pid()),
+                    pids: vec![broker.pid()],
                     label: broker.label.clone(),
                     raw: broker.raw,
                 };
@@ -114,6 +109,42 @@ pub fn run(kind: Kind, mut o: Opts, raw: bool) -> Result<(), String> {
         report::write_results(&file, out, o.plots).map_err(|e| e.to_string())?;
     }
     Ok(())
+}
+
+/// Every (address, port) of `--host` × (`--ports` or `--port`).
+fn listeners_of(o: &Opts) -> Result<Vec<std::net::SocketAddr>, String> {
+    let host = o.host.clone().unwrap_or_else(|| "127.0.0.1".into());
+    let ports = if o.ports.is_empty() {
+        vec![o.port]
+    } else {
+        o.ports.clone()
+    };
+    let mut listeners = Vec::new();
+    for h in host.split(',').map(str::trim).filter(|h| !h.is_empty()) {
+        for &port in &ports {
+            listeners.push(net::resolve(h, port).map_err(|e| e.to_string())?);
+        }
+    }
+    Ok(listeners)
+}
+
+/// The `--nodes` list, each `HOST:PORT` (an IPv6 host in brackets:
+/// `[::1]:1883`).
+fn nodes_of(nodes: &[String]) -> Result<Vec<std::net::SocketAddr>, String> {
+    nodes
+        .iter()
+        .map(|n| {
+            let (host, port) = n
+                .trim()
+                .rsplit_once(':')
+                .ok_or_else(|| format!("--nodes: {n:?} is not HOST:PORT"))?;
+            let port: u16 = port
+                .parse()
+                .map_err(|_| format!("--nodes: {n:?} has no valid port"))?;
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            net::resolve(host, port).map_err(|e| e.to_string())
+        })
+        .collect()
 }
 
 /// Messages a started peer may queue per client (Mosquitto's
@@ -145,4 +176,21 @@ fn host_facts() -> String {
         .map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned())
         .unwrap_or_default();
     format!("{cpus} CPUs ({model}), Linux {}", kernel.trim())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nodes_are_host_port_pairs_in_order() {
+        let nodes = ["127.0.0.1:1883".to_owned(), " [::1]:1884".to_owned()];
+        let addrs = nodes_of(&nodes).expect("valid nodes");
+        assert_eq!(addrs[0], "127.0.0.1:1883".parse().expect("addr"));
+        assert_eq!(addrs[1], "[::1]:1884".parse().expect("addr"));
+        for bad in ["127.0.0.1", "127.0.0.1:port", "127.0.0.1:70000"] {
+            let err = nodes_of(&[bad.to_owned()]).expect_err(bad);
+            assert!(err.contains("--nodes"), "{bad}: {err}");
+        }
+    }
 }

@@ -82,12 +82,23 @@ pub fn validate(o: &Opts) -> Result<(), ScenarioError> {
     Ok(())
 }
 
-fn rss_of(pid: Option<u32>) -> Option<u64> {
-    pid.and_then(|p| procfs::rss_bytes(p).ok())
+/// The broker's RSS, summed over its processes (`None` without a pid, or
+/// once one of them is gone).
+fn rss_of(pids: &[u32]) -> Option<u64> {
+    if pids.is_empty() {
+        return None;
+    }
+    pids.iter().map(|&p| procfs::rss_bytes(p).ok()).sum()
 }
 
-fn peak_rss_of(pid: Option<u32>) -> Option<u64> {
-    pid.and_then(|p| procfs::peak_rss_bytes(p).ok())
+/// The broker's peak RSS (VmHWM), summed over its processes: with several
+/// nodes an upper bound of their peak together, since each peaked when it
+/// did.
+fn peak_rss_of(pids: &[u32]) -> Option<u64> {
+    if pids.is_empty() {
+        return None;
+    }
+    pids.iter().map(|&p| procfs::peak_rss_bytes(p).ok()).sum()
 }
 
 /// (`after` − `before`) ÷ `conns` in bytes, when both were read.
@@ -207,21 +218,21 @@ pub fn run(kind: Kind, o: &Opts, t: &Target, round: u32) -> Result<RunResult, Sc
     let progress = Progress::new(&format!("{} vs {}", kind.name(), t.label));
     // The peak (VmHWM) counts from here: a broker measured before (an
     // earlier round, --broker-pid) would otherwise report its old peak.
-    if let Some(pid) = t.pid
-        && let Err(e) = procfs::reset_peak_rss(pid)
-    {
-        result.notes.push(format!(
-            "broker peak RSS not reset ({e}): it counts from the broker's start"
-        ));
+    for &pid in &t.pids {
+        if let Err(e) = procfs::reset_peak_rss(pid) {
+            result.notes.push(format!(
+                "broker {pid}: peak RSS not reset ({e}): it counts from the broker's start"
+            ));
+        }
     }
-    let rss_before = rss_of(t.pid);
+    let rss_before = rss_of(&t.pids);
     let sock_before = procfs::sockstat().unwrap_or_default();
     let mut fleet = Fleet::spawn(&tasks)?;
 
     // Connect phase (every scenario).
-    let cpu0 = cpu_of(t.pid);
+    let cpu0 = cpu_of(&t.pids);
     let (connect, summaries) = connect_phase(&mut fleet, o, subs, &progress)?;
-    let cpu1 = cpu_of(t.pid);
+    let cpu1 = cpu_of(&t.pids);
     if let (Some(a), Some(b)) = (cpu0, cpu1)
         && connect.connected > 0
     {
@@ -287,7 +298,7 @@ pub fn run(kind: Kind, o: &Opts, t: &Target, round: u32) -> Result<RunResult, Sc
             }
         }
         Kind::Idle => {
-            let c0 = cpu_of(t.pid);
+            let c0 = cpu_of(&t.pids);
             let w0 = stats::monotonic_ns();
             let hold = Duration::from_secs_f64(o.hold);
             let end = std::time::Instant::now() + hold.min(Duration::from_secs_f64(o.duration));
@@ -298,11 +309,11 @@ pub fn run(kind: Kind, o: &Opts, t: &Target, round: u32) -> Result<RunResult, Sc
                 |_| None,
                 |_| std::time::Instant::now() >= end,
             )?;
-            let c1 = cpu_of(t.pid);
+            let c1 = cpu_of(&t.pids);
             let wall = stats::monotonic_ns() - w0;
             let sock_after = procfs::sockstat().unwrap_or_default();
-            let rss_after = rss_of(t.pid);
-            let peak_after = peak_rss_of(t.pid);
+            let rss_after = rss_of(&t.pids);
+            let peak_after = peak_rss_of(&t.pids);
             let n = ready.max(1) as f64;
             result.idle = Some(IdleFigures {
                 held: fleet.total().ready,
@@ -328,7 +339,7 @@ pub fn run(kind: Kind, o: &Opts, t: &Target, round: u32) -> Result<RunResult, Sc
             }
         }
         Kind::Storm => {
-            let c0 = cpu_of(t.pid);
+            let c0 = cpu_of(&t.pids);
             let w0 = stats::monotonic_ns();
             fleet.send_all(&Command::Drop)?;
             let dropped: u64 = fleet
@@ -358,8 +369,8 @@ pub fn run(kind: Kind, o: &Opts, t: &Target, round: u32) -> Result<RunResult, Sc
                 |_| false,
             );
             let w1 = stats::monotonic_ns();
-            let c1 = cpu_of(t.pid);
-            let peak_after = peak_rss_of(t.pid);
+            let c1 = cpu_of(&t.pids);
+            let peak_after = peak_rss_of(&t.pids);
             let mut storm = StormFigures {
                 dropped,
                 seconds: (w1 - w0) as f64 / 1e9,
@@ -447,14 +458,19 @@ pub fn run(kind: Kind, o: &Opts, t: &Target, round: u32) -> Result<RunResult, Sc
             reports,
         });
     }
-    if let (Some(pid), Some((a, b, wall))) = (t.pid, broker_window) {
+    if let (Some(&pid), Some((a, b, wall))) = (t.pids.first(), broker_window) {
         let cpu = b - a;
         result.broker_usage = Some(BrokerUsage {
             pid,
+            pids: if t.pids.len() > 1 {
+                t.pids.clone()
+            } else {
+                Vec::new()
+            },
             cpu_s: cpu,
             wall_s: wall as f64 / 1e9,
             cores_busy: cpu / (wall as f64 / 1e9).max(1e-9),
-            rss_bytes: rss_of(Some(pid)).unwrap_or(0),
+            rss_bytes: rss_of(&t.pids).unwrap_or(0),
             deliveries_per_cpu_s: result
                 .fanout
                 .as_ref()

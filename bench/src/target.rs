@@ -41,9 +41,10 @@ pub struct Target {
     pub addr: SocketAddr,
     /// Every broker address:port the subscribers spread over.
     pub listeners: Vec<SocketAddr>,
-    /// The broker process, when it runs on this host: its CPU and RSS are
-    /// read from `/proc`.
-    pub pid: Option<u32>,
+    /// The broker's processes on this host (several: the nodes of a
+    /// cluster, `--nodes` with `--broker-pid` for each): their CPU and RSS
+    /// are read from `/proc` and summed. Empty: not measured.
+    pub pids: Vec<u32>,
     /// The broker's name in the results.
     pub label: String,
     /// The bench's raw forwarder rather than an MQTT broker.

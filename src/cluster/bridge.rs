@@ -28,17 +28,17 @@ use futures_lite::StreamExt;
 use log::{debug, info, warn};
 use tokio::task::JoinHandle;
 
-use crate::cluster::link::{ClusterStatus, Control, ToShard};
-use crate::cluster::{ClusterError, headers, retained, subject};
-use crate::config::cluster::{ClusterConfig, NatsAuth};
+use crate::cluster::link::{ClusterStatus, Control, Interest, ToShard};
+use crate::cluster::{ClusterError, headers, ownership, retained, subject};
+use crate::config::cluster::{ClusterConfig, NatsAuth, PartitionMode};
 use crate::protocol::message::Message;
+use crate::protocol::topic;
 use crate::protocol::v3::QoS;
+use crate::router::shared;
 
 /// How often the node says it is alive, and how often the bridge checks
 /// the shutdown flag.
 const HEARTBEAT: Duration = Duration::from_secs(2);
-/// A node not heard for this long is no longer listed.
-const NODE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most messages of one subscription handed to a shard in one batch.
 const DELIVER_BATCH: usize = 256;
 /// Wait before retrying the retained bucket after an error (the link is
@@ -79,23 +79,51 @@ struct Held {
     subjects: Vec<String>,
     /// Whether the filter also needs the escaped subject.
     escaped: bool,
+    /// For a shared subscription: the shard that gets the next message
+    /// NATS gave this node (round robin over `shards`).
+    turn: usize,
 }
 
 /// The bridge's tables, shared by its tasks (one thread: `Rc<RefCell>`).
-struct Bridge {
+pub(super) struct Bridge {
     /// The NATS client (data connection, no echo).
-    client: Client,
+    pub(super) client: Client,
+    /// The queue connection (echo on): the queue subscriptions of shared
+    /// subscriptions only, since this node's own publishes must reach its
+    /// own members through the queue group (design §7).
+    queue_client: Client,
     /// Subject root.
-    root: String,
+    pub(super) root: String,
+    /// This node's name.
+    pub(super) node: String,
+    /// This node's incarnation: random at each start, so that a record of an
+    /// earlier run of the node is not taken for this one's.
+    pub(super) incarnation: String,
+    /// The other nodes heard (heartbeats), and when.
+    pub(super) nodes: HashMap<String, Instant>,
+    /// When the bridge started: a node not heard since is taken for dead
+    /// only once `node_ttl` has passed.
+    pub(super) started: Instant,
+    /// A node not heard for this long is dead.
+    pub(super) node_ttl: Duration,
+    /// Longest wait for an owner's answer to a take-over request.
+    pub(super) takeover_timeout: Duration,
+    /// CONNECTs while the link is down.
+    pub(super) partition_mode: PartitionMode,
+    /// The sessions bucket, once it is there.
+    pub(super) sessions: Option<kv::Store>,
+    /// The client ids this node owns in the sessions bucket: the claim that
+    /// holds each (shard, token) and the record's revision.
+    pub(super) owned: HashMap<ByteString, ownership::Owned>,
     /// Held filters.
     filters: HashMap<ByteString, Held>,
     /// The shards interested in the escaped subject, with how many of their
     /// filters need it; and its reader.
     escaped: (HashMap<usize, usize>, Option<JoinHandle<()>>),
     /// Each shard's queue.
-    to_shards: Vec<async_channel::Sender<ToShard>>,
+    pub(super) to_shards: Vec<async_channel::Sender<ToShard>>,
     /// Shared figures.
-    status: Arc<ClusterStatus>,
+    pub(super) status: Arc<ClusterStatus>,
     /// Retained updates this node wrote whose echo from the watch is still
     /// due, by key: the watch skips those (the shards hold them already).
     own_writes: HashMap<String, u32>,
@@ -105,7 +133,7 @@ struct Bridge {
 }
 
 /// The bridge as its tasks hold it.
-type Shared = Rc<RefCell<Bridge>>;
+pub(super) type Shared = Rc<RefCell<Bridge>>;
 
 /// Runs the bridge until the broker stops: the body of the `fanmq-cluster`
 /// thread.
@@ -126,17 +154,29 @@ pub fn run(setup: BridgeSetup) -> Result<(), ClusterError> {
 async fn options(
     config: &ClusterConfig,
     status: &Arc<ClusterStatus>,
+    queue: bool,
 ) -> Result<ConnectOptions, ClusterError> {
     let events = status.clone();
     let mut options = ConnectOptions::new()
-        .name(format!("fanmq {}", config.node_name))
-        .no_echo()
         .retry_on_initial_connect()
-        .client_capacity(CLIENT_CAPACITY)
-        .event_callback(move |event| {
-            let status = events.clone();
-            async move { on_event(&status, event) }
-        });
+        .client_capacity(CLIENT_CAPACITY);
+    options = if queue {
+        // Its link state is the data connection's to the same servers;
+        // only its errors are logged.
+        options
+            .name(format!("fanmq {} queue", config.node_name))
+            .event_callback(|event| async move {
+                debug!("cluster: NATS queue connection: {event}");
+            })
+    } else {
+        options
+            .name(format!("fanmq {}", config.node_name))
+            .no_echo()
+            .event_callback(move |event| {
+                let status = events.clone();
+                async move { on_event(&status, event) }
+            })
+    };
     options = match &config.auth {
         NatsAuth::None => options,
         NatsAuth::Token(token) => options.token(token.clone()),
@@ -227,7 +267,12 @@ async fn serve(setup: BridgeSetup) -> Result<(), ClusterError> {
                 .map_err(|e| ClusterError::Url(u.clone(), e.to_string()))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let client = options(&config, &status)
+    let client = options(&config, &status, false)
+        .await?
+        .connect(addrs.clone())
+        .await
+        .map_err(|e| ClusterError::Connect(e.to_string()))?;
+    let queue_client = options(&config, &status, true)
         .await?
         .connect(addrs)
         .await
@@ -239,7 +284,17 @@ async fn serve(setup: BridgeSetup) -> Result<(), ClusterError> {
     );
     let bridge: Shared = Rc::new(RefCell::new(Bridge {
         client: client.clone(),
+        queue_client: queue_client.clone(),
         root: config.name.clone(),
+        node: config.node_name.clone(),
+        incarnation: format!("{:016x}", fastrand::u64(..)),
+        nodes: HashMap::new(),
+        started: Instant::now(),
+        node_ttl: config.node_ttl,
+        takeover_timeout: config.takeover_timeout,
+        partition_mode: config.partition_mode,
+        sessions: None,
+        owned: HashMap::new(),
         filters: HashMap::new(),
         escaped: (HashMap::new(), None),
         to_shards: setup.to_shards,
@@ -263,7 +318,8 @@ async fn serve(setup: BridgeSetup) -> Result<(), ClusterError> {
             setup.max_value_size,
         )),
         tokio::task::spawn_local(heartbeat_loop(bridge.clone(), config.node_name.clone())),
-        tokio::task::spawn_local(takeover_loop(bridge.clone())),
+        tokio::task::spawn_local(ownership::sessions_loop(bridge.clone(), config.kv_replicas)),
+        tokio::task::spawn_local(ownership::serve_takeovers(bridge.clone())),
     ];
     while !status.shutdown.load(Ordering::Relaxed) {
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -334,77 +390,39 @@ async fn publish_loop(
     }
 }
 
-/// Applies every interest change, and announces every connect.
+/// Hands every interest change, in order, to [`apply_interest`], and starts
+/// every claim of a client id at once, in a task of its own (a claim must
+/// not wait behind subscriptions that wait for a NATS server that is down,
+/// nor behind a slow owner's answer); releases are applied at once.
 async fn interest_loop(bridge: Shared, changes: async_channel::Receiver<Control>) {
+    let (interest, in_order) = async_channel::unbounded();
+    tokio::task::spawn_local(apply_interest(bridge.clone(), in_order));
     while let Ok(change) = changes.recv().await {
         match change {
             Control::Interest(change) => {
-                if change.add {
-                    add_interest(&bridge, change.shard, change.filter).await;
-                } else {
-                    remove_interest(&bridge, change.shard, &change.filter);
-                }
-                refresh_view(&bridge);
+                let _ = interest.send(change).await;
             }
-            Control::Connected(client_id) => {
-                let (client, subject, up) = {
-                    let b = bridge.borrow();
-                    (
-                        b.client.clone(),
-                        connect_subject(&b.root),
-                        b.status.link_up(),
-                    )
-                };
-                let payload = format!("{} {client_id}", unix_ms_now());
-                if up && let Err(e) = client.publish(subject, Bytes::from(payload)).await {
-                    debug!("cluster: connect of {client_id:?} not announced: {e}");
-                }
+            Control::Claim(request) => {
+                tokio::task::spawn_local(ownership::claim(bridge.clone(), request));
             }
+            Control::Released {
+                client_id,
+                shard,
+                token,
+            } => ownership::released(&bridge, client_id, shard, token),
         }
     }
 }
 
-/// Milliseconds since the Unix epoch, now.
-fn unix_ms_now() -> u64 {
-    let wall = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    u64::try_from(wall.as_millis()).unwrap_or(u64::MAX)
-}
-
-/// The subject on which nodes announce the client ids that connect to
-/// them: `<root>.c.connect`, payload `<Unix ms> <client id>`.
-fn connect_subject(root: &str) -> String {
-    format!("{root}.c.connect")
-}
-
-/// Closes, on this node, the connections of client ids that connected to
-/// another node (no echo: never this node's own).
-async fn takeover_loop(bridge: Shared) {
-    let (client, subject) = {
-        let b = bridge.borrow();
-        (b.client.clone(), connect_subject(&b.root))
-    };
-    let mut announced = match client.subscribe(subject.clone()).await {
-        Ok(sub) => sub,
-        Err(e) => {
-            warn!("cluster: cannot subscribe to {subject}: take-over across nodes is off: {e}");
-            return;
+/// Applies the interest changes one after the other.
+async fn apply_interest(bridge: Shared, changes: async_channel::Receiver<Interest>) {
+    while let Ok(change) = changes.recv().await {
+        if change.add {
+            add_interest(&bridge, change.shard, change.filter).await;
+        } else {
+            remove_interest(&bridge, change.shard, &change.filter);
         }
-    };
-    while let Some(msg) = announced.next().await {
-        let Some((at, client_id)) = std::str::from_utf8(&msg.payload)
-            .ok()
-            .and_then(|p| p.split_once(' '))
-            .and_then(|(at, id)| Some((at.parse::<u64>().ok()?, ByteString::from(id))))
-        else {
-            continue;
-        };
-        let queues = bridge.borrow().to_shards.clone();
-        for queue in queues {
-            // Awaited: a take-over must reach the shard holding the id.
-            let _ = queue.send(ToShard::TakenOver(client_id.clone(), at)).await;
-        }
+        refresh_view(&bridge);
     }
 }
 
@@ -429,19 +447,54 @@ async fn add_interest(bridge: &Shared, shard: usize, filter: ByteString) {
         return;
     }
     let root = bridge.borrow().root.clone();
-    let (subjects, escaped) = subject::filter_subjects(&root, &filter);
-    let mut readers = Vec::with_capacity(subjects.len());
-    let client = bridge.borrow().client.clone();
-    for s in &subjects {
-        match client.subscribe(s.clone()).await {
-            Ok(sub) => readers.push(tokio::task::spawn_local(read_subscription(
-                bridge.clone(),
-                Some(filter.clone()),
-                sub,
-            ))),
-            Err(e) => warn!("cluster: cannot subscribe to {s}: {e}"),
+    let share = match shared::parse(&filter) {
+        shared::Parsed::Shared {
+            name,
+            filter: inner,
+        } => Some((name, inner)),
+        _ => None,
+    };
+    let (subjects, escaped, readers, client) = match share {
+        Some((group, inner)) => {
+            // A queue subscription per subject, the escaped one included
+            // (a message NATS gives this node there is matched here).
+            let (mut subjects, escaped) = subject::filter_subjects(&root, inner);
+            if escaped {
+                subjects.push(subject::escaped_subject(&root));
+            }
+            let queue = subject::queue_group(&root, group, inner);
+            let client = bridge.borrow().queue_client.clone();
+            let mut readers = Vec::with_capacity(subjects.len());
+            for s in &subjects {
+                match client.queue_subscribe(s.clone(), queue.clone()).await {
+                    Ok(sub) => readers.push(tokio::task::spawn_local(read_queue_subscription(
+                        bridge.clone(),
+                        filter.clone(),
+                        ByteString::from(inner),
+                        sub,
+                    ))),
+                    Err(e) => warn!("cluster: cannot subscribe to {s} in queue {queue}: {e}"),
+                }
+            }
+            (subjects, false, readers, client)
         }
-    }
+        None => {
+            let (subjects, escaped) = subject::filter_subjects(&root, &filter);
+            let client = bridge.borrow().client.clone();
+            let mut readers = Vec::with_capacity(subjects.len());
+            for s in &subjects {
+                match client.subscribe(s.clone()).await {
+                    Ok(sub) => readers.push(tokio::task::spawn_local(read_subscription(
+                        bridge.clone(),
+                        Some(filter.clone()),
+                        sub,
+                    ))),
+                    Err(e) => warn!("cluster: cannot subscribe to {s}: {e}"),
+                }
+            }
+            (subjects, escaped, readers, client)
+        }
+    };
     {
         let mut b = bridge.borrow_mut();
         b.status
@@ -458,6 +511,7 @@ async fn add_interest(bridge: &Shared, shard: usize, filter: ByteString) {
                 readers,
                 subjects,
                 escaped,
+                turn: 0,
             },
         );
     }
@@ -568,6 +622,42 @@ fn refresh_view(bridge: &Shared) {
     }
 }
 
+/// The next batch of one NATS subscription: what is there already after
+/// the first message, decoded, at most [`DELIVER_BATCH`]; None when the
+/// subscription ended. Messages that are no fanmq message are dropped and
+/// counted.
+async fn next_batch(bridge: &Shared, sub: &mut async_nats::Subscriber) -> Option<Vec<Message>> {
+    let first = sub.next().await?;
+    let root = bridge.borrow().root.clone();
+    let now = Instant::now();
+    let mut batch = Vec::with_capacity(8);
+    let mut next = Some(first);
+    while let Some(msg) = next.take() {
+        match headers::decode(
+            &root,
+            msg.subject.as_str(),
+            msg.headers.as_ref(),
+            msg.payload,
+            now,
+        ) {
+            Ok(message) => batch.push(message),
+            Err(e) => {
+                debug!("cluster: dropped a message on {}: {e}", msg.subject);
+                bridge
+                    .borrow()
+                    .status
+                    .figures
+                    .cluster_received_invalid
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        if batch.len() < DELIVER_BATCH {
+            next = futures_lite::future::poll_once(sub.next()).await.flatten();
+        }
+    }
+    Some(batch)
+}
+
 /// Reads one NATS subscription and hands its messages to the shards with
 /// a subscriber of `filter` (`None`: the escaped subject, every shard with
 /// a filter that needs it), in batches of what is already there.
@@ -576,37 +666,11 @@ async fn read_subscription(
     filter: Option<ByteString>,
     mut sub: async_nats::Subscriber,
 ) {
-    let root = bridge.borrow().root.clone();
-    while let Some(first) = sub.next().await {
-        let now = Instant::now();
-        let mut batch = Vec::with_capacity(8);
-        let mut next = Some(first);
-        while let Some(msg) = next.take() {
-            match headers::decode(
-                &root,
-                msg.subject.as_str(),
-                msg.headers.as_ref(),
-                msg.payload,
-                now,
-            ) {
-                Ok(message) => batch.push((filter.clone(), message)),
-                Err(e) => {
-                    debug!("cluster: dropped a message on {}: {e}", msg.subject);
-                    bridge
-                        .borrow()
-                        .status
-                        .figures
-                        .cluster_received_invalid
-                        .fetch_add(1, Ordering::Relaxed);
-                }
-            }
-            if batch.len() < DELIVER_BATCH {
-                next = futures_lite::future::poll_once(sub.next()).await.flatten();
-            }
-        }
+    while let Some(batch) = next_batch(&bridge, &mut sub).await {
         if batch.is_empty() {
             continue;
         }
+        let batch: Vec<_> = batch.into_iter().map(|m| (filter.clone(), m)).collect();
         let b = bridge.borrow();
         let shards: Vec<usize> = match &filter {
             Some(f) => b
@@ -620,20 +684,61 @@ async fn read_subscription(
             continue;
         };
         for &shard in rest {
-            deliver(&b, shard, batch.clone());
+            deliver(&b, shard, ToShard::Deliver(batch.clone()));
         }
-        deliver(&b, last, batch);
+        deliver(&b, last, ToShard::Deliver(batch));
+    }
+}
+
+/// Reads one queue subscription of the shared subscription `share` (whose
+/// Topic Filter is `filter`): NATS gave each message to this node alone,
+/// so each goes to one shard with a member, in turn, which picks one of
+/// its members.
+async fn read_queue_subscription(
+    bridge: Shared,
+    share: ByteString,
+    filter: ByteString,
+    mut sub: async_nats::Subscriber,
+) {
+    while let Some(batch) = next_batch(&bridge, &mut sub).await {
+        let mut b = bridge.borrow_mut();
+        let Some(held) = b.filters.get_mut(&share) else {
+            continue;
+        };
+        let shards: Vec<usize> = held.shards.iter().copied().collect();
+        let mut per_shard: HashMap<usize, Vec<(ByteString, Message)>> = HashMap::new();
+        for message in batch {
+            // The escaped subject carries every unmappable topic.
+            if !topic::filter_matches(&filter, &message.topic) {
+                continue;
+            }
+            let Some(&shard) = shards.get(held.turn % shards.len().max(1)) else {
+                continue;
+            };
+            held.turn = held.turn.wrapping_add(1);
+            per_shard
+                .entry(shard)
+                .or_default()
+                .push((share.clone(), message));
+        }
+        for (shard, batch) in per_shard {
+            deliver(&b, shard, ToShard::DeliverShared(batch));
+        }
     }
 }
 
 /// Hands a batch to one shard without waiting: a full queue drops it for
 /// that shard only.
-fn deliver(b: &Bridge, shard: usize, batch: Vec<(Option<ByteString>, Message)>) {
+fn deliver(b: &Bridge, shard: usize, batch: ToShard) {
     let Some(queue) = b.to_shards.get(shard) else {
         return;
     };
-    let n = batch.len() as u64;
-    if queue.try_send(ToShard::Deliver(batch)).is_err() {
+    let n = match &batch {
+        ToShard::Deliver(batch) => batch.len(),
+        ToShard::DeliverShared(batch) => batch.len(),
+        _ => 1,
+    } as u64;
+    if queue.try_send(batch).is_err() {
         b.status
             .figures
             .cluster_deliver_dropped
@@ -653,24 +758,8 @@ async fn retained_loop(
         let b = bridge.borrow();
         (b.client.clone(), b.root.clone(), b.status.clone())
     };
-    let context = async_nats::jetstream::new(client.clone());
     let name = retained::bucket(&root);
-    let store = loop {
-        match context.get_key_value(name.clone()).await {
-            Ok(store) => break store,
-            Err(e) => {
-                debug!("cluster: retained bucket {name} not found ({e}), creating it");
-                if let Err(e) = create_bucket(&client, &name, replicas, max_value_size).await {
-                    status
-                        .figures
-                        .cluster_kv_errors
-                        .fetch_add(1, Ordering::Relaxed);
-                    debug!("cluster: retained bucket {name} not ready: {e}");
-                    tokio::time::sleep(KV_RETRY).await;
-                }
-            }
-        }
-    };
+    let store = open_bucket(&client, &status, &name, replicas, max_value_size).await;
     info!("cluster: retained messages in bucket {name}");
     // Ends with the bridge's runtime.
     tokio::task::spawn_local(write_retained(bridge.clone(), store.clone(), puts));
@@ -683,6 +772,34 @@ async fn retained_loop(
             debug!("cluster: retained watch ended: {e}");
         }
         tokio::time::sleep(KV_RETRY).await;
+    }
+}
+
+/// Opens KV bucket `name`, creating it when it is not there, retrying
+/// after errors until it is (the link is down, JetStream not ready).
+pub(super) async fn open_bucket(
+    client: &Client,
+    status: &ClusterStatus,
+    name: &str,
+    replicas: usize,
+    max_value_size: usize,
+) -> kv::Store {
+    let context = async_nats::jetstream::new(client.clone());
+    loop {
+        match context.get_key_value(name.to_string()).await {
+            Ok(store) => return store,
+            Err(e) => {
+                debug!("cluster: bucket {name} not found ({e}), creating it");
+                if let Err(e) = create_bucket(client, name, replicas, max_value_size).await {
+                    status
+                        .figures
+                        .cluster_kv_errors
+                        .fetch_add(1, Ordering::Relaxed);
+                    debug!("cluster: bucket {name} not ready: {e}");
+                    tokio::time::sleep(KV_RETRY).await;
+                }
+            }
+        }
     }
 }
 
@@ -827,7 +944,7 @@ async fn heartbeat_loop(bridge: Shared, node: String) {
             None
         }
     };
-    let mut seen: HashMap<String, Instant> = HashMap::new();
+    let incarnation = Bytes::from(bridge.borrow().incarnation.clone());
     let mut tick = tokio::time::interval(HEARTBEAT);
     loop {
         let beat = async {
@@ -845,22 +962,28 @@ async fn heartbeat_loop(bridge: Shared, node: String) {
                 if let Some(name) = msg.subject.strip_prefix(prefix.as_str())
                     && name != node
                 {
-                    seen.insert(name.to_string(), Instant::now());
+                    bridge
+                        .borrow_mut()
+                        .nodes
+                        .insert(name.to_string(), Instant::now());
                 }
             }
             None => {
                 if status.link_up()
                     && let Err(e) = client
-                        .publish(format!("{prefix}{node}"), Bytes::new())
+                        .publish(format!("{prefix}{node}"), incarnation.clone())
                         .await
                 {
                     debug!("cluster: heartbeat not sent: {e}");
                 }
-                seen.retain(|_, at| at.elapsed() < NODE_TIMEOUT);
+                let mut b = bridge.borrow_mut();
+                let ttl = b.node_ttl;
+                b.nodes.retain(|_, at| at.elapsed() < ttl);
                 let wall = SystemTime::now()
                     .duration_since(UNIX_EPOCH)
                     .unwrap_or_default();
-                let nodes = seen
+                let nodes = b
+                    .nodes
                     .iter()
                     .map(|(name, at)| {
                         let ago = wall.saturating_sub(at.elapsed());
@@ -870,7 +993,7 @@ async fn heartbeat_loop(bridge: Shared, node: String) {
                 status
                     .figures
                     .cluster_nodes
-                    .store(seen.len() as u64, Ordering::Relaxed);
+                    .store(b.nodes.len() as u64, Ordering::Relaxed);
                 if let Ok(mut view) = status.view.lock() {
                     view.nodes = nodes;
                     view.server = status.link_up().then(|| {

@@ -37,9 +37,47 @@ pub struct Interest {
 pub enum Control {
     /// A filter's first or last subscriber on a shard.
     Interest(Interest),
-    /// A client connected on this node: the other nodes close their
-    /// connection with this client id (MQTT §3.1.4-3 across nodes).
-    Connected(ByteString),
+    /// A CONNECT on this node claims a client id in the cluster's
+    /// sessions bucket (docs/design/cluster.md §9).
+    Claim(ClaimRequest),
+    /// The session of claim `token` on `shard` ended here (a clean session,
+    /// or an expired one): its record goes, unless another claim owns it.
+    Released {
+        /// The client id.
+        client_id: ByteString,
+        /// The shard of the claim.
+        shard: usize,
+        /// The claim's token there.
+        token: u64,
+    },
+}
+
+/// A claim of a client id in the cluster, made by a connection on this
+/// node once the id is its own on the node.
+#[derive(Debug)]
+pub struct ClaimRequest {
+    /// The client id.
+    pub client_id: ByteString,
+    /// The CONNECT's CleanSession / Clean Start: a previous owner's state
+    /// is dropped rather than sent.
+    pub clean_session: bool,
+    /// The shard of the node's claim.
+    pub shard: usize,
+    /// The node's claim token there (the session's `claim`).
+    pub token: u64,
+    /// Where the answer goes.
+    pub answer: async_channel::Sender<ClaimAnswer>,
+}
+
+/// The bridge's answer to a [`ClaimRequest`].
+#[derive(Debug)]
+pub enum ClaimAnswer {
+    /// The id is this node's: with the session image the previous owner
+    /// node sent (shard cluster encoding), if it had one.
+    Granted(Option<bytes::Bytes>),
+    /// No decision in time (the owner did not answer, JetStream is down),
+    /// or the link is down in `fence` mode: CONNACK 0x03.
+    Unavailable,
 }
 
 /// From the bridge to one shard.
@@ -50,14 +88,24 @@ pub enum ToShard {
     /// full). The shard delivers each only to that filter's subscribers,
     /// once per session (docs/design/cluster.md §6).
     Deliver(Vec<(Option<ByteString>, Message)>),
+    /// Messages NATS gave this node for a shared subscription (the whole
+    /// `$share/...` filter), each to one member of the group on the shard.
+    DeliverShared(Vec<(ByteString, Message)>),
     /// A retained message (empty payload: a delete) from the cluster's
     /// bucket, stamped with its revision: applied to the shard's replica,
     /// never delivered.
     Retained(Message),
-    /// The client id connected on another node at this Unix time in
-    /// milliseconds: close an older connection here and drop its session
-    /// (the state does not move across nodes yet).
-    TakenOver(ByteString, u64),
+    /// Another node takes the client id over: end its session here (the
+    /// connection closes as a take-over) and answer with its image (None:
+    /// no state to move, or `clean_session`).
+    Takeover {
+        /// The client id.
+        client_id: ByteString,
+        /// The new CONNECT's CleanSession / Clean Start.
+        clean_session: bool,
+        /// Where the image goes.
+        answer: async_channel::Sender<Option<Vec<u8>>>,
+    },
 }
 
 /// One shard's ends of its queues.
@@ -85,6 +133,8 @@ pub struct ClusterLink {
     counts: AHashMap<ByteString, u32>,
     /// This shard's index.
     shard: usize,
+    /// Turn among this shard's members of a group, for messages from NATS.
+    pub share_turn: usize,
 }
 
 impl ClusterLink {
@@ -96,6 +146,7 @@ impl ClusterLink {
             stall,
             counts: AHashMap::new(),
             shard,
+            share_turn: 0,
         }
     }
 
@@ -126,15 +177,39 @@ impl ClusterLink {
         self.counts.len()
     }
 
-    /// A client connected on this shard: the other nodes hear of it.
-    pub fn connected(&self, client_id: &str) {
-        if self
-            .ends
-            .interest
-            .try_send(Control::Connected(ByteString::from(client_id)))
-            .is_err()
-        {
-            log::debug!("cluster bridge gone: connect of {client_id:?} not announced");
+    /// Asks the bridge for `client_id` in the cluster for claim `token` of
+    /// this shard; the answer comes on the returned queue (closed: the
+    /// bridge is gone).
+    pub fn claim(
+        &self,
+        client_id: &str,
+        clean_session: bool,
+        token: u64,
+    ) -> async_channel::Receiver<ClaimAnswer> {
+        let (answer, answered) = async_channel::bounded(1);
+        let request = Control::Claim(ClaimRequest {
+            client_id: ByteString::from(client_id),
+            clean_session,
+            shard: self.shard,
+            token,
+            answer,
+        });
+        if self.ends.interest.try_send(request).is_err() {
+            log::debug!("cluster bridge gone: claim of {client_id:?} not sent");
+        }
+        answered
+    }
+
+    /// The session of claim `token` of this shard ended: its record in the
+    /// cluster goes.
+    pub fn released(&self, client_id: &str, token: u64) {
+        let released = Control::Released {
+            client_id: ByteString::from(client_id),
+            shard: self.shard,
+            token,
+        };
+        if self.ends.interest.try_send(released).is_err() {
+            log::debug!("cluster bridge gone: release of {client_id:?} not sent");
         }
     }
 
@@ -192,7 +267,11 @@ status_figures! {
     cluster_deliver_dropped: "Messages from NATS dropped for a shard whose queue was full";
     cluster_received_invalid: "Messages from NATS that are no fanmq message (subject or headers)";
     cluster_slow_consumer: "Slow-consumer events of the NATS client (messages it dropped)";
-    cluster_kv_errors: "Failed retained-bucket operations";
+    cluster_kv_errors: "Failed operations on the retained and sessions buckets";
+    cluster_claims: "Client ids claimed in the sessions bucket by this node's CONNECTs";
+    cluster_takeovers: "Sessions this node took over from another node, with their state";
+    cluster_claims_unavailable: "Claims refused with CONNACK 0x03 (no owner answer, KV down, fence)";
+    cluster_unregistered: "CONNECTs granted without a record while the link was down (serve)";
     cluster_nodes: "Other nodes heard within the node timeout";
 }
 
@@ -257,6 +336,10 @@ impl ClusterStatus {
             "received_invalid": figures.cluster_received_invalid,
             "slow_consumer": figures.cluster_slow_consumer,
             "kv_errors": figures.cluster_kv_errors,
+            "claims": figures.cluster_claims,
+            "takeovers": figures.cluster_takeovers,
+            "claims_unavailable": figures.cluster_claims_unavailable,
+            "unregistered": figures.cluster_unregistered,
         })
     }
 }
@@ -289,7 +372,7 @@ mod tests {
         let got: Vec<(usize, String, bool)> = std::iter::from_fn(|| changes.try_recv().ok())
             .filter_map(|c| match c {
                 Control::Interest(i) => Some((i.shard, i.filter.to_string(), i.add)),
-                Control::Connected(_) => None,
+                _ => None,
             })
             .collect();
         assert_eq!(

@@ -1,8 +1,8 @@
 //! fanmq nodes joined through NATS (docs/design/cluster.md; README,
 //! "Running a cluster").
 //!
-//! Core NATS carries messages between nodes, a JetStream KV bucket the
-//! retained messages. One thread per node, `fanmq-cluster`, runs the NATS
+//! Core NATS carries messages between nodes, JetStream KV buckets the
+//! retained messages and which node owns each client id ([`ownership`]). One thread per node, `fanmq-cluster`, runs the NATS
 //! client on tokio ([`bridge`]); shards talk to it only through the queues of
 //! [`link`]. A message published on a node is delivered there as today and
 //! handed to the bridge once, by the shard it entered on; the bridge
@@ -15,6 +15,7 @@
 pub mod bridge;
 pub mod headers;
 pub mod link;
+pub mod ownership;
 pub mod retained;
 pub mod subject;
 

@@ -87,6 +87,23 @@ pub fn escaped_subject(root: &str) -> String {
     format!("{root}.{ESCAPED}")
 }
 
+/// The NATS queue group of the shared subscription `$share/<group>/<filter>`
+/// under `root`: `<root>_` and the base64url of the ShareName, a NUL and
+/// the filter. The filter is part of it because two shared subscriptions of
+/// one ShareName with different filters are different groups (MQTT
+/// §4.8.2), and both may hold the escaped subject.
+pub fn queue_group(root: &str, group: &str, filter: &str) -> String {
+    use base64::Engine;
+    let mut name = Vec::with_capacity(group.len() + 1 + filter.len());
+    name.extend_from_slice(group.as_bytes());
+    name.push(0);
+    name.extend_from_slice(filter.as_bytes());
+    format!(
+        "{root}_{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(name)
+    )
+}
+
 /// The subject a message on `topic` is published on.
 pub fn topic_subject(root: &str, topic: &str) -> TopicSubject {
     let mut out = prefix(root, topic::is_sys_topic(topic));
@@ -203,6 +220,24 @@ pub fn subject_topic(root: &str, subject: &str) -> Result<String, SubjectError> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn queue_groups_are_valid_tokens_and_differ_by_share_name_and_filter() {
+        let g = queue_group("fanmq", "g", "a/#");
+        assert_eq!(g, "fanmq_ZwBhLyM");
+        assert_ne!(g, queue_group("fanmq", "g", "a/+"));
+        assert_ne!(
+            g,
+            queue_group("fanmq", "g/a", "#"),
+            "the NUL keeps them apart"
+        );
+        let odd = queue_group("fanmq", "grüppe .*>", "a b/#");
+        assert!(
+            odd.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'),
+            "{odd}"
+        );
+    }
 
     /// The mapped subject of `topic`, panicking when escaped.
     fn mapped(topic: &str) -> String {

@@ -24,6 +24,16 @@ pub const DEFAULT_STALL_MS: u64 = 100;
 /// Default number of replicas of the retained bucket: 1 works with a single
 /// nats-server; a three-server NATS cluster wants 3.
 pub const DEFAULT_KV_REPLICAS: usize = 1;
+/// Default time after which a node not heard from (its heartbeat every
+/// 2 s) is taken for dead, and its sessions may be taken fresh: five missed
+/// beats, failover in about 10 s (docs/design/cluster.md §9).
+pub const DEFAULT_NODE_TTL_MS: u64 = 10_000;
+/// Shortest `node_ttl_ms`: two heartbeats (a single late beat must not
+/// declare a node dead).
+pub const MIN_NODE_TTL_MS: u64 = 4_000;
+/// Default longest wait for the owning node's answer to a take-over
+/// request, well within the 10 s a CONNECT waits for its claim.
+pub const DEFAULT_TAKEOVER_TIMEOUT_MS: u64 = 2_000;
 /// Longest node name: it is a subject token and a KV key; a host name is at
 /// most 64 bytes on Linux.
 pub const MAX_NODE_NAME_LEN: usize = 64;
@@ -42,6 +52,19 @@ pub enum NatsAuth {
     NkeySeedFile(PathBuf),
     /// A `.creds` file (JWT and nkey seed), as `nsc` writes them.
     CredsFile(PathBuf),
+}
+
+/// What a node does with a CONNECT while it is cut off from NATS
+/// (docs/design/cluster.md §9, "Split brain").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PartitionMode {
+    /// Grant it as a fresh session this node does not register: service
+    /// goes on, but one client id may then be live on two nodes.
+    Serve,
+    /// Refuse it with CONNACK 0x03 (Server unavailable): no duplicate
+    /// client id, no new connections until NATS is back.
+    Fence,
 }
 
 /// The cluster settings after defaults, file and flags were merged.
@@ -66,8 +89,15 @@ pub struct ClusterConfig {
     pub queue_capacity: usize,
     /// Longest a publisher waits for the queue to the bridge.
     pub stall: Duration,
-    /// Replicas of the retained bucket.
+    /// Replicas of the retained and sessions buckets.
     pub kv_replicas: usize,
+    /// A node not heard from for this long is dead: its client ids are
+    /// taken fresh.
+    pub node_ttl: Duration,
+    /// Longest wait for an owning node's answer to a take-over request.
+    pub takeover_timeout: Duration,
+    /// CONNECTs while the NATS link is down.
+    pub partition_mode: PartitionMode,
 }
 
 /// The `[cluster]` table of the file: every key optional.
@@ -89,6 +119,9 @@ pub(super) struct FileCluster {
     queue_capacity: Option<usize>,
     stall_ms: Option<u64>,
     kv_replicas: Option<usize>,
+    node_ttl_ms: Option<u64>,
+    takeover_timeout_ms: Option<u64>,
+    partition_mode: Option<PartitionMode>,
 }
 
 /// An invalid cluster setting.
@@ -214,6 +247,22 @@ pub(super) fn merge(
     if !(1..=5).contains(&kv_replicas) {
         return invalid("cluster.kv_replicas", "must be between 1 and 5 (JetStream)");
     }
+    let node_ttl_ms = file.node_ttl_ms.unwrap_or(DEFAULT_NODE_TTL_MS);
+    if node_ttl_ms < MIN_NODE_TTL_MS {
+        return invalid(
+            "cluster.node_ttl_ms",
+            format!("must be at least {MIN_NODE_TTL_MS} (two heartbeats)"),
+        );
+    }
+    let takeover_timeout_ms = file
+        .takeover_timeout_ms
+        .unwrap_or(DEFAULT_TAKEOVER_TIMEOUT_MS);
+    if !(1..=5_000).contains(&takeover_timeout_ms) {
+        return invalid(
+            "cluster.takeover_timeout_ms",
+            "must be between 1 and 5000 (a CONNECT waits at most 10 s)",
+        );
+    }
     Ok(Some(ClusterConfig {
         nats_urls,
         node_name,
@@ -225,6 +274,9 @@ pub(super) fn merge(
         queue_capacity,
         stall: Duration::from_millis(file.stall_ms.unwrap_or(DEFAULT_STALL_MS)),
         kv_replicas,
+        node_ttl: Duration::from_millis(node_ttl_ms),
+        takeover_timeout: Duration::from_millis(takeover_timeout_ms),
+        partition_mode: file.partition_mode.unwrap_or(PartitionMode::Serve),
     }))
 }
 
@@ -258,6 +310,14 @@ mod tests {
         assert_eq!(c.auth, NatsAuth::Token("t".into()));
         assert_eq!(c.queue_capacity, DEFAULT_QUEUE_CAPACITY);
         assert_eq!(c.stall, Duration::from_millis(DEFAULT_STALL_MS));
+        assert_eq!(c.node_ttl, Duration::from_millis(DEFAULT_NODE_TTL_MS));
+        assert_eq!(c.partition_mode, PartitionMode::Serve);
+        let fence = table("partition_mode = \"fence\"\nnode_ttl_ms = 5000");
+        let c = merge(Some(fence), &["nats://x:4222".into()], Some("n"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.partition_mode, PartitionMode::Fence);
+        assert_eq!(c.node_ttl, Duration::from_millis(5000));
     }
 
     #[test]
@@ -273,12 +333,19 @@ mod tests {
             "queue_capacity = 0",
             "kv_replicas = 0",
             "name = \"a.b\"",
+            "node_ttl_ms = 1000",
+            "takeover_timeout_ms = 0",
         ] {
             assert!(
                 merge(Some(table(text)), &urls, Some("n")).is_err(),
                 "{text}"
             );
         }
+    }
+
+    #[test]
+    fn an_unknown_partition_mode_is_refused() {
+        assert!(toml::from_str::<FileCluster>("partition_mode = \"ignore\"").is_err());
     }
 
     #[test]

@@ -320,8 +320,9 @@ pub struct Flags {
     /// "off". Default 127.0.0.1:18083. Port 0 picks a free port.
     #[arg(long, value_name = "ADDR:PORT|off")]
     pub http_listen: Option<String>,
-    /// Keep retained messages in DIR across restarts and crashes (turns
-    /// `persistence` on; overrides `persistence_location`).
+    /// Keep retained messages and persistent sessions in DIR across
+    /// restarts and crashes (turns `persistence` on; overrides
+    /// `persistence_location`).
     #[arg(long, value_name = "DIR")]
     pub persistence_dir: Option<PathBuf>,
     /// NATS server URL that joins this node to a cluster (repeatable, for a

@@ -14,6 +14,7 @@ use crate::protocol::v3::{self as codec, Packet, PacketId, QoS};
 use crate::session::link::{CloseReason, Rare, SessionKey};
 use crate::session::{self, Qos2Receipt};
 use crate::shard::Shard;
+use crate::store::record::FlowStep;
 
 /// Decodes and handles every complete packet in `rx`; `rare` holds the
 /// client's user name, for ACL checks (and an MQTT 5.0 client's topic
@@ -92,19 +93,29 @@ pub(super) fn handle_packet(
             }
         }
         Packet::PubAck(id) => {
-            session.on_puback(id, &limits);
+            if session.on_puback(id, &limits) {
+                shard.journal_step(key, FlowStep::Done, id);
+            }
             shard.mark_dirty(key);
         }
         Packet::PubRec(id) => {
-            session.on_pubrec(id);
+            if session.on_pubrec(id) {
+                shard.journal_step(key, FlowStep::PubRecd, id);
+            }
             shard.mark_dirty(key);
         }
         Packet::PubRel(id) => {
-            session.on_pubrel(id);
-            shard.mark_dirty(key);
+            // PUBCOMP, also for an unknown id (§4.3.3); with persistence
+            // it waits until the release is durable (`Shard::journal_step`).
+            if session.release(id) {
+                shard.journal_step(key, FlowStep::Released, id);
+            }
+            shard.queue_ack(key, conn_id, &codec::pubcomp(id), false);
         }
         Packet::PubComp(id) => {
-            session.on_pubcomp(id, &limits);
+            if session.on_pubcomp(id, &limits) {
+                shard.journal_step(key, FlowStep::Done, id);
+            }
             shard.mark_dirty(key);
         }
         Packet::Subscribe(subscribe) => shard.subscribe(key, subscribe, username),
@@ -202,7 +213,12 @@ pub(super) fn receive_publish(
         // for an unknown id is still answered, §4.3.3).
         QoS::ExactlyOnce if refused => true,
         QoS::ExactlyOnce => match session.on_publish_qos2(packet_id, &limits) {
-            Qos2Receipt::New => true,
+            Qos2Receipt::New => {
+                // The PUBREC waits until the id is durable, so that a
+                // PUBLISH resent after a restart is known as a duplicate.
+                shard.journal_step(key, FlowStep::AwaitRel, packet_id);
+                true
+            }
             Qos2Receipt::Duplicate => false,
             Qos2Receipt::Refused => {
                 limited!(

@@ -22,6 +22,7 @@ use crate::protocol::v5::{
 use crate::router::shared;
 use crate::session::link::{CloseReason, Rare, SessionKey};
 use crate::shard::Shard;
+use crate::store::record::FlowStep;
 
 /// Decodes and handles every complete MQTT 5.0 packet in `rx`. A decode
 /// error closes the connection with the DISCONNECT Reason Code the decoder
@@ -140,23 +141,31 @@ fn handle_packet(
         }
         P::Publish(publish) => return handle_publish(shard, key, conn_id, publish, username),
         P::PubAck(ack) => {
-            session.on_puback(ack.packet_id, &limits);
+            if session.on_puback(ack.packet_id, &limits) {
+                shard.journal_step(key, FlowStep::Done, ack.packet_id);
+            }
             shard.mark_dirty(key);
         }
         P::PubRec(ack) if ack.reason_code.is_failure() => {
             // The client refused the message: its QoS 2 flow ends here
             // (§4.3.3), no PUBREL.
-            session.on_pubrec_refused(ack.packet_id, &limits);
+            if session.on_pubrec_refused(ack.packet_id, &limits) {
+                shard.journal_step(key, FlowStep::Done, ack.packet_id);
+            }
             shard.mark_dirty(key);
         }
         P::PubRec(ack) => {
-            session.on_pubrec(ack.packet_id);
+            if session.on_pubrec(ack.packet_id) {
+                shard.journal_step(key, FlowStep::PubRecd, ack.packet_id);
+            }
             shard.mark_dirty(key);
         }
         P::PubRel(ack) => {
             // PUBCOMP, with 0x92 Packet Identifier not found for an id that
-            // was not awaiting release (§3.7.2.1; 3.1.1 answers plainly).
+            // was not awaiting release (§3.7.2.1; 3.1.1 answers plainly);
+            // with persistence it waits until the release is durable.
             let reason_code = if session.release(ack.packet_id) {
+                shard.journal_step(key, FlowStep::Released, ack.packet_id);
                 ReasonCode::SUCCESS
             } else {
                 ReasonCode::PACKET_IDENTIFIER_NOT_FOUND
@@ -172,7 +181,9 @@ fn handle_packet(
             );
         }
         P::PubComp(ack) => {
-            session.on_pubcomp(ack.packet_id, &limits);
+            if session.on_pubcomp(ack.packet_id, &limits) {
+                shard.journal_step(key, FlowStep::Done, ack.packet_id);
+            }
             shard.mark_dirty(key);
         }
         P::Subscribe(subscribe) => {

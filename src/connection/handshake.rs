@@ -338,16 +338,19 @@ pub(super) async fn handshake(
     } else {
         None
     };
-    let wire = match stream {
-        Stream::Tcp(tcp) => Wire::Fresh(tcp),
-        framed => Wire::Framed(framed),
-    };
     let (claim, state) = match registry::claim(ctx, client_id.clone(), clean_start).await {
         Ok(granted) => granted,
         Err(e) => {
-            debug!("{}: client {client_id}: {e}", Peer(wire.socket_fd()));
+            debug!("{}: client {client_id}: {e}", Peer(stream.socket_fd()));
+            if e == registry::RegistryError::ClusterUnavailable {
+                refuse(&mut stream, version, Refusal::ServerUnavailable).await;
+            }
             return None;
         }
+    };
+    let wire = match stream {
+        Stream::Tcp(tcp) => Wire::Fresh(tcp),
+        framed => Wire::Framed(framed),
     };
     let link_fd = match &wire {
         Wire::Framed(stream) => framed_fd(stream.socket_fd()),
@@ -367,6 +370,7 @@ pub(super) async fn handshake(
         protocol_level,
     };
     let (key, conn_id) = attach(ctx, link_fd, client_id.clone(), state, &attached);
+    journal_will(ctx, key, &client_id, rare.as_deref());
     ctx.send_outbox();
     debug!(
         "{}: client {client_id} connected on shard {} ({version:?}, clean start {clean_start}, session expiry {session_expiry}, keep-alive {keep_alive}{})",
@@ -527,6 +531,31 @@ pub(super) fn attach(
     shard.mark_dirty(key);
     shard.flush_dirty();
     (key, conn_id)
+}
+
+/// With persistence, journals a persistent session's will as owed from
+/// this CONNECT on (or that it has none): after a crash it is published
+/// (`shard::persist_will`). A will the ACL refuses is not kept.
+fn journal_will(ctx: &Ctx, key: SessionKey, client_id: &str, rare: Option<&Rare>) {
+    let mut shard = ctx.shard.borrow_mut();
+    if shard.session_journal.is_none() {
+        return;
+    }
+    let will = rare.and_then(|rare| {
+        let will = rare.will.clone()?;
+        let who = crate::security::acl::Who {
+            client_id,
+            username: rare.username.as_deref(),
+        };
+        if !shard.auth.can_publish(who, &will.topic) {
+            return None;
+        }
+        Some((
+            will_message(will, rare.will_properties.as_deref(), Instant::now())?,
+            rare.will_delay,
+        ))
+    });
+    shard.journal_will(key, will.as_ref().map(|(m, delay)| (m, *delay)), 0);
 }
 
 /// The will as the message to publish (§3.1.2.5), with its MQTT 5.0

@@ -291,8 +291,12 @@ pub(super) fn poll_event(
         limits,
         iovecs,
         shed_conns,
+        held_out,
         ..
     } = &mut *guard;
+    // A queue held for the journal (`crate::shard::held_out`) is written
+    // once the shard releases it.
+    let held = held_out.waits(key, conn_id);
     let Some(session) = sessions
         .get_mut(key as usize)
         .filter(|s| s.link.as_ref().is_some_and(|l| l.conn_id == conn_id))
@@ -312,7 +316,7 @@ pub(super) fn poll_event(
     }
     let fd = match wire {
         Wire::Framed(stream) => {
-            if link.blocked {
+            if link.blocked && !held {
                 match write_framed(cx, stream, &mut session.out, read_buf) {
                     Ok((n, done)) => {
                         stats.bytes_sent += n as u64;
@@ -333,7 +337,7 @@ pub(super) fn poll_event(
         Wire::Fresh(tcp) => tcp.as_raw_fd(),
         Wire::Plain(fd) => fd.as_raw_fd(),
     };
-    if link.blocked {
+    if link.blocked && !held {
         match session.out.flush(fd, iovecs) {
             Ok((n, flushed)) => {
                 stats.bytes_sent += n as u64;

@@ -178,6 +178,7 @@ async fn teardown(ctx: &Ctx, conn: Established, reason: CloseReason) {
         let outlives = shard
             .session_for(conn.key, conn.conn_id)
             .is_some_and(|s| !s.clean_session);
+        let had_will = conn.rare.as_ref().is_some_and(|r| r.will.is_some());
         shard.end_connection(conn.key, conn.conn_id);
         if reason.publishes_will()
             && let Some(rare) = conn.rare
@@ -213,6 +214,17 @@ async fn teardown(ctx: &Ctx, conn: Established, reason: CloseReason) {
                 shard.stats.publish_received += 1;
                 shard.publish(message);
             }
+        }
+        // With persistence, the journal forgets a will that is no longer
+        // owed (published, or discarded by DISCONNECT or a shutdown); one
+        // waiting for its delay was journalled as such. After a take-over
+        // the new connection's CONNECT wrote its own.
+        if had_will
+            && outlives
+            && reason != CloseReason::TakenOver
+            && !shard.has_delayed_will(conn.key)
+        {
+            shard.journal_will(conn.key, None, 0);
         }
         shard.flush_dirty();
     }

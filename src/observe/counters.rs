@@ -351,7 +351,7 @@ counter_table! {
             help "Messages from other nodes routed on this node (each once per shard with a subscriber)";
         cluster_taken_over: Counter Sum,
             prometheus Some("cluster_taken_over"), per_shard None, sys None,
-            help "Connections closed (and their sessions dropped) because their client id connected to another node";
+            help "Take-over requests from other nodes served: each ends this node's session of the client id, if any, and sends its state";
         cluster_link_up: Gauge Max,
             prometheus Some("cluster_link_up"), per_shard None, sys None,
             help "1 while the NATS connection is up (every shard copies the bridge's figures)";
@@ -378,7 +378,19 @@ counter_table! {
             help "Slow-consumer events of the NATS client (it dropped messages of a subscription)";
         cluster_kv_errors: Counter Max,
             prometheus Some("cluster_kv_errors"), per_shard None, sys None,
-            help "Failed operations on the retained-message bucket";
+            help "Failed operations on the retained-message and sessions buckets";
+        cluster_claims: Counter Max,
+            prometheus Some("cluster_claims"), per_shard None, sys None,
+            help "Client ids this node's CONNECTs claimed in the sessions bucket";
+        cluster_takeovers: Counter Max,
+            prometheus Some("cluster_takeovers"), per_shard None, sys None,
+            help "Client ids this node took over from another live node (with their session state)";
+        cluster_claims_unavailable: Counter Max,
+            prometheus Some("cluster_claims_unavailable"), per_shard None, sys None,
+            help "CONNECTs refused with 0x03 Server unavailable: no owner answer or KV decision in time, or the link down in fence mode";
+        cluster_unregistered: Counter Max,
+            prometheus Some("cluster_unregistered"), per_shard None, sys None,
+            help "CONNECTs granted without a sessions-bucket record while the NATS link was down (partition_mode serve)";
         cluster_nodes: Gauge Max,
             prometheus Some("cluster_nodes"), per_shard None, sys None,
             help "Other nodes heard from within the node timeout";

@@ -108,6 +108,12 @@ pub struct Inflight {
     pub message: Message,
     /// Where its flow is.
     pub phase: Phase,
+    /// With persistence, the id of the message's record in the shard's
+    /// session journal (`store::record::Record::Message`); 0: not stored.
+    pub stored: u64,
+    /// With persistence, whether the journal knows this packet id and
+    /// phase (a `Sent` record was appended for it).
+    pub journalled: bool,
 }
 
 /// The part of a session that outlives a connection and moves between shards.
@@ -183,6 +189,11 @@ pub struct Flows {
     pub pending: VecDeque<Message>,
     /// Wire bytes of `pending`, for the byte limit.
     pub pending_bytes: usize,
+    /// With persistence, the journal's message id of each entry of
+    /// `pending`, in the same order (0: not stored), so that a message
+    /// keeps its id when it goes in flight: either empty (nothing stored,
+    /// persistence off: no cost) or exactly as long as `pending`.
+    pub pending_stored: VecDeque<u64>,
     /// Packet ids of QoS 2 messages received and not yet released (PUBREL).
     pub awaiting_rel: Vec<PacketId>,
     /// The last packet id used for an outgoing message (0: none yet).
@@ -472,7 +483,7 @@ impl Session {
                     encoded.payload(self.version),
                 ),
             };
-            let delivery = self.start_inflight(forwarded, Some(shared));
+            let delivery = self.start_inflight(forwarded, Some(shared), 0);
             if delivery == Delivery::Queued {
                 self.remember_alias(alias, &message.topic);
             }
@@ -647,7 +658,7 @@ impl Session {
             return Delivery::Queued;
         }
         if self.window_open(limits) && self.pending_is_empty() {
-            return self.start_inflight(forwarded, None);
+            return self.start_inflight(forwarded, None, 0);
         }
         self.queue_pending(forwarded, limits)
     }
@@ -687,6 +698,9 @@ impl Session {
         }
         flows.pending_bytes += len;
         flows.pending.push_back(message);
+        if !flows.pending_stored.is_empty() {
+            flows.pending_stored.push_back(0);
+        }
         Delivery::Pending
     }
 
@@ -700,7 +714,12 @@ impl Session {
     /// PUBLISH (with the shard's shared head and payload when there are):
     /// [`Delivery::Queued`], or [`Delivery::Dropped`] when the PUBLISH is
     /// over the client's Maximum Packet Size.
-    fn start_inflight(&mut self, message: Message, shared: Option<(Frame, Frame)>) -> Delivery {
+    fn start_inflight(
+        &mut self,
+        message: Message,
+        shared: Option<(Frame, Frame)>,
+        stored: u64,
+    ) -> Delivery {
         let packet_id = self.next_packet_id();
         let frame = match shared {
             Some((head, payload)) => OutFrame::Publish {
@@ -728,6 +747,8 @@ impl Session {
             packet_id,
             message,
             phase,
+            stored,
+            journalled: false,
         });
         self.out.push(frame);
         Delivery::Queued
@@ -759,13 +780,14 @@ impl Session {
             let Some(message) = flows.pending.pop_front() else {
                 break;
             };
+            let stored = flows.pending_stored.pop_front().unwrap_or(0);
             flows.pending_bytes -= message.wire_len();
             if message.is_expired() {
                 continue;
             }
             // One over the client's Maximum Packet Size is dropped here,
             // counted by the next keep-alive sweep.
-            match self.start_inflight(message, None) {
+            match self.start_inflight(message, None, stored) {
                 Delivery::Queued => queued = true,
                 _ => {
                     let flows = self.flows();
@@ -841,13 +863,6 @@ impl Session {
         }
         flows.awaiting_rel.push(packet_id);
         Qos2Receipt::New
-    }
-
-    /// PUBREL received: release the id and answer PUBCOMP (also for an unknown
-    /// id, §4.3.3: the client may be retrying after a reconnect).
-    pub fn on_pubrel(&mut self, packet_id: PacketId) {
-        self.release(packet_id);
-        self.queue_control(&codec::pubcomp(packet_id));
     }
 
     /// Releases the received QoS 2 packet id `packet_id` (PUBREL); false
@@ -1299,8 +1314,8 @@ mod tests {
         assert_eq!(s.on_publish_qos2(5, &LIMITS), Qos2Receipt::Duplicate);
         assert_eq!(s.on_publish_qos2(6, &LIMITS), Qos2Receipt::New);
         assert_eq!(s.on_publish_qos2(7, &LIMITS), Qos2Receipt::Refused);
-        s.on_pubrel(5);
-        assert_eq!(written(&mut s), b"\x70\x02\x00\x05");
+        assert!(s.release(5), "PUBREL releases it");
+        assert!(!s.release(5), "once");
         assert_eq!(s.on_publish_qos2(5, &LIMITS), Qos2Receipt::New);
     }
 
@@ -1384,6 +1399,8 @@ mod tests {
             packet_id: 2,
             message: msg(QoS::AtLeastOnce, b""),
             phase: Phase::AwaitPubAck,
+            stored: 0,
+            journalled: false,
         });
         assert_eq!(s.next_packet_id(), 3);
     }

@@ -11,14 +11,21 @@
 //! through the route, never the publish: they are never handed on again.
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::Instant;
+
+use ahash::AHashMap;
+use bytestring::ByteString;
 
 use crate::cluster::link::ToShard;
 use crate::protocol::message::{Encoded, Message};
 use crate::protocol::topic;
 use crate::protocol::v3::QoS;
-use crate::session::link::{CloseReason, TICKS_PER_SEC};
-use crate::shard::{Ctx, Shard, offer, read_allowed};
+use crate::router::SharedFilter;
+use crate::router::shared::SharedDelivery;
+use crate::session::{Session, SessionState};
+use crate::shard::persist::{set_stored_options, stored_subscriptions};
+use crate::shard::{Ctx, Shard, offer, read_allowed, registry};
+use crate::store::record::{Record, RecordError, StoredMessage, StoredSession, unix_ms_now};
 
 impl Ctx {
     /// Hands this step's publishes to the bridge, waiting at most the
@@ -54,65 +61,277 @@ impl Ctx {
     }
 }
 
+/// Messages from the bridge handled in one turn before the subscribers'
+/// sockets are written: what waited in the queue while the shard was busy
+/// goes out in one write per subscriber (as a local burst read in one
+/// piece does), not one write per NATS message; the bound keeps one turn
+/// short (the mesh and the connections are served between turns).
+const DRAIN_PER_TURN: usize = 64;
+
 /// Receives what the bridge sends this shard until the bridge ends.
 pub async fn receive_from_bridge(ctx: Ctx, from_bridge: async_channel::Receiver<ToShard>) {
-    while let Ok(msg) = from_bridge.recv().await {
+    while let Ok(first) = from_bridge.recv().await {
+        let mut takeovers = Vec::new();
         {
             let mut shard = ctx.shard.borrow_mut();
-            match msg {
-                ToShard::Deliver(batch) => {
-                    shard.stats.cluster_received += batch.len() as u64;
-                    for (filter, message) in &batch {
-                        shard.route_from_cluster(filter.as_deref(), message);
+            let mut next = Some(first);
+            let mut handled = 0;
+            while let Some(msg) = next.take() {
+                match msg {
+                    ToShard::Deliver(batch) => {
+                        shard.stats.cluster_received += batch.len() as u64;
+                        for (filter, message) in &batch {
+                            shard.route_from_cluster(filter.as_deref(), message);
+                        }
                     }
-                    shard.flush_dirty();
+                    ToShard::DeliverShared(batch) => {
+                        shard.stats.cluster_received += batch.len() as u64;
+                        shard.deliver_shared_from_cluster(batch);
+                    }
+                    ToShard::Retained(message) => shard.retained.apply(&message),
+                    ToShard::Takeover {
+                        client_id,
+                        clean_session,
+                        answer,
+                    } => takeovers.push((client_id, clean_session, answer)),
                 }
-                ToShard::Retained(message) => shard.retained.apply(&message),
-                ToShard::TakenOver(client_id, at) => shard.taken_over_elsewhere(&client_id, at),
+                handled += 1;
+                if handled < DRAIN_PER_TURN {
+                    next = from_bridge.try_recv().ok();
+                }
             }
+            shard.flush_dirty();
+        }
+        // Spawned with the shard unborrowed (glommio may run them at once),
+        // after what was routed before them went out.
+        for (client_id, clean_session, answer) in takeovers {
+            glommio::spawn_local(hand_over(ctx.clone(), client_id, clean_session, answer)).detach();
         }
         glommio::yield_if_needed().await;
     }
     log::debug!("shard {}: cluster bridge queue closed", ctx.id);
 }
 
-impl Shard {
-    /// `client_id` connected on another node at Unix time `at_ms`: its
-    /// connection here closes (as a take-over) if it is older, and its
-    /// session goes, persistent or not: the state does not move across
-    /// nodes yet, and two nodes must not both queue for it. A connection
-    /// that may be later (an announcement overtaken by the client's next
-    /// connect) stays: the connect time here is known to a keep-alive tick
-    /// (100 ms), so two connects within a tick both stay; and the hosts'
-    /// clocks must agree to better than the time between two connects.
-    pub fn taken_over_elsewhere(&mut self, client_id: &str, at_ms: u64) {
-        let Some(key) = self.session_key(client_id) else {
-            return;
-        };
-        let tick_ms = u64::from(1000 / TICKS_PER_SEC);
-        if let Some(link) = self
-            .sessions
-            .get(key as usize)
-            .and_then(|s| s.link.as_ref())
-        {
-            let age_ms = u64::from(self.now_ticks().saturating_sub(link.connected_at)) * tick_ms;
-            let now_ms = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-            // The latest this connection can have been made.
-            if now_ms.saturating_sub(age_ms) >= at_ms {
-                return;
+/// Another node takes `client_id` over: claims it on this node as a new
+/// connection would (which ends the session wherever it is here, closing its
+/// connection as a take-over, and supersedes a claim still waiting), then
+/// releases it and answers with the session's image (None: nothing to
+/// move). The node's own record of the id is no longer its own, so the
+/// release deletes nothing.
+async fn hand_over(
+    ctx: Ctx,
+    client_id: ByteString,
+    clean_session: bool,
+    answer: async_channel::Sender<Option<Vec<u8>>>,
+) {
+    let image = match registry::claim_on_node(&ctx, client_id.clone(), clean_session).await {
+        Ok(token) => 'granted: {
+            let mut shard = ctx.shard.borrow_mut();
+            let Some(state) = shard.take_claim(token) else {
+                // A later CONNECT here won meanwhile: it holds the id now.
+                break 'granted None;
+            };
+            let had = state.is_some();
+            let image = state.map(|state| encode_image(&client_id, &state, MAX_IMAGE));
+            if had {
+                // The session lives on elsewhere now.
+                shard.journal_drop(&client_id);
             }
+            shard.release(&client_id, token);
+            shard.stats.cluster_taken_over += 1;
+            image
         }
-        let Some(session) = self.remove_session(key) else {
-            return;
+        Err(e) => {
+            log::debug!("cluster: take-over of {client_id:?} not served: {e}");
+            None
+        }
+    };
+    ctx.send_outbox();
+    let _ = answer.try_send(image);
+}
+
+/// Largest session image sent to another node: under NATS's default
+/// `max_payload` (1 MiB) with room for the reply's framing. An image that
+/// would be larger loses its oldest queued messages.
+const MAX_IMAGE: usize = 1_000_000;
+
+/// Why a session image from another node cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    /// A record is cut short or invalid.
+    #[error("session image: {0}")]
+    Record(#[from] RecordError),
+    /// The records are not an image followed by its messages.
+    #[error("session image: {0}")]
+    Layout(&'static str),
+}
+
+/// Appends one record as the image holds it: kind, body length (u32 LE),
+/// body.
+fn put_record(out: &mut Vec<u8>, record: &Record) {
+    let mut body = Vec::new();
+    record.encode_body(&mut body);
+    out.push(record.kind());
+    out.extend_from_slice(&u32::try_from(body.len()).unwrap_or(u32::MAX).to_le_bytes());
+    out.extend_from_slice(&body);
+}
+
+/// A session's state as sent to another node at a take-over: the store's
+/// records (persistence design), a session image naming its queued QoS
+/// 1/2 messages (in flight first, then pending) followed by one message
+/// record each; at most `max` bytes, the oldest messages left out first.
+pub fn encode_image(client_id: &str, state: &SessionState, max: usize) -> Vec<u8> {
+    let now = Instant::now();
+    let unix_now = unix_ms_now();
+    let mut messages: Vec<Vec<u8>> = Vec::new();
+    let mut queued = Vec::new();
+    if let Some(flows) = state.flows.as_deref() {
+        let all = flows
+            .inflight
+            .iter()
+            .map(|f| &f.message)
+            .chain(flows.pending.iter());
+        for (mid, message) in (1u64..).zip(all) {
+            let mut out = Vec::new();
+            put_record(
+                &mut out,
+                &Record::Message(mid, StoredMessage::of(message, now, unix_now)),
+            );
+            messages.push(out);
+            queued.push((mid, message.qos));
+        }
+    }
+    let image = |queued: &[(u64, QoS)]| {
+        let mut out = Vec::new();
+        put_record(
+            &mut out,
+            &Record::SessionImage(StoredSession {
+                stamp: 0,
+                client_id: ByteString::from(client_id),
+                protocol_level: 4,
+                expiry_interval: 0,
+                offline_since_unix_ms: 0,
+                subscriptions: stored_subscriptions(state),
+                queued: queued.to_vec(),
+            }),
+        );
+        out
+    };
+    // Leave out the oldest messages until the whole fits.
+    let mut skip = 0;
+    let mut total: usize = image(&queued).len() + messages.iter().map(Vec::len).sum::<usize>();
+    while total > max && skip < messages.len() {
+        total -= messages[skip].len() + 9;
+        skip += 1;
+    }
+    let mut out = image(&queued[skip..]);
+    for message in &messages[skip..] {
+        out.extend_from_slice(message);
+    }
+    out
+}
+
+/// Reads what [`encode_image`] wrote into a session state: its
+/// subscriptions with their options, its queued messages pending (resent
+/// with new packet ids, as after a restart).
+///
+/// # Errors
+/// Bytes that are no such image.
+pub fn decode_image(mut bytes: &[u8]) -> Result<SessionState, ImageError> {
+    let mut records = Vec::new();
+    while let [kind, rest @ ..] = bytes {
+        let (len, rest) = rest
+            .split_first_chunk::<4>()
+            .ok_or(ImageError::Layout("record length cut short"))?;
+        let len = u32::from_le_bytes(*len) as usize;
+        let body = rest
+            .get(..len)
+            .ok_or(ImageError::Layout("record body cut short"))?;
+        records.push(Record::decode(*kind, body)?);
+        bytes = &rest[len..];
+    }
+    let mut records = records.into_iter();
+    let Some(Record::SessionImage(image)) = records.next() else {
+        return Err(ImageError::Layout("no session image first"));
+    };
+    let mut bodies = AHashMap::new();
+    for record in records {
+        let Record::Message(mid, message) = record else {
+            return Err(ImageError::Layout("a record other than a message"));
         };
-        if let Some(mut link) = session.link {
-            log::debug!("client {client_id} connected to another node: connection closed");
-            link.close(CloseReason::TakenOver);
+        bodies.insert(mid, message);
+    }
+    let mut session = Session::new(image.client_id, false, SessionState::default());
+    for sub in &image.subscriptions {
+        let filter = SharedFilter::from(&*sub.filter);
+        session.subscribe(filter.clone(), sub.qos);
+        set_stored_options(&mut session, filter, sub);
+    }
+    let now = Instant::now();
+    let unix_now = unix_ms_now();
+    for (mid, qos) in image.queued {
+        let Some(mut message) = bodies
+            .get(&mid)
+            .and_then(|m| m.to_message(0, now, unix_now))
+        else {
+            continue;
+        };
+        message.qos = qos;
+        message.retain = false;
+        let flows = session.state.flows.get_or_insert_with(Box::default);
+        flows.pending_bytes += message.wire_len();
+        flows.pending.push_back(message);
+    }
+    Ok(session.state)
+}
+
+impl Shard {
+    /// Whether shared subscriptions are served through NATS's queue groups
+    /// (the cluster link is up) rather than by the publishing shard: a
+    /// node's own publishes then come back to it only if NATS picks it.
+    /// `$SYS` topics stay on their node, so their groups are served here.
+    pub(super) fn shares_through_cluster(&self, topic: &str) -> bool {
+        self.cluster.as_ref().is_some_and(|c| c.status.link_up())
+            && !(topic == "$SYS" || topic.starts_with("$SYS/"))
+    }
+
+    /// Messages NATS gave this node for shared subscriptions, which the
+    /// bridge sent this shard: each to one of this shard's members of its
+    /// group, in turn (one that cannot take it is passed over for another
+    /// here, as for a message from another shard).
+    pub fn deliver_shared_from_cluster(&mut self, batch: Vec<(ByteString, Message)>) {
+        let mut deliveries = Vec::with_capacity(batch.len());
+        for (share, message) in batch {
+            let here: Vec<u32> = self
+                .shared
+                .group(&share)
+                .map(|g| {
+                    g.members
+                        .iter()
+                        .filter(|m| m.shard == self.id)
+                        .map(|m| m.key)
+                        .collect()
+                })
+                .unwrap_or_default();
+            let turn = self.cluster.as_mut().map_or(0, |c| {
+                c.share_turn = c.share_turn.wrapping_add(1);
+                c.share_turn
+            });
+            // None here (the last member just left): `deliver_shared`
+            // counts it dropped.
+            let key = here
+                .get(turn % here.len().max(1))
+                .copied()
+                .unwrap_or(u32::MAX);
+            deliveries.push(SharedDelivery {
+                message,
+                share,
+                key,
+                client_id: None,
+                passes: 0,
+            });
         }
-        self.release(&session.client_id, session.claim);
-        self.stats.cluster_taken_over += 1;
+        self.deliver_shared(deliveries);
     }
 
     /// Delivers a message from another node to this shard's subscribers of
@@ -175,9 +394,12 @@ impl Shard {
 
 #[cfg(test)]
 mod tests {
+    use std::num::NonZeroU32;
+
     use bytes::Bytes;
 
     use super::*;
+    use crate::protocol::v5::{RetainHandling, SubscriptionOptions};
     use crate::shard::testing::{self, attach_client};
 
     /// A message on `topic`.
@@ -219,23 +441,63 @@ mod tests {
     }
 
     #[test]
-    fn a_connect_elsewhere_ends_an_older_connection_here_but_not_a_newer_one() {
+    fn a_session_image_carries_subscriptions_options_and_queued_messages() {
         let mut shard = testing::shard();
-        let client = attach_client(&mut shard, "x", "t", QoS::AtMostOnce, None);
-        // Announced as made before this connection: stays.
-        shard.taken_over_elsewhere("x", 0);
-        assert!(shard.session_key("x").is_some());
-        // Made later (a second from now): this one closes and goes.
-        let later = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64 + 1000)
-            .unwrap();
-        shard.taken_over_elsewhere("x", later);
-        assert!(shard.session_key("x").is_none());
-        assert!(shard.sessions.get(client.key as usize).is_none());
-        assert_eq!(shard.stats.cluster_taken_over, 1);
-        shard.taken_over_elsewhere("unknown", later);
-        assert_eq!(shard.stats.cluster_taken_over, 1);
+        let client = attach_client(&mut shard, "x", "a/+", QoS::AtLeastOnce, None);
+        let key = client.key;
+        {
+            let session = &mut shard.sessions[key as usize];
+            let options = SubscriptionOptions {
+                qos: QoS::AtLeastOnce,
+                no_local: true,
+                retain_as_published: false,
+                retain_handling: RetainHandling::SendAtSubscribe,
+            };
+            session.set_subscription_options(
+                SharedFilter::from("a/+"),
+                &options,
+                NonZeroU32::new(7),
+            );
+            let flows = session.state.flows.get_or_insert_with(Box::default);
+            for payload in [&b"one"[..], b"two", b"three"] {
+                flows.pending.push_back(Message::new(
+                    "a/b".into(),
+                    Bytes::copy_from_slice(payload),
+                    QoS::AtLeastOnce,
+                    true,
+                ));
+            }
+        }
+        let state = shard.sessions[key as usize].state.clone();
+        let image = encode_image("x", &state, MAX_IMAGE);
+        let back = decode_image(&image).unwrap();
+        assert_eq!(stored_subscriptions(&back), stored_subscriptions(&state));
+        let payloads = |s: &SessionState| -> Vec<Bytes> {
+            s.flows
+                .as_ref()
+                .map(|f| f.pending.iter().map(|m| m.payload.clone()).collect())
+                .unwrap_or_default()
+        };
+        assert_eq!(payloads(&back), payloads(&state));
+        assert!(
+            back.flows
+                .as_ref()
+                .unwrap()
+                .pending
+                .iter()
+                .all(|m| !m.retain),
+            "RETAIN cleared, as after a restart"
+        );
+        // Too large: the oldest messages go first.
+        let small = encode_image("x", &state, image.len() - 1);
+        assert_eq!(
+            payloads(&decode_image(&small).unwrap()),
+            vec![Bytes::from_static(b"two"), Bytes::from_static(b"three")]
+        );
+        // Bytes that are no image are refused.
+        assert!(decode_image(&image[..image.len() - 1]).is_err());
+        assert!(decode_image(&image[image.len() - 20..]).is_err());
+        assert!(decode_image(&[]).is_err());
     }
 
     #[test]

@@ -11,9 +11,11 @@
 
 pub mod cluster;
 pub mod held_acks;
+pub mod held_out;
 pub mod inbox;
 pub mod index;
 pub mod persist;
+pub mod persist_will;
 pub mod query;
 pub mod registry;
 pub mod shared;
@@ -122,6 +124,19 @@ pub struct Shard {
     /// Scratch: the journalled sessions that queued the message being
     /// routed, with the QoS each gets it at.
     persist_refs: Vec<(u64, QoS)>,
+    /// Scratch: the journalled sessions that sent the message being routed
+    /// at once (in flight, not queued), with packet id and QoS.
+    persist_sent: Vec<crate::store::record::SentRef>,
+    /// Scratch: those of them that sent it at QoS 2, whose PUBLISH waits
+    /// for the record of its packet id.
+    persist_hold: Vec<SessionKey>,
+    /// Acknowledgements of journalled sessions' outgoing messages in this
+    /// step, (image stamp, packet id), journalled as one record at its end
+    /// (`Shard::journal_done`).
+    persist_done: Vec<(u64, u16)>,
+    /// Connections whose packets wait for the session journal, released by
+    /// `held_out::release_loop`.
+    pub held_out: held_out::HeldOut,
     /// The LSNs that what this shard routed since the last
     /// `Ctx::forward_publishes` appended up to, in the retained and the
     /// session journal: what the held acks wait for (0: nothing).
@@ -417,6 +432,10 @@ impl Shard {
             session_journal: None,
             persist_stamps: ahash::AHashMap::new(),
             persist_refs: Vec::new(),
+            persist_sent: Vec::new(),
+            persist_hold: Vec::new(),
+            persist_done: Vec::new(),
+            held_out: held_out::HeldOut::default(),
             needed_lsns: [0; 2],
             store_failing: None,
             dirty: Vec::new(),
@@ -495,7 +514,7 @@ impl Shard {
             message.retain_stamp = self.retained.stamp(self.id);
         }
         self.route_from(&message, origin);
-        if !self.shared.is_empty() {
+        if !self.shared.is_empty() && !self.shares_through_cluster(&message.topic) {
             self.route_shared(&message, origin);
         }
         if self.nr_shards > 1 || self.cluster.is_some() {
@@ -533,9 +552,14 @@ impl Shard {
             batch,
             persist_stamps,
             persist_refs,
+            persist_sent,
+            persist_hold,
             auth,
             ..
         } = self;
+        // The message's id in the session journal, taken when the first
+        // journalled session keeps it.
+        let mut mid = None;
         let mut encoded = Encoded::new(message, batch);
         encoded.origin = origin;
         // Made at the first session with read checks only.
@@ -557,15 +581,18 @@ impl Shard {
             if let (Some(stamp), Some(before)) = (tracked, before)
                 && persist::queued_count(session) > before
             {
-                persist_refs.push((stamp, message.qos.min(granted)));
+                let id = *mid.get_or_insert_with(crate::store::record::next_stamp);
+                if persist::note_kept(session, stamp, id, persist_refs, persist_sent) {
+                    persist_hold.push(key);
+                }
             }
             if queued && !session.dirty {
                 session.dirty = true;
                 dirty.push(key);
             }
         });
-        if !self.persist_refs.is_empty() {
-            self.journal_queued(message);
+        if let Some(mid) = mid {
+            self.journal_queued(message, mid);
         }
     }
 
@@ -585,6 +612,7 @@ impl Shard {
     /// WebSocket session (a framed link, [`crate::session::link::framed_fd`]),
     /// whose bytes only its task may write.
     pub fn flush_dirty(&mut self) {
+        self.journal_done();
         let dirty = std::mem::take(&mut self.dirty);
         if !self.batch.is_empty() {
             // End of the step: every session with ranges of the batch is on
@@ -597,6 +625,7 @@ impl Shard {
                 }
             }
         }
+        let durable = self.session_journal.as_ref().map(|j| j.acked_lsn());
         for &key in &dirty {
             let Some(session) = self.sessions.get_mut(key as usize) else {
                 continue;
@@ -605,6 +634,9 @@ impl Shard {
             let Some(link) = session.link.as_mut() else {
                 continue;
             };
+            if self.held_out.holds(key, link.conn_id, durable) {
+                continue;
+            }
             if link.blocked {
                 continue;
             }
@@ -751,16 +783,14 @@ impl Shard {
                 }
             }
             for (share, qos) in shares {
+                if let Some(link) = &mut self.cluster {
+                    link.subscribed(&share);
+                }
                 self.shared_join(key, share, qos);
             }
         }
         self.by_client_id.insert(&self.sessions, key);
         self.journal_session(key);
-        if let (Some(link), Some(session)) = (&self.cluster, self.sessions.get(key as usize))
-            && session.link.is_some()
-        {
-            link.connected(&session.client_id);
-        }
         key
     }
 
@@ -785,6 +815,9 @@ impl Shard {
             if share::is_shared(filter) {
                 if moving_to.is_none() {
                     self.shared_leave(key, filter);
+                }
+                if let Some(link) = &mut self.cluster {
+                    link.unsubscribed(filter);
                 }
             } else if self.router.unsubscribe(filter, key)
                 && let Some(link) = &mut self.cluster
@@ -848,6 +881,8 @@ impl Shard {
         let due = self
             .now_ticks()
             .saturating_add(delay.saturating_mul(TICKS_PER_SEC));
+        let due_unix_ms = crate::store::record::unix_ms_now() + u64::from(delay) * 1000;
+        self.journal_will(key, Some((&will, delay)), due_unix_ms);
         if let Some(session) = self.sessions.get_mut(key as usize) {
             session.delay_will(due, will);
         }
@@ -865,6 +900,7 @@ impl Shard {
             if let Some(will) = will {
                 self.stats.publish_received += 1;
                 self.publish(will);
+                self.journal_will(key, None, 0);
             }
         }
         self.flush_dirty();

@@ -12,9 +12,11 @@
 //! queues is written once per shard (`Record::Message`) with the stamps of
 //! the sessions that took it (`Record::Queue`, 9 bytes a subscriber), and an
 //! image lists what the session had not had acknowledged when it was
-//! taken (at connect, disconnect and subscription changes). After a restart
-//! those messages are resent from the pending queue with new packet ids:
-//! QoS 1 may come twice (allowed), QoS 2 sent before the crash may too.
+//! taken (at connect, disconnect and subscription changes). Its QoS 1/2
+//! flows follow as small records (`store::flows`): sent with a packet id,
+//! PUBREC'd, done, incoming QoS 2 ids awaiting PUBREL or released; after a
+//! restart the messages in flight come back with their packet ids and
+//! phase, and are resent with them on reconnect.
 
 use std::num::NonZeroU32;
 use std::time::Instant;
@@ -26,12 +28,12 @@ use crate::protocol::message::Message;
 use crate::protocol::v5::{RetainHandling, SubscriptionOptions};
 use crate::router::SharedFilter;
 use crate::session::link::TICKS_PER_SEC;
-use crate::session::{SESSION_NEVER_EXPIRES, Session, SessionState};
+use crate::session::{Inflight, Phase, SESSION_NEVER_EXPIRES, Session, SessionState};
 use crate::shard::{SessionKey, Shard};
-use crate::store::LoadedSession;
 use crate::store::record::{
-    Record, StoredMessage, StoredSession, StoredSubscription, next_stamp, unix_ms_now,
+    FlowStep, Record, StoredMessage, StoredSession, StoredSubscription, next_stamp, unix_ms_now,
 };
+use crate::store::{LoadedSession, flows};
 
 /// QoS 1/2 messages `session` holds (in flight and pending): one more
 /// after an offer means it took the message.
@@ -43,59 +45,265 @@ pub(super) fn queued_count(session: &Session) -> usize {
         .map_or(0, |f| f.inflight.len() + f.pending.len())
 }
 
+/// A journalled session (image `stamp`) just kept a message that is
+/// journalled as `mid`: sent at once (the newest in flight, which then
+/// carries `mid` and counts as journalled) goes into `sent`, queued (the
+/// newest pending) into `refs`. True when it was sent at once at QoS 2:
+/// its PUBLISH then waits for the record (`Shard::hold_out`).
+pub(super) fn note_kept(
+    session: &mut Session,
+    stamp: u64,
+    mid: u64,
+    refs: &mut Vec<(u64, crate::protocol::v3::QoS)>,
+    sent: &mut Vec<crate::store::record::SentRef>,
+) -> bool {
+    let Some(flows) = session.state.flows.as_deref_mut() else {
+        return false;
+    };
+    if let Some(last) = flows.pending.back() {
+        // Queued: the window was closed or others waited before it.
+        refs.push((stamp, last.qos));
+        // The first stored one: the older entries are not (0).
+        let pending = flows.pending.len();
+        flows.pending_stored.resize(pending, 0);
+        if let Some(id) = flows.pending_stored.back_mut() {
+            *id = mid;
+        }
+    } else if let Some(last) = flows.inflight.back_mut() {
+        last.stored = mid;
+        last.journalled = true;
+        sent.push((stamp, last.packet_id, last.message.qos));
+        return last.message.qos == crate::protocol::v3::QoS::ExactlyOnce;
+    }
+    false
+}
+
+/// The subscriptions of `state` with their options, as stored.
+pub(super) fn stored_subscriptions(state: &SessionState) -> Vec<StoredSubscription> {
+    let extras = state
+        .flows
+        .as_deref()
+        .map(|f| f.subscription_options.as_slice())
+        .unwrap_or_default();
+    state
+        .subscriptions
+        .iter()
+        .map(|(filter, qos)| {
+            let extra = extras.iter().find(|e| e.filter == *filter);
+            StoredSubscription {
+                filter: ByteString::from(&**filter),
+                qos: *qos,
+                no_local: extra.is_some_and(|e| e.no_local),
+                retain_as_published: extra.is_some_and(|e| e.retain_as_published),
+                identifier: extra.and_then(|e| e.identifier).map_or(0, NonZeroU32::get),
+            }
+        })
+        .collect()
+}
+
+/// Gives `session`'s subscription `filter` the MQTT 5.0 options `sub` was
+/// stored with.
+pub(super) fn set_stored_options(
+    session: &mut Session,
+    filter: SharedFilter,
+    sub: &StoredSubscription,
+) {
+    let options = SubscriptionOptions {
+        qos: sub.qos,
+        no_local: sub.no_local,
+        retain_as_published: sub.retain_as_published,
+        retain_handling: RetainHandling::SendAtSubscribe,
+    };
+    session.set_subscription_options(filter, &options, NonZeroU32::new(sub.identifier));
+}
+
 impl Shard {
     /// Journals the image of session `key` if it is persistent (and
     /// persistence is on): first a message record for each QoS 1/2 message
     /// it has not had acknowledged, then the image naming them.
     pub fn journal_session(&mut self, key: SessionKey) {
-        let (Some(journal), Some(session)) = (
-            self.session_journal.clone(),
-            self.sessions.get(key as usize),
-        ) else {
+        let Some(journal) = self.session_journal.clone() else {
+            return;
+        };
+        let Some(session) = self.sessions.get(key as usize) else {
             return;
         };
         if session.clean_session {
             return;
         }
+        let mut image = self.image_of(session);
+        let Some(session) = self.sessions.get_mut(key as usize) else {
+            return;
+        };
         let now = Instant::now();
         let unix_now = unix_ms_now();
-        let mut queued = Vec::new();
-        if let Some(flows) = session.state.flows.as_deref() {
-            let messages = flows
-                .inflight
-                .iter()
-                .map(|f| &f.message)
-                .chain(flows.pending.iter());
-            for message in messages {
+        let mut inflight = Vec::new();
+        let mut awaiting_rel: &[u16] = &[];
+        if let Some(flows) = session.state.flows.as_deref_mut() {
+            // Each message written again under a new id, which the
+            // session's entries then carry (the records after this image
+            // name it by that id).
+            let mut store = |message: &Message| {
                 let mid = next_stamp();
                 journal.append(&Record::Message(
                     mid,
                     StoredMessage::of(message, now, unix_now),
                 ));
-                queued.push((mid, message.qos));
+                image.queued.push((mid, message.qos));
+                mid
+            };
+            for f in &mut flows.inflight {
+                f.stored = store(&f.message);
+                f.journalled = true;
+                inflight.push((
+                    f.stored,
+                    f.packet_id,
+                    f.message.qos,
+                    f.phase == Phase::AwaitPubComp,
+                ));
             }
+            let pending = flows.pending.len();
+            flows.pending_stored.resize(pending, 0);
+            for (message, id) in flows.pending.iter().zip(flows.pending_stored.iter_mut()) {
+                *id = store(message);
+            }
+            awaiting_rel = &flows.awaiting_rel;
         }
-        let image = StoredSession {
-            queued,
-            ..self.image_of(session)
-        };
-        self.persist_stamps.insert(key, image.stamp);
+        let stamp = image.stamp;
+        // Resent QoS 2 packets (a reconnect) wait for the new image's
+        // records of their packet ids.
+        let qos2 = inflight
+            .iter()
+            .any(|f| f.2 == crate::protocol::v3::QoS::ExactlyOnce);
+        self.persist_stamps.insert(key, stamp);
         self.needed_lsns[1] = journal.append(&Record::SessionImage(image));
+        for record in flows::image_tail(stamp, inflight, awaiting_rel) {
+            self.needed_lsns[1] = journal.append(&record);
+        }
+        if qos2 {
+            self.hold_out(key, self.needed_lsns[1]);
+        }
     }
 
-    /// Journals `message` once and the sessions that just queued it
-    /// (`persist_refs`, gathered by `Shard::route`).
-    pub(super) fn journal_queued(&mut self, message: &Message) {
+    /// Journals `message` once, as `mid`, and the sessions that just
+    /// queued it (`persist_refs`) or sent it at once (`persist_sent`),
+    /// gathered by `Shard::route` ([`note_kept`]).
+    pub(super) fn journal_queued(&mut self, message: &Message, mid: u64) {
         let refs = std::mem::take(&mut self.persist_refs);
+        let sent = std::mem::take(&mut self.persist_sent);
         let Some(journal) = &self.session_journal else {
             return;
         };
-        let mid = next_stamp();
         journal.append(&Record::Message(
             mid,
             StoredMessage::of(message, Instant::now(), unix_ms_now()),
         ));
-        self.needed_lsns[1] = journal.append(&Record::Queue(mid, refs));
+        if !refs.is_empty() {
+            self.needed_lsns[1] = journal.append(&Record::Queue(mid, refs));
+        }
+        if !sent.is_empty() {
+            if !self.persist_done.is_empty() {
+                let done = std::mem::take(&mut self.persist_done);
+                journal.append(&Record::DoneMany(done));
+            }
+            let lsn = journal.append(&Record::Sent(mid, sent));
+            self.needed_lsns[1] = lsn;
+            for key in std::mem::take(&mut self.persist_hold) {
+                self.hold_out(key, lsn);
+            }
+        }
+    }
+
+    /// Journals a step of a journalled session's QoS flows (an
+    /// acknowledgement received or an incoming QoS 2 id seen or released),
+    /// and the messages that went in flight since ([`Shard::journal_sent`]).
+    /// An incoming id's record is what the PUBREC or PUBCOMP then waits for
+    /// (`Shard::queue_ack` holds it until the journal is durable): else a
+    /// restart would deliver a resent PUBLISH again, or drop the client's
+    /// next message with a reused id as a duplicate.
+    pub fn journal_step(&mut self, key: SessionKey, step: FlowStep, packet_id: u16) {
+        let (Some(journal), Some(&stamp)) = (&self.session_journal, self.persist_stamps.get(&key))
+        else {
+            return;
+        };
+        if step == FlowStep::Done {
+            // Nothing waits for it: one record for the step's (§4.2).
+            self.persist_done.push((stamp, packet_id));
+            self.journal_sent(key);
+            return;
+        }
+        let lsn = journal.append(&Record::Flow(step, stamp, packet_id));
+        match step {
+            FlowStep::AwaitRel | FlowStep::Released => self.needed_lsns[1] = lsn,
+            // The PUBREL (queued) waits: a restart that lost the record would
+            // resend the PUBLISH the client already released.
+            FlowStep::PubRecd => self.hold_out(key, lsn),
+            FlowStep::Done => {}
+        }
+        self.journal_sent(key);
+    }
+
+    /// Journals the acknowledgements gathered since the last call as one
+    /// record (at the end of a step, and before any packet id is sent
+    /// again, so that a reused id is never ended by an older ack).
+    pub fn journal_done(&mut self) {
+        if self.persist_done.is_empty() {
+            return;
+        }
+        let done = std::mem::take(&mut self.persist_done);
+        if let Some(journal) = &self.session_journal {
+            journal.append(&Record::DoneMany(done));
+        }
+    }
+
+    /// Journals the packet ids of a journalled session's messages that went
+    /// in flight without a record yet (from its pending queue after an
+    /// acknowledgement or a reconnect, or a retained message at subscribe
+    /// time, which is first stored itself). Scans its window only.
+    pub fn journal_sent(&mut self, key: SessionKey) {
+        let Some(&stamp) = self.persist_stamps.get(&key) else {
+            return;
+        };
+        let unjournalled = self
+            .sessions
+            .get(key as usize)
+            .and_then(|s| s.state.flows.as_deref())
+            .is_some_and(|f| f.inflight.iter().any(|f| !f.journalled));
+        if !unjournalled {
+            return;
+        }
+        self.journal_done();
+        let Some(journal) = &self.session_journal else {
+            return;
+        };
+        let Some(flows) = self
+            .sessions
+            .get_mut(key as usize)
+            .and_then(|s| s.state.flows.as_deref_mut())
+        else {
+            return;
+        };
+        let mut hold = 0;
+        for f in flows.inflight.iter_mut().filter(|f| !f.journalled) {
+            if f.stored == 0 {
+                f.stored = next_stamp();
+                journal.append(&Record::Message(
+                    f.stored,
+                    StoredMessage::of(&f.message, Instant::now(), unix_ms_now()),
+                ));
+            }
+            f.journalled = true;
+            let lsn = journal.append(&Record::Sent(
+                f.stored,
+                vec![(stamp, f.packet_id, f.message.qos)],
+            ));
+            if f.message.qos == crate::protocol::v3::QoS::ExactlyOnce {
+                hold = lsn;
+            }
+        }
+        if hold != 0 {
+            self.hold_out(key, hold);
+        }
     }
 
     /// Journals that the persistent session of `client_id` ended here.
@@ -116,27 +324,7 @@ impl Shard {
             let ticks = self.now_ticks().saturating_sub(session.offline_since);
             unix_ms_now().saturating_sub(u64::from(ticks) * 1000 / u64::from(TICKS_PER_SEC))
         };
-        let extras = session
-            .state
-            .flows
-            .as_deref()
-            .map(|f| f.subscription_options.as_slice())
-            .unwrap_or_default();
-        let subscriptions = session
-            .state
-            .subscriptions
-            .iter()
-            .map(|(filter, qos)| {
-                let extra = extras.iter().find(|e| e.filter == *filter);
-                StoredSubscription {
-                    filter: ByteString::from(&**filter),
-                    qos: *qos,
-                    no_local: extra.is_some_and(|e| e.no_local),
-                    retain_as_published: extra.is_some_and(|e| e.retain_as_published),
-                    identifier: extra.and_then(|e| e.identifier).map_or(0, NonZeroU32::get),
-                }
-            })
-            .collect();
+        let subscriptions = stored_subscriptions(&session.state);
         StoredSession {
             stamp: next_stamp(),
             client_id: ByteString::from(&*session.client_id),
@@ -186,7 +374,7 @@ impl Shard {
             }
             if !loaded.queued.is_empty() {
                 let flows = session.state.flows.get_or_insert_with(Box::default);
-                for (_, stored, qos) in &loaded.queued {
+                for (mid, stored, qos) in &loaded.queued {
                     let Some(mut message) = stored.to_message(0, started, now_unix_ms) else {
                         continue;
                     };
@@ -194,8 +382,13 @@ impl Shard {
                     message.retain = false;
                     flows.pending_bytes += message.wire_len();
                     flows.pending.push_back(message);
+                    flows.pending_stored.push_back(*mid);
                     messages += 1;
                 }
+            }
+            messages += restore_flows(&mut session, &loaded.flows, started);
+            if let Some(will) = &loaded.will {
+                super::persist_will::restore_will(&mut session, will, now, now_unix_ms, started);
             }
             let key = self.insert_session(session);
             self.persist_stamps.insert(key, s.stamp);
@@ -209,17 +402,47 @@ impl Shard {
                 .map(|(f, _)| f.clone())
                 .collect();
             for (sub, filter) in s.subscriptions.iter().zip(filters) {
-                let options = SubscriptionOptions {
-                    qos: sub.qos,
-                    no_local: sub.no_local,
-                    retain_as_published: sub.retain_as_published,
-                    retain_handling: RetainHandling::SendAtSubscribe,
-                };
-                session.set_subscription_options(filter, &options, NonZeroU32::new(sub.identifier));
+                set_stored_options(session, filter, sub);
             }
         }
         (stored.len(), messages)
     }
+}
+
+/// Puts a loaded session's outgoing messages in flight back with their
+/// packet ids and phase (resent with DUP, or PUBREL, when it reconnects:
+/// `Session::reattach`) and its incoming QoS 2 ids awaiting PUBREL.
+/// Returns how many messages are in flight. A message past its expiry
+/// still completes its flow: the client may hold its packet id.
+fn restore_flows(session: &mut Session, loaded: &flows::LoadedFlows, now: Instant) -> usize {
+    if loaded.inflight.is_empty() && loaded.awaiting_rel.is_empty() {
+        return 0;
+    }
+    let flows = session.state.flows.get_or_insert_with(Box::default);
+    for f in &loaded.inflight {
+        let mut stored = f.message.clone();
+        stored.expires_unix_ms = 0;
+        let Some(mut message) = stored.to_message(0, now, unix_ms_now()) else {
+            continue;
+        };
+        message.qos = f.qos;
+        message.retain = false;
+        let phase = match (f.qos, f.pubrecd) {
+            (crate::protocol::v3::QoS::ExactlyOnce, true) => Phase::AwaitPubComp,
+            (crate::protocol::v3::QoS::ExactlyOnce, false) => Phase::AwaitPubRec,
+            _ => Phase::AwaitPubAck,
+        };
+        flows.last_packet_id = flows.last_packet_id.max(f.packet_id);
+        flows.inflight.push_back(Inflight {
+            packet_id: f.packet_id,
+            message,
+            phase,
+            stored: f.mid,
+            journalled: true,
+        });
+    }
+    flows.awaiting_rel.extend(&loaded.awaiting_rel);
+    loaded.inflight.len()
 }
 
 #[cfg(test)]
@@ -267,6 +490,8 @@ mod tests {
                 (11, queued_message(b"expired", now - 1), QoS::AtLeastOnce),
                 (12, queued_message(b"two", now + 60_000), QoS::ExactlyOnce),
             ],
+            flows: Default::default(),
+            will: None,
         }];
         assert_eq!(shard.restore_sessions(&stored, now), (1, 2));
         assert_eq!(shard.persist_stamps.len(), 1, "its image stamp is known");
@@ -330,5 +555,229 @@ mod tests {
         shard.sessions[clean as usize].clean_session = false;
         shard.journal_session(clean);
         assert!(journal.end_lsn() > before);
+    }
+
+    /// A shard with a session journal (never written: the test reads what
+    /// is pending) and an online persistent session subscribed to "t".
+    fn journalled_shard() -> (Shard, Rc<Journal>, SessionKey, u64) {
+        let mut shard = testing::shard_with(0, 1, Config::default());
+        let journal = testing::unwritten_journal(&mut shard);
+        let key = testing::attach(&mut shard, "kept", "t", QoS::ExactlyOnce);
+        shard.sessions[key as usize].clean_session = false;
+        shard.journal_session(key);
+        let stamp = shard.persist_stamps[&key];
+        (shard, journal, key, stamp)
+    }
+
+    /// The flows that replaying `records` gives session `stamp`, as the
+    /// loader does: (mid, packet id, QoS, PUBREC'd) in flight, then the
+    /// incoming ids awaiting PUBREL.
+    fn replayed(records: &[Record], stamp: u64) -> (Vec<(u16, QoS, bool)>, Vec<u16>) {
+        let mut messages = ahash::AHashMap::new();
+        let mut events = Vec::new();
+        for record in records {
+            match record {
+                Record::Message(mid, m) => {
+                    messages.insert(*mid, m.clone());
+                }
+                Record::Sent(mid, refs) => events.extend(
+                    refs.iter()
+                        .filter(|r| r.0 == stamp)
+                        .map(|r| flows::FlowEvent::Sent(*mid, r.1, r.2)),
+                ),
+                Record::Flow(step, s, id) if *s == stamp => {
+                    events.push(flows::FlowEvent::Step(*step, *id))
+                }
+                Record::DoneMany(done) => events.extend(
+                    done.iter()
+                        .filter(|d| d.0 == stamp)
+                        .map(|d| flows::FlowEvent::Step(FlowStep::Done, d.1)),
+                ),
+                _ => {}
+            }
+        }
+        let (_, loaded) = flows::replay(&[], &events, |mid| messages.get(&mid));
+        (
+            loaded
+                .inflight
+                .iter()
+                .map(|f| (f.packet_id, f.qos, f.pubrecd))
+                .collect(),
+            loaded.awaiting_rel,
+        )
+    }
+
+    #[test]
+    fn a_publish_sent_at_once_its_pubrec_its_ack_and_incoming_ids_are_journalled() {
+        let (mut shard, journal, key, stamp) = journalled_shard();
+        let message = |payload: &'static [u8]| {
+            Message::new(
+                ByteString::from("t"),
+                bytes::Bytes::from_static(payload),
+                QoS::ExactlyOnce,
+                false,
+            )
+        };
+        shard.publish(message(b"one"));
+        shard.publish(message(b"two"));
+        let records = journal.pending_records();
+        let sent: Vec<_> = records
+            .iter()
+            .filter_map(|r| match r {
+                Record::Sent(_, refs) => Some(refs.clone()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            sent,
+            vec![
+                vec![(stamp, 1, QoS::ExactlyOnce)],
+                vec![(stamp, 2, QoS::ExactlyOnce)]
+            ],
+            "11 bytes a session, the message stored once"
+        );
+        assert_eq!(
+            replayed(&records, stamp),
+            (
+                vec![(1, QoS::ExactlyOnce, false), (2, QoS::ExactlyOnce, false)],
+                vec![]
+            )
+        );
+        let session = &mut shard.sessions[key as usize];
+        assert!(session.on_pubrec(1));
+        shard.journal_step(key, FlowStep::PubRecd, 1);
+        let limits = shard.limits;
+        assert!(shard.sessions[key as usize].on_pubrec_refused(2, &limits));
+        shard.journal_step(key, FlowStep::Done, 2);
+        let before = shard.needed_lsns[1];
+        shard.journal_step(key, FlowStep::AwaitRel, 9);
+        // The step's acknowledgements go as one record at its end.
+        shard.flush_dirty();
+        assert!(
+            shard.needed_lsns[1] > before,
+            "the PUBREC of an incoming id waits for its record"
+        );
+        assert_eq!(
+            replayed(&journal.pending_records(), stamp),
+            (vec![(1, QoS::ExactlyOnce, true)], vec![9])
+        );
+        // A new image (reconnect, take-over) writes the flows again.
+        shard.sessions[key as usize]
+            .state
+            .flows
+            .as_mut()
+            .unwrap()
+            .awaiting_rel = vec![9];
+        shard.journal_session(key);
+        let stamp = shard.persist_stamps[&key];
+        // Only the records after the new image name its stamp.
+        assert_eq!(
+            replayed(&journal.pending_records(), stamp),
+            (vec![(1, QoS::ExactlyOnce, true)], vec![9])
+        );
+    }
+
+    #[test]
+    fn a_message_queued_offline_goes_in_flight_under_the_id_it_was_stored_with() {
+        let (mut shard, journal, key, stamp) = journalled_shard();
+        shard.sessions[key as usize].detach();
+        for payload in [&b"one"[..], b"two"] {
+            shard.publish(Message::new(
+                ByteString::from("t"),
+                bytes::Bytes::copy_from_slice(payload),
+                QoS::AtLeastOnce,
+                false,
+            ));
+        }
+        let queued: Vec<u64> = journal
+            .pending_records()
+            .iter()
+            .filter_map(|r| match r {
+                Record::Queue(mid, refs) if refs == &vec![(stamp, QoS::AtLeastOnce)] => Some(*mid),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(queued.len(), 2);
+        // Back online: the window takes both from the queue.
+        let limits = shard.limits;
+        let session = &mut shard.sessions[key as usize];
+        session.link = Some(crate::session::link::test_link());
+        session.reattach(&limits);
+        shard.journal_sent(key);
+        let sent: Vec<(u64, u16)> = journal
+            .pending_records()
+            .iter()
+            .filter_map(|r| match r {
+                Record::Sent(mid, refs) => Some((*mid, refs[0].1)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(sent, vec![(queued[0], 1), (queued[1], 2)]);
+    }
+
+    #[test]
+    fn restored_flows_are_resent_with_their_packet_ids_dup_and_pubrel() {
+        let mut shard = testing::shard_with(0, 1, Config::default());
+        let body = |payload: &'static [u8]| StoredMessage {
+            qos: QoS::ExactlyOnce,
+            retain: false,
+            expires_unix_ms: 1,
+            topic: ByteString::from("a/b"),
+            properties: Default::default(),
+            payload: bytes::Bytes::from_static(payload),
+        };
+        let inflight = |mid, packet_id, qos, pubrecd| flows::LoadedInflight {
+            mid,
+            message: body(b"x"),
+            qos,
+            packet_id,
+            pubrecd,
+        };
+        let stored = vec![LoadedSession {
+            session: StoredSession {
+                stamp: 1,
+                client_id: ByteString::from("back"),
+                protocol_level: 4,
+                expiry_interval: SESSION_NEVER_EXPIRES,
+                offline_since_unix_ms: 0,
+                subscriptions: Vec::new(),
+                queued: Vec::new(),
+            },
+            queued: Vec::new(),
+            flows: flows::LoadedFlows {
+                inflight: vec![
+                    inflight(5, 300, QoS::AtLeastOnce, false),
+                    inflight(6, 301, QoS::ExactlyOnce, false),
+                    inflight(7, 302, QoS::ExactlyOnce, true),
+                ],
+                awaiting_rel: vec![44],
+            },
+            will: None,
+        }];
+        assert_eq!(shard.restore_sessions(&stored, 1000), (1, 3));
+        let key = shard.session_key("back").expect("restored");
+        let session = &mut shard.sessions[key as usize];
+        let flows = session.state.flows.as_deref().unwrap();
+        let phases: Vec<_> = flows
+            .inflight
+            .iter()
+            .map(|f| (f.packet_id, f.phase, f.stored, f.journalled))
+            .collect();
+        assert_eq!(
+            phases,
+            vec![
+                (300, Phase::AwaitPubAck, 5, true),
+                (301, Phase::AwaitPubRec, 6, true),
+                (302, Phase::AwaitPubComp, 7, true)
+            ],
+            "expired bodies still complete their flows"
+        );
+        assert_eq!(flows.awaiting_rel, vec![44]);
+        let limits = shard.limits;
+        assert_eq!(
+            session.on_publish_qos2(44, &limits),
+            crate::session::Qos2Receipt::Duplicate,
+            "a PUBLISH resent after the restart is not delivered again"
+        );
     }
 }

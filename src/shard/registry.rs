@@ -32,9 +32,11 @@ use ahash::AHashMap;
 use bytestring::ByteString;
 use log::debug;
 
+use crate::cluster::link::ClaimAnswer;
 use crate::mesh::ShardMsg;
 use crate::session::link::CloseReason;
 use crate::session::{Session, SessionState};
+use crate::shard::cluster::decode_image;
 use crate::shard::{Ctx, Shard};
 
 /// How long a CONNECT waits for its claim to be answered before the
@@ -50,6 +52,11 @@ pub enum RegistryError {
     /// No answer in time.
     #[error("no answer from the client id's home shard in time")]
     TimedOut,
+    /// The cluster could not say who owns the id (the owning node did not
+    /// answer, JetStream is unreachable, or the node is fenced): CONNACK
+    /// 0x03 Server unavailable.
+    #[error("the cluster could not grant the client id in time")]
+    ClusterUnavailable,
 }
 
 /// The outcome of a claim, once answered.
@@ -127,49 +134,122 @@ pub fn home_shard(client_id: &str, nr_shards: usize) -> usize {
 
 /// Claims `client_id` for a new connection on this shard and waits for the
 /// answer: the claim's token (the session's [`Session::claim`]) and the
-/// previous session's state to resume (None: start fresh).
+/// previous session's state to resume (None: start fresh). In a cluster,
+/// once the id is this claim's on the node, the cluster is asked too
+/// (docs/design/cluster.md §9): another node holding the id hands its
+/// state over, which then replaces any state held here.
 ///
 /// # Errors
 /// [`RegistryError::Superseded`] when a later connection took the id first,
-/// [`RegistryError::TimedOut`] when no answer came in [`CLAIM_TIMEOUT`].
+/// [`RegistryError::TimedOut`] when no answer came in [`CLAIM_TIMEOUT`],
+/// [`RegistryError::ClusterUnavailable`] when the cluster could not decide.
 pub async fn claim(
     ctx: &Ctx,
     client_id: ByteString,
     clean_session: bool,
 ) -> Result<(u64, Option<SessionState>), RegistryError> {
+    let in_cluster = ctx.shard.borrow().cluster.is_some();
+    let token = claim_on_node(ctx, client_id.clone(), clean_session).await?;
+    if !in_cluster {
+        return match take_outcome(&mut ctx.shard.borrow_mut(), token) {
+            Outcome::Granted(state) => Ok((token, state)),
+            Outcome::Superseded => Err(RegistryError::Superseded),
+        };
+    }
+    // The claim stays pending on the node while the cluster decides: a
+    // take-over meanwhile (a local CONNECT, or another node's request)
+    // supersedes it as it would any waiting claim.
+    let answered = match &ctx.shard.borrow().cluster {
+        Some(link) => link.claim(&client_id, clean_session, token),
+        None => return Err(RegistryError::ClusterUnavailable),
+    };
+    let answer =
+        match glommio::timer::timeout(CLAIM_TIMEOUT, async { Ok(answered.recv().await) }).await {
+            Ok(Ok(answer)) => Some(answer),
+            // The bridge thread is gone (it could not start): the node serves
+            // its local clients only, as with the link down.
+            Ok(Err(_)) => Some(ClaimAnswer::Granted(None)),
+            Err(_) => None,
+        };
+    let mut shard = ctx.shard.borrow_mut();
+    let local = match take_outcome(&mut shard, token) {
+        Outcome::Granted(state) => state,
+        Outcome::Superseded => return Err(RegistryError::Superseded),
+    };
+    match answer {
+        Some(ClaimAnswer::Granted(image)) => {
+            let moved = image.and_then(|image| match decode_image(&image) {
+                Ok(state) => Some(state),
+                Err(e) => {
+                    debug!("client {client_id}: session state from another node unreadable: {e}");
+                    None
+                }
+            });
+            let state = match moved {
+                Some(moved) => {
+                    if local.is_some() {
+                        // The cluster's owner had it last: the copy here is stale.
+                        shard.journal_drop(&client_id);
+                    }
+                    Some(moved)
+                }
+                None => local,
+            };
+            Ok((token, state.filter(|_| !clean_session)))
+        }
+        _ => {
+            // Keep what was held here, as for a claim nobody waits for.
+            shard.keep_or_release(client_id, token, local);
+            Err(RegistryError::ClusterUnavailable)
+        }
+    }
+}
+
+/// Claims `client_id` on this node only (no cluster) and waits until the
+/// claim `token` returned is answered; the outcome stays in the pending
+/// claim until [`take_outcome`], so the claim stays supersedable meanwhile.
+///
+/// # Errors
+/// [`RegistryError::TimedOut`] when no answer came in [`CLAIM_TIMEOUT`].
+pub async fn claim_on_node(
+    ctx: &Ctx,
+    client_id: ByteString,
+    clean_session: bool,
+) -> Result<u64, RegistryError> {
     let token = ctx.shard.borrow_mut().start_claim(client_id, clean_session);
     ctx.send_outbox();
     let wait = poll_fn(|cx| {
         let mut shard = ctx.shard.borrow_mut();
         let Some(pending) = shard.registry.claims.get_mut(&token) else {
-            return Poll::Ready(Ok(Outcome::Superseded));
+            return Poll::Ready(Ok(()));
         };
-        match pending.outcome.take() {
-            Some(outcome) => {
-                shard.registry.claims.remove(&token);
-                Poll::Ready(Ok(outcome))
-            }
-            None => {
-                pending.waker = Some(cx.waker().clone());
-                Poll::Pending
-            }
+        if pending.outcome.is_some() {
+            return Poll::Ready(Ok(()));
         }
+        pending.waker = Some(cx.waker().clone());
+        Poll::Pending
     });
-    let outcome = match glommio::timer::timeout(CLAIM_TIMEOUT, wait).await {
-        Ok(outcome) => outcome,
-        Err(_) => {
-            // Keep the claim, marked abandoned: a late answer is then kept offline
-            // (see `claim_answered`), so a persistent session is not lost.
-            if let Some(claim) = ctx.shard.borrow_mut().registry.claims.get_mut(&token) {
-                claim.abandoned = true;
-                claim.waker = None;
-            }
-            return Err(RegistryError::TimedOut);
+    if glommio::timer::timeout(CLAIM_TIMEOUT, wait).await.is_err() {
+        // Keep the claim, marked abandoned: a late answer is then kept offline
+        // (see `claim_answered`), so a persistent session is not lost.
+        if let Some(claim) = ctx.shard.borrow_mut().registry.claims.get_mut(&token) {
+            claim.abandoned = true;
+            claim.waker = None;
         }
-    };
-    match outcome {
-        Outcome::Granted(state) => Ok((token, state)),
-        Outcome::Superseded => Err(RegistryError::Superseded),
+        return Err(RegistryError::TimedOut);
+    }
+    Ok(token)
+}
+
+/// Takes the outcome of this shard's answered claim `token` (gone:
+/// superseded).
+fn take_outcome(shard: &mut Shard, token: u64) -> Outcome {
+    match shard.registry.claims.remove(&token) {
+        Some(PendingClaim {
+            outcome: Some(outcome),
+            ..
+        }) => outcome,
+        _ => Outcome::Superseded,
     }
 }
 
@@ -389,18 +469,10 @@ impl Shard {
             return;
         }
         if claim.abandoned {
-            // The connection is gone. The home shard points here: park a
-            // persistent session so it is not lost, or release the id.
+            // The connection is gone.
             let client_id = claim.client_id.clone();
             self.registry.claims.remove(&token);
-            match state {
-                Some(state) => {
-                    let mut session = Session::new(client_id, false, state);
-                    session.claim = token;
-                    let _ = self.insert_session(session);
-                }
-                None => self.release(&client_id, token),
-            }
+            self.keep_or_release(client_id, token, state);
             return;
         }
         claim.outcome = Some(Outcome::Granted(state));
@@ -409,8 +481,41 @@ impl Shard {
         }
     }
 
-    /// The session of this shard's claim `token` ended: tell its home shard.
+    /// Takes the answer of this shard's claim `token` (see
+    /// [`claim_on_node`]): `Some` with the state to resume when granted,
+    /// `None` when a later claim superseded it.
+    pub fn take_claim(&mut self, token: u64) -> Option<Option<SessionState>> {
+        match take_outcome(self, token) {
+            Outcome::Granted(state) => Some(state),
+            Outcome::Superseded => None,
+        }
+    }
+
+    /// The claim `token` of `client_id` was granted, but its connection
+    /// will not attach it: the home shard points here, so park a persistent
+    /// session's state offline so it is not lost, or release the id.
+    pub fn keep_or_release(
+        &mut self,
+        client_id: ByteString,
+        token: u64,
+        state: Option<SessionState>,
+    ) {
+        match state {
+            Some(state) => {
+                let mut session = Session::new(client_id, false, state);
+                session.claim = token;
+                let _ = self.insert_session(session);
+            }
+            None => self.release(&client_id, token),
+        }
+    }
+
+    /// The session of this shard's claim `token` ended: tell its home shard
+    /// (and, in a cluster, the bridge: the id's record goes).
     pub fn release(&mut self, client_id: &str, token: u64) {
+        if let Some(link) = &self.cluster {
+            link.released(client_id, token);
+        }
         let home = home_shard(client_id, self.nr_shards);
         let shard = self.id;
         if home == self.id {

@@ -152,10 +152,13 @@ impl Shard {
             if let Some(share) = share {
                 // No retained messages for a shared subscription (§4.8.2).
                 let stored = SharedFilter::from(&*share);
-                session.subscribe(stored.clone(), qos);
+                let new = session.subscribe(stored.clone(), qos);
                 // Its Subscription Identifier and Retain As Published go with
                 // the copies its group sends it (`Session::deliver_shared`).
                 session.set_subscription_options(stored, &options, identifier);
+                if new && let Some(link) = &mut self.cluster {
+                    link.subscribed(&share);
+                }
                 self.shared_join(key, share, qos);
                 codes.push(ReasonCode::granted(qos));
                 continue;
@@ -252,6 +255,9 @@ impl Shard {
             {
                 if shared::is_shared(filter) {
                     self.shared_leave(key, filter);
+                    if let Some(link) = &mut self.cluster {
+                        link.unsubscribed(filter);
+                    }
                 } else if self.router.unsubscribe(filter, key)
                     && let Some(link) = &mut self.cluster
                 {

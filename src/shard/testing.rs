@@ -23,6 +23,24 @@ pub fn shard_with(id: usize, nr_shards: usize, config: Config) -> Shard {
     Shard::new(id, nr_shards, Arc::new(config), Arc::new(Auth::open()))
 }
 
+/// Attaches a session journal that is never written to `shard` (tests
+/// read what is pending in it, `Journal::pending_records`, and nothing
+/// becomes durable unless they say so) and returns it.
+pub fn unwritten_journal(shard: &mut Shard) -> std::rc::Rc<crate::store::journal::Journal> {
+    let journal = std::rc::Rc::new(crate::store::journal::Journal::new(
+        std::path::Path::new("/nonexistent"),
+        0,
+        1,
+        0,
+        crate::config::SyncMode::Ack,
+        std::time::Duration::from_secs(1),
+        Vec::new(),
+        Arc::default(),
+    ));
+    shard.session_journal = Some(journal.clone());
+    journal
+}
+
 /// A one-shard shard with the default configuration.
 pub fn shard() -> Shard {
     shard_with(0, 1, Config::default())

@@ -167,6 +167,18 @@ impl Journal {
         self.end.get()
     }
 
+    /// The records appended and not yet written, decoded (tests read what
+    /// a step journalled).
+    #[cfg(test)]
+    pub fn pending_records(&self) -> Vec<Record> {
+        let state = self.state.borrow();
+        let body = match self.written.get() {
+            w if w == self.base => &state.pending[HEADER_LEN..],
+            _ => &state.pending[..],
+        };
+        crate::store::read_records(body).0
+    }
+
     /// LSN after the last appended record.
     pub fn end_lsn(&self) -> Lsn {
         self.end.get()

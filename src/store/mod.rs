@@ -1,6 +1,7 @@
 //! Persistence: what fanmq keeps on disk across restarts and crashes
 //! (docs/design/persistence.md). This version keeps the retained messages
-//! and the persistent sessions' subscriptions.
+//! and the persistent sessions: subscriptions, queued messages, and the
+//! QoS 1/2 flows in progress ([`flows`]).
 //!
 //! ```text
 //! <persistence_location>/
@@ -16,6 +17,7 @@
 //! torn or corrupt tail is expected after a crash or power loss: never a
 //! reason to refuse to start, never a panic); the [`journal`] writes.
 
+pub mod flows;
 pub mod frame;
 pub mod journal;
 pub mod record;
@@ -417,6 +419,11 @@ pub struct LoadedSession {
     /// The messages queued for it, oldest first, with their ids and the
     /// QoS it gets them at.
     pub queued: Vec<(u64, record::StoredMessage, crate::protocol::v3::QoS)>,
+    /// Its outgoing messages in flight and incoming QoS 2 ids awaiting
+    /// PUBREL.
+    pub flows: flows::LoadedFlows,
+    /// Its will, if one was owed or waiting for its delay.
+    pub will: Option<record::StoredWill>,
 }
 
 /// The persistent sessions found in every shard's journal at start-up.
@@ -447,14 +454,15 @@ impl Store {
         let started = Instant::now();
         let mut latest: ahash::AHashMap<bytestring::ByteString, Record> = ahash::AHashMap::new();
         let mut messages: ahash::AHashMap<u64, record::StoredMessage> = ahash::AHashMap::new();
-        let mut queued_after: ahash::AHashMap<u64, Vec<(u64, crate::protocol::v3::QoS)>> =
-            ahash::AHashMap::new();
+        let mut queued_after: ahash::AHashMap<u64, Vec<flows::FlowEvent>> = ahash::AHashMap::new();
         let mut out = LoadedSessions::default();
         let entries = fs::read_dir(&self.dir).map_err(|source| StoreError::Io {
             path: self.dir.clone(),
             source,
         })?;
         let mut records = 0usize;
+        let mut wills: ahash::AHashMap<bytestring::ByteString, (u64, Option<record::StoredWill>)> =
+            ahash::AHashMap::new();
         for entry in entries.filter_map(Result::ok) {
             let path = entry.path();
             let is_shard = entry
@@ -479,8 +487,45 @@ impl Store {
                     }
                     Record::Queue(mid, refs) => {
                         for (session, qos) in refs {
-                            queued_after.entry(session).or_default().push((mid, qos));
+                            queued_after
+                                .entry(session)
+                                .or_default()
+                                .push(flows::FlowEvent::Queued(mid, qos));
                         }
+                        continue;
+                    }
+                    Record::Sent(mid, refs) => {
+                        for (session, packet_id, qos) in refs {
+                            queued_after
+                                .entry(session)
+                                .or_default()
+                                .push(flows::FlowEvent::Sent(mid, packet_id, qos));
+                        }
+                        continue;
+                    }
+                    Record::Flow(step, session, packet_id) => {
+                        queued_after
+                            .entry(session)
+                            .or_default()
+                            .push(flows::FlowEvent::Step(step, packet_id));
+                        continue;
+                    }
+                    Record::DoneMany(done) => {
+                        for (session, packet_id) in done {
+                            queued_after
+                                .entry(session)
+                                .or_default()
+                                .push(flows::FlowEvent::Step(record::FlowStep::Done, packet_id));
+                        }
+                        continue;
+                    }
+                    Record::Will(will) => {
+                        let (stamp, id) = (will.stamp, will.client_id.clone());
+                        latest_will(&mut wills, id, stamp, Some(will));
+                        continue;
+                    }
+                    Record::WillClear(stamp, id) => {
+                        latest_will(&mut wills, id, stamp, None);
                         continue;
                     }
                     Record::Retain(..) | Record::RetainDelete(..) => continue,
@@ -511,18 +556,18 @@ impl Store {
                 continue;
             }
             let after = queued_after.remove(&session.stamp).unwrap_or_default();
-            let queued = session
-                .queued
-                .iter()
-                .chain(&after)
-                .filter_map(|&(mid, qos)| {
-                    let message = messages.get(&mid)?;
-                    let live =
-                        message.expires_unix_ms == 0 || message.expires_unix_ms > now_unix_ms;
-                    live.then(|| (mid, message.clone(), qos))
-                })
-                .collect();
-            out.sessions.push(LoadedSession { session, queued });
+            let (mut queued, flows) =
+                flows::replay(&session.queued, &after, |mid| messages.get(&mid));
+            queued.retain(|(_, message, _)| {
+                message.expires_unix_ms == 0 || message.expires_unix_ms > now_unix_ms
+            });
+            let will = wills.remove(&session.client_id).and_then(|(_, will)| will);
+            out.sessions.push(LoadedSession {
+                session,
+                queued,
+                flows,
+                will,
+            });
         }
         info!(
             "persistence: {} persistent sessions from {records} records of {} segments ({} expired while the broker was down) in {:?}",
@@ -567,22 +612,38 @@ impl Store {
             .to_vec();
             let mut written = ahash::AHashSet::new();
             for loaded in sessions {
-                for (mid, message, _) in &loaded.queued {
-                    if written.insert(*mid) {
-                        let record = Record::Message(*mid, message.clone());
+                let inflight = loaded.flows.inflight.iter().map(|f| (f.mid, &f.message));
+                let queued = loaded
+                    .queued
+                    .iter()
+                    .map(|(mid, message, _)| (*mid, message));
+                for (mid, message) in inflight.chain(queued) {
+                    if written.insert(mid) {
+                        let record = Record::Message(mid, message.clone());
                         frame::append_record(&mut data, record.kind(), |out| {
                             record.encode_body(out)
                         });
                     }
                 }
                 let mut image = loaded.session.clone();
+                // In flight first, as a running image lists them.
                 image.queued = loaded
-                    .queued
+                    .flows
+                    .inflight
                     .iter()
-                    .map(|(mid, _, qos)| (*mid, *qos))
+                    .map(|f| (f.mid, f.qos))
+                    .chain(loaded.queued.iter().map(|(mid, _, qos)| (*mid, *qos)))
                     .collect();
+                let stamp = image.stamp;
                 let record = Record::SessionImage(image);
                 frame::append_record(&mut data, record.kind(), |out| record.encode_body(out));
+                let will = loaded.will.clone().map(Record::Will);
+                for record in flows::loaded_tail(stamp, &loaded.flows)
+                    .into_iter()
+                    .chain(will)
+                {
+                    frame::append_record(&mut data, record.kind(), |out| record.encode_body(out));
+                }
             }
             let path = journal::segment_path(&dir, base);
             let tmp = path.with_extension("fml.tmp");
@@ -608,6 +669,20 @@ impl Store {
     }
 }
 
+/// Keeps in `wills` the will record (`None`: a clear) with the highest
+/// stamp of client id `id`.
+fn latest_will(
+    wills: &mut ahash::AHashMap<bytestring::ByteString, (u64, Option<record::StoredWill>)>,
+    id: bytestring::ByteString,
+    stamp: u64,
+    will: Option<record::StoredWill>,
+) {
+    record::seen_stamp(stamp);
+    if wills.get(&id).is_none_or(|(held, _)| *held < stamp) {
+        wills.insert(id, (stamp, will));
+    }
+}
+
 /// The retained messages that a replay of `records` leaves: per topic the
 /// update with the highest stamp (as `RetainStore::apply` keeps it, so the
 /// order of the records does not matter), deletes left out.
@@ -621,7 +696,12 @@ pub fn live_retained(records: Vec<Record>) -> Vec<(u64, record::StoredMessage)> 
             Record::SessionImage(_)
             | Record::SessionDrop(..)
             | Record::Message(..)
-            | Record::Queue(..) => continue,
+            | Record::Queue(..)
+            | Record::Sent(..)
+            | Record::Flow(..)
+            | Record::Will(_)
+            | Record::WillClear(..)
+            | Record::DoneMany(_) => continue,
         };
         match topics.get(&topic) {
             Some((held, _)) if *held > stamp => {}

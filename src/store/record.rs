@@ -2,8 +2,10 @@
 //! (docs/design/persistence.md §4.2): plain data that knows messages,
 //! never sessions or shards. This version stores the retained messages and
 //! the persistent sessions' subscriptions (a whole image per change, keyed
-//! by client id and ordered by [`next_stamp`]); the per-message queue and
-//! ack records of the design come with the offline queues.
+//! by client id and ordered by [`next_stamp`]), the messages they queued
+//! (stored once per shard, named by id), and the steps of their QoS 1/2
+//! flows ([`Record::Sent`], [`Record::Flow`]; replayed by the `flows`
+//! module).
 //!
 //! Little-endian; strings are u16 length + bytes (MQTT topics and client ids
 //! fit), payloads u32 length + bytes. [`Record::decode`] reads any bytes
@@ -35,6 +37,26 @@ pub mod kind {
     pub const RETAIN: u8 = 0x20;
     /// A retained message deleted.
     pub const RETAIN_DELETE: u8 = 0x21;
+    /// Persistent sessions (by image stamp) sent a message: its packet id
+    /// and QoS (an outgoing message in flight, awaiting PUBACK or PUBREC).
+    pub const SENT: u8 = 0x07;
+    /// An outgoing message's flow ended (PUBACK, PUBCOMP, a refusing PUBREC).
+    pub const DONE: u8 = 0x08;
+    /// An outgoing QoS 2 message was PUBREC'd: PUBREL sent, PUBCOMP awaited.
+    pub const PUBRECD: u8 = 0x09;
+    /// An incoming QoS 2 packet id was PUBREC'd: awaiting its PUBREL.
+    pub const AWAIT_REL: u8 = 0x0A;
+    /// An incoming QoS 2 packet id was released (PUBREL).
+    pub const RELEASED: u8 = 0x0B;
+    /// A persistent session's will, owed if its connection ends without
+    /// DISCONNECT (or already waiting for its Will Delay).
+    pub const WILL: u8 = 0x0C;
+    /// A persistent session has no will any more (none at CONNECT, a
+    /// DISCONNECT, or it was published).
+    pub const WILL_CLEAR: u8 = 0x0D;
+    /// Outgoing messages' flows ended ([`DONE`]) for many sessions at once:
+    /// the acknowledgements of one step of a shard, 10 bytes each.
+    pub const DONE_MANY: u8 = 0x0E;
 }
 
 /// MQTT 5.0 property identifiers of the forwarded properties (§2.2.2.2),
@@ -162,6 +184,67 @@ pub fn seen_stamp(stamp: u64) {
     LAST_STAMP.fetch_max(stamp, std::sync::atomic::Ordering::Relaxed);
 }
 
+/// A step of a persistent session's QoS 1/2 flows that a small record
+/// keeps (docs/design/persistence.md §4.2): the session's image stamp and a
+/// packet id, 19 bytes with the frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlowStep {
+    /// [`kind::DONE`]: the outgoing message with the id is acknowledged.
+    Done,
+    /// [`kind::PUBRECD`]: the outgoing QoS 2 message with the id was
+    /// PUBREC'd; a restart resends PUBREL, not the PUBLISH.
+    PubRecd,
+    /// [`kind::AWAIT_REL`]: an incoming QoS 2 id awaits PUBREL, so a
+    /// PUBLISH with it is a duplicate.
+    AwaitRel,
+    /// [`kind::RELEASED`]: the incoming QoS 2 id was released.
+    Released,
+}
+
+impl FlowStep {
+    /// The record kind that keeps this step.
+    pub fn kind(self) -> u8 {
+        match self {
+            FlowStep::Done => kind::DONE,
+            FlowStep::PubRecd => kind::PUBRECD,
+            FlowStep::AwaitRel => kind::AWAIT_REL,
+            FlowStep::Released => kind::RELEASED,
+        }
+    }
+
+    /// The step a record kind keeps, if it is one.
+    fn of_kind(kind: u8) -> Option<FlowStep> {
+        Some(match kind {
+            kind::DONE => FlowStep::Done,
+            kind::PUBRECD => FlowStep::PubRecd,
+            kind::AWAIT_REL => FlowStep::AwaitRel,
+            kind::RELEASED => FlowStep::Released,
+            _ => return None,
+        })
+    }
+}
+
+/// A persistent session's will as stored ([`kind::WILL`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredWill {
+    /// [`next_stamp`] when written: the highest stamp of a client id wins,
+    /// across every shard's log.
+    pub stamp: u64,
+    /// The session's client id.
+    pub client_id: ByteString,
+    /// MQTT 5.0 Will Delay Interval in seconds (0: at once).
+    pub delay: u32,
+    /// Unix milliseconds when it is due (its connection ended and the delay
+    /// runs); 0 while its connection was open.
+    pub due_unix_ms: u64,
+    /// The will, without an expiry (counted from its publication).
+    pub message: StoredMessage,
+}
+
+/// One session's share of a [`Record::Sent`]: its image stamp, the packet
+/// id the message went out with, and the QoS it was sent at (11 bytes).
+pub type SentRef = (u64, u16, QoS);
+
 /// One record of a log.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Record {
@@ -178,6 +261,18 @@ pub enum Record {
     Retain(u64, StoredMessage),
     /// [`kind::RETAIN_DELETE`]: stamp and topic.
     RetainDelete(u64, ByteString),
+    /// [`kind::SENT`]: message id, then each session that has it in flight
+    /// now (taken from its queue if it was there).
+    Sent(u64, Vec<SentRef>),
+    /// A [`FlowStep`] of the session with the image stamp, for a packet id.
+    Flow(FlowStep, u64, u16),
+    /// [`kind::WILL`].
+    Will(StoredWill),
+    /// [`kind::WILL_CLEAR`]: stamp and client id.
+    WillClear(u64, ByteString),
+    /// [`kind::DONE_MANY`]: (image stamp, packet id) of each outgoing
+    /// message acknowledged.
+    DoneMany(Vec<(u64, u16)>),
 }
 
 /// Unix milliseconds now.
@@ -346,6 +441,11 @@ impl Record {
             Record::Queue(..) => kind::QUEUE,
             Record::Retain(..) => kind::RETAIN,
             Record::RetainDelete(..) => kind::RETAIN_DELETE,
+            Record::Sent(..) => kind::SENT,
+            Record::Flow(step, ..) => step.kind(),
+            Record::Will(_) => kind::WILL,
+            Record::WillClear(..) => kind::WILL_CLEAR,
+            Record::DoneMany(_) => kind::DONE_MANY,
         }
     }
 
@@ -393,6 +493,33 @@ impl Record {
             Record::RetainDelete(stamp, topic) => {
                 out.extend_from_slice(&stamp.to_le_bytes());
                 put_str(out, topic);
+            }
+            Record::Sent(mid, refs) => {
+                out.extend_from_slice(&mid.to_le_bytes());
+                put_sent_refs(out, refs);
+            }
+            Record::Flow(_, stamp, packet_id) => {
+                out.extend_from_slice(&stamp.to_le_bytes());
+                put_u16(out, *packet_id);
+            }
+            Record::Will(will) => {
+                out.extend_from_slice(&will.stamp.to_le_bytes());
+                put_str(out, &will.client_id);
+                out.extend_from_slice(&will.delay.to_le_bytes());
+                out.extend_from_slice(&will.due_unix_ms.to_le_bytes());
+                will.message.encode(out);
+            }
+            Record::WillClear(stamp, client_id) => {
+                out.extend_from_slice(&stamp.to_le_bytes());
+                put_str(out, client_id);
+            }
+            Record::DoneMany(done) => {
+                let n = u32::try_from(done.len()).unwrap_or(u32::MAX);
+                out.extend_from_slice(&n.to_le_bytes());
+                for (stamp, packet_id) in done.iter().take(n as usize) {
+                    out.extend_from_slice(&stamp.to_le_bytes());
+                    put_u16(out, *packet_id);
+                }
             }
         }
     }
@@ -443,7 +570,27 @@ impl Record {
             kind::SESSION_DROP => Record::SessionDrop(r.u64()?, r.str()?),
             kind::RETAIN => Record::Retain(r.u64()?, StoredMessage::decode(&mut r)?),
             kind::RETAIN_DELETE => Record::RetainDelete(r.u64()?, r.str()?),
-            other => return Err(RecordError::UnknownKind(other)),
+            kind::SENT => Record::Sent(r.u64()?, r.sent_refs()?),
+            kind::WILL => Record::Will(StoredWill {
+                stamp: r.u64()?,
+                client_id: r.str()?,
+                delay: r.u32()?,
+                due_unix_ms: r.u64()?,
+                message: StoredMessage::decode(&mut r)?,
+            }),
+            kind::WILL_CLEAR => Record::WillClear(r.u64()?, r.str()?),
+            kind::DONE_MANY => {
+                let n = r.u32()?;
+                let mut done = Vec::with_capacity((n as usize).min(r.0.len() / 10));
+                for _ in 0..n {
+                    done.push((r.u64()?, r.u16()?));
+                }
+                Record::DoneMany(done)
+            }
+            other => match FlowStep::of_kind(other) {
+                Some(step) => Record::Flow(step, r.u64()?, r.u16()?),
+                None => return Err(RecordError::UnknownKind(other)),
+            },
         };
         if !r.0.is_empty() {
             return Err(RecordError::Trailing(r.0.len()));
@@ -471,6 +618,18 @@ fn put_refs(out: &mut Vec<u8>, refs: &[(u64, QoS)]) {
     out.extend_from_slice(&n.to_le_bytes());
     for (id, qos) in refs.iter().take(n as usize) {
         out.extend_from_slice(&id.to_le_bytes());
+        out.push(*qos as u8);
+    }
+}
+
+/// A list of [`SentRef`]: u32 count, then (stamp u64, packet id u16,
+/// QoS u8) each.
+fn put_sent_refs(out: &mut Vec<u8>, refs: &[SentRef]) {
+    let n = u32::try_from(refs.len()).unwrap_or(u32::MAX);
+    out.extend_from_slice(&n.to_le_bytes());
+    for (stamp, packet_id, qos) in refs.iter().take(n as usize) {
+        out.extend_from_slice(&stamp.to_le_bytes());
+        put_u16(out, *packet_id);
         out.push(*qos as u8);
     }
 }
@@ -532,6 +691,21 @@ impl<'a> Reader<'a> {
             let id = self.u64()?;
             let qos = QoS::from_u8(self.u8()?).ok_or(RecordError::Invalid("QoS"))?;
             refs.push((id, qos));
+        }
+        Ok(refs)
+    }
+
+    fn sent_refs(&mut self) -> Result<Vec<SentRef>, RecordError> {
+        let n = self.u32()?;
+        let mut refs = Vec::with_capacity((n as usize).min(self.0.len() / 11));
+        for _ in 0..n {
+            let stamp = self.u64()?;
+            let packet_id = self.u16()?;
+            let qos = QoS::from_u8(self.u8()?).ok_or(RecordError::Invalid("QoS"))?;
+            if packet_id == 0 || qos == QoS::AtMostOnce {
+                return Err(RecordError::Invalid("sent packet id or QoS"));
+            }
+            refs.push((stamp, packet_id, qos));
         }
         Ok(refs)
     }
@@ -605,6 +779,23 @@ mod tests {
             Record::SessionDrop(100, ByteString::from("c1")),
             Record::Retain(7 << 16, stored()),
             Record::RetainDelete(8 << 16, ByteString::from("a/b")),
+            Record::Sent(
+                5,
+                vec![(99, 1, QoS::AtLeastOnce), (100, 65535, QoS::ExactlyOnce)],
+            ),
+            Record::Flow(FlowStep::Done, 99, 1),
+            Record::Flow(FlowStep::PubRecd, 100, 65535),
+            Record::Flow(FlowStep::AwaitRel, 99, 7),
+            Record::Flow(FlowStep::Released, 99, 7),
+            Record::Will(StoredWill {
+                stamp: 101,
+                client_id: ByteString::from("c1"),
+                delay: 30,
+                due_unix_ms: 5000,
+                message: stored(),
+            }),
+            Record::WillClear(102, ByteString::from("c1")),
+            Record::DoneMany(vec![(99, 1), (100, 65535)]),
         ]
     }
 
@@ -628,6 +819,26 @@ mod tests {
             Record::decode(0x55, &[]),
             Err(RecordError::UnknownKind(0x55))
         );
+    }
+
+    #[test]
+    fn flow_records_are_small_and_refuse_a_zero_packet_id_or_qos_0() {
+        let framed = |record: &Record| {
+            let mut out = Vec::new();
+            crate::store::frame::append_record(&mut out, record.kind(), |b| record.encode_body(b));
+            out.len()
+        };
+        let one = Record::Sent(1, vec![(2, 3, QoS::AtLeastOnce)]);
+        let two = Record::Sent(1, vec![(2, 3, QoS::AtLeastOnce), (4, 5, QoS::ExactlyOnce)]);
+        assert_eq!(framed(&two) - framed(&one), 11, "bytes a session");
+        assert_eq!(framed(&Record::Flow(FlowStep::Done, 2, 3)), 19);
+        let done = |n| framed(&Record::DoneMany(vec![(2, 3); n]));
+        assert_eq!(done(2) - done(1), 10, "bytes an acknowledgement");
+        for bad in [(2, 0, QoS::AtLeastOnce), (2, 3, QoS::AtMostOnce)] {
+            let mut body = Vec::new();
+            Record::Sent(1, vec![bad]).encode_body(&mut body);
+            assert!(Record::decode(kind::SENT, &body).is_err(), "{bad:?}");
+        }
     }
 
     #[test]
@@ -683,7 +894,13 @@ mod tests {
             })
             .collect();
         for _ in 0..5000 {
-            let kind = [1u8, 2, 5, 6, 0x20, 0x21, rng.next() as u8][(rng.next() % 7) as usize];
+            let kinds = [
+                1u8, 2, 5, 6, 7, 8, 9, 0x0A, 0x0B, 0x0C, 0x0D, 0x0E, 0x20, 0x21,
+            ];
+            let kind = match (rng.next() % 15) as usize {
+                i if i < kinds.len() => kinds[i],
+                _ => rng.next() as u8,
+            };
             let len = (rng.next() % 64) as usize;
             let body: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
             let _ = Record::decode(kind, &body);

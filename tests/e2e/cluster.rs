@@ -3,7 +3,12 @@
 //! it. Publishes cross nodes once and in order, a node holds one NATS
 //! subscription per filter whatever its local subscribers, retained
 //! messages reach every node (also one started later), a node killed with
-//! SIGKILL leaves the others working, and a NATS restart heals by itself.
+//! SIGKILL leaves the others working, a NATS restart heals by itself, and
+//! a NATS cluster of three servers loses the one a node uses without the
+//! node losing anything published after it moved to another.
+//! Session ownership: a persistent session moves to the node its client
+//! reconnects to, with its queue; a take-over closes the old connection; a
+//! dead owner's ids are taken fresh; racing CONNECTs leave one owner.
 //!
 //! Each test skips, saying so, when `nats-server` is not on PATH (CI
 //! installs it, `.ci/run`, and sets CI=true, which makes a missing server a
@@ -46,6 +51,8 @@ struct Nats {
     port: u16,
     /// The HTTP monitoring port.
     monitor: u16,
+    /// More arguments (a NATS cluster's `--cluster`, `--routes`, ...).
+    extra: Vec<String>,
 }
 
 impl Drop for Nats {
@@ -58,6 +65,11 @@ impl Nats {
     /// Starts nats-server on free ports; `None` (after saying why) without
     /// a binary.
     fn start(test: &str) -> Option<Nats> {
+        Self::start_with(test, Vec::new())
+    }
+
+    /// [`Nats::start`] with more arguments.
+    fn start_with(test: &str, extra: Vec<String>) -> Option<Nats> {
         let Some(binary) = nats_binary() else {
             // CI installs it: there a missing server is a failure.
             assert!(
@@ -73,6 +85,7 @@ impl Nats {
             store: tempfile::tempdir().expect("store directory"),
             port: 0,
             monitor: 0,
+            extra,
         };
         nats.run();
         Some(nats)
@@ -94,6 +107,7 @@ impl Nats {
         let mut child = Command::new(&self.binary)
             .args(["-js", "-a", "127.0.0.1", "-p", &port, "-m", &monitor, "-sd"])
             .arg(self.store.path())
+            .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -145,8 +159,17 @@ impl Nats {
 
     /// [`Nats::node`] with more top-level settings (TOML lines).
     fn node_with(&self, name: &str, settings: &str) -> Broker {
-        let config = format!("{settings}\n{}", self.config(name));
-        let node = Broker::builder().config(&config).start();
+        self.node_configured(&format!("{settings}\n{}", self.config(name)), name)
+    }
+
+    /// [`Nats::node`] with more `[cluster]` settings (TOML lines).
+    fn node_cluster(&self, name: &str, cluster: &str) -> Broker {
+        self.node_configured(&format!("{}{cluster}\n", self.config(name)), name)
+    }
+
+    /// A node of 2 shards with the whole configuration `config`.
+    fn node_configured(&self, config: &str, name: &str) -> Broker {
+        let node = Broker::builder().config(config).start();
         node.wait_log(|l| l.contains("cluster: connected to NATS"), TIMEOUT)
             .unwrap_or_else(|| panic!("node {name} did not connect:\n{}", node.log_text()));
         node
@@ -187,15 +210,16 @@ impl Nats {
     }
 }
 
-/// The lines of a child's pipe, read on a thread of their own.
+/// The lines of a child's pipe, read on a thread of their own until the
+/// child closes it: once nobody listens the lines are dropped, but the pipe
+/// is still drained (a closed pipe would kill a server that logs on, such
+/// as a NATS cluster's routes, with SIGPIPE).
 fn lines_of(pipe: impl std::io::Read + Send + 'static) -> Receiver<String> {
     let (tx, rx) = channel();
     std::thread::spawn(move || {
         for line in BufReader::new(pipe).lines() {
             let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
+            let _ = tx.send(line);
         }
     });
     rx
@@ -522,41 +546,354 @@ fn topics_map_to_subjects_both_ways_and_mqtt5_properties_cross_nodes() {
     assert_eq!(out.trim(), "v5/1 k:v hi");
 }
 
+/// The session of `id` on `node` as `/api/v1/clients/{id}` shows it; None
+/// when the node does not hold it.
+fn client_on(node: &Broker, id: &str) -> Option<Value> {
+    let answer = crate::admin::http(node, "GET", &format!("/api/v1/clients/{id}"), None);
+    match answer.status {
+        200 => Some(serde_json::from_str(&answer.body).expect("client JSON")),
+        404 => None,
+        other => panic!("GET /api/v1/clients/{id}: {other} {}", answer.body),
+    }
+}
+
+/// Polls `node` until `done` accepts what it says of client `id`.
+fn wait_client(node: &Broker, id: &str, done: impl Fn(Option<&Value>) -> bool) -> Option<Value> {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let got = client_on(node, id);
+        if done(got.as_ref()) {
+            return got;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "client {id} never as expected: {got:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A persistent-session (CleanSession 0) raw client of `port` and its
+/// CONNACK.
+fn raw_persistent(port: u16, id: &str) -> (Raw, Vec<u8>) {
+    Raw::connect_with(port, &ConnectBuilder::new(id).clean_session(false))
+}
+
+/// A persistent-session (CleanSession 0) rumqttc client of `port`.
+fn persistent(port: u16, id: &str) -> (Mqtt, rumqttc::ConnAck) {
+    let mut options = Mqtt::options(port, id);
+    options.set_clean_session(false);
+    Mqtt::connect_with(options)
+}
+
 #[test]
-fn a_client_id_connecting_to_another_node_ends_its_connection_and_session_on_the_first() {
+fn a_persistent_session_moves_to_another_node_with_its_queued_messages() {
+    let Some(nats) = Nats::start("cluster session move") else {
+        return;
+    };
+    let (a, b) = (nats.node("a"), nats.node("b"));
+    let (mut first, connack) = persistent(a.port, "mover");
+    assert!(!connack.session_present);
+    first.subscribe("move/#", QoS::AtLeastOnce);
+    first.disconnect();
+    wait_client(&a, "mover", |c| c.is_some_and(|c| c["connected"] == false));
+    // Offline on A: QoS 1 messages queue there.
+    let mut publisher = Mqtt::connect(a.port, "move-pub");
+    for i in 0..5 {
+        publisher.publish_acked("move/q", false, i.to_string().as_bytes());
+    }
+    let held = wait_client(&a, "mover", |c| c.is_some_and(|c| c["pending"] == 5));
+    assert_eq!(held.unwrap()["subscriptions"], 1);
+
+    // It comes back on B: B takes the session over from A, with its queue.
+    let (mut second, connack) = persistent(b.port, "mover");
+    assert!(
+        connack.session_present,
+        "Session Present = 1 on the other node"
+    );
+    let got: Vec<String> = (0..5)
+        .map(|_| String::from_utf8_lossy(&second.expect_publish().payload).into_owned())
+        .collect();
+    assert_eq!(
+        got,
+        ["0", "1", "2", "3", "4"],
+        "the queued messages, in order"
+    );
+    assert!(client_on(&a, "mover").is_none(), "A no longer holds it");
+    let on_b = client_on(&b, "mover").expect("B holds it");
+    assert_eq!(
+        (on_b["connected"].clone(), on_b["subscriptions"].clone()),
+        (Value::from(true), Value::from(1))
+    );
+    // Its subscription works on B: a publish on A crosses to it.
+    nats.wait_subscriptions("fanmq.t.move.>", 1);
+    publisher.publish_acked("move/live", false, b"after");
+    let p = second.expect_publish();
+    assert_eq!(
+        (p.topic.as_str(), &p.payload[..]),
+        ("move/live", &b"after"[..])
+    );
+    wait_stats(&b, |s| s["total"]["cluster_takeovers"] == 1);
+    wait_stats(&a, |s| s["total"]["cluster_taken_over"] == 1);
+    assert!(
+        second.recv_publish(Duration::from_millis(300)).is_none(),
+        "nothing twice"
+    );
+}
+
+#[test]
+fn a_live_take_over_across_nodes_closes_the_old_connection() {
     let Some(nats) = Nats::start("cluster take-over") else {
         return;
     };
     let (a, b) = (nats.node("a"), nats.node("b"));
-    // The announcements travel on one NATS subject every node subscribes to.
-    nats.wait_subscriptions("fanmq.c.connect", 2);
-    let first = Raw::connect(a.port, "roaming");
-    // Connect times are known to a keep-alive tick (100 ms): the second
-    // connect must be in a later tick to be the newer one.
-    std::thread::sleep(Duration::from_millis(300));
-    let _second = Raw::connect(b.port, "roaming");
+    // Each node serves take-over requests on a subject of its own.
+    nats.wait_subscriptions("fanmq.c.a.takeover", 1);
+    nats.wait_subscriptions("fanmq.c.b.takeover", 1);
+    let mut first = Raw::connect(a.port, "roaming");
+    first.ping();
+    let mut second = Raw::connect(b.port, "roaming");
+    // 3.1.1 has no server DISCONNECT: the old connection just closes.
     first.expect_closed_silently();
-    // A persistent session on A is dropped too: two nodes must not both
-    // queue for one client id.
-    let (mut offline, _) = Raw::connect_with(
-        a.port,
-        &ConnectBuilder::new("roaming-p").clean_session(false),
+    second.ping();
+    assert!(client_on(&a, "roaming").is_none());
+    assert_eq!(client_on(&b, "roaming").unwrap()["connected"], true);
+    // A clean session ends on B: back on A there is nothing to take over.
+    second.close();
+    wait_client(&b, "roaming", |c| c.is_none());
+    let (mut again, connack) = raw_persistent(a.port, "roaming");
+    assert_eq!(
+        connack,
+        [0x20, 2, 0, 0],
+        "Session Present 0: a fresh session"
     );
-    offline.subscribe(1, &[("roam/#", 1)]);
-    offline.close();
-    let found = |broker: &Broker, id: &str| {
-        crate::admin::http(broker, "GET", &format!("/api/v1/clients/{id}"), None).status
+    again.ping();
+}
+
+#[test]
+fn a_killed_nodes_client_gets_a_fresh_session_on_another_node() {
+    let Some(nats) = Nats::start("cluster dead owner") else {
+        return;
     };
-    assert_eq!(found(&a, "roaming-p"), 200, "kept offline on A");
-    std::thread::sleep(Duration::from_millis(300));
-    let (_on_b, _) = Raw::connect_with(
-        b.port,
-        &ConnectBuilder::new("roaming-p").clean_session(false),
+    let (mut a, b) = (nats.node("a"), nats.node("b"));
+    let (mut on_a, _) = persistent(a.port, "orphan");
+    on_a.subscribe("orphan/#", QoS::AtLeastOnce);
+    a.signal(libc::SIGKILL);
+    a.wait_exit(TIMEOUT).expect("node a killed");
+    drop(on_a);
+    // Its state died with it; B grants the id fresh, well within the
+    // node timeout (NATS has no responder on A's subject any more).
+    let started = Instant::now();
+    let (mut on_b, connack) = persistent(b.port, "orphan");
+    assert!(!connack.session_present, "the state died with node a");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "granted within the node timeout"
     );
-    wait_stats(&a, |s| s["total"]["cluster_taken_over"] == 2);
-    assert_eq!(found(&a, "roaming-p"), 404);
-    assert_eq!(found(&a, "roaming"), 404);
-    assert_eq!(found(&b, "roaming"), 200);
+    on_b.subscribe("orphan/#", QoS::AtLeastOnce);
+    let mut publisher = Mqtt::connect(b.port, "orphan-pub");
+    publisher.publish_acked("orphan/x", false, b"x");
+    assert_eq!(&on_b.expect_publish().payload[..], b"x");
+}
+
+#[test]
+fn an_owner_that_does_not_answer_gets_0x03_until_its_lease_runs_out() {
+    let Some(nats) = Nats::start("cluster silent owner") else {
+        return;
+    };
+    let a = nats.node("a");
+    // B waits longer for a silent node than a CONNECT may wait; C does not.
+    let (b, c) = (
+        nats.node_cluster("b", "node_ttl_ms = 60000"),
+        nats.node_cluster("c", "node_ttl_ms = 4000"),
+    );
+    let (mut held, _) = raw_persistent(a.port, "stuck");
+    held.ping();
+    wait_cluster(&b, |v| v["nodes"].get("a").is_some());
+    wait_cluster(&c, |v| v["nodes"].get("a").is_some());
+    // A stops (SIGSTOP): its NATS connection stays, nothing answers on it.
+    a.signal(libc::SIGSTOP);
+    let (refused, connack) = raw_persistent(b.port, "stuck");
+    assert_eq!(
+        connack,
+        [0x20, 2, 0, 3],
+        "0x03 Server unavailable while A may be alive"
+    );
+    refused.expect_closed();
+    wait_stats(&b, |s| s["total"]["cluster_claims_unavailable"] == 1);
+    // C takes A for dead once it has not heard it for 4 s: granted fresh.
+    let (mut granted, connack) = raw_persistent(c.port, "stuck");
+    assert_eq!(connack, [0x20, 2, 0, 0], "a fresh session on C");
+    granted.ping();
+    a.signal(libc::SIGCONT);
+}
+
+#[test]
+fn racing_connects_of_one_client_id_on_two_nodes_leave_one_owner() {
+    let Some(nats) = Nats::start("cluster race") else {
+        return;
+    };
+    let (a, b) = (nats.node("a"), nats.node("b"));
+    for round in 0..5 {
+        let id = format!("racer-{round}");
+        let connect = ConnectBuilder::new(&id).clean_session(false);
+        let (ca, cb) = (connect.clone(), connect.clone());
+        let (pa, pb) = (a.port, b.port);
+        let on_a = std::thread::spawn(move || Raw::send_connect(pa, &ca));
+        let on_b = std::thread::spawn(move || Raw::send_connect(pb, &cb));
+        let mut clients = [on_a.join().unwrap(), on_b.join().unwrap()];
+        // Each either keeps its connection or is closed (with or without
+        // a CONNACK first); within the timeout exactly one is left.
+        let mut open = [true, true];
+        let mut acked = [false, false];
+        let deadline = Instant::now() + TIMEOUT;
+        while open.iter().filter(|o| **o).count() > 1
+            || !open.iter().zip(&acked).any(|(o, a)| *o && *a)
+        {
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: open {open:?}, acknowledged {acked:?}"
+            );
+            for (i, c) in clients.iter_mut().enumerate() {
+                if !open[i] {
+                    continue;
+                }
+                match c.read_packet(Duration::from_millis(50)) {
+                    Err(_) => open[i] = false,
+                    Ok(Some(p)) => {
+                        // Session Present 0, or 1 when it took over the
+                        // other's just-made session.
+                        let b = p.bytes();
+                        assert!(
+                            b == [0x20, 2, 0, 0] || b == [0x20, 2, 1, 0],
+                            "round {round}: {b:?}"
+                        );
+                        acked[i] = true;
+                    }
+                    Ok(None) => {}
+                }
+            }
+        }
+        let winner = open
+            .iter()
+            .position(|o| *o)
+            .unwrap_or_else(|| panic!("round {round}: none left"));
+        let [ca, cb] = clients;
+        let (mut alive, nodes) = if winner == 0 {
+            (ca, [&a, &b])
+        } else {
+            (cb, [&b, &a])
+        };
+        alive.ping();
+        assert_eq!(
+            client_on(nodes[0], &id).unwrap()["connected"],
+            true,
+            "round {round}"
+        );
+        assert!(
+            client_on(nodes[1], &id).is_none(),
+            "round {round}: one owner"
+        );
+    }
+}
+
+#[test]
+fn while_nats_is_down_a_serving_node_grants_connects_and_a_fenced_one_refuses_them() {
+    let Some(mut nats) = Nats::start("cluster partition") else {
+        return;
+    };
+    let serving = nats.node("serving");
+    let fenced = nats.node_cluster("fenced", "partition_mode = \"fence\"");
+    // Both grant while the link is up.
+    Raw::connect(fenced.port, "before").ping();
+    nats.stop();
+    wait_link(&serving, "down");
+    wait_link(&fenced, "down");
+    let mut granted = Raw::connect(serving.port, "cut-off");
+    granted.ping();
+    wait_stats(&serving, |s| s["total"]["cluster_unregistered"] == 1);
+    let (refused, connack) = Raw::connect_with(fenced.port, &ConnectBuilder::new("cut-off"));
+    assert_eq!(connack, [0x20, 2, 0, 3], "0x03 Server unavailable");
+    refused.expect_closed();
+    wait_stats(&fenced, |s| s["total"]["cluster_claims_unavailable"] == 1);
+}
+
+#[test]
+fn a_shared_subscription_gives_each_message_to_one_member_across_nodes() {
+    let Some(nats) = Nats::start("cluster shared") else {
+        return;
+    };
+    let (a, b) = (nats.node("a"), nats.node("b"));
+    // Members on both nodes, one group; a second group with one member on
+    // B gets every message.
+    let mut members: Vec<Mqtt> = [(a.port, "sh-a1"), (b.port, "sh-b1"), (b.port, "sh-b2")]
+        .iter()
+        .map(|&(port, id)| {
+            let mut m = Mqtt::connect(port, id);
+            m.subscribe("$share/g/sh/#", QoS::AtLeastOnce);
+            m
+        })
+        .collect();
+    let mut other = Mqtt::connect(b.port, "sh-other");
+    other.subscribe("$share/h/sh/#", QoS::AtLeastOnce);
+    // One queue subscription per node and subject, whatever the members.
+    nats.wait_subscriptions("fanmq.t.sh.>", 3);
+    let publisher_a = Mqtt::connect(a.port, "sh-pub-a");
+    let publisher_b = Mqtt::connect(b.port, "sh-pub-b");
+    for i in 0..100 {
+        let publisher = if i % 2 == 0 {
+            &publisher_a
+        } else {
+            &publisher_b
+        };
+        publisher.publish("sh/n", QoS::AtLeastOnce, false, i.to_string().as_bytes());
+    }
+    // Until all 100 arrived (bounded), then nothing more.
+    let mut got: Vec<Vec<u32>> = vec![Vec::new(); members.len()];
+    let deadline = Instant::now() + TIMEOUT;
+    while got.iter().map(Vec::len).sum::<usize>() < 100 {
+        assert!(Instant::now() < deadline, "only {got:?}");
+        for (m, mine) in members.iter_mut().zip(got.iter_mut()) {
+            while let Some(p) = m.recv_publish(Duration::from_millis(20)) {
+                mine.push(
+                    String::from_utf8_lossy(&p.payload)
+                        .parse::<u32>()
+                        .expect("a number"),
+                );
+            }
+        }
+    }
+    for m in &mut members {
+        assert!(
+            m.recv_publish(Duration::from_millis(300)).is_none(),
+            "nothing twice"
+        );
+    }
+    let mut all: Vec<u32> = got.concat();
+    all.sort_unstable();
+    assert_eq!(
+        all,
+        (0..100).collect::<Vec<u32>>(),
+        "each message to one member of g"
+    );
+    assert!(
+        !got[0].is_empty() && got[1].len() + got[2].len() > 0,
+        "members on both nodes served: {got:?}"
+    );
+    let mut h: Vec<u32> = (0..100)
+        .map(|_| {
+            String::from_utf8_lossy(&other.expect_publish().payload)
+                .parse()
+                .expect("a number")
+        })
+        .collect();
+    h.sort_unstable();
+    assert_eq!(
+        h,
+        (0..100).collect::<Vec<u32>>(),
+        "group h: all of them, once"
+    );
+    assert!(other.recv_publish(Duration::from_millis(300)).is_none());
 }
 
 #[test]
@@ -592,4 +929,167 @@ fn the_acl_read_rules_hold_for_messages_from_other_nodes() {
         .collect();
     assert_eq!(got, ["a/b", "x/end"], "secret/x withheld on B as on A");
     wait_stats(&b, |s| s["total"]["read_denied"] == 1);
+}
+
+/// Three nats-servers joined as one NATS cluster (routes between them, one
+/// JetStream domain), each on free ports.
+fn nats_cluster(test: &str) -> Option<Vec<Nats>> {
+    // Route ports are named to every server up front: picked free, then
+    // released for the server to bind.
+    let routes: Vec<u16> = (0..3)
+        .map(|_| {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("free port")
+                .port()
+        })
+        .collect();
+    let all = routes
+        .iter()
+        .map(|p| format!("nats://127.0.0.1:{p}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut servers = Vec::new();
+    for (i, port) in routes.iter().enumerate() {
+        let extra = vec![
+            "--server_name".to_string(),
+            format!("s{i}"),
+            "--cluster_name".to_string(),
+            "fanmq-test".to_string(),
+            "--cluster".to_string(),
+            format!("nats://127.0.0.1:{port}"),
+            "--routes".to_string(),
+            all.clone(),
+        ];
+        servers.push(Nats::start_with(test, extra)?);
+    }
+    // Formed: every server routes to the two others (2.10 and later pool
+    // several connections per route) and answers /healthz
+    // (JetStream has its meta leader) before a node connects.
+    for server in &servers {
+        let deadline = Instant::now() + TIMEOUT * 6;
+        while !(routes_of(server) >= 2 && healthy(server)) {
+            assert!(
+                Instant::now() < deadline,
+                "the NATS cluster did not form: /routez {} /healthz {}",
+                monitor_json(server, "/routez"),
+                monitor_json(server, "/healthz")
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    Some(servers)
+}
+
+/// `server`'s monitoring JSON at `path`, or null while it does not answer.
+fn monitor_json(server: &Nats, path: &str) -> Value {
+    let url = format!("http://127.0.0.1:{}{path}", server.monitor);
+    ureq::get(&url)
+        .call()
+        .ok()
+        .and_then(|mut r| r.body_mut().read_to_string().ok())
+        .and_then(|body| serde_json::from_str(&body).ok())
+        .unwrap_or_default()
+}
+
+/// How many routes `server` has (monitoring `/routez`).
+fn routes_of(server: &Nats) -> u64 {
+    monitor_json(server, "/routez")["num_routes"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+/// Whether `server`'s `/healthz` says ok (JetStream included).
+fn healthy(server: &Nats) -> bool {
+    monitor_json(server, "/healthz")["status"] == "ok"
+}
+
+/// The `[cluster]` table for node `name` with every server of `servers` as
+/// a seed.
+fn cluster_config(servers: &[Nats], name: &str) -> String {
+    let urls = servers
+        .iter()
+        .map(|s| format!("\"nats://127.0.0.1:{}\"", s.port))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!("[cluster]\nnats_urls = [{urls}]\nnode_name = \"{name}\"\n")
+}
+
+/// Whether `server`'s `/connz` lists a client named `name`.
+fn connected_to(server: &Nats, name: &str) -> bool {
+    monitor_json(server, "/connz?limit=1000")["connections"]
+        .as_array()
+        .is_some_and(|c| c.iter().any(|c| c["name"] == name))
+}
+
+/// Publishes probes on `topic` from `publisher` until `subscriber` gets
+/// one (interest crosses the NATS cluster's routes asynchronously), then
+/// drains the probes.
+fn until_routed(publisher: &Mqtt, subscriber: &mut Mqtt, topic: &str) {
+    let deadline = Instant::now() + TIMEOUT * 2;
+    loop {
+        publisher.publish(topic, QoS::AtMostOnce, false, b"probe");
+        if subscriber
+            .recv_publish(Duration::from_millis(200))
+            .is_some_and(|p| p.topic == topic)
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{topic} never crossed the NATS cluster"
+        );
+    }
+    publisher.publish("ha/drained", QoS::AtLeastOnce, false, b"");
+    subscriber.collect_until("ha/drained");
+}
+
+#[test]
+fn a_three_server_nats_cluster_loses_a_server_and_the_nodes_go_on_through_the_others() {
+    let Some(mut servers) = nats_cluster("NATS cluster") else {
+        return;
+    };
+    let node = |name: &str| {
+        let node = Broker::builder()
+            .config(&cluster_config(&servers, name))
+            .start();
+        node.wait_log(|l| l.contains("cluster: connected to NATS"), TIMEOUT)
+            .unwrap_or_else(|| panic!("node {name} did not connect:\n{}", node.log_text()));
+        node
+    };
+    let (mut a, mut b) = (node("a"), node("b"));
+    let mut subscriber = Mqtt::connect(b.port, "ha-sub");
+    subscriber.subscribe("ha/#", QoS::AtLeastOnce);
+    let publisher = Mqtt::connect(a.port, "ha-pub");
+    until_routed(&publisher, &mut subscriber, "ha/probe");
+
+    // Kill the server that the subscriber's node talks to.
+    let used = servers
+        .iter()
+        .position(|s| connected_to(s, "fanmq b"))
+        .expect("node b is connected to one of the servers");
+    servers[used].stop();
+    let others: Vec<usize> = (0..servers.len()).filter(|&i| i != used).collect();
+    let deadline = Instant::now() + TIMEOUT * 2;
+    while !others.iter().any(|&i| connected_to(&servers[i], "fanmq b")) {
+        assert!(
+            Instant::now() < deadline,
+            "node b never reconnected to another server"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    wait_link(&b, "up");
+    until_routed(&publisher, &mut subscriber, "ha/probe-again");
+
+    // Everything published now arrives, once and in order.
+    for i in 0..50 {
+        publisher.publish("ha/n", QoS::AtLeastOnce, false, i.to_string().as_bytes());
+    }
+    publisher.publish("ha/end", QoS::AtLeastOnce, false, b"");
+    let expected: Vec<String> = (0..50).map(|i: i32| i.to_string()).collect();
+    assert_eq!(payloads_until(&mut subscriber, "ha/end"), expected);
+    let stats = wait_stats(&b, |s| s["total"]["cluster_connects"].as_u64() >= Some(2));
+    assert_eq!(stats["total"]["cluster_link_up"], 1);
+    a.assert_running();
+    b.assert_running();
 }

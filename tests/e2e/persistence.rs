@@ -706,32 +706,239 @@ fn qos_1_stream_to_offline_subscribers_survives_kill_9(sync: &str) {
 
 #[test]
 fn qos_2_is_delivered_once_across_a_kill_9_between_pubrec_and_pubrel() {
+    qos_2_across_a_kill_9_between_pubrec_and_pubrel("q2", false);
+}
+
+#[test]
+fn a_qos_2_publish_resent_after_a_kill_9_between_pubrec_and_pubrel_is_delivered_once() {
+    qos_2_across_a_kill_9_between_pubrec_and_pubrel("q2dup", true);
+}
+
+/// A persistent publisher's QoS 2 PUBLISH is PUBREC'd, the broker is
+/// killed with SIGKILL and restarted; the publisher reconnects and sends
+/// PUBREL (§4.3.3), after resending the PUBLISH with DUP when `resend` (a
+/// client that lost the PUBREC, §4.4). Persistent subscribers on both
+/// shards get it exactly once, and the packet id is free again.
+fn qos_2_across_a_kill_9_between_pubrec_and_pubrel(prefix: &str, resend: bool) {
     let dir = tempfile::tempdir().unwrap();
     let broker = start(dir.path(), "");
-    let ids = offline_subscribers(&broker, "q2-sub", "q2/#", 2);
-    let publisher = ConnectBuilder::new("q2-pub").clean_session(false);
+    let filter = format!("{prefix}/#");
+    let ids = offline_subscribers(&broker, &format!("{prefix}-sub"), &filter, 2);
+    let [once, next, end] = ["once", "next", "end"].map(|t| format!("{prefix}/{t}"));
+    let publisher = ConnectBuilder::new(&format!("{prefix}-pub")).clean_session(false);
     let (mut raw, _) = Raw::connect_with(broker.port, &publisher);
-    raw.send(&publish(b"q2/once", b"exactly once", 2, false, false, 7));
-    // PUBREC: the broker holds the message durably for every subscriber.
+    raw.send(&publish(
+        once.as_bytes(),
+        b"exactly once",
+        2,
+        false,
+        false,
+        7,
+    ));
+    // PUBREC: the message is durable for every subscriber, and so is the
+    // publisher's packet id 7, awaiting PUBREL.
     assert_eq!(raw.expect_packet().bytes(), ack(0x50, 7));
     kill_9(broker);
     let broker = start(dir.path(), "");
-    // The publisher goes on with PUBREL (§4.3.3), never the PUBLISH again.
-    let (mut raw, _) = Raw::connect_with(broker.port, &publisher);
+    let (mut raw, connack) = Raw::connect_with(broker.port, &publisher);
+    assert_eq!(connack, CONNACK_SESSION, "the publisher's session is back");
+    if resend {
+        raw.send(&publish(
+            once.as_bytes(),
+            b"exactly once",
+            2,
+            false,
+            true,
+            7,
+        ));
+        assert_eq!(raw.expect_packet().bytes(), ack(0x50, 7), "PUBREC again");
+    }
     raw.send(&ack(0x62, 7));
     assert_eq!(raw.expect_packet().bytes(), ack(0x70, 7), "PUBCOMP");
-    let mut marker = Mqtt::connect(broker.port, "q2-marker");
-    marker.publish_acked("q2/end", false, b"end");
+    // Id 7 is free again: a new message with it is delivered.
+    raw.send(&publish(next.as_bytes(), b"next", 2, false, false, 7));
+    assert_eq!(raw.expect_packet().bytes(), ack(0x50, 7));
+    raw.send(&ack(0x62, 7));
+    assert_eq!(raw.expect_packet().bytes(), ack(0x70, 7));
+    let mut marker = Mqtt::connect(broker.port, &format!("{prefix}-marker"));
+    marker.publish_acked(&end, false, b"end");
     for id in &ids {
         let (mut client, present) = persistent(broker.port, id);
         assert!(present);
-        let got = client.collect_until("q2/end");
-        let once: Vec<_> = got.iter().filter(|p| p.topic == "q2/once").collect();
-        assert_eq!(once.len(), 1, "{id}: exactly once: {got:?}");
-        assert_eq!(&once[0].payload[..], b"exactly once");
-        assert_eq!(once[0].qos, rumqttc::QoS::ExactlyOnce);
+        let got = client.collect_until(&end);
+        let topics: Vec<&str> = got.iter().map(|p| p.topic.as_str()).collect();
+        assert_eq!(topics, [&once, &next, &end], "{id}: exactly once each");
+        assert_eq!(&got[0].payload[..], b"exactly once");
+        assert_eq!(got[0].qos, rumqttc::QoS::ExactlyOnce);
         client.disconnect();
     }
+}
+
+/// A client on the other shard than `other_id`'s connection: connects
+/// fresh ids until one lands there; its id.
+fn on_other_shard(broker: &Broker, prefix: &str, other_id: &str) -> (Mqtt, String) {
+    let other = broker.shard_of(other_id);
+    for n in 0..64 {
+        let id = format!("{prefix}-{n}-{}", unique());
+        let client = Mqtt::connect(broker.port, &id);
+        if broker.shard_of(&id) != other {
+            return (client, id);
+        }
+        client.disconnect();
+    }
+    panic!("64 connections never reached the other shard");
+}
+
+/// A raw persistent (CleanSession 0) MQTT 3.1.1 client `id`; asserts
+/// CONNACK's Session Present is `present`.
+fn raw_persistent(port: u16, id: &str, present: bool) -> Raw {
+    let (raw, connack) = Raw::connect_with(port, &ConnectBuilder::new(id).clean_session(false));
+    let expected = if present { CONNACK_SESSION } else { CONNACK_OK };
+    assert_eq!(connack, expected, "{id}: CONNACK");
+    raw
+}
+
+/// Reads `n` packets: (kind, DUP, packet id, topic) each, PUBLISH topics
+/// only ("" for others).
+fn next_packets(raw: &mut Raw, n: usize) -> Vec<(u8, bool, u16, String)> {
+    (0..n)
+        .map(|_| {
+            let p = raw.expect_packet();
+            if p.kind() == 3 {
+                let publish = p.publish();
+                (3, publish.dup, publish.packet_id, publish.topic)
+            } else {
+                let id = u16::from_be_bytes([p.body[0], p.body[1]]);
+                (p.kind(), false, id, String::new())
+            }
+        })
+        .collect()
+}
+
+/// Publishes QoS 1 `topic` from the raw client `raw` (subscribed to it)
+/// with packet id `id`, and returns the packet id its own copy came with:
+/// the PUBACK waits until the journal holds everything the client's shard
+/// appended before (one file, written in order).
+fn journalled_by_own_publish(raw: &mut Raw, v5: bool, topic: &str, id: u16) -> u16 {
+    if v5 {
+        let mut body = string(topic.as_bytes());
+        body.extend(id.to_be_bytes());
+        body.push(0);
+        body.extend_from_slice(b"mark");
+        raw.send(&packet(0x32, &body));
+    } else {
+        raw.send(&publish(topic.as_bytes(), b"mark", 1, false, false, id));
+    }
+    let got = next_packets(raw, 2);
+    assert!(
+        got.contains(&(4, false, id, String::new())),
+        "PUBACK: {got:?}"
+    );
+    got.iter()
+        .find(|p| p.0 == 3 && p.3 == topic)
+        .unwrap_or_else(|| panic!("its own copy: {got:?}"))
+        .2
+}
+
+/// A raw persistent subscriber `id` of MQTT 5.0 (`v5`, Session Expiry
+/// 3600 s) or 3.1.1 (CleanSession 0); asserts Session Present is
+/// `present`.
+fn raw_subscriber(port: u16, id: &str, v5: bool, present: bool) -> Raw {
+    if !v5 {
+        return raw_persistent(port, id, present);
+    }
+    let (raw, was_present) = v5_session(port, id, 3600);
+    assert_eq!(was_present, present, "{id}: Session Present");
+    raw
+}
+
+#[test]
+fn unacknowledged_outgoing_messages_are_resent_with_their_packet_ids_after_kill_9() {
+    outgoing_flows_survive_kill_9(false);
+}
+
+#[test]
+fn with_mqtt_5_unacknowledged_outgoing_messages_are_resent_with_their_packet_ids_after_kill_9() {
+    outgoing_flows_survive_kill_9(true);
+}
+
+/// A persistent raw subscriber (MQTT 5.0 when `v5`, else 3.1.1) gets QoS
+/// 1 and QoS 2 messages from a publisher on the other shard and
+/// acknowledges none but one PUBREC; after `kill -9` and a restart, the
+/// same packet ids come again (PUBLISH with DUP, PUBREL for the PUBREC'd
+/// one); once acknowledged, a second `kill -9` does not bring them back.
+fn outgoing_flows_survive_kill_9(v5: bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = start(dir.path(), "");
+    let sub_id = format!("inflight-sub-{v5}-{}", unique());
+    let mut sub = raw_subscriber(broker.port, &sub_id, v5, false);
+    if v5 {
+        // SUBSCRIBE packet id 1, no properties, "inf/#" at QoS 2.
+        let mut body = vec![0, 1, 0];
+        body.extend(string(b"inf/#"));
+        body.push(2);
+        sub.send(&packet(0x82, &body));
+        let suback = sub.expect_packet();
+        assert_eq!((suback.kind(), suback.body[3]), (9, 2), "SUBACK QoS 2");
+    } else {
+        assert_eq!(sub.subscribe(1, &[("inf/#", 2)]), vec![2]);
+    }
+    // The publisher on the other shard: its acks wait for the subscriber's
+    // shard's journal (docs/design/persistence.md §5.3).
+    let (publisher, _) = on_other_shard(&broker, "inflight-pub", &sub_id);
+    let qos = [
+        ("inf/one", rumqttc::QoS::AtLeastOnce),
+        ("inf/two", rumqttc::QoS::ExactlyOnce),
+        ("inf/three", rumqttc::QoS::ExactlyOnce),
+    ];
+    for (topic, qos) in qos {
+        publisher.publish(topic, qos, false, topic.as_bytes());
+    }
+    let sent = next_packets(&mut sub, 3);
+    let topics: Vec<&str> = sent.iter().map(|p| p.3.as_str()).collect();
+    assert_eq!(topics, ["inf/one", "inf/two", "inf/three"]);
+    assert!(sent.iter().all(|p| p.0 == 3 && !p.1), "{sent:?}");
+    let [one, two, three] = [sent[0].2, sent[1].2, sent[2].2];
+    // "three" is PUBREC'd: the broker releases it and waits for PUBCOMP.
+    sub.send(&ack(0x50, three));
+    assert_eq!(sub.expect_packet().bytes(), ack(0x62, three), "PUBREL");
+    let mark = journalled_by_own_publish(&mut sub, v5, "inf/mark", 100);
+    kill_9(broker);
+
+    let broker = start(dir.path(), "");
+    let mut sub = raw_subscriber(broker.port, &sub_id, v5, true);
+    // Resent in order with the same packet ids (§4.4): PUBLISH with DUP,
+    // PUBREL for the one past PUBREC.
+    assert_eq!(
+        next_packets(&mut sub, 4),
+        vec![
+            (3, true, one, "inf/one".to_string()),
+            (3, true, two, "inf/two".to_string()),
+            (6, false, three, String::new()),
+            (3, true, mark, "inf/mark".to_string()),
+        ]
+    );
+    sub.send(&ack(0x40, one));
+    sub.send(&ack(0x70, three));
+    sub.send(&ack(0x40, mark));
+    sub.send(&ack(0x50, two));
+    assert_eq!(sub.expect_packet().bytes(), ack(0x62, two), "PUBREL");
+    sub.send(&ack(0x70, two));
+    sub.ping();
+    let last = journalled_by_own_publish(&mut sub, v5, "inf/last", 101);
+    kill_9(broker);
+
+    // Acknowledged before the second kill -9: gone, only the last one comes
+    // again.
+    let broker = start(dir.path(), "");
+    let mut sub = raw_subscriber(broker.port, &sub_id, v5, true);
+    assert_eq!(
+        next_packets(&mut sub, 1),
+        vec![(3, true, last, "inf/last".to_string())]
+    );
+    sub.send(&ack(0x40, last));
+    sub.ping();
+    drop(broker);
 }
 
 #[test]
@@ -771,4 +978,66 @@ fn sessions_resume_after_a_restart_with_another_shard_count() {
         kill_9(broker);
         earlier.push(shards);
     }
+}
+
+/// An MQTT 5.0 CONNECT with Clean Start 0, Session Expiry 3600 s and a
+/// retained QoS 1 will to `topic` with Will Delay `delay` seconds.
+fn connect_v5_with_will(client_id: &str, topic: &str, payload: &[u8], delay: u32) -> Vec<u8> {
+    let mut body = string(b"MQTT");
+    // Will flag, will QoS 1, will retain; Clean Start 0.
+    body.extend([5, 0x2C, 0, 60, 5, 0x11]);
+    body.extend(3600u32.to_be_bytes());
+    body.extend(string(client_id.as_bytes()));
+    body.extend([5, 0x18]);
+    body.extend(delay.to_be_bytes());
+    body.extend(string(topic.as_bytes()));
+    body.extend(string(payload));
+    packet(0x10, &body)
+}
+
+#[test]
+fn wills_of_persistent_sessions_are_published_after_a_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = start(dir.path(), "");
+    // Persistent sessions on both shards: a QoS 1 PUBACK to their filter
+    // waits until every shard's journal holds what came before.
+    offline_subscribers(&broker, "will-sync", "wsync/#", 2);
+    let mut syncer = Mqtt::connect(broker.port, "will-syncer");
+    // Connected when the broker dies: its will is owed (§3.1.2.5).
+    let open = ConnectBuilder::new("will-open").clean_session(false).will(
+        "wills/open",
+        b"open gone",
+        1,
+        true,
+    );
+    let (_open, connack) = Raw::connect_with(broker.port, &open);
+    assert_eq!(connack, CONNACK_OK);
+    // Offline with its Will Delay running (MQTT 5.0): due 3 s after it left.
+    let mut delayed = Raw::tcp(broker.port);
+    delayed.send(&connect_v5_with_will(
+        "will-delayed",
+        "wills/delayed",
+        b"delayed gone",
+        3,
+    ));
+    assert_eq!(delayed.expect_packet().kind(), 2, "CONNACK");
+    delayed.reset();
+    syncer.publish_acked("wsync/x", false, b"sync");
+    kill_9(broker);
+
+    let broker = start(dir.path(), "");
+    let mut watcher = Mqtt::connect(broker.port, "will-watcher");
+    watcher.subscribe("wills/#", rumqttc::QoS::AtLeastOnce);
+    let mut got = BTreeMap::new();
+    while got.len() < 2 {
+        let p = watcher.expect_publish();
+        got.insert(p.topic.clone(), p.payload.to_vec());
+    }
+    assert_eq!(
+        got,
+        BTreeMap::from([
+            ("wills/delayed".to_string(), b"delayed gone".to_vec()),
+            ("wills/open".to_string(), b"open gone".to_vec()),
+        ])
+    );
 }

@@ -1,0 +1,137 @@
+#!/usr/bin/env bash
+# Fan-out over a cluster of fanmq nodes joined through NATS (issue: scale-out
+# past one process), against one node alone, on one host:
+#   cluster: one nats-server -js and NODES fanmq nodes of one shard each;
+#            `fanmq-bench fanout --nodes` spreads SUBS subscribers over the
+#            nodes round-robin (from 20 loopback source addresses, so no pair
+#            runs out of ephemeral ports) and publishes MSGS QoS 0 messages
+#            on the first node; every other node gets each message once from
+#            NATS and fans it out to its own subscribers.
+#   single:  one fanmq node without [cluster] and SINGLE_SUBS subscribers.
+# The bench measures the nodes' CPU together (--broker-pid with every node's
+# pid) and waits until all of them hold their subscriptions (--stats-url with
+# every node's admin API); nats-server's CPU is read from /proc over the
+# cluster run (subscribing, publishing and draining).
+# Prints deliveries per broker CPU-second for both and nats-server's CPU per
+# message published and per message it delivered to a node. The bench's JSON
+# results go to OUT_DIR (default: a temporary directory, removed) as
+# fanout-cluster-<NODES>x<SUBS/NODES>.json and fanout-cluster-single-<SINGLE_SUBS>.json,
+# with what this script measured beside the first as a .md note
+# (`fanmq-bench report` puts both into bench/RESULTS.md when OUT_DIR is
+# bench/results).
+#
+# Usage: bench/cluster-fanout.sh [NODES] [SUBS] [MSGS] [SINGLE_SUBS]
+#   defaults: 6 nodes, 90000 subscribers, 200 messages, 15000 (one node).
+# Needs: target/release/fanmq and target/release/fanmq-bench
+# (`cargo build --release --workspace`), nats-server (or NATS_SERVER=...),
+# RLIMIT_NOFILE above SUBS / NODES + 100 per node. Every process it starts
+# is killed on exit, and each runs under a timeout.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+nodes=${1:-6}
+subs=${2:-90000}
+msgs=${3:-200}
+single_subs=${4:-15000}
+fanmq=${FANMQ:-target/release/fanmq}
+bench=${FANMQ_BENCH:-target/release/fanmq-bench}
+nats=${NATS_SERVER:-$(command -v nats-server)}
+# Wall-clock bound of every process this script starts (s).
+limit=900
+work=$(mktemp -d)
+out_dir=${OUT_DIR:-$work/out}
+mkdir -p "$out_dir"
+pids=()
+. bench/procs.sh
+trap cleanup EXIT
+
+# Waits until something accepts on 127.0.0.1:$1.
+wait_port() {
+    for _ in $(seq 100); do
+        python3 -c 'import socket,sys; socket.create_connection(("127.0.0.1", int(sys.argv[1])), 1)' "$1" \
+            2>/dev/null && return 0
+        sleep 0.1
+    done
+    echo "nothing listens on port $1" >&2
+    exit 1
+}
+hz=$(getconf CLK_TCK)
+
+for f in "$fanmq" "$bench" "$nats"; do
+    [ -x "$f" ] || { echo "missing $f (cargo build --release --workspace; nats-server)" >&2; exit 1; }
+done
+
+# Starts a node: name, MQTT port, admin port, extra flags. Prints its pid.
+start_node() {
+    local name=$1 port=$2 http=$3
+    shift 3
+    timeout "$limit" "$fanmq" --listen "127.0.0.1:$port" --http-listen "127.0.0.1:$http" \
+        --shards 1 --max-connections-per-ip 0 --max-connection-rate 0 --log-level warn \
+        "$@" >"$work/$name.log" 2>&1 &
+    pids+=("$!")
+    local pid
+    pid=$(child_of "$!")
+    pids+=("$pid")
+    wait_port "$port"
+    echo "$pid"
+}
+
+bench_flags=(--msgs "$msgs" --drain-timeout 30 --connect-timeout 300
+             --source-addrs 127.0.0.10-127.0.0.29)
+
+# The cluster.
+nats_port=$(free_port)
+timeout "$limit" "$nats" -js -a 127.0.0.1 -p "$nats_port" -sd "$work/js" >"$work/nats.log" 2>&1 &
+pids+=("$!")
+nats_pid=$(child_of "$!")
+pids+=("$nats_pid")
+wait_port "$nats_port"
+node_list=() pid_list=() url_list=()
+for i in $(seq "$nodes"); do
+    port=$(free_port); http=$(free_port)
+    pid=$(start_node "n$i" "$port" "$http" --cluster-nats "nats://127.0.0.1:$nats_port" --node-name "n$i")
+    node_list+=("127.0.0.1:$port"); pid_list+=("$pid"); url_list+=("http://127.0.0.1:$http/api/v1/stats")
+done
+join() { local IFS=,; echo "$*"; }
+cluster_stem="fanout-cluster-${nodes}x$((subs / nodes))"
+single_stem="fanout-cluster-single-${single_subs}"
+n0=$(ticks "$nats_pid")
+timeout "$limit" "$bench" fanout --subs "$subs" "${bench_flags[@]}" \
+    --nodes "$(join "${node_list[@]}")" --broker-pid "$(join "${pid_list[@]}")" \
+    --stats-url "$(join "${url_list[@]}")" --wait-subscribers "$subs" \
+    --label "fanmq-${nodes}-nodes" --out "$out_dir/$cluster_stem.json"
+n1=$(ticks "$nats_pid")
+for pid in "${pid_list[@]}" "$nats_pid"; do kill "$pid" 2>/dev/null || true; done
+
+# One node alone.
+port=$(free_port); http=$(free_port)
+single_pid=$(start_node single "$port" "$http")
+timeout "$limit" "$bench" fanout --subs "$single_subs" "${bench_flags[@]}" \
+    --nodes "127.0.0.1:$port" --broker-pid "$single_pid" --label "fanmq-1-node" \
+    --out "$out_dir/$single_stem.json"
+
+python3 - "$out_dir" "$cluster_stem" "$single_stem" "$nodes" "$msgs" "$hz" "$n0" "$n1" "$*" <<'EOF'
+import json, sys
+out, cluster, single = sys.argv[1:4]
+nodes, msgs, hz, n0, n1 = map(int, sys.argv[4:9])
+args = sys.argv[9]
+def run(name):
+    with open(f"{out}/{name}.json") as f:
+        return json.load(f)["runs"][0]
+c, s = run(cluster), run(single)
+lines = [f"`bench/cluster-fanout.sh {args}`".replace(" `", "`"), ""]
+for label, r in ((f"{nodes} nodes", c), ("1 node", s)):
+    f, b = r["fanout"], r["broker_usage"]
+    lines.append(f"- {label}: {f['delivered']} of {f['expected']} delivered, lost {f['lost']}; "
+                 f"broker CPU {b['cpu_s']:.3f} s; {b['deliveries_per_cpu_s']:.0f} deliveries per broker CPU-s")
+ratio = c["broker_usage"]["deliveries_per_cpu_s"] / s["broker_usage"]["deliveries_per_cpu_s"]
+nats_s = (n1 - n0) / hz
+lines.append(f"- {nodes} nodes ÷ 1 node, deliveries per broker CPU-s: {ratio:.2f}")
+lines.append(f"- nats-server CPU over the cluster run (connect, publish, drain): {nats_s:.2f} s; "
+             f"per message published {nats_s * 1e6 / msgs:.1f} µs, per message delivered to a node "
+             f"{nats_s * 1e6 / (msgs * (nodes - 1)):.1f} µs")
+text = "\n".join(lines) + "\n"
+print(text, end="")
+with open(f"{out}/{cluster}.md", "w") as f:
+    f.write(text)
+EOF

@@ -1,0 +1,430 @@
+//! The QoS 1/2 flows of persistent sessions across a restart
+//! (docs/design/persistence.md §4.2, §5.2): outgoing messages in flight
+//! with their packet ids and phase, and incoming QoS 2 packet ids awaiting
+//! PUBREL.
+//!
+//! A session's image lists what it had not had acknowledged; small records
+//! follow it as its flows move, each naming the image by its stamp:
+//! [`Record::Queue`] (queued), [`Record::Sent`] (in flight with a packet
+//! id, 11 bytes a session, the message itself stored once per shard),
+//! [`Record::DoneMany`] (acknowledged: 10 bytes each, one record per step
+//! of the shard), [`Record::Flow`] (PUBREC'd, an incoming id awaiting
+//! PUBREL or released: 19 bytes). [`replay`] turns an image and the records after
+//! it, in log order, into what the session holds at restart; [`image_tail`]
+//! writes those flows again after a new image (the start-up compaction, a
+//! session's image at connect, disconnect and take-over).
+
+use std::collections::VecDeque;
+
+use crate::protocol::v3::QoS;
+use crate::store::record::{FlowStep, Record, StoredMessage};
+
+/// Something that happened to one session's flows after its image, in log
+/// order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlowEvent {
+    /// A message (id) was queued at a QoS ([`Record::Queue`]).
+    Queued(u64, QoS),
+    /// A message (id) went in flight with a packet id at a QoS
+    /// ([`Record::Sent`]).
+    Sent(u64, u16, QoS),
+    /// A step of a packet id ([`Record::Flow`]).
+    Step(FlowStep, u16),
+}
+
+/// An outgoing message in flight at restart.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LoadedInflight {
+    /// Its message id in the journal.
+    pub mid: u64,
+    /// The message.
+    pub message: StoredMessage,
+    /// The QoS it was sent at.
+    pub qos: QoS,
+    /// The packet id it was sent with: resent with it.
+    pub packet_id: u16,
+    /// QoS 2 and PUBREC'd: PUBREL is resent, not the PUBLISH.
+    pub pubrecd: bool,
+}
+
+/// A session's flows at restart, besides its queue.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LoadedFlows {
+    /// Outgoing messages in flight, oldest first.
+    pub inflight: Vec<LoadedInflight>,
+    /// Incoming QoS 2 packet ids PUBREC'd and not yet released.
+    pub awaiting_rel: Vec<u16>,
+}
+
+/// What a session's queue and flows are after its image's `queued` list and
+/// `events` (in log order), resolved against `message` (a message id's
+/// record, `None` if it was not found): the pending queue, oldest first,
+/// and the flows. A message queued then sent leaves the queue; a packet id
+/// acknowledged leaves the flight; records naming what is not there (a
+/// record lost with a torn tail before them) are ignored.
+pub fn replay<'a>(
+    image_queued: &[(u64, QoS)],
+    events: &[FlowEvent],
+    message: impl Fn(u64) -> Option<&'a StoredMessage>,
+) -> (Vec<(u64, StoredMessage, QoS)>, LoadedFlows) {
+    let mut queue: VecDeque<(u64, QoS)> = image_queued.iter().copied().collect();
+    let mut inflight: Vec<(u64, u16, QoS, bool)> = Vec::new();
+    let mut awaiting_rel: Vec<u16> = Vec::new();
+    for event in events {
+        match *event {
+            FlowEvent::Queued(mid, qos) => queue.push_back((mid, qos)),
+            FlowEvent::Sent(mid, packet_id, qos) => {
+                if let Some(i) = queue.iter().position(|&(m, _)| m == mid) {
+                    queue.remove(i);
+                }
+                inflight.retain(|f| f.1 != packet_id);
+                inflight.push((mid, packet_id, qos, false));
+            }
+            FlowEvent::Step(FlowStep::Done, packet_id) => inflight.retain(|f| f.1 != packet_id),
+            FlowEvent::Step(FlowStep::PubRecd, packet_id) => {
+                for f in inflight.iter_mut().filter(|f| f.1 == packet_id) {
+                    f.3 = f.2 == QoS::ExactlyOnce;
+                }
+            }
+            FlowEvent::Step(FlowStep::AwaitRel, packet_id) => {
+                if !awaiting_rel.contains(&packet_id) {
+                    awaiting_rel.push(packet_id);
+                }
+            }
+            FlowEvent::Step(FlowStep::Released, packet_id) => {
+                awaiting_rel.retain(|&id| id != packet_id);
+            }
+        }
+    }
+    let queued = queue
+        .into_iter()
+        .filter_map(|(mid, qos)| Some((mid, message(mid)?.clone(), qos)))
+        .collect();
+    let inflight = inflight
+        .into_iter()
+        .filter_map(|(mid, packet_id, qos, pubrecd)| {
+            Some(LoadedInflight {
+                mid,
+                message: message(mid)?.clone(),
+                qos,
+                packet_id,
+                pubrecd,
+            })
+        })
+        .collect();
+    (
+        queued,
+        LoadedFlows {
+            inflight,
+            awaiting_rel,
+        },
+    )
+}
+
+/// One outgoing message in flight as [`image_tail`] writes it: message id,
+/// packet id, QoS sent at, PUBREC'd.
+pub type InflightRef = (u64, u16, QoS, bool);
+
+/// The records that follow a new image with stamp `stamp` (whose `queued`
+/// list starts with the in-flight messages' ids) so that its flows come
+/// back as they are: a [`Record::Sent`] per message in flight, a
+/// PUBREC'd step for the QoS 2 ones past PUBREC, an awaiting-PUBREL step
+/// per incoming id.
+pub fn image_tail(
+    stamp: u64,
+    inflight: impl IntoIterator<Item = InflightRef>,
+    awaiting_rel: &[u16],
+) -> Vec<Record> {
+    let mut records = Vec::new();
+    for (mid, packet_id, qos, pubrecd) in inflight {
+        records.push(Record::Sent(mid, vec![(stamp, packet_id, qos)]));
+        if pubrecd {
+            records.push(Record::Flow(FlowStep::PubRecd, stamp, packet_id));
+        }
+    }
+    for &packet_id in awaiting_rel {
+        records.push(Record::Flow(FlowStep::AwaitRel, stamp, packet_id));
+    }
+    records
+}
+
+/// [`image_tail`] of a session loaded at start-up (the compaction writes
+/// it after the image).
+pub fn loaded_tail(stamp: u64, flows: &LoadedFlows) -> Vec<Record> {
+    image_tail(
+        stamp,
+        flows.inflight.iter().map(LoadedInflight::tail_ref),
+        &flows.awaiting_rel,
+    )
+}
+
+impl LoadedInflight {
+    /// The message as [`image_tail`] writes it.
+    pub fn tail_ref(&self) -> InflightRef {
+        (self.mid, self.packet_id, self.qos, self.pubrecd)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use bytestring::ByteString;
+
+    fn message(n: u8) -> StoredMessage {
+        StoredMessage {
+            qos: QoS::ExactlyOnce,
+            retain: false,
+            expires_unix_ms: 0,
+            topic: ByteString::from("t"),
+            properties: Default::default(),
+            payload: Bytes::from(vec![n]),
+        }
+    }
+
+    /// A session image of `client_id` queueing `queued`.
+    fn image(
+        stamp: u64,
+        client_id: &str,
+        queued: Vec<(u64, QoS)>,
+    ) -> crate::store::record::StoredSession {
+        crate::store::record::StoredSession {
+            stamp,
+            client_id: ByteString::from(client_id),
+            protocol_level: 4,
+            expiry_interval: u32::MAX,
+            offline_since_unix_ms: 0,
+            subscriptions: Vec::new(),
+            queued,
+        }
+    }
+
+    /// Writes `records` as shard 0's log in store `dir`, less its last
+    /// `torn` bytes.
+    fn write_log(dir: &std::path::Path, records: &[Record], torn: usize) {
+        use crate::store::{frame, journal::segment_path, shard_dir};
+        let mut data = frame::Header {
+            version: frame::FORMAT_VERSION,
+            shard: 0,
+            shards: 1,
+            base_lsn: 0,
+        }
+        .encode()
+        .to_vec();
+        for record in records {
+            frame::append_record(&mut data, record.kind(), |out| record.encode_body(out));
+        }
+        data.truncate(data.len() - torn);
+        let shard = shard_dir(dir, 0);
+        std::fs::create_dir_all(&shard).unwrap();
+        std::fs::write(segment_path(&shard, 0), &data).unwrap();
+    }
+
+    /// The messages in flight of `flows`, as [`InflightRef`]s.
+    fn refs(flows: &LoadedFlows) -> Vec<InflightRef> {
+        flows
+            .inflight
+            .iter()
+            .map(LoadedInflight::tail_ref)
+            .collect()
+    }
+
+    /// The events that `records` (of any sessions) hold for session
+    /// `stamp`, as the loader gathers them.
+    fn events_of(stamp: u64, records: &[Record]) -> Vec<FlowEvent> {
+        let mut events = Vec::new();
+        for record in records {
+            match record {
+                Record::Queue(mid, refs) => events.extend(
+                    refs.iter()
+                        .filter(|r| r.0 == stamp)
+                        .map(|r| FlowEvent::Queued(*mid, r.1)),
+                ),
+                Record::Sent(mid, refs) => events.extend(
+                    refs.iter()
+                        .filter(|r| r.0 == stamp)
+                        .map(|r| FlowEvent::Sent(*mid, r.1, r.2)),
+                ),
+                Record::Flow(step, s, id) if *s == stamp => {
+                    events.push(FlowEvent::Step(*step, *id))
+                }
+                _ => {}
+            }
+        }
+        events
+    }
+
+    #[test]
+    fn sent_pubrecd_done_and_incoming_ids_replay_in_log_order() {
+        let messages: Vec<StoredMessage> = (0..6).map(message).collect();
+        let lookup = |mid: u64| messages.get(mid as usize);
+        let records = vec![
+            Record::Queue(2, vec![(7, QoS::ExactlyOnce), (8, QoS::AtLeastOnce)]),
+            // Message 0 and 1 were in the image's queue; 0 goes out first.
+            Record::Sent(0, vec![(7, 10, QoS::AtLeastOnce)]),
+            Record::Sent(1, vec![(7, 11, QoS::ExactlyOnce)]),
+            Record::Flow(FlowStep::PubRecd, 7, 11),
+            Record::Flow(FlowStep::Done, 7, 10),
+            // Sent straight from a publish, never queued.
+            Record::Sent(3, vec![(7, 12, QoS::ExactlyOnce), (8, 1, QoS::AtLeastOnce)]),
+            Record::Flow(FlowStep::AwaitRel, 7, 5),
+            Record::Flow(FlowStep::AwaitRel, 7, 6),
+            Record::Flow(FlowStep::Released, 7, 5),
+            // Another session's steps change nothing here.
+            Record::Flow(FlowStep::Done, 8, 12),
+            // A step for an id not in flight is ignored.
+            Record::Flow(FlowStep::Done, 7, 999),
+        ];
+        let (queued, flows) = replay(
+            &[(0, QoS::AtLeastOnce), (1, QoS::ExactlyOnce)],
+            &events_of(7, &records),
+            lookup,
+        );
+        assert_eq!(
+            queued,
+            vec![(2, message(2), QoS::ExactlyOnce)],
+            "queued after the image and not yet sent"
+        );
+        assert_eq!(
+            refs(&flows),
+            vec![
+                (1, 11, QoS::ExactlyOnce, true),
+                (3, 12, QoS::ExactlyOnce, false)
+            ]
+        );
+        assert_eq!(flows.awaiting_rel, vec![6]);
+        // The tail written after a new image brings back the same flows.
+        let tail = loaded_tail(9, &flows);
+        let image_queued: Vec<_> = flows
+            .inflight
+            .iter()
+            .map(|f| (f.mid, f.qos))
+            .chain(queued.iter().map(|q| (q.0, q.2)))
+            .collect();
+        let (queued_again, flows_again) = replay(&image_queued, &events_of(9, &tail), lookup);
+        assert_eq!((queued_again, flows_again), (queued, flows));
+    }
+
+    #[test]
+    fn a_missing_message_is_left_out_and_a_reused_packet_id_replaces_the_old_one() {
+        let messages = [message(0), message(1)];
+        let lookup = |mid: u64| messages.get(mid as usize);
+        let events = [
+            FlowEvent::Sent(0, 4, QoS::AtLeastOnce),
+            FlowEvent::Step(FlowStep::Done, 4),
+            FlowEvent::Sent(1, 4, QoS::AtLeastOnce),
+            FlowEvent::Sent(77, 5, QoS::AtLeastOnce),
+            FlowEvent::Queued(78, QoS::AtLeastOnce),
+            // PUBREC'd is for QoS 2 only.
+            FlowEvent::Step(FlowStep::PubRecd, 4),
+        ];
+        let (queued, flows) = replay(&[], &events, lookup);
+        assert!(queued.is_empty(), "message 78 was never stored");
+        assert_eq!(flows.inflight.len(), 1);
+        assert_eq!(
+            (flows.inflight[0].mid, flows.inflight[0].pubrecd),
+            (1, false)
+        );
+    }
+
+    #[test]
+    fn the_load_keeps_the_flows_before_a_torn_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open(dir.path()).unwrap();
+        let stamp = crate::store::record::next_stamp();
+        let image = image(stamp, "torn", vec![(1, QoS::ExactlyOnce)]);
+        let records = [
+            Record::Message(1, message(1)),
+            Record::Message(2, message(2)),
+            Record::SessionImage(image),
+            Record::Sent(1, vec![(stamp, 3, QoS::ExactlyOnce)]),
+            Record::Flow(FlowStep::PubRecd, stamp, 3),
+            Record::Sent(2, vec![(stamp, 4, QoS::AtLeastOnce)]),
+            Record::Flow(FlowStep::AwaitRel, stamp, 8),
+            // Torn below: its PUBACK is lost, so message 2 stays in flight.
+            Record::Flow(FlowStep::Done, stamp, 4),
+        ];
+        write_log(dir.path(), &records, 3);
+        let loaded = store
+            .load_sessions(crate::store::record::unix_ms_now())
+            .unwrap();
+        assert_eq!(loaded.sessions.len(), 1);
+        let session = &loaded.sessions[0];
+        assert!(session.queued.is_empty(), "both went in flight");
+        assert_eq!(
+            refs(&session.flows),
+            vec![
+                (1, 3, QoS::ExactlyOnce, true),
+                (2, 4, QoS::AtLeastOnce, false)
+            ]
+        );
+        assert_eq!(session.flows.awaiting_rel, vec![8]);
+    }
+
+    #[test]
+    fn the_fuzz_seed_of_the_flow_and_will_records_is_valid() {
+        let seed = std::fs::read(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/store_load/flows"),
+        )
+        .unwrap();
+        let (records, valid, bad) =
+            crate::store::read_records(&seed[crate::store::frame::HEADER_LEN..]);
+        assert_eq!(bad, None);
+        assert_eq!(valid, seed.len() - crate::store::frame::HEADER_LEN);
+        assert_eq!(records.len(), 8);
+        assert!(matches!(&records[0], Record::Sent(5, refs) if refs.len() == 2));
+        assert!(matches!(&records[5], Record::Will(w) if w.delay == 5));
+        assert!(matches!(&records[6], Record::WillClear(79, _)));
+        assert_eq!(records[7], Record::DoneMany(vec![(77, 1), (78, 2)]));
+    }
+
+    #[test]
+    fn the_latest_will_record_of_a_live_session_is_loaded() {
+        use crate::store::record::{StoredWill, next_stamp};
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open(dir.path()).unwrap();
+        let will = |id: &str, payload: u8| {
+            Record::Will(StoredWill {
+                stamp: next_stamp(),
+                client_id: ByteString::from(id),
+                delay: 0,
+                due_unix_ms: 0,
+                message: message(payload),
+            })
+        };
+        let clear = |id: &str| Record::WillClear(next_stamp(), ByteString::from(id));
+        let records = [
+            Record::SessionImage(image(next_stamp(), "kept", Vec::new())),
+            Record::SessionImage(image(next_stamp(), "cleared", Vec::new())),
+            Record::SessionImage(image(next_stamp(), "dropped", Vec::new())),
+            will("kept", 1),
+            clear("cleared"),
+            will("dropped", 3),
+            clear("kept"),
+            will("kept", 2),
+            will("cleared", 4),
+            clear("cleared"),
+            Record::SessionDrop(next_stamp(), ByteString::from("dropped")),
+        ];
+        write_log(dir.path(), &records, 0);
+        let loaded = store
+            .load_sessions(crate::store::record::unix_ms_now())
+            .unwrap();
+        let mut wills: Vec<_> = loaded
+            .sessions
+            .iter()
+            .map(|s| {
+                let payload = s.will.as_ref().map(|w| w.message.payload.to_vec());
+                (s.session.client_id.to_string(), payload)
+            })
+            .collect();
+        wills.sort();
+        assert_eq!(
+            wills,
+            vec![
+                ("cleared".to_string(), None),
+                ("kept".to_string(), Some(vec![2]))
+            ]
+        );
+    }
+}
