@@ -10,7 +10,12 @@
 //!   sequence of operations: bytes from a client (decoded and acted on
 //!   exactly as a connection does), broker publishes, each step ended by a
 //!   flush into real (non-blocking, socketpair) sockets that may be full,
-//!   writes when a full socket drains, reads by the peers, disconnects. It never panics, and after every step the shard's
+//!   writes when a full socket drains, reads by the peers, disconnects;
+//!   and MQTT 5.0: CONNECTs with properties (Session Expiry, Receive
+//!   Maximum, Maximum Packet Size, Topic Alias Maximum, through the 5.0
+//!   decoder), SUBSCRIBEs with Subscription Options and a Subscription
+//!   Identifier (shared filters among them), PUBLISHes with Topic Aliases
+//!   and properties. It never panics, and after every step the shard's
 //!   queued-byte count ([`crate::session::outqueue::shard_queued_bytes`]) equals the
 //!   sum of its queues.
 //! - [`store_load`]: the persistence loader's reading of a segment on
@@ -47,6 +52,20 @@ const CLIENTS: usize = 4;
 /// Topics the session target publishes to and subscribes with, so that the
 /// random traffic actually matches.
 const TOPICS: [&str; 6] = ["a", "a/b", "a/+", "#", "a/b/c", "$SYS/x"];
+
+/// Filters the session target's MQTT 5.0 SUBSCRIBEs use: its topics and
+/// shared subscriptions over them.
+const FILTERS_V5: [&str; 9] = [
+    "a",
+    "a/b",
+    "a/+",
+    "#",
+    "$SYS/x",
+    "$share/g/a/+",
+    "$share/g/#",
+    "$share/h/a",
+    "$share/g/",
+];
 
 /// Runs the decode target on `data` (see the module doc).
 ///
@@ -105,6 +124,9 @@ struct Client {
     conn_id: u64,
     /// Bytes received and not yet decoded.
     rx: BytesMut,
+    /// The connection's rarely used state (its Topic Alias table from the
+    /// client among it), kept between packets as a connection keeps it.
+    rare: Option<Box<crate::session::link::Rare>>,
     /// The broker's end of the socket pair (the session writes here).
     broker_end: OwnedFd,
     /// The client's end, read by the "peer reads" operation.
@@ -175,6 +197,15 @@ fn run_session(data: &[u8]) -> crate::observe::counters::Counters {
                     packet[1] = (packet.len() - 2) as u8;
                     feed(&mut shard, &mut clients[i], &packet);
                 }
+                8 => connect_v5(&mut shard, &mut clients[i], i, &mut ops),
+                9 => {
+                    let packet = subscribe_v5(&mut ops);
+                    feed(&mut shard, &mut clients[i], &packet);
+                }
+                10 => {
+                    let packet = publish_v5(&mut ops);
+                    feed(&mut shard, &mut clients[i], &packet);
+                }
                 _ => {}
             }
             // The broker ends every step (a read, a mesh batch) with a
@@ -224,8 +255,21 @@ fn connect(shard: &mut Shard, slot: &mut Option<Client>, i: usize, clean: bool) 
     if i == CLIENTS - 1 {
         session.version = Version::V5;
     }
-    session.link = Some(Link::new(conn_id, broker_end.as_raw_fd(), 0, 0));
     session.queue_control(&codec::connack(session_present, codec::CONNACK_ACCEPTED));
+    attach(shard, slot, session, conn_id, (broker_end, peer_end));
+}
+
+/// Attaches `session` (connection `conn_id`) to its socket pair
+/// `(broker end, peer end)`, as the handshake's `attach` does: redelivery,
+/// the shard's slab, a flush to come.
+fn attach(
+    shard: &mut Shard,
+    slot: &mut Option<Client>,
+    mut session: Session,
+    conn_id: u64,
+    (broker_end, peer_end): (OwnedFd, OwnedFd),
+) {
+    session.link = Some(Link::new(conn_id, broker_end.as_raw_fd(), 0, 0));
     let limits = shard.limits;
     session.reattach(&limits);
     let key = shard.insert_session(session);
@@ -234,9 +278,194 @@ fn connect(shard: &mut Shard, slot: &mut Option<Client>, i: usize, clean: bool) 
         key,
         conn_id,
         rx: BytesMut::new(),
+        rare: None,
         broker_end,
         peer_end,
     });
+}
+
+/// A client connects with an MQTT 5.0 CONNECT whose properties come from
+/// `ops`: the packet goes through the 5.0 decoder, and the session gets
+/// what the handshake's `attach` takes from it (Clean Start, Session Expiry
+/// Interval, Receive Maximum, Maximum Packet Size, Topic Alias Maximum).
+fn connect_v5(
+    shard: &mut Shard,
+    slot: &mut Option<Client>,
+    i: usize,
+    ops: &mut impl Iterator<Item = u8>,
+) {
+    if slot.is_some() {
+        return;
+    }
+    let mut next = || ops.next().unwrap_or(0);
+    let (flags, which) = (next(), next());
+    let clean_start = flags & 1 != 0;
+    let mut properties = Vec::new();
+    if which & 1 != 0 {
+        // Session Expiry Interval: 0, a few seconds or never.
+        let expiry = [0u32, 5, u32::MAX][usize::from(next()) % 3];
+        properties.push(0x11);
+        properties.extend(expiry.to_be_bytes());
+    }
+    if which & 2 != 0 {
+        // Receive Maximum 1..=4 (0 is a protocol error: refused below).
+        properties.push(0x21);
+        properties.extend(u16::from(next() % 5).to_be_bytes());
+    }
+    if which & 4 != 0 {
+        // Maximum Packet Size: small, so that deliveries are dropped.
+        properties.push(0x27);
+        properties.extend((u32::from(next()) * 4).to_be_bytes());
+    }
+    if which & 8 != 0 {
+        // Topic Alias Maximum 0..=3: the broker's aliases towards it.
+        properties.push(0x22);
+        properties.extend(u16::from(next() % 4).to_be_bytes());
+    }
+    let client_id = format!("fuzz-{i}");
+    let mut body = Vec::new();
+    push_string(&mut body, "MQTT");
+    body.extend([5, if clean_start { 0x02 } else { 0 }, 0, 60]);
+    push_varint(&mut body, properties.len());
+    body.extend(&properties);
+    push_string(&mut body, &client_id);
+    let mut rx = BytesMut::from(&packet_bytes(0x10, &body)[..]);
+    let Ok(Some(crate::protocol::v5::Packet::Connect(connect))) =
+        crate::protocol::v5::decode(&mut rx, FUZZ_MAX_PACKET_SIZE)
+    else {
+        return;
+    };
+    let Ok((broker_end, peer_end)) = socket_pair() else {
+        return;
+    };
+    let props = &connect.properties;
+    let expiry = props.session_expiry_interval().unwrap_or(0);
+    let state = shard
+        .session_key(&connect.client_id)
+        .and_then(|key| shard.remove_session(key))
+        .map(|s| s.state)
+        .filter(|_| !connect.clean_start);
+    let conn_id = shard.new_conn_id();
+    let mut session = Session::new(connect.client_id, expiry == 0, state.unwrap_or_default());
+    session.version = Version::V5;
+    session.protocol_level = crate::protocol::v5::PROTOCOL_VERSION;
+    session.session_expiry = expiry;
+    session.receive_maximum = props.receive_maximum().map_or(u16::MAX, u16::from);
+    session.max_packet_size = props.maximum_packet_size().map_or(u32::MAX, u32::from);
+    session.server_aliases = crate::session::alias::ServerAliases::new(
+        props.topic_alias_maximum().unwrap_or(0),
+        shard.config.server_topic_aliases,
+    );
+    attach(shard, slot, session, conn_id, (broker_end, peer_end));
+}
+
+/// An MQTT 5.0 SUBSCRIBE from `ops`: one filter of [`FILTERS_V5`] with
+/// arbitrary Subscription Options (reserved bits and Retain Handling 3
+/// included: Protocol Errors) and, sometimes, a Subscription Identifier.
+fn subscribe_v5(ops: &mut impl Iterator<Item = u8>) -> Vec<u8> {
+    let mut next = || ops.next().unwrap_or(0);
+    let (filter, options, id) = (next(), next(), next());
+    let mut body = vec![0, 2];
+    let mut properties = Vec::new();
+    if id != 0 {
+        properties.push(0x0b);
+        push_varint(&mut properties, usize::from(id) * 131);
+    }
+    push_varint(&mut body, properties.len());
+    body.extend(&properties);
+    push_string(
+        &mut body,
+        FILTERS_V5[usize::from(filter) % FILTERS_V5.len()],
+    );
+    body.push(options);
+    packet_bytes(0x82, &body)
+}
+
+/// An MQTT 5.0 PUBLISH from `ops`: QoS, RETAIN and DUP from one byte; the
+/// topic from [`TOPICS`] or empty with a Topic Alias (setting or using
+/// one, or an invalid one); and properties: Message Expiry Interval,
+/// Payload Format Indicator (with a payload that is UTF-8 or not), Content
+/// Type, Response Topic, Correlation Data, a User Property, and a
+/// Subscription Identifier (not allowed from a client).
+fn publish_v5(ops: &mut impl Iterator<Item = u8>) -> Vec<u8> {
+    let mut next = || ops.next().unwrap_or(0);
+    let (flags, topic, alias, which) = (next(), next(), next(), next());
+    let qos = (flags >> 1) & 3;
+    let mut body = Vec::new();
+    // Alias byte: bit 7 clear sends the topic, bit 6 set adds the alias.
+    let name = if alias & 0x80 == 0 {
+        TOPICS[usize::from(topic) % TOPICS.len()]
+    } else {
+        ""
+    };
+    push_string(&mut body, name);
+    if qos > 0 {
+        body.extend([0, 1 + topic % 4]);
+    }
+    let mut properties = Vec::new();
+    if alias & 0xc0 != 0 {
+        properties.push(0x23);
+        properties.extend(u16::from(alias & 0x0f).to_be_bytes());
+    }
+    if which & 1 != 0 {
+        properties.push(0x02);
+        properties.extend(u32::from(which >> 4).to_be_bytes());
+    }
+    if which & 2 != 0 {
+        properties.extend([0x01, 1]);
+    }
+    if which & 4 != 0 {
+        properties.push(0x03);
+        push_string(&mut properties, "text/plain");
+        properties.push(0x08);
+        push_string(&mut properties, "a/b");
+    }
+    if which & 8 != 0 {
+        properties.push(0x09);
+        push_string(&mut properties, "id");
+        properties.push(0x26);
+        push_string(&mut properties, "k");
+        push_string(&mut properties, "v");
+    }
+    if which & 0x80 != 0 {
+        properties.extend([0x0b, 1]);
+    }
+    push_varint(&mut body, properties.len());
+    body.extend(&properties);
+    // A payload that is UTF-8, or not (0xff never is).
+    body.extend(if which & 0x40 != 0 {
+        &b"\xff"[..]
+    } else {
+        b"hi"
+    });
+    packet_bytes(0x30 | (flags & 0x0f), &body)
+}
+
+/// A whole packet: `first` byte, Remaining Length, `body`.
+fn packet_bytes(first: u8, body: &[u8]) -> Vec<u8> {
+    let mut packet = vec![first];
+    push_varint(&mut packet, body.len());
+    packet.extend_from_slice(body);
+    packet
+}
+
+/// Appends `s` as an MQTT UTF-8 string (length-prefixed).
+fn push_string(out: &mut Vec<u8>, s: &str) {
+    out.extend((s.len() as u16).to_be_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
+/// Appends `n` as an MQTT Variable Byte Integer.
+fn push_varint(out: &mut Vec<u8>, mut n: usize) {
+    loop {
+        let byte = (n % 128) as u8;
+        n /= 128;
+        if n == 0 {
+            out.push(byte);
+            return;
+        }
+        out.push(byte | 0x80);
+    }
 }
 
 /// Bytes from a client: decoded and handled as a connection does; an error
@@ -246,7 +475,15 @@ fn feed(shard: &mut Shard, slot: &mut Option<Client>, bytes: &[u8]) {
         return;
     };
     client.rx.extend_from_slice(bytes);
-    if connection::process(shard, client.key, client.conn_id, &mut client.rx, &mut None).is_err() {
+    if connection::process(
+        shard,
+        client.key,
+        client.conn_id,
+        &mut client.rx,
+        &mut client.rare,
+    )
+    .is_err()
+    {
         disconnect(shard, slot);
     }
 }
@@ -388,6 +625,35 @@ mod tests {
     #[test]
     fn proxy_header_corpus_replays() {
         replay("proxy_header", proxy_header);
+    }
+
+    /// A v5 session: client 3 connects with properties, joins a shared
+    /// group and subscribes with Retain As Published and an identifier;
+    /// client 2 publishes setting, then using, a Topic Alias.
+    const MQTT5_OPS: [u8; 25] = [
+        0x38, 0x01, 0x0f, 0x01, 0x03, 0xc8, 0x03, // CONNECT v5, 4 properties
+        0x39, 5, 0x01, 1, // SUBSCRIBE $share/g/a/+, QoS 1, id 131
+        0x39, 2, 0x09, 2, // SUBSCRIBE a/+, QoS 1 + RAP, id 262
+        0x28, 0x01, 0x00, // CONNECT v5, no properties
+        0x2a, 0x03, 1, 0x41, 0x1f, // PUBLISH a/b QoS 1 RETAIN, alias 1, props
+        0x2a, 0x02, // PUBLISH QoS 1 (continued below)
+    ];
+
+    #[test]
+    fn session_speaks_mqtt5_with_shared_subscriptions_and_aliases() {
+        let mut ops = MQTT5_OPS.to_vec();
+        ops.extend([1, 0xc1, 0, 0x35]); // ... by alias 1 alone; client 3 reads
+        let stats = run_session(&ops);
+        assert_eq!(stats.protocol_errors, 0, "{stats:?}");
+        assert_eq!(stats.publish_received, 2, "{stats:?}");
+        assert_eq!(stats.shared_deliveries, 2, "{stats:?}");
+        // Each message makes a shared copy and a plain one: two in flight
+        // (`max_inflight_messages` 2), two pending.
+        assert_eq!(stats.publish_sent_by_qos[1], 2, "{stats:?}");
+        // The same ops are in the committed corpus.
+        let corpus =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/session/mqtt5_shared_alias");
+        assert_eq!(std::fs::read(corpus).unwrap(), ops);
     }
 
     #[test]

@@ -14,12 +14,15 @@
 //!   host's own clock: the merged connect time is the longest part's.
 //! - **Expectations.** Parts 2..N count loss against `--msgs`, the messages
 //!   part 1 planned; when part 1 published fewer, the merged run says so.
+//!   A `--shared-group` run expects each message once over every part's
+//!   subscribers together ([`phase::shared_figures`]): the parts' deliveries
+//!   add up to the messages, and any beyond them are duplicates.
 
 use crate::cli::MergeOpts;
 use crate::phase;
 use crate::protocol::ConnectSummary;
 use crate::report::{self, ReportError};
-use crate::result::{self, GeneratorUsage, PartRecord, ResultError, ResultFile, RunResult};
+use crate::result::{self, GeneratorUsage, Params, PartRecord, ResultError, ResultFile, RunResult};
 use crate::stats;
 
 /// Everything that can go wrong in this module.
@@ -73,6 +76,12 @@ fn run_key(r: &RunResult) -> String {
         "{} subs {} topic {} filter {} qos {} payload {} rate {:?} msgs {}",
         r.scenario, p.subs, p.topic, p.filter, p.qos, p.payload, p.rate, p.msgs
     )
+}
+
+/// True for a `--shared-group` run; results written before
+/// [`Params::shared_group`] existed show it in the filter (`$share/...`).
+fn is_shared(p: &Params) -> bool {
+    p.shared_group.is_some() || p.filter.starts_with("$share/")
 }
 
 /// Merges the parts `runs` (each with its [`PartRecord`]) into one run.
@@ -178,7 +187,11 @@ pub fn merge(runs: &[RunResult]) -> Result<RunResult, MergeError> {
     phase::add_generator_memory(&mut generator, &connects);
     merged.generator = generator;
     merged.connect = Some(phase::connect_figures(&connects, first.params.subs));
-    let fanout = phase::fanout_figures(&reports, published).0;
+    let mut fanout = phase::fanout_figures(&reports, published).0;
+    if is_shared(&first.params) {
+        phase::shared_figures(&mut fanout);
+        merged.notes.push(phase::SHARED_NOTE.into());
+    }
     if let Some(b) = merged.broker_usage.as_mut() {
         b.deliveries_per_cpu_s = (b.cpu_s > 0.0).then(|| fanout.delivered as f64 / b.cpu_s);
     }
@@ -267,6 +280,44 @@ mod tests {
         // Each host's connect phase took 1 s on its own clock.
         assert!((c.seconds - 1.0).abs() < 1e-9, "{}", c.seconds);
         assert_eq!(m.params.workers, 2);
+    }
+
+    #[test]
+    fn a_shared_group_run_counts_each_message_once_over_the_parts() {
+        // 10 messages to one group of 2 × 20 members: part 1's members got
+        // 6 of them, part 2's 4. Counted per subscriber, that would be 390
+        // lost of 400 expected.
+        let shared = |index, got: u64| {
+            let mut r = part(index, 20, 1_000_000, 10);
+            r.params.shared_group = Some("g".into());
+            let rec = r.part.as_mut().unwrap();
+            rec.reports[0].delivered = got;
+            rec.reports[0].lost = 20 * 10 - got;
+            rec.reports[0].subs_with_loss = 20;
+            r
+        };
+        let m = merge(&[shared(1, 6), shared(2, 4)]).unwrap();
+        let f = m.fanout.as_ref().unwrap();
+        assert_eq!(
+            (
+                f.expected,
+                f.delivered,
+                f.lost,
+                f.duplicates,
+                f.subs_with_loss
+            ),
+            (10, 10, 0, 0, 0)
+        );
+        assert!(m.notes.iter().any(|n| n == phase::SHARED_NOTE));
+        // A message that two parts' members both got.
+        let m = merge(&[shared(1, 6), shared(2, 5)]).unwrap();
+        let f = m.fanout.as_ref().unwrap();
+        assert_eq!((f.lost, f.duplicates), (0, 1));
+        // An older results file: the filter says it.
+        let mut old = shared(1, 6);
+        old.params.shared_group = None;
+        old.params.filter = "$share/g/bench/t".into();
+        assert!(is_shared(&old.params));
     }
 
     #[test]

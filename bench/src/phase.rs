@@ -260,14 +260,21 @@ pub fn expected(o: &Opts, ready: u64, msgs: u64) -> u64 {
     }
 }
 
+/// The note a `--shared-group` run's results carry.
+pub const SHARED_NOTE: &str = "shared group: each message is expected once over all subscribers";
+
 /// Fan-out figures of a shared group (`--shared-group`): each message is
 /// expected once over all subscribers, so the per-subscriber sequence gaps
 /// the workers count as lost are not losses; loss is messages less
-/// deliveries (duplicates and order are still checked per subscriber).
+/// deliveries. Duplicates and order are checked per subscriber; deliveries
+/// beyond the messages are duplicates too (a message given to two members,
+/// which no single subscriber sees, e.g. members in different parts of a
+/// split run).
 pub fn shared_figures(f: &mut FanoutFigures) {
     f.expected = f.published;
     f.lost = f.published.saturating_sub(f.delivered);
     f.subs_with_loss = 0;
+    f.duplicates = f.duplicates.max(f.delivered.saturating_sub(f.published));
 }
 
 /// Merges the workers' reports of one phase into the fan-out figures, and
@@ -379,6 +386,14 @@ mod tests {
         };
         shared_figures(&mut f);
         assert_eq!((f.expected, f.lost, f.subs_with_loss), (100, 2, 0));
+        // Two members got the same message: more deliveries than messages.
+        let mut twice = FanoutFigures {
+            published: 100,
+            delivered: 103,
+            ..FanoutFigures::default()
+        };
+        shared_figures(&mut twice);
+        assert_eq!((twice.lost, twice.duplicates), (0, 3));
     }
 
     #[test]

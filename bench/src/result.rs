@@ -105,6 +105,10 @@ pub struct Params {
     pub rate: Option<f64>,
     pub msgs: u64,
     pub workers: usize,
+    /// The ShareName of a `--shared-group` run (all subscribers in one
+    /// shared subscription group: each message expected once over all).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shared_group: Option<String>,
     pub broker_cpus: Option<String>,
     pub client_cpus: Option<String>,
 }

@@ -209,6 +209,7 @@ pub fn run(kind: Kind, o: &Opts, t: &Target, round: u32) -> Result<RunResult, Sc
             rate: o.rate,
             msgs: o.msgs,
             workers: tasks.len(),
+            shared_group: o.shared_group.clone(),
             broker_cpus: o.broker_cpus.clone(),
             client_cpus: o.client_cpus.clone(),
         },
@@ -443,9 +444,7 @@ pub fn run(kind: Kind, o: &Opts, t: &Target, round: u32) -> Result<RunResult, Sc
         let mut figures = fanout_figures(&reports, published).0;
         if o.shared_group.is_some() {
             phase::shared_figures(&mut figures);
-            result
-                .notes
-                .push("shared group: each message is expected once over all subscribers".into());
+            result.notes.push(phase::SHARED_NOTE.into());
         }
         result.fanout = Some(figures);
     }

@@ -185,15 +185,15 @@ fn fanmq_bin() -> Option<String> {
 /// reports in its start-up line: no other process can hold that port (a
 /// port picked free beforehand may be taken by a parallel test's broker).
 fn start_fanmq(bin: &str) -> (Broker, u16) {
+    start_fanmq_shards(bin, 1)
+}
+
+/// [`start_fanmq`] with `shards` shards.
+fn start_fanmq_shards(bin: &str, shards: u32) -> (Broker, u16) {
     let mut child = Command::new(bin)
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--shards",
-            "1",
-            "--http-listen",
-            "off",
-        ])
+        .args(["--listen", "127.0.0.1:0", "--http-listen", "off"])
+        .arg("--shards")
+        .arg(shards.to_string())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -589,5 +589,95 @@ fn one_part_from_four_source_addresses_merges_to_its_own_figures() {
     assert_eq!(used, ["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"]);
     assert!(sources.values().all(|n| n == 10), "{sources:?}");
     assert!(dir.join("merged-latency.svg").exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A `--shared-group` run split in two parts that run at once (part 1
+/// publishes at `--start-at`), merged: each message counted once over both
+/// parts' members, none lost or duplicated, and both parts' members had
+/// some (fanmq with two shards, so the group spans them).
+#[test]
+fn a_shared_group_run_in_two_parts_merges_to_each_message_once() {
+    let Some(bin) = fanmq_bin() else { return };
+    let (_broker, port) = start_fanmq_shards(&bin, 2);
+    let dir = std::env::temp_dir().join(format!("fmb-e2e-shared-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let start_at = format!(
+        "{:.3}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64()
+            + 4.0
+    );
+    let port = port.to_string();
+    let part_file = |k: u32| dir.join(format!("part{k}.json"));
+    let spawn = |k: u32| {
+        let (file, part) = (part_file(k), format!("{k}/2"));
+        Command::new(BENCH)
+            .args([
+                "fanout",
+                "--port",
+                &port,
+                "--subs",
+                "40",
+                "--msgs",
+                "50",
+                "--qos",
+                "1",
+                "--shared-group",
+                "g",
+                "--duration",
+                "20",
+                "--drain-timeout",
+                "1",
+                "--part",
+                &part,
+                "--start-at",
+                &start_at,
+                "--out",
+            ])
+            .arg(&file)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("running fanmq-bench")
+    };
+    let (mut one, mut two) = (spawn(1), spawn(2));
+    for child in [&mut one, &mut two] {
+        assert!(child.wait().expect("fanmq-bench").success());
+    }
+    let merged = dir.join("merged.json");
+    let status = Command::new(BENCH)
+        .args(["merge"])
+        .arg(part_file(1))
+        .arg(part_file(2))
+        .arg("--out")
+        .arg(&merged)
+        .stdout(Stdio::null())
+        .status()
+        .expect("running fanmq-bench merge");
+    assert!(status.success());
+    let load = |p: &std::path::Path| -> Value {
+        serde_json::from_str(&std::fs::read_to_string(p).expect("results file")).expect("JSON")
+    };
+    for k in [1, 2] {
+        let part = load(&part_file(k));
+        let delivered = part["runs"][0]["fanout"]["delivered"].as_u64().unwrap();
+        assert!(delivered > 0, "part {k}'s members got nothing");
+    }
+    let run = &load(&merged)["runs"][0];
+    let f = &run["fanout"];
+    assert_eq!(run["params"]["shared_group"], "g", "{run}");
+    assert_eq!(run["connect"]["connected"], 40);
+    assert_eq!(
+        (&f["published"], &f["expected"], &f["delivered"]),
+        (&50.into(), &50.into(), &50.into()),
+        "{f}"
+    );
+    assert_eq!(
+        (&f["lost"], &f["duplicates"]),
+        (&0.into(), &0.into()),
+        "{f}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

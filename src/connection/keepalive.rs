@@ -92,8 +92,13 @@ fn sweep(ctx: &Ctx) -> Swept {
         }
         shard.stats.publish_dropped += dropped;
         shard.refresh_gauges(totals);
+        let moves_ended = shard.end_old_moves(now);
         if expired.is_empty() && wills.is_empty() {
-            return Swept::Quiet;
+            return if moves_ended {
+                Swept::Published
+            } else {
+                Swept::Quiet
+            };
         }
         shard.end_expired_sessions(&expired);
         shard.publish_due_wills(&wills);

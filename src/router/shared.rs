@@ -119,6 +119,14 @@ pub struct SharedDelivery {
     pub share: ByteString,
     /// The chosen member's session key on the receiving shard.
     pub key: u32,
+    /// Set when the member's old shard passes the message on after the
+    /// session was taken over by a connection on the receiving shard: the
+    /// member is named by client id there (`key` is the old shard's), and
+    /// the message is not passed on again.
+    pub client_id: Option<ByteString>,
+    /// How many times it was passed on so (a session taken over again
+    /// while the message followed it): bounded by the shard that passes it.
+    pub passes: u8,
 }
 
 /// One group as a shard sees it.
@@ -303,6 +311,20 @@ impl SharedGroups {
             f(group, first);
         }
         self.matched = matched;
+    }
+}
+
+impl SharedGroups {
+    /// Calls `f(group)` once per group whose filter matches `topic`,
+    /// choosing no member and leaving the round robin as it is (the admin
+    /// API's "who would receive a publish").
+    pub fn for_each_matching_group(&mut self, topic: &str, mut f: impl FnMut(&Group)) {
+        let SharedGroups { groups, router, .. } = self;
+        router.for_each_match(topic, |id, _| {
+            if let Some(group) = groups.get(id as usize) {
+                f(group);
+            }
+        });
     }
 }
 

@@ -38,6 +38,7 @@ use crate::protocol::topic;
 use crate::protocol::v3::{self as codec, PacketId, QoS};
 use crate::protocol::v5::{Property, SubscriptionOptions};
 use crate::router::SharedFilter;
+use crate::router::shared;
 use crate::session::alias::{AliasState, ServerAliases};
 use crate::session::link::Link;
 use crate::session::outqueue::{Frame, OutFrame, OutQueue};
@@ -123,6 +124,60 @@ pub struct SessionState {
     /// QoS 1/2 flows, allocated on first use: a subscriber that only ever
     /// gets QoS 0 (the common fan-out case) does not pay ~100 bytes for them.
     pub flows: Option<Box<Flows>>,
+}
+
+impl SessionState {
+    /// The options of the shared subscription `share` (the whole
+    /// `$share/...` filter) that change its copies: (Retain As Published,
+    /// Subscription Identifier).
+    fn shared_extras(&self, share: &str) -> (bool, Option<NonZeroU32>) {
+        self.flows
+            .as_deref()
+            .and_then(|f| f.subscription_options.iter().find(|e| &*e.filter == share))
+            .map_or((false, None), |e| (e.retain_as_published, e.identifier))
+    }
+
+    /// Keeps, in this state's pending queue, the copy of `message` for its
+    /// shared subscription `share`: the state of a session between two
+    /// shards (taken over, granted to the new connection, not yet attached),
+    /// for a copy chosen for it before the take-over and passed on by its
+    /// old shard. At the subscription's granted QoS, with its Subscription
+    /// Identifier and Retain As Published (as [`Session::deliver_shared`]),
+    /// within the pending queue's limits: [`Delivery::Pending`] when kept,
+    /// [`Delivery::Skipped`] at QoS 0 (nothing is promised to a session
+    /// without a connection) or without that subscription,
+    /// [`Delivery::Dropped`] when the queue is full.
+    pub fn keep_shared(&mut self, message: &Message, share: &str, limits: &Limits) -> Delivery {
+        let Some(granted) = self
+            .subscriptions
+            .iter()
+            .find(|(filter, _)| &**filter == share)
+            .map(|(_, qos)| *qos)
+        else {
+            return Delivery::Skipped;
+        };
+        let qos = message.qos.min(granted);
+        if qos == QoS::AtMostOnce {
+            return Delivery::Skipped;
+        }
+        let (retain_as_published, identifier) = self.shared_extras(share);
+        let kept = Message {
+            qos,
+            retain: retain_as_published && message.retain,
+            ..with_identifiers(message, identifier.as_slice())
+        };
+        let len = kept.wire_len();
+        let flows = self.flows.get_or_insert_with(Box::default);
+        if limits.shard_over_budget()
+            || flows.pending.len() >= limits.max_queued_messages
+            || flows.pending_bytes + len > limits.max_queued_bytes
+        {
+            return Delivery::Dropped;
+        }
+        flows.pending_bytes += len;
+        flows.pending.push_back(kept);
+        Delivery::Pending
+    }
 }
 
 /// A session's QoS 1/2 state.
@@ -500,7 +555,9 @@ impl Session {
         let mut retain_as_published = false;
         let mut identifiers: SmallVec<[NonZeroU32; 2]> = SmallVec::new();
         for (filter, _) in &self.state.subscriptions {
-            if !topic::filter_matches(filter, &message.topic) {
+            // A shared subscription's copy is a separate one, sent through
+            // its group ([`Session::deliver_shared`]).
+            if shared::is_shared(filter) || !topic::filter_matches(filter, &message.topic) {
                 continue;
             }
             match flows
@@ -528,6 +585,40 @@ impl Session {
             qos,
             retain,
             ..with_identifiers(message, &identifiers)
+        };
+        self.deliver_alone(forwarded, limits)
+    }
+
+    /// Offers the copy of a message that the shared subscription `share`
+    /// (the whole `$share/{ShareName}/{filter}`, §4.8.2) chose this session
+    /// for, at its granted QoS: a copy of its own, apart from any that the
+    /// session's non-shared subscriptions get, so it carries this
+    /// subscription's Subscription Identifier alone (§3.3.4: each of several
+    /// copies carries the identifier of the subscription it is sent for),
+    /// and RETAIN as published when the subscription has Retain As
+    /// Published (§3.8.3.1), cleared otherwise. No Local cannot be set on a
+    /// shared subscription (MQTT-3.8.3-4). MQTT 5.0 sessions only; the
+    /// rest is [`Session::deliver`].
+    pub fn deliver_shared(
+        &mut self,
+        encoded: &mut Encoded<'_>,
+        share: &str,
+        granted: QoS,
+        limits: &Limits,
+    ) -> Delivery {
+        if self.version != Version::V5 {
+            return self.deliver(encoded, granted, limits);
+        }
+        let message = encoded.message;
+        let (retain_as_published, identifier) = self.state.shared_extras(share);
+        let retain = retain_as_published && message.retain;
+        if !retain && identifier.is_none() {
+            return self.deliver(encoded, granted, limits);
+        }
+        let forwarded = Message {
+            qos: message.qos.min(granted),
+            retain,
+            ..with_identifiers(message, identifier.as_slice())
         };
         self.deliver_alone(forwarded, limits)
     }
@@ -1293,6 +1384,44 @@ mod tests {
         // The pending message waits: the window (2) is full.
         assert_eq!(s.flows().pending.len(), 1);
         s.on_pubcomp(1, &LIMITS);
+        assert_eq!(written(&mut s), b"\x32\x08\x00\x03a/b\x00\x03x");
+    }
+
+    #[test]
+    fn a_shared_copy_carries_its_own_identifier_and_retain_as_published() {
+        let m = msg(QoS::AtLeastOnce, b"x");
+        let mut s = online();
+        s.version = Version::V5;
+        let options = |retain_as_published| SubscriptionOptions {
+            qos: QoS::AtLeastOnce,
+            no_local: false,
+            retain_as_published,
+            retain_handling: crate::protocol::v5::RetainHandling::SendAtSubscribe,
+        };
+        let plain = SharedFilter::from("a/#");
+        let share = SharedFilter::from("$share/g/a/b");
+        s.subscribe(plain.clone(), QoS::AtLeastOnce);
+        s.set_subscription_options(plain, &options(false), NonZeroU32::new(3));
+        s.subscribe(share.clone(), QoS::AtLeastOnce);
+        s.set_subscription_options(share, &options(true), NonZeroU32::new(9));
+        let mut batch = BytesMut::new();
+        let mut enc = Encoded::new(&m, &mut batch);
+        // The group's copy: identifier 9 alone, RETAIN kept.
+        let shared = s.deliver_shared(&mut enc, "$share/g/a/b", QoS::AtLeastOnce, &LIMITS);
+        assert_eq!(shared, Delivery::Queued);
+        assert_eq!(written(&mut s), b"\x33\x0b\x00\x03a/b\x00\x01\x02\x0b\x09x");
+        // The non-shared copy: identifier 3 alone, RETAIN cleared.
+        assert_eq!(
+            s.deliver_v5(&mut enc, 1, QoS::AtLeastOnce, &LIMITS),
+            Delivery::Queued
+        );
+        assert_eq!(written(&mut s), b"\x32\x0b\x00\x03a/b\x00\x02\x02\x0b\x03x");
+        // A 3.1.1 connection of the same session: no properties, RETAIN
+        // cleared (packet id 3: 2 is still in flight).
+        s.version = Version::V3;
+        s.on_puback(1, &LIMITS);
+        let v3 = s.deliver_shared(&mut enc, "$share/g/a/b", QoS::AtLeastOnce, &LIMITS);
+        assert_eq!(v3, Delivery::Queued);
         assert_eq!(written(&mut s), b"\x32\x08\x00\x03a/b\x00\x03x");
     }
 

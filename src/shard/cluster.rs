@@ -327,6 +327,8 @@ impl Shard {
                 message,
                 share,
                 key,
+                client_id: None,
+                passes: 0,
             });
         }
         self.deliver_shared(deliveries);

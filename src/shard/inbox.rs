@@ -89,7 +89,7 @@ impl Shard {
                 shard,
                 token,
             } => self.home_release(&client_id, shard, token),
-            ShardMsg::SharedMember(update) => self.shared.apply(update),
+            ShardMsg::SharedMember(update) => self.shared_member_update(update),
             ShardMsg::SharedPublish(deliveries) => self.deliver_shared(deliveries),
             ShardMsg::Stats { shard, counters } => {
                 if let Some(slot) = self.all_stats.get_mut(shard) {

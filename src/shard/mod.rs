@@ -102,6 +102,13 @@ pub struct Shard {
     /// Messages published here for shared subscription members on other
     /// shards, by shard, sent with the step's publishes.
     shared_out: Vec<Vec<SharedDelivery>>,
+    /// The latest persistent sessions taken over from this shard, newest
+    /// last, at most `shared::MOVES_KEPT`: a shared delivery chosen for one
+    /// of them that arrives after it left follows it to its new shard.
+    moved: std::collections::VecDeque<shared::Moved>,
+    /// How many of `moved` still hold back a `Leave`: zero (almost always)
+    /// skips them on every membership update.
+    moves_waiting: usize,
     /// Client ids homed on this shard, and claims waiting for an answer.
     pub registry: Registry,
     /// Acks of retained publishes waiting for every replica.
@@ -425,6 +432,8 @@ impl Shard {
             retained: RetainStore::default(),
             shared: SharedGroups::new(strategy),
             shared_out: (0..nr_shards).map(|_| Vec::new()).collect(),
+            moved: std::collections::VecDeque::new(),
+            moves_waiting: 0,
             registry: Registry::default(),
             held_acks: HeldAcks::default(),
             retain_journal: None,
@@ -795,11 +804,26 @@ impl Shard {
 
     /// Removes a session and its subscriptions, returning it.
     pub fn remove_session(&mut self, key: SessionKey) -> Option<Session> {
+        self.remove_session_to(key, None)
+    }
+
+    /// [`Shard::remove_session`]; `moving_to`: the shard of the connection
+    /// that takes the persistent session over, with its state. Its shared
+    /// memberships then stay in the other shards' replicas, offline, until
+    /// its new shard announces them (`Shard::shared_moved`), so that no
+    /// message published meanwhile finds its group without it.
+    pub fn remove_session_to(
+        &mut self,
+        key: SessionKey,
+        moving_to: Option<usize>,
+    ) -> Option<Session> {
         let session = *self.sessions.try_remove(key as usize)?;
         self.persist_stamps.remove(&key);
         for (filter, _) in &session.state.subscriptions {
             if share::is_shared(filter) {
-                self.shared_leave(key, filter);
+                if moving_to.is_none() {
+                    self.shared_leave(key, filter);
+                }
                 if let Some(link) = &mut self.cluster {
                     link.unsubscribed(filter);
                 }
@@ -811,6 +835,9 @@ impl Shard {
         }
         self.by_client_id
             .remove(&self.sessions, &session.client_id, key);
+        if let Some(to) = moving_to {
+            self.shared_moved(key, &session, to);
+        }
         Some(session)
     }
 

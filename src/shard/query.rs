@@ -15,6 +15,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 
 use crate::protocol::topic;
+use crate::router::shared::{self, Parsed};
 use crate::session::Session;
 use crate::session::link::{CloseReason, TICKS_PER_SEC};
 use crate::shard::{Ctx, SessionKey, Shard};
@@ -148,8 +149,12 @@ pub struct ClientInfo {
 pub struct SubscriptionInfo {
     /// The subscriber.
     pub client_id: String,
-    /// The topic filter.
+    /// The topic filter as subscribed: for a shared subscription the whole
+    /// `$share/{ShareName}/{filter}` (what UNSUBSCRIBE names).
     pub filter: String,
+    /// For a shared subscription, its ShareName (the group); None for
+    /// others.
+    pub group: Option<String>,
     /// The granted QoS.
     pub qos: u8,
     /// The shard holding the session.
@@ -248,13 +253,18 @@ impl Shard {
         }
     }
 
-    /// A page of subscriptions. With a topic, only the sessions the router
-    /// matches are visited (work follows the number of matches); without,
-    /// the walk stops once the page is full (work follows offset + limit).
+    /// A page of subscriptions, shared ones (`$share/...`, this shard's
+    /// members) included. With a topic, only the sessions the router or a
+    /// matching group names are visited (work follows the number of
+    /// matches); without, the walk stops once the page is full (work
+    /// follows offset + limit).
     fn subscriptions(&mut self, topic: Option<String>, skip: usize, limit: usize) -> Answer {
+        // Every subscription of this shard's sessions: the router's, and
+        // the shared ones (not in the router).
+        let all = self.router.len() + self.shared.members_of(self.id);
         if topic.is_none() && limit == 0 {
             return Answer::Subscriptions {
-                total: self.router.len(),
+                total: all,
                 subscriptions: Vec::new(),
             };
         }
@@ -262,6 +272,11 @@ impl Shard {
             Some(topic) => {
                 let mut keys = Vec::new();
                 self.router.for_each_match(topic, |key, _| keys.push(key));
+                let id = self.id;
+                self.shared.for_each_matching_group(topic, |group| {
+                    let here = group.members.iter().filter(|m| m.shard == id);
+                    keys.extend(here.map(|m| m.key));
+                });
                 keys.sort_unstable();
                 keys.dedup();
                 keys
@@ -280,8 +295,14 @@ impl Shard {
         let mut subscriptions = Vec::new();
         for session in sessions {
             for (filter, qos) in &session.state.subscriptions {
+                // A shared subscription matches by the filter after its
+                // ShareName.
+                let (group, matched) = match shared::parse(filter) {
+                    Parsed::Shared { name, filter } => (Some(name), filter),
+                    Parsed::Plain | Parsed::Invalid => (None, &**filter),
+                };
                 if let Some(topic) = &topic
-                    && !topic::filter_matches(filter, topic)
+                    && !topic::filter_matches(matched, topic)
                 {
                     continue;
                 }
@@ -289,26 +310,22 @@ impl Shard {
                     subscriptions.push(SubscriptionInfo {
                         client_id: session.client_id.to_string(),
                         filter: filter.to_string(),
+                        group: group.map(str::to_string),
                         qos: *qos as u8,
                         shard: self.id,
                     });
                 }
                 seen += 1;
                 if topic.is_none() && subscriptions.len() >= limit && seen >= skip {
-                    // The total of all subscriptions is the router's count.
                     return Answer::Subscriptions {
-                        total: self.router.len(),
+                        total: all,
                         subscriptions,
                     };
                 }
             }
         }
         Answer::Subscriptions {
-            total: if topic.is_some() {
-                seen
-            } else {
-                self.router.len()
-            },
+            total: if topic.is_some() { seen } else { all },
             subscriptions,
         }
     }
@@ -394,6 +411,48 @@ mod tests {
             }),
             Answer::Client(None)
         );
+    }
+
+    #[test]
+    fn shared_subscriptions_are_listed_with_their_group() {
+        use crate::shard::testing::attach;
+        let mut shard = crate::shard::testing::shard();
+        attach(&mut shard, "m", "$share/g/t/+", QoS::AtLeastOnce);
+        attach(&mut shard, "p", "t/#", QoS::AtMostOnce);
+        attach(&mut shard, "o", "$share/h/other", QoS::AtMostOnce);
+        let page =
+            |shard: &mut Shard, topic: Option<&str>| match shard.answer(Query::Subscriptions {
+                topic: topic.map(str::to_string),
+                skip: 0,
+                limit: 10,
+            }) {
+                Answer::Subscriptions {
+                    total,
+                    mut subscriptions,
+                } => {
+                    subscriptions.sort_by(|a, b| a.client_id.cmp(&b.client_id));
+                    let listed: Vec<(String, String, Option<String>)> = subscriptions
+                        .into_iter()
+                        .map(|s| (s.client_id, s.filter, s.group))
+                        .collect();
+                    (total, listed)
+                }
+                other => panic!("wrong answer {other:?}"),
+            };
+        let entry = |c: &str, f: &str, g: Option<&str>| (c.into(), f.into(), g.map(String::from));
+        assert_eq!(
+            page(&mut shard, Some("t/x")),
+            (
+                2,
+                vec![
+                    entry("m", "$share/g/t/+", Some("g")),
+                    entry("p", "t/#", None)
+                ]
+            )
+        );
+        let (total, listed) = page(&mut shard, None);
+        assert_eq!((total, listed.len()), (3, 3));
+        assert_eq!(page(&mut shard, Some("$share/g/t")), (0, vec![]));
     }
 
     #[test]

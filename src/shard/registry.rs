@@ -369,7 +369,8 @@ impl Shard {
         }
         if let Some(key) = self.session_key(client_id)
             && victim.is_none_or(|v| self.sessions[key as usize].claim == v)
-            && let Some(session) = self.remove_session(key)
+            && let keep = (!clean_session && !self.sessions[key as usize].clean_session)
+            && let Some(session) = self.remove_session_to(key, keep.then_some(to_shard))
         {
             if let Some(mut link) = session.link {
                 debug!("client {client_id} taken over by a new connection");
@@ -418,6 +419,20 @@ impl Shard {
                 false
             }
         }
+    }
+
+    /// The session state granted to a claim of this shard for `client_id`
+    /// whose connection has not attached it yet (taken over from another
+    /// shard, on its way to becoming a session here).
+    pub fn granted_state_mut(&mut self, client_id: &str) -> Option<&mut SessionState> {
+        self.registry
+            .claims
+            .values_mut()
+            .filter(|c| c.client_id == client_id && c.superseded_by.is_none())
+            .find_map(|c| match &mut c.outcome {
+                Some(Outcome::Granted(Some(state))) => Some(state),
+                _ => None,
+            })
     }
 
     /// Answers the claim `token` of `shard`, locally or over the mesh.

@@ -13,9 +13,55 @@ use crate::protocol::v3::QoS;
 use crate::router::shared::{self, Member, MemberUpdate, SharedDelivery, SharedGroups};
 use crate::security::acl::Who;
 use crate::security::auth::Auth;
+use crate::session::link::TICKS_PER_SEC;
 use crate::session::{Delivery, Limits, Session};
 use crate::shard::registry::home_shard;
 use crate::shard::{SessionKey, Shard, may_read};
+
+/// Persistent sessions taken over from a shard that it remembers (the
+/// latest), for shared deliveries still on their way to them: such a
+/// delivery was sent before the publishing shard learnt of the take-over,
+/// a few mesh hops at most, so the latest thousand take-overs (about 50 KB
+/// a shard) cover it even in a take-over storm.
+pub const MOVES_KEPT: usize = 1024;
+
+/// How many times a shared delivery follows a session that is taken over
+/// again and again before it is dropped (and counted): a bound, so that no
+/// message travels between shards for ever.
+pub const MOST_PASSES: u8 = 8;
+
+/// How long a shard holds back the `Leave` of a membership whose session
+/// was taken over by another shard's connection, when that shard's `Join`
+/// does not come (the session ended there before it was attached): the
+/// other shards then forget the stale entry.
+pub const MOVE_WAIT_SECS: u32 = 30;
+
+/// A persistent session taken over from this shard.
+#[derive(Debug)]
+pub struct Moved {
+    /// Its key here, which shared deliveries for it name.
+    key: SessionKey,
+    /// Its client id, which names it on its new shard.
+    client_id: ByteString,
+    /// The shard of the connection that took it over.
+    shard: usize,
+    /// When, in keep-alive ticks.
+    since: u32,
+    /// The groups whose `Leave` the other shards have not been sent yet
+    /// (see [`Shard::shared_moved`]).
+    leaves: Vec<ByteString>,
+}
+
+/// What became of one message another shard chose a member here for.
+enum Shared {
+    /// A member here took it, or the state of a session about to attach here.
+    Taken,
+    /// No member here could take it.
+    Dropped,
+    /// Its member was taken over by a connection on that shard: the
+    /// delivery to pass on there, naming it by client id.
+    Moved(usize, SharedDelivery),
+}
 
 /// Where the message for one group went.
 enum Chosen {
@@ -30,11 +76,145 @@ enum Chosen {
 impl Shard {
     /// Applies `update` here and sends it to every other shard.
     fn share_update(&mut self, update: MemberUpdate) {
+        self.send_to_peers(&update);
+        self.shared_member_update(update);
+    }
+
+    /// Sends `update` to every other shard.
+    fn send_to_peers(&mut self, update: &MemberUpdate) {
         for peer in (0..self.nr_shards).filter(|&p| p != self.id) {
             self.outbox
                 .push((peer, ShardMsg::SharedMember(update.clone())));
         }
+    }
+
+    /// Applies a membership change of this shard or another to the replica;
+    /// a `Join` may end what this shard keeps of a session taken over from
+    /// it ([`Shard::shared_moved`]).
+    pub fn shared_member_update(&mut self, update: MemberUpdate) {
+        if self.moves_waiting > 0
+            && let MemberUpdate::Join { share, member } = &update
+        {
+            self.move_arrived(member, share);
+        }
         self.shared.apply(update);
+    }
+
+    /// The persistent session `key` of this shard, `session`, was taken
+    /// over by a connection on shard `to` (this one or another), its state
+    /// with it. Every replica keeps its memberships, as offline, until a
+    /// `Join` of its client id to the group (from its new shard) reaches
+    /// this shard, then this shard sends their `Leave` (after
+    /// [`MOVE_WAIT_SECS`] without one, too): so a message published
+    /// meanwhile still finds the session in its group, and
+    /// [`Shard::deliver_shared`] passes it on to shard `to`. With two
+    /// shards no replica ever lacks it; with more, a third shard may apply
+    /// this `Leave` just before the new shard's `Join`.
+    pub(super) fn shared_moved(&mut self, key: SessionKey, session: &Session, to: usize) {
+        let mut leaves = Vec::new();
+        for (filter, qos) in &session.state.subscriptions {
+            if !shared::is_shared(filter) {
+                continue;
+            }
+            let share = ByteString::from(&**filter);
+            let member = Member {
+                shard: self.id,
+                key,
+                client_id: ByteString::from(&*session.client_id),
+                qos: *qos,
+                online: false,
+                read_check: session.read_check,
+                username: session.read_check_username().map(ByteString::from),
+            };
+            self.share_update(MemberUpdate::Join {
+                share: share.clone(),
+                member,
+            });
+            leaves.push(share);
+        }
+        if leaves.is_empty() {
+            return;
+        }
+        if self.moved.len() >= MOVES_KEPT
+            && let Some(oldest) = self.moved.pop_front()
+        {
+            if !oldest.leaves.is_empty() {
+                self.moves_waiting -= 1;
+            }
+            self.end_move(oldest.key, oldest.leaves);
+        }
+        self.moves_waiting += 1;
+        self.moved.push_back(Moved {
+            key,
+            client_id: ByteString::from(&*session.client_id),
+            shard: to,
+            since: self.now_ticks(),
+            leaves,
+        });
+    }
+
+    /// A `Join` of `member` to `share`: for a session taken over from here
+    /// with that client id, its entry there is no longer needed (its
+    /// `Leave` goes out); an entry of this shard with the same key is a new
+    /// session's (the key was reused), which the record no longer names.
+    fn move_arrived(&mut self, member: &Member, share: &str) {
+        let id = self.id;
+        let mut leaves = Vec::new();
+        for moved in &mut self.moved {
+            let reused = member.shard == id && member.key == moved.key;
+            let arrived = !reused && *moved.client_id == *member.client_id;
+            if !(reused || arrived) {
+                continue;
+            }
+            let before = moved.leaves.len();
+            moved.leaves.retain(|s| &**s != share);
+            if moved.leaves.len() == before {
+                continue;
+            }
+            if arrived {
+                leaves.push(moved.key);
+            }
+            if moved.leaves.is_empty() {
+                self.moves_waiting -= 1;
+            }
+        }
+        for key in leaves {
+            self.end_move(key, vec![ByteString::from(share)]);
+        }
+    }
+
+    /// Sends (and applies) the `Leave`s of the entries `leaves` of this
+    /// shard's session `key`, one taken over from here.
+    fn end_move(&mut self, key: SessionKey, leaves: Vec<ByteString>) {
+        for share in leaves {
+            self.share_update(MemberUpdate::Leave {
+                share,
+                shard: self.id,
+                key,
+            });
+        }
+    }
+
+    /// Sends the `Leave`s held back for more than [`MOVE_WAIT_SECS`] (no
+    /// `Join` came: the session ended on its new shard before it was
+    /// attached); true when there were any (the outbox has them).
+    pub fn end_old_moves(&mut self, now: u32) -> bool {
+        if self.moves_waiting == 0 {
+            return false;
+        }
+        let wait = MOVE_WAIT_SECS * TICKS_PER_SEC;
+        let mut ended = Vec::new();
+        for moved in &mut self.moved {
+            if !moved.leaves.is_empty() && now.saturating_sub(moved.since) > wait {
+                ended.push((moved.key, std::mem::take(&mut moved.leaves)));
+            }
+        }
+        self.moves_waiting -= ended.len();
+        let any = !ended.is_empty();
+        for (key, leaves) in ended {
+            self.end_move(key, leaves);
+        }
+        any
     }
 
     /// Session `key` of this shard joins group `share` (the whole
@@ -99,6 +279,10 @@ impl Shard {
             },
             batch: &mut self.batch,
             shared_out: &mut self.shared_out,
+            moved: Moves {
+                moved: &self.moved,
+                waiting: self.moves_waiting,
+            },
             id: self.id,
         }
     }
@@ -116,8 +300,11 @@ impl Shard {
             mut targets,
             batch,
             shared_out,
+            moved,
             id,
         } = self.shared_parts();
+        // Chosen members taken over from here: passed on to their new shard.
+        let mut passed_on: Vec<(usize, SharedDelivery)> = Vec::new();
         let mut encoded = Encoded::new(message, batch);
         groups.for_each_match(&message.topic, publisher_hash, |group, first| {
             let mut chosen = Chosen::Nobody;
@@ -136,12 +323,28 @@ impl Shard {
                             message: message.clone(),
                             share: group.share.clone(),
                             key: member.key,
+                            client_id: None,
+                            passes: 0,
                         });
                         chosen = Chosen::Sent;
                     }
                     break;
                 }
-                if targets.offer(&mut encoded, member) {
+                if let Some(record) = moved.member(member.key, &group.share) {
+                    passed_on.push((
+                        record.shard,
+                        SharedDelivery {
+                            message: message.clone(),
+                            share: group.share.clone(),
+                            key: member.key,
+                            client_id: Some(record.client_id.clone()),
+                            passes: 1,
+                        },
+                    ));
+                    chosen = Chosen::Sent;
+                    break;
+                }
+                if targets.offer(&mut encoded, &group.share, member) {
                     chosen = Chosen::Here;
                     break;
                 }
@@ -152,43 +355,129 @@ impl Shard {
                 Chosen::Nobody => targets.stats.shared_dropped += 1,
             }
         });
+        drop(encoded);
+        for (to, delivery) in passed_on {
+            self.pass_on(to, delivery);
+        }
+    }
+
+    /// Sends `delivery` on to shard `to` (naming its member by client id)
+    /// through the outbox: behind the session state that the take-over sent
+    /// there ([`Shard::evict`]), on the same ordered queue; or, when `to`
+    /// is this shard, delivers it here.
+    fn pass_on(&mut self, to: usize, delivery: SharedDelivery) {
+        if to == self.id {
+            self.deliver_shared(vec![delivery]);
+        } else {
+            self.outbox
+                .push((to, ShardMsg::SharedPublish(vec![delivery])));
+        }
     }
 
     /// Messages another shard chose members of this shard for: each goes
     /// to its member or, when that one cannot take it (queue full, session
     /// gone or disconnected), to another member of the group on this shard
     /// that can; with none, to the named member if it is an offline
-    /// persistent session (QoS 1/2 wait in its pending queue); otherwise it
-    /// is dropped and counted in `shared_dropped`.
+    /// persistent session (QoS 1/2 wait in its pending queue). A member
+    /// whose session was taken over meanwhile by a connection on another
+    /// shard (one of the latest [`MOVES_KEPT`]) gets it there: it is passed
+    /// on, in order behind the session state, and that shard gives it to
+    /// the session or, not attached yet, to its granted state's pending
+    /// queue. Otherwise it is dropped and counted in `shared_dropped`.
     pub fn deliver_shared(&mut self, deliveries: Vec<SharedDelivery>) {
-        for delivery in deliveries {
-            let Parts {
-                groups,
-                mut targets,
-                batch,
-                id,
-                ..
-            } = self.shared_parts();
-            let Some(group) = groups.group(&delivery.share) else {
-                targets.stats.shared_dropped += 1;
-                continue;
-            };
-            let here = group.members.iter().filter(|m| m.shard == id);
-            let named = here.clone().filter(|m| m.key == delivery.key);
-            let others = here.clone().filter(|m| m.key != delivery.key);
+        let mut queue: std::collections::VecDeque<SharedDelivery> = deliveries.into();
+        while let Some(delivery) = queue.pop_front() {
+            match self.deliver_one_shared(delivery) {
+                Shared::Taken => self.stats.shared_deliveries += 1,
+                Shared::Dropped => self.stats.shared_dropped += 1,
+                Shared::Moved(to, delivery) if to == self.id => queue.push_back(delivery),
+                Shared::Moved(to, delivery) => self.pass_on(to, delivery),
+            }
+        }
+        self.flush_dirty();
+    }
+
+    /// One delivery of [`Shard::deliver_shared`].
+    fn deliver_one_shared(&mut self, delivery: SharedDelivery) -> Shared {
+        // Passed on after a take-over: the member is named by client id.
+        let named_key = match &delivery.client_id {
+            Some(client_id) => self.session_key(client_id),
+            None => Some(delivery.key),
+        };
+        let Parts {
+            groups,
+            mut targets,
+            batch,
+            moved,
+            id,
+            ..
+        } = self.shared_parts();
+        let mut named_here = false;
+        if let Some(group) = groups.group(&delivery.share) {
+            // This shard's entries, less those of sessions taken over from
+            // here (whose keys may name other sessions by now).
+            let here = group
+                .members
+                .iter()
+                .filter(|m| m.shard == id && moved.member(m.key, &delivery.share).is_none());
+            let named = here.clone().filter(|m| Some(m.key) == named_key);
+            let others = here.clone().filter(|m| Some(m.key) != named_key);
+            named_here = named.clone().next().is_some();
             let mut candidates = named
                 .clone()
                 .chain(others)
                 .filter(|m| m.online)
                 .chain(named.filter(|m| !m.online));
             let mut encoded = Encoded::new(&delivery.message, batch);
-            if candidates.any(|member| targets.offer(&mut encoded, member)) {
-                targets.stats.shared_deliveries += 1;
-            } else {
-                targets.stats.shared_dropped += 1;
+            if candidates.any(|member| targets.offer(&mut encoded, &delivery.share, member)) {
+                return Shared::Taken;
             }
         }
-        self.flush_dirty();
+        if let Some(client_id) = &delivery.client_id {
+            // Taken over by a connection here that has not attached the
+            // session yet: its state keeps the message.
+            let limits = self.limits;
+            let kept = self
+                .granted_state_mut(client_id)
+                .map(|state| state.keep_shared(&delivery.message, &delivery.share, &limits));
+            if let Some(kept) = kept {
+                return if kept == Delivery::Pending {
+                    Shared::Taken
+                } else {
+                    Shared::Dropped
+                };
+            }
+            // Taken over again, from here, while the message followed it.
+            let moved = self.moved.iter().rev().find(|m| m.client_id == *client_id);
+            return match moved {
+                Some(moved) if delivery.passes < MOST_PASSES => Shared::Moved(
+                    moved.shard,
+                    SharedDelivery {
+                        passes: delivery.passes + 1,
+                        ..delivery
+                    },
+                ),
+                _ => Shared::Dropped,
+            };
+        }
+        if named_here {
+            return Shared::Dropped;
+        }
+        match self.moved.iter().rev().find(|m| m.key == delivery.key) {
+            Some(moved) => {
+                let to = moved.shard;
+                let client_id = Some(moved.client_id.clone());
+                Shared::Moved(
+                    to,
+                    SharedDelivery {
+                        client_id,
+                        passes: 1,
+                        ..delivery
+                    },
+                )
+            }
+            None => Shared::Dropped,
+        }
     }
 
     /// True when messages wait to go to other shards' members.
@@ -218,8 +507,33 @@ struct Parts<'a> {
     batch: &'a mut Batch,
     /// Messages for other shards' members.
     shared_out: &'a mut Vec<Vec<SharedDelivery>>,
+    /// The sessions taken over from this shard.
+    moved: Moves<'a>,
     /// This shard's id.
     id: usize,
+}
+
+/// The sessions taken over from a shard that its replica still lists.
+#[derive(Clone, Copy)]
+struct Moves<'a> {
+    /// The shard's records, newest last.
+    moved: &'a std::collections::VecDeque<Moved>,
+    /// How many of them still hold back a `Leave`.
+    waiting: usize,
+}
+
+impl<'a> Moves<'a> {
+    /// The record of this shard's entry `key` in group `share`, when that
+    /// entry is a session taken over from here (its `Leave` held back).
+    fn member(self, key: SessionKey, share: &str) -> Option<&'a Moved> {
+        if self.waiting == 0 {
+            return None;
+        }
+        self.moved
+            .iter()
+            .rev()
+            .find(|m| m.key == key && m.leaves.iter().any(|s| **s == *share))
+    }
 }
 
 /// The sessions of this shard that shared messages are offered to, with
@@ -258,11 +572,13 @@ impl Targets<'_> {
     }
 
     /// Offers the message to `member`'s session (of this shard) at the
-    /// member's granted QoS: true when it took it (queued, or waiting in
+    /// member's granted QoS, as the copy for its subscription `share`
+    /// (`Session::deliver_shared`: that subscription's Subscription
+    /// Identifier and Retain As Published): true when it took it (queued, or waiting in
     /// its pending queue), and then it is counted and marked dirty. A
     /// member whose subscription the ACL covers only partly and that may not
     /// read the topic is counted in `read_denied` and passed over.
-    fn offer(&mut self, encoded: &mut Encoded<'_>, member: &Member) -> bool {
+    fn offer(&mut self, encoded: &mut Encoded<'_>, share: &str, member: &Member) -> bool {
         let Some(session) = self.sessions.get_mut(member.key as usize) else {
             return false;
         };
@@ -270,7 +586,7 @@ impl Targets<'_> {
             self.stats.read_denied += 1;
             return false;
         }
-        match session.deliver(encoded, member.qos, self.limits) {
+        match session.deliver_shared(encoded, share, member.qos, self.limits) {
             Delivery::Queued => {
                 let qos = encoded.message.qos.min(member.qos);
                 self.stats.publish_sent_by_qos[qos as usize] += 1;
@@ -409,6 +725,8 @@ mod tests {
             message: message("t", "x"),
             share: ByteString::from("$share/g/t"),
             key,
+            client_id: None,
+            passes: 0,
         };
         shard.handle_control(ShardMsg::SharedPublish(vec![delivery(gone.key)]));
         assert_eq!(other.publishes().len(), 1);
@@ -421,6 +739,98 @@ mod tests {
             (shard.stats.shared_deliveries, shard.stats.shared_dropped),
             (1, 1)
         );
+    }
+
+    /// Carries every message in the shards' outboxes to its shard until
+    /// none is left (the mesh, in order per pair of shards).
+    fn pump(shards: &mut [Shard]) {
+        loop {
+            let mut moved = false;
+            for from in 0..shards.len() {
+                for (peer, msg) in std::mem::take(&mut shards[from].outbox) {
+                    moved = true;
+                    shards[peer].handle_control(msg);
+                }
+            }
+            if !moved {
+                return;
+            }
+        }
+    }
+
+    #[test]
+    fn a_message_for_a_member_taken_over_meanwhile_follows_it_to_its_new_shard() {
+        let mut shards = [
+            testing::shard_with(0, 2, Config::default()),
+            testing::shard_with(1, 2, Config::default()),
+        ];
+        let old = attach_client(&mut shards[0], "m", "$share/g/t", QoS::AtLeastOnce, None);
+        shards[0].sessions[old.key as usize].clean_session = false;
+        let clean = attach_client(&mut shards[0], "c", "$share/h/t", QoS::AtLeastOnce, None);
+        pump(&mut shards);
+        assert_eq!(shards[1].shared.members(), 2);
+        // A connection on shard 1 takes the persistent session over; the
+        // state is granted to its claim, not attached yet.
+        shards[1].start_claim(ByteString::from("m"), false);
+        pump(&mut shards);
+        assert!(shards[0].session_key("m").is_none(), "it left shard 0");
+        assert!(shards[1].granted_state_mut("m").is_some());
+        // A message chosen for it on shard 0 before the take-over was known
+        // there arrives after it left: passed on, kept by the state.
+        let stale = SharedDelivery {
+            message: message("t", "late"),
+            share: ByteString::from("$share/g/t"),
+            key: old.key,
+            client_id: None,
+            passes: 0,
+        };
+        shards[0].handle_control(ShardMsg::SharedPublish(vec![stale.clone()]));
+        pump(&mut shards);
+        // Messages published now, on either shard, still find it in the
+        // group (offline, its old shard's entry), and follow it too.
+        shards[0].publish(message("t", "on 0"));
+        shards[1].publish(message("t", "on 1"));
+        for shard in shards.iter_mut() {
+            let out = shard.take_shared_out();
+            for (peer, deliveries) in out {
+                shard
+                    .outbox
+                    .push((peer, ShardMsg::SharedPublish(deliveries)));
+            }
+        }
+        pump(&mut shards);
+        let pending = |shards: &mut [Shard]| {
+            shards[1]
+                .granted_state_mut("m")
+                .and_then(|state| state.flows.as_ref())
+                .map_or(0, |flows| flows.pending.len())
+        };
+        assert_eq!(pending(&mut shards), 3, "kept for the session");
+        assert_eq!(shards[0].stats.shared_dropped, 0);
+        assert_eq!(shards[1].stats.shared_deliveries, 3);
+        // Attached there: its Join reaches shard 0, whose entry goes.
+        let state = shards[1]
+            .granted_state_mut("m")
+            .map(std::mem::take)
+            .expect("the granted state");
+        let session = Session::new(ByteString::from("m"), false, state);
+        shards[1].insert_session(session);
+        pump(&mut shards);
+        for shard in &shards {
+            let group = shard.shared.group("$share/g/t").expect("the group");
+            let entries: Vec<usize> = group.members.iter().map(|m| m.shard).collect();
+            assert_eq!(entries, [1], "shard {}: only the new entry", shard.id);
+        }
+        // A clean session taken over leaves nothing to follow.
+        shards[1].start_claim(ByteString::from("c"), true);
+        pump(&mut shards);
+        shards[0].handle_control(ShardMsg::SharedPublish(vec![SharedDelivery {
+            key: clean.key,
+            share: ByteString::from("$share/h/t"),
+            ..stale
+        }]));
+        assert!(shards[0].outbox.is_empty());
+        assert_eq!(shards[0].stats.shared_dropped, 1);
     }
 
     /// An ACL that lets every client read everything but

@@ -151,7 +151,11 @@ impl Shard {
             }
             if let Some(share) = share {
                 // No retained messages for a shared subscription (§4.8.2).
-                let new = session.subscribe(SharedFilter::from(&*share), qos);
+                let stored = SharedFilter::from(&*share);
+                let new = session.subscribe(stored.clone(), qos);
+                // Its Subscription Identifier and Retain As Published go with
+                // the copies its group sends it (`Session::deliver_shared`).
+                session.set_subscription_options(stored, &options, identifier);
                 if new && let Some(link) = &mut self.cluster {
                     link.subscribed(&share);
                 }

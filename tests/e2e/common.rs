@@ -987,6 +987,22 @@ impl Mqtt {
         }
     }
 
+    /// Every publish that arrives until the broker closes the connection
+    /// (one taken over: no panic); panics after [`TIMEOUT`].
+    pub fn publishes_until_closed(&mut self) -> Vec<Publish> {
+        let mut got: Vec<Publish> = self.backlog.drain(..).collect();
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.events.recv_timeout(left) {
+                Ok(Ok(Event::Incoming(Packet::Publish(p)))) => got.push(p),
+                Ok(Ok(_)) => {}
+                Ok(Err(_)) | Err(RecvTimeoutError::Disconnected) => return got,
+                Err(RecvTimeoutError::Timeout) => panic!("the connection was not closed"),
+            }
+        }
+    }
+
     /// The next publish; panics after [`TIMEOUT`].
     pub fn expect_publish(&mut self) -> Publish {
         self.recv_publish(TIMEOUT)

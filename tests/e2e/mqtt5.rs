@@ -1044,15 +1044,22 @@ fn more_unreleased_qos_2_than_the_receive_maximum_is_0x93() {
 impl V5 {
     /// Subscribes to `filter` with Subscription Identifier `id`.
     fn subscribe_with_id(&mut self, filter: &str, id: usize) -> Vec<SubscribeReasonCode> {
+        self.subscribe_filter_with_id(Filter::new(filter, QoS5::AtLeastOnce), id)
+    }
+
+    /// Subscribes with `filter` (options included) and Subscription
+    /// Identifier `id`.
+    pub(crate) fn subscribe_filter_with_id(
+        &mut self,
+        filter: Filter,
+        id: usize,
+    ) -> Vec<SubscribeReasonCode> {
         let properties = rumqttc::v5::mqttbytes::v5::SubscribeProperties {
             id: Some(id),
             user_properties: Vec::new(),
         };
         self.client
-            .subscribe_many_with_properties(
-                vec![Filter::new(filter, QoS5::AtLeastOnce)],
-                properties,
-            )
+            .subscribe_many_with_properties(vec![filter], properties)
             .expect("subscribe request");
         self.wait_for(|p| match p {
             Packet::SubAck(s) => Some(s.return_codes.clone()),

@@ -13,6 +13,7 @@ use serde_json::Value;
 use crate::admin::get_json;
 use crate::common::*;
 use crate::mqtt5::{V5, raw_v5, subscribe_v5};
+use rumqttc::v5::mqttbytes::v5::{Filter as Filter5, Publish as Publish5};
 
 /// A group member of either version.
 enum Member {
@@ -91,6 +92,34 @@ fn connect_elsewhere(broker: &Broker, prefix: &str, avoid: usize) -> Mqtt {
         }
     }
     panic!("64 connections of {prefix} all landed on shard {avoid}");
+}
+
+/// A `rumqttc::v5` client `prefix-N` connected on shard `shard`.
+fn v5_on(broker: &Broker, prefix: &str, shard: usize) -> V5 {
+    for i in 0..64 {
+        let id = format!("{prefix}-{i}");
+        let client = V5::connect(broker.port, &id);
+        if broker.shard_of(&id) == shard {
+            return client;
+        }
+    }
+    panic!("64 connections of {prefix} all missed shard {shard}");
+}
+
+/// A persistent 3.1.1 session `client_id`, the only member of the group
+/// `share` (QoS 1), once every replica has it; with the options to take it
+/// over.
+fn persistent_member(
+    broker: &Broker,
+    client_id: &str,
+    share: &str,
+) -> (Mqtt, rumqttc::MqttOptions) {
+    let mut options = Mqtt::options(broker.port, client_id);
+    options.set_clean_session(false);
+    let (mut member, _) = Mqtt::connect_with(options.clone());
+    member.subscribe(share, QoS::AtLeastOnce);
+    wait_replicas(broker, 1);
+    (member, options)
 }
 
 /// Receives from `members` until `count` payloads arrived in all, then
@@ -412,11 +441,7 @@ fn no_local_on_a_shared_subscription_is_disconnect_0x82() {
 fn a_take_over_on_the_other_shard_moves_the_membership_with_the_session() {
     let broker = Broker::start();
     let port = broker.port;
-    let mut options = Mqtt::options(port, "to-m");
-    options.set_clean_session(false);
-    let (mut first, _) = Mqtt::connect_with(options.clone());
-    first.subscribe("$share/g/to", QoS::AtLeastOnce);
-    wait_replicas(&broker, 1);
+    let (first, options) = persistent_member(&broker, "to-m", "$share/g/to");
     let home = broker.shard_of("to-m");
     // Connect again with the same client id until the new connection lands
     // on the other shard: each one takes the session over.
@@ -506,4 +531,194 @@ fn a_member_the_acl_denies_a_topic_is_passed_over_for_one_that_may_read_it() {
         got[0].iter().all(|p| p.starts_with(b"open")),
         "the anonymous member got a denied message"
     );
+}
+
+/// The Subscription Identifiers and RETAIN flag of a received publish.
+fn ids_and_retain(p: &Publish5) -> (Vec<usize>, bool) {
+    let mut ids = p
+        .properties
+        .as_ref()
+        .map(|props| props.subscription_identifiers.clone())
+        .unwrap_or_default();
+    ids.sort_unstable();
+    (ids, p.retain)
+}
+
+#[test]
+fn a_shared_copy_carries_its_members_subscription_identifier_and_retain_as_published() {
+    const COUNT: usize = 20;
+    let broker = Broker::start();
+    // `a` on shard 0 (offered on the publishing shard), `b` on shard 1
+    // (reached through the mesh); the publisher on shard 0.
+    let mut a = v5_on(&broker, "sid-a", 0);
+    let mut b = v5_on(&broker, "sid-b", 1);
+    let mut share_a = Filter5::new("$share/g/sid/#", QoS5::AtLeastOnce);
+    share_a.preserve_retain = true;
+    a.subscribe_filter_with_id(share_a, 5);
+    // `a` also has an overlapping non-shared subscription: a separate copy
+    // with its own identifier, RETAIN cleared.
+    a.subscribe_filter_with_id(Filter5::new("sid/+", QoS5::AtLeastOnce), 11);
+    b.subscribe_filter_with_id(Filter5::new("$share/g/sid/#", QoS5::AtLeastOnce), 6);
+    wait_replicas(&broker, 2);
+    let publisher = connect_elsewhere(&broker, "sid-pub", 1);
+    let expected = payloads("sid", COUNT);
+    for p in &expected {
+        publisher.publish("sid/t", QoS::AtLeastOnce, true, p);
+    }
+    let mut got_a: Vec<Publish5> = Vec::new();
+    let mut got_b: Vec<Publish5> = Vec::new();
+    let deadline = Instant::now() + TIMEOUT;
+    while got_a.len() + got_b.len() < 2 * COUNT {
+        assert!(
+            Instant::now() < deadline,
+            "only {} + {} of {} copies arrived",
+            got_a.len(),
+            got_b.len(),
+            2 * COUNT
+        );
+        got_a.extend(a.recv_publish(Duration::from_millis(5)));
+        got_b.extend(b.recv_publish(Duration::from_millis(5)));
+    }
+    // A duplicate would have arrived by now with the rest.
+    while let Some(p) = a.recv_publish(Duration::from_millis(200)) {
+        got_a.push(p);
+    }
+    while let Some(p) = b.recv_publish(Duration::from_millis(200)) {
+        got_b.push(p);
+    }
+    let mut plain = Vec::new();
+    let mut shared = vec![Vec::new(), Vec::new()];
+    for p in &got_a {
+        match ids_and_retain(p) {
+            (ids, false) if ids == [11] => plain.push(p.payload.to_vec()),
+            (ids, true) if ids == [5] => shared[0].push(p.payload.to_vec()),
+            other => panic!("member a: unexpected identifiers / RETAIN {other:?}"),
+        }
+    }
+    for p in &got_b {
+        assert_eq!(
+            ids_and_retain(p),
+            (vec![6], false),
+            "member b: its identifier, RETAIN cleared (no Retain As Published)"
+        );
+        shared[1].push(p.payload.to_vec());
+    }
+    assert_once_each(&[plain], &expected, "a's non-shared subscription");
+    assert!(
+        shared.iter().all(|m| !m.is_empty()),
+        "round robin: {:?}",
+        shared.iter().map(Vec::len).collect::<Vec<_>>()
+    );
+    assert_once_each(&shared, &expected, "group g");
+}
+
+#[test]
+fn the_subscriptions_api_lists_shared_members_of_both_shards_by_topic() {
+    let broker = Broker::start();
+    let mut members = connect_spread(&broker, "sl", 2, 40);
+    for (member, _) in &mut members {
+        member.subscribe("$share/g/sl/+", QoS::AtLeastOnce);
+    }
+    let mut plain = Mqtt::connect(broker.port, "sl-plain");
+    plain.subscribe("sl/#", QoS::AtMostOnce);
+    let mut other = Mqtt::connect(broker.port, "sl-other");
+    other.subscribe("$share/h/elsewhere", QoS::AtMostOnce);
+    wait_replicas(&broker, members.len() as u64 + 1);
+    let listed = get_json(&broker, "/api/v1/subscriptions?topic=sl%2Fx");
+    assert_eq!(listed["total"], members.len() as u64 + 1, "{listed}");
+    let mut found: Vec<(String, String, Option<String>, u64)> = listed["subscriptions"]
+        .as_array()
+        .expect("a list")
+        .iter()
+        .map(|s| {
+            (
+                s["client_id"].as_str().unwrap_or_default().to_string(),
+                s["filter"].as_str().unwrap_or_default().to_string(),
+                s["group"].as_str().map(String::from),
+                s["shard"].as_u64().unwrap_or(u64::MAX),
+            )
+        })
+        .collect();
+    found.sort();
+    let mut expected: Vec<(String, String, Option<String>, u64)> = members
+        .iter()
+        .enumerate()
+        .map(|(i, (_, shard))| {
+            (
+                format!("sl-{i}"),
+                "$share/g/sl/+".to_string(),
+                Some("g".to_string()),
+                *shard as u64,
+            )
+        })
+        .collect();
+    expected.push((
+        "sl-plain".into(),
+        "sl/#".into(),
+        None,
+        broker.shard_of("sl-plain") as u64,
+    ));
+    expected.sort();
+    assert_eq!(found, expected);
+    let all = get_json(&broker, "/api/v1/subscriptions");
+    assert_eq!(all["total"], members.len() as u64 + 2, "{all}");
+}
+
+#[test]
+fn a_take_over_storm_loses_no_acknowledged_shared_message() {
+    const MESSAGES: usize = 300;
+    const MOST_TAKE_OVERS: usize = 200;
+    let broker = Broker::start();
+    let port = broker.port;
+    // The group's only member, persistent: each message has one place to
+    // go, the session, wherever it is at the time.
+    let (mut member, options) = persistent_member(&broker, "storm-m", "$share/g/storm");
+    let publisher = std::thread::spawn(move || {
+        let mut publisher = Mqtt::connect(port, "storm-pub");
+        for i in 0..MESSAGES {
+            publisher.publish_acked("storm", false, format!("storm-{i}").as_bytes());
+        }
+    });
+    // Take the session over again and again while the messages flow; the
+    // new connections land on either shard.
+    let mut got = Vec::new();
+    let mut take_overs = 0;
+    while !publisher.is_finished() && take_overs < MOST_TAKE_OVERS {
+        let (next, connack) = Mqtt::connect_with(options.clone());
+        assert!(connack.session_present, "take-over {take_overs}");
+        // The broker closes the old connection: what it received by then
+        // (and acknowledged) is all it gets.
+        got.extend(member.publishes_until_closed());
+        member = next;
+        take_overs += 1;
+    }
+    publisher.join().expect("the publisher");
+    let shards: HashSet<usize> = broker
+        .shards_of("storm-m", take_overs + 1)
+        .into_iter()
+        .collect();
+    assert_eq!(shards.len(), 2, "the session moved between the shards");
+    // Every PUBACKed message reaches the member at least once (QoS 1: a
+    // redelivery after a take-over may repeat one).
+    let expected: HashSet<Vec<u8>> = payloads("storm", MESSAGES).into_iter().collect();
+    let mut seen: HashSet<Vec<u8>> = got.iter().map(|p| p.payload.to_vec()).collect();
+    let deadline = Instant::now() + TIMEOUT;
+    while !expected.is_subset(&seen) {
+        assert!(
+            Instant::now() < deadline,
+            "after {take_overs} take-overs, {} of {MESSAGES} arrived; missing e.g. {:?}; {}",
+            expected.intersection(&seen).count(),
+            expected
+                .difference(&seen)
+                .take(3)
+                .map(|p| String::from_utf8_lossy(p).into_owned())
+                .collect::<Vec<_>>(),
+            get_json(&broker, "/api/v1/stats")["total"]
+        );
+        if let Some(p) = member.recv_publish(Duration::from_millis(50)) {
+            seen.insert(p.payload.to_vec());
+        }
+    }
+    let stats = get_json(&broker, "/api/v1/stats");
+    assert_eq!(crate::admin::total(&stats, "shared_dropped"), 0, "{stats}");
 }

@@ -218,6 +218,27 @@ def check_subscription_options_and_identifiers():
     stop(c, other)
 
 
+def check_shared_subscription_identifier_and_retain_as_published():
+    """A member of a $share group that also has an overlapping plain
+    subscription gets two copies: the group's with its identifier and RETAIN
+    as published, the plain one's with its own identifier, RETAIN cleared."""
+    c = client(unique("paho5-shared-id"))
+    connect(c)
+    other = client(unique("paho5-shared-id-pub"))
+    connect(other)
+    topic = f"paho5/shared-id/{uuid.uuid4().hex[:8]}"
+    for filter_, identifier, rap in ((f"$share/g/{topic}", 5, True), (topic, 11, False)):
+        props = Properties(PacketTypes.SUBSCRIBE)
+        props.SubscriptionIdentifier = identifier
+        subscribe(c, filter_, SubscribeOptions(qos=1, retainAsPublished=rap), properties=props)
+    other.publish(topic, b"both", qos=1, retain=True).wait_for_publish(TIMEOUT)
+    got = sorted((m.properties.SubscriptionIdentifier, m.retain) for m in receive(c, 2))
+    assert got == [([5], True), ([11], False)], got
+    # Clear the retained message.
+    other.publish(topic, b"", qos=1, retain=True).wait_for_publish(TIMEOUT)
+    stop(c, other)
+
+
 def main():
     checks.run(
         (check.__name__, check)
@@ -226,6 +247,7 @@ def main():
             check_publish_properties_reach_v5_subscribers,
             check_request_response_round_trip,
             check_subscription_options_and_identifiers,
+            check_shared_subscription_identifier_and_retain_as_published,
         )
     )
 
