@@ -1404,7 +1404,7 @@ mod tests {
         s.set_subscription_options(plain, &options(false), NonZeroU32::new(3));
         s.subscribe(share.clone(), QoS::AtLeastOnce);
         s.set_subscription_options(share, &options(true), NonZeroU32::new(9));
-        let mut batch = BytesMut::new();
+        let mut batch = Batch::default();
         let mut enc = Encoded::new(&m, &mut batch);
         // The group's copy: identifier 9 alone, RETAIN kept.
         let shared = s.deliver_shared(&mut enc, "$share/g/a/b", QoS::AtLeastOnce, &LIMITS);
