@@ -16,7 +16,7 @@ use crate::security::auth::Auth;
 use crate::session::link::TICKS_PER_SEC;
 use crate::session::{Delivery, Limits, Session};
 use crate::shard::registry::home_shard;
-use crate::shard::{SessionKey, Shard, may_read};
+use crate::shard::{SessionKey, Shard, may_read, persist};
 
 /// Persistent sessions taken over from a shard that it remembers (the
 /// latest), for shared deliveries still on their way to them: such a
@@ -276,6 +276,11 @@ impl Shard {
                 stats: &mut self.stats,
                 limits: &self.limits,
                 auth: &self.auth,
+                persist_stamps: &self.persist_stamps,
+                persist_refs: &mut self.persist_refs,
+                persist_sent: &mut self.persist_sent,
+                persist_hold: &mut self.persist_hold,
+                mid: None,
             },
             batch: &mut self.batch,
             shared_out: &mut self.shared_out,
@@ -356,6 +361,10 @@ impl Shard {
             }
         });
         drop(encoded);
+        let kept = targets.mid;
+        if let Some(mid) = kept {
+            self.journal_queued(message, mid);
+        }
         for (to, delivery) in passed_on {
             self.pass_on(to, delivery);
         }
@@ -429,7 +438,14 @@ impl Shard {
                 .filter(|m| m.online)
                 .chain(named.filter(|m| !m.online));
             let mut encoded = Encoded::new(&delivery.message, batch);
-            if candidates.any(|member| targets.offer(&mut encoded, &delivery.share, member)) {
+            let taken =
+                candidates.any(|member| targets.offer(&mut encoded, &delivery.share, member));
+            drop(encoded);
+            let kept = targets.mid;
+            if let Some(mid) = kept {
+                self.journal_queued(&delivery.message, mid);
+            }
+            if taken {
                 return Shared::Taken;
             }
         }
@@ -549,6 +565,17 @@ struct Targets<'a> {
     limits: &'a Limits,
     /// The ACL, for members with a partly covered subscription.
     auth: &'a Auth,
+    /// The stamps of the journalled persistent sessions (persistence on).
+    persist_stamps: &'a ahash::AHashMap<SessionKey, u64>,
+    /// What the message's journal records must name: the sessions that
+    /// queued it, those it went in flight to, those whose QoS 2 PUBLISH
+    /// waits for the record (`Shard::journal_queued` writes them).
+    persist_refs: &'a mut Vec<(u64, QoS)>,
+    persist_sent: &'a mut Vec<crate::store::record::SentRef>,
+    persist_hold: &'a mut Vec<SessionKey>,
+    /// The message's id in the session journal, once a journalled member
+    /// kept it (one message per [`Targets`]: see [`Shard::shared_parts`]).
+    mid: Option<u64>,
 }
 
 impl Targets<'_> {
@@ -586,7 +613,26 @@ impl Targets<'_> {
             self.stats.read_denied += 1;
             return false;
         }
-        match session.deliver_shared(encoded, share, member.qos, self.limits) {
+        // A journalled member keeps a QoS 1/2 message on disk too, as a
+        // plain subscriber does (`Shard::route_from`).
+        let tracked = if self.persist_stamps.is_empty() {
+            None
+        } else {
+            self.persist_stamps.get(&member.key).copied()
+        };
+        let before = tracked.map(|_| persist::queued_count(session));
+        let delivery = session.deliver_shared(encoded, share, member.qos, self.limits);
+        if let (Some(stamp), Some(before)) = (tracked, before)
+            && persist::queued_count(session) > before
+        {
+            let id = *self
+                .mid
+                .get_or_insert_with(crate::store::record::next_stamp);
+            if persist::note_kept(session, stamp, id, self.persist_refs, self.persist_sent) {
+                self.persist_hold.push(member.key);
+            }
+        }
+        match delivery {
             Delivery::Queued => {
                 let qos = encoded.message.qos.min(member.qos);
                 self.stats.publish_sent_by_qos[qos as usize] += 1;

@@ -615,6 +615,44 @@ fn a_session_and_a_subscription_survive_a_kill_9_right_after_connack_and_suback(
     }
 }
 
+/// A persistent member of a shared group keeps what the group gave it on
+/// disk, as a plain subscriber does: offline on the publisher's shard, it
+/// gets every PUBACKed message after a `kill -9`, in order.
+#[test]
+fn a_persistent_shared_member_gets_its_acknowledged_messages_after_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = start(dir.path(), "");
+    let mut publisher = Mqtt::connect(broker.port, "share-kill-pub");
+    let home = broker.shard_of("share-kill-pub");
+    // A member on the publisher's shard.
+    let member = (0..64)
+        .map(|n| format!("share-kill-member-{n}-{}", unique()))
+        .find(|id| {
+            let (mut client, _) = persistent(broker.port, id);
+            let here = broker.shard_of(id) == home;
+            if here {
+                client.subscribe("$share/g/sk/#", rumqttc::QoS::AtLeastOnce);
+                until_journalled(&mut client, id);
+            }
+            client.disconnect();
+            here
+        })
+        .expect("a client id on the publisher's shard");
+    for n in 0..20 {
+        publisher.publish_acked("sk/t", false, format!("m{n}").as_bytes());
+    }
+    kill_9(broker);
+
+    let broker = start(dir.path(), "");
+    let (mut client, present) = persistent(broker.port, &member);
+    assert!(present, "the member's session");
+    let got: Vec<String> = (0..20)
+        .map(|_| String::from_utf8_lossy(&client.expect_publish().payload).into_owned())
+        .collect();
+    let expected: Vec<String> = (0..20).map(|n| format!("m{n}")).collect();
+    assert_eq!(got, expected, "every acknowledged message, in order");
+}
+
 /// An MQTT 5.0 CONNECT with Clean Start 0 and Session Expiry `expiry`.
 fn connect_v5_expiring(client_id: &str, expiry: u32) -> Vec<u8> {
     let mut body = string(b"MQTT");
