@@ -222,6 +222,13 @@ pub struct Opts {
     /// A handshake slower than this (ms) counts as failed.
     #[arg(long, default_value_t = 30_000)]
     pub handshake_timeout_ms: u64,
+    /// Try a failed handshake (refused, closed by the broker before SUBACK,
+    /// timed out) again after this many ms, as clients reconnect (MQTT.js
+    /// waits 1000 ms), until the phase's time limit; 0: a failure is final.
+    /// Default: 1000 for the `storm` (a broker's connection-rate limits
+    /// refuse part of it, and real clients come back), 0 otherwise.
+    #[arg(long)]
+    pub reconnect_ms: Option<u64>,
     /// Write the results as JSON to this file.
     #[arg(long)]
     pub out: Option<String>,

@@ -174,6 +174,9 @@ pub fn run(kind: Kind, o: &Opts, t: &Target, round: u32) -> Result<RunResult, Sc
             pipeline: kind != Kind::Storm && o.handshake == Handshake::Pipelined,
             coalesce_acks: o.coalesce_acks,
             handshake_timeout_ms: o.handshake_timeout_ms,
+            reconnect_ms: o
+                .reconnect_ms
+                .unwrap_or(if kind == Kind::Storm { 1000 } else { 0 }),
             timeline_start_ns: timeline_start,
             bucket_ns: BUCKET_NS,
             track_msgs: TRACK_MSGS,

@@ -21,6 +21,7 @@ pub mod subscribe;
 pub mod sys;
 #[cfg(test)]
 pub mod testing;
+pub mod timers;
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -139,6 +140,8 @@ pub struct Shard {
     pub stats: Counters,
     /// The gauges of the latest pass over the sessions (keep-alive sweep).
     pub session_totals: SessionTotals,
+    /// Keep-alive, parking and offline-session deadlines ([`timers`]).
+    pub timers: timers::Timers,
     /// Latest counters of every shard (shard 0 only), for `$SYS`.
     pub all_stats: Vec<Counters>,
     /// The shared read buffer (see [`READ_BUFFER_SIZE`]).
@@ -417,6 +420,7 @@ impl Shard {
             control: Rc::default(),
             stats: Counters::default(),
             session_totals: SessionTotals::default(),
+            timers: timers::Timers::default(),
             all_stats: vec![Counters::default(); nr_shards],
             read_buf: vec![0u8; READ_BUFFER_SIZE].into_boxed_slice(),
             iovecs: Vec::with_capacity(3 * crate::session::outqueue::MAX_IOVECS_PER_WRITE),
@@ -752,11 +756,14 @@ impl Shard {
         {
             link.connected(&session.client_id);
         }
+        self.arm_timers(key);
+        crate::session::note_backlog();
         key
     }
 
     /// Removes a session and its subscriptions, returning it.
     pub fn remove_session(&mut self, key: SessionKey) -> Option<Session> {
+        self.disarm_link(key);
         let session = *self.sessions.try_remove(key as usize)?;
         self.persist_stamps.remove(&key);
         for (filter, _) in &session.state.subscriptions {
@@ -786,8 +793,13 @@ impl Shard {
                 self.release(&session.client_id, session.claim);
             }
         } else {
+            self.disarm_link(key);
+            let Some(session) = self.sessions.get_mut(key as usize) else {
+                return;
+            };
             session.detach();
             session.offline_since = now;
+            self.arm_offline(key);
             self.journal_session(key);
             if !self.shared.is_empty() {
                 self.shared_refresh(key);
@@ -796,8 +808,8 @@ impl Shard {
     }
 
     /// Ends the offline sessions `expired` whose Session Expiry Interval
-    /// has passed (§4.1), found by the keep-alive sweep while it walks the
-    /// sessions anyway, so no session has a timer of its own. Their home
+    /// has passed (§4.1), found by the keep-alive sweep in its offline
+    /// wheel ([`timers`]). Their home
     /// shards are told through the outbox.
     pub fn end_expired_sessions(&mut self, expired: &[SessionKey]) {
         for &key in expired {
@@ -823,6 +835,7 @@ impl Shard {
             .saturating_add(delay.saturating_mul(TICKS_PER_SEC));
         if let Some(session) = self.sessions.get_mut(key as usize) {
             session.delay_will(due, will);
+            self.arm_offline(key);
         }
     }
 
