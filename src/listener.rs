@@ -409,11 +409,10 @@ impl AcceptLimits {
     }
 }
 
-/// Resolves once the shard begins shutting down.
+/// Resolves once the shard begins shutting down (woken by
+/// `Shard::begin_shutdown`, no timer).
 pub async fn wait_for_shutdown(ctx: &Ctx) {
-    while !ctx.shard.borrow().shutting_down {
-        glommio::timer::sleep(Duration::from_millis(50)).await;
-    }
+    std::future::poll_fn(|cx| ctx.shard.borrow_mut().poll_shutdown(cx)).await;
 }
 
 #[cfg(test)]

@@ -499,14 +499,20 @@ impl Worker {
                 self.connected = self.connected.saturating_sub(1);
             }
         }
-        if in_handshake && self.connecting && self.task.reconnect_ms > 0 {
+        let now = stats::monotonic_ns();
+        let reconnect_ns = self.task.reconnect_ms * 1_000_000;
+        // Retries stop --handshake-timeout-ms after the phase began, so that
+        // a phase the broker never lets finish still ends.
+        let in_time =
+            now + reconnect_ns < self.phase_started_ns + self.task.handshake_timeout_ms * 1_000_000;
+        if in_handshake && self.connecting && reconnect_ns > 0 && in_time {
             // Tried again later, as a client reconnects; counted apart.
             self.pending = self.pending.saturating_sub(1);
             *self
                 .connect_errors
                 .entry(format!("retried after: {why}"))
                 .or_default() += 1;
-            let retry_at_ns = stats::monotonic_ns() + self.task.reconnect_ms * 1_000_000;
+            let retry_at_ns = now + reconnect_ns;
             let c = &mut self.conns[i];
             c.state = State::Idle;
             c.partial = Vec::new();

@@ -5,6 +5,8 @@
 //! (`shard::timers`), never at every session: an idle shard of a million
 //! connections does a few comparisons per sweep.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use log::debug;
@@ -15,10 +17,15 @@ use crate::shard::{Ctx, Shard};
 
 /// Closes connections silent for more than 1.5 × their keep-alive
 /// (§3.1.2.10), checking every `period`; wakes plain connections idle in
-/// their task for [`PARK_AFTER_TICKS`] so that they park.
-pub async fn keep_alive_sweeper(ctx: Ctx, period: Duration) {
+/// their task for [`PARK_AFTER_TICKS`] so that they park. Returns once
+/// `shutdown` is set (checked on the same tick, so an idle shard wakes only
+/// for this timer: twice a second).
+pub async fn keep_alive_sweeper(ctx: Ctx, period: Duration, shutdown: Arc<AtomicBool>) {
     loop {
         glommio::timer::sleep(period).await;
+        if shutdown.load(Ordering::SeqCst) {
+            return;
+        }
         match sweep(&ctx) {
             Swept::ShuttingDown => return,
             Swept::Quiet => {}

@@ -157,6 +157,9 @@ pub struct Shard {
     pub started: Instant,
     /// Set once shutdown begins: no new connections or sessions.
     pub shutting_down: bool,
+    /// Tasks waiting for shutdown to begin (the accept loops), woken by
+    /// [`Shard::begin_shutdown`]: they need no timer of their own.
+    shutdown_waiters: Vec<std::task::Waker>,
     /// Connections ended by [`Shard::shed`] whose tasks have not yet seen
     /// it (so they close with [`CloseReason::Shed`], not as a take-over).
     pub shed_conns: Vec<u64>,
@@ -428,11 +431,37 @@ impl Shard {
             next_generated_id: 1,
             started: Instant::now(),
             shutting_down: false,
+            shutdown_waiters: Vec::new(),
             shed_conns: Vec::new(),
             auth,
             gauges: Arc::new(BrokerGauges::new(nr_shards)),
             cluster: None,
         }
+    }
+
+    /// Begins the shutdown: sets `shutting_down` and wakes the tasks
+    /// waiting for it ([`Shard::poll_shutdown`]).
+    pub fn begin_shutdown(&mut self) {
+        self.shutting_down = true;
+        for waker in self.shutdown_waiters.drain(..) {
+            waker.wake();
+        }
+    }
+
+    /// Ready once the shutdown has begun; until then `cx`'s task is woken
+    /// when it does.
+    pub fn poll_shutdown(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        if self.shutting_down {
+            return std::task::Poll::Ready(());
+        }
+        if !self
+            .shutdown_waiters
+            .iter()
+            .any(|w| w.will_wake(cx.waker()))
+        {
+            self.shutdown_waiters.push(cx.waker().clone());
+        }
+        std::task::Poll::Pending
     }
 
     /// A new connection id.
