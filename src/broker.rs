@@ -39,10 +39,6 @@ use crate::store::journal::{self, Journal};
 use crate::store::record::{Record, unix_ms_now};
 use crate::store::{LoadedSession, RetainedState, Store, StoreError};
 
-/// How often a shard checks the shutdown flag (and the keep-alive sweep
-/// period): short enough that SIGTERM takes effect at once for a person.
-const POLL_PERIOD: Duration = Duration::from_millis(50);
-
 /// How long shutdown waits for client connections to close.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 
@@ -485,11 +481,6 @@ async fn run_shard(setup: ShardSetup) -> Result<(), ShardError> {
     for peer in (0..nr_shards).filter(|&p| p != id) {
         glommio::spawn_local(inbox::receive_from(ctx.clone(), peer, receivers.clone())).detach();
     }
-    glommio::spawn_local(connection::keep_alive_sweeper(
-        ctx.clone(),
-        KEEP_ALIVE_SWEEP,
-    ))
-    .detach();
     if !setup.config.sys_interval.is_zero() {
         glommio::spawn_local(shard::sys::sys_task(ctx.clone(), setup.config.sys_interval)).detach();
     }
@@ -510,12 +501,13 @@ async fn run_shard(setup: ShardSetup) -> Result<(), ShardError> {
     debug!("shard {id} ready on CPU {cpu}");
     setup.ready.fetch_add(1, Ordering::SeqCst);
 
-    while !setup.shutdown.load(Ordering::SeqCst) {
-        glommio::timer::sleep(POLL_PERIOD).await;
-    }
+    // The keep-alive sweep also watches the shutdown flag, on its own tick
+    // (every KEEP_ALIVE_SWEEP): an idle shard has that one timer (and the
+    // `$SYS` one), and SIGTERM takes effect within half a second.
+    connection::keep_alive_sweeper(ctx.clone(), KEEP_ALIVE_SWEEP, setup.shutdown.clone()).await;
     {
         let mut shard = ctx.shard.borrow_mut();
-        shard.shutting_down = true;
+        shard.begin_shutdown();
         for (_, session) in shard.sessions.iter_mut() {
             if let Some(link) = &mut session.link {
                 link.close(CloseReason::Shutdown);

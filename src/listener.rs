@@ -40,11 +40,12 @@ use log::debug;
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::connection;
-use crate::net::admission::{self, ConnectionCounts, ConnectionSlot, TokenBucket};
+use crate::net::admission::{self, AddressRates, ConnectionCounts, ConnectionSlot, TokenBucket};
 use crate::net::proxy::{self, Origin};
 use crate::net::transport::Acceptor;
 use crate::observe::log_limit::LogKind::{
-    AcceptFailed, MaxConnectionRate, MaxConnections, MaxConnectionsPerIp, ProxyProtocol,
+    AcceptFailed, MaxConnectionRate, MaxConnectionRatePerIp, MaxConnections, MaxConnectionsPerIp,
+    ProxyProtocol,
 };
 use crate::observe::log_limit::limited;
 use crate::shard::Ctx;
@@ -279,6 +280,9 @@ enum Refused {
     /// The listener is over `max_connection_rate`.
     #[error("max_connection_rate reached")]
     RateLimited,
+    /// Its address is over `max_connection_rate_per_ip`.
+    #[error("max_connection_rate_per_ip reached")]
+    IpRateLimited,
     /// Its address already has `max_connections_per_ip` connections.
     #[error("max_connections_per_ip reached")]
     IpLimited,
@@ -290,6 +294,8 @@ struct AcceptLimits {
     max_per_ip: usize,
     /// This shard's share of the listener's rate; None: no limit.
     bucket: Option<TokenBucket>,
+    /// This shard's share of each address's rate; None: no limit.
+    per_ip_rate: Option<AddressRates>,
     /// Loopback clients skip both limits.
     exempt_loopback: bool,
 }
@@ -305,9 +311,17 @@ impl AcceptLimits {
                 Instant::now(),
             )
         });
+        let per_ip_rate = (config.max_connection_rate_per_ip > 0).then(|| {
+            AddressRates::shard_share(
+                config.max_connection_rate_per_ip,
+                config.connection_rate_per_ip_burst,
+                shards,
+            )
+        });
         AcceptLimits {
             max_per_ip: config.max_connections_per_ip,
             bucket,
+            per_ip_rate,
             exempt_loopback: config.limits_exempt_loopback,
         }
     }
@@ -325,7 +339,7 @@ impl AcceptLimits {
         listener: SocketAddr,
         counts: &ConnectionCounts,
     ) -> Result<admission::IpKey, Refused> {
-        if self.bucket.is_none() && self.max_per_ip == 0 {
+        if self.bucket.is_none() && self.per_ip_rate.is_none() && self.max_per_ip == 0 {
             return Ok(0);
         }
         // Already gone (reset before we looked): nothing to count.
@@ -350,8 +364,23 @@ impl AcceptLimits {
         if self.exempt_loopback && peer.ip().to_canonical().is_loopback() {
             return Ok(0);
         }
+        let now = Instant::now();
+        // Per address first: a hostile address's refused connections take
+        // no token from the listener's bucket.
+        if let Some(rates) = &mut self.per_ip_rate
+            && !rates.try_take(counts.ip_key(peer.ip()), now)
+        {
+            ctx.shard.borrow_mut().stats.connections_ip_rate_limited += 1;
+            limited!(
+                MaxConnectionRatePerIp,
+                warn,
+                "max_connection_rate_per_ip reached for {} on {listener}: closing its new connections",
+                peer.ip()
+            );
+            return Err(Refused::IpRateLimited);
+        }
         if let Some(bucket) = &mut self.bucket
-            && !bucket.try_take(Instant::now())
+            && !bucket.try_take(now)
         {
             ctx.shard.borrow_mut().stats.connections_rate_limited += 1;
             limited!(
@@ -380,11 +409,10 @@ impl AcceptLimits {
     }
 }
 
-/// Resolves once the shard begins shutting down.
+/// Resolves once the shard begins shutting down (woken by
+/// `Shard::begin_shutdown`, no timer).
 pub async fn wait_for_shutdown(ctx: &Ctx) {
-    while !ctx.shard.borrow().shutting_down {
-        glommio::timer::sleep(Duration::from_millis(50)).await;
-    }
+    std::future::poll_fn(|cx| ctx.shard.borrow_mut().poll_shutdown(cx)).await;
 }
 
 #[cfg(test)]

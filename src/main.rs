@@ -4,9 +4,6 @@
 //! password file instead.
 
 use std::process::ExitCode;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
 use clap::Parser;
 use log::{error, info, warn};
@@ -16,9 +13,6 @@ use fanmq::cli::{Cli, Command};
 use fanmq::config::Config;
 use fanmq::config::os;
 use fanmq::security::passwd;
-
-/// How often the main thread checks for signals.
-const SIGNAL_POLL: Duration = Duration::from_millis(50);
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -60,18 +54,20 @@ fn main() -> ExitCode {
         os::memory_limit().map_or_else(String::new, |m| format!(" (memory limit {} MiB)", m >> 20)),
     );
     let config_file = config.config_file.clone();
-    let terminate = Arc::new(AtomicBool::new(false));
-    let reload = Arc::new(AtomicBool::new(false));
-    for (signal, flag) in [
-        (signal_hook::consts::SIGTERM, &terminate),
-        (signal_hook::consts::SIGINT, &terminate),
-        (signal_hook::consts::SIGHUP, &reload),
-    ] {
-        if let Err(e) = signal_hook::flag::register(signal, flag.clone()) {
-            error!("cannot install the handler for signal {signal}: {e}");
+    // Installed before the broker starts: a signal that arrives meanwhile
+    // waits in `signals` for the loop below. The main thread then sleeps
+    // until a signal comes (no polling: an idle broker wakes for nothing).
+    let mut signals = match signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGHUP,
+    ]) {
+        Ok(signals) => signals,
+        Err(e) => {
+            error!("cannot install the signal handlers: {e}");
             return ExitCode::FAILURE;
         }
-    }
+    };
     let broker = match broker::start(config) {
         Ok(broker) => broker,
         Err(e) => {
@@ -121,13 +117,13 @@ fn main() -> ExitCode {
         None => info!("admin HTTP off"),
     }
     os::notify_systemd(sd_notify::NotifyState::Ready);
-    while !terminate.load(Ordering::SeqCst) {
-        std::thread::sleep(SIGNAL_POLL);
-        if reload.swap(false, Ordering::SeqCst) {
-            reload_log_level(config_file.as_deref());
-            reload_tls(broker.tls.as_deref());
-            broker.auth.reload();
+    for signal in signals.forever() {
+        if signal != signal_hook::consts::SIGHUP {
+            break;
         }
+        reload_log_level(config_file.as_deref());
+        reload_tls(broker.tls.as_deref());
+        broker.auth.reload();
     }
     info!("shutting down");
     os::notify_systemd(sd_notify::NotifyState::Stopping);

@@ -189,6 +189,12 @@ pub struct Opts {
     /// Idle: seconds to hold the connections.
     #[arg(long, default_value_t = 10.0)]
     pub hold: f64,
+    /// Idle: seconds to wait after the last subscription before the
+    /// measured hold begins, so that work a broker does once per new
+    /// connection shortly after it (fanmq parks its connections within
+    /// 1.5 s) is not counted as idle CPU. 0: the hold starts at once.
+    #[arg(long, default_value_t = 0.0)]
+    pub settle: f64,
     /// MQTT keep-alive (s); a PINGREQ goes out after half of it.
     #[arg(long, default_value_t = 60)]
     pub keep_alive: u16,
@@ -241,6 +247,14 @@ pub struct Opts {
     /// A handshake slower than this (ms) counts as failed.
     #[arg(long, default_value_t = 30_000)]
     pub handshake_timeout_ms: u64,
+    /// Try a failed handshake (refused, closed by the broker before SUBACK,
+    /// timed out) again after this many ms, as clients reconnect (MQTT.js
+    /// waits 1000 ms), until --handshake-timeout-ms after the phase began;
+    /// 0: a failure is final.
+    /// Default: 1000 for the `storm` (a broker's connection-rate limits
+    /// refuse part of it, and real clients come back), 0 otherwise.
+    #[arg(long)]
+    pub reconnect_ms: Option<u64>,
     /// Write the results as JSON to this file.
     #[arg(long)]
     pub out: Option<String>,
@@ -248,6 +262,7 @@ pub struct Opts {
     /// alternating (A B A B ...). `{port}` is replaced by a free port. Named
     /// peers: `mosquitto`, `rumqttd`, `fanmq` (binary from $FANMQ_BIN or
     /// PATH; 1 shard), `fanmq:N` (N shards), `raw` (the bench's own forwarder).
+    /// Any other is a shell command, labelled `LABEL=command` if wanted.
     #[arg(long, num_args = 1..)]
     pub compare: Vec<String>,
     /// Rounds of the comparison.

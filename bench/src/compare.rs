@@ -10,7 +10,8 @@
 //! `$FLASHMQ_BIN`, else `flashmq` on PATH, as `bench/peers.sh` builds it;
 //! one thread), `flashmq:N` (N threads) and `raw` (this binary's
 //! forwarder). Anything else is a shell command with
-//! `{port}`, run with `exec` so its PID is the broker's.
+//! `{port}`, run with `exec` so its PID is the broker's, optionally after a
+//! label: `LABEL=command`.
 
 use crate::net;
 use crate::procfs;
@@ -215,6 +216,20 @@ fn command_for(
             let n = threads.parse::<u32>().unwrap_or(1);
             flashmq(n, port, &write)?
         }
+        // `LABEL=command`: a shell command under a short label (e.g. two
+        // builds of one broker side by side).
+        other
+            if other.split_once('=').is_some_and(|(label, cmd)| {
+                !label.is_empty() && !label.contains(' ') && cmd.contains(' ')
+            }) =>
+        {
+            let (label, cmd) = other.split_once('=').unwrap_or(("", other));
+            (
+                label.to_owned(),
+                cmd.replace("{port}", &port.to_string()),
+                false,
+            )
+        }
         other => (
             other.to_owned(),
             other.replace("{port}", &port.to_string()),
@@ -318,6 +333,12 @@ mod tests {
         assert_eq!(
             (label.as_str(), cmd.as_str()),
             ("mybroker -p {port}", "mybroker -p 4242")
+        );
+        let (label, cmd, _) =
+            command_for("before=mybroker -p {port} --x=1", 4242, &dir, 1000).unwrap();
+        assert_eq!(
+            (label.as_str(), cmd.as_str()),
+            ("before", "mybroker -p 4242 --x=1")
         );
         assert!(mosquitto_conf(4242, 5).contains("listener 4242 127.0.0.1"));
         let (label, cmd, raw) = command_for("flashmq", 4242, &dir, 1000).unwrap();

@@ -38,6 +38,9 @@ pub struct Conn {
     /// receive every message of the phase (a connection that breaks later
     /// counts its missing messages as lost).
     pub counted: bool,
+    /// When a failed handshake is tried again (`reconnect_ms`); 0: not
+    /// waiting for that.
+    pub retry_at_ns: u64,
 }
 
 impl Conn {
@@ -52,6 +55,7 @@ impl Conn {
             unsent: Vec::new(),
             seq: SeqTracker::default(),
             counted: false,
+            retry_at_ns: 0,
         }
     }
 }

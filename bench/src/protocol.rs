@@ -64,6 +64,11 @@ pub struct WorkerTask {
     pub coalesce_acks: bool,
     /// A handshake (TCP + CONNECT + SUBSCRIBE) taking longer fails.
     pub handshake_timeout_ms: u64,
+    /// A handshake that failed (refused, closed by the broker, timed out)
+    /// is tried again after this many milliseconds, as clients reconnect
+    /// (MQTT.js waits 1000 ms); 0: it stays failed.
+    #[serde(default)]
+    pub reconnect_ms: u64,
     /// Monotonic time of bucket 0 of the deliveries timeline.
     pub timeline_start_ns: u64,
     /// Width of a timeline bucket.

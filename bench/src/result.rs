@@ -466,6 +466,9 @@ pub fn headline(run: &RunResult) -> Vec<(&'static str, f64, bool)> {
             v.push(("broker peak RSS B/conn", b, false));
         }
         v.push(("kernel B/conn", i.kernel_mem_per_conn, false));
+        if let Some(us) = i.broker_idle_cpu_us_per_conn_s {
+            v.push(("broker idle CPU µs/conn-s", us, false));
+        }
     }
     if let Some(s) = &run.storm {
         v.push(("seconds until all subscribed", s.open_seconds, false));
@@ -848,7 +851,15 @@ pub fn compare_table(runs: &[RunResult]) -> String {
         let _ = write!(s, "| {name} |");
         let base_v = median(base, name);
         for b in &brokers {
-            let _ = write!(s, " {} |", fmt_opt(median(b, name), 1));
+            let m = median(b, name);
+            // Figures below 1 (idle CPU per connection-second) need more
+            // than one decimal.
+            let decimals = if m.is_some_and(|v| v.abs() < 1.0) {
+                3
+            } else {
+                1
+            };
+            let _ = write!(s, " {} |", fmt_opt(m, decimals));
         }
         for b in brokers.iter().skip(1) {
             let ratio = match (median(b, name), base_v) {

@@ -186,6 +186,9 @@ pub fn run(kind: Kind, o: &Opts, t: &Target, round: u32) -> Result<RunResult, Sc
             pipeline: kind != Kind::Storm && o.handshake == Handshake::Pipelined,
             coalesce_acks: o.coalesce_acks,
             handshake_timeout_ms: o.handshake_timeout_ms,
+            reconnect_ms: o
+                .reconnect_ms
+                .unwrap_or(if kind == Kind::Storm { 1000 } else { 0 }),
             timeline_start_ns: timeline_start,
             bucket_ns: BUCKET_NS,
             track_msgs: TRACK_MSGS,
@@ -299,17 +302,20 @@ pub fn run(kind: Kind, o: &Opts, t: &Target, round: u32) -> Result<RunResult, Sc
             }
         }
         Kind::Idle => {
+            if o.settle > 0.0 {
+                // Connect-time work that ends by itself (a broker parking
+                // its new connections, say) stays out of the window.
+                hold_connections(
+                    &mut fleet,
+                    "idle settle",
+                    Duration::from_secs_f64(o.settle),
+                    &progress,
+                )?;
+            }
             let c0 = cpu_of(&t.pids);
             let w0 = stats::monotonic_ns();
-            let hold = Duration::from_secs_f64(o.hold);
-            let end = std::time::Instant::now() + hold.min(Duration::from_secs_f64(o.duration));
-            fleet.gather::<()>(
-                "idle hold",
-                hold + Duration::from_secs(5),
-                &progress,
-                |_| None,
-                |_| std::time::Instant::now() >= end,
-            )?;
+            let hold = Duration::from_secs_f64(o.hold).min(Duration::from_secs_f64(o.duration));
+            hold_connections(&mut fleet, "idle hold", hold, &progress)?;
             let c1 = cpu_of(&t.pids);
             let wall = stats::monotonic_ns() - w0;
             let sock_after = procfs::sockstat().unwrap_or_default();
@@ -480,6 +486,25 @@ pub fn run(kind: Kind, o: &Opts, t: &Target, round: u32) -> Result<RunResult, Sc
         });
     }
     Ok(result)
+}
+
+/// Keeps the connections open for `time`, the workers answering pings and
+/// reporting progress.
+fn hold_connections(
+    fleet: &mut Fleet,
+    what: &'static str,
+    time: Duration,
+    progress: &Progress,
+) -> Result<(), FleetError> {
+    let end = std::time::Instant::now() + time;
+    fleet.gather::<()>(
+        what,
+        time + Duration::from_secs(5),
+        progress,
+        |_| None,
+        |_| std::time::Instant::now() >= end,
+    )?;
+    Ok(())
 }
 
 /// Opens every connection; returns the figures and each worker's summary.

@@ -84,6 +84,9 @@ struct Worker {
     cursor: usize,
     /// Handshakes in flight.
     pending: usize,
+    /// Connections whose failed handshake waits to be tried again
+    /// (`reconnect_ms`), in the order they failed (so by retry time).
+    retries: std::collections::VecDeque<usize>,
     /// Connect phase running (answer with `Connected` when it ends).
     connecting: bool,
     phase_started_ns: u64,
@@ -166,6 +169,7 @@ pub fn run() -> Result<(), WorkerError> {
         scratch: vec![0; SCRATCH],
         cursor: 0,
         pending: 0,
+        retries: std::collections::VecDeque::new(),
         connecting: false,
         phase_started_ns: 0,
         connected: 0,
@@ -279,7 +283,11 @@ impl Worker {
                 last_sweep = now;
                 self.sweep(now);
             }
-            if self.connecting && self.cursor == self.conns.len() && self.pending == 0 {
+            if self.connecting
+                && self.cursor == self.conns.len()
+                && self.pending == 0
+                && self.retries.is_empty()
+            {
                 self.connecting = false;
                 let summary = ConnectSummary {
                     ready: self.ready,
@@ -310,6 +318,7 @@ impl Worker {
         self.connecting = true;
         self.cursor = 0;
         self.pending = 0;
+        self.retries.clear();
         self.failed = 0;
         self.connect_errors.clear();
         self.by_source.clear();
@@ -426,7 +435,8 @@ impl Worker {
         r
     }
 
-    /// Starts connects while under the in-flight cap.
+    /// Starts connects while under the in-flight cap: the next ones of the
+    /// phase, then the failed ones whose retry time has come.
     fn open_more(&mut self) {
         while self.connecting
             && self.cursor < self.conns.len()
@@ -437,29 +447,49 @@ impl Worker {
             if !matches!(self.conns[i].state, State::Idle | State::Failed) {
                 continue; // Repair: this one is up (or on its way).
             }
-            let (target, source) = self.pair(i);
-            let now = stats::monotonic_ns();
-            match net::start_connect(target, source) {
-                Ok(mut stream) => {
-                    let reg = self.poll.registry().register(
-                        &mut stream,
-                        Token(i),
-                        Interest::READABLE | Interest::WRITABLE,
-                    );
-                    let c = &mut self.conns[i];
-                    c.started_ns = now;
-                    c.state = State::Connecting;
-                    c.stream = Some(stream);
-                    self.pending += 1;
-                    if let Err(e) = reg {
-                        self.fail(i, &net::error_kind(&e));
-                    }
-                }
-                Err(e) => {
-                    self.conns[i].state = State::Connecting;
-                    self.pending += 1;
+            self.start_one(i);
+        }
+        if self.retries.is_empty() || !self.connecting {
+            return;
+        }
+        let now = stats::monotonic_ns();
+        while self.pending < self.task.max_pending {
+            let Some(&i) = self.retries.front() else {
+                break;
+            };
+            if self.conns[i].retry_at_ns > now {
+                break;
+            }
+            self.retries.pop_front();
+            self.conns[i].retry_at_ns = 0;
+            self.start_one(i);
+        }
+    }
+
+    /// Starts the TCP connect of connection `i`.
+    fn start_one(&mut self, i: usize) {
+        let (target, source) = self.pair(i);
+        let now = stats::monotonic_ns();
+        match net::start_connect(target, source) {
+            Ok(mut stream) => {
+                let reg = self.poll.registry().register(
+                    &mut stream,
+                    Token(i),
+                    Interest::READABLE | Interest::WRITABLE,
+                );
+                let c = &mut self.conns[i];
+                c.started_ns = now;
+                c.state = State::Connecting;
+                c.stream = Some(stream);
+                self.pending += 1;
+                if let Err(e) = reg {
                     self.fail(i, &net::error_kind(&e));
                 }
+            }
+            Err(e) => {
+                self.conns[i].state = State::Connecting;
+                self.pending += 1;
+                self.fail(i, &net::error_kind(&e));
             }
         }
     }
@@ -482,6 +512,28 @@ impl Worker {
             if c.state != State::Connecting {
                 self.connected = self.connected.saturating_sub(1);
             }
+        }
+        let now = stats::monotonic_ns();
+        let reconnect_ns = self.task.reconnect_ms * 1_000_000;
+        // Retries stop --handshake-timeout-ms after the phase began, so that
+        // a phase the broker never lets finish still ends.
+        let in_time =
+            now + reconnect_ns < self.phase_started_ns + self.task.handshake_timeout_ms * 1_000_000;
+        if in_handshake && self.connecting && reconnect_ns > 0 && in_time {
+            // Tried again later, as a client reconnects; counted apart.
+            self.pending = self.pending.saturating_sub(1);
+            *self
+                .connect_errors
+                .entry(format!("retried after: {why}"))
+                .or_default() += 1;
+            let retry_at_ns = now + reconnect_ns;
+            let c = &mut self.conns[i];
+            c.state = State::Idle;
+            c.partial = Vec::new();
+            c.unsent = Vec::new();
+            c.retry_at_ns = retry_at_ns;
+            self.retries.push_back(i);
+            return;
         }
         if in_handshake {
             self.pending = self.pending.saturating_sub(1);

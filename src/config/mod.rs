@@ -141,18 +141,35 @@ pub const DEFAULT_USE_IDENTITY_AS_USERNAME: bool = false;
 // Hostile-client limits (README, "Security").
 
 /// Connections held at once from one source address (an IPv4 address, or an
-/// IPv6 /64, which one host usually owns whole). 1024 is far more than one
-/// honest host needs and stops one host from taking every descriptor.
-/// Loopback is exempt by default ([`DEFAULT_LIMITS_EXEMPT_LOOPBACK`]). 0: no limit.
-pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 1024;
-/// New connections per second accepted on one listen address (a token bucket
-/// refilled at this rate). 2000/s lets a broker of 100k clients recover from a
-/// restart in under a minute while bounding a connect flood's CPU cost.
+/// IPv6 /64, which one host usually owns whole). 4096: many clients share
+/// one address behind a NAT (a carrier-grade NAT puts thousands of phones
+/// behind one IPv4 address, and browsers and phones are where a fan-out
+/// reaches its millions), while one host still holds at most 0.4% of the
+/// default `max_connections`. Loopback is exempt by default
+/// ([`DEFAULT_LIMITS_EXEMPT_LOOPBACK`]). 0: no limit.
+pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 4096;
+/// New connections per second accepted from one source address (a token
+/// bucket per address, refilled at this rate). This, not the listener's
+/// rate, is what stops one hostile address: at about 100 µs of broker CPU
+/// per CONNECT+SUBSCRIBE, 200/s is 2% of one core, and its refused
+/// connections take none of the listener's tokens from honest clients. A
+/// full NAT address ([`DEFAULT_MAX_CONNECTIONS_PER_IP`] clients) is back
+/// within (4096 - 400) / 200 ≈ 19 s after a restart. 0: no limit.
+pub const DEFAULT_MAX_CONNECTION_RATE_PER_IP: u32 = 200;
+/// Connections one address may open in one burst above its rate (its
+/// bucket's size): a device gateway reconnecting its fleet at once.
+pub const DEFAULT_CONNECTION_RATE_PER_IP_BURST: u32 = 400;
+/// New connections per second accepted on one listen address, all sources
+/// together (a token bucket refilled at this rate). 40,000/s brings
+/// [`DEFAULT_MAX_CONNECTIONS`] clients back within (1,000,000 - 40,000) /
+/// 40,000 = 24 s after a restart (2000/s, the earlier default, took more
+/// than 8 minutes), so the broker's CPU, not this limit, sets how fast a
+/// fleet returns; it still caps a flood from many addresses at once.
 /// 0: no limit.
-pub const DEFAULT_MAX_CONNECTION_RATE: u32 = 2000;
+pub const DEFAULT_MAX_CONNECTION_RATE: u32 = 40_000;
 /// Connections a listener accepts in one burst above the rate (the token
-/// bucket's size).
-pub const DEFAULT_CONNECTION_RATE_BURST: u32 = 4000;
+/// bucket's size): one second's worth.
+pub const DEFAULT_CONNECTION_RATE_BURST: u32 = 40_000;
 /// Loopback clients (127.0.0.0/8, ::1) are exempt from the per-address and
 /// rate limits: they are local processes (benchmarks, bridges, health
 /// checks), not remote attackers.
@@ -293,6 +310,10 @@ pub struct Flags {
     /// New connections per second per listen address (0: no limit).
     #[arg(long, value_name = "N")]
     pub max_connection_rate: Option<u32>,
+    /// New connections per second from one IPv4 address or IPv6 /64, on each
+    /// listen address (0: no limit).
+    #[arg(long, value_name = "N")]
+    pub max_connection_rate_per_ip: Option<u32>,
     /// Address to accept MQTT over TLS on (conventionally port 8883);
     /// repeatable. Needs --certfile and --keyfile.
     #[arg(long, value_name = "ADDR:PORT")]
@@ -371,6 +392,8 @@ struct FileConfig {
     max_connections_per_ip: Option<usize>,
     max_connection_rate: Option<u32>,
     connection_rate_burst: Option<u32>,
+    max_connection_rate_per_ip: Option<u32>,
+    connection_rate_per_ip_burst: Option<u32>,
     limits_exempt_loopback: Option<bool>,
     max_subscriptions_per_client: Option<usize>,
     max_topic_levels: Option<usize>,
@@ -492,6 +515,11 @@ pub struct Config {
     pub max_connection_rate: u32,
     /// Token-bucket size of the connection rate limit.
     pub connection_rate_burst: u32,
+    /// New connections per second per IPv4 address or IPv6 /64, on each
+    /// listen address; 0: no limit.
+    pub max_connection_rate_per_ip: u32,
+    /// Token-bucket size of the per-address connection rate limit.
+    pub connection_rate_per_ip_burst: u32,
     /// Loopback clients skip the per-address and rate limits.
     pub limits_exempt_loopback: bool,
     /// Subscriptions per client; 0: no limit.
@@ -581,6 +609,8 @@ impl Default for Config {
             max_connections_per_ip: DEFAULT_MAX_CONNECTIONS_PER_IP,
             max_connection_rate: DEFAULT_MAX_CONNECTION_RATE,
             connection_rate_burst: DEFAULT_CONNECTION_RATE_BURST,
+            max_connection_rate_per_ip: DEFAULT_MAX_CONNECTION_RATE_PER_IP,
+            connection_rate_per_ip_burst: DEFAULT_CONNECTION_RATE_PER_IP_BURST,
             limits_exempt_loopback: DEFAULT_LIMITS_EXEMPT_LOOPBACK,
             max_subscriptions_per_client: DEFAULT_MAX_SUBSCRIPTIONS_PER_CLIENT,
             max_topic_levels: DEFAULT_MAX_TOPIC_LEVELS,
@@ -698,6 +728,16 @@ impl Config {
         set(
             &mut config.connection_rate_burst,
             file.connection_rate_burst,
+            None,
+        );
+        set(
+            &mut config.max_connection_rate_per_ip,
+            file.max_connection_rate_per_ip,
+            cli.max_connection_rate_per_ip,
+        );
+        set(
+            &mut config.connection_rate_per_ip_burst,
+            file.connection_rate_per_ip_burst,
             None,
         );
         set(
@@ -854,6 +894,9 @@ impl Config {
         }
         if self.max_connection_rate > 0 && self.connection_rate_burst == 0 {
             return invalid("connection_rate_burst", "must be at least 1");
+        }
+        if self.max_connection_rate_per_ip > 0 && self.connection_rate_per_ip_burst == 0 {
+            return invalid("connection_rate_per_ip_burst", "must be at least 1");
         }
         // §3.1.3.1: the server MUST allow client ids of 1 to 23 bytes.
         if self.max_client_id_len < 23 || self.max_client_id_len > 65_535 {
@@ -1331,6 +1374,69 @@ mod tests {
             c.persistence_location.as_deref(),
             Some(Path::new("/var/lib/fanmq"))
         );
+    }
+
+    /// The connection limits' defaults are what README's "Security" table
+    /// and the sample fanmq.toml say.
+    #[test]
+    fn the_connection_limit_defaults_are_what_the_readme_says() {
+        let readme =
+            std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+                .unwrap();
+        let row = |key: &str| {
+            readme
+                .lines()
+                .find(|l| l.starts_with("| ") && l.contains(&format!("| `{key}`")))
+                .unwrap_or_else(|| panic!("no README row for {key}"))
+                .split(" | ")
+                .nth(2)
+                .unwrap()
+                .to_owned()
+        };
+        assert_eq!(
+            row("max_connections_per_ip"),
+            DEFAULT_MAX_CONNECTIONS_PER_IP.to_string()
+        );
+        assert_eq!(
+            row("max_connection_rate_per_ip"),
+            format!(
+                "{DEFAULT_MAX_CONNECTION_RATE_PER_IP}/s, burst {DEFAULT_CONNECTION_RATE_PER_IP_BURST}"
+            )
+        );
+        assert_eq!(
+            row("max_connection_rate"),
+            format!("{DEFAULT_MAX_CONNECTION_RATE}/s, burst {DEFAULT_CONNECTION_RATE_BURST}")
+        );
+        // And the sample config states the same values.
+        let sample = Config::load(&Flags {
+            config: Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("fanmq.toml")),
+            ..Flags::default()
+        })
+        .unwrap();
+        let defaults = Config::default();
+        assert_eq!(
+            sample.max_connections_per_ip,
+            defaults.max_connections_per_ip
+        );
+        assert_eq!(
+            (
+                sample.max_connection_rate_per_ip,
+                sample.connection_rate_per_ip_burst
+            ),
+            (
+                defaults.max_connection_rate_per_ip,
+                defaults.connection_rate_per_ip_burst
+            )
+        );
+        assert_eq!(
+            (sample.max_connection_rate, sample.connection_rate_burst),
+            (defaults.max_connection_rate, defaults.connection_rate_burst)
+        );
+        // One restart brings max_connections clients back within 30 s.
+        let seconds = (defaults.max_connections as u64)
+            .saturating_sub(u64::from(defaults.connection_rate_burst))
+            / u64::from(defaults.max_connection_rate);
+        assert!(seconds <= 30, "{seconds} s to reconnect max_connections");
     }
 
     #[test]

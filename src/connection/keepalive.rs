@@ -1,28 +1,31 @@
 //! The keep-alive sweep (§3.1.2.10): closes silent connections, parks idle
 //! ones still in their task, ends offline sessions past their Session
-//! Expiry Interval, and gathers the shard's session gauges.
+//! Expiry Interval, publishes delayed wills, and refreshes the shard's
+//! gauges. It looks only at what is due in the shard's timer wheels
+//! (`shard::timers`), never at every session: an idle shard of a million
+//! connections does a few comparisons per sweep.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use log::debug;
 
-use crate::session::link::{CloseReason, SessionKey, TICKS_PER_SEC, Waiter};
-use crate::shard::Ctx;
-use crate::shard::sys::SessionTotals;
-
-/// A plain connection still waiting in its task ([`Wire::Fresh`]: the
-/// client sent nothing after CONNECT) is woken to park once it has been
-/// silent this long: a second, so that the keep-alive sweep (every half
-/// second) parks such clients within 1.5 s and never a client in the middle
-/// of its first exchange.
-pub(super) const PARK_AFTER_TICKS: u32 = TICKS_PER_SEC;
+use crate::session::link::{CloseReason, SessionKey, Waiter};
+use crate::shard::timers::{PARK_AFTER_TICKS, conn_tag, offline_deadline};
+use crate::shard::{Ctx, Shard};
 
 /// Closes connections silent for more than 1.5 × their keep-alive
 /// (§3.1.2.10), checking every `period`; wakes plain connections idle in
-/// their task for [`PARK_AFTER_TICKS`] so that they park.
-pub async fn keep_alive_sweeper(ctx: Ctx, period: Duration) {
+/// their task for [`PARK_AFTER_TICKS`] so that they park. Returns once
+/// `shutdown` is set (checked on the same tick, so an idle shard wakes only
+/// for this timer: twice a second).
+pub async fn keep_alive_sweeper(ctx: Ctx, period: Duration, shutdown: Arc<AtomicBool>) {
     loop {
         glommio::timer::sleep(period).await;
+        if shutdown.load(Ordering::SeqCst) {
+            return;
+        }
         match sweep(&ctx) {
             Swept::ShuttingDown => return,
             Swept::Quiet => {}
@@ -45,9 +48,8 @@ enum Swept {
     Published,
 }
 
-/// One pass over the shard's sessions (see [`keep_alive_sweeper`]); also
-/// ends offline sessions past their Session Expiry Interval and publishes
-/// the delayed wills that are due.
+/// One sweep (see [`keep_alive_sweeper`]): fires what is due in the
+/// shard's wheels, then refreshes the figures.
 fn sweep(ctx: &Ctx) -> Swept {
     {
         let mut shard = ctx.shard.borrow_mut();
@@ -55,42 +57,8 @@ fn sweep(ctx: &Ctx) -> Swept {
             return Swept::ShuttingDown;
         }
         let now = shard.now_ticks();
-        // The sweep walks every session anyway: it also gathers the queue
-        // totals for the admin figures, which it then publishes.
-        let mut totals = SessionTotals::default();
-        let mut expired = Vec::new();
-        let mut wills = Vec::new();
-        let mut dropped = 0;
-        for (key, session) in shard.sessions.iter_mut() {
-            totals.count(session);
-            dropped += session.take_unreported_drops();
-            let Some(link) = &mut session.link else {
-                if session.has_expired(now) {
-                    expired.push(key as SessionKey);
-                } else if session
-                    .state
-                    .flows
-                    .as_ref()
-                    .is_some_and(|f| f.delayed_will.as_ref().is_some_and(|w| w.0 <= now))
-                {
-                    wills.push(key as SessionKey);
-                }
-                continue;
-            };
-            let limit = u32::from(link.keep_alive) * TICKS_PER_SEC * 3 / 2;
-            let silent = now.saturating_sub(link.last_seen);
-            if link.keep_alive > 0 && silent > limit {
-                debug!("client {}: keep-alive timeout", session.client_id);
-                link.close(CloseReason::KeepAliveTimeout);
-            } else if silent >= PARK_AFTER_TICKS
-                && !link.is_framed()
-                && matches!(link.waiter, Waiter::Task(_))
-            {
-                // A plain connection idle in its task: it parks when woken.
-                link.wake();
-            }
-        }
-        shard.stats.publish_dropped += dropped;
+        let (expired, wills) = fire_due(&mut shard, now);
+        let totals = shard.session_totals();
         shard.refresh_gauges(totals);
         let moves_ended = shard.end_old_moves(now);
         if expired.is_empty() && wills.is_empty() {
@@ -104,4 +72,74 @@ fn sweep(ctx: &Ctx) -> Swept {
         shard.publish_due_wills(&wills);
     }
     Swept::Published
+}
+
+/// Fires the entries of the shard's wheels due at `now`: closes silent
+/// connections, wakes new ones to park, and returns the offline sessions
+/// that expired and those whose delayed will is due.
+fn fire_due(shard: &mut Shard, now: u32) -> (Vec<SessionKey>, Vec<SessionKey>) {
+    let Shard {
+        sessions, timers, ..
+    } = shard;
+    timers.keep_alive.expire(now, |key, tag| {
+        let link = sessions
+            .get_mut(key as usize)
+            .and_then(|s| s.link.as_mut())
+            .filter(|l| conn_tag(l.conn_id) == tag)?;
+        // Re-armed since (a packet arrived): the entry moves there.
+        let due = link.keep_alive_deadline()?;
+        if now < due {
+            return Some(due);
+        }
+        debug!("connection {}: keep-alive timeout", link.conn_id);
+        link.close(CloseReason::KeepAliveTimeout);
+        None
+    });
+    timers.park.expire(now, |key, tag| {
+        let link = sessions
+            .get_mut(key as usize)
+            .and_then(|s| s.link.as_mut())
+            .filter(|l| conn_tag(l.conn_id) == tag)?;
+        match link.waiter {
+            // Parked, or closing: nothing more to do.
+            Waiter::Parked(_) => None,
+            _ if link.close.is_some() => None,
+            // Busy: look again a second after its latest packet.
+            Waiter::Running => Some(now.saturating_add(PARK_AFTER_TICKS)),
+            Waiter::Task(_) => {
+                let due = link.last_seen.saturating_add(PARK_AFTER_TICKS);
+                if now < due {
+                    return Some(due);
+                }
+                // A plain connection idle in its task: it parks when woken
+                // (or, out of descriptors, waits again and is woken later).
+                link.wake();
+                Some(now.saturating_add(PARK_AFTER_TICKS))
+            }
+        }
+    });
+    let mut expired = Vec::new();
+    let mut wills = Vec::new();
+    timers.offline.expire(now, |key, tag| {
+        let session = sessions
+            .get(key as usize)
+            .filter(|s| s.link.is_none() && s.offline_since == tag)?;
+        if session.has_expired(now) {
+            expired.push(key);
+            return None;
+        }
+        if session
+            .state
+            .flows
+            .as_ref()
+            .is_some_and(|f| f.delayed_will.as_ref().is_some_and(|w| w.0 <= now))
+        {
+            wills.push(key);
+            // Looked at again next sweep, once the will has left: for its
+            // expiry.
+            return Some(now.saturating_add(1));
+        }
+        offline_deadline(session)
+    });
+    (expired, wills)
 }

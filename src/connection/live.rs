@@ -20,7 +20,7 @@ use crate::net::admission::{ConnectionSlot, IpKey};
 use crate::net::fd;
 use crate::net::poller::{self, Interest};
 use crate::net::transport::{Stream, Transport};
-use crate::session::link::{CloseReason, Parked, Waiter};
+use crate::session::link::{CloseReason, Parked, ParkedCount, Waiter};
 use crate::session::outqueue::{Flushed, OutQueue};
 use crate::shard::{Ctx, Shard};
 
@@ -253,6 +253,7 @@ impl Live {
             version: conn.version,
             slot: self.slot.take(),
             rare: conn.rare,
+            _counted: ParkedCount::new(),
         });
         Ok(Waited::Parked)
     }

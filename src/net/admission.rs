@@ -1,5 +1,6 @@
-//! Who may connect: the per-address connection count and the per-listener
-//! connection rate (README, "Security").
+//! Who may connect: the per-address connection count, the per-address
+//! connection rate and the per-listener connection rate (README,
+//! "Security").
 //!
 //! Both are checked in the accept loop ([`crate::listener`]), right after
 //! `accept`, before anything is read: a refused socket is closed at once
@@ -22,6 +23,13 @@
 //!   burst divided by the number of shards. SO_REUSEPORT spreads new
 //!   connections evenly, so the listener as a whole accepts about the
 //!   configured rate, with no shared state at all.
+//! - **Rate per address** ([`AddressRates`]): a token bucket per source
+//!   address (the same [`IpKey`]), per shard and listener, rate and burst
+//!   divided by the shards as above (the kernel hashes the source port
+//!   too, so one address's connections spread over the shards). Checked
+//!   before the listener's bucket, so that a hostile address's refused
+//!   connections take none of the tokens honest clients need after a
+//!   restart. The map forgets an address once its bucket is full again.
 //!
 //! Loopback clients are exempt from both by default
 //! (`limits_exempt_loopback`): benchmarks and local tools open tens of
@@ -183,6 +191,67 @@ impl TokenBucket {
     }
 }
 
+impl TokenBucket {
+    /// True when the bucket is full at `now` (it has been unused for long
+    /// enough): forgetting it changes nothing.
+    fn is_full(&self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens + elapsed * self.rate >= self.capacity
+    }
+}
+
+/// Addresses an [`AddressRates`] map holds before it first forgets the full
+/// buckets; it then waits to double before it looks again, so forgetting
+/// costs O(1) per new address.
+const ADDRESS_RATES_PRUNE_AT: usize = 1024;
+
+/// One shard's per-address connection-rate buckets for one listener (see
+/// the module documentation).
+#[derive(Debug)]
+pub struct AddressRates {
+    /// This shard's share of the rate per address, per second.
+    rate: f64,
+    /// This shard's share of the burst per address.
+    burst: f64,
+    /// The bucket of each address seen lately.
+    buckets: HashMap<IpKey, TokenBucket>,
+    /// Forget the full buckets once the map holds this many.
+    prune_at: usize,
+}
+
+impl AddressRates {
+    /// This shard's share of `rate`/s and `burst` per address, with
+    /// `shards` shards (at least one connection per second and per burst).
+    pub fn shard_share(rate: u32, burst: u32, shards: usize) -> AddressRates {
+        let shards = shards.max(1) as f64;
+        AddressRates {
+            rate: (f64::from(rate) / shards).max(1.0),
+            burst: (f64::from(burst) / shards).ceil().max(1.0),
+            buckets: HashMap::new(),
+            prune_at: ADDRESS_RATES_PRUNE_AT,
+        }
+    }
+
+    /// Takes a token from `key`'s bucket at `now` if it has one.
+    pub fn try_take(&mut self, key: IpKey, now: Instant) -> bool {
+        if self.buckets.len() >= self.prune_at {
+            self.buckets.retain(|_, b| !b.is_full(now));
+            self.prune_at = (self.buckets.len() * 2).max(ADDRESS_RATES_PRUNE_AT);
+        }
+        let (rate, burst) = (self.rate, self.burst);
+        self.buckets
+            .entry(key)
+            .or_insert_with(|| TokenBucket::new(rate, burst, now))
+            .try_take(now)
+    }
+
+    /// Addresses held (for tests).
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.buckets.len()
+    }
+}
+
 /// Counts a live connection against `max_connections` until dropped. Its
 /// count under `max_connections_per_ip` (its [`IpKey`], kept beside it in
 /// what was padding, so a connection grows by nothing) is given back with
@@ -258,6 +327,38 @@ mod tests {
         let later = t0 + Duration::from_secs(60);
         let taken = (0..10).filter(|_| bucket.try_take(later)).count();
         assert_eq!(taken, 3);
+    }
+
+    #[test]
+    fn address_rates_limit_each_address_on_its_own() {
+        let t0 = Instant::now();
+        // 2/s and a burst of 3 per address, one shard.
+        let mut rates = AddressRates::shard_share(2, 3, 1);
+        let taken = (0..10).filter(|_| rates.try_take(7, t0)).count();
+        assert_eq!(taken, 3, "the burst, then refused");
+        assert!(rates.try_take(8, t0), "another address has its own bucket");
+        assert!(!rates.try_take(7, t0 + Duration::from_millis(100)));
+        assert!(
+            rates.try_take(7, t0 + Duration::from_millis(600)),
+            "refilled at 2/s"
+        );
+    }
+
+    #[test]
+    fn address_rates_forget_full_buckets() {
+        let t0 = Instant::now();
+        let mut rates = AddressRates::shard_share(10, 1, 1);
+        for key in 1..=ADDRESS_RATES_PRUNE_AT as IpKey {
+            assert!(rates.try_take(key, t0));
+        }
+        assert_eq!(rates.len(), ADDRESS_RATES_PRUNE_AT);
+        // A second later every bucket is full again: the next new address
+        // makes the map forget them, and a forgotten address starts full.
+        let later = t0 + Duration::from_secs(1);
+        assert!(rates.try_take(ADDRESS_RATES_PRUNE_AT as IpKey + 1, later));
+        assert_eq!(rates.len(), 1);
+        assert!(rates.try_take(1, later));
+        assert!(!rates.try_take(1, later), "burst of 1");
     }
 
     #[test]

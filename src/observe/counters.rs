@@ -310,6 +310,10 @@ counter_table! {
             prometheus Some("connections_rate_limited"), per_shard None,
             sys Some("$SYS/broker/connections/refused/rate"),
             help "Connections closed after accept because max_connection_rate was reached";
+        connections_ip_rate_limited: Counter Sum,
+            prometheus Some("connections_ip_rate_limited"), per_shard None,
+            sys Some("$SYS/broker/connections/refused/rate_per_ip"),
+            help "Connections closed after accept because their address was over max_connection_rate_per_ip";
         connections_proxy_refused: Counter Sum,
             prometheus Some("connections_proxy_refused"), per_shard None,
             sys Some("$SYS/broker/connections/refused/proxy_protocol"),

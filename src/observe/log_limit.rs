@@ -44,6 +44,8 @@ pub enum LogKind {
     MaxConnectionRate,
     /// A new connection closed at once: `max_connections_per_ip` reached.
     MaxConnectionsPerIp,
+    /// A new connection closed at once: `max_connection_rate_per_ip` reached.
+    MaxConnectionRatePerIp,
     /// A retained QoS 1/2 PUBLISH refused: persistence cannot store it.
     StoreRefused,
     /// A connection on a `proxy_protocol` listener closed: no valid PROXY

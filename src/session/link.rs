@@ -9,7 +9,7 @@
 //! list through which [`Link::wake`] gives a parked connection its task back
 //! without this layer knowing the connection code.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::os::fd::{OwnedFd, RawFd};
 use std::task::Waker;
 
@@ -166,6 +166,71 @@ pub struct Link {
     /// (the admin API's "connected since"; fits in the struct's padding, so
     /// it costs no memory per connection).
     pub connected_at: u32,
+    /// Counts the link in [`live_links`] while it exists.
+    _counted: LinkCount,
+}
+
+/// A zero-sized guard that counts a [`Link`] in this thread's (shard's)
+/// [`live_links`] from its creation to its drop: the "clients connected"
+/// gauge, kept up to date instead of counted by a walk over the sessions.
+/// A link never leaves its shard's thread (it holds a socket and a waker).
+#[derive(Debug)]
+struct LinkCount;
+
+impl LinkCount {
+    /// Counts one more link.
+    fn new() -> LinkCount {
+        LIVE_LINKS.with(|c| c.set(c.get() + 1));
+        LinkCount
+    }
+}
+
+impl Drop for LinkCount {
+    fn drop(&mut self) {
+        LIVE_LINKS.with(|c| c.set(c.get().saturating_sub(1)));
+    }
+}
+
+/// A zero-sized guard that counts a [`Parked`] connection in this thread's
+/// [`parked_connections`] from its creation to its drop (resumed or closed).
+#[derive(Debug)]
+pub struct ParkedCount(());
+
+impl ParkedCount {
+    /// Counts one more parked connection.
+    pub fn new() -> ParkedCount {
+        PARKED.with(|c| c.set(c.get() + 1));
+        ParkedCount(())
+    }
+}
+
+impl Default for ParkedCount {
+    fn default() -> Self {
+        ParkedCount::new()
+    }
+}
+
+impl Drop for ParkedCount {
+    fn drop(&mut self) {
+        PARKED.with(|c| c.set(c.get().saturating_sub(1)));
+    }
+}
+
+thread_local! {
+    /// Links alive on this shard (see [`LinkCount`]).
+    static LIVE_LINKS: Cell<u64> = const { Cell::new(0) };
+    /// Parked connections on this shard (see [`ParkedCount`]).
+    static PARKED: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Connections with a link on this shard: its "clients connected".
+pub fn live_links() -> u64 {
+    LIVE_LINKS.with(Cell::get)
+}
+
+/// Connections parked on this shard (`connection::park`).
+pub fn parked_connections() -> u64 {
+    PARKED.with(Cell::get)
 }
 
 impl Link {
@@ -180,7 +245,18 @@ impl Link {
             keep_alive,
             last_seen,
             connected_at: last_seen,
+            _counted: LinkCount::new(),
         }
+    }
+
+    /// The first tick at which the connection has been silent for more
+    /// than 1.5 × its keep-alive (§3.1.2.10) and must close; None without a
+    /// keep-alive.
+    pub fn keep_alive_deadline(&self) -> Option<u32> {
+        (self.keep_alive > 0).then(|| {
+            let limit = u32::from(self.keep_alive) * TICKS_PER_SEC * 3 / 2;
+            self.last_seen.saturating_add(limit).saturating_add(1)
+        })
     }
 
     /// True for a TLS or WebSocket connection: only its task may write.
@@ -207,11 +283,6 @@ impl Link {
             Waiter::Task(waker) => waker.wake(),
             Waiter::Parked(parked) => wake_later(self.conn_id, parked),
         }
-    }
-
-    /// True while the connection is parked (has no task).
-    pub fn is_parked(&self) -> bool {
-        matches!(self.waiter, Waiter::Parked(_))
     }
 
     /// Remembers the task's waker (cloned only when it changed).
@@ -298,6 +369,8 @@ pub struct Parked {
     pub slot: Option<ConnectionSlot>,
     /// Its will and ACL identity, if any.
     pub rare: Option<Box<Rare>>,
+    /// Counts it in [`parked_connections`] while it is parked.
+    pub _counted: ParkedCount,
 }
 
 impl Drop for Parked {

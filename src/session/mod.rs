@@ -24,7 +24,9 @@
 pub mod alias;
 pub mod link;
 pub mod outqueue;
+pub mod wheel;
 
+use std::cell::Cell;
 use std::collections::VecDeque;
 use std::num::NonZeroU32;
 use std::sync::Arc;
@@ -51,6 +53,25 @@ use crate::session::outqueue::{Frame, OutFrame, OutQueue};
 /// subscription allocates nothing for it; a `Vec` would allocate room for 4
 /// entries on the first push. More subscriptions move to the heap.
 pub type Subscriptions = SmallVec<[(SharedFilter, QoS); 1]>;
+
+thread_local! {
+    /// Set when a QoS 1/2 message may have entered a pending queue on this
+    /// shard since [`take_backlog_note`] (see [`note_backlog`]).
+    static BACKLOG_NOTED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// A message may have entered a pending queue on this shard (queued, or
+/// arrived with a session): the next sweep counts the queues again. Only
+/// then, or while the last count found something queued, does the sweep
+/// walk the sessions for the queue gauges (an idle shard walks nothing).
+pub fn note_backlog() {
+    BACKLOG_NOTED.with(|c| c.set(true));
+}
+
+/// Whether [`note_backlog`] was called since the last call, clearing it.
+pub fn take_backlog_note() -> bool {
+    BACKLOG_NOTED.with(|c| c.replace(false))
+}
 
 /// Session Expiry Interval meaning "the session never ends" (§3.1.2.11.2),
 /// what a 3.1.1 CleanSession = 0 session gets.
@@ -715,6 +736,7 @@ impl Session {
         if !flows.pending_stored.is_empty() {
             flows.pending_stored.push_back(0);
         }
+        note_backlog();
         Delivery::Pending
     }
 

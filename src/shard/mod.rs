@@ -24,6 +24,7 @@ pub mod subscribe;
 pub mod sys;
 #[cfg(test)]
 pub mod testing;
+pub mod timers;
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -167,6 +168,8 @@ pub struct Shard {
     pub stats: Counters,
     /// The gauges of the latest pass over the sessions (keep-alive sweep).
     pub session_totals: SessionTotals,
+    /// Keep-alive, parking and offline-session deadlines ([`timers`]).
+    pub timers: timers::Timers,
     /// Latest counters of every shard (shard 0 only), for `$SYS`.
     pub all_stats: Vec<Counters>,
     /// The shared read buffer (see [`READ_BUFFER_SIZE`]).
@@ -182,6 +185,9 @@ pub struct Shard {
     pub started: Instant,
     /// Set once shutdown begins: no new connections or sessions.
     pub shutting_down: bool,
+    /// Tasks waiting for shutdown to begin (the accept loops), woken by
+    /// [`Shard::begin_shutdown`]: they need no timer of their own.
+    shutdown_waiters: Vec<std::task::Waker>,
     /// Connections ended by [`Shard::shed`] whose tasks have not yet seen
     /// it (so they close with [`CloseReason::Shed`], not as a take-over).
     pub shed_conns: Vec<u64>,
@@ -454,6 +460,7 @@ impl Shard {
             control: Rc::default(),
             stats: Counters::default(),
             session_totals: SessionTotals::default(),
+            timers: timers::Timers::default(),
             all_stats: vec![Counters::default(); nr_shards],
             read_buf: vec![0u8; READ_BUFFER_SIZE].into_boxed_slice(),
             iovecs: Vec::with_capacity(3 * crate::session::outqueue::MAX_IOVECS_PER_WRITE),
@@ -461,11 +468,37 @@ impl Shard {
             next_generated_id: 1,
             started: Instant::now(),
             shutting_down: false,
+            shutdown_waiters: Vec::new(),
             shed_conns: Vec::new(),
             auth,
             gauges: Arc::new(BrokerGauges::new(nr_shards)),
             cluster: None,
         }
+    }
+
+    /// Begins the shutdown: sets `shutting_down` and wakes the tasks
+    /// waiting for it ([`Shard::poll_shutdown`]).
+    pub fn begin_shutdown(&mut self) {
+        self.shutting_down = true;
+        for waker in self.shutdown_waiters.drain(..) {
+            waker.wake();
+        }
+    }
+
+    /// Ready once the shutdown has begun; until then `cx`'s task is woken
+    /// when it does.
+    pub fn poll_shutdown(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        if self.shutting_down {
+            return std::task::Poll::Ready(());
+        }
+        if !self
+            .shutdown_waiters
+            .iter()
+            .any(|w| w.will_wake(cx.waker()))
+        {
+            self.shutdown_waiters.push(cx.waker().clone());
+        }
+        std::task::Poll::Pending
     }
 
     /// A new connection id.
@@ -799,6 +832,8 @@ impl Shard {
         }
         self.by_client_id.insert(&self.sessions, key);
         self.journal_session(key);
+        self.arm_timers(key);
+        crate::session::note_backlog();
         key
     }
 
@@ -817,6 +852,7 @@ impl Shard {
         key: SessionKey,
         moving_to: Option<usize>,
     ) -> Option<Session> {
+        self.disarm_link(key);
         let session = *self.sessions.try_remove(key as usize)?;
         self.persist_stamps.remove(&key);
         for (filter, _) in &session.state.subscriptions {
@@ -854,8 +890,13 @@ impl Shard {
                 self.release(&session.client_id, session.claim);
             }
         } else {
+            self.disarm_link(key);
+            let Some(session) = self.sessions.get_mut(key as usize) else {
+                return;
+            };
             session.detach();
             session.offline_since = now;
+            self.arm_offline(key);
             self.journal_session(key);
             if !self.shared.is_empty() {
                 self.shared_refresh(key);
@@ -864,8 +905,8 @@ impl Shard {
     }
 
     /// Ends the offline sessions `expired` whose Session Expiry Interval
-    /// has passed (§4.1), found by the keep-alive sweep while it walks the
-    /// sessions anyway, so no session has a timer of its own. Their home
+    /// has passed (§4.1), found by the keep-alive sweep in its offline
+    /// wheel ([`timers`]). Their home
     /// shards are told through the outbox.
     pub fn end_expired_sessions(&mut self, expired: &[SessionKey]) {
         for &key in expired {
@@ -893,6 +934,7 @@ impl Shard {
         self.journal_will(key, Some((&will, delay)), due_unix_ms);
         if let Some(session) = self.sessions.get_mut(key as usize) {
             session.delay_will(due, will);
+            self.arm_offline(key);
         }
     }
 

@@ -16,8 +16,11 @@ use crate::protocol::v3::QoS;
 use crate::session::Session;
 use crate::shard::{Ctx, Shard};
 
-/// What a shard's periodic pass over its sessions gathers (the keep-alive
-/// sweep walks them anyway): the gauges that no counter keeps up to date.
+/// The shard's session gauges that no counter in [`Counters`] keeps: the
+/// connection counts, kept up to date as links and parked connections come
+/// and go (`session::link::live_links`), and the queue figures, counted by a
+/// walk over the sessions only while something may be queued
+/// ([`Shard::session_totals`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SessionTotals {
     /// Sessions with a live connection.
@@ -33,23 +36,55 @@ pub struct SessionTotals {
 }
 
 impl SessionTotals {
-    /// Counts one session.
-    pub fn count(&mut self, session: &Session) {
-        if let Some(link) = &session.link {
-            self.connected += 1;
-            self.parked += u64::from(link.is_parked());
-        }
+    /// Counts one session's queues.
+    pub fn count_queues(&mut self, session: &Session) {
         self.queued_messages += session.out.publishes() as u64;
         self.max_queue_bytes = self.max_queue_bytes.max(session.out.bytes() as u64);
         if let Some(flows) = &session.state.flows {
             self.pending_messages += flows.pending.len() as u64;
         }
     }
+
+    /// True when a queue figure is not 0.
+    fn any_queued(&self) -> bool {
+        self.queued_messages > 0 || self.max_queue_bytes > 0 || self.pending_messages > 0
+    }
 }
 
 impl Shard {
+    /// The session gauges now. The connection counts cost nothing; the
+    /// queue figures need a walk over the sessions, done only when a queue
+    /// may hold something: bytes queued on this shard
+    /// (`outqueue::shard_queued_bytes`), a message that may have entered a
+    /// pending queue since the last walk (`session::note_backlog`), or a
+    /// last walk that found something (it may be gone now). Otherwise every
+    /// queue is empty and the figures are 0. The walk also hands the drops
+    /// only sessions saw to `publish_dropped` (they happen only where a
+    /// pending queue held something).
+    pub fn session_totals(&mut self) -> SessionTotals {
+        let mut totals = SessionTotals {
+            connected: crate::session::link::live_links(),
+            parked: crate::session::link::parked_connections(),
+            ..SessionTotals::default()
+        };
+        let noted = crate::session::take_backlog_note();
+        if crate::session::outqueue::shard_queued_bytes() == 0
+            && !noted
+            && !self.session_totals.any_queued()
+        {
+            return totals;
+        }
+        let mut dropped = 0;
+        for (_, session) in self.sessions.iter_mut() {
+            totals.count_queues(session);
+            dropped += session.take_unreported_drops();
+        }
+        self.stats.publish_dropped += dropped;
+        totals
+    }
+
     /// This shard's counters with the gauges filled in: those of its latest
-    /// pass over its sessions ([`SessionTotals`], one sweep old at most)
+    /// sweep ([`SessionTotals`], one sweep old at most)
     /// and those it keeps itself. The same figures feed `$SYS` and the admin
     /// listener, so the two agree.
     pub fn snapshot(&self) -> Counters {
@@ -87,8 +122,8 @@ impl Shard {
         c
     }
 
-    /// Records the totals of a pass over the sessions and refreshes this
-    /// shard's admin gauges.
+    /// Records the session gauges of a sweep and refreshes this shard's
+    /// admin gauges.
     pub fn refresh_gauges(&mut self, totals: SessionTotals) {
         self.session_totals = totals;
         let snapshot = self.snapshot();

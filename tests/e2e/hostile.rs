@@ -164,6 +164,58 @@ fn connection_rate_is_limited_by_a_token_bucket() {
     broker.assert_running();
 }
 
+/// One address over `max_connection_rate_per_ip` is refused while another
+/// address still connects: the per-address bucket stops one hostile source
+/// without taking the listener's tokens from anyone else.
+#[test]
+fn connection_rate_per_address_refuses_one_address_while_another_connects() {
+    // One shard: the whole per-address rate and burst are its share.
+    let mut broker = Broker::builder()
+        .shards(1)
+        .config(
+            "max_connection_rate_per_ip = 1\nconnection_rate_per_ip_burst = 3\nlimits_exempt_loopback = false\n",
+        )
+        .start();
+    // The witness comes from 127.0.0.1: an address (and a bucket) of its own.
+    let mut witness = Witness::new(broker.port);
+    let start = Instant::now();
+    let mut accepted = Vec::new();
+    let mut refused = 0;
+    for i in 0..20 {
+        match try_connect_from(broker.port, ip("127.0.0.6"), &format!("flood-{i}")) {
+            Some(raw) => accepted.push(raw),
+            None => refused += 1,
+        }
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    // At most its burst (3) plus 1 per second since it began.
+    let allowed = 3 + elapsed.ceil() as usize;
+    assert!(
+        accepted.len() <= allowed,
+        "{} accepted from one address in {elapsed:.2} s, at most {allowed} allowed",
+        accepted.len()
+    );
+    assert!(refused > 0, "nothing refused");
+    broker
+        .wait_log(
+            |l| l.contains("max_connection_rate_per_ip reached for 127.0.0.6"),
+            TIMEOUT,
+        )
+        .expect("a log line for the refused connections");
+    // Another address has its own bucket: its burst gets in at once.
+    let mut others: Vec<Raw> = (0..3)
+        .map(|i| {
+            try_connect_from(broker.port, ip("127.0.0.7"), &format!("other-{i}"))
+                .expect("another address still connects")
+        })
+        .collect();
+    for raw in others.iter_mut().chain(accepted.iter_mut()) {
+        raw.ping();
+    }
+    witness.check(20);
+    broker.assert_healthy();
+}
+
 #[test]
 fn subscriptions_per_client_are_capped() {
     let mut broker = Broker::builder()
