@@ -72,15 +72,11 @@ impl Shard {
     /// session journal is durable up to `lsn` (nothing while offline: a
     /// reconnect queues its packets again).
     pub fn hold_out(&mut self, key: SessionKey, lsn: u64) {
-        let Some(link) = self
-            .sessions
-            .get(key as usize)
-            .and_then(|s| s.link.as_ref())
-        else {
+        let Some(conn_id) = self.link_of(key).map(|link| link.conn_id) else {
             return;
         };
-        let hold = self.held_out.holds.entry(key).or_insert((link.conn_id, 0));
-        *hold = (link.conn_id, hold.1.max(lsn));
+        let hold = self.held_out.holds.entry(key).or_insert((conn_id, 0));
+        *hold = (conn_id, hold.1.max(lsn));
         if let Some(waker) = self.held_out.waker.take() {
             waker.wake();
         }

@@ -638,6 +638,13 @@ impl Shard {
         }
     }
 
+    /// The connection of session `key`, if it is online.
+    pub(super) fn link_of(&self, key: SessionKey) -> Option<&crate::session::link::Link> {
+        self.sessions
+            .get(key as usize)
+            .and_then(|s| s.link.as_ref())
+    }
+
     /// Puts a session on the list to flush (it queued something).
     pub fn mark_dirty(&mut self, key: SessionKey) {
         if let Some(session) = self.sessions.get_mut(key as usize)

@@ -106,11 +106,7 @@ impl Shard {
 
     /// The link of session `key` is going: removes its keep-alive entry.
     pub(super) fn disarm_link(&mut self, key: SessionKey) {
-        let Some(link) = self
-            .sessions
-            .get(key as usize)
-            .and_then(|s| s.link.as_ref())
-        else {
+        let Some(link) = self.link_of(key) else {
             return;
         };
         self.timers.keep_alive.remove(key, conn_tag(link.conn_id));
