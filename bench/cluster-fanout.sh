@@ -66,7 +66,7 @@ start_node() {
     local name=$1 port=$2 http=$3
     shift 3
     timeout "$limit" "$fanmq" --listen "127.0.0.1:$port" --http-listen "127.0.0.1:$http" \
-        --shards 1 --max-connections-per-ip 0 --max-connection-rate 0 --log-level warn \
+        --shards 1 --max-connections-per-ip 0 --max-connection-rate-per-ip 0 --max-connection-rate 0 --log-level warn \
         "$@" >"$work/$name.log" 2>&1 &
     pids+=("$!")
     local pid

@@ -88,7 +88,7 @@ token="netns-test-$$-$RANDOM"
 printf 'http_auth_token = "%s"\n' "$token" >"$out/fanmq.toml"
 ip netns exec "$br" "$fanmq" --config "$out/fanmq.toml" --listen 10.77.0.1:1883 \
   --listen 10.77.0.1:1884 --http-listen 10.77.0.1:18083 \
-  --max-connections-per-ip 0 --max-connection-rate 0 --log-level warn >"$out/broker.log" 2>&1 &
+  --max-connections-per-ip 0 --max-connection-rate-per-ip 0 --max-connection-rate 0 --log-level warn >"$out/broker.log" 2>&1 &
 broker_pid=$!
 for _ in $(seq 100); do
   ip netns exec "$l1" bash -c 'exec 3<>/dev/tcp/10.77.0.1/1883' 2>/dev/null && break
