@@ -863,18 +863,7 @@ impl Shard {
         let session = *self.sessions.try_remove(key as usize)?;
         self.persist_stamps.remove(&key);
         for (filter, _) in &session.state.subscriptions {
-            if share::is_shared(filter) {
-                if moving_to.is_none() {
-                    self.shared_leave(key, filter);
-                }
-                if let Some(link) = &mut self.cluster {
-                    link.unsubscribed(filter);
-                }
-            } else if self.router.unsubscribe(filter, key)
-                && let Some(link) = &mut self.cluster
-            {
-                link.unsubscribed(filter);
-            }
+            self.drop_filter(key, filter, moving_to.is_none());
         }
         self.by_client_id
             .remove(&self.sessions, &session.client_id, key);

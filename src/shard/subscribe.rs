@@ -245,6 +245,23 @@ impl Shard {
         self.journal_session(key);
     }
 
+    /// Takes session `key`'s subscription `filter` out of the router (a
+    /// shared one out of its group, unless `leave_group` is false: a
+    /// session moving to another shard stays a member until its new shard
+    /// announces it) and out of the cluster's interest.
+    pub(super) fn drop_filter(&mut self, key: SessionKey, filter: &str, leave_group: bool) {
+        if shared::is_shared(filter) {
+            if leave_group {
+                self.shared_leave(key, filter);
+            }
+        } else if !self.router.unsubscribe(filter, key) {
+            return;
+        }
+        if let Some(link) = &mut self.cluster {
+            link.unsubscribed(filter);
+        }
+    }
+
     /// UNSUBSCRIBE (§3.10): removes each filter and answers UNSUBACK (5.0:
     /// with 0x00 Success or 0x11 No subscription existed per filter).
     pub fn unsubscribe(&mut self, key: SessionKey, packet_id: u16, filters: &[ByteString]) {
@@ -253,16 +270,7 @@ impl Shard {
             if let Some(session) = self.sessions.get_mut(key as usize)
                 && session.unsubscribe(filter)
             {
-                if shared::is_shared(filter) {
-                    self.shared_leave(key, filter);
-                    if let Some(link) = &mut self.cluster {
-                        link.unsubscribed(filter);
-                    }
-                } else if self.router.unsubscribe(filter, key)
-                    && let Some(link) = &mut self.cluster
-                {
-                    link.unsubscribed(filter);
-                }
+                self.drop_filter(key, filter, true);
                 codes.push(ReasonCode::SUCCESS);
             } else {
                 codes.push(ReasonCode::NO_SUBSCRIPTION_EXISTED);
