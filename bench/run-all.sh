@@ -6,7 +6,7 @@
 # thread there, and 1 and 2 in the multi-core run). Writes bench/results/*.json
 # and bench/plots/*.svg, then regenerates bench/RESULTS.md.
 #
-# Usage: bench/run-all.sh          (after bench/peers.sh; takes ~30 minutes)
+# Usage: bench/run-all.sh          (after bench/peers.sh; takes ~50 minutes)
 # Every run is bounded by --duration; traffic stays on 127.0.0.1.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -57,5 +57,17 @@ run multicore-burst-10k fanout --subs 10000 --msgs 500 --duration 120 --rounds 2
 run latency-1k latency --subs 1000 --duration 60 \
   --compare fanmq flashmq mosquitto rumqttd "${pin[@]}"
 run latency-10k latency --subs 10000 --duration 60 --compare fanmq "${pin[@]}"
+# Issue 15's fixed-rate latency: 100 msg/s to 10k subscribers for 30 s, p99
+# publish→subscriber against the plain forwarder's and FlashMQ's in the same run.
+run fanout-rate100-10k fanout --subs 10000 --msgs 3000 --rate 100 --duration 60 --rounds 2 \
+  --compare fanmq flashmq raw "${pin[@]}"
+# The write-up's own test: 1 message per second for 60 s to 10k subscribers
+# (p99 publish→last subscriber, broker CPU per message).
+run writeup-1msgs-10k fanout --subs 10000 --msgs 60 --rate 1 --duration 90 \
+  --compare fanmq flashmq mosquitto raw "${pin[@]}"
+# The soak: 15k subscribers, fanmq's R_max searched, then 10 minutes at
+# R_max / 2; the broker's RSS is sampled every second (`-rss.svg`) and must
+# stay flat.
+run soak-15k latency --subs 15000 --duration 600 --compare fanmq "${pin[@]}"
 
 cargo run -q -p fanmq-bench --release -- report

@@ -635,7 +635,8 @@ fn measure(
         .and_then(|l| procfs::parse_cpu_list(l).ok());
     let ticks = |c: &Option<Vec<usize>>| c.as_deref().and_then(|c| procfs::cpus_ticks(c).ok());
     let ticks0 = ticks(&broker_cpus);
-    let (published, window) = phase::publish_phase(fleet, o, t, cur.ready, &phase, progress)?;
+    let run = phase::publish_phase(fleet, o, t, cur.ready, &phase, progress)?;
+    let (published, window) = (run.published, run.window);
     let broker_cpus_busy = ticks0
         .zip(ticks(&broker_cpus))
         .filter(|((_, t0), (_, t1))| t1 > t0)
@@ -649,7 +650,9 @@ fn measure(
         .map(|(r, c0)| r.cpu_s - c0)
         .collect();
     let generator = phase::generator_usage(o, &workers, procfs::self_cpu_seconds() - self0, wall_s);
-    let (fanout, last) = phase::fanout_figures(&reports, published.sent);
+    let (mut fanout, last) = phase::fanout_figures(&reports, published.sent);
+    fanout.broker_rss = run.broker_rss;
+    fanout.rss_period_ms = phase::RSS_PERIOD.as_millis() as u64;
     // Lag = last arrival after the stamp + the stamp's slip behind schedule.
     let lags: Vec<u64> = last
         .iter()

@@ -91,10 +91,22 @@ pub fn generator_usage(
     (usage, note)
 }
 
+/// Period of the broker RSS samples taken while a phase publishes.
+pub const RSS_PERIOD: Duration = Duration::from_secs(1);
+
+/// What one publishing phase did.
+pub struct PhaseRun {
+    pub published: Published,
+    /// The broker CPU window (before, after, wall ns).
+    pub window: CpuWindow,
+    /// The broker's RSS every [`RSS_PERIOD`] over the phase (bytes).
+    pub broker_rss: Vec<u64>,
+}
+
 /// Publishes `phase` to `ready` subscribers and waits for the deliveries:
 /// until all arrived, nothing arrived for `--drain-timeout` after the last
-/// publish, or the phase's limit passed. Returns what was published and the
-/// broker CPU window (before, after, wall ns).
+/// publish, or the phase's limit passed. Returns what was published, the
+/// broker CPU window and its RSS over the phase.
 ///
 /// # Errors
 /// A worker failed, or the publisher could not connect.
@@ -105,7 +117,7 @@ pub fn publish_phase(
     ready: u64,
     phase: &Phase,
     progress: &Progress,
-) -> Result<(Published, CpuWindow), ScenarioError> {
+) -> Result<PhaseRun, ScenarioError> {
     let plan = Plan {
         target: t.addr,
         topic: o.topic.clone(),
@@ -125,6 +137,7 @@ pub fn publish_phase(
     let done = Arc::new(AtomicBool::new(false));
     let c0 = cpu_of(&t.pids);
     let w0 = stats::monotonic_ns();
+    let sampler = procfs::RssSampler::start(&t.pids, RSS_PERIOD);
     let deadline = w0 + phase.limit_ns;
     let handle = {
         let (stop, done) = (stop.clone(), done.clone());
@@ -145,13 +158,18 @@ pub fn publish_phase(
     stop.store(true, Ordering::Relaxed);
     let c1 = cpu_of(&t.pids);
     let w1 = stats::monotonic_ns();
+    let broker_rss = sampler.finish();
     waited?;
     let published = handle.join().map_err(|_| ScenarioError::PublisherPanic)??;
     progress.println(&format!(
         "published {} of {} messages",
         published.sent, phase.msgs
     ));
-    Ok((published, c0.zip(c1).map(|(a, b)| (a, b, w1 - w0))))
+    Ok(PhaseRun {
+        published,
+        window: c0.zip(c1).map(|(a, b)| (a, b, w1 - w0)),
+        broker_rss,
+    })
 }
 
 /// Waits until `expected` deliveries arrived, the monotonic `deadline_ns`

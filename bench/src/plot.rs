@@ -3,7 +3,9 @@
 //!
 //! - latency CDF per broker: x = percentile on a "nines" scale
 //!   (`-log10(1 - p)`: 90 → 1, 99 → 2, 99.9 → 3), y = latency (µs, log);
-//! - deliveries/s over time per broker.
+//! - deliveries/s over time per broker;
+//! - the broker's RSS over time, for runs long enough to show a trend (the
+//!   soak).
 
 use crate::result::{ResultFile, RunResult};
 use plotters::coord::types::RangedCoordf64;
@@ -40,7 +42,9 @@ fn series_name(r: &RunResult, many_rounds: bool) -> String {
 }
 
 /// Writes `{stem}-latency.svg` and `{stem}-rate.svg` for the fan-out runs in
-/// `file`; returns the paths written (none if there are no fan-out runs).
+/// `file`, and `{stem}-rss.svg` when a run sampled the broker's RSS long
+/// enough for a trend; returns the paths written (none if there are no
+/// fan-out runs).
 ///
 /// # Errors
 /// The SVG could not be drawn or written.
@@ -65,7 +69,23 @@ pub fn plots_for(file: &ResultFile, stem: &str) -> Result<Vec<String>, PlotError
     latency_cdf(&runs, &lat, &title, many_rounds).map_err(|e| PlotError::Draw(lat.clone(), e))?;
     rate_over_time(&runs, &rate, &title, many_rounds)
         .map_err(|e| PlotError::Draw(rate.clone(), e))?;
-    Ok(vec![lat, rate])
+    let mut written = vec![lat, rate];
+    let sampled: Vec<&RunResult> = runs
+        .iter()
+        .copied()
+        .filter(|r| {
+            r.fanout
+                .as_ref()
+                .is_some_and(|f| crate::result::rss_drift(&f.broker_rss).is_some())
+        })
+        .collect();
+    if !sampled.is_empty() {
+        let rss = format!("{stem}-rss.svg");
+        rss_over_time(&sampled, &rss, &title, many_rounds)
+            .map_err(|e| PlotError::Draw(rss.clone(), e))?;
+        written.push(rss);
+    }
+    Ok(written)
 }
 
 fn nines(p: f64) -> f64 {
@@ -128,13 +148,13 @@ fn latency_cdf(runs: &[&RunResult], path: &str, title: &str, many: bool) -> Resu
     root.present().map_err(|e| e.to_string())
 }
 
-/// A chart with a linear x axis and a logarithmic y axis (both plots).
-type LogChart<'a, 'b> =
-    ChartContext<'a, SVGBackend<'b>, Cartesian2d<RangedCoordf64, LogCoord<f64>>>;
+/// A chart with a linear x axis and a y axis `Y` (logarithmic for latency
+/// and rate, linear for RSS).
+type Chart<'a, 'b, Y> = ChartContext<'a, SVGBackend<'b>, Cartesian2d<RangedCoordf64, Y>>;
 
 /// Draws one line per run, in the run's colour, with a legend at `legend`.
-fn draw_lines<'a, 'b: 'a>(
-    chart: &mut LogChart<'a, 'b>,
+fn draw_lines<'a, 'b: 'a, Y: Ranged<ValueType = f64>>(
+    chart: &mut Chart<'a, 'b, Y>,
     runs: &[&RunResult],
     lines: Vec<Vec<(f64, f64)>>,
     many: bool,
@@ -226,6 +246,48 @@ fn rate_over_time(runs: &[&RunResult], path: &str, title: &str, many: bool) -> R
     root.present().map_err(|e| e.to_string())
 }
 
+/// The broker's RSS (MiB, linear from 0: a flat line must look flat) over
+/// the seconds of each run.
+fn rss_over_time(runs: &[&RunResult], path: &str, title: &str, many: bool) -> Result<(), String> {
+    let root = SVGBackend::new(path, SIZE).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| e.to_string())?;
+    let series: Vec<Vec<(f64, f64)>> = runs
+        .iter()
+        .filter_map(|r| r.fanout.as_ref())
+        .map(|f| {
+            let step = f.rss_period_ms as f64 / 1000.0;
+            f.broker_rss
+                .iter()
+                .enumerate()
+                .map(|(i, &b)| (i as f64 * step, b as f64 / (1024.0 * 1024.0)))
+                .collect()
+        })
+        .collect();
+    let max_x = series.iter().flatten().map(|p| p.0).fold(1.0, f64::max);
+    let max_y = series.iter().flatten().map(|p| p.1).fold(1.0, f64::max) * 1.2;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(format!("broker RSS over time, {title}"), ("sans-serif", 18))
+        .margin(20)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0.0..max_x, 0.0..max_y)
+        .map_err(|e| e.to_string())?;
+    chart
+        .configure_mesh()
+        .x_desc("seconds since the first publish")
+        .y_desc("RSS (MiB)")
+        .draw()
+        .map_err(|e| e.to_string())?;
+    draw_lines(
+        &mut chart,
+        runs,
+        series,
+        many,
+        SeriesLabelPosition::LowerRight,
+    )?;
+    root.present().map_err(|e| e.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -267,10 +329,40 @@ mod tests {
         let stem = dir.join("t");
         let paths = plots_for(&file, stem.to_str().unwrap()).unwrap();
         assert_eq!(paths.len(), 2);
+        for p in &paths {
+            assert!(!p.ends_with("-rss.svg"), "no RSS plot without samples");
+        }
         for p in paths {
             let svg = std::fs::read_to_string(p).unwrap();
             assert!(svg.starts_with("<svg") && svg.contains("polyline"));
         }
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_run_with_rss_samples_gets_an_rss_plot() {
+        let run = RunResult {
+            broker: "x".into(),
+            fanout: Some(FanoutFigures {
+                timeline: vec![10.0, 20.0],
+                bucket_ms: 100,
+                broker_rss: (0..20).map(|i| 50_000_000 + i * 1000).collect(),
+                rss_period_ms: 1000,
+                ..FanoutFigures::default()
+            }),
+            ..RunResult::default()
+        };
+        let file = ResultFile {
+            runs: vec![run],
+            ..ResultFile::default()
+        };
+        let dir = std::env::temp_dir().join(format!("fmb-plot-rss-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let stem = dir.join("t");
+        let paths = plots_for(&file, stem.to_str().unwrap()).unwrap();
+        assert_eq!(paths.len(), 3);
+        let svg = std::fs::read_to_string(&paths[2]).unwrap();
+        assert!(paths[2].ends_with("-rss.svg") && svg.contains("polyline"));
         let _ = std::fs::remove_dir_all(dir);
     }
 }

@@ -128,6 +128,53 @@ pub fn reset_peak_rss(pid: u32) -> Result<(), ProcError> {
     fs::write(&path, "5").map_err(|source| ProcError::Write { path, source })
 }
 
+/// Samples the broker's RSS (summed over its processes) every `period` on a
+/// thread of its own while a phase runs, so a long run (the soak) shows
+/// whether memory stays flat, not only where it ended.
+pub struct RssSampler {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Vec<u64>>,
+}
+
+impl RssSampler {
+    /// Starts sampling `pids` (nothing is sampled without any); the first
+    /// sample is taken at once.
+    pub fn start(pids: &[u32], period: std::time::Duration) -> Self {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let pids = pids.to_vec();
+        let thread = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut samples = Vec::new();
+                // Slices of the period, so `finish` returns within one.
+                const SLICE: std::time::Duration = std::time::Duration::from_millis(20);
+                let mut next = std::time::Instant::now();
+                while !pids.is_empty() && !stop.load(Ordering::Relaxed) {
+                    if std::time::Instant::now() >= next {
+                        match pids.iter().map(|&p| rss_bytes(p).ok()).sum::<Option<u64>>() {
+                            Some(rss) => samples.push(rss),
+                            // A process is gone: nothing more to sample.
+                            None => break,
+                        }
+                        next += period;
+                    }
+                    std::thread::sleep(SLICE.min(period));
+                }
+                samples
+            })
+        };
+        RssSampler { stop, thread }
+    }
+
+    /// Stops sampling and returns the samples in order (bytes), one per
+    /// period since [`RssSampler::start`].
+    pub fn finish(self) -> Vec<u64> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap_or_default()
+    }
+}
+
 /// A `kB` field of `/proc/PID/status`, in bytes.
 fn status_bytes(pid: u32, field: &str) -> Result<u64, ProcError> {
     let path = format!("/proc/{pid}/status");
@@ -356,6 +403,18 @@ mod tests {
         // After a reset the peak is the RSS then, not zero.
         reset_peak_rss(pid).unwrap();
         assert!(peak_rss_bytes(pid).unwrap() > 100_000);
+    }
+
+    #[test]
+    fn the_sampler_reads_rss_until_finished_and_nothing_without_pids() {
+        let pid = std::process::id();
+        let sampler = RssSampler::start(&[pid], std::time::Duration::from_millis(10));
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let samples = sampler.finish();
+        assert!(samples.len() >= 2, "{samples:?}");
+        assert!(samples.iter().all(|&b| b > 100_000), "{samples:?}");
+        let none = RssSampler::start(&[], std::time::Duration::from_millis(10)).finish();
+        assert!(none.is_empty());
     }
 
     #[test]

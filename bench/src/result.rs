@@ -178,6 +178,14 @@ pub struct FanoutFigures {
     /// later or in more bytes than the other's. Empty for a 3.1.1 run.
     #[serde(default)]
     pub by_version: BTreeMap<String, VersionFigures>,
+    /// The broker's RSS (bytes, summed over its processes) every
+    /// `rss_period_ms` while the phase published and delivered: flat in a
+    /// steady run (the soak), growing where memory leaks or queues build.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub broker_rss: Vec<u64>,
+    /// Period of `broker_rss` (ms).
+    #[serde(default)]
+    pub rss_period_ms: u64,
 }
 
 /// Fan-out figures of the subscribers of one protocol version.
@@ -590,6 +598,21 @@ pub fn run_table(run: &RunResult) -> String {
                 ),
             );
         }
+        if let Some(d) = rss_drift(&f.broker_rss) {
+            row(
+                &format!(
+                    "broker RSS over the run, every {} ms: first tenth / last tenth (medians) / max",
+                    f.rss_period_ms
+                ),
+                format!(
+                    "{} / {} / {} ({:+.1}%)",
+                    fmt_bytes(Some(d.first)),
+                    fmt_bytes(Some(d.last)),
+                    fmt_bytes(Some(d.max)),
+                    d.growth() * 100.0
+                ),
+            );
+        }
         for (version, v) in &f.by_version {
             let name = if version == "4" { "3.1.1" } else { "5.0" };
             row(
@@ -873,8 +896,59 @@ pub fn compare_table(runs: &[RunResult]) -> String {
     s
 }
 
+/// Fewest RSS samples for [`rss_drift`]: a burst over in a second or two
+/// says nothing about whether memory stays flat.
+const RSS_DRIFT_MIN_SAMPLES: usize = 10;
+
+/// How a long run's broker RSS moved: the median of its first tenth of
+/// samples against the median of its last tenth, and the maximum.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RssDrift {
+    pub first: u64,
+    pub last: u64,
+    pub max: u64,
+}
+
+impl RssDrift {
+    /// (last − first) ÷ first: the soak's "stays flat" figure.
+    pub fn growth(&self) -> f64 {
+        (self.last as f64 - self.first as f64) / (self.first.max(1) as f64)
+    }
+}
+
+/// The drift of `samples`, or `None` for fewer than
+/// [`RSS_DRIFT_MIN_SAMPLES`].
+pub fn rss_drift(samples: &[u64]) -> Option<RssDrift> {
+    if samples.len() < RSS_DRIFT_MIN_SAMPLES {
+        return None;
+    }
+    let tenth = samples.len() / 10;
+    let median = |part: &[u64]| {
+        let mut v = part.to_vec();
+        v.sort_unstable();
+        v[v.len() / 2]
+    };
+    Some(RssDrift {
+        first: median(&samples[..tenth]),
+        last: median(&samples[samples.len() - tenth..]),
+        max: samples.iter().copied().max().unwrap_or(0),
+    })
+}
+
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn rss_drift_compares_the_first_and_last_tenth_and_needs_ten_samples() {
+        assert_eq!(rss_drift(&[1; 9]), None);
+        let flat: Vec<u64> = (0..100).map(|i| 1000 + i % 3).collect();
+        let d = rss_drift(&flat).unwrap();
+        assert!(d.growth().abs() < 0.01, "{d:?}");
+        let ramp: Vec<u64> = (0..100).map(|i| 1000 + 10 * i).collect();
+        let d = rss_drift(&ramp).unwrap();
+        assert_eq!((d.first, d.last, d.max), (1050, 1950, 1990));
+        assert!((d.growth() - 0.857).abs() < 0.001, "{d:?}");
+    }
     use super::*;
 
     fn run(broker: &str, round: u32, dps: f64) -> RunResult {

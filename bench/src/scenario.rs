@@ -16,7 +16,6 @@ use crate::phase::{
 use crate::procfs;
 use crate::progress::Progress;
 use crate::protocol::{Command, ConnectSummary, Event, WorkerTask};
-use crate::publisher::Published;
 use crate::result::{
     BrokerUsage, ConnectFigures, IdleFigures, Params, PartRecord, RunResult, StormFigures,
 };
@@ -260,6 +259,8 @@ pub fn run(kind: Kind, o: &Opts, t: &Target, round: u32) -> Result<RunResult, Sc
     // Sequence number after the last message of the final phase.
     let mut finish_seq = 0;
     let mut broker_window: CpuWindow = None;
+    // The broker's RSS over the fan-out phase.
+    let mut broker_rss = Vec::new();
     // The latency scenario measures its generator over its final run.
     let mut generator = None;
 
@@ -290,10 +291,12 @@ pub fn run(kind: Kind, o: &Opts, t: &Target, round: u32) -> Result<RunResult, Sc
         }
         Kind::Fanout => {
             part::before_publishing(&mut fleet, o, &progress, &mut result.notes)?;
-            let (pubd, window) = fanout_phase(&mut fleet, o, t, ready, &progress)?;
+            let run = fanout_phase(&mut fleet, o, t, ready, &progress)?;
+            let pubd = run.published;
             published = pubd.sent;
             finish_seq = pubd.sent;
-            broker_window = window;
+            broker_window = run.window;
+            broker_rss = run.broker_rss;
             if pubd.sent < o.msgs {
                 result.notes.push(format!(
                     "published {} of {} messages before the time limit",
@@ -448,6 +451,8 @@ pub fn run(kind: Kind, o: &Opts, t: &Target, round: u32) -> Result<RunResult, Sc
 
     if kind == Kind::Fanout {
         let mut figures = fanout_figures(&reports, published).0;
+        figures.broker_rss = broker_rss;
+        figures.rss_period_ms = phase::RSS_PERIOD.as_millis() as u64;
         if o.shared_group.is_some() {
             phase::shared_figures(&mut figures);
             result.notes.push(phase::SHARED_NOTE.into());
@@ -545,7 +550,7 @@ fn fanout_phase(
     t: &Target,
     ready: u64,
     progress: &Progress,
-) -> Result<(Published, CpuWindow), ScenarioError> {
+) -> Result<phase::PhaseRun, ScenarioError> {
     let phase = Phase {
         msgs: o.msgs,
         rate: o.rate,
