@@ -1337,3 +1337,209 @@ fn snapshots_while_running_bound_the_directory_and_lose_nothing_to_kill_9() {
         client.disconnect();
     }
 }
+
+/// A clean start that ends a stored persistent session (MQTT 3.1.1 Clean
+/// Session 1, or MQTT 5.0 Clean Start 0 with Session Expiry 0, which
+/// resumes the session for this connection only) gets its CONNACK only
+/// once the session's drop is durable: a `kill -9` right after those
+/// CONNACKs, while both shards' journals are busy syncing a QoS 1 stream,
+/// never brings the old sessions (their subscription and queued messages)
+/// back.
+#[test]
+fn a_connect_that_ends_a_stored_session_survives_a_kill_9_right_after_its_connack() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = start(dir.path(), "");
+    offline_subscribers(&broker, "drop-load", "q1/#", 2);
+    let ids: Vec<String> = (0..8).map(|n| format!("drop-{n}-{}", unique())).collect();
+    for id in &ids {
+        let (mut client, _) = persistent(broker.port, id);
+        client.subscribe("dropped/t", rumqttc::QoS::AtLeastOnce);
+        until_journalled(&mut client, id);
+        client.disconnect();
+    }
+    let mut publisher = Mqtt::connect(broker.port, "drop-pub");
+    for n in 0..3 {
+        publisher.publish_acked("dropped/t", false, format!("old {n}").as_bytes());
+    }
+    // Keep the journals syncing, so that a record appended now waits.
+    let (acked, _) = publish_stream(broker.port, false);
+    let started = Instant::now();
+    while acked.lock().unwrap().len() < 50 {
+        assert!(
+            started.elapsed() < TIMEOUT,
+            "the stream is not acknowledged"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // All at once: half 3.1.1 clean sessions, half MQTT 5.0 sessions that
+    // end with their connection.
+    let mut raws: Vec<(Raw, bool)> = ids
+        .iter()
+        .enumerate()
+        .map(|(n, id)| {
+            if n % 2 == 0 {
+                (
+                    Raw::send_connect(broker.port, &ConnectBuilder::new(id)),
+                    false,
+                )
+            } else {
+                let mut raw = Raw::tcp(broker.port);
+                raw.send(&connect_v5_expiring(id, 0));
+                (raw, true)
+            }
+        })
+        .collect();
+    for (raw, v5) in &mut raws {
+        let connack = raw.expect_packet().bytes();
+        if *v5 {
+            assert_eq!(&connack[..4], &[0x20, connack[1], 1, 0], "resumed for now");
+        } else {
+            assert_eq!(connack, CONNACK_OK);
+        }
+    }
+    kill_9(broker);
+
+    let broker = start(dir.path(), "");
+    for id in &ids {
+        let mut raw = raw_persistent(broker.port, id, false);
+        // Nothing queued comes before the answer to a ping: the old
+        // session, its subscription and its queue are gone.
+        raw.ping();
+    }
+}
+
+/// A persistent member of a shared group on the other shard than the
+/// publisher keeps what the group gave it in its own shard's journal, and
+/// the publisher's PUBACK waits for that shard's disk: every PUBACKed
+/// message arrives after a `kill -9`, in order, while that shard's journal
+/// is kept busy.
+#[test]
+fn a_persistent_shared_member_on_the_other_shard_gets_its_acknowledged_messages_after_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = start(dir.path(), "");
+    offline_subscribers(&broker, "xshare-load", "q1/#", 2);
+    let mut publisher = Mqtt::connect(broker.port, "xshare-kill-pub");
+    let home = broker.shard_of("xshare-kill-pub");
+    let member = (0..64)
+        .map(|n| format!("xshare-kill-member-{n}-{}", unique()))
+        .find(|id| {
+            let (mut client, _) = persistent(broker.port, id);
+            let there = broker.shard_of(id) != home;
+            if there {
+                client.subscribe("$share/g/xsk/#", rumqttc::QoS::AtLeastOnce);
+                until_journalled(&mut client, id);
+            }
+            client.disconnect();
+            there
+        })
+        .expect("a client id on the other shard");
+    let (acked, _) = publish_stream(broker.port, false);
+    let started = Instant::now();
+    while acked.lock().unwrap().len() < 50 {
+        assert!(
+            started.elapsed() < TIMEOUT,
+            "the stream is not acknowledged"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    for n in 0..30 {
+        publisher.publish_acked("xsk/t", false, format!("m{n}").as_bytes());
+    }
+    kill_9(broker);
+
+    let broker = start(dir.path(), "");
+    let (mut client, present) = persistent(broker.port, &member);
+    assert!(present, "the member's session");
+    let got: Vec<String> = (0..30)
+        .map(|_| String::from_utf8_lossy(&client.expect_publish().payload).into_owned())
+        .collect();
+    let expected: Vec<String> = (0..30).map(|n| format!("m{n}")).collect();
+    assert_eq!(got, expected, "every acknowledged message, in order");
+}
+
+/// An MQTT 5.0 CONNECT with Clean Start 0, Session Expiry 3600 s and a
+/// retained QoS 1 will to `topic` with Will Delay `delay` and Message
+/// Expiry Interval `expiry` seconds.
+fn connect_v5_with_expiring_will(client_id: &str, topic: &str, delay: u32, expiry: u32) -> Vec<u8> {
+    let mut body = string(b"MQTT");
+    // Will flag, will QoS 1, will retain; Clean Start 0.
+    body.extend([5, 0x2C, 0, 60, 5, 0x11]);
+    body.extend(3600u32.to_be_bytes());
+    body.extend(string(client_id.as_bytes()));
+    body.extend([10, 0x18]);
+    body.extend(delay.to_be_bytes());
+    body.push(0x02);
+    body.extend(expiry.to_be_bytes());
+    body.extend(string(topic.as_bytes()));
+    body.extend(string(b"gone"));
+    packet(0x10, &body)
+}
+
+/// An MQTT 5.0 will keeps its Message Expiry Interval across a `kill -9`,
+/// counted from its publication: a will owed because its connection was
+/// open is published after the restart with its whole interval; one whose
+/// Will Delay was running when the broker died, and came due while it was
+/// down, has lost the time since it was due. Read by a `rumqttc::v5`
+/// client as retained messages.
+#[test]
+fn a_wills_message_expiry_survives_a_kill_9_and_counts_the_time_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = start(dir.path(), "");
+    offline_subscribers(&broker, "wexp-sync", "wexp-sync/#", 2);
+    let mut syncer = Mqtt::connect(broker.port, "wexp-syncer");
+    let mut open = Raw::tcp(broker.port);
+    open.send(&connect_v5_with_expiring_will(
+        "wexp-open",
+        "wexp/open",
+        0,
+        100,
+    ));
+    assert_eq!(open.expect_packet().kind(), 2, "CONNACK");
+    let mut delayed = Raw::tcp(broker.port);
+    delayed.send(&connect_v5_with_expiring_will(
+        "wexp-delayed",
+        "wexp/delayed",
+        1,
+        100,
+    ));
+    assert_eq!(delayed.expect_packet().kind(), 2, "CONNACK");
+    delayed.reset();
+    let delay_started = Instant::now();
+    // Every shard's journal holds what came before this PUBACK.
+    syncer.publish_acked("wexp-sync/x", false, b"sync");
+    kill_9(broker);
+    // Down for 3 s: the delayed will came due 1 s after it left, so at
+    // least 2 s of its 100 pass while the broker is down.
+    std::thread::sleep(Duration::from_secs(3));
+
+    let broker = start(dir.path(), "");
+    let restarted = Instant::now();
+    // Published at start (due 0 and delay 0, or due while down): retained.
+    let mut got = BTreeMap::new();
+    let started = Instant::now();
+    while got.len() < 2 {
+        assert!(started.elapsed() < TIMEOUT, "wills not published: {got:?}");
+        let mut watcher = crate::mqtt5::V5::connect(broker.port, &format!("wexp-w-{}", unique()));
+        watcher.subscribe("wexp/#", rumqttc::v5::mqttbytes::QoS::AtLeastOnce);
+        while let Some(p) = watcher.recv_publish(Duration::from_millis(300)) {
+            let topic = String::from_utf8_lossy(&p.topic).into_owned();
+            let left = p.properties.and_then(|p| p.message_expiry_interval);
+            got.insert(topic, (left, Instant::now()));
+        }
+    }
+    let (open_left, open_at) = got["wexp/open"];
+    let open_left = u64::from(open_left.expect("the open will's expiry is kept"));
+    // Published at most `open_at - restarted` after the restart, with 100 s.
+    let since_start = open_at.duration_since(restarted).as_secs();
+    assert!(
+        open_left <= 100 && open_left + since_start + 1 >= 100,
+        "the whole interval from its publication: {open_left} s left"
+    );
+    let (delayed_left, delayed_at) = got["wexp/delayed"];
+    let delayed_left = u64::from(delayed_left.expect("the delayed will's expiry is kept"));
+    let since_due = delayed_at.duration_since(delay_started).as_secs();
+    assert!(
+        delayed_left <= 98 && delayed_left + since_due + 1 >= 100 - 1,
+        "the time since it was due counts: {delayed_left} s left, {since_due} s since its delay began"
+    );
+}
