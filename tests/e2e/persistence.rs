@@ -1338,6 +1338,47 @@ fn snapshots_while_running_bound_the_directory_and_lose_nothing_to_kill_9() {
     }
 }
 
+/// Queue limits that let offline subscribers keep [`sync_load`]'s messages.
+const LOAD_QUEUES: &str = "max_queued_bytes = 1073741824\nmax_queued_messages = 1000000";
+
+/// Keeps both shards' journals writing and syncing (offline persistent
+/// subscribers to `load/#` on both, from [`offline_subscribers`]): two
+/// publishers of 256 KiB QoS 1 messages, 8 in flight each, until their
+/// connection ends; returns once both had 20 acknowledged. A record
+/// appended meanwhile waits for the sync in progress before it is written.
+fn sync_load(port: u16) {
+    let acked = Arc::new(Mutex::new([0usize; 2]));
+    for n in 0..2 {
+        let mut raw = Raw::connect(port, &format!("load-pub-{n}-{}", unique()));
+        let acked = acked.clone();
+        std::thread::spawn(move || {
+            let payload = vec![b'x'; 256 * 1024];
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let mut next = 1u16;
+            let mut window = 0;
+            while Instant::now() < deadline {
+                while window < 8 {
+                    raw.send_lossy(&publish(b"load/t", &payload, 1, false, false, next));
+                    next = next.checked_add(1).unwrap_or(1);
+                    window += 1;
+                }
+                match raw.read_packet(TIMEOUT) {
+                    Ok(Some(p)) if p.kind() == 4 => {
+                        window -= 1;
+                        acked.lock().unwrap()[n] += 1;
+                    }
+                    _ => return,
+                }
+            }
+        });
+    }
+    let started = Instant::now();
+    while acked.lock().unwrap().iter().any(|&a| a < 20) {
+        assert!(started.elapsed() < TIMEOUT, "the load is not acknowledged");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// A clean start that ends a stored persistent session (MQTT 3.1.1 Clean
 /// Session 1, or MQTT 5.0 Clean Start 0 with Session Expiry 0, which
 /// resumes the session for this connection only) gets its CONNACK only
@@ -1348,9 +1389,9 @@ fn snapshots_while_running_bound_the_directory_and_lose_nothing_to_kill_9() {
 #[test]
 fn a_connect_that_ends_a_stored_session_survives_a_kill_9_right_after_its_connack() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = start(dir.path(), "");
-    offline_subscribers(&broker, "drop-load", "q1/#", 2);
-    let ids: Vec<String> = (0..8).map(|n| format!("drop-{n}-{}", unique())).collect();
+    let broker = start(dir.path(), LOAD_QUEUES);
+    offline_subscribers(&broker, "drop-load", "load/#", 2);
+    let ids: Vec<String> = (0..16).map(|n| format!("drop-{n}-{}", unique())).collect();
     for id in &ids {
         let (mut client, _) = persistent(broker.port, id);
         client.subscribe("dropped/t", rumqttc::QoS::AtLeastOnce);
@@ -1361,23 +1402,14 @@ fn a_connect_that_ends_a_stored_session_survives_a_kill_9_right_after_its_connac
     for n in 0..3 {
         publisher.publish_acked("dropped/t", false, format!("old {n}").as_bytes());
     }
-    // Keep the journals syncing, so that a record appended now waits.
-    let (acked, _) = publish_stream(broker.port, false);
-    let started = Instant::now();
-    while acked.lock().unwrap().len() < 50 {
-        assert!(
-            started.elapsed() < TIMEOUT,
-            "the stream is not acknowledged"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    // All at once: half 3.1.1 clean sessions, half MQTT 5.0 sessions that
-    // end with their connection.
+    sync_load(broker.port);
+    // All at once: 3.1.1 clean sessions, and a quarter MQTT 5.0 sessions
+    // that end with their connection.
     let mut raws: Vec<(Raw, bool)> = ids
         .iter()
         .enumerate()
         .map(|(n, id)| {
-            if n % 2 == 0 {
+            if n % 4 != 3 {
                 (
                     Raw::send_connect(broker.port, &ConnectBuilder::new(id)),
                     false,
@@ -1399,7 +1431,7 @@ fn a_connect_that_ends_a_stored_session_survives_a_kill_9_right_after_its_connac
     }
     kill_9(broker);
 
-    let broker = start(dir.path(), "");
+    let broker = start(dir.path(), LOAD_QUEUES);
     for id in &ids {
         let mut raw = raw_persistent(broker.port, id, false);
         // Nothing queued comes before the answer to a ping: the old
