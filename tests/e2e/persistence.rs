@@ -1575,3 +1575,68 @@ fn a_wills_message_expiry_survives_a_kill_9_and_counts_the_time_down() {
         "the time since it was due counts: {delayed_left} s left, {since_due} s since its delay began"
     );
 }
+
+/// The CONNACK of a clean start that ends a stored session waits for the
+/// session's drop to be written, however long that takes: with the disk
+/// full (a 256 KiB tmpfs, as root; CI is) and the session's journal
+/// holding a message it cannot write, no CONNACK comes; once space frees,
+/// it does, and a `kill -9` right after it leaves the session ended.
+#[test]
+fn a_clean_start_on_a_full_disk_gets_its_connack_only_once_the_old_session_is_ended_on_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    if !mount_tmpfs(dir.path(), "256k") {
+        if std::env::var_os("CI").is_some() {
+            panic!("CI runs as root: the tmpfs must mount");
+        }
+        return;
+    }
+    let _unmount = Unmount(dir.path());
+    let store = dir.path().join("store");
+    std::fs::create_dir(&store).unwrap();
+    let broker = start(&store, "");
+    let id = "full-drop";
+    let (mut client, _) = persistent(broker.port, id);
+    client.subscribe("full-drop/t", rumqttc::QoS::AtLeastOnce);
+    until_journalled(&mut client, id);
+    client.disconnect();
+    let filler = dir.path().join("filler");
+    let mut file = std::fs::File::create(&filler).unwrap();
+    let chunk = vec![0u8; 4096];
+    while file.write_all(&chunk).is_ok() {}
+    drop(file);
+    // Queued for the offline session: its journal cannot write the body,
+    // nor what comes after it.
+    let mut publisher = Raw::connect(broker.port, "full-drop-pub");
+    publisher.send(&publish(
+        b"full-drop/t",
+        &[7u8; 16 * 1024],
+        1,
+        false,
+        false,
+        1,
+    ));
+    assert!(
+        broker
+            .wait_log(|l| l.contains("persistence: cannot write"), TIMEOUT)
+            .is_some(),
+        "the journal cannot write:\n{}",
+        broker.log_text()
+    );
+    let mut clean = Raw::send_connect(broker.port, &ConnectBuilder::new(id));
+    // The journal retries every second, and fails while the disk is full.
+    assert_eq!(
+        clean
+            .read_packet(Duration::from_millis(1500))
+            .map(|p| p.map(|p| p.bytes())),
+        Ok(None),
+        "no CONNACK while the session's end is not on disk"
+    );
+    std::fs::remove_file(&filler).unwrap();
+    assert_eq!(clean.expect_packet().bytes(), CONNACK_OK);
+    kill_9(broker);
+
+    let broker = start(&store, "");
+    let mut raw = raw_persistent(broker.port, id, false);
+    raw.ping();
+    kill_9(broker);
+}
