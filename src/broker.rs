@@ -571,7 +571,7 @@ fn load_persisted(
         shard.session_journal = Some(journal.clone());
         tasks.push(
             glommio::spawn_local(crate::shard::held_out::release_loop(
-                ctx.shard.clone(),
+                ctx.clone(),
                 journal.clone(),
                 shutdown.clone(),
             ))

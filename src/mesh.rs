@@ -92,6 +92,16 @@ pub enum ShardMsg {
     /// To the shard of shared subscription members: the messages the
     /// publishing shard chose them for, in the order published.
     SharedPublish(Vec<SharedDelivery>),
+    /// To a publisher's shard: `count` shared deliveries of its barrier
+    /// `token` (`SharedDelivery::barrier`) are settled on the sending shard
+    /// and what they wrote there is durable (persistence on: the
+    /// publisher's PUBACK or PUBREC waits for it).
+    SharedDurable {
+        /// The barrier's token on the receiving shard.
+        token: u64,
+        /// How many of its deliveries this answers.
+        count: usize,
+    },
     /// To shard 0: this shard's counters, for `$SYS`.
     Stats {
         /// The sending shard.

@@ -487,6 +487,9 @@ pub(super) fn attach(
     let mut shard = ctx.shard.borrow_mut();
     let conn_id = shard.new_conn_id();
     let session_present = state.is_some() && !attach.clean_start;
+    // A stored (persistent) session resumed by a session that ends with
+    // its connection.
+    let resumed_for_now = state.is_some() && attach.session_expiry == 0;
     let mut session = Session::new(
         client_id,
         attach.session_expiry == 0,
@@ -528,6 +531,15 @@ pub(super) fn attach(
     let limits = shard.limits;
     session.reattach(&limits);
     let key = shard.insert_session(session);
+    if resumed_for_now && shard.session_journal.is_some() {
+        // An MQTT 5.0 Clean Start 0 with Session Expiry 0 resumes the
+        // stored session but ends it with this connection: a crash must not
+        // bring it back, so it leaves the journal, and the CONNACK waits for
+        // that (as a clean start's waits on the shard that held it).
+        let client_id = shard.sessions[key as usize].client_id.clone();
+        let lsn = shard.journal_drop(&client_id);
+        shard.hold_out(key, lsn);
+    }
     shard.mark_dirty(key);
     shard.flush_dirty();
     (key, conn_id)

@@ -127,6 +127,12 @@ pub struct SharedDelivery {
     /// How many times it was passed on so (a session taken over again
     /// while the message followed it): bounded by the shard that passes it.
     pub passes: u8,
+    /// With persistence, when the publisher's acknowledgement waits for
+    /// it: the publishing shard and its barrier token there. The shard
+    /// that settles the delivery (gives it to a member, or drops it) answers
+    /// once its journal holds what that wrote; one passing it on leaves
+    /// that to the next shard.
+    pub barrier: Option<(usize, u64)>,
 }
 
 /// One group as a shard sees it.

@@ -329,6 +329,7 @@ impl Shard {
                 key,
                 client_id: None,
                 passes: 0,
+                barrier: None,
             });
         }
         self.deliver_shared(deliveries);

@@ -71,8 +71,14 @@ impl HeldAcks {
 
     /// One shard applied the batch of barrier `token` (or cannot).
     pub fn applied(&mut self, token: u64) {
+        self.applied_many(token, 1);
+    }
+
+    /// `count` answers of barrier `token` came at once (shared deliveries
+    /// settled on one shard, [`crate::mesh::ShardMsg::SharedDurable`]).
+    pub fn applied_many(&mut self, token: u64, count: usize) {
         if let Some((left, waker)) = self.barriers.get_mut(&token) {
-            *left = left.saturating_sub(1);
+            *left = left.saturating_sub(count);
             if *left == 0
                 && let Some(waker) = waker.take()
             {
@@ -129,5 +135,33 @@ impl Shard {
             session.queue_frame(ack);
             self.mark_dirty(key);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::task::{Context, Poll, Waker};
+
+    use super::HeldAcks;
+
+    #[test]
+    fn a_barrier_is_passed_once_every_answer_it_counts_came() {
+        let mut acks = HeldAcks::default();
+        let cx = Context::from_waker(Waker::noop());
+        // One peer's batch and three shared deliveries (two on one shard,
+        // answered at once, one passed on to a third).
+        let token = acks.start(1 + 3);
+        acks.applied(token);
+        assert_eq!(acks.poll_applied(token, &cx), Poll::Pending);
+        acks.applied_many(token, 2);
+        assert_eq!(acks.poll_applied(token, &cx), Poll::Pending, "one left");
+        acks.applied_many(token + 1, 1);
+        assert_eq!(
+            acks.poll_applied(token, &cx),
+            Poll::Pending,
+            "another barrier's answer counts for that one only"
+        );
+        acks.applied_many(token, 1);
+        assert_eq!(acks.poll_applied(token, &cx), Poll::Ready(()));
     }
 }

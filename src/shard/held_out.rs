@@ -11,8 +11,13 @@
 //! task per shard beside the journal's commit task, waits until the
 //! journal is durable that far and flushes it. QoS 1, QoS 0, clean
 //! sessions and persistence off never wait.
+//!
+//! A connection that ends a stored persistent session (a clean start, on
+//! this shard or another) waits the same way for the session's drop
+//! record: the answer to its claim is held here ([`HeldOut::answers`])
+//! until the drop is durable, so its CONNACK (Session Present 0) never
+//! leaves before a `kill -9` could still bring the old session back.
 
-use std::cell::RefCell;
 use std::future::poll_fn;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -21,7 +26,7 @@ use std::task::{Poll, Waker};
 use std::time::Duration;
 
 use crate::session::link::SessionKey;
-use crate::shard::Shard;
+use crate::shard::{Ctx, Shard};
 use crate::store::journal::Journal;
 
 /// How often the release task checks for the broker stopping while it
@@ -33,6 +38,10 @@ const STOP_POLL: Duration = Duration::from_millis(50);
 pub struct HeldOut {
     /// Per session key: its connection's id and the LSN it waits for.
     holds: ahash::AHashMap<SessionKey, (u64, u64)>,
+    /// Answers to claims that ended a persistent session here, waiting for
+    /// its drop record: (LSN, the claim's shard, its token), in the order
+    /// made.
+    answers: Vec<(u64, usize, u64)>,
     /// The release task, waiting for a first hold.
     waker: Option<Waker>,
 }
@@ -61,9 +70,9 @@ impl HeldOut {
         !self.holds.is_empty() && self.holds.get(&key).is_some_and(|h| h.0 == conn_id)
     }
 
-    /// True when no connection is held.
+    /// True when no connection and no claim answer is held.
     pub fn is_empty(&self) -> bool {
-        self.holds.is_empty()
+        self.holds.is_empty() && self.answers.is_empty()
     }
 }
 
@@ -82,14 +91,47 @@ impl Shard {
         }
     }
 
-    /// The highest LSN a held connection waits for (0: none).
+    /// Answers the claim `token` of `shard` (which gets no state: a clean
+    /// start) once the session journal is durable up to `lsn`, the record
+    /// of the session drop its claim caused: at once without a journal or
+    /// when it already is.
+    pub fn answer_claim_after(&mut self, lsn: u64, shard: usize, token: u64) {
+        let durable = self
+            .session_journal
+            .as_ref()
+            .is_none_or(|journal| journal.acked_lsn() >= lsn);
+        if durable {
+            self.answer_claim(shard, token, None);
+            return;
+        }
+        self.held_out.answers.push((lsn, shard, token));
+        if let Some(waker) = self.held_out.waker.take() {
+            waker.wake();
+        }
+    }
+
+    /// The highest LSN a held connection or claim answer waits for (0:
+    /// none).
     fn held_out_target(&self) -> u64 {
-        self.held_out.holds.values().map(|h| h.1).max().unwrap_or(0)
+        let answers = self.held_out.answers.iter().map(|a| a.0);
+        self.held_out
+            .holds
+            .values()
+            .map(|h| h.1)
+            .chain(answers)
+            .max()
+            .unwrap_or(0)
     }
 
     /// Flushes the held connections whose hold `durable` covers (a framed
     /// or blocked connection's task is woken to write), keeps the others.
     pub fn release_held_out(&mut self, durable: u64) {
+        let answers = std::mem::take(&mut self.held_out.answers);
+        let (due, waiting): (Vec<_>, Vec<_>) = answers.into_iter().partition(|a| a.0 <= durable);
+        self.held_out.answers = waiting;
+        for (_, shard, token) in due {
+            self.answer_claim(shard, token, None);
+        }
         let due: Vec<(SessionKey, u64)> = self
             .held_out
             .holds
@@ -116,9 +158,10 @@ impl Shard {
     }
 }
 
-/// Releases the shard's held packets as `journal` becomes durable, until
-/// `stop` is set.
-pub async fn release_loop(shard: Rc<RefCell<Shard>>, journal: Rc<Journal>, stop: Arc<AtomicBool>) {
+/// Releases the shard's held packets and claim answers as `journal`
+/// becomes durable, until `stop` is set.
+pub async fn release_loop(ctx: Ctx, journal: Rc<Journal>, stop: Arc<AtomicBool>) {
+    let shard = &ctx.shard;
     while !stop.load(Ordering::Relaxed) {
         // `try_borrow`: while start-up still holds the shard, wait a round.
         let listed = poll_fn(|cx| match shard.try_borrow_mut() {
@@ -149,6 +192,8 @@ pub async fn release_loop(shard: Rc<RefCell<Shard>>, journal: Rc<Journal>, stop:
         if let Ok(mut shard) = shard.try_borrow_mut() {
             shard.release_held_out(journal.acked_lsn());
         }
+        // Claim answers to other shards.
+        ctx.send_outbox();
     }
 }
 

@@ -8,44 +8,40 @@ use log::debug;
 
 use crate::mesh::{self, ShardMsg};
 use crate::shard::{Ctx, Shard};
+use crate::store::journal::Journal;
 
 /// Receives everything `peer` sends to this shard until the mesh closes.
 pub async fn receive_from(ctx: Ctx, peer: usize, receivers: Rc<Receivers<ShardMsg>>) {
     while let Ok(Some(msg)) = receivers.recv_from(peer).await {
         match msg {
             ShardMsg::Publish(batch, applied) => {
-                let unsynced: Vec<_> = {
+                let unsynced = {
                     let mut shard = ctx.shard.borrow_mut();
                     for message in batch.iter() {
                         shard.route(message);
                     }
                     shard.flush_dirty();
-                    shard
-                        .retain_journal
-                        .iter()
-                        .chain(&shard.session_journal)
-                        .filter(|j| j.acked_lsn() < j.end_lsn())
-                        .map(|j| (j.clone(), j.end_lsn()))
-                        .collect()
+                    shard.unsynced_journals()
                 };
                 if let Some((shard, token)) = applied {
                     // With persistence, a shard answers once its journals
                     // hold what the batch made it write (the publisher's
                     // PUBACK waits for that), without holding up the mesh.
-                    if unsynced.is_empty() {
-                        mesh::send_detached(&ctx.mesh, shard, ShardMsg::Applied { token });
-                    } else {
-                        let mesh = ctx.mesh.clone();
-                        glommio::spawn_local(async move {
-                            for (journal, lsn) in unsynced {
-                                journal.wait_acked(lsn).await;
-                            }
-                            mesh::send_detached(&mesh, shard, ShardMsg::Applied { token });
-                        })
-                        .detach();
-                    }
+                    answer_when_durable(&ctx, unsynced, vec![(shard, ShardMsg::Applied { token })]);
                 }
                 glommio::yield_if_needed().await;
+            }
+            ShardMsg::SharedPublish(deliveries) => {
+                let (settled, unsynced) = {
+                    let mut shard = ctx.shard.borrow_mut();
+                    shard.deliver_shared(deliveries);
+                    let settled = std::mem::take(&mut shard.shared_settled);
+                    (settled, shard.unsynced_journals())
+                };
+                ctx.send_outbox();
+                // The publishers' acks wait for what the members' sessions
+                // wrote here (a persistent member's queue), as for a batch.
+                answer_when_durable(&ctx, unsynced, durable_answers(settled));
             }
             other => {
                 ctx.shard.borrow_mut().handle_control(other);
@@ -56,7 +52,70 @@ pub async fn receive_from(ctx: Ctx, peer: usize, receivers: Rc<Receivers<ShardMs
     debug!("mesh channel from shard {peer} closed");
 }
 
+/// One [`ShardMsg::SharedDurable`] per barrier among `settled` (publishing
+/// shard, token), counting its deliveries, in the order first seen.
+fn durable_answers(settled: Vec<(usize, u64)>) -> Vec<(usize, ShardMsg)> {
+    let mut counts: Vec<((usize, u64), usize)> = Vec::new();
+    for barrier in settled {
+        match counts.iter_mut().find(|(b, _)| *b == barrier) {
+            Some((_, count)) => *count += 1,
+            None => counts.push((barrier, 1)),
+        }
+    }
+    counts
+        .into_iter()
+        .map(|((shard, token), count)| (shard, ShardMsg::SharedDurable { token, count }))
+        .collect()
+}
+
+/// Sends `answers` once every journal of `unsynced` is durable up to its
+/// LSN (at once when there is none), from a detached task: the mesh loop
+/// and the other shards never wait for this shard's disk. An answer to
+/// this shard itself (a shared delivery passed back here after a
+/// take-over) is applied here: the mesh has no channel to oneself.
+fn answer_when_durable(
+    ctx: &Ctx,
+    unsynced: Vec<(Rc<Journal>, u64)>,
+    answers: Vec<(usize, ShardMsg)>,
+) {
+    if answers.is_empty() {
+        return;
+    }
+    let send = |ctx: &Ctx, answers: Vec<(usize, ShardMsg)>| {
+        for (shard, msg) in answers {
+            if shard == ctx.id {
+                ctx.shard.borrow_mut().handle_control(msg);
+            } else {
+                mesh::send_detached(&ctx.mesh, shard, msg);
+            }
+        }
+    };
+    if unsynced.is_empty() {
+        send(ctx, answers);
+        return;
+    }
+    let ctx = ctx.clone();
+    glommio::spawn_local(async move {
+        for (journal, lsn) in unsynced {
+            journal.wait_acked(lsn).await;
+        }
+        send(&ctx, answers);
+    })
+    .detach();
+}
+
 impl Shard {
+    /// This shard's journals that hold records not yet durable, each with
+    /// its end: what an answer about what was just routed waits for.
+    pub fn unsynced_journals(&self) -> Vec<(Rc<Journal>, u64)> {
+        self.retain_journal
+            .iter()
+            .chain(&self.session_journal)
+            .filter(|j| j.acked_lsn() < j.end_lsn())
+            .map(|j| (j.clone(), j.end_lsn()))
+            .collect()
+    }
+
     /// A control message from another shard.
     pub fn handle_control(&mut self, msg: ShardMsg) {
         match msg {
@@ -91,6 +150,7 @@ impl Shard {
             } => self.home_release(&client_id, shard, token),
             ShardMsg::SharedMember(update) => self.shared_member_update(update),
             ShardMsg::SharedPublish(deliveries) => self.deliver_shared(deliveries),
+            ShardMsg::SharedDurable { token, count } => self.held_acks.applied_many(token, count),
             ShardMsg::Stats { shard, counters } => {
                 if let Some(slot) = self.all_stats.get_mut(shard) {
                     *slot = *counters;
@@ -113,6 +173,19 @@ mod tests {
     use crate::protocol::message::Message;
     use crate::protocol::v3::QoS;
     use crate::shard::testing::{self, attach_client};
+
+    #[test]
+    fn settled_shared_deliveries_are_answered_once_per_barrier_with_their_count() {
+        let answers = durable_answers(vec![(0, 4), (2, 1), (0, 4), (0, 5)]);
+        let got: Vec<(usize, u64, usize)> = answers
+            .into_iter()
+            .filter_map(|(shard, msg)| match msg {
+                ShardMsg::SharedDurable { token, count } => Some((shard, token, count)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(got, vec![(0, 4, 2), (2, 1, 1), (0, 5, 1)]);
+    }
 
     #[test]
     fn a_publish_batch_from_another_shard_is_delivered_and_flushed_here() {

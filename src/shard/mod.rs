@@ -103,6 +103,11 @@ pub struct Shard {
     /// Messages published here for shared subscription members on other
     /// shards, by shard, sent with the step's publishes.
     shared_out: Vec<Vec<SharedDelivery>>,
+    /// The barriers (publishing shard, token) of the shared deliveries
+    /// from other shards settled here since the mesh task last took them:
+    /// answered with `ShardMsg::SharedDurable` once the journal holds what
+    /// they wrote (`shard::inbox`).
+    pub shared_settled: Vec<(usize, u64)>,
     /// The latest persistent sessions taken over from this shard, newest
     /// last, at most `shared::MOVES_KEPT`: a shared delivery chosen for one
     /// of them that arrives after it left follows it to its new shard.
@@ -309,7 +314,32 @@ impl Ctx {
             (shard.take_remote_batch(), held, durable, shared)
         };
         let persistent = self.shard.borrow().store_failing.is_some();
-        for (peer, deliveries) in shared {
+        let peers = if batch.is_some() && !held.is_empty() {
+            self.nr_shards - 1
+        } else {
+            0
+        };
+        // With persistence, held acks wait for each shared delivery too: a
+        // persistent member on another shard keeps it in that shard's
+        // journal, which answers once that is durable.
+        let shared_waited = if persistent && !held.is_empty() {
+            shared.iter().map(|(_, d)| d.len()).sum()
+        } else {
+            0
+        };
+        let barrier = (peers + shared_waited > 0).then(|| {
+            self.shard
+                .borrow_mut()
+                .held_acks
+                .start(peers + shared_waited)
+        });
+        for (peer, mut deliveries) in shared {
+            let count = deliveries.len();
+            if shared_waited > 0 {
+                for delivery in &mut deliveries {
+                    delivery.barrier = barrier.map(|token| (self.id, token));
+                }
+            }
             if self
                 .mesh
                 .send_to(peer, ShardMsg::SharedPublish(deliveries))
@@ -317,14 +347,14 @@ impl Ctx {
                 .is_err()
             {
                 debug!("mesh: shard {peer} is gone, shared deliveries not forwarded");
+                if let (Some(token), true) = (barrier, shared_waited > 0) {
+                    self.shard.borrow_mut().held_acks.applied_many(token, count);
+                }
             }
         }
-        let peers = self.nr_shards - 1;
-        let barrier = (batch.is_some() && !held.is_empty())
-            .then(|| self.shard.borrow_mut().held_acks.start(peers));
         if let Some(batch) = &batch {
             for peer in (0..self.nr_shards).filter(|&p| p != self.id) {
-                let applied = barrier.map(|token| (self.id, token));
+                let applied = barrier.filter(|_| peers > 0).map(|token| (self.id, token));
                 if self
                     .mesh
                     .send_to(peer, ShardMsg::Publish(batch.clone(), applied))
@@ -332,7 +362,7 @@ impl Ctx {
                     .is_err()
                 {
                     debug!("mesh: shard {peer} is gone, publishes not forwarded");
-                    if let Some(token) = barrier {
+                    if let (Some(token), true) = (barrier, peers > 0) {
                         self.shard.borrow_mut().held_acks.applied(token);
                     }
                 }
@@ -438,6 +468,7 @@ impl Shard {
             retained: RetainStore::default(),
             shared: SharedGroups::new(strategy),
             shared_out: (0..nr_shards).map(|_| Vec::new()).collect(),
+            shared_settled: Vec::new(),
             moved: std::collections::VecDeque::new(),
             moves_waiting: 0,
             registry: Registry::default(),

@@ -321,15 +321,19 @@ impl Shard {
         }
     }
 
-    /// Journals that the persistent session of `client_id` ended here.
-    pub fn journal_drop(&mut self, client_id: &str) {
+    /// Journals that the persistent session of `client_id` ended here;
+    /// the LSN a CONNACK that ended it must wait for (0: no journal).
+    pub fn journal_drop(&mut self, client_id: &str) -> u64 {
         self.persist_wills.remove(client_id);
-        if let Some(journal) = &self.session_journal {
-            self.needed_lsns[1] = journal.append(&Record::SessionDrop(
-                next_stamp(),
-                ByteString::from(client_id),
-            ));
-        }
+        let Some(journal) = &self.session_journal else {
+            return 0;
+        };
+        let lsn = journal.append(&Record::SessionDrop(
+            next_stamp(),
+            ByteString::from(client_id),
+        ));
+        self.needed_lsns[1] = lsn;
+        lsn
     }
 
     /// `session` as stored now, without its queue.

@@ -11,8 +11,15 @@
 //! within a sweep, for 3.1.1), unless the client reconnects first; one whose
 //! delay was running goes when it was due (at once if that passed). Clean
 //! sessions' wills are not journalled (two records per connection).
+//!
+//! An MQTT 5.0 will's Message Expiry Interval is kept with it
+//! (`StoredWill::expiry_interval`, record kind `WILL_EXPIRING`) and counted
+//! from its publication, as without a restart: from the wall-clock time it
+//! was due when its delay was running (so time spent down counts, and a
+//! will whose lifetime ended while the broker was down is not published),
+//! else from the end of its delay after the start.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::protocol::message::Message;
 use crate::session::Session;
@@ -41,14 +48,28 @@ impl Shard {
         let client_id = bytestring::ByteString::from(&*session.client_id);
         let record = match will {
             Some((message, delay)) => {
-                let mut stored = StoredMessage::of(message, Instant::now(), unix_ms_now());
+                let (now, now_unix_ms) = (Instant::now(), unix_ms_now());
+                let mut stored = StoredMessage::of(message, now, now_unix_ms);
                 stored.expires_unix_ms = 0;
+                // The message's expiry counts from its publication: now
+                // while the connection is open, else when it is due.
+                let published =
+                    now + Duration::from_millis(due_unix_ms.saturating_sub(now_unix_ms));
+                let expiry_interval = message
+                    .properties
+                    .as_deref()
+                    .and_then(|p| p.expires_at)
+                    .map(|at| {
+                        let ms = at.saturating_duration_since(published).as_millis();
+                        u32::try_from(ms.saturating_add(500) / 1000).unwrap_or(u32::MAX)
+                    });
                 Record::Will(StoredWill {
                     stamp: next_stamp(),
                     client_id,
                     delay,
                     due_unix_ms,
                     message: stored,
+                    expiry_interval,
                 })
             }
             None => Record::WillClear(next_stamp(), client_id),
@@ -79,7 +100,10 @@ impl Shard {
 }
 
 /// Gives restored session `session` its stored will as a delayed will (see
-/// the module documentation), `now_ticks` and `now_unix_ms` being now.
+/// the module documentation), `now_ticks` and `now_unix_ms` being now. Its
+/// Message Expiry Interval counts from when it is published: when it was
+/// due, or the end of its delay counted from now for one whose connection
+/// was open; one already expired is dropped.
 pub(super) fn restore_will(
     session: &mut Session,
     will: &StoredWill,
@@ -87,7 +111,17 @@ pub(super) fn restore_will(
     now_unix_ms: u64,
     now: Instant,
 ) {
-    let Some(message) = will.message.to_message(0, now, now_unix_ms) else {
+    let mut stored = will.message.clone();
+    if let Some(interval) = will.expiry_interval {
+        let published_unix_ms = match will.due_unix_ms {
+            0 => now_unix_ms.saturating_add(u64::from(will.delay) * 1000),
+            due => due,
+        };
+        stored.expires_unix_ms = published_unix_ms
+            .saturating_add(u64::from(interval) * 1000)
+            .max(1);
+    }
+    let Some(message) = stored.to_message(0, now, now_unix_ms) else {
         return;
     };
     let left_s = match will.due_unix_ms {
@@ -153,6 +187,7 @@ mod tests {
             delay: 5,
             due_unix_ms: 0,
             message: StoredMessage::of(&will, Instant::now(), 1),
+            expiry_interval: None,
         };
         let session = &mut shard.sessions[key as usize];
         restore_will(session, &stored, 100, 10_000, Instant::now());
@@ -165,5 +200,85 @@ mod tests {
         };
         restore_will(session, &running, 100, 10_000, Instant::now());
         assert!(session.take_due_will(100 + 2 * TICKS_PER_SEC).is_some());
+    }
+
+    /// The Message Expiry Interval of the will `message`, as a connection
+    /// builds it at `sent_at`.
+    fn expiring(seconds: u64, sent_at: Instant) -> Message {
+        let mut message = Message::new(
+            ByteString::from("gone/e"),
+            bytes::Bytes::from_static(b"bye"),
+            QoS::AtLeastOnce,
+            false,
+        );
+        message.properties = Some(std::sync::Arc::new(
+            crate::protocol::message::MessageProperties {
+                forwarded: Default::default(),
+                expires_at: Some(sent_at + Duration::from_secs(seconds)),
+            },
+        ));
+        message
+    }
+
+    /// The seconds of expiry a will published at `at` carries.
+    fn left_at(will: &Message, at: Instant) -> Option<u64> {
+        let expires = will.properties.as_deref()?.expires_at?;
+        Some(expires.saturating_duration_since(at).as_secs())
+    }
+
+    #[test]
+    fn a_wills_message_expiry_is_kept_and_counts_from_its_publication() {
+        let mut shard = testing::shard_with(0, 1, Config::default());
+        let journal = testing::unwritten_journal(&mut shard);
+        let key = testing::attach(&mut shard, "e", "t", QoS::AtLeastOnce);
+        shard.sessions[key as usize].clean_session = false;
+        shard.journal_session(key);
+        let now = Instant::now();
+        // At CONNECT (due 0) and when its 10 s delay starts (due then).
+        shard.journal_will(key, Some((&expiring(60, now), 10)), 0);
+        let due = unix_ms_now() + 10_000;
+        shard.journal_will(
+            key,
+            Some((&expiring(60, now + Duration::from_secs(10)), 10)),
+            due,
+        );
+        let wills: Vec<StoredWill> = journal
+            .pending_records()
+            .into_iter()
+            .filter_map(|r| match r {
+                Record::Will(w) => Some(w),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            wills.iter().map(|w| w.expiry_interval).collect::<Vec<_>>(),
+            vec![Some(60), Some(60)],
+            "the interval, not the instant"
+        );
+        let (owed, running) = (&wills[0], &wills[1]);
+        let session = &mut shard.sessions[key as usize];
+        // Owed after a crash: published 10 s after the start, 60 s to live.
+        let start = Instant::now();
+        restore_will(session, owed, 100, 1_000_000, start);
+        let will = session
+            .take_due_will(100 + 10 * TICKS_PER_SEC)
+            .expect("due after its delay");
+        assert_eq!(left_at(&will, start + Duration::from_secs(10)), Some(60));
+        // Its delay was running and the broker was down 30 s past its due
+        // time: published at once, with 30 of its 60 s left.
+        restore_will(session, running, 100, running.due_unix_ms + 30_000, start);
+        let will = session.take_due_will(100).expect("due at once");
+        assert_eq!(left_at(&will, start), Some(30), "time spent down counts");
+        // Down past its whole lifetime: not published.
+        restore_will(session, running, 100, running.due_unix_ms + 61_000, start);
+        assert_eq!(session.take_due_will(u32::MAX), None, "expired while down");
+        // A will without an expiry has none after a restart either.
+        let plain = StoredWill {
+            expiry_interval: None,
+            ..running.clone()
+        };
+        restore_will(session, &plain, 100, plain.due_unix_ms + 61_000, start);
+        let will = session.take_due_will(100).expect("never expires");
+        assert_eq!(will.properties.and_then(|p| p.expires_at), None);
     }
 }

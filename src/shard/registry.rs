@@ -378,8 +378,11 @@ impl Shard {
             }
             let state = (!clean_session && !session.clean_session).then_some(session.state);
             if state.is_none() && !session.clean_session {
-                // A clean start ends the persistent session (§3.1.2.4).
-                self.journal_drop(client_id);
+                // A clean start ends the persistent session (§3.1.2.4): its
+                // CONNACK waits until that is durable (`held_out`).
+                let lsn = self.journal_drop(client_id);
+                self.answer_claim_after(lsn, to_shard, token);
+                return;
             }
             self.answer_claim(to_shard, token, state);
             return;
@@ -436,7 +439,7 @@ impl Shard {
     }
 
     /// Answers the claim `token` of `shard`, locally or over the mesh.
-    fn answer_claim(&mut self, shard: usize, token: u64, state: Option<SessionState>) {
+    pub(super) fn answer_claim(&mut self, shard: usize, token: u64, state: Option<SessionState>) {
         if shard == self.id {
             self.claim_answered(token, state);
         } else {
@@ -610,6 +613,39 @@ mod tests {
         assert!(shard.router.is_empty());
         assert_eq!(shard.session_key("client-a"), None);
         assert!(shard.by_client_id.is_empty());
+    }
+
+    #[test]
+    fn a_clean_start_that_ends_a_stored_session_is_answered_once_its_drop_is_durable() {
+        let mut shard = shard();
+        let journal = crate::shard::testing::unwritten_journal(&mut shard);
+        connect(&mut shard, "kept", false, "t");
+        connect(&mut shard, "other", false, "t");
+        // A clean start for "kept": its session ends, the drop is journalled,
+        // and the claim's answer (hence the CONNACK) waits for it.
+        pending(&mut shard, "kept", 77);
+        shard.home_claim(ByteString::from("kept"), 0, 77, true);
+        assert!(shard.session_key("kept").is_none(), "the old session ended");
+        let drop_lsn = journal.end_lsn();
+        assert!(
+            shard.registry.claims[&77].outcome.is_none(),
+            "not answered before the drop is durable"
+        );
+        shard.release_held_out(drop_lsn - 1);
+        assert!(shard.registry.claims[&77].outcome.is_none());
+        shard.release_held_out(drop_lsn);
+        assert!(matches!(
+            shard.registry.claims[&77].outcome,
+            Some(Outcome::Granted(None))
+        ));
+        // A persistent take-over hands the state over and waits for
+        // nothing here (the new shard writes the session's image).
+        pending(&mut shard, "other", 78);
+        shard.home_claim(ByteString::from("other"), 0, 78, false);
+        assert!(matches!(
+            shard.registry.claims[&78].outcome,
+            Some(Outcome::Granted(Some(_)))
+        ));
     }
 
     #[test]

@@ -330,6 +330,7 @@ impl Shard {
                             key: member.key,
                             client_id: None,
                             passes: 0,
+                            barrier: None,
                         });
                         chosen = Chosen::Sent;
                     }
@@ -344,6 +345,7 @@ impl Shard {
                             key: member.key,
                             client_id: Some(record.client_id.clone()),
                             passes: 1,
+                            barrier: None,
                         },
                     ));
                     chosen = Chosen::Sent;
@@ -393,10 +395,19 @@ impl Shard {
     /// on, in order behind the session state, and that shard gives it to
     /// the session or, not attached yet, to its granted state's pending
     /// queue. Otherwise it is dropped and counted in `shared_dropped`.
+    ///
+    /// The barriers of the deliveries settled here (given or dropped, not
+    /// passed on) gather in `shared_settled`, for the publishing shards'
+    /// acknowledgements (`shard::inbox` answers them once durable).
     pub fn deliver_shared(&mut self, deliveries: Vec<SharedDelivery>) {
         let mut queue: std::collections::VecDeque<SharedDelivery> = deliveries.into();
         while let Some(delivery) = queue.pop_front() {
-            match self.deliver_one_shared(delivery) {
+            let barrier = delivery.barrier;
+            let outcome = self.deliver_one_shared(delivery);
+            if let (Some(barrier), Shared::Taken | Shared::Dropped) = (barrier, &outcome) {
+                self.shared_settled.push(barrier);
+            }
+            match outcome {
                 Shared::Taken => self.stats.shared_deliveries += 1,
                 Shared::Dropped => self.stats.shared_dropped += 1,
                 Shared::Moved(to, delivery) if to == self.id => queue.push_back(delivery),
@@ -773,9 +784,15 @@ mod tests {
             key,
             client_id: None,
             passes: 0,
+            barrier: Some((0, 5)),
         };
         shard.handle_control(ShardMsg::SharedPublish(vec![delivery(gone.key)]));
         assert_eq!(other.publishes().len(), 1);
+        assert_eq!(
+            std::mem::take(&mut shard.shared_settled),
+            vec![(0, 5)],
+            "settled here: this shard answers the publisher's barrier"
+        );
         // A group this shard no longer has: dropped and counted.
         shard.handle_control(ShardMsg::SharedPublish(vec![SharedDelivery {
             share: ByteString::from("$share/none/t"),
@@ -829,9 +846,18 @@ mod tests {
             key: old.key,
             client_id: None,
             passes: 0,
+            barrier: Some((0, 9)),
         };
         shards[0].handle_control(ShardMsg::SharedPublish(vec![stale.clone()]));
+        // Passed on: the barrier goes with it, and the shard that keeps it
+        // answers (once, whoever passed it).
+        assert!(shards[0].shared_settled.is_empty());
+        assert!(matches!(
+            &shards[0].outbox[..],
+            [(1, ShardMsg::SharedPublish(d))] if d[0].barrier == Some((0, 9))
+        ));
         pump(&mut shards);
+        assert_eq!(std::mem::take(&mut shards[1].shared_settled), vec![(0, 9)]);
         // Messages published now, on either shard, still find it in the
         // group (offline, its old shard's entry), and follow it too.
         shards[0].publish(message("t", "on 0"));

@@ -386,6 +386,7 @@ mod tests {
                     delay: 5,
                     due_unix_ms: 0,
                     message: StoredMessage::of(&message(QoS::AtLeastOnce), Instant::now(), 0),
+                    expiry_interval: Some(60),
                 });
                 shard
                     .persist_wills

@@ -390,6 +390,7 @@ mod tests {
                 delay: 0,
                 due_unix_ms: 0,
                 message: message(payload),
+                expiry_interval: None,
             })
         };
         let clear = |id: &str| Record::WillClear(next_stamp(), ByteString::from(id));

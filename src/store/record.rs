@@ -57,6 +57,11 @@ pub mod kind {
     /// Outgoing messages' flows ended ([`DONE`]) for many sessions at once:
     /// the acknowledgements of one step of a shard, 10 bytes each.
     pub const DONE_MANY: u8 = 0x0E;
+    /// A [`WILL`] with an MQTT 5.0 Message Expiry Interval: the same body,
+    /// then the interval (u32 seconds). A will without one is still
+    /// written as [`WILL`], so older records and wills without an expiry
+    /// read as before.
+    pub const WILL_EXPIRING: u8 = 0x0F;
 }
 
 /// MQTT 5.0 property identifiers of the forwarded properties (§2.2.2.2),
@@ -239,6 +244,9 @@ pub struct StoredWill {
     pub due_unix_ms: u64,
     /// The will, without an expiry (counted from its publication).
     pub message: StoredMessage,
+    /// Its MQTT 5.0 Message Expiry Interval in seconds, counted from its
+    /// publication (None: it never expires; [`kind::WILL_EXPIRING`]).
+    pub expiry_interval: Option<u32>,
 }
 
 /// One session's share of a [`Record::Sent`]: its image stamp, the packet
@@ -443,6 +451,7 @@ impl Record {
             Record::RetainDelete(..) => kind::RETAIN_DELETE,
             Record::Sent(..) => kind::SENT,
             Record::Flow(step, ..) => step.kind(),
+            Record::Will(will) if will.expiry_interval.is_some() => kind::WILL_EXPIRING,
             Record::Will(_) => kind::WILL,
             Record::WillClear(..) => kind::WILL_CLEAR,
             Record::DoneMany(_) => kind::DONE_MANY,
@@ -508,6 +517,9 @@ impl Record {
                 out.extend_from_slice(&will.delay.to_le_bytes());
                 out.extend_from_slice(&will.due_unix_ms.to_le_bytes());
                 will.message.encode(out);
+                if let Some(interval) = will.expiry_interval {
+                    out.extend_from_slice(&interval.to_le_bytes());
+                }
             }
             Record::WillClear(stamp, client_id) => {
                 out.extend_from_slice(&stamp.to_le_bytes());
@@ -571,12 +583,17 @@ impl Record {
             kind::RETAIN => Record::Retain(r.u64()?, StoredMessage::decode(&mut r)?),
             kind::RETAIN_DELETE => Record::RetainDelete(r.u64()?, r.str()?),
             kind::SENT => Record::Sent(r.u64()?, r.sent_refs()?),
-            kind::WILL => Record::Will(StoredWill {
+            kind::WILL | kind::WILL_EXPIRING => Record::Will(StoredWill {
                 stamp: r.u64()?,
                 client_id: r.str()?,
                 delay: r.u32()?,
                 due_unix_ms: r.u64()?,
                 message: StoredMessage::decode(&mut r)?,
+                expiry_interval: if kind == kind::WILL_EXPIRING {
+                    Some(r.u32()?)
+                } else {
+                    None
+                },
             }),
             kind::WILL_CLEAR => Record::WillClear(r.u64()?, r.str()?),
             kind::DONE_MANY => {
@@ -793,6 +810,15 @@ mod tests {
                 delay: 30,
                 due_unix_ms: 5000,
                 message: stored(),
+                expiry_interval: None,
+            }),
+            Record::Will(StoredWill {
+                stamp: 103,
+                client_id: ByteString::from("c2"),
+                delay: 0,
+                due_unix_ms: 0,
+                message: stored(),
+                expiry_interval: Some(90),
             }),
             Record::WillClear(102, ByteString::from("c1")),
             Record::DoneMany(vec![(99, 1), (100, 65535)]),
@@ -882,6 +908,59 @@ mod tests {
         );
     }
 
+    /// A will record as fanmq wrote it before wills kept their Message
+    /// Expiry Interval (kind 0x0C, byte for byte) reads as a will that
+    /// never expires; a will without an expiry is still written so, and one
+    /// with an expiry is the same body plus the interval as kind 0x0F.
+    #[test]
+    fn an_older_will_record_reads_and_the_expiry_is_a_new_kind() {
+        let mut old = Vec::new();
+        old.extend_from_slice(&7u64.to_le_bytes());
+        old.extend_from_slice(&[2, 0, b'c', b'1']);
+        old.extend_from_slice(&30u32.to_le_bytes());
+        old.extend_from_slice(&5000u64.to_le_bytes());
+        // The message: QoS 1, not retained, no expiry, topic "w", no
+        // properties, payload "bye".
+        old.extend_from_slice(&[1, 0]);
+        old.extend_from_slice(&0u64.to_le_bytes());
+        old.extend_from_slice(&[1, 0, b'w', 0, 0]);
+        old.extend_from_slice(&3u32.to_le_bytes());
+        old.extend_from_slice(b"bye");
+        let will = StoredWill {
+            stamp: 7,
+            client_id: ByteString::from("c1"),
+            delay: 30,
+            due_unix_ms: 5000,
+            message: StoredMessage {
+                qos: QoS::AtLeastOnce,
+                retain: false,
+                expires_unix_ms: 0,
+                topic: ByteString::from("w"),
+                properties: Properties::new(),
+                payload: Bytes::from_static(b"bye"),
+            },
+            expiry_interval: None,
+        };
+        assert_eq!(
+            Record::decode(kind::WILL, &old),
+            Ok(Record::Will(will.clone()))
+        );
+        let record = Record::Will(will.clone());
+        let mut body = Vec::new();
+        record.encode_body(&mut body);
+        assert_eq!((record.kind(), &body), (kind::WILL, &old), "unchanged");
+        let expiring = Record::Will(StoredWill {
+            expiry_interval: Some(60),
+            ..will
+        });
+        let mut body = Vec::new();
+        expiring.encode_body(&mut body);
+        assert_eq!(expiring.kind(), kind::WILL_EXPIRING);
+        assert_eq!(body[..old.len()], old[..]);
+        assert_eq!(body[old.len()..], 60u32.to_le_bytes());
+        assert_eq!(Record::decode(kind::WILL_EXPIRING, &body), Ok(expiring));
+    }
+
     #[test]
     fn random_bodies_never_panic() {
         let mut rng = XorShift(0xC0FF_EE11);
@@ -895,9 +974,9 @@ mod tests {
             .collect();
         for _ in 0..5000 {
             let kinds = [
-                1u8, 2, 5, 6, 7, 8, 9, 0x0A, 0x0B, 0x0C, 0x0D, 0x0E, 0x20, 0x21,
+                1u8, 2, 5, 6, 7, 8, 9, 0x0A, 0x0B, 0x0C, 0x0D, 0x0E, 0x0F, 0x20, 0x21,
             ];
-            let kind = match (rng.next() % 15) as usize {
+            let kind = match (rng.next() % 16) as usize {
                 i if i < kinds.len() => kinds[i],
                 _ => rng.next() as u8,
             };

@@ -1337,3 +1337,306 @@ fn snapshots_while_running_bound_the_directory_and_lose_nothing_to_kill_9() {
         client.disconnect();
     }
 }
+
+/// Queue limits that let offline subscribers keep [`sync_load`]'s messages.
+const LOAD_QUEUES: &str = "max_queued_bytes = 1073741824\nmax_queued_messages = 1000000";
+
+/// Keeps both shards' journals writing and syncing (offline persistent
+/// subscribers to `load/#` on both, from [`offline_subscribers`]): two
+/// publishers of 256 KiB QoS 1 messages, 8 in flight each, until their
+/// connection ends; returns once both had 20 acknowledged. A record
+/// appended meanwhile waits for the sync in progress before it is written.
+fn sync_load(port: u16) {
+    let acked = Arc::new(Mutex::new([0usize; 2]));
+    for n in 0..2 {
+        let mut raw = Raw::connect(port, &format!("load-pub-{n}-{}", unique()));
+        let acked = acked.clone();
+        std::thread::spawn(move || {
+            let payload = vec![b'x'; 256 * 1024];
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let mut next = 1u16;
+            let mut window = 0;
+            while Instant::now() < deadline {
+                while window < 8 {
+                    raw.send_lossy(&publish(b"load/t", &payload, 1, false, false, next));
+                    next = next.checked_add(1).unwrap_or(1);
+                    window += 1;
+                }
+                match raw.read_packet(TIMEOUT) {
+                    Ok(Some(p)) if p.kind() == 4 => {
+                        window -= 1;
+                        acked.lock().unwrap()[n] += 1;
+                    }
+                    _ => return,
+                }
+            }
+        });
+    }
+    let started = Instant::now();
+    while acked.lock().unwrap().iter().any(|&a| a < 20) {
+        assert!(started.elapsed() < TIMEOUT, "the load is not acknowledged");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A clean start that ends a stored persistent session (MQTT 3.1.1 Clean
+/// Session 1, or MQTT 5.0 Clean Start 0 with Session Expiry 0, which
+/// resumes the session for this connection only) gets its CONNACK only
+/// once the session's drop is durable: a `kill -9` right after those
+/// CONNACKs, while both shards' journals are busy syncing a QoS 1 stream,
+/// never brings the old sessions (their subscription and queued messages)
+/// back.
+#[test]
+fn a_connect_that_ends_a_stored_session_survives_a_kill_9_right_after_its_connack() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = start(dir.path(), LOAD_QUEUES);
+    offline_subscribers(&broker, "drop-load", "load/#", 2);
+    let ids: Vec<String> = (0..16).map(|n| format!("drop-{n}-{}", unique())).collect();
+    for id in &ids {
+        let (mut client, _) = persistent(broker.port, id);
+        client.subscribe("dropped/t", rumqttc::QoS::AtLeastOnce);
+        until_journalled(&mut client, id);
+        client.disconnect();
+    }
+    let mut publisher = Mqtt::connect(broker.port, "drop-pub");
+    for n in 0..3 {
+        publisher.publish_acked("dropped/t", false, format!("old {n}").as_bytes());
+    }
+    sync_load(broker.port);
+    // All at once: 3.1.1 clean sessions, and a quarter MQTT 5.0 sessions
+    // that end with their connection.
+    let mut raws: Vec<(Raw, bool)> = ids
+        .iter()
+        .enumerate()
+        .map(|(n, id)| {
+            if n % 4 != 3 {
+                (
+                    Raw::send_connect(broker.port, &ConnectBuilder::new(id)),
+                    false,
+                )
+            } else {
+                let mut raw = Raw::tcp(broker.port);
+                raw.send(&connect_v5_expiring(id, 0));
+                (raw, true)
+            }
+        })
+        .collect();
+    for (raw, v5) in &mut raws {
+        let connack = raw.expect_packet().bytes();
+        if *v5 {
+            assert_eq!(&connack[..4], &[0x20, connack[1], 1, 0], "resumed for now");
+        } else {
+            assert_eq!(connack, CONNACK_OK);
+        }
+    }
+    kill_9(broker);
+
+    let broker = start(dir.path(), LOAD_QUEUES);
+    for id in &ids {
+        let mut raw = raw_persistent(broker.port, id, false);
+        // Nothing queued comes before the answer to a ping: the old
+        // session, its subscription and its queue are gone.
+        raw.ping();
+    }
+}
+
+/// A persistent member of a shared group on the other shard than the
+/// publisher keeps what the group gave it in its own shard's journal, and
+/// the publisher's PUBACK waits for that shard's disk: every PUBACKed
+/// message arrives after a `kill -9`, in order, while that shard's journal
+/// is kept busy.
+#[test]
+fn a_persistent_shared_member_on_the_other_shard_gets_its_acknowledged_messages_after_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = start(dir.path(), "");
+    offline_subscribers(&broker, "xshare-load", "q1/#", 2);
+    let mut publisher = Mqtt::connect(broker.port, "xshare-kill-pub");
+    let home = broker.shard_of("xshare-kill-pub");
+    let member = (0..64)
+        .map(|n| format!("xshare-kill-member-{n}-{}", unique()))
+        .find(|id| {
+            let (mut client, _) = persistent(broker.port, id);
+            let there = broker.shard_of(id) != home;
+            if there {
+                client.subscribe("$share/g/xsk/#", rumqttc::QoS::AtLeastOnce);
+                until_journalled(&mut client, id);
+            }
+            client.disconnect();
+            there
+        })
+        .expect("a client id on the other shard");
+    let (acked, _) = publish_stream(broker.port, false);
+    let started = Instant::now();
+    while acked.lock().unwrap().len() < 50 {
+        assert!(
+            started.elapsed() < TIMEOUT,
+            "the stream is not acknowledged"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    for n in 0..30 {
+        publisher.publish_acked("xsk/t", false, format!("m{n}").as_bytes());
+    }
+    kill_9(broker);
+
+    let broker = start(dir.path(), "");
+    let (mut client, present) = persistent(broker.port, &member);
+    assert!(present, "the member's session");
+    let got: Vec<String> = (0..30)
+        .map(|_| String::from_utf8_lossy(&client.expect_publish().payload).into_owned())
+        .collect();
+    let expected: Vec<String> = (0..30).map(|n| format!("m{n}")).collect();
+    assert_eq!(got, expected, "every acknowledged message, in order");
+}
+
+/// An MQTT 5.0 CONNECT with Clean Start 0, Session Expiry 3600 s and a
+/// retained QoS 1 will to `topic` with Will Delay `delay` and Message
+/// Expiry Interval `expiry` seconds.
+fn connect_v5_with_expiring_will(client_id: &str, topic: &str, delay: u32, expiry: u32) -> Vec<u8> {
+    let mut body = string(b"MQTT");
+    // Will flag, will QoS 1, will retain; Clean Start 0.
+    body.extend([5, 0x2C, 0, 60, 5, 0x11]);
+    body.extend(3600u32.to_be_bytes());
+    body.extend(string(client_id.as_bytes()));
+    body.extend([10, 0x18]);
+    body.extend(delay.to_be_bytes());
+    body.push(0x02);
+    body.extend(expiry.to_be_bytes());
+    body.extend(string(topic.as_bytes()));
+    body.extend(string(b"gone"));
+    packet(0x10, &body)
+}
+
+/// An MQTT 5.0 will keeps its Message Expiry Interval across a `kill -9`,
+/// counted from its publication: a will owed because its connection was
+/// open is published after the restart with its whole interval; one whose
+/// Will Delay was running when the broker died, and came due while it was
+/// down, has lost the time since it was due. Read by a `rumqttc::v5`
+/// client as retained messages.
+#[test]
+fn a_wills_message_expiry_survives_a_kill_9_and_counts_the_time_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = start(dir.path(), "");
+    offline_subscribers(&broker, "wexp-sync", "wexp-sync/#", 2);
+    let mut syncer = Mqtt::connect(broker.port, "wexp-syncer");
+    let mut open = Raw::tcp(broker.port);
+    open.send(&connect_v5_with_expiring_will(
+        "wexp-open",
+        "wexp/open",
+        0,
+        100,
+    ));
+    assert_eq!(open.expect_packet().kind(), 2, "CONNACK");
+    let mut delayed = Raw::tcp(broker.port);
+    delayed.send(&connect_v5_with_expiring_will(
+        "wexp-delayed",
+        "wexp/delayed",
+        1,
+        100,
+    ));
+    assert_eq!(delayed.expect_packet().kind(), 2, "CONNACK");
+    delayed.reset();
+    let delay_started = Instant::now();
+    // Every shard's journal holds what came before this PUBACK.
+    syncer.publish_acked("wexp-sync/x", false, b"sync");
+    kill_9(broker);
+    // Down for 3 s: the delayed will came due 1 s after it left, so at
+    // least 2 s of its 100 pass while the broker is down.
+    std::thread::sleep(Duration::from_secs(3));
+
+    let broker = start(dir.path(), "");
+    let restarted = Instant::now();
+    // Published at start (due 0 and delay 0, or due while down): retained.
+    let mut got = BTreeMap::new();
+    let started = Instant::now();
+    while got.len() < 2 {
+        assert!(started.elapsed() < TIMEOUT, "wills not published: {got:?}");
+        let mut watcher = crate::mqtt5::V5::connect(broker.port, &format!("wexp-w-{}", unique()));
+        watcher.subscribe("wexp/#", rumqttc::v5::mqttbytes::QoS::AtLeastOnce);
+        while let Some(p) = watcher.recv_publish(Duration::from_millis(300)) {
+            let topic = String::from_utf8_lossy(&p.topic).into_owned();
+            let left = p.properties.and_then(|p| p.message_expiry_interval);
+            got.insert(topic, (left, Instant::now()));
+        }
+    }
+    let (open_left, open_at) = got["wexp/open"];
+    let open_left = u64::from(open_left.expect("the open will's expiry is kept"));
+    // Published at most `open_at - restarted` after the restart, with 100 s.
+    let since_start = open_at.duration_since(restarted).as_secs();
+    assert!(
+        open_left <= 100 && open_left + since_start + 1 >= 100,
+        "the whole interval from its publication: {open_left} s left"
+    );
+    let (delayed_left, delayed_at) = got["wexp/delayed"];
+    let delayed_left = u64::from(delayed_left.expect("the delayed will's expiry is kept"));
+    let since_due = delayed_at.duration_since(delay_started).as_secs();
+    assert!(
+        delayed_left <= 98 && delayed_left + since_due + 1 >= 100 - 1,
+        "the time since it was due counts: {delayed_left} s left, {since_due} s since its delay began"
+    );
+}
+
+/// The CONNACK of a clean start that ends a stored session waits for the
+/// session's drop to be written, however long that takes: with the disk
+/// full (a 256 KiB tmpfs, as root; CI is) and the session's journal
+/// holding a message it cannot write, no CONNACK comes; once space frees,
+/// it does, and a `kill -9` right after it leaves the session ended.
+#[test]
+fn a_clean_start_on_a_full_disk_gets_its_connack_only_once_the_old_session_is_ended_on_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    if !mount_tmpfs(dir.path(), "256k") {
+        if std::env::var_os("CI").is_some() {
+            panic!("CI runs as root: the tmpfs must mount");
+        }
+        return;
+    }
+    let _unmount = Unmount(dir.path());
+    let store = dir.path().join("store");
+    std::fs::create_dir(&store).unwrap();
+    let broker = start(&store, "");
+    let id = "full-drop";
+    let (mut client, _) = persistent(broker.port, id);
+    client.subscribe("full-drop/t", rumqttc::QoS::AtLeastOnce);
+    until_journalled(&mut client, id);
+    client.disconnect();
+    let filler = dir.path().join("filler");
+    let mut file = std::fs::File::create(&filler).unwrap();
+    let chunk = vec![0u8; 4096];
+    while file.write_all(&chunk).is_ok() {}
+    drop(file);
+    // Queued for the offline session: its journal cannot write the body,
+    // nor what comes after it.
+    let mut publisher = Raw::connect(broker.port, "full-drop-pub");
+    publisher.send(&publish(
+        b"full-drop/t",
+        &[7u8; 16 * 1024],
+        1,
+        false,
+        false,
+        1,
+    ));
+    assert!(
+        broker
+            .wait_log(|l| l.contains("persistence: cannot write"), TIMEOUT)
+            .is_some(),
+        "the journal cannot write:\n{}",
+        broker.log_text()
+    );
+    let mut clean = Raw::send_connect(broker.port, &ConnectBuilder::new(id));
+    // The journal retries every second, and fails while the disk is full.
+    assert_eq!(
+        clean
+            .read_packet(Duration::from_millis(1500))
+            .map(|p| p.map(|p| p.bytes())),
+        Ok(None),
+        "no CONNACK while the session's end is not on disk"
+    );
+    std::fs::remove_file(&filler).unwrap();
+    assert_eq!(clean.expect_packet().bytes(), CONNACK_OK);
+    kill_9(broker);
+
+    let broker = start(&store, "");
+    let mut raw = raw_persistent(broker.port, id, false);
+    raw.ping();
+    kill_9(broker);
+}
