@@ -425,10 +425,7 @@ async fn interest_loop(bridge: Shared, changes: async_channel::Receiver<Control>
                 shard,
                 token,
                 image,
-            } => {
-                let restored = ownership::restored(bridge.clone(), client_id, shard, token, image);
-                tokio::task::spawn_local(restored);
-            }
+            } => ownership::restored(&bridge, client_id, shard, token, image),
         }
     }
 }

@@ -158,6 +158,21 @@ pub(super) struct Tables {
     handed_bytes: usize,
     /// Ids being handed over now.
     handing: HashSet<ByteString>,
+    /// Persistent sessions restored from the store, to re-assert.
+    restored: Vec<Restored>,
+}
+
+/// A persistent session restored from the store at start-up.
+#[derive(Debug)]
+pub(super) struct Restored {
+    /// The client id.
+    client_id: ByteString,
+    /// The shard that holds it.
+    shard: usize,
+    /// Its claim token there.
+    token: u64,
+    /// Its subscriptions' image.
+    image: Option<Bytes>,
 }
 
 /// The subscriptions bucket's name under cluster root `root`: per
@@ -812,8 +827,9 @@ enum Settled {
 /// Re-asserts the records of this node after the link returns: every id
 /// granted without a record (created, or resolved against the node that
 /// holds it now), and every id owned before (a record that moved to
-/// another node meanwhile ends the session here). One pass per
-/// [`REASSERT_EVERY`] while something is left.
+/// another node meanwhile ends the session here); and the sessions
+/// restored from the store at start-up. One pass per [`REASSERT_EVERY`]
+/// while something is left, one KV operation after the other.
 async fn reassert_loop(bridge: Shared) {
     let status = bridge.borrow().status.clone();
     let connects = || status.figures.cluster_connects.load(Ordering::Relaxed);
@@ -847,6 +863,12 @@ async fn reassert_loop(bridge: Shared) {
         for (client_id, owned) in checks {
             if let Settled::Done = check_owned(&bridge, &client_id, owned).await {
                 bridge.borrow_mut().ownership.to_check.remove(&client_id);
+            }
+        }
+        let restored = std::mem::take(&mut bridge.borrow_mut().ownership.restored);
+        for r in restored {
+            if let Settled::Later = reassert_restored(&bridge, &r).await {
+                bridge.borrow_mut().ownership.restored.push(r);
             }
         }
         for (client_id, grant) in grants {
@@ -993,85 +1015,91 @@ async fn reassert_grant(bridge: &Shared, client_id: &ByteString, grant: &Unregis
 }
 
 /// A persistent session restored from the store at start-up (claim
-/// `(shard, token)`): its record is created if absent and taken back from
-/// an earlier run of this node; if another node holds it, the client went
-/// there while this node was down: the copy here is stale and dropped.
-pub(super) async fn restored(
-    bridge: Shared,
+/// `(shard, token)`), queued for the next re-assertion pass: its record is
+/// created if absent and taken back from an earlier run of this node; if
+/// another node holds it, the client went there while this node was down:
+/// the copy here is stale and dropped.
+pub(super) fn restored(
+    bridge: &Shared,
     client_id: ByteString,
     shard: usize,
     token: u64,
     image: Option<Bytes>,
 ) {
-    let status = bridge.borrow().status.clone();
-    loop {
-        let store = bridge.borrow().sessions.clone();
-        let (Some(store), true) = (store, status.link_up()) else {
-            tokio::time::sleep(RETRY).await;
-            continue;
-        };
-        if bridge.borrow().owned.contains_key(&client_id) {
-            // A CONNECT here claimed it first.
-            return;
-        }
-        let key = key(&client_id);
-        let value = record_value(&bridge.borrow(), false, unix_ms_now());
-        let written = match store.create(&key, value.clone()).await {
-            Ok(revision) => Ok(revision),
-            Err(e) if e.kind() == CreateErrorKind::AlreadyExists => match store.entry(&key).await {
-                Ok(Some(entry)) => {
-                    let holder = match entry.operation {
-                        Operation::Put => serde_json::from_slice::<Record>(&entry.value).ok(),
-                        Operation::Delete | Operation::Purge => None,
-                    };
-                    let me = bridge.borrow().node.clone();
-                    match holder {
-                        Some(h) if h.node != me => {
-                            info!(
-                                "cluster: restored session {client_id:?} is node {}'s now: dropped here",
-                                h.node
-                            );
-                            drop_here(&mut bridge.borrow_mut(), &client_id, shard);
-                            return;
-                        }
-                        _ => store
-                            .update(&key, value, entry.revision)
-                            .await
-                            .map_err(|e| e.to_string()),
-                    }
-                }
-                Ok(None) => Err("deleted meanwhile".to_string()),
-                Err(e) => Err(e.to_string()),
-            },
-            Err(e) => Err(e.to_string()),
-        };
-        match written {
-            Ok(revision) => {
-                let mut b = bridge.borrow_mut();
-                if b.owned.contains_key(&client_id) {
-                    return;
-                }
-                b.owned.insert(
-                    client_id.clone(),
-                    Owned {
-                        shard,
-                        token,
-                        revision,
-                    },
-                );
-                write_record(&b, &client_id, revision, image.as_ref());
-                b.status
-                    .figures
-                    .cluster_reasserted
-                    .fetch_add(1, Ordering::Relaxed);
-                return;
-            }
-            Err(e) => {
-                debug!("cluster: restored session {client_id:?} not re-asserted yet: {e}");
-                tokio::time::sleep(RETRY).await;
-            }
-        }
+    bridge.borrow_mut().ownership.restored.push(Restored {
+        client_id,
+        shard,
+        token,
+        image,
+    });
+}
+
+/// One try at re-asserting a restored session's record.
+async fn reassert_restored(bridge: &Shared, r: &Restored) -> Settled {
+    let Some(store) = bridge.borrow().sessions.clone() else {
+        return Settled::Later;
+    };
+    if bridge.borrow().owned.contains_key(&r.client_id) {
+        // A CONNECT here claimed it first.
+        return Settled::Done;
     }
+    let key = key(&r.client_id);
+    let value = record_value(&bridge.borrow(), false, unix_ms_now());
+    let written = match store.create(&key, value.clone()).await {
+        Ok(revision) => Ok(revision),
+        Err(e) if e.kind() == CreateErrorKind::AlreadyExists => match store.entry(&key).await {
+            Ok(Some(entry)) => {
+                let holder = match entry.operation {
+                    Operation::Put => serde_json::from_slice::<Record>(&entry.value).ok(),
+                    Operation::Delete | Operation::Purge => None,
+                };
+                let me = bridge.borrow().node.clone();
+                match holder {
+                    Some(h) if h.node != me => {
+                        info!(
+                            "cluster: restored session {:?} is node {}'s now: dropped here",
+                            r.client_id, h.node
+                        );
+                        drop_here(&mut bridge.borrow_mut(), &r.client_id, r.shard);
+                        return Settled::Done;
+                    }
+                    _ => store
+                        .update(&key, value, entry.revision)
+                        .await
+                        .map_err(|e| e.to_string()),
+                }
+            }
+            Ok(None) => Err("deleted meanwhile".to_string()),
+            Err(e) => Err(e.to_string()),
+        },
+        Err(e) => Err(e.to_string()),
+    };
+    let revision = match written {
+        Ok(revision) => revision,
+        Err(e) => {
+            debug!(
+                "cluster: restored session {:?} not re-asserted yet: {e}",
+                r.client_id
+            );
+            return Settled::Later;
+        }
+    };
+    let mut b = bridge.borrow_mut();
+    if b.owned.contains_key(&r.client_id) {
+        return Settled::Done;
+    }
+    let owned = Owned {
+        shard: r.shard,
+        token: r.token,
+        revision,
+    };
+    b.owned.insert(r.client_id.clone(), owned);
+    write_record(&b, &r.client_id, revision, r.image.as_ref());
+    b.status
+        .figures
+        .cluster_reasserted
+        .fetch_add(1, Ordering::Relaxed);
+    Settled::Done
 }
 
 #[cfg(test)]

@@ -1152,6 +1152,11 @@ fn the_acl_read_rules_hold_for_messages_from_other_nodes() {
 /// Three nats-servers joined as one NATS cluster (routes between them, one
 /// JetStream domain), each on free ports.
 fn nats_cluster(test: &str) -> Option<Vec<Nats>> {
+    nats_cluster_with(test, &[])
+}
+
+/// [`nats_cluster`] with more arguments for every server.
+fn nats_cluster_with(test: &str, more: &[&str]) -> Option<Vec<Nats>> {
     // Route ports are named to every server up front: picked free, then
     // released for the server to bind.
     let routes: Vec<u16> = (0..3)
@@ -1169,7 +1174,7 @@ fn nats_cluster(test: &str) -> Option<Vec<Nats>> {
         .join(",");
     let mut servers = Vec::new();
     for (i, port) in routes.iter().enumerate() {
-        let extra = vec![
+        let mut extra = vec![
             "--server_name".to_string(),
             format!("s{i}"),
             "--cluster_name".to_string(),
@@ -1179,6 +1184,7 @@ fn nats_cluster(test: &str) -> Option<Vec<Nats>> {
             "--routes".to_string(),
             all.clone(),
         ];
+        extra.extend(more.iter().map(|m| m.to_string()));
         servers.push(Nats::start_with(test, extra)?);
     }
     // Formed: every server routes to the two others (2.10 and later pool
@@ -1310,4 +1316,54 @@ fn a_three_server_nats_cluster_loses_a_server_and_the_nodes_go_on_through_the_ot
     assert_eq!(stats["total"]["cluster_link_up"], 1);
     a.assert_running();
     b.assert_running();
+}
+
+#[test]
+fn a_fenced_node_keeps_its_clients_through_an_outage_and_closes_those_taken_meanwhile() {
+    // The servers do not tell clients of each other: a node stays with
+    // the servers it was given.
+    let Some(mut servers) = nats_cluster_with("fenced outage", &["--no_advertise"]) else {
+        return;
+    };
+    // A talks to the first server only, B to the two others; the buckets
+    // have a replica on each server, so they outlive the first.
+    let node = |name: &str, urls: &[&Nats], settings: &str| {
+        let urls: Vec<String> = urls
+            .iter()
+            .map(|s| format!("\"nats://127.0.0.1:{}\"", s.port))
+            .collect();
+        let config = format!(
+            "[cluster]\nnats_urls = [{}]\nnode_name = \"{name}\"\nkv_replicas = 3\n{settings}\n",
+            urls.join(", ")
+        );
+        let node = Broker::builder().config(&config).start();
+        node.wait_log(
+            |l| l.contains("cluster: session ownership in bucket"),
+            TIMEOUT * 2,
+        )
+        .unwrap_or_else(|| panic!("node {name} has no sessions bucket:\n{}", node.log_text()));
+        node
+    };
+    let a = node("a", &[&servers[0]], "partition_mode = \"fence\"");
+    let b = node("b", &[&servers[1], &servers[2]], "");
+    let mut kept = raw_v5(a.port, "kept-through");
+    let mut taken = raw_v5(a.port, "taken-meanwhile");
+    servers[0].stop();
+    wait_link(&a, "down");
+    // Fenced: the clients connected before the outage stay connected.
+    kept.ping();
+    taken.ping();
+    // One of them connects again on B, which finds A gone and takes it.
+    let mut on_b = raw_v5(b.port, "taken-meanwhile");
+    on_b.ping();
+    servers[0].run();
+    wait_link(&a, "up");
+    // Back on NATS, A finds that record moved: its connection is taken
+    // over; the other one is A's still.
+    assert!(taken_over(&mut taken, TIMEOUT * 2), "closed on A");
+    wait_stats(&a, |s| s["total"]["cluster_reassert_lost"] == 1);
+    kept.ping();
+    on_b.ping();
+    assert_eq!(client_on(&a, "kept-through").unwrap()["connected"], true);
+    assert!(client_on(&a, "taken-meanwhile").is_none());
 }
