@@ -860,11 +860,6 @@ async fn reassert_loop(bridge: Shared) {
                     .collect(),
             )
         };
-        for (client_id, owned) in checks {
-            if let Settled::Done = check_owned(&bridge, &client_id, owned).await {
-                bridge.borrow_mut().ownership.to_check.remove(&client_id);
-            }
-        }
         let restored = std::mem::take(&mut bridge.borrow_mut().ownership.restored);
         for r in restored {
             if let Settled::Later = reassert_restored(&bridge, &r).await {
@@ -881,6 +876,13 @@ async fn reassert_loop(bridge: Shared) {
                 {
                     b.ownership.unregistered.remove(&client_id);
                 }
+            }
+        }
+        // Last: there may be many, and duplicates of the ids above come
+        // first.
+        for (client_id, owned) in checks {
+            if let Settled::Done = check_owned(&bridge, &client_id, owned).await {
+                bridge.borrow_mut().ownership.to_check.remove(&client_id);
             }
         }
     }
