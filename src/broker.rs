@@ -468,6 +468,9 @@ async fn run_shard(setup: ShardSetup) -> Result<(), ShardError> {
     {
         let link = ClusterLink::new(id, ends.clone(), status.clone(), *stall);
         ctx.shard.borrow_mut().cluster = Some(link);
+        // The sessions restored from the store above are claimed again in
+        // the cluster (or dropped here if another node owns them now).
+        ctx.shard.borrow().reassert_restored();
         glommio::spawn_local(shard::cluster::receive_from_bridge(
             ctx.clone(),
             ends.from_bridge.clone(),

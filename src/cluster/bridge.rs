@@ -115,6 +115,9 @@ pub(super) struct Bridge {
     /// The client ids this node owns in the sessions bucket: the claim that
     /// holds each (shard, token) and the record's revision.
     pub(super) owned: HashMap<ByteString, ownership::Owned>,
+    /// Ownership beyond `owned`: the subscriptions bucket, ids granted
+    /// without a record, state handed over to racing nodes.
+    pub(super) ownership: ownership::Tables,
     /// Held filters.
     filters: HashMap<ByteString, Held>,
     /// The shards interested in the escaped subject, with how many of their
@@ -295,6 +298,7 @@ async fn serve(setup: BridgeSetup) -> Result<(), ClusterError> {
         partition_mode: config.partition_mode,
         sessions: None,
         owned: HashMap::new(),
+        ownership: ownership::Tables::default(),
         filters: HashMap::new(),
         escaped: (HashMap::new(), None),
         to_shards: setup.to_shards,
@@ -410,6 +414,18 @@ async fn interest_loop(bridge: Shared, changes: async_channel::Receiver<Control>
                 shard,
                 token,
             } => ownership::released(&bridge, client_id, shard, token),
+            Control::Subscriptions {
+                client_id,
+                shard,
+                token,
+                image,
+            } => ownership::subscriptions(&bridge, &client_id, shard, token, image),
+            Control::Restored {
+                client_id,
+                shard,
+                token,
+                image,
+            } => ownership::restored(&bridge, client_id, shard, token, image),
         }
     }
 }

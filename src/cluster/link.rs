@@ -50,6 +50,35 @@ pub enum Control {
         /// The claim's token there.
         token: u64,
     },
+    /// The subscriptions of a persistent session owned by claim `token` of
+    /// `shard` changed (or it attached): its record of subscriptions in
+    /// the cluster is rewritten, so that another node can give them back
+    /// if this node dies (docs/design/cluster.md §9).
+    Subscriptions {
+        /// The client id.
+        client_id: ByteString,
+        /// The shard of the claim.
+        shard: usize,
+        /// The claim's token there.
+        token: u64,
+        /// A session image of the subscriptions alone (shard cluster
+        /// encoding); None: over the record's bound, the record goes.
+        image: Option<bytes::Bytes>,
+    },
+    /// A persistent session restored from the store at start-up: the
+    /// bridge re-asserts its record (created if absent, taken back from an
+    /// earlier run of this node, or, if another node owns the id now, the
+    /// local copy is dropped).
+    Restored {
+        /// The client id.
+        client_id: ByteString,
+        /// The shard that holds it.
+        shard: usize,
+        /// The session's claim token there.
+        token: u64,
+        /// Its subscriptions, as in [`Control::Subscriptions`].
+        image: Option<bytes::Bytes>,
+    },
 }
 
 /// A claim of a client id in the cluster, made by a connection on this
@@ -75,6 +104,10 @@ pub enum ClaimAnswer {
     /// The id is this node's: with the session image the previous owner
     /// node sent (shard cluster encoding), if it had one.
     Granted(Option<bytes::Bytes>),
+    /// The id is this node's; its owner node is dead, and left the
+    /// subscriptions of its session (a session image without messages):
+    /// attached unless the node holds a copy of its own.
+    Recovered(bytes::Bytes),
     /// No decision in time (the owner did not answer, JetStream is down),
     /// or the link is down in `fence` mode: CONNACK 0x03.
     Unavailable,
@@ -213,6 +246,42 @@ impl ClusterLink {
         }
     }
 
+    /// The subscriptions of the persistent session of claim `token` of
+    /// this shard are now `image` (None: too many to keep in the cluster);
+    /// `restored`: it came back from the store at start-up, and its record
+    /// is to be re-asserted.
+    pub fn subscriptions(
+        &self,
+        client_id: &str,
+        token: u64,
+        image: Option<bytes::Bytes>,
+        restored: bool,
+    ) {
+        let (client_id, shard) = (ByteString::from(client_id), self.shard);
+        self.send(if restored {
+            Control::Restored {
+                client_id,
+                shard,
+                token,
+                image,
+            }
+        } else {
+            Control::Subscriptions {
+                client_id,
+                shard,
+                token,
+                image,
+            }
+        });
+    }
+
+    /// Sends `control` to the bridge (the queue is unbounded: never full).
+    fn send(&self, control: Control) {
+        if let Err(e) = self.ends.interest.try_send(control) {
+            log::debug!("cluster bridge gone: {:?} not sent", e.into_inner());
+        }
+    }
+
     /// Sends an interest change (the queue is unbounded: never full).
     fn tell(&self, filter: &str, add: bool) {
         let change = Control::Interest(Interest {
@@ -272,6 +341,10 @@ status_figures! {
     cluster_takeovers: "Sessions this node took over from another node, with their state";
     cluster_claims_unavailable: "Claims refused with CONNACK 0x03 (no owner answer, KV down, fence)";
     cluster_unregistered: "CONNECTs granted without a record while the link was down (serve)";
+    cluster_reasserted: "Records re-asserted after a NATS outage or at start-up";
+    cluster_reassert_lost: "Sessions dropped on re-assertion: another node owns the id";
+    cluster_recovered: "Sessions whose subscriptions were recovered from a dead node's record";
+    cluster_subscription_records: "Subscriptions records of persistent sessions written";
     cluster_nodes: "Other nodes heard within the node timeout";
 }
 
@@ -340,6 +413,10 @@ impl ClusterStatus {
             "takeovers": figures.cluster_takeovers,
             "claims_unavailable": figures.cluster_claims_unavailable,
             "unregistered": figures.cluster_unregistered,
+            "reasserted": figures.cluster_reasserted,
+            "reassert_lost": figures.cluster_reassert_lost,
+            "recovered": figures.cluster_recovered,
+            "subscription_records": figures.cluster_subscription_records,
         })
     }
 }

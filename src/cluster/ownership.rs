@@ -16,10 +16,11 @@
 //! the record at the revision this node wrote ([`released`]), never a newer
 //! owner's.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use async_nats::jetstream::kv::{CreateErrorKind, Operation};
+use async_nats::jetstream::kv::{self, CreateErrorKind, Operation};
 use async_nats::{RequestErrorKind, client::RequestError};
 use bytes::Bytes;
 use bytestring::ByteString;
@@ -27,7 +28,7 @@ use futures_lite::StreamExt;
 use log::{debug, info, warn};
 use serde::{Deserialize, Serialize};
 
-use crate::cluster::bridge::{Shared, open_bucket};
+use crate::cluster::bridge::{Bridge, Shared, open_bucket};
 use crate::cluster::link::{ClaimAnswer, ClaimRequest, ToShard};
 use crate::cluster::retained;
 use crate::config::cluster::PartitionMode;
@@ -45,6 +46,28 @@ const MAX_RECORD_SIZE: usize = 512;
 /// Longest an owner's shard takes to hand a session over before the owner
 /// answers without state (the shard is stuck).
 const SHARD_ANSWER: Duration = Duration::from_secs(2);
+/// Largest session image of subscriptions kept per persistent session in
+/// the subscriptions bucket (about 500 filters of 100 bytes): a session
+/// with more has no record there, so a node's death leaves it a fresh
+/// session (Session Present 0: the client subscribes again) rather than a
+/// part of its subscriptions.
+pub const MAX_SUBSCRIPTIONS_RECORD: usize = 64 * 1024;
+/// Bytes before the image in a subscriptions value: the revision of the
+/// ownership record it belongs to (u64, little-endian).
+const SUBSCRIPTIONS_HEADER: usize = 8;
+/// How long an owner keeps the state it handed over, for another node
+/// that asks for the same record revision (two nodes racing for one id:
+/// whichever wins the compare-and-set has the state): twice a claim's
+/// deadline.
+const HANDED_TTL: Duration = Duration::from_secs(16);
+/// Most bytes of handed-over state an owner keeps for [`HANDED_TTL`]; the
+/// oldest goes first beyond it.
+const HANDED_MAX_BYTES: usize = 64 << 20;
+/// Pause before looking again whether an id's previous hand-over ended.
+const HANDING_POLL: Duration = Duration::from_millis(5);
+/// Pause between re-assertion passes (after the link returns, while some
+/// id granted during the outage is not settled).
+const REASSERT_EVERY: Duration = Duration::from_secs(1);
 
 /// A client id this node owns in the bucket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,6 +105,81 @@ pub struct TakeoverRequest {
     pub clean: bool,
     /// The requesting node, for the log.
     pub from: String,
+    /// The revision of the record the requester read (0 from an older
+    /// node): the state handed for it is kept and given to every requester
+    /// of that revision until one wins the compare-and-set.
+    #[serde(default)]
+    pub rev: u64,
+}
+
+/// A client id this node granted while the link was down (`serve`), with
+/// no record: re-asserted once the link returns.
+#[derive(Debug, Clone)]
+pub(super) struct Unregistered {
+    /// The shard of the claim.
+    shard: usize,
+    /// The claim's token there.
+    token: u64,
+    /// Unix milliseconds of the grant: the later of two grants of one id
+    /// wins (as the later CONNECT does on one broker).
+    at: u64,
+    /// The CONNECT's CleanSession.
+    clean: bool,
+    /// Its subscriptions' image, once told (persistent sessions).
+    image: Option<Bytes>,
+}
+
+/// State this node handed to another node, kept for others that asked for
+/// the same revision.
+#[derive(Debug)]
+struct Handed {
+    /// The record revision the requesters read.
+    revision: u64,
+    /// The state.
+    image: Bytes,
+    /// When it was handed.
+    at: Instant,
+}
+
+/// The bridge's ownership tables besides [`Owned`].
+#[derive(Debug, Default)]
+pub(super) struct Tables {
+    /// The subscriptions bucket, once it is open.
+    subscriptions: Option<kv::Store>,
+    /// Writes to it, in order (key, value; None: delete).
+    writes: Option<async_channel::Sender<(String, Option<Bytes>)>>,
+    /// Ids granted while the link was down, by client id.
+    unregistered: HashMap<ByteString, Unregistered>,
+    /// Owned ids to check once the link is back, by client id.
+    to_check: HashMap<ByteString, Owned>,
+    /// State handed over recently, by client id.
+    handed: HashMap<ByteString, Handed>,
+    /// Bytes in `handed`.
+    handed_bytes: usize,
+    /// Ids being handed over now.
+    handing: HashSet<ByteString>,
+    /// Persistent sessions restored from the store, to re-assert.
+    restored: Vec<Restored>,
+}
+
+/// A persistent session restored from the store at start-up.
+#[derive(Debug)]
+pub(super) struct Restored {
+    /// The client id.
+    client_id: ByteString,
+    /// The shard that holds it.
+    shard: usize,
+    /// Its claim token there.
+    token: u64,
+    /// Its subscriptions' image.
+    image: Option<Bytes>,
+}
+
+/// The subscriptions bucket's name under cluster root `root`: per
+/// persistent session, the image of its subscriptions, for the node its
+/// client reconnects to if its owner dies.
+pub fn subscriptions_bucket(root: &str) -> String {
+    format!("{root}_session_subs")
 }
 
 /// The sessions bucket's name under cluster root `root`.
@@ -108,16 +206,123 @@ fn unix_ms_now() -> u64 {
     u64::try_from(wall.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// Opens (or creates) the sessions bucket, retrying until it is there.
+/// Opens (or creates) the sessions and subscriptions buckets, retrying
+/// until they are there, then re-asserts records after link outages.
 pub(super) async fn sessions_loop(bridge: Shared, replicas: usize) {
     let (client, root, status) = {
         let b = bridge.borrow();
         (b.client.clone(), b.root.clone(), b.status.clone())
     };
+    let name = subscriptions_bucket(&root);
+    let size = MAX_SUBSCRIPTIONS_RECORD + SUBSCRIPTIONS_HEADER;
+    let subscriptions = open_bucket(&client, &status, &name, replicas, size).await;
+    let (writes, queue) = async_channel::unbounded();
+    tokio::task::spawn_local(write_subscriptions(
+        status.clone(),
+        subscriptions.clone(),
+        queue,
+    ));
+    {
+        let mut b = bridge.borrow_mut();
+        b.ownership.subscriptions = Some(subscriptions);
+        b.ownership.writes = Some(writes);
+    }
     let name = bucket(&root);
     let store = open_bucket(&client, &status, &name, replicas, MAX_RECORD_SIZE).await;
     info!("cluster: session ownership in bucket {name}");
     bridge.borrow_mut().sessions = Some(store);
+    reassert_loop(bridge).await;
+}
+
+/// Writes the subscriptions records one after the other (a session's
+/// changes in the order they were made); while the link is down they are
+/// dropped and counted (the record then lags until the next change).
+async fn write_subscriptions(
+    status: std::sync::Arc<crate::cluster::link::ClusterStatus>,
+    store: kv::Store,
+    queue: async_channel::Receiver<(String, Option<Bytes>)>,
+) {
+    while let Ok((key, value)) = queue.recv().await {
+        let done = match (status.link_up(), value) {
+            (false, _) => Err("the link is down".to_string()),
+            (true, Some(value)) => store
+                .put(&key, value)
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string()),
+            (true, None) => store.delete(&key).await.map_err(|e| e.to_string()),
+        };
+        match done {
+            Ok(()) => status
+                .figures
+                .cluster_subscription_records
+                .fetch_add(1, Ordering::Relaxed),
+            Err(e) => {
+                debug!("cluster: subscriptions record not written: {e}");
+                status
+                    .figures
+                    .cluster_kv_errors
+                    .fetch_add(1, Ordering::Relaxed)
+            }
+        };
+    }
+}
+
+/// Queues the subscriptions record of `client_id` for the ownership record
+/// at `revision` (None: delete it).
+fn write_record(b: &Bridge, client_id: &str, revision: u64, image: Option<&Bytes>) {
+    let Some(writes) = &b.ownership.writes else {
+        return;
+    };
+    let value = image.map(|image| {
+        let mut value = Vec::with_capacity(SUBSCRIPTIONS_HEADER + image.len());
+        value.extend_from_slice(&revision.to_le_bytes());
+        value.extend_from_slice(image);
+        Bytes::from(value)
+    });
+    let _ = writes.try_send((key(client_id), value));
+}
+
+/// The subscriptions a dead owner left for `key`, if its record belongs to
+/// the ownership record at `revision` (an older one is stale).
+async fn left_subscriptions(bridge: &Shared, key: &str, revision: u64) -> Option<Bytes> {
+    let store = bridge.borrow().ownership.subscriptions.clone()?;
+    match store.get(key).await {
+        Ok(Some(value)) => {
+            let header = value.get(..SUBSCRIPTIONS_HEADER)?;
+            let written = u64::from_le_bytes(header.try_into().ok()?);
+            (written == revision).then(|| value.slice(SUBSCRIPTIONS_HEADER..))
+        }
+        Ok(None) => None,
+        Err(e) => {
+            debug!("cluster: subscriptions record {key} unreadable: {e}");
+            None
+        }
+    }
+}
+
+/// The subscriptions of claim `(shard, token)`'s persistent session are
+/// now `image`: written to the cluster if that claim owns the id (kept
+/// for the re-assertion if it was granted without a record).
+pub(super) fn subscriptions(
+    bridge: &Shared,
+    client_id: &ByteString,
+    shard: usize,
+    token: u64,
+    image: Option<Bytes>,
+) {
+    let mut b = bridge.borrow_mut();
+    if let Some(owned) = b.owned.get(client_id)
+        && owned.shard == shard
+        && owned.token == token
+    {
+        write_record(&b, client_id, owned.revision, image.as_ref());
+    } else if let Some(u) = b.ownership.unregistered.get_mut(client_id)
+        && u.shard == shard
+        && u.token == token
+    {
+        u.image = image;
+    }
 }
 
 /// How an owning node answered a take-over request.
@@ -136,7 +341,9 @@ pub(super) async fn claim(bridge: Shared, request: ClaimRequest) {
     let status = bridge.borrow().status.clone();
     let f = &status.figures;
     match &answer {
-        ClaimAnswer::Granted(_) => f.cluster_claims.fetch_add(1, Ordering::Relaxed),
+        ClaimAnswer::Granted(_) | ClaimAnswer::Recovered(_) => {
+            f.cluster_claims.fetch_add(1, Ordering::Relaxed)
+        }
         ClaimAnswer::Unavailable => f.cluster_claims_unavailable.fetch_add(1, Ordering::Relaxed),
     };
     // The connection may have gone meanwhile; its claim then ends on the
@@ -175,6 +382,16 @@ async fn decide(bridge: &Shared, request: &ClaimRequest) -> ClaimAnswer {
                         debug!(
                             "cluster: link down: {:?} granted without a record",
                             request.client_id
+                        );
+                        bridge.borrow_mut().ownership.unregistered.insert(
+                            request.client_id.clone(),
+                            Unregistered {
+                                shard: request.shard,
+                                token: request.token,
+                                at: unix_ms_now(),
+                                clean: request.clean_session,
+                                image: None,
+                            },
                         );
                         ClaimAnswer::Granted(None)
                     }
@@ -235,6 +452,10 @@ async fn decide(bridge: &Shared, request: &ClaimRequest) -> ClaimAnswer {
             Operation::Put => serde_json::from_slice::<Record>(&entry.value).ok(),
         };
         let mut took_over = false;
+        // Whether the previous owner's state is gone (dead node, or an
+        // earlier run of this one): its subscriptions record may give
+        // them back.
+        let mut orphaned = false;
         if let Some(owner) = owner {
             if owner.node == node && owner.inc == incarnation {
                 // Already this node's (a reconnect here, or a take-over
@@ -244,8 +465,17 @@ async fn decide(bridge: &Shared, request: &ClaimRequest) -> ClaimAnswer {
             }
             // Another node, or an earlier run of this one (whose state is
             // gone, or restored here from its store).
+            orphaned = owner.node == node;
             if owner.node != node {
-                match ask(&client, &root, &owner.node, request, &node, timeout).await {
+                let asked = ask(
+                    &client,
+                    &root,
+                    &owner.node,
+                    (&request.client_id, request.clean_session, entry.revision),
+                    &node,
+                    timeout,
+                );
+                match asked.await {
                     Asked::State(image) => {
                         took_over = true;
                         if !image.is_empty() {
@@ -253,6 +483,7 @@ async fn decide(bridge: &Shared, request: &ClaimRequest) -> ClaimAnswer {
                         }
                     }
                     Asked::Gone => {
+                        orphaned = true;
                         debug!(
                             "cluster: node {} is gone: {:?} taken fresh",
                             owner.node, request.client_id
@@ -263,6 +494,7 @@ async fn decide(bridge: &Shared, request: &ClaimRequest) -> ClaimAnswer {
                             tokio::time::sleep(RETRY).await;
                             continue;
                         }
+                        orphaned = true;
                         debug!(
                             "cluster: node {} not heard for the node timeout: {:?} taken fresh",
                             owner.node, request.client_id
@@ -271,6 +503,11 @@ async fn decide(bridge: &Shared, request: &ClaimRequest) -> ClaimAnswer {
                 }
             }
         }
+        let left = if orphaned && !request.clean_session && state.is_none() {
+            left_subscriptions(bridge, &key, entry.revision).await
+        } else {
+            None
+        };
         match store.update(&key, value.clone(), entry.revision).await {
             Ok(revision) => {
                 own(bridge, request, revision);
@@ -279,6 +516,13 @@ async fn decide(bridge: &Shared, request: &ClaimRequest) -> ClaimAnswer {
                         .figures
                         .cluster_takeovers
                         .fetch_add(1, Ordering::Relaxed);
+                }
+                if let Some(left) = left {
+                    status
+                        .figures
+                        .cluster_recovered
+                        .fetch_add(1, Ordering::Relaxed);
+                    return ClaimAnswer::Recovered(left);
                 }
                 return ClaimAnswer::Granted(state);
             }
@@ -303,7 +547,9 @@ fn alive(bridge: &Shared, name: &str) -> bool {
 
 /// Records that the claim of `request` owns its id at `revision`.
 fn own(bridge: &Shared, request: &ClaimRequest, revision: u64) {
-    bridge.borrow_mut().owned.insert(
+    let mut b = bridge.borrow_mut();
+    b.ownership.unregistered.remove(&request.client_id);
+    b.owned.insert(
         request.client_id.clone(),
         Owned {
             shard: request.shard,
@@ -313,19 +559,21 @@ fn own(bridge: &Shared, request: &ClaimRequest, revision: u64) {
     );
 }
 
-/// Asks node `owner` to hand the session of the request's id over.
+/// Asks node `owner` to hand the session of `(client id, CleanSession,
+/// record revision read)` over.
 async fn ask(
     client: &async_nats::Client,
     root: &str,
     owner: &str,
-    request: &ClaimRequest,
+    (client_id, clean, rev): (&str, bool, u64),
     me: &str,
     timeout: Duration,
 ) -> Asked {
     let body = TakeoverRequest {
-        id: request.client_id.to_string(),
-        clean: request.clean_session,
+        id: client_id.to_string(),
+        clean,
         from: me.to_string(),
+        rev,
     };
     let payload = Bytes::from(serde_json::to_vec(&body).unwrap_or_default());
     let asked = client.request(takeover_subject(root, owner), payload);
@@ -351,10 +599,21 @@ fn no_responders(e: &RequestError) -> bool {
 pub(super) fn released(bridge: &Shared, client_id: ByteString, shard: usize, token: u64) {
     let (owned, store, status) = {
         let mut b = bridge.borrow_mut();
+        if b.ownership
+            .unregistered
+            .get(&client_id)
+            .is_some_and(|u| u.shard == shard && u.token == token)
+        {
+            b.ownership.unregistered.remove(&client_id);
+        }
         let owned = match b.owned.get(&client_id) {
             Some(o) if o.shard == shard && o.token == token => b.owned.remove(&client_id),
             _ => None,
         };
+        if let Some(o) = &owned {
+            // Its subscriptions go with it.
+            write_record(&b, &client_id, o.revision, None);
+        }
         (owned, b.sessions.clone(), b.status.clone())
     };
     let (Some(owned), Some(store)) = (owned, store) else {
@@ -405,7 +664,17 @@ pub(super) async fn serve_takeovers(bridge: Shared) {
 /// Ends the session of the request's id on this node and answers with its
 /// image (empty: nothing to move).
 async fn hand_over(bridge: Shared, request: TakeoverRequest, reply: async_nats::Subject) {
-    let client_id = ByteString::from(request.id);
+    let client_id = ByteString::from(request.id.as_str());
+    // One hand-over of an id at a time: a second one would supersede the
+    // first's claim on the shard and take the state from it, unkept.
+    while !bridge
+        .borrow_mut()
+        .ownership
+        .handing
+        .insert(client_id.clone())
+    {
+        tokio::time::sleep(HANDING_POLL).await;
+    }
     let (client, queue) = {
         let mut b = bridge.borrow_mut();
         // No longer this node's: its end here must not delete the record.
@@ -437,15 +706,402 @@ async fn hand_over(bridge: Shared, request: TakeoverRequest, reply: async_nats::
         }
         None => None,
     };
+    let image = kept_for_racers(&bridge, &client_id, &request, image.map(Bytes::from));
+    bridge.borrow_mut().ownership.handing.remove(&client_id);
     debug!(
         "cluster: {client_id:?} taken over by node {} ({} bytes of state)",
         request.from,
-        image.as_ref().map_or(0, Vec::len)
+        image.as_ref().map_or(0, Bytes::len)
     );
-    let payload = image.map(Bytes::from).unwrap_or_default();
+    let payload = image.unwrap_or_default();
     if let Err(e) = client.publish(reply, payload).await {
         debug!("cluster: take-over answer for {client_id:?} not sent: {e}");
     }
+}
+
+/// The state to answer a take-over request with: what the shard handed
+/// (`image`), kept for [`HANDED_TTL`] for other requesters of the same
+/// record revision; or, when the shard had nothing (it handed the session
+/// to an earlier requester of that revision, whose compare-and-set may
+/// lose), what was kept. So whichever racer wins the record has the state.
+fn kept_for_racers(
+    bridge: &Shared,
+    client_id: &ByteString,
+    request: &TakeoverRequest,
+    image: Option<Bytes>,
+) -> Option<Bytes> {
+    let mut b = bridge.borrow_mut();
+    let t = &mut b.ownership;
+    let mut freed = 0;
+    t.handed.retain(|_, h| {
+        let keep = h.at.elapsed() < HANDED_TTL;
+        if !keep {
+            freed += h.image.len();
+        }
+        keep
+    });
+    t.handed_bytes -= freed;
+    if request.clean || request.rev == 0 {
+        return image;
+    }
+    let Some(image) = image else {
+        return t
+            .handed
+            .get(client_id)
+            .filter(|h| h.revision == request.rev)
+            .map(|h| h.image.clone());
+    };
+    if let Some(old) = t.handed.remove(client_id) {
+        t.handed_bytes -= old.image.len();
+    }
+    while t.handed_bytes + image.len() > HANDED_MAX_BYTES {
+        let Some(oldest) = t
+            .handed
+            .iter()
+            .min_by_key(|(_, h)| h.at)
+            .map(|(id, _)| id.clone())
+        else {
+            break;
+        };
+        if let Some(old) = t.handed.remove(&oldest) {
+            t.handed_bytes -= old.image.len();
+        }
+    }
+    if image.len() <= HANDED_MAX_BYTES {
+        t.handed_bytes += image.len();
+        t.handed.insert(
+            client_id.clone(),
+            Handed {
+                revision: request.rev,
+                image: image.clone(),
+                at: Instant::now(),
+            },
+        );
+    }
+    Some(image)
+}
+
+/// Ends the session of `client_id` on this node as a take-over (its
+/// connection closes, MQTT 5.0 with DISCONNECT 0x8E; its state is
+/// dropped): another node owns the id. Its release deletes nothing.
+fn drop_here(b: &mut Bridge, client_id: &ByteString, shard: usize) {
+    b.owned.remove(client_id);
+    b.status
+        .figures
+        .cluster_reassert_lost
+        .fetch_add(1, Ordering::Relaxed);
+    let (answer, _) = async_channel::bounded(1);
+    let Some(queue) = b.to_shards.get(shard) else {
+        return;
+    };
+    let dropped = ToShard::Takeover {
+        client_id: client_id.clone(),
+        clean_session: true,
+        answer,
+    };
+    if queue.try_send(dropped).is_err() {
+        debug!("cluster: {client_id:?} not dropped: the shard's queue is full");
+    }
+}
+
+/// The record of this node for an id, as JSON.
+fn record_value(b: &Bridge, clean: bool, at: u64) -> Bytes {
+    let record = Record {
+        v: 1,
+        node: b.node.clone(),
+        inc: b.incarnation.clone(),
+        clean,
+        at,
+    };
+    Bytes::from(serde_json::to_vec(&record).unwrap_or_default())
+}
+
+/// What a re-assertion found.
+enum Settled {
+    /// Done: the id is this node's, or dropped here.
+    Done,
+    /// Not now (a KV error, an owner that did not answer): next pass.
+    Later,
+}
+
+/// Re-asserts the records of this node after the link returns: every id
+/// granted without a record (created, or resolved against the node that
+/// holds it now), and every id owned before (a record that moved to
+/// another node meanwhile ends the session here); and the sessions
+/// restored from the store at start-up. One pass per [`REASSERT_EVERY`]
+/// while something is left, one KV operation after the other.
+async fn reassert_loop(bridge: Shared) {
+    let status = bridge.borrow().status.clone();
+    let connects = || status.figures.cluster_connects.load(Ordering::Relaxed);
+    let mut seen = connects();
+    loop {
+        tokio::time::sleep(REASSERT_EVERY).await;
+        if !status.link_up() {
+            continue;
+        }
+        if connects() != seen {
+            seen = connects();
+            let mut b = bridge.borrow_mut();
+            let owned: Vec<_> = b.owned.iter().map(|(id, o)| (id.clone(), *o)).collect();
+            b.ownership.to_check.extend(owned);
+        }
+        let (checks, grants): (Vec<_>, Vec<_>) = {
+            let b = bridge.borrow();
+            (
+                b.ownership
+                    .to_check
+                    .iter()
+                    .map(|(id, o)| (id.clone(), *o))
+                    .collect(),
+                b.ownership
+                    .unregistered
+                    .iter()
+                    .map(|(id, u)| (id.clone(), u.clone()))
+                    .collect(),
+            )
+        };
+        let restored = std::mem::take(&mut bridge.borrow_mut().ownership.restored);
+        for r in restored {
+            if let Settled::Later = reassert_restored(&bridge, &r).await {
+                bridge.borrow_mut().ownership.restored.push(r);
+            }
+        }
+        for (client_id, grant) in grants {
+            if let Settled::Done = reassert_grant(&bridge, &client_id, &grant).await {
+                let mut b = bridge.borrow_mut();
+                if b.ownership
+                    .unregistered
+                    .get(&client_id)
+                    .is_some_and(|u| u.token == grant.token && u.shard == grant.shard)
+                {
+                    b.ownership.unregistered.remove(&client_id);
+                }
+            }
+        }
+        // Last: there may be many, and duplicates of the ids above come
+        // first.
+        for (client_id, owned) in checks {
+            if let Settled::Done = check_owned(&bridge, &client_id, owned).await {
+                bridge.borrow_mut().ownership.to_check.remove(&client_id);
+            }
+        }
+    }
+}
+
+/// An id this node owned before the outage: still its record, or the
+/// session here ends (another node took the id over meanwhile).
+async fn check_owned(bridge: &Shared, client_id: &ByteString, owned: Owned) -> Settled {
+    let Some(store) = bridge.borrow().sessions.clone() else {
+        return Settled::Later;
+    };
+    let entry = match store.entry(key(client_id)).await {
+        Ok(entry) => entry,
+        Err(e) => {
+            debug!("cluster: record of {client_id:?} not checked: {e}");
+            return Settled::Later;
+        }
+    };
+    let mut b = bridge.borrow_mut();
+    if b.owned.get(client_id) != Some(&owned) {
+        // Released or claimed again meanwhile.
+        return Settled::Done;
+    }
+    let Some(entry) = entry.filter(|e| e.operation == Operation::Put) else {
+        return Settled::Done;
+    };
+    if entry.revision == owned.revision {
+        return Settled::Done;
+    }
+    let holder = serde_json::from_slice::<Record>(&entry.value).ok();
+    if holder.is_some_and(|r| r.node == b.node && r.inc == b.incarnation) {
+        return Settled::Done;
+    }
+    info!(
+        "cluster: {client_id:?} was taken over by another node while the link was down: closed here"
+    );
+    drop_here(&mut b, client_id, owned.shard);
+    Settled::Done
+}
+
+/// An id granted without a record while the link was down: created; or,
+/// if another node holds it now, the later grant of the two wins (ties:
+/// the greater node name): this node takes the record over, or ends its
+/// own session of the id as a take-over.
+async fn reassert_grant(bridge: &Shared, client_id: &ByteString, grant: &Unregistered) -> Settled {
+    let (store, client, root, node, value, timeout) = {
+        let b = bridge.borrow();
+        let Some(store) = b.sessions.clone() else {
+            return Settled::Later;
+        };
+        (
+            store,
+            b.client.clone(),
+            b.root.clone(),
+            b.node.clone(),
+            record_value(&b, grant.clean, grant.at),
+            b.takeover_timeout,
+        )
+    };
+    let key = key(client_id);
+    let revision = match store.create(&key, value.clone()).await {
+        Ok(revision) => revision,
+        Err(e) if e.kind() == CreateErrorKind::AlreadyExists => {
+            let entry = match store.entry(&key).await {
+                Ok(Some(entry)) => entry,
+                Ok(None) => return Settled::Later,
+                Err(e) => {
+                    debug!("cluster: record of {client_id:?} unreadable: {e}");
+                    return Settled::Later;
+                }
+            };
+            let holder = match entry.operation {
+                Operation::Put => serde_json::from_slice::<Record>(&entry.value).ok(),
+                Operation::Delete | Operation::Purge => None,
+            };
+            if let Some(holder) = holder.filter(|h| h.node != node) {
+                if (holder.at, holder.node.as_str()) > (grant.at, node.as_str()) {
+                    info!(
+                        "cluster: {client_id:?} was connected on node {} later: closed here",
+                        holder.node
+                    );
+                    drop_here(&mut bridge.borrow_mut(), client_id, grant.shard);
+                    return Settled::Done;
+                }
+                let asked = ask(
+                    &client,
+                    &root,
+                    &holder.node,
+                    (client_id, true, entry.revision),
+                    &node,
+                    timeout,
+                );
+                if let Asked::Silent = asked.await
+                    && alive(bridge, &holder.node)
+                {
+                    return Settled::Later;
+                }
+            }
+            match store.update(&key, value, entry.revision).await {
+                Ok(revision) => revision,
+                Err(e) => {
+                    debug!("cluster: record of {client_id:?} moved ({e}): next pass");
+                    return Settled::Later;
+                }
+            }
+        }
+        Err(e) => {
+            debug!("cluster: record of {client_id:?} not created: {e}");
+            return Settled::Later;
+        }
+    };
+    let mut b = bridge.borrow_mut();
+    b.status
+        .figures
+        .cluster_reasserted
+        .fetch_add(1, Ordering::Relaxed);
+    let owned = Owned {
+        shard: grant.shard,
+        token: grant.token,
+        revision,
+    };
+    b.owned.insert(client_id.clone(), owned);
+    let image = b
+        .ownership
+        .unregistered
+        .get(client_id)
+        .and_then(|u| u.image.clone());
+    if !grant.clean {
+        write_record(&b, client_id, revision, image.as_ref());
+    }
+    Settled::Done
+}
+
+/// A persistent session restored from the store at start-up (claim
+/// `(shard, token)`), queued for the next re-assertion pass: its record is
+/// created if absent and taken back from an earlier run of this node; if
+/// another node holds it, the client went there while this node was down:
+/// the copy here is stale and dropped.
+pub(super) fn restored(
+    bridge: &Shared,
+    client_id: ByteString,
+    shard: usize,
+    token: u64,
+    image: Option<Bytes>,
+) {
+    bridge.borrow_mut().ownership.restored.push(Restored {
+        client_id,
+        shard,
+        token,
+        image,
+    });
+}
+
+/// One try at re-asserting a restored session's record.
+async fn reassert_restored(bridge: &Shared, r: &Restored) -> Settled {
+    let Some(store) = bridge.borrow().sessions.clone() else {
+        return Settled::Later;
+    };
+    if bridge.borrow().owned.contains_key(&r.client_id) {
+        // A CONNECT here claimed it first.
+        return Settled::Done;
+    }
+    let key = key(&r.client_id);
+    let value = record_value(&bridge.borrow(), false, unix_ms_now());
+    let written = match store.create(&key, value.clone()).await {
+        Ok(revision) => Ok(revision),
+        Err(e) if e.kind() == CreateErrorKind::AlreadyExists => match store.entry(&key).await {
+            Ok(Some(entry)) => {
+                let holder = match entry.operation {
+                    Operation::Put => serde_json::from_slice::<Record>(&entry.value).ok(),
+                    Operation::Delete | Operation::Purge => None,
+                };
+                let me = bridge.borrow().node.clone();
+                match holder {
+                    Some(h) if h.node != me => {
+                        info!(
+                            "cluster: restored session {:?} is node {}'s now: dropped here",
+                            r.client_id, h.node
+                        );
+                        drop_here(&mut bridge.borrow_mut(), &r.client_id, r.shard);
+                        return Settled::Done;
+                    }
+                    _ => store
+                        .update(&key, value, entry.revision)
+                        .await
+                        .map_err(|e| e.to_string()),
+                }
+            }
+            Ok(None) => Err("deleted meanwhile".to_string()),
+            Err(e) => Err(e.to_string()),
+        },
+        Err(e) => Err(e.to_string()),
+    };
+    let revision = match written {
+        Ok(revision) => revision,
+        Err(e) => {
+            debug!(
+                "cluster: restored session {:?} not re-asserted yet: {e}",
+                r.client_id
+            );
+            return Settled::Later;
+        }
+    };
+    let mut b = bridge.borrow_mut();
+    if b.owned.contains_key(&r.client_id) {
+        return Settled::Done;
+    }
+    let owned = Owned {
+        shard: r.shard,
+        token: r.token,
+        revision,
+    };
+    b.owned.insert(r.client_id.clone(), owned);
+    write_record(&b, &r.client_id, revision, r.image.as_ref());
+    b.status
+        .figures
+        .cluster_reasserted
+        .fetch_add(1, Ordering::Relaxed);
+    Settled::Done
 }
 
 #[cfg(test)]
@@ -477,5 +1133,11 @@ mod tests {
         }
         assert_eq!(takeover_subject("fanmq", "n1"), "fanmq.c.n1.takeover");
         assert_eq!(bucket("fanmq"), "fanmq_sessions");
+        assert_eq!(subscriptions_bucket("fanmq"), "fanmq_session_subs");
+        // A request of a node without `rev` still reads (revision 0: the
+        // state it gets is not kept for racers).
+        let old: TakeoverRequest =
+            serde_json::from_str(r#"{"id":"x","clean":false,"from":"b"}"#).unwrap();
+        assert_eq!(old.rev, 0);
     }
 }

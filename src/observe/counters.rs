@@ -401,6 +401,18 @@ counter_table! {
         cluster_unregistered: Counter Max,
             prometheus Some("cluster_unregistered"), per_shard None, sys None,
             help "CONNECTs granted without a sessions-bucket record while the NATS link was down (partition_mode serve)";
+        cluster_reasserted: Counter Max,
+            prometheus Some("cluster_reasserted"), per_shard None, sys None,
+            help "Sessions whose sessions-bucket record this node re-asserted after a NATS outage or at start-up (from its store)";
+        cluster_reassert_lost: Counter Max,
+            prometheus Some("cluster_reassert_lost"), per_shard None, sys None,
+            help "Sessions this node dropped on re-assertion because another node owns the client id (the connection closed as a take-over)";
+        cluster_recovered: Counter Max,
+            prometheus Some("cluster_recovered"), per_shard None, sys None,
+            help "Persistent sessions whose subscriptions this node recovered from a dead node's record";
+        cluster_subscription_records: Counter Max,
+            prometheus Some("cluster_subscription_records"), per_shard None, sys None,
+            help "Subscriptions records of persistent sessions written to the cluster's bucket (at attach, SUBSCRIBE and UNSUBSCRIBE)";
         cluster_nodes: Gauge Max,
             prometheus Some("cluster_nodes"), per_shard None, sys None,
             help "Other nodes heard from within the node timeout";

@@ -17,6 +17,7 @@ use ahash::AHashMap;
 use bytestring::ByteString;
 
 use crate::cluster::link::ToShard;
+use crate::cluster::ownership::MAX_SUBSCRIPTIONS_RECORD;
 use crate::protocol::message::{Encoded, Message};
 use crate::protocol::topic;
 use crate::protocol::v3::QoS;
@@ -24,7 +25,7 @@ use crate::router::SharedFilter;
 use crate::router::shared::SharedDelivery;
 use crate::session::{Session, SessionState};
 use crate::shard::persist::{set_stored_options, stored_subscriptions};
-use crate::shard::{Ctx, Shard, offer, read_allowed, registry};
+use crate::shard::{Ctx, SessionKey, Shard, offer, read_allowed, registry};
 use crate::store::record::{Record, RecordError, StoredMessage, StoredSession, unix_ms_now};
 
 impl Ctx {
@@ -201,22 +202,7 @@ pub fn encode_image(client_id: &str, state: &SessionState, max: usize) -> Vec<u8
             queued.push((mid, message.qos));
         }
     }
-    let image = |queued: &[(u64, QoS)]| {
-        let mut out = Vec::new();
-        put_record(
-            &mut out,
-            &Record::SessionImage(StoredSession {
-                stamp: 0,
-                client_id: ByteString::from(client_id),
-                protocol_level: 4,
-                expiry_interval: 0,
-                offline_since_unix_ms: 0,
-                subscriptions: stored_subscriptions(state),
-                queued: queued.to_vec(),
-            }),
-        );
-        out
-    };
+    let image = |queued: &[(u64, QoS)]| image_record(client_id, state, queued);
     // Leave out the oldest messages until the whole fits.
     let mut skip = 0;
     let mut total: usize = image(&queued).len() + messages.iter().map(Vec::len).sum::<usize>();
@@ -229,6 +215,33 @@ pub fn encode_image(client_id: &str, state: &SessionState, max: usize) -> Vec<u8
         out.extend_from_slice(message);
     }
     out
+}
+
+/// The session image record of `client_id` with the subscriptions of
+/// `state` and the messages `queued` (ids of the message records after it).
+fn image_record(client_id: &str, state: &SessionState, queued: &[(u64, QoS)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    put_record(
+        &mut out,
+        &Record::SessionImage(StoredSession {
+            stamp: 0,
+            client_id: ByteString::from(client_id),
+            protocol_level: 4,
+            expiry_interval: 0,
+            offline_since_unix_ms: 0,
+            subscriptions: stored_subscriptions(state),
+            queued: queued.to_vec(),
+        }),
+    );
+    out
+}
+
+/// The subscriptions of `state` as the cluster keeps them for a node's
+/// death: a session image without messages (read by [`decode_image`]);
+/// None when it is over `MAX_SUBSCRIPTIONS_RECORD` (of cluster ownership).
+pub fn subscriptions_image(client_id: &str, state: &SessionState) -> Option<bytes::Bytes> {
+    let image = image_record(client_id, state, &[]);
+    (image.len() <= MAX_SUBSCRIPTIONS_RECORD).then(|| bytes::Bytes::from(image))
 }
 
 /// Reads what [`encode_image`] wrote into a session state: its
@@ -286,6 +299,35 @@ pub fn decode_image(mut bytes: &[u8]) -> Result<SessionState, ImageError> {
 }
 
 impl Shard {
+    /// Tells the cluster the subscriptions of session `key` if it is a
+    /// persistent one (at attach, SUBSCRIBE and UNSUBSCRIBE): kept in the
+    /// cluster, they survive this node's death.
+    pub(super) fn share_subscriptions(&self, key: SessionKey) {
+        let (Some(link), Some(session)) = (&self.cluster, self.sessions.get(key as usize)) else {
+            return;
+        };
+        if session.clean_session {
+            return;
+        }
+        let image = subscriptions_image(&session.client_id, &session.state);
+        link.subscriptions(&session.client_id, session.claim, image, false);
+    }
+
+    /// Asks the cluster to re-assert every persistent session restored
+    /// from the store (at start-up, once the shard's cluster link is set).
+    pub fn reassert_restored(&self) {
+        let Some(link) = &self.cluster else {
+            return;
+        };
+        for (_, session) in self.sessions.iter() {
+            if session.clean_session {
+                continue;
+            }
+            let image = subscriptions_image(&session.client_id, &session.state);
+            link.subscriptions(&session.client_id, session.claim, image, true);
+        }
+    }
+
     /// Whether shared subscriptions are served through NATS's queue groups
     /// (the cluster link is up) rather than by the publishing shard: a
     /// node's own publishes then come back to it only if NATS picks it.
@@ -499,6 +541,40 @@ mod tests {
         assert!(decode_image(&image[..image.len() - 1]).is_err());
         assert!(decode_image(&image[image.len() - 20..]).is_err());
         assert!(decode_image(&[]).is_err());
+    }
+
+    #[test]
+    fn a_subscriptions_image_carries_the_filters_and_options_only_and_is_bounded() {
+        let mut shard = testing::shard();
+        let client = attach_client(&mut shard, "p", "a/+", QoS::AtLeastOnce, None);
+        let session = &mut shard.sessions[client.key as usize];
+        let options = SubscriptionOptions {
+            qos: QoS::AtLeastOnce,
+            no_local: true,
+            retain_as_published: true,
+            retain_handling: RetainHandling::SendAtSubscribe,
+        };
+        session.set_subscription_options(SharedFilter::from("a/+"), &options, NonZeroU32::new(9));
+        session.subscribe(SharedFilter::from("$share/g/b/#"), QoS::AtMostOnce);
+        let flows = session.state.flows.get_or_insert_with(Box::default);
+        flows.pending.push_back(message("a/b", b"queued"));
+        let state = session.state.clone();
+        let image = subscriptions_image("p", &state).unwrap();
+        let back = decode_image(&image).unwrap();
+        assert_eq!(stored_subscriptions(&back), stored_subscriptions(&state));
+        assert!(
+            back.flows.as_ref().is_none_or(|f| f.pending.is_empty()),
+            "no messages in it"
+        );
+        // Over the bound: none, and the cluster's record goes.
+        let mut many = SessionState::default();
+        for i in 0..700 {
+            many.subscriptions.push((
+                SharedFilter::from(format!("{i:0>100}").as_str()),
+                QoS::AtMostOnce,
+            ));
+        }
+        assert!(subscriptions_image("p", &many).is_none());
     }
 
     #[test]

@@ -870,6 +870,7 @@ impl Shard {
         }
         self.by_client_id.insert(&self.sessions, key);
         self.journal_session(key);
+        self.share_subscriptions(key);
         self.arm_timers(key);
         crate::session::note_backlog();
         key

@@ -197,6 +197,17 @@ pub async fn claim(
             };
             Ok((token, state.filter(|_| !clean_session)))
         }
+        Some(ClaimAnswer::Recovered(image)) => {
+            // A copy held here is newer than what a dead owner left.
+            let state = local.or_else(|| match decode_image(&image) {
+                Ok(state) => Some(state),
+                Err(e) => {
+                    debug!("client {client_id}: subscriptions left by a dead node unreadable: {e}");
+                    None
+                }
+            });
+            Ok((token, state.filter(|_| !clean_session)))
+        }
         _ => {
             // Keep what was held here, as for a claim nobody waits for.
             shard.keep_or_release(client_id, token, local);

@@ -243,6 +243,7 @@ impl Shard {
         }
         self.mark_dirty(key);
         self.journal_session(key);
+        self.share_subscriptions(key);
     }
 
     /// Takes session `key`'s subscription `filter` out of the router (a
@@ -295,5 +296,6 @@ impl Shard {
         }
         self.mark_dirty(key);
         self.journal_session(key);
+        self.share_subscriptions(key);
     }
 }

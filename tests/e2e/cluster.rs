@@ -8,7 +8,9 @@
 //! node losing anything published after it moved to another.
 //! Session ownership: a persistent session moves to the node its client
 //! reconnects to, with its queue; a take-over closes the old connection; a
-//! dead owner's ids are taken fresh; racing CONNECTs leave one owner.
+//! dead owner's persistent sessions come back with their subscriptions;
+//! racing CONNECTs leave one owner, with the state (three nodes); after a
+//! netsplit and after a restart the nodes re-assert their records.
 //!
 //! Each test skips, saying so, when `nats-server` is not on PATH (CI
 //! installs it, `.ci/run`, and sets CI=true, which makes a missing server a
@@ -671,29 +673,225 @@ fn a_live_take_over_across_nodes_closes_the_old_connection() {
 }
 
 #[test]
-fn a_killed_nodes_client_gets_a_fresh_session_on_another_node() {
+fn a_killed_nodes_persistent_session_comes_back_with_its_subscriptions_on_another_node() {
     let Some(nats) = Nats::start("cluster dead owner") else {
         return;
     };
     let (mut a, b) = (nats.node("a"), nats.node("b"));
     let (mut on_a, _) = persistent(a.port, "orphan");
     on_a.subscribe("orphan/#", QoS::AtLeastOnce);
+    on_a.subscribe("solo/+", QoS::AtMostOnce);
+    // The attach and both SUBSCRIBEs wrote the session's subscriptions
+    // record in the cluster.
+    wait_stats(&a, |s| s["total"]["cluster_subscription_records"] == 3);
     a.signal(libc::SIGKILL);
     a.wait_exit(TIMEOUT).expect("node a killed");
     drop(on_a);
-    // Its state died with it; B grants the id fresh, well within the
-    // node timeout (NATS has no responder on A's subject any more).
+    // B finds A gone (NATS has no responder on its subject) at once, well
+    // within the node timeout, and gives the subscriptions back.
     let started = Instant::now();
     let (mut on_b, connack) = persistent(b.port, "orphan");
-    assert!(!connack.session_present, "the state died with node a");
+    assert!(connack.session_present, "Session Present 1 on node b");
     assert!(
         started.elapsed() < Duration::from_secs(10),
         "granted within the node timeout"
     );
-    on_b.subscribe("orphan/#", QoS::AtLeastOnce);
+    wait_stats(&b, |s| s["total"]["cluster_recovered"] == 1);
+    assert_eq!(client_on(&b, "orphan").unwrap()["subscriptions"], 2);
+    // Without subscribing again, a publish on B reaches it, at the QoS
+    // each filter was granted.
     let mut publisher = Mqtt::connect(b.port, "orphan-pub");
     publisher.publish_acked("orphan/x", false, b"x");
-    assert_eq!(&on_b.expect_publish().payload[..], b"x");
+    let p = on_b.expect_publish();
+    assert_eq!((&p.payload[..], p.qos), (&b"x"[..], QoS::AtLeastOnce));
+    publisher.publish_acked("solo/1", false, b"y");
+    let p = on_b.expect_publish();
+    assert_eq!((&p.payload[..], p.qos), (&b"y"[..], QoS::AtMostOnce));
+    // A clean start on another id still starts fresh.
+    let (_fresh, connack) = persistent(b.port, "orphan-2");
+    assert!(!connack.session_present);
+}
+
+/// A raw MQTT 5.0 CONNECT of `id` (Clean Start 1) to `port`, answered by
+/// CONNACK 0x00.
+fn raw_v5(port: u16, id: &str) -> Raw {
+    let mut body = crate::common::string(b"MQTT");
+    body.extend([5, 0x02, 0, 60, 0]);
+    body.extend(crate::common::string(id.as_bytes()));
+    let mut raw = Raw::tcp(port);
+    raw.send(&crate::common::packet(0x10, &body));
+    let connack = raw.expect_packet();
+    assert_eq!(
+        (connack.first, connack.body.get(1)),
+        (0x20, Some(&0)),
+        "CONNACK 0x00"
+    );
+    raw
+}
+
+/// Whether `raw` gets a DISCONNECT 0x8E Session taken over (MQTT 5.0) and
+/// is closed, within the timeout: false when it stays open.
+fn taken_over(raw: &mut Raw, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        match raw.read_packet(Duration::from_millis(100)) {
+            Ok(Some(p)) => {
+                assert_eq!(
+                    (p.first, p.body.first()),
+                    (0xE0, Some(&0x8E)),
+                    "DISCONNECT 0x8E: {p:?}"
+                );
+                assert!(raw.read_packet(TIMEOUT).is_err(), "closed after it");
+                return true;
+            }
+            Ok(None) => {}
+            Err(e) => panic!("closed without a DISCONNECT: {e}"),
+        }
+    }
+    false
+}
+
+#[test]
+fn after_a_netsplit_a_client_id_granted_on_two_nodes_stays_connected_on_one() {
+    let Some(mut nats) = Nats::start("cluster netsplit re-assert") else {
+        return;
+    };
+    let (a, b) = (nats.node("a"), nats.node("b"));
+    nats.stop();
+    wait_link(&a, "down");
+    wait_link(&b, "down");
+    // Both grant the id without a record (partition_mode "serve"); B's
+    // grant is the later one.
+    let mut on_a = raw_v5(a.port, "split");
+    on_a.ping();
+    wait_stats(&a, |s| s["total"]["cluster_unregistered"] == 1);
+    let mut on_b = raw_v5(b.port, "split");
+    on_b.ping();
+    wait_stats(&b, |s| s["total"]["cluster_unregistered"] == 1);
+    nats.run();
+    wait_link(&a, "up");
+    wait_link(&b, "up");
+    // Re-asserted: the later grant stays, the other one is taken over.
+    assert!(
+        taken_over(&mut on_a, TIMEOUT * 2),
+        "A's connection taken over"
+    );
+    assert!(!taken_over(&mut on_b, Duration::from_secs(3)), "B's stays");
+    on_b.ping();
+    wait_client(&a, "split", |c| c.is_none());
+    assert_eq!(client_on(&b, "split").unwrap()["connected"], true);
+    wait_stats(&b, |s| s["total"]["cluster_reasserted"] == 1);
+    // The record is B's: a CONNECT on A takes the id over from B as usual.
+    let mut again = raw_v5(a.port, "split");
+    assert!(taken_over(&mut on_b, TIMEOUT), "B's taken over by A");
+    again.ping();
+}
+
+#[test]
+fn a_restarted_node_re_asserts_its_stored_sessions_and_drops_those_taken_elsewhere() {
+    let Some(nats) = Nats::start("cluster restart re-assert") else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("store directory");
+    let store = format!(
+        "persistence = true\npersistence_location = \"{}\"",
+        dir.path().display()
+    );
+    let (mut a, b) = (nats.node_with("a", &store), nats.node("b"));
+    for id in ["kept", "moved"] {
+        let (mut client, _) = persistent(a.port, id);
+        client.subscribe(&format!("{id}/#"), QoS::AtLeastOnce);
+        client.disconnect();
+        wait_client(&a, id, |c| c.is_some_and(|c| c["connected"] == false));
+    }
+    let mut publisher = Mqtt::connect(a.port, "restart-pub");
+    for i in 0..2 {
+        publisher.publish_acked("kept/q", false, i.to_string().as_bytes());
+    }
+    wait_client(&a, "kept", |c| c.is_some_and(|c| c["pending"] == 2));
+    wait_stats(&a, |s| s["total"]["cluster_subscription_records"] == 4);
+    drop(publisher);
+    a.signal(libc::SIGKILL);
+    a.wait_exit(TIMEOUT).expect("node a killed");
+    // While A is down, "moved" comes back on B, with its subscription.
+    let (_moved, connack) = persistent(b.port, "moved");
+    assert!(connack.session_present);
+    // A restarts from its store: it takes "kept" back in the cluster
+    // (its record named A's earlier run) and drops its stale "moved".
+    let a = nats.node_with("a", &store);
+    wait_stats(&a, |s| {
+        s["total"]["cluster_reasserted"] == 1 && s["total"]["cluster_reassert_lost"] == 1
+    });
+    wait_client(&a, "moved", |c| c.is_none());
+    assert_eq!(client_on(&b, "moved").unwrap()["connected"], true);
+    // "kept" moves to B from A's store, with its queue.
+    let (mut kept, connack) = persistent(b.port, "kept");
+    assert!(connack.session_present);
+    let got: Vec<String> = (0..2)
+        .map(|_| String::from_utf8_lossy(&kept.expect_publish().payload).into_owned())
+        .collect();
+    assert_eq!(got, ["0", "1"]);
+}
+
+#[test]
+fn three_nodes_racing_for_one_persistent_session_keep_its_state() {
+    let Some(nats) = Nats::start("cluster race of three") else {
+        return;
+    };
+    let (a, b, c) = (nats.node("a"), nats.node("b"), nats.node("c"));
+    let mut publisher = Mqtt::connect(a.port, "trio-pub");
+    for round in 0..8 {
+        let id = format!("trio-{round}");
+        let (mut owner, _) = persistent(a.port, &id);
+        owner.subscribe(&format!("{id}/#"), QoS::AtLeastOnce);
+        owner.disconnect();
+        wait_client(&a, &id, |c| c.is_some_and(|c| c["connected"] == false));
+        for i in 0..3 {
+            publisher.publish_acked(&format!("{id}/q"), false, i.to_string().as_bytes());
+        }
+        wait_client(&a, &id, |c| c.is_some_and(|c| c["pending"] == 3));
+        // B and C ask A for the session at once.
+        let connect = ConnectBuilder::new(&id).clean_session(false);
+        let racers: Vec<_> = [b.port, c.port]
+            .into_iter()
+            .map(|port| {
+                let connect = connect.clone();
+                std::thread::spawn(move || Raw::send_connect(port, &connect))
+            })
+            .collect();
+        let mut clients: Vec<Raw> = racers.into_iter().map(|t| t.join().unwrap()).collect();
+        // (Session Present, the payloads) of each.
+        let mut seen: [(bool, std::collections::BTreeSet<Vec<u8>>); 2] = Default::default();
+        // Until one is left, with the session and its three messages.
+        let open = race_to_one(
+            &mut clients,
+            &mut seen,
+            |seen, i, p| match p.kind() {
+                2 => {
+                    assert_eq!(p.body.get(1), Some(&0), "round {round}: CONNACK {p:?}");
+                    seen[i].0 = p.body.first() == Some(&1);
+                }
+                3 => {
+                    seen[i].1.insert(p.publish().payload);
+                }
+                _ => panic!("round {round}: {p:?}"),
+            },
+            |seen, i| seen[i].0 && seen[i].1.len() == 3,
+        );
+        let winner = (0..2).find(|&i| open[i]).unwrap();
+        let (mut alive, nodes) = if winner == 0 {
+            (clients.swap_remove(0), [&b, &c])
+        } else {
+            (clients.swap_remove(1), [&c, &b])
+        };
+        alive.ping();
+        assert_eq!(client_on(nodes[0], &id).unwrap()["connected"], true);
+        assert!(
+            client_on(nodes[1], &id).is_none(),
+            "round {round}: one owner"
+        );
+        assert!(client_on(&a, &id).is_none(), "round {round}: A let it go");
+    }
 }
 
 #[test]
@@ -721,11 +919,42 @@ fn an_owner_that_does_not_answer_gets_0x03_until_its_lease_runs_out() {
     );
     refused.expect_closed();
     wait_stats(&b, |s| s["total"]["cluster_claims_unavailable"] == 1);
-    // C takes A for dead once it has not heard it for 4 s: granted fresh.
+    // C takes A for dead once it has not heard it for 4 s: granted with
+    // what A left in the cluster (its subscriptions, none here).
     let (mut granted, connack) = raw_persistent(c.port, "stuck");
-    assert_eq!(connack, [0x20, 2, 0, 0], "a fresh session on C");
+    assert_eq!(connack, [0x20, 2, 1, 0], "the session, back on C");
+    wait_stats(&c, |s| s["total"]["cluster_recovered"] == 1);
     granted.ping();
     a.signal(libc::SIGCONT);
+}
+
+/// Reads the racing `clients` (each either stays or is closed) until one
+/// is left open and `done(state, its index)`; hands every packet to
+/// `packet(state, index, packet)`. Returns which are open.
+fn race_to_one<S: std::fmt::Debug>(
+    clients: &mut [Raw],
+    state: &mut S,
+    packet: impl Fn(&mut S, usize, &crate::common::RawPacket),
+    done: impl Fn(&S, usize) -> bool,
+) -> Vec<bool> {
+    let mut open = vec![true; clients.len()];
+    let deadline = Instant::now() + TIMEOUT * 2;
+    while open.iter().filter(|o| **o).count() > 1
+        || !(0..open.len()).any(|i| open[i] && done(state, i))
+    {
+        assert!(Instant::now() < deadline, "open {open:?}, seen {state:?}");
+        for (i, c) in clients.iter_mut().enumerate() {
+            if !open[i] {
+                continue;
+            }
+            match c.read_packet(Duration::from_millis(50)) {
+                Err(_) => open[i] = false,
+                Ok(Some(p)) => packet(state, i, &p),
+                Ok(None) => {}
+            }
+        }
+    }
+    open
 }
 
 #[test]
@@ -744,36 +973,22 @@ fn racing_connects_of_one_client_id_on_two_nodes_leave_one_owner() {
         let mut clients = [on_a.join().unwrap(), on_b.join().unwrap()];
         // Each either keeps its connection or is closed (with or without
         // a CONNACK first); within the timeout exactly one is left.
-        let mut open = [true, true];
         let mut acked = [false, false];
-        let deadline = Instant::now() + TIMEOUT;
-        while open.iter().filter(|o| **o).count() > 1
-            || !open.iter().zip(&acked).any(|(o, a)| *o && *a)
-        {
-            assert!(
-                Instant::now() < deadline,
-                "round {round}: open {open:?}, acknowledged {acked:?}"
-            );
-            for (i, c) in clients.iter_mut().enumerate() {
-                if !open[i] {
-                    continue;
-                }
-                match c.read_packet(Duration::from_millis(50)) {
-                    Err(_) => open[i] = false,
-                    Ok(Some(p)) => {
-                        // Session Present 0, or 1 when it took over the
-                        // other's just-made session.
-                        let b = p.bytes();
-                        assert!(
-                            b == [0x20, 2, 0, 0] || b == [0x20, 2, 1, 0],
-                            "round {round}: {b:?}"
-                        );
-                        acked[i] = true;
-                    }
-                    Ok(None) => {}
-                }
-            }
-        }
+        let open = race_to_one(
+            &mut clients,
+            &mut acked,
+            |acked, i, p| {
+                // Session Present 0, or 1 when it took over the other's
+                // just-made session.
+                let b = p.bytes();
+                assert!(
+                    b == [0x20, 2, 0, 0] || b == [0x20, 2, 1, 0],
+                    "round {round}: {b:?}"
+                );
+                acked[i] = true;
+            },
+            |acked, i| acked[i],
+        );
         let winner = open
             .iter()
             .position(|o| *o)
@@ -805,10 +1020,13 @@ fn while_nats_is_down_a_serving_node_grants_connects_and_a_fenced_one_refuses_th
     let serving = nats.node("serving");
     let fenced = nats.node_cluster("fenced", "partition_mode = \"fence\"");
     // Both grant while the link is up.
-    Raw::connect(fenced.port, "before").ping();
+    let mut before = Raw::connect(fenced.port, "before");
+    before.ping();
     nats.stop();
     wait_link(&serving, "down");
     wait_link(&fenced, "down");
+    // A client connected before the outage stays connected when fenced.
+    before.ping();
     let mut granted = Raw::connect(serving.port, "cut-off");
     granted.ping();
     wait_stats(&serving, |s| s["total"]["cluster_unregistered"] == 1);
@@ -934,6 +1152,11 @@ fn the_acl_read_rules_hold_for_messages_from_other_nodes() {
 /// Three nats-servers joined as one NATS cluster (routes between them, one
 /// JetStream domain), each on free ports.
 fn nats_cluster(test: &str) -> Option<Vec<Nats>> {
+    nats_cluster_with(test, &[])
+}
+
+/// [`nats_cluster`] with more arguments for every server.
+fn nats_cluster_with(test: &str, more: &[&str]) -> Option<Vec<Nats>> {
     // Route ports are named to every server up front: picked free, then
     // released for the server to bind.
     let routes: Vec<u16> = (0..3)
@@ -951,7 +1174,7 @@ fn nats_cluster(test: &str) -> Option<Vec<Nats>> {
         .join(",");
     let mut servers = Vec::new();
     for (i, port) in routes.iter().enumerate() {
-        let extra = vec![
+        let mut extra = vec![
             "--server_name".to_string(),
             format!("s{i}"),
             "--cluster_name".to_string(),
@@ -961,6 +1184,7 @@ fn nats_cluster(test: &str) -> Option<Vec<Nats>> {
             "--routes".to_string(),
             all.clone(),
         ];
+        extra.extend(more.iter().map(|m| m.to_string()));
         servers.push(Nats::start_with(test, extra)?);
     }
     // Formed: every server routes to the two others (2.10 and later pool
@@ -1092,4 +1316,54 @@ fn a_three_server_nats_cluster_loses_a_server_and_the_nodes_go_on_through_the_ot
     assert_eq!(stats["total"]["cluster_link_up"], 1);
     a.assert_running();
     b.assert_running();
+}
+
+#[test]
+fn a_fenced_node_keeps_its_clients_through_an_outage_and_closes_those_taken_meanwhile() {
+    // The servers do not tell clients of each other: a node stays with
+    // the servers it was given.
+    let Some(mut servers) = nats_cluster_with("fenced outage", &["--no_advertise"]) else {
+        return;
+    };
+    // A talks to the first server only, B to the two others; the buckets
+    // have a replica on each server, so they outlive the first.
+    let node = |name: &str, urls: &[&Nats], settings: &str| {
+        let urls: Vec<String> = urls
+            .iter()
+            .map(|s| format!("\"nats://127.0.0.1:{}\"", s.port))
+            .collect();
+        let config = format!(
+            "[cluster]\nnats_urls = [{}]\nnode_name = \"{name}\"\nkv_replicas = 3\n{settings}\n",
+            urls.join(", ")
+        );
+        let node = Broker::builder().config(&config).start();
+        node.wait_log(
+            |l| l.contains("cluster: session ownership in bucket"),
+            TIMEOUT * 2,
+        )
+        .unwrap_or_else(|| panic!("node {name} has no sessions bucket:\n{}", node.log_text()));
+        node
+    };
+    let a = node("a", &[&servers[0]], "partition_mode = \"fence\"");
+    let b = node("b", &[&servers[1], &servers[2]], "");
+    let mut kept = raw_v5(a.port, "kept-through");
+    let mut taken = raw_v5(a.port, "taken-meanwhile");
+    servers[0].stop();
+    wait_link(&a, "down");
+    // Fenced: the clients connected before the outage stay connected.
+    kept.ping();
+    taken.ping();
+    // One of them connects again on B, which finds A gone and takes it.
+    let mut on_b = raw_v5(b.port, "taken-meanwhile");
+    on_b.ping();
+    servers[0].run();
+    wait_link(&a, "up");
+    // Back on NATS, A finds that record moved: its connection is taken
+    // over; the other one is A's still.
+    assert!(taken_over(&mut taken, TIMEOUT * 2), "closed on A");
+    wait_stats(&a, |s| s["total"]["cluster_reassert_lost"] == 1);
+    kept.ping();
+    on_b.ping();
+    assert_eq!(client_on(&a, "kept-through").unwrap()["connected"], true);
+    assert!(client_on(&a, "taken-meanwhile").is_none());
 }
