@@ -11,7 +11,7 @@
 //! through the route, never the publish: they are never handed on again.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use ahash::AHashMap;
 use bytestring::ByteString;
@@ -113,42 +113,79 @@ pub async fn receive_from_bridge(ctx: Ctx, from_bridge: async_channel::Receiver<
     log::debug!("shard {}: cluster bridge queue closed", ctx.id);
 }
 
+/// How long the image of a session taken over by another node waits for
+/// the record of its end here (its drop) to be durable before it goes
+/// anyway: under the 2 s the bridge waits for the shard's answer
+/// (`SHARD_ANSWER` in cluster::ownership), so a stalled disk delays the
+/// image but never loses it.
+const HAND_OVER_WAIT: Duration = Duration::from_millis(1500);
+
 /// Another node takes `client_id` over: claims it on this node as a new
 /// connection would (which ends the session wherever it is here, closing its
 /// connection as a take-over, and supersedes a claim still waiting), then
 /// releases it and answers with the session's image (None: nothing to
 /// move). The node's own record of the id is no longer its own, so the
 /// release deletes nothing.
+///
+/// With persistence the answer (hence the other node's CONNACK) leaves
+/// only once this node's disk holds the end of the session here, as for a
+/// take-over between shards: a clean start's claim is answered only then
+/// (`Shard::answer_claim_after`), and a session that moves waits here for
+/// its drop record ([`HAND_OVER_WAIT`] at most), so a `kill -9` of this
+/// node cannot bring back a session that lives on, or ended, elsewhere.
 async fn hand_over(
     ctx: Ctx,
     client_id: ByteString,
     clean_session: bool,
     answer: async_channel::Sender<Option<Vec<u8>>>,
 ) {
-    let image = match registry::claim_on_node(&ctx, client_id.clone(), clean_session).await {
-        Ok(token) => 'granted: {
-            let mut shard = ctx.shard.borrow_mut();
-            let Some(state) = shard.take_claim(token) else {
-                // A later CONNECT here won meanwhile: it holds the id now.
-                break 'granted None;
-            };
-            let had = state.is_some();
-            let image = state.map(|state| encode_image(&client_id, &state, MAX_IMAGE));
-            if had {
-                // The session lives on elsewhere now.
-                shard.journal_drop(&client_id);
-            }
-            shard.release(&client_id, token);
-            shard.stats.cluster_taken_over += 1;
-            image
-        }
+    let (image, lsn) = match registry::claim_on_node(&ctx, client_id.clone(), clean_session).await {
+        Ok(token) => ctx.shard.borrow_mut().hand_over_claimed(&client_id, token),
         Err(e) => {
             log::debug!("cluster: take-over of {client_id:?} not served: {e}");
-            None
+            (None, 0)
         }
     };
     ctx.send_outbox();
+    let journal = ctx.shard.borrow().session_journal.clone();
+    if let Some(journal) = journal.filter(|j| lsn > 0 && j.acked_lsn() < lsn) {
+        let durable = glommio::timer::timeout(HAND_OVER_WAIT, async {
+            journal.wait_acked(lsn).await;
+            Ok(())
+        })
+        .await;
+        if durable.is_err() {
+            log::warn!(
+                "cluster: {client_id:?} handed over before its end here was durable (disk slower than {HAND_OVER_WAIT:?})"
+            );
+        }
+    }
     let _ = answer.try_send(image);
+}
+
+impl Shard {
+    /// The claim `token` that another node's take-over of `client_id`
+    /// made here ([`hand_over`]) was granted: releases the id and returns
+    /// the session's image to send (None: nothing to move, or a later
+    /// CONNECT here won meanwhile) and the session journal's LSN that must
+    /// be durable before it goes (0: none), that of the drop record of the
+    /// session leaving this node.
+    pub fn hand_over_claimed(&mut self, client_id: &str, token: u64) -> (Option<Vec<u8>>, u64) {
+        let Some(state) = self.take_claim(token) else {
+            // A later CONNECT here won meanwhile: it holds the id now.
+            return (None, 0);
+        };
+        let image = state.map(|state| encode_image(client_id, &state, MAX_IMAGE));
+        // The session lives on elsewhere now.
+        let lsn = if image.is_some() {
+            self.journal_drop(client_id)
+        } else {
+            0
+        };
+        self.release(client_id, token);
+        self.stats.cluster_taken_over += 1;
+        (image, lsn)
+    }
 }
 
 /// Largest session image sent to another node: under NATS's default

@@ -35,6 +35,11 @@ pub struct HeldAcks {
     barriers: AHashMap<u64, (usize, Option<Waker>)>,
     /// Next barrier token.
     next_token: u64,
+    /// The barrier of the current step that shared deliveries passed on
+    /// at once carry (`Shard::route_shared`: they go through the outbox,
+    /// before the step's barrier is started), counting them already;
+    /// [`HeldAcks::start`] takes it as the step's barrier.
+    open: Option<u64>,
 }
 
 impl HeldAcks {
@@ -61,11 +66,42 @@ impl HeldAcks {
         std::mem::take(&mut self.held)
     }
 
-    /// A barrier that `shards` other shards must answer; its token.
+    /// A barrier that `shards` other shards must answer, besides the
+    /// deliveries that joined it already ([`HeldAcks::join_open`]); its
+    /// token.
     pub fn start(&mut self, shards: usize) -> u64 {
+        let token = self.open.take().unwrap_or_else(|| self.new_token());
+        self.barriers.entry(token).or_insert((0, None)).0 += shards;
+        token
+    }
+
+    /// One more answer for the current step's barrier, started now if it
+    /// is not yet (`Ctx::forward_publishes` takes it over with
+    /// [`HeldAcks::start`]); its token. An answer that comes before the
+    /// step's barrier is started counts all the same.
+    pub fn join_open(&mut self) -> u64 {
+        let token = match self.open {
+            Some(token) => token,
+            None => {
+                let token = self.new_token();
+                self.open = Some(token);
+                token
+            }
+        };
+        self.barriers.entry(token).or_insert((0, None)).0 += 1;
+        token
+    }
+
+    /// Whether deliveries of the current step joined a barrier not yet
+    /// started ([`HeldAcks::join_open`]).
+    pub fn has_open(&self) -> bool {
+        self.open.is_some()
+    }
+
+    /// A fresh barrier token.
+    fn new_token(&mut self) -> u64 {
         let token = self.next_token;
         self.next_token += 1;
-        self.barriers.insert(token, (shards, None));
         token
     }
 
@@ -163,5 +199,22 @@ mod tests {
         );
         acks.applied_many(token, 1);
         assert_eq!(acks.poll_applied(token, &cx), Poll::Ready(()));
+    }
+
+    #[test]
+    fn deliveries_passed_on_before_the_step_starts_its_barrier_count_in_it() {
+        let mut acks = HeldAcks::default();
+        let cx = Context::from_waker(Waker::noop());
+        let token = acks.join_open();
+        assert_eq!(acks.join_open(), token, "one barrier per step");
+        // One of the two answers before the step's barrier is started.
+        acks.applied_many(token, 1);
+        assert_eq!(acks.start(1), token, "the step's barrier is that one");
+        assert!(!acks.has_open());
+        acks.applied(token);
+        assert_eq!(acks.poll_applied(token, &cx), Poll::Pending, "one left");
+        acks.applied_many(token, 1);
+        assert_eq!(acks.poll_applied(token, &cx), Poll::Ready(()));
+        assert_ne!(acks.start(0), token, "the next step's is a new one");
     }
 }

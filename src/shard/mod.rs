@@ -298,7 +298,7 @@ impl Ctx {
     /// acks of retained publishes, waits until every shard applied them,
     /// then sends the acks ([`HeldAcks`]).
     pub async fn forward_publishes(&self) {
-        let (batch, held, durable, shared) = {
+        let (batch, held, durable, shared, passed_on) = {
             let mut shard = self.shard.borrow_mut();
             let held = shard.held_acks.take();
             // What this shard's journals must hold before the acks go:
@@ -311,7 +311,15 @@ impl Ctx {
                 .filter(|(journal, lsn)| journal.acked_lsn() < *lsn)
                 .collect();
             let shared = shard.take_shared_out();
-            (shard.take_remote_batch(), held, durable, shared)
+            if held.is_empty() && shard.held_acks.has_open() {
+                // Deliveries passed on at once for publishes whose acks
+                // do not wait (QoS 0, a will): their answers count for
+                // nothing.
+                let token = shard.held_acks.start(0);
+                shard.held_acks.forget(token);
+            }
+            let passed_on = shard.held_acks.has_open();
+            (shard.take_remote_batch(), held, durable, shared, passed_on)
         };
         let persistent = self.shard.borrow().store_failing.is_some();
         let peers = if batch.is_some() && !held.is_empty() {
@@ -327,7 +335,9 @@ impl Ctx {
         } else {
             0
         };
-        let barrier = (peers + shared_waited > 0).then(|| {
+        // Deliveries passed on at once (`Shard::route_shared`) joined this
+        // step's barrier already, counted.
+        let barrier = (peers + shared_waited > 0 || passed_on).then(|| {
             self.shard
                 .borrow_mut()
                 .held_acks

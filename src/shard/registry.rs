@@ -660,6 +660,43 @@ mod tests {
     }
 
     #[test]
+    fn a_take_over_by_another_node_is_answered_once_the_sessions_end_here_is_durable() {
+        let mut shard = shard();
+        let journal = crate::shard::testing::unwritten_journal(&mut shard);
+        connect(&mut shard, "moved", false, "t");
+        connect(&mut shard, "ended", false, "t");
+        let durable = journal.end_lsn();
+        // Another node resumes "moved": the claim its take-over makes here
+        // (as the cluster's hand-over does) gets the state, the session
+        // leaves this node, and its image goes only once the drop is
+        // durable here.
+        pending(&mut shard, "moved", 80);
+        shard.home_claim(ByteString::from("moved"), 0, 80, false);
+        let (image, lsn) = shard.hand_over_claimed("moved", 80);
+        assert!(image.is_some(), "the state moves");
+        assert!(
+            lsn > durable,
+            "the image waits for a record not yet durable"
+        );
+        assert_eq!(lsn, journal.end_lsn());
+        assert!(matches!(
+            journal.pending_records().last(),
+            Some(crate::store::record::Record::SessionDrop(_, id)) if &**id == "moved"
+        ));
+        // Another node's clean start for "ended": the claim here is
+        // answered only once the drop is durable, as a local one.
+        pending(&mut shard, "ended", 81);
+        shard.home_claim(ByteString::from("ended"), 0, 81, true);
+        assert!(shard.registry.claims[&81].outcome.is_none(), "held");
+        shard.release_held_out(journal.end_lsn());
+        assert_eq!(shard.hand_over_claimed("ended", 81), (None, 0));
+        assert!(matches!(
+            journal.pending_records().last(),
+            Some(crate::store::record::Record::SessionDrop(_, id)) if &**id == "ended"
+        ));
+    }
+
+    #[test]
     fn take_over_hands_a_persistent_session_to_the_new_claim() {
         let mut shard = shard();
         let old = connect(&mut shard, "dev-1", false, "cmd/dev-1");

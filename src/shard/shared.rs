@@ -367,7 +367,17 @@ impl Shard {
         if let Some(mid) = kept {
             self.journal_queued(message, mid);
         }
-        for (to, delivery) in passed_on {
+        // With persistence, the publisher's acknowledgement waits for a
+        // delivery passed on to another shard as for one sent there by
+        // `Ctx::forward_publishes`: it joins the step's barrier now, as it
+        // goes through the outbox (behind the session state) before that
+        // barrier is started. One kept here is in this shard's journal,
+        // which the acknowledgement waits for anyway.
+        let waited = self.session_journal.is_some() && message.qos != QoS::AtMostOnce;
+        for (to, mut delivery) in passed_on {
+            if waited && to != self.id {
+                delivery.barrier = Some((self.id, self.held_acks.join_open()));
+            }
             self.pass_on(to, delivery);
         }
     }
@@ -903,6 +913,55 @@ mod tests {
         }]));
         assert!(shards[0].outbox.is_empty());
         assert_eq!(shards[0].stats.shared_dropped, 1);
+    }
+
+    #[test]
+    fn a_delivery_passed_on_at_once_holds_the_publishers_ack_until_its_new_shard_settles_it() {
+        let mut shards = [
+            testing::shard_with(0, 2, Config::default()),
+            testing::shard_with(1, 2, Config::default()),
+        ];
+        let old = attach_client(&mut shards[0], "m", "$share/g/t", QoS::AtLeastOnce, None);
+        shards[0].sessions[old.key as usize].clean_session = false;
+        pump(&mut shards);
+        shards[1].start_claim(ByteString::from("m"), false);
+        pump(&mut shards);
+        assert!(shards[1].granted_state_mut("m").is_some(), "taken over");
+        // With persistence, a QoS 1 publish on shard 0 right after: its
+        // member is the entry of the session taken over from there, so the
+        // delivery is passed on at once, through the outbox.
+        let _journal = testing::unwritten_journal(&mut shards[0]);
+        shards[0].publish(message("t", "now"));
+        let barrier = match &shards[0].outbox[..] {
+            [(1, ShardMsg::SharedPublish(d))] => d[0].barrier,
+            other => panic!("one delivery for shard 1 expected: {other:?}"),
+        };
+        let (from, token) = barrier.expect("the passed-on delivery carries the barrier");
+        assert_eq!(from, 0);
+        // The step's barrier (one peer's batch besides) is that one, and
+        // waits for the new shard's answer too.
+        let cx = std::task::Context::from_waker(std::task::Waker::noop());
+        assert_eq!(shards[0].held_acks.start(1), token);
+        shards[0].held_acks.applied(token);
+        assert!(shards[0].held_acks.poll_applied(token, &cx).is_pending());
+        pump(&mut shards);
+        assert_eq!(
+            std::mem::take(&mut shards[1].shared_settled),
+            vec![(0, token)],
+            "settled on the new shard, which answers once durable"
+        );
+        shards[0].handle_control(ShardMsg::SharedDurable { token, count: 1 });
+        assert!(shards[0].held_acks.poll_applied(token, &cx).is_ready());
+        // A QoS 0 publish takes no barrier.
+        shards[0].publish(Message {
+            qos: QoS::AtMostOnce,
+            ..message("t", "q0")
+        });
+        assert!(matches!(
+            &shards[0].outbox[..],
+            [(1, ShardMsg::SharedPublish(d))] if d[0].barrier.is_none()
+        ));
+        assert!(!shards[0].held_acks.has_open());
     }
 
     /// An ACL that lets every client read everything but

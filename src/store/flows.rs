@@ -371,11 +371,14 @@ mod tests {
             crate::store::read_records(&seed[crate::store::frame::HEADER_LEN..]);
         assert_eq!(bad, None);
         assert_eq!(valid, seed.len() - crate::store::frame::HEADER_LEN);
-        assert_eq!(records.len(), 8);
+        assert_eq!(records.len(), 9);
         assert!(matches!(&records[0], Record::Sent(5, refs) if refs.len() == 2));
         assert!(matches!(&records[5], Record::Will(w) if w.delay == 5));
         assert!(matches!(&records[6], Record::WillClear(79, _)));
         assert_eq!(records[7], Record::DoneMany(vec![(77, 1), (78, 2)]));
+        // A will with a Message Expiry Interval (kind 0x0F).
+        assert_eq!(records[8].kind(), crate::store::record::kind::WILL_EXPIRING);
+        assert!(matches!(&records[8], Record::Will(w) if w.expiry_interval == Some(60)));
     }
 
     #[test]
