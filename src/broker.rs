@@ -420,7 +420,7 @@ fn load_sessions(
     for loaded in &loaded.sessions {
         per_shard[home_shard(&loaded.session.client_id, nr_shards)].push(loaded.clone());
     }
-    let bases = store.compact_sessions(&loaded, &per_shard)?;
+    let bases = store.compact_sessions(&loaded, &mut per_shard)?;
     Ok(per_shard.into_iter().zip(bases).collect())
 }
 

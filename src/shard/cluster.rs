@@ -213,6 +213,7 @@ pub fn encode_image(client_id: &str, state: &SessionState, max: usize) -> Vec<u8
                 offline_since_unix_ms: 0,
                 subscriptions: stored_subscriptions(state),
                 queued: queued.to_vec(),
+                alias: 0,
             }),
         );
         out

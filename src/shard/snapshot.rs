@@ -109,7 +109,7 @@ impl Shard {
             let Some((image, tail, _)) = self.image_with_flows(key, store) else {
                 continue;
             };
-            self.persist_stamps.insert(key, image.stamp);
+            self.persist_stamps.insert(key, image.alias);
             out.append(&Record::SessionImage(image));
             for record in &tail {
                 out.append(record);
@@ -335,7 +335,7 @@ mod tests {
                 assert_eq!(ids, vec!["p1", "p2"]);
                 for (image, key) in images.iter().zip(&keys) {
                     assert_eq!(image.queued, vec![(mids[0], QoS::AtLeastOnce)]);
-                    assert_eq!(shard.persist_stamps.get(key), Some(&image.stamp));
+                    assert_eq!(shard.persist_stamps.get(key), Some(&image.alias));
                 }
             })
             .expect("executor")
