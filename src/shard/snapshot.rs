@@ -202,8 +202,10 @@ async fn snapshot_journal(
 ) {
     // Base of the last snapshot written: with the log after it, the
     // fallback of the next one.
-    let mut previous: Option<Lsn> = None;
-    let mut last_size = 0;
+    // At start: the snapshot the load used, kept as it was.
+    let (mut previous, mut last_size) = journal
+        .loaded_snapshot()
+        .map_or((None, 0), |(base, size)| (Some(base), size));
     while !stop.load(Ordering::Relaxed) {
         let due = glommio::timer::timeout(STOP_POLL, async {
             journal.wait_log_bytes(threshold.max(last_size)).await;

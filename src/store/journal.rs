@@ -115,6 +115,10 @@ pub struct Journal {
     /// Older segments, removed once the new one (which holds everything
     /// they held that is still live) is durable.
     obsolete: RefCell<Vec<PathBuf>>,
+    /// The snapshot (base LSN, bytes) the log this journal goes on after
+    /// was loaded from ([`Journal::continue_log`]): the fallback its first
+    /// snapshot keeps.
+    loaded_snapshot: Cell<Option<(Lsn, u64)>>,
     /// Pending bytes, wakers, figures.
     state: RefCell<State>,
 }
@@ -155,6 +159,7 @@ impl Journal {
             synced: Cell::new(base),
             failing,
             obsolete: RefCell::new(obsolete),
+            loaded_snapshot: Cell::new(None),
             state: RefCell::new(State {
                 pending,
                 commit_waker: None,
@@ -210,6 +215,21 @@ impl Journal {
         }
         self.end.set(base + HEADER_LEN as u64);
         base
+    }
+
+    /// Goes on after a log that was loaded and kept as it is (no rewrite
+    /// at start): the log since the last snapshot counts from `log_from`
+    /// (so the snapshot threshold counts the log already on disk), and
+    /// `snapshot` (base LSN, bytes), the one the load used, is what the
+    /// first snapshot of this journal keeps as its fallback.
+    pub fn continue_log(&self, log_from: Lsn, snapshot: Option<(Lsn, u64)>) {
+        self.state.borrow_mut().stats.snapshot_base = log_from.min(self.base.get());
+        self.loaded_snapshot.set(snapshot);
+    }
+
+    /// The snapshot set by [`Journal::continue_log`], if any.
+    pub fn loaded_snapshot(&self) -> Option<(Lsn, u64)> {
+        self.loaded_snapshot.get()
     }
 
     /// Records a snapshot written for the log from `base` on.
@@ -295,6 +315,7 @@ impl Journal {
     }
 
     /// LSN up to which the journal is durable (its last completed sync).
+    #[cfg(test)]
     pub fn durable_lsn(&self) -> Lsn {
         self.synced.get()
     }

@@ -190,6 +190,12 @@ pub struct LoadedLog {
     pub quarantined: usize,
     /// Bytes of valid records read.
     pub bytes: u64,
+    /// The snapshot the load started from: its base LSN and size in bytes.
+    pub snapshot: Option<(u64, u64)>,
+    /// The LSN the log read starts at (the snapshot's base, else the first
+    /// segment's): where a journal that goes on after this log, without
+    /// rewriting it, counts its log since the last snapshot from.
+    pub log_from: u64,
 }
 
 /// Reads every segment of the journal directory `dir` (in `store`, for the
@@ -235,9 +241,14 @@ pub fn load_log(store: &Path, dir: &Path) -> Result<LoadedLog, StoreError> {
     let from = match found.chosen {
         Some((base, records)) => {
             loaded.records = records;
+            loaded.snapshot = Some((base, found.chosen_size));
             base
         }
         None => 0,
+    };
+    loaded.log_from = match loaded.snapshot {
+        Some((base, _)) => base,
+        None => segments.first().map_or(0, |(base, _)| *base),
     };
     let mut damaged = false;
     for (base, path) in segments {
@@ -298,12 +309,31 @@ pub fn load_log(store: &Path, dir: &Path) -> Result<LoadedLog, StoreError> {
                 offset + HEADER_LEN
             );
             quarantine.keep(&path, false);
+            truncate(&path, (HEADER_LEN + valid) as u64);
             loaded.quarantined += 1;
             damaged = true;
         }
         loaded.segments.push(path);
     }
     Ok(loaded)
+}
+
+/// Cuts the damaged segment at `path` (already copied aside) to its valid
+/// prefix of `len` bytes, durably: a journal that goes on after it without
+/// rewriting it (the retained messages') must not find the damage again at
+/// the next start, which would set the segments after it aside. A failure
+/// is logged (the next start then sets aside what follows, as before).
+fn truncate(path: &Path, len: u64) {
+    let done = fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .and_then(|f| f.set_len(len).and_then(|()| f.sync_all()));
+    if let Err(e) = done {
+        warn!(
+            "persistence: cannot cut {} to its valid {len} bytes: {e}",
+            path.display()
+        );
+    }
 }
 
 /// The records of a segment's body (the bytes after its header) up to the
@@ -389,8 +419,10 @@ pub struct RetainedState {
     pub dir: PathBuf,
     /// Where the new segment starts.
     pub next_base: u64,
-    /// The segments read, removed once the new one holds their live records.
-    pub segments: Vec<PathBuf>,
+    /// The snapshot the load used (base LSN, bytes), if any.
+    pub snapshot: Option<(u64, u64)>,
+    /// Where the log read starts (LoadedLog::log_from).
+    pub log_from: u64,
     /// The live retained messages with their stamps.
     pub retained: Vec<(u64, record::StoredMessage)>,
     /// Set while shard 0's journal cannot write; read by every shard.
@@ -423,7 +455,8 @@ impl Store {
         Ok(RetainedState {
             dir,
             next_base: loaded.next_base,
-            segments: loaded.segments,
+            snapshot: loaded.snapshot,
+            log_from: loaded.log_from,
             retained,
             failing: std::sync::Arc::default(),
         })
