@@ -71,10 +71,10 @@ impl MemFs {
             // Only a file with writes not yet synced can be torn: past a
             // synced end there is no file to hold garbage.
             let unsynced = &contents.written[data.len().min(contents.written.len())..];
-            if torn && !unsynced.is_empty() && rng.next() % 2 == 0 {
+            if torn && !unsynced.is_empty() && rng.next().is_multiple_of(2) {
                 let keep = (rng.next() % (unsynced.len() as u64 + 1)) as usize;
                 data.extend_from_slice(&unsynced[..keep]);
-                if rng.next() % 2 == 0 {
+                if rng.next().is_multiple_of(2) {
                     let len = 1 + (rng.next() % 40) as usize;
                     data.extend((0..len).map(|_| (rng.next() as u8) | 1));
                     garbage = true;
