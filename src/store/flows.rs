@@ -432,6 +432,18 @@ mod tests {
         );
     }
 
+    /// Loads `store` and returns the session of `client_id`.
+    fn load_one(store: &crate::store::Store, client_id: &str) -> crate::store::LoadedSession {
+        let loaded = store
+            .load_sessions(crate::store::record::unix_ms_now())
+            .unwrap();
+        loaded
+            .sessions
+            .into_iter()
+            .find(|s| s.session.client_id == client_id)
+            .expect("loaded")
+    }
+
     #[test]
     fn a_format_1_log_then_a_format_2_one_load_as_one() {
         let dir = tempfile::tempdir().unwrap();
@@ -462,14 +474,7 @@ mod tests {
             ],
             0,
         );
-        let loaded = store
-            .load_sessions(crate::store::record::unix_ms_now())
-            .unwrap();
-        let session = loaded
-            .sessions
-            .iter()
-            .find(|s| s.session.client_id == "upgraded")
-            .expect("loaded");
+        let session = load_one(&store, "upgraded");
         assert!(session.queued.is_empty());
         assert_eq!(refs(&session.flows), vec![(2, 5, QoS::ExactlyOnce, true)]);
         assert_eq!(session.flows.awaiting_rel, vec![7]);
@@ -492,14 +497,7 @@ mod tests {
             ],
             0,
         );
-        let loaded = store
-            .load_sessions(crate::store::record::unix_ms_now())
-            .unwrap();
-        let session = loaded
-            .sessions
-            .iter()
-            .find(|s| s.session.client_id == "upgraded")
-            .expect("loaded");
+        let session = load_one(&store, "upgraded");
         assert_eq!(refs(&session.flows), vec![(3, 6, QoS::AtLeastOnce, false)]);
         assert!(
             session.flows.awaiting_rel.is_empty(),

@@ -361,11 +361,16 @@ mod tests {
 
     /// A journal in `dir` with its commit task; `stop` ends the task.
     fn journal(dir: &Path) -> (Rc<Journal>, Arc<AtomicBool>) {
+        journal_at(dir, 0)
+    }
+
+    /// [`journal`] with its first segment at `base`.
+    fn journal_at(dir: &Path, base: Lsn) -> (Rc<Journal>, Arc<AtomicBool>) {
         let journal = Rc::new(Journal::new(
             dir,
             0,
             1,
-            0,
+            base,
             SyncMode::Ack,
             Duration::from_secs(1),
             Vec::new(),
@@ -490,23 +495,13 @@ mod tests {
             assert_eq!(loaded.snapshot, Some((first, size)));
             assert_eq!(loaded.log_from, first);
             assert_eq!(loaded.quarantined, 1, "the torn tail is copied aside");
-            let journal = Rc::new(Journal::new(
-                &d,
-                0,
-                1,
-                loaded.next_base,
-                SyncMode::Ack,
-                Duration::from_secs(1),
-                Vec::new(),
-                Arc::default(),
-            ));
+            let (journal, stop) = journal_at(&d, loaded.next_base);
             journal.continue_log(loaded.log_from, loaded.snapshot);
             assert!(
                 journal.log_bytes_since_snapshot() > (torn.len() - 6 - HEADER_LEN) as u64,
                 "the log already on disk counts towards the next snapshot"
             );
             assert_eq!(journal.loaded_snapshot(), Some((first, size)));
-            let stop = Arc::new(AtomicBool::new(false));
             let task = glommio::spawn_local(commit_loop(journal.clone(), stop.clone()));
             journal.append(&retain(4, "d", "d1"));
             journal.wait_acked(journal.end_lsn()).await;
