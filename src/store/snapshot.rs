@@ -359,6 +359,16 @@ mod tests {
             .expect("runs");
     }
 
+    /// A store directory with its `retained/` journal directory: the
+    /// directory (removed when dropped), and the paths of both.
+    fn retained_dir() -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
+        let store = tempfile::tempdir().unwrap();
+        let dir = store.path().join("retained");
+        fs::create_dir_all(&dir).unwrap();
+        let path = store.path().to_path_buf();
+        (store, path, dir)
+    }
+
     /// A journal in `dir` with its commit task; `stop` ends the task.
     fn journal(dir: &Path) -> (Rc<Journal>, Arc<AtomicBool>) {
         journal_at(dir, 0)
@@ -464,12 +474,9 @@ mod tests {
     /// counts what was already on disk.
     #[test]
     fn a_restart_goes_on_after_the_loaded_snapshot_and_log_without_rewriting_them() {
-        let store = tempfile::tempdir().unwrap();
-        let dir = store.path().join("retained");
-        fs::create_dir_all(&dir).unwrap();
-        let (s, d) = (store.path().to_path_buf(), dir.clone());
+        let (_store, s, d) = retained_dir();
         on_glommio(move || async move {
-            // A first run: a snapshot, then log after it.
+            // A first run: two messages, a snapshot of them, then log.
             let (journal, stop) = journal(&d);
             let task = glommio::spawn_local(commit_loop(journal.clone(), stop.clone()));
             journal.append(&retain(1, "a", "a1"));
