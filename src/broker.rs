@@ -36,7 +36,7 @@ use crate::shard::registry::home_shard;
 use crate::shard::sys::SessionTotals;
 use crate::shard::{self, Ctx, Shard, inbox};
 use crate::store::journal::{self, Journal};
-use crate::store::record::{Record, unix_ms_now};
+use crate::store::record::unix_ms_now;
 use crate::store::{LoadedSession, RetainedState, Store, StoreError};
 
 /// How long shutdown waits for client connections to close.
@@ -420,7 +420,7 @@ fn load_sessions(
     for loaded in &loaded.sessions {
         per_shard[home_shard(&loaded.session.client_id, nr_shards)].push(loaded.clone());
     }
-    let bases = store.compact_sessions(&loaded, &per_shard)?;
+    let bases = store.compact_sessions(&loaded, &mut per_shard)?;
     Ok(per_shard.into_iter().zip(bases).collect())
 }
 
@@ -534,9 +534,9 @@ async fn run_shard(setup: ShardSetup) -> Result<(), ShardError> {
 
 /// Gives this shard what persistence loaded: every shard applies the
 /// retained messages to its own replica and restores its persistent
-/// sessions; shard 0 starts the retained journal (its new segment begins
-/// with every live message, so the older segments go once it is durable),
-/// every shard its session journal. Returns their commit tasks.
+/// sessions; shard 0 starts the retained journal (a new segment after the
+/// loaded snapshot and log, which stay: nothing is rewritten before the
+/// listeners open), every shard its session journal. Returns their commit tasks.
 fn load_persisted(
     ctx: &Ctx,
     config: &Config,
@@ -599,12 +599,13 @@ fn load_persisted(
             state.next_base,
             config.persistence_sync,
             config.persistence_sync_interval,
-            state.segments.clone(),
+            Vec::new(),
             state.failing.clone(),
         ));
-        for (message, stored) in &live {
-            journal.append(&Record::Retain(message.retain_stamp, (*stored).clone()));
-        }
+        // The loaded snapshot and log stay as they are (no rewrite before
+        // serving): the journal goes on in a new segment after them, and
+        // its running snapshots remove them (store::snapshot).
+        journal.continue_log(state.log_from, state.snapshot);
         shard.retain_journal = Some(journal.clone());
         glommio::spawn_local(journal::commit_loop(journal, shutdown.clone())).detach()
     });

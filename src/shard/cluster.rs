@@ -268,6 +268,9 @@ fn image_record(client_id: &str, state: &SessionState, queued: &[(u64, QoS)]) ->
             offline_since_unix_ms: 0,
             subscriptions: stored_subscriptions(state),
             queued: queued.to_vec(),
+            // Alias 0: the format 1 image, so the wire between nodes stays
+            // as it was.
+            alias: 0,
         }),
     );
     out

@@ -123,10 +123,11 @@ pub struct Shard {
     pub retain_journal: Option<Rc<Journal>>,
     /// This shard's journal of persistent sessions (persistence on).
     pub session_journal: Option<Rc<Journal>>,
-    /// The stamp of each journalled persistent session's latest image,
-    /// which the records of messages queued for it name (empty without
-    /// persistence, so the fan-out path checks one length).
-    pub persist_stamps: ahash::AHashMap<SessionKey, u64>,
+    /// The alias (`store::record::Alias`) of each journalled persistent
+    /// session's latest image, which the records of messages queued for it
+    /// name (empty without persistence, so the fan-out path checks one
+    /// length).
+    pub persist_stamps: ahash::AHashMap<SessionKey, crate::store::record::Alias>,
     /// The latest `Record::Will` journalled for each persistent session
     /// that has one, by client id: what a snapshot carries forward, since
     /// the will of a connected client lives with its connection, not its
@@ -134,7 +135,7 @@ pub struct Shard {
     pub persist_wills: ahash::AHashMap<bytestring::ByteString, Record>,
     /// Scratch: the journalled sessions that queued the message being
     /// routed, with the QoS each gets it at.
-    persist_refs: Vec<(u64, QoS)>,
+    persist_refs: Vec<(crate::store::record::Alias, QoS)>,
     /// Scratch: the journalled sessions that sent the message being routed
     /// at once (in flight, not queued), with packet id and QoS.
     persist_sent: Vec<crate::store::record::SentRef>,
@@ -142,9 +143,9 @@ pub struct Shard {
     /// for the record of its packet id.
     persist_hold: Vec<SessionKey>,
     /// Acknowledgements of journalled sessions' outgoing messages in this
-    /// step, (image stamp, packet id), journalled as one record at its end
+    /// step, (image alias, packet id), journalled as one record at its end
     /// (`Shard::journal_done`).
-    persist_done: Vec<(u64, u16)>,
+    persist_done: Vec<(crate::store::record::Alias, u16)>,
     /// Connections whose packets wait for the session journal, released by
     /// `held_out::release_loop`.
     pub held_out: held_out::HeldOut,

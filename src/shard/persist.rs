@@ -9,8 +9,10 @@
 //! stamp of a client id wins, so a session that moved to another shard
 //! (take-over) is found where it went. The offline queue and the messages
 //! in flight are journalled too: a QoS 1/2 message a persistent session
-//! queues is written once per shard (`Record::Message`) with the stamps of
-//! the sessions that took it (`Record::Queue`, 9 bytes a subscriber), and an
+//! queues is written once per shard (`Record::Message`) with the image
+//! aliases of the sessions that took it (`Record::Queue`, 5 bytes a
+//! subscriber; each image carries a fresh alias, `store::record::Alias`,
+//! which the flow records name instead of its 8-byte stamp), and an
 //! image lists what the session had not had acknowledged when it was
 //! taken (at connect, disconnect and subscription changes). Its QoS 1/2
 //! flows follow as small records (`store::flows`): sent with a packet id,
@@ -31,7 +33,8 @@ use crate::session::link::TICKS_PER_SEC;
 use crate::session::{Inflight, Phase, SESSION_NEVER_EXPIRES, Session, SessionState};
 use crate::shard::{SessionKey, Shard};
 use crate::store::record::{
-    FlowStep, Record, StoredMessage, StoredSession, StoredSubscription, next_stamp, unix_ms_now,
+    FlowStep, Record, StoredMessage, StoredSession, StoredSubscription, next_alias, next_stamp,
+    unix_ms_now,
 };
 use crate::store::{LoadedSession, flows};
 
@@ -45,16 +48,16 @@ pub(super) fn queued_count(session: &Session) -> usize {
         .map_or(0, |f| f.inflight.len() + f.pending.len())
 }
 
-/// A journalled session (image `stamp`) just kept a message that is
+/// A journalled session (image alias `stamp`) just kept a message that is
 /// journalled as `mid`: sent at once (the newest in flight, which then
 /// carries `mid` and counts as journalled) goes into `sent`, queued (the
 /// newest pending) into `refs`. True when it was sent at once at QoS 2:
 /// its PUBLISH then waits for the record (`Shard::hold_out`).
 pub(super) fn note_kept(
     session: &mut Session,
-    stamp: u64,
+    stamp: crate::store::record::Alias,
     mid: u64,
-    refs: &mut Vec<(u64, crate::protocol::v3::QoS)>,
+    refs: &mut Vec<(crate::store::record::Alias, crate::protocol::v3::QoS)>,
     sent: &mut Vec<crate::store::record::SentRef>,
 ) -> bool {
     let Some(flows) = session.state.flows.as_deref_mut() else {
@@ -138,7 +141,7 @@ impl Shard {
         let Some((image, tail, _)) = self.image_with_flows(key, store) else {
             return;
         };
-        self.persist_stamps.insert(key, image.stamp);
+        self.persist_stamps.insert(key, image.alias);
         self.needed_lsns[1] = journal.append(&Record::SessionImage(image));
         for record in tail {
             self.needed_lsns[1] = journal.append(&record);
@@ -170,6 +173,7 @@ impl Shard {
             return None;
         }
         let mut image = self.image_of(session);
+        image.alias = next_alias();
         let session = self.sessions.get_mut(key as usize)?;
         let mut inflight = Vec::new();
         let mut awaiting_rel: &[u16] = &[];
@@ -196,7 +200,7 @@ impl Shard {
         let qos2 = inflight
             .iter()
             .any(|f| f.2 == crate::protocol::v3::QoS::ExactlyOnce);
-        let tail = flows::image_tail(image.stamp, inflight, awaiting_rel);
+        let tail = flows::image_tail(image.alias, inflight, awaiting_rel);
         Some((image, tail, qos2))
     }
 
@@ -353,6 +357,7 @@ impl Shard {
             offline_since_unix_ms,
             subscriptions,
             queued: Vec::new(),
+            alias: 0,
         }
     }
 
@@ -413,7 +418,7 @@ impl Shard {
                     .insert(will.client_id.clone(), Record::Will(will.clone()));
             }
             let key = self.insert_session(session);
-            self.persist_stamps.insert(key, s.stamp);
+            self.persist_stamps.insert(key, s.alias);
             let Some(session) = self.sessions.get_mut(key as usize) else {
                 continue;
             };
@@ -494,6 +499,7 @@ mod tests {
         let stored = vec![LoadedSession {
             session: StoredSession {
                 stamp: 1,
+                alias: 1,
                 client_id: ByteString::from("back"),
                 protocol_level: 5,
                 expiry_interval: 100,
@@ -581,7 +587,7 @@ mod tests {
 
     /// A shard with a session journal (never written: the test reads what
     /// is pending) and an online persistent session subscribed to "t".
-    fn journalled_shard() -> (Shard, Rc<Journal>, SessionKey, u64) {
+    fn journalled_shard() -> (Shard, Rc<Journal>, SessionKey, crate::store::record::Alias) {
         let mut shard = testing::shard_with(0, 1, Config::default());
         let journal = testing::unwritten_journal(&mut shard);
         let key = testing::attach(&mut shard, "kept", "t", QoS::ExactlyOnce);
@@ -591,10 +597,14 @@ mod tests {
         (shard, journal, key, stamp)
     }
 
-    /// The flows that replaying `records` gives session `stamp`, as the
+    /// The flows that replaying `records` gives the session with image
+    /// alias `stamp`, as the
     /// loader does: (mid, packet id, QoS, PUBREC'd) in flight, then the
     /// incoming ids awaiting PUBREL.
-    fn replayed(records: &[Record], stamp: u64) -> (Vec<(u16, QoS, bool)>, Vec<u16>) {
+    fn replayed(
+        records: &[Record],
+        stamp: crate::store::record::Alias,
+    ) -> (Vec<(u16, QoS, bool)>, Vec<u16>) {
         let mut messages = ahash::AHashMap::new();
         let mut events = Vec::new();
         for record in records {
@@ -656,7 +666,7 @@ mod tests {
                 vec![(stamp, 1, QoS::ExactlyOnce)],
                 vec![(stamp, 2, QoS::ExactlyOnce)]
             ],
-            "11 bytes a session, the message stored once"
+            "7 bytes a session, the message stored once"
         );
         assert_eq!(
             replayed(&records, stamp),
@@ -692,7 +702,7 @@ mod tests {
             .awaiting_rel = vec![9];
         shard.journal_session(key);
         let stamp = shard.persist_stamps[&key];
-        // Only the records after the new image name its stamp.
+        // Only the records after the new image name its alias.
         assert_eq!(
             replayed(&journal.pending_records(), stamp),
             (vec![(1, QoS::ExactlyOnce, true)], vec![9])
@@ -758,6 +768,7 @@ mod tests {
         let stored = vec![LoadedSession {
             session: StoredSession {
                 stamp: 1,
+                alias: 1,
                 client_id: ByteString::from("back"),
                 protocol_level: 4,
                 expiry_interval: SESSION_NEVER_EXPIRES,

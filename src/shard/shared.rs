@@ -586,12 +586,13 @@ struct Targets<'a> {
     limits: &'a Limits,
     /// The ACL, for members with a partly covered subscription.
     auth: &'a Auth,
-    /// The stamps of the journalled persistent sessions (persistence on).
-    persist_stamps: &'a ahash::AHashMap<SessionKey, u64>,
+    /// The image aliases of the journalled persistent sessions
+    /// (persistence on).
+    persist_stamps: &'a ahash::AHashMap<SessionKey, crate::store::record::Alias>,
     /// What the message's journal records must name: the sessions that
     /// queued it, those it went in flight to, those whose QoS 2 PUBLISH
     /// waits for the record (`Shard::journal_queued` writes them).
-    persist_refs: &'a mut Vec<(u64, QoS)>,
+    persist_refs: &'a mut Vec<(crate::store::record::Alias, QoS)>,
     persist_sent: &'a mut Vec<crate::store::record::SentRef>,
     persist_hold: &'a mut Vec<SessionKey>,
     /// The message's id in the session journal, once a journalled member

@@ -109,7 +109,7 @@ impl Shard {
             let Some((image, tail, _)) = self.image_with_flows(key, store) else {
                 continue;
             };
-            self.persist_stamps.insert(key, image.stamp);
+            self.persist_stamps.insert(key, image.alias);
             out.append(&Record::SessionImage(image));
             for record in &tail {
                 out.append(record);
@@ -202,8 +202,10 @@ async fn snapshot_journal(
 ) {
     // Base of the last snapshot written: with the log after it, the
     // fallback of the next one.
-    let mut previous: Option<Lsn> = None;
-    let mut last_size = 0;
+    // At start: the snapshot the load used, kept as it was.
+    let (mut previous, mut last_size) = journal
+        .loaded_snapshot()
+        .map_or((None, 0), |(base, size)| (Some(base), size));
     while !stop.load(Ordering::Relaxed) {
         let due = glommio::timer::timeout(STOP_POLL, async {
             journal.wait_log_bytes(threshold.max(last_size)).await;
@@ -335,7 +337,7 @@ mod tests {
                 assert_eq!(ids, vec!["p1", "p2"]);
                 for (image, key) in images.iter().zip(&keys) {
                     assert_eq!(image.queued, vec![(mids[0], QoS::AtLeastOnce)]);
-                    assert_eq!(shard.persist_stamps.get(key), Some(&image.stamp));
+                    assert_eq!(shard.persist_stamps.get(key), Some(&image.alias));
                 }
             })
             .expect("executor")

@@ -4,12 +4,14 @@
 //! PUBREL.
 //!
 //! A session's image lists what it had not had acknowledged; small records
-//! follow it as its flows move, each naming the image by its stamp:
-//! [`Record::Queue`] (queued), [`Record::Sent`] (in flight with a packet
-//! id, 11 bytes a session, the message itself stored once per shard),
-//! [`Record::DoneMany`] (acknowledged: 10 bytes each, one record per step
-//! of the shard), [`Record::Flow`] (PUBREC'd, an incoming id awaiting
-//! PUBREL or released: 19 bytes). [`replay`] turns an image and the records after
+//! follow it as its flows move, each naming the image by its alias
+//! (`record::Alias`, 4 bytes; format 1 named it by its 8-byte stamp,
+//! [`legacy_events`]): [`Record::Queue`] (queued, 5 bytes a session),
+//! [`Record::Sent`] (in flight with a packet id, 7 bytes a session, the
+//! message itself stored once per shard), [`Record::DoneMany`]
+//! (acknowledged: 6 bytes each, one record per step of the shard),
+//! [`Record::Flow`] (PUBREC'd, an incoming id awaiting PUBREL or released:
+//! 16 bytes). [`replay`] turns an image and the records after
 //! it, in log order, into what the session holds at restart; [`image_tail`]
 //! writes those flows again after a new image (the start-up compaction, a
 //! session's image at connect, disconnect and take-over).
@@ -17,7 +19,7 @@
 use std::collections::VecDeque;
 
 use crate::protocol::v3::QoS;
-use crate::store::record::{FlowStep, Record, StoredMessage};
+use crate::store::record::{Alias, FlowStep, Legacy, Record, StoredMessage};
 
 /// Something that happened to one session's flows after its image, in log
 /// order.
@@ -125,34 +127,54 @@ pub fn replay<'a>(
 /// packet id, QoS sent at, PUBREC'd.
 pub type InflightRef = (u64, u16, QoS, bool);
 
-/// The records that follow a new image with stamp `stamp` (whose `queued`
+/// The events of a format 1 record, each with the stamp of the image it
+/// names.
+pub fn legacy_events(record: Legacy) -> Vec<(u64, FlowEvent)> {
+    match record {
+        Legacy::Queue(mid, refs) => refs
+            .into_iter()
+            .map(|(stamp, qos)| (stamp, FlowEvent::Queued(mid, qos)))
+            .collect(),
+        Legacy::Sent(mid, refs) => refs
+            .into_iter()
+            .map(|(stamp, packet_id, qos)| (stamp, FlowEvent::Sent(mid, packet_id, qos)))
+            .collect(),
+        Legacy::Flow(step, stamp, packet_id) => vec![(stamp, FlowEvent::Step(step, packet_id))],
+        Legacy::DoneMany(done) => done
+            .into_iter()
+            .map(|(stamp, packet_id)| (stamp, FlowEvent::Step(FlowStep::Done, packet_id)))
+            .collect(),
+    }
+}
+
+/// The records that follow a new image with alias `alias` (whose `queued`
 /// list starts with the in-flight messages' ids) so that its flows come
 /// back as they are: a [`Record::Sent`] per message in flight, a
 /// PUBREC'd step for the QoS 2 ones past PUBREC, an awaiting-PUBREL step
 /// per incoming id.
 pub fn image_tail(
-    stamp: u64,
+    alias: Alias,
     inflight: impl IntoIterator<Item = InflightRef>,
     awaiting_rel: &[u16],
 ) -> Vec<Record> {
     let mut records = Vec::new();
     for (mid, packet_id, qos, pubrecd) in inflight {
-        records.push(Record::Sent(mid, vec![(stamp, packet_id, qos)]));
+        records.push(Record::Sent(mid, vec![(alias, packet_id, qos)]));
         if pubrecd {
-            records.push(Record::Flow(FlowStep::PubRecd, stamp, packet_id));
+            records.push(Record::Flow(FlowStep::PubRecd, alias, packet_id));
         }
     }
     for &packet_id in awaiting_rel {
-        records.push(Record::Flow(FlowStep::AwaitRel, stamp, packet_id));
+        records.push(Record::Flow(FlowStep::AwaitRel, alias, packet_id));
     }
     records
 }
 
 /// [`image_tail`] of a session loaded at start-up (the compaction writes
 /// it after the image).
-pub fn loaded_tail(stamp: u64, flows: &LoadedFlows) -> Vec<Record> {
+pub fn loaded_tail(alias: Alias, flows: &LoadedFlows) -> Vec<Record> {
     image_tail(
-        stamp,
+        alias,
         flows.inflight.iter().map(LoadedInflight::tail_ref),
         &flows.awaiting_rel,
     )
@@ -182,7 +204,8 @@ mod tests {
         }
     }
 
-    /// A session image of `client_id` queueing `queued`.
+    /// A session image of `client_id` queueing `queued`, with alias
+    /// `alias` (0: a format 1 image).
     fn image(
         stamp: u64,
         client_id: &str,
@@ -196,18 +219,36 @@ mod tests {
             offline_since_unix_ms: 0,
             subscriptions: Vec::new(),
             queued,
+            alias: crate::store::record::next_alias(),
         }
     }
 
     /// Writes `records` as shard 0's log in store `dir`, less its last
     /// `torn` bytes.
     fn write_log(dir: &std::path::Path, records: &[Record], torn: usize) {
+        write_segment(dir, 0, frame_version(), records, torn);
+    }
+
+    /// The format this fanmq writes.
+    fn frame_version() -> u16 {
+        crate::store::frame::FORMAT_VERSION
+    }
+
+    /// Writes `records` as shard 0's segment at `base` of format `version`,
+    /// less its last `torn` bytes.
+    fn write_segment(
+        dir: &std::path::Path,
+        base: u64,
+        version: u16,
+        records: &[Record],
+        torn: usize,
+    ) {
         use crate::store::{frame, journal::segment_path, shard_dir};
         let mut data = frame::Header {
-            version: frame::FORMAT_VERSION,
+            version,
             shard: 0,
             shards: 1,
-            base_lsn: 0,
+            base_lsn: base,
         }
         .encode()
         .to_vec();
@@ -217,7 +258,7 @@ mod tests {
         data.truncate(data.len() - torn);
         let shard = shard_dir(dir, 0);
         std::fs::create_dir_all(&shard).unwrap();
-        std::fs::write(segment_path(&shard, 0), &data).unwrap();
+        std::fs::write(segment_path(&shard, base), &data).unwrap();
     }
 
     /// The messages in flight of `flows`, as [`InflightRef`]s.
@@ -229,9 +270,9 @@ mod tests {
             .collect()
     }
 
-    /// The events that `records` (of any sessions) hold for session
-    /// `stamp`, as the loader gathers them.
-    fn events_of(stamp: u64, records: &[Record]) -> Vec<FlowEvent> {
+    /// The events that `records` (of any sessions) hold for the session
+    /// with alias `stamp`, as the loader gathers them.
+    fn events_of(stamp: Alias, records: &[Record]) -> Vec<FlowEvent> {
         let mut events = Vec::new();
         for record in records {
             match record {
@@ -331,8 +372,12 @@ mod tests {
     fn the_load_keeps_the_flows_before_a_torn_record() {
         let dir = tempfile::tempdir().unwrap();
         let store = crate::store::Store::open(dir.path()).unwrap();
-        let stamp = crate::store::record::next_stamp();
-        let image = image(stamp, "torn", vec![(1, QoS::ExactlyOnce)]);
+        let image = image(
+            crate::store::record::next_stamp(),
+            "torn",
+            vec![(1, QoS::ExactlyOnce)],
+        );
+        let stamp = image.alias;
         let records = [
             Record::Message(1, message(1)),
             Record::Message(2, message(2)),
@@ -372,13 +417,99 @@ mod tests {
         assert_eq!(bad, None);
         assert_eq!(valid, seed.len() - crate::store::frame::HEADER_LEN);
         assert_eq!(records.len(), 9);
-        assert!(matches!(&records[0], Record::Sent(5, refs) if refs.len() == 2));
+        // A format 1 file (checked in): its flow records name sessions by
+        // stamp.
+        assert_eq!(
+            crate::store::frame::Header::decode(&seed).unwrap().version,
+            1
+        );
+        assert!(matches!(&records[0], Record::Legacy(Legacy::Sent(5, refs)) if refs.len() == 2));
         assert!(matches!(&records[5], Record::Will(w) if w.delay == 5));
         assert!(matches!(&records[6], Record::WillClear(79, _)));
-        assert_eq!(records[7], Record::DoneMany(vec![(77, 1), (78, 2)]));
+        assert_eq!(
+            records[7],
+            Record::Legacy(Legacy::DoneMany(vec![(77, 1), (78, 2)]))
+        );
         // A will with a Message Expiry Interval (kind 0x0F).
         assert_eq!(records[8].kind(), crate::store::record::kind::WILL_EXPIRING);
         assert!(matches!(&records[8], Record::Will(w) if w.expiry_interval == Some(60)));
+    }
+
+    /// Loads `store` and returns the session of `client_id`.
+    fn load_one(store: &crate::store::Store, client_id: &str) -> crate::store::LoadedSession {
+        let loaded = store
+            .load_sessions(crate::store::record::unix_ms_now())
+            .unwrap();
+        loaded
+            .sessions
+            .into_iter()
+            .find(|s| s.session.client_id == client_id)
+            .expect("loaded")
+    }
+
+    #[test]
+    fn a_format_1_log_then_a_format_2_one_load_as_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open(dir.path()).unwrap();
+        let next_stamp = crate::store::record::next_stamp;
+        // As fanmq 1 wrote it: an image without alias, flows by stamp.
+        let mut old = image(next_stamp(), "upgraded", vec![(1, QoS::AtLeastOnce)]);
+        old.alias = 0;
+        let stamp = old.stamp;
+        let mut other = image(next_stamp(), "other", Vec::new());
+        other.alias = 0;
+        write_segment(
+            dir.path(),
+            0,
+            1,
+            &[
+                Record::Message(1, message(1)),
+                Record::Message(2, message(2)),
+                Record::Message(3, message(3)),
+                Record::SessionImage(old),
+                Record::SessionImage(other.clone()),
+                Record::Legacy(Legacy::Queue(2, vec![(stamp, QoS::AtLeastOnce)])),
+                Record::Legacy(Legacy::Sent(1, vec![(stamp, 4, QoS::AtLeastOnce)])),
+                Record::Legacy(Legacy::Sent(2, vec![(stamp, 5, QoS::ExactlyOnce)])),
+                Record::Legacy(Legacy::Flow(FlowStep::PubRecd, stamp, 5)),
+                Record::Legacy(Legacy::DoneMany(vec![(stamp, 4), (other.stamp, 9)])),
+                Record::Legacy(Legacy::Flow(FlowStep::AwaitRel, stamp, 7)),
+            ],
+            0,
+        );
+        let session = load_one(&store, "upgraded");
+        assert!(session.queued.is_empty());
+        assert_eq!(refs(&session.flows), vec![(2, 5, QoS::ExactlyOnce, true)]);
+        assert_eq!(session.flows.awaiting_rel, vec![7]);
+        // A newer fanmq goes on in a format 2 segment after it: a new image
+        // (with an alias) and flows by alias.
+        let new = image(next_stamp(), "upgraded", vec![(2, QoS::ExactlyOnce)]);
+        let alias = new.alias;
+        write_segment(
+            dir.path(),
+            4096,
+            2,
+            &[
+                Record::SessionImage(new),
+                Record::Sent(2, vec![(alias, 5, QoS::ExactlyOnce)]),
+                Record::Flow(FlowStep::PubRecd, alias, 5),
+                Record::Sent(3, vec![(alias, 6, QoS::AtLeastOnce)]),
+                Record::DoneMany(vec![(alias, 5)]),
+                // An alias no image has is ignored.
+                Record::DoneMany(vec![(alias + 1000, 6)]),
+            ],
+            0,
+        );
+        let session = load_one(&store, "upgraded");
+        assert_eq!(refs(&session.flows), vec![(3, 6, QoS::AtLeastOnce, false)]);
+        assert!(
+            session.flows.awaiting_rel.is_empty(),
+            "not in the new image"
+        );
+        assert!(
+            crate::store::record::next_alias() > alias,
+            "new aliases above the loaded ones"
+        );
     }
 
     #[test]

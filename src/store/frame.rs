@@ -12,8 +12,11 @@
 pub const LOG_MAGIC: &[u8; 8] = b"FANMQLOG";
 
 /// The segment format this fanmq writes and the newest it reads: an older
-/// fanmq refuses a segment with a higher version rather than guess.
-pub const FORMAT_VERSION: u16 = 1;
+/// fanmq refuses a segment with a higher version rather than guess (and
+/// rather than take records of kinds it does not know for damage). 2: the
+/// flow records name a session by its image's alias (record::Alias); the
+/// format 1 records, which named it by stamp, are still read.
+pub const FORMAT_VERSION: u16 = 2;
 
 /// Bytes of a segment header: magic 8, version u16, shard u16, shards u16,
 /// reserved u16, base LSN u64, CRC-32C of bytes 0..24 u32, reserved u32.

@@ -22,6 +22,12 @@
 //! dropped the dirty pages and will not report it twice, so fanmq exits
 //! non-zero and the next start reads exactly what is durable (nothing
 //! unsynced was acknowledged).
+//!
+//! The commit task reaches the disk through [`SegmentFs`] (open, write,
+//! sync, close a segment; sync a directory; remove a file): [`Disk`],
+//! glommio's buffered files, in the broker; an in-memory file system that
+//! keeps only what was synced when the power is cut in the store's
+//! power-loss tests (store::memfile).
 
 use std::cell::{Cell, RefCell};
 use std::future::poll_fn;
@@ -109,6 +115,10 @@ pub struct Journal {
     /// Older segments, removed once the new one (which holds everything
     /// they held that is still live) is durable.
     obsolete: RefCell<Vec<PathBuf>>,
+    /// The snapshot (base LSN, bytes) the log this journal goes on after
+    /// was loaded from ([`Journal::continue_log`]): the fallback its first
+    /// snapshot keeps.
+    loaded_snapshot: Cell<Option<(Lsn, u64)>>,
     /// Pending bytes, wakers, figures.
     state: RefCell<State>,
 }
@@ -149,6 +159,7 @@ impl Journal {
             synced: Cell::new(base),
             failing,
             obsolete: RefCell::new(obsolete),
+            loaded_snapshot: Cell::new(None),
             state: RefCell::new(State {
                 pending,
                 commit_waker: None,
@@ -204,6 +215,21 @@ impl Journal {
         }
         self.end.set(base + HEADER_LEN as u64);
         base
+    }
+
+    /// Goes on after a log that was loaded and kept as it is (no rewrite
+    /// at start): the log since the last snapshot counts from `log_from`
+    /// (so the snapshot threshold counts the log already on disk), and
+    /// `snapshot` (base LSN, bytes), the one the load used, is what the
+    /// first snapshot of this journal keeps as its fallback.
+    pub fn continue_log(&self, log_from: Lsn, snapshot: Option<(Lsn, u64)>) {
+        self.state.borrow_mut().stats.snapshot_base = log_from.min(self.base.get());
+        self.loaded_snapshot.set(snapshot);
+    }
+
+    /// The snapshot set by [`Journal::continue_log`], if any.
+    pub fn loaded_snapshot(&self) -> Option<(Lsn, u64)> {
+        self.loaded_snapshot.get()
     }
 
     /// Records a snapshot written for the log from `base` on.
@@ -288,6 +314,12 @@ impl Journal {
         }
     }
 
+    /// LSN up to which the journal is durable (its last completed sync).
+    #[cfg(test)]
+    pub fn durable_lsn(&self) -> Lsn {
+        self.synced.get()
+    }
+
     /// Figures so far.
     pub fn stats(&self) -> JournalStats {
         self.state.borrow().stats
@@ -332,6 +364,68 @@ impl Journal {
     }
 }
 
+/// A segment file as the commit task uses it.
+pub(crate) trait SegmentFile {
+    /// Writes `buf` at `pos`; returns how many bytes were written (maybe
+    /// fewer: the rest is written next).
+    async fn write_at(&self, buf: Vec<u8>, pos: u64) -> std::io::Result<usize>;
+    /// Makes what was written durable.
+    async fn fdatasync(&self) -> std::io::Result<()>;
+    /// Closes the file.
+    async fn close(self) -> std::io::Result<()>;
+}
+
+/// Where the commit task opens its segments.
+pub(crate) trait SegmentFs {
+    /// Its files.
+    type File: SegmentFile;
+    /// Opens (creating or truncating) the segment at `path`.
+    async fn open(&self, path: &Path) -> std::io::Result<Self::File>;
+    /// Makes `dir`'s entries durable.
+    fn sync_dir(&self, dir: &Path);
+    /// Removes the file at `path`.
+    fn remove(&self, path: &Path) -> std::io::Result<()>;
+}
+
+/// The real disk: glommio's buffered files on the shard's io_uring.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Disk;
+
+impl SegmentFile for BufferedFile {
+    async fn write_at(&self, buf: Vec<u8>, pos: u64) -> std::io::Result<usize> {
+        Ok(BufferedFile::write_at(self, buf, pos).await?)
+    }
+
+    async fn fdatasync(&self) -> std::io::Result<()> {
+        Ok(BufferedFile::fdatasync(self).await?)
+    }
+
+    async fn close(self) -> std::io::Result<()> {
+        Ok(BufferedFile::close(self).await?)
+    }
+}
+
+impl SegmentFs for Disk {
+    type File = BufferedFile;
+
+    async fn open(&self, path: &Path) -> std::io::Result<BufferedFile> {
+        Ok(OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .buffered_open(path)
+            .await?)
+    }
+
+    fn sync_dir(&self, dir: &Path) {
+        sync_dir(dir);
+    }
+
+    fn remove(&self, path: &Path) -> std::io::Result<()> {
+        std::fs::remove_file(path)
+    }
+}
+
 /// The path of the segment starting at `base` in `dir`.
 pub fn segment_path(dir: &Path, base: Lsn) -> PathBuf {
     dir.join(format!("log-{base:016x}.fml"))
@@ -339,15 +433,9 @@ pub fn segment_path(dir: &Path, base: Lsn) -> PathBuf {
 
 /// Opens (creating or truncating) the segment file at `path`, retrying
 /// every [`RETRY_PERIOD`] while that fails.
-async fn open_segment(journal: &Journal, path: &Path) -> BufferedFile {
+async fn open_segment<F: SegmentFs>(journal: &Journal, path: &Path, fs: &F) -> F::File {
     loop {
-        match OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .buffered_open(path)
-            .await
-        {
+        match fs.open(path).await {
             Ok(file) => return file,
             Err(e) => {
                 journal.set_failing(true, &e);
@@ -359,8 +447,17 @@ async fn open_segment(journal: &Journal, path: &Path) -> BufferedFile {
 
 /// Writes and syncs `journal` until `stop` is set and nothing is pending.
 pub async fn commit_loop(journal: Rc<Journal>, stop: Arc<AtomicBool>) {
+    commit_loop_on(journal, stop, Disk).await;
+}
+
+/// [`commit_loop`] through `fs`.
+pub(crate) async fn commit_loop_on<F: SegmentFs>(
+    journal: Rc<Journal>,
+    stop: Arc<AtomicBool>,
+    fs: F,
+) {
     let path = journal.path();
-    let mut file = open_segment(&journal, &path).await;
+    let mut file = open_segment(&journal, &path, &fs).await;
     info!(
         "persistence: journal {} open (shard tag {}, {} shards)",
         path.display(),
@@ -372,7 +469,7 @@ pub async fn commit_loop(journal: Rc<Journal>, stop: Arc<AtomicBool>) {
     loop {
         let has_pending = wait_for_work(&journal, &stop).await;
         if !has_pending && stop.load(Ordering::Relaxed) {
-            sync(&journal, &file).await;
+            sync(&journal, &file, &fs).await;
             break;
         }
         if has_pending {
@@ -413,12 +510,12 @@ pub async fn commit_loop(journal: Rc<Journal>, stop: Arc<AtomicBool>) {
             if let Some(base) = switch {
                 // The old segment is complete: durable before anything of
                 // the new one can count (the prefix property, §5.1).
-                sync(&journal, &file).await;
+                sync(&journal, &file, &fs).await;
                 let _ = file.close().await;
                 journal.base.set(base);
                 journal.state.borrow_mut().rotate = None;
-                file = open_segment(&journal, &journal.path()).await;
-                sync_dir(&journal.dir);
+                file = open_segment(&journal, &journal.path(), &fs).await;
+                fs.sync_dir(&journal.dir);
                 pos = 0;
                 journal.wake_waiters();
                 continue;
@@ -429,7 +526,7 @@ pub async fn commit_loop(journal: Rc<Journal>, stop: Arc<AtomicBool>) {
             SyncMode::Interval => last_sync.elapsed() >= journal.interval,
         };
         if due && journal.synced.get() < journal.written.get() {
-            sync(&journal, &file).await;
+            sync(&journal, &file, &fs).await;
             last_sync = Instant::now();
         }
         journal.wake_waiters();
@@ -476,7 +573,7 @@ async fn wait_for_work(journal: &Journal, stop: &AtomicBool) -> bool {
 /// Makes everything written durable, and once the first sync succeeded,
 /// removes the segments it replaces. A failed `fdatasync` ends the process
 /// (see the module documentation).
-async fn sync(journal: &Journal, file: &BufferedFile) {
+async fn sync<F: SegmentFs>(journal: &Journal, file: &F::File, fs: &F) {
     let target = journal.written.get();
     if let Err(e) = file.fdatasync().await {
         error!(
@@ -491,9 +588,9 @@ async fn sync(journal: &Journal, file: &BufferedFile) {
     if obsolete.is_empty() {
         return;
     }
-    sync_dir(&journal.dir);
+    fs.sync_dir(&journal.dir);
     for old in obsolete {
-        if let Err(e) = std::fs::remove_file(&old) {
+        if let Err(e) = fs.remove(&old) {
             warn!("persistence: cannot remove {}: {e}", old.display());
         }
     }

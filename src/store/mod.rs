@@ -22,6 +22,8 @@
 pub mod flows;
 pub mod frame;
 pub mod journal;
+#[cfg(test)]
+mod memfile;
 pub mod record;
 pub mod snapshot;
 
@@ -188,6 +190,12 @@ pub struct LoadedLog {
     pub quarantined: usize,
     /// Bytes of valid records read.
     pub bytes: u64,
+    /// The snapshot the load started from: its base LSN and size in bytes.
+    pub snapshot: Option<(u64, u64)>,
+    /// The LSN the log read starts at (the snapshot's base, else the first
+    /// segment's): where a journal that goes on after this log, without
+    /// rewriting it, counts its log since the last snapshot from.
+    pub log_from: u64,
 }
 
 /// Reads every segment of the journal directory `dir` (in `store`, for the
@@ -233,9 +241,14 @@ pub fn load_log(store: &Path, dir: &Path) -> Result<LoadedLog, StoreError> {
     let from = match found.chosen {
         Some((base, records)) => {
             loaded.records = records;
+            loaded.snapshot = Some((base, found.chosen_size));
             base
         }
         None => 0,
+    };
+    loaded.log_from = match loaded.snapshot {
+        Some((base, _)) => base,
+        None => segments.first().map_or(0, |(base, _)| *base),
     };
     let mut damaged = false;
     for (base, path) in segments {
@@ -296,12 +309,31 @@ pub fn load_log(store: &Path, dir: &Path) -> Result<LoadedLog, StoreError> {
                 offset + HEADER_LEN
             );
             quarantine.keep(&path, false);
+            truncate(&path, (HEADER_LEN + valid) as u64);
             loaded.quarantined += 1;
             damaged = true;
         }
         loaded.segments.push(path);
     }
     Ok(loaded)
+}
+
+/// Cuts the damaged segment at `path` (already copied aside) to its valid
+/// prefix of `len` bytes, durably: a journal that goes on after it without
+/// rewriting it (the retained messages') must not find the damage again at
+/// the next start, which would set the segments after it aside. A failure
+/// is logged (the next start then sets aside what follows, as before).
+fn truncate(path: &Path, len: u64) {
+    let done = fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .and_then(|f| f.set_len(len).and_then(|()| f.sync_all()));
+    if let Err(e) = done {
+        warn!(
+            "persistence: cannot cut {} to its valid {len} bytes: {e}",
+            path.display()
+        );
+    }
 }
 
 /// The records of a segment's body (the bytes after its header) up to the
@@ -387,8 +419,10 @@ pub struct RetainedState {
     pub dir: PathBuf,
     /// Where the new segment starts.
     pub next_base: u64,
-    /// The segments read, removed once the new one holds their live records.
-    pub segments: Vec<PathBuf>,
+    /// The snapshot the load used (base LSN, bytes), if any.
+    pub snapshot: Option<(u64, u64)>,
+    /// Where the log read starts (LoadedLog::log_from).
+    pub log_from: u64,
     /// The live retained messages with their stamps.
     pub retained: Vec<(u64, record::StoredMessage)>,
     /// Set while shard 0's journal cannot write; read by every shard.
@@ -421,7 +455,8 @@ impl Store {
         Ok(RetainedState {
             dir,
             next_base: loaded.next_base,
-            segments: loaded.segments,
+            snapshot: loaded.snapshot,
+            log_from: loaded.log_from,
             retained,
             failing: std::sync::Arc::default(),
         })
@@ -498,9 +533,23 @@ impl Store {
             out.next_base = out.next_base.max(loaded.next_base);
             out.segments.extend(loaded.segments);
             records += loaded.records.len();
+            // This directory's aliases (record::Alias), in log order: the
+            // flow records after an image name it by its alias.
+            let mut aliases: ahash::AHashMap<record::Alias, u64> = ahash::AHashMap::new();
             for record in loaded.records {
+                let mut events = |stamp: Option<u64>, event: flows::FlowEvent| {
+                    if let Some(stamp) = stamp {
+                        queued_after.entry(stamp).or_default().push(event);
+                    }
+                };
                 let (stamp, client_id) = match record {
-                    Record::SessionImage(ref s) => (s.stamp, s.client_id.clone()),
+                    Record::SessionImage(ref s) => {
+                        if s.alias != 0 {
+                            aliases.insert(s.alias, s.stamp);
+                            record::seen_alias(s.alias);
+                        }
+                        (s.stamp, s.client_id.clone())
+                    }
                     Record::SessionDrop(stamp, ref id) => (stamp, id.clone()),
                     Record::Message(mid, message) => {
                         record::seen_stamp(mid);
@@ -508,36 +557,36 @@ impl Store {
                         continue;
                     }
                     Record::Queue(mid, refs) => {
-                        for (session, qos) in refs {
-                            queued_after
-                                .entry(session)
-                                .or_default()
-                                .push(flows::FlowEvent::Queued(mid, qos));
+                        for (alias, qos) in refs {
+                            events(
+                                aliases.get(&alias).copied(),
+                                flows::FlowEvent::Queued(mid, qos),
+                            );
                         }
                         continue;
                     }
                     Record::Sent(mid, refs) => {
-                        for (session, packet_id, qos) in refs {
-                            queued_after
-                                .entry(session)
-                                .or_default()
-                                .push(flows::FlowEvent::Sent(mid, packet_id, qos));
+                        for (alias, packet_id, qos) in refs {
+                            let event = flows::FlowEvent::Sent(mid, packet_id, qos);
+                            events(aliases.get(&alias).copied(), event);
                         }
                         continue;
                     }
-                    Record::Flow(step, session, packet_id) => {
-                        queued_after
-                            .entry(session)
-                            .or_default()
-                            .push(flows::FlowEvent::Step(step, packet_id));
+                    Record::Flow(step, alias, packet_id) => {
+                        let event = flows::FlowEvent::Step(step, packet_id);
+                        events(aliases.get(&alias).copied(), event);
                         continue;
                     }
                     Record::DoneMany(done) => {
-                        for (session, packet_id) in done {
-                            queued_after
-                                .entry(session)
-                                .or_default()
-                                .push(flows::FlowEvent::Step(record::FlowStep::Done, packet_id));
+                        for (alias, packet_id) in done {
+                            let event = flows::FlowEvent::Step(record::FlowStep::Done, packet_id);
+                            events(aliases.get(&alias).copied(), event);
+                        }
+                        continue;
+                    }
+                    Record::Legacy(legacy) => {
+                        for (stamp, event) in flows::legacy_events(legacy) {
+                            events(Some(stamp), event);
                         }
                         continue;
                     }
@@ -612,11 +661,11 @@ impl Store {
     pub fn compact_sessions(
         &self,
         loaded: &LoadedSessions,
-        per_shard: &[Vec<LoadedSession>],
+        per_shard: &mut [Vec<LoadedSession>],
     ) -> Result<Vec<u64>, StoreError> {
         let shards = u16::try_from(per_shard.len()).unwrap_or(u16::MAX);
         let mut bases = Vec::with_capacity(per_shard.len());
-        for (k, sessions) in per_shard.iter().enumerate() {
+        for (k, sessions) in per_shard.iter_mut().enumerate() {
             let dir = shard_dir(&self.dir, k);
             let io = |path: &Path, source| StoreError::Io {
                 path: path.to_path_buf(),
@@ -633,7 +682,7 @@ impl Store {
             .encode()
             .to_vec();
             let mut written = ahash::AHashSet::new();
-            for loaded in sessions {
+            for loaded in sessions.iter_mut() {
                 let inflight = loaded.flows.inflight.iter().map(|f| (f.mid, &f.message));
                 let queued = loaded
                     .queued
@@ -648,6 +697,7 @@ impl Store {
                     }
                 }
                 let mut image = loaded.session.clone();
+                image.alias = record::next_alias();
                 // In flight first, as a running image lists them.
                 image.queued = loaded
                     .flows
@@ -656,11 +706,12 @@ impl Store {
                     .map(|f| (f.mid, f.qos))
                     .chain(loaded.queued.iter().map(|(mid, _, qos)| (*mid, *qos)))
                     .collect();
-                let stamp = image.stamp;
+                let alias = image.alias;
+                loaded.session.alias = alias;
                 let record = Record::SessionImage(image);
                 frame::append_record(&mut data, record.kind(), |out| record.encode_body(out));
                 let will = loaded.will.clone().map(Record::Will);
-                for record in flows::loaded_tail(stamp, &loaded.flows)
+                for record in flows::loaded_tail(alias, &loaded.flows)
                     .into_iter()
                     .chain(will)
                 {
@@ -723,7 +774,8 @@ pub fn live_retained(records: Vec<Record>) -> Vec<(u64, record::StoredMessage)> 
             | Record::Flow(..)
             | Record::Will(_)
             | Record::WillClear(..)
-            | Record::DoneMany(_) => continue,
+            | Record::DoneMany(_)
+            | Record::Legacy(_) => continue,
         };
         match topics.get(&topic) {
             Some((held, _)) if *held > stamp => {}

@@ -5,7 +5,10 @@
 //! by client id and ordered by [`next_stamp`]), the messages they queued
 //! (stored once per shard, named by id), and the steps of their QoS 1/2
 //! flows ([`Record::Sent`], [`Record::Flow`]; replayed by the `flows`
-//! module).
+//! module). The flow records name an image by its [`Alias`], a per-shard
+//! u32 the image carries, not by its 8-byte stamp (segment format 2); the
+//! format 1 records that named it by stamp are still read
+//! ([`Record::Legacy`]).
 //!
 //! Little-endian; strings are u16 length + bytes (MQTT topics and client ids
 //! fit), payloads u32 length + bytes. [`Record::decode`] reads any bytes
@@ -62,6 +65,20 @@ pub mod kind {
     /// written as [`WILL`], so older records and wills without an expiry
     /// read as before.
     pub const WILL_EXPIRING: u8 = 0x0F;
+    // Format 2 (frame::FORMAT_VERSION 2): the records above that name a
+    // session by its image stamp (QUEUE, SENT, DONE..RELEASED, DONE_MANY)
+    // are only read; these name it by the alias its image carries.
+    /// [`SESSION_IMAGE`] with the image's alias first (u32).
+    pub const SESSION_IMAGE_ALIASED: u8 = 0x10;
+    /// [`QUEUE`] by alias: 5 bytes a subscriber.
+    pub const QUEUED: u8 = 0x11;
+    /// [`SENT`] by alias: 7 bytes a session.
+    pub const SENT_TO: u8 = 0x12;
+    /// [`DONE_MANY`] by alias: 6 bytes an acknowledgement.
+    pub const ACKED: u8 = 0x13;
+    /// A [`DONE`], [`PUBRECD`], [`AWAIT_REL`] or [`RELEASED`] step by
+    /// alias: the step's old kind byte, alias, packet id (16 bytes framed).
+    pub const STEP: u8 = 0x14;
 }
 
 /// MQTT 5.0 property identifiers of the forwarded properties (§2.2.2.2),
@@ -136,6 +153,10 @@ pub struct StoredSession {
     /// taken (in flight first, then pending), oldest first: a message id
     /// ([`Record::Message`], earlier in the log) and the QoS to deliver at.
     pub queued: Vec<(u64, QoS)>,
+    /// The image's [`Alias`] in its shard's journal, which the flow records
+    /// after it name; 0: none (written as a format 1 image, as the cluster's
+    /// take-over images are).
+    pub alias: Alias,
 }
 
 /// One subscription of a [`StoredSession`].
@@ -189,9 +210,30 @@ pub fn seen_stamp(stamp: u64) {
     LAST_STAMP.fetch_max(stamp, std::sync::atomic::Ordering::Relaxed);
 }
 
+/// The last alias handed out by [`next_alias`].
+static LAST_ALIAS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// A fresh [`Alias`] for an image about to be written: one counter for the
+/// process (so unique in every shard's journal), above every alias loaded
+/// ([`seen_alias`]), never 0.
+pub fn next_alias() -> Alias {
+    use std::sync::atomic::Ordering;
+    loop {
+        let alias = LAST_ALIAS.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
+        if alias != 0 {
+            return alias;
+        }
+    }
+}
+
+/// Makes [`next_alias`] hand out only aliases above `alias` (a loaded one).
+pub fn seen_alias(alias: Alias) {
+    LAST_ALIAS.fetch_max(alias, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// A step of a persistent session's QoS 1/2 flows that a small record
-/// keeps (docs/design/persistence.md §4.2): the session's image stamp and a
-/// packet id, 19 bytes with the frame.
+/// keeps (docs/design/persistence.md §4.2): the session's image alias and a
+/// packet id, 16 bytes with the frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FlowStep {
     /// [`kind::DONE`]: the outgoing message with the id is acknowledged.
@@ -218,7 +260,7 @@ impl FlowStep {
     }
 
     /// The step a record kind keeps, if it is one.
-    fn of_kind(kind: u8) -> Option<FlowStep> {
+    pub fn of_kind(kind: u8) -> Option<FlowStep> {
         Some(match kind {
             kind::DONE => FlowStep::Done,
             kind::PUBRECD => FlowStep::PubRecd,
@@ -249,9 +291,35 @@ pub struct StoredWill {
     pub expiry_interval: Option<u32>,
 }
 
-/// One session's share of a [`Record::Sent`]: its image stamp, the packet
-/// id the message went out with, and the QoS it was sent at (11 bytes).
-pub type SentRef = (u64, u16, QoS);
+/// A session image's short name in its shard's journal: given to each image
+/// written (the journal's `next_alias`, counting up from above every alias
+/// loaded at start, 0 never), so that the flow records after it take 4
+/// bytes to name the session instead of the 8 of its stamp. Unique within
+/// one journal directory (the loader maps it back to the stamp, in log
+/// order); wrapping after 2^32 images is harmless, since a snapshot gives
+/// every live image a fresh one and the load reads at most two snapshots'
+/// worth of log.
+pub type Alias = u32;
+
+/// One session's share of a [`Record::Sent`]: its image's alias, the packet
+/// id the message went out with, and the QoS it was sent at (7 bytes).
+pub type SentRef = (Alias, u16, QoS);
+
+/// The format 1 records that named a session by its image stamp, read from
+/// segments written before format 2 (never written any more; the tests
+/// write them as an older fanmq did).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Legacy {
+    /// [`kind::QUEUE`]: message id, (image stamp, QoS) each (9 bytes).
+    Queue(u64, Vec<(u64, QoS)>),
+    /// [`kind::SENT`]: message id, (image stamp, packet id, QoS) each (11
+    /// bytes).
+    Sent(u64, Vec<(u64, u16, QoS)>),
+    /// [`kind::DONE`] ..= [`kind::RELEASED`]: a step, image stamp, packet id.
+    Flow(FlowStep, u64, u16),
+    /// [`kind::DONE_MANY`]: (image stamp, packet id) each (10 bytes).
+    DoneMany(Vec<(u64, u16)>),
+}
 
 /// One record of a log.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -262,25 +330,28 @@ pub enum Record {
     SessionDrop(u64, ByteString),
     /// [`kind::MESSAGE`]: message id ([`next_stamp`]) and message.
     Message(u64, StoredMessage),
-    /// [`kind::QUEUE`]: message id, then each session (its latest image's
-    /// stamp) that queued it with the QoS it gets: 9 bytes a subscriber.
-    Queue(u64, Vec<(u64, QoS)>),
+    /// [`kind::QUEUED`]: message id, then each session (its latest image's
+    /// alias) that queued it with the QoS it gets: 5 bytes a subscriber.
+    Queue(u64, Vec<(Alias, QoS)>),
     /// [`kind::RETAIN`]: stamp and message.
     Retain(u64, StoredMessage),
     /// [`kind::RETAIN_DELETE`]: stamp and topic.
     RetainDelete(u64, ByteString),
-    /// [`kind::SENT`]: message id, then each session that has it in flight
-    /// now (taken from its queue if it was there).
+    /// [`kind::SENT_TO`]: message id, then each session that has it in
+    /// flight now (taken from its queue if it was there).
     Sent(u64, Vec<SentRef>),
-    /// A [`FlowStep`] of the session with the image stamp, for a packet id.
-    Flow(FlowStep, u64, u16),
+    /// [`kind::STEP`]: a [`FlowStep`] of the session with the image alias,
+    /// for a packet id.
+    Flow(FlowStep, Alias, u16),
     /// [`kind::WILL`].
     Will(StoredWill),
     /// [`kind::WILL_CLEAR`]: stamp and client id.
     WillClear(u64, ByteString),
-    /// [`kind::DONE_MANY`]: (image stamp, packet id) of each outgoing
-    /// message acknowledged.
-    DoneMany(Vec<(u64, u16)>),
+    /// [`kind::ACKED`]: (image alias, packet id) of each outgoing message
+    /// acknowledged.
+    DoneMany(Vec<(Alias, u16)>),
+    /// A format 1 record (read only).
+    Legacy(Legacy),
 }
 
 /// Unix milliseconds now.
@@ -443,18 +514,23 @@ impl Record {
     /// The record's kind byte.
     pub fn kind(&self) -> u8 {
         match self {
-            Record::SessionImage(_) => kind::SESSION_IMAGE,
+            Record::SessionImage(s) if s.alias == 0 => kind::SESSION_IMAGE,
+            Record::SessionImage(_) => kind::SESSION_IMAGE_ALIASED,
             Record::SessionDrop(..) => kind::SESSION_DROP,
             Record::Message(..) => kind::MESSAGE,
-            Record::Queue(..) => kind::QUEUE,
+            Record::Queue(..) => kind::QUEUED,
             Record::Retain(..) => kind::RETAIN,
             Record::RetainDelete(..) => kind::RETAIN_DELETE,
-            Record::Sent(..) => kind::SENT,
-            Record::Flow(step, ..) => step.kind(),
+            Record::Sent(..) => kind::SENT_TO,
+            Record::Flow(..) => kind::STEP,
             Record::Will(will) if will.expiry_interval.is_some() => kind::WILL_EXPIRING,
             Record::Will(_) => kind::WILL,
             Record::WillClear(..) => kind::WILL_CLEAR,
-            Record::DoneMany(_) => kind::DONE_MANY,
+            Record::DoneMany(_) => kind::ACKED,
+            Record::Legacy(Legacy::Queue(..)) => kind::QUEUE,
+            Record::Legacy(Legacy::Sent(..)) => kind::SENT,
+            Record::Legacy(Legacy::Flow(step, ..)) => step.kind(),
+            Record::Legacy(Legacy::DoneMany(_)) => kind::DONE_MANY,
         }
     }
 
@@ -462,6 +538,9 @@ impl Record {
     pub fn encode_body(&self, out: &mut Vec<u8>) {
         match self {
             Record::SessionImage(s) => {
+                if s.alias != 0 {
+                    out.extend_from_slice(&s.alias.to_le_bytes());
+                }
                 out.extend_from_slice(&s.stamp.to_le_bytes());
                 put_str(out, &s.client_id);
                 out.push(s.protocol_level);
@@ -489,7 +568,10 @@ impl Record {
             }
             Record::Queue(mid, refs) => {
                 out.extend_from_slice(&mid.to_le_bytes());
-                put_refs(out, refs);
+                put_list(out, refs, |out, (alias, qos)| {
+                    out.extend_from_slice(&alias.to_le_bytes());
+                    out.push(*qos as u8);
+                });
             }
             Record::SessionDrop(stamp, client_id) => {
                 out.extend_from_slice(&stamp.to_le_bytes());
@@ -505,10 +587,15 @@ impl Record {
             }
             Record::Sent(mid, refs) => {
                 out.extend_from_slice(&mid.to_le_bytes());
-                put_sent_refs(out, refs);
+                put_list(out, refs, |out, (alias, packet_id, qos)| {
+                    out.extend_from_slice(&alias.to_le_bytes());
+                    put_u16(out, *packet_id);
+                    out.push(*qos as u8);
+                });
             }
-            Record::Flow(_, stamp, packet_id) => {
-                out.extend_from_slice(&stamp.to_le_bytes());
+            Record::Flow(step, alias, packet_id) => {
+                out.push(step.kind());
+                out.extend_from_slice(&alias.to_le_bytes());
                 put_u16(out, *packet_id);
             }
             Record::Will(will) => {
@@ -525,14 +612,11 @@ impl Record {
                 out.extend_from_slice(&stamp.to_le_bytes());
                 put_str(out, client_id);
             }
-            Record::DoneMany(done) => {
-                let n = u32::try_from(done.len()).unwrap_or(u32::MAX);
-                out.extend_from_slice(&n.to_le_bytes());
-                for (stamp, packet_id) in done.iter().take(n as usize) {
-                    out.extend_from_slice(&stamp.to_le_bytes());
-                    put_u16(out, *packet_id);
-                }
-            }
+            Record::DoneMany(done) => put_list(out, done, |out, (alias, packet_id)| {
+                out.extend_from_slice(&alias.to_le_bytes());
+                put_u16(out, *packet_id);
+            }),
+            Record::Legacy(legacy) => legacy.encode_body(out),
         }
     }
 
@@ -543,7 +627,15 @@ impl Record {
     pub fn decode(kind: u8, body: &[u8]) -> Result<Record, RecordError> {
         let mut r = Reader(body);
         let record = match kind {
-            kind::SESSION_IMAGE => {
+            kind::SESSION_IMAGE | kind::SESSION_IMAGE_ALIASED => {
+                let alias = if kind == kind::SESSION_IMAGE {
+                    0
+                } else {
+                    match r.u32()? {
+                        0 => return Err(RecordError::Invalid("alias 0")),
+                        alias => alias,
+                    }
+                };
                 let stamp = r.u64()?;
                 let client_id = r.str()?;
                 let protocol_level = r.u8()?;
@@ -575,14 +667,31 @@ impl Record {
                     offline_since_unix_ms,
                     subscriptions,
                     queued,
+                    alias,
                 })
             }
             kind::MESSAGE => Record::Message(r.u64()?, StoredMessage::decode(&mut r)?),
-            kind::QUEUE => Record::Queue(r.u64()?, r.refs()?),
+            kind::QUEUE => Record::Legacy(Legacy::Queue(r.u64()?, r.refs()?)),
+            kind::QUEUED => {
+                let mid = r.u64()?;
+                Record::Queue(mid, r.list(5, |r| Ok((r.u32()?, r.qos()?)))?)
+            }
+            kind::SENT_TO => {
+                let mid = r.u64()?;
+                Record::Sent(mid, r.list(7, |r| r.sent_ref(Reader::u32))?)
+            }
+            kind::ACKED => Record::DoneMany(r.list(6, |r| Ok((r.u32()?, r.u16()?)))?),
+            kind::STEP => {
+                let step = FlowStep::of_kind(r.u8()?).ok_or(RecordError::Invalid("flow step"))?;
+                Record::Flow(step, r.u32()?, r.u16()?)
+            }
             kind::SESSION_DROP => Record::SessionDrop(r.u64()?, r.str()?),
             kind::RETAIN => Record::Retain(r.u64()?, StoredMessage::decode(&mut r)?),
             kind::RETAIN_DELETE => Record::RetainDelete(r.u64()?, r.str()?),
-            kind::SENT => Record::Sent(r.u64()?, r.sent_refs()?),
+            kind::SENT => {
+                let mid = r.u64()?;
+                Record::Legacy(Legacy::Sent(mid, r.list(11, |r| r.sent_ref(Reader::u64))?))
+            }
             kind::WILL | kind::WILL_EXPIRING => Record::Will(StoredWill {
                 stamp: r.u64()?,
                 client_id: r.str()?,
@@ -597,15 +706,10 @@ impl Record {
             }),
             kind::WILL_CLEAR => Record::WillClear(r.u64()?, r.str()?),
             kind::DONE_MANY => {
-                let n = r.u32()?;
-                let mut done = Vec::with_capacity((n as usize).min(r.0.len() / 10));
-                for _ in 0..n {
-                    done.push((r.u64()?, r.u16()?));
-                }
-                Record::DoneMany(done)
+                Record::Legacy(Legacy::DoneMany(r.list(10, |r| Ok((r.u64()?, r.u16()?)))?))
             }
             other => match FlowStep::of_kind(other) {
-                Some(step) => Record::Flow(step, r.u64()?, r.u16()?),
+                Some(step) => Record::Legacy(Legacy::Flow(step, r.u64()?, r.u16()?)),
                 None => return Err(RecordError::UnknownKind(other)),
             },
         };
@@ -639,15 +743,40 @@ fn put_refs(out: &mut Vec<u8>, refs: &[(u64, QoS)]) {
     }
 }
 
-/// A list of [`SentRef`]: u32 count, then (stamp u64, packet id u16,
-/// QoS u8) each.
-fn put_sent_refs(out: &mut Vec<u8>, refs: &[SentRef]) {
-    let n = u32::try_from(refs.len()).unwrap_or(u32::MAX);
+/// A list: u32 count, then what `item` writes for each.
+fn put_list<T>(out: &mut Vec<u8>, items: &[T], mut item: impl FnMut(&mut Vec<u8>, &T)) {
+    let n = u32::try_from(items.len()).unwrap_or(u32::MAX);
     out.extend_from_slice(&n.to_le_bytes());
-    for (stamp, packet_id, qos) in refs.iter().take(n as usize) {
-        out.extend_from_slice(&stamp.to_le_bytes());
-        put_u16(out, *packet_id);
-        out.push(*qos as u8);
+    for i in items.iter().take(n as usize) {
+        item(out, i);
+    }
+}
+
+impl Legacy {
+    /// The format 1 body, as an older fanmq wrote it.
+    fn encode_body(&self, out: &mut Vec<u8>) {
+        match self {
+            Legacy::Queue(mid, refs) => {
+                out.extend_from_slice(&mid.to_le_bytes());
+                put_refs(out, refs);
+            }
+            Legacy::Sent(mid, refs) => {
+                out.extend_from_slice(&mid.to_le_bytes());
+                put_list(out, refs, |out, (stamp, packet_id, qos)| {
+                    out.extend_from_slice(&stamp.to_le_bytes());
+                    put_u16(out, *packet_id);
+                    out.push(*qos as u8);
+                });
+            }
+            Legacy::Flow(_, stamp, packet_id) => {
+                out.extend_from_slice(&stamp.to_le_bytes());
+                put_u16(out, *packet_id);
+            }
+            Legacy::DoneMany(done) => put_list(out, done, |out, (stamp, packet_id)| {
+                out.extend_from_slice(&stamp.to_le_bytes());
+                put_u16(out, *packet_id);
+            }),
+        }
     }
 }
 
@@ -702,29 +831,40 @@ impl<'a> Reader<'a> {
     }
 
     fn refs(&mut self) -> Result<Vec<(u64, QoS)>, RecordError> {
-        let n = self.u32()?;
-        let mut refs = Vec::with_capacity((n as usize).min(self.0.len() / 9));
-        for _ in 0..n {
-            let id = self.u64()?;
-            let qos = QoS::from_u8(self.u8()?).ok_or(RecordError::Invalid("QoS"))?;
-            refs.push((id, qos));
-        }
-        Ok(refs)
+        self.list(9, |r| Ok((r.u64()?, r.qos()?)))
     }
 
-    fn sent_refs(&mut self) -> Result<Vec<SentRef>, RecordError> {
+    fn qos(&mut self) -> Result<QoS, RecordError> {
+        QoS::from_u8(self.u8()?).ok_or(RecordError::Invalid("QoS"))
+    }
+
+    /// A u32 count, then that many items of at least `min` bytes each.
+    fn list<T>(
+        &mut self,
+        min: usize,
+        mut item: impl FnMut(&mut Self) -> Result<T, RecordError>,
+    ) -> Result<Vec<T>, RecordError> {
         let n = self.u32()?;
-        let mut refs = Vec::with_capacity((n as usize).min(self.0.len() / 11));
+        let mut items = Vec::with_capacity((n as usize).min(self.0.len() / min));
         for _ in 0..n {
-            let stamp = self.u64()?;
-            let packet_id = self.u16()?;
-            let qos = QoS::from_u8(self.u8()?).ok_or(RecordError::Invalid("QoS"))?;
-            if packet_id == 0 || qos == QoS::AtMostOnce {
-                return Err(RecordError::Invalid("sent packet id or QoS"));
-            }
-            refs.push((stamp, packet_id, qos));
+            items.push(item(self)?);
         }
-        Ok(refs)
+        Ok(items)
+    }
+
+    /// One session's share of a sent record: who (read by `who`), packet
+    /// id, QoS; a packet id 0 or QoS 0 is refused.
+    fn sent_ref<W>(
+        &mut self,
+        who: impl FnOnce(&mut Self) -> Result<W, RecordError>,
+    ) -> Result<(W, u16, QoS), RecordError> {
+        let who = who(self)?;
+        let packet_id = self.u16()?;
+        let qos = self.qos()?;
+        if packet_id == 0 || qos == QoS::AtMostOnce {
+            return Err(RecordError::Invalid("sent packet id or QoS"));
+        }
+        Ok((who, packet_id, qos))
     }
 
     fn bin_str(&mut self) -> Result<ByteString, RecordError> {
@@ -790,6 +930,17 @@ mod tests {
                     },
                 ],
                 queued: vec![(5, QoS::AtLeastOnce), (6, QoS::ExactlyOnce)],
+                alias: 3,
+            }),
+            Record::SessionImage(StoredSession {
+                stamp: 98,
+                client_id: ByteString::from("c0"),
+                protocol_level: 4,
+                expiry_interval: 0,
+                offline_since_unix_ms: 0,
+                subscriptions: Vec::new(),
+                queued: Vec::new(),
+                alias: 0,
             }),
             Record::Message(5, stored()),
             Record::Queue(5, vec![(99, QoS::AtLeastOnce), (100, QoS::ExactlyOnce)]),
@@ -822,7 +973,76 @@ mod tests {
             }),
             Record::WillClear(102, ByteString::from("c1")),
             Record::DoneMany(vec![(99, 1), (100, 65535)]),
+            Record::Legacy(Legacy::Queue(5, vec![(99, QoS::AtLeastOnce)])),
+            Record::Legacy(Legacy::Sent(5, vec![(99, 1, QoS::ExactlyOnce)])),
+            Record::Legacy(Legacy::Flow(FlowStep::Done, 99, 1)),
+            Record::Legacy(Legacy::Flow(FlowStep::PubRecd, 99, 2)),
+            Record::Legacy(Legacy::Flow(FlowStep::AwaitRel, 99, 3)),
+            Record::Legacy(Legacy::Flow(FlowStep::Released, 99, 4)),
+            Record::Legacy(Legacy::DoneMany(vec![(99, 1), (100, 65535)])),
         ]
+    }
+
+    /// A format 1 record as fanmq 1 framed it: bytes written by hand from
+    /// the format 1 layout, not by this fanmq's encoder.
+    #[test]
+    fn format_1_records_written_by_an_older_fanmq_are_read() {
+        let stamp = 0x0102_0304_0506_0708u64.to_le_bytes();
+        let mut sent = vec![9, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0];
+        sent.extend_from_slice(&stamp);
+        sent.extend_from_slice(&[7, 0, 1]);
+        assert_eq!(
+            Record::decode(kind::SENT, &sent),
+            Ok(Record::Legacy(Legacy::Sent(
+                9,
+                vec![(0x0102_0304_0506_0708, 7, QoS::AtLeastOnce)]
+            )))
+        );
+        let mut done = vec![2, 0, 0, 0];
+        for pid in [7u8, 8] {
+            done.extend_from_slice(&stamp);
+            done.extend_from_slice(&[pid, 0]);
+        }
+        assert_eq!(
+            Record::decode(kind::DONE_MANY, &done),
+            Ok(Record::Legacy(Legacy::DoneMany(vec![
+                (0x0102_0304_0506_0708, 7),
+                (0x0102_0304_0506_0708, 8)
+            ])))
+        );
+        let mut step = stamp.to_vec();
+        step.extend_from_slice(&[5, 0]);
+        assert_eq!(
+            Record::decode(kind::PUBRECD, &step),
+            Ok(Record::Legacy(Legacy::Flow(
+                FlowStep::PubRecd,
+                0x0102_0304_0506_0708,
+                5
+            )))
+        );
+        let mut queue = vec![9, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0];
+        queue.extend_from_slice(&stamp);
+        queue.push(2);
+        assert_eq!(
+            Record::decode(kind::QUEUE, &queue),
+            Ok(Record::Legacy(Legacy::Queue(
+                9,
+                vec![(0x0102_0304_0506_0708, QoS::ExactlyOnce)]
+            )))
+        );
+        // A format 1 image: stamp, client id "c", level 4, expiry 60,
+        // online, no subscriptions, nothing queued.
+        let mut image = stamp.to_vec();
+        image.extend_from_slice(&[1, 0, b'c', 4, 60, 0, 0, 0]);
+        image.extend_from_slice(&[0; 8]);
+        image.extend_from_slice(&[0; 8]);
+        let Ok(Record::SessionImage(read)) = Record::decode(kind::SESSION_IMAGE, &image) else {
+            panic!("a format 1 image is read");
+        };
+        assert_eq!(
+            (read.stamp, read.alias, read.expiry_interval),
+            (0x0102_0304_0506_0708, 0, 60)
+        );
     }
 
     #[test]
@@ -856,15 +1076,31 @@ mod tests {
         };
         let one = Record::Sent(1, vec![(2, 3, QoS::AtLeastOnce)]);
         let two = Record::Sent(1, vec![(2, 3, QoS::AtLeastOnce), (4, 5, QoS::ExactlyOnce)]);
-        assert_eq!(framed(&two) - framed(&one), 11, "bytes a session");
-        assert_eq!(framed(&Record::Flow(FlowStep::Done, 2, 3)), 19);
+        assert_eq!(framed(&two) - framed(&one), 7, "bytes a session");
+        assert_eq!(framed(&Record::Flow(FlowStep::Done, 2, 3)), 16);
         let done = |n| framed(&Record::DoneMany(vec![(2, 3); n]));
-        assert_eq!(done(2) - done(1), 10, "bytes an acknowledgement");
+        assert_eq!(done(2) - done(1), 6, "bytes an acknowledgement");
+        let queue = |n| framed(&Record::Queue(1, vec![(2, QoS::AtLeastOnce); n]));
+        assert_eq!(queue(2) - queue(1), 5, "bytes a queued reference");
+        // Format 1 took 11 + 10 bytes per subscriber of a sent message.
+        let legacy_one = Record::Legacy(Legacy::Sent(1, vec![(2, 3, QoS::AtLeastOnce); 1]));
+        let legacy_two = Record::Legacy(Legacy::Sent(1, vec![(2, 3, QoS::AtLeastOnce); 2]));
+        assert_eq!(framed(&legacy_two) - framed(&legacy_one), 11);
         for bad in [(2, 0, QoS::AtLeastOnce), (2, 3, QoS::AtMostOnce)] {
             let mut body = Vec::new();
             Record::Sent(1, vec![bad]).encode_body(&mut body);
+            assert!(Record::decode(kind::SENT_TO, &body).is_err(), "{bad:?}");
+            let mut body = Vec::new();
+            Record::Legacy(Legacy::Sent(1, vec![(2, bad.1, bad.2)])).encode_body(&mut body);
             assert!(Record::decode(kind::SENT, &body).is_err(), "{bad:?}");
         }
+        let mut step = Vec::new();
+        Record::Flow(FlowStep::Done, 2, 3).encode_body(&mut step);
+        step[0] = 0x55;
+        assert!(
+            Record::decode(kind::STEP, &step).is_err(),
+            "an unknown step"
+        );
     }
 
     #[test]
@@ -974,9 +1210,10 @@ mod tests {
             .collect();
         for _ in 0..5000 {
             let kinds = [
-                1u8, 2, 5, 6, 7, 8, 9, 0x0A, 0x0B, 0x0C, 0x0D, 0x0E, 0x0F, 0x20, 0x21,
+                1u8, 2, 5, 6, 7, 8, 9, 0x0A, 0x0B, 0x0C, 0x0D, 0x0E, 0x0F, 0x10, 0x11, 0x12, 0x13,
+                0x14, 0x20, 0x21,
             ];
-            let kind = match (rng.next() % 16) as usize {
+            let kind = match (rng.next() % 24) as usize {
                 i if i < kinds.len() => kinds[i],
                 _ => rng.next() as u8,
             };

@@ -225,6 +225,8 @@ pub struct Found {
     /// The newest complete snapshot: the base LSN of the log after it, and
     /// its records.
     pub chosen: Option<(Lsn, Vec<Record>)>,
+    /// The size in bytes of the chosen snapshot's file.
+    pub chosen_size: u64,
     /// Every snapshot file left in the directory (to remove once what they
     /// hold is in a newer file).
     pub files: Vec<PathBuf>,
@@ -259,8 +261,10 @@ pub(super) fn newest(dir: &Path, quarantine: &mut Quarantine) -> Result<Found, S
     snapshots.sort();
     while let Some((base, path)) = snapshots.pop() {
         found.highest_base = found.highest_base.max(base);
+        let mut size = 0;
         let read = match fs::read(&path) {
             Ok(data) => {
+                size = data.len() as u64;
                 if let Err(e @ frame::HeaderError::Newer(_)) = Header::decode(&data) {
                     return Err(StoreError::Newer {
                         path,
@@ -274,6 +278,7 @@ pub(super) fn newest(dir: &Path, quarantine: &mut Quarantine) -> Result<Found, S
         match read {
             Ok((header_base, records)) if header_base == base => {
                 found.chosen = Some((base, records));
+                found.chosen_size = size;
                 found.files.push(path);
                 found
                     .files
@@ -354,13 +359,28 @@ mod tests {
             .expect("runs");
     }
 
+    /// A store directory with its `retained/` journal directory: the
+    /// directory (removed when dropped), and the paths of both.
+    fn retained_dir() -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
+        let store = tempfile::tempdir().unwrap();
+        let dir = store.path().join("retained");
+        fs::create_dir_all(&dir).unwrap();
+        let path = store.path().to_path_buf();
+        (store, path, dir)
+    }
+
     /// A journal in `dir` with its commit task; `stop` ends the task.
     fn journal(dir: &Path) -> (Rc<Journal>, Arc<AtomicBool>) {
+        journal_at(dir, 0)
+    }
+
+    /// [`journal`] with its first segment at `base`.
+    fn journal_at(dir: &Path, base: Lsn) -> (Rc<Journal>, Arc<AtomicBool>) {
         let journal = Rc::new(Journal::new(
             dir,
             0,
             1,
-            0,
+            base,
             SyncMode::Ack,
             Duration::from_secs(1),
             Vec::new(),
@@ -447,6 +467,70 @@ mod tests {
     /// load falls back to the snapshot before it and the log after that,
     /// and loses nothing; a crash before the rename leaves a `.tmp` file
     /// that is removed.
+    /// A start keeps the loaded snapshot and log as they are: the new
+    /// journal goes on in a segment after them (nothing rewritten before
+    /// serving), a torn tail of the old log is cut once (so the next start
+    /// does not set the new segment aside), and the log since the snapshot
+    /// counts what was already on disk.
+    #[test]
+    fn a_restart_goes_on_after_the_loaded_snapshot_and_log_without_rewriting_them() {
+        let (_store, s, d) = retained_dir();
+        on_glommio(move || async move {
+            // A first run: two messages, a snapshot of them, then log.
+            let (journal, stop) = journal(&d);
+            let task = glommio::spawn_local(commit_loop(journal.clone(), stop.clone()));
+            journal.append(&retain(1, "a", "a1"));
+            journal.append(&retain(2, "b", "b1"));
+            let first = journal.rotate();
+            let mut snap = SnapshotWriter::create(&d, first, 0, 1).await.unwrap();
+            snap.append(&retain(1, "a", "a1"));
+            snap.append(&retain(2, "b", "b1"));
+            let size = snap.finish().await.unwrap();
+            journal.append(&retain(3, "c", "c1"));
+            journal.wait_acked(journal.end_lsn()).await;
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            task.await;
+            let old_log = journal.path();
+            // Killed mid-write: a torn record at the end of the log.
+            let mut torn = fs::read(&old_log).unwrap();
+            torn.extend_from_slice(&[9, 0, 0, 0, 1, 2]);
+            fs::write(&old_log, &torn).unwrap();
+            let before = fs::read_dir(&d).unwrap().filter_map(Result::ok).count();
+
+            // The restart: load, then a journal after what was loaded.
+            let loaded = load_log(&s, &d).unwrap();
+            assert_eq!(loaded.snapshot, Some((first, size)));
+            assert_eq!(loaded.log_from, first);
+            assert_eq!(loaded.quarantined, 1, "the torn tail is copied aside");
+            let (journal, stop) = journal_at(&d, loaded.next_base);
+            journal.continue_log(loaded.log_from, loaded.snapshot);
+            assert!(
+                journal.log_bytes_since_snapshot() > (torn.len() - 6 - HEADER_LEN) as u64,
+                "the log already on disk counts towards the next snapshot"
+            );
+            assert_eq!(journal.loaded_snapshot(), Some((first, size)));
+            let task = glommio::spawn_local(commit_loop(journal.clone(), stop.clone()));
+            journal.append(&retain(4, "d", "d1"));
+            journal.wait_acked(journal.end_lsn()).await;
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            task.await;
+            assert!(snapshot_path(&d, first).exists(), "the snapshot stays");
+            assert!(old_log.exists(), "the old log stays");
+            let after = fs::read_dir(&d).unwrap().filter_map(Result::ok).count();
+            assert_eq!(after, before + 1, "one new segment, nothing rewritten");
+
+            // The next start reads all of it, and finds no damage now.
+            let (got, summary) = live(&s, &d);
+            let want = [("a", "a1"), ("b", "b1"), ("c", "c1"), ("d", "d1")];
+            let want: Vec<_> = want
+                .iter()
+                .map(|(t, p)| (t.to_string(), p.to_string()))
+                .collect();
+            assert_eq!(got, want);
+            assert_eq!(summary.quarantined, 0, "the torn tail was cut");
+        });
+    }
+
     #[test]
     fn a_torn_or_damaged_snapshot_falls_back_to_the_previous_one_and_its_log() {
         let store = tempfile::tempdir().unwrap();
