@@ -28,7 +28,7 @@ use futures_lite::StreamExt;
 use log::{debug, info, warn};
 use tokio::task::JoinHandle;
 
-use crate::cluster::link::{ClusterStatus, Control, Interest, ToShard};
+use crate::cluster::link::{ClusterStatus, Control, Interest, Outgoing, ToShard};
 use crate::cluster::{ClusterError, headers, ownership, retained, subject};
 use crate::config::cluster::{ClusterConfig, NatsAuth, PartitionMode};
 use crate::protocol::message::Message;
@@ -44,9 +44,13 @@ const DELIVER_BATCH: usize = 256;
 /// Wait before retrying the retained bucket after an error (the link is
 /// down, JetStream not ready).
 const KV_RETRY: Duration = Duration::from_secs(1);
-/// Longest the interest task waits for the server to confirm a new
-/// subscription (a PING round trip) before going on to the next change.
+/// Longest the interest task waits for the server to confirm new
+/// subscriptions (a PING round trip) before going on to the next changes;
+/// their SUBACKs then go unconfirmed.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
+/// Most interest changes applied before one flush confirms them all: a
+/// storm of new filters costs one PING round trip per this many.
+const INTEREST_BATCH: usize = 256;
 /// Commands the NATS client queues before a publish waits: far above the
 /// default 2,048, so that bursts pass (design §3).
 const CLIENT_CAPACITY: usize = 65_536;
@@ -59,7 +63,7 @@ pub struct BridgeSetup {
     /// the value's own fields.
     pub max_value_size: usize,
     /// Publish batches from every shard.
-    pub publish: async_channel::Receiver<Arc<Vec<Message>>>,
+    pub publish: async_channel::Receiver<Outgoing>,
     /// Interest changes and connects from every shard.
     pub interest: async_channel::Receiver<Control>,
     /// Each shard's queue, by shard index.
@@ -134,6 +138,18 @@ pub(super) struct Bridge {
 
 /// The bridge as its tasks hold it.
 pub(super) type Shared = Rc<RefCell<Bridge>>;
+
+/// A retained update for the bucket (`value` None: a delete).
+struct RetainedWrite {
+    /// The bucket's key of the topic.
+    key: String,
+    /// The value, or None to delete the key.
+    value: Option<Bytes>,
+    /// Where the outcome goes when a held acknowledgement waits for it:
+    /// `false` on an error; `true` after the batch's last write (`last`),
+    /// since writes are made in order.
+    stored: Option<(async_channel::Sender<bool>, bool)>,
+}
 
 /// Runs the bridge until the broker stops: the body of the `fanmq-cluster`
 /// thread.
@@ -302,7 +318,7 @@ async fn serve(setup: BridgeSetup) -> Result<(), ClusterError> {
         own_writes: HashMap::new(),
         topics: HashMap::new(),
     }));
-    let (puts, put_queue) = async_channel::unbounded::<(String, Option<Bytes>)>();
+    let (puts, put_queue) = async_channel::unbounded::<RetainedWrite>();
     let tasks = [
         tokio::task::spawn_local(publish_loop(
             bridge.clone(),
@@ -337,8 +353,8 @@ async fn serve(setup: BridgeSetup) -> Result<(), ClusterError> {
 /// Publishes every message of every batch once.
 async fn publish_loop(
     bridge: Shared,
-    batches: async_channel::Receiver<Arc<Vec<Message>>>,
-    puts: async_channel::Sender<(String, Option<Bytes>)>,
+    batches: async_channel::Receiver<Outgoing>,
+    puts: async_channel::Sender<RetainedWrite>,
     node: String,
 ) {
     let (client, root, status) = {
@@ -346,8 +362,13 @@ async fn publish_loop(
         (b.client.clone(), b.root.clone(), b.status.clone())
     };
     let f = &status.figures;
-    while let Ok(batch) = batches.recv().await {
+    while let Ok(Outgoing {
+        messages: batch,
+        stored,
+    }) = batches.recv().await
+    {
         let now = Instant::now();
+        let mut writes = Vec::new();
         for message in batch.iter() {
             // `$SYS` is per node.
             if message.topic == "$SYS" || message.topic.starts_with("$SYS/") {
@@ -361,7 +382,11 @@ async fn publish_loop(
                 };
                 let key = retained::key(&message.topic);
                 if value.is_some() || message.payload.is_empty() {
-                    let _ = puts.try_send((key, value));
+                    writes.push(RetainedWrite {
+                        key,
+                        value,
+                        stored: None,
+                    });
                 }
             }
             if !status.link_up() {
@@ -387,6 +412,43 @@ async fn publish_loop(
                 }
             };
         }
+        queue_retained(&bridge, &puts, writes, stored);
+    }
+}
+
+/// Queues one batch's retained writes, in order. Held acknowledgements
+/// waiting for them (`stored`) are answered after the last write, or at
+/// once: `true` with nothing to write; with the link down, `true` in
+/// `serve` mode (the node holds the messages, the bucket may never: counted)
+/// and `false` in `fence` mode (never acknowledged).
+fn queue_retained(
+    bridge: &Shared,
+    puts: &async_channel::Sender<RetainedWrite>,
+    mut writes: Vec<RetainedWrite>,
+    stored: Option<async_channel::Sender<bool>>,
+) {
+    if let Some(answer) = stored {
+        let b = bridge.borrow();
+        let n = writes.len();
+        if n == 0 {
+            let _ = answer.try_send(true);
+        } else if !b.status.link_up() {
+            let serve = b.partition_mode == PartitionMode::Serve;
+            if serve {
+                b.status
+                    .figures
+                    .cluster_retained_unconfirmed
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            let _ = answer.try_send(serve);
+        } else {
+            for (i, write) in writes.iter_mut().enumerate() {
+                write.stored = Some((answer.clone(), i + 1 == n));
+            }
+        }
+    }
+    for write in writes {
+        let _ = puts.try_send(write);
     }
 }
 
@@ -414,20 +476,90 @@ async fn interest_loop(bridge: Shared, changes: async_channel::Receiver<Control>
     }
 }
 
-/// Applies the interest changes one after the other.
+/// Which NATS connections got new subscriptions that a flush must confirm.
+#[derive(Clone, Copy, Debug, Default)]
+struct ToFlush {
+    /// The data connection (plain subscriptions, the escaped subject).
+    data: bool,
+    /// The queue connection (shared subscriptions).
+    queue: bool,
+}
+
+/// Applies the interest changes one after the other, what is queued at
+/// once (up to [`INTEREST_BATCH`]) before one flush per connection that
+/// got new subscriptions: the server holds them once it answered the PING
+/// sent after them. Then the additions' `ready` senders are dropped, which
+/// lets their SUBACKs go: at once while the link is down (the client
+/// subscribes again on reconnect) or when nothing new was subscribed, at
+/// most [`FLUSH_TIMEOUT`] later otherwise.
 async fn apply_interest(bridge: Shared, changes: async_channel::Receiver<Interest>) {
-    while let Ok(change) = changes.recv().await {
-        if change.add {
-            add_interest(&bridge, change.shard, change.filter).await;
-        } else {
-            remove_interest(&bridge, change.shard, &change.filter);
+    while let Ok(first) = changes.recv().await {
+        let mut ready = Vec::new();
+        let mut flush = ToFlush::default();
+        let mut next = Some(first);
+        let mut applied = 0;
+        while let Some(change) = next.take() {
+            if change.add {
+                let new = add_interest(&bridge, change.shard, change.filter).await;
+                flush.data |= new.data;
+                flush.queue |= new.queue;
+                ready.extend(change.ready);
+            } else {
+                remove_interest(&bridge, change.shard, &change.filter);
+            }
+            applied += 1;
+            if applied < INTEREST_BATCH {
+                next = changes.try_recv().ok();
+            }
         }
         refresh_view(&bridge);
+        if ready.is_empty() {
+            continue;
+        }
+        let (client, queue_client, status) = {
+            let b = bridge.borrow();
+            (b.client.clone(), b.queue_client.clone(), b.status.clone())
+        };
+        let confirmed = if !status.link_up() {
+            false
+        } else {
+            let mut confirmed = true;
+            for (wanted, client) in [(flush.data, client), (flush.queue, queue_client)] {
+                if wanted {
+                    confirmed &= confirm(&client).await;
+                }
+            }
+            confirmed
+        };
+        if !confirmed {
+            status
+                .figures
+                .cluster_suback_unconfirmed
+                .fetch_add(ready.len() as u64, Ordering::Relaxed);
+        }
+        drop(ready);
     }
 }
 
-/// Shard `shard` got its first subscriber of `filter`.
-async fn add_interest(bridge: &Shared, shard: usize, filter: ByteString) {
+/// Flushes `client` (a PING round trip: the server then holds every
+/// subscription sent before), at most [`FLUSH_TIMEOUT`]; whether it did.
+async fn confirm(client: &Client) -> bool {
+    match tokio::time::timeout(FLUSH_TIMEOUT, client.flush()).await {
+        Ok(Ok(())) => true,
+        Ok(Err(e)) => {
+            debug!("cluster: flush after subscribing: {e}");
+            false
+        }
+        Err(_) => {
+            debug!("cluster: no flush after subscribing within {FLUSH_TIMEOUT:?}");
+            false
+        }
+    }
+}
+
+/// Shard `shard` got its first subscriber of `filter`: subscribes what the
+/// node does not hold yet; the connections that got new subscriptions.
+async fn add_interest(bridge: &Shared, shard: usize, filter: ByteString) -> ToFlush {
     // Another shard holds it already: only the escaped subject may be new.
     let held = {
         let mut b = bridge.borrow_mut();
@@ -441,10 +573,8 @@ async fn add_interest(bridge: &Shared, shard: usize, filter: ByteString) {
         found
     };
     if let Some(needs_escaped) = held {
-        if needs_escaped {
-            ensure_escaped_reader(bridge).await;
-        }
-        return;
+        let data = needs_escaped && ensure_escaped_reader(bridge).await;
+        return ToFlush { data, queue: false };
     }
     let root = bridge.borrow().root.clone();
     let share = match shared::parse(&filter) {
@@ -454,7 +584,7 @@ async fn add_interest(bridge: &Shared, shard: usize, filter: ByteString) {
         } => Some((name, inner)),
         _ => None,
     };
-    let (subjects, escaped, readers, client) = match share {
+    let (subjects, escaped, readers, queued) = match share {
         Some((group, inner)) => {
             // A queue subscription per subject, the escaped one included
             // (a message NATS gives this node there is matched here).
@@ -476,7 +606,7 @@ async fn add_interest(bridge: &Shared, shard: usize, filter: ByteString) {
                     Err(e) => warn!("cluster: cannot subscribe to {s} in queue {queue}: {e}"),
                 }
             }
-            (subjects, false, readers, client)
+            (subjects, false, readers, true)
         }
         None => {
             let (subjects, escaped) = subject::filter_subjects(&root, &filter);
@@ -492,7 +622,7 @@ async fn add_interest(bridge: &Shared, shard: usize, filter: ByteString) {
                     Err(e) => warn!("cluster: cannot subscribe to {s}: {e}"),
                 }
             }
-            (subjects, escaped, readers, client)
+            (subjects, escaped, readers, false)
         }
     };
     {
@@ -518,12 +648,9 @@ async fn add_interest(bridge: &Shared, shard: usize, filter: ByteString) {
     if escaped {
         ensure_escaped_reader(bridge).await;
     }
-    // The server holds the interest once it answered a PING after the SUB.
-    // Bounded: while the link is down a flush waits for the reconnect.
-    match tokio::time::timeout(FLUSH_TIMEOUT, client.flush()).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => debug!("cluster: flush after subscribing {filter:?}: {e}"),
-        Err(_) => debug!("cluster: no flush after subscribing {filter:?} within {FLUSH_TIMEOUT:?}"),
+    ToFlush {
+        data: !queued,
+        queue: queued,
     }
 }
 
@@ -532,12 +659,12 @@ fn add_escaped(b: &mut Bridge, shard: usize) {
     *b.escaped.0.entry(shard).or_insert(0) += 1;
 }
 
-/// Subscribes the escaped subject if nobody reads it yet.
-async fn ensure_escaped_reader(bridge: &Shared) {
+/// Subscribes the escaped subject if nobody reads it yet; whether it did.
+async fn ensure_escaped_reader(bridge: &Shared) -> bool {
     let (client, subject) = {
         let b = bridge.borrow();
         if b.escaped.1.is_some() {
-            return;
+            return false;
         }
         (b.client.clone(), subject::escaped_subject(&b.root))
     };
@@ -556,8 +683,12 @@ async fn ensure_escaped_reader(bridge: &Shared) {
                     .cluster_subscriptions
                     .fetch_sub(1, Ordering::Relaxed);
             }
+            true
         }
-        Err(e) => warn!("cluster: cannot subscribe to {subject}: {e}"),
+        Err(e) => {
+            warn!("cluster: cannot subscribe to {subject}: {e}");
+            false
+        }
     }
 }
 
@@ -750,7 +881,7 @@ fn deliver(b: &Bridge, shard: usize, batch: ToShard) {
 /// mirrors every other node's into every shard. Restarts after errors.
 async fn retained_loop(
     bridge: Shared,
-    puts: async_channel::Receiver<(String, Option<Bytes>)>,
+    puts: async_channel::Receiver<RetainedWrite>,
     replicas: usize,
     max_value_size: usize,
 ) {
@@ -845,9 +976,9 @@ async fn create_bucket(
 async fn write_retained(
     bridge: Shared,
     store: kv::Store,
-    puts: async_channel::Receiver<(String, Option<Bytes>)>,
+    puts: async_channel::Receiver<RetainedWrite>,
 ) {
-    while let Ok((key, value)) = puts.recv().await {
+    while let Ok(RetainedWrite { key, value, stored }) = puts.recv().await {
         *bridge
             .borrow_mut()
             .own_writes
@@ -861,6 +992,11 @@ async fn write_retained(
                 .map_err(|e| e.to_string()),
             None => store.delete(&key).await.map_err(|e| e.to_string()),
         };
+        if let Some((answer, last)) = stored
+            && (done.is_err() || last)
+        {
+            let _ = answer.try_send(done.is_ok());
+        }
         if let Err(e) = done {
             let mut b = bridge.borrow_mut();
             b.status

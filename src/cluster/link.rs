@@ -30,6 +30,24 @@ pub struct Interest {
     /// True: the filter got its first subscriber on the shard; false: it
     /// lost its last.
     pub add: bool,
+    /// For an addition: dropped by the bridge once the NATS server holds
+    /// the node's interest in the filter (or at once: the node holds it
+    /// already, the link is down), which lets the SUBACK go
+    /// (docs/design/cluster.md §6).
+    pub ready: Option<async_channel::Sender<()>>,
+}
+
+/// A batch of a shard's publishes for the bridge.
+#[derive(Debug)]
+pub struct Outgoing {
+    /// The messages, the same batch the other shards got.
+    pub messages: Arc<Vec<Message>>,
+    /// Set when acknowledgements of retained publishes in the batch wait
+    /// for the retained bucket: the bridge answers `true` once the bucket
+    /// holds every retained message of the batch, `false` when it cannot
+    /// say so (a KV error, the link down in `fence` mode); a dropped
+    /// sender means the same as `false`.
+    pub stored: Option<async_channel::Sender<bool>>,
 }
 
 /// From a shard to the bridge, besides publishes: never dropped.
@@ -112,7 +130,7 @@ pub enum ToShard {
 #[derive(Clone, Debug)]
 pub struct ShardEnds {
     /// Publish batches to the bridge (shared by every shard).
-    pub publish: async_channel::Sender<Arc<Vec<Message>>>,
+    pub publish: async_channel::Sender<Outgoing>,
     /// Interest changes and connects to the bridge (shared by every shard).
     pub interest: async_channel::Sender<Control>,
     /// What the bridge sends this shard.
@@ -150,13 +168,19 @@ impl ClusterLink {
         }
     }
 
-    /// A subscription to `filter` was added on this shard.
-    pub fn subscribed(&mut self, filter: &str) {
+    /// A subscription to `filter` was added on this shard. The first one
+    /// on the shard returns what closes once the NATS server holds the
+    /// node's interest in it (the bridge drops its sender); `None`: the
+    /// shard had the filter already.
+    pub fn subscribed(&mut self, filter: &str) -> Option<async_channel::Receiver<()>> {
         let count = self.counts.entry(ByteString::from(filter)).or_insert(0);
         *count += 1;
-        if *count == 1 {
-            self.tell(filter, true);
+        if *count > 1 {
+            return None;
         }
+        let (ready, readied) = async_channel::bounded(1);
+        self.tell(filter, Some(ready));
+        Some(readied)
     }
 
     /// A subscription to `filter` was removed on this shard.
@@ -167,7 +191,7 @@ impl ClusterLink {
         *count -= 1;
         if *count == 0 {
             self.counts.remove(filter);
-            self.tell(filter, false);
+            self.tell(filter, None);
         }
     }
 
@@ -213,12 +237,14 @@ impl ClusterLink {
         }
     }
 
-    /// Sends an interest change (the queue is unbounded: never full).
-    fn tell(&self, filter: &str, add: bool) {
+    /// Sends an interest change (the queue is unbounded: never full): an
+    /// addition with its `ready` sender, or a removal (`None`).
+    fn tell(&self, filter: &str, ready: Option<async_channel::Sender<()>>) {
         let change = Control::Interest(Interest {
             shard: self.shard,
             filter: ByteString::from(filter),
-            add,
+            add: ready.is_some(),
+            ready,
         });
         if self.ends.interest.try_send(change).is_err() {
             log::debug!("cluster bridge gone: interest change for {filter:?} dropped");
@@ -273,6 +299,9 @@ status_figures! {
     cluster_claims_unavailable: "Claims refused with CONNACK 0x03 (no owner answer, KV down, fence)";
     cluster_unregistered: "CONNECTs granted without a record while the link was down (serve)";
     cluster_nodes: "Other nodes heard within the node timeout";
+    cluster_suback_unconfirmed: "SUBACKs of a new filter sent without the NATS server's confirmation (link down, no answer in time)";
+    cluster_retained_unconfirmed: "Retained QoS 1/2 publishes acknowledged while the link was down (serve): held by this node only";
+    cluster_retained_refused: "Retained QoS 1/2 publishes not acknowledged: the retained bucket did not confirm them in time";
 }
 
 /// The cluster's state, shared by the bridge, the shards and the admin API.
@@ -360,10 +389,12 @@ mod tests {
         };
         let status = Arc::new(ClusterStatus::new("a".into(), vec![]));
         let mut link = ClusterLink::new(3, ends, status, Duration::from_millis(1));
-        for _ in 0..3 {
-            link.subscribed("a/#");
+        let first = link.subscribed("a/#");
+        assert!(first.is_some(), "the first subscriber waits for the bridge");
+        for _ in 0..2 {
+            assert!(link.subscribed("a/#").is_none(), "the others do not");
         }
-        link.subscribed("b");
+        assert!(link.subscribed("b").is_some());
         link.unsubscribed("a/#");
         link.unsubscribed("a/#");
         assert_eq!(link.filters(), 2);
