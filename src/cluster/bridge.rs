@@ -28,7 +28,7 @@ use futures_lite::StreamExt;
 use log::{debug, info, warn};
 use tokio::task::JoinHandle;
 
-use crate::cluster::link::{ClusterStatus, Control, Interest, Outgoing, ToShard};
+use crate::cluster::link::{ClusterStatus, Control, Interest, MAX_SHARE_WEIGHT, Outgoing, ToShard};
 use crate::cluster::{ClusterError, headers, ownership, retained, subject};
 use crate::config::cluster::{ClusterConfig, NatsAuth, PartitionMode};
 use crate::protocol::message::Message;
@@ -86,6 +86,40 @@ struct Held {
     /// For a shared subscription: the shard that gets the next message
     /// NATS gave this node (round robin over `shards`).
     turn: usize,
+    /// For a shared subscription: the members each shard reported (at most
+    /// [`MAX_SHARE_WEIGHT`] each); empty for a plain filter.
+    weights: HashMap<usize, u32>,
+    /// For a shared subscription: the queue subscriptions held beyond the
+    /// first per subject (one reader per subject each), so that the node
+    /// holds one per member, up to [`MAX_SHARE_WEIGHT`]: NATS picks among
+    /// them all.
+    extra: Vec<Vec<JoinHandle<()>>>,
+}
+
+impl Held {
+    /// Queue subscriptions per subject the group's members ask for.
+    fn copies_wanted(&self) -> usize {
+        self.weights
+            .values()
+            .sum::<u32>()
+            .clamp(1, MAX_SHARE_WEIGHT) as usize
+    }
+
+    /// Drops the extra copies beyond what the members ask for.
+    fn trim_copies(&mut self, status: &ClusterStatus) {
+        while 1 + self.extra.len() > self.copies_wanted() {
+            let Some(copy) = self.extra.pop() else {
+                break;
+            };
+            status
+                .figures
+                .cluster_subscriptions
+                .fetch_sub(copy.len() as u64, Ordering::Relaxed);
+            for reader in copy {
+                reader.abort();
+            }
+        }
+    }
 }
 
 /// The bridge's tables, shared by its tasks (one thread: `Rc<RefCell>`).
@@ -560,6 +594,9 @@ async fn confirm(client: &Client) -> bool {
 /// Shard `shard` got its first subscriber of `filter`: subscribes what the
 /// node does not hold yet; the connections that got new subscriptions.
 async fn add_interest(bridge: &Shared, shard: usize, filter: ByteString) -> ToFlush {
+    if let Some(flush) = add_member(bridge, shard, &filter).await {
+        return flush;
+    }
     // Another shard holds it already: only the escaped subject may be new.
     let held = {
         let mut b = bridge.borrow_mut();
@@ -642,6 +679,12 @@ async fn add_interest(bridge: &Shared, shard: usize, filter: ByteString) -> ToFl
                 subjects,
                 escaped,
                 turn: 0,
+                weights: if queued {
+                    HashMap::from([(shard, 1)])
+                } else {
+                    HashMap::new()
+                },
+                extra: Vec::new(),
             },
         );
     }
@@ -652,6 +695,70 @@ async fn add_interest(bridge: &Shared, shard: usize, filter: ByteString) -> ToFl
         data: !queued,
         queue: queued,
     }
+}
+
+/// One more member on shard `shard` of the shared subscription `share`
+/// the node holds already: one more queue subscription per subject while
+/// the members ask for more ([`MAX_SHARE_WEIGHT`] at most). None: not a
+/// shared subscription the node holds.
+async fn add_member(bridge: &Shared, shard: usize, share: &ByteString) -> Option<ToFlush> {
+    let shared::Parsed::Shared {
+        name,
+        filter: inner,
+    } = shared::parse(share)
+    else {
+        return None;
+    };
+    let (subjects, queue, client) = {
+        let mut b = bridge.borrow_mut();
+        let root = b.root.clone();
+        let client = b.queue_client.clone();
+        let held = b.filters.get_mut(share)?;
+        held.shards.insert(shard);
+        *held.weights.entry(shard).or_insert(0) += 1;
+        if 1 + held.extra.len() >= held.copies_wanted() {
+            return Some(ToFlush::default());
+        }
+        let queue = subject::queue_group(&root, name, inner);
+        (held.subjects.clone(), queue, client)
+    };
+    let mut readers = Vec::with_capacity(subjects.len());
+    for s in &subjects {
+        match client.queue_subscribe(s.clone(), queue.clone()).await {
+            Ok(sub) => readers.push(tokio::task::spawn_local(read_queue_subscription(
+                bridge.clone(),
+                share.clone(),
+                ByteString::from(inner),
+                sub,
+            ))),
+            Err(e) => warn!("cluster: cannot subscribe to {s} in queue {queue}: {e}"),
+        }
+    }
+    let mut b = bridge.borrow_mut();
+    b.status
+        .figures
+        .cluster_subscriptions
+        .fetch_add(readers.len() as u64, Ordering::Relaxed);
+    let status = b.status.clone();
+    match b.filters.get_mut(share) {
+        Some(held) => {
+            held.extra.push(readers);
+            held.trim_copies(&status);
+        }
+        None => {
+            status
+                .figures
+                .cluster_subscriptions
+                .fetch_sub(readers.len() as u64, Ordering::Relaxed);
+            for reader in readers {
+                reader.abort();
+            }
+        }
+    }
+    Some(ToFlush {
+        data: false,
+        queue: true,
+    })
 }
 
 /// Shard `shard` has one more filter that needs the escaped subject.
@@ -695,9 +802,20 @@ async fn ensure_escaped_reader(bridge: &Shared) -> bool {
 /// Shard `shard` lost its last subscriber of `filter`.
 fn remove_interest(bridge: &Shared, shard: usize, filter: &str) {
     let mut b = bridge.borrow_mut();
+    let status = b.status.clone();
     let Some(held) = b.filters.get_mut(filter) else {
         return;
     };
+    if let Some(weight) = held.weights.get_mut(&shard) {
+        // A shared subscription: one member fewer on the shard.
+        *weight -= 1;
+        if *weight > 0 {
+            held.trim_copies(&status);
+            return;
+        }
+        held.weights.remove(&shard);
+        held.trim_copies(&status);
+    }
     if !held.shards.remove(&shard) {
         return;
     }
@@ -708,11 +826,12 @@ fn remove_interest(bridge: &Shared, shard: usize, filter: &str) {
         .then(|| b.filters.remove(filter))
         .flatten();
     if let Some(held) = gone {
+        let extra: Vec<JoinHandle<()>> = held.extra.into_iter().flatten().collect();
         b.status
             .figures
             .cluster_subscriptions
-            .fetch_sub(held.readers.len() as u64, Ordering::Relaxed);
-        for reader in held.readers {
+            .fetch_sub((held.readers.len() + extra.len()) as u64, Ordering::Relaxed);
+        for reader in held.readers.into_iter().chain(extra) {
             reader.abort();
         }
     }

@@ -19,6 +19,14 @@ use serde::Serialize;
 
 use crate::observe::counters::Counters;
 use crate::protocol::message::Message;
+use crate::router::shared;
+
+/// Most members of one shared subscription group a shard reports to the
+/// bridge, and most queue subscriptions per subject a node holds for the
+/// group: NATS picks among queue subscriptions, so a node holding one per
+/// member (up to this) gets a share of the group's messages in proportion
+/// to its members (docs/design/cluster.md §7).
+pub const MAX_SHARE_WEIGHT: u32 = 16;
 
 /// A change of a shard's interest in a filter.
 #[derive(Debug)]
@@ -28,7 +36,9 @@ pub struct Interest {
     /// The MQTT filter.
     pub filter: ByteString,
     /// True: the filter got its first subscriber on the shard; false: it
-    /// lost its last.
+    /// lost its last. For a shared subscription (the whole `$share/...`
+    /// string) also each further member up to [`MAX_SHARE_WEIGHT`], and
+    /// each member gone below it.
     pub add: bool,
     /// For an addition: dropped by the bridge once the NATS server holds
     /// the node's interest in the filter (or at once: the node holds it
@@ -176,10 +186,13 @@ impl ClusterLink {
         let count = self.counts.entry(ByteString::from(filter)).or_insert(0);
         *count += 1;
         if *count > 1 {
+            if *count <= MAX_SHARE_WEIGHT && shared::is_shared(filter) {
+                self.tell(filter, true, None);
+            }
             return None;
         }
         let (ready, readied) = async_channel::bounded(1);
-        self.tell(filter, Some(ready));
+        self.tell(filter, true, Some(ready));
         Some(readied)
     }
 
@@ -191,7 +204,9 @@ impl ClusterLink {
         *count -= 1;
         if *count == 0 {
             self.counts.remove(filter);
-            self.tell(filter, None);
+            self.tell(filter, false, None);
+        } else if *count < MAX_SHARE_WEIGHT && shared::is_shared(filter) {
+            self.tell(filter, false, None);
         }
     }
 
@@ -238,12 +253,12 @@ impl ClusterLink {
     }
 
     /// Sends an interest change (the queue is unbounded: never full): an
-    /// addition with its `ready` sender, or a removal (`None`).
-    fn tell(&self, filter: &str, ready: Option<async_channel::Sender<()>>) {
+    /// addition (`add`, with its `ready` sender if it waits), or a removal.
+    fn tell(&self, filter: &str, add: bool, ready: Option<async_channel::Sender<()>>) {
         let change = Control::Interest(Interest {
             shard: self.shard,
             filter: ByteString::from(filter),
-            add: ready.is_some(),
+            add,
             ready,
         });
         if self.ends.interest.try_send(change).is_err() {
@@ -414,5 +429,38 @@ mod tests {
                 (3, "a/#".into(), false)
             ]
         );
+    }
+
+    #[test]
+    fn a_shared_subscription_reports_each_member_up_to_the_weight_cap() {
+        let (publish, _p) = async_channel::bounded(1);
+        let (interest, changes) = async_channel::unbounded();
+        let (_to_shard, from_bridge) = async_channel::bounded(1);
+        let ends = ShardEnds {
+            publish,
+            interest,
+            from_bridge,
+        };
+        let status = Arc::new(ClusterStatus::new("a".into(), vec![]));
+        let mut link = ClusterLink::new(0, ends, status, Duration::from_millis(1));
+        let over = MAX_SHARE_WEIGHT as usize + 4;
+        let waits = (0..over)
+            .filter(|_| link.subscribed("$share/g/t").is_some())
+            .count();
+        assert_eq!(waits, 1, "only the first member's SUBACK waits");
+        for _ in 0..over {
+            link.unsubscribed("$share/g/t");
+        }
+        let got: Vec<bool> = std::iter::from_fn(|| changes.try_recv().ok())
+            .filter_map(|c| match c {
+                Control::Interest(i) => Some(i.add),
+                _ => None,
+            })
+            .collect();
+        let cap = MAX_SHARE_WEIGHT as usize;
+        assert_eq!(got.len(), 2 * cap);
+        assert!(got[..cap].iter().all(|&add| add));
+        assert!(got[cap..].iter().all(|&add| !add));
+        assert_eq!(link.filters(), 0);
     }
 }

@@ -347,8 +347,9 @@ impl Ctx {
         // Held acks of retained publishes wait for the cluster's bucket too.
         let stored = match batch {
             Some(batch) => {
-                let retained =
-                    !held.is_empty() && batch.iter().any(|m| m.retain && m.qos != QoS::AtMostOnce);
+                let retained = !held.is_empty()
+                    && self.shard.borrow().cluster.is_some()
+                    && batch.iter().any(|m| m.retain && m.qos != QoS::AtMostOnce);
                 let stored = self.forward_to_cluster(batch, retained).await;
                 retained.then_some(stored)
             }

@@ -1017,8 +1017,9 @@ fn a_shared_subscription_gives_each_message_to_one_member_across_nodes() {
         .collect();
     let mut other = Mqtt::connect(b.port, "sh-other");
     other.subscribe("$share/h/sh/#", QoS::AtLeastOnce);
-    // One queue subscription per node and subject, whatever the members.
-    nats.wait_subscriptions("fanmq.t.sh.>", 3);
+    // One queue subscription per node, subject and member of the group
+    // (up to 16): A holds one for g, B two for g and one for h.
+    nats.wait_subscriptions("fanmq.t.sh.>", 4);
     let publisher_a = Mqtt::connect(a.port, "sh-pub-a");
     let publisher_b = Mqtt::connect(b.port, "sh-pub-b");
     for i in 0..100 {
