@@ -630,19 +630,7 @@ async fn add_interest(bridge: &Shared, shard: usize, filter: ByteString) -> ToFl
                 subjects.push(subject::escaped_subject(&root));
             }
             let queue = subject::queue_group(&root, group, inner);
-            let client = bridge.borrow().queue_client.clone();
-            let mut readers = Vec::with_capacity(subjects.len());
-            for s in &subjects {
-                match client.queue_subscribe(s.clone(), queue.clone()).await {
-                    Ok(sub) => readers.push(tokio::task::spawn_local(read_queue_subscription(
-                        bridge.clone(),
-                        filter.clone(),
-                        ByteString::from(inner),
-                        sub,
-                    ))),
-                    Err(e) => warn!("cluster: cannot subscribe to {s} in queue {queue}: {e}"),
-                }
-            }
+            let readers = queue_readers(bridge, &subjects, &queue, &filter, inner).await;
             (subjects, false, readers, true)
         }
         None => {
@@ -709,10 +697,9 @@ async fn add_member(bridge: &Shared, shard: usize, share: &ByteString) -> Option
     else {
         return None;
     };
-    let (subjects, queue, client) = {
+    let (subjects, queue) = {
         let mut b = bridge.borrow_mut();
         let root = b.root.clone();
-        let client = b.queue_client.clone();
         let held = b.filters.get_mut(share)?;
         held.shards.insert(shard);
         *held.weights.entry(shard).or_insert(0) += 1;
@@ -720,20 +707,9 @@ async fn add_member(bridge: &Shared, shard: usize, share: &ByteString) -> Option
             return Some(ToFlush::default());
         }
         let queue = subject::queue_group(&root, name, inner);
-        (held.subjects.clone(), queue, client)
+        (held.subjects.clone(), queue)
     };
-    let mut readers = Vec::with_capacity(subjects.len());
-    for s in &subjects {
-        match client.queue_subscribe(s.clone(), queue.clone()).await {
-            Ok(sub) => readers.push(tokio::task::spawn_local(read_queue_subscription(
-                bridge.clone(),
-                share.clone(),
-                ByteString::from(inner),
-                sub,
-            ))),
-            Err(e) => warn!("cluster: cannot subscribe to {s} in queue {queue}: {e}"),
-        }
-    }
+    let readers = queue_readers(bridge, &subjects, &queue, share, inner).await;
     let mut b = bridge.borrow_mut();
     b.status
         .figures
@@ -759,6 +735,32 @@ async fn add_member(bridge: &Shared, shard: usize, share: &ByteString) -> Option
         data: false,
         queue: true,
     })
+}
+
+/// Queue subscriptions of the shared subscription `share` (Topic Filter
+/// `inner`) in NATS queue group `queue`, one per subject, each with its
+/// reader task.
+async fn queue_readers(
+    bridge: &Shared,
+    subjects: &[String],
+    queue: &str,
+    share: &ByteString,
+    inner: &str,
+) -> Vec<JoinHandle<()>> {
+    let client = bridge.borrow().queue_client.clone();
+    let mut readers = Vec::with_capacity(subjects.len());
+    for s in subjects {
+        match client.queue_subscribe(s.clone(), queue.to_string()).await {
+            Ok(sub) => readers.push(tokio::task::spawn_local(read_queue_subscription(
+                bridge.clone(),
+                share.clone(),
+                ByteString::from(inner),
+                sub,
+            ))),
+            Err(e) => warn!("cluster: cannot subscribe to {s} in queue {queue}: {e}"),
+        }
+    }
+    readers
 }
 
 /// Shard `shard` has one more filter that needs the escaped subject.

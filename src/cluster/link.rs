@@ -392,8 +392,8 @@ impl ClusterStatus {
 mod tests {
     use super::*;
 
-    #[test]
-    fn the_bridge_hears_of_a_filter_at_its_first_and_last_subscriber_only() {
+    /// Shard `shard`'s link, and what it sends the bridge.
+    fn link_of(shard: usize) -> (ClusterLink, async_channel::Receiver<Control>) {
         let (publish, _p) = async_channel::bounded(1);
         let (interest, changes) = async_channel::unbounded();
         let (_to_shard, from_bridge) = async_channel::bounded(1);
@@ -403,7 +403,13 @@ mod tests {
             from_bridge,
         };
         let status = Arc::new(ClusterStatus::new("a".into(), vec![]));
-        let mut link = ClusterLink::new(3, ends, status, Duration::from_millis(1));
+        let link = ClusterLink::new(shard, ends, status, Duration::from_millis(1));
+        (link, changes)
+    }
+
+    #[test]
+    fn the_bridge_hears_of_a_filter_at_its_first_and_last_subscriber_only() {
+        let (mut link, changes) = link_of(3);
         let first = link.subscribed("a/#");
         assert!(first.is_some(), "the first subscriber waits for the bridge");
         for _ in 0..2 {
@@ -433,16 +439,7 @@ mod tests {
 
     #[test]
     fn a_shared_subscription_reports_each_member_up_to_the_weight_cap() {
-        let (publish, _p) = async_channel::bounded(1);
-        let (interest, changes) = async_channel::unbounded();
-        let (_to_shard, from_bridge) = async_channel::bounded(1);
-        let ends = ShardEnds {
-            publish,
-            interest,
-            from_bridge,
-        };
-        let status = Arc::new(ClusterStatus::new("a".into(), vec![]));
-        let mut link = ClusterLink::new(0, ends, status, Duration::from_millis(1));
+        let (mut link, changes) = link_of(0);
         let over = MAX_SHARE_WEIGHT as usize + 4;
         let waits = (0..over)
             .filter(|_| link.subscribed("$share/g/t").is_some())

@@ -102,7 +102,7 @@ impl Ctx {
         answer
     }
 
-    /// Sends the SUBACKs held for NATS ([`Shard::hold_suback`]) once the
+    /// Sends the SUBACKs held for NATS (`Shard::held_subacks`) once the
     /// bridge answered for every new filter, at most [`SUBACK_TIMEOUT`]
     /// (then anyway, counted), each followed by its retained messages.
     pub(crate) async fn release_subacks(&self) {
