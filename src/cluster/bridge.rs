@@ -111,14 +111,20 @@ impl Held {
             let Some(copy) = self.extra.pop() else {
                 break;
             };
-            status
-                .figures
-                .cluster_subscriptions
-                .fetch_sub(copy.len() as u64, Ordering::Relaxed);
-            for reader in copy {
-                reader.abort();
-            }
+            drop_readers(status, copy);
         }
+    }
+}
+
+/// Ends NATS subscriptions (aborting a reader drops its subscriber, which
+/// unsubscribes) and counts them gone.
+fn drop_readers(status: &ClusterStatus, readers: Vec<JoinHandle<()>>) {
+    status
+        .figures
+        .cluster_subscriptions
+        .fetch_sub(readers.len() as u64, Ordering::Relaxed);
+    for reader in readers {
+        reader.abort();
     }
 }
 
@@ -721,15 +727,7 @@ async fn add_member(bridge: &Shared, shard: usize, share: &ByteString) -> Option
             held.extra.push(readers);
             held.trim_copies(&status);
         }
-        None => {
-            status
-                .figures
-                .cluster_subscriptions
-                .fetch_sub(readers.len() as u64, Ordering::Relaxed);
-            for reader in readers {
-                reader.abort();
-            }
-        }
+        None => drop_readers(&status, readers),
     }
     Some(ToFlush {
         data: false,
@@ -828,14 +826,8 @@ fn remove_interest(bridge: &Shared, shard: usize, filter: &str) {
         .then(|| b.filters.remove(filter))
         .flatten();
     if let Some(held) = gone {
-        let extra: Vec<JoinHandle<()>> = held.extra.into_iter().flatten().collect();
-        b.status
-            .figures
-            .cluster_subscriptions
-            .fetch_sub((held.readers.len() + extra.len()) as u64, Ordering::Relaxed);
-        for reader in held.readers.into_iter().chain(extra) {
-            reader.abort();
-        }
+        let extra = held.extra.into_iter().flatten();
+        drop_readers(&status, held.readers.into_iter().chain(extra).collect());
     }
     if escaped {
         let left = b.escaped.0.get_mut(&shard).map(|n| {
