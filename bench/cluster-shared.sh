@@ -35,6 +35,7 @@ sleep 2
 for n in a b; do
   count=$([ "$n" = a ] && echo "$MA" || echo "$MB")
   for i in $(seq 1 "$count"); do
+    # shellcheck disable=SC2016 # a literal $share topic filter
     timeout 120 mosquitto_sub -p "${PORT[$n]}" -t '$share/g/skew' -q 1 -W 100 -i "m-$n$i" >"$D/m-$n$i" &
   done
 done
