@@ -28,7 +28,7 @@ use futures_lite::StreamExt;
 use log::{debug, info, warn};
 use tokio::task::JoinHandle;
 
-use crate::cluster::link::{ClusterStatus, Control, Interest, ToShard};
+use crate::cluster::link::{ClusterStatus, Control, Interest, MAX_SHARE_WEIGHT, Outgoing, ToShard};
 use crate::cluster::{ClusterError, headers, ownership, retained, subject};
 use crate::config::cluster::{ClusterConfig, NatsAuth, PartitionMode};
 use crate::protocol::message::Message;
@@ -44,9 +44,13 @@ const DELIVER_BATCH: usize = 256;
 /// Wait before retrying the retained bucket after an error (the link is
 /// down, JetStream not ready).
 const KV_RETRY: Duration = Duration::from_secs(1);
-/// Longest the interest task waits for the server to confirm a new
-/// subscription (a PING round trip) before going on to the next change.
+/// Longest the interest task waits for the server to confirm new
+/// subscriptions (a PING round trip) before going on to the next changes;
+/// their SUBACKs then go unconfirmed.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
+/// Most interest changes applied before one flush confirms them all: a
+/// storm of new filters costs one PING round trip per this many.
+const INTEREST_BATCH: usize = 256;
 /// Commands the NATS client queues before a publish waits: far above the
 /// default 2,048, so that bursts pass (design §3).
 const CLIENT_CAPACITY: usize = 65_536;
@@ -59,7 +63,7 @@ pub struct BridgeSetup {
     /// the value's own fields.
     pub max_value_size: usize,
     /// Publish batches from every shard.
-    pub publish: async_channel::Receiver<Arc<Vec<Message>>>,
+    pub publish: async_channel::Receiver<Outgoing>,
     /// Interest changes and connects from every shard.
     pub interest: async_channel::Receiver<Control>,
     /// Each shard's queue, by shard index.
@@ -82,6 +86,46 @@ struct Held {
     /// For a shared subscription: the shard that gets the next message
     /// NATS gave this node (round robin over `shards`).
     turn: usize,
+    /// For a shared subscription: the members each shard reported (at most
+    /// [`MAX_SHARE_WEIGHT`] each); empty for a plain filter.
+    weights: HashMap<usize, u32>,
+    /// For a shared subscription: the queue subscriptions held beyond the
+    /// first per subject (one reader per subject each), so that the node
+    /// holds one per member, up to [`MAX_SHARE_WEIGHT`]: NATS picks among
+    /// them all.
+    extra: Vec<Vec<JoinHandle<()>>>,
+}
+
+impl Held {
+    /// Queue subscriptions per subject the group's members ask for.
+    fn copies_wanted(&self) -> usize {
+        self.weights
+            .values()
+            .sum::<u32>()
+            .clamp(1, MAX_SHARE_WEIGHT) as usize
+    }
+
+    /// Drops the extra copies beyond what the members ask for.
+    fn trim_copies(&mut self, status: &ClusterStatus) {
+        while 1 + self.extra.len() > self.copies_wanted() {
+            let Some(copy) = self.extra.pop() else {
+                break;
+            };
+            drop_readers(status, copy);
+        }
+    }
+}
+
+/// Ends NATS subscriptions (aborting a reader drops its subscriber, which
+/// unsubscribes) and counts them gone.
+fn drop_readers(status: &ClusterStatus, readers: Vec<JoinHandle<()>>) {
+    status
+        .figures
+        .cluster_subscriptions
+        .fetch_sub(readers.len() as u64, Ordering::Relaxed);
+    for reader in readers {
+        reader.abort();
+    }
 }
 
 /// The bridge's tables, shared by its tasks (one thread: `Rc<RefCell>`).
@@ -137,6 +181,18 @@ pub(super) struct Bridge {
 
 /// The bridge as its tasks hold it.
 pub(super) type Shared = Rc<RefCell<Bridge>>;
+
+/// A retained update for the bucket (`value` None: a delete).
+struct RetainedWrite {
+    /// The bucket's key of the topic.
+    key: String,
+    /// The value, or None to delete the key.
+    value: Option<Bytes>,
+    /// Where the outcome goes when a held acknowledgement waits for it:
+    /// `false` on an error; `true` after the batch's last write (`last`),
+    /// since writes are made in order.
+    stored: Option<(async_channel::Sender<bool>, bool)>,
+}
 
 /// Runs the bridge until the broker stops: the body of the `fanmq-cluster`
 /// thread.
@@ -306,7 +362,7 @@ async fn serve(setup: BridgeSetup) -> Result<(), ClusterError> {
         own_writes: HashMap::new(),
         topics: HashMap::new(),
     }));
-    let (puts, put_queue) = async_channel::unbounded::<(String, Option<Bytes>)>();
+    let (puts, put_queue) = async_channel::unbounded::<RetainedWrite>();
     let tasks = [
         tokio::task::spawn_local(publish_loop(
             bridge.clone(),
@@ -341,8 +397,8 @@ async fn serve(setup: BridgeSetup) -> Result<(), ClusterError> {
 /// Publishes every message of every batch once.
 async fn publish_loop(
     bridge: Shared,
-    batches: async_channel::Receiver<Arc<Vec<Message>>>,
-    puts: async_channel::Sender<(String, Option<Bytes>)>,
+    batches: async_channel::Receiver<Outgoing>,
+    puts: async_channel::Sender<RetainedWrite>,
     node: String,
 ) {
     let (client, root, status) = {
@@ -350,8 +406,13 @@ async fn publish_loop(
         (b.client.clone(), b.root.clone(), b.status.clone())
     };
     let f = &status.figures;
-    while let Ok(batch) = batches.recv().await {
+    while let Ok(Outgoing {
+        messages: batch,
+        stored,
+    }) = batches.recv().await
+    {
         let now = Instant::now();
+        let mut writes = Vec::new();
         for message in batch.iter() {
             // `$SYS` is per node.
             if message.topic == "$SYS" || message.topic.starts_with("$SYS/") {
@@ -365,7 +426,11 @@ async fn publish_loop(
                 };
                 let key = retained::key(&message.topic);
                 if value.is_some() || message.payload.is_empty() {
-                    let _ = puts.try_send((key, value));
+                    writes.push(RetainedWrite {
+                        key,
+                        value,
+                        stored: None,
+                    });
                 }
             }
             if !status.link_up() {
@@ -391,6 +456,43 @@ async fn publish_loop(
                 }
             };
         }
+        queue_retained(&bridge, &puts, writes, stored);
+    }
+}
+
+/// Queues one batch's retained writes, in order. Held acknowledgements
+/// waiting for them (`stored`) are answered after the last write, or at
+/// once: `true` with nothing to write; with the link down, `true` in
+/// `serve` mode (the node holds the messages, the bucket may never: counted)
+/// and `false` in `fence` mode (never acknowledged).
+fn queue_retained(
+    bridge: &Shared,
+    puts: &async_channel::Sender<RetainedWrite>,
+    mut writes: Vec<RetainedWrite>,
+    stored: Option<async_channel::Sender<bool>>,
+) {
+    if let Some(answer) = stored {
+        let b = bridge.borrow();
+        let n = writes.len();
+        if n == 0 {
+            let _ = answer.try_send(true);
+        } else if !b.status.link_up() {
+            let serve = b.partition_mode == PartitionMode::Serve;
+            if serve {
+                b.status
+                    .figures
+                    .cluster_retained_unconfirmed
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            let _ = answer.try_send(serve);
+        } else {
+            for (i, write) in writes.iter_mut().enumerate() {
+                write.stored = Some((answer.clone(), i + 1 == n));
+            }
+        }
+    }
+    for write in writes {
+        let _ = puts.try_send(write);
     }
 }
 
@@ -430,20 +532,93 @@ async fn interest_loop(bridge: Shared, changes: async_channel::Receiver<Control>
     }
 }
 
-/// Applies the interest changes one after the other.
+/// Which NATS connections got new subscriptions that a flush must confirm.
+#[derive(Clone, Copy, Debug, Default)]
+struct ToFlush {
+    /// The data connection (plain subscriptions, the escaped subject).
+    data: bool,
+    /// The queue connection (shared subscriptions).
+    queue: bool,
+}
+
+/// Applies the interest changes one after the other, what is queued at
+/// once (up to [`INTEREST_BATCH`]) before one flush per connection that
+/// got new subscriptions: the server holds them once it answered the PING
+/// sent after them. Then the additions' `ready` senders are dropped, which
+/// lets their SUBACKs go: at once while the link is down (the client
+/// subscribes again on reconnect) or when nothing new was subscribed, at
+/// most [`FLUSH_TIMEOUT`] later otherwise.
 async fn apply_interest(bridge: Shared, changes: async_channel::Receiver<Interest>) {
-    while let Ok(change) = changes.recv().await {
-        if change.add {
-            add_interest(&bridge, change.shard, change.filter).await;
-        } else {
-            remove_interest(&bridge, change.shard, &change.filter);
+    while let Ok(first) = changes.recv().await {
+        let mut ready = Vec::new();
+        let mut flush = ToFlush::default();
+        let mut next = Some(first);
+        let mut applied = 0;
+        while let Some(change) = next.take() {
+            if change.add {
+                let new = add_interest(&bridge, change.shard, change.filter).await;
+                flush.data |= new.data;
+                flush.queue |= new.queue;
+                ready.extend(change.ready);
+            } else {
+                remove_interest(&bridge, change.shard, &change.filter);
+            }
+            applied += 1;
+            if applied < INTEREST_BATCH {
+                next = changes.try_recv().ok();
+            }
         }
         refresh_view(&bridge);
+        if ready.is_empty() {
+            continue;
+        }
+        let (client, queue_client, status) = {
+            let b = bridge.borrow();
+            (b.client.clone(), b.queue_client.clone(), b.status.clone())
+        };
+        let confirmed = if !status.link_up() {
+            false
+        } else {
+            let mut confirmed = true;
+            for (wanted, client) in [(flush.data, client), (flush.queue, queue_client)] {
+                if wanted {
+                    confirmed &= confirm(&client).await;
+                }
+            }
+            confirmed
+        };
+        if !confirmed {
+            status
+                .figures
+                .cluster_suback_unconfirmed
+                .fetch_add(ready.len() as u64, Ordering::Relaxed);
+        }
+        drop(ready);
     }
 }
 
-/// Shard `shard` got its first subscriber of `filter`.
-async fn add_interest(bridge: &Shared, shard: usize, filter: ByteString) {
+/// Flushes `client` (a PING round trip: the server then holds every
+/// subscription sent before), at most [`FLUSH_TIMEOUT`]; whether it did.
+async fn confirm(client: &Client) -> bool {
+    match tokio::time::timeout(FLUSH_TIMEOUT, client.flush()).await {
+        Ok(Ok(())) => true,
+        Ok(Err(e)) => {
+            debug!("cluster: flush after subscribing: {e}");
+            false
+        }
+        Err(_) => {
+            debug!("cluster: no flush after subscribing within {FLUSH_TIMEOUT:?}");
+            false
+        }
+    }
+}
+
+/// Shard `shard` got its first subscriber of `filter`: subscribes what the
+/// node does not hold yet; the connections that got new subscriptions.
+async fn add_interest(bridge: &Shared, shard: usize, filter: ByteString) -> ToFlush {
+    if let Some(flush) = add_member(bridge, shard, &filter).await {
+        return flush;
+    }
     // Another shard holds it already: only the escaped subject may be new.
     let held = {
         let mut b = bridge.borrow_mut();
@@ -457,10 +632,8 @@ async fn add_interest(bridge: &Shared, shard: usize, filter: ByteString) {
         found
     };
     if let Some(needs_escaped) = held {
-        if needs_escaped {
-            ensure_escaped_reader(bridge).await;
-        }
-        return;
+        let data = needs_escaped && ensure_escaped_reader(bridge).await;
+        return ToFlush { data, queue: false };
     }
     let root = bridge.borrow().root.clone();
     let share = match shared::parse(&filter) {
@@ -470,7 +643,7 @@ async fn add_interest(bridge: &Shared, shard: usize, filter: ByteString) {
         } => Some((name, inner)),
         _ => None,
     };
-    let (subjects, escaped, readers, client) = match share {
+    let (subjects, escaped, readers, queued) = match share {
         Some((group, inner)) => {
             // A queue subscription per subject, the escaped one included
             // (a message NATS gives this node there is matched here).
@@ -479,20 +652,8 @@ async fn add_interest(bridge: &Shared, shard: usize, filter: ByteString) {
                 subjects.push(subject::escaped_subject(&root));
             }
             let queue = subject::queue_group(&root, group, inner);
-            let client = bridge.borrow().queue_client.clone();
-            let mut readers = Vec::with_capacity(subjects.len());
-            for s in &subjects {
-                match client.queue_subscribe(s.clone(), queue.clone()).await {
-                    Ok(sub) => readers.push(tokio::task::spawn_local(read_queue_subscription(
-                        bridge.clone(),
-                        filter.clone(),
-                        ByteString::from(inner),
-                        sub,
-                    ))),
-                    Err(e) => warn!("cluster: cannot subscribe to {s} in queue {queue}: {e}"),
-                }
-            }
-            (subjects, false, readers, client)
+            let readers = queue_readers(bridge, &subjects, &queue, &filter, inner).await;
+            (subjects, false, readers, true)
         }
         None => {
             let (subjects, escaped) = subject::filter_subjects(&root, &filter);
@@ -508,7 +669,7 @@ async fn add_interest(bridge: &Shared, shard: usize, filter: ByteString) {
                     Err(e) => warn!("cluster: cannot subscribe to {s}: {e}"),
                 }
             }
-            (subjects, escaped, readers, client)
+            (subjects, escaped, readers, false)
         }
     };
     {
@@ -528,19 +689,92 @@ async fn add_interest(bridge: &Shared, shard: usize, filter: ByteString) {
                 subjects,
                 escaped,
                 turn: 0,
+                weights: if queued {
+                    HashMap::from([(shard, 1)])
+                } else {
+                    HashMap::new()
+                },
+                extra: Vec::new(),
             },
         );
     }
     if escaped {
         ensure_escaped_reader(bridge).await;
     }
-    // The server holds the interest once it answered a PING after the SUB.
-    // Bounded: while the link is down a flush waits for the reconnect.
-    match tokio::time::timeout(FLUSH_TIMEOUT, client.flush()).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => debug!("cluster: flush after subscribing {filter:?}: {e}"),
-        Err(_) => debug!("cluster: no flush after subscribing {filter:?} within {FLUSH_TIMEOUT:?}"),
+    ToFlush {
+        data: !queued,
+        queue: queued,
     }
+}
+
+/// One more member on shard `shard` of the shared subscription `share`
+/// the node holds already: one more queue subscription per subject while
+/// the members ask for more ([`MAX_SHARE_WEIGHT`] at most). None: not a
+/// shared subscription the node holds.
+async fn add_member(bridge: &Shared, shard: usize, share: &ByteString) -> Option<ToFlush> {
+    let shared::Parsed::Shared {
+        name,
+        filter: inner,
+    } = shared::parse(share)
+    else {
+        return None;
+    };
+    let (subjects, queue) = {
+        let mut b = bridge.borrow_mut();
+        let root = b.root.clone();
+        let held = b.filters.get_mut(share)?;
+        held.shards.insert(shard);
+        *held.weights.entry(shard).or_insert(0) += 1;
+        if 1 + held.extra.len() >= held.copies_wanted() {
+            return Some(ToFlush::default());
+        }
+        let queue = subject::queue_group(&root, name, inner);
+        (held.subjects.clone(), queue)
+    };
+    let readers = queue_readers(bridge, &subjects, &queue, share, inner).await;
+    let mut b = bridge.borrow_mut();
+    b.status
+        .figures
+        .cluster_subscriptions
+        .fetch_add(readers.len() as u64, Ordering::Relaxed);
+    let status = b.status.clone();
+    match b.filters.get_mut(share) {
+        Some(held) => {
+            held.extra.push(readers);
+            held.trim_copies(&status);
+        }
+        None => drop_readers(&status, readers),
+    }
+    Some(ToFlush {
+        data: false,
+        queue: true,
+    })
+}
+
+/// Queue subscriptions of the shared subscription `share` (Topic Filter
+/// `inner`) in NATS queue group `queue`, one per subject, each with its
+/// reader task.
+async fn queue_readers(
+    bridge: &Shared,
+    subjects: &[String],
+    queue: &str,
+    share: &ByteString,
+    inner: &str,
+) -> Vec<JoinHandle<()>> {
+    let client = bridge.borrow().queue_client.clone();
+    let mut readers = Vec::with_capacity(subjects.len());
+    for s in subjects {
+        match client.queue_subscribe(s.clone(), queue.to_string()).await {
+            Ok(sub) => readers.push(tokio::task::spawn_local(read_queue_subscription(
+                bridge.clone(),
+                share.clone(),
+                ByteString::from(inner),
+                sub,
+            ))),
+            Err(e) => warn!("cluster: cannot subscribe to {s} in queue {queue}: {e}"),
+        }
+    }
+    readers
 }
 
 /// Shard `shard` has one more filter that needs the escaped subject.
@@ -548,12 +782,12 @@ fn add_escaped(b: &mut Bridge, shard: usize) {
     *b.escaped.0.entry(shard).or_insert(0) += 1;
 }
 
-/// Subscribes the escaped subject if nobody reads it yet.
-async fn ensure_escaped_reader(bridge: &Shared) {
+/// Subscribes the escaped subject if nobody reads it yet; whether it did.
+async fn ensure_escaped_reader(bridge: &Shared) -> bool {
     let (client, subject) = {
         let b = bridge.borrow();
         if b.escaped.1.is_some() {
-            return;
+            return false;
         }
         (b.client.clone(), subject::escaped_subject(&b.root))
     };
@@ -572,17 +806,32 @@ async fn ensure_escaped_reader(bridge: &Shared) {
                     .cluster_subscriptions
                     .fetch_sub(1, Ordering::Relaxed);
             }
+            true
         }
-        Err(e) => warn!("cluster: cannot subscribe to {subject}: {e}"),
+        Err(e) => {
+            warn!("cluster: cannot subscribe to {subject}: {e}");
+            false
+        }
     }
 }
 
 /// Shard `shard` lost its last subscriber of `filter`.
 fn remove_interest(bridge: &Shared, shard: usize, filter: &str) {
     let mut b = bridge.borrow_mut();
+    let status = b.status.clone();
     let Some(held) = b.filters.get_mut(filter) else {
         return;
     };
+    if let Some(weight) = held.weights.get_mut(&shard) {
+        // A shared subscription: one member fewer on the shard.
+        *weight -= 1;
+        if *weight > 0 {
+            held.trim_copies(&status);
+            return;
+        }
+        held.weights.remove(&shard);
+        held.trim_copies(&status);
+    }
     if !held.shards.remove(&shard) {
         return;
     }
@@ -593,13 +842,8 @@ fn remove_interest(bridge: &Shared, shard: usize, filter: &str) {
         .then(|| b.filters.remove(filter))
         .flatten();
     if let Some(held) = gone {
-        b.status
-            .figures
-            .cluster_subscriptions
-            .fetch_sub(held.readers.len() as u64, Ordering::Relaxed);
-        for reader in held.readers {
-            reader.abort();
-        }
+        let extra = held.extra.into_iter().flatten();
+        drop_readers(&status, held.readers.into_iter().chain(extra).collect());
     }
     if escaped {
         let left = b.escaped.0.get_mut(&shard).map(|n| {
@@ -766,7 +1010,7 @@ fn deliver(b: &Bridge, shard: usize, batch: ToShard) {
 /// mirrors every other node's into every shard. Restarts after errors.
 async fn retained_loop(
     bridge: Shared,
-    puts: async_channel::Receiver<(String, Option<Bytes>)>,
+    puts: async_channel::Receiver<RetainedWrite>,
     replicas: usize,
     max_value_size: usize,
 ) {
@@ -861,9 +1105,9 @@ async fn create_bucket(
 async fn write_retained(
     bridge: Shared,
     store: kv::Store,
-    puts: async_channel::Receiver<(String, Option<Bytes>)>,
+    puts: async_channel::Receiver<RetainedWrite>,
 ) {
-    while let Ok((key, value)) = puts.recv().await {
+    while let Ok(RetainedWrite { key, value, stored }) = puts.recv().await {
         *bridge
             .borrow_mut()
             .own_writes
@@ -877,6 +1121,11 @@ async fn write_retained(
                 .map_err(|e| e.to_string()),
             None => store.delete(&key).await.map_err(|e| e.to_string()),
         };
+        if let Some((answer, last)) = stored
+            && (done.is_err() || last)
+        {
+            let _ = answer.try_send(done.is_ok());
+        }
         if let Err(e) = done {
             let mut b = bridge.borrow_mut();
             b.status

@@ -19,6 +19,14 @@ use serde::Serialize;
 
 use crate::observe::counters::Counters;
 use crate::protocol::message::Message;
+use crate::router::shared;
+
+/// Most members of one shared subscription group a shard reports to the
+/// bridge, and most queue subscriptions per subject a node holds for the
+/// group: NATS picks among queue subscriptions, so a node holding one per
+/// member (up to this) gets a share of the group's messages in proportion
+/// to its members (docs/design/cluster.md §7).
+pub const MAX_SHARE_WEIGHT: u32 = 16;
 
 /// A change of a shard's interest in a filter.
 #[derive(Debug)]
@@ -28,8 +36,28 @@ pub struct Interest {
     /// The MQTT filter.
     pub filter: ByteString,
     /// True: the filter got its first subscriber on the shard; false: it
-    /// lost its last.
+    /// lost its last. For a shared subscription (the whole `$share/...`
+    /// string) also each further member up to [`MAX_SHARE_WEIGHT`], and
+    /// each member gone below it.
     pub add: bool,
+    /// For an addition: dropped by the bridge once the NATS server holds
+    /// the node's interest in the filter (or at once: the node holds it
+    /// already, the link is down), which lets the SUBACK go
+    /// (docs/design/cluster.md §6).
+    pub ready: Option<async_channel::Sender<()>>,
+}
+
+/// A batch of a shard's publishes for the bridge.
+#[derive(Debug)]
+pub struct Outgoing {
+    /// The messages, the same batch the other shards got.
+    pub messages: Arc<Vec<Message>>,
+    /// Set when acknowledgements of retained publishes in the batch wait
+    /// for the retained bucket: the bridge answers `true` once the bucket
+    /// holds every retained message of the batch, `false` when it cannot
+    /// say so (a KV error, the link down in `fence` mode); a dropped
+    /// sender means the same as `false`.
+    pub stored: Option<async_channel::Sender<bool>>,
 }
 
 /// From a shard to the bridge, besides publishes: never dropped.
@@ -145,7 +173,7 @@ pub enum ToShard {
 #[derive(Clone, Debug)]
 pub struct ShardEnds {
     /// Publish batches to the bridge (shared by every shard).
-    pub publish: async_channel::Sender<Arc<Vec<Message>>>,
+    pub publish: async_channel::Sender<Outgoing>,
     /// Interest changes and connects to the bridge (shared by every shard).
     pub interest: async_channel::Sender<Control>,
     /// What the bridge sends this shard.
@@ -183,13 +211,22 @@ impl ClusterLink {
         }
     }
 
-    /// A subscription to `filter` was added on this shard.
-    pub fn subscribed(&mut self, filter: &str) {
+    /// A subscription to `filter` was added on this shard. The first one
+    /// on the shard returns what closes once the NATS server holds the
+    /// node's interest in it (the bridge drops its sender); `None`: the
+    /// shard had the filter already.
+    pub fn subscribed(&mut self, filter: &str) -> Option<async_channel::Receiver<()>> {
         let count = self.counts.entry(ByteString::from(filter)).or_insert(0);
         *count += 1;
-        if *count == 1 {
-            self.tell(filter, true);
+        if *count > 1 {
+            if *count <= MAX_SHARE_WEIGHT && shared::is_shared(filter) {
+                self.tell(filter, true, None);
+            }
+            return None;
         }
+        let (ready, readied) = async_channel::bounded(1);
+        self.tell(filter, true, Some(ready));
+        Some(readied)
     }
 
     /// A subscription to `filter` was removed on this shard.
@@ -200,7 +237,9 @@ impl ClusterLink {
         *count -= 1;
         if *count == 0 {
             self.counts.remove(filter);
-            self.tell(filter, false);
+            self.tell(filter, false, None);
+        } else if *count < MAX_SHARE_WEIGHT && shared::is_shared(filter) {
+            self.tell(filter, false, None);
         }
     }
 
@@ -282,12 +321,14 @@ impl ClusterLink {
         }
     }
 
-    /// Sends an interest change (the queue is unbounded: never full).
-    fn tell(&self, filter: &str, add: bool) {
+    /// Sends an interest change (the queue is unbounded: never full): an
+    /// addition (`add`, with its `ready` sender if it waits), or a removal.
+    fn tell(&self, filter: &str, add: bool, ready: Option<async_channel::Sender<()>>) {
         let change = Control::Interest(Interest {
             shard: self.shard,
             filter: ByteString::from(filter),
             add,
+            ready,
         });
         if self.ends.interest.try_send(change).is_err() {
             log::debug!("cluster bridge gone: interest change for {filter:?} dropped");
@@ -346,6 +387,9 @@ status_figures! {
     cluster_recovered: "Sessions whose subscriptions were recovered from a dead node's record";
     cluster_subscription_records: "Subscriptions records of persistent sessions written";
     cluster_nodes: "Other nodes heard within the node timeout";
+    cluster_suback_unconfirmed: "SUBACKs of a new filter sent without the NATS server's confirmation (link down, no answer in time)";
+    cluster_retained_unconfirmed: "Retained QoS 1/2 publishes acknowledged while the link was down (serve): held by this node only";
+    cluster_retained_refused: "Retained QoS 1/2 publishes not acknowledged: the retained bucket did not confirm them in time";
 }
 
 /// The cluster's state, shared by the bridge, the shards and the admin API.
@@ -425,8 +469,8 @@ impl ClusterStatus {
 mod tests {
     use super::*;
 
-    #[test]
-    fn the_bridge_hears_of_a_filter_at_its_first_and_last_subscriber_only() {
+    /// Shard `shard`'s link, and what it sends the bridge.
+    fn link_of(shard: usize) -> (ClusterLink, async_channel::Receiver<Control>) {
         let (publish, _p) = async_channel::bounded(1);
         let (interest, changes) = async_channel::unbounded();
         let (_to_shard, from_bridge) = async_channel::bounded(1);
@@ -436,11 +480,19 @@ mod tests {
             from_bridge,
         };
         let status = Arc::new(ClusterStatus::new("a".into(), vec![]));
-        let mut link = ClusterLink::new(3, ends, status, Duration::from_millis(1));
-        for _ in 0..3 {
-            link.subscribed("a/#");
+        let link = ClusterLink::new(shard, ends, status, Duration::from_millis(1));
+        (link, changes)
+    }
+
+    #[test]
+    fn the_bridge_hears_of_a_filter_at_its_first_and_last_subscriber_only() {
+        let (mut link, changes) = link_of(3);
+        let first = link.subscribed("a/#");
+        assert!(first.is_some(), "the first subscriber waits for the bridge");
+        for _ in 0..2 {
+            assert!(link.subscribed("a/#").is_none(), "the others do not");
         }
-        link.subscribed("b");
+        assert!(link.subscribed("b").is_some());
         link.unsubscribed("a/#");
         link.unsubscribed("a/#");
         assert_eq!(link.filters(), 2);
@@ -460,5 +512,29 @@ mod tests {
                 (3, "a/#".into(), false)
             ]
         );
+    }
+
+    #[test]
+    fn a_shared_subscription_reports_each_member_up_to_the_weight_cap() {
+        let (mut link, changes) = link_of(0);
+        let over = MAX_SHARE_WEIGHT as usize + 4;
+        let waits = (0..over)
+            .filter(|_| link.subscribed("$share/g/t").is_some())
+            .count();
+        assert_eq!(waits, 1, "only the first member's SUBACK waits");
+        for _ in 0..over {
+            link.unsubscribed("$share/g/t");
+        }
+        let got: Vec<bool> = std::iter::from_fn(|| changes.try_recv().ok())
+            .filter_map(|c| match c {
+                Control::Interest(i) => Some(i.add),
+                _ => None,
+            })
+            .collect();
+        let cap = MAX_SHARE_WEIGHT as usize;
+        assert_eq!(got.len(), 2 * cap);
+        assert!(got[..cap].iter().all(|&add| add));
+        assert!(got[cap..].iter().all(|&add| !add));
+        assert_eq!(link.filters(), 0);
     }
 }

@@ -129,7 +129,9 @@ impl Future for Live {
                 shard.flush_dirty();
                 (
                     step,
-                    shard.has_remote_batch() || shard.held_acks.is_holding(),
+                    shard.has_remote_batch()
+                        || shard.held_acks.is_holding()
+                        || !shard.held_subacks.is_empty(),
                 )
             };
             if !this.ctx.shard.borrow().outbox.is_empty() {

@@ -416,6 +416,15 @@ counter_table! {
         cluster_nodes: Gauge Max,
             prometheus Some("cluster_nodes"), per_shard None, sys None,
             help "Other nodes heard from within the node timeout";
+        cluster_suback_unconfirmed: Counter Max,
+            prometheus Some("cluster_suback_unconfirmed"), per_shard None, sys None,
+            help "SUBACKs of a filter new to the node sent without the NATS server's confirmation of its subscription (link down, or none within 5 s)";
+        cluster_retained_unconfirmed: Counter Max,
+            prometheus Some("cluster_retained_unconfirmed"), per_shard None, sys None,
+            help "Retained QoS 1/2 publishes acknowledged while the NATS link was down (partition_mode serve): held by this node only";
+        cluster_retained_refused: Counter Max,
+            prometheus Some("cluster_retained_refused"), per_shard None, sys None,
+            help "Retained QoS 1/2 publishes not acknowledged (connection closed) because the retained bucket did not confirm them within 5 s";
         shared_deliveries: Counter Sum,
             prometheus Some("shared_deliveries"), per_shard None,
             sys Some("$SYS/broker/shared_subscriptions/delivered"),

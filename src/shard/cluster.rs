@@ -11,12 +11,13 @@
 //! through the route, never the publish: they are never handed on again.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use ahash::AHashMap;
 use bytestring::ByteString;
 
-use crate::cluster::link::ToShard;
+use crate::cluster::link::{Outgoing, ToShard};
 use crate::cluster::ownership::MAX_SUBSCRIPTIONS_RECORD;
 use crate::protocol::message::{Encoded, Message};
 use crate::protocol::topic;
@@ -28,12 +29,30 @@ use crate::shard::persist::{set_stored_options, stored_subscriptions};
 use crate::shard::{Ctx, SessionKey, Shard, offer, read_allowed, registry};
 use crate::store::record::{Record, RecordError, StoredMessage, StoredSession, unix_ms_now};
 
+/// Longest a SUBACK of a filter new to the node waits for the bridge to
+/// say the NATS server holds the subscription (the bridge itself gives up
+/// on the server sooner; this bounds a bridge whose interest queue is
+/// long); it then goes anyway, counted.
+pub const SUBACK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Longest a retained QoS 1/2 publish's acknowledgement waits for the
+/// retained bucket to hold it; after that the publish is not acknowledged
+/// (its connection closes, the client sends it again).
+pub const RETAINED_TIMEOUT: Duration = Duration::from_secs(5);
+
 impl Ctx {
     /// Hands this step's publishes to the bridge, waiting at most the
     /// cluster's `stall` for room (a full queue pushes back on the
     /// publisher like a full mesh channel); then the batch is dropped for
-    /// the cluster only and counted.
-    pub(crate) async fn forward_to_cluster(&self, batch: Arc<Vec<Message>>) {
+    /// the cluster only and counted. With `stored`, the bridge says on the
+    /// returned queue whether the retained bucket holds the batch's
+    /// retained messages (closed at once: not handed over, no cluster).
+    pub(crate) async fn forward_to_cluster(
+        &self,
+        batch: Arc<Vec<Message>>,
+        stored: bool,
+    ) -> async_channel::Receiver<bool> {
+        let (answer, answered) = async_channel::bounded(1);
         let Some((queue, stall)) = self
             .shard
             .borrow()
@@ -41,9 +60,13 @@ impl Ctx {
             .as_ref()
             .map(|c| (c.ends.publish.clone(), c.stall))
         else {
-            return;
+            return answered;
         };
         let n = batch.len() as u64;
+        let batch = Outgoing {
+            messages: batch,
+            stored: stored.then_some(answer),
+        };
         let sent = match queue.try_send(batch) {
             Ok(()) => true,
             Err(async_channel::TrySendError::Full(batch)) => {
@@ -59,6 +82,57 @@ impl Ctx {
         } else {
             shard.stats.cluster_send_dropped += n;
         }
+        answered
+    }
+
+    /// Waits until the retained bucket holds what `stored` (from
+    /// [`Ctx::forward_to_cluster`]) stands for, at most
+    /// [`RETAINED_TIMEOUT`]; whether it does (else counted).
+    pub(crate) async fn retained_stored(&self, stored: async_channel::Receiver<bool>) -> bool {
+        let answer = glommio::timer::timeout(RETAINED_TIMEOUT, async {
+            Ok(stored.recv().await.unwrap_or(false))
+        })
+        .await
+        .unwrap_or(false);
+        if !answer && let Some(link) = &self.shard.borrow().cluster {
+            link.status
+                .figures
+                .cluster_retained_refused
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        answer
+    }
+
+    /// Sends the SUBACKs held for NATS (`Shard::held_subacks`) once the
+    /// bridge answered for every new filter, at most [`SUBACK_TIMEOUT`]
+    /// (then anyway, counted), each followed by its retained messages.
+    pub(crate) async fn release_subacks(&self) {
+        let held = std::mem::take(&mut self.shard.borrow_mut().held_subacks);
+        if held.is_empty() {
+            return;
+        }
+        let ready: Vec<_> = held.iter().flat_map(|h| h.ready.iter().cloned()).collect();
+        let waited = glommio::timer::timeout(SUBACK_TIMEOUT, async {
+            for r in &ready {
+                // Closed when answered: nothing is ever sent.
+                let _ = r.recv().await;
+            }
+            Ok(())
+        })
+        .await;
+        let mut shard = self.shard.borrow_mut();
+        if waited.is_err()
+            && let Some(link) = &shard.cluster
+        {
+            link.status
+                .figures
+                .cluster_suback_unconfirmed
+                .fetch_add(held.len() as u64, Ordering::Relaxed);
+        }
+        for suback in held {
+            shard.answer_subscribe(suback);
+        }
+        shard.flush_dirty();
     }
 }
 

@@ -152,9 +152,10 @@ impl Shard {
     /// publishes, §4.6). With persistence every ack waits: until each
     /// shard's journals hold what the read's publishes made them write (a
     /// retained update on shard 0, the messages persistent sessions queued
-    /// on any shard). A held ack always has a remote batch or this shard's
-    /// journals to wait for, and `Ctx::forward_publishes` releases it at
-    /// the end of the read.
+    /// on any shard). In a cluster a retained publish's ack also waits for
+    /// the cluster's retained bucket. A held ack always has a remote batch
+    /// or this shard's journals to wait for, and `Ctx::forward_publishes`
+    /// releases it at the end of the read.
     pub fn queue_ack(&mut self, key: SessionKey, conn_id: u64, ack: &[u8], retained: bool) {
         // A refusal (MQTT 5.0 reason 0x80 or above) acknowledges nothing
         // stored: it never waits for the disk.
@@ -163,7 +164,11 @@ impl Shard {
         let behind_replicas =
             (retained || persistence) && self.nr_shards > 1 && self.has_remote_batch();
         let behind_disk = persistence;
-        if behind_replicas || behind_disk || self.held_acks.holds(key) {
+        // In a cluster a retained publish waits for the retained bucket
+        // (`Ctx::retained_stored`): a node that dies after the ack loses
+        // nothing the others cannot read.
+        let behind_cluster = retained && !refusal && self.cluster.is_some();
+        if behind_replicas || behind_disk || behind_cluster || self.held_acks.holds(key) {
             self.held_acks.hold(key, conn_id, Box::from(ack));
             return;
         }

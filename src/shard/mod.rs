@@ -119,6 +119,9 @@ pub struct Shard {
     pub registry: Registry,
     /// Acks of retained publishes waiting for every replica.
     pub held_acks: HeldAcks,
+    /// SUBACKs of this step that wait for the cluster's NATS subscriptions
+    /// (`Ctx::release_subacks`).
+    pub held_subacks: Vec<subscribe::HeldSuback>,
     /// The journal of retained updates (persistence on, shard 0 only).
     pub retain_journal: Option<Rc<Journal>>,
     /// This shard's journal of persistent sessions (persistence on).
@@ -296,9 +299,12 @@ impl Ctx {
 
     /// Hands this shard's new publishes to every other shard, waiting while a
     /// peer's channel is full (back-pressure on the publisher). With held
-    /// acks of retained publishes, waits until every shard applied them,
-    /// then sends the acks ([`HeldAcks`]).
+    /// acks of retained publishes, waits until every shard applied them
+    /// (and, in a cluster, the retained bucket holds them), then sends the
+    /// acks ([`HeldAcks`]). SUBACKs held for the cluster go first
+    /// (`Ctx::release_subacks`).
     pub async fn forward_publishes(&self) {
+        self.release_subacks().await;
         let (batch, held, durable, shared, passed_on) = {
             let mut shard = self.shard.borrow_mut();
             let held = shard.held_acks.take();
@@ -379,9 +385,17 @@ impl Ctx {
                 }
             }
         }
-        if let Some(batch) = batch {
-            self.forward_to_cluster(batch).await;
-        }
+        // Held acks of retained publishes wait for the cluster's bucket too.
+        let stored = match batch {
+            Some(batch) => {
+                let retained = !held.is_empty()
+                    && self.shard.borrow().cluster.is_some()
+                    && batch.iter().any(|m| m.retain && m.qos != QoS::AtMostOnce);
+                let stored = self.forward_to_cluster(batch, retained).await;
+                retained.then_some(stored)
+            }
+            None => None,
+        };
         if let Some(token) = barrier {
             let applied = std::future::poll_fn(|cx| {
                 self.shard.borrow_mut().held_acks.poll_applied(token, cx)
@@ -401,6 +415,16 @@ impl Ctx {
                     "shards did not apply a retained publish in {APPLY_TIMEOUT:?}, acknowledged anyway"
                 );
             }
+        }
+        if let Some(stored) = stored
+            && !self.retained_stored(stored).await
+        {
+            // Counted by `retained_stored`.
+            log::warn!(
+                "cluster: a retained QoS 1/2 publish not stored in the retained bucket in time; closing its connection unacknowledged"
+            );
+            self.close_held(held);
+            return;
         }
         for (journal, lsn) in durable {
             let waited = glommio::timer::timeout(APPLY_TIMEOUT, async {
@@ -436,8 +460,14 @@ impl Ctx {
         log::warn!(
             "persistence: a retained QoS 1/2 publish not acknowledged in {APPLY_TIMEOUT:?} ({why}); closing its connection"
         );
+        self.shard.borrow_mut().stats.store_refused += held.len() as u64;
+        self.close_held(held);
+    }
+
+    /// Closes the connections of `held` acks, which are never sent: the
+    /// clients send their publishes again after reconnecting.
+    fn close_held(&self, held: Vec<(SessionKey, u64, Box<[u8]>)>) {
         let mut shard = self.shard.borrow_mut();
-        shard.stats.store_refused += held.len() as u64;
         for (key, conn_id, _) in held {
             if let Some(link) = shard
                 .session_for(key, conn_id)
@@ -484,6 +514,7 @@ impl Shard {
             moves_waiting: 0,
             registry: Registry::default(),
             held_acks: HeldAcks::default(),
+            held_subacks: Vec::new(),
             retain_journal: None,
             session_journal: None,
             persist_stamps: ahash::AHashMap::new(),

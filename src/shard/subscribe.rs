@@ -23,6 +23,29 @@ use crate::session::Delivery;
 use crate::session::outqueue::{Frame, OutFrame};
 use crate::shard::{SessionKey, Shard, may_read};
 
+/// A SUBACK held until the NATS server holds the node's subscriptions of
+/// the filters it grants that were new to the node (docs/design/cluster.md
+/// §6): a message another node publishes once the client has its SUBACK
+/// then reaches it. Sent by `Ctx::release_subacks` with the retained
+/// messages that follow it.
+#[derive(Debug)]
+pub struct HeldSuback {
+    /// The session.
+    key: SessionKey,
+    /// Its connection then (None: none, as in unit tests): another
+    /// connection of the session, or none, gets nothing.
+    conn_id: Option<u64>,
+    /// The SUBACK's bytes.
+    suback: Box<[u8]>,
+    /// The filters whose retained messages follow: filter, granted QoS,
+    /// whether the ACL covers it only partly.
+    retained: Vec<(ByteString, codec::QoS, bool)>,
+    /// The SUBSCRIBE's Subscription Identifier (5.0).
+    identifier: Option<NonZeroU32>,
+    /// One per new filter, closed by the bridge once the server holds it.
+    pub ready: Vec<async_channel::Receiver<()>>,
+}
+
 impl Shard {
     /// SUBSCRIBE (§3.8): adds each valid filter the ACL allows (`username`:
     /// the client's, for the ACL; a filter it covers only partly makes the
@@ -66,6 +89,8 @@ impl Shard {
     ) {
         let mut codes = Vec::with_capacity(filters.len());
         let mut granted_filters = Vec::with_capacity(filters.len());
+        // The bridge's answers for the filters new to this shard.
+        let mut ready = Vec::new();
         let checked_before = self
             .sessions
             .get(key as usize)
@@ -157,7 +182,7 @@ impl Shard {
                 // the copies its group sends it (`Session::deliver_shared`).
                 session.set_subscription_options(stored, &options, identifier);
                 if new && let Some(link) = &mut self.cluster {
-                    link.subscribed(&share);
+                    ready.extend(link.subscribed(&share));
                 }
                 self.shared_join(key, share, qos);
                 codes.push(ReasonCode::granted(qos));
@@ -166,7 +191,7 @@ impl Shard {
             // The session keeps the router's copy of the filter string.
             let (added, shared) = self.router.subscribe_shared(&filter, key, qos);
             if added && let Some(link) = &mut self.cluster {
-                link.subscribed(&filter);
+                ready.extend(link.subscribed(&filter));
             }
             let new = session.subscribe(shared.clone(), qos);
             session.set_subscription_options(shared, &options, identifier);
@@ -215,6 +240,43 @@ impl Shard {
             // Cannot happen: the SUBSCRIBE was no larger than the SUBACK.
             log::error!("cannot encode SUBACK: {e}");
         }
+        let held = HeldSuback {
+            key,
+            conn_id: session.link.as_ref().map(|l| l.conn_id),
+            suback: Box::from(&suback[..]),
+            retained: granted_filters,
+            identifier,
+            ready,
+        };
+        // Behind an earlier held SUBACK of the session, a SUBACK waits too:
+        // they keep their order.
+        let behind = self.held_subacks.iter().any(|h| h.key == key);
+        if session.link.is_some() && (!held.ready.is_empty() || behind) {
+            self.held_subacks.push(held);
+        } else {
+            self.answer_subscribe(held);
+        }
+        self.journal_session(key);
+        self.share_subscriptions(key);
+    }
+
+    /// Queues a SUBACK and the retained messages that follow it.
+    pub(super) fn answer_subscribe(&mut self, held: HeldSuback) {
+        let HeldSuback {
+            key,
+            conn_id,
+            suback,
+            retained: granted_filters,
+            identifier,
+            ready: _,
+        } = held;
+        let Some(session) = self.sessions.get_mut(key as usize) else {
+            return;
+        };
+        if conn_id.is_some() && session.link.as_ref().map(|l| l.conn_id) != conn_id {
+            // Gone, or a later connection: this SUBSCRIBE was not its.
+            return;
+        }
         session.out.push(OutFrame::whole(Frame::from(&suback[..])));
         // Retained messages go after the SUBACK (§3.3.1.3); those of a
         // partly covered filter only where the ACL lets the client read.
@@ -242,8 +304,6 @@ impl Shard {
             });
         }
         self.mark_dirty(key);
-        self.journal_session(key);
-        self.share_subscriptions(key);
     }
 
     /// Takes session `key`'s subscription `filter` out of the router (a

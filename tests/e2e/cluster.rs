@@ -385,6 +385,187 @@ fn retained_messages_reach_every_node_also_one_started_later_and_deletes_too() {
 }
 
 #[test]
+fn a_message_published_on_another_node_right_after_the_suback_arrives() {
+    /// Fresh filters per SUBSCRIBE.
+    const FRESH: usize = 300;
+    let Some(nats) = Nats::start("cluster suback") else {
+        return;
+    };
+    let (a, b) = (nats.node("a"), nats.node("b"));
+    let publisher = Mqtt::connect(b.port, "suback-pub");
+    // Fresh filters, many in one SUBSCRIBE: without the wait its SUBACK
+    // would go well before the server holds the last subscriptions
+    // (checked: messages are then missed in the first round).
+    let mut subscribers = Vec::new();
+    for round in 0..4 {
+        // A client of its own each round: under max_subscriptions_per_client.
+        let mut subscriber = Mqtt::connect(a.port, &format!("suback-sub-{round}"));
+        let topics: Vec<String> = (0..FRESH).map(|i| format!("suback/{round}/{i}")).collect();
+        let filters: Vec<(&str, QoS)> = topics
+            .iter()
+            .map(|t| (t.as_str(), QoS::AtLeastOnce))
+            .collect();
+        let codes = subscriber.subscribe_many(&filters);
+        assert_eq!(
+            codes,
+            vec![rumqttc::SubscribeReasonCode::Success(QoS::AtLeastOnce); FRESH]
+        );
+        for topic in topics.iter().rev() {
+            publisher.publish(topic, QoS::AtLeastOnce, false, b"right after");
+        }
+        let mut missing: std::collections::BTreeSet<&String> = topics.iter().collect();
+        while !missing.is_empty() {
+            let Some(p) = subscriber.recv_publish(TIMEOUT) else {
+                panic!("round {round}: never arrived on node a: {missing:?}");
+            };
+            assert!(missing.remove(&p.topic), "{} twice or unasked", p.topic);
+        }
+        subscribers.push(subscriber);
+    }
+    // A filter the node holds already answers at once, and also arrives.
+    let mut second = Mqtt::connect(a.port, "suback-second");
+    second.subscribe("suback/0/0", QoS::AtLeastOnce);
+    publisher.publish("suback/0/0", QoS::AtLeastOnce, false, b"again");
+    assert_eq!(&second.expect_publish().payload[..], b"again");
+    let stats = wait_stats(&a, |s| {
+        s["total"]["cluster_subscriptions"].as_u64() >= Some(4 * FRESH as u64)
+    });
+    assert_eq!(
+        stats["total"]["cluster_suback_unconfirmed"], 0,
+        "every SUBACK confirmed by the server"
+    );
+}
+
+#[test]
+fn a_retained_publish_acknowledged_on_a_node_killed_right_after_survives_in_the_cluster() {
+    /// Retained messages published in one burst.
+    const KEPT: usize = 200;
+    /// Bytes added to each payload: bucket writes take their time.
+    const PAD: usize = 1024;
+    let Some(nats) = Nats::start("cluster retained ack") else {
+        return;
+    };
+    // One shard: no wait for other shards' replicas before the PUBACK.
+    let (mut a, b) = (nats.node_with("a", "shards = 1"), nats.node("b"));
+    let mut publisher = Mqtt::connect(a.port, "kept-pub");
+    let pad = "x".repeat(PAD);
+    // A burst: the PUBACKs would come long before the bucket's writes,
+    // which are made one after the other.
+    for i in 0..KEPT {
+        publisher.publish(
+            &format!("kept/{i}"),
+            QoS::AtLeastOnce,
+            true,
+            format!("{i} {pad}").as_bytes(),
+        );
+    }
+    for _ in 0..KEPT {
+        publisher
+            .wait_for(|p| matches!(p, rumqttc::Packet::PubAck(_)).then_some(()))
+            .unwrap_or_else(|e| panic!("no PUBACK: {e}"));
+    }
+    a.signal(libc::SIGKILL);
+    a.wait_exit(TIMEOUT).expect("node a killed");
+    // What node b's watch brings is in the bucket: every acknowledged one.
+    wait_stats(&b, |s| s["total"]["retained"] == KEPT as u64);
+    let mut subscriber = Mqtt::connect(b.port, "kept-sub");
+    subscriber.subscribe("kept/#", QoS::AtLeastOnce);
+    let mut got: Vec<(String, String)> = (0..KEPT)
+        .map(|_| {
+            let p = subscriber.expect_publish();
+            assert!(p.retain);
+            (p.topic, String::from_utf8_lossy(&p.payload).into_owned())
+        })
+        .collect();
+    got.sort();
+    let mut expected: Vec<(String, String)> = (0..KEPT)
+        .map(|i| (format!("kept/{i}"), format!("{i} {pad}")))
+        .collect();
+    expected.sort();
+    assert_eq!(got, expected);
+    // And a node started afterwards loads them from the bucket.
+    let c = nats.node("c");
+    wait_stats(&c, |s| s["total"]["retained"] == KEPT as u64);
+}
+
+#[test]
+fn a_retained_publish_the_bucket_cannot_hold_is_never_acknowledged() {
+    let Some(nats) = Nats::start("cluster retained refused") else {
+        return;
+    };
+    // Node b makes the bucket, for values of its own smaller packets.
+    let b = nats.node_with("b", "max_packet_size = 10000");
+    b.wait_log(|l| l.contains("retained messages in bucket"), TIMEOUT)
+        .expect("bucket ready");
+    let a = nats.node("a");
+    a.wait_log(|l| l.contains("retained messages in bucket"), TIMEOUT)
+        .expect("bucket open");
+    let big = vec![b'x'; 20_000];
+    let mut publisher = Raw::connect(a.port, "too-big");
+    // QoS 0 never waits.
+    publisher.send(&crate::common::publish(b"big/0", &big, 0, true, false, 0));
+    publisher.ping();
+    // QoS 1: the bucket refuses the value, so no PUBACK: the connection
+    // closes and the client will send it again.
+    publisher.send(&crate::common::publish(b"big/1", &big, 1, true, false, 1));
+    let got = publisher.expect_closed();
+    assert!(got.is_empty(), "no PUBACK: {got:?}");
+    wait_stats(&a, |s| s["total"]["cluster_retained_refused"] == 1);
+    // A value the bucket holds is acknowledged.
+    let mut small = Mqtt::connect(a.port, "small");
+    small.publish_acked("big/2", true, b"fits");
+    wait_stats(&b, |s| s["total"]["retained"].as_u64() >= Some(1));
+}
+
+#[test]
+fn while_nats_is_down_subacks_and_retained_acks_do_not_wait_except_fenced_retained() {
+    let Some(mut nats) = Nats::start("cluster acks down") else {
+        return;
+    };
+    let serving = nats.node("serving");
+    let fenced = nats.node_cluster("fenced", "partition_mode = \"fence\"");
+    let mut on_fenced = Raw::connect(fenced.port, "down-fenced");
+    let mut on_serving = Mqtt::connect(serving.port, "down-serving");
+    nats.stop();
+    wait_link(&serving, "down");
+    wait_link(&fenced, "down");
+    // A new filter: its SUBACK comes without the server, counted.
+    on_serving.subscribe("down/new", QoS::AtLeastOnce);
+    wait_stats(&serving, |s| s["total"]["cluster_suback_unconfirmed"] == 1);
+    // Retained QoS 1: acknowledged as held by this node alone (serve).
+    on_serving.publish_acked("down/kept", true, b"local");
+    wait_stats(&serving, |s| {
+        s["total"]["cluster_retained_unconfirmed"] == 1
+    });
+    let mut local = Mqtt::connect(serving.port, "down-local");
+    local.subscribe("down/kept", QoS::AtLeastOnce);
+    assert_eq!(&local.expect_publish().payload[..], b"local");
+    wait_stats(&serving, |s| s["total"]["cluster_suback_unconfirmed"] == 2);
+    // Fenced: never acknowledged; the connection closes, the client will
+    // send it again.
+    assert_eq!(on_fenced.subscribe(1, &[("down/fenced", 1)]), [1]);
+    on_fenced.send(&crate::common::publish(
+        b"down/fenced",
+        b"x",
+        1,
+        true,
+        false,
+        7,
+    ));
+    on_fenced.expect_closed();
+    wait_stats(&fenced, |s| s["total"]["cluster_retained_refused"] == 1);
+    // Back up: a SUBACK waits for the server again, so a message from the
+    // other node right after it arrives.
+    nats.run();
+    wait_link(&serving, "up");
+    wait_link(&fenced, "up");
+    on_serving.subscribe("down/after", QoS::AtLeastOnce);
+    let other = Mqtt::connect(fenced.port, "down-other");
+    other.publish("down/after", QoS::AtLeastOnce, false, b"after");
+    assert_eq!(&on_serving.expect_publish().payload[..], b"after");
+}
+
+#[test]
 fn a_killed_node_leaves_the_others_working_and_a_nats_restart_heals_by_itself() {
     let Some(mut nats) = Nats::start("cluster faults") else {
         return;
@@ -1054,8 +1235,9 @@ fn a_shared_subscription_gives_each_message_to_one_member_across_nodes() {
         .collect();
     let mut other = Mqtt::connect(b.port, "sh-other");
     other.subscribe("$share/h/sh/#", QoS::AtLeastOnce);
-    // One queue subscription per node and subject, whatever the members.
-    nats.wait_subscriptions("fanmq.t.sh.>", 3);
+    // One queue subscription per node, subject and member of the group
+    // (up to 16): A holds one for g, B two for g and one for h.
+    nats.wait_subscriptions("fanmq.t.sh.>", 4);
     let publisher_a = Mqtt::connect(a.port, "sh-pub-a");
     let publisher_b = Mqtt::connect(b.port, "sh-pub-b");
     for i in 0..100 {
