@@ -936,6 +936,15 @@ mod tests {
         testing::shard_with(id, 3, Config::default())
     }
 
+    /// A client id `prefix`N whose home is shard 0 of 3, where the tests
+    /// attach it (so the home knows the session without a claim).
+    fn homed_on_0(prefix: &str) -> String {
+        (0..100)
+            .map(|i| format!("{prefix}{i}"))
+            .find(|id| home_shard(id, 3) == 0)
+            .expect("an id homed on shard 0")
+    }
+
     /// Sends every message `from`'s outbox holds for `to` there; the rest
     /// stays in the outbox.
     fn carry(shards: &mut [Shard], from: usize, to: usize) {
@@ -963,11 +972,7 @@ mod tests {
     #[test]
     fn a_third_shard_that_gets_the_old_shards_leave_first_still_finds_the_member() {
         let mut shards = [shard_of_3(0), shard_of_3(1), shard_of_3(2)];
-        // A client id whose home is shard 0, where its session is.
-        let id = (0..100)
-            .map(|i| format!("m{i}"))
-            .find(|id| home_shard(id, 3) == 0)
-            .expect("an id homed on shard 0");
+        let id = homed_on_0("m");
         let old = attach_client(&mut shards[0], &id, "$share/g/t", QoS::AtLeastOnce, None);
         shards[0].sessions[old.key as usize].clean_session = false;
         pump(&mut shards);
@@ -1012,10 +1017,7 @@ mod tests {
     #[test]
     fn a_message_for_a_clean_member_taken_over_goes_to_another_member_of_the_group() {
         let mut shards = [shard_of_3(0), shard_of_3(1), shard_of_3(2)];
-        let id = (0..100)
-            .map(|i| format!("c{i}"))
-            .find(|id| home_shard(id, 3) == 0)
-            .expect("an id homed on shard 0");
+        let id = homed_on_0("c");
         let clean = attach_client(&mut shards[0], &id, "$share/h/t", QoS::AtLeastOnce, None);
         let mut other = attach_client(&mut shards[2], "o", "$share/h/t", QoS::AtLeastOnce, None);
         pump(&mut shards);
