@@ -33,6 +33,7 @@ use smallvec::SmallVec;
 use std::num::NonZeroU16;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use crate::protocol::Version;
@@ -81,6 +82,48 @@ pub struct BatchRange {
 pub struct Batch {
     /// The frames of each lane, in the order they were encoded.
     lanes: [BytesMut; LANES],
+    /// The shard's numbers for topics delivered with a server Topic Alias
+    /// (kept across steps, see [`TopicNumbers`]).
+    topics: TopicNumbers,
+}
+
+/// How many topics a shard's [`TopicNumbers`] keeps before it starts over:
+/// a fan-out broker aliases a few hot topics; a shard that sees more forgets
+/// them all at once (about 100 bytes each, so at most a few hundred KB).
+const TOPIC_NUMBERS_KEPT: usize = 4096;
+
+/// The next topic number to give, in the whole process (0 is never given:
+/// it means "none"). Process-wide, so that no two [`TopicNumbers`] give the
+/// same number to different topics; taken once per topic a shard sees, never
+/// per delivery.
+static NEXT_TOPIC_NUMBER: AtomicU64 = AtomicU64::new(1);
+
+/// One number per topic that a shard delivered with a server Topic Alias,
+/// so that a connection can remember the topic its alias stands for as a
+/// number held inline (`session::alias::ServerAliases`) and check a
+/// repeated topic with one comparison, without reading its own copy of the
+/// topic. A number is never given to two topics (numbers only grow; when
+/// the map starts over, forgotten topics get new numbers, and a
+/// connection holding an old one only misses its shortcut).
+#[derive(Debug, Default)]
+struct TopicNumbers {
+    /// The number of each topic seen since the map last started over.
+    numbers: ahash::AHashMap<Box<str>, u64>,
+}
+
+impl TopicNumbers {
+    /// The number of `topic`, given now if it has none.
+    fn number(&mut self, topic: &str) -> u64 {
+        if let Some(&number) = self.numbers.get(topic) {
+            return number;
+        }
+        if self.numbers.len() >= TOPIC_NUMBERS_KEPT {
+            self.numbers.clear();
+        }
+        let number = NEXT_TOPIC_NUMBER.fetch_add(1, Ordering::Relaxed);
+        self.numbers.insert(Box::from(topic), number);
+        number
+    }
 }
 
 impl Batch {
@@ -348,6 +391,18 @@ pub struct Encoded<'a> {
     v5: Option<Box<V5Forms>>,
     /// The hash of the topic that picks its Topic Alias, once computed.
     topic_hash: Option<u64>,
+    /// The last alias computed ([`Encoded::alias_for`]), with the maximum
+    /// it was computed for: most subscribers of a shard share one maximum,
+    /// so the division is done once per message.
+    last_alias: Option<(NonZeroU16, NonZeroU16)>,
+    /// The topic's number on this shard ([`Encoded::topic_number`]), 0
+    /// until asked for.
+    topic_number: u64,
+    /// The last aliased QoS 0 frame range for a connection that does not
+    /// know the alias yet (index 0) and for one that does (index 1), with
+    /// the alias: the frame of most aliased deliveries without a search of
+    /// [`V5Forms::aliased`].
+    aliased_qos0: [Option<(NonZeroU16, BatchRange)>; 2],
 }
 
 /// The MQTT 5.0 wire forms of one message for one fan-out on one shard
@@ -387,6 +442,9 @@ impl<'a> Encoded<'a> {
             payload: None,
             v5: None,
             topic_hash: None,
+            last_alias: None,
+            topic_number: 0,
+            aliased_qos0: [None, None],
         }
     }
 
@@ -395,13 +453,37 @@ impl<'a> Encoded<'a> {
     /// modulo `maximum`, the same for every such client (see the module
     /// documentation). Two topics may get the same alias; the connection's
     /// table then keeps the latest (session::alias).
+    #[inline]
     pub fn alias_for(&mut self, maximum: NonZeroU16) -> NonZeroU16 {
+        match self.last_alias {
+            Some((max, alias)) if max == maximum => alias,
+            _ => self.compute_alias(maximum),
+        }
+    }
+
+    /// [`Encoded::alias_for`] for a maximum other than the last one.
+    #[inline(never)]
+    fn compute_alias(&mut self, maximum: NonZeroU16) -> NonZeroU16 {
         let message = self.message;
         let hash = *self
             .topic_hash
             .get_or_insert_with(|| ALIAS_HASH.hash_one(message.topic.as_bytes()));
         let index = u16::try_from(hash % u64::from(maximum.get())).unwrap_or(0);
-        NonZeroU16::MIN.saturating_add(index)
+        let alias = NonZeroU16::MIN.saturating_add(index);
+        self.last_alias = Some((maximum, alias));
+        alias
+    }
+
+    /// The number of this message's topic on this shard (never 0): the
+    /// same for every message on the same topic (unless the shard's
+    /// numbering started over in between), different for every other
+    /// topic. Looked up once per message, then one load.
+    #[inline]
+    pub fn topic_number(&mut self) -> u64 {
+        if self.topic_number == 0 {
+            self.topic_number = self.batch.topics.number(&self.message.topic);
+        }
+        self.topic_number
     }
 
     /// The QoS 0 frame's range in the shard's batch of this step for a
@@ -487,9 +569,21 @@ impl<'a> Encoded<'a> {
     /// The MQTT 5.0 QoS 0 frame with Topic Alias `alias`: its range in the
     /// shard's batch, encoded the first time, then shared by every
     /// subscriber that uses the alias the same way.
+    #[inline]
     pub fn qos0_frame_aliased(&mut self, alias: AliasUse) -> BatchRange {
+        match self.aliased_qos0[usize::from(alias.known)] {
+            Some((last, range)) if last == alias.alias => range,
+            _ => self.find_qos0_aliased(alias),
+        }
+    }
+
+    /// [`Encoded::qos0_frame_aliased`] for another alias than the last one:
+    /// the form's range, encoded the first time.
+    #[inline(never)]
+    fn find_qos0_aliased(&mut self, alias: AliasUse) -> BatchRange {
         let message = self.message;
         if let Some(range) = self.v5_form(Some(alias)).qos0 {
+            self.aliased_qos0[usize::from(alias.known)] = Some((alias.alias, range));
             return range;
         }
         let properties = v5_properties(message, Some(alias));
@@ -498,6 +592,7 @@ impl<'a> Encoded<'a> {
             report_unencodable_v5(v5::encode_publish(&header, 0, &message.payload, batch));
         });
         self.v5_form(Some(alias)).qos0 = Some(range);
+        self.aliased_qos0[usize::from(alias.known)] = Some((alias.alias, range));
         range
     }
 

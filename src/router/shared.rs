@@ -106,6 +106,13 @@ pub enum MemberUpdate {
         shard: usize,
         /// The member's session key there.
         key: u32,
+        /// Set when the session was taken over by a connection on this
+        /// shard, whose `Join` of the same client id to the group reached
+        /// the sender: a replica that has not applied that `Join` yet (it
+        /// travels on another channel) keeps the entry until it does
+        /// ([`SharedGroups::leave_moved`]), so that no replica ever lacks
+        /// the member in between.
+        moved_to: Option<usize>,
     },
 }
 
@@ -144,6 +151,25 @@ pub struct Group {
     pub members: Vec<Member>,
     /// Round robin: the index to try first next time.
     next: usize,
+    /// Entries of sessions taken over by another shard's connection whose
+    /// `Leave` came before that shard's `Join` (see
+    /// [`SharedGroups::leave_moved`]); usually empty.
+    replaced: Vec<Replaced>,
+}
+
+/// An entry kept after its `Leave` until the `Join` that replaces it is
+/// applied (a take-over by a connection on another shard).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Replaced {
+    /// The entry's shard.
+    shard: usize,
+    /// The entry's session key there.
+    key: u32,
+    /// The shard whose `Join` of the same client id ends it.
+    to: usize,
+    /// When its `Leave` arrived, in the caller's ticks: one kept too long
+    /// ([`SharedGroups::end_replaced`]) goes anyway.
+    since: u32,
 }
 
 /// Every group, with a trie of their filters.
@@ -162,6 +188,9 @@ pub struct SharedGroups {
     strategy: SharedStrategy,
     /// Random numbers for the `random` strategy.
     rng: fastrand::Rng,
+    /// How many [`Replaced`] entries all groups hold: the sweep looks at
+    /// the groups only when some are.
+    replaced: usize,
 }
 
 impl SharedGroups {
@@ -174,6 +203,7 @@ impl SharedGroups {
             matched: Vec::new(),
             strategy,
             rng: fastrand::Rng::new(),
+            replaced: 0,
         }
     }
 
@@ -219,11 +249,23 @@ impl SharedGroups {
         self.groups.get(id as usize)
     }
 
-    /// Applies a membership change (from this shard or another).
-    pub fn apply(&mut self, update: MemberUpdate) {
+    /// Applies a membership change (from this shard or another) at `now`
+    /// (ticks, for [`SharedGroups::end_replaced`]).
+    pub fn apply(&mut self, update: MemberUpdate, now: u32) {
         match update {
             MemberUpdate::Join { share, member } => self.join(share, member),
-            MemberUpdate::Leave { share, shard, key } => self.leave(&share, shard, key),
+            MemberUpdate::Leave {
+                share,
+                shard,
+                key,
+                moved_to: None,
+            } => self.leave(&share, shard, key),
+            MemberUpdate::Leave {
+                share,
+                shard,
+                key,
+                moved_to: Some(to),
+            } => self.leave_moved(&share, shard, key, to, now),
         }
     }
 
@@ -244,6 +286,7 @@ impl SharedGroups {
                     share: share.clone(),
                     members: Vec::new(),
                     next: 0,
+                    replaced: Vec::new(),
                 }) as u32;
                 self.router.subscribe_shared(filter, id, QoS::AtMostOnce);
                 self.by_share.insert(share, id);
@@ -253,6 +296,30 @@ impl SharedGroups {
         let Some(group) = self.groups.get_mut(id as usize) else {
             return;
         };
+        if !group.replaced.is_empty() {
+            // The Join that ends a kept entry: the same client id on the
+            // shard it moved to. A Join of the kept entry's own shard and
+            // key is a new session's (the key was reused): it is no longer
+            // kept for a move.
+            let before = group.replaced.len();
+            let Group {
+                members, replaced, ..
+            } = group;
+            replaced.retain(|r| {
+                if r.shard == member.shard && r.key == member.key {
+                    return false;
+                }
+                let ends = r.to == member.shard
+                    && members.iter().any(|m| {
+                        m.shard == r.shard && m.key == r.key && m.client_id == member.client_id
+                    });
+                if ends {
+                    members.retain(|m| !(m.shard == r.shard && m.key == r.key));
+                }
+                !ends
+            });
+            self.replaced -= before - group.replaced.len();
+        }
         match group
             .members
             .iter_mut()
@@ -260,6 +327,73 @@ impl SharedGroups {
         {
             Some(entry) => *entry = member,
             None => group.members.push(member),
+        }
+    }
+
+    /// The `Leave` of entry (`shard`, `key`) of group `share`, a session
+    /// taken over by a connection on shard `to`: removed now if this
+    /// replica has `to`'s entry of the same client id, else kept (still
+    /// chosen, its shard passes the messages on) until that `Join` is
+    /// applied here. The two updates come on different channels (from the
+    /// old shard and from `to`), so with three or more shards this one may
+    /// come first; removing the entry then would leave the group without
+    /// the member in between. Kept at most until [`SharedGroups::end_replaced`].
+    pub fn leave_moved(&mut self, share: &str, shard: usize, key: u32, to: usize, now: u32) {
+        let Some(group) = self
+            .by_share
+            .get(share)
+            .and_then(|&id| self.groups.get_mut(id as usize))
+        else {
+            return;
+        };
+        let Some(entry) = group
+            .members
+            .iter()
+            .find(|m| m.shard == shard && m.key == key)
+        else {
+            return;
+        };
+        let joined = group
+            .members
+            .iter()
+            .any(|m| m.shard == to && m.client_id == entry.client_id);
+        if joined {
+            self.leave(share, shard, key);
+            return;
+        }
+        if !group
+            .replaced
+            .iter()
+            .any(|r| r.shard == shard && r.key == key)
+        {
+            group.replaced.push(Replaced {
+                shard,
+                key,
+                to,
+                since: now,
+            });
+            self.replaced += 1;
+        }
+    }
+
+    /// Removes the entries kept by [`SharedGroups::leave_moved`] for more
+    /// than `wait` ticks at `now`: the `Join` they wait for did not come
+    /// (the session left the group on its new shard before this replica
+    /// applied its `Join`, or ended there).
+    pub fn end_replaced(&mut self, now: u32, wait: u32) {
+        if self.replaced == 0 {
+            return;
+        }
+        let mut ended = Vec::new();
+        for (_, group) in &self.groups {
+            for r in &group.replaced {
+                if now.saturating_sub(r.since) > wait {
+                    ended.push((group.share.clone(), r.shard, r.key));
+                }
+            }
+        }
+        for (share, shard, key) in ended {
+            self.leave(&share, shard, key);
         }
     }
 
@@ -275,9 +409,15 @@ impl SharedGroups {
         group
             .members
             .retain(|m| !(m.shard == shard && m.key == key));
+        let kept = group.replaced.len();
+        group
+            .replaced
+            .retain(|r| !(r.shard == shard && r.key == key));
+        self.replaced -= kept - group.replaced.len();
         if !group.members.is_empty() {
             return;
         }
+        self.replaced -= group.replaced.len();
         self.groups.remove(id as usize);
         self.by_share.remove(share);
         if let Parsed::Shared { filter, .. } = parse(share) {
@@ -398,11 +538,15 @@ mod tests {
         let mut seen = 0;
         groups.for_each_match("a/b", 0, |_, _| seen += 1);
         assert_eq!(seen, 1);
-        groups.apply(MemberUpdate::Leave {
-            share: "$share/g/a/+".into(),
-            shard: 1,
-            key: 1,
-        });
+        groups.apply(
+            MemberUpdate::Leave {
+                share: "$share/g/a/+".into(),
+                shard: 1,
+                key: 1,
+                moved_to: None,
+            },
+            0,
+        );
         assert!(groups.is_empty());
     }
 
@@ -436,5 +580,78 @@ mod tests {
         let group = groups.group("$share/g/t").expect("the group");
         let order: Vec<u32> = group.members_from(2).map(|m| m.key).collect();
         assert_eq!(order, [2, 0, 1]);
+    }
+
+    /// A member `client_id` on `shard` with session `key`.
+    fn named(shard: usize, key: u32, client_id: &str) -> Member {
+        Member {
+            client_id: ByteString::from(client_id),
+            ..member(shard, key, false)
+        }
+    }
+
+    fn entries(groups: &SharedGroups) -> Vec<(usize, u32)> {
+        groups
+            .group("$share/g/t")
+            .map(|g| g.members.iter().map(|m| (m.shard, m.key)).collect())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn a_moved_leave_before_the_new_shards_join_keeps_the_entry_until_the_join() {
+        // Shard 2's replica: the member is on shard 0, taken over by a
+        // connection on shard 1; shard 0's Leave comes first.
+        let mut groups = SharedGroups::new(SharedStrategy::RoundRobin);
+        groups.join("$share/g/t".into(), named(0, 5, "m"));
+        groups.apply(
+            MemberUpdate::Leave {
+                share: "$share/g/t".into(),
+                shard: 0,
+                key: 5,
+                moved_to: Some(1),
+            },
+            10,
+        );
+        assert_eq!(entries(&groups), [(0, 5)], "still chosen meanwhile");
+        let mut chosen = 0;
+        groups.for_each_match("t", 0, |_, _| chosen += 1);
+        assert_eq!(chosen, 1);
+        // Another client's Join ends nothing.
+        groups.join("$share/g/t".into(), named(1, 9, "other"));
+        assert_eq!(entries(&groups), [(0, 5), (1, 9)]);
+        // Shard 1's Join of "m" replaces it.
+        groups.join("$share/g/t".into(), named(1, 3, "m"));
+        assert_eq!(entries(&groups), [(1, 9), (1, 3)]);
+        assert_eq!(groups.replaced, 0);
+    }
+
+    #[test]
+    fn a_moved_leave_after_the_new_shards_join_removes_the_entry_at_once() {
+        let mut groups = SharedGroups::new(SharedStrategy::RoundRobin);
+        groups.join("$share/g/t".into(), named(0, 5, "m"));
+        groups.join("$share/g/t".into(), named(1, 3, "m"));
+        groups.leave_moved("$share/g/t", 0, 5, 1, 0);
+        assert_eq!(entries(&groups), [(1, 3)]);
+        assert_eq!(groups.replaced, 0);
+    }
+
+    #[test]
+    fn a_kept_entry_goes_after_the_wait_or_with_a_new_session_of_its_key() {
+        let mut groups = SharedGroups::new(SharedStrategy::RoundRobin);
+        groups.join("$share/g/t".into(), named(0, 5, "m"));
+        groups.join("$share/g/t".into(), named(0, 6, "n"));
+        groups.leave_moved("$share/g/t", 0, 5, 1, 100);
+        groups.leave_moved("$share/g/t", 0, 6, 1, 100);
+        assert_eq!(groups.replaced, 2);
+        // Key 6 reused on shard 0 by a new session: no longer kept for a
+        // move, so a Join of "n" from shard 1 leaves it alone.
+        groups.join("$share/g/t".into(), named(0, 6, "new"));
+        groups.join("$share/g/t".into(), named(1, 1, "n"));
+        assert_eq!(entries(&groups), [(0, 5), (0, 6), (1, 1)]);
+        groups.end_replaced(150, 100);
+        assert_eq!(entries(&groups).len(), 3, "not yet");
+        groups.end_replaced(201, 100);
+        assert_eq!(entries(&groups), [(0, 6), (1, 1)]);
+        assert_eq!(groups.replaced, 0);
     }
 }

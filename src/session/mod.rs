@@ -485,7 +485,7 @@ impl Session {
                 return Delivery::Dropped;
             }
             self.out.push_batch(range);
-            self.remember_alias(alias, &message.topic);
+            self.remember_alias(alias, encoded);
             return Delivery::Queued;
         }
         let forwarded = Message {
@@ -507,7 +507,7 @@ impl Session {
             };
             let delivery = self.start_inflight(forwarded, Some(shared), 0);
             if delivery == Delivery::Queued {
-                self.remember_alias(alias, &message.topic);
+                self.remember_alias(alias, encoded);
             }
             return delivery;
         }
@@ -516,10 +516,15 @@ impl Session {
 
     /// The Topic Alias this delivery of `encoded` uses, when the connection
     /// takes aliases from the broker (never for 3.1.1: its table is empty).
-    fn alias_use(&self, encoded: &mut Encoded<'_>) -> Option<AliasUse> {
+    #[inline]
+    fn alias_use(&mut self, encoded: &mut Encoded<'_>) -> Option<AliasUse> {
         let maximum = self.server_aliases.maximum()?;
         let alias = encoded.alias_for(maximum);
-        let known = self.server_aliases.state(alias, &encoded.message.topic) == AliasState::Known;
+        let number = encoded.topic_number();
+        let known = self
+            .server_aliases
+            .state(alias, number, &encoded.message.topic)
+            == AliasState::Known;
         Some(AliasUse { alias, known })
     }
 
@@ -527,13 +532,15 @@ impl Session {
     /// for one already known or no alias): only once the frame is queued,
     /// so a dropped frame never leaves the client without a mapping that
     /// later frames rely on.
-    fn remember_alias(&mut self, alias: Option<AliasUse>, topic: &str) {
+    fn remember_alias(&mut self, alias: Option<AliasUse>, encoded: &mut Encoded<'_>) {
         if let Some(AliasUse {
             alias,
             known: false,
         }) = alias
         {
-            self.server_aliases.remember(alias, topic);
+            let number = encoded.topic_number();
+            self.server_aliases
+                .remember(alias, number, &encoded.message.topic);
         }
     }
 

@@ -97,7 +97,8 @@ impl Shard {
         {
             self.move_arrived(member, share);
         }
-        self.shared.apply(update);
+        let now = self.now_ticks();
+        self.shared.apply(update, now);
     }
 
     /// The persistent session `key` of this shard, `session`, was taken
@@ -107,9 +108,11 @@ impl Shard {
     /// this shard, then this shard sends their `Leave` (after
     /// [`MOVE_WAIT_SECS`] without one, too): so a message published
     /// meanwhile still finds the session in its group, and
-    /// [`Shard::deliver_shared`] passes it on to shard `to`. With two
-    /// shards no replica ever lacks it; with more, a third shard may apply
-    /// this `Leave` just before the new shard's `Join`.
+    /// [`Shard::deliver_shared`] passes it on to shard `to`. That `Leave`
+    /// names the new shard (`moved_to`): a third shard that gets it before
+    /// the new shard's `Join` (another channel) keeps the entry until the
+    /// `Join` is applied there (`SharedGroups::leave_moved`), so no replica
+    /// lacks the member in between.
     pub(super) fn shared_moved(&mut self, key: SessionKey, session: &Session, to: usize) {
         let mut leaves = Vec::new();
         for (filter, qos) in &session.state.subscriptions {
@@ -141,7 +144,7 @@ impl Shard {
             if !oldest.leaves.is_empty() {
                 self.moves_waiting -= 1;
             }
-            self.end_move(oldest.key, oldest.leaves);
+            self.end_move(oldest.key, oldest.leaves, None);
         }
         self.moves_waiting += 1;
         self.moved.push_back(Moved {
@@ -172,25 +175,27 @@ impl Shard {
                 continue;
             }
             if arrived {
-                leaves.push(moved.key);
+                leaves.push((moved.key, member.shard));
             }
             if moved.leaves.is_empty() {
                 self.moves_waiting -= 1;
             }
         }
-        for key in leaves {
-            self.end_move(key, vec![ByteString::from(share)]);
+        for (key, to) in leaves {
+            self.end_move(key, vec![ByteString::from(share)], Some(to));
         }
     }
 
     /// Sends (and applies) the `Leave`s of the entries `leaves` of this
-    /// shard's session `key`, one taken over from here.
-    fn end_move(&mut self, key: SessionKey, leaves: Vec<ByteString>) {
+    /// shard's session `key`, one taken over from here: `moved_to` the
+    /// shard whose `Join` replaced them, None when none came.
+    fn end_move(&mut self, key: SessionKey, leaves: Vec<ByteString>, moved_to: Option<usize>) {
         for share in leaves {
             self.share_update(MemberUpdate::Leave {
                 share,
                 shard: self.id,
                 key,
+                moved_to,
             });
         }
     }
@@ -198,11 +203,14 @@ impl Shard {
     /// Sends the `Leave`s held back for more than [`MOVE_WAIT_SECS`] (no
     /// `Join` came: the session ended on its new shard before it was
     /// attached); true when there were any (the outbox has them).
+    /// Also forgets the entries this replica kept for a `Join` that did
+    /// not come within as long (`SharedGroups::end_replaced`).
     pub fn end_old_moves(&mut self, now: u32) -> bool {
+        let wait = MOVE_WAIT_SECS * TICKS_PER_SEC;
+        self.shared.end_replaced(now, wait);
         if self.moves_waiting == 0 {
             return false;
         }
-        let wait = MOVE_WAIT_SECS * TICKS_PER_SEC;
         let mut ended = Vec::new();
         for moved in &mut self.moved {
             if !moved.leaves.is_empty() && now.saturating_sub(moved.since) > wait {
@@ -212,7 +220,7 @@ impl Shard {
         self.moves_waiting -= ended.len();
         let any = !ended.is_empty();
         for (key, leaves) in ended {
-            self.end_move(key, leaves);
+            self.end_move(key, leaves, None);
         }
         any
     }
@@ -241,6 +249,7 @@ impl Shard {
             share: ByteString::from(share),
             shard: self.id,
             key,
+            moved_to: None,
         };
         self.share_update(update);
     }
@@ -494,11 +503,11 @@ impl Shard {
                         ..delivery
                     },
                 ),
-                _ => Shared::Dropped,
+                _ => self.another_member(delivery),
             };
         }
         if named_here {
-            return Shared::Dropped;
+            return self.another_member(delivery);
         }
         match self.moved.iter().rev().find(|m| m.key == delivery.key) {
             Some(moved) => {
@@ -513,6 +522,49 @@ impl Shard {
                     },
                 )
             }
+            None => self.another_member(delivery),
+        }
+    }
+
+    /// A message no member of this shard could take, its own member gone
+    /// (a clean session ended or taken over in a clean start: nothing of it
+    /// to follow) or unable to take it: sent on to a member of the group on
+    /// another shard (connected ones first, then an offline persistent
+    /// one), as §4.8.2 asks for a message whose chosen member's session
+    /// ended; the member chosen there may be the session that took this
+    /// one over, once it subscribed again. Dropped when there is none, or
+    /// after [`MOST_PASSES`] passes.
+    fn another_member(&mut self, delivery: SharedDelivery) -> Shared {
+        if delivery.passes >= MOST_PASSES {
+            return Shared::Dropped;
+        }
+        let Parts {
+            groups,
+            mut targets,
+            id,
+            ..
+        } = self.shared_parts();
+        let Some(group) = groups.group(&delivery.share) else {
+            return Shared::Dropped;
+        };
+        let elsewhere = group.members.iter().filter(|m| m.shard != id);
+        let online = elsewhere.clone().filter(|m| m.online);
+        let offline = elsewhere.filter(|m| !m.online);
+        let topic = &delivery.message.topic;
+        let chosen = online
+            .chain(offline)
+            .find(|m| targets.may_read_remote(m, topic))
+            .map(|m| (m.shard, m.key));
+        match chosen {
+            Some((to, key)) => Shared::Moved(
+                to,
+                SharedDelivery {
+                    key,
+                    client_id: None,
+                    passes: delivery.passes + 1,
+                    ..delivery
+                },
+            ),
             None => Shared::Dropped,
         }
     }
@@ -963,6 +1015,159 @@ mod tests {
             [(1, ShardMsg::SharedPublish(d))] if d[0].barrier.is_none()
         ));
         assert!(!shards[0].held_acks.has_open());
+    }
+
+    /// Shard `id` of 3.
+    fn shard_of_3(id: usize) -> Shard {
+        testing::shard_with(id, 3, Config::default())
+    }
+
+    /// A client id `prefix`N whose home is shard 0 of 3, where the tests
+    /// attach it (so the home knows the session without a claim).
+    fn homed_on_0(prefix: &str) -> String {
+        (0..100)
+            .map(|i| format!("{prefix}{i}"))
+            .find(|id| home_shard(id, 3) == 0)
+            .expect("an id homed on shard 0")
+    }
+
+    /// Sends every message `from`'s outbox holds for `to` there; the rest
+    /// stays in the outbox.
+    fn carry(shards: &mut [Shard], from: usize, to: usize) {
+        let (there, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut shards[from].outbox)
+            .into_iter()
+            .partition(|(peer, _)| *peer == to);
+        shards[from].outbox = rest;
+        for (_, msg) in there {
+            shards[to].handle_control(msg);
+        }
+    }
+
+    /// Hands each shard's shared deliveries to its outbox (what
+    /// `Ctx::forward_publishes` sends).
+    fn queue_shared_out(shards: &mut [Shard]) {
+        for shard in shards.iter_mut() {
+            for (peer, deliveries) in shard.take_shared_out() {
+                shard
+                    .outbox
+                    .push((peer, ShardMsg::SharedPublish(deliveries)));
+            }
+        }
+    }
+
+    #[test]
+    fn a_third_shard_that_gets_the_old_shards_leave_first_still_finds_the_member() {
+        let mut shards = [shard_of_3(0), shard_of_3(1), shard_of_3(2)];
+        let id = homed_on_0("m");
+        let old = attach_client(&mut shards[0], &id, "$share/g/t", QoS::AtLeastOnce, None);
+        shards[0].sessions[old.key as usize].clean_session = false;
+        pump(&mut shards);
+        // A connection on shard 1 takes the session over and attaches it.
+        shards[1].start_claim(ByteString::from(id.as_str()), false);
+        pump(&mut shards);
+        let state = shards[1]
+            .granted_state_mut(&id)
+            .map(std::mem::take)
+            .expect("the granted state");
+        shards[1].insert_session(Session::new(ByteString::from(id.as_str()), false, state));
+        // Shard 1's Join reaches shard 0 but not yet shard 2; shard 0 then
+        // sends its Leave, which reaches shard 2 first.
+        carry(&mut shards, 1, 0);
+        carry(&mut shards, 0, 2);
+        carry(&mut shards, 0, 1);
+        let group = shards[2].shared.group("$share/g/t").expect("the group");
+        assert_eq!(group.members.len(), 1, "the old entry is kept");
+        // A message published on shard 2 in that instant goes to shard 0,
+        // which passes it on to the session on shard 1.
+        shards[2].publish(message("t", "between"));
+        queue_shared_out(&mut shards);
+        carry(&mut shards, 2, 0);
+        pump(&mut shards);
+        assert_eq!(shards[2].stats.shared_dropped, 0);
+        assert_eq!(shards[0].stats.shared_dropped, 0);
+        let key = shards[1].session_key(&id).expect("attached on shard 1");
+        let pending = shards[1].sessions[key as usize]
+            .state
+            .flows
+            .as_ref()
+            .map_or(0, |flows| flows.pending.len());
+        assert_eq!(pending, 1, "kept for the offline session");
+        // The Join, now applied on shard 2, ends the old entry.
+        for shard in &shards {
+            let group = shard.shared.group("$share/g/t").expect("the group");
+            let entries: Vec<usize> = group.members.iter().map(|m| m.shard).collect();
+            assert_eq!(entries, [1], "shard {}: only the new entry", shard.id);
+        }
+    }
+
+    #[test]
+    fn a_message_for_a_clean_member_taken_over_goes_to_another_member_of_the_group() {
+        let mut shards = [shard_of_3(0), shard_of_3(1), shard_of_3(2)];
+        let id = homed_on_0("c");
+        let clean = attach_client(&mut shards[0], &id, "$share/h/t", QoS::AtLeastOnce, None);
+        let mut other = attach_client(&mut shards[2], "o", "$share/h/t", QoS::AtLeastOnce, None);
+        pump(&mut shards);
+        // Taken over in a clean start: its session, state and membership
+        // end on shard 0.
+        shards[1].start_claim(ByteString::from(id.as_str()), true);
+        pump(&mut shards);
+        assert!(shards[0].session_key(&id).is_none());
+        let stale = SharedDelivery {
+            message: message("t", "in flight"),
+            share: ByteString::from("$share/h/t"),
+            key: clean.key,
+            client_id: None,
+            passes: 0,
+            barrier: None,
+        };
+        shards[0].handle_control(ShardMsg::SharedPublish(vec![stale.clone()]));
+        pump(&mut shards);
+        assert_eq!(other.publishes().len(), 1, "another member took it");
+        assert_eq!(shards[0].stats.shared_dropped, 0);
+        // The other member goes; the new session subscribes again on shard
+        // 1: the next one in flight goes to it.
+        shards[2].remove_session(other.key);
+        let mut new = attach_client(
+            &mut shards[1],
+            "c-new",
+            "$share/h/t",
+            QoS::AtLeastOnce,
+            None,
+        );
+        pump(&mut shards);
+        shards[0].handle_control(ShardMsg::SharedPublish(vec![stale.clone()]));
+        pump(&mut shards);
+        assert_eq!(new.publishes().len(), 1, "the new session took it");
+        // With no member left anywhere, it is dropped and counted.
+        shards[1].remove_session(new.key);
+        pump(&mut shards);
+        shards[0].handle_control(ShardMsg::SharedPublish(vec![stale]));
+        assert!(shards[0].outbox.is_empty());
+        assert_eq!(shards[0].stats.shared_dropped, 1);
+    }
+
+    #[test]
+    fn a_message_no_member_can_take_stops_after_the_most_passes() {
+        let mut shard = shard_of_3(0);
+        let mut groups_peer = shard_of_3(1);
+        let _remote = attach_client(&mut groups_peer, "r", "$share/g/t", QoS::AtLeastOnce, None);
+        for (_, msg) in std::mem::take(&mut groups_peer.outbox) {
+            shard.handle_control(msg);
+        }
+        let delivery = |passes| SharedDelivery {
+            message: message("t", "x"),
+            share: ByteString::from("$share/g/t"),
+            key: 77,
+            client_id: None,
+            passes,
+            barrier: None,
+        };
+        shard.handle_control(ShardMsg::SharedPublish(vec![delivery(MOST_PASSES - 1)]));
+        assert_eq!(shard.outbox.len(), 1, "passed on to shard 1's member");
+        shard.outbox.clear();
+        shard.handle_control(ShardMsg::SharedPublish(vec![delivery(MOST_PASSES)]));
+        assert!(shard.outbox.is_empty());
+        assert_eq!(shard.stats.shared_dropped, 1);
     }
 
     /// An ACL that lets every client read everything but
