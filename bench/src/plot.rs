@@ -305,6 +305,21 @@ mod tests {
     use crate::result::FanoutFigures;
     use crate::stats::Latency;
 
+    /// Writes the plots of a file holding `run` into a fresh folder named
+    /// after `tag`; returns the folder (for the caller to remove) and the
+    /// paths written.
+    fn plots_of(run: RunResult, tag: &str) -> (std::path::PathBuf, Vec<String>) {
+        let file = ResultFile {
+            runs: vec![run],
+            ..ResultFile::default()
+        };
+        let dir = std::env::temp_dir().join(format!("fmb-plot-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let stem = dir.join("t");
+        let paths = plots_for(&file, stem.to_str().unwrap()).unwrap();
+        (dir, paths)
+    }
+
     #[test]
     fn writes_both_svgs() {
         let run = RunResult {
@@ -320,14 +335,7 @@ mod tests {
             }),
             ..RunResult::default()
         };
-        let file = ResultFile {
-            runs: vec![run],
-            ..ResultFile::default()
-        };
-        let dir = std::env::temp_dir().join(format!("fmb-plot-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let stem = dir.join("t");
-        let paths = plots_for(&file, stem.to_str().unwrap()).unwrap();
+        let (dir, paths) = plots_of(run, "both");
         assert_eq!(paths.len(), 2);
         for p in &paths {
             assert!(!p.ends_with("-rss.svg"), "no RSS plot without samples");
@@ -352,14 +360,7 @@ mod tests {
             }),
             ..RunResult::default()
         };
-        let file = ResultFile {
-            runs: vec![run],
-            ..ResultFile::default()
-        };
-        let dir = std::env::temp_dir().join(format!("fmb-plot-rss-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let stem = dir.join("t");
-        let paths = plots_for(&file, stem.to_str().unwrap()).unwrap();
+        let (dir, paths) = plots_of(run, "rss");
         assert_eq!(paths.len(), 3);
         let svg = std::fs::read_to_string(&paths[2]).unwrap();
         assert!(paths[2].ends_with("-rss.svg") && svg.contains("polyline"));

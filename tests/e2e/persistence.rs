@@ -1086,13 +1086,31 @@ fn sessions_resume_after_a_restart_with_another_shard_count() {
 /// An MQTT 5.0 CONNECT with Clean Start 0, Session Expiry 3600 s and a
 /// retained QoS 1 will to `topic` with Will Delay `delay` seconds.
 fn connect_v5_with_will(client_id: &str, topic: &str, payload: &[u8], delay: u32) -> Vec<u8> {
+    connect_v5_will(client_id, topic, payload, delay, None)
+}
+
+/// [`connect_v5_with_will`] with the will's Message Expiry Interval
+/// `expiry` seconds, when given.
+fn connect_v5_will(
+    client_id: &str,
+    topic: &str,
+    payload: &[u8],
+    delay: u32,
+    expiry: Option<u32>,
+) -> Vec<u8> {
     let mut body = string(b"MQTT");
     // Will flag, will QoS 1, will retain; Clean Start 0.
     body.extend([5, 0x2C, 0, 60, 5, 0x11]);
     body.extend(3600u32.to_be_bytes());
     body.extend(string(client_id.as_bytes()));
-    body.extend([5, 0x18]);
+    // Will properties: Will Delay Interval (5 bytes), Message Expiry
+    // Interval (5 more).
+    body.extend([if expiry.is_some() { 10 } else { 5 }, 0x18]);
     body.extend(delay.to_be_bytes());
+    if let Some(expiry) = expiry {
+        body.push(0x02);
+        body.extend(expiry.to_be_bytes());
+    }
     body.extend(string(topic.as_bytes()));
     body.extend(string(payload));
     packet(0x10, &body)
@@ -1499,21 +1517,10 @@ fn a_persistent_shared_member_on_the_other_shard_gets_its_acknowledged_messages_
 }
 
 /// An MQTT 5.0 CONNECT with Clean Start 0, Session Expiry 3600 s and a
-/// retained QoS 1 will to `topic` with Will Delay `delay` and Message
-/// Expiry Interval `expiry` seconds.
+/// retained QoS 1 will "gone" to `topic` with Will Delay `delay` and
+/// Message Expiry Interval `expiry` seconds.
 fn connect_v5_with_expiring_will(client_id: &str, topic: &str, delay: u32, expiry: u32) -> Vec<u8> {
-    let mut body = string(b"MQTT");
-    // Will flag, will QoS 1, will retain; Clean Start 0.
-    body.extend([5, 0x2C, 0, 60, 5, 0x11]);
-    body.extend(3600u32.to_be_bytes());
-    body.extend(string(client_id.as_bytes()));
-    body.extend([10, 0x18]);
-    body.extend(delay.to_be_bytes());
-    body.push(0x02);
-    body.extend(expiry.to_be_bytes());
-    body.extend(string(topic.as_bytes()));
-    body.extend(string(b"gone"));
-    packet(0x10, &body)
+    connect_v5_will(client_id, topic, b"gone", delay, Some(expiry))
 }
 
 /// An MQTT 5.0 will keeps its Message Expiry Interval across a `kill -9`,
