@@ -201,6 +201,65 @@ impl SessionState {
     }
 }
 
+impl SessionState {
+    /// The QoS 1/2 messages this state holds that came through one of its
+    /// shared subscriptions and that its client has not taken yet, oldest
+    /// first, each with that subscription (the whole `$share/...` filter):
+    /// what the shard passes to another member of the group when the
+    /// session ends (§4.8.2: "If the Client's Session terminates before the
+    /// Client reconnects, the Server SHOULD send the Application Message to
+    /// another Client that is subscribed to the same Shared Subscription").
+    ///
+    /// In flight awaiting PUBACK or PUBREC, or pending; not a QoS 2 message
+    /// whose PUBREC came (the client owns it), nor one past its Message
+    /// Expiry Interval. Each is as published on the member's side: its
+    /// Subscription Identifiers (the member's) are taken off.
+    ///
+    /// A queued message does not record the subscription it came through,
+    /// so that no delivery pays for it; this tells it by topic instead: one
+    /// that matches a shared subscription of the session and none of its
+    /// non-shared ones can only have come through the group (retained
+    /// messages are not sent on a shared subscribe). One that also matches
+    /// a non-shared subscription stays with the session: it may be that
+    /// subscription's copy, and passing it on could duplicate it.
+    pub fn shared_backlog(&self) -> Vec<(SharedFilter, Message)> {
+        let Some(flows) = self.flows.as_deref() else {
+            return Vec::new();
+        };
+        if !self.subscriptions.iter().any(|(f, _)| shared::is_shared(f)) {
+            return Vec::new();
+        }
+        let untaken = flows
+            .inflight
+            .iter()
+            .filter(|f| f.phase != Phase::AwaitPubComp)
+            .map(|f| &f.message)
+            .chain(flows.pending.iter());
+        let mut backlog = Vec::new();
+        for message in untaken {
+            if message.is_expired() {
+                continue;
+            }
+            let mut share = None;
+            let mut plain = false;
+            for (filter, _) in &self.subscriptions {
+                match shared::parse(filter) {
+                    shared::Parsed::Shared { filter: inner, .. } => {
+                        if share.is_none() && topic::filter_matches(inner, &message.topic) {
+                            share = Some(filter.clone());
+                        }
+                    }
+                    _ => plain |= topic::filter_matches(filter, &message.topic),
+                }
+            }
+            if let (Some(share), false) = (share, plain) {
+                backlog.push((share, without_identifiers(message)));
+            }
+        }
+        backlog
+    }
+}
+
 /// A session's QoS 1/2 state.
 #[derive(Clone, Debug, Default)]
 pub struct Flows {
@@ -1017,6 +1076,35 @@ fn with_identifiers(message: &Message, identifiers: &[NonZeroU32]) -> Message {
     }
     Message {
         properties: Some(Arc::new(properties)),
+        ..message.clone()
+    }
+}
+
+/// `message` without the Subscription Identifiers a member's copy carries
+/// (the copy for another member gets that member's own).
+fn without_identifiers(message: &Message) -> Message {
+    let Some(properties) = message.properties.as_deref() else {
+        return message.clone();
+    };
+    if !properties
+        .forwarded
+        .iter()
+        .any(|p| matches!(p, Property::SubscriptionIdentifier(_)))
+    {
+        return message.clone();
+    }
+    let mut kept = MessageProperties {
+        forwarded: Default::default(),
+        expires_at: properties.expires_at,
+    };
+    for property in properties.forwarded.iter() {
+        if !matches!(property, Property::SubscriptionIdentifier(_)) {
+            kept.forwarded.push(property.clone());
+        }
+    }
+    let empty = kept.forwarded.is_empty() && kept.expires_at.is_none();
+    Message {
+        properties: (!empty).then(|| Arc::new(kept)),
         ..message.clone()
     }
 }
