@@ -1505,6 +1505,53 @@ mod tests {
     }
 
     #[test]
+    fn the_shared_backlog_is_what_only_a_share_matched_and_the_client_has_not_taken() {
+        let mut s = online();
+        s.version = Version::V5;
+        let share = SharedFilter::from("$share/g/a/+");
+        s.subscribe(share.clone(), QoS::ExactlyOnce);
+        let options = SubscriptionOptions {
+            qos: QoS::ExactlyOnce,
+            no_local: false,
+            retain_as_published: false,
+            retain_handling: crate::protocol::v5::RetainHandling::SendAtSubscribe,
+        };
+        s.set_subscription_options(share, &options, NonZeroU32::new(9));
+        s.subscribe(SharedFilter::from("a/plain"), QoS::AtLeastOnce);
+        let mut batch = Batch::default();
+        let on = |topic: &'static str, payload| Message {
+            topic: ByteString::from_static(topic),
+            ..msg(QoS::ExactlyOnce, payload)
+        };
+        // 1: PUBREC came (the client owns it); 2: awaiting PUBREC; 3 and 4
+        // pending (the window of 2 is full); "a/plain" matches the plain
+        // subscription too: it may be that one's copy.
+        let limits = Limits {
+            max_inflight: 2,
+            ..LIMITS
+        };
+        for (topic, payload) in [
+            ("a/b", b"1"),
+            ("a/b", b"2"),
+            ("a/b", b"3"),
+            ("a/plain", b"4"),
+        ] {
+            let m = on(topic, payload);
+            let mut enc = Encoded::new(&m, &mut batch);
+            let got = s.deliver_shared(&mut enc, "$share/g/a/+", QoS::ExactlyOnce, &limits);
+            assert_ne!(got, Delivery::Dropped);
+        }
+        assert!(s.on_pubrec(1));
+        let backlog = s.state.shared_backlog();
+        let payloads: Vec<&[u8]> = backlog.iter().map(|(_, m)| &m.payload[..]).collect();
+        assert_eq!(payloads, [b"2", b"3"]);
+        for (filter, m) in &backlog {
+            assert_eq!(&**filter, "$share/g/a/+");
+            assert!(m.properties.is_none(), "identifier 9 taken off: {m:?}");
+        }
+    }
+
+    #[test]
     fn a_shared_copy_carries_its_own_identifier_and_retain_as_published() {
         let m = msg(QoS::AtLeastOnce, b"x");
         let mut s = online();
