@@ -142,6 +142,12 @@ impl Drop for Broker {
     }
 }
 
+/// fanmq's connection limits, all off: a load test opens every client from
+/// 127.0.0.1 at once, which the per-IP count, the per-IP rate and the global
+/// rate limit would refuse or slow (the other load tests pass the same).
+const FANMQ_LOAD_FLAGS: &str =
+    "--max-connections-per-ip 0 --max-connection-rate-per-ip 0 --max-connection-rate 0";
+
 /// `(label, shell command, raw)` for a spec.
 fn command_for(
     spec: &str,
@@ -186,7 +192,9 @@ fn command_for(
             let bin = std::env::var("FANMQ_BIN").unwrap_or_else(|_| "fanmq".into());
             (
                 "fanmq".into(),
-                format!("{bin} --listen 127.0.0.1:{port} --shards 1 --http-listen off"),
+                format!(
+                    "{bin} --listen 127.0.0.1:{port} --shards 1 --http-listen off {FANMQ_LOAD_FLAGS}"
+                ),
                 false,
             )
         }
@@ -200,7 +208,9 @@ fn command_for(
             let bin = std::env::var("FANMQ_BIN").unwrap_or_else(|_| "fanmq".into());
             (
                 format!("fanmq-{shards}-shards"),
-                format!("{bin} --listen 127.0.0.1:{port} --shards {shards} --http-listen off"),
+                format!(
+                    "{bin} --listen 127.0.0.1:{port} --shards {shards} --http-listen off {FANMQ_LOAD_FLAGS}"
+                ),
                 false,
             )
         }
@@ -326,9 +336,20 @@ mod tests {
         let (label, cmd, _) = command_for("fanmq:2", 4242, &dir, 1000).unwrap();
         assert_eq!(label, "fanmq-2-shards");
         assert!(
-            cmd.ends_with("--listen 127.0.0.1:4242 --shards 2 --http-listen off"),
+            cmd.contains("--listen 127.0.0.1:4242 --shards 2 --http-listen off"),
             "{cmd}"
         );
+        // Both fanmq specs turn the per-IP and global connection limits off:
+        // every load-test client connects from 127.0.0.1 at once.
+        for spec in ["fanmq", "fanmq:2"] {
+            let (_, cmd, _) = command_for(spec, 4242, &dir, 1000).unwrap();
+            assert!(
+                cmd.ends_with(
+                    "--max-connections-per-ip 0 --max-connection-rate-per-ip 0 --max-connection-rate 0"
+                ),
+                "{cmd}"
+            );
+        }
         let (label, cmd, _) = command_for("mybroker -p {port}", 4242, &dir, 1000).unwrap();
         assert_eq!(
             (label.as_str(), cmd.as_str()),

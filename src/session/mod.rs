@@ -201,6 +201,65 @@ impl SessionState {
     }
 }
 
+impl SessionState {
+    /// The QoS 1/2 messages this state holds that came through one of its
+    /// shared subscriptions and that its client has not taken yet, oldest
+    /// first, each with that subscription (the whole `$share/...` filter):
+    /// what the shard passes to another member of the group when the
+    /// session ends (§4.8.2: "If the Client's Session terminates before the
+    /// Client reconnects, the Server SHOULD send the Application Message to
+    /// another Client that is subscribed to the same Shared Subscription").
+    ///
+    /// In flight awaiting PUBACK or PUBREC, or pending; not a QoS 2 message
+    /// whose PUBREC came (the client owns it), nor one past its Message
+    /// Expiry Interval. Each is as published on the member's side: its
+    /// Subscription Identifiers (the member's) are taken off.
+    ///
+    /// A queued message does not record the subscription it came through,
+    /// so that no delivery pays for it; this tells it by topic instead: one
+    /// that matches a shared subscription of the session and none of its
+    /// non-shared ones can only have come through the group (retained
+    /// messages are not sent on a shared subscribe). One that also matches
+    /// a non-shared subscription stays with the session: it may be that
+    /// subscription's copy, and passing it on could duplicate it.
+    pub fn shared_backlog(&self) -> Vec<(SharedFilter, Message)> {
+        let Some(flows) = self.flows.as_deref() else {
+            return Vec::new();
+        };
+        if !self.subscriptions.iter().any(|(f, _)| shared::is_shared(f)) {
+            return Vec::new();
+        }
+        let untaken = flows
+            .inflight
+            .iter()
+            .filter(|f| f.phase != Phase::AwaitPubComp)
+            .map(|f| &f.message)
+            .chain(flows.pending.iter());
+        let mut backlog = Vec::new();
+        for message in untaken {
+            if message.is_expired() {
+                continue;
+            }
+            let mut share = None;
+            let mut plain = false;
+            for (filter, _) in &self.subscriptions {
+                match shared::parse(filter) {
+                    shared::Parsed::Shared { filter: inner, .. } => {
+                        if share.is_none() && topic::filter_matches(inner, &message.topic) {
+                            share = Some(filter.clone());
+                        }
+                    }
+                    _ => plain |= topic::filter_matches(filter, &message.topic),
+                }
+            }
+            if let (Some(share), false) = (share, plain) {
+                backlog.push((share, without_identifiers(message)));
+            }
+        }
+        backlog
+    }
+}
+
 /// A session's QoS 1/2 state.
 #[derive(Clone, Debug, Default)]
 pub struct Flows {
@@ -1021,6 +1080,35 @@ fn with_identifiers(message: &Message, identifiers: &[NonZeroU32]) -> Message {
     }
 }
 
+/// `message` without the Subscription Identifiers a member's copy carries
+/// (the copy for another member gets that member's own).
+fn without_identifiers(message: &Message) -> Message {
+    let Some(properties) = message.properties.as_deref() else {
+        return message.clone();
+    };
+    if !properties
+        .forwarded
+        .iter()
+        .any(|p| matches!(p, Property::SubscriptionIdentifier(_)))
+    {
+        return message.clone();
+    }
+    let mut kept = MessageProperties {
+        forwarded: Default::default(),
+        expires_at: properties.expires_at,
+    };
+    for property in properties.forwarded.iter() {
+        if !matches!(property, Property::SubscriptionIdentifier(_)) {
+            kept.forwarded.push(property.clone());
+        }
+    }
+    let empty = kept.forwarded.is_empty() && kept.expires_at.is_none();
+    Message {
+        properties: (!empty).then(|| Arc::new(kept)),
+        ..message.clone()
+    }
+}
+
 /// The PUBACK/PUBREC answer to a received PUBLISH (none for QoS 0).
 pub fn ack_for_publish(qos: QoS, packet_id: PacketId) -> Option<[u8; 4]> {
     match qos {
@@ -1414,6 +1502,53 @@ mod tests {
         assert_eq!(s.flows().pending.len(), 1);
         s.on_pubcomp(1, &LIMITS);
         assert_eq!(written(&mut s), b"\x32\x08\x00\x03a/b\x00\x03x");
+    }
+
+    #[test]
+    fn the_shared_backlog_is_what_only_a_share_matched_and_the_client_has_not_taken() {
+        let mut s = online();
+        s.version = Version::V5;
+        let share = SharedFilter::from("$share/g/a/+");
+        s.subscribe(share.clone(), QoS::ExactlyOnce);
+        let options = SubscriptionOptions {
+            qos: QoS::ExactlyOnce,
+            no_local: false,
+            retain_as_published: false,
+            retain_handling: crate::protocol::v5::RetainHandling::SendAtSubscribe,
+        };
+        s.set_subscription_options(share, &options, NonZeroU32::new(9));
+        s.subscribe(SharedFilter::from("a/plain"), QoS::AtLeastOnce);
+        let mut batch = Batch::default();
+        let on = |topic: &'static str, payload| Message {
+            topic: ByteString::from_static(topic),
+            ..msg(QoS::ExactlyOnce, payload)
+        };
+        // 1: PUBREC came (the client owns it); 2: awaiting PUBREC; 3 and 4
+        // pending (the window of 2 is full); "a/plain" matches the plain
+        // subscription too: it may be that one's copy.
+        let limits = Limits {
+            max_inflight: 2,
+            ..LIMITS
+        };
+        for (topic, payload) in [
+            ("a/b", b"1"),
+            ("a/b", b"2"),
+            ("a/b", b"3"),
+            ("a/plain", b"4"),
+        ] {
+            let m = on(topic, payload);
+            let mut enc = Encoded::new(&m, &mut batch);
+            let got = s.deliver_shared(&mut enc, "$share/g/a/+", QoS::ExactlyOnce, &limits);
+            assert_ne!(got, Delivery::Dropped);
+        }
+        assert!(s.on_pubrec(1));
+        let backlog = s.state.shared_backlog();
+        let payloads: Vec<&[u8]> = backlog.iter().map(|(_, m)| &m.payload[..]).collect();
+        assert_eq!(payloads, [b"2", b"3"]);
+        for (filter, m) in &backlog {
+            assert_eq!(&**filter, "$share/g/a/+");
+            assert!(m.properties.is_none(), "identifier 9 taken off: {m:?}");
+        }
     }
 
     #[test]

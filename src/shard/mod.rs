@@ -957,6 +957,7 @@ impl Shard {
         };
         if session.clean_session {
             if let Some(session) = self.remove_session(key) {
+                self.pass_on_shared_backlog(&session.state);
                 self.release(&session.client_id, session.claim);
             }
         } else {
@@ -983,6 +984,7 @@ impl Shard {
             if let Some(mut session) = self.remove_session(key) {
                 debug!("client {}: session expired", session.client_id);
                 self.journal_drop(&session.client_id);
+                self.pass_on_shared_backlog(&session.state);
                 // A will still waiting for its delay goes when its session
                 // ends (§3.1.3.2.2).
                 if let Some(will) = session.take_due_will(u32::MAX) {

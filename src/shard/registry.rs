@@ -387,7 +387,12 @@ impl Shard {
                 debug!("client {client_id} taken over by a new connection");
                 link.close(CloseReason::TakenOver);
             }
-            let state = (!clean_session && !session.clean_session).then_some(session.state);
+            if !keep {
+                // The old session ends here (§4.8.2: its shared messages go
+                // to other members).
+                self.pass_on_shared_backlog(&session.state);
+            }
+            let state = keep.then_some(session.state);
             if state.is_none() && !session.clean_session {
                 // A clean start ends the persistent session (§3.1.2.4): its
                 // CONNACK waits until that is durable (`held_out`).

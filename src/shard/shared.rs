@@ -14,7 +14,7 @@ use crate::router::shared::{self, Member, MemberUpdate, SharedDelivery, SharedGr
 use crate::security::acl::Who;
 use crate::security::auth::Auth;
 use crate::session::link::TICKS_PER_SEC;
-use crate::session::{Delivery, Limits, Session};
+use crate::session::{Delivery, Limits, Session, SessionState};
 use crate::shard::registry::home_shard;
 use crate::shard::{SessionKey, Shard, may_read, persist};
 
@@ -569,6 +569,70 @@ impl Shard {
         }
     }
 
+    /// The session of this shard whose state was `state` ended (a clean
+    /// session at disconnect, an expired one, one ended by a clean start):
+    /// the QoS 1/2 messages its shared subscriptions gave it and its client
+    /// did not take ([`SessionState::shared_backlog`]) go to another member
+    /// of the same group, as §4.8.2 asks. Its memberships have left the
+    /// groups already. A connected member of this shard first, then one of
+    /// another shard (connected first, through the mesh, as
+    /// [`Shard::another_member`] chooses), then an offline persistent
+    /// member here; a message no member can take is dropped and counted in
+    /// `shared_dropped`. The publisher was answered long ago, so no
+    /// durability barrier waits for these.
+    pub(super) fn pass_on_shared_backlog(&mut self, state: &SessionState) {
+        if self.shared.is_empty() {
+            return;
+        }
+        for (share, message) in state.shared_backlog() {
+            let delivery = SharedDelivery {
+                message,
+                share: ByteString::from(&*share),
+                // No member is named: `another_member` names the one chosen.
+                key: SessionKey::MAX,
+                client_id: None,
+                passes: 0,
+                barrier: None,
+            };
+            if self.offer_here(&delivery, true) {
+                self.stats.shared_deliveries += 1;
+                continue;
+            }
+            match self.another_member(delivery.clone()) {
+                Shared::Moved(to, delivery) => self.pass_on(to, delivery),
+                _ if self.offer_here(&delivery, false) => self.stats.shared_deliveries += 1,
+                _ => self.stats.shared_dropped += 1,
+            }
+        }
+        self.flush_dirty();
+    }
+
+    /// Offers `delivery` to the members of its group on this shard that are
+    /// connected (`online`) or offline: true when one took it.
+    fn offer_here(&mut self, delivery: &SharedDelivery, online: bool) -> bool {
+        let Parts {
+            groups,
+            mut targets,
+            batch,
+            moved,
+            id,
+            ..
+        } = self.shared_parts();
+        let Some(group) = groups.group(&delivery.share) else {
+            return false;
+        };
+        let mut here = group.members.iter().filter(|m| {
+            m.shard == id && m.online == online && moved.member(m.key, &delivery.share).is_none()
+        });
+        let mut encoded = Encoded::new(&delivery.message, batch);
+        let taken = here.any(|member| targets.offer(&mut encoded, &delivery.share, member));
+        drop(encoded);
+        if let Some(mid) = targets.mid {
+            self.journal_queued(&delivery.message, mid);
+        }
+        taken
+    }
+
     /// True when messages wait to go to other shards' members.
     pub(super) fn has_shared_out(&self) -> bool {
         self.shared_out.iter().any(|out| !out.is_empty())
@@ -965,7 +1029,9 @@ mod tests {
             ..stale
         }]));
         assert!(shards[0].outbox.is_empty());
-        assert_eq!(shards[0].stats.shared_dropped, 1);
+        // Dropped: that one, and the two ("on 0", "on 1") in flight to "c"
+        // when its session ended, with no other member in group h.
+        assert_eq!(shards[0].stats.shared_dropped, 3);
     }
 
     #[test]
@@ -1278,5 +1344,124 @@ mod tests {
         shard.flush_dirty();
         assert_eq!(on.publishes().len(), 3);
         assert_eq!(shard.stats.shared_dropped, 0);
+    }
+
+    /// The connection id of `key`'s link.
+    fn conn_of(shard: &Shard, key: SessionKey) -> u64 {
+        shard.sessions[key as usize]
+            .link
+            .as_ref()
+            .map(|l| l.conn_id)
+            .expect("connected")
+    }
+
+    #[test]
+    fn a_clean_members_unacknowledged_shared_messages_go_to_another_member_when_it_ends() {
+        let config = Config {
+            max_inflight_messages: 1,
+            ..Config::default()
+        };
+        let mut shard = testing::shard_with(0, 1, config);
+        let gone = attach_client(&mut shard, "gone", "$share/g/t/+", QoS::AtLeastOnce, None);
+        let mut other = attach_client(&mut shard, "other", "$share/g/t/+", QoS::AtLeastOnce, None);
+        shard.flush_dirty();
+        let _ = other.publishes();
+        // Round robin: "gone" is chosen for 0, 2, 4, 6; one in flight, three
+        // pending behind its window of 1. "other" acknowledges nothing
+        // either but takes the rest: 1, 3, 5, 7 at once.
+        for i in 0..8 {
+            shard.publish(message("t/x", &i.to_string()));
+        }
+        shard.flush_dirty();
+        let mut got: Vec<Vec<u8>> = other.publishes().into_iter().map(|p| p.1).collect();
+        assert_eq!(got.len(), 1, "the other member's window of 1 is full too");
+        // The clean session ends with its connection: its four messages go
+        // to "other", behind what waits there.
+        shard.end_connection(gone.key, conn_of(&shard, gone.key));
+        assert_eq!(shard.stats.shared_dropped, 0);
+        let other_key = other.key;
+        for _ in 0..8 {
+            let pid = shard.sessions[other_key as usize]
+                .state
+                .flows
+                .as_ref()
+                .and_then(|f| f.inflight.front().map(|i| i.packet_id));
+            let Some(pid) = pid else { break };
+            let limits = shard.limits;
+            assert!(shard.sessions[other_key as usize].on_puback(pid, &limits));
+            shard.mark_dirty(other_key);
+            shard.flush_dirty();
+            got.extend(other.publishes().into_iter().map(|p| p.1));
+        }
+        got.sort();
+        let all: Vec<Vec<u8>> = (0..8).map(|i: i32| i.to_string().into_bytes()).collect();
+        assert_eq!(got, all, "each message once, none lost");
+    }
+
+    #[test]
+    fn an_ended_members_shared_messages_go_to_a_member_on_another_shard() {
+        let mut shards = [
+            testing::shard_with(0, 2, Config::default()),
+            testing::shard_with(1, 2, Config::default()),
+        ];
+        let gone = attach_client(&mut shards[0], "gone", "$share/g/t", QoS::AtLeastOnce, None);
+        // A plain subscription of the same session to the topic: its copies
+        // may be that subscription's, so they stay with the session.
+        let plain = attach_client(
+            &mut shards[0],
+            "plain",
+            "$share/g/u",
+            QoS::AtLeastOnce,
+            None,
+        );
+        shards[0].subscribe(
+            plain.key,
+            Subscribe {
+                packet_id: 2,
+                filters: vec![(ByteString::from("u"), QoS::AtLeastOnce)],
+            },
+            None,
+        );
+        let mut far = attach_client(&mut shards[1], "far", "$share/g/t", QoS::AtLeastOnce, None);
+        let mut far_u = attach_client(
+            &mut shards[1],
+            "far-u",
+            "$share/g/u",
+            QoS::AtLeastOnce,
+            None,
+        );
+        shards[0].flush_dirty();
+        shards[1].flush_dirty();
+        pump(&mut shards);
+        let _ = (far.publishes(), far_u.publishes());
+        // The publisher's shard keeps the messages it chooses "gone" and
+        // "plain" for and sends the others to shard 1.
+        for i in 0..4 {
+            shards[0].publish(message("t", &i.to_string()));
+            shards[0].publish(message("u", &i.to_string()));
+        }
+        shards[0].flush_dirty();
+        let to_far = |shards: &mut [Shard]| {
+            for (peer, deliveries) in shards[0].take_shared_out() {
+                shards[peer].handle_control(ShardMsg::SharedPublish(deliveries));
+            }
+            pump(shards);
+            shards[1].flush_dirty();
+        };
+        to_far(&mut shards);
+        assert_eq!(far.publishes().len(), 2);
+        assert_eq!(far_u.publishes().len(), 2);
+        for key in [gone.key, plain.key] {
+            let conn = conn_of(&shards[0], key);
+            shards[0].end_connection(key, conn);
+        }
+        to_far(&mut shards);
+        assert_eq!(far.publishes().len(), 2, "gone's two came to far");
+        assert_eq!(
+            far_u.publishes().len(),
+            0,
+            "plain's copies of `u` may be its plain subscription's: kept"
+        );
+        assert_eq!(shards[0].stats.shared_dropped, 0);
     }
 }

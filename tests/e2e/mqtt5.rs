@@ -21,7 +21,7 @@ const WAIT: Duration = Duration::from_secs(10);
 
 /// A `rumqttc::v5` sync client whose event loop runs on its own thread.
 pub(crate) struct V5 {
-    client: Client,
+    pub(crate) client: Client,
     events: Receiver<Result<Event, String>>,
     /// Publishes that arrived while waiting for something else.
     backlog: VecDeque<Publish>,
@@ -29,7 +29,7 @@ pub(crate) struct V5 {
 
 impl V5 {
     /// Options for a clean-start client of the broker on `port`.
-    fn options(port: u16, client_id: &str) -> MqttOptions {
+    pub(crate) fn options(port: u16, client_id: &str) -> MqttOptions {
         let mut options = MqttOptions::new(client_id, "127.0.0.1", port);
         options.set_keep_alive(Duration::from_secs(30));
         options
@@ -41,7 +41,7 @@ impl V5 {
     }
 
     /// Connects with `options`; waits for CONNACK (panics on refusal).
-    fn connect_with(options: MqttOptions) -> (V5, ConnAck) {
+    pub(crate) fn connect_with(options: MqttOptions) -> (V5, ConnAck) {
         V5::try_connect(options).unwrap_or_else(|e| panic!("MQTT 5 connect failed: {e}"))
     }
 
@@ -146,7 +146,7 @@ impl V5 {
     }
 
     /// The next publish; panics after [`WAIT`].
-    fn expect_publish(&mut self) -> Publish {
+    pub(crate) fn expect_publish(&mut self) -> Publish {
         self.recv_publish(WAIT)
             .unwrap_or_else(|| panic!("no publish within {WAIT:?}"))
     }

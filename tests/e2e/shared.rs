@@ -784,3 +784,39 @@ fn messages_on_their_way_to_a_member_taken_over_in_a_clean_start_go_to_another_m
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+#[test]
+fn a_v5_members_unacknowledged_messages_go_to_another_member_when_its_session_ends() {
+    const MESSAGES: usize = 40;
+    let broker = Broker::start();
+    let port = broker.port;
+    let share = "$share/g/ends";
+    // "slow" (rumqttc v5, Session Expiry 0) takes at most 5 in flight and
+    // acknowledges none; the rest of its share waits in its pending queue.
+    let mut options = V5::options(port, "ends-slow");
+    options.set_manual_acks(true);
+    options.set_receive_maximum(Some(5));
+    let (mut slow, _) = V5::connect_with(options);
+    slow.subscribe(share, QoS5::AtLeastOnce);
+    // The other member, on the other shard: what it gets of slow's comes
+    // over the mesh.
+    let mut steady = connect_elsewhere(&broker, "ends-steady", broker.shard_of("ends-slow"));
+    steady.subscribe(share, QoS::AtLeastOnce);
+    wait_replicas(&broker, 2);
+    let mut publisher = Mqtt::connect(port, "ends-pub");
+    let expected = payloads("ends", MESSAGES);
+    for p in &expected {
+        publisher.publish_acked("ends", false, p);
+    }
+    for _ in 0..5 {
+        slow.expect_publish();
+    }
+    // Its session ends with the connection: the 5 in flight and the 15
+    // pending go to "steady" (§4.8.2), which then has each of the 40.
+    slow.client.disconnect().expect("DISCONNECT");
+    let mut members = [Member::V4(steady)];
+    let got = collect(&mut members, MESSAGES);
+    assert_once_each(&got, &expected, "the member that stayed");
+    let stats = get_json(&broker, "/api/v1/stats");
+    assert_eq!(crate::admin::total(&stats, "shared_dropped"), 0, "{stats}");
+}
