@@ -56,6 +56,13 @@ pub enum ClusterError {
     /// The NATS client refused its options.
     #[error("cannot set up the NATS connection: {0}")]
     Connect(String),
+    /// A KV record could not be read from its stream's leader.
+    #[error("KV leader read failed: {0}")]
+    LeaderRead(#[source] async_nats::jetstream::stream::LastRawMessageError),
+    /// A KV leader read got no answer in time (the stream is electing a
+    /// leader: the request waits for one).
+    #[error("KV leader read unanswered within {0:?}")]
+    LeaderReadTimeout(std::time::Duration),
 }
 
 /// A started cluster link: each shard's queue ends, the shared status, and

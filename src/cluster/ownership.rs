@@ -15,12 +15,22 @@
 //! compare-and-set failed) is read again. A clean session's end deletes
 //! the record at the revision this node wrote ([`released`]), never a newer
 //! owner's.
+//!
+//! With `kv_replicas = 3` a KV read (a direct get) may be answered by a
+//! follower that has not yet applied the latest write. A read followed by
+//! a compare-and-set may be stale (the write then fails and the record is
+//! read again); every decision taken on a read alone uses a leader read
+//! ([`leader_entry`]): a claim finding the id this node's, the
+//! re-assertions after an outage (which close or keep sessions), and a
+//! dead owner's subscriptions record (from any replica while the leader
+//! does not answer: a stale one is only a miss).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_nats::jetstream::kv::{self, CreateErrorKind, Operation};
+use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use async_nats::{RequestErrorKind, client::RequestError};
 use bytes::Bytes;
 use bytestring::ByteString;
@@ -28,6 +38,7 @@ use futures_lite::StreamExt;
 use log::{debug, info, warn};
 use serde::{Deserialize, Serialize};
 
+use crate::cluster::ClusterError;
 use crate::cluster::bridge::{Bridge, Shared, open_bucket};
 use crate::cluster::link::{ClaimAnswer, ClaimRequest, ToShard};
 use crate::cluster::retained;
@@ -40,6 +51,12 @@ pub const CLAIM_DEADLINE: Duration = Duration::from_secs(8);
 /// Pause before another try after a KV error or an owner that did not
 /// answer (it may be a moment from answering, or from being declared dead).
 const RETRY: Duration = Duration::from_millis(200);
+/// Longest a leader read ([`leader_entry`]) waits: a stream that is
+/// electing a leader (its server died) leaves the request unanswered until
+/// the client's 10 s request timeout, past [`CLAIM_DEADLINE`]; bounded, the
+/// claim tries again after [`RETRY`] and is granted once the new leader
+/// (a few seconds) answers.
+const LEADER_READ: Duration = Duration::from_secs(1);
 /// Largest record value: a node name (64 bytes), an incarnation and a few
 /// fields in JSON; refused by the bucket if larger.
 const MAX_RECORD_SIZE: usize = 512;
@@ -283,17 +300,60 @@ fn write_record(b: &Bridge, client_id: &str, revision: u64, image: Option<&Bytes
     let _ = writes.try_send((key(client_id), value));
 }
 
+/// The latest entry of `key` in `store`, read from the bucket's stream
+/// leader (JetStream's `STREAM.MSG.GET`, not the direct get a KV `entry`
+/// uses when the bucket allows it, which any replica answers, possibly
+/// before it has the latest write): what the leader has is what every
+/// compare-and-set is checked against. `None` when the key has no entry.
+async fn leader_entry(store: &kv::Store, key: &str) -> Result<Option<kv::Entry>, ClusterError> {
+    let subject = format!("{}{key}", store.prefix);
+    let read = store.stream.get_last_raw_message_by_subject(&subject);
+    let message = match tokio::time::timeout(LEADER_READ, read).await {
+        Ok(Ok(message)) => message,
+        Ok(Err(e)) if e.kind() == LastRawMessageErrorKind::NoMessageFound => return Ok(None),
+        Ok(Err(e)) => return Err(ClusterError::LeaderRead(e)),
+        Err(_) => return Err(ClusterError::LeaderReadTimeout(LEADER_READ)),
+    };
+    // A message without the header is a plain put (as async-nats reads it).
+    let operation = message
+        .headers
+        .get("KV-Operation")
+        .and_then(|op| op.as_str().parse().ok())
+        .unwrap_or(Operation::Put);
+    Ok(Some(kv::Entry {
+        bucket: store.name.clone(),
+        key: key.to_string(),
+        value: message.payload,
+        revision: message.sequence,
+        delta: 0,
+        created: message.time,
+        operation,
+        seen_current: false,
+    }))
+}
+
 /// The subscriptions a dead owner left for `key`, if its record belongs to
 /// the ownership record at `revision` (an older one is stale).
 async fn left_subscriptions(bridge: &Shared, key: &str, revision: u64) -> Option<Bytes> {
     let store = bridge.borrow().ownership.subscriptions.clone()?;
-    match store.get(key).await {
-        Ok(Some(value)) => {
+    // From the leader; while it does not answer (a server died, the stream
+    // elects a new one) from any replica: a stale record has an older
+    // revision, so it is only a miss (a fresh session), never wrong.
+    let read = match leader_entry(&store, key).await {
+        Ok(entry) => Ok(entry),
+        Err(e) => {
+            debug!("cluster: subscriptions record {key} not read from the leader: {e}");
+            store.entry(key).await.map_err(|e| e.to_string())
+        }
+    };
+    match read {
+        Ok(Some(entry)) if entry.operation == Operation::Put => {
+            let value = entry.value;
             let header = value.get(..SUBSCRIPTIONS_HEADER)?;
             let written = u64::from_le_bytes(header.try_into().ok()?);
             (written == revision).then(|| value.slice(SUBSCRIPTIONS_HEADER..))
         }
-        Ok(None) => None,
+        Ok(_) => None,
         Err(e) => {
             debug!("cluster: subscriptions record {key} unreadable: {e}");
             None
@@ -437,6 +497,10 @@ async fn decide(bridge: &Shared, request: &ClaimRequest) -> ClaimAnswer {
                 continue;
             }
         }
+        // Any replica may answer (a stale record makes the compare-and-set
+        // below fail, and the record is read again), except where the
+        // record says the id is this node's already: granted without a
+        // compare-and-set, so that is confirmed from the leader.
         let entry = match store.entry(&key).await {
             Ok(Some(entry)) => entry,
             // Deleted between the two calls: create again.
@@ -459,7 +523,16 @@ async fn decide(bridge: &Shared, request: &ClaimRequest) -> ClaimAnswer {
         if let Some(owner) = owner {
             if owner.node == node && owner.inc == incarnation {
                 // Already this node's (a reconnect here, or a take-over
-                // between this node's shards).
+                // between this node's shards), if the leader says so too.
+                match leader_entry(&store, &key).await {
+                    Ok(Some(latest)) if latest.revision == entry.revision => {}
+                    Ok(_) => continue,
+                    Err(e) => {
+                        kv_error(&e);
+                        tokio::time::sleep(RETRY).await;
+                        continue;
+                    }
+                }
                 own(bridge, request, entry.revision);
                 return ClaimAnswer::Granted(state);
             }
@@ -894,7 +967,7 @@ async fn check_owned(bridge: &Shared, client_id: &ByteString, owned: Owned) -> S
     let Some(store) = bridge.borrow().sessions.clone() else {
         return Settled::Later;
     };
-    let entry = match store.entry(key(client_id)).await {
+    let entry = match leader_entry(&store, &key(client_id)).await {
         Ok(entry) => entry,
         Err(e) => {
             debug!("cluster: record of {client_id:?} not checked: {e}");
@@ -946,7 +1019,7 @@ async fn reassert_grant(bridge: &Shared, client_id: &ByteString, grant: &Unregis
     let revision = match store.create(&key, value.clone()).await {
         Ok(revision) => revision,
         Err(e) if e.kind() == CreateErrorKind::AlreadyExists => {
-            let entry = match store.entry(&key).await {
+            let entry = match leader_entry(&store, &key).await {
                 Ok(Some(entry)) => entry,
                 Ok(None) => return Settled::Later,
                 Err(e) => {
@@ -1049,31 +1122,33 @@ async fn reassert_restored(bridge: &Shared, r: &Restored) -> Settled {
     let value = record_value(&bridge.borrow(), false, unix_ms_now());
     let written = match store.create(&key, value.clone()).await {
         Ok(revision) => Ok(revision),
-        Err(e) if e.kind() == CreateErrorKind::AlreadyExists => match store.entry(&key).await {
-            Ok(Some(entry)) => {
-                let holder = match entry.operation {
-                    Operation::Put => serde_json::from_slice::<Record>(&entry.value).ok(),
-                    Operation::Delete | Operation::Purge => None,
-                };
-                let me = bridge.borrow().node.clone();
-                match holder {
-                    Some(h) if h.node != me => {
-                        info!(
-                            "cluster: restored session {:?} is node {}'s now: dropped here",
-                            r.client_id, h.node
-                        );
-                        drop_here(&mut bridge.borrow_mut(), &r.client_id, r.shard);
-                        return Settled::Done;
+        Err(e) if e.kind() == CreateErrorKind::AlreadyExists => {
+            match leader_entry(&store, &key).await {
+                Ok(Some(entry)) => {
+                    let holder = match entry.operation {
+                        Operation::Put => serde_json::from_slice::<Record>(&entry.value).ok(),
+                        Operation::Delete | Operation::Purge => None,
+                    };
+                    let me = bridge.borrow().node.clone();
+                    match holder {
+                        Some(h) if h.node != me => {
+                            info!(
+                                "cluster: restored session {:?} is node {}'s now: dropped here",
+                                r.client_id, h.node
+                            );
+                            drop_here(&mut bridge.borrow_mut(), &r.client_id, r.shard);
+                            return Settled::Done;
+                        }
+                        _ => store
+                            .update(&key, value, entry.revision)
+                            .await
+                            .map_err(|e| e.to_string()),
                     }
-                    _ => store
-                        .update(&key, value, entry.revision)
-                        .await
-                        .map_err(|e| e.to_string()),
                 }
+                Ok(None) => Err("deleted meanwhile".to_string()),
+                Err(e) => Err(e.to_string()),
             }
-            Ok(None) => Err("deleted meanwhile".to_string()),
-            Err(e) => Err(e.to_string()),
-        },
+        }
         Err(e) => Err(e.to_string()),
     };
     let revision = match written {

@@ -72,6 +72,14 @@ impl Nats {
 
     /// [`Nats::start`] with more arguments.
     fn start_with(test: &str, extra: Vec<String>) -> Option<Nats> {
+        let mut nats = Self::unstarted(test, extra)?;
+        nats.run();
+        Some(nats)
+    }
+
+    /// A server not yet running (`None`, after saying why, without a
+    /// binary).
+    fn unstarted(test: &str, extra: Vec<String>) -> Option<Nats> {
         let Some(binary) = nats_binary() else {
             // CI installs it: there a missing server is a failure.
             assert!(
@@ -81,21 +89,27 @@ impl Nats {
             eprintln!("{test}: skipped: nats-server is not on PATH (set FANMQ_NATS_SERVER)");
             return None;
         };
-        let mut nats = Nats {
+        Some(Nats {
             binary,
             child: None,
             store: tempfile::tempdir().expect("store directory"),
             port: 0,
             monitor: 0,
             extra,
-        };
-        nats.run();
-        Some(nats)
+        })
     }
 
     /// Runs the server (port -1: a free one, the first time; the same ports
     /// and store on a restart) and waits until it is ready.
     fn run(&mut self) {
+        if let Err(log) = self.try_run() {
+            panic!("nats-server did not start:\n{log}");
+        }
+    }
+
+    /// [`Nats::run`], with the server's log as the error when it exits or
+    /// is not ready within [`TIMEOUT`] (a port taken meanwhile).
+    fn try_run(&mut self) -> Result<(), String> {
         let port = if self.port == 0 {
             "-1".to_string()
         } else {
@@ -122,7 +136,8 @@ impl Nats {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             let Ok(line) = lines.recv_timeout(left) else {
-                panic!("nats-server did not start:\n{}", log.join("\n"));
+                self.stop();
+                return Err(log.join("\n"));
             };
             if let Some(p) = port_after(&line, "Listening for client connections on ") {
                 self.port = p;
@@ -133,7 +148,7 @@ impl Nats {
             let ready = line.contains("Server is ready");
             log.push(line);
             if ready && self.port != 0 && self.monitor != 0 {
-                return;
+                return Ok(());
             }
         }
     }
@@ -1337,8 +1352,39 @@ fn nats_cluster(test: &str) -> Option<Vec<Nats>> {
     nats_cluster_with(test, &[])
 }
 
+/// How many times [`nats_cluster_with`] starts three servers on fresh ports
+/// before it fails: a route port is picked free and released for its
+/// server to bind, so another process can take it in between (rare; the
+/// next attempt picks others).
+const CLUSTER_ATTEMPTS: usize = 3;
+
+/// How long three servers get to route to each other and elect the
+/// JetStream meta leader before an attempt counts as failed (routes are
+/// solicited again only every second, and the first election takes a few
+/// seconds on a loaded host).
+const CLUSTER_FORMING: Duration = Duration::from_secs(30);
+
 /// [`nats_cluster`] with more arguments for every server.
 fn nats_cluster_with(test: &str, more: &[&str]) -> Option<Vec<Nats>> {
+    let mut failures = Vec::new();
+    for attempt in 1..=CLUSTER_ATTEMPTS {
+        match try_nats_cluster(test, more)? {
+            Ok(servers) => return Some(servers),
+            Err(why) => {
+                eprintln!("{test}: NATS cluster attempt {attempt} failed, fresh ports next: {why}");
+                failures.push(why);
+            }
+        }
+    }
+    panic!(
+        "{test}: the NATS cluster did not form in {CLUSTER_ATTEMPTS} attempts:\n{}",
+        failures.join("\n---\n")
+    );
+}
+
+/// One attempt of [`nats_cluster_with`]: the servers once every one routes
+/// to both others and is healthy, else why not (the servers are killed).
+fn try_nats_cluster(test: &str, more: &[&str]) -> Option<Result<Vec<Nats>, String>> {
     // Route ports are named to every server up front: picked free, then
     // released for the server to bind.
     let routes: Vec<u16> = (0..3)
@@ -1367,24 +1413,32 @@ fn nats_cluster_with(test: &str, more: &[&str]) -> Option<Vec<Nats>> {
             all.clone(),
         ];
         extra.extend(more.iter().map(|m| m.to_string()));
-        servers.push(Nats::start_with(test, extra)?);
+        let mut server = Nats::unstarted(test, extra)?;
+        if let Err(log) = server.try_run() {
+            return Some(Err(format!("server s{i} did not start:\n{log}")));
+        }
+        servers.push(server);
     }
-    // Formed: every server routes to the two others (2.10 and later pool
-    // several connections per route) and answers /healthz
-    // (JetStream has its meta leader) before a node connects.
-    for server in &servers {
-        let deadline = Instant::now() + TIMEOUT * 6;
-        while !(routes_of(server) >= 2 && healthy(server)) {
-            assert!(
-                Instant::now() < deadline,
-                "the NATS cluster did not form: /routez {} /healthz {}",
-                monitor_json(server, "/routez"),
-                monitor_json(server, "/healthz")
-            );
+    // Formed: every server has a route to each of the two others (by
+    // their server ids in /routez: 2.10 and later pool several
+    // connections per route, so a count of routes can be one peer's) and
+    // answers /healthz (JetStream has its meta leader).
+    let ids: Vec<String> = servers.iter().map(server_id).collect();
+    let deadline = Instant::now() + CLUSTER_FORMING;
+    for (i, server) in servers.iter().enumerate() {
+        let others: Vec<&String> = ids.iter().filter(|id| **id != ids[i]).collect();
+        while !(others.iter().all(|id| routed_to(server, id)) && healthy(server)) {
+            if Instant::now() >= deadline {
+                return Some(Err(format!(
+                    "s{i}: /routez {} /healthz {}",
+                    monitor_json(server, "/routez"),
+                    monitor_json(server, "/healthz")
+                )));
+            }
             std::thread::sleep(Duration::from_millis(100));
         }
     }
-    Some(servers)
+    Some(Ok(servers))
 }
 
 /// `server`'s monitoring JSON at `path`, or null while it does not answer.
@@ -1398,16 +1452,53 @@ fn monitor_json(server: &Nats, path: &str) -> Value {
         .unwrap_or_default()
 }
 
-/// How many routes `server` has (monitoring `/routez`).
-fn routes_of(server: &Nats) -> u64 {
-    monitor_json(server, "/routez")["num_routes"]
-        .as_u64()
-        .unwrap_or(0)
+/// `server`'s own id (monitoring `/varz`).
+fn server_id(server: &Nats) -> String {
+    monitor_json(server, "/varz")["server_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Whether `server` has a route to the server of id `remote` (`/routez`).
+fn routed_to(server: &Nats, remote: &str) -> bool {
+    monitor_json(server, "/routez")["routes"]
+        .as_array()
+        .is_some_and(|routes| routes.iter().any(|r| r["remote_id"] == remote))
 }
 
 /// Whether `server`'s `/healthz` says ok (JetStream included).
 fn healthy(server: &Nats) -> bool {
     monitor_json(server, "/healthz")["status"] == "ok"
+}
+
+/// Waits until every JetStream stream `server` knows has a leader other
+/// than the server named `gone` (monitoring `/jsz`).
+fn wait_stream_leaders(server: &Nats, gone: &str) {
+    let deadline = Instant::now() + CLUSTER_FORMING;
+    loop {
+        let jsz = monitor_json(server, "/jsz?streams=true");
+        let leaders: Vec<String> = jsz["account_details"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|a| a["stream_detail"].as_array().into_iter().flatten())
+            .map(|s| {
+                s["cluster"]["leader"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string()
+            })
+            .collect();
+        if !leaders.is_empty() && leaders.iter().all(|l| !l.is_empty() && l != gone) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "streams without a leader but {gone}: {jsz}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// The `[cluster]` table for node `name` with every server of `servers` as
@@ -1535,6 +1626,10 @@ fn a_fenced_node_keeps_its_clients_through_an_outage_and_closes_those_taken_mean
     // Fenced: the clients connected before the outage stay connected.
     kept.ping();
     taken.ping();
+    // The buckets' streams led by the first server elect another leader
+    // (seconds): until then B cannot write the record (its CONNECT would
+    // get 0x88, which a client retries).
+    wait_stream_leaders(&servers[1], "s0");
     // One of them connects again on B, which finds A gone and takes it.
     let mut on_b = raw_v5(b.port, "taken-meanwhile");
     on_b.ping();
