@@ -35,7 +35,7 @@ run fanout-burst-10k fanout --subs 10000 --msgs 500 --duration 120 --rounds 2 --
   --compare fanmq flashmq mosquitto rumqttd raw "${pin[@]}"
 run fanout-paced-10k fanout --subs 10000 --msgs 100 --rate 20 --duration 60 --rounds 2 \
   --compare fanmq flashmq mosquitto rumqttd raw "${pin[@]}"
-run fanout-qos1-10k fanout --subs 10000 --msgs 50 --qos 1 --duration 120 --rounds 2 \
+run fanout-qos1-10k fanout --subs 10000 --msgs 50 --qos 1 --duration 120 --rounds 2 --drain-timeout 30 \
   --compare fanmq flashmq mosquitto rumqttd "${pin[@]}"
 run fanout-filter-10k fanout --subs 10000 --msgs 500 --filter 'bench/+' --duration 120 \
   --compare fanmq flashmq mosquitto rumqttd "${pin[@]}"

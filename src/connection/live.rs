@@ -179,7 +179,7 @@ pub(super) enum Waited {
     /// In its task, which the socket's readiness wakes.
     Pending,
     /// Not yet: it could not leave glommio's stream (out of descriptors),
-    /// so it waits on that stream, in its task.
+    /// or it owes acknowledgements, so it waits on that stream, in its task.
     InTask,
 }
 
@@ -189,18 +189,31 @@ impl Live {
     /// epoll instance for `interest`, then parks the connection (its task
     /// ends) or, while part of a packet waits in its receive buffer, waits in
     /// this task. Errs with why the connection must end instead.
+    ///
+    /// A connection that owes acknowledgements (QoS 1/2 messages in flight
+    /// to it) and waits only to read neither parks nor waits through epoll:
+    /// every PUBACK would then cost a wake-up of the watcher thread and a
+    /// new task. It waits on glommio's stream instead (given back to it if
+    /// it had left it, see [`Poller::forget`](crate::net::poller::Poller::forget)),
+    /// and parks at its first wait with nothing owed.
     fn wait(&mut self, cx: &Context<'_>, interest: Interest) -> Result<Waited, CloseReason> {
         let Some(conn) = self.conn.as_mut() else {
             return Err(CloseReason::Io);
         };
         let (key, conn_id, partial) = (conn.key, conn.conn_id, !conn.rx.is_empty());
         let mut shard = self.ctx.shard.borrow_mut();
-        let Some(link) = shard
+        let Some(session) = shard
             .sessions
             .get_mut(key as usize)
-            .and_then(|s| s.link.as_mut())
-            .filter(|l| l.conn_id == conn_id)
+            .filter(|s| s.link.as_ref().is_some_and(|l| l.conn_id == conn_id))
         else {
+            return Err(CloseReason::TakenOver);
+        };
+        if interest.read && !interest.write && session.awaits_acks() {
+            drop(shard);
+            return self.stay_on_stream();
+        }
+        let Some(link) = session.link.as_mut() else {
             return Err(CloseReason::TakenOver);
         };
         let new = matches!(conn.wire, Wire::Fresh(_));
@@ -260,6 +273,34 @@ impl Live {
         Ok(Waited::Parked)
     }
 
+    /// Keeps the connection in its task, waiting on glommio's stream: a
+    /// [`Wire::Plain`] socket leaves the shard's epoll instance and becomes
+    /// glommio's stream again (same descriptor, so the link's stays true).
+    fn stay_on_stream(&mut self) -> Result<Waited, CloseReason> {
+        let Some(mut conn) = self.conn.take() else {
+            return Err(CloseReason::Io);
+        };
+        conn.wire = match conn.wire {
+            Wire::Plain(fd) => {
+                if let Err(e) = self.ctx.poller.forget(fd.as_raw_fd()) {
+                    warn!(
+                        "{}: cannot stop watching the socket ({e}), closing",
+                        Peer(fd.as_raw_fd())
+                    );
+                    self.conn = Some(Established {
+                        wire: Wire::Plain(fd),
+                        ..conn
+                    });
+                    return Err(CloseReason::Io);
+                }
+                Wire::Fresh(fd::into_tcp_stream(fd))
+            }
+            other => other,
+        };
+        self.conn = Some(conn);
+        Ok(Waited::InTask)
+    }
+
     /// The connection ended: start its teardown (polled like a forward).
     fn end(&mut self, reason: CloseReason) {
         self.ended = None;
@@ -311,6 +352,7 @@ pub(super) fn poll_event(
         }
         return Poll::Ready(Event::Closed(CloseReason::TakenOver));
     };
+    let owed = session.awaits_acks();
     let Some(link) = session.link.as_mut() else {
         return Poll::Ready(Event::Closed(CloseReason::TakenOver));
     };
@@ -353,11 +395,12 @@ pub(super) fn poll_event(
     // what it is sent: stop reading it too (back-pressure).
     let read = !(link.blocked && session.out.bytes() > limits.max_queued_bytes);
     if let Wire::Fresh(tcp) = wire
-        && !reading.fresh_waited
+        && (!reading.fresh_waited || owed)
         && read
         && !link.blocked
     {
-        // The first wait after CONNECT: in this task, on glommio's stream
+        // The first wait after CONNECT, or any while acknowledgements are
+        // owed (see `Live::wait`): in this task, on glommio's stream
         // (whose read tries a `recv` first).
         link.set_waker(cx.waker());
         return match Pin::new(tcp).poll_read(cx, read_buf) {

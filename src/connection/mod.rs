@@ -109,7 +109,10 @@ struct Established {
 enum Wire {
     /// Plain TCP until its first wait after CONNECT has ended: still
     /// glommio's stream, which that wait uses; read with `recv` like
-    /// [`Wire::Plain`].
+    /// [`Wire::Plain`]. Also a plain connection that owes acknowledgements
+    /// (QoS 1/2 messages in flight to it) and was given back to glommio's
+    /// stream for that time (`live::Live::wait`), so that each PUBACK
+    /// wakes its task through glommio and not through the watcher thread.
     Fresh(TcpStream),
     /// Plain TCP: the socket itself (taken from glommio's stream, see
     /// [`plain_socket`]), read with non-blocking `recv` and waited on

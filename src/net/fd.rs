@@ -28,6 +28,16 @@ pub fn duplicate(fd: RawFd) -> io::Result<OwnedFd> {
     unsafe { BorrowedFd::borrow_raw(fd) }.try_clone_to_owned()
 }
 
+/// Gives an owned socket (one a connection took from glommio's stream
+/// with [`duplicate`]) back to glommio as a stream, so the connection can
+/// wait on it through glommio again. The descriptor keeps its number, so
+/// what the shard knows of it (the link's descriptor) stays true.
+pub fn into_tcp_stream(fd: OwnedFd) -> glommio::net::TcpStream {
+    // SAFETY: the descriptor is an open TCP socket whose ownership moves
+    // into the stream (`into_raw_fd` gives it up), so it is closed once.
+    unsafe { glommio::net::TcpStream::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(fd)) }
+}
+
 /// Makes the coming `close` of `fd` send a reset and discard unsent data
 /// (SO_LINGER with a zero timeout).
 pub fn reset_on_close(fd: RawFd) {

@@ -154,6 +154,20 @@ impl Poller {
             other => other,
         }
     }
+
+    /// Removes `fd` from the epoll instance: its connection waits on
+    /// glommio's stream from now on (acknowledgements owed, see
+    /// `connection::live`), so a registration armed earlier must not report
+    /// it again. A socket that was never registered is not an error.
+    ///
+    /// # Errors
+    /// `epoll_ctl` failing for another reason (the socket is closed).
+    pub fn forget(&self, fd: RawFd) -> io::Result<()> {
+        match fd::epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_DEL, fd, 0, 0) {
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+            other => other,
+        }
+    }
 }
 
 /// The watcher thread: waits for ready sockets and sends their tokens to
@@ -248,6 +262,21 @@ mod tests {
                     .expect("re-arm");
                 let n = from_watcher.read(&mut message).await.expect("read");
                 assert_eq!(u64::from_ne_bytes(message[..n].try_into().unwrap()), 43);
+                // Forgotten while armed: it is no longer registered (so it
+                // can be added anew), and forgetting it twice is no error.
+                let mut drained = [0u8; 2];
+                std::io::Read::read_exact(&mut &ours, &mut drained).expect("drain");
+                poller
+                    .arm(ours.as_raw_fd(), 44, read, false)
+                    .expect("re-arm");
+                poller.forget(ours.as_raw_fd()).expect("forget");
+                poller.forget(ours.as_raw_fd()).expect("forget twice");
+                peer.write_all(b"z").expect("write");
+                poller
+                    .arm(ours.as_raw_fd(), 45, read, true)
+                    .expect("add anew");
+                let n = from_watcher.read(&mut message).await.expect("read");
+                assert_eq!(u64::from_ne_bytes(message[..n].try_into().unwrap()), 45);
             })
             .expect("executor");
         ex.join().expect("join");

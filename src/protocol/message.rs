@@ -56,6 +56,26 @@ const LANE_V5: u8 = 1;
 /// The lane of MQTT 5.0 frames with a Topic Alias (every variant).
 const LANE_V5_ALIASED: u8 = 2;
 
+/// QoS 1/2 PUBLISH packets encoded whole, each for one packet id, that
+/// one fan-out keeps per wire form ([`Encoded::publish`]): subscribers
+/// that receive a message with the same packet id share one frame (at a
+/// burst to subscribers that acknowledge as fast as each other, all of
+/// them: each session hands out its ids in the same order). A delivery
+/// with another id gets the shared head and payload instead.
+const WHOLE_PUBLISHES: usize = 4;
+
+/// A QoS 1/2 PUBLISH for one subscriber ([`Encoded::publish`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Publish {
+    /// The whole packet, its packet id included, shared by every
+    /// subscriber given that id.
+    Whole(Frame),
+    /// The fixed header and topic, and what follows the packet id (the
+    /// payload; with MQTT 5.0, the properties and the payload): the
+    /// subscriber writes its packet id between them.
+    Parts(Frame, Frame),
+}
+
 /// Where one QoS 0 frame lies in the shard's [`Batch`] of this step.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BatchRange {
@@ -386,6 +406,10 @@ pub struct Encoded<'a> {
     heads: [Option<Frame>; 2],
     /// The payload as a shard-local frame, for QoS 1 and 2 deliveries.
     payload: Option<Frame>,
+    /// Whole QoS 1/2 PUBLISH packets without a Topic Alias, at most
+    /// [`WHOLE_PUBLISHES`]: (form: QoS 1 or 2, 3.1.1 or 5.0; packet id;
+    /// the packet).
+    whole: SmallVec<[(u8, u16, Frame); WHOLE_PUBLISHES]>,
     /// The MQTT 5.0 forms, once an MQTT 5.0 subscriber needed one: the plain
     /// one and those with a Topic Alias, each encoded once.
     v5: Option<Box<V5Forms>>,
@@ -440,6 +464,7 @@ impl<'a> Encoded<'a> {
             qos0: [None, None],
             heads: [None, None],
             payload: None,
+            whole: SmallVec::new(),
             v5: None,
             topic_hash: None,
             last_alias: None,
@@ -564,6 +589,35 @@ impl<'a> Encoded<'a> {
         self.payload
             .get_or_insert_with(|| Frame::from(&message.payload[..]))
             .clone()
+    }
+
+    /// A QoS 1 or 2 PUBLISH without a Topic Alias with `packet_id` for a
+    /// subscriber speaking `version`: the whole packet, encoded once for
+    /// every subscriber given the same id (up to [`WHOLE_PUBLISHES`] ids
+    /// per form), else the shared head and payload ([`Encoded::head`],
+    /// [`Encoded::payload`]). One piece to write instead of three, and no
+    /// copy of the payload per subscriber.
+    pub fn publish(&mut self, version: Version, qos: QoS, packet_id: u16) -> Publish {
+        let form = u8::from(qos == QoS::ExactlyOnce) | (u8::from(version == Version::V5) << 1);
+        if let Some((_, _, frame)) = self
+            .whole
+            .iter()
+            .find(|(f, id, _)| *f == form && *id == packet_id)
+        {
+            return Publish::Whole(frame.clone());
+        }
+        let head = self.head(version, qos);
+        let payload = self.payload(version);
+        if self.whole.len() == WHOLE_PUBLISHES {
+            return Publish::Parts(head, payload);
+        }
+        let mut packet = Vec::with_capacity(head.len() + 2 + payload.len());
+        packet.extend_from_slice(&head);
+        packet.extend_from_slice(&packet_id.to_be_bytes());
+        packet.extend_from_slice(&payload);
+        let frame = Frame::from(packet);
+        self.whole.push((form, packet_id, frame.clone()));
+        Publish::Whole(frame)
     }
 
     /// The MQTT 5.0 QoS 0 frame with Topic Alias `alias`: its range in the

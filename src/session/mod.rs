@@ -24,6 +24,7 @@
 pub mod alias;
 pub mod link;
 pub mod outqueue;
+pub mod packet_ids;
 pub mod wheel;
 
 use std::cell::Cell;
@@ -35,7 +36,7 @@ use bytestring::ByteString;
 use smallvec::SmallVec;
 
 use crate::protocol::Version;
-use crate::protocol::message::{AliasUse, Encoded, Message, MessageProperties};
+use crate::protocol::message::{AliasUse, Encoded, Message, MessageProperties, Publish};
 use crate::protocol::topic;
 use crate::protocol::v3::{self as codec, PacketId, QoS};
 use crate::protocol::v5::{Property, SubscriptionOptions};
@@ -44,6 +45,7 @@ use crate::router::shared;
 use crate::session::alias::{AliasState, ServerAliases};
 use crate::session::link::Link;
 use crate::session::outqueue::{Frame, OutFrame, OutQueue};
+use crate::session::packet_ids::PacketIds;
 
 /// A session's subscriptions: (Topic Filter, granted QoS), in subscription
 /// order. The filter is the router's shared copy ([`SharedFilter`], 16 bytes),
@@ -260,6 +262,22 @@ impl SessionState {
     }
 }
 
+impl Flows {
+    /// The next packet id not in flight (§2.3.1: non-zero, unique among
+    /// the client's unacknowledged messages), in order and wrapping after
+    /// 65,535 ([`PacketIds`]). None only when all 65,535 are in flight,
+    /// which a window of at most 65,535 (the largest Receive Maximum,
+    /// §3.2.2.3.3) never allows.
+    pub fn next_packet_id(&mut self) -> Option<PacketId> {
+        if let Some(id) = self.free_ids.take() {
+            return Some(id);
+        }
+        self.free_ids
+            .new_lap(self.inflight.iter().map(|f| f.packet_id));
+        self.free_ids.take()
+    }
+}
+
 /// A session's QoS 1/2 state.
 #[derive(Clone, Debug, Default)]
 pub struct Flows {
@@ -276,8 +294,10 @@ pub struct Flows {
     pub pending_stored: VecDeque<u64>,
     /// Packet ids of QoS 2 messages received and not yet released (PUBREL).
     pub awaiting_rel: Vec<PacketId>,
-    /// The last packet id used for an outgoing message (0: none yet).
-    pub last_packet_id: PacketId,
+    /// The packet id counter for outgoing messages
+    /// ([`Flows::next_packet_id`]): picking an id costs O(1) and walks
+    /// `inflight` only once per 65,535 ids.
+    pub free_ids: PacketIds,
     /// MQTT 5.0 options of the subscriptions that have any besides their
     /// QoS (No Local, Retain As Published, a Subscription Identifier),
     /// kept here so that a session without them (every 3.1.1 session, most
@@ -557,14 +577,7 @@ impl Session {
         };
         if self.window_open(limits) && self.pending_is_empty() {
             let alias = self.alias_use(encoded);
-            let shared = match alias {
-                Some(alias) => encoded.aliased_publish(qos, alias),
-                None => (
-                    encoded.head(self.version, qos),
-                    encoded.payload(self.version),
-                ),
-            };
-            let delivery = self.start_inflight(forwarded, Some(shared), 0);
+            let delivery = self.start_inflight(forwarded, Some((&mut *encoded, alias)), 0);
             if delivery == Delivery::Queued {
                 self.remember_alias(alias, encoded);
             }
@@ -769,6 +782,17 @@ impl Session {
         self.state.flows.get_or_insert_with(Box::default)
     }
 
+    /// True when QoS 1/2 messages sent to the client wait for its
+    /// acknowledgement (PUBACK, PUBREC, PUBCOMP): its connection is about
+    /// to read them, so it stays in its task rather than parking.
+    #[inline]
+    pub fn awaits_acks(&self) -> bool {
+        self.state
+            .flows
+            .as_deref()
+            .is_some_and(|f| !f.inflight.is_empty())
+    }
+
     /// True when no QoS 1/2 message waits for the window.
     fn pending_is_empty(&self) -> bool {
         self.state
@@ -813,21 +837,31 @@ impl Session {
     }
 
     /// Assigns a packet id, records the message as in flight and queues its
-    /// PUBLISH (with the shard's shared head and payload when there are):
-    /// [`Delivery::Queued`], or [`Delivery::Dropped`] when the PUBLISH is
-    /// over the client's Maximum Packet Size.
+    /// PUBLISH (from the fan-out's shared encodings `shared` with the
+    /// delivery's Topic Alias when there are: the whole packet shared by
+    /// every subscriber given this packet id, or the shared head and
+    /// payload): [`Delivery::Queued`], or [`Delivery::Dropped`] when the
+    /// PUBLISH is over the client's Maximum Packet Size.
     fn start_inflight(
         &mut self,
         message: Message,
-        shared: Option<(Frame, Frame)>,
+        shared: Option<(&mut Encoded<'_>, Option<AliasUse>)>,
         stored: u64,
     ) -> Delivery {
-        let packet_id = self.next_packet_id();
+        let Some(packet_id) = self.flows().next_packet_id() else {
+            // All 65,535 ids in flight: a window never that large allows.
+            return Delivery::Dropped;
+        };
+        let parts = |(head, payload): (Frame, Frame)| OutFrame::Publish {
+            head,
+            packet_id: packet_id.to_be_bytes(),
+            payload,
+        };
         let frame = match shared {
-            Some((head, payload)) => OutFrame::Publish {
-                head,
-                packet_id: packet_id.to_be_bytes(),
-                payload,
+            Some((encoded, Some(alias))) => parts(encoded.aliased_publish(message.qos, alias)),
+            Some((encoded, None)) => match encoded.publish(self.version, message.qos, packet_id) {
+                Publish::Whole(frame) => OutFrame::whole(frame),
+                Publish::Parts(head, payload) => parts((head, payload)),
             },
             None => OutFrame::whole(message.encode_whole(
                 self.version,
@@ -854,20 +888,6 @@ impl Session {
         });
         self.out.push(frame);
         Delivery::Queued
-    }
-
-    /// The next packet id not in flight (§2.3.1: non-zero, unique among the
-    /// client's unacknowledged messages). The window is at most 65535, so one
-    /// is always free.
-    fn next_packet_id(&mut self) -> PacketId {
-        let flows = self.flows();
-        loop {
-            let id = flows.last_packet_id.wrapping_add(1).max(1);
-            flows.last_packet_id = id;
-            if !flows.inflight.iter().any(|f| f.packet_id == id) {
-                return id;
-            }
-        }
     }
 
     /// Moves pending messages into the inflight window while it has room;
@@ -1210,6 +1230,34 @@ mod tests {
         v5.link = Some(test_link());
         v5.reattach(&LIMITS);
         assert_eq!(written(&mut v5), b"\x3a\x09\x00\x03a/b\x00\x01\x00x");
+    }
+
+    #[test]
+    fn qos1_subscribers_given_the_same_packet_id_share_one_whole_publish() {
+        let m = msg(QoS::AtLeastOnce, b"x");
+        let mut batch = Batch::default();
+        let mut enc = Encoded::new(&m, &mut batch);
+        let (mut a, mut b, mut c) = (online(), online(), online());
+        // Id 1 is in flight to `c` from an earlier connection: it gets 2.
+        c.flows().free_ids.reserve(1);
+        for s in [&mut a, &mut b, &mut c] {
+            assert_eq!(
+                s.deliver(&mut enc, QoS::AtLeastOnce, &LIMITS),
+                Delivery::Queued
+            );
+        }
+        drop(enc);
+        let whole = b"\x32\x08\x00\x03a/b\x00\x01x";
+        // One piece to write, the same frame for both.
+        let (fa, fb) = (a.out.front_chunk(), b.out.front_chunk());
+        assert_eq!(fa, Some(&whole[..]));
+        assert_eq!(fa.map(<[u8]>::as_ptr), fb.map(<[u8]>::as_ptr));
+        assert_eq!(
+            c.out.front_chunk(),
+            Some(&b"\x32\x08\x00\x03a/b\x00\x02x"[..])
+        );
+        assert_eq!(written(&mut a), whole);
+        assert_eq!(written(&mut b), whole);
     }
 
     #[test]
@@ -1600,18 +1648,29 @@ mod tests {
     }
 
     #[test]
-    fn packet_ids_skip_zero_and_ids_in_flight() {
+    fn packet_ids_skip_ids_in_flight_and_wrap_after_65535() {
         let mut s = online();
-        s.flows().last_packet_id = u16::MAX;
-        assert_eq!(s.next_packet_id(), 1);
-        s.flows().inflight.push_back(Inflight {
-            packet_id: 2,
-            message: msg(QoS::AtLeastOnce, b""),
-            phase: Phase::AwaitPubAck,
-            stored: 0,
-            journalled: false,
-        });
-        assert_eq!(s.next_packet_id(), 3);
+        let limits = Limits {
+            max_inflight: 3,
+            ..LIMITS
+        };
+        s.flows().free_ids.reserve(2);
+        let m = msg(QoS::AtLeastOnce, b"x");
+        for _ in 0..2 {
+            s.deliver_retained(&m, QoS::AtLeastOnce, &[], &limits);
+        }
+        let ids: Vec<PacketId> = s.flows().inflight.iter().map(|f| f.packet_id).collect();
+        assert_eq!(ids, [1, 3], "2 is in flight from an earlier connection");
+        // Acknowledged at once, 65,532 more: 1 and 3 are still in flight
+        // when the counter wraps, so it skips them.
+        for _ in 4..=u16::MAX {
+            s.deliver_retained(&m, QoS::AtLeastOnce, &[], &limits);
+            let id = s.flows().inflight.back().map(|f| f.packet_id);
+            assert!(s.on_puback(id.unwrap_or(0), &limits));
+        }
+        s.deliver_retained(&m, QoS::AtLeastOnce, &[], &limits);
+        let ids: Vec<PacketId> = s.flows().inflight.iter().map(|f| f.packet_id).collect();
+        assert_eq!(ids, [1, 3, 2]);
     }
 
     #[test]

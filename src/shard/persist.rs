@@ -459,7 +459,7 @@ fn restore_flows(session: &mut Session, loaded: &flows::LoadedFlows, now: Instan
             (crate::protocol::v3::QoS::ExactlyOnce, false) => Phase::AwaitPubRec,
             _ => Phase::AwaitPubAck,
         };
-        flows.last_packet_id = flows.last_packet_id.max(f.packet_id);
+        flows.free_ids.reserve(f.packet_id);
         flows.inflight.push_back(Inflight {
             packet_id: f.packet_id,
             message,

@@ -11,7 +11,7 @@ use rumqttc::QoS;
 
 use crate::admin::{total, wait_stats};
 use crate::common::{
-    Broker, CONNACK_OK, ConnectBuilder, Mqtt, Raw, ack, subscribe, unique, unsubscribe,
+    Broker, CONNACK_OK, ConnectBuilder, Mqtt, Raw, ack, publish, subscribe, unique, unsubscribe,
 };
 
 /// Waits until at least `count` connections are parked.
@@ -71,6 +71,52 @@ fn parked_subscribers_get_every_message_and_answers() {
     assert_eq!(first.subscribe(8, &[(&other, 0)]), vec![0]);
     publisher.publish_acked(&other, false, b"x");
     assert_eq!(first.expect_publish().payload, b"x");
+}
+
+/// A subscriber that owes acknowledgements (QoS 1 messages in flight to
+/// it) is not parked once it is running: it waits in its task on glommio's
+/// stream, so each PUBACK does not cost a wake-up through the watcher
+/// thread. It parks again once it owes none, and loses nothing either way.
+#[test]
+fn a_subscriber_owing_acknowledgements_parks_only_once_it_owes_none() {
+    let broker = Broker::start();
+    let topic = format!("park/owed/{}", unique());
+    let mut subscriber = Raw::connect(broker.port, &format!("park-owed-{}", unique()));
+    assert_eq!(subscriber.subscribe(1, &[(&topic, 1)]), vec![1]);
+    let mut publisher = Raw::connect(broker.port, &format!("park-owed-pub-{}", unique()));
+    wait_parked(&broker, 2);
+
+    for id in 1..=2u8 {
+        publisher.send(&publish(
+            topic.as_bytes(),
+            &[id],
+            1,
+            false,
+            false,
+            u16::from(id),
+        ));
+        assert_eq!(publisher.expect_packet().bytes(), ack(0x40, u16::from(id)));
+    }
+    let first = subscriber.expect_publish();
+    let second = subscriber.expect_publish();
+    assert_eq!((first.payload, second.payload), (vec![1], vec![2]));
+    // The first PUBACK wakes it (through the watcher); it still owes the
+    // second, so it stays in its task: only the publisher is parked.
+    subscriber.send(&ack(0x40, first.packet_id));
+    subscriber.ping();
+    wait_stats(&broker, |s| total(s, "clients_parked") == 1);
+    // Owing nothing, it parks again, and a parked subscriber still gets
+    // the next message.
+    subscriber.send(&ack(0x40, second.packet_id));
+    subscriber.ping();
+    wait_parked(&broker, 2);
+    publisher.send(&publish(topic.as_bytes(), b"3", 1, false, false, 3));
+    assert_eq!(publisher.expect_packet().bytes(), ack(0x40, 3));
+    let third = subscriber.expect_publish();
+    assert_eq!(third.payload, b"3");
+    subscriber.send(&ack(0x40, third.packet_id));
+    subscriber.ping();
+    wait_parked(&broker, 2);
 }
 
 /// Clients that write SUBSCRIBE with CONNECT, before CONNACK (pipelined,
