@@ -37,6 +37,27 @@ pub fn process(
         return super::dispatch_v5::process(shard, key, conn_id, rx, rare);
     }
     let username = Rare::username(rare.as_deref());
+    // Consecutive QoS 0 PUBLISH packets to one topic are collected and
+    // published together (`crate::shard::run`), before any other packet is
+    // handled, so the order of everything the client sent is kept.
+    let mut run = std::mem::take(&mut shard.run);
+    let result = process_packets(shard, key, conn_id, rx, username, &mut run);
+    if !run.is_empty() {
+        shard.publish_run(&mut run, Some(key));
+    }
+    shard.run = run;
+    result
+}
+
+/// The loop of [`process`] for a 3.1.1 client, collecting runs in `run`.
+fn process_packets(
+    shard: &mut Shard,
+    key: SessionKey,
+    conn_id: u64,
+    rx: &mut BytesMut,
+    username: Option<&str>,
+    run: &mut Vec<Message>,
+) -> Result<(), CloseReason> {
     let max = shard.config.max_packet_size;
     loop {
         let packet = match codec::decode(rx, max) {
@@ -49,7 +70,24 @@ pub fn process(
             }
         };
         shard.stats.packets_received += 1;
-        handle_packet(shard, key, conn_id, packet, username)?;
+        match packet {
+            Packet::Publish(publish) if publish.qos == QoS::AtMostOnce && !publish.retain => {
+                if run.first().is_some_and(|m| m.topic != publish.topic) {
+                    shard.publish_run(run, Some(key));
+                }
+                let message = Message::new(publish.topic, publish.payload, QoS::AtMostOnce, false);
+                // QoS 0: no acknowledgement, whatever the outcome.
+                if admit_publish(shard, key, conn_id, &message, publish.packet_id, username)?.1 {
+                    run.push(message);
+                }
+            }
+            packet => {
+                if !run.is_empty() {
+                    shard.publish_run(run, Some(key));
+                }
+                handle_packet(shard, key, conn_id, packet, username)?;
+            }
+        }
     }
 }
 
@@ -156,6 +194,23 @@ pub(super) fn receive_publish(
     packet_id: PacketId,
     username: Option<&str>,
 ) -> Result<Received, CloseReason> {
+    let (received, deliver) = admit_publish(shard, key, conn_id, &message, packet_id, username)?;
+    if deliver {
+        shard.publish_from(message, Some(key));
+    }
+    Ok(received)
+}
+
+/// The checks of [`receive_publish`], counted: what became of the PUBLISH
+/// and whether the message is to be published.
+fn admit_publish(
+    shard: &mut Shard,
+    key: SessionKey,
+    conn_id: u64,
+    message: &Message,
+    packet_id: PacketId,
+    username: Option<&str>,
+) -> Result<(Received, bool), CloseReason> {
     let limits = shard.limits;
     let max_topic_levels = shard.config.max_topic_levels;
     let denied = !shard.may_publish(key, username, &message.topic);
@@ -202,7 +257,7 @@ pub(super) fn receive_publish(
         shard.stats.store_refused += 1;
         shard.stats.publish_dropped += 1;
         return match version {
-            Version::V5 => Ok(Received::QuotaExceeded),
+            Version::V5 => Ok((Received::QuotaExceeded, false)),
             _ => Err(CloseReason::StoreUnavailable),
         };
     }
@@ -230,7 +285,7 @@ pub(super) fn receive_publish(
                 );
                 shard.stats.publish_dropped += 1;
                 shard.stats.dropped_qos2_overflow += 1;
-                return Ok(Received::QuotaExceeded);
+                return Ok((Received::QuotaExceeded, false));
             }
         },
     };
@@ -245,7 +300,7 @@ pub(super) fn receive_publish(
         );
         shard.stats.publish_dropped += 1;
         shard.stats.dropped_sys_topic += 1;
-        return Ok(Received::NotAuthorized);
+        return Ok((Received::NotAuthorized, false));
     }
     if denied {
         limited!(
@@ -255,10 +310,76 @@ pub(super) fn receive_publish(
             message.topic
         );
         shard.stats.publish_denied += 1;
-        return Ok(Received::NotAuthorized);
+        return Ok((Received::NotAuthorized, false));
     }
-    if deliver {
-        shard.publish_from(message, Some(key));
+    Ok((Received::Accepted, deliver))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shard::testing::{self, attach_client};
+
+    /// The bytes of a QoS 0 PUBLISH of `payload` to `topic`, as a client
+    /// sends it.
+    fn publish(topic: &str, payload: &str) -> Vec<u8> {
+        let body = 2 + topic.len() + payload.len();
+        let mut out = vec![0x30, u8::try_from(body).expect("short")];
+        out.extend_from_slice(&u16::try_from(topic.len()).expect("short").to_be_bytes());
+        out.extend_from_slice(topic.as_bytes());
+        out.extend_from_slice(payload.as_bytes());
+        out
     }
-    Ok(Received::Accepted)
+
+    /// The bytes of a SUBSCRIBE to `filter` at QoS 0, packet id 7.
+    fn subscribe(filter: &str) -> Vec<u8> {
+        let body = 2 + 2 + filter.len() + 1;
+        let mut out = vec![0x82, u8::try_from(body).expect("short"), 0, 7];
+        out.extend_from_slice(&u16::try_from(filter.len()).expect("short").to_be_bytes());
+        out.extend_from_slice(filter.as_bytes());
+        out.push(0);
+        out
+    }
+
+    #[test]
+    fn publishes_of_one_read_keep_their_order_around_the_other_packets() {
+        let mut shard = testing::shard();
+        let mut publisher = attach_client(&mut shard, "p", "none", QoS::AtMostOnce, None);
+        let mut subscriber = attach_client(&mut shard, "s", "t", QoS::AtMostOnce, None);
+        shard.flush_dirty();
+        let conn_id = shard
+            .sessions
+            .get(publisher.key as usize)
+            .and_then(|s| s.link.as_ref())
+            .map(|l| l.conn_id)
+            .expect("online");
+        let mut read = Vec::new();
+        for packet in [
+            publish("t", "a"),
+            publish("t", "b"),
+            publish("u", "x"),
+            publish("t", "c"),
+            subscribe("t"),
+            publish("t", "d"),
+            publish("t", "e"),
+        ] {
+            read.extend_from_slice(&packet);
+        }
+        let mut rx = BytesMut::from(&read[..]);
+        let mut rare = None;
+        let done = process(&mut shard, publisher.key, conn_id, &mut rx, &mut rare);
+        assert_eq!(done, Ok(()));
+        assert!(rx.is_empty());
+        assert!(shard.run.is_empty(), "no run left behind");
+        shard.flush_dirty();
+        let texts = |got: Vec<(String, Vec<u8>, QoS)>| -> Vec<String> {
+            got.into_iter()
+                .map(|(_, p, _)| String::from_utf8_lossy(&p).into_owned())
+                .collect()
+        };
+        assert_eq!(texts(subscriber.publishes()), ["a", "b", "c", "d", "e"]);
+        // The publisher subscribed after "c": it gets only what came after.
+        assert_eq!(texts(publisher.publishes()), ["d", "e"]);
+        assert_eq!(shard.stats.publish_received, 6);
+    }
 }

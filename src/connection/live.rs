@@ -119,13 +119,30 @@ impl Future for Live {
             }
             let (step, forward) = {
                 let mut shard = this.ctx.shard.borrow_mut();
-                let step = process(
+                let mut step = process(
                     &mut shard,
                     conn.key,
                     conn.conn_id,
                     &mut conn.rx,
                     &mut conn.rare,
                 );
+                // A full read buffer: the client is sending a burst. Read
+                // on before the flush, so that each subscriber gets one
+                // write (and each other shard one batch) for all of it.
+                let mut reads = 1;
+                while step.is_ok() && this.reading.full && reads < MAX_READS_PER_STEP {
+                    if !read_on(&mut shard, conn, &mut this.reading) {
+                        break;
+                    }
+                    step = process(
+                        &mut shard,
+                        conn.key,
+                        conn.conn_id,
+                        &mut conn.rx,
+                        &mut conn.rare,
+                    );
+                    reads += 1;
+                }
                 shard.flush_dirty();
                 (
                     step,
@@ -159,6 +176,43 @@ impl Future for Live {
     }
 }
 
+/// Most reads of one connection handled in one step (one flush, one batch
+/// to the other shards) while its reads fill the shard's read buffer:
+/// 4 x [`crate::shard::READ_BUFFER_SIZE`] = 256 KiB, what the plain TCP
+/// forwarder of the benchmark (`raw`) reads at once. Bounded so that a
+/// publisher that never stops cannot hold back the flush of what it sent.
+const MAX_READS_PER_STEP: usize = 4;
+
+/// One more non-blocking `recv` of a plain connection whose last read
+/// filled the read buffer, into its receive buffer: true when it read
+/// something. Would-block marks the socket drained; the peer's close or an
+/// error is left for the next [`poll_event`], whose own `recv` sees it again.
+fn read_on(shard: &mut Shard, conn: &mut Established, reading: &mut Reading) -> bool {
+    reading.full = false;
+    let fd = match &conn.wire {
+        Wire::Fresh(tcp) => tcp.as_raw_fd(),
+        Wire::Plain(fd) => fd.as_raw_fd(),
+        Wire::Framed(_) => return false,
+    };
+    let Shard {
+        read_buf, stats, ..
+    } = shard;
+    match fd::recv(fd, read_buf) {
+        Ok(n) if n > 0 => {
+            reading.full = n == read_buf.len();
+            reading.drained = !reading.full;
+            conn.rx.extend_from_slice(&read_buf[..n]);
+            stats.bytes_received += n as u64;
+            true
+        }
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+            reading.drained = true;
+            false
+        }
+        _ => false,
+    }
+}
+
 /// What a connection task knows of its plain socket, to spare `recv` calls
 /// that would only say "nothing yet".
 #[derive(Clone, Copy, Debug, Default)]
@@ -170,6 +224,9 @@ pub(super) struct Reading {
     /// drained, so the connection may wait without another `recv` (arming
     /// epoll reports data that arrived since at once).
     pub(super) drained: bool,
+    /// The last `recv` filled the read buffer: more is probably waiting,
+    /// so the step reads on before its flush (`MAX_READS_PER_STEP`).
+    pub(super) full: bool,
 }
 
 /// How a plain connection waits for its socket ([`Live::wait`]).
@@ -416,6 +473,7 @@ pub(super) fn poll_event(
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             result => {
                 reading.drained = result.as_ref().is_ok_and(|&n| n < read_buf.len());
+                reading.full = result.as_ref().is_ok_and(|&n| n == read_buf.len());
                 return Poll::Ready(read_event(result, read_buf, rx, &mut stats.bytes_received));
             }
         }

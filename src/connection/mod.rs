@@ -164,6 +164,7 @@ pub async fn serve(
             // sweep, all at once after a connect burst.
             fresh_waited: unprocessed,
             drained: false,
+            full: false,
         },
         forwarding: None,
         ended: None,

@@ -107,6 +107,7 @@ pub fn resume(ctx: &Ctx, conn_id: u64, mut parked: Parked) {
         reading: Reading {
             fresh_waited: true,
             drained: false,
+            full: false,
         },
         forwarding: None,
         ended: None,

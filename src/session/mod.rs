@@ -36,7 +36,9 @@ use bytestring::ByteString;
 use smallvec::SmallVec;
 
 use crate::protocol::Version;
-use crate::protocol::message::{AliasUse, Encoded, Message, MessageProperties, Publish};
+use crate::protocol::message::{
+    AliasUse, BatchRange, Encoded, Message, MessageProperties, Publish,
+};
 use crate::protocol::topic;
 use crate::protocol::v3::{self as codec, PacketId, QoS};
 use crate::protocol::v5::{Property, SubscriptionOptions};
@@ -584,6 +586,45 @@ impl Session {
             return delivery;
         }
         self.queue_pending(forwarded, limits)
+    }
+
+    /// [`Session::deliver`] of a *run*: QoS 0 messages to one topic, framed
+    /// for MQTT 3.1.1 at `ranges` of the step's batch, in order (`whole`:
+    /// their union when they are adjacent, as the run's encoding leaves
+    /// them). For a 3.1.1 session only (no Topic Aliases, no maximum packet
+    /// size). The queue limits apply per message as in `deliver`: when the
+    /// whole run fits (the usual case), it is queued as one entry with one
+    /// check; otherwise message by message, the rest dropped. Returns the
+    /// messages queued and dropped; an offline session skips them all (QoS 0
+    /// is never kept for an offline session).
+    pub fn deliver_qos0_run(
+        &mut self,
+        ranges: &[BatchRange],
+        whole: Option<BatchRange>,
+        limits: &Limits,
+    ) -> (usize, usize) {
+        debug_assert!(self.version != Version::V5);
+        if !self.is_online() {
+            return (0, 0);
+        }
+        if let Some(whole) = whole
+            && self.out.publishes() + ranges.len() <= limits.max_queued_messages
+            && self.out.bytes() + whole.len as usize <= limits.max_queued_bytes
+        {
+            self.out
+                .push_batch_run(whole, u32::try_from(ranges.len()).unwrap_or(u32::MAX));
+            return (ranges.len(), 0);
+        }
+        let mut queued = 0;
+        for &range in ranges {
+            if self.out.publishes() < limits.max_queued_messages
+                && self.out.bytes() + range.len as usize <= limits.max_queued_bytes
+            {
+                self.out.push_batch(range);
+                queued += 1;
+            }
+        }
+        (queued, ranges.len() - queued)
     }
 
     /// The Topic Alias this delivery of `encoded` uses, when the connection

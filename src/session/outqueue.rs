@@ -235,10 +235,18 @@ impl OutQueue {
     /// the same lane (the usual case in a burst: no new entry per message).
     #[inline]
     pub fn push_batch(&mut self, range: BatchRange) {
+        self.push_batch_run(range, 1);
+    }
+
+    /// Appends `count` adjacent QoS 0 PUBLISH frames that lie at `range`
+    /// of the current step's batch (a run of publishes to one topic,
+    /// `shard::run`), as [`OutQueue::push_batch`] does for one.
+    #[inline]
+    pub fn push_batch_run(&mut self, range: BatchRange, count: u32) {
         let BatchRange { lane, start, len } = range;
         self.bytes += len as usize;
         count_queued(len as usize);
-        self.publishes += 1;
+        self.publishes += count;
         if let Some(OutFrame::Batch {
             lane: l_lane,
             start: s,
@@ -249,7 +257,7 @@ impl OutQueue {
             && *s + *l == start
         {
             *l += len;
-            *publishes += 1;
+            *publishes += count;
             return;
         }
         self.unsealed += 1;
@@ -257,7 +265,7 @@ impl OutQueue {
             lane,
             start,
             len,
-            publishes: 1,
+            publishes: count,
         });
     }
 

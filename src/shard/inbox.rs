@@ -17,9 +17,7 @@ pub async fn receive_from(ctx: Ctx, peer: usize, receivers: Rc<Receivers<ShardMs
             ShardMsg::Publish(batch, applied) => {
                 let unsynced = {
                     let mut shard = ctx.shard.borrow_mut();
-                    for message in batch.iter() {
-                        shard.route(message);
-                    }
+                    shard.route_batch(&batch);
                     shard.flush_dirty();
                     shard.unsynced_journals()
                 };
@@ -120,9 +118,7 @@ impl Shard {
     pub fn handle_control(&mut self, msg: ShardMsg) {
         match msg {
             ShardMsg::Publish(batch, applied) => {
-                for message in batch.iter() {
-                    self.route(message);
-                }
+                self.route_batch(&batch);
                 self.flush_dirty();
                 if let Some((shard, token)) = applied {
                     self.outbox.push((shard, ShardMsg::Applied { token }));

@@ -18,6 +18,7 @@ pub mod persist;
 pub mod persist_will;
 pub mod query;
 pub mod registry;
+pub mod run;
 pub mod shared;
 pub mod snapshot;
 pub mod subscribe;
@@ -168,6 +169,12 @@ pub struct Shard {
     batch: Batch,
     /// Publishes received on this shard, to hand to the other shards.
     remote_batch: Vec<Message>,
+    /// Where the frames of the run being routed lie in the batch
+    /// ([`Shard::route_run`]): scratch kept for its allocation.
+    run_ranges: Vec<crate::protocol::message::BatchRange>,
+    /// The run of publishes a connection's read is collecting
+    /// ([`Shard::publish_run`]): scratch kept for its allocation.
+    pub run: Vec<Message>,
     /// Control messages to send once the current borrow ends.
     pub outbox: Vec<(usize, ShardMsg)>,
     /// The outbox's per-peer queues once sent ([`Ctx::send_outbox`]),
@@ -529,6 +536,8 @@ impl Shard {
             dirty: Vec::new(),
             batch: Batch::default(),
             remote_batch: Vec::new(),
+            run_ranges: Vec::new(),
+            run: Vec::new(),
             outbox: Vec::new(),
             control: Rc::default(),
             stats: Counters::default(),
@@ -650,6 +659,18 @@ impl Shard {
     /// ([`Session::read_check`]) gets the message only if the ACL lets it
     /// read the topic: one flag test per delivery for the others.
     fn route_from(&mut self, message: &Message, origin: Option<SessionKey>) {
+        self.route_matching(message, origin, false);
+    }
+
+    /// [`Shard::route_from`], leaving out the sessions that take runs
+    /// ([`run::takes_runs`]) when `skip_run_takers`: they got the message
+    /// already with the rest of its run ([`Shard::route_run`]).
+    fn route_matching(
+        &mut self,
+        message: &Message,
+        origin: Option<SessionKey>,
+        skip_run_takers: bool,
+    ) {
         if message.retain {
             self.retained.apply(message);
             if let Some(journal) = &self.retain_journal
@@ -683,6 +704,9 @@ impl Shard {
             let Some(session) = sessions.get_mut(key as usize) else {
                 return;
             };
+            if skip_run_takers && run::takes_runs(session, key, persist_stamps) {
+                return;
+            }
             if !read_allowed(session, &mut reads, auth, &message.topic, stats) {
                 return;
             }

@@ -253,6 +253,58 @@ fn one_publisher_reaches_every_subscriber_in_order() {
     }
 }
 
+#[test]
+fn a_qos0_burst_in_one_write_reaches_every_subscriber_whole_and_in_order() {
+    // 600 PUBLISH packets of ~700 bytes written at once: ~420 KiB, more
+    // than the four 64 KiB reads one step takes, over two topics, so the
+    // broker's runs of one topic end at a topic change, at a read's end
+    // and at a step's end; subscribers on both shards.
+    const COUNT: usize = 600;
+    let broker = Broker::start();
+    let mut subs = connect_spread(&broker, "qos0-burst-sub", 4, 64);
+    for (sub, _) in subs.iter_mut() {
+        sub.subscribe("burst/#", QoS::AtMostOnce);
+    }
+    let mut publisher = Raw::connect(broker.port, "qos0-burst-pub");
+    let filler = vec![b'x'; 700];
+    let mut burst = Vec::new();
+    for i in 0..COUNT {
+        // Runs of 50 per topic.
+        let topic = if (i / 50) % 2 == 0 {
+            "burst/a"
+        } else {
+            "burst/b"
+        };
+        let mut payload = i.to_string().into_bytes();
+        payload.push(b' ');
+        payload.extend_from_slice(&filler);
+        burst.extend_from_slice(&publish(topic.as_bytes(), &payload, 0, false, false, 0));
+    }
+    publisher.send(&burst);
+    for (n, (sub, shard)) in subs.iter_mut().enumerate() {
+        for i in 0..COUNT {
+            let p = sub.recv_publish(TIMEOUT).unwrap_or_else(|| {
+                panic!("subscriber {n} (shard {shard}) got only {i} of {COUNT}")
+            });
+            let want = if (i / 50) % 2 == 0 {
+                "burst/a"
+            } else {
+                "burst/b"
+            };
+            assert_eq!(p.topic, want, "subscriber {n} (shard {shard})");
+            let text = String::from_utf8_lossy(&p.payload);
+            assert_eq!(
+                text.split(' ').next(),
+                Some(i.to_string().as_str()),
+                "subscriber {n} (shard {shard}) out of order"
+            );
+            assert_eq!(p.payload.len(), i.to_string().len() + 1 + filler.len());
+        }
+    }
+    // The publisher is still served after its burst.
+    publisher.ping();
+}
+
 /// Reads `$SYS` publishes into `latest` until `done` holds for it.
 fn wait_sys(
     observer: &mut Mqtt,
