@@ -146,9 +146,10 @@ pub struct Shard {
     /// for the record of its packet id.
     persist_hold: Vec<SessionKey>,
     /// Acknowledgements of journalled sessions' outgoing messages in this
-    /// step, (image alias, packet id), journalled as one record at its end
-    /// (`Shard::journal_done`).
-    persist_done: Vec<(crate::store::record::Alias, u16)>,
+    /// step and the messages their queues sent in their place, journalled
+    /// as one ordered record at its end (`Shard::journal_done`), or before
+    /// any other flow record.
+    persist_step: crate::store::flows::StepBatch,
     /// Connections whose packets wait for the session journal, released by
     /// `held_out::release_loop`.
     pub held_out: held_out::HeldOut,
@@ -522,7 +523,7 @@ impl Shard {
             persist_refs: Vec::new(),
             persist_sent: Vec::new(),
             persist_hold: Vec::new(),
-            persist_done: Vec::new(),
+            persist_step: crate::store::flows::StepBatch::default(),
             held_out: held_out::HeldOut::default(),
             needed_lsns: [0; 2],
             store_failing: None,
