@@ -217,6 +217,12 @@ impl Shard {
         let Some(journal) = &self.session_journal else {
             return;
         };
+        // What the sessions did before this message comes before it (a
+        // packet id acknowledged may go out again here; an acknowledgement
+        // is on disk once a later publish's records are).
+        if let Some(step) = self.persist_step.take() {
+            journal.append(&step);
+        }
         journal.append(&Record::Message(
             mid,
             StoredMessage::of(message, Instant::now(), unix_ms_now()),
@@ -225,10 +231,6 @@ impl Shard {
             self.needed_lsns[1] = journal.append(&Record::Queue(mid, refs));
         }
         if !sent.is_empty() {
-            // A packet id acknowledged in this step may go out again here.
-            if let Some(step) = self.persist_step.take() {
-                journal.append(&step);
-            }
             let lsn = journal.append(&Record::Sent(mid, sent));
             self.needed_lsns[1] = lsn;
             for key in std::mem::take(&mut self.persist_hold) {
@@ -341,6 +343,9 @@ impl Shard {
         let Some(journal) = &self.session_journal else {
             return 0;
         };
+        if let Some(step) = self.persist_step.take() {
+            journal.append(&step);
+        }
         let lsn = journal.append(&Record::SessionDrop(
             next_stamp(),
             ByteString::from(client_id),
@@ -796,7 +801,7 @@ mod tests {
             assert!(shard.sessions[key as usize].on_puback(1, &limits));
             shard.journal_step(key, FlowStep::Done, 1);
         }
-        shard.flush_dirty();
+        shard.journal_done();
         let records = journal.pending_records();
         let step = &records[before..];
         assert_eq!(step.len(), 1, "one record for the step: {step:?}");

@@ -167,8 +167,8 @@ pub fn steps_events<'a>(
     })
 }
 
-/// The flow changes of one step of a shard, gathered into one ordered
-/// record ([`Record::Steps`]; [`Record::DoneMany`] when nothing was sent):
+/// The flow changes of steps of a shard, gathered into one ordered record
+/// ([`Record::Steps`]; [`Record::DoneMany`] when nothing was sent):
 /// a session that has a message acknowledged and sends the next from its
 /// queue takes one 9-byte entry, and the message is named once per record,
 /// however many sessions send it.
@@ -178,11 +178,30 @@ pub struct StepBatch {
     messages: Vec<(u64, QoS)>,
     /// The entries, in the order of the steps.
     entries: Vec<StepEntry>,
+    /// When the first entry came (None: empty).
+    since: Option<std::time::Instant>,
 }
 
 impl StepBatch {
+    /// Whether the batch should be written now: it holds `entries` entries
+    /// or more, or its first came `age` or longer before `now`.
+    pub fn due(&self, now: std::time::Instant, entries: usize, age: std::time::Duration) -> bool {
+        self.entries.len() >= entries
+            || self
+                .since
+                .is_some_and(|since| now.saturating_duration_since(since) >= age)
+    }
+
+    /// Notes the time of a first entry.
+    fn started(&mut self) {
+        if self.since.is_none() {
+            self.since = Some(std::time::Instant::now());
+        }
+    }
+
     /// Session `alias` had the message with `packet_id` acknowledged.
     pub fn done(&mut self, alias: Alias, packet_id: u16) {
+        self.started();
         self.entries.push(StepEntry {
             alias,
             done: packet_id,
@@ -202,6 +221,7 @@ impl StepBatch {
         if known.is_none() && self.messages.len() == usize::from(u8::MAX) {
             full = self.take();
         }
+        self.started();
         let index = known.unwrap_or_else(|| {
             self.messages.push((mid, qos));
             self.messages.len() - 1
@@ -230,6 +250,7 @@ impl StepBatch {
         }
         let entries = std::mem::take(&mut self.entries);
         let messages = std::mem::take(&mut self.messages);
+        self.since = None;
         if messages.is_empty() {
             return Some(Record::DoneMany(
                 entries.into_iter().map(|e| (e.alias, e.done)).collect(),
@@ -718,6 +739,19 @@ mod tests {
         );
         assert!(queued.is_empty());
         assert_eq!(refs(&flows), vec![(77, 5, QoS::AtLeastOnce, false)]);
+        // Written when it holds enough entries or is old enough.
+        let mut batch = StepBatch::default();
+        let (now, age) = (
+            std::time::Instant::now(),
+            std::time::Duration::from_millis(10),
+        );
+        assert!(!batch.due(now + age, 1, age), "an empty batch is never due");
+        batch.done(1, 5);
+        let since = batch.since.unwrap();
+        assert!(!batch.due(since, 2, age));
+        assert!(batch.due(since, 1, age), "entries");
+        assert!(batch.due(since + age, 2, age), "age");
+        assert!(batch.take().is_some() && batch.since.is_none());
         // Acknowledgements only: the record they always were.
         let mut batch = StepBatch::default();
         batch.done(1, 5);
