@@ -160,7 +160,10 @@ def start_broker(binary, shards, mode, scratch, log_path=None, extra=""):
     "ack") in scratch/store; returns (process, port, store)."""
     port = free_port()
     cmd = [binary, "--listen", f"127.0.0.1:{port}", "--http-listen", "off",
-           "--shards", str(shards), "--log-level", "info" if log_path else "warn"]
+           "--shards", str(shards), "--log-level", "info" if log_path else "warn",
+           # A load test: no per-address or global connection limits.
+           "--max-connections-per-ip", "0", "--max-connection-rate-per-ip", "0",
+           "--max-connection-rate", "0"]
     store = os.path.join(scratch, "store")
     os.makedirs(store, exist_ok=True)
     config = os.path.join(scratch, "fanmq.toml")

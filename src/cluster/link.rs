@@ -157,15 +157,32 @@ pub enum ToShard {
     /// never delivered.
     Retained(Message),
     /// Another node takes the client id over: end its session here (the
-    /// connection closes as a take-over) and answer with its image (None:
-    /// no state to move, or `clean_session`).
+    /// connection closes as a take-over) and answer with its image.
     Takeover {
         /// The client id.
         client_id: ByteString,
         /// The new CONNECT's CleanSession / Clean Start.
         clean_session: bool,
-        /// Where the image goes.
-        answer: async_channel::Sender<Option<Vec<u8>>>,
+        /// Where the answer goes.
+        answer: async_channel::Sender<HandOver>,
+    },
+}
+
+/// A shard's answer to [`ToShard::Takeover`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum HandOver {
+    /// The session ended here (with persistence: its end is on disk): its
+    /// image (None: no state to move, or `clean_session`).
+    Moved(Option<Vec<u8>>),
+    /// Its end could not be made durable in time (the disk stalls) or the
+    /// shard's claim was not answered in time: the session (if any) stays
+    /// here as the claim `token` of the shard, and the other node refuses
+    /// the CONNECT as server unavailable rather than start an empty
+    /// session while this node's disk still holds the old one.
+    Unavailable {
+        /// The shard's claim that holds the id now (0: not known, the
+        /// shard did not answer).
+        token: u64,
     },
 }
 

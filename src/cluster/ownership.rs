@@ -40,7 +40,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::cluster::ClusterError;
 use crate::cluster::bridge::{Bridge, Shared, open_bucket};
-use crate::cluster::link::{ClaimAnswer, ClaimRequest, ToShard};
+use crate::cluster::link::{ClaimAnswer, ClaimRequest, HandOver, ToShard};
 use crate::cluster::retained;
 use crate::config::cluster::PartitionMode;
 
@@ -385,10 +385,18 @@ pub(super) fn subscriptions(
     }
 }
 
+/// The header an owning node sets on its answer to a take-over request
+/// when it could not end the session in time ([`HandOver::Unavailable`]):
+/// the requester refuses the CONNECT (an older node that does not know it
+/// reads the empty answer as nothing to move, as it always did).
+const UNAVAILABLE_HEADER: &str = "Fanmq-Takeover-Unavailable";
+
 /// How an owning node answered a take-over request.
 enum Asked {
     /// It answered: the session image (empty: nothing to move).
     State(Bytes),
+    /// It could not end the session in time (its disk stalls): it keeps it.
+    Unavailable,
     /// Nobody serves its subject: the node is gone.
     Gone,
     /// No answer in time.
@@ -549,6 +557,13 @@ async fn decide(bridge: &Shared, request: &ClaimRequest) -> ClaimAnswer {
                     timeout,
                 );
                 match asked.await {
+                    Asked::Unavailable => {
+                        debug!(
+                            "cluster: node {} could not hand {:?} over in time",
+                            owner.node, request.client_id
+                        );
+                        return ClaimAnswer::Unavailable;
+                    }
                     Asked::State(image) => {
                         took_over = true;
                         if !image.is_empty() {
@@ -651,6 +666,14 @@ async fn ask(
     let payload = Bytes::from(serde_json::to_vec(&body).unwrap_or_default());
     let asked = client.request(takeover_subject(root, owner), payload);
     match tokio::time::timeout(timeout, asked).await {
+        Ok(Ok(answer))
+            if answer
+                .headers
+                .as_ref()
+                .is_some_and(|h| h.get(UNAVAILABLE_HEADER).is_some()) =>
+        {
+            Asked::Unavailable
+        }
         Ok(Ok(answer)) => Asked::State(answer.payload),
         Ok(Err(e)) if no_responders(&e) => Asked::Gone,
         Ok(Err(e)) => {
@@ -748,17 +771,22 @@ async fn hand_over(bridge: Shared, request: TakeoverRequest, reply: async_nats::
     {
         tokio::time::sleep(HANDING_POLL).await;
     }
-    let (client, queue) = {
+    let (client, queue, shard, owned) = {
         let mut b = bridge.borrow_mut();
         // No longer this node's: its end here must not delete the record.
-        b.owned.remove(&client_id);
+        let owned = b.owned.remove(&client_id);
         let n = b.to_shards.len().max(1);
         let shard = retained::key(&client_id)
             .bytes()
             .next()
             .map_or(0, usize::from)
             % n;
-        (b.client.clone(), b.to_shards.get(shard).cloned())
+        (
+            b.client.clone(),
+            b.to_shards.get(shard).cloned(),
+            shard,
+            owned,
+        )
     };
     let (answer, answered) = async_channel::bounded(1);
     let image = match queue {
@@ -770,14 +798,43 @@ async fn hand_over(bridge: Shared, request: TakeoverRequest, reply: async_nats::
             };
             let wait = async {
                 queue.send(asked).await.ok()?;
-                answered.recv().await.ok().flatten()
+                answered.recv().await.ok()
             };
-            tokio::time::timeout(SHARD_ANSWER, wait)
-                .await
-                .ok()
-                .flatten()
+            // A shard bounds its answer below SHARD_ANSWER; one stuck past
+            // it (its thread blocked) has not ended the session either.
+            match tokio::time::timeout(SHARD_ANSWER, wait).await {
+                Ok(Some(answer)) => answer,
+                Ok(None) => HandOver::Moved(None),
+                Err(_) => HandOver::Unavailable { token: 0 },
+            }
         }
-        None => None,
+        None => HandOver::Moved(None),
+    };
+    let image = match image {
+        HandOver::Moved(image) => image,
+        HandOver::Unavailable { token } => {
+            {
+                let mut b = bridge.borrow_mut();
+                b.ownership.handing.remove(&client_id);
+                // Still this node's: the session (if any) stays on the
+                // shard, as that claim's, under the record this node holds.
+                if let Some(mut o) = owned {
+                    if token != 0 {
+                        (o.shard, o.token) = (shard, token);
+                    }
+                    b.owned.insert(client_id.clone(), o);
+                }
+            }
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert(UNAVAILABLE_HEADER, "1");
+            if let Err(e) = client
+                .publish_with_headers(reply, headers, Bytes::new())
+                .await
+            {
+                debug!("cluster: take-over answer for {client_id:?} not sent: {e}");
+            }
+            return;
+        }
     };
     let image = kept_for_racers(&bridge, &client_id, &request, image.map(Bytes::from));
     bridge.borrow_mut().ownership.handing.remove(&client_id);

@@ -56,6 +56,10 @@ fn sweep(ctx: &Ctx) -> Swept {
         if shard.shutting_down {
             return Swept::ShuttingDown;
         }
+        // The acknowledgements and sends gathered since the last step
+        // record (`Shard::flush_dirty` writes it when due): on disk within
+        // a sweep even when the shard is idle.
+        shard.journal_done();
         let now = shard.now_ticks();
         let (expired, wills) = fire_due(&mut shard, now);
         let totals = shard.session_totals();

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use ahash::AHashMap;
 use bytestring::ByteString;
 
-use crate::cluster::link::{Outgoing, ToShard};
+use crate::cluster::link::{HandOver, Outgoing, ToShard};
 use crate::cluster::ownership::MAX_SUBSCRIPTIONS_RECORD;
 use crate::protocol::message::{Encoded, Message};
 use crate::protocol::topic;
@@ -187,11 +187,12 @@ pub async fn receive_from_bridge(ctx: Ctx, from_bridge: async_channel::Receiver<
     log::debug!("shard {}: cluster bridge queue closed", ctx.id);
 }
 
-/// How long the image of a session taken over by another node waits for
-/// the record of its end here (its drop) to be durable before it goes
-/// anyway: under the 2 s the bridge waits for the shard's answer
-/// (`SHARD_ANSWER` in cluster::ownership), so a stalled disk delays the
-/// image but never loses it.
+/// How long a take-over by another node may take here, its claim and the
+/// record of the session's end (its drop) becoming durable together,
+/// before this node answers "unavailable" and keeps the session: under
+/// the 2 s the bridge waits for the shard's answer (`SHARD_ANSWER` in
+/// cluster::ownership), so the answer is this shard's, never the bridge's
+/// guess.
 const HAND_OVER_WAIT: Duration = Duration::from_millis(1500);
 
 /// Another node takes `client_id` over: claims it on this node as a new
@@ -205,60 +206,103 @@ const HAND_OVER_WAIT: Duration = Duration::from_millis(1500);
 /// only once this node's disk holds the end of the session here, as for a
 /// take-over between shards: a clean start's claim is answered only then
 /// (`Shard::answer_claim_after`), and a session that moves waits here for
-/// its drop record ([`HAND_OVER_WAIT`] at most), so a `kill -9` of this
-/// node cannot bring back a session that lives on, or ended, elsewhere.
+/// its drop record. When either takes longer than [`HAND_OVER_WAIT`] (the
+/// disk stalls) the answer is [`HandOver::Unavailable`]: a session that
+/// was to move stays here, journalled again after its drop, and the other
+/// node refuses the CONNECT; so a `kill -9` of this node cannot bring back
+/// a session that lives on, or ended, elsewhere.
 async fn hand_over(
     ctx: Ctx,
     client_id: ByteString,
     clean_session: bool,
-    answer: async_channel::Sender<Option<Vec<u8>>>,
+    answer: async_channel::Sender<HandOver>,
 ) {
-    let (image, lsn) = match registry::claim_on_node(&ctx, client_id.clone(), clean_session).await {
-        Ok(token) => ctx.shard.borrow_mut().hand_over_claimed(&client_id, token),
-        Err(e) => {
-            log::debug!("cluster: take-over of {client_id:?} not served: {e}");
-            (None, 0)
+    let deadline = Instant::now() + HAND_OVER_WAIT;
+    let claimed =
+        registry::claim_on_node_within(&ctx, client_id.clone(), clean_session, HAND_OVER_WAIT)
+            .await;
+    let token = match claimed {
+        Ok(token) => token,
+        Err(token) => {
+            log::warn!(
+                "cluster: take-over of {client_id:?} by another node refused: its claim here was not answered in {HAND_OVER_WAIT:?} (the disk is slow)"
+            );
+            let _ = answer.try_send(HandOver::Unavailable { token });
+            return;
         }
     };
-    ctx.send_outbox();
+    let (state, lsn) = ctx.shard.borrow_mut().hand_over_claimed(&client_id, token);
     let journal = ctx.shard.borrow().session_journal.clone();
     if let Some(journal) = journal.filter(|j| lsn > 0 && j.acked_lsn() < lsn) {
-        let durable = glommio::timer::timeout(HAND_OVER_WAIT, async {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let durable = glommio::timer::timeout(left, async {
             journal.wait_acked(lsn).await;
             Ok(())
         })
         .await;
         if durable.is_err() {
             log::warn!(
-                "cluster: {client_id:?} handed over before its end here was durable (disk slower than {HAND_OVER_WAIT:?})"
+                "cluster: take-over of {client_id:?} by another node refused: its end here was not durable in {HAND_OVER_WAIT:?} (the disk is slow); the session stays"
             );
+            ctx.shard.borrow_mut().keep_handed(&client_id, token, state);
+            ctx.send_outbox();
+            let _ = answer.try_send(HandOver::Unavailable { token });
+            return;
         }
     }
-    let _ = answer.try_send(image);
+    let image = ctx.shard.borrow_mut().handed(&client_id, token, state);
+    ctx.send_outbox();
+    let _ = answer.try_send(HandOver::Moved(image));
 }
 
 impl Shard {
     /// The claim `token` that another node's take-over of `client_id`
-    /// made here ([`hand_over`]) was granted: releases the id and returns
-    /// the session's image to send (None: nothing to move, or a later
-    /// CONNECT here won meanwhile) and the session journal's LSN that must
-    /// be durable before it goes (0: none), that of the drop record of the
-    /// session leaving this node.
-    pub fn hand_over_claimed(&mut self, client_id: &str, token: u64) -> (Option<Vec<u8>>, u64) {
+    /// made here ([`hand_over`]) was granted: the session's state to send
+    /// (None: nothing to move, or a later CONNECT here won meanwhile) and
+    /// the session journal's LSN that must be durable before it goes (0:
+    /// none), that of the drop record of the session leaving this node.
+    /// Then [`Shard::handed`] or [`Shard::keep_handed`].
+    pub fn hand_over_claimed(
+        &mut self,
+        client_id: &str,
+        token: u64,
+    ) -> (Option<SessionState>, u64) {
         let Some(state) = self.take_claim(token) else {
             // A later CONNECT here won meanwhile: it holds the id now.
             return (None, 0);
         };
-        let image = state.map(|state| encode_image(client_id, &state, MAX_IMAGE));
         // The session lives on elsewhere now.
-        let lsn = if image.is_some() {
+        let lsn = if state.is_some() {
             self.journal_drop(client_id)
         } else {
             0
         };
+        (state, lsn)
+    }
+
+    /// The take-over of [`Shard::hand_over_claimed`] goes: releases the id
+    /// and returns the image of `state` to send.
+    pub fn handed(
+        &mut self,
+        client_id: &str,
+        token: u64,
+        state: Option<SessionState>,
+    ) -> Option<Vec<u8>> {
+        let image = state.map(|state| encode_image(client_id, &state, MAX_IMAGE));
         self.release(client_id, token);
         self.stats.cluster_taken_over += 1;
-        (image, lsn)
+        image
+    }
+
+    /// The take-over of [`Shard::hand_over_claimed`] is refused: `state`
+    /// stays here as an offline session of claim `token`, its image
+    /// journalled after the drop (a higher stamp, so a restart loads it).
+    pub fn keep_handed(&mut self, client_id: &str, token: u64, state: Option<SessionState>) {
+        let persistent = state.is_some();
+        self.keep_or_release(ByteString::from(client_id), token, state);
+        if persistent && let Some(key) = self.session_key(client_id) {
+            self.journal_session(key);
+        }
     }
 }
 

@@ -31,7 +31,7 @@ use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytestring::ByteString;
 use log::debug;
@@ -75,6 +75,16 @@ pub fn may_read(auth: &Auth, session: &Session, topic: &str) -> bool {
     };
     auth.can_read(who, topic)
 }
+
+/// Entries at which a step's record of acknowledgements and sends
+/// (`Shard::persist_step`) is written at the end of a step: one connection's
+/// read is one step, so the record gathers many sessions' steps, each
+/// subscriber then costs its entry, not a record of its own.
+const STEP_RECORD_ENTRIES: usize = 4096;
+/// Age at which that record is written at the end of a step anyway: nothing
+/// waits for it (a QoS 2 send is written at once), and a crash before it is
+/// written resends those QoS 1 messages, which QoS 1 allows.
+const STEP_RECORD_AGE: Duration = Duration::from_millis(10);
 
 /// One core's broker state.
 pub struct Shard {
@@ -146,10 +156,13 @@ pub struct Shard {
     /// Scratch: those of them that sent it at QoS 2, whose PUBLISH waits
     /// for the record of its packet id.
     persist_hold: Vec<SessionKey>,
-    /// Acknowledgements of journalled sessions' outgoing messages in this
-    /// step, (image alias, packet id), journalled as one record at its end
-    /// (`Shard::journal_done`).
-    persist_done: Vec<(crate::store::record::Alias, u16)>,
+    /// Acknowledgements of journalled sessions' outgoing messages and the
+    /// messages their queues sent in their place, journalled as one
+    /// ordered record (`Shard::journal_done`) before any other flow record,
+    /// image or drop, and at the end of a step once it holds
+    /// [`STEP_RECORD_ENTRIES`] or is [`STEP_RECORD_AGE`] old (the keep-alive
+    /// sweep writes the rest).
+    persist_step: crate::store::flows::StepBatch,
     /// Connections whose packets wait for the session journal, released by
     /// `held_out::release_loop`.
     pub held_out: held_out::HeldOut,
@@ -529,7 +542,7 @@ impl Shard {
             persist_refs: Vec::new(),
             persist_sent: Vec::new(),
             persist_hold: Vec::new(),
-            persist_done: Vec::new(),
+            persist_step: crate::store::flows::StepBatch::default(),
             held_out: held_out::HeldOut::default(),
             needed_lsns: [0; 2],
             store_failing: None,
@@ -758,7 +771,12 @@ impl Shard {
     /// WebSocket session (a framed link, [`crate::session::link::framed_fd`]),
     /// whose bytes only its task may write.
     pub fn flush_dirty(&mut self) {
-        self.journal_done();
+        if self
+            .persist_step
+            .due(Instant::now(), STEP_RECORD_ENTRIES, STEP_RECORD_AGE)
+        {
+            self.journal_done();
+        }
         let dirty = std::mem::take(&mut self.dirty);
         if !self.batch.is_empty() {
             // End of the step: every session with ranges of the batch is on

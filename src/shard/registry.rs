@@ -227,6 +227,20 @@ pub async fn claim_on_node(
     client_id: ByteString,
     clean_session: bool,
 ) -> Result<u64, RegistryError> {
+    claim_on_node_within(ctx, client_id, clean_session, CLAIM_TIMEOUT)
+        .await
+        .map_err(|_| RegistryError::TimedOut)
+}
+
+/// [`claim_on_node`] waiting `within` at most: the claim's token, as the
+/// error when it was not answered in time (the claim is then abandoned: a
+/// late answer parks a persistent session offline as that claim's).
+pub async fn claim_on_node_within(
+    ctx: &Ctx,
+    client_id: ByteString,
+    clean_session: bool,
+    within: Duration,
+) -> Result<u64, u64> {
     let token = ctx.shard.borrow_mut().start_claim(client_id, clean_session);
     ctx.send_outbox();
     let wait = poll_fn(|cx| {
@@ -240,14 +254,14 @@ pub async fn claim_on_node(
         pending.waker = Some(cx.waker().clone());
         Poll::Pending
     });
-    if glommio::timer::timeout(CLAIM_TIMEOUT, wait).await.is_err() {
+    if glommio::timer::timeout(within, wait).await.is_err() {
         // Keep the claim, marked abandoned: a late answer is then kept offline
         // (see `claim_answered`), so a persistent session is not lost.
         if let Some(claim) = ctx.shard.borrow_mut().registry.claims.get_mut(&token) {
             claim.abandoned = true;
             claim.waker = None;
         }
-        return Err(RegistryError::TimedOut);
+        return Err(token);
     }
     Ok(token)
 }
@@ -429,14 +443,36 @@ impl Shard {
                 if let Some(waker) = claim.waker.take() {
                     waker.wake();
                 }
-                let (to, later_token, later_clean) = later;
-                self.answer_claim(to, later_token, state.filter(|_| !later_clean));
+                let client_id = claim.client_id.clone();
+                self.pass_state_on(&client_id, state, later);
                 true
             }
             Some(Outcome::Superseded) => {
                 claim.outcome = Some(Outcome::Superseded);
                 false
             }
+        }
+    }
+
+    /// Passes `state`, granted to a superseded claim of `client_id`, on to
+    /// the claim `later` (shard, token, CleanSession). A later clean start
+    /// ends the persistent session instead, with a drop record here that
+    /// its answer (hence its CONNACK) waits for: the shard that handed the
+    /// state over wrote no drop (this shard was to write the next image),
+    /// so without one a restart would bring back, from that shard's disk,
+    /// a session the clean start ended.
+    fn pass_state_on(
+        &mut self,
+        client_id: &str,
+        state: Option<SessionState>,
+        (to, token, clean): (usize, u64, bool),
+    ) {
+        match state {
+            Some(_) if clean => {
+                let lsn = self.journal_drop(client_id);
+                self.answer_claim_after(lsn, to, token);
+            }
+            state => self.answer_claim(to, token, state),
         }
     }
 
@@ -475,16 +511,16 @@ impl Shard {
             debug!("answer to unknown claim {token} dropped");
             return;
         };
-        if let Some((to, later_token, later_clean)) = claim.superseded_by.take() {
+        if let Some(later) = claim.superseded_by.take() {
             claim.outcome = Some(Outcome::Superseded);
             if let Some(waker) = claim.waker.take() {
                 waker.wake();
             }
+            let client_id = claim.client_id.clone();
             if claim.abandoned {
                 self.registry.claims.remove(&token);
             }
-            let state = state.filter(|_| !later_clean);
-            self.answer_claim(to, later_token, state);
+            self.pass_state_on(&client_id, state, later);
             return;
         }
         if claim.abandoned {
@@ -677,8 +713,8 @@ mod tests {
         // durable here.
         pending(&mut shard, "moved", 80);
         shard.home_claim(ByteString::from("moved"), 0, 80, false);
-        let (image, lsn) = shard.hand_over_claimed("moved", 80);
-        assert!(image.is_some(), "the state moves");
+        let (state, lsn) = shard.hand_over_claimed("moved", 80);
+        assert!(state.is_some(), "the state moves");
         assert!(
             lsn > durable,
             "the image waits for a record not yet durable"
@@ -694,10 +730,63 @@ mod tests {
         shard.home_claim(ByteString::from("ended"), 0, 81, true);
         assert!(shard.registry.claims[&81].outcome.is_none(), "held");
         shard.release_held_out(journal.end_lsn());
-        assert_eq!(shard.hand_over_claimed("ended", 81), (None, 0));
+        let (state, lsn) = shard.hand_over_claimed("ended", 81);
+        assert!(state.is_none() && lsn == 0, "nothing moves, nothing waits");
         assert!(matches!(
             journal.pending_records().last(),
             Some(crate::store::record::Record::SessionDrop(_, id)) if &**id == "ended"
+        ));
+    }
+
+    /// A persistent session handed to a claim of this shard that a clean
+    /// start supersedes before it attaches (answered or still waiting) is
+    /// ended here with a drop record, and the clean start's answer waits
+    /// for it: the shard it came from wrote none, so without it a restart
+    /// would bring the ended session back from that shard's disk.
+    #[test]
+    fn a_clean_start_that_supersedes_a_granted_state_ends_it_on_disk() {
+        let mut shard = shard();
+        let journal = crate::shard::testing::unwritten_journal(&mut shard);
+        let drops = |journal: &crate::store::journal::Journal| {
+            journal
+                .pending_records()
+                .iter()
+                .filter(|r| matches!(r, crate::store::record::Record::SessionDrop(..)))
+                .count()
+        };
+        // Answered: the state waits in the claim for its connection task.
+        pending(&mut shard, "moved", 90);
+        shard.claim_answered(90, Some(SessionState::default()));
+        pending(&mut shard, "moved", 91);
+        assert!(shard.supersede(90, (0, 91, true)));
+        assert_eq!(drops(&journal), 1, "the session ends on disk here");
+        assert!(shard.registry.claims[&91].outcome.is_none(), "held");
+        shard.release_held_out(journal.end_lsn());
+        assert!(matches!(
+            shard.registry.claims[&91].outcome,
+            Some(Outcome::Granted(None))
+        ));
+        // Still waiting: the state arrives after the clean start.
+        pending(&mut shard, "waiting", 92);
+        pending(&mut shard, "waiting", 93);
+        assert!(shard.supersede(92, (0, 93, true)));
+        shard.claim_answered(92, Some(SessionState::default()));
+        assert_eq!(drops(&journal), 2);
+        assert!(shard.registry.claims[&93].outcome.is_none(), "held");
+        shard.release_held_out(journal.end_lsn());
+        assert!(matches!(
+            shard.registry.claims[&93].outcome,
+            Some(Outcome::Granted(None))
+        ));
+        // A later persistent claim takes the state on: nothing ends.
+        pending(&mut shard, "kept", 94);
+        shard.claim_answered(94, Some(SessionState::default()));
+        pending(&mut shard, "kept", 95);
+        assert!(shard.supersede(94, (0, 95, false)));
+        assert_eq!(drops(&journal), 2);
+        assert!(matches!(
+            shard.registry.claims[&95].outcome,
+            Some(Outcome::Granted(Some(_)))
         ));
     }
 

@@ -10,6 +10,9 @@
 //! [`Record::Sent`] (in flight with a packet id, 7 bytes a session, the
 //! message itself stored once per shard), [`Record::DoneMany`]
 //! (acknowledged: 6 bytes each, one record per step of the shard),
+//! [`Record::Steps`] (a step that also sent messages from the sessions'
+//! queues, in order: 9 bytes for a session that had one acknowledged and
+//! sent the next, the message named once per record; [`StepBatch`]),
 //! [`Record::Flow`] (PUBREC'd, an incoming id awaiting PUBREL or released:
 //! 16 bytes). [`replay`] turns an image and the records after
 //! it, in log order, into what the session holds at restart; [`image_tail`]
@@ -19,7 +22,7 @@
 use std::collections::VecDeque;
 
 use crate::protocol::v3::QoS;
-use crate::store::record::{Alias, FlowStep, Legacy, Record, StoredMessage};
+use crate::store::record::{Alias, FlowStep, Legacy, Record, StepEntry, StoredMessage};
 
 /// Something that happened to one session's flows after its image, in log
 /// order.
@@ -144,6 +147,116 @@ pub fn legacy_events(record: Legacy) -> Vec<(u64, FlowEvent)> {
             .into_iter()
             .map(|(stamp, packet_id)| (stamp, FlowEvent::Step(FlowStep::Done, packet_id)))
             .collect(),
+    }
+}
+
+/// The events of a [`Record::Steps`], each with the alias of the image it
+/// names, in the record's order (an entry's acknowledgement before its
+/// send).
+pub fn steps_events<'a>(
+    messages: &'a [(u64, QoS)],
+    entries: &'a [StepEntry],
+) -> impl Iterator<Item = (Alias, FlowEvent)> + 'a {
+    entries.iter().flat_map(move |e| {
+        let done = (e.done != 0).then_some((e.alias, FlowEvent::Step(FlowStep::Done, e.done)));
+        let sent = usize::from(e.message)
+            .checked_sub(1)
+            .and_then(|i| messages.get(i))
+            .map(|&(mid, qos)| (e.alias, FlowEvent::Sent(mid, e.sent, qos)));
+        done.into_iter().chain(sent)
+    })
+}
+
+/// The flow changes of steps of a shard, gathered into one ordered record
+/// ([`Record::Steps`]; [`Record::DoneMany`] when nothing was sent):
+/// a session that has a message acknowledged and sends the next from its
+/// queue takes one 9-byte entry, and the message is named once per record,
+/// however many sessions send it.
+#[derive(Debug, Default)]
+pub struct StepBatch {
+    /// The messages sent so far (id, QoS sent at), each once.
+    messages: Vec<(u64, QoS)>,
+    /// The entries, in the order of the steps.
+    entries: Vec<StepEntry>,
+    /// When the first entry came (None: empty).
+    since: Option<std::time::Instant>,
+}
+
+impl StepBatch {
+    /// Whether the batch should be written now: it holds `entries` entries
+    /// or more, or its first came `age` or longer before `now`.
+    pub fn due(&self, now: std::time::Instant, entries: usize, age: std::time::Duration) -> bool {
+        self.entries.len() >= entries
+            || self
+                .since
+                .is_some_and(|since| now.saturating_duration_since(since) >= age)
+    }
+
+    /// Notes the time of a first entry.
+    fn started(&mut self) {
+        if self.since.is_none() {
+            self.since = Some(std::time::Instant::now());
+        }
+    }
+
+    /// Session `alias` had the message with `packet_id` acknowledged.
+    pub fn done(&mut self, alias: Alias, packet_id: u16) {
+        self.started();
+        self.entries.push(StepEntry {
+            alias,
+            done: packet_id,
+            message: 0,
+            sent: 0,
+        });
+    }
+
+    /// Session `alias` sent message `mid` with `packet_id` at `qos`; joins
+    /// the session's acknowledgement just before it into one entry. The
+    /// record gathered so far when it already names 255 other messages:
+    /// append it first (the send then starts a new one).
+    #[must_use]
+    pub fn sent(&mut self, alias: Alias, mid: u64, packet_id: u16, qos: QoS) -> Option<Record> {
+        let known = self.messages.iter().rposition(|&m| m == (mid, qos));
+        let mut full = None;
+        if known.is_none() && self.messages.len() == usize::from(u8::MAX) {
+            full = self.take();
+        }
+        self.started();
+        let index = known.unwrap_or_else(|| {
+            self.messages.push((mid, qos));
+            self.messages.len() - 1
+        });
+        // At most 255 messages, so the 1-based index fits.
+        let message = u8::try_from(index + 1).unwrap_or(u8::MAX);
+        match self.entries.last_mut() {
+            Some(last) if last.alias == alias && last.message == 0 => {
+                last.message = message;
+                last.sent = packet_id;
+            }
+            _ => self.entries.push(StepEntry {
+                alias,
+                done: 0,
+                message,
+                sent: packet_id,
+            }),
+        }
+        full
+    }
+
+    /// The record of what was gathered (None: nothing), and a fresh batch.
+    pub fn take(&mut self) -> Option<Record> {
+        if self.entries.is_empty() {
+            return None;
+        }
+        let entries = std::mem::take(&mut self.entries);
+        let messages = std::mem::take(&mut self.messages);
+        self.since = None;
+        if messages.is_empty() {
+            return Some(Record::DoneMany(
+                entries.into_iter().map(|e| (e.alias, e.done)).collect(),
+            ));
+        }
+        Some(Record::Steps(messages, entries))
     }
 }
 
@@ -435,6 +548,32 @@ mod tests {
         assert!(matches!(&records[8], Record::Will(w) if w.expiry_interval == Some(60)));
     }
 
+    #[test]
+    fn the_fuzz_seed_of_the_step_record_is_valid() {
+        let seed = std::fs::read(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/store_load/steps"),
+        )
+        .unwrap();
+        let (records, valid, bad) =
+            crate::store::read_records(&seed[crate::store::frame::HEADER_LEN..]);
+        assert_eq!(
+            (bad, valid),
+            (None, seed.len() - crate::store::frame::HEADER_LEN)
+        );
+        assert_eq!(
+            crate::store::frame::Header::decode(&seed).unwrap().version,
+            3
+        );
+        assert_eq!(
+            records[1],
+            Record::Steps(
+                vec![(4, QoS::AtLeastOnce), (5, QoS::ExactlyOnce)],
+                vec![step(7, 6, 1, 6), step(8, 3, 0, 0), step(7, 0, 2, 9)],
+            )
+        );
+        assert_eq!(records[2], Record::DoneMany(vec![(7, 6)]));
+    }
+
     /// Loads `store` and returns the session of `client_id`.
     fn load_one(store: &crate::store::Store, client_id: &str) -> crate::store::LoadedSession {
         let loaded = store
@@ -448,7 +587,7 @@ mod tests {
     }
 
     #[test]
-    fn a_format_1_log_then_a_format_2_one_load_as_one() {
+    fn a_format_1_log_then_format_2_and_3_ones_load_as_one() {
         let dir = tempfile::tempdir().unwrap();
         let store = crate::store::Store::open(dir.path()).unwrap();
         let next_stamp = crate::store::record::next_stamp;
@@ -510,6 +649,150 @@ mod tests {
             crate::store::record::next_alias() > alias,
             "new aliases above the loaded ones"
         );
+        // And a format 3 segment: the ordered record of a step. Packet id 6
+        // is acknowledged and sent again (message 4) in one entry; message
+        // 2, queued by the next image, goes in flight with id 7 in a second
+        // entry of the same session; another session's entries between.
+        let newest = image(next_stamp(), "upgraded", vec![(2, QoS::AtLeastOnce)]);
+        let (newest_alias, newest_stamp) = (newest.alias, newest.stamp);
+        write_segment(
+            dir.path(),
+            8192,
+            3,
+            &[
+                Record::Message(4, message(4)),
+                Record::SessionImage(newest),
+                Record::Sent(3, vec![(newest_alias, 6, QoS::AtLeastOnce)]),
+                Record::Steps(
+                    vec![(4, QoS::AtLeastOnce), (2, QoS::AtLeastOnce)],
+                    vec![
+                        step(newest_alias, 6, 1, 6),
+                        step(newest_alias + 1000, 3, 2, 3),
+                        step(newest_alias, 0, 2, 7),
+                    ],
+                ),
+            ],
+            0,
+        );
+        let session = load_one(&store, "upgraded");
+        assert_eq!(session.session.stamp, newest_stamp);
+        assert!(session.queued.is_empty(), "message 2 went in flight");
+        assert_eq!(
+            refs(&session.flows),
+            vec![
+                (4, 6, QoS::AtLeastOnce, false),
+                (2, 7, QoS::AtLeastOnce, false)
+            ]
+        );
+    }
+
+    /// A [`StepEntry`].
+    fn step(alias: Alias, done: u16, message: u8, sent: u16) -> StepEntry {
+        StepEntry {
+            alias,
+            done,
+            message,
+            sent,
+        }
+    }
+
+    /// A session that had its window's message acknowledged and sent the
+    /// next from its queue takes one 9-byte entry of its step's record (was
+    /// a record of each kind, 19 + 28 bytes framed); many such sessions of
+    /// one step share one record that names the message once; the order of
+    /// an acknowledgement and the send of its packet id again is kept.
+    #[test]
+    fn a_step_of_many_sessions_goes_as_one_record_of_nine_bytes_a_session() {
+        let framed = crate::store::record::framed_len;
+        let batch_of = |sessions: u32| {
+            let mut batch = StepBatch::default();
+            for alias in 1..=sessions {
+                batch.done(alias, 5);
+                assert!(batch.sent(alias, 77, 5, QoS::AtLeastOnce).is_none());
+            }
+            batch.take().unwrap()
+        };
+        let (one, many) = (batch_of(1), batch_of(1000));
+        assert_eq!(framed(&many) - framed(&one), 999 * 9, "bytes a session");
+        let Record::Steps(messages, entries) = &many else {
+            panic!("{many:?}");
+        };
+        assert_eq!(messages, &vec![(77, QoS::AtLeastOnce)], "named once");
+        assert_eq!(entries.len(), 1000, "one entry a session");
+        let events: Vec<_> = steps_events(messages, entries).take(2).collect();
+        assert_eq!(
+            events,
+            vec![
+                (1, FlowEvent::Step(FlowStep::Done, 5)),
+                (1, FlowEvent::Sent(77, 5, QoS::AtLeastOnce))
+            ],
+            "the acknowledgement before the send of its id again"
+        );
+        let (queued, flows) = replay(
+            &[(77, QoS::AtLeastOnce)],
+            &[
+                FlowEvent::Sent(76, 5, QoS::AtLeastOnce),
+                events[0].1,
+                events[1].1,
+            ],
+            |mid| (mid == 77).then_some(&STORED_77),
+        );
+        assert!(queued.is_empty());
+        assert_eq!(refs(&flows), vec![(77, 5, QoS::AtLeastOnce, false)]);
+        // Written when it holds enough entries or is old enough.
+        let mut batch = StepBatch::default();
+        let (now, age) = (
+            std::time::Instant::now(),
+            std::time::Duration::from_millis(10),
+        );
+        assert!(!batch.due(now + age, 1, age), "an empty batch is never due");
+        batch.done(1, 5);
+        let since = batch.since.unwrap();
+        assert!(!batch.due(since, 2, age));
+        assert!(batch.due(since, 1, age), "entries");
+        assert!(batch.due(since + age, 2, age), "age");
+        assert!(batch.take().is_some() && batch.since.is_none());
+        // Acknowledgements only: the record they always were.
+        let mut batch = StepBatch::default();
+        batch.done(1, 5);
+        batch.done(2, 6);
+        assert_eq!(batch.take(), Some(Record::DoneMany(vec![(1, 5), (2, 6)])));
+        assert_eq!(batch.take(), None, "taken");
+        // A 256th message starts a new record, after the full one.
+        let mut batch = StepBatch::default();
+        for mid in 1..=255 {
+            assert!(batch.sent(1, mid, 1, QoS::AtLeastOnce).is_none());
+        }
+        let full = batch.sent(1, 256, 2, QoS::AtLeastOnce);
+        assert!(matches!(&full, Some(Record::Steps(m, e)) if m.len() == 255 && e.len() == 255));
+        assert_eq!(
+            batch.take(),
+            Some(Record::Steps(
+                vec![(256, QoS::AtLeastOnce)],
+                vec![step(1, 0, 1, 2)]
+            ))
+        );
+    }
+
+    /// Message 77 of [`a_step_of_many_sessions_goes_as_one_record_of_nine_bytes_a_session`].
+    static STORED_77: std::sync::LazyLock<StoredMessage> = std::sync::LazyLock::new(|| message(77));
+
+    /// A step record that sends nothing, names a message it lacks or
+    /// sends packet id 0 or at QoS 0 is refused, never a panic.
+    #[test]
+    fn a_step_record_that_makes_no_sense_is_refused() {
+        let decode = |messages: Vec<(u64, QoS)>, entries: Vec<StepEntry>| {
+            let record = Record::Steps(messages, entries);
+            let mut body = Vec::new();
+            record.encode_body(&mut body);
+            Record::decode(record.kind(), &body)
+        };
+        let one = vec![(9, QoS::AtLeastOnce)];
+        assert!(decode(one.clone(), vec![step(1, 2, 1, 3)]).is_ok());
+        for bad in [step(1, 0, 0, 0), step(1, 2, 2, 3), step(1, 2, 1, 0)] {
+            assert!(decode(one.clone(), vec![bad]).is_err(), "{bad:?}");
+        }
+        assert!(decode(vec![(9, QoS::AtMostOnce)], vec![step(1, 2, 1, 3)]).is_err());
     }
 
     #[test]

@@ -15,8 +15,10 @@ pub const LOG_MAGIC: &[u8; 8] = b"FANMQLOG";
 /// fanmq refuses a segment with a higher version rather than guess (and
 /// rather than take records of kinds it does not know for damage). 2: the
 /// flow records name a session by its image's alias (record::Alias); the
-/// format 1 records, which named it by stamp, are still read.
-pub const FORMAT_VERSION: u16 = 2;
+/// format 1 records, which named it by stamp, are still read. 3: the
+/// acknowledgements and sends of a shard step go as one ordered record
+/// (record::kind::STEPS); format 1 and 2 segments are still read.
+pub const FORMAT_VERSION: u16 = 3;
 
 /// Bytes of a segment header: magic 8, version u16, shard u16, shards u16,
 /// reserved u16, base LSN u64, CRC-32C of bytes 0..24 u32, reserved u32.

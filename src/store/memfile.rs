@@ -166,8 +166,23 @@ mod tests {
     use crate::store::{RETAINED_DIR, load_log};
 
     /// Record `i` of a test: a retained message whose payload names it,
-    /// of a length that varies.
+    /// of a length that varies; every fifth one the ordered record of a
+    /// shard step (format 3) of `i` sessions.
     fn record(i: u64) -> Record {
+        if i % 5 == 4 {
+            let entries = (0..i)
+                .map(|n| crate::store::record::StepEntry {
+                    alias: n as u32 + 1,
+                    done: 1 + (n % 7) as u16,
+                    message: 1 + (n % 2) as u8,
+                    sent: 1 + (i % 65_000) as u16,
+                })
+                .collect();
+            return Record::Steps(
+                vec![(i, QoS::AtLeastOnce), (i + 1, QoS::ExactlyOnce)],
+                entries,
+            );
+        }
         let len = 1 + (i * 37 % 200) as usize;
         let mut payload = vec![(i % 251) as u8; len];
         payload[0] = 1;

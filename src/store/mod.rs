@@ -584,6 +584,12 @@ impl Store {
                         }
                         continue;
                     }
+                    Record::Steps(messages, entries) => {
+                        for (alias, event) in flows::steps_events(&messages, &entries) {
+                            events(aliases.get(&alias).copied(), event);
+                        }
+                        continue;
+                    }
                     Record::Legacy(legacy) => {
                         for (stamp, event) in flows::legacy_events(legacy) {
                             events(Some(stamp), event);
@@ -775,6 +781,7 @@ pub fn live_retained(records: Vec<Record>) -> Vec<(u64, record::StoredMessage)> 
             | Record::Will(_)
             | Record::WillClear(..)
             | Record::DoneMany(_)
+            | Record::Steps(..)
             | Record::Legacy(_) => continue,
         };
         match topics.get(&topic) {

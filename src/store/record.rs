@@ -8,7 +8,9 @@
 //! module). The flow records name an image by its [`Alias`], a per-shard
 //! u32 the image carries, not by its 8-byte stamp (segment format 2); the
 //! format 1 records that named it by stamp are still read
-//! ([`Record::Legacy`]).
+//! ([`Record::Legacy`]). Format 3 adds one kind, the ordered record of a
+//! shard step's acknowledgements and sends ([`Record::Steps`]); an older
+//! fanmq refuses a format 3 segment (frame::FORMAT_VERSION).
 //!
 //! Little-endian; strings are u16 length + bytes (MQTT topics and client ids
 //! fit), payloads u32 length + bytes. [`Record::decode`] reads any bytes
@@ -79,6 +81,13 @@ pub mod kind {
     /// A [`DONE`], [`PUBRECD`], [`AWAIT_REL`] or [`RELEASED`] step by
     /// alias: the step's old kind byte, alias, packet id (16 bytes framed).
     pub const STEP: u8 = 0x14;
+    // Format 3 (frame::FORMAT_VERSION 3).
+    /// The acknowledgements and the messages sent from their queues of
+    /// many sessions in one step of a shard, in order, as one record
+    /// ([`super::Record::Steps`]): 9 bytes for a session that had one
+    /// message acknowledged and sent the next, instead of an [`ACKED`] and a
+    /// [`SENT_TO`] record of its own (19 + 16 bytes framed).
+    pub const STEPS: u8 = 0x15;
 }
 
 /// MQTT 5.0 property identifiers of the forwarded properties (§2.2.2.2),
@@ -305,6 +314,24 @@ pub type Alias = u32;
 /// id the message went out with, and the QoS it was sent at (7 bytes).
 pub type SentRef = (Alias, u16, QoS);
 
+/// One entry of a [`Record::Steps`], for one session (9 bytes when it
+/// sends, 7 when it only acknowledges): first its `done` packet id's flow
+/// ended (0: none), then the record's `message`-th message (1-based; 0:
+/// none) went in flight to it with packet id `sent`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StepEntry {
+    /// The alias of the session's image.
+    pub alias: Alias,
+    /// Packet id acknowledged (PUBACK, PUBCOMP, a refusing PUBREC); 0: none.
+    pub done: u16,
+    /// 1-based index into the record's messages of the message sent; 0:
+    /// none (a record names at most 255 messages; the writer starts another
+    /// when it would need more).
+    pub message: u8,
+    /// The packet id that message went out with (not 0 when it was sent).
+    pub sent: u16,
+}
+
 /// The format 1 records that named a session by its image stamp, read from
 /// segments written before format 2 (never written any more; the tests
 /// write them as an older fanmq did).
@@ -350,8 +377,21 @@ pub enum Record {
     /// [`kind::ACKED`]: (image alias, packet id) of each outgoing message
     /// acknowledged.
     DoneMany(Vec<(Alias, u16)>),
+    /// [`kind::STEPS`]: the messages (id, QoS sent at) that went in flight
+    /// in one step of the shard, each once, then each session's entry in
+    /// the order the steps happened (a packet id acknowledged can be sent
+    /// again in the same step, so the order is kept).
+    Steps(Vec<(u64, QoS)>, Vec<StepEntry>),
     /// A format 1 record (read only).
     Legacy(Legacy),
+}
+
+/// Bytes `record` takes in a log, framed (tests of the record sizes).
+#[cfg(test)]
+pub fn framed_len(record: &Record) -> usize {
+    let mut out = Vec::new();
+    crate::store::frame::append_record(&mut out, record.kind(), |b| record.encode_body(b));
+    out.len()
 }
 
 /// Unix milliseconds now.
@@ -527,6 +567,7 @@ impl Record {
             Record::Will(_) => kind::WILL,
             Record::WillClear(..) => kind::WILL_CLEAR,
             Record::DoneMany(_) => kind::ACKED,
+            Record::Steps(..) => kind::STEPS,
             Record::Legacy(Legacy::Queue(..)) => kind::QUEUE,
             Record::Legacy(Legacy::Sent(..)) => kind::SENT,
             Record::Legacy(Legacy::Flow(step, ..)) => step.kind(),
@@ -616,6 +657,24 @@ impl Record {
                 out.extend_from_slice(&alias.to_le_bytes());
                 put_u16(out, *packet_id);
             }),
+            Record::Steps(messages, entries) => {
+                // At most 255 messages (StepEntry::message); the writer
+                // never gives more, a count cut here would only lose sends.
+                let n = messages.len().min(usize::from(u8::MAX));
+                out.push(n as u8);
+                for (mid, qos) in &messages[..n] {
+                    out.extend_from_slice(&mid.to_le_bytes());
+                    out.push(*qos as u8);
+                }
+                put_list(out, entries, |out, e| {
+                    out.extend_from_slice(&e.alias.to_le_bytes());
+                    put_u16(out, e.done);
+                    out.push(e.message);
+                    if e.message != 0 {
+                        put_u16(out, e.sent);
+                    }
+                });
+            }
             Record::Legacy(legacy) => legacy.encode_body(out),
         }
     }
@@ -681,6 +740,7 @@ impl Record {
                 Record::Sent(mid, r.list(7, |r| r.sent_ref(Reader::u32))?)
             }
             kind::ACKED => Record::DoneMany(r.list(6, |r| Ok((r.u32()?, r.u16()?)))?),
+            kind::STEPS => r.steps()?,
             kind::STEP => {
                 let step = FlowStep::of_kind(r.u8()?).ok_or(RecordError::Invalid("flow step"))?;
                 Record::Flow(step, r.u32()?, r.u16()?)
@@ -867,6 +927,38 @@ impl<'a> Reader<'a> {
         Ok((who, packet_id, qos))
     }
 
+    /// A [`kind::STEPS`] body: the message count u8 and the messages
+    /// (id u64, QoS u8, never 0), then a list of entries; an entry that
+    /// does nothing, names a message the record lacks or sends packet id 0
+    /// is refused.
+    fn steps(&mut self) -> Result<Record, RecordError> {
+        let n = self.u8()?;
+        let mut messages = Vec::with_capacity(usize::from(n));
+        for _ in 0..n {
+            let mid = self.u64()?;
+            match self.qos()? {
+                QoS::AtMostOnce => return Err(RecordError::Invalid("sent QoS")),
+                qos => messages.push((mid, qos)),
+            }
+        }
+        let entries = self.list(7, |r| {
+            let alias = r.u32()?;
+            let done = r.u16()?;
+            let message = r.u8()?;
+            let sent = if message == 0 { 0 } else { r.u16()? };
+            if message > n || (message != 0 && sent == 0) || (message == 0 && done == 0) {
+                return Err(RecordError::Invalid("step entry"));
+            }
+            Ok(StepEntry {
+                alias,
+                done,
+                message,
+                sent,
+            })
+        })?;
+        Ok(Record::Steps(messages, entries))
+    }
+
     fn bin_str(&mut self) -> Result<ByteString, RecordError> {
         let bytes = self.bin()?;
         utf8(bytes)
@@ -973,6 +1065,29 @@ mod tests {
             }),
             Record::WillClear(102, ByteString::from("c1")),
             Record::DoneMany(vec![(99, 1), (100, 65535)]),
+            Record::Steps(
+                vec![(5, QoS::AtLeastOnce), (6, QoS::ExactlyOnce)],
+                vec![
+                    StepEntry {
+                        alias: 99,
+                        done: 1,
+                        message: 1,
+                        sent: 1,
+                    },
+                    StepEntry {
+                        alias: 100,
+                        done: 65535,
+                        message: 0,
+                        sent: 0,
+                    },
+                    StepEntry {
+                        alias: 101,
+                        done: 0,
+                        message: 2,
+                        sent: 9,
+                    },
+                ],
+            ),
             Record::Legacy(Legacy::Queue(5, vec![(99, QoS::AtLeastOnce)])),
             Record::Legacy(Legacy::Sent(5, vec![(99, 1, QoS::ExactlyOnce)])),
             Record::Legacy(Legacy::Flow(FlowStep::Done, 99, 1)),
@@ -1069,11 +1184,7 @@ mod tests {
 
     #[test]
     fn flow_records_are_small_and_refuse_a_zero_packet_id_or_qos_0() {
-        let framed = |record: &Record| {
-            let mut out = Vec::new();
-            crate::store::frame::append_record(&mut out, record.kind(), |b| record.encode_body(b));
-            out.len()
-        };
+        let framed = framed_len;
         let one = Record::Sent(1, vec![(2, 3, QoS::AtLeastOnce)]);
         let two = Record::Sent(1, vec![(2, 3, QoS::AtLeastOnce), (4, 5, QoS::ExactlyOnce)]);
         assert_eq!(framed(&two) - framed(&one), 7, "bytes a session");
@@ -1211,7 +1322,7 @@ mod tests {
         for _ in 0..5000 {
             let kinds = [
                 1u8, 2, 5, 6, 7, 8, 9, 0x0A, 0x0B, 0x0C, 0x0D, 0x0E, 0x0F, 0x10, 0x11, 0x12, 0x13,
-                0x14, 0x20, 0x21,
+                0x14, 0x15, 0x20, 0x21,
             ];
             let kind = match (rng.next() % 24) as usize {
                 i if i < kinds.len() => kinds[i],

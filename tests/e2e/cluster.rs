@@ -839,6 +839,125 @@ fn a_persistent_session_moves_to_another_node_with_its_queued_messages() {
     );
 }
 
+/// A session that would move from a node whose disk stalls (a full 256
+/// KiB tmpfs, as root; CI is) is refused, not started empty: the old node
+/// cannot make the session's end there durable, so it keeps the session
+/// and answers "unavailable", and the new node refuses the CONNECT (3.1.1:
+/// CONNACK 0x03, 5.0: 0x88). Once the disk has room again the move goes,
+/// with the session's queue.
+#[test]
+fn a_session_move_from_a_node_whose_disk_stalls_is_refused_as_server_unavailable() {
+    let dir = tempfile::tempdir().expect("store directory");
+    if !crate::persistence::mount_tmpfs(dir.path(), "256k") {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI runs as root: the tmpfs must mount"
+        );
+        return;
+    }
+    let _unmount = crate::persistence::Unmount(dir.path());
+    let Some(nats) = Nats::start("cluster stalled disk") else {
+        return;
+    };
+    let store = dir.path().join("store");
+    std::fs::create_dir(&store).expect("store directory");
+    let persistence = format!(
+        "persistence = true\npersistence_location = \"{}\"",
+        store.display()
+    );
+    // One shard: the session and the take-over's claim share the journal
+    // that stalls (a second shard's journal would still write into the
+    // room its segment was given).
+    let a = Broker::builder()
+        .shards(1)
+        .config(&format!("{persistence}\n{}", nats.config("a")))
+        .start();
+    a.wait_log(|l| l.contains("cluster: connected to NATS"), TIMEOUT)
+        .unwrap_or_else(|| panic!("node a did not connect:\n{}", a.log_text()));
+    let b = nats.node("b");
+    let id = "stalled";
+    let (mut first, _) = persistent(a.port, id);
+    // The SUBACK of a persistent session waits for its image on disk.
+    first.subscribe("stalled/#", QoS::AtLeastOnce);
+    first.disconnect();
+    wait_client(&a, id, |c| c.is_some_and(|c| c["connected"] == false));
+    let mut publisher = Mqtt::connect(a.port, "stalled-pub");
+    for i in 0..2 {
+        publisher.publish_acked("stalled/q", false, i.to_string().as_bytes());
+    }
+    wait_client(&a, id, |c| c.is_some_and(|c| c["pending"] == 2));
+    // Fill the disk; a large message queued for the session then stalls
+    // its journal (the disk-full episode), and all that follows it.
+    let filler = dir.path().join("filler");
+    let mut file = std::fs::File::create(&filler).expect("filler");
+    let chunk = vec![0u8; 4096];
+    while std::io::Write::write_all(&mut file, &chunk).is_ok() {}
+    drop(file);
+    let mut raw_publisher = Raw::connect(a.port, "stalled-raw-pub");
+    raw_publisher.send(&crate::common::publish(
+        b"stalled/q",
+        &[7u8; 16 * 1024],
+        1,
+        false,
+        false,
+        1,
+    ));
+    assert!(
+        a.wait_log(|l| l.contains("persistence: cannot write"), TIMEOUT)
+            .is_some(),
+        "the journal cannot write:\n{}",
+        a.log_text()
+    );
+    // 3.1.1 on B: CONNACK 0x03 (server unavailable), not an empty session.
+    let (_, connack) = raw_persistent(b.port, id);
+    assert_eq!(connack, [0x20, 0x02, 0x00, 0x03], "{}", a.log_text());
+    // 5.0 (Clean Start 0, Session Expiry 3600): reason 0x88.
+    let mut body = crate::common::string(b"MQTT");
+    body.extend([5, 0x00, 0, 60, 5, 0x11, 0, 0, 0x0E, 0x10]);
+    body.extend(crate::common::string(id.as_bytes()));
+    let mut v5 = Raw::tcp(b.port);
+    v5.send(&crate::common::packet(0x10, &body));
+    let connack = v5.expect_packet();
+    assert_eq!(
+        (connack.first, connack.body.get(1)),
+        (0x20, Some(&0x88)),
+        "{connack:?}"
+    );
+    assert!(
+        a.log_text()
+            .contains("refused: its end here was not durable"),
+        "{}",
+        a.log_text()
+    );
+    // A kept it, with its queue.
+    let held = client_on(&a, id).expect("A keeps the session");
+    assert_eq!(held["connected"], false);
+    assert!(client_on(&b, id).is_none(), "B started no session");
+    // Room again: the move goes, with the queue.
+    std::fs::remove_file(&filler).expect("filler removed");
+    // The journal retries once a second: until then A still refuses.
+    let deadline = Instant::now() + TIMEOUT;
+    let (mut second, connack) = loop {
+        let mut options = Mqtt::options(b.port, id);
+        options.set_clean_session(false);
+        match Mqtt::try_connect(options) {
+            Ok(connected) => break connected,
+            Err(e) if Instant::now() < deadline => eprintln!("refused again: {e}"),
+            Err(e) => panic!("still refused once the disk has room: {e}"),
+        }
+    };
+    assert!(connack.session_present, "Session Present = 1 on B");
+    let got: Vec<Vec<u8>> = (0..3)
+        .map(|_| second.expect_publish().payload.to_vec())
+        .collect();
+    assert_eq!(
+        got,
+        [b"0".to_vec(), b"1".to_vec(), vec![7u8; 16 * 1024]],
+        "the queue, in order"
+    );
+    wait_client(&a, id, |c| c.is_none());
+}
+
 #[test]
 fn a_live_take_over_across_nodes_closes_the_old_connection() {
     let Some(nats) = Nats::start("cluster take-over") else {

@@ -347,7 +347,7 @@ fn an_unusable_or_locked_directory_or_a_newer_format_is_a_clear_start_up_error()
 
 /// Mounts a tmpfs of `size` on `dir`; false (with the reason printed) where
 /// that is not permitted (not root).
-fn mount_tmpfs(dir: &Path, size: &str) -> bool {
+pub(crate) fn mount_tmpfs(dir: &Path, size: &str) -> bool {
     let out = Command::new("mount")
         .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
         .arg(dir)
@@ -369,7 +369,7 @@ fn mount_tmpfs(dir: &Path, size: &str) -> bool {
 }
 
 /// Unmounts the tmpfs when the test ends, however it ends.
-struct Unmount<'a>(&'a Path);
+pub(crate) struct Unmount<'a>(pub(crate) &'a Path);
 
 impl Drop for Unmount<'_> {
     fn drop(&mut self) {
@@ -890,6 +890,64 @@ fn on_other_shard(broker: &Broker, prefix: &str, other_id: &str) -> (Mqtt, Strin
         client.disconnect();
     }
     panic!("64 connections never reached the other shard");
+}
+
+/// A persistent session taken over by a connection on the other shard
+/// moves there with its on-disk state: after a `kill -9` it comes back
+/// once, as that shard left it (its new subscription, not the one the old
+/// shard's journal still holds an image with), and the store loads one
+/// session of its id.
+#[test]
+fn a_session_taken_over_on_the_other_shard_comes_back_once_as_it_was_there_after_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = start(dir.path(), "");
+    let id = format!("moving-{}", unique());
+    let (mut client, present) = persistent(broker.port, &id);
+    assert!(!present);
+    // The SUBACK of a persistent session waits for its image on disk.
+    client.subscribe("moving/old", rumqttc::QoS::AtLeastOnce);
+    let first = broker.shard_of(&id);
+    // Reconnect (a take-over each time) until a connection lands on the
+    // other shard.
+    let mut connections = 1;
+    let mut moved = loop {
+        assert!(
+            connections < 64,
+            "64 connections never reached the other shard"
+        );
+        let (again, present) = persistent(broker.port, &id);
+        connections += 1;
+        assert!(present, "taken over with its state");
+        if broker.shards_of(&id, connections)[connections - 1] != first {
+            break again;
+        }
+    };
+    drop(client);
+    moved.unsubscribe("moving/old");
+    moved.subscribe("moving/new", rumqttc::QoS::AtLeastOnce);
+    kill_9(broker);
+
+    let broker = start(dir.path(), "");
+    let loaded = broker
+        .wait_log(|l| l.contains("persistent sessions from"), TIMEOUT)
+        .expect("the start-up log");
+    assert!(
+        loaded.contains("persistence: 1 persistent sessions from"),
+        "one session of the id: {loaded}"
+    );
+    let (mut back, present) = persistent(broker.port, &id);
+    assert!(present, "its session came back");
+    let mut publisher = Mqtt::connect(broker.port, "moving-pub");
+    publisher.publish_acked("moving/old", false, b"old");
+    publisher.publish_acked("moving/new", false, b"new");
+    let p = back.expect_publish();
+    assert_eq!(
+        (p.topic.as_str(), &p.payload[..]),
+        ("moving/new", &b"new"[..]),
+        "only the subscription it had on the shard it moved to"
+    );
+    assert!(back.recv_publish(Duration::from_millis(300)).is_none());
+    kill_9(broker);
 }
 
 /// A raw persistent (CleanSession 0) MQTT 3.1.1 client `id`; asserts
