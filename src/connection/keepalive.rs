@@ -1,6 +1,7 @@
 //! The keep-alive sweep (§3.1.2.10): closes silent connections, parks idle
 //! ones still in their task, ends offline sessions past their Session
-//! Expiry Interval, publishes delayed wills, and refreshes the shard's
+//! Expiry Interval, publishes delayed wills, closes accepted sockets that
+//! sent nothing within the connect timeout, and refreshes the shard's
 //! gauges. It looks only at what is due in the shard's timer wheels
 //! (`shard::timers`), never at every session: an idle shard of a million
 //! connections does a few comparisons per sweep.
@@ -57,6 +58,10 @@ fn sweep(ctx: &Ctx) -> Swept {
             return Swept::ShuttingDown;
         }
         let now = shard.now_ticks();
+        let silent = shard.waiting.expire(std::time::Instant::now());
+        if silent > 0 {
+            debug!("{silent} accepted sockets sent nothing within the connect timeout: closed");
+        }
         let (expired, wills) = fire_due(&mut shard, now);
         let totals = shard.session_totals();
         shard.refresh_gauges(totals);

@@ -154,6 +154,17 @@ impl Poller {
             other => other,
         }
     }
+
+    /// Removes `fd` from the epoll set before it is handed to glommio (an
+    /// accepted socket that was waiting for its first bytes): a descriptor
+    /// duplicated later keeps the open file, and with it a stale
+    /// registration, alive.
+    ///
+    /// # Errors
+    /// `epoll_ctl` failing (the socket was not registered).
+    pub fn forget(&self, fd: RawFd) -> io::Result<()> {
+        fd::epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_DEL, fd, 0, 0)
+    }
 }
 
 /// The watcher thread: waits for ready sockets and sends their tokens to
