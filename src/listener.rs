@@ -17,6 +17,10 @@
 //! after accept, counted, and logged at most once per
 //! [`crate::observe::log_limit::LOG_INTERVAL`] per kind ([`crate::observe::log_limit`]).
 //!
+//! An accepted socket whose client has not written yet gets no task: it
+//! waits in the shard's epoll set ([`crate::connection::accepted`]) until
+//! its first bytes arrive.
+//!
 //! On a listener that expects the PROXY protocol ([`crate::net::proxy`]),
 //! the accepted socket's peer is the load balancer, not the client. There
 //! `max_connections` still counts every accepted socket at once, but the
@@ -194,14 +198,7 @@ pub async fn accept_loop(
                     .detach();
                     continue;
                 }
-                glommio::spawn_local(connection::serve(
-                    ctx.clone(),
-                    stream,
-                    acceptor.clone(),
-                    slot,
-                    ip_key,
-                ))
-                .detach();
+                connection::accepted(&ctx, stream, &acceptor, slot, ip_key);
             }
             Err(e) => {
                 let exhausted = matches!(
@@ -265,7 +262,9 @@ async fn serve_proxied(
     let counts = slot.0.clone();
     let admitted = limits.borrow_mut().admit(&ctx, client, addr, &counts);
     match admitted {
-        Ok(ip_key) => connection::serve(ctx, stream, acceptor, slot, ip_key).await,
+        Ok(ip_key) => {
+            connection::serve(ctx, stream, acceptor, slot, ip_key, Instant::now()).await;
+        }
         Err(refused) => debug!("shard {}: {client} via {peer} closed: {refused}", ctx.id),
     }
 }

@@ -39,13 +39,14 @@ pub(super) const CONNECT_READ_CHUNK: usize = 512;
 
 /// The transport's handshake (TLS, WebSocket), then MQTT's: None when the
 /// connection ends there. Both together must finish within the connect
-/// timeout, counted from the accept.
+/// timeout, counted from the accept (`accepted_at`).
 pub(super) async fn establish(
     ctx: &Ctx,
     tcp: TcpStream,
     acceptor: &Acceptor,
+    accepted_at: Instant,
 ) -> Option<Established> {
-    let deadline = Instant::now() + ctx.shard.borrow().config.connect_timeout;
+    let deadline = accepted_at + ctx.shard.borrow().config.connect_timeout;
     let stream = match acceptor.transport {
         Transport::Mqtt => Stream::Tcp(tcp),
         // Boxed: the TLS / WebSocket handshake's state is kilobytes, which

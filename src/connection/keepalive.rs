@@ -1,6 +1,7 @@
 //! The keep-alive sweep (§3.1.2.10): closes silent connections, parks idle
 //! ones still in their task, ends offline sessions past their Session
-//! Expiry Interval, publishes delayed wills, and refreshes the shard's
+//! Expiry Interval, publishes delayed wills, closes accepted sockets that
+//! sent nothing within the connect timeout, and refreshes the shard's
 //! gauges. It looks only at what is due in the shard's timer wheels
 //! (`shard::timers`), never at every session: an idle shard of a million
 //! connections does a few comparisons per sweep.
@@ -21,11 +22,16 @@ use crate::shard::{Ctx, Shard};
 /// `shutdown` is set (checked on the same tick, so an idle shard wakes only
 /// for this timer: twice a second).
 pub async fn keep_alive_sweeper(ctx: Ctx, period: Duration, shutdown: Arc<AtomicBool>) {
+    let mut memory = MemoryReturn::default();
     loop {
         glommio::timer::sleep(period).await;
         if shutdown.load(Ordering::SeqCst) {
             return;
         }
+        memory.after_sweep(
+            ctx.shard.borrow().stats.connections_accepted,
+            crate::session::link::live_links(),
+        );
         match sweep(&ctx) {
             Swept::ShuttingDown => return,
             Swept::Quiet => {}
@@ -33,6 +39,43 @@ pub async fn keep_alive_sweeper(ctx: Ctx, period: Duration, shutdown: Arc<Atomic
                 // Expired sessions and delayed wills: tell the other shards.
                 ctx.send_outbox();
                 ctx.forward_publishes().await;
+            }
+        }
+    }
+}
+
+/// Accepted connections after which, once accepts pause for a sweep, the
+/// shard hands the allocator's free pages back to the system: a connect
+/// storm's handshakes leave megabytes free in the heap that glibc keeps
+/// (it trims only the top of a heap), which RSS would show for good.
+const TRIM_AFTER_ACCEPTS: u64 = 1000;
+
+/// When the shard last gave memory back ([`MemoryReturn::after_sweep`]).
+#[derive(Default)]
+struct MemoryReturn {
+    /// `connections_accepted` and the connected clients at the previous
+    /// sweep.
+    before: (u64, u64),
+    /// `connections_accepted` when memory was last given back.
+    trimmed_at: u64,
+}
+
+impl MemoryReturn {
+    /// Gives the heap's free pages back (`malloc_trim`) once at least
+    /// [`TRIM_AFTER_ACCEPTS`] connections came since the last time and
+    /// neither the accepted nor the connected count changed since the
+    /// previous sweep (the storm is over: every accepted socket has sent its
+    /// CONNECT or gone). A walk over the allocator's free lists:
+    /// milliseconds at most, once per storm.
+    fn after_sweep(&mut self, accepted: u64, connected: u64) {
+        let quiet = (accepted, connected) == self.before;
+        self.before = (accepted, connected);
+        if quiet && accepted.saturating_sub(self.trimmed_at) >= TRIM_AFTER_ACCEPTS {
+            self.trimmed_at = accepted;
+            #[cfg(target_env = "gnu")]
+            // SAFETY: malloc_trim only releases free memory; callable from any thread.
+            unsafe {
+                libc::malloc_trim(0);
             }
         }
     }
@@ -61,6 +104,10 @@ fn sweep(ctx: &Ctx) -> Swept {
         // a sweep even when the shard is idle.
         shard.journal_done();
         let now = shard.now_ticks();
+        let silent = shard.waiting.expire(std::time::Instant::now());
+        if silent > 0 {
+            debug!("{silent} accepted sockets sent nothing within the connect timeout: closed");
+        }
         let (expired, wills) = fire_due(&mut shard, now);
         let totals = shard.session_totals();
         shard.refresh_gauges(totals);

@@ -134,18 +134,80 @@ impl Wire {
     }
 }
 
+/// A connection was accepted (and admitted): serves it at once when its
+/// client has written already, otherwise keeps only its socket, in the
+/// shard's epoll set, until its first bytes arrive ([`crate::net::waiting`];
+/// [`socket_ready`] then serves it). Thousands of sockets accepted at once
+/// (clients reconnecting after a restart) thus cost no task and no buffer
+/// each while their CONNECT is on its way.
+pub fn accepted(
+    ctx: &Ctx,
+    tcp: TcpStream,
+    acceptor: &Acceptor,
+    slot: ConnectionSlot,
+    ip_key: IpKey,
+) {
+    let accepted_at = Instant::now();
+    let serve_now = |tcp, slot| {
+        glommio::spawn_local(serve(
+            ctx.clone(),
+            tcp,
+            acceptor.clone(),
+            slot,
+            ip_key,
+            accepted_at,
+        ))
+        .detach();
+    };
+    if fd::has_input(tcp.as_raw_fd()) {
+        serve_now(tcp, slot);
+        return;
+    }
+    // Out of descriptors for the duplicate: wait in a task, as before.
+    let Ok(socket) = fd::duplicate(tcp.as_raw_fd()) else {
+        serve_now(tcp, slot);
+        return;
+    };
+    // The duplicate is the socket from now on; glommio's stream (and its
+    // descriptor) closes.
+    drop(tcp);
+    let raw = socket.as_raw_fd();
+    let mut shard = ctx.shard.borrow_mut();
+    let deadline = accepted_at + shard.config.connect_timeout;
+    let token = shard.waiting.insert(
+        socket,
+        acceptor.clone(),
+        slot,
+        ip_key,
+        accepted_at,
+        deadline,
+    );
+    let read = Interest {
+        read: true,
+        write: false,
+    };
+    if let Err(e) = ctx.poller.arm(raw, token, read, true) {
+        debug!("{}: cannot watch the new socket ({e}), closing", Peer(raw));
+        if let Some(waiting) = shard.waiting.take(token) {
+            waiting.slot.release(waiting.ip_key);
+        }
+    }
+}
+
 /// Serves one accepted connection: the handshake in this task, then the
 /// connection's life in a task of its own, `Live`, whose allocation is
 /// only what a connected client needs (the handshake's state is freed).
+/// The connect timeout counts from `accepted_at`.
 pub async fn serve(
     ctx: Ctx,
     tcp: TcpStream,
     acceptor: Acceptor,
     slot: ConnectionSlot,
     ip_key: IpKey,
+    accepted_at: Instant,
 ) {
     let listener = acceptor.transport;
-    let Some(conn) = establish(&ctx, tcp, &acceptor).await else {
+    let Some(conn) = establish(&ctx, tcp, &acceptor, accepted_at).await else {
         slot.release(ip_key);
         return;
     };

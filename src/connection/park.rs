@@ -29,16 +29,23 @@ use std::task::{Context, Poll};
 
 use bytes::BytesMut;
 use futures_lite::AsyncReadExt;
-use glommio::net::UnixStream;
-use log::warn;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
+
+use glommio::net::{TcpStream, UnixStream};
+use log::{debug, warn};
 
 use crate::connection;
 use crate::connection::live::{Live, Reading};
 use crate::connection::{Established, Wire};
+use crate::net::fd;
 use crate::net::poller;
+use crate::net::poller::Interest;
 use crate::net::poller::WATCH_BATCH;
+use crate::net::waiting::Waiting;
+use crate::protocol::v3;
 use crate::session::link;
-use crate::session::link::{Parked, Waiter};
+use crate::session::link::{CloseReason, Parked, Waiter};
 use crate::shard::Ctx;
 
 /// The shard's side of the watcher: resumes the connections whose sockets
@@ -81,29 +88,31 @@ impl Future for Unparker {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let woken = link::take_woken(cx.waker());
         for (conn_id, parked) in woken {
-            connection::resume(&self.ctx, conn_id, parked);
+            connection::resume(&self.ctx, conn_id, parked, BytesMut::new());
         }
         Poll::Pending
     }
 }
 
 /// Gives a parked connection its task back (see [`crate::connection::park`]).
-pub fn resume(ctx: &Ctx, conn_id: u64, mut parked: Parked) {
+/// `rx`: bytes already read from its socket, handled first.
+pub fn resume(ctx: &Ctx, conn_id: u64, mut parked: Parked, rx: BytesMut) {
     let Some(fd) = parked.fd.take() else {
         return;
     };
+    let unprocessed = !rx.is_empty();
     glommio::spawn_local(Live {
         ctx: ctx.clone(),
         conn: Some(Established {
             wire: Wire::Plain(fd),
-            rx: BytesMut::new(),
+            rx,
             key: parked.key,
             conn_id,
             version: parked.version,
             rare: parked.rare.take(),
         }),
         slot: parked.slot.take(),
-        unprocessed: false,
+        unprocessed,
         reading: Reading {
             fresh_waited: true,
             drained: false,
@@ -122,6 +131,9 @@ pub fn resume(ctx: &Ctx, conn_id: u64, mut parked: Parked) {
 /// ended, or that is running, changes nothing (a running task reads its
 /// socket before it waits again).
 pub fn socket_ready(ctx: &Ctx, token: u64) {
+    if Waiting::is_token(token) {
+        return first_bytes(ctx, token);
+    }
     let (key, conn_tag) = poller::split_token(token);
     let (conn_id, waiter) = {
         let mut shard = ctx.shard.borrow_mut();
@@ -138,6 +150,107 @@ pub fn socket_ready(ctx: &Ctx, token: u64) {
     match waiter {
         Waiter::Running => {}
         Waiter::Task(waker) => waker.wake(),
-        Waiter::Parked(parked) => resume(ctx, conn_id, parked),
+        Waiter::Parked(parked) => {
+            if let Some((parked, rx)) = answer_ping(ctx, token, parked) {
+                resume(ctx, conn_id, parked, rx);
+            }
+        }
     }
+}
+
+/// A parked connection's socket is readable. When all it holds is one
+/// PINGREQ (§3.12), what an idle subscriber sends every keep-alive, the
+/// shard answers it here: the keep-alive clock moves on, PINGRESP is
+/// queued and flushed like any write to a parked socket, and the socket is
+/// armed again; the connection stays parked (no task, no buffer). Anything
+/// else (other bytes, the peer's close, a connection being closed or
+/// waiting to write) returns the connection with the bytes read, for
+/// [`resume`].
+fn answer_ping(ctx: &Ctx, token: u64, parked: Parked) -> Option<(Parked, BytesMut)> {
+    let key = parked.key;
+    let Some(fd) = parked.fd.as_ref().map(AsRawFd::as_raw_fd) else {
+        return Some((parked, BytesMut::new()));
+    };
+    let mut guard = ctx.shard.borrow_mut();
+    let shard = &mut *guard;
+    let now = shard.now_ticks();
+    let Some(session) = shard.sessions.get_mut(key as usize).filter(|s| {
+        s.link
+            .as_ref()
+            .is_some_and(|l| poller::token(key, l.conn_id) == token)
+    }) else {
+        return Some((parked, BytesMut::new()));
+    };
+    if !session
+        .link
+        .as_ref()
+        .is_some_and(|l| l.close.is_none() && !l.blocked)
+    {
+        return Some((parked, BytesMut::new()));
+    }
+    // One byte more than a PINGREQ: a socket holding more goes to the task.
+    let mut head = [0u8; v3::PINGREQ_BYTES.len() + 1];
+    let pinged = match fd::recv(fd, &mut head) {
+        Ok(n) if head[..n] == v3::PINGREQ_BYTES => true,
+        // Woken for nothing: wait again.
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
+        Ok(n) => {
+            shard.stats.bytes_received += n as u64;
+            return Some((parked, BytesMut::from(&head[..n])));
+        }
+        // The task's own read sees the error (or the close) again.
+        Err(_) => return Some((parked, BytesMut::new())),
+    };
+    if pinged {
+        session.queue_control(&v3::PINGRESP_BYTES);
+        shard.stats.packets_received += 1;
+        shard.stats.pingreq_parked += 1;
+        shard.stats.bytes_received += v3::PINGREQ_BYTES.len() as u64;
+    }
+    let Some(link) = session.link.as_mut() else {
+        return Some((parked, BytesMut::new()));
+    };
+    if pinged {
+        link.last_seen = now;
+    }
+    link.waiter = Waiter::Parked(parked);
+    let read = Interest {
+        read: true,
+        write: false,
+    };
+    if let Err(e) = ctx.poller.arm(fd, token, read, false) {
+        warn!("socket {fd}: cannot watch it again ({e}), closing");
+        link.close(CloseReason::Io);
+    }
+    if pinged {
+        shard.mark_dirty(key);
+        shard.flush_dirty();
+    }
+    None
+}
+
+/// An accepted socket that waited for its first bytes ([`crate::net::waiting`])
+/// is readable: it leaves the epoll set for glommio's stream, and its
+/// connection task starts (see [`crate::connection::accepted`]).
+fn first_bytes(ctx: &Ctx, token: u64) {
+    let Some(waiting) = ctx.shard.borrow_mut().waiting.take(token) else {
+        // Closed at its deadline meanwhile.
+        return;
+    };
+    let raw = waiting.fd.into_raw_fd();
+    if let Err(e) = ctx.poller.forget(raw) {
+        debug!("socket {raw}: not in the epoll set ({e})");
+    }
+    // SAFETY: `raw` is the accepted socket, owned until now by the waiting
+    // entry; glommio's stream takes it over (and closes it).
+    let tcp = unsafe { TcpStream::from_raw_fd(raw) };
+    glommio::spawn_local(connection::serve(
+        ctx.clone(),
+        tcp,
+        waiting.acceptor,
+        waiting.slot,
+        waiting.ip_key,
+        waiting.accepted_at,
+    ))
+    .detach();
 }

@@ -107,6 +107,24 @@ pub fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
     }
 }
 
+/// Whether socket `fd` has something to read now: bytes, or the peer's
+/// close (a `recv` with `MSG_PEEK`, which leaves them in the socket).
+pub fn has_input(fd: RawFd) -> bool {
+    let mut byte = 0u8;
+    // SAFETY: `byte` is valid for a write of one byte; `fd` is open.
+    let n = unsafe {
+        libc::recv(
+            fd,
+            (&raw mut byte).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    // 1: bytes wait; 0: the peer closed; an error other than "nothing yet"
+    // is also for the reader to see.
+    n >= 0 || io::Error::last_os_error().kind() != io::ErrorKind::WouldBlock
+}
+
 /// One `sendmsg(MSG_DONTWAIT | MSG_NOSIGNAL)` of `iovecs`.
 pub fn send_vectored(fd: RawFd, iovecs: &[libc::iovec]) -> io::Result<usize> {
     // SAFETY: `msghdr` is a plain C struct for which all-zero is a valid value.

@@ -6,3 +6,4 @@ pub(crate) mod fd;
 pub(crate) mod poller;
 pub mod proxy;
 pub mod transport;
+pub(crate) mod waiting;

@@ -155,10 +155,13 @@ impl Poller {
         }
     }
 
-    /// Removes `fd` from the epoll instance: its connection waits on
+    /// Removes `fd` from the epoll instance, so that a registration armed
+    /// earlier does not report it again: a connection that waits on
     /// glommio's stream from now on (acknowledgements owed, see
-    /// `connection::live`), so a registration armed earlier must not report
-    /// it again. A socket that was never registered is not an error.
+    /// `connection::live`), or an accepted socket that waited for its first
+    /// bytes and is handed to glommio (a descriptor duplicated later keeps
+    /// the open file, and with it a stale registration, alive). A socket
+    /// that was never registered is not an error.
     ///
     /// # Errors
     /// `epoll_ctl` failing for another reason (the socket is closed).

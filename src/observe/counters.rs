@@ -197,6 +197,9 @@ counter_table! {
         clients_parked: Gauge Sum,
             prometheus None, per_shard Some("shard_clients_parked"), sys None,
             help "Connections parked (idle, no task)";
+        connections_waiting: Gauge Sum,
+            prometheus Some("connections_waiting"), per_shard None, sys None,
+            help "Accepted sockets whose client has not written yet (no task)";
         sessions: Gauge Sum,
             prometheus Some("sessions"), per_shard None,
             sys Some("$SYS/broker/clients/total"),
@@ -249,6 +252,9 @@ counter_table! {
             prometheus Some("packets_received"), per_shard None,
             sys Some("$SYS/broker/messages/received"),
             help "MQTT packets received";
+        pingreq_parked: Counter Sum,
+            prometheus Some("pingreq_parked"), per_shard None, sys None,
+            help "PINGREQs of parked connections answered without waking them";
         publish_received: Counter Sum,
             prometheus None, per_shard Some("shard_messages_received"),
             sys Some("$SYS/broker/publish/messages/received"),

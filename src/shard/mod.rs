@@ -166,6 +166,9 @@ pub struct Shard {
     /// Connections whose packets wait for the session journal, released by
     /// `held_out::release_loop`.
     pub held_out: held_out::HeldOut,
+    /// Accepted sockets whose client has not written yet (no task until
+    /// then; `crate::net::waiting`).
+    pub waiting: crate::net::waiting::Waiting,
     /// The LSNs that what this shard routed since the last
     /// `Ctx::forward_publishes` appended up to, in the retained and the
     /// session journal: what the held acks wait for (0: nothing).
@@ -544,6 +547,7 @@ impl Shard {
             persist_hold: Vec::new(),
             persist_step: crate::store::flows::StepBatch::default(),
             held_out: held_out::HeldOut::default(),
+            waiting: crate::net::waiting::Waiting::default(),
             needed_lsns: [0; 2],
             store_failing: None,
             dirty: Vec::new(),
@@ -575,6 +579,8 @@ impl Shard {
     /// waiting for it ([`Shard::poll_shutdown`]).
     pub fn begin_shutdown(&mut self) {
         self.shutting_down = true;
+        // Sockets that never sent CONNECT just close.
+        self.waiting.clear();
         for waker in self.shutdown_waiters.drain(..) {
             waker.wake();
         }

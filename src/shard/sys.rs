@@ -92,6 +92,7 @@ impl Shard {
         let mut c = self.stats;
         c.clients_connected = totals.connected;
         c.clients_parked = totals.parked;
+        c.connections_waiting = self.waiting.len() as u64;
         c.queued_messages = totals.queued_messages;
         c.max_client_queue_bytes = totals.max_queue_bytes;
         c.pending_messages = totals.pending_messages;

@@ -223,3 +223,48 @@ fn parked_clients_are_closed_when_the_broker_stops() {
         client.expect_closed();
     }
 }
+
+/// A parked client's PINGREQs are answered from the shard's poller path
+/// (counted in `pingreq_parked`), without unparking it; they keep it
+/// alive past 1.5 × its keep-alive; once it falls silent, keep-alive still
+/// closes it.
+#[test]
+fn a_parked_clients_pings_are_answered_parked_and_keep_alive_still_closes_it() {
+    let broker = Broker::start();
+    let connect = ConnectBuilder::new(&format!("park-ping-{}", unique())).keep_alive(2);
+    let (mut client, connack) = Raw::connect_with(broker.port, &connect);
+    assert_eq!(connack, CONNACK_OK);
+    // Five pings 800 ms apart span 4 s, more than 1.5 × 2 s: only the
+    // pings keep the connection open.
+    for round in 1..=5u64 {
+        wait_parked(&broker, 1);
+        std::thread::sleep(Duration::from_millis(800));
+        client.ping();
+        wait_stats(&broker, |s| total(s, "pingreq_parked") >= round);
+    }
+    wait_parked(&broker, 1);
+    client.expect_closed_silently();
+    wait_stats(&broker, |s| total(s, "clients_connected") == 0);
+}
+
+/// Accepted sockets that have not written yet hold no task
+/// (`connections_waiting`); each is served once its CONNECT arrives, and
+/// a pipelined SUBSCRIBE behind it is answered too.
+#[test]
+fn accepted_sockets_wait_without_a_task_until_their_connect() {
+    let broker = Broker::start();
+    let mut sockets: Vec<Raw> = (0..30).map(|_| Raw::tcp(broker.port)).collect();
+    wait_stats(&broker, |s| total(s, "connections_waiting") == 30);
+    for (i, raw) in sockets.iter_mut().enumerate() {
+        let id = format!("park-wait-{i}-{}", unique());
+        raw.send(&ConnectBuilder::new(&id).bytes());
+        assert_eq!(raw.expect_packet().bytes(), CONNACK_OK);
+        assert_eq!(raw.subscribe(1, &[("park/waiting", 0)]), vec![0]);
+    }
+    wait_stats(&broker, |s| {
+        total(s, "connections_waiting") == 0 && total(s, "clients_connected") == 30
+    });
+    for raw in &mut sockets {
+        raw.ping();
+    }
+}

@@ -138,6 +138,9 @@ const UNSUBSCRIBE: u8 = 10;
 const UNSUBACK: u8 = 11;
 /// Control packet type PINGREQ, client to server.
 const PINGREQ: u8 = 12;
+/// A whole PINGREQ (§3.12): all an idle client's socket holds when it only
+/// keeps its connection alive (the same bytes in MQTT 5.0, §3.12).
+pub const PINGREQ_BYTES: [u8; 2] = [PINGREQ << 4, 0];
 /// Control packet type PINGRESP, server to client: never decoded.
 const PINGRESP: u8 = 13;
 /// Control packet type DISCONNECT, client to server.
