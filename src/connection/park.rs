@@ -92,15 +92,20 @@ pub fn resume(ctx: &Ctx, conn_id: u64, mut parked: Parked) {
     let Some(fd) = parked.fd.take() else {
         return;
     };
+    let mut rare = parked.rare.take();
+    let wire = match rare.as_mut().and_then(|r| r.framing.take()) {
+        Some(framing) => Wire::Framed(fd, framing),
+        None => Wire::Plain(fd),
+    };
     glommio::spawn_local(Live {
         ctx: ctx.clone(),
         conn: Some(Established {
-            wire: Wire::Plain(fd),
+            wire,
             rx: BytesMut::new(),
             key: parked.key,
             conn_id,
             version: parked.version,
-            rare: parked.rare.take(),
+            rare,
         }),
         slot: parked.slot.take(),
         unprocessed: false,
