@@ -191,7 +191,7 @@ enum Framed {
     /// MQTT over TLS.
     Tls(Box<TlsStream>),
     /// MQTT over WebSocket.
-    Ws(WebSocket<TcpStream>),
+    Ws(Box<WebSocket<TcpStream>>),
     /// MQTT over WebSocket over TLS.
     Wss(Box<WebSocket<TlsStream>>),
 }
@@ -215,11 +215,11 @@ impl FramedClient {
         let tls = || crate::tls::connect_tls(port, &pki.ca_pem, rustls::DEFAULT_VERSIONS).0;
         let conn = match transport {
             "tls" => Framed::Tls(Box::new(tls())),
-            "ws" => Framed::Ws(ws_over(
+            "ws" => Framed::Ws(Box::new(ws_over(
                 TcpStream::connect(("127.0.0.1", port)).unwrap(),
                 port,
                 "mqtt",
-            )),
+            ))),
             _ => Framed::Wss(Box::new(ws_upgrade(tls(), port, "mqtt"))),
         };
         let mut client = FramedClient {
@@ -376,9 +376,12 @@ fn parked_tls_and_websocket_clients_that_close_or_misbehave_are_closed() {
         .iter()
         .map(|(transport, how, keep_alive)| {
             let id = format!("park-{transport}-{how}-{}", unique());
-            let connect = ConnectBuilder::new(&id)
-                .keep_alive(*keep_alive)
-                .will(&will_topic, format!("{transport} {how}").as_bytes(), 0, false);
+            let connect = ConnectBuilder::new(&id).keep_alive(*keep_alive).will(
+                &will_topic,
+                format!("{transport} {how}").as_bytes(),
+                0,
+                false,
+            );
             FramedClient::connect(&broker, &pki, transport, &connect)
         })
         .collect();
