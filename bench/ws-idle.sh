@@ -10,6 +10,11 @@
 # Broker on CPU 0, clients on CPU 1. For each broker and round it prints
 # RSS before the clients, after all COUNT subscribed and HOLD_S seconds
 # idle, the peak (VmHWM), and the growth per connection.
+#
+# MESSAGES=M then publishes M QoS 0 messages of 64 B (mosquitto_pub over
+# plain TCP, one connection) to every subscriber, as fast as it goes, or
+# PACE=R per second, and prints the broker's CPU-seconds per delivery
+# (utime + stime from /proc, until the clients got all COUNT x M).
 set -euo pipefail
 transport=${1:?transport: ws, wss or mqtt}
 count=${2:?count}
@@ -71,6 +76,10 @@ listen {
   protocol $protocol
   $tls
 }
+listen {
+  port $((port + 1))
+  protocol mqtt
+}
 CONF
   taskset -c 0 "$FLASHMQ_BIN" --config-file "$work/flashmq.conf" > "$work/flashmq.log" 2>&1 &
   echo $!
@@ -85,7 +94,9 @@ measure() {
   before=$(kib "$pid" VmRSS)
   hwm_before=$(kib "$pid" VmHWM)
   mkfifo "$work/hold"
+  local messages=${MESSAGES:-0}
   taskset -c 1 node "$root/tests/node/ws_idle.mjs" "$url" "$count" "idle/$broker" \
+    $((count * messages)) \
     < "$work/hold" > "$work/node.out" 2>&1 &
   local node=$!
   pids+=("$node")
@@ -100,6 +111,7 @@ measure() {
   sleep "$hold"
   after=$(kib "$pid" VmRSS)
   hwm=$(kib "$pid" VmHWM)
+  if [ "$messages" -gt 0 ]; then fan_out "$broker" "$pid" "$messages"; fi
   exec 3>&-
   wait "$node" || true
   rm -f "$work/hold"
@@ -107,6 +119,29 @@ measure() {
   printf '%-8s %-5s %6d clients: RSS %7d -> %7d KiB, %6d B/conn; peak %7d KiB, %6d B/conn\n' \
     "$broker" "$transport" "$count" "$before" "$after" $(( (after - before) * 1024 / count )) \
     "$hwm" $(( (hwm - hwm_before) * 1024 / count ))
+}
+
+# Broker CPU ticks (utime + stime) so far.
+ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
+
+fan_out() {
+  local broker=$1 pid=$2 messages=$3 before spent payload waited=0
+  payload=$(head -c 64 /dev/zero | tr '\0' x)
+  before=$(ticks "$pid")
+  for ((i = 0; i < messages; i++)); do
+    echo "$payload"
+    if [ -n "${PACE:-}" ]; then sleep "$(awk -v r="$PACE" 'BEGIN { print 1 / r }')"; fi
+  done | taskset -c 1 mosquitto_pub -p $((port + 1)) -t "idle/$broker" -q 0 -l
+  until grep -q '^received' "$work/node.out"; do
+    if [ $waited -ge 1200 ]; then echo "$broker: not all messages arrived" >&2; exit 1; fi
+    sleep 0.1; waited=$((waited + 1))
+  done
+  spent=$(( $(ticks "$pid") - before ))
+  local hz
+  hz=$(getconf CLK_TCK)
+  printf '%-8s %-5s %6d clients x %d msgs%s: broker CPU %d ticks (1/%d s), %s deliveries per broker CPU-s\n' \
+    "$broker" "$transport" "$count" "$messages" "${PACE:+ at $PACE/s}" "$spent" "$hz" \
+    "$(awk -v d=$((count * messages)) -v t="$spent" -v hz="$hz" 'BEGIN { if (t == 0) print "inf"; else printf "%.0f", d * hz / t }')"
 }
 
 for ((round = 1; round <= rounds; round++)); do

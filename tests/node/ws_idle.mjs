@@ -2,12 +2,16 @@
 // (ws://, wss:// or mqtt://), at most 200 handshakes in flight, each
 // subscribing to TOPIC once connected; prints "ready COUNT" when every
 // SUBACK arrived, then holds the connections until stdin closes.
+// With EXPECT, counts the messages all clients receive and prints
+// "received EXPECT" once that many arrived (fan-out runs).
 // Exits 1 on any error or after 120 s without all of them ready.
-// Usage: node ws_idle.mjs URL COUNT TOPIC
+// Usage: node ws_idle.mjs URL COUNT TOPIC [EXPECT]
 import mqtt from 'mqtt';
 
-const [url, countArg, topic] = process.argv.slice(2);
+const [url, countArg, topic, expectArg] = process.argv.slice(2);
 const count = Number(countArg);
+const expect = Number(expectArg ?? 0);
+let received = 0;
 const inFlight = 200;
 const options = {
   protocolVersion: 4, clean: true, reconnectPeriod: 0, connectTimeout: 30000,
@@ -23,6 +27,10 @@ const next = () => {
   started += 1;
   const client = mqtt.connect(url, { ...options, clientId: `idle-${process.pid}-${started}` });
   clients.push(client);
+  client.on('message', () => {
+    received += 1;
+    if (received === expect) console.log(`received ${expect}`);
+  });
   client.on('error', (e) => fail(e.message));
   client.on('connect', () => {
     client.subscribe(topic, { qos: 0 }, (err) => {
