@@ -30,7 +30,8 @@ cleanup() {
 }
 trap cleanup EXIT
 ulimit -n 20000
-port=$((20000 + RANDOM % 20000))
+# Below the ephemeral range (32768+), where other tests' clients take ports.
+port=$((10000 + RANDOM % 20000))
 openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=127.0.0.1 \
   -addext subjectAltName=IP:127.0.0.1 -keyout "$work/key.pem" -out "$work/cert.pem" 2>/dev/null
 case $transport in
@@ -90,6 +91,9 @@ measure() {
   pid=$("start_$broker")
   pids+=("$pid")
   sleep 2
+  if ! kill -0 "$pid" 2>/dev/null; then
+    echo "$broker did not start:" >&2; cat "$work/$broker.log" >&2; exit 1
+  fi
   local before hwm_before after hwm
   before=$(kib "$pid" VmRSS)
   hwm_before=$(kib "$pid" VmHWM)
