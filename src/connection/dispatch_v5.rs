@@ -80,16 +80,7 @@ fn resolve_topic_alias(
         return Err(CloseReason::TopicAliasInvalid);
     }
     let index = usize::from(alias - 1);
-    let rare = rare.get_or_insert_with(|| {
-        Box::new(Rare {
-            will: None,
-            will_properties: None,
-            will_delay: 0,
-            username: None,
-            client_id: None,
-            topic_aliases: Vec::new(),
-        })
-    });
+    let rare = rare.get_or_insert_with(Box::default);
     let aliases = &mut rare.topic_aliases;
     if publish.topic.is_empty() {
         match aliases.get(index).filter(|topic| !topic.is_empty()) {

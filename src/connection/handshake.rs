@@ -3,7 +3,7 @@
 //! timeout, authentication, the client-id claim (take-over across shards,
 //! `crate::shard::registry`), CONNACK, and the will when a connection ends.
 
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::time::Instant;
 
 use bytes::BytesMut;
@@ -17,6 +17,7 @@ use super::connect::{
     refusing_connack_v5, response_information,
 };
 use super::{Established, Identity, Peer, Wire};
+use crate::net::fd;
 use crate::net::transport::{Acceptor, Stream, Transport};
 use crate::observe::log_limit::LogKind::{
     ConnectRefused, NotAuthorized, ProtocolError, PublishDenied,
@@ -335,9 +336,25 @@ pub(super) async fn handshake(
             will_delay,
             username: acl_username.clone(),
             topic_aliases: Vec::new(),
+            framing: None,
         }))
     } else {
         None
+    };
+    // A framed connection's own descriptor for its socket, taken now, while
+    // giving up costs nothing: glommio's stream goes once CONNECT is done.
+    let framed_socket = match &stream {
+        Stream::Tcp(_) => None,
+        Stream::Framed(_) => match fd::duplicate(stream.socket_fd()) {
+            Ok(fd) => Some(fd),
+            Err(e) => {
+                debug!(
+                    "{}: cannot take the socket ({e}), closing",
+                    Peer(stream.socket_fd())
+                );
+                return None;
+            }
+        },
     };
     let (claim, state) = match registry::claim(ctx, client_id.clone(), clean_start).await {
         Ok(granted) => granted,
@@ -349,12 +366,17 @@ pub(super) async fn handshake(
             return None;
         }
     };
-    let wire = match stream {
-        Stream::Tcp(tcp) => Wire::Fresh(tcp),
-        framed => Wire::Framed(framed),
+    let wire = match (stream.into_framed(), framed_socket) {
+        (Ok((_glommio_stream, framing, decoded)), Some(socket)) => {
+            // What came after CONNECT (a pipelined SUBSCRIBE) is read next.
+            rx.extend_from_slice(&decoded);
+            Wire::Framed(socket, framing)
+        }
+        (Ok(_), None) => return None,
+        (Err(tcp), _) => Wire::Fresh(tcp),
     };
     let link_fd = match &wire {
-        Wire::Framed(stream) => framed_fd(stream.socket_fd()),
+        Wire::Framed(socket, _) => framed_fd(socket.as_raw_fd()),
         plain => plain.socket_fd(),
     };
     let attached = Attach {

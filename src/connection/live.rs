@@ -6,20 +6,21 @@
 
 use std::future::Future;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::BytesMut;
-use futures_lite::{AsyncRead, AsyncWrite};
+use futures_lite::AsyncRead;
 use log::{debug, warn};
 
 use super::dispatch::process;
 use super::{Established, Event, Peer, Wire, teardown};
 use crate::net::admission::{ConnectionSlot, IpKey};
 use crate::net::fd;
+use crate::net::framing::{Framing, FramingError, Received};
 use crate::net::poller::{self, Interest};
-use crate::net::transport::{Stream, Transport};
+use crate::net::transport::Transport;
 use crate::session::link::{CloseReason, Parked, ParkedCount, Waiter};
 use crate::session::outqueue::{Flushed, OutQueue};
 use crate::shard::{Ctx, Shard};
@@ -192,7 +193,7 @@ fn read_on(shard: &mut Shard, conn: &mut Established, reading: &mut Reading) -> 
     let fd = match &conn.wire {
         Wire::Fresh(tcp) => tcp.as_raw_fd(),
         Wire::Plain(fd) => fd.as_raw_fd(),
-        Wire::Framed(_) => return false,
+        Wire::Framed(..) => return false,
     };
     let Shard {
         read_buf, stats, ..
@@ -247,8 +248,9 @@ impl Live {
     /// ends) or, while part of a packet waits in its receive buffer, waits in
     /// this task. Errs with why the connection must end instead.
     ///
-    /// A connection that owes acknowledgements (QoS 1/2 messages in flight
-    /// to it) and waits only to read neither parks nor waits through epoll:
+    /// A plain connection that owes acknowledgements (QoS 1/2 messages in
+    /// flight to it) and waits only to read neither parks nor waits through
+    /// epoll:
     /// every PUBACK would then cost a wake-up of the watcher thread and a
     /// new task. It waits on glommio's stream instead (given back to it if
     /// it had left it, see [`Poller::forget`](crate::net::poller::Poller::forget)),
@@ -266,7 +268,10 @@ impl Live {
         else {
             return Err(CloseReason::TakenOver);
         };
-        if interest.read && !interest.write && session.awaits_acks() {
+        // A framed (TLS, WebSocket) socket has no glommio stream to wait on:
+        // it waits through the poller, owed acknowledgements or not.
+        let framed = matches!(conn.wire, Wire::Framed(..));
+        if interest.read && !interest.write && !framed && session.awaits_acks() {
             drop(shard);
             return self.stay_on_stream();
         }
@@ -292,9 +297,10 @@ impl Live {
             link.fd = fd.as_raw_fd();
             conn.wire = Wire::Plain(fd);
         }
-        let Wire::Plain(fd) = &conn.wire else {
-            // Only plain connections wait this way (see `poll_event`).
-            return Err(CloseReason::Io);
+        let fd = match &conn.wire {
+            Wire::Plain(fd) | Wire::Framed(fd, _) => fd,
+            // A fresh wire was made plain above.
+            Wire::Fresh(_) => return Err(CloseReason::Io),
         };
         if let Err(e) =
             self.ctx
@@ -314,8 +320,14 @@ impl Live {
         let Some(conn) = self.conn.take() else {
             return Err(CloseReason::Io);
         };
-        let Wire::Plain(fd) = conn.wire else {
-            return Err(CloseReason::Io);
+        let mut rare = conn.rare;
+        let fd = match conn.wire {
+            Wire::Plain(fd) => fd,
+            Wire::Framed(fd, framing) => {
+                rare.get_or_insert_with(Box::default).framing = Some(framing);
+                fd
+            }
+            Wire::Fresh(_) => return Err(CloseReason::Io),
         };
         link.waiter = Waiter::Parked(Parked {
             fd: Some(fd),
@@ -324,7 +336,7 @@ impl Live {
             listener: self.listener,
             version: conn.version,
             slot: self.slot.take(),
-            rare: conn.rare,
+            rare,
             _counted: ParkedCount::new(),
         });
         Ok(Waited::Parked)
@@ -417,24 +429,42 @@ pub(super) fn poll_event(
         return Poll::Ready(Event::Closed(reason));
     }
     let fd = match wire {
-        Wire::Framed(stream) => {
+        Wire::Framed(socket, framing) => {
             if link.blocked && !held {
-                match write_framed(cx, stream, &mut session.out, read_buf) {
-                    Ok((n, done)) => {
+                match write_framed(socket, framing, &mut session.out, read_buf) {
+                    Ok(n) => {
                         stats.bytes_sent += n as u64;
-                        link.blocked = !done;
+                        link.blocked = !(session.out.is_empty() && framing.tx.is_empty());
                     }
                     Err(_) => return Poll::Ready(Event::Closed(CloseReason::Io)),
                 }
+            } else if !framing.tx.is_empty() && send_framed(socket, framing).is_err() {
+                return Poll::Ready(Event::Closed(CloseReason::Io));
             }
-            link.set_waker(cx.waker());
-            if session.out.bytes() > limits.max_queued_bytes {
-                // The client does not read what it is sent: stop reading it too.
-                return Poll::Pending;
+            // While its queue is stuck over the limit, the client does not
+            // read what it is sent: stop reading it too (back-pressure).
+            let read = !(link.blocked && session.out.bytes() > limits.max_queued_bytes);
+            let write = link.blocked || !framing.tx.is_empty();
+            if read && !reading.drained {
+                match fd::recv(socket.as_raw_fd(), read_buf) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Ok(0) => return Poll::Ready(Event::Closed(CloseReason::PeerClosed)),
+                    Err(_) => return Poll::Ready(Event::Closed(CloseReason::Io)),
+                    Ok(n) => {
+                        reading.drained = n < read_buf.len();
+                        stats.bytes_received += n as u64;
+                        return Poll::Ready(match framing.receive(&read_buf[..n], rx) {
+                            Ok(Received::Open) => Event::Data,
+                            Ok(Received::Closed) => Event::Closed(CloseReason::PeerClosed),
+                            Err(e) => {
+                                debug!("{}: {e}, closing", Peer(socket.as_raw_fd()));
+                                Event::Closed(CloseReason::ProtocolError)
+                            }
+                        });
+                    }
+                }
             }
-            return Pin::new(&mut *stream)
-                .poll_read(cx, read_buf)
-                .map(|r| read_event(r, read_buf, rx, &mut stats.bytes_received));
+            return Poll::Ready(Event::Wait(Interest { read, write }));
         }
         Wire::Fresh(tcp) => tcp.as_raw_fd(),
         Wire::Plain(fd) => fd.as_raw_fd(),
@@ -505,37 +535,48 @@ pub(super) fn read_event(
     }
 }
 
-/// Writes a framed (TLS, WebSocket) connection's queue through its stream,
-/// copied in pieces of up to `scratch.len()` bytes (the shard's read buffer,
-/// free while writing) so each piece becomes one TLS record run or one
-/// WebSocket message, then flushes the stream. Returns the bytes written and
-/// whether everything was written and flushed; otherwise the stream woke
-/// this task up when it can take more.
+/// Frames a TLS or WebSocket connection's queue, in pieces of up to
+/// `scratch.len()` bytes (the shard's read buffer, free while writing), each
+/// one WebSocket message or TLS record run, and sends what the socket takes
+/// ([`send_framed`]). Stops framing while more than a piece waits unsent,
+/// so a client that does not read keeps its backlog in the session's queue
+/// (counted, shed over the limit), not here. Returns the queue bytes framed.
 pub(super) fn write_framed(
-    cx: &mut Context<'_>,
-    stream: &mut Stream,
+    socket: &OwnedFd,
+    framing: &mut Framing,
     out: &mut OutQueue,
     scratch: &mut [u8],
-) -> io::Result<(usize, bool)> {
+) -> Result<usize, FramingError> {
     let mut written = 0;
     loop {
+        send_framed(socket, framing)?;
+        if !framing.tx.is_empty() {
+            return Ok(written);
+        }
         let len = out.copy_front(scratch);
         if len == 0 {
-            break;
+            return Ok(written);
         }
-        match Pin::new(&mut *stream).poll_write(cx, &scratch[..len]) {
-            Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
-            Poll::Ready(Ok(n)) => {
-                out.advance(n);
-                written += n;
-            }
-            Poll::Ready(Err(e)) => return Err(e),
-            Poll::Pending => return Ok((written, false)),
+        framing.send(&scratch[..len])?;
+        out.advance(len);
+        written += len;
+    }
+}
+
+/// Sends what a TLS or WebSocket connection's framing has queued, as much
+/// as the socket takes now.
+pub(super) fn send_framed(socket: &OwnedFd, framing: &mut Framing) -> Result<(), FramingError> {
+    while !framing.tx.is_empty() {
+        let iovec = libc::iovec {
+            iov_base: framing.tx.as_ptr() as *mut libc::c_void,
+            iov_len: framing.tx.len(),
+        };
+        match fd::send_vectored(socket.as_raw_fd(), &[iovec]) {
+            Ok(n) => framing.sent(n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
         }
     }
-    match Pin::new(&mut *stream).poll_flush(cx) {
-        Poll::Ready(Ok(())) => Ok((written, true)),
-        Poll::Ready(Err(e)) => Err(e),
-        Poll::Pending => Ok((written, false)),
-    }
+    Ok(())
 }

@@ -58,14 +58,14 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use futures_lite::AsyncWriteExt;
 use glommio::net::TcpStream;
 use log::debug;
 
 use crate::net::admission::{ConnectionSlot, IpKey};
 use crate::net::fd;
+use crate::net::framing::Framing;
 use crate::net::poller::Interest;
-use crate::net::transport::{Acceptor, Stream};
+use crate::net::transport::Acceptor;
 use crate::observe::log_limit::LogKind::PublishDenied;
 use crate::observe::log_limit::limited;
 use crate::protocol::Version;
@@ -119,8 +119,10 @@ enum Wire {
     /// through the shard's epoll instance, so that the connection can be
     /// parked.
     Plain(OwnedFd),
-    /// TLS or WebSocket: the transport's stream (never parked).
-    Framed(Stream),
+    /// TLS or WebSocket: the socket (taken from glommio's stream after
+    /// CONNECT, as for [`Wire::Plain`]) and its framing state, which the
+    /// connection keeps while parked.
+    Framed(OwnedFd, Box<Framing>),
 }
 
 impl Wire {
@@ -129,7 +131,7 @@ impl Wire {
         match self {
             Wire::Fresh(tcp) => tcp.as_raw_fd(),
             Wire::Plain(fd) => fd.as_raw_fd(),
-            Wire::Framed(stream) => stream.socket_fd(),
+            Wire::Framed(fd, _) => fd.as_raw_fd(),
         }
     }
 }
@@ -300,8 +302,24 @@ async fn teardown(ctx: &Ctx, conn: Established, reason: CloseReason) {
         "{}: connection closed: {reason:?}",
         Peer(conn.wire.socket_fd())
     );
+    if let Wire::Framed(fd, mut framing) = conn.wire {
+        // TLS / WebSocket: the DISCONNECT, then goodbye in the transport's
+        // terms (a close frame, close_notify), if the socket takes them at
+        // once; never wait for it.
+        if conn.version == Version::V5
+            && let Some(code) = reason.disconnect_reason()
+        {
+            let _ = framing.send(&disconnect_bytes(code));
+        }
+        framing.close();
+        if reason == CloseReason::Shed {
+            fd::reset_on_close(fd.as_raw_fd());
+        } else {
+            let _ = live::send_framed(&fd, &mut framing);
+        }
+        return;
+    }
     if conn.version == Version::V5
-        && !matches!(conn.wire, Wire::Framed(_))
         && let Some(code) = reason.disconnect_reason()
     {
         say_disconnect(conn.wire.socket_fd(), code);
@@ -312,17 +330,7 @@ async fn teardown(ctx: &Ctx, conn: Established, reason: CloseReason) {
         // client that does not read.
         fd::reset_on_close(conn.wire.socket_fd());
     }
-    // The link is gone from the session; only now may the socket close.
-    if let Wire::Framed(mut stream) = conn.wire {
-        if conn.version == Version::V5
-            && let Some(code) = reason.disconnect_reason()
-        {
-            say_disconnect_framed(&mut stream, code).await;
-        }
-        // TLS / WebSocket: say goodbye in the transport's terms (close_notify,
-        // a close frame) if the socket takes it at once; never wait for it.
-        let _ = futures_lite::future::poll_once(stream.close()).await;
-    }
+    // The link is gone from the session; the socket closes with `conn`.
 }
 
 /// Tells an MQTT 5.0 client why the broker closes its connection: a
@@ -335,13 +343,6 @@ fn say_disconnect(socket: RawFd, code: ReasonCode) {
         iov_len: bytes.len(),
     };
     let _ = fd::send_vectored(socket, &[iovec]);
-}
-
-/// As [`say_disconnect`], through a TLS or WebSocket stream.
-async fn say_disconnect_framed(stream: &mut Stream, code: ReasonCode) {
-    let bytes = disconnect_bytes(code);
-    let _ = futures_lite::future::poll_once(stream.write_all(&bytes)).await;
-    let _ = futures_lite::future::poll_once(stream.flush()).await;
 }
 
 /// A server DISCONNECT with `code` and no properties (§3.14).
@@ -378,7 +379,7 @@ struct Identity<'a>(&'a Wire);
 impl std::fmt::Display for Identity<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self.0 {
-            Wire::Framed(stream) => match stream.tls_identity() {
+            Wire::Framed(_, framing) => match framing.identity.as_deref() {
                 Some(cn) => write!(f, ", TLS identity {cn:?}"),
                 None => Ok(()),
             },

@@ -100,16 +100,24 @@ pub fn resume(ctx: &Ctx, conn_id: u64, mut parked: Parked, rx: BytesMut) {
     let Some(fd) = parked.fd.take() else {
         return;
     };
+    let mut rare = parked.rare.take();
+    let wire = match rare.as_mut().and_then(|r| r.framing.take()) {
+        // `rx` is empty here: `answer_ping` reads only plain sockets, whose
+        // bytes are MQTT bytes; a framed socket's bytes go through its
+        // framing, which the task reads itself.
+        Some(framing) => Wire::Framed(fd, framing),
+        None => Wire::Plain(fd),
+    };
     let unprocessed = !rx.is_empty();
     glommio::spawn_local(Live {
         ctx: ctx.clone(),
         conn: Some(Established {
-            wire: Wire::Plain(fd),
+            wire,
             rx,
             key: parked.key,
             conn_id,
             version: parked.version,
-            rare: parked.rare.take(),
+            rare,
         }),
         slot: parked.slot.take(),
         unprocessed,
@@ -159,7 +167,8 @@ pub fn socket_ready(ctx: &Ctx, token: u64) {
 }
 
 /// A parked connection's socket is readable. When all it holds is one
-/// PINGREQ (§3.12), what an idle subscriber sends every keep-alive, the
+/// PINGREQ (§3.12), what an idle subscriber sends every keep-alive, and it
+/// is plain TCP (a TLS or WebSocket one resumes: its bytes are framed), the
 /// shard answers it here: the keep-alive clock moves on, PINGRESP is
 /// queued and flushed like any write to a parked socket, and the socket is
 /// armed again; the connection stays parked (no task, no buffer). Anything
@@ -168,6 +177,11 @@ pub fn socket_ready(ctx: &Ctx, token: u64) {
 /// [`resume`].
 fn answer_ping(ctx: &Ctx, token: u64, parked: Parked) -> Option<(Parked, BytesMut)> {
     let key = parked.key;
+    // A TLS or WebSocket socket holds records or frames, not MQTT bytes:
+    // its task reads them through its framing.
+    if parked.rare.as_ref().is_some_and(|r| r.framing.is_some()) {
+        return Some((parked, BytesMut::new()));
+    }
     let Some(fd) = parked.fd.as_ref().map(AsRawFd::as_raw_fd) else {
         return Some((parked, BytesMut::new()));
     };

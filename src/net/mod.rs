@@ -3,6 +3,7 @@
 
 pub(crate) mod admission;
 pub(crate) mod fd;
+pub mod framing;
 pub(crate) mod poller;
 pub mod proxy;
 pub mod transport;

@@ -25,8 +25,15 @@
 //! WebSocket follows MQTT 3.1.1 §6: binary frames only (a text frame closes
 //! the connection), subprotocol `mqtt` (or `mqttv3.1`, MQTT 3.1's name),
 //! and the byte stream ignores frame boundaries: a packet may span frames
-//! and a frame may carry several packets. Frames and messages are bounded
-//! by `max_packet_size`.
+//! and a frame may carry several packets. Frames are bounded by
+//! `max_packet_size`. The upgrade request is parsed with httparse and
+//! answered with tungstenite's handshake functions.
+//!
+//! Once its handshake is done, a TLS or WebSocket connection's transport
+//! is plain state, [`Framing`] (`crate::net::framing`), beside glommio's
+//! `TcpStream` until CONNECT is answered; the connection layer then takes
+//! the socket and the state apart ([`Stream::into_framed`]) so that the
+//! connection can park like a plain one.
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -36,13 +43,12 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use arc_swap::ArcSwap;
-use async_tungstenite::WebSocketStream;
-use async_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
-use async_tungstenite::tungstenite::http::{HeaderValue, StatusCode, header};
-use async_tungstenite::tungstenite::protocol::WebSocketConfig;
-use async_tungstenite::tungstenite::{Bytes, Message};
-use futures_lite::{AsyncRead, AsyncWrite};
-use futures_sink::Sink;
+use async_tungstenite::tungstenite::handshake::server::{
+    ErrorResponse, Request, Response, create_response, write_response,
+};
+use async_tungstenite::tungstenite::http::{HeaderValue, StatusCode, Version, header};
+use bytes::BytesMut;
+use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use glommio::net::TcpStream;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -50,21 +56,25 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 
 use crate::config::Config;
+use crate::net::framing::{Framing, FramingError, Received};
 
 /// WebSocket subprotocols accepted, in order of preference: MQTT 3.1.1's
 /// `mqtt` (§6.0) and MQTT 3.1's `mqttv3.1`.
 pub const WS_SUBPROTOCOLS: [&str; 2] = ["mqtt", "mqttv3.1"];
 
-/// Read buffer of each WebSocket connection. tungstenite's default (128 KiB,
-/// allocated per connection) made an idle WebSocket client cost 134 kB;
-/// 4 KiB (tungstenite's own advice for many connections) brings it near a
-/// TLS client's. Larger messages still arrive, in several reads.
-pub const WS_READ_BUFFER_SIZE: usize = 4 * 1024;
+/// Largest WebSocket upgrade request accepted (its headers), read in
+/// pieces of [`WS_REQUEST_CHUNK`]: browsers send well under 2 KiB.
+pub const WS_MAX_REQUEST: usize = 8 * 1024;
 
-/// Bytes tungstenite gathers before writing to the socket: none, since
-/// the connection task already hands it the queue in pieces of up to 64 KiB
-/// (one message each).
-pub const WS_WRITE_BUFFER_SIZE: usize = 0;
+/// How much is read at a time while waiting for the whole upgrade request.
+const WS_REQUEST_CHUNK: usize = 1024;
+
+/// Headers parsed in an upgrade request (httparse needs a fixed array).
+const WS_MAX_HEADERS: usize = 64;
+
+/// Bytes read from the socket at a time while the handshake's CONNECT is
+/// read through a [`Stream`] (on the stack).
+const FRAMED_READ_CHUNK: usize = 4096;
 
 /// Errors setting up or accepting a transport.
 #[derive(Debug, thiserror::Error)]
@@ -94,9 +104,21 @@ pub enum TransportError {
     #[error("TLS handshake failed: {0}")]
     TlsHandshake(io::Error),
     /// The WebSocket upgrade failed (not a WebSocket request, no MQTT
-    /// subprotocol, I/O error).
+    /// subprotocol).
     #[error("WebSocket handshake failed: {0}")]
     WsHandshake(async_tungstenite::tungstenite::Error),
+    /// The WebSocket upgrade request is not HTTP, or too large.
+    #[error("WebSocket upgrade request: {0}")]
+    WsRequest(&'static str),
+    /// The WebSocket upgrade request could not be parsed.
+    #[error("WebSocket upgrade request: {0}")]
+    WsHttp(#[from] httparse::Error),
+    /// Reading the upgrade request or writing its answer failed.
+    #[error("WebSocket upgrade: {0}")]
+    WsIo(io::Error),
+    /// The bytes after the upgrade are not WebSocket frames.
+    #[error("after the WebSocket upgrade: {0}")]
+    Framing(#[from] FramingError),
     /// A TLS listener was started without certificates (a bug: the
     /// configuration check requires them).
     #[error("no TLS certificates configured")]
@@ -152,47 +174,37 @@ impl Transport {
 }
 
 /// A client connection, whatever carries it. Exactly as large as a
-/// `TcpStream` (a unit test checks it): the framed transports are one
-/// variant of two boxes, which fits beside the `TcpStream`'s non-null
-/// pointer (its niche), so plain TCP connections pay no memory for them.
+/// `TcpStream` (a unit test checks it): the framed transports are one boxed
+/// variant, which fits beside the `TcpStream`'s non-null pointer (its
+/// niche), so plain TCP connections pay no memory for them.
 pub enum Stream {
     /// Plain TCP: the shard writes to its socket directly.
     Tcp(TcpStream),
-    /// TLS or WebSocket.
-    Framed(Framed),
+    /// TLS or WebSocket, between its handshake and CONNACK.
+    Framed(Box<FramedStream>),
 }
 
-/// A connection whose transport frames the MQTT bytes (boxed: most
-/// connections are plain, and this state is large: about 1.3 kB for TLS,
-/// 0.4 kB more for WebSocket).
-pub enum Framed {
-    /// TLS over TCP.
-    Tls(Box<TlsConn>),
-    /// WebSocket over TCP or TLS.
-    Ws(Box<WsConn>),
-}
-
-/// A TLS connection and the identity its client certificate proved.
-pub struct TlsConn {
-    /// The TLS stream.
-    stream: futures_rustls::server::TlsStream<TcpStream>,
-    /// The verified client certificate's subject Common Name, if any.
-    identity: Option<Box<str>>,
-}
-
-/// A WebSocket connection read and written as a byte stream.
-pub struct WsConn {
-    /// The WebSocket over TCP or TLS.
-    ws: WebSocketStream<Stream>,
-    /// The unread rest of the last binary message received.
-    pending: Bytes,
+/// A TLS or WebSocket connection read and written through glommio's
+/// stream (the transport's and MQTT's handshakes).
+pub struct FramedStream {
+    /// The TCP connection.
+    tcp: TcpStream,
+    /// The TLS / WebSocket state.
+    framing: Framing,
+    /// MQTT bytes unframed and not read yet.
+    decoded: BytesMut,
+    /// The peer closed the stream (TLS close_notify, WebSocket close).
+    closed: bool,
 }
 
 impl Stream {
     /// The TCP socket underneath, whatever the transport (for lookups such
     /// as the peer address; only plain TCP may be written to directly).
     pub fn socket_fd(&self) -> RawFd {
-        self.tcp().as_raw_fd()
+        match self {
+            Stream::Tcp(tcp) => tcp.as_raw_fd(),
+            Stream::Framed(framed) => framed.tcp.as_raw_fd(),
+        }
     }
 
     /// The Common Name of the client certificate verified during the TLS
@@ -200,21 +212,28 @@ impl Stream {
     pub fn tls_identity(&self) -> Option<&str> {
         match self {
             Stream::Tcp(_) => None,
-            Stream::Framed(framed) => match framed {
-                Framed::Tls(tls) => tls.identity.as_deref(),
-                Framed::Ws(ws) => ws.ws.get_ref().tls_identity(),
-            },
+            Stream::Framed(framed) => framed.framing.identity.as_deref(),
         }
     }
 
-    /// The TCP connection underneath.
-    fn tcp(&self) -> &TcpStream {
+    /// A framed stream taken apart: glommio's TCP stream, the framing state
+    /// (with what it has to send) and the MQTT bytes unframed but not read
+    /// yet.
+    ///
+    /// # Errors
+    /// The TCP stream when the connection is plain TCP.
+    pub fn into_framed(self) -> Result<(TcpStream, Box<Framing>, BytesMut), TcpStream> {
         match self {
-            Stream::Tcp(tcp) => tcp,
-            Stream::Framed(framed) => match framed {
-                Framed::Tls(tls) => tls.stream.get_ref().0,
-                Framed::Ws(ws) => ws.ws.get_ref().tcp(),
-            },
+            Stream::Tcp(tcp) => Err(tcp),
+            Stream::Framed(framed) => {
+                let FramedStream {
+                    tcp,
+                    framing,
+                    decoded,
+                    ..
+                } = *framed;
+                Ok((tcp, Box::new(framing), decoded))
+            }
         }
     }
 }
@@ -257,56 +276,138 @@ impl Acceptor {
     /// # Errors
     /// A failed TLS handshake or WebSocket upgrade.
     pub async fn accept(&self, tcp: TcpStream) -> Result<Stream, TransportError> {
-        match self.transport {
-            Transport::Mqtt => Ok(Stream::Tcp(tcp)),
-            Transport::Tls => self.accept_tls(tcp).await,
-            Transport::Ws => self.accept_ws(Stream::Tcp(tcp)).await,
-            Transport::Wss => {
-                let tls = self.accept_tls(tcp).await?;
-                self.accept_ws(tls).await
+        let (tcp, tls, identity, early) = match self.transport {
+            Transport::Mqtt => return Ok(Stream::Tcp(tcp)),
+            Transport::Ws => {
+                let mut tcp = tcp;
+                let early = upgrade(&mut tcp).await?;
+                (tcp, None, None, early)
             }
+            Transport::Tls | Transport::Wss => {
+                let mut stream = self.accept_tls(tcp).await?;
+                let identity = stream
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|chain| chain.first())
+                    .and_then(|cert| common_name(cert));
+                let early = match self.transport {
+                    Transport::Wss => upgrade(&mut stream).await?,
+                    _ => Vec::new(),
+                };
+                let (tcp, tls) = stream.into_inner();
+                (tcp, Some(tls), identity, early)
+            }
+        };
+        let ws = matches!(self.transport, Transport::Ws | Transport::Wss);
+        let mut framing = Framing::new(tls, ws.then_some(self.max_message_size), identity);
+        let mut decoded = BytesMut::new();
+        // The client's first frames, sent before it saw the upgrade's
+        // answer, then the plaintext rustls still holds from the handshake.
+        let mut closed = framing.receive_plaintext(&early, &mut decoded)? == Received::Closed;
+        if !closed {
+            closed = framing.receive(&[], &mut decoded)? == Received::Closed;
         }
+        Ok(Stream::Framed(Box::new(FramedStream {
+            tcp,
+            framing,
+            decoded,
+            closed,
+        })))
     }
 
     /// The TLS handshake, with the configuration current at this moment.
-    async fn accept_tls(&self, tcp: TcpStream) -> Result<Stream, TransportError> {
+    async fn accept_tls(
+        &self,
+        tcp: TcpStream,
+    ) -> Result<futures_rustls::server::TlsStream<TcpStream>, TransportError> {
         let certs = self.tls.as_ref().ok_or(TransportError::NoCertificates)?;
         let acceptor = futures_rustls::TlsAcceptor::from(certs.current());
-        let stream = acceptor
+        acceptor
             .accept(tcp)
             .await
-            .map_err(TransportError::TlsHandshake)?;
-        let identity = stream
-            .get_ref()
-            .1
-            .peer_certificates()
-            .and_then(|chain| chain.first())
-            .and_then(|cert| common_name(cert));
-        Ok(Stream::Framed(Framed::Tls(Box::new(TlsConn {
-            stream,
-            identity,
-        }))))
+            .map_err(TransportError::TlsHandshake)
     }
+}
 
-    /// The WebSocket upgrade: requires an MQTT subprotocol.
-    async fn accept_ws(&self, stream: Stream) -> Result<Stream, TransportError> {
-        let config = WebSocketConfig::default()
-            .read_buffer_size(WS_READ_BUFFER_SIZE)
-            .write_buffer_size(WS_WRITE_BUFFER_SIZE)
-            .max_message_size(Some(self.max_message_size))
-            .max_frame_size(Some(self.max_message_size));
-        let ws = async_tungstenite::accept_hdr_async_with_config(
-            stream,
-            choose_subprotocol,
-            Some(config),
-        )
+/// The WebSocket upgrade (RFC 6455 §4.2) on `stream`: reads the request,
+/// checks it (tungstenite's `create_response`) and its MQTT subprotocol,
+/// answers 101 or an error. Returns the bytes the client sent after the
+/// request (its first frames, if it did not wait for the answer).
+async fn upgrade<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+) -> Result<Vec<u8>, TransportError> {
+    let mut request = Vec::new();
+    let end = loop {
+        if let Some(end) = request.windows(4).position(|w| w == b"\r\n\r\n") {
+            break end + 4;
+        }
+        if request.len() >= WS_MAX_REQUEST {
+            return Err(TransportError::WsRequest("over 8 KiB"));
+        }
+        let len = request.len();
+        request.resize(len + WS_REQUEST_CHUNK, 0);
+        let n = stream
+            .read(&mut request[len..])
+            .await
+            .map_err(TransportError::WsIo)?;
+        request.truncate(len + n);
+        if n == 0 {
+            return Err(TransportError::WsRequest("closed before its end"));
+        }
+    };
+    let parsed = parse_request(&request[..end])?;
+    let answer = create_response(&parsed)
+        .map_err(TransportError::WsHandshake)
+        .and_then(|response| {
+            choose_subprotocol(&parsed, response)
+                .map_err(|_| TransportError::WsRequest("no MQTT subprotocol offered"))
+        });
+    let mut bytes = Vec::new();
+    let result = match answer {
+        Ok(response) => write_response(&mut bytes, &response)
+            .map_err(TransportError::WsHandshake)
+            .map(|()| request.split_off(end)),
+        Err(e) => {
+            let refusal = Response::builder()
+                .status(StatusCode::BAD_REQUEST)
+                .header(header::CONNECTION, "close")
+                .body(())
+                .map_err(|e| TransportError::WsHandshake(e.into()))?;
+            write_response(&mut bytes, &refusal).map_err(TransportError::WsHandshake)?;
+            Err(e)
+        }
+    };
+    stream
+        .write_all(&bytes)
         .await
-        .map_err(TransportError::WsHandshake)?;
-        Ok(Stream::Framed(Framed::Ws(Box::new(WsConn {
-            ws,
-            pending: Bytes::new(),
-        }))))
+        .map_err(TransportError::WsIo)?;
+    stream.flush().await.map_err(TransportError::WsIo)?;
+    result
+}
+
+/// An HTTP request head (with its final empty line) as tungstenite's
+/// [`Request`].
+fn parse_request(head: &[u8]) -> Result<Request, TransportError> {
+    let mut headers = [httparse::EMPTY_HEADER; WS_MAX_HEADERS];
+    let mut parsed = httparse::Request::new(&mut headers);
+    if parsed.parse(head)?.is_partial() {
+        return Err(TransportError::WsRequest("incomplete"));
     }
+    let version = match parsed.version {
+        Some(1) => Version::HTTP_11,
+        _ => return Err(TransportError::WsRequest("not HTTP/1.1")),
+    };
+    let mut builder = Request::builder()
+        .method(parsed.method.unwrap_or_default())
+        .uri(parsed.path.unwrap_or_default())
+        .version(version);
+    for h in parsed.headers.iter() {
+        builder = builder.header(h.name, h.value);
+    }
+    builder
+        .body(())
+        .map_err(|_| TransportError::WsRequest("invalid method, path or header"))
 }
 
 /// The WebSocket upgrade's check: answers with the first MQTT subprotocol
@@ -475,10 +576,7 @@ impl AsyncRead for Stream {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Stream::Tcp(tcp) => Pin::new(tcp).poll_read(cx, buf),
-            Stream::Framed(framed) => match framed {
-                Framed::Tls(tls) => Pin::new(&mut tls.stream).poll_read(cx, buf),
-                Framed::Ws(ws) => ws.poll_read(cx, buf),
-            },
+            Stream::Framed(framed) => framed.poll_read(cx, buf),
         }
     }
 }
@@ -491,73 +589,66 @@ impl AsyncWrite for Stream {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Stream::Tcp(tcp) => Pin::new(tcp).poll_write(cx, buf),
-            Stream::Framed(framed) => match framed {
-                Framed::Tls(tls) => Pin::new(&mut tls.stream).poll_write(cx, buf),
-                Framed::Ws(ws) => ws.poll_write(cx, buf),
-            },
+            Stream::Framed(framed) => {
+                framed.framing.send(buf).map_err(io::Error::other)?;
+                // Framed into `tx`: sent by the flush (or after CONNACK, by
+                // the connection task).
+                Poll::Ready(Ok(buf.len()))
+            }
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Tcp(tcp) => Pin::new(tcp).poll_flush(cx),
-            Stream::Framed(framed) => match framed {
-                Framed::Tls(tls) => Pin::new(&mut tls.stream).poll_flush(cx),
-                Framed::Ws(ws) => Pin::new(&mut ws.ws).poll_flush(cx).map_err(ws_error),
-            },
+            Stream::Framed(framed) => framed.poll_send(cx),
         }
     }
 
     fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Tcp(tcp) => Pin::new(tcp).poll_close(cx),
-            Stream::Framed(framed) => match framed {
-                Framed::Tls(tls) => Pin::new(&mut tls.stream).poll_close(cx),
-                Framed::Ws(ws) => Pin::new(&mut ws.ws).poll_close(cx).map_err(ws_error),
-            },
+            Stream::Framed(framed) => {
+                framed.framing.close();
+                ready!(framed.poll_send(cx))?;
+                Pin::new(&mut framed.tcp).poll_close(cx)
+            }
         }
     }
 }
 
-impl WsConn {
-    /// Reads MQTT bytes: the rest of the last binary message, else the
-    /// next one. Pings are answered by tungstenite; a close ends the stream;
-    /// a text message is an error (§6.0: binary frames only).
+impl FramedStream {
+    /// Reads MQTT bytes: those already unframed, else the socket's next.
     fn poll_read(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
-        while self.pending.is_empty() {
-            match ready!(futures_lite::Stream::poll_next(Pin::new(&mut self.ws), cx)) {
-                None | Some(Ok(Message::Close(_))) => return Poll::Ready(Ok(0)),
-                Some(Ok(Message::Binary(data))) => self.pending = data,
-                Some(Ok(Message::Text(_))) => {
-                    return Poll::Ready(Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        "text frame: MQTT over WebSocket is binary only",
-                    )));
-                }
-                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
-                Some(Err(e)) => return Poll::Ready(Err(ws_error(e))),
+        while self.decoded.is_empty() && !self.closed {
+            // Answers (pongs, TLS records) go out before the next read.
+            ready!(self.poll_send(cx))?;
+            let mut wire = [0u8; FRAMED_READ_CHUNK];
+            let n = ready!(Pin::new(&mut self.tcp).poll_read(cx, &mut wire))?;
+            if n == 0 {
+                return Poll::Ready(Ok(0));
             }
+            let received = self
+                .framing
+                .receive(&wire[..n], &mut self.decoded)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+            self.closed = received == Received::Closed;
         }
-        let n = buf.len().min(self.pending.len());
-        buf[..n].copy_from_slice(&self.pending.split_to(n));
+        let n = buf.len().min(self.decoded.len());
+        buf[..n].copy_from_slice(&self.decoded.split_to(n));
         Poll::Ready(Ok(n))
     }
 
-    /// Sends `buf` as one binary message.
-    fn poll_write(&mut self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        ready!(Pin::new(&mut self.ws).poll_ready(cx)).map_err(ws_error)?;
-        Pin::new(&mut self.ws)
-            .start_send(Message::binary(Bytes::copy_from_slice(buf)))
-            .map_err(ws_error)?;
-        Poll::Ready(Ok(buf.len()))
-    }
-}
-
-/// A WebSocket error as an I/O error.
-fn ws_error(e: async_tungstenite::tungstenite::Error) -> io::Error {
-    match e {
-        async_tungstenite::tungstenite::Error::Io(e) => e,
-        e => io::Error::other(e),
+    /// Sends what the framing has queued.
+    fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while !self.framing.tx.is_empty() {
+            let n = ready!(Pin::new(&mut self.tcp).poll_write(cx, &self.framing.tx))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.framing.sent(n);
+        }
+        Pin::new(&mut self.tcp).poll_flush(cx)
     }
 }
 

@@ -16,6 +16,7 @@ use std::task::Waker;
 use bytestring::ByteString;
 
 use crate::net::admission::{ConnectionSlot, IpKey};
+use crate::net::framing::Framing;
 use crate::net::transport::Transport;
 use crate::protocol::Version;
 use crate::protocol::v3::LastWill;
@@ -316,7 +317,7 @@ pub fn test_link() -> Link {
 
 /// The rarely needed part of a connection (its will and ACL identity),
 /// kept by its task while it runs and in [`Parked`] while it is parked.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Rare {
     /// The will message (§3.1.2.5), if any.
     pub will: Option<LastWill>,
@@ -338,6 +339,12 @@ pub struct Rare {
     /// is an alias not set. At most `max_topic_alias` entries; empty (no
     /// allocation) until the client uses one.
     pub topic_aliases: Vec<ByteString>,
+    /// A parked TLS or WebSocket connection's framing state
+    /// (`crate::net::framing`): here, not in [`Parked`], so that the many
+    /// plain connections pay nothing for it (a parked framed connection
+    /// always has a `Rare`). None while the connection runs (its task holds
+    /// the framing) and for plain TCP.
+    pub framing: Option<Box<Framing>>,
 }
 
 impl Rare {
@@ -367,7 +374,8 @@ pub struct Parked {
     pub version: Version,
     /// Its place under `max_connections`.
     pub slot: Option<ConnectionSlot>,
-    /// Its will and ACL identity, if any.
+    /// Its will and ACL identity, if any, and a TLS or WebSocket
+    /// connection's framing state ([`Rare::framing`]).
     pub rare: Option<Box<Rare>>,
     /// Counts it in [`parked_connections`] while it is parked.
     pub _counted: ParkedCount,

@@ -579,6 +579,30 @@ pub const CONNACK_SESSION: [u8; 4] = [0x20, 2, 1, 0];
 // ---------------------------------------------------------------------------
 // Raw client.
 
+/// A whole MQTT packet out of the front of `buf`, if there is one.
+pub fn take_packet(buf: &mut Vec<u8>) -> Option<RawPacket> {
+    let mut len = 0usize;
+    let mut shift = 0;
+    let mut at = 1;
+    loop {
+        let byte = *buf.get(at)?;
+        len |= ((byte & 0x7f) as usize) << shift;
+        shift += 7;
+        at += 1;
+        if byte & 0x80 == 0 {
+            break;
+        }
+        assert!(at <= 5, "broker sent a bad remaining length");
+    }
+    if buf.len() < at + len {
+        return None;
+    }
+    let first = buf[0];
+    let body = buf[at..at + len].to_vec();
+    buf.drain(..at + len);
+    Some(RawPacket { first, body })
+}
+
 /// One packet as read from the wire.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RawPacket {
@@ -701,26 +725,7 @@ impl Raw {
 
     /// A whole packet out of the buffer, if there is one.
     fn take_packet(&mut self) -> Option<RawPacket> {
-        let mut len = 0usize;
-        let mut shift = 0;
-        let mut at = 1;
-        loop {
-            let byte = *self.buf.get(at)?;
-            len |= ((byte & 0x7f) as usize) << shift;
-            shift += 7;
-            at += 1;
-            if byte & 0x80 == 0 {
-                break;
-            }
-            assert!(at <= 5, "broker sent a bad remaining length");
-        }
-        if self.buf.len() < at + len {
-            return None;
-        }
-        let first = self.buf[0];
-        let body = self.buf[at..at + len].to_vec();
-        self.buf.drain(..at + len);
-        Some(RawPacket { first, body })
+        take_packet(&mut self.buf)
     }
 
     /// The next packet, or Ok(None) on timeout; Err when the socket closed.

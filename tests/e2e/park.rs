@@ -5,14 +5,20 @@
 //! SUBSCRIBE and UNSUBSCRIBE are answered, keep-alive, take-over, a vanishing
 //! client's will and shutdown all still work.
 
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::time::Duration;
 
+use async_tungstenite::tungstenite::{Message, WebSocket};
 use rumqttc::QoS;
 
 use crate::admin::{total, wait_stats};
 use crate::common::{
-    Broker, CONNACK_OK, ConnectBuilder, Mqtt, Raw, ack, publish, subscribe, unique, unsubscribe,
+    Broker, CONNACK_OK, ConnectBuilder, Mqtt, PINGREQ, PINGRESP, Raw, RawPacket, ack, publish,
+    subscribe, take_packet, unique, unsubscribe,
 };
+use crate::tls::Pki;
+use crate::websocket::{ws_over, ws_upgrade};
 
 /// Waits until at least `count` connections are parked.
 fn wait_parked(broker: &Broker, count: u64) {
@@ -267,4 +273,293 @@ fn accepted_sockets_wait_without_a_task_until_their_connect() {
     for raw in &mut sockets {
         raw.ping();
     }
+}
+
+// TLS and WebSocket connections park too (`src/net/framing.rs`).
+
+/// A raw MQTT client over one of the framed transports.
+enum Framed {
+    /// MQTT over TLS.
+    Tls(Box<TlsStream>),
+    /// MQTT over WebSocket.
+    Ws(Box<WebSocket<TcpStream>>),
+    /// MQTT over WebSocket over TLS.
+    Wss(Box<WebSocket<TlsStream>>),
+}
+
+/// A bare rustls client stream.
+type TlsStream = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
+
+/// A framed client and the bytes it received but has not decoded yet.
+struct FramedClient {
+    /// The connection.
+    conn: Framed,
+    /// Received bytes not yet taken as packets.
+    buf: Vec<u8>,
+}
+
+impl FramedClient {
+    /// Connects over `transport` ("tls", "ws", "wss") and sends `connect`;
+    /// expects CONNACK 0.
+    fn connect(broker: &Broker, pki: &Pki, transport: &str, connect: &ConnectBuilder) -> Self {
+        let port = broker.port_of(transport);
+        let tls = || crate::tls::connect_tls(port, &pki.ca_pem, rustls::DEFAULT_VERSIONS).0;
+        let conn = match transport {
+            "tls" => Framed::Tls(Box::new(tls())),
+            "ws" => Framed::Ws(Box::new(ws_over(
+                TcpStream::connect(("127.0.0.1", port)).unwrap(),
+                port,
+                "mqtt",
+            ))),
+            _ => Framed::Wss(Box::new(ws_upgrade(tls(), port, "mqtt"))),
+        };
+        let mut client = FramedClient {
+            conn,
+            buf: Vec::new(),
+        };
+        client.send(&connect.bytes());
+        assert_eq!(client.expect_packet().bytes(), CONNACK_OK);
+        client
+    }
+
+    /// Sends MQTT bytes (one WebSocket message).
+    fn send(&mut self, bytes: &[u8]) {
+        match &mut self.conn {
+            Framed::Tls(tls) => {
+                tls.write_all(bytes).unwrap();
+                tls.flush().unwrap();
+            }
+            Framed::Ws(ws) => ws.send(Message::binary(bytes.to_vec())).unwrap(),
+            Framed::Wss(ws) => ws.send(Message::binary(bytes.to_vec())).unwrap(),
+        }
+    }
+
+    /// The TCP socket underneath (to write bytes the transport would not).
+    fn socket(&mut self) -> &mut TcpStream {
+        match &mut self.conn {
+            Framed::Tls(tls) => &mut tls.sock,
+            Framed::Ws(ws) => ws.get_mut(),
+            Framed::Wss(ws) => &mut ws.get_mut().sock,
+        }
+    }
+
+    /// The next packet; None once the broker closed the connection (or
+    /// nothing came within the socket's read timeout).
+    fn read_packet(&mut self) -> Option<RawPacket> {
+        loop {
+            if let Some(p) = take_packet(&mut self.buf) {
+                return Some(p);
+            }
+            match &mut self.conn {
+                Framed::Tls(tls) => {
+                    let mut chunk = [0u8; 4096];
+                    match tls.read(&mut chunk) {
+                        Ok(n) if n > 0 => self.buf.extend_from_slice(&chunk[..n]),
+                        _ => return None,
+                    }
+                }
+                Framed::Ws(ws) => match ws.read() {
+                    Ok(Message::Binary(data)) => self.buf.extend_from_slice(&data),
+                    Ok(Message::Ping(_) | Message::Pong(_)) => {}
+                    _ => return None,
+                },
+                Framed::Wss(ws) => match ws.read() {
+                    Ok(Message::Binary(data)) => self.buf.extend_from_slice(&data),
+                    Ok(Message::Ping(_) | Message::Pong(_)) => {}
+                    _ => return None,
+                },
+            }
+        }
+    }
+
+    /// The next packet, which must come.
+    fn expect_packet(&mut self) -> RawPacket {
+        self.read_packet().expect("a packet, not a close")
+    }
+
+    /// Subscribes to `topic` at `qos`; expects its SUBACK.
+    fn subscribe(&mut self, topic: &str, qos: u8) {
+        self.send(&subscribe(1, &[(topic.as_bytes(), qos)]));
+        let suback = self.expect_packet();
+        assert_eq!(suback.kind(), 9, "expected SUBACK, got {suback:?}");
+        assert_eq!(suback.body, vec![0, 1, qos]);
+    }
+
+    /// True once the broker closed the connection.
+    fn closed(&mut self) -> bool {
+        self.read_packet().is_none()
+    }
+}
+
+/// A broker with TLS, WS and WSS listeners.
+fn framed_broker(pki: &Pki) -> Broker {
+    let config = format!(
+        "{}\nws_listen = [\"127.0.0.1:0\"]\nwss_listen = [\"127.0.0.1:0\"]\n",
+        pki.config("")
+    );
+    Broker::builder().config(&config).start()
+}
+
+/// Parked mqtts://, ws:// and wss:// subscribers get messages (QoS 0 and
+/// 1), their PINGREQs answered, after idling parked, and park again.
+#[test]
+fn parked_tls_and_websocket_subscribers_get_messages_and_ping_answers() {
+    let pki = Pki::new();
+    let broker = framed_broker(&pki);
+    let topic = format!("park/framed/{}", unique());
+    let mut clients: Vec<FramedClient> = ["tls", "ws", "wss"]
+        .iter()
+        .map(|transport| {
+            let id = format!("park-{transport}-{}", unique());
+            let mut c = FramedClient::connect(&broker, &pki, transport, &ConnectBuilder::new(&id));
+            c.subscribe(&topic, 1);
+            c
+        })
+        .collect();
+    wait_parked(&broker, 3);
+    // A while parked, then a message of each QoS.
+    std::thread::sleep(Duration::from_secs(2));
+    let mut publisher = Mqtt::connect(broker.port, &format!("park-pub-{}", unique()));
+    publisher.publish(&topic, QoS::AtMostOnce, false, b"zero");
+    publisher.publish_acked(&topic, false, b"one");
+    for client in &mut clients {
+        let p = client.expect_packet().publish();
+        assert_eq!(p.payload, b"zero");
+        let p = client.expect_packet().publish();
+        assert_eq!((p.payload.as_slice(), p.qos), (&b"one"[..], 1));
+        client.send(&ack(0x40, p.packet_id));
+    }
+    wait_parked(&broker, 3);
+    for client in &mut clients {
+        client.send(&PINGREQ);
+        assert_eq!(client.expect_packet().bytes(), PINGRESP);
+    }
+    wait_parked(&broker, 3);
+    publisher.publish_acked(&topic, false, b"again");
+    for client in &mut clients {
+        let p = client.expect_packet().publish();
+        assert_eq!(p.payload, b"again");
+        client.send(&ack(0x40, p.packet_id));
+    }
+}
+
+/// A parked TLS or WebSocket client that says goodbye in its transport's
+/// terms (close_notify, a close frame), sends bytes that are not its
+/// transport's (garbage under TLS, a text or unmasked frame), or goes
+/// silent past its keep-alive is closed, its will published; the broker
+/// and the other clients go on.
+#[test]
+fn parked_tls_and_websocket_clients_that_close_or_misbehave_are_closed() {
+    let pki = Pki::new();
+    let mut broker = framed_broker(&pki);
+    let will_topic = format!("park/framed-will/{}", unique());
+    let mut watcher = watching(&broker, &will_topic, 0);
+    let cases: [(&str, &str, u16); 7] = [
+        ("tls", "close_notify", 60),
+        ("tls", "garbage", 60),
+        ("tls", "silent", 1),
+        ("ws", "text", 60),
+        ("ws", "unmasked", 60),
+        ("wss", "close", 60),
+        ("wss", "silent", 1),
+    ];
+    let mut clients: Vec<FramedClient> = cases
+        .iter()
+        .map(|(transport, how, keep_alive)| {
+            let id = format!("park-{transport}-{how}-{}", unique());
+            let connect = ConnectBuilder::new(&id).keep_alive(*keep_alive).will(
+                &will_topic,
+                format!("{transport} {how}").as_bytes(),
+                0,
+                false,
+            );
+            FramedClient::connect(&broker, &pki, transport, &connect)
+        })
+        .collect();
+    wait_parked(&broker, cases.len() as u64);
+    for ((_, how, _), client) in cases.iter().zip(&mut clients) {
+        match (&mut client.conn, *how) {
+            (Framed::Tls(tls), "close_notify") => {
+                tls.conn.send_close_notify();
+                tls.flush().unwrap();
+            }
+            (Framed::Ws(ws), "text") => ws.send(Message::text("not binary")).unwrap(),
+            (Framed::Wss(ws), "close") => ws.close(None).unwrap(),
+            // A whole application-data record that does not decrypt.
+            (_, "garbage") => client
+                .socket()
+                .write_all(&[0x17, 3, 3, 0, 5, 1, 2, 3, 4, 5])
+                .unwrap(),
+            // A binary frame without the mask a client must set.
+            (_, "unmasked") => client.socket().write_all(&[0x82, 2, 0xc0, 0]).unwrap(),
+            _ => {}
+        }
+    }
+    let mut wills: Vec<String> = (0..cases.len())
+        .map(|_| String::from_utf8(watcher.expect_publish().payload).unwrap())
+        .collect();
+    wills.sort();
+    let mut expected: Vec<String> = cases.iter().map(|(t, h, _)| format!("{t} {h}")).collect();
+    expected.sort();
+    assert_eq!(wills, expected);
+    for client in &mut clients {
+        assert!(client.closed(), "the broker kept a misbehaving client");
+    }
+    // The others lose nothing.
+    let mut publisher = Mqtt::connect(broker.port, &format!("park-pub-{}", unique()));
+    publisher.publish_acked(&will_topic, false, b"still here");
+    assert_eq!(watcher.expect_publish().payload, b"still here");
+    broker.assert_healthy();
+}
+
+/// TLS and WebSocket subscribers that owe PUBACKs wait through the poller
+/// (they have no glommio stream to wait on) and park: the shard goes on
+/// serving everyone else while they do not acknowledge, and their late
+/// PUBACKs are taken.
+#[test]
+fn framed_subscribers_owing_acknowledgements_park_and_the_shard_goes_on() {
+    let pki = Pki::new();
+    let config = format!(
+        "{}\nws_listen = [\"127.0.0.1:0\"]\nwss_listen = [\"127.0.0.1:0\"]\n",
+        pki.config("")
+    );
+    let mut broker = Broker::builder().shards(1).config(&config).start();
+    let topic = format!("park/framed-owed/{}", unique());
+    let mut clients: Vec<FramedClient> = ["tls", "ws", "wss"]
+        .iter()
+        .map(|transport| {
+            let id = format!("park-owed-{transport}-{}", unique());
+            let mut c = FramedClient::connect(&broker, &pki, transport, &ConnectBuilder::new(&id));
+            c.subscribe(&topic, 1);
+            c
+        })
+        .collect();
+    let mut publisher = Mqtt::connect(broker.port, &format!("park-owed-pub-{}", unique()));
+    publisher.publish_acked(&topic, false, b"owed");
+    let owed: Vec<u16> = clients
+        .iter_mut()
+        .map(|c| {
+            let p = c.expect_packet().publish();
+            assert_eq!((p.payload.as_slice(), p.qos), (&b"owed"[..], 1));
+            p.packet_id
+        })
+        .collect();
+    // Nothing acknowledged yet: they park all the same.
+    wait_parked(&broker, 3);
+    let other = format!("park/framed-other/{}", unique());
+    let mut plain = Mqtt::connect(broker.port, &format!("park-owed-plain-{}", unique()));
+    plain.subscribe(&other, QoS::AtLeastOnce);
+    publisher.publish_acked(&other, false, b"served");
+    assert_eq!(plain.expect_publish().payload.as_ref(), b"served");
+    for (client, id) in clients.iter_mut().zip(owed) {
+        client.send(&PINGREQ);
+        assert_eq!(client.expect_packet().bytes(), PINGRESP);
+        client.send(&ack(0x40, id));
+    }
+    // Acknowledged: the next message is a new one, not the old one again.
+    publisher.publish_acked(&topic, false, b"next");
+    for client in &mut clients {
+        assert_eq!(client.expect_packet().publish().payload, b"next");
+    }
+    broker.assert_healthy();
 }

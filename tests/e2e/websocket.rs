@@ -34,6 +34,11 @@ fn ws_connect(port: u16, subprotocol: &str) -> WebSocket<TcpStream> {
 /// The WebSocket upgrade over an already connected `socket`.
 pub(crate) fn ws_over(socket: TcpStream, port: u16, subprotocol: &str) -> WebSocket<TcpStream> {
     socket.set_read_timeout(Some(TIMEOUT)).unwrap();
+    ws_upgrade(socket, port, subprotocol)
+}
+
+/// The WebSocket upgrade over any connected stream (TCP, TLS).
+pub(crate) fn ws_upgrade<S: Read + Write>(socket: S, port: u16, subprotocol: &str) -> WebSocket<S> {
     let mut request = format!("ws://127.0.0.1:{port}/mqtt")
         .into_client_request()
         .unwrap();
