@@ -391,13 +391,33 @@ impl FramedClient {
     }
 }
 
-/// A broker with TLS, WS and WSS listeners.
-fn framed_broker(pki: &Pki) -> Broker {
+/// A broker with TLS, WS and WSS listeners, `shards` shards (None: the
+/// default).
+fn framed_broker(pki: &Pki, shards: Option<usize>) -> Broker {
     let config = format!(
         "{}\nws_listen = [\"127.0.0.1:0\"]\nwss_listen = [\"127.0.0.1:0\"]\n",
         pki.config("")
     );
-    Broker::builder().config(&config).start()
+    let builder = Broker::builder().config(&config);
+    match shards {
+        Some(n) => builder.shards(n),
+        None => builder,
+    }
+    .start()
+}
+
+/// One subscriber to `topic` at QoS 1 over each of mqtts://, ws:// and
+/// wss://, client ids tagged with `tag`.
+fn framed_subscribers(broker: &Broker, pki: &Pki, topic: &str, tag: &str) -> Vec<FramedClient> {
+    ["tls", "ws", "wss"]
+        .iter()
+        .map(|transport| {
+            let id = format!("park-{tag}{transport}-{}", unique());
+            let mut c = FramedClient::connect(broker, pki, transport, &ConnectBuilder::new(&id));
+            c.subscribe(topic, 1);
+            c
+        })
+        .collect()
 }
 
 /// Parked mqtts://, ws:// and wss:// subscribers get messages (QoS 0 and
@@ -405,17 +425,9 @@ fn framed_broker(pki: &Pki) -> Broker {
 #[test]
 fn parked_tls_and_websocket_subscribers_get_messages_and_ping_answers() {
     let pki = Pki::new();
-    let broker = framed_broker(&pki);
+    let broker = framed_broker(&pki, None);
     let topic = format!("park/framed/{}", unique());
-    let mut clients: Vec<FramedClient> = ["tls", "ws", "wss"]
-        .iter()
-        .map(|transport| {
-            let id = format!("park-{transport}-{}", unique());
-            let mut c = FramedClient::connect(&broker, &pki, transport, &ConnectBuilder::new(&id));
-            c.subscribe(&topic, 1);
-            c
-        })
-        .collect();
+    let mut clients = framed_subscribers(&broker, &pki, &topic, "");
     wait_parked(&broker, 3);
     // A while parked, then a message of each QoS.
     std::thread::sleep(Duration::from_secs(2));
@@ -451,7 +463,7 @@ fn parked_tls_and_websocket_subscribers_get_messages_and_ping_answers() {
 #[test]
 fn parked_tls_and_websocket_clients_that_close_or_misbehave_are_closed() {
     let pki = Pki::new();
-    let mut broker = framed_broker(&pki);
+    let mut broker = framed_broker(&pki, None);
     let will_topic = format!("park/framed-will/{}", unique());
     let mut watcher = watching(&broker, &will_topic, 0);
     let cases: [(&str, &str, u16); 7] = [
@@ -519,21 +531,9 @@ fn parked_tls_and_websocket_clients_that_close_or_misbehave_are_closed() {
 #[test]
 fn framed_subscribers_owing_acknowledgements_park_and_the_shard_goes_on() {
     let pki = Pki::new();
-    let config = format!(
-        "{}\nws_listen = [\"127.0.0.1:0\"]\nwss_listen = [\"127.0.0.1:0\"]\n",
-        pki.config("")
-    );
-    let mut broker = Broker::builder().shards(1).config(&config).start();
+    let mut broker = framed_broker(&pki, Some(1));
     let topic = format!("park/framed-owed/{}", unique());
-    let mut clients: Vec<FramedClient> = ["tls", "ws", "wss"]
-        .iter()
-        .map(|transport| {
-            let id = format!("park-owed-{transport}-{}", unique());
-            let mut c = FramedClient::connect(&broker, &pki, transport, &ConnectBuilder::new(&id));
-            c.subscribe(&topic, 1);
-            c
-        })
-        .collect();
+    let mut clients = framed_subscribers(&broker, &pki, &topic, "owed-");
     let mut publisher = Mqtt::connect(broker.port, &format!("park-owed-pub-{}", unique()));
     publisher.publish_acked(&topic, false, b"owed");
     let owed: Vec<u16> = clients
