@@ -45,11 +45,11 @@ const DELIVER_BATCH: usize = 256;
 /// down, JetStream not ready).
 const KV_RETRY: Duration = Duration::from_secs(1);
 /// Longest the interest task waits for the server to confirm new
-/// subscriptions (a PING round trip) before going on to the next changes;
+/// subscriptions (a round trip, `confirm`) before going on to the next changes;
 /// their SUBACKs then go unconfirmed.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
-/// Most interest changes applied before one flush confirms them all: a
-/// storm of new filters costs one PING round trip per this many.
+/// Most interest changes applied before one confirmation of them all: a
+/// storm of new filters costs one round trip per this many.
 const INTEREST_BATCH: usize = 256;
 /// Commands the NATS client queues before a publish waits: far above the
 /// default 2,048, so that bursts pass (design §3).
@@ -542,8 +542,8 @@ struct ToFlush {
 }
 
 /// Applies the interest changes one after the other, what is queued at
-/// once (up to [`INTEREST_BATCH`]) before one flush per connection that
-/// got new subscriptions: the server holds them once it answered the PING
+/// once (up to [`INTEREST_BATCH`]) before one confirmation per connection that
+/// got new subscriptions: the server holds them once it answered the request
 /// sent after them. Then the additions' `ready` senders are dropped, which
 /// lets their SUBACKs go: at once while the link is down (the client
 /// subscribes again on reconnect) or when nothing new was subscribed, at
@@ -597,17 +597,27 @@ async fn apply_interest(bridge: Shared, changes: async_channel::Receiver<Interes
     }
 }
 
-/// Flushes `client` (a PING round trip: the server then holds every
-/// subscription sent before), at most [`FLUSH_TIMEOUT`]; whether it did.
+/// Confirms that the server holds every subscription `client` sent before:
+/// a request on a fresh inbox subject nobody subscribes to, which the
+/// server answers itself ("no responders") once it read it, hence after
+/// the subscriptions sent before it on the same connection; at most
+/// [`FLUSH_TIMEOUT`]; whether it did. (async-nats' `flush` only writes the
+/// socket: a SUBACK sent on it could reach the client before the server
+/// had read the subscription, and a message another node published at
+/// once was missed.)
 async fn confirm(client: &Client) -> bool {
-    match tokio::time::timeout(FLUSH_TIMEOUT, client.flush()).await {
-        Ok(Ok(())) => true,
+    let probe = client.request(client.new_inbox(), Bytes::new());
+    match tokio::time::timeout(FLUSH_TIMEOUT, probe).await {
+        // An answer of any kind comes from the server after it read the
+        // request, and so every subscription before it.
+        Ok(Ok(_)) => true,
+        Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => true,
         Ok(Err(e)) => {
-            debug!("cluster: flush after subscribing: {e}");
+            debug!("cluster: no confirmation of new subscriptions: {e}");
             false
         }
         Err(_) => {
-            debug!("cluster: no flush after subscribing within {FLUSH_TIMEOUT:?}");
+            debug!("cluster: no confirmation of new subscriptions within {FLUSH_TIMEOUT:?}");
             false
         }
     }
