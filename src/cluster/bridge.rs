@@ -940,7 +940,7 @@ async fn read_subscription(
         if batch.is_empty() {
             continue;
         }
-        let batch: Vec<_> = batch.into_iter().map(|m| (filter.clone(), m)).collect();
+        let messages = Arc::new(batch);
         let b = bridge.borrow();
         let shards: Vec<usize> = match &filter {
             Some(f) => b
@@ -950,13 +950,13 @@ async fn read_subscription(
                 .unwrap_or_default(),
             None => b.escaped.0.keys().copied().collect(),
         };
-        let Some((&last, rest)) = shards.split_last() else {
-            continue;
-        };
-        for &shard in rest {
-            deliver(&b, shard, ToShard::Deliver(batch.clone()));
+        for shard in shards {
+            let batch = ToShard::Deliver {
+                filter: filter.clone(),
+                messages: messages.clone(),
+            };
+            deliver(&b, shard, batch);
         }
-        deliver(&b, last, ToShard::Deliver(batch));
     }
 }
 
@@ -1004,7 +1004,7 @@ fn deliver(b: &Bridge, shard: usize, batch: ToShard) {
         return;
     };
     let n = match &batch {
-        ToShard::Deliver(batch) => batch.len(),
+        ToShard::Deliver { messages, .. } => messages.len(),
         ToShard::DeliverShared(batch) => batch.len(),
         _ => 1,
     } as u64;

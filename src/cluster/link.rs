@@ -144,11 +144,18 @@ pub enum ClaimAnswer {
 /// From the bridge to one shard.
 #[derive(Debug)]
 pub enum ToShard {
-    /// Messages from other nodes, each with the filter of the NATS
-    /// subscription it came on (`None`: the escaped subject, matched in
-    /// full). The shard delivers each only to that filter's subscribers,
-    /// once per session (docs/design/cluster.md §6).
-    Deliver(Vec<(Option<ByteString>, Message)>),
+    /// Messages from other nodes that one NATS subscription got, in order,
+    /// the same batch every interested shard gets. The shard delivers them
+    /// only to the subscribers of the subscription's filter, once per
+    /// session, a run of QoS 0 messages to one topic at a time
+    /// (docs/design/cluster.md §6).
+    Deliver {
+        /// The MQTT filter of the subscription (`None`: the escaped
+        /// subject, matched in full).
+        filter: Option<ByteString>,
+        /// The messages.
+        messages: Arc<Vec<Message>>,
+    },
     /// Messages NATS gave this node for a shared subscription (the whole
     /// `$share/...` filter), each to one member of the group on the shard.
     DeliverShared(Vec<(ByteString, Message)>),

@@ -45,7 +45,7 @@ pub fn takes_runs(
 }
 
 /// The union of `ranges` when they are adjacent in one lane, in order.
-fn union(ranges: &[BatchRange]) -> Option<BatchRange> {
+pub(super) fn union(ranges: &[BatchRange]) -> Option<BatchRange> {
     let first = *ranges.first()?;
     let mut whole = first;
     for range in &ranges[1..] {
