@@ -164,6 +164,9 @@ pub async fn receive_from_bridge(ctx: Ctx, from_bridge: async_channel::Receiver<
                         shard.deliver_shared_from_cluster(batch);
                     }
                     ToShard::Retained(message) => shard.retained.apply(&message),
+                    ToShard::Claimed { token, answer } => {
+                        shard.cluster_claim_answered(token, answer);
+                    }
                     ToShard::Takeover {
                         client_id,
                         clean_session,
@@ -645,6 +648,9 @@ impl Shard {
         }
         self.run_ranges = ranges;
         self.cluster_others = others;
+        if !as_run {
+            self.queue_for_attaching(Some(filter), first);
+        }
     }
 }
 
