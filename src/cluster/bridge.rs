@@ -14,7 +14,7 @@
 //!   nodes' heard, for `/api/v1/cluster`.
 
 use std::cell::RefCell;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -1111,43 +1111,119 @@ async fn create_bucket(
 }
 
 /// Writes retained updates to the bucket, one after the other (the order
-/// of one topic's updates is the order they were published).
+/// of one topic's updates is the order they were published). An update
+/// that fails (the link is down, JetStream is not ready) is kept, the
+/// latest per key, and written again once the link is up, every
+/// [`KV_RETRY`] while some are left, before the updates that come after
+/// (design §8: across an outage the side that writes last wins); without
+/// that, a retained message changed on this node while NATS was
+/// unreachable never reached the bucket, nor the other nodes.
 async fn write_retained(
     bridge: Shared,
     store: kv::Store,
     puts: async_channel::Receiver<RetainedWrite>,
 ) {
-    while let Ok(RetainedWrite { key, value, stored }) = puts.recv().await {
-        *bridge
-            .borrow_mut()
-            .own_writes
-            .entry(key.clone())
-            .or_insert(0) += 1;
-        let done = match value {
-            Some(value) => store
-                .put(&key, value)
-                .await
-                .map(|_| ())
-                .map_err(|e| e.to_string()),
-            None => store.delete(&key).await.map_err(|e| e.to_string()),
+    // Failed updates to write again, the latest per key, in key order.
+    let mut unsent: BTreeMap<String, Option<Bytes>> = BTreeMap::new();
+    let status = bridge.borrow().status.clone();
+    loop {
+        let write = if unsent.is_empty() {
+            puts.recv().await.ok()
+        } else {
+            match tokio::time::timeout(KV_RETRY, puts.recv()).await {
+                Ok(write) => write.ok(),
+                // Nothing new within KV_RETRY: retry what is left.
+                Err(_) => {
+                    if status.link_up() {
+                        write_again(&bridge, &store, &mut unsent).await;
+                    }
+                    continue;
+                }
+            }
+        };
+        let Some(RetainedWrite { key, value, stored }) = write else {
+            return;
+        };
+        if status.link_up() && !unsent.is_empty() {
+            write_again(&bridge, &store, &mut unsent).await;
+        }
+        let done = if status.link_up() {
+            put_retained(&bridge, &store, &key, value.clone()).await
+        } else {
+            // A put now would wait for its timeout, holding up the rest.
+            Err("the NATS link is down".to_string())
         };
         if let Some((answer, last)) = stored
             && (done.is_err() || last)
         {
             let _ = answer.try_send(done.is_ok());
         }
-        if let Err(e) = done {
-            let mut b = bridge.borrow_mut();
-            b.status
-                .figures
-                .cluster_kv_errors
-                .fetch_add(1, Ordering::Relaxed);
-            if let Some(n) = b.own_writes.get_mut(&key) {
-                *n = n.saturating_sub(1);
+        match done {
+            Ok(()) => {
+                unsent.remove(&key);
             }
-            debug!("cluster: retained update not stored: {e}");
+            Err(e) => {
+                debug!("cluster: retained update not stored, kept to write again: {e}");
+                unsent.insert(key, value);
+            }
         }
     }
+}
+
+/// Writes the updates of `unsent` again, in key order, until one fails
+/// (it and those after it stay).
+async fn write_again(
+    bridge: &Shared,
+    store: &kv::Store,
+    unsent: &mut BTreeMap<String, Option<Bytes>>,
+) {
+    let mut written = 0;
+    while let Some((key, value)) = unsent.pop_first() {
+        if let Err(e) = put_retained(bridge, store, &key, value.clone()).await {
+            debug!("cluster: retained update still not stored: {e}");
+            unsent.insert(key, value);
+            break;
+        }
+        written += 1;
+    }
+    if written > 0 {
+        info!("cluster: {written} retained updates made while the bucket was unreachable written");
+    }
+}
+
+/// Puts `value` under `key` in the retained bucket (None: deletes it),
+/// noting it as this node's own write, so the watch skips its echo; a
+/// failure is counted.
+async fn put_retained(
+    bridge: &Shared,
+    store: &kv::Store,
+    key: &str,
+    value: Option<Bytes>,
+) -> Result<(), String> {
+    *bridge
+        .borrow_mut()
+        .own_writes
+        .entry(key.to_string())
+        .or_insert(0) += 1;
+    let done = match value {
+        Some(value) => store
+            .put(key, value)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string()),
+        None => store.delete(key).await.map_err(|e| e.to_string()),
+    };
+    if done.is_err() {
+        let mut b = bridge.borrow_mut();
+        b.status
+            .figures
+            .cluster_kv_errors
+            .fetch_add(1, Ordering::Relaxed);
+        if let Some(n) = b.own_writes.get_mut(key) {
+            *n = n.saturating_sub(1);
+        }
+    }
+    done
 }
 
 /// Mirrors the bucket into every shard: its current values first, then
