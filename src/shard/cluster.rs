@@ -27,7 +27,7 @@ use crate::router::SharedFilter;
 use crate::router::shared::SharedDelivery;
 use crate::session::{Session, SessionState};
 use crate::shard::persist::{set_stored_options, stored_subscriptions};
-use crate::shard::run::{self, runs, takes_runs};
+use crate::shard::run::{self, takes_runs};
 use crate::shard::{Ctx, SessionKey, Shard, offer, read_allowed, registry};
 use crate::store::record::{Record, RecordError, StoredMessage, StoredSession, unix_ms_now};
 
@@ -560,23 +560,13 @@ impl Shard {
             self.route_batch(&unretained);
             return;
         };
-        let mut rest = messages;
-        while let Some(first) = rest.first() {
-            let len = if runs(first) {
-                rest.iter()
-                    .take_while(|m| runs(m) && m.topic == first.topic)
-                    .count()
-            } else {
-                1
-            };
-            let (run, after) = rest.split_at(len);
+        for run in run::split_runs(messages) {
             self.route_run_from_cluster(filter, run);
-            rest = after;
         }
     }
 
     /// Delivers `run` (one message, or consecutive messages to one topic
-    /// that [`runs`] allows) from the NATS subscription of `filter`: the
+    /// that [`run::runs`] allows) from the NATS subscription of `filter`: the
     /// filter's subscribers are walked once, and each session's own
     /// filters matched once ([`copy_qos`]); sessions that take runs
     /// ([`takes_runs`]) get the whole run as one queue entry, as from a
