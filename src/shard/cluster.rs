@@ -676,7 +676,7 @@ mod tests {
 
     use super::*;
     use crate::protocol::v5::{RetainHandling, SubscriptionOptions};
-    use crate::shard::testing::{self, attach_client};
+    use crate::shard::testing::{self, attach_client, payloads};
 
     /// A message on `topic`.
     fn message(topic: &str, payload: &'static [u8]) -> Message {
@@ -714,13 +714,6 @@ mod tests {
         assert_eq!(got[0].2, QoS::AtLeastOnce, "the highest QoS granted");
         assert_eq!(plain.publishes().len(), 1);
         assert!(shard.take_remote_batch().is_none(), "never handed on");
-    }
-
-    /// The payloads of `got`, as text.
-    fn payloads(got: &[(String, Vec<u8>, QoS)]) -> Vec<String> {
-        got.iter()
-            .map(|(_, p, _)| String::from_utf8_lossy(p).into_owned())
-            .collect()
     }
 
     #[test]

@@ -174,7 +174,7 @@ mod tests {
 
     use super::*;
     use crate::config::Config;
-    use crate::shard::testing::{self, attach_client};
+    use crate::shard::testing::{self, attach_client, payloads};
 
     /// A QoS 0 message on `topic`.
     fn message(topic: &str, payload: &str) -> Message {
@@ -184,13 +184,6 @@ mod tests {
             QoS::AtMostOnce,
             false,
         )
-    }
-
-    /// The payloads of `got`, as text.
-    fn payloads(got: &[(String, Vec<u8>, QoS)]) -> Vec<String> {
-        got.iter()
-            .map(|(_, p, _)| String::from_utf8_lossy(p).into_owned())
-            .collect()
     }
 
     #[test]
