@@ -22,6 +22,9 @@
 #
 # Usage: bench/cluster-fanout.sh [NODES] [SUBS] [MSGS] [SINGLE_SUBS]
 #   defaults: 6 nodes, 90000 subscribers, 200 messages, 15000 (one node).
+# BROKER_CPUS and CLIENT_CPUS (taskset lists, e.g. 0 and 1) pin the nodes
+# and nats-server, and the bench; FANMQ picks another fanmq binary (a
+# before/after comparison alternates runs of the script with each).
 # Needs: target/release/fanmq and target/release/fanmq-bench
 # (`cargo build --release --workspace`), nats-server (or NATS_SERVER=...),
 # RLIMIT_NOFILE above SUBS / NODES + 100 per node. Every process it starts
@@ -38,6 +41,10 @@ bench=${FANMQ_BENCH:-target/release/fanmq-bench}
 nats=${NATS_SERVER:-$(command -v nats-server)}
 # Wall-clock bound of every process this script starts (s).
 limit=900
+# taskset prefixes of the brokers (nodes, nats-server) and of the bench.
+broker_pin=() client_pin=()
+[ -n "${BROKER_CPUS:-}" ] && broker_pin=(taskset -c "$BROKER_CPUS")
+[ -n "${CLIENT_CPUS:-}" ] && client_pin=(taskset -c "$CLIENT_CPUS")
 work=$(mktemp -d)
 out_dir=${OUT_DIR:-$work/out}
 mkdir -p "$out_dir"
@@ -65,7 +72,7 @@ done
 start_node() {
     local name=$1 port=$2 http=$3
     shift 3
-    timeout "$limit" "$fanmq" --listen "127.0.0.1:$port" --http-listen "127.0.0.1:$http" \
+    timeout "$limit" "${broker_pin[@]}" "$fanmq" --listen "127.0.0.1:$port" --http-listen "127.0.0.1:$http" \
         --shards 1 --max-connections-per-ip 0 --max-connection-rate-per-ip 0 --max-connection-rate 0 --log-level warn \
         "$@" >"$work/$name.log" 2>&1 &
     pids+=("$!")
@@ -81,7 +88,7 @@ bench_flags=(--msgs "$msgs" --drain-timeout 30 --connect-timeout 300
 
 # The cluster.
 nats_port=$(free_port)
-timeout "$limit" "$nats" -js -a 127.0.0.1 -p "$nats_port" -sd "$work/js" >"$work/nats.log" 2>&1 &
+timeout "$limit" "${broker_pin[@]}" "$nats" -js -a 127.0.0.1 -p "$nats_port" -sd "$work/js" >"$work/nats.log" 2>&1 &
 pids+=("$!")
 nats_pid=$(child_of "$!")
 pids+=("$nats_pid")
@@ -96,7 +103,7 @@ join() { local IFS=,; echo "$*"; }
 cluster_stem="fanout-cluster-${nodes}x$((subs / nodes))"
 single_stem="fanout-cluster-single-${single_subs}"
 n0=$(ticks "$nats_pid")
-timeout "$limit" "$bench" fanout --subs "$subs" "${bench_flags[@]}" \
+timeout "$limit" "${client_pin[@]}" "$bench" fanout --subs "$subs" "${bench_flags[@]}" \
     --nodes "$(join "${node_list[@]}")" --broker-pid "$(join "${pid_list[@]}")" \
     --stats-url "$(join "${url_list[@]}")" --wait-subscribers "$subs" \
     --label "fanmq-${nodes}-nodes" --out "$out_dir/$cluster_stem.json"
@@ -106,7 +113,7 @@ for pid in "${pid_list[@]}" "$nats_pid"; do kill "$pid" 2>/dev/null || true; don
 # One node alone.
 port=$(free_port); http=$(free_port)
 single_pid=$(start_node single "$port" "$http")
-timeout "$limit" "$bench" fanout --subs "$single_subs" "${bench_flags[@]}" \
+timeout "$limit" "${client_pin[@]}" "$bench" fanout --subs "$single_subs" "${bench_flags[@]}" \
     --nodes "127.0.0.1:$port" --broker-pid "$single_pid" --label "fanmq-1-node" \
     --out "$out_dir/$single_stem.json"
 

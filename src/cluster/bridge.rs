@@ -14,7 +14,7 @@
 //!   nodes' heard, for `/api/v1/cluster`.
 
 use std::cell::RefCell;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -45,11 +45,11 @@ const DELIVER_BATCH: usize = 256;
 /// down, JetStream not ready).
 const KV_RETRY: Duration = Duration::from_secs(1);
 /// Longest the interest task waits for the server to confirm new
-/// subscriptions (a PING round trip) before going on to the next changes;
+/// subscriptions (a round trip, `confirm`) before going on to the next changes;
 /// their SUBACKs then go unconfirmed.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
-/// Most interest changes applied before one flush confirms them all: a
-/// storm of new filters costs one PING round trip per this many.
+/// Most interest changes applied before one confirmation of them all: a
+/// storm of new filters costs one round trip per this many.
 const INTEREST_BATCH: usize = 256;
 /// Commands the NATS client queues before a publish waits: far above the
 /// default 2,048, so that bursts pass (design §3).
@@ -542,8 +542,8 @@ struct ToFlush {
 }
 
 /// Applies the interest changes one after the other, what is queued at
-/// once (up to [`INTEREST_BATCH`]) before one flush per connection that
-/// got new subscriptions: the server holds them once it answered the PING
+/// once (up to [`INTEREST_BATCH`]) before one confirmation per connection that
+/// got new subscriptions: the server holds them once it answered the request
 /// sent after them. Then the additions' `ready` senders are dropped, which
 /// lets their SUBACKs go: at once while the link is down (the client
 /// subscribes again on reconnect) or when nothing new was subscribed, at
@@ -597,17 +597,27 @@ async fn apply_interest(bridge: Shared, changes: async_channel::Receiver<Interes
     }
 }
 
-/// Flushes `client` (a PING round trip: the server then holds every
-/// subscription sent before), at most [`FLUSH_TIMEOUT`]; whether it did.
+/// Confirms that the server holds every subscription `client` sent before:
+/// a request on a fresh inbox subject nobody subscribes to, which the
+/// server answers itself ("no responders") once it read it, hence after
+/// the subscriptions sent before it on the same connection; at most
+/// [`FLUSH_TIMEOUT`]; whether it did. (async-nats' `flush` only writes the
+/// socket: a SUBACK sent on it could reach the client before the server
+/// had read the subscription, and a message another node published at
+/// once was missed.)
 async fn confirm(client: &Client) -> bool {
-    match tokio::time::timeout(FLUSH_TIMEOUT, client.flush()).await {
-        Ok(Ok(())) => true,
+    let probe = client.request(client.new_inbox(), Bytes::new());
+    match tokio::time::timeout(FLUSH_TIMEOUT, probe).await {
+        // An answer of any kind comes from the server after it read the
+        // request, and so every subscription before it.
+        Ok(Ok(_)) => true,
+        Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => true,
         Ok(Err(e)) => {
-            debug!("cluster: flush after subscribing: {e}");
+            debug!("cluster: no confirmation of new subscriptions: {e}");
             false
         }
         Err(_) => {
-            debug!("cluster: no flush after subscribing within {FLUSH_TIMEOUT:?}");
+            debug!("cluster: no confirmation of new subscriptions within {FLUSH_TIMEOUT:?}");
             false
         }
     }
@@ -930,7 +940,7 @@ async fn read_subscription(
         if batch.is_empty() {
             continue;
         }
-        let batch: Vec<_> = batch.into_iter().map(|m| (filter.clone(), m)).collect();
+        let messages = Arc::new(batch);
         let b = bridge.borrow();
         let shards: Vec<usize> = match &filter {
             Some(f) => b
@@ -940,13 +950,13 @@ async fn read_subscription(
                 .unwrap_or_default(),
             None => b.escaped.0.keys().copied().collect(),
         };
-        let Some((&last, rest)) = shards.split_last() else {
-            continue;
-        };
-        for &shard in rest {
-            deliver(&b, shard, ToShard::Deliver(batch.clone()));
+        for shard in shards {
+            let batch = ToShard::Deliver {
+                filter: filter.clone(),
+                messages: messages.clone(),
+            };
+            deliver(&b, shard, batch);
         }
-        deliver(&b, last, ToShard::Deliver(batch));
     }
 }
 
@@ -994,7 +1004,7 @@ fn deliver(b: &Bridge, shard: usize, batch: ToShard) {
         return;
     };
     let n = match &batch {
-        ToShard::Deliver(batch) => batch.len(),
+        ToShard::Deliver { messages, .. } => messages.len(),
         ToShard::DeliverShared(batch) => batch.len(),
         _ => 1,
     } as u64;
@@ -1101,43 +1111,119 @@ async fn create_bucket(
 }
 
 /// Writes retained updates to the bucket, one after the other (the order
-/// of one topic's updates is the order they were published).
+/// of one topic's updates is the order they were published). An update
+/// that fails (the link is down, JetStream is not ready) is kept, the
+/// latest per key, and written again once the link is up, every
+/// [`KV_RETRY`] while some are left, before the updates that come after
+/// (design §8: across an outage the side that writes last wins); without
+/// that, a retained message changed on this node while NATS was
+/// unreachable never reached the bucket, nor the other nodes.
 async fn write_retained(
     bridge: Shared,
     store: kv::Store,
     puts: async_channel::Receiver<RetainedWrite>,
 ) {
-    while let Ok(RetainedWrite { key, value, stored }) = puts.recv().await {
-        *bridge
-            .borrow_mut()
-            .own_writes
-            .entry(key.clone())
-            .or_insert(0) += 1;
-        let done = match value {
-            Some(value) => store
-                .put(&key, value)
-                .await
-                .map(|_| ())
-                .map_err(|e| e.to_string()),
-            None => store.delete(&key).await.map_err(|e| e.to_string()),
+    // Failed updates to write again, the latest per key, in key order.
+    let mut unsent: BTreeMap<String, Option<Bytes>> = BTreeMap::new();
+    let status = bridge.borrow().status.clone();
+    loop {
+        let write = if unsent.is_empty() {
+            puts.recv().await.ok()
+        } else {
+            match tokio::time::timeout(KV_RETRY, puts.recv()).await {
+                Ok(write) => write.ok(),
+                // Nothing new within KV_RETRY: retry what is left.
+                Err(_) => {
+                    if status.link_up() {
+                        write_again(&bridge, &store, &mut unsent).await;
+                    }
+                    continue;
+                }
+            }
+        };
+        let Some(RetainedWrite { key, value, stored }) = write else {
+            return;
+        };
+        if status.link_up() && !unsent.is_empty() {
+            write_again(&bridge, &store, &mut unsent).await;
+        }
+        let done = if status.link_up() {
+            put_retained(&bridge, &store, &key, value.clone()).await
+        } else {
+            // A put now would wait for its timeout, holding up the rest.
+            Err("the NATS link is down".to_string())
         };
         if let Some((answer, last)) = stored
             && (done.is_err() || last)
         {
             let _ = answer.try_send(done.is_ok());
         }
-        if let Err(e) = done {
-            let mut b = bridge.borrow_mut();
-            b.status
-                .figures
-                .cluster_kv_errors
-                .fetch_add(1, Ordering::Relaxed);
-            if let Some(n) = b.own_writes.get_mut(&key) {
-                *n = n.saturating_sub(1);
+        match done {
+            Ok(()) => {
+                unsent.remove(&key);
             }
-            debug!("cluster: retained update not stored: {e}");
+            Err(e) => {
+                debug!("cluster: retained update not stored, kept to write again: {e}");
+                unsent.insert(key, value);
+            }
         }
     }
+}
+
+/// Writes the updates of `unsent` again, in key order, until one fails
+/// (it and those after it stay).
+async fn write_again(
+    bridge: &Shared,
+    store: &kv::Store,
+    unsent: &mut BTreeMap<String, Option<Bytes>>,
+) {
+    let mut written = 0;
+    while let Some((key, value)) = unsent.pop_first() {
+        if let Err(e) = put_retained(bridge, store, &key, value.clone()).await {
+            debug!("cluster: retained update still not stored: {e}");
+            unsent.insert(key, value);
+            break;
+        }
+        written += 1;
+    }
+    if written > 0 {
+        info!("cluster: {written} retained updates made while the bucket was unreachable written");
+    }
+}
+
+/// Puts `value` under `key` in the retained bucket (None: deletes it),
+/// noting it as this node's own write, so the watch skips its echo; a
+/// failure is counted.
+async fn put_retained(
+    bridge: &Shared,
+    store: &kv::Store,
+    key: &str,
+    value: Option<Bytes>,
+) -> Result<(), String> {
+    *bridge
+        .borrow_mut()
+        .own_writes
+        .entry(key.to_string())
+        .or_insert(0) += 1;
+    let done = match value {
+        Some(value) => store
+            .put(key, value)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string()),
+        None => store.delete(key).await.map_err(|e| e.to_string()),
+    };
+    if done.is_err() {
+        let mut b = bridge.borrow_mut();
+        b.status
+            .figures
+            .cluster_kv_errors
+            .fetch_add(1, Ordering::Relaxed);
+        if let Some(n) = b.own_writes.get_mut(key) {
+            *n = n.saturating_sub(1);
+        }
+    }
+    done
 }
 
 /// Mirrors the bucket into every shard: its current values first, then

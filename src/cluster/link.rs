@@ -120,10 +120,9 @@ pub struct ClaimRequest {
     pub clean_session: bool,
     /// The shard of the node's claim.
     pub shard: usize,
-    /// The node's claim token there (the session's `claim`).
+    /// The node's claim token there (the session's `claim`). The answer
+    /// goes to that shard's queue as [`ToShard::Claimed`].
     pub token: u64,
-    /// Where the answer goes.
-    pub answer: async_channel::Sender<ClaimAnswer>,
 }
 
 /// The bridge's answer to a [`ClaimRequest`].
@@ -144,11 +143,18 @@ pub enum ClaimAnswer {
 /// From the bridge to one shard.
 #[derive(Debug)]
 pub enum ToShard {
-    /// Messages from other nodes, each with the filter of the NATS
-    /// subscription it came on (`None`: the escaped subject, matched in
-    /// full). The shard delivers each only to that filter's subscribers,
-    /// once per session (docs/design/cluster.md §6).
-    Deliver(Vec<(Option<ByteString>, Message)>),
+    /// Messages from other nodes that one NATS subscription got, in order,
+    /// the same batch every interested shard gets. The shard delivers them
+    /// only to the subscribers of the subscription's filter, once per
+    /// session, a run of QoS 0 messages to one topic at a time
+    /// (docs/design/cluster.md §6).
+    Deliver {
+        /// The MQTT filter of the subscription (`None`: the escaped
+        /// subject, matched in full).
+        filter: Option<ByteString>,
+        /// The messages.
+        messages: Arc<Vec<Message>>,
+    },
     /// Messages NATS gave this node for a shared subscription (the whole
     /// `$share/...` filter), each to one member of the group on the shard.
     DeliverShared(Vec<(ByteString, Message)>),
@@ -156,6 +162,18 @@ pub enum ToShard {
     /// bucket, stamped with its revision: applied to the shard's replica,
     /// never delivered.
     Retained(Message),
+    /// The cluster's answer to the shard's claim `token`
+    /// ([`ClaimRequest`]). It comes in this queue, not beside it, so that
+    /// what the bridge sends after a grant (a take-over by another node, a
+    /// message for the session) finds the claim granted and attaching,
+    /// with the state it got, before its connection has attached it
+    /// (docs/design/cluster.md §9).
+    Claimed {
+        /// The claim's token on the shard.
+        token: u64,
+        /// The answer.
+        answer: ClaimAnswer,
+    },
     /// Another node takes the client id over: end its session here (the
     /// connection closes as a take-over) and answer with its image.
     Takeover {
@@ -267,26 +285,20 @@ impl ClusterLink {
     }
 
     /// Asks the bridge for `client_id` in the cluster for claim `token` of
-    /// this shard; the answer comes on the returned queue (closed: the
-    /// bridge is gone).
-    pub fn claim(
-        &self,
-        client_id: &str,
-        clean_session: bool,
-        token: u64,
-    ) -> async_channel::Receiver<ClaimAnswer> {
-        let (answer, answered) = async_channel::bounded(1);
+    /// this shard; the answer comes in the shard's queue
+    /// ([`ToShard::Claimed`]). False: the bridge is gone, no answer comes.
+    pub fn claim(&self, client_id: &str, clean_session: bool, token: u64) -> bool {
         let request = Control::Claim(ClaimRequest {
             client_id: ByteString::from(client_id),
             clean_session,
             shard: self.shard,
             token,
-            answer,
         });
-        if self.ends.interest.try_send(request).is_err() {
+        let sent = self.ends.interest.try_send(request).is_ok();
+        if !sent {
             log::debug!("cluster bridge gone: claim of {client_id:?} not sent");
         }
-        answered
+        sent
     }
 
     /// The session of claim `token` of this shard ended: its record in the

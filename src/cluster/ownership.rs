@@ -175,6 +175,11 @@ pub(super) struct Tables {
     handed_bytes: usize,
     /// Ids being handed over now.
     handing: HashSet<ByteString>,
+    /// Ids granted to a claim of this node whose answer waits for room in
+    /// its shard's queue (how many such answers): granted, not yet
+    /// attaching; a take-over request for one waits until the answer is in
+    /// the queue.
+    answering: HashMap<ByteString, u32>,
     /// Persistent sessions restored from the store, to re-assert.
     restored: Vec<Restored>,
 }
@@ -414,9 +419,36 @@ pub(super) async fn claim(bridge: Shared, request: ClaimRequest) {
         }
         ClaimAnswer::Unavailable => f.cluster_claims_unavailable.fetch_add(1, Ordering::Relaxed),
     };
+    // In the shard's queue, ahead of anything the bridge sends it after the
+    // grant: a take-over request for the id waits while this answer waits
+    // for room (`Tables::answering`), so it never reaches the shard first.
+    let Some(queue) = bridge.borrow().to_shards.get(request.shard).cloned() else {
+        return;
+    };
+    let answer = ToShard::Claimed {
+        token: request.token,
+        answer,
+    };
+    let Err(async_channel::TrySendError::Full(answer)) = queue.try_send(answer) else {
+        return;
+    };
+    let id = request.client_id;
+    *bridge
+        .borrow_mut()
+        .ownership
+        .answering
+        .entry(id.clone())
+        .or_insert(0) += 1;
     // The connection may have gone meanwhile; its claim then ends on the
-    // shard.
-    let _ = request.answer.try_send(answer);
+    // shard (a closed queue: the shard is gone).
+    let _ = queue.send(answer).await;
+    let mut b = bridge.borrow_mut();
+    if let Some(n) = b.ownership.answering.get_mut(&id) {
+        *n -= 1;
+        if *n == 0 {
+            b.ownership.answering.remove(&id);
+        }
+    }
 }
 
 /// Works out who owns the id now, taking it over where needed.
@@ -797,6 +829,12 @@ async fn hand_over(bridge: Shared, request: TakeoverRequest, reply: async_nats::
                 answer,
             };
             let wait = async {
+                // A grant of the id to this node still on its way to the
+                // shard goes first: the shard then hands over the state
+                // the grant brought, not what it held before.
+                while bridge.borrow().ownership.answering.contains_key(&client_id) {
+                    tokio::time::sleep(HANDING_POLL).await;
+                }
                 queue.send(asked).await.ok()?;
                 answered.recv().await.ok()
             };

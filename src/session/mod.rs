@@ -191,6 +191,30 @@ impl SessionState {
             retain: retain_as_published && message.retain,
             ..with_identifiers(message, identifier.as_slice())
         };
+        self.keep_pending(kept, limits)
+    }
+
+    /// Keeps, in this state's pending queue, the copy of `message` for a
+    /// plain subscription granted `granted`: the state of a session the
+    /// cluster granted to a connection of this node that has not attached
+    /// it yet, for a message that reached its shard meanwhile. As
+    /// [`SessionState::keep_shared`], without subscription options.
+    pub fn keep(&mut self, message: &Message, granted: QoS, limits: &Limits) -> Delivery {
+        let qos = message.qos.min(granted);
+        if qos == QoS::AtMostOnce {
+            return Delivery::Skipped;
+        }
+        let kept = Message {
+            qos,
+            retain: false,
+            ..message.clone()
+        };
+        self.keep_pending(kept, limits)
+    }
+
+    /// Puts `kept` in the pending queue of this state (of a session not
+    /// attached anywhere), within the queue's limits.
+    fn keep_pending(&mut self, kept: Message, limits: &Limits) -> Delivery {
         let len = kept.wire_len();
         let flows = self.flows.get_or_insert_with(Box::default);
         if limits.shard_over_budget()

@@ -19,6 +19,7 @@ use bytestring::ByteString;
 
 use crate::cluster::link::{HandOver, Outgoing, ToShard};
 use crate::cluster::ownership::MAX_SUBSCRIPTIONS_RECORD;
+use crate::protocol::Version;
 use crate::protocol::message::{Encoded, Message};
 use crate::protocol::topic;
 use crate::protocol::v3::QoS;
@@ -26,6 +27,7 @@ use crate::router::SharedFilter;
 use crate::router::shared::SharedDelivery;
 use crate::session::{Session, SessionState};
 use crate::shard::persist::{set_stored_options, stored_subscriptions};
+use crate::shard::run::{self, takes_runs};
 use crate::shard::{Ctx, SessionKey, Shard, offer, read_allowed, registry};
 use crate::store::record::{Record, RecordError, StoredMessage, StoredSession, unix_ms_now};
 
@@ -153,17 +155,18 @@ pub async fn receive_from_bridge(ctx: Ctx, from_bridge: async_channel::Receiver<
             let mut handled = 0;
             while let Some(msg) = next.take() {
                 match msg {
-                    ToShard::Deliver(batch) => {
-                        shard.stats.cluster_received += batch.len() as u64;
-                        for (filter, message) in &batch {
-                            shard.route_from_cluster(filter.as_deref(), message);
-                        }
+                    ToShard::Deliver { filter, messages } => {
+                        shard.stats.cluster_received += messages.len() as u64;
+                        shard.route_from_cluster(filter.as_deref(), &messages);
                     }
                     ToShard::DeliverShared(batch) => {
                         shard.stats.cluster_received += batch.len() as u64;
                         shard.deliver_shared_from_cluster(batch);
                     }
                     ToShard::Retained(message) => shard.retained.apply(&message),
+                    ToShard::Claimed { token, answer } => {
+                        shard.cluster_claim_answered(token, answer);
+                    }
                     ToShard::Takeover {
                         client_id,
                         clean_session,
@@ -535,61 +538,133 @@ impl Shard {
         self.deliver_shared(deliveries);
     }
 
-    /// Delivers a message from another node to this shard's subscribers of
+    /// Delivers messages from another node, all of one NATS subscription
+    /// (in the order NATS gave them), to this shard's subscribers of
     /// `filter` (`None`: every matching subscriber); never stored as
-    /// retained (the bucket's watch does that) and never handed on.
-    pub fn route_from_cluster(&mut self, filter: Option<&str>, message: &Message) {
+    /// retained (the bucket's watch does that) and never handed on. As a
+    /// local burst is ([`Shard::route_batch`]), each run of consecutive
+    /// QoS 0 messages to one topic is routed together
+    /// ([`Shard::route_run_from_cluster`]).
+    pub fn route_from_cluster(&mut self, filter: Option<&str>, messages: &[Message]) {
         let Some(filter) = filter else {
-            let unretained = Message {
-                retain: false,
-                ..message.clone()
-            };
             // The escaped subject's messages: one copy each, matched here.
             // The RETAIN flag is cleared, so that the route does not store
-            // it (Retain As Published sees 0 on this rare path).
-            self.route(&unretained);
+            // them (Retain As Published sees 0 on this rare path).
+            let unretained: Vec<Message> = messages
+                .iter()
+                .map(|m| Message {
+                    retain: false,
+                    ..m.clone()
+                })
+                .collect();
+            self.route_batch(&unretained);
             return;
         };
+        for run in run::split_runs(messages) {
+            self.route_run_from_cluster(filter, run);
+        }
+    }
+
+    /// Delivers `run` (one message, or consecutive messages to one topic
+    /// that [`run::runs`] allows) from the NATS subscription of `filter`: the
+    /// filter's subscribers are walked once, and each session's own
+    /// filters matched once ([`copy_qos`]); sessions that take runs
+    /// ([`takes_runs`]) get the whole run as one queue entry, as from a
+    /// local burst, the others each message in turn, after them.
+    pub fn route_run_from_cluster(&mut self, filter: &str, run: &[Message]) {
+        let [first, ..] = run else {
+            return;
+        };
+        let as_run = run.len() > 1;
         let Shard {
             router,
             sessions,
+            dirty,
             stats,
             limits,
             batch,
             auth,
+            persist_stamps,
+            run_ranges,
+            cluster_others,
             ..
         } = self;
-        let mut dirty = Vec::new();
-        let mut encoded = Encoded::new(message, batch);
+        let mut ranges = std::mem::take(run_ranges);
+        ranges.clear();
+        let mut others = std::mem::take(cluster_others);
+        others.clear();
         // The ACL's read rules apply as for a local publish.
         let mut reads = None;
         router.for_each_subscriber(filter, |key, _| {
             let Some(session) = sessions.get_mut(key as usize) else {
                 return;
             };
-            // One copy per session: through its smallest matching filter.
-            let mut smallest: Option<&str> = None;
-            let mut granted = QoS::AtMostOnce;
-            for (own, qos) in &session.state.subscriptions {
-                if topic::filter_matches(own, &message.topic) {
-                    if smallest.is_none_or(|s| own.as_ref() < s) {
-                        smallest = Some(own.as_ref());
-                    }
-                    granted = granted.max(*qos);
-                }
-            }
-            if smallest != Some(filter)
-                || !read_allowed(session, &mut reads, auth, &message.topic, stats)
-            {
+            let Some(granted) = copy_qos(&session.state, Some(filter), &first.topic) else {
+                return;
+            };
+            if !read_allowed(session, &mut reads, auth, &first.topic, stats) {
                 return;
             }
-            if offer(session, &mut encoded, key, granted, limits, stats) {
+            if !as_run || !takes_runs(session, key, persist_stamps) {
+                others.push((key, granted));
+                return;
+            }
+            if ranges.is_empty() {
+                // The first taker: encode the run, adjacent in the 3.1.1
+                // lane (nothing else is appended meanwhile).
+                for message in run {
+                    ranges.push(Encoded::new(message, batch).qos0_frame(Version::V3));
+                }
+            }
+            let (queued, dropped) = session.deliver_qos0_run(&ranges, run::union(&ranges), limits);
+            stats.publish_sent_by_qos[0] += queued as u64;
+            stats.publish_dropped += dropped as u64;
+            if queued > 0 && !session.dirty {
+                session.dirty = true;
                 dirty.push(key);
             }
         });
-        for key in dirty {
-            self.mark_dirty(key);
+        for message in run {
+            let mut encoded = Encoded::new(message, batch);
+            for &(key, granted) in &others {
+                let Some(session) = sessions.get_mut(key as usize) else {
+                    continue;
+                };
+                if offer(session, &mut encoded, key, granted, limits, stats) && !session.dirty {
+                    session.dirty = true;
+                    dirty.push(key);
+                }
+            }
         }
+        self.run_ranges = ranges;
+        self.cluster_others = others;
+        if !as_run {
+            self.queue_for_attaching(Some(filter), first);
+        }
+    }
+}
+
+/// The QoS at which a session of `state` takes a message on `topic` that
+/// came on the NATS subscription of `filter` (`None`: the escaped subject,
+/// or a publish on this node: through any of its filters), or None when it
+/// takes it through another of its filters or none. NATS sends the node
+/// one copy per matching subscription, so a session takes it only through
+/// the smallest (byte order) of its own filters that match the topic, at
+/// the highest QoS granted among them: one copy, as for a local publish.
+pub(super) fn copy_qos(state: &SessionState, filter: Option<&str>, topic: &str) -> Option<QoS> {
+    let mut smallest: Option<&str> = None;
+    let mut granted = QoS::AtMostOnce;
+    for (own, qos) in &state.subscriptions {
+        if topic::filter_matches(own, topic) {
+            if smallest.is_none_or(|s| own.as_ref() < s) {
+                smallest = Some(own.as_ref());
+            }
+            granted = granted.max(*qos);
+        }
+    }
+    match filter {
+        Some(filter) => (smallest == Some(filter)).then_some(granted),
+        None => smallest.map(|_| granted),
     }
 }
 
@@ -601,7 +676,7 @@ mod tests {
 
     use super::*;
     use crate::protocol::v5::{RetainHandling, SubscriptionOptions};
-    use crate::shard::testing::{self, attach_client};
+    use crate::shard::testing::{self, attach_client, payloads};
 
     /// A message on `topic`.
     fn message(topic: &str, payload: &'static [u8]) -> Message {
@@ -631,13 +706,61 @@ mod tests {
         // NATS sends one copy per subscription of the node: `a/#`, `a/+`, `a/b`.
         let m = message("a/b", b"x");
         for filter in ["a/#", "a/+", "a/b"] {
-            shard.route_from_cluster(Some(filter), &m);
+            shard.route_from_cluster(Some(filter), std::slice::from_ref(&m));
         }
         shard.flush_dirty();
         let got = both.publishes();
         assert_eq!(got.len(), 1, "one copy for the session with two filters");
         assert_eq!(got[0].2, QoS::AtLeastOnce, "the highest QoS granted");
         assert_eq!(plain.publishes().len(), 1);
+        assert!(shard.take_remote_batch().is_none(), "never handed on");
+    }
+
+    #[test]
+    fn a_run_from_another_node_reaches_each_session_once_as_one_entry_where_it_can() {
+        let mut shard = testing::shard();
+        let mut plain = attach_client(&mut shard, "plain", "t/#", QoS::AtMostOnce, None);
+        let mut both = attach_client(&mut shard, "both", "t/#", QoS::AtMostOnce, None);
+        shard.subscribe(
+            both.key,
+            crate::protocol::v3::Subscribe {
+                packet_id: 2,
+                filters: vec![("t/+".into(), QoS::AtMostOnce)],
+            },
+            None,
+        );
+        let mut v5 = attach_client(&mut shard, "v5", "t/#", QoS::AtMostOnce, None);
+        if let Some(session) = shard.sessions.get_mut(v5.key as usize) {
+            // An MQTT 5.0 session takes the run message by message.
+            session.version = Version::V5;
+        }
+        shard.flush_dirty();
+        let _ = both.publishes();
+        let run: Vec<Message> = (0..5)
+            .map(|i| {
+                let mut m = message("t/1", b"");
+                m.qos = QoS::AtMostOnce;
+                m.payload = Bytes::from(i.to_string());
+                m
+            })
+            .collect();
+        // NATS gives the node one copy per matching subscription.
+        for filter in ["t/#", "t/+"] {
+            shard.route_from_cluster(Some(filter), &run);
+        }
+        let entries = shard
+            .sessions
+            .get(plain.key as usize)
+            .map(|s| s.out.entries());
+        assert_eq!(entries, Some(1), "the whole run is one queue entry");
+        assert_eq!(shard.stats.publish_sent_by_qos, [15, 0, 0]);
+        shard.flush_dirty();
+        let want: Vec<String> = (0..5).map(|i| i.to_string()).collect();
+        assert_eq!(payloads(&plain.publishes()), want);
+        assert_eq!(payloads(&both.publishes()), want, "once, through t/#");
+        // Read as 3.1.1: the 5.0 frame's empty properties come first.
+        let want_v5: Vec<String> = want.iter().map(|p| format!("\0{p}")).collect();
+        assert_eq!(payloads(&v5.publishes()), want_v5, "in order");
         assert!(shard.take_remote_batch().is_none(), "never handed on");
     }
 
@@ -744,7 +867,7 @@ mod tests {
             retain: true,
             ..message("a b", b"y")
         };
-        shard.route_from_cluster(None, &m);
+        shard.route_from_cluster(None, std::slice::from_ref(&m));
         shard.flush_dirty();
         assert_eq!(sub.publishes().len(), 1);
         assert_eq!(shard.retained.len(), 0);

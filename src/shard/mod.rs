@@ -188,6 +188,10 @@ pub struct Shard {
     /// Where the frames of the run being routed lie in the batch
     /// ([`Shard::route_run`]): scratch kept for its allocation.
     run_ranges: Vec<crate::protocol::message::BatchRange>,
+    /// The sessions of a run from another node that take it message by
+    /// message, with the QoS granted to each
+    /// ([`Shard::route_run_from_cluster`]): scratch kept for its allocation.
+    cluster_others: Vec<(SessionKey, QoS)>,
     /// The run of publishes a connection's read is collecting
     /// ([`Shard::publish_run`]): scratch kept for its allocation.
     pub run: Vec<Message>,
@@ -554,6 +558,7 @@ impl Shard {
             batch: Batch::default(),
             remote_batch: Vec::new(),
             run_ranges: Vec::new(),
+            cluster_others: Vec::new(),
             run: Vec::new(),
             outbox: Vec::new(),
             control: Rc::default(),
@@ -666,7 +671,10 @@ impl Shard {
     }
 
     /// Delivers a message to this shard's matching subscribers and applies it
-    /// to the retained store.
+    /// to the retained store (the tests' way in; the broker routes through
+    /// [`Shard::publish_from`], [`Shard::route_batch`] and
+    /// [`Shard::route_from_cluster`]).
+    #[cfg(test)]
     pub fn route(&mut self, message: &Message) {
         self.route_from(message, None);
     }
@@ -690,6 +698,7 @@ impl Shard {
         origin: Option<SessionKey>,
         skip_run_takers: bool,
     ) {
+        self.queue_for_attaching(None, message);
         if message.retain {
             self.retained.apply(message);
             if let Some(journal) = &self.retain_journal

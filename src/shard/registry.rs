@@ -34,9 +34,12 @@ use log::debug;
 
 use crate::cluster::link::ClaimAnswer;
 use crate::mesh::ShardMsg;
+use crate::protocol::message::Message;
+use crate::protocol::v3::QoS;
+use crate::session::Delivery;
 use crate::session::link::CloseReason;
 use crate::session::{Session, SessionState};
-use crate::shard::cluster::decode_image;
+use crate::shard::cluster::{copy_qos, decode_image};
 use crate::shard::{Ctx, Shard};
 
 /// How long a CONNECT waits for its claim to be answered before the
@@ -93,6 +96,21 @@ struct PendingClaim {
     /// The connection stopped waiting (timed out or went away); the answer,
     /// when it comes, is kept as an offline session or released instead.
     abandoned: bool,
+    /// In a cluster, once the node's answer came: the cluster's answer,
+    /// once it came (`Shard::cluster_claim_answered`). Granted, the claim
+    /// is *attaching*: `outcome` holds the state its connection attaches,
+    /// which a take-over before that gets instead, and which messages for
+    /// the session meanwhile are queued in.
+    cluster: Option<ClusterAnswer>,
+}
+
+/// What the cluster answered a claim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ClusterAnswer {
+    /// The id is this node's (`ClaimAnswer::Granted`, `Recovered`).
+    Granted,
+    /// No decision (`ClaimAnswer::Unavailable`).
+    Unavailable,
 }
 
 /// This shard's part of the client-id registry.
@@ -109,6 +127,11 @@ pub struct Registry {
     homes: AHashMap<ByteString, Owner>,
     /// Claims of this shard's connections waiting for an answer, by token.
     claims: AHashMap<u64, PendingClaim>,
+    /// Claims the cluster granted with a session state that their
+    /// connections have not attached yet (the claim may have gone since:
+    /// pruned when read). Empty but for an instant around a take-over from
+    /// another node: one test per routed message.
+    attaching: Vec<u64>,
     /// Next claim token.
     next_token: u64,
 }
@@ -156,64 +179,59 @@ pub async fn claim(
             Outcome::Superseded => Err(RegistryError::Superseded),
         };
     }
-    // The claim stays pending on the node while the cluster decides: a
-    // take-over meanwhile (a local CONNECT, or another node's request)
-    // supersedes it as it would any waiting claim.
-    let answered = match &ctx.shard.borrow().cluster {
+    // The claim stays pending on the node while the cluster decides, and
+    // until its connection attaches it: a take-over meanwhile (a local
+    // CONNECT, or another node's request) supersedes it as it would any
+    // waiting claim. The bridge's answer is applied to it in the order of
+    // the shard's queue (`Shard::cluster_claim_answered`), so what the
+    // bridge sends after the grant finds it granted, with its state.
+    let asked = match &ctx.shard.borrow().cluster {
         Some(link) => link.claim(&client_id, clean_session, token),
         None => return Err(RegistryError::ClusterUnavailable),
     };
-    let answer =
-        match glommio::timer::timeout(CLAIM_TIMEOUT, async { Ok(answered.recv().await) }).await {
-            Ok(Ok(answer)) => Some(answer),
-            // The bridge thread is gone (it could not start): the node serves
-            // its local clients only, as with the link down.
-            Ok(Err(_)) => Some(ClaimAnswer::Granted(None)),
-            Err(_) => None,
-        };
+    let answered = if asked {
+        let wait = poll_fn(|cx| {
+            let mut shard = ctx.shard.borrow_mut();
+            match shard.registry.claims.get_mut(&token) {
+                Some(claim)
+                    if claim.cluster.is_none()
+                        && !matches!(claim.outcome, Some(Outcome::Superseded)) =>
+                {
+                    claim.waker = Some(cx.waker().clone());
+                    Poll::Pending
+                }
+                _ => Poll::Ready(()),
+            }
+        });
+        glommio::timer::timeout(CLAIM_TIMEOUT, async {
+            wait.await;
+            Ok(())
+        })
+        .await
+        .is_ok()
+    } else {
+        // The bridge thread is gone (it could not start): the node serves
+        // its local clients only, as with the link down.
+        true
+    };
     let mut shard = ctx.shard.borrow_mut();
-    let local = match take_outcome(&mut shard, token) {
+    let granted = !asked
+        || (answered
+            && shard
+                .registry
+                .claims
+                .get(&token)
+                .is_some_and(|c| c.cluster == Some(ClusterAnswer::Granted)));
+    let state = match take_outcome(&mut shard, token) {
         Outcome::Granted(state) => state,
         Outcome::Superseded => return Err(RegistryError::Superseded),
     };
-    match answer {
-        Some(ClaimAnswer::Granted(image)) => {
-            let moved = image.and_then(|image| match decode_image(&image) {
-                Ok(state) => Some(state),
-                Err(e) => {
-                    debug!("client {client_id}: session state from another node unreadable: {e}");
-                    None
-                }
-            });
-            let state = match moved {
-                Some(moved) => {
-                    if local.is_some() {
-                        // The cluster's owner had it last: the copy here is stale.
-                        shard.journal_drop(&client_id);
-                    }
-                    Some(moved)
-                }
-                None => local,
-            };
-            Ok((token, state.filter(|_| !clean_session)))
-        }
-        Some(ClaimAnswer::Recovered(image)) => {
-            // A copy held here is newer than what a dead owner left.
-            let state = local.or_else(|| match decode_image(&image) {
-                Ok(state) => Some(state),
-                Err(e) => {
-                    debug!("client {client_id}: subscriptions left by a dead node unreadable: {e}");
-                    None
-                }
-            });
-            Ok((token, state.filter(|_| !clean_session)))
-        }
-        _ => {
-            // Keep what was held here, as for a claim nobody waits for.
-            shard.keep_or_release(client_id, token, local);
-            Err(RegistryError::ClusterUnavailable)
-        }
+    if !granted {
+        // Keep what was held here, as for a claim nobody waits for.
+        shard.keep_or_release(client_id, token, state);
+        return Err(RegistryError::ClusterUnavailable);
     }
+    Ok((token, state.filter(|_| !clean_session)))
 }
 
 /// Claims `client_id` on this node only (no cluster) and waits until the
@@ -293,6 +311,7 @@ impl Shard {
                 waker: None,
                 superseded_by: None,
                 abandoned: false,
+                cluster: None,
             },
         );
         let home = home_shard(&client_id, self.nr_shards);
@@ -597,6 +616,107 @@ impl Shard {
             self.registry.homes.remove(client_id);
         }
     }
+
+    /// The cluster's answer to this shard's claim `token`, applied in the
+    /// order of the bridge's queue ([`claim`] waits for it). Granted, the
+    /// claim is attaching: its outcome becomes the state its connection
+    /// attaches (the previous owner node's, which replaces a copy held
+    /// here; a dead owner's subscriptions only without one here), so that
+    /// a take-over before the attach supersedes the claim with that state,
+    /// and messages meanwhile are kept in it
+    /// ([`Shard::queue_for_attaching`]). An answer for a claim gone or
+    /// superseded meanwhile is dropped.
+    pub fn cluster_claim_answered(&mut self, token: u64, answer: ClaimAnswer) {
+        let Some(claim) = self.registry.claims.get_mut(&token) else {
+            debug!("cluster answer to claim {token}, ended meanwhile, dropped");
+            return;
+        };
+        let local = match &mut claim.outcome {
+            Some(Outcome::Granted(local)) if claim.cluster.is_none() => local.take(),
+            _ => {
+                debug!("cluster answer to claim {token}, superseded meanwhile, dropped");
+                return;
+            }
+        };
+        let client_id = claim.client_id.clone();
+        let decoded = |image: &[u8], what: &str| match decode_image(image) {
+            Ok(state) => Some(state),
+            Err(e) => {
+                debug!("client {client_id}: {what} unreadable: {e}");
+                None
+            }
+        };
+        let (answered, state) = match answer {
+            ClaimAnswer::Granted(image) => {
+                let moved = image.and_then(|i| decoded(&i, "session state from another node"));
+                match moved {
+                    Some(moved) => {
+                        if local.is_some() {
+                            // The cluster's owner had it last: the copy
+                            // here is stale.
+                            self.journal_drop(&client_id);
+                        }
+                        (ClusterAnswer::Granted, Some(moved))
+                    }
+                    None => (ClusterAnswer::Granted, local),
+                }
+            }
+            // A copy held here is newer than what a dead owner left.
+            ClaimAnswer::Recovered(image) => (
+                ClusterAnswer::Granted,
+                local.or_else(|| decoded(&image, "subscriptions left by a dead node")),
+            ),
+            ClaimAnswer::Unavailable => (ClusterAnswer::Unavailable, local),
+        };
+        let attaching = answered == ClusterAnswer::Granted && state.is_some();
+        if let Some(claim) = self.registry.claims.get_mut(&token) {
+            claim.outcome = Some(Outcome::Granted(state));
+            claim.cluster = Some(answered);
+            if let Some(waker) = claim.waker.take() {
+                waker.wake();
+            }
+        }
+        if attaching {
+            self.registry.attaching.push(token);
+        }
+    }
+
+    /// Keeps `message` in the state of each claim the cluster granted here
+    /// whose connection has not attached it yet ([`Registry::attaching`]),
+    /// if the session takes it (from the NATS subscription of `filter` as
+    /// `shard::cluster` routes it; `None`: through any matching filter), as
+    /// an offline session keeps it: QoS 1 and 2, within the queue's limits.
+    /// Otherwise it would reach neither the old node, which handed the
+    /// session over, nor the session here.
+    pub(super) fn queue_for_attaching(&mut self, filter: Option<&str>, message: &Message) {
+        if self.registry.attaching.is_empty() || message.qos == QoS::AtMostOnce {
+            return;
+        }
+        let Registry {
+            claims, attaching, ..
+        } = &mut self.registry;
+        attaching.retain(|token| {
+            claims.get(token).is_some_and(|c| {
+                c.cluster == Some(ClusterAnswer::Granted)
+                    && matches!(c.outcome, Some(Outcome::Granted(Some(_))))
+            })
+        });
+        for token in attaching.iter() {
+            let Some(PendingClaim {
+                outcome: Some(Outcome::Granted(Some(state))),
+                ..
+            }) = claims.get_mut(token)
+            else {
+                continue;
+            };
+            let Some(granted) = copy_qos(state, filter, &message.topic) else {
+                continue;
+            };
+            if state.keep(message, granted, &self.limits) == Delivery::Dropped {
+                self.stats.publish_dropped += 1;
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -636,6 +756,7 @@ mod tests {
                 waker: None,
                 superseded_by: None,
                 abandoned: false,
+                cluster: None,
             },
         );
     }
@@ -787,6 +908,114 @@ mod tests {
         assert!(matches!(
             shard.registry.claims[&95].outcome,
             Some(Outcome::Granted(Some(_)))
+        ));
+    }
+
+    /// The payloads of the messages `state` keeps pending.
+    fn pending_payloads(state: &SessionState) -> Vec<String> {
+        state
+            .flows
+            .as_ref()
+            .map(|f| {
+                f.pending
+                    .iter()
+                    .map(|m| String::from_utf8_lossy(&m.payload).into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// A QoS 1 message on `topic`.
+    fn qos1(topic: &str, payload: &'static str) -> Message {
+        Message::new(
+            ByteString::from(topic),
+            bytes::Bytes::from_static(payload.as_bytes()),
+            QoS::AtLeastOnce,
+            false,
+        )
+    }
+
+    /// The image another node sends of a persistent session subscribed to
+    /// `m/#` at QoS 1 with one message queued.
+    fn image_of_moving() -> bytes::Bytes {
+        let mut state = SessionState::default();
+        state
+            .subscriptions
+            .push((crate::router::SharedFilter::from("m/#"), QoS::AtLeastOnce));
+        let flows = state.flows.get_or_insert_with(Box::default);
+        flows.pending.push_back(qos1("m/0", "queued"));
+        bytes::Bytes::from(crate::shard::cluster::encode_image(
+            "moving",
+            &state,
+            1 << 20,
+        ))
+    }
+
+    /// Between the cluster's grant of a session moving here from another
+    /// node and its connection attaching it, the claim holds the state
+    /// (granted, attaching): messages for the session meanwhile, from other
+    /// nodes or published here, are kept in it, and a take-over by a third
+    /// node in that window gets that state, not what this node held before.
+    #[test]
+    fn a_cluster_grant_not_yet_attached_keeps_messages_and_hands_its_state_on() {
+        let mut shard = shard();
+        let _other = connect(&mut shard, "other", true, "m/#");
+        // The node's own claim is answered (nothing held here); then the
+        // cluster's grant, with the previous owner's state.
+        pending(&mut shard, "moving", 50);
+        shard.claim_answered(50, None);
+        shard.cluster_claim_answered(50, ClaimAnswer::Granted(Some(image_of_moving())));
+        assert_eq!(
+            shard.registry.claims[&50].cluster,
+            Some(ClusterAnswer::Granted)
+        );
+        // Messages before the connection attached: from another node on the
+        // session's filter (held for the node by "other"), and from here;
+        // QoS 0 is not kept for a session without a connection.
+        shard.route_from_cluster(Some("m/#"), &[qos1("m/1", "from a node")]);
+        shard.route(&qos1("m/2", "local"));
+        let mut qos0 = qos1("m/3", "at most once");
+        qos0.qos = QoS::AtMostOnce;
+        shard.route(&qos0);
+        // A third node takes it over now (its hand-over claims it here).
+        pending(&mut shard, "moving", 51);
+        shard.home_claim(ByteString::from("moving"), 0, 51, false);
+        let (state, _) = shard.hand_over_claimed("moving", 51);
+        let state = state.expect("the granted state moves on");
+        assert_eq!(&*state.subscriptions[0].0, "m/#");
+        assert_eq!(pending_payloads(&state), ["queued", "from a node", "local"]);
+        // The connection granted first finds its claim superseded.
+        assert!(matches!(take_outcome(&mut shard, 50), Outcome::Superseded));
+        // Nothing is kept for a claim that is gone.
+        shard.route(&qos1("m/4", "after"));
+        assert!(shard.registry.attaching.is_empty());
+    }
+
+    /// The cluster's answer comes after a take-over superseded the claim
+    /// (dropped: the state went on with the take-over), or says it could
+    /// not decide (the claim keeps what the node held, and is not
+    /// attaching).
+    #[test]
+    fn a_cluster_answer_to_a_superseded_or_undecided_claim_attaches_nothing() {
+        let mut shard = shard();
+        pending(&mut shard, "moving", 60);
+        shard.claim_answered(60, None);
+        pending(&mut shard, "moving", 61);
+        shard.home_claim(ByteString::from("moving"), 0, 61, false);
+        shard.cluster_claim_answered(60, ClaimAnswer::Granted(Some(image_of_moving())));
+        assert!(matches!(take_outcome(&mut shard, 60), Outcome::Superseded));
+        assert!(shard.registry.attaching.is_empty());
+        pending(&mut shard, "undecided", 62);
+        shard.claim_answered(62, Some(SessionState::default()));
+        shard.cluster_claim_answered(62, ClaimAnswer::Unavailable);
+        assert_eq!(
+            shard.registry.claims[&62].cluster,
+            Some(ClusterAnswer::Unavailable)
+        );
+        assert!(shard.registry.attaching.is_empty());
+        assert!(matches!(
+            take_outcome(&mut shard, 62),
+            Outcome::Granted(Some(_))
         ));
     }
 

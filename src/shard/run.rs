@@ -44,8 +44,27 @@ pub fn takes_runs(
         && (persist_stamps.is_empty() || !persist_stamps.contains_key(&key))
 }
 
+/// `messages` cut, in order, into maximal runs of consecutive messages to
+/// one topic that [`runs`] allows, and single messages between them.
+pub fn split_runs(messages: &[Message]) -> impl Iterator<Item = &[Message]> {
+    let mut rest = messages;
+    std::iter::from_fn(move || {
+        let first = rest.first()?;
+        let len = if runs(first) {
+            rest.iter()
+                .take_while(|m| runs(m) && m.topic == first.topic)
+                .count()
+        } else {
+            1
+        };
+        let (run, after) = rest.split_at(len);
+        rest = after;
+        Some(run)
+    })
+}
+
 /// The union of `ranges` when they are adjacent in one lane, in order.
-fn union(ranges: &[BatchRange]) -> Option<BatchRange> {
+pub(super) fn union(ranges: &[BatchRange]) -> Option<BatchRange> {
     let first = *ranges.first()?;
     let mut whole = first;
     for range in &ranges[1..] {
@@ -63,18 +82,8 @@ impl Shard {
     /// [`Shard::route_run`], the others through [`Shard::route`]. For a batch
     /// from another shard.
     pub fn route_batch(&mut self, messages: &[Message]) {
-        let mut rest = messages;
-        while let Some(first) = rest.first() {
-            let len = if runs(first) {
-                rest.iter()
-                    .take_while(|m| runs(m) && m.topic == first.topic)
-                    .count()
-            } else {
-                1
-            };
-            let (run, after) = rest.split_at(len);
+        for run in split_runs(messages) {
             self.route_run(run, None);
-            rest = after;
         }
     }
 
@@ -165,7 +174,7 @@ mod tests {
 
     use super::*;
     use crate::config::Config;
-    use crate::shard::testing::{self, attach_client};
+    use crate::shard::testing::{self, attach_client, payloads};
 
     /// A QoS 0 message on `topic`.
     fn message(topic: &str, payload: &str) -> Message {
@@ -175,13 +184,6 @@ mod tests {
             QoS::AtMostOnce,
             false,
         )
-    }
-
-    /// The payloads of `got`, as text.
-    fn payloads(got: &[(String, Vec<u8>, QoS)]) -> Vec<String> {
-        got.iter()
-            .map(|(_, p, _)| String::from_utf8_lossy(p).into_owned())
-            .collect()
     }
 
     #[test]

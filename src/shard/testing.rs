@@ -150,3 +150,10 @@ fn attach_with_link(
     shard.subscribe(key, subscribe, None);
     key
 }
+
+/// The payloads of what a test client got (`publishes`), as text.
+pub fn payloads(got: &[(String, Vec<u8>, QoS)]) -> Vec<String> {
+    got.iter()
+        .map(|(_, p, _)| String::from_utf8_lossy(p).into_owned())
+        .collect()
+}

@@ -581,6 +581,47 @@ fn while_nats_is_down_subacks_and_retained_acks_do_not_wait_except_fenced_retain
 }
 
 #[test]
+fn retained_changes_made_while_nats_was_down_reach_the_other_nodes_once_it_is_back() {
+    let Some(mut nats) = Nats::start("cluster retained outage") else {
+        return;
+    };
+    // No `$SYS` messages (retained) in the counts this test waits on, on a
+    // host slow enough for the first update's 10 s.
+    let quiet = "sys_interval_secs = 3600";
+    let (a, b) = (nats.node_with("a", quiet), nats.node_with("b", quiet));
+    let mut publisher = Mqtt::connect(a.port, "outage-pub");
+    publisher.publish_acked("outage/changed", true, b"before");
+    publisher.publish_acked("outage/deleted", true, b"doomed");
+    wait_stats(&b, |s| s["total"]["retained"] == 2);
+    // NATS goes away; node a changes one retained message and deletes the
+    // other (acknowledged: `serve` holds them on this node meanwhile).
+    nats.stop();
+    wait_link(&a, "down");
+    wait_link(&b, "down");
+    publisher.publish_acked("outage/changed", true, b"during");
+    publisher.publish_acked("outage/deleted", true, b"");
+    wait_stats(&a, |s| s["total"]["retained"] == 1);
+    // Back: node a writes them to the bucket, and node b's replica follows.
+    nats.run();
+    wait_link(&a, "up");
+    wait_link(&b, "up");
+    wait_stats(&b, |s| s["total"]["retained"] == 1);
+    let mut on_b = Mqtt::connect(b.port, "outage-sub");
+    on_b.subscribe("outage/#", QoS::AtLeastOnce);
+    let p = on_b.expect_publish();
+    assert_eq!(
+        (p.topic.as_str(), &p.payload[..], p.retain),
+        ("outage/changed", &b"during"[..], true)
+    );
+    // And a node started afterwards loads them from the bucket.
+    let c = nats.node_with("c", quiet);
+    wait_stats(&c, |s| s["total"]["retained"] == 1);
+    let mut on_c = Mqtt::connect(c.port, "outage-late");
+    on_c.subscribe("outage/#", QoS::AtLeastOnce);
+    assert_eq!(&on_c.expect_publish().payload[..], b"during");
+}
+
+#[test]
 fn a_killed_node_leaves_the_others_working_and_a_nats_restart_heals_by_itself() {
     let Some(mut nats) = Nats::start("cluster faults") else {
         return;
