@@ -3,7 +3,7 @@
 //! timeout, authentication, the client-id claim (take-over across shards,
 //! `crate::shard::registry`), CONNACK, and the will when a connection ends.
 
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::time::Instant;
 
 use bytes::BytesMut;
@@ -16,7 +16,7 @@ use super::connect::{
     Accepted, ConnectRequest, Refusal, accepting_connack, effective_keep_alive,
     refusing_connack_v5, response_information,
 };
-use super::{Established, Identity, Peer, Wire};
+use super::{Established, Identity, Peer, Wire, send_now};
 use crate::net::fd;
 use crate::net::transport::{Acceptor, Stream, Transport};
 use crate::observe::log_limit::LogKind::{
@@ -83,9 +83,9 @@ pub(super) async fn accept_transport(
     }
 }
 
-/// Waits for CONNECT (until `deadline`, the end of the connect timeout),
-/// validates it, claims the client id and attaches the session. None when
-/// the connection ends here (refused, timed out, invalid).
+/// Waits for CONNECT (until `deadline`, the end of the connect timeout)
+/// on glommio's stream, then handles it ([`connect`]). None when the
+/// connection ends here (refused, timed out, invalid).
 pub(super) async fn handshake(
     ctx: &Ctx,
     mut stream: Stream,
@@ -98,19 +98,74 @@ pub(super) async fn handshake(
         Ok(read_first_packet(ctx, &mut stream, &mut rx).await)
     })
     .await;
+    match first {
+        Ok(first) => connect(ctx, Client::Stream(stream), rx, first).await,
+        Err(_) => {
+            debug!(
+                "{}: no CONNECT within {connect_timeout:?}, closing",
+                Peer(stream.socket_fd())
+            );
+            None
+        }
+    }
+}
+
+/// A client between its first packet and CONNACK: what the refusals are
+/// written to, and what becomes the connection's [`Wire`].
+pub(super) enum Client {
+    /// Read through glommio's stream (or its TLS / WebSocket framing).
+    Stream(Stream),
+    /// A plain TCP socket whose first packet was read with `recv` while it
+    /// waited without a task (`crate::net::waiting`): it never becomes a
+    /// glommio stream, and parks at its first wait after CONNACK.
+    Socket(OwnedFd),
+}
+
+impl Client {
+    /// The TCP socket underneath (for log lines).
+    fn socket_fd(&self) -> RawFd {
+        match self {
+            Client::Stream(stream) => stream.socket_fd(),
+            Client::Socket(fd) => fd.as_raw_fd(),
+        }
+    }
+
+    /// Writes a CONNACK that ends the connection. A socket is written once,
+    /// without waiting: a CONNACK is a few bytes, which a socket that has
+    /// sent nothing yet always takes.
+    async fn answer(&mut self, bytes: &[u8]) {
+        match self {
+            Client::Stream(stream) => {
+                let _ = stream.write_all(bytes).await;
+                let _ = stream.flush().await;
+            }
+            Client::Socket(fd) => send_now(fd.as_raw_fd(), bytes),
+        }
+    }
+}
+
+/// Handles the client's first packet, `first` (`rx` holds what came after
+/// it): validates the CONNECT, claims the client id and attaches the
+/// session. None when the connection ends here (refused, invalid).
+pub(super) async fn connect(
+    ctx: &Ctx,
+    mut client: Client,
+    mut rx: BytesMut,
+    first: Result<ConnectRequest, FirstPacketError>,
+) -> Option<Established> {
     let request = match first {
-        Ok(Ok(request)) => request,
-        Ok(Err(FirstPacketError::NotConnect(what))) => {
+        Ok(request) => request,
+        Err(FirstPacketError::NotConnect(what)) => {
             limited!(
                 ProtocolError,
                 debug,
                 "{}: first packet is not CONNECT ({what}), closing",
-                Peer(stream.socket_fd())
+                Peer(client.socket_fd())
             );
             ctx.shard.borrow_mut().stats.protocol_errors += 1;
             return None;
         }
-        Ok(Err(FirstPacketError::Decode(DecodeError::UnsupportedProtocolLevel(level)))) => {
+        Err(FirstPacketError::Decode(DecodeError::UnsupportedProtocolLevel(level))) => {
             // 3.x clients understand 3.1.1's CONNACK 1; a client of a later
             // version than 5.0 gets MQTT 5.0's 0x84 (§3.1.2.2).
             let version = if level > v5::PROTOCOL_VERSION {
@@ -122,45 +177,35 @@ pub(super) async fn handshake(
                 ConnectRefused,
                 debug,
                 "{}: unsupported protocol level {level}, refused",
-                Peer(stream.socket_fd())
+                Peer(client.socket_fd())
             );
             ctx.shard.borrow_mut().stats.connect_refused += 1;
-            refuse(&mut stream, version, Refusal::UnsupportedProtocolVersion).await;
+            refuse(&mut client, version, Refusal::UnsupportedProtocolVersion).await;
             return None;
         }
-        Ok(Err(FirstPacketError::Decode(e))) => {
+        Err(FirstPacketError::Decode(e)) => {
             limited!(
                 ProtocolError,
                 debug,
                 "{}: bad CONNECT: {e}",
-                Peer(stream.socket_fd())
+                Peer(client.socket_fd())
             );
             ctx.shard.borrow_mut().stats.protocol_errors += 1;
             return None;
         }
-        Ok(Err(FirstPacketError::DecodeV5(e))) => {
+        Err(FirstPacketError::DecodeV5(e)) => {
             // §4.13.1: a CONNACK with the reason, then close.
             limited!(
                 ProtocolError,
                 debug,
                 "{}: bad MQTT 5.0 CONNECT: {e}",
-                Peer(stream.socket_fd())
+                Peer(client.socket_fd())
             );
             ctx.shard.borrow_mut().stats.protocol_errors += 1;
-            let _ = stream
-                .write_all(&refusing_connack_v5(e.reason_code()))
-                .await;
-            let _ = stream.flush().await;
+            client.answer(&refusing_connack_v5(e.reason_code())).await;
             return None;
         }
-        Ok(Err(FirstPacketError::Closed)) => return None,
-        Err(_) => {
-            debug!(
-                "{}: no CONNECT within {connect_timeout:?}, closing",
-                Peer(stream.socket_fd())
-            );
-            return None;
-        }
+        Err(FirstPacketError::Closed) => return None,
     };
     let version = request.version;
     if let Some(will) = &request.will
@@ -170,14 +215,13 @@ pub(super) async fn handshake(
             ProtocolError,
             debug,
             "{}: invalid will topic {:?}",
-            Peer(stream.socket_fd()),
+            Peer(client.socket_fd()),
             will.topic
         );
         ctx.shard.borrow_mut().stats.protocol_errors += 1;
         if version == Version::V5 {
             let code = ReasonCode::TOPIC_NAME_INVALID;
-            let _ = stream.write_all(&refusing_connack_v5(code)).await;
-            let _ = stream.flush().await;
+            client.answer(&refusing_connack_v5(code)).await;
         }
         return None;
     }
@@ -196,7 +240,7 @@ pub(super) async fn handshake(
             ProtocolError,
             debug,
             "{}: will topic deeper than max_topic_levels ({max_levels})",
-            Peer(stream.socket_fd())
+            Peer(client.socket_fd())
         );
         ctx.shard.borrow_mut().stats.protocol_errors += 1;
         return None;
@@ -206,9 +250,9 @@ pub(super) async fn handshake(
             ConnectRefused,
             debug,
             "{}: will payload is not UTF-8 as its format says, refused",
-            Peer(stream.socket_fd())
+            Peer(client.socket_fd())
         );
-        refuse(&mut stream, version, Refusal::PayloadFormatInvalid).await;
+        refuse(&mut client, version, Refusal::PayloadFormatInvalid).await;
         return None;
     }
     if request.authentication_method {
@@ -216,9 +260,9 @@ pub(super) async fn handshake(
             ConnectRefused,
             debug,
             "{}: extended authentication is not supported, refused",
-            Peer(stream.socket_fd())
+            Peer(client.socket_fd())
         );
-        refuse(&mut stream, version, Refusal::BadAuthenticationMethod).await;
+        refuse(&mut client, version, Refusal::BadAuthenticationMethod).await;
         return None;
     }
     if request.client_id.len() > max_client_id_len {
@@ -226,16 +270,16 @@ pub(super) async fn handshake(
             ConnectRefused,
             debug,
             "{}: client id of {} bytes is over max_client_id_len ({max_client_id_len}), refused",
-            Peer(stream.socket_fd()),
+            Peer(client.socket_fd()),
             request.client_id.len()
         );
         ctx.shard.borrow_mut().stats.connect_refused += 1;
-        refuse(&mut stream, version, Refusal::ClientIdentifierNotValid).await;
+        refuse(&mut client, version, Refusal::ClientIdentifierNotValid).await;
         return None;
     }
     if ctx.shard.borrow().shutting_down {
         ctx.shard.borrow_mut().stats.connect_refused += 1;
-        refuse(&mut stream, version, Refusal::ServerUnavailable).await;
+        refuse(&mut client, version, Refusal::ServerUnavailable).await;
         return None;
     }
     let ConnectRequest {
@@ -268,10 +312,10 @@ pub(super) async fn handshake(
                 ConnectRefused,
                 debug,
                 "{}: empty client id with CleanSession 0, CONNACK 2",
-                Peer(stream.socket_fd())
+                Peer(client.socket_fd())
             );
             ctx.shard.borrow_mut().stats.connect_refused += 1;
-            refuse(&mut stream, version, Refusal::ClientIdentifierNotValid).await;
+            refuse(&mut client, version, Refusal::ClientIdentifierNotValid).await;
             return None;
         }
         let id = ctx.shard.borrow_mut().generate_client_id();
@@ -294,7 +338,10 @@ pub(super) async fn handshake(
     // use_identity_as_username: a verified client certificate's Common Name
     // is the user name and authenticates the client (TLS / WSS listeners).
     let tls_identity = if ctx.shard.borrow().config.use_identity_as_username {
-        stream.tls_identity().map(ByteString::from)
+        match &client {
+            Client::Stream(stream) => stream.tls_identity().map(ByteString::from),
+            Client::Socket(_) => None,
+        }
     } else {
         None
     };
@@ -314,13 +361,13 @@ pub(super) async fn handshake(
             NotAuthorized,
             info,
             "{}: client {client_id} (user {:?}) refused: {refusal}, {}",
-            Peer(stream.socket_fd()),
+            Peer(client.socket_fd()),
             username.as_deref().unwrap_or(""),
             answer.describe(version)
         );
         ctx.shard.borrow_mut().stats.auth_failures += 1;
         let refusal = answer;
-        refuse(&mut stream, version, refusal).await;
+        refuse(&mut client, version, refusal).await;
         return None;
     }
     let acl_username = if auth.acl_enabled() {
@@ -343,37 +390,40 @@ pub(super) async fn handshake(
     };
     // A framed connection's own descriptor for its socket, taken now, while
     // giving up costs nothing: glommio's stream goes once CONNECT is done.
-    let framed_socket = match &stream {
-        Stream::Tcp(_) => None,
-        Stream::Framed(_) => match fd::duplicate(stream.socket_fd()) {
+    let framed_socket = match &client {
+        Client::Stream(stream @ Stream::Framed(_)) => match fd::duplicate(stream.socket_fd()) {
             Ok(fd) => Some(fd),
             Err(e) => {
                 debug!(
                     "{}: cannot take the socket ({e}), closing",
-                    Peer(stream.socket_fd())
+                    Peer(client.socket_fd())
                 );
                 return None;
             }
         },
+        Client::Stream(Stream::Tcp(_)) | Client::Socket(_) => None,
     };
     let (claim, state) = match registry::claim(ctx, client_id.clone(), clean_start).await {
         Ok(granted) => granted,
         Err(e) => {
-            debug!("{}: client {client_id}: {e}", Peer(stream.socket_fd()));
+            debug!("{}: client {client_id}: {e}", Peer(client.socket_fd()));
             if e == registry::RegistryError::ClusterUnavailable {
-                refuse(&mut stream, version, Refusal::ServerUnavailable).await;
+                refuse(&mut client, version, Refusal::ServerUnavailable).await;
             }
             return None;
         }
     };
-    let wire = match (stream.into_framed(), framed_socket) {
-        (Ok((_glommio_stream, framing, decoded)), Some(socket)) => {
-            // What came after CONNECT (a pipelined SUBSCRIBE) is read next.
-            rx.extend_from_slice(&decoded);
-            Wire::Framed(socket, framing)
-        }
-        (Ok(_), None) => return None,
-        (Err(tcp), _) => Wire::Fresh(tcp),
+    let wire = match client {
+        Client::Socket(fd) => Wire::Plain(fd),
+        Client::Stream(stream) => match (stream.into_framed(), framed_socket) {
+            (Ok((_glommio_stream, framing, decoded)), Some(socket)) => {
+                // What came after CONNECT (a pipelined SUBSCRIBE) is read next.
+                rx.extend_from_slice(&decoded);
+                Wire::Framed(socket, framing)
+            }
+            (Ok(_), None) => return None,
+            (Err(tcp), _) => Wire::Fresh(tcp),
+        },
     };
     let link_fd = match &wire {
         Wire::Framed(socket, _) => framed_fd(socket.as_raw_fd()),
@@ -423,9 +473,7 @@ pub(super) enum FirstPacketError {
     Closed,
 }
 
-/// Reads until one whole packet is decoded: a CONNECT of 3.1.1 (or 3.1), or,
-/// when the 3.1.1 decoder finds protocol level 5, of MQTT 5.0 (the 3.1.1
-/// decoder leaves the buffer untouched on errors).
+/// Reads until one whole packet is decoded ([`decode_first_packet`]).
 pub(super) async fn read_first_packet(
     ctx: &Ctx,
     stream: &mut Stream,
@@ -433,20 +481,8 @@ pub(super) async fn read_first_packet(
 ) -> Result<ConnectRequest, FirstPacketError> {
     let max = ctx.shard.borrow().config.max_packet_size;
     loop {
-        match codec::decode(rx, max) {
-            Ok(Some(Packet::Connect(connect))) => return Ok(ConnectRequest::from(connect)),
-            Ok(Some(_)) => return Err(FirstPacketError::NotConnect("MQTT 3.1.1")),
-            Ok(None) => {}
-            Err(DecodeError::UnsupportedProtocolLevel(v5::PROTOCOL_VERSION)) => {
-                return match v5::decode(rx, max) {
-                    Ok(Some(v5::Packet::Connect(connect))) => Ok(ConnectRequest::from(connect)),
-                    Ok(Some(_)) => Err(FirstPacketError::NotConnect("MQTT 5.0")),
-                    // The 3.1.1 decoder read the level, so the packet is whole.
-                    Ok(None) => Err(FirstPacketError::Closed),
-                    Err(e) => Err(FirstPacketError::DecodeV5(e)),
-                };
-            }
-            Err(e) => return Err(FirstPacketError::Decode(e)),
+        if let Some(request) = decode_first_packet(rx, max)? {
+            return Ok(request);
         }
         let len = rx.len();
         rx.resize(len + CONNECT_READ_CHUNK, 0);
@@ -462,11 +498,35 @@ pub(super) async fn read_first_packet(
     }
 }
 
+/// Decodes the client's first packet from `rx`: a CONNECT of 3.1.1 (or
+/// 3.1), or, when the 3.1.1 decoder finds protocol level 5, of MQTT 5.0
+/// (the 3.1.1 decoder leaves the buffer untouched on errors). None while
+/// the packet is not whole.
+pub(super) fn decode_first_packet(
+    rx: &mut BytesMut,
+    max: usize,
+) -> Result<Option<ConnectRequest>, FirstPacketError> {
+    match codec::decode(rx, max) {
+        Ok(Some(Packet::Connect(connect))) => Ok(Some(ConnectRequest::from(connect))),
+        Ok(Some(_)) => Err(FirstPacketError::NotConnect("MQTT 3.1.1")),
+        Ok(None) => Ok(None),
+        Err(DecodeError::UnsupportedProtocolLevel(v5::PROTOCOL_VERSION)) => {
+            match v5::decode(rx, max) {
+                Ok(Some(v5::Packet::Connect(connect))) => Ok(Some(ConnectRequest::from(connect))),
+                Ok(Some(_)) => Err(FirstPacketError::NotConnect("MQTT 5.0")),
+                // The 3.1.1 decoder read the level, so the packet is whole.
+                Ok(None) => Err(FirstPacketError::Closed),
+                Err(e) => Err(FirstPacketError::DecodeV5(e)),
+            }
+        }
+        Err(e) => Err(FirstPacketError::Decode(e)),
+    }
+}
+
 /// Answers CONNECT with a refusal in `version`'s format and lets the socket
 /// close (§3.2.2.3; 5.0: §3.2.2.2).
-pub(super) async fn refuse(stream: &mut Stream, version: Version, refusal: Refusal) {
-    let _ = stream.write_all(&refusal.connack(version)).await;
-    let _ = stream.flush().await;
+pub(super) async fn refuse(client: &mut Client, version: Version, refusal: Refusal) {
+    client.answer(&refusal.connack(version)).await;
 }
 
 /// What [`attach`] needs of the CONNECT besides the client id.

@@ -106,7 +106,9 @@ fn sweep(ctx: &Ctx) -> Swept {
         let now = shard.now_ticks();
         let silent = shard.waiting.expire(std::time::Instant::now());
         if silent > 0 {
-            debug!("{silent} accepted sockets sent nothing within the connect timeout: closed");
+            debug!(
+                "{silent} accepted sockets sent no whole CONNECT within the connect timeout: closed"
+            );
         }
         let (expired, wills) = fire_due(&mut shard, now);
         let totals = shard.session_totals();

@@ -21,13 +21,16 @@
 //! in its session's link, its socket watched by the shard's epoll instance
 //! ([`crate::connection::park`]); [`socket_ready`] or the shard's own wake-up gives it a
 //! task again ([`resume`]). Its socket is read with non-blocking `recv`.
-//! Only the first wait after CONNECT happens in the task, on glommio's
-//! stream ([`Wire::Fresh`]): the client's next packet (SUBSCRIBE) usually
-//! follows at once, and waking a task through glommio costs less than
-//! through the watcher thread. A client whose SUBSCRIBE came with its
-//! CONNECT (pipelined) skips that wait. At its next wait (or when the keep-alive sweep
-//! finds it idle) the socket leaves glommio's stream ([`Wire::Plain`]) and
-//! the connection parks.
+//! It never becomes a glommio stream: its CONNECT is read with `recv`
+//! while it waits without a task ([`crate::net::waiting`]), its handshake
+//! task starts once the CONNECT is whole, and it parks at its first wait
+//! after CONNACK ([`Wire::Plain`]), even when its SUBSCRIBE is about to
+//! follow. In a connect storm thousands of clients are between CONNACK and
+//! SUBSCRIBE at once; each held a task and a glommio poll source (about
+//! 900 B) meanwhile when that first wait happened on glommio's stream.
+//! Glommio's stream ([`Wire::Fresh`]) is left for a connection that owes
+//! acknowledgements (`live::Live::wait`), and for one whose socket could
+//! not be duplicated at its accept (out of descriptors).
 //!
 //! Connections over TLS or WebSocket ([`crate::net::transport`]) frame what is
 //! written, so the shard never writes to their socket: their link's `fd` is
@@ -51,7 +54,7 @@ pub use dispatch::process;
 pub use keepalive::keep_alive_sweeper;
 pub use park::{resume, socket_ready};
 
-use handshake::{establish, will_message};
+use handshake::{Client, FirstPacketError, connect, decode_first_packet, establish, will_message};
 use live::{Live, Reading};
 
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -65,7 +68,8 @@ use crate::net::admission::{ConnectionSlot, IpKey};
 use crate::net::fd;
 use crate::net::framing::Framing;
 use crate::net::poller::Interest;
-use crate::net::transport::Acceptor;
+use crate::net::transport::{Acceptor, Transport};
+use crate::net::waiting::WaitingSocket;
 use crate::observe::log_limit::LogKind::PublishDenied;
 use crate::observe::log_limit::limited;
 use crate::protocol::Version;
@@ -107,9 +111,10 @@ struct Established {
 
 /// How an established connection's bytes travel.
 enum Wire {
-    /// Plain TCP until its first wait after CONNECT has ended: still
-    /// glommio's stream, which that wait uses; read with `recv` like
-    /// [`Wire::Plain`]. Also a plain connection that owes acknowledgements
+    /// Plain TCP on glommio's stream, read with `recv` like [`Wire::Plain`]:
+    /// a connection accepted when no descriptor was left to take its socket
+    /// from glommio (until its first wait after CONNECT has ended, which
+    /// happens on that stream). Also a plain connection that owes acknowledgements
     /// (QoS 1/2 messages in flight to it) and was given back to glommio's
     /// stream for that time (`live::Live::wait`), so that each PUBACK
     /// wakes its task through glommio and not through the watcher thread.
@@ -136,12 +141,15 @@ impl Wire {
     }
 }
 
-/// A connection was accepted (and admitted): serves it at once when its
-/// client has written already, otherwise keeps only its socket, in the
-/// shard's epoll set, until its first bytes arrive ([`crate::net::waiting`];
-/// [`socket_ready`] then serves it). Thousands of sockets accepted at once
-/// (clients reconnecting after a restart) thus cost no task and no buffer
-/// each while their CONNECT is on its way.
+/// A connection was accepted (and admitted). A plain MQTT socket is kept
+/// as its socket only, in the shard's epoll set ([`crate::net::waiting`]),
+/// while its CONNECT is on its way; its bytes are read with `recv` until
+/// the CONNECT is whole (at once when the client has written already), and
+/// only then does it get a task ([`socket_ready`], `serve_socket`). A TLS or
+/// WebSocket socket is served at once when its client has written already,
+/// otherwise it waits the same way until its first bytes. Thousands of
+/// sockets accepted at once (clients reconnecting after a restart) thus
+/// cost no task and no buffer each while their CONNECT is on its way.
 pub fn accepted(
     ctx: &Ctx,
     tcp: TcpStream,
@@ -161,7 +169,9 @@ pub fn accepted(
         ))
         .detach();
     };
-    if fd::has_input(tcp.as_raw_fd()) {
+    let has_input = fd::has_input(tcp.as_raw_fd());
+    let plain = acceptor.transport == Transport::Mqtt;
+    if has_input && !plain {
         serve_now(tcp, slot);
         return;
     }
@@ -184,6 +194,13 @@ pub fn accepted(
         accepted_at,
         deadline,
     );
+    if has_input {
+        // Its CONNECT (or part of it) is there: read it now (the socket is
+        // added to the epoll set only if it must wait for the rest).
+        drop(shard);
+        socket_ready(ctx, token);
+        return;
+    }
     let read = Interest {
         read: true,
         write: false,
@@ -208,12 +225,47 @@ pub async fn serve(
     ip_key: IpKey,
     accepted_at: Instant,
 ) {
-    let listener = acceptor.transport;
     let Some(conn) = establish(&ctx, tcp, &acceptor, accepted_at).await else {
         slot.release(ip_key);
         return;
     };
+    live(ctx, conn, slot, ip_key, acceptor.transport);
+}
+
+/// An accepted plain MQTT socket that waited without a task
+/// ([`crate::net::waiting`]) has its whole first packet in `waiting.rx`:
+/// handles it as [`serve`] does, without ever making the socket a glommio
+/// stream (no poll source, no read buffer of its own). The connection
+/// parks at its first wait after CONNACK, even when its SUBSCRIBE is about
+/// to follow: in a connect storm, thousands of clients are between their
+/// CONNACK and their SUBSCRIBE at once, and each would otherwise hold its
+/// task and a glommio poll source meanwhile.
+pub async fn serve_socket(ctx: Ctx, waiting: WaitingSocket) {
+    let WaitingSocket {
+        fd,
+        acceptor,
+        slot,
+        ip_key,
+        mut rx,
+        ..
+    } = waiting;
+    let max = ctx.shard.borrow().config.max_packet_size;
+    // Whole, as `first_bytes` checked: a packet still short of bytes here
+    // is one the decoder disagrees about, which ends the connection.
+    let first = decode_first_packet(&mut rx, max)
+        .and_then(|request| request.ok_or(FirstPacketError::Closed));
+    let Some(conn) = connect(&ctx, Client::Socket(fd), rx, first).await else {
+        slot.release(ip_key);
+        return;
+    };
+    live(ctx, conn, slot, ip_key, acceptor.transport);
+}
+
+/// Starts a connection's life past CONNACK: its `Live` task.
+fn live(ctx: Ctx, conn: Established, slot: ConnectionSlot, ip_key: IpKey, listener: Transport) {
     let unprocessed = !conn.rx.is_empty();
+    // A connection that was never a glommio stream has no first wait there.
+    let never_fresh = matches!(conn.wire, Wire::Plain(_));
     ctx.shard.borrow_mut().stats.clients_by_listener[listener.index()] += 1;
     glommio::spawn_local(Live {
         ctx,
@@ -226,7 +278,7 @@ pub async fn serve(
             // first wait. Waiting there instead held every such connection's
             // task and glommio poll source (~900 B) until the keep-alive
             // sweep, all at once after a connect burst.
-            fresh_waited: unprocessed,
+            fresh_waited: unprocessed || never_fresh,
             drained: false,
             full: false,
         },
@@ -337,7 +389,13 @@ async fn teardown(ctx: &Ctx, conn: Established, reason: CloseReason) {
 /// DISCONNECT with `code` (§3.14, §4.13), written if the socket takes it at
 /// once (a client that does not read loses nothing it could use).
 fn say_disconnect(socket: RawFd, code: ReasonCode) {
-    let bytes = disconnect_bytes(code);
+    send_now(socket, &disconnect_bytes(code));
+}
+
+/// Writes `bytes` to a plain socket if it takes them at once (one
+/// non-blocking send; what it does not take is dropped): for the last
+/// words to a client whose connection ends.
+fn send_now(socket: RawFd, bytes: &[u8]) {
     let iovec = libc::iovec {
         iov_base: bytes.as_ptr() as *mut libc::c_void,
         iov_len: bytes.len(),

@@ -42,11 +42,12 @@ use crate::net::fd;
 use crate::net::poller;
 use crate::net::poller::Interest;
 use crate::net::poller::WATCH_BATCH;
-use crate::net::waiting::Waiting;
+use crate::net::transport::Transport;
+use crate::net::waiting::{Waiting, WaitingSocket};
 use crate::protocol::v3;
 use crate::session::link;
 use crate::session::link::{CloseReason, Parked, Waiter};
-use crate::shard::Ctx;
+use crate::shard::{Ctx, Shard};
 
 /// The shard's side of the watcher: resumes the connections whose sockets
 /// became ready, until the broker stops.
@@ -66,6 +67,11 @@ pub async fn receive_ready(ctx: Ctx, mut from_watcher: UnixStream) {
             raw.copy_from_slice(bytes);
             connection::socket_ready(&ctx, u64::from_ne_bytes(raw));
         }
+        // Let the tasks this batch started run (and end, or park) before
+        // the next batch: in a connect storm the watcher's messages queue
+        // up, and reading them all first would start a handshake task for
+        // every waiting client at once.
+        futures_lite::future::yield_now().await;
     }
 }
 
@@ -170,8 +176,8 @@ pub fn socket_ready(ctx: &Ctx, token: u64) {
 /// PINGREQ (§3.12), what an idle subscriber sends every keep-alive, and it
 /// is plain TCP (a TLS or WebSocket one resumes: its bytes are framed), the
 /// shard answers it here: the keep-alive clock moves on, PINGRESP is
-/// queued and flushed like any write to a parked socket, and the socket is
-/// armed again; the connection stays parked (no task, no buffer). Anything
+/// sent at once (queued and flushed like any write to a parked socket when
+/// something else waits to go out first), and the socket is armed again; the connection stays parked (no task, no buffer). Anything
 /// else (other bytes, the peer's close, a connection being closed or
 /// waiting to write) returns the connection with the bytes read, for
 /// [`resume`].
@@ -215,8 +221,26 @@ fn answer_ping(ctx: &Ctx, token: u64, parked: Parked) -> Option<(Parked, BytesMu
         // The task's own read sees the error (or the close) again.
         Err(_) => return Some((parked, BytesMut::new())),
     };
+    // Whether the PINGRESP waits in the queue for `flush_dirty`.
+    let mut queued = false;
     if pinged {
-        session.queue_control(&v3::PINGRESP_BYTES);
+        // Nothing else to send and no hold for the journal (the idle case):
+        // one send, no queue (whose memory a parked connection has given
+        // back) and no flush.
+        let held = session
+            .link
+            .as_ref()
+            .is_some_and(|l| shard.held_out.waits(key, l.conn_id));
+        let sent = if session.out.is_empty() && !held {
+            send_some(fd, &v3::PINGRESP_BYTES)
+        } else {
+            0
+        };
+        shard.stats.bytes_sent += sent as u64;
+        if let Some(rest) = v3::PINGRESP_BYTES.get(sent..).filter(|r| !r.is_empty()) {
+            session.queue_control(rest);
+            queued = true;
+        }
         shard.stats.packets_received += 1;
         shard.stats.pingreq_parked += 1;
         shard.stats.bytes_received += v3::PINGREQ_BYTES.len() as u64;
@@ -236,21 +260,105 @@ fn answer_ping(ctx: &Ctx, token: u64, parked: Parked) -> Option<(Parked, BytesMu
         warn!("socket {fd}: cannot watch it again ({e}), closing");
         link.close(CloseReason::Io);
     }
-    if pinged {
+    if queued {
         shard.mark_dirty(key);
         shard.flush_dirty();
     }
     None
 }
 
+/// One non-blocking send of `bytes` to a plain socket: how many it took (0
+/// when full or broken: the queued rest goes through the flush, which sees
+/// the error again).
+fn send_some(fd: std::os::fd::RawFd, bytes: &[u8]) -> usize {
+    let iovec = libc::iovec {
+        iov_base: bytes.as_ptr() as *mut libc::c_void,
+        iov_len: bytes.len(),
+    };
+    fd::send_vectored(fd, &[iovec]).unwrap_or(0)
+}
+
 /// An accepted socket that waited for its first bytes ([`crate::net::waiting`])
-/// is readable: it leaves the epoll set for glommio's stream, and its
-/// connection task starts (see [`crate::connection::accepted`]).
+/// is readable. A plain MQTT socket's bytes are read here, with `recv` into
+/// the shard's read buffer, and kept in its waiting entry until its first
+/// packet is whole: a CONNECT that comes in pieces waits on, still without
+/// a task, until the connect timeout. The whole packet is handed to
+/// [`crate::connection::serve_socket`] (the socket stays in the epoll set,
+/// where it will park). A TLS or WebSocket socket leaves the epoll set for
+/// glommio's stream, and its connection task starts
+/// ([`crate::connection::serve`]): its first bytes are its transport's
+/// handshake.
 fn first_bytes(ctx: &Ctx, token: u64) {
-    let Some(waiting) = ctx.shard.borrow_mut().waiting.take(token) else {
+    let mut guard = ctx.shard.borrow_mut();
+    let Shard {
+        waiting,
+        read_buf,
+        stats,
+        config,
+        ..
+    } = &mut *guard;
+    let Some(socket) = waiting.get_mut(token) else {
         // Closed at its deadline meanwhile.
         return;
     };
+    if socket.acceptor.transport != Transport::Mqtt {
+        let Some(socket) = waiting.take(token) else {
+            return;
+        };
+        drop(guard);
+        return to_glommio(ctx, socket);
+    }
+    let raw = socket.fd.as_raw_fd();
+    let whole = match fd::recv(raw, read_buf) {
+        // The client closed before its CONNECT was whole.
+        Ok(0) => None,
+        Ok(n) => {
+            stats.bytes_received += n as u64;
+            socket.rx.extend_from_slice(&read_buf[..n]);
+            match v3::peek_frame_len(&socket.rx, config.max_packet_size) {
+                Ok(Some(size)) => Some(socket.rx.len() >= size),
+                Ok(None) => Some(false),
+                // Not the start of a packet a server takes: the decoder
+                // refuses it (and logs why).
+                Err(_) => Some(true),
+            }
+        }
+        // Woken for nothing: wait again.
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Some(false),
+        Err(_) => None,
+    };
+    match whole {
+        Some(true) => {
+            let Some(socket) = waiting.take(token) else {
+                return;
+            };
+            drop(guard);
+            glommio::spawn_local(connection::serve_socket(ctx.clone(), socket)).detach();
+        }
+        Some(false) => {
+            let read = Interest {
+                read: true,
+                write: false,
+            };
+            if let Err(e) = ctx.poller.arm(raw, token, read, false) {
+                debug!("socket {raw}: cannot watch it again ({e}), closing");
+                if let Some(socket) = waiting.take(token) {
+                    socket.slot.release(socket.ip_key);
+                }
+            }
+        }
+        None => {
+            // Dropped: the socket closes (and leaves the epoll set).
+            if let Some(socket) = waiting.take(token) {
+                socket.slot.release(socket.ip_key);
+            }
+        }
+    }
+}
+
+/// A TLS or WebSocket socket that waited for its first bytes: it leaves
+/// the epoll set for glommio's stream, and its connection task starts.
+fn to_glommio(ctx: &Ctx, waiting: WaitingSocket) {
     let raw = waiting.fd.into_raw_fd();
     if let Err(e) = ctx.poller.forget(raw) {
         debug!("socket {raw}: not in the epoll set ({e})");

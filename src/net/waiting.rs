@@ -7,12 +7,16 @@
 //! paid by every accepted socket at once when all clients reconnect after a
 //! restart, long before their CONNECT arrives. Here a waiting socket costs
 //! an entry in [`Waiting`] and an epoll registration; its task is created
-//! only once it is readable. A socket that stays silent for the connect
-//! timeout is closed by [`Waiting::expire`].
+//! only once it is readable (a plain MQTT socket's, only once its whole
+//! first packet is in [`WaitingSocket::rx`]). A socket that stays silent,
+//! or sends only part of its CONNECT, for the connect timeout is closed by
+//! [`Waiting::expire`].
 
 use std::collections::VecDeque;
 use std::os::fd::OwnedFd;
 use std::time::Instant;
+
+use bytes::BytesMut;
 
 use crate::net::admission::{ConnectionSlot, IpKey};
 use crate::net::transport::Acceptor;
@@ -34,6 +38,10 @@ pub struct WaitingSocket {
     pub ip_key: IpKey,
     /// When it was accepted: the connect timeout counts from here.
     pub accepted_at: Instant,
+    /// The bytes of its first packet read so far, while it is not whole
+    /// (plain MQTT listeners, whose CONNECT is read here with `recv`; empty
+    /// and unallocated for the others, and until the first bytes).
+    pub rx: BytesMut,
     /// Tells this entry from a later one at the same slab index (the low
     /// 31 bits of an accept counter), so that a stale token or deadline
     /// matches nothing.
@@ -73,6 +81,7 @@ impl Waiting {
             slot,
             ip_key,
             accepted_at,
+            rx: BytesMut::new(),
             generation,
         });
         self.deadlines.push_back((deadline, index, generation));
@@ -84,19 +93,35 @@ impl Waiting {
         token & WAITING != 0
     }
 
-    /// Takes the socket `token` names out of the table: it became ready.
-    /// None when it has already closed (timed out) and the slot was reused.
+    /// The socket `token` names, still in the table (it became ready, and
+    /// its first packet is read into it). None when it has already closed
+    /// (timed out) and the slot was reused.
+    pub fn get_mut(&mut self, token: u64) -> Option<&mut WaitingSocket> {
+        let (index, generation) = Self::split(token);
+        self.sockets
+            .get_mut(index)
+            .filter(|s| s.generation == generation)
+    }
+
+    /// Takes the socket `token` names out of the table: it became ready
+    /// (or closed). None as for [`Waiting::get_mut`].
     pub fn take(&mut self, token: u64) -> Option<WaitingSocket> {
-        let index = (token & u64::from(u32::MAX)) as usize;
-        let generation = ((token & !WAITING) >> 32) as u32;
+        let (index, generation) = Self::split(token);
         if self.sockets.get(index)?.generation != generation {
             return None;
         }
         self.sockets.try_remove(index)
     }
 
+    /// A token's slab index and generation.
+    fn split(token: u64) -> (usize, u32) {
+        let index = (token & u64::from(u32::MAX)) as usize;
+        let generation = ((token & !WAITING) >> 32) as u32;
+        (index, generation)
+    }
+
     /// Closes the sockets whose deadline is at or before `now` (the client
-    /// sent nothing within the connect timeout); returns how many.
+    /// sent no whole first packet within the connect timeout); returns how many.
     pub fn expire(&mut self, now: Instant) -> usize {
         let mut closed = 0;
         while let Some(&(deadline, index, generation)) = self.deadlines.front() {

@@ -275,6 +275,148 @@ fn accepted_sockets_wait_without_a_task_until_their_connect() {
     }
 }
 
+/// A socket accepted before its client wrote: the `waiting`th one
+/// (`connections_waiting` goes from `waiting - 1` to `waiting`; the figures
+/// are refreshed twice a second, so both are waited for).
+fn waiting_socket(broker: &Broker, waiting: u64) -> Raw {
+    wait_stats(broker, |s| total(s, "connections_waiting") == waiting - 1);
+    let raw = Raw::tcp(broker.port);
+    wait_stats(broker, |s| total(s, "connections_waiting") == waiting);
+    raw
+}
+
+/// A CONNECT that arrives in pieces is read by the shard into the waiting
+/// socket's entry: the socket still waits without a task (it is still
+/// counted in `connections_waiting` once its first bytes are received)
+/// until the packet is whole; then it is answered, and the connection
+/// subscribes, gets a message, and parks.
+#[test]
+fn a_connect_in_pieces_waits_without_a_task_until_it_is_whole() {
+    let broker = Broker::start();
+    let mut raw = waiting_socket(&broker, 1);
+    let received = total(&wait_stats(&broker, |_| true), "bytes_received");
+    let connect = ConnectBuilder::new(&format!("park-pieces-{}", unique())).bytes();
+    // The fixed header's first byte alone, then up to the middle.
+    let cuts = [1, connect.len() / 2, connect.len()];
+    let mut sent = 0;
+    for &cut in &cuts[..2] {
+        raw.send(&connect[sent..cut]);
+        sent = cut;
+        let stats = wait_stats(&broker, |s| {
+            total(s, "bytes_received") >= received + sent as u64
+        });
+        assert_eq!(
+            total(&stats, "connections_waiting"),
+            1,
+            "a socket with {sent} of its CONNECT's {} bytes left the waiting set: {stats}",
+            connect.len()
+        );
+    }
+    raw.send(&connect[sent..]);
+    assert_eq!(raw.expect_packet().bytes(), CONNACK_OK);
+    let topic = format!("park/pieces/{}", unique());
+    assert_eq!(raw.subscribe(1, &[(&topic, 0)]), vec![0]);
+    let publisher = Mqtt::connect(broker.port, &format!("park-pieces-pub-{}", unique()));
+    publisher.publish(&topic, QoS::AtMostOnce, false, b"whole");
+    assert_eq!(raw.expect_publish().payload, b"whole");
+    wait_stats(&broker, |s| {
+        total(s, "connections_waiting") == 0 && total(s, "clients_parked") >= 1
+    });
+}
+
+/// CONNECT, SUBSCRIBE and a PUBLISH to the subscribed topic in one segment
+/// from a socket that waited: all three are handled, in order, and the
+/// client gets its own message.
+#[test]
+fn connect_subscribe_and_publish_in_one_segment_from_a_waiting_socket() {
+    let broker = Broker::start();
+    let mut raw = waiting_socket(&broker, 1);
+    let topic = format!("park/segment/{}", unique());
+    let mut segment = ConnectBuilder::new(&format!("park-segment-{}", unique())).bytes();
+    segment.extend(subscribe(1, &[(topic.as_bytes(), 0)]));
+    segment.extend(publish(topic.as_bytes(), b"mine", 0, false, false, 0));
+    raw.send(&segment);
+    assert_eq!(raw.expect_packet().bytes(), CONNACK_OK);
+    assert_eq!(raw.expect_packet().bytes(), vec![0x90, 3, 0, 1, 0]);
+    assert_eq!(raw.expect_publish().payload, b"mine");
+    wait_parked(&broker, 1);
+    raw.ping();
+}
+
+/// A waiting socket's first bytes that are not a CONNECT close it without
+/// an answer (§3.1.0-1, §4.8); a CONNECT of an unknown protocol level is
+/// refused with its CONNACK; the broker and a client already connected go
+/// on.
+#[test]
+fn a_waiting_socket_whose_first_bytes_are_not_a_connect_is_closed() {
+    let broker = Broker::start();
+    let topic = format!("park/garbage/{}", unique());
+    let mut bystander = watching(&broker, &topic, 0);
+    let errors = total(&wait_stats(&broker, |_| true), "protocol_errors");
+    let not_connects: [&[u8]; 3] = [b"GET / HTTP/1.1\r\n\r\n", &PINGREQ, &[0x00, 0x00]];
+    for (i, bytes) in not_connects.iter().enumerate() {
+        let mut raw = waiting_socket(&broker, 1);
+        raw.send(bytes);
+        raw.expect_closed_silently();
+        wait_stats(&broker, |s| {
+            total(s, "protocol_errors") == errors + i as u64 + 1
+                && total(s, "connections_waiting") == 0
+        });
+    }
+    // Refused with the CONNACK of the version it can read (§3.1.2.2).
+    for (level, connack) in [(9, vec![0x20, 3, 0, 0x84, 0]), (2, vec![0x20, 2, 0, 1])] {
+        let mut raw = waiting_socket(&broker, 1);
+        raw.send(&ConnectBuilder::new("lvl").protocol(b"MQTT", level).bytes());
+        assert_eq!(raw.expect_closed(), connack, "protocol level {level}");
+    }
+    let publisher = Mqtt::connect(broker.port, &format!("park-garbage-pub-{}", unique()));
+    publisher.publish(&topic, QoS::AtMostOnce, false, b"still here");
+    assert_eq!(bystander.expect_publish().payload, b"still here");
+}
+
+/// A socket that never sends its CONNECT, and one that sends only part of
+/// it, are closed at the connect timeout (and leave the waiting set).
+#[test]
+fn waiting_sockets_without_a_whole_connect_close_at_the_connect_timeout() {
+    let broker = Broker::builder()
+        .config("connect_timeout_secs = 1\n")
+        .start();
+    let silent = waiting_socket(&broker, 1);
+    let mut partial = waiting_socket(&broker, 2);
+    let connect = ConnectBuilder::new(&format!("park-partial-{}", unique())).bytes();
+    partial.send(&connect[..connect.len() - 1]);
+    silent.expect_closed_silently();
+    partial.expect_closed_silently();
+    wait_stats(&broker, |s| total(s, "connections_waiting") == 0);
+    let mut fine = waiting_socket(&broker, 1);
+    fine.send(&connect);
+    assert_eq!(fine.expect_packet().bytes(), CONNACK_OK);
+}
+
+/// A connection that waited for its CONNECT parks after CONNACK; its
+/// PINGREQs are answered parked (`pingreq_parked`) and keep it alive past
+/// 1.5 × its keep-alive; once it is silent, keep-alive closes it.
+#[test]
+fn a_connection_that_waited_for_its_connect_is_pinged_parked_and_expires() {
+    let broker = Broker::start();
+    let mut raw = waiting_socket(&broker, 1);
+    let pings = total(&wait_stats(&broker, |_| true), "pingreq_parked");
+    raw.send(
+        &ConnectBuilder::new(&format!("park-waited-ka-{}", unique()))
+            .keep_alive(2)
+            .bytes(),
+    );
+    assert_eq!(raw.expect_packet().bytes(), CONNACK_OK);
+    for round in 1..=5u64 {
+        wait_parked(&broker, 1);
+        std::thread::sleep(Duration::from_millis(800));
+        raw.ping();
+        wait_stats(&broker, |s| total(s, "pingreq_parked") >= pings + round);
+    }
+    raw.expect_closed_silently();
+    wait_stats(&broker, |s| total(s, "clients_connected") == 0);
+}
+
 // TLS and WebSocket connections park too (`src/net/framing.rs`).
 
 /// A raw MQTT client over one of the framed transports.
