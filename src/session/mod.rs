@@ -244,24 +244,73 @@ impl SessionState {
             if message.is_expired() {
                 continue;
             }
-            let mut share = None;
-            let mut plain = false;
-            for (filter, _) in &self.subscriptions {
-                match shared::parse(filter) {
-                    shared::Parsed::Shared { filter: inner, .. } => {
-                        if share.is_none() && topic::filter_matches(inner, &message.topic) {
-                            share = Some(filter.clone());
-                        }
-                    }
-                    _ => plain |= topic::filter_matches(filter, &message.topic),
-                }
-            }
-            if let (Some(share), false) = (share, plain) {
-                backlog.push((share, without_identifiers(message)));
+            if let (Some(share), false) = matching(&self.subscriptions, &message.topic) {
+                backlog.push((share.clone(), without_identifiers(message)));
             }
         }
         backlog
     }
+
+    /// Takes out of the pending queue the messages that can only have come
+    /// through the shared subscription `share` (the whole `$share/...`
+    /// filter), which the client has just unsubscribed from: those that
+    /// match its filter and none of the session's remaining subscriptions
+    /// (told by topic, as [`SessionState::shared_backlog`] tells them),
+    /// oldest first, without the member's Subscription Identifiers. They
+    /// were never sent, so the shard may give them to another member of
+    /// the group (§4.8.2). The messages in flight stay: the Server MUST
+    /// complete the delivery of a QoS 1 or 2 message it has started to send
+    /// (MQTT-3.10.4-3). One past its Message Expiry Interval is dropped.
+    pub fn take_shared_pending(&mut self, share: &str) -> Vec<Message> {
+        let shared::Parsed::Shared { filter: inner, .. } = shared::parse(share) else {
+            return Vec::new();
+        };
+        let Some(flows) = self.flows.as_deref_mut().filter(|f| !f.pending.is_empty()) else {
+            return Vec::new();
+        };
+        let only_through_share = |message: &Message| {
+            topic::filter_matches(inner, &message.topic)
+                && matching(&self.subscriptions, &message.topic) == (None, false)
+        };
+        let stored = std::mem::take(&mut flows.pending_stored);
+        let mut taken = Vec::new();
+        for (i, message) in std::mem::take(&mut flows.pending).into_iter().enumerate() {
+            if only_through_share(&message) {
+                flows.pending_bytes -= message.wire_len();
+                if !message.is_expired() {
+                    taken.push(without_identifiers(&message));
+                }
+                continue;
+            }
+            if !stored.is_empty() {
+                // Kept exactly as long as `pending` when not empty.
+                flows
+                    .pending_stored
+                    .push_back(stored.get(i).copied().unwrap_or(0));
+            }
+            flows.pending.push_back(message);
+        }
+        taken
+    }
+}
+
+/// What of `subscriptions` a message on `topic` matches: the first shared
+/// subscription (the whole `$share/...` filter) whose filter matches, and
+/// whether a non-shared one does.
+fn matching<'s>(subscriptions: &'s Subscriptions, topic: &str) -> (Option<&'s SharedFilter>, bool) {
+    let mut share = None;
+    let mut plain = false;
+    for (filter, _) in subscriptions {
+        match shared::parse(filter) {
+            shared::Parsed::Shared { filter: inner, .. } => {
+                if share.is_none() && topic::filter_matches(inner, topic) {
+                    share = Some(filter);
+                }
+            }
+            _ => plain |= topic::filter_matches(filter, topic),
+        }
+    }
+    (share, plain)
 }
 
 impl Flows {
@@ -1763,20 +1812,27 @@ mod tests {
         assert_eq!(written(&mut s), b"\x32\x08\x00\x03a/b\x00\x03x");
     }
 
-    #[test]
-    fn the_shared_backlog_is_what_only_a_share_matched_and_the_client_has_not_taken() {
+    /// An online MQTT 5.0 session subscribed to `$share/g/a/+` at `qos`
+    /// with Subscription Identifier 9, and to `a/plain` at QoS 1.
+    fn member_of_a_share(qos: QoS) -> Session {
         let mut s = online();
         s.version = Version::V5;
         let share = SharedFilter::from("$share/g/a/+");
-        s.subscribe(share.clone(), QoS::ExactlyOnce);
+        s.subscribe(share.clone(), qos);
         let options = SubscriptionOptions {
-            qos: QoS::ExactlyOnce,
+            qos,
             no_local: false,
             retain_as_published: false,
             retain_handling: crate::protocol::v5::RetainHandling::SendAtSubscribe,
         };
         s.set_subscription_options(share, &options, NonZeroU32::new(9));
         s.subscribe(SharedFilter::from("a/plain"), QoS::AtLeastOnce);
+        s
+    }
+
+    #[test]
+    fn the_shared_backlog_is_what_only_a_share_matched_and_the_client_has_not_taken() {
+        let mut s = member_of_a_share(QoS::ExactlyOnce);
         let mut batch = Batch::default();
         let on = |topic: &'static str, payload| Message {
             topic: ByteString::from_static(topic),
@@ -1808,6 +1864,59 @@ mod tests {
             assert_eq!(&**filter, "$share/g/a/+");
             assert!(m.properties.is_none(), "identifier 9 taken off: {m:?}");
         }
+    }
+
+    #[test]
+    fn unsubscribing_a_share_takes_out_the_pending_messages_only_it_matched() {
+        let mut s = member_of_a_share(QoS::AtLeastOnce);
+        s.subscribe(SharedFilter::from("$share/h/a/other"), QoS::AtLeastOnce);
+        let mut batch = Batch::default();
+        // 1 in flight (the window of 1 is full), the rest pending; the
+        // stored ids of persistence go with them.
+        let limits = Limits {
+            max_inflight: 1,
+            max_queued_messages: 10,
+            ..LIMITS
+        };
+        let messages = [
+            ("a/b", b"1"),
+            ("a/b", b"2"),
+            ("a/plain", b"3"),
+            ("a/other", b"4"),
+            ("a/b", b"5"),
+        ];
+        for (topic, payload) in messages {
+            let m = Message {
+                topic: ByteString::from_static(topic),
+                ..msg(QoS::AtLeastOnce, payload)
+            };
+            let mut enc = Encoded::new(&m, &mut batch);
+            let got = s.deliver_shared(&mut enc, "$share/g/a/+", QoS::AtLeastOnce, &limits);
+            assert_ne!(got, Delivery::Dropped);
+        }
+        s.flows().pending_stored = VecDeque::from([12, 13, 14, 15]);
+        assert!(s.unsubscribe("$share/g/a/+"));
+        let taken = s.state.take_shared_pending("$share/g/a/+");
+        let payloads: Vec<&[u8]> = taken.iter().map(|m| &m.payload[..]).collect();
+        // "a/plain" and "a/other" match other subscriptions: they may be
+        // their copies, so they stay.
+        assert_eq!(payloads, [b"2", b"5"]);
+        assert!(
+            taken.iter().all(|m| m.properties.is_none()),
+            "identifier 9 taken off"
+        );
+        let flows = s.flows();
+        let left: Vec<&[u8]> = flows.pending.iter().map(|m| &m.payload[..]).collect();
+        assert_eq!(left, [b"3", b"4"]);
+        assert_eq!(flows.pending_stored, [13, 14], "each id with its message");
+        let bytes: usize = flows.pending.iter().map(Message::wire_len).sum();
+        assert_eq!(flows.pending_bytes, bytes);
+        assert_eq!(flows.inflight.len(), 1, "the one in flight completes here");
+        assert!(s.state.take_shared_pending("$share/g/a/+").is_empty());
+        assert!(
+            s.state.take_shared_pending("a/plain").is_empty(),
+            "not a share"
+        );
     }
 
     #[test]

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use rumqttc::v5::mqttbytes::QoS as QoS5;
 use rumqttc::v5::mqttbytes::v5::{
     ConnAck, ConnectReturnCode, DisconnectReasonCode, Filter, Packet, PubAckReason, PubRecReason,
-    Publish, PublishProperties, RetainForwardRule, SubscribeReasonCode,
+    Publish, PublishProperties, RetainForwardRule, SubscribeReasonCode, UnsubAckReason,
 };
 use rumqttc::v5::{Client, ConnectionError, Event, MqttOptions};
 
@@ -115,6 +115,18 @@ impl V5 {
     /// Subscribes to one filter at `qos`.
     pub(crate) fn subscribe(&mut self, filter: &str, qos: QoS5) -> Vec<SubscribeReasonCode> {
         self.subscribe_filter(Filter::new(filter, qos))
+    }
+
+    /// Unsubscribes from `filter`; returns the UNSUBACK's reason codes.
+    pub(crate) fn unsubscribe(&mut self, filter: &str) -> Vec<UnsubAckReason> {
+        self.client
+            .unsubscribe(filter)
+            .expect("unsubscribe request");
+        self.wait_for(|p| match p {
+            Packet::UnsubAck(u) => Some(u.reasons.clone()),
+            _ => None,
+        })
+        .unwrap_or_else(|e| panic!("no UNSUBACK: {e}"))
     }
 
     /// Queues a publish.
