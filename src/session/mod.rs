@@ -268,24 +268,73 @@ impl SessionState {
             if message.is_expired() {
                 continue;
             }
-            let mut share = None;
-            let mut plain = false;
-            for (filter, _) in &self.subscriptions {
-                match shared::parse(filter) {
-                    shared::Parsed::Shared { filter: inner, .. } => {
-                        if share.is_none() && topic::filter_matches(inner, &message.topic) {
-                            share = Some(filter.clone());
-                        }
-                    }
-                    _ => plain |= topic::filter_matches(filter, &message.topic),
-                }
-            }
-            if let (Some(share), false) = (share, plain) {
-                backlog.push((share, without_identifiers(message)));
+            if let (Some(share), false) = matching(&self.subscriptions, &message.topic) {
+                backlog.push((share.clone(), without_identifiers(message)));
             }
         }
         backlog
     }
+
+    /// Takes out of the pending queue the messages that can only have come
+    /// through the shared subscription `share` (the whole `$share/...`
+    /// filter), which the client has just unsubscribed from: those that
+    /// match its filter and none of the session's remaining subscriptions
+    /// (told by topic, as [`SessionState::shared_backlog`] tells them),
+    /// oldest first, without the member's Subscription Identifiers. They
+    /// were never sent, so the shard may give them to another member of
+    /// the group (§4.8.2). The messages in flight stay: the Server MUST
+    /// complete the delivery of a QoS 1 or 2 message it has started to send
+    /// (MQTT-3.10.4-3). One past its Message Expiry Interval is dropped.
+    pub fn take_shared_pending(&mut self, share: &str) -> Vec<Message> {
+        let shared::Parsed::Shared { filter: inner, .. } = shared::parse(share) else {
+            return Vec::new();
+        };
+        let Some(flows) = self.flows.as_deref_mut().filter(|f| !f.pending.is_empty()) else {
+            return Vec::new();
+        };
+        let only_through_share = |message: &Message| {
+            topic::filter_matches(inner, &message.topic)
+                && matching(&self.subscriptions, &message.topic) == (None, false)
+        };
+        let stored = std::mem::take(&mut flows.pending_stored);
+        let mut taken = Vec::new();
+        for (i, message) in std::mem::take(&mut flows.pending).into_iter().enumerate() {
+            if only_through_share(&message) {
+                flows.pending_bytes -= message.wire_len();
+                if !message.is_expired() {
+                    taken.push(without_identifiers(&message));
+                }
+                continue;
+            }
+            if !stored.is_empty() {
+                // Kept exactly as long as `pending` when not empty.
+                flows
+                    .pending_stored
+                    .push_back(stored.get(i).copied().unwrap_or(0));
+            }
+            flows.pending.push_back(message);
+        }
+        taken
+    }
+}
+
+/// What of `subscriptions` a message on `topic` matches: the first shared
+/// subscription (the whole `$share/...` filter) whose filter matches, and
+/// whether a non-shared one does.
+fn matching<'s>(subscriptions: &'s Subscriptions, topic: &str) -> (Option<&'s SharedFilter>, bool) {
+    let mut share = None;
+    let mut plain = false;
+    for (filter, _) in subscriptions {
+        match shared::parse(filter) {
+            shared::Parsed::Shared { filter: inner, .. } => {
+                if share.is_none() && topic::filter_matches(inner, topic) {
+                    share = Some(filter);
+                }
+            }
+            _ => plain |= topic::filter_matches(filter, topic),
+        }
+    }
+    (share, plain)
 }
 
 impl Flows {
@@ -612,26 +661,54 @@ impl Session {
         self.queue_pending(forwarded, limits)
     }
 
+    /// True when a QoS 0 delivery to this session is its version's frame
+    /// of the message as every such session gets it, so that a shard may
+    /// encode a run of messages once for all of them
+    /// ([`Session::deliver_qos0_run`]). What [`Session::deliver`] and
+    /// [`Session::deliver_v5`] do per subscriber for a QoS 0 message, and
+    /// how each case reads here:
+    ///
+    /// - a Topic Alias from the broker (`server_aliases`, MQTT 5.0 only):
+    ///   a frame of its own, and a table to keep: not plain;
+    /// - a subscription option besides QoS (No Local, Retain As Published,
+    ///   a Subscription Identifier: [`Session::needs_subscription_options`]):
+    ///   a copy of its own or none: not plain;
+    /// - the Maximum Packet Size (MQTT 5.0): a test of the frame's length,
+    ///   which the run path makes as `deliver` does: still plain;
+    /// - the queue limits: the same tests, made by the run path too;
+    /// - offline: QoS 0 is skipped on both paths.
+    ///
+    /// The Message Expiry Interval is not per subscriber: the remaining
+    /// interval is written when the shard encodes the frame. Always true
+    /// for a 3.1.1 session (it has none of these).
+    #[inline]
+    pub fn plain_delivery(&self) -> bool {
+        self.server_aliases.maximum().is_none() && !self.needs_subscription_options()
+    }
+
     /// [`Session::deliver`] of a *run*: QoS 0 messages to one topic, framed
-    /// for MQTT 3.1.1 at `ranges` of the step's batch, in order (`whole`:
-    /// their union when they are adjacent, as the run's encoding leaves
-    /// them). For a 3.1.1 session only (no Topic Aliases, no maximum packet
-    /// size). The queue limits apply per message as in `deliver`: when the
-    /// whole run fits (the usual case), it is queued as one entry with one
-    /// check; otherwise message by message, the rest dropped. Returns the
-    /// messages queued and dropped; an offline session skips them all (QoS 0
-    /// is never kept for an offline session).
+    /// for this session's version at `ranges` of the step's batch, in order
+    /// (`whole`: their union when they are adjacent, as the run's encoding
+    /// leaves them; `largest`: the length of the largest). For a session
+    /// with [`Session::plain_delivery`] only. The Maximum Packet Size and
+    /// the queue limits apply per message as in `deliver`: when the whole
+    /// run fits (the usual case), it is queued as one entry with one check;
+    /// otherwise message by message, the rest dropped. Returns the messages
+    /// queued and dropped; an offline session skips them all (QoS 0 is
+    /// never kept for an offline session).
     pub fn deliver_qos0_run(
         &mut self,
         ranges: &[BatchRange],
         whole: Option<BatchRange>,
+        largest: u32,
         limits: &Limits,
     ) -> (usize, usize) {
-        debug_assert!(self.version != Version::V5);
+        debug_assert!(self.plain_delivery());
         if !self.is_online() {
             return (0, 0);
         }
         if let Some(whole) = whole
+            && !self.too_large(largest as usize)
             && self.out.publishes() + ranges.len() <= limits.max_queued_messages
             && self.out.bytes() + whole.len as usize <= limits.max_queued_bytes
         {
@@ -641,7 +718,8 @@ impl Session {
         }
         let mut queued = 0;
         for &range in ranges {
-            if self.out.publishes() < limits.max_queued_messages
+            if !self.too_large(range.len as usize)
+                && self.out.publishes() < limits.max_queued_messages
                 && self.out.bytes() + range.len as usize <= limits.max_queued_bytes
             {
                 self.out.push_batch(range);
@@ -683,15 +761,23 @@ impl Session {
 
     /// True when a subscription of this session has an MQTT 5.0 option
     /// besides QoS (No Local, Retain As Published, a Subscription
-    /// Identifier): its deliveries need [`Session::deliver_v5`]. Inlined,
-    /// one pointer test for most sessions, so that an MQTT 5.0 subscriber
-    /// without options takes the 3.1.1 subscriber's path.
+    /// Identifier). Inlined, one pointer test for most sessions.
     #[inline]
     pub fn has_subscription_options(&self) -> bool {
         self.state
             .flows
             .as_deref()
             .is_some_and(|f| !f.subscription_options.is_empty())
+    }
+
+    /// True when this session's deliveries need [`Session::deliver_v5`]:
+    /// an MQTT 5.0 session with [`Session::has_subscription_options`] (a
+    /// 3.1.1 connection of a session that had them ignores them, as its
+    /// frames cannot carry them). Otherwise an MQTT 5.0 subscriber takes
+    /// the 3.1.1 subscriber's path, [`Session::deliver`].
+    #[inline]
+    pub fn needs_subscription_options(&self) -> bool {
+        self.version == Version::V5 && self.has_subscription_options()
     }
 
     /// [`Session::deliver`] for an MQTT 5.0 session: the same, unless the
@@ -1354,6 +1440,139 @@ mod tests {
         );
     }
 
+    #[test]
+    fn plain_delivery_is_false_for_server_aliases_and_subscription_options_only() {
+        assert!(online().plain_delivery(), "3.1.1");
+        let v5 = online_with(Version::V5, u32::MAX);
+        assert!(v5.plain_delivery(), "5.0 without anything per subscriber");
+        let small = online_with(Version::V5, 10);
+        assert!(
+            small.plain_delivery(),
+            "the run path checks each frame's size"
+        );
+        assert!(!online_v5(4).plain_delivery(), "server Topic Aliases");
+        let options = |no_local, retain_as_published| SubscriptionOptions {
+            qos: QoS::AtMostOnce,
+            no_local,
+            retain_as_published,
+            retain_handling: crate::protocol::v5::RetainHandling::SendAtSubscribe,
+        };
+        for (option, identifier) in [
+            (options(true, false), None),
+            (options(false, true), None),
+            (options(false, false), NonZeroU32::new(7)),
+        ] {
+            let mut s = online();
+            s.version = Version::V5;
+            s.subscribe(SharedFilter::from("a/+"), QoS::AtMostOnce);
+            s.set_subscription_options(SharedFilter::from("a/+"), &option, identifier);
+            assert!(!s.plain_delivery(), "{option:?} {identifier:?}");
+            // The same state under a 3.1.1 connection: its frames carry no
+            // options, so its deliveries are plain.
+            s.version = Version::V3;
+            assert!(s.plain_delivery());
+        }
+        // Retain Handling alone keeps nothing per delivery.
+        let mut s = online();
+        s.version = Version::V5;
+        let handling = SubscriptionOptions {
+            retain_handling: crate::protocol::v5::RetainHandling::DoNotSend,
+            ..options(false, false)
+        };
+        s.set_subscription_options(SharedFilter::from("a/+"), &handling, None);
+        assert!(s.plain_delivery());
+    }
+
+    /// An online session of `version` with Maximum Packet Size `max`.
+    fn online_with(version: Version, max: u32) -> Session {
+        let mut s = online();
+        s.version = version;
+        s.max_packet_size = max;
+        s
+    }
+
+    /// What a session [`online_with`] `version` and `max` writes and the
+    /// (queued, dropped) counts when `messages` (QoS 0) reach it as one run
+    /// ([`Session::deliver_qos0_run`]) and, to another such session, one by
+    /// one ([`Session::deliver`]).
+    fn run_and_one_by_one(
+        (version, max): (Version, u32),
+        messages: &[Message],
+        limits: &Limits,
+    ) -> [(Vec<u8>, usize, usize); 2] {
+        let mut by_run = online_with(version, max);
+        let mut batch = Batch::default();
+        let ranges: Vec<BatchRange> = messages
+            .iter()
+            .map(|m| Encoded::new(m, &mut batch).qos0_frame(version))
+            .collect();
+        let whole = ranges.iter().skip(1).try_fold(ranges[0], |w, r| {
+            (w.lane == r.lane && w.start + w.len == r.start).then_some(BatchRange {
+                len: w.len + r.len,
+                ..w
+            })
+        });
+        assert!(whole.is_some(), "a run's frames are adjacent");
+        let largest = ranges.iter().map(|r| r.len).max().unwrap_or(0);
+        let (queued, dropped) = by_run.deliver_qos0_run(&ranges, whole, largest, limits);
+        let (chunk, bases) = batch.seal();
+        by_run.out.seal(&chunk, &bases);
+        let run = (written(&mut by_run), queued, dropped);
+
+        let mut alone = online_with(version, max);
+        let mut batch = Batch::default();
+        let (mut queued, mut dropped) = (0, 0);
+        for m in messages {
+            match alone.deliver(&mut Encoded::new(m, &mut batch), QoS::AtMostOnce, limits) {
+                Delivery::Queued => queued += 1,
+                Delivery::Dropped => dropped += 1,
+                other => panic!("{other:?}"),
+            }
+        }
+        let (chunk, bases) = batch.seal();
+        alone.out.seal(&chunk, &bases);
+        [run, (written(&mut alone), queued, dropped)]
+    }
+
+    #[test]
+    fn a_run_to_a_plain_session_is_what_its_messages_one_by_one_are() {
+        let payloads: [&'static [u8]; 5] = [b"1", b"22222222", b"3", b"44444444", b"5"];
+        let messages: Vec<Message> = payloads
+            .iter()
+            .map(|p| Message {
+                retain: false,
+                ..msg(QoS::AtMostOnce, p)
+            })
+            .collect();
+        let roomy = Limits {
+            max_queued_messages: 10,
+            ..LIMITS
+        };
+        let (v3, v5) = ((Version::V3, u32::MAX), (Version::V5, u32::MAX));
+        // A 5.0 frame of a one-byte payload on `a/b` is 9 bytes, of an
+        // eight-byte payload 16: the long ones are over 10.
+        let small = (Version::V5, 10);
+        let cases = [
+            ("3.1.1", v3, roomy, 0),
+            ("5.0", v5, roomy, 0),
+            ("5.0, Maximum Packet Size 10", small, roomy, 2),
+            ("3.1.1, queue of 3", v3, LIMITS, 2),
+            ("5.0, queue of 3", v5, LIMITS, 2),
+        ];
+        for (name, session, limits, dropped) in cases {
+            let [run, alone] = run_and_one_by_one(session, &messages, &limits);
+            assert_eq!(run, alone, "{name}");
+            assert_eq!(run.2, dropped, "{name}");
+            assert_eq!(run.1 + run.2, messages.len(), "{name}");
+        }
+        // Maximum Packet Size 10: the short ones arrive, in order.
+        let [(bytes, ..), _] = run_and_one_by_one(small, &messages, &LIMITS);
+        assert_eq!(
+            bytes,
+            b"\x30\x07\x00\x03a/b\x001\x30\x07\x00\x03a/b\x003\x30\x07\x00\x03a/b\x005"
+        );
+    }
+
     /// An online MQTT 5.0 session that takes `maximum` aliases from the
     /// broker.
     fn online_v5(maximum: u16) -> Session {
@@ -1617,20 +1836,27 @@ mod tests {
         assert_eq!(written(&mut s), b"\x32\x08\x00\x03a/b\x00\x03x");
     }
 
-    #[test]
-    fn the_shared_backlog_is_what_only_a_share_matched_and_the_client_has_not_taken() {
+    /// An online MQTT 5.0 session subscribed to `$share/g/a/+` at `qos`
+    /// with Subscription Identifier 9, and to `a/plain` at QoS 1.
+    fn member_of_a_share(qos: QoS) -> Session {
         let mut s = online();
         s.version = Version::V5;
         let share = SharedFilter::from("$share/g/a/+");
-        s.subscribe(share.clone(), QoS::ExactlyOnce);
+        s.subscribe(share.clone(), qos);
         let options = SubscriptionOptions {
-            qos: QoS::ExactlyOnce,
+            qos,
             no_local: false,
             retain_as_published: false,
             retain_handling: crate::protocol::v5::RetainHandling::SendAtSubscribe,
         };
         s.set_subscription_options(share, &options, NonZeroU32::new(9));
         s.subscribe(SharedFilter::from("a/plain"), QoS::AtLeastOnce);
+        s
+    }
+
+    #[test]
+    fn the_shared_backlog_is_what_only_a_share_matched_and_the_client_has_not_taken() {
+        let mut s = member_of_a_share(QoS::ExactlyOnce);
         let mut batch = Batch::default();
         let on = |topic: &'static str, payload| Message {
             topic: ByteString::from_static(topic),
@@ -1662,6 +1888,59 @@ mod tests {
             assert_eq!(&**filter, "$share/g/a/+");
             assert!(m.properties.is_none(), "identifier 9 taken off: {m:?}");
         }
+    }
+
+    #[test]
+    fn unsubscribing_a_share_takes_out_the_pending_messages_only_it_matched() {
+        let mut s = member_of_a_share(QoS::AtLeastOnce);
+        s.subscribe(SharedFilter::from("$share/h/a/other"), QoS::AtLeastOnce);
+        let mut batch = Batch::default();
+        // 1 in flight (the window of 1 is full), the rest pending; the
+        // stored ids of persistence go with them.
+        let limits = Limits {
+            max_inflight: 1,
+            max_queued_messages: 10,
+            ..LIMITS
+        };
+        let messages = [
+            ("a/b", b"1"),
+            ("a/b", b"2"),
+            ("a/plain", b"3"),
+            ("a/other", b"4"),
+            ("a/b", b"5"),
+        ];
+        for (topic, payload) in messages {
+            let m = Message {
+                topic: ByteString::from_static(topic),
+                ..msg(QoS::AtLeastOnce, payload)
+            };
+            let mut enc = Encoded::new(&m, &mut batch);
+            let got = s.deliver_shared(&mut enc, "$share/g/a/+", QoS::AtLeastOnce, &limits);
+            assert_ne!(got, Delivery::Dropped);
+        }
+        s.flows().pending_stored = VecDeque::from([12, 13, 14, 15]);
+        assert!(s.unsubscribe("$share/g/a/+"));
+        let taken = s.state.take_shared_pending("$share/g/a/+");
+        let payloads: Vec<&[u8]> = taken.iter().map(|m| &m.payload[..]).collect();
+        // "a/plain" and "a/other" match other subscriptions: they may be
+        // their copies, so they stay.
+        assert_eq!(payloads, [b"2", b"5"]);
+        assert!(
+            taken.iter().all(|m| m.properties.is_none()),
+            "identifier 9 taken off"
+        );
+        let flows = s.flows();
+        let left: Vec<&[u8]> = flows.pending.iter().map(|m| &m.payload[..]).collect();
+        assert_eq!(left, [b"3", b"4"]);
+        assert_eq!(flows.pending_stored, [13, 14], "each id with its message");
+        let bytes: usize = flows.pending.iter().map(Message::wire_len).sum();
+        assert_eq!(flows.pending_bytes, bytes);
+        assert_eq!(flows.inflight.len(), 1, "the one in flight completes here");
+        assert!(s.state.take_shared_pending("$share/g/a/+").is_empty());
+        assert!(
+            s.state.take_shared_pending("a/plain").is_empty(),
+            "not a share"
+        );
     }
 
     #[test]

@@ -585,12 +585,14 @@ impl Shard {
             batch,
             auth,
             persist_stamps,
-            run_ranges,
+            run_frames,
             cluster_others,
             ..
         } = self;
-        let mut ranges = std::mem::take(run_ranges);
-        ranges.clear();
+        let mut frames = std::mem::take(run_frames);
+        for version in &mut frames {
+            version.clear();
+        }
         let mut others = std::mem::take(cluster_others);
         others.clear();
         // The ACL's read rules apply as for a local publish.
@@ -609,14 +611,10 @@ impl Shard {
                 others.push((key, granted));
                 return;
             }
-            if ranges.is_empty() {
-                // The first taker: encode the run, adjacent in the 3.1.1
-                // lane (nothing else is appended meanwhile).
-                for message in run {
-                    ranges.push(Encoded::new(message, batch).qos0_frame(Version::V3));
-                }
-            }
-            let (queued, dropped) = session.deliver_qos0_run(&ranges, run::union(&ranges), limits);
+            // Encoded once per version, by its first taker.
+            let version = &mut frames[usize::from(session.version == Version::V5)];
+            version.encode(run, session.version, batch);
+            let (queued, dropped) = version.deliver(session, limits);
             stats.publish_sent_by_qos[0] += queued as u64;
             stats.publish_dropped += dropped as u64;
             if queued > 0 && !session.dirty {
@@ -636,7 +634,7 @@ impl Shard {
                 }
             }
         }
-        self.run_ranges = ranges;
+        self.run_frames = frames;
         self.cluster_others = others;
         if !as_run {
             self.queue_for_attaching(Some(filter), first);

@@ -41,7 +41,6 @@ use crate::mesh::{self, MeshSenders, ShardMsg};
 use crate::net::poller::Poller;
 use crate::observe::counters::Counters;
 use crate::observe::metrics::BrokerGauges;
-use crate::protocol::Version;
 use crate::protocol::message::{Batch, Encoded, Message};
 use crate::protocol::v3::QoS;
 use crate::router::Router;
@@ -185,9 +184,10 @@ pub struct Shard {
     batch: Batch,
     /// Publishes received on this shard, to hand to the other shards.
     remote_batch: Vec<Message>,
-    /// Where the frames of the run being routed lie in the batch
-    /// ([`Shard::route_run`]): scratch kept for its allocation.
-    run_ranges: Vec<crate::protocol::message::BatchRange>,
+    /// The frames of the run being routed, 3.1.1 (index 0) and 5.0
+    /// ([`Shard::route_run`], [`Shard::route_run_from_cluster`]): scratch
+    /// kept for its allocation.
+    run_frames: [run::RunFrames; 2],
     /// The sessions of a run from another node that take it message by
     /// message, with the QoS granted to each
     /// ([`Shard::route_run_from_cluster`]): scratch kept for its allocation.
@@ -278,7 +278,7 @@ pub(crate) fn offer(
     let qos = encoded.message.qos;
     // One delivery path for both versions unless a 5.0 subscription has
     // options (No Local, Retain As Published, Subscription Identifiers).
-    let delivery = if session.version == Version::V5 && session.has_subscription_options() {
+    let delivery = if session.needs_subscription_options() {
         session.deliver_v5(encoded, key, granted, limits)
     } else {
         session.deliver(encoded, granted, limits)
@@ -557,7 +557,7 @@ impl Shard {
             dirty: Vec::new(),
             batch: Batch::default(),
             remote_batch: Vec::new(),
-            run_ranges: Vec::new(),
+            run_frames: Default::default(),
             cluster_others: Vec::new(),
             run: Vec::new(),
             outbox: Vec::new(),

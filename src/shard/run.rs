@@ -11,18 +11,21 @@
 //! ([`Session::deliver_qos0_run`]).
 //!
 //! Only sessions for which a run is the same as its messages one by one
-//! take runs ([`takes_runs`]): online or offline 3.1.1 sessions without read
-//! checks and not tracked by persistence. The others (MQTT 5.0 sessions:
-//! Topic Aliases, subscription options, maximum packet size; read checks;
-//! persistent sessions) get each message of the run through the usual path,
-//! after the run's takers, so every session still sees its messages in
-//! the order published.
+//! take runs ([`takes_runs`]): online or offline sessions, MQTT 3.1.1 or
+//! 5.0, whose QoS 0 deliveries need nothing per subscriber
+//! ([`Session::plain_delivery`]), without read checks and not tracked by
+//! persistence. Each version gets the run framed once per shard
+//! ([`RunFrames`]): one encoding for every 3.1.1 taker, one for every 5.0
+//! taker. The others (a server Topic Alias, subscription options besides
+//! QoS, read checks, persistent sessions) get each message of the run
+//! through the usual path, after the run's takers, so every session still
+//! sees its messages in the order published.
 
 use crate::protocol::Version;
-use crate::protocol::message::{BatchRange, Encoded, Message};
+use crate::protocol::message::{Batch, BatchRange, Encoded, Message};
 use crate::protocol::v3::QoS;
-use crate::session::Session;
 use crate::session::link::SessionKey;
+use crate::session::{Limits, Session};
 use crate::shard::Shard;
 
 /// Whether `message` may be part of a run: QoS 0 and not retained (a
@@ -31,15 +34,15 @@ pub fn runs(message: &Message) -> bool {
     message.qos == QoS::AtMostOnce && !message.retain
 }
 
-/// Whether `session` (key `key`) takes a run as a whole: a 3.1.1 session
-/// (nothing per delivery but the queue limits) without read checks and not
-/// tracked by persistence (`persist_stamps`).
+/// Whether `session` (key `key`) takes a run as a whole: its deliveries
+/// need nothing per subscriber ([`Session::plain_delivery`]), it has no
+/// read checks and it is not tracked by persistence (`persist_stamps`).
 pub fn takes_runs(
     session: &Session,
     key: SessionKey,
     persist_stamps: &ahash::AHashMap<SessionKey, crate::store::record::Alias>,
 ) -> bool {
-    session.version != Version::V5
+    session.plain_delivery()
         && !session.read_check
         && (persist_stamps.is_empty() || !persist_stamps.contains_key(&key))
 }
@@ -61,6 +64,49 @@ pub fn split_runs(messages: &[Message]) -> impl Iterator<Item = &[Message]> {
         rest = after;
         Some(run)
     })
+}
+
+/// A run's QoS 0 frames for one protocol version, encoded once per shard
+/// by its first taker of that version and shared by the others.
+#[derive(Debug, Default)]
+pub struct RunFrames {
+    /// Where each message's frame lies in the step's batch, in order;
+    /// empty until encoded.
+    ranges: Vec<BatchRange>,
+    /// The union of `ranges` ([`union`]).
+    whole: Option<BatchRange>,
+    /// The length of the largest frame, for the Maximum Packet Size.
+    largest: u32,
+}
+
+impl RunFrames {
+    /// Forgets the previous run's frames (they lie in an earlier step's
+    /// batch); the allocation is kept.
+    pub(super) fn clear(&mut self) {
+        self.ranges.clear();
+        self.whole = None;
+        self.largest = 0;
+    }
+
+    /// Encodes `run` for `version` into `batch`, unless already done.
+    pub(super) fn encode(&mut self, run: &[Message], version: Version, batch: &mut Batch) {
+        if !self.ranges.is_empty() {
+            return;
+        }
+        // Adjacent in the version's lane: nothing else is appended
+        // meanwhile.
+        self.ranges.extend(
+            run.iter()
+                .map(|message| Encoded::new(message, batch).qos0_frame(version)),
+        );
+        self.whole = union(&self.ranges);
+        self.largest = self.ranges.iter().map(|r| r.len).max().unwrap_or(0);
+    }
+
+    /// Offers the run to `session` ([`Session::deliver_qos0_run`]).
+    pub(super) fn deliver(&self, session: &mut Session, limits: &Limits) -> (usize, usize) {
+        session.deliver_qos0_run(&self.ranges, self.whole, self.largest, limits)
+    }
 }
 
 /// The union of `ranges` when they are adjacent in one lane, in order.
@@ -129,11 +175,13 @@ impl Shard {
             limits,
             batch,
             persist_stamps,
-            run_ranges,
+            run_frames,
             ..
         } = self;
-        let mut ranges = std::mem::take(run_ranges);
-        ranges.clear();
+        let mut frames = std::mem::take(run_frames);
+        for version in &mut frames {
+            version.clear();
+        }
         let mut others = false;
         router.for_each_match(&first.topic, |key, _granted| {
             let Some(session) = sessions.get_mut(key as usize) else {
@@ -143,14 +191,9 @@ impl Shard {
                 others = true;
                 return;
             }
-            if ranges.is_empty() {
-                // The first taker: encode the run, adjacent in the 3.1.1
-                // lane (nothing else is appended meanwhile).
-                for message in run {
-                    ranges.push(Encoded::new(message, batch).qos0_frame(Version::V3));
-                }
-            }
-            let (queued, dropped) = session.deliver_qos0_run(&ranges, union(&ranges), limits);
+            let version = &mut frames[usize::from(session.version == Version::V5)];
+            version.encode(run, session.version, batch);
+            let (queued, dropped) = version.deliver(session, limits);
             stats.publish_sent_by_qos[0] += queued as u64;
             stats.publish_dropped += dropped as u64;
             if queued > 0 && !session.dirty {
@@ -158,7 +201,7 @@ impl Shard {
                 dirty.push(key);
             }
         });
-        self.run_ranges = ranges;
+        self.run_frames = frames;
         if others {
             for message in run {
                 self.route_matching(message, origin, true);
@@ -186,24 +229,44 @@ mod tests {
         )
     }
 
+    /// Makes the session `key` of `shard` an MQTT 5.0 one.
+    fn make_v5(shard: &mut Shard, key: SessionKey) -> &mut Session {
+        let session = shard.sessions.get_mut(key as usize).expect("session");
+        session.version = Version::V5;
+        session
+    }
+
+    /// How many entries the out queue of session `key` has.
+    fn entries(shard: &Shard, key: SessionKey) -> Option<usize> {
+        shard.sessions.get(key as usize).map(|s| s.out.entries())
+    }
+
     #[test]
-    fn a_run_reaches_takers_and_the_others_in_order_and_is_counted() {
+    fn a_run_reaches_takers_of_both_versions_and_the_others_in_order_and_is_counted() {
         let mut shard = testing::shard();
         let mut plain = attach_client(&mut shard, "plain", "t/#", QoS::AtMostOnce, None);
         let mut v5 = attach_client(&mut shard, "v5", "t/1", QoS::AtLeastOnce, None);
-        if let Some(session) = shard.sessions.get_mut(v5.key as usize) {
-            // An MQTT 5.0 session does not take runs: message by message.
-            session.version = Version::V5;
-        }
+        make_v5(&mut shard, v5.key);
+        let mut with_id = attach_client(&mut shard, "id", "t/+", QoS::AtMostOnce, None);
+        let options = crate::protocol::v5::SubscriptionOptions {
+            qos: QoS::AtMostOnce,
+            no_local: false,
+            retain_as_published: false,
+            retain_handling: crate::protocol::v5::RetainHandling::SendAtSubscribe,
+        };
+        // A Subscription Identifier: every frame its own, message by message.
+        make_v5(&mut shard, with_id.key).set_subscription_options(
+            crate::router::SharedFilter::from("t/+"),
+            &options,
+            std::num::NonZeroU32::new(7),
+        );
         shard.flush_dirty(); // the SUBACKs
         let run: Vec<Message> = (0..5).map(|i| message("t/1", &i.to_string())).collect();
         shard.route_run(&run, None);
-        assert_eq!(shard.stats.publish_sent_by_qos, [10, 0, 0]);
-        let entries = shard
-            .sessions
-            .get(plain.key as usize)
-            .map(|s| s.out.entries());
-        assert_eq!(entries, Some(1), "the whole run is one queue entry");
+        assert_eq!(shard.stats.publish_sent_by_qos, [15, 0, 0]);
+        assert_eq!(entries(&shard, plain.key), Some(1), "the run is one entry");
+        assert_eq!(entries(&shard, v5.key), Some(1), "for 5.0 too");
+        assert_eq!(entries(&shard, with_id.key), Some(5), "one by one");
         shard.flush_dirty();
         let want: Vec<String> = (0..5).map(|i| i.to_string()).collect();
         assert_eq!(payloads(&plain.publishes()), want);
@@ -216,6 +279,33 @@ mod tests {
             got.iter()
                 .all(|(t, _, q)| t == "t/1" && *q == QoS::AtMostOnce)
         );
+        // Properties of 2 bytes: Subscription Identifier (0x0B) 7.
+        let want_id: Vec<String> = want.iter().map(|p| format!("\x02\x0b\x07{p}")).collect();
+        assert_eq!(payloads(&with_id.publishes()), want_id);
+    }
+
+    #[test]
+    fn sessions_with_anything_per_delivery_do_not_take_runs() {
+        let mut shard = testing::shard();
+        let plain = testing::attach(&mut shard, "plain", "t", QoS::AtMostOnce);
+        let v5 = testing::attach(&mut shard, "v5", "t", QoS::AtMostOnce);
+        make_v5(&mut shard, v5).max_packet_size = 16;
+        let aliased = testing::attach(&mut shard, "aliased", "t", QoS::AtMostOnce);
+        make_v5(&mut shard, aliased).server_aliases =
+            crate::session::alias::ServerAliases::new(4, 16);
+        let checked = testing::attach(&mut shard, "checked", "t", QoS::AtMostOnce);
+        if let Some(session) = shard.sessions.get_mut(checked as usize) {
+            session.check_reads(None);
+        }
+        let takes = |key| {
+            shard
+                .sessions
+                .get(key as usize)
+                .is_some_and(|s| takes_runs(s, key, &shard.persist_stamps))
+        };
+        assert!(takes(plain) && takes(v5));
+        assert!(!takes(aliased), "server Topic Aliases");
+        assert!(!takes(checked), "read checks");
     }
 
     #[test]

@@ -574,20 +574,56 @@ impl Shard {
     /// the QoS 1/2 messages its shared subscriptions gave it and its client
     /// did not take ([`SessionState::shared_backlog`]) go to another member
     /// of the same group, as §4.8.2 asks. Its memberships have left the
-    /// groups already. A connected member of this shard first, then one of
-    /// another shard (connected first, through the mesh, as
-    /// [`Shard::another_member`] chooses), then an offline persistent
-    /// member here; a message no member can take is dropped and counted in
-    /// `shared_dropped`. The publisher was answered long ago, so no
-    /// durability barrier waits for these.
+    /// groups already ([`Shard::hand_on_shared`]). The publisher was
+    /// answered long ago, so no durability barrier waits for these.
     pub(super) fn pass_on_shared_backlog(&mut self, state: &SessionState) {
         if self.shared.is_empty() {
             return;
         }
-        for (share, message) in state.shared_backlog() {
+        let backlog = state
+            .shared_backlog()
+            .into_iter()
+            .map(|(share, message)| (ByteString::from(&*share), message));
+        self.hand_on_shared(backlog);
+    }
+
+    /// Session `key` unsubscribed from the shared subscription `share`
+    /// (and has left its group): the messages the group gave it that wait
+    /// unsent in its pending queue ([`SessionState::take_shared_pending`])
+    /// go to another member, as [`Shard::pass_on_shared_backlog`] hands
+    /// on those of a session that ends. Only while the group has another
+    /// member: with none, they stay with the session, which may still
+    /// deliver what it has buffered (MQTT-3.10.4-2), rather than be
+    /// dropped.
+    pub(super) fn pass_on_unsubscribed_share(&mut self, key: SessionKey, share: &str) {
+        if self
+            .shared
+            .group(share)
+            .is_none_or(|group| group.members.is_empty())
+        {
+            return;
+        }
+        let Some(session) = self.sessions.get_mut(key as usize) else {
+            return;
+        };
+        let taken = session.state.take_shared_pending(share);
+        if !taken.is_empty() {
+            let share = ByteString::from(share);
+            self.hand_on_shared(taken.into_iter().map(|m| (share.clone(), m)));
+        }
+    }
+
+    /// Gives each `(share, message)` of a member that left its group to
+    /// another member: a connected member of this shard first, then one
+    /// of another shard (connected first, through the mesh, as
+    /// [`Shard::another_member`] chooses), then an offline persistent
+    /// member here; a message no member can take is dropped and counted in
+    /// `shared_dropped`.
+    fn hand_on_shared(&mut self, backlog: impl IntoIterator<Item = (ByteString, Message)>) {
+        for (share, message) in backlog {
             let delivery = SharedDelivery {
                 message,
-                share: ByteString::from(&*share),
+                share,
                 // No member is named: `another_member` names the one chosen.
                 key: SessionKey::MAX,
                 client_id: None,

@@ -355,6 +355,11 @@ impl Shard {
             }
         }
         self.mark_dirty(key);
+        for (filter, code) in filters.iter().zip(&codes) {
+            if *code == ReasonCode::SUCCESS && shared::is_shared(filter) {
+                self.pass_on_unsubscribed_share(key, filter);
+            }
+        }
         self.journal_session(key);
         self.share_subscriptions(key);
     }

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use rumqttc::v5::mqttbytes::QoS as QoS5;
 use rumqttc::v5::mqttbytes::v5::{
     ConnAck, ConnectReturnCode, DisconnectReasonCode, Filter, Packet, PubAckReason, PubRecReason,
-    Publish, PublishProperties, RetainForwardRule, SubscribeReasonCode,
+    Publish, PublishProperties, RetainForwardRule, SubscribeReasonCode, UnsubAckReason,
 };
 use rumqttc::v5::{Client, ConnectionError, Event, MqttOptions};
 
@@ -115,6 +115,18 @@ impl V5 {
     /// Subscribes to one filter at `qos`.
     pub(crate) fn subscribe(&mut self, filter: &str, qos: QoS5) -> Vec<SubscribeReasonCode> {
         self.subscribe_filter(Filter::new(filter, qos))
+    }
+
+    /// Unsubscribes from `filter`; returns the UNSUBACK's reason codes.
+    pub(crate) fn unsubscribe(&mut self, filter: &str) -> Vec<UnsubAckReason> {
+        self.client
+            .unsubscribe(filter)
+            .expect("unsubscribe request");
+        self.wait_for(|p| match p {
+            Packet::UnsubAck(u) => Some(u.reasons.clone()),
+            _ => None,
+        })
+        .unwrap_or_else(|e| panic!("no UNSUBACK: {e}"))
     }
 
     /// Queues a publish.
@@ -1020,6 +1032,150 @@ fn nothing_larger_than_the_clients_maximum_packet_size_is_sent() {
     publisher.publish("mps/end", QoS5::AtMostOnce, false, b"ok");
     let p = sub.expect_publish();
     assert_eq!(p.topic, "mps/end", "the large ones were dropped");
+}
+
+/// Clients `{prefix}-0`, `{prefix}-1`, ... made by `connect` until one is
+/// on each of the broker's two shards; returns those two.
+fn one_on_each_shard<T>(
+    broker: &Broker,
+    prefix: &str,
+    mut connect: impl FnMut(&str) -> T,
+) -> Vec<T> {
+    let mut found: [Option<T>; 2] = [None, None];
+    for i in 0..64 {
+        let id = format!("{prefix}-{i}");
+        let client = connect(&id);
+        found[broker.shard_of(&id)].get_or_insert(client);
+        if found.iter().all(Option::is_some) {
+            return found.into_iter().flatten().collect();
+        }
+    }
+    panic!("64 connections of {prefix} all on one shard");
+}
+
+/// The raw MQTT 5.0 PUBLISH packets `raw` receives up to and including
+/// the first on `marker`, as [`v5_publish_parts`] splits them.
+fn raw_v5_until(raw: &mut Raw, marker: &str) -> Vec<(String, u16, Vec<u8>, Vec<u8>)> {
+    let mut got = Vec::new();
+    loop {
+        let parts = v5_publish_parts(&raw.expect_packet());
+        let done = parts.0 == marker;
+        got.push(parts);
+        if done {
+            return got;
+        }
+    }
+}
+
+/// The payloads of `publishes`, as text.
+fn payloads_of<'a>(publishes: impl IntoIterator<Item = &'a [u8]>) -> Vec<String> {
+    publishes
+        .into_iter()
+        .map(|p| String::from_utf8_lossy(p).into_owned())
+        .collect()
+}
+
+#[test]
+fn a_burst_to_one_topic_reaches_every_kind_of_subscriber_in_order_with_its_own_properties() {
+    // The publisher's QoS 0 burst to one topic, in one write, is routed as
+    // a run (`shard::run`) on both shards: 3.1.1 and plain 5.0 subscribers
+    // take it whole, each version framed once per shard; a subscriber
+    // with a Subscription Identifier or with Topic Aliases from the broker
+    // needs its own frames, and one with a small Maximum Packet Size gets
+    // only the frames that fit. One subscriber of each kind on each shard.
+    let mut broker = Broker::start();
+    const COUNT: usize = 40;
+    // Even messages are short (a 15-byte 5.0 frame), odd ones long (55).
+    let payload = |n: usize| {
+        let long = if n % 2 == 1 {
+            "x".repeat(40)
+        } else {
+            String::new()
+        };
+        format!("m{n:02}{long}")
+    };
+    let mut v3 = one_on_each_shard(&broker, "run-v3", |id| Mqtt::connect(broker.port, id));
+    let mut v5 = one_on_each_shard(&broker, "run-v5", |id| V5::connect(broker.port, id));
+    let mut with_id = one_on_each_shard(&broker, "run-id", |id| V5::connect(broker.port, id));
+    // Maximum Packet Size (0x27) 30 bytes.
+    let small_max = [0x27, 0, 0, 0, 30];
+    let mut small = one_on_each_shard(&broker, "run-small", |id| {
+        raw_v5_with(broker.port, &connect_v5_with(id, true, &small_max))
+    });
+    let mut aliased = one_on_each_shard(&broker, "run-alias", |id| {
+        raw_v5_aliased(broker.port, id, 4)
+    });
+    for s in &mut v3 {
+        s.subscribe("run/#", rumqttc::QoS::AtMostOnce);
+    }
+    for s in &mut v5 {
+        s.subscribe("run/#", QoS5::AtMostOnce);
+    }
+    for s in &mut with_id {
+        s.subscribe_with_id("run/#", 7);
+    }
+    for raw in small.iter_mut().chain(&mut aliased) {
+        raw.send(&subscribe_v5(1, "run/#", 0));
+        assert_eq!(raw.expect_packet().kind(), 9, "SUBACK");
+    }
+    let mut publisher = Raw::connect(broker.port, "run-pub");
+    let mut burst = Vec::new();
+    for n in 0..COUNT {
+        burst.extend(publish(b"run/t", payload(n).as_bytes(), 0, false, false, 0));
+    }
+    burst.extend(publish(b"run/end", b"end", 0, false, false, 0));
+    publisher.send(&burst);
+
+    let want: Vec<String> = (0..COUNT).map(payload).chain(["end".into()]).collect();
+    for s in &mut v3 {
+        let got = s.collect_until("run/end");
+        assert_eq!(payloads_of(got.iter().map(|p| &p.payload[..])), want);
+    }
+    for s in &mut v5 {
+        let got = s.collect_until("run/end");
+        assert_eq!(payloads_of(got.iter().map(|p| &p.payload[..])), want);
+        for p in &got {
+            assert_eq!(p.qos, QoS5::AtMostOnce);
+            assert_eq!(
+                p.properties.clone().unwrap_or_default(),
+                PublishProperties::default()
+            );
+        }
+    }
+    let identified = PublishProperties {
+        subscription_identifiers: vec![7],
+        ..PublishProperties::default()
+    };
+    for s in &mut with_id {
+        let got = s.collect_until("run/end");
+        assert_eq!(payloads_of(got.iter().map(|p| &p.payload[..])), want);
+        for p in &got {
+            assert_eq!(p.properties.as_ref(), Some(&identified), "every message");
+        }
+    }
+    let short: Vec<String> = want.iter().step_by(2).cloned().collect();
+    assert_eq!(short.last().map(String::as_str), Some("end"));
+    for raw in &mut small {
+        let got = raw_v5_until(raw, "run/end");
+        assert_eq!(
+            payloads_of(got.iter().map(|p| &p.3[..])),
+            short,
+            "only the frames within the Maximum Packet Size"
+        );
+        assert!(got.iter().all(|p| p.1 == 0 && p.2.is_empty()));
+    }
+    for raw in &mut aliased {
+        let got = raw_v5_until(raw, "run/end");
+        assert_eq!(payloads_of(got.iter().map(|p| &p.3[..])), want);
+        let (first, rest) = got[..COUNT].split_first().expect("the burst");
+        assert_eq!(first.0, "run/t", "the topic with its new alias");
+        assert_eq!(first.2.len(), 3, "one property: {:?}", first.2);
+        assert_eq!(first.2[0], 0x23, "Topic Alias");
+        for p in rest {
+            assert_eq!((p.0.as_str(), &p.2), ("", &first.2), "the alias alone");
+        }
+    }
+    broker.assert_healthy();
 }
 
 #[test]

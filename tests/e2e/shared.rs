@@ -13,7 +13,7 @@ use serde_json::Value;
 use crate::admin::get_json;
 use crate::common::*;
 use crate::mqtt5::{V5, raw_v5, subscribe_v5};
-use rumqttc::v5::mqttbytes::v5::{Filter as Filter5, Publish as Publish5};
+use rumqttc::v5::mqttbytes::v5::{Filter as Filter5, Publish as Publish5, UnsubAckReason};
 
 /// A group member of either version.
 enum Member {
@@ -164,6 +164,19 @@ fn assert_once_each(got: &[Vec<Vec<u8>>], expected: &[Vec<u8>], what: &str) {
         );
     }
     assert_eq!(seen.len(), expected.len(), "{what}: unexpected payloads");
+}
+
+/// A `rumqttc::v5` member `client_id` of `share` (QoS 1) that acknowledges
+/// nothing by itself and takes at most `in_flight` messages in flight
+/// (Receive Maximum): the rest of what its group gives it waits in its
+/// pending queue.
+fn slow_member(port: u16, client_id: &str, share: &str, in_flight: usize) -> V5 {
+    let mut options = V5::options(port, client_id);
+    options.set_manual_acks(true);
+    options.set_receive_maximum(u16::try_from(in_flight).ok());
+    let (mut slow, _) = V5::connect_with(options);
+    slow.subscribe(share, QoS5::AtLeastOnce);
+    slow
 }
 
 /// The payloads `prefix-0` .. `prefix-(n-1)`.
@@ -793,11 +806,7 @@ fn a_v5_members_unacknowledged_messages_go_to_another_member_when_its_session_en
     let share = "$share/g/ends";
     // "slow" (rumqttc v5, Session Expiry 0) takes at most 5 in flight and
     // acknowledges none; the rest of its share waits in its pending queue.
-    let mut options = V5::options(port, "ends-slow");
-    options.set_manual_acks(true);
-    options.set_receive_maximum(Some(5));
-    let (mut slow, _) = V5::connect_with(options);
-    slow.subscribe(share, QoS5::AtLeastOnce);
+    let mut slow = slow_member(port, "ends-slow", share, 5);
     // The other member, on the other shard: what it gets of slow's comes
     // over the mesh.
     let mut steady = connect_elsewhere(&broker, "ends-steady", broker.shard_of("ends-slow"));
@@ -817,6 +826,87 @@ fn a_v5_members_unacknowledged_messages_go_to_another_member_when_its_session_en
     let mut members = [Member::V4(steady)];
     let got = collect(&mut members, MESSAGES);
     assert_once_each(&got, &expected, "the member that stayed");
+    let stats = get_json(&broker, "/api/v1/stats");
+    assert_eq!(crate::admin::total(&stats, "shared_dropped"), 0, "{stats}");
+}
+
+#[test]
+fn a_member_that_unsubscribes_hands_its_unsent_messages_to_another_member() {
+    const MESSAGES: usize = 40;
+    const IN_FLIGHT: usize = 5;
+    let broker = Broker::start();
+    let port = broker.port;
+    let share = "$share/g/leaves";
+    // "slow" (rumqttc v5) takes at most 5 in flight and acknowledges none
+    // until it has left; the rest of its share waits in its pending queue.
+    let mut slow = slow_member(port, "leaves-slow", share, IN_FLIGHT);
+    slow.subscribe("leaves/marker", QoS5::AtLeastOnce);
+    // The other member, on the other shard: what it gets of slow's comes
+    // over the mesh.
+    let mut steady = connect_elsewhere(&broker, "leaves-steady", broker.shard_of("leaves-slow"));
+    steady.subscribe(share, QoS::AtLeastOnce);
+    wait_replicas(&broker, 2);
+    let mut publisher = Mqtt::connect(port, "leaves-pub");
+    let expected = payloads("leaves", MESSAGES);
+    for p in &expected {
+        publisher.publish_acked("leaves", false, p);
+    }
+    let in_flight: Vec<Publish5> = (0..IN_FLIGHT).map(|_| slow.expect_publish()).collect();
+    // It leaves the group, which still has "steady": the 15 that wait
+    // unsent go to "steady" (§4.8.2); the 5 in flight stay with "slow", as
+    // a delivery once started is completed (MQTT-3.10.4-3).
+    assert_eq!(slow.unsubscribe(share), vec![UnsubAckReason::Success]);
+    let mut members = [Member::V4(steady)];
+    let mut got = collect(&mut members, MESSAGES - IN_FLIGHT);
+    got.push(in_flight.iter().map(|p| p.payload.to_vec()).collect());
+    assert_once_each(
+        &got,
+        &expected,
+        "the member that stayed and the one in flight",
+    );
+    // Once "slow" acknowledges its 5, nothing of the group is left for it:
+    // the next message it gets is the one on its own subscription.
+    for p in &in_flight {
+        slow.client.ack(p).expect("ack");
+    }
+    publisher.publish_acked("leaves/marker", false, b"marker");
+    let next = slow.expect_publish();
+    assert_eq!(
+        (&next.topic[..], &next.payload[..]),
+        (&b"leaves/marker"[..], &b"marker"[..])
+    );
+    let stats = get_json(&broker, "/api/v1/stats");
+    assert_eq!(crate::admin::total(&stats, "shared_dropped"), 0, "{stats}");
+}
+
+#[test]
+fn the_last_member_that_unsubscribes_keeps_its_unsent_messages() {
+    const MESSAGES: usize = 12;
+    const IN_FLIGHT: usize = 4;
+    let broker = Broker::start();
+    let port = broker.port;
+    let share = "$share/g/last";
+    let mut slow = slow_member(port, "last-slow", share, IN_FLIGHT);
+    wait_replicas(&broker, 1);
+    let mut publisher = Mqtt::connect(port, "last-pub");
+    let expected = payloads("last", MESSAGES);
+    for p in &expected {
+        publisher.publish_acked("last", false, p);
+    }
+    let mut got: Vec<Publish5> = (0..IN_FLIGHT).map(|_| slow.expect_publish()).collect();
+    // No member is left to take the 8 that wait: they stay with "slow",
+    // which may still be sent what it has buffered (MQTT-3.10.4-2).
+    assert_eq!(slow.unsubscribe(share), vec![UnsubAckReason::Success]);
+    for p in &got {
+        slow.client.ack(p).expect("ack");
+    }
+    while got.len() < MESSAGES {
+        let p = slow.expect_publish();
+        slow.client.ack(&p).expect("ack");
+        got.push(p);
+    }
+    let payloads: Vec<Vec<u8>> = got.iter().map(|p| p.payload.to_vec()).collect();
+    assert_eq!(payloads, expected, "every one, in order");
     let stats = get_json(&broker, "/api/v1/stats");
     assert_eq!(crate::admin::total(&stats, "shared_dropped"), 0, "{stats}");
 }
