@@ -578,9 +578,14 @@ async fn wait_for_work(journal: &Journal, stop: &AtomicBool) -> bool {
         {
             return false;
         }
+        // Woken by an append, or in `ack` mode by a task that waits for
+        // what is written (`Journal::wait_acked`): then it syncs now.
         let appended = poll_fn(|cx| {
             let mut state = journal.state.borrow_mut();
-            if state.pending.is_empty() {
+            let sync_wanted = journal.mode == SyncMode::Ack
+                && state.demand > journal.synced.get()
+                && journal.synced.get() < journal.written.get();
+            if state.pending.is_empty() && !sync_wanted {
                 state.commit_waker = Some(cx.waker().clone());
                 Poll::Pending
             } else {

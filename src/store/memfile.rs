@@ -398,13 +398,20 @@ mod tests {
                     "20 writes, no sync: nothing waited"
                 );
                 assert!(journal.acked_lsn() < last, "not acknowledged before a sync");
-                journal.wait_acked(last).await;
+                let waiting = journal.clone();
+                let wait = glommio::spawn_local(async move { waiting.wait_acked(last).await });
+                // The wait wakes the idle commit task, which syncs at once:
+                // a few turns of the executor, not its 50 ms stop poll.
+                for _ in 0..20 {
+                    yield_now().await;
+                }
                 assert_eq!(
                     journal.stats().fsyncs,
                     1,
                     "one sync for the wait, over all 20"
                 );
                 assert_eq!(journal.acked_lsn(), last);
+                wait.await;
                 stop.store(true, Ordering::Relaxed);
                 task.await;
             })
