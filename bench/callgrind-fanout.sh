@@ -6,6 +6,13 @@
 # a second before publishing starts, and the counters are dumped (`callgrind_control -d`) after the bench has drained.
 # Usage: bench/callgrind-fanout.sh OUTDIR LABEL SUBS MSGS -- [fanmq-bench fanout options]
 # Prints "LABEL Ir=<instructions> deliveries=<n> Ir/delivery=<x>".
+# FANMQ_ARGS (optional) is added to the broker's command line, e.g.
+# FANMQ_ARGS="--config ack.toml" for a persistence mode (with
+# `--clean-session false --qos 1` among the bench options); FANMQ_BIN
+# (optional) is the broker binary (default target/release/fanmq). SETTLE
+# (optional, seconds, default 0) waits that long after the bench before the
+# dump, so that the subscribers' last acknowledgements (QoS 1/2), which the
+# broker reads after the bench saw its last delivery, are counted too.
 set -eu
 out=$1 label=$2 subs=$3 msgs=$4
 shift 5
@@ -13,9 +20,9 @@ port=$(python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print
 mkdir -p "$out"
 valgrind --tool=callgrind --instr-atstart=no \
   --callgrind-out-file="$out/$label.%p" \
-  target/release/fanmq --listen 127.0.0.1:$port --shards 1 --http-listen off \
+  "${FANMQ_BIN:-target/release/fanmq}" --listen 127.0.0.1:$port --shards 1 --http-listen off \
   --max-connections-per-ip 0 --max-connection-rate-per-ip 0 --max-connection-rate 0 \
-  >"$out/$label.broker.log" 2>&1 &
+  ${FANMQ_ARGS:-} >"$out/$label.broker.log" 2>&1 &
 vg=$!
 trap 'kill $vg 2>/dev/null || true' EXIT
 i=0
@@ -35,6 +42,7 @@ target/release/fanmq-bench fanout --port $port --subs "$subs" --msgs "$msgs" \
         ( sleep $(( start - $(date +%s) - 1 )); callgrind_control -z $vg >/dev/null 2>&1 ) & ;;
     esac
   done
+sleep "${SETTLE:-0}"
 callgrind_control -d $vg >/dev/null 2>&1
 kill -TERM $vg; wait $vg || true
 trap - EXIT

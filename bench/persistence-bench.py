@@ -239,18 +239,23 @@ def fanout_cpu(args):
     with persistence off, interval and ack, alternating, several rounds."""
     import json
     per_cpu = {}
+    modes = args.fanout_modes.split(",")
     for rnd in range(args.rounds):
-        for mode in ["off", "ack", "interval"]:
+        for mode in modes:
             scratch = tempfile.mkdtemp(prefix="fanmq-persist-bench-", dir=args.dir)
-            broker, port, store = start_broker(args.binary, args.shards, mode, scratch)
+            # `MODE@BINARY`: that mode with another build (before and after
+            # a change, in the same run).
+            sync, _, binary = mode.partition("@")
+            broker, port, store = start_broker(binary or args.binary, args.shards, sync, scratch)
             out = os.path.join(scratch, "result.json")
             try:
                 connect(port, b"probe").close()
                 cmd = ["taskset", "-c", args.client_cpus, args.fanout_bench, "fanout",
                        "--subs", str(args.fanout_subs), "--msgs", str(args.fanout_msgs),
                        "--qos", "1", "--clean-session", "false", "--port", str(port),
-                       "--broker-pid", str(broker.pid), "--label", f"fanmq-{mode}",
-                       "--duration", "120", "--out", out]
+                       "--broker-pid", str(broker.pid), "--label", f"fanmq-{sync}",
+                       "--duration", "120", "--drain-timeout", str(args.fanout_drain),
+                       "--out", out]
                 subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                timeout=300)
                 with open(out) as f:
@@ -269,11 +274,18 @@ def fanout_cpu(args):
             finally:
                 stop(broker)
                 shutil.rmtree(scratch, ignore_errors=True)
-    off = median(per_cpu["off"])
-    for mode in ["off", "interval", "ack"]:
+    off = median(per_cpu["off"]) if "off" in per_cpu else None
+    for mode in modes:
         m = median(per_cpu[mode])
         print(f"fan-out QoS 1 to {args.fanout_subs} online persistent subscribers, {mode:8}: "
-              f"median {m:,.0f} deliveries per broker CPU-s ({m / off:.2f} of off)")
+              f"median {m:,.0f} deliveries per broker CPU-s"
+              + (f" ({m / off:.2f} of off)" if off else ""))
+        if off and mode != "off":
+            # Each round against the off run just before it: the host's
+            # drift between rounds cancels out.
+            ratios = [v / o for v, o in zip(per_cpu[mode], per_cpu["off"])]
+            print(f"    {mode} / off per round: " + " / ".join(f"{r:.2f}" for r in ratios)
+                  + f", median {median(ratios):.2f}")
 
 
 def find_key(obj, key):
@@ -306,6 +318,19 @@ def wait_ready(port, timeout=600):
             time.sleep(0.01)
 
 
+def wait_shards_loaded(log_path, shards, t0, timeout=600):
+    """Seconds since `t0` (the exec) until each of `shards` shards logged
+    its "retained messages loaded" line (the last of its start)."""
+    while True:
+        with open(log_path) as f:
+            done = sum(1 for l in f if "retained messages loaded" in l)
+        if done >= shards:
+            return time.time() - t0
+        if time.time() - t0 > timeout:
+            raise SystemExit(f"only {done} of {shards} shards loaded in {timeout} s")
+        time.sleep(0.01)
+
+
 def persistence_lines(log_path):
     with open(log_path) as f:
         return [l.rstrip() for l in f if "persistence" in l and (
@@ -335,9 +360,14 @@ def restart_time(args, build, what):
             broker, port, _ = start_broker(args.binary, args.shards, "interval", scratch, log_path)
             wait_ready(port)
             ready = time.time() - t0
+            # With several shards the first CONNACK may come from a shard
+            # that finished while another still loads: wait for every
+            # shard's last start-up line too.
+            loaded = wait_shards_loaded(log_path, args.shards, t0)
             cpu = cpu_seconds(broker.pid)
-            print(f"restart after {how} with {what}: {size} bytes on disk, exec to first CONNACK "
-                  f"{ready:.2f} s, broker CPU {cpu:.2f} s; start-up log:")
+            print(f"restart after {how} with {what} ({args.shards} shards): {size} bytes on disk, "
+                  f"exec to first CONNACK {ready:.2f} s, to every shard loaded {loaded:.2f} s, "
+                  f"broker CPU {cpu:.2f} s; start-up log:")
             for line in persistence_lines(log_path):
                 print("    " + line)
             stop(broker)
@@ -520,6 +550,11 @@ def main():
     ap.add_argument("--fanout-bench", default="target/release/fanmq-bench")
     ap.add_argument("--fanout-subs", type=int, default=10000)
     ap.add_argument("--fanout-msgs", type=int, default=50)
+    ap.add_argument("--fanout-modes", default="off,ack,interval",
+                    help="persistence modes of the fanout section, in the order each round runs "
+                         "them; MODE@BINARY runs that mode with another build")
+    ap.add_argument("--fanout-drain", type=float, default=5.0,
+                    help="fanmq-bench --drain-timeout of the fanout section (s)")
     ap.add_argument("--client-cpus", default="1")
     ap.add_argument("--broker-cpus", default="")
     ap.add_argument("--snapshot-bytes", type=int, default=0,

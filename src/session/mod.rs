@@ -392,6 +392,13 @@ pub struct Flows {
     /// Kept here, with the session, so that messages queued while it is
     /// offline are checked too.
     pub read_check: Option<ReadCheck>,
+    /// With persistence, at least the number of `inflight` entries not
+    /// yet journalled (`Inflight::journalled` false; never fewer): the
+    /// shard looks for them after each of the session's steps only while
+    /// it is not 0, so an acknowledgement does not walk the whole window
+    /// (cold memory at a large fan-out) to find that every entry is
+    /// journalled already (shard/persist.rs, `Shard::journal_sent`).
+    pub unjournalled: u32,
 }
 
 /// The client identity a session's per-delivery read checks use
@@ -1030,13 +1037,15 @@ impl Session {
         } else {
             Phase::AwaitPubAck
         };
-        self.flows().inflight.push_back(Inflight {
+        let flows = self.flows();
+        flows.inflight.push_back(Inflight {
             packet_id,
             message,
             phase,
             stored,
             journalled: false,
         });
+        flows.unjournalled = flows.unjournalled.saturating_add(1);
         self.out.push(frame);
         Delivery::Queued
     }

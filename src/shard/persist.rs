@@ -74,6 +74,9 @@ pub(super) fn note_kept(
         }
     } else if let Some(last) = flows.inflight.back_mut() {
         last.stored = mid;
+        if !last.journalled {
+            flows.unjournalled = flows.unjournalled.saturating_sub(1);
+        }
         last.journalled = true;
         sent.push((stamp, last.packet_id, last.message.qos));
         return last.message.qos == crate::protocol::v3::QoS::ExactlyOnce;
@@ -193,6 +196,7 @@ impl Shard {
                     f.phase == Phase::AwaitPubComp,
                 ));
             }
+            flows.unjournalled = 0;
             let pending = flows.pending.len();
             flows.pending_stored.resize(pending, 0);
             for (message, id) in flows.pending.iter().zip(flows.pending_stored.iter_mut()) {
@@ -227,12 +231,25 @@ impl Shard {
             mid,
             StoredMessage::of(message, Instant::now(), unix_ms_now()),
         ));
+        // The lists go back (emptied) after their records, so the next
+        // message does not grow them again from nothing: one subscriber
+        // costs its entry, not its share of the reallocations.
         if !refs.is_empty() {
-            self.needed_lsns[1] = journal.append(&Record::Queue(mid, refs));
+            let record = Record::Queue(mid, refs);
+            self.needed_lsns[1] = journal.append(&record);
+            if let Record::Queue(_, mut refs) = record {
+                refs.clear();
+                self.persist_refs = refs;
+            }
         }
         if !sent.is_empty() {
-            let lsn = journal.append(&Record::Sent(mid, sent));
+            let record = Record::Sent(mid, sent);
+            let lsn = journal.append(&record);
             self.needed_lsns[1] = lsn;
+            if let Record::Sent(_, mut sent) = record {
+                sent.clear();
+                self.persist_sent = sent;
+            }
             for key in std::mem::take(&mut self.persist_hold) {
                 self.hold_out(key, lsn);
             }
@@ -289,16 +306,19 @@ impl Shard {
     /// acknowledgement or a reconnect, or a retained message at subscribe
     /// time, which is first stored itself) into the step's record
     /// ([`Shard::journal_done`]); a QoS 2 one is journalled at once, and
-    /// its PUBLISH waits for it. Scans its window only.
+    /// its PUBLISH waits for it. Scans its window only while
+    /// `Flows::unjournalled` says an entry there has no record yet.
     pub fn journal_sent(&mut self, key: SessionKey) {
         let Some(&stamp) = self.persist_stamps.get(&key) else {
             return;
         };
+        // The count, not a walk of the window: most acknowledgements find
+        // every message in flight journalled already.
         let unjournalled = self
             .sessions
             .get(key as usize)
             .and_then(|s| s.state.flows.as_deref())
-            .is_some_and(|f| f.inflight.iter().any(|f| !f.journalled));
+            .is_some_and(|f| f.unjournalled > 0);
         if !unjournalled {
             return;
         }
@@ -330,6 +350,7 @@ impl Shard {
             }
             qos2 |= f.message.qos == crate::protocol::v3::QoS::ExactlyOnce;
         }
+        flows.unjournalled = 0;
         if qos2 {
             let lsn = self.journal_done();
             self.hold_out(key, lsn);

@@ -5,8 +5,14 @@
 //! task; it never waits, so the publish path has no `.await`. The task,
 //! [`commit_loop`], takes everything pending, writes it with one
 //! `BufferedFile::write_at` at the end of the segment and, in `ack` mode,
-//! makes it durable with one `fdatasync`: one write and at most one sync in
-//! flight, each covering all that was appended before it (group commit).
+//! makes it durable with one `fdatasync` once a task waits for it
+//! ([`Journal::wait_acked`]): one write and at most one sync in flight,
+//! each covering all that was appended before it (group commit). Records
+//! nobody waits for (acknowledgements a subscriber sent, messages leaving
+//! its queue: a crash only resends those QoS 1 messages) are written at
+//! once and made durable by the next sync someone waits for, or at the
+//! latest after `persistence_sync_interval_ms`, so that a fan-out's stream
+//! of them does not cost an `fdatasync` per loop iteration.
 //! Both are operations on the shard's own io_uring: the shard's thread never
 //! blocks on the disk. [`Journal::acked_lsn`] is what may be acknowledged:
 //! synced bytes in `ack` mode, written ones (in the page cache: they survive
@@ -77,6 +83,10 @@ struct State {
     commit_waker: Option<Waker>,
     /// Tasks waiting for [`Journal::acked_lsn`] to advance.
     waiters: Vec<Waker>,
+    /// The highest LSN a task waits to see acknowledged
+    /// ([`Journal::wait_acked`]): in `ack` mode the commit task syncs when
+    /// this is past the durable LSN (or the interval passed).
+    demand: Lsn,
     /// Figures.
     stats: JournalStats,
     /// A segment switch asked for by [`Journal::rotate`]: where in
@@ -164,6 +174,7 @@ impl Journal {
                 pending,
                 commit_waker: None,
                 waiters: Vec::new(),
+                demand: 0,
                 stats: JournalStats {
                     snapshot_base: base,
                     ..JournalStats::default()
@@ -325,16 +336,29 @@ impl Journal {
         self.state.borrow().stats
     }
 
-    /// Waits until [`Journal::acked_lsn`] reaches `lsn`.
+    /// Waits until [`Journal::acked_lsn`] reaches `lsn`; in `ack` mode
+    /// this is what makes the commit task sync (it is woken for it).
     pub async fn wait_acked(&self, lsn: Lsn) {
         poll_fn(|cx| {
             if self.acked_lsn() >= lsn {
                 return Poll::Ready(());
             }
-            self.state.borrow_mut().waiters.push(cx.waker().clone());
+            let mut state = self.state.borrow_mut();
+            state.waiters.push(cx.waker().clone());
+            if lsn > state.demand {
+                state.demand = lsn;
+                if let Some(waker) = state.commit_waker.take() {
+                    waker.wake();
+                }
+            }
             Poll::Pending
         })
         .await;
+    }
+
+    /// Whether a task waits for more than is durable.
+    fn sync_wanted(&self) -> bool {
+        self.state.borrow().demand > self.synced.get()
     }
 
     /// Wakes every task waiting for an LSN.
@@ -522,7 +546,7 @@ pub(crate) async fn commit_loop_on<F: SegmentFs>(
             }
         }
         let due = match journal.mode {
-            SyncMode::Ack => true,
+            SyncMode::Ack => journal.sync_wanted() || last_sync.elapsed() >= journal.interval,
             SyncMode::Interval => last_sync.elapsed() >= journal.interval,
         };
         if due && journal.synced.get() < journal.written.get() {
@@ -534,8 +558,9 @@ pub(crate) async fn commit_loop_on<F: SegmentFs>(
     let _ = file.close().await;
 }
 
-/// Waits until something is pending (true), or in `interval` mode until
-/// the next sync is due, or until `stop` (false).
+/// Waits until something is pending (true), or until a sync is due (in
+/// `ack` mode: a task waits for what is written, or the interval passed;
+/// in `interval` mode: the interval passed), or until `stop` (false).
 async fn wait_for_work(journal: &Journal, stop: &AtomicBool) -> bool {
     /// How often a journal with nothing to do checks `stop`.
     const STOP_POLL: Duration = Duration::from_millis(50);
@@ -547,15 +572,20 @@ async fn wait_for_work(journal: &Journal, stop: &AtomicBool) -> bool {
         if stop.load(Ordering::Relaxed) {
             return false;
         }
-        if journal.mode == SyncMode::Interval
-            && journal.synced.get() < journal.written.get()
-            && started.elapsed() >= journal.interval
+        if journal.synced.get() < journal.written.get()
+            && (started.elapsed() >= journal.interval
+                || (journal.mode == SyncMode::Ack && journal.sync_wanted()))
         {
             return false;
         }
+        // Woken by an append, or in `ack` mode by a task that waits for
+        // what is written (`Journal::wait_acked`): then it syncs now.
         let appended = poll_fn(|cx| {
             let mut state = journal.state.borrow_mut();
-            if state.pending.is_empty() {
+            let sync_wanted = journal.mode == SyncMode::Ack
+                && state.demand > journal.synced.get()
+                && journal.synced.get() < journal.written.get();
+            if state.pending.is_empty() && !sync_wanted {
                 state.commit_waker = Some(cx.waker().clone());
                 Poll::Pending
             } else {

@@ -361,6 +361,65 @@ mod tests {
         assert!(acked_some > 50, "the cuts fell after some syncs too");
     }
 
+    /// In `ack` mode what nobody waits for (a fan-out's stream of
+    /// acknowledgement records) is written at once but synced only when a
+    /// task waits for it (or after the interval): one sync then covers all
+    /// of it, instead of one sync per write.
+    #[test]
+    fn with_ack_what_nobody_waits_for_is_written_at_once_and_synced_for_a_wait() {
+        glommio::LocalExecutorBuilder::default()
+            .spawn(|| async {
+                let fs = MemFs::new(7);
+                let journal = Rc::new(Journal::new(
+                    &PathBuf::from("/mem/shard-0"),
+                    0,
+                    1,
+                    0,
+                    SyncMode::Ack,
+                    Duration::from_secs(3600),
+                    Vec::new(),
+                    Arc::default(),
+                ));
+                let stop = Arc::new(AtomicBool::new(false));
+                let task =
+                    glommio::spawn_local(commit_loop_on(journal.clone(), stop.clone(), fs.clone()))
+                        .detach();
+                let mut last = 0;
+                for i in 0..20 {
+                    last = journal.append(&record(i));
+                    // The segment starts at LSN 0: bytes written are the LSN.
+                    while journal.stats().bytes_written < last {
+                        yield_now().await;
+                    }
+                }
+                assert_eq!(
+                    journal.stats().fsyncs,
+                    0,
+                    "20 writes, no sync: nothing waited"
+                );
+                assert!(journal.acked_lsn() < last, "not acknowledged before a sync");
+                let waiting = journal.clone();
+                let wait = glommio::spawn_local(async move { waiting.wait_acked(last).await });
+                // The wait wakes the idle commit task, which syncs at once:
+                // a few turns of the executor, not its 50 ms stop poll.
+                for _ in 0..20 {
+                    yield_now().await;
+                }
+                assert_eq!(
+                    journal.stats().fsyncs,
+                    1,
+                    "one sync for the wait, over all 20"
+                );
+                assert_eq!(journal.acked_lsn(), last);
+                wait.await;
+                stop.store(true, Ordering::Relaxed);
+                task.await;
+            })
+            .expect("executor")
+            .join()
+            .expect("run");
+    }
+
     #[test]
     fn with_interval_at_most_the_records_since_the_last_sync_are_lost() {
         let mut lost_some = 0;
