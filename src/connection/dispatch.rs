@@ -60,6 +60,16 @@ fn process_packets(
 ) -> Result<(), CloseReason> {
     let max = shard.config.max_packet_size;
     loop {
+        // A QoS 1 subscriber's PUBACKs, most of what a fan-out reads, are
+        // taken without building a `Packet`.
+        if let Some(id) = codec::take_puback(rx) {
+            shard.stats.packets_received += 1;
+            if !run.is_empty() {
+                shard.publish_run(run, Some(key));
+            }
+            on_puback(shard, key, conn_id, id)?;
+            continue;
+        }
         let packet = match codec::decode(rx, max) {
             Ok(Some(packet)) => packet,
             Ok(None) => return Ok(()),
@@ -130,12 +140,7 @@ pub(super) fn handle_packet(
                 shard.queue_ack(key, conn_id, &ack, retained);
             }
         }
-        Packet::PubAck(id) => {
-            if session.on_puback(id, &limits) {
-                shard.journal_step(key, FlowStep::Done, id);
-            }
-            shard.mark_dirty(key);
-        }
+        Packet::PubAck(id) => return on_puback(shard, key, conn_id, id),
         Packet::PubRec(id) => {
             if session.on_pubrec(id) {
                 shard.journal_step(key, FlowStep::PubRecd, id);
@@ -166,6 +171,26 @@ pub(super) fn handle_packet(
         }
         Packet::Disconnect => return Err(CloseReason::Disconnect),
     }
+    Ok(())
+}
+
+/// A PUBACK from a connected client: its QoS 1 message is done (an
+/// unknown id is ignored, as Mosquitto does), and a pending message may
+/// take the freed slot of the inflight window.
+fn on_puback(
+    shard: &mut Shard,
+    key: SessionKey,
+    conn_id: u64,
+    id: PacketId,
+) -> Result<(), CloseReason> {
+    let limits = shard.limits;
+    let Some(session) = shard.session_for(key, conn_id) else {
+        return Err(CloseReason::TakenOver);
+    };
+    if session.on_puback(id, &limits) {
+        shard.journal_step(key, FlowStep::Done, id);
+    }
+    shard.mark_dirty(key);
     Ok(())
 }
 

@@ -45,7 +45,7 @@ pub type Frame = Rc<[u8]>;
 
 /// Lanes of a shard's [`Batch`]: one per kind of QoS 0 frame (3.1.1, 5.0
 /// plain, 5.0 with a Topic Alias).
-pub const LANES: usize = 3;
+pub const LANES: usize = 4;
 
 /// The lane of MQTT 3.1.1 frames.
 const LANE_V3: u8 = 0;
@@ -56,27 +56,34 @@ const LANE_V5: u8 = 1;
 /// The lane of MQTT 5.0 frames with a Topic Alias (every variant).
 const LANE_V5_ALIASED: u8 = 2;
 
+/// The lane of whole QoS 1/2 PUBLISH packets ([`Encoded::publish`]):
+/// subscribers whose packet ids go in step get a burst's messages under
+/// the same ids, so the packets they share lie back to back here, and
+/// each subscriber's burst is one queue entry and one iovec, as with QoS 0.
+const LANE_WHOLE: u8 = 3;
+
 /// QoS 1/2 PUBLISH packets encoded whole, each for one packet id, that
 /// one fan-out keeps per wire form ([`Encoded::publish`]): subscribers
 /// that receive a message with the same packet id share one frame (at a
 /// burst to subscribers that acknowledge as fast as each other, all of
 /// them: each session hands out its ids in the same order). A delivery
-/// with another id gets the shared head and payload instead.
+/// with another id gets the shared head and payload instead. The packets
+/// lie in the step's batch ([`LANE_WHOLE`]).
 const WHOLE_PUBLISHES: usize = 4;
 
 /// A QoS 1/2 PUBLISH for one subscriber ([`Encoded::publish`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Publish {
     /// The whole packet, its packet id included, shared by every
-    /// subscriber given that id.
-    Whole(Frame),
+    /// subscriber given that id: where it lies in the step's batch.
+    Whole(BatchRange),
     /// The fixed header and topic, and what follows the packet id (the
     /// payload; with MQTT 5.0, the properties and the payload): the
     /// subscriber writes its packet id between them.
     Parts(Frame, Frame),
 }
 
-/// Where one QoS 0 frame lies in the shard's [`Batch`] of this step.
+/// Where one frame lies in the shard's [`Batch`] of this step.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BatchRange {
     /// The lane it was appended to (below [`LANES`]).
@@ -87,8 +94,10 @@ pub struct BatchRange {
     pub len: u32,
 }
 
-/// The QoS 0 frames a shard encodes in one step, one buffer ("lane") per
-/// kind of frame, sealed into one shared chunk at the end of the step.
+/// The frames a shard encodes in one step (QoS 0 frames, and whole QoS
+/// 1/2 packets shared by the subscribers given the same packet id), one
+/// buffer ("lane") per kind of frame, sealed into one shared chunk at the
+/// end of the step.
 ///
 /// Why lanes: a subscriber's consecutive frames of one step extend one
 /// queue entry only when they are adjacent in the batch
@@ -408,8 +417,8 @@ pub struct Encoded<'a> {
     payload: Option<Frame>,
     /// Whole QoS 1/2 PUBLISH packets without a Topic Alias, at most
     /// [`WHOLE_PUBLISHES`]: (form: QoS 1 or 2, 3.1.1 or 5.0; packet id;
-    /// the packet).
-    whole: SmallVec<[(u8, u16, Frame); WHOLE_PUBLISHES]>,
+    /// where the packet lies in the batch).
+    whole: SmallVec<[(u8, u16, BatchRange); WHOLE_PUBLISHES]>,
     /// The MQTT 5.0 forms, once an MQTT 5.0 subscriber needed one: the plain
     /// one and those with a Topic Alias, each encoded once.
     v5: Option<Box<V5Forms>>,
@@ -455,6 +464,19 @@ struct EncodedV5 {
 }
 
 impl<'a> Encoded<'a> {
+    /// Ends the step in the middle of this fan-out (tests that write a
+    /// session's queue between deliveries): seals the batch
+    /// ([`Batch::seal`]) and forgets the ranges encoded in it, so that the
+    /// next delivery encodes its frame again, in the next step's batch.
+    #[cfg(test)]
+    pub fn seal(&mut self) -> (Frame, [u32; LANES]) {
+        self.qos0 = [None, None];
+        self.whole.clear();
+        self.aliased_qos0 = [None, None];
+        self.v5 = None;
+        self.batch.seal()
+    }
+
     /// Starts an empty cache for `message`, encoding into `batch`.
     pub fn new(message: &'a Message, batch: &'a mut Batch) -> Self {
         Encoded {
@@ -599,25 +621,26 @@ impl<'a> Encoded<'a> {
     /// copy of the payload per subscriber.
     pub fn publish(&mut self, version: Version, qos: QoS, packet_id: u16) -> Publish {
         let form = u8::from(qos == QoS::ExactlyOnce) | (u8::from(version == Version::V5) << 1);
-        if let Some((_, _, frame)) = self
+        if let Some(&(_, _, range)) = self
             .whole
             .iter()
             .find(|(f, id, _)| *f == form && *id == packet_id)
         {
-            return Publish::Whole(frame.clone());
+            return Publish::Whole(range);
         }
         let head = self.head(version, qos);
         let payload = self.payload(version);
         if self.whole.len() == WHOLE_PUBLISHES {
             return Publish::Parts(head, payload);
         }
-        let mut packet = Vec::with_capacity(head.len() + 2 + payload.len());
-        packet.extend_from_slice(&head);
-        packet.extend_from_slice(&packet_id.to_be_bytes());
-        packet.extend_from_slice(&payload);
-        let frame = Frame::from(packet);
-        self.whole.push((form, packet_id, frame.clone()));
-        Publish::Whole(frame)
+        let range = self.batch.append(LANE_WHOLE, |batch| {
+            batch.reserve(head.len() + 2 + payload.len());
+            batch.extend_from_slice(&head);
+            batch.extend_from_slice(&packet_id.to_be_bytes());
+            batch.extend_from_slice(&payload);
+        });
+        self.whole.push((form, packet_id, range));
+        Publish::Whole(range)
     }
 
     /// The MQTT 5.0 QoS 0 frame with Topic Alias `alias`: its range in the

@@ -25,6 +25,7 @@ pub mod alias;
 pub mod link;
 pub mod outqueue;
 pub mod packet_ids;
+pub mod publish_cache;
 pub mod wheel;
 
 use std::cell::Cell;
@@ -1018,20 +1019,33 @@ impl Session {
         let frame = match shared {
             Some((encoded, Some(alias))) => parts(encoded.aliased_publish(message.qos, alias)),
             Some((encoded, None)) => match encoded.publish(self.version, message.qos, packet_id) {
-                Publish::Whole(frame) => OutFrame::whole(frame),
+                Publish::Whole(range) => {
+                    // In the step's batch: after this session's previous
+                    // message when that one lies just before it.
+                    if self.too_large(range.len as usize) {
+                        return Delivery::Dropped;
+                    }
+                    self.push_inflight(packet_id, message, stored);
+                    self.out.push_batch(range);
+                    return Delivery::Queued;
+                }
                 Publish::Parts(head, payload) => parts((head, payload)),
             },
-            None => OutFrame::whole(message.encode_whole(
-                self.version,
-                message.qos,
-                message.retain,
-                false,
-                packet_id,
-            )),
+            // Alone (from the pending queue, retained on SUBSCRIBE): the
+            // frame another session sent this message with under this id,
+            // when there was one.
+            None => OutFrame::whole(publish_cache::publish(&message, self.version, packet_id)),
         };
         if self.too_large(frame.len()) {
             return Delivery::Dropped;
         }
+        self.push_inflight(packet_id, message, stored);
+        self.out.push(frame);
+        Delivery::Queued
+    }
+
+    /// Records `message`, just queued under `packet_id`, as in flight.
+    fn push_inflight(&mut self, packet_id: PacketId, message: Message, stored: u64) {
         let phase = if message.qos == QoS::ExactlyOnce {
             Phase::AwaitPubRec
         } else {
@@ -1046,8 +1060,6 @@ impl Session {
             journalled: false,
         });
         flows.unjournalled = flows.unjournalled.saturating_add(1);
-        self.out.push(frame);
-        Delivery::Queued
     }
 
     /// Moves pending messages into the inflight window while it has room;
@@ -1330,6 +1342,14 @@ mod tests {
         s
     }
 
+    /// Ends the step of `enc` (sealing its batch into `s`'s queue), then
+    /// drains the queue as [`written`] does.
+    fn sealed(enc: &mut Encoded<'_>, s: &mut Session) -> Vec<u8> {
+        let (chunk, bases) = enc.seal();
+        s.out.seal(&chunk, &bases);
+        written(s)
+    }
+
     /// Drains the out queue into one byte vector.
     fn written(s: &mut Session) -> Vec<u8> {
         let mut all = Vec::new();
@@ -1380,7 +1400,9 @@ mod tests {
         v5_qos0.deliver(&mut enc, QoS::AtMostOnce, &LIMITS);
         drop(enc);
         let (chunk, bases) = batch.seal();
-        v5_qos0.out.seal(&chunk, &bases);
+        for s in [&mut v3, &mut v5, &mut v5_qos0] {
+            s.out.seal(&chunk, &bases);
+        }
         assert_eq!(written(&mut v3), b"\x32\x08\x00\x03a/b\x00\x01x");
         // 5.0: the packet id, then the (empty) properties, then the payload.
         assert_eq!(written(&mut v5), b"\x32\x09\x00\x03a/b\x00\x01\x00x");
@@ -1407,6 +1429,10 @@ mod tests {
             );
         }
         drop(enc);
+        let (chunk, bases) = batch.seal();
+        for s in [&mut a, &mut b, &mut c] {
+            s.out.seal(&chunk, &bases);
+        }
         let whole = b"\x32\x08\x00\x03a/b\x00\x01x";
         // One piece to write, the same frame for both.
         let (fa, fb) = (a.out.front_chunk(), b.out.front_chunk());
@@ -1740,7 +1766,7 @@ mod tests {
         let mut s = online();
         s.deliver(&mut enc, QoS::AtLeastOnce, &LIMITS);
         assert_eq!(s.flows().inflight[0].phase, Phase::AwaitPubAck);
-        assert_eq!(written(&mut s), b"\x32\x08\x00\x03a/b\x00\x01x");
+        assert_eq!(sealed(&mut enc, &mut s), b"\x32\x08\x00\x03a/b\x00\x01x");
     }
 
     #[test]
@@ -1761,7 +1787,7 @@ mod tests {
             s.deliver(&mut enc, QoS::AtLeastOnce, &LIMITS),
             Delivery::Pending
         );
-        written(&mut s);
+        sealed(&mut enc, &mut s);
         assert!(!s.on_puback(7, &LIMITS), "unknown id is ignored");
         assert!(s.on_puback(1, &LIMITS));
         // The pending message took the free slot with a new packet id.
@@ -1770,6 +1796,94 @@ mod tests {
         assert!(s.on_puback(3, &LIMITS));
         assert!(s.flows().inflight.is_empty() && s.flows().pending.is_empty());
         assert_eq!(s.flows().pending_bytes, 0);
+    }
+
+    #[test]
+    fn a_qos1_burst_to_sessions_in_step_is_one_queue_entry_each() {
+        let (m1, m2) = (msg(QoS::AtLeastOnce, b"1"), msg(QoS::AtLeastOnce, b"2"));
+        let (mut a, mut b) = (online(), online());
+        let mut batch = Batch::default();
+        for m in [&m1, &m2] {
+            let mut enc = Encoded::new(m, &mut batch);
+            for s in [&mut a, &mut b] {
+                assert_eq!(
+                    s.deliver(&mut enc, QoS::AtLeastOnce, &LIMITS),
+                    Delivery::Queued
+                );
+            }
+        }
+        let (chunk, bases) = batch.seal();
+        for s in [&mut a, &mut b] {
+            s.out.seal(&chunk, &bases);
+            // Both packets back to back in the batch: one entry, one iovec.
+            assert_eq!(s.out.entries(), 1);
+            assert_eq!(
+                written(s),
+                b"\x32\x08\x00\x03a/b\x00\x011\x32\x08\x00\x03a/b\x00\x022"
+            );
+        }
+    }
+
+    #[test]
+    fn sessions_that_take_a_pending_message_under_the_same_id_share_its_frame() {
+        publish_cache::clear();
+        let (m1, m2, m3) = (
+            msg(QoS::AtLeastOnce, b"1"),
+            msg(QoS::AtLeastOnce, b"2"),
+            msg(QoS::AtLeastOnce, b"3"),
+        );
+        let (mut a, mut b, mut c) = (online(), online(), online());
+        // Id 1 is in flight to `c` from an earlier connection: its ids run
+        // one ahead of the others'.
+        c.flows().free_ids.reserve(1);
+        let mut batch = Batch::default();
+        for m in [&m1, &m2, &m3] {
+            let mut enc = Encoded::new(m, &mut batch);
+            for s in [&mut a, &mut b, &mut c] {
+                s.deliver(&mut enc, QoS::AtLeastOnce, &LIMITS);
+            }
+        }
+        let (chunk, bases) = batch.seal();
+        for s in [&mut a, &mut b] {
+            s.out.seal(&chunk, &bases);
+            assert_eq!(s.flows().pending.len(), 1, "window of 2: m3 waits");
+            assert_eq!(
+                written(s),
+                b"\x32\x08\x00\x03a/b\x00\x011\x32\x08\x00\x03a/b\x00\x022"
+            );
+        }
+        c.out.seal(&chunk, &bases);
+        written(&mut c);
+        // Out of order: `b` acknowledges its second message first.
+        assert!(a.on_puback(1, &LIMITS));
+        assert!(b.on_puback(2, &LIMITS));
+        assert!(c.on_puback(2, &LIMITS));
+        let (fa, fb, fc) = (
+            a.out.front_chunk(),
+            b.out.front_chunk(),
+            c.out.front_chunk(),
+        );
+        let whole = b"\x32\x08\x00\x03a/b\x00\x033";
+        assert_eq!(fa, Some(&whole[..]));
+        assert_eq!(
+            fa.map(<[u8]>::as_ptr),
+            fb.map(<[u8]>::as_ptr),
+            "m3 under id 3: one frame for both"
+        );
+        assert_eq!(fc, Some(&b"\x32\x08\x00\x03a/b\x00\x043"[..]));
+        // Each session's id 3 (c's 4) is in flight until its PUBACK; a's
+        // freed id 1 is not handed out again in this lap.
+        assert_eq!(written(&mut a), whole);
+        assert_eq!(written(&mut b), whole);
+        assert!(!a.on_puback(1, &LIMITS), "already acknowledged");
+        assert!(a.on_puback(3, &LIMITS) && a.on_puback(2, &LIMITS));
+        assert!(a.flows().inflight.is_empty());
+        let mut enc = Encoded::new(&m1, &mut batch);
+        a.deliver(&mut enc, QoS::AtLeastOnce, &LIMITS);
+        drop(enc);
+        let (chunk, bases) = batch.seal();
+        a.out.seal(&chunk, &bases);
+        assert_eq!(written(&mut a), b"\x32\x08\x00\x03a/b\x00\x041");
     }
 
     #[test]
@@ -1798,7 +1912,7 @@ mod tests {
         let mut enc = Encoded::new(&m, &mut batch);
         let mut s = online();
         s.deliver(&mut enc, QoS::ExactlyOnce, &LIMITS);
-        written(&mut s);
+        sealed(&mut enc, &mut s);
         assert!(
             !s.on_pubcomp(1, &LIMITS),
             "PUBCOMP before PUBREC is ignored"
@@ -1974,20 +2088,26 @@ mod tests {
         // The group's copy: identifier 9 alone, RETAIN kept.
         let shared = s.deliver_shared(&mut enc, "$share/g/a/b", QoS::AtLeastOnce, &LIMITS);
         assert_eq!(shared, Delivery::Queued);
-        assert_eq!(written(&mut s), b"\x33\x0b\x00\x03a/b\x00\x01\x02\x0b\x09x");
+        assert_eq!(
+            sealed(&mut enc, &mut s),
+            b"\x33\x0b\x00\x03a/b\x00\x01\x02\x0b\x09x"
+        );
         // The non-shared copy: identifier 3 alone, RETAIN cleared.
         assert_eq!(
             s.deliver_v5(&mut enc, 1, QoS::AtLeastOnce, &LIMITS),
             Delivery::Queued
         );
-        assert_eq!(written(&mut s), b"\x32\x0b\x00\x03a/b\x00\x02\x02\x0b\x03x");
+        assert_eq!(
+            sealed(&mut enc, &mut s),
+            b"\x32\x0b\x00\x03a/b\x00\x02\x02\x0b\x03x"
+        );
         // A 3.1.1 connection of the same session: no properties, RETAIN
         // cleared (packet id 3: 2 is still in flight).
         s.version = Version::V3;
         s.on_puback(1, &LIMITS);
         let v3 = s.deliver_shared(&mut enc, "$share/g/a/b", QoS::AtLeastOnce, &LIMITS);
         assert_eq!(v3, Delivery::Queued);
-        assert_eq!(written(&mut s), b"\x32\x08\x00\x03a/b\x00\x03x");
+        assert_eq!(sealed(&mut enc, &mut s), b"\x32\x08\x00\x03a/b\x00\x03x");
     }
 
     #[test]

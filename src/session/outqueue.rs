@@ -8,6 +8,9 @@
 //! so they extend the subscriber's last range instead of adding an entry:
 //! in a burst of 800 publishes to one topic each subscriber's queue grows by
 //! one entry, not 800, and the write is one iovec, as a raw TCP forwarder's.
+//! A QoS 1/2 PUBLISH shared by the subscribers given the same packet id lies
+//! in the batch too (`protocol::message::Encoded::publish`), so a QoS 1
+//! burst to subscribers whose ids go in step is one entry each as well.
 //! At the end of the step the shard seals the batch into one shared,
 //! reference-counted chunk ([`OutQueue::seal`]) and flushes each subscriber
 //! that got something with **one** `sendmsg` of everything queued. When a
@@ -667,8 +670,8 @@ mod tests {
         p.push_batch(range(1, 1, 1));
         assert_eq!(p.frames.len(), 1, "one lane's consecutive frames merge");
         let chunk = Frame::from(&b"aaabbbXY"[..]);
-        q.seal(&chunk, &[0, 6, 8]);
-        p.seal(&chunk, &[0, 6, 8]);
+        q.seal(&chunk, &[0, 6, 8, 8]);
+        p.seal(&chunk, &[0, 6, 8, 8]);
         assert_eq!(drain(&mut q), b"aaaXbbbY");
         assert_eq!(p.front_chunk(), Some(&b"XY"[..]));
     }

@@ -146,3 +146,105 @@ fn qos0_then_qos1_in_one_read_reach_a_qos1_subscriber_intact() {
     // Nothing else was sent: the next packet is the answer to a ping.
     sub.ping();
 }
+
+#[test]
+fn a_qos1_burst_past_the_window_reaches_each_subscriber_whole_whatever_its_ack_order() {
+    // One shard, a window of 2: the burst's first two messages go out in
+    // the fan-out (shared packets in the step's batch), the rest wait in
+    // each subscriber's pending queue and go out one PUBACK at a time
+    // (shared between the subscribers that send them under the same id).
+    let broker = Broker::builder()
+        .shards(1)
+        .config("max_inflight_messages = 2\n")
+        .start();
+    let connect_a = ConnectBuilder::new("burst-a").clean_session(false);
+    let (mut a, connack) = Raw::connect_with(broker.port, &connect_a);
+    assert_eq!(connack, CONNACK_OK);
+    assert_eq!(a.subscribe(1, &[("burst/t", 1)]), vec![1]);
+    let mut b = Raw::connect(broker.port, "burst-b");
+    assert_eq!(b.subscribe(1, &[("burst/t", 1)]), vec![1]);
+    let mut c = Raw::connect(broker.port, "burst-c");
+    assert_eq!(
+        c.subscribe(1, &[("burst/t", 1), ("burst/pre", 1)]),
+        vec![1, 1]
+    );
+    let mut publisher = Raw::connect(broker.port, "burst-pub");
+    // `c` used id 1 already: its ids run one ahead of the others'.
+    publisher.send(&publish(b"burst/pre", b"m0", 1, false, false, 100));
+    assert_eq!(publisher.expect_packet().bytes(), ack(0x40, 100));
+    let pre = c.expect_publish();
+    assert_eq!((pre.packet_id, &pre.payload[..]), (1, &b"m0"[..]));
+    c.send(&ack(0x40, 1));
+
+    let burst: Vec<u8> = (1..=5u16)
+        .flat_map(|i| publish(b"burst/t", format!("m{i}").as_bytes(), 1, false, false, i))
+        .collect();
+    publisher.send(&burst);
+    for i in 1..=5 {
+        assert_eq!(publisher.expect_packet().bytes(), ack(0x40, i));
+    }
+    let expect = |raw: &mut Raw, id: u16, i: u16| {
+        let p = raw.expect_publish();
+        let want = RawPublish {
+            dup: false,
+            qos: 1,
+            retain: false,
+            topic: "burst/t".into(),
+            packet_id: id,
+            payload: format!("m{i}").into_bytes(),
+        };
+        assert_eq!(p, want);
+    };
+    // The window: m1 and m2.
+    for i in 1..=2 {
+        expect(&mut a, i, i);
+        expect(&mut b, i, i);
+        expect(&mut c, i + 1, i);
+    }
+    // `a` acknowledges out of order, after an id it was never sent
+    // (ignored); `b` in order; `c` last first. Each freed slot takes the
+    // next pending message under the next id of the session's lap.
+    a.send(&ack(0x40, 999));
+    a.send(&ack(0x40, 2));
+    expect(&mut a, 3, 3);
+    b.send(&ack(0x40, 1));
+    expect(&mut b, 3, 3);
+    c.send(&ack(0x40, 3));
+    expect(&mut c, 4, 3);
+    a.send(&ack(0x40, 1));
+    expect(&mut a, 4, 4);
+    a.send(&ack(0x40, 3));
+    expect(&mut a, 5, 5);
+    b.send(&ack(0x40, 2));
+    b.send(&ack(0x40, 3));
+    expect(&mut b, 4, 4);
+    expect(&mut b, 5, 5);
+    c.send(&ack(0x40, 2));
+    c.send(&ack(0x40, 4));
+    expect(&mut c, 5, 4);
+    expect(&mut c, 6, 5);
+    // An acknowledged id is done: acknowledging it again changes nothing.
+    b.send(&ack(0x40, 3));
+    for (raw, ids) in [(&mut b, [4, 5]), (&mut c, [5, 6])] {
+        for id in ids {
+            raw.send(&ack(0x40, id));
+        }
+        // Nothing else was sent: the next packet is the answer to a ping.
+        raw.ping();
+    }
+
+    // `a` drops with m5 unacknowledged: it comes again, with DUP, under
+    // its id, and nothing else does.
+    a.send(&ack(0x40, 4));
+    a.ping();
+    a.close();
+    let (mut a, connack) = Raw::connect_with(broker.port, &connect_a);
+    assert_eq!(connack, CONNACK_SESSION);
+    let again = a.expect_publish();
+    assert_eq!(
+        (again.dup, again.packet_id, &again.payload[..]),
+        (true, 5, &b"m5"[..])
+    );
+    a.send(&ack(0x40, 5));
+    a.ping();
+}

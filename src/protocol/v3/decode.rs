@@ -31,6 +31,26 @@ pub fn decode(buf: &mut BytesMut, max_packet_size: usize) -> Result<Option<Packe
     Ok(Some(packet))
 }
 
+/// The PUBACK at the front of `buf` in its one well-formed shape (`0x40`,
+/// Remaining Length 2, the Packet Identifier): consumed, and its id
+/// returned; None, with nothing consumed, for anything else (which
+/// [`decode`] then handles, errors included). The same as [`decode`]
+/// returning [`Packet::PubAck`] for those 4 bytes (a packet that small is
+/// under any maximum packet size), without building a [`Packet`]: a QoS 1
+/// subscriber sends one PUBACK per message, so at a large fan-out they are
+/// most of what the broker decodes, and moving the large `Packet` value out
+/// of [`decode`] was a sixth of the broker's instructions per delivery.
+#[inline]
+pub fn take_puback(buf: &mut BytesMut) -> Option<PacketId> {
+    match **buf {
+        [first, 2, high, low, ..] if first == PUBACK << 4 => {
+            buf.advance(4);
+            Some(u16::from_be_bytes([high, low]))
+        }
+        _ => None,
+    }
+}
+
 /// Reads the fixed header at the front of `buf` and returns the length of the whole
 /// packet, so that a connection can reserve exactly what it still has to read.
 ///

@@ -551,6 +551,34 @@ mod tests {
     }
 
     #[test]
+    fn take_puback_takes_exactly_what_decode_reads_as_a_puback() {
+        // Two PUBACKs and the start of a third: each taken alone, then
+        // nothing until the rest arrives.
+        let mut buf = BytesMut::from(&[0x40, 2, 0, 7, 0x40, 2, 1, 0, 0x40, 2, 0][..]);
+        assert_eq!(take_puback(&mut buf), Some(7));
+        assert_eq!(take_puback(&mut buf), Some(256));
+        assert_eq!(take_puback(&mut buf), None);
+        assert_eq!(&buf[..], &[0x40, 2, 0]);
+        // Not the plain shape: left to `decode`, which decides (a
+        // non-minimal length, flags set, trailing bytes, another packet).
+        for bytes in [
+            &[PUBACK << 4, 0x82, 0x00, 0x00, 0x07][..],
+            &[(PUBACK << 4) | 1, 2, 0, 7],
+            &[PUBACK << 4, 3, 0, 7, 0],
+            &[PUBREC << 4, 2, 0, 7],
+            &[PINGREQ << 4, 0],
+        ] {
+            let mut buf = BytesMut::from(bytes);
+            assert_eq!(take_puback(&mut buf), None, "{bytes:?}");
+            assert_eq!(&buf[..], bytes, "nothing consumed");
+        }
+        // Where it takes one, decode reads the same.
+        let mut buf = BytesMut::from(&[0x40, 2, 0, 0][..]);
+        assert_eq!(take_puback(&mut buf), Some(0));
+        assert_eq!(decode_all(&[0x40, 2, 0, 0]), Ok(Packet::PubAck(0)));
+    }
+
+    #[test]
     fn packet_too_large_is_reported_before_the_bytes_arrive() {
         // A PUBLISH announcing 200 bytes of remaining length: 203 bytes in all.
         let mut buf = BytesMut::from(&[PUBLISH << 4, 0xC8, 0x01][..]);
