@@ -14,6 +14,23 @@ use fanmq::config::Config;
 use fanmq::config::os;
 use fanmq::security::passwd;
 
+// The global allocator: glibc's malloc unless built with the `mimalloc` or
+// the `jemalloc` feature (both allocators return freed memory to the
+// system after a delay of their own). What each measured, in fan-out CPU
+// and in storm and idle memory: bench/results/allocator.md.
+#[cfg(all(feature = "mimalloc", feature = "jemalloc"))]
+compile_error!("the features `mimalloc` and `jemalloc` each choose the allocator: enable one");
+
+/// mimalloc as the global allocator (feature `mimalloc`).
+#[cfg(all(feature = "mimalloc", not(feature = "jemalloc")))]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// jemalloc as the global allocator (feature `jemalloc`).
+#[cfg(all(feature = "jemalloc", not(feature = "mimalloc")))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Some(Command::Passwd(args)) = &cli.command {

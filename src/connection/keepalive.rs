@@ -72,7 +72,13 @@ impl MemoryReturn {
         self.before = (accepted, connected);
         if quiet && accepted.saturating_sub(self.trimmed_at) >= TRIM_AFTER_ACCEPTS {
             self.trimmed_at = accepted;
-            #[cfg(target_env = "gnu")]
+            // glibc's malloc only: mimalloc and jemalloc (features of the
+            // binary, src/main.rs) give free pages back by themselves after a
+            // delay, and glibc's heap then holds almost nothing.
+            #[cfg(all(
+                target_env = "gnu",
+                not(any(feature = "mimalloc", feature = "jemalloc"))
+            ))]
             // SAFETY: malloc_trim only releases free memory; callable from any thread.
             unsafe {
                 libc::malloc_trim(0);

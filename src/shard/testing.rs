@@ -133,7 +133,7 @@ pub fn attach_client(
 }
 
 /// Inserts a clean session with `link` and subscribes it to `filter`.
-fn attach_with_link(
+pub fn attach_with_link(
     shard: &mut Shard,
     client_id: &str,
     link: Link,
