@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Idle memory of MQTT.js subscribers over ws:// or wss:// (or mqtt://):
+# Idle memory of MQTT.js subscribers over ws:// or wss:// (or mqtt://, mqtts://):
 # RSS growth per connection of fanmq (1 shard) and FlashMQ (1 thread), in
 # the same run, alternating rounds.
 #
 #   bench/ws-idle.sh TRANSPORT COUNT [ROUNDS] [HOLD_S]
 #
-# TRANSPORT: ws, wss or mqtt. Needs `npm ci` in tests/node, a release build
+# TRANSPORT: ws, wss, mqtt or mqtts. Needs `npm ci` in tests/node, a release build
 # (cargo build --release -p fanmq) and FLASHMQ_BIN (skipped when unset).
 # Broker on CPU 0, clients on CPU 1. For each broker and round it prints
 # RSS before the clients, after all COUNT subscribed and HOLD_S seconds
@@ -16,7 +16,7 @@
 # PACE=R per second, and prints the broker's CPU-seconds per delivery
 # (utime + stime from /proc, until the clients got all COUNT x M).
 set -euo pipefail
-transport=${1:?transport: ws, wss or mqtt}
+transport=${1:?transport: ws, wss, mqtt or mqtts}
 count=${2:?count}
 rounds=${3:-1}
 hold=${4:-10}
@@ -38,6 +38,7 @@ case $transport in
   ws) url="ws://127.0.0.1:$port/mqtt" ;;
   wss) url="wss://127.0.0.1:$port/mqtt" ;;
   mqtt) url="mqtt://127.0.0.1:$port" ;;
+  mqtts) url="mqtts://127.0.0.1:$port" ;;
   *) echo "unknown transport $transport" >&2; exit 2 ;;
 esac
 
@@ -46,8 +47,9 @@ kib() { awk -v k="$2" '$1 == k":" { print $2 }' "/proc/$1/status"; }
 start_fanmq() {
   local listeners="listen = [\"127.0.0.1:$port\"]"
   if [ "$transport" != mqtt ]; then
+    # fanmq's config calls the MQTT-over-TLS list tls_listen.
     listeners="listen = [\"127.0.0.1:$((port + 1))\"]
-${transport}_listen = [\"127.0.0.1:$port\"]"
+${transport/mqtts/tls}_listen = [\"127.0.0.1:$port\"]"
   fi
   cat > "$work/fanmq.toml" <<TOML
 $listeners
@@ -65,9 +67,9 @@ TOML
 
 start_flashmq() {
   local protocol=mqtt tls=""
-  [ "$transport" != mqtt ] && protocol=websockets
-  [ "$transport" = wss ] && tls="fullchain $work/cert.pem
-  privkey $work/key.pem"
+  case $transport in ws | wss) protocol=websockets ;; esac
+  case $transport in wss | mqtts) tls="fullchain $work/cert.pem
+  privkey $work/key.pem" ;; esac
   cat > "$work/flashmq.conf" <<CONF
 thread_count 1
 rlimit_nofile 20000

@@ -3,6 +3,7 @@
 use clap::{Args, Parser, Subcommand};
 
 use crate::mqtt::Protocol;
+use crate::protocol::Transport;
 
 /// fanmq's fan-out benchmark and load generator.
 ///
@@ -238,6 +239,17 @@ pub struct Opts {
     /// does; what the `storm` always does).
     #[arg(long, value_enum, default_value_t = Handshake::Pipelined)]
     pub handshake: Handshake,
+    /// What carries the subscribers' MQTT: `tcp`, or `ws` (MQTT over
+    /// WebSocket, path `/mqtt`, subprotocol `mqtt`, each packet one binary
+    /// frame, as MQTT.js in a browser). The publisher always uses plain
+    /// TCP. With --compare, fanmq and FlashMQ get a WebSocket listener on a
+    /// second free port; otherwise give it with --ws-port.
+    #[arg(long, value_enum, default_value_t = Transport::Tcp)]
+    pub transport: Transport,
+    /// The broker's WebSocket port for `--transport ws` without --compare
+    /// (the publisher still connects to --port).
+    #[arg(long)]
+    pub ws_port: Option<u16>,
     /// Write the acknowledgements (PUBACK, PUBREC, PUBCOMP) of one read in
     /// one write. Default: each its own write, as paho, MQTT.js and
     /// mosquitto_sub do; coalescing is kinder to the broker than real

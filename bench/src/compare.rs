@@ -12,6 +12,12 @@
 //! forwarder). Anything else is a shell command with
 //! `{port}`, run with `exec` so its PID is the broker's, optionally after a
 //! label: `LABEL=command`.
+//!
+//! For WebSocket subscribers (`--transport ws`) a broker also gets a
+//! WebSocket listener on a second free port ([`Broker::ws_port`]): fanmq
+//! by `--ws-listen`, FlashMQ by a `protocol websockets` listener; a custom
+//! command by `{ws_port}`. The other named peers have none here (Debian's
+//! Mosquitto is built without WebSocket).
 
 use crate::net;
 use crate::procfs;
@@ -39,12 +45,18 @@ pub enum CompareError {
     Exited(String, PathBuf),
     #[error("{0:?} did not accept connections within {1:?} (log: {2})")]
     NotReady(String, Duration, PathBuf),
+    #[error(
+        "{0:?}: no WebSocket listener for this peer (fanmq, flashmq or a command with {{ws_port}})"
+    )]
+    NoWebSocket(String),
 }
 
 /// A started broker.
 pub struct Broker {
     pub label: String,
     pub port: u16,
+    /// The WebSocket listener's port, when one was asked for.
+    pub ws_port: Option<u16>,
     pub raw: bool,
     child: Child,
 }
@@ -55,18 +67,22 @@ impl Broker {
         self.child.id()
     }
 
-    /// Starts `spec` (see the module doc) with its files in `dir`.
+    /// Starts `spec` (see the module doc) with its files in `dir`, with a
+    /// WebSocket listener too when `ws`.
     ///
     /// # Errors
-    /// The command could not start, exited, or never accepted.
+    /// The command could not start, exited, or never accepted; `ws` for a
+    /// peer without WebSocket.
     pub fn start(
         spec: &str,
         cpus: Option<&[usize]>,
         dir: &Path,
         max_queued: u64,
+        ws: bool,
     ) -> Result<Broker, CompareError> {
         let port = net::free_port()?;
-        let (label, shell, raw) = command_for(spec, port, dir, max_queued)?;
+        let ws_port = if ws { Some(net::free_port()?) } else { None };
+        let (label, shell, raw) = command_for(spec, port, ws_port, dir, max_queued)?;
         let log = dir.join(format!(
             "{}-{port}.log",
             label.replace(|c: char| !c.is_ascii_alphanumeric(), "_")
@@ -97,6 +113,7 @@ impl Broker {
         let mut broker = Broker {
             label,
             port,
+            ws_port,
             raw,
             child,
         };
@@ -148,13 +165,33 @@ impl Drop for Broker {
 const FANMQ_LOAD_FLAGS: &str =
     "--max-connections-per-ip 0 --max-connection-rate-per-ip 0 --max-connection-rate 0";
 
-/// `(label, shell command, raw)` for a spec.
+/// `(label, shell command, raw)` for a spec, with a WebSocket listener on
+/// `ws_port` if given.
 fn command_for(
     spec: &str,
     port: u16,
+    ws_port: Option<u16>,
     dir: &Path,
     max_queued: u64,
 ) -> Result<(String, String, bool), CompareError> {
+    let no_ws = || match ws_port {
+        Some(_) => Err(CompareError::NoWebSocket(spec.to_owned())),
+        None => Ok(()),
+    };
+    // fanmq's WebSocket listener, as an option.
+    let fanmq_ws = ws_port
+        .map(|p| format!(" --ws-listen 127.0.0.1:{p}"))
+        .unwrap_or_default();
+    // A custom command's `{port}` and `{ws_port}`.
+    let fill = |cmd: &str| -> Result<String, CompareError> {
+        if ws_port.is_some() && !cmd.contains("{ws_port}") {
+            return Err(CompareError::NoWebSocket(spec.to_owned()));
+        }
+        let ws = ws_port.map(|p| p.to_string()).unwrap_or_default();
+        Ok(cmd
+            .replace("{port}", &port.to_string())
+            .replace("{ws_port}", &ws))
+    };
     let write = |name: &str, text: String| -> Result<PathBuf, CompareError> {
         let path = dir.join(name);
         std::fs::write(&path, text).map_err(|e| CompareError::Config(path.clone(), e))?;
@@ -162,6 +199,7 @@ fn command_for(
     };
     Ok(match spec.trim() {
         "raw" => {
+            no_ws()?;
             let exe = std::env::current_exe().map_err(|e| CompareError::Spawn("self".into(), e))?;
             (
                 "raw".into(),
@@ -170,6 +208,7 @@ fn command_for(
             )
         }
         "mosquitto" => {
+            no_ws()?;
             let conf = write(
                 &format!("mosquitto-{port}.conf"),
                 mosquitto_conf(port, max_queued),
@@ -181,6 +220,7 @@ fn command_for(
             )
         }
         "rumqttd" => {
+            no_ws()?;
             let conf = write(&format!("rumqttd-{port}.toml"), rumqttd_conf(port))?;
             (
                 "rumqttd".into(),
@@ -193,7 +233,7 @@ fn command_for(
             (
                 "fanmq".into(),
                 format!(
-                    "{bin} --listen 127.0.0.1:{port} --shards 1 --http-listen off {FANMQ_LOAD_FLAGS}"
+                    "{bin} --listen 127.0.0.1:{port}{fanmq_ws} --shards 1 --http-listen off {FANMQ_LOAD_FLAGS}"
                 ),
                 false,
             )
@@ -209,12 +249,12 @@ fn command_for(
             (
                 format!("fanmq-{shards}-shards"),
                 format!(
-                    "{bin} --listen 127.0.0.1:{port} --shards {shards} --http-listen off {FANMQ_LOAD_FLAGS}"
+                    "{bin} --listen 127.0.0.1:{port}{fanmq_ws} --shards {shards} --http-listen off {FANMQ_LOAD_FLAGS}"
                 ),
                 false,
             )
         }
-        "flashmq" => flashmq(1, port, &write)?,
+        "flashmq" => flashmq(1, port, ws_port, &write)?,
         // `flashmq:N`: FlashMQ with N threads.
         other
             if other
@@ -224,7 +264,7 @@ fn command_for(
             let threads = other.trim_start_matches("flashmq:");
             // Checked just above.
             let n = threads.parse::<u32>().unwrap_or(1);
-            flashmq(n, port, &write)?
+            flashmq(n, port, ws_port, &write)?
         }
         // `LABEL=command`: a shell command under a short label (e.g. two
         // builds of one broker side by side).
@@ -234,17 +274,9 @@ fn command_for(
             }) =>
         {
             let (label, cmd) = other.split_once('=').unwrap_or(("", other));
-            (
-                label.to_owned(),
-                cmd.replace("{port}", &port.to_string()),
-                false,
-            )
+            (label.to_owned(), fill(cmd)?, false)
         }
-        other => (
-            other.to_owned(),
-            other.replace("{port}", &port.to_string()),
-            false,
-        ),
+        other => (other.to_owned(), fill(other)?, false),
     })
 }
 
@@ -258,16 +290,17 @@ pub fn mosquitto_conf(port: u16, max_queued: u64) -> String {
     )
 }
 
-/// `(label, command, raw)` of FlashMQ with `threads` threads on `port`,
-/// its config written by `write`.
+/// `(label, command, raw)` of FlashMQ with `threads` threads on `port`
+/// (and WebSocket on `ws_port`), its config written by `write`.
 fn flashmq(
     threads: u32,
     port: u16,
+    ws_port: Option<u16>,
     write: &dyn Fn(&str, String) -> Result<PathBuf, CompareError>,
 ) -> Result<(String, String, bool), CompareError> {
     let conf = write(
         &format!("flashmq-{port}.conf"),
-        flashmq_conf(port, threads, procfs::nofile_hard()),
+        flashmq_conf(port, ws_port, threads, procfs::nofile_hard()),
     )?;
     let bin = std::env::var("FLASHMQ_BIN").unwrap_or_else(|_| "flashmq".into());
     let label = if threads == 1 {
@@ -287,13 +320,24 @@ fn flashmq(
 /// (default 1000000), which fails above the hard limit `nofile_hard`, so it
 /// is the hard limit. `log_level warning`: no log line per connection
 /// (FlashMQ logs every accept and login at `notice`), as for Mosquitto.
-/// No `storage_dir`: nothing persisted, as for the other peers.
-pub fn flashmq_conf(port: u16, threads: u32, nofile_hard: u64) -> String {
-    format!(
+/// No `storage_dir`: nothing persisted, as for the other peers. With
+/// `ws_port`, a second listener there speaks `websockets`.
+pub fn flashmq_conf(port: u16, ws_port: Option<u16>, threads: u32, nofile_hard: u64) -> String {
+    let listen = |port: u16, protocol: &str| {
+        format!(
+            "listen {{\n  port {port}\n  protocol {protocol}\n  inet_protocol ip4\n\
+             \x20 inet4_bind_address 127.0.0.1\n}}\n"
+        )
+    };
+    let mut conf = format!(
         "thread_count {threads}\nrlimit_nofile {nofile_hard}\nallow_anonymous true\n\
-         log_level warning\nlisten {{\n  port {port}\n  protocol mqtt\n  inet_protocol ip4\n\
-         \x20 inet4_bind_address 127.0.0.1\n}}\n"
-    )
+         log_level warning\n{}",
+        listen(port, "mqtt")
+    );
+    if let Some(ws_port) = ws_port {
+        conf.push_str(&listen(ws_port, "websockets"));
+    }
+    conf
 }
 
 /// rumqttd 0.20: one v4 listener on loopback, limits raised for fan-out.
@@ -328,12 +372,12 @@ mod tests {
     #[test]
     fn named_and_custom_specs() {
         let dir = std::env::temp_dir();
-        let (label, cmd, raw) = command_for("mosquitto", 4242, &dir, 1000).unwrap();
+        let (label, cmd, raw) = command_for("mosquitto", 4242, None, &dir, 1000).unwrap();
         assert_eq!(label, "mosquitto");
         assert!(cmd.starts_with("mosquitto -c ") && !raw);
-        let (_, cmd, raw) = command_for("raw", 4242, &dir, 1000).unwrap();
+        let (_, cmd, raw) = command_for("raw", 4242, None, &dir, 1000).unwrap();
         assert!(cmd.contains("raw-server --listen 127.0.0.1:4242") && raw);
-        let (label, cmd, _) = command_for("fanmq:2", 4242, &dir, 1000).unwrap();
+        let (label, cmd, _) = command_for("fanmq:2", 4242, None, &dir, 1000).unwrap();
         assert_eq!(label, "fanmq-2-shards");
         assert!(
             cmd.contains("--listen 127.0.0.1:4242 --shards 2 --http-listen off"),
@@ -342,7 +386,7 @@ mod tests {
         // Both fanmq specs turn the per-IP and global connection limits off:
         // every load-test client connects from 127.0.0.1 at once.
         for spec in ["fanmq", "fanmq:2"] {
-            let (_, cmd, _) = command_for(spec, 4242, &dir, 1000).unwrap();
+            let (_, cmd, _) = command_for(spec, 4242, None, &dir, 1000).unwrap();
             assert!(
                 cmd.ends_with(
                     "--max-connections-per-ip 0 --max-connection-rate-per-ip 0 --max-connection-rate 0"
@@ -350,24 +394,24 @@ mod tests {
                 "{cmd}"
             );
         }
-        let (label, cmd, _) = command_for("mybroker -p {port}", 4242, &dir, 1000).unwrap();
+        let (label, cmd, _) = command_for("mybroker -p {port}", 4242, None, &dir, 1000).unwrap();
         assert_eq!(
             (label.as_str(), cmd.as_str()),
             ("mybroker -p {port}", "mybroker -p 4242")
         );
         let (label, cmd, _) =
-            command_for("before=mybroker -p {port} --x=1", 4242, &dir, 1000).unwrap();
+            command_for("before=mybroker -p {port} --x=1", 4242, None, &dir, 1000).unwrap();
         assert_eq!(
             (label.as_str(), cmd.as_str()),
             ("before", "mybroker -p 4242 --x=1")
         );
         assert!(mosquitto_conf(4242, 5).contains("listener 4242 127.0.0.1"));
-        let (label, cmd, raw) = command_for("flashmq", 4242, &dir, 1000).unwrap();
+        let (label, cmd, raw) = command_for("flashmq", 4242, None, &dir, 1000).unwrap();
         assert_eq!(label, "flashmq");
         assert!(cmd.contains(" --config-file ") && cmd.ends_with("flashmq-4242.conf") && !raw);
-        let (label, _, _) = command_for("flashmq:2", 4242, &dir, 1000).unwrap();
+        let (label, _, _) = command_for("flashmq:2", 4242, None, &dir, 1000).unwrap();
         assert_eq!(label, "flashmq-2-threads");
-        let conf = flashmq_conf(4242, 2, 20_000);
+        let conf = flashmq_conf(4242, None, 2, 20_000);
         for line in [
             "thread_count 2",
             "rlimit_nofile 20000",
@@ -378,8 +422,43 @@ mod tests {
         }
         // `flashmq:0` is no peer: a shell command of that name.
         assert_eq!(
-            command_for("flashmq:0", 4242, &dir, 1000).unwrap().0,
+            command_for("flashmq:0", 4242, None, &dir, 1000).unwrap().0,
             "flashmq:0"
         );
+    }
+
+    #[test]
+    fn websocket_listeners_for_fanmq_flashmq_and_commands_only() {
+        let dir = std::env::temp_dir();
+        let (_, cmd, _) = command_for("fanmq", 4242, Some(4243), &dir, 1000).unwrap();
+        assert!(
+            cmd.contains("--listen 127.0.0.1:4242 --ws-listen 127.0.0.1:4243 "),
+            "{cmd}"
+        );
+        let conf = flashmq_conf(4242, Some(4243), 1, 20_000);
+        assert!(conf.contains("port 4242\n  protocol mqtt\n"), "{conf}");
+        assert!(
+            conf.contains("port 4243\n  protocol websockets\n"),
+            "{conf}"
+        );
+        assert!(!flashmq_conf(4242, None, 1, 20_000).contains("websockets"));
+        let (_, cmd, _) = command_for(
+            "b=mybroker -p {port} -w {ws_port}",
+            4242,
+            Some(4243),
+            &dir,
+            1000,
+        )
+        .unwrap();
+        assert_eq!(cmd, "mybroker -p 4242 -w 4243");
+        for spec in ["mosquitto", "rumqttd", "raw", "mybroker -p {port}"] {
+            assert!(
+                matches!(
+                    command_for(spec, 4242, Some(4243), &dir, 1000),
+                    Err(CompareError::NoWebSocket(_))
+                ),
+                "{spec}"
+            );
+        }
     }
 }

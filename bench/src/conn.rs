@@ -2,6 +2,7 @@
 //! in its life and what it keeps between reads.
 
 use crate::stats::SeqTracker;
+use crate::ws::WsConn;
 
 /// Where one connection is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -10,6 +11,9 @@ pub enum State {
     Idle,
     /// TCP connect in progress.
     Connecting,
+    /// WebSocket upgrade request sent, waiting for its answer (then
+    /// CONNECT goes out).
+    WaitUpgrade,
     /// CONNECT sent, SUBSCRIBE too when pipelined (raw mode: hello sent,
     /// waiting for `K`).
     WaitConnAck,
@@ -41,6 +45,9 @@ pub struct Conn {
     /// When a failed handshake is tried again (`reconnect_ms`); 0: not
     /// waiting for that.
     pub retry_at_ns: u64,
+    /// The WebSocket state (`--transport ws`), boxed: TCP connections pay
+    /// one pointer for it.
+    pub ws: Option<Box<WsConn>>,
 }
 
 impl Conn {
@@ -56,6 +63,7 @@ impl Conn {
             seq: SeqTracker::default(),
             counted: false,
             retry_at_ns: 0,
+            ws: None,
         }
     }
 }

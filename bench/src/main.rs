@@ -48,6 +48,7 @@ mod stats;
 mod stats_api;
 mod target;
 mod worker;
+mod ws;
 
 use clap::Parser;
 use cli::{Cli, Cmd};

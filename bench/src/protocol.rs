@@ -45,6 +45,9 @@ pub struct WorkerTask {
     pub persistent: bool,
     /// Talk to the bench's own `raw` forwarder instead of an MQTT broker.
     pub raw: bool,
+    /// What carries the subscribers' MQTT (`--transport`).
+    #[serde(default)]
+    pub transport: Transport,
     /// Source addresses to bind before connect; empty = kernel's choice.
     pub source_addrs: Vec<String>,
     /// Handshakes in flight at once (TCP connect to SUBACK), this worker's
@@ -79,6 +82,26 @@ pub struct WorkerTask {
     /// The clock of the payload stamps, read on every arrival; the
     /// timeline's and first/last delivery's times are in it too.
     pub clock: Clock,
+}
+
+/// What carries the subscribers' MQTT (`--transport`); the publisher
+/// always uses plain TCP.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// MQTT over TCP.
+    #[default]
+    Tcp,
+    /// MQTT over WebSocket (MQTT 3.1.1 §6), path `/mqtt`, subprotocol
+    /// `mqtt`, as MQTT.js in a browser.
+    Ws,
+}
+
+impl Transport {
+    /// True for plain TCP (the default, left out of result files).
+    pub fn is_tcp(&self) -> bool {
+        *self == Transport::Tcp
+    }
 }
 
 /// The (source index, target index) of pair `k` of `sources × targets`

@@ -8,7 +8,7 @@
 use crate::cli::Part;
 use crate::mqtt::Protocol;
 use crate::procfs::SockStat;
-use crate::protocol::{ConnectSummary, WorkerReport};
+use crate::protocol::{ConnectSummary, Transport, WorkerReport};
 use crate::stats::{Clock, Latency};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -111,6 +111,9 @@ pub struct Params {
     pub shared_group: Option<String>,
     pub broker_cpus: Option<String>,
     pub client_cpus: Option<String>,
+    /// What carried the subscribers' MQTT (absent: TCP).
+    #[serde(default, skip_serializing_if = "Transport::is_tcp")]
+    pub transport: Transport,
 }
 
 /// Connect phase figures.

@@ -6,6 +6,7 @@ use crate::cli::Opts;
 use crate::compare::Broker;
 use crate::net;
 use crate::procfs;
+use crate::protocol::Transport;
 use crate::report;
 use crate::result::{self, ResultFile, RunResult};
 use crate::scenario::{self, Kind};
@@ -27,6 +28,9 @@ pub fn run(kind: Kind, mut o: Opts, raw: bool) -> Result<(), String> {
         }
         if o.compare.is_empty() {
             o.compare = vec!["raw".into()];
+        }
+        if o.transport == Transport::Ws {
+            return Err("raw forwards bytes: --transport tcp only".into());
         }
     }
     if let Some(list) = &o.client_cpus {
@@ -52,6 +56,20 @@ pub fn run(kind: Kind, mut o: Opts, raw: bool) -> Result<(), String> {
         if !listeners.iter().all(net::is_loopback) && o.host.is_none() && o.nodes.is_empty() {
             return Err(format!("{addr} is not loopback; name it with --host"));
         }
+        // WebSocket subscribers go to --ws-port on the same hosts; the
+        // publisher stays on plain TCP (`addr`).
+        let listeners = match (o.transport, o.ws_port) {
+            (Transport::Tcp, _) => listeners,
+            (Transport::Ws, Some(ws_port)) if o.nodes.is_empty() => {
+                let mut ws = listeners;
+                ws.iter_mut().for_each(|l| l.set_port(ws_port));
+                ws.dedup();
+                ws
+            }
+            (Transport::Ws, _) => {
+                return Err("--transport ws needs --compare, or --ws-port without --nodes".into());
+            }
+        };
         let target = Target {
             addr,
             listeners,
@@ -72,9 +90,14 @@ pub fn run(kind: Kind, mut o: Opts, raw: bool) -> Result<(), String> {
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         for round in 0..o.rounds.max(1) {
             for spec in &o.compare {
-                let broker =
-                    Broker::start(spec, broker_cpus.as_deref(), &dir, max_queued(kind, &o))
-                        .map_err(|e| e.to_string())?;
+                let broker = Broker::start(
+                    spec,
+                    broker_cpus.as_deref(),
+                    &dir,
+                    max_queued(kind, &o),
+                    o.transport == Transport::Ws,
+                )
+                .map_err(|e| e.to_string())?;
                 log::info!(
                     "round {round}: {} on port {} (pid {})",
                     broker.label,
@@ -82,9 +105,12 @@ pub fn run(kind: Kind, mut o: Opts, raw: bool) -> Result<(), String> {
                     broker.pid()
                 );
                 let addr = ([127, 0, 0, 1], broker.port).into();
+                // WebSocket subscribers go to the WebSocket listener; the
+                // publisher stays on plain TCP.
+                let subscribe_to = broker.ws_port.map_or(addr, |p| ([127, 0, 0, 1], p).into());
                 let target = Target {
                     addr,
-                    listeners: vec![addr],
+                    listeners: vec![subscribe_to],
                     pids: vec![broker.pid()],
                     label: broker.label.clone(),
                     raw: broker.raw,

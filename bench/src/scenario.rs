@@ -174,6 +174,7 @@ pub fn run(kind: Kind, o: &Opts, t: &Target, round: u32) -> Result<RunResult, Sc
             keep_alive_s: o.keep_alive,
             persistent: !o.clean_session,
             raw: t.raw,
+            transport: o.transport,
             source_addrs: sources.clone(),
             // The storm opens every socket at once, each sending SUBSCRIBE
             // once its CONNACK is in (as MQTT.js does).
@@ -214,6 +215,7 @@ pub fn run(kind: Kind, o: &Opts, t: &Target, round: u32) -> Result<RunResult, Sc
             shared_group: o.shared_group.clone(),
             broker_cpus: o.broker_cpus.clone(),
             client_cpus: o.client_cpus.clone(),
+            transport: o.transport,
         },
         notes: vec![fits],
         ..RunResult::default()

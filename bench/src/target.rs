@@ -37,7 +37,8 @@ pub enum ScenarioError {
 /// The broker under test.
 #[derive(Debug, Clone)]
 pub struct Target {
-    /// Where the publisher connects: the first of `listeners`.
+    /// Where the publisher connects: the first of `listeners` (over TCP
+    /// with `--transport ws`: the broker's plain listener).
     pub addr: SocketAddr,
     /// Every broker address:port the subscribers spread over.
     pub listeners: Vec<SocketAddr>,

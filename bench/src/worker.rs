@@ -31,9 +31,10 @@ use crate::mqtt::{self, Frame};
 use crate::net;
 use crate::procfs;
 use crate::protocol::{
-    Command, ConnectSummary, Event, Progress, WorkerReport, WorkerTask, pair_of,
+    Command, ConnectSummary, Event, Progress, Transport, WorkerReport, WorkerTask, pair_of,
 };
 use crate::stats::{self, SeqTracker, Timeline};
+use crate::ws::WsConn;
 use hdrhistogram::Histogram;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
@@ -80,6 +81,9 @@ struct Worker {
     poll: Poll,
     conns: Vec<Conn>,
     scratch: Vec<u8>,
+    /// The MQTT bytes unframed from one WebSocket read (`--transport ws`;
+    /// reused, empty between reads).
+    unframed: Vec<u8>,
     /// Next connection to open in this connect phase.
     cursor: usize,
     /// Handshakes in flight.
@@ -167,6 +171,7 @@ pub fn run() -> Result<(), WorkerError> {
         poll: Poll::new()?,
         conns,
         scratch: vec![0; SCRATCH],
+        unframed: Vec::new(),
         cursor: 0,
         pending: 0,
         retries: std::collections::VecDeque::new(),
@@ -345,6 +350,7 @@ impl Worker {
                     c.state = State::Idle;
                     c.partial = Vec::new();
                     c.unsent = Vec::new();
+                    c.ws = None;
                 }
                 self.connected = 0;
                 self.ready = 0;
@@ -505,7 +511,7 @@ impl Worker {
         let c = &mut self.conns[i];
         let in_handshake = matches!(
             c.state,
-            State::Connecting | State::WaitConnAck | State::WaitSubAck
+            State::Connecting | State::WaitUpgrade | State::WaitConnAck | State::WaitSubAck
         );
         if let Some(mut s) = c.stream.take() {
             let _ = self.poll.registry().deregister(&mut s);
@@ -531,6 +537,7 @@ impl Worker {
             c.state = State::Idle;
             c.partial = Vec::new();
             c.unsent = Vec::new();
+            c.ws = None;
             c.retry_at_ns = retry_at_ns;
             self.retries.push_back(i);
             return;
@@ -546,6 +553,7 @@ impl Worker {
         c.state = State::Failed;
         c.partial = Vec::new();
         c.unsent = Vec::new();
+        c.ws = None;
     }
 
     fn on_writable(&mut self, i: usize) {
@@ -572,44 +580,45 @@ impl Worker {
                 *self.by_source.entry(local.ip()).or_default() += 1;
             }
             self.connected += 1;
-            c.state = State::WaitConnAck;
-            let hello = if self.task.raw {
-                c.unsent.push(b'S');
-                Ok(())
+            if self.task.transport == Transport::Ws && !self.task.raw {
+                // CONNECT goes out once the upgrade is answered.
+                c.ws = Some(Box::new(WsConn::start(&peer.to_string(), &mut c.unsent)));
+                c.state = State::WaitUpgrade;
             } else {
-                let index = self.task.first_index + i as u64;
-                let id = format!("{}{index}", self.task.client_prefix);
-                let connect = if self.task.protocol.v5_for(index) {
-                    mqtt::encode_connect_v5(
-                        &id,
-                        self.task.keep_alive_s,
-                        true,
-                        self.task.topic_alias_max,
-                        &mut c.unsent,
-                    )
-                } else {
-                    mqtt::encode_connect(
-                        &id,
-                        self.task.keep_alive_s,
-                        !self.task.persistent,
-                        &mut c.unsent,
-                    )
-                };
-                connect.and_then(|()| {
-                    // Pipelined: SUBSCRIBE right behind CONNECT, in the
-                    // same write, before any CONNACK.
-                    if self.task.pipeline {
-                        encode_subscribe(&self.task, index, &mut c.unsent)
-                    } else {
-                        Ok(())
-                    }
-                })
-            };
-            if let Err(e) = hello {
-                return self.fail(i, &e.to_string());
+                c.state = State::WaitConnAck;
+                if let Err(e) = self.queue_hello(i) {
+                    return self.fail(i, &e);
+                }
             }
         }
         self.flush(i);
+    }
+
+    /// Queues connection `i`'s first bytes: CONNECT (and SUBSCRIBE right
+    /// behind it when pipelined), or the raw forwarder's hello.
+    fn queue_hello(&mut self, i: usize) -> Result<(), String> {
+        let c = &mut self.conns[i];
+        if self.task.raw {
+            c.unsent.push(b'S');
+            return Ok(());
+        }
+        let task = &self.task;
+        let index = task.first_index + i as u64;
+        let id = format!("{}{index}", task.client_prefix);
+        queue_mqtt(c, |out| {
+            if task.protocol.v5_for(index) {
+                mqtt::encode_connect_v5(&id, task.keep_alive_s, true, task.topic_alias_max, out)?;
+            } else {
+                mqtt::encode_connect(&id, task.keep_alive_s, !task.persistent, out)?;
+            }
+            // Pipelined: SUBSCRIBE right behind CONNECT, in the same
+            // write, before any CONNACK.
+            if task.pipeline {
+                encode_subscribe(task, index, out)?;
+            }
+            Ok::<(), mqtt::MqttError>(())
+        })
+        .map_err(|e| e.to_string())
     }
 
     /// Writes what is unsent; fails the connection on a socket error.
@@ -654,25 +663,13 @@ impl Worker {
             };
             // One clock read per recv: the arrival time of all its frames.
             let now = self.task.clock.now_ns();
-            // Parse straight from scratch unless a partial frame is waiting.
-            let mut data = std::mem::take(&mut c.partial);
-            let result = if data.is_empty() {
-                let scratch = std::mem::take(&mut self.scratch);
-                let r = self.consume(i, &scratch[..n], now);
-                if let Ok(used) = r {
-                    self.conns[i].partial.extend_from_slice(&scratch[used..n]);
-                }
-                self.scratch = scratch;
-                r.map(|_| ())
+            let scratch = std::mem::take(&mut self.scratch);
+            let result = if self.conns[i].ws.is_some() {
+                self.consume_ws(i, &scratch[..n], now)
             } else {
-                data.extend_from_slice(&self.scratch[..n]);
-                let r = self.consume(i, &data, now);
-                if let Ok(used) = r {
-                    data.drain(..used);
-                    self.conns[i].partial = data;
-                }
-                r.map(|_| ())
+                self.consume_bytes(i, &scratch[..n], now)
             };
+            self.scratch = scratch;
             if let Err(why) = result {
                 return self.fail(i, &why);
             }
@@ -681,6 +678,48 @@ impl Worker {
             }
         }
         self.flush(i);
+    }
+
+    /// Handles the MQTT bytes `bytes` read at `now` after what was left
+    /// from the previous read (`Conn::partial`, parsed straight from
+    /// `bytes` when nothing was), keeping what does not make a whole packet.
+    fn consume_bytes(&mut self, i: usize, bytes: &[u8], now: u64) -> Result<(), String> {
+        let mut data = std::mem::take(&mut self.conns[i].partial);
+        if data.is_empty() {
+            let used = self.consume(i, bytes, now)?;
+            self.conns[i].partial.extend_from_slice(&bytes[used..]);
+        } else {
+            data.extend_from_slice(bytes);
+            let used = self.consume(i, &data, now)?;
+            data.drain(..used);
+            self.conns[i].partial = data;
+        }
+        Ok(())
+    }
+
+    /// Handles `wire`, bytes read at `now` from a WebSocket connection:
+    /// the upgrade's answer (then CONNECT goes out), frames, and the MQTT
+    /// bytes they carry.
+    fn consume_ws(&mut self, i: usize, wire: &[u8], now: u64) -> Result<(), String> {
+        let mut unframed = std::mem::take(&mut self.unframed);
+        let c = &mut self.conns[i];
+        let Some(ws) = c.ws.as_mut() else {
+            return Err("no WebSocket state".into());
+        };
+        let upgrading = ws.upgrading();
+        let mut result = ws
+            .receive(wire, &mut unframed, &mut c.unsent)
+            .map_err(|e| e.to_string());
+        if result.is_ok() && upgrading && !ws.upgrading() {
+            c.state = State::WaitConnAck;
+            result = self.queue_hello(i);
+        }
+        if result.is_ok() && !unframed.is_empty() {
+            result = self.consume_bytes(i, &unframed, now);
+        }
+        unframed.clear();
+        self.unframed = unframed;
+        result
     }
 
     /// Handles every whole frame in `data`, read at `now`; returns the bytes
@@ -761,7 +800,7 @@ impl Worker {
                 c.state = State::WaitSubAck;
                 if !self.task.pipeline {
                     let index = self.task.first_index + i as u64;
-                    encode_subscribe(&self.task, index, &mut c.unsent)
+                    queue_mqtt(c, |out| encode_subscribe(&self.task, index, out))
                         .map_err(|e| e.to_string())?;
                 }
             }
@@ -832,7 +871,7 @@ impl Worker {
     /// # Errors
     /// The write failed: the connection is already failed and counted.
     fn ack(&mut self, i: usize, kind: u8, pkid: u16) -> Result<(), String> {
-        mqtt::encode_ack(kind, pkid, &mut self.conns[i].unsent);
+        queue_mqtt(&mut self.conns[i], |out| mqtt::encode_ack(kind, pkid, out));
         if self.task.coalesce_acks {
             return Ok(()); // written after the whole read, in one write.
         }
@@ -850,7 +889,7 @@ impl Worker {
         for i in 0..self.conns.len() {
             let c = &mut self.conns[i];
             match c.state {
-                State::Connecting | State::WaitConnAck | State::WaitSubAck
+                State::Connecting | State::WaitUpgrade | State::WaitConnAck | State::WaitSubAck
                     if now.saturating_sub(c.started_ns) > timeout_ns =>
                 {
                     self.fail(i, "handshake timeout");
@@ -860,11 +899,27 @@ impl Worker {
                         && !self.task.raw
                         && now.saturating_sub(c.last_send_ns) > ping_ns =>
                 {
-                    c.unsent.extend_from_slice(&mqtt::PINGREQ);
+                    queue_mqtt(c, |out| out.extend_from_slice(&mqtt::PINGREQ));
                     self.flush(i);
                 }
                 _ => {}
             }
+        }
+    }
+}
+
+/// Appends the MQTT bytes `encode` writes to `c`'s unsent bytes: as they
+/// are over TCP, in one binary frame over WebSocket.
+fn queue_mqtt<R>(c: &mut Conn, encode: impl FnOnce(&mut Vec<u8>) -> R) -> R {
+    match c.ws.as_mut() {
+        None => encode(&mut c.unsent),
+        Some(ws) => {
+            let mut packet = Vec::new();
+            let result = encode(&mut packet);
+            if !packet.is_empty() {
+                ws.send(&packet, &mut c.unsent);
+            }
+            result
         }
     }
 }

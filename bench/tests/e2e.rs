@@ -113,20 +113,22 @@ fn assert_no_loss(results: &Value, subs: u64, msgs: u64) {
     }
 }
 
+/// The options of a fanout of 100 messages to 50 subscribers.
+const TINY_FANOUT: [&str; 7] = [
+    "fanout",
+    "--subs",
+    "50",
+    "--msgs",
+    "100",
+    "--duration",
+    "30",
+];
+
 /// A fanout of 100 messages to 50 subscribers against the broker on
 /// `port` (plus `extra` options), checked for zero loss; returns the results.
 fn tiny_fanout(port: &str, extra: &[&str]) -> Value {
-    let mut args = vec![
-        "fanout",
-        "--port",
-        port,
-        "--subs",
-        "50",
-        "--msgs",
-        "100",
-        "--duration",
-        "30",
-    ];
+    let mut args = TINY_FANOUT.to_vec();
+    args.extend_from_slice(&["--port", port]);
     args.extend_from_slice(extra);
     let r = bench(&args);
     assert_no_loss(&r, 50, 100);
@@ -330,6 +332,54 @@ fn fanout_against_flashmq_loses_nothing() {
     );
     assert_no_loss(&r, 50, 100);
     assert_eq!(r["runs"][1]["broker"], "flashmq-2-threads");
+}
+
+/// WebSocket subscribers (`--transport ws`) through `--compare fanmq`, and
+/// FlashMQ too when its binary is there: the subscribers reach the brokers'
+/// WebSocket listeners (which refuse plain MQTT), QoS 0 pipelined and QoS 1
+/// sequential with keep-alive pings, nothing lost.
+#[test]
+fn websocket_fanout_against_fanmq_and_flashmq_loses_nothing() {
+    let Some(bin) = fanmq_bin() else { return };
+    let built = concat!(env!("CARGO_MANIFEST_DIR"), "/peers/flashmq/build/flashmq");
+    let flashmq = std::env::var("FLASHMQ_BIN").ok().or_else(|| {
+        std::path::Path::new(built)
+            .exists()
+            .then(|| built.to_owned())
+    });
+    let mut env = vec![("FANMQ_BIN", bin.as_str())];
+    let mut compare = vec!["fanmq"];
+    match &flashmq {
+        Some(flashmq) => {
+            env.push(("FLASHMQ_BIN", flashmq));
+            compare.push("flashmq");
+        }
+        None => println!("FlashMQ SKIPPED: set FLASHMQ_BIN or run bench/peers.sh"),
+    }
+    for extra in [
+        &[][..],
+        &[
+            "--qos",
+            "1",
+            "--handshake",
+            "sequential",
+            "--keep-alive",
+            "2",
+        ][..],
+    ] {
+        let mut args = TINY_FANOUT.to_vec();
+        args.extend_from_slice(&["--transport", "ws"]);
+        args.extend_from_slice(extra);
+        args.push("--compare");
+        args.extend_from_slice(&compare);
+        let r = bench_with(&args, &env);
+        assert_no_loss(&r, 50, 100);
+        let runs = r["runs"].as_array().unwrap();
+        assert_eq!(runs.len(), compare.len());
+        for run in runs {
+            assert_eq!(run["params"]["transport"], "ws", "{}", run["broker"]);
+        }
+    }
 }
 
 /// Checks a latency run's measured run at R_max / 2 (in `fanout`): every

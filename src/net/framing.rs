@@ -8,27 +8,45 @@
 //! and this state; no task, no glommio stream, and no buffer of its own
 //! (each buffer here is freed when it empties).
 //!
-//! TLS is rustls's [`ServerConnection`], fed with [`ServerConnection::read_tls`]
-//! and drained with [`ServerConnection::write_tls`]. WebSocket frames
+//! TLS is rustls's [`UnbufferedServerConnection`]: the TLS bytes received
+//! are kept here ([`Tls::rx`], freed once every whole record in it was
+//! taken) and what rustls encodes or encrypts goes straight into
+//! [`Framing::tx`], so a parked TLS connection holds rustls's keys and state
+//! but no buffer (the buffered `ServerConnection` keeps a 4 KiB receive
+//! buffer for ever once it has read a record). WebSocket frames
 //! (RFC 6455 §5) are read with tungstenite's [`FrameHeader`] parser and
 //! written unmasked (§5.1: a server never masks). MQTT over WebSocket is a
 //! byte stream of binary frames (MQTT 3.1.1 §6): frame and message
 //! boundaries are ignored, a text frame is refused, a ping is answered, a
 //! close is echoed and ends the stream.
 
-use std::io::{self, Cursor, Read, Write};
+use std::io::Cursor;
 
 use async_tungstenite::tungstenite::protocol::frame::FrameHeader;
 use async_tungstenite::tungstenite::protocol::frame::coding::{Control, Data, OpCode};
 use bytes::BytesMut;
-use rustls::ServerConnection;
+use rustls::pki_types::CertificateDer;
+use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
+use rustls::unbuffered::{
+    ConnectionState, EncodeError, EncodeTlsData, EncryptError, InsufficientSizeError,
+    UnbufferedStatus,
+};
 
 /// Largest payload of a WebSocket control frame (RFC 6455 §5.5).
 const MAX_CONTROL_PAYLOAD: u64 = 125;
 
-/// Plaintext read from rustls per call while unframing TLS (a stack
-/// buffer; rustls hands out at most what it holds).
-const TLS_READ_CHUNK: usize = 4096;
+/// First guess of the room a handshake record or an alert takes in
+/// [`Framing::tx`]; rustls says how much it needs when that is short.
+const TLS_RECORD_GUESS: usize = 512;
+
+/// Bytes a TLS record adds to its plaintext, at most: the 5-byte header,
+/// TLS 1.2's 8-byte explicit nonce or TLS 1.3's content type, and the
+/// 16-byte AEAD tag. Only a first guess, as [`TLS_RECORD_GUESS`].
+const TLS_RECORD_OVERHEAD: usize = 5 + 8 + 16;
+
+/// Largest plaintext of one TLS record (RFC 8446 §5.1): a longer write is
+/// several records, each with its overhead.
+const TLS_MAX_FRAGMENT: usize = 16 * 1024;
 
 /// Why the framing refused the peer's bytes (the connection closes).
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +54,20 @@ pub enum FramingError {
     /// rustls refused a record (its alert is queued to send).
     #[error("TLS: {0}")]
     Tls(#[from] rustls::Error),
+    /// rustls could not encode a handshake record (cannot happen: the
+    /// buffer grows to the size it asks for).
+    #[error("TLS encode: {0}")]
+    Encode(#[from] EncodeError),
+    /// rustls could not encrypt (its sequence numbers ran out).
+    #[error("TLS encrypt: {0}")]
+    Encrypt(#[from] EncryptError),
+    /// Something was to be sent while the TLS handshake is not done.
+    #[error("TLS: nothing can be sent before the handshake is done")]
+    NotWritable,
+    /// TLS 1.3 early (0-RTT) data, which the server configuration never
+    /// accepts.
+    #[error("TLS: early data refused")]
+    EarlyData,
     /// A WebSocket frame header tungstenite cannot parse.
     #[error("WebSocket frame header: {0}")]
     Header(#[from] async_tungstenite::tungstenite::Error),
@@ -45,9 +77,10 @@ pub enum FramingError {
     /// A WebSocket frame larger than `max_packet_size`.
     #[error("WebSocket frame of {0} bytes is over the limit")]
     FrameTooLarge(u64),
-    /// rustls failed to write (cannot happen into a `Vec`).
-    #[error("TLS write: {0}")]
-    Io(#[from] io::Error),
+    /// The socket failed while the framed bytes were sent
+    /// (`connection::live`).
+    #[error("send: {0}")]
+    Io(#[from] std::io::Error),
 }
 
 /// What [`Framing::receive`] found.
@@ -62,7 +95,7 @@ pub enum Received {
 /// A TLS and/or WebSocket connection's state between its socket and MQTT.
 pub struct Framing {
     /// TLS (TLS and WSS listeners): boxed, as rustls's state is ~1 kB.
-    tls: Option<Box<ServerConnection>>,
+    tls: Option<Box<Tls>>,
     /// WebSocket (WS and WSS listeners).
     ws: Option<WsFraming>,
     /// Bytes framed for the socket and not sent yet (empty, unallocated,
@@ -97,22 +130,57 @@ struct WsFraming {
 }
 
 impl Framing {
-    /// The framing for a connection: `tls` once its handshake is done,
-    /// `ws` with the largest frame it accepts once its upgrade is done.
-    pub fn new(
-        tls: Option<ServerConnection>,
-        ws_max_frame: Option<usize>,
-        identity: Option<Box<str>>,
-    ) -> Framing {
+    /// The framing of a TLS connection, from its first byte: the handshake
+    /// runs through [`Framing::receive`] (its records queued in
+    /// [`Framing::tx`]) until [`Framing::is_handshaking`] turns false.
+    pub fn tls(conn: UnbufferedServerConnection) -> Framing {
         Framing {
-            tls: tls.map(Box::new),
-            ws: ws_max_frame.map(|max| WsFraming {
-                max_frame: max as u64,
-                ..WsFraming::default()
-            }),
+            tls: Some(Box::new(Tls {
+                conn,
+                rx: Vec::new(),
+            })),
+            ws: None,
             tx: Vec::new(),
-            identity,
+            identity: None,
         }
+    }
+
+    /// The framing of a plain WebSocket connection once its upgrade is
+    /// done, accepting frames of up to `max_frame` bytes.
+    pub fn ws(max_frame: usize) -> Framing {
+        let mut framing = Framing {
+            tls: None,
+            ws: None,
+            tx: Vec::new(),
+            identity: None,
+        };
+        framing.start_ws(max_frame);
+        framing
+    }
+
+    /// WebSocket framing from now on (a WSS connection's upgrade is done):
+    /// plaintext is WebSocket frames of up to `max_frame` bytes.
+    pub fn start_ws(&mut self, max_frame: usize) {
+        self.ws = Some(WsFraming {
+            max_frame: max_frame as u64,
+            ..WsFraming::default()
+        });
+    }
+
+    /// True while a TLS connection's handshake is not done.
+    pub fn is_handshaking(&self) -> bool {
+        self.tls
+            .as_ref()
+            .is_some_and(|tls| tls.conn.is_handshaking())
+    }
+
+    /// The certificate a TLS client presented (verified during the
+    /// handshake), if any: the first of its chain.
+    pub fn peer_certificate(&self) -> Option<&CertificateDer<'static>> {
+        self.tls
+            .as_ref()
+            .and_then(|tls| tls.conn.peer_certificates())
+            .and_then(|chain| chain.first())
     }
 
     /// True for a WebSocket connection.
@@ -129,48 +197,24 @@ impl Framing {
     /// A TLS or WebSocket violation; what the peer must be told (a TLS
     /// alert) is queued in `tx`.
     pub fn receive(&mut self, wire: &[u8], mqtt: &mut BytesMut) -> Result<Received, FramingError> {
-        let Some(tls) = self.tls.as_deref_mut() else {
-            let ws = self.ws.as_mut().ok_or(FramingError::Ws("no framing"))?;
-            return ws.receive(wire, mqtt, &mut self.tx);
+        let Framing { tls, ws, tx, .. } = self;
+        let Some(tls) = tls.as_deref_mut() else {
+            let ws = ws.as_mut().ok_or(FramingError::Ws("no framing"))?;
+            return ws.receive(wire, mqtt, tx);
         };
-        let mut input = wire;
-        let mut closed = false;
-        loop {
-            // One read at a time, its plaintext taken before the next: rustls
-            // refuses more records while its plaintext buffer is full.
-            if !input.is_empty() && tls.read_tls(&mut input)? > 0 {
-                let state = tls.process_new_packets();
-                if let Err(e) = state {
-                    tls.write_tls(&mut self.tx)?;
-                    return Err(e.into());
-                }
+        tls.rx.extend_from_slice(wire);
+        // WebSocket answers (pongs, the close echo) are encrypted once
+        // rustls has handed out every record received.
+        let mut answer = Vec::new();
+        let mut closed = tls.process(tx, |plaintext| match ws.as_mut() {
+            Some(ws) => Ok(ws.receive(plaintext, mqtt, &mut answer)? == Received::Closed),
+            None => {
+                mqtt.extend_from_slice(plaintext);
+                Ok(false)
             }
-            let mut chunk = [0u8; TLS_READ_CHUNK];
-            loop {
-                match tls.reader().read(&mut chunk) {
-                    Ok(0) => {
-                        closed = true;
-                        break;
-                    }
-                    Ok(n) => match self.ws.as_mut() {
-                        Some(ws) => closed |= ws_over_tls(ws, tls, &chunk[..n], mqtt)?,
-                        None => mqtt.extend_from_slice(&chunk[..n]),
-                    },
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    // The peer closed the TCP connection without close_notify.
-                    Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
-                        closed = true;
-                        break;
-                    }
-                    Err(e) => return Err(e.into()),
-                }
-            }
-            if input.is_empty() || closed {
-                break;
-            }
-        }
-        while tls.wants_write() {
-            tls.write_tls(&mut self.tx)?;
+        })?;
+        if !answer.is_empty() {
+            closed |= tls.write(tx, TlsWrite::Data(&answer))?;
         }
         Ok(if closed {
             Received::Closed
@@ -192,8 +236,11 @@ impl Framing {
     ) -> Result<Received, FramingError> {
         let closed = match (self.ws.as_mut(), self.tls.as_deref_mut()) {
             (Some(ws), Some(tls)) => {
-                let closed = ws_over_tls(ws, tls, plaintext, mqtt)?;
-                drain_tls(tls, &mut self.tx)?;
+                let mut answer = Vec::new();
+                let closed = ws.receive(plaintext, mqtt, &mut answer)? == Received::Closed;
+                if !answer.is_empty() {
+                    tls.write(&mut self.tx, TlsWrite::Data(&answer))?;
+                }
                 closed
             }
             (Some(ws), None) => ws.receive(plaintext, mqtt, &mut self.tx)? == Received::Closed,
@@ -219,13 +266,9 @@ impl Framing {
             (Some(tls), true) => {
                 let mut frame = Vec::with_capacity(mqtt.len() + 10);
                 ws_frame(OpCode::Data(Data::Binary), mqtt, &mut frame)?;
-                tls.writer().write_all(&frame)?;
-                drain_tls(tls, &mut self.tx)
+                tls.write(&mut self.tx, TlsWrite::Data(&frame)).map(drop)
             }
-            (Some(tls), false) => {
-                tls.writer().write_all(mqtt)?;
-                drain_tls(tls, &mut self.tx)
-            }
+            (Some(tls), false) => tls.write(&mut self.tx, TlsWrite::Data(mqtt)).map(drop),
             (None, _) => ws_frame(OpCode::Data(Data::Binary), mqtt, &mut self.tx),
         }
     }
@@ -244,9 +287,10 @@ impl Framing {
         }
         match self.tls.as_deref_mut() {
             Some(tls) => {
-                let _ = tls.writer().write_all(&frame);
-                tls.send_close_notify();
-                let _ = drain_tls(tls, &mut self.tx);
+                if !frame.is_empty() {
+                    let _ = tls.write(&mut self.tx, TlsWrite::Data(&frame));
+                }
+                let _ = tls.write(&mut self.tx, TlsWrite::CloseNotify);
             }
             None => self.tx.extend_from_slice(&frame),
         }
@@ -262,36 +306,12 @@ impl Framing {
     }
 }
 
-/// WebSocket over TLS: unframes `plaintext`, the answers encrypted by
-/// `tls` (sent with its next records). True when the peer closed.
-fn ws_over_tls(
-    ws: &mut WsFraming,
-    tls: &mut ServerConnection,
-    plaintext: &[u8],
-    mqtt: &mut BytesMut,
-) -> Result<bool, FramingError> {
-    let mut answer = Vec::new();
-    let closed = ws.receive(plaintext, mqtt, &mut answer)? == Received::Closed;
-    if !answer.is_empty() {
-        tls.writer().write_all(&answer)?;
-    }
-    Ok(closed)
-}
-
 /// Unmasks (or masks) a WebSocket payload with its 4-byte key (RFC 6455
 /// §5.3; tungstenite keeps its own function private).
 fn apply_mask(payload: &mut [u8], mask: [u8; 4]) {
     for (i, byte) in payload.iter_mut().enumerate() {
         *byte ^= mask[i & 3];
     }
-}
-
-/// Moves every TLS record rustls has ready into `tx`.
-fn drain_tls(tls: &mut ServerConnection, tx: &mut Vec<u8>) -> Result<(), FramingError> {
-    while tls.wants_write() {
-        tls.write_tls(tx)?;
-    }
-    Ok(())
 }
 
 /// Appends one final, unmasked frame of `opcode` carrying `payload`.
@@ -303,6 +323,206 @@ fn ws_frame(opcode: OpCode, payload: &[u8], out: &mut Vec<u8>) -> Result<(), Fra
     header.format(payload.len() as u64, out)?;
     out.extend_from_slice(payload);
     Ok(())
+}
+
+/// A TLS connection: rustls's unbuffered state machine and the bytes it has
+/// not taken yet.
+struct Tls {
+    /// rustls's server connection (handshake state, keys, sequence numbers).
+    conn: UnbufferedServerConnection,
+    /// TLS bytes received that do not make a whole record yet, or that
+    /// rustls still holds a handshake message in (empty, unallocated, once
+    /// it took them all).
+    rx: Vec<u8>,
+}
+
+/// What [`Tls::write`] encrypts.
+enum TlsWrite<'a> {
+    /// Application data.
+    Data(&'a [u8]),
+    /// The close_notify alert (RFC 8446 §6.1).
+    CloseNotify,
+}
+
+impl Tls {
+    /// Hands every whole record in [`Tls::rx`] to rustls: handshake
+    /// records it answers go to `tx`, application data to `plaintext`
+    /// (which returns true when the stream above TLS closed). True when
+    /// the peer closed (close_notify, or `plaintext` said so).
+    ///
+    /// # Errors
+    /// A record rustls refuses (its alert queued in `tx`), or what
+    /// `plaintext` refuses.
+    fn process(
+        &mut self,
+        tx: &mut Vec<u8>,
+        mut plaintext: impl FnMut(&[u8]) -> Result<bool, FramingError>,
+    ) -> Result<bool, FramingError> {
+        let mut closed = false;
+        loop {
+            let UnbufferedStatus { mut discard, state } =
+                self.conn.process_tls_records(&mut self.rx);
+            let step = match state {
+                Ok(ConnectionState::ReadTraffic(mut traffic)) => loop {
+                    match traffic.next_record() {
+                        Some(Ok(record)) => {
+                            discard += record.discard;
+                            match plaintext(record.payload) {
+                                Ok(ended) => closed |= ended,
+                                Err(e) => break Err(e),
+                            }
+                        }
+                        Some(Err(e)) => break Err(e.into()),
+                        None => break Ok(true),
+                    }
+                },
+                Ok(ConnectionState::EncodeTlsData(mut encode)) => encode_record(tx, &mut encode)
+                    .map(|()| true)
+                    .map_err(FramingError::from),
+                // What was encoded is in `tx`, sent by the caller in order.
+                Ok(ConnectionState::TransmitTlsData(transmit)) => {
+                    transmit.done();
+                    Ok(true)
+                }
+                Ok(ConnectionState::PeerClosed) => {
+                    closed = true;
+                    Ok(true)
+                }
+                Ok(ConnectionState::Closed) => {
+                    closed = true;
+                    Ok(false)
+                }
+                Ok(ConnectionState::ReadEarlyData(_)) => Err(FramingError::EarlyData),
+                // No whole record left (handshake or traffic).
+                Ok(_) => Ok(false),
+                Err(e) => Err(e.into()),
+            };
+            self.discard(discard);
+            match step {
+                Ok(true) => {}
+                Ok(false) => return Ok(closed),
+                Err(e) => {
+                    self.queue_alert(tx);
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    /// Encrypts `what` into `tx` (after any handshake record rustls still
+    /// has to send). True when rustls found the connection closed.
+    ///
+    /// # Errors
+    /// The handshake is not done, or rustls cannot encrypt.
+    fn write(&mut self, tx: &mut Vec<u8>, what: TlsWrite<'_>) -> Result<bool, FramingError> {
+        loop {
+            let UnbufferedStatus { discard, state } = self.conn.process_tls_records(&mut self.rx);
+            let step = match state {
+                Ok(ConnectionState::WriteTraffic(mut traffic)) => {
+                    let insufficient = |e: &EncryptError| match e {
+                        EncryptError::InsufficientSize(InsufficientSizeError { required_size }) => {
+                            Some(*required_size)
+                        }
+                        _ => None,
+                    };
+                    let written = match what {
+                        TlsWrite::Data(data) => {
+                            let records = data.len() / TLS_MAX_FRAGMENT + 1;
+                            let guess = data.len() + records * TLS_RECORD_OVERHEAD;
+                            append_record(tx, guess, |buf| traffic.encrypt(data, buf), insufficient)
+                        }
+                        TlsWrite::CloseNotify => append_record(
+                            tx,
+                            TLS_RECORD_GUESS,
+                            |buf| traffic.queue_close_notify(buf),
+                            insufficient,
+                        ),
+                    };
+                    written.map(|()| Some(false)).map_err(FramingError::from)
+                }
+                Ok(ConnectionState::EncodeTlsData(mut encode)) => encode_record(tx, &mut encode)
+                    .map(|()| None)
+                    .map_err(FramingError::from),
+                Ok(ConnectionState::TransmitTlsData(transmit)) => {
+                    transmit.done();
+                    Ok(None)
+                }
+                Ok(ConnectionState::Closed) => Ok(Some(true)),
+                Ok(_) => Err(FramingError::NotWritable),
+                Err(e) => Err(e.into()),
+            };
+            self.discard(discard);
+            if let Some(closed) = step? {
+                return Ok(closed);
+            }
+        }
+    }
+
+    /// Queues the alert rustls prepared after refusing a record (best
+    /// effort: the connection closes either way), and drops what was
+    /// received.
+    fn queue_alert(&mut self, tx: &mut Vec<u8>) {
+        self.rx = Vec::new();
+        if let Ok(ConnectionState::EncodeTlsData(mut encode)) =
+            self.conn.process_tls_records(&mut []).state
+        {
+            let _ = encode_record(tx, &mut encode);
+        }
+    }
+
+    /// Drops the first `n` bytes of [`Tls::rx`] (rustls took them), and
+    /// frees it once empty.
+    fn discard(&mut self, n: usize) {
+        self.rx.drain(..n.min(self.rx.len()));
+        if self.rx.is_empty() {
+            self.rx = Vec::new();
+        }
+    }
+}
+
+/// Appends the handshake record (or alert) rustls has ready to `tx`.
+fn encode_record(
+    tx: &mut Vec<u8>,
+    encode: &mut EncodeTlsData<'_, ServerConnectionData>,
+) -> Result<(), EncodeError> {
+    append_record(
+        tx,
+        TLS_RECORD_GUESS,
+        |buf| encode.encode(buf),
+        |e| match e {
+            EncodeError::InsufficientSize(InsufficientSizeError { required_size }) => {
+                Some(*required_size)
+            }
+            _ => None,
+        },
+    )
+}
+
+/// Appends to `tx` what `write` puts in a buffer of `size` bytes, growing
+/// it to the size rustls asks for (`insufficient` reads it from the error).
+fn append_record<E>(
+    tx: &mut Vec<u8>,
+    mut size: usize,
+    mut write: impl FnMut(&mut [u8]) -> Result<usize, E>,
+    insufficient: impl Fn(&E) -> Option<usize>,
+) -> Result<(), E> {
+    let start = tx.len();
+    loop {
+        tx.resize(start + size, 0);
+        match write(&mut tx[start..]) {
+            Ok(n) => {
+                tx.truncate(start + n);
+                return Ok(());
+            }
+            Err(e) => {
+                tx.truncate(start);
+                match insufficient(&e) {
+                    Some(needed) if needed > size => size = needed,
+                    _ => return Err(e),
+                }
+            }
+        }
+    }
 }
 
 impl WsFraming {
@@ -405,6 +625,8 @@ impl WsFraming {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
 
     /// A client frame (masked, as RFC 6455 §5.1 requires).
@@ -425,7 +647,7 @@ mod tests {
     }
 
     fn ws() -> Framing {
-        Framing::new(None, Some(1024), None)
+        Framing::ws(1024)
     }
 
     #[test]
@@ -492,6 +714,165 @@ mod tests {
         let mut unmasked = Vec::new();
         ws_frame(OpCode::Data(Data::Binary), b"x", &mut unmasked).unwrap();
         assert!(refused(unmasked));
+    }
+
+    /// A server configuration with a fresh self-signed certificate for
+    /// localhost, TLS `version` only, and a client configuration trusting it.
+    fn tls_configs(
+        version: &'static rustls::SupportedProtocolVersion,
+    ) -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".into()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let der = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap();
+        let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[version])
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.der().clone()], der)
+            .unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert.der().clone()).unwrap();
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[version])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        (Arc::new(server), Arc::new(client))
+    }
+
+    /// A TLS framing and a rustls client talking to it in memory, the
+    /// handshake done, with `version` only.
+    fn tls_pair(
+        version: &'static rustls::SupportedProtocolVersion,
+    ) -> (Framing, rustls::ClientConnection) {
+        let (server, client) = tls_configs(version);
+        let mut client =
+            rustls::ClientConnection::new(client, "localhost".try_into().unwrap()).unwrap();
+        let mut framing = Framing::tls(UnbufferedServerConnection::new(server).unwrap());
+        let mut mqtt = BytesMut::new();
+        for _ in 0..10 {
+            if !framing.is_handshaking() && !client.is_handshaking() {
+                break;
+            }
+            let wire = from_client(&mut client);
+            assert_eq!(framing.receive(&wire, &mut mqtt).unwrap(), Received::Open);
+            to_client(&mut framing, &mut client);
+        }
+        assert!(!framing.is_handshaking() && !client.is_handshaking());
+        assert!(mqtt.is_empty());
+        (framing, client)
+    }
+
+    /// The TLS records the client has to send.
+    fn from_client(client: &mut rustls::ClientConnection) -> Vec<u8> {
+        let mut wire = Vec::new();
+        while client.wants_write() {
+            client.write_tls(&mut wire).unwrap();
+        }
+        wire
+    }
+
+    /// Hands the framing's records to the client; returns the plaintext it
+    /// got and whether it saw close_notify.
+    fn to_client(framing: &mut Framing, client: &mut rustls::ClientConnection) -> (Vec<u8>, bool) {
+        use std::io::Read;
+        let tx = std::mem::take(&mut framing.tx);
+        let mut records = &tx[..];
+        let mut plaintext = Vec::new();
+        let mut chunk = [0u8; 1024];
+        loop {
+            // The client takes records while its plaintext buffer has room.
+            if !records.is_empty() {
+                client.read_tls(&mut records).unwrap();
+                client.process_new_packets().unwrap();
+            }
+            loop {
+                match client.reader().read(&mut chunk) {
+                    Ok(0) => return (plaintext, true),
+                    Ok(n) => plaintext.extend_from_slice(&chunk[..n]),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            if records.is_empty() {
+                return (plaintext, false);
+            }
+        }
+    }
+
+    #[test]
+    fn tls_records_carry_mqtt_both_ways_and_leave_no_buffer() {
+        use std::io::Write;
+        for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
+            let (mut framing, mut client) = tls_pair(version);
+            let connect = b"\x10\x0c\x00\x04MQTT\x04\x02\x00\x3c\x00\x00";
+            client.writer().write_all(connect).unwrap();
+            let wire = from_client(&mut client);
+            // A record split across reads: the first part waits in `rx`.
+            let (first, second) = wire.split_at(wire.len() / 2);
+            let mut mqtt = BytesMut::new();
+            assert_eq!(framing.receive(first, &mut mqtt).unwrap(), Received::Open);
+            assert!(mqtt.is_empty());
+            assert_eq!(framing.receive(second, &mut mqtt).unwrap(), Received::Open);
+            assert_eq!(&mqtt[..], connect);
+            // Every whole record taken: nothing is held for the idle time.
+            let rx = &framing.tls.as_ref().unwrap().rx;
+            assert_eq!(rx.capacity(), 0, "{version:?}");
+
+            framing.send(b"\x20\x02\x00\x00").unwrap();
+            assert_eq!(
+                to_client(&mut framing, &mut client),
+                (b"\x20\x02\x00\x00".to_vec(), false)
+            );
+            // A write larger than one record is several records.
+            let large = vec![7u8; 40_000];
+            framing.send(&large).unwrap();
+            assert_eq!(to_client(&mut framing, &mut client), (large, false));
+            framing.close();
+            assert_eq!(to_client(&mut framing, &mut client), (Vec::new(), true));
+        }
+    }
+
+    #[test]
+    fn a_tls_close_notify_closes_the_stream() {
+        let (mut framing, mut client) = tls_pair(&rustls::version::TLS13);
+        client.send_close_notify();
+        let wire = from_client(&mut client);
+        let mut mqtt = BytesMut::new();
+        assert_eq!(framing.receive(&wire, &mut mqtt).unwrap(), Received::Closed);
+    }
+
+    #[test]
+    fn websocket_over_tls_is_unframed_and_its_pings_answered() {
+        use std::io::Write;
+        let (mut framing, mut client) = tls_pair(&rustls::version::TLS13);
+        framing.start_ws(1024);
+        let mut frames = client_frame(OpCode::Data(Data::Binary), true, b"\xc0\x00");
+        frames.extend(client_frame(OpCode::Control(Control::Ping), true, b"hi"));
+        client.writer().write_all(&frames).unwrap();
+        let wire = from_client(&mut client);
+        let mut mqtt = BytesMut::new();
+        assert_eq!(framing.receive(&wire, &mut mqtt).unwrap(), Received::Open);
+        assert_eq!(&mqtt[..], b"\xc0\x00");
+        assert_eq!(
+            to_client(&mut framing, &mut client),
+            (b"\x8a\x02hi".to_vec(), false)
+        );
+    }
+
+    #[test]
+    fn bytes_that_are_not_tls_are_refused_with_an_alert() {
+        let (server, _) = tls_configs(&rustls::version::TLS13);
+        let conn = UnbufferedServerConnection::new(server).unwrap();
+        let mut framing = Framing::tls(conn);
+        let refused = framing.receive(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", &mut BytesMut::new());
+        assert!(matches!(refused, Err(FramingError::Tls(_))), "{refused:?}");
+        // An alert record (content type 21) is queued for the peer.
+        assert_eq!(framing.tx.first(), Some(&0x15), "{:?}", framing.tx);
     }
 
     #[test]

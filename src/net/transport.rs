@@ -52,7 +52,7 @@ use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use glommio::net::TcpStream;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::server::WebPkiClientVerifier;
+use rustls::server::{UnbufferedServerConnection, WebPkiClientVerifier};
 use rustls::{RootCertStore, ServerConfig};
 
 use crate::config::Config;
@@ -100,9 +100,12 @@ pub enum TransportError {
     /// The client-certificate verifier could not be built (e.g. no CA).
     #[error("invalid client-certificate CA: {0}")]
     Verifier(#[from] rustls::server::VerifierBuilderError),
-    /// The TLS handshake failed.
+    /// The TLS handshake failed on the socket (closed, reset).
     #[error("TLS handshake failed: {0}")]
     TlsHandshake(io::Error),
+    /// The TLS handshake was refused (rustls refused the client's records).
+    #[error("TLS handshake refused: {0}")]
+    TlsRefused(FramingError),
     /// The WebSocket upgrade failed (not a WebSocket request, no MQTT
     /// subprotocol).
     #[error("WebSocket handshake failed: {0}")]
@@ -276,57 +279,86 @@ impl Acceptor {
     /// # Errors
     /// A failed TLS handshake or WebSocket upgrade.
     pub async fn accept(&self, tcp: TcpStream) -> Result<Stream, TransportError> {
-        let (tcp, tls, identity, early) = match self.transport {
+        let ws = matches!(self.transport, Transport::Ws | Transport::Wss);
+        let mut framed = match self.transport {
             Transport::Mqtt => return Ok(Stream::Tcp(tcp)),
             Transport::Ws => {
                 let mut tcp = tcp;
                 let early = upgrade(&mut tcp).await?;
-                (tcp, None, None, early)
+                let mut framing = Framing::ws(self.max_message_size);
+                let mut decoded = BytesMut::new();
+                // The client's first frames, sent before it saw the answer.
+                let closed = framing.receive_plaintext(&early, &mut decoded)? == Received::Closed;
+                return Ok(Stream::Framed(Box::new(FramedStream {
+                    tcp,
+                    framing,
+                    decoded,
+                    closed,
+                })));
             }
-            Transport::Tls | Transport::Wss => {
-                let mut stream = self.accept_tls(tcp).await?;
-                let identity = stream
-                    .get_ref()
-                    .1
-                    .peer_certificates()
-                    .and_then(|chain| chain.first())
-                    .and_then(|cert| common_name(cert));
-                let early = match self.transport {
-                    Transport::Wss => upgrade(&mut stream).await?,
-                    _ => Vec::new(),
-                };
-                let (tcp, tls) = stream.into_inner();
-                (tcp, Some(tls), identity, early)
-            }
+            Transport::Tls | Transport::Wss => self.accept_tls(tcp).await?,
         };
-        let ws = matches!(self.transport, Transport::Ws | Transport::Wss);
-        let mut framing = Framing::new(tls, ws.then_some(self.max_message_size), identity);
-        let mut decoded = BytesMut::new();
-        // The client's first frames, sent before it saw the upgrade's
-        // answer, then the plaintext rustls still holds from the handshake.
-        let mut closed = framing.receive_plaintext(&early, &mut decoded)? == Received::Closed;
-        if !closed {
-            closed = framing.receive(&[], &mut decoded)? == Received::Closed;
+        framed.framing.identity = framed.framing.peer_certificate().and_then(common_name);
+        if ws {
+            let mut early = upgrade(&mut *framed).await?;
+            // What the client sent after its request: the bytes `upgrade`
+            // read past it, then those decrypted and not read yet.
+            early.extend_from_slice(&std::mem::take(&mut framed.decoded));
+            framed.framing.start_ws(self.max_message_size);
+            let closed = framed
+                .framing
+                .receive_plaintext(&early, &mut framed.decoded)?
+                == Received::Closed;
+            framed.closed |= closed;
         }
-        Ok(Stream::Framed(Box::new(FramedStream {
-            tcp,
-            framing,
-            decoded,
-            closed,
-        })))
+        Ok(Stream::Framed(framed))
     }
 
-    /// The TLS handshake, with the configuration current at this moment.
-    async fn accept_tls(
-        &self,
-        tcp: TcpStream,
-    ) -> Result<futures_rustls::server::TlsStream<TcpStream>, TransportError> {
+    /// The TLS handshake, with the configuration current at this moment:
+    /// rustls's records are read from and sent to `tcp` until it is done.
+    /// The returned stream holds the MQTT bytes (or, for WSS, the upgrade
+    /// request) the client sent with its last handshake flight.
+    async fn accept_tls(&self, tcp: TcpStream) -> Result<Box<FramedStream>, TransportError> {
         let certs = self.tls.as_ref().ok_or(TransportError::NoCertificates)?;
-        let acceptor = futures_rustls::TlsAcceptor::from(certs.current());
-        acceptor
-            .accept(tcp)
-            .await
-            .map_err(TransportError::TlsHandshake)
+        let conn = UnbufferedServerConnection::new(certs.current())?;
+        let mut framed = Box::new(FramedStream {
+            tcp,
+            framing: Framing::tls(conn),
+            decoded: BytesMut::new(),
+            closed: false,
+        });
+        loop {
+            futures_lite::future::poll_fn(|cx| framed.poll_send(cx))
+                .await
+                .map_err(TransportError::TlsHandshake)?;
+            if !framed.framing.is_handshaking() {
+                return Ok(framed);
+            }
+            if framed.closed {
+                return Err(TransportError::TlsHandshake(
+                    io::ErrorKind::UnexpectedEof.into(),
+                ));
+            }
+            let mut wire = [0u8; FRAMED_READ_CHUNK];
+            let n = framed
+                .tcp
+                .read(&mut wire)
+                .await
+                .map_err(TransportError::TlsHandshake)?;
+            if n == 0 {
+                return Err(TransportError::TlsHandshake(
+                    io::ErrorKind::UnexpectedEof.into(),
+                ));
+            }
+            match framed.framing.receive(&wire[..n], &mut framed.decoded) {
+                Ok(received) => framed.closed = received == Received::Closed,
+                Err(e) => {
+                    // The alert rustls queued, then the connection closes.
+                    let _ = futures_lite::future::poll_fn(|cx| framed.poll_send(cx)).await;
+                    return Err(TransportError::TlsRefused(e));
+                }
+            }
+        }
     }
 }
 
@@ -576,7 +608,7 @@ impl AsyncRead for Stream {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Stream::Tcp(tcp) => Pin::new(tcp).poll_read(cx, buf),
-            Stream::Framed(framed) => framed.poll_read(cx, buf),
+            Stream::Framed(framed) => Pin::new(&mut **framed).poll_read(cx, buf),
         }
     }
 }
@@ -589,56 +621,78 @@ impl AsyncWrite for Stream {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Stream::Tcp(tcp) => Pin::new(tcp).poll_write(cx, buf),
-            Stream::Framed(framed) => {
-                framed.framing.send(buf).map_err(io::Error::other)?;
-                // Framed into `tx`: sent by the flush (or after CONNACK, by
-                // the connection task).
-                Poll::Ready(Ok(buf.len()))
-            }
+            Stream::Framed(framed) => Pin::new(&mut **framed).poll_write(cx, buf),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Tcp(tcp) => Pin::new(tcp).poll_flush(cx),
-            Stream::Framed(framed) => framed.poll_send(cx),
+            Stream::Framed(framed) => Pin::new(&mut **framed).poll_flush(cx),
         }
     }
 
     fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Tcp(tcp) => Pin::new(tcp).poll_close(cx),
-            Stream::Framed(framed) => {
-                framed.framing.close();
-                ready!(framed.poll_send(cx))?;
-                Pin::new(&mut framed.tcp).poll_close(cx)
-            }
+            Stream::Framed(framed) => Pin::new(&mut **framed).poll_close(cx),
         }
     }
 }
 
-impl FramedStream {
+impl AsyncRead for FramedStream {
     /// Reads MQTT bytes: those already unframed, else the socket's next.
-    fn poll_read(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
-        while self.decoded.is_empty() && !self.closed {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        while this.decoded.is_empty() && !this.closed {
             // Answers (pongs, TLS records) go out before the next read.
-            ready!(self.poll_send(cx))?;
+            ready!(this.poll_send(cx))?;
             let mut wire = [0u8; FRAMED_READ_CHUNK];
-            let n = ready!(Pin::new(&mut self.tcp).poll_read(cx, &mut wire))?;
+            let n = ready!(Pin::new(&mut this.tcp).poll_read(cx, &mut wire))?;
             if n == 0 {
                 return Poll::Ready(Ok(0));
             }
-            let received = self
+            let received = this
                 .framing
-                .receive(&wire[..n], &mut self.decoded)
+                .receive(&wire[..n], &mut this.decoded)
                 .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-            self.closed = received == Received::Closed;
+            this.closed = received == Received::Closed;
         }
-        let n = buf.len().min(self.decoded.len());
-        buf[..n].copy_from_slice(&self.decoded.split_to(n));
+        let n = buf.len().min(this.decoded.len());
+        buf[..n].copy_from_slice(&this.decoded.split_to(n));
         Poll::Ready(Ok(n))
     }
+}
 
+impl AsyncWrite for FramedStream {
+    /// Frames `buf` into the framing's queue: sent by the flush (or after
+    /// CONNACK, by the connection task).
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.get_mut().framing.send(buf).map_err(io::Error::other)?;
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.get_mut().poll_send(cx)
+    }
+
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        this.framing.close();
+        ready!(this.poll_send(cx))?;
+        Pin::new(&mut this.tcp).poll_close(cx)
+    }
+}
+
+impl FramedStream {
     /// Sends what the framing has queued.
     fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while !self.framing.tx.is_empty() {
