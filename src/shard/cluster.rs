@@ -19,7 +19,6 @@ use bytestring::ByteString;
 
 use crate::cluster::link::{HandOver, Outgoing, ToShard};
 use crate::cluster::ownership::MAX_SUBSCRIPTIONS_RECORD;
-use crate::protocol::Version;
 use crate::protocol::message::{Encoded, Message};
 use crate::protocol::topic;
 use crate::protocol::v3::QoS;
@@ -590,9 +589,7 @@ impl Shard {
             ..
         } = self;
         let mut frames = std::mem::take(run_frames);
-        for version in &mut frames {
-            version.clear();
-        }
+        frames.clear();
         let mut others = std::mem::take(cluster_others);
         others.clear();
         // The ACL's read rules apply as for a local publish.
@@ -611,16 +608,7 @@ impl Shard {
                 others.push((key, granted));
                 return;
             }
-            // Encoded once per version, by its first taker.
-            let version = &mut frames[usize::from(session.version == Version::V5)];
-            version.encode(run, session.version, batch);
-            let (queued, dropped) = version.deliver(session, limits);
-            stats.publish_sent_by_qos[0] += queued as u64;
-            stats.publish_dropped += dropped as u64;
-            if queued > 0 && !session.dirty {
-                session.dirty = true;
-                dirty.push(key);
-            }
+            frames.deliver(run, session, key, batch, limits, stats, dirty);
         });
         for message in run {
             let mut encoded = Encoded::new(message, batch);
@@ -673,6 +661,7 @@ mod tests {
     use bytes::Bytes;
 
     use super::*;
+    use crate::protocol::Version;
     use crate::protocol::v5::{RetainHandling, SubscriptionOptions};
     use crate::shard::testing::{self, attach_client, payloads};
 

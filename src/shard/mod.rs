@@ -187,7 +187,7 @@ pub struct Shard {
     /// The frames of the run being routed, 3.1.1 (index 0) and 5.0
     /// ([`Shard::route_run`], [`Shard::route_run_from_cluster`]): scratch
     /// kept for its allocation.
-    run_frames: [run::RunFrames; 2],
+    run_frames: run::RunFrames,
     /// The sessions of a run from another node that take it message by
     /// message, with the QoS granted to each
     /// ([`Shard::route_run_from_cluster`]): scratch kept for its allocation.

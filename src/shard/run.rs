@@ -21,6 +21,7 @@
 //! through the usual path, after the run's takers, so every session still
 //! sees its messages in the order published.
 
+use crate::observe::counters::Counters;
 use crate::protocol::Version;
 use crate::protocol::message::{Batch, BatchRange, Encoded, Message};
 use crate::protocol::v3::QoS;
@@ -66,10 +67,51 @@ pub fn split_runs(messages: &[Message]) -> impl Iterator<Item = &[Message]> {
     })
 }
 
-/// A run's QoS 0 frames for one protocol version, encoded once per shard
-/// by its first taker of that version and shared by the others.
+/// A run's QoS 0 frames, encoded once per shard and protocol version by
+/// the first taker of that version and shared by the others: 3.1.1 at
+/// index 0, 5.0 at index 1.
 #[derive(Debug, Default)]
-pub struct RunFrames {
+pub struct RunFrames([VersionFrames; 2]);
+
+impl RunFrames {
+    /// Forgets the previous run's frames (they lie in an earlier step's
+    /// batch); the allocations are kept.
+    pub(super) fn clear(&mut self) {
+        for version in &mut self.0 {
+            version.clear();
+        }
+    }
+
+    /// Offers `run` to `session` (key `key`), which takes runs
+    /// ([`takes_runs`]), encoding the run for its version first when no
+    /// taker of that version has yet; counts what was queued and dropped,
+    /// and marks the session dirty when something was queued.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn deliver(
+        &mut self,
+        run: &[Message],
+        session: &mut Session,
+        key: SessionKey,
+        batch: &mut Batch,
+        limits: &Limits,
+        stats: &mut Counters,
+        dirty: &mut Vec<SessionKey>,
+    ) {
+        let version = &mut self.0[usize::from(session.version == Version::V5)];
+        version.encode(run, session.version, batch);
+        let (queued, dropped) = version.deliver(session, limits);
+        stats.publish_sent_by_qos[0] += queued as u64;
+        stats.publish_dropped += dropped as u64;
+        if queued > 0 && !session.dirty {
+            session.dirty = true;
+            dirty.push(key);
+        }
+    }
+}
+
+/// A run's QoS 0 frames for one protocol version ([`RunFrames`]).
+#[derive(Debug, Default)]
+struct VersionFrames {
     /// Where each message's frame lies in the step's batch, in order;
     /// empty until encoded.
     ranges: Vec<BatchRange>,
@@ -79,17 +121,17 @@ pub struct RunFrames {
     largest: u32,
 }
 
-impl RunFrames {
+impl VersionFrames {
     /// Forgets the previous run's frames (they lie in an earlier step's
     /// batch); the allocation is kept.
-    pub(super) fn clear(&mut self) {
+    fn clear(&mut self) {
         self.ranges.clear();
         self.whole = None;
         self.largest = 0;
     }
 
     /// Encodes `run` for `version` into `batch`, unless already done.
-    pub(super) fn encode(&mut self, run: &[Message], version: Version, batch: &mut Batch) {
+    fn encode(&mut self, run: &[Message], version: Version, batch: &mut Batch) {
         if !self.ranges.is_empty() {
             return;
         }
@@ -104,7 +146,7 @@ impl RunFrames {
     }
 
     /// Offers the run to `session` ([`Session::deliver_qos0_run`]).
-    pub(super) fn deliver(&self, session: &mut Session, limits: &Limits) -> (usize, usize) {
+    fn deliver(&self, session: &mut Session, limits: &Limits) -> (usize, usize) {
         session.deliver_qos0_run(&self.ranges, self.whole, self.largest, limits)
     }
 }
@@ -179,9 +221,7 @@ impl Shard {
             ..
         } = self;
         let mut frames = std::mem::take(run_frames);
-        for version in &mut frames {
-            version.clear();
-        }
+        frames.clear();
         let mut others = false;
         router.for_each_match(&first.topic, |key, _granted| {
             let Some(session) = sessions.get_mut(key as usize) else {
@@ -191,15 +231,7 @@ impl Shard {
                 others = true;
                 return;
             }
-            let version = &mut frames[usize::from(session.version == Version::V5)];
-            version.encode(run, session.version, batch);
-            let (queued, dropped) = version.deliver(session, limits);
-            stats.publish_sent_by_qos[0] += queued as u64;
-            stats.publish_dropped += dropped as u64;
-            if queued > 0 && !session.dirty {
-                session.dirty = true;
-                dirty.push(key);
-            }
+            frames.deliver(run, session, key, batch, limits, stats, dirty);
         });
         self.run_frames = frames;
         if others {
