@@ -239,17 +239,24 @@ pub struct Opts {
     /// does; what the `storm` always does).
     #[arg(long, value_enum, default_value_t = Handshake::Pipelined)]
     pub handshake: Handshake,
-    /// What carries the subscribers' MQTT: `tcp`, or `ws` (MQTT over
+    /// What carries the subscribers' MQTT: `tcp`, `ws` (MQTT over
     /// WebSocket, path `/mqtt`, subprotocol `mqtt`, each packet one binary
-    /// frame, as MQTT.js in a browser). The publisher always uses plain
-    /// TCP. With --compare, fanmq and FlashMQ get a WebSocket listener on a
-    /// second free port; otherwise give it with --ws-port.
+    /// frame, as MQTT.js in a browser) or `wss` (the same over TLS). The
+    /// publisher always uses plain TCP. With --compare, fanmq and FlashMQ
+    /// get a WebSocket listener on a second free port (for `wss` with a
+    /// self-signed certificate made for the run); otherwise give it with
+    /// --ws-port (and --ca-file for `wss`).
     #[arg(long, value_enum, default_value_t = Transport::Tcp)]
     pub transport: Transport,
-    /// The broker's WebSocket port for `--transport ws` without --compare
-    /// (the publisher still connects to --port).
+    /// The broker's WebSocket port for `--transport ws` or `wss` without
+    /// --compare (the publisher still connects to --port).
     #[arg(long)]
     pub ws_port: Option<u16>,
+    /// PEM file with the certificates the broker's must chain to, for
+    /// `--transport wss` without --compare; the certificate must be valid
+    /// for the first --host (default 127.0.0.1).
+    #[arg(long)]
+    pub ca_file: Option<String>,
     /// Write the acknowledgements (PUBACK, PUBREC, PUBCOMP) of one read in
     /// one write. Default: each its own write, as paho, MQTT.js and
     /// mosquitto_sub do; coalescing is kinder to the broker than real
@@ -277,6 +284,18 @@ pub struct Opts {
     /// Any other is a shell command, labelled `LABEL=command` if wanted.
     #[arg(long, num_args = 1..)]
     pub compare: Vec<String>,
+    /// An option for the brokers --compare starts, `PEER:KEY=VALUE`
+    /// (repeatable): PEER is `fanmq` (for every `fanmq:N` too), `flashmq`
+    /// (every `flashmq:N`) or `mosquitto`, KEY and VALUE in that broker's
+    /// own configuration syntax: for fanmq a key of its TOML file
+    /// (`fanmq:max_queued_messages=20000`; a string value in quotes), for
+    /// FlashMQ and Mosquitto a line `KEY VALUE` of their config file
+    /// (`flashmq:max_qos_msg_pending_messages=20000`). It is written into
+    /// the generated config after the bench's own lines (Mosquitto and
+    /// FlashMQ take the last value of a key; fanmq's flags, such as its
+    /// listeners and `--shards`, win over its file).
+    #[arg(long = "broker-option", value_name = "PEER:KEY=VALUE")]
+    pub broker_options: Vec<String>,
     /// Rounds of the comparison.
     #[arg(long, default_value_t = 1)]
     pub rounds: u32,

@@ -16,11 +16,21 @@
 //! For WebSocket subscribers (`--transport ws`) a broker also gets a
 //! WebSocket listener on a second free port ([`Broker::ws_port`]): fanmq
 //! by `--ws-listen`, FlashMQ by a `protocol websockets` listener; a custom
-//! command by `{ws_port}`. The other named peers have none here (Debian's
-//! Mosquitto is built without WebSocket).
+//! command by `{ws_port}`. With `--transport wss` that listener speaks TLS
+//! with the run's test certificate ([`WsListener::Tls`]): fanmq's
+//! `--wss-listen` with `--certfile` and `--keyfile`, FlashMQ's `fullchain`
+//! and `privkey`, a custom command's `{certfile}` and `{keyfile}`. The
+//! other named peers have none here (Debian's Mosquitto is built without
+//! WebSocket).
+//!
+//! `--broker-option PEER:KEY=VALUE` ([`BrokerOption`]) adds a setting to
+//! the config a named peer is started with: a TOML file for fanmq (given
+//! with `--config`), a config line for FlashMQ and Mosquitto that replaces
+//! the bench's own line of that key.
 
 use crate::net;
 use crate::procfs;
+use crate::tls::CertFiles;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
@@ -49,6 +59,86 @@ pub enum CompareError {
         "{0:?}: no WebSocket listener for this peer (fanmq, flashmq or a command with {{ws_port}})"
     )]
     NoWebSocket(String),
+    #[error("--broker-option {0:?}: {1} (PEER:KEY=VALUE, PEER one of fanmq, flashmq, mosquitto)")]
+    BadOption(String, &'static str),
+}
+
+/// The WebSocket listener a broker gets for WebSocket subscribers.
+#[derive(Debug, Clone)]
+pub enum WsListener {
+    /// `ws://`.
+    Plain,
+    /// `wss://`, with this certificate and key.
+    Tls(CertFiles),
+}
+
+/// The named peers a `--broker-option` can be given to: those whose config
+/// the bench writes.
+const OPTION_PEERS: [&str; 3] = ["fanmq", "flashmq", "mosquitto"];
+
+/// One `--broker-option PEER:KEY=VALUE`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerOption {
+    /// `fanmq`, `flashmq` or `mosquitto`: every spec of that broker
+    /// (`fanmq:2` too) gets it.
+    pub peer: String,
+    /// The key, in that broker's config syntax.
+    pub key: String,
+    /// The value as that broker's config writes it (for fanmq a TOML
+    /// value: a string in quotes).
+    pub value: String,
+}
+
+impl BrokerOption {
+    /// Parses `PEER:KEY=VALUE`.
+    ///
+    /// # Errors
+    /// Another form, a peer whose config the bench does not write, or a key
+    /// or value that would not stay one config line.
+    pub fn parse(text: &str) -> Result<BrokerOption, CompareError> {
+        let bad = |why| CompareError::BadOption(text.to_owned(), why);
+        let (peer, setting) = text.split_once(':').ok_or_else(|| bad("no PEER:"))?;
+        let (key, value) = setting.split_once('=').ok_or_else(|| bad("no KEY=VALUE"))?;
+        let (peer, key, value) = (peer.trim(), key.trim(), value.trim());
+        if !OPTION_PEERS.contains(&peer) {
+            return Err(bad("not a peer whose config the bench writes"));
+        }
+        if key.is_empty() || !key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err(bad("KEY must be letters, digits and _"));
+        }
+        if value.is_empty() || value.contains(['\n', '\r']) {
+            return Err(bad("VALUE must be one non-empty line"));
+        }
+        Ok(BrokerOption {
+            peer: peer.to_owned(),
+            key: key.to_owned(),
+            value: value.to_owned(),
+        })
+    }
+}
+
+/// What every broker of a comparison is started with, besides its port.
+#[derive(Debug, Clone, Default)]
+pub struct Setup {
+    /// Messages a peer may queue per client (Mosquitto's
+    /// `max_queued_messages`), so that a run is not dropped by its config.
+    pub max_queued: u64,
+    /// A WebSocket listener (WebSocket subscribers), or none.
+    pub ws: Option<WsListener>,
+    /// The `--broker-option`s.
+    pub options: Vec<BrokerOption>,
+}
+
+impl Setup {
+    /// The options for `peer` (`fanmq`, `flashmq`, `mosquitto`), as
+    /// `(key, value)`.
+    fn options_for(&self, peer: &str) -> Vec<(&str, &str)> {
+        self.options
+            .iter()
+            .filter(|o| o.peer == peer)
+            .map(|o| (o.key.as_str(), o.value.as_str()))
+            .collect()
+    }
 }
 
 /// A started broker.
@@ -67,22 +157,24 @@ impl Broker {
         self.child.id()
     }
 
-    /// Starts `spec` (see the module doc) with its files in `dir`, with a
-    /// WebSocket listener too when `ws`.
+    /// Starts `spec` (see the module doc) with its files in `dir`, as
+    /// `setup` says.
     ///
     /// # Errors
-    /// The command could not start, exited, or never accepted; `ws` for a
-    /// peer without WebSocket.
+    /// The command could not start, exited, or never accepted; a WebSocket
+    /// listener for a peer without WebSocket.
     pub fn start(
         spec: &str,
         cpus: Option<&[usize]>,
         dir: &Path,
-        max_queued: u64,
-        ws: bool,
+        setup: &Setup,
     ) -> Result<Broker, CompareError> {
         let port = net::free_port()?;
-        let ws_port = if ws { Some(net::free_port()?) } else { None };
-        let (label, shell, raw) = command_for(spec, port, ws_port, dir, max_queued)?;
+        let ws_port = match setup.ws {
+            Some(_) => Some(net::free_port()?),
+            None => None,
+        };
+        let (label, shell, raw) = command_for(spec, port, ws_port, dir, setup)?;
         let log = dir.join(format!(
             "{}-{port}.log",
             label.replace(|c: char| !c.is_ascii_alphanumeric(), "_")
@@ -165,37 +257,65 @@ impl Drop for Broker {
 const FANMQ_LOAD_FLAGS: &str =
     "--max-connections-per-ip 0 --max-connection-rate-per-ip 0 --max-connection-rate 0";
 
-/// `(label, shell command, raw)` for a spec, with a WebSocket listener on
-/// `ws_port` if given.
+/// `(label, shell command, raw)` for a spec, with the WebSocket listener
+/// of `setup` on `ws_port`.
 fn command_for(
     spec: &str,
     port: u16,
     ws_port: Option<u16>,
     dir: &Path,
-    max_queued: u64,
+    setup: &Setup,
 ) -> Result<(String, String, bool), CompareError> {
-    let no_ws = || match ws_port {
+    let ws = ws_port.zip(setup.ws.as_ref());
+    let no_ws = || match ws {
         Some(_) => Err(CompareError::NoWebSocket(spec.to_owned())),
         None => Ok(()),
     };
-    // fanmq's WebSocket listener, as an option.
-    let fanmq_ws = ws_port
-        .map(|p| format!(" --ws-listen 127.0.0.1:{p}"))
-        .unwrap_or_default();
-    // A custom command's `{port}` and `{ws_port}`.
+    let cert = match ws {
+        Some((_, WsListener::Tls(files))) => Some(files),
+        _ => None,
+    };
+    // fanmq's WebSocket listener, as flags.
+    let fanmq_ws = match ws {
+        None => String::new(),
+        Some((p, WsListener::Plain)) => format!(" --ws-listen 127.0.0.1:{p}"),
+        Some((p, WsListener::Tls(files))) => format!(
+            " --wss-listen 127.0.0.1:{p} --certfile {} --keyfile {}",
+            files.cert.display(),
+            files.key.display()
+        ),
+    };
+    // A custom command's `{port}`, `{ws_port}`, `{certfile}` and `{keyfile}`.
     let fill = |cmd: &str| -> Result<String, CompareError> {
-        if ws_port.is_some() && !cmd.contains("{ws_port}") {
+        if ws.is_some() && !cmd.contains("{ws_port}") {
             return Err(CompareError::NoWebSocket(spec.to_owned()));
         }
         let ws = ws_port.map(|p| p.to_string()).unwrap_or_default();
+        let (certfile, keyfile) = cert
+            .map(|f| (f.cert.display().to_string(), f.key.display().to_string()))
+            .unwrap_or_default();
         Ok(cmd
             .replace("{port}", &port.to_string())
-            .replace("{ws_port}", &ws))
+            .replace("{ws_port}", &ws)
+            .replace("{certfile}", &certfile)
+            .replace("{keyfile}", &keyfile))
     };
     let write = |name: &str, text: String| -> Result<PathBuf, CompareError> {
         let path = dir.join(name);
         std::fs::write(&path, text).map_err(|e| CompareError::Config(path.clone(), e))?;
         Ok(path)
+    };
+    // fanmq's `--broker-option`s: a TOML file, under its flags.
+    let fanmq_options = setup.options_for("fanmq");
+    let fanmq_config = if fanmq_options.is_empty() {
+        String::new()
+    } else {
+        let toml: String = fanmq_options
+            .iter()
+            .map(|(key, value)| format!("{key} = {value}\n"))
+            .collect();
+        let path = write(&format!("fanmq-{port}.toml"), toml)?;
+        format!(" --config {}", path.display())
     };
     Ok(match spec.trim() {
         "raw" => {
@@ -211,7 +331,10 @@ fn command_for(
             no_ws()?;
             let conf = write(
                 &format!("mosquitto-{port}.conf"),
-                mosquitto_conf(port, max_queued),
+                with_options(
+                    &mosquitto_conf(port, setup.max_queued),
+                    &setup.options_for("mosquitto"),
+                ),
             )?;
             (
                 "mosquitto".into(),
@@ -233,7 +356,7 @@ fn command_for(
             (
                 "fanmq".into(),
                 format!(
-                    "{bin} --listen 127.0.0.1:{port}{fanmq_ws} --shards 1 --http-listen off {FANMQ_LOAD_FLAGS}"
+                    "{bin}{fanmq_config} --listen 127.0.0.1:{port}{fanmq_ws} --shards 1 --http-listen off {FANMQ_LOAD_FLAGS}"
                 ),
                 false,
             )
@@ -249,12 +372,12 @@ fn command_for(
             (
                 format!("fanmq-{shards}-shards"),
                 format!(
-                    "{bin} --listen 127.0.0.1:{port}{fanmq_ws} --shards {shards} --http-listen off {FANMQ_LOAD_FLAGS}"
+                    "{bin}{fanmq_config} --listen 127.0.0.1:{port}{fanmq_ws} --shards {shards} --http-listen off {FANMQ_LOAD_FLAGS}"
                 ),
                 false,
             )
         }
-        "flashmq" => flashmq(1, port, ws_port, &write)?,
+        "flashmq" => flashmq(1, port, ws, setup, &write)?,
         // `flashmq:N`: FlashMQ with N threads.
         other
             if other
@@ -264,7 +387,7 @@ fn command_for(
             let threads = other.trim_start_matches("flashmq:");
             // Checked just above.
             let n = threads.parse::<u32>().unwrap_or(1);
-            flashmq(n, port, ws_port, &write)?
+            flashmq(n, port, ws, setup, &write)?
         }
         // `LABEL=command`: a shell command under a short label (e.g. two
         // builds of one broker side by side).
@@ -291,16 +414,20 @@ pub fn mosquitto_conf(port: u16, max_queued: u64) -> String {
 }
 
 /// `(label, command, raw)` of FlashMQ with `threads` threads on `port`
-/// (and WebSocket on `ws_port`), its config written by `write`.
+/// (and a WebSocket listener at `ws`), its config written by `write`.
 fn flashmq(
     threads: u32,
     port: u16,
-    ws_port: Option<u16>,
+    ws: Option<(u16, &WsListener)>,
+    setup: &Setup,
     write: &dyn Fn(&str, String) -> Result<PathBuf, CompareError>,
 ) -> Result<(String, String, bool), CompareError> {
     let conf = write(
         &format!("flashmq-{port}.conf"),
-        flashmq_conf(port, ws_port, threads, procfs::nofile_hard()),
+        with_options(
+            &flashmq_conf(port, ws, threads, procfs::nofile_hard()),
+            &setup.options_for("flashmq"),
+        ),
     )?;
     let bin = std::env::var("FLASHMQ_BIN").unwrap_or_else(|_| "flashmq".into());
     let label = if threads == 1 {
@@ -321,23 +448,61 @@ fn flashmq(
 /// is the hard limit. `log_level warning`: no log line per connection
 /// (FlashMQ logs every accept and login at `notice`), as for Mosquitto.
 /// No `storage_dir`: nothing persisted, as for the other peers. With
-/// `ws_port`, a second listener there speaks `websockets`.
-pub fn flashmq_conf(port: u16, ws_port: Option<u16>, threads: u32, nofile_hard: u64) -> String {
-    let listen = |port: u16, protocol: &str| {
+/// `ws`, a second listener there speaks `websockets` (over TLS with the
+/// certificate of [`WsListener::Tls`]).
+pub fn flashmq_conf(
+    port: u16,
+    ws: Option<(u16, &WsListener)>,
+    threads: u32,
+    nofile_hard: u64,
+) -> String {
+    let listen = |port: u16, protocol: &str, tls: &str| {
         format!(
             "listen {{\n  port {port}\n  protocol {protocol}\n  inet_protocol ip4\n\
-             \x20 inet4_bind_address 127.0.0.1\n}}\n"
+             \x20 inet4_bind_address 127.0.0.1\n{tls}}}\n"
         )
     };
     let mut conf = format!(
         "thread_count {threads}\nrlimit_nofile {nofile_hard}\nallow_anonymous true\n\
          log_level warning\n{}",
-        listen(port, "mqtt")
+        listen(port, "mqtt", "")
     );
-    if let Some(ws_port) = ws_port {
-        conf.push_str(&listen(ws_port, "websockets"));
+    match ws {
+        None => {}
+        Some((ws_port, WsListener::Plain)) => {
+            conf.push_str(&listen(ws_port, "websockets", ""));
+        }
+        Some((ws_port, WsListener::Tls(files))) => {
+            let tls = format!(
+                "  fullchain {}\n  privkey {}\n",
+                files.cert.display(),
+                files.key.display()
+            );
+            conf.push_str(&listen(ws_port, "websockets", &tls));
+        }
     }
     conf
+}
+
+/// `conf`, a config of `KEY VALUE` lines and `{ }` blocks (Mosquitto's and
+/// FlashMQ's syntax), with `options` set at the top level: each replaces
+/// the line of its key outside any block, or is added at the end.
+pub fn with_options(conf: &str, options: &[(&str, &str)]) -> String {
+    let mut depth = 0usize;
+    let mut out = String::new();
+    for line in conf.lines() {
+        let key = line.split_whitespace().next().unwrap_or("");
+        if depth > 0 || !options.iter().any(|(k, _)| *k == key) {
+            out.push_str(line);
+            out.push('\n');
+        }
+        depth += line.matches('{').count();
+        depth = depth.saturating_sub(line.matches('}').count());
+    }
+    for (key, value) in options {
+        out.push_str(&format!("{key} {value}\n"));
+    }
+    out
 }
 
 /// rumqttd 0.20: one v4 listener on loopback, limits raised for fan-out.
@@ -369,15 +534,31 @@ next_connection_delay_ms = 0
 mod tests {
     use super::*;
 
+    /// A setup without WebSocket or options.
+    fn plain() -> Setup {
+        Setup {
+            max_queued: 1000,
+            ..Setup::default()
+        }
+    }
+
+    /// A setup with a plain WebSocket listener.
+    fn ws_plain() -> Setup {
+        Setup {
+            ws: Some(WsListener::Plain),
+            ..plain()
+        }
+    }
+
     #[test]
     fn named_and_custom_specs() {
         let dir = std::env::temp_dir();
-        let (label, cmd, raw) = command_for("mosquitto", 4242, None, &dir, 1000).unwrap();
+        let (label, cmd, raw) = command_for("mosquitto", 4242, None, &dir, &plain()).unwrap();
         assert_eq!(label, "mosquitto");
         assert!(cmd.starts_with("mosquitto -c ") && !raw);
-        let (_, cmd, raw) = command_for("raw", 4242, None, &dir, 1000).unwrap();
+        let (_, cmd, raw) = command_for("raw", 4242, None, &dir, &plain()).unwrap();
         assert!(cmd.contains("raw-server --listen 127.0.0.1:4242") && raw);
-        let (label, cmd, _) = command_for("fanmq:2", 4242, None, &dir, 1000).unwrap();
+        let (label, cmd, _) = command_for("fanmq:2", 4242, None, &dir, &plain()).unwrap();
         assert_eq!(label, "fanmq-2-shards");
         assert!(
             cmd.contains("--listen 127.0.0.1:4242 --shards 2 --http-listen off"),
@@ -386,7 +567,7 @@ mod tests {
         // Both fanmq specs turn the per-IP and global connection limits off:
         // every load-test client connects from 127.0.0.1 at once.
         for spec in ["fanmq", "fanmq:2"] {
-            let (_, cmd, _) = command_for(spec, 4242, None, &dir, 1000).unwrap();
+            let (_, cmd, _) = command_for(spec, 4242, None, &dir, &plain()).unwrap();
             assert!(
                 cmd.ends_with(
                     "--max-connections-per-ip 0 --max-connection-rate-per-ip 0 --max-connection-rate 0"
@@ -394,22 +575,29 @@ mod tests {
                 "{cmd}"
             );
         }
-        let (label, cmd, _) = command_for("mybroker -p {port}", 4242, None, &dir, 1000).unwrap();
+        let (label, cmd, _) =
+            command_for("mybroker -p {port}", 4242, None, &dir, &plain()).unwrap();
         assert_eq!(
             (label.as_str(), cmd.as_str()),
             ("mybroker -p {port}", "mybroker -p 4242")
         );
-        let (label, cmd, _) =
-            command_for("before=mybroker -p {port} --x=1", 4242, None, &dir, 1000).unwrap();
+        let (label, cmd, _) = command_for(
+            "before=mybroker -p {port} --x=1",
+            4242,
+            None,
+            &dir,
+            &plain(),
+        )
+        .unwrap();
         assert_eq!(
             (label.as_str(), cmd.as_str()),
             ("before", "mybroker -p 4242 --x=1")
         );
         assert!(mosquitto_conf(4242, 5).contains("listener 4242 127.0.0.1"));
-        let (label, cmd, raw) = command_for("flashmq", 4242, None, &dir, 1000).unwrap();
+        let (label, cmd, raw) = command_for("flashmq", 4242, None, &dir, &plain()).unwrap();
         assert_eq!(label, "flashmq");
         assert!(cmd.contains(" --config-file ") && cmd.ends_with("flashmq-4242.conf") && !raw);
-        let (label, _, _) = command_for("flashmq:2", 4242, None, &dir, 1000).unwrap();
+        let (label, _, _) = command_for("flashmq:2", 4242, None, &dir, &plain()).unwrap();
         assert_eq!(label, "flashmq-2-threads");
         let conf = flashmq_conf(4242, None, 2, 20_000);
         for line in [
@@ -422,7 +610,9 @@ mod tests {
         }
         // `flashmq:0` is no peer: a shell command of that name.
         assert_eq!(
-            command_for("flashmq:0", 4242, None, &dir, 1000).unwrap().0,
+            command_for("flashmq:0", 4242, None, &dir, &plain())
+                .unwrap()
+                .0,
             "flashmq:0"
         );
     }
@@ -430,12 +620,12 @@ mod tests {
     #[test]
     fn websocket_listeners_for_fanmq_flashmq_and_commands_only() {
         let dir = std::env::temp_dir();
-        let (_, cmd, _) = command_for("fanmq", 4242, Some(4243), &dir, 1000).unwrap();
+        let (_, cmd, _) = command_for("fanmq", 4242, Some(4243), &dir, &ws_plain()).unwrap();
         assert!(
             cmd.contains("--listen 127.0.0.1:4242 --ws-listen 127.0.0.1:4243 "),
             "{cmd}"
         );
-        let conf = flashmq_conf(4242, Some(4243), 1, 20_000);
+        let conf = flashmq_conf(4242, Some((4243, &WsListener::Plain)), 1, 20_000);
         assert!(conf.contains("port 4242\n  protocol mqtt\n"), "{conf}");
         assert!(
             conf.contains("port 4243\n  protocol websockets\n"),
@@ -447,18 +637,128 @@ mod tests {
             4242,
             Some(4243),
             &dir,
-            1000,
+            &ws_plain(),
         )
         .unwrap();
         assert_eq!(cmd, "mybroker -p 4242 -w 4243");
         for spec in ["mosquitto", "rumqttd", "raw", "mybroker -p {port}"] {
             assert!(
                 matches!(
-                    command_for(spec, 4242, Some(4243), &dir, 1000),
+                    command_for(spec, 4242, Some(4243), &dir, &ws_plain()),
                     Err(CompareError::NoWebSocket(_))
                 ),
                 "{spec}"
             );
         }
+    }
+
+    #[test]
+    fn secure_websocket_listeners_use_the_test_certificate() {
+        let dir = std::env::temp_dir();
+        let files = CertFiles {
+            cert: "/t/cert.pem".into(),
+            key: "/t/key.pem".into(),
+        };
+        let setup = Setup {
+            ws: Some(WsListener::Tls(files.clone())),
+            ..plain()
+        };
+        let (_, cmd, _) = command_for("fanmq:2", 4242, Some(4243), &dir, &setup).unwrap();
+        assert!(
+            cmd.contains(
+                "--listen 127.0.0.1:4242 --wss-listen 127.0.0.1:4243 \
+                 --certfile /t/cert.pem --keyfile /t/key.pem --shards 2"
+            ),
+            "{cmd}"
+        );
+        let tls = WsListener::Tls(files);
+        let conf = flashmq_conf(4242, Some((4243, &tls)), 1, 20_000);
+        assert!(
+            conf.contains(
+                "port 4243\n  protocol websockets\n  inet_protocol ip4\n  \
+                 inet4_bind_address 127.0.0.1\n  fullchain /t/cert.pem\n  privkey /t/key.pem\n}"
+            ),
+            "{conf}"
+        );
+        assert!(conf.contains(
+            "port 4242\n  protocol mqtt\n  inet_protocol ip4\n  inet4_bind_address 127.0.0.1\n}"
+        ));
+        let (_, cmd, _) = command_for(
+            "b=mybroker -w {ws_port} --cert {certfile} --key {keyfile}",
+            4242,
+            Some(4243),
+            &dir,
+            &setup,
+        )
+        .unwrap();
+        assert_eq!(cmd, "mybroker -w 4243 --cert /t/cert.pem --key /t/key.pem");
+    }
+
+    #[test]
+    fn broker_options_reach_the_peers_config() {
+        let dir = std::env::temp_dir().join(format!("fanmq-bench-opts-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let options = [
+            "fanmq:max_queued_messages=20000",
+            "fanmq: log_level = \"warn\"",
+            "flashmq:max_qos_msg_pending_messages=5000",
+            "mosquitto:max_queued_messages=7",
+        ];
+        let setup = Setup {
+            options: options
+                .iter()
+                .map(|o| BrokerOption::parse(o).unwrap())
+                .collect(),
+            ..plain()
+        };
+        // fanmq: a TOML file given with --config, before the flags (which
+        // win over it).
+        let (_, cmd, _) = command_for("fanmq:2", 4242, None, &dir, &setup).unwrap();
+        let toml = dir.join("fanmq-4242.toml");
+        assert!(
+            cmd.contains(&format!(" --config {} --listen", toml.display())),
+            "{cmd}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(&toml).unwrap(),
+            "max_queued_messages = 20000\nlog_level = \"warn\"\n"
+        );
+        // Mosquitto: the bench's own max_queued_messages line replaced.
+        command_for("mosquitto", 4242, None, &dir, &setup).unwrap();
+        let conf = std::fs::read_to_string(dir.join("mosquitto-4242.conf")).unwrap();
+        assert_eq!(conf.matches("max_queued_messages").count(), 1, "{conf}");
+        assert!(conf.ends_with("max_queued_messages 7\n"), "{conf}");
+        // FlashMQ: added at the top level.
+        command_for("flashmq:2", 4242, None, &dir, &setup).unwrap();
+        let conf = std::fs::read_to_string(dir.join("flashmq-4242.conf")).unwrap();
+        assert!(
+            conf.ends_with("}\nmax_qos_msg_pending_messages 5000\n"),
+            "{conf}"
+        );
+        // Without options fanmq gets no config file.
+        let (_, cmd, _) = command_for("fanmq", 4242, None, &dir, &plain()).unwrap();
+        assert!(!cmd.contains("--config"), "{cmd}");
+        for bad in [
+            "max_queued_messages=1",
+            "rumqttd:x=1",
+            "fanmq:max_queued_messages",
+            "fanmq:a b=1",
+            "fanmq:x=",
+        ] {
+            assert!(
+                matches!(BrokerOption::parse(bad), Err(CompareError::BadOption(..))),
+                "{bad}"
+            );
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn options_replace_top_level_lines_only() {
+        let conf = "a 1\nlisten {\n  a 2\n}\nb 3\n";
+        assert_eq!(
+            with_options(conf, &[("a", "9"), ("c", "4")]),
+            "listen {\n  a 2\n}\nb 3\na 9\nc 4\n"
+        );
     }
 }

@@ -2,6 +2,7 @@
 //! in its life and what it keeps between reads.
 
 use crate::stats::SeqTracker;
+use crate::tls::TlsConn;
 use crate::ws::WsConn;
 
 /// Where one connection is in its life.
@@ -45,9 +46,12 @@ pub struct Conn {
     /// When a failed handshake is tried again (`reconnect_ms`); 0: not
     /// waiting for that.
     pub retry_at_ns: u64,
-    /// The WebSocket state (`--transport ws`), boxed: TCP connections pay
-    /// one pointer for it.
+    /// The WebSocket state (`--transport ws`, `wss`), boxed: TCP
+    /// connections pay one pointer for it.
     pub ws: Option<Box<WsConn>>,
+    /// The TLS state (`--transport wss`), boxed likewise. With it,
+    /// `unsent` is plaintext that the next flush encrypts.
+    pub tls: Option<Box<TlsConn>>,
 }
 
 impl Conn {
@@ -64,6 +68,16 @@ impl Conn {
             counted: false,
             retry_at_ns: 0,
             ws: None,
+            tls: None,
         }
+    }
+
+    /// Forgets what the connection kept between reads (its socket is
+    /// gone): buffers, WebSocket and TLS state.
+    pub fn clear_transport(&mut self) {
+        self.partial = Vec::new();
+        self.unsent = Vec::new();
+        self.ws = None;
+        self.tls = None;
     }
 }

@@ -18,6 +18,7 @@
 //! | [`stats`] | payload stamp, sequence checks, histograms |
 //! | [`procfs`] | CPU, RSS, socket memory, limits, pinning |
 //! | [`net`] | sockets, source addresses |
+//! | [`ws`] / [`tls`] | the subscribers' WebSocket and TLS transports (`--transport ws`, `wss`) |
 //! | [`capacity`] | how many connections this load host allows; refusing plans that do not fit |
 //! | [`part`] / [`stats_api`] / [`merge`] | a fan-out split over load hosts: `--part K/N`, `--start-at`, `--wait-subscribers`, `merge` |
 //! | [`result`] / [`report`] / [`plot`] | JSON, Markdown, SVG |
@@ -47,6 +48,7 @@ mod scenario;
 mod stats;
 mod stats_api;
 mod target;
+mod tls;
 mod worker;
 mod ws;
 

@@ -48,6 +48,10 @@ pub struct WorkerTask {
     /// What carries the subscribers' MQTT (`--transport`).
     #[serde(default)]
     pub transport: Transport,
+    /// How the subscribers check the broker's certificate
+    /// (`--transport wss`); None for the other transports.
+    #[serde(default)]
+    pub tls: Option<TlsTask>,
     /// Source addresses to bind before connect; empty = kernel's choice.
     pub source_addrs: Vec<String>,
     /// Handshakes in flight at once (TCP connect to SUBACK), this worker's
@@ -95,6 +99,9 @@ pub enum Transport {
     /// MQTT over WebSocket (MQTT 3.1.1 §6), path `/mqtt`, subprotocol
     /// `mqtt`, as MQTT.js in a browser.
     Ws,
+    /// MQTT over WebSocket over TLS (`wss://`), as MQTT.js in a browser
+    /// on an `https://` page.
+    Wss,
 }
 
 impl Transport {
@@ -102,6 +109,22 @@ impl Transport {
     pub fn is_tcp(&self) -> bool {
         *self == Transport::Tcp
     }
+
+    /// True for the WebSocket transports (`ws` and `wss`): the subscribers
+    /// go to the broker's WebSocket listener.
+    pub fn is_websocket(&self) -> bool {
+        matches!(self, Transport::Ws | Transport::Wss)
+    }
+}
+
+/// How the subscribers check the broker's certificate (`--transport wss`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TlsTask {
+    /// PEM of the certificates the broker's must chain to (the test
+    /// certificate of a broker `--compare` started, else `--ca-file`).
+    pub ca_pem: String,
+    /// The name (or address) the broker's certificate must be valid for.
+    pub server_name: String,
 }
 
 /// The (source index, target index) of pair `k` of `sources × targets`

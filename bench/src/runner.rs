@@ -3,14 +3,15 @@
 //! A B A B for `--rounds`; then prints the tables and writes the results.
 
 use crate::cli::Opts;
-use crate::compare::Broker;
+use crate::compare::{Broker, BrokerOption, Setup, WsListener};
 use crate::net;
 use crate::procfs;
-use crate::protocol::Transport;
+use crate::protocol::{TlsTask, Transport};
 use crate::report;
 use crate::result::{self, ResultFile, RunResult};
 use crate::scenario::{self, Kind};
 use crate::target::Target;
+use crate::tls;
 
 /// Runs it. `raw` is the `raw` subcommand: compare against the forwarder.
 ///
@@ -29,7 +30,7 @@ pub fn run(kind: Kind, mut o: Opts, raw: bool) -> Result<(), String> {
         if o.compare.is_empty() {
             o.compare = vec!["raw".into()];
         }
-        if o.transport == Transport::Ws {
+        if !o.transport.is_tcp() {
             return Err("raw forwards bytes: --transport tcp only".into());
         }
     }
@@ -47,6 +48,11 @@ pub fn run(kind: Kind, mut o: Opts, raw: bool) -> Result<(), String> {
     };
     let mut runs: Vec<RunResult> = Vec::new();
     if o.compare.is_empty() {
+        if !o.broker_options.is_empty() {
+            return Err(
+                "--broker-option sets up the brokers --compare starts: add --compare".into(),
+            );
+        }
         let listeners = if o.nodes.is_empty() {
             listeners_of(&o)?
         } else {
@@ -60,15 +66,35 @@ pub fn run(kind: Kind, mut o: Opts, raw: bool) -> Result<(), String> {
         // publisher stays on plain TCP (`addr`).
         let listeners = match (o.transport, o.ws_port) {
             (Transport::Tcp, _) => listeners,
-            (Transport::Ws, Some(ws_port)) if o.nodes.is_empty() => {
+            (_, Some(ws_port)) if o.nodes.is_empty() => {
                 let mut ws = listeners;
                 ws.iter_mut().for_each(|l| l.set_port(ws_port));
                 ws.dedup();
                 ws
             }
-            (Transport::Ws, _) => {
-                return Err("--transport ws needs --compare, or --ws-port without --nodes".into());
+            (_, _) => {
+                return Err(
+                    "--transport ws and wss need --compare, or --ws-port without --nodes".into(),
+                );
             }
+        };
+        let tls = match (o.transport, &o.ca_file) {
+            (Transport::Wss, Some(ca_file)) => Some(TlsTask {
+                ca_pem: std::fs::read_to_string(ca_file)
+                    .map_err(|e| format!("--ca-file {ca_file}: {e}"))?,
+                // The name the certificate must be valid for: the first
+                // --host as written.
+                server_name: o
+                    .host
+                    .as_deref()
+                    .and_then(|h| h.split(',').map(str::trim).next())
+                    .unwrap_or("127.0.0.1")
+                    .to_owned(),
+            }),
+            (Transport::Wss, None) => {
+                return Err("--transport wss needs --compare, or --ca-file".into());
+            }
+            _ => None,
         };
         let target = Target {
             addr,
@@ -76,6 +102,7 @@ pub fn run(kind: Kind, mut o: Opts, raw: bool) -> Result<(), String> {
             pids: o.broker_pid.clone(),
             label: o.label.clone().unwrap_or_else(|| addr.to_string()),
             raw: false,
+            tls,
         };
         let r = scenario::run(kind, &o, &target, 0).map_err(|e| e.to_string())?;
         println!("{}", result::run_table(&r));
@@ -88,16 +115,36 @@ pub fn run(kind: Kind, mut o: Opts, raw: bool) -> Result<(), String> {
         }
         let dir = std::env::temp_dir().join(format!("fanmq-bench-{}", std::process::id()));
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let (ws, tls) = match o.transport {
+            Transport::Tcp => (None, None),
+            Transport::Ws => (Some(WsListener::Plain), None),
+            Transport::Wss => {
+                // One certificate for the run, made now; the subscribers
+                // trust it alone.
+                let files = tls::test_certificate(&dir).map_err(|e| e.to_string())?;
+                let ca_pem = std::fs::read_to_string(&files.cert)
+                    .map_err(|e| format!("{}: {e}", files.cert.display()))?;
+                let tls = TlsTask {
+                    ca_pem,
+                    server_name: "127.0.0.1".into(),
+                };
+                (Some(WsListener::Tls(files)), Some(tls))
+            }
+        };
+        let setup = Setup {
+            max_queued: max_queued(kind, &o),
+            ws,
+            options: o
+                .broker_options
+                .iter()
+                .map(|text| BrokerOption::parse(text))
+                .collect::<Result<_, _>>()
+                .map_err(|e| e.to_string())?,
+        };
         for round in 0..o.rounds.max(1) {
             for spec in &o.compare {
-                let broker = Broker::start(
-                    spec,
-                    broker_cpus.as_deref(),
-                    &dir,
-                    max_queued(kind, &o),
-                    o.transport == Transport::Ws,
-                )
-                .map_err(|e| e.to_string())?;
+                let broker = Broker::start(spec, broker_cpus.as_deref(), &dir, &setup)
+                    .map_err(|e| e.to_string())?;
                 log::info!(
                     "round {round}: {} on port {} (pid {})",
                     broker.label,
@@ -114,6 +161,7 @@ pub fn run(kind: Kind, mut o: Opts, raw: bool) -> Result<(), String> {
                     pids: vec![broker.pid()],
                     label: broker.label.clone(),
                     raw: broker.raw,
+                    tls: tls.clone(),
                 };
                 let r = scenario::run(kind, &o, &target, round).map_err(|e| e.to_string())?;
                 drop(broker);

@@ -175,6 +175,7 @@ pub fn run(kind: Kind, o: &Opts, t: &Target, round: u32) -> Result<RunResult, Sc
             persistent: !o.clean_session,
             raw: t.raw,
             transport: o.transport,
+            tls: t.tls.clone(),
             source_addrs: sources.clone(),
             // The storm opens every socket at once, each sending SUBSCRIBE
             // once its CONNACK is in (as MQTT.js does).

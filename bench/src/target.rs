@@ -8,6 +8,7 @@
 use crate::capacity::CapacityError;
 use crate::fleet::FleetError;
 use crate::net::NetError;
+use crate::protocol::TlsTask;
 use crate::publisher::PublishError;
 use crate::stats_api::StatsApiError;
 use std::net::SocketAddr;
@@ -38,7 +39,7 @@ pub enum ScenarioError {
 #[derive(Debug, Clone)]
 pub struct Target {
     /// Where the publisher connects: the first of `listeners` (over TCP
-    /// with `--transport ws`: the broker's plain listener).
+    /// with `--transport ws` or `wss`: the broker's plain listener).
     pub addr: SocketAddr,
     /// Every broker address:port the subscribers spread over.
     pub listeners: Vec<SocketAddr>,
@@ -50,6 +51,9 @@ pub struct Target {
     pub label: String,
     /// The bench's raw forwarder rather than an MQTT broker.
     pub raw: bool,
+    /// How the subscribers check the broker's certificate
+    /// (`--transport wss`).
+    pub tls: Option<TlsTask>,
 }
 
 /// One publishing phase.

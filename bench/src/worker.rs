@@ -31,9 +31,10 @@ use crate::mqtt::{self, Frame};
 use crate::net;
 use crate::procfs;
 use crate::protocol::{
-    Command, ConnectSummary, Event, Progress, Transport, WorkerReport, WorkerTask, pair_of,
+    Command, ConnectSummary, Event, Progress, WorkerReport, WorkerTask, pair_of,
 };
 use crate::stats::{self, SeqTracker, Timeline};
+use crate::tls::{self, TlsConn};
 use crate::ws::WsConn;
 use hdrhistogram::Histogram;
 use mio::unix::SourceFd;
@@ -41,6 +42,7 @@ use mio::{Events, Interest, Poll, Token};
 use std::collections::BTreeMap;
 use std::io::{self, BufRead, Read, Write};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Token of the stdin pipe (commands from the coordinator).
@@ -67,6 +69,8 @@ pub enum WorkerError {
     NoTarget,
     #[error("bad source address {0:?}")]
     Source(String),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
     #[error("event loop: {0}")]
     Io(#[from] io::Error),
     #[error("writing to the coordinator: {0}")]
@@ -84,6 +88,12 @@ struct Worker {
     /// The MQTT bytes unframed from one WebSocket read (`--transport ws`;
     /// reused, empty between reads).
     unframed: Vec<u8>,
+    /// The plaintext decrypted from one TLS read (`--transport wss`;
+    /// reused, empty between reads).
+    decrypted: Vec<u8>,
+    /// The TLS client configuration all of this worker's connections
+    /// share (`--transport wss`).
+    tls_config: Option<Arc<rustls::ClientConfig>>,
     /// Next connection to open in this connect phase.
     cursor: usize,
     /// Handshakes in flight.
@@ -161,6 +171,10 @@ pub fn run() -> Result<(), WorkerError> {
         .iter()
         .map(|s| s.parse().map_err(|_| WorkerError::Source(s.clone())))
         .collect::<Result<Vec<IpAddr>, _>>()?;
+    let tls_config = match &task.tls {
+        Some(t) => Some(tls::client_config(&t.ca_pem)?),
+        None => None,
+    };
     let rss_start_bytes = procfs::rss_bytes(std::process::id()).unwrap_or(0);
     let conns = (0..task.count).map(|_| Conn::new()).collect();
     let mut w = Worker {
@@ -172,6 +186,8 @@ pub fn run() -> Result<(), WorkerError> {
         conns,
         scratch: vec![0; SCRATCH],
         unframed: Vec::new(),
+        decrypted: Vec::new(),
+        tls_config,
         cursor: 0,
         pending: 0,
         retries: std::collections::VecDeque::new(),
@@ -348,9 +364,7 @@ impl Worker {
                         closed += 1;
                     }
                     c.state = State::Idle;
-                    c.partial = Vec::new();
-                    c.unsent = Vec::new();
-                    c.ws = None;
+                    c.clear_transport();
                 }
                 self.connected = 0;
                 self.ready = 0;
@@ -535,9 +549,7 @@ impl Worker {
             let retry_at_ns = now + reconnect_ns;
             let c = &mut self.conns[i];
             c.state = State::Idle;
-            c.partial = Vec::new();
-            c.unsent = Vec::new();
-            c.ws = None;
+            c.clear_transport();
             c.retry_at_ns = retry_at_ns;
             self.retries.push_back(i);
             return;
@@ -551,9 +563,7 @@ impl Worker {
             *self.run_errors.entry(why.to_owned()).or_default() += 1;
         }
         c.state = State::Failed;
-        c.partial = Vec::new();
-        c.unsent = Vec::new();
-        c.ws = None;
+        c.clear_transport();
     }
 
     fn on_writable(&mut self, i: usize) {
@@ -580,8 +590,17 @@ impl Worker {
                 *self.by_source.entry(local.ip()).or_default() += 1;
             }
             self.connected += 1;
-            if self.task.transport == Transport::Ws && !self.task.raw {
+            if let (Some(config), Some(t)) = (&self.tls_config, &self.task.tls) {
+                // The ClientHello goes out on the flush below; what is
+                // queued meanwhile waits for the handshake.
+                match TlsConn::start(config, &t.server_name) {
+                    Ok(tls) => c.tls = Some(Box::new(tls)),
+                    Err(e) => return self.fail(i, &e.to_string()),
+                }
+            }
+            if self.task.transport.is_websocket() && !self.task.raw {
                 // CONNECT goes out once the upgrade is answered.
+                let c = &mut self.conns[i];
                 c.ws = Some(Box::new(WsConn::start(&peer.to_string(), &mut c.unsent)));
                 c.state = State::WaitUpgrade;
             } else {
@@ -621,12 +640,20 @@ impl Worker {
         .map_err(|e| e.to_string())
     }
 
-    /// Writes what is unsent; fails the connection on a socket error.
+    /// Writes what is unsent (encrypted first over TLS); fails the
+    /// connection on a socket or TLS error.
     fn flush(&mut self, i: usize) {
         let c = &mut self.conns[i];
         let Some(stream) = c.stream.as_mut() else {
             return;
         };
+        if let Some(tls) = c.tls.as_mut() {
+            match tls.flush(&mut c.unsent, stream) {
+                Ok(true) => c.last_send_ns = stats::monotonic_ns(),
+                Ok(false) => {}
+                Err(e) => return self.fail(i, &e.to_string()),
+            }
+        }
         while !c.unsent.is_empty() {
             match stream.write(&c.unsent) {
                 Ok(n) => {
@@ -664,11 +691,23 @@ impl Worker {
             // One clock read per recv: the arrival time of all its frames.
             let now = self.task.clock.now_ns();
             let scratch = std::mem::take(&mut self.scratch);
-            let result = if self.conns[i].ws.is_some() {
-                self.consume_ws(i, &scratch[..n], now)
-            } else {
-                self.consume_bytes(i, &scratch[..n], now)
+            let mut decrypted = std::mem::take(&mut self.decrypted);
+            let bytes = match self.conns[i].tls.as_mut() {
+                None => Ok(&scratch[..n]),
+                Some(tls) => tls
+                    .receive(&scratch[..n], &mut decrypted)
+                    .map(|()| &decrypted[..])
+                    .map_err(|e| e.to_string()),
             };
+            let result = bytes.and_then(|bytes| {
+                if self.conns[i].ws.is_some() {
+                    self.consume_ws(i, bytes, now)
+                } else {
+                    self.consume_bytes(i, bytes, now)
+                }
+            });
+            decrypted.clear();
+            self.decrypted = decrypted;
             self.scratch = scratch;
             if let Err(why) = result {
                 return self.fail(i, &why);

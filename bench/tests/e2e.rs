@@ -340,6 +340,20 @@ fn fanout_against_flashmq_loses_nothing() {
 /// sequential with keep-alive pings, nothing lost.
 #[test]
 fn websocket_fanout_against_fanmq_and_flashmq_loses_nothing() {
+    websocket_fanout_loses_nothing("ws");
+}
+
+/// The same over TLS (`--transport wss`): the brokers' listeners speak TLS
+/// with the certificate the bench made for the run, which the subscribers
+/// check.
+#[test]
+fn secure_websocket_fanout_against_fanmq_and_flashmq_loses_nothing() {
+    websocket_fanout_loses_nothing("wss");
+}
+
+/// A tiny fan-out over `transport` (`ws` or `wss`) against fanmq and
+/// FlashMQ (when built), QoS 0 and QoS 1 with pings: nothing lost.
+fn websocket_fanout_loses_nothing(transport: &str) {
     let Some(bin) = fanmq_bin() else { return };
     let built = concat!(env!("CARGO_MANIFEST_DIR"), "/peers/flashmq/build/flashmq");
     let flashmq = std::env::var("FLASHMQ_BIN").ok().or_else(|| {
@@ -368,7 +382,7 @@ fn websocket_fanout_against_fanmq_and_flashmq_loses_nothing() {
         ][..],
     ] {
         let mut args = TINY_FANOUT.to_vec();
-        args.extend_from_slice(&["--transport", "ws"]);
+        args.extend_from_slice(&["--transport", transport]);
         args.extend_from_slice(extra);
         args.push("--compare");
         args.extend_from_slice(&compare);
@@ -377,9 +391,29 @@ fn websocket_fanout_against_fanmq_and_flashmq_loses_nothing() {
         let runs = r["runs"].as_array().unwrap();
         assert_eq!(runs.len(), compare.len());
         for run in runs {
-            assert_eq!(run["params"]["transport"], "ws", "{}", run["broker"]);
+            assert_eq!(run["params"]["transport"], transport, "{}", run["broker"]);
         }
     }
+}
+
+/// `--broker-option` reaches the broker: fanmq started with
+/// `max_connections = 20` from its option refuses the connections past 20
+/// of 50, and accepts all 50 without it.
+#[test]
+fn broker_options_reach_fanmq() {
+    let Some(bin) = fanmq_bin() else { return };
+    let env = [("FANMQ_BIN", bin.as_str())];
+    let connect = |extra: &[&str]| {
+        let mut args = vec!["connect", "--subs", "50", "--compare", "fanmq"];
+        args.extend_from_slice(extra);
+        let r = bench_with(&args, &env);
+        r["runs"][0]["connect"].clone()
+    };
+    let limited = connect(&["--broker-option", "fanmq:max_connections=20"]);
+    assert_eq!(limited["connected"], 20, "{limited}");
+    assert_eq!(limited["failed"], 30, "{limited}");
+    let unlimited = connect(&[]);
+    assert_eq!(unlimited["connected"], 50, "{unlimited}");
 }
 
 /// Checks a latency run's measured run at R_max / 2 (in `fanout`): every
