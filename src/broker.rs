@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use glommio::channels::channel_mesh::MeshBuilder;
+use glommio::channels::channel_mesh::{MeshBuilder, Senders};
 use glommio::{LocalExecutorPoolBuilder, PoolPlacement, PoolThreadHandles};
 use log::{debug, info, warn};
 
@@ -37,6 +37,7 @@ use crate::shard::sys::SessionTotals;
 use crate::shard::{self, Ctx, Shard, inbox};
 use crate::store::journal::{self, Journal};
 use crate::store::record::unix_ms_now;
+use crate::store::startup::{self, Found, SessionsLoad};
 use crate::store::{LoadedSession, RetainedState, Store, StoreError};
 
 /// How long shutdown waits for client connections to close.
@@ -50,7 +51,9 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 /// the CPU at 15k connections). 4096 gives the kernel's maximum of 256 buckets.
 const RING_DEPTH: usize = 4096;
 
-/// How long [`start`] waits for every shard to be ready.
+/// How long [`start`] waits for every shard to be ready, counted from the
+/// last step of start-up any shard made (`StartWatch::progress`): a shard
+/// that hangs fails the start, a long load of a large store does not.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Errors starting or running the broker.
@@ -106,6 +109,31 @@ pub enum ShardError {
         #[source]
         source: PollerError,
     },
+    /// The shard could not load its persistent sessions.
+    #[error("shard {shard}: {source}")]
+    Store {
+        /// The shard.
+        shard: usize,
+        /// Why.
+        #[source]
+        source: StoreError,
+    },
+    /// Another shard stopped before it handed this one the sessions it
+    /// loaded for it (its own error is the one to read).
+    #[error("shard {shard}: shard {peer} stopped while the sessions were loaded")]
+    PeerStopped {
+        /// The shard.
+        shard: usize,
+        /// The shard that stopped.
+        peer: usize,
+    },
+    /// A shard panicked before it was ready (the panic message is logged
+    /// above it).
+    #[error("a shard panicked while it started")]
+    Panicked,
+    /// This shard failed to start; `start` reports why.
+    #[error("shard {0} did not start")]
+    NotStarted(usize),
 }
 
 /// A running broker.
@@ -226,15 +254,18 @@ pub fn start(config: Config) -> Result<Broker, BrokerError> {
     let auth = Arc::new(Auth::load(&config)?);
     let cpus = choose_cpus(&config)?;
     let nr_shards = config.shards.unwrap_or(cpus.len()).max(1);
+    // The retained messages are read once, here; the sessions by every
+    // shard, its own directories on its own executor (load_sessions).
     let (store, persisted) = match (&config.persistence, &config.persistence_location) {
         (true, Some(dir)) => {
             let store = Store::open(dir)?;
             let retained = store.load_retained()?;
-            let sessions = load_sessions(&store, nr_shards)?;
-            (
-                Some(store),
-                Some(Arc::new(Persisted { retained, sessions })),
-            )
+            let persisted = Persisted {
+                retained,
+                store: store.dir.clone(),
+                sessions: Arc::new(SessionsLoad::new(nr_shards)),
+            };
+            (Some(store), Some(Arc::new(persisted)))
         }
         _ => (None, None),
     };
@@ -281,9 +312,11 @@ pub fn start(config: Config) -> Result<Broker, BrokerError> {
 
     let config = Arc::new(config);
     let shutdown = Arc::new(AtomicBool::new(false));
-    let ready = Arc::new(AtomicUsize::new(0));
+    let watch = Arc::new(StartWatch::default());
     let connections = Arc::new(ConnectionCounts::default());
     let mesh = MeshBuilder::<ShardMsg, _>::full(nr_shards, config.mesh_capacity);
+    // One message from every shard to every other: sends never wait.
+    let load_mesh = MeshBuilder::<SessionsFound, _>::full(nr_shards, 1);
     let pinned = Arc::new(shard_cpus.clone());
     let gauges = Arc::new(BrokerGauges::new(nr_shards));
     let (admin_senders, admin_receivers): (Vec<_>, Vec<_>) = (0..nr_shards)
@@ -312,16 +345,17 @@ pub fn start(config: Config) -> Result<Broker, BrokerError> {
 
     let shard_main = {
         let shutdown = shutdown.clone();
-        let ready = ready.clone();
+        let watch = watch.clone();
         let auth = auth.clone();
         move || {
             run_shard(ShardSetup {
                 config,
                 mesh,
+                load_mesh,
                 listener_fds,
                 pinned,
                 shutdown,
-                ready,
+                watch,
                 connections,
                 auth,
                 gauges,
@@ -337,14 +371,25 @@ pub fn start(config: Config) -> Result<Broker, BrokerError> {
         .on_all_shards(shard_main)
         .map_err(BrokerError::Executor)?;
 
-    let started = Instant::now();
-    while ready.load(Ordering::SeqCst) < nr_shards {
-        if started.elapsed() > START_TIMEOUT {
+    let mut since = Instant::now();
+    let mut progress = 0;
+    while watch.ready.load(Ordering::SeqCst) < nr_shards {
+        // Every shard has ended or is ready, and one failed: nothing more
+        // will come (a shard waiting for a failed one fails too).
+        let ended = watch.failures() > 0
+            && watch.failures() + watch.ready.load(Ordering::SeqCst) >= nr_shards;
+        if ended || since.elapsed() > START_TIMEOUT {
             shutdown.store(true, Ordering::SeqCst);
             if let Some(c) = &cluster {
                 c.status.shutdown.store(true, Ordering::SeqCst);
             }
-            return Err(BrokerError::StartTimeout(START_TIMEOUT));
+            return Err(watch
+                .first_cause()
+                .map_or(BrokerError::StartTimeout(START_TIMEOUT), BrokerError::Shard));
+        }
+        let now = watch.progress.load(Ordering::SeqCst);
+        if now != progress {
+            (progress, since) = (now, Instant::now());
         }
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -381,10 +426,14 @@ pub fn start(config: Config) -> Result<Broker, BrokerError> {
 struct ShardSetup {
     config: Arc<Config>,
     mesh: MeshBuilder<ShardMsg, glommio::channels::channel_mesh::Full>,
+    /// The mesh that hands every shard the sessions the others loaded for
+    /// it, at start-up only.
+    load_mesh: MeshBuilder<SessionsFound, glommio::channels::channel_mesh::Full>,
     listener_fds: Arc<Vec<(Acceptor, SocketAddr, Vec<i32>)>>,
     pinned: Arc<Vec<usize>>,
     shutdown: Arc<AtomicBool>,
-    ready: Arc<AtomicUsize>,
+    /// How far the shards got in starting.
+    watch: Arc<StartWatch>,
     connections: Arc<ConnectionCounts>,
     auth: Arc<Auth>,
     /// Every shard's admin gauges (each shard refreshes its own).
@@ -402,39 +451,210 @@ struct ShardSetup {
 struct Persisted {
     /// The retained messages, and where shard 0's journal goes on.
     retained: RetainedState,
-    /// Each shard's persistent sessions (placed on their home shards) and
-    /// where its session journal goes on.
-    sessions: Vec<(Vec<LoadedSession>, u64)>,
+    /// The store directory, where each shard loads its sessions.
+    store: std::path::PathBuf,
+    /// The sessions' load, shared by the shards.
+    sessions: Arc<SessionsLoad>,
 }
 
-/// Reads every shard's session journal, places each session on its client
-/// id's home shard (so the registry needs no entry for it), and writes each
-/// shard's sessions into a new segment of its own before the older
-/// segments go (the start-up compaction).
-fn load_sessions(
-    store: &Store,
-    nr_shards: usize,
-) -> Result<Vec<(Vec<LoadedSession>, u64)>, StoreError> {
-    let loaded = store.load_sessions(unix_ms_now())?;
-    let mut per_shard: Vec<Vec<LoadedSession>> = vec![Vec::new(); nr_shards];
-    for loaded in &loaded.sessions {
-        per_shard[home_shard(&loaded.session.client_id, nr_shards)].push(loaded.clone());
+/// What a shard hands every other at start-up: the sessions it found whose
+/// home is there, and where its directories' segments end.
+struct SessionsFound {
+    /// Per client id what the sender's directories hold.
+    found: Vec<Found>,
+    /// Where a new segment of the sender's directories may start.
+    next_base: u64,
+}
+
+/// How far the shards got in starting, watched by [`start`].
+#[derive(Default)]
+struct StartWatch {
+    /// Shards that accept connections.
+    ready: AtomicUsize,
+    /// Bumped at every step of a shard's start-up: the start-up timeout
+    /// counts from the latest.
+    progress: AtomicUsize,
+    /// Why shards failed to start, in the order they did.
+    failed: std::sync::Mutex<Vec<ShardError>>,
+}
+
+impl StartWatch {
+    /// One more step made.
+    fn step(&self) {
+        self.progress.fetch_add(1, Ordering::SeqCst);
     }
-    let bases = store.compact_sessions(&loaded, &mut per_shard)?;
-    Ok(per_shard.into_iter().zip(bases).collect())
+
+    /// Records why shard `shard` cannot start; the error to return from it.
+    fn fail(&self, shard: usize, error: ShardError) -> ShardError {
+        warn!("{error}");
+        self.lock().push(error);
+        ShardError::NotStarted(shard)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<ShardError>> {
+        self.failed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Shards that failed to start.
+    fn failures(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// The first failure that is not only another's: the one to report.
+    fn first_cause(&self) -> Option<ShardError> {
+        let mut failed = std::mem::take(&mut *self.lock());
+        let cause = failed
+            .iter()
+            .position(|e| !matches!(e, ShardError::PeerStopped { .. }))
+            .unwrap_or(0);
+        (!failed.is_empty()).then(|| failed.swap_remove(cause))
+    }
+}
+
+/// Records a panic of its shard's start-up (dropped while panicking, before
+/// [`StartGuard::started`]).
+struct StartGuard {
+    /// Where it is recorded.
+    watch: Arc<StartWatch>,
+    /// Set once the shard is ready.
+    started: bool,
+}
+
+impl StartGuard {
+    fn started(&mut self) {
+        self.started = true;
+        self.watch.ready.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+impl Drop for StartGuard {
+    fn drop(&mut self) {
+        if !self.started && std::thread::panicking() {
+            self.watch.lock().push(ShardError::Panicked);
+        }
+    }
+}
+
+/// Loads this shard's persistent sessions: reads its own session journal
+/// directories (on this shard's executor, while the other shards read
+/// theirs), hands every session found to its client id's home shard (so
+/// the registry needs no entry for it) and takes those of its own from
+/// every other shard, keeps per client id the newest, and writes them into
+/// a new segment of its own (the start-up compaction; the last shard to
+/// finish removes the older segments). Returns the sessions and where its
+/// session journal goes on.
+///
+/// # Errors
+/// A journal that cannot be read or written, a shard that stopped before
+/// it handed over its part.
+async fn load_sessions(
+    id: usize,
+    nr_shards: usize,
+    persisted: &Persisted,
+    mesh: &(
+        Senders<SessionsFound>,
+        glommio::channels::channel_mesh::Receivers<SessionsFound>,
+    ),
+    watch: &StartWatch,
+) -> Result<(Vec<LoadedSession>, u64), ShardError> {
+    let started = Instant::now();
+    let store_error = |source| ShardError::Store { shard: id, source };
+    let now = unix_ms_now();
+    let mut found: Vec<Vec<Found>> = (0..nr_shards).map(|_| Vec::new()).collect();
+    let mut part = startup::LoadPart::default();
+    let mut next_base = 0;
+    for dir in startup::session_dirs(&persisted.store, id, nr_shards).map_err(store_error)? {
+        let read = startup::read_sessions(&persisted.store, &dir, now).map_err(store_error)?;
+        next_base = read.next_base.max(next_base);
+        part.read.extend(read.segments);
+        part.records += read.records;
+        for f in read.found {
+            found[home_shard(&f.client_id, nr_shards)].push(f);
+        }
+        watch.step();
+    }
+    let read_in = started.elapsed();
+    let (senders, receivers) = mesh;
+    let mut mine = std::mem::take(&mut found[id]);
+    for (peer, found) in found.into_iter().enumerate().filter(|(p, _)| *p != id) {
+        let share = SessionsFound { found, next_base };
+        if senders.send_to(peer, share).await.is_err() {
+            return Err(ShardError::PeerStopped { shard: id, peer });
+        }
+    }
+    for peer in (0..nr_shards).filter(|&p| p != id) {
+        match receivers.recv_from(peer).await {
+            Ok(Some(share)) => {
+                next_base = next_base.max(share.next_base);
+                mine.extend(share.found);
+            }
+            _ => return Err(ShardError::PeerStopped { shard: id, peer }),
+        }
+    }
+    watch.step();
+    let mut picked = startup::pick(mine);
+    let (path, base) = startup::write_compacted(
+        &persisted.store,
+        id,
+        nr_shards,
+        next_base,
+        &mut picked.sessions,
+    )
+    .map_err(store_error)?;
+    info!(
+        "shard {id}: persistence: read {} records of {} segments in {read_in:?}; {} persistent sessions are this shard's, written again in {:?}",
+        part.records,
+        part.read.len(),
+        picked.sessions.len(),
+        started.elapsed().saturating_sub(read_in)
+    );
+    part.written = Some(path);
+    part.sessions = picked.sessions.len();
+    part.expired = picked.expired;
+    persisted.sessions.finished(part);
+    watch.step();
+    Ok((picked.sessions, base))
 }
 
 /// One shard, from joining the mesh to the end of its shutdown.
 async fn run_shard(setup: ShardSetup) -> Result<(), ShardError> {
     let nr_shards = setup.pinned.len();
-    let (senders, receivers) = setup.mesh.join().await.map_err(ShardError::Mesh)?;
+    let watch = setup.watch.clone();
+    // Declared before the meshes, so dropped after them: a peer waiting on
+    // this shard sees it stopped, and the panic is recorded, either way.
+    let mut guard = StartGuard {
+        watch: watch.clone(),
+        started: false,
+    };
+    let (senders, receivers) = match setup.mesh.join().await {
+        Ok(joined) => joined,
+        Err(e) => return Err(watch.fail(usize::MAX, ShardError::Mesh(e))),
+    };
     let id = senders.peer_id();
+    let load_mesh = match setup.load_mesh.join().await {
+        Ok(joined) => joined,
+        Err(e) => return Err(watch.fail(id, ShardError::Mesh(e))),
+    };
+    let sessions = match &setup.persisted {
+        Some(persisted) => {
+            match load_sessions(id, nr_shards, persisted, &load_mesh, &watch).await {
+                Ok(loaded) => Some(loaded),
+                Err(e) => return Err(watch.fail(id, e)),
+            }
+        }
+        None => None,
+    };
+    drop(load_mesh);
     let cpu = setup.pinned[id];
     if !core_affinity::set_for_current(core_affinity::CoreId { id: cpu }) {
         warn!("shard {id}: cannot pin to CPU {cpu}");
     }
-    let (poller, from_watcher) =
-        Poller::start(id, Some(cpu)).map_err(|source| ShardError::Poller { shard: id, source })?;
+    let (poller, from_watcher) = match Poller::start(id, Some(cpu)) {
+        Ok(started) => started,
+        Err(source) => return Err(watch.fail(id, ShardError::Poller { shard: id, source })),
+    };
     let ctx = Ctx {
         shard: Rc::new(RefCell::new(Shard::new(
             id,
@@ -453,7 +673,7 @@ async fn run_shard(setup: ShardSetup) -> Result<(), ShardError> {
     let commit = setup
         .persisted
         .as_ref()
-        .map(|state| load_persisted(&ctx, &setup.config, state, &store_stop))
+        .map(|state| load_persisted(&ctx, &setup.config, state, sessions, &store_stop))
         .unwrap_or_default();
     glommio::spawn_local(park::receive_ready(ctx.clone(), from_watcher)).detach();
     glommio::spawn_local(park::Unparker::new(ctx.clone())).detach();
@@ -502,7 +722,7 @@ async fn run_shard(setup: ShardSetup) -> Result<(), ShardError> {
         );
     }
     debug!("shard {id} ready on CPU {cpu}");
-    setup.ready.fetch_add(1, Ordering::SeqCst);
+    guard.started();
 
     // The keep-alive sweep also watches the shutdown flag, on its own tick
     // (every KEEP_ALIVE_SWEEP): an idle shard has that one timer (and the
@@ -541,6 +761,7 @@ fn load_persisted(
     ctx: &Ctx,
     config: &Config,
     persisted: &Persisted,
+    sessions: Option<(Vec<LoadedSession>, u64)>,
     shutdown: &Arc<AtomicBool>,
 ) -> Vec<glommio::task::JoinHandle<()>> {
     let state = &persisted.retained;
@@ -548,14 +769,9 @@ fn load_persisted(
     let unix_now = unix_ms_now();
     let mut shard = ctx.shard.borrow_mut();
     let mut tasks = Vec::new();
-    if let (Some((sessions, base)), Some(dir)) = (
-        persisted.sessions.get(ctx.id),
-        state
-            .dir
-            .parent()
-            .map(|store| crate::store::shard_dir(store, ctx.id)),
-    ) {
-        let (restored, queued) = shard.restore_sessions(sessions, unix_now);
+    if let Some((sessions, base)) = sessions {
+        let dir = crate::store::shard_dir(&persisted.store, ctx.id);
+        let (restored, queued) = shard.restore_sessions(&sessions, unix_now);
         info!(
             "shard {}: persistence: {restored} persistent sessions ({queued} queued messages) restored in {:?}",
             ctx.id,
@@ -565,7 +781,7 @@ fn load_persisted(
             &dir,
             u16::try_from(ctx.id).unwrap_or(u16::MAX),
             u16::try_from(ctx.nr_shards).unwrap_or(u16::MAX),
-            *base,
+            base,
             config.persistence_sync,
             config.persistence_sync_interval,
             Vec::new(),
@@ -619,4 +835,45 @@ fn load_persisted(
     drop(shard);
     shard::snapshot::spawn_snapshots(&ctx.shard, config.persistence_snapshot_log_bytes, shutdown);
     tasks
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_shard_that_panics_while_starting_is_recorded_and_its_cause_comes_first() {
+        let watch = Arc::new(StartWatch::default());
+        // A peer that saw it stop records its part first.
+        let _ = watch.fail(0, ShardError::PeerStopped { shard: 0, peer: 1 });
+        let panicking = {
+            let watch = watch.clone();
+            std::thread::spawn(move || {
+                let _guard = StartGuard {
+                    watch,
+                    started: false,
+                };
+                panic!("loading");
+            })
+        };
+        assert!(panicking.join().is_err());
+        let ready = {
+            let watch = watch.clone();
+            std::thread::spawn(move || {
+                let mut guard = StartGuard {
+                    watch,
+                    started: false,
+                };
+                guard.started();
+            })
+        };
+        ready.join().unwrap();
+        assert_eq!(
+            watch.failures(),
+            2,
+            "a guard dropped without a panic records nothing"
+        );
+        assert_eq!(watch.ready.load(Ordering::SeqCst), 1);
+        assert!(matches!(watch.first_cause(), Some(ShardError::Panicked)));
+    }
 }

@@ -26,6 +26,7 @@ pub mod journal;
 mod memfile;
 pub mod record;
 pub mod snapshot;
+pub mod startup;
 
 use std::fs::{self, File};
 use std::io::Write;
@@ -483,7 +484,10 @@ pub struct LoadedSession {
     pub will: Option<record::StoredWill>,
 }
 
-/// The persistent sessions found in every shard's journal at start-up.
+/// The persistent sessions found in every shard's journal, read one
+/// directory after the other ([`Store::load_sessions`], the tests' whole
+/// view of a store; the broker loads per shard, [`startup`]).
+#[cfg(test)]
 #[derive(Debug, Default)]
 pub struct LoadedSessions {
     /// The live sessions: per client id the image with the highest stamp,
@@ -499,153 +503,32 @@ pub struct LoadedSessions {
     pub next_base: u64,
 }
 
+#[cfg(test)]
 impl Store {
-    /// Reads every `shard-*/` journal (a broker with another shard count
-    /// wrote some of them: sessions are placed by client id afterwards) and
-    /// logs what it found and how long it took. A session online at the
-    /// crash counts as offline from `now_unix_ms`.
+    /// Reads every `shard-*/` journal, one after the other (a broker with
+    /// another shard count wrote some of them: sessions are placed by
+    /// client id afterwards), and logs what it found and how long it took.
+    /// A session online at the crash counts as offline from `now_unix_ms`.
+    /// At start-up each shard does the same for its own directories, in
+    /// parallel ([`startup`]).
     ///
     /// # Errors
     /// See [`load_log`].
     pub fn load_sessions(&self, now_unix_ms: u64) -> Result<LoadedSessions, StoreError> {
         let started = Instant::now();
-        let mut latest: ahash::AHashMap<bytestring::ByteString, Record> = ahash::AHashMap::new();
-        let mut messages: ahash::AHashMap<u64, record::StoredMessage> = ahash::AHashMap::new();
-        let mut queued_after: ahash::AHashMap<u64, Vec<flows::FlowEvent>> = ahash::AHashMap::new();
         let mut out = LoadedSessions::default();
-        let entries = fs::read_dir(&self.dir).map_err(|source| StoreError::Io {
-            path: self.dir.clone(),
-            source,
-        })?;
+        let mut found = Vec::new();
         let mut records = 0usize;
-        let mut wills: ahash::AHashMap<bytestring::ByteString, (u64, Option<record::StoredWill>)> =
-            ahash::AHashMap::new();
-        for entry in entries.filter_map(Result::ok) {
-            let path = entry.path();
-            let is_shard = entry
-                .file_name()
-                .to_str()
-                .is_some_and(|n| n.starts_with("shard-"));
-            if !is_shard || !path.is_dir() {
-                continue;
-            }
-            let loaded = load_log(&self.dir, &path)?;
-            out.next_base = out.next_base.max(loaded.next_base);
-            out.segments.extend(loaded.segments);
-            records += loaded.records.len();
-            // This directory's aliases (record::Alias), in log order: the
-            // flow records after an image name it by its alias.
-            let mut aliases: ahash::AHashMap<record::Alias, u64> = ahash::AHashMap::new();
-            for record in loaded.records {
-                let mut events = |stamp: Option<u64>, event: flows::FlowEvent| {
-                    if let Some(stamp) = stamp {
-                        queued_after.entry(stamp).or_default().push(event);
-                    }
-                };
-                let (stamp, client_id) = match record {
-                    Record::SessionImage(ref s) => {
-                        if s.alias != 0 {
-                            aliases.insert(s.alias, s.stamp);
-                            record::seen_alias(s.alias);
-                        }
-                        (s.stamp, s.client_id.clone())
-                    }
-                    Record::SessionDrop(stamp, ref id) => (stamp, id.clone()),
-                    Record::Message(mid, message) => {
-                        record::seen_stamp(mid);
-                        messages.insert(mid, message);
-                        continue;
-                    }
-                    Record::Queue(mid, refs) => {
-                        for (alias, qos) in refs {
-                            events(
-                                aliases.get(&alias).copied(),
-                                flows::FlowEvent::Queued(mid, qos),
-                            );
-                        }
-                        continue;
-                    }
-                    Record::Sent(mid, refs) => {
-                        for (alias, packet_id, qos) in refs {
-                            let event = flows::FlowEvent::Sent(mid, packet_id, qos);
-                            events(aliases.get(&alias).copied(), event);
-                        }
-                        continue;
-                    }
-                    Record::Flow(step, alias, packet_id) => {
-                        let event = flows::FlowEvent::Step(step, packet_id);
-                        events(aliases.get(&alias).copied(), event);
-                        continue;
-                    }
-                    Record::DoneMany(done) => {
-                        for (alias, packet_id) in done {
-                            let event = flows::FlowEvent::Step(record::FlowStep::Done, packet_id);
-                            events(aliases.get(&alias).copied(), event);
-                        }
-                        continue;
-                    }
-                    Record::Steps(messages, entries) => {
-                        for (alias, event) in flows::steps_events(&messages, &entries) {
-                            events(aliases.get(&alias).copied(), event);
-                        }
-                        continue;
-                    }
-                    Record::Legacy(legacy) => {
-                        for (stamp, event) in flows::legacy_events(legacy) {
-                            events(Some(stamp), event);
-                        }
-                        continue;
-                    }
-                    Record::Will(will) => {
-                        let (stamp, id) = (will.stamp, will.client_id.clone());
-                        latest_will(&mut wills, id, stamp, Some(will));
-                        continue;
-                    }
-                    Record::WillClear(stamp, id) => {
-                        latest_will(&mut wills, id, stamp, None);
-                        continue;
-                    }
-                    Record::Retain(..) | Record::RetainDelete(..) => continue,
-                };
-                record::seen_stamp(stamp);
-                let newer = latest.get(&client_id).is_none_or(|held| match held {
-                    Record::SessionImage(s) => s.stamp < stamp,
-                    Record::SessionDrop(held, _) => *held < stamp,
-                    _ => true,
-                });
-                if newer {
-                    latest.insert(client_id, record);
-                }
-            }
+        for dir in startup::session_dirs(&self.dir, 0, 1)? {
+            let read = startup::read_sessions(&self.dir, &dir, now_unix_ms)?;
+            out.next_base = out.next_base.max(read.next_base);
+            out.segments.extend(read.segments);
+            records += read.records;
+            found.extend(read.found);
         }
-        for record in latest.into_values() {
-            let Record::SessionImage(mut session) = record else {
-                continue;
-            };
-            if session.offline_since_unix_ms == 0 {
-                session.offline_since_unix_ms = now_unix_ms;
-            }
-            let deadline = session
-                .offline_since_unix_ms
-                .saturating_add(u64::from(session.expiry_interval) * 1000);
-            if session.expiry_interval != u32::MAX && deadline <= now_unix_ms {
-                out.expired += 1;
-                continue;
-            }
-            let after = queued_after.remove(&session.stamp).unwrap_or_default();
-            let (mut queued, flows) =
-                flows::replay(&session.queued, &after, |mid| messages.get(&mid));
-            queued.retain(|(_, message, _)| {
-                message.expires_unix_ms == 0 || message.expires_unix_ms > now_unix_ms
-            });
-            let will = wills.remove(&session.client_id).and_then(|(_, will)| will);
-            out.sessions.push(LoadedSession {
-                session,
-                queued,
-                flows,
-                will,
-            });
-        }
+        let picked = startup::pick(found);
+        out.sessions = picked.sessions;
+        out.expired = picked.expired;
         info!(
             "persistence: {} persistent sessions from {records} records of {} segments ({} expired while the broker was down) in {:?}",
             out.sessions.len(),
@@ -654,111 +537,6 @@ impl Store {
             started.elapsed()
         );
         Ok(out)
-    }
-
-    /// Writes each shard's sessions (`per_shard[k]`, placed by the caller)
-    /// into a new segment of `shard-<k>/`, makes them durable, then removes
-    /// every segment `loaded` read (so a crash at any point leaves every
-    /// session in some segment). Returns where each shard's journal goes on.
-    ///
-    /// # Errors
-    /// A segment that cannot be written (the caller may go on without
-    /// compaction: the old segments are still there).
-    pub fn compact_sessions(
-        &self,
-        loaded: &LoadedSessions,
-        per_shard: &mut [Vec<LoadedSession>],
-    ) -> Result<Vec<u64>, StoreError> {
-        let shards = u16::try_from(per_shard.len()).unwrap_or(u16::MAX);
-        let mut bases = Vec::with_capacity(per_shard.len());
-        for (k, sessions) in per_shard.iter_mut().enumerate() {
-            let dir = shard_dir(&self.dir, k);
-            let io = |path: &Path, source| StoreError::Io {
-                path: path.to_path_buf(),
-                source,
-            };
-            fs::create_dir_all(&dir).map_err(|e| io(&dir, e))?;
-            let base = loaded.next_base;
-            let mut data = Header {
-                version: frame::FORMAT_VERSION,
-                shard: u16::try_from(k).unwrap_or(u16::MAX),
-                shards,
-                base_lsn: base,
-            }
-            .encode()
-            .to_vec();
-            let mut written = ahash::AHashSet::new();
-            for loaded in sessions.iter_mut() {
-                let inflight = loaded.flows.inflight.iter().map(|f| (f.mid, &f.message));
-                let queued = loaded
-                    .queued
-                    .iter()
-                    .map(|(mid, message, _)| (*mid, message));
-                for (mid, message) in inflight.chain(queued) {
-                    if written.insert(mid) {
-                        let record = Record::Message(mid, message.clone());
-                        frame::append_record(&mut data, record.kind(), |out| {
-                            record.encode_body(out)
-                        });
-                    }
-                }
-                let mut image = loaded.session.clone();
-                image.alias = record::next_alias();
-                // In flight first, as a running image lists them.
-                image.queued = loaded
-                    .flows
-                    .inflight
-                    .iter()
-                    .map(|f| (f.mid, f.qos))
-                    .chain(loaded.queued.iter().map(|(mid, _, qos)| (*mid, *qos)))
-                    .collect();
-                let alias = image.alias;
-                loaded.session.alias = alias;
-                let record = Record::SessionImage(image);
-                frame::append_record(&mut data, record.kind(), |out| record.encode_body(out));
-                let will = loaded.will.clone().map(Record::Will);
-                for record in flows::loaded_tail(alias, &loaded.flows)
-                    .into_iter()
-                    .chain(will)
-                {
-                    frame::append_record(&mut data, record.kind(), |out| record.encode_body(out));
-                }
-            }
-            let path = journal::segment_path(&dir, base);
-            let tmp = path.with_extension("fml.tmp");
-            let mut file = File::create(&tmp).map_err(|e| io(&tmp, e))?;
-            file.write_all(&data)
-                .and_then(|()| file.sync_all())
-                .map_err(|e| io(&tmp, e))?;
-            fs::rename(&tmp, &path).map_err(|e| io(&path, e))?;
-            journal::sync_dir(&dir);
-            bases.push(base + data.len() as u64 + 1);
-        }
-        let kept: Vec<PathBuf> = (0..per_shard.len())
-            .map(|k| journal::segment_path(&shard_dir(&self.dir, k), loaded.next_base))
-            .collect();
-        for old in &loaded.segments {
-            if !kept.contains(old)
-                && let Err(e) = fs::remove_file(old)
-            {
-                warn!("persistence: cannot remove {}: {e}", old.display());
-            }
-        }
-        Ok(bases)
-    }
-}
-
-/// Keeps in `wills` the will record (`None`: a clear) with the highest
-/// stamp of client id `id`.
-fn latest_will(
-    wills: &mut ahash::AHashMap<bytestring::ByteString, (u64, Option<record::StoredWill>)>,
-    id: bytestring::ByteString,
-    stamp: u64,
-    will: Option<record::StoredWill>,
-) {
-    record::seen_stamp(stamp);
-    if wills.get(&id).is_none_or(|(held, _)| *held < stamp) {
-        wills.insert(id, (stamp, will));
     }
 }
 

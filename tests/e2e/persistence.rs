@@ -294,9 +294,11 @@ fn garbage_appended_to_every_file_starts_and_serves_what_is_valid() {
     );
 }
 
-/// Runs the broker binary with `args` and returns its stderr; it must fail.
+/// Runs the broker binary on 2 shards with `args` and returns its stderr;
+/// it must exit, non-zero, within `TIMEOUT` (killed, and the test failed,
+/// if it hangs).
 fn start_fails(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_fanmq"))
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fanmq"))
         .args([
             "--listen",
             "127.0.0.1:0",
@@ -309,10 +311,32 @@ fn start_fails(args: &[&str]) -> String {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
-        .output()
+        .spawn()
         .expect("run fanmq");
-    assert!(!out.status.success(), "started with {args:?}");
-    String::from_utf8_lossy(&out.stderr).into_owned()
+    let mut stderr = child.stderr.take().expect("piped stderr");
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut stderr, &mut text);
+        text
+    });
+    let deadline = Instant::now() + TIMEOUT;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "still starting after {TIMEOUT:?} with {args:?}:\n{}",
+                reader.join().unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let stderr = reader.join().unwrap_or_default();
+    assert!(!status.success(), "started with {args:?}:\n{stderr}");
+    stderr
 }
 
 #[test]
@@ -343,6 +367,76 @@ fn an_unusable_or_locked_directory_or_a_newer_format_is_a_clear_start_up_error()
     std::fs::write(store.join("FORMAT"), "fanmq-store 99\n").unwrap();
     let stderr = start_fails(&["--persistence-dir", store.to_str().unwrap()]);
     assert!(stderr.contains("newer fanmq"), "{stderr}");
+}
+
+/// A segment header of a format newer than this fanmq's
+/// (store::frame::Header: magic, version, shard, shards, pad, base LSN,
+/// CRC-32C of the 24 bytes before it, pad).
+fn newer_segment_header(shard: u16) -> Vec<u8> {
+    let mut out = b"FANMQLOG".to_vec();
+    out.extend_from_slice(&u16::MAX.to_le_bytes());
+    out.extend_from_slice(&shard.to_le_bytes());
+    out.extend_from_slice(&2u16.to_le_bytes());
+    out.extend_from_slice(&[0, 0]);
+    out.extend_from_slice(&0u64.to_le_bytes());
+    let crc = crc32c::crc32c(&out);
+    out.extend_from_slice(&crc.to_le_bytes());
+    out.extend_from_slice(&[0; 4]);
+    out
+}
+
+#[test]
+fn a_shard_directory_that_cannot_be_loaded_fails_the_start_clearly_and_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    // Sessions on both shards, so both directories have segments.
+    let broker = start(dir.path(), "");
+    for i in 0..8 {
+        let id = format!("damaged-{i}");
+        let (mut client, _) = persistent(broker.port, &id);
+        until_journalled(&mut client, &id);
+    }
+    kill_9(broker);
+
+    // Shard 1 finds a segment it must not read: shard 0, which waits for
+    // shard 1's sessions, must not hang, and the error names the file.
+    let shard_1 = dir.path().join("shard-1");
+    std::fs::write(
+        shard_1.join("log-ffffffffffff0000.fml"),
+        newer_segment_header(1),
+    )
+    .unwrap();
+    let stderr = start_fails(&["--persistence-dir", dir.path().to_str().unwrap()]);
+    assert!(
+        stderr.contains("newer fanmq") && stderr.contains("log-ffffffffffff0000.fml"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("did not start within"),
+        "an error, not the start-up timeout:\n{stderr}"
+    );
+    std::fs::remove_file(shard_1.join("log-ffffffffffff0000.fml")).unwrap();
+
+    // Shard 0's directory is a file: it reads nothing there, and cannot
+    // write its sessions into it.
+    let shard_0 = dir.path().join("shard-0");
+    std::fs::rename(&shard_0, dir.path().join("aside")).unwrap();
+    std::fs::write(&shard_0, b"not a directory").unwrap();
+    let stderr = start_fails(&["--persistence-dir", dir.path().to_str().unwrap()]);
+    assert!(stderr.contains("shard-0"), "{stderr}");
+    assert!(!stderr.contains("did not start within"), "{stderr}");
+
+    // Put right, the sessions are all there.
+    std::fs::remove_file(&shard_0).unwrap();
+    std::fs::rename(dir.path().join("aside"), &shard_0).unwrap();
+    let broker = start(dir.path(), "");
+    let loaded = broker
+        .wait_log(|l| l.contains("persistent sessions from"), TIMEOUT)
+        .expect("the start-up log");
+    assert!(
+        loaded.contains("persistence: 8 persistent sessions from"),
+        "{loaded}"
+    );
+    kill_9(broker);
 }
 
 /// Mounts a tmpfs of `size` on `dir`; false (with the reason printed) where
