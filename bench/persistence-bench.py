@@ -18,7 +18,9 @@ figure you report). Sections, chosen with --only (comma-separated):
               broker CPU-second, off / ack / interval, --rounds rounds
   restart     exec to first CONNACK, and the start-up log, after SIGTERM and
               after kill -9, with --restart-retained retained messages and
-              with --restart-sessions sessions holding --queued messages
+              with --restart-sessions sessions holding --queued messages;
+              with --restart-compare OTHER, the same session stores
+              restarted by the binary and OTHER in turn (--compare-shards)
   kill9       a persistent subscriber offline, --kill-n acknowledged QoS 1
               messages for it and --kill-n acknowledged retained messages,
               kill -9, restart: what was lost, for fanmq (ack, interval) and
@@ -334,7 +336,8 @@ def wait_shards_loaded(log_path, shards, t0, timeout=600):
 def persistence_lines(log_path):
     with open(log_path) as f:
         return [l.rstrip() for l in f if "persistence" in l and (
-            "loaded" in l or "restored" in l or "sessions from" in l or "messages from" in l)]
+            "loaded" in l or "restored" in l or "sessions from" in l or "messages from" in l
+            or "written again" in l)]
 
 
 def restart_time(args, build, what):
@@ -430,6 +433,67 @@ def restarts(args):
         persistent_subscribers(port, s, b"q/t")
         publish_many(port, q, lambda i: b"q/t", False, window=10)
     restart_time(args, build, f"{s} persistent sessions holding {q} queued QoS 1 messages each")
+
+
+def restart_compare(args):
+    """`--restart-compare OTHER`: one store per shard count (--compare-shards)
+    of --restart-sessions sessions holding --queued messages each, built by
+    the binary (argument 1) and stopped with SIGTERM; then, --rounds times,
+    the binary and OTHER each restart a fresh copy of it (their order
+    alternating by round): wall time from exec to every shard loaded, and
+    the broker's CPU-seconds by then, medians and per-round ratios."""
+    binaries = [args.binary, args.restart_compare]
+    s, q = args.restart_sessions, args.queued
+    for shards in [int(x) for x in args.compare_shards.split(",")]:
+        scratch = tempfile.mkdtemp(prefix="fanmq-persist-bench-", dir=args.dir)
+        try:
+            broker, port, store = start_broker(args.binary, shards, "interval", scratch)
+            try:
+                wait_ready(port)
+                persistent_subscribers(port, s, b"q/t")
+                publish_many(port, q, lambda i: b"q/t", False, window=10)
+            finally:
+                stop(broker)
+            size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(store)
+                       for f in fs)
+            print(f"restart of {s} persistent sessions holding {q} queued QoS 1 messages each, "
+                  f"{shards} shards, {size} bytes on disk, {args.rounds} rounds:")
+            figures = {b: [] for b in binaries}
+            for rnd in range(args.rounds):
+                for b in (binaries if rnd % 2 == 0 else binaries[::-1]):
+                    run_dir = tempfile.mkdtemp(prefix="fanmq-restart-", dir=args.dir)
+                    try:
+                        shutil.copytree(store, os.path.join(run_dir, "store"))
+                        log_path = os.path.join(run_dir, "restart.log")
+                        t0 = time.time()
+                        broker, port, _ = start_broker(b, shards, "interval", run_dir, log_path)
+                        try:
+                            wait_ready(port)
+                            loaded = wait_shards_loaded(log_path, shards, t0)
+                            cpu = cpu_seconds(broker.pid)
+                        finally:
+                            stop(broker)
+                        figures[b].append((loaded, cpu))
+                        print(f"    round {rnd + 1} {b}: every shard loaded {loaded:.2f} s, "
+                              f"broker CPU {cpu:.2f} s")
+                        if rnd == 0:
+                            for line in persistence_lines(log_path):
+                                if "retained" not in line:
+                                    print("        " + line)
+                    finally:
+                        shutil.rmtree(run_dir, ignore_errors=True)
+            for b in binaries:
+                print(f"  {b}: median load {median([f[0] for f in figures[b]]):.2f} s, "
+                      f"median CPU {median([f[1] for f in figures[b]]):.2f} s")
+            for i, what in [(0, "load wall"), (1, "CPU")]:
+                ratios = [x[i] / y[i] for x, y in zip(figures[binaries[0]], figures[binaries[1]])
+                          if y[i] > 0]
+                if not ratios:
+                    continue
+                print(f"  {what} {binaries[0]} / {binaries[1]} per round: "
+                      + " / ".join(f"{r:.2f}" for r in ratios) + f", median {median(ratios):.2f}")
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
 def mosquitto_start(binary, scratch, port):
@@ -564,6 +628,11 @@ def main():
     ap.add_argument("--queued", type=int, default=100)
     ap.add_argument("--kill-n", type=int, default=1000)
     ap.add_argument("--mosquitto", default="/usr/sbin/mosquitto")
+    ap.add_argument("--restart-compare", default=None, metavar="OTHER",
+                    help="with --only restart: restart the same session stores with the "
+                         "binary and OTHER, alternating (restart_compare)")
+    ap.add_argument("--compare-shards", default="1,2",
+                    help="comma-separated shard counts for --restart-compare")
     args = ap.parse_args()
     only = args.only.split(",")
     global BROKER_CPUS
@@ -575,7 +644,10 @@ def main():
     if "fanout" in only:
         fanout_cpu(args)
     if "restart" in only:
-        restarts(args)
+        if args.restart_compare:
+            restart_compare(args)
+        else:
+            restarts(args)
     if "kill9" in only:
         kill9(args)
 
