@@ -594,6 +594,7 @@ async fn load_sessions(
         }
     }
     watch.step();
+    let handed_in = started.elapsed();
     let mut picked = startup::pick(mine);
     let (path, base) = startup::write_compacted(
         &persisted.store,
@@ -604,11 +605,11 @@ async fn load_sessions(
     )
     .map_err(store_error)?;
     info!(
-        "shard {id}: persistence: read {} records of {} segments in {read_in:?}; {} persistent sessions are this shard's, written again in {:?}",
+        "shard {id}: persistence: read {} records of {} segments in {read_in:?}, had the other shards' sessions after {handed_in:?}; {} persistent sessions are this shard's, written again in {:?}",
         part.records,
         part.read.len(),
         picked.sessions.len(),
-        started.elapsed().saturating_sub(read_in)
+        started.elapsed().saturating_sub(handed_in)
     );
     part.written = Some(path);
     part.sessions = picked.sessions.len();
