@@ -800,14 +800,12 @@ fn load_persisted(
         tasks.push(glommio::spawn_local(journal::commit_loop(journal, shutdown.clone())).detach());
     }
     shard.store_failing = Some(state.failing.clone());
-    let live: Vec<_> = state
+    // Expired ones are left out.
+    let live = state
         .retained
         .iter()
-        .filter_map(|(stamp, stored)| Some((stored.to_message(*stamp, started, unix_now)?, stored)))
-        .collect();
-    for (message, _) in &live {
-        shard.retained.apply(message);
-    }
+        .filter_map(|(stamp, stored)| stored.to_message(*stamp, started, unix_now));
+    shard.retained.restore(live);
     let commit = (ctx.id == 0).then(|| {
         let journal = Rc::new(Journal::new(
             &state.dir,

