@@ -437,27 +437,33 @@ def restarts(args):
 
 def restart_compare(args):
     """`--restart-compare OTHER`: one store per shard count (--compare-shards)
-    of --restart-sessions sessions holding --queued messages each, built by
+    of --restart-sessions sessions holding --queued messages each (or, with
+    --compare-what retained, of --restart-retained retained messages), built by
     the binary (argument 1) and stopped with SIGTERM; then, --rounds times,
     the binary and OTHER each restart a fresh copy of it (their order
     alternating by round): wall time from exec to every shard loaded, and
     the broker's CPU-seconds by then, medians and per-round ratios."""
     binaries = [args.binary, args.restart_compare]
-    s, q = args.restart_sessions, args.queued
+    s, q, n = args.restart_sessions, args.queued, args.restart_retained
     for shards in [int(x) for x in args.compare_shards.split(",")]:
         scratch = tempfile.mkdtemp(prefix="fanmq-persist-bench-", dir=args.dir)
         try:
             broker, port, store = start_broker(args.binary, shards, "interval", scratch)
             try:
                 wait_ready(port)
-                persistent_subscribers(port, s, b"q/t")
-                publish_many(port, q, lambda i: b"q/t", False, window=10)
+                if args.compare_what == "retained":
+                    publish_many(port, n, lambda i: b"r/%d" % i, True)
+                    what = f"{n} retained messages (64-byte payloads)"
+                else:
+                    persistent_subscribers(port, s, b"q/t")
+                    publish_many(port, q, lambda i: b"q/t", False, window=10)
+                    what = f"{s} persistent sessions holding {q} queued QoS 1 messages each"
             finally:
                 stop(broker)
             size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(store)
                        for f in fs)
-            print(f"restart of {s} persistent sessions holding {q} queued QoS 1 messages each, "
-                  f"{shards} shards, {size} bytes on disk, {args.rounds} rounds:")
+            print(f"restart of {what}, {shards} shards, {size} bytes on disk, "
+                  f"{args.rounds} rounds:")
             figures = {b: [] for b in binaries}
             for rnd in range(args.rounds):
                 for b in (binaries if rnd % 2 == 0 else binaries[::-1]):
@@ -633,6 +639,8 @@ def main():
                          "binary and OTHER, alternating (restart_compare)")
     ap.add_argument("--compare-shards", default="1,2",
                     help="comma-separated shard counts for --restart-compare")
+    ap.add_argument("--compare-what", default="sessions", choices=["sessions", "retained"],
+                    help="the store --restart-compare restarts")
     args = ap.parse_args()
     only = args.only.split(",")
     global BROKER_CPUS

@@ -620,7 +620,7 @@ async fn load_sessions(
 }
 
 /// One shard, from joining the mesh to the end of its shutdown.
-async fn run_shard(setup: ShardSetup) -> Result<(), ShardError> {
+async fn run_shard(mut setup: ShardSetup) -> Result<(), ShardError> {
     let nr_shards = setup.pinned.len();
     let watch = setup.watch.clone();
     // Declared before the meshes, so dropped after them: a peer waiting on
@@ -638,7 +638,14 @@ async fn run_shard(setup: ShardSetup) -> Result<(), ShardError> {
         Ok(joined) => joined,
         Err(e) => return Err(watch.fail(id, ShardError::Mesh(e))),
     };
-    let sessions = match &setup.persisted {
+    // Pinned before the load, so what it allocates is the shard's own
+    // memory (first touch on its NUMA node).
+    let cpu = setup.pinned[id];
+    if !core_affinity::set_for_current(core_affinity::CoreId { id: cpu }) {
+        warn!("shard {id}: cannot pin to CPU {cpu}");
+    }
+    let persisted = setup.persisted.take();
+    let sessions = match &persisted {
         Some(persisted) => {
             match load_sessions(id, nr_shards, persisted, &load_mesh, &watch).await {
                 Ok(loaded) => Some(loaded),
@@ -648,10 +655,6 @@ async fn run_shard(setup: ShardSetup) -> Result<(), ShardError> {
         None => None,
     };
     drop(load_mesh);
-    let cpu = setup.pinned[id];
-    if !core_affinity::set_for_current(core_affinity::CoreId { id: cpu }) {
-        warn!("shard {id}: cannot pin to CPU {cpu}");
-    }
     let (poller, from_watcher) = match Poller::start(id, Some(cpu)) {
         Ok(started) => started,
         Err(source) => return Err(watch.fail(id, ShardError::Poller { shard: id, source })),
@@ -671,11 +674,13 @@ async fn run_shard(setup: ShardSetup) -> Result<(), ShardError> {
     // The journals stop after the connections have ended, so that what
     // their ends journal (images, wills cleared) is written.
     let store_stop = Arc::new(AtomicBool::new(false));
-    let commit = setup
-        .persisted
+    let commit = persisted
         .as_ref()
         .map(|state| load_persisted(&ctx, &setup.config, state, sessions, &store_stop))
         .unwrap_or_default();
+    // Every replica holds the retained messages now: the loaded list goes
+    // with the last shard's reference, not at exit.
+    drop(persisted);
     glommio::spawn_local(park::receive_ready(ctx.clone(), from_watcher)).detach();
     glommio::spawn_local(park::Unparker::new(ctx.clone())).detach();
     {
