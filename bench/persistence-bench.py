@@ -484,7 +484,7 @@ def restart_compare(args):
                               f"broker CPU {cpu:.2f} s")
                         if rnd == 0:
                             for line in persistence_lines(log_path):
-                                if "retained" not in line:
+                                if args.compare_what == "retained" or "retained" not in line:
                                     print("        " + line)
                     finally:
                         shutil.rmtree(run_dir, ignore_errors=True)
