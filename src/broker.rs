@@ -131,9 +131,9 @@ pub enum ShardError {
     /// above it).
     #[error("a shard panicked while it started")]
     Panicked,
-    /// This shard failed to start; `start` reports why.
-    #[error("shard {0} did not start")]
-    NotStarted(usize),
+    /// This shard failed to start; [`start`] reports why.
+    #[error("the shard did not start (the start-up error says why)")]
+    NotStarted,
 }
 
 /// A running broker.
@@ -484,11 +484,11 @@ impl StartWatch {
         self.progress.fetch_add(1, Ordering::SeqCst);
     }
 
-    /// Records why shard `shard` cannot start; the error to return from it.
-    fn fail(&self, shard: usize, error: ShardError) -> ShardError {
+    /// Records why a shard cannot start; the error to return from it.
+    fn fail(&self, error: ShardError) -> ShardError {
         warn!("{error}");
         self.lock().push(error);
-        ShardError::NotStarted(shard)
+        ShardError::NotStarted
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<ShardError>> {
@@ -631,12 +631,12 @@ async fn run_shard(mut setup: ShardSetup) -> Result<(), ShardError> {
     };
     let (senders, receivers) = match setup.mesh.join().await {
         Ok(joined) => joined,
-        Err(e) => return Err(watch.fail(usize::MAX, ShardError::Mesh(e))),
+        Err(e) => return Err(watch.fail(ShardError::Mesh(e))),
     };
     let id = senders.peer_id();
     let load_mesh = match setup.load_mesh.join().await {
         Ok(joined) => joined,
-        Err(e) => return Err(watch.fail(id, ShardError::Mesh(e))),
+        Err(e) => return Err(watch.fail(ShardError::Mesh(e))),
     };
     // Pinned before the load, so what it allocates is the shard's own
     // memory (first touch on its NUMA node).
@@ -649,7 +649,7 @@ async fn run_shard(mut setup: ShardSetup) -> Result<(), ShardError> {
         Some(persisted) => {
             match load_sessions(id, nr_shards, persisted, &load_mesh, &watch).await {
                 Ok(loaded) => Some(loaded),
-                Err(e) => return Err(watch.fail(id, e)),
+                Err(e) => return Err(watch.fail(e)),
             }
         }
         None => None,
@@ -657,7 +657,7 @@ async fn run_shard(mut setup: ShardSetup) -> Result<(), ShardError> {
     drop(load_mesh);
     let (poller, from_watcher) = match Poller::start(id, Some(cpu)) {
         Ok(started) => started,
-        Err(source) => return Err(watch.fail(id, ShardError::Poller { shard: id, source })),
+        Err(source) => return Err(watch.fail(ShardError::Poller { shard: id, source })),
     };
     let ctx = Ctx {
         shard: Rc::new(RefCell::new(Shard::new(
@@ -849,7 +849,7 @@ mod tests {
     fn a_shard_that_panics_while_starting_is_recorded_and_its_cause_comes_first() {
         let watch = Arc::new(StartWatch::default());
         // A peer that saw it stop records its part first.
-        let _ = watch.fail(0, ShardError::PeerStopped { shard: 0, peer: 1 });
+        let _ = watch.fail(ShardError::PeerStopped { shard: 0, peer: 1 });
         let panicking = {
             let watch = watch.clone();
             std::thread::spawn(move || {

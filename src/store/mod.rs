@@ -486,7 +486,7 @@ pub struct LoadedSession {
 
 /// The persistent sessions found in every shard's journal, read one
 /// directory after the other ([`Store::load_sessions`], the tests' whole
-/// view of a store; the broker loads per shard, [`startup`]).
+/// view of a store; at start-up each shard loads its own, [`startup`]).
 #[cfg(test)]
 #[derive(Debug, Default)]
 pub struct LoadedSessions {
