@@ -22,6 +22,10 @@
 #
 # Usage: bench/cluster-fanout.sh [NODES] [SUBS] [MSGS] [SINGLE_SUBS]
 #   defaults: 6 nodes, 90000 subscribers, 200 messages, 15000 (one node).
+# PROFILE_DIR=DIR records a `perf record -g` profile of the second node (one
+# that receives from NATS) over the cluster run and of the single node over
+# its run, as DIR/receiving-node.perf.data and DIR/single-node.perf.data
+# (`perf report -i FILE`; needs perf and kernel.perf_event_paranoid <= 1).
 # BROKER_CPUS and CLIENT_CPUS (taskset lists, e.g. 0 and 1) pin the nodes
 # and nats-server, and the bench; FANMQ picks another fanmq binary (a
 # before/after comparison alternates runs of the script with each).
@@ -63,6 +67,23 @@ wait_port() {
     exit 1
 }
 hz=$(getconf CLK_TCK)
+
+# With PROFILE_DIR, starts `perf record` on pid $1 into PROFILE_DIR/$2.perf.data
+# and sets `perf_pid`; stop_profile ends it (SIGINT: perf writes its file).
+perf_pid=""
+start_profile() {
+    [ -n "${PROFILE_DIR:-}" ] || return 0
+    mkdir -p "$PROFILE_DIR"
+    timeout "$limit" perf record -q -g -e cpu-clock -p "$1" -o "$PROFILE_DIR/$2.perf.data" >/dev/null 2>&1 &
+    perf_pid=$!
+    pids+=("$perf_pid")
+}
+stop_profile() {
+    [ -n "$perf_pid" ] || return 0
+    kill -INT "$perf_pid" 2>/dev/null || true
+    wait "$perf_pid" 2>/dev/null || true
+    perf_pid=""
+}
 
 for f in "$fanmq" "$bench" "$nats"; do
     [ -x "$f" ] || { echo "missing $f (cargo build --release --workspace; nats-server)" >&2; exit 1; }
@@ -106,11 +127,13 @@ single_stem="fanout-cluster-single-${single_subs}"
 n0=$(ticks "$nats_pid")
 node_ticks0=()
 for pid in "${pid_list[@]}"; do node_ticks0+=("$(ticks "$pid")"); done
+start_profile "${pid_list[1]:-${pid_list[0]}}" receiving-node
 timeout "$limit" "${client_pin[@]}" "$bench" fanout --subs "$subs" "${bench_flags[@]}" \
     --nodes "$(join "${node_list[@]}")" --broker-pid "$(join "${pid_list[@]}")" \
     --stats-url "$(join "${url_list[@]}")" --wait-subscribers "$subs" \
     --label "fanmq-${nodes}-nodes" --out "$out_dir/$cluster_stem.json"
 n1=$(ticks "$nats_pid")
+stop_profile
 # Each node's CPU over the run (s): the publisher's node also reads the
 # publisher and sends to NATS, the others only receive and fan out.
 node_cpu=()
@@ -124,9 +147,11 @@ for pid in "${pid_list[@]}" "$nats_pid"; do kill "$pid" 2>/dev/null || true; don
 port=$(free_port); http=$(free_port)
 start_node single "$port" "$http"
 single_pid=$node_pid
+start_profile "$single_pid" single-node
 timeout "$limit" "${client_pin[@]}" "$bench" fanout --subs "$single_subs" "${bench_flags[@]}" \
     --nodes "127.0.0.1:$port" --broker-pid "$single_pid" --label "fanmq-1-node" \
     --out "$out_dir/$single_stem.json"
+stop_profile
 
 python3 - "$out_dir" "$cluster_stem" "$single_stem" "$nodes" "$msgs" "$hz" "$n0" "$n1" "$*" "$(join "${node_cpu[@]}")" <<'EOF'
 import json, sys
