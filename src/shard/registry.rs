@@ -991,6 +991,89 @@ mod tests {
         assert!(shard.registry.attaching.is_empty());
     }
 
+    /// A message kept for a session that is attaching carries what its
+    /// subscriptions give a connected MQTT 5.0 session's copy: the
+    /// Subscription Identifiers of every matching subscription, RETAIN as
+    /// published where one has Retain As Published, the granted QoS.
+    #[test]
+    fn a_message_kept_for_an_attaching_session_carries_its_subscription_options() {
+        use std::num::NonZeroU32;
+
+        use crate::protocol::v5::{Property, RetainHandling, SubscriptionOptions};
+        use crate::router::SharedFilter;
+
+        let mut shard = shard();
+        let _other = connect(&mut shard, "other", true, "m/#");
+        let mut session = Session::new(ByteString::from("moving"), false, SessionState::default());
+        for (filter, retain_as_published, identifier) in [("m/#", true, 7), ("m/+", false, 9)] {
+            let options = SubscriptionOptions {
+                qos: QoS::AtLeastOnce,
+                no_local: false,
+                retain_as_published,
+                retain_handling: RetainHandling::SendAtSubscribe,
+            };
+            session.subscribe(SharedFilter::from(filter), QoS::AtLeastOnce);
+            session.set_subscription_options(
+                SharedFilter::from(filter),
+                &options,
+                NonZeroU32::new(identifier),
+            );
+        }
+        // One plain subscription that matches nothing below.
+        session.subscribe(SharedFilter::from("other/#"), QoS::ExactlyOnce);
+        let image = crate::shard::cluster::encode_image("moving", &session.state, 1 << 20);
+        pending(&mut shard, "moving", 70);
+        shard.claim_answered(70, None);
+        shard.cluster_claim_answered(70, ClaimAnswer::Granted(Some(image.into())));
+        // From another node on the smallest matching filter, and from here;
+        // both retained, at QoS 2 (granted 1).
+        let retained = |topic: &str, payload: &'static str| {
+            let mut m = qos1(topic, payload);
+            m.qos = QoS::ExactlyOnce;
+            m.retain = true;
+            m
+        };
+        shard.route_from_cluster(Some("m/#"), &[retained("m/1", "node")]);
+        shard.route(&retained("m/a/b", "local"));
+        let Some(Outcome::Granted(Some(state))) = &shard.registry.claims[&70].outcome else {
+            panic!("the claim holds the state");
+        };
+        let kept: Vec<_> = state
+            .flows
+            .as_ref()
+            .map(|f| f.pending.iter().collect())
+            .unwrap_or_default();
+        let identifiers = |m: &Message| -> Vec<u32> {
+            m.properties
+                .iter()
+                .flat_map(|p| p.forwarded.iter())
+                .filter_map(|p| match p {
+                    Property::SubscriptionIdentifier(id) => Some(id.get()),
+                    _ => None,
+                })
+                .collect()
+        };
+        assert_eq!(kept.len(), 2);
+        // m/1 matches m/# and m/+: both identifiers, RETAIN as published.
+        assert_eq!(identifiers(kept[0]), [7, 9]);
+        assert!(kept[0].retain);
+        assert_eq!(kept[0].qos, QoS::AtLeastOnce);
+        // m/a/b matches m/# alone.
+        assert_eq!(identifiers(kept[1]), [7]);
+        assert!(kept[1].retain);
+        assert_eq!(kept[1].qos, QoS::AtLeastOnce);
+        // A subscription without options: RETAIN cleared, no identifier,
+        // the message's QoS below the one granted.
+        let mut state = state.clone();
+        let mut plain = retained("other/x", "plain");
+        plain.qos = QoS::AtLeastOnce;
+        let kept = state.keep(&plain, QoS::ExactlyOnce, &shard.limits);
+        assert_eq!(kept, crate::session::Delivery::Pending);
+        let last = state.flows.as_ref().and_then(|f| f.pending.back());
+        assert!(last.is_some_and(|m| !m.retain && identifiers(m).is_empty()));
+        assert!(last.is_some_and(|m| m.qos == QoS::AtLeastOnce));
+    }
+
     /// The cluster's answer comes after a take-over superseded the claim
     /// (dropped: the state went on with the take-over), or says it could
     /// not decide (the claim keeps what the node held, and is not
