@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ahash::AHashMap;
 use bytestring::ByteString;
@@ -123,6 +123,12 @@ pub struct ClaimRequest {
     /// The node's claim token there (the session's `claim`). The answer
     /// goes to that shard's queue as [`ToShard::Claimed`].
     pub token: u64,
+    /// When the bridge stops working on the claim and answers
+    /// [`ClaimAnswer::Unavailable`]: every KV call and the wait on the
+    /// previous owner are cut off there, so that the answer reaches the
+    /// shard while its connection still waits (the shard sets it from the
+    /// start of the CONNECT's claim: one deadline for the whole claim).
+    pub deadline: Instant,
 }
 
 /// The bridge's answer to a [`ClaimRequest`].
@@ -286,13 +292,21 @@ impl ClusterLink {
 
     /// Asks the bridge for `client_id` in the cluster for claim `token` of
     /// this shard; the answer comes in the shard's queue
-    /// ([`ToShard::Claimed`]). False: the bridge is gone, no answer comes.
-    pub fn claim(&self, client_id: &str, clean_session: bool, token: u64) -> bool {
+    /// ([`ToShard::Claimed`]) before `deadline` ([`ClaimRequest::deadline`]).
+    /// False: the bridge is gone, no answer comes.
+    pub fn claim(
+        &self,
+        client_id: &str,
+        clean_session: bool,
+        token: u64,
+        deadline: Instant,
+    ) -> bool {
         let request = Control::Claim(ClaimRequest {
             client_id: ByteString::from(client_id),
             clean_session,
             shard: self.shard,
             token,
+            deadline,
         });
         let sent = self.ends.interest.try_send(request).is_ok();
         if !sent {

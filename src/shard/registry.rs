@@ -26,13 +26,14 @@
 
 use std::future::poll_fn;
 use std::task::{Poll, Waker};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ahash::AHashMap;
 use bytestring::ByteString;
 use log::debug;
 
 use crate::cluster::link::ClaimAnswer;
+use crate::cluster::ownership::CLAIM_DEADLINE;
 use crate::mesh::ShardMsg;
 use crate::protocol::message::Message;
 use crate::protocol::v3::QoS;
@@ -42,9 +43,15 @@ use crate::session::{Session, SessionState};
 use crate::shard::cluster::{copy_qos, decode_image};
 use crate::shard::{Ctx, Shard};
 
-/// How long a CONNECT waits for its claim to be answered before the
-/// connection is closed (the other shards are stuck or shutting down).
+/// How long a CONNECT waits for its whole claim to be answered, by the
+/// node's shards and in a cluster by the bridge (one deadline for both),
+/// before it is refused as server unavailable (the other shards are stuck
+/// or shutting down, or the cluster did not answer).
 pub const CLAIM_TIMEOUT: Duration = Duration::from_secs(10);
+
+// The bridge answers a claim by its deadline, `CLAIM_DEADLINE` after the
+// claim started, so the answer arrives while the connection still waits.
+const _: () = assert!(CLAIM_DEADLINE.as_millis() < CLAIM_TIMEOUT.as_millis());
 
 /// Errors of a claim.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -52,7 +59,7 @@ pub enum RegistryError {
     /// A later CONNECT with the same client id won while this one waited.
     #[error("a newer connection took over the client id")]
     Superseded,
-    /// No answer in time.
+    /// No answer in time: CONNACK 0x03 Server unavailable.
     #[error("no answer from the client id's home shard in time")]
     TimedOut,
     /// The cluster could not say who owns the id (the owning node did not
@@ -162,15 +169,22 @@ pub fn home_shard(client_id: &str, nr_shards: usize) -> usize {
 /// (docs/design/cluster.md §9): another node holding the id hands its
 /// state over, which then replaces any state held here.
 ///
+/// One deadline, [`CLAIM_TIMEOUT`] from now, covers the node's answer and
+/// the cluster's: the bridge is asked to answer by [`CLAIM_DEADLINE`] from
+/// now (its KV calls and its wait on another node cut off there), so its
+/// answer, "unavailable" at worst, comes before the connection gives up.
+///
 /// # Errors
 /// [`RegistryError::Superseded`] when a later connection took the id first,
-/// [`RegistryError::TimedOut`] when no answer came in [`CLAIM_TIMEOUT`],
-/// [`RegistryError::ClusterUnavailable`] when the cluster could not decide.
+/// [`RegistryError::TimedOut`] when the node did not answer in
+/// [`CLAIM_TIMEOUT`], [`RegistryError::ClusterUnavailable`] when the
+/// cluster could not decide, or did not answer by then.
 pub async fn claim(
     ctx: &Ctx,
     client_id: ByteString,
     clean_session: bool,
 ) -> Result<(u64, Option<SessionState>), RegistryError> {
+    let started = Instant::now();
     let in_cluster = ctx.shard.borrow().cluster.is_some();
     let token = claim_on_node(ctx, client_id.clone(), clean_session).await?;
     if !in_cluster {
@@ -186,7 +200,7 @@ pub async fn claim(
     // the shard's queue (`Shard::cluster_claim_answered`), so what the
     // bridge sends after the grant finds it granted, with its state.
     let asked = match &ctx.shard.borrow().cluster {
-        Some(link) => link.claim(&client_id, clean_session, token),
+        Some(link) => link.claim(&client_id, clean_session, token, started + CLAIM_DEADLINE),
         None => return Err(RegistryError::ClusterUnavailable),
     };
     let answered = if asked {
@@ -203,7 +217,8 @@ pub async fn claim(
                 _ => Poll::Ready(()),
             }
         });
-        glommio::timer::timeout(CLAIM_TIMEOUT, async {
+        let left = (started + CLAIM_TIMEOUT).saturating_duration_since(Instant::now());
+        glommio::timer::timeout(left, async {
             wait.await;
             Ok(())
         })
