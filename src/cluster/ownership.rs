@@ -40,7 +40,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::cluster::ClusterError;
 use crate::cluster::bridge::{Bridge, Shared, open_bucket};
-use crate::cluster::link::{ClaimAnswer, ClaimRequest, HandOver, ToShard};
+use crate::cluster::link::{ClaimAnswer, ClaimRequest, HandOver, Ticket, ToShard};
 use crate::cluster::retained;
 use crate::config::cluster::PartitionMode;
 
@@ -865,12 +865,14 @@ async fn hand_over(bridge: Shared, request: TakeoverRequest, reply: async_nats::
         )
     };
     let (answer, answered) = async_channel::bounded(1);
+    let ticket = Ticket::new();
     let image = match queue {
         Some(queue) => {
             let asked = ToShard::Takeover {
                 client_id: client_id.clone(),
                 clean_session: request.clean,
                 answer,
+                ticket: ticket.clone(),
             };
             let wait = async {
                 // A grant of the id to this node still on its way to the
@@ -883,11 +885,24 @@ async fn hand_over(bridge: Shared, request: TakeoverRequest, reply: async_nats::
                 answered.recv().await.ok()
             };
             // A shard bounds its answer below SHARD_ANSWER; one stuck past
-            // it (its thread blocked) has not ended the session either.
+            // it (its thread blocked) has not ended the session either, and
+            // keeps it if it gets that far later (the ticket): the claim
+            // that holds it then is learnt from its late answer.
             match tokio::time::timeout(SHARD_ANSWER, wait).await {
                 Ok(Some(answer)) => answer,
                 Ok(None) => HandOver::Moved(None),
-                Err(_) => HandOver::Unavailable { token: 0 },
+                Err(_) if ticket.give_up() => {
+                    let late =
+                        late_answer(bridge.clone(), client_id.clone(), owned, shard, answered);
+                    tokio::task::spawn_local(late);
+                    HandOver::Unavailable { token: 0 }
+                }
+                // The shard answered just now: its answer is in the queue,
+                // or about to be (sent right after the ticket moved).
+                Err(_) => answered
+                    .recv()
+                    .await
+                    .unwrap_or(HandOver::Unavailable { token: 0 }),
             }
         }
         None => HandOver::Moved(None),
@@ -928,6 +943,30 @@ async fn hand_over(bridge: Shared, request: TakeoverRequest, reply: async_nats::
     let payload = image.unwrap_or_default();
     if let Err(e) = client.publish(reply, payload).await {
         debug!("cluster: take-over answer for {client_id:?} not sent: {e}");
+    }
+}
+
+/// The answer of a shard that the bridge gave up waiting for (its ticket
+/// says so, so the shard keeps the session): the claim that holds the
+/// session on `shard`, which the node's ownership of `client_id` is moved
+/// to if it is still the one `owned` from before the request (so that the
+/// session's end deletes the record, and its subscriptions are written).
+async fn late_answer(
+    bridge: Shared,
+    client_id: ByteString,
+    owned: Option<Owned>,
+    shard: usize,
+    answered: async_channel::Receiver<HandOver>,
+) {
+    let Ok(HandOver::Unavailable { token }) = answered.recv().await else {
+        return;
+    };
+    let mut b = bridge.borrow_mut();
+    if let Some(o) = b.owned.get_mut(&client_id)
+        && token != 0
+        && Some(*o) == owned
+    {
+        (o.shard, o.token) = (shard, token);
     }
 }
 
@@ -1010,6 +1049,8 @@ fn drop_here(b: &mut Bridge, client_id: &ByteString, shard: usize) {
         client_id: client_id.clone(),
         clean_session: true,
         answer,
+        // Nobody waits for the answer, and the session is to end anyway.
+        ticket: Ticket::new(),
     };
     if queue.try_send(dropped).is_err() {
         debug!("cluster: {client_id:?} not dropped: the shard's queue is full");

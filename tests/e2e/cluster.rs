@@ -1330,7 +1330,12 @@ fn a_claim_whose_nats_server_stops_answering_is_refused_by_its_deadline() {
     }
     let _resume = Resume(&nats);
     let (refused, connack) = raw_persistent(a.port, "stuck");
-    assert_eq!(connack, [0x20, 2, 0, 3], "0x03 Server unavailable");
+    assert_eq!(
+        connack,
+        [0x20, 2, 0, 3],
+        "0x03 Server unavailable\n{}",
+        a.log_text()
+    );
     // The bridge's answer made that CONNACK (counted before it is sent).
     let cluster = get_json(&a, "/api/v1/cluster");
     assert_eq!(cluster["claims_unavailable"], 1, "{cluster}");
