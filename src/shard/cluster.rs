@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use ahash::AHashMap;
 use bytestring::ByteString;
 
-use crate::cluster::link::{HandOver, Outgoing, ToShard};
+use crate::cluster::link::{HandOver, Outgoing, Ticket, ToShard};
 use crate::cluster::ownership::MAX_SUBSCRIPTIONS_RECORD;
 use crate::protocol::message::{Encoded, Message};
 use crate::protocol::topic;
@@ -170,7 +170,8 @@ pub async fn receive_from_bridge(ctx: Ctx, from_bridge: async_channel::Receiver<
                         client_id,
                         clean_session,
                         answer,
-                    } => takeovers.push((client_id, clean_session, answer)),
+                        ticket,
+                    } => takeovers.push((client_id, clean_session, answer, ticket)),
                 }
                 handled += 1;
                 if handled < DRAIN_PER_TURN {
@@ -181,8 +182,9 @@ pub async fn receive_from_bridge(ctx: Ctx, from_bridge: async_channel::Receiver<
         }
         // Spawned with the shard unborrowed (glommio may run them at once),
         // after what was routed before them went out.
-        for (client_id, clean_session, answer) in takeovers {
-            glommio::spawn_local(hand_over(ctx.clone(), client_id, clean_session, answer)).detach();
+        for (client_id, clean_session, answer, ticket) in takeovers {
+            let asked = hand_over(ctx.clone(), client_id, clean_session, answer, ticket);
+            glommio::spawn_local(asked).detach();
         }
         glommio::yield_if_needed().await;
     }
@@ -212,12 +214,15 @@ const HAND_OVER_WAIT: Duration = Duration::from_millis(1500);
 /// disk stalls) the answer is [`HandOver::Unavailable`]: a session that
 /// was to move stays here, journalled again after its drop, and the other
 /// node refuses the CONNECT; so a `kill -9` of this node cannot bring back
-/// a session that lives on, or ended, elsewhere.
+/// a session that lives on, or ended, elsewhere. The session goes only if
+/// the bridge still waits for the answer (`ticket`,
+/// [`Shard::hand_over_if_awaited`]).
 async fn hand_over(
     ctx: Ctx,
     client_id: ByteString,
     clean_session: bool,
     answer: async_channel::Sender<HandOver>,
+    ticket: Ticket,
 ) {
     let deadline = Instant::now() + HAND_OVER_WAIT;
     let claimed =
@@ -252,9 +257,12 @@ async fn hand_over(
             return;
         }
     }
-    let image = ctx.shard.borrow_mut().handed(&client_id, token, state);
+    let answered = ctx
+        .shard
+        .borrow_mut()
+        .hand_over_if_awaited(&client_id, token, state, &ticket);
     ctx.send_outbox();
-    let _ = answer.try_send(HandOver::Moved(image));
+    let _ = answer.try_send(answered);
 }
 
 impl Shard {
@@ -294,6 +302,30 @@ impl Shard {
         self.release(client_id, token);
         self.stats.cluster_taken_over += 1;
         image
+    }
+
+    /// The take-over of [`Shard::hand_over_claimed`] ends, its end durable:
+    /// [`Shard::handed`] if the bridge still waits for the answer
+    /// ([`Ticket::answer`]); if it gave up meanwhile (this shard was slower
+    /// than its `SHARD_ANSWER`), nobody would receive the state, so the
+    /// session stays here ([`Shard::keep_handed`]) and the answer, which
+    /// the bridge may still read to learn the claim that holds it, is
+    /// [`HandOver::Unavailable`].
+    pub fn hand_over_if_awaited(
+        &mut self,
+        client_id: &str,
+        token: u64,
+        state: Option<SessionState>,
+        ticket: &Ticket,
+    ) -> HandOver {
+        if ticket.answer() {
+            return HandOver::Moved(self.handed(client_id, token, state));
+        }
+        log::warn!(
+            "cluster: take-over of {client_id:?} by another node given up by the bridge before this shard answered: the session stays"
+        );
+        self.keep_handed(client_id, token, state);
+        HandOver::Unavailable { token }
     }
 
     /// The take-over of [`Shard::hand_over_claimed`] is refused: `state`
@@ -843,6 +875,52 @@ mod tests {
             ));
         }
         assert!(subscriptions_image("p", &many).is_none());
+    }
+
+    /// A take-over by another node whose bridge stopped waiting before the
+    /// shard got to hand the session over ([`Ticket::give_up`]) keeps the
+    /// session here, with its subscriptions and queue, under the take-over's
+    /// claim; one the bridge still waits for hands it over and releases it.
+    #[test]
+    fn a_hand_over_the_bridge_gave_up_on_keeps_the_session_here() {
+        let mut shard = testing::shard();
+        for (id, given_up) in [("kept", true), ("moved", false)] {
+            // A persistent session of `id`, offline, one message queued.
+            shard.home_claim(ByteString::from(id), 0, u64::MAX, false);
+            let mut session = Session::new(ByteString::from(id), false, SessionState::default());
+            session.claim = u64::MAX;
+            session.subscribe(SharedFilter::from("a/+"), QoS::AtLeastOnce);
+            let flows = session.state.flows.get_or_insert_with(Box::default);
+            flows.pending.push_back(message("a/b", b"queued"));
+            shard.insert_session(session);
+            // Another node's take-over claims it here.
+            let token = shard.start_claim(ByteString::from(id), false);
+            let (state, _) = shard.hand_over_claimed(id, token);
+            assert!(state.is_some(), "{id}: the claim took the state");
+            assert!(shard.session_key(id).is_none());
+            let ticket = Ticket::new();
+            if given_up {
+                assert!(ticket.give_up());
+            }
+            let answer = shard.hand_over_if_awaited(id, token, state, &ticket);
+            let here = shard
+                .session_key(id)
+                .map(|key| &shard.sessions[key as usize]);
+            if given_up {
+                assert_eq!(answer, HandOver::Unavailable { token });
+                let here = here.expect("kept here");
+                assert_eq!(here.claim, token, "as the take-over's claim");
+                assert_eq!(&*here.state.subscriptions[0].0, "a/+");
+                assert_eq!(here.state.flows.as_ref().map(|f| f.pending.len()), Some(1));
+            } else {
+                let HandOver::Moved(Some(image)) = answer else {
+                    panic!("{id}: moved with its image: {answer:?}");
+                };
+                assert!(here.is_none(), "gone from here");
+                let back = decode_image(&image).unwrap();
+                assert_eq!(back.flows.map(|f| f.pending.len()), Some(1));
+            }
+        }
     }
 
     #[test]

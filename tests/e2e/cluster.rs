@@ -153,6 +153,17 @@ impl Nats {
         }
     }
 
+    /// Sends `signal` to the running server (SIGSTOP: its connections stay
+    /// open and nothing on them is answered; SIGCONT: it goes on).
+    fn signal(&self, signal: i32) {
+        let Some(child) = &self.child else {
+            panic!("nats-server is not running");
+        };
+        // SAFETY: kill has no memory-safety preconditions.
+        let rc = unsafe { libc::kill(child.id() as libc::pid_t, signal) };
+        assert_eq!(rc, 0, "kill failed");
+    }
+
     /// Kills the server (SIGKILL: no goodbye to its clients).
     fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -368,7 +379,10 @@ fn retained_messages_reach_every_node_also_one_started_later_and_deletes_too() {
     let Some(nats) = Nats::start("cluster retained") else {
         return;
     };
-    let (a, b) = (nats.node("a"), nats.node("b"));
+    // No `$SYS` messages (retained, counted with the others) in the counts
+    // this test waits on, on a host slow enough for the first update's 10 s.
+    let quiet = "sys_interval_secs = 3600";
+    let (a, b) = (nats.node_with("a", quiet), nats.node_with("b", quiet));
     let mut publisher = Mqtt::connect(a.port, "ret-pub");
     publisher.publish_acked("ret/x", true, b"kept");
     wait_stats(&b, |s| s["total"]["retained"] == 1);
@@ -381,7 +395,7 @@ fn retained_messages_reach_every_node_also_one_started_later_and_deletes_too() {
     );
 
     // A node started afterwards loads the bucket.
-    let c = nats.node("c");
+    let c = nats.node_with("c", quiet);
     wait_stats(&c, |s| s["total"]["retained"] == 1);
     let mut on_c = Mqtt::connect(c.port, "ret-c");
     on_c.subscribe("ret/+", QoS::AtMostOnce);
@@ -393,8 +407,12 @@ fn retained_messages_reach_every_node_also_one_started_later_and_deletes_too() {
     wait_stats(&c, |s| s["total"]["retained"] == 0);
     let mut after = Mqtt::connect(c.port, &format!("ret-after-{}", unique()));
     after.subscribe("ret/#", QoS::AtMostOnce);
-    assert!(
-        after.recv_publish(Duration::from_millis(500)).is_none(),
+    // A retained message would be queued at the SUBSCRIBE, ahead of the
+    // client's own publish after the SUBACK: the marker ends the wait.
+    after.publish_acked("ret/end", false, b"");
+    assert_eq!(
+        payloads_until(&mut after, "ret/end"),
+        Vec::<String>::new(),
         "deleted everywhere"
     );
 }
@@ -818,6 +836,18 @@ fn raw_persistent(port: u16, id: &str) -> (Raw, Vec<u8>) {
     Raw::connect_with(port, &ConnectBuilder::new(id).clean_session(false))
 }
 
+/// An MQTT 5.0 CONNECT of `id` to `port` with Clean Start 0 and Session
+/// Expiry 3600 s, and the first packet that comes back.
+fn persistent_v5(port: u16, id: &str) -> (Raw, crate::common::RawPacket) {
+    let mut body = crate::common::string(b"MQTT");
+    body.extend([5, 0x00, 0, 60, 5, 0x11, 0, 0, 0x0E, 0x10]);
+    body.extend(crate::common::string(id.as_bytes()));
+    let mut raw = Raw::tcp(port);
+    raw.send(&crate::common::packet(0x10, &body));
+    let connack = raw.expect_packet();
+    (raw, connack)
+}
+
 /// A persistent-session (CleanSession 0) rumqttc client of `port`.
 fn persistent(port: u16, id: &str) -> (Mqtt, rumqttc::ConnAck) {
     let mut options = Mqtt::options(port, id);
@@ -953,12 +983,7 @@ fn a_session_move_from_a_node_whose_disk_stalls_is_refused_as_server_unavailable
     let (_, connack) = raw_persistent(b.port, id);
     assert_eq!(connack, [0x20, 0x02, 0x00, 0x03], "{}", a.log_text());
     // 5.0 (Clean Start 0, Session Expiry 3600): reason 0x88.
-    let mut body = crate::common::string(b"MQTT");
-    body.extend([5, 0x00, 0, 60, 5, 0x11, 0, 0, 0x0E, 0x10]);
-    body.extend(crate::common::string(id.as_bytes()));
-    let mut v5 = Raw::tcp(b.port);
-    v5.send(&crate::common::packet(0x10, &body));
-    let connack = v5.expect_packet();
+    let (_, connack) = persistent_v5(b.port, id);
     assert_eq!(
         (connack.first, connack.body.get(1)),
         (0x20, Some(&0x88)),
@@ -1282,6 +1307,56 @@ fn an_owner_that_does_not_answer_gets_0x03_until_its_lease_runs_out() {
     wait_stats(&c, |s| s["total"]["cluster_recovered"] == 1);
     granted.ping();
     a.signal(libc::SIGCONT);
+}
+
+/// A claim whose JetStream calls are never answered (the NATS server
+/// stopped with SIGSTOP: the node's connection stays up, nothing comes
+/// back on it) is cut off at the claim's one deadline: the bridge itself
+/// answers "unavailable" while the connection still waits, and the client
+/// gets CONNACK 0x03 Server unavailable (3.1.1) or reason 0x88 (5.0),
+/// never a session. Without one deadline the connection gave up first
+/// (no bridge answer counted yet when the CONNACK arrived).
+#[test]
+fn a_claim_whose_nats_server_stops_answering_is_refused_by_its_deadline() {
+    let Some(nats) = Nats::start("cluster claim deadline") else {
+        return;
+    };
+    let a = nats.node("a");
+    wait_link(&a, "up");
+    // Granted: the sessions bucket is open and answers.
+    let (mut first, connack) = raw_persistent(a.port, "first");
+    assert_eq!(connack, [0x20, 2, 0, 0]);
+    first.ping();
+    nats.signal(libc::SIGSTOP);
+    // Resumed on every way out, so that the server's drop can end it.
+    struct Resume<'a>(&'a Nats);
+    impl Drop for Resume<'_> {
+        fn drop(&mut self) {
+            self.0.signal(libc::SIGCONT);
+        }
+    }
+    let _resume = Resume(&nats);
+    let (refused, connack) = raw_persistent(a.port, "stuck");
+    assert_eq!(
+        connack,
+        [0x20, 2, 0, 3],
+        "0x03 Server unavailable\n{}",
+        a.log_text()
+    );
+    // The bridge's answer made that CONNACK (counted before it is sent).
+    let cluster = get_json(&a, "/api/v1/cluster");
+    assert_eq!(cluster["claims_unavailable"], 1, "{cluster}");
+    refused.expect_closed();
+    // MQTT 5.0, Clean Start 0: reason 0x88.
+    let (_, connack) = persistent_v5(a.port, "stuck5");
+    assert_eq!(
+        (connack.first, connack.body.get(1)),
+        (0x20, Some(&0x88)),
+        "{connack:?}"
+    );
+    let cluster = get_json(&a, "/api/v1/cluster");
+    assert_eq!(cluster["claims_unavailable"], 2, "{cluster}");
+    assert_eq!(cluster["claims"], 1, "only the first claim was granted");
 }
 
 /// Reads the racing `clients` (each either stays or is closed) until one
