@@ -265,8 +265,8 @@ pub(crate) fn read_allowed<'a>(
 
 /// Offers the message of `encoded` to `session` (key `key`) at QoS
 /// `granted`, through the delivery of its protocol version, and counts the
-/// outcome in `stats`; true when something was queued (the session is to
-/// be flushed).
+/// outcome in `stats`; a session that queued something goes on the
+/// `dirty` list (to be flushed).
 pub(crate) fn offer(
     session: &mut Session,
     encoded: &mut Encoded<'_>,
@@ -274,7 +274,8 @@ pub(crate) fn offer(
     granted: QoS,
     limits: &Limits,
     stats: &mut Counters,
-) -> bool {
+    dirty: &mut Vec<SessionKey>,
+) {
     let qos = encoded.message.qos;
     // One delivery path for both versions unless a 5.0 subscription has
     // options (No Local, Retain As Published, Subscription Identifiers).
@@ -286,13 +287,13 @@ pub(crate) fn offer(
     match delivery {
         Delivery::Queued => {
             stats.publish_sent_by_qos[qos.min(granted) as usize] += 1;
-            true
+            if !session.dirty {
+                session.dirty = true;
+                dirty.push(key);
+            }
         }
-        Delivery::Pending | Delivery::Skipped => false,
-        Delivery::Dropped => {
-            stats.publish_dropped += 1;
-            false
-        }
+        Delivery::Pending | Delivery::Skipped => {}
+        Delivery::Dropped => stats.publish_dropped += 1,
     }
 }
 
@@ -721,9 +722,8 @@ impl Shard {
             auth,
             ..
         } = self;
-        // The message's id in the session journal, taken when the first
-        // journalled session keeps it.
-        let mut mid = None;
+        let mut keepers =
+            persist::Keepers::new(persist_stamps, persist_refs, persist_sent, persist_hold);
         let mut encoded = Encoded::new(message, batch);
         encoded.origin = origin;
         // Made at the first session with read checks only.
@@ -738,27 +738,11 @@ impl Shard {
             if !read_allowed(session, &mut reads, auth, &message.topic, stats) {
                 return;
             }
-            let tracked = if persist_stamps.is_empty() {
-                None
-            } else {
-                persist_stamps.get(&key).copied()
-            };
-            let before = tracked.map(|_| persist::queued_count(session));
-            let queued = offer(session, &mut encoded, key, granted, limits, stats);
-            if let (Some(stamp), Some(before)) = (tracked, before)
-                && persist::queued_count(session) > before
-            {
-                let id = *mid.get_or_insert_with(crate::store::record::next_stamp);
-                if persist::note_kept(session, stamp, id, persist_refs, persist_sent) {
-                    persist_hold.push(key);
-                }
-            }
-            if queued && !session.dirty {
-                session.dirty = true;
-                dirty.push(key);
-            }
+            keepers.offer(session, key, |session| {
+                offer(session, &mut encoded, key, granted, limits, stats, dirty);
+            });
         });
-        if let Some(mid) = mid {
+        if let Some(mid) = keepers.mid() {
             self.journal_queued(message, mid);
         }
     }

@@ -84,6 +84,84 @@ pub(super) fn note_kept(
     false
 }
 
+/// The journalled sessions that keep one message being routed, gathered
+/// as it is offered to each session ([`Keepers::offer`]) into the shard's
+/// scratch lists (`persist_refs`, `persist_sent`, `persist_hold`): what
+/// [`Shard::journal_queued`] then writes once, under the message's id
+/// ([`Keepers::mid`]). Every way a QoS 1/2 message reaches a session goes
+/// through one (a local publish, a batch from another shard, a shared
+/// subscription's member, a message from another node), so a message a
+/// journalled session keeps is always on its shard's disk.
+pub(super) struct Keepers<'a> {
+    /// The image alias of each journalled session (empty without
+    /// persistence: one length test per offer).
+    stamps: &'a ahash::AHashMap<SessionKey, crate::store::record::Alias>,
+    /// The sessions that queued the message, with its QoS for each.
+    refs: &'a mut Vec<(crate::store::record::Alias, crate::protocol::v3::QoS)>,
+    /// The sessions that sent it at once, with packet id and QoS.
+    sent: &'a mut Vec<crate::store::record::SentRef>,
+    /// Those of them that sent it at QoS 2: their PUBLISH waits for the
+    /// record (`Shard::hold_out`).
+    hold: &'a mut Vec<SessionKey>,
+    /// The message's id in the journal, taken at the first keeper.
+    mid: Option<u64>,
+}
+
+impl<'a> Keepers<'a> {
+    /// Gathers into the shard's scratch lists, which must be empty (the
+    /// previous message's records took them).
+    pub(super) fn new(
+        stamps: &'a ahash::AHashMap<SessionKey, crate::store::record::Alias>,
+        refs: &'a mut Vec<(crate::store::record::Alias, crate::protocol::v3::QoS)>,
+        sent: &'a mut Vec<crate::store::record::SentRef>,
+        hold: &'a mut Vec<SessionKey>,
+    ) -> Keepers<'a> {
+        Keepers {
+            stamps,
+            refs,
+            sent,
+            hold,
+            mid: None,
+        }
+    }
+
+    /// Offers the message to `session` (key `key`) through `deliver`, and
+    /// notes the session when it is journalled and kept the message
+    /// (one more QoS 1/2 message in flight or pending); `deliver`'s
+    /// answer.
+    pub(super) fn offer<R>(
+        &mut self,
+        session: &mut Session,
+        key: SessionKey,
+        deliver: impl FnOnce(&mut Session) -> R,
+    ) -> R {
+        let tracked = if self.stamps.is_empty() {
+            None
+        } else {
+            self.stamps.get(&key).copied()
+        };
+        let Some(stamp) = tracked else {
+            return deliver(session);
+        };
+        let before = queued_count(session);
+        let answer = deliver(session);
+        if queued_count(session) > before {
+            let mid = *self.mid.get_or_insert_with(next_stamp);
+            if note_kept(session, stamp, mid, self.refs, self.sent) {
+                self.hold.push(key);
+            }
+        }
+        answer
+    }
+
+    /// The message's id in the journal when a journalled session kept it
+    /// (then [`Shard::journal_queued`] must write it); None: nothing to
+    /// write.
+    pub(super) fn mid(&self) -> Option<u64> {
+        self.mid
+    }
+}
+
 /// The subscriptions of `state` with their options, as stored.
 pub(super) fn stored_subscriptions(state: &SessionState) -> Vec<StoredSubscription> {
     let extras = state

@@ -285,11 +285,12 @@ impl Shard {
                 stats: &mut self.stats,
                 limits: &self.limits,
                 auth: &self.auth,
-                persist_stamps: &self.persist_stamps,
-                persist_refs: &mut self.persist_refs,
-                persist_sent: &mut self.persist_sent,
-                persist_hold: &mut self.persist_hold,
-                mid: None,
+                keepers: persist::Keepers::new(
+                    &self.persist_stamps,
+                    &mut self.persist_refs,
+                    &mut self.persist_sent,
+                    &mut self.persist_hold,
+                ),
             },
             batch: &mut self.batch,
             shared_out: &mut self.shared_out,
@@ -372,8 +373,7 @@ impl Shard {
             }
         });
         drop(encoded);
-        let kept = targets.mid;
-        if let Some(mid) = kept {
+        if let Some(mid) = targets.keepers.mid() {
             self.journal_queued(message, mid);
         }
         // With persistence, the publisher's acknowledgement waits for a
@@ -471,8 +471,7 @@ impl Shard {
             let taken =
                 candidates.any(|member| targets.offer(&mut encoded, &delivery.share, member));
             drop(encoded);
-            let kept = targets.mid;
-            if let Some(mid) = kept {
+            if let Some(mid) = targets.keepers.mid() {
                 self.journal_queued(&delivery.message, mid);
             }
             if taken {
@@ -663,7 +662,7 @@ impl Shard {
         let mut encoded = Encoded::new(&delivery.message, batch);
         let taken = here.any(|member| targets.offer(&mut encoded, &delivery.share, member));
         drop(encoded);
-        if let Some(mid) = targets.mid {
+        if let Some(mid) = targets.keepers.mid() {
             self.journal_queued(&delivery.message, mid);
         }
         taken
@@ -738,18 +737,9 @@ struct Targets<'a> {
     limits: &'a Limits,
     /// The ACL, for members with a partly covered subscription.
     auth: &'a Auth,
-    /// The image aliases of the journalled persistent sessions
-    /// (persistence on).
-    persist_stamps: &'a ahash::AHashMap<SessionKey, crate::store::record::Alias>,
-    /// What the message's journal records must name: the sessions that
-    /// queued it, those it went in flight to, those whose QoS 2 PUBLISH
-    /// waits for the record (`Shard::journal_queued` writes them).
-    persist_refs: &'a mut Vec<(crate::store::record::Alias, QoS)>,
-    persist_sent: &'a mut Vec<crate::store::record::SentRef>,
-    persist_hold: &'a mut Vec<SessionKey>,
-    /// The message's id in the session journal, once a journalled member
-    /// kept it (one message per [`Targets`]: see [`Shard::shared_parts`]).
-    mid: Option<u64>,
+    /// The journalled members that keep the message, for its records
+    /// (one message per [`Targets`]: see [`Shard::shared_parts`]).
+    keepers: persist::Keepers<'a>,
 }
 
 impl Targets<'_> {
@@ -789,23 +779,10 @@ impl Targets<'_> {
         }
         // A journalled member keeps a QoS 1/2 message on disk too, as a
         // plain subscriber does (`Shard::route_from`).
-        let tracked = if self.persist_stamps.is_empty() {
-            None
-        } else {
-            self.persist_stamps.get(&member.key).copied()
-        };
-        let before = tracked.map(|_| persist::queued_count(session));
-        let delivery = session.deliver_shared(encoded, share, member.qos, self.limits);
-        if let (Some(stamp), Some(before)) = (tracked, before)
-            && persist::queued_count(session) > before
-        {
-            let id = *self
-                .mid
-                .get_or_insert_with(crate::store::record::next_stamp);
-            if persist::note_kept(session, stamp, id, self.persist_refs, self.persist_sent) {
-                self.persist_hold.push(member.key);
-            }
-        }
+        let limits = self.limits;
+        let delivery = self.keepers.offer(session, member.key, |session| {
+            session.deliver_shared(encoded, share, member.qos, limits)
+        });
         match delivery {
             Delivery::Queued => {
                 let qos = encoded.message.qos.min(member.qos);
