@@ -109,6 +109,9 @@ fn sweep(ctx: &Ctx) -> Swept {
         // record (`Shard::flush_dirty` writes it when due): on disk within
         // a sweep even when the shard is idle.
         shard.journal_done();
+        // Drops of expired sessions whose shared backlog's new shards did
+        // not answer in time.
+        shard.journal_handed_over_drops();
         let now = shard.now_ticks();
         let silent = shard.waiting.expire(std::time::Instant::now());
         if silent > 0 {

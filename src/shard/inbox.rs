@@ -206,7 +206,10 @@ impl Shard {
             } => self.home_release(&client_id, shard, token),
             ShardMsg::SharedMember(update) => self.shared_member_update(update),
             ShardMsg::SharedPublish(deliveries) => self.deliver_shared(deliveries),
-            ShardMsg::SharedDurable { token, count } => self.held_acks.applied_many(token, count),
+            ShardMsg::SharedDurable { token, count } => {
+                self.held_acks.applied_many(token, count);
+                self.journal_handed_over_drops();
+            }
             ShardMsg::Stats { shard, counters } => {
                 if let Some(slot) = self.all_stats.get_mut(shard) {
                     *slot = *counters;

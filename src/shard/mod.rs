@@ -162,6 +162,10 @@ pub struct Shard {
     /// [`STEP_RECORD_ENTRIES`] or is [`STEP_RECORD_AGE`] old (the keep-alive
     /// sweep writes the rest).
     persist_step: crate::store::flows::StepBatch,
+    /// Expired persistent sessions whose drop record waits until the
+    /// shards their shared backlog went to journalled it
+    /// (`Shard::journal_drop_after`).
+    drops_waiting: Vec<persist::DropWaiting>,
     /// Connections whose packets wait for the session journal, released by
     /// `held_out::release_loop`.
     pub held_out: held_out::HeldOut,
@@ -551,6 +555,7 @@ impl Shard {
             persist_sent: Vec::new(),
             persist_hold: Vec::new(),
             persist_step: crate::store::flows::StepBatch::default(),
+            drops_waiting: Vec::new(),
             held_out: held_out::HeldOut::default(),
             waiting: crate::net::waiting::Waiting::default(),
             needed_lsns: [0; 2],
@@ -1024,8 +1029,11 @@ impl Shard {
         for &key in expired {
             if let Some(mut session) = self.remove_session(key) {
                 debug!("client {}: session expired", session.client_id);
-                self.journal_drop(&session.client_id);
-                self.pass_on_shared_backlog(&session.state);
+                // Its shared backlog goes to other members first, and the
+                // drop is written once their shards hold it: a `kill -9`
+                // in between keeps the messages with the session.
+                let handed = self.hand_over_shared_backlog(&session.state);
+                self.journal_drop_after(&session.client_id, handed);
                 // A will still waiting for its delay goes when its session
                 // ends (§3.1.3.2.2).
                 if let Some(will) = session.take_due_will(u32::MAX) {

@@ -31,6 +31,7 @@ use crate::protocol::v5::{RetainHandling, SubscriptionOptions};
 use crate::router::SharedFilter;
 use crate::session::link::TICKS_PER_SEC;
 use crate::session::{Inflight, Phase, SESSION_NEVER_EXPIRES, Session, SessionState};
+use crate::shard::held_acks::APPLY_TIMEOUT;
 use crate::shard::{SessionKey, Shard};
 use crate::store::record::{
     FlowStep, Record, StoredMessage, StoredSession, StoredSubscription, next_alias, next_stamp,
@@ -162,7 +163,22 @@ impl<'a> Keepers<'a> {
     }
 }
 
-/// The subscriptions of `state` with their options, as stored.
+/// A persistent session's end whose drop record waits for the shards its
+/// shared backlog went to ([`Shard::journal_drop_after`]).
+#[derive(Debug)]
+pub struct DropWaiting {
+    /// The session's client id.
+    client_id: ByteString,
+    /// The drop's stamp, taken when the session ended.
+    stamp: u64,
+    /// The barrier of the deliveries to other shards
+    /// (`HeldAcks::new_barrier`).
+    token: u64,
+    /// When the session ended: after [`APPLY_TIMEOUT`] the drop is
+    /// written anyway.
+    since: Instant,
+}
+
 pub(super) fn stored_subscriptions(state: &SessionState) -> Vec<StoredSubscription> {
     let extras = state
         .flows
@@ -439,18 +455,71 @@ impl Shard {
     /// the LSN a CONNACK that ended it must wait for (0: no journal).
     pub fn journal_drop(&mut self, client_id: &str) -> u64 {
         self.persist_wills.remove(client_id);
+        self.append_drop(client_id, next_stamp())
+    }
+
+    /// Writes the drop record of `client_id` stamped `stamp`; its LSN (0:
+    /// no journal).
+    fn append_drop(&mut self, client_id: &str, stamp: u64) -> u64 {
         let Some(journal) = &self.session_journal else {
             return 0;
         };
         if let Some(step) = self.persist_step.take() {
             journal.append(&step);
         }
-        let lsn = journal.append(&Record::SessionDrop(
-            next_stamp(),
-            ByteString::from(client_id),
-        ));
+        let lsn = journal.append(&Record::SessionDrop(stamp, ByteString::from(client_id)));
         self.needed_lsns[1] = lsn;
         lsn
+    }
+
+    /// [`Shard::journal_drop`] of a session whose shared backlog went to
+    /// members on other shards under barrier `handed`
+    /// (`Shard::hand_over_shared_backlog`; None: at once): the record waits
+    /// until every one of those shards journalled what it kept
+    /// ([`Shard::journal_handed_over_drops`]), so that a `kill -9` before
+    /// then finds the session, backlog and all, still on this shard's disk.
+    /// Its stamp is taken now: a later image of the same client id (a new
+    /// session) stays the newer one whenever the drop is written.
+    pub(super) fn journal_drop_after(&mut self, client_id: &str, handed: Option<u64>) {
+        let Some(token) = handed else {
+            self.journal_drop(client_id);
+            return;
+        };
+        self.persist_wills.remove(client_id);
+        self.drops_waiting.push(DropWaiting {
+            client_id: ByteString::from(client_id),
+            stamp: next_stamp(),
+            token,
+            since: Instant::now(),
+        });
+    }
+
+    /// Writes the drop records of [`Shard::journal_drop_after`] whose
+    /// shared backlog the other shards have journalled, and those that
+    /// waited [`APPLY_TIMEOUT`] (a shard that does not answer in that time
+    /// is stuck or gone: its share is lost to a `kill -9` then, as it
+    /// would be without the wait). Called when a shard answers
+    /// (`ShardMsg::SharedDurable`) and by the keep-alive sweep.
+    pub fn journal_handed_over_drops(&mut self) {
+        if self.drops_waiting.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        for waiting in std::mem::take(&mut self.drops_waiting) {
+            let passed = self.held_acks.passed(waiting.token);
+            if !passed && now.duration_since(waiting.since) < APPLY_TIMEOUT {
+                self.drops_waiting.push(waiting);
+                continue;
+            }
+            if !passed {
+                self.held_acks.forget(waiting.token);
+                log::warn!(
+                    "persistence: the shared messages of expired session {} were not journalled by their new members' shards in {APPLY_TIMEOUT:?}; its end is written anyway",
+                    waiting.client_id
+                );
+            }
+            self.append_drop(&waiting.client_id, waiting.stamp);
+        }
     }
 
     /// `session` as stored now, without its queue.
