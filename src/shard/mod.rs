@@ -1033,7 +1033,7 @@ impl Shard {
                 // drop is written once their shards hold it: a `kill -9`
                 // in between keeps the messages with the session.
                 let handed = self.hand_over_shared_backlog(&session.state);
-                self.journal_drop_after(&session.client_id, handed);
+                self.journal_drop_after(&session.client_id, handed, None);
                 // A will still waiting for its delay goes when its session
                 // ends (§3.1.3.2.2).
                 if let Some(will) = session.take_due_will(u32::MAX) {

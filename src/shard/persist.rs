@@ -163,8 +163,9 @@ impl<'a> Keepers<'a> {
     }
 }
 
-/// A persistent session's end whose drop record waits for the shards its
-/// shared backlog went to ([`Shard::journal_drop_after`]).
+/// A persistent session's end (expired, or ended by a clean start) whose
+/// drop record waits for the shards its shared backlog went to
+/// ([`Shard::journal_drop_after`]).
 #[derive(Debug)]
 pub struct DropWaiting {
     /// The session's client id.
@@ -177,6 +178,9 @@ pub struct DropWaiting {
     /// When the session ended: after [`APPLY_TIMEOUT`] the drop is
     /// written anyway.
     since: Instant,
+    /// The claim (shard, token) whose clean start ended the session,
+    /// answered once the drop is durable (its CONNACK waits for that).
+    answer: Option<(usize, u64)>,
 }
 
 pub(super) fn stored_subscriptions(state: &SessionState) -> Vec<StoredSubscription> {
@@ -479,10 +483,21 @@ impl Shard {
     /// ([`Shard::journal_handed_over_drops`]), so that a `kill -9` before
     /// then finds the session, backlog and all, still on this shard's disk.
     /// Its stamp is taken now: a later image of the same client id (a new
-    /// session) stays the newer one whenever the drop is written.
-    pub(super) fn journal_drop_after(&mut self, client_id: &str, handed: Option<u64>) {
+    /// session) stays the newer one whenever the drop is written. With
+    /// `answer`, the claim (shard, token) whose clean start ended the
+    /// session is answered once the drop is durable
+    /// ([`Shard::answer_claim_after`]).
+    pub(super) fn journal_drop_after(
+        &mut self,
+        client_id: &str,
+        handed: Option<u64>,
+        answer: Option<(usize, u64)>,
+    ) {
         let Some(token) = handed else {
-            self.journal_drop(client_id);
+            let lsn = self.journal_drop(client_id);
+            if let Some((shard, claim)) = answer {
+                self.answer_claim_after(lsn, shard, claim);
+            }
             return;
         };
         self.persist_wills.remove(client_id);
@@ -491,6 +506,7 @@ impl Shard {
             stamp: next_stamp(),
             token,
             since: Instant::now(),
+            answer,
         });
     }
 
@@ -499,11 +515,13 @@ impl Shard {
     /// waited [`APPLY_TIMEOUT`] (a shard that does not answer in that time
     /// is stuck or gone: its share is lost to a `kill -9` then, as it
     /// would be without the wait). Called when a shard answers
-    /// (`ShardMsg::SharedDurable`) and by the keep-alive sweep.
-    pub fn journal_handed_over_drops(&mut self) {
+    /// (`ShardMsg::SharedDurable`) and by the keep-alive sweep; true when
+    /// it wrote one (a claim answer may wait in the outbox).
+    pub fn journal_handed_over_drops(&mut self) -> bool {
         if self.drops_waiting.is_empty() {
-            return;
+            return false;
         }
+        let before = self.drops_waiting.len();
         let now = Instant::now();
         for waiting in std::mem::take(&mut self.drops_waiting) {
             let passed = self.held_acks.passed(waiting.token);
@@ -514,12 +532,16 @@ impl Shard {
             if !passed {
                 self.held_acks.forget(waiting.token);
                 log::warn!(
-                    "persistence: the shared messages of expired session {} were not journalled by their new members' shards in {APPLY_TIMEOUT:?}; its end is written anyway",
+                    "persistence: the shared messages of ended session {} were not journalled by their new members' shards in {APPLY_TIMEOUT:?}; its end is written anyway",
                     waiting.client_id
                 );
             }
-            self.append_drop(&waiting.client_id, waiting.stamp);
+            let lsn = self.append_drop(&waiting.client_id, waiting.stamp);
+            if let Some((shard, claim)) = waiting.answer {
+                self.answer_claim_after(lsn, shard, claim);
+            }
         }
+        self.drops_waiting.len() < before
     }
 
     /// `session` as stored now, without its queue.

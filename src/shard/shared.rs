@@ -1603,6 +1603,44 @@ mod tests {
     }
 
     #[test]
+    fn a_clean_start_that_ends_a_member_is_answered_once_its_drop_follows_the_hand_over() {
+        let mut shards = [
+            testing::shard_with(0, 2, Config::default()),
+            testing::shard_with(1, 2, Config::default()),
+        ];
+        let journal = testing::unwritten_journal(&mut shards[0]);
+        let _far_journal = testing::unwritten_journal(&mut shards[1]);
+        let _ = offline_member(&mut shards[0], "ended", "$share/g/t");
+        shards[0].publish(message("t", "0"));
+        let _ = offline_member(&mut shards[1], "far", "$share/g/t");
+        pump(&mut shards);
+        // A clean start of "ended" (claim 7 of shard 0) ends the session.
+        shards[0].evict("ended", None, 0, 7, true);
+        let handed: Vec<_> = std::mem::take(&mut shards[0].outbox)
+            .into_iter()
+            .filter_map(|(_, m)| match m {
+                ShardMsg::SharedPublish(d) => Some(d),
+                _ => None,
+            })
+            .collect();
+        let token = match &handed[..] {
+            [d] => d[0].barrier.map(|b| b.1).expect("a barrier"),
+            _ => panic!("one delivery to shard 1: {handed:?}"),
+        };
+        assert!(!dropped(&journal, "ended"), "not before shard 1 holds it");
+        assert!(shards[0].held_out.is_empty(), "nor is the claim answered");
+        for deliveries in handed {
+            shards[1].handle_control(ShardMsg::SharedPublish(deliveries));
+        }
+        shards[0].handle_control(ShardMsg::SharedDurable { token, count: 1 });
+        assert!(dropped(&journal, "ended"));
+        assert!(
+            !shards[0].held_out.is_empty(),
+            "the answer waits for the drop to be durable"
+        );
+    }
+
+    #[test]
     fn an_expired_members_drop_waits_for_nothing_when_its_backlog_stays_on_its_shard() {
         let mut shard = testing::shard();
         let journal = testing::unwritten_journal(&mut shard);
