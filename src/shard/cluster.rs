@@ -25,7 +25,7 @@ use crate::protocol::v3::QoS;
 use crate::router::SharedFilter;
 use crate::router::shared::SharedDelivery;
 use crate::session::{Session, SessionState};
-use crate::shard::persist::{set_stored_options, stored_subscriptions};
+use crate::shard::persist::{Keepers, set_stored_options, stored_subscriptions};
 use crate::shard::run::{self, takes_runs};
 use crate::shard::{Ctx, SessionKey, Shard, offer, read_allowed, registry};
 use crate::store::record::{Record, RecordError, StoredMessage, StoredSession, unix_ms_now};
@@ -620,6 +620,7 @@ impl Shard {
             cluster_others,
             ..
         } = self;
+        let persist_stamps = &*persist_stamps;
         let mut frames = std::mem::take(run_frames);
         frames.clear();
         let mut others = std::mem::take(cluster_others);
@@ -642,22 +643,48 @@ impl Shard {
             }
             frames.deliver(run, session, key, batch, limits, stats, dirty);
         });
-        for message in run {
-            let mut encoded = Encoded::new(message, batch);
-            for &(key, granted) in &others {
-                let Some(session) = sessions.get_mut(key as usize) else {
-                    continue;
-                };
-                if offer(session, &mut encoded, key, granted, limits, stats) && !session.dirty {
-                    session.dirty = true;
-                    dirty.push(key);
-                }
-            }
-        }
         self.run_frames = frames;
+        for message in run {
+            self.offer_from_cluster(message, &others);
+        }
         self.cluster_others = others;
         if !as_run {
             self.queue_for_attaching(Some(filter), first);
+        }
+    }
+
+    /// Offers `message`, from another node, to each session of `takers`
+    /// at the QoS granted to it, as a local publish offers it
+    /// ([`Shard::route_from`]): a QoS 1/2 message that journalled
+    /// (persistent) sessions keep is journalled once, with their queue and
+    /// sent records, and a QoS 2 PUBLISH to one of them waits for its
+    /// record (`Shard::hold_out`); so a `kill -9` of this node loses none
+    /// of what it took from NATS for them.
+    fn offer_from_cluster(&mut self, message: &Message, takers: &[(SessionKey, QoS)]) {
+        let Shard {
+            sessions,
+            dirty,
+            stats,
+            limits,
+            batch,
+            persist_stamps,
+            persist_refs,
+            persist_sent,
+            persist_hold,
+            ..
+        } = self;
+        let mut keepers = Keepers::new(persist_stamps, persist_refs, persist_sent, persist_hold);
+        let mut encoded = Encoded::new(message, batch);
+        for &(key, granted) in takers {
+            let Some(session) = sessions.get_mut(key as usize) else {
+                continue;
+            };
+            keepers.offer(session, key, |session| {
+                offer(session, &mut encoded, key, granted, limits, stats, dirty);
+            });
+        }
+        if let Some(mid) = keepers.mid() {
+            self.journal_queued(message, mid);
         }
     }
 }
@@ -781,6 +808,113 @@ mod tests {
         let want_v5: Vec<String> = want.iter().map(|p| format!("\0{p}")).collect();
         assert_eq!(payloads(&v5.publishes()), want_v5, "in order");
         assert!(shard.take_remote_batch().is_none(), "never handed on");
+    }
+
+    /// A persistent session of `shard` (which has a session journal) for
+    /// `client_id`, subscribed to `filter` at QoS 2 and journalled, online
+    /// or offline; its key and image alias.
+    fn journalled(
+        shard: &mut Shard,
+        client_id: &str,
+        filter: &str,
+        online: bool,
+    ) -> (SessionKey, crate::store::record::Alias) {
+        let key = testing::attach(shard, client_id, filter, QoS::ExactlyOnce);
+        let session = &mut shard.sessions[key as usize];
+        session.clean_session = false;
+        if !online {
+            session.detach();
+        }
+        shard.journal_session(key);
+        (key, shard.persist_stamps[&key])
+    }
+
+    /// A queue or sent record as a test compares it: kind, message id,
+    /// the sessions' references as text.
+    type Refs = (&'static str, u64, String);
+
+    /// The records of `records` about messages: each message's id and
+    /// payload, and the queue and sent records.
+    fn message_records(records: &[Record]) -> (Vec<(u64, Bytes)>, Vec<Refs>) {
+        let mut messages = Vec::new();
+        let mut refs = Vec::new();
+        for record in records {
+            match record {
+                Record::Message(mid, m) => messages.push((*mid, m.payload.clone())),
+                Record::Queue(mid, queued) => refs.push(("queue", *mid, format!("{queued:?}"))),
+                Record::Sent(mid, sent) => refs.push(("sent", *mid, format!("{sent:?}"))),
+                _ => {}
+            }
+        }
+        (messages, refs)
+    }
+
+    #[test]
+    fn a_message_from_another_node_kept_by_persistent_sessions_is_journalled_once() {
+        let mut shard = testing::shard();
+        let journal = testing::unwritten_journal(&mut shard);
+        let (online, online_alias) = journalled(&mut shard, "online", "t/#", true);
+        let (_, offline_alias) = journalled(&mut shard, "offline", "t/#", false);
+        let mut plain = attach_client(&mut shard, "plain", "t/#", QoS::AtLeastOnce, None);
+        shard.flush_dirty();
+        let before = journal.pending_records().len();
+        let mut qos2 = message("t/1", b"two");
+        qos2.qos = QoS::ExactlyOnce;
+        let messages = [message("t/1", b"one"), qos2];
+        shard.route_from_cluster(Some("t/#"), &messages);
+        let records = journal.pending_records();
+        let (stored, refs) = message_records(&records[before..]);
+        let payloads: Vec<Bytes> = stored.iter().map(|m| m.1.clone()).collect();
+        assert_eq!(
+            payloads,
+            [Bytes::from_static(b"one"), Bytes::from_static(b"two")],
+            "each message once for the shard, in order"
+        );
+        let (one, two) = (stored[0].0, stored[1].0);
+        let queue = |mid, qos| ("queue", mid, format!("{:?}", [(offline_alias, qos)]));
+        let sent = |mid, id: u16, qos| ("sent", mid, format!("{:?}", [(online_alias, id, qos)]));
+        assert_eq!(
+            refs,
+            [
+                queue(one, QoS::AtLeastOnce),
+                sent(one, 1, QoS::AtLeastOnce),
+                queue(two, QoS::ExactlyOnce),
+                sent(two, 2, QoS::ExactlyOnce),
+            ],
+            "the offline session queued both, the online one sent both"
+        );
+        let conn_id = shard.sessions[online as usize]
+            .link
+            .as_ref()
+            .map(|l| l.conn_id)
+            .unwrap();
+        assert!(
+            shard.held_out.waits(online, conn_id),
+            "the QoS 2 PUBLISH waits for the record of its packet id"
+        );
+        shard.flush_dirty();
+        assert_eq!(plain.publishes().len(), 2, "a clean session as before");
+        // A message nobody journalled keeps writes nothing.
+        let before = journal.pending_records().len();
+        let mut qos0 = message("t/1", b"zero");
+        qos0.qos = QoS::AtMostOnce;
+        shard.route_from_cluster(Some("t/#"), &[qos0.clone(), qos0]);
+        assert_eq!(journal.pending_records().len(), before);
+    }
+
+    #[test]
+    fn a_shared_message_from_another_node_kept_by_a_persistent_member_is_journalled_once() {
+        let mut shard = testing::shard();
+        let journal = testing::unwritten_journal(&mut shard);
+        let (_, alias) = journalled(&mut shard, "member", "$share/g/t", false);
+        assert_eq!(shard.shared.members(), 1);
+        let before = journal.pending_records().len();
+        let share = ByteString::from("$share/g/t");
+        shard.deliver_shared_from_cluster(vec![(share, message("t", b"one"))]);
+        let (stored, refs) = message_records(&journal.pending_records()[before..]);
+        assert_eq!(stored.len(), 1);
+        let queued = format!("{:?}", [(alias, QoS::AtLeastOnce)]);
+        assert_eq!(refs, [("queue", stored[0].0, queued)]);
     }
 
     #[test]

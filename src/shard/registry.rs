@@ -435,17 +435,22 @@ impl Shard {
                 debug!("client {client_id} taken over by a new connection");
                 link.close(CloseReason::TakenOver);
             }
-            if !keep {
-                // The old session ends here (§4.8.2: its shared messages go
-                // to other members).
-                self.pass_on_shared_backlog(&session.state);
-            }
+            // The old session ends here (§4.8.2: its shared messages go to
+            // other members; a persistent one's drop waits for the shards
+            // that take them, `Shard::journal_drop_after`).
+            let handed = match (keep, session.clean_session) {
+                (true, _) => None,
+                (false, true) => {
+                    self.pass_on_shared_backlog(&session.state);
+                    None
+                }
+                (false, false) => self.hand_over_shared_backlog(&session.state),
+            };
             let state = keep.then_some(session.state);
             if state.is_none() && !session.clean_session {
                 // A clean start ends the persistent session (§3.1.2.4): its
                 // CONNACK waits until that is durable (`held_out`).
-                let lsn = self.journal_drop(client_id);
-                self.answer_claim_after(lsn, to_shard, token);
+                self.journal_drop_after(client_id, handed, Some((to_shard, token)));
                 return;
             }
             self.answer_claim(to_shard, token, state);

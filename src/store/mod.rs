@@ -35,6 +35,7 @@ use std::time::Instant;
 
 use log::{info, warn};
 
+use crate::protocol::topic::SHARED_PREFIX;
 use crate::store::frame::{End, HEADER_LEN, Header, HeaderError};
 use crate::store::record::Record;
 
@@ -493,6 +494,10 @@ pub struct LoadedSessions {
     pub sessions: Vec<LoadedSession>,
     /// Sessions found expired at load.
     pub expired: usize,
+    /// Sessions found expired at load that are loaded all the same, to end
+    /// right after the start: their shared subscriptions' messages go to
+    /// other members then.
+    pub ending: usize,
     /// Every segment read (of every `shard-*` directory).
     pub segments: Vec<PathBuf>,
     /// Where new segments start (after every one found).
@@ -628,7 +633,14 @@ impl Store {
             let deadline = session
                 .offline_since_unix_ms
                 .saturating_add(u64::from(session.expiry_interval) * 1000);
-            if session.expiry_interval != u32::MAX && deadline <= now_unix_ms {
+            let expired = session.expiry_interval != u32::MAX && deadline <= now_unix_ms;
+            let shares = || {
+                session
+                    .subscriptions
+                    .iter()
+                    .any(|s| s.filter.starts_with(SHARED_PREFIX))
+            };
+            if expired && !shares() {
                 out.expired += 1;
                 continue;
             }
@@ -638,6 +650,20 @@ impl Store {
             queued.retain(|(_, message, _)| {
                 message.expires_unix_ms == 0 || message.expires_unix_ms > now_unix_ms
             });
+            if expired {
+                if queued.is_empty() && flows.inflight.is_empty() {
+                    out.expired += 1;
+                    continue;
+                }
+                // Its shared subscriptions' messages go to other members
+                // when it ends (§4.8.2), as they would have had it expired
+                // while the broker ran (or it did, and the broker stopped
+                // before the shards that took them had them on disk: its
+                // drop waits for that). So it is loaded, the shard gives it
+                // what is left of its expiry (at least a second), and it
+                // ends after the start, handing them on.
+                out.ending += 1;
+            }
             let will = wills.remove(&session.client_id).and_then(|(_, will)| will);
             out.sessions.push(LoadedSession {
                 session,
@@ -647,10 +673,11 @@ impl Store {
             });
         }
         info!(
-            "persistence: {} persistent sessions from {records} records of {} segments ({} expired while the broker was down) in {:?}",
+            "persistence: {} persistent sessions from {records} records of {} segments ({} expired while the broker was down, {} more to end after the start, handing on their shared messages) in {:?}",
             out.sessions.len(),
             out.segments.len(),
             out.expired,
+            out.ending,
             started.elapsed()
         );
         Ok(out)

@@ -1214,6 +1214,83 @@ fn a_restarted_node_re_asserts_its_stored_sessions_and_drops_those_taken_elsewhe
     assert_eq!(got, ["0", "1"]);
 }
 
+/// Persistence on (`persistence_location` in `dir`) as TOML lines.
+fn store_in(dir: &std::path::Path) -> String {
+    format!(
+        "persistence = true\npersistence_location = \"{}\"",
+        dir.display()
+    )
+}
+
+/// Waits until `node`'s shard that holds the session of `id` has made
+/// durable every record it wrote so far: a persistent client on that
+/// shard (fresh ids until one lands there) publishes at QoS 1 to a topic
+/// only it subscribes to, whose PUBACK waits for the record of the copy
+/// it keeps, written after the others.
+fn until_shard_journalled(node: &Broker, id: &str) {
+    let shard = node.shard_of(id);
+    for n in 0..64 {
+        let mark = format!("{id}-mark-{n}-{}", unique());
+        let (mut client, _) = persistent(node.port, &mark);
+        if node.shard_of(&mark) != shard {
+            client.disconnect();
+            continue;
+        }
+        let topic = format!("marks/{mark}");
+        client.subscribe(&topic, QoS::AtLeastOnce);
+        client.publish_acked(&topic, false, b"m");
+        client.disconnect();
+        return;
+    }
+    panic!("64 connections never reached shard {shard}");
+}
+
+/// QoS 1 messages published on node A for a persistent session offline
+/// on node B reach B through NATS and are journalled there as a local
+/// publish is: after a `kill -9` of B and its restart on the same store,
+/// the subscriber gets every one, in order, once.
+#[test]
+fn messages_from_another_node_queued_for_a_persistent_session_survive_its_kill_9() {
+    let Some(nats) = Nats::start("cluster kill -9 of the receiving node") else {
+        return;
+    };
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = nats.node_with("a", &store_in(dir_a.path()));
+    let mut b = nats.node_with("b", &store_in(dir_b.path()));
+    let (mut sub, connack) = persistent(b.port, "far-sub");
+    assert!(!connack.session_present);
+    sub.subscribe("far/#", QoS::AtLeastOnce);
+    sub.disconnect();
+    wait_client(&b, "far-sub", |c| {
+        c.is_some_and(|c| c["connected"] == false)
+    });
+    nats.wait_subscriptions("fanmq.t.far.>", 1);
+    const N: usize = 20;
+    let mut publisher = Mqtt::connect(a.port, "far-pub");
+    for i in 0..N {
+        publisher.publish_acked("far/q", false, i.to_string().as_bytes());
+    }
+    wait_client(&b, "far-sub", |c| c.is_some_and(|c| c["pending"] == N));
+    until_shard_journalled(&b, "far-sub");
+    b.signal(libc::SIGKILL);
+    b.wait_exit(TIMEOUT).expect("node b killed");
+    drop(b);
+
+    let b = nats.node_with("b", &store_in(dir_b.path()));
+    wait_stats(&b, |s| s["total"]["cluster_reasserted"].as_u64() >= Some(2));
+    let (mut sub, connack) = persistent(b.port, "far-sub");
+    assert!(connack.session_present, "the session came back with B");
+    let got: Vec<String> = (0..N)
+        .map(|_| String::from_utf8_lossy(&sub.expect_publish().payload).into_owned())
+        .collect();
+    let want: Vec<String> = (0..N).map(|i| i.to_string()).collect();
+    assert_eq!(got, want, "every message from node a, in order");
+    assert!(
+        sub.recv_publish(Duration::from_millis(300)).is_none(),
+        "nothing twice"
+    );
+}
+
 #[test]
 fn three_nodes_racing_for_one_persistent_session_keep_its_state() {
     let Some(nats) = Nats::start("cluster race of three") else {
