@@ -22,6 +22,10 @@
 #
 # Usage: bench/cluster-fanout.sh [NODES] [SUBS] [MSGS] [SINGLE_SUBS]
 #   defaults: 6 nodes, 90000 subscribers, 200 messages, 15000 (one node).
+# PROFILE_DIR=DIR records a `perf record -g` profile of the second node (one
+# that receives from NATS) over the cluster run and of the single node over
+# its run, as DIR/receiving-node.perf.data and DIR/single-node.perf.data
+# (`perf report -i FILE`; needs perf and kernel.perf_event_paranoid <= 1).
 # BROKER_CPUS and CLIENT_CPUS (taskset lists, e.g. 0 and 1) pin the nodes
 # and nats-server, and the bench; FANMQ picks another fanmq binary (a
 # before/after comparison alternates runs of the script with each).
@@ -64,11 +68,31 @@ wait_port() {
 }
 hz=$(getconf CLK_TCK)
 
+# With PROFILE_DIR, starts `perf record` on pid $1 into PROFILE_DIR/$2.perf.data
+# and sets `perf_pid`; stop_profile ends it (SIGINT: perf writes its file).
+perf_pid=""
+start_profile() {
+    [ -n "${PROFILE_DIR:-}" ] || return 0
+    mkdir -p "$PROFILE_DIR"
+    timeout "$limit" perf record -q -g -e cpu-clock -p "$1" -o "$PROFILE_DIR/$2.perf.data" >/dev/null 2>&1 &
+    perf_pid=$!
+    pids+=("$perf_pid")
+}
+stop_profile() {
+    [ -n "$perf_pid" ] || return 0
+    kill -INT "$perf_pid" 2>/dev/null || true
+    wait "$perf_pid" 2>/dev/null || true
+    perf_pid=""
+}
+
 for f in "$fanmq" "$bench" "$nats"; do
     [ -x "$f" ] || { echo "missing $f (cargo build --release --workspace; nats-server)" >&2; exit 1; }
 done
 
-# Starts a node: name, MQTT port, admin port, extra flags. Prints its pid.
+# Starts a node: name, MQTT port, admin port, extra flags. Sets `node_pid`
+# to the node's pid (a global, not printed: a `$(start_node ...)` subshell
+# would lose what it adds to `pids`, and cleanup would leave the node running).
+node_pid=""
 start_node() {
     local name=$1 port=$2 http=$3
     shift 3
@@ -76,11 +100,9 @@ start_node() {
         --shards 1 --max-connections-per-ip 0 --max-connection-rate-per-ip 0 --max-connection-rate 0 --log-level warn \
         "$@" >"$work/$name.log" 2>&1 &
     pids+=("$!")
-    local pid
-    pid=$(child_of "$!")
-    pids+=("$pid")
+    node_pid=$(child_of "$!")
+    pids+=("$node_pid")
     wait_port "$port"
-    echo "$pid"
 }
 
 bench_flags=(--msgs "$msgs" --drain-timeout 30 --connect-timeout 300
@@ -96,32 +118,47 @@ wait_port "$nats_port"
 node_list=() pid_list=() url_list=()
 for i in $(seq "$nodes"); do
     port=$(free_port); http=$(free_port)
-    pid=$(start_node "n$i" "$port" "$http" --cluster-nats "nats://127.0.0.1:$nats_port" --node-name "n$i")
-    node_list+=("127.0.0.1:$port"); pid_list+=("$pid"); url_list+=("http://127.0.0.1:$http/api/v1/stats")
+    start_node "n$i" "$port" "$http" --cluster-nats "nats://127.0.0.1:$nats_port" --node-name "n$i"
+    node_list+=("127.0.0.1:$port"); pid_list+=("$node_pid"); url_list+=("http://127.0.0.1:$http/api/v1/stats")
 done
 join() { local IFS=,; echo "$*"; }
 cluster_stem="fanout-cluster-${nodes}x$((subs / nodes))"
 single_stem="fanout-cluster-single-${single_subs}"
 n0=$(ticks "$nats_pid")
+node_ticks0=()
+for pid in "${pid_list[@]}"; do node_ticks0+=("$(ticks "$pid")"); done
+start_profile "${pid_list[1]:-${pid_list[0]}}" receiving-node
 timeout "$limit" "${client_pin[@]}" "$bench" fanout --subs "$subs" "${bench_flags[@]}" \
     --nodes "$(join "${node_list[@]}")" --broker-pid "$(join "${pid_list[@]}")" \
     --stats-url "$(join "${url_list[@]}")" --wait-subscribers "$subs" \
     --label "fanmq-${nodes}-nodes" --out "$out_dir/$cluster_stem.json"
 n1=$(ticks "$nats_pid")
+stop_profile
+# Each node's CPU over the run (s): the publisher's node also reads the
+# publisher and sends to NATS, the others only receive and fan out.
+node_cpu=()
+for i in "${!pid_list[@]}"; do
+    node_cpu+=("$(awk -v a="${node_ticks0[$i]}" -v b="$(ticks "${pid_list[$i]}")" -v hz="$hz" \
+        'BEGIN { printf "%.2f", (b - a) / hz }')")
+done
 for pid in "${pid_list[@]}" "$nats_pid"; do kill "$pid" 2>/dev/null || true; done
 
 # One node alone.
 port=$(free_port); http=$(free_port)
-single_pid=$(start_node single "$port" "$http")
+start_node single "$port" "$http"
+single_pid=$node_pid
+start_profile "$single_pid" single-node
 timeout "$limit" "${client_pin[@]}" "$bench" fanout --subs "$single_subs" "${bench_flags[@]}" \
     --nodes "127.0.0.1:$port" --broker-pid "$single_pid" --label "fanmq-1-node" \
     --out "$out_dir/$single_stem.json"
+stop_profile
 
-python3 - "$out_dir" "$cluster_stem" "$single_stem" "$nodes" "$msgs" "$hz" "$n0" "$n1" "$*" <<'EOF'
+python3 - "$out_dir" "$cluster_stem" "$single_stem" "$nodes" "$msgs" "$hz" "$n0" "$n1" "$*" "$(join "${node_cpu[@]}")" <<'EOF'
 import json, sys
 out, cluster, single = sys.argv[1:4]
 nodes, msgs, hz, n0, n1 = map(int, sys.argv[4:9])
 args = sys.argv[9]
+node_cpu = sys.argv[10].split(",")
 def run(name):
     with open(f"{out}/{name}.json") as f:
         return json.load(f)["runs"][0]
@@ -133,6 +170,8 @@ for label, r in ((f"{nodes} nodes", c), ("1 node", s)):
                  f"broker CPU {b['cpu_s']:.3f} s; {b['deliveries_per_cpu_s']:.0f} deliveries per broker CPU-s")
 ratio = c["broker_usage"]["deliveries_per_cpu_s"] / s["broker_usage"]["deliveries_per_cpu_s"]
 nats_s = (n1 - n0) / hz
+lines.append("- CPU of each node over the cluster run (s; the first holds the publisher): "
+             + ", ".join(node_cpu))
 lines.append(f"- {nodes} nodes ÷ 1 node, deliveries per broker CPU-s: {ratio:.2f}")
 lines.append(f"- nats-server CPU over the cluster run (connect, publish, drain): {nats_s:.2f} s; "
              f"per message published {nats_s * 1e6 / msgs:.1f} µs, per message delivered to a node "

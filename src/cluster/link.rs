@@ -9,9 +9,9 @@
 //! `try_send`s messages into, so that one busy shard never stops it.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ahash::AHashMap;
 use bytestring::ByteString;
@@ -123,6 +123,12 @@ pub struct ClaimRequest {
     /// The node's claim token there (the session's `claim`). The answer
     /// goes to that shard's queue as [`ToShard::Claimed`].
     pub token: u64,
+    /// When the bridge stops working on the claim and answers
+    /// [`ClaimAnswer::Unavailable`]: every KV call and the wait on the
+    /// previous owner are cut off there, so that the answer reaches the
+    /// shard while its connection still waits (the shard sets it from the
+    /// start of the CONNECT's claim: one deadline for the whole claim).
+    pub deadline: Instant,
 }
 
 /// The bridge's answer to a [`ClaimRequest`].
@@ -183,7 +189,64 @@ pub enum ToShard {
         clean_session: bool,
         /// Where the answer goes.
         answer: async_channel::Sender<HandOver>,
+        /// Whether the bridge still waits for the answer: the shard hands
+        /// the session over only if it does, and keeps it otherwise.
+        ticket: Ticket,
     },
+}
+
+/// The agreement between the bridge and a shard on one take-over request
+/// ([`ToShard::Takeover`]): the bridge waits for the shard's answer a
+/// bounded time only, and the shard may be about to hand the session over
+/// just as it gives up. Exactly one of the two moves the ticket on: the
+/// shard with [`Ticket::answer`] (the bridge then takes its answer, and
+/// the session leaves the shard) or the bridge with [`Ticket::give_up`]
+/// (the shard then keeps the session: handing it over to nobody would
+/// lose it, and the other node refuses the CONNECT rather than start
+/// without it). So a session ends on one node, never on none or two.
+#[derive(Debug, Clone, Default)]
+pub struct Ticket(Arc<AtomicU8>);
+
+impl Ticket {
+    /// The bridge waits for the shard.
+    const WAITING: u8 = 0;
+    /// The bridge stopped waiting before the shard answered.
+    const GIVEN_UP: u8 = 1;
+    /// The shard answered while the bridge waited.
+    const ANSWERED: u8 = 2;
+
+    /// A ticket for a new request: the bridge waits.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// For the shard, before it hands the session over: true when the
+    /// bridge still waits (it now takes the answer, whatever its clock
+    /// says); false when it gave up (the shard keeps the session).
+    pub fn answer(&self) -> bool {
+        self.0
+            .compare_exchange(
+                Self::WAITING,
+                Self::ANSWERED,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_ok()
+    }
+
+    /// For the bridge, when its wait ran out: true when it gave up before
+    /// the shard answered (the shard keeps the session); false when the
+    /// shard answered first (its answer is on the way: wait for it).
+    pub fn give_up(&self) -> bool {
+        self.0
+            .compare_exchange(
+                Self::WAITING,
+                Self::GIVEN_UP,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_ok()
+    }
 }
 
 /// A shard's answer to [`ToShard::Takeover`].
@@ -286,13 +349,21 @@ impl ClusterLink {
 
     /// Asks the bridge for `client_id` in the cluster for claim `token` of
     /// this shard; the answer comes in the shard's queue
-    /// ([`ToShard::Claimed`]). False: the bridge is gone, no answer comes.
-    pub fn claim(&self, client_id: &str, clean_session: bool, token: u64) -> bool {
+    /// ([`ToShard::Claimed`]) before `deadline` ([`ClaimRequest::deadline`]).
+    /// False: the bridge is gone, no answer comes.
+    pub fn claim(
+        &self,
+        client_id: &str,
+        clean_session: bool,
+        token: u64,
+        deadline: Instant,
+    ) -> bool {
         let request = Control::Claim(ClaimRequest {
             client_id: ByteString::from(client_id),
             clean_session,
             shard: self.shard,
             token,
+            deadline,
         });
         let sent = self.ends.interest.try_send(request).is_ok();
         if !sent {
@@ -497,6 +568,51 @@ impl ClusterStatus {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Whoever moves a take-over's ticket first wins: the shard's answer
+    /// after the bridge gave up is refused (the shard keeps the session),
+    /// the bridge's giving up after the shard answered is refused (the
+    /// bridge takes the answer); a ticket moves once.
+    #[test]
+    fn a_takeover_ticket_moves_once_to_whichever_side_comes_first() {
+        let answered = Ticket::new();
+        assert!(answered.answer());
+        assert!(!answered.give_up(), "answered: the bridge takes it");
+        assert!(!answered.answer(), "once");
+        let given_up = Ticket::new();
+        assert!(given_up.give_up());
+        assert!(!given_up.answer(), "given up: the shard keeps it");
+        assert!(!given_up.give_up(), "once");
+        // A copy is the same ticket (one travels to the shard).
+        let ticket = Ticket::new();
+        assert!(ticket.clone().give_up());
+        assert!(!ticket.answer());
+    }
+
+    /// The shard (one thread) and the bridge (another) racing on the same
+    /// ticket: always exactly one of them wins, and both see the same end.
+    #[test]
+    fn a_takeover_ticket_raced_from_two_threads_has_exactly_one_winner() {
+        let (mut answers, mut give_ups) = (0, 0);
+        for _ in 0..2000 {
+            let ticket = Ticket::new();
+            let barrier = Arc::new(std::sync::Barrier::new(2));
+            let shard = {
+                let (ticket, barrier) = (ticket.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    ticket.answer()
+                })
+            };
+            barrier.wait();
+            let gave_up = ticket.give_up();
+            let answered = shard.join().unwrap();
+            assert_ne!(answered, gave_up, "exactly one wins");
+            answers += usize::from(answered);
+            give_ups += usize::from(gave_up);
+        }
+        assert_eq!(answers + give_ups, 2000);
+    }
 
     /// Shard `shard`'s link, and what it sends the bridge.
     fn link_of(shard: usize) -> (ClusterLink, async_channel::Receiver<Control>) {

@@ -40,13 +40,16 @@ use serde::{Deserialize, Serialize};
 
 use crate::cluster::ClusterError;
 use crate::cluster::bridge::{Bridge, Shared, open_bucket};
-use crate::cluster::link::{ClaimAnswer, ClaimRequest, HandOver, ToShard};
+use crate::cluster::link::{ClaimAnswer, ClaimRequest, HandOver, Ticket, ToShard};
 use crate::cluster::retained;
 use crate::config::cluster::PartitionMode;
 
-/// Longest the bridge works on one claim before it answers
-/// [`ClaimAnswer::Unavailable`]: below the 10 s a CONNECT waits for its
-/// claim, so the answer arrives before the connection gives up.
+/// Longest the bridge works on one claim, counted from the start of the
+/// CONNECT's claim (the shard sets [`ClaimRequest::deadline`] from it),
+/// before it answers [`ClaimAnswer::Unavailable`]: every KV call of the
+/// claim and the wait on the previous owner are cut off there, not each
+/// given a timeout of its own. Below the 10 s a CONNECT waits for its
+/// whole claim, so the answer arrives before the connection gives up.
 pub const CLAIM_DEADLINE: Duration = Duration::from_secs(8);
 /// Pause before another try after a KV error or an owner that did not
 /// answer (it may be a moment from answering, or from being declared dead).
@@ -451,9 +454,21 @@ pub(super) async fn claim(bridge: Shared, request: ClaimRequest) {
     }
 }
 
-/// Works out who owns the id now, taking it over where needed.
+/// `work`, cut off at a claim's `deadline`: None once it has passed.
+async fn by<T>(deadline: Instant, work: impl Future<Output = T>) -> Option<T> {
+    tokio::time::timeout_at(deadline.into(), work).await.ok()
+}
+
+/// Waits [`RETRY`], or less up to a claim's `deadline`.
+async fn pause(deadline: Instant) {
+    tokio::time::sleep_until(deadline.min(Instant::now() + RETRY).into()).await;
+}
+
+/// Works out who owns the id now, taking it over where needed, by the
+/// request's deadline (every KV call and the wait on the previous owner
+/// cut off there): past it, [`ClaimAnswer::Unavailable`].
 async fn decide(bridge: &Shared, request: &ClaimRequest) -> ClaimAnswer {
-    let deadline = Instant::now() + CLAIM_DEADLINE;
+    let deadline = request.deadline;
     let (client, root, node, incarnation, status, mode, timeout) = {
         let b = bridge.borrow();
         (
@@ -498,8 +513,8 @@ async fn decide(bridge: &Shared, request: &ClaimRequest) -> ClaimAnswer {
                     PartitionMode::Fence => ClaimAnswer::Unavailable,
                 };
             }
-            _ if Instant::now() > deadline => return ClaimAnswer::Unavailable,
-            _ => tokio::time::sleep(RETRY).await,
+            _ if Instant::now() >= deadline => return ClaimAnswer::Unavailable,
+            _ => pause(deadline).await,
         }
     };
     let key = key(&request.client_id);
@@ -521,11 +536,25 @@ async fn decide(bridge: &Shared, request: &ClaimRequest) -> ClaimAnswer {
     // The state a previous owner sent (kept if a later compare-and-set
     // fails and the record is read again).
     let mut state: Option<Bytes> = None;
+    // Past the deadline (checked at each turn, and every call below cut
+    // off there): unavailable. A cut-off `create` or `update` may still
+    // have been applied by the server; the record then names this node,
+    // and the client's next CONNECT here finds it this node's.
+    let unavailable = || {
+        debug!(
+            "cluster: claim of {:?} not decided by its deadline",
+            request.client_id
+        );
+        ClaimAnswer::Unavailable
+    };
     loop {
-        if Instant::now() > deadline {
-            return ClaimAnswer::Unavailable;
+        if Instant::now() >= deadline {
+            return unavailable();
         }
-        match store.create(&key, value.clone()).await {
+        let Some(created) = by(deadline, store.create(&key, value.clone())).await else {
+            return unavailable();
+        };
+        match created {
             Ok(revision) => {
                 own(bridge, request, revision);
                 return ClaimAnswer::Granted(state);
@@ -533,7 +562,7 @@ async fn decide(bridge: &Shared, request: &ClaimRequest) -> ClaimAnswer {
             Err(e) if e.kind() == CreateErrorKind::AlreadyExists => {}
             Err(e) => {
                 kv_error(&e);
-                tokio::time::sleep(RETRY).await;
+                pause(deadline).await;
                 continue;
             }
         }
@@ -541,13 +570,16 @@ async fn decide(bridge: &Shared, request: &ClaimRequest) -> ClaimAnswer {
         // below fail, and the record is read again), except where the
         // record says the id is this node's already: granted without a
         // compare-and-set, so that is confirmed from the leader.
-        let entry = match store.entry(&key).await {
+        let Some(read) = by(deadline, store.entry(&key)).await else {
+            return unavailable();
+        };
+        let entry = match read {
             Ok(Some(entry)) => entry,
             // Deleted between the two calls: create again.
             Ok(None) => continue,
             Err(e) => {
                 kv_error(&e);
-                tokio::time::sleep(RETRY).await;
+                pause(deadline).await;
                 continue;
             }
         };
@@ -564,12 +596,15 @@ async fn decide(bridge: &Shared, request: &ClaimRequest) -> ClaimAnswer {
             if owner.node == node && owner.inc == incarnation {
                 // Already this node's (a reconnect here, or a take-over
                 // between this node's shards), if the leader says so too.
-                match leader_entry(&store, &key).await {
+                let Some(latest) = by(deadline, leader_entry(&store, &key)).await else {
+                    return unavailable();
+                };
+                match latest {
                     Ok(Some(latest)) if latest.revision == entry.revision => {}
                     Ok(_) => continue,
                     Err(e) => {
                         kv_error(&e);
-                        tokio::time::sleep(RETRY).await;
+                        pause(deadline).await;
                         continue;
                     }
                 }
@@ -580,13 +615,16 @@ async fn decide(bridge: &Shared, request: &ClaimRequest) -> ClaimAnswer {
             // gone, or restored here from its store).
             orphaned = owner.node == node;
             if owner.node != node {
+                // The owner's answer is awaited up to the claim's deadline
+                // at most.
+                let left = deadline.saturating_duration_since(Instant::now());
                 let asked = ask(
                     &client,
                     &root,
                     &owner.node,
                     (&request.client_id, request.clean_session, entry.revision),
                     &node,
-                    timeout,
+                    timeout.min(left),
                 );
                 match asked.await {
                     Asked::Unavailable => {
@@ -611,7 +649,7 @@ async fn decide(bridge: &Shared, request: &ClaimRequest) -> ClaimAnswer {
                     }
                     Asked::Silent => {
                         if alive(bridge, &owner.node) {
-                            tokio::time::sleep(RETRY).await;
+                            pause(deadline).await;
                             continue;
                         }
                         orphaned = true;
@@ -624,11 +662,17 @@ async fn decide(bridge: &Shared, request: &ClaimRequest) -> ClaimAnswer {
             }
         }
         let left = if orphaned && !request.clean_session && state.is_none() {
-            left_subscriptions(bridge, &key, entry.revision).await
+            by(deadline, left_subscriptions(bridge, &key, entry.revision))
+                .await
+                .flatten()
         } else {
             None
         };
-        match store.update(&key, value.clone(), entry.revision).await {
+        let Some(updated) = by(deadline, store.update(&key, value.clone(), entry.revision)).await
+        else {
+            return unavailable();
+        };
+        match updated {
             Ok(revision) => {
                 own(bridge, request, revision);
                 if took_over {
@@ -821,12 +865,14 @@ async fn hand_over(bridge: Shared, request: TakeoverRequest, reply: async_nats::
         )
     };
     let (answer, answered) = async_channel::bounded(1);
+    let ticket = Ticket::new();
     let image = match queue {
         Some(queue) => {
             let asked = ToShard::Takeover {
                 client_id: client_id.clone(),
                 clean_session: request.clean,
                 answer,
+                ticket: ticket.clone(),
             };
             let wait = async {
                 // A grant of the id to this node still on its way to the
@@ -839,11 +885,24 @@ async fn hand_over(bridge: Shared, request: TakeoverRequest, reply: async_nats::
                 answered.recv().await.ok()
             };
             // A shard bounds its answer below SHARD_ANSWER; one stuck past
-            // it (its thread blocked) has not ended the session either.
+            // it (its thread blocked) has not ended the session either, and
+            // keeps it if it gets that far later (the ticket): the claim
+            // that holds it then is learnt from its late answer.
             match tokio::time::timeout(SHARD_ANSWER, wait).await {
                 Ok(Some(answer)) => answer,
                 Ok(None) => HandOver::Moved(None),
-                Err(_) => HandOver::Unavailable { token: 0 },
+                Err(_) if ticket.give_up() => {
+                    let late =
+                        late_answer(bridge.clone(), client_id.clone(), owned, shard, answered);
+                    tokio::task::spawn_local(late);
+                    HandOver::Unavailable { token: 0 }
+                }
+                // The shard answered just now: its answer is in the queue,
+                // or about to be (sent right after the ticket moved).
+                Err(_) => answered
+                    .recv()
+                    .await
+                    .unwrap_or(HandOver::Unavailable { token: 0 }),
             }
         }
         None => HandOver::Moved(None),
@@ -884,6 +943,30 @@ async fn hand_over(bridge: Shared, request: TakeoverRequest, reply: async_nats::
     let payload = image.unwrap_or_default();
     if let Err(e) = client.publish(reply, payload).await {
         debug!("cluster: take-over answer for {client_id:?} not sent: {e}");
+    }
+}
+
+/// The answer of a shard that the bridge gave up waiting for (its ticket
+/// says so, so the shard keeps the session): the claim that holds the
+/// session on `shard`, which the node's ownership of `client_id` is moved
+/// to if it is still the one `owned` from before the request (so that the
+/// session's end deletes the record, and its subscriptions are written).
+async fn late_answer(
+    bridge: Shared,
+    client_id: ByteString,
+    owned: Option<Owned>,
+    shard: usize,
+    answered: async_channel::Receiver<HandOver>,
+) {
+    let Ok(HandOver::Unavailable { token }) = answered.recv().await else {
+        return;
+    };
+    let mut b = bridge.borrow_mut();
+    if let Some(o) = b.owned.get_mut(&client_id)
+        && token != 0
+        && Some(*o) == owned
+    {
+        (o.shard, o.token) = (shard, token);
     }
 }
 
@@ -966,6 +1049,8 @@ fn drop_here(b: &mut Bridge, client_id: &ByteString, shard: usize) {
         client_id: client_id.clone(),
         clean_session: true,
         answer,
+        // Nobody waits for the answer, and the session is to end anyway.
+        ticket: Ticket::new(),
     };
     if queue.try_send(dropped).is_err() {
         debug!("cluster: {client_id:?} not dropped: the shard's queue is full");
@@ -1277,6 +1362,32 @@ async fn reassert_restored(bridge: &Shared, r: &Restored) -> Settled {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A claim's calls end at its deadline, not each after a timeout of its
+    /// own: one that does not come back yields None there, one that comes
+    /// back first its value; the pause between tries ends at the deadline.
+    #[test]
+    fn a_claims_calls_and_pauses_are_cut_off_at_its_deadline() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let start = Instant::now();
+            let deadline = start + Duration::from_millis(50);
+            let never = std::future::pending::<()>();
+            assert_eq!(by(deadline, never).await, None);
+            let cut = start.elapsed();
+            assert!(cut >= Duration::from_millis(50), "{cut:?}");
+            assert!(cut < RETRY, "cut at the deadline: {cut:?}");
+            let later = Instant::now() + Duration::from_secs(60);
+            assert_eq!(by(later, async { 7 }).await, Some(7));
+            // A pause near the deadline is cut short.
+            let start = Instant::now();
+            pause(start + Duration::from_millis(20)).await;
+            assert!(start.elapsed() < RETRY, "{:?}", start.elapsed());
+        });
+    }
 
     #[test]
     fn records_and_requests_read_back_and_keys_are_valid() {

@@ -407,7 +407,11 @@ pub(super) async fn connect(
         Ok(granted) => granted,
         Err(e) => {
             debug!("{}: client {client_id}: {e}", Peer(client.socket_fd()));
-            if e == registry::RegistryError::ClusterUnavailable {
+            // A claim that ran out of time or that the cluster could not
+            // decide is refused as server unavailable (3.1.1: 0x03, 5.0:
+            // 0x88): the client tries again. A superseded one gets no
+            // CONNACK (a newer connection has the id).
+            if e != registry::RegistryError::Superseded {
                 refuse(&mut client, version, Refusal::ServerUnavailable).await;
             }
             return None;

@@ -109,6 +109,10 @@ fn sweep(ctx: &Ctx) -> Swept {
         // record (`Shard::flush_dirty` writes it when due): on disk within
         // a sweep even when the shard is idle.
         shard.journal_done();
+        // Drops of ended sessions whose shared backlog's new shards did
+        // not answer in time (a claim's answer may then wait in the
+        // outbox).
+        let dropped = shard.journal_handed_over_drops();
         let now = shard.now_ticks();
         let silent = shard.waiting.expire(std::time::Instant::now());
         if silent > 0 {
@@ -121,7 +125,7 @@ fn sweep(ctx: &Ctx) -> Swept {
         shard.refresh_gauges(totals);
         let moves_ended = shard.end_old_moves(now);
         if expired.is_empty() && wills.is_empty() {
-            return if moves_ended {
+            return if moves_ended || dropped {
                 Swept::Published
             } else {
                 Swept::Quiet

@@ -26,6 +26,9 @@ pub const MULTI_LEVEL_WILDCARD: &str = "#";
 /// Single-level wildcard (§4.7.1.3): exactly one level.
 pub const SINGLE_LEVEL_WILDCARD: &str = "+";
 
+/// How a shared subscription's filter starts (MQTT 5.0 §4.8.2).
+pub const SHARED_PREFIX: &str = "$share/";
+
 /// Why a string is not a valid Topic Name or Topic Filter.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Error)]
 pub enum TopicError {

@@ -21,9 +21,6 @@ use crate::protocol::topic;
 use crate::protocol::v3::QoS;
 use crate::router::Router;
 
-/// How a shared subscription's filter starts (§4.8.2).
-pub const SHARED_PREFIX: &str = "$share/";
-
 /// A Topic Filter parsed for the shared-subscription form.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Parsed<'a> {
@@ -45,7 +42,7 @@ pub enum Parsed<'a> {
 /// Parses `filter` as a shared subscription (§4.8.2): the ShareName is at
 /// least one character and holds no `/`, `+` or `#`; a filter follows it.
 pub fn parse(filter: &str) -> Parsed<'_> {
-    let Some(rest) = filter.strip_prefix(SHARED_PREFIX) else {
+    let Some(rest) = filter.strip_prefix(topic::SHARED_PREFIX) else {
         return Parsed::Plain;
     };
     let Some((name, filter)) = rest.split_once('/') else {
@@ -59,7 +56,7 @@ pub fn parse(filter: &str) -> Parsed<'_> {
 
 /// True when `filter` is written as a shared subscription (valid or not).
 pub fn is_shared(filter: &str) -> bool {
-    filter.starts_with(SHARED_PREFIX)
+    filter.starts_with(topic::SHARED_PREFIX)
 }
 
 /// One member of a group: a session on some shard.

@@ -195,20 +195,61 @@ impl SessionState {
         self.keep_pending(kept, limits)
     }
 
+    /// The MQTT 5.0 options that this state's non-shared subscriptions
+    /// matching `topic` give one copy of a message on it (§3.3.4: one copy
+    /// per session, with the Subscription Identifier of every matching
+    /// subscription; §3.8.3.1: RETAIN kept if any of them has Retain As
+    /// Published). A shared subscription's copy is a separate one, sent
+    /// through its group ([`Session::deliver_shared`]).
+    pub fn copy_options(&self, topic: &str) -> CopyOptions {
+        let mut options = CopyOptions {
+            no_local_only: true,
+            retain_as_published: false,
+            identifiers: SmallVec::new(),
+        };
+        let extras = self
+            .flows
+            .as_deref()
+            .map_or(&[][..], |f| &f.subscription_options[..]);
+        for (filter, _) in &self.subscriptions {
+            if shared::is_shared(filter) || !topic::filter_matches(filter, topic) {
+                continue;
+            }
+            match extras.iter().find(|e| e.filter == *filter) {
+                Some(extras) => {
+                    options.no_local_only &= extras.no_local;
+                    options.retain_as_published |= extras.retain_as_published;
+                    options.identifiers.extend(extras.identifier);
+                }
+                None => options.no_local_only = false,
+            }
+        }
+        options
+    }
+
     /// Keeps, in this state's pending queue, the copy of `message` for a
     /// plain subscription granted `granted`: the state of a session the
     /// cluster granted to a connection of this node that has not attached
     /// it yet, for a message that reached its shard meanwhile. As
-    /// [`SessionState::keep_shared`], without subscription options.
+    /// [`SessionState::keep_shared`]: at the granted QoS, with the options
+    /// of the subscriptions it matches ([`SessionState::copy_options`]:
+    /// Subscription Identifiers, Retain As Published), as
+    /// [`Session::deliver_v5`] sends it to a connected session. No Local
+    /// does not apply: the session has no key on this shard to be a
+    /// publisher's, and a message from another node carries no origin (as
+    /// for a connected session). The options stay in the message when the
+    /// client attaches with MQTT 3.1.1 (its frames leave the identifiers
+    /// out).
     pub fn keep(&mut self, message: &Message, granted: QoS, limits: &Limits) -> Delivery {
         let qos = message.qos.min(granted);
         if qos == QoS::AtMostOnce {
             return Delivery::Skipped;
         }
+        let options = self.copy_options(&message.topic);
         let kept = Message {
             qos,
-            retain: false,
-            ..message.clone()
+            retain: options.retain_as_published && message.retain,
+            ..with_identifiers(message, &options.identifiers)
         };
         self.keep_pending(kept, limits)
     }
@@ -423,6 +464,21 @@ pub struct SubscriptionExtras {
     pub retain_as_published: bool,
     /// The Subscription Identifier, sent with every message it matches.
     pub identifier: Option<NonZeroU32>,
+}
+
+/// What the subscriptions of one session that match a topic give the
+/// session's copy of a message on it ([`SessionState::copy_options`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CopyOptions {
+    /// Every matching subscription has No Local: the copy is skipped when
+    /// the session published the message itself.
+    pub no_local_only: bool,
+    /// Some matching subscription has Retain As Published: RETAIN as the
+    /// publisher set it.
+    pub retain_as_published: bool,
+    /// The Subscription Identifiers of the matching subscriptions (§3.3.4:
+    /// all of them on the one copy), in subscription order.
+    pub identifiers: SmallVec<[NonZeroU32; 2]>,
 }
 
 /// What happened to a message offered to a session.
@@ -801,37 +857,15 @@ impl Session {
         granted: QoS,
         limits: &Limits,
     ) -> Delivery {
-        let Some(flows) = self
-            .state
-            .flows
-            .as_deref()
-            .filter(|f| !f.subscription_options.is_empty())
-        else {
+        if !self.has_subscription_options() {
             return self.deliver(encoded, granted, limits);
-        };
-        let message = encoded.message;
-        let mut no_local_only = true;
-        let mut retain_as_published = false;
-        let mut identifiers: SmallVec<[NonZeroU32; 2]> = SmallVec::new();
-        for (filter, _) in &self.state.subscriptions {
-            // A shared subscription's copy is a separate one, sent through
-            // its group ([`Session::deliver_shared`]).
-            if shared::is_shared(filter) || !topic::filter_matches(filter, &message.topic) {
-                continue;
-            }
-            match flows
-                .subscription_options
-                .iter()
-                .find(|e| e.filter == *filter)
-            {
-                Some(extras) => {
-                    no_local_only &= extras.no_local;
-                    retain_as_published |= extras.retain_as_published;
-                    identifiers.extend(extras.identifier);
-                }
-                None => no_local_only = false,
-            }
         }
+        let message = encoded.message;
+        let CopyOptions {
+            no_local_only,
+            retain_as_published,
+            identifiers,
+        } = self.state.copy_options(&message.topic);
         if no_local_only && encoded.origin == Some(key) {
             return Delivery::Skipped;
         }

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use ahash::AHashMap;
 use bytestring::ByteString;
 
-use crate::cluster::link::{HandOver, Outgoing, ToShard};
+use crate::cluster::link::{HandOver, Outgoing, Ticket, ToShard};
 use crate::cluster::ownership::MAX_SUBSCRIPTIONS_RECORD;
 use crate::protocol::message::{Encoded, Message};
 use crate::protocol::topic;
@@ -25,7 +25,7 @@ use crate::protocol::v3::QoS;
 use crate::router::SharedFilter;
 use crate::router::shared::SharedDelivery;
 use crate::session::{Session, SessionState};
-use crate::shard::persist::{set_stored_options, stored_subscriptions};
+use crate::shard::persist::{Keepers, set_stored_options, stored_subscriptions};
 use crate::shard::run::{self, takes_runs};
 use crate::shard::{Ctx, SessionKey, Shard, offer, read_allowed, registry};
 use crate::store::record::{Record, RecordError, StoredMessage, StoredSession, unix_ms_now};
@@ -170,7 +170,8 @@ pub async fn receive_from_bridge(ctx: Ctx, from_bridge: async_channel::Receiver<
                         client_id,
                         clean_session,
                         answer,
-                    } => takeovers.push((client_id, clean_session, answer)),
+                        ticket,
+                    } => takeovers.push((client_id, clean_session, answer, ticket)),
                 }
                 handled += 1;
                 if handled < DRAIN_PER_TURN {
@@ -181,8 +182,9 @@ pub async fn receive_from_bridge(ctx: Ctx, from_bridge: async_channel::Receiver<
         }
         // Spawned with the shard unborrowed (glommio may run them at once),
         // after what was routed before them went out.
-        for (client_id, clean_session, answer) in takeovers {
-            glommio::spawn_local(hand_over(ctx.clone(), client_id, clean_session, answer)).detach();
+        for (client_id, clean_session, answer, ticket) in takeovers {
+            let asked = hand_over(ctx.clone(), client_id, clean_session, answer, ticket);
+            glommio::spawn_local(asked).detach();
         }
         glommio::yield_if_needed().await;
     }
@@ -212,12 +214,15 @@ const HAND_OVER_WAIT: Duration = Duration::from_millis(1500);
 /// disk stalls) the answer is [`HandOver::Unavailable`]: a session that
 /// was to move stays here, journalled again after its drop, and the other
 /// node refuses the CONNECT; so a `kill -9` of this node cannot bring back
-/// a session that lives on, or ended, elsewhere.
+/// a session that lives on, or ended, elsewhere. The session goes only if
+/// the bridge still waits for the answer (`ticket`,
+/// [`Shard::hand_over_if_awaited`]).
 async fn hand_over(
     ctx: Ctx,
     client_id: ByteString,
     clean_session: bool,
     answer: async_channel::Sender<HandOver>,
+    ticket: Ticket,
 ) {
     let deadline = Instant::now() + HAND_OVER_WAIT;
     let claimed =
@@ -252,9 +257,12 @@ async fn hand_over(
             return;
         }
     }
-    let image = ctx.shard.borrow_mut().handed(&client_id, token, state);
+    let answered = ctx
+        .shard
+        .borrow_mut()
+        .hand_over_if_awaited(&client_id, token, state, &ticket);
     ctx.send_outbox();
-    let _ = answer.try_send(HandOver::Moved(image));
+    let _ = answer.try_send(answered);
 }
 
 impl Shard {
@@ -294,6 +302,30 @@ impl Shard {
         self.release(client_id, token);
         self.stats.cluster_taken_over += 1;
         image
+    }
+
+    /// The take-over of [`Shard::hand_over_claimed`] ends, its end durable:
+    /// [`Shard::handed`] if the bridge still waits for the answer
+    /// ([`Ticket::answer`]); if it gave up meanwhile (this shard was slower
+    /// than its `SHARD_ANSWER`), nobody would receive the state, so the
+    /// session stays here ([`Shard::keep_handed`]) and the answer, which
+    /// the bridge may still read to learn the claim that holds it, is
+    /// [`HandOver::Unavailable`].
+    pub fn hand_over_if_awaited(
+        &mut self,
+        client_id: &str,
+        token: u64,
+        state: Option<SessionState>,
+        ticket: &Ticket,
+    ) -> HandOver {
+        if ticket.answer() {
+            return HandOver::Moved(self.handed(client_id, token, state));
+        }
+        log::warn!(
+            "cluster: take-over of {client_id:?} by another node given up by the bridge before this shard answered: the session stays"
+        );
+        self.keep_handed(client_id, token, state);
+        HandOver::Unavailable { token }
     }
 
     /// The take-over of [`Shard::hand_over_claimed`] is refused: `state`
@@ -588,6 +620,7 @@ impl Shard {
             cluster_others,
             ..
         } = self;
+        let persist_stamps = &*persist_stamps;
         let mut frames = std::mem::take(run_frames);
         frames.clear();
         let mut others = std::mem::take(cluster_others);
@@ -610,22 +643,48 @@ impl Shard {
             }
             frames.deliver(run, session, key, batch, limits, stats, dirty);
         });
-        for message in run {
-            let mut encoded = Encoded::new(message, batch);
-            for &(key, granted) in &others {
-                let Some(session) = sessions.get_mut(key as usize) else {
-                    continue;
-                };
-                if offer(session, &mut encoded, key, granted, limits, stats) && !session.dirty {
-                    session.dirty = true;
-                    dirty.push(key);
-                }
-            }
-        }
         self.run_frames = frames;
+        for message in run {
+            self.offer_from_cluster(message, &others);
+        }
         self.cluster_others = others;
         if !as_run {
             self.queue_for_attaching(Some(filter), first);
+        }
+    }
+
+    /// Offers `message`, from another node, to each session of `takers`
+    /// at the QoS granted to it, as a local publish offers it
+    /// ([`Shard::route_from`]): a QoS 1/2 message that journalled
+    /// (persistent) sessions keep is journalled once, with their queue and
+    /// sent records, and a QoS 2 PUBLISH to one of them waits for its
+    /// record (`Shard::hold_out`); so a `kill -9` of this node loses none
+    /// of what it took from NATS for them.
+    fn offer_from_cluster(&mut self, message: &Message, takers: &[(SessionKey, QoS)]) {
+        let Shard {
+            sessions,
+            dirty,
+            stats,
+            limits,
+            batch,
+            persist_stamps,
+            persist_refs,
+            persist_sent,
+            persist_hold,
+            ..
+        } = self;
+        let mut keepers = Keepers::new(persist_stamps, persist_refs, persist_sent, persist_hold);
+        let mut encoded = Encoded::new(message, batch);
+        for &(key, granted) in takers {
+            let Some(session) = sessions.get_mut(key as usize) else {
+                continue;
+            };
+            keepers.offer(session, key, |session| {
+                offer(session, &mut encoded, key, granted, limits, stats, dirty);
+            });
+        }
+        if let Some(mid) = keepers.mid() {
+            self.journal_queued(message, mid);
         }
     }
 }
@@ -751,6 +810,113 @@ mod tests {
         assert!(shard.take_remote_batch().is_none(), "never handed on");
     }
 
+    /// A persistent session of `shard` (which has a session journal) for
+    /// `client_id`, subscribed to `filter` at QoS 2 and journalled, online
+    /// or offline; its key and image alias.
+    fn journalled(
+        shard: &mut Shard,
+        client_id: &str,
+        filter: &str,
+        online: bool,
+    ) -> (SessionKey, crate::store::record::Alias) {
+        let key = testing::attach(shard, client_id, filter, QoS::ExactlyOnce);
+        let session = &mut shard.sessions[key as usize];
+        session.clean_session = false;
+        if !online {
+            session.detach();
+        }
+        shard.journal_session(key);
+        (key, shard.persist_stamps[&key])
+    }
+
+    /// A queue or sent record as a test compares it: kind, message id,
+    /// the sessions' references as text.
+    type Refs = (&'static str, u64, String);
+
+    /// The records of `records` about messages: each message's id and
+    /// payload, and the queue and sent records.
+    fn message_records(records: &[Record]) -> (Vec<(u64, Bytes)>, Vec<Refs>) {
+        let mut messages = Vec::new();
+        let mut refs = Vec::new();
+        for record in records {
+            match record {
+                Record::Message(mid, m) => messages.push((*mid, m.payload.clone())),
+                Record::Queue(mid, queued) => refs.push(("queue", *mid, format!("{queued:?}"))),
+                Record::Sent(mid, sent) => refs.push(("sent", *mid, format!("{sent:?}"))),
+                _ => {}
+            }
+        }
+        (messages, refs)
+    }
+
+    #[test]
+    fn a_message_from_another_node_kept_by_persistent_sessions_is_journalled_once() {
+        let mut shard = testing::shard();
+        let journal = testing::unwritten_journal(&mut shard);
+        let (online, online_alias) = journalled(&mut shard, "online", "t/#", true);
+        let (_, offline_alias) = journalled(&mut shard, "offline", "t/#", false);
+        let mut plain = attach_client(&mut shard, "plain", "t/#", QoS::AtLeastOnce, None);
+        shard.flush_dirty();
+        let before = journal.pending_records().len();
+        let mut qos2 = message("t/1", b"two");
+        qos2.qos = QoS::ExactlyOnce;
+        let messages = [message("t/1", b"one"), qos2];
+        shard.route_from_cluster(Some("t/#"), &messages);
+        let records = journal.pending_records();
+        let (stored, refs) = message_records(&records[before..]);
+        let payloads: Vec<Bytes> = stored.iter().map(|m| m.1.clone()).collect();
+        assert_eq!(
+            payloads,
+            [Bytes::from_static(b"one"), Bytes::from_static(b"two")],
+            "each message once for the shard, in order"
+        );
+        let (one, two) = (stored[0].0, stored[1].0);
+        let queue = |mid, qos| ("queue", mid, format!("{:?}", [(offline_alias, qos)]));
+        let sent = |mid, id: u16, qos| ("sent", mid, format!("{:?}", [(online_alias, id, qos)]));
+        assert_eq!(
+            refs,
+            [
+                queue(one, QoS::AtLeastOnce),
+                sent(one, 1, QoS::AtLeastOnce),
+                queue(two, QoS::ExactlyOnce),
+                sent(two, 2, QoS::ExactlyOnce),
+            ],
+            "the offline session queued both, the online one sent both"
+        );
+        let conn_id = shard.sessions[online as usize]
+            .link
+            .as_ref()
+            .map(|l| l.conn_id)
+            .unwrap();
+        assert!(
+            shard.held_out.waits(online, conn_id),
+            "the QoS 2 PUBLISH waits for the record of its packet id"
+        );
+        shard.flush_dirty();
+        assert_eq!(plain.publishes().len(), 2, "a clean session as before");
+        // A message nobody journalled keeps writes nothing.
+        let before = journal.pending_records().len();
+        let mut qos0 = message("t/1", b"zero");
+        qos0.qos = QoS::AtMostOnce;
+        shard.route_from_cluster(Some("t/#"), &[qos0.clone(), qos0]);
+        assert_eq!(journal.pending_records().len(), before);
+    }
+
+    #[test]
+    fn a_shared_message_from_another_node_kept_by_a_persistent_member_is_journalled_once() {
+        let mut shard = testing::shard();
+        let journal = testing::unwritten_journal(&mut shard);
+        let (_, alias) = journalled(&mut shard, "member", "$share/g/t", false);
+        assert_eq!(shard.shared.members(), 1);
+        let before = journal.pending_records().len();
+        let share = ByteString::from("$share/g/t");
+        shard.deliver_shared_from_cluster(vec![(share, message("t", b"one"))]);
+        let (stored, refs) = message_records(&journal.pending_records()[before..]);
+        assert_eq!(stored.len(), 1);
+        let queued = format!("{:?}", [(alias, QoS::AtLeastOnce)]);
+        assert_eq!(refs, [("queue", stored[0].0, queued)]);
+    }
+
     #[test]
     fn a_session_image_carries_subscriptions_options_and_queued_messages() {
         let mut shard = testing::shard();
@@ -843,6 +1009,52 @@ mod tests {
             ));
         }
         assert!(subscriptions_image("p", &many).is_none());
+    }
+
+    /// A take-over by another node whose bridge stopped waiting before the
+    /// shard got to hand the session over ([`Ticket::give_up`]) keeps the
+    /// session here, with its subscriptions and queue, under the take-over's
+    /// claim; one the bridge still waits for hands it over and releases it.
+    #[test]
+    fn a_hand_over_the_bridge_gave_up_on_keeps_the_session_here() {
+        let mut shard = testing::shard();
+        for (id, given_up) in [("kept", true), ("moved", false)] {
+            // A persistent session of `id`, offline, one message queued.
+            shard.home_claim(ByteString::from(id), 0, u64::MAX, false);
+            let mut session = Session::new(ByteString::from(id), false, SessionState::default());
+            session.claim = u64::MAX;
+            session.subscribe(SharedFilter::from("a/+"), QoS::AtLeastOnce);
+            let flows = session.state.flows.get_or_insert_with(Box::default);
+            flows.pending.push_back(message("a/b", b"queued"));
+            shard.insert_session(session);
+            // Another node's take-over claims it here.
+            let token = shard.start_claim(ByteString::from(id), false);
+            let (state, _) = shard.hand_over_claimed(id, token);
+            assert!(state.is_some(), "{id}: the claim took the state");
+            assert!(shard.session_key(id).is_none());
+            let ticket = Ticket::new();
+            if given_up {
+                assert!(ticket.give_up());
+            }
+            let answer = shard.hand_over_if_awaited(id, token, state, &ticket);
+            let here = shard
+                .session_key(id)
+                .map(|key| &shard.sessions[key as usize]);
+            if given_up {
+                assert_eq!(answer, HandOver::Unavailable { token });
+                let here = here.expect("kept here");
+                assert_eq!(here.claim, token, "as the take-over's claim");
+                assert_eq!(&*here.state.subscriptions[0].0, "a/+");
+                assert_eq!(here.state.flows.as_ref().map(|f| f.pending.len()), Some(1));
+            } else {
+                let HandOver::Moved(Some(image)) = answer else {
+                    panic!("{id}: moved with its image: {answer:?}");
+                };
+                assert!(here.is_none(), "gone from here");
+                let back = decode_image(&image).unwrap();
+                assert_eq!(back.flows.map(|f| f.pending.len()), Some(1));
+            }
+        }
     }
 
     #[test]

@@ -98,6 +98,34 @@ impl HeldAcks {
         self.open.is_some()
     }
 
+    /// A barrier of its own, outside the steps' (a session's end whose
+    /// drop record waits for the shards its shared backlog went to,
+    /// `Shard::journal_drop_after`), with no answer to wait for yet
+    /// ([`HeldAcks::join`] adds them); its token.
+    pub fn new_barrier(&mut self) -> u64 {
+        let token = self.new_token();
+        self.barriers.insert(token, (0, None));
+        token
+    }
+
+    /// One more answer for barrier `token` to wait for.
+    pub fn join(&mut self, token: u64) {
+        self.barriers.entry(token).or_insert((0, None)).0 += 1;
+    }
+
+    /// Whether every answer barrier `token` waits for came (then the
+    /// barrier is forgotten): [`HeldAcks::poll_applied`] for those that
+    /// nothing polls.
+    pub fn passed(&mut self, token: u64) -> bool {
+        match self.barriers.get(&token) {
+            Some((0, _)) | None => {
+                self.barriers.remove(&token);
+                true
+            }
+            Some(_) => false,
+        }
+    }
+
     /// A fresh barrier token.
     fn new_token(&mut self) -> u64 {
         let token = self.next_token;

@@ -143,6 +143,9 @@ fn answer_when_durable(
         for (shard, msg) in answers {
             if shard == ctx.id {
                 ctx.shard.borrow_mut().handle_control(msg);
+                // What it answered in turn (a claim whose session's drop
+                // waited for this, `Shard::journal_handed_over_drops`).
+                ctx.send_outbox();
             } else {
                 mesh::send_detached(&ctx.mesh, shard, msg);
             }
@@ -206,7 +209,10 @@ impl Shard {
             } => self.home_release(&client_id, shard, token),
             ShardMsg::SharedMember(update) => self.shared_member_update(update),
             ShardMsg::SharedPublish(deliveries) => self.deliver_shared(deliveries),
-            ShardMsg::SharedDurable { token, count } => self.held_acks.applied_many(token, count),
+            ShardMsg::SharedDurable { token, count } => {
+                self.held_acks.applied_many(token, count);
+                let _ = self.journal_handed_over_drops();
+            }
             ShardMsg::Stats { shard, counters } => {
                 if let Some(slot) = self.all_stats.get_mut(shard) {
                     *slot = *counters;

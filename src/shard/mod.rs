@@ -162,6 +162,10 @@ pub struct Shard {
     /// [`STEP_RECORD_ENTRIES`] or is [`STEP_RECORD_AGE`] old (the keep-alive
     /// sweep writes the rest).
     persist_step: crate::store::flows::StepBatch,
+    /// Expired persistent sessions whose drop record waits until the
+    /// shards their shared backlog went to journalled it
+    /// (`Shard::journal_drop_after`).
+    drops_waiting: Vec<persist::DropWaiting>,
     /// Connections whose packets wait for the session journal, released by
     /// `held_out::release_loop`.
     pub held_out: held_out::HeldOut,
@@ -265,8 +269,8 @@ pub(crate) fn read_allowed<'a>(
 
 /// Offers the message of `encoded` to `session` (key `key`) at QoS
 /// `granted`, through the delivery of its protocol version, and counts the
-/// outcome in `stats`; true when something was queued (the session is to
-/// be flushed).
+/// outcome in `stats`; a session that queued something goes on the
+/// `dirty` list (to be flushed).
 pub(crate) fn offer(
     session: &mut Session,
     encoded: &mut Encoded<'_>,
@@ -274,7 +278,8 @@ pub(crate) fn offer(
     granted: QoS,
     limits: &Limits,
     stats: &mut Counters,
-) -> bool {
+    dirty: &mut Vec<SessionKey>,
+) {
     let qos = encoded.message.qos;
     // One delivery path for both versions unless a 5.0 subscription has
     // options (No Local, Retain As Published, Subscription Identifiers).
@@ -286,13 +291,13 @@ pub(crate) fn offer(
     match delivery {
         Delivery::Queued => {
             stats.publish_sent_by_qos[qos.min(granted) as usize] += 1;
-            true
+            if !session.dirty {
+                session.dirty = true;
+                dirty.push(key);
+            }
         }
-        Delivery::Pending | Delivery::Skipped => false,
-        Delivery::Dropped => {
-            stats.publish_dropped += 1;
-            false
-        }
+        Delivery::Pending | Delivery::Skipped => {}
+        Delivery::Dropped => stats.publish_dropped += 1,
     }
 }
 
@@ -550,6 +555,7 @@ impl Shard {
             persist_sent: Vec::new(),
             persist_hold: Vec::new(),
             persist_step: crate::store::flows::StepBatch::default(),
+            drops_waiting: Vec::new(),
             held_out: held_out::HeldOut::default(),
             waiting: crate::net::waiting::Waiting::default(),
             needed_lsns: [0; 2],
@@ -721,9 +727,8 @@ impl Shard {
             auth,
             ..
         } = self;
-        // The message's id in the session journal, taken when the first
-        // journalled session keeps it.
-        let mut mid = None;
+        let mut keepers =
+            persist::Keepers::new(persist_stamps, persist_refs, persist_sent, persist_hold);
         let mut encoded = Encoded::new(message, batch);
         encoded.origin = origin;
         // Made at the first session with read checks only.
@@ -738,27 +743,11 @@ impl Shard {
             if !read_allowed(session, &mut reads, auth, &message.topic, stats) {
                 return;
             }
-            let tracked = if persist_stamps.is_empty() {
-                None
-            } else {
-                persist_stamps.get(&key).copied()
-            };
-            let before = tracked.map(|_| persist::queued_count(session));
-            let queued = offer(session, &mut encoded, key, granted, limits, stats);
-            if let (Some(stamp), Some(before)) = (tracked, before)
-                && persist::queued_count(session) > before
-            {
-                let id = *mid.get_or_insert_with(crate::store::record::next_stamp);
-                if persist::note_kept(session, stamp, id, persist_refs, persist_sent) {
-                    persist_hold.push(key);
-                }
-            }
-            if queued && !session.dirty {
-                session.dirty = true;
-                dirty.push(key);
-            }
+            keepers.offer(session, key, |session| {
+                offer(session, &mut encoded, key, granted, limits, stats, dirty);
+            });
         });
-        if let Some(mid) = mid {
+        if let Some(mid) = keepers.mid() {
             self.journal_queued(message, mid);
         }
     }
@@ -1040,8 +1029,11 @@ impl Shard {
         for &key in expired {
             if let Some(mut session) = self.remove_session(key) {
                 debug!("client {}: session expired", session.client_id);
-                self.journal_drop(&session.client_id);
-                self.pass_on_shared_backlog(&session.state);
+                // Its shared backlog goes to other members first, and the
+                // drop is written once their shards hold it: a `kill -9`
+                // in between keeps the messages with the session.
+                let handed = self.hand_over_shared_backlog(&session.state);
+                self.journal_drop_after(&session.client_id, handed, None);
                 // A will still waiting for its delay goes when its session
                 // ends (§3.1.3.2.2).
                 if let Some(will) = session.take_due_will(u32::MAX) {

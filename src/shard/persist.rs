@@ -31,6 +31,7 @@ use crate::protocol::v5::{RetainHandling, SubscriptionOptions};
 use crate::router::SharedFilter;
 use crate::session::link::TICKS_PER_SEC;
 use crate::session::{Inflight, Phase, SESSION_NEVER_EXPIRES, Session, SessionState};
+use crate::shard::held_acks::APPLY_TIMEOUT;
 use crate::shard::{SessionKey, Shard};
 use crate::store::record::{
     FlowStep, Record, StoredMessage, StoredSession, StoredSubscription, next_alias, next_stamp,
@@ -84,7 +85,104 @@ pub(super) fn note_kept(
     false
 }
 
-/// The subscriptions of `state` with their options, as stored.
+/// The journalled sessions that keep one message being routed, gathered
+/// as it is offered to each session ([`Keepers::offer`]) into the shard's
+/// scratch lists (`persist_refs`, `persist_sent`, `persist_hold`): what
+/// [`Shard::journal_queued`] then writes once, under the message's id
+/// ([`Keepers::mid`]). Every way a QoS 1/2 message reaches a session goes
+/// through one (a local publish, a batch from another shard, a shared
+/// subscription's member, a message from another node), so a message a
+/// journalled session keeps is always on its shard's disk.
+pub(super) struct Keepers<'a> {
+    /// The image alias of each journalled session (empty without
+    /// persistence: one length test per offer).
+    stamps: &'a ahash::AHashMap<SessionKey, crate::store::record::Alias>,
+    /// The sessions that queued the message, with its QoS for each.
+    refs: &'a mut Vec<(crate::store::record::Alias, crate::protocol::v3::QoS)>,
+    /// The sessions that sent it at once, with packet id and QoS.
+    sent: &'a mut Vec<crate::store::record::SentRef>,
+    /// Those of them that sent it at QoS 2: their PUBLISH waits for the
+    /// record (`Shard::hold_out`).
+    hold: &'a mut Vec<SessionKey>,
+    /// The message's id in the journal, taken at the first keeper.
+    mid: Option<u64>,
+}
+
+impl<'a> Keepers<'a> {
+    /// Gathers into the shard's scratch lists, which must be empty (the
+    /// previous message's records took them).
+    pub(super) fn new(
+        stamps: &'a ahash::AHashMap<SessionKey, crate::store::record::Alias>,
+        refs: &'a mut Vec<(crate::store::record::Alias, crate::protocol::v3::QoS)>,
+        sent: &'a mut Vec<crate::store::record::SentRef>,
+        hold: &'a mut Vec<SessionKey>,
+    ) -> Keepers<'a> {
+        Keepers {
+            stamps,
+            refs,
+            sent,
+            hold,
+            mid: None,
+        }
+    }
+
+    /// Offers the message to `session` (key `key`) through `deliver`, and
+    /// notes the session when it is journalled and kept the message
+    /// (one more QoS 1/2 message in flight or pending); `deliver`'s
+    /// answer.
+    pub(super) fn offer<R>(
+        &mut self,
+        session: &mut Session,
+        key: SessionKey,
+        deliver: impl FnOnce(&mut Session) -> R,
+    ) -> R {
+        let tracked = if self.stamps.is_empty() {
+            None
+        } else {
+            self.stamps.get(&key).copied()
+        };
+        let Some(stamp) = tracked else {
+            return deliver(session);
+        };
+        let before = queued_count(session);
+        let answer = deliver(session);
+        if queued_count(session) > before {
+            let mid = *self.mid.get_or_insert_with(next_stamp);
+            if note_kept(session, stamp, mid, self.refs, self.sent) {
+                self.hold.push(key);
+            }
+        }
+        answer
+    }
+
+    /// The message's id in the journal when a journalled session kept it
+    /// (then [`Shard::journal_queued`] must write it); None: nothing to
+    /// write.
+    pub(super) fn mid(&self) -> Option<u64> {
+        self.mid
+    }
+}
+
+/// A persistent session's end (expired, or ended by a clean start) whose
+/// drop record waits for the shards its shared backlog went to
+/// ([`Shard::journal_drop_after`]).
+#[derive(Debug)]
+pub struct DropWaiting {
+    /// The session's client id.
+    client_id: ByteString,
+    /// The drop's stamp, taken when the session ended.
+    stamp: u64,
+    /// The barrier of the deliveries to other shards
+    /// (`HeldAcks::new_barrier`).
+    token: u64,
+    /// When the session ended: after [`APPLY_TIMEOUT`] the drop is
+    /// written anyway.
+    since: Instant,
+    /// The claim (shard, token) whose clean start ended the session,
+    /// answered once the drop is durable (its CONNACK waits for that).
+    answer: Option<(usize, u64)>,
+}
+
 pub(super) fn stored_subscriptions(state: &SessionState) -> Vec<StoredSubscription> {
     let extras = state
         .flows
@@ -361,18 +459,89 @@ impl Shard {
     /// the LSN a CONNACK that ended it must wait for (0: no journal).
     pub fn journal_drop(&mut self, client_id: &str) -> u64 {
         self.persist_wills.remove(client_id);
+        self.append_drop(client_id, next_stamp())
+    }
+
+    /// Writes the drop record of `client_id` stamped `stamp`; its LSN (0:
+    /// no journal).
+    fn append_drop(&mut self, client_id: &str, stamp: u64) -> u64 {
         let Some(journal) = &self.session_journal else {
             return 0;
         };
         if let Some(step) = self.persist_step.take() {
             journal.append(&step);
         }
-        let lsn = journal.append(&Record::SessionDrop(
-            next_stamp(),
-            ByteString::from(client_id),
-        ));
+        let lsn = journal.append(&Record::SessionDrop(stamp, ByteString::from(client_id)));
         self.needed_lsns[1] = lsn;
         lsn
+    }
+
+    /// [`Shard::journal_drop`] of a session whose shared backlog went to
+    /// members on other shards under barrier `handed`
+    /// (`Shard::hand_over_shared_backlog`; None: at once): the record waits
+    /// until every one of those shards journalled what it kept
+    /// ([`Shard::journal_handed_over_drops`]), so that a `kill -9` before
+    /// then finds the session, backlog and all, still on this shard's disk.
+    /// Its stamp is taken now: a later image of the same client id (a new
+    /// session) stays the newer one whenever the drop is written. With
+    /// `answer`, the claim (shard, token) whose clean start ended the
+    /// session is answered once the drop is durable
+    /// ([`Shard::answer_claim_after`]).
+    pub(super) fn journal_drop_after(
+        &mut self,
+        client_id: &str,
+        handed: Option<u64>,
+        answer: Option<(usize, u64)>,
+    ) {
+        let Some(token) = handed else {
+            let lsn = self.journal_drop(client_id);
+            if let Some((shard, claim)) = answer {
+                self.answer_claim_after(lsn, shard, claim);
+            }
+            return;
+        };
+        self.persist_wills.remove(client_id);
+        self.drops_waiting.push(DropWaiting {
+            client_id: ByteString::from(client_id),
+            stamp: next_stamp(),
+            token,
+            since: Instant::now(),
+            answer,
+        });
+    }
+
+    /// Writes the drop records of [`Shard::journal_drop_after`] whose
+    /// shared backlog the other shards have journalled, and those that
+    /// waited [`APPLY_TIMEOUT`] (a shard that does not answer in that time
+    /// is stuck or gone: its share is lost to a `kill -9` then, as it
+    /// would be without the wait). Called when a shard answers
+    /// (`ShardMsg::SharedDurable`) and by the keep-alive sweep; true when
+    /// it wrote one (a claim answer may wait in the outbox).
+    pub fn journal_handed_over_drops(&mut self) -> bool {
+        if self.drops_waiting.is_empty() {
+            return false;
+        }
+        let before = self.drops_waiting.len();
+        let now = Instant::now();
+        for waiting in std::mem::take(&mut self.drops_waiting) {
+            let passed = self.held_acks.passed(waiting.token);
+            if !passed && now.duration_since(waiting.since) < APPLY_TIMEOUT {
+                self.drops_waiting.push(waiting);
+                continue;
+            }
+            if !passed {
+                self.held_acks.forget(waiting.token);
+                log::warn!(
+                    "persistence: the shared messages of ended session {} were not journalled by their new members' shards in {APPLY_TIMEOUT:?}; its end is written anyway",
+                    waiting.client_id
+                );
+            }
+            let lsn = self.append_drop(&waiting.client_id, waiting.stamp);
+            if let Some((shard, claim)) = waiting.answer {
+                self.answer_claim_after(lsn, shard, claim);
+            }
+        }
+        self.drops_waiting.len() < before
     }
 
     /// `session` as stored now, without its queue.

@@ -26,13 +26,14 @@
 
 use std::future::poll_fn;
 use std::task::{Poll, Waker};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ahash::AHashMap;
 use bytestring::ByteString;
 use log::debug;
 
 use crate::cluster::link::ClaimAnswer;
+use crate::cluster::ownership::CLAIM_DEADLINE;
 use crate::mesh::ShardMsg;
 use crate::protocol::message::Message;
 use crate::protocol::v3::QoS;
@@ -42,9 +43,15 @@ use crate::session::{Session, SessionState};
 use crate::shard::cluster::{copy_qos, decode_image};
 use crate::shard::{Ctx, Shard};
 
-/// How long a CONNECT waits for its claim to be answered before the
-/// connection is closed (the other shards are stuck or shutting down).
+/// How long a CONNECT waits for its whole claim to be answered, by the
+/// node's shards and in a cluster by the bridge (one deadline for both),
+/// before it is refused as server unavailable (the other shards are stuck
+/// or shutting down, or the cluster did not answer).
 pub const CLAIM_TIMEOUT: Duration = Duration::from_secs(10);
+
+// The bridge answers a claim by its deadline, `CLAIM_DEADLINE` after the
+// claim started, so the answer arrives while the connection still waits.
+const _: () = assert!(CLAIM_DEADLINE.as_millis() < CLAIM_TIMEOUT.as_millis());
 
 /// Errors of a claim.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -52,7 +59,7 @@ pub enum RegistryError {
     /// A later CONNECT with the same client id won while this one waited.
     #[error("a newer connection took over the client id")]
     Superseded,
-    /// No answer in time.
+    /// No answer in time: CONNACK 0x03 Server unavailable.
     #[error("no answer from the client id's home shard in time")]
     TimedOut,
     /// The cluster could not say who owns the id (the owning node did not
@@ -162,15 +169,22 @@ pub fn home_shard(client_id: &str, nr_shards: usize) -> usize {
 /// (docs/design/cluster.md §9): another node holding the id hands its
 /// state over, which then replaces any state held here.
 ///
+/// One deadline, [`CLAIM_TIMEOUT`] from now, covers the node's answer and
+/// the cluster's: the bridge is asked to answer by [`CLAIM_DEADLINE`] from
+/// now (its KV calls and its wait on another node cut off there), so its
+/// answer, "unavailable" at worst, comes before the connection gives up.
+///
 /// # Errors
 /// [`RegistryError::Superseded`] when a later connection took the id first,
-/// [`RegistryError::TimedOut`] when no answer came in [`CLAIM_TIMEOUT`],
-/// [`RegistryError::ClusterUnavailable`] when the cluster could not decide.
+/// [`RegistryError::TimedOut`] when the node did not answer in
+/// [`CLAIM_TIMEOUT`], [`RegistryError::ClusterUnavailable`] when the
+/// cluster could not decide, or did not answer by then.
 pub async fn claim(
     ctx: &Ctx,
     client_id: ByteString,
     clean_session: bool,
 ) -> Result<(u64, Option<SessionState>), RegistryError> {
+    let started = Instant::now();
     let in_cluster = ctx.shard.borrow().cluster.is_some();
     let token = claim_on_node(ctx, client_id.clone(), clean_session).await?;
     if !in_cluster {
@@ -186,7 +200,7 @@ pub async fn claim(
     // the shard's queue (`Shard::cluster_claim_answered`), so what the
     // bridge sends after the grant finds it granted, with its state.
     let asked = match &ctx.shard.borrow().cluster {
-        Some(link) => link.claim(&client_id, clean_session, token),
+        Some(link) => link.claim(&client_id, clean_session, token, started + CLAIM_DEADLINE),
         None => return Err(RegistryError::ClusterUnavailable),
     };
     let answered = if asked {
@@ -203,7 +217,8 @@ pub async fn claim(
                 _ => Poll::Ready(()),
             }
         });
-        glommio::timer::timeout(CLAIM_TIMEOUT, async {
+        let left = (started + CLAIM_TIMEOUT).saturating_duration_since(Instant::now());
+        glommio::timer::timeout(left, async {
             wait.await;
             Ok(())
         })
@@ -420,17 +435,22 @@ impl Shard {
                 debug!("client {client_id} taken over by a new connection");
                 link.close(CloseReason::TakenOver);
             }
-            if !keep {
-                // The old session ends here (§4.8.2: its shared messages go
-                // to other members).
-                self.pass_on_shared_backlog(&session.state);
-            }
+            // The old session ends here (§4.8.2: its shared messages go to
+            // other members; a persistent one's drop waits for the shards
+            // that take them, `Shard::journal_drop_after`).
+            let handed = match (keep, session.clean_session) {
+                (true, _) => None,
+                (false, true) => {
+                    self.pass_on_shared_backlog(&session.state);
+                    None
+                }
+                (false, false) => self.hand_over_shared_backlog(&session.state),
+            };
             let state = keep.then_some(session.state);
             if state.is_none() && !session.clean_session {
                 // A clean start ends the persistent session (§3.1.2.4): its
                 // CONNACK waits until that is durable (`held_out`).
-                let lsn = self.journal_drop(client_id);
-                self.answer_claim_after(lsn, to_shard, token);
+                self.journal_drop_after(client_id, handed, Some((to_shard, token)));
                 return;
             }
             self.answer_claim(to_shard, token, state);
@@ -989,6 +1009,89 @@ mod tests {
         // Nothing is kept for a claim that is gone.
         shard.route(&qos1("m/4", "after"));
         assert!(shard.registry.attaching.is_empty());
+    }
+
+    /// A message kept for a session that is attaching carries what its
+    /// subscriptions give a connected MQTT 5.0 session's copy: the
+    /// Subscription Identifiers of every matching subscription, RETAIN as
+    /// published where one has Retain As Published, the granted QoS.
+    #[test]
+    fn a_message_kept_for_an_attaching_session_carries_its_subscription_options() {
+        use std::num::NonZeroU32;
+
+        use crate::protocol::v5::{Property, RetainHandling, SubscriptionOptions};
+        use crate::router::SharedFilter;
+
+        let mut shard = shard();
+        let _other = connect(&mut shard, "other", true, "m/#");
+        let mut session = Session::new(ByteString::from("moving"), false, SessionState::default());
+        for (filter, retain_as_published, identifier) in [("m/#", true, 7), ("m/+", false, 9)] {
+            let options = SubscriptionOptions {
+                qos: QoS::AtLeastOnce,
+                no_local: false,
+                retain_as_published,
+                retain_handling: RetainHandling::SendAtSubscribe,
+            };
+            session.subscribe(SharedFilter::from(filter), QoS::AtLeastOnce);
+            session.set_subscription_options(
+                SharedFilter::from(filter),
+                &options,
+                NonZeroU32::new(identifier),
+            );
+        }
+        // One plain subscription that matches nothing below.
+        session.subscribe(SharedFilter::from("other/#"), QoS::ExactlyOnce);
+        let image = crate::shard::cluster::encode_image("moving", &session.state, 1 << 20);
+        pending(&mut shard, "moving", 70);
+        shard.claim_answered(70, None);
+        shard.cluster_claim_answered(70, ClaimAnswer::Granted(Some(image.into())));
+        // From another node on the smallest matching filter, and from here;
+        // both retained, at QoS 2 (granted 1).
+        let retained = |topic: &str, payload: &'static str| {
+            let mut m = qos1(topic, payload);
+            m.qos = QoS::ExactlyOnce;
+            m.retain = true;
+            m
+        };
+        shard.route_from_cluster(Some("m/#"), &[retained("m/1", "node")]);
+        shard.route(&retained("m/a/b", "local"));
+        let Some(Outcome::Granted(Some(state))) = &shard.registry.claims[&70].outcome else {
+            panic!("the claim holds the state");
+        };
+        let kept: Vec<_> = state
+            .flows
+            .as_ref()
+            .map(|f| f.pending.iter().collect())
+            .unwrap_or_default();
+        let identifiers = |m: &Message| -> Vec<u32> {
+            m.properties
+                .iter()
+                .flat_map(|p| p.forwarded.iter())
+                .filter_map(|p| match p {
+                    Property::SubscriptionIdentifier(id) => Some(id.get()),
+                    _ => None,
+                })
+                .collect()
+        };
+        assert_eq!(kept.len(), 2);
+        // m/1 matches m/# and m/+: both identifiers, RETAIN as published.
+        assert_eq!(identifiers(kept[0]), [7, 9]);
+        assert!(kept[0].retain);
+        assert_eq!(kept[0].qos, QoS::AtLeastOnce);
+        // m/a/b matches m/# alone.
+        assert_eq!(identifiers(kept[1]), [7]);
+        assert!(kept[1].retain);
+        assert_eq!(kept[1].qos, QoS::AtLeastOnce);
+        // A subscription without options: RETAIN cleared, no identifier,
+        // the message's QoS below the one granted.
+        let mut state = state.clone();
+        let mut plain = retained("other/x", "plain");
+        plain.qos = QoS::AtLeastOnce;
+        let kept = state.keep(&plain, QoS::ExactlyOnce, &shard.limits);
+        assert_eq!(kept, crate::session::Delivery::Pending);
+        let last = state.flows.as_ref().and_then(|f| f.pending.back());
+        assert!(last.is_some_and(|m| !m.retain && identifiers(m).is_empty()));
+        assert!(last.is_some_and(|m| m.qos == QoS::AtLeastOnce));
     }
 
     /// The cluster's answer comes after a take-over superseded the claim

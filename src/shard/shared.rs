@@ -285,11 +285,12 @@ impl Shard {
                 stats: &mut self.stats,
                 limits: &self.limits,
                 auth: &self.auth,
-                persist_stamps: &self.persist_stamps,
-                persist_refs: &mut self.persist_refs,
-                persist_sent: &mut self.persist_sent,
-                persist_hold: &mut self.persist_hold,
-                mid: None,
+                keepers: persist::Keepers::new(
+                    &self.persist_stamps,
+                    &mut self.persist_refs,
+                    &mut self.persist_sent,
+                    &mut self.persist_hold,
+                ),
             },
             batch: &mut self.batch,
             shared_out: &mut self.shared_out,
@@ -372,8 +373,7 @@ impl Shard {
             }
         });
         drop(encoded);
-        let kept = targets.mid;
-        if let Some(mid) = kept {
+        if let Some(mid) = targets.keepers.mid() {
             self.journal_queued(message, mid);
         }
         // With persistence, the publisher's acknowledgement waits for a
@@ -471,8 +471,7 @@ impl Shard {
             let taken =
                 candidates.any(|member| targets.offer(&mut encoded, &delivery.share, member));
             drop(encoded);
-            let kept = targets.mid;
-            if let Some(mid) = kept {
+            if let Some(mid) = targets.keepers.mid() {
                 self.journal_queued(&delivery.message, mid);
             }
             if taken {
@@ -580,11 +579,37 @@ impl Shard {
         if self.shared.is_empty() {
             return;
         }
-        let backlog = state
+        self.hand_on_shared(Self::backlog_of(state), None);
+    }
+
+    /// [`Shard::pass_on_shared_backlog`] of a journalled persistent
+    /// session that ends (expired): with persistence, the deliveries sent
+    /// to members on other shards carry a barrier of their own, whose
+    /// token this returns (None: none went elsewhere, or persistence is
+    /// off). Each shard answers once its journal holds what it kept
+    /// (`shard::inbox`); the session's drop record waits for that
+    /// ([`Shard::journal_drop_after`]), so a `kill -9` in between brings
+    /// the session back with its backlog rather than lose it.
+    pub(super) fn hand_over_shared_backlog(&mut self, state: &SessionState) -> Option<u64> {
+        if self.shared.is_empty() || self.session_journal.is_none() {
+            self.pass_on_shared_backlog(state);
+            return None;
+        }
+        let barrier = self.held_acks.new_barrier();
+        self.hand_on_shared(Self::backlog_of(state), Some(barrier));
+        if self.held_acks.passed(barrier) {
+            return None;
+        }
+        Some(barrier)
+    }
+
+    /// The QoS 1/2 messages `state`'s shared subscriptions gave it that its
+    /// client did not take, with their groups.
+    fn backlog_of(state: &SessionState) -> impl Iterator<Item = (ByteString, Message)> {
+        state
             .shared_backlog()
             .into_iter()
-            .map(|(share, message)| (ByteString::from(&*share), message));
-        self.hand_on_shared(backlog);
+            .map(|(share, message)| (ByteString::from(&*share), message))
     }
 
     /// Session `key` unsubscribed from the shared subscription `share`
@@ -609,7 +634,7 @@ impl Shard {
         let taken = session.state.take_shared_pending(share);
         if !taken.is_empty() {
             let share = ByteString::from(share);
-            self.hand_on_shared(taken.into_iter().map(|m| (share.clone(), m)));
+            self.hand_on_shared(taken.into_iter().map(|m| (share.clone(), m)), None);
         }
     }
 
@@ -618,8 +643,13 @@ impl Shard {
     /// of another shard (connected first, through the mesh, as
     /// [`Shard::another_member`] chooses), then an offline persistent
     /// member here; a message no member can take is dropped and counted in
-    /// `shared_dropped`.
-    fn hand_on_shared(&mut self, backlog: impl IntoIterator<Item = (ByteString, Message)>) {
+    /// `shared_dropped`. With `barrier`, each delivery sent to another
+    /// shard joins it ([`Shard::hand_over_shared_backlog`]).
+    fn hand_on_shared(
+        &mut self,
+        backlog: impl IntoIterator<Item = (ByteString, Message)>,
+        barrier: Option<u64>,
+    ) {
         for (share, message) in backlog {
             let delivery = SharedDelivery {
                 message,
@@ -635,7 +665,13 @@ impl Shard {
                 continue;
             }
             match self.another_member(delivery.clone()) {
-                Shared::Moved(to, delivery) => self.pass_on(to, delivery),
+                Shared::Moved(to, mut delivery) => {
+                    if let Some(token) = barrier {
+                        delivery.barrier = Some((self.id, token));
+                        self.held_acks.join(token);
+                    }
+                    self.pass_on(to, delivery);
+                }
                 _ if self.offer_here(&delivery, false) => self.stats.shared_deliveries += 1,
                 _ => self.stats.shared_dropped += 1,
             }
@@ -663,7 +699,7 @@ impl Shard {
         let mut encoded = Encoded::new(&delivery.message, batch);
         let taken = here.any(|member| targets.offer(&mut encoded, &delivery.share, member));
         drop(encoded);
-        if let Some(mid) = targets.mid {
+        if let Some(mid) = targets.keepers.mid() {
             self.journal_queued(&delivery.message, mid);
         }
         taken
@@ -738,18 +774,9 @@ struct Targets<'a> {
     limits: &'a Limits,
     /// The ACL, for members with a partly covered subscription.
     auth: &'a Auth,
-    /// The image aliases of the journalled persistent sessions
-    /// (persistence on).
-    persist_stamps: &'a ahash::AHashMap<SessionKey, crate::store::record::Alias>,
-    /// What the message's journal records must name: the sessions that
-    /// queued it, those it went in flight to, those whose QoS 2 PUBLISH
-    /// waits for the record (`Shard::journal_queued` writes them).
-    persist_refs: &'a mut Vec<(crate::store::record::Alias, QoS)>,
-    persist_sent: &'a mut Vec<crate::store::record::SentRef>,
-    persist_hold: &'a mut Vec<SessionKey>,
-    /// The message's id in the session journal, once a journalled member
-    /// kept it (one message per [`Targets`]: see [`Shard::shared_parts`]).
-    mid: Option<u64>,
+    /// The journalled members that keep the message, for its records
+    /// (one message per [`Targets`]: see [`Shard::shared_parts`]).
+    keepers: persist::Keepers<'a>,
 }
 
 impl Targets<'_> {
@@ -789,23 +816,10 @@ impl Targets<'_> {
         }
         // A journalled member keeps a QoS 1/2 message on disk too, as a
         // plain subscriber does (`Shard::route_from`).
-        let tracked = if self.persist_stamps.is_empty() {
-            None
-        } else {
-            self.persist_stamps.get(&member.key).copied()
-        };
-        let before = tracked.map(|_| persist::queued_count(session));
-        let delivery = session.deliver_shared(encoded, share, member.qos, self.limits);
-        if let (Some(stamp), Some(before)) = (tracked, before)
-            && persist::queued_count(session) > before
-        {
-            let id = *self
-                .mid
-                .get_or_insert_with(crate::store::record::next_stamp);
-            if persist::note_kept(session, stamp, id, self.persist_refs, self.persist_sent) {
-                self.persist_hold.push(member.key);
-            }
-        }
+        let limits = self.limits;
+        let delivery = self.keepers.offer(session, member.key, |session| {
+            session.deliver_shared(encoded, share, member.qos, limits)
+        });
         match delivery {
             Delivery::Queued => {
                 let qos = encoded.message.qos.min(member.qos);
@@ -1499,5 +1513,151 @@ mod tests {
             "plain's copies of `u` may be its plain subscription's: kept"
         );
         assert_eq!(shards[0].stats.shared_dropped, 0);
+    }
+
+    /// A persistent session of `shard` for `client_id`, member of
+    /// `share`, journalled and offline (its connection ended).
+    fn offline_member(shard: &mut Shard, client_id: &str, share: &str) -> SessionKey {
+        let key = testing::attach(shard, client_id, share, QoS::AtLeastOnce);
+        shard.sessions[key as usize].clean_session = false;
+        let conn = conn_of(shard, key);
+        shard.end_connection(key, conn);
+        key
+    }
+
+    /// Whether `journal` holds the drop record of `client_id`.
+    fn dropped(journal: &crate::store::journal::Journal, client_id: &str) -> bool {
+        journal.pending_records().iter().any(
+            |r| matches!(r, crate::store::record::Record::SessionDrop(_, id) if &**id == client_id),
+        )
+    }
+
+    #[test]
+    fn an_expired_members_drop_is_journalled_only_once_the_other_shard_journalled_its_backlog() {
+        let mut shards = [
+            testing::shard_with(0, 2, Config::default()),
+            testing::shard_with(1, 2, Config::default()),
+        ];
+        let journals = [
+            testing::unwritten_journal(&mut shards[0]),
+            testing::unwritten_journal(&mut shards[1]),
+        ];
+        let gone = offline_member(&mut shards[0], "gone", "$share/g/t");
+        // The only member: both wait in its queue.
+        for i in 0..2 {
+            shards[0].publish(message("t", &i.to_string()));
+        }
+        let far = offline_member(&mut shards[1], "far", "$share/g/t");
+        let far_alias = shards[1].persist_stamps[&far];
+        pump(&mut shards);
+        assert_eq!(shards[0].shared.members(), 2);
+
+        shards[0].end_expired_sessions(&[gone]);
+        let (mut handed, others): (Vec<_>, Vec<_>) = std::mem::take(&mut shards[0].outbox)
+            .into_iter()
+            .partition(|(_, m)| matches!(m, ShardMsg::SharedPublish(_)));
+        for (peer, msg) in others {
+            shards[peer].handle_control(msg);
+        }
+        assert!(
+            !dropped(&journals[0], "gone"),
+            "not before shard 1 holds the backlog"
+        );
+        assert_eq!(handed.len(), 2, "{handed:?}");
+        let barriers: Vec<_> = handed
+            .iter()
+            .filter_map(|(_, m)| match m {
+                ShardMsg::SharedPublish(d) => Some(d[0].barrier),
+                _ => None,
+            })
+            .collect();
+        let token = match barriers[..] {
+            [Some((0, a)), Some((0, b))] if a == b => a,
+            _ => panic!("one barrier of shard 0 for both: {barriers:?}"),
+        };
+        let (peer, first) = handed.remove(0);
+        assert_eq!(peer, 1);
+        shards[1].handle_control(first);
+        for (_, msg) in handed {
+            shards[1].handle_control(msg);
+        }
+        let queued = journals[1]
+            .pending_records()
+            .iter()
+            .filter(|r| {
+                matches!(r, crate::store::record::Record::Queue(_, refs)
+                    if refs == &vec![(far_alias, QoS::AtLeastOnce)])
+            })
+            .count();
+        assert_eq!(queued, 2, "shard 1 journalled both for its member");
+        assert_eq!(
+            std::mem::take(&mut shards[1].shared_settled),
+            vec![(0, token), (0, token)]
+        );
+        // Shard 1 answers once its journal is durable (`shard::inbox`).
+        shards[0].handle_control(ShardMsg::SharedDurable { token, count: 1 });
+        assert!(!dropped(&journals[0], "gone"), "one answer of two");
+        shards[0].handle_control(ShardMsg::SharedDurable { token, count: 1 });
+        assert!(dropped(&journals[0], "gone"), "then the drop");
+        assert!(shards[0].drops_waiting.is_empty());
+    }
+
+    #[test]
+    fn a_clean_start_that_ends_a_member_is_answered_once_its_drop_follows_the_hand_over() {
+        let mut shards = [
+            testing::shard_with(0, 2, Config::default()),
+            testing::shard_with(1, 2, Config::default()),
+        ];
+        let journal = testing::unwritten_journal(&mut shards[0]);
+        let _far_journal = testing::unwritten_journal(&mut shards[1]);
+        let _ = offline_member(&mut shards[0], "ended", "$share/g/t");
+        shards[0].publish(message("t", "0"));
+        let _ = offline_member(&mut shards[1], "far", "$share/g/t");
+        pump(&mut shards);
+        // A clean start of "ended" (claim 7 of shard 0) ends the session.
+        shards[0].evict("ended", None, 0, 7, true);
+        let handed: Vec<_> = std::mem::take(&mut shards[0].outbox)
+            .into_iter()
+            .filter_map(|(_, m)| match m {
+                ShardMsg::SharedPublish(d) => Some(d),
+                _ => None,
+            })
+            .collect();
+        let token = match &handed[..] {
+            [d] => d[0].barrier.map(|b| b.1).expect("a barrier"),
+            _ => panic!("one delivery to shard 1: {handed:?}"),
+        };
+        assert!(!dropped(&journal, "ended"), "not before shard 1 holds it");
+        assert!(shards[0].held_out.is_empty(), "nor is the claim answered");
+        for deliveries in handed {
+            shards[1].handle_control(ShardMsg::SharedPublish(deliveries));
+        }
+        shards[0].handle_control(ShardMsg::SharedDurable { token, count: 1 });
+        assert!(dropped(&journal, "ended"));
+        assert!(
+            !shards[0].held_out.is_empty(),
+            "the answer waits for the drop to be durable"
+        );
+    }
+
+    #[test]
+    fn an_expired_members_drop_waits_for_nothing_when_its_backlog_stays_on_its_shard() {
+        let mut shard = testing::shard();
+        let journal = testing::unwritten_journal(&mut shard);
+        let gone = offline_member(&mut shard, "gone", "$share/g/t");
+        shard.publish(message("t", "0"));
+        let _near = offline_member(&mut shard, "near", "$share/g/t");
+        shard.end_expired_sessions(&[gone]);
+        let records = journal.pending_records();
+        let drop_at = records.iter().position(
+            |r| matches!(r, crate::store::record::Record::SessionDrop(_, id) if &**id == "gone"),
+        );
+        let queued_at = records
+            .iter()
+            .rposition(|r| matches!(r, crate::store::record::Record::Queue(..)));
+        assert!(
+            matches!((queued_at, drop_at), (Some(q), Some(d)) if q < d),
+            "handed over to the member here first, then dropped: {records:?}"
+        );
     }
 }

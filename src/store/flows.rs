@@ -845,4 +845,48 @@ mod tests {
             ]
         );
     }
+
+    #[test]
+    fn an_expired_session_with_shared_messages_is_loaded_to_end_after_the_start() {
+        use crate::store::record::{StoredSubscription, next_stamp};
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open(dir.path()).unwrap();
+        // Offline for 10 s with an expiry of 1 s; each queues message 1.
+        let expired = |id: &str, filter: &str| {
+            let mut session = image(next_stamp(), id, vec![(1, QoS::AtLeastOnce)]);
+            session.expiry_interval = 1;
+            session.offline_since_unix_ms = crate::store::record::unix_ms_now() - 10_000;
+            session.subscriptions = vec![StoredSubscription {
+                filter: ByteString::from(filter),
+                qos: QoS::AtLeastOnce,
+                no_local: false,
+                retain_as_published: false,
+                identifier: 0,
+            }];
+            session
+        };
+        let mut empty = expired("shared-empty", "$share/g/t");
+        empty.queued.clear();
+        let records = [
+            Record::Message(1, message(1)),
+            Record::SessionImage(expired("shared", "$share/g/t")),
+            Record::SessionImage(expired("plain", "t")),
+            Record::SessionImage(empty),
+        ];
+        write_log(dir.path(), &records, 0);
+        let loaded = store
+            .load_sessions(crate::store::record::unix_ms_now())
+            .unwrap();
+        let ids: Vec<_> = loaded
+            .sessions
+            .iter()
+            .map(|s| (s.session.client_id.to_string(), s.queued.len()))
+            .collect();
+        assert_eq!(
+            ids,
+            vec![("shared".to_string(), 1)],
+            "only the one with shared messages to hand on"
+        );
+        assert_eq!((loaded.expired, loaded.ending), (2, 1));
+    }
 }

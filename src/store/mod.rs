@@ -497,6 +497,10 @@ pub struct LoadedSessions {
     pub sessions: Vec<LoadedSession>,
     /// Sessions found expired at load.
     pub expired: usize,
+    /// Sessions found expired at load that are loaded all the same, to end
+    /// right after the start: their shared subscriptions' messages go to
+    /// other members then.
+    pub ending: usize,
     /// Every segment read (of every `shard-*` directory).
     pub segments: Vec<PathBuf>,
     /// Where new segments start (after every one found).
@@ -529,6 +533,7 @@ impl Store {
         let picked = startup::pick(found);
         out.sessions = picked.sessions;
         out.expired = picked.expired;
+        out.ending = picked.ending;
         info!(
             "persistence: {} persistent sessions from {records} records of {} segments ({} expired while the broker was down) in {:?}",
             out.sessions.len(),

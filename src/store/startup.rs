@@ -36,6 +36,7 @@ use std::time::Instant;
 use bytestring::ByteString;
 use log::{info, warn};
 
+use crate::protocol::topic::SHARED_PREFIX;
 use crate::store::frame::{self, Header};
 use crate::store::record::{self, Record, StoredWill};
 use crate::store::{LoadedSession, StoreError, flows, journal, load_log, shard_dir};
@@ -54,6 +55,11 @@ pub enum Fate {
     /// An image whose Session Expiry Interval passed while the broker was
     /// down.
     Expired,
+    /// An expired image that still holds messages for its shared
+    /// subscriptions: loaded all the same, to end right after the start and
+    /// hand them to other members (§4.8.2), as had it expired while the
+    /// broker ran.
+    Ending(Box<LoadedSession>),
     /// A drop (the session ended).
     Dropped,
 }
@@ -269,7 +275,14 @@ fn live_or_expired(
     let deadline = session
         .offline_since_unix_ms
         .saturating_add(u64::from(session.expiry_interval) * 1000);
-    if session.expiry_interval != u32::MAX && deadline <= now_unix_ms {
+    let expired = session.expiry_interval != u32::MAX && deadline <= now_unix_ms;
+    let shares = || {
+        session
+            .subscriptions
+            .iter()
+            .any(|s| s.filter.starts_with(SHARED_PREFIX))
+    };
+    if expired && !shares() {
         return Fate::Expired;
     }
     let after = queued_after.remove(&session.stamp).unwrap_or_default();
@@ -277,12 +290,23 @@ fn live_or_expired(
     queued.retain(|(_, message, _)| {
         message.expires_unix_ms == 0 || message.expires_unix_ms > now_unix_ms
     });
-    Fate::Live(Box::new(LoadedSession {
+    if expired && queued.is_empty() && flows.inflight.is_empty() {
+        return Fate::Expired;
+    }
+    let loaded = Box::new(LoadedSession {
         session,
         queued,
         flows,
         will: None,
-    }))
+    });
+    // An expired one with shared messages left: the shard gives it what
+    // is left of its expiry (at least a second), and it ends after the
+    // start, handing them on.
+    if expired {
+        Fate::Ending(loaded)
+    } else {
+        Fate::Live(loaded)
+    }
 }
 
 /// Keeps in `wills` the will record (`None`: a clear) with the highest
@@ -305,6 +329,8 @@ pub struct Picked {
     pub sessions: Vec<LoadedSession>,
     /// Client ids whose newest record is an expired image.
     pub expired: usize,
+    /// Of `sessions`, those loaded to end after the start ([`Fate::Ending`]).
+    pub ending: usize,
 }
 
 /// Of everything `found` holds (from any number of directories, in any
@@ -333,6 +359,11 @@ pub fn pick(found: impl IntoIterator<Item = Found>) -> Picked {
             Some((_, Fate::Live(mut loaded))) => {
                 loaded.will = will.and_then(|(_, will)| will);
                 out.sessions.push(*loaded);
+            }
+            Some((_, Fate::Ending(mut loaded))) => {
+                loaded.will = will.and_then(|(_, will)| will);
+                out.sessions.push(*loaded);
+                out.ending += 1;
             }
             Some((_, Fate::Expired)) => out.expired += 1,
             Some((_, Fate::Dropped)) | None => {}

@@ -153,6 +153,17 @@ impl Nats {
         }
     }
 
+    /// Sends `signal` to the running server (SIGSTOP: its connections stay
+    /// open and nothing on them is answered; SIGCONT: it goes on).
+    fn signal(&self, signal: i32) {
+        let Some(child) = &self.child else {
+            panic!("nats-server is not running");
+        };
+        // SAFETY: kill has no memory-safety preconditions.
+        let rc = unsafe { libc::kill(child.id() as libc::pid_t, signal) };
+        assert_eq!(rc, 0, "kill failed");
+    }
+
     /// Kills the server (SIGKILL: no goodbye to its clients).
     fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -368,7 +379,10 @@ fn retained_messages_reach_every_node_also_one_started_later_and_deletes_too() {
     let Some(nats) = Nats::start("cluster retained") else {
         return;
     };
-    let (a, b) = (nats.node("a"), nats.node("b"));
+    // No `$SYS` messages (retained, counted with the others) in the counts
+    // this test waits on, on a host slow enough for the first update's 10 s.
+    let quiet = "sys_interval_secs = 3600";
+    let (a, b) = (nats.node_with("a", quiet), nats.node_with("b", quiet));
     let mut publisher = Mqtt::connect(a.port, "ret-pub");
     publisher.publish_acked("ret/x", true, b"kept");
     wait_stats(&b, |s| s["total"]["retained"] == 1);
@@ -381,7 +395,7 @@ fn retained_messages_reach_every_node_also_one_started_later_and_deletes_too() {
     );
 
     // A node started afterwards loads the bucket.
-    let c = nats.node("c");
+    let c = nats.node_with("c", quiet);
     wait_stats(&c, |s| s["total"]["retained"] == 1);
     let mut on_c = Mqtt::connect(c.port, "ret-c");
     on_c.subscribe("ret/+", QoS::AtMostOnce);
@@ -393,8 +407,12 @@ fn retained_messages_reach_every_node_also_one_started_later_and_deletes_too() {
     wait_stats(&c, |s| s["total"]["retained"] == 0);
     let mut after = Mqtt::connect(c.port, &format!("ret-after-{}", unique()));
     after.subscribe("ret/#", QoS::AtMostOnce);
-    assert!(
-        after.recv_publish(Duration::from_millis(500)).is_none(),
+    // A retained message would be queued at the SUBSCRIBE, ahead of the
+    // client's own publish after the SUBACK: the marker ends the wait.
+    after.publish_acked("ret/end", false, b"");
+    assert_eq!(
+        payloads_until(&mut after, "ret/end"),
+        Vec::<String>::new(),
         "deleted everywhere"
     );
 }
@@ -818,6 +836,18 @@ fn raw_persistent(port: u16, id: &str) -> (Raw, Vec<u8>) {
     Raw::connect_with(port, &ConnectBuilder::new(id).clean_session(false))
 }
 
+/// An MQTT 5.0 CONNECT of `id` to `port` with Clean Start 0 and Session
+/// Expiry 3600 s, and the first packet that comes back.
+fn persistent_v5(port: u16, id: &str) -> (Raw, crate::common::RawPacket) {
+    let mut body = crate::common::string(b"MQTT");
+    body.extend([5, 0x00, 0, 60, 5, 0x11, 0, 0, 0x0E, 0x10]);
+    body.extend(crate::common::string(id.as_bytes()));
+    let mut raw = Raw::tcp(port);
+    raw.send(&crate::common::packet(0x10, &body));
+    let connack = raw.expect_packet();
+    (raw, connack)
+}
+
 /// A persistent-session (CleanSession 0) rumqttc client of `port`.
 fn persistent(port: u16, id: &str) -> (Mqtt, rumqttc::ConnAck) {
     let mut options = Mqtt::options(port, id);
@@ -953,12 +983,7 @@ fn a_session_move_from_a_node_whose_disk_stalls_is_refused_as_server_unavailable
     let (_, connack) = raw_persistent(b.port, id);
     assert_eq!(connack, [0x20, 0x02, 0x00, 0x03], "{}", a.log_text());
     // 5.0 (Clean Start 0, Session Expiry 3600): reason 0x88.
-    let mut body = crate::common::string(b"MQTT");
-    body.extend([5, 0x00, 0, 60, 5, 0x11, 0, 0, 0x0E, 0x10]);
-    body.extend(crate::common::string(id.as_bytes()));
-    let mut v5 = Raw::tcp(b.port);
-    v5.send(&crate::common::packet(0x10, &body));
-    let connack = v5.expect_packet();
+    let (_, connack) = persistent_v5(b.port, id);
     assert_eq!(
         (connack.first, connack.body.get(1)),
         (0x20, Some(&0x88)),
@@ -1189,6 +1214,83 @@ fn a_restarted_node_re_asserts_its_stored_sessions_and_drops_those_taken_elsewhe
     assert_eq!(got, ["0", "1"]);
 }
 
+/// Persistence on (`persistence_location` in `dir`) as TOML lines.
+fn store_in(dir: &std::path::Path) -> String {
+    format!(
+        "persistence = true\npersistence_location = \"{}\"",
+        dir.display()
+    )
+}
+
+/// Waits until `node`'s shard that holds the session of `id` has made
+/// durable every record it wrote so far: a persistent client on that
+/// shard (fresh ids until one lands there) publishes at QoS 1 to a topic
+/// only it subscribes to, whose PUBACK waits for the record of the copy
+/// it keeps, written after the others.
+fn until_shard_journalled(node: &Broker, id: &str) {
+    let shard = node.shard_of(id);
+    for n in 0..64 {
+        let mark = format!("{id}-mark-{n}-{}", unique());
+        let (mut client, _) = persistent(node.port, &mark);
+        if node.shard_of(&mark) != shard {
+            client.disconnect();
+            continue;
+        }
+        let topic = format!("marks/{mark}");
+        client.subscribe(&topic, QoS::AtLeastOnce);
+        client.publish_acked(&topic, false, b"m");
+        client.disconnect();
+        return;
+    }
+    panic!("64 connections never reached shard {shard}");
+}
+
+/// QoS 1 messages published on node A for a persistent session offline
+/// on node B reach B through NATS and are journalled there as a local
+/// publish is: after a `kill -9` of B and its restart on the same store,
+/// the subscriber gets every one, in order, once.
+#[test]
+fn messages_from_another_node_queued_for_a_persistent_session_survive_its_kill_9() {
+    let Some(nats) = Nats::start("cluster kill -9 of the receiving node") else {
+        return;
+    };
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = nats.node_with("a", &store_in(dir_a.path()));
+    let mut b = nats.node_with("b", &store_in(dir_b.path()));
+    let (mut sub, connack) = persistent(b.port, "far-sub");
+    assert!(!connack.session_present);
+    sub.subscribe("far/#", QoS::AtLeastOnce);
+    sub.disconnect();
+    wait_client(&b, "far-sub", |c| {
+        c.is_some_and(|c| c["connected"] == false)
+    });
+    nats.wait_subscriptions("fanmq.t.far.>", 1);
+    const N: usize = 20;
+    let mut publisher = Mqtt::connect(a.port, "far-pub");
+    for i in 0..N {
+        publisher.publish_acked("far/q", false, i.to_string().as_bytes());
+    }
+    wait_client(&b, "far-sub", |c| c.is_some_and(|c| c["pending"] == N));
+    until_shard_journalled(&b, "far-sub");
+    b.signal(libc::SIGKILL);
+    b.wait_exit(TIMEOUT).expect("node b killed");
+    drop(b);
+
+    let b = nats.node_with("b", &store_in(dir_b.path()));
+    wait_stats(&b, |s| s["total"]["cluster_reasserted"].as_u64() >= Some(2));
+    let (mut sub, connack) = persistent(b.port, "far-sub");
+    assert!(connack.session_present, "the session came back with B");
+    let got: Vec<String> = (0..N)
+        .map(|_| String::from_utf8_lossy(&sub.expect_publish().payload).into_owned())
+        .collect();
+    let want: Vec<String> = (0..N).map(|i| i.to_string()).collect();
+    assert_eq!(got, want, "every message from node a, in order");
+    assert!(
+        sub.recv_publish(Duration::from_millis(300)).is_none(),
+        "nothing twice"
+    );
+}
+
 #[test]
 fn three_nodes_racing_for_one_persistent_session_keep_its_state() {
     let Some(nats) = Nats::start("cluster race of three") else {
@@ -1282,6 +1384,56 @@ fn an_owner_that_does_not_answer_gets_0x03_until_its_lease_runs_out() {
     wait_stats(&c, |s| s["total"]["cluster_recovered"] == 1);
     granted.ping();
     a.signal(libc::SIGCONT);
+}
+
+/// A claim whose JetStream calls are never answered (the NATS server
+/// stopped with SIGSTOP: the node's connection stays up, nothing comes
+/// back on it) is cut off at the claim's one deadline: the bridge itself
+/// answers "unavailable" while the connection still waits, and the client
+/// gets CONNACK 0x03 Server unavailable (3.1.1) or reason 0x88 (5.0),
+/// never a session. Without one deadline the connection gave up first
+/// (no bridge answer counted yet when the CONNACK arrived).
+#[test]
+fn a_claim_whose_nats_server_stops_answering_is_refused_by_its_deadline() {
+    let Some(nats) = Nats::start("cluster claim deadline") else {
+        return;
+    };
+    let a = nats.node("a");
+    wait_link(&a, "up");
+    // Granted: the sessions bucket is open and answers.
+    let (mut first, connack) = raw_persistent(a.port, "first");
+    assert_eq!(connack, [0x20, 2, 0, 0]);
+    first.ping();
+    nats.signal(libc::SIGSTOP);
+    // Resumed on every way out, so that the server's drop can end it.
+    struct Resume<'a>(&'a Nats);
+    impl Drop for Resume<'_> {
+        fn drop(&mut self) {
+            self.0.signal(libc::SIGCONT);
+        }
+    }
+    let _resume = Resume(&nats);
+    let (refused, connack) = raw_persistent(a.port, "stuck");
+    assert_eq!(
+        connack,
+        [0x20, 2, 0, 3],
+        "0x03 Server unavailable\n{}",
+        a.log_text()
+    );
+    // The bridge's answer made that CONNACK (counted before it is sent).
+    let cluster = get_json(&a, "/api/v1/cluster");
+    assert_eq!(cluster["claims_unavailable"], 1, "{cluster}");
+    refused.expect_closed();
+    // MQTT 5.0, Clean Start 0: reason 0x88.
+    let (_, connack) = persistent_v5(a.port, "stuck5");
+    assert_eq!(
+        (connack.first, connack.body.get(1)),
+        (0x20, Some(&0x88)),
+        "{connack:?}"
+    );
+    let cluster = get_json(&a, "/api/v1/cluster");
+    assert_eq!(cluster["claims_unavailable"], 2, "{cluster}");
+    assert_eq!(cluster["claims"], 1, "only the first claim was granted");
 }
 
 /// Reads the racing `clients` (each either stays or is closed) until one

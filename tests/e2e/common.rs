@@ -7,7 +7,7 @@ use std::net::{Shutdown, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use rumqttc::{Client, ConnAck, Event, MqttOptions, Packet, Publish, QoS, SubscribeReasonCode};
@@ -219,7 +219,13 @@ fn parse_http_port(line: &str) -> Option<u16> {
     addr.rsplit(':').next()?.parse().ok()
 }
 
-/// A running broker process; killed when dropped (also when a test panics).
+/// How many of the broker's last log lines a failing test prints: enough
+/// for the steps of one test, bounded for those that connect thousands of
+/// clients.
+const FAILURE_LOG_LINES: usize = 1000;
+
+/// A running broker process; killed when dropped (also when a test panics,
+/// which then prints the end of its log).
 pub struct Broker {
     child: Child,
     /// The port it listens on (127.0.0.1).
@@ -237,6 +243,18 @@ impl Drop for Broker {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if std::thread::panicking() {
+            // The test failed: its report (the test's captured output)
+            // shows what the broker logged, at debug level, which on a CI
+            // machine is all there is to read of a failure.
+            let log = self.log.0.lock().unwrap_or_else(PoisonError::into_inner);
+            let skipped = log.lines.len().saturating_sub(FAILURE_LOG_LINES);
+            eprintln!("--- broker log ({skipped} earlier lines left out) ---");
+            for line in &log.lines[skipped..] {
+                eprintln!("{line}");
+            }
+            eprintln!("--- end of broker log ---");
+        }
     }
 }
 

@@ -718,6 +718,30 @@ fn a_session_and_a_subscription_survive_a_kill_9_right_after_connack_and_suback(
     }
 }
 
+/// A persistent member of `share` on a shard `wanted` accepts (fresh ids
+/// from `prefix` until one lands there), subscribed, journalled and
+/// offline; its client id.
+fn offline_member(
+    broker: &Broker,
+    prefix: &str,
+    share: &str,
+    wanted: impl Fn(usize) -> bool,
+) -> String {
+    (0..64)
+        .map(|n| format!("{prefix}-{n}-{}", unique()))
+        .find(|id| {
+            let (mut client, _) = persistent(broker.port, id);
+            let there = wanted(broker.shard_of(id));
+            if there {
+                client.subscribe(share, rumqttc::QoS::AtLeastOnce);
+                until_journalled(&mut client, id);
+            }
+            client.disconnect();
+            there
+        })
+        .expect("64 connections never reached the wanted shard")
+}
+
 /// A persistent member of a shared group keeps what the group gave it on
 /// disk, as a plain subscriber does: offline on the publisher's shard, it
 /// gets every PUBACKed message after a `kill -9`, in order.
@@ -728,19 +752,7 @@ fn a_persistent_shared_member_gets_its_acknowledged_messages_after_kill_9() {
     let mut publisher = Mqtt::connect(broker.port, "share-kill-pub");
     let home = broker.shard_of("share-kill-pub");
     // A member on the publisher's shard.
-    let member = (0..64)
-        .map(|n| format!("share-kill-member-{n}-{}", unique()))
-        .find(|id| {
-            let (mut client, _) = persistent(broker.port, id);
-            let here = broker.shard_of(id) == home;
-            if here {
-                client.subscribe("$share/g/sk/#", rumqttc::QoS::AtLeastOnce);
-                until_journalled(&mut client, id);
-            }
-            client.disconnect();
-            here
-        })
-        .expect("a client id on the publisher's shard");
+    let member = offline_member(&broker, "share-kill-member", "$share/g/sk/#", |s| s == home);
     for n in 0..20 {
         publisher.publish_acked("sk/t", false, format!("m{n}").as_bytes());
     }
@@ -773,6 +785,80 @@ fn v5_session(port: u16, id: &str, expiry: u32) -> (Raw, bool) {
     let connack = raw.expect_packet().bytes();
     assert_eq!((connack[0], connack[3]), (0x20, 0), "CONNACK Success");
     (raw, connack[2] == 1)
+}
+
+/// A shared member whose session expires hands its backlog to a member
+/// on the other shard; a `kill -9` right after loses none of it: the
+/// expired session's drop is written only once the other shard has
+/// journalled what it took, so after the restart either that member has
+/// it or the expired session comes back with it and hands it on again.
+#[test]
+fn an_expired_shared_members_backlog_handed_to_the_other_shard_survives_kill_9() {
+    const N: usize = 12;
+    let dir = tempfile::tempdir().unwrap();
+    let broker = start(dir.path(), "");
+    // MQTT 5.0, Session Expiry 1 s, Receive Maximum 1: one message in
+    // flight, never acknowledged, the others wait in its queue.
+    let gone = format!("handover-gone-{}", unique());
+    let mut body = string(b"MQTT");
+    body.extend([5, 0x00, 0, 60, 8, 0x11, 0, 0, 0, 1, 0x21, 0, 1]);
+    body.extend(string(gone.as_bytes()));
+    let mut raw = Raw::tcp(broker.port);
+    raw.send(&packet(0x10, &body));
+    assert_eq!(raw.expect_packet().kind(), 2, "CONNACK");
+    let mut subscribe = vec![0, 1, 0];
+    subscribe.extend(string(b"$share/g/ho/#"));
+    subscribe.push(1);
+    raw.send(&packet(0x82, &subscribe));
+    assert_eq!(raw.expect_packet().kind(), 9, "SUBACK");
+    let mut publisher = Mqtt::connect(broker.port, "handover-pub");
+    for n in 0..N {
+        publisher.publish_acked("ho/t", false, n.to_string().as_bytes());
+    }
+    // Read as 3.1.1: the 5.0 frame's empty properties come first.
+    assert_eq!(
+        raw.expect_publish().payload,
+        b"\x000",
+        "the first in flight"
+    );
+    // The other member, persistent and offline on the other shard.
+    let gone_shard = broker.shard_of(&gone);
+    let member = offline_member(&broker, "handover-member", "$share/g/ho/#", |s| {
+        s != gone_shard
+    });
+    // DISCONNECT: offline for 1 s, then expired.
+    raw.send(&[0xe0, 0]);
+    raw.expect_closed();
+    let expired = format!("client {gone}: session expired");
+    assert!(
+        broker.wait_log(|l| l.contains(&expired), TIMEOUT).is_some(),
+        "{}",
+        broker.log_text()
+    );
+    kill_9(broker);
+
+    let broker = start(dir.path(), "");
+    let (mut client, present) = persistent(broker.port, &member);
+    assert!(present, "the member's session");
+    let mut first_seen: Vec<usize> = Vec::new();
+    while first_seen.len() < N {
+        let Some(p) = client.recv_publish(TIMEOUT) else {
+            panic!(
+                "{} of {N} messages: {first_seen:?}\n{}",
+                first_seen.len(),
+                broker.log_text()
+            );
+        };
+        let n: usize = String::from_utf8_lossy(&p.payload).parse().unwrap();
+        if !first_seen.contains(&n) {
+            first_seen.push(n);
+        }
+    }
+    assert_eq!(
+        first_seen,
+        (0..N).collect::<Vec<_>>(),
+        "every acknowledged message, in order"
+    );
 }
 
 #[test]
@@ -1631,19 +1717,9 @@ fn a_persistent_shared_member_on_the_other_shard_gets_its_acknowledged_messages_
     offline_subscribers(&broker, "xshare-load", "q1/#", 2);
     let mut publisher = Mqtt::connect(broker.port, "xshare-kill-pub");
     let home = broker.shard_of("xshare-kill-pub");
-    let member = (0..64)
-        .map(|n| format!("xshare-kill-member-{n}-{}", unique()))
-        .find(|id| {
-            let (mut client, _) = persistent(broker.port, id);
-            let there = broker.shard_of(id) != home;
-            if there {
-                client.subscribe("$share/g/xsk/#", rumqttc::QoS::AtLeastOnce);
-                until_journalled(&mut client, id);
-            }
-            client.disconnect();
-            there
-        })
-        .expect("a client id on the other shard");
+    let member = offline_member(&broker, "xshare-kill-member", "$share/g/xsk/#", |s| {
+        s != home
+    });
     let (acked, _) = publish_stream(broker.port, false);
     let started = Instant::now();
     while acked.lock().unwrap().len() < 50 {

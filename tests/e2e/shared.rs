@@ -10,7 +10,7 @@ use rumqttc::v5::mqttbytes::QoS as QoS5;
 use rumqttc::v5::mqttbytes::v5::SubscribeReasonCode as SubscribeReasonCode5;
 use serde_json::Value;
 
-use crate::admin::get_json;
+use crate::admin::{get_json, wait_stats};
 use crate::common::*;
 use crate::mqtt5::{V5, raw_v5, subscribe_v5};
 use rumqttc::v5::mqttbytes::v5::{Filter as Filter5, Publish as Publish5, UnsubAckReason};
@@ -893,6 +893,15 @@ fn the_last_member_that_unsubscribes_keeps_its_unsent_messages() {
     for p in &expected {
         publisher.publish_acked("last", false, p);
     }
+    // A PUBACK says the broker took the message, not that it reached
+    // "slow": the publisher's shard sends it over the mesh after the
+    // PUBACK. One still on its way when "slow"'s UNSUBSCRIBE is read there
+    // is a new message for a group with no member (MQTT-3.10.4-2), dropped
+    // and counted. So "slow" leaves once all 12 are its own, 4 in flight
+    // and 8 in its pending queue (the figures are at most a sweep old).
+    wait_stats(&broker, |s| {
+        crate::admin::total(s, "shared_deliveries") == MESSAGES as u64
+    });
     let mut got: Vec<Publish5> = (0..IN_FLIGHT).map(|_| slow.expect_publish()).collect();
     // No member is left to take the 8 that wait: they stay with "slow",
     // which may still be sent what it has buffered (MQTT-3.10.4-2).
