@@ -528,6 +528,13 @@ async fn interest_loop(bridge: Shared, changes: async_channel::Receiver<Control>
                 token,
                 image,
             } => ownership::restored(&bridge, client_id, shard, token, image),
+            Control::Unclaimed {
+                client_id,
+                shard,
+                token,
+                answer,
+                held,
+            } => ownership::unclaimed(&bridge, client_id, (shard, token), answer, held),
         }
     }
 }

@@ -93,6 +93,27 @@ pub enum Control {
         /// encoding); None: over the record's bound, the record goes.
         image: Option<bytes::Bytes>,
     },
+    /// The cluster's answer to claim `token` of `shard`, a grant with a
+    /// session state, came after that claim stopped waiting for it (its
+    /// connection gave up, or a later CONNECT here superseded it): nobody
+    /// on the shard took the state. The bridge keeps it for the next claim
+    /// of the id, here or on the node that asks this one for it
+    /// (docs/design/cluster.md §9), and releases the record if nobody
+    /// claims the id in time and nothing stays here (`held`).
+    Unclaimed {
+        /// The client id.
+        client_id: ByteString,
+        /// The shard of the claim.
+        shard: usize,
+        /// The claim's token there.
+        token: u64,
+        /// The late answer: `Granted` with an image, or `Recovered`.
+        answer: ClaimAnswer,
+        /// Whether a session of that claim stays on the shard (a copy the
+        /// node held before, kept offline when the claim gave up): the
+        /// record then names a session that is held, and stays.
+        held: bool,
+    },
     /// A persistent session restored from the store at start-up: the
     /// bridge re-asserts its record (created if absent, taken back from an
     /// earlier run of this node, or, if another node owns the id now, the
@@ -341,6 +362,23 @@ impl ClusterLink {
         }
     }
 
+    /// Shard `shard`'s link to no bridge, and the queue of what it sends
+    /// the bridge besides publishes (for tests).
+    #[cfg(test)]
+    pub fn for_tests(shard: usize) -> (ClusterLink, async_channel::Receiver<Control>) {
+        let (publish, _) = async_channel::bounded(1);
+        let (interest, changes) = async_channel::unbounded();
+        let (_, from_bridge) = async_channel::bounded(1);
+        let ends = ShardEnds {
+            publish,
+            interest,
+            from_bridge,
+        };
+        let status = Arc::new(ClusterStatus::new("a".into(), vec![]));
+        let link = ClusterLink::new(shard, ends, status, Duration::from_millis(1));
+        (link, changes)
+    }
+
     /// Distinct filters subscribed on this shard.
     #[cfg(test)]
     pub fn filters(&self) -> usize {
@@ -383,6 +421,20 @@ impl ClusterLink {
         if self.ends.interest.try_send(released).is_err() {
             log::debug!("cluster bridge gone: release of {client_id:?} not sent");
         }
+    }
+
+    /// The grant `answer` of claim `token` of this shard, which brought a
+    /// session state, came after the claim stopped waiting
+    /// ([`Control::Unclaimed`]; `held`: a session of the claim stays on the
+    /// shard).
+    pub fn unclaimed(&self, client_id: &str, token: u64, answer: ClaimAnswer, held: bool) {
+        self.send(Control::Unclaimed {
+            client_id: ByteString::from(client_id),
+            shard: self.shard,
+            token,
+            answer,
+            held,
+        });
     }
 
     /// The subscriptions of the persistent session of claim `token` of
@@ -485,6 +537,8 @@ status_figures! {
     cluster_reasserted: "Records re-asserted after a NATS outage or at start-up";
     cluster_reassert_lost: "Sessions dropped on re-assertion: another node owns the id";
     cluster_recovered: "Sessions whose subscriptions were recovered from a dead node's record";
+    cluster_claim_states_kept: "Session states kept for a claim that ended without giving them to its connection";
+    cluster_claim_states_given: "Kept session states given to a later claim here or to another node";
     cluster_subscription_records: "Subscriptions records of persistent sessions written";
     cluster_nodes: "Other nodes heard within the node timeout";
     cluster_suback_unconfirmed: "SUBACKs of a new filter sent without the NATS server's confirmation (link down, no answer in time)";
@@ -560,6 +614,8 @@ impl ClusterStatus {
             "reasserted": figures.cluster_reasserted,
             "reassert_lost": figures.cluster_reassert_lost,
             "recovered": figures.cluster_recovered,
+            "claim_states_kept": figures.cluster_claim_states_kept,
+            "claim_states_given": figures.cluster_claim_states_given,
             "subscription_records": figures.cluster_subscription_records,
         })
     }
@@ -616,17 +672,7 @@ mod tests {
 
     /// Shard `shard`'s link, and what it sends the bridge.
     fn link_of(shard: usize) -> (ClusterLink, async_channel::Receiver<Control>) {
-        let (publish, _p) = async_channel::bounded(1);
-        let (interest, changes) = async_channel::unbounded();
-        let (_to_shard, from_bridge) = async_channel::bounded(1);
-        let ends = ShardEnds {
-            publish,
-            interest,
-            from_bridge,
-        };
-        let status = Arc::new(ClusterStatus::new("a".into(), vec![]));
-        let link = ClusterLink::new(shard, ends, status, Duration::from_millis(1));
-        (link, changes)
+        ClusterLink::for_tests(shard)
     }
 
     #[test]

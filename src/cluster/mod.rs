@@ -2,7 +2,9 @@
 //! "Running a cluster").
 //!
 //! Core NATS carries messages between nodes, JetStream KV buckets the
-//! retained messages and which node owns each client id ([`ownership`]). One thread per node, `fanmq-cluster`, runs the NATS
+//! retained messages and which node owns each client id ([`ownership`];
+//! the session images a node keeps a while for racing and retrying claims:
+//! [`kept`]). One thread per node, `fanmq-cluster`, runs the NATS
 //! client on tokio ([`bridge`]); shards talk to it only through the queues of
 //! [`link`]. A message published on a node is delivered there as today and
 //! handed to the bridge once, by the shard it entered on; the bridge
@@ -14,6 +16,7 @@
 
 pub mod bridge;
 pub mod headers;
+pub mod kept;
 pub mod link;
 pub mod ownership;
 pub mod retained;

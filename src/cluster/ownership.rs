@@ -40,6 +40,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::cluster::ClusterError;
 use crate::cluster::bridge::{Bridge, Shared, open_bucket};
+use crate::cluster::kept::{Images, Kept};
 use crate::cluster::link::{ClaimAnswer, ClaimRequest, HandOver, Ticket, ToShard};
 use crate::cluster::retained;
 use crate::config::cluster::PartitionMode;
@@ -76,13 +77,26 @@ pub const MAX_SUBSCRIPTIONS_RECORD: usize = 64 * 1024;
 /// ownership record it belongs to (u64, little-endian).
 const SUBSCRIPTIONS_HEADER: usize = 8;
 /// How long an owner keeps the state it handed over, for another node
-/// that asks for the same record revision (two nodes racing for one id:
-/// whichever wins the compare-and-set has the state): twice a claim's
-/// deadline.
-const HANDED_TTL: Duration = Duration::from_secs(16);
+/// that asks for the same record revision (two nodes racing for one id,
+/// or one whose claim was cut off before its compare-and-set was applied
+/// and whose client asks again, there or elsewhere: whichever wins the
+/// compare-and-set has the state): as long as a requester keeps what its
+/// claim got ([`KEPT_TTL`]), so a retry finds the state on either node.
+const HANDED_TTL: Duration = KEPT_TTL;
 /// Most bytes of handed-over state an owner keeps for [`HANDED_TTL`]; the
 /// oldest goes first beyond it.
 const HANDED_MAX_BYTES: usize = 64 << 20;
+/// How long a node keeps the state a claim of its own received but gave to
+/// no connection (`Tables::kept`): the claim's deadline passed with its
+/// compare-and-set's outcome unknown, or the grant reached the shard after
+/// the connection stopped waiting. The client got CONNACK 0x03 and
+/// connects again after its back-off (clients wait seconds, doubling: a
+/// minute covers several tries), here or on another node, which asks this
+/// one.
+const KEPT_TTL: Duration = Duration::from_secs(60);
+/// Most bytes of such state a node keeps for [`KEPT_TTL`]; the oldest goes
+/// first beyond it (the client then gets a fresh session).
+const KEPT_MAX_BYTES: usize = 64 << 20;
 /// Pause before looking again whether an id's previous hand-over ended.
 const HANDING_POLL: Duration = Duration::from_millis(5);
 /// Pause between re-assertion passes (after the link returns, while some
@@ -149,20 +163,8 @@ pub(super) struct Unregistered {
     image: Option<Bytes>,
 }
 
-/// State this node handed to another node, kept for others that asked for
-/// the same revision.
-#[derive(Debug)]
-struct Handed {
-    /// The record revision the requesters read.
-    revision: u64,
-    /// The state.
-    image: Bytes,
-    /// When it was handed.
-    at: Instant,
-}
-
 /// The bridge's ownership tables besides [`Owned`].
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(super) struct Tables {
     /// The subscriptions bucket, once it is open.
     subscriptions: Option<kv::Store>,
@@ -172,10 +174,19 @@ pub(super) struct Tables {
     unregistered: HashMap<ByteString, Unregistered>,
     /// Owned ids to check once the link is back, by client id.
     to_check: HashMap<ByteString, Owned>,
-    /// State handed over recently, by client id.
-    handed: HashMap<ByteString, Handed>,
-    /// Bytes in `handed`.
-    handed_bytes: usize,
+    /// State handed over recently, by client id, with the record revision
+    /// the requester read (`TakeoverRequest::rev`).
+    handed: Images,
+    /// State a claim of this node received and gave to no connection, by
+    /// client id ([`refused`], [`unclaimed`]), with the revision of the
+    /// record it was handed for (one below the revision this node wrote,
+    /// for a grant that came late): this node's to give for that record
+    /// (whose owner may hold nothing any more) and for any later record
+    /// naming this node (the cut-off write may have been applied). The
+    /// next grant of the id here takes it (and gives it where the record
+    /// is this node's already or its owner had nothing), as does the next
+    /// node that asks this one for the session.
+    kept: Images,
     /// Ids being handed over now.
     handing: HashSet<ByteString>,
     /// Ids granted to a claim of this node whose answer waits for room in
@@ -185,6 +196,22 @@ pub(super) struct Tables {
     answering: HashMap<ByteString, u32>,
     /// Persistent sessions restored from the store, to re-assert.
     restored: Vec<Restored>,
+}
+
+impl Default for Tables {
+    fn default() -> Self {
+        Tables {
+            subscriptions: None,
+            writes: None,
+            unregistered: HashMap::new(),
+            to_check: HashMap::new(),
+            handed: Images::new(HANDED_TTL, HANDED_MAX_BYTES),
+            kept: Images::new(KEPT_TTL, KEPT_MAX_BYTES),
+            handing: HashSet::new(),
+            answering: HashMap::new(),
+            restored: Vec::new(),
+        }
+    }
 }
 
 /// A persistent session restored from the store at start-up.
@@ -498,7 +525,12 @@ async fn decide(bridge: &Shared, request: &ClaimRequest) -> ClaimAnswer {
                             "cluster: link down: {:?} granted without a record",
                             request.client_id
                         );
-                        bridge.borrow_mut().ownership.unregistered.insert(
+                        let mut b = bridge.borrow_mut();
+                        // The session granted here is newer than a state
+                        // kept for an earlier claim, which no one may give
+                        // any more.
+                        b.ownership.kept.take(&request.client_id, Instant::now());
+                        b.ownership.unregistered.insert(
                             request.client_id.clone(),
                             Unregistered {
                                 shard: request.shard,
@@ -533,31 +565,28 @@ async fn decide(bridge: &Shared, request: &ClaimRequest) -> ClaimAnswer {
             .fetch_add(1, Ordering::Relaxed);
         debug!("cluster: sessions bucket: {e}");
     };
-    // The state a previous owner sent (kept if a later compare-and-set
-    // fails and the record is read again).
-    let mut state: Option<Bytes> = None;
+    // The state a previous owner sent, with the revision of the record it
+    // was sent for (kept if a later compare-and-set fails and the record
+    // is read again).
+    let mut state: Option<Kept> = None;
     // Past the deadline (checked at each turn, and every call below cut
     // off there): unavailable. A cut-off `create` or `update` may still
     // have been applied by the server; the record then names this node,
-    // and the client's next CONNECT here finds it this node's.
-    let unavailable = || {
-        debug!(
-            "cluster: claim of {:?} not decided by its deadline",
-            request.client_id
-        );
-        ClaimAnswer::Unavailable
-    };
+    // and the client's next CONNECT here finds it this node's: the state
+    // this claim got is kept for it ([`refused`]).
     loop {
         if Instant::now() >= deadline {
-            return unavailable();
+            return refused(bridge, request, state);
         }
         let Some(created) = by(deadline, store.create(&key, value.clone())).await else {
-            return unavailable();
+            return refused(bridge, request, state);
         };
         match created {
             Ok(revision) => {
+                // A state kept for an earlier claim stood for a record
+                // that is gone (its session ended): dropped.
                 own(bridge, request, revision);
-                return ClaimAnswer::Granted(state);
+                return ClaimAnswer::Granted(state.map(|s| s.image));
             }
             Err(e) if e.kind() == CreateErrorKind::AlreadyExists => {}
             Err(e) => {
@@ -571,7 +600,7 @@ async fn decide(bridge: &Shared, request: &ClaimRequest) -> ClaimAnswer {
         // record says the id is this node's already: granted without a
         // compare-and-set, so that is confirmed from the leader.
         let Some(read) = by(deadline, store.entry(&key)).await else {
-            return unavailable();
+            return refused(bridge, request, state);
         };
         let entry = match read {
             Ok(Some(entry)) => entry,
@@ -597,7 +626,7 @@ async fn decide(bridge: &Shared, request: &ClaimRequest) -> ClaimAnswer {
                 // Already this node's (a reconnect here, or a take-over
                 // between this node's shards), if the leader says so too.
                 let Some(latest) = by(deadline, leader_entry(&store, &key)).await else {
-                    return unavailable();
+                    return refused(bridge, request, state);
                 };
                 match latest {
                     Ok(Some(latest)) if latest.revision == entry.revision => {}
@@ -608,8 +637,16 @@ async fn decide(bridge: &Shared, request: &ClaimRequest) -> ClaimAnswer {
                         continue;
                     }
                 }
-                own(bridge, request, entry.revision);
-                return ClaimAnswer::Granted(state);
+                let kept = own(bridge, request, entry.revision);
+                if state.is_some() {
+                    return ClaimAnswer::Granted(state.map(|s| s.image));
+                }
+                // A state an earlier claim here got and gave to nobody
+                // (its write was applied after all, or its grant came
+                // late): this record, later than the one it was handed
+                // for, is what that claim wrote.
+                let kept = kept.filter(|k| k.revision < entry.revision);
+                return resumed(bridge, request, kept);
             }
             // Another node, or an earlier run of this one (whose state is
             // gone, or restored here from its store).
@@ -632,15 +669,30 @@ async fn decide(bridge: &Shared, request: &ClaimRequest) -> ClaimAnswer {
                             "cluster: node {} could not hand {:?} over in time",
                             owner.node, request.client_id
                         );
-                        return ClaimAnswer::Unavailable;
+                        return refused(bridge, request, state);
                     }
                     Asked::State(image) => {
                         took_over = true;
                         if !image.is_empty() {
-                            state = Some(image);
+                            state = Some(Kept {
+                                revision: entry.revision,
+                                image,
+                                recovered: false,
+                                at: Instant::now(),
+                            });
+                        } else if state.is_none() {
+                            // The owner has nothing left for this record
+                            // (it handed the session to an earlier claim
+                            // of this node, cut off before its write, and
+                            // its copy for racers expired): this node may
+                            // have kept it.
+                            state = kept_for(bridge, &request.client_id, entry.revision);
                         }
                     }
                     Asked::Gone => {
+                        if state.is_none() {
+                            state = kept_for(bridge, &request.client_id, entry.revision);
+                        }
                         orphaned = true;
                         debug!(
                             "cluster: node {} is gone: {:?} taken fresh",
@@ -651,6 +703,9 @@ async fn decide(bridge: &Shared, request: &ClaimRequest) -> ClaimAnswer {
                         if alive(bridge, &owner.node) {
                             pause(deadline).await;
                             continue;
+                        }
+                        if state.is_none() {
+                            state = kept_for(bridge, &request.client_id, entry.revision);
                         }
                         orphaned = true;
                         debug!(
@@ -670,11 +725,23 @@ async fn decide(bridge: &Shared, request: &ClaimRequest) -> ClaimAnswer {
         };
         let Some(updated) = by(deadline, store.update(&key, value.clone(), entry.revision)).await
         else {
-            return unavailable();
+            let recovered = left.map(|image| Kept {
+                revision: entry.revision,
+                image,
+                recovered: true,
+                at: Instant::now(),
+            });
+            return refused(bridge, request, state.or(recovered));
         };
         match updated {
             Ok(revision) => {
-                own(bridge, request, revision);
+                let kept = own(bridge, request, revision);
+                if kept.is_some() && kept == state {
+                    status
+                        .figures
+                        .cluster_claim_states_given
+                        .fetch_add(1, Ordering::Relaxed);
+                }
                 if took_over {
                     status
                         .figures
@@ -688,7 +755,7 @@ async fn decide(bridge: &Shared, request: &ClaimRequest) -> ClaimAnswer {
                         .fetch_add(1, Ordering::Relaxed);
                     return ClaimAnswer::Recovered(left);
                 }
-                return ClaimAnswer::Granted(state);
+                return ClaimAnswer::Granted(state.map(|s| s.image));
             }
             // The record moved meanwhile: read it again.
             Err(e) => debug!(
@@ -709,8 +776,10 @@ fn alive(bridge: &Shared, name: &str) -> bool {
     }
 }
 
-/// Records that the claim of `request` owns its id at `revision`.
-fn own(bridge: &Shared, request: &ClaimRequest, revision: u64) {
+/// Records that the claim of `request` owns its id at `revision`, and
+/// takes out what was kept for the id ([`Tables::kept`]): whatever this
+/// grant brings is the session's state from now on.
+fn own(bridge: &Shared, request: &ClaimRequest, revision: u64) -> Option<Kept> {
     let mut b = bridge.borrow_mut();
     b.ownership.unregistered.remove(&request.client_id);
     b.owned.insert(
@@ -721,6 +790,131 @@ fn own(bridge: &Shared, request: &ClaimRequest, revision: u64) {
             revision,
         },
     );
+    b.ownership.kept.take(&request.client_id, Instant::now())
+}
+
+/// A claim refused: past its deadline, or the owner could not hand the
+/// session over. The state it got (`got`: a previous owner's, or a dead
+/// one's subscriptions) is kept for the client's next claim, here or on
+/// a node that asks this one ([`Tables::kept`]): a cut-off write may have
+/// been applied, and then nobody else holds the state any more.
+fn refused(bridge: &Shared, request: &ClaimRequest, got: Option<Kept>) -> ClaimAnswer {
+    debug!(
+        "cluster: claim of {:?} not granted by its deadline",
+        request.client_id
+    );
+    if let Some(got) = got.filter(|_| !request.clean_session) {
+        let now = Instant::now();
+        let mut b = bridge.borrow_mut();
+        b.status
+            .figures
+            .cluster_claim_states_kept
+            .fetch_add(1, Ordering::Relaxed);
+        debug!(
+            "cluster: {} bytes of state of {:?} kept for its next claim",
+            got.image.len(),
+            request.client_id
+        );
+        let got = Kept { at: now, ..got };
+        b.ownership.kept.keep(request.client_id.clone(), got, now);
+    }
+    ClaimAnswer::Unavailable
+}
+
+/// What this node kept for `client_id` for the record at `revision`, the
+/// one a previous owner now has nothing for (left in the table: the grant
+/// takes it, [`own`]).
+fn kept_for(bridge: &Shared, client_id: &str, revision: u64) -> Option<Kept> {
+    let mut b = bridge.borrow_mut();
+    b.ownership
+        .kept
+        .get(client_id, Instant::now())
+        .filter(|k| k.revision == revision && !k.recovered)
+        .cloned()
+}
+
+/// The answer to a claim of `request` that finds the id this node's: with
+/// `kept`, the state an earlier claim here got and gave to nobody
+/// (counted), as it would have been answered.
+fn resumed(bridge: &Shared, request: &ClaimRequest, kept: Option<Kept>) -> ClaimAnswer {
+    let Some(kept) = kept.filter(|_| !request.clean_session) else {
+        return ClaimAnswer::Granted(None);
+    };
+    bridge
+        .borrow()
+        .status
+        .figures
+        .cluster_claim_states_given
+        .fetch_add(1, Ordering::Relaxed);
+    debug!(
+        "cluster: {:?} resumed with the state an earlier claim here kept",
+        request.client_id
+    );
+    if kept.recovered {
+        ClaimAnswer::Recovered(kept.image)
+    } else {
+        ClaimAnswer::Granted(Some(kept.image))
+    }
+}
+
+/// The grant `answer` of claim `(shard, token)`, with a session state,
+/// reached the shard after that claim stopped waiting (`Control::
+/// Unclaimed`): the state is kept for the id's next claim as a refused
+/// claim's is ([`Tables::kept`]), if that claim still owns the id (a
+/// later claim granted meanwhile holds a newer session: dropped, logged).
+/// Unless a session of that claim stays on its shard (`held`), the record
+/// names a session nobody holds: it is released once the state has
+/// expired with nobody claiming the id.
+pub(super) fn unclaimed(
+    bridge: &Shared,
+    client_id: ByteString,
+    (shard, token): (usize, u64),
+    answer: ClaimAnswer,
+    held: bool,
+) {
+    let (image, recovered) = match answer {
+        ClaimAnswer::Granted(Some(image)) => (image, false),
+        ClaimAnswer::Recovered(image) => (image, true),
+        ClaimAnswer::Granted(None) | ClaimAnswer::Unavailable => return,
+    };
+    let mut b = bridge.borrow_mut();
+    let Some(owned) = b
+        .owned
+        .get(&client_id)
+        .copied()
+        .filter(|o| o.shard == shard && o.token == token)
+    else {
+        debug!("cluster: late state of {client_id:?} dropped: the id was claimed again meanwhile");
+        return;
+    };
+    let now = Instant::now();
+    b.status
+        .figures
+        .cluster_claim_states_kept
+        .fetch_add(1, Ordering::Relaxed);
+    let kept = Kept {
+        // Given for the record this node wrote and any later one.
+        revision: owned.revision.saturating_sub(1),
+        image,
+        recovered,
+        at: now,
+    };
+    b.ownership.kept.keep(client_id.clone(), kept, now);
+    drop(b);
+    if held {
+        return;
+    }
+    let bridge = bridge.clone();
+    tokio::task::spawn_local(async move {
+        tokio::time::sleep(KEPT_TTL).await;
+        // Nobody claimed it (a claim here, or another node's take-over,
+        // changes or removes the ownership): the state has expired.
+        let unchanged = bridge.borrow().owned.get(&client_id) == Some(&owned);
+        if unchanged {
+            debug!("cluster: the state kept for {client_id:?} expired: its record goes");
+            released(&bridge, client_id, shard, token);
+        }
+    });
 }
 
 /// Asks node `owner` to hand the session of `(client id, CleanSession,
@@ -933,7 +1127,8 @@ async fn hand_over(bridge: Shared, request: TakeoverRequest, reply: async_nats::
             return;
         }
     };
-    let image = kept_for_racers(&bridge, &client_id, &request, image.map(Bytes::from));
+    let image = kept_or(&bridge, &client_id, &request, image.map(Bytes::from));
+    let image = kept_for_racers(&bridge, &client_id, &request, image);
     bridge.borrow_mut().ownership.handing.remove(&client_id);
     debug!(
         "cluster: {client_id:?} taken over by node {} ({} bytes of state)",
@@ -981,55 +1176,57 @@ fn kept_for_racers(
     request: &TakeoverRequest,
     image: Option<Bytes>,
 ) -> Option<Bytes> {
+    let now = Instant::now();
     let mut b = bridge.borrow_mut();
-    let t = &mut b.ownership;
-    let mut freed = 0;
-    t.handed.retain(|_, h| {
-        let keep = h.at.elapsed() < HANDED_TTL;
-        if !keep {
-            freed += h.image.len();
-        }
-        keep
-    });
-    t.handed_bytes -= freed;
+    let handed = &mut b.ownership.handed;
     if request.clean || request.rev == 0 {
         return image;
     }
     let Some(image) = image else {
-        return t
-            .handed
-            .get(client_id)
+        return handed
+            .get(client_id, now)
             .filter(|h| h.revision == request.rev)
             .map(|h| h.image.clone());
     };
-    if let Some(old) = t.handed.remove(client_id) {
-        t.handed_bytes -= old.image.len();
-    }
-    while t.handed_bytes + image.len() > HANDED_MAX_BYTES {
-        let Some(oldest) = t
-            .handed
-            .iter()
-            .min_by_key(|(_, h)| h.at)
-            .map(|(id, _)| id.clone())
-        else {
-            break;
-        };
-        if let Some(old) = t.handed.remove(&oldest) {
-            t.handed_bytes -= old.image.len();
-        }
-    }
-    if image.len() <= HANDED_MAX_BYTES {
-        t.handed_bytes += image.len();
-        t.handed.insert(
-            client_id.clone(),
-            Handed {
-                revision: request.rev,
-                image: image.clone(),
-                at: Instant::now(),
-            },
-        );
-    }
+    let kept = Kept {
+        revision: request.rev,
+        image: image.clone(),
+        recovered: false,
+        at: now,
+    };
+    handed.keep(client_id.clone(), kept, now);
     Some(image)
+}
+
+/// The state to answer a take-over request with, before it is kept for
+/// racers: what this node kept for the id ([`Tables::kept`]: a claim of
+/// its own got it and gave it to nobody), if the record the requester
+/// read is later than the one it was handed for (the record this node's
+/// cut-off or late claim wrote, naming it); else `image`, the shard's.
+/// Kept, it wins over the shard's: every grant here takes it out, so a
+/// session the shard holds beside it is an older copy. Taken either way:
+/// the session leaves this node.
+fn kept_or(
+    bridge: &Shared,
+    client_id: &ByteString,
+    request: &TakeoverRequest,
+    image: Option<Bytes>,
+) -> Option<Bytes> {
+    let mut b = bridge.borrow_mut();
+    match b.ownership.kept.take(client_id, Instant::now()) {
+        Some(kept) if !request.clean && (request.rev == 0 || kept.revision < request.rev) => {
+            b.status
+                .figures
+                .cluster_claim_states_given
+                .fetch_add(1, Ordering::Relaxed);
+            debug!(
+                "cluster: {client_id:?} handed to node {} with the state a claim here kept",
+                request.from
+            );
+            Some(kept.image)
+        }
+        _ => image,
+    }
 }
 
 /// Ends the session of `client_id` on this node as a take-over (its

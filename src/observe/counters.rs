@@ -416,6 +416,12 @@ counter_table! {
         cluster_recovered: Counter Max,
             prometheus Some("cluster_recovered"), per_shard None, sys None,
             help "Persistent sessions whose subscriptions this node recovered from a dead node's record";
+        cluster_claim_states_kept: Counter Max,
+            prometheus Some("cluster_claim_states_kept"), per_shard None, sys None,
+            help "Session states a claim of this node received but did not give to its connection (cut off by its deadline with the outcome unknown, or answered after its shard stopped waiting), kept for the next claim of the client id";
+        cluster_claim_states_given: Counter Max,
+            prometheus Some("cluster_claim_states_given"), per_shard None, sys None,
+            help "Kept claim session states given to a later claim of the client id on this node or to another node that took it over";
         cluster_subscription_records: Counter Max,
             prometheus Some("cluster_subscription_records"), per_shard None, sys None,
             help "Subscriptions records of persistent sessions written to the cluster's bucket (at attach, SUBSCRIBE and UNSUBSCRIBE)";

@@ -24,6 +24,7 @@
 //! attached as a session ([`Session::claim`]); a release names it too, so a
 //! late release cannot forget a newer owner on the same shard.
 
+use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
@@ -48,6 +49,12 @@ use crate::shard::{Ctx, Shard};
 /// before it is refused as server unavailable (the other shards are stuck
 /// or shutting down, or the cluster did not answer).
 pub const CLAIM_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Most claims of a shard whose connection stopped waiting for the
+/// cluster's answer that the shard remembers until that answer comes
+/// ([`Registry::given_up`]); beyond it the oldest is released in the
+/// cluster at once (its answer, if it comes, is then dropped).
+const MAX_GIVEN_UP: usize = 1024;
 
 // The bridge answers a claim by its deadline, `CLAIM_DEADLINE` after the
 // claim started, so the answer arrives while the connection still waits.
@@ -139,6 +146,12 @@ pub struct Registry {
     /// pruned when read). Empty but for an instant around a take-over from
     /// another node: one test per routed message.
     attaching: Vec<u64>,
+    /// Claims whose connection stopped waiting for the cluster's answer
+    /// ([`CLAIM_TIMEOUT`]), oldest first, with their client ids: the
+    /// answer, if it comes, hands the state it brought back to the bridge
+    /// or releases the record (`Shard::cluster_claim_answered`). At most
+    /// [`MAX_GIVEN_UP`]; empty unless the bridge is late.
+    given_up: VecDeque<(u64, ByteString)>,
     /// Next claim token.
     next_token: u64,
 }
@@ -242,8 +255,13 @@ pub async fn claim(
         Outcome::Superseded => return Err(RegistryError::Superseded),
     };
     if !granted {
-        // Keep what was held here, as for a claim nobody waits for.
-        shard.keep_or_release(client_id, token, state);
+        if asked && !answered {
+            // The cluster's answer may still come.
+            shard.cluster_gave_up(client_id, token, state);
+        } else {
+            // Keep what was held here, as for a claim nobody waits for.
+            shard.keep_or_release(client_id, token, state);
+        }
         return Err(RegistryError::ClusterUnavailable);
     }
     Ok((token, state.filter(|_| !clean_session)))
@@ -610,6 +628,11 @@ impl Shard {
         if let Some(link) = &self.cluster {
             link.released(client_id, token);
         }
+        self.release_on_node(client_id, token);
+    }
+
+    /// [`Shard::release`] for the node only: the cluster's record stays.
+    fn release_on_node(&mut self, client_id: &str, token: u64) {
         let home = home_shard(client_id, self.nr_shards);
         let shard = self.id;
         if home == self.id {
@@ -648,13 +671,22 @@ impl Shard {
     /// superseded meanwhile is dropped.
     pub fn cluster_claim_answered(&mut self, token: u64, answer: ClaimAnswer) {
         let Some(claim) = self.registry.claims.get_mut(&token) else {
-            debug!("cluster answer to claim {token}, ended meanwhile, dropped");
+            self.late_cluster_answer(token, answer);
             return;
         };
         let local = match &mut claim.outcome {
             Some(Outcome::Granted(local)) if claim.cluster.is_none() => local.take(),
+            Some(Outcome::Superseded) => {
+                // A later CONNECT here took the id (with what was held
+                // here): the state the grant brought goes back to the
+                // bridge, for that claim's grant to take.
+                let client_id = claim.client_id.clone();
+                debug!("cluster answer to claim {token}, superseded meanwhile, given back");
+                self.give_back(&client_id, token, answer, false);
+                return;
+            }
             _ => {
-                debug!("cluster answer to claim {token}, superseded meanwhile, dropped");
+                debug!("cluster answer to claim {token}, answered already, dropped");
                 return;
             }
         };
@@ -698,6 +730,72 @@ impl Shard {
         }
         if attaching {
             self.registry.attaching.push(token);
+        }
+    }
+
+    /// The connection of claim `token` stopped waiting for the cluster's
+    /// answer ([`CLAIM_TIMEOUT`]; it answers CONNACK 0x03): a copy held
+    /// here (`state`) stays offline as that claim's session; without one
+    /// the id is released on the node, not in the cluster, where the
+    /// record may be about to name this claim. The answer, when it comes,
+    /// settles it ([`Shard::cluster_claim_answered`]).
+    fn cluster_gave_up(&mut self, client_id: ByteString, token: u64, state: Option<SessionState>) {
+        let given_up = &mut self.registry.given_up;
+        if given_up.len() >= MAX_GIVEN_UP
+            && let Some((oldest, id)) = given_up.pop_front()
+            && let Some(link) = &self.cluster
+        {
+            link.released(&id, oldest);
+        }
+        self.registry.given_up.push_back((token, client_id.clone()));
+        match state {
+            Some(state) => self.keep_or_release(client_id, token, Some(state)),
+            None => self.release_on_node(&client_id, token),
+        }
+    }
+
+    /// The cluster's answer to claim `token`, which is no longer pending:
+    /// if its connection gave up on it ([`Registry::given_up`]), a state
+    /// it brought goes back to the bridge (kept there for the id's next
+    /// claim, here or on another node), and a grant without one releases
+    /// the record unless a session of the claim stays here. Else dropped.
+    fn late_cluster_answer(&mut self, token: u64, answer: ClaimAnswer) {
+        let given_up = &mut self.registry.given_up;
+        let Some((_, client_id)) = given_up
+            .iter()
+            .position(|(t, _)| *t == token)
+            .and_then(|at| given_up.remove(at))
+        else {
+            debug!("cluster answer to claim {token}, ended meanwhile, dropped");
+            return;
+        };
+        debug!("cluster answer to claim {token} of {client_id}, after its connection gave up");
+        let held = self
+            .session_key(&client_id)
+            .and_then(|key| self.sessions.get(key as usize))
+            .is_some_and(|s| s.claim == token);
+        match answer {
+            ClaimAnswer::Granted(None) | ClaimAnswer::Unavailable => {
+                if !held && let Some(link) = &self.cluster {
+                    link.released(&client_id, token);
+                }
+            }
+            answer => self.give_back(&client_id, token, answer, held),
+        }
+    }
+
+    /// Hands the state the cluster's grant `answer` to claim `token`
+    /// brought (if any) back to the bridge: nobody here takes it
+    /// (`Control::Unclaimed`; `held`: a session of that claim stays here).
+    fn give_back(&self, client_id: &str, token: u64, answer: ClaimAnswer, held: bool) {
+        if matches!(
+            answer,
+            ClaimAnswer::Granted(None) | ClaimAnswer::Unavailable
+        ) {
+            return;
+        }
+        if let Some(link) = &self.cluster {
+            link.unclaimed(client_id, token, answer, held);
         }
     }
 
@@ -1120,6 +1218,97 @@ mod tests {
             take_outcome(&mut shard, 62),
             Outcome::Granted(Some(_))
         ));
+    }
+
+    /// What the shard told the bridge about claims' ends so far: the late
+    /// states it gave back (client id, token, held) and the releases.
+    fn told(
+        to_bridge: &async_channel::Receiver<crate::cluster::link::Control>,
+    ) -> (Vec<(String, u64, bool)>, Vec<(String, u64)>) {
+        use crate::cluster::link::Control;
+        let (mut given, mut released) = (Vec::new(), Vec::new());
+        while let Ok(control) = to_bridge.try_recv() {
+            match control {
+                Control::Unclaimed {
+                    client_id,
+                    token,
+                    answer,
+                    held,
+                    ..
+                } => {
+                    assert!(
+                        matches!(answer, ClaimAnswer::Granted(Some(_))),
+                        "{answer:?}"
+                    );
+                    given.push((client_id.to_string(), token, held));
+                }
+                Control::Released {
+                    client_id, token, ..
+                } => released.push((client_id.to_string(), token)),
+                _ => {}
+            }
+        }
+        (given, released)
+    }
+
+    /// The cluster's grant reaches the shard after its claim's connection
+    /// gave up (`CLAIM_TIMEOUT`), or after a later CONNECT superseded the
+    /// claim: the state it brought goes back to the bridge (which keeps it
+    /// for the id's next claim), saying whether a session of the claim
+    /// stays here; a grant without a state releases the record unless one
+    /// does. Giving up releases the id on the node only (the record may be
+    /// about to name the claim); answers to claims never given up, or
+    /// answered once already, are dropped; beyond the bound the oldest
+    /// given-up claim is released at once.
+    #[test]
+    fn a_cluster_grant_after_its_connection_gave_up_goes_back_to_the_bridge() {
+        let mut shard = shard();
+        let (link, to_bridge) = crate::cluster::link::ClusterLink::for_tests(0);
+        shard.cluster = Some(link);
+        let mut held_copy = SessionState::default();
+        held_copy
+            .subscriptions
+            .push((crate::router::SharedFilter::from("h/#"), QoS::AtLeastOnce));
+        shard.cluster_gave_up(ByteString::from("moving"), 80, None);
+        shard.cluster_gave_up(ByteString::from("held"), 81, Some(held_copy.clone()));
+        shard.cluster_gave_up(ByteString::from("fresh"), 82, None);
+        shard.cluster_gave_up(ByteString::from("kept"), 83, Some(held_copy));
+        assert_eq!(told(&to_bridge), (vec![], vec![]), "nothing released yet");
+        assert!(
+            shard.session_key("held").is_some(),
+            "the copy stays offline"
+        );
+        shard.cluster_claim_answered(80, ClaimAnswer::Granted(Some(image_of_moving())));
+        shard.cluster_claim_answered(81, ClaimAnswer::Granted(Some(image_of_moving())));
+        shard.cluster_claim_answered(82, ClaimAnswer::Granted(None));
+        shard.cluster_claim_answered(83, ClaimAnswer::Granted(None));
+        assert_eq!(
+            told(&to_bridge),
+            (
+                vec![("moving".into(), 80, false), ("held".into(), 81, true)],
+                vec![("fresh".into(), 82)]
+            )
+        );
+        // Once only; and never for a claim that did not give up.
+        shard.cluster_claim_answered(80, ClaimAnswer::Granted(Some(image_of_moving())));
+        shard.cluster_claim_answered(99, ClaimAnswer::Granted(Some(image_of_moving())));
+        assert_eq!(told(&to_bridge), (vec![], vec![]));
+        // Superseded by a later CONNECT here before the grant came.
+        pending(&mut shard, "moving", 60);
+        shard.claim_answered(60, None);
+        pending(&mut shard, "moving", 61);
+        shard.home_claim(ByteString::from("moving"), 0, 61, false);
+        shard.cluster_claim_answered(60, ClaimAnswer::Granted(Some(image_of_moving())));
+        assert_eq!(
+            told(&to_bridge),
+            (vec![("moving".into(), 60, false)], vec![])
+        );
+        // The bound.
+        for token in 0..=MAX_GIVEN_UP as u64 {
+            shard.cluster_gave_up(ByteString::from("many"), 1000 + token, None);
+        }
+        assert_eq!(told(&to_bridge), (vec![], vec![("many".into(), 1000)]));
+        assert_eq!(shard.registry.given_up.len(), MAX_GIVEN_UP);
     }
 
     #[test]
