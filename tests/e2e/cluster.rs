@@ -1436,6 +1436,330 @@ fn a_claim_whose_nats_server_stops_answering_is_refused_by_its_deadline() {
     assert_eq!(cluster["claims"], 1, "only the first claim was granted");
 }
 
+/// A TCP relay between one node and the NATS server, which stops the
+/// server (SIGSTOP of `pid`), once armed, just before it passes on the
+/// node's next compare-and-set of a KV record: a JetStream publish with a
+/// `Nats-Expected-Last-Subject-Sequence` header other than 0 (a `create`
+/// sends 0). The write is then in the server's socket, applied once the
+/// server goes on, but its answer comes only after the node's claim was
+/// cut off by its deadline: the outcome the node saw is unknown, the
+/// outcome in the bucket is its write.
+struct StopBeforeUpdate {
+    /// The port the node connects to.
+    port: u16,
+    /// The pid to stop at the next compare-and-set (None: not armed).
+    armed: std::sync::Arc<std::sync::Mutex<Option<u32>>>,
+    /// Set when it stopped the server.
+    fired: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Set when dropped: the relay accepts no more connections.
+    done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Drop for StopBeforeUpdate {
+    fn drop(&mut self) {
+        self.done.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl StopBeforeUpdate {
+    /// The header that marks a compare-and-set, up to its value.
+    const HEADER: &'static [u8] = b"Nats-Expected-Last-Subject-Sequence: ";
+
+    /// A relay to the NATS server on `upstream`, not armed.
+    fn start(upstream: u16) -> Self {
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("relay bind");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let port = listener.local_addr().expect("relay address").port();
+        let relay = StopBeforeUpdate {
+            port,
+            armed: Default::default(),
+            fired: Default::default(),
+            done: Default::default(),
+        };
+        let (armed, fired, done) = (relay.armed.clone(), relay.fired.clone(), relay.done.clone());
+        std::thread::spawn(move || {
+            while !done.load(Ordering::Relaxed) {
+                let node = match listener.accept() {
+                    Ok((node, _)) => node,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(10));
+                        continue;
+                    }
+                    Err(e) => panic!("relay accept: {e}"),
+                };
+                node.set_nonblocking(false).expect("blocking");
+                let server =
+                    std::net::TcpStream::connect(("127.0.0.1", upstream)).expect("relay to NATS");
+                let (node_in, server_out) = (
+                    node.try_clone().expect("clone"),
+                    server.try_clone().expect("clone"),
+                );
+                std::thread::spawn(move || relay_bytes(server, node, |_| {}));
+                let (armed, fired) = (armed.clone(), fired.clone());
+                std::thread::spawn(move || {
+                    let mut tail: Vec<u8> = Vec::new();
+                    relay_bytes(node_in, server_out, move |chunk: &[u8]| {
+                        // The header may straddle two reads.
+                        let from = tail.len();
+                        tail.extend_from_slice(chunk);
+                        let update =
+                            tail.windows(Self::HEADER.len() + 1)
+                                .enumerate()
+                                .any(|(at, w)| {
+                                    at + w.len() > from
+                                        && w.starts_with(Self::HEADER)
+                                        && matches!(w[Self::HEADER.len()], b'1'..=b'9')
+                                });
+                        let keep = tail.len().saturating_sub(Self::HEADER.len());
+                        tail.drain(..keep);
+                        if update && let Some(pid) = armed.lock().expect("armed").take() {
+                            // SAFETY: kill has no memory-safety preconditions.
+                            let rc = unsafe { libc::kill(pid as libc::pid_t, libc::SIGSTOP) };
+                            assert_eq!(rc, 0, "SIGSTOP failed");
+                            // The signal takes effect a moment later: the
+                            // write passes once no thread of the server
+                            // can read it.
+                            wait_stopped(pid);
+                            fired.store(true, Ordering::Relaxed);
+                        }
+                    });
+                });
+            }
+        });
+        relay
+    }
+
+    /// Stops the server of `nats` before the next compare-and-set passes.
+    fn arm(&self, nats: &Nats) {
+        let pid = nats.child.as_ref().expect("nats-server running").id();
+        *self.armed.lock().expect("armed") = Some(pid);
+    }
+
+    /// Whether it stopped the server.
+    fn fired(&self) -> bool {
+        self.fired.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// Waits until every thread of process `pid` is stopped (state `T` in
+/// `/proc`), at most [`TIMEOUT`].
+fn wait_stopped(pid: u32) {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("/proc tasks");
+        let stopped = tasks.flatten().all(|task| {
+            let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+            // `pid (comm) S ...`: the state follows the last parenthesis.
+            stat.rsplit_once(") ")
+                .is_some_and(|(_, rest)| rest.starts_with('T') || rest.starts_with('t'))
+        });
+        if stopped {
+            return;
+        }
+        assert!(Instant::now() < deadline, "nats-server {pid} never stopped");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Copies `from` to `to` until either end closes, showing each read to
+/// `look` before it is passed on; then shuts both down.
+fn relay_bytes(
+    mut from: std::net::TcpStream,
+    mut to: std::net::TcpStream,
+    mut look: impl FnMut(&[u8]),
+) {
+    use std::io::{Read, Write};
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        look(&buf[..n]);
+        if to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    let _ = from.shutdown(std::net::Shutdown::Both);
+    let _ = to.shutdown(std::net::Shutdown::Both);
+}
+
+/// One request on `subject` as a plain NATS client makes it (the text
+/// protocol over TCP), and the payload of its answer.
+fn nats_request(nats: &Nats, subject: &str, payload: &[u8]) -> Vec<u8> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", nats.port)).expect("NATS connect");
+    stream.set_read_timeout(Some(TIMEOUT)).expect("timeout");
+    let inbox = "_INBOX.fanmq_e2e";
+    let mut line = format!(
+        "CONNECT {{\"verbose\":false}}\r\nSUB {inbox} 1\r\nPUB {subject} {inbox} {}\r\n",
+        payload.len()
+    )
+    .into_bytes();
+    line.extend_from_slice(payload);
+    line.extend_from_slice(b"\r\n");
+    stream.write_all(&line).expect("NATS request");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        // `MSG <inbox> 1 <bytes>\r\n<payload>\r\n`
+        let text = String::from_utf8_lossy(&got).into_owned();
+        if let Some(at) = text.find(&format!("MSG {inbox} 1 "))
+            && let Some(end) = text[at..].find("\r\n")
+        {
+            let head = &text[at..at + end];
+            let len: usize = head
+                .rsplit(' ')
+                .next()
+                .and_then(|n| n.parse().ok())
+                .expect("MSG length");
+            let start = at + end + 2;
+            if got.len() >= start + len {
+                return got[start..start + len].to_vec();
+            }
+        }
+        let n = stream.read(&mut buf).expect("NATS answer");
+        assert!(n > 0, "NATS closed: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// The record of client `id` in the sessions bucket, read from the
+/// bucket's stream (JetStream's API); None when it has none.
+fn session_record(nats: &Nats, id: &str) -> Option<Value> {
+    use base64::Engine;
+    use sha2::Digest;
+    let key = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(id));
+    let request = format!("{{\"last_by_subj\":\"$KV.fanmq_sessions.{key}\"}}");
+    let answer = nats_request(
+        nats,
+        "$JS.API.STREAM.MSG.GET.KV_fanmq_sessions",
+        request.as_bytes(),
+    );
+    let answer: Value = serde_json::from_slice(&answer).expect("JetStream answer");
+    let data = answer["message"]["data"].as_str()?;
+    let value = base64::engine::general_purpose::STANDARD
+        .decode(data)
+        .ok()?;
+    serde_json::from_slice(&value).ok()
+}
+
+/// A persistent session with 5 queued QoS 1 messages moves from A to B,
+/// and B's compare-and-set of the record reaches the NATS server, which
+/// stops (SIGSTOP) before it reads it: B's claim is cut off by its
+/// deadline (CONNACK 0x03), and the write is applied once the server goes
+/// on (SIGCONT). The record then names B, and A handed the state away:
+/// B kept it. The client comes back on B, or on a third node C (which
+/// asks B): it gets its session and every queued message. Before B kept
+/// it, the state was dropped with the refused claim: Session Present 0,
+/// nothing queued.
+fn a_cut_off_take_over_keeps_its_state(test: &str, retry_on_third: bool) {
+    let Some(nats) = Nats::start(test) else {
+        return;
+    };
+    let relay = StopBeforeUpdate::start(nats.port);
+    let a = nats.node("a");
+    let b = nats.node_configured(
+        &format!(
+            "[cluster]\nnats_urls = [\"nats://127.0.0.1:{}\"]\nnode_name = \"b\"\n",
+            relay.port
+        ),
+        "b",
+    );
+    let c = retry_on_third.then(|| nats.node("c"));
+    let (mut first, connack) = persistent(a.port, "keeper");
+    assert!(!connack.session_present);
+    first.subscribe("keep/#", QoS::AtLeastOnce);
+    first.disconnect();
+    wait_client(&a, "keeper", |c| c.is_some_and(|c| c["connected"] == false));
+    let mut publisher = Mqtt::connect(a.port, "keep-pub");
+    for i in 0..5 {
+        publisher.publish_acked("keep/q", false, i.to_string().as_bytes());
+    }
+    wait_client(&a, "keeper", |c| c.is_some_and(|c| c["pending"] == 5));
+    wait_link(&b, "up");
+
+    // Resumed on every way out, so that the server's drop can end it.
+    struct Resume<'a>(&'a Nats);
+    impl Drop for Resume<'_> {
+        fn drop(&mut self) {
+            self.0.signal(libc::SIGCONT);
+        }
+    }
+    relay.arm(&nats);
+    let resume = Resume(&nats);
+    let (refused, connack) = raw_persistent(b.port, "keeper");
+    assert!(relay.fired(), "the server stopped at B's compare-and-set");
+    assert_eq!(
+        connack,
+        [0x20, 2, 0, 3],
+        "cut off: 0x03 Server unavailable\n{}",
+        b.log_text()
+    );
+    refused.expect_closed();
+    assert!(client_on(&a, "keeper").is_none(), "A handed it over");
+    drop(resume);
+    // The write B sent is applied now: the record names B.
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let record = session_record(&nats, "keeper");
+        if record.as_ref().is_some_and(|r| r["node"] == "b") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the record never named B: {record:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let port = c.as_ref().map_or(b.port, |c| c.port);
+    let (mut back, connack) = persistent(port, "keeper");
+    assert!(
+        connack.session_present,
+        "Session Present 1 after the cut-off claim\n{}",
+        b.log_text()
+    );
+    let got: Vec<String> = (0..5)
+        .map(|_| String::from_utf8_lossy(&back.expect_publish().payload).into_owned())
+        .collect();
+    assert_eq!(
+        got,
+        ["0", "1", "2", "3", "4"],
+        "every queued message, in order"
+    );
+    let cluster = get_json(&b, "/api/v1/cluster");
+    assert_eq!(
+        (
+            &cluster["claim_states_kept"],
+            &cluster["claim_states_given"]
+        ),
+        (&Value::from(1), &Value::from(1)),
+        "{cluster}"
+    );
+    if let Some(c) = &c {
+        assert!(client_on(&b, "keeper").is_none(), "B handed it to C");
+        assert_eq!(client_on(c, "keeper").unwrap()["connected"], true);
+    } else {
+        assert_eq!(client_on(&b, "keeper").unwrap()["connected"], true);
+    }
+    assert!(
+        back.recv_publish(Duration::from_millis(300)).is_none(),
+        "nothing twice"
+    );
+}
+
+#[test]
+fn a_take_over_cut_off_with_its_write_applied_keeps_the_queue_for_a_retry_there() {
+    a_cut_off_take_over_keeps_its_state("cluster cut-off take-over, retry on B", false);
+}
+
+#[test]
+fn a_take_over_cut_off_with_its_write_applied_hands_the_queue_to_a_third_node() {
+    a_cut_off_take_over_keeps_its_state("cluster cut-off take-over, retry on C", true);
+}
+
 /// Reads the racing `clients` (each either stays or is closed) until one
 /// is left open and `done(state, its index)`; hands every packet to
 /// `packet(state, index, packet)`. Returns which are open.
