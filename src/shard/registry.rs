@@ -1220,11 +1220,14 @@ mod tests {
         ));
     }
 
+    /// Late states a shard gave back to the bridge: client id, token, held.
+    type GivenBack = Vec<(String, u64, bool)>;
+
     /// What the shard told the bridge about claims' ends so far: the late
-    /// states it gave back (client id, token, held) and the releases.
+    /// states it gave back and the releases (client id, token).
     fn told(
         to_bridge: &async_channel::Receiver<crate::cluster::link::Control>,
-    ) -> (Vec<(String, u64, bool)>, Vec<(String, u64)>) {
+    ) -> (GivenBack, Vec<(String, u64)>) {
         use crate::cluster::link::Control;
         let (mut given, mut released) = (Vec::new(), Vec::new());
         while let Ok(control) = to_bridge.try_recv() {
