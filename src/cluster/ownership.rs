@@ -800,7 +800,7 @@ fn own(bridge: &Shared, request: &ClaimRequest, revision: u64) -> Option<Kept> {
 /// been applied, and then nobody else holds the state any more.
 fn refused(bridge: &Shared, request: &ClaimRequest, got: Option<Kept>) -> ClaimAnswer {
     debug!(
-        "cluster: claim of {:?} not granted by its deadline",
+        "cluster: claim of {:?} refused (its deadline passed, or the owner could not hand the session over)",
         request.client_id
     );
     if let Some(got) = got.filter(|_| !request.clean_session) {

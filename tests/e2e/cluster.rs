@@ -10,7 +10,9 @@
 //! reconnects to, with its queue; a take-over closes the old connection; a
 //! dead owner's persistent sessions come back with their subscriptions;
 //! racing CONNECTs leave one owner, with the state (three nodes); after a
-//! netsplit and after a restart the nodes re-assert their records.
+//! netsplit and after a restart the nodes re-assert their records; a
+//! take-over cut off by its deadline keeps the session's queue for the
+//! client's retry, whether or not its compare-and-set was applied.
 //!
 //! Each test skips, saying so, when `nats-server` is not on PATH (CI
 //! installs it, `.ci/run`, and sets CI=true, which makes a missing server a
@@ -1443,12 +1445,14 @@ fn a_claim_whose_nats_server_stops_answering_is_refused_by_its_deadline() {
 /// sends 0). The write is then in the server's socket, applied once the
 /// server goes on, but its answer comes only after the node's claim was
 /// cut off by its deadline: the outcome the node saw is unknown, the
-/// outcome in the bucket is its write.
+/// outcome in the bucket is its write. Armed to cut, it then closes the
+/// node's connection instead of passing the write on: never applied.
 struct StopBeforeUpdate {
     /// The port the node connects to.
     port: u16,
-    /// The pid to stop at the next compare-and-set (None: not armed).
-    armed: std::sync::Arc<std::sync::Mutex<Option<u32>>>,
+    /// The pid to stop at the next compare-and-set, and whether to cut
+    /// the connection then (None: not armed).
+    armed: std::sync::Arc<std::sync::Mutex<Option<(u32, bool)>>>,
     /// Set when it stopped the server.
     fired: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// Set when dropped: the relay accepts no more connections.
@@ -1495,7 +1499,7 @@ impl StopBeforeUpdate {
                     node.try_clone().expect("clone"),
                     server.try_clone().expect("clone"),
                 );
-                std::thread::spawn(move || relay_bytes(server, node, |_| {}));
+                std::thread::spawn(move || relay_bytes(server, node, |_| true));
                 let (armed, fired) = (armed.clone(), fired.clone());
                 std::thread::spawn(move || {
                     let mut tail: Vec<u8> = Vec::new();
@@ -1513,16 +1517,19 @@ impl StopBeforeUpdate {
                                 });
                         let keep = tail.len().saturating_sub(Self::HEADER.len());
                         tail.drain(..keep);
-                        if update && let Some(pid) = armed.lock().expect("armed").take() {
-                            // SAFETY: kill has no memory-safety preconditions.
-                            let rc = unsafe { libc::kill(pid as libc::pid_t, libc::SIGSTOP) };
-                            assert_eq!(rc, 0, "SIGSTOP failed");
-                            // The signal takes effect a moment later: the
-                            // write passes once no thread of the server
-                            // can read it.
-                            wait_stopped(pid);
-                            fired.store(true, Ordering::Relaxed);
-                        }
+                        let Some((pid, cut)) = armed.lock().expect("armed").take_if(|_| update)
+                        else {
+                            return true;
+                        };
+                        // SAFETY: kill has no memory-safety preconditions.
+                        let rc = unsafe { libc::kill(pid as libc::pid_t, libc::SIGSTOP) };
+                        assert_eq!(rc, 0, "SIGSTOP failed");
+                        // The signal takes effect a moment later: the
+                        // write passes once no thread of the server can
+                        // read it.
+                        wait_stopped(pid);
+                        fired.store(true, Ordering::Relaxed);
+                        !cut
                     });
                 });
             }
@@ -1530,10 +1537,11 @@ impl StopBeforeUpdate {
         relay
     }
 
-    /// Stops the server of `nats` before the next compare-and-set passes.
-    fn arm(&self, nats: &Nats) {
+    /// Stops the server of `nats` before the next compare-and-set passes;
+    /// `cut`: and closes that connection instead of passing it on.
+    fn arm(&self, nats: &Nats, cut: bool) {
         let pid = nats.child.as_ref().expect("nats-server running").id();
-        *self.armed.lock().expect("armed") = Some(pid);
+        *self.armed.lock().expect("armed") = Some((pid, cut));
     }
 
     /// Whether it stopped the server.
@@ -1563,11 +1571,12 @@ fn wait_stopped(pid: u32) {
 }
 
 /// Copies `from` to `to` until either end closes, showing each read to
-/// `look` before it is passed on; then shuts both down.
+/// `look` before it is passed on (false: it is not, and the relay ends);
+/// then shuts both down.
 fn relay_bytes(
     mut from: std::net::TcpStream,
     mut to: std::net::TcpStream,
-    mut look: impl FnMut(&[u8]),
+    mut look: impl FnMut(&[u8]) -> bool,
 ) {
     use std::io::{Read, Write};
     let mut buf = [0u8; 16 * 1024];
@@ -1576,8 +1585,7 @@ fn relay_bytes(
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
-        look(&buf[..n]);
-        if to.write_all(&buf[..n]).is_err() {
+        if !look(&buf[..n]) || to.write_all(&buf[..n]).is_err() {
             break;
         }
     }
@@ -1653,8 +1661,11 @@ fn session_record(nats: &Nats, id: &str) -> Option<Value> {
 /// B kept it. The client comes back on B, or on a third node C (which
 /// asks B): it gets its session and every queued message. Before B kept
 /// it, the state was dropped with the refused claim: Session Present 0,
-/// nothing queued.
-fn a_cut_off_take_over_keeps_its_state(test: &str, retry_on_third: bool) {
+/// nothing queued. Not `applied`: the relay closes B's connection instead
+/// of passing the write on, so the record still names A, which answers
+/// the retry (B's or C's: same record revision) from what it kept for
+/// racers.
+fn a_cut_off_take_over_keeps_its_state(test: &str, applied: bool, retry_on_third: bool) {
     let Some(nats) = Nats::start(test) else {
         return;
     };
@@ -1687,7 +1698,7 @@ fn a_cut_off_take_over_keeps_its_state(test: &str, retry_on_third: bool) {
             self.0.signal(libc::SIGCONT);
         }
     }
-    relay.arm(&nats);
+    relay.arm(&nats, !applied);
     let resume = Resume(&nats);
     let (refused, connack) = raw_persistent(b.port, "keeper");
     assert!(relay.fired(), "the server stopped at B's compare-and-set");
@@ -1700,19 +1711,22 @@ fn a_cut_off_take_over_keeps_its_state(test: &str, retry_on_third: bool) {
     refused.expect_closed();
     assert!(client_on(&a, "keeper").is_none(), "A handed it over");
     drop(resume);
-    // The write B sent is applied now: the record names B.
+    // Applied, the write B sent names B now; else the record is A's still.
+    let owner = if applied { "b" } else { "a" };
     let deadline = Instant::now() + TIMEOUT;
     loop {
         let record = session_record(&nats, "keeper");
-        if record.as_ref().is_some_and(|r| r["node"] == "b") {
+        if record.as_ref().is_some_and(|r| r["node"] == owner) {
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "the record never named B: {record:?}"
+            "the record never named {owner}: {record:?}"
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    // B's link is back (cut: it reconnected).
+    wait_link(&b, "up");
 
     let port = c.as_ref().map_or(b.port, |c| c.port);
     let (mut back, connack) = persistent(port, "keeper");
@@ -1729,17 +1743,18 @@ fn a_cut_off_take_over_keeps_its_state(test: &str, retry_on_third: bool) {
         ["0", "1", "2", "3", "4"],
         "every queued message, in order"
     );
+    // B kept what it got; applied, it gave that; else A gave its copy.
     let cluster = get_json(&b, "/api/v1/cluster");
     assert_eq!(
         (
             &cluster["claim_states_kept"],
             &cluster["claim_states_given"]
         ),
-        (&Value::from(1), &Value::from(1)),
+        (&Value::from(1), &Value::from(u64::from(applied))),
         "{cluster}"
     );
     if let Some(c) = &c {
-        assert!(client_on(&b, "keeper").is_none(), "B handed it to C");
+        assert!(client_on(&b, "keeper").is_none(), "C holds it, not B");
         assert_eq!(client_on(c, "keeper").unwrap()["connected"], true);
     } else {
         assert_eq!(client_on(&b, "keeper").unwrap()["connected"], true);
@@ -1752,12 +1767,22 @@ fn a_cut_off_take_over_keeps_its_state(test: &str, retry_on_third: bool) {
 
 #[test]
 fn a_take_over_cut_off_with_its_write_applied_keeps_the_queue_for_a_retry_there() {
-    a_cut_off_take_over_keeps_its_state("cluster cut-off take-over, retry on B", false);
+    a_cut_off_take_over_keeps_its_state("cluster cut-off take-over, retry on B", true, false);
 }
 
 #[test]
 fn a_take_over_cut_off_with_its_write_applied_hands_the_queue_to_a_third_node() {
-    a_cut_off_take_over_keeps_its_state("cluster cut-off take-over, retry on C", true);
+    a_cut_off_take_over_keeps_its_state("cluster cut-off take-over, retry on C", true, true);
+}
+
+#[test]
+fn a_take_over_cut_off_before_its_write_leaves_the_queue_with_the_owner_for_a_retry_there() {
+    a_cut_off_take_over_keeps_its_state("cluster unwritten take-over, retry on B", false, false);
+}
+
+#[test]
+fn a_take_over_cut_off_before_its_write_leaves_the_queue_with_the_owner_for_a_third_node() {
+    a_cut_off_take_over_keeps_its_state("cluster unwritten take-over, retry on C", false, true);
 }
 
 /// Reads the racing `clients` (each either stays or is closed) until one
