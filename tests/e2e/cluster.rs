@@ -706,27 +706,37 @@ fn a_killed_node_leaves_the_others_working_and_a_nats_restart_heals_by_itself() 
     drop(on_a);
 }
 
-/// Publishes `payload` on `subject` as a plain NATS client would (the text
-/// protocol over TCP), and waits for the server's PONG.
-fn nats_publish(nats: &Nats, subject: &str, payload: &[u8]) {
+/// Talks to the NATS server as a plain NATS client would (the text
+/// protocol over TCP): sends `CONNECT` and `commands`, then reads until
+/// `done` finds its answer in what came back.
+fn nats_talk<R>(nats: &Nats, commands: &[u8], done: impl Fn(&[u8]) -> Option<R>) -> R {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", nats.port)).expect("NATS connect");
     stream.set_read_timeout(Some(TIMEOUT)).expect("timeout");
-    let mut line = format!(
-        "CONNECT {{\"verbose\":false}}\r\nPUB {subject} {}\r\n",
-        payload.len()
-    )
-    .into_bytes();
-    line.extend_from_slice(payload);
-    line.extend_from_slice(b"\r\nPING\r\n");
-    stream.write_all(&line).expect("NATS publish");
+    let mut line = b"CONNECT {\"verbose\":false}\r\n".to_vec();
+    line.extend_from_slice(commands);
+    stream.write_all(&line).expect("NATS send");
     let mut got = Vec::new();
     let mut buf = [0u8; 4096];
-    while !String::from_utf8_lossy(&got).contains("PONG") {
+    loop {
+        if let Some(answer) = done(&got) {
+            return answer;
+        }
         let n = stream.read(&mut buf).expect("NATS answer");
         assert!(n > 0, "NATS closed: {}", String::from_utf8_lossy(&got));
         got.extend_from_slice(&buf[..n]);
     }
+}
+
+/// Publishes `payload` on `subject` as a plain NATS client would, and
+/// waits for the server's PONG.
+fn nats_publish(nats: &Nats, subject: &str, payload: &[u8]) {
+    let mut commands = format!("PUB {subject} {}\r\n", payload.len()).into_bytes();
+    commands.extend_from_slice(payload);
+    commands.extend_from_slice(b"\r\nPING\r\n");
+    nats_talk(nats, &commands, |got| {
+        String::from_utf8_lossy(got).contains("PONG").then_some(())
+    });
 }
 
 #[test]
@@ -857,24 +867,33 @@ fn persistent(port: u16, id: &str) -> (Mqtt, rumqttc::ConnAck) {
     Mqtt::connect_with(options)
 }
 
+/// A persistent session of `id` on `node`, subscribed to `<root>/#` at
+/// QoS 1 and offline, with `n` QoS 1 messages queued for it (on
+/// `<root>/q`, payloads `0`, `1`, ...); returns their publisher, still
+/// connected.
+fn queued_offline(node: &Broker, id: &str, root: &str, n: usize) -> Mqtt {
+    let (mut first, connack) = persistent(node.port, id);
+    assert!(!connack.session_present);
+    first.subscribe(&format!("{root}/#"), QoS::AtLeastOnce);
+    first.disconnect();
+    wait_client(node, id, |c| c.is_some_and(|c| c["connected"] == false));
+    let mut publisher = Mqtt::connect(node.port, &format!("{root}-pub"));
+    for i in 0..n {
+        publisher.publish_acked(&format!("{root}/q"), false, i.to_string().as_bytes());
+    }
+    let held = wait_client(node, id, |c| c.is_some_and(|c| c["pending"] == n));
+    assert_eq!(held.unwrap()["subscriptions"], 1);
+    publisher
+}
+
 #[test]
 fn a_persistent_session_moves_to_another_node_with_its_queued_messages() {
     let Some(nats) = Nats::start("cluster session move") else {
         return;
     };
     let (a, b) = (nats.node("a"), nats.node("b"));
-    let (mut first, connack) = persistent(a.port, "mover");
-    assert!(!connack.session_present);
-    first.subscribe("move/#", QoS::AtLeastOnce);
-    first.disconnect();
-    wait_client(&a, "mover", |c| c.is_some_and(|c| c["connected"] == false));
     // Offline on A: QoS 1 messages queue there.
-    let mut publisher = Mqtt::connect(a.port, "move-pub");
-    for i in 0..5 {
-        publisher.publish_acked("move/q", false, i.to_string().as_bytes());
-    }
-    let held = wait_client(&a, "mover", |c| c.is_some_and(|c| c["pending"] == 5));
-    assert_eq!(held.unwrap()["subscriptions"], 1);
+    let mut publisher = queued_offline(&a, "mover", "move", 5);
 
     // It comes back on B: B takes the session over from A, with its queue.
     let (mut second, connack) = persistent(b.port, "mover");
@@ -1593,44 +1612,26 @@ fn relay_bytes(
     let _ = to.shutdown(std::net::Shutdown::Both);
 }
 
-/// One request on `subject` as a plain NATS client makes it (the text
-/// protocol over TCP), and the payload of its answer.
+/// One request on `subject` as a plain NATS client makes it, and the
+/// payload of its answer.
 fn nats_request(nats: &Nats, subject: &str, payload: &[u8]) -> Vec<u8> {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", nats.port)).expect("NATS connect");
-    stream.set_read_timeout(Some(TIMEOUT)).expect("timeout");
     let inbox = "_INBOX.fanmq_e2e";
-    let mut line = format!(
-        "CONNECT {{\"verbose\":false}}\r\nSUB {inbox} 1\r\nPUB {subject} {inbox} {}\r\n",
+    let mut commands = format!(
+        "SUB {inbox} 1\r\nPUB {subject} {inbox} {}\r\n",
         payload.len()
     )
     .into_bytes();
-    line.extend_from_slice(payload);
-    line.extend_from_slice(b"\r\n");
-    stream.write_all(&line).expect("NATS request");
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
+    commands.extend_from_slice(payload);
+    commands.extend_from_slice(b"\r\n");
+    let head = format!("MSG {inbox} 1 ");
+    nats_talk(nats, &commands, |got| {
         // `MSG <inbox> 1 <bytes>\r\n<payload>\r\n`
-        let text = String::from_utf8_lossy(&got).into_owned();
-        if let Some(at) = text.find(&format!("MSG {inbox} 1 "))
-            && let Some(end) = text[at..].find("\r\n")
-        {
-            let head = &text[at..at + end];
-            let len: usize = head
-                .rsplit(' ')
-                .next()
-                .and_then(|n| n.parse().ok())
-                .expect("MSG length");
-            let start = at + end + 2;
-            if got.len() >= start + len {
-                return got[start..start + len].to_vec();
-            }
-        }
-        let n = stream.read(&mut buf).expect("NATS answer");
-        assert!(n > 0, "NATS closed: {}", String::from_utf8_lossy(&got));
-        got.extend_from_slice(&buf[..n]);
-    }
+        let text = String::from_utf8_lossy(got);
+        let at = text.find(&head)?;
+        let end = at + text[at..].find("\r\n")?;
+        let len: usize = text[at..end].rsplit(' ').next()?.parse().ok()?;
+        got.get(end + 2..end + 2 + len).map(<[u8]>::to_vec)
+    })
 }
 
 /// The record of client `id` in the sessions bucket, read from the
@@ -1679,16 +1680,7 @@ fn a_cut_off_take_over_keeps_its_state(test: &str, applied: bool, retry_on_third
         "b",
     );
     let c = retry_on_third.then(|| nats.node("c"));
-    let (mut first, connack) = persistent(a.port, "keeper");
-    assert!(!connack.session_present);
-    first.subscribe("keep/#", QoS::AtLeastOnce);
-    first.disconnect();
-    wait_client(&a, "keeper", |c| c.is_some_and(|c| c["connected"] == false));
-    let mut publisher = Mqtt::connect(a.port, "keep-pub");
-    for i in 0..5 {
-        publisher.publish_acked("keep/q", false, i.to_string().as_bytes());
-    }
-    wait_client(&a, "keeper", |c| c.is_some_and(|c| c["pending"] == 5));
+    let _publisher = queued_offline(&a, "keeper", "keep", 5);
     wait_link(&b, "up");
 
     // Resumed on every way out, so that the server's drop can end it.
