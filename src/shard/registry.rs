@@ -127,6 +127,19 @@ enum ClusterAnswer {
     Unavailable,
 }
 
+/// A claim whose connection stopped waiting before the cluster answered.
+#[derive(Debug)]
+struct GivenUp {
+    /// The claim's token.
+    token: u64,
+    /// Its client id.
+    client_id: ByteString,
+    /// A later claim on the node superseded it (and holds the id: its own
+    /// grant settles the record); else its connection timed out and the
+    /// record is this claim's to release.
+    superseded: bool,
+}
+
 /// This shard's part of the client-id registry.
 #[derive(Debug, Default)]
 pub struct Registry {
@@ -147,11 +160,11 @@ pub struct Registry {
     /// another node: one test per routed message.
     attaching: Vec<u64>,
     /// Claims whose connection stopped waiting for the cluster's answer
-    /// ([`CLAIM_TIMEOUT`]), oldest first, with their client ids: the
-    /// answer, if it comes, hands the state it brought back to the bridge
-    /// or releases the record (`Shard::cluster_claim_answered`). At most
+    /// ([`CLAIM_TIMEOUT`], or superseded first), oldest first: the answer,
+    /// if it comes, hands the state it brought back to the bridge or
+    /// releases the record (`Shard::cluster_claim_answered`). At most
     /// [`MAX_GIVEN_UP`]; empty unless the bridge is late.
-    given_up: VecDeque<(u64, ByteString)>,
+    given_up: VecDeque<GivenUp>,
     /// Next claim token.
     next_token: u64,
 }
@@ -250,9 +263,21 @@ pub async fn claim(
                 .claims
                 .get(&token)
                 .is_some_and(|c| c.cluster == Some(ClusterAnswer::Granted)));
+    // Asked and not answered yet: the answer comes later, if at all.
+    let pending = asked
+        && shard
+            .registry
+            .claims
+            .get(&token)
+            .is_some_and(|c| c.cluster.is_none());
     let state = match take_outcome(&mut shard, token) {
         Outcome::Granted(state) => state,
-        Outcome::Superseded => return Err(RegistryError::Superseded),
+        Outcome::Superseded => {
+            if pending {
+                shard.await_late_answer(client_id, token, true);
+            }
+            return Err(RegistryError::Superseded);
+        }
     };
     if !granted {
         if asked && !answered {
@@ -740,30 +765,49 @@ impl Shard {
     /// record may be about to name this claim. The answer, when it comes,
     /// settles it ([`Shard::cluster_claim_answered`]).
     fn cluster_gave_up(&mut self, client_id: ByteString, token: u64, state: Option<SessionState>) {
-        let given_up = &mut self.registry.given_up;
-        if given_up.len() >= MAX_GIVEN_UP
-            && let Some((oldest, id)) = given_up.pop_front()
-            && let Some(link) = &self.cluster
-        {
-            link.released(&id, oldest);
-        }
-        self.registry.given_up.push_back((token, client_id.clone()));
+        self.await_late_answer(client_id.clone(), token, false);
         match state {
             Some(state) => self.keep_or_release(client_id, token, Some(state)),
             None => self.release_on_node(&client_id, token),
         }
     }
 
+    /// Remembers claim `token` of `client_id`, which its connection no
+    /// longer waits for (`superseded`: a later claim on the node took the
+    /// id), until the cluster's answer comes ([`Registry::given_up`]).
+    /// Beyond [`MAX_GIVEN_UP`] the oldest is forgotten, its record released
+    /// at once if it timed out.
+    fn await_late_answer(&mut self, client_id: ByteString, token: u64, superseded: bool) {
+        let given_up = &mut self.registry.given_up;
+        if given_up.len() >= MAX_GIVEN_UP
+            && let Some(oldest) = given_up.pop_front()
+            && !oldest.superseded
+            && let Some(link) = &self.cluster
+        {
+            link.released(&oldest.client_id, oldest.token);
+        }
+        self.registry.given_up.push_back(GivenUp {
+            token,
+            client_id,
+            superseded,
+        });
+    }
+
     /// The cluster's answer to claim `token`, which is no longer pending:
     /// if its connection gave up on it ([`Registry::given_up`]), a state
     /// it brought goes back to the bridge (kept there for the id's next
     /// claim, here or on another node), and a grant without one releases
-    /// the record unless a session of the claim stays here. Else dropped.
+    /// the record unless a session of the claim stays here, or a later
+    /// claim took the id over. Else dropped.
     fn late_cluster_answer(&mut self, token: u64, answer: ClaimAnswer) {
         let given_up = &mut self.registry.given_up;
-        let Some((_, client_id)) = given_up
+        let Some(GivenUp {
+            client_id,
+            superseded,
+            ..
+        }) = given_up
             .iter()
-            .position(|(t, _)| *t == token)
+            .position(|g| g.token == token)
             .and_then(|at| given_up.remove(at))
         else {
             debug!("cluster answer to claim {token}, ended meanwhile, dropped");
@@ -776,7 +820,10 @@ impl Shard {
             .is_some_and(|s| s.claim == token);
         match answer {
             ClaimAnswer::Granted(None) | ClaimAnswer::Unavailable => {
-                if !held && let Some(link) = &self.cluster {
+                if !held
+                    && !superseded
+                    && let Some(link) = &self.cluster
+                {
                     link.released(&client_id, token);
                 }
             }
@@ -1259,7 +1306,8 @@ mod tests {
     /// claim: the state it brought goes back to the bridge (which keeps it
     /// for the id's next claim), saying whether a session of the claim
     /// stays here; a grant without a state releases the record unless one
-    /// does. Giving up releases the id on the node only (the record may be
+    /// does (or a later claim superseded it). Giving up releases the id on
+    /// the node only (the record may be
     /// about to name the claim); answers to claims never given up, or
     /// answered once already, are dropped; beyond the bound the oldest
     /// given-up claim is released at once.
@@ -1305,6 +1353,17 @@ mod tests {
         assert_eq!(
             told(&to_bridge),
             (vec![("moving".into(), 60, false)], vec![])
+        );
+        // Superseded, and its connection gone before the grant came: the
+        // state goes back; without one nothing is released (the later
+        // claim holds the id, its own grant settles the record).
+        shard.await_late_answer(ByteString::from("moving"), 62, true);
+        shard.await_late_answer(ByteString::from("moving"), 63, true);
+        shard.cluster_claim_answered(62, ClaimAnswer::Granted(Some(image_of_moving())));
+        shard.cluster_claim_answered(63, ClaimAnswer::Granted(None));
+        assert_eq!(
+            told(&to_bridge),
+            (vec![("moving".into(), 62, false)], vec![])
         );
         // The bound.
         for token in 0..=MAX_GIVEN_UP as u64 {
