@@ -94,9 +94,8 @@ pub enum Control {
         image: Option<bytes::Bytes>,
     },
     /// The cluster's answer to claim `token` of `shard`, a grant with a
-    /// session state, came after that claim stopped waiting for it (its
-    /// connection gave up, or a later CONNECT here superseded it): nobody
-    /// on the shard took the state. The bridge keeps it for the next claim
+    /// session state, came after that claim's connection stopped waiting
+    /// for it (`CLAIM_TIMEOUT`): nobody on the shard took the state. The bridge keeps it for the next claim
     /// of the id, here or on the node that asks this one for it
     /// (docs/design/cluster.md §9), and releases the record if nobody
     /// claims the id in time and nothing stays here (`held`).

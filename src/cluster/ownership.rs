@@ -858,8 +858,8 @@ fn resumed(bridge: &Shared, request: &ClaimRequest, kept: Option<Kept>) -> Claim
 }
 
 /// The grant `answer` of claim `(shard, token)`, with a session state,
-/// reached the shard after that claim stopped waiting (`Control::
-/// Unclaimed`): the state is kept for the id's next claim as a refused
+/// reached the shard after that claim's connection stopped waiting
+/// (`Control::Unclaimed`): the state is kept for the id's next claim as a refused
 /// claim's is ([`Tables::kept`]), if that claim still owns the id (a
 /// later claim granted meanwhile holds a newer session: dropped, logged).
 /// Unless a session of that claim stays on its shard (`held`), the record

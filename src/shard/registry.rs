@@ -134,10 +134,6 @@ struct GivenUp {
     token: u64,
     /// Its client id.
     client_id: ByteString,
-    /// A later claim on the node superseded it (and holds the id: its own
-    /// grant settles the record); else its connection timed out and the
-    /// record is this claim's to release.
-    superseded: bool,
 }
 
 /// This shard's part of the client-id registry.
@@ -160,7 +156,7 @@ pub struct Registry {
     /// another node: one test per routed message.
     attaching: Vec<u64>,
     /// Claims whose connection stopped waiting for the cluster's answer
-    /// ([`CLAIM_TIMEOUT`], or superseded first), oldest first: the answer,
+    /// ([`CLAIM_TIMEOUT`]), oldest first: the answer,
     /// if it comes, hands the state it brought back to the bridge or
     /// releases the record (`Shard::cluster_claim_answered`). At most
     /// [`MAX_GIVEN_UP`]; empty unless the bridge is late.
@@ -263,21 +259,9 @@ pub async fn claim(
                 .claims
                 .get(&token)
                 .is_some_and(|c| c.cluster == Some(ClusterAnswer::Granted)));
-    // Asked and not answered yet: the answer comes later, if at all.
-    let pending = asked
-        && shard
-            .registry
-            .claims
-            .get(&token)
-            .is_some_and(|c| c.cluster.is_none());
     let state = match take_outcome(&mut shard, token) {
         Outcome::Granted(state) => state,
-        Outcome::Superseded => {
-            if pending {
-                shard.await_late_answer(client_id, token, true);
-            }
-            return Err(RegistryError::Superseded);
-        }
+        Outcome::Superseded => return Err(RegistryError::Superseded),
     };
     if !granted {
         if asked && !answered {
@@ -701,17 +685,11 @@ impl Shard {
         };
         let local = match &mut claim.outcome {
             Some(Outcome::Granted(local)) if claim.cluster.is_none() => local.take(),
-            Some(Outcome::Superseded) => {
-                // A later CONNECT here took the id (with what was held
-                // here): the state the grant brought goes back to the
-                // bridge, for that claim's grant to take.
-                let client_id = claim.client_id.clone();
-                debug!("cluster answer to claim {token}, superseded meanwhile, given back");
-                self.give_back(&client_id, token, answer, false);
-                return;
-            }
             _ => {
-                debug!("cluster answer to claim {token}, answered already, dropped");
+                // A later CONNECT here took the id, and its own grant
+                // settles it (giving the state back here could race that
+                // grant, docs/design/cluster.md §9).
+                debug!("cluster answer to claim {token}, superseded meanwhile, dropped");
                 return;
             }
         };
@@ -765,7 +743,7 @@ impl Shard {
     /// record may be about to name this claim. The answer, when it comes,
     /// settles it ([`Shard::cluster_claim_answered`]).
     fn cluster_gave_up(&mut self, client_id: ByteString, token: u64, state: Option<SessionState>) {
-        self.await_late_answer(client_id.clone(), token, false);
+        self.await_late_answer(client_id.clone(), token);
         match state {
             Some(state) => self.keep_or_release(client_id, token, Some(state)),
             None => self.release_on_node(&client_id, token),
@@ -773,39 +751,30 @@ impl Shard {
     }
 
     /// Remembers claim `token` of `client_id`, which its connection no
-    /// longer waits for (`superseded`: a later claim on the node took the
-    /// id), until the cluster's answer comes ([`Registry::given_up`]).
-    /// Beyond [`MAX_GIVEN_UP`] the oldest is forgotten, its record released
-    /// at once if it timed out.
-    fn await_late_answer(&mut self, client_id: ByteString, token: u64, superseded: bool) {
+    /// longer waits for, until the cluster's answer comes
+    /// ([`Registry::given_up`]). Beyond [`MAX_GIVEN_UP`] the oldest is
+    /// forgotten, its record released at once.
+    fn await_late_answer(&mut self, client_id: ByteString, token: u64) {
         let given_up = &mut self.registry.given_up;
         if given_up.len() >= MAX_GIVEN_UP
             && let Some(oldest) = given_up.pop_front()
-            && !oldest.superseded
             && let Some(link) = &self.cluster
         {
             link.released(&oldest.client_id, oldest.token);
         }
-        self.registry.given_up.push_back(GivenUp {
-            token,
-            client_id,
-            superseded,
-        });
+        self.registry
+            .given_up
+            .push_back(GivenUp { token, client_id });
     }
 
     /// The cluster's answer to claim `token`, which is no longer pending:
     /// if its connection gave up on it ([`Registry::given_up`]), a state
     /// it brought goes back to the bridge (kept there for the id's next
     /// claim, here or on another node), and a grant without one releases
-    /// the record unless a session of the claim stays here, or a later
-    /// claim took the id over. Else dropped.
+    /// the record unless a session of the claim stays here. Else dropped.
     fn late_cluster_answer(&mut self, token: u64, answer: ClaimAnswer) {
         let given_up = &mut self.registry.given_up;
-        let Some(GivenUp {
-            client_id,
-            superseded,
-            ..
-        }) = given_up
+        let Some(GivenUp { client_id, .. }) = given_up
             .iter()
             .position(|g| g.token == token)
             .and_then(|at| given_up.remove(at))
@@ -820,10 +789,7 @@ impl Shard {
             .is_some_and(|s| s.claim == token);
         match answer {
             ClaimAnswer::Granted(None) | ClaimAnswer::Unavailable => {
-                if !held
-                    && !superseded
-                    && let Some(link) = &self.cluster
-                {
+                if !held && let Some(link) = &self.cluster {
                     link.released(&client_id, token);
                 }
             }
@@ -1302,12 +1268,10 @@ mod tests {
     }
 
     /// The cluster's grant reaches the shard after its claim's connection
-    /// gave up (`CLAIM_TIMEOUT`), or after a later CONNECT superseded the
-    /// claim: the state it brought goes back to the bridge (which keeps it
+    /// gave up (`CLAIM_TIMEOUT`): the state it brought goes back to the bridge (which keeps it
     /// for the id's next claim), saying whether a session of the claim
     /// stays here; a grant without a state releases the record unless one
-    /// does (or a later claim superseded it). Giving up releases the id on
-    /// the node only (the record may be
+    /// does. Giving up releases the id on the node only (the record may be
     /// about to name the claim); answers to claims never given up, or
     /// answered once already, are dropped; beyond the bound the oldest
     /// given-up claim is released at once.
@@ -1344,27 +1308,6 @@ mod tests {
         shard.cluster_claim_answered(80, ClaimAnswer::Granted(Some(image_of_moving())));
         shard.cluster_claim_answered(99, ClaimAnswer::Granted(Some(image_of_moving())));
         assert_eq!(told(&to_bridge), (vec![], vec![]));
-        // Superseded by a later CONNECT here before the grant came.
-        pending(&mut shard, "moving", 60);
-        shard.claim_answered(60, None);
-        pending(&mut shard, "moving", 61);
-        shard.home_claim(ByteString::from("moving"), 0, 61, false);
-        shard.cluster_claim_answered(60, ClaimAnswer::Granted(Some(image_of_moving())));
-        assert_eq!(
-            told(&to_bridge),
-            (vec![("moving".into(), 60, false)], vec![])
-        );
-        // Superseded, and its connection gone before the grant came: the
-        // state goes back; without one nothing is released (the later
-        // claim holds the id, its own grant settles the record).
-        shard.await_late_answer(ByteString::from("moving"), 62, true);
-        shard.await_late_answer(ByteString::from("moving"), 63, true);
-        shard.cluster_claim_answered(62, ClaimAnswer::Granted(Some(image_of_moving())));
-        shard.cluster_claim_answered(63, ClaimAnswer::Granted(None));
-        assert_eq!(
-            told(&to_bridge),
-            (vec![("moving".into(), 62, false)], vec![])
-        );
         // The bound.
         for token in 0..=MAX_GIVEN_UP as u64 {
             shard.cluster_gave_up(ByteString::from("many"), 1000 + token, None);
