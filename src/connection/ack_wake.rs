@@ -9,6 +9,12 @@
 //! the acknowledgements of up to `acks_per_wake` messages (4 bytes each,
 //! [`ACK_BYTES`]) have arrived: one wake-up reads them all.
 //!
+//! It is raised only while the client owes at least a quarter of its
+//! inflight window ([`crate::session::REFILL_SHARE`]; at least 2): a fan-out
+//! burst, a full window being refilled. A client that owes one or two now
+//! and then (a paced subscriber, a client that publishes as well) is woken
+//! by every byte, as before.
+//!
 //! The mark never asks for more bytes than the acknowledgements the client
 //! owes: every PUBACK, PUBREC and PUBCOMP is at least 4 bytes (3.1.1 and
 //! 5.0 alike), so a client that acknowledges everything it was sent always
@@ -29,6 +35,7 @@ use glommio::net::TcpStream;
 use log::debug;
 
 use crate::net::fd;
+use crate::session::REFILL_SHARE;
 
 /// The smallest acknowledgement of a QoS 1/2 message in bytes: a 3.1.1
 /// PUBACK, PUBREC or PUBCOMP, and a 5.0 one with its Reason Code left out
@@ -41,12 +48,12 @@ pub(super) const ACK_BYTES: u32 = 4;
 pub(super) const ACK_PATIENCE: Duration = Duration::from_millis(50);
 
 /// The receive low-water mark, in bytes, for a connection that owes `owed`
-/// acknowledgements and is read for up to `per_wake` at once: 1 (every
-/// byte wakes it) when it owes fewer than 2 or batching is off
-/// (`per_wake` 1).
-pub(super) fn low_water(owed: usize, per_wake: usize) -> u32 {
+/// acknowledgements with an inflight window of `window`, read for up to
+/// `per_wake` at once: 1 (every byte wakes it) when it owes less than a
+/// quarter of its window or fewer than 2, or batching is off (`per_wake` 1).
+pub(super) fn low_water(owed: usize, window: usize, per_wake: usize) -> u32 {
     let batch = owed.min(per_wake);
-    if batch < 2 {
+    if batch < 2 || owed < window / REFILL_SHARE {
         return 1;
     }
     u32::try_from(batch).map_or(u32::MAX, |b| b.saturating_mul(ACK_BYTES))
@@ -93,18 +100,26 @@ mod tests {
 
     #[test]
     fn the_mark_asks_for_no_more_than_the_acknowledgements_owed() {
-        assert_eq!(low_water(0, 64), 1);
-        assert_eq!(low_water(1, 64), 1, "one PUBACK: any byte wakes");
-        assert_eq!(low_water(2, 64), 8);
-        assert_eq!(low_water(50, 64), 200, "the tail of a burst of 50");
-        assert_eq!(low_water(100, 64), 256, "a full window: 64 at once");
-        assert_eq!(low_water(65_535, 1024), 4096);
+        assert_eq!(low_water(0, 100, 64), 1);
+        assert_eq!(low_water(25, 100, 64), 100, "a quarter of the window");
+        assert_eq!(low_water(50, 100, 64), 200, "a burst of 50");
+        assert_eq!(low_water(100, 100, 64), 256, "a full window: 64 at once");
+        assert_eq!(low_water(65_535, 65_535, 1024), 4096);
+        assert_eq!(low_water(2, 8, 64), 8, "a small window: from 2 owed");
+    }
+
+    #[test]
+    fn a_client_owing_under_a_quarter_of_its_window_is_woken_by_every_byte() {
+        assert_eq!(low_water(1, 1, 64), 1, "one PUBACK: any byte wakes");
+        assert_eq!(low_water(1, 4, 64), 1);
+        assert_eq!(low_water(24, 100, 64), 1);
+        assert_eq!(low_water(3, 100, 64), 1, "a paced or publishing client");
     }
 
     #[test]
     fn one_ack_per_wake_turns_it_off() {
         for owed in [0, 2, 100, 65_535] {
-            assert_eq!(low_water(owed, 1), 1);
+            assert_eq!(low_water(owed, 100, 1), 1);
         }
     }
 }

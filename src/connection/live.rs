@@ -433,7 +433,11 @@ pub(super) fn poll_event(
     };
     let owed = session.awaits_acks();
     let low_water = if owed {
-        ack_wake::low_water(session.inflight_len(), config.acks_per_wake)
+        ack_wake::low_water(
+            session.inflight_len(),
+            session.window(limits),
+            config.acks_per_wake,
+        )
     } else {
         1
     };

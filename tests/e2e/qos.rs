@@ -316,7 +316,6 @@ fn a_rumqttc_subscriber_acking_one_by_one_gets_a_burst_that_ends_on_a_partial_ba
     let mut options = Mqtt::options(broker.port, "one-by-one");
     options.set_clean_session(false);
     options.set_manual_acks(true);
-    options.set_inflight(100);
     let (mut sub, _) = Mqtt::connect_with(options);
     sub.subscribe("obo/t", QoS::AtLeastOnce);
     let mut publisher = Raw::connect(broker.port, "obo-pub");
