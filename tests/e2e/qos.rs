@@ -323,15 +323,21 @@ fn a_rumqttc_subscriber_acking_one_by_one_gets_a_burst_that_ends_on_a_partial_ba
     for i in 1..=N {
         assert_eq!(publisher.expect_packet().bytes(), ack(0x40, i));
     }
+    let before = crate::admin::wait_stats(&broker, |_| true);
+    let received = crate::admin::total(&before, "packets_received");
     for i in 1..=N {
         let p = sub.expect_publish();
         assert_eq!(p.payload, format!("m{i}").into_bytes(), "in order, once");
         assert!(!p.dup);
         sub.client.ack(&p).expect("ack request");
     }
-    // DISCONNECT follows the last PUBACK on the wire: once it is read,
-    // every PUBACK before it was.
+    // The broker reads every PUBACK and the DISCONNECT after them (a
+    // take-over by the next connection before that would discard what
+    // it had not read yet).
     sub.disconnect();
+    crate::admin::wait_stats(&broker, |s| {
+        crate::admin::total(s, "packets_received") >= received + u64::from(N) + 1
+    });
     let connect = ConnectBuilder::new("one-by-one").clean_session(false);
     let (mut again, connack) = Raw::connect_with(broker.port, &connect);
     assert_eq!(connack, CONNACK_SESSION);
