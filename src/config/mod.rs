@@ -55,6 +55,18 @@ pub const DEFAULT_MAX_QUEUED_MESSAGES: usize = 1000;
 pub const DEFAULT_MAX_QUEUED_BYTES: usize = 1024 * 1024;
 /// Unreleased QoS 2 messages received per client (EMQX's `max_awaiting_rel`).
 pub const DEFAULT_MAX_AWAITING_REL: usize = 100;
+/// Acknowledgements a subscriber that owes many (QoS 1/2 messages in flight
+/// to it) is read for at once: its socket's receive low-water mark is set
+/// so that the kernel wakes the broker once that many (4 bytes each) or all
+/// it owes have arrived, not at every PUBACK a client writes on its own,
+/// with a patience of 50 ms after which whatever arrived is read. 64 is
+/// more than a quarter of the default window of 100 (when the window is
+/// refilled), so a full window is woken for about once per refill; 1 turns
+/// it off (a wake-up per acknowledgement, as before).
+pub const DEFAULT_ACKS_PER_WAKE: usize = 64;
+/// The largest `acks_per_wake`: 4 KiB of acknowledgements, far under any
+/// socket receive buffer (the kernel caps the mark at half of it).
+pub const MAX_ACKS_PER_WAKE: usize = 1024;
 /// Largest keep-alive, in seconds, an MQTT 5.0 client may use (Mosquitto's
 /// `max_keepalive`): a client asking for more, or for 0 (none), is told this
 /// value as Server Keep Alive in CONNACK (§3.2.2.3.14). 65535, the largest
@@ -381,6 +393,7 @@ struct FileConfig {
     max_queued_messages: Option<usize>,
     max_queued_bytes: Option<usize>,
     max_awaiting_rel: Option<usize>,
+    acks_per_wake: Option<usize>,
     max_keepalive: Option<u16>,
     max_topic_alias: Option<u16>,
     response_information: Option<String>,
@@ -484,6 +497,9 @@ pub struct Config {
     pub max_queued_bytes: usize,
     /// Unreleased incoming QoS 2 messages per client.
     pub max_awaiting_rel: usize,
+    /// Acknowledgements read at once from a subscriber that owes many (see
+    /// [`DEFAULT_ACKS_PER_WAKE`]); 1: every one as it arrives.
+    pub acks_per_wake: usize,
     /// Largest keep-alive an MQTT 5.0 client gets, in seconds (see
     /// [`DEFAULT_MAX_KEEPALIVE`]).
     pub max_keepalive: u16,
@@ -597,6 +613,7 @@ impl Default for Config {
             max_queued_messages: DEFAULT_MAX_QUEUED_MESSAGES,
             max_queued_bytes: DEFAULT_MAX_QUEUED_BYTES,
             max_awaiting_rel: DEFAULT_MAX_AWAITING_REL,
+            acks_per_wake: DEFAULT_ACKS_PER_WAKE,
             max_keepalive: DEFAULT_MAX_KEEPALIVE,
             max_topic_alias: DEFAULT_MAX_TOPIC_ALIAS,
             response_information: None,
@@ -697,6 +714,7 @@ impl Config {
         );
         set(&mut config.max_queued_bytes, file.max_queued_bytes, None);
         set(&mut config.max_awaiting_rel, file.max_awaiting_rel, None);
+        set(&mut config.acks_per_wake, file.acks_per_wake, None);
         set(&mut config.max_keepalive, file.max_keepalive, None);
         set(&mut config.max_topic_alias, file.max_topic_alias, None);
         config.response_information = file.response_information.filter(|s| !s.is_empty());
@@ -882,6 +900,9 @@ impl Config {
         }
         if self.max_inflight_messages == 0 || self.max_inflight_messages > 65_535 {
             return invalid("max_inflight_messages", "must be between 1 and 65535");
+        }
+        if self.acks_per_wake == 0 || self.acks_per_wake > MAX_ACKS_PER_WAKE {
+            return invalid("acks_per_wake", "must be between 1 and 1024");
         }
         if self.max_queued_messages == 0 || self.max_queued_bytes == 0 {
             return invalid("max_queued_messages", "queue limits must be at least 1");
@@ -1134,6 +1155,31 @@ mod tests {
         assert!(matches!(
             Config::load(&cli),
             Err(ConfigError::Invalid { .. })
+        ));
+    }
+
+    #[test]
+    fn acks_per_wake_defaults_to_64_and_takes_1_to_1024() {
+        let load = |toml: &str| {
+            let mut f = tempfile::NamedTempFile::new().unwrap();
+            writeln!(f, "{toml}").unwrap();
+            Config::load(&Flags {
+                config: Some(f.path().to_path_buf()),
+                ..Flags::default()
+            })
+        };
+        assert_eq!(load("").unwrap().acks_per_wake, DEFAULT_ACKS_PER_WAKE);
+        assert_eq!(load("acks_per_wake = 1").unwrap().acks_per_wake, 1);
+        assert_eq!(load("acks_per_wake = 1024").unwrap().acks_per_wake, 1024);
+        for bad in ["acks_per_wake = 0", "acks_per_wake = 1025"] {
+            assert!(
+                matches!(load(bad), Err(ConfigError::Invalid { .. })),
+                "{bad}"
+            );
+        }
+        assert!(matches!(
+            load("acks_per_wake = -1"),
+            Err(ConfigError::Parse { .. })
         ));
     }
 

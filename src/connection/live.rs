@@ -14,6 +14,7 @@ use bytes::BytesMut;
 use futures_lite::AsyncRead;
 use log::{debug, warn};
 
+use super::ack_wake;
 use super::dispatch::process;
 use super::{Established, Event, Peer, Wire, teardown};
 use crate::net::admission::{ConnectionSlot, IpKey};
@@ -228,6 +229,10 @@ pub(super) struct Reading {
     /// The last `recv` filled the read buffer: more is probably waiting,
     /// so the step reads on before its flush (`MAX_READS_PER_STEP`).
     pub(super) full: bool,
+    /// The socket's receive low-water mark in bytes, raised while the
+    /// connection owes acknowledgements and waits on glommio's stream
+    /// ([`super::ack_wake`]); 0 or 1: the kernel's default.
+    pub(super) low_water: u32,
 }
 
 /// How a plain connection waits for its socket ([`Live::wait`]).
@@ -274,6 +279,10 @@ impl Live {
         if interest.read && !interest.write && !framed && session.awaits_acks() {
             drop(shard);
             return self.stay_on_stream();
+        }
+        // Through epoll no timeout bounds a raised mark: back to 1.
+        if let Wire::Fresh(tcp) = &conn.wire {
+            ack_wake::reset(tcp.as_raw_fd(), &mut self.reading.low_water);
         }
         let Some(link) = session.link.as_mut() else {
             return Err(CloseReason::TakenOver);
@@ -405,6 +414,7 @@ pub(super) fn poll_event(
         iovecs,
         shed_conns,
         held_out,
+        config,
         ..
     } = &mut *guard;
     // A queue held for the journal (`crate::shard::held_out`) is written
@@ -422,6 +432,15 @@ pub(super) fn poll_event(
         return Poll::Ready(Event::Closed(CloseReason::TakenOver));
     };
     let owed = session.awaits_acks();
+    let low_water = if owed {
+        ack_wake::low_water(
+            session.inflight_len(),
+            session.window(limits),
+            config.acks_per_wake,
+        )
+    } else {
+        1
+    };
     let Some(link) = session.link.as_mut() else {
         return Poll::Ready(Event::Closed(CloseReason::TakenOver));
     };
@@ -488,9 +507,24 @@ pub(super) fn poll_event(
     {
         // The first wait after CONNECT, or any while acknowledgements are
         // owed (see `Live::wait`): in this task, on glommio's stream
-        // (whose read tries a `recv` first).
+        // (whose read tries a `recv` first), woken once per batch of
+        // acknowledgements while many are owed (`ack_wake`).
+        ack_wake::apply(tcp, &mut reading.low_water, low_water);
         link.set_waker(cx.waker());
-        return match Pin::new(tcp).poll_read(cx, read_buf) {
+        let mut result = Pin::new(&mut *tcp).poll_read(cx, read_buf);
+        if matches!(&result, Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::TimedOut) {
+            // `ACK_PATIENCE` has passed (the only read timeout set): read
+            // what arrived, and wait for any byte from now on.
+            ack_wake::apply(tcp, &mut reading.low_water, 1);
+            stats.ack_patience_expired += 1;
+            result = match fd::recv(tcp.as_raw_fd(), read_buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    Pin::new(&mut *tcp).poll_read(cx, read_buf)
+                }
+                done => Poll::Ready(done),
+            };
+        }
+        return match result {
             Poll::Ready(r) => Poll::Ready(read_event(r, read_buf, rx, &mut stats.bytes_received)),
             Poll::Pending => {
                 reading.fresh_waited = true;

@@ -42,6 +42,7 @@
 //! An idle connection holds no buffers: its receive buffer is freed whenever
 //! it is empty and its outgoing queue gives its memory back when drained.
 
+mod ack_wake;
 mod connect;
 mod dispatch;
 mod dispatch_v5;
@@ -281,6 +282,7 @@ fn live(ctx: Ctx, conn: Established, slot: ConnectionSlot, ip_key: IpKey, listen
             fresh_waited: unprocessed || never_fresh,
             drained: false,
             full: false,
+            low_water: 1,
         },
         forwarding: None,
         ended: None,

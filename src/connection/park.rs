@@ -131,6 +131,7 @@ pub fn resume(ctx: &Ctx, conn_id: u64, mut parked: Parked, rx: BytesMut) {
             fresh_waited: true,
             drained: false,
             full: false,
+            low_water: 1,
         },
         forwarding: None,
         ended: None,

@@ -64,6 +64,34 @@ pub fn reset_on_close(fd: RawFd) {
     }
 }
 
+/// Sets socket `fd`'s receive low-water mark (SO_RCVLOWAT) to `bytes` (1:
+/// the kernel's default). For TCP, readiness (poll, epoll, io_uring's
+/// POLL_ADD) is then reported only once that many bytes wait, or the peer
+/// closed; a non-blocking `recv` still returns whatever waits. Lowering
+/// it wakes a waiter at once when the bytes waiting reach the new mark.
+///
+/// # Errors
+/// The socket is gone or not TCP.
+pub fn set_receive_low_water(fd: RawFd, bytes: u32) -> io::Result<()> {
+    let value = libc::c_int::try_from(bytes.max(1)).unwrap_or(libc::c_int::MAX);
+    // SAFETY: `fd` is an open socket of the caller's, borrowed for this
+    // call; the option value is a valid `c_int` of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVLOWAT,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// The client address of a connection's socket `fd`: the one its PROXY
 /// protocol header named ([`crate::net::proxy`]), else the socket's peer
 /// address (getpeername). None if the peer is gone or `fd` is not a socket

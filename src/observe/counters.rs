@@ -255,6 +255,9 @@ counter_table! {
         pingreq_parked: Counter Sum,
             prometheus Some("pingreq_parked"), per_shard None, sys None,
             help "PINGREQs of parked connections answered without waking them";
+        ack_patience_expired: Counter Sum,
+            prometheus Some("ack_patience_expired"), per_shard None, sys None,
+            help "Waits for a batch of acknowledgements that ended at the 50 ms patience, reading what had arrived";
         publish_received: Counter Sum,
             prometheus None, per_shard Some("shard_messages_received"),
             sys Some("$SYS/broker/publish/messages/received"),

@@ -82,6 +82,24 @@ pub fn take_backlog_note() -> bool {
 /// what a 3.1.1 CleanSession = 0 session gets.
 pub const SESSION_NEVER_EXPIRES: u32 = u32::MAX;
 
+/// A session whose inflight window is full while messages wait in its
+/// pending queue refills it only once `1 / REFILL_SHARE` of the window is
+/// free (25 of the default 100), not one message per acknowledgement: a
+/// subscriber that acknowledges each message in its own write then gets one
+/// write carrying a quarter of a window of PUBLISH packets, not one write
+/// per PUBACK. Three quarters of the window stay in flight meanwhile, so
+/// the socket never runs dry while the client is acknowledging. Only when
+/// and how much is refilled changes: the pending queue's order is kept
+/// (a new message waits behind it), and the window is never exceeded.
+pub const REFILL_SHARE: usize = 4;
+
+/// The smallest window refilled in batches ([`REFILL_SHARE`]): a window
+/// under 8 (a client with a small Receive Maximum, a configured
+/// `max_inflight_messages` of a few) is refilled at each acknowledgement
+/// as before, since waiting for a quarter of it would leave it nearly
+/// empty.
+pub const MIN_BATCHED_WINDOW: usize = 8;
+
 /// The per-client bounds, from the configuration.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
@@ -994,12 +1012,33 @@ impl Session {
             .is_none_or(|f| f.pending.is_empty())
     }
 
+    /// The inflight window: at most this many QoS 1/2 messages unacknowledged,
+    /// the smaller of `max_inflight_messages` and the client's Receive
+    /// Maximum (MQTT-3.3.4-9).
+    pub fn window(&self, limits: &Limits) -> usize {
+        limits.max_inflight.min(usize::from(self.receive_maximum))
+    }
+
+    /// QoS 1/2 messages in flight to the client, unacknowledged.
+    pub fn inflight_len(&self) -> usize {
+        self.state.flows.as_ref().map_or(0, |f| f.inflight.len())
+    }
+
     /// True when a QoS 1/2 message may be sent now.
     fn window_open(&self, limits: &Limits) -> bool {
-        let inflight = self.state.flows.as_ref().map_or(0, |f| f.inflight.len());
         self.is_online()
-            && inflight < limits.max_inflight.min(usize::from(self.receive_maximum))
+            && self.inflight_len() < self.window(limits)
             && self.out.bytes() < limits.max_queued_bytes
+    }
+
+    /// True when an acknowledgement that just freed a slot should move
+    /// pending messages into the window now ([`REFILL_SHARE`]): always for a
+    /// window under [`MIN_BATCHED_WINDOW`], otherwise once a
+    /// `1 / REFILL_SHARE` share of it is free.
+    fn refill_due(&self, limits: &Limits) -> bool {
+        let window = self.window(limits);
+        window < MIN_BATCHED_WINDOW
+            || window.saturating_sub(self.inflight_len()) >= window / REFILL_SHARE
     }
 
     /// Puts a QoS 1/2 message in the pending queue, or drops it when full.
@@ -1149,7 +1188,9 @@ impl Session {
             return false;
         };
         self.flows().inflight.remove(i);
-        self.fill_window(limits);
+        if self.refill_due(limits) {
+            self.fill_window(limits);
+        }
         true
     }
 
@@ -1830,6 +1871,150 @@ mod tests {
         assert!(s.on_puback(3, &LIMITS));
         assert!(s.flows().inflight.is_empty() && s.flows().pending.is_empty());
         assert_eq!(s.flows().pending_bytes, 0);
+    }
+
+    /// Limits with a window of `window` and room for 1,000 pending.
+    fn window_of(window: usize) -> Limits {
+        Limits {
+            max_inflight: window,
+            max_queued_messages: 1000,
+            ..LIMITS
+        }
+    }
+
+    /// Offers `n` QoS 1 messages (payloads "0", "1", ...) to `s`, one step
+    /// each, and drains what they queued.
+    fn offer(s: &mut Session, n: usize, limits: &Limits) {
+        const DIGITS: [&[u8]; 10] = [b"0", b"1", b"2", b"3", b"4", b"5", b"6", b"7", b"8", b"9"];
+        for i in 0..n {
+            let m = msg(QoS::AtLeastOnce, DIGITS[i % 10]);
+            let mut batch = Batch::default();
+            let mut enc = Encoded::new(&m, &mut batch);
+            s.deliver(&mut enc, QoS::AtLeastOnce, limits);
+            sealed(&mut enc, s);
+        }
+    }
+
+    /// The packet ids in flight, oldest first.
+    fn inflight_ids(s: &mut Session) -> Vec<PacketId> {
+        s.flows().inflight.iter().map(|f| f.packet_id).collect()
+    }
+
+    #[test]
+    fn a_full_window_is_refilled_only_once_a_quarter_of_it_is_free() {
+        let limits = window_of(100);
+        let mut s = online();
+        offer(&mut s, 150, &limits);
+        assert_eq!(s.inflight_len(), 100);
+        assert_eq!(s.flows().pending.len(), 50);
+        // 24 PUBACKs free 24 slots: nothing is sent yet.
+        for id in 1..=24 {
+            assert!(s.on_puback(id, &limits));
+            assert!(s.out.is_empty(), "no refill after PUBACK {id}");
+        }
+        assert_eq!(s.inflight_len(), 76);
+        // The 25th frees a quarter: 25 PUBLISH packets go in one write.
+        assert!(s.on_puback(25, &limits));
+        assert_eq!(s.inflight_len(), 100);
+        assert_eq!(s.flows().pending.len(), 25);
+        let bytes = written(&mut s);
+        assert_eq!(bytes.len(), 25 * 10, "25 PUBLISH packets of 10 bytes");
+        // In order: the oldest pending message ("0" of the second hundred)
+        // first, with the next packet ids (101...).
+        assert_eq!(&bytes[..10], b"\x32\x08\x00\x03a/b\x00\x650");
+        assert_eq!(&bytes[240..], b"\x32\x08\x00\x03a/b\x00\x7d4");
+        assert_eq!(
+            inflight_ids(&mut s)[75..],
+            (101..=125).collect::<Vec<_>>()[..]
+        );
+    }
+
+    #[test]
+    fn a_message_offered_while_a_refill_waits_queues_behind_the_pending_ones() {
+        let limits = window_of(8);
+        let mut s = online();
+        offer(&mut s, 9, &limits);
+        assert!(s.on_puback(1, &limits));
+        // 1 of 8 free (under a quarter): the new message must not overtake
+        // the pending one.
+        offer(&mut s, 1, &limits);
+        assert!(s.out.is_empty());
+        assert_eq!(s.flows().pending.len(), 2);
+        assert!(s.on_puback(2, &limits));
+        assert_eq!(written(&mut s).len(), 2 * 10);
+        let payloads: Vec<u8> = s
+            .flows()
+            .inflight
+            .iter()
+            .map(|f| f.message.payload[0])
+            .collect();
+        assert_eq!(payloads, b"23456780");
+    }
+
+    #[test]
+    fn a_window_under_eight_is_refilled_at_each_acknowledgement() {
+        for window in 1..MIN_BATCHED_WINDOW {
+            let limits = window_of(window);
+            let mut s = online();
+            offer(&mut s, window + 3, &limits);
+            for id in 1..=3 {
+                assert!(s.on_puback(id as PacketId, &limits));
+                assert_eq!(s.inflight_len(), window, "window {window}, PUBACK {id}");
+                assert_eq!(written(&mut s).len(), 10, "one PUBLISH per PUBACK");
+            }
+        }
+    }
+
+    #[test]
+    fn a_batched_refill_never_exceeds_the_receive_maximum() {
+        // max_inflight_messages 100, the client's Receive Maximum 12: the
+        // window is 12 and its quarter 3.
+        let limits = window_of(100);
+        let mut s = online();
+        s.version = Version::V5;
+        s.receive_maximum = 12;
+        offer(&mut s, 40, &limits);
+        let mut acked = 0;
+        let mut most = 0;
+        let mut id: PacketId = 1;
+        while acked < 40 {
+            assert!(s.on_puback(id, &limits), "PUBACK {id}");
+            acked += 1;
+            id += 1;
+            written(&mut s);
+            most = most.max(s.inflight_len());
+            assert!(s.inflight_len() <= 12);
+            // Until the pending queue is empty, the window never falls
+            // below three quarters.
+            if !s.flows().pending.is_empty() {
+                assert!(s.inflight_len() > 12 - 3, "{} in flight", s.inflight_len());
+            }
+        }
+        assert_eq!(most, 12);
+        assert!(s.flows().inflight.is_empty() && s.flows().pending.is_empty());
+    }
+
+    #[test]
+    fn qos2_completions_refill_in_batches_too() {
+        let limits = window_of(8);
+        let mut s = online();
+        let m = msg(QoS::ExactlyOnce, b"x");
+        for _ in 0..12 {
+            let mut batch = Batch::default();
+            let mut enc = Encoded::new(&m, &mut batch);
+            s.deliver(&mut enc, QoS::ExactlyOnce, &limits);
+            sealed(&mut enc, &mut s);
+        }
+        assert_eq!((s.inflight_len(), s.flows().pending.len()), (8, 4));
+        for id in 1..=2 {
+            assert!(s.on_pubrec(id));
+            assert_eq!(written(&mut s), codec::pubrel(id), "PUBREL at once");
+        }
+        assert!(s.on_pubcomp(1, &limits));
+        assert!(s.out.is_empty(), "1 of 8 free: no refill");
+        assert!(s.on_pubcomp(2, &limits));
+        assert_eq!(s.inflight_len(), 8);
+        assert_eq!(written(&mut s).len(), 2 * 10, "two PUBLISH packets at once");
     }
 
     #[test]

@@ -248,3 +248,100 @@ fn a_qos1_burst_past_the_window_reaches_each_subscriber_whole_whatever_its_ack_o
     a.send(&ack(0x40, 5));
     a.ping();
 }
+
+/// The `n` QoS 1 PUBLISH packets "m1".."m{n}" to `topic`, ids 1..=n.
+fn qos1_burst(topic: &[u8], n: u16) -> Vec<u8> {
+    (1..=n)
+        .flat_map(|i| publish(topic, format!("m{i}").as_bytes(), 1, false, false, i))
+        .collect()
+}
+
+#[test]
+fn a_pingreq_from_a_subscriber_that_owes_acknowledgements_is_answered_within_the_patience() {
+    // A window of 8: a subscriber that owes 7 acknowledgements has its
+    // socket's low-water mark at 28 bytes, so its 2-byte PINGREQ wakes
+    // nothing; the patience (50 ms) has it read and answered anyway.
+    let broker = Broker::builder()
+        .shards(1)
+        .config("max_inflight_messages = 8\n")
+        .start();
+    let connect = ConnectBuilder::new("owes").clean_session(false);
+    let (mut sub, _) = Raw::connect_with(broker.port, &connect);
+    assert_eq!(sub.subscribe(1, &[("owes/t", 1)]), vec![1]);
+    let mut publisher = Raw::connect(broker.port, "owes-pub");
+    publisher.send(&qos1_burst(b"owes/t", 9));
+    for i in 1..=9 {
+        assert_eq!(publisher.expect_packet().bytes(), ack(0x40, i));
+    }
+    for i in 1..=8u16 {
+        let p = sub.expect_publish();
+        assert_eq!((p.packet_id, p.payload), (i, format!("m{i}").into_bytes()));
+    }
+    let before = crate::admin::wait_stats(&broker, |_| true);
+    let received = crate::admin::total(&before, "packets_received");
+    assert_eq!(crate::admin::total(&before, "ack_patience_expired"), 0);
+    // Once the broker has read the first PUBACK (1 of 8 free: m9 waits),
+    // its wait asks for the 7 owed.
+    sub.send(&ack(0x40, 1));
+    crate::admin::wait_stats(&broker, |s| {
+        crate::admin::total(s, "packets_received") > received
+    });
+    sub.ping();
+    crate::admin::wait_stats(&broker, |s| {
+        crate::admin::total(s, "ack_patience_expired") >= 1
+    });
+    // The other seven, each in its own write: together they reach the
+    // mark; the second freed slot lets m9 go.
+    for i in 2..=8 {
+        sub.send(&ack(0x40, i));
+    }
+    let p = sub.expect_publish();
+    assert_eq!((p.packet_id, &p.payload[..]), (9, &b"m9"[..]));
+    sub.send(&ack(0x40, 9));
+    sub.ping();
+    sub.close();
+    // Every acknowledgement was taken: nothing is redelivered.
+    let (mut sub, connack) = Raw::connect_with(broker.port, &connect);
+    assert_eq!(connack, CONNACK_SESSION);
+    sub.ping();
+}
+
+#[test]
+fn a_rumqttc_subscriber_acking_one_by_one_gets_a_burst_that_ends_on_a_partial_batch() {
+    // 150 messages: a full window of 100, refilled by quarters, read 64
+    // acknowledgements at a time, ending on a batch of fewer. The client
+    // acknowledges each message by itself (manual acks, one request each).
+    const N: u16 = 150;
+    let broker = Broker::builder().shards(1).start();
+    let mut options = Mqtt::options(broker.port, "one-by-one");
+    options.set_clean_session(false);
+    options.set_manual_acks(true);
+    let (mut sub, _) = Mqtt::connect_with(options);
+    sub.subscribe("obo/t", QoS::AtLeastOnce);
+    let mut publisher = Raw::connect(broker.port, "obo-pub");
+    publisher.send(&qos1_burst(b"obo/t", N));
+    for i in 1..=N {
+        assert_eq!(publisher.expect_packet().bytes(), ack(0x40, i));
+    }
+    let before = crate::admin::wait_stats(&broker, |_| true);
+    let received = crate::admin::total(&before, "packets_received");
+    for i in 1..=N {
+        let p = sub.expect_publish();
+        assert_eq!(p.payload, format!("m{i}").into_bytes(), "in order, once");
+        assert!(!p.dup);
+        sub.client.ack(&p).expect("ack request");
+    }
+    // The broker reads every PUBACK and the DISCONNECT after them (a
+    // take-over by the next connection before that would discard what
+    // it had not read yet).
+    sub.disconnect();
+    crate::admin::wait_stats(&broker, |s| {
+        // Every PUBACK, then the DISCONNECT.
+        crate::admin::total(s, "packets_received") > received + u64::from(N)
+    });
+    let connect = ConnectBuilder::new("one-by-one").clean_session(false);
+    let (mut again, connack) = Raw::connect_with(broker.port, &connect);
+    assert_eq!(connack, CONNACK_SESSION);
+    // Nothing is redelivered: the next packet is the answer to a ping.
+    again.ping();
+}
