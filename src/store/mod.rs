@@ -367,23 +367,21 @@ fn truncate(path: &Path, len: u64) {
 /// The records of a segment's body (the bytes after its header) up to the
 /// first bad one: the records, the bytes they take, and where and why the
 /// valid prefix ends if it is not the end. Never panics, whatever the bytes.
-pub fn read_records(body: &[u8]) -> (Vec<Record>, usize, Option<(usize, String)>) {
-    match read_records_on(body, 1) {
-        Ok(read) => read,
-        // One thread: `parallel::decode` runs it on this one, so a panic
-        // there unwinds through here and never comes back as an error.
-        Err(_) => (Vec::new(), 0, None),
-    }
+pub fn read_records(body: &[u8]) -> ReadRecords {
+    // One thread: `parallel::decode` runs it on this one, so a panic there
+    // unwinds through here and never comes back as an error.
+    read_records_on(body, 1).unwrap_or_default()
 }
+
+/// What [`read_records`] gives: the records, the bytes they take, and where
+/// and why the valid prefix ends if it is not the end.
+pub type ReadRecords = (Vec<Record>, usize, Option<(usize, String)>);
 
 /// [`read_records`] with the records decoded on up to `threads` threads.
 ///
 /// # Errors
 /// A decoding thread panicked.
-pub fn read_records_on(
-    body: &[u8],
-    threads: usize,
-) -> Result<(Vec<Record>, usize, Option<(usize, String)>), parallel::Panicked> {
+pub fn read_records_on(body: &[u8], threads: usize) -> Result<ReadRecords, parallel::Panicked> {
     let (raw, end) = frame::scan(body);
     let mut bad = match end {
         End::Clean => None,
@@ -506,13 +504,14 @@ impl Store {
                 source,
             })?;
         info!(
-            "persistence: {}: {} retained messages from {count} records ({} bytes, {} segments, {} files set aside) in {:?} on {used} threads (read and decoded in {read_in:?})",
+            "persistence: {}: {} retained messages from {count} records ({} bytes, {} segments, {} files set aside) in {:?} on {used} thread{} (read and decoded in {read_in:?})",
             dir.display(),
             retained.len(),
             loaded.bytes,
             loaded.segments.len(),
             loaded.quarantined,
-            started.elapsed()
+            started.elapsed(),
+            if used == 1 { "" } else { "s" },
         );
         Ok(RetainedState {
             dir,

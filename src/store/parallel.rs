@@ -106,16 +106,17 @@ pub fn in_parallel<I: Send, T: Send>(
     })
 }
 
+/// What [`decode`] gives: the records, and the index of the first that did
+/// not decode with why.
+pub type Decoded = (Vec<Record>, Option<(usize, RecordError)>);
+
 /// The records `raw` decode to, on up to `threads` threads, up to the
 /// first that does not decode: the records before it, and its index in
 /// `raw` with why.
 ///
 /// # Errors
 /// A thread panicked.
-pub fn decode(
-    raw: &[RawRecord<'_>],
-    threads: usize,
-) -> Result<(Vec<Record>, Option<(usize, RecordError)>), Panicked> {
+pub fn decode(raw: &[RawRecord<'_>], threads: usize) -> Result<Decoded, Panicked> {
     let parts = ranges(raw.len(), threads_for(raw.len(), threads));
     let chunks = in_parallel(parts, |_, range| {
         let mut out = Vec::with_capacity(range.len());
