@@ -626,6 +626,11 @@ mod tests {
     use bytestring::ByteString;
 
     pub(super) fn retain(stamp: u64, topic: &str, payload: &'static [u8]) -> Record {
+        retain_bytes(stamp, topic, Bytes::from_static(payload))
+    }
+
+    /// A retained QoS 1 update of `topic` to `payload`, stamped `stamp`.
+    fn retain_bytes(stamp: u64, topic: &str, payload: Bytes) -> Record {
         Record::Retain(
             stamp,
             StoredMessage {
@@ -634,7 +639,7 @@ mod tests {
                 expires_unix_ms: 0,
                 topic: ByteString::from(topic),
                 properties: Default::default(),
-                payload: Bytes::from_static(payload),
+                payload,
             },
         )
     }
@@ -797,17 +802,7 @@ mod tests {
                 if i % 7 == 3 {
                     Record::RetainDelete(stamp, ByteString::from(topic))
                 } else {
-                    Record::Retain(
-                        stamp,
-                        StoredMessage {
-                            qos: QoS::AtLeastOnce,
-                            retain: true,
-                            expires_unix_ms: 0,
-                            topic: ByteString::from(topic),
-                            properties: Default::default(),
-                            payload: Bytes::from(format!("payload {stamp}")),
-                        },
-                    )
+                    retain_bytes(stamp, &topic, Bytes::from(format!("payload {stamp}")))
                 }
             })
             .collect()
