@@ -188,7 +188,14 @@ fn many_retained_messages_load_on_two_threads_and_both_shards_hold_them_all() {
     let mut batch = Vec::new();
     for n in 0..MANY_RETAINED {
         let (topic, payload) = (format!("many/{n}"), n.to_string());
-        batch.extend(publish(topic.as_bytes(), payload.as_bytes(), 0, true, false, 0));
+        batch.extend(publish(
+            topic.as_bytes(),
+            payload.as_bytes(),
+            0,
+            true,
+            false,
+            0,
+        ));
         if batch.len() >= 64 * 1024 {
             raw.send(&batch);
             batch.clear();
@@ -219,15 +226,26 @@ fn many_retained_messages_load_on_two_threads_and_both_shards_hold_them_all() {
     );
     for shard in 0..2 {
         let line = broker.wait_log(
-            |l| l.contains(&format!("shard {shard}: persistence: {all} retained messages loaded in")),
+            |l| {
+                l.contains(&format!(
+                    "shard {shard}: persistence: {all} retained messages loaded in"
+                ))
+            },
             TIMEOUT,
         );
-        assert!(line.is_some(), "shard {shard}'s line:\n{}", broker.log_text());
+        assert!(
+            line.is_some(),
+            "shard {shard}'s line:\n{}",
+            broker.log_text()
+        );
     }
     for got in retained_on_both_shards(&broker, "many/#") {
         assert_eq!(got.len(), all);
         for n in [0, 1, MANY_RETAINED / 2, MANY_RETAINED - 1] {
-            assert_eq!(got.get(&format!("many/{n}")), Some(&n.to_string().into_bytes()));
+            assert_eq!(
+                got.get(&format!("many/{n}")),
+                Some(&n.to_string().into_bytes())
+            );
         }
         assert_eq!(got.get("many/last").map(Vec::as_slice), Some(&b"last"[..]));
     }
