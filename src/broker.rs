@@ -819,11 +819,12 @@ fn load_persisted(
     }
     shard.store_failing = Some(state.failing.clone());
     let retained_from = Instant::now();
-    // Expired ones are left out; each shard starts at its own place in
-    // the shared list (for_shard).
+    // Expired ones are left out (deadlines counted from `started`, taken
+    // with `unix_now`); each shard starts at its own place in the shared
+    // list (for_shard).
     let live = state
         .for_shard(ctx.id, ctx.nr_shards)
-        .filter_map(|(stamp, stored)| stored.to_message(*stamp, retained_from, unix_now));
+        .filter_map(|(stamp, stored)| stored.to_message(*stamp, started, unix_now));
     shard.retained.restore(live);
     let retained_in = retained_from.elapsed();
     let commit = (ctx.id == 0).then(|| {
