@@ -1,8 +1,8 @@
 //! The start-up reads that run on several threads: decoding a file's
 //! records ([`decode`]) and replaying the retained messages ([`live`]),
 //! both for the retained messages' journal, which is one directory that
-//! every shard needs whole (docs/design/persistence.md, "What is built:
-//! the parallel retained load"). The session journals need none of it:
+//! every shard needs whole (docs/design/persistence.md, "The retained
+//! messages load on a thread per shard"). The session journals need none of it:
 //! each shard reads its own directories on its own thread (`startup`).
 //!
 //! Both give what a serial read gives, record for record: [`decode`] splits
@@ -36,8 +36,8 @@ const PART_SEEDS: [u64; 4] = [
     0x082E_FA98_EC4E_6C89,
 ];
 
-/// A thread of a parallel read panicked: a bug, reported as a start-up
-/// error instead of a hang or a half-loaded store.
+/// A thread of a parallel read panicked (a bug) or could not be started:
+/// a start-up error instead of a hang or a half-loaded store.
 #[derive(Debug, thiserror::Error)]
 #[error("a thread of the parallel load panicked: {0}")]
 pub struct Panicked(pub String);
