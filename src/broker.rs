@@ -254,12 +254,13 @@ pub fn start(config: Config) -> Result<Broker, BrokerError> {
     let auth = Arc::new(Auth::load(&config)?);
     let cpus = choose_cpus(&config)?;
     let nr_shards = config.shards.unwrap_or(cpus.len()).max(1);
-    // The retained messages are read once, here; the sessions by every
-    // shard, its own directories on its own executor (load_sessions).
+    // The retained messages are read once, here, on a thread per shard
+    // (at most one per CPU the shards get); the sessions by every shard,
+    // its own directories on its own executor (load_sessions).
     let (store, persisted) = match (&config.persistence, &config.persistence_location) {
         (true, Some(dir)) => {
             let store = Store::open(dir)?;
-            let retained = store.load_retained()?;
+            let retained = store.load_retained(nr_shards.min(cpus.len()).max(1))?;
             let persisted = Persisted {
                 retained,
                 store: store.dir.clone(),
@@ -605,15 +606,18 @@ async fn load_sessions(
     )
     .map_err(store_error)?;
     info!(
-        "shard {id}: persistence: read {} records of {} segments in {read_in:?}, had the other shards' sessions after {handed_in:?}; {} persistent sessions are this shard's, written again in {:?}",
+        "shard {id}: persistence: read {} records of {} segments in {read_in:?}, had the other shards' sessions after {handed_in:?}; {} persistent sessions are this shard's ({} expired while the broker was down; {} ending: expired, loaded to end right after the start), written again in {:?}",
         part.records,
         part.read.len(),
         picked.sessions.len(),
+        picked.expired,
+        picked.ending,
         started.elapsed().saturating_sub(handed_in)
     );
     part.written = Some(path);
     part.sessions = picked.sessions.len();
     part.expired = picked.expired;
+    part.ending = picked.ending;
     persisted.sessions.finished(part);
     watch.step();
     Ok((picked.sessions, base))
@@ -679,8 +683,17 @@ async fn run_shard(mut setup: ShardSetup) -> Result<(), ShardError> {
         .map(|state| load_persisted(&ctx, &setup.config, state, sessions, &store_stop))
         .unwrap_or_default();
     // Every replica holds the retained messages now: the loaded list goes
-    // with the last shard's reference, not at exit.
-    drop(persisted);
+    // with the last shard's reference, not at exit, and on a thread of its
+    // own, so that this shard does not wait for a million reference
+    // counts before it serves (every message lives on in the replicas).
+    if let Some(last) = persisted.and_then(Arc::into_inner) {
+        let dropped = std::thread::Builder::new()
+            .name("fanmq-load-drop".to_string())
+            .spawn(move || drop(last));
+        if let Err(e) = dropped {
+            debug!("shard {id}: the loaded store is dropped here ({e})");
+        }
+    }
     glommio::spawn_local(park::receive_ready(ctx.clone(), from_watcher)).detach();
     glommio::spawn_local(park::Unparker::new(ctx.clone())).detach();
     {
@@ -805,12 +818,15 @@ fn load_persisted(
         tasks.push(glommio::spawn_local(journal::commit_loop(journal, shutdown.clone())).detach());
     }
     shard.store_failing = Some(state.failing.clone());
-    // Expired ones are left out.
+    let retained_from = Instant::now();
+    // Expired ones are left out (deadlines counted from `started`, taken
+    // with `unix_now`); each shard starts at its own place in the shared
+    // list (for_shard).
     let live = state
-        .retained
-        .iter()
+        .for_shard(ctx.id, ctx.nr_shards)
         .filter_map(|(stamp, stored)| stored.to_message(*stamp, started, unix_now));
     shard.retained.restore(live);
+    let retained_in = retained_from.elapsed();
     let commit = (ctx.id == 0).then(|| {
         let journal = Rc::new(Journal::new(
             &state.dir,
@@ -831,7 +847,7 @@ fn load_persisted(
     });
     tasks.extend(commit);
     info!(
-        "shard {}: persistence: {} retained messages loaded in {:?}",
+        "shard {}: persistence: {} retained messages loaded in {retained_in:?} (the shard's whole load of the store: {:?})",
         ctx.id,
         shard.retained.len(),
         started.elapsed()

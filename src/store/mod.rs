@@ -24,6 +24,7 @@ pub mod frame;
 pub mod journal;
 #[cfg(test)]
 mod memfile;
+pub mod parallel;
 pub mod record;
 pub mod snapshot;
 pub mod startup;
@@ -69,6 +70,16 @@ pub enum StoreError {
         path: PathBuf,
         /// Which format and what to do.
         why: String,
+    },
+    /// A thread of the parallel load of `path` panicked (a bug): the start
+    /// stops with this error rather than wait or serve half a store.
+    #[error("persistence: loading {path}: {source}")]
+    LoadThread {
+        /// The journal directory.
+        path: PathBuf,
+        /// The panic.
+        #[source]
+        source: parallel::Panicked,
     },
     /// Any other I/O error on the store's files.
     #[error("persistence: {path}: {source}")]
@@ -209,6 +220,16 @@ pub struct LoadedLog {
 /// # Errors
 /// A segment written by a newer fanmq, or a directory that cannot be listed.
 pub fn load_log(store: &Path, dir: &Path) -> Result<LoadedLog, StoreError> {
+    load_log_on(store, dir, 1)
+}
+
+/// [`load_log`] with each file's records decoded on up to `threads`
+/// threads ([`parallel::decode`]): the same records, the same files set
+/// aside.
+///
+/// # Errors
+/// As [`load_log`]; a decoding thread that panicked.
+pub fn load_log_on(store: &Path, dir: &Path, threads: usize) -> Result<LoadedLog, StoreError> {
     let io = |path: &Path, source| StoreError::Io {
         path: path.to_path_buf(),
         source,
@@ -235,7 +256,7 @@ pub fn load_log(store: &Path, dir: &Path) -> Result<LoadedLog, StoreError> {
     // The newest complete snapshot, then the log from its base on; older
     // segments are obsolete (removed with the rest by the start-up
     // compaction).
-    let found = snapshot::newest(dir, &mut quarantine)?;
+    let found = snapshot::newest(dir, &mut quarantine, threads)?;
     loaded.quarantined += found.quarantined;
     loaded.segments.extend(found.files);
     loaded.next_base = found.highest_base + u64::from(found.highest_base > 0);
@@ -300,7 +321,13 @@ pub fn load_log(store: &Path, dir: &Path) -> Result<LoadedLog, StoreError> {
                 continue;
             }
         }
-        let (records, valid, bad) = read_records(&data[HEADER_LEN..]);
+        let (records, valid, bad) =
+            read_records_on(&data[HEADER_LEN..], threads).map_err(|source| {
+                StoreError::LoadThread {
+                    path: path.clone(),
+                    source,
+                }
+            })?;
         loaded.bytes += valid as u64;
         loaded.records.extend(records);
         if let Some((offset, why)) = bad {
@@ -340,27 +367,34 @@ fn truncate(path: &Path, len: u64) {
 /// The records of a segment's body (the bytes after its header) up to the
 /// first bad one: the records, the bytes they take, and where and why the
 /// valid prefix ends if it is not the end. Never panics, whatever the bytes.
-pub fn read_records(body: &[u8]) -> (Vec<Record>, usize, Option<(usize, String)>) {
+pub fn read_records(body: &[u8]) -> ReadRecords {
+    // One thread: `parallel::decode` runs it on this one, so a panic there
+    // unwinds through here and never comes back as an error.
+    read_records_on(body, 1).unwrap_or_default()
+}
+
+/// What [`read_records`] gives: the records, the bytes they take, and where
+/// and why the valid prefix ends if it is not the end.
+pub type ReadRecords = (Vec<Record>, usize, Option<(usize, String)>);
+
+/// [`read_records`] with the records decoded on up to `threads` threads.
+///
+/// # Errors
+/// A decoding thread panicked.
+pub fn read_records_on(body: &[u8], threads: usize) -> Result<ReadRecords, parallel::Panicked> {
     let (raw, end) = frame::scan(body);
     let mut bad = match end {
         End::Clean => None,
         End::Damaged { offset, why } => Some((offset, why.to_string())),
     };
-    let mut records = Vec::with_capacity(raw.len());
-    let mut valid = 0;
-    for r in raw {
-        match Record::decode(r.kind, r.body) {
-            Ok(record) => {
-                valid = r.offset + frame::RECORD_HEAD_LEN + 1 + r.body.len();
-                records.push(record);
-            }
-            Err(e) => {
-                bad = Some((r.offset, e.to_string()));
-                break;
-            }
-        }
+    let (records, undecoded) = parallel::decode(&raw, threads)?;
+    if let Some((i, e)) = undecoded {
+        bad = Some((raw[i].offset, e.to_string()));
     }
-    (records, valid, bad)
+    let valid = records.len().checked_sub(1).map_or(0, |last| {
+        raw[last].offset + frame::RECORD_HEAD_LEN + 1 + raw[last].body.len()
+    });
+    Ok((records, valid, bad))
 }
 
 /// The `corrupt-<unix ms>/` directory of one load, made on first use.
@@ -430,28 +464,54 @@ pub struct RetainedState {
     pub failing: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
+impl RetainedState {
+    /// Every loaded retained message, for shard `shard` of `shards`: the
+    /// same set for every shard, each starting at its own place in the
+    /// list (`shard`/`shards` of the way in), so that shards filling their
+    /// replicas at once clone from different blocks ([`parallel::live`]
+    /// packs them) instead of taking turns on the same reference counts.
+    pub fn for_shard(
+        &self,
+        shard: usize,
+        shards: usize,
+    ) -> impl Iterator<Item = &(u64, record::StoredMessage)> {
+        let from = self.retained.len() * shard.min(shards) / shards.max(1);
+        let (head, tail) = self.retained.split_at(from);
+        // Its size hint is exact: `RetainStore::restore` reserves by it.
+        tail.iter().chain(head)
+    }
+}
+
 impl Store {
     /// Reads the retained messages' journal (at start-up, before any shard
-    /// runs) and logs what it found and how long it took.
+    /// runs) on up to `threads` threads ([`parallel`]: each file's records
+    /// decoded in ranges, the replay split by topic) and logs what it found
+    /// and how long it took.
     ///
     /// # Errors
-    /// See [`load_log`].
-    pub fn load_retained(&self) -> Result<RetainedState, StoreError> {
+    /// See [`load_log_on`].
+    pub fn load_retained(&self, threads: usize) -> Result<RetainedState, StoreError> {
         let started = Instant::now();
         let dir = self.dir.join(RETAINED_DIR);
-        let mut loaded = load_log(&self.dir, &dir)?;
+        let mut loaded = load_log_on(&self.dir, &dir, threads)?;
+        let read_in = started.elapsed();
         let records = std::mem::take(&mut loaded.records);
         let count = records.len();
-        let retained = live_retained(records);
-        loaded.records = Vec::with_capacity(0);
+        let used = parallel::threads_for(count, threads);
+        let retained =
+            parallel::live(records, threads).map_err(|source| StoreError::LoadThread {
+                path: dir.clone(),
+                source,
+            })?;
         info!(
-            "persistence: {}: {} retained messages from {count} records ({} bytes, {} segments, {} files set aside) in {:?}",
+            "persistence: {}: {} retained messages from {count} records ({} bytes, {} segments, {} files set aside) in {:?} on {used} thread{} (read and decoded in {read_in:?})",
             dir.display(),
             retained.len(),
             loaded.bytes,
             loaded.segments.len(),
             loaded.quarantined,
-            started.elapsed()
+            started.elapsed(),
+            if used == 1 { "" } else { "s" },
         );
         Ok(RetainedState {
             dir,
@@ -547,42 +607,13 @@ impl Store {
 
 /// The retained messages that a replay of `records` leaves: per topic the
 /// update with the highest stamp (as `RetainStore::apply` keeps it, so the
-/// order of the records does not matter), deletes left out.
+/// order of the records does not matter), deletes left out. On this
+/// thread (the tests'); [`parallel::live`] splits it over several.
+#[cfg(test)]
 pub fn live_retained(records: Vec<Record>) -> Vec<(u64, record::StoredMessage)> {
-    let mut topics: ahash::AHashMap<bytestring::ByteString, (u64, Option<record::StoredMessage>)> =
-        ahash::AHashMap::with_capacity(records.len());
-    for record in records {
-        let (stamp, topic, message) = match record {
-            Record::Retain(stamp, message) => (stamp, message.topic.clone(), Some(message)),
-            Record::RetainDelete(stamp, topic) => (stamp, topic, None),
-            Record::SessionImage(_)
-            | Record::SessionDrop(..)
-            | Record::Message(..)
-            | Record::Queue(..)
-            | Record::Sent(..)
-            | Record::Flow(..)
-            | Record::Will(_)
-            | Record::WillClear(..)
-            | Record::DoneMany(_)
-            | Record::Steps(..)
-            | Record::Legacy(_) => continue,
-        };
-        // One look-up per record: hashing topics was a sixth of the CPU of
-        // a 300k retained messages' start.
-        match topics.entry(topic) {
-            std::collections::hash_map::Entry::Occupied(held) if held.get().0 > stamp => {}
-            std::collections::hash_map::Entry::Occupied(mut held) => {
-                held.insert((stamp, message));
-            }
-            std::collections::hash_map::Entry::Vacant(slot) => {
-                slot.insert((stamp, message));
-            }
-        }
-    }
-    topics
-        .into_values()
-        .filter_map(|(stamp, message)| message.map(|m| (stamp, m)))
-        .collect()
+    // One part: `parallel::live` runs it on this thread, so a panic there
+    // unwinds through here and never comes back as an error.
+    parallel::live(records, 1).unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -595,6 +626,11 @@ mod tests {
     use bytestring::ByteString;
 
     pub(super) fn retain(stamp: u64, topic: &str, payload: &'static [u8]) -> Record {
+        retain_bytes(stamp, topic, Bytes::from_static(payload))
+    }
+
+    /// A retained QoS 1 update of `topic` to `payload`, stamped `stamp`.
+    fn retain_bytes(stamp: u64, topic: &str, payload: Bytes) -> Record {
         Record::Retain(
             stamp,
             StoredMessage {
@@ -603,7 +639,7 @@ mod tests {
                 expires_unix_ms: 0,
                 topic: ByteString::from(topic),
                 properties: Default::default(),
-                payload: Bytes::from_static(payload),
+                payload,
             },
         )
     }
@@ -750,5 +786,313 @@ mod tests {
         fs::write(segment_path(&dir, 0), newer.encode()).unwrap();
         let err = load_log(store.path(), &dir).unwrap_err();
         assert!(err.to_string().contains("newer fanmq"), "{err}");
+    }
+
+    /// Records enough for [`parallel::MIN_RECORDS_PER_THREAD`] to give
+    /// four threads.
+    const MANY: usize = 4 * parallel::MIN_RECORDS_PER_THREAD + 123;
+
+    /// `n` retained updates from stamp `first` on, to `topics` topics
+    /// (every 7th a delete), payloads naming the stamp.
+    fn updates(first: u64, n: usize, topics: usize) -> Vec<Record> {
+        (0..n)
+            .map(|i| {
+                let stamp = (first + i as u64) << 16;
+                let topic = format!("t/{}", i % topics);
+                if i % 7 == 3 {
+                    Record::RetainDelete(stamp, ByteString::from(topic))
+                } else {
+                    retain_bytes(stamp, &topic, Bytes::from(format!("payload {stamp}")))
+                }
+            })
+            .collect()
+    }
+
+    /// A snapshot file at `base` holding `records`, with its end frame.
+    fn snapshot_file(base: u64, records: &[Record]) -> Vec<u8> {
+        let mut out = segment(base, records);
+        let count = records.len() as u64;
+        frame::append_record(&mut out, snapshot::SNAPSHOT_END, |b| {
+            b.extend_from_slice(&count.to_le_bytes());
+        });
+        out
+    }
+
+    /// A topic, a stamp and a payload of the live set.
+    type Live = Vec<(String, u64, Bytes)>;
+
+    /// What `load_retained` on `threads` threads gives: the live set by
+    /// topic, and the state.
+    fn retained_on(store: &Path, threads: usize) -> (Live, RetainedState) {
+        let opened = Store::open(store).expect("opens");
+        let state = opened.load_retained(threads).expect("loads");
+        let mut got: Live = state
+            .retained
+            .iter()
+            .map(|(stamp, m)| (m.topic.to_string(), *stamp, m.payload.clone()))
+            .collect();
+        got.sort();
+        (got, state)
+    }
+
+    /// Copies the directory tree at `from` to `to`.
+    fn copy_tree(from: &Path, to: &Path) {
+        fs::create_dir_all(to).unwrap();
+        for entry in fs::read_dir(from).unwrap().filter_map(Result::ok) {
+            let target = to.join(entry.file_name());
+            if entry.path().is_dir() {
+                copy_tree(&entry.path(), &target);
+            } else {
+                fs::copy(entry.path(), &target).unwrap();
+            }
+        }
+    }
+
+    /// Files set aside in `corrupt-*/` directories of `store`.
+    fn set_aside(store: &Path) -> usize {
+        fs::read_dir(store)
+            .unwrap()
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().starts_with("corrupt-"))
+            .map(|e| fs::read_dir(e.path()).unwrap().count())
+            .sum()
+    }
+
+    /// The names and sizes of the files in `store`'s `retained/`.
+    fn listing(store: &Path) -> Vec<(String, u64)> {
+        let mut names: Vec<(String, u64)> = fs::read_dir(store.join(RETAINED_DIR))
+            .unwrap()
+            .filter_map(Result::ok)
+            .map(|e| {
+                let len = e.metadata().unwrap().len();
+                (e.file_name().to_string_lossy().into_owned(), len)
+            })
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// Loads a copy of the store at `store` on 1 thread and another on 4:
+    /// both give the same live set, cut and set aside the same files;
+    /// returns the live set and the number of files set aside.
+    fn same_on_one_and_four(store: &Path) -> (Live, usize) {
+        let scratch = tempfile::tempdir().unwrap();
+        let one = scratch.path().join("one");
+        let four = scratch.path().join("four");
+        copy_tree(store, &one);
+        copy_tree(store, &four);
+        let (serial, serial_state) = retained_on(&one, 1);
+        let (parallel, parallel_state) = retained_on(&four, 4);
+        assert_eq!(serial, parallel, "the same retained set");
+        assert_eq!(serial_state.next_base, parallel_state.next_base);
+        assert_eq!(serial_state.log_from, parallel_state.log_from);
+        assert_eq!(serial_state.snapshot, parallel_state.snapshot);
+        assert_eq!(listing(&one), listing(&four), "the same files, cut alike");
+        assert_eq!(
+            set_aside(&one),
+            set_aside(&four),
+            "the same files set aside"
+        );
+        (parallel, set_aside(&four))
+    }
+
+    /// A store with a snapshot of `MANY` updates at 1000 and two segments
+    /// after it; returns the `(base, bytes)` of the segments.
+    fn big_store(store: &Path) -> Vec<(u64, Vec<u8>)> {
+        let dir = store.join(RETAINED_DIR);
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(
+            snapshot::snapshot_path(&dir, 1000),
+            snapshot_file(1000, &updates(1, MANY, MANY / 2)),
+        )
+        .unwrap();
+        let segments = vec![
+            (
+                1000,
+                segment(1000, &updates(MANY as u64 + 1, MANY, MANY / 3)),
+            ),
+            (
+                9_000_000,
+                segment(9_000_000, &updates(2 * MANY as u64 + 1, MANY, MANY)),
+            ),
+        ];
+        for (base, data) in &segments {
+            fs::write(segment_path(&dir, *base), data).unwrap();
+        }
+        segments
+    }
+
+    #[test]
+    fn several_threads_load_the_same_retained_set_as_one() {
+        let store = tempfile::tempdir().unwrap();
+        big_store(store.path());
+        let (live, aside) = same_on_one_and_four(store.path());
+        assert_eq!(aside, 0);
+        let deletes = (0..MANY).filter(|i| i % 7 == 3).count();
+        assert_eq!(
+            live.len(),
+            MANY - deletes,
+            "each topic's newest, deletes left out"
+        );
+        // Every topic's newest update is in the last segment.
+        assert!(
+            live.iter()
+                .all(|(_, stamp, _)| *stamp > (2 * MANY as u64) << 16)
+        );
+    }
+
+    #[test]
+    fn a_torn_tail_loads_the_valid_prefix_on_several_threads() {
+        let store = tempfile::tempdir().unwrap();
+        let segments = big_store(store.path());
+        let (base, data) = &segments[1];
+        // Cut in the middle of the last record.
+        let path = segment_path(&store.path().join(RETAINED_DIR), *base);
+        fs::write(&path, &data[..data.len() - 9]).unwrap();
+        let (live, aside) = same_on_one_and_four(store.path());
+        assert_eq!(aside, 1, "the torn segment copied aside");
+        let last_stamp = ((3 * MANY) as u64) << 16;
+        assert!(
+            !live.iter().any(|(_, stamp, _)| *stamp == last_stamp),
+            "the torn record is gone"
+        );
+        assert!(
+            live.iter()
+                .any(|(_, stamp, _)| *stamp == last_stamp - (1 << 16))
+        );
+    }
+
+    /// The first segment of `big_store` with its record `index` made
+    /// undecodable (QoS 3) under a checksum that holds.
+    fn undecodable(data: &[u8], index: usize) -> Vec<u8> {
+        let (raw, _) = frame::scan(&data[HEADER_LEN..]);
+        let mut out = data.to_vec();
+        let at = raw[index].offset + HEADER_LEN;
+        assert_eq!(out[at + frame::RECORD_HEAD_LEN], record::kind::RETAIN);
+        // After its len, crc, kind and stamp: the QoS byte.
+        out[at + frame::RECORD_HEAD_LEN + 1 + 8] = 3;
+        let len = u32::from_le_bytes([out[at], out[at + 1], out[at + 2], out[at + 3]]) as usize;
+        let body = at + frame::RECORD_HEAD_LEN;
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&out[at..at + 4]), &out[body..body + len]);
+        out[at + 4..at + 8].copy_from_slice(&crc.to_le_bytes());
+        out
+    }
+
+    #[test]
+    fn a_corrupt_record_in_the_middle_keeps_what_came_before_and_sets_the_rest_aside() {
+        let store = tempfile::tempdir().unwrap();
+        let segments = big_store(store.path());
+        let dir = store.path().join(RETAINED_DIR);
+        let (base, data) = &segments[0];
+        let (raw, _) = frame::scan(&data[HEADER_LEN..]);
+        // A bit flipped in a record's payload, in the third of four
+        // threads' ranges of the first segment: its checksum fails.
+        let index = 3 * MANY / 4 - 10;
+        let mut damaged = data.clone();
+        damaged[raw[index].offset + HEADER_LEN + raw[index].body.len()] ^= 0x10;
+        fs::write(segment_path(&dir, *base), &damaged).unwrap();
+        let (live, aside) = same_on_one_and_four(store.path());
+        assert_eq!(aside, 2, "the damaged segment copied, the later one moved");
+        let first = (MANY as u64 + 1) << 16;
+        let damaged_stamp = first + ((index as u64) << 16);
+        assert!(live.iter().all(|(_, stamp, _)| *stamp < damaged_stamp));
+        assert!(
+            live.iter()
+                .any(|(_, stamp, _)| *stamp == damaged_stamp - (1 << 16))
+        );
+
+        // A record whose checksum holds but that does not decode, in the
+        // second thread's range: the same, by the decode.
+        let fresh = tempfile::tempdir().unwrap();
+        big_store(fresh.path());
+        let index = MANY / 3 + 1;
+        let index = if index % 7 == 3 { index + 1 } else { index };
+        fs::write(
+            segment_path(&fresh.path().join(RETAINED_DIR), *base),
+            undecodable(data, index),
+        )
+        .unwrap();
+        let (live, aside) = same_on_one_and_four(fresh.path());
+        assert_eq!(aside, 2);
+        let bad_stamp = first + ((index as u64) << 16);
+        assert!(live.iter().all(|(_, stamp, _)| *stamp < bad_stamp));
+        assert!(
+            live.iter()
+                .any(|(_, stamp, _)| *stamp == bad_stamp - (1 << 16))
+        );
+    }
+
+    #[test]
+    fn a_damaged_snapshot_falls_back_alike_on_several_threads() {
+        let store = tempfile::tempdir().unwrap();
+        big_store(store.path());
+        let dir = store.path().join(RETAINED_DIR);
+        let (whole, _) = same_on_one_and_four(store.path());
+        // A newer snapshot (naming a base no log starts at) whose record
+        // in its second half does not decode: set aside, the older
+        // snapshot and its log load.
+        let newer = snapshot_file(9_500_000, &updates(1, MANY, MANY));
+        fs::write(
+            snapshot::snapshot_path(&dir, 9_500_000),
+            undecodable(&newer, MANY / 2 + 2),
+        )
+        .unwrap();
+        let (live, aside) = same_on_one_and_four(store.path());
+        assert_eq!(aside, 1, "the damaged snapshot set aside");
+        assert_eq!(live, whole, "the older snapshot and its log");
+    }
+
+    #[test]
+    fn a_newer_format_refuses_the_load_on_several_threads() {
+        let store = tempfile::tempdir().unwrap();
+        let segments = big_store(store.path());
+        let dir = store.path().join(RETAINED_DIR);
+        let mut newer = segments[1].1.clone();
+        newer[8..10].copy_from_slice(&(frame::FORMAT_VERSION + 1).to_le_bytes());
+        let crc = crc32c::crc32c(&newer[..24]);
+        newer[24..28].copy_from_slice(&crc.to_le_bytes());
+        fs::write(segment_path(&dir, segments[1].0), &newer).unwrap();
+        let opened = Store::open(store.path()).unwrap();
+        let err = opened.load_retained(4).unwrap_err();
+        assert!(err.to_string().contains("newer fanmq"), "{err}");
+    }
+
+    #[test]
+    fn an_empty_journal_loads_nothing_on_several_threads() {
+        let store = tempfile::tempdir().unwrap();
+        let (live, state) = retained_on(store.path(), 4);
+        assert!(live.is_empty());
+        assert_eq!((state.next_base, state.snapshot), (0, None));
+        // A segment created by a journal that stopped before its first
+        // write, and one with a header only.
+        let dir = store.path().join(RETAINED_DIR);
+        fs::write(segment_path(&dir, 0), b"").unwrap();
+        fs::write(segment_path(&dir, 10), segment(10, &[])).unwrap();
+        let (live, aside) = same_on_one_and_four(store.path());
+        assert!(live.is_empty());
+        assert_eq!(aside, 0);
+    }
+
+    #[test]
+    fn every_shard_gets_the_same_retained_set_each_from_its_own_place() {
+        let store = tempfile::tempdir().unwrap();
+        big_store(store.path());
+        let (live, state) = retained_on(store.path(), 4);
+        for shards in [1, 2, 3, 8] {
+            let mut firsts = Vec::new();
+            for shard in 0..shards {
+                let iter = state.for_shard(shard, shards);
+                assert_eq!(iter.size_hint(), (live.len(), Some(live.len())));
+                let mut got: Live = iter
+                    .map(|(stamp, m)| (m.topic.to_string(), *stamp, m.payload.clone()))
+                    .collect();
+                firsts.push(got[0].clone());
+                got.sort();
+                assert_eq!(got, live, "shard {shard} of {shards}");
+            }
+            firsts.sort();
+            firsts.dedup();
+            assert_eq!(firsts.len(), shards, "each shard starts elsewhere");
+        }
     }
 }

@@ -25,7 +25,7 @@ use log::warn;
 use crate::store::frame::{self, FORMAT_VERSION, HEADER_LEN, Header};
 use crate::store::journal::{Lsn, sync_dir};
 use crate::store::record::Record;
-use crate::store::{Quarantine, StoreError};
+use crate::store::{Quarantine, StoreError, parallel};
 
 /// Kind byte of the frame that ends a complete snapshot; its body is the
 /// number of records before it (u64). Read here only, never a `Record`.
@@ -195,28 +195,34 @@ pub fn remove_before(dir: &Path, cutoff: Lsn) {
     }
 }
 
-/// Why a snapshot file is not usable.
-fn read_snapshot(data: &[u8]) -> Result<(Lsn, Vec<Record>), String> {
-    let header = Header::decode(data).map_err(|e| e.to_string())?;
+/// The records of a snapshot file (decoded on up to `threads` threads), or
+/// why it is not usable (the inner error); the outer error is a decoding
+/// thread's panic (a bug, not damage: the file is not set aside for it).
+fn read_snapshot(
+    data: &[u8],
+    threads: usize,
+) -> Result<Result<(Lsn, Vec<Record>), String>, parallel::Panicked> {
+    let header = match Header::decode(data) {
+        Ok(header) => header,
+        Err(e) => return Ok(Err(e.to_string())),
+    };
     let (raw, end) = frame::scan(&data[HEADER_LEN..]);
     if let frame::End::Damaged { offset, why } = end {
-        return Err(format!("{why} at byte {}", offset + HEADER_LEN));
+        return Ok(Err(format!("{why} at byte {}", offset + HEADER_LEN)));
     }
     let Some((last, body)) = raw.split_last() else {
-        return Err("no records, not even its end".to_string());
+        return Ok(Err("no records, not even its end".to_string()));
     };
     let count = <[u8; 8]>::try_from(last.body).ok().map(u64::from_le_bytes);
     if last.kind != SNAPSHOT_END || count != Some(body.len() as u64) {
-        return Err("incomplete: no end frame counting its records".to_string());
+        return Ok(Err(
+            "incomplete: no end frame counting its records".to_string()
+        ));
     }
-    let mut records = Vec::with_capacity(body.len());
-    for r in body {
-        records.push(
-            Record::decode(r.kind, r.body)
-                .map_err(|e| format!("{e} at byte {}", r.offset + HEADER_LEN))?,
-        );
-    }
-    Ok((header.base_lsn, records))
+    Ok(match parallel::decode(body, threads)? {
+        (records, None) => Ok((header.base_lsn, records)),
+        (_, Some((i, e))) => Err(format!("{e} at byte {}", body[i].offset + HEADER_LEN)),
+    })
 }
 
 /// What [`newest`] found in a journal directory.
@@ -241,9 +247,15 @@ pub struct Found {
 /// before it is used; leftover `.tmp` files (a crash while writing) are
 /// removed.
 ///
+/// Its records are decoded on up to `threads` threads.
+///
 /// # Errors
 /// A snapshot written by a newer fanmq.
-pub(super) fn newest(dir: &Path, quarantine: &mut Quarantine) -> Result<Found, StoreError> {
+pub(super) fn newest(
+    dir: &Path,
+    quarantine: &mut Quarantine,
+    threads: usize,
+) -> Result<Found, StoreError> {
     let mut found = Found::default();
     let Ok(entries) = fs::read_dir(dir) else {
         return Ok(found);
@@ -271,7 +283,10 @@ pub(super) fn newest(dir: &Path, quarantine: &mut Quarantine) -> Result<Found, S
                         why: e.to_string(),
                     });
                 }
-                read_snapshot(&data)
+                read_snapshot(&data, threads).map_err(|source| StoreError::LoadThread {
+                    path: path.clone(),
+                    source,
+                })?
             }
             Err(e) => Err(e.to_string()),
         };

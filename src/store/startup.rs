@@ -462,6 +462,9 @@ pub struct LoadPart {
     pub records: usize,
     /// Sessions it found expired.
     pub expired: usize,
+    /// Of `sessions`, those loaded to end right after the start
+    /// ([`Picked::ending`]).
+    pub ending: usize,
 }
 
 /// The load of every shard's sessions, shared by the shards while they
@@ -491,6 +494,8 @@ struct Tally {
     records: usize,
     /// Sessions found expired.
     expired: usize,
+    /// Sessions loaded to end right after the start.
+    ending: usize,
 }
 
 impl SessionsLoad {
@@ -517,6 +522,7 @@ impl SessionsLoad {
         done.sessions += part.sessions;
         done.records += part.records;
         done.expired += part.expired;
+        done.ending += part.ending;
         if self.remaining.fetch_sub(1, Ordering::AcqRel) != 1 {
             return false;
         }
@@ -526,11 +532,12 @@ impl SessionsLoad {
             }
         }
         info!(
-            "persistence: {} persistent sessions from {} records of {} segments ({} expired while the broker was down) in {:?}",
+            "persistence: {} persistent sessions from {} records of {} segments ({} expired while the broker was down; {} ending: expired, loaded to end right after the start) in {:?}",
             done.sessions,
             done.records,
             done.read.len(),
             done.expired,
+            done.ending,
             self.started.elapsed()
         );
         true
@@ -703,6 +710,7 @@ mod tests {
                 sessions: picked.sessions.len(),
                 records: 0,
                 expired: picked.expired,
+                ending: picked.ending,
             };
             assert_eq!(load.finished(part), k == 1, "the last one removes");
             all.extend(picked.sessions);

@@ -175,6 +175,82 @@ fn acknowledged_retained_messages_survive_kill_9_with_interval_sync() {
     every_acknowledged_retained_message_survives_kill_9("interval");
 }
 
+/// Enough retained messages for the start to read their journal on two
+/// threads (`store::parallel` takes a second thread from 32,768 records
+/// on): with the QoS 1 one that ends them, 40,001.
+const MANY_RETAINED: usize = 40_000;
+
+#[test]
+fn many_retained_messages_load_on_two_threads_and_both_shards_hold_them_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = start(dir.path(), "");
+    let mut raw = Raw::connect(broker.port, "many-retainer");
+    let mut batch = Vec::new();
+    for n in 0..MANY_RETAINED {
+        let (topic, payload) = (format!("many/{n}"), n.to_string());
+        batch.extend(publish(
+            topic.as_bytes(),
+            payload.as_bytes(),
+            0,
+            true,
+            false,
+            0,
+        ));
+        if batch.len() >= 64 * 1024 {
+            raw.send(&batch);
+            batch.clear();
+        }
+    }
+    // One connection's updates reach shard 0's journal in order: the
+    // PUBACK of a QoS 1 one after them says they are all written.
+    batch.extend(publish(b"many/last", b"last", 1, true, false, 1));
+    raw.send(&batch);
+    assert_eq!(raw.expect_packet().bytes(), ack(0x40, 1));
+    drop(raw);
+    broker.signal(libc::SIGTERM);
+    assert!(broker.wait_exit(TIMEOUT).is_some_and(|s| s.success()));
+    drop(broker);
+    // Room for all of them in a subscriber's queue (1,000 by default).
+    let broker = start(dir.path(), "max_queued_messages = 100000");
+    let all = MANY_RETAINED + 1;
+    assert!(
+        broker
+            .wait_log(
+                |l| l.contains(&format!("{all} retained messages from {all} records"))
+                    && l.contains("on 2 threads"),
+                TIMEOUT
+            )
+            .is_some(),
+        "the journal read on two threads:\n{}",
+        broker.log_text()
+    );
+    for shard in 0..2 {
+        let line = broker.wait_log(
+            |l| {
+                l.contains(&format!(
+                    "shard {shard}: persistence: {all} retained messages loaded in"
+                ))
+            },
+            TIMEOUT,
+        );
+        assert!(
+            line.is_some(),
+            "shard {shard}'s line:\n{}",
+            broker.log_text()
+        );
+    }
+    for got in retained_on_both_shards(&broker, "many/#") {
+        assert_eq!(got.len(), all);
+        for n in [0, 1, MANY_RETAINED / 2, MANY_RETAINED - 1] {
+            assert_eq!(
+                got.get(&format!("many/{n}")),
+                Some(&n.to_string().into_bytes())
+            );
+        }
+        assert_eq!(got.get("many/last").map(Vec::as_slice), Some(&b"last"[..]));
+    }
+}
+
 #[test]
 fn retained_updates_and_deletes_survive_restarts_that_rewrite_nothing() {
     let dir = tempfile::tempdir().unwrap();
