@@ -22,6 +22,20 @@
 #
 # Usage: bench/cluster-fanout.sh [NODES] [SUBS] [MSGS] [SINGLE_SUBS]
 #   defaults: 6 nodes, 90000 subscribers, 200 messages, 15000 (one node).
+# PERSIST=off|ack|interval runs the persistence cost over the cluster
+# (issue 13) instead: the publisher alone on the first node
+# (`fanmq-bench fanout --publish-node`), the SUBS subscribers spread over
+# nodes 2..NODES with CleanSession 0 (persistent sessions) and QoS 1, MSGS
+# QoS 1 messages, so every delivery crosses NATS; every node with
+# persistence off (`off`) or on in its own directory under the temporary
+# directory with `persistence_sync` ack or interval. No single-node run
+# (SINGLE_SUBS is not used). It prints deliveries per broker CPU-second of
+# the receiving nodes and of all nodes (their CPU over the burst, from the
+# bench's `cpu_each_s`) and, on, the bytes the receiving nodes' persistence
+# directories hold after the run and the bytes they wrote to the disk
+# (`write_bytes` of /proc/PID/io over the whole run, connects included) per
+# delivery. JSON: fanout-cluster-persist-<PERSIST>-<NODES>x<SUBS/(NODES-1)>.json
+# with a .md note. Alternate the modes over runs of the script to compare.
 # PROFILE_DIR=DIR records a `perf record -g` profile of the second node (one
 # that receives from NATS) over the cluster run and of the single node over
 # its run, as DIR/receiving-node.perf.data and DIR/single-node.perf.data
@@ -43,6 +57,15 @@ single_subs=${4:-15000}
 fanmq=${FANMQ:-target/release/fanmq}
 bench=${FANMQ_BENCH:-target/release/fanmq-bench}
 nats=${NATS_SERVER:-$(command -v nats-server)}
+persist=${PERSIST:-}
+case "$persist" in
+    "" | off | ack | interval) ;;
+    *) echo "PERSIST must be off, ack or interval, not $persist" >&2; exit 1 ;;
+esac
+if [ -n "$persist" ] && [ "$nodes" -lt 2 ]; then
+    echo "PERSIST needs at least 2 nodes (the publisher's and a receiving one)" >&2
+    exit 1
+fi
 # Wall-clock bound of every process this script starts (s).
 limit=900
 # taskset prefixes of the brokers (nodes, nats-server) and of the bench.
@@ -107,6 +130,8 @@ start_node() {
 
 bench_flags=(--msgs "$msgs" --drain-timeout 30 --connect-timeout 300
              --source-addrs 127.0.0.10-127.0.0.29)
+# PERSIST: persistent QoS 1 subscribers, QoS 1 messages.
+[ -n "$persist" ] && bench_flags+=(--qos 1 --clean-session false)
 
 # The cluster.
 nats_port=$(free_port)
@@ -115,25 +140,56 @@ pids+=("$!")
 nats_pid=$(child_of "$!")
 pids+=("$nats_pid")
 wait_port "$nats_port"
+# Bytes node $1 (a pid) wrote to the disk so far (/proc/PID/io write_bytes:
+# pages it dirtied, written back since or not).
+disk_written() { awk '/^write_bytes:/ { print $2 }' "/proc/$1/io"; }
+# Bytes of the files under directory $1 (0 when there is none).
+dir_bytes() {
+    [ -d "$1" ] || { echo 0; return; }
+    find "$1" -type f -printf '%s\n' | awk '{ s += $1 } END { print s + 0 }'
+}
 node_list=() pid_list=() url_list=()
 for i in $(seq "$nodes"); do
     port=$(free_port); http=$(free_port)
-    start_node "n$i" "$port" "$http" --cluster-nats "nats://127.0.0.1:$nats_port" --node-name "n$i"
+    store=()
+    if [ -n "$persist" ] && [ "$persist" != off ]; then
+        mkdir -p "$work/store-n$i"
+        printf 'persistence_sync = "%s"\n' "$persist" >"$work/n$i.toml"
+        store=(--persistence-dir "$work/store-n$i" --config "$work/n$i.toml")
+    fi
+    start_node "n$i" "$port" "$http" --cluster-nats "nats://127.0.0.1:$nats_port" --node-name "n$i" \
+        "${store[@]}"
     node_list+=("127.0.0.1:$port"); pid_list+=("$node_pid"); url_list+=("http://127.0.0.1:$http/api/v1/stats")
 done
 join() { local IFS=,; echo "$*"; }
-cluster_stem="fanout-cluster-${nodes}x$((subs / nodes))"
+if [ -n "$persist" ]; then
+    # The subscribers on nodes 2..NODES, the publisher alone on the first.
+    cluster_stem="fanout-cluster-persist-${persist}-${nodes}x$((subs / (nodes - 1)))"
+    targets=(--nodes "$(join "${node_list[@]:1}")" --publish-node "${node_list[0]}")
+else
+    cluster_stem="fanout-cluster-${nodes}x$((subs / nodes))"
+    targets=(--nodes "$(join "${node_list[@]}")")
+fi
 single_stem="fanout-cluster-single-${single_subs}"
 n0=$(ticks "$nats_pid")
-node_ticks0=()
-for pid in "${pid_list[@]}"; do node_ticks0+=("$(ticks "$pid")"); done
+node_ticks0=() node_disk0=()
+for pid in "${pid_list[@]}"; do
+    node_ticks0+=("$(ticks "$pid")"); node_disk0+=("$(disk_written "$pid")")
+done
 start_profile "${pid_list[1]:-${pid_list[0]}}" receiving-node
 timeout "$limit" "${client_pin[@]}" "$bench" fanout --subs "$subs" "${bench_flags[@]}" \
-    --nodes "$(join "${node_list[@]}")" --broker-pid "$(join "${pid_list[@]}")" \
+    "${targets[@]}" --broker-pid "$(join "${pid_list[@]}")" \
     --stats-url "$(join "${url_list[@]}")" --wait-subscribers "$subs" \
-    --label "fanmq-${nodes}-nodes" --out "$out_dir/$cluster_stem.json"
+    --label "fanmq-${nodes}-nodes${persist:+-persist-$persist}" --out "$out_dir/$cluster_stem.json"
 n1=$(ticks "$nats_pid")
 stop_profile
+# Bytes each node wrote to the disk over the run, and what its persistence
+# directory holds after it (0 without one).
+node_disk=() node_store=()
+for i in "${!pid_list[@]}"; do
+    node_disk+=("$(( $(disk_written "${pid_list[$i]}") - node_disk0[i] ))")
+    node_store+=("$(dir_bytes "$work/store-n$((i + 1))")")
+done
 # Each node's CPU over the run (s): the publisher's node also reads the
 # publisher and sends to NATS, the others only receive and fan out.
 node_cpu=()
@@ -142,6 +198,44 @@ for i in "${!pid_list[@]}"; do
         'BEGIN { printf "%.2f", (b - a) / hz }')")
 done
 for pid in "${pid_list[@]}" "$nats_pid"; do kill "$pid" 2>/dev/null || true; done
+
+if [ -n "$persist" ]; then
+    python3 - "$out_dir" "$cluster_stem" "$nodes" "$msgs" "$persist" "$*" "$(join "${node_cpu[@]}")" \
+        "$(join "${node_disk[@]}")" "$(join "${node_store[@]}")" <<'EOF'
+import json, sys
+out, stem, nodes, msgs, mode, args = sys.argv[1:7]
+nodes, msgs = int(nodes), int(msgs)
+node_cpu, disk, store = (sys.argv[i].split(",") for i in (7, 8, 9))
+with open(f"{out}/{stem}.json") as f:
+    r = json.load(f)["runs"][0]
+f, b = r["fanout"], r["broker_usage"]
+each = b["cpu_each_s"]
+recv = sum(each[1:])
+delivered = f["delivered"]
+receivers = "node 2" if nodes == 2 else f"nodes 2-{nodes}"
+lines = [f"`PERSIST={mode} bench/cluster-fanout.sh {args}`".replace(" `", "`"), ""]
+lines.append(f"- persistence {mode}, {nodes} nodes: publisher on node 1, persistent QoS 1 "
+             f"subscribers on {receivers}, QoS 1 messages: {delivered} of {f['expected']} "
+             f"delivered, lost {f['lost']}")
+lines.append(f"- broker CPU over the burst (s), each node: "
+             + ", ".join(f"{c:.3f}" for c in each))
+lines.append(f"- deliveries per broker CPU-s: receiving nodes {delivered / recv:.0f}, "
+             f"all nodes {delivered / b['cpu_s']:.0f}")
+recv_disk = sum(int(d) for d in disk[1:])
+recv_store = sum(int(s) for s in store[1:])
+lines.append(f"- receiving nodes, per delivery: {recv_store / delivered:.1f} bytes in their "
+             f"persistence directories after the run, {recv_disk / delivered:.1f} bytes written "
+             f"to the disk over the run (write_bytes, connects included); node 1 wrote "
+             f"{int(disk[0])} bytes")
+lines.append("- CPU of each node over the whole run (s; the first holds the publisher): "
+             + ", ".join(node_cpu))
+text = "\n".join(lines) + "\n"
+print(text, end="")
+with open(f"{out}/{stem}.md", "w") as fh:
+    fh.write(text)
+EOF
+    exit 0
+fi
 
 # One node alone.
 port=$(free_port); http=$(free_port)

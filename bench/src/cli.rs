@@ -79,6 +79,12 @@ pub struct Opts {
     /// URL with --stats-url for --wait-subscribers.
     #[arg(long, value_delimiter = ',', conflicts_with_all = ["host", "ports"])]
     pub nodes: Vec<String>,
+    /// With --nodes: the node (`HOST:PORT`) the publisher connects to
+    /// instead of the first of --nodes. It gets no subscribers unless it is
+    /// also in --nodes, so every delivery crosses from it to another node
+    /// (the cost of messages that arrive from the cluster).
+    #[arg(long, requires = "nodes")]
+    pub publish_node: Option<String>,
     /// Several broker listener ports, comma-separated (e.g. `1883,1884`),
     /// instead of `--port`: subscribers are spread over every (source
     /// address, broker address:port) pair, and each pair has its own range
@@ -451,6 +457,27 @@ mod tests {
         for bad in ["0/2", "3/2", "2", "a/b", "1/0"] {
             assert!(parse_part(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn the_publish_node_needs_nodes() {
+        let parse =
+            |args: &[&str]| Cli::try_parse_from(["fanmq-bench", "fanout"].iter().chain(args));
+        let Ok(Cli {
+            cmd: Cmd::Fanout(o),
+            ..
+        }) = parse(&[
+            "--nodes",
+            "127.0.0.1:2,127.0.0.1:3",
+            "--publish-node",
+            "127.0.0.1:1",
+        ])
+        else {
+            panic!("--publish-node with --nodes is refused");
+        };
+        assert_eq!(o.publish_node.as_deref(), Some("127.0.0.1:1"));
+        assert_eq!(o.nodes, ["127.0.0.1:2", "127.0.0.1:3"]);
+        assert!(parse(&["--publish-node", "127.0.0.1:1"]).is_err());
     }
 
     #[test]

@@ -37,12 +37,16 @@ pub const TRACK_MSGS: u64 = 2_000_000;
 /// The broker's CPU seconds so far, summed over its processes (`None`
 /// without a pid, or once one of them is gone).
 pub fn cpu_of(pids: &[u32]) -> Option<f64> {
+    cpu_each(pids).map(|each| each.iter().sum())
+}
+
+/// Each of the broker's processes' CPU seconds so far, in the order of
+/// `pids` (`None` without a pid, or once one of them is gone).
+pub fn cpu_each(pids: &[u32]) -> Option<Vec<f64>> {
     if pids.is_empty() {
         return None;
     }
-    pids.iter()
-        .map(|&p| procfs::cpu_seconds(p).ok())
-        .sum::<Option<f64>>()
+    pids.iter().map(|&p| procfs::cpu_seconds(p).ok()).collect()
 }
 
 /// The load generator's CPU use over a phase of `wall_s` seconds: each
@@ -99,6 +103,10 @@ pub struct PhaseRun {
     pub published: Published,
     /// The broker CPU window (before, after, wall ns).
     pub window: CpuWindow,
+    /// Each broker process's CPU seconds over the window, in the order of
+    /// `--broker-pid` (empty when not measured): with several nodes, which
+    /// of them did the work.
+    pub cpu_each_s: Vec<f64>,
     /// The broker's RSS every [`RSS_PERIOD`] over the phase (bytes).
     pub broker_rss: Vec<u64>,
 }
@@ -135,7 +143,7 @@ pub fn publish_phase(
     };
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicBool::new(false));
-    let c0 = cpu_of(&t.pids);
+    let c0 = cpu_each(&t.pids);
     let w0 = stats::monotonic_ns();
     let sampler = procfs::RssSampler::start(&t.pids, RSS_PERIOD);
     let deadline = w0 + phase.limit_ns;
@@ -156,7 +164,7 @@ pub fn publish_phase(
         |_| done.load(Ordering::Relaxed),
     );
     stop.store(true, Ordering::Relaxed);
-    let c1 = cpu_of(&t.pids);
+    let c1 = cpu_each(&t.pids);
     let w1 = stats::monotonic_ns();
     let broker_rss = sampler.finish();
     waited?;
@@ -165,9 +173,17 @@ pub fn publish_phase(
         "published {} of {} messages",
         published.sent, phase.msgs
     ));
+    let (window, cpu_each_s) = match c0.zip(c1) {
+        Some((a, b)) => {
+            let each = a.iter().zip(&b).map(|(x, y)| y - x).collect();
+            (Some((a.iter().sum(), b.iter().sum(), w1 - w0)), each)
+        }
+        None => (None, Vec::new()),
+    };
     Ok(PhaseRun {
         published,
-        window: c0.zip(c1).map(|(a, b)| (a, b, w1 - w0)),
+        window,
+        cpu_each_s,
         broker_rss,
     })
 }
@@ -430,5 +446,11 @@ mod tests {
         assert!(one > 0.0 && two >= 2.0 * one, "{one} {two}");
         // A process that is gone makes the sum unknown, not smaller.
         assert_eq!(cpu_of(&[me, u32::MAX]), None);
+        assert_eq!(cpu_each(&[me, u32::MAX]), None);
+        assert_eq!(cpu_each(&[]), None);
+        let each = cpu_each(&[me, me]).expect("own CPU twice");
+        assert_eq!(each.len(), 2);
+        // In the order read, each at least `one`.
+        assert!(each[0] >= one && each[1] >= each[0], "{one} {each:?}");
     }
 }

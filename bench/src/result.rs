@@ -348,6 +348,11 @@ pub struct BrokerUsage {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pids: Vec<u32>,
     pub cpu_s: f64,
+    /// With several processes (`pids`), each one's share of `cpu_s` in
+    /// their order: which node of a cluster did the work (fan-out only;
+    /// empty for one process, other scenarios and older files).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cpu_each_s: Vec<f64>,
     pub wall_s: f64,
     /// cpu_s / wall_s: 1.0 = one core busy.
     pub cores_busy: f64,

@@ -56,9 +56,12 @@ pub fn run(kind: Kind, mut o: Opts, raw: bool) -> Result<(), String> {
         let listeners = if o.nodes.is_empty() {
             listeners_of(&o)?
         } else {
-            nodes_of(&o.nodes)?
+            nodes_of("--nodes", &o.nodes)?
         };
-        let addr = *listeners.first().ok_or("--host names no address")?;
+        let addr = match &o.publish_node {
+            Some(node) => nodes_of("--publish-node", std::slice::from_ref(node))?[0],
+            None => *listeners.first().ok_or("--host names no address")?,
+        };
         if !listeners.iter().all(net::is_loopback) && o.host.is_none() && o.nodes.is_empty() {
             return Err(format!("{addr} is not loopback; name it with --host"));
         }
@@ -202,19 +205,19 @@ fn listeners_of(o: &Opts) -> Result<Vec<std::net::SocketAddr>, String> {
     Ok(listeners)
 }
 
-/// The `--nodes` list, each `HOST:PORT` (an IPv6 host in brackets:
-/// `[::1]:1883`).
-fn nodes_of(nodes: &[String]) -> Result<Vec<std::net::SocketAddr>, String> {
+/// The `--nodes` list (or `--publish-node`, named by `option` in errors),
+/// each `HOST:PORT` (an IPv6 host in brackets: `[::1]:1883`).
+fn nodes_of(option: &str, nodes: &[String]) -> Result<Vec<std::net::SocketAddr>, String> {
     nodes
         .iter()
         .map(|n| {
             let (host, port) = n
                 .trim()
                 .rsplit_once(':')
-                .ok_or_else(|| format!("--nodes: {n:?} is not HOST:PORT"))?;
+                .ok_or_else(|| format!("{option}: {n:?} is not HOST:PORT"))?;
             let port: u16 = port
                 .parse()
-                .map_err(|_| format!("--nodes: {n:?} has no valid port"))?;
+                .map_err(|_| format!("{option}: {n:?} has no valid port"))?;
             let host = host.trim_start_matches('[').trim_end_matches(']');
             net::resolve(host, port).map_err(|e| e.to_string())
         })
@@ -259,12 +262,14 @@ mod tests {
     #[test]
     fn nodes_are_host_port_pairs_in_order() {
         let nodes = ["127.0.0.1:1883".to_owned(), " [::1]:1884".to_owned()];
-        let addrs = nodes_of(&nodes).expect("valid nodes");
+        let addrs = nodes_of("--nodes", &nodes).expect("valid nodes");
         assert_eq!(addrs[0], "127.0.0.1:1883".parse().expect("addr"));
         assert_eq!(addrs[1], "[::1]:1884".parse().expect("addr"));
         for bad in ["127.0.0.1", "127.0.0.1:port", "127.0.0.1:70000"] {
-            let err = nodes_of(&[bad.to_owned()]).expect_err(bad);
+            let err = nodes_of("--nodes", &[bad.to_owned()]).expect_err(bad);
             assert!(err.contains("--nodes"), "{bad}: {err}");
+            let err = nodes_of("--publish-node", &[bad.to_owned()]).expect_err(bad);
+            assert!(err.contains("--publish-node"), "{bad}: {err}");
         }
     }
 }

@@ -262,6 +262,8 @@ pub fn run(kind: Kind, o: &Opts, t: &Target, round: u32) -> Result<RunResult, Sc
     // Sequence number after the last message of the final phase.
     let mut finish_seq = 0;
     let mut broker_window: CpuWindow = None;
+    // Each broker process's share of the window (fan-out).
+    let mut cpu_each_s = Vec::new();
     // The broker's RSS over the fan-out phase.
     let mut broker_rss = Vec::new();
     // The latency scenario measures its generator over its final run.
@@ -299,6 +301,7 @@ pub fn run(kind: Kind, o: &Opts, t: &Target, round: u32) -> Result<RunResult, Sc
             published = pubd.sent;
             finish_seq = pubd.sent;
             broker_window = run.window;
+            cpu_each_s = run.cpu_each_s;
             broker_rss = run.broker_rss;
             if pubd.sent < o.msgs {
                 result.notes.push(format!(
@@ -483,6 +486,11 @@ pub fn run(kind: Kind, o: &Opts, t: &Target, round: u32) -> Result<RunResult, Sc
                 Vec::new()
             },
             cpu_s: cpu,
+            cpu_each_s: if t.pids.len() > 1 {
+                cpu_each_s
+            } else {
+                Vec::new()
+            },
             wall_s: wall as f64 / 1e9,
             cores_busy: cpu / (wall as f64 / 1e9).max(1e-9),
             rss_bytes: rss_of(&t.pids).unwrap_or(0),

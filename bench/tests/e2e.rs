@@ -255,6 +255,61 @@ fn fanout_against_fanmq_loses_nothing() {
     );
 }
 
+/// `--publish-node`: the publisher connects there, not to the first of
+/// `--nodes` (a dead port there fails the run; the subscribers on the
+/// broker's port do not help it), and `cpu_each_s` holds each
+/// `--broker-pid`'s share of the broker CPU.
+#[test]
+fn the_publisher_goes_to_the_publish_node_and_each_node_cpu_is_reported() {
+    let Some(bin) = fanmq_bin() else { return };
+    let (broker, port) = start_fanmq(&bin);
+    let node = format!("127.0.0.1:{port}");
+    let pid = broker.0.id().to_string();
+    let pids = format!("{pid},{pid}");
+    let r = tiny_fanout(
+        &port.to_string(),
+        &[
+            "--nodes",
+            &node,
+            "--publish-node",
+            &node,
+            "--broker-pid",
+            &pids,
+        ],
+    );
+    let usage = &r["runs"][0]["broker_usage"];
+    let each: Vec<f64> = usage["cpu_each_s"]
+        .as_array()
+        .expect("cpu_each_s with two pids")
+        .iter()
+        .map(|c| c.as_f64().expect("seconds"))
+        .collect();
+    assert_eq!(each.len(), 2, "{usage}");
+    let sum: f64 = each.iter().sum();
+    let total = usage["cpu_s"].as_f64().expect("cpu_s");
+    assert!((sum - total).abs() < 1e-6, "{each:?} against {total}");
+    // Nothing listens on `dead`: the publisher cannot connect.
+    let dead = format!("127.0.0.1:{}", free_port());
+    let status = Command::new(BENCH)
+        .args(TINY_FANOUT)
+        .args([
+            "--nodes",
+            &node,
+            "--publish-node",
+            &dead,
+            "--drain-timeout",
+            "1",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("running fanmq-bench");
+    assert!(
+        !status.success(),
+        "a run whose publisher cannot connect succeeded"
+    );
+}
+
 /// MQTT 5.0 subscribers (all, and half of them) and publisher against
 /// fanmq, with and without Topic Alias Maximum: nothing lost, the protocol
 /// in the results, and the aliased deliveries fewer bytes each.
