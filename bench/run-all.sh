@@ -65,7 +65,7 @@ run fanout-paced-10k fanout --subs 10000 --msgs 100 --rate 20 --duration 60 --ro
   --compare $(peers fanmq flashmq mosquitto rumqttd raw) "${pin[@]}"
 run fanout-qos1-10k fanout --subs 10000 --msgs 50 --qos 1 --duration 120 --rounds 2 --drain-timeout 30 \
   --compare $(peers fanmq flashmq mosquitto rumqttd) "${pin[@]}"
-run fanout-filter-10k fanout --subs 10000 --msgs 500 --filter 'bench/+' --duration 120 \
+run fanout-filter-10k fanout --subs 10000 --msgs 500 --filter 'bench/+' --duration 120 --rounds 2 --drain-timeout 30 \
   --compare $(peers fanmq flashmq mosquitto rumqttd) "${pin[@]}"
 # Browser-style subscribers: MQTT over WebSocket, plain and over TLS (the
 # bench's own test certificate), against FlashMQ's websockets listener.
