@@ -156,7 +156,10 @@ impl Nats {
     }
 
     /// Sends `signal` to the running server (SIGSTOP: its connections stay
-    /// open and nothing on them is answered; SIGCONT: it goes on).
+    /// open and nothing on them is answered, once every thread of it has
+    /// stopped, which this waits for: a thread still running a moment after
+    /// the signal answered a claim made right after it; SIGCONT: it goes
+    /// on).
     fn signal(&self, signal: i32) {
         let Some(child) = &self.child else {
             panic!("nats-server is not running");
@@ -164,6 +167,9 @@ impl Nats {
         // SAFETY: kill has no memory-safety preconditions.
         let rc = unsafe { libc::kill(child.id() as libc::pid_t, signal) };
         assert_eq!(rc, 0, "kill failed");
+        if signal == libc::SIGSTOP {
+            wait_stopped(child.id());
+        }
     }
 
     /// Kills the server (SIGKILL: no goodbye to its clients).
