@@ -1816,6 +1816,30 @@ fn race_to_one<S: std::fmt::Debug>(
     open
 }
 
+/// [`race_to_one`] for racing CONNECTs: each either keeps its connection
+/// or is closed (with or without a CONNACK first); within the timeout
+/// exactly one is left, acknowledged by CONNACK 0 (Session Present 1 too
+/// where `present` allows it). Its index.
+fn race_to_connack(clients: &mut [Raw], round: usize, present: bool) -> usize {
+    let mut acked = vec![false; clients.len()];
+    let open = race_to_one(
+        clients,
+        &mut acked,
+        |acked, i, p| {
+            let b = p.bytes();
+            assert!(
+                b == [0x20, 2, 0, 0] || (present && b == [0x20, 2, 1, 0]),
+                "round {round}: {b:?}"
+            );
+            acked[i] = true;
+        },
+        |acked, i| acked[i],
+    );
+    open.iter()
+        .position(|o| *o)
+        .unwrap_or_else(|| panic!("round {round}: none left"))
+}
+
 #[test]
 fn racing_connects_of_one_client_id_on_two_nodes_leave_one_owner() {
     let Some(nats) = Nats::start("cluster race") else {
@@ -1830,28 +1854,9 @@ fn racing_connects_of_one_client_id_on_two_nodes_leave_one_owner() {
         let on_a = std::thread::spawn(move || Raw::send_connect(pa, &ca));
         let on_b = std::thread::spawn(move || Raw::send_connect(pb, &cb));
         let mut clients = [on_a.join().unwrap(), on_b.join().unwrap()];
-        // Each either keeps its connection or is closed (with or without
-        // a CONNACK first); within the timeout exactly one is left.
-        let mut acked = [false, false];
-        let open = race_to_one(
-            &mut clients,
-            &mut acked,
-            |acked, i, p| {
-                // Session Present 0, or 1 when it took over the other's
-                // just-made session.
-                let b = p.bytes();
-                assert!(
-                    b == [0x20, 2, 0, 0] || b == [0x20, 2, 1, 0],
-                    "round {round}: {b:?}"
-                );
-                acked[i] = true;
-            },
-            |acked, i| acked[i],
-        );
-        let winner = open
-            .iter()
-            .position(|o| *o)
-            .unwrap_or_else(|| panic!("round {round}: none left"));
+        // Session Present 0, or 1 when it took over the other's just-made
+        // session.
+        let winner = race_to_connack(&mut clients, round, true);
         let [ca, cb] = clients;
         let (mut alive, nodes) = if winner == 0 {
             (ca, [&a, &b])
@@ -1907,25 +1912,8 @@ fn racing_connects_of_one_client_id_on_one_node_leave_the_survivor_its_record() 
             .collect();
         let mut clients: Vec<Raw> = racers.into_iter().map(|r| r.join().unwrap()).collect();
         drop(holder);
-        let mut acked = vec![false; clients.len()];
-        let open = race_to_one(
-            &mut clients,
-            &mut acked,
-            |acked, i, p| {
-                // Session Present 1 for a persistent session taken over.
-                let b = p.bytes();
-                assert!(
-                    b == [0x20, 2, 0, 0] || (!clean && b == [0x20, 2, 1, 0]),
-                    "round {round}: {b:?}"
-                );
-                acked[i] = true;
-            },
-            |acked, i| acked[i],
-        );
-        let winner = open
-            .iter()
-            .position(|o| *o)
-            .unwrap_or_else(|| panic!("round {round}: none left"));
+        // Session Present 1 for a persistent session taken over.
+        let winner = race_to_connack(&mut clients, round, !clean);
         let mut alive = clients.swap_remove(winner);
         alive.ping();
         let deadline = Instant::now() + TIMEOUT;
