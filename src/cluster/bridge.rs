@@ -508,9 +508,7 @@ async fn interest_loop(bridge: Shared, changes: async_channel::Receiver<Control>
             Control::Interest(change) => {
                 let _ = interest.send(change).await;
             }
-            Control::Claim(request) => {
-                tokio::task::spawn_local(ownership::claim(bridge.clone(), request));
-            }
+            Control::Claim(request) => ownership::start_claim(&bridge, request),
             Control::Released {
                 client_id,
                 shard,

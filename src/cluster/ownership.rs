@@ -196,6 +196,9 @@ pub(super) struct Tables {
     answering: HashMap<ByteString, u32>,
     /// Persistent sessions restored from the store, to re-assert.
     restored: Vec<Restored>,
+    /// The claims of each id this node is deciding, in the order they
+    /// reached the bridge: only the newest takes the ownership.
+    claiming: Claiming,
 }
 
 impl Default for Tables {
@@ -210,6 +213,7 @@ impl Default for Tables {
             handing: HashSet::new(),
             answering: HashMap::new(),
             restored: Vec::new(),
+            claiming: Claiming::default(),
         }
     }
 }
@@ -225,6 +229,52 @@ pub(super) struct Restored {
     token: u64,
     /// Its subscriptions' image.
     image: Option<Bytes>,
+}
+
+/// The claims of each client id that the bridge is deciding, numbered in
+/// the order they reached it. A shard asks the bridge only while its claim
+/// holds the id on the node (`shard::registry`), and a later claim of the
+/// id on the node asks only once that one is superseded: so, of one id's
+/// claims, the one that reached the bridge last is the node's newest, the
+/// one that holds (or is to hold) the session. Two such claims race in the
+/// bucket (each finds the record this node's once the other wrote it);
+/// only the newest may then take the ownership ([`Owned`]): an older one
+/// taking it would leave the live session's release and subscriptions
+/// writes matching nobody.
+#[derive(Debug, Default)]
+pub(super) struct Claiming {
+    /// Per id: how many of its claims are being decided, and the number of
+    /// the last one received.
+    ids: HashMap<ByteString, (u32, u64)>,
+    /// The number of the next claim received.
+    next: u64,
+}
+
+impl Claiming {
+    /// A claim of `client_id` reached the bridge: its number.
+    fn received(&mut self, client_id: &ByteString) -> u64 {
+        self.next += 1;
+        let entry = self.ids.entry(client_id.clone()).or_insert((0, 0));
+        *entry = (entry.0 + 1, self.next);
+        self.next
+    }
+
+    /// Whether claim `number` of `client_id` is the last one received.
+    fn newest(&self, client_id: &str, number: u64) -> bool {
+        self.ids
+            .get(client_id)
+            .is_none_or(|&(_, last)| last == number)
+    }
+
+    /// A claim of `client_id` was decided.
+    fn decided(&mut self, client_id: &str) {
+        if let Some(entry) = self.ids.get_mut(client_id) {
+            entry.0 = entry.0.saturating_sub(1);
+            if entry.0 == 0 {
+                self.ids.remove(client_id);
+            }
+        }
+    }
 }
 
 /// The subscriptions bucket's name under cluster root `root`: per
@@ -438,9 +488,25 @@ enum Asked {
     Silent,
 }
 
-/// Decides a claim and answers it.
-pub(super) async fn claim(bridge: Shared, request: ClaimRequest) {
-    let answer = decide(&bridge, &request).await;
+/// Starts deciding a claim (in a task of its own), numbered in the order
+/// claims reach the bridge ([`Claiming`]).
+pub(super) fn start_claim(bridge: &Shared, request: ClaimRequest) {
+    let number = bridge
+        .borrow_mut()
+        .ownership
+        .claiming
+        .received(&request.client_id);
+    tokio::task::spawn_local(claim(bridge.clone(), request, number));
+}
+
+/// Decides claim `number` and answers it.
+async fn claim(bridge: Shared, request: ClaimRequest, number: u64) {
+    let answer = decide(&bridge, &request, number).await;
+    bridge
+        .borrow_mut()
+        .ownership
+        .claiming
+        .decided(&request.client_id);
     let status = bridge.borrow().status.clone();
     let f = &status.figures;
     match &answer {
@@ -494,7 +560,7 @@ async fn pause(deadline: Instant) {
 /// Works out who owns the id now, taking it over where needed, by the
 /// request's deadline (every KV call and the wait on the previous owner
 /// cut off there): past it, [`ClaimAnswer::Unavailable`].
-async fn decide(bridge: &Shared, request: &ClaimRequest) -> ClaimAnswer {
+async fn decide(bridge: &Shared, request: &ClaimRequest, number: u64) -> ClaimAnswer {
     let deadline = request.deadline;
     let (client, root, node, incarnation, status, mode, timeout) = {
         let b = bridge.borrow();
@@ -526,6 +592,11 @@ async fn decide(bridge: &Shared, request: &ClaimRequest) -> ClaimAnswer {
                             request.client_id
                         );
                         let mut b = bridge.borrow_mut();
+                        if !b.ownership.claiming.newest(&request.client_id, number) {
+                            // Superseded on this node: the later claim's
+                            // grant is the one recorded.
+                            return ClaimAnswer::Granted(None);
+                        }
                         // The session granted here is newer than a state
                         // kept for an earlier claim, which no one may give
                         // any more.
@@ -585,7 +656,7 @@ async fn decide(bridge: &Shared, request: &ClaimRequest) -> ClaimAnswer {
             Ok(revision) => {
                 // A state kept for an earlier claim stood for a record
                 // that is gone (its session ended): dropped.
-                own(bridge, request, revision);
+                own(bridge, request, number, revision);
                 return ClaimAnswer::Granted(state.map(|s| s.image));
             }
             Err(e) if e.kind() == CreateErrorKind::AlreadyExists => {}
@@ -637,7 +708,7 @@ async fn decide(bridge: &Shared, request: &ClaimRequest) -> ClaimAnswer {
                         continue;
                     }
                 }
-                let kept = own(bridge, request, entry.revision);
+                let kept = own(bridge, request, number, entry.revision);
                 if state.is_some() {
                     return ClaimAnswer::Granted(state.map(|s| s.image));
                 }
@@ -735,7 +806,7 @@ async fn decide(bridge: &Shared, request: &ClaimRequest) -> ClaimAnswer {
         };
         match updated {
             Ok(revision) => {
-                let kept = own(bridge, request, revision);
+                let kept = own(bridge, request, number, revision);
                 if kept.is_some() && kept == state {
                     status
                         .figures
@@ -776,11 +847,21 @@ fn alive(bridge: &Shared, name: &str) -> bool {
     }
 }
 
-/// Records that the claim of `request` owns its id at `revision`, and
-/// takes out what was kept for the id ([`Tables::kept`]): whatever this
-/// grant brings is the session's state from now on.
-fn own(bridge: &Shared, request: &ClaimRequest, revision: u64) -> Option<Kept> {
+/// Records that the claim of `request` (number `number`) owns its id at
+/// `revision`, and takes out what was kept for the id ([`Tables::kept`]):
+/// whatever this grant brings is the session's state from now on. Unless
+/// a later claim of the id reached the bridge meanwhile ([`Claiming`]):
+/// this one is superseded on the node (its shard drops the grant), and the
+/// ownership and the kept state are the later one's.
+fn own(bridge: &Shared, request: &ClaimRequest, number: u64, revision: u64) -> Option<Kept> {
     let mut b = bridge.borrow_mut();
+    if !b.ownership.claiming.newest(&request.client_id, number) {
+        debug!(
+            "cluster: claim of {:?} superseded on this node: the ownership stays a later claim's",
+            request.client_id
+        );
+        return None;
+    }
     b.ownership.unregistered.remove(&request.client_id);
     b.owned.insert(
         request.client_id.clone(),
@@ -1584,6 +1665,35 @@ mod tests {
             pause(start + Duration::from_millis(20)).await;
             assert!(start.elapsed() < RETRY, "{:?}", start.elapsed());
         });
+    }
+
+    /// Of one id's claims being decided, only the last received is the
+    /// newest, also once it is decided while an older one is not (the
+    /// older one's late grant must not take the ownership); an id's entry
+    /// goes with its last claim, and other ids are apart.
+    #[test]
+    fn only_the_last_claim_of_an_id_received_is_its_newest() {
+        let mut claiming = Claiming::default();
+        let (a, b) = (ByteString::from("a"), ByteString::from("b"));
+        let older = claiming.received(&a);
+        assert!(claiming.newest(&a, older));
+        let newer = claiming.received(&a);
+        let other = claiming.received(&b);
+        assert!(!claiming.newest(&a, older));
+        assert!(claiming.newest(&a, newer) && claiming.newest(&b, other));
+        claiming.decided(&a);
+        assert!(
+            !claiming.newest(&a, older),
+            "the newer one was decided first"
+        );
+        claiming.decided(&a);
+        assert!(!claiming.ids.contains_key("a"), "nothing left for a");
+        assert!(claiming.newest(&b, other));
+        claiming.decided(&b);
+        assert!(claiming.ids.is_empty());
+        // A claim decided with no entry (never counted) changes nothing.
+        claiming.decided(&a);
+        assert!(claiming.ids.is_empty());
     }
 
     #[test]

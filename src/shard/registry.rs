@@ -209,7 +209,11 @@ pub async fn claim(
     let started = Instant::now();
     let in_cluster = ctx.shard.borrow().cluster.is_some();
     let token = claim_on_node(ctx, client_id.clone(), clean_session).await?;
-    if !in_cluster {
+    // A claim superseded before its connection task ran asks the cluster
+    // nothing: the bridge takes the last claim of an id it receives for
+    // the node's newest (`cluster::ownership`), so only a claim that holds
+    // the id on the node may ask.
+    if !in_cluster || superseded(&ctx.shard.borrow(), token) {
         return match take_outcome(&mut ctx.shard.borrow_mut(), token) {
             Outcome::Granted(state) => Ok((token, state)),
             Outcome::Superseded => Err(RegistryError::Superseded),
@@ -324,6 +328,16 @@ pub async fn claim_on_node_within(
         return Err(token);
     }
     Ok(token)
+}
+
+/// Whether this shard's claim `token` lost its id to a later claim (gone:
+/// superseded too).
+fn superseded(shard: &Shard, token: u64) -> bool {
+    shard
+        .registry
+        .claims
+        .get(&token)
+        .is_none_or(|c| matches!(c.outcome, Some(Outcome::Superseded)))
 }
 
 /// Takes the outcome of this shard's answered claim `token` (gone:
@@ -890,6 +904,23 @@ mod tests {
                 cluster: None,
             },
         );
+    }
+
+    /// A claim answered on the node and superseded before its connection
+    /// task ran counts as superseded (it then asks the cluster nothing:
+    /// the bridge takes the last claim of an id it gets for the newest);
+    /// the claim that took the id, and a gone one's, are told apart.
+    #[test]
+    fn a_claim_superseded_before_its_task_ran_is_told_so() {
+        let mut shard = shard();
+        pending(&mut shard, "raced", 1);
+        shard.home_claim(ByteString::from("raced"), 0, 1, true);
+        assert!(!superseded(&shard, 1), "granted on the node");
+        pending(&mut shard, "raced", 2);
+        shard.home_claim(ByteString::from("raced"), 0, 2, true);
+        assert!(superseded(&shard, 1), "the later claim took the id");
+        assert!(!superseded(&shard, 2));
+        assert!(superseded(&shard, 3), "no such claim");
     }
 
     #[test]
