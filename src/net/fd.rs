@@ -45,22 +45,8 @@ pub fn reset_on_close(fd: RawFd) {
         l_onoff: 1,
         l_linger: 0,
     };
-    // SAFETY: `fd` is an open socket owned by the caller; the option value
-    // is a valid `linger` of the size passed.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&linger as *const libc::linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        debug!(
-            "SO_LINGER on a shed connection failed: {}",
-            std::io::Error::last_os_error()
-        );
+    if let Err(e) = set_socket_option(fd, libc::SO_LINGER, &linger) {
+        debug!("SO_LINGER on a shed connection failed: {e}");
     }
 }
 
@@ -74,17 +60,19 @@ pub fn reset_on_close(fd: RawFd) {
 /// The socket is gone or not TCP.
 pub fn set_receive_low_water(fd: RawFd, bytes: u32) -> io::Result<()> {
     let value = libc::c_int::try_from(bytes.max(1)).unwrap_or(libc::c_int::MAX);
-    // SAFETY: `fd` is an open socket of the caller's, borrowed for this
-    // call; the option value is a valid `c_int` of the size passed.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_RCVLOWAT,
-            (&value as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
+    set_socket_option(fd, libc::SO_RCVLOWAT, &value)
+}
+
+/// Sets the SOL_SOCKET option `name` of socket `fd` to `value`, whose type
+/// is the one the option takes (`c_int`, `linger`).
+fn set_socket_option<T>(fd: RawFd, name: libc::c_int, value: &T) -> io::Result<()> {
+    let size = libc::socklen_t::try_from(std::mem::size_of::<T>())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: `fd` is a socket of the caller's, borrowed for this call (a
+    // closed one is refused with EBADF); `value` points at `size` valid
+    // bytes of the type the option takes.
+    let rc =
+        unsafe { libc::setsockopt(fd, libc::SOL_SOCKET, name, (value as *const T).cast(), size) };
     if rc == 0 {
         Ok(())
     } else {
