@@ -17,6 +17,13 @@
 //! after accept, counted, and logged at most once per
 //! [`crate::observe::log_limit::LOG_INTERVAL`] per kind ([`crate::observe::log_limit`]).
 //!
+//! The connections already queued are taken with `accept4` on the
+//! listener, made non-blocking ([`crate::net::fd::accept`]): one system
+//! call each, the socket owned from the start. Only when the queue is
+//! empty does the loop wait, in glommio's accept (io_uring), whose stream
+//! hands its socket over with one duplicate
+//! ([`crate::connection::accepted_stream`]).
+//!
 //! An accepted socket whose client has not written yet gets no task: it
 //! waits in the shard's epoll set ([`crate::connection::accepted`]) until
 //! its first bytes arrive.
@@ -33,18 +40,19 @@
 
 use std::cell::RefCell;
 use std::net::SocketAddr;
-use std::os::fd::{FromRawFd, IntoRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use glommio::net::TcpListener;
-use log::debug;
+use log::{debug, warn};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::connection;
 use crate::net::admission::{self, AddressRates, ConnectionCounts, ConnectionSlot, TokenBucket};
+use crate::net::fd;
 use crate::net::proxy::{self, Origin};
 use crate::net::transport::Acceptor;
 use crate::observe::log_limit::LogKind::{
@@ -133,23 +141,58 @@ pub async fn accept_loop(
     // SAFETY: `fd` is a listening socket created by `bind` and handed to
     // exactly this shard; the listener takes ownership and closes it.
     let listener = unsafe { TcpListener::from_raw_fd(fd) };
+    // Non-blocking, for `fd::accept`'s loop. glommio's accept, which waits
+    // when the queue is empty, keeps the flag as it finds it (its io_uring
+    // accept waits for a connection either way).
+    if let Err(e) = fd::set_nonblocking(fd) {
+        warn!(
+            "shard {}: listener {addr}: cannot make it non-blocking ({e})",
+            ctx.id
+        );
+        return;
+    }
     let config = ctx.shard.borrow().config.clone();
     let max = config.max_connections;
     // Shared with the tasks that read PROXY protocol headers (one shard,
     // one thread; never borrowed across an await).
     let limits = Rc::new(RefCell::new(AcceptLimits::new(&config, ctx.nr_shards)));
     loop {
-        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
-            wait_for_shutdown(&ctx).await;
-            None
-        })
-        .await;
-        let Some(accepted) = accepted else {
+        if ctx.shard.borrow().shutting_down {
             debug!("shard {}: listener {addr} closed", ctx.id);
             return;
+        }
+        // The connections already queued are taken with `accept4`, one
+        // system call each; only when none is left does the loop wait, in
+        // glommio's accept (io_uring), which hands over the next one.
+        let accepted = match fd::accept(fd) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                let waited =
+                    futures_lite::future::or(async { Some(listener.accept().await) }, async {
+                        wait_for_shutdown(&ctx).await;
+                        None
+                    })
+                    .await;
+                match waited {
+                    None => {
+                        debug!("shard {}: listener {addr} closed", ctx.id);
+                        return;
+                    }
+                    Some(Ok(stream)) => Ok(Accepted::Stream(stream)),
+                    // Nothing after all (the listener is non-blocking):
+                    // look again.
+                    Some(Err(glommio::GlommioError::IoError(e)))
+                        if e.kind() == std::io::ErrorKind::WouldBlock =>
+                    {
+                        continue;
+                    }
+                    Some(Err(e)) => Err(std::io::Error::from(e)),
+                }
+            }
+            Ok(socket) => Ok(Accepted::Socket(socket)),
+            Err(e) => Err(e),
         };
         match accepted {
-            Ok(stream) => {
+            Ok(socket) => {
                 {
                     let mut shard = ctx.shard.borrow_mut();
                     shard.stats.connections_accepted += 1;
@@ -159,14 +202,15 @@ pub async fn accept_loop(
                     // Counted per address once the header names the client.
                     0
                 } else {
-                    let admitted = limits
-                        .borrow_mut()
-                        .admit_socket(&ctx, &stream, addr, &counts);
+                    let admitted =
+                        limits
+                            .borrow_mut()
+                            .admit_socket(&ctx, socket.raw_fd(), addr, &counts);
                     match admitted {
                         Ok(key) => key,
                         Err(refused) => {
                             debug!("shard {}: connection closed at accept: {refused}", ctx.id);
-                            drop(stream);
+                            drop(socket);
                             continue;
                         }
                     }
@@ -182,14 +226,14 @@ pub async fn accept_loop(
                         warn,
                         "max_connections ({max}) reached: refusing new connections"
                     );
-                    drop(stream);
+                    drop(socket);
                     continue;
                 }
                 let slot = ConnectionSlot(counts.clone());
                 if acceptor.proxy_protocol {
                     glommio::spawn_local(serve_proxied(
                         ctx.clone(),
-                        stream,
+                        socket.into_stream(),
                         addr,
                         acceptor.clone(),
                         slot,
@@ -198,7 +242,19 @@ pub async fn accept_loop(
                     .detach();
                     continue;
                 }
-                connection::accepted(&ctx, stream, &acceptor, slot, ip_key);
+                match socket {
+                    Accepted::Socket(socket) => {
+                        connection::accepted(&ctx, socket, &acceptor, slot, ip_key);
+                    }
+                    Accepted::Stream(tcp) => {
+                        connection::accepted_stream(&ctx, tcp, &acceptor, slot, ip_key);
+                    }
+                }
+                if glommio::executor().need_preempt() {
+                    // A long queue of connections: let the shard's other
+                    // tasks (these connections' handshakes) run too.
+                    futures_lite::future::yield_now().await;
+                }
             }
             Err(e) => {
                 let exhausted = matches!(
@@ -220,6 +276,33 @@ pub async fn accept_loop(
                     glommio::timer::sleep(ACCEPT_ERROR_BACKOFF).await;
                 }
             }
+        }
+    }
+}
+
+/// A connection as the accept loop got it: its own socket (`fd::accept`),
+/// or glommio's stream (from its accept, when the loop had to wait).
+enum Accepted {
+    /// Taken with `accept4`.
+    Socket(OwnedFd),
+    /// Handed over by glommio's accept.
+    Stream(glommio::net::TcpStream),
+}
+
+impl Accepted {
+    /// The socket's descriptor.
+    fn raw_fd(&self) -> RawFd {
+        match self {
+            Accepted::Socket(socket) => socket.as_raw_fd(),
+            Accepted::Stream(tcp) => tcp.as_raw_fd(),
+        }
+    }
+
+    /// As glommio's stream (what the PROXY protocol reader takes).
+    fn into_stream(self) -> glommio::net::TcpStream {
+        match self {
+            Accepted::Socket(socket) => fd::into_tcp_stream(socket),
+            Accepted::Stream(tcp) => tcp,
         }
     }
 }
@@ -275,7 +358,7 @@ async fn serve_proxied(
 enum Refused {
     /// The peer was gone before its address could be read.
     #[error("the peer is already gone")]
-    PeerGone(#[source] glommio::GlommioError<()>),
+    PeerGone(#[source] std::io::Error),
     /// The listener is over `max_connection_rate`.
     #[error("max_connection_rate reached")]
     RateLimited,
@@ -334,7 +417,7 @@ impl AcceptLimits {
     fn admit_socket(
         &mut self,
         ctx: &Ctx,
-        stream: &glommio::net::TcpStream,
+        socket: RawFd,
         listener: SocketAddr,
         counts: &ConnectionCounts,
     ) -> Result<admission::IpKey, Refused> {
@@ -342,7 +425,7 @@ impl AcceptLimits {
             return Ok(0);
         }
         // Already gone (reset before we looked): nothing to count.
-        let peer = stream.peer_addr().map_err(Refused::PeerGone)?;
+        let peer = fd::socket_peer(socket).map_err(Refused::PeerGone)?;
         self.admit(ctx, peer, listener, counts)
     }
 

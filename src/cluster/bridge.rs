@@ -28,8 +28,9 @@ use futures_lite::StreamExt;
 use log::{debug, info, warn};
 use tokio::task::JoinHandle;
 
+use crate::cluster::headers::Origin;
 use crate::cluster::link::{ClusterStatus, Control, Interest, MAX_SHARE_WEIGHT, Outgoing, ToShard};
-use crate::cluster::{ClusterError, headers, ownership, retained, subject};
+use crate::cluster::{ClusterError, headers, ownership, retained, subject, tail};
 use crate::config::cluster::{ClusterConfig, NatsAuth, PartitionMode};
 use crate::protocol::message::Message;
 use crate::protocol::topic;
@@ -143,6 +144,14 @@ pub(super) struct Bridge {
     /// This node's incarnation: random at each start, so that a record of an
     /// earlier run of the node is not taken for this one's.
     pub(super) incarnation: String,
+    /// The same as a number: the node of the origin of every message this
+    /// node publishes (`headers::Origin`).
+    origin: u64,
+    /// Sessions moving to or from this node (cluster::tail).
+    pub(super) moving: tail::Moving,
+    /// The queue of interest changes the bridge applies in order (set once
+    /// `interest_loop` runs): a moving session's holds go through it too.
+    pub(super) interest_queue: Option<async_channel::Sender<Interest>>,
     /// The other nodes heard (heartbeats), and when.
     pub(super) nodes: HashMap<String, Instant>,
     /// When the bridge started: a node not heard since is taken for dead
@@ -341,12 +350,16 @@ async fn serve(setup: BridgeSetup) -> Result<(), ClusterError> {
         config.node_name,
         config.nats_urls.join(", ")
     );
+    let origin = fastrand::u64(..);
     let bridge: Shared = Rc::new(RefCell::new(Bridge {
         client: client.clone(),
         queue_client: queue_client.clone(),
         root: config.name.clone(),
         node: config.node_name.clone(),
-        incarnation: format!("{:016x}", fastrand::u64(..)),
+        incarnation: format!("{origin:016x}"),
+        origin,
+        moving: tail::Moving::default(),
+        interest_queue: None,
         nodes: HashMap::new(),
         started: Instant::now(),
         node_ttl: config.node_ttl,
@@ -380,6 +393,7 @@ async fn serve(setup: BridgeSetup) -> Result<(), ClusterError> {
         tokio::task::spawn_local(heartbeat_loop(bridge.clone(), config.node_name.clone())),
         tokio::task::spawn_local(ownership::sessions_loop(bridge.clone(), config.kv_replicas)),
         tokio::task::spawn_local(ownership::serve_takeovers(bridge.clone())),
+        tokio::task::spawn_local(tail::serve_tails(bridge.clone())),
     ];
     while !status.shutdown.load(Ordering::Relaxed) {
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -401,11 +415,13 @@ async fn publish_loop(
     puts: async_channel::Sender<RetainedWrite>,
     node: String,
 ) {
-    let (client, root, status) = {
+    let (client, root, status, node_origin) = {
         let b = bridge.borrow();
-        (b.client.clone(), b.root.clone(), b.status.clone())
+        (b.client.clone(), b.root.clone(), b.status.clone(), b.origin)
     };
     let f = &status.figures;
+    // The sequence number of the last QoS 1/2 message published.
+    let mut seq = 0u64;
     while let Ok(Outgoing {
         messages: batch,
         stored,
@@ -437,7 +453,14 @@ async fn publish_loop(
                 f.cluster_publish_dropped.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            let Some(out) = headers::encode(&root, message, now) else {
+            if message.qos != QoS::AtMostOnce {
+                seq += 1;
+            }
+            let origin = Origin {
+                node: node_origin,
+                seq,
+            };
+            let Some(out) = headers::encode(&root, message, now, origin) else {
                 continue;
             };
             let sent = match out.headers {
@@ -502,6 +525,7 @@ fn queue_retained(
 /// nor behind a slow owner's answer); releases are applied at once.
 async fn interest_loop(bridge: Shared, changes: async_channel::Receiver<Control>) {
     let (interest, in_order) = async_channel::unbounded();
+    bridge.borrow_mut().interest_queue = Some(interest.clone());
     tokio::task::spawn_local(apply_interest(bridge.clone(), in_order));
     while let Ok(change) = changes.recv().await {
         match change {
@@ -898,16 +922,28 @@ fn refresh_view(bridge: &Shared) {
 }
 
 /// The next batch of one NATS subscription: what is there already after
-/// the first message, decoded, at most [`DELIVER_BATCH`]; None when the
-/// subscription ended. Messages that are no fanmq message are dropped and
-/// counted.
-async fn next_batch(bridge: &Shared, sub: &mut async_nats::Subscriber) -> Option<Vec<Message>> {
+/// the first message, decoded, at most [`DELIVER_BATCH`], and, while a
+/// session moving to or from this node is collected for
+/// ([`tail::Moving::collecting`]), each message's origin (else none); None
+/// when the subscription ended. Messages that are no fanmq message are
+/// dropped and counted.
+async fn next_batch(
+    bridge: &Shared,
+    sub: &mut async_nats::Subscriber,
+) -> Option<(Vec<Message>, Vec<Option<Origin>>)> {
     let first = sub.next().await?;
-    let root = bridge.borrow().root.clone();
+    let (root, collecting) = {
+        let b = bridge.borrow();
+        (b.root.clone(), b.moving.collecting())
+    };
     let now = Instant::now();
     let mut batch = Vec::with_capacity(8);
+    let mut origins = Vec::new();
     let mut next = Some(first);
     while let Some(msg) = next.take() {
+        if collecting {
+            origins.push(headers::origin(msg.headers.as_ref()));
+        }
         match headers::decode(
             &root,
             msg.subject.as_str(),
@@ -917,6 +953,7 @@ async fn next_batch(bridge: &Shared, sub: &mut async_nats::Subscriber) -> Option
         ) {
             Ok(message) => batch.push(message),
             Err(e) => {
+                origins.truncate(batch.len());
                 debug!("cluster: dropped a message on {}: {e}", msg.subject);
                 bridge
                     .borrow()
@@ -930,7 +967,7 @@ async fn next_batch(bridge: &Shared, sub: &mut async_nats::Subscriber) -> Option
             next = futures_lite::future::poll_once(sub.next()).await.flatten();
         }
     }
-    Some(batch)
+    Some((batch, origins))
 }
 
 /// Reads one NATS subscription and hands its messages to the shards with
@@ -941,13 +978,13 @@ async fn read_subscription(
     filter: Option<ByteString>,
     mut sub: async_nats::Subscriber,
 ) {
-    while let Some(batch) = next_batch(&bridge, &mut sub).await {
+    while let Some((batch, origins)) = next_batch(&bridge, &mut sub).await {
         if batch.is_empty() {
             continue;
         }
         let messages = Arc::new(batch);
-        let b = bridge.borrow();
-        let shards: Vec<usize> = match &filter {
+        let mut b = bridge.borrow_mut();
+        let mut shards: Vec<usize> = match &filter {
             Some(f) => b
                 .filters
                 .get(f)
@@ -955,6 +992,24 @@ async fn read_subscription(
                 .unwrap_or_default(),
             None => b.escaped.0.keys().copied().collect(),
         };
+        if !origins.is_empty()
+            && let Some(f) = &filter
+        {
+            let Bridge {
+                filters, moving, ..
+            } = &mut *b;
+            if let Some(held) = filters.get(f) {
+                moving.offer(&held.shards, f, &messages, &origins);
+            }
+        }
+        // A moving session's holds count as pseudo shards: forwarded to a
+        // real one, or to none; each shard gets the batch once.
+        shards = shards
+            .into_iter()
+            .filter_map(|s| b.moving.target(s))
+            .collect();
+        shards.sort_unstable();
+        shards.dedup();
         for shard in shards {
             let batch = ToShard::Deliver {
                 filter: filter.clone(),
@@ -975,7 +1030,7 @@ async fn read_queue_subscription(
     filter: ByteString,
     mut sub: async_nats::Subscriber,
 ) {
-    while let Some(batch) = next_batch(&bridge, &mut sub).await {
+    while let Some((batch, _)) = next_batch(&bridge, &mut sub).await {
         let mut b = bridge.borrow_mut();
         let Some(held) = b.filters.get_mut(&share) else {
             continue;

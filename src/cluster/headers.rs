@@ -10,6 +10,7 @@
 //! | `Fanmq-E` | decimal seconds | Message Expiry Interval left when sent |
 //! | `Fanmq-P` | base64, standard alphabet, no padding | the MQTT 5.0 PUBLISH property block of the forwarded properties (Payload Format Indicator, Content Type, Response Topic, Correlation Data, User Properties) |
 //! | `Fanmq-Topic` | base64url, no padding | the topic, on `<root>.x` only |
+//! | `Fanmq-O` | `<incarnation, 16 hex>.<sequence, decimal>` | QoS 1/2 only: the message's origin, the publishing node's run and its count of what it published (cluster::tail) |
 //!
 //! Unknown headers are ignored: NATS applications may add their own.
 
@@ -38,6 +39,43 @@ const EXPIRY: &str = "Fanmq-E";
 const PROPERTIES: &str = "Fanmq-P";
 /// The topic of an escaped message.
 const TOPIC: &str = "Fanmq-Topic";
+/// The origin of a QoS 1/2 message.
+const ORIGIN: &str = "Fanmq-O";
+
+/// Where a message comes from: the publishing node's incarnation (random
+/// at each start) and the sequence number its bridge gave the message,
+/// counting up in the order it publishes. NATS keeps one connection's
+/// messages in order to each subscriber, so two nodes get each origin's
+/// messages in the same order, which lets a session moving between them
+/// take each once (cluster::tail).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Origin {
+    /// The publishing node's incarnation.
+    pub node: u64,
+    /// Its sequence number there.
+    pub seq: u64,
+}
+
+impl Origin {
+    /// The header's value: `<node, 16 hex>.<seq, decimal>`.
+    fn to_header(self) -> String {
+        format!("{:016x}.{}", self.node, self.seq)
+    }
+
+    /// Reads [`Origin::to_header`]'s value.
+    fn of_header(value: &str) -> Option<Origin> {
+        let (node, seq) = value.split_once('.')?;
+        Some(Origin {
+            node: u64::from_str_radix(node, 16).ok()?,
+            seq: seq.parse().ok()?,
+        })
+    }
+}
+
+/// The origin a NATS message's headers name, if any and valid.
+pub fn origin(headers: Option<&HeaderMap>) -> Option<Origin> {
+    Origin::of_header(headers?.get(ORIGIN)?.as_str())
+}
 
 /// A message ready for NATS.
 #[derive(Debug)]
@@ -64,15 +102,19 @@ pub enum HeaderError {
     NoTopic,
 }
 
-/// `message` as a NATS message under `root`; `None` when it must not leave
-/// the node (expired, or its properties cannot be encoded).
-pub fn encode(root: &str, message: &Message, now: Instant) -> Option<Outgoing> {
+/// `message` as a NATS message under `root`, a QoS 1/2 one with its
+/// `origin`; `None` when it must not leave the node (expired, or its
+/// properties cannot be encoded).
+pub fn encode(root: &str, message: &Message, now: Instant, origin: Origin) -> Option<Outgoing> {
     let target = subject::topic_subject(root, &message.topic);
     let mut headers = HeaderMap::new();
     match message.qos {
         QoS::AtMostOnce => {}
         QoS::AtLeastOnce => headers.insert(QOS, "1"),
         QoS::ExactlyOnce => headers.insert(QOS, "2"),
+    }
+    if message.qos != QoS::AtMostOnce {
+        headers.insert(ORIGIN, origin.to_header().as_str());
     }
     if message.retain {
         headers.insert(RETAIN, "1");
@@ -178,10 +220,16 @@ mod tests {
     use super::*;
     use crate::protocol::v5::Property;
 
+    /// An origin for the tests.
+    const ORIGIN_1: Origin = Origin {
+        node: 0xfeed,
+        seq: 42,
+    };
+
     /// Encodes and decodes `message`.
     fn round_trip(message: &Message) -> (Outgoing, Message) {
         let now = Instant::now();
-        let out = encode("fanmq", message, now).expect("sendable");
+        let out = encode("fanmq", message, now, ORIGIN_1).expect("sendable");
         let back = decode(
             "fanmq",
             &out.subject,
@@ -202,7 +250,7 @@ mod tests {
             false,
         );
         let (out, back) = round_trip(&m);
-        assert!(out.headers.is_none());
+        assert!(out.headers.is_none(), "no origin either");
         assert_eq!(out.subject, "fanmq.t.a.b");
         assert_eq!(back, m);
     }
@@ -230,6 +278,11 @@ mod tests {
         let headers = out.headers.as_ref().expect("headers");
         assert_eq!(headers.get(QOS).map(|v| v.as_str()), Some("2"));
         assert_eq!(headers.get(EXPIRY).map(|v| v.as_str()), Some("2"));
+        assert_eq!(
+            headers.get(ORIGIN).map(|v| v.as_str()),
+            Some("000000000000feed.42")
+        );
+        assert_eq!(origin(Some(headers)), Some(ORIGIN_1));
         assert_eq!(back.topic, m.topic);
         assert_eq!(back.qos, QoS::ExactlyOnce);
         assert!(back.retain);
@@ -248,7 +301,17 @@ mod tests {
             })),
             ..Message::new("t".into(), Bytes::new(), QoS::AtMostOnce, false)
         };
-        assert!(encode("fanmq", &m, now + Duration::from_millis(1)).is_none());
+        assert!(encode("fanmq", &m, now + Duration::from_millis(1), ORIGIN_1).is_none());
+    }
+
+    #[test]
+    fn an_origin_that_does_not_parse_is_none() {
+        for bad in ["", "12", "x.1", "1.x", "1.-1"] {
+            let mut h = HeaderMap::new();
+            h.insert(ORIGIN, bad);
+            assert_eq!(origin(Some(&h)), None, "{bad:?}");
+        }
+        assert_eq!(origin(None), None);
     }
 
     #[test]

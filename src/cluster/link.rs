@@ -200,6 +200,20 @@ pub enum ToShard {
         /// The answer.
         answer: ClaimAnswer,
     },
+    /// The session of the client id, if on this shard, is being handed to
+    /// another node (`on`): it takes no more messages from NATS, which the
+    /// bridge collects for it from now on (cluster::tail); or the
+    /// hand-over ended (`on` false).
+    Handing {
+        /// The client id.
+        client_id: ByteString,
+        /// Whether the hand-over starts (true) or ended.
+        on: bool,
+        /// Dropped once the shard has it: the bridge asks the shards to
+        /// hand the session over only once every shard has the mark, so
+        /// that what each routed to the session before it is in the image.
+        done: Option<async_channel::Sender<()>>,
+    },
     /// Another node takes the client id over: end its session here (the
     /// connection closes as a take-over) and answer with its image.
     Takeover {
@@ -539,6 +553,8 @@ status_figures! {
     cluster_claim_states_kept: "Session states kept for a claim that ended without giving them to its connection";
     cluster_claim_states_given: "Kept session states given to a later claim here or to another node";
     cluster_subscription_records: "Subscriptions records of persistent sessions written";
+    cluster_tails_merged: "Sessions moved here with the old node's tail of what was published during the move";
+    cluster_tails_missed: "Sessions moved here without the old node's tail (no answer in time, or none collected): what was published during the move is lost for them";
     cluster_nodes: "Other nodes heard within the node timeout";
     cluster_suback_unconfirmed: "SUBACKs of a new filter sent without the NATS server's confirmation (link down, no answer in time)";
     cluster_retained_unconfirmed: "Retained QoS 1/2 publishes acknowledged while the link was down (serve): held by this node only";
@@ -616,6 +632,8 @@ impl ClusterStatus {
             "claim_states_kept": figures.cluster_claim_states_kept,
             "claim_states_given": figures.cluster_claim_states_given,
             "subscription_records": figures.cluster_subscription_records,
+            "tails_merged": figures.cluster_tails_merged,
+            "tails_missed": figures.cluster_tails_missed,
         })
     }
 }

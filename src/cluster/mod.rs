@@ -21,6 +21,7 @@ pub mod link;
 pub mod ownership;
 pub mod retained;
 pub mod subject;
+pub mod tail;
 
 use std::path::PathBuf;
 use std::sync::Arc;

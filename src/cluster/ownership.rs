@@ -43,6 +43,7 @@ use crate::cluster::bridge::{Bridge, Shared, open_bucket};
 use crate::cluster::kept::{Images, Kept};
 use crate::cluster::link::{ClaimAnswer, ClaimRequest, HandOver, Ticket, ToShard};
 use crate::cluster::retained;
+use crate::cluster::tail;
 use crate::config::cluster::PartitionMode;
 
 /// Longest the bridge works on one claim, counted from the start of the
@@ -187,18 +188,28 @@ pub(super) struct Tables {
     /// is this node's already or its owner had nothing), as does the next
     /// node that asks this one for the session.
     kept: Images,
-    /// Ids being handed over now.
+    /// Ids being handed over now: from a take-over request's start until
+    /// the shard answered it (after the answer the requester got, if this
+    /// bridge stopped waiting for the shard first).
     handing: HashSet<ByteString>,
     /// Ids granted to a claim of this node whose answer waits for room in
-    /// its shard's queue (how many such answers): granted, not yet
-    /// attaching; a take-over request for one waits until the answer is in
-    /// the queue.
+    /// its shard's queue, or for the tail of the session's move
+    /// (cluster::tail), how many such answers: granted, not yet attaching;
+    /// a take-over request for one waits until the answer is in the queue.
     answering: HashMap<ByteString, u32>,
     /// Persistent sessions restored from the store, to re-assert.
     restored: Vec<Restored>,
     /// The claims of each id this node is deciding, in the order they
     /// reached the bridge: only the newest takes the ownership.
     claiming: Claiming,
+    /// Per id, the claim of this node last granted with a state (shard,
+    /// token) and when, until its shard settles that state: attaches it
+    /// (`Control::Subscriptions` of that claim), gives it back
+    /// ([`unclaimed`]: superseded there before the grant came) or ends the
+    /// session ([`released`]). A later claim here that finds the record
+    /// this node's waits for that first ([`settling`]); one not settled
+    /// within [`SHARD_ANSWER`] is not waited for.
+    sent: Sent,
 }
 
 impl Default for Tables {
@@ -214,6 +225,7 @@ impl Default for Tables {
             answering: HashMap::new(),
             restored: Vec::new(),
             claiming: Claiming::default(),
+            sent: Sent::default(),
         }
     }
 }
@@ -241,38 +253,165 @@ pub(super) struct Restored {
 /// only the newest may then take the ownership ([`Owned`]): an older one
 /// taking it would leave the live session's release and subscriptions
 /// writes matching nobody.
+///
+/// The state an older one got (a previous owner's session, handed to it
+/// because its write landed first) is the newest's to have: it is kept
+/// ([`Tables::kept`]) for the newest's grant to take, unless a claim
+/// later than the older one took the ownership already: that one's
+/// session is newer than the state, which must then never be given
+/// ([`Claiming::overtaken`]).
 #[derive(Debug, Default)]
 pub(super) struct Claiming {
-    /// Per id: how many of its claims are being decided, and the number of
-    /// the last one received.
-    ids: HashMap<ByteString, (u32, u64)>,
+    /// Per id, while any of its claims is being decided.
+    ids: HashMap<ByteString, Deciding>,
     /// The number of the next claim received.
     next: u64,
+}
+
+/// The claims of one id being decided ([`Claiming`]).
+#[derive(Debug, Default, Clone, Copy)]
+struct Deciding {
+    /// How many.
+    count: u32,
+    /// The number of the last one received: the newest.
+    last: u64,
+    /// The number of the latest one that took the ownership (0: none).
+    took: u64,
 }
 
 impl Claiming {
     /// A claim of `client_id` reached the bridge: its number.
     fn received(&mut self, client_id: &ByteString) -> u64 {
         self.next += 1;
-        let entry = self.ids.entry(client_id.clone()).or_insert((0, 0));
-        *entry = (entry.0 + 1, self.next);
+        let entry = self.ids.entry(client_id.clone()).or_default();
+        entry.count += 1;
+        entry.last = self.next;
         self.next
     }
 
     /// Whether claim `number` of `client_id` is the last one received.
     fn newest(&self, client_id: &str, number: u64) -> bool {
-        self.ids
-            .get(client_id)
-            .is_none_or(|&(_, last)| last == number)
+        self.ids.get(client_id).is_none_or(|d| d.last == number)
+    }
+
+    /// Claim `number` of `client_id` took the ownership.
+    fn took(&mut self, client_id: &str, number: u64) {
+        if let Some(d) = self.ids.get_mut(client_id) {
+            d.took = d.took.max(number);
+        }
+    }
+
+    /// Whether a claim of `client_id` later than `number` took the
+    /// ownership: the state claim `number` got is older than its session.
+    fn overtaken(&self, client_id: &str, number: u64) -> bool {
+        self.ids.get(client_id).is_some_and(|d| d.took > number)
     }
 
     /// A claim of `client_id` was decided.
     fn decided(&mut self, client_id: &str) {
-        if let Some(entry) = self.ids.get_mut(client_id) {
-            entry.0 = entry.0.saturating_sub(1);
-            if entry.0 == 0 {
+        if let Some(d) = self.ids.get_mut(client_id) {
+            d.count = d.count.saturating_sub(1);
+            if d.count == 0 {
                 self.ids.remove(client_id);
             }
+        }
+    }
+}
+
+/// What claim `number` of `request`'s id does once its write made the id
+/// this node's (or it found it so), with the state it got (`got`).
+#[derive(Debug, PartialEq, Eq)]
+enum Granting {
+    /// It is the newest ([`Claiming`]) and owns the id now: with what was
+    /// kept for the id (taken out of [`Tables::kept`]).
+    Newest(Option<Kept>),
+    /// A later claim of the id is the newest: it settles the ownership, and
+    /// `got` was kept for it unless one later than this one took the
+    /// ownership already (true: kept). This claim's shard drops its
+    /// grant.
+    Superseded(bool),
+}
+
+impl Tables {
+    /// Settles whether claim `number` of `client_id`, granted with `got`,
+    /// takes the ownership ([`Granting`]), at `now`. The caller records
+    /// the ownership for [`Granting::Newest`].
+    fn granting(
+        &mut self,
+        client_id: &ByteString,
+        number: u64,
+        got: Option<&Kept>,
+        now: Instant,
+    ) -> Granting {
+        if self.claiming.newest(client_id, number) {
+            self.claiming.took(client_id, number);
+            return Granting::Newest(self.kept.take(client_id, now));
+        }
+        Granting::Superseded(self.keep_for_later(client_id, number, got, now))
+    }
+
+    /// Keeps `got`, the state claim `number` of `client_id` got and gives
+    /// to no connection (refused, or superseded), for the id's next grant
+    /// here or the next node that asks this one, at `now`; unless a later
+    /// claim of the id already took the ownership (its session is newer).
+    /// Whether it was kept.
+    fn keep_for_later(
+        &mut self,
+        client_id: &ByteString,
+        number: u64,
+        got: Option<&Kept>,
+        now: Instant,
+    ) -> bool {
+        let Some(got) = got else {
+            return false;
+        };
+        if self.claiming.overtaken(client_id, number) {
+            debug!(
+                "cluster: state of {client_id:?} dropped: a later claim here owns the id with a newer session"
+            );
+            return false;
+        }
+        let got = Kept {
+            at: now,
+            ..got.clone()
+        };
+        debug!(
+            "cluster: {} bytes of state of {client_id:?} kept for its next claim",
+            got.image.len()
+        );
+        self.kept.keep(client_id.clone(), got, now);
+        true
+    }
+}
+
+/// The claims of this node last granted a state, per id ([`Tables::sent`]).
+#[derive(Debug, Default)]
+pub(super) struct Sent {
+    /// Per id: the claim (shard, token) and when its grant left.
+    ids: HashMap<ByteString, ((usize, u64), Instant)>,
+}
+
+impl Sent {
+    /// A grant with a state left for `claim` of `client_id` at `now` (it
+    /// replaces an earlier one; those left [`SHARD_ANSWER`] ago go).
+    fn sent(&mut self, client_id: &ByteString, claim: (usize, u64), now: Instant) {
+        self.ids
+            .retain(|_, (_, at)| now.saturating_duration_since(*at) < SHARD_ANSWER);
+        self.ids.insert(client_id.clone(), (claim, now));
+    }
+
+    /// Whether a state sent to another claim of `client_id` than `claim`
+    /// is not settled at `now`, less than [`SHARD_ANSWER`] after it left.
+    fn settling(&self, client_id: &str, claim: (usize, u64), now: Instant) -> bool {
+        self.ids.get(client_id).is_some_and(|&(to, at)| {
+            to != claim && now.saturating_duration_since(at) < SHARD_ANSWER
+        })
+    }
+
+    /// The shard of `claim` settled the state sent to it.
+    fn settled(&mut self, client_id: &str, claim: (usize, u64)) {
+        if self.ids.get(client_id).is_some_and(|&(to, _)| to == claim) {
+            self.ids.remove(client_id);
         }
     }
 }
@@ -457,11 +596,14 @@ pub(super) fn subscriptions(
     image: Option<Bytes>,
 ) {
     let mut b = bridge.borrow_mut();
+    // Told at the attach: a state its grant brought is the session's.
+    settled(&mut b, client_id, shard, token);
     if let Some(owned) = b.owned.get(client_id)
         && owned.shard == shard
         && owned.token == token
     {
         write_record(&b, client_id, owned.revision, image.as_ref());
+        b.moving.subscribed(client_id, image);
     } else if let Some(u) = b.ownership.unregistered.get_mut(client_id)
         && u.shard == shard
         && u.token == token
@@ -502,11 +644,25 @@ pub(super) fn start_claim(bridge: &Shared, request: ClaimRequest) {
 /// Decides claim `number` and answers it.
 async fn claim(bridge: Shared, request: ClaimRequest, number: u64) {
     let answer = decide(&bridge, &request, number).await;
-    bridge
-        .borrow_mut()
-        .ownership
-        .claiming
-        .decided(&request.client_id);
+    {
+        let mut b = bridge.borrow_mut();
+        b.ownership.claiming.decided(&request.client_id);
+        let owns = b
+            .owned
+            .get(&request.client_id)
+            .is_some_and(|o| (o.shard, o.token) == (request.shard, request.token));
+        if owns
+            && matches!(
+                answer,
+                ClaimAnswer::Granted(Some(_)) | ClaimAnswer::Recovered(_)
+            )
+        {
+            let claim = (request.shard, request.token);
+            b.ownership
+                .sent
+                .sent(&request.client_id, claim, Instant::now());
+        }
+    }
     let status = bridge.borrow().status.clone();
     let f = &status.figures;
     match &answer {
@@ -529,22 +685,44 @@ async fn claim(bridge: Shared, request: ClaimRequest, number: u64) {
         return;
     };
     let id = request.client_id;
-    *bridge
-        .borrow_mut()
-        .ownership
-        .answering
-        .entry(id.clone())
-        .or_insert(0) += 1;
+    answering(&bridge, &id, true);
     // The connection may have gone meanwhile; its claim then ends on the
     // shard (a closed queue: the shard is gone).
     let _ = queue.send(answer).await;
+    answering(&bridge, &id, false);
+}
+
+/// A grant of `client_id` here is on its way to its shard's queue (`on`),
+/// or there (`Tables::answering`).
+fn answering(bridge: &Shared, client_id: &ByteString, on: bool) {
     let mut b = bridge.borrow_mut();
-    if let Some(n) = b.ownership.answering.get_mut(&id) {
+    if on {
+        *b.ownership.answering.entry(client_id.clone()).or_insert(0) += 1;
+    } else if let Some(n) = b.ownership.answering.get_mut(client_id) {
         *n -= 1;
         if *n == 0 {
-            b.ownership.answering.remove(&id);
+            b.ownership.answering.remove(client_id);
         }
     }
+}
+
+/// Whether the state a grant of this node sent to another claim of the
+/// request's id than this one ([`Tables::sent`]) is not settled by its
+/// shard yet, for at most [`SHARD_ANSWER`]: that claim may have been
+/// superseded there (by this one's CONNECT) before its grant came, and
+/// then gives the state back for this claim to take.
+fn settling(bridge: &Shared, request: &ClaimRequest) -> bool {
+    let claim = (request.shard, request.token);
+    let b = bridge.borrow();
+    b.ownership
+        .sent
+        .settling(&request.client_id, claim, Instant::now())
+}
+
+/// The state sent to claim `(shard, token)` of `client_id` is settled
+/// ([`Tables::sent`]).
+fn settled(b: &mut Bridge, client_id: &str, shard: usize, token: u64) {
+    b.ownership.sent.settled(client_id, (shard, token));
 }
 
 /// `work`, cut off at a claim's `deadline`: None once it has passed.
@@ -592,15 +770,15 @@ async fn decide(bridge: &Shared, request: &ClaimRequest, number: u64) -> ClaimAn
                             request.client_id
                         );
                         let mut b = bridge.borrow_mut();
-                        if !b.ownership.claiming.newest(&request.client_id, number) {
-                            // Superseded on this node: the later claim's
-                            // grant is the one recorded.
+                        let now = Instant::now();
+                        // Superseded on this node: the later claim's grant
+                        // is the one recorded. Else the session granted
+                        // here is newer than a state kept for an earlier
+                        // claim, which no one may give any more.
+                        let granting = b.ownership.granting(&request.client_id, number, None, now);
+                        if let Granting::Superseded(_) = granting {
                             return ClaimAnswer::Granted(None);
                         }
-                        // The session granted here is newer than a state
-                        // kept for an earlier claim, which no one may give
-                        // any more.
-                        b.ownership.kept.take(&request.client_id, Instant::now());
                         b.ownership.unregistered.insert(
                             request.client_id.clone(),
                             Unregistered {
@@ -640,6 +818,9 @@ async fn decide(bridge: &Shared, request: &ClaimRequest, number: u64) -> ClaimAn
     // was sent for (kept if a later compare-and-set fails and the record
     // is read again).
     let mut state: Option<Kept> = None;
+    // The node that handed `state` over, which collects the tail of its
+    // move (cluster::tail).
+    let mut handed_by: Option<String> = None;
     // Past the deadline (checked at each turn, and every call below cut
     // off there): unavailable. A cut-off `create` or `update` may still
     // have been applied by the server; the record then names this node,
@@ -647,17 +828,19 @@ async fn decide(bridge: &Shared, request: &ClaimRequest, number: u64) -> ClaimAn
     // this claim got is kept for it ([`refused`]).
     loop {
         if Instant::now() >= deadline {
-            return refused(bridge, request, state);
+            return refused(bridge, request, number, state);
         }
         let Some(created) = by(deadline, store.create(&key, value.clone())).await else {
-            return refused(bridge, request, state);
+            return refused(bridge, request, number, state);
         };
         match created {
             Ok(revision) => {
                 // A state kept for an earlier claim stood for a record
                 // that is gone (its session ended): dropped.
-                own(bridge, request, number, revision);
-                return ClaimAnswer::Granted(state.map(|s| s.image));
+                return match own(bridge, request, number, revision, state.as_ref()) {
+                    Granting::Newest(_) => ClaimAnswer::Granted(state.map(|s| s.image)),
+                    Granting::Superseded(_) => ClaimAnswer::Granted(None),
+                };
             }
             Err(e) if e.kind() == CreateErrorKind::AlreadyExists => {}
             Err(e) => {
@@ -671,7 +854,7 @@ async fn decide(bridge: &Shared, request: &ClaimRequest, number: u64) -> ClaimAn
         // record says the id is this node's already: granted without a
         // compare-and-set, so that is confirmed from the leader.
         let Some(read) = by(deadline, store.entry(&key)).await else {
-            return refused(bridge, request, state);
+            return refused(bridge, request, number, state);
         };
         let entry = match read {
             Ok(Some(entry)) => entry,
@@ -697,7 +880,7 @@ async fn decide(bridge: &Shared, request: &ClaimRequest, number: u64) -> ClaimAn
                 // Already this node's (a reconnect here, or a take-over
                 // between this node's shards), if the leader says so too.
                 let Some(latest) = by(deadline, leader_entry(&store, &key)).await else {
-                    return refused(bridge, request, state);
+                    return refused(bridge, request, number, state);
                 };
                 match latest {
                     Ok(Some(latest)) if latest.revision == entry.revision => {}
@@ -708,7 +891,24 @@ async fn decide(bridge: &Shared, request: &ClaimRequest, number: u64) -> ClaimAn
                         continue;
                     }
                 }
-                let kept = own(bridge, request, number, entry.revision);
+                if state.is_none() && settling(bridge, request) {
+                    // The record may be the write of an earlier claim
+                    // here whose grant brought the session's state to a
+                    // shard where this claim's CONNECT superseded it: the
+                    // state then comes back ([`unclaimed`]) for this claim
+                    // to take. Once settled, the record is read again.
+                    while settling(bridge, request) {
+                        if Instant::now() >= deadline {
+                            return refused(bridge, request, number, state);
+                        }
+                        tokio::time::sleep(HANDING_POLL).await;
+                    }
+                    continue;
+                }
+                let kept = match own(bridge, request, number, entry.revision, state.as_ref()) {
+                    Granting::Newest(kept) => kept,
+                    Granting::Superseded(_) => return ClaimAnswer::Granted(None),
+                };
                 if state.is_some() {
                     return ClaimAnswer::Granted(state.map(|s| s.image));
                 }
@@ -740,11 +940,12 @@ async fn decide(bridge: &Shared, request: &ClaimRequest, number: u64) -> ClaimAn
                             "cluster: node {} could not hand {:?} over in time",
                             owner.node, request.client_id
                         );
-                        return refused(bridge, request, state);
+                        return refused(bridge, request, number, state);
                     }
                     Asked::State(image) => {
                         took_over = true;
                         if !image.is_empty() {
+                            handed_by = Some(owner.node.clone());
                             state = Some(Kept {
                                 revision: entry.revision,
                                 image,
@@ -794,29 +995,34 @@ async fn decide(bridge: &Shared, request: &ClaimRequest, number: u64) -> ClaimAn
         } else {
             None
         };
+        // A dead owner's subscriptions, as a state this claim got.
+        let recovered = left.clone().map(|image| Kept {
+            revision: entry.revision,
+            image,
+            recovered: true,
+            at: Instant::now(),
+        });
         let Some(updated) = by(deadline, store.update(&key, value.clone(), entry.revision)).await
         else {
-            let recovered = left.map(|image| Kept {
-                revision: entry.revision,
-                image,
-                recovered: true,
-                at: Instant::now(),
-            });
-            return refused(bridge, request, state.or(recovered));
+            return refused(bridge, request, number, state.or(recovered));
         };
         match updated {
             Ok(revision) => {
-                let kept = own(bridge, request, number, revision);
-                if kept.is_some() && kept == state {
-                    status
-                        .figures
-                        .cluster_claim_states_given
-                        .fetch_add(1, Ordering::Relaxed);
-                }
                 if took_over {
                     status
                         .figures
                         .cluster_takeovers
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                let got = state.as_ref().or(recovered.as_ref());
+                let kept = match own(bridge, request, number, revision, got) {
+                    Granting::Newest(kept) => kept,
+                    Granting::Superseded(_) => return ClaimAnswer::Granted(None),
+                };
+                if kept.is_some() && kept == state {
+                    status
+                        .figures
+                        .cluster_claim_states_given
                         .fetch_add(1, Ordering::Relaxed);
                 }
                 if let Some(left) = left {
@@ -825,6 +1031,20 @@ async fn decide(bridge: &Shared, request: &ClaimRequest, number: u64) -> ClaimAn
                         .cluster_recovered
                         .fetch_add(1, Ordering::Relaxed);
                     return ClaimAnswer::Recovered(left);
+                }
+                if took_over
+                    && !request.clean_session
+                    && let (Some(s), Some(from)) = (state.as_mut(), &handed_by)
+                {
+                    let claim = (from.as_str(), request.shard, deadline);
+                    let image = s.image.clone();
+                    // Granted: a take-over request from another node
+                    // meanwhile waits until the grant is in the shard's
+                    // queue (nothing awaits between the end of this and
+                    // the send), so it takes the state the grant brings.
+                    answering(bridge, &request.client_id, true);
+                    s.image = tail::complete(bridge, &request.client_id, claim, image).await;
+                    answering(bridge, &request.client_id, false);
                 }
                 return ClaimAnswer::Granted(state.map(|s| s.image));
             }
@@ -851,53 +1071,84 @@ fn alive(bridge: &Shared, name: &str) -> bool {
 /// `revision`, and takes out what was kept for the id ([`Tables::kept`]):
 /// whatever this grant brings is the session's state from now on. Unless
 /// a later claim of the id reached the bridge meanwhile ([`Claiming`]):
-/// this one is superseded on the node (its shard drops the grant), and the
-/// ownership and the kept state are the later one's.
-fn own(bridge: &Shared, request: &ClaimRequest, number: u64, revision: u64) -> Option<Kept> {
+/// this one is superseded on the node (its shard gets the grant without
+/// a state, and drops it), the ownership is the later one's, and the
+/// state this one got (`got`) is kept for it ([`Tables::granting`]).
+fn own(
+    bridge: &Shared,
+    request: &ClaimRequest,
+    number: u64,
+    revision: u64,
+    got: Option<&Kept>,
+) -> Granting {
     let mut b = bridge.borrow_mut();
-    if !b.ownership.claiming.newest(&request.client_id, number) {
-        debug!(
-            "cluster: claim of {:?} superseded on this node: the ownership stays a later claim's",
-            request.client_id
-        );
-        return None;
+    let granting = b
+        .ownership
+        .granting(&request.client_id, number, got, Instant::now());
+    match &granting {
+        Granting::Superseded(kept) => {
+            debug!(
+                "cluster: claim of {:?} superseded on this node: the ownership stays a later claim's",
+                request.client_id
+            );
+            if *kept {
+                b.status
+                    .figures
+                    .cluster_claim_states_kept
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        Granting::Newest(_) => {
+            b.ownership.unregistered.remove(&request.client_id);
+            b.owned.insert(
+                request.client_id.clone(),
+                Owned {
+                    shard: request.shard,
+                    token: request.token,
+                    revision,
+                },
+            );
+            if got.is_some() {
+                // The state is this claim's from now, though its grant
+                // may still wait (for the tail of a move, `tail::complete`):
+                // a later claim here that finds the record this node's
+                // meanwhile waits for it to settle ([`settling`]), rather
+                // than granting a fresh session and leaving this state
+                // with nobody to give it back to ([`unclaimed`]).
+                b.ownership.sent.sent(
+                    &request.client_id,
+                    (request.shard, request.token),
+                    Instant::now(),
+                );
+            }
+        }
     }
-    b.ownership.unregistered.remove(&request.client_id);
-    b.owned.insert(
-        request.client_id.clone(),
-        Owned {
-            shard: request.shard,
-            token: request.token,
-            revision,
-        },
-    );
-    b.ownership.kept.take(&request.client_id, Instant::now())
+    granting
 }
 
 /// A claim refused: past its deadline, or the owner could not hand the
 /// session over. The state it got (`got`: a previous owner's, or a dead
 /// one's subscriptions) is kept for the client's next claim, here or on
 /// a node that asks this one ([`Tables::kept`]): a cut-off write may have
-/// been applied, and then nobody else holds the state any more.
-fn refused(bridge: &Shared, request: &ClaimRequest, got: Option<Kept>) -> ClaimAnswer {
+/// been applied, and then nobody else holds the state any more. Not if a
+/// later claim of the id here (this one is `number`) owns it already
+/// ([`Tables::keep_for_later`]).
+fn refused(bridge: &Shared, request: &ClaimRequest, number: u64, got: Option<Kept>) -> ClaimAnswer {
     debug!(
         "cluster: claim of {:?} refused (its deadline passed, or the owner could not hand the session over)",
         request.client_id
     );
     if let Some(got) = got.filter(|_| !request.clean_session) {
-        let now = Instant::now();
         let mut b = bridge.borrow_mut();
-        b.status
-            .figures
-            .cluster_claim_states_kept
-            .fetch_add(1, Ordering::Relaxed);
-        debug!(
-            "cluster: {} bytes of state of {:?} kept for its next claim",
-            got.image.len(),
-            request.client_id
-        );
-        let got = Kept { at: now, ..got };
-        b.ownership.kept.keep(request.client_id.clone(), got, now);
+        let now = Instant::now();
+        if b.ownership
+            .keep_for_later(&request.client_id, number, Some(&got), now)
+        {
+            b.status
+                .figures
+                .cluster_claim_states_kept
+                .fetch_add(1, Ordering::Relaxed);
+        }
     }
     ClaimAnswer::Unavailable
 }
@@ -959,6 +1210,8 @@ pub(super) fn unclaimed(
         ClaimAnswer::Granted(None) | ClaimAnswer::Unavailable => return,
     };
     let mut b = bridge.borrow_mut();
+    // Given back: kept below for the id's next claim, or dropped.
+    settled(&mut b, &client_id, shard, token);
     let Some(owned) = b
         .owned
         .get(&client_id)
@@ -1046,6 +1299,7 @@ fn no_responders(e: &RequestError) -> bool {
 pub(super) fn released(bridge: &Shared, client_id: ByteString, shard: usize, token: u64) {
     let (owned, store, status) = {
         let mut b = bridge.borrow_mut();
+        settled(&mut b, &client_id, shard, token);
         if b.ownership
             .unregistered
             .get(&client_id)
@@ -1060,6 +1314,7 @@ pub(super) fn released(bridge: &Shared, client_id: ByteString, shard: usize, tok
         if let Some(o) = &owned {
             // Its subscriptions go with it.
             write_record(&b, &client_id, o.revision, None);
+            b.moving.subscribed(&client_id, None);
         }
         (owned, b.sessions.clone(), b.status.clone())
     };
@@ -1112,14 +1367,26 @@ pub(super) async fn serve_takeovers(bridge: Shared) {
 /// image (empty: nothing to move).
 async fn hand_over(bridge: Shared, request: TakeoverRequest, reply: async_nats::Subject) {
     let client_id = ByteString::from(request.id.as_str());
-    // One hand-over of an id at a time: a second one would supersede the
-    // first's claim on the shard and take the state from it, unkept.
+    // One hand-over of an id at a time, until its shard is done with it
+    // (also after this bridge stopped waiting for the shard, see
+    // `late_answer`): a second one would supersede the first's claim on
+    // the shard and take the state from it, unkept, or find nothing there
+    // while the first holds the state and hand over an empty session. One
+    // whose shard is not done within SHARD_ANSWER (stuck, or its disk
+    // stalls) makes this one unavailable too: the session is still here.
+    let waiting = Instant::now();
     while !bridge
         .borrow_mut()
         .ownership
         .handing
         .insert(client_id.clone())
     {
+        if waiting.elapsed() >= SHARD_ANSWER {
+            debug!("cluster: {client_id:?}: its shard is not done with an earlier hand-over");
+            let client = bridge.borrow().client.clone();
+            answer_unavailable(&client, reply, &client_id).await;
+            return;
+        }
         tokio::time::sleep(HANDING_POLL).await;
     }
     let (client, queue, shard, owned) = {
@@ -1139,8 +1406,18 @@ async fn hand_over(bridge: Shared, request: TakeoverRequest, reply: async_nats::
             owned,
         )
     };
+    // What NATS brings for the session from here on is collected for its
+    // new node (cluster::tail).
+    let collecting = match queue {
+        Some(_) => tail::collect_for_hand_over(&bridge, &client_id, request.clean).await,
+        None => None,
+    };
     let (answer, answered) = async_channel::bounded(1);
     let ticket = Ticket::new();
+    // Whether the shard is done with the id once the match below ends
+    // (not when this bridge gave up waiting: `late_answer` then ends the
+    // hand-over).
+    let mut shard_done = true;
     let image = match queue {
         Some(queue) => {
             let asked = ToShard::Takeover {
@@ -1170,6 +1447,7 @@ async fn hand_over(bridge: Shared, request: TakeoverRequest, reply: async_nats::
                     let late =
                         late_answer(bridge.clone(), client_id.clone(), owned, shard, answered);
                     tokio::task::spawn_local(late);
+                    shard_done = false;
                     HandOver::Unavailable { token: 0 }
                 }
                 // The shard answered just now: its answer is in the queue,
@@ -1185,31 +1463,30 @@ async fn hand_over(bridge: Shared, request: TakeoverRequest, reply: async_nats::
     let image = match image {
         HandOver::Moved(image) => image,
         HandOver::Unavailable { token } => {
+            tail::hand_over_ended(&bridge, &client_id, collecting, false);
             {
                 let mut b = bridge.borrow_mut();
-                b.ownership.handing.remove(&client_id);
+                if shard_done {
+                    b.ownership.handing.remove(&client_id);
+                }
                 // Still this node's: the session (if any) stays on the
-                // shard, as that claim's, under the record this node holds.
+                // shard, as that claim's, under the record this node holds;
+                // unless a CONNECT here took the id meanwhile (refused for
+                // that, `token` 0), and its grant owns it already.
                 if let Some(mut o) = owned {
                     if token != 0 {
                         (o.shard, o.token) = (shard, token);
                     }
-                    b.owned.insert(client_id.clone(), o);
+                    b.owned.entry(client_id.clone()).or_insert(o);
                 }
             }
-            let mut headers = async_nats::HeaderMap::new();
-            headers.insert(UNAVAILABLE_HEADER, "1");
-            if let Err(e) = client
-                .publish_with_headers(reply, headers, Bytes::new())
-                .await
-            {
-                debug!("cluster: take-over answer for {client_id:?} not sent: {e}");
-            }
+            answer_unavailable(&client, reply, &client_id).await;
             return;
         }
     };
     let image = kept_or(&bridge, &client_id, &request, image.map(Bytes::from));
     let image = kept_for_racers(&bridge, &client_id, &request, image);
+    tail::hand_over_ended(&bridge, &client_id, collecting, image.is_some());
     bridge.borrow_mut().ownership.handing.remove(&client_id);
     debug!(
         "cluster: {client_id:?} taken over by node {} ({} bytes of state)",
@@ -1222,11 +1499,31 @@ async fn hand_over(bridge: Shared, request: TakeoverRequest, reply: async_nats::
     }
 }
 
+/// Answers a take-over request on `reply` that this node cannot end the
+/// session of `client_id` in time ([`UNAVAILABLE_HEADER`]).
+async fn answer_unavailable(
+    client: &async_nats::Client,
+    reply: async_nats::Subject,
+    client_id: &str,
+) {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(UNAVAILABLE_HEADER, "1");
+    if let Err(e) = client
+        .publish_with_headers(reply, headers, Bytes::new())
+        .await
+    {
+        debug!("cluster: take-over answer for {client_id:?} not sent: {e}");
+    }
+}
+
 /// The answer of a shard that the bridge gave up waiting for (its ticket
 /// says so, so the shard keeps the session): the claim that holds the
 /// session on `shard`, which the node's ownership of `client_id` is moved
 /// to if it is still the one `owned` from before the request (so that the
 /// session's end deletes the record, and its subscriptions are written).
+/// The hand-over ends with it (`Tables::handing`): until the shard is
+/// done, it may hold the session's state outside its registry, and the
+/// next hand-over would find nothing there.
 async fn late_answer(
     bridge: Shared,
     client_id: ByteString,
@@ -1234,11 +1531,13 @@ async fn late_answer(
     shard: usize,
     answered: async_channel::Receiver<HandOver>,
 ) {
-    let Ok(HandOver::Unavailable { token }) = answered.recv().await else {
-        return;
-    };
+    // Closed: the shard dropped the request (it is gone, or it never got
+    // it).
+    let answer = answered.recv().await;
     let mut b = bridge.borrow_mut();
-    if let Some(o) = b.owned.get_mut(&client_id)
+    b.ownership.handing.remove(&client_id);
+    if let Ok(HandOver::Unavailable { token }) = answer
+        && let Some(o) = b.owned.get_mut(&client_id)
         && token != 0
         && Some(*o) == owned
     {
@@ -1315,6 +1614,7 @@ fn kept_or(
 /// dropped): another node owns the id. Its release deletes nothing.
 fn drop_here(b: &mut Bridge, client_id: &ByteString, shard: usize) {
     b.owned.remove(client_id);
+    b.moving.subscribed(client_id, None);
     b.status
         .figures
         .cluster_reassert_lost
@@ -1694,6 +1994,95 @@ mod tests {
         // A claim decided with no entry (never counted) changes nothing.
         claiming.decided(&a);
         assert!(claiming.ids.is_empty());
+    }
+
+    /// The state a superseded claim got (its write landed first) is kept
+    /// for the newest claim of the id, whose grant takes it; unless a
+    /// claim later than the superseded one took the ownership already
+    /// (its session is newer): then neither its grant nor its refusal
+    /// keeps it, also once a still later claim is received. The newest
+    /// refused keeps what it got for the id's next claim.
+    #[test]
+    fn a_superseded_claims_state_goes_to_the_newest_unless_a_later_one_owns_the_id() {
+        let mut tables = Tables::default();
+        let a = ByteString::from("a");
+        let now = Instant::now();
+        let state = Kept {
+            revision: 4,
+            image: Bytes::from_static(b"queued"),
+            recovered: false,
+            at: now,
+        };
+        let older = tables.claiming.received(&a);
+        let newer = tables.claiming.received(&a);
+        assert_eq!(
+            tables.granting(&a, older, Some(&state), now),
+            Granting::Superseded(true)
+        );
+        assert_eq!(
+            tables.granting(&a, newer, None, now),
+            Granting::Newest(Some(state.clone())),
+            "the newest takes it"
+        );
+        assert!(tables.kept.get("a", now).is_none());
+        tables.claiming.decided(&a);
+        tables.claiming.decided(&a);
+
+        // The newest granted first, without the state.
+        let older = tables.claiming.received(&a);
+        let newer = tables.claiming.received(&a);
+        assert_eq!(
+            tables.granting(&a, newer, None, now),
+            Granting::Newest(None)
+        );
+        tables.claiming.decided(&a);
+        assert_eq!(
+            tables.granting(&a, older, Some(&state), now),
+            Granting::Superseded(false)
+        );
+        assert!(!tables.keep_for_later(&a, older, Some(&state), now));
+        let latest = tables.claiming.received(&a);
+        assert!(
+            !tables.keep_for_later(&a, older, Some(&state), now),
+            "still older than the session granted"
+        );
+        assert!(tables.kept.get("a", now).is_none());
+        tables.claiming.decided(&a);
+        // The newest refused: kept for the next claim, which takes it.
+        assert!(tables.keep_for_later(&a, latest, Some(&state), now));
+        tables.claiming.decided(&a);
+        assert!(tables.claiming.ids.is_empty());
+        let next = tables.claiming.received(&a);
+        assert_eq!(
+            tables.granting(&a, next, None, now),
+            Granting::Newest(Some(state))
+        );
+        // Nothing to keep.
+        assert!(!tables.keep_for_later(&a, next, None, now));
+    }
+
+    /// A state sent to a claim is waited for by the id's other claims
+    /// until that claim's shard settles it, or SHARD_ANSWER passes; a
+    /// settle of another claim changes nothing; other ids are apart.
+    #[test]
+    fn a_state_sent_to_a_claim_is_waited_for_until_settled_or_too_old() {
+        let mut sent = Sent::default();
+        let (a, b) = (ByteString::from("a"), ByteString::from("b"));
+        let now = Instant::now();
+        sent.sent(&a, (0, 9), now);
+        assert!(sent.settling("a", (1, 4), now), "another claim waits");
+        assert!(!sent.settling("a", (0, 9), now), "not the claim itself");
+        assert!(!sent.settling("b", (1, 4), now));
+        sent.settled("a", (1, 4));
+        assert!(sent.settling("a", (1, 4), now), "not that claim's");
+        sent.settled("a", (0, 9));
+        assert!(!sent.settling("a", (1, 4), now));
+        sent.sent(&a, (0, 10), now);
+        assert!(!sent.settling("a", (1, 4), now + SHARD_ANSWER), "too old");
+        // An old one goes when another is sent.
+        sent.sent(&b, (0, 11), now + SHARD_ANSWER);
+        assert!(!sent.ids.contains_key("a"));
+        assert!(sent.settling("b", (1, 4), now + SHARD_ANSWER));
     }
 
     #[test]

@@ -27,6 +27,16 @@
 //! closing peer is reported whatever the mark. The mark is 1 whenever the
 //! connection leaves glommio's stream (a parked socket, watched through
 //! epoll, has no timeout to bound the wait).
+//!
+//! The first wait: a parked connection that the shard sends QoS 1/2
+//! messages gets its task back at once (`Shard::flush_dirty`), before the
+//! client has acknowledged anything. Its task keeps the mark at 1 until it
+//! has read something from the client (`Reading::heard`): a client reads
+//! the burst before it acknowledges it, which under load takes longer than
+//! [`ACK_PATIENCE`], and a mark that times out before the first
+//! acknowledgement only adds a wake-up and two system calls. The first
+//! acknowledgements wake it (usually together, being written back to back),
+//! and the mark is raised for the rest.
 
 use std::os::fd::AsRawFd;
 use std::time::Duration;

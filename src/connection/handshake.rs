@@ -447,6 +447,13 @@ pub(super) async fn connect(
         protocol_level,
     };
     let (key, conn_id) = attach(ctx, link_fd, client_id.clone(), state, &attached);
+    if rx.is_empty() {
+        ctx.shard.borrow_mut().flush_dirty();
+    }
+    // Otherwise the client pipelined packets after its CONNECT (a
+    // SUBSCRIBE, usually): the connection task's first step handles them
+    // and its flush sends the CONNACK with their answers (a SUBACK) in one
+    // write, not two.
     journal_will(ctx, key, &client_id, rare.as_deref());
     ctx.send_outbox();
     debug!(
@@ -563,7 +570,7 @@ pub(super) struct Attach {
 }
 
 /// Creates the session for a new connection (with the claimed state) and
-/// queues CONNACK plus any redelivery.
+/// queues CONNACK plus any redelivery (marked dirty, not flushed).
 pub(super) fn attach(
     ctx: &Ctx,
     link_fd: RawFd,
@@ -627,8 +634,8 @@ pub(super) fn attach(
         let lsn = shard.journal_drop(&client_id);
         shard.hold_out(key, lsn);
     }
+    // Sent by the caller's flush (`connect`).
     shard.mark_dirty(key);
-    shard.flush_dirty();
     (key, conn_id)
 }
 

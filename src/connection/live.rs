@@ -233,6 +233,16 @@ pub(super) struct Reading {
     /// connection owes acknowledgements and waits on glommio's stream
     /// ([`super::ack_wake`]); 0 or 1: the kernel's default.
     pub(super) low_water: u32,
+    /// This task has read something from the client (or was started with
+    /// bytes it sent). Until then the mark stays at 1: see
+    /// [`super::ack_wake`], "the first wait".
+    pub(super) heard: bool,
+    /// The socket is in the shard's epoll set (armed before, perhaps
+    /// fired since): its next wait modifies that registration, one
+    /// `epoll_ctl`. False while it is glommio's ([`Wire::Fresh`]) and for
+    /// a plain socket whose CONNECT was there at its accept: its first
+    /// wait adds it, one `epoll_ctl` too.
+    pub(super) registered: bool,
 }
 
 /// How a plain connection waits for its socket ([`Live::wait`]).
@@ -287,7 +297,7 @@ impl Live {
         let Some(link) = session.link.as_mut() else {
             return Err(CloseReason::TakenOver);
         };
-        let new = matches!(conn.wire, Wire::Fresh(_));
+        let new = !self.reading.registered;
         if let Wire::Fresh(tcp) = &conn.wire {
             let fd = match fd::duplicate(tcp.as_raw_fd()) {
                 Ok(fd) => fd,
@@ -322,6 +332,7 @@ impl Live {
             );
             return Err(CloseReason::Io);
         }
+        self.reading.registered = true;
         if partial {
             link.set_waker(cx.waker());
             return Ok(Waited::Pending);
@@ -371,6 +382,7 @@ impl Live {
                     });
                     return Err(CloseReason::Io);
                 }
+                self.reading.registered = false;
                 Wire::Fresh(fd::into_tcp_stream(fd))
             }
             other => other,
@@ -509,7 +521,10 @@ pub(super) fn poll_event(
         // owed (see `Live::wait`): in this task, on glommio's stream
         // (whose read tries a `recv` first), woken once per batch of
         // acknowledgements while many are owed (`ack_wake`).
-        ack_wake::apply(tcp, &mut reading.low_water, low_water);
+        // Until the client has sent something to this task, any byte wakes
+        // it (`ack_wake::first_wait`).
+        let want = if reading.heard { low_water } else { 1 };
+        ack_wake::apply(tcp, &mut reading.low_water, want);
         link.set_waker(cx.waker());
         let mut result = Pin::new(&mut *tcp).poll_read(cx, read_buf);
         if matches!(&result, Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::TimedOut) {
@@ -525,17 +540,29 @@ pub(super) fn poll_event(
             };
         }
         return match result {
-            Poll::Ready(r) => Poll::Ready(read_event(r, read_buf, rx, &mut stats.bytes_received)),
+            Poll::Ready(r) => {
+                reading.heard |= matches!(r, Ok(n) if n > 0);
+                // A short read drained the socket: a wait through epoll
+                // needs no `recv` first (arming it reports what came since).
+                reading.drained = matches!(r, Ok(n) if n < read_buf.len());
+                Poll::Ready(read_event(r, read_buf, rx, &mut stats.bytes_received))
+            }
             Poll::Pending => {
                 reading.fresh_waited = true;
                 Poll::Pending
             }
         };
     }
-    if read && !reading.drained {
+    // Owing acknowledgements, a plain socket that waits only to read goes
+    // back to glommio's stream (`Live::wait`), whose read tries a `recv`
+    // first: none here (a resumed connection would make two that find
+    // nothing).
+    let to_stream = owed && !link.blocked && matches!(wire, Wire::Plain(_));
+    if read && !reading.drained && !to_stream {
         match fd::recv(fd, read_buf) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             result => {
+                reading.heard |= result.as_ref().is_ok_and(|&n| n > 0);
                 reading.drained = result.as_ref().is_ok_and(|&n| n < read_buf.len());
                 reading.full = result.as_ref().is_ok_and(|&n| n == read_buf.len());
                 return Poll::Ready(read_event(result, read_buf, rx, &mut stats.bytes_received));

@@ -145,7 +145,8 @@ impl Wire {
 /// A connection was accepted (and admitted). A plain MQTT socket is kept
 /// as its socket only, in the shard's epoll set ([`crate::net::waiting`]),
 /// while its CONNECT is on its way; its bytes are read with `recv` until
-/// the CONNECT is whole (at once when the client has written already), and
+/// the CONNECT is whole (the first `recv` at once: a client often wrote
+/// before its accept, and one that has not costs that `recv` only), and
 /// only then does it get a task ([`socket_ready`], `serve_socket`). A TLS or
 /// WebSocket socket is served at once when its client has written already,
 /// otherwise it waits the same way until its first bytes. Thousands of
@@ -153,37 +154,18 @@ impl Wire {
 /// cost no task and no buffer each while their CONNECT is on its way.
 pub fn accepted(
     ctx: &Ctx,
-    tcp: TcpStream,
+    socket: OwnedFd,
     acceptor: &Acceptor,
     slot: ConnectionSlot,
     ip_key: IpKey,
 ) {
     let accepted_at = Instant::now();
-    let serve_now = |tcp, slot| {
-        glommio::spawn_local(serve(
-            ctx.clone(),
-            tcp,
-            acceptor.clone(),
-            slot,
-            ip_key,
-            accepted_at,
-        ))
-        .detach();
-    };
-    let has_input = fd::has_input(tcp.as_raw_fd());
     let plain = acceptor.transport == Transport::Mqtt;
-    if has_input && !plain {
-        serve_now(tcp, slot);
+    if !plain && fd::has_input(socket.as_raw_fd()) {
+        let tcp = fd::into_tcp_stream(socket);
+        serve_in_task(ctx, tcp, acceptor, slot, ip_key, accepted_at);
         return;
     }
-    // Out of descriptors for the duplicate: wait in a task, as before.
-    let Ok(socket) = fd::duplicate(tcp.as_raw_fd()) else {
-        serve_now(tcp, slot);
-        return;
-    };
-    // The duplicate is the socket from now on; glommio's stream (and its
-    // descriptor) closes.
-    drop(tcp);
     let raw = socket.as_raw_fd();
     let mut shard = ctx.shard.borrow_mut();
     let deadline = accepted_at + shard.config.connect_timeout;
@@ -195,9 +177,11 @@ pub fn accepted(
         accepted_at,
         deadline,
     );
-    if has_input {
-        // Its CONNECT (or part of it) is there: read it now (the socket is
-        // added to the epoll set only if it must wait for the rest).
+    if plain {
+        // Its CONNECT (or part of it) is probably there already: read it
+        // now, with the `recv` that would follow a peek (the socket is
+        // added to the epoll set only if it must wait for the rest, or for
+        // all of it).
         drop(shard);
         socket_ready(ctx, token);
         return;
@@ -206,12 +190,66 @@ pub fn accepted(
         read: true,
         write: false,
     };
-    if let Err(e) = ctx.poller.arm(raw, token, read, true) {
-        debug!("{}: cannot watch the new socket ({e}), closing", Peer(raw));
-        if let Some(waiting) = shard.waiting.take(token) {
-            waiting.slot.release(waiting.ip_key);
+    match ctx.poller.arm(raw, token, read, true) {
+        Ok(()) => {
+            if let Some(waiting) = shard.waiting.get_mut(token) {
+                waiting.registered = true;
+            }
+        }
+        Err(e) => {
+            debug!("{}: cannot watch the new socket ({e}), closing", Peer(raw));
+            if let Some(waiting) = shard.waiting.take(token) {
+                waiting.slot.release(waiting.ip_key);
+            }
         }
     }
+}
+
+/// [`accepted`] for a connection that glommio's accept handed over (the
+/// accept loop had waited there): its socket is taken from the stream
+/// with a duplicate, the stream closes. Out of descriptors for the
+/// duplicate, the connection is served on glommio's stream, in a task.
+pub fn accepted_stream(
+    ctx: &Ctx,
+    tcp: TcpStream,
+    acceptor: &Acceptor,
+    slot: ConnectionSlot,
+    ip_key: IpKey,
+) {
+    let plain = acceptor.transport == Transport::Mqtt;
+    let socket = if plain || !fd::has_input(tcp.as_raw_fd()) {
+        fd::duplicate(tcp.as_raw_fd()).ok()
+    } else {
+        // Its handshake is there: served on this stream at once.
+        None
+    };
+    match socket {
+        Some(socket) => {
+            drop(tcp);
+            accepted(ctx, socket, acceptor, slot, ip_key);
+        }
+        None => serve_in_task(ctx, tcp, acceptor, slot, ip_key, Instant::now()),
+    }
+}
+
+/// Spawns [`serve`] for a connection on glommio's stream.
+fn serve_in_task(
+    ctx: &Ctx,
+    tcp: TcpStream,
+    acceptor: &Acceptor,
+    slot: ConnectionSlot,
+    ip_key: IpKey,
+    accepted_at: Instant,
+) {
+    glommio::spawn_local(serve(
+        ctx.clone(),
+        tcp,
+        acceptor.clone(),
+        slot,
+        ip_key,
+        accepted_at,
+    ))
+    .detach();
 }
 
 /// Serves one accepted connection: the handshake in this task, then the
@@ -230,7 +268,14 @@ pub async fn serve(
         slot.release(ip_key);
         return;
     };
-    live(ctx, conn, slot, ip_key, acceptor.transport);
+    live(
+        ctx,
+        conn,
+        slot,
+        ip_key,
+        acceptor.transport,
+        Reading::default(),
+    );
 }
 
 /// An accepted plain MQTT socket that waited without a task
@@ -248,6 +293,8 @@ pub async fn serve_socket(ctx: Ctx, waiting: WaitingSocket) {
         slot,
         ip_key,
         mut rx,
+        drained,
+        registered,
         ..
     } = waiting;
     let max = ctx.shard.borrow().config.max_packet_size;
@@ -259,11 +306,28 @@ pub async fn serve_socket(ctx: Ctx, waiting: WaitingSocket) {
         slot.release(ip_key);
         return;
     };
-    live(ctx, conn, slot, ip_key, acceptor.transport);
+    // What the waiting entry knew of its socket: a connection whose CONNECT
+    // (and pipelined SUBSCRIBE) came in one short read waits after handling
+    // them without a `recv` that would find nothing, and its first wait
+    // adds its socket to the epoll set unless it waited there already.
+    let reading = Reading {
+        drained,
+        registered,
+        ..Reading::default()
+    };
+    live(ctx, conn, slot, ip_key, acceptor.transport, reading);
 }
 
-/// Starts a connection's life past CONNACK: its `Live` task.
-fn live(ctx: Ctx, conn: Established, slot: ConnectionSlot, ip_key: IpKey, listener: Transport) {
+/// Starts a connection's life past CONNACK: its `Live` task. `reading`:
+/// what is known of its socket so far (`drained`, `registered`).
+fn live(
+    ctx: Ctx,
+    conn: Established,
+    slot: ConnectionSlot,
+    ip_key: IpKey,
+    listener: Transport,
+    reading: Reading,
+) {
     let unprocessed = !conn.rx.is_empty();
     // A connection that was never a glommio stream has no first wait there.
     let never_fresh = matches!(conn.wire, Wire::Plain(_));
@@ -280,9 +344,10 @@ fn live(ctx: Ctx, conn: Established, slot: ConnectionSlot, ip_key: IpKey, listen
             // task and glommio poll source (~900 B) until the keep-alive
             // sweep, all at once after a connect burst.
             fresh_waited: unprocessed || never_fresh,
-            drained: false,
-            full: false,
             low_water: 1,
+            // It sent CONNECT.
+            heard: true,
+            ..reading
         },
         forwarding: None,
         ended: None,
@@ -453,7 +518,9 @@ impl std::fmt::Display for Identity<'_> {
 /// figures' per-connection fields (`Link::connected_at`, `Live::listener`)
 /// live in padding. Measured on 64-bit: the link was 40 bytes with a waker,
 /// 56 with the parked state (which replaced a ~300-byte task and glommio's
-/// ~500-byte poll source); a running connection's task holds a `Live`.
+/// ~500-byte poll source); a running connection's task holds a `Live`
+/// (272 bytes since `Reading` got its ninth byte, `registered`, beside
+/// `heard`: 8 bytes more per connection with a task, none per parked one).
 #[cfg(all(test, target_pointer_width = "64"))]
 mod size_tests {
     #[test]
@@ -464,6 +531,6 @@ mod size_tests {
             std::mem::size_of::<Option<crate::session::link::Link>>(),
             56
         );
-        assert_eq!(std::mem::size_of::<super::Live>(), 264);
+        assert_eq!(std::mem::size_of::<super::Live>(), 272);
     }
 }

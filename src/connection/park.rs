@@ -19,8 +19,9 @@
 //! cost is a thread wake-up per batch of ready sockets, paid only by
 //! connections that were idle; a connection that is busy keeps its task.
 //!
-//! The shard itself wakes a parked connection (to close it, or to write when
-//! its socket was full) with [`wake_later`](crate::session::link::wake_later): the connection goes on this
+//! The shard itself wakes a parked connection (to close it, to write when
+//! its socket was full, or to read the acknowledgements of the QoS 1/2
+//! messages it has just written to it, see `Shard::flush_dirty`) with [`wake_later`](crate::session::link::wake_later): the connection goes on this
 //! shard's wake list and the [`Unparker`] task resumes it.
 
 use std::future::Future;
@@ -132,6 +133,9 @@ pub fn resume(ctx: &Ctx, conn_id: u64, mut parked: Parked, rx: BytesMut) {
             drained: false,
             full: false,
             low_water: 1,
+            heard: unprocessed,
+            // It was armed before it parked.
+            registered: true,
         },
         forwarding: None,
         ended: None,
@@ -284,8 +288,10 @@ fn send_some(fd: std::os::fd::RawFd, bytes: &[u8]) -> usize {
 /// the shard's read buffer, and kept in its waiting entry until its first
 /// packet is whole: a CONNECT that comes in pieces waits on, still without
 /// a task, until the connect timeout. The whole packet is handed to
-/// [`crate::connection::serve_socket`] (the socket stays in the epoll set,
-/// where it will park). A TLS or WebSocket socket leaves the epoll set for
+/// [`crate::connection::serve_socket`] (the socket stays in the epoll set
+/// if it waited there, and parks there). A socket accepted with its bytes
+/// already there is read here at once, and added to the epoll set only if
+/// they are not its whole first packet. A TLS or WebSocket socket leaves the epoll set for
 /// glommio's stream, and its connection task starts
 /// ([`crate::connection::serve`]): its first bytes are its transport's
 /// handshake.
@@ -315,6 +321,7 @@ fn first_bytes(ctx: &Ctx, token: u64) {
         Ok(0) => None,
         Ok(n) => {
             stats.bytes_received += n as u64;
+            socket.drained = n < read_buf.len();
             socket.rx.extend_from_slice(&read_buf[..n]);
             match v3::peek_frame_len(&socket.rx, config.max_packet_size) {
                 Ok(Some(size)) => Some(socket.rx.len() >= size),
@@ -341,10 +348,15 @@ fn first_bytes(ctx: &Ctx, token: u64) {
                 read: true,
                 write: false,
             };
-            if let Err(e) = ctx.poller.arm(raw, token, read, false) {
-                debug!("socket {raw}: cannot watch it again ({e}), closing");
-                if let Some(socket) = waiting.take(token) {
-                    socket.slot.release(socket.ip_key);
+            // Added the first time (its bytes were not there at its
+            // accept, or only part of them), re-armed after that.
+            match ctx.poller.arm(raw, token, read, !socket.registered) {
+                Ok(()) => socket.registered = true,
+                Err(e) => {
+                    debug!("socket {raw}: cannot watch it ({e}), closing");
+                    if let Some(socket) = waiting.take(token) {
+                        socket.slot.release(socket.ip_key);
+                    }
                 }
             }
         }

@@ -42,6 +42,15 @@ pub struct WaitingSocket {
     /// (plain MQTT listeners, whose CONNECT is read here with `recv`; empty
     /// and unallocated for the others, and until the first bytes).
     pub rx: BytesMut,
+    /// The last `recv` of its bytes took less than the read buffer holds:
+    /// the socket was drained then, so its connection task waits (arms
+    /// epoll, which reports what arrived since) without a `recv` that
+    /// would find nothing.
+    pub drained: bool,
+    /// Its socket is in the shard's epoll set (it was armed once): the
+    /// next arming modifies that registration instead of adding one. A
+    /// socket whose first bytes were there at its accept never is.
+    pub registered: bool,
     /// Tells this entry from a later one at the same slab index (the low
     /// 31 bits of an accept counter), so that a stale token or deadline
     /// matches nothing.
@@ -82,6 +91,8 @@ impl Waiting {
             ip_key,
             accepted_at,
             rx: BytesMut::new(),
+            drained: false,
+            registered: false,
             generation,
         });
         self.deadlines.push_back((deadline, index, generation));

@@ -428,6 +428,12 @@ counter_table! {
         cluster_subscription_records: Counter Max,
             prometheus Some("cluster_subscription_records"), per_shard None, sys None,
             help "Subscriptions records of persistent sessions written to the cluster's bucket (at attach, SUBSCRIBE and UNSUBSCRIBE)";
+        cluster_tails_merged: Counter Max,
+            prometheus Some("cluster_tails_merged"), per_shard None, sys None,
+            help "Persistent sessions moved to this node with the old node's tail: what other nodes published on their topics during the move, merged without loss or repeats";
+        cluster_tails_missed: Counter Max,
+            prometheus Some("cluster_tails_missed"), per_shard None, sys None,
+            help "Persistent sessions moved to this node without the old node's tail (no answer in time, or it collected none): what was published on their topics during the move is lost for them";
         cluster_nodes: Gauge Max,
             prometheus Some("cluster_nodes"), per_shard None, sys None,
             help "Other nodes heard from within the node timeout";

@@ -260,6 +260,11 @@ impl Link {
         })
     }
 
+    /// True while the connection is parked (no task; `connection::park`).
+    pub fn is_parked(&self) -> bool {
+        matches!(self.waiter, Waiter::Parked(_))
+    }
+
     /// True for a TLS or WebSocket connection: only its task may write.
     pub fn is_framed(&self) -> bool {
         self.fd < 0

@@ -19,15 +19,17 @@ use bytestring::ByteString;
 
 use crate::cluster::link::{HandOver, Outgoing, Ticket, ToShard};
 use crate::cluster::ownership::MAX_SUBSCRIPTIONS_RECORD;
+use crate::cluster::tail::{self, TailError, put_record};
 use crate::protocol::message::{Encoded, Message};
 use crate::protocol::topic;
 use crate::protocol::v3::QoS;
 use crate::router::SharedFilter;
 use crate::router::shared::SharedDelivery;
-use crate::session::{Session, SessionState};
-use crate::shard::persist::{Keepers, set_stored_options, stored_subscriptions};
+use crate::session::{Phase, Session, SessionState};
+use crate::shard::persist::{Keepers, restore_flows, set_stored_options, stored_subscriptions};
 use crate::shard::run::{self, takes_runs};
 use crate::shard::{Ctx, SessionKey, Shard, offer, read_allowed, registry};
+use crate::store::flows;
 use crate::store::record::{Record, RecordError, StoredMessage, StoredSession, unix_ms_now};
 
 /// Longest a SUBACK of a filter new to the node waits for the bridge to
@@ -166,6 +168,19 @@ pub async fn receive_from_bridge(ctx: Ctx, from_bridge: async_channel::Receiver<
                     ToShard::Claimed { token, answer } => {
                         shard.cluster_claim_answered(token, answer);
                     }
+                    ToShard::Handing {
+                        client_id,
+                        on,
+                        done,
+                    } => {
+                        if on {
+                            shard.cluster_handing.insert(client_id);
+                        } else {
+                            shard.cluster_handing.remove(&client_id);
+                        }
+                        // The mark is in place: the bridge may go on.
+                        drop(done);
+                    }
                     ToShard::Takeover {
                         client_id,
                         clean_session,
@@ -238,7 +253,25 @@ async fn hand_over(
             return;
         }
     };
-    let (state, lsn) = ctx.shard.borrow_mut().hand_over_claimed(&client_id, token);
+    // The state stays in the claim, which keeps the id claimed here, until
+    // it goes: a CONNECT of the id here meanwhile supersedes the claim and
+    // takes the state, as it would from any claim not yet attached, and
+    // the take-over is then refused (the later CONNECT, here, wins; the
+    // other node answers CONNACK 0x03 and its client retries). Else that
+    // CONNECT found the id nowhere here, started a second, fresh session
+    // beside the one leaving, and the record still named this node.
+    let superseded = |ctx: &Ctx| {
+        log::debug!(
+            "cluster: take-over of {client_id:?} by another node refused: a CONNECT here took the session meanwhile"
+        );
+        // The superseded claim goes (taken already on some paths).
+        let _ = ctx.shard.borrow_mut().take_claim(token);
+        ctx.send_outbox();
+        let _ = answer.try_send(HandOver::Unavailable { token: 0 });
+    };
+    let Some(lsn) = ctx.shard.borrow_mut().hand_over_dropping(&client_id, token) else {
+        return superseded(&ctx);
+    };
     let journal = ctx.shard.borrow().session_journal.clone();
     if let Some(journal) = journal.filter(|j| lsn > 0 && j.acked_lsn() < lsn) {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -248,6 +281,9 @@ async fn hand_over(
         })
         .await;
         if durable.is_err() {
+            let Some(state) = ctx.shard.borrow_mut().take_claim(token) else {
+                return superseded(&ctx);
+            };
             log::warn!(
                 "cluster: take-over of {client_id:?} by another node refused: its end here was not durable in {HAND_OVER_WAIT:?} (the disk is slow); the session stays"
             );
@@ -257,6 +293,9 @@ async fn hand_over(
             return;
         }
     }
+    let Some(state) = ctx.shard.borrow_mut().take_claim(token) else {
+        return superseded(&ctx);
+    };
     let answered = ctx
         .shard
         .borrow_mut()
@@ -272,22 +311,32 @@ impl Shard {
     /// the session journal's LSN that must be durable before it goes (0:
     /// none), that of the drop record of the session leaving this node.
     /// Then [`Shard::handed`] or [`Shard::keep_handed`].
+    #[cfg(test)]
     pub fn hand_over_claimed(
         &mut self,
         client_id: &str,
         token: u64,
     ) -> (Option<SessionState>, u64) {
-        let Some(state) = self.take_claim(token) else {
-            // A later CONNECT here won meanwhile: it holds the id now.
+        let Some(lsn) = self.hand_over_dropping(client_id, token) else {
             return (None, 0);
         };
+        (self.take_claim(token).flatten(), lsn)
+    }
+
+    /// The claim `token` that another node's take-over of `client_id`
+    /// made here ([`hand_over`]) was granted: journals the end of the
+    /// session here if the claim holds one, which stays in the claim (so
+    /// the id stays claimed) until [`Shard::take_claim`]. The LSN that
+    /// must be durable before the state goes (0: none); None when a later
+    /// CONNECT here superseded the claim (it holds the id and the state).
+    pub fn hand_over_dropping(&mut self, client_id: &str, token: u64) -> Option<u64> {
+        let holds = self.registry_claim_state(token)?;
         // The session lives on elsewhere now.
-        let lsn = if state.is_some() {
+        Some(if holds {
             self.journal_drop(client_id)
         } else {
             0
-        };
-        (state, lsn)
+        })
     }
 
     /// The take-over of [`Shard::hand_over_claimed`] goes: releases the id
@@ -356,26 +405,36 @@ pub enum ImageError {
     Layout(&'static str),
 }
 
-/// Appends one record as the image holds it: kind, body length (u32 LE),
-/// body.
-fn put_record(out: &mut Vec<u8>, record: &Record) {
-    let mut body = Vec::new();
-    record.encode_body(&mut body);
-    out.push(record.kind());
-    out.extend_from_slice(&u32::try_from(body.len()).unwrap_or(u32::MAX).to_le_bytes());
-    out.extend_from_slice(&body);
-}
-
 /// A session's state as sent to another node at a take-over: the store's
 /// records (persistence design), a session image naming its queued QoS
 /// 1/2 messages (in flight first, then pending) followed by one message
-/// record each; at most `max` bytes, the oldest messages left out first.
+/// record each, then the records of its flows ([`flows::image_tail`]:
+/// each message in flight with its packet id and phase, each incoming QoS
+/// 2 packet id awaiting PUBREL), so that the new node resends what was in
+/// flight with DUP and its packet id, a PUBREL where PUBREC came, and
+/// takes a QoS 2 PUBLISH resent with an id awaiting PUBREL as the
+/// duplicate it is (MQTT 3.1.1 §4.4, §4.3.3; none when there are no
+/// flows, the image as older nodes wrote it); at most `max` bytes, the
+/// oldest messages left out first.
 pub fn encode_image(client_id: &str, state: &SessionState, max: usize) -> Vec<u8> {
     let now = Instant::now();
     let unix_now = unix_ms_now();
     let mut messages: Vec<Vec<u8>> = Vec::new();
     let mut queued = Vec::new();
+    // Message id (in this image), packet id, QoS, PUBREC'd: one per
+    // message in flight, which come first in `messages`.
+    let mut inflight: Vec<flows::InflightRef> = Vec::new();
+    let mut awaiting_rel: &[u16] = &[];
     if let Some(flows) = state.flows.as_deref() {
+        for (mid, f) in (1u64..).zip(&flows.inflight) {
+            inflight.push((
+                mid,
+                f.packet_id,
+                f.message.qos,
+                f.phase == Phase::AwaitPubComp,
+            ));
+        }
+        awaiting_rel = &flows.awaiting_rel;
         let all = flows
             .inflight
             .iter()
@@ -392,9 +451,19 @@ pub fn encode_image(client_id: &str, state: &SessionState, max: usize) -> Vec<u8
         }
     }
     let image = |queued: &[(u64, QoS)]| image_record(client_id, state, queued);
-    // Leave out the oldest messages until the whole fits.
+    let flow_records = |skip: usize| {
+        let mut out = Vec::new();
+        let kept = inflight.iter().skip(skip.min(inflight.len())).copied();
+        for record in flows::image_tail(0, kept, awaiting_rel) {
+            put_record(&mut out, &record);
+        }
+        out
+    };
+    // Leave out the oldest messages until the whole fits (with the flow
+    // records of all: a bound, never short).
     let mut skip = 0;
-    let mut total: usize = image(&queued).len() + messages.iter().map(Vec::len).sum::<usize>();
+    let mut total: usize =
+        image(&queued).len() + messages.iter().map(Vec::len).sum::<usize>() + flow_records(0).len();
     while total > max && skip < messages.len() {
         total -= messages[skip].len() + 9;
         skip += 1;
@@ -403,6 +472,7 @@ pub fn encode_image(client_id: &str, state: &SessionState, max: usize) -> Vec<u8
     for message in &messages[skip..] {
         out.extend_from_slice(message);
     }
+    out.extend_from_slice(&flow_records(skip));
     out
 }
 
@@ -437,34 +507,46 @@ pub fn subscriptions_image(client_id: &str, state: &SessionState) -> Option<byte
 }
 
 /// Reads what [`encode_image`] wrote into a session state: its
-/// subscriptions with their options, its queued messages pending (resent
-/// with new packet ids, as after a restart).
+/// subscriptions with their options, its messages in flight with their
+/// packet ids and phase (resent with DUP, or PUBREL, at the attach) and
+/// its incoming QoS 2 ids awaiting PUBREL, then the rest of its queue
+/// pending (sent with new packet ids). An image from an older node has no
+/// flow records: everything is pending then.
 ///
 /// # Errors
 /// Bytes that are no such image.
-pub fn decode_image(mut bytes: &[u8]) -> Result<SessionState, ImageError> {
-    let mut records = Vec::new();
-    while let [kind, rest @ ..] = bytes {
-        let (len, rest) = rest
-            .split_first_chunk::<4>()
-            .ok_or(ImageError::Layout("record length cut short"))?;
-        let len = u32::from_le_bytes(*len) as usize;
-        let body = rest
-            .get(..len)
-            .ok_or(ImageError::Layout("record body cut short"))?;
-        records.push(Record::decode(*kind, body)?);
-        bytes = &rest[len..];
-    }
+pub fn decode_image(bytes: &[u8]) -> Result<SessionState, ImageError> {
+    let records = tail::records(bytes).map_err(|e| match e {
+        TailError::Record(e) => ImageError::Record(e),
+        TailError::Layout(why) => ImageError::Layout(why),
+    })?;
     let mut records = records.into_iter();
     let Some(Record::SessionImage(image)) = records.next() else {
         return Err(ImageError::Layout("no session image first"));
     };
     let mut bodies = AHashMap::new();
+    let mut events = Vec::new();
     for record in records {
-        let Record::Message(mid, message) = record else {
-            return Err(ImageError::Layout("a record other than a message"));
-        };
-        bodies.insert(mid, message);
+        match record {
+            Record::Message(mid, message) => {
+                bodies.insert(mid, message);
+            }
+            Record::Sent(mid, refs) => {
+                for (alias, packet_id, qos) in refs {
+                    if alias == 0 {
+                        events.push(flows::FlowEvent::Sent(mid, packet_id, qos));
+                    }
+                }
+            }
+            Record::Flow(step, 0, packet_id) => {
+                events.push(flows::FlowEvent::Step(step, packet_id));
+            }
+            _ => {
+                return Err(ImageError::Layout(
+                    "a record other than a message or a flow",
+                ));
+            }
+        }
     }
     let mut session = Session::new(image.client_id, false, SessionState::default());
     for sub in &image.subscriptions {
@@ -472,13 +554,12 @@ pub fn decode_image(mut bytes: &[u8]) -> Result<SessionState, ImageError> {
         session.subscribe(filter.clone(), sub.qos);
         set_stored_options(&mut session, filter, sub);
     }
+    let (queued, loaded) = flows::replay(&image.queued, &events, |mid| bodies.get(&mid));
     let now = Instant::now();
+    restore_flows(&mut session, &loaded, now, false);
     let unix_now = unix_ms_now();
-    for (mid, qos) in image.queued {
-        let Some(mut message) = bodies
-            .get(&mid)
-            .and_then(|m| m.to_message(0, now, unix_now))
-        else {
+    for (_, stored, qos) in queued {
+        let Some(mut message) = stored.to_message(0, now, unix_now) else {
             continue;
         };
         message.qos = qos;
@@ -572,9 +653,10 @@ impl Shard {
     /// Delivers messages from another node, all of one NATS subscription
     /// (in the order NATS gave them), to this shard's subscribers of
     /// `filter` (`None`: every matching subscriber); never stored as
-    /// retained (the bucket's watch does that) and never handed on. As a
-    /// local burst is ([`Shard::route_batch`]), each run of consecutive
-    /// QoS 0 messages to one topic is routed together
+    /// retained (the bucket's watch does that) and never handed on. Each
+    /// run of consecutive messages to one topic, QoS 0 ones as a local
+    /// burst's ([`Shard::route_batch`]) or QoS 1/2 ones
+    /// ([`run::split_cluster_runs`]), is routed together
     /// ([`Shard::route_run_from_cluster`]).
     pub fn route_from_cluster(&mut self, filter: Option<&str>, messages: &[Message]) {
         let Some(filter) = filter else {
@@ -591,22 +673,32 @@ impl Shard {
             self.route_batch(&unretained);
             return;
         };
-        for run in run::split_runs(messages) {
+        for run in run::split_cluster_runs(messages) {
             self.route_run_from_cluster(filter, run);
         }
     }
 
-    /// Delivers `run` (one message, or consecutive messages to one topic
-    /// that [`run::runs`] allows) from the NATS subscription of `filter`: the
+    /// Delivers `run` (one message, or a run of [`run::split_cluster_runs`]:
+    /// consecutive messages to one topic, all QoS 0 that [`run::runs`]
+    /// allows or all QoS 1/2) from the NATS subscription of `filter`: the
     /// filter's subscribers are walked once, and each session's own
-    /// filters matched once ([`copy_qos`]); sessions that take runs
-    /// ([`takes_runs`]) get the whole run as one queue entry, as from a
-    /// local burst, the others each message in turn, after them.
+    /// filters matched and its read rules checked once ([`copy_qos`]), for
+    /// the whole run. Of a QoS 0 run, sessions that take runs
+    /// ([`takes_runs`]) get it as one queue entry, as from a local burst;
+    /// the other sessions, and every subscriber of a QoS 1/2 run, get each
+    /// message in turn, in order, as a local publish offers it (each its
+    /// own packet id, the inflight window and queue limits per message,
+    /// journalled once for the persistent sessions that keep it), then the
+    /// sessions attaching on this node (`Shard::queue_for_attaching`). All
+    /// of it reaches the subscribers' sockets at the turn's
+    /// `Shard::flush_dirty`: one write per subscriber for what the turn
+    /// routed, as for a local burst read at once.
     pub fn route_run_from_cluster(&mut self, filter: &str, run: &[Message]) {
         let [first, ..] = run else {
             return;
         };
-        let as_run = run.len() > 1;
+        // A QoS 0 run whose frames the takers share.
+        let as_run = run.len() > 1 && run::runs(first);
         let Shard {
             router,
             sessions,
@@ -618,6 +710,7 @@ impl Shard {
             persist_stamps,
             run_frames,
             cluster_others,
+            cluster_handing,
             ..
         } = self;
         let persist_stamps = &*persist_stamps;
@@ -631,10 +724,16 @@ impl Shard {
             let Some(session) = sessions.get_mut(key as usize) else {
                 return;
             };
+            // Being handed to another node: the bridge collects for it.
+            if !cluster_handing.is_empty() && cluster_handing.contains(&*session.client_id) {
+                return;
+            }
             let Some(granted) = copy_qos(&session.state, Some(filter), &first.topic) else {
                 return;
             };
             if !read_allowed(session, &mut reads, auth, &first.topic, stats) {
+                // Counted per message, as a local publish counts it.
+                stats.read_denied += run.len() as u64 - 1;
                 return;
             }
             if !as_run || !takes_runs(session, key, persist_stamps) {
@@ -646,11 +745,10 @@ impl Shard {
         self.run_frames = frames;
         for message in run {
             self.offer_from_cluster(message, &others);
+            // Nothing for QoS 0 (never kept for a session not yet attached).
+            self.queue_for_attaching(Some(filter), message);
         }
         self.cluster_others = others;
-        if !as_run {
-            self.queue_for_attaching(Some(filter), first);
-        }
     }
 
     /// Offers `message`, from another node, to each session of `takers`
@@ -720,6 +818,7 @@ mod tests {
     use bytes::Bytes;
 
     use super::*;
+    use crate::config::Config;
     use crate::protocol::Version;
     use crate::protocol::v5::{RetainHandling, SubscriptionOptions};
     use crate::shard::testing::{self, attach_client, payloads};
@@ -734,18 +833,21 @@ mod tests {
         )
     }
 
+    /// Subscribes session `key` of `shard` to `filter` at `qos` too.
+    fn also_subscribe(shard: &mut Shard, key: SessionKey, filter: &str, qos: QoS) {
+        let filters = vec![(filter.into(), qos)];
+        let subscribe = crate::protocol::v3::Subscribe {
+            packet_id: 2,
+            filters,
+        };
+        shard.subscribe(key, subscribe, None);
+    }
+
     #[test]
     fn a_session_takes_a_message_once_through_its_smallest_matching_filter() {
         let mut shard = testing::shard();
         let mut both = attach_client(&mut shard, "both", "a/#", QoS::AtMostOnce, None);
-        shard.subscribe(
-            both.key,
-            crate::protocol::v3::Subscribe {
-                packet_id: 2,
-                filters: vec![("a/+".into(), QoS::AtLeastOnce)],
-            },
-            None,
-        );
+        also_subscribe(&mut shard, both.key, "a/+", QoS::AtLeastOnce);
         let mut plain = attach_client(&mut shard, "plain", "a/b", QoS::AtMostOnce, None);
         shard.flush_dirty();
         let _ = both.publishes();
@@ -767,14 +869,7 @@ mod tests {
         let mut shard = testing::shard();
         let mut plain = attach_client(&mut shard, "plain", "t/#", QoS::AtMostOnce, None);
         let mut both = attach_client(&mut shard, "both", "t/#", QoS::AtMostOnce, None);
-        shard.subscribe(
-            both.key,
-            crate::protocol::v3::Subscribe {
-                packet_id: 2,
-                filters: vec![("t/+".into(), QoS::AtMostOnce)],
-            },
-            None,
-        );
+        also_subscribe(&mut shard, both.key, "t/+", QoS::AtMostOnce);
         let mut v5 = attach_client(&mut shard, "v5", "t/#", QoS::AtMostOnce, None);
         if let Some(session) = shard.sessions.get_mut(v5.key as usize) {
             // An MQTT 5.0 session takes the run message by message.
@@ -808,6 +903,167 @@ mod tests {
         let want_v5: Vec<String> = want.iter().map(|p| format!("\0{p}")).collect();
         assert_eq!(payloads(&v5.publishes()), want_v5, "in order");
         assert!(shard.take_remote_batch().is_none(), "never handed on");
+    }
+
+    /// `n` messages on `topic` from another node at `qos`, payloads "0",
+    /// "1", ...
+    fn numbered(topic: &str, n: usize, qos: QoS) -> Vec<Message> {
+        (0..n)
+            .map(|i| {
+                let mut m = message(topic, b"");
+                m.qos = qos;
+                m.payload = Bytes::from(i.to_string());
+                m
+            })
+            .collect()
+    }
+
+    /// The packet ids and payloads of what session `key` has in flight,
+    /// and the payloads of its pending messages, oldest first.
+    fn flows(shard: &Shard, key: SessionKey) -> (Vec<(u16, String)>, Vec<String>) {
+        let text = |m: &Message| String::from_utf8_lossy(&m.payload).into_owned();
+        shard.sessions[key as usize]
+            .state
+            .flows
+            .as_deref()
+            .map(|f| {
+                let inflight = f.inflight.iter().map(|i| (i.packet_id, text(&i.message)));
+                (inflight.collect(), f.pending.iter().map(text).collect())
+            })
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn a_qos1_run_from_another_node_keeps_order_packet_ids_and_the_inflight_window() {
+        let config = Config {
+            max_inflight_messages: 3,
+            ..Config::default()
+        };
+        let mut shard = testing::shard_with(0, 1, config);
+        let mut one = attach_client(&mut shard, "one", "t/#", QoS::AtLeastOnce, None);
+        let mut two = attach_client(&mut shard, "two", "t/#", QoS::ExactlyOnce, None);
+        let mut zero = attach_client(&mut shard, "zero", "t/#", QoS::AtMostOnce, None);
+        shard.flush_dirty(); // the SUBACKs
+        // One message in flight to `one` before: its ids go on from 2.
+        shard.route_from_cluster(Some("t/#"), &[message("t/0", b"before")]);
+        let _ = one.publishes();
+        // A run of QoS 1 messages and a QoS 2 one, all to one topic.
+        let mut run = numbered("t/1", 6, QoS::AtLeastOnce);
+        run[5].qos = QoS::ExactlyOnce;
+        shard.route_from_cluster(Some("t/#"), &run);
+        let pair = |id: u16, p: &str| (id, p.to_owned());
+        let texts = |ps: &[&str]| -> Vec<String> { ps.iter().map(|p| (*p).to_owned()).collect() };
+        // Per subscriber, each message its own packet id, in order, within
+        // the window; the rest pending, in order.
+        let want = (
+            vec![pair(1, "before"), pair(2, "0"), pair(3, "1")],
+            texts(&["2", "3", "4", "5"]),
+        );
+        assert_eq!(flows(&shard, one.key), want);
+        assert_eq!(flows(&shard, two.key), want);
+        let last_pending = |shard: &Shard, key: SessionKey| {
+            shard.sessions[key as usize]
+                .state
+                .flows
+                .as_deref()
+                .and_then(|f| f.pending.back().map(|m| m.qos))
+        };
+        assert_eq!(last_pending(&shard, one.key), Some(QoS::AtLeastOnce));
+        assert_eq!(last_pending(&shard, two.key), Some(QoS::ExactlyOnce));
+        assert_eq!(shard.stats.publish_sent_by_qos, [7, 6, 0]);
+        shard.flush_dirty();
+        let sent = |got: Vec<(String, Vec<u8>, QoS)>| {
+            got.into_iter()
+                .map(|(_, p, q)| (String::from_utf8_lossy(&p).into_owned(), q))
+                .collect::<Vec<_>>()
+        };
+        let at = |ps: &[&str], q: QoS| -> Vec<(String, QoS)> {
+            ps.iter().map(|p| ((*p).to_owned(), q)).collect()
+        };
+        assert_eq!(
+            sent(one.publishes()),
+            at(&["before", "0", "1"], QoS::AtLeastOnce)
+        );
+        assert_eq!(
+            sent(two.publishes()),
+            at(&["before", "0", "1"], QoS::AtLeastOnce)
+        );
+        assert_eq!(
+            sent(zero.publishes()),
+            at(&["before", "0", "1", "2", "3", "4", "5"], QoS::AtMostOnce),
+            "downgraded to the QoS granted, every message, in order"
+        );
+        // The acknowledgements let the pending ones in, with the next ids.
+        let Shard {
+            sessions, limits, ..
+        } = &mut shard;
+        for id in 1..=3 {
+            assert!(sessions[one.key as usize].on_puback(id, limits));
+        }
+        let want = (
+            vec![pair(4, "2"), pair(5, "3"), pair(6, "4")],
+            texts(&["5"]),
+        );
+        assert_eq!(flows(&shard, one.key), want);
+    }
+
+    #[test]
+    fn a_qos1_run_from_another_node_over_the_queue_limit_drops_the_rest_and_counts_it() {
+        let config = Config {
+            max_inflight_messages: 1,
+            max_queued_messages: 2,
+            ..Config::default()
+        };
+        let mut shard = testing::shard_with(0, 1, config);
+        let mut client = attach_client(&mut shard, "c", "t", QoS::AtLeastOnce, None);
+        shard.flush_dirty();
+        shard.route_from_cluster(Some("t"), &numbered("t", 5, QoS::AtLeastOnce));
+        let want = (
+            vec![(1, "0".to_owned())],
+            vec!["1".to_owned(), "2".to_owned()],
+        );
+        assert_eq!(flows(&shard, client.key), want, "one in flight, two queued");
+        assert_eq!(shard.stats.publish_sent_by_qos, [0, 1, 0]);
+        assert_eq!(shard.stats.publish_dropped, 2);
+        shard.flush_dirty();
+        assert_eq!(payloads(&client.publishes()), ["0"]);
+    }
+
+    #[test]
+    fn a_qos1_run_through_two_filters_of_a_session_reaches_it_once() {
+        let mut shard = testing::shard();
+        let mut both = attach_client(&mut shard, "both", "t/#", QoS::AtLeastOnce, None);
+        also_subscribe(&mut shard, both.key, "t/+", QoS::ExactlyOnce);
+        shard.flush_dirty();
+        let _ = both.publishes();
+        let run = numbered("t/1", 4, QoS::ExactlyOnce);
+        // NATS gives the node one copy per matching subscription.
+        for filter in ["t/#", "t/+"] {
+            shard.route_from_cluster(Some(filter), &run);
+        }
+        shard.flush_dirty();
+        let got = both.publishes();
+        assert_eq!(payloads(&got), ["0", "1", "2", "3"], "once, through t/#");
+        assert!(
+            got.iter().all(|m| m.2 == QoS::ExactlyOnce),
+            "the highest QoS granted"
+        );
+    }
+
+    #[test]
+    fn a_run_from_another_node_a_session_may_not_read_is_counted_per_message() {
+        let acl = testing::acl_file();
+        let mut shard = testing::shard_with_acl(0, 1, &acl);
+        // "anon" may not read secret/anon; "other" may.
+        let _anon = attach_client(&mut shard, "anon", "secret/#", QoS::AtLeastOnce, None);
+        let mut other = attach_client(&mut shard, "other", "secret/#", QoS::AtLeastOnce, None);
+        shard.flush_dirty();
+        for qos in [QoS::AtMostOnce, QoS::AtLeastOnce] {
+            shard.route_from_cluster(Some("secret/#"), &numbered("secret/anon", 3, qos));
+        }
+        assert_eq!(shard.stats.read_denied, 6, "each message of both runs");
+        shard.flush_dirty();
+        assert_eq!(payloads(&other.publishes()), ["0", "1", "2", "0", "1", "2"]);
     }
 
     /// A persistent session of `shard` (which has a session journal) for
@@ -975,6 +1231,174 @@ mod tests {
         assert!(decode_image(&image[..image.len() - 1]).is_err());
         assert!(decode_image(&image[image.len() - 20..]).is_err());
         assert!(decode_image(&[]).is_err());
+    }
+
+    /// A session's flows travel with its image: what was in flight comes
+    /// back in flight with its packet id and phase (resent with DUP, or
+    /// PUBREL, at the attach, MQTT 3.1.1 §4.4), the incoming QoS 2 ids
+    /// awaiting PUBREL stay awaited (a resent PUBLISH is a duplicate), the
+    /// rest stays pending; also with a tail appended, and the oldest left
+    /// out with their flows when the image is too large.
+    #[test]
+    fn a_session_image_carries_its_flows_in_flight_and_awaiting_pubrel() {
+        use crate::session::Inflight;
+        let mut shard = testing::shard();
+        let client = attach_client(&mut shard, "f", "a/+", QoS::ExactlyOnce, None);
+        let session = &mut shard.sessions[client.key as usize];
+        let flows = session.state.flows.get_or_insert_with(Box::default);
+        let inflight = |packet_id, payload: &'static [u8], qos, phase| {
+            let mut m = message("a/b", payload);
+            m.qos = qos;
+            Inflight {
+                packet_id,
+                message: m,
+                phase,
+                stored: 0,
+                journalled: false,
+            }
+        };
+        flows.inflight.push_back(inflight(
+            7,
+            b"acked-not",
+            QoS::AtLeastOnce,
+            Phase::AwaitPubAck,
+        ));
+        flows.inflight.push_back(inflight(
+            9,
+            b"published",
+            QoS::ExactlyOnce,
+            Phase::AwaitPubRec,
+        ));
+        flows.inflight.push_back(inflight(
+            11,
+            b"pubrecd",
+            QoS::ExactlyOnce,
+            Phase::AwaitPubComp,
+        ));
+        flows.pending.push_back(message("a/b", b"pending"));
+        flows.awaiting_rel.extend([3, 5]);
+        let state = session.state.clone();
+        let flows_of = |s: &SessionState| {
+            let f = s.flows.as_deref().unwrap();
+            let inflight: Vec<(u16, Bytes, QoS, Phase)> = f
+                .inflight
+                .iter()
+                .map(|f| {
+                    (
+                        f.packet_id,
+                        f.message.payload.clone(),
+                        f.message.qos,
+                        f.phase,
+                    )
+                })
+                .collect();
+            let pending: Vec<Bytes> = f.pending.iter().map(|m| m.payload.clone()).collect();
+            (inflight, pending, f.awaiting_rel.clone())
+        };
+        let image = encode_image("f", &state, MAX_IMAGE);
+        let back = decode_image(&image).unwrap();
+        assert_eq!(flows_of(&back), flows_of(&state));
+        assert_eq!(
+            back.flows.as_deref().unwrap().unjournalled,
+            3,
+            "journalled anew where the session is kept"
+        );
+        // The new owner's tail goes after the pending ones.
+        let appended =
+            crate::cluster::tail::append_to_image(&image, &[message("a/c", b"tail")]).unwrap();
+        let (inflight, pending, awaiting) = flows_of(&decode_image(&appended).unwrap());
+        assert_eq!(inflight, flows_of(&state).0);
+        assert_eq!(
+            pending,
+            [Bytes::from_static(b"pending"), Bytes::from_static(b"tail")]
+        );
+        assert_eq!(awaiting, [3, 5]);
+        // Too large: the oldest message in flight is left out, and its flow.
+        let small = encode_image("f", &state, image.len() - 1);
+        let (inflight, pending, awaiting) = flows_of(&decode_image(&small).unwrap());
+        let ids: Vec<u16> = inflight.iter().map(|f| f.0).collect();
+        assert_eq!(ids, [9, 11]);
+        assert_eq!(pending, [Bytes::from_static(b"pending")]);
+        assert_eq!(awaiting, [3, 5]);
+        // Without flows, the image is what an older node wrote: messages
+        // and the image only (which such a node reads).
+        let mut plain = state.clone();
+        let f = plain.flows.as_deref_mut().unwrap();
+        f.inflight.clear();
+        f.awaiting_rel.clear();
+        let records = crate::cluster::tail::records(&encode_image("f", &plain, MAX_IMAGE)).unwrap();
+        assert!(
+            records
+                .iter()
+                .all(|r| matches!(r, Record::SessionImage(_) | Record::Message(..)))
+        );
+    }
+
+    /// The new owner appends the merged tail of a move to the image the old
+    /// owner sent (cluster::tail): the shard reads it back with those
+    /// messages queued after the image's own, at their QoS; the tail code
+    /// reads the image's plain filters.
+    #[test]
+    fn a_tail_appended_to_a_session_image_is_queued_after_its_messages() {
+        let mut shard = testing::shard();
+        let client = attach_client(&mut shard, "m", "a/+", QoS::AtLeastOnce, None);
+        let session = &mut shard.sessions[client.key as usize];
+        session.subscribe(SharedFilter::from("$share/g/b"), QoS::AtLeastOnce);
+        let flows = session.state.flows.get_or_insert_with(Box::default);
+        flows.pending.push_back(message("a/b", b"queued"));
+        let state = session.state.clone();
+        let image = encode_image("m", &state, MAX_IMAGE);
+        let filters = crate::cluster::tail::image_filters(&image).unwrap();
+        assert_eq!(
+            filters,
+            [(ByteString::from("a/+"), QoS::AtLeastOnce)],
+            "shared ones left out"
+        );
+        let mut two = message("a/c", b"tail 2");
+        two.qos = QoS::ExactlyOnce;
+        let tail = [message("a/c", b"tail 1"), two];
+        let appended = crate::cluster::tail::append_to_image(&image, &tail).unwrap();
+        let back = decode_image(&appended).unwrap();
+        let got: Vec<(Bytes, QoS)> = back
+            .flows
+            .as_ref()
+            .map(|f| {
+                f.pending
+                    .iter()
+                    .map(|m| (m.payload.clone(), m.qos))
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert_eq!(
+            got,
+            [
+                (Bytes::from_static(b"queued"), QoS::AtLeastOnce),
+                (Bytes::from_static(b"tail 1"), QoS::AtLeastOnce),
+                (Bytes::from_static(b"tail 2"), QoS::ExactlyOnce),
+            ]
+        );
+        assert_eq!(stored_subscriptions(&back), stored_subscriptions(&state));
+        assert!(crate::cluster::tail::append_to_image(&image[..3], &tail).is_err());
+    }
+
+    /// A session the bridge is handing to another node takes no message
+    /// from NATS (its collector has them), the others do; once the mark
+    /// goes, it takes them again.
+    #[test]
+    fn a_session_being_handed_over_takes_nothing_from_nats() {
+        let mut shard = testing::shard();
+        let mut moving = attach_client(&mut shard, "moving", "t/#", QoS::AtLeastOnce, None);
+        let mut other = attach_client(&mut shard, "other", "t/#", QoS::AtLeastOnce, None);
+        shard.flush_dirty();
+        shard.cluster_handing.insert(ByteString::from("moving"));
+        shard.route_from_cluster(Some("t/#"), &[message("t/1", b"during")]);
+        shard.flush_dirty();
+        assert!(moving.publishes().is_empty());
+        assert_eq!(other.publishes().len(), 1);
+        shard.cluster_handing.remove("moving");
+        shard.route_from_cluster(Some("t/#"), &[message("t/1", b"after")]);
+        shard.flush_dirty();
+        assert_eq!(payloads(&moving.publishes()), ["after"]);
     }
 
     #[test]

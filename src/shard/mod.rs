@@ -196,6 +196,11 @@ pub struct Shard {
     /// message, with the QoS granted to each
     /// ([`Shard::route_run_from_cluster`]): scratch kept for its allocation.
     cluster_others: Vec<(SessionKey, QoS)>,
+    /// Client ids whose sessions the bridge is handing to another node
+    /// (`ToShard::Handing`): a session here takes no messages from NATS
+    /// meanwhile, the bridge collects them for its new node
+    /// (cluster::tail).
+    cluster_handing: ahash::AHashSet<ByteString>,
     /// The run of publishes a connection's read is collecting
     /// ([`Shard::publish_run`]): scratch kept for its allocation.
     pub run: Vec<Message>,
@@ -565,6 +570,7 @@ impl Shard {
             remote_batch: Vec::new(),
             run_frames: Default::default(),
             cluster_others: Vec::new(),
+            cluster_handing: ahash::AHashSet::new(),
             run: Vec::new(),
             outbox: Vec::new(),
             control: Rc::default(),
@@ -773,7 +779,9 @@ impl Shard {
     /// session whose socket is full is handed to its connection task, which
     /// waits for the socket to become writable; so is every TLS or
     /// WebSocket session (a framed link, [`crate::session::link::framed_fd`]),
-    /// whose bytes only its task may write.
+    /// whose bytes only its task may write. A parked plain connection that
+    /// owes acknowledgements once written to is woken, so that its task
+    /// reads them (see the comment at the wake).
     pub fn flush_dirty(&mut self) {
         if self
             .persist_step
@@ -798,6 +806,7 @@ impl Shard {
                 continue;
             };
             session.dirty = false;
+            let owes_acks = session.awaits_acks();
             let Some(link) = session.link.as_mut() else {
                 continue;
             };
@@ -814,7 +823,19 @@ impl Shard {
                 continue;
             }
             match session.out.flush(link.fd, &mut self.iovecs) {
-                Ok((n, Flushed::All)) => self.stats.bytes_sent += n as u64,
+                Ok((n, Flushed::All)) => {
+                    self.stats.bytes_sent += n as u64;
+                    if owes_acks && link.is_parked() {
+                        // QoS 1/2 messages went to a parked connection: it
+                        // gets its task back now, which reads the
+                        // acknowledgements on glommio's stream (io_uring,
+                        // batched by `acks_per_wake`). Left parked, its
+                        // first PUBACK would wake the watcher thread (a
+                        // context switch there and back) only to resume it
+                        // then.
+                        link.wake();
+                    }
+                }
                 Ok((n, Flushed::WouldBlock)) => {
                     self.stats.bytes_sent += n as u64;
                     link.blocked = true;

@@ -615,7 +615,7 @@ impl Shard {
                     messages += 1;
                 }
             }
-            messages += restore_flows(&mut session, &loaded.flows, started);
+            messages += restore_flows(&mut session, &loaded.flows, started, true);
             if let Some(will) = &loaded.will {
                 super::persist_will::restore_will(&mut session, will, now, now_unix_ms, started);
                 self.persist_wills
@@ -645,7 +645,16 @@ impl Shard {
 /// `Session::reattach`) and its incoming QoS 2 ids awaiting PUBREL.
 /// Returns how many messages are in flight. A message past its expiry
 /// still completes its flow: the client may hold its packet id.
-fn restore_flows(session: &mut Session, loaded: &flows::LoadedFlows, now: Instant) -> usize {
+/// `journalled`: the message ids are this shard's journal's (a restart);
+/// else (a session image from another node) they mean nothing here, and
+/// each entry is journalled anew if the session is kept
+/// (`Flows::unjournalled`).
+pub(super) fn restore_flows(
+    session: &mut Session,
+    loaded: &flows::LoadedFlows,
+    now: Instant,
+    journalled: bool,
+) -> usize {
     if loaded.inflight.is_empty() && loaded.awaiting_rel.is_empty() {
         return 0;
     }
@@ -668,9 +677,12 @@ fn restore_flows(session: &mut Session, loaded: &flows::LoadedFlows, now: Instan
             packet_id: f.packet_id,
             message,
             phase,
-            stored: f.mid,
-            journalled: true,
+            stored: if journalled { f.mid } else { 0 },
+            journalled,
         });
+        if !journalled {
+            flows.unjournalled = flows.unjournalled.saturating_add(1);
+        }
     }
     flows.awaiting_rel.extend(&loaded.awaiting_rel);
     loaded.inflight.len()

@@ -134,6 +134,10 @@ struct GivenUp {
     token: u64,
     /// Its client id.
     client_id: ByteString,
+    /// Whether a later claim of the id on this node superseded it (it
+    /// holds no session, and the later claim's grant settles the record:
+    /// a grant without a state releases nothing).
+    superseded: bool,
 }
 
 /// This shard's part of the client-id registry.
@@ -256,16 +260,19 @@ pub async fn claim(
         true
     };
     let mut shard = ctx.shard.borrow_mut();
-    let granted = !asked
-        || (answered
-            && shard
-                .registry
-                .claims
-                .get(&token)
-                .is_some_and(|c| c.cluster == Some(ClusterAnswer::Granted)));
+    let cluster = shard.registry.claims.get(&token).and_then(|c| c.cluster);
+    let granted = !asked || (answered && cluster == Some(ClusterAnswer::Granted));
     let state = match take_outcome(&mut shard, token) {
         Outcome::Granted(state) => state,
-        Outcome::Superseded => return Err(RegistryError::Superseded),
+        Outcome::Superseded => {
+            if asked && cluster.is_none() {
+                // A later CONNECT here took the id while the cluster
+                // decided: a state this claim's grant brings is the later
+                // claim's (`Shard::late_cluster_answer`).
+                shard.await_late_answer(client_id, token, true);
+            }
+            return Err(RegistryError::Superseded);
+        }
     };
     if !granted {
         if asked && !answered {
@@ -307,6 +314,20 @@ pub async fn claim_on_node_within(
 ) -> Result<u64, u64> {
     let token = ctx.shard.borrow_mut().start_claim(client_id, clean_session);
     ctx.send_outbox();
+    // Answered already (this shard is the id's home and nothing had to be
+    // taken over from another shard: every claim on one shard): no timer
+    // to arm and drop, which cost each CONNECT a few allocations and the
+    // reactor's timer bookkeeping.
+    let answered = ctx
+        .shard
+        .borrow()
+        .registry
+        .claims
+        .get(&token)
+        .is_none_or(|pending| pending.outcome.is_some());
+    if answered {
+        return Ok(token);
+    }
     let wait = poll_fn(|cx| {
         let mut shard = ctx.shard.borrow_mut();
         let Some(pending) = shard.registry.claims.get_mut(&token) else {
@@ -616,6 +637,15 @@ impl Shard {
         }
     }
 
+    /// Whether this shard's answered claim `token` holds a session state
+    /// (None: superseded, gone, or not answered).
+    pub fn registry_claim_state(&self, token: u64) -> Option<bool> {
+        match self.registry.claims.get(&token)?.outcome.as_ref()? {
+            Outcome::Granted(state) => Some(state.is_some()),
+            Outcome::Superseded => None,
+        }
+    }
+
     /// Takes the answer of this shard's claim `token` (see
     /// [`claim_on_node`]): `Some` with the state to resume when granted,
     /// `None` when a later claim superseded it.
@@ -701,9 +731,19 @@ impl Shard {
             Some(Outcome::Granted(local)) if claim.cluster.is_none() => local.take(),
             _ => {
                 // A later CONNECT here took the id, and its own grant
-                // settles it (giving the state back here could race that
-                // grant, docs/design/cluster.md §9).
-                debug!("cluster answer to claim {token}, superseded meanwhile, dropped");
+                // settles the record; a state this grant brought goes
+                // back to the bridge, which keeps it for that grant to
+                // take (docs/design/cluster.md §9). Answered: the claim's
+                // connection task, when it runs, awaits no late answer.
+                claim.cluster = Some(match answer {
+                    ClaimAnswer::Unavailable => ClusterAnswer::Unavailable,
+                    _ => ClusterAnswer::Granted,
+                });
+                debug!(
+                    "cluster answer to claim {token}, superseded meanwhile: its state goes back"
+                );
+                let client_id = claim.client_id.clone();
+                self.give_back(&client_id, token, answer, false);
                 return;
             }
         };
@@ -757,7 +797,7 @@ impl Shard {
     /// record may be about to name this claim. The answer, when it comes,
     /// settles it ([`Shard::cluster_claim_answered`]).
     fn cluster_gave_up(&mut self, client_id: ByteString, token: u64, state: Option<SessionState>) {
-        self.await_late_answer(client_id.clone(), token);
+        self.await_late_answer(client_id.clone(), token, false);
         match state {
             Some(state) => self.keep_or_release(client_id, token, Some(state)),
             None => self.release_on_node(&client_id, token),
@@ -765,30 +805,41 @@ impl Shard {
     }
 
     /// Remembers claim `token` of `client_id`, which its connection no
-    /// longer waits for, until the cluster's answer comes
-    /// ([`Registry::given_up`]). Beyond [`MAX_GIVEN_UP`] the oldest is
-    /// forgotten, its record released at once.
-    fn await_late_answer(&mut self, client_id: ByteString, token: u64) {
+    /// longer waits for (`superseded`: a later claim of the id here took
+    /// it), until the cluster's answer comes ([`Registry::given_up`]).
+    /// Beyond [`MAX_GIVEN_UP`] the oldest is forgotten, its record
+    /// released at once (unless it was superseded: the later claim
+    /// settles the record).
+    fn await_late_answer(&mut self, client_id: ByteString, token: u64, superseded: bool) {
         let given_up = &mut self.registry.given_up;
         if given_up.len() >= MAX_GIVEN_UP
             && let Some(oldest) = given_up.pop_front()
+            && !oldest.superseded
             && let Some(link) = &self.cluster
         {
             link.released(&oldest.client_id, oldest.token);
         }
-        self.registry
-            .given_up
-            .push_back(GivenUp { token, client_id });
+        self.registry.given_up.push_back(GivenUp {
+            token,
+            client_id,
+            superseded,
+        });
     }
 
     /// The cluster's answer to claim `token`, which is no longer pending:
     /// if its connection gave up on it ([`Registry::given_up`]), a state
     /// it brought goes back to the bridge (kept there for the id's next
-    /// claim, here or on another node), and a grant without one releases
-    /// the record unless a session of the claim stays here. Else dropped.
+    /// claim, here or on another node: for a superseded claim, the later
+    /// one), and a grant without one releases the record unless a
+    /// session of the claim stays here, or a later claim of the id here
+    /// superseded it. Else dropped.
     fn late_cluster_answer(&mut self, token: u64, answer: ClaimAnswer) {
         let given_up = &mut self.registry.given_up;
-        let Some(GivenUp { client_id, .. }) = given_up
+        let Some(GivenUp {
+            client_id,
+            superseded,
+            ..
+        }) = given_up
             .iter()
             .position(|g| g.token == token)
             .and_then(|at| given_up.remove(at))
@@ -803,7 +854,10 @@ impl Shard {
             .is_some_and(|s| s.claim == token);
         match answer {
             ClaimAnswer::Granted(None) | ClaimAnswer::Unavailable => {
-                if !held && let Some(link) = &self.cluster {
+                if !held
+                    && !superseded
+                    && let Some(link) = &self.cluster
+                {
                     link.released(&client_id, token);
                 }
             }
@@ -1345,6 +1399,58 @@ mod tests {
         }
         assert_eq!(told(&to_bridge), (vec![], vec![("many".into(), 1000)]));
         assert_eq!(shard.registry.given_up.len(), MAX_GIVEN_UP);
+    }
+
+    /// The cluster's grant reaches a claim that a later CONNECT here
+    /// superseded while the cluster decided: the state it brought goes
+    /// back to the bridge (which keeps it for the later claim's grant,
+    /// `cluster::ownership`), whether the claim's connection task has run
+    /// (the claim is gone, remembered as superseded) or not; a grant
+    /// without a state releases nothing (the later claim settles the
+    /// record), and the connection task of a claim answered already
+    /// awaits no late answer.
+    #[test]
+    fn a_cluster_grant_to_a_superseded_claim_gives_its_state_back() {
+        let mut shard = shard();
+        let (link, to_bridge) = crate::cluster::link::ClusterLink::for_tests(0);
+        shard.cluster = Some(link);
+        // Its connection task not yet run.
+        pending(&mut shard, "moving", 60);
+        shard.claim_answered(60, None);
+        pending(&mut shard, "moving", 61);
+        shard.home_claim(ByteString::from("moving"), 0, 61, false);
+        shard.cluster_claim_answered(60, ClaimAnswer::Granted(Some(image_of_moving())));
+        assert_eq!(
+            told(&to_bridge),
+            (vec![("moving".into(), 60, false)], vec![])
+        );
+        assert_eq!(
+            shard.registry.claims[&60].cluster,
+            Some(ClusterAnswer::Granted),
+            "answered"
+        );
+        assert!(matches!(take_outcome(&mut shard, 60), Outcome::Superseded));
+        assert!(shard.registry.attaching.is_empty());
+        // Its connection task ran first (`claim` remembers it).
+        pending(&mut shard, "moving", 62);
+        shard.home_claim(ByteString::from("moving"), 0, 62, false);
+        assert!(matches!(take_outcome(&mut shard, 61), Outcome::Superseded));
+        shard.await_late_answer(ByteString::from("moving"), 61, true);
+        shard.cluster_claim_answered(61, ClaimAnswer::Granted(Some(image_of_moving())));
+        assert_eq!(
+            told(&to_bridge),
+            (vec![("moving".into(), 61, false)], vec![])
+        );
+        // Without a state: nothing given back, nothing released.
+        shard.await_late_answer(ByteString::from("moving"), 63, true);
+        shard.cluster_claim_answered(63, ClaimAnswer::Granted(None));
+        assert_eq!(told(&to_bridge), (vec![], vec![]));
+        // Nor beyond the bound.
+        for token in 0..=MAX_GIVEN_UP as u64 {
+            shard.await_late_answer(ByteString::from("many"), 1000 + token, true);
+        }
+        assert_eq!(told(&to_bridge), (vec![], vec![]));
+        assert!(shard.registry.claims.contains_key(&62), "the later claim");
     }
 
     #[test]

@@ -51,15 +51,52 @@ pub fn takes_runs(
 /// `messages` cut, in order, into maximal runs of consecutive messages to
 /// one topic that [`runs`] allows, and single messages between them.
 pub fn split_runs(messages: &[Message]) -> impl Iterator<Item = &[Message]> {
+    split_by(messages, |m| runs(m).then_some(RunKind::AtMostOnce))
+}
+
+/// What a run of messages from another node is made of
+/// ([`split_cluster_runs`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunKind {
+    /// QoS 0 messages that [`runs`] allows: framed once for the sessions
+    /// that take runs ([`RunFrames`]).
+    AtMostOnce,
+    /// QoS 1/2 messages: each subscriber gets its own packet id per
+    /// message, so they are offered one by one, but to subscribers matched
+    /// once for the whole run.
+    Acknowledged,
+}
+
+/// `messages` from another node cut, in order, into maximal runs of
+/// consecutive messages to one topic of one [`RunKind`], and single
+/// messages between them (QoS 0 ones that [`runs`] does not allow). The
+/// RETAIN flag does not split a QoS 1/2 run: a message from another node
+/// is never stored as retained here.
+pub fn split_cluster_runs(messages: &[Message]) -> impl Iterator<Item = &[Message]> {
+    split_by(messages, |m| {
+        if m.qos != QoS::AtMostOnce {
+            Some(RunKind::Acknowledged)
+        } else {
+            runs(m).then_some(RunKind::AtMostOnce)
+        }
+    })
+}
+
+/// `messages` cut, in order, into maximal runs of consecutive messages to
+/// one topic of one kind (`kind`; None: alone).
+fn split_by(
+    messages: &[Message],
+    kind: impl Fn(&Message) -> Option<RunKind>,
+) -> impl Iterator<Item = &[Message]> {
     let mut rest = messages;
     std::iter::from_fn(move || {
         let first = rest.first()?;
-        let len = if runs(first) {
-            rest.iter()
-                .take_while(|m| runs(m) && m.topic == first.topic)
-                .count()
-        } else {
-            1
+        let len = match kind(first) {
+            Some(k) => rest
+                .iter()
+                .take_while(|m| m.topic == first.topic && kind(m) == Some(k))
+                .count(),
+            None => 1,
         };
         let (run, after) = rest.split_at(len);
         rest = after;
@@ -396,6 +433,40 @@ mod tests {
         assert_eq!(remote, Some(4));
         shard.flush_dirty();
         assert_eq!(payloads(&client.publishes()), ["0", "1", "2", "3"]);
+    }
+
+    #[test]
+    fn messages_from_another_node_split_into_runs_of_one_topic_and_one_kind() {
+        let at = |topic: &str, qos, retain| {
+            let mut m = message(topic, "");
+            m.qos = qos;
+            m.retain = retain;
+            m
+        };
+        let (zero, one, two) = (QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce);
+        let messages = [
+            at("t", zero, false),
+            at("t", zero, false),
+            at("t", one, false),
+            at("t", two, false),
+            at("t", one, true),
+            at("u", one, false),
+            at("u", zero, true),
+            at("u", zero, false),
+            at("u", one, false),
+        ];
+        let lens: Vec<usize> = split_cluster_runs(&messages)
+            .map(<[Message]>::len)
+            .collect();
+        // QoS 0, QoS 1/2 whatever the RETAIN flag, another topic, a
+        // retained QoS 0 alone, then a QoS 0 and a QoS 1 one each.
+        assert_eq!(lens, [2, 3, 1, 1, 1, 1]);
+        let local: Vec<usize> = split_runs(&messages).map(<[Message]>::len).collect();
+        assert_eq!(
+            local,
+            [2, 1, 1, 1, 1, 1, 1, 1],
+            "a local burst: QoS 0 runs only"
+        );
     }
 
     fn range(start: u32, len: u32) -> BatchRange {

@@ -1286,35 +1286,11 @@ mod tests {
         assert_eq!(shard.stats.shared_dropped, 1);
     }
 
-    /// An ACL that lets every client read everything but
-    /// `secret/{its client id}`.
-    fn acl_file() -> tempfile::NamedTempFile {
-        let mut acl = tempfile::NamedTempFile::new().expect("acl file");
-        std::io::Write::write_all(&mut acl, b"topic readwrite #\npattern deny secret/%c\n")
-            .expect("write acl");
-        acl
-    }
-
-    /// Shard `id` of 2 with the ACL `acl` ([`acl_file`]).
-    fn shard_with_acl(id: usize, acl: &tempfile::NamedTempFile) -> Shard {
-        let config = Config {
-            acl_file: Some(acl.path().to_path_buf()),
-            ..Config::default()
-        };
-        let auth = Auth::load(&config).expect("the ACL loads");
-        Shard::new(
-            id,
-            2,
-            std::sync::Arc::new(config),
-            std::sync::Arc::new(auth),
-        )
-    }
-
     #[test]
     fn a_member_of_another_shard_that_may_not_read_the_topic_is_passed_over_there() {
-        let acl = acl_file();
-        let mut publisher = shard_with_acl(0, &acl);
-        let mut remote = shard_with_acl(1, &acl);
+        let acl = testing::acl_file();
+        let mut publisher = testing::shard_with_acl(0, 2, &acl);
+        let mut remote = testing::shard_with_acl(1, 2, &acl);
         // Both members' "+/+" cover a denied topic: partly covered, their
         // reads are checked; only "anon" may not read secret/anon.
         let _denied = attach_client(&mut remote, "anon", "$share/g/+/+", QoS::AtLeastOnce, None);
@@ -1349,8 +1325,8 @@ mod tests {
 
     #[test]
     fn a_membership_is_announced_again_when_the_sessions_reads_become_checked() {
-        let acl = acl_file();
-        let mut shard = shard_with_acl(1, &acl);
+        let acl = testing::acl_file();
+        let mut shard = testing::shard_with_acl(1, 2, &acl);
         // "$share/g/a/b" is fully covered: announced unchecked.
         let member = attach_client(&mut shard, "anon", "$share/g/a/b", QoS::AtLeastOnce, None);
         let checked = |shard: &mut Shard| -> Vec<bool> {

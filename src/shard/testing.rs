@@ -41,6 +41,25 @@ pub fn unwritten_journal(shard: &mut Shard) -> std::rc::Rc<crate::store::journal
     journal
 }
 
+/// An ACL that lets every client read everything but
+/// `secret/{its client id}`.
+pub fn acl_file() -> tempfile::NamedTempFile {
+    let mut acl = tempfile::NamedTempFile::new().expect("acl file");
+    std::io::Write::write_all(&mut acl, b"topic readwrite #\npattern deny secret/%c\n")
+        .expect("write acl");
+    acl
+}
+
+/// Shard `id` of `nr_shards` with the ACL `acl` ([`acl_file`]).
+pub fn shard_with_acl(id: usize, nr_shards: usize, acl: &tempfile::NamedTempFile) -> Shard {
+    let config = Config {
+        acl_file: Some(acl.path().to_path_buf()),
+        ..Config::default()
+    };
+    let auth = Auth::load(&config).expect("the ACL loads");
+    Shard::new(id, nr_shards, Arc::new(config), Arc::new(auth))
+}
+
 /// A one-shard shard with the default configuration.
 pub fn shard() -> Shard {
     shard_with(0, 1, Config::default())

@@ -29,7 +29,9 @@ use rumqttc::QoS;
 use serde_json::Value;
 
 use crate::admin::{get_json, wait_stats};
-use crate::common::{Broker, ConnectBuilder, Mqtt, Raw, TIMEOUT, unique};
+use crate::common::{
+    Broker, CONNACK_OK, CONNACK_SESSION, ConnectBuilder, Mqtt, Raw, TIMEOUT, unique,
+};
 
 /// The nats-server binary: `FANMQ_NATS_SERVER`, else `nats-server` on PATH;
 /// `None` (the test skips) when there is none.
@@ -364,6 +366,59 @@ fn a_publish_reaches_every_other_node_once_and_in_order_over_one_subscription_pe
     );
     let nodes = wait_cluster(&c, |v| v["nodes"].as_object().is_some_and(|n| n.len() == 2));
     assert!(nodes["nodes"].get("a").is_some() && nodes["nodes"].get("b").is_some());
+}
+
+/// A burst of QoS 1 messages from another node reaches a subscriber
+/// that acknowledges nothing within its inflight window (each message its
+/// own packet id, in order) and the rest once it acknowledges, and one at
+/// QoS 2 whole and in order: the receiving node routes each NATS read's
+/// run of QoS 1 messages to one topic together.
+#[test]
+fn a_qos1_burst_from_another_node_keeps_each_subscribers_window_ids_and_order() {
+    let Some(nats) = Nats::start("cluster qos 1 burst window") else {
+        return;
+    };
+    let a = nats.node("a");
+    let b = nats.node_with("b", "max_inflight_messages = 4");
+    let mut slow = Raw::connect(b.port, "slow");
+    slow.subscribe(1, &[("burst/#", 1)]);
+    let mut two = Mqtt::connect(b.port, "two");
+    two.subscribe("burst/#", QoS::ExactlyOnce);
+    nats.wait_subscriptions("fanmq.t.burst.>", 1);
+    const N: usize = 300;
+    let publisher = Mqtt::connect(a.port, "burst-pub");
+    for i in 0..N {
+        publisher.publish("burst/n", QoS::AtLeastOnce, false, i.to_string().as_bytes());
+    }
+    publisher.publish("burst/end", QoS::AtLeastOnce, false, b"end");
+    let expected: Vec<String> = (0..N).map(|i| i.to_string()).collect();
+    assert_eq!(payloads_until(&mut two, "burst/end"), expected, "QoS 2");
+    // Unacknowledged, the window holds four, each its own id.
+    let first: Vec<_> = (0..4).map(|_| slow.expect_publish()).collect();
+    let ids: std::collections::HashSet<u16> = first.iter().map(|p| p.packet_id).collect();
+    assert!(ids.len() == 4 && !ids.contains(&0), "{first:?}");
+    let mut got: Vec<String> = first
+        .iter()
+        .map(|p| String::from_utf8_lossy(&p.payload).into_owned())
+        .collect();
+    assert_eq!(got, expected[..4]);
+    assert!(
+        slow.read_packet(Duration::from_millis(300))
+            .is_ok_and(|p| p.is_none()),
+        "nothing beyond the window before an acknowledgement"
+    );
+    // Acknowledged one by one, the rest follows, in order.
+    for p in &first {
+        slow.send(&crate::common::packet(0x40, &p.packet_id.to_be_bytes()));
+    }
+    while got.len() < N + 1 {
+        let p = slow.expect_publish();
+        assert_eq!(p.qos, 1);
+        slow.send(&crate::common::packet(0x40, &p.packet_id.to_be_bytes()));
+        got.push(String::from_utf8_lossy(&p.payload).into_owned());
+    }
+    assert_eq!(got.pop().as_deref(), Some("end"));
+    assert_eq!(got, expected, "every message once, in order");
 }
 
 /// Polls `/api/v1/cluster` of `node` until `done` accepts it.
@@ -937,6 +992,344 @@ fn a_persistent_session_moves_to_another_node_with_its_queued_messages() {
     );
 }
 
+/// A persistent session's QoS flows move with it to another node (MQTT
+/// 3.1.1 §4.4, §4.3.3): a QoS 1 message sent and not acknowledged comes
+/// again from the new node with DUP and its packet id, a QoS 2 one the
+/// client PUBREC'd gets its PUBREL there (not the PUBLISH again), and a QoS 2
+/// PUBLISH of the client's own that the old node PUBREC'd stays a duplicate
+/// when the client resends it to the new one (delivered once, then
+/// released with PUBCOMP). Before, the new node queued what was in flight
+/// as new messages (new packet ids, no DUP: the QoS 2 one delivered twice)
+/// and forgot the incoming id.
+#[test]
+fn a_session_moving_between_nodes_keeps_its_packet_ids_and_qos2_flows() {
+    let Some(nats) = Nats::start("cluster flows move") else {
+        return;
+    };
+    let (a, b) = (nats.node("a"), nats.node("b"));
+    // A bystander on B sees what the client itself publishes.
+    let mut bystander = Mqtt::connect(b.port, "flows-bystander");
+    bystander.subscribe("flows-out/#", QoS::AtLeastOnce);
+    nats.wait_subscriptions("fanmq.t.flows-out.>", 1);
+
+    let (mut first, connack) = raw_persistent(a.port, "flows");
+    assert_eq!(connack, CONNACK_OK);
+    assert_eq!(first.subscribe(1, &[("flows/#", 2)]), [2]);
+    let mut publisher = Mqtt::connect(a.port, "flows-pub");
+    publisher.publish_acked("flows/one", false, b"one");
+    let one = first.expect_publish();
+    assert_eq!(
+        (one.qos, one.dup, &one.payload[..]),
+        (1, false, &b"one"[..])
+    );
+    // QoS 2 to it: raw, so the test holds the flow where it wants.
+    let mut raw_pub = Raw::connect(a.port, "flows-raw-pub");
+    raw_pub.send(&crate::common::publish(
+        b"flows/two",
+        b"two",
+        2,
+        false,
+        false,
+        5,
+    ));
+    assert_eq!(raw_pub.expect_packet().bytes(), crate::common::ack(0x50, 5));
+    raw_pub.send(&crate::common::ack(0x62, 5));
+    assert_eq!(raw_pub.expect_packet().bytes(), crate::common::ack(0x70, 5));
+    let two = first.expect_publish();
+    assert_eq!((two.qos, &two.payload[..]), (2, &b"two"[..]));
+    // The client PUBRECs the QoS 2 one (and gets PUBREL), not the QoS 1.
+    first.send(&crate::common::ack(0x50, two.packet_id));
+    assert_eq!(
+        first.expect_packet().bytes(),
+        crate::common::ack(0x62, two.packet_id)
+    );
+    // Its own QoS 2 publish: PUBREC'd on A, not released yet.
+    first.send(&crate::common::publish(
+        b"flows-out/x",
+        b"mine",
+        2,
+        false,
+        false,
+        77,
+    ));
+    assert_eq!(first.expect_packet().bytes(), crate::common::ack(0x50, 77));
+    let mine = bystander.expect_publish();
+    assert_eq!(&mine.payload[..], b"mine");
+    wait_client(&a, "flows", |c| c.is_some_and(|c| c["inflight"] == 2));
+    drop(first);
+    wait_client(&a, "flows", |c| c.is_some_and(|c| c["connected"] == false));
+
+    // On B: what was in flight comes again as it was.
+    let (mut second, connack) = raw_persistent(b.port, "flows");
+    assert_eq!(
+        connack, CONNACK_SESSION,
+        "Session Present on the other node"
+    );
+    let again = second.expect_publish();
+    assert_eq!(
+        (again.dup, again.qos, again.packet_id, &again.payload[..]),
+        (true, 1, one.packet_id, &b"one"[..]),
+        "the QoS 1 message with DUP and its packet id"
+    );
+    assert_eq!(
+        second.expect_packet().bytes(),
+        crate::common::ack(0x62, two.packet_id),
+        "PUBREL for the PUBREC'd QoS 2 message, not its PUBLISH again"
+    );
+    second.send(&crate::common::ack(0x40, one.packet_id));
+    second.send(&crate::common::ack(0x70, two.packet_id));
+    // Its own QoS 2 publish resent: a duplicate, PUBREC'd, not delivered.
+    second.send(&crate::common::publish(
+        b"flows-out/x",
+        b"mine",
+        2,
+        false,
+        true,
+        77,
+    ));
+    assert_eq!(second.expect_packet().bytes(), crate::common::ack(0x50, 77));
+    second.send(&crate::common::ack(0x62, 77));
+    assert_eq!(second.expect_packet().bytes(), crate::common::ack(0x70, 77));
+    wait_client(&b, "flows", |c| {
+        c.is_some_and(|c| c["inflight"] == 0 && c["pending"] == 0)
+    });
+    // A later publish on A reaches it on B, with a packet id of its own.
+    publisher.publish_acked("flows/three", false, b"three");
+    let three = second.expect_publish();
+    assert_eq!(&three.payload[..], b"three");
+    assert!(
+        second
+            .read_packet(Duration::from_millis(300))
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        bystander.recv_publish(Duration::from_millis(300)).is_none(),
+        "the client's own QoS 2 message delivered once"
+    );
+}
+
+/// A persistent subscriber moves between two nodes, back and forth, while
+/// a third node publishes a numbered QoS 1 stream without pause: it gets
+/// every number, in order, each once on each connection (a message in
+/// flight at a move comes again on the next connection: the new node
+/// resends it with DUP, as after any reconnect). The old node
+/// stopped holding the session's subscriptions at its hand-over, the new
+/// one held them from its grant: what was published between the two
+/// reached neither, until the hand-over window was closed
+/// (docs/design/cluster.md §9).
+#[test]
+fn a_session_moving_between_nodes_misses_nothing_published_on_a_third_meanwhile() {
+    moving_while_a_third_node_publishes("cluster hand-over window", false);
+}
+
+/// [`a_session_moving_between_nodes_misses_nothing_published_on_a_third_meanwhile`]
+/// with other subscribers of the filter on both nodes, on every shard:
+/// each node holds the NATS subscription throughout, and the shard the
+/// session attaches to gets its messages for others as well.
+#[test]
+fn a_session_moving_between_nodes_beside_other_subscribers_misses_nothing() {
+    moving_while_a_third_node_publishes("cluster hand-over window, bystanders", true);
+}
+
+/// The body of the hand-over window tests: `bystanders`, other clients
+/// subscribed to the filter on both nodes (four each: likely on every
+/// shard).
+fn moving_while_a_third_node_publishes(test: &str, bystanders: bool) {
+    let Some(nats) = Nats::start(test) else {
+        return;
+    };
+    let (a, b, c) = (nats.node("a"), nats.node("b"), nats.node("c"));
+    let id = "wanderer";
+    let (mut sub, _) = persistent(a.port, id);
+    sub.subscribe("win/#", QoS::AtLeastOnce);
+    let mut others = Vec::new();
+    if bystanders {
+        for (i, node) in [&a, &b].into_iter().enumerate() {
+            for j in 0..4 {
+                let mut other = Mqtt::connect(node.port, &format!("bystander-{i}-{j}"));
+                other.subscribe("win/#", QoS::AtMostOnce);
+                others.push(other);
+            }
+        }
+    }
+    let holders = if bystanders { 2 } else { 1 };
+    nats.wait_subscriptions("fanmq.t.win.>", holders);
+    const TOTAL: usize = 3000;
+    const MOVES: usize = 8;
+    let port = c.port;
+    let publisher = std::thread::spawn(move || {
+        let mut publisher = Mqtt::connect(port, "win-pub");
+        for i in 0..TOTAL {
+            publisher.publish_acked("win/n", false, i.to_string().as_bytes());
+        }
+    });
+    let number = |p: &rumqttc::Publish| -> usize {
+        std::str::from_utf8(&p.payload)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("not a number: {p:?}"))
+    };
+    // (number, connection) in the order received.
+    let mut got: Vec<(usize, usize)> = Vec::new();
+    let nodes = [&a, &b];
+    let mut on = 0;
+    for connection in 0..MOVES {
+        // A few live messages on this node, then the move.
+        for _ in 0..25 {
+            let p = sub.recv_publish(TIMEOUT).expect("the stream goes on");
+            got.push((number(&p), connection));
+        }
+        for p in sub.disconnect_collecting() {
+            got.push((number(&p), connection));
+        }
+        on = 1 - on;
+        let (next, connack) = persistent(nodes[on].port, id);
+        assert!(connack.session_present, "the session moved");
+        sub = next;
+    }
+    publisher
+        .join()
+        .expect("the publisher published everything");
+    // The rest, up to the last number published.
+    while got.last().is_none_or(|&(n, _)| n != TOTAL - 1) {
+        let p = sub
+            .recv_publish(TIMEOUT)
+            .unwrap_or_else(|| panic!("stream stopped at {:?}", got.last()));
+        got.push((number(&p), MOVES));
+    }
+    // The connection each number first came on.
+    let mut seen: Vec<Option<usize>> = vec![None; TOTAL];
+    let mut order = Vec::new();
+    let mut twice = Vec::new();
+    for &(n, connection) in &got {
+        match seen[n] {
+            // Again on a later connection: in flight at the move.
+            Some(first) if first < connection => continue,
+            Some(_) => twice.push(n),
+            None => {
+                seen[n] = Some(connection);
+                order.push(n);
+            }
+        }
+    }
+    let missing: Vec<usize> = (0..TOTAL).filter(|&n| seen[n].is_none()).collect();
+    let tails = |node: &Broker| -> String {
+        let log = node.log_text();
+        let lines: Vec<&str> = log.lines().filter(|l| l.contains("tail")).collect();
+        lines.join("\n")
+    };
+    assert!(
+        missing.is_empty(),
+        "missing after the moves: {missing:?}\nA:\n{}\nB:\n{}",
+        tails(&a),
+        tails(&b)
+    );
+    assert!(
+        twice.is_empty(),
+        "received twice on one connection: {twice:?}"
+    );
+    assert!(
+        order.windows(2).all(|w| w[0] < w[1]),
+        "out of order: {order:?}"
+    );
+}
+
+/// Node A (one shard, persistence on a 256 KiB tmpfs, as root; CI is) of a
+/// two-node cluster holding persistent session `id` offline, subscribed
+/// to `<id>/#`, with QoS 1 messages `0`, `1` and a 16 KiB one queued on
+/// `<id>/q`, and its journal stalled by a full disk (the disk-full
+/// episode) since that last message: everything A writes for the session
+/// from then on waits for room (`filler` removed). One shard, so that the
+/// session and a take-over's claim share the journal that stalls (a second
+/// shard's journal would still write into the room its segment was
+/// given). None where the tmpfs cannot be mounted (not root, outside CI)
+/// or nats-server is missing.
+struct StalledOwner {
+    /// The session's first publisher and the one of the large message.
+    _publishers: (Mqtt, Raw),
+    a: Broker,
+    b: Broker,
+    _nats: Nats,
+    id: &'static str,
+    /// The file that fills the disk.
+    filler: PathBuf,
+    /// Unmounts the tmpfs, after the brokers above stopped.
+    _unmount: crate::persistence::Unmount,
+    _dir: tempfile::TempDir,
+}
+
+impl StalledOwner {
+    fn start(test: &str, id: &'static str) -> Option<StalledOwner> {
+        let dir = tempfile::tempdir().expect("store directory");
+        if !crate::persistence::mount_tmpfs(dir.path(), "256k") {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "CI runs as root: the tmpfs must mount"
+            );
+            return None;
+        }
+        let unmount = crate::persistence::Unmount(dir.path().to_path_buf());
+        let nats = Nats::start(test)?;
+        let store = dir.path().join("store");
+        std::fs::create_dir(&store).expect("store directory");
+        let persistence = format!(
+            "persistence = true\npersistence_location = \"{}\"",
+            store.display()
+        );
+        let a = Broker::builder()
+            .shards(1)
+            .config(&format!("{persistence}\n{}", nats.config("a")))
+            .start();
+        a.wait_log(|l| l.contains("cluster: connected to NATS"), TIMEOUT)
+            .unwrap_or_else(|| panic!("node a did not connect:\n{}", a.log_text()));
+        let b = nats.node("b");
+        let (mut first, _) = persistent(a.port, id);
+        // The SUBACK of a persistent session waits for its image on disk.
+        first.subscribe(&format!("{id}/#"), QoS::AtLeastOnce);
+        first.disconnect();
+        wait_client(&a, id, |c| c.is_some_and(|c| c["connected"] == false));
+        let topic = format!("{id}/q");
+        let mut publisher = Mqtt::connect(a.port, &format!("{id}-pub"));
+        for i in 0..2 {
+            publisher.publish_acked(&topic, false, i.to_string().as_bytes());
+        }
+        wait_client(&a, id, |c| c.is_some_and(|c| c["pending"] == 2));
+        // Fill the disk; a large message queued for the session then
+        // stalls its journal, and all that follows it.
+        let filler = dir.path().join("filler");
+        let mut file = std::fs::File::create(&filler).expect("filler");
+        let chunk = vec![0u8; 4096];
+        while std::io::Write::write_all(&mut file, &chunk).is_ok() {}
+        drop(file);
+        let mut raw_publisher = Raw::connect(a.port, &format!("{id}-raw-pub"));
+        raw_publisher.send(&crate::common::publish(
+            topic.as_bytes(),
+            &[7u8; 16 * 1024],
+            1,
+            false,
+            false,
+            1,
+        ));
+        assert!(
+            a.wait_log(|l| l.contains("persistence: cannot write"), TIMEOUT)
+                .is_some(),
+            "the journal cannot write:\n{}",
+            a.log_text()
+        );
+        Some(StalledOwner {
+            _publishers: (publisher, raw_publisher),
+            a,
+            b,
+            _nats: nats,
+            id,
+            filler,
+            _unmount: unmount,
+            _dir: dir,
+        })
+    }
+}
+
 /// A session that would move from a node whose disk stalls (a full 256
 /// KiB tmpfs, as root; CI is) is refused, not started empty: the old node
 /// cannot make the session's end there durable, so it keeps the session
@@ -945,67 +1338,10 @@ fn a_persistent_session_moves_to_another_node_with_its_queued_messages() {
 /// with the session's queue.
 #[test]
 fn a_session_move_from_a_node_whose_disk_stalls_is_refused_as_server_unavailable() {
-    let dir = tempfile::tempdir().expect("store directory");
-    if !crate::persistence::mount_tmpfs(dir.path(), "256k") {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI runs as root: the tmpfs must mount"
-        );
-        return;
-    }
-    let _unmount = crate::persistence::Unmount(dir.path());
-    let Some(nats) = Nats::start("cluster stalled disk") else {
+    let Some(stalled) = StalledOwner::start("cluster stalled disk", "stalled") else {
         return;
     };
-    let store = dir.path().join("store");
-    std::fs::create_dir(&store).expect("store directory");
-    let persistence = format!(
-        "persistence = true\npersistence_location = \"{}\"",
-        store.display()
-    );
-    // One shard: the session and the take-over's claim share the journal
-    // that stalls (a second shard's journal would still write into the
-    // room its segment was given).
-    let a = Broker::builder()
-        .shards(1)
-        .config(&format!("{persistence}\n{}", nats.config("a")))
-        .start();
-    a.wait_log(|l| l.contains("cluster: connected to NATS"), TIMEOUT)
-        .unwrap_or_else(|| panic!("node a did not connect:\n{}", a.log_text()));
-    let b = nats.node("b");
-    let id = "stalled";
-    let (mut first, _) = persistent(a.port, id);
-    // The SUBACK of a persistent session waits for its image on disk.
-    first.subscribe("stalled/#", QoS::AtLeastOnce);
-    first.disconnect();
-    wait_client(&a, id, |c| c.is_some_and(|c| c["connected"] == false));
-    let mut publisher = Mqtt::connect(a.port, "stalled-pub");
-    for i in 0..2 {
-        publisher.publish_acked("stalled/q", false, i.to_string().as_bytes());
-    }
-    wait_client(&a, id, |c| c.is_some_and(|c| c["pending"] == 2));
-    // Fill the disk; a large message queued for the session then stalls
-    // its journal (the disk-full episode), and all that follows it.
-    let filler = dir.path().join("filler");
-    let mut file = std::fs::File::create(&filler).expect("filler");
-    let chunk = vec![0u8; 4096];
-    while std::io::Write::write_all(&mut file, &chunk).is_ok() {}
-    drop(file);
-    let mut raw_publisher = Raw::connect(a.port, "stalled-raw-pub");
-    raw_publisher.send(&crate::common::publish(
-        b"stalled/q",
-        &[7u8; 16 * 1024],
-        1,
-        false,
-        false,
-        1,
-    ));
-    assert!(
-        a.wait_log(|l| l.contains("persistence: cannot write"), TIMEOUT)
-            .is_some(),
-        "the journal cannot write:\n{}",
-        a.log_text()
-    );
+    let (a, b, id, filler) = (&stalled.a, &stalled.b, stalled.id, &stalled.filler);
     // 3.1.1 on B: CONNACK 0x03 (server unavailable), not an empty session.
     let (_, connack) = raw_persistent(b.port, id);
     assert_eq!(connack, [0x20, 0x02, 0x00, 0x03], "{}", a.log_text());
@@ -1022,12 +1358,16 @@ fn a_session_move_from_a_node_whose_disk_stalls_is_refused_as_server_unavailable
         "{}",
         a.log_text()
     );
-    // A kept it, with its queue.
-    let held = client_on(&a, id).expect("A keeps the session");
+    // A kept it, with its queue. A CONNACK B sent at its claim's deadline
+    // may come while A still works on the last take-over that claim asked
+    // for (B asks again when A's "unavailable" comes after its own 2 s),
+    // holding the session aside until its disk wait gives up: it is back
+    // then.
+    let held = wait_client(a, id, |c| c.is_some()).expect("A keeps the session");
     assert_eq!(held["connected"], false);
-    assert!(client_on(&b, id).is_none(), "B started no session");
+    assert!(client_on(b, id).is_none(), "B started no session");
     // Room again: the move goes, with the queue.
-    std::fs::remove_file(&filler).expect("filler removed");
+    std::fs::remove_file(filler).expect("filler removed");
     // The journal retries once a second: until then A still refuses.
     let deadline = Instant::now() + TIMEOUT;
     let (mut second, connack) = loop {
@@ -1048,7 +1388,144 @@ fn a_session_move_from_a_node_whose_disk_stalls_is_refused_as_server_unavailable
         [b"0".to_vec(), b"1".to_vec(), vec![7u8; 16 * 1024]],
         "the queue, in order"
     );
-    wait_client(&a, id, |c| c.is_none());
+    wait_client(a, id, |c| c.is_none());
+}
+
+/// A CONNECT on the owning node A while A hands the session to node B:
+/// A's shard has evicted the session and holds its state aside, waiting
+/// for its disk (stalled here, so the window stays open for
+/// `HAND_OVER_WAIT`) before the state goes to B. The local CONNECT must
+/// not start a second session of the id beside the one being handed
+/// over: afterwards exactly one connection of the id is alive in the
+/// cluster, and it has the session (Session Present 1, its queue). Here
+/// the disk does not recover in time, so the hand-over is refused (B:
+/// 0x03) and the session stays on A: the local CONNECT resumes it.
+#[test]
+fn a_connect_on_the_owner_while_it_hands_the_session_over_starts_no_second_session() {
+    let Some(stalled) = StalledOwner::start("cluster local connect during a hand-over", "aside")
+    else {
+        return;
+    };
+    let (a, b, id, filler) = (&stalled.a, &stalled.b, stalled.id, &stalled.filler);
+    wait_client(a, id, |c| c.is_some_and(|c| c["pending"] == 3));
+    // B claims the id: A's shard evicts the session and holds it aside
+    // while its drop waits for the disk (gone from A's registry).
+    let connect = ConnectBuilder::new(id).clean_session(false);
+    let mut on_b = Raw::send_connect(b.port, &connect);
+    wait_client(a, id, |c| c.is_none());
+    // Now the same id on A itself.
+    let on_a = Raw::send_connect(a.port, &connect);
+    // The hand-over gives up on the disk: B is refused, the session stays
+    // on A. Then room again, so that A's CONNACKs (which wait for the
+    // disk) can go.
+    assert_eq!(on_b.expect_packet().bytes(), [0x20, 2, 0, 3]);
+    std::fs::remove_file(filler).expect("filler removed");
+    let mut clients = [on_a, on_b];
+    let survivor = one_left_with_queue(&mut clients, 0, &[b"0", b"1", &[7u8; 16 * 1024]]);
+    let nodes = if survivor == 0 { [&a, &b] } else { [&b, &a] };
+    clients[survivor].ping();
+    assert_eq!(client_on(nodes[0], id).unwrap()["connected"], true);
+    assert!(client_on(nodes[1], id).is_none(), "one session of {id}");
+}
+/// Reads `clients`, racing CONNECTs of one persistent session, until
+/// exactly one is open, acknowledged with Session Present 1 and given
+/// `queue` (in order); the others closed, refused (0x03) or not. Its
+/// index. Fails on a CONNACK with Session Present 0 to the survivor.
+fn one_left_with_queue(clients: &mut [Raw], round: usize, queue: &[&[u8]]) -> usize {
+    /// What one connection got: its CONNACK's bytes if one came, the
+    /// payloads of its PUBLISHes.
+    type Seen = (Option<Vec<u8>>, Vec<Vec<u8>>);
+    let mut seen: Vec<Seen> = vec![Default::default(); clients.len()];
+    let mut open = vec![true; clients.len()];
+    let deadline = Instant::now() + TIMEOUT * 2;
+    loop {
+        let left: Vec<usize> = (0..open.len()).filter(|&i| open[i]).collect();
+        assert!(!left.is_empty(), "round {round}: none left: {seen:?}");
+        if let [survivor] = left[..]
+            && let Some(connack) = &seen[survivor].0
+        {
+            assert_eq!(
+                connack[..],
+                [0x20, 2, 1, 0],
+                "round {round}: the survivor {survivor} did not resume the session: {seen:?}"
+            );
+            if seen[survivor].1.len() == queue.len() {
+                assert_eq!(
+                    seen[survivor].1, queue,
+                    "round {round}: the queue, in order"
+                );
+                return survivor;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "round {round}: open {open:?}, seen {seen:?}"
+        );
+        for i in left {
+            match clients[i].read_packet(Duration::from_millis(20)) {
+                Err(_) => open[i] = false,
+                Ok(Some(p)) if p.kind() == 2 => {
+                    let bytes = p.bytes();
+                    assert!(
+                        bytes == [0x20, 2, 0, 3]
+                            || bytes[..3] == [0x20, 2, 1]
+                            || bytes[..3] == [0x20, 2, 0],
+                        "round {round}: connection {i}: CONNACK {bytes:?}"
+                    );
+                    seen[i].0 = Some(bytes);
+                }
+                Ok(Some(p)) if p.kind() == 3 => seen[i].1.push(p.publish().payload),
+                Ok(Some(p)) => panic!("round {round}: connection {i}: {p:?}"),
+                Ok(None) => {}
+            }
+        }
+    }
+}
+
+/// Node B takes over a persistent session node A holds offline (3 QoS 1
+/// messages queued) while the same client id CONNECTs on A itself, a
+/// little later, the spacing changing from round to round: whichever
+/// wins, exactly one connection of the id is left in the cluster, with
+/// the session (Session Present 1, the queue). A CONNECT on A that came
+/// while A's shard held the session aside for B, or after A handed it
+/// and before B's compare-and-set, found the id nowhere on A, and the
+/// record still A's: a fresh second session beside B's.
+///
+/// Ignored: it still fails (on main too), within 24 rounds in most runs:
+/// the survivor, on B, has the session (Session Present 1, the queue)
+/// and answers a PINGREQ, then neither node's admin API shows the id.
+/// Probably (not confirmed from the logs) A's CONNECT evicted the
+/// offline session on A and asked the cluster; B's take-over then
+/// superseded that claim on A's shard and handed the session to B; the
+/// superseded claim's decision on A's bridge went on, found the record
+/// B's and took the session back from B for no connection (kept on A's
+/// bridge). Refusing, on the bridge, a claim received before such a
+/// take-over began did not fix it.
+#[test]
+#[ignore = "open (issue 14): a CONNECT on the owner racing a take-over from another node can leave a survivor on B whose session no node shows; fails within 24 rounds"]
+fn connects_of_one_id_on_its_owner_and_on_a_node_taking_it_over_leave_one_session() {
+    let Some(nats) = Nats::start("cluster owner and taker race") else {
+        return;
+    };
+    let (a, b) = (nats.node("a"), nats.node("b"));
+    for round in 0..24 {
+        let id = format!("owner-race-{round}");
+        let _publisher = queued_offline(&a, &id, &id, 3);
+        let connect = ConnectBuilder::new(&id).clean_session(false).bytes();
+        let mut clients = [Raw::tcp(b.port), Raw::tcp(a.port)];
+        let spacing = Duration::from_micros(500 * (round % 8) as u64);
+        clients[0].send(&connect);
+        std::thread::sleep(spacing);
+        clients[1].send(&connect);
+        let survivor = one_left_with_queue(&mut clients, round, &[b"0", b"1", b"2"]);
+        let nodes = if survivor == 0 { [&b, &a] } else { [&a, &b] };
+        clients[survivor].ping();
+        let (here, there) = (client_on(nodes[0], &id), client_on(nodes[1], &id));
+        assert!(
+            here.as_ref().is_some_and(|c| c["connected"] == true) && there.is_none(),
+            "round {round}: survivor {survivor} (0: on B, 1: on A): one session: {here:?}, {there:?}"
+        );
+    }
 }
 
 #[test]
@@ -1941,6 +2418,84 @@ fn racing_connects_of_one_client_id_on_one_node_leave_the_survivor_its_record() 
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
+    }
+}
+
+/// Racing CONNECTs of one client id on node B while node A holds its
+/// persistent session offline with queued QoS 1 messages: B's claims
+/// race to take the session over, and a claim a later CONNECT on B
+/// superseded may be the one whose take-over brings A's state (its
+/// compare-and-set landed first: the later claims then find the record
+/// B's and ask A nothing). That state must reach the survivor, the last
+/// CONNECT: Session Present 1 and every queued message. Before, a
+/// superseded claim's state was dropped (on the bridge, or on its shard
+/// when its grant came after a later CONNECT there took the id), and the
+/// survivor started fresh. The CONNECTs go out a few milliseconds apart,
+/// the spacing changing from round to round, so that some later CONNECT
+/// comes while the first take-over's write is on its way.
+#[test]
+fn racing_connects_taking_a_session_over_from_another_node_leave_the_survivor_its_queue() {
+    let Some(nats) = Nats::start("cluster race for a moving session") else {
+        return;
+    };
+    let (a, b) = (nats.node("a"), nats.node("b"));
+    for round in 0..24 {
+        let id = format!("swarm-{round}");
+        let _publisher = queued_offline(&a, &id, &id, 3);
+        // Four connections to B, then their CONNECTs, `spacing` apart.
+        let connect = ConnectBuilder::new(&id).clean_session(false).bytes();
+        let mut clients: Vec<Raw> = (0..4).map(|_| Raw::tcp(b.port)).collect();
+        let spacing = Duration::from_micros(500 * (round % 8) as u64);
+        for (i, client) in clients.iter_mut().enumerate() {
+            if i > 0 {
+                std::thread::sleep(spacing);
+            }
+            client.send(&connect);
+        }
+        // (CONNACK's Session Present if one came, the payloads) of each.
+        let mut seen: Vec<(Option<bool>, std::collections::BTreeSet<Vec<u8>>)> =
+            vec![Default::default(); clients.len()];
+        let mut open = vec![true; clients.len()];
+        let deadline = Instant::now() + TIMEOUT * 2;
+        loop {
+            let left: Vec<usize> = (0..open.len()).filter(|&i| open[i]).collect();
+            assert!(!left.is_empty(), "round {round}: none left: {seen:?}");
+            if let [survivor] = left[..]
+                && let Some(present) = seen[survivor].0
+            {
+                // The others are closed: this one holds the id.
+                assert!(
+                    present,
+                    "round {round} (spacing {spacing:?}): the survivor started fresh: {seen:?}"
+                );
+                if seen[survivor].1.len() == 3 {
+                    break;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: open {open:?}, seen {seen:?}"
+            );
+            for i in left {
+                match clients[i].read_packet(Duration::from_millis(20)) {
+                    Err(_) => open[i] = false,
+                    Ok(Some(p)) if p.kind() == 2 => {
+                        assert_eq!(p.body.get(1), Some(&0), "round {round}: {p:?}");
+                        seen[i].0 = Some(p.body.first() == Some(&1));
+                    }
+                    Ok(Some(p)) if p.kind() == 3 => {
+                        seen[i].1.insert(p.publish().payload);
+                    }
+                    Ok(Some(p)) => panic!("round {round}: {p:?}"),
+                    Ok(None) => {}
+                }
+            }
+        }
+        let survivor = open.iter().position(|o| *o).unwrap();
+        let mut alive = clients.swap_remove(survivor);
+        alive.ping();
+        assert_eq!(client_on(&b, &id).unwrap()["connected"], true);
+        assert!(client_on(&a, &id).is_none(), "round {round}: A let it go");
     }
 }
 

@@ -1060,6 +1060,24 @@ impl Mqtt {
         }
         panic!("DISCONNECT not sent");
     }
+
+    /// [`Mqtt::disconnect`], returning the publishes that arrived before
+    /// the DISCONNECT went (unread ones, and those rumqttc acknowledged
+    /// meanwhile), in order.
+    pub fn disconnect_collecting(mut self) -> Vec<Publish> {
+        self.client.disconnect().expect("disconnect request");
+        let mut got: Vec<Publish> = self.backlog.drain(..).collect();
+        let deadline = Instant::now() + TIMEOUT;
+        while Instant::now() < deadline {
+            match self.events.recv_timeout(Duration::from_millis(100)) {
+                Ok(Ok(Event::Incoming(Packet::Publish(p)))) => got.push(p),
+                Ok(Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect))) | Ok(Err(_)) => return got,
+                Err(RecvTimeoutError::Disconnected) => return got,
+                _ => {}
+            }
+        }
+        panic!("DISCONNECT not sent");
+    }
 }
 
 impl Drop for Mqtt {

@@ -539,11 +539,11 @@ pub(crate) fn mount_tmpfs(dir: &Path, size: &str) -> bool {
 }
 
 /// Unmounts the tmpfs when the test ends, however it ends.
-pub(crate) struct Unmount<'a>(pub(crate) &'a Path);
+pub(crate) struct Unmount(pub(crate) std::path::PathBuf);
 
-impl Drop for Unmount<'_> {
+impl Drop for Unmount {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(self.0).status();
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
     }
 }
 
@@ -573,7 +573,7 @@ fn a_full_disk_refuses_retained_qos_1_until_space_frees() {
         }
         return;
     }
-    let _unmount = Unmount(dir.path());
+    let _unmount = Unmount(dir.path().to_path_buf());
     let store = dir.path().join("store");
     std::fs::create_dir(&store).unwrap();
     let mut broker = start(&store, "");
@@ -1910,7 +1910,7 @@ fn a_clean_start_on_a_full_disk_gets_its_connack_only_once_the_old_session_is_en
         }
         return;
     }
-    let _unmount = Unmount(dir.path());
+    let _unmount = Unmount(dir.path().to_path_buf());
     let store = dir.path().join("store");
     std::fs::create_dir(&store).unwrap();
     let broker = start(&store, "");

@@ -148,7 +148,12 @@ fn packets_may_span_frames_and_frames_may_hold_several_packets() {
 
 #[test]
 fn bad_upgrades_and_text_frames_are_closed_and_the_broker_stays_up() {
-    let mut broker = Broker::builder().config(WS).start();
+    // MQTT bytes on the WebSocket port are no HTTP request: the broker
+    // closes them at its connect timeout, which must come well within the
+    // test's own wait for the close (both were 10 s: a race under load).
+    let mut broker = Broker::builder()
+        .config(&format!("{WS}\nconnect_timeout_secs = 2"))
+        .start();
     let port = broker.port_of("ws");
     let mut bystander = ws_connect(port, "mqtt");
     ws_send(&mut bystander, &ConnectBuilder::new("ws-bystander").bytes());

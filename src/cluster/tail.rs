@@ -1,0 +1,858 @@
+//! The hand-over window of a session moving between nodes
+//! (docs/design/cluster.md §9, "The hand-over window").
+//!
+//! Without this, a persistent session moving from node A to node B misses
+//! what other nodes publish between A's hand-over (A stops holding its
+//! subscriptions) and B's grant. So:
+//!
+//! 1. Every QoS 1/2 message a node publishes on NATS carries its origin:
+//!    the node's incarnation and a sequence number, one per node, counted
+//!    by the bridge in the order it publishes (`headers::Origin`). NATS
+//!    keeps one connection's messages in order to each subscriber.
+//! 2. A, asked to hand a session over, first holds the NATS subscriptions
+//!    of the session's filters itself and collects what they bring for it
+//!    (a [`Collector`]), then tells every shard to stop giving the session
+//!    messages from NATS (`ToShard::Handing`): what reached the session
+//!    before that mark is in the image it hands over, what came after is
+//!    collected, each once.
+//! 3. B, once it has the image and won the record, holds the same
+//!    subscriptions, waits until the server has them, collects what they
+//!    bring, and only then asks A for what A collected (the *tail*,
+//!    `<root>.c.<node>.tail`). A answers and drops its collector.
+//! 4. B merges ([`merge`]): per origin, the tail's messages below the
+//!    first sequence number B got itself, then B's own; appends them to the
+//!    image's queue; and hands the image to the claim's shard. From then
+//!    on its subscriptions' messages go to that shard (which keeps them
+//!    for the attaching session) until the session's own subscriptions
+//!    hold them.
+//!
+//! Not covered: messages published on A or B themselves (their local
+//! delivery does not go through NATS), QoS 0 (an offline session keeps
+//! none), topics on the escaped subject, shared subscriptions, and a tail
+//! over [`MAX_TAIL`]; if A does not answer in time B attaches what it has
+//! (counted: `cluster_tails_missed`).
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use bytestring::ByteString;
+
+use crate::cluster::bridge::{Bridge, Shared};
+use crate::cluster::headers::Origin;
+use crate::cluster::link::{Interest, ToShard};
+use crate::protocol::message::Message;
+use crate::protocol::topic;
+use crate::protocol::v3::QoS;
+use crate::router::shared;
+use crate::store::record::{Record, RecordError, StoredMessage, unix_ms_now};
+
+/// Most bytes of messages one collector holds (as [`encode_tail`] writes
+/// them): the tail travels as one NATS reply, under NATS's default
+/// `max_payload` (1 MiB). Beyond it the collector stops, and what came
+/// after is lost for the session (logged).
+pub const MAX_TAIL: usize = 1_000_000;
+
+/// How long the old owner collects for a session it handed over: the new
+/// owner asks for the tail right after its compare-and-set, well within
+/// its claim's 8 s deadline.
+pub const COLLECT_FOR: Duration = Duration::from_secs(10);
+
+/// How long the new owner keeps the session's subscriptions held for the
+/// claim's shard after its grant: the connection attaches the session
+/// (whose own subscriptions then hold them) within the claim's 10 s.
+pub const HOLD_AFTER_GRANT: Duration = Duration::from_secs(10);
+
+/// Why a tail cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub enum TailError {
+    /// A record is cut short or invalid.
+    #[error("tail: {0}")]
+    Record(#[from] RecordError),
+    /// The bytes are not a tail.
+    #[error("tail: {0}")]
+    Layout(&'static str),
+}
+
+/// The messages collected for one session while it moves, each with its
+/// origin, bounded by [`MAX_TAIL`].
+#[derive(Debug)]
+pub struct Collector {
+    /// The client id.
+    pub client_id: ByteString,
+    /// The session's subscriptions (shared ones left out): filter, QoS
+    /// granted.
+    pub filters: Vec<(ByteString, QoS)>,
+    /// What was collected, in the order it came.
+    pub entries: Vec<(Origin, Message)>,
+    /// Bytes of `entries` as [`encode_tail`] writes them.
+    bytes: usize,
+    /// Set when a message did not fit: nothing more is collected.
+    pub overflowed: bool,
+}
+
+impl Collector {
+    /// An empty collector for `client_id` with the session's `filters`.
+    pub fn new(client_id: ByteString, filters: Vec<(ByteString, QoS)>) -> Self {
+        Collector {
+            client_id,
+            filters,
+            entries: Vec::new(),
+            bytes: 0,
+            overflowed: false,
+        }
+    }
+
+    /// `message`, of `origin`, came on the NATS subscription of `filter`:
+    /// kept (at the QoS the session takes it) if the session takes it
+    /// through that filter ([`takes`]) and it is QoS 1 or 2.
+    pub fn offer(&mut self, filter: &str, origin: Origin, message: &Message) {
+        if self.overflowed || message.qos == QoS::AtMostOnce {
+            return;
+        }
+        let Some(granted) = takes(&self.filters, filter, &message.topic) else {
+            return;
+        };
+        let qos = message.qos.min(granted);
+        if qos == QoS::AtMostOnce {
+            return;
+        }
+        let size = entry_size(message);
+        if self.bytes + size > MAX_TAIL {
+            log::warn!(
+                "cluster: tail of {:?} over {MAX_TAIL} bytes: later messages of its move are lost",
+                self.client_id
+            );
+            self.overflowed = true;
+            return;
+        }
+        self.bytes += size;
+        let mut kept = message.clone();
+        kept.qos = qos;
+        kept.retain = false;
+        self.entries.push((origin, kept));
+    }
+}
+
+/// The QoS at which a session of `filters` takes a message on `topic` that
+/// came on the NATS subscription of `filter`, or None: NATS sends one copy
+/// per matching subscription of the node, so a session takes it through
+/// the smallest (byte order) of its filters that match the topic only, at
+/// the highest QoS granted among them (the rule of `shard::cluster`'s
+/// routing).
+pub fn takes(filters: &[(ByteString, QoS)], filter: &str, topic: &str) -> Option<QoS> {
+    let mut smallest: Option<&str> = None;
+    let mut granted = QoS::AtMostOnce;
+    for (own, qos) in filters {
+        let own: &str = own;
+        if topic::filter_matches(own, topic) {
+            if smallest.is_none_or(|s| own < s) {
+                smallest = Some(own);
+            }
+            granted = granted.max(*qos);
+        }
+    }
+    (smallest == Some(filter)).then_some(granted)
+}
+
+/// What the new owner delivers, in order, of the old owner's `tail` and
+/// what it got itself (`direct`) since it held the subscriptions: per
+/// origin, the tail's messages with a sequence number below the first one
+/// it got directly (all of them if it got none of that origin), then its
+/// own. Each origin's messages reach both nodes in the same order, and
+/// the new owner got every one from its first on, so nothing is given
+/// twice or left out.
+pub fn merge(tail: Vec<(Origin, Message)>, direct: Vec<(Origin, Message)>) -> Vec<Message> {
+    let mut first: HashMap<u64, u64> = HashMap::new();
+    for (origin, _) in &direct {
+        first.entry(origin.node).or_insert(origin.seq);
+    }
+    tail.into_iter()
+        .filter(|(origin, _)| first.get(&origin.node).is_none_or(|&f| origin.seq < f))
+        .chain(direct)
+        .map(|(_, message)| message)
+        .collect()
+}
+
+/// Bytes one entry takes in a tail.
+fn entry_size(message: &Message) -> usize {
+    // Origin, record kind and length, the stored message's fixed fields,
+    // and about what it takes on the wire (topic, properties, payload).
+    16 + 5 + 16 + message.wire_len()
+}
+
+/// Appends one record as session images (`shard::cluster`) and tails hold
+/// it: kind, body length (u32 LE), body.
+pub fn put_record(out: &mut Vec<u8>, record: &Record) {
+    let mut body = Vec::new();
+    record.encode_body(&mut body);
+    out.push(record.kind());
+    out.extend_from_slice(&u32::try_from(body.len()).unwrap_or(u32::MAX).to_le_bytes());
+    out.extend_from_slice(&body);
+}
+
+/// The record [`put_record`] wrote at the start of `bytes`, and what
+/// follows it.
+fn take_record(bytes: &[u8]) -> Result<(Record, &[u8]), TailError> {
+    let [kind, rest @ ..] = bytes else {
+        return Err(TailError::Layout("record cut short"));
+    };
+    let (len, rest) = rest
+        .split_first_chunk::<4>()
+        .ok_or(TailError::Layout("record length cut short"))?;
+    let len = u32::from_le_bytes(*len) as usize;
+    let body = rest
+        .get(..len)
+        .ok_or(TailError::Layout("record body cut short"))?;
+    Ok((Record::decode(*kind, body)?, &rest[len..]))
+}
+
+/// The records of `bytes` as [`put_record`] writes them.
+///
+/// # Errors
+/// A record cut short or invalid.
+pub fn records(mut bytes: &[u8]) -> Result<Vec<Record>, TailError> {
+    let mut records = Vec::new();
+    while !bytes.is_empty() {
+        let (record, rest) = take_record(bytes)?;
+        records.push(record);
+        bytes = rest;
+    }
+    Ok(records)
+}
+
+/// A tail as the old owner sends it: per entry, the origin's node and
+/// sequence number (u64 LE each), then a message record.
+pub fn encode_tail(entries: &[(Origin, Message)]) -> Bytes {
+    let (now, unix_now) = (Instant::now(), unix_ms_now());
+    let mut out = Vec::new();
+    for (origin, message) in entries {
+        out.extend_from_slice(&origin.node.to_le_bytes());
+        out.extend_from_slice(&origin.seq.to_le_bytes());
+        let stored = StoredMessage::of(message, now, unix_now);
+        put_record(&mut out, &Record::Message(0, stored));
+    }
+    Bytes::from(out)
+}
+
+/// Reads what [`encode_tail`] wrote (messages expired meanwhile left out).
+///
+/// # Errors
+/// Bytes that are no tail.
+pub fn decode_tail(mut bytes: &[u8]) -> Result<Vec<(Origin, Message)>, TailError> {
+    let (now, unix_now) = (Instant::now(), unix_ms_now());
+    let mut entries = Vec::new();
+    while !bytes.is_empty() {
+        let (node, rest) = bytes
+            .split_first_chunk::<8>()
+            .ok_or(TailError::Layout("origin cut short"))?;
+        let (seq, rest) = rest
+            .split_first_chunk::<8>()
+            .ok_or(TailError::Layout("origin cut short"))?;
+        let (Record::Message(_, stored), rest) = take_record(rest)? else {
+            return Err(TailError::Layout("a record other than a message"));
+        };
+        let origin = Origin {
+            node: u64::from_le_bytes(*node),
+            seq: u64::from_le_bytes(*seq),
+        };
+        if let Some(mut message) = stored.to_message(0, now, unix_now) {
+            message.qos = stored.qos;
+            entries.push((origin, message));
+        }
+        bytes = rest;
+    }
+    Ok(entries)
+}
+
+/// The plain (not shared) subscriptions of a session image (the store's
+/// session image record first, as `shard::cluster` encodes it): filter
+/// and QoS granted.
+///
+/// # Errors
+/// Bytes that are no session image.
+pub fn image_filters(image: &[u8]) -> Result<Vec<(ByteString, QoS)>, TailError> {
+    let first = records(first_record(image)?)?;
+    let Some(Record::SessionImage(session)) = first.into_iter().next() else {
+        return Err(TailError::Layout("no session image first"));
+    };
+    Ok(session
+        .subscriptions
+        .into_iter()
+        .filter(|s| !shared::is_shared(&s.filter))
+        .map(|s| (s.filter, s.qos))
+        .collect())
+}
+
+/// The bytes of the first record of `image`.
+fn first_record(image: &[u8]) -> Result<&[u8], TailError> {
+    let len = image
+        .get(1..5)
+        .and_then(|l| <[u8; 4]>::try_from(l).ok())
+        .map(u32::from_le_bytes)
+        .ok_or(TailError::Layout("record length cut short"))? as usize;
+    image
+        .get(..5 + len)
+        .ok_or(TailError::Layout("record body cut short"))
+}
+
+/// `image` with `messages` queued after the messages it has (each at its
+/// own QoS).
+///
+/// # Errors
+/// Bytes that are no session image.
+pub fn append_to_image(image: &[u8], messages: &[Message]) -> Result<Bytes, TailError> {
+    if messages.is_empty() {
+        return Ok(Bytes::copy_from_slice(image));
+    }
+    let head = first_record(image)?;
+    let rest = &image[head.len()..];
+    let Some(Record::SessionImage(mut session)) = records(head)?.into_iter().next() else {
+        return Err(TailError::Layout("no session image first"));
+    };
+    let first = session.queued.iter().map(|q| q.0).max().unwrap_or(0) + 1;
+    let (now, unix_now) = (Instant::now(), unix_ms_now());
+    let mut added = Vec::new();
+    for (mid, message) in (first..).zip(messages) {
+        let stored = StoredMessage::of(message, now, unix_now);
+        put_record(&mut added, &Record::Message(mid, stored));
+        session.queued.push((mid, message.qos));
+    }
+    let mut out = Vec::with_capacity(image.len() + added.len() + 16 * messages.len());
+    put_record(&mut out, &Record::SessionImage(session));
+    out.extend_from_slice(rest);
+    out.extend_from_slice(&added);
+    Ok(Bytes::from(out))
+}
+
+/// The first index of the *pseudo shards* a collector or a hold is known
+/// by in the bridge's interest table: beyond every real shard, so a
+/// delivery to one goes to no shard's queue (`bridge::deliver`), unless it
+/// is forwarded to the claim's shard ([`Moving::forward`]).
+const PSEUDO_SHARDS: usize = 1 << 40;
+
+/// Longest the old owner waits for every shard to have a hand-over's mark
+/// (their queues from the bridge drained up to it) before the take-over
+/// goes on; a shard slower than that may give the session a message its
+/// collector also has.
+const MARK_WAIT: Duration = Duration::from_millis(500);
+
+/// The header of a tail answer when the old owner collected nothing for
+/// the session (no collector: an older node, none held, or it expired).
+const NO_TAIL_HEADER: &str = "Fanmq-Tail-None";
+
+/// Sessions moving to or from this node, in the bridge.
+#[derive(Debug, Default)]
+pub(super) struct Moving {
+    /// The last pseudo shard given out, less [`PSEUDO_SHARDS`].
+    next: usize,
+    /// The collectors, by pseudo shard, and whether each collects yet.
+    collectors: HashMap<usize, (Collector, bool)>,
+    /// The filters each pseudo shard holds.
+    holds: HashMap<usize, Vec<ByteString>>,
+    /// Pseudo shards whose messages go to a real shard: the new owner's
+    /// holds after the grant, for the claim's shard.
+    forward: HashMap<usize, usize>,
+    /// The old owner's collector of each session it handed over, until
+    /// its tail is asked for.
+    handed: HashMap<ByteString, usize>,
+    /// The latest subscriptions image of each persistent session this
+    /// node owns (as it writes the subscriptions record): the filters a
+    /// hand-over collects for.
+    subscribed: HashMap<ByteString, Bytes>,
+}
+
+impl Moving {
+    /// Whether any collector is open (the readers then read origins).
+    pub(super) fn collecting(&self) -> bool {
+        !self.collectors.is_empty()
+    }
+
+    /// The shard a delivery to `shard` of the interest table goes to: a
+    /// real one itself, a pseudo one where it is forwarded.
+    pub(super) fn target(&self, shard: usize) -> Option<usize> {
+        if shard < PSEUDO_SHARDS {
+            Some(shard)
+        } else {
+            self.forward.get(&shard).copied()
+        }
+    }
+
+    /// `messages` (with their `origins`) came on the NATS subscription of
+    /// `filter`, which the (pseudo) shards `shards` hold: each collecting
+    /// one there gets what its session takes.
+    pub(super) fn offer(
+        &mut self,
+        shards: &std::collections::BTreeSet<usize>,
+        filter: &str,
+        messages: &[Message],
+        origins: &[Option<Origin>],
+    ) {
+        for shard in shards.range(PSEUDO_SHARDS..) {
+            let Some((collector, true)) = self.collectors.get_mut(shard) else {
+                continue;
+            };
+            for (message, origin) in messages.iter().zip(origins) {
+                if let Some(origin) = origin {
+                    collector.offer(filter, *origin, message);
+                }
+            }
+        }
+    }
+
+    /// The subscriptions of `client_id`, owned here, are now `image`
+    /// (None: unknown or gone).
+    pub(super) fn subscribed(&mut self, client_id: &ByteString, image: Option<Bytes>) {
+        match image {
+            Some(image) => self.subscribed.insert(client_id.clone(), image),
+            None => self.subscribed.remove(client_id),
+        };
+    }
+
+    /// Opens `collector` (collecting at once if `active`): its pseudo
+    /// shard.
+    fn open(&mut self, collector: Collector, active: bool) -> usize {
+        self.next += 1;
+        let shard = PSEUDO_SHARDS + self.next;
+        self.holds.insert(
+            shard,
+            collector.filters.iter().map(|f| f.0.clone()).collect(),
+        );
+        self.collectors.insert(shard, (collector, active));
+        shard
+    }
+}
+
+/// The subject node `node` serves tail requests on.
+pub fn tail_subject(root: &str, node: &str) -> String {
+    format!("{root}.c.{node}.tail")
+}
+
+/// Holds `filters` for pseudo shard `shard` through the bridge's interest
+/// queue (in order with the shards' changes), waiting until the NATS
+/// server holds them, at most until `by`.
+async fn hold(bridge: &Shared, shard: usize, filters: &[(ByteString, QoS)], by: Instant) {
+    let Some(queue) = bridge.borrow().interest_queue.clone() else {
+        return;
+    };
+    let mut waits = Vec::new();
+    for (filter, _) in filters {
+        let (ready, readied) = async_channel::bounded::<()>(1);
+        let change = Interest {
+            shard,
+            filter: filter.clone(),
+            add: true,
+            ready: Some(ready),
+        };
+        if queue.send(change).await.is_ok() {
+            waits.push(readied);
+        }
+    }
+    let _ = tokio::time::timeout_at(by.into(), async {
+        for w in waits {
+            // Closed once the server holds it: nothing is ever sent.
+            let _ = w.recv().await;
+        }
+    })
+    .await;
+}
+
+/// Ends pseudo shard `shard`: its collector (returned) and its holds.
+fn close(bridge: &Shared, shard: usize) -> Option<Collector> {
+    let mut b = bridge.borrow_mut();
+    let collector = b.moving.collectors.remove(&shard).map(|c| c.0);
+    b.moving.forward.remove(&shard);
+    let filters = b.moving.holds.remove(&shard).unwrap_or_default();
+    if let Some(queue) = &b.interest_queue {
+        for filter in filters {
+            let _ = queue.try_send(Interest {
+                shard,
+                filter,
+                add: false,
+                ready: None,
+            });
+        }
+    }
+    collector
+}
+
+/// Tells every shard that `client_id` is being handed over: a shard
+/// holding its session stops giving it messages from NATS, which the
+/// collector has from now on. What closes once every shard has the mark.
+fn mark(b: &Bridge, client_id: &ByteString) -> async_channel::Receiver<()> {
+    let (done, marked) = async_channel::bounded(1);
+    for queue in &b.to_shards {
+        let handing = ToShard::Handing {
+            client_id: client_id.clone(),
+            on: true,
+            done: Some(done.clone()),
+        };
+        if queue.try_send(handing).is_err() {
+            log::warn!(
+                "cluster: a shard's queue is full: the hand-over of {client_id:?} may give messages twice"
+            );
+        }
+    }
+    marked
+}
+
+/// Tells every shard that the hand-over of `client_id` ended: never
+/// dropped (waiting for room in a full queue), or a later session of the
+/// id here would take nothing from NATS.
+fn unmark(b: &Bridge, client_id: &ByteString) {
+    for queue in &b.to_shards {
+        let handing = ToShard::Handing {
+            client_id: client_id.clone(),
+            on: false,
+            done: None,
+        };
+        if let Err(async_channel::TrySendError::Full(handing)) = queue.try_send(handing) {
+            let queue = queue.clone();
+            tokio::task::spawn_local(async move {
+                let _ = queue.send(handing).await;
+            });
+        }
+    }
+}
+
+/// The old owner, before its shard hands `client_id` over (not for a
+/// clean start): opens a collector for the session's filters, holds them,
+/// and marks the session handed on every shard; its pseudo shard, for
+/// [`hand_over_ended`]. None: nothing to collect.
+pub(super) async fn collect_for_hand_over(
+    bridge: &Shared,
+    client_id: &ByteString,
+    clean: bool,
+) -> Option<usize> {
+    if clean {
+        return None;
+    }
+    let image = bridge.borrow().moving.subscribed.get(client_id).cloned()?;
+    let filters = image_filters(&image).ok()?;
+    if filters.is_empty() {
+        return None;
+    }
+    let shard = bridge
+        .borrow_mut()
+        .moving
+        .open(Collector::new(client_id.clone(), filters.clone()), false);
+    // Held already (the session's own): the bridge answers at once, unless
+    // its interest queue is behind a NATS server's confirmation.
+    hold(bridge, shard, &filters, Instant::now() + MARK_WAIT).await;
+    // From here on the collector has what NATS brings, and the shards
+    // stop giving it to the session: nothing in both, nothing in neither.
+    let marked = {
+        let mut b = bridge.borrow_mut();
+        if let Some(c) = b.moving.collectors.get_mut(&shard) {
+            c.1 = true;
+        }
+        mark(&b, client_id)
+    };
+    // The session's shard routed what came before the mark to it before
+    // the take-over evicts it: in its image.
+    let _ = tokio::time::timeout(MARK_WAIT, marked.recv()).await;
+    Some(shard)
+}
+
+/// The old owner's hand-over of `client_id` ended: `moved` (the image is
+/// on its way), its collector waits for the new owner's tail request, at
+/// most [`COLLECT_FOR`]; else it goes.
+pub(super) fn hand_over_ended(
+    bridge: &Shared,
+    client_id: &ByteString,
+    shard: Option<usize>,
+    moved: bool,
+) {
+    unmark(&bridge.borrow(), client_id);
+    if moved {
+        // No longer this node's.
+        bridge.borrow_mut().moving.subscribed(client_id, None);
+    }
+    let Some(shard) = shard else {
+        return;
+    };
+    if !moved {
+        close(bridge, shard);
+        return;
+    }
+    let older = bridge
+        .borrow_mut()
+        .moving
+        .handed
+        .insert(client_id.clone(), shard);
+    if let Some(older) = older {
+        close(bridge, older);
+    }
+    let (bridge, client_id) = (bridge.clone(), client_id.clone());
+    tokio::task::spawn_local(async move {
+        tokio::time::sleep(COLLECT_FOR).await;
+        let mine = bridge.borrow().moving.handed.get(&client_id) == Some(&shard);
+        if mine {
+            bridge.borrow_mut().moving.handed.remove(&client_id);
+            if close(&bridge, shard).is_some() {
+                log::debug!("cluster: nobody asked for the tail of {client_id:?}");
+            }
+        }
+    });
+}
+
+/// Serves the tail requests of the nodes this one handed sessions to:
+/// answers with what it collected (empty, marked [`NO_TAIL_HEADER`],
+/// when it has nothing) and stops collecting.
+pub(super) async fn serve_tails(bridge: Shared) {
+    let (client, subject) = {
+        let b = bridge.borrow();
+        (b.client.clone(), tail_subject(&b.root, &b.node))
+    };
+    let mut requests = match client.subscribe(subject.clone()).await {
+        Ok(sub) => sub,
+        Err(e) => {
+            log::warn!(
+                "cluster: cannot subscribe to {subject}: sessions moving away lose their tail: {e}"
+            );
+            return;
+        }
+    };
+    while let Some(msg) = futures_lite::StreamExt::next(&mut requests).await {
+        let (Some(reply), Ok(id)) = (msg.reply, std::str::from_utf8(&msg.payload)) else {
+            continue;
+        };
+        let shard = bridge.borrow_mut().moving.handed.remove(id);
+        let collector = shard.and_then(|shard| close(&bridge, shard));
+        let sent = match collector {
+            Some(c) => client.publish(reply, encode_tail(&c.entries)).await,
+            None => {
+                let mut headers = async_nats::HeaderMap::new();
+                headers.insert(NO_TAIL_HEADER, "1");
+                client
+                    .publish_with_headers(reply, headers, Bytes::new())
+                    .await
+            }
+        };
+        if let Err(e) = sent {
+            log::debug!("cluster: tail of {id:?} not sent: {e}");
+        }
+    }
+}
+
+/// The new owner, granted `client_id` with `image` from node `owner`
+/// (claim `(shard, deadline)`): holds the session's filters (once the
+/// server has them, what they bring is collected), asks the old owner
+/// for its tail, and returns the image with the merge of both queued
+/// ([`merge`]); from then on the holds' messages go to `shard`, for
+/// the attaching session, for [`HOLD_AFTER_GRANT`]. Without the old
+/// owner's tail in time, only what was collected here (counted).
+pub(super) async fn complete(
+    bridge: &Shared,
+    client_id: &ByteString,
+    (owner, shard, deadline): (&str, usize, Instant),
+    image: Bytes,
+) -> Bytes {
+    let Ok(filters) = image_filters(&image) else {
+        return image;
+    };
+    if filters.is_empty() {
+        return image;
+    }
+    let (client, root, timeout, status) = {
+        let b = bridge.borrow();
+        (
+            b.client.clone(),
+            b.root.clone(),
+            b.takeover_timeout,
+            b.status.clone(),
+        )
+    };
+    let pseudo = bridge
+        .borrow_mut()
+        .moving
+        .open(Collector::new(client_id.clone(), filters.clone()), true);
+    hold(bridge, pseudo, &filters, deadline).await;
+    let left = deadline.saturating_duration_since(Instant::now());
+    let asked = client.request(
+        tail_subject(&root, owner),
+        Bytes::copy_from_slice(client_id.as_bytes()),
+    );
+    let answer = tokio::time::timeout(timeout.min(left), asked).await;
+    // What the server sent before the answer was read before it: let the
+    // subscriptions' readers hand it to the collector first.
+    for _ in 0..4 {
+        tokio::task::yield_now().await;
+    }
+    let tail = match answer {
+        Ok(Ok(msg))
+            if msg
+                .headers
+                .as_ref()
+                .is_none_or(|h| h.get(NO_TAIL_HEADER).is_none()) =>
+        {
+            decode_tail(&msg.payload)
+                .map_err(|e| log::debug!("cluster: tail of {client_id:?}: {e}"))
+                .ok()
+        }
+        Ok(Ok(_)) => None,
+        Ok(Err(e)) => {
+            log::debug!("cluster: tail of {client_id:?} from {owner}: {e}");
+            None
+        }
+        Err(_) => None,
+    };
+    // No await from here to the grant in the shard's queue: what the holds
+    // bring after this goes to the shard, behind the grant.
+    let direct = {
+        let mut b = bridge.borrow_mut();
+        let collector = b.moving.collectors.remove(&pseudo).map(|c| c.0);
+        b.moving.forward.insert(pseudo, shard);
+        collector.map(|c| c.entries).unwrap_or_default()
+    };
+    {
+        let bridge = bridge.clone();
+        tokio::task::spawn_local(async move {
+            tokio::time::sleep(HOLD_AFTER_GRANT).await;
+            close(&bridge, pseudo);
+        });
+    }
+    let f = &status.figures;
+    match &tail {
+        Some(_) => f.cluster_tails_merged.fetch_add(1, Ordering::Relaxed),
+        None => {
+            log::info!(
+                "cluster: no tail of {client_id:?} from node {owner}: what was published between its hand-over and the subscriptions here is lost for it"
+            );
+            f.cluster_tails_missed.fetch_add(1, Ordering::Relaxed)
+        }
+    };
+    let merged = merge(tail.unwrap_or_default(), direct);
+    match append_to_image(&image, &merged) {
+        Ok(appended) => appended,
+        Err(e) => {
+            log::debug!("cluster: image of {client_id:?}: {e}");
+            image
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A QoS 1 message on `topic` with payload `payload`.
+    fn message(topic: &str, payload: &str) -> Message {
+        Message::new(
+            topic.into(),
+            Bytes::from(payload.to_string()),
+            QoS::AtLeastOnce,
+            false,
+        )
+    }
+
+    /// An entry of origin `node`, number `seq`, payload `"<node>:<seq>"`.
+    fn entry(node: u64, seq: u64) -> (Origin, Message) {
+        (Origin { node, seq }, message("t", &format!("{node}:{seq}")))
+    }
+
+    fn payloads(messages: &[Message]) -> Vec<String> {
+        messages
+            .iter()
+            .map(|m| String::from_utf8_lossy(&m.payload).into_owned())
+            .collect()
+    }
+
+    /// Per origin the tail gives what came before the first message the
+    /// new owner got itself; an origin it got nothing of comes from the
+    /// tail alone; its own follow, each message once, in order per origin.
+    #[test]
+    fn the_merge_takes_the_tail_up_to_the_first_direct_message_of_each_origin() {
+        // Origin 1: the tail has 4..=9, the new owner got 7.. itself.
+        // Origin 2: the tail has 20, 21; the new owner got none of it.
+        // Origin 3: only the new owner has it.
+        let tail = vec![
+            entry(1, 4),
+            entry(2, 20),
+            entry(1, 5),
+            entry(1, 6),
+            entry(1, 7),
+            entry(2, 21),
+            entry(1, 8),
+            entry(1, 9),
+        ];
+        let direct = vec![
+            entry(1, 7),
+            entry(3, 1),
+            entry(1, 8),
+            entry(1, 9),
+            entry(1, 10),
+        ];
+        let got = payloads(&merge(tail, direct));
+        assert_eq!(
+            got,
+            [
+                "1:4", "2:20", "1:5", "1:6", "2:21", "1:7", "3:1", "1:8", "1:9", "1:10"
+            ]
+        );
+        // Nothing collected directly: the tail as it is; no tail: the
+        // direct ones as they are.
+        assert_eq!(payloads(&merge(vec![entry(1, 1)], vec![])), ["1:1"]);
+        assert_eq!(payloads(&merge(vec![], vec![entry(1, 2)])), ["1:2"]);
+        // The new owner got everything the tail has: nothing from it.
+        let got = merge(
+            vec![entry(1, 3), entry(1, 4)],
+            vec![entry(1, 3), entry(1, 4)],
+        );
+        assert_eq!(payloads(&got), ["1:3", "1:4"]);
+    }
+
+    /// A collector keeps QoS 1/2 messages the session takes through the
+    /// subscription they came on (at the QoS granted), once; nothing beyond
+    /// its byte bound.
+    #[test]
+    fn a_collector_keeps_what_the_session_takes_through_that_subscription() {
+        let filters = vec![
+            (ByteString::from("a/#"), QoS::AtLeastOnce),
+            (ByteString::from("a/b"), QoS::ExactlyOnce),
+            (ByteString::from("c"), QoS::AtMostOnce),
+        ];
+        let mut c = Collector::new("x".into(), filters);
+        let o = |seq| Origin { node: 9, seq };
+        let mut two = message("a/b", "two");
+        two.qos = QoS::ExactlyOnce;
+        // `a/b` matches both filters: taken through the smallest (`a/#`),
+        // at the highest QoS granted.
+        c.offer("a/#", o(1), &two);
+        c.offer("a/b", o(1), &two);
+        c.offer("a/#", o(2), &message("a/c", "one"));
+        c.offer("c", o(3), &message("c", "granted 0"));
+        let mut zero = message("a/c", "zero");
+        zero.qos = QoS::AtMostOnce;
+        c.offer("a/#", o(4), &zero);
+        let got: Vec<(u64, QoS)> = c.entries.iter().map(|(o, m)| (o.seq, m.qos)).collect();
+        assert_eq!(got, [(1, QoS::ExactlyOnce), (2, QoS::AtLeastOnce)]);
+        // Full: nothing more.
+        let big = message("a/c", &"x".repeat(MAX_TAIL));
+        c.offer("a/#", o(5), &big);
+        c.offer("a/#", o(6), &message("a/c", "after"));
+        assert!(c.overflowed);
+        assert_eq!(c.entries.len(), 2);
+    }
+
+    /// A tail reads back as it was written; bytes that are no tail are
+    /// refused.
+    #[test]
+    fn a_tail_reads_back() {
+        let mut two = message("a/b", "two");
+        two.qos = QoS::ExactlyOnce;
+        let entries = vec![entry(5, 1), (Origin { node: 6, seq: 2 }, two)];
+        let bytes = encode_tail(&entries);
+        let back = decode_tail(&bytes).unwrap();
+        assert_eq!(back.len(), 2);
+        assert_eq!(back[0].0, Origin { node: 5, seq: 1 });
+        assert_eq!(back[1].0, Origin { node: 6, seq: 2 });
+        assert_eq!(back[1].1.qos, QoS::ExactlyOnce);
+        assert_eq!(&back[1].1.topic[..], "a/b");
+        assert_eq!(&back[1].1.payload[..], b"two");
+        assert!(decode_tail(&bytes[..bytes.len() - 1]).is_err());
+        assert!(decode_tail(&[1, 2, 3]).is_err());
+        assert!(decode_tail(&[]).unwrap().is_empty());
+    }
+}
