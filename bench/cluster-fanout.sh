@@ -68,27 +68,11 @@ if [ -n "$persist" ] && [ "$nodes" -lt 2 ]; then
 fi
 # Wall-clock bound of every process this script starts (s).
 limit=900
-# taskset prefixes of the brokers (nodes, nats-server) and of the bench.
-broker_pin=() client_pin=()
-[ -n "${BROKER_CPUS:-}" ] && broker_pin=(taskset -c "$BROKER_CPUS")
-[ -n "${CLIENT_CPUS:-}" ] && client_pin=(taskset -c "$CLIENT_CPUS")
-work=$(mktemp -d)
-out_dir=${OUT_DIR:-$work/out}
-mkdir -p "$out_dir"
-pids=()
+# taskset prefixes of the brokers (nodes, nats-server) and of the bench,
+# the work and output directories, the processes to kill at exit.
 . bench/procs.sh
-trap cleanup EXIT
+start_run
 
-# Waits until something accepts on 127.0.0.1:$1.
-wait_port() {
-    for _ in $(seq 100); do
-        python3 -c 'import socket,sys; socket.create_connection(("127.0.0.1", int(sys.argv[1])), 1)' "$1" \
-            2>/dev/null && return 0
-        sleep 0.1
-    done
-    echo "nothing listens on port $1" >&2
-    exit 1
-}
 hz=$(getconf CLK_TCK)
 
 # With PROFILE_DIR, starts `perf record` on pid $1 into PROFILE_DIR/$2.perf.data
