@@ -16,6 +16,13 @@ use rumqttc::{Client, ConnAck, Event, MqttOptions, Packet, Publish, QoS, Subscri
 /// two cores with a debug build.
 pub const TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long [`BrokerBuilder::start`] waits for the listening line: longer
+/// than the broker's own 30 s start-up timeout (`broker::START_TIMEOUT`),
+/// so that a shard that hangs at start fails with the broker's error,
+/// which names the step, and not with a blind "did not start". A cluster
+/// node's shards took over 10 s once in a CI dry run on a loaded host.
+pub const START_WAIT: Duration = Duration::from_secs(40);
+
 /// Lines the broker wrote to stderr, and whether it has exited.
 #[derive(Default)]
 struct Log {
@@ -152,7 +159,7 @@ impl BrokerBuilder {
             http_port: 0,
         };
         let line = broker
-            .wait_log(|l| l.contains(" listening on "), TIMEOUT)
+            .wait_log(|l| l.contains(" listening on "), START_WAIT)
             .unwrap_or_else(|| panic!("broker did not start:\n{}", broker.log_text()));
         broker.port =
             parse_port(&line).unwrap_or_else(|| panic!("no port in the start-up line: {line}"));
