@@ -33,7 +33,7 @@ use ahash::AHashMap;
 use bytestring::ByteString;
 use log::debug;
 
-use crate::cluster::link::ClaimAnswer;
+use crate::cluster::link::{ClaimAnswer, Withdrawn};
 use crate::cluster::ownership::CLAIM_DEADLINE;
 use crate::mesh::ShardMsg;
 use crate::protocol::message::Message;
@@ -116,6 +116,10 @@ struct PendingClaim {
     /// which a take-over before that gets instead, and which messages for
     /// the session meanwhile are queued in.
     cluster: Option<ClusterAnswer>,
+    /// In a cluster, once the claim asked the bridge: set when a later
+    /// claim supersedes it, so that the bridge stops deciding it (its
+    /// connection will attach nothing).
+    withdrawn: Option<Withdrawn>,
 }
 
 /// What the cluster answered a claim.
@@ -229,10 +233,19 @@ pub async fn claim(
     // waiting claim. The bridge's answer is applied to it in the order of
     // the shard's queue (`Shard::cluster_claim_answered`), so what the
     // bridge sends after the grant finds it granted, with its state.
+    let withdrawn = Withdrawn::new();
     let asked = match &ctx.shard.borrow().cluster {
-        Some(link) => link.claim(&client_id, clean_session, token, started + CLAIM_DEADLINE),
+        Some(link) => link.claim(
+            &client_id,
+            clean_session,
+            (token, &withdrawn),
+            started + CLAIM_DEADLINE,
+        ),
         None => return Err(RegistryError::ClusterUnavailable),
     };
+    if let Some(claim) = ctx.shard.borrow_mut().registry.claims.get_mut(&token) {
+        claim.withdrawn = Some(withdrawn);
+    }
     let answered = if asked {
         let wait = poll_fn(|cx| {
             let mut shard = ctx.shard.borrow_mut();
@@ -389,6 +402,7 @@ impl Shard {
                 superseded_by: None,
                 abandoned: false,
                 cluster: None,
+                withdrawn: None,
             },
         );
         let home = home_shard(&client_id, self.nr_shards);
@@ -533,6 +547,13 @@ impl Shard {
         };
         if claim.superseded_by.is_some() {
             return false;
+        }
+        debug!(
+            "claim {token} of {} superseded by claim {} of shard {}",
+            claim.client_id, later.1, later.0
+        );
+        if let Some(withdrawn) = &claim.withdrawn {
+            withdrawn.withdraw();
         }
         match claim.outcome.take() {
             None => {
@@ -956,6 +977,7 @@ mod tests {
                 superseded_by: None,
                 abandoned: false,
                 cluster: None,
+                withdrawn: None,
             },
         );
     }
