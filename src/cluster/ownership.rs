@@ -111,6 +111,10 @@ const HANDING_POLL: Duration = Duration::from_millis(5);
 /// deadline with room for the take-over from the requester that follows
 /// when the record did move (its request and tail, 2 s each at most).
 const HANDED_SETTLE: Duration = SHARD_ANSWER;
+// The wait fits a claim's deadline with room for the take-over after it
+// (its request and its tail, 2 s each at most).
+const _: () =
+    assert!(HANDED_SETTLE.as_millis() + 2 * SHARD_ANSWER.as_millis() < CLAIM_DEADLINE.as_millis());
 /// Pause between reads of a record while waiting for it to move off this
 /// node after a hand-over (a few reads for a requester's normal write).
 const HANDED_POLL: Duration = Duration::from_millis(20);
@@ -485,9 +489,7 @@ impl HandedAway {
     /// does at `now` ([`Handed`]).
     fn on_record(&self, client_id: &str, now: Instant) -> Handed {
         match self.ids.get(client_id) {
-            Some(&(_, at)) if now.saturating_duration_since(at) < HANDED_SETTLE => {
-                Handed::Settling
-            }
+            Some(&(_, at)) if now.saturating_duration_since(at) < HANDED_SETTLE => Handed::Settling,
             Some(&(revision, at)) if now.saturating_duration_since(at) < HANDED_TTL => {
                 Handed::Reclaim(revision)
             }
@@ -1005,7 +1007,12 @@ async fn decide(bridge: &Shared, request: &ClaimRequest, number: u64) -> ClaimAn
                 // This node may be handing the session to another node, or
                 // have handed it, whose write of the record has not come:
                 // the outcome first ([`HandedAway`]).
-                if bridge.borrow().ownership.handing.contains(&request.client_id) {
+                if bridge
+                    .borrow()
+                    .ownership
+                    .handing
+                    .contains(&request.client_id)
+                {
                     tokio::time::sleep(HANDING_POLL).await;
                     continue;
                 }
@@ -1024,10 +1031,8 @@ async fn decide(bridge: &Shared, request: &ClaimRequest, number: u64) -> ClaimAn
                                 request.client_id
                             );
                         }
-                        tokio::time::sleep_until(
-                            deadline.min(Instant::now() + HANDED_POLL).into(),
-                        )
-                        .await;
+                        tokio::time::sleep_until(deadline.min(Instant::now() + HANDED_POLL).into())
+                            .await;
                         continue;
                     }
                     Handed::Reclaim(revision) => {
@@ -2323,6 +2328,41 @@ mod tests {
         sent.sent(&b, (0, 11), now + SHARD_ANSWER);
         assert!(!sent.ids.contains_key("a"));
         assert!(sent.settling("b", (1, 4), now + SHARD_ANSWER));
+    }
+
+    /// A claim that finds the record naming this node right after this
+    /// node handed the id's session to another node waits for the record
+    /// to move (the requester's compare-and-set) for HANDED_SETTLE, then
+    /// writes the record itself with the copy of that revision; past
+    /// HANDED_TTL (or once a claim here wrote the record) nothing was
+    /// handed: granted as this node's, as before. A later hand-over of
+    /// the id starts anew; other ids are apart, and old entries go.
+    #[test]
+    fn a_claim_finding_the_record_of_a_session_handed_away_waits_then_reclaims() {
+        let mut away = HandedAway::default();
+        let (a, b) = (ByteString::from("a"), ByteString::from("b"));
+        let now = Instant::now();
+        assert_eq!(away.on_record("a", now), Handed::No);
+        away.handed(&a, 7, now);
+        assert_eq!(away.on_record("a", now), Handed::Settling);
+        assert_eq!(away.on_record("b", now), Handed::No, "another id");
+        let settled = now + HANDED_SETTLE;
+        assert_eq!(away.on_record("a", settled), Handed::Reclaim(7));
+        assert_eq!(away.on_record("a", now + HANDED_TTL), Handed::No);
+        // A claim here wrote the record: settled.
+        away.written("a");
+        assert_eq!(away.on_record("a", now), Handed::No);
+        // Handed again later: a new wait, for the new revision.
+        away.handed(&a, 9, settled);
+        assert_eq!(away.on_record("a", settled), Handed::Settling);
+        assert_eq!(
+            away.on_record("a", settled + HANDED_SETTLE),
+            Handed::Reclaim(9)
+        );
+        // Entries past HANDED_TTL go when another is added.
+        away.handed(&b, 3, settled + HANDED_TTL);
+        assert!(!away.ids.contains_key("a"));
+        assert_eq!(away.on_record("b", settled + HANDED_TTL), Handed::Settling);
     }
 
     #[test]

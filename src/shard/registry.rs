@@ -1340,6 +1340,40 @@ mod tests {
         ));
     }
 
+    /// A claim that asked the cluster (answered on the node, waiting for
+    /// the bridge) is withdrawn once a later claim of the id supersedes it
+    /// here: a CONNECT on this node or another node's take-over, which
+    /// claims the id as a connection does. The bridge then stops deciding
+    /// it (cluster::ownership): before, it went on and took the session
+    /// back from the node it had just moved to, for no connection. A claim
+    /// not superseded stays as it was, and one already superseded is not
+    /// superseded again.
+    #[test]
+    fn a_claim_waiting_for_the_cluster_is_withdrawn_once_superseded_here() {
+        let mut shard = shard();
+        pending(&mut shard, "raced", 70);
+        shard.claim_answered(70, Some(SessionState::default()));
+        let asked = Withdrawn::new();
+        shard.registry.claims.get_mut(&70).unwrap().withdrawn = Some(asked.clone());
+        pending(&mut shard, "other", 72);
+        shard.claim_answered(72, None);
+        let other = Withdrawn::new();
+        shard.registry.claims.get_mut(&72).unwrap().withdrawn = Some(other.clone());
+        assert!(!asked.is_withdrawn());
+        // The take-over's claim (or a later CONNECT's) of the id.
+        pending(&mut shard, "raced", 71);
+        shard.home_claim(ByteString::from("raced"), 0, 71, false);
+        assert!(asked.is_withdrawn(), "superseded: withdrawn");
+        assert!(!other.is_withdrawn(), "another id's claim");
+        assert!(matches!(take_outcome(&mut shard, 70), Outcome::Superseded));
+        // The later claim got the state the first one held.
+        assert!(matches!(
+            take_outcome(&mut shard, 71),
+            Outcome::Granted(Some(_))
+        ));
+        assert!(!shard.supersede(70, (0, 73, false)), "gone: nothing to do");
+    }
+
     /// Late states a shard gave back to the bridge: client id, token, held.
     type GivenBack = Vec<(String, u64, bool)>;
 
