@@ -1439,61 +1439,154 @@ fn a_connect_on_the_owner_while_it_hands_the_session_over_starts_no_second_sessi
 /// with Session Present 1 and the queue; B's is closed.
 #[test]
 fn a_connect_on_the_owner_after_it_handed_the_session_over_takes_it_back_from_the_new_node() {
-    let Some(nats) = Nats::start("cluster connect on the owner after its hand-over") else {
+    let Some(held) = HeldHandOver::start("cluster connect on the owner after its hand-over") else {
         return;
     };
-    let relay = StopBeforeUpdate::start(nats.port);
-    let a = nats.node("a");
-    let b = nats.node_configured(
-        &format!(
-            "[cluster]\nnats_urls = [\"nats://127.0.0.1:{}\"]\nnode_name = \"b\"\n",
-            relay.port
-        ),
-        "b",
-    );
-    let id = "handed";
-    let _publisher = queued_offline(&a, id, id, 3);
-    wait_link(&b, "up");
-    relay.hold();
-    let connect = ConnectBuilder::new(id).clean_session(false);
-    let on_b = Raw::send_connect(b.port, &connect);
-    // B's write is held: A has answered B's take-over with the session.
-    let deadline = Instant::now() + TIMEOUT;
-    while !relay.fired() {
-        assert!(Instant::now() < deadline, "B never wrote the record");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    assert!(client_on(&a, id).is_none(), "A handed the session over");
-    let mut on_a = Raw::send_connect(a.port, &connect);
-    // A's claim waits for the record to move rather than answer now.
-    let deadline = Instant::now() + TIMEOUT;
-    while a
-        .wait_log(
-            |l| l.contains("waits for the record of the session handed away to move"),
-            Duration::from_millis(20),
-        )
-        .is_none()
-    {
-        match on_a.read_packet(Duration::from_millis(20)) {
-            Ok(None) => {}
-            Ok(Some(p)) => panic!(
-                "A answered while B's write was held: {:?}\n{}",
-                p.bytes(),
-                a.log_text()
-            ),
-            Err(e) => panic!("A closed the connection: {e}\n{}", a.log_text()),
-        }
-        assert!(Instant::now() < deadline, "A's claim never waited");
-    }
+    let HeldHandOver {
+        nats,
+        relay,
+        a,
+        b,
+        on_b,
+        on_a,
+        ..
+    } = held;
     relay.release();
     let mut clients = [on_a, on_b];
     let survivor = one_left_with_queue(&mut clients, 0, &[b"0", b"1", b"2"]);
     assert_eq!(survivor, 0, "the later CONNECT, on A, has the session");
     clients[0].ping();
-    assert_eq!(client_on(&a, id).unwrap()["connected"], true);
-    assert!(client_on(&b, id).is_none(), "one session of {id}");
-    let record = session_record(&nats, id).expect("a record");
+    assert_eq!(client_on(&a, HeldHandOver::ID).unwrap()["connected"], true);
+    assert!(client_on(&b, HeldHandOver::ID).is_none(), "one session");
+    let record = session_record(&nats, HeldHandOver::ID).expect("a record");
     assert_eq!(record["node"], "a", "{record}");
+}
+
+/// As above, but B's write stays held past the 2 s A's claim waits for
+/// the record to move: A then writes the record itself, by
+/// compare-and-set at the revision it handed, and resumes the session
+/// from the copy it kept for racers (Session Present 1, the queue). B's
+/// write, released then, fails (the record moved); B reads the record
+/// again, now A's, and takes the session over from A as any take-over:
+/// A's connection closes, B's is the one left, with the session.
+#[test]
+fn a_connect_on_the_owner_whose_hand_over_is_never_written_resumes_the_session_there() {
+    let Some(held) = HeldHandOver::start("cluster connect on the owner, hand-over unwritten")
+    else {
+        return;
+    };
+    let HeldHandOver {
+        nats,
+        relay,
+        a,
+        b,
+        on_b,
+        mut on_a,
+        ..
+    } = held;
+    assert_eq!(
+        on_a.expect_packet().bytes(),
+        [0x20, 2, 1, 0],
+        "Session Present 1 on A\n{}",
+        a.log_text()
+    );
+    let got: Vec<Vec<u8>> = (0..3).map(|_| on_a.expect_publish().payload).collect();
+    assert_eq!(got, [b"0", b"1", b"2"], "the queue, on A");
+    assert!(
+        a.log_text()
+            .contains("did not write the record: written here"),
+        "{}",
+        a.log_text()
+    );
+    assert_eq!(
+        session_record(&nats, HeldHandOver::ID).unwrap()["node"],
+        "a"
+    );
+    relay.release();
+    let mut clients = [on_b];
+    one_left_with_queue(&mut clients, 0, &[b"0", b"1", b"2"]);
+    on_a.expect_closed();
+    clients[0].ping();
+    assert_eq!(client_on(&b, HeldHandOver::ID).unwrap()["connected"], true);
+    assert!(client_on(&a, HeldHandOver::ID).is_none(), "one session");
+}
+
+/// Node A holds a persistent session offline (3 QoS 1 messages queued);
+/// node B, connected to NATS through a relay, takes it over, and the
+/// relay holds B's write of the record back; then the same id CONNECTs
+/// on A, whose claim waits for the record to move (checked: it sends
+/// nothing meanwhile).
+struct HeldHandOver {
+    nats: Nats,
+    relay: StopBeforeUpdate,
+    a: Broker,
+    b: Broker,
+    /// The CONNECT on B, whose claim's write is held.
+    on_b: Raw,
+    /// The CONNECT on A, waiting.
+    on_a: Raw,
+    _publisher: Mqtt,
+}
+
+impl HeldHandOver {
+    /// The client id.
+    const ID: &'static str = "handed";
+
+    fn start(test: &str) -> Option<HeldHandOver> {
+        let nats = Nats::start(test)?;
+        let relay = StopBeforeUpdate::start(nats.port);
+        let a = nats.node("a");
+        let b = nats.node_configured(
+            &format!(
+                "[cluster]\nnats_urls = [\"nats://127.0.0.1:{}\"]\nnode_name = \"b\"\n",
+                relay.port
+            ),
+            "b",
+        );
+        let id = Self::ID;
+        let publisher = queued_offline(&a, id, id, 3);
+        wait_link(&b, "up");
+        relay.hold();
+        let connect = ConnectBuilder::new(id).clean_session(false);
+        let on_b = Raw::send_connect(b.port, &connect);
+        // B's write is held: A has answered B's take-over with the session.
+        let deadline = Instant::now() + TIMEOUT;
+        while !relay.fired() {
+            assert!(Instant::now() < deadline, "B never wrote the record");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(client_on(&a, id).is_none(), "A handed the session over");
+        let mut on_a = Raw::send_connect(a.port, &connect);
+        // A's claim waits for the record to move rather than answer now.
+        let deadline = Instant::now() + TIMEOUT;
+        while a
+            .wait_log(
+                |l| l.contains("waits for the record of the session handed away to move"),
+                Duration::from_millis(20),
+            )
+            .is_none()
+        {
+            match on_a.read_packet(Duration::from_millis(20)) {
+                Ok(None) => {}
+                Ok(Some(p)) => panic!(
+                    "A answered while B's write was held: {:?}\n{}",
+                    p.bytes(),
+                    a.log_text()
+                ),
+                Err(e) => panic!("A closed the connection: {e}\n{}", a.log_text()),
+            }
+            assert!(Instant::now() < deadline, "A's claim never waited");
+        }
+        Some(HeldHandOver {
+            nats,
+            relay,
+            a,
+            b,
+            on_b,
+            on_a,
+            _publisher: publisher,
+        })
+    }
 }
 
 /// Reads `clients`, racing CONNECTs of one persistent session, until
