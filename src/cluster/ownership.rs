@@ -767,10 +767,14 @@ async fn claim(bridge: Shared, request: ClaimRequest, number: u64) {
     let f = &status.figures;
     match &answer {
         ClaimAnswer::Granted(_) | ClaimAnswer::Recovered(_) => {
-            f.cluster_claims.fetch_add(1, Ordering::Relaxed)
+            f.cluster_claims.fetch_add(1, Ordering::Relaxed);
         }
-        ClaimAnswer::Unavailable => f.cluster_claims_unavailable.fetch_add(1, Ordering::Relaxed),
-    };
+        // Withdrawn: its shard sends no CONNACK for it.
+        ClaimAnswer::Unavailable if request.withdrawn.is_withdrawn() => {}
+        ClaimAnswer::Unavailable => {
+            f.cluster_claims_unavailable.fetch_add(1, Ordering::Relaxed);
+        }
+    }
     // In the shard's queue, ahead of anything the bridge sends it after the
     // grant: a take-over request for the id waits while this answer waits
     // for room (`Tables::answering`), so it never reaches the shard first.
