@@ -1077,6 +1077,11 @@ async fn decide(bridge: &Shared, request: &ClaimRequest, number: u64) -> ClaimAn
                         continue;
                     }
                 }
+                // Superseded during that read: it must not take the
+                // ownership (its session's end would never release it).
+                if request.withdrawn.is_withdrawn() {
+                    return withdrawn(bridge, request, number, state);
+                }
                 if state.is_none() && settling(bridge, request) {
                     // The record may be the write of an earlier claim
                     // here whose grant brought the session's state to a
