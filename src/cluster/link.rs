@@ -149,6 +149,42 @@ pub struct ClaimRequest {
     /// shard while its connection still waits (the shard sets it from the
     /// start of the CONNECT's claim: one deadline for the whole claim).
     pub deadline: Instant,
+    /// Set by the shard once the claim lost the id on the node before the
+    /// cluster answered it (a later CONNECT here, or another node's
+    /// take-over, superseded it): its connection is gone, so the bridge
+    /// stops working on it ([`Withdrawn`]).
+    pub withdrawn: Withdrawn,
+}
+
+/// Whether a claim the bridge is deciding ([`ClaimRequest`]) still holds
+/// its id on the node: an atomic shared by the claim's shard, which sets
+/// it when the claim is superseded there, and the bridge, which reads it
+/// before each step that would take the id for the claim (a write of the
+/// record, a take-over request to another node, a grant). Read by the
+/// bridge after the record it read, it is set for every supersession that
+/// came before that record: another node's take-over here supersedes the
+/// claim before this node hands the session over, hence before that node
+/// writes the record that names it. Without it the claim went on, took
+/// the session back from the node it had just moved to, and gave it to
+/// no connection (docs/design/cluster.md, "What is built").
+#[derive(Debug, Clone, Default)]
+pub struct Withdrawn(Arc<AtomicBool>);
+
+impl Withdrawn {
+    /// A claim that holds its id.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// For the shard: the claim lost its id on the node.
+    pub fn withdraw(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+
+    /// For the bridge: whether the claim lost its id on the node.
+    pub fn is_withdrawn(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
 }
 
 /// The bridge's answer to a [`ClaimRequest`].
@@ -400,13 +436,14 @@ impl ClusterLink {
 
     /// Asks the bridge for `client_id` in the cluster for claim `token` of
     /// this shard; the answer comes in the shard's queue
-    /// ([`ToShard::Claimed`]) before `deadline` ([`ClaimRequest::deadline`]).
+    /// ([`ToShard::Claimed`]) before `deadline` ([`ClaimRequest::deadline`]);
+    /// the shard sets `withdrawn` once the claim is superseded here.
     /// False: the bridge is gone, no answer comes.
     pub fn claim(
         &self,
         client_id: &str,
         clean_session: bool,
-        token: u64,
+        (token, withdrawn): (u64, &Withdrawn),
         deadline: Instant,
     ) -> bool {
         let request = Control::Claim(ClaimRequest {
@@ -415,6 +452,7 @@ impl ClusterLink {
             shard: self.shard,
             token,
             deadline,
+            withdrawn: withdrawn.clone(),
         });
         let sent = self.ends.interest.try_send(request).is_ok();
         if !sent {

@@ -100,6 +100,24 @@ const KEPT_TTL: Duration = Duration::from_secs(60);
 const KEPT_MAX_BYTES: usize = 64 << 20;
 /// Pause before looking again whether an id's previous hand-over ended.
 const HANDING_POLL: Duration = Duration::from_millis(5);
+/// How long after this node handed an id's session to another node a
+/// claim here that finds the record still naming this node waits for it
+/// to move ([`HandedAway`]): the requester writes it one KV round trip
+/// after the answer, and its claim (which must also fit the tail's 2 s
+/// in [`CLAIM_DEADLINE`]) gives up on it only at its deadline. Past this
+/// the requester's write is taken as lost (cut off, or it lost its
+/// compare-and-set): the claim here writes the record itself, by
+/// compare-and-set, with the state kept for racers. Within the claim's
+/// deadline with room for the take-over from the requester that follows
+/// when the record did move (its request and tail, 2 s each at most).
+const HANDED_SETTLE: Duration = SHARD_ANSWER;
+// The wait fits a claim's deadline with room for the take-over after it
+// (its request and its tail, 2 s each at most).
+const _: () =
+    assert!(HANDED_SETTLE.as_millis() + 2 * SHARD_ANSWER.as_millis() < CLAIM_DEADLINE.as_millis());
+/// Pause between reads of a record while waiting for it to move off this
+/// node after a hand-over (a few reads for a requester's normal write).
+const HANDED_POLL: Duration = Duration::from_millis(20);
 /// Pause between re-assertion passes (after the link returns, while some
 /// id granted during the outage is not settled).
 const REASSERT_EVERY: Duration = Duration::from_secs(1);
@@ -192,6 +210,11 @@ pub(super) struct Tables {
     /// the shard answered it (after the answer the requester got, if this
     /// bridge stopped waiting for the shard first).
     handing: HashSet<ByteString>,
+    /// Ids whose session this node handed to another node, until a claim
+    /// here writes the record or [`HANDED_TTL`] passes: the record still
+    /// names this node until the requester's compare-and-set lands, and a
+    /// claim here must not read that as "this node's" ([`HandedAway`]).
+    handed_away: HandedAway,
     /// Ids granted to a claim of this node whose answer waits for room in
     /// its shard's queue, or for the tail of the session's move
     /// (cluster::tail), how many such answers: granted, not yet attaching;
@@ -222,6 +245,7 @@ impl Default for Tables {
             handed: Images::new(HANDED_TTL, HANDED_MAX_BYTES),
             kept: Images::new(KEPT_TTL, KEPT_MAX_BYTES),
             handing: HashSet::new(),
+            handed_away: HandedAway::default(),
             answering: HashMap::new(),
             restored: Vec::new(),
             claiming: Claiming::default(),
@@ -413,6 +437,70 @@ impl Sent {
         if self.ids.get(client_id).is_some_and(|&(to, _)| to == claim) {
             self.ids.remove(client_id);
         }
+    }
+}
+
+/// The ids whose session this node handed to another node
+/// ([`Tables::handed_away`]). Between the hand-over and the requester's
+/// compare-and-set the record still names this node, at the revision
+/// this node held: a CONNECT here then found the id nowhere on the node
+/// and the record this node's, and was granted a fresh session beside
+/// the one moving away (two sessions of one id). A claim here that finds
+/// the record naming this node while an entry is here waits instead
+/// ([`Handed::Settling`]) until the record moves (it then takes the
+/// session back from its new node as any take-over, Session Present 1),
+/// or, past [`HANDED_SETTLE`], writes the record itself by
+/// compare-and-set at the revision it read ([`Handed::Reclaim`]): the
+/// requester's write, if it still comes, then fails, and the requester
+/// reads the record again and asks this node. Exactly one of the two
+/// writes wins, so the session ends up on one node.
+#[derive(Debug, Default)]
+pub(super) struct HandedAway {
+    /// Per id: the record revision the requester read (0: a node that
+    /// does not send it) and when the shard's hand-over was answered.
+    ids: HashMap<ByteString, (u64, Instant)>,
+}
+
+/// What a claim here does that finds the record of an id naming this
+/// node ([`HandedAway::on_record`]).
+#[derive(Debug, PartialEq, Eq)]
+enum Handed {
+    /// Nothing was handed away: the id is this node's (granted as before).
+    No,
+    /// Handed away less than [`HANDED_SETTLE`] ago: read the record again
+    /// after [`HANDED_POLL`].
+    Settling,
+    /// Handed away longer ago, the record unmoved: write it by
+    /// compare-and-set, with the state kept for racers of this revision.
+    Reclaim(u64),
+}
+
+impl HandedAway {
+    /// The session of `client_id` went to another node that read the
+    /// record at `revision`, at `now` (an earlier entry of the id is
+    /// replaced; those older than [`HANDED_TTL`] go).
+    fn handed(&mut self, client_id: &ByteString, revision: u64, now: Instant) {
+        self.ids
+            .retain(|_, (_, at)| now.saturating_duration_since(*at) < HANDED_TTL);
+        self.ids.insert(client_id.clone(), (revision, now));
+    }
+
+    /// What a claim of `client_id` that finds the record naming this node
+    /// does at `now` ([`Handed`]).
+    fn on_record(&self, client_id: &str, now: Instant) -> Handed {
+        match self.ids.get(client_id) {
+            Some(&(_, at)) if now.saturating_duration_since(at) < HANDED_SETTLE => Handed::Settling,
+            Some(&(revision, at)) if now.saturating_duration_since(at) < HANDED_TTL => {
+                Handed::Reclaim(revision)
+            }
+            _ => Handed::No,
+        }
+    }
+
+    /// A claim here wrote the record of `client_id`: whatever was handed
+    /// before is settled (a requester's write at an older revision fails).
+    fn written(&mut self, client_id: &str) {
+        self.ids.remove(client_id);
     }
 }
 
@@ -644,6 +732,18 @@ pub(super) fn start_claim(bridge: &Shared, request: ClaimRequest) {
 /// Decides claim `number` and answers it.
 async fn claim(bridge: Shared, request: ClaimRequest, number: u64) {
     let answer = decide(&bridge, &request, number).await;
+    debug!(
+        "cluster: claim {number} of {:?} (shard {} token {}) answered: {}",
+        request.client_id,
+        request.shard,
+        request.token,
+        match &answer {
+            ClaimAnswer::Granted(None) => "granted fresh",
+            ClaimAnswer::Granted(Some(_)) => "granted with a state",
+            ClaimAnswer::Recovered(_) => "recovered",
+            ClaimAnswer::Unavailable => "unavailable",
+        }
+    );
     {
         let mut b = bridge.borrow_mut();
         b.ownership.claiming.decided(&request.client_id);
@@ -667,10 +767,14 @@ async fn claim(bridge: Shared, request: ClaimRequest, number: u64) {
     let f = &status.figures;
     match &answer {
         ClaimAnswer::Granted(_) | ClaimAnswer::Recovered(_) => {
-            f.cluster_claims.fetch_add(1, Ordering::Relaxed)
+            f.cluster_claims.fetch_add(1, Ordering::Relaxed);
         }
-        ClaimAnswer::Unavailable => f.cluster_claims_unavailable.fetch_add(1, Ordering::Relaxed),
-    };
+        // Withdrawn: its shard sends no CONNACK for it.
+        ClaimAnswer::Unavailable if request.withdrawn.is_withdrawn() => {}
+        ClaimAnswer::Unavailable => {
+            f.cluster_claims_unavailable.fetch_add(1, Ordering::Relaxed);
+        }
+    }
     // In the shard's queue, ahead of anything the bridge sends it after the
     // grant: a take-over request for the id waits while this answer waits
     // for room (`Tables::answering`), so it never reaches the shard first.
@@ -826,9 +930,15 @@ async fn decide(bridge: &Shared, request: &ClaimRequest, number: u64) -> ClaimAn
     // have been applied by the server; the record then names this node,
     // and the client's next CONNECT here finds it this node's: the state
     // this claim got is kept for it ([`refused`]).
+    // Whether this claim waited for the record of a session this node
+    // handed away to move (logged once).
+    let mut waited_for_move = false;
     loop {
         if Instant::now() >= deadline {
             return refused(bridge, request, number, state);
+        }
+        if request.withdrawn.is_withdrawn() {
+            return withdrawn(bridge, request, number, state);
         }
         let Some(created) = by(deadline, store.create(&key, value.clone())).await else {
             return refused(bridge, request, number, state);
@@ -870,13 +980,89 @@ async fn decide(bridge: &Shared, request: &ClaimRequest, number: u64) -> ClaimAn
             Operation::Delete | Operation::Purge => None,
             Operation::Put => serde_json::from_slice::<Record>(&entry.value).ok(),
         };
+        debug!(
+            "cluster: claim {number} of {:?} (shard {} token {}): record at revision {} names {:?}",
+            request.client_id,
+            request.shard,
+            request.token,
+            entry.revision,
+            owner.as_ref().map(|o| o.node.as_str())
+        );
+        // Superseded on its shard meanwhile (by another node's take-over
+        // there, which came before this record): nothing here waits for
+        // the id any more.
+        if request.withdrawn.is_withdrawn() {
+            return withdrawn(bridge, request, number, state);
+        }
         let mut took_over = false;
+        // Whether this claim writes a record naming this node, by
+        // compare-and-set, because the session went to another node whose
+        // own write has not come ([`Handed::Reclaim`]); and whether the
+        // state it takes is the copy kept for racers (not kept if the
+        // write fails: the record is then another node's).
+        let mut reclaiming = false;
+        let mut from_handed = false;
         // Whether the previous owner's state is gone (dead node, or an
         // earlier run of this one): its subscriptions record may give
         // them back.
         let mut orphaned = false;
         if let Some(owner) = owner {
             if owner.node == node && owner.inc == incarnation {
+                // This node may be handing the session to another node, or
+                // have handed it, whose write of the record has not come:
+                // the outcome first ([`HandedAway`]).
+                if bridge
+                    .borrow()
+                    .ownership
+                    .handing
+                    .contains(&request.client_id)
+                {
+                    tokio::time::sleep(HANDING_POLL).await;
+                    continue;
+                }
+                let handed = bridge
+                    .borrow()
+                    .ownership
+                    .handed_away
+                    .on_record(&request.client_id, Instant::now());
+                match handed {
+                    Handed::No => {}
+                    Handed::Settling => {
+                        if !waited_for_move {
+                            waited_for_move = true;
+                            debug!(
+                                "cluster: claim {number} of {:?} waits for the record of the session handed away to move",
+                                request.client_id
+                            );
+                        }
+                        tokio::time::sleep_until(deadline.min(Instant::now() + HANDED_POLL).into())
+                            .await;
+                        continue;
+                    }
+                    Handed::Reclaim(revision) => {
+                        debug!(
+                            "cluster: claim {number} of {:?}: the node it was handed to did not write the record: written here",
+                            request.client_id
+                        );
+                        reclaiming = true;
+                        if state.is_none() {
+                            let mut b = bridge.borrow_mut();
+                            state = b
+                                .ownership
+                                .handed
+                                .get(&request.client_id, Instant::now())
+                                .filter(|h| h.revision == revision && !request.clean_session)
+                                .map(|h| Kept {
+                                    revision: entry.revision,
+                                    at: Instant::now(),
+                                    ..h.clone()
+                                });
+                            from_handed = state.is_some();
+                        }
+                    }
+                }
+            }
+            if owner.node == node && owner.inc == incarnation && !reclaiming {
                 // Already this node's (a reconnect here, or a take-over
                 // between this node's shards), if the leader says so too.
                 let Some(latest) = by(deadline, leader_entry(&store, &key)).await else {
@@ -890,6 +1076,11 @@ async fn decide(bridge: &Shared, request: &ClaimRequest, number: u64) -> ClaimAn
                         pause(deadline).await;
                         continue;
                     }
+                }
+                // Superseded during that read: it must not take the
+                // ownership (its session's end would never release it).
+                if request.withdrawn.is_withdrawn() {
+                    return withdrawn(bridge, request, number, state);
                 }
                 if state.is_none() && settling(bridge, request) {
                     // The record may be the write of an earlier claim
@@ -921,7 +1112,7 @@ async fn decide(bridge: &Shared, request: &ClaimRequest, number: u64) -> ClaimAn
             }
             // Another node, or an earlier run of this one (whose state is
             // gone, or restored here from its store).
-            orphaned = owner.node == node;
+            orphaned = owner.node == node && !reclaiming;
             if owner.node != node {
                 // The owner's answer is awaited up to the claim's deadline
                 // at most.
@@ -1002,17 +1193,33 @@ async fn decide(bridge: &Shared, request: &ClaimRequest, number: u64) -> ClaimAn
             recovered: true,
             at: Instant::now(),
         });
+        if request.withdrawn.is_withdrawn() {
+            return withdrawn(bridge, request, number, state.or(recovered));
+        }
         let Some(updated) = by(deadline, store.update(&key, value.clone(), entry.revision)).await
         else {
             return refused(bridge, request, number, state.or(recovered));
         };
         match updated {
             Ok(revision) => {
+                debug!(
+                    "cluster: claim {number} of {:?} wrote the record at revision {revision}",
+                    request.client_id
+                );
                 if took_over {
                     status
                         .figures
                         .cluster_takeovers
                         .fetch_add(1, Ordering::Relaxed);
+                }
+                if from_handed {
+                    // This claim's session holds it now: no racer of the
+                    // old revision gets it.
+                    bridge
+                        .borrow_mut()
+                        .ownership
+                        .handed
+                        .take(&request.client_id, Instant::now());
                 }
                 let got = state.as_ref().or(recovered.as_ref());
                 let kept = match own(bridge, request, number, revision, got) {
@@ -1049,10 +1256,16 @@ async fn decide(bridge: &Shared, request: &ClaimRequest, number: u64) -> ClaimAn
                 return ClaimAnswer::Granted(state.map(|s| s.image));
             }
             // The record moved meanwhile: read it again.
-            Err(e) => debug!(
-                "cluster: record of {:?} moved ({e}), reading it again",
-                request.client_id
-            ),
+            Err(e) => {
+                debug!(
+                    "cluster: record of {:?} moved ({e}), reading it again",
+                    request.client_id
+                );
+                if from_handed {
+                    // Another node's now: the copy for racers stays theirs.
+                    state = None;
+                }
+            }
         }
     }
 }
@@ -1082,6 +1295,9 @@ fn own(
     got: Option<&Kept>,
 ) -> Granting {
     let mut b = bridge.borrow_mut();
+    // Written here (or found this node's with nothing handed away): a
+    // session handed away before is settled.
+    b.ownership.handed_away.written(&request.client_id);
     let granting = b
         .ownership
         .granting(&request.client_id, number, got, Instant::now());
@@ -1138,6 +1354,33 @@ fn refused(bridge: &Shared, request: &ClaimRequest, number: u64, got: Option<Kep
         "cluster: claim of {:?} refused (its deadline passed, or the owner could not hand the session over)",
         request.client_id
     );
+    keep_got(bridge, request, number, got);
+    ClaimAnswer::Unavailable
+}
+
+/// A claim withdrawn by its shard ([`ClaimRequest::withdrawn`]): superseded
+/// there, by a later CONNECT of the id on this node (which asks for itself)
+/// or another node's take-over (whose state came from this node): it takes
+/// nothing more, and what it got is kept as a refused claim's is (for the
+/// later claim, or the next node that asks this one). The answer reaches a
+/// claim its shard superseded, which drops it.
+fn withdrawn(
+    bridge: &Shared,
+    request: &ClaimRequest,
+    number: u64,
+    got: Option<Kept>,
+) -> ClaimAnswer {
+    debug!(
+        "cluster: claim {number} of {:?} withdrawn: superseded on its shard",
+        request.client_id
+    );
+    keep_got(bridge, request, number, got);
+    ClaimAnswer::Unavailable
+}
+
+/// Keeps `got`, the state claim `number` of `request` got and gives to no
+/// connection ([`refused`], [`withdrawn`]), for the id's next claim.
+fn keep_got(bridge: &Shared, request: &ClaimRequest, number: u64, got: Option<Kept>) {
     if let Some(got) = got.filter(|_| !request.clean_session) {
         let mut b = bridge.borrow_mut();
         let now = Instant::now();
@@ -1150,7 +1393,6 @@ fn refused(bridge: &Shared, request: &ClaimRequest, number: u64, got: Option<Kep
                 .fetch_add(1, Ordering::Relaxed);
         }
     }
-    ClaimAnswer::Unavailable
 }
 
 /// What this node kept for `client_id` for the record at `revision`, the
@@ -1374,6 +1616,10 @@ async fn hand_over(bridge: Shared, request: TakeoverRequest, reply: async_nats::
     // while the first holds the state and hand over an empty session. One
     // whose shard is not done within SHARD_ANSWER (stuck, or its disk
     // stalls) makes this one unavailable too: the session is still here.
+    debug!(
+        "cluster: node {} asks for {client_id:?} (record revision {})",
+        request.from, request.rev
+    );
     let waiting = Instant::now();
     while !bridge
         .borrow_mut()
@@ -1487,7 +1733,15 @@ async fn hand_over(bridge: Shared, request: TakeoverRequest, reply: async_nats::
     let image = kept_or(&bridge, &client_id, &request, image.map(Bytes::from));
     let image = kept_for_racers(&bridge, &client_id, &request, image);
     tail::hand_over_ended(&bridge, &client_id, collecting, image.is_some());
-    bridge.borrow_mut().ownership.handing.remove(&client_id);
+    {
+        // Gone from here, though the record names this node until the
+        // requester writes it: a claim here meanwhile waits for that.
+        let mut b = bridge.borrow_mut();
+        b.ownership
+            .handed_away
+            .handed(&client_id, request.rev, Instant::now());
+        b.ownership.handing.remove(&client_id);
+    }
     debug!(
         "cluster: {client_id:?} taken over by node {} ({} bytes of state)",
         request.from,
@@ -2083,6 +2337,41 @@ mod tests {
         sent.sent(&b, (0, 11), now + SHARD_ANSWER);
         assert!(!sent.ids.contains_key("a"));
         assert!(sent.settling("b", (1, 4), now + SHARD_ANSWER));
+    }
+
+    /// A claim that finds the record naming this node right after this
+    /// node handed the id's session to another node waits for the record
+    /// to move (the requester's compare-and-set) for HANDED_SETTLE, then
+    /// writes the record itself with the copy of that revision; past
+    /// HANDED_TTL (or once a claim here wrote the record) nothing was
+    /// handed: granted as this node's, as before. A later hand-over of
+    /// the id starts anew; other ids are apart, and old entries go.
+    #[test]
+    fn a_claim_finding_the_record_of_a_session_handed_away_waits_then_reclaims() {
+        let mut away = HandedAway::default();
+        let (a, b) = (ByteString::from("a"), ByteString::from("b"));
+        let now = Instant::now();
+        assert_eq!(away.on_record("a", now), Handed::No);
+        away.handed(&a, 7, now);
+        assert_eq!(away.on_record("a", now), Handed::Settling);
+        assert_eq!(away.on_record("b", now), Handed::No, "another id");
+        let settled = now + HANDED_SETTLE;
+        assert_eq!(away.on_record("a", settled), Handed::Reclaim(7));
+        assert_eq!(away.on_record("a", now + HANDED_TTL), Handed::No);
+        // A claim here wrote the record: settled.
+        away.written("a");
+        assert_eq!(away.on_record("a", now), Handed::No);
+        // Handed again later: a new wait, for the new revision.
+        away.handed(&a, 9, settled);
+        assert_eq!(away.on_record("a", settled), Handed::Settling);
+        assert_eq!(
+            away.on_record("a", settled + HANDED_SETTLE),
+            Handed::Reclaim(9)
+        );
+        // Entries past HANDED_TTL go when another is added.
+        away.handed(&b, 3, settled + HANDED_TTL);
+        assert!(!away.ids.contains_key("a"));
+        assert_eq!(away.on_record("b", settled + HANDED_TTL), Handed::Settling);
     }
 
     #[test]

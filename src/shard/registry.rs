@@ -33,7 +33,7 @@ use ahash::AHashMap;
 use bytestring::ByteString;
 use log::debug;
 
-use crate::cluster::link::ClaimAnswer;
+use crate::cluster::link::{ClaimAnswer, Withdrawn};
 use crate::cluster::ownership::CLAIM_DEADLINE;
 use crate::mesh::ShardMsg;
 use crate::protocol::message::Message;
@@ -116,6 +116,10 @@ struct PendingClaim {
     /// which a take-over before that gets instead, and which messages for
     /// the session meanwhile are queued in.
     cluster: Option<ClusterAnswer>,
+    /// In a cluster, once the claim asked the bridge: set when a later
+    /// claim supersedes it, so that the bridge stops deciding it (its
+    /// connection will attach nothing).
+    withdrawn: Option<Withdrawn>,
 }
 
 /// What the cluster answered a claim.
@@ -229,10 +233,19 @@ pub async fn claim(
     // waiting claim. The bridge's answer is applied to it in the order of
     // the shard's queue (`Shard::cluster_claim_answered`), so what the
     // bridge sends after the grant finds it granted, with its state.
+    let withdrawn = Withdrawn::new();
     let asked = match &ctx.shard.borrow().cluster {
-        Some(link) => link.claim(&client_id, clean_session, token, started + CLAIM_DEADLINE),
+        Some(link) => link.claim(
+            &client_id,
+            clean_session,
+            (token, &withdrawn),
+            started + CLAIM_DEADLINE,
+        ),
         None => return Err(RegistryError::ClusterUnavailable),
     };
+    if let Some(claim) = ctx.shard.borrow_mut().registry.claims.get_mut(&token) {
+        claim.withdrawn = Some(withdrawn);
+    }
     let answered = if asked {
         let wait = poll_fn(|cx| {
             let mut shard = ctx.shard.borrow_mut();
@@ -389,6 +402,7 @@ impl Shard {
                 superseded_by: None,
                 abandoned: false,
                 cluster: None,
+                withdrawn: None,
             },
         );
         let home = home_shard(&client_id, self.nr_shards);
@@ -533,6 +547,13 @@ impl Shard {
         };
         if claim.superseded_by.is_some() {
             return false;
+        }
+        debug!(
+            "claim {token} of {} superseded by claim {} of shard {}",
+            claim.client_id, later.1, later.0
+        );
+        if let Some(withdrawn) = &claim.withdrawn {
+            withdrawn.withdraw();
         }
         match claim.outcome.take() {
             None => {
@@ -956,6 +977,7 @@ mod tests {
                 superseded_by: None,
                 abandoned: false,
                 cluster: None,
+                withdrawn: None,
             },
         );
     }
@@ -1316,6 +1338,40 @@ mod tests {
             take_outcome(&mut shard, 62),
             Outcome::Granted(Some(_))
         ));
+    }
+
+    /// A claim that asked the cluster (answered on the node, waiting for
+    /// the bridge) is withdrawn once a later claim of the id supersedes it
+    /// here: a CONNECT on this node or another node's take-over, which
+    /// claims the id as a connection does. The bridge then stops deciding
+    /// it (cluster::ownership): before, it went on and took the session
+    /// back from the node it had just moved to, for no connection. A claim
+    /// not superseded stays as it was, and one already superseded is not
+    /// superseded again.
+    #[test]
+    fn a_claim_waiting_for_the_cluster_is_withdrawn_once_superseded_here() {
+        let mut shard = shard();
+        pending(&mut shard, "raced", 70);
+        shard.claim_answered(70, Some(SessionState::default()));
+        let asked = Withdrawn::new();
+        shard.registry.claims.get_mut(&70).unwrap().withdrawn = Some(asked.clone());
+        pending(&mut shard, "other", 72);
+        shard.claim_answered(72, None);
+        let other = Withdrawn::new();
+        shard.registry.claims.get_mut(&72).unwrap().withdrawn = Some(other.clone());
+        assert!(!asked.is_withdrawn());
+        // The take-over's claim (or a later CONNECT's) of the id.
+        pending(&mut shard, "raced", 71);
+        shard.home_claim(ByteString::from("raced"), 0, 71, false);
+        assert!(asked.is_withdrawn(), "superseded: withdrawn");
+        assert!(!other.is_withdrawn(), "another id's claim");
+        assert!(matches!(take_outcome(&mut shard, 70), Outcome::Superseded));
+        // The later claim got the state the first one held.
+        assert!(matches!(
+            take_outcome(&mut shard, 71),
+            Outcome::Granted(Some(_))
+        ));
+        assert!(!shard.supersede(70, (0, 73, false)), "gone: nothing to do");
     }
 
     /// Late states a shard gave back to the bridge: client id, token, held.

@@ -1427,6 +1427,168 @@ fn a_connect_on_the_owner_while_it_hands_the_session_over_starts_no_second_sessi
     assert_eq!(client_on(nodes[0], id).unwrap()["connected"], true);
     assert!(client_on(nodes[1], id).is_none(), "one session of {id}");
 }
+
+/// A CONNECT on the owning node A after A handed the session (3 QoS 1
+/// messages queued) to node B and before B's compare-and-set of the
+/// record lands (a relay between B and NATS holds that write back): the
+/// id is nowhere on A and the record still names A. A's claim must not
+/// be granted a fresh session beside the one moving to B (before: CONNACK
+/// Session Present 0 at once, and two live sessions of the id once B's
+/// write passed): it waits until the record moves, then takes the session
+/// back from B as any take-over. Exactly one connection is left, A's,
+/// with Session Present 1 and the queue; B's is closed.
+#[test]
+fn a_connect_on_the_owner_after_it_handed_the_session_over_takes_it_back_from_the_new_node() {
+    let Some(held) = HeldHandOver::start("cluster connect on the owner after its hand-over") else {
+        return;
+    };
+    let HeldHandOver {
+        nats,
+        relay,
+        a,
+        b,
+        on_b,
+        on_a,
+        ..
+    } = held;
+    relay.release();
+    let mut clients = [on_a, on_b];
+    let survivor = one_left_with_queue(&mut clients, 0, &[b"0", b"1", b"2"]);
+    assert_eq!(survivor, 0, "the later CONNECT, on A, has the session");
+    clients[0].ping();
+    assert_eq!(client_on(&a, HeldHandOver::ID).unwrap()["connected"], true);
+    assert!(client_on(&b, HeldHandOver::ID).is_none(), "one session");
+    let record = session_record(&nats, HeldHandOver::ID).expect("a record");
+    assert_eq!(record["node"], "a", "{record}");
+}
+
+/// As above, but B's write stays held past the 2 s A's claim waits for
+/// the record to move: A then writes the record itself, by
+/// compare-and-set at the revision it handed, and resumes the session
+/// from the copy it kept for racers (Session Present 1, the queue). B's
+/// write, released then, fails (the record moved); B reads the record
+/// again, now A's, and takes the session over from A as any take-over:
+/// A's connection closes, B's is the one left, with the session.
+#[test]
+fn a_connect_on_the_owner_whose_hand_over_is_never_written_resumes_the_session_there() {
+    let Some(held) = HeldHandOver::start("cluster connect on the owner, hand-over unwritten")
+    else {
+        return;
+    };
+    let HeldHandOver {
+        nats,
+        relay,
+        a,
+        b,
+        on_b,
+        mut on_a,
+        ..
+    } = held;
+    assert_eq!(
+        on_a.expect_packet().bytes(),
+        [0x20, 2, 1, 0],
+        "Session Present 1 on A\n{}",
+        a.log_text()
+    );
+    let got: Vec<Vec<u8>> = (0..3).map(|_| on_a.expect_publish().payload).collect();
+    assert_eq!(got, [b"0", b"1", b"2"], "the queue, on A");
+    assert!(
+        a.log_text()
+            .contains("did not write the record: written here"),
+        "{}",
+        a.log_text()
+    );
+    assert_eq!(
+        session_record(&nats, HeldHandOver::ID).unwrap()["node"],
+        "a"
+    );
+    relay.release();
+    let mut clients = [on_b];
+    one_left_with_queue(&mut clients, 0, &[b"0", b"1", b"2"]);
+    on_a.expect_closed();
+    clients[0].ping();
+    assert_eq!(client_on(&b, HeldHandOver::ID).unwrap()["connected"], true);
+    assert!(client_on(&a, HeldHandOver::ID).is_none(), "one session");
+}
+
+/// Node A holds a persistent session offline (3 QoS 1 messages queued);
+/// node B, connected to NATS through a relay, takes it over, and the
+/// relay holds B's write of the record back; then the same id CONNECTs
+/// on A, whose claim waits for the record to move (checked: it sends
+/// nothing meanwhile).
+struct HeldHandOver {
+    nats: Nats,
+    relay: StopBeforeUpdate,
+    a: Broker,
+    b: Broker,
+    /// The CONNECT on B, whose claim's write is held.
+    on_b: Raw,
+    /// The CONNECT on A, waiting.
+    on_a: Raw,
+    _publisher: Mqtt,
+}
+
+impl HeldHandOver {
+    /// The client id.
+    const ID: &'static str = "handed";
+
+    fn start(test: &str) -> Option<HeldHandOver> {
+        let nats = Nats::start(test)?;
+        let relay = StopBeforeUpdate::start(nats.port);
+        let a = nats.node("a");
+        let b = nats.node_configured(
+            &format!(
+                "[cluster]\nnats_urls = [\"nats://127.0.0.1:{}\"]\nnode_name = \"b\"\n",
+                relay.port
+            ),
+            "b",
+        );
+        let id = Self::ID;
+        let publisher = queued_offline(&a, id, id, 3);
+        wait_link(&b, "up");
+        relay.hold();
+        let connect = ConnectBuilder::new(id).clean_session(false);
+        let on_b = Raw::send_connect(b.port, &connect);
+        // B's write is held: A has answered B's take-over with the session.
+        let deadline = Instant::now() + TIMEOUT;
+        while !relay.fired() {
+            assert!(Instant::now() < deadline, "B never wrote the record");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(client_on(&a, id).is_none(), "A handed the session over");
+        let mut on_a = Raw::send_connect(a.port, &connect);
+        // A's claim waits for the record to move rather than answer now.
+        let deadline = Instant::now() + TIMEOUT;
+        while a
+            .wait_log(
+                |l| l.contains("waits for the record of the session handed away to move"),
+                Duration::from_millis(20),
+            )
+            .is_none()
+        {
+            match on_a.read_packet(Duration::from_millis(20)) {
+                Ok(None) => {}
+                Ok(Some(p)) => panic!(
+                    "A answered while B's write was held: {:?}\n{}",
+                    p.bytes(),
+                    a.log_text()
+                ),
+                Err(e) => panic!("A closed the connection: {e}\n{}", a.log_text()),
+            }
+            assert!(Instant::now() < deadline, "A's claim never waited");
+        }
+        Some(HeldHandOver {
+            nats,
+            relay,
+            a,
+            b,
+            on_b,
+            on_a,
+            _publisher: publisher,
+        })
+    }
+}
+
 /// Reads `clients`, racing CONNECTs of one persistent session, until
 /// exactly one is open, acknowledged with Session Present 1 and given
 /// `queue` (in order); the others closed, refused (0x03) or not. Its
@@ -1491,18 +1653,17 @@ fn one_left_with_queue(clients: &mut [Raw], round: usize, queue: &[&[u8]]) -> us
 /// and before B's compare-and-set, found the id nowhere on A, and the
 /// record still A's: a fresh second session beside B's.
 ///
-/// Ignored: it still fails (on main too), within 24 rounds in most runs:
-/// the survivor, on B, has the session (Session Present 1, the queue)
-/// and answers a PINGREQ, then neither node's admin API shows the id.
-/// Probably (not confirmed from the logs) A's CONNECT evicted the
-/// offline session on A and asked the cluster; B's take-over then
-/// superseded that claim on A's shard and handed the session to B; the
-/// superseded claim's decision on A's bridge went on, found the record
-/// B's and took the session back from B for no connection (kept on A's
-/// bridge). Refusing, on the bridge, a claim received before such a
-/// take-over began did not fix it.
+/// Before the claim a shard supersedes was withdrawn on the bridge
+/// (`cluster::link::Withdrawn`), it failed within 24 rounds in every run:
+/// A's CONNECT evicted the offline session on A and asked A's bridge;
+/// B's take-over superseded that claim on A's shard (A's connection
+/// closed) and handed the session to B; the superseded claim's decision
+/// on A's bridge went on, read the record B had just written, and took
+/// the session back from B (whose survivor had Session Present 1, the
+/// queue, and answered PINGREQ) for no connection: neither node showed
+/// the id. In other rounds each node's take-over superseded the other's
+/// waiting claim, and both connections closed without a CONNACK.
 #[test]
-#[ignore = "open (issue 14): a CONNECT on the owner racing a take-over from another node can leave a survivor on B whose session no node shows; fails within 24 rounds"]
 fn connects_of_one_id_on_its_owner_and_on_a_node_taking_it_over_leave_one_session() {
     let Some(nats) = Nats::start("cluster owner and taker race") else {
         return;
@@ -1949,16 +2110,30 @@ fn a_claim_whose_nats_server_stops_answering_is_refused_by_its_deadline() {
 /// cut off by its deadline: the outcome the node saw is unknown, the
 /// outcome in the bucket is its write. Armed to cut, it then closes the
 /// node's connection instead of passing the write on: never applied.
+/// Armed to hold ([`StopBeforeUpdate::hold`]), it stops nothing and only
+/// holds that write (and what the node sends after it) back until
+/// [`StopBeforeUpdate::release`]: the server and the other nodes go on.
 struct StopBeforeUpdate {
     /// The port the node connects to.
     port: u16,
-    /// The pid to stop at the next compare-and-set, and whether to cut
-    /// the connection then (None: not armed).
-    armed: std::sync::Arc<std::sync::Mutex<Option<(u32, bool)>>>,
-    /// Set when it stopped the server.
+    /// What to do at the next compare-and-set (None: not armed).
+    armed: std::sync::Arc<std::sync::Mutex<Option<Armed>>>,
+    /// Set when it stopped the server or held the write.
     fired: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    /// Set when dropped: the relay accepts no more connections.
+    /// Set to let a held write pass.
+    released: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Set when dropped: the relay accepts no more connections (and lets
+    /// a held write pass).
     done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// What a [`StopBeforeUpdate`] does at the compare-and-set it waits for.
+#[derive(Debug, Clone, Copy)]
+enum Armed {
+    /// Stops the server of this pid; `cut`: and closes the connection.
+    Stop { pid: u32, cut: bool },
+    /// Holds the write back until released.
+    Hold,
 }
 
 impl Drop for StopBeforeUpdate {
@@ -1981,9 +2156,11 @@ impl StopBeforeUpdate {
             port,
             armed: Default::default(),
             fired: Default::default(),
+            released: Default::default(),
             done: Default::default(),
         };
         let (armed, fired, done) = (relay.armed.clone(), relay.fired.clone(), relay.done.clone());
+        let released = relay.released.clone();
         std::thread::spawn(move || {
             while !done.load(Ordering::Relaxed) {
                 let node = match listener.accept() {
@@ -2003,6 +2180,7 @@ impl StopBeforeUpdate {
                 );
                 std::thread::spawn(move || relay_bytes(server, node, |_| true));
                 let (armed, fired) = (armed.clone(), fired.clone());
+                let (released, done) = (released.clone(), done.clone());
                 std::thread::spawn(move || {
                     let mut tail: Vec<u8> = Vec::new();
                     relay_bytes(node_in, server_out, move |chunk: &[u8]| {
@@ -2019,9 +2197,20 @@ impl StopBeforeUpdate {
                                 });
                         let keep = tail.len().saturating_sub(Self::HEADER.len());
                         tail.drain(..keep);
-                        let Some((pid, cut)) = armed.lock().expect("armed").take_if(|_| update)
-                        else {
+                        let Some(action) = armed.lock().expect("armed").take_if(|_| update) else {
                             return true;
+                        };
+                        let (pid, cut) = match action {
+                            Armed::Stop { pid, cut } => (pid, cut),
+                            Armed::Hold => {
+                                fired.store(true, Ordering::Relaxed);
+                                while !released.load(Ordering::Relaxed)
+                                    && !done.load(Ordering::Relaxed)
+                                {
+                                    std::thread::sleep(Duration::from_millis(1));
+                                }
+                                return true;
+                            }
                         };
                         // SAFETY: kill has no memory-safety preconditions.
                         let rc = unsafe { libc::kill(pid as libc::pid_t, libc::SIGSTOP) };
@@ -2043,7 +2232,19 @@ impl StopBeforeUpdate {
     /// `cut`: and closes that connection instead of passing it on.
     fn arm(&self, nats: &Nats, cut: bool) {
         let pid = nats.child.as_ref().expect("nats-server running").id();
-        *self.armed.lock().expect("armed") = Some((pid, cut));
+        *self.armed.lock().expect("armed") = Some(Armed::Stop { pid, cut });
+    }
+
+    /// Holds the node's next compare-and-set back (and what follows it on
+    /// its connection) until [`StopBeforeUpdate::release`].
+    fn hold(&self) {
+        *self.armed.lock().expect("armed") = Some(Armed::Hold);
+    }
+
+    /// Lets a held compare-and-set pass.
+    fn release(&self) {
+        self.released
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Whether it stopped the server.
