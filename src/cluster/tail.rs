@@ -784,7 +784,14 @@ pub(super) async fn serve_tails(bridge: Shared) {
         let shard = bridge.borrow_mut().moving.handed.remove(id);
         let collector = shard.and_then(|shard| close(&bridge, shard));
         let sent = match collector {
-            Some(c) => client.publish(reply, encode_tail(&c.entries)).await,
+            Some(c) => {
+                log::debug!(
+                    "cluster: tail of {id:?}: {} messages{}",
+                    c.entries.len(),
+                    if c.overflowed { ", overflowed" } else { "" }
+                );
+                client.publish(reply, encode_tail(&c.entries)).await
+            }
             None => {
                 let mut headers = async_nats::HeaderMap::new();
                 headers.insert(NO_TAIL_HEADER, "1");
@@ -887,6 +894,15 @@ pub(super) async fn complete(
         }
     };
     let tail = tail.unwrap_or_default();
+    let span = |entries: &[(Origin, Message)]| {
+        let seqs = entries.iter().map(|e| e.0.seq);
+        (entries.len(), seqs.clone().min(), seqs.max())
+    };
+    log::debug!(
+        "cluster: move of {client_id:?} from {owner}: tail {:?}, here {:?} (count, lowest, highest)",
+        span(&tail),
+        span(&direct)
+    );
     let direct = after_hand_over(&tail, direct);
     let highs = delivered_highs(&tail, &direct);
     if !highs.is_empty() {
@@ -976,6 +992,114 @@ mod tests {
             vec![entry(1, 3), entry(1, 4)],
         );
         assert_eq!(payloads(&got), ["1:3", "1:4"]);
+    }
+
+    /// What the new owner got of an origin below the first message of
+    /// the tail from that origin reached the old owner before its mark
+    /// (the session had it there): left out. An origin the tail does not
+    /// have is kept whole.
+    #[test]
+    fn what_came_before_the_old_owners_mark_is_left_out_of_the_direct_ones() {
+        let tail = vec![entry(1, 6), entry(1, 7)];
+        let direct = vec![entry(1, 4), entry(1, 5), entry(1, 6), entry(2, 1)];
+        let kept = after_hand_over(&tail, direct);
+        let got: Vec<(u64, u64)> = kept.iter().map(|(o, _)| (o.node, o.seq)).collect();
+        assert_eq!(got, [(1, 6), (2, 1)]);
+        // Merged: each of origin 1 once, from 6 on (7, the new owner gets
+        // itself after 6: above the highest delivered, 6, it is not named
+        // a double when it comes).
+        assert_eq!(delivered_highs(&tail, &kept)[&1], 6);
+        assert_eq!(payloads(&merge(tail, kept)), ["1:6", "2:1"]);
+        let direct = vec![entry(1, 4)];
+        assert_eq!(after_hand_over(&[], direct).len(), 1, "no tail: all kept");
+    }
+
+    /// The highest number delivered per origin is that of the merge: the
+    /// tail's below the first direct one, and the direct ones; a tail
+    /// entry the merge leaves out (the new owner has it from its own)
+    /// does not count.
+    #[test]
+    fn the_highest_delivered_is_that_of_the_merge() {
+        // Origin 1: tail 4..=9, direct from 7 to 8: the merge gives 4..=8.
+        // Origin 2: tail only. Origin 3: direct only.
+        let tail = vec![
+            entry(1, 4),
+            entry(1, 5),
+            entry(1, 6),
+            entry(1, 7),
+            entry(1, 8),
+            entry(1, 9),
+            entry(2, 20),
+        ];
+        let direct = vec![entry(1, 7), entry(1, 8), entry(3, 1)];
+        let highs = delivered_highs(&tail, &direct);
+        assert_eq!(highs, HashMap::from([(1, 8), (2, 20), (3, 1)]));
+        assert!(delivered_highs(&[], &[]).is_empty());
+    }
+
+    /// A moved session's window names, of a batch for its shard, the
+    /// messages of its filters from an origin at or below the highest
+    /// delivered: a message of the tail that came again by another route
+    /// (on the code before, delivered twice). Other shards, other topics,
+    /// later numbers, messages without an origin and other origins are
+    /// not named; the window ends with its pseudo shard.
+    #[test]
+    fn a_message_a_moved_session_got_already_is_named_for_its_shard() {
+        let mut moving = Moving::default();
+        let pseudo = moving.open(
+            Collector::new("s".into(), vec![("a/#".into(), QoS::AtLeastOnce)]),
+            true,
+        );
+        moving.delivered.insert(
+            pseudo,
+            Delivered {
+                client_id: "s".into(),
+                filters: vec!["a/#".into()],
+                shard: 1,
+                highs: HashMap::from([(7, 10)]),
+            },
+        );
+        assert!(moving.reads_origins());
+        let messages = vec![
+            message("a/x", "9"),
+            message("b/x", "other topic"),
+            message("a/x", "10"),
+            message("a/x", "11"),
+            message("a/x", "no origin"),
+            message("a/x", "other origin"),
+        ];
+        let o = |node, seq| Some(Origin { node, seq });
+        let origins = vec![o(7, 9), o(7, 9), o(7, 10), o(7, 11), None, o(8, 1)];
+        let named = moving.doubles(1, &messages, &origins);
+        assert_eq!(named, [(0, "s".into()), (2, "s".into())]);
+        assert!(moving.doubles(0, &messages, &origins).is_empty());
+        moving.collectors.clear();
+        moving.delivered.remove(&pseudo);
+        assert!(!moving.reads_origins());
+        assert!(moving.doubles(1, &messages, &origins).is_empty());
+    }
+
+    /// On the escaped subject a collector keeps what any of the
+    /// session's filters matches (at the highest QoS granted among
+    /// them), as the shards match it in full; on the code before it
+    /// kept nothing of that subject.
+    #[test]
+    fn a_collector_keeps_an_escaped_topic_its_session_takes() {
+        let filters = vec![
+            (ByteString::from("a/#"), QoS::AtLeastOnce),
+            (ByteString::from("a/b b"), QoS::ExactlyOnce),
+        ];
+        let mut moving = Moving::default();
+        let pseudo = moving.open(Collector::new("x".into(), filters), true);
+        let mut two = message("a/b b", "two");
+        two.qos = QoS::ExactlyOnce;
+        let messages = vec![two, message("c d", "not taken")];
+        let o = |seq| Some(Origin { node: 1, seq });
+        // Real shards are passed over; the pseudo shard collects.
+        moving.offer_escaped([0, pseudo].into_iter(), &messages, &[o(1), o(2)]);
+        let c = &moving.collectors[&pseudo].0;
+        let got: Vec<(u64, QoS)> = c.entries.iter().map(|(o, m)| (o.seq, m.qos)).collect();
+        assert_eq!(got, [(1, QoS::ExactlyOnce)]);
     }
 
     /// A collector keeps QoS 1/2 messages the session takes through the
