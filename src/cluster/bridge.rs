@@ -923,8 +923,9 @@ fn refresh_view(bridge: &Shared) {
 
 /// The next batch of one NATS subscription: what is there already after
 /// the first message, decoded, at most [`DELIVER_BATCH`], and, while a
-/// session moving to or from this node is collected for
-/// ([`tail::Moving::collecting`]), each message's origin (else none); None
+/// session moving to or from this node is collected for or guarded
+/// against doubles ([`tail::Moving::reads_origins`]), each message's
+/// origin (else none); None
 /// when the subscription ended. Messages that are no fanmq message are
 /// dropped and counted.
 async fn next_batch(
@@ -934,7 +935,7 @@ async fn next_batch(
     let first = sub.next().await?;
     let (root, collecting) = {
         let b = bridge.borrow();
-        (b.root.clone(), b.moving.collecting())
+        (b.root.clone(), b.moving.reads_origins())
     };
     let now = Instant::now();
     let mut batch = Vec::with_capacity(8);
@@ -992,14 +993,17 @@ async fn read_subscription(
                 .unwrap_or_default(),
             None => b.escaped.0.keys().copied().collect(),
         };
-        if !origins.is_empty()
-            && let Some(f) = &filter
-        {
+        if !origins.is_empty() {
             let Bridge {
                 filters, moving, ..
             } = &mut *b;
-            if let Some(held) = filters.get(f) {
-                moving.offer(&held.shards, f, &messages, &origins);
+            match &filter {
+                Some(f) => {
+                    if let Some(held) = filters.get(f) {
+                        moving.offer(&held.shards, f, &messages, &origins);
+                    }
+                }
+                None => moving.offer_escaped(shards.iter().copied(), &messages, &origins),
             }
         }
         // A moving session's holds count as pseudo shards: forwarded to a
@@ -1011,9 +1015,24 @@ async fn read_subscription(
         shards.sort_unstable();
         shards.dedup();
         for shard in shards {
-            let batch = ToShard::Deliver {
-                filter: filter.clone(),
-                messages: messages.clone(),
+            // A session that moved here got some of them already (mostly
+            // none: one empty check).
+            let except = if origins.is_empty() {
+                Vec::new()
+            } else {
+                b.moving.doubles(shard, &messages, &origins)
+            };
+            let batch = if except.is_empty() {
+                ToShard::Deliver {
+                    filter: filter.clone(),
+                    messages: messages.clone(),
+                }
+            } else {
+                ToShard::DeliverExcept {
+                    filter: filter.clone(),
+                    messages: messages.clone(),
+                    except,
+                }
             };
             deliver(&b, shard, batch);
         }
@@ -1064,7 +1083,9 @@ fn deliver(b: &Bridge, shard: usize, batch: ToShard) {
         return;
     };
     let n = match &batch {
-        ToShard::Deliver { messages, .. } => messages.len(),
+        ToShard::Deliver { messages, .. } | ToShard::DeliverExcept { messages, .. } => {
+            messages.len()
+        }
         ToShard::DeliverShared(batch) => batch.len(),
         _ => 1,
     } as u64;

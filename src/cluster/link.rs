@@ -217,6 +217,21 @@ pub enum ToShard {
         /// The messages.
         messages: Arc<Vec<Message>>,
     },
+    /// [`ToShard::Deliver`] of a batch some of whose messages a session
+    /// that moved to this node got already (with a NATS cluster of
+    /// several servers, from the old owner's tail: cluster::tail's
+    /// `Delivered`): each of those is not given to that session again,
+    /// neither kept for its attaching claim nor routed to it.
+    DeliverExcept {
+        /// The MQTT filter of the subscription (`None`: the escaped
+        /// subject).
+        filter: Option<ByteString>,
+        /// The messages.
+        messages: Arc<Vec<Message>>,
+        /// (index in `messages`, client id) of each message a session got
+        /// already, in order of index.
+        except: Vec<(usize, ByteString)>,
+    },
     /// Messages NATS gave this node for a shared subscription (the whole
     /// `$share/...` filter), each to one member of the group on the shard.
     DeliverShared(Vec<(ByteString, Message)>),

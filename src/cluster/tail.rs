@@ -108,12 +108,27 @@ impl Collector {
     /// kept (at the QoS the session takes it) if the session takes it
     /// through that filter ([`takes`]) and it is QoS 1 or 2.
     pub fn offer(&mut self, filter: &str, origin: Origin, message: &Message) {
+        if let Some(granted) = takes(&self.filters, filter, &message.topic) {
+            self.keep(granted, origin, message);
+        }
+    }
+
+    /// `message`, of `origin`, came on the escaped subject (its topic in a
+    /// header, `cluster::headers`): kept as [`Collector::offer`] keeps it
+    /// if any of the session's filters matches its topic ([`takes_any`]),
+    /// as the shards match that subject's messages in full.
+    pub fn offer_escaped(&mut self, origin: Origin, message: &Message) {
+        if let Some(granted) = takes_any(&self.filters, &message.topic) {
+            self.keep(granted, origin, message);
+        }
+    }
+
+    /// Keeps `message`, of `origin`, at the lower of its QoS and `granted`,
+    /// if that is QoS 1 or 2 and it fits.
+    fn keep(&mut self, granted: QoS, origin: Origin, message: &Message) {
         if self.overflowed || message.qos == QoS::AtMostOnce {
             return;
         }
-        let Some(granted) = takes(&self.filters, filter, &message.topic) else {
-            return;
-        };
         let qos = message.qos.min(granted);
         if qos == QoS::AtMostOnce {
             return;
@@ -133,6 +148,18 @@ impl Collector {
         kept.retain = false;
         self.entries.push((origin, kept));
     }
+}
+
+/// The QoS at which a session of `filters` takes a message on `topic`
+/// through any of them (the highest granted among those that match), or
+/// None: for the escaped subject, which the node receives once whatever
+/// its filters.
+pub fn takes_any(filters: &[(ByteString, QoS)], topic: &str) -> Option<QoS> {
+    filters
+        .iter()
+        .filter(|(own, _)| topic::filter_matches(own, topic))
+        .map(|&(_, qos)| qos)
+        .max()
 }
 
 /// The QoS at which a session of `filters` takes a message on `topic` that
@@ -173,6 +200,57 @@ pub fn merge(tail: Vec<(Origin, Message)>, direct: Vec<(Origin, Message)>) -> Ve
         .chain(direct)
         .map(|(_, message)| message)
         .collect()
+}
+
+/// `direct` less the messages the old owner gave the session before its
+/// hand-over's mark: per origin, those below the first sequence number of
+/// that origin in `tail`. The old owner collected every message of that
+/// origin from its mark on, in order, so one below the first it
+/// collected reached it before the mark, and the session then (it is in
+/// the image). The new owner gets such a message only when it came to
+/// it by a slower route than to the old owner (a NATS cluster of several
+/// servers); it would be delivered twice.
+pub fn after_hand_over(
+    tail: &[(Origin, Message)],
+    mut direct: Vec<(Origin, Message)>,
+) -> Vec<(Origin, Message)> {
+    let mut first: HashMap<u64, u64> = HashMap::new();
+    for (origin, _) in tail {
+        let f = first.entry(origin.node).or_insert(origin.seq);
+        *f = (*f).min(origin.seq);
+    }
+    if !first.is_empty() {
+        direct.retain(|(o, _)| first.get(&o.node).is_none_or(|&f| o.seq >= f));
+    }
+    direct
+}
+
+/// Per origin, the highest sequence number of what [`merge`] delivers of
+/// `tail` (the same rule: the tail's messages below the first of `direct`
+/// of their origin, all of them without one). A message of that origin
+/// at or below it that comes again later was delivered: in the merge, or
+/// by the old owner before its mark (below the tail's first): [`Delivered`].
+/// The new owner's own (`direct`) do not count: one of them does not
+/// come again (it came on its one NATS subscription), and one between
+/// them that a reader had not handed on before the merge (the session's
+/// filters on several subscriptions) is not one the merge delivered.
+pub fn delivered_highs(
+    tail: &[(Origin, Message)],
+    direct: &[(Origin, Message)],
+) -> HashMap<u64, u64> {
+    let mut first: HashMap<u64, u64> = HashMap::new();
+    for (origin, _) in direct {
+        first.entry(origin.node).or_insert(origin.seq);
+    }
+    let mut highs: HashMap<u64, u64> = HashMap::new();
+    let taken = tail
+        .iter()
+        .filter(|(o, _)| first.get(&o.node).is_none_or(|&f| o.seq < f));
+    for (origin, _) in taken {
+        let high = highs.entry(origin.node).or_insert(origin.seq);
+        *high = (*high).max(origin.seq);
+    }
+    highs
 }
 
 /// Bytes one entry takes in a tail.
@@ -342,9 +420,35 @@ const MARK_WAIT: Duration = Duration::from_millis(500);
 /// the session (no collector: an older node, none held, or it expired).
 const NO_TAIL_HEADER: &str = "Fanmq-Tail-None";
 
+/// What a session that moved here got of the merge
+/// ([`delivered_highs`]), for [`HOLD_AFTER_GRANT`] after its grant: a
+/// message of its filters that comes again (with a NATS cluster of
+/// several servers, a message of the old owner's tail can reach this node
+/// after its answer, by another route) from an origin at or below the
+/// highest number the merge delivered of it is not given to the session
+/// again, neither kept for the attaching claim nor, once attached,
+/// through its own subscriptions: the bridge names it to the session's
+/// shard with the batch ([`ToShard::DeliverExcept`]). Nodes and sessions
+/// without a move in the last [`HOLD_AFTER_GRANT`] pay one empty check
+/// per batch.
+#[derive(Debug)]
+struct Delivered {
+    /// The client id.
+    client_id: ByteString,
+    /// The session's plain filters when it moved: what it takes.
+    filters: Vec<ByteString>,
+    /// The claim's shard, where the session attaches.
+    shard: usize,
+    /// Per origin node, the highest sequence number delivered.
+    highs: HashMap<u64, u64>,
+}
+
 /// Sessions moving to or from this node, in the bridge.
 #[derive(Debug, Default)]
 pub(super) struct Moving {
+    /// What the sessions that moved here within [`HOLD_AFTER_GRANT`] got
+    /// of their merges, by pseudo shard (ended with it).
+    delivered: HashMap<usize, Delivered>,
     /// The last pseudo shard given out, less [`PSEUDO_SHARDS`].
     next: usize,
     /// The collectors, by pseudo shard, and whether each collects yet.
@@ -364,9 +468,69 @@ pub(super) struct Moving {
 }
 
 impl Moving {
-    /// Whether any collector is open (the readers then read origins).
+    /// Whether any collector is open.
     pub(super) fn collecting(&self) -> bool {
         !self.collectors.is_empty()
+    }
+
+    /// Whether the readers read each message's origin: a collector is
+    /// open, or a session that moved here recently is guarded against
+    /// doubles ([`Delivered`]).
+    pub(super) fn reads_origins(&self) -> bool {
+        self.collecting() || !self.delivered.is_empty()
+    }
+
+    /// `messages` (with their `origins`) came on the escaped subject,
+    /// which the (pseudo) shards `shards` need: each collecting one there
+    /// gets what its session takes.
+    pub(super) fn offer_escaped(
+        &mut self,
+        shards: impl Iterator<Item = usize>,
+        messages: &[Message],
+        origins: &[Option<Origin>],
+    ) {
+        for shard in shards.filter(|&s| s >= PSEUDO_SHARDS) {
+            let Some((collector, true)) = self.collectors.get_mut(&shard) else {
+                continue;
+            };
+            for (message, origin) in messages.iter().zip(origins) {
+                if let Some(origin) = origin {
+                    collector.offer_escaped(*origin, message);
+                }
+            }
+        }
+    }
+
+    /// Of `messages` (with their `origins`) for shard `shard`, those a
+    /// session that moved here got already ([`Delivered`]): (index in
+    /// `messages`, client id), in order of index; mostly empty.
+    pub(super) fn doubles(
+        &self,
+        shard: usize,
+        messages: &[Message],
+        origins: &[Option<Origin>],
+    ) -> Vec<(usize, ByteString)> {
+        let mut doubles = Vec::new();
+        for moved in self.delivered.values().filter(|d| d.shard == shard) {
+            for (i, (message, origin)) in messages.iter().zip(origins).enumerate() {
+                let Some(origin) = origin else {
+                    continue;
+                };
+                if moved
+                    .highs
+                    .get(&origin.node)
+                    .is_some_and(|&h| origin.seq <= h)
+                    && moved
+                        .filters
+                        .iter()
+                        .any(|f| topic::filter_matches(f, &message.topic))
+                {
+                    doubles.push((i, moved.client_id.clone()));
+                }
+            }
+        }
+        doubles.sort_by_key(|d| d.0);
+        doubles
     }
 
     /// The shard a delivery to `shard` of the interest table goes to: a
@@ -463,6 +627,7 @@ fn close(bridge: &Shared, shard: usize) -> Option<Collector> {
     let mut b = bridge.borrow_mut();
     let collector = b.moving.collectors.remove(&shard).map(|c| c.0);
     b.moving.forward.remove(&shard);
+    b.moving.delivered.remove(&shard);
     let filters = b.moving.holds.remove(&shard).unwrap_or_default();
     if let Some(queue) = &b.interest_queue {
         for filter in filters {
@@ -621,7 +786,14 @@ pub(super) async fn serve_tails(bridge: Shared) {
         let shard = bridge.borrow_mut().moving.handed.remove(id);
         let collector = shard.and_then(|shard| close(&bridge, shard));
         let sent = match collector {
-            Some(c) => client.publish(reply, encode_tail(&c.entries)).await,
+            Some(c) => {
+                log::debug!(
+                    "cluster: tail of {id:?}: {} messages{}",
+                    c.entries.len(),
+                    if c.overflowed { ", overflowed" } else { "" }
+                );
+                client.publish(reply, encode_tail(&c.entries)).await
+            }
             None => {
                 let mut headers = async_nats::HeaderMap::new();
                 headers.insert(NO_TAIL_HEADER, "1");
@@ -723,7 +895,28 @@ pub(super) async fn complete(
             f.cluster_tails_missed.fetch_add(1, Ordering::Relaxed)
         }
     };
-    let merged = merge(tail.unwrap_or_default(), direct);
+    let tail = tail.unwrap_or_default();
+    let span = |entries: &[(Origin, Message)]| {
+        let seqs = entries.iter().map(|e| e.0.seq);
+        (entries.len(), seqs.clone().min(), seqs.max())
+    };
+    log::debug!(
+        "cluster: move of {client_id:?} from {owner}: tail {:?}, here {:?} (count, lowest, highest)",
+        span(&tail),
+        span(&direct)
+    );
+    let direct = after_hand_over(&tail, direct);
+    let highs = delivered_highs(&tail, &direct);
+    if !highs.is_empty() {
+        let moved = Delivered {
+            client_id: client_id.clone(),
+            filters: filters.iter().map(|f| f.0.clone()).collect(),
+            shard,
+            highs,
+        };
+        bridge.borrow_mut().moving.delivered.insert(pseudo, moved);
+    }
+    let merged = merge(tail, direct);
     match append_to_image(&image, &merged) {
         Ok(appended) => appended,
         Err(e) => {
@@ -801,6 +994,114 @@ mod tests {
             vec![entry(1, 3), entry(1, 4)],
         );
         assert_eq!(payloads(&got), ["1:3", "1:4"]);
+    }
+
+    /// What the new owner got of an origin below the first message of
+    /// the tail from that origin reached the old owner before its mark
+    /// (the session had it there): left out. An origin the tail does not
+    /// have is kept whole.
+    #[test]
+    fn what_came_before_the_old_owners_mark_is_left_out_of_the_direct_ones() {
+        let tail = vec![entry(1, 6), entry(1, 7)];
+        let direct = vec![entry(1, 4), entry(1, 5), entry(1, 6), entry(2, 1)];
+        let kept = after_hand_over(&tail, direct);
+        let got: Vec<(u64, u64)> = kept.iter().map(|(o, _)| (o.node, o.seq)).collect();
+        assert_eq!(got, [(1, 6), (2, 1)]);
+        // Merged: each of origin 1 once, from 6 on (7, the new owner gets
+        // itself after 6: nothing of the tail delivered, it is not named a
+        // double when it comes).
+        assert!(!delivered_highs(&tail, &kept).contains_key(&1));
+        assert_eq!(payloads(&merge(tail, kept)), ["1:6", "2:1"]);
+        let direct = vec![entry(1, 4)];
+        assert_eq!(after_hand_over(&[], direct).len(), 1, "no tail: all kept");
+    }
+
+    /// The highest number delivered per origin is that of the merge's
+    /// messages from the tail: those below the first direct one; a tail
+    /// entry the merge leaves out (the new owner has it from its own)
+    /// does not count, nor do the direct ones.
+    #[test]
+    fn the_highest_delivered_is_that_of_the_merge() {
+        // Origin 1: tail 4..=9, direct from 7 to 8: the merge gives 4..=6
+        // of the tail. Origin 2: tail only. Origin 3: direct only.
+        let tail = vec![
+            entry(1, 4),
+            entry(1, 5),
+            entry(1, 6),
+            entry(1, 7),
+            entry(1, 8),
+            entry(1, 9),
+            entry(2, 20),
+        ];
+        let direct = vec![entry(1, 7), entry(1, 8), entry(3, 1)];
+        let highs = delivered_highs(&tail, &direct);
+        assert_eq!(highs, HashMap::from([(1, 6), (2, 20)]));
+        assert!(delivered_highs(&[], &[]).is_empty());
+    }
+
+    /// A moved session's window names, of a batch for its shard, the
+    /// messages of its filters from an origin at or below the highest
+    /// delivered: a message of the tail that came again by another route
+    /// (on the code before, delivered twice). Other shards, other topics,
+    /// later numbers, messages without an origin and other origins are
+    /// not named; the window ends with its pseudo shard.
+    #[test]
+    fn a_message_a_moved_session_got_already_is_named_for_its_shard() {
+        let mut moving = Moving::default();
+        let pseudo = moving.open(
+            Collector::new("s".into(), vec![("a/#".into(), QoS::AtLeastOnce)]),
+            true,
+        );
+        moving.delivered.insert(
+            pseudo,
+            Delivered {
+                client_id: "s".into(),
+                filters: vec!["a/#".into()],
+                shard: 1,
+                highs: HashMap::from([(7, 10)]),
+            },
+        );
+        assert!(moving.reads_origins());
+        let messages = vec![
+            message("a/x", "9"),
+            message("b/x", "other topic"),
+            message("a/x", "10"),
+            message("a/x", "11"),
+            message("a/x", "no origin"),
+            message("a/x", "other origin"),
+        ];
+        let o = |node, seq| Some(Origin { node, seq });
+        let origins = vec![o(7, 9), o(7, 9), o(7, 10), o(7, 11), None, o(8, 1)];
+        let named = moving.doubles(1, &messages, &origins);
+        assert_eq!(named, [(0, "s".into()), (2, "s".into())]);
+        assert!(moving.doubles(0, &messages, &origins).is_empty());
+        moving.collectors.clear();
+        moving.delivered.remove(&pseudo);
+        assert!(!moving.reads_origins());
+        assert!(moving.doubles(1, &messages, &origins).is_empty());
+    }
+
+    /// On the escaped subject a collector keeps what any of the
+    /// session's filters matches (at the highest QoS granted among
+    /// them), as the shards match it in full; on the code before it
+    /// kept nothing of that subject.
+    #[test]
+    fn a_collector_keeps_an_escaped_topic_its_session_takes() {
+        let filters = vec![
+            (ByteString::from("a/#"), QoS::AtLeastOnce),
+            (ByteString::from("a/b b"), QoS::ExactlyOnce),
+        ];
+        let mut moving = Moving::default();
+        let pseudo = moving.open(Collector::new("x".into(), filters), true);
+        let mut two = message("a/b b", "two");
+        two.qos = QoS::ExactlyOnce;
+        let messages = vec![two, message("c d", "not taken")];
+        let o = |seq| Some(Origin { node: 1, seq });
+        // Real shards are passed over; the pseudo shard collects.
+        moving.offer_escaped([0, pseudo].into_iter(), &messages, &[o(1), o(2)]);
+        let c = &moving.collectors[&pseudo].0;
+        let got: Vec<(u64, QoS)> = c.entries.iter().map(|(o, m)| (o.seq, m.qos)).collect();
+        assert_eq!(got, [(1, QoS::ExactlyOnce)]);
     }
 
     /// A collector keeps QoS 1/2 messages the session takes through the

@@ -368,6 +368,9 @@ counter_table! {
         cluster_received: Counter Sum,
             prometheus Some("cluster_received"), per_shard None, sys None,
             help "Messages from other nodes routed on this node (each once per shard with a subscriber)";
+        cluster_doubles_dropped: Counter Sum,
+            prometheus Some("cluster_doubles_dropped"), per_shard None, sys None,
+            help "Messages from NATS not given again to a session that moved here, which the hand-over's merge gave it already (a NATS cluster's routes)";
         cluster_taken_over: Counter Sum,
             prometheus Some("cluster_taken_over"), per_shard None, sys None,
             help "Take-over requests from other nodes served: each ends this node's session of the client id, if any, and sends its state";

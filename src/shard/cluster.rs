@@ -160,6 +160,14 @@ pub async fn receive_from_bridge(ctx: Ctx, from_bridge: async_channel::Receiver<
                         shard.stats.cluster_received += messages.len() as u64;
                         shard.route_from_cluster(filter.as_deref(), &messages);
                     }
+                    ToShard::DeliverExcept {
+                        filter,
+                        messages,
+                        except,
+                    } => {
+                        shard.stats.cluster_received += messages.len() as u64;
+                        shard.route_from_cluster_except(filter.as_deref(), &messages, &except);
+                    }
                     ToShard::DeliverShared(batch) => {
                         shard.stats.cluster_received += batch.len() as u64;
                         shard.deliver_shared_from_cluster(batch);
@@ -663,19 +671,96 @@ impl Shard {
             // The escaped subject's messages: one copy each, matched here.
             // The RETAIN flag is cleared, so that the route does not store
             // them (Retain As Published sees 0 on this rare path).
-            let unretained: Vec<Message> = messages
-                .iter()
-                .map(|m| Message {
-                    retain: false,
-                    ..m.clone()
-                })
-                .collect();
-            self.route_batch(&unretained);
+            let unretained = messages.iter().map(|m| Message {
+                retain: false,
+                ..m.clone()
+            });
+            if self.cluster_handing.is_empty() {
+                let unretained: Vec<Message> = unretained.collect();
+                self.route_batch(&unretained);
+            } else {
+                // A session being handed over takes none of them (its
+                // collector has them), as on the other subjects.
+                for message in unretained {
+                    self.route_escaped_from_cluster(&message);
+                }
+            }
             return;
         };
         for run in run::split_cluster_runs(messages) {
             self.route_run_from_cluster(filter, run);
         }
+    }
+
+    /// [`Shard::route_from_cluster`] of a batch some of whose messages a
+    /// session that moved to this node got already (`except`: index in
+    /// `messages` and client id, in order of index; `ToShard::DeliverExcept`):
+    /// in order, each of those is routed alone with that session left
+    /// out, as a session being handed over is (`Shard::cluster_handing`,
+    /// for that message only), the others as a batch.
+    pub fn route_from_cluster_except(
+        &mut self,
+        filter: Option<&str>,
+        messages: &[Message],
+        except: &[(usize, ByteString)],
+    ) {
+        let mut from = 0;
+        let mut rest = except;
+        while let Some(&(at, _)) = rest.first() {
+            let here = rest.iter().take_while(|e| e.0 == at).count();
+            let (ids, after) = rest.split_at(here);
+            rest = after;
+            let Some(message) = messages.get(at..=at) else {
+                break;
+            };
+            self.route_from_cluster(filter, messages.get(from..at).unwrap_or_default());
+            let left_out: Vec<&ByteString> = ids
+                .iter()
+                .map(|e| &e.1)
+                .filter(|id| self.cluster_handing.insert((*id).clone()))
+                .collect();
+            self.stats.cluster_doubles_dropped += 1;
+            self.route_from_cluster(filter, message);
+            for id in left_out {
+                self.cluster_handing.remove(id);
+            }
+            from = at + 1;
+        }
+        self.route_from_cluster(filter, messages.get(from..).unwrap_or_default());
+    }
+
+    /// Delivers `message`, from the escaped subject (RETAIN cleared), to
+    /// every session of this shard whose filters match its topic but
+    /// those being handed over (`Shard::cluster_handing`), then to the
+    /// sessions attaching here: [`Shard::route_from_cluster`]'s way for
+    /// that subject while a session is handed over.
+    fn route_escaped_from_cluster(&mut self, message: &Message) {
+        let Shard {
+            router,
+            sessions,
+            stats,
+            auth,
+            cluster_others,
+            cluster_handing,
+            ..
+        } = self;
+        let mut takers = std::mem::take(cluster_others);
+        takers.clear();
+        let mut reads = None;
+        router.for_each_match(&message.topic, |key, granted| {
+            let Some(session) = sessions.get(key as usize) else {
+                return;
+            };
+            if cluster_handing.contains(&*session.client_id) {
+                return;
+            }
+            if read_allowed(session, &mut reads, auth, &message.topic, stats) {
+                takers.push((key, granted));
+            }
+        });
+        self.offer_from_cluster(message, &takers);
+        self.queue_for_attaching(None, message);
+        self.cluster_others = takers;
     }
 
     /// Delivers `run` (one message, or a run of [`run::split_cluster_runs`]:
@@ -1397,6 +1482,60 @@ mod tests {
         assert_eq!(other.publishes().len(), 1);
         shard.cluster_handing.remove("moving");
         shard.route_from_cluster(Some("t/#"), &[message("t/1", b"after")]);
+        shard.flush_dirty();
+        assert_eq!(payloads(&moving.publishes()), ["after"]);
+    }
+
+    /// Of a batch the bridge sends with doubles named
+    /// (`ToShard::DeliverExcept`), the session named does not get those
+    /// again, every other session does, and the rest reach it in order;
+    /// the session is not left marked.
+    #[test]
+    fn a_message_named_as_a_double_skips_only_that_session() {
+        let mut shard = testing::shard();
+        let mut moved = attach_client(&mut shard, "moved", "t/#", QoS::AtLeastOnce, None);
+        let mut other = attach_client(&mut shard, "other", "t/#", QoS::AtLeastOnce, None);
+        shard.flush_dirty();
+        let batch = [
+            message("t/1", b"1"),
+            message("t/1", b"2"),
+            message("t/1", b"3"),
+            message("t/1", b"4"),
+        ];
+        let except = [
+            (0, ByteString::from("moved")),
+            (2, ByteString::from("moved")),
+        ];
+        shard.route_from_cluster_except(Some("t/#"), &batch, &except);
+        shard.flush_dirty();
+        assert_eq!(payloads(&moved.publishes()), ["2", "4"]);
+        assert_eq!(payloads(&other.publishes()), ["1", "2", "3", "4"]);
+        assert!(shard.cluster_handing.is_empty());
+        assert_eq!(shard.stats.cluster_doubles_dropped, 2);
+        // The escaped subject the same way.
+        let escaped = [message("t/a b", b"5"), message("t/a b", b"6")];
+        shard.route_from_cluster_except(None, &escaped, &[(1, ByteString::from("moved"))]);
+        shard.flush_dirty();
+        assert_eq!(payloads(&moved.publishes()), ["5"]);
+        assert_eq!(payloads(&other.publishes()), ["5", "6"]);
+    }
+
+    /// On the escaped subject too a session being handed over takes
+    /// nothing (its collector has it; on the code before it took it, and
+    /// the new owner got it again from the tail), the others do.
+    #[test]
+    fn a_session_being_handed_over_takes_nothing_from_the_escaped_subject() {
+        let mut shard = testing::shard();
+        let mut moving = attach_client(&mut shard, "moving", "t/#", QoS::AtLeastOnce, None);
+        let mut other = attach_client(&mut shard, "other", "t/#", QoS::AtLeastOnce, None);
+        shard.flush_dirty();
+        shard.cluster_handing.insert(ByteString::from("moving"));
+        shard.route_from_cluster(None, &[message("t/a b", b"during")]);
+        shard.flush_dirty();
+        assert!(moving.publishes().is_empty());
+        assert_eq!(payloads(&other.publishes()), ["during"]);
+        shard.cluster_handing.remove("moving");
+        shard.route_from_cluster(None, &[message("t/a b", b"after")]);
         shard.flush_dirty();
         assert_eq!(payloads(&moving.publishes()), ["after"]);
     }

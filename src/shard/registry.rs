@@ -915,6 +915,7 @@ impl Shard {
         let Registry {
             claims, attaching, ..
         } = &mut self.registry;
+        let handing = &self.cluster_handing;
         attaching.retain(|token| {
             claims.get(token).is_some_and(|c| {
                 c.cluster == Some(ClusterAnswer::Granted)
@@ -924,11 +925,17 @@ impl Shard {
         for token in attaching.iter() {
             let Some(PendingClaim {
                 outcome: Some(Outcome::Granted(Some(state))),
+                client_id,
                 ..
             }) = claims.get_mut(token)
             else {
                 continue;
             };
+            // Being handed over, or a message it got already: not again
+            // (`Shard::route_from_cluster_except`).
+            if !handing.is_empty() && handing.contains(&**client_id) {
+                continue;
+            }
             let Some(granted) = copy_qos(state, filter, &message.topic) else {
                 continue;
             };
