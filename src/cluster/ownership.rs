@@ -677,19 +677,27 @@ async fn claim(bridge: Shared, request: ClaimRequest, number: u64) {
     let Some(queue) = bridge.borrow().to_shards.get(request.shard).cloned() else {
         return;
     };
+    let published = bridge
+        .borrow_mut()
+        .local
+        .take_watched(&request.client_id, request.token);
     let answer = ToShard::Claimed {
         token: request.token,
         answer,
-    };
-    let Err(async_channel::TrySendError::Full(answer)) = queue.try_send(answer) else {
-        return;
+        published,
     };
     let id = request.client_id;
-    answering(&bridge, &id, true);
-    // The connection may have gone meanwhile; its claim then ends on the
-    // shard (a closed queue: the shard is gone).
-    let _ = queue.send(answer).await;
-    answering(&bridge, &id, false);
+    match queue.try_send(answer) {
+        Ok(()) => {}
+        Err(async_channel::TrySendError::Full(answer)) => {
+            answering(&bridge, &id, true);
+            // The connection may have gone meanwhile; its claim then ends
+            // on the shard (a closed queue: the shard is gone).
+            let _ = queue.send(answer).await;
+            answering(&bridge, &id, false);
+        }
+        Err(async_channel::TrySendError::Closed(_)) => return,
+    }
 }
 
 /// A grant of `client_id` here is on its way to its shard's queue (`on`),
@@ -1036,7 +1044,7 @@ async fn decide(bridge: &Shared, request: &ClaimRequest, number: u64) -> ClaimAn
                     && !request.clean_session
                     && let (Some(s), Some(from)) = (state.as_mut(), &handed_by)
                 {
-                    let claim = (from.as_str(), request.shard, deadline);
+                    let claim = (from.as_str(), request.shard, request.token, deadline);
                     let image = s.image.clone();
                     // Granted: a take-over request from another node
                     // meanwhile waits until the grant is in the shard's

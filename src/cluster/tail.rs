@@ -42,6 +42,7 @@ use bytestring::ByteString;
 use crate::cluster::bridge::{Bridge, Shared};
 use crate::cluster::headers::Origin;
 use crate::cluster::link::{Interest, ToShard};
+use crate::cluster::positions;
 use crate::protocol::message::Message;
 use crate::protocol::topic;
 use crate::protocol::v3::QoS;
@@ -621,7 +622,18 @@ pub(super) async fn serve_tails(bridge: Shared) {
         let shard = bridge.borrow_mut().moving.handed.remove(id);
         let collector = shard.and_then(|shard| close(&bridge, shard));
         let sent = match collector {
-            Some(c) => client.publish(reply, encode_tail(&c.entries)).await,
+            Some(mut c) => {
+                // This node's own messages the session lacks, and up to
+                // where (cluster::positions).
+                let cover = positions::own_tail(&bridge, id, &c.filters, &mut c.entries).await;
+                let mut headers = async_nats::HeaderMap::new();
+                if let Some(cover) = cover {
+                    let value = positions::cover_header(cover);
+                    headers.insert(positions::COVER_HEADER, value.as_str());
+                }
+                let tail = encode_tail(&c.entries);
+                client.publish_with_headers(reply, headers, tail).await
+            }
             None => {
                 let mut headers = async_nats::HeaderMap::new();
                 headers.insert(NO_TAIL_HEADER, "1");
@@ -646,7 +658,7 @@ pub(super) async fn serve_tails(bridge: Shared) {
 pub(super) async fn complete(
     bridge: &Shared,
     client_id: &ByteString,
-    (owner, shard, deadline): (&str, usize, Instant),
+    (owner, shard, token, deadline): (&str, usize, u64, Instant),
     image: Bytes,
 ) -> Bytes {
     let Ok(filters) = image_filters(&image) else {
@@ -670,6 +682,12 @@ pub(super) async fn complete(
         .open(Collector::new(client_id.clone(), filters.clone()), true);
     hold(bridge, pseudo, &filters, deadline).await;
     let left = deadline.saturating_duration_since(Instant::now());
+    // What this node publishes from here on reaches the old owner after
+    // the request: the claim's shard has it (cluster::positions).
+    let before = bridge
+        .borrow_mut()
+        .local
+        .watch(client_id, token, Instant::now());
     let asked = client.request(
         tail_subject(&root, owner),
         Bytes::copy_from_slice(client_id.as_bytes()),
@@ -680,6 +698,7 @@ pub(super) async fn complete(
     for _ in 0..4 {
         tokio::task::yield_now().await;
     }
+    let mut cover = None;
     let tail = match answer {
         Ok(Ok(msg))
             if msg
@@ -687,6 +706,7 @@ pub(super) async fn complete(
                 .as_ref()
                 .is_none_or(|h| h.get(NO_TAIL_HEADER).is_none()) =>
         {
+            cover = positions::cover_of(msg.headers.as_ref());
             decode_tail(&msg.payload)
                 .map_err(|e| log::debug!("cluster: tail of {client_id:?}: {e}"))
                 .ok()
@@ -700,12 +720,15 @@ pub(super) async fn complete(
     };
     // No await from here to the grant in the shard's queue: what the holds
     // bring after this goes to the shard, behind the grant.
-    let direct = {
+    let (mut tail, mut direct) = (tail, {
         let mut b = bridge.borrow_mut();
         let collector = b.moving.collectors.remove(&pseudo).map(|c| c.0);
         b.moving.forward.insert(pseudo, shard);
         collector.map(|c| c.entries).unwrap_or_default()
-    };
+    });
+    let own = (bridge.borrow().origin, before, cover);
+    let mut none = Vec::new();
+    positions::sort_tail(own, tail.as_mut().unwrap_or(&mut none), &mut direct);
     {
         let bridge = bridge.clone();
         tokio::task::spawn_local(async move {

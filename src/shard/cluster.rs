@@ -19,6 +19,7 @@ use bytestring::ByteString;
 
 use crate::cluster::link::{HandOver, Outgoing, Ticket, ToShard};
 use crate::cluster::ownership::MAX_SUBSCRIPTIONS_RECORD;
+use crate::cluster::positions::Seen;
 use crate::cluster::tail::{self, TailError, put_record};
 use crate::protocol::message::{Encoded, Message};
 use crate::protocol::topic;
@@ -52,7 +53,7 @@ impl Ctx {
     /// retained messages (closed at once: not handed over, no cluster).
     pub(crate) async fn forward_to_cluster(
         &self,
-        batch: Arc<Vec<Message>>,
+        (batch, first): (Arc<Vec<Message>>, u64),
         stored: bool,
     ) -> async_channel::Receiver<bool> {
         let (answer, answered) = async_channel::bounded(1);
@@ -69,6 +70,8 @@ impl Ctx {
         let batch = Outgoing {
             messages: batch,
             stored: stored.then_some(answer),
+            shard: self.id,
+            first,
         };
         let sent = match queue.try_send(batch) {
             Ok(()) => true,
@@ -84,6 +87,10 @@ impl Ctx {
             shard.stats.cluster_sent += n;
         } else {
             shard.stats.cluster_send_dropped += n;
+            if let Some(link) = &shard.cluster {
+                // No tail of a hand-over waits for what never comes.
+                link.unsent(first, n as usize);
+            }
         }
         answered
     }
@@ -165,8 +172,12 @@ pub async fn receive_from_bridge(ctx: Ctx, from_bridge: async_channel::Receiver<
                         shard.deliver_shared_from_cluster(batch);
                     }
                     ToShard::Retained(message) => shard.retained.apply(&message),
-                    ToShard::Claimed { token, answer } => {
-                        shard.cluster_claim_answered(token, answer);
+                    ToShard::Claimed {
+                        token,
+                        answer,
+                        published,
+                    } => {
+                        shard.cluster_claim_answered_after(token, answer, published);
                     }
                     ToShard::Handing {
                         client_id,
@@ -386,6 +397,33 @@ impl Shard {
         if persistent && let Some(key) = self.session_key(client_id) {
             self.journal_session(key);
         }
+    }
+}
+
+impl Shard {
+    /// The cluster's grant made claim `token` attaching with another
+    /// node's session, whose tail this node asked for when it had
+    /// published `published`: what this shard routed since that was
+    /// published is in neither the image nor the tail, and reached no copy
+    /// of the session (it was on no shard here); it is kept for the claim
+    /// now, after the image, in the order routed (cluster::positions).
+    /// What the shard routes from now on is kept for it as it comes
+    /// (`Shard::queue_for_attaching`).
+    pub(super) fn catch_up(&mut self, token: u64, published: &Seen) {
+        let current = (self.id, self.handed_on, self.remote_batch.as_slice());
+        let (missed, whole) = self.routed.missed(published, current);
+        if !whole && let Some(link) = &self.cluster {
+            log::info!(
+                "cluster: shard {} no longer holds everything this node published since the tail was asked for (claim {token}): a session moving here may miss some",
+                self.id
+            );
+            link.status
+                .figures
+                .cluster_tails_short
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        let missed: Vec<Message> = missed.into_iter().cloned().collect();
+        self.keep_for_claim(token, &missed);
     }
 }
 

@@ -35,6 +35,7 @@ use log::debug;
 
 use crate::cluster::link::ClaimAnswer;
 use crate::cluster::ownership::CLAIM_DEADLINE;
+use crate::cluster::positions::Seen;
 use crate::mesh::ShardMsg;
 use crate::protocol::message::Message;
 use crate::protocol::v3::QoS;
@@ -464,6 +465,15 @@ impl Shard {
         token: u64,
         clean_session: bool,
     ) {
+        if !self.cluster_handing.is_empty()
+            && self.cluster_handing.contains(client_id)
+            && let Some(link) = &self.cluster
+        {
+            // Handed to another node: what this shard routed is in the
+            // image, this node's later messages go in the tail
+            // (cluster::positions).
+            link.evicted(client_id, self.seen());
+        }
         let later = (to_shard, token, clean_session);
         // A claim not yet attached as a session: waiting for its answer, or
         // answered and its connection task not yet run. At the home, claims
@@ -722,7 +732,21 @@ impl Shard {
     /// and messages meanwhile are kept in it
     /// ([`Shard::queue_for_attaching`]). An answer for a claim gone or
     /// superseded meanwhile is dropped.
+    #[cfg(test)]
     pub fn cluster_claim_answered(&mut self, token: u64, answer: ClaimAnswer) {
+        self.cluster_claim_answered_after(token, answer, None);
+    }
+
+    /// [`Shard::cluster_claim_answered`] of a grant that brought another
+    /// node's session, whose tail the bridge asked for when this node had
+    /// published `published`: the claim also keeps what this shard routed
+    /// since (`Shard::catch_up`).
+    pub fn cluster_claim_answered_after(
+        &mut self,
+        token: u64,
+        answer: ClaimAnswer,
+        published: Option<Seen>,
+    ) {
         let Some(claim) = self.registry.claims.get_mut(&token) else {
             self.late_cluster_answer(token, answer);
             return;
@@ -787,6 +811,33 @@ impl Shard {
         }
         if attaching {
             self.registry.attaching.push(token);
+            if let Some(published) = &published {
+                self.catch_up(token, published);
+            }
+        }
+    }
+
+    /// Keeps `messages` (this node's own, routed here before the grant
+    /// of claim `token` made it attaching, `Shard::catch_up`) in the
+    /// state of that claim if the cluster granted it here and its
+    /// connection has not attached it yet, as
+    /// [`Shard::queue_for_attaching`] does.
+    pub(super) fn keep_for_claim(&mut self, token: u64, messages: &[Message]) {
+        let Some(PendingClaim {
+            outcome: Some(Outcome::Granted(Some(state))),
+            cluster: Some(ClusterAnswer::Granted),
+            ..
+        }) = self.registry.claims.get_mut(&token)
+        else {
+            return;
+        };
+        for message in messages {
+            let Some(granted) = copy_qos(state, None, &message.topic) else {
+                continue;
+            };
+            if state.keep(message, granted, &self.limits) == Delivery::Dropped {
+                self.stats.publish_dropped += 1;
+            }
         }
     }
 

@@ -1136,6 +1136,20 @@ fn a_session_moving_between_nodes_beside_other_subscribers_misses_nothing() {
 /// subscribed to the filter on both nodes (four each: likely on every
 /// shard).
 fn moving_while_a_third_node_publishes(test: &str, bystanders: bool) {
+    moving_while_publishing(test, bystanders, &[2]);
+}
+
+/// A persistent subscriber moves between nodes A and B, back and forth
+/// (on A first), while one publisher on each node of `publishers` (0: A,
+/// 1: B, 2: a third node C) publishes a numbered QoS 1 stream without
+/// pause, 3,000 messages in all: it gets every number of every publisher,
+/// in order per publisher, each once on each connection (a message in
+/// flight at a move comes again on the next connection, resent with DUP
+/// as after any reconnect). `bystanders`: other clients subscribed to
+/// the filter on A and B (four each: likely on every shard). Nodes have
+/// two shards, so a publisher and the subscriber are on one shard at some
+/// moves, on two (the mesh) at others.
+fn moving_while_publishing(test: &str, bystanders: bool, publishers: &[usize]) {
     let Some(nats) = Nats::start(test) else {
         return;
     };
@@ -1153,25 +1167,36 @@ fn moving_while_a_third_node_publishes(test: &str, bystanders: bool) {
             }
         }
     }
+    // The nodes that must hold the NATS subscription: A (the subscriber),
+    // B with bystanders; C never subscribes.
     let holders = if bystanders { 2 } else { 1 };
     nats.wait_subscriptions("fanmq.t.win.>", holders);
     const TOTAL: usize = 3000;
     const MOVES: usize = 8;
-    let port = c.port;
-    let publisher = std::thread::spawn(move || {
-        let mut publisher = Mqtt::connect(port, "win-pub");
-        for i in 0..TOTAL {
-            publisher.publish_acked("win/n", false, i.to_string().as_bytes());
-        }
-    });
-    let number = |p: &rumqttc::Publish| -> usize {
+    let each = TOTAL / publishers.len();
+    let ports = [a.port, b.port, c.port];
+    let threads: Vec<_> = publishers
+        .iter()
+        .enumerate()
+        .map(|(p, &node)| {
+            let port = ports[node];
+            std::thread::spawn(move || {
+                let mut publisher = Mqtt::connect(port, &format!("win-pub-{p}"));
+                for i in 0..each {
+                    publisher.publish_acked("win/n", false, format!("{p}:{i}").as_bytes());
+                }
+            })
+        })
+        .collect();
+    let number = |p: &rumqttc::Publish| -> (usize, usize) {
         std::str::from_utf8(&p.payload)
             .ok()
-            .and_then(|s| s.parse().ok())
+            .and_then(|s| s.split_once(':'))
+            .and_then(|(p, n)| Some((p.parse().ok()?, n.parse().ok()?)))
             .unwrap_or_else(|| panic!("not a number: {p:?}"))
     };
-    // (number, connection) in the order received.
-    let mut got: Vec<(usize, usize)> = Vec::new();
+    // ((publisher, number), connection) in the order received.
+    let mut got: Vec<((usize, usize), usize)> = Vec::new();
     let nodes = [&a, &b];
     let mut on = 0;
     for connection in 0..MOVES {
@@ -1188,50 +1213,95 @@ fn moving_while_a_third_node_publishes(test: &str, bystanders: bool) {
         assert!(connack.session_present, "the session moved");
         sub = next;
     }
-    publisher
-        .join()
-        .expect("the publisher published everything");
-    // The rest, up to the last number published.
-    while got.last().is_none_or(|&(n, _)| n != TOTAL - 1) {
+    for thread in threads {
+        thread.join().expect("the publisher published everything");
+    }
+    // The rest, up to the last number of every publisher.
+    let last = |got: &[((usize, usize), usize)], p: usize| {
+        got.iter().any(|&((q, n), _)| q == p && n == each - 1)
+    };
+    while !(0..publishers.len()).all(|p| last(&got, p)) {
         let p = sub
             .recv_publish(TIMEOUT)
             .unwrap_or_else(|| panic!("stream stopped at {:?}", got.last()));
         got.push((number(&p), MOVES));
     }
-    // The connection each number first came on.
-    let mut seen: Vec<Option<usize>> = vec![None; TOTAL];
-    let mut order = Vec::new();
-    let mut twice = Vec::new();
-    for &(n, connection) in &got {
-        match seen[n] {
-            // Again on a later connection: in flight at the move.
-            Some(first) if first < connection => continue,
-            Some(_) => twice.push(n),
-            None => {
-                seen[n] = Some(connection);
-                order.push(n);
+    for p in 0..publishers.len() {
+        // The connection each number first came on.
+        let mut seen: Vec<Option<usize>> = vec![None; each];
+        let mut order = Vec::new();
+        let mut twice = Vec::new();
+        for &((q, n), connection) in &got {
+            if q != p {
+                continue;
+            }
+            match seen[n] {
+                // Again on a later connection: in flight at the move.
+                Some(first) if first < connection => continue,
+                Some(_) => twice.push(n),
+                None => {
+                    seen[n] = Some(connection);
+                    order.push(n);
+                }
             }
         }
+        let missing: Vec<usize> = (0..each).filter(|&n| seen[n].is_none()).collect();
+        let tails = |node: &Broker| -> String {
+            let log = node.log_text();
+            let lines: Vec<&str> = log.lines().filter(|l| l.contains("tail")).collect();
+            lines.join("\n")
+        };
+        let on = ["A", "B", "C"][publishers[p]];
+        assert!(
+            missing.is_empty(),
+            "missing of the publisher on {on} after the moves: {missing:?}\nA:\n{}\nB:\n{}",
+            tails(&a),
+            tails(&b)
+        );
+        assert!(
+            twice.is_empty(),
+            "of the publisher on {on}, received twice on one connection: {twice:?}"
+        );
+        let inversions: Vec<(usize, usize)> = order
+            .windows(2)
+            .filter(|w| w[0] > w[1])
+            .map(|w| (w[0], w[1]))
+            .collect();
+        assert!(
+            inversions.is_empty(),
+            "of the publisher on {on}, out of order (a number before a smaller one): {inversions:?}"
+        );
     }
-    let missing: Vec<usize> = (0..TOTAL).filter(|&n| seen[n].is_none()).collect();
-    let tails = |node: &Broker| -> String {
-        let log = node.log_text();
-        let lines: Vec<&str> = log.lines().filter(|l| l.contains("tail")).collect();
-        lines.join("\n")
-    };
-    assert!(
-        missing.is_empty(),
-        "missing after the moves: {missing:?}\nA:\n{}\nB:\n{}",
-        tails(&a),
-        tails(&b)
-    );
-    assert!(
-        twice.is_empty(),
-        "received twice on one connection: {twice:?}"
-    );
-    assert!(
-        order.windows(2).all(|w| w[0] < w[1]),
-        "out of order: {order:?}"
+}
+
+/// [`a_session_moving_between_nodes_misses_nothing_published_on_a_third_meanwhile`]
+/// with the publisher on node A, where the session starts, so on the old
+/// owner at one move and on the new owner at the next: its messages reach
+/// the session's shard over the mesh (or on that shard itself), never
+/// through NATS back to the node, so neither node's collector saw them,
+/// and a message A acknowledged was lost for the session
+/// (docs/design/cluster.md §9, "Publishes on the two nodes themselves").
+#[test]
+fn a_session_moving_between_nodes_misses_nothing_published_on_one_of_them() {
+    moving_while_publishing("cluster hand-over window, publisher on A", false, &[0]);
+}
+
+/// [`a_session_moving_between_nodes_misses_nothing_published_on_one_of_them`]
+/// with the publisher on node B, where the session goes first.
+#[test]
+fn a_session_moving_between_nodes_misses_nothing_published_on_the_other() {
+    moving_while_publishing("cluster hand-over window, publisher on B", false, &[1]);
+}
+
+/// Publishers on both nodes and on a third at once, beside other
+/// subscribers of the filter on both nodes: every publisher's numbers
+/// reach the moving session, in order, each once per connection.
+#[test]
+fn a_session_moving_between_nodes_misses_nothing_published_on_all_three() {
+    moving_while_publishing(
+        "cluster hand-over window, publishers on A, B, C",
+        true,
+        &[0, 1, 2],
     );
 }
 
