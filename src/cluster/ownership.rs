@@ -686,18 +686,15 @@ async fn claim(bridge: Shared, request: ClaimRequest, number: u64) {
         answer,
         published,
     };
+    let Err(async_channel::TrySendError::Full(answer)) = queue.try_send(answer) else {
+        return;
+    };
     let id = request.client_id;
-    match queue.try_send(answer) {
-        Ok(()) => {}
-        Err(async_channel::TrySendError::Full(answer)) => {
-            answering(&bridge, &id, true);
-            // The connection may have gone meanwhile; its claim then ends
-            // on the shard (a closed queue: the shard is gone).
-            let _ = queue.send(answer).await;
-            answering(&bridge, &id, false);
-        }
-        Err(async_channel::TrySendError::Closed(_)) => return,
-    }
+    answering(&bridge, &id, true);
+    // The connection may have gone meanwhile; its claim then ends on the
+    // shard (a closed queue: the shard is gone).
+    let _ = queue.send(answer).await;
+    answering(&bridge, &id, false);
 }
 
 /// A grant of `client_id` here is on its way to its shard's queue (`on`),

@@ -280,12 +280,9 @@ impl Sent {
 /// The bridge's record of this node's own publishes (see the module doc).
 #[derive(Debug, Default)]
 pub struct Local {
-    /// The batches published in the last [`RING_AGE`], oldest first.
-    ring: VecDeque<Sent>,
-    /// Bytes of `ring`.
-    bytes: usize,
-    /// Per shard, the highest shard sequence number that left the ring.
-    pruned: Vec<u64>,
+    /// The batches published lately ([`RING_AGE`], [`RING_BYTES`]),
+    /// oldest first.
+    ring: Routed,
     /// The origin sequence number of the last stamped message taken.
     assigned: u64,
     /// The last origin sequence number the publish loop handed to the NATS
@@ -321,8 +318,7 @@ impl Local {
             self.assigned += u64::from(stamped(m));
             bytes += m.topic.len() + m.payload.len();
         }
-        self.bytes += bytes;
-        self.ring.push_back(Sent {
+        self.ring.keep(Sent {
             messages: messages.clone(),
             shard,
             first,
@@ -330,20 +326,6 @@ impl Local {
             at: now,
             bytes,
         });
-        while self.ring.len() > 1
-            && let Some(oldest) = self.ring.front()
-            && (self.bytes > RING_BYTES || now.duration_since(oldest.at) > RING_AGE)
-        {
-            let Some(oldest) = self.ring.pop_front() else {
-                break;
-            };
-            self.bytes -= oldest.bytes;
-            if oldest.shard >= self.pruned.len() {
-                self.pruned.resize(oldest.shard + 1, 0);
-            }
-            let last = oldest.first + oldest.messages.len() as u64 - 1;
-            self.pruned[oldest.shard] = self.pruned[oldest.shard].max(last);
-        }
         before
     }
 
@@ -385,12 +367,13 @@ impl Local {
         cover: u64,
     ) -> (Vec<(u64, Message)>, bool) {
         let whole = self
+            .ring
             .pruned
             .iter()
             .enumerate()
             .all(|(shard, &pruned)| pruned < seen.first_missing(shard));
         let mut out = Vec::new();
-        for sent in &self.ring {
+        for sent in &self.ring.batches {
             for (seq, node, m) in sent.numbered() {
                 let Some(node) = node.filter(|&n| n <= cover) else {
                     continue;
@@ -417,7 +400,7 @@ impl Local {
     pub fn watch(&mut self, client_id: &ByteString, token: u64, now: Instant) -> u64 {
         let after = self.published.get();
         let mut published = self.done.clone().unwrap_or_else(|| Seen::new(0));
-        if let Some(current) = self.ring.back() {
+        if let Some(current) = self.ring.batches.back() {
             let upto = current
                 .numbered()
                 .take_while(|(_, node, _)| node.is_none_or(|n| n <= after))
@@ -540,8 +523,9 @@ pub fn sort_tail(
 /// ([`Routed::missed`]). Bounded as the bridge's ring.
 #[derive(Debug, Default)]
 pub struct Routed {
-    /// The batches, in the order routed (own ones when handed on).
-    batches: VecDeque<(Instant, usize, u64, Arc<Vec<Message>>, usize)>,
+    /// The batches, in the order routed (own ones when handed on), as the
+    /// bridge's ring holds them (`before` unused).
+    batches: VecDeque<Sent>,
     /// Bytes (topics and payloads) of `batches`.
     bytes: usize,
     /// Per shard, the highest shard sequence number that left.
@@ -553,22 +537,35 @@ impl Routed {
     /// `first` on, at `now`.
     pub fn push(&mut self, now: Instant, (shard, first): (usize, u64), batch: &Arc<Vec<Message>>) {
         let bytes = batch.iter().map(|m| m.topic.len() + m.payload.len()).sum();
-        self.bytes += bytes;
-        self.batches
-            .push_back((now, shard, first, batch.clone(), bytes));
+        self.keep(Sent {
+            messages: batch.clone(),
+            shard,
+            first,
+            before: 0,
+            at: now,
+            bytes,
+        });
+    }
+
+    /// Keeps `sent`, and lets go of the oldest batches beyond
+    /// [`RING_BYTES`] or [`RING_AGE`] (the newest always stays).
+    fn keep(&mut self, sent: Sent) {
+        let now = sent.at;
+        self.bytes += sent.bytes;
+        self.batches.push_back(sent);
         while self.batches.len() > 1
-            && let Some(&(at, ..)) = self.batches.front()
-            && (self.bytes > RING_BYTES || now.duration_since(at) > RING_AGE)
+            && let Some(oldest) = self.batches.front()
+            && (self.bytes > RING_BYTES || now.duration_since(oldest.at) > RING_AGE)
         {
-            let Some((_, shard, first, batch, bytes)) = self.batches.pop_front() else {
+            let Some(oldest) = self.batches.pop_front() else {
                 break;
             };
-            self.bytes -= bytes;
-            if shard >= self.pruned.len() {
-                self.pruned.resize(shard + 1, 0);
+            self.bytes -= oldest.bytes;
+            if oldest.shard >= self.pruned.len() {
+                self.pruned.resize(oldest.shard + 1, 0);
             }
-            let last = first + batch.len() as u64 - 1;
-            self.pruned[shard] = self.pruned[shard].max(last);
+            let last = oldest.first + oldest.messages.len() as u64 - 1;
+            self.pruned[oldest.shard] = self.pruned[oldest.shard].max(last);
         }
     }
 
@@ -590,7 +587,7 @@ impl Routed {
         let batches = self
             .batches
             .iter()
-            .map(|(_, shard, first, batch, _)| (*shard, *first, batch.as_slice()))
+            .map(|b| (b.shard, b.first, b.messages.as_slice()))
             .chain(std::iter::once(current));
         let mut out = Vec::new();
         for (shard, first, batch) in batches {
@@ -676,13 +673,13 @@ mod tests {
             message("$SYS/x", QoS::AtLeastOnce, "sys"),
             message("b", QoS::AtLeastOnce, "other topic"),
         ]);
-        let (before, _) = local.took(&one, (0, 1), now);
+        let before = local.took(&one, (0, 1), now);
         assert_eq!(before, 0);
         let two = Arc::new(vec![
             message("a/2", QoS::ExactlyOnce, "b"),
             message("a/3", QoS::AtLeastOnce, "c"),
         ]);
-        let (before, _) = local.took(&two, (1, 1), now);
+        let before = local.took(&two, (1, 1), now);
         assert_eq!(before, 2, "a and `other topic` stamped");
         let filters = vec![(ByteString::from("a/#"), QoS::AtLeastOnce)];
         // Shard 1's first message routed, none of shard 0's.
@@ -702,9 +699,6 @@ mod tests {
         // The cover stops it.
         let (got, _) = local.tail(&filters, &seen, 3);
         assert_eq!(got.len(), 1);
-        assert_eq!(local.find(3), Some((1, 1)));
-        assert_eq!(local.find(2), Some((0, 4)));
-        assert_eq!(local.find(9), None);
     }
 
     /// The ring forgets batches older than its age (the newest stays) and
@@ -717,7 +711,7 @@ mod tests {
         let batch = Arc::new(vec![message("t", QoS::AtLeastOnce, "1")]);
         local.took(&batch, (0, 1), start);
         local.took(&batch, (0, 2), start + RING_AGE + Duration::from_millis(1));
-        assert_eq!(local.ring.len(), 1);
+        assert_eq!(local.ring.batches.len(), 1);
         let filters = vec![(ByteString::from("t"), QoS::AtLeastOnce)];
         let (got, whole) = local.tail(&filters, &Seen::new(1), 9);
         assert!(!whole, "message 1 of shard 0 is gone");

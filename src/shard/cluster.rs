@@ -1439,6 +1439,44 @@ mod tests {
         assert_eq!(payloads(&moving.publishes()), ["after"]);
     }
 
+    /// A shard evicting a session the bridge hands to another node
+    /// reports what it had routed of every shard's publishes, its own
+    /// routed but not handed on yet included: this node's other messages
+    /// are not in the image (cluster::positions). Batches from another
+    /// shard count as routed from their first message on.
+    #[test]
+    fn a_session_evicted_for_a_hand_over_reports_what_its_shard_routed() {
+        use crate::cluster::link::{ClusterLink, Control};
+
+        let mut shard = testing::shard();
+        let (link, controls) = ClusterLink::for_tests(0);
+        shard.cluster = Some(link);
+        let _moving = attach_client(&mut shard, "moving", "t/#", QoS::AtLeastOnce, None);
+        let batch = Arc::new(vec![message("t/1", b"a"), message("t/1", b"b")]);
+        shard.route_batch_from(&batch, (1, 1));
+        shard.publish(message("t/2", b"handed on"));
+        let (_, first) = shard.take_numbered_batch().expect("a batch");
+        assert_eq!(first, 1);
+        shard.publish(message("t/2", b"not yet"));
+        shard.cluster_handing.insert(ByteString::from("moving"));
+        shard.evict("moving", None, 0, 99, false);
+        let seen = std::iter::from_fn(|| controls.try_recv().ok())
+            .find_map(|c| match c {
+                Control::Seen { client_id, seen } if client_id == "moving" => Some(seen),
+                _ => None,
+            })
+            .expect("reported");
+        assert!(seen.routed(1, 2) && !seen.routed(1, 3));
+        assert!(seen.routed(0, 2) && !seen.routed(0, 3));
+        // Not handed over: nothing reported.
+        let _again = attach_client(&mut shard, "again", "t/#", QoS::AtLeastOnce, None);
+        shard.evict("again", None, 0, 100, false);
+        assert!(
+            std::iter::from_fn(|| controls.try_recv().ok())
+                .all(|c| !matches!(c, Control::Seen { .. }))
+        );
+    }
+
     #[test]
     fn a_subscriptions_image_carries_the_filters_and_options_only_and_is_bounded() {
         let mut shard = testing::shard();

@@ -1258,6 +1258,52 @@ mod tests {
         assert!(shard.registry.attaching.is_empty());
     }
 
+    /// A grant that brought another node's session, with what this node
+    /// had published when it asked the old owner for the tail: the claim
+    /// keeps, after the image, what this shard routed that was published
+    /// later (from other shards, and its own, handed on or not yet), in
+    /// the order routed, then what it routes after the grant; not what was
+    /// published before (in the image or the tail), nor QoS 0, nor other
+    /// topics.
+    #[test]
+    fn a_cluster_grant_keeps_what_the_shard_routed_since_the_tail_was_asked_for() {
+        use crate::cluster::link::ClusterLink;
+        use crate::cluster::positions::Seen;
+
+        let mut shard = shard();
+        let (link, _controls) = ClusterLink::for_tests(0);
+        shard.cluster = Some(link);
+        let mut zero = qos1("m/1", "at most once");
+        zero.qos = QoS::AtMostOnce;
+        let before = Arc::new(vec![qos1("m/1", "published"), qos1("m/1", "published too")]);
+        shard.route_batch_from(&before, (1, 1));
+        let after = Arc::new(vec![qos1("m/1", "after"), zero, qos1("x", "other topic")]);
+        shard.route_batch_from(&after, (1, 3));
+        shard.publish(qos1("m/2", "own, handed on"));
+        assert!(shard.take_numbered_batch().is_some());
+        shard.publish(qos1("m/2", "own, not yet"));
+        let mut published = Seen::new(2);
+        published.mark(1, 1, 2);
+        pending(&mut shard, "moving", 80);
+        shard.claim_answered(80, None);
+        let image = ClaimAnswer::Granted(Some(image_of_moving()));
+        shard.cluster_claim_answered_after(80, image, Some(published));
+        shard.route(&qos1("m/3", "after the grant"));
+        let Some(Some(state)) = shard.take_claim(80) else {
+            panic!("granted with its state");
+        };
+        assert_eq!(
+            pending_payloads(&state),
+            [
+                "queued",
+                "after",
+                "own, handed on",
+                "own, not yet",
+                "after the grant"
+            ]
+        );
+    }
+
     /// A message kept for a session that is attaching carries what its
     /// subscriptions give a connected MQTT 5.0 session's copy: the
     /// Subscription Identifiers of every matching subscription, RETAIN as
