@@ -26,11 +26,17 @@
 //!    for the attaching session) until the session's own subscriptions
 //!    hold them.
 //!
-//! Not covered: messages published on A or B themselves (their local
-//! delivery does not go through NATS), QoS 0 (an offline session keeps
-//! none), topics on the escaped subject, shared subscriptions, and a tail
-//! over [`MAX_TAIL`]; if A does not answer in time B attaches what it has
-//! (counted: `cluster_tails_missed`).
+//! Messages published on A or B themselves never come back through NATS
+//! to their node: their local delivery is shard to shard. A adds its own
+//! to the tail from its ring of recent publishes and B takes its own from
+//! the claim's shard at the grant, by their positions (cluster::positions;
+//! the tail answer's `Fanmq-Tail-Cover` header names up to where A's own
+//! are in it).
+//!
+//! Not covered: QoS 0 (an offline session keeps none), topics on the
+//! escaped subject, shared subscriptions, and a tail over [`MAX_TAIL`];
+//! if A does not answer in time B attaches what it has (counted:
+//! `cluster_tails_missed`).
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
