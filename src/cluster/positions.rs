@@ -23,16 +23,18 @@
 //!   that what comes after the cover is in neither.
 //! - **New owner B.** What B published before its tail request reached A
 //!   before the request (one connection: the request and B's data go on
-//!   the data connection, A's tail subscription and its data
-//!   subscriptions are on its data connection too): it is in A's image or
-//!   tail. What B published after it ([`Local::watch`]) and B's own
-//!   messages in A's tail go, tagged with their shard and shard sequence,
-//!   to the claim's shard after the grant (`link::ToShard::Own`), which
-//!   noted its [`Seen`] when the grant made the claim attaching: a message
-//!   it had routed before then reached no copy of the session, one routed
-//!   after reached it over the mesh (kept for the attaching session, or
-//!   delivered to it). So the shard takes a forwarded message only if it
-//!   routed it before the grant.
+//!   B's data connection, and A's tail subscription shares A's data
+//!   connection with its data subscriptions): it is in A's image or tail.
+//!   So B's bridge notes, when it asks, the positions it had published
+//!   ([`Local::watch`]) and sends them with the grant
+//!   (`link::ToShard::Claimed`), and drops its own messages after them
+//!   from A's tail ([`sort_tail`]). The claim's shard keeps a ring of the
+//!   batches it routed lately ([`Routed`]): when the grant makes the claim
+//!   attaching, it keeps for it every QoS 1/2 message it routed that was
+//!   not published then ([`Routed::missed`]), after the image, in the order
+//!   routed; what it routes from then on is kept for the claim as it
+//!   comes (`Shard::queue_for_attaching`). One step of that shard: in
+//!   order, each once.
 
 use std::cell::Cell;
 use std::collections::{HashMap, VecDeque};
@@ -50,19 +52,20 @@ use crate::protocol::message::Message;
 use crate::protocol::topic;
 use crate::protocol::v3::QoS;
 
-/// How long the bridge keeps a batch it published: a hand-over reads back
-/// from the old owner's eviction to the new owner's tail request (a
-/// compare-and-set, the image's reply, the new owner's subscriptions and
-/// its request: milliseconds, at most `takeover_timeout_ms`, 2 s by
-/// default), and the new owner reads back to its own messages in that
-/// tail; 3 s covers both with a margin.
+/// How long the bridge and each shard (cluster mode) keep a batch: the old
+/// owner's bridge reads back from its shard's eviction to the new owner's
+/// tail request (a compare-and-set, the image's reply, the new owner's
+/// subscriptions and its request: milliseconds), the new owner's shard
+/// from its tail request to its grant (at most `takeover_timeout_ms`, 2 s
+/// by default, later); 3 s covers both with a margin.
 pub const RING_AGE: Duration = Duration::from_secs(3);
 
-/// Most bytes (topics and payloads) of the batches the ring holds: the
-/// ring only holds clones of batches the shards shared already, but keeps
-/// them alive; at 32 MiB a node publishing faster than about 10 MiB/s
-/// keeps less than [`RING_AGE`] (a move then counts
-/// `cluster_tails_short`). The newest batch is always kept.
+/// Most bytes (topics and payloads) of the batches one ring holds: a ring
+/// holds clones of batches the shards share anyway (the bridge's and the
+/// shards' rings the same ones), but keeps them alive; at 32 MiB a node
+/// publishing faster than about 10 MiB/s keeps less than [`RING_AGE`] (a
+/// move then counts `cluster_tails_short`). The newest batch is always
+/// kept.
 pub const RING_BYTES: usize = 32 << 20;
 
 /// Most batches a shard routed ahead of one still missing (the mesh or the
