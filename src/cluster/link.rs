@@ -230,8 +230,9 @@ pub enum ToShard {
         /// had published when it asked the old owner for the tail (in the
         /// image or the tail); the shard keeps, for the attaching session,
         /// the messages it routed before this grant that it has not
-        /// (cluster::positions).
-        published: Option<Seen>,
+        /// (cluster::positions). Boxed: rare, and this queue's every
+        /// message is as large as its largest kind.
+        published: Option<Box<Seen>>,
     },
     /// The session of the client id, if on this shard, is being handed to
     /// another node (`on`): it takes no more messages from NATS, which the

@@ -680,7 +680,8 @@ async fn claim(bridge: Shared, request: ClaimRequest, number: u64) {
     let published = bridge
         .borrow_mut()
         .local
-        .take_watched(&request.client_id, request.token);
+        .take_watched(&request.client_id, request.token)
+        .map(Box::new);
     let answer = ToShard::Claimed {
         token: request.token,
         answer,

@@ -177,7 +177,7 @@ pub async fn receive_from_bridge(ctx: Ctx, from_bridge: async_channel::Receiver<
                         answer,
                         published,
                     } => {
-                        shard.cluster_claim_answered_after(token, answer, published);
+                        shard.cluster_claim_answered_after(token, answer, published.map(|p| *p));
                     }
                     ToShard::Handing {
                         client_id,
