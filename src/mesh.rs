@@ -30,11 +30,14 @@ pub type MeshSenders = Rc<Senders<ShardMsg>>;
 /// A message from one shard to another.
 #[derive(Debug)]
 pub enum ShardMsg {
-    /// Publishes received by the sending shard, in the order received; with
-    /// (shard, token): answer that shard [`ShardMsg::Applied`] once routed
-    /// (its retained publishes then wait for their acks,
+    /// Publishes received by the sending shard, in the order received,
+    /// with (that shard, the shard sequence number of the first: the
+    /// receiver records how far it routed each shard's publishes, for a
+    /// session moving to another node, cluster::positions); with (shard,
+    /// token): answer that shard [`ShardMsg::Applied`] once routed (its
+    /// retained publishes then wait for their acks,
     /// `shard::held_acks::HeldAcks`).
-    Publish(Arc<Vec<Message>>, Option<(usize, u64)>),
+    Publish(Arc<Vec<Message>>, (usize, u64), Option<(usize, u64)>),
     /// To a publisher's shard: the batch of its barrier `token` is applied.
     Applied {
         /// The barrier's token on the receiving shard.

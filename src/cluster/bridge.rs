@@ -30,7 +30,7 @@ use tokio::task::JoinHandle;
 
 use crate::cluster::headers::Origin;
 use crate::cluster::link::{ClusterStatus, Control, Interest, MAX_SHARE_WEIGHT, Outgoing, ToShard};
-use crate::cluster::{ClusterError, headers, ownership, retained, subject, tail};
+use crate::cluster::{ClusterError, headers, ownership, positions, retained, subject, tail};
 use crate::config::cluster::{ClusterConfig, NatsAuth, PartitionMode};
 use crate::protocol::message::Message;
 use crate::protocol::topic;
@@ -146,9 +146,12 @@ pub(super) struct Bridge {
     pub(super) incarnation: String,
     /// The same as a number: the node of the origin of every message this
     /// node publishes (`headers::Origin`).
-    origin: u64,
+    pub(super) origin: u64,
     /// Sessions moving to or from this node (cluster::tail).
     pub(super) moving: tail::Moving,
+    /// This node's recent publishes and their positions, for sessions
+    /// moving while clients of this node publish (cluster::positions).
+    pub(super) local: positions::Local,
     /// The queue of interest changes the bridge applies in order (set once
     /// `interest_loop` runs): a moving session's holds go through it too.
     pub(super) interest_queue: Option<async_channel::Sender<Interest>>,
@@ -359,6 +362,7 @@ async fn serve(setup: BridgeSetup) -> Result<(), ClusterError> {
         incarnation: format!("{origin:016x}"),
         origin,
         moving: tail::Moving::default(),
+        local: positions::Local::default(),
         interest_queue: None,
         nodes: HashMap::new(),
         started: Instant::now(),
@@ -420,19 +424,27 @@ async fn publish_loop(
         (b.client.clone(), b.root.clone(), b.status.clone(), b.origin)
     };
     let f = &status.figures;
-    // The sequence number of the last QoS 1/2 message published.
-    let mut seq = 0u64;
+    let published = bridge.borrow().local.published();
     while let Ok(Outgoing {
         messages: batch,
         stored,
+        shard,
+        first,
     }) = batches.recv().await
     {
         let now = Instant::now();
+        // Kept a while, numbered: the sequence number of the last QoS 1/2
+        // message before this batch (each stamped one counts, published
+        // or not, so the ring numbers them alike).
+        let mut seq = bridge.borrow_mut().local.took(&batch, (shard, first), now);
         let mut writes = Vec::new();
         for message in batch.iter() {
             // `$SYS` is per node.
             if message.topic == "$SYS" || message.topic.starts_with("$SYS/") {
                 continue;
+            }
+            if message.qos != QoS::AtMostOnce {
+                seq += 1;
             }
             if message.retain {
                 let value = if message.payload.is_empty() {
@@ -453,9 +465,6 @@ async fn publish_loop(
                 f.cluster_publish_dropped.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            if message.qos != QoS::AtMostOnce {
-                seq += 1;
-            }
             let origin = Origin {
                 node: node_origin,
                 seq,
@@ -471,6 +480,8 @@ async fn publish_loop(
                 }
                 None => client.publish(out.subject, out.payload).await,
             };
+            // In the client's queue, ahead of anything sent after it.
+            published.set(seq);
             match sent {
                 Ok(()) => f.cluster_published.fetch_add(1, Ordering::Relaxed),
                 Err(e) => {
@@ -479,6 +490,7 @@ async fn publish_loop(
                 }
             };
         }
+        bridge.borrow_mut().local.done(shard, first, batch.len());
         queue_retained(&bridge, &puts, writes, stored);
     }
 }
@@ -557,6 +569,15 @@ async fn interest_loop(bridge: Shared, changes: async_channel::Receiver<Control>
                 answer,
                 held,
             } => ownership::unclaimed(&bridge, client_id, (shard, token), answer, held),
+            Control::Seen { client_id, seen } => {
+                bridge
+                    .borrow_mut()
+                    .local
+                    .evicted(client_id, seen, Instant::now());
+            }
+            Control::Unsent { shard, first, len } => {
+                bridge.borrow_mut().local.done(shard, first, len);
+            }
         }
     }
 }

@@ -17,6 +17,7 @@ use ahash::AHashMap;
 use bytestring::ByteString;
 use serde::Serialize;
 
+use crate::cluster::positions::Seen;
 use crate::observe::counters::Counters;
 use crate::protocol::message::Message;
 use crate::router::shared;
@@ -58,6 +59,10 @@ pub struct Outgoing {
     /// say so (a KV error, the link down in `fence` mode); a dropped
     /// sender means the same as `false`.
     pub stored: Option<async_channel::Sender<bool>>,
+    /// The shard that sent it.
+    pub shard: usize,
+    /// The shard sequence number of its first message (cluster::positions).
+    pub first: u64,
 }
 
 /// From a shard to the bridge, besides publishes: never dropped.
@@ -126,6 +131,28 @@ pub enum Control {
         token: u64,
         /// Its subscriptions, as in [`Control::Subscriptions`].
         image: Option<bytes::Bytes>,
+    },
+    /// The shard holding `client_id` evicted its session for a hand-over
+    /// to another node (`ToShard::Handing` was on) after routing `seen`:
+    /// the rest of this node's messages are not in its image
+    /// (cluster::positions).
+    Seen {
+        /// The client id.
+        client_id: ByteString,
+        /// What the shard had routed.
+        seen: Seen,
+    },
+    /// A batch of `shard` (`len` messages from shard sequence number
+    /// `first` on) that never reached the publish queue (full for the
+    /// cluster's `stall`): the bridge takes it as done, so that no tail
+    /// waits for it.
+    Unsent {
+        /// The shard.
+        shard: usize,
+        /// Its first shard sequence number.
+        first: u64,
+        /// Its length.
+        len: usize,
     },
 }
 
@@ -250,6 +277,13 @@ pub enum ToShard {
         token: u64,
         /// The answer.
         answer: ClaimAnswer,
+        /// For a session that moved here from another node: what this node
+        /// had published when it asked the old owner for the tail (in the
+        /// image or the tail); the shard keeps, for the attaching session,
+        /// the messages it routed before this grant that it has not
+        /// (cluster::positions). Boxed: rare, and this queue's every
+        /// message is as large as its largest kind.
+        published: Option<Box<Seen>>,
     },
     /// The session of the client id, if on this shard, is being handed to
     /// another node (`on`): it takes no more messages from NATS, which the
@@ -532,6 +566,25 @@ impl ClusterLink {
         });
     }
 
+    /// This shard evicted the session of `client_id` for a hand-over to
+    /// another node after routing `seen` ([`Control::Seen`]).
+    pub fn evicted(&self, client_id: &str, seen: Seen) {
+        self.send(Control::Seen {
+            client_id: ByteString::from(client_id),
+            seen,
+        });
+    }
+
+    /// This shard's batch of `len` messages from shard sequence number
+    /// `first` on never reached the publish queue ([`Control::Unsent`]).
+    pub fn unsent(&self, first: u64, len: usize) {
+        self.send(Control::Unsent {
+            shard: self.shard,
+            first,
+            len,
+        });
+    }
+
     /// Sends `control` to the bridge (the queue is unbounded: never full).
     fn send(&self, control: Control) {
         if let Err(e) = self.ends.interest.try_send(control) {
@@ -608,6 +661,7 @@ status_figures! {
     cluster_subscription_records: "Subscriptions records of persistent sessions written";
     cluster_tails_merged: "Sessions moved here with the old node's tail of what was published during the move";
     cluster_tails_missed: "Sessions moved here without the old node's tail (no answer in time, or none collected): what was published during the move is lost for them";
+    cluster_tails_short: "Tails of sessions moved away that may lack messages published on this node (its ring of recent publishes no longer reached back, or the session's shard's position was not known)";
     cluster_nodes: "Other nodes heard within the node timeout";
     cluster_suback_unconfirmed: "SUBACKs of a new filter sent without the NATS server's confirmation (link down, no answer in time)";
     cluster_retained_unconfirmed: "Retained QoS 1/2 publishes acknowledged while the link was down (serve): held by this node only";
@@ -687,6 +741,7 @@ impl ClusterStatus {
             "subscription_records": figures.cluster_subscription_records,
             "tails_merged": figures.cluster_tails_merged,
             "tails_missed": figures.cluster_tails_missed,
+            "tails_short": figures.cluster_tails_short,
         })
     }
 }

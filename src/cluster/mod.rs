@@ -19,6 +19,7 @@ pub mod headers;
 pub mod kept;
 pub mod link;
 pub mod ownership;
+pub mod positions;
 pub mod retained;
 pub mod subject;
 pub mod tail;

@@ -781,9 +781,15 @@ async fn claim(bridge: Shared, request: ClaimRequest, number: u64) {
     let Some(queue) = bridge.borrow().to_shards.get(request.shard).cloned() else {
         return;
     };
+    let published = bridge
+        .borrow_mut()
+        .local
+        .take_watched(&request.client_id, request.token)
+        .map(Box::new);
     let answer = ToShard::Claimed {
         token: request.token,
         answer,
+        published,
     };
     let Err(async_channel::TrySendError::Full(answer)) = queue.try_send(answer) else {
         return;
@@ -1243,7 +1249,7 @@ async fn decide(bridge: &Shared, request: &ClaimRequest, number: u64) -> ClaimAn
                     && !request.clean_session
                     && let (Some(s), Some(from)) = (state.as_mut(), &handed_by)
                 {
-                    let claim = (from.as_str(), request.shard, deadline);
+                    let claim = (from.as_str(), request.shard, request.token, deadline);
                     let image = s.image.clone();
                     // Granted: a take-over request from another node
                     // meanwhile waits until the grant is in the shard's

@@ -26,11 +26,23 @@
 //!    for the attaching session) until the session's own subscriptions
 //!    hold them.
 //!
-//! Not covered: messages published on A or B themselves (their local
-//! delivery does not go through NATS), QoS 0 (an offline session keeps
-//! none), topics on the escaped subject, shared subscriptions, and a tail
-//! over [`MAX_TAIL`]; if A does not answer in time B attaches what it has
-//! (counted: `cluster_tails_missed`).
+//! Messages published on A or B themselves never come back through NATS
+//! to their node: their local delivery is shard to shard. A adds its own
+//! to the tail from its ring of recent publishes and B takes its own from
+//! the claim's shard at the grant, by their positions (cluster::positions;
+//! the tail answer's `Fanmq-Tail-Cover` header names up to where A's own
+//! are in it).
+//!
+//! Topics on the escaped subject are collected as the others (their
+//! topic travels in a header). With a NATS cluster of several servers a
+//! message of the tail that reaches B again after the merge is dropped
+//! for the session for [`HOLD_AFTER_GRANT`] ([`delivered_highs`]).
+//!
+//! Not covered: QoS 0 (an offline session keeps none), shared
+//! subscriptions, a tail over [`MAX_TAIL`], and, with several NATS
+//! servers, a message that reached A only after it answered; if A does
+//! not answer in time B attaches what it has (counted:
+//! `cluster_tails_missed`).
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -42,6 +54,7 @@ use bytestring::ByteString;
 use crate::cluster::bridge::{Bridge, Shared};
 use crate::cluster::headers::Origin;
 use crate::cluster::link::{Interest, ToShard};
+use crate::cluster::positions;
 use crate::protocol::message::Message;
 use crate::protocol::topic;
 use crate::protocol::v3::QoS;
@@ -786,13 +799,22 @@ pub(super) async fn serve_tails(bridge: Shared) {
         let shard = bridge.borrow_mut().moving.handed.remove(id);
         let collector = shard.and_then(|shard| close(&bridge, shard));
         let sent = match collector {
-            Some(c) => {
+            Some(mut c) => {
+                // This node's own messages the session lacks, and up to
+                // where (cluster::positions).
+                let cover = positions::own_tail(&bridge, id, &c.filters, &mut c.entries).await;
                 log::debug!(
                     "cluster: tail of {id:?}: {} messages{}",
                     c.entries.len(),
                     if c.overflowed { ", overflowed" } else { "" }
                 );
-                client.publish(reply, encode_tail(&c.entries)).await
+                let mut headers = async_nats::HeaderMap::new();
+                if let Some(cover) = cover {
+                    let value = positions::cover_header(cover);
+                    headers.insert(positions::COVER_HEADER, value.as_str());
+                }
+                let tail = encode_tail(&c.entries);
+                client.publish_with_headers(reply, headers, tail).await
             }
             None => {
                 let mut headers = async_nats::HeaderMap::new();
@@ -818,7 +840,7 @@ pub(super) async fn serve_tails(bridge: Shared) {
 pub(super) async fn complete(
     bridge: &Shared,
     client_id: &ByteString,
-    (owner, shard, deadline): (&str, usize, Instant),
+    (owner, shard, token, deadline): (&str, usize, u64, Instant),
     image: Bytes,
 ) -> Bytes {
     let Ok(filters) = image_filters(&image) else {
@@ -842,6 +864,12 @@ pub(super) async fn complete(
         .open(Collector::new(client_id.clone(), filters.clone()), true);
     hold(bridge, pseudo, &filters, deadline).await;
     let left = deadline.saturating_duration_since(Instant::now());
+    // What this node publishes from here on reaches the old owner after
+    // the request: the claim's shard has it (cluster::positions).
+    let before = bridge
+        .borrow_mut()
+        .local
+        .watch(client_id, token, Instant::now());
     let asked = client.request(
         tail_subject(&root, owner),
         Bytes::copy_from_slice(client_id.as_bytes()),
@@ -852,6 +880,7 @@ pub(super) async fn complete(
     for _ in 0..4 {
         tokio::task::yield_now().await;
     }
+    let mut cover = None;
     let tail = match answer {
         Ok(Ok(msg))
             if msg
@@ -859,6 +888,7 @@ pub(super) async fn complete(
                 .as_ref()
                 .is_none_or(|h| h.get(NO_TAIL_HEADER).is_none()) =>
         {
+            cover = positions::cover_of(msg.headers.as_ref());
             decode_tail(&msg.payload)
                 .map_err(|e| log::debug!("cluster: tail of {client_id:?}: {e}"))
                 .ok()
@@ -872,12 +902,15 @@ pub(super) async fn complete(
     };
     // No await from here to the grant in the shard's queue: what the holds
     // bring after this goes to the shard, behind the grant.
-    let direct = {
+    let (mut tail, mut direct) = (tail, {
         let mut b = bridge.borrow_mut();
         let collector = b.moving.collectors.remove(&pseudo).map(|c| c.0);
         b.moving.forward.insert(pseudo, shard);
         collector.map(|c| c.entries).unwrap_or_default()
-    };
+    });
+    let own = (bridge.borrow().origin, before, cover);
+    let mut none = Vec::new();
+    positions::sort_tail(own, tail.as_mut().unwrap_or(&mut none), &mut direct);
     {
         let bridge = bridge.clone();
         tokio::task::spawn_local(async move {

@@ -437,6 +437,9 @@ counter_table! {
         cluster_tails_missed: Counter Max,
             prometheus Some("cluster_tails_missed"), per_shard None, sys None,
             help "Persistent sessions moved to this node without the old node's tail (no answer in time, or it collected none): what was published on their topics during the move is lost for them";
+        cluster_tails_short: Counter Max,
+            prometheus Some("cluster_tails_short"), per_shard None, sys None,
+            help "Tails of persistent sessions moved away from this node that may lack messages published on this node itself (its ring of recent publishes no longer reached back to what the session's shard had not routed, or that shard's position was not known)";
         cluster_nodes: Gauge Max,
             prometheus Some("cluster_nodes"), per_shard None, sys None,
             help "Other nodes heard from within the node timeout";

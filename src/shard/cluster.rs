@@ -19,6 +19,7 @@ use bytestring::ByteString;
 
 use crate::cluster::link::{HandOver, Outgoing, Ticket, ToShard};
 use crate::cluster::ownership::MAX_SUBSCRIPTIONS_RECORD;
+use crate::cluster::positions::Seen;
 use crate::cluster::tail::{self, TailError, put_record};
 use crate::protocol::message::{Encoded, Message};
 use crate::protocol::topic;
@@ -52,7 +53,7 @@ impl Ctx {
     /// retained messages (closed at once: not handed over, no cluster).
     pub(crate) async fn forward_to_cluster(
         &self,
-        batch: Arc<Vec<Message>>,
+        (batch, first): (Arc<Vec<Message>>, u64),
         stored: bool,
     ) -> async_channel::Receiver<bool> {
         let (answer, answered) = async_channel::bounded(1);
@@ -69,6 +70,8 @@ impl Ctx {
         let batch = Outgoing {
             messages: batch,
             stored: stored.then_some(answer),
+            shard: self.id,
+            first,
         };
         let sent = match queue.try_send(batch) {
             Ok(()) => true,
@@ -84,6 +87,10 @@ impl Ctx {
             shard.stats.cluster_sent += n;
         } else {
             shard.stats.cluster_send_dropped += n;
+            if let Some(link) = &shard.cluster {
+                // No tail of a hand-over waits for what never comes.
+                link.unsent(first, n as usize);
+            }
         }
         answered
     }
@@ -173,8 +180,12 @@ pub async fn receive_from_bridge(ctx: Ctx, from_bridge: async_channel::Receiver<
                         shard.deliver_shared_from_cluster(batch);
                     }
                     ToShard::Retained(message) => shard.retained.apply(&message),
-                    ToShard::Claimed { token, answer } => {
-                        shard.cluster_claim_answered(token, answer);
+                    ToShard::Claimed {
+                        token,
+                        answer,
+                        published,
+                    } => {
+                        shard.cluster_claim_answered_after(token, answer, published.map(|p| *p));
                     }
                     ToShard::Handing {
                         client_id,
@@ -394,6 +405,33 @@ impl Shard {
         if persistent && let Some(key) = self.session_key(client_id) {
             self.journal_session(key);
         }
+    }
+}
+
+impl Shard {
+    /// The cluster's grant made claim `token` attaching with another
+    /// node's session, whose tail this node asked for when it had
+    /// published `published`: what this shard routed since that was
+    /// published is in neither the image nor the tail, and reached no copy
+    /// of the session (it was on no shard here); it is kept for the claim
+    /// now, after the image, in the order routed (cluster::positions).
+    /// What the shard routes from now on is kept for it as it comes
+    /// (`Shard::queue_for_attaching`).
+    pub(super) fn catch_up(&mut self, token: u64, published: &Seen) {
+        let current = (self.id, self.handed_on, self.remote_batch.as_slice());
+        let (missed, whole) = self.routed.missed(published, current);
+        if !whole && let Some(link) = &self.cluster {
+            log::info!(
+                "cluster: shard {} no longer holds everything this node published since the tail was asked for (claim {token}): a session moving here may miss some",
+                self.id
+            );
+            link.status
+                .figures
+                .cluster_tails_short
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        let missed: Vec<Message> = missed.into_iter().cloned().collect();
+        self.keep_for_claim(token, &missed);
     }
 }
 
@@ -1538,6 +1576,44 @@ mod tests {
         shard.route_from_cluster(None, &[message("t/a b", b"after")]);
         shard.flush_dirty();
         assert_eq!(payloads(&moving.publishes()), ["after"]);
+    }
+
+    /// A shard evicting a session the bridge hands to another node
+    /// reports what it had routed of every shard's publishes, its own
+    /// routed but not handed on yet included: this node's other messages
+    /// are not in the image (cluster::positions). Batches from another
+    /// shard count as routed from their first message on.
+    #[test]
+    fn a_session_evicted_for_a_hand_over_reports_what_its_shard_routed() {
+        use crate::cluster::link::{ClusterLink, Control};
+
+        let mut shard = testing::shard();
+        let (link, controls) = ClusterLink::for_tests(0);
+        shard.cluster = Some(link);
+        let _moving = attach_client(&mut shard, "moving", "t/#", QoS::AtLeastOnce, None);
+        let batch = Arc::new(vec![message("t/1", b"a"), message("t/1", b"b")]);
+        shard.route_batch_from(&batch, (1, 1));
+        shard.publish(message("t/2", b"handed on"));
+        let (_, first) = shard.take_numbered_batch().expect("a batch");
+        assert_eq!(first, 1);
+        shard.publish(message("t/2", b"not yet"));
+        shard.cluster_handing.insert(ByteString::from("moving"));
+        shard.evict("moving", None, 0, 99, false);
+        let seen = std::iter::from_fn(|| controls.try_recv().ok())
+            .find_map(|c| match c {
+                Control::Seen { client_id, seen } if client_id == "moving" => Some(seen),
+                _ => None,
+            })
+            .expect("reported");
+        assert!(seen.routed(1, 2) && !seen.routed(1, 3));
+        assert!(seen.routed(0, 2) && !seen.routed(0, 3));
+        // Not handed over: nothing reported.
+        let _again = attach_client(&mut shard, "again", "t/#", QoS::AtLeastOnce, None);
+        shard.evict("again", None, 0, 100, false);
+        assert!(
+            std::iter::from_fn(|| controls.try_recv().ok())
+                .all(|c| !matches!(c, Control::Seen { .. }))
+        );
     }
 
     #[test]

@@ -57,16 +57,16 @@ pub async fn receive_from(ctx: Ctx, peer: usize, receivers: Rc<Receivers<ShardMs
             }
             break;
         };
-        if unflushed > 0 && !matches!(msg, ShardMsg::Publish(_, None)) {
+        if unflushed > 0 && !matches!(msg, ShardMsg::Publish(_, _, None)) {
             // Anything else acts on what was routed: written first.
             ctx.shard.borrow_mut().flush_dirty();
             unflushed = 0;
         }
         match msg {
-            ShardMsg::Publish(batch, None) => {
+            ShardMsg::Publish(batch, from, None) => {
                 {
                     let mut shard = ctx.shard.borrow_mut();
-                    shard.route_batch(&batch);
+                    shard.route_batch_from(&batch, from);
                     // At least 1: an empty batch is routed too.
                     unflushed += batch_bytes(&batch).max(1);
                     if unflushed >= MAX_UNFLUSHED_BYTES {
@@ -76,10 +76,10 @@ pub async fn receive_from(ctx: Ctx, peer: usize, receivers: Rc<Receivers<ShardMs
                 }
                 glommio::yield_if_needed().await;
             }
-            ShardMsg::Publish(batch, Some((shard, token))) => {
+            ShardMsg::Publish(batch, from, Some((shard, token))) => {
                 let unsynced = {
                     let mut shard = ctx.shard.borrow_mut();
-                    shard.route_batch(&batch);
+                    shard.route_batch_from(&batch, from);
                     shard.flush_dirty();
                     shard.unsynced_journals()
                 };
@@ -180,8 +180,8 @@ impl Shard {
     /// A control message from another shard.
     pub fn handle_control(&mut self, msg: ShardMsg) {
         match msg {
-            ShardMsg::Publish(batch, applied) => {
-                self.route_batch(&batch);
+            ShardMsg::Publish(batch, from, applied) => {
+                self.route_batch_from(&batch, from);
                 self.flush_dirty();
                 if let Some((shard, token)) = applied {
                     self.outbox.push((shard, ShardMsg::Applied { token }));
@@ -281,7 +281,7 @@ mod tests {
                 properties: None,
             },
         ]);
-        shard.handle_control(ShardMsg::Publish(batch, None));
+        shard.handle_control(ShardMsg::Publish(batch, (1, 1), None));
         let got = client.publishes();
         assert_eq!(got.len(), 2, "flushed within the same step");
         assert_eq!(shard.retained.len(), 1, "the retained replica applied");
@@ -408,8 +408,8 @@ mod tests {
         // or then a control message (the flush before it is handled).
         for then_control in [false, true] {
             let mut msgs = vec![
-                ShardMsg::Publish(burst("t", 0, 3), None),
-                ShardMsg::Publish(burst("t", 3, 2), None),
+                ShardMsg::Publish(burst("t", 0, 3), (0, 1), None),
+                ShardMsg::Publish(burst("t", 3, 2), (0, 4), None),
             ];
             if then_control {
                 msgs.push(stats());

@@ -36,6 +36,7 @@ use std::time::{Duration, Instant};
 use bytestring::ByteString;
 use log::debug;
 
+use crate::cluster::positions::{Routed, Seen};
 use crate::config::Config;
 use crate::mesh::{self, MeshSenders, ShardMsg};
 use crate::net::poller::Poller;
@@ -188,6 +189,16 @@ pub struct Shard {
     batch: Batch,
     /// Publishes received on this shard, to hand to the other shards.
     remote_batch: Vec<Message>,
+    /// The shard sequence number the next message handed on gets (from
+    /// 1): each batch carries its first, for a session moving to another
+    /// node (cluster::positions).
+    handed_on: u64,
+    /// How far this shard routed each other shard's publishes (its own:
+    /// up to `handed_on`, plus `remote_batch`, routed as they came).
+    positions: Seen,
+    /// In a cluster, the batches this shard routed lately, for a session
+    /// moving here (`Shard::catch_up`).
+    routed: Routed,
     /// The frames of the run being routed, 3.1.1 (index 0) and 5.0
     /// ([`Shard::route_run`], [`Shard::route_run_from_cluster`]): scratch
     /// kept for its allocation.
@@ -363,7 +374,13 @@ impl Ctx {
                 shard.held_acks.forget(token);
             }
             let passed_on = shard.held_acks.has_open();
-            (shard.take_remote_batch(), held, durable, shared, passed_on)
+            (
+                shard.take_numbered_batch(),
+                held,
+                durable,
+                shared,
+                passed_on,
+            )
         };
         let persistent = self.shard.borrow().store_failing.is_some();
         let peers = if batch.is_some() && !held.is_empty() {
@@ -406,15 +423,11 @@ impl Ctx {
                 }
             }
         }
-        if let Some(batch) = &batch {
+        if let Some((batch, first)) = &batch {
             for peer in (0..self.nr_shards).filter(|&p| p != self.id) {
                 let applied = barrier.filter(|_| peers > 0).map(|token| (self.id, token));
-                if self
-                    .mesh
-                    .send_to(peer, ShardMsg::Publish(batch.clone(), applied))
-                    .await
-                    .is_err()
-                {
+                let msg = ShardMsg::Publish(batch.clone(), (self.id, *first), applied);
+                if self.mesh.send_to(peer, msg).await.is_err() {
                     debug!("mesh: shard {peer} is gone, publishes not forwarded");
                     if let (Some(token), true) = (barrier, peers > 0) {
                         self.shard.borrow_mut().held_acks.applied(token);
@@ -424,11 +437,11 @@ impl Ctx {
         }
         // Held acks of retained publishes wait for the cluster's bucket too.
         let stored = match batch {
-            Some(batch) => {
+            Some((batch, first)) => {
                 let retained = !held.is_empty()
                     && self.shard.borrow().cluster.is_some()
                     && batch.iter().any(|m| m.retain && m.qos != QoS::AtMostOnce);
-                let stored = self.forward_to_cluster(batch, retained).await;
+                let stored = self.forward_to_cluster((batch, first), retained).await;
                 retained.then_some(stored)
             }
             None => None,
@@ -568,6 +581,9 @@ impl Shard {
             dirty: Vec::new(),
             batch: Batch::default(),
             remote_batch: Vec::new(),
+            handed_on: 1,
+            positions: Seen::new(nr_shards),
+            routed: Routed::default(),
             run_frames: Default::default(),
             cluster_others: Vec::new(),
             cluster_handing: ahash::AHashSet::new(),
@@ -925,11 +941,45 @@ impl Shard {
     }
 
     /// The publishes to hand to other shards, if any.
+    #[cfg(test)]
     pub fn take_remote_batch(&mut self) -> Option<Arc<Vec<Message>>> {
+        self.take_numbered_batch().map(|(batch, _)| batch)
+    }
+
+    /// [`Shard::take_remote_batch`], with the shard sequence number of its
+    /// first message.
+    pub fn take_numbered_batch(&mut self) -> Option<(Arc<Vec<Message>>, u64)> {
         if self.remote_batch.is_empty() {
             return None;
         }
-        Some(Arc::new(std::mem::take(&mut self.remote_batch)))
+        let first = self.handed_on;
+        let len = self.remote_batch.len();
+        self.handed_on += len as u64;
+        self.positions.mark(self.id, first, len);
+        let batch = Arc::new(std::mem::take(&mut self.remote_batch));
+        if self.cluster.is_some() {
+            self.routed.push(Instant::now(), (self.id, first), &batch);
+        }
+        Some((batch, first))
+    }
+
+    /// Routes a batch from another shard ([`Shard::route_batch`]):
+    /// `(shard, first)`, the shard and its first message's shard sequence
+    /// number, which this shard has routed from then on.
+    pub fn route_batch_from(&mut self, messages: &Arc<Vec<Message>>, (shard, first): (usize, u64)) {
+        self.route_batch(messages);
+        self.positions.mark(shard, first, messages.len());
+        if self.cluster.is_some() {
+            self.routed.push(Instant::now(), (shard, first), messages);
+        }
+    }
+
+    /// What this shard has routed of every shard's publishes, its own
+    /// included (routed as they came).
+    pub fn seen(&self) -> Seen {
+        let mut seen = self.positions.clone();
+        seen.mark(self.id, self.handed_on, self.remote_batch.len());
+        seen
     }
 
     /// May the client of session `key`, with user name `username`, publish

@@ -35,6 +35,7 @@ use log::debug;
 
 use crate::cluster::link::{ClaimAnswer, Withdrawn};
 use crate::cluster::ownership::CLAIM_DEADLINE;
+use crate::cluster::positions::Seen;
 use crate::mesh::ShardMsg;
 use crate::protocol::message::Message;
 use crate::protocol::v3::QoS;
@@ -478,6 +479,15 @@ impl Shard {
         token: u64,
         clean_session: bool,
     ) {
+        if !self.cluster_handing.is_empty()
+            && self.cluster_handing.contains(client_id)
+            && let Some(link) = &self.cluster
+        {
+            // Handed to another node: what this shard routed is in the
+            // image, this node's later messages go in the tail
+            // (cluster::positions).
+            link.evicted(client_id, self.seen());
+        }
         let later = (to_shard, token, clean_session);
         // A claim not yet attached as a session: waiting for its answer, or
         // answered and its connection task not yet run. At the home, claims
@@ -743,7 +753,21 @@ impl Shard {
     /// and messages meanwhile are kept in it
     /// ([`Shard::queue_for_attaching`]). An answer for a claim gone or
     /// superseded meanwhile is dropped.
+    #[cfg(test)]
     pub fn cluster_claim_answered(&mut self, token: u64, answer: ClaimAnswer) {
+        self.cluster_claim_answered_after(token, answer, None);
+    }
+
+    /// [`Shard::cluster_claim_answered`] of a grant that brought another
+    /// node's session, whose tail the bridge asked for when this node had
+    /// published `published`: the claim also keeps what this shard routed
+    /// since (`Shard::catch_up`).
+    pub fn cluster_claim_answered_after(
+        &mut self,
+        token: u64,
+        answer: ClaimAnswer,
+        published: Option<Seen>,
+    ) {
         let Some(claim) = self.registry.claims.get_mut(&token) else {
             self.late_cluster_answer(token, answer);
             return;
@@ -808,6 +832,33 @@ impl Shard {
         }
         if attaching {
             self.registry.attaching.push(token);
+            if let Some(published) = &published {
+                self.catch_up(token, published);
+            }
+        }
+    }
+
+    /// Keeps `messages` (this node's own, routed here before the grant
+    /// of claim `token` made it attaching, `Shard::catch_up`) in the
+    /// state of that claim if the cluster granted it here and its
+    /// connection has not attached it yet, as
+    /// [`Shard::queue_for_attaching`] does.
+    pub(super) fn keep_for_claim(&mut self, token: u64, messages: &[Message]) {
+        let Some(PendingClaim {
+            outcome: Some(Outcome::Granted(Some(state))),
+            cluster: Some(ClusterAnswer::Granted),
+            ..
+        }) = self.registry.claims.get_mut(&token)
+        else {
+            return;
+        };
+        for message in messages {
+            let Some(granted) = copy_qos(state, None, &message.topic) else {
+                continue;
+            };
+            if state.keep(message, granted, &self.limits) == Delivery::Dropped {
+                self.stats.publish_dropped += 1;
+            }
         }
     }
 
@@ -1234,6 +1285,52 @@ mod tests {
         // Nothing is kept for a claim that is gone.
         shard.route(&qos1("m/4", "after"));
         assert!(shard.registry.attaching.is_empty());
+    }
+
+    /// A grant that brought another node's session, with what this node
+    /// had published when it asked the old owner for the tail: the claim
+    /// keeps, after the image, what this shard routed that was published
+    /// later (from other shards, and its own, handed on or not yet), in
+    /// the order routed, then what it routes after the grant; not what was
+    /// published before (in the image or the tail), nor QoS 0, nor other
+    /// topics.
+    #[test]
+    fn a_cluster_grant_keeps_what_the_shard_routed_since_the_tail_was_asked_for() {
+        use crate::cluster::link::ClusterLink;
+        use crate::cluster::positions::Seen;
+
+        let mut shard = shard();
+        let (link, _controls) = ClusterLink::for_tests(0);
+        shard.cluster = Some(link);
+        let mut zero = qos1("m/1", "at most once");
+        zero.qos = QoS::AtMostOnce;
+        let before = Arc::new(vec![qos1("m/1", "published"), qos1("m/1", "published too")]);
+        shard.route_batch_from(&before, (1, 1));
+        let after = Arc::new(vec![qos1("m/1", "after"), zero, qos1("x", "other topic")]);
+        shard.route_batch_from(&after, (1, 3));
+        shard.publish(qos1("m/2", "own, handed on"));
+        assert!(shard.take_numbered_batch().is_some());
+        shard.publish(qos1("m/2", "own, not yet"));
+        let mut published = Seen::new(2);
+        published.mark(1, 1, 2);
+        pending(&mut shard, "moving", 80);
+        shard.claim_answered(80, None);
+        let image = ClaimAnswer::Granted(Some(image_of_moving()));
+        shard.cluster_claim_answered_after(80, image, Some(published));
+        shard.route(&qos1("m/3", "after the grant"));
+        let Some(Some(state)) = shard.take_claim(80) else {
+            panic!("granted with its state");
+        };
+        assert_eq!(
+            pending_payloads(&state),
+            [
+                "queued",
+                "after",
+                "own, handed on",
+                "own, not yet",
+                "after the grant"
+            ]
+        );
     }
 
     /// A message kept for a session that is attaching carries what its

@@ -1132,18 +1132,29 @@ fn a_session_moving_between_nodes_beside_other_subscribers_misses_nothing() {
     moving_while_a_third_node_publishes("cluster hand-over window, bystanders", true);
 }
 
-/// The body of the hand-over window tests on one NATS server:
+/// The body of the hand-over window tests with a third node publishing:
 /// `bystanders`, other clients subscribed to the filter on both nodes
 /// (four each: likely on every shard).
 fn moving_while_a_third_node_publishes(test: &str, bystanders: bool) {
+    moving_on_one_server(test, bystanders, &[2]);
+}
+
+/// The hand-over window tests on one NATS server and three nodes of two
+/// shards (so a publisher and the subscriber are on one shard at some
+/// moves, on two, over the mesh, at others): [`moving_while_publishing`]
+/// with one publisher on each node of `publishers` (0: A, 1: B, 2: C) and
+/// every number required.
+fn moving_on_one_server(test: &str, bystanders: bool, publishers: &[usize]) {
     let Some(nats) = Nats::start(test) else {
         return;
     };
     let (a, b, c) = (nats.node("a"), nats.node("b"), nats.node("c"));
+    // The nodes that must hold the NATS subscription: A (the subscriber),
+    // B with bystanders; C never subscribes.
     let holders = if bystanders { 2 } else { 1 };
     let routed = || nats.wait_subscriptions("fanmq.t.win.>", holders);
     let kind = (bystanders, true);
-    moving_while_publishing([&a, &b], &c, "win/n", kind, routed, |_| {});
+    moving_while_publishing([&a, &b, &c], publishers, "win/n", kind, routed, |_| {});
 }
 
 /// [`a_session_moving_between_nodes_misses_nothing_published_on_a_third_meanwhile`]
@@ -1156,7 +1167,7 @@ fn a_session_moving_between_nodes_misses_nothing_on_an_escaped_topic() {
     };
     let (a, b, c) = (nats.node("a"), nats.node("b"), nats.node("c"));
     let routed = || nats.wait_subscriptions("fanmq.x", 1);
-    moving_while_publishing([&a, &b], &c, "win/n x", (false, true), routed, |_| {});
+    moving_while_publishing([&a, &b, &c], &[2], "win/n x", (false, true), routed, |_| {});
 }
 
 /// [`a_session_moving_between_nodes_beside_other_subscribers_misses_nothing`]
@@ -1187,7 +1198,7 @@ fn a_session_moving_between_nodes_on_three_nats_servers_gets_each_message_once()
     );
     // Interest crosses the routes asynchronously.
     let routed = || probe_until_routed(&[&a, &b], &c);
-    moving_while_publishing([&a, &b], &c, "win/n", (true, false), routed, |_| {});
+    moving_while_publishing([&a, &b, &c], &[2], "win/n", (true, false), routed, |_| {});
 }
 
 /// [`a_session_moving_between_nodes_on_three_nats_servers_gets_each_message_once`]
@@ -1234,7 +1245,7 @@ fn a_session_moving_to_a_node_on_a_slow_route_gets_each_message_once() {
             }
         }
     };
-    moving_while_publishing([&a, &b], &c, "win/n", (true, false), routed, moving);
+    moving_while_publishing([&a, &b, &c], &[2], "win/n", (true, false), routed, moving);
     // How many the new owner got again and dropped (none when its own
     // messages covered the tail at every move: not asserted).
     let dropped = &get_json(&b, "/api/v1/stats")["total"]["cluster_doubles_dropped"];
@@ -1421,23 +1432,28 @@ fn nats_cluster_slow_route(test: &str) -> Option<(Vec<Nats>, [SlowRoute; 2])> {
 }
 
 /// Moves persistent session `wanderer` (subscribed to `win/#` at QoS 1)
-/// between `nodes` 8 times while `publisher_node` publishes 3,000
-/// numbered QoS 1 messages on `topic`: every number arrives, in order,
-/// and once per connection. `bystanders`: other clients subscribed to the
-/// filter on both nodes (four each: likely on every shard). `routed`
-/// returns once the nodes' NATS subscriptions reach the publisher's node;
-/// `moving(i)` runs before each move to `nodes[i]`. Not `complete`: only
-/// once and in order (with a NATS cluster of several servers a message can
-/// be lost at a move: docs/design/cluster.md §9; how many is printed).
+/// between nodes A and B (`nodes[0]`, `nodes[1]`; on A first) 8 times
+/// while one publisher on each node of `publishers` (indexes into
+/// `nodes`; the third is a node the session never visits) publishes a
+/// numbered QoS 1 stream on `topic` without pause, 3,000 messages in all:
+/// every number of every publisher arrives, in order per publisher, and
+/// once per connection (a message in flight at a move comes again on the
+/// next connection, resent with DUP as after any reconnect).
+/// `bystanders`: other clients subscribed to the filter on A and B (four
+/// each: likely on every shard). `routed` returns once the nodes' NATS
+/// subscriptions reach the publishers' nodes; `moving(i)` runs before
+/// each move to `nodes[i]`. Not `complete`: only once and in order (with a
+/// NATS cluster of several servers a message can be lost at a move:
+/// docs/design/cluster.md §9; how many is printed).
 fn moving_while_publishing(
-    nodes: [&Broker; 2],
-    publisher_node: &Broker,
+    nodes: [&Broker; 3],
+    publishers: &[usize],
     topic: &'static str,
     (bystanders, complete): (bool, bool),
     routed: impl FnOnce(),
     mut moving: impl FnMut(usize),
 ) {
-    let [a, b] = nodes;
+    let [a, b, _] = nodes;
     let id = "wanderer";
     let (mut sub, _) = persistent(a.port, id);
     sub.subscribe("win/#", QoS::AtLeastOnce);
@@ -1454,23 +1470,31 @@ fn moving_while_publishing(
     routed();
     const TOTAL: usize = 3000;
     const MOVES: usize = 8;
-    let port = publisher_node.port;
-    let publisher = std::thread::spawn(move || {
-        let mut publisher = Mqtt::connect(port, "win-pub");
-        for i in 0..TOTAL {
-            publisher.publish_acked(topic, false, i.to_string().as_bytes());
-        }
-    });
+    let each = TOTAL / publishers.len();
+    let threads: Vec<_> = publishers
+        .iter()
+        .enumerate()
+        .map(|(p, &node)| {
+            let port = nodes[node].port;
+            std::thread::spawn(move || {
+                let mut publisher = Mqtt::connect(port, &format!("win-pub-{p}"));
+                for i in 0..each {
+                    publisher.publish_acked(topic, false, format!("{p}:{i}").as_bytes());
+                }
+            })
+        })
+        .collect();
     // The probes of `routed`, if any, reach the session too: only `topic`
     // counts.
-    let number = |p: &rumqttc::Publish| -> Option<usize> {
+    let number = |p: &rumqttc::Publish| -> Option<(usize, usize)> {
         let n = std::str::from_utf8(&p.payload)
             .ok()
-            .and_then(|s| s.parse().ok());
+            .and_then(|s| s.split_once(':'))
+            .and_then(|(p, n)| Some((p.parse().ok()?, n.parse().ok()?)));
         (p.topic == topic).then(|| n.unwrap_or_else(|| panic!("not a number: {p:?}")))
     };
-    // (number, connection) in the order received.
-    let mut got: Vec<(usize, usize)> = Vec::new();
+    // ((publisher, number), connection) in the order received.
+    let mut got: Vec<((usize, usize), usize)> = Vec::new();
     let mut on = 0;
     for connection in 0..MOVES {
         // A few live messages on this node, then the move.
@@ -1487,32 +1511,19 @@ fn moving_while_publishing(
         assert!(connack.session_present, "the session moved");
         sub = next;
     }
-    publisher
-        .join()
-        .expect("the publisher published everything");
-    // The rest, up to the last number published.
-    while got.last().is_none_or(|&(n, _)| n != TOTAL - 1) {
+    for thread in threads {
+        thread.join().expect("the publisher published everything");
+    }
+    // The rest, up to the last number of every publisher.
+    let last = |got: &[((usize, usize), usize)], p: usize| {
+        got.iter().any(|&((q, n), _)| q == p && n == each - 1)
+    };
+    while !(0..publishers.len()).all(|p| last(&got, p)) {
         let p = sub
             .recv_publish(TIMEOUT)
             .unwrap_or_else(|| panic!("stream stopped at {:?}", got.last()));
         got.extend(number(&p).map(|n| (n, MOVES)));
     }
-    // The connection each number first came on.
-    let mut seen: Vec<Option<usize>> = vec![None; TOTAL];
-    let mut order = Vec::new();
-    let mut twice = Vec::new();
-    for &(n, connection) in &got {
-        match seen[n] {
-            // Again on a later connection: in flight at the move.
-            Some(first) if first < connection => continue,
-            Some(_) => twice.push(n),
-            None => {
-                seen[n] = Some(connection);
-                order.push(n);
-            }
-        }
-    }
-    let missing: Vec<usize> = (0..TOTAL).filter(|&n| seen[n].is_none()).collect();
     let tails = |node: &Broker| -> String {
         let stats = get_json(node, "/api/v1/stats");
         let figures: Vec<String> = stats["total"]
@@ -1529,34 +1540,92 @@ fn moving_while_publishing(
             .collect();
         format!("{}\n{}", figures.join(" "), lines.join("\n"))
     };
-    // What came around the first gap, with its connections.
-    let around: Vec<&(usize, usize)> = missing.first().map_or(Vec::new(), |&m| {
-        got.iter()
-            .filter(|&&(n, _)| n + 10 >= m && n <= m + 10 + missing.len())
-            .collect()
-    });
-    if !complete {
-        eprintln!(
-            "{} lost at the moves: {missing:?}\naround (number, connection): {around:?}",
-            missing.len()
-        );
-        if !missing.is_empty() {
-            eprintln!("A:\n{}\nB:\n{}", tails(a), tails(b));
+    for p in 0..publishers.len() {
+        // The connection each number first came on.
+        let mut seen: Vec<Option<usize>> = vec![None; each];
+        let mut order = Vec::new();
+        let mut twice = Vec::new();
+        for &((q, n), connection) in &got {
+            if q != p {
+                continue;
+            }
+            match seen[n] {
+                // Again on a later connection: in flight at the move.
+                Some(first) if first < connection => continue,
+                Some(_) => twice.push(n),
+                None => {
+                    seen[n] = Some(connection);
+                    order.push(n);
+                }
+            }
         }
+        let missing: Vec<usize> = (0..each).filter(|&n| seen[n].is_none()).collect();
+        // What came around the first gap, with its connections.
+        let around: Vec<&((usize, usize), usize)> = missing.first().map_or(Vec::new(), |&m| {
+            got.iter()
+                .filter(|&&((q, n), _)| q == p && n + 10 >= m && n <= m + 10 + missing.len())
+                .collect()
+        });
+        let on = ["A", "B", "C"][publishers[p]];
+        if !complete {
+            eprintln!(
+                "of the publisher on {on}, {} lost at the moves: {missing:?}\naround ((publisher, number), connection): {around:?}",
+                missing.len()
+            );
+            if !missing.is_empty() {
+                eprintln!("A:\n{}\nB:\n{}", tails(a), tails(b));
+            }
+        }
+        assert!(
+            missing.is_empty() || !complete,
+            "missing of the publisher on {on} after the moves: {missing:?}\naround ((publisher, number), connection): {around:?}\nA:\n{}\nB:\n{}",
+            tails(a),
+            tails(b)
+        );
+        assert!(
+            twice.is_empty(),
+            "of the publisher on {on}, received twice on one connection: {twice:?}"
+        );
+        let inversions: Vec<(usize, usize)> = order
+            .windows(2)
+            .filter(|w| w[0] > w[1])
+            .map(|w| (w[0], w[1]))
+            .collect();
+        assert!(
+            inversions.is_empty(),
+            "of the publisher on {on}, out of order (a number before a smaller one): {inversions:?}"
+        );
     }
-    assert!(
-        missing.is_empty() || !complete,
-        "missing after the moves: {missing:?}\naround (number, connection): {around:?}\nA:\n{}\nB:\n{}",
-        tails(a),
-        tails(b)
-    );
-    assert!(
-        twice.is_empty(),
-        "received twice on one connection: {twice:?}"
-    );
-    assert!(
-        order.windows(2).all(|w| w[0] < w[1]),
-        "out of order: {order:?}"
+}
+
+/// [`a_session_moving_between_nodes_misses_nothing_published_on_a_third_meanwhile`]
+/// with the publisher on node A, where the session starts, so on the old
+/// owner at one move and on the new owner at the next: its messages reach
+/// the session's shard over the mesh (or on that shard itself), never
+/// through NATS back to the node, so neither node's collector saw them,
+/// and a message A acknowledged was lost for the session
+/// (docs/design/cluster.md §9, "Publishes on the two nodes themselves").
+#[test]
+fn a_session_moving_between_nodes_misses_nothing_published_on_one_of_them() {
+    moving_on_one_server("cluster hand-over window, publisher on A", false, &[0]);
+}
+
+/// [`a_session_moving_between_nodes_misses_nothing_published_on_one_of_them`]
+/// with the publisher on node B, where the session goes first.
+#[test]
+fn a_session_moving_between_nodes_misses_nothing_published_on_the_other() {
+    moving_on_one_server("cluster hand-over window, publisher on B", false, &[1]);
+}
+
+/// Publishes on both nodes and on a third at once, beside other
+/// subscribers of the filter on both nodes: every publisher's numbers
+/// reach the moving session, in order, each once per connection.
+#[test]
+fn a_session_moving_between_nodes_misses_nothing_published_on_all_three() {
+    moving_on_one_server(
+        "cluster hand-over window, publishers on A, B, C",
+        true,
+        &[0, 1, 2],
     );
 }
 
