@@ -195,6 +195,15 @@ impl Nats {
         self.node_with(name, "")
     }
 
+    /// A node named `name` that reaches this server through a relay
+    /// listening on `port` (a test's hold on what passes between them).
+    fn node_through(&self, name: &str, port: u16) -> Broker {
+        let config = format!(
+            "[cluster]\nnats_urls = [\"nats://127.0.0.1:{port}\"]\nnode_name = \"{name}\"\n"
+        );
+        self.node_configured(&config, name)
+    }
+
     /// [`Nats::node`] with more top-level settings (TOML lines).
     fn node_with(&self, name: &str, settings: &str) -> Broker {
         self.node_configured(&format!("{settings}\n{}", self.config(name)), name)
@@ -1183,19 +1192,7 @@ fn a_session_moving_between_nodes_on_three_nats_servers_gets_each_message_once()
     else {
         return;
     };
-    // Each node on one server: the servers do not tell clients of each
-    // other.
-    let node = |name: &str, server: &Nats| {
-        let node = Broker::builder().config(&server.config(name)).start();
-        node.wait_log(|l| l.contains("cluster: connected to NATS"), TIMEOUT)
-            .unwrap_or_else(|| panic!("node {name} did not connect:\n{}", node.log_text()));
-        node
-    };
-    let (a, b, c) = (
-        node("a", &servers[0]),
-        node("b", &servers[1]),
-        node("c", &servers[2]),
-    );
+    let [a, b, c] = nodes_on_their_own_servers(&servers);
     // Interest crosses the routes asynchronously.
     let routed = || probe_until_routed(&[&a, &b], &c);
     moving_while_publishing([&a, &b, &c], &[2], "win/n", (true, false), routed, |_| {});
@@ -1218,17 +1215,7 @@ fn a_session_moving_to_a_node_on_a_slow_route_gets_each_message_once() {
     let Some((servers, slow)) = nats_cluster_slow_route(test) else {
         return;
     };
-    let node = |name: &str, server: &Nats| {
-        let node = Broker::builder().config(&server.config(name)).start();
-        node.wait_log(|l| l.contains("cluster: connected to NATS"), TIMEOUT)
-            .unwrap_or_else(|| panic!("node {name} did not connect:\n{}", node.log_text()));
-        node
-    };
-    let (a, b, c) = (
-        node("a", &servers[0]),
-        node("b", &servers[1]),
-        node("c", &servers[2]),
-    );
+    let [a, b, c] = nodes_on_their_own_servers(&servers);
     let routed = || probe_until_routed(&[&a, &b], &c);
     let moving = |to: usize| {
         let delay = if to == 1 {
@@ -1250,6 +1237,23 @@ fn a_session_moving_to_a_node_on_a_slow_route_gets_each_message_once() {
     // messages covered the tail at every move: not asserted).
     let dropped = &get_json(&b, "/api/v1/stats")["total"]["cluster_doubles_dropped"];
     eprintln!("{test}: doubles dropped on the new owner: {dropped}");
+}
+
+/// Nodes `a`, `b` and `c`, each connected to its own server of a NATS
+/// cluster of three (`--no_advertise`: the servers do not tell clients of
+/// each other).
+fn nodes_on_their_own_servers(servers: &[Nats]) -> [Broker; 3] {
+    let node = |name: &str, server: &Nats| {
+        let node = Broker::builder().config(&server.config(name)).start();
+        node.wait_log(|l| l.contains("cluster: connected to NATS"), TIMEOUT)
+            .unwrap_or_else(|| panic!("node {name} did not connect:\n{}", node.log_text()));
+        node
+    };
+    [
+        node("a", &servers[0]),
+        node("b", &servers[1]),
+        node("c", &servers[2]),
+    ]
 }
 
 /// Subscribes a watcher to `win/#` on each of `nodes` and publishes probes
@@ -1403,8 +1407,7 @@ fn slow_pipe(
 /// their route URL, and learn of each other from `s0`, the only server
 /// they name; whichever of the two connections NATS keeps is slowed).
 fn nats_cluster_slow_route(test: &str) -> Option<(Vec<Nats>, [SlowRoute; 2])> {
-    let mut failures = Vec::new();
-    for attempt in 1..=CLUSTER_ATTEMPTS {
+    formed(test, || {
         let routes = route_ports();
         let relays = [SlowRoute::start(routes[1]), SlowRoute::start(routes[2])];
         let url = |p: u16| format!("nats://127.0.0.1:{p}");
@@ -1417,18 +1420,11 @@ fn nats_cluster_slow_route(test: &str) -> Option<(Vec<Nats>, [SlowRoute; 2])> {
                 url(routes[0]),
             ],
         };
-        match try_nats_cluster_on(test, &["--no_advertise"], &routes, routes_of)? {
-            Ok(servers) => return Some((servers, relays)),
-            Err(why) => {
-                eprintln!("{test}: NATS cluster attempt {attempt} failed, fresh ports next: {why}");
-                failures.push(why);
-            }
-        }
-    }
-    panic!(
-        "{test}: the NATS cluster did not form in {CLUSTER_ATTEMPTS} attempts:\n{}",
-        failures.join("\n---\n")
-    );
+        Some(
+            try_nats_cluster_on(test, &["--no_advertise"], &routes, routes_of)?
+                .map(|servers| (servers, relays)),
+        )
+    })
 }
 
 /// Moves persistent session `wanderer` (subscribed to `win/#` at QoS 1)
@@ -1930,13 +1926,7 @@ impl HeldHandOver {
         let nats = Nats::start(test)?;
         let relay = StopBeforeUpdate::start(nats.port);
         let a = nats.node("a");
-        let b = nats.node_configured(
-            &format!(
-                "[cluster]\nnats_urls = [\"nats://127.0.0.1:{}\"]\nnode_name = \"b\"\n",
-                relay.port
-            ),
-            "b",
-        );
+        let b = nats.node_through("b", relay.port);
         let id = Self::ID;
         let publisher = queued_offline(&a, id, id, 3);
         wait_link(&b, "up");
@@ -2754,13 +2744,7 @@ fn a_cut_off_take_over_keeps_its_state(test: &str, applied: bool, retry_on_third
     };
     let relay = StopBeforeUpdate::start(nats.port);
     let a = nats.node("a");
-    let b = nats.node_configured(
-        &format!(
-            "[cluster]\nnats_urls = [\"nats://127.0.0.1:{}\"]\nnode_name = \"b\"\n",
-            relay.port
-        ),
-        "b",
-    );
+    let b = nats.node_through("b", relay.port);
     let c = retry_on_third.then(|| nats.node("c"));
     let _publisher = queued_offline(&a, "keeper", "keep", 5);
     wait_link(&b, "up");
@@ -3252,12 +3236,19 @@ const CLUSTER_FORMING: Duration = Duration::from_secs(30);
 
 /// [`nats_cluster`] with more arguments for every server.
 fn nats_cluster_with(test: &str, more: &[&str]) -> Option<Vec<Nats>> {
+    formed(test, || try_nats_cluster(test, more))
+}
+
+/// Runs `attempt` (a NATS cluster on fresh ports: `None` without a
+/// server binary, an error when it did not form) up to
+/// [`CLUSTER_ATTEMPTS`] times; panics with every failure when none formed.
+fn formed<T>(test: &str, mut attempt: impl FnMut() -> Option<Result<T, String>>) -> Option<T> {
     let mut failures = Vec::new();
-    for attempt in 1..=CLUSTER_ATTEMPTS {
-        match try_nats_cluster(test, more)? {
-            Ok(servers) => return Some(servers),
+    for n in 1..=CLUSTER_ATTEMPTS {
+        match attempt()? {
+            Ok(formed) => return Some(formed),
             Err(why) => {
-                eprintln!("{test}: NATS cluster attempt {attempt} failed, fresh ports next: {why}");
+                eprintln!("{test}: NATS cluster attempt {n} failed, fresh ports next: {why}");
                 failures.push(why);
             }
         }
