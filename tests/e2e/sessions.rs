@@ -168,3 +168,157 @@ fn empty_client_id_without_clean_session_is_rejected() {
     raw.expect_closed();
     broker.assert_healthy();
 }
+
+/// How many times [`moving_between_shards_while_publishing`] moves the
+/// session from one shard to the other (every move alternates, so half of
+/// them go to the publisher's shard and half away from it).
+const SHARD_MOVES: usize = 8;
+
+/// Most reconnections tried for [`SHARD_MOVES`] moves: each lands on the
+/// other shard about every second time (SO_REUSEPORT hashes the source
+/// port).
+const MOST_RECONNECTS: usize = 100;
+
+/// A persistent session subscribed at QoS 1 moves between the two shards
+/// of one broker, [`SHARD_MOVES`] times, while a client of the same broker
+/// publishes numbered QoS 1 messages, each PUBACKed before the next. Every
+/// number must arrive, in order, none twice on one connection (one in
+/// flight at a move may come again on the next connection, with DUP).
+/// `take_over`: the new connection takes the session over while the old
+/// one is still open; else the old one disconnects first.
+fn moving_between_shards_while_publishing(take_over: bool) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let broker = Broker::start();
+    let u = unique();
+    let id = format!("shard-mover-{u}");
+    let topic = format!("smv/{u}");
+    let persistent = |id: &str| {
+        let mut options = Mqtt::options(broker.port, id);
+        options.set_clean_session(false);
+        Mqtt::connect_with(options)
+    };
+    let (mut sub, _) = persistent(&id);
+    sub.subscribe(&format!("{topic}/#"), QoS::AtLeastOnce);
+    let mut connections = 1;
+    let mut on = broker.shard_of(&id);
+    let publisher_id = format!("shard-mover-pub-{u}");
+    let stop = Arc::new(AtomicBool::new(false));
+    let publisher = {
+        let (port, stop, topic, publisher_id) =
+            (broker.port, stop.clone(), format!("{topic}/n"), publisher_id.clone());
+        std::thread::spawn(move || {
+            let mut publisher = Mqtt::connect(port, &publisher_id);
+            let mut n = 0usize;
+            while !stop.load(Ordering::Relaxed) || n < 3000 {
+                publisher.publish_acked(&topic, false, n.to_string().as_bytes());
+                n += 1;
+            }
+            n
+        })
+    };
+    let publisher_shard = broker.shard_of(&publisher_id);
+    let number = |p: &rumqttc::Publish| -> usize {
+        std::str::from_utf8(&p.payload)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("not a number: {p:?}"))
+    };
+    // (number, connection) in the order received.
+    let mut got: Vec<(usize, usize)> = Vec::new();
+    // (from shard, to shard) of each move.
+    let mut moves: Vec<(usize, usize)> = Vec::new();
+    for connection in 0..MOST_RECONNECTS {
+        if moves.len() >= SHARD_MOVES {
+            break;
+        }
+        for _ in 0..25 {
+            let p = sub.recv_publish(TIMEOUT).expect("the stream goes on");
+            got.push((number(&p), connection));
+        }
+        let next = if take_over {
+            let (next, connack) = persistent(&id);
+            for p in sub.publishes_until_closed() {
+                got.push((number(&p), connection));
+            }
+            assert!(connack.session_present, "the session was taken over");
+            next
+        } else {
+            for p in sub.disconnect_collecting() {
+                got.push((number(&p), connection));
+            }
+            let (next, connack) = persistent(&id);
+            assert!(connack.session_present, "the session was resumed");
+            next
+        };
+        sub = next;
+        connections += 1;
+        let now_on = broker.shards_of(&id, connections)[connections - 1];
+        if now_on != on {
+            moves.push((on, now_on));
+        }
+        on = now_on;
+    }
+    assert!(
+        moves.len() >= SHARD_MOVES,
+        "{MOST_RECONNECTS} reconnections moved the session only {} times",
+        moves.len()
+    );
+    stop.store(true, Ordering::Relaxed);
+    let published = publisher.join().expect("the publisher published");
+    let last_connection = connections - 1;
+    while !got.iter().any(|&(n, _)| n == published - 1) {
+        let p = sub
+            .recv_publish(TIMEOUT)
+            .unwrap_or_else(|| panic!("stream stopped at {:?}", got.last()));
+        got.push((number(&p), last_connection));
+    }
+    // The connection each number first came on.
+    let mut seen: Vec<Option<usize>> = vec![None; published];
+    let mut order = Vec::new();
+    let mut twice = Vec::new();
+    for &(n, connection) in &got {
+        match seen[n] {
+            Some(first) if first < connection => {}
+            Some(_) => twice.push(n),
+            None => {
+                seen[n] = Some(connection);
+                order.push(n);
+            }
+        }
+    }
+    let missing: Vec<usize> = (0..published).filter(|&n| seen[n].is_none()).collect();
+    let around: Vec<&(usize, usize)> = missing.first().map_or(Vec::new(), |&m| {
+        got.iter()
+            .filter(|&&(n, _)| n + 5 >= m && n <= m + 5 + missing.len())
+            .collect()
+    });
+    assert!(
+        missing.is_empty(),
+        "{} of {published} lost at {} moves (from, to) {moves:?}, publisher on shard {publisher_shard}: {missing:?}\naround (number, connection): {around:?}",
+        missing.len(),
+        moves.len()
+    );
+    assert!(twice.is_empty(), "received twice on one connection: {twice:?}");
+    let inversions: Vec<(usize, usize)> = order
+        .windows(2)
+        .filter(|w| w[0] > w[1])
+        .map(|w| (w[0], w[1]))
+        .collect();
+    assert!(inversions.is_empty(), "out of order: {inversions:?}");
+}
+
+/// [`moving_between_shards_while_publishing`], the old connection
+/// disconnecting before the new one connects.
+#[test]
+fn reconnecting_on_the_other_shard_while_publishing_loses_nothing() {
+    moving_between_shards_while_publishing(false);
+}
+
+/// [`moving_between_shards_while_publishing`], the new connection taking
+/// the session over while the old one is open.
+#[test]
+fn taking_over_on_the_other_shard_while_publishing_loses_nothing() {
+    moving_between_shards_while_publishing(true);
+}
