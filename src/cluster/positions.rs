@@ -48,6 +48,7 @@ use bytestring::ByteString;
 use crate::cluster::bridge::Shared;
 use crate::cluster::headers::Origin;
 use crate::cluster::tail;
+pub use crate::mesh::Seen;
 use crate::protocol::message::Message;
 use crate::protocol::topic;
 use crate::protocol::v3::QoS;
@@ -68,11 +69,6 @@ pub const RING_AGE: Duration = Duration::from_secs(3);
 /// kept.
 pub const RING_BYTES: usize = 32 << 20;
 
-/// Most batches a shard routed ahead of one still missing (the mesh or the
-/// bridge's queue can take two concurrent sends of one shard in the other
-/// order) that [`Seen`] remembers; beyond it the gap is taken as routed.
-const MAX_AHEAD: usize = 64;
-
 /// How long the bridge keeps a shard's [`Seen`] of a hand-over for the
 /// tail request (the collector's lifetime).
 const SEEN_KEPT: Duration = Duration::from_secs(10);
@@ -90,115 +86,6 @@ pub const COVER_WAIT: Duration = Duration::from_millis(500);
 /// sequence number it had published when it answered: `<node, 16
 /// hex>.<seq>` (as `Fanmq-O`).
 pub const COVER_HEADER: &str = "Fanmq-Tail-Cover";
-
-/// How far one shard routed each shard's messages: per shard, the first
-/// shard sequence number not yet routed with all before it, and the
-/// batches routed beyond a gap. Shard sequence numbers start at 1.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Seen {
-    /// Per shard, the first sequence number not routed (all below it are).
-    next: Vec<u64>,
-    /// Batches routed beyond a gap: (shard, first, last).
-    ahead: Vec<(usize, u64, u64)>,
-}
-
-impl Seen {
-    /// Nothing routed of any of `shards` shards.
-    pub fn new(shards: usize) -> Self {
-        Seen {
-            next: vec![1; shards],
-            ahead: Vec::new(),
-        }
-    }
-
-    /// The `len` messages of `shard` from sequence number `first` on are
-    /// routed.
-    pub fn mark(&mut self, shard: usize, first: u64, len: usize) {
-        if len == 0 {
-            return;
-        }
-        if shard >= self.next.len() {
-            self.next.resize(shard + 1, 1);
-        }
-        let last = first + len as u64 - 1;
-        let next = &mut self.next[shard];
-        if last < *next {
-            return;
-        }
-        if first > *next {
-            self.ahead.push((shard, first, last));
-            if self.ahead.len() > MAX_AHEAD {
-                // Taken as routed: the oldest gap is a batch lost.
-                let (s, _, l) = self.ahead.remove(0);
-                self.next[s] = self.next[s].max(l + 1);
-                self.absorb(s);
-            }
-            return;
-        }
-        *next = last + 1;
-        self.absorb(shard);
-    }
-
-    /// Moves what became contiguous from `ahead` into `next`.
-    fn absorb(&mut self, shard: usize) {
-        loop {
-            let next = self.next[shard];
-            let Some(at) = self
-                .ahead
-                .iter()
-                .position(|&(s, f, _)| s == shard && f <= next)
-            else {
-                return;
-            };
-            let (_, _, last) = self.ahead.swap_remove(at);
-            self.next[shard] = next.max(last + 1);
-        }
-    }
-
-    /// Whether message `seq` of `shard` is routed.
-    pub fn routed(&self, shard: usize, seq: u64) -> bool {
-        self.next.get(shard).is_some_and(|&n| seq < n)
-            || self
-                .ahead
-                .iter()
-                .any(|&(s, f, l)| s == shard && (f..=l).contains(&seq))
-    }
-
-    /// The highest sequence number of `shard` routed (0: none).
-    #[cfg(test)]
-    fn high(&self, shard: usize) -> u64 {
-        let contiguous = self.next.get(shard).map_or(0, |n| n - 1);
-        self.ahead
-            .iter()
-            .filter(|a| a.0 == shard)
-            .map(|a| a.2)
-            .fold(contiguous, u64::max)
-    }
-
-    /// Whether everything `other` routed is routed here (a run of
-    /// `other` found here only in pieces counts as not: the caller waits
-    /// a little longer).
-    pub fn covers(&self, other: &Seen) -> bool {
-        let holds = |shard: usize, first: u64, last: u64| {
-            first > last
-                || self.next.get(shard).is_some_and(|&n| last < n)
-                || self.ahead.iter().any(|&(s, f, l)| {
-                    s == shard && f <= first.max(self.first_missing(shard)) && last <= l
-                })
-        };
-        other
-            .next
-            .iter()
-            .enumerate()
-            .all(|(shard, &next)| holds(shard, 1, next - 1))
-            && other.ahead.iter().all(|&(s, f, l)| holds(s, f, l))
-    }
-
-    /// The first sequence number of `shard` not routed.
-    fn first_missing(&self, shard: usize) -> u64 {
-        self.next.get(shard).copied().unwrap_or(1)
-    }
-}
 
 /// Whether the bridge stamps `message` with an origin sequence number:
 /// QoS 1 and 2, `$SYS` left out (it never leaves the node). The publish
@@ -520,10 +407,12 @@ pub fn sort_tail(
 
 /// The batches one shard routed lately, its own and the other shards',
 /// each with its shard and first shard sequence number, for a session
-/// the cluster grants a claim of this shard (cluster mode only): what
-/// this node published after the tail request and the shard routed before
-/// the grant reached no copy of the session, and is taken from here
-/// ([`Routed::missed`]). Bounded as the bridge's ring.
+/// the cluster grants a claim of this shard: what this node published
+/// after the tail request and the shard routed before the grant reached no
+/// copy of the session, and is taken from here ([`Routed::missed`]); and,
+/// with more than one shard, for a session another shard of the node hands
+/// this one, what this shard routed that the other had not
+/// (`Shard::claim_answered_after`). Bounded as the bridge's ring.
 #[derive(Debug, Default)]
 pub struct Routed {
     /// The batches, in the order routed (own ones when handed on), as the
@@ -616,50 +505,6 @@ mod tests {
 
     fn payload(m: &Message) -> String {
         String::from_utf8_lossy(&m.payload).into_owned()
-    }
-
-    /// A shard's position follows batches in order, remembers one routed
-    /// beyond a gap until the gap fills, and says what it routed; one
-    /// position covers another only for everything that one routed.
-    #[test]
-    fn a_position_follows_batches_also_out_of_order() {
-        let mut seen = Seen::new(2);
-        assert!(!seen.routed(0, 1));
-        seen.mark(0, 1, 3);
-        assert!(seen.routed(0, 3) && !seen.routed(0, 4));
-        // 7..=8 before 4..=6.
-        seen.mark(0, 7, 2);
-        assert!(seen.routed(0, 7) && !seen.routed(0, 5));
-        assert_eq!(seen.high(0), 8);
-        let before = seen.clone();
-        seen.mark(0, 4, 3);
-        assert!((1..=8).all(|s| seen.routed(0, s)));
-        assert!(seen.ahead.is_empty(), "absorbed");
-        assert!(seen.covers(&before) && !before.covers(&seen));
-        // Another shard, an empty batch, a batch again.
-        seen.mark(1, 1, 0);
-        assert!(!seen.routed(1, 1));
-        seen.mark(1, 1, 1);
-        seen.mark(0, 2, 2);
-        assert!(seen.routed(1, 1) && !seen.routed(0, 9));
-        // A shard beyond the count grows it.
-        seen.mark(5, 1, 1);
-        assert!(seen.routed(5, 1));
-        assert!(seen.covers(&Seen::new(3)));
-        assert!(!Seen::new(3).covers(&seen));
-    }
-
-    /// Too many batches beyond a gap: the gap is taken as routed (a batch
-    /// lost), so the position goes on.
-    #[test]
-    fn a_gap_that_never_fills_is_given_up() {
-        let mut seen = Seen::new(1);
-        for i in 0..=MAX_AHEAD as u64 {
-            seen.mark(0, 2 + i, 1);
-        }
-        assert!(seen.routed(0, 2 + MAX_AHEAD as u64));
-        assert!(seen.ahead.len() <= MAX_AHEAD);
-        assert_eq!(seen.first_missing(0), 2 + MAX_AHEAD as u64 + 1);
     }
 
     /// The old owner's tail of its own messages: the QoS 1/2 ones the

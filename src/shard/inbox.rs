@@ -201,7 +201,11 @@ impl Shard {
                 token,
                 clean_session,
             } => self.evict(&client_id, victim, to_shard, token, clean_session),
-            ShardMsg::Claimed { token, state } => self.claim_answered(token, state.map(|s| *s)),
+            ShardMsg::Claimed {
+                token,
+                state,
+                routed,
+            } => self.claim_answered_after(token, state.map(|s| *s), routed.map(|r| *r)),
             ShardMsg::Release {
                 client_id,
                 shard,

@@ -196,8 +196,9 @@ pub struct Shard {
     /// How far this shard routed each other shard's publishes (its own:
     /// up to `handed_on`, plus `remote_batch`, routed as they came).
     positions: Seen,
-    /// In a cluster, the batches this shard routed lately, for a session
-    /// moving here (`Shard::catch_up`).
+    /// In a cluster or with more than one shard, the batches this shard
+    /// routed lately, for a session moving here from another node
+    /// (`Shard::catch_up`) or another shard (`Shard::claim_answered_after`).
     routed: Routed,
     /// The frames of the run being routed, 3.1.1 (index 0) and 5.0
     /// ([`Shard::route_run`], [`Shard::route_run_from_cluster`]): scratch
@@ -957,7 +958,7 @@ impl Shard {
         self.handed_on += len as u64;
         self.positions.mark(self.id, first, len);
         let batch = Arc::new(std::mem::take(&mut self.remote_batch));
-        if self.cluster.is_some() {
+        if self.keeps_routed() {
             self.routed.push(Instant::now(), (self.id, first), &batch);
         }
         Some((batch, first))
@@ -969,9 +970,17 @@ impl Shard {
     pub fn route_batch_from(&mut self, messages: &Arc<Vec<Message>>, (shard, first): (usize, u64)) {
         self.route_batch(messages);
         self.positions.mark(shard, first, messages.len());
-        if self.cluster.is_some() {
+        if self.keeps_routed() {
             self.routed.push(Instant::now(), (shard, first), messages);
         }
+    }
+
+    /// Whether this shard keeps the batches it routes lately
+    /// ([`Shard::routed`]): in a cluster, and with more than one shard (a
+    /// session moving here between shards takes from them what its old
+    /// shard had not routed, `Shard::claim_answered_after`).
+    fn keeps_routed(&self) -> bool {
+        self.nr_shards > 1 || self.cluster.is_some()
     }
 
     /// What this shard has routed of every shard's publishes, its own

@@ -159,10 +159,12 @@ pub struct Registry {
     homes: AHashMap<ByteString, Owner>,
     /// Claims of this shard's connections waiting for an answer, by token.
     claims: AHashMap<u64, PendingClaim>,
-    /// Claims the cluster granted with a session state that their
-    /// connections have not attached yet (the claim may have gone since:
-    /// pruned when read). Empty but for an instant around a take-over from
-    /// another node: one test per routed message.
+    /// Claims granted with a session state that their connections have
+    /// not attached yet (by the cluster; outside one, by the node: a
+    /// take-over, from another shard or this one), whose states keep what
+    /// this shard routes meanwhile (the claim may have gone since: pruned
+    /// when read). Empty but for an instant around a take-over: one test
+    /// per routed message.
     attaching: Vec<u64>,
     /// Claims whose connection stopped waiting for the cluster's answer
     /// ([`CLAIM_TIMEOUT`]), oldest first: the answer,
@@ -622,25 +624,54 @@ impl Shard {
             })
     }
 
-    /// Answers the claim `token` of `shard`, locally or over the mesh.
+    /// Answers the claim `token` of `shard`, locally or over the mesh; a
+    /// state goes with what this shard has routed (all of which it holds,
+    /// `ShardMsg::Claimed::routed`).
     pub(super) fn answer_claim(&mut self, shard: usize, token: u64, state: Option<SessionState>) {
         if shard == self.id {
             self.claim_answered(token, state);
         } else {
+            let routed = state.as_ref().map(|_| Box::new(self.seen()));
             self.outbox.push((
                 shard,
                 ShardMsg::Claimed {
                     token,
                     state: state.map(Box::new),
+                    routed,
                 },
             ));
         }
     }
 
-    /// The answer to one of this shard's claims arrived.
+    /// The answer to one of this shard's claims arrived, from this shard.
     pub fn claim_answered(&mut self, token: u64, state: Option<SessionState>) {
-        let Some(claim) = self.registry.claims.get_mut(&token) else {
+        self.claim_answered_after(token, state, None);
+    }
+
+    /// The answer to one of this shard's claims arrived, with the state
+    /// another shard took when it had routed `routed` of each shard's
+    /// publishes (None: from this shard, which holds all it routed). What
+    /// this shard routed beyond that reached no copy of the session (the
+    /// old shard's router no longer had it, this one's not yet): the state
+    /// takes it first ([`Shard::catch_up_state`]). Granted (outside a
+    /// cluster, where the bridge's answer decides), the claim is then
+    /// *attaching*: what this shard routes until its connection attaches
+    /// the state is kept in it ([`Shard::queue_for_attaching`]), and a
+    /// take-over meanwhile gets the state with all of that.
+    pub fn claim_answered_after(
+        &mut self,
+        token: u64,
+        mut state: Option<SessionState>,
+        routed: Option<Seen>,
+    ) {
+        if !self.registry.claims.contains_key(&token) {
             debug!("answer to unknown claim {token} dropped");
+            return;
+        }
+        if let (Some(state), Some(routed)) = (&mut state, &routed) {
+            self.catch_up_state(token, state, routed);
+        }
+        let Some(claim) = self.registry.claims.get_mut(&token) else {
             return;
         };
         if let Some(later) = claim.superseded_by.take() {
@@ -662,9 +693,40 @@ impl Shard {
             self.keep_or_release(client_id, token, state);
             return;
         }
+        let attaching = state.is_some() && self.cluster.is_none();
         claim.outcome = Some(Outcome::Granted(state));
         if let Some(waker) = claim.waker.take() {
             waker.wake();
+        }
+        if attaching {
+            self.registry.attaching.push(token);
+        }
+    }
+
+    /// Keeps in `state` (handed to claim `token` by a shard that had routed
+    /// `routed`) the QoS 1/2 messages this shard routed that `routed` has
+    /// not, in the order routed, as an offline session keeps them: the
+    /// batches it routed lately (`Shard::routed`, every shard's, kept with
+    /// more than one shard), then its own not yet handed on. A ring that no
+    /// longer reaches back to all of them (a move slower than
+    /// `cluster::positions::RING_AGE`) is logged.
+    fn catch_up_state(&mut self, token: u64, state: &mut SessionState, routed: &Seen) {
+        let current = (self.id, self.handed_on, self.remote_batch.as_slice());
+        let (missed, whole) = self.routed.missed(routed, current);
+        if !whole {
+            log::info!(
+                "shard {}: claim {token}: the batches routed while the session moved are no longer all kept: it may miss some",
+                self.id
+            );
+        }
+        let missed: Vec<Message> = missed.into_iter().cloned().collect();
+        for message in &missed {
+            let Some(granted) = copy_qos(state, None, &message.topic) else {
+                continue;
+            };
+            if state.keep(message, granted, &self.limits) == Delivery::Dropped {
+                self.stats.publish_dropped += 1;
+            }
         }
     }
 
@@ -830,6 +892,8 @@ impl Shard {
                 waker.wake();
             }
         }
+        // (The node's answer made it attaching only without a cluster.)
+        self.registry.attaching.retain(|t| *t != token);
         if attaching {
             self.registry.attaching.push(token);
             if let Some(published) = &published {
@@ -952,7 +1016,8 @@ impl Shard {
         }
     }
 
-    /// Keeps `message` in the state of each claim the cluster granted here
+    /// Keeps `message` in the state of each claim granted here (by the
+    /// cluster; outside one, by the node, `Shard::claim_answered_after`)
     /// whose connection has not attached it yet ([`Registry::attaching`]),
     /// if the session takes it (from the NATS subscription of `filter` as
     /// `shard::cluster` routes it; `None`: through any matching filter), as
@@ -967,9 +1032,12 @@ impl Shard {
             claims, attaching, ..
         } = &mut self.registry;
         let handing = &self.cluster_handing;
+        // Outside a cluster the node's answer grants
+        // (`Shard::claim_answered_after`).
+        let node_only = self.cluster.is_none();
         attaching.retain(|token| {
             claims.get(token).is_some_and(|c| {
-                c.cluster == Some(ClusterAnswer::Granted)
+                c.cluster.map_or(node_only, |a| a == ClusterAnswer::Granted)
                     && matches!(c.outcome, Some(Outcome::Granted(Some(_))))
             })
         });
@@ -1613,6 +1681,140 @@ mod tests {
         assert!(shard.registry.claims.contains_key(&62), "the later claim");
     }
 
+    /// An offline persistent session of `client_id` on `shard`, subscribed
+    /// to `m/#` at QoS 1 (what it is sent waits in its pending queue).
+    fn offline_on(shard: &mut Shard, client_id: &str) -> SessionKey {
+        let session = Session::new(ByteString::from(client_id), false, SessionState::default());
+        let key = shard.insert_session(session);
+        let subscribe = Subscribe {
+            packet_id: 1,
+            filters: vec![(ByteString::from("m/#"), QoS::AtLeastOnce)],
+        };
+        shard.subscribe(key, subscribe, None);
+        key
+    }
+
+    /// Publishes `message` on `shard` and takes the batch it hands on
+    /// (with its shard sequence number).
+    fn published(shard: &mut Shard, message: Message) -> (Arc<Vec<Message>>, u64) {
+        shard.publish(message);
+        shard
+            .take_numbered_batch()
+            .expect("a batch for the other shard")
+    }
+
+    /// The `Claimed` in `shard`'s outbox for `to`: (token, state, routed).
+    fn claimed(shard: &mut Shard, to: usize) -> (u64, Option<SessionState>, Option<Seen>) {
+        let outbox = std::mem::take(&mut shard.outbox);
+        outbox
+            .into_iter()
+            .find_map(|(peer, msg)| match msg {
+                ShardMsg::Claimed {
+                    token,
+                    state,
+                    routed,
+                } if peer == to => Some((token, state.map(|s| *s), routed.map(|r| *r))),
+                _ => None,
+            })
+            .expect("a Claimed for the claiming shard")
+    }
+
+    /// A session that moves from shard 0 to shard 1 of one node: what a
+    /// shard routed after the old shard took the state and before the new
+    /// one got it reached neither copy. The new shard keeps, after the
+    /// state, what it routed that the old one had not (its own publish,
+    /// the old shard's after the eviction), in the order routed, then what
+    /// it routes until the connection attaches (its own, the old shard's);
+    /// not what the old shard had routed (in the state already), nor QoS
+    /// 0, nor other topics.
+    #[test]
+    fn a_session_moving_between_shards_keeps_what_was_routed_meanwhile() {
+        let mut old = crate::shard::testing::shard_with(0, 2, Config::default());
+        let mut new = crate::shard::testing::shard_with(1, 2, Config::default());
+        let id = "mover";
+        offline_on(&mut old, id);
+        // Before the move: on the old shard, routed on both.
+        let (before, at) = published(&mut old, qos1("m/0", "before"));
+        new.route_batch_from(&before, (0, at));
+        // The new shard publishes: routed there with no session, handed on
+        // after the old shard evicted it.
+        let (from_new, new_at) = published(&mut new, qos1("m/1", "new, during"));
+        let (unread, unread_at) = published(&mut new, qos1("x/1", "other topic"));
+        // The claim reaches the old shard, which hands the state over.
+        pending(&mut new, id, 9);
+        old.evict(id, None, 1, 9, false);
+        assert_eq!(old.session_key(id), None);
+        old.route_batch_from(&from_new, (1, new_at));
+        old.route_batch_from(&unread, (1, unread_at));
+        // The old shard publishes after the eviction; the batch overtakes
+        // the answer (another channel, or an earlier send).
+        let mut zero = qos1("m/2", "at most once");
+        zero.qos = QoS::AtMostOnce;
+        old.publish(zero);
+        let (after, after_at) = published(&mut old, qos1("m/3", "old, during"));
+        new.route_batch_from(&after, (0, after_at));
+        // The answer comes; then, before the connection attaches, the new
+        // shard's own publish and one more of the old shard's.
+        let (token, state, routed) = claimed(&mut old, 1);
+        assert_eq!(token, 9);
+        assert!(routed.is_some(), "a state goes with its positions");
+        new.claim_answered_after(token, state, routed);
+        new.publish(qos1("m/4", "new, attaching"));
+        let (late, late_at) = published(&mut old, qos1("m/5", "old, attaching"));
+        new.route_batch_from(&late, (0, late_at));
+        let Outcome::Granted(Some(state)) = take_outcome(&mut new, 9) else {
+            panic!("claim not granted with the state");
+        };
+        assert_eq!(
+            pending_payloads(&state),
+            [
+                "before",
+                "new, during",
+                "old, during",
+                "new, attaching",
+                "old, attaching"
+            ]
+        );
+        // Attached: nothing more is kept for the claim.
+        new.route(&qos1("m/6", "after"));
+        assert!(new.registry.attaching.is_empty());
+    }
+
+    /// A state a shard hands on to a later claim while it waited for it
+    /// (superseded) or before its connection attached it takes along what
+    /// that shard routed meanwhile, and the positions that say so: the
+    /// later claim's shard adds only what it routed beyond them.
+    #[test]
+    fn a_moving_state_handed_on_again_loses_nothing_and_gets_nothing_twice() {
+        let mut old = crate::shard::testing::shard_with(0, 2, Config::default());
+        let mut new = crate::shard::testing::shard_with(1, 2, Config::default());
+        let id = "mover";
+        offline_on(&mut old, id);
+        pending(&mut new, id, 9);
+        old.evict(id, None, 1, 9, false);
+        // Shard 1 routes a message of shard 0 that shard 0 routed after the
+        // eviction; then the answer, while a later claim on shard 0
+        // supersedes the first.
+        let (during, at) = published(&mut old, qos1("m/1", "during"));
+        new.route_batch_from(&during, (0, at));
+        let (token, state, routed) = claimed(&mut old, 1);
+        new.claim_answered_after(token, state, routed);
+        new.publish(qos1("m/2", "attaching"));
+        let _ = new.take_numbered_batch();
+        pending(&mut old, id, 3);
+        new.evict(id, Some(9), 0, 3, false);
+        assert!(matches!(take_outcome(&mut new, 9), Outcome::Superseded));
+        // Back on shard 0: it routed "during" itself, and routes
+        // "attaching" before the answer; nothing twice, nothing lost.
+        let (token, state, routed) = claimed(&mut new, 0);
+        assert_eq!(token, 3);
+        old.claim_answered_after(token, state, routed);
+        let Outcome::Granted(Some(state)) = take_outcome(&mut old, 3) else {
+            panic!("claim not granted with the state");
+        };
+        assert_eq!(pending_payloads(&state), ["during", "attaching"]);
+    }
+
     #[test]
     fn take_over_hands_a_persistent_session_to_the_new_claim() {
         let mut shard = shard();
@@ -1672,7 +1874,8 @@ mod tests {
                 1,
                 ShardMsg::Claimed {
                     token: 1,
-                    state: None
+                    state: None,
+                    routed: None
                 }
             )]
         ));
@@ -1715,7 +1918,8 @@ mod tests {
                 1,
                 ShardMsg::Claimed {
                     token: 3,
-                    state: Some(_)
+                    state: Some(_),
+                    routed: Some(_)
                 }
             )]
         ));

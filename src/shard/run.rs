@@ -275,6 +275,12 @@ impl Shard {
             for message in run {
                 self.route_matching(message, origin, true);
             }
+        } else {
+            // `route_matching` keeps each for the sessions attaching here;
+            // without it, this does.
+            for message in run {
+                self.queue_for_attaching(None, message);
+            }
         }
     }
 }

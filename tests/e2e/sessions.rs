@@ -206,8 +206,12 @@ fn moving_between_shards_while_publishing(take_over: bool) {
     let publisher_id = format!("shard-mover-pub-{u}");
     let stop = Arc::new(AtomicBool::new(false));
     let publisher = {
-        let (port, stop, topic, publisher_id) =
-            (broker.port, stop.clone(), format!("{topic}/n"), publisher_id.clone());
+        let (port, stop, topic, publisher_id) = (
+            broker.port,
+            stop.clone(),
+            format!("{topic}/n"),
+            publisher_id.clone(),
+        );
         std::thread::spawn(move || {
             let mut publisher = Mqtt::connect(port, &publisher_id);
             let mut n = 0usize;
@@ -300,7 +304,10 @@ fn moving_between_shards_while_publishing(take_over: bool) {
         missing.len(),
         moves.len()
     );
-    assert!(twice.is_empty(), "received twice on one connection: {twice:?}");
+    assert!(
+        twice.is_empty(),
+        "received twice on one connection: {twice:?}"
+    );
     let inversions: Vec<(usize, usize)> = order
         .windows(2)
         .filter(|w| w[0] > w[1])
