@@ -653,8 +653,9 @@ impl Shard {
     /// publishes (None: from this shard, which holds all it routed). What
     /// this shard routed beyond that reached no copy of the session (the
     /// old shard's router no longer had it, this one's not yet): the state
-    /// takes it first ([`Shard::catch_up_state`]). Granted (outside a
-    /// cluster, where the bridge's answer decides), the claim is then
+    /// takes it first ([`Shard::catch_up_state`]; outside a cluster, whose
+    /// hand-overs between nodes count positions of their own). Granted
+    /// (outside a cluster, where the bridge's answer decides), the claim is then
     /// *attaching*: what this shard routes until its connection attaches
     /// the state is kept in it ([`Shard::queue_for_attaching`]), and a
     /// take-over meanwhile gets the state with all of that.
@@ -668,7 +669,13 @@ impl Shard {
             debug!("answer to unknown claim {token} dropped");
             return;
         }
-        if let (Some(state), Some(routed)) = (&mut state, &routed) {
+        // In a cluster, a shard that takes a state for another node's
+        // take-over reported the evicting shard's positions for the tail
+        // (`ClusterLink::evicted`): a catch-up here would send twice what
+        // the tail has.
+        if self.cluster.is_none()
+            && let (Some(state), Some(routed)) = (&mut state, &routed)
+        {
             self.catch_up_state(token, state, routed);
         }
         let Some(claim) = self.registry.claims.get_mut(&token) else {
@@ -1813,6 +1820,32 @@ mod tests {
             panic!("claim not granted with the state");
         };
         assert_eq!(pending_payloads(&state), ["during", "attaching"]);
+    }
+
+    /// In a cluster a state from another shard is not caught up, nor
+    /// kept in until the attach by the node's answer: another node's
+    /// take-over reported the evicting shard's positions for its tail,
+    /// which has what that shard had not routed (a catch-up sent it
+    /// twice); the bridge's grant decides the rest.
+    #[test]
+    fn in_a_cluster_a_state_from_another_shard_is_left_to_the_cluster() {
+        let mut old = crate::shard::testing::shard_with(0, 2, Config::default());
+        let mut new = crate::shard::testing::shard_with(1, 2, Config::default());
+        let (link, _controls) = crate::cluster::link::ClusterLink::for_tests(1);
+        new.cluster = Some(link);
+        offline_on(&mut old, "mover");
+        pending(&mut new, "mover", 9);
+        old.evict("mover", None, 1, 9, false);
+        let (during, at) = published(&mut old, qos1("m/1", "during"));
+        new.route_batch_from(&during, (0, at));
+        let (token, state, routed) = claimed(&mut old, 1);
+        new.claim_answered_after(token, state, routed);
+        new.route(&qos1("m/2", "before the bridge's answer"));
+        assert!(new.registry.attaching.is_empty());
+        let Some(Some(state)) = new.take_claim(9) else {
+            panic!("granted with its state");
+        };
+        assert!(pending_payloads(&state).is_empty());
     }
 
     #[test]
