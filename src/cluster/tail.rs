@@ -775,6 +775,18 @@ pub(super) fn hand_over_ended(
     });
 }
 
+/// Yields to the bridge's other tasks a few times, so that the
+/// subscriptions' readers (tasks of this thread) hand what the NATS client
+/// read before the message in hand to the collectors: async-nats reads one
+/// connection in order but gives each subscription its own queue, and a
+/// tail request or answer would otherwise close or merge a collector ahead
+/// of messages read before it.
+async fn let_readers_run() {
+    for _ in 0..4 {
+        tokio::task::yield_now().await;
+    }
+}
+
 /// Serves the tail requests of the nodes this one handed sessions to:
 /// answers with what it collected (empty, marked [`NO_TAIL_HEADER`],
 /// when it has nothing) and stops collecting.
@@ -796,6 +808,9 @@ pub(super) async fn serve_tails(bridge: Shared) {
         let (Some(reply), Ok(id)) = (msg.reply, std::str::from_utf8(&msg.payload)) else {
             continue;
         };
+        // What the server sent before the request was read before it: the
+        // subscriptions' readers hand it to the collector before it closes.
+        let_readers_run().await;
         let shard = bridge.borrow_mut().moving.handed.remove(id);
         let collector = shard.and_then(|shard| close(&bridge, shard));
         let sent = match collector {
@@ -877,9 +892,7 @@ pub(super) async fn complete(
     let answer = tokio::time::timeout(timeout.min(left), asked).await;
     // What the server sent before the answer was read before it: let the
     // subscriptions' readers hand it to the collector first.
-    for _ in 0..4 {
-        tokio::task::yield_now().await;
-    }
+    let_readers_run().await;
     let mut cover = None;
     let tail = match answer {
         Ok(Ok(msg))
