@@ -30,7 +30,7 @@ use serde_json::Value;
 
 use crate::admin::{get_json, wait_stats};
 use crate::common::{
-    Broker, CONNACK_OK, CONNACK_SESSION, ConnectBuilder, Mqtt, Raw, TIMEOUT, unique,
+    Broker, CONNACK_OK, CONNACK_SESSION, ConnectBuilder, Mqtt, Numbered, Raw, TIMEOUT, unique,
 };
 
 /// The nats-server binary: `FANMQ_NATS_SERVER`, else `nats-server` on PATH;
@@ -1537,35 +1537,18 @@ fn moving_while_publishing(
         format!("{}\n{}", figures.join(" "), lines.join("\n"))
     };
     for p in 0..publishers.len() {
-        // The connection each number first came on.
-        let mut seen: Vec<Option<usize>> = vec![None; each];
-        let mut order = Vec::new();
-        let mut twice = Vec::new();
-        for &((q, n), connection) in &got {
-            if q != p {
-                continue;
-            }
-            match seen[n] {
-                // Again on a later connection: in flight at the move.
-                Some(first) if first < connection => continue,
-                Some(_) => twice.push(n),
-                None => {
-                    seen[n] = Some(connection);
-                    order.push(n);
-                }
-            }
-        }
-        let missing: Vec<usize> = (0..each).filter(|&n| seen[n].is_none()).collect();
-        // What came around the first gap, with its connections.
-        let around: Vec<&((usize, usize), usize)> = missing.first().map_or(Vec::new(), |&m| {
-            got.iter()
-                .filter(|&&((q, n), _)| q == p && n + 10 >= m && n <= m + 10 + missing.len())
-                .collect()
-        });
+        // (number, connection) of this publisher's messages.
+        let of_p: Vec<(usize, usize)> = got
+            .iter()
+            .filter(|&&((q, _), _)| q == p)
+            .map(|&((_, n), connection)| (n, connection))
+            .collect();
+        let stream = Numbered::of(&of_p, each);
+        let (missing, around) = (&stream.missing, stream.around(&of_p, 10));
         let on = ["A", "B", "C"][publishers[p]];
         if !complete {
             eprintln!(
-                "of the publisher on {on}, {} lost at the moves: {missing:?}\naround ((publisher, number), connection): {around:?}",
+                "of the publisher on {on}, {} lost at the moves: {missing:?}\naround (number, connection): {around:?}",
                 missing.len()
             );
             if !missing.is_empty() {
@@ -1574,23 +1557,11 @@ fn moving_while_publishing(
         }
         assert!(
             missing.is_empty() || !complete,
-            "missing of the publisher on {on} after the moves: {missing:?}\naround ((publisher, number), connection): {around:?}\nA:\n{}\nB:\n{}",
+            "missing of the publisher on {on} after the moves: {missing:?}\naround (number, connection): {around:?}\nA:\n{}\nB:\n{}",
             tails(a),
             tails(b)
         );
-        assert!(
-            twice.is_empty(),
-            "of the publisher on {on}, received twice on one connection: {twice:?}"
-        );
-        let inversions: Vec<(usize, usize)> = order
-            .windows(2)
-            .filter(|w| w[0] > w[1])
-            .map(|w| (w[0], w[1]))
-            .collect();
-        assert!(
-            inversions.is_empty(),
-            "of the publisher on {on}, out of order (a number before a smaller one): {inversions:?}"
-        );
+        stream.assert_once_in_order(&format!("the publisher on {on}"));
     }
 }
 

@@ -1152,3 +1152,93 @@ pub fn vm_rss_kib(pid: u32) -> u64 {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .expect("VmRSS line")
 }
+
+/// What a session got of one publisher's numbered stream (`0..count`)
+/// over the connections it moved through: the check of every test that
+/// moves a session while publishing (between shards, between nodes). A
+/// number that comes again on a later connection was in flight at a move
+/// (resent with DUP, as MQTT allows for QoS 1) and is not counted twice.
+#[derive(Debug, Default)]
+pub struct Numbered {
+    /// Numbers that never came.
+    pub missing: Vec<usize>,
+    /// Numbers that came twice on one connection.
+    pub twice: Vec<usize>,
+    /// Pairs of first arrivals out of order: a number before a smaller one.
+    pub inversions: Vec<(usize, usize)>,
+}
+
+impl Numbered {
+    /// Checks `got`, each number with the connection it came on, in the
+    /// order received; numbers at or past `count` are not the stream's.
+    pub fn of(got: &[(usize, usize)], count: usize) -> Numbered {
+        // The connection each number first came on.
+        let mut seen: Vec<Option<usize>> = vec![None; count];
+        let mut order = Vec::new();
+        let mut twice = Vec::new();
+        for &(n, connection) in got {
+            let Some(first) = seen.get_mut(n) else {
+                panic!("{n} is past the stream's {count} numbers");
+            };
+            match *first {
+                Some(on) if on < connection => {}
+                Some(_) => twice.push(n),
+                None => {
+                    *first = Some(connection);
+                    order.push(n);
+                }
+            }
+        }
+        Numbered {
+            missing: (0..count).filter(|&n| seen[n].is_none()).collect(),
+            twice,
+            inversions: order
+                .windows(2)
+                .filter(|w| w[0] > w[1])
+                .map(|w| (w[0], w[1]))
+                .collect(),
+        }
+    }
+
+    /// What came around the first missing number (`margin` either side,
+    /// plus as many as are missing), with its connection: for a failure's
+    /// message.
+    pub fn around(&self, got: &[(usize, usize)], margin: usize) -> Vec<(usize, usize)> {
+        let Some(&first) = self.missing.first() else {
+            return Vec::new();
+        };
+        got.iter()
+            .copied()
+            .filter(|&(n, _)| n + margin >= first && n <= first + margin + self.missing.len())
+            .collect()
+    }
+
+    /// Asserts that nothing came twice on one connection and nothing out
+    /// of order; `what` names the stream in the failure.
+    pub fn assert_once_in_order(&self, what: &str) {
+        assert!(
+            self.twice.is_empty(),
+            "{what}: received twice on one connection: {:?}",
+            self.twice
+        );
+        assert!(
+            self.inversions.is_empty(),
+            "{what}: out of order (a number before a smaller one): {:?}",
+            self.inversions
+        );
+    }
+}
+
+/// [`Numbered`] finds each fault of a moved stream: a gap, a repeat on one
+/// connection, an inversion; a resend on the next connection is none.
+#[test]
+fn numbered_finds_what_a_move_got_wrong() {
+    let got = [(0, 0), (1, 0), (1, 1), (3, 1), (2, 1), (3, 1), (5, 2)];
+    let stream = Numbered::of(&got, 6);
+    assert_eq!(stream.missing, [4]);
+    assert_eq!(stream.twice, [3]);
+    assert_eq!(stream.inversions, [(3, 2)]);
+    assert_eq!(stream.around(&got, 1), [(3, 1), (3, 1), (5, 2)]);
+    let clean = Numbered::of(&[(0, 0), (1, 0), (1, 1), (2, 1)], 3);
+    assert!(clean.missing.is_empty() && clean.twice.is_empty() && clean.inversions.is_empty());
+}

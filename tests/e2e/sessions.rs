@@ -278,42 +278,16 @@ fn moving_between_shards_while_publishing(take_over: bool) {
             .unwrap_or_else(|| panic!("stream stopped at {:?}", got.last()));
         got.push((number(&p), last_connection));
     }
-    // The connection each number first came on.
-    let mut seen: Vec<Option<usize>> = vec![None; published];
-    let mut order = Vec::new();
-    let mut twice = Vec::new();
-    for &(n, connection) in &got {
-        match seen[n] {
-            Some(first) if first < connection => {}
-            Some(_) => twice.push(n),
-            None => {
-                seen[n] = Some(connection);
-                order.push(n);
-            }
-        }
-    }
-    let missing: Vec<usize> = (0..published).filter(|&n| seen[n].is_none()).collect();
-    let around: Vec<&(usize, usize)> = missing.first().map_or(Vec::new(), |&m| {
-        got.iter()
-            .filter(|&&(n, _)| n + 5 >= m && n <= m + 5 + missing.len())
-            .collect()
-    });
+    let stream = Numbered::of(&got, published);
     assert!(
-        missing.is_empty(),
-        "{} of {published} lost at {} moves (from, to) {moves:?}, publisher on shard {publisher_shard}: {missing:?}\naround (number, connection): {around:?}",
-        missing.len(),
-        moves.len()
+        stream.missing.is_empty(),
+        "{} of {published} lost at {} moves (from, to) {moves:?}, publisher on shard {publisher_shard}: {:?}\naround (number, connection): {:?}",
+        stream.missing.len(),
+        moves.len(),
+        stream.missing,
+        stream.around(&got, 5)
     );
-    assert!(
-        twice.is_empty(),
-        "received twice on one connection: {twice:?}"
-    );
-    let inversions: Vec<(usize, usize)> = order
-        .windows(2)
-        .filter(|w| w[0] > w[1])
-        .map(|w| (w[0], w[1]))
-        .collect();
-    assert!(inversions.is_empty(), "out of order: {inversions:?}");
+    stream.assert_once_in_order("the moving session");
 }
 
 /// [`moving_between_shards_while_publishing`], the old connection
