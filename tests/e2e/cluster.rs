@@ -937,6 +937,28 @@ fn persistent(port: u16, id: &str) -> (Mqtt, rumqttc::ConnAck) {
     Mqtt::connect_with(options)
 }
 
+/// How far apart [`connects_spaced`] sends the CONNECTs of a round: 0 to
+/// 3.5 ms (500 µs times `round % 8`), so that the rounds meet each
+/// other's claims at different steps.
+fn spacing(round: usize) -> Duration {
+    Duration::from_micros(500 * (round % 8) as u64)
+}
+
+/// The racing CONNECTs of one round of a race test: a connection to each
+/// of `ports` first, then on each in turn a persistent CONNECT of `id`,
+/// [`spacing`] apart.
+fn connects_spaced(ports: &[u16], id: &str, round: usize) -> Vec<Raw> {
+    let connect = ConnectBuilder::new(id).clean_session(false).bytes();
+    let mut clients: Vec<Raw> = ports.iter().map(|&port| Raw::tcp(port)).collect();
+    for (i, client) in clients.iter_mut().enumerate() {
+        if i > 0 {
+            std::thread::sleep(spacing(round));
+        }
+        client.send(&connect);
+    }
+    clients
+}
+
 /// A persistent session of `id` on `node`, subscribed to `<root>/#` at
 /// QoS 1 and offline, with `n` QoS 1 messages queued for it (on
 /// `<root>/q`, payloads `0`, `1`, ...); returns their publisher, still
@@ -2027,12 +2049,7 @@ fn connects_of_one_id_on_its_owner_and_on_a_node_taking_it_over_leave_one_sessio
     for round in 0..24 {
         let id = format!("owner-race-{round}");
         let _publisher = queued_offline(&a, &id, &id, 3);
-        let connect = ConnectBuilder::new(&id).clean_session(false).bytes();
-        let mut clients = [Raw::tcp(b.port), Raw::tcp(a.port)];
-        let spacing = Duration::from_micros(500 * (round % 8) as u64);
-        clients[0].send(&connect);
-        std::thread::sleep(spacing);
-        clients[1].send(&connect);
+        let mut clients = connects_spaced(&[b.port, a.port], &id, round);
         let survivor = one_left_with_queue(&mut clients, round, &[b"0", b"1", b"2"]);
         let nodes = if survivor == 0 { [&b, &a] } else { [&a, &b] };
         clients[survivor].ping();
@@ -2992,16 +3009,7 @@ fn racing_connects_taking_a_session_over_from_another_node_leave_the_survivor_it
     for round in 0..24 {
         let id = format!("swarm-{round}");
         let _publisher = queued_offline(&a, &id, &id, 3);
-        // Four connections to B, then their CONNECTs, `spacing` apart.
-        let connect = ConnectBuilder::new(&id).clean_session(false).bytes();
-        let mut clients: Vec<Raw> = (0..4).map(|_| Raw::tcp(b.port)).collect();
-        let spacing = Duration::from_micros(500 * (round % 8) as u64);
-        for (i, client) in clients.iter_mut().enumerate() {
-            if i > 0 {
-                std::thread::sleep(spacing);
-            }
-            client.send(&connect);
-        }
+        let mut clients = connects_spaced(&[b.port; 4], &id, round);
         // (CONNACK's Session Present if one came, the payloads) of each.
         let mut seen: Vec<(Option<bool>, std::collections::BTreeSet<Vec<u8>>)> =
             vec![Default::default(); clients.len()];
@@ -3016,7 +3024,8 @@ fn racing_connects_taking_a_session_over_from_another_node_leave_the_survivor_it
                 // The others are closed: this one holds the id.
                 assert!(
                     present,
-                    "round {round} (spacing {spacing:?}): the survivor started fresh: {seen:?}"
+                    "round {round} (spacing {:?}): the survivor started fresh: {seen:?}",
+                    spacing(round)
                 );
                 if seen[survivor].1.len() == 3 {
                     break;
