@@ -25,6 +25,10 @@
 //!    on its subscriptions' messages go to that shard (which keeps them
 //!    for the attaching session) until the session's own subscriptions
 //!    hold them.
+//! 5. If B's write of the record never lands, a claim of A takes the
+//!    session back from the copy A kept ([`reclaim`]): A's collector,
+//!    open for that up to [`COLLECT_FOR`], and A's own messages go back
+//!    to the session instead of to B.
 //!
 //! Messages published on A or B themselves never come back through NATS
 //! to their node: their local delivery is shard to shard. A adds its own

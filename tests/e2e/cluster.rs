@@ -1967,7 +1967,7 @@ fn a_session_taken_back_by_its_owner_misses_nothing_published_on_the_owner_meanw
 /// at the DISCONNECT).
 fn reclaimed_while_publishing(test: &str, written: bool, publisher: usize) {
     use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     let Some(nats) = Nats::start(test) else {
         return;
     };
@@ -1989,14 +1989,17 @@ fn reclaimed_while_publishing(test: &str, written: bool, publisher: usize) {
     nats.wait_subscriptions("fanmq.t.rc.>", 1);
     wait_link(&b, "up");
     let stop = Arc::new(AtomicBool::new(false));
+    // How many were published (acknowledged) so far.
+    let count = Arc::new(AtomicUsize::new(0));
     let publisher = {
-        let (port, stop) = (nodes[publisher].port, stop.clone());
+        let (port, stop, count) = (nodes[publisher].port, stop.clone(), count.clone());
         std::thread::spawn(move || {
             let mut publisher = Mqtt::connect(port, "rc-pub");
             let mut n = 0;
             while !stop.load(Ordering::Relaxed) {
                 publisher.publish_acked("rc/n", false, n.to_string().as_bytes());
                 n += 1;
+                count.store(n, Ordering::Relaxed);
                 // A pace, so that the stream spans the moves with room
                 // in the queues.
                 std::thread::sleep(Duration::from_millis(2));
@@ -2019,6 +2022,7 @@ fn reclaimed_while_publishing(test: &str, written: bool, publisher: usize) {
         std::thread::sleep(Duration::from_millis(5));
     }
     assert!(client_on(&a, id).is_none(), "A handed the session over");
+    let handed_at = count.load(Ordering::Relaxed);
     let (mut sub, connack) = std::thread::scope(|s| {
         if written {
             s.spawn(|| {
@@ -2033,6 +2037,7 @@ fn reclaimed_while_publishing(test: &str, written: bool, publisher: usize) {
         persistent(a.port, id)
     });
     assert!(connack.session_present, "the session resumed on A");
+    let meanwhile = count.load(Ordering::Relaxed) - handed_at;
     let reclaimed = a
         .log_text()
         .contains("did not write the record: written here");
@@ -2061,7 +2066,7 @@ fn reclaimed_while_publishing(test: &str, written: bool, publisher: usize) {
         .filter(|n| !after.contains(n))
         .collect();
     eprintln!(
-        "{test}: {total} numbers, the first connection's highest {highest}, {} lost on A: {:?}",
+        "{test}: {total} numbers ({meanwhile} from the hand-over to the CONNACK on A), the first connection's highest {highest}, {} lost on A: {:?}",
         missing.len(),
         runs(&missing)
     );
