@@ -2013,15 +2013,7 @@ fn reclaimed_while_publishing(test: &str, written: bool, publisher: usize) {
     first.extend(sub.disconnect_collecting().iter().map(number));
     let highest = first.iter().copied().max().expect("numbers on A");
     wait_client(&a, id, |c| c.is_some_and(|c| c["connected"] == false));
-    relay.hold();
-    let connect = ConnectBuilder::new(id).clean_session(false);
-    let _on_b = Raw::send_connect(b.port, &connect);
-    let deadline = Instant::now() + TIMEOUT;
-    while !relay.fired() {
-        assert!(Instant::now() < deadline, "B never wrote the record");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    assert!(client_on(&a, id).is_none(), "A handed the session over");
+    let _on_b = taken_over_until_written(&relay, &a, &b, id);
     let handed_at = count.load(Ordering::Relaxed);
     let (mut sub, connack) = std::thread::scope(|s| {
         if written {
@@ -2123,16 +2115,8 @@ impl HeldHandOver {
         let id = Self::ID;
         let publisher = queued_offline(&a, id, id, 3);
         wait_link(&b, "up");
-        relay.hold();
+        let on_b = taken_over_until_written(&relay, &a, &b, id);
         let connect = ConnectBuilder::new(id).clean_session(false);
-        let on_b = Raw::send_connect(b.port, &connect);
-        // B's write is held: A has answered B's take-over with the session.
-        let deadline = Instant::now() + TIMEOUT;
-        while !relay.fired() {
-            assert!(Instant::now() < deadline, "B never wrote the record");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        assert!(client_on(&a, id).is_none(), "A handed the session over");
         let mut on_a = Raw::send_connect(a.port, &connect);
         // A's claim waits for the record to move rather than answer now.
         let deadline = Instant::now() + TIMEOUT;
@@ -2164,6 +2148,24 @@ impl HeldHandOver {
             _publisher: publisher,
         })
     }
+}
+
+/// A persistent CONNECT of `id` on node `b`, which reaches NATS through
+/// `relay`, once B's take-over from node `a` got the session and the
+/// relay holds B's write of the record ([`StopBeforeUpdate::hold`]): A
+/// handed the session over (checked). B's connection, waiting.
+fn taken_over_until_written(relay: &StopBeforeUpdate, a: &Broker, b: &Broker, id: &str) -> Raw {
+    relay.hold();
+    let connect = ConnectBuilder::new(id).clean_session(false);
+    let on_b = Raw::send_connect(b.port, &connect);
+    // B's write is held: A has answered B's take-over with the session.
+    let deadline = Instant::now() + TIMEOUT;
+    while !relay.fired() {
+        assert!(Instant::now() < deadline, "B never wrote the record");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(client_on(a, id).is_none(), "A handed the session over");
+    on_b
 }
 
 /// Reads `clients`, racing CONNECTs of one persistent session, until
