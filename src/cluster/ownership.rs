@@ -751,16 +751,14 @@ async fn claim(bridge: Shared, request: ClaimRequest, number: u64) {
             .owned
             .get(&request.client_id)
             .is_some_and(|o| (o.shard, o.token) == (request.shard, request.token));
-        if owns
-            && matches!(
-                answer,
-                ClaimAnswer::Granted(Some(_)) | ClaimAnswer::Recovered(_)
-            )
-        {
+        if owns && let ClaimAnswer::Granted(Some(image)) | ClaimAnswer::Recovered(image) = &answer {
             let claim = (request.shard, request.token);
             b.ownership
                 .sent
                 .sent(&request.client_id, claim, Instant::now());
+            // The session's filters for a hand-over before its shard
+            // reports them.
+            b.moving.granted(&request.client_id, image);
         }
     }
     let status = bridge.borrow().status.clone();
@@ -1245,6 +1243,18 @@ async fn decide(bridge: &Shared, request: &ClaimRequest, number: u64) -> ClaimAn
                         .fetch_add(1, Ordering::Relaxed);
                     return ClaimAnswer::Recovered(left);
                 }
+                if reclaiming {
+                    // What the hand-over collected since its mark goes
+                    // back to the session (before, it was lost for it).
+                    // A take-over request from another node meanwhile
+                    // waits until the grant is in the shard's queue.
+                    let claim = (request.shard, request.token);
+                    let image = state.take().map(|s| s.image);
+                    answering(bridge, &request.client_id, true);
+                    let image = tail::reclaim(bridge, &request.client_id, claim, image).await;
+                    answering(bridge, &request.client_id, false);
+                    return ClaimAnswer::Granted(image);
+                }
                 if took_over
                     && !request.clean_session
                     && let (Some(s), Some(from)) = (state.as_mut(), &handed_by)
@@ -1639,6 +1649,17 @@ async fn hand_over(bridge: Shared, request: TakeoverRequest, reply: async_nats::
             answer_unavailable(&client, reply, &client_id).await;
             return;
         }
+        tokio::time::sleep(HANDING_POLL).await;
+    }
+    // A grant of the id here on its way to its shard (a merge of a move
+    // here, or a take-back, appending what its own collector has to the
+    // state) goes first, before this hand-over's collector opens: one
+    // opened meanwhile would collect those messages too, and the next
+    // node would get them twice; and its filters are known once it is
+    // granted (`Moving::granted`). Bounded as the wait below.
+    while bridge.borrow().ownership.answering.contains_key(&client_id)
+        && waiting.elapsed() < SHARD_ANSWER
+    {
         tokio::time::sleep(HANDING_POLL).await;
     }
     let (client, queue, shard, owned) = {

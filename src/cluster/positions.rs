@@ -70,7 +70,9 @@ pub const RING_AGE: Duration = Duration::from_secs(3);
 pub const RING_BYTES: usize = 32 << 20;
 
 /// How long the bridge keeps a shard's [`Seen`] of a hand-over for the
-/// tail request (the collector's lifetime).
+/// tail request or a claim here taking the session back: longer than the
+/// ring reaches back ([`RING_AGE`]), past which the position serves
+/// nothing.
 const SEEN_KEPT: Duration = Duration::from_secs(10);
 
 /// How long the new owner keeps what it had published when it asked for

@@ -25,6 +25,10 @@
 //!    on its subscriptions' messages go to that shard (which keeps them
 //!    for the attaching session) until the session's own subscriptions
 //!    hold them.
+//! 5. If B's write of the record never lands, a claim of A takes the
+//!    session back from the copy A kept ([`reclaim`]): A's collector,
+//!    open for that up to [`COLLECT_FOR`], and A's own messages go back
+//!    to the session instead of to B.
 //!
 //! Messages published on A or B themselves never come back through NATS
 //! to their node: their local delivery is shard to shard. A adds its own
@@ -67,10 +71,17 @@ use crate::store::record::{Record, RecordError, StoredMessage, unix_ms_now};
 /// after is lost for the session (logged).
 pub const MAX_TAIL: usize = 1_000_000;
 
-/// How long the old owner collects for a session it handed over: the new
-/// owner asks for the tail right after its compare-and-set, well within
-/// its claim's 8 s deadline.
-pub const COLLECT_FOR: Duration = Duration::from_secs(10);
+/// How long the old owner collects for a session it handed over, unless
+/// the new owner asks for the tail first (right after its compare-and-set,
+/// well within its claim's 8 s deadline) or a claim of the old owner takes
+/// the session back ([`reclaim`]): that claim comes when the new owner's
+/// write never landed, `ownership::HANDED_SETTLE` (2 s) to 60 s
+/// (the old owner's copy of the state for racers) after the hand-over,
+/// and gives the session what was collected. 60 s, so the collector
+/// covers that whole window; it costs only where a hand-over's tail is
+/// never asked for (a cut-off or lost new owner): at most [`MAX_TAIL`]
+/// per session, and its filters held on NATS that long.
+pub const COLLECT_FOR: Duration = Duration::from_secs(60);
 
 /// How long the new owner keeps the session's subscriptions held for the
 /// claim's shard after its grant: the connection attaches the session
@@ -587,6 +598,42 @@ impl Moving {
         };
     }
 
+    /// A claim of this node for `client_id`, on shard `shard`, was granted
+    /// with the session's state `image`: until that shard attaches it and
+    /// reports its subscriptions, `image`'s first record stands for them
+    /// (a hand-over asked for meanwhile then collects for the session's
+    /// filters: without, it collected nothing and its tail was lost). A
+    /// shard's report is newer: never replaced.
+    pub(super) fn granted(&mut self, client_id: &ByteString, image: &[u8]) {
+        if self.subscribed.contains_key(client_id) {
+            return;
+        }
+        if let Ok(head) = first_record(image) {
+            self.subscribed
+                .insert(client_id.clone(), Bytes::copy_from_slice(head));
+        }
+    }
+
+    /// The collector of the hand-over of `client_id`, if one waits for a
+    /// tail request ([`hand_over_ended`]): its pseudo shard, taken out
+    /// (nobody asks for that tail any more), and the session's filters.
+    fn take_handed(&mut self, client_id: &str) -> Option<(usize, Vec<(ByteString, QoS)>)> {
+        let pseudo = self.handed.remove(client_id)?;
+        let filters = self.collectors.get(&pseudo).map(|c| c.0.filters.clone());
+        Some((pseudo, filters.unwrap_or_default()))
+    }
+
+    /// The collector of pseudo shard `pseudo` stops collecting, and from
+    /// now on what its holds bring goes to shard `shard` (for a claim
+    /// attaching there): what it collected, in the order it came.
+    fn collected_for(&mut self, pseudo: usize, shard: usize) -> Vec<(Origin, Message)> {
+        self.forward.insert(pseudo, shard);
+        self.collectors
+            .remove(&pseudo)
+            .map(|c| c.0.entries)
+            .unwrap_or_default()
+    }
+
     /// Opens `collector` (collecting at once if `active`): its pseudo
     /// shard.
     fn open(&mut self, collector: Collector, active: bool) -> usize {
@@ -773,6 +820,67 @@ pub(super) fn hand_over_ended(
             }
         }
     });
+}
+
+/// A claim of this node on shard `shard` (token `token`) took back
+/// `client_id`, whose session this node handed over and whose new owner
+/// never wrote the record: it wrote it itself (`ownership::HandedAway`),
+/// with `image`, the copy of the state kept for racers (None: a fresh
+/// session). The hand-over's collector, still open ([`COLLECT_FOR`]), has
+/// what NATS brought for the session from the mark on, and this node's
+/// ring what it published itself that the session's shard had not routed
+/// (cluster::positions, as for a tail answer): both are appended to the
+/// image's queue, in the order they came; from then on what the
+/// collector's holds bring goes to `shard`, for the attaching session,
+/// for [`HOLD_AFTER_GRANT`] (by then its own subscriptions hold them), and
+/// what this node publishes after goes to the claim with its grant
+/// (`Local::watch`). No await from the collector's end to the grant in
+/// `shard`'s queue (the caller sends it). Without a collector (its time
+/// passed), the image as it is.
+pub(super) async fn reclaim(
+    bridge: &Shared,
+    client_id: &ByteString,
+    (shard, token): (usize, u64),
+    image: Option<Bytes>,
+) -> Option<Bytes> {
+    let handed = bridge.borrow_mut().moving.take_handed(client_id);
+    let Some((pseudo, filters)) = handed else {
+        return image;
+    };
+    let Some(image) = image else {
+        close(bridge, pseudo);
+        return None;
+    };
+    let mut own = Vec::new();
+    positions::own_tail(bridge, client_id, &filters, &mut own).await;
+    // Up to the cover own_tail read (no await since): in `own`; after it,
+    // the claim's shard catches up at the grant. What the readers hand on
+    // from here goes to the claim's shard, behind the grant.
+    let collected = {
+        let mut b = bridge.borrow_mut();
+        b.local.watch(client_id, token, Instant::now());
+        b.moving.collected_for(pseudo, shard)
+    };
+    {
+        let bridge = bridge.clone();
+        tokio::task::spawn_local(async move {
+            tokio::time::sleep(HOLD_AFTER_GRANT).await;
+            close(&bridge, pseudo);
+        });
+    }
+    log::debug!(
+        "cluster: {client_id:?} taken back with {} messages collected since its hand-over and {} of this node's own",
+        collected.len(),
+        own.len()
+    );
+    let messages: Vec<Message> = collected.into_iter().chain(own).map(|(_, m)| m).collect();
+    match append_to_image(&image, &messages) {
+        Ok(appended) => Some(appended),
+        Err(e) => {
+            log::debug!("cluster: image of {client_id:?}: {e}");
+            Some(image)
+        }
+    }
 }
 
 /// Yields to the bridge's other tasks a few times, so that the
@@ -1125,6 +1233,116 @@ mod tests {
         moving.delivered.remove(&pseudo);
         assert!(!moving.reads_origins());
         assert!(moving.doubles(1, &messages, &origins).is_empty());
+    }
+
+    /// A session image of `client_id` with `filters` (QoS 1 each) and
+    /// one queued message, `"queued"`.
+    fn image(client_id: &str, filters: &[&str]) -> Bytes {
+        use crate::store::record::{StoredSession, StoredSubscription};
+        let session = StoredSession {
+            stamp: 0,
+            client_id: client_id.into(),
+            protocol_level: 4,
+            expiry_interval: 0,
+            offline_since_unix_ms: 0,
+            subscriptions: filters
+                .iter()
+                .map(|f| StoredSubscription {
+                    filter: (*f).into(),
+                    qos: QoS::AtLeastOnce,
+                    no_local: false,
+                    retain_as_published: false,
+                    identifier: 0,
+                })
+                .collect(),
+            queued: vec![(1, QoS::AtLeastOnce)],
+            alias: 0,
+        };
+        let mut out = Vec::new();
+        put_record(&mut out, &Record::SessionImage(session));
+        let stored = StoredMessage::of(&message("a/x", "queued"), Instant::now(), unix_ms_now());
+        put_record(&mut out, &Record::Message(1, stored));
+        Bytes::from(out)
+    }
+
+    /// A take-back of a session this node handed over ([`reclaim`])
+    /// takes the hand-over's collector from the tail requests (once) with
+    /// the session's filters; it collects until the claim's step, which
+    /// takes what it gathered, in the order it came, and sends what its
+    /// pseudo shard gets from then on to the claim's shard; appended to
+    /// the kept image, that is the image's queue after its own. Before,
+    /// the collector was left for a tail request that never came, and
+    /// what it gathered was lost for the session.
+    #[test]
+    fn a_take_back_gives_the_session_what_the_hand_overs_collector_gathered() {
+        let filters = vec![(ByteString::from("a/#"), QoS::AtLeastOnce)];
+        let mut moving = Moving::default();
+        let pseudo = moving.open(Collector::new("s".into(), filters.clone()), true);
+        moving.handed.insert("s".into(), pseudo);
+        let shards = std::collections::BTreeSet::from([0, pseudo]);
+        let o = |seq| Some(Origin { node: 1, seq });
+        let batch = |n: &str| vec![message("a/x", n)];
+        moving.offer(&shards, "a/#", &batch("1"), &[o(1)]);
+        assert_eq!(moving.target(pseudo), None, "a collector goes nowhere");
+        assert!(moving.take_handed("other").is_none());
+        assert_eq!(moving.take_handed("s"), Some((pseudo, filters)));
+        assert!(moving.take_handed("s").is_none(), "no tail request gets it");
+        // Still collecting while the claim waits for its own messages.
+        moving.offer(&shards, "a/#", &batch("2"), &[o(2)]);
+        let collected = moving.collected_for(pseudo, 1);
+        let collected: Vec<Message> = collected.into_iter().map(|(_, m)| m).collect();
+        assert_eq!(payloads(&collected), ["1", "2"]);
+        assert!(!moving.collecting());
+        assert_eq!(moving.target(pseudo), Some(1), "to the claim's shard");
+        moving.offer(&shards, "a/#", &batch("3"), &[o(3)]);
+        assert!(
+            moving.collected_for(pseudo, 1).is_empty(),
+            "forwarded, not collected"
+        );
+        let appended = append_to_image(&image("s", &["a/#"]), &collected).unwrap();
+        let messages: Vec<String> = records(&appended)
+            .unwrap()
+            .into_iter()
+            .filter_map(|r| match r {
+                Record::Message(_, m) => Some(String::from_utf8_lossy(&m.payload).into_owned()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(messages, ["queued", "1", "2"]);
+        let Some(Record::SessionImage(session)) = records(&appended).unwrap().into_iter().next()
+        else {
+            panic!("a session image first");
+        };
+        assert_eq!(session.queued.len(), 3, "queued in the image's order");
+    }
+
+    /// A grant with a session's state stands for its subscriptions until
+    /// its shard reports them: a hand-over asked for before then collects
+    /// for the image's filters (before, it found none, collected nothing,
+    /// and its tail was lost: 1 to 4 numbers in
+    /// `a_session_taken_back_by_its_owner_after_its_hand_over_misses_nothing_published_meanwhile`).
+    /// The image's messages are not kept; a shard's report is never
+    /// replaced.
+    #[test]
+    fn a_grants_state_gives_the_session_filters_until_its_shard_reports_them() {
+        let mut moving = Moving::default();
+        let id = ByteString::from("s");
+        let granted = image("s", &["a/#", "b"]);
+        moving.granted(&id, &granted);
+        let kept = moving.subscribed[&id].clone();
+        assert!(kept.len() < granted.len(), "the first record alone");
+        let filters: Vec<String> = image_filters(&kept)
+            .unwrap()
+            .into_iter()
+            .map(|f| f.0.to_string())
+            .collect();
+        assert_eq!(filters, ["a/#", "b"]);
+        let reported = image("s", &["c"]);
+        moving.subscribed(&id, Some(reported.clone()));
+        moving.granted(&id, &granted);
+        assert_eq!(moving.subscribed[&id], reported, "the shard's report stays");
+        moving.granted(&"t".into(), b"no image");
+        assert!(!moving.subscribed.contains_key("t"));
     }
 
     /// On the escaped subject a collector keeps what any of the

@@ -1894,6 +1894,191 @@ fn a_connect_on_the_owner_whose_hand_over_is_never_written_resumes_the_session_t
     assert!(client_on(&a, HeldHandOver::ID).is_none(), "one session");
 }
 
+/// [`a_connect_on_the_owner_whose_hand_over_is_never_written_resumes_the_session_there`]
+/// while a third node C publishes numbered QoS 1 messages throughout: the
+/// session resumed on A gets every number after the last one it had on
+/// its first connection, in order, none twice. What A's collector
+/// gathered for B from its hand-over's mark on is given back to the
+/// session with the copy A kept (docs/design/cluster.md §9); before, it
+/// was not, and every number published between the mark and the
+/// session's subscriptions on A again was lost.
+#[test]
+fn a_session_reclaimed_by_its_owner_after_an_unwritten_hand_over_misses_nothing_published_meanwhile()
+ {
+    let test = "cluster reclaim after an unwritten hand-over, publishing on C";
+    reclaimed_while_publishing(test, false, 2);
+}
+
+/// [`a_session_reclaimed_by_its_owner_after_an_unwritten_hand_over_misses_nothing_published_meanwhile`]
+/// with the publisher on A itself: its messages reach the session's
+/// shard over the mesh, never through NATS, so A's collector never sees
+/// them; those published after the hand-over's eviction come from A's
+/// ring of its own publishes and the claim's shard's catch-up
+/// (docs/design/cluster.md §9, "Publishes on the two nodes themselves").
+#[test]
+fn a_session_reclaimed_by_its_owner_misses_nothing_published_on_the_owner_meanwhile() {
+    let test = "cluster reclaim after an unwritten hand-over, publishing on A";
+    reclaimed_while_publishing(test, false, 0);
+}
+
+/// [`a_connect_on_the_owner_after_it_handed_the_session_over_takes_it_back_from_the_new_node`]
+/// while a third node publishes numbered QoS 1 messages throughout: B's
+/// write lands while A's claim waits, and A takes the session back from
+/// B as any take-over; the session on A gets every number after the
+/// last one it had on its first connection, in order, none twice.
+#[test]
+fn a_session_taken_back_by_its_owner_after_its_hand_over_misses_nothing_published_meanwhile() {
+    reclaimed_while_publishing(
+        "cluster take-back after a hand-over, publishing on C",
+        true,
+        2,
+    );
+}
+
+/// [`a_session_taken_back_by_its_owner_after_its_hand_over_misses_nothing_published_meanwhile`]
+/// with the publisher on A itself.
+#[test]
+fn a_session_taken_back_by_its_owner_misses_nothing_published_on_the_owner_meanwhile() {
+    reclaimed_while_publishing(
+        "cluster take-back after a hand-over, publishing on A",
+        true,
+        0,
+    );
+}
+
+/// The body of the two tests above: persistent session `reclaimed` on A
+/// (subscribed to `rc/#` at QoS 1) takes a few numbers live from a
+/// publisher on C, goes offline; B (through a [`StopBeforeUpdate`]
+/// relay holding its write of the record) takes it over; the id CONNECTs
+/// on A again. `written`: the relay lets B's write pass once A's claim
+/// waits for the record to move (A takes the session back from B);
+/// else it holds it to the end (A writes the record itself and resumes
+/// from its kept copy). The publisher is on `nodes[publisher]` (0: A,
+/// 2: C). Then the publisher stops, and the session on A
+/// must have every number after its first connection's highest, in
+/// order, none twice (numbers at or below it may come again: in flight
+/// at the DISCONNECT).
+fn reclaimed_while_publishing(test: &str, written: bool, publisher: usize) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let Some(nats) = Nats::start(test) else {
+        return;
+    };
+    let relay = StopBeforeUpdate::start(nats.port);
+    // Room for every number queued while the session is offline.
+    let a = nats.node_with("a", "max_queued_messages = 100000");
+    let b = nats.node_through("b", relay.port);
+    let c = nats.node("c");
+    let nodes = [&a, &b, &c];
+    let id = "reclaimed";
+    let number = |p: &rumqttc::Publish| -> usize {
+        std::str::from_utf8(&p.payload)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("not a number: {p:?}"))
+    };
+    let (mut sub, _) = persistent(a.port, id);
+    sub.subscribe("rc/#", QoS::AtLeastOnce);
+    nats.wait_subscriptions("fanmq.t.rc.>", 1);
+    wait_link(&b, "up");
+    let stop = Arc::new(AtomicBool::new(false));
+    // How many were published (acknowledged) so far.
+    let count = Arc::new(AtomicUsize::new(0));
+    let publisher = {
+        let (port, stop, count) = (nodes[publisher].port, stop.clone(), count.clone());
+        std::thread::spawn(move || {
+            let mut publisher = Mqtt::connect(port, "rc-pub");
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) {
+                publisher.publish_acked("rc/n", false, n.to_string().as_bytes());
+                n += 1;
+                count.store(n, Ordering::Relaxed);
+                // A pace, so that the stream spans the moves with room
+                // in the queues.
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            n
+        })
+    };
+    let mut first: Vec<usize> = (0..50)
+        .map(|_| number(&sub.recv_publish(TIMEOUT).expect("the stream goes on")))
+        .collect();
+    first.extend(sub.disconnect_collecting().iter().map(number));
+    let highest = first.iter().copied().max().expect("numbers on A");
+    wait_client(&a, id, |c| c.is_some_and(|c| c["connected"] == false));
+    let _on_b = taken_over_until_written(&relay, &a, &b, id);
+    let handed_at = count.load(Ordering::Relaxed);
+    let (mut sub, connack) = std::thread::scope(|s| {
+        if written {
+            s.spawn(|| {
+                a.wait_log(
+                    |l| l.contains("waits for the record of the session handed away to move"),
+                    TIMEOUT,
+                )
+                .expect("A's claim waits for the record to move");
+                relay.release();
+            });
+        }
+        persistent(a.port, id)
+    });
+    assert!(connack.session_present, "the session resumed on A");
+    let meanwhile = count.load(Ordering::Relaxed) - handed_at;
+    let reclaimed = a
+        .log_text()
+        .contains("did not write the record: written here");
+    assert_eq!(reclaimed, !written, "{}", a.log_text());
+    // Live numbers on A again, then the end of the stream.
+    let mut resumed: Vec<usize> = Vec::new();
+    while resumed.len() < 200 {
+        let p = sub
+            .recv_publish(TIMEOUT)
+            .unwrap_or_else(|| panic!("stream stopped at {:?}", resumed.last()));
+        resumed.push(number(&p));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let total = publisher.join().expect("the publisher published");
+    while !resumed.contains(&(total - 1)) {
+        let p = sub
+            .recv_publish(TIMEOUT)
+            .unwrap_or_else(|| panic!("stream stopped at {:?}", resumed.last()));
+        resumed.push(number(&p));
+    }
+    let after: Vec<usize> = resumed.into_iter().filter(|&n| n > highest).collect();
+    let expected: Vec<usize> = (highest + 1..total).collect();
+    let missing: Vec<usize> = expected
+        .iter()
+        .copied()
+        .filter(|n| !after.contains(n))
+        .collect();
+    eprintln!(
+        "{test}: {total} numbers ({meanwhile} from the hand-over to the CONNACK on A), the first connection's highest {highest}, {} lost on A: {:?}",
+        missing.len(),
+        runs(&missing)
+    );
+    assert!(
+        after == expected,
+        "after {highest}: {} lost ({:?}); as received: {:?}\nA:\n{}\nB:\n{}",
+        missing.len(),
+        runs(&missing),
+        runs(&after),
+        a.log_text(),
+        b.log_text()
+    );
+}
+
+/// `numbers` as runs of consecutive ones (first, last), in their order:
+/// short to print.
+fn runs(numbers: &[usize]) -> Vec<(usize, usize)> {
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for &n in numbers {
+        match runs.last_mut() {
+            Some((_, last)) if *last + 1 == n => *last = n,
+            _ => runs.push((n, n)),
+        }
+    }
+    runs
+}
+
 /// Node A holds a persistent session offline (3 QoS 1 messages queued);
 /// node B, connected to NATS through a relay, takes it over, and the
 /// relay holds B's write of the record back; then the same id CONNECTs
@@ -1923,16 +2108,8 @@ impl HeldHandOver {
         let id = Self::ID;
         let publisher = queued_offline(&a, id, id, 3);
         wait_link(&b, "up");
-        relay.hold();
+        let on_b = taken_over_until_written(&relay, &a, &b, id);
         let connect = ConnectBuilder::new(id).clean_session(false);
-        let on_b = Raw::send_connect(b.port, &connect);
-        // B's write is held: A has answered B's take-over with the session.
-        let deadline = Instant::now() + TIMEOUT;
-        while !relay.fired() {
-            assert!(Instant::now() < deadline, "B never wrote the record");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        assert!(client_on(&a, id).is_none(), "A handed the session over");
         let mut on_a = Raw::send_connect(a.port, &connect);
         // A's claim waits for the record to move rather than answer now.
         let deadline = Instant::now() + TIMEOUT;
@@ -1964,6 +2141,24 @@ impl HeldHandOver {
             _publisher: publisher,
         })
     }
+}
+
+/// A persistent CONNECT of `id` on node `b`, which reaches NATS through
+/// `relay`, once B's take-over from node `a` got the session and the
+/// relay holds B's write of the record ([`StopBeforeUpdate::hold`]): A
+/// handed the session over (checked). B's connection, waiting.
+fn taken_over_until_written(relay: &StopBeforeUpdate, a: &Broker, b: &Broker, id: &str) -> Raw {
+    relay.hold();
+    let connect = ConnectBuilder::new(id).clean_session(false);
+    let on_b = Raw::send_connect(b.port, &connect);
+    // B's write is held: A has answered B's take-over with the session.
+    let deadline = Instant::now() + TIMEOUT;
+    while !relay.fired() {
+        assert!(Instant::now() < deadline, "B never wrote the record");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(client_on(a, id).is_none(), "A handed the session over");
+    on_b
 }
 
 /// Reads `clients`, racing CONNECTs of one persistent session, until
