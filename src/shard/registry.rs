@@ -1114,6 +1114,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
+    use crate::cluster::link::{ClusterLink, Control};
     use crate::config::Config;
     use crate::protocol::v3::{QoS, Subscribe};
     use crate::shard::SessionKey;
@@ -1860,6 +1861,40 @@ mod tests {
         assert_eq!(pending_payloads(&state), ["during", "attaching"]);
     }
 
+    /// Shards 0 and 1 of a cluster node (shard `linked` with a link to
+    /// the bridge, whose queue comes third): an offline persistent session
+    /// "mover" (`offline_on`) on shard 0 evicted for claim 9 of shard 1
+    /// (`away`: another node's take-over's), and a QoS 1 message to it
+    /// that shard 0 published after the eviction, routed on shard 1, with
+    /// its shard sequence number.
+    fn moving_in_a_cluster(
+        linked: usize,
+        away: bool,
+    ) -> (Shard, Shard, async_channel::Receiver<Control>, u64) {
+        let mut shards = [0, 1].map(|i| crate::shard::testing::shard_with(i, 2, Config::default()));
+        let (link, controls) = ClusterLink::for_tests(linked);
+        shards[linked].cluster = Some(link);
+        let [mut old, mut new] = shards;
+        offline_on(&mut old, "mover");
+        pending(&mut new, "mover", 9);
+        if let Some(claim) = new.registry.claims.get_mut(&9) {
+            claim.away = away;
+        }
+        old.evict("mover", None, 1, 9, false);
+        let (during, at) = published(&mut old, qos1("m/1", "during"));
+        new.route_batch_from(&during, (0, at));
+        (old, new, controls, at)
+    }
+
+    /// The positions reported to the bridge for the hand-over of "mover"
+    /// (`Control::Seen`), if any.
+    fn reported(controls: &async_channel::Receiver<Control>) -> Option<Seen> {
+        std::iter::from_fn(|| controls.try_recv().ok()).find_map(|c| match c {
+            Control::Seen { client_id, seen } if client_id == "mover" => Some(seen),
+            _ => None,
+        })
+    }
+
     /// In a cluster, a session moving between two shards of the node (a
     /// CONNECT here whose id the node had on another shard; the record
     /// names this node, so the bridge grants it without a state or a
@@ -1869,15 +1904,7 @@ mod tests {
     /// until its connection attaches.
     #[test]
     fn in_a_cluster_a_session_moving_between_shards_of_the_node_keeps_what_was_routed() {
-        let mut old = crate::shard::testing::shard_with(0, 2, Config::default());
-        let mut new = crate::shard::testing::shard_with(1, 2, Config::default());
-        let (link, controls) = crate::cluster::link::ClusterLink::for_tests(1);
-        new.cluster = Some(link);
-        offline_on(&mut old, "mover");
-        pending(&mut new, "mover", 9);
-        old.evict("mover", None, 1, 9, false);
-        let (during, at) = published(&mut old, qos1("m/1", "during"));
-        new.route_batch_from(&during, (0, at));
+        let (mut old, mut new, controls, _) = moving_in_a_cluster(1, false);
         let (token, state, routed) = claimed(&mut old, 1);
         new.claim_answered_after(token, state, routed);
         new.route(&qos1("m/2", "before the bridge's answer"));
@@ -1894,11 +1921,7 @@ mod tests {
                 "granted, not attached"
             ]
         );
-        // Not a hand-over: no positions for a tail.
-        assert!(
-            std::iter::from_fn(|| controls.try_recv().ok())
-                .all(|c| !matches!(c, crate::cluster::link::Control::Seen { .. }))
-        );
+        assert!(reported(&controls).is_none(), "not a hand-over: no tail");
     }
 
     /// A claim for another node's take-over (`PendingClaim::away`) gets
@@ -1908,18 +1931,7 @@ mod tests {
     /// that twice, in the cluster's e2e tests); nor is it attaching.
     #[test]
     fn a_claim_for_another_nodes_take_over_reports_what_its_state_holds() {
-        let mut old = crate::shard::testing::shard_with(0, 2, Config::default());
-        let mut new = crate::shard::testing::shard_with(1, 2, Config::default());
-        let (link, controls) = crate::cluster::link::ClusterLink::for_tests(1);
-        new.cluster = Some(link);
-        offline_on(&mut old, "mover");
-        pending(&mut new, "mover", 9);
-        if let Some(claim) = new.registry.claims.get_mut(&9) {
-            claim.away = true;
-        }
-        old.evict("mover", None, 1, 9, false);
-        let (during, at) = published(&mut old, qos1("m/1", "during"));
-        new.route_batch_from(&during, (0, at));
+        let (mut old, mut new, controls, at) = moving_in_a_cluster(1, true);
         let (token, state, routed) = claimed(&mut old, 1);
         new.claim_answered_after(token, state, routed);
         new.route(&qos1("m/2", "after the answer"));
@@ -1928,18 +1940,8 @@ mod tests {
             panic!("granted with its state");
         };
         assert!(pending_payloads(&state).is_empty());
-        let seen = std::iter::from_fn(|| controls.try_recv().ok())
-            .find_map(|c| match c {
-                crate::cluster::link::Control::Seen { client_id, seen } if client_id == "mover" => {
-                    Some(seen)
-                }
-                _ => None,
-            })
-            .expect("the state's positions reported");
-        assert!(
-            !seen.routed(0, at),
-            "the old shard's, taken at the eviction"
-        );
+        let seen = reported(&controls).expect("the state's positions reported");
+        assert!(!seen.routed(0, at), "the old shard's, at the eviction");
     }
 
     /// A session between two shards of the node (its claim on shard 1
@@ -1950,16 +1952,8 @@ mod tests {
     /// after the eviction is in the state, and not in the tail.
     #[test]
     fn a_session_between_two_shards_handed_away_reports_what_its_state_caught_up() {
-        let mut old = crate::shard::testing::shard_with(0, 2, Config::default());
-        let mut new = crate::shard::testing::shard_with(1, 2, Config::default());
-        let (link, controls) = crate::cluster::link::ClusterLink::for_tests(0);
-        old.cluster = Some(link);
-        offline_on(&mut old, "mover");
-        pending(&mut new, "mover", 9);
-        old.evict("mover", None, 1, 9, false);
+        let (mut old, mut new, controls, at) = moving_in_a_cluster(0, false);
         let (token, state, routed) = claimed(&mut old, 1);
-        let (during, at) = published(&mut old, qos1("m/1", "during"));
-        new.route_batch_from(&during, (0, at));
         // Another node's take-over claims the id on shard 0 before the
         // state reached shard 1.
         pending(&mut old, "mover", 3);
@@ -1975,14 +1969,7 @@ mod tests {
             panic!("granted with its state");
         };
         assert_eq!(pending_payloads(&state), ["during"]);
-        let seen = std::iter::from_fn(|| controls.try_recv().ok())
-            .find_map(|c| match c {
-                crate::cluster::link::Control::Seen { client_id, seen } if client_id == "mover" => {
-                    Some(seen)
-                }
-                _ => None,
-            })
-            .expect("the state's positions reported");
+        let seen = reported(&controls).expect("the state's positions reported");
         assert!(seen.routed(0, at), "shard 1's positions, past the eviction");
     }
 
