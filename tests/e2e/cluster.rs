@@ -1570,9 +1570,11 @@ fn moving_while_publishing_as(
         got.iter().any(|&((q, n), _)| q == p && n == each - 1)
     };
     while !(0..publishers.len()).all(|p| last(&got, p)) {
-        let p = sub
-            .recv_publish(TIMEOUT)
-            .unwrap_or_else(|| panic!("stream stopped at {:?}", got.last()));
+        let Some(p) = sub.recv_publish(TIMEOUT) else {
+            // Not `complete`: a publisher's last numbers may be lost.
+            assert!(!complete, "stream stopped at {:?}", got.last());
+            break;
+        };
         got.extend(number(&p).map(|n| (n, connection)));
     }
     let tails = |node: &Broker| -> String {
