@@ -1698,7 +1698,11 @@ fn moving_between_shards_of_a_node(
     let Some(nats) = Nats::start(test) else {
         return;
     };
-    let (a, b) = (nats.node("a"), nats.node("b"));
+    // A queue that holds the whole stream: on a loaded host the test's
+    // subscriber can fall 1,000 (the default limit) behind the publishers,
+    // and the newest are then dropped (`dropped_queue_full`), not lost.
+    let roomy = "max_queued_messages = 10000";
+    let (a, b) = (nats.node_with("a", roomy), nats.node("b"));
     let routed = || nats.wait_subscriptions("fanmq.t.win.>", 1);
     let how = Move::Shards { take_over };
     let kind = (false, complete);
