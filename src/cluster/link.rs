@@ -132,10 +132,10 @@ pub enum Control {
         /// Its subscriptions, as in [`Control::Subscriptions`].
         image: Option<bytes::Bytes>,
     },
-    /// The shard holding `client_id` evicted its session for a hand-over
-    /// to another node (`ToShard::Handing` was on) after routing `seen`:
-    /// the rest of this node's messages are not in its image
-    /// (cluster::positions).
+    /// The state of `client_id` that a hand-over to another node takes
+    /// (`ToShard::Takeover`'s claim got it) holds what the shard that took
+    /// it had routed, `seen`: the rest of this node's messages are not in
+    /// its image (cluster::positions).
     Seen {
         /// The client id.
         client_id: ByteString,
@@ -566,8 +566,9 @@ impl ClusterLink {
         });
     }
 
-    /// This shard evicted the session of `client_id` for a hand-over to
-    /// another node after routing `seen` ([`Control::Seen`]).
+    /// The state of `client_id` that this shard's claim for a hand-over
+    /// to another node got holds what its shards routed up to `seen`
+    /// ([`Control::Seen`]).
     pub fn evicted(&self, client_id: &str, seen: Seen) {
         self.send(Control::Seen {
             client_id: ByteString::from(client_id),

@@ -9,9 +9,10 @@
 //! its first, `mesh::ShardMsg::Publish`, `link::Outgoing`), and every shard
 //! keeps how far it routed each shard's messages ([`Seen`]). Then:
 //!
-//! - **Old owner A.** The shard that evicts the session for the hand-over
-//!   reports its [`Seen`] to the bridge (`link::Control::Seen`): what it
-//!   routed is in the image, the rest is not. The bridge keeps its recent
+//! - **Old owner A.** The claim the hand-over makes on A reports to the
+//!   bridge the [`Seen`] its state came with, that of the shard that took
+//!   it (`link::Control::Seen`): what that shard routed is in the image,
+//!   the rest is not. The bridge keeps its recent
 //!   outgoing batches ([`Local`], a ring bounded by [`RING_AGE`] and
 //!   [`RING_BYTES`]), and answers the new owner's tail request with the
 //!   ring's messages the session takes and its shard had not routed, each
@@ -182,7 +183,7 @@ pub struct Local {
     published: Rc<Cell<u64>>,
     /// The batches the publish loop finished (or the shards gave up on).
     done: Option<Seen>,
-    /// Each handed-over session's shard's [`Seen`] at its eviction.
+    /// Each handed-over session's [`Seen`]: what its state holds.
     seen: HashMap<ByteString, (Seen, Instant)>,
     /// For each claim of a session moving here (client id, token): what
     /// this node had published when it asked for the tail, and when.
@@ -235,7 +236,7 @@ impl Local {
         self.done.as_ref().unwrap_or(&empty).covers(seen)
     }
 
-    /// The shard holding `client_id` evicted it for a hand-over with
+    /// The state of `client_id` handed over holds what was routed up to
     /// `seen`.
     pub fn evicted(&mut self, client_id: ByteString, seen: Seen, now: Instant) {
         self.seen

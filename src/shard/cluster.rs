@@ -259,9 +259,14 @@ async fn hand_over(
     ticket: Ticket,
 ) {
     let deadline = Instant::now() + HAND_OVER_WAIT;
-    let claimed =
-        registry::claim_on_node_within(&ctx, client_id.clone(), clean_session, HAND_OVER_WAIT)
-            .await;
+    let claimed = registry::claim_on_node_within(
+        &ctx,
+        client_id.clone(),
+        clean_session,
+        HAND_OVER_WAIT,
+        true,
+    )
+    .await;
     let token = match claimed {
         Ok(token) => token,
         Err(token) => {
@@ -797,7 +802,7 @@ impl Shard {
             }
         });
         self.offer_from_cluster(message, &takers);
-        self.queue_for_attaching(None, message);
+        self.queue_for_attaching(None, message, true);
         self.cluster_others = takers;
     }
 
@@ -869,7 +874,7 @@ impl Shard {
         for message in run {
             self.offer_from_cluster(message, &others);
             // Nothing for QoS 0 (never kept for a session not yet attached).
-            self.queue_for_attaching(Some(filter), message);
+            self.queue_for_attaching(Some(filter), message, true);
         }
         self.cluster_others = others;
     }
@@ -1578,11 +1583,13 @@ mod tests {
         assert_eq!(payloads(&moving.publishes()), ["after"]);
     }
 
-    /// A shard evicting a session the bridge hands to another node
-    /// reports what it had routed of every shard's publishes, its own
-    /// routed but not handed on yet included: this node's other messages
-    /// are not in the image (cluster::positions). Batches from another
-    /// shard count as routed from their first message on.
+    /// A session the bridge hands to another node, taken by the claim of
+    /// that take-over on its own shard: the claim reports what the shard
+    /// had routed of every shard's publishes, its own routed but not handed
+    /// on yet included: this node's other messages are not in the image
+    /// (cluster::positions). Batches from another shard count as routed
+    /// from their first message on. A claim of this node's own reports
+    /// nothing.
     #[test]
     fn a_session_evicted_for_a_hand_over_reports_what_its_shard_routed() {
         use crate::cluster::link::{ClusterLink, Control};
@@ -1590,7 +1597,15 @@ mod tests {
         let mut shard = testing::shard();
         let (link, controls) = ClusterLink::for_tests(0);
         shard.cluster = Some(link);
-        let _moving = attach_client(&mut shard, "moving", "t/#", QoS::AtLeastOnce, None);
+        // Persistent sessions, whose state moves.
+        let persistent = |shard: &mut Shard, id: &str| {
+            let client = attach_client(shard, id, "t/#", QoS::AtLeastOnce, None);
+            if let Some(session) = shard.sessions.get_mut(client.key as usize) {
+                session.clean_session = false;
+            }
+            client
+        };
+        let _moving = persistent(&mut shard, "moving");
         let batch = Arc::new(vec![message("t/1", b"a"), message("t/1", b"b")]);
         shard.route_batch_from(&batch, (1, 1));
         shard.publish(message("t/2", b"handed on"));
@@ -1598,7 +1613,8 @@ mod tests {
         assert_eq!(first, 1);
         shard.publish(message("t/2", b"not yet"));
         shard.cluster_handing.insert(ByteString::from("moving"));
-        shard.evict("moving", None, 0, 99, false);
+        // Another node's take-over claims it here.
+        shard.start_claim_for(ByteString::from("moving"), false, true);
         let seen = std::iter::from_fn(|| controls.try_recv().ok())
             .find_map(|c| match c {
                 Control::Seen { client_id, seen } if client_id == "moving" => Some(seen),
@@ -1608,8 +1624,8 @@ mod tests {
         assert!(seen.routed(1, 2) && !seen.routed(1, 3));
         assert!(seen.routed(0, 2) && !seen.routed(0, 3));
         // Not handed over: nothing reported.
-        let _again = attach_client(&mut shard, "again", "t/#", QoS::AtLeastOnce, None);
-        shard.evict("again", None, 0, 100, false);
+        let _again = persistent(&mut shard, "again");
+        shard.start_claim_for(ByteString::from("again"), false, false);
         assert!(
             std::iter::from_fn(|| controls.try_recv().ok())
                 .all(|c| !matches!(c, Control::Seen { .. }))

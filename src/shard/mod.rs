@@ -727,7 +727,7 @@ impl Shard {
         origin: Option<SessionKey>,
         skip_run_takers: bool,
     ) {
-        self.queue_for_attaching(None, message);
+        self.queue_for_attaching(None, message, false);
         if message.retain {
             self.retained.apply(message);
             if let Some(journal) = &self.retain_journal

@@ -121,6 +121,14 @@ struct PendingClaim {
     /// claim supersedes it, so that the bridge stops deciding it (its
     /// connection will attach nothing).
     withdrawn: Option<Withdrawn>,
+    /// Made for another node's take-over (`claim_on_node_within`'s
+    /// `away`): the state it gets leaves the node, and what the node
+    /// routed beyond it goes in the bridge's tail (cluster::positions), so
+    /// it catches up nothing and is never attaching. Every other claim's
+    /// state comes from a shard of this node (a move inside the node:
+    /// between shards, or on one), which only its catch-up and attaching
+    /// keep whole.
+    away: bool,
 }
 
 /// What the cluster answered a claim.
@@ -314,7 +322,7 @@ pub async fn claim_on_node(
     client_id: ByteString,
     clean_session: bool,
 ) -> Result<u64, RegistryError> {
-    claim_on_node_within(ctx, client_id, clean_session, CLAIM_TIMEOUT)
+    claim_on_node_within(ctx, client_id, clean_session, CLAIM_TIMEOUT, false)
         .await
         .map_err(|_| RegistryError::TimedOut)
 }
@@ -322,13 +330,19 @@ pub async fn claim_on_node(
 /// [`claim_on_node`] waiting `within` at most: the claim's token, as the
 /// error when it was not answered in time (the claim is then abandoned: a
 /// late answer parks a persistent session offline as that claim's).
+/// `away`: the claim is another node's take-over's
+/// ([`PendingClaim::away`]).
 pub async fn claim_on_node_within(
     ctx: &Ctx,
     client_id: ByteString,
     clean_session: bool,
     within: Duration,
+    away: bool,
 ) -> Result<u64, u64> {
-    let token = ctx.shard.borrow_mut().start_claim(client_id, clean_session);
+    let token = ctx
+        .shard
+        .borrow_mut()
+        .start_claim_for(client_id, clean_session, away);
     ctx.send_outbox();
     // Answered already (this shard is the id's home and nothing had to be
     // taken over from another shard: every claim on one shard): no timer
@@ -393,7 +407,19 @@ impl Shard {
     /// Records a claim of `client_id` by a connection on this shard and
     /// sends it to the id's home (or serves it here when this is the home);
     /// returns its token. The answer arrives in [`Shard::claim_answered`].
+    #[cfg(test)]
     pub fn start_claim(&mut self, client_id: ByteString, clean_session: bool) -> u64 {
+        self.start_claim_for(client_id, clean_session, false)
+    }
+
+    /// [`Shard::start_claim`], for another node's take-over when `away`
+    /// ([`PendingClaim::away`]).
+    pub fn start_claim_for(
+        &mut self,
+        client_id: ByteString,
+        clean_session: bool,
+        away: bool,
+    ) -> u64 {
         let token = self.registry.next_token;
         self.registry.next_token += 1;
         self.registry.claims.insert(
@@ -406,6 +432,7 @@ impl Shard {
                 abandoned: false,
                 cluster: None,
                 withdrawn: None,
+                away,
             },
         );
         let home = home_shard(&client_id, self.nr_shards);
@@ -481,15 +508,6 @@ impl Shard {
         token: u64,
         clean_session: bool,
     ) {
-        if !self.cluster_handing.is_empty()
-            && self.cluster_handing.contains(client_id)
-            && let Some(link) = &self.cluster
-        {
-            // Handed to another node: what this shard routed is in the
-            // image, this node's later messages go in the tail
-            // (cluster::positions).
-            link.evicted(client_id, self.seen());
-        }
         let later = (to_shard, token, clean_session);
         // A claim not yet attached as a session: waiting for its answer, or
         // answered and its connection task not yet run. At the home, claims
@@ -653,29 +671,37 @@ impl Shard {
     /// publishes (None: from this shard, which holds all it routed). What
     /// this shard routed beyond that reached no copy of the session (the
     /// old shard's router no longer had it, this one's not yet): the state
-    /// takes it first ([`Shard::catch_up_state`]; outside a cluster, whose
-    /// hand-overs between nodes count positions of their own). Granted
-    /// (outside a cluster, where the bridge's answer decides), the claim is then
-    /// *attaching*: what this shard routes until its connection attaches
-    /// the state is kept in it ([`Shard::queue_for_attaching`]), and a
-    /// take-over meanwhile gets the state with all of that.
+    /// takes it first ([`Shard::catch_up_state`]). The claim is then
+    /// *attaching* (in a cluster until the bridge's answer too, which
+    /// keeps it so when it grants the id here): what this shard routes
+    /// until its connection attaches the state is kept in it
+    /// ([`Shard::queue_for_attaching`]), and a take-over meanwhile gets
+    /// the state with all of that. A claim for another node's take-over
+    /// ([`PendingClaim::away`]) does neither: it reports to the bridge
+    /// what the state holds, `routed` (cluster::positions), and the
+    /// bridge's tail brings the rest.
     pub fn claim_answered_after(
         &mut self,
         token: u64,
         mut state: Option<SessionState>,
         routed: Option<Seen>,
     ) {
-        if !self.registry.claims.contains_key(&token) {
+        let Some(claim) = self.registry.claims.get(&token) else {
             debug!("answer to unknown claim {token} dropped");
             return;
-        }
-        // In a cluster, a shard that takes a state for another node's
-        // take-over reported the evicting shard's positions for the tail
-        // (`ClusterLink::evicted`): a catch-up here would send twice what
-        // the tail has.
-        if self.cluster.is_none()
-            && let (Some(state), Some(routed)) = (&mut state, &routed)
-        {
+        };
+        let away = claim.away;
+        if away {
+            // The state leaves the node: what it holds goes to the bridge
+            // for the tail, which has what this node routed beyond it (a
+            // catch-up here would send that twice). Reported here, not
+            // where the state was taken: a claim between two shards
+            // handed on a state that caught up on the way.
+            if let (Some(_), Some(link)) = (&state, &self.cluster) {
+                let seen = routed.clone().unwrap_or_else(|| self.seen());
+                link.evicted(&claim.client_id, seen);
+            }
+        } else if let (Some(state), Some(routed)) = (&mut state, &routed) {
             self.catch_up_state(token, state, routed);
         }
         let Some(claim) = self.registry.claims.get_mut(&token) else {
@@ -700,7 +726,7 @@ impl Shard {
             self.keep_or_release(client_id, token, state);
             return;
         }
-        let attaching = state.is_some() && self.cluster.is_none();
+        let attaching = state.is_some() && !away;
         claim.outcome = Some(Outcome::Granted(state));
         if let Some(waker) = claim.waker.take() {
             waker.wake();
@@ -899,7 +925,8 @@ impl Shard {
                 waker.wake();
             }
         }
-        // (The node's answer made it attaching only without a cluster.)
+        // (The node's answer made it attaching already if it brought a
+        // state from this node.)
         self.registry.attaching.retain(|t| *t != token);
         if attaching {
             self.registry.attaching.push(token);
@@ -1024,14 +1051,22 @@ impl Shard {
     }
 
     /// Keeps `message` in the state of each claim granted here (by the
-    /// cluster; outside one, by the node, `Shard::claim_answered_after`)
+    /// node, `Shard::claim_answered_after`, and in a cluster not refused
+    /// by the bridge, or granted by the bridge with another node's state)
     /// whose connection has not attached it yet ([`Registry::attaching`]),
     /// if the session takes it (from the NATS subscription of `filter` as
     /// `shard::cluster` routes it; `None`: through any matching filter), as
     /// an offline session keeps it: QoS 1 and 2, within the queue's limits.
-    /// Otherwise it would reach neither the old node, which handed the
-    /// session over, nor the session here.
-    pub(super) fn queue_for_attaching(&mut self, filter: Option<&str>, message: &Message) {
+    /// Otherwise it would reach neither the old shard or node, which handed
+    /// the session over, nor the session here. `from_cluster`: the message
+    /// came from NATS (a session being handed to another node is left
+    /// out: its collector has it).
+    pub(super) fn queue_for_attaching(
+        &mut self,
+        filter: Option<&str>,
+        message: &Message,
+        from_cluster: bool,
+    ) {
         if self.registry.attaching.is_empty() || message.qos == QoS::AtMostOnce {
             return;
         }
@@ -1039,12 +1074,11 @@ impl Shard {
             claims, attaching, ..
         } = &mut self.registry;
         let handing = &self.cluster_handing;
-        // Outside a cluster the node's answer grants
-        // (`Shard::claim_answered_after`).
-        let node_only = self.cluster.is_none();
+        // Attaching from the node's answer (`Shard::claim_answered_after`)
+        // until the bridge answers too, in a cluster.
         attaching.retain(|token| {
             claims.get(token).is_some_and(|c| {
-                c.cluster.map_or(node_only, |a| a == ClusterAnswer::Granted)
+                c.cluster.is_none_or(|a| a == ClusterAnswer::Granted)
                     && matches!(c.outcome, Some(Outcome::Granted(Some(_))))
             })
         });
@@ -1057,9 +1091,12 @@ impl Shard {
             else {
                 continue;
             };
-            // Being handed over, or a message it got already: not again
-            // (`Shard::route_from_cluster_except`).
-            if !handing.is_empty() && handing.contains(&**client_id) {
+            // From NATS and being handed over (its collector has it), or
+            // a message it got already: not again
+            // (`Shard::route_from_cluster_except`). This node's own
+            // messages it keeps: the state that leaves holds what this
+            // shard routed (`PendingClaim::away`).
+            if from_cluster && !handing.is_empty() && handing.contains(&**client_id) {
                 continue;
             }
             let Some(granted) = copy_qos(state, filter, &message.topic) else {
@@ -1077,6 +1114,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
+    use crate::cluster::link::{ClusterLink, Control};
     use crate::config::Config;
     use crate::protocol::v3::{QoS, Subscribe};
     use crate::shard::SessionKey;
@@ -1111,6 +1149,7 @@ mod tests {
                 abandoned: false,
                 cluster: None,
                 withdrawn: None,
+                away: false,
             },
         );
     }
@@ -1822,30 +1861,116 @@ mod tests {
         assert_eq!(pending_payloads(&state), ["during", "attaching"]);
     }
 
-    /// In a cluster a state from another shard is not caught up, nor
-    /// kept in until the attach by the node's answer: another node's
-    /// take-over reported the evicting shard's positions for its tail,
-    /// which has what that shard had not routed (a catch-up sent it
-    /// twice); the bridge's grant decides the rest.
-    #[test]
-    fn in_a_cluster_a_state_from_another_shard_is_left_to_the_cluster() {
-        let mut old = crate::shard::testing::shard_with(0, 2, Config::default());
-        let mut new = crate::shard::testing::shard_with(1, 2, Config::default());
-        let (link, _controls) = crate::cluster::link::ClusterLink::for_tests(1);
-        new.cluster = Some(link);
+    /// Shards 0 and 1 of a cluster node (shard `linked` with a link to
+    /// the bridge, whose queue comes third): an offline persistent session
+    /// "mover" (`offline_on`) on shard 0 evicted for claim 9 of shard 1
+    /// (`away`: another node's take-over's), and a QoS 1 message to it
+    /// that shard 0 published after the eviction, routed on shard 1, with
+    /// its shard sequence number.
+    fn moving_in_a_cluster(
+        linked: usize,
+        away: bool,
+    ) -> (Shard, Shard, async_channel::Receiver<Control>, u64) {
+        let mut shards = [0, 1].map(|i| crate::shard::testing::shard_with(i, 2, Config::default()));
+        let (link, controls) = ClusterLink::for_tests(linked);
+        shards[linked].cluster = Some(link);
+        let [mut old, mut new] = shards;
         offline_on(&mut old, "mover");
         pending(&mut new, "mover", 9);
+        if let Some(claim) = new.registry.claims.get_mut(&9) {
+            claim.away = away;
+        }
         old.evict("mover", None, 1, 9, false);
         let (during, at) = published(&mut old, qos1("m/1", "during"));
         new.route_batch_from(&during, (0, at));
+        (old, new, controls, at)
+    }
+
+    /// The positions reported to the bridge for the hand-over of "mover"
+    /// (`Control::Seen`), if any.
+    fn reported(controls: &async_channel::Receiver<Control>) -> Option<Seen> {
+        std::iter::from_fn(|| controls.try_recv().ok()).find_map(|c| match c {
+            Control::Seen { client_id, seen } if client_id == "mover" => Some(seen),
+            _ => None,
+        })
+    }
+
+    /// In a cluster, a session moving between two shards of the node (a
+    /// CONNECT here whose id the node had on another shard; the record
+    /// names this node, so the bridge grants it without a state or a
+    /// tail) keeps what was routed meanwhile as outside one: the state
+    /// catches up from the old shard's positions, and the claim is
+    /// attaching from the node's answer on, through the bridge's grant,
+    /// until its connection attaches.
+    #[test]
+    fn in_a_cluster_a_session_moving_between_shards_of_the_node_keeps_what_was_routed() {
+        let (mut old, mut new, controls, _) = moving_in_a_cluster(1, false);
         let (token, state, routed) = claimed(&mut old, 1);
         new.claim_answered_after(token, state, routed);
         new.route(&qos1("m/2", "before the bridge's answer"));
+        new.cluster_claim_answered_after(9, ClaimAnswer::Granted(None), None);
+        new.route(&qos1("m/3", "granted, not attached"));
+        let Some(Some(state)) = new.take_claim(9) else {
+            panic!("granted with its state");
+        };
+        assert_eq!(
+            pending_payloads(&state),
+            [
+                "during",
+                "before the bridge's answer",
+                "granted, not attached"
+            ]
+        );
+        assert!(reported(&controls).is_none(), "not a hand-over: no tail");
+    }
+
+    /// A claim for another node's take-over (`PendingClaim::away`) gets
+    /// the state from the shard that held it and adds nothing to it:
+    /// it reports to the bridge the positions the state holds, and the
+    /// tail brings what this node routed beyond them (a catch-up here sent
+    /// that twice, in the cluster's e2e tests); nor is it attaching.
+    #[test]
+    fn a_claim_for_another_nodes_take_over_reports_what_its_state_holds() {
+        let (mut old, mut new, controls, at) = moving_in_a_cluster(1, true);
+        let (token, state, routed) = claimed(&mut old, 1);
+        new.claim_answered_after(token, state, routed);
+        new.route(&qos1("m/2", "after the answer"));
         assert!(new.registry.attaching.is_empty());
         let Some(Some(state)) = new.take_claim(9) else {
             panic!("granted with its state");
         };
         assert!(pending_payloads(&state).is_empty());
+        let seen = reported(&controls).expect("the state's positions reported");
+        assert!(!seen.routed(0, at), "the old shard's, at the eviction");
+    }
+
+    /// A session between two shards of the node (its claim on shard 1
+    /// still waiting for the state) that another node takes over: the
+    /// claim made for that take-over (on shard 0) gets the state that
+    /// caught up on shard 1, and reports the positions it came with,
+    /// shard 1's, not those of the shard it left: what shard 0 routed
+    /// after the eviction is in the state, and not in the tail.
+    #[test]
+    fn a_session_between_two_shards_handed_away_reports_what_its_state_caught_up() {
+        let (mut old, mut new, controls, at) = moving_in_a_cluster(0, false);
+        let (token, state, routed) = claimed(&mut old, 1);
+        // Another node's take-over claims the id on shard 0 before the
+        // state reached shard 1.
+        pending(&mut old, "mover", 3);
+        if let Some(claim) = old.registry.claims.get_mut(&3) {
+            claim.away = true;
+        }
+        new.evict("mover", Some(9), 0, 3, false);
+        new.claim_answered_after(token, state, routed);
+        let (token, state, routed) = claimed(&mut new, 0);
+        assert_eq!(token, 3);
+        old.claim_answered_after(token, state, routed);
+        let Some(Some(state)) = old.take_claim(3) else {
+            panic!("granted with its state");
+        };
+        assert_eq!(pending_payloads(&state), ["during"]);
+        let seen = reported(&controls).expect("the state's positions reported");
+        assert!(seen.routed(0, at), "shard 1's positions, past the eviction");
     }
 
     #[test]

@@ -279,7 +279,7 @@ impl Shard {
             // `route_matching` keeps each for the sessions attaching here;
             // without it, this does.
             for message in run {
-                self.queue_for_attaching(None, message);
+                self.queue_for_attaching(None, message, false);
             }
         }
     }
