@@ -342,6 +342,21 @@ pub fn uncovered(
     left
 }
 
+/// Whether `tail` has an origin, other than those of `skip` (the new
+/// owner's own and the old owner's, whose messages are sorted by
+/// position), of which `direct` has nothing: the new owner then asks
+/// again for what the old owner collected since its answer, which may
+/// have reached the new owner only before its subscriptions were live.
+pub fn tail_only(
+    tail: &[(Origin, Message)],
+    direct: &[(Origin, Message)],
+    skip: &[Option<u64>],
+) -> bool {
+    let here = firsts(direct);
+    tail.iter()
+        .any(|(o, _)| !here.contains_key(&o.node) && !skip.contains(&Some(o.node)))
+}
+
 /// [`FIRST_HEADER`]'s value: `<node, 16 hex>.<seq>` per origin (as
 /// `Fanmq-O`), comma-separated.
 pub fn firsts_header(firsts: &HashMap<u64, u64>) -> String {
@@ -1195,15 +1210,25 @@ pub(super) async fn complete(
     if open {
         // Origins whose first here came after the request: the old owner
         // may have answered before it had what came before them.
-        let again = match &tail {
+        // And origins of the tail with none here yet: what the old owner
+        // got of them since its answer may have reached this node before
+        // its subscriptions; the merge takes it (what comes here again
+        // after, the doubles' guard drops).
+        let (again, unseen) = match &tail {
             Some(tail) => {
                 let b = bridge.borrow();
                 let direct = b.moving.collectors.get(&pseudo).map(|c| &c.0.entries[..]);
-                uncovered(tail, direct.unwrap_or(&[]), &asked, cover.map(|c| c.node))
+                let direct = direct.unwrap_or(&[]);
+                let old = cover.map(|c| c.node);
+                let skip = [Some(b.origin), old];
+                (
+                    uncovered(tail, direct, &asked, old),
+                    tail_only(tail, direct, &skip),
+                )
             }
-            None => HashMap::new(),
+            None => (HashMap::new(), false),
         };
-        if again.is_empty() {
+        if again.is_empty() && !unseen {
             // Nothing more: the old owner closes its collector.
             if let Err(e) = client.publish(subject, payload).await {
                 log::debug!("cluster: end of the tail of {client_id:?} not sent: {e}");
@@ -1577,6 +1602,13 @@ mod tests {
         let again = uncovered(&tail, &direct, &asked, Some(7));
         assert_eq!(again, HashMap::from([(3, 9), (4, 2)]));
         assert_eq!(uncovered(&tail, &direct, &asked, None).len(), 3);
+        // Every origin of the tail is here: no second request for that.
+        assert!(!tail_only(&tail, &direct, &[Some(7)]));
+        // Origin 5 only in the tail: asked again (unless it is skipped,
+        // the old or the new owner's own).
+        let with_five = [tail.clone(), vec![entry(5, 1)]].concat();
+        assert!(tail_only(&with_five, &direct, &[Some(7)]));
+        assert!(!tail_only(&with_five, &direct, &[Some(7), Some(5)]));
         // The second answer: what the old owner collected after its first,
         // up to the firsts asked for (and beyond: left out by the merge).
         let mut both = tail;
