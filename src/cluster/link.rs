@@ -663,6 +663,7 @@ status_figures! {
     cluster_tails_merged: "Sessions moved here with the old node's tail of what was published during the move";
     cluster_tails_missed: "Sessions moved here without the old node's tail (no answer in time, or none collected): what was published during the move is lost for them";
     cluster_tails_short: "Tails of sessions moved away that may lack messages published on this node (its ring of recent publishes no longer reached back, or the session's shard's position was not known)";
+    cluster_tails_behind: "Tails of sessions moved away answered before this node had the first message the new node got itself of each origin (a slower route, over 300 ms): what came before it is lost for the session";
     cluster_nodes: "Other nodes heard within the node timeout";
     cluster_suback_unconfirmed: "SUBACKs of a new filter sent without the NATS server's confirmation (link down, no answer in time)";
     cluster_retained_unconfirmed: "Retained QoS 1/2 publishes acknowledged while the link was down (serve): held by this node only";
@@ -743,6 +744,7 @@ impl ClusterStatus {
             "tails_merged": figures.cluster_tails_merged,
             "tails_missed": figures.cluster_tails_missed,
             "tails_short": figures.cluster_tails_short,
+            "tails_behind": figures.cluster_tails_behind,
         })
     }
 }

@@ -40,13 +40,20 @@
 //! Topics on the escaped subject are collected as the others (their
 //! topic travels in a header). With a NATS cluster of several servers a
 //! message of the tail that reaches B again after the merge is dropped
-//! for the session for [`HOLD_AFTER_GRANT`] ([`delivered_highs`]).
+//! for the session for [`HOLD_AFTER_GRANT`] ([`delivered_highs`]); and
+//! one that reaches A later than B (A's route from its origin the
+//! slower) is in the tail all the same: B names with its request, per
+//! origin, the first number it collected itself, and A answers once it
+//! has that one too ([`missing_firsts`], at most [`FIRST_WAIT`]); an
+//! origin whose first came to B during the request B names in a second
+//! request ([`uncovered`]), A collecting on until then.
 //!
 //! Not covered: QoS 0 (an offline session keeps none), shared
 //! subscriptions, a tail over [`MAX_TAIL`], and, with several NATS
-//! servers, a message that reached A only after it answered; if A does
-//! not answer in time B attaches what it has (counted:
-//! `cluster_tails_missed`).
+//! servers, a message that reached A only after its first answer of an
+//! origin B had nothing of by then, or after A gave up waiting (counted:
+//! `cluster_tails_behind`); if A does not answer in time B attaches what
+//! it has (counted: `cluster_tails_missed`).
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -114,6 +121,14 @@ pub struct Collector {
     bytes: usize,
     /// Set when a message did not fit: nothing more is collected.
     pub overflowed: bool,
+    /// Per origin node, the highest sequence number kept (also of
+    /// entries already sent): what a tail request's firsts are checked
+    /// against ([`missing_firsts`]).
+    highest: HashMap<u64, u64>,
+    /// Set once the collector answered a tail request and kept
+    /// collecting for a second one ([`AGAIN_HEADER`]): this node's own
+    /// messages (cluster::positions) were in the first answer.
+    answered: bool,
 }
 
 impl Collector {
@@ -125,6 +140,8 @@ impl Collector {
             entries: Vec::new(),
             bytes: 0,
             overflowed: false,
+            highest: HashMap::new(),
+            answered: false,
         }
     }
 
@@ -167,6 +184,8 @@ impl Collector {
             return;
         }
         self.bytes += size;
+        let high = self.highest.entry(origin.node).or_insert(origin.seq);
+        *high = (*high).max(origin.seq);
         let mut kept = message.clone();
         kept.qos = qos;
         kept.retain = false;
@@ -215,10 +234,7 @@ pub fn takes(filters: &[(ByteString, QoS)], filter: &str, topic: &str) -> Option
 /// the new owner got every one from its first on, so nothing is given
 /// twice or left out.
 pub fn merge(tail: Vec<(Origin, Message)>, direct: Vec<(Origin, Message)>) -> Vec<Message> {
-    let mut first: HashMap<u64, u64> = HashMap::new();
-    for (origin, _) in &direct {
-        first.entry(origin.node).or_insert(origin.seq);
-    }
+    let first = firsts(&direct);
     tail.into_iter()
         .filter(|(origin, _)| first.get(&origin.node).is_none_or(|&f| origin.seq < f))
         .chain(direct)
@@ -262,10 +278,7 @@ pub fn delivered_highs(
     tail: &[(Origin, Message)],
     direct: &[(Origin, Message)],
 ) -> HashMap<u64, u64> {
-    let mut first: HashMap<u64, u64> = HashMap::new();
-    for (origin, _) in direct {
-        first.entry(origin.node).or_insert(origin.seq);
-    }
+    let first = firsts(direct);
     let mut highs: HashMap<u64, u64> = HashMap::new();
     let taken = tail
         .iter()
@@ -275,6 +288,108 @@ pub fn delivered_highs(
         *high = (*high).max(origin.seq);
     }
     highs
+}
+
+/// Per origin node, the sequence number of the first of `entries` from
+/// it (each origin's messages come in order).
+pub fn firsts(entries: &[(Origin, Message)]) -> HashMap<u64, u64> {
+    let mut first: HashMap<u64, u64> = HashMap::new();
+    for (origin, _) in entries {
+        first.entry(origin.node).or_insert(origin.seq);
+    }
+    first
+}
+
+/// Of the new owner's `firsts` (per origin, the first number it collected
+/// itself), those the old owner's collector (per origin, the `highest`
+/// number it kept) has not reached yet: an origin whose first it has not
+/// kept. Each origin's messages reach the old owner in order, and the
+/// first is one of the session's (the old owner collects it too), so once
+/// it has it, it has every one of that origin below it: the merge then has
+/// no hole between the tail and what the new owner got itself. `own`, the
+/// old owner's own origin, never comes to it through NATS (its messages
+/// are in the tail by their positions, cluster::positions): left out.
+pub fn missing_firsts(
+    highest: &HashMap<u64, u64>,
+    firsts: &HashMap<u64, u64>,
+    own: u64,
+) -> Vec<Origin> {
+    let mut missing: Vec<Origin> = firsts
+        .iter()
+        .filter(|&(&node, &first)| node != own && highest.get(&node).is_none_or(|&h| h < first))
+        .map(|(&node, &seq)| Origin { node, seq })
+        .collect();
+    missing.sort_by_key(|o| o.node);
+    missing
+}
+
+/// The new owner's firsts (per origin, [`firsts`] of what it collected
+/// itself, `direct`) that the old owner's `tail` does not reach and that it
+/// did not name in its request already (`asked`: the old owner waited for
+/// those, or gave up, counted): an origin whose first here came after the
+/// request. A message of it between the tail's last and that first may
+/// have reached the old owner only after it answered (a NATS cluster of
+/// several servers, the old owner's route from that origin the slower):
+/// the new owner asks again for these ([`missing_firsts`] on the old
+/// owner). The old owner's own origin (`old`, from its cover, if named)
+/// is left out: its messages are in the tail by position.
+pub fn uncovered(
+    tail: &[(Origin, Message)],
+    direct: &[(Origin, Message)],
+    asked: &HashMap<u64, u64>,
+    old: Option<u64>,
+) -> HashMap<u64, u64> {
+    let mut highest: HashMap<u64, u64> = HashMap::new();
+    for (origin, _) in tail {
+        let high = highest.entry(origin.node).or_insert(origin.seq);
+        *high = (*high).max(origin.seq);
+    }
+    let mut left = firsts(direct);
+    left.retain(|node, first| {
+        Some(*node) != old
+            && !asked.contains_key(node)
+            && highest.get(node).is_none_or(|h| h < first)
+    });
+    left
+}
+
+/// Whether `tail` has an origin, other than those of `skip` (the new
+/// owner's own and the old owner's, whose messages are sorted by
+/// position), of which `direct` has nothing: the new owner then asks
+/// again for what the old owner collected since its answer, which may
+/// have reached the new owner only before its subscriptions were live.
+pub fn tail_only(
+    tail: &[(Origin, Message)],
+    direct: &[(Origin, Message)],
+    skip: &[Option<u64>],
+) -> bool {
+    let here = firsts(direct);
+    tail.iter()
+        .any(|(o, _)| !here.contains_key(&o.node) && !skip.contains(&Some(o.node)))
+}
+
+/// [`FIRST_HEADER`]'s value: `<node, 16 hex>.<seq>` per origin (as
+/// `Fanmq-O`), comma-separated.
+pub fn firsts_header(firsts: &HashMap<u64, u64>) -> String {
+    let mut origins: Vec<(&u64, &u64)> = firsts.iter().collect();
+    origins.sort();
+    let values: Vec<String> = origins
+        .into_iter()
+        .map(|(node, seq)| format!("{node:016x}.{seq}"))
+        .collect();
+    values.join(",")
+}
+
+/// Reads [`firsts_header`]'s value (an origin that does not read is left
+/// out: a newer node's form, or none).
+pub fn of_firsts_header(value: &str) -> HashMap<u64, u64> {
+    value
+        .split(',')
+        .filter_map(|origin| {
+            let (node, seq) = origin.trim().split_once('.')?;
+            Some((u64::from_str_radix(node, 16).ok()?, seq.parse().ok()?))
+        })
+        .collect()
 }
 
 /// Bytes one entry takes in a tail.
@@ -443,6 +558,37 @@ const MARK_WAIT: Duration = Duration::from_millis(500);
 /// The header of a tail answer when the old owner collected nothing for
 /// the session (no collector: an older node, none held, or it expired).
 const NO_TAIL_HEADER: &str = "Fanmq-Tail-None";
+
+/// Longest the old owner waits, before it answers a tail request, until
+/// its collector has the first message the new owner collected itself of
+/// each origin the request names ([`FIRST_HEADER`], [`missing_firsts`]):
+/// with a NATS cluster of several servers a publisher's server can reach
+/// the old owner by a slower route than the new owner, and what came
+/// between the old owner's last and the new owner's first would be in
+/// neither. Routes of one NATS cluster differ by milliseconds; 300 ms
+/// leaves room for a loaded one, and the old owner's waits for one move
+/// (this, twice at most, and `COVER_WAIT`'s 500 ms) stay within the new
+/// owner's `takeover_timeout_ms` (2 s by default) for the tail. Beyond,
+/// it answers with what it has, counted (`cluster_tails_behind`) and
+/// logged.
+pub const FIRST_WAIT: Duration = Duration::from_millis(300);
+
+/// The header of a tail request naming, per origin, the first sequence
+/// number the new owner collected itself ([`firsts_header`]); an older
+/// old owner ignores it and answers at once, as before.
+const FIRST_HEADER: &str = "Fanmq-Tail-First";
+
+/// The header (`1`) of a first tail request from a node that may ask
+/// again ([`uncovered`]): the old owner answers and keeps collecting,
+/// and says so with [`OPEN_HEADER`]; the new owner asks again (without
+/// this header: the old owner then closes its collector) or says it is
+/// done (a request without a reply subject). An older old owner ignores
+/// it and closes at its answer.
+const AGAIN_HEADER: &str = "Fanmq-Tail-Again";
+
+/// The header (`1`) of a tail answer whose collector stays open for a
+/// second request ([`AGAIN_HEADER`]).
+const OPEN_HEADER: &str = "Fanmq-Tail-Open";
 
 /// What a session that moved here got of the merge
 /// ([`delivered_highs`]), for [`HOLD_AFTER_GRANT`] after its grant: a
@@ -897,7 +1043,9 @@ async fn let_readers_run() {
 
 /// Serves the tail requests of the nodes this one handed sessions to:
 /// answers with what it collected (empty, marked [`NO_TAIL_HEADER`],
-/// when it has nothing) and stops collecting.
+/// when it has nothing), once it has the firsts the request names, and
+/// stops collecting, or collects on for a second request
+/// ([`answer_tail`]).
 pub(super) async fn serve_tails(bridge: Shared) {
     let (client, subject) = {
         let b = bridge.borrow();
@@ -912,51 +1060,194 @@ pub(super) async fn serve_tails(bridge: Shared) {
             return;
         }
     };
-    while let Some(msg) = futures_lite::StreamExt::next(&mut requests).await {
-        let (Some(reply), Ok(id)) = (msg.reply, std::str::from_utf8(&msg.payload)) else {
-            continue;
-        };
-        // What the server sent before the request was read before it: the
-        // subscriptions' readers hand it to the collector before it closes.
-        let_readers_run().await;
-        let shard = bridge.borrow_mut().moving.handed.remove(id);
-        let collector = shard.and_then(|shard| close(&bridge, shard));
-        let sent = match collector {
-            Some(mut c) => {
-                // This node's own messages the session lacks, and up to
-                // where (cluster::positions).
-                let cover = positions::own_tail(&bridge, id, &c.filters, &mut c.entries).await;
-                log::debug!(
-                    "cluster: tail of {id:?}: {} messages{}",
-                    c.entries.len(),
-                    if c.overflowed { ", overflowed" } else { "" }
-                );
-                let mut headers = async_nats::HeaderMap::new();
-                if let Some(cover) = cover {
-                    let value = positions::cover_header(cover);
-                    headers.insert(positions::COVER_HEADER, value.as_str());
-                }
-                let tail = encode_tail(&c.entries);
-                client.publish_with_headers(reply, headers, tail).await
-            }
-            None => {
-                let mut headers = async_nats::HeaderMap::new();
-                headers.insert(NO_TAIL_HEADER, "1");
-                client
-                    .publish_with_headers(reply, headers, Bytes::new())
-                    .await
-            }
-        };
-        if let Err(e) = sent {
-            log::debug!("cluster: tail of {id:?} not sent: {e}");
-        }
+    while let Some(request) = futures_lite::StreamExt::next(&mut requests).await {
+        // One task per request: one that waits for the new owner's firsts
+        // holds up no other move's.
+        tokio::task::spawn_local(answer_tail(bridge.clone(), client.clone(), request));
     }
+}
+
+/// Answers one tail `request` (its payload the client id) for
+/// [`serve_tails`]: once the collector has the first message the new
+/// owner got itself of each origin the request names ([`FIRST_HEADER`],
+/// at most [`FIRST_WAIT`]), with what it collected since its last answer
+/// (and, at the first, this node's own messages the session lacks); then
+/// closes the collector, unless the request asks to keep it for a second
+/// one ([`AGAIN_HEADER`]). A request without a reply subject closes it:
+/// the new owner needs nothing more.
+async fn answer_tail(bridge: Shared, client: async_nats::Client, request: async_nats::Message) {
+    let Ok(id) = std::str::from_utf8(&request.payload) else {
+        return;
+    };
+    let header = |name: &str| {
+        let value = request.headers.as_ref()?.get(name)?;
+        Some(value.as_str().to_owned())
+    };
+    let firsts = header(FIRST_HEADER)
+        .map(|v| of_firsts_header(&v))
+        .unwrap_or_default();
+    let keep = header(AGAIN_HEADER).is_some();
+    // What the server sent before the request was read before it: the
+    // subscriptions' readers hand it to the collector before it is read.
+    let_readers_run().await;
+    let shard = bridge.borrow().moving.handed.get(id).copied();
+    let Some(reply) = request.reply.clone() else {
+        if let Some(shard) = shard {
+            bridge.borrow_mut().moving.handed.remove(id);
+            close(&bridge, shard);
+        }
+        return;
+    };
+    if let Some(shard) = shard {
+        wait_for_firsts(&bridge, id, shard, &firsts).await;
+    }
+    let taken = shard.and_then(|shard| take_answer(&bridge, id, shard, keep));
+    let sent = match taken {
+        Some((mut c, first)) => {
+            // This node's own messages the session lacks, and up to
+            // where (cluster::positions): in the first answer only.
+            let cover = if first {
+                positions::own_tail(&bridge, id, &c.filters, &mut c.entries).await
+            } else {
+                None
+            };
+            log::debug!(
+                "cluster: tail of {id:?}: {} messages{}{}",
+                c.entries.len(),
+                if c.overflowed { ", overflowed" } else { "" },
+                if keep { ", collecting on" } else { "" }
+            );
+            let mut headers = async_nats::HeaderMap::new();
+            if let Some(cover) = cover {
+                let value = positions::cover_header(cover);
+                headers.insert(positions::COVER_HEADER, value.as_str());
+            }
+            if keep {
+                headers.insert(OPEN_HEADER, "1");
+            }
+            let tail = encode_tail(&c.entries);
+            client.publish_with_headers(reply, headers, tail).await
+        }
+        None => {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert(NO_TAIL_HEADER, "1");
+            client
+                .publish_with_headers(reply, headers, Bytes::new())
+                .await
+        }
+    };
+    if let Err(e) = sent {
+        log::debug!("cluster: tail of {id:?} not sent: {e}");
+    }
+}
+
+/// Waits until the collector of pseudo shard `shard` (for `id`) has
+/// every origin's first of `firsts` ([`missing_firsts`]), at most
+/// [`FIRST_WAIT`]; then lets the readers run (the first came on one
+/// subscription, an earlier message of its origin may still be in
+/// another's queue). Beyond the bound, counted (`cluster_tails_behind`)
+/// and logged. A collector gone or full ends the wait: nothing more comes
+/// to it.
+async fn wait_for_firsts(bridge: &Shared, id: &str, shard: usize, firsts: &HashMap<u64, u64>) {
+    if firsts.is_empty() {
+        return;
+    }
+    let by = Instant::now() + FIRST_WAIT;
+    loop {
+        let missing = {
+            let b = bridge.borrow();
+            match b.moving.collectors.get(&shard) {
+                Some((c, _)) if !c.overflowed => missing_firsts(&c.highest, firsts, b.origin),
+                _ => return,
+            }
+        };
+        if missing.is_empty() {
+            let_readers_run().await;
+            return;
+        }
+        if Instant::now() >= by {
+            let named: Vec<String> = missing
+                .iter()
+                .map(|o| format!("{:016x}.{}", o.node, o.seq))
+                .collect();
+            log::info!(
+                "cluster: tail of {id:?} answered without the first messages the new node got itself of {}: what came before them here is lost for it",
+                named.join(", ")
+            );
+            let status = bridge.borrow().status.clone();
+            status
+                .figures
+                .cluster_tails_behind
+                .fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// What the answer to a tail request for `id` sends of the collector of
+/// pseudo shard `shard` (None: it is gone, or another hand-over of the id
+/// took its place meanwhile): the collector itself, closed, or with
+/// `keep`, a copy of it with the entries collected since the last answer,
+/// the collector going on; and whether it is its first answer.
+fn take_answer(bridge: &Shared, id: &str, shard: usize, keep: bool) -> Option<(Collector, bool)> {
+    let mut b = bridge.borrow_mut();
+    if b.moving.handed.get(id) != Some(&shard) {
+        return None;
+    }
+    if keep {
+        let (c, _) = b.moving.collectors.get_mut(&shard)?;
+        let first = !c.answered;
+        c.answered = true;
+        c.bytes = 0;
+        let mut sent = Collector::new(c.client_id.clone(), c.filters.clone());
+        sent.entries = std::mem::take(&mut c.entries);
+        sent.overflowed = c.overflowed;
+        return Some((sent, first));
+    }
+    b.moving.handed.remove(id);
+    drop(b);
+    let c = close(bridge, shard)?;
+    let first = !c.answered;
+    Some((c, first))
+}
+
+/// The headers of a tail request naming `firsts` ([`FIRST_HEADER`]), and
+/// with `again`, [`AGAIN_HEADER`].
+fn request_headers(firsts: &HashMap<u64, u64>, again: bool) -> async_nats::HeaderMap {
+    let mut headers = async_nats::HeaderMap::new();
+    if !firsts.is_empty() {
+        headers.insert(FIRST_HEADER, firsts_header(firsts).as_str());
+    }
+    if again {
+        headers.insert(AGAIN_HEADER, "1");
+    }
+    headers
+}
+
+/// Per origin, the first number the collector of pseudo shard `shard`
+/// holds ([`firsts`]; empty without one).
+fn collected_firsts(bridge: &Shared, shard: usize) -> HashMap<u64, u64> {
+    let b = bridge.borrow();
+    b.moving
+        .collectors
+        .get(&shard)
+        .map(|c| firsts(&c.0.entries))
+        .unwrap_or_default()
+}
+
+/// Whether a tail answer has header `name`.
+fn has_header(msg: &async_nats::Message, name: &str) -> bool {
+    msg.headers.as_ref().is_some_and(|h| h.get(name).is_some())
 }
 
 /// The new owner, granted `client_id` with `image` from node `owner`
 /// (claim `(shard, deadline)`): holds the session's filters (once the
 /// server has them, what they bring is collected), asks the old owner
-/// for its tail, and returns the image with the merge of both queued
+/// for its tail (naming the first message of each origin collected here;
+/// a second time for the origins whose first came during the first
+/// request, [`uncovered`]), and returns the image with the merge of both
+/// queued
 /// ([`merge`]); from then on the holds' messages go to `shard`, for
 /// the attaching session, for [`HOLD_AFTER_GRANT`]. Without the old
 /// owner's tail in time, only what was collected here (counted).
@@ -993,23 +1284,26 @@ pub(super) async fn complete(
         .borrow_mut()
         .local
         .watch(client_id, token, Instant::now());
-    let asked = client.request(
+    let (subject, payload) = (
         tail_subject(&root, owner),
         Bytes::copy_from_slice(client_id.as_bytes()),
     );
-    let answer = tokio::time::timeout(timeout.min(left), asked).await;
+    let answered_by = tokio::time::Instant::now() + timeout.min(left);
+    // The first message of each origin collected here so far: the old
+    // owner answers once it has them too (FIRST_WAIT).
+    let asked = collected_firsts(bridge, pseudo);
+    let request = request_headers(&asked, true);
+    let asked_for = client.request_with_headers(subject.clone(), request, payload.clone());
+    let answer = tokio::time::timeout_at(answered_by, asked_for).await;
     // What the server sent before the answer was read before it: let the
     // subscriptions' readers hand it to the collector first.
     let_readers_run().await;
     let mut cover = None;
-    let tail = match answer {
-        Ok(Ok(msg))
-            if msg
-                .headers
-                .as_ref()
-                .is_none_or(|h| h.get(NO_TAIL_HEADER).is_none()) =>
-        {
+    let mut open = false;
+    let mut tail = match answer {
+        Ok(Ok(msg)) if !has_header(&msg, NO_TAIL_HEADER) => {
             cover = positions::cover_of(msg.headers.as_ref());
+            open = has_header(&msg, OPEN_HEADER);
             decode_tail(&msg.payload)
                 .map_err(|e| log::debug!("cluster: tail of {client_id:?}: {e}"))
                 .ok()
@@ -1021,6 +1315,51 @@ pub(super) async fn complete(
         }
         Err(_) => None,
     };
+    if open {
+        // Origins whose first here came after the request: the old owner
+        // may have answered before it had what came before them.
+        // And origins of the tail with none here yet: what the old owner
+        // got of them since its answer may have reached this node before
+        // its subscriptions; the merge takes it (what comes here again
+        // after, the doubles' guard drops).
+        let (again, unseen) = match &tail {
+            Some(tail) => {
+                let b = bridge.borrow();
+                let direct = b.moving.collectors.get(&pseudo).map(|c| &c.0.entries[..]);
+                let direct = direct.unwrap_or(&[]);
+                let old = cover.map(|c| c.node);
+                let skip = [Some(b.origin), old];
+                (
+                    uncovered(tail, direct, &asked, old),
+                    tail_only(tail, direct, &skip),
+                )
+            }
+            None => (HashMap::new(), false),
+        };
+        if again.is_empty() && !unseen {
+            // Nothing more: the old owner closes its collector.
+            if let Err(e) = client.publish(subject, payload).await {
+                log::debug!("cluster: end of the tail of {client_id:?} not sent: {e}");
+            }
+        } else {
+            let request = request_headers(&again, false);
+            let asked_for = client.request_with_headers(subject, request, payload);
+            let answer = tokio::time::timeout_at(answered_by, asked_for).await;
+            let_readers_run().await;
+            match (answer, tail.as_mut()) {
+                (Ok(Ok(msg)), Some(tail)) if !has_header(&msg, NO_TAIL_HEADER) => {
+                    match decode_tail(&msg.payload) {
+                        Ok(more) => tail.extend(more),
+                        Err(e) => log::debug!("cluster: tail of {client_id:?}: {e}"),
+                    }
+                }
+                (Ok(Err(e)), _) => {
+                    log::debug!("cluster: rest of the tail of {client_id:?} from {owner}: {e}");
+                }
+                _ => log::debug!("cluster: no rest of the tail of {client_id:?} from {owner}"),
+            }
+        }
+    }
     // No await from here to the grant in the shard's queue: what the holds
     // bring after this goes to the shard, behind the grant.
     let (mut tail, mut direct) = (tail, {
@@ -1399,6 +1738,130 @@ mod tests {
         c.offer("a/#", o(6), &message("a/c", "after"));
         assert!(c.overflowed);
         assert_eq!(c.entries.len(), 2);
+    }
+
+    /// The old owner answers once its collector has kept the new
+    /// owner's first of each origin named (each origin comes in order, so
+    /// then it has every one below it); an origin it has not reached yet
+    /// is missing, its own origin never (it never comes through NATS).
+    #[test]
+    fn the_old_owner_waits_for_the_new_owners_first_of_each_origin() {
+        let mut c = Collector::new("x".into(), vec![("t".into(), QoS::AtLeastOnce)]);
+        for (node, seq) in [(1, 4), (1, 6), (2, 3)] {
+            let (origin, message) = entry(node, seq);
+            c.offer("t", origin, &message);
+        }
+        // Own origin 4: left out whatever it names.
+        let firsts = HashMap::from([(1, 7), (2, 3), (3, 1), (4, 100)]);
+        let missing = missing_firsts(&c.highest, &firsts, 4);
+        assert_eq!(
+            missing,
+            [Origin { node: 1, seq: 7 }, Origin { node: 3, seq: 1 }]
+        );
+        for (node, seq) in [(1, 8), (3, 2)] {
+            let (origin, message) = entry(node, seq);
+            c.offer("t", origin, &message);
+        }
+        assert!(missing_firsts(&c.highest, &firsts, 4).is_empty());
+        // What was sent already still counts (a second answer's wait).
+        c.entries.clear();
+        assert!(missing_firsts(&c.highest, &firsts, 4).is_empty());
+        assert!(missing_firsts(&c.highest, &HashMap::new(), 4).is_empty());
+    }
+
+    /// A numbered stream of one origin, 1..=20; the old owner collected
+    /// from 4 on (its mark), the new owner from 10 on. Answering at 6, as
+    /// before, the merge lost 7 to 9 (they reached the old owner after
+    /// its answer); waiting until it has 10, every number once, in order.
+    #[test]
+    fn a_tail_that_reaches_the_new_owners_first_leaves_no_hole() {
+        let direct: Vec<_> = (10..=20).map(|n| entry(1, n)).collect();
+        let numbers = |merged: Vec<Message>| -> Vec<u64> {
+            payloads(&merged)
+                .iter()
+                .map(|p| p.split_once(':').unwrap().1.parse().unwrap())
+                .collect()
+        };
+        let early: Vec<_> = (4..=6).map(|n| entry(1, n)).collect();
+        let got = numbers(merge(early, direct.clone()));
+        assert_eq!(
+            got,
+            [4, 5, 6].into_iter().chain(10..=20).collect::<Vec<_>>()
+        );
+        let waited: Vec<_> = (4..=11).map(|n| entry(1, n)).collect();
+        let mut c = Collector::new("x".into(), vec![("t".into(), QoS::AtLeastOnce)]);
+        for (origin, message) in &waited {
+            c.offer("t", *origin, message);
+        }
+        assert!(missing_firsts(&c.highest, &firsts(&direct), 9).is_empty());
+        let got = numbers(merge(waited, direct));
+        assert_eq!(got, (4..=20).collect::<Vec<_>>());
+    }
+
+    /// Asked again: the origins whose first here the request did not name
+    /// and the tail does not reach; not one the tail reaches, one named
+    /// (the old owner waited for it), nor the old owner's own (its
+    /// messages are in the tail by position). Two answers make one tail:
+    /// the merge of both has no hole and nothing twice.
+    #[test]
+    fn an_origin_first_seen_after_the_request_is_asked_for_again() {
+        // Origin 1: named in the request. Origin 2: the tail has 20..=22,
+        // the first here is 21. Origin 3: the tail has 5, here from 9.
+        // Origin 4: the tail has none. Origin 7: the old owner's own.
+        let tail = vec![entry(2, 20), entry(2, 21), entry(2, 22), entry(3, 5)];
+        let direct = vec![
+            entry(1, 50),
+            entry(2, 21),
+            entry(3, 9),
+            entry(4, 2),
+            entry(7, 30),
+        ];
+        let asked = HashMap::from([(1, 50)]);
+        let again = uncovered(&tail, &direct, &asked, Some(7));
+        assert_eq!(again, HashMap::from([(3, 9), (4, 2)]));
+        assert_eq!(uncovered(&tail, &direct, &asked, None).len(), 3);
+        // Every origin of the tail is here: no second request for that.
+        assert!(!tail_only(&tail, &direct, &[Some(7)]));
+        // Origin 5 only in the tail: asked again (unless it is skipped,
+        // the old or the new owner's own).
+        let with_five = [tail.clone(), vec![entry(5, 1)]].concat();
+        assert!(tail_only(&with_five, &direct, &[Some(7)]));
+        assert!(!tail_only(&with_five, &direct, &[Some(7), Some(5)]));
+        // The second answer: what the old owner collected after its first,
+        // up to the firsts asked for (and beyond: left out by the merge).
+        let mut both = tail;
+        both.extend([
+            entry(3, 6),
+            entry(3, 8),
+            entry(4, 1),
+            entry(3, 9),
+            entry(4, 2),
+        ]);
+        let direct: Vec<_> = direct
+            .into_iter()
+            .filter(|(o, _)| o.node != 1 && o.node != 7)
+            .collect();
+        let direct = after_hand_over(&both, direct);
+        let got = payloads(&merge(both, direct));
+        assert_eq!(
+            got,
+            ["2:20", "3:5", "3:6", "3:8", "4:1", "2:21", "3:9", "4:2"]
+        );
+    }
+
+    /// The firsts' header reads back; an origin that does not read is
+    /// left out.
+    #[test]
+    fn the_firsts_header_reads_back() {
+        let firsts = HashMap::from([(0x3f2a_9c0d_11e2_b4c5, 1234), (1, 7)]);
+        let value = firsts_header(&firsts);
+        assert_eq!(value, "0000000000000001.7,3f2a9c0d11e2b4c5.1234");
+        assert_eq!(of_firsts_header(&value), firsts);
+        assert_eq!(
+            of_firsts_header("zz.1,0000000000000002.x, 0000000000000003.4"),
+            HashMap::from([(3, 4)])
+        );
+        assert!(of_firsts_header("").is_empty());
     }
 
     /// A tail reads back as it was written; bytes that are no tail are

@@ -440,6 +440,9 @@ counter_table! {
         cluster_tails_short: Counter Max,
             prometheus Some("cluster_tails_short"), per_shard None, sys None,
             help "Tails of persistent sessions moved away from this node that may lack messages published on this node itself (its ring of recent publishes no longer reached back to what the session's shard had not routed, or that shard's position was not known)";
+        cluster_tails_behind: Counter Max,
+            prometheus Some("cluster_tails_behind"), per_shard None, sys None,
+            help "Tails of persistent sessions moved away from this node answered before it had the first message the new node got itself of each publishing node (its route from that node's NATS server slower than the new node's by more than 300 ms): what came before it here is lost for the session";
         cluster_nodes: Gauge Max,
             prometheus Some("cluster_nodes"), per_shard None, sys None,
             help "Other nodes heard from within the node timeout";
