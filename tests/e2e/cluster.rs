@@ -1179,7 +1179,11 @@ fn moving_on_one_server(test: &str, bystanders: bool, publishers: &[usize]) {
     let Some(nats) = Nats::start(test) else {
         return;
     };
-    let (a, b, c) = (nats.node("a"), nats.node("b"), nats.node("c"));
+    let (a, b, c) = (
+        nats.node_with("a", ROOMY),
+        nats.node_with("b", ROOMY),
+        nats.node("c"),
+    );
     // The nodes that must hold the NATS subscription: A (the subscriber),
     // B with bystanders; C never subscribes.
     let holders = if bystanders { 2 } else { 1 };
@@ -1196,7 +1200,11 @@ fn a_session_moving_between_nodes_misses_nothing_on_an_escaped_topic() {
     let Some(nats) = Nats::start("cluster hand-over window, escaped topic") else {
         return;
     };
-    let (a, b, c) = (nats.node("a"), nats.node("b"), nats.node("c"));
+    let (a, b, c) = (
+        nats.node_with("a", ROOMY),
+        nats.node_with("b", ROOMY),
+        nats.node("c"),
+    );
     let routed = || nats.wait_subscriptions("fanmq.x", 1);
     moving_while_publishing([&a, &b, &c], &[2], "win/n x", (false, true), routed, |_| {});
 }
@@ -1263,12 +1271,20 @@ fn a_session_moving_to_a_node_on_a_slow_route_gets_each_message_once() {
     eprintln!("{test}: doubles dropped on the new owner: {dropped}");
 }
 
+/// The queue of a node the move tests' session moves through: room for
+/// the whole numbered stream (3,000), since on a loaded host the test's
+/// subscriber can fall 1,000 (the default `max_queued_messages`) behind
+/// the publishers, and the broker then drops the newest
+/// (`dropped_queue_full`), which the test would count as lost at a move.
+const ROOMY: &str = "max_queued_messages = 10000";
+
 /// Nodes `a`, `b` and `c`, each connected to its own server of a NATS
 /// cluster of three (`--no_advertise`: the servers do not tell clients of
-/// each other).
+/// each other), each queueing [`ROOMY`].
 fn nodes_on_their_own_servers(servers: &[Nats]) -> [Broker; 3] {
     let node = |name: &str, server: &Nats| {
-        let node = Broker::builder().config(&server.config(name)).start();
+        let config = format!("{ROOMY}\n{}", server.config(name));
+        let node = Broker::builder().config(&config).start();
         node.wait_log(|l| l.contains("cluster: connected to NATS"), TIMEOUT)
             .unwrap_or_else(|| panic!("node {name} did not connect:\n{}", node.log_text()));
         node
@@ -1693,11 +1709,7 @@ fn moving_between_shards_of_a_node(
     let Some(nats) = Nats::start(test) else {
         return;
     };
-    // A queue that holds the whole stream: on a loaded host the test's
-    // subscriber can fall 1,000 (the default limit) behind the publishers,
-    // and the newest are then dropped (`dropped_queue_full`), not lost.
-    let roomy = "max_queued_messages = 10000";
-    let (a, b) = (nats.node_with("a", roomy), nats.node("b"));
+    let (a, b) = (nats.node_with("a", ROOMY), nats.node("b"));
     let routed = || nats.wait_subscriptions("fanmq.t.win.>", 1);
     let how = Move::Shards { take_over };
     let kind = (false, complete);
