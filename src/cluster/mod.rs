@@ -14,6 +14,7 @@
 //! without ever handing it on. Without a `[cluster]` NATS URL none of this
 //! runs.
 
+pub mod backlog;
 pub mod bridge;
 pub mod headers;
 pub mod kept;

@@ -778,9 +778,6 @@ async fn claim(bridge: Shared, request: ClaimRequest, number: u64) {
     // In the shard's queue, ahead of anything the bridge sends it after the
     // grant: a take-over request for the id waits while this answer waits
     // for room (`Tables::answering`), so it never reaches the shard first.
-    let Some(queue) = bridge.borrow().to_shards.get(request.shard).cloned() else {
-        return;
-    };
     let published = bridge
         .borrow_mut()
         .local
@@ -791,14 +788,14 @@ async fn claim(bridge: Shared, request: ClaimRequest, number: u64) {
         answer,
         published,
     };
-    let Err(async_channel::TrySendError::Full(answer)) = queue.try_send(answer) else {
+    let Some(in_queue) = bridge.borrow().to_shards.control(request.shard, answer) else {
         return;
     };
     let id = request.client_id;
     answering(&bridge, &id, true);
     // The connection may have gone meanwhile; its claim then ends on the
     // shard (a closed queue: the shard is gone).
-    let _ = queue.send(answer).await;
+    let _ = in_queue.recv().await;
     answering(&bridge, &id, false);
 }
 
@@ -1653,7 +1650,7 @@ async fn hand_over(bridge: Shared, request: TakeoverRequest, reply: async_nats::
             % n;
         (
             b.client.clone(),
-            b.to_shards.get(shard).cloned(),
+            b.to_shards.queue(shard).cloned(),
             shard,
             owned,
         )
@@ -1880,7 +1877,7 @@ fn drop_here(b: &mut Bridge, client_id: &ByteString, shard: usize) {
         .cluster_reassert_lost
         .fetch_add(1, Ordering::Relaxed);
     let (answer, _) = async_channel::bounded(1);
-    let Some(queue) = b.to_shards.get(shard) else {
+    let Some(queue) = b.to_shards.queue(shard) else {
         return;
     };
     let dropped = ToShard::Takeover {

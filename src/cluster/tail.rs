@@ -660,7 +660,7 @@ fn close(bridge: &Shared, shard: usize) -> Option<Collector> {
 /// collector has from now on. What closes once every shard has the mark.
 fn mark(b: &Bridge, client_id: &ByteString) -> async_channel::Receiver<()> {
     let (done, marked) = async_channel::bounded(1);
-    for queue in &b.to_shards {
+    for queue in b.to_shards.queues() {
         let handing = ToShard::Handing {
             client_id: client_id.clone(),
             on: true,
@@ -679,7 +679,7 @@ fn mark(b: &Bridge, client_id: &ByteString) -> async_channel::Receiver<()> {
 /// dropped (waiting for room in a full queue), or a later session of the
 /// id here would take nothing from NATS.
 fn unmark(b: &Bridge, client_id: &ByteString) {
-    for queue in &b.to_shards {
+    for queue in b.to_shards.queues() {
         let handing = ToShard::Handing {
             client_id: client_id.clone(),
             on: false,
