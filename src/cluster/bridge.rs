@@ -375,7 +375,7 @@ async fn serve(setup: BridgeSetup) -> Result<(), ClusterError> {
         ownership: ownership::Tables::default(),
         filters: HashMap::new(),
         escaped: (HashMap::new(), None),
-        to_shards: ToShards::new(setup.to_shards, status.clone()),
+        to_shards: ToShards::new(setup.to_shards, config.queue_capacity, status.clone()),
         status: status.clone(),
         own_writes: HashMap::new(),
         topics: HashMap::new(),
