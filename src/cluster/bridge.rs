@@ -8,7 +8,8 @@
 //! - **interest**: per distinct MQTT filter, the shards interested and the
 //!   NATS subscriptions held (subscribed for the first shard, dropped after
 //!   the last), one reader task per subscription that hands messages to the
-//!   interested shards with `try_send`;
+//!   interested shards with `try_send` (behind what waits in a shard's
+//!   backlog, cluster::backlog);
 //! - **retained**: a watch of the bucket, every change sent to every shard;
 //! - **heartbeat**: `<root>.n.<node>` every [`HEARTBEAT`], and the other
 //!   nodes' heard, for `/api/v1/cluster`.
