@@ -284,6 +284,25 @@ mod tests {
         }
     }
 
+    /// The deliveries dropped, counted.
+    fn dropped(to: &ToShards) -> u64 {
+        to.0.status
+            .figures
+            .cluster_deliver_dropped
+            .load(Ordering::Relaxed)
+    }
+
+    /// What the shard reads next from `from`, `n` items, letting the
+    /// bridge hand on more after each.
+    async fn read_next(from: &async_channel::Receiver<ToShard>, n: usize) -> Vec<String> {
+        let mut got = Vec::new();
+        for _ in 0..n {
+            got.push(read(from.recv().await.expect("an item")));
+            settle().await;
+        }
+        got
+    }
+
     /// A grant that meets a full queue reaches the shard before a delivery
     /// the bridge hands on after it (the session's messages then find the
     /// claim attaching and are kept for it), and the delivery is not
@@ -306,13 +325,7 @@ mod tests {
             assert!(in_queue.recv().await.is_err(), "closed once queued");
             settle().await;
             assert_eq!(read(from[0].recv().await.expect("third")), "after");
-            assert_eq!(
-                to.0.status
-                    .figures
-                    .cluster_deliver_dropped
-                    .load(Ordering::Relaxed),
-                0
-            );
+            assert_eq!(dropped(&to), 0);
         });
     }
 
@@ -334,23 +347,13 @@ mod tests {
             to.deliver(0, delivery("after"));
             to.deliver(1, delivery("other shard"));
             settle().await;
-            let mut read_0 = Vec::new();
-            for _ in 0..3 {
-                read_0.push(read(from[0].recv().await.expect("shard 0")));
-                settle().await;
-            }
+            let read_0 = read_next(&from[0], 3).await;
             assert_eq!(read_0, ["before", "mark c true", "after"]);
             // Shard 1 had room: its mark went straight in, its delivery
             // met the queue full (capacity 1) and was dropped.
             assert_eq!(read(from[1].try_recv().expect("shard 1")), "mark c true");
             assert!(from[1].try_recv().is_err());
-            assert_eq!(
-                to.0.status
-                    .figures
-                    .cluster_deliver_dropped
-                    .load(Ordering::Relaxed),
-                1
-            );
+            assert_eq!(dropped(&to), 1);
         });
     }
 
@@ -366,18 +369,8 @@ mod tests {
             to.deliver(0, delivery("kept"));
             to.deliver(0, delivery("dropped"));
             assert!(to.control(0, grant(2)).is_some(), "behind the backlog");
-            let dropped = || {
-                to.0.status
-                    .figures
-                    .cluster_deliver_dropped
-                    .load(Ordering::Relaxed)
-            };
-            assert_eq!(dropped(), 1);
-            let mut got = Vec::new();
-            for _ in 0..4 {
-                got.push(read(from[0].recv().await.expect("shard")));
-                settle().await;
-            }
+            assert_eq!(dropped(&to), 1);
+            let got = read_next(&from[0], 4).await;
             assert_eq!(got, ["queued", "grant 1", "kept", "grant 2"]);
             assert!(!to.0.backlogs[0].borrow().draining, "drained");
             to.deliver(0, delivery("straight"));
@@ -385,7 +378,7 @@ mod tests {
             assert_eq!(read(from[0].try_recv().expect("straight")), "straight");
             settle().await;
             assert_eq!(read(from[0].try_recv().expect("grant")), "grant 3");
-            assert_eq!(dropped(), 1);
+            assert_eq!(dropped(&to), 1);
         });
     }
 
@@ -404,6 +397,7 @@ mod tests {
             assert!(grant.recv().await.is_err());
             assert!(!to.0.backlogs[0].borrow().draining);
             assert_eq!(to.0.backlogs[0].borrow().batches, 0);
+            assert_eq!(dropped(&to), 1, "the delivery that waited");
         });
     }
 }
