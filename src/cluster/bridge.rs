@@ -8,7 +8,8 @@
 //! - **interest**: per distinct MQTT filter, the shards interested and the
 //!   NATS subscriptions held (subscribed for the first shard, dropped after
 //!   the last), one reader task per subscription that hands messages to the
-//!   interested shards with `try_send`;
+//!   interested shards with `try_send` (behind what waits in a shard's
+//!   backlog, cluster::backlog);
 //! - **retained**: a watch of the bucket, every change sent to every shard;
 //! - **heartbeat**: `<root>.n.<node>` every [`HEARTBEAT`], and the other
 //!   nodes' heard, for `/api/v1/cluster`.
@@ -28,6 +29,7 @@ use futures_lite::StreamExt;
 use log::{debug, info, warn};
 use tokio::task::JoinHandle;
 
+use crate::cluster::backlog::ToShards;
 use crate::cluster::headers::Origin;
 use crate::cluster::link::{ClusterStatus, Control, Interest, MAX_SHARE_WEIGHT, Outgoing, ToShard};
 use crate::cluster::{ClusterError, headers, ownership, positions, retained, subject, tail};
@@ -180,7 +182,7 @@ pub(super) struct Bridge {
     /// filters need it; and its reader.
     escaped: (HashMap<usize, usize>, Option<JoinHandle<()>>),
     /// Each shard's queue.
-    pub(super) to_shards: Vec<async_channel::Sender<ToShard>>,
+    pub(super) to_shards: ToShards,
     /// Shared figures.
     pub(super) status: Arc<ClusterStatus>,
     /// Retained updates this node wrote whose echo from the watch is still
@@ -374,7 +376,7 @@ async fn serve(setup: BridgeSetup) -> Result<(), ClusterError> {
         ownership: ownership::Tables::default(),
         filters: HashMap::new(),
         escaped: (HashMap::new(), None),
-        to_shards: setup.to_shards,
+        to_shards: ToShards::new(setup.to_shards, config.queue_capacity, status.clone()),
         status: status.clone(),
         own_writes: HashMap::new(),
         topics: HashMap::new(),
@@ -1097,25 +1099,9 @@ async fn read_queue_subscription(
     }
 }
 
-/// Hands a batch to one shard without waiting: a full queue drops it for
-/// that shard only.
+/// Hands a batch to one shard without waiting (cluster::backlog).
 fn deliver(b: &Bridge, shard: usize, batch: ToShard) {
-    let Some(queue) = b.to_shards.get(shard) else {
-        return;
-    };
-    let n = match &batch {
-        ToShard::Deliver { messages, .. } | ToShard::DeliverExcept { messages, .. } => {
-            messages.len()
-        }
-        ToShard::DeliverShared(batch) => batch.len(),
-        _ => 1,
-    } as u64;
-    if queue.try_send(batch).is_err() {
-        b.status
-            .figures
-            .cluster_deliver_dropped
-            .fetch_add(n, Ordering::Relaxed);
-    }
+    b.to_shards.deliver(shard, batch);
 }
 
 /// The retained bucket: writes this node's retained updates in order, and
@@ -1374,7 +1360,7 @@ async fn watch_retained(bridge: &Shared, store: &kv::Store) -> Result<(), String
             retain_stamp: retained::stamp(entry.revision),
             ..message
         };
-        let queues = bridge.borrow().to_shards.clone();
+        let queues = bridge.borrow().to_shards.queues().to_vec();
         for queue in queues {
             // Awaited: a retained update must reach every replica.
             let _ = queue.send(ToShard::Retained(message.clone())).await;

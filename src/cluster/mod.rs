@@ -6,7 +6,7 @@
 //! the session images a node keeps a while for racing and retrying claims:
 //! [`kept`]). One thread per node, `fanmq-cluster`, runs the NATS
 //! client on tokio ([`bridge`]); shards talk to it only through the queues of
-//! [`link`]. A message published on a node is delivered there as today and
+//! [`link`] (what waits for room in a full one: [`backlog`]). A message published on a node is delivered there as today and
 //! handed to the bridge once, by the shard it entered on; the bridge
 //! publishes it once on the subject of its topic ([`subject`], [`headers`]).
 //! Each node subscribes once per distinct filter over all its shards, and
@@ -14,6 +14,7 @@
 //! without ever handing it on. Without a `[cluster]` NATS URL none of this
 //! runs.
 
+pub mod backlog;
 pub mod bridge;
 pub mod headers;
 pub mod kept;

@@ -774,11 +774,11 @@ async fn claim(bridge: Shared, request: ClaimRequest, number: u64) {
         }
     }
     // In the shard's queue, ahead of anything the bridge sends it after the
-    // grant: a take-over request for the id waits while this answer waits
-    // for room (`Tables::answering`), so it never reaches the shard first.
-    let Some(queue) = bridge.borrow().to_shards.get(request.shard).cloned() else {
-        return;
-    };
+    // grant: a full queue keeps it in the shard's backlog, which nothing
+    // later passes (cluster::backlog: a delivery for the session then finds
+    // the claim attaching); a take-over request for the id, which may go to
+    // another shard, waits while this answer waits for room
+    // (`Tables::answering`), so it never reaches the shard first.
     let published = bridge
         .borrow_mut()
         .local
@@ -789,14 +789,15 @@ async fn claim(bridge: Shared, request: ClaimRequest, number: u64) {
         answer,
         published,
     };
-    let Err(async_channel::TrySendError::Full(answer)) = queue.try_send(answer) else {
+    let Some(in_queue) = bridge.borrow().to_shards.control(request.shard, answer) else {
         return;
     };
     let id = request.client_id;
     answering(&bridge, &id, true);
     // The connection may have gone meanwhile; its claim then ends on the
     // shard (a closed queue: the shard is gone).
-    let _ = queue.send(answer).await;
+    // Closed once it is in the queue.
+    let _ = in_queue.recv().await;
     answering(&bridge, &id, false);
 }
 
@@ -1674,7 +1675,7 @@ async fn hand_over(bridge: Shared, request: TakeoverRequest, reply: async_nats::
             % n;
         (
             b.client.clone(),
-            b.to_shards.get(shard).cloned(),
+            b.to_shards.has(shard).then(|| b.to_shards.clone()),
             shard,
             owned,
         )
@@ -1692,7 +1693,7 @@ async fn hand_over(bridge: Shared, request: TakeoverRequest, reply: async_nats::
     // hand-over).
     let mut shard_done = true;
     let image = match queue {
-        Some(queue) => {
+        Some(to_shards) => {
             let asked = ToShard::Takeover {
                 client_id: client_id.clone(),
                 clean_session: request.clean,
@@ -1706,7 +1707,8 @@ async fn hand_over(bridge: Shared, request: TakeoverRequest, reply: async_nats::
                 while bridge.borrow().ownership.answering.contains_key(&client_id) {
                     tokio::time::sleep(HANDING_POLL).await;
                 }
-                queue.send(asked).await.ok()?;
+                // In order with the marks before it (cluster::backlog).
+                to_shards.control(shard, asked);
                 answered.recv().await.ok()
             };
             // A shard bounds its answer below SHARD_ANSWER; one stuck past
@@ -1901,9 +1903,6 @@ fn drop_here(b: &mut Bridge, client_id: &ByteString, shard: usize) {
         .cluster_reassert_lost
         .fetch_add(1, Ordering::Relaxed);
     let (answer, _) = async_channel::bounded(1);
-    let Some(queue) = b.to_shards.get(shard) else {
-        return;
-    };
     let dropped = ToShard::Takeover {
         client_id: client_id.clone(),
         clean_session: true,
@@ -1911,9 +1910,8 @@ fn drop_here(b: &mut Bridge, client_id: &ByteString, shard: usize) {
         // Nobody waits for the answer, and the session is to end anyway.
         ticket: Ticket::new(),
     };
-    if queue.try_send(dropped).is_err() {
-        debug!("cluster: {client_id:?} not dropped: the shard's queue is full");
-    }
+    // Never dropped: a full queue keeps it in its backlog.
+    b.to_shards.control(shard, dropped);
 }
 
 /// The record of this node for an id, as JSON.

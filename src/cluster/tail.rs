@@ -851,39 +851,33 @@ fn close(bridge: &Shared, shard: usize) -> Option<Collector> {
 /// Tells every shard that `client_id` is being handed over: a shard
 /// holding its session stops giving it messages from NATS, which the
 /// collector has from now on. What closes once every shard has the mark.
+/// Never dropped, and in order with the deliveries (a full queue: behind
+/// its backlog, cluster::backlog): what the bridge read before the mark
+/// reaches the shard before it, what it read after (collected), after.
 fn mark(b: &Bridge, client_id: &ByteString) -> async_channel::Receiver<()> {
     let (done, marked) = async_channel::bounded(1);
-    for queue in &b.to_shards {
+    for shard in 0..b.to_shards.len() {
         let handing = ToShard::Handing {
             client_id: client_id.clone(),
             on: true,
             done: Some(done.clone()),
         };
-        if queue.try_send(handing).is_err() {
-            log::warn!(
-                "cluster: a shard's queue is full: the hand-over of {client_id:?} may give messages twice"
-            );
-        }
+        b.to_shards.control(shard, handing);
     }
     marked
 }
 
 /// Tells every shard that the hand-over of `client_id` ended: never
-/// dropped (waiting for room in a full queue), or a later session of the
+/// dropped (a full queue: behind its backlog), or a later session of the
 /// id here would take nothing from NATS.
 fn unmark(b: &Bridge, client_id: &ByteString) {
-    for queue in &b.to_shards {
+    for shard in 0..b.to_shards.len() {
         let handing = ToShard::Handing {
             client_id: client_id.clone(),
             on: false,
             done: None,
         };
-        if let Err(async_channel::TrySendError::Full(handing)) = queue.try_send(handing) {
-            let queue = queue.clone();
-            tokio::task::spawn_local(async move {
-                let _ = queue.send(handing).await;
-            });
-        }
+        b.to_shards.control(shard, handing);
     }
 }
 
