@@ -1449,7 +1449,20 @@ fn nats_cluster_slow_route(test: &str) -> Option<(Vec<Nats>, [SlowRoute; 2])> {
     })
 }
 
-/// Moves persistent session `wanderer` (subscribed to `win/#` at QoS 1)
+/// [`moving_while_subscribed`] to `win/#`.
+fn moving_while_publishing(
+    nodes: [&Broker; 3],
+    publishers: &[usize],
+    topic: &'static str,
+    kind: (bool, bool),
+    routed: impl FnOnce(),
+    moving: impl FnMut(usize),
+) {
+    moving_while_subscribed("win/#", nodes, publishers, topic, kind, routed, moving);
+}
+
+/// Moves persistent session `wanderer` (subscribed to `filter` at QoS 1:
+/// `win/#`, or a shared subscription of it)
 /// between nodes A and B (`nodes[0]`, `nodes[1]`; on A first) 8 times
 /// while one publisher on each node of `publishers` (indexes into
 /// `nodes`; the third is a node the session never visits) publishes a
@@ -1463,7 +1476,8 @@ fn nats_cluster_slow_route(test: &str) -> Option<(Vec<Nats>, [SlowRoute; 2])> {
 /// each move to `nodes[i]`. Not `complete`: only once and in order (with a
 /// NATS cluster of several servers a message can be lost at a move:
 /// docs/design/cluster.md §9; how many is printed).
-fn moving_while_publishing(
+fn moving_while_subscribed(
+    filter: &str,
     nodes: [&Broker; 3],
     publishers: &[usize],
     topic: &'static str,
@@ -1474,7 +1488,7 @@ fn moving_while_publishing(
     let [a, b, _] = nodes;
     let id = "wanderer";
     let (mut sub, _) = persistent(a.port, id);
-    sub.subscribe("win/#", QoS::AtLeastOnce);
+    sub.subscribe(filter, QoS::AtLeastOnce);
     let mut others = Vec::new();
     if bystanders {
         for (i, node) in [a, b].into_iter().enumerate() {
@@ -1615,6 +1629,49 @@ fn a_session_moving_between_nodes_misses_nothing_published_on_all_three() {
         "cluster hand-over window, publishers on A, B, C",
         true,
         &[0, 1, 2],
+    );
+}
+
+/// [`a_session_moving_between_nodes_misses_nothing_published_on_a_third_meanwhile`]
+/// with the session subscribed to `$share/g/win/#`, the group's only
+/// member: while it moves, the group had no member on A after the
+/// eviction and none on B before the attach, and NATS gave what came
+/// meanwhile to nobody (tens of numbers lost a run on the code before).
+#[test]
+fn a_session_moving_between_nodes_with_a_shared_subscription_misses_nothing() {
+    moving_shared("cluster hand-over window, shared subscription", &[2]);
+}
+
+/// [`a_session_moving_between_nodes_with_a_shared_subscription_misses_nothing`]
+/// with a publisher on each of A, B and C: a node's own publishes reach
+/// the group through NATS's queue group too (design §7), so the moving
+/// session's share gets them as it gets the third node's.
+#[test]
+fn a_session_moving_between_nodes_with_a_shared_subscription_misses_nothing_of_all_three() {
+    moving_shared(
+        "cluster hand-over window, shared subscription, publishers on A, B, C",
+        &[0, 1, 2],
+    );
+}
+
+/// The shared subscription move tests: [`moving_while_subscribed`] to
+/// `$share/g/win/#` on one NATS server, publishers on `publishers`.
+fn moving_shared(test: &str, publishers: &[usize]) {
+    let Some(nats) = Nats::start(test) else {
+        return;
+    };
+    let (a, b, c) = (nats.node("a"), nats.node("b"), nats.node("c"));
+    let routed = || nats.wait_subscriptions("fanmq.t.win.>", 1);
+    let nodes = [&a, &b, &c];
+    let kind = (false, true);
+    moving_while_subscribed(
+        "$share/g/win/#",
+        nodes,
+        publishers,
+        "win/n",
+        kind,
+        routed,
+        |_| {},
     );
 }
 
