@@ -1135,8 +1135,8 @@ async fn read_queue_subscription(
                 None => shards.push((to, named)),
             }
         }
-        let mut per_shard: HashMap<(usize, Option<ByteString>), Vec<(ByteString, Message)>> =
-            HashMap::new();
+        // Each shard's batch, by its place in `shards`.
+        let mut per_shard: Vec<Vec<(ByteString, Message)>> = vec![Vec::new(); shards.len()];
         for (i, message) in batch.into_iter().enumerate() {
             // The escaped subject carries every unmappable topic.
             if !topic::filter_matches(&filter, &message.topic) {
@@ -1148,16 +1148,16 @@ async fn read_queue_subscription(
                 moving.offer_shared(pseudo, &share, *origin, &message);
                 continue;
             }
-            let Some(shard) = shards.get(held.turn % shards.len().max(1)) else {
+            let Some(batch) = per_shard.get_mut(held.turn % shards.len().max(1)) else {
                 continue;
             };
             held.turn = held.turn.wrapping_add(1);
-            per_shard
-                .entry(shard.clone())
-                .or_default()
-                .push((share.clone(), message));
+            batch.push((share.clone(), message));
         }
-        for ((shard, named), batch) in per_shard {
+        for ((shard, named), batch) in shards.into_iter().zip(per_shard) {
+            if batch.is_empty() {
+                continue;
+            }
             let batch = match named {
                 Some(client_id) => ToShard::DeliverSharedFor { client_id, batch },
                 None => ToShard::DeliverShared(batch),
