@@ -211,7 +211,7 @@ fn batch_len(batch: &ToShard) -> u64 {
         ToShard::Deliver { messages, .. } | ToShard::DeliverExcept { messages, .. } => {
             messages.len()
         }
-        ToShard::DeliverShared(batch) => batch.len(),
+        ToShard::DeliverShared(batch) | ToShard::DeliverSharedFor { batch, .. } => batch.len(),
         _ => 1,
     }) as u64
 }

@@ -97,6 +97,9 @@ struct Held {
     /// holds one per member, up to [`MAX_SHARE_WEIGHT`]: NATS picks among
     /// them all.
     extra: Vec<Vec<JoinHandle<()>>>,
+    /// For a shared subscription: tells its readers to drain their queue
+    /// subscriptions ([`drain_shares`]).
+    drain: Option<tokio::sync::watch::Sender<bool>>,
 }
 
 impl Held {
@@ -714,8 +717,9 @@ async fn add_interest(bridge: &Shared, shard: usize, filter: ByteString) -> ToFl
                 subjects.push(subject::escaped_subject(&root));
             }
             let queue = subject::queue_group(&root, group, inner);
-            let readers = queue_readers(bridge, &subjects, &queue, &filter, inner).await;
-            (subjects, false, readers, true)
+            let (drain, _) = tokio::sync::watch::channel(false);
+            let readers = queue_readers(bridge, &subjects, &queue, &filter, inner, &drain).await;
+            (subjects, false, readers, Some(drain))
         }
         None => {
             let (subjects, escaped) = subject::filter_subjects(&root, &filter);
@@ -731,7 +735,7 @@ async fn add_interest(bridge: &Shared, shard: usize, filter: ByteString) -> ToFl
                     Err(e) => warn!("cluster: cannot subscribe to {s}: {e}"),
                 }
             }
-            (subjects, escaped, readers, false)
+            (subjects, escaped, readers, None)
         }
     };
     {
@@ -751,12 +755,14 @@ async fn add_interest(bridge: &Shared, shard: usize, filter: ByteString) -> ToFl
                 subjects,
                 escaped,
                 turn: 0,
-                weights: if queued {
+                // A moving session's hold is no member (`tail::is_pseudo`).
+                weights: if queued.is_some() && !tail::is_pseudo(shard) {
                     HashMap::from([(shard, 1)])
                 } else {
                     HashMap::new()
                 },
                 extra: Vec::new(),
+                drain: queued.clone(),
             },
         );
     }
@@ -764,8 +770,8 @@ async fn add_interest(bridge: &Shared, shard: usize, filter: ByteString) -> ToFl
         ensure_escaped_reader(bridge).await;
     }
     ToFlush {
-        data: !queued,
-        queue: queued,
+        data: queued.is_none(),
+        queue: queued.is_some(),
     }
 }
 
@@ -781,19 +787,28 @@ async fn add_member(bridge: &Shared, shard: usize, share: &ByteString) -> Option
     else {
         return None;
     };
-    let (subjects, queue) = {
+    let (subjects, queue, drain) = {
         let mut b = bridge.borrow_mut();
         let root = b.root.clone();
         let held = b.filters.get_mut(share)?;
         held.shards.insert(shard);
+        if tail::is_pseudo(shard) {
+            // A moving session's hold: no member, no copy of its own.
+            return Some(ToFlush::default());
+        }
         *held.weights.entry(shard).or_insert(0) += 1;
         if 1 + held.extra.len() >= held.copies_wanted() {
             return Some(ToFlush::default());
         }
         let queue = subject::queue_group(&root, name, inner);
-        (held.subjects.clone(), queue)
+        let (drain, _) = tokio::sync::watch::channel(false);
+        (
+            held.subjects.clone(),
+            queue,
+            held.drain.clone().unwrap_or(drain),
+        )
     };
-    let readers = queue_readers(bridge, &subjects, &queue, share, inner).await;
+    let readers = queue_readers(bridge, &subjects, &queue, share, inner, &drain).await;
     let mut b = bridge.borrow_mut();
     b.status
         .figures
@@ -815,13 +830,14 @@ async fn add_member(bridge: &Shared, shard: usize, share: &ByteString) -> Option
 
 /// Queue subscriptions of the shared subscription `share` (Topic Filter
 /// `inner`) in NATS queue group `queue`, one per subject, each with its
-/// reader task.
+/// reader task, which drains its subscription when `drain` says so.
 async fn queue_readers(
     bridge: &Shared,
     subjects: &[String],
     queue: &str,
     share: &ByteString,
     inner: &str,
+    drain: &tokio::sync::watch::Sender<bool>,
 ) -> Vec<JoinHandle<()>> {
     let client = bridge.borrow().queue_client.clone();
     let mut readers = Vec::with_capacity(subjects.len());
@@ -832,6 +848,7 @@ async fn queue_readers(
                 share.clone(),
                 ByteString::from(inner),
                 sub,
+                drain.subscribe(),
             ))),
             Err(e) => warn!("cluster: cannot subscribe to {s} in queue {queue}: {e}"),
         }
@@ -1065,36 +1082,160 @@ async fn read_subscription(
 /// Reads one queue subscription of the shared subscription `share` (whose
 /// Topic Filter is `filter`): NATS gave each message to this node alone,
 /// so each goes to one shard with a member, in turn, which picks one of
-/// its members.
+/// its members; while a moving session's collector holds `share`
+/// ([`tail::Moving::shared_collector`]), each QoS 1/2 message goes to it
+/// instead, and a new owner's hold forwarded after its grant names the
+/// session to the claim's shard ([`ToShard::DeliverSharedFor`]). Once
+/// `drain` says so, unsubscribes and reads what the server sent before it
+/// processed that, then ends ([`drain_shares`]).
 async fn read_queue_subscription(
     bridge: Shared,
     share: ByteString,
     filter: ByteString,
     mut sub: async_nats::Subscriber,
+    mut drain: tokio::sync::watch::Receiver<bool>,
 ) {
-    while let Some((batch, _)) = next_batch(&bridge, &mut sub).await {
+    let mut draining = false;
+    loop {
+        let next = tokio::select! {
+            next = next_batch(&bridge, &mut sub) => next,
+            changed = drain.changed(), if !draining => {
+                draining = true;
+                if changed.is_ok() && *drain.borrow() {
+                    // UNSUB, then a PING: the stream ends at the PONG, after
+                    // everything the server sent before the UNSUB.
+                    if let Err(e) = sub.drain().await {
+                        debug!("cluster: cannot drain a queue subscription of {share}: {e}");
+                        return;
+                    }
+                }
+                continue;
+            }
+        };
+        let Some((batch, origins)) = next else {
+            return;
+        };
         let mut b = bridge.borrow_mut();
-        let Some(held) = b.filters.get_mut(&share) else {
+        let collector = if origins.is_empty() {
+            None
+        } else {
+            b.moving.shared_collector(&share)
+        };
+        let Bridge {
+            filters, moving, ..
+        } = &mut *b;
+        let Some(held) = filters.get_mut(&share) else {
             continue;
         };
-        let shards: Vec<usize> = held.shards.iter().copied().collect();
-        let mut per_shard: HashMap<usize, Vec<(ByteString, Message)>> = HashMap::new();
-        for message in batch {
+        // Each shard once, named for a moving session when a forwarded hold
+        // targets it (the named session first, else another member there):
+        // one batch per shard, in the order NATS gave them.
+        let mut shards: Vec<(usize, Option<ByteString>)> = Vec::new();
+        for (to, named) in held.shards.iter().filter_map(|&s| moving.shared_target(s)) {
+            match shards.iter_mut().find(|(s, _)| *s == to) {
+                Some(known) => known.1 = known.1.take().or(named),
+                None => shards.push((to, named)),
+            }
+        }
+        // Each shard's batch, by its place in `shards`.
+        let mut per_shard: Vec<Vec<(ByteString, Message)>> = vec![Vec::new(); shards.len()];
+        for (i, message) in batch.into_iter().enumerate() {
             // The escaped subject carries every unmappable topic.
             if !topic::filter_matches(&filter, &message.topic) {
                 continue;
             }
-            let Some(&shard) = shards.get(held.turn % shards.len().max(1)) else {
+            if let (Some(pseudo), Some(Some(origin))) = (collector, origins.get(i))
+                && message.qos != QoS::AtMostOnce
+            {
+                moving.offer_shared(pseudo, &share, *origin, &message);
+                continue;
+            }
+            let Some(batch) = per_shard.get_mut(held.turn % shards.len().max(1)) else {
                 continue;
             };
             held.turn = held.turn.wrapping_add(1);
-            per_shard
-                .entry(shard)
-                .or_default()
-                .push((share.clone(), message));
+            batch.push((share.clone(), message));
         }
-        for (shard, batch) in per_shard {
-            deliver(&b, shard, ToShard::DeliverShared(batch));
+        for ((shard, named), batch) in shards.into_iter().zip(per_shard) {
+            if batch.is_empty() {
+                continue;
+            }
+            let batch = match named {
+                Some(client_id) => ToShard::DeliverSharedFor { client_id, batch },
+                None => ToShard::DeliverShared(batch),
+            };
+            deliver(&b, shard, batch);
+        }
+    }
+}
+
+/// The old owner answers pseudo shard `pseudo`'s tail request: each of
+/// `shares` (the moving session's shared subscriptions) that only that
+/// hold keeps on this node leaves its group here: its readers unsubscribe
+/// and read, into the still open collector, what the server sent before
+/// (at most [`FLUSH_TIMEOUT`], then they are ended), and the node no
+/// longer holds it. From the server's UNSUB on NATS gives the group's
+/// messages to the new owner's membership, which is live since before the
+/// request: each reaches one of the two. A member that joined on this node
+/// meanwhile subscribes anew; another pseudo shard's hold of it ends (a
+/// hold forwarded to a claim's shard of a session that left again: it
+/// would take messages for no member). A share that a real shard here
+/// holds too keeps its subscriptions (this node still has members).
+pub(super) async fn drain_shares(bridge: &Shared, pseudo: usize, shares: &[ByteString]) {
+    let mut readers = Vec::new();
+    {
+        let b = bridge.borrow();
+        for share in shares {
+            let Some(held) = b.filters.get(share) else {
+                continue;
+            };
+            let only = held
+                .shards
+                .iter()
+                .all(|&s| s == pseudo || tail::is_pseudo(s));
+            if let (true, Some(drain)) = (only && held.weights.is_empty(), &held.drain) {
+                let _ = drain.send(true);
+                readers.push(share.clone());
+            }
+        }
+    }
+    let mut tasks = Vec::new();
+    for share in &readers {
+        let mut b = bridge.borrow_mut();
+        if let Some(held) = b.filters.get_mut(share) {
+            tasks.append(&mut held.readers);
+            tasks.extend(held.extra.drain(..).flatten());
+        }
+    }
+    let status = bridge.borrow().status.clone();
+    let ended = tokio::time::timeout(FLUSH_TIMEOUT, async {
+        for task in &mut tasks {
+            let _ = task.await;
+        }
+    })
+    .await;
+    if ended.is_err() {
+        debug!("cluster: a queue subscription did not drain within {FLUSH_TIMEOUT:?}");
+    }
+    drop_readers(&status, tasks);
+    // No longer held here; a member that joined meanwhile subscribes anew.
+    let mut b = bridge.borrow_mut();
+    for share in readers {
+        let Some(held) = b.filters.remove(&share) else {
+            continue;
+        };
+        let Some(queue) = &b.interest_queue else {
+            continue;
+        };
+        for (&shard, &weight) in &held.weights {
+            for _ in 0..weight {
+                let _ = queue.try_send(Interest {
+                    shard,
+                    filter: share.clone(),
+                    add: true,
+                    ready: None,
+                });
+            }
         }
     }
 }

@@ -262,6 +262,17 @@ pub enum ToShard {
     /// Messages NATS gave this node for a shared subscription (the whole
     /// `$share/...` filter), each to one member of the group on the shard.
     DeliverShared(Vec<(ByteString, Message)>),
+    /// Messages NATS gave this node for shared subscriptions of session
+    /// `client_id`, which moved here and holds them through the bridge
+    /// until its own membership does (`cluster::tail`): each to that
+    /// session, kept for it while its claim attaches
+    /// (`Shard::deliver_shared_for`).
+    DeliverSharedFor {
+        /// The moving session.
+        client_id: ByteString,
+        /// (share, message) as for `DeliverShared`.
+        batch: Vec<(ByteString, Message)>,
+    },
     /// A retained message (empty payload: a delete) from the cluster's
     /// bucket, stamped with its revision: applied to the shard's replica,
     /// never delivered.

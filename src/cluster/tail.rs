@@ -48,12 +48,19 @@
 //! origin whose first came to B during the request B names in a second
 //! request ([`uncovered`]), A collecting on until then.
 //!
-//! Not covered: QoS 0 (an offline session keeps none), shared
-//! subscriptions, a tail over [`MAX_TAIL`], and, with several NATS
-//! servers, a message that reached A only after its first answer of an
-//! origin B had nothing of by then, or after A gave up waiting (counted:
-//! `cluster_tails_behind`); if A does not answer in time B attaches what
-//! it has (counted: `cluster_tails_missed`).
+//! Shared subscriptions: both nodes hold the session's shares meanwhile
+//! (so the group keeps a member), every message NATS gives either node
+//! for them is the session's, the old owner drains its queue
+//! subscriptions before it answers, and the new owner delivers both
+//! nodes' in order per origin ([`merge_shared`]).
+//!
+//! Not covered: QoS 0 (an offline session keeps none), a tail over
+//! [`MAX_TAIL`], and, with several NATS servers, a message that reached
+//! A only after its first answer of an origin B had nothing of by then,
+//! or after A gave up waiting (counted: `cluster_tails_behind`); shared
+//! subscriptions with several NATS servers are not covered by that wait
+//! nor by the doubles window; if A does not answer in time B attaches
+//! what it has (counted: `cluster_tails_missed`).
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -62,7 +69,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use bytestring::ByteString;
 
-use crate::cluster::bridge::{Bridge, Shared};
+use crate::cluster::bridge::{Bridge, Shared, drain_shares};
 use crate::cluster::headers::Origin;
 use crate::cluster::link::{Interest, ToShard};
 use crate::cluster::positions;
@@ -115,8 +122,16 @@ pub struct Collector {
     /// The session's subscriptions (shared ones left out): filter, QoS
     /// granted.
     pub filters: Vec<(ByteString, QoS)>,
-    /// What was collected, in the order it came.
+    /// The session's shared subscriptions (the whole `$share/...` filter),
+    /// QoS granted: while the collector collects, every message NATS gives
+    /// this node for one of them is the session's ([`Collector::offer_shared`]).
+    pub shares: Vec<(ByteString, QoS)>,
+    /// What was collected through `filters`, in the order it came.
     pub entries: Vec<(Origin, Message)>,
+    /// What was collected through `shares`, in the order it came: NATS
+    /// gave each to this node alone, so it is merged as its own
+    /// ([`merge_shared`]), not by the rule of `entries` ([`merge`]).
+    pub shared: Vec<(Origin, Message)>,
     /// Bytes of `entries` as [`encode_tail`] writes them.
     bytes: usize,
     /// Set when a message did not fit: nothing more is collected.
@@ -137,7 +152,9 @@ impl Collector {
         Collector {
             client_id,
             filters,
+            shares: Vec::new(),
             entries: Vec::new(),
+            shared: Vec::new(),
             bytes: 0,
             overflowed: false,
             highest: HashMap::new(),
@@ -145,12 +162,31 @@ impl Collector {
         }
     }
 
+    /// The collector with the session's shared subscriptions `shares`.
+    #[must_use]
+    pub fn sharing(mut self, shares: Vec<(ByteString, QoS)>) -> Self {
+        self.shares = shares;
+        self
+    }
+
+    /// `message`, of `origin`, came on a queue subscription of the shared
+    /// subscription `share`, which this node holds for the session: kept
+    /// as [`Collector::offer`] keeps it, at the QoS granted for `share`.
+    pub fn offer_shared(&mut self, share: &str, origin: Origin, message: &Message) {
+        let granted = self.shares.iter().find(|s| s.0 == share).map(|s| s.1);
+        if let Some(kept) = granted.and_then(|granted| self.keep(granted, message)) {
+            self.shared.push((origin, kept));
+        }
+    }
+
     /// `message`, of `origin`, came on the NATS subscription of `filter`:
     /// kept (at the QoS the session takes it) if the session takes it
     /// through that filter ([`takes`]) and it is QoS 1 or 2.
     pub fn offer(&mut self, filter: &str, origin: Origin, message: &Message) {
-        if let Some(granted) = takes(&self.filters, filter, &message.topic) {
-            self.keep(granted, origin, message);
+        if let Some(granted) = takes(&self.filters, filter, &message.topic)
+            && let Some(kept) = self.keep(granted, message)
+        {
+            self.push_plain(origin, kept);
         }
     }
 
@@ -159,20 +195,31 @@ impl Collector {
     /// if any of the session's filters matches its topic ([`takes_any`]),
     /// as the shards match that subject's messages in full.
     pub fn offer_escaped(&mut self, origin: Origin, message: &Message) {
-        if let Some(granted) = takes_any(&self.filters, &message.topic) {
-            self.keep(granted, origin, message);
+        if let Some(granted) = takes_any(&self.filters, &message.topic)
+            && let Some(kept) = self.keep(granted, message)
+        {
+            self.push_plain(origin, kept);
         }
     }
 
-    /// Keeps `message`, of `origin`, at the lower of its QoS and `granted`,
-    /// if that is QoS 1 or 2 and it fits.
-    fn keep(&mut self, granted: QoS, origin: Origin, message: &Message) {
+    /// Adds `kept`, of `origin`, to the plain entries and to how far each
+    /// origin came (`highest`, for the new owner's firsts: shared entries
+    /// do not count, the two nodes get disjoint parts of them).
+    fn push_plain(&mut self, origin: Origin, kept: Message) {
+        let high = self.highest.entry(origin.node).or_insert(origin.seq);
+        *high = (*high).max(origin.seq);
+        self.entries.push((origin, kept));
+    }
+
+    /// `message` as kept, at the lower of its QoS and `granted`, if that is
+    /// QoS 1 or 2 and it fits (counted in the bound).
+    fn keep(&mut self, granted: QoS, message: &Message) -> Option<Message> {
         if self.overflowed || message.qos == QoS::AtMostOnce {
-            return;
+            return None;
         }
         let qos = message.qos.min(granted);
         if qos == QoS::AtMostOnce {
-            return;
+            return None;
         }
         let size = entry_size(message);
         if self.bytes + size > MAX_TAIL {
@@ -181,15 +228,13 @@ impl Collector {
                 self.client_id
             );
             self.overflowed = true;
-            return;
+            return None;
         }
         self.bytes += size;
-        let high = self.highest.entry(origin.node).or_insert(origin.seq);
-        *high = (*high).max(origin.seq);
         let mut kept = message.clone();
         kept.qos = qos;
         kept.retain = false;
-        self.entries.push((origin, kept));
+        Some(kept)
     }
 }
 
@@ -239,6 +284,31 @@ pub fn merge(tail: Vec<(Origin, Message)>, direct: Vec<(Origin, Message)>) -> Ve
         .filter(|(origin, _)| first.get(&origin.node).is_none_or(|&f| origin.seq < f))
         .chain(direct)
         .map(|(_, message)| message)
+        .collect()
+}
+
+/// What the new owner delivers, in order, of the entries that came
+/// through the session's shared subscriptions to the old owner (`tail`)
+/// and to itself (`direct`): all of them, each origin's in the order of
+/// its sequence numbers. NATS gave each message of a queue group to one
+/// node only, so the two are disjoint (the plain rule of [`merge`] would
+/// drop the old owner's after the new owner's first); while both nodes
+/// held the group for the session each got a part of every origin's
+/// stream, in turns. The order across origins is the order of their
+/// places in `tail` then `direct`: each place of an origin takes that
+/// origin's next number.
+pub fn merge_shared(tail: Vec<(Origin, Message)>, direct: Vec<(Origin, Message)>) -> Vec<Message> {
+    let mut all: Vec<(Origin, Message)> = tail.into_iter().chain(direct).collect();
+    let places: Vec<u64> = all.iter().map(|(o, _)| o.node).collect();
+    // Per origin, its entries by sequence number, lowest last (popped first).
+    all.sort_by_key(|(o, _)| (o.node, std::cmp::Reverse(o.seq)));
+    let mut per_origin: HashMap<u64, Vec<Message>> = HashMap::new();
+    for (origin, message) in all {
+        per_origin.entry(origin.node).or_default().push(message);
+    }
+    places
+        .into_iter()
+        .filter_map(|node| per_origin.get_mut(&node).and_then(Vec::pop))
         .collect()
 }
 
@@ -439,27 +509,42 @@ pub fn records(mut bytes: &[u8]) -> Result<Vec<Record>, TailError> {
     Ok(records)
 }
 
+/// The message id of a tail entry's record (unused there, 0) that marks
+/// an entry collected through a shared subscription ([`Collector::shared`]).
+/// An older node reads the id of no tail entry, and so takes such an entry
+/// for a plain one: its merge may leave some out, as before shared
+/// subscriptions were collected.
+const SHARED_ENTRY: u64 = 1;
+
 /// A tail as the old owner sends it: per entry, the origin's node and
-/// sequence number (u64 LE each), then a message record.
-pub fn encode_tail(entries: &[(Origin, Message)]) -> Bytes {
+/// sequence number (u64 LE each), then a message record, whose message id
+/// is [`SHARED_ENTRY`] for the entries of `shared`, 0 for those of
+/// `entries` (first).
+pub fn encode_tail(entries: &[(Origin, Message)], shared: &[(Origin, Message)]) -> Bytes {
     let (now, unix_now) = (Instant::now(), unix_ms_now());
     let mut out = Vec::new();
-    for (origin, message) in entries {
+    let plain = entries.iter().map(|e| (e, 0));
+    for ((origin, message), mid) in plain.chain(shared.iter().map(|e| (e, SHARED_ENTRY))) {
         out.extend_from_slice(&origin.node.to_le_bytes());
         out.extend_from_slice(&origin.seq.to_le_bytes());
         let stored = StoredMessage::of(message, now, unix_now);
-        put_record(&mut out, &Record::Message(0, stored));
+        put_record(&mut out, &Record::Message(mid, stored));
     }
     Bytes::from(out)
 }
 
-/// Reads what [`encode_tail`] wrote (messages expired meanwhile left out).
+/// A tail's entries: plain ones, and those collected through shared
+/// subscriptions.
+pub type Entries = (Vec<(Origin, Message)>, Vec<(Origin, Message)>);
+
+/// Reads what [`encode_tail`] wrote (messages expired meanwhile left out):
+/// the plain entries and the shared ones.
 ///
 /// # Errors
 /// Bytes that are no tail.
-pub fn decode_tail(mut bytes: &[u8]) -> Result<Vec<(Origin, Message)>, TailError> {
+pub fn decode_tail(mut bytes: &[u8]) -> Result<Entries, TailError> {
     let (now, unix_now) = (Instant::now(), unix_ms_now());
-    let mut entries = Vec::new();
+    let (mut entries, mut shared) = (Vec::new(), Vec::new());
     while !bytes.is_empty() {
         let (node, rest) = bytes
             .split_first_chunk::<8>()
@@ -467,7 +552,7 @@ pub fn decode_tail(mut bytes: &[u8]) -> Result<Vec<(Origin, Message)>, TailError
         let (seq, rest) = rest
             .split_first_chunk::<8>()
             .ok_or(TailError::Layout("origin cut short"))?;
-        let (Record::Message(_, stored), rest) = take_record(rest)? else {
+        let (Record::Message(mid, stored), rest) = take_record(rest)? else {
             return Err(TailError::Layout("a record other than a message"));
         };
         let origin = Origin {
@@ -476,11 +561,14 @@ pub fn decode_tail(mut bytes: &[u8]) -> Result<Vec<(Origin, Message)>, TailError
         };
         if let Some(mut message) = stored.to_message(0, now, unix_now) {
             message.qos = stored.qos;
-            entries.push((origin, message));
+            match mid {
+                SHARED_ENTRY => shared.push((origin, message)),
+                _ => entries.push((origin, message)),
+            }
         }
         bytes = rest;
     }
-    Ok(entries)
+    Ok((entries, shared))
 }
 
 /// The plain (not shared) subscriptions of a session image (the store's
@@ -490,6 +578,21 @@ pub fn decode_tail(mut bytes: &[u8]) -> Result<Vec<(Origin, Message)>, TailError
 /// # Errors
 /// Bytes that are no session image.
 pub fn image_filters(image: &[u8]) -> Result<Vec<(ByteString, QoS)>, TailError> {
+    image_subscriptions(image, false)
+}
+
+/// The shared subscriptions of a session image, as [`image_filters`]
+/// reads the plain ones: the whole `$share/...` filter and QoS granted.
+///
+/// # Errors
+/// Bytes that are no session image.
+pub fn image_shares(image: &[u8]) -> Result<Vec<(ByteString, QoS)>, TailError> {
+    image_subscriptions(image, true)
+}
+
+/// The subscriptions of a session image that are shared (`shares`) or
+/// plain.
+fn image_subscriptions(image: &[u8], shares: bool) -> Result<Vec<(ByteString, QoS)>, TailError> {
     let first = records(first_record(image)?)?;
     let Some(Record::SessionImage(session)) = first.into_iter().next() else {
         return Err(TailError::Layout("no session image first"));
@@ -497,7 +600,7 @@ pub fn image_filters(image: &[u8]) -> Result<Vec<(ByteString, QoS)>, TailError> 
     Ok(session
         .subscriptions
         .into_iter()
-        .filter(|s| !shared::is_shared(&s.filter))
+        .filter(|s| shared::is_shared(&s.filter) == shares)
         .map(|s| (s.filter, s.qos))
         .collect())
 }
@@ -548,6 +651,14 @@ pub fn append_to_image(image: &[u8], messages: &[Message]) -> Result<Bytes, Tail
 /// delivery to one goes to no shard's queue (`bridge::deliver`), unless it
 /// is forwarded to the claim's shard ([`Moving::forward`]).
 const PSEUDO_SHARDS: usize = 1 << 40;
+
+/// Whether `shard` of the interest table is a pseudo shard
+/// ([`PSEUDO_SHARDS`]): a hold of a moving session's, which counts as no
+/// member of a shared subscription's group (it asks for no queue
+/// subscription of its own).
+pub(super) fn is_pseudo(shard: usize) -> bool {
+    shard >= PSEUDO_SHARDS
+}
 
 /// Longest the old owner waits for every shard to have a hand-over's mark
 /// (their queues from the bridge drained up to it) before the take-over
@@ -628,6 +739,12 @@ pub(super) struct Moving {
     /// Pseudo shards whose messages go to a real shard: the new owner's
     /// holds after the grant, for the claim's shard.
     forward: HashMap<usize, usize>,
+    /// The client id of each forwarded pseudo shard that holds shared
+    /// subscriptions: what NATS gives this node for them goes to the
+    /// claim's shard named for that session ([`Moving::shared_target`]),
+    /// which keeps it for the attaching claim, as `forward` does a plain
+    /// subscription's messages.
+    named: HashMap<usize, ByteString>,
     /// The old owner's collector of each session it handed over, until
     /// its tail is asked for.
     handed: HashMap<ByteString, usize>,
@@ -703,6 +820,41 @@ impl Moving {
         doubles
     }
 
+    /// The active collector holding the shared subscription `share`, if
+    /// any: it takes every message NATS gives this node for `share`
+    /// (the old owner's from its mark, the new owner's until its grant),
+    /// rather than the shards' members. Each is the session's own: NATS
+    /// gave it to this node alone.
+    pub(super) fn shared_collector(&self, share: &str) -> Option<usize> {
+        self.collectors
+            .iter()
+            .find(|(_, (c, active))| *active && c.shares.iter().any(|s| s.0 == share))
+            .map(|(&shard, _)| shard)
+    }
+
+    /// `message`, of `origin`, came for the shared subscription `share`:
+    /// collected by the collector of pseudo shard `shard`.
+    pub(super) fn offer_shared(
+        &mut self,
+        shard: usize,
+        share: &str,
+        origin: Origin,
+        message: &Message,
+    ) {
+        if let Some((collector, true)) = self.collectors.get_mut(&shard) {
+            collector.offer_shared(share, origin, message);
+        }
+    }
+
+    /// Where a shared subscription's message for `shard` of the interest
+    /// table goes: a real shard to one of its members, a forwarded pseudo
+    /// shard to the claim's shard named for its session (None: to no
+    /// shard).
+    pub(super) fn shared_target(&self, shard: usize) -> Option<(usize, Option<ByteString>)> {
+        let to = self.target(shard)?;
+        Some((to, self.named.get(&shard).cloned()))
+    }
+
     /// The shard a delivery to `shard` of the interest table goes to: a
     /// real one itself, a pseudo one where it is forwarded.
     pub(super) fn target(&self, shard: usize) -> Option<usize> {
@@ -771,13 +923,21 @@ impl Moving {
 
     /// The collector of pseudo shard `pseudo` stops collecting, and from
     /// now on what its holds bring goes to shard `shard` (for a claim
-    /// attaching there): what it collected, in the order it came.
+    /// attaching there; its shares' messages named for the session, as
+    /// after a new owner's grant): what it collected, in the order it
+    /// came, then what came through the shares (this node's alone: NATS
+    /// gave each to one member).
     fn collected_for(&mut self, pseudo: usize, shard: usize) -> Vec<(Origin, Message)> {
         self.forward.insert(pseudo, shard);
-        self.collectors
-            .remove(&pseudo)
-            .map(|c| c.0.entries)
-            .unwrap_or_default()
+        let Some((collector, _)) = self.collectors.remove(&pseudo) else {
+            return Vec::new();
+        };
+        if !collector.shares.is_empty() {
+            self.named.insert(pseudo, collector.client_id.clone());
+        }
+        let mut collected = collector.entries;
+        collected.extend(collector.shared);
+        collected
     }
 
     /// Opens `collector` (collecting at once if `active`): its pseudo
@@ -785,10 +945,9 @@ impl Moving {
     fn open(&mut self, collector: Collector, active: bool) -> usize {
         self.next += 1;
         let shard = PSEUDO_SHARDS + self.next;
-        self.holds.insert(
-            shard,
-            collector.filters.iter().map(|f| f.0.clone()).collect(),
-        );
+        let held = collector.filters.iter().chain(&collector.shares);
+        self.holds
+            .insert(shard, held.map(|f| f.0.clone()).collect());
         self.collectors.insert(shard, (collector, active));
         shard
     }
@@ -833,6 +992,7 @@ fn close(bridge: &Shared, shard: usize) -> Option<Collector> {
     let mut b = bridge.borrow_mut();
     let collector = b.moving.collectors.remove(&shard).map(|c| c.0);
     b.moving.forward.remove(&shard);
+    b.moving.named.remove(&shard);
     b.moving.delivered.remove(&shard);
     let filters = b.moving.holds.remove(&shard).unwrap_or_default();
     if let Some(queue) = &b.interest_queue {
@@ -895,16 +1055,18 @@ pub(super) async fn collect_for_hand_over(
     }
     let image = bridge.borrow().moving.subscribed.get(client_id).cloned()?;
     let filters = image_filters(&image).ok()?;
-    if filters.is_empty() {
+    let shares = image_shares(&image).ok()?;
+    if filters.is_empty() && shares.is_empty() {
         return None;
     }
-    let shard = bridge
-        .borrow_mut()
-        .moving
-        .open(Collector::new(client_id.clone(), filters.clone()), false);
+    let collector = Collector::new(client_id.clone(), filters.clone()).sharing(shares.clone());
+    let shard = bridge.borrow_mut().moving.open(collector, false);
     // Held already (the session's own): the bridge answers at once, unless
-    // its interest queue is behind a NATS server's confirmation.
-    hold(bridge, shard, &filters, Instant::now() + MARK_WAIT).await;
+    // its interest queue is behind a NATS server's confirmation. The
+    // shares' queue subscriptions stay while the session's membership
+    // leaves with its eviction.
+    let held: Vec<_> = filters.into_iter().chain(shares).collect();
+    hold(bridge, shard, &held, Instant::now() + MARK_WAIT).await;
     // From here on the collector has what NATS brings, and the shards
     // stop giving it to the session: nothing in both, nothing in neither.
     let marked = {
@@ -1094,6 +1256,16 @@ async fn answer_tail(bridge: Shared, client: async_nats::Client, request: async_
     };
     if let Some(shard) = shard {
         wait_for_firsts(&bridge, id, shard, &firsts).await;
+        // What NATS gave this node for the session's shares up to its
+        // leaving the groups is collected, the rest goes to the new
+        // owner's membership (bridge::drain_shares): before the first
+        // answer, which so has every shared entry (a second answer has
+        // none; a share drained already is not held any more).
+        let shares = bridge.borrow().moving.collectors.get(&shard).map(|c| {
+            let shares = c.0.shares.iter();
+            shares.map(|s| s.0.clone()).collect::<Vec<_>>()
+        });
+        drain_shares(&bridge, shard, &shares.unwrap_or_default()).await;
     }
     let taken = shard.and_then(|shard| take_answer(&bridge, id, shard, keep));
     let sent = match taken {
@@ -1106,8 +1278,9 @@ async fn answer_tail(bridge: Shared, client: async_nats::Client, request: async_
                 None
             };
             log::debug!(
-                "cluster: tail of {id:?}: {} messages{}{}",
+                "cluster: tail of {id:?}: {} messages, {} shared{}{}",
                 c.entries.len(),
+                c.shared.len(),
                 if c.overflowed { ", overflowed" } else { "" },
                 if keep { ", collecting on" } else { "" }
             );
@@ -1119,7 +1292,7 @@ async fn answer_tail(bridge: Shared, client: async_nats::Client, request: async_
             if keep {
                 headers.insert(OPEN_HEADER, "1");
             }
-            let tail = encode_tail(&c.entries);
+            let tail = encode_tail(&c.entries, &c.shared);
             client.publish_with_headers(reply, headers, tail).await
         }
         None => {
@@ -1196,6 +1369,7 @@ fn take_answer(bridge: &Shared, id: &str, shard: usize, keep: bool) -> Option<(C
         c.bytes = 0;
         let mut sent = Collector::new(c.client_id.clone(), c.filters.clone());
         sent.entries = std::mem::take(&mut c.entries);
+        sent.shared = std::mem::take(&mut c.shared);
         sent.overflowed = c.overflowed;
         return Some((sent, first));
     }
@@ -1251,10 +1425,10 @@ pub(super) async fn complete(
     (owner, shard, token, deadline): (&str, usize, u64, Instant),
     image: Bytes,
 ) -> Bytes {
-    let Ok(filters) = image_filters(&image) else {
+    let (Ok(filters), Ok(shares)) = (image_filters(&image), image_shares(&image)) else {
         return image;
     };
-    if filters.is_empty() {
+    if filters.is_empty() && shares.is_empty() {
         return image;
     }
     let (client, root, timeout, status) = {
@@ -1266,11 +1440,13 @@ pub(super) async fn complete(
             b.status.clone(),
         )
     };
-    let pseudo = bridge
-        .borrow_mut()
-        .moving
-        .open(Collector::new(client_id.clone(), filters.clone()), true);
-    hold(bridge, pseudo, &filters, deadline).await;
+    let sharing = !shares.is_empty();
+    let collector = Collector::new(client_id.clone(), filters.clone()).sharing(shares.clone());
+    let pseudo = bridge.borrow_mut().moving.open(collector, true);
+    // The shares' queue subscriptions too: this node is in the groups
+    // before the old owner leaves them.
+    let held: Vec<_> = filters.iter().cloned().chain(shares).collect();
+    hold(bridge, pseudo, &held, deadline).await;
     let left = deadline.saturating_duration_since(Instant::now());
     // What this node publishes from here on reaches the old owner after
     // the request: the claim's shard has it (cluster::positions).
@@ -1294,7 +1470,7 @@ pub(super) async fn complete(
     let_readers_run().await;
     let mut cover = None;
     let mut open = false;
-    let mut tail = match answer {
+    let tail = match answer {
         Ok(Ok(msg)) if !has_header(&msg, NO_TAIL_HEADER) => {
             cover = positions::cover_of(msg.headers.as_ref());
             open = has_header(&msg, OPEN_HEADER);
@@ -1308,6 +1484,10 @@ pub(super) async fn complete(
             None
         }
         Err(_) => None,
+    };
+    let (mut tail, mut tail_shared) = match tail {
+        Some((plain, shared)) => (Some(plain), shared),
+        None => (None, Vec::new()),
     };
     if open {
         // Origins whose first here came after the request: the old owner
@@ -1343,7 +1523,10 @@ pub(super) async fn complete(
             match (answer, tail.as_mut()) {
                 (Ok(Ok(msg)), Some(tail)) if !has_header(&msg, NO_TAIL_HEADER) => {
                     match decode_tail(&msg.payload) {
-                        Ok(more) => tail.extend(more),
+                        Ok((more, more_shared)) => {
+                            tail.extend(more);
+                            tail_shared.extend(more_shared);
+                        }
                         Err(e) => log::debug!("cluster: tail of {client_id:?}: {e}"),
                     }
                 }
@@ -1356,11 +1539,14 @@ pub(super) async fn complete(
     }
     // No await from here to the grant in the shard's queue: what the holds
     // bring after this goes to the shard, behind the grant.
-    let (mut tail, mut direct) = (tail, {
+    let (mut tail, (mut direct, direct_shared)) = (tail, {
         let mut b = bridge.borrow_mut();
         let collector = b.moving.collectors.remove(&pseudo).map(|c| c.0);
         b.moving.forward.insert(pseudo, shard);
-        collector.map(|c| c.entries).unwrap_or_default()
+        if sharing {
+            b.moving.named.insert(pseudo, client_id.clone());
+        }
+        collector.map(|c| (c.entries, c.shared)).unwrap_or_default()
     });
     let own = (bridge.borrow().origin, before, cover);
     let mut none = Vec::new();
@@ -1388,9 +1574,11 @@ pub(super) async fn complete(
         (entries.len(), seqs.clone().min(), seqs.max())
     };
     log::debug!(
-        "cluster: move of {client_id:?} from {owner}: tail {:?}, here {:?} (count, lowest, highest)",
+        "cluster: move of {client_id:?} from {owner}: tail {:?}, here {:?}, shared {:?} and {:?} (count, lowest, highest)",
         span(&tail),
-        span(&direct)
+        span(&direct),
+        span(&tail_shared),
+        span(&direct_shared)
     );
     let direct = after_hand_over(&tail, direct);
     let highs = delivered_highs(&tail, &direct);
@@ -1403,7 +1591,8 @@ pub(super) async fn complete(
         };
         bridge.borrow_mut().moving.delivered.insert(pseudo, moved);
     }
-    let merged = merge(tail, direct);
+    let mut merged = merge(tail, direct);
+    merged.extend(merge_shared(tail_shared, direct_shared));
     match append_to_image(&image, &merged) {
         Ok(appended) => appended,
         Err(e) => {
@@ -1865,8 +2054,9 @@ mod tests {
         let mut two = message("a/b", "two");
         two.qos = QoS::ExactlyOnce;
         let entries = vec![entry(5, 1), (Origin { node: 6, seq: 2 }, two)];
-        let bytes = encode_tail(&entries);
-        let back = decode_tail(&bytes).unwrap();
+        let bytes = encode_tail(&entries, &[]);
+        let (back, shared) = decode_tail(&bytes).unwrap();
+        assert!(shared.is_empty());
         assert_eq!(back.len(), 2);
         assert_eq!(back[0].0, Origin { node: 5, seq: 1 });
         assert_eq!(back[1].0, Origin { node: 6, seq: 2 });
@@ -1875,6 +2065,86 @@ mod tests {
         assert_eq!(&back[1].1.payload[..], b"two");
         assert!(decode_tail(&bytes[..bytes.len() - 1]).is_err());
         assert!(decode_tail(&[1, 2, 3]).is_err());
-        assert!(decode_tail(&[]).unwrap().is_empty());
+        assert!(decode_tail(&[]).unwrap().0.is_empty());
+    }
+
+    /// A tail's shared entries read back as shared, its plain ones as
+    /// plain, each in order; without shared entries the bytes are those
+    /// of a tail of before (an entry's message id 0), and a reader that
+    /// ignores the id (an older node) reads every entry.
+    #[test]
+    fn a_tails_shared_entries_read_back_as_shared() {
+        let plain = vec![entry(5, 1), entry(5, 3)];
+        let shared = vec![entry(5, 2), entry(7, 9)];
+        let bytes = encode_tail(&plain, &shared);
+        let (back, back_shared) = decode_tail(&bytes).unwrap();
+        let seqs = |e: &[(Origin, Message)]| e.iter().map(|e| e.0.seq).collect::<Vec<_>>();
+        assert_eq!(seqs(&back), [1, 3]);
+        assert_eq!(seqs(&back_shared), [2, 9]);
+        assert_eq!(back_shared[1].0.node, 7);
+        // Shared entries' records differ from plain ones in the id only.
+        let all_plain = encode_tail(&[plain.clone(), shared.clone()].concat(), &[]);
+        assert_eq!(bytes.len(), all_plain.len());
+        assert_ne!(bytes, all_plain);
+        let (back, back_shared) = decode_tail(&all_plain).unwrap();
+        assert_eq!((back.len(), back_shared.len()), (4, 0));
+    }
+
+    /// The old owner's and the new owner's shared entries are disjoint
+    /// (NATS gave each to one node): all of them are delivered, each
+    /// origin's in order of its numbers, where the plain merge would drop
+    /// the tail's after the new owner's first.
+    #[test]
+    fn shared_entries_of_both_owners_are_all_delivered_in_order_per_origin() {
+        // Origin 1 alternated between the nodes while both held the
+        // group; origin 2 reached the old owner only, origin 3 the new.
+        let tail = vec![entry(1, 1), entry(2, 5), entry(1, 3), entry(1, 4)];
+        let direct = vec![entry(1, 2), entry(3, 1), entry(1, 5), entry(2, 6)];
+        let got = payloads(&merge_shared(tail.clone(), direct.clone()));
+        assert_eq!(
+            got,
+            ["1:1", "2:5", "1:2", "1:3", "1:4", "3:1", "1:5", "2:6"]
+        );
+        // The plain rule would have lost 1:3 and 1:4.
+        assert_eq!(merge(tail, direct).len(), 6);
+        assert!(merge_shared(vec![], vec![]).is_empty());
+        assert_eq!(payloads(&merge_shared(vec![entry(4, 2)], vec![])), ["4:2"]);
+    }
+
+    /// A collector with shares keeps a shared subscription's QoS 1/2
+    /// messages apart from its plain ones, at the QoS granted for that
+    /// share; nothing for a share it does not hold, nor QoS 0.
+    #[test]
+    fn a_collector_keeps_a_shares_messages_apart() {
+        let filters = vec![(ByteString::from("a/#"), QoS::AtLeastOnce)];
+        let shares = vec![(ByteString::from("$share/g/a/#"), QoS::AtLeastOnce)];
+        let mut c = Collector::new("x".into(), filters).sharing(shares);
+        let o = |seq| Origin { node: 3, seq };
+        let mut two = message("a/b", "two");
+        two.qos = QoS::ExactlyOnce;
+        c.offer_shared("$share/g/a/#", o(1), &two);
+        c.offer_shared("$share/h/a/#", o(2), &message("a/b", "other group"));
+        let mut zero = message("a/b", "zero");
+        zero.qos = QoS::AtMostOnce;
+        c.offer_shared("$share/g/a/#", o(3), &zero);
+        c.offer("a/#", o(4), &message("a/b", "plain"));
+        let got: Vec<(u64, QoS)> = c.shared.iter().map(|(o, m)| (o.seq, m.qos)).collect();
+        assert_eq!(got, [(1, QoS::AtLeastOnce)]);
+        assert_eq!(c.entries.len(), 1);
+        // The bridge finds the active collector of a share only.
+        let mut moving = Moving::default();
+        let pseudo = moving.open(c, false);
+        assert_eq!(moving.shared_collector("$share/g/a/#"), None);
+        moving.collectors.get_mut(&pseudo).unwrap().1 = true;
+        assert_eq!(moving.shared_collector("$share/g/a/#"), Some(pseudo));
+        assert_eq!(moving.shared_collector("$share/h/a/#"), None);
+        assert_eq!(moving.holds[&pseudo].len(), 2, "plain and shared held");
+        // Forwarded after the grant, named for the session.
+        moving.collectors.clear();
+        moving.forward.insert(pseudo, 1);
+        moving.named.insert(pseudo, "x".into());
+        assert_eq!(moving.shared_target(pseudo), Some((1, Some("x".into()))));
+        assert_eq!(moving.shared_target(0), Some((0, None)));
+        assert_eq!(moving.shared_target(pseudo + 1), None);
     }
 }

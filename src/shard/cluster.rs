@@ -179,6 +179,10 @@ pub async fn receive_from_bridge(ctx: Ctx, from_bridge: async_channel::Receiver<
                         shard.stats.cluster_received += batch.len() as u64;
                         shard.deliver_shared_from_cluster(batch);
                     }
+                    ToShard::DeliverSharedFor { client_id, batch } => {
+                        shard.stats.cluster_received += batch.len() as u64;
+                        shard.deliver_shared_for(&client_id, batch);
+                    }
                     ToShard::Retained(message) => shard.retained.apply(&message),
                     ToShard::Claimed {
                         token,
@@ -698,6 +702,32 @@ impl Shard {
                 barrier: None,
             });
         }
+        self.deliver_shared(deliveries);
+    }
+
+    /// Messages NATS gave this node for the shared subscriptions of
+    /// `client_id`, a session that moved here from another node
+    /// (`ToShard::DeliverSharedFor`): each named for that session, as a
+    /// message that follows a session taken over between shards is
+    /// (`SharedDelivery::client_id`): its claim's state keeps it while it
+    /// attaches, the attached session takes it first.
+    pub fn deliver_shared_for(
+        &mut self,
+        client_id: &ByteString,
+        batch: Vec<(ByteString, Message)>,
+    ) {
+        let deliveries = batch
+            .into_iter()
+            .map(|(share, message)| SharedDelivery {
+                message,
+                share,
+                // Named by client id: no key of this shard's.
+                key: u32::MAX,
+                client_id: Some(client_id.clone()),
+                passes: 0,
+                barrier: None,
+            })
+            .collect();
         self.deliver_shared(deliveries);
     }
 
