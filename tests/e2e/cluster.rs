@@ -204,6 +204,16 @@ impl Nats {
         self.node_configured(&config, name)
     }
 
+    /// The nodes of a move test on this server: `a` and `b`, which the
+    /// session moves between, queueing [`ROOMY`], and `c`.
+    fn move_test_nodes(&self) -> [Broker; 3] {
+        [
+            self.node_with("a", ROOMY),
+            self.node_with("b", ROOMY),
+            self.node("c"),
+        ]
+    }
+
     /// [`Nats::node`] with more top-level settings (TOML lines).
     fn node_with(&self, name: &str, settings: &str) -> Broker {
         self.node_configured(&format!("{settings}\n{}", self.config(name)), name)
@@ -1179,11 +1189,7 @@ fn moving_on_one_server(test: &str, bystanders: bool, publishers: &[usize]) {
     let Some(nats) = Nats::start(test) else {
         return;
     };
-    let (a, b, c) = (
-        nats.node_with("a", ROOMY),
-        nats.node_with("b", ROOMY),
-        nats.node("c"),
-    );
+    let [a, b, c] = nats.move_test_nodes();
     // The nodes that must hold the NATS subscription: A (the subscriber),
     // B with bystanders; C never subscribes.
     let holders = if bystanders { 2 } else { 1 };
@@ -1200,11 +1206,7 @@ fn a_session_moving_between_nodes_misses_nothing_on_an_escaped_topic() {
     let Some(nats) = Nats::start("cluster hand-over window, escaped topic") else {
         return;
     };
-    let (a, b, c) = (
-        nats.node_with("a", ROOMY),
-        nats.node_with("b", ROOMY),
-        nats.node("c"),
-    );
+    let [a, b, c] = nats.move_test_nodes();
     let routed = || nats.wait_subscriptions("fanmq.x", 1);
     moving_while_publishing([&a, &b, &c], &[2], "win/n x", (false, true), routed, |_| {});
 }
@@ -1780,11 +1782,7 @@ fn moving_shared(test: &str, publishers: &[usize], complete: bool) {
     let Some(nats) = Nats::start(test) else {
         return;
     };
-    let (a, b, c) = (
-        nats.node_with("a", ROOMY),
-        nats.node_with("b", ROOMY),
-        nats.node("c"),
-    );
+    let [a, b, c] = nats.move_test_nodes();
     let routed = || nats.wait_subscriptions("fanmq.t.win.>", 1);
     let nodes = [&a, &b, &c];
     let kind = (false, complete);
