@@ -56,6 +56,15 @@ const INTEREST_BATCH: usize = 256;
 /// default 2,048, so that bursts pass (design §3).
 const CLIENT_CAPACITY: usize = 65_536;
 
+/// How long the bridge holds a session's filters for the claim of the
+/// node's shard that takes the session over from another shard or its own
+/// ([`Control::Lend`]): as long as a connection waits for its claim's
+/// answers (the shards' claim timeout, 10 s), after which it attached and
+/// holds its own interest, or gave up. Only a move inside the node opens
+/// one: one pseudo shard per move, its filters' entries in the interest
+/// table, for this long.
+const LEND_HOLD: Duration = Duration::from_secs(10);
+
 /// What the bridge thread starts with.
 pub struct BridgeSetup {
     /// The settings.
@@ -544,6 +553,11 @@ async fn interest_loop(bridge: Shared, changes: async_channel::Receiver<Control>
             Control::Interest(change) => {
                 let _ = interest.send(change).await;
             }
+            Control::Lend {
+                client_id,
+                shard,
+                filters,
+            } => lend(&bridge, &interest, (client_id, shard), filters).await,
             Control::Claim(request) => ownership::start_claim(&bridge, request),
             Control::Released {
                 client_id,
@@ -580,6 +594,48 @@ async fn interest_loop(bridge: Shared, changes: async_channel::Receiver<Control>
             }
         }
     }
+}
+
+/// Holds `filters` for shard `shard` (a claim there takes the persistent
+/// session `client_id` over from a shard of this node, [`Control::Lend`])
+/// for [`LEND_HOLD`]: a pseudo shard whose messages go to `shard`
+/// ([`tail::Moving::lend`]), added in the interest queue (`interest`)
+/// before the old shard's removals that come after the lend, so that the
+/// node's NATS subscriptions do not lapse while no router of the node has
+/// the session; its removals come at the end, after the claim's own
+/// additions when it attached by then, or when the session's next move
+/// replaces it (after that one's additions).
+async fn lend(
+    bridge: &Shared,
+    interest: &async_channel::Sender<Interest>,
+    (client_id, shard): (ByteString, usize),
+    filters: Vec<ByteString>,
+) {
+    let lent = bridge
+        .borrow_mut()
+        .moving
+        .lend(client_id.clone(), shard, &filters);
+    let (pseudo, replaced) = lent;
+    for filter in filters {
+        let add = Interest {
+            shard: pseudo,
+            filter,
+            add: true,
+            ready: None,
+        };
+        let _ = interest.send(add).await;
+    }
+    if let Some(replaced) = replaced {
+        tail::close(bridge, replaced);
+    }
+    let bridge = bridge.clone();
+    tokio::task::spawn_local(async move {
+        tokio::time::sleep(LEND_HOLD).await;
+        let ended = bridge.borrow_mut().moving.lend_ended(&client_id, pseudo);
+        if ended {
+            tail::close(&bridge, pseudo);
+        }
+    });
 }
 
 /// Which NATS connections got new subscriptions that a flush must confirm.

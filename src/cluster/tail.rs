@@ -485,6 +485,11 @@ pub(super) struct Moving {
     /// The old owner's collector of each session it handed over, until
     /// its tail is asked for.
     handed: HashMap<ByteString, usize>,
+    /// The pseudo shard of each session's lend (`Control::Lend`): one per
+    /// session, that of its latest move inside the node, which its state
+    /// went with; an older one would forward to a shard the session left
+    /// and give a claim there what the session got already.
+    lent: HashMap<ByteString, usize>,
     /// The latest subscriptions image of each persistent session this
     /// node owns (as it writes the subscriptions record): the filters a
     /// hand-over collects for.
@@ -634,6 +639,34 @@ impl Moving {
             .unwrap_or_default()
     }
 
+    /// Opens a pseudo shard that holds `filters` for real shard `shard`,
+    /// where what they bring goes: a claim there takes the persistent
+    /// session `client_id` over from a shard of this node
+    /// (`Control::Lend`); no collector. Returns it and the session's
+    /// previous lend, which the caller closes.
+    pub(super) fn lend(
+        &mut self,
+        client_id: ByteString,
+        shard: usize,
+        filters: &[ByteString],
+    ) -> (usize, Option<usize>) {
+        self.next += 1;
+        let pseudo = PSEUDO_SHARDS + self.next;
+        self.holds.insert(pseudo, filters.to_vec());
+        self.forward.insert(pseudo, shard);
+        (pseudo, self.lent.insert(client_id, pseudo))
+    }
+
+    /// The lend `pseudo` of `client_id` ends: whether it was still the
+    /// session's (else a later one replaced it, and closed it).
+    pub(super) fn lend_ended(&mut self, client_id: &str, pseudo: usize) -> bool {
+        if self.lent.get(client_id) != Some(&pseudo) {
+            return false;
+        }
+        self.lent.remove(client_id);
+        true
+    }
+
     /// Opens `collector` (collecting at once if `active`): its pseudo
     /// shard.
     fn open(&mut self, collector: Collector, active: bool) -> usize {
@@ -683,7 +716,7 @@ async fn hold(bridge: &Shared, shard: usize, filters: &[(ByteString, QoS)], by: 
 }
 
 /// Ends pseudo shard `shard`: its collector (returned) and its holds.
-fn close(bridge: &Shared, shard: usize) -> Option<Collector> {
+pub(super) fn close(bridge: &Shared, shard: usize) -> Option<Collector> {
     let mut b = bridge.borrow_mut();
     let collector = b.moving.collectors.remove(&shard).map(|c| c.0);
     b.moving.forward.remove(&shard);
@@ -1199,6 +1232,31 @@ mod tests {
     /// (on the code before, delivered twice). Other shards, other topics,
     /// later numbers, messages without an origin and other origins are
     /// not named; the window ends with its pseudo shard.
+    /// A lend (`Control::Lend`) is a pseudo shard that holds the filters
+    /// and whose messages go to the claim's shard, which real shards'
+    /// messages still reach; it reads no origins (no cost per message);
+    /// the session's next lend replaces it, and it ends once.
+    #[test]
+    fn a_lend_holds_filters_for_the_claims_shard() {
+        let mut moving = Moving::default();
+        let filters = [ByteString::from("a/#"), ByteString::from("b")];
+        let (lent, before) = moving.lend("c".into(), 3, &filters);
+        assert!(lent >= PSEUDO_SHARDS && before.is_none());
+        assert_eq!(
+            moving.holds.get(&lent).map(Vec::as_slice),
+            Some(&filters[..])
+        );
+        assert_eq!(moving.target(lent), Some(3));
+        assert_eq!(moving.target(1), Some(1));
+        assert!(!moving.reads_origins());
+        // The session's next move replaces it: one lend per session.
+        let (next, before) = moving.lend("c".into(), 1, &filters);
+        assert_eq!((next != lent, before), (true, Some(lent)));
+        assert!(!moving.lend_ended("c", lent), "replaced");
+        assert!(moving.lend_ended("c", next));
+        assert!(!moving.lend_ended("c", next), "once");
+    }
+
     #[test]
     fn a_message_a_moved_session_got_already_is_named_for_its_shard() {
         let mut moving = Moving::default();
