@@ -657,6 +657,40 @@ impl Moving {
         (pseudo, self.lent.insert(client_id, pseudo))
     }
 
+    /// Real shard `shard` holds `filter` itself now: the lends for it that
+    /// hold `filter` let it go (returned: their pseudo shards, for the
+    /// caller to remove their interest), so that a lend lasts only while
+    /// the claim's shard needs it (what it brings also reaches any other
+    /// claim attaching there, which may have got it from its own old
+    /// shard). Only lends whose own addition of it was applied (`applied`,
+    /// by pseudo shard; one still queued behind the shard's keeps it, and
+    /// removes it at its end). Nothing to walk unless a lend is open.
+    pub(super) fn held_by(
+        &mut self,
+        shard: usize,
+        filter: &str,
+        applied: impl Fn(usize) -> bool,
+    ) -> Vec<usize> {
+        if self.lent.is_empty() {
+            return Vec::new();
+        }
+        let mut released = Vec::new();
+        for &pseudo in self.lent.values() {
+            if self.forward.get(&pseudo) != Some(&shard) || !applied(pseudo) {
+                continue;
+            }
+            let Some(holds) = self.holds.get_mut(&pseudo) else {
+                continue;
+            };
+            let before = holds.len();
+            holds.retain(|f| f != filter);
+            if holds.len() < before {
+                released.push(pseudo);
+            }
+        }
+        released
+    }
+
     /// The lend `pseudo` of `client_id` ends: whether it was still the
     /// session's (else a later one replaced it, and closed it).
     pub(super) fn lend_ended(&mut self, client_id: &str, pseudo: usize) -> bool {
@@ -1255,6 +1289,27 @@ mod tests {
         assert!(!moving.lend_ended("c", lent), "replaced");
         assert!(moving.lend_ended("c", next));
         assert!(!moving.lend_ended("c", next), "once");
+    }
+
+    /// A lend lets a filter go once the claim's shard holds it itself
+    /// and the lend's own addition was applied (other shards' adds, and
+    /// other filters, leave it).
+    #[test]
+    fn a_lend_lets_a_filter_go_once_its_shard_holds_it() {
+        let mut moving = Moving::default();
+        assert!(moving.held_by(3, "a/#", |_| true).is_empty(), "no lend");
+        let filters = [ByteString::from("a/#"), ByteString::from("b")];
+        let (lent, _) = moving.lend("c".into(), 3, &filters);
+        assert!(
+            moving.held_by(1, "a/#", |_| true).is_empty(),
+            "another shard"
+        );
+        let queued = moving.held_by(3, "a/#", |_| false);
+        assert!(queued.is_empty(), "its addition not applied yet: kept");
+        assert_eq!(moving.held_by(3, "a/#", |p| p == lent), [lent]);
+        assert!(moving.held_by(3, "a/#", |_| true).is_empty(), "let go once");
+        let left = moving.holds.get(&lent).map(Vec::as_slice);
+        assert_eq!(left, Some(&filters[1..]));
     }
 
     #[test]
