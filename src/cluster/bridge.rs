@@ -58,6 +58,15 @@ const INTEREST_BATCH: usize = 256;
 /// default 2,048, so that bursts pass (design §3).
 const CLIENT_CAPACITY: usize = 65_536;
 
+/// Longest the bridge holds a session's filters for the claim of the
+/// node's shard that takes the session over from another shard or its own
+/// ([`Control::Lend`]; each filter goes earlier, once that shard holds it
+/// itself: `tail::Moving::held_by`): as long as a connection waits for its
+/// claim's answers (the shards' claim timeout, 10 s), after which it
+/// attached, or gave up. Only a move inside the node opens one: one pseudo
+/// shard per session, its filters' entries in the interest table.
+const LEND_HOLD: Duration = Duration::from_secs(10);
+
 /// What the bridge thread starts with.
 pub struct BridgeSetup {
     /// The settings.
@@ -549,6 +558,11 @@ async fn interest_loop(bridge: Shared, changes: async_channel::Receiver<Control>
             Control::Interest(change) => {
                 let _ = interest.send(change).await;
             }
+            Control::Lend {
+                client_id,
+                shard,
+                filters,
+            } => lend(&bridge, &interest, (client_id, shard), filters).await,
             Control::Claim(request) => ownership::start_claim(&bridge, request),
             Control::Released {
                 client_id,
@@ -587,6 +601,48 @@ async fn interest_loop(bridge: Shared, changes: async_channel::Receiver<Control>
     }
 }
 
+/// Holds `filters` for shard `shard` (a claim there takes the persistent
+/// session `client_id` over from a shard of this node, [`Control::Lend`])
+/// for [`LEND_HOLD`]: a pseudo shard whose messages go to `shard`
+/// ([`tail::Moving::lend`]), added in the interest queue (`interest`)
+/// before the old shard's removals that come after the lend, so that the
+/// node's NATS subscriptions do not lapse while no router of the node has
+/// the session; each filter's removal comes after the claim's shard's own
+/// addition of it ([`apply_interest`]), the rest when the session's next
+/// move replaces the lend (after that one's additions) or at the end.
+async fn lend(
+    bridge: &Shared,
+    interest: &async_channel::Sender<Interest>,
+    (client_id, shard): (ByteString, usize),
+    filters: Vec<ByteString>,
+) {
+    let lent = bridge
+        .borrow_mut()
+        .moving
+        .lend(client_id.clone(), shard, &filters);
+    let (pseudo, replaced) = lent;
+    for filter in filters {
+        let add = Interest {
+            shard: pseudo,
+            filter,
+            add: true,
+            ready: None,
+        };
+        let _ = interest.send(add).await;
+    }
+    if let Some(replaced) = replaced {
+        tail::close(bridge, replaced);
+    }
+    let bridge = bridge.clone();
+    tokio::task::spawn_local(async move {
+        tokio::time::sleep(LEND_HOLD).await;
+        let ended = bridge.borrow_mut().moving.lend_ended(&client_id, pseudo);
+        if ended {
+            tail::close(&bridge, pseudo);
+        }
+    });
+}
+
 /// Which NATS connections got new subscriptions that a flush must confirm.
 #[derive(Clone, Copy, Debug, Default)]
 struct ToFlush {
@@ -611,7 +667,21 @@ async fn apply_interest(bridge: Shared, changes: async_channel::Receiver<Interes
         let mut applied = 0;
         while let Some(change) = next.take() {
             if change.add {
+                // A lend to that shard for the filter ends: it holds it.
+                let lent = {
+                    let mut b = bridge.borrow_mut();
+                    let Bridge {
+                        filters, moving, ..
+                    } = &mut *b;
+                    let held = filters.get(&change.filter);
+                    let applied = |p: usize| held.is_some_and(|h| h.shards.contains(&p));
+                    moving.held_by(change.shard, &change.filter, applied)
+                };
+                let filter = change.filter.clone();
                 let new = add_interest(&bridge, change.shard, change.filter).await;
+                for pseudo in lent {
+                    remove_interest(&bridge, pseudo, &filter);
+                }
                 flush.data |= new.data;
                 flush.queue |= new.queue;
                 ready.extend(change.ready);

@@ -70,6 +70,23 @@ pub struct Outgoing {
 pub enum Control {
     /// A filter's first or last subscriber on a shard.
     Interest(Interest),
+    /// A persistent session leaves a shard's router for a claim on shard
+    /// `shard` of this node (another shard, or the same one when it
+    /// reconnects there), sent before the old shard's interest removals:
+    /// the bridge holds `filters` for `shard` a while (a pseudo shard
+    /// forwarding to it), so that the node's NATS interest does not lapse
+    /// until the claim attaches and adds its own (docs/design/cluster.md
+    /// §9, "Moves inside one node").
+    Lend {
+        /// The session's client id (a session has one lend: the next
+        /// replaces it).
+        client_id: ByteString,
+        /// The claim's shard.
+        shard: usize,
+        /// The session's filters (no shared subscription: its group keeps
+        /// its members, `Shard::shared_moved`).
+        filters: Vec<ByteString>,
+    },
     /// A CONNECT on this node claims a client id in the cluster's
     /// sessions bucket (docs/design/cluster.md §9).
     Claim(ClaimRequest),
@@ -595,6 +612,21 @@ impl ClusterLink {
             first,
             len,
         });
+    }
+
+    /// The persistent session `client_id`, with the plain (not shared)
+    /// filters `filters`, leaves this shard's router for a claim on shard `to` of this node:
+    /// told before the removals of the filters this shard loses, in the
+    /// same queue, so the bridge holds them for `to` first
+    /// ([`Control::Lend`]). Nothing when there are none.
+    pub fn lend(&self, client_id: &str, to: usize, filters: Vec<ByteString>) {
+        if !filters.is_empty() {
+            self.send(Control::Lend {
+                client_id: ByteString::from(client_id),
+                shard: to,
+                filters,
+            });
+        }
     }
 
     /// Sends `control` to the bridge (the queue is unbounded: never full).

@@ -748,6 +748,11 @@ pub(super) struct Moving {
     /// The old owner's collector of each session it handed over, until
     /// its tail is asked for.
     handed: HashMap<ByteString, usize>,
+    /// The pseudo shard of each session's lend (`Control::Lend`): one per
+    /// session, that of its latest move inside the node, which its state
+    /// went with; an older one would forward to a shard the session left
+    /// and give a claim there what the session got already.
+    lent: HashMap<ByteString, usize>,
     /// The latest subscriptions image of each persistent session this
     /// node owns (as it writes the subscriptions record): the filters a
     /// hand-over collects for.
@@ -940,6 +945,68 @@ impl Moving {
         collected
     }
 
+    /// Opens a pseudo shard that holds `filters` for real shard `shard`,
+    /// where what they bring goes: a claim there takes the persistent
+    /// session `client_id` over from a shard of this node
+    /// (`Control::Lend`); no collector. Returns it and the session's
+    /// previous lend, which the caller closes.
+    pub(super) fn lend(
+        &mut self,
+        client_id: ByteString,
+        shard: usize,
+        filters: &[ByteString],
+    ) -> (usize, Option<usize>) {
+        self.next += 1;
+        let pseudo = PSEUDO_SHARDS + self.next;
+        self.holds.insert(pseudo, filters.to_vec());
+        self.forward.insert(pseudo, shard);
+        (pseudo, self.lent.insert(client_id, pseudo))
+    }
+
+    /// Real shard `shard` holds `filter` itself now: the lends for it that
+    /// hold `filter` let it go (returned: their pseudo shards, for the
+    /// caller to remove their interest), so that a lend lasts only while
+    /// the claim's shard needs it (what it brings also reaches any other
+    /// claim attaching there, which may have got it from its own old
+    /// shard). Only lends whose own addition of it was applied (`applied`,
+    /// by pseudo shard; one still queued behind the shard's keeps it, and
+    /// removes it at its end). Nothing to walk unless a lend is open.
+    pub(super) fn held_by(
+        &mut self,
+        shard: usize,
+        filter: &str,
+        applied: impl Fn(usize) -> bool,
+    ) -> Vec<usize> {
+        if self.lent.is_empty() {
+            return Vec::new();
+        }
+        let mut released = Vec::new();
+        for &pseudo in self.lent.values() {
+            if self.forward.get(&pseudo) != Some(&shard) || !applied(pseudo) {
+                continue;
+            }
+            let Some(holds) = self.holds.get_mut(&pseudo) else {
+                continue;
+            };
+            let before = holds.len();
+            holds.retain(|f| f != filter);
+            if holds.len() < before {
+                released.push(pseudo);
+            }
+        }
+        released
+    }
+
+    /// The lend `pseudo` of `client_id` ends: whether it was still the
+    /// session's (else a later one replaced it, and closed it).
+    pub(super) fn lend_ended(&mut self, client_id: &str, pseudo: usize) -> bool {
+        if self.lent.get(client_id) != Some(&pseudo) {
+            return false;
+        }
+        self.lent.remove(client_id);
+        true
+    }
+
     /// Opens `collector` (collecting at once if `active`): its pseudo
     /// shard.
     fn open(&mut self, collector: Collector, active: bool) -> usize {
@@ -988,7 +1055,7 @@ async fn hold(bridge: &Shared, shard: usize, filters: &[(ByteString, QoS)], by: 
 }
 
 /// Ends pseudo shard `shard`: its collector (returned) and its holds.
-fn close(bridge: &Shared, shard: usize) -> Option<Collector> {
+pub(super) fn close(bridge: &Shared, shard: usize) -> Option<Collector> {
     let mut b = bridge.borrow_mut();
     let collector = b.moving.collectors.remove(&shard).map(|c| c.0);
     b.moving.forward.remove(&shard);
@@ -1721,6 +1788,52 @@ mod tests {
     /// (on the code before, delivered twice). Other shards, other topics,
     /// later numbers, messages without an origin and other origins are
     /// not named; the window ends with its pseudo shard.
+    /// A lend (`Control::Lend`) is a pseudo shard that holds the filters
+    /// and whose messages go to the claim's shard, which real shards'
+    /// messages still reach; it reads no origins (no cost per message);
+    /// the session's next lend replaces it, and it ends once.
+    #[test]
+    fn a_lend_holds_filters_for_the_claims_shard() {
+        let mut moving = Moving::default();
+        let filters = [ByteString::from("a/#"), ByteString::from("b")];
+        let (lent, before) = moving.lend("c".into(), 3, &filters);
+        assert!(lent >= PSEUDO_SHARDS && before.is_none());
+        assert_eq!(
+            moving.holds.get(&lent).map(Vec::as_slice),
+            Some(&filters[..])
+        );
+        assert_eq!(moving.target(lent), Some(3));
+        assert_eq!(moving.target(1), Some(1));
+        assert!(!moving.reads_origins());
+        // The session's next move replaces it: one lend per session.
+        let (next, before) = moving.lend("c".into(), 1, &filters);
+        assert_eq!((next != lent, before), (true, Some(lent)));
+        assert!(!moving.lend_ended("c", lent), "replaced");
+        assert!(moving.lend_ended("c", next));
+        assert!(!moving.lend_ended("c", next), "once");
+    }
+
+    /// A lend lets a filter go once the claim's shard holds it itself
+    /// and the lend's own addition was applied (other shards' adds, and
+    /// other filters, leave it).
+    #[test]
+    fn a_lend_lets_a_filter_go_once_its_shard_holds_it() {
+        let mut moving = Moving::default();
+        assert!(moving.held_by(3, "a/#", |_| true).is_empty(), "no lend");
+        let filters = [ByteString::from("a/#"), ByteString::from("b")];
+        let (lent, _) = moving.lend("c".into(), 3, &filters);
+        assert!(
+            moving.held_by(1, "a/#", |_| true).is_empty(),
+            "another shard"
+        );
+        let queued = moving.held_by(3, "a/#", |_| false);
+        assert!(queued.is_empty(), "its addition not applied yet: kept");
+        assert_eq!(moving.held_by(3, "a/#", |p| p == lent), [lent]);
+        assert!(moving.held_by(3, "a/#", |_| true).is_empty(), "let go once");
+        let left = moving.holds.get(&lent).map(Vec::as_slice);
+        assert_eq!(left, Some(&filters[1..]));
+    }
+
     #[test]
     fn a_message_a_moved_session_got_already_is_named_for_its_shard() {
         let mut moving = Moving::default();

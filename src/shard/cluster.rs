@@ -25,7 +25,7 @@ use crate::protocol::message::{Encoded, Message};
 use crate::protocol::topic;
 use crate::protocol::v3::QoS;
 use crate::router::SharedFilter;
-use crate::router::shared::SharedDelivery;
+use crate::router::shared::{self, SharedDelivery};
 use crate::session::{Phase, Session, SessionState};
 use crate::shard::persist::{Keepers, restore_flows, set_stored_options, stored_subscriptions};
 use crate::shard::run::{self, takes_runs};
@@ -729,6 +729,27 @@ impl Shard {
             })
             .collect();
         self.deliver_shared(deliveries);
+    }
+
+    /// The persistent session state `state` of `client_id` goes to a claim on shard `to`
+    /// of this node (this one included): in a cluster, the bridge holds
+    /// the node's NATS interest in its plain filters for that shard a
+    /// while (`Control::Lend`), so that what other nodes publish meanwhile
+    /// keeps coming (to the claim's shard, which keeps it in the state
+    /// while the claim attaches, `Shard::queue_for_attaching`) though no
+    /// router of the node has the session. Told before this shard drops
+    /// its own interest in them, in the same queue. One message per move.
+    pub(super) fn lend_interest(&self, client_id: &str, to: usize, state: &SessionState) {
+        let Some(link) = &self.cluster else {
+            return;
+        };
+        let filters = state.subscriptions.iter().map(|(f, _)| f);
+        let plain = filters.filter(|f| !shared::is_shared(f));
+        link.lend(
+            client_id,
+            to,
+            plain.map(|f| ByteString::from(&**f)).collect(),
+        );
     }
 
     /// Delivers messages from another node, all of one NATS subscription

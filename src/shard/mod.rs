@@ -1062,6 +1062,10 @@ impl Shard {
         self.disarm_link(key);
         let session = *self.sessions.try_remove(key as usize)?;
         self.persist_stamps.remove(&key);
+        if let Some(to) = moving_to {
+            // Before this shard drops its interest in them.
+            self.lend_interest(&session.client_id, to, &session.state);
+        }
         for (filter, _) in &session.state.subscriptions {
             self.drop_filter(key, filter, moving_to.is_none());
         }

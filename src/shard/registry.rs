@@ -624,7 +624,12 @@ impl Shard {
                 let lsn = self.journal_drop(client_id);
                 self.answer_claim_after(lsn, to, token);
             }
-            state => self.answer_claim(to, token, state),
+            state => {
+                if let Some(state) = &state {
+                    self.lend_interest(client_id, to, state);
+                }
+                self.answer_claim(to, token, state)
+            }
         }
     }
 
@@ -1893,6 +1898,65 @@ mod tests {
             Control::Seen { client_id, seen } if client_id == "mover" => Some(seen),
             _ => None,
         })
+    }
+
+    /// What `controls` got of interest: additions and removals of
+    /// filters (with their shard), and lends (`Control::Lend`), in order.
+    fn interest_told(controls: &async_channel::Receiver<Control>) -> Vec<String> {
+        std::iter::from_fn(|| controls.try_recv().ok())
+            .filter_map(|c| match c {
+                Control::Lend {
+                    client_id,
+                    shard,
+                    filters,
+                } => Some(format!("lend {client_id}'s {filters:?} to {shard}")),
+                Control::Interest(i) => {
+                    let change = if i.add { "add" } else { "remove" };
+                    Some(format!("{change} {} of {}", i.filter, i.shard))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// In a cluster, a persistent session leaving its shard for a claim of
+    /// the node (on another shard, or on its own: a reconnection there)
+    /// has the bridge hold its filters for the claim's shard
+    /// (`Control::Lend`) before the old shard's removal of them, in the
+    /// same queue: the node's NATS interest in them never lapses for the
+    /// move. A clean start, which ends the session, lends nothing.
+    #[test]
+    fn in_a_cluster_a_session_leaving_its_shard_lends_its_filters_to_the_claim_first() {
+        let (_, _, controls, _) = moving_in_a_cluster(0, false);
+        let lent = [
+            "add m/# of 0",
+            "lend mover's [\"m/#\"] to 1",
+            "remove m/# of 0",
+        ];
+        assert_eq!(interest_told(&controls), lent);
+        for (to, clean, told) in [
+            (
+                0,
+                false,
+                vec!["lend mover's [\"m/#\"] to 0", "remove m/# of 0"],
+            ),
+            (1, true, vec!["remove m/# of 0"]),
+        ] {
+            let mut old = crate::shard::testing::shard_with(0, 2, Config::default());
+            let (link, controls) = ClusterLink::for_tests(0);
+            old.cluster = Some(link);
+            offline_on(&mut old, "mover");
+            let _ = interest_told(&controls);
+            if to == 0 {
+                pending(&mut old, "mover", 9);
+            }
+            old.evict("mover", None, to, 9, clean);
+            assert_eq!(
+                interest_told(&controls),
+                told,
+                "to shard {to}, clean {clean}"
+            );
+        }
     }
 
     /// In a cluster, a session moving between two shards of the node (a

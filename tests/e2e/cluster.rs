@@ -1741,11 +1741,15 @@ fn a_session_taken_over_on_the_other_shard_of_a_node_misses_nothing_published_th
 }
 
 /// [`moving_between_shards_of_a_node`] with publishers on A and on B, the
-/// new connection taking the session over: once and in order only. What
-/// B publishes during a move is lost (the old shard's NATS interest goes
-/// at the eviction, the new shard's comes at the attach:
-/// docs/design/cluster.md §9); how many is printed (B as "C": the
-/// third of the nodes given).
+/// new connection taking the session over: once and in order only, how
+/// many of B's are lost printed (B as "C": the third of the nodes given).
+/// The bridge holds the session's filters for the claim's shard from the
+/// eviction on (`Control::Lend`), so the node's NATS interest no longer
+/// lapses; what the bridge handed the old shard before it held them, or
+/// the claim's shard before the state came, is still lost
+/// (docs/design/cluster.md §9): on the code before the lend, 8 to 515 of
+/// 1,500 in 8 moves (155 in one run here), with it 7 to 28
+/// in 22 runs, 11 on each NATS version.
 #[test]
 fn a_session_moving_between_the_shards_of_a_node_gets_each_message_once() {
     let test = "cluster shard move, publishers on A and B";
@@ -1788,6 +1792,15 @@ fn moving_shared(test: &str, publishers: &[usize], complete: bool) {
     let kind = (false, complete);
     let what = ("$share/g/win/#", "win/n");
     moving_while_publishing_as(nodes, publishers, what, kind, routed, |_| {}, Move::Nodes);
+}
+
+/// [`a_session_moving_between_the_shards_of_a_node_gets_each_message_once`]
+/// requiring every number of B's too.
+#[test]
+#[ignore = "a few of what B publishes during a move are still lost: docs/design/cluster.md §9, Moves inside one node"]
+fn a_session_moving_between_the_shards_of_a_node_misses_nothing_published_on_another() {
+    let test = "cluster shard move, publishers on A and B, complete";
+    moving_between_shards_of_a_node(test, true, &[0, 2], true);
 }
 
 /// Node A (one shard, persistence on a 256 KiB tmpfs, as root; CI is) of a
