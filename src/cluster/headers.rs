@@ -57,13 +57,14 @@ pub struct Origin {
 }
 
 impl Origin {
-    /// The header's value: `<node, 16 hex>.<seq, decimal>`.
-    fn to_header(self) -> String {
+    /// The header's value: `<node, 16 hex>.<seq, decimal>` (also the form
+    /// of the tail's `Fanmq-Tail-Cover` and `Fanmq-Tail-First`).
+    pub fn to_header(self) -> String {
         format!("{:016x}.{}", self.node, self.seq)
     }
 
     /// Reads [`Origin::to_header`]'s value.
-    fn of_header(value: &str) -> Option<Origin> {
+    pub fn of_header(value: &str) -> Option<Origin> {
         let (node, seq) = value.split_once('.')?;
         Some(Origin {
             node: u64::from_str_radix(node, 16).ok()?,

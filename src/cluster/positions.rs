@@ -122,20 +122,6 @@ fn kept(filters: &[(ByteString, QoS)], message: &Message) -> Option<Message> {
     Some(kept)
 }
 
-/// [`COVER_HEADER`]'s value.
-pub fn cover_header(origin: Origin) -> String {
-    format!("{:016x}.{}", origin.node, origin.seq)
-}
-
-/// Reads [`cover_header`]'s value.
-pub fn of_cover_header(value: &str) -> Option<Origin> {
-    let (node, seq) = value.split_once('.')?;
-    Some(Origin {
-        node: u64::from_str_radix(node, 16).ok()?,
-        seq: seq.parse().ok()?,
-    })
-}
-
 /// One batch the bridge published.
 #[derive(Debug)]
 struct Sent {
@@ -388,7 +374,7 @@ fn entry_size(message: &Message) -> usize {
 
 /// What the tail's cover (`headers`, [`COVER_HEADER`]) says, if any.
 pub fn cover_of(headers: Option<&async_nats::HeaderMap>) -> Option<Origin> {
-    of_cover_header(headers?.get(COVER_HEADER)?.as_str())
+    Origin::of_header(headers?.get(COVER_HEADER)?.as_str())
 }
 
 /// The new owner, its tail of the old owner's at hand (`tail`, this node's

@@ -445,7 +445,7 @@ pub fn firsts_header(firsts: &HashMap<u64, u64>) -> String {
     origins.sort();
     let values: Vec<String> = origins
         .into_iter()
-        .map(|(node, seq)| format!("{node:016x}.{seq}"))
+        .map(|(&node, &seq)| Origin { node, seq }.to_header())
         .collect();
     values.join(",")
 }
@@ -455,10 +455,8 @@ pub fn firsts_header(firsts: &HashMap<u64, u64>) -> String {
 pub fn of_firsts_header(value: &str) -> HashMap<u64, u64> {
     value
         .split(',')
-        .filter_map(|origin| {
-            let (node, seq) = origin.trim().split_once('.')?;
-            Some((u64::from_str_radix(node, 16).ok()?, seq.parse().ok()?))
-        })
+        .filter_map(|origin| Origin::of_header(origin.trim()))
+        .map(|origin| (origin.node, origin.seq))
         .collect()
 }
 
@@ -1353,7 +1351,7 @@ async fn answer_tail(bridge: Shared, client: async_nats::Client, request: async_
             );
             let mut headers = async_nats::HeaderMap::new();
             if let Some(cover) = cover {
-                let value = positions::cover_header(cover);
+                let value = cover.to_header();
                 headers.insert(positions::COVER_HEADER, value.as_str());
             }
             if keep {
@@ -1400,10 +1398,7 @@ async fn wait_for_firsts(bridge: &Shared, id: &str, shard: usize, firsts: &HashM
             return;
         }
         if Instant::now() >= by {
-            let named: Vec<String> = missing
-                .iter()
-                .map(|o| format!("{:016x}.{}", o.node, o.seq))
-                .collect();
+            let named: Vec<String> = missing.iter().map(|o| o.to_header()).collect();
             log::info!(
                 "cluster: tail of {id:?} answered without the first messages the new node got itself of {}: what came before them here is lost for it",
                 named.join(", ")
