@@ -954,8 +954,7 @@ impl Moving {
         shard: usize,
         filters: &[ByteString],
     ) -> (usize, Option<usize>) {
-        self.next += 1;
-        let pseudo = PSEUDO_SHARDS + self.next;
+        let pseudo = self.new_pseudo();
         self.holds.insert(pseudo, filters.to_vec());
         self.forward.insert(pseudo, shard);
         (pseudo, self.lent.insert(client_id, pseudo))
@@ -1005,11 +1004,16 @@ impl Moving {
         true
     }
 
+    /// A pseudo shard not given out before.
+    fn new_pseudo(&mut self) -> usize {
+        self.next += 1;
+        PSEUDO_SHARDS + self.next
+    }
+
     /// Opens `collector` (collecting at once if `active`): its pseudo
     /// shard.
     fn open(&mut self, collector: Collector, active: bool) -> usize {
-        self.next += 1;
-        let shard = PSEUDO_SHARDS + self.next;
+        let shard = self.new_pseudo();
         let held = collector.filters.iter().chain(&collector.shares);
         self.holds
             .insert(shard, held.map(|f| f.0.clone()).collect());
