@@ -84,6 +84,10 @@ pub enum ShardMsg {
         /// receiver keeps for the claim what it routed beyond that, which
         /// reached no copy of the session (`Shard::claim_answered_after`).
         routed: Option<Box<Seen>>,
+        /// With a state whose filters the sending shard lent
+        /// (`cluster::link::Control::Lend`): the number of the last NATS
+        /// batch the state holds (the claim waits for the lend's batches).
+        lent: Option<u64>,
     },
     /// To the home shard: the session of `client_id` on `shard` ended.
     Release {

@@ -238,6 +238,7 @@ mod tests {
     fn delivery(topic: &str) -> ToShard {
         ToShard::Deliver {
             filter: Some(ByteString::from("#")),
+            seq: 1,
             messages: Arc::new(vec![Message::new(
                 ByteString::from(topic),
                 Bytes::new(),

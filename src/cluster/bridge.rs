@@ -32,7 +32,9 @@ use tokio::task::JoinHandle;
 use crate::cluster::backlog::ToShards;
 use crate::cluster::headers::Origin;
 use crate::cluster::link::{ClusterStatus, Control, Interest, MAX_SHARE_WEIGHT, Outgoing, ToShard};
-use crate::cluster::{ClusterError, headers, ownership, positions, retained, subject, tail};
+use crate::cluster::{
+    ClusterError, headers, ownership, positions, received, retained, subject, tail,
+};
 use crate::config::cluster::{ClusterConfig, NatsAuth, PartitionMode};
 use crate::protocol::message::Message;
 use crate::protocol::topic;
@@ -166,6 +168,9 @@ pub(super) struct Bridge {
     /// This node's recent publishes and their positions, for sessions
     /// moving while clients of this node publish (cluster::positions).
     pub(super) local: positions::Local,
+    /// The numbers of the batches NATS brought and the recent ones, for
+    /// sessions moving inside this node (cluster::received).
+    received: received::Received,
     /// The queue of interest changes the bridge applies in order (set once
     /// `interest_loop` runs): a moving session's holds go through it too.
     pub(super) interest_queue: Option<async_channel::Sender<Interest>>,
@@ -377,6 +382,7 @@ async fn serve(setup: BridgeSetup) -> Result<(), ClusterError> {
         origin,
         moving: tail::Moving::default(),
         local: positions::Local::default(),
+        received: received::Received::default(),
         interest_queue: None,
         nodes: HashMap::new(),
         started: Instant::now(),
@@ -561,8 +567,19 @@ async fn interest_loop(bridge: Shared, changes: async_channel::Receiver<Control>
             Control::Lend {
                 client_id,
                 shard,
+                token,
+                after,
                 filters,
-            } => lend(&bridge, &interest, (client_id, shard), filters).await,
+            } => {
+                lend(
+                    &bridge,
+                    &interest,
+                    (client_id, shard, token),
+                    after,
+                    filters,
+                )
+                .await
+            }
             Control::Claim(request) => ownership::start_claim(&bridge, request),
             Control::Released {
                 client_id,
@@ -601,10 +618,12 @@ async fn interest_loop(bridge: Shared, changes: async_channel::Receiver<Control>
     }
 }
 
-/// Holds `filters` for shard `shard` (a claim there takes the persistent
-/// session `client_id` over from a shard of this node, [`Control::Lend`])
+/// Holds `filters` for shard `shard` (a claim there, `token`, takes the
+/// persistent session `client_id` over from a shard of this node, whose
+/// state holds NATS's batches up to number `after`, [`Control::Lend`])
 /// for [`LEND_HOLD`]: a pseudo shard whose messages go to `shard`
-/// ([`tail::Moving::lend`]), added in the interest queue (`interest`)
+/// ([`tail::Moving::lend`]; as each filter's addition is applied, the
+/// batches since `after` go first, [`lent_since`]), added in the interest queue (`interest`)
 /// before the old shard's removals that come after the lend, so that the
 /// node's NATS subscriptions do not lapse while no router of the node has
 /// the session; each filter's removal comes after the claim's shard's own
@@ -613,13 +632,14 @@ async fn interest_loop(bridge: Shared, changes: async_channel::Receiver<Control>
 async fn lend(
     bridge: &Shared,
     interest: &async_channel::Sender<Interest>,
-    (client_id, shard): (ByteString, usize),
+    (client_id, shard, token): (ByteString, usize, u64),
+    after: u64,
     filters: Vec<ByteString>,
 ) {
     let lent = bridge
         .borrow_mut()
         .moving
-        .lend(client_id.clone(), shard, &filters);
+        .lend(client_id.clone(), (shard, token), after, &filters);
     let (pseudo, replaced) = lent;
     for filter in filters {
         let add = Interest {
@@ -641,6 +661,25 @@ async fn lend(
             tail::close(&bridge, pseudo);
         }
     });
+}
+
+/// The addition of `filter` for `shard` was applied: if `shard` is a
+/// lend's pseudo shard, its claim's shard gets the filter's batches since
+/// those the session's state holds, then (after this, in its queue) every
+/// later one ([`ToShard::Lent`], cluster::received).
+fn lent_since(b: &Bridge, shard: usize, filter: &ByteString) {
+    let Some(lend) = b.moving.lend_of(shard) else {
+        return;
+    };
+    let (batches, whole) = b.received.since(filter, lend.after);
+    let marker = ToShard::Lent {
+        token: lend.token,
+        filter: filter.clone(),
+        batches,
+        whole,
+    };
+    // In order with the deliveries, never dropped (cluster::backlog).
+    let _ = b.to_shards.control(lend.shard, marker);
 }
 
 /// Which NATS connections got new subscriptions that a flush must confirm.
@@ -678,7 +717,11 @@ async fn apply_interest(bridge: Shared, changes: async_channel::Receiver<Interes
                     moving.held_by(change.shard, &change.filter, applied)
                 };
                 let filter = change.filter.clone();
-                let new = add_interest(&bridge, change.shard, change.filter).await;
+                let shard = change.shard;
+                let new = add_interest(&bridge, shard, change.filter).await;
+                // No await from here to the marker: what NATS brings of the
+                // filter from now on reaches the claim's shard after it.
+                lent_since(&bridge.borrow(), shard, &filter);
                 for pseudo in lent {
                     remove_interest(&bridge, pseudo, &filter);
                 }
@@ -1095,6 +1138,9 @@ async fn read_subscription(
         }
         let messages = Arc::new(batch);
         let mut b = bridge.borrow_mut();
+        let seq = b
+            .received
+            .number(filter.as_ref(), &messages, Instant::now());
         let mut shards: Vec<usize> = match &filter {
             Some(f) => b
                 .filters
@@ -1135,11 +1181,13 @@ async fn read_subscription(
             let batch = if except.is_empty() {
                 ToShard::Deliver {
                     filter: filter.clone(),
+                    seq,
                     messages: messages.clone(),
                 }
             } else {
                 ToShard::DeliverExcept {
                     filter: filter.clone(),
+                    seq,
                     messages: messages.clone(),
                     except,
                 }

@@ -83,6 +83,13 @@ pub enum Control {
         client_id: ByteString,
         /// The claim's shard.
         shard: usize,
+        /// The claim's token there: the lend's batches are named for it
+        /// ([`ToShard::Lent`]).
+        token: u64,
+        /// The number of the last NATS batch whose messages the session's
+        /// state holds ([`ToShard::Deliver::seq`]): the lend brings every
+        /// later batch of its filters (cluster::received).
+        after: u64,
         /// The session's filters (no shared subscription: its group keeps
         /// its members, `Shard::shared_moved`).
         filters: Vec<ByteString>,
@@ -258,6 +265,11 @@ pub enum ToShard {
         /// The MQTT filter of the subscription (`None`: the escaped
         /// subject, matched in full).
         filter: Option<ByteString>,
+        /// The batch's number, the same for every shard that gets it and
+        /// rising in every shard's queue (cluster::received): how far a
+        /// session's state holds what NATS brought, for its moves inside
+        /// the node.
+        seq: u64,
         /// The messages.
         messages: Arc<Vec<Message>>,
     },
@@ -270,6 +282,8 @@ pub enum ToShard {
         /// The MQTT filter of the subscription (`None`: the escaped
         /// subject).
         filter: Option<ByteString>,
+        /// The batch's number (as [`ToShard::Deliver::seq`]).
+        seq: u64,
         /// The messages.
         messages: Arc<Vec<Message>>,
         /// (index in `messages`, client id) of each message a session got
@@ -289,6 +303,26 @@ pub enum ToShard {
         client_id: ByteString,
         /// (share, message) as for `DeliverShared`.
         batch: Vec<(ByteString, Message)>,
+    },
+    /// The bridge holds plain filter `filter` for the claim `token` of this
+    /// shard from now on (a lend, [`Control::Lend`]): `batches` are that
+    /// filter's batches NATS brought after the last one the session's state
+    /// holds, up to now (those the old shard got after it let the session
+    /// go, and those this shard got before this), in order; every later
+    /// batch of the filter comes to this shard after this. The claim keeps
+    /// them all for the session (docs/design/cluster.md §9, "Moves inside
+    /// one node"). Sent as a control item: never dropped, in order with
+    /// the deliveries.
+    Lent {
+        /// The claim's token on this shard.
+        token: u64,
+        /// The lent filter.
+        filter: ByteString,
+        /// Its batches since the state's last, oldest first.
+        batches: Vec<Arc<Vec<Message>>>,
+        /// Whether the bridge still held all of them (false: a move slower
+        /// than its ring, cluster::received, may miss some).
+        whole: bool,
     },
     /// A retained message (empty payload: a delete) from the cluster's
     /// bucket, stamped with its revision: applied to the shard's replica,
@@ -619,14 +653,27 @@ impl ClusterLink {
     /// told before the removals of the filters this shard loses, in the
     /// same queue, so the bridge holds them for `to` first
     /// ([`Control::Lend`]). Nothing when there are none.
-    pub fn lend(&self, client_id: &str, to: usize, filters: Vec<ByteString>) {
-        if !filters.is_empty() {
-            self.send(Control::Lend {
-                client_id: ByteString::from(client_id),
-                shard: to,
-                filters,
-            });
+    /// `(to, token)`: the claim; `after`: the number of the last NATS batch
+    /// the state holds. Whether it was told (a lend's batches then come
+    /// for the claim, `ToShard::Lent`).
+    pub fn lend(
+        &self,
+        client_id: &str,
+        (to, token): (usize, u64),
+        after: u64,
+        filters: Vec<ByteString>,
+    ) -> bool {
+        if filters.is_empty() {
+            return false;
         }
+        self.send(Control::Lend {
+            client_id: ByteString::from(client_id),
+            shard: to,
+            token,
+            after,
+            filters,
+        });
+        true
     }
 
     /// Sends `control` to the bridge (the queue is unbounded: never full).

@@ -21,6 +21,7 @@ pub mod kept;
 pub mod link;
 pub mod ownership;
 pub mod positions;
+pub mod received;
 pub mod retained;
 pub mod subject;
 pub mod tail;

@@ -722,6 +722,19 @@ struct Delivered {
     highs: HashMap<u64, u64>,
 }
 
+/// A lend's claim, and what the session's state holds of NATS
+/// ([`Moving::lend`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Lend {
+    /// The claim's shard.
+    pub(super) shard: usize,
+    /// The claim's token there.
+    pub(super) token: u64,
+    /// The number of the last NATS batch the state holds
+    /// (cluster::received).
+    pub(super) after: u64,
+}
+
 /// Sessions moving to or from this node, in the bridge.
 #[derive(Debug, Default)]
 pub(super) struct Moving {
@@ -751,6 +764,10 @@ pub(super) struct Moving {
     /// went with; an older one would forward to a shard the session left
     /// and give a claim there what the session got already.
     lent: HashMap<ByteString, usize>,
+    /// Each lend's claim (its shard's token) and the number of the last
+    /// NATS batch the session's state holds (`Control::Lend`), by pseudo
+    /// shard: what [`ToShard::Lent`] names and brings.
+    lends: HashMap<usize, Lend>,
     /// The latest subscriptions image of each persistent session this
     /// node owns (as it writes the subscriptions record): the filters a
     /// hand-over collects for.
@@ -951,13 +968,27 @@ impl Moving {
     pub(super) fn lend(
         &mut self,
         client_id: ByteString,
-        shard: usize,
+        (shard, token): (usize, u64),
+        after: u64,
         filters: &[ByteString],
     ) -> (usize, Option<usize>) {
         let pseudo = self.new_pseudo();
         self.holds.insert(pseudo, filters.to_vec());
         self.forward.insert(pseudo, shard);
+        self.lends.insert(
+            pseudo,
+            Lend {
+                shard,
+                token,
+                after,
+            },
+        );
         (pseudo, self.lent.insert(client_id, pseudo))
+    }
+
+    /// The lend of pseudo shard `pseudo`, if it is one still open.
+    pub(super) fn lend_of(&self, pseudo: usize) -> Option<Lend> {
+        self.lends.get(&pseudo).copied()
     }
 
     /// Real shard `shard` holds `filter` itself now: the lends for it that
@@ -1063,6 +1094,7 @@ pub(super) fn close(bridge: &Shared, shard: usize) -> Option<Collector> {
     b.moving.forward.remove(&shard);
     b.moving.named.remove(&shard);
     b.moving.delivered.remove(&shard);
+    b.moving.lends.remove(&shard);
     let filters = b.moving.holds.remove(&shard).unwrap_or_default();
     if let Some(queue) = &b.interest_queue {
         for filter in filters {
@@ -1795,8 +1827,15 @@ mod tests {
     fn a_lend_holds_filters_for_the_claims_shard() {
         let mut moving = Moving::default();
         let filters = [ByteString::from("a/#"), ByteString::from("b")];
-        let (lent, before) = moving.lend("c".into(), 3, &filters);
+        let (lent, before) = moving.lend("c".into(), (3, 70), 12, &filters);
         assert!(lent >= PSEUDO_SHARDS && before.is_none());
+        let lend = Lend {
+            shard: 3,
+            token: 70,
+            after: 12,
+        };
+        assert_eq!(moving.lend_of(lent), Some(lend), "its claim and position");
+        assert_eq!(moving.lend_of(1), None, "a real shard");
         assert_eq!(
             moving.holds.get(&lent).map(Vec::as_slice),
             Some(&filters[..])
@@ -1805,7 +1844,7 @@ mod tests {
         assert_eq!(moving.target(1), Some(1));
         assert!(!moving.reads_origins());
         // The session's next move replaces it: one lend per session.
-        let (next, before) = moving.lend("c".into(), 1, &filters);
+        let (next, before) = moving.lend("c".into(), (1, 71), 20, &filters);
         assert_eq!((next != lent, before), (true, Some(lent)));
         assert!(!moving.lend_ended("c", lent), "replaced");
         assert!(moving.lend_ended("c", next));
@@ -1820,7 +1859,7 @@ mod tests {
         let mut moving = Moving::default();
         assert!(moving.held_by(3, "a/#", |_| true).is_empty(), "no lend");
         let filters = [ByteString::from("a/#"), ByteString::from("b")];
-        let (lent, _) = moving.lend("c".into(), 3, &filters);
+        let (lent, _) = moving.lend("c".into(), (3, 70), 0, &filters);
         assert!(
             moving.held_by(1, "a/#", |_| true).is_empty(),
             "another shard"

@@ -163,18 +163,31 @@ pub async fn receive_from_bridge(ctx: Ctx, from_bridge: async_channel::Receiver<
             let mut handled = 0;
             while let Some(msg) = next.take() {
                 match msg {
-                    ToShard::Deliver { filter, messages } => {
+                    ToShard::Deliver {
+                        filter,
+                        seq,
+                        messages,
+                    } => {
                         shard.stats.cluster_received += messages.len() as u64;
+                        shard.took_from_cluster(seq, filter.as_ref(), &messages);
                         shard.route_from_cluster(filter.as_deref(), &messages);
                     }
                     ToShard::DeliverExcept {
                         filter,
+                        seq,
                         messages,
                         except,
                     } => {
                         shard.stats.cluster_received += messages.len() as u64;
+                        shard.took_from_cluster(seq, filter.as_ref(), &messages);
                         shard.route_from_cluster_except(filter.as_deref(), &messages, &except);
                     }
+                    ToShard::Lent {
+                        token,
+                        filter,
+                        batches,
+                        whole,
+                    } => shard.lent(token, filter, batches, whole),
                     ToShard::DeliverShared(batch) => {
                         shard.stats.cluster_received += batch.len() as u64;
                         shard.deliver_shared_from_cluster(batch);
@@ -739,17 +752,21 @@ impl Shard {
     /// while the claim attaches, `Shard::queue_for_attaching`) though no
     /// router of the node has the session. Told before this shard drops
     /// its own interest in them, in the same queue. One message per move.
-    pub(super) fn lend_interest(&self, client_id: &str, to: usize, state: &SessionState) {
-        let Some(link) = &self.cluster else {
-            return;
-        };
+    /// `claim`: the claim's shard `to` and its token; `after`: the number
+    /// of the last NATS batch `state` holds, returned when the bridge was
+    /// told (the claim then waits for the lend's batches, shard::lend).
+    pub(super) fn lend_interest(
+        &self,
+        client_id: &str,
+        claim: (usize, u64),
+        state: &SessionState,
+        after: u64,
+    ) -> Option<u64> {
+        let link = self.cluster.as_ref()?;
         let filters = state.subscriptions.iter().map(|(f, _)| f);
         let plain = filters.filter(|f| !shared::is_shared(f));
-        link.lend(
-            client_id,
-            to,
-            plain.map(|f| ByteString::from(&**f)).collect(),
-        );
+        let filters = plain.map(|f| ByteString::from(&**f)).collect();
+        link.lend(client_id, claim, after, filters).then_some(after)
     }
 
     /// Delivers messages from another node, all of one NATS subscription

@@ -101,7 +101,7 @@ impl Shard {
             .as_ref()
             .is_none_or(|journal| journal.acked_lsn() >= lsn);
         if durable {
-            self.answer_claim(shard, token, None);
+            self.answer_claim(shard, token, None, None);
             return;
         }
         self.held_out.answers.push((lsn, shard, token));
@@ -130,7 +130,7 @@ impl Shard {
         let (due, waiting): (Vec<_>, Vec<_>) = answers.into_iter().partition(|a| a.0 <= durable);
         self.held_out.answers = waiting;
         for (_, shard, token) in due {
-            self.answer_claim(shard, token, None);
+            self.answer_claim(shard, token, None, None);
         }
         let due: Vec<(SessionKey, u64)> = self
             .held_out

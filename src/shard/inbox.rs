@@ -205,7 +205,8 @@ impl Shard {
                 token,
                 state,
                 routed,
-            } => self.claim_answered_after(token, state.map(|s| *s), routed.map(|r| *r)),
+                lent,
+            } => self.claim_answered_after(token, state.map(|s| *s), routed.map(|r| *r), lent),
             ShardMsg::Release {
                 client_id,
                 shard,

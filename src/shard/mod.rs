@@ -14,6 +14,7 @@ pub mod held_acks;
 pub mod held_out;
 pub mod inbox;
 pub mod index;
+pub mod lend;
 pub mod persist;
 pub mod persist_will;
 pub mod query;
@@ -213,6 +214,11 @@ pub struct Shard {
     /// meanwhile, the bridge collects them for its new node
     /// (cluster::tail).
     cluster_handing: ahash::AHashSet<ByteString>,
+    /// The number of the last batch from NATS this shard took
+    /// (`ToShard::Deliver::seq`, 0: none): what a session this shard
+    /// lets go to a claim of the node holds of NATS (the lend's position,
+    /// `Shard::lend_interest`).
+    nats_seq: u64,
     /// The run of publishes a connection's read is collecting
     /// ([`Shard::publish_run`]): scratch kept for its allocation.
     pub run: Vec<Message>,
@@ -588,6 +594,7 @@ impl Shard {
             run_frames: Default::default(),
             cluster_others: Vec::new(),
             cluster_handing: ahash::AHashSet::new(),
+            nats_seq: 0,
             run: Vec::new(),
             outbox: Vec::new(),
             control: Rc::default(),
@@ -1047,6 +1054,7 @@ impl Shard {
     /// Removes a session and its subscriptions, returning it.
     pub fn remove_session(&mut self, key: SessionKey) -> Option<Session> {
         self.remove_session_to(key, None)
+            .map(|(session, _)| session)
     }
 
     /// [`Shard::remove_session`]; `moving_to`: the shard of the connection
@@ -1054,18 +1062,23 @@ impl Shard {
     /// memberships then stay in the other shards' replicas, offline, until
     /// its new shard announces them (`Shard::shared_moved`), so that no
     /// message published meanwhile finds its group without it.
+    ///
+    /// `moving_to` names the claim (shard, token); the position of a lend
+    /// of the session's filters ([`Shard::lend_interest`]) comes back with
+    /// the session, for the claim's answer.
     pub fn remove_session_to(
         &mut self,
         key: SessionKey,
-        moving_to: Option<usize>,
-    ) -> Option<Session> {
+        moving_to: Option<(usize, u64)>,
+    ) -> Option<(Session, Option<u64>)> {
         self.disarm_link(key);
         let session = *self.sessions.try_remove(key as usize)?;
         self.persist_stamps.remove(&key);
-        if let Some(to) = moving_to {
-            // Before this shard drops its interest in them.
-            self.lend_interest(&session.client_id, to, &session.state);
-        }
+        // Before this shard drops its interest in them.
+        let lent = moving_to.and_then(|claim| {
+            self.lend_interest(&session.client_id, claim, &session.state, self.nats_seq)
+        });
+        let moving_to = moving_to.map(|(to, _)| to);
         for (filter, _) in &session.state.subscriptions {
             self.drop_filter(key, filter, moving_to.is_none());
         }
@@ -1074,7 +1087,7 @@ impl Shard {
         if let Some(to) = moving_to {
             self.shared_moved(key, &session, to);
         }
-        Some(session)
+        Some((session, lent))
     }
 
     /// The connection `conn_id` of session `key` ended: a CleanSession = 1

@@ -26,6 +26,7 @@
 
 use std::collections::VecDeque;
 use std::future::poll_fn;
+use std::sync::Arc;
 use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -43,6 +44,7 @@ use crate::session::Delivery;
 use crate::session::link::CloseReason;
 use crate::session::{Session, SessionState};
 use crate::shard::cluster::{copy_qos, decode_image};
+use crate::shard::lend::ClaimLend;
 use crate::shard::{Ctx, Shard};
 
 /// How long a CONNECT waits for its whole claim to be answered, by the
@@ -56,6 +58,15 @@ pub const CLAIM_TIMEOUT: Duration = Duration::from_secs(10);
 /// ([`Registry::given_up`]); beyond it the oldest is released in the
 /// cluster at once (its answer, if it comes, is then dropped).
 const MAX_GIVEN_UP: usize = 1024;
+
+/// Longest a connection whose claim took its session from a shard of this
+/// cluster node waits, after the node's and the cluster's answers, for the
+/// bridge's lend of each of the session's filters (`ToShard::Lent`,
+/// shard::lend) before it attaches anyway (logged: it may miss what only
+/// the lend brings). The lend follows the old shard's message in the
+/// bridge's queue: it comes within milliseconds unless the bridge is
+/// stuck.
+const LEND_WAIT: Duration = Duration::from_secs(2);
 
 // The bridge answers a claim by its deadline, `CLAIM_DEADLINE` after the
 // claim started, so the answer arrives while the connection still waits.
@@ -129,6 +140,9 @@ struct PendingClaim {
     /// between shards, or on one), which only its catch-up and attaching
     /// keep whole.
     away: bool,
+    /// A move inside a cluster node: what the bridge's lend of the
+    /// session's filters brought for this claim (shard::lend).
+    lend: Option<ClaimLend>,
 }
 
 /// What the cluster answered a claim.
@@ -180,6 +194,11 @@ pub struct Registry {
     /// releases the record (`Shard::cluster_claim_answered`). At most
     /// [`MAX_GIVEN_UP`]; empty unless the bridge is late.
     given_up: VecDeque<GivenUp>,
+    /// Claims with a lend begun before their state came, which keep the
+    /// lent filters' batches as they come (`Shard::took_from_cluster`;
+    /// pruned when read). Empty but for an instant around a move inside a
+    /// cluster node: one test per batch from NATS.
+    lending: Vec<u64>,
     /// Next claim token.
     next_token: u64,
 }
@@ -283,6 +302,9 @@ pub async fn claim(
         // its local clients only, as with the link down.
         true
     };
+    if asked && answered {
+        wait_for_lend(ctx, token).await;
+    }
     let mut shard = ctx.shard.borrow_mut();
     let cluster = shard.registry.claims.get(&token).and_then(|c| c.cluster);
     let granted = !asked || (answered && cluster == Some(ClusterAnswer::Granted));
@@ -309,6 +331,41 @@ pub async fn claim(
         return Err(RegistryError::ClusterUnavailable);
     }
     Ok((token, state.filter(|_| !clean_session)))
+}
+
+/// Waits until the claim `token`, granted with a state that a shard of this
+/// node let go, has the bridge's lend of each of the session's plain
+/// filters (shard::lend), at most [`LEND_WAIT`]: attached before, the
+/// session would miss what the old shard got after it had gone, which only
+/// the lend brings. Nothing to wait for without such a state.
+async fn wait_for_lend(ctx: &Ctx, token: u64) {
+    let wait = poll_fn(|cx| {
+        let mut shard = ctx.shard.borrow_mut();
+        match shard.registry.claims.get_mut(&token) {
+            Some(PendingClaim {
+                outcome: Some(Outcome::Granted(Some(state))),
+                lend: Some(lend),
+                waker,
+                ..
+            }) if lend.waits(state) => {
+                *waker = Some(cx.waker().clone());
+                Poll::Pending
+            }
+            _ => Poll::Ready(()),
+        }
+    });
+    if glommio::timer::timeout(LEND_WAIT, async {
+        wait.await;
+        Ok(())
+    })
+    .await
+    .is_err()
+    {
+        log::info!(
+            "shard {}: claim {token}: the lend of its filters did not come within {LEND_WAIT:?}: it may miss messages of other nodes",
+            ctx.id
+        );
+    }
 }
 
 /// Claims `client_id` on this node only (no cluster) and waits until the
@@ -433,6 +490,7 @@ impl Shard {
                 cluster: None,
                 withdrawn: None,
                 away,
+                lend: None,
             },
         );
         let home = home_shard(&client_id, self.nr_shards);
@@ -535,7 +593,8 @@ impl Shard {
         if let Some(key) = self.session_key(client_id)
             && victim.is_none_or(|v| self.sessions[key as usize].claim == v)
             && let keep = (!clean_session && !self.sessions[key as usize].clean_session)
-            && let Some(session) = self.remove_session_to(key, keep.then_some(to_shard))
+            && let Some((session, lent)) =
+                self.remove_session_to(key, keep.then_some((to_shard, token)))
         {
             if let Some(mut link) = session.link {
                 debug!("client {client_id} taken over by a new connection");
@@ -559,11 +618,11 @@ impl Shard {
                 self.journal_drop_after(client_id, handed, Some((to_shard, token)));
                 return;
             }
-            self.answer_claim(to_shard, token, state);
+            self.answer_claim(to_shard, token, state, lent);
             return;
         }
         // The owner is gone (a clean session ended, its release on the way).
-        self.answer_claim(to_shard, token, None);
+        self.answer_claim(to_shard, token, None, None);
     }
 
     /// The claim `token` of this shard, not yet attached, loses its id to
@@ -596,7 +655,15 @@ impl Shard {
                     waker.wake();
                 }
                 let client_id = claim.client_id.clone();
-                self.pass_state_on(&client_id, state, later);
+                // What the state holds of NATS: up to the lend's position
+                // while it waits for a lend (the lend brings the rest),
+                // else what this shard took, which the attaching claim kept.
+                let waiting = |l: &ClaimLend| state.as_ref().is_some_and(|s| l.waits(s));
+                let after = match claim.lend.take() {
+                    Some(lend) if waiting(&lend) => lend.after.unwrap_or(self.nats_seq),
+                    _ => self.nats_seq,
+                };
+                self.pass_state_on(&client_id, state, later, after);
                 true
             }
             Some(Outcome::Superseded) => {
@@ -612,12 +679,14 @@ impl Shard {
     /// its answer (hence its CONNACK) waits for: the shard that handed the
     /// state over wrote no drop (this shard was to write the next image),
     /// so without one a restart would bring back, from that shard's disk,
-    /// a session the clean start ended.
+    /// a session the clean start ended. `after`: the number of the last
+    /// NATS batch the state holds (the lend's position, shard::lend).
     fn pass_state_on(
         &mut self,
         client_id: &str,
         state: Option<SessionState>,
         (to, token, clean): (usize, u64, bool),
+        after: u64,
     ) {
         match state {
             Some(_) if clean => {
@@ -625,10 +694,10 @@ impl Shard {
                 self.answer_claim_after(lsn, to, token);
             }
             state => {
-                if let Some(state) = &state {
-                    self.lend_interest(client_id, to, state);
-                }
-                self.answer_claim(to, token, state)
+                let lent = state
+                    .as_ref()
+                    .and_then(|state| self.lend_interest(client_id, (to, token), state, after));
+                self.answer_claim(to, token, state, lent)
             }
         }
     }
@@ -649,10 +718,17 @@ impl Shard {
 
     /// Answers the claim `token` of `shard`, locally or over the mesh; a
     /// state goes with what this shard has routed (all of which it holds,
-    /// `ShardMsg::Claimed::routed`).
-    pub(super) fn answer_claim(&mut self, shard: usize, token: u64, state: Option<SessionState>) {
+    /// `ShardMsg::Claimed::routed`), and `lent`: the position of the lend
+    /// of its filters, if the bridge was told one (shard::lend).
+    pub(super) fn answer_claim(
+        &mut self,
+        shard: usize,
+        token: u64,
+        state: Option<SessionState>,
+        lent: Option<u64>,
+    ) {
         if shard == self.id {
-            self.claim_answered(token, state);
+            self.claim_answered_after(token, state, None, lent);
         } else {
             let routed = state.as_ref().map(|_| Box::new(self.seen()));
             self.outbox.push((
@@ -661,14 +737,16 @@ impl Shard {
                     token,
                     state: state.map(Box::new),
                     routed,
+                    lent,
                 },
             ));
         }
     }
 
     /// The answer to one of this shard's claims arrived, from this shard.
+    #[cfg(test)]
     pub fn claim_answered(&mut self, token: u64, state: Option<SessionState>) {
-        self.claim_answered_after(token, state, None);
+        self.claim_answered_after(token, state, None, None);
     }
 
     /// The answer to one of this shard's claims arrived, with the state
@@ -684,27 +762,44 @@ impl Shard {
     /// the state with all of that. A claim for another node's take-over
     /// ([`PendingClaim::away`]) does neither: it reports to the bridge
     /// what the state holds, `routed` (cluster::positions), and the
-    /// bridge's tail brings the rest.
+    /// bridge's tail brings the rest. `lent`: the old shard told the
+    /// bridge to lend the session's filters to this claim, and the number
+    /// of the last NATS batch the state holds: the state takes what the
+    /// lend brought before it came, and the claim what it brings after
+    /// (shard::lend).
     pub fn claim_answered_after(
         &mut self,
         token: u64,
         mut state: Option<SessionState>,
         routed: Option<Seen>,
+        lent: Option<u64>,
     ) {
-        let Some(claim) = self.registry.claims.get(&token) else {
+        let Some(claim) = self.registry.claims.get_mut(&token) else {
             debug!("answer to unknown claim {token} dropped");
             return;
         };
         let away = claim.away;
+        let lent_kept = match (&state, lent) {
+            (Some(_), Some(after)) if !away => {
+                let lend = claim.lend.get_or_insert_with(ClaimLend::default);
+                lend.after = Some(after);
+                lend.take_kept()
+            }
+            _ => {
+                claim.lend = None;
+                Vec::new()
+            }
+        };
         if away {
             // The state leaves the node: what it holds goes to the bridge
             // for the tail, which has what this node routed beyond it (a
             // catch-up here would send that twice). Reported here, not
             // where the state was taken: a claim between two shards
             // handed on a state that caught up on the way.
+            let client_id = claim.client_id.clone();
             if let (Some(_), Some(link)) = (&state, &self.cluster) {
                 let seen = routed.clone().unwrap_or_else(|| self.seen());
-                link.evicted(&claim.client_id, seen);
+                link.evicted(&client_id, seen);
             }
         } else if let (Some(state), Some(routed)) = (&mut state, &routed) {
             self.catch_up_state(token, state, routed);
@@ -721,9 +816,18 @@ impl Shard {
             if claim.abandoned {
                 self.registry.claims.remove(&token);
             }
-            self.pass_state_on(&client_id, state, later);
+            // The state holds NATS's batches up to the lend's position
+            // (what was kept here for it, the next lend brings again).
+            let after = lent.unwrap_or(self.nats_seq);
+            self.pass_state_on(&client_id, state, later, after);
             return;
         }
+        if let Some(state) = &mut state {
+            self.keep_lent(state, &lent_kept);
+        }
+        let Some(claim) = self.registry.claims.get_mut(&token) else {
+            return;
+        };
         if claim.abandoned {
             // The connection is gone.
             let client_id = claim.client_id.clone();
@@ -1091,11 +1195,17 @@ impl Shard {
             let Some(PendingClaim {
                 outcome: Some(Outcome::Granted(Some(state))),
                 client_id,
+                lend,
                 ..
             }) = claims.get_mut(token)
             else {
                 continue;
             };
+            // From NATS through a filter whose lend is still to come: the
+            // lend brings it (shard::lend).
+            if from_cluster && lend.as_ref().is_some_and(|l| !l.takes(filter)) {
+                continue;
+            }
             // From NATS and being handed over (its collector has it), or
             // a message it got already: not again
             // (`Shard::route_from_cluster_except`). This node's own
@@ -1109,6 +1219,115 @@ impl Shard {
             };
             if state.keep(message, granted, &self.limits) == Delivery::Dropped {
                 self.stats.publish_dropped += 1;
+            }
+        }
+    }
+
+    /// This shard took batch number `seq` from NATS (`ToShard::Deliver`),
+    /// `messages` of the subscription of `filter`: the claims whose lend
+    /// of that filter began before their state came keep it
+    /// ([`Registry::lending`], shard::lend).
+    pub(super) fn took_from_cluster(
+        &mut self,
+        seq: u64,
+        filter: Option<&ByteString>,
+        messages: &Arc<Vec<Message>>,
+    ) {
+        self.nats_seq = seq;
+        if self.registry.lending.is_empty() {
+            return;
+        }
+        let Registry {
+            claims, lending, ..
+        } = &mut self.registry;
+        lending.retain(|token| {
+            claims
+                .get(token)
+                .is_some_and(|c| c.outcome.is_none() && c.lend.is_some())
+        });
+        let Some(filter) = filter else {
+            return;
+        };
+        for token in lending.iter() {
+            let Some(lend) = claims.get_mut(token).and_then(|c| c.lend.as_mut()) else {
+                continue;
+            };
+            if lend.started(filter) && !lend.keep(filter, messages) {
+                self.stats.publish_dropped += messages.len() as u64;
+            }
+        }
+    }
+
+    /// The bridge holds `filter` for this shard's claim `token` from now
+    /// on (`ToShard::Lent`), and brought `batches`: that filter's since
+    /// what the claim's state holds. With its state the claim takes them
+    /// now, else keeps them (and the filter's next ones) until it comes;
+    /// a claim that no longer waits for a state of this node drops them
+    /// (shard::lend). `whole` false: the bridge no longer had them all.
+    pub fn lent(
+        &mut self,
+        token: u64,
+        filter: ByteString,
+        batches: Vec<Arc<Vec<Message>>>,
+        whole: bool,
+    ) {
+        if !whole {
+            log::info!(
+                "shard {}: claim {token}: the batches of {filter} since the session left its shard are no longer all kept: it may miss some",
+                self.id
+            );
+        }
+        let Some(claim) = self.registry.claims.get_mut(&token) else {
+            debug!("lend of {filter} for claim {token}, gone meanwhile, dropped");
+            return;
+        };
+        if claim.away || claim.superseded_by.is_some() {
+            return;
+        }
+        let lend = claim.lend.get_or_insert_with(ClaimLend::default);
+        lend.start(filter.clone());
+        if let Some(waker) = claim.waker.take() {
+            waker.wake();
+        }
+        match &mut claim.outcome {
+            None => {
+                for batch in &batches {
+                    if !lend.keep(&filter, batch) {
+                        self.stats.publish_dropped += batch.len() as u64;
+                    }
+                }
+                if !self.registry.lending.contains(&token) {
+                    self.registry.lending.push(token);
+                }
+            }
+            Some(Outcome::Granted(Some(state))) => {
+                let mut state = std::mem::take(state);
+                let lent: Vec<_> = batches.into_iter().map(|b| (filter.clone(), b)).collect();
+                self.keep_lent(&mut state, &lent);
+                if let Some(PendingClaim {
+                    outcome: Some(Outcome::Granted(Some(held))),
+                    ..
+                }) = self.registry.claims.get_mut(&token)
+                {
+                    *held = state;
+                }
+            }
+            Some(_) => {}
+        }
+    }
+
+    /// Keeps in `state` the QoS 1/2 messages of `batches` (each of the
+    /// NATS subscription of its filter) the session takes, in order, as
+    /// [`Shard::queue_for_attaching`] does.
+    fn keep_lent(&mut self, state: &mut SessionState, batches: &[(ByteString, Arc<Vec<Message>>)]) {
+        for (filter, batch) in batches {
+            for message in batch.iter().filter(|m| m.qos != QoS::AtMostOnce) {
+                let Some(granted) = copy_qos(state, Some(filter), &message.topic) else {
+                    continue;
+                };
+                if state.keep(message, granted, &self.limits) == Delivery::Dropped {
+                    self.stats.publish_dropped += 1;
+                }
             }
         }
     }
@@ -1155,6 +1374,7 @@ mod tests {
                 cluster: None,
                 withdrawn: None,
                 away: false,
+                lend: None,
             },
         );
     }
@@ -1754,8 +1974,11 @@ mod tests {
             .expect("a batch for the other shard")
     }
 
-    /// The `Claimed` in `shard`'s outbox for `to`: (token, state, routed).
-    fn claimed(shard: &mut Shard, to: usize) -> (u64, Option<SessionState>, Option<Seen>) {
+    /// What a `Claimed` carries: token, state, routed, lent.
+    type Answer = (u64, Option<SessionState>, Option<Seen>, Option<u64>);
+
+    /// The `Claimed` in `shard`'s outbox for `to`.
+    fn claimed(shard: &mut Shard, to: usize) -> Answer {
         let outbox = std::mem::take(&mut shard.outbox);
         outbox
             .into_iter()
@@ -1764,7 +1987,8 @@ mod tests {
                     token,
                     state,
                     routed,
-                } if peer == to => Some((token, state.map(|s| *s), routed.map(|r| *r))),
+                    lent,
+                } if peer == to => Some((token, state.map(|s| *s), routed.map(|r| *r), lent)),
                 _ => None,
             })
             .expect("a Claimed for the claiming shard")
@@ -1806,10 +2030,10 @@ mod tests {
         new.route_batch_from(&after, (0, after_at));
         // The answer comes; then, before the connection attaches, the new
         // shard's own publish and one more of the old shard's.
-        let (token, state, routed) = claimed(&mut old, 1);
+        let (token, state, routed, lent) = claimed(&mut old, 1);
         assert_eq!(token, 9);
         assert!(routed.is_some(), "a state goes with its positions");
-        new.claim_answered_after(token, state, routed);
+        new.claim_answered_after(token, state, routed, lent);
         new.publish(qos1("m/4", "new, attaching"));
         let (late, late_at) = published(&mut old, qos1("m/5", "old, attaching"));
         new.route_batch_from(&late, (0, late_at));
@@ -1848,8 +2072,8 @@ mod tests {
         // supersedes the first.
         let (during, at) = published(&mut old, qos1("m/1", "during"));
         new.route_batch_from(&during, (0, at));
-        let (token, state, routed) = claimed(&mut old, 1);
-        new.claim_answered_after(token, state, routed);
+        let (token, state, routed, lent) = claimed(&mut old, 1);
+        new.claim_answered_after(token, state, routed, lent);
         new.publish(qos1("m/2", "attaching"));
         let _ = new.take_numbered_batch();
         pending(&mut old, id, 3);
@@ -1857,9 +2081,9 @@ mod tests {
         assert!(matches!(take_outcome(&mut new, 9), Outcome::Superseded));
         // Back on shard 0: it routed "during" itself, and routes
         // "attaching" before the answer; nothing twice, nothing lost.
-        let (token, state, routed) = claimed(&mut new, 0);
+        let (token, state, routed, lent) = claimed(&mut new, 0);
         assert_eq!(token, 3);
-        old.claim_answered_after(token, state, routed);
+        old.claim_answered_after(token, state, routed, lent);
         let Outcome::Granted(Some(state)) = take_outcome(&mut old, 3) else {
             panic!("claim not granted with the state");
         };
@@ -1909,6 +2133,7 @@ mod tests {
                     client_id,
                     shard,
                     filters,
+                    ..
                 } => Some(format!("lend {client_id}'s {filters:?} to {shard}")),
                 Control::Interest(i) => {
                     let change = if i.add { "add" } else { "remove" };
@@ -1959,6 +2184,128 @@ mod tests {
         }
     }
 
+    /// One QoS 1 message on `topic` from NATS, as a batch.
+    fn from_nats(topic: &str, payload: &'static str) -> Arc<Vec<Message>> {
+        Arc::new(vec![qos1(topic, payload)])
+    }
+
+    /// Shard 0 of a cluster node (with the link) holds the offline
+    /// persistent session "mover" (`m/#`, QoS 1), which took NATS batch 5
+    /// ("before"), and lets it go to claim 9 of shard 1: the lend it tells
+    /// the bridge names the claim and batch 5, and so does its answer.
+    fn lending_in_a_cluster() -> (Shard, Shard, Answer) {
+        let mut old = crate::shard::testing::shard_with(0, 2, Config::default());
+        let mut new = crate::shard::testing::shard_with(1, 2, Config::default());
+        let (link, controls) = ClusterLink::for_tests(0);
+        old.cluster = Some(link);
+        offline_on(&mut old, "mover");
+        let filter = ByteString::from("m/#");
+        let before = from_nats("m/1", "before");
+        old.took_from_cluster(5, Some(&filter), &before);
+        old.route_from_cluster(Some("m/#"), &before);
+        pending(&mut new, "mover", 9);
+        old.evict("mover", None, 1, 9, false);
+        let lend = std::iter::from_fn(|| controls.try_recv().ok()).find_map(|c| match c {
+            Control::Lend {
+                shard,
+                token,
+                after,
+                ..
+            } => Some((shard, token, after)),
+            _ => None,
+        });
+        assert_eq!(lend, Some((1, 9, 5)), "the claim and the state's batch");
+        let answer = claimed(&mut old, 1);
+        assert_eq!(answer.3, Some(5), "the answer says the filters are lent");
+        (old, new, answer)
+    }
+
+    /// A claim whose lend comes before its state (the bridge's queue ahead
+    /// of the mesh) keeps what the lend brought (what the old shard got
+    /// after the session left it) and the lent filter's later batches,
+    /// then the state takes them after what it held: every message once,
+    /// in order; a batch of a filter not lent, and QoS 0, are not kept.
+    #[test]
+    fn a_claim_whose_lend_comes_before_its_state_keeps_what_the_lend_brought() {
+        let (_old, mut new, (token, state, routed, lent)) = lending_in_a_cluster();
+        let filter = ByteString::from("m/#");
+        let other = ByteString::from("o/#");
+        new.took_from_cluster(6, Some(&filter), &from_nats("m/1", "too early"));
+        new.lent(9, filter.clone(), vec![from_nats("m/1", "gap")], true);
+        new.took_from_cluster(7, Some(&filter), &from_nats("m/1", "live"));
+        new.took_from_cluster(8, Some(&other), &from_nats("o/1", "other filter"));
+        let qos0 = Arc::new(vec![Message::new(
+            ByteString::from("m/1"),
+            bytes::Bytes::from_static(b"qos 0"),
+            QoS::AtMostOnce,
+            false,
+        )]);
+        new.took_from_cluster(9, Some(&filter), &qos0);
+        new.claim_answered_after(token, state, routed, lent);
+        new.took_from_cluster(10, Some(&filter), &from_nats("m/1", "not kept"));
+        assert!(new.registry.lending.is_empty(), "it has its state now");
+        let Some(Outcome::Granted(Some(state))) = take_claim_outcome(&new, 9) else {
+            panic!("claim not granted with the state");
+        };
+        assert_eq!(pending_payloads(&state), ["before", "gap", "live"]);
+    }
+
+    /// A claim whose state comes first is attaching, but takes a lent
+    /// filter's messages as they come only once its lend began: what came
+    /// before is among what the lend brings (without that, "gap" came
+    /// twice); and its connection waits for the lend.
+    #[test]
+    fn an_attaching_claim_takes_a_lent_filters_messages_from_its_lend_on() {
+        let (_old, mut new, (token, state, routed, lent)) = lending_in_a_cluster();
+        new.claim_answered_after(token, state, routed, lent);
+        let waits = |shard: &Shard| match shard.registry.claims.get(&9) {
+            Some(PendingClaim {
+                outcome: Some(Outcome::Granted(Some(state))),
+                lend: Some(lend),
+                ..
+            }) => lend.waits(state),
+            _ => false,
+        };
+        assert!(waits(&new), "the connection waits for the lend");
+        let filter = ByteString::from("m/#");
+        let gap = from_nats("m/1", "gap");
+        new.took_from_cluster(6, Some(&filter), &gap);
+        new.route_from_cluster(Some("m/#"), &gap);
+        new.lent(9, filter.clone(), vec![gap], true);
+        assert!(!waits(&new), "every filter's lend began");
+        let live = from_nats("m/1", "live");
+        new.took_from_cluster(7, Some(&filter), &live);
+        new.route_from_cluster(Some("m/#"), &live);
+        let Some(Outcome::Granted(Some(state))) = take_claim_outcome(&new, 9) else {
+            panic!("claim not granted with the state");
+        };
+        assert_eq!(pending_payloads(&state), ["before", "gap", "live"]);
+    }
+
+    /// A lend for a claim gone meanwhile, or for another node's take-over
+    /// (whose tail brings NATS's messages), is dropped.
+    #[test]
+    fn a_lend_for_a_claim_gone_or_away_is_dropped() {
+        let mut shard = crate::shard::testing::shard_with(1, 2, Config::default());
+        shard.lent(4, "m/#".into(), vec![from_nats("m/1", "x")], true);
+        assert!(shard.registry.lending.is_empty(), "no claim 4");
+        pending(&mut shard, "mover", 9);
+        if let Some(claim) = shard.registry.claims.get_mut(&9) {
+            claim.away = true;
+        }
+        shard.lent(9, "m/#".into(), vec![from_nats("m/1", "x")], true);
+        let lend = shard.registry.claims.get(&9).map(|c| c.lend.is_some());
+        assert_eq!(lend, Some(false), "away: the tail has it");
+    }
+
+    /// The outcome of claim `token` of `shard`, cloned, leaving the claim.
+    fn take_claim_outcome(shard: &Shard, token: u64) -> Option<Outcome> {
+        match shard.registry.claims.get(&token)?.outcome.as_ref()? {
+            Outcome::Granted(state) => Some(Outcome::Granted(state.clone())),
+            Outcome::Superseded => Some(Outcome::Superseded),
+        }
+    }
+
     /// In a cluster, a session moving between two shards of the node (a
     /// CONNECT here whose id the node had on another shard; the record
     /// names this node, so the bridge grants it without a state or a
@@ -1969,8 +2316,8 @@ mod tests {
     #[test]
     fn in_a_cluster_a_session_moving_between_shards_of_the_node_keeps_what_was_routed() {
         let (mut old, mut new, controls, _) = moving_in_a_cluster(1, false);
-        let (token, state, routed) = claimed(&mut old, 1);
-        new.claim_answered_after(token, state, routed);
+        let (token, state, routed, lent) = claimed(&mut old, 1);
+        new.claim_answered_after(token, state, routed, lent);
         new.route(&qos1("m/2", "before the bridge's answer"));
         new.cluster_claim_answered_after(9, ClaimAnswer::Granted(None), None);
         new.route(&qos1("m/3", "granted, not attached"));
@@ -1996,8 +2343,8 @@ mod tests {
     #[test]
     fn a_claim_for_another_nodes_take_over_reports_what_its_state_holds() {
         let (mut old, mut new, controls, at) = moving_in_a_cluster(1, true);
-        let (token, state, routed) = claimed(&mut old, 1);
-        new.claim_answered_after(token, state, routed);
+        let (token, state, routed, lent) = claimed(&mut old, 1);
+        new.claim_answered_after(token, state, routed, lent);
         new.route(&qos1("m/2", "after the answer"));
         assert!(new.registry.attaching.is_empty());
         let Some(Some(state)) = new.take_claim(9) else {
@@ -2017,7 +2364,7 @@ mod tests {
     #[test]
     fn a_session_between_two_shards_handed_away_reports_what_its_state_caught_up() {
         let (mut old, mut new, controls, at) = moving_in_a_cluster(0, false);
-        let (token, state, routed) = claimed(&mut old, 1);
+        let (token, state, routed, lent) = claimed(&mut old, 1);
         // Another node's take-over claims the id on shard 0 before the
         // state reached shard 1.
         pending(&mut old, "mover", 3);
@@ -2025,10 +2372,10 @@ mod tests {
             claim.away = true;
         }
         new.evict("mover", Some(9), 0, 3, false);
-        new.claim_answered_after(token, state, routed);
-        let (token, state, routed) = claimed(&mut new, 0);
+        new.claim_answered_after(token, state, routed, lent);
+        let (token, state, routed, lent) = claimed(&mut new, 0);
         assert_eq!(token, 3);
-        old.claim_answered_after(token, state, routed);
+        old.claim_answered_after(token, state, routed, lent);
         let Some(Some(state)) = old.take_claim(3) else {
             panic!("granted with its state");
         };
@@ -2097,7 +2444,8 @@ mod tests {
                 ShardMsg::Claimed {
                     token: 1,
                     state: None,
-                    routed: None
+                    routed: None,
+                    lent: None,
                 }
             )]
         ));
@@ -2141,7 +2489,8 @@ mod tests {
                 ShardMsg::Claimed {
                     token: 3,
                     state: Some(_),
-                    routed: Some(_)
+                    routed: Some(_),
+                    lent: None,
                 }
             )]
         ));

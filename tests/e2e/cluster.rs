@@ -1797,7 +1797,6 @@ fn moving_shared(test: &str, publishers: &[usize], complete: bool) {
 /// [`a_session_moving_between_the_shards_of_a_node_gets_each_message_once`]
 /// requiring every number of B's too.
 #[test]
-#[ignore = "a few of what B publishes during a move are still lost: docs/design/cluster.md §9, Moves inside one node"]
 fn a_session_moving_between_the_shards_of_a_node_misses_nothing_published_on_another() {
     let test = "cluster shard move, publishers on A and B, complete";
     moving_between_shards_of_a_node(test, true, &[0, 2], true);
