@@ -90,6 +90,28 @@ pub const COVER_WAIT: Duration = Duration::from_millis(500);
 /// hex>.<seq>` (as `Fanmq-O`).
 pub const COVER_HEADER: &str = "Fanmq-Tail-Cover";
 
+/// Lets go of the oldest of a ring's `batches` (their bytes counted in
+/// `bytes`) while it holds more than [`RING_BYTES`] or the oldest is older
+/// than [`RING_AGE`] at `now`; the newest always stays. `kept`: a batch's
+/// time and bytes; `gone`: sees each batch let go.
+pub(super) fn prune<T>(
+    (batches, bytes): (&mut VecDeque<T>, &mut usize),
+    now: Instant,
+    kept: impl Fn(&T) -> (Instant, usize),
+    mut gone: impl FnMut(&T),
+) {
+    while batches.len() > 1
+        && let Some(oldest) = batches.front()
+        && (*bytes > RING_BYTES || now.duration_since(kept(oldest).0) > RING_AGE)
+    {
+        let Some(oldest) = batches.pop_front() else {
+            break;
+        };
+        *bytes -= kept(&oldest).1;
+        gone(&oldest);
+    }
+}
+
 /// Whether the bridge stamps `message` with an origin sequence number:
 /// QoS 1 and 2, `$SYS` left out (it never leaves the node). The publish
 /// loop and the ring count the same messages.
@@ -434,20 +456,20 @@ impl Routed {
         let now = sent.at;
         self.bytes += sent.bytes;
         self.batches.push_back(sent);
-        while self.batches.len() > 1
-            && let Some(oldest) = self.batches.front()
-            && (self.bytes > RING_BYTES || now.duration_since(oldest.at) > RING_AGE)
-        {
-            let Some(oldest) = self.batches.pop_front() else {
-                break;
-            };
-            self.bytes -= oldest.bytes;
-            if oldest.shard >= self.pruned.len() {
-                self.pruned.resize(oldest.shard + 1, 0);
-            }
-            let last = oldest.first + oldest.messages.len() as u64 - 1;
-            self.pruned[oldest.shard] = self.pruned[oldest.shard].max(last);
-        }
+        let pruned = &mut self.pruned;
+        let ring = (&mut self.batches, &mut self.bytes);
+        prune(
+            ring,
+            now,
+            |s| (s.at, s.bytes),
+            |oldest| {
+                if oldest.shard >= pruned.len() {
+                    pruned.resize(oldest.shard + 1, 0);
+                }
+                let last = oldest.first + oldest.messages.len() as u64 - 1;
+                pruned[oldest.shard] = pruned[oldest.shard].max(last);
+            },
+        );
     }
 
     /// The QoS 1/2 messages routed here that `published` (what the bridge

@@ -21,7 +21,7 @@ use std::time::Instant;
 
 use bytestring::ByteString;
 
-use crate::cluster::positions::{RING_AGE, RING_BYTES};
+use crate::cluster::positions;
 use crate::protocol::message::Message;
 use crate::protocol::v3::QoS;
 
@@ -43,8 +43,8 @@ struct Got {
 /// The bridge's numbering of NATS batches and its ring of the recent ones
 /// that a moving session may need: those of plain filters with a QoS 1/2
 /// message (a claim keeps no QoS 0 message), bounded as the ring of this
-/// node's own publishes ([`RING_AGE`], [`RING_BYTES`]; the newest always
-/// stays). The escaped subject's batches are numbered but not kept.
+/// node's own publishes ([`positions::prune`]: 3 s, 32 MiB; the newest
+/// always stays). The escaped subject's batches are numbered but not kept.
 #[derive(Debug, Default)]
 pub struct Received {
     /// The last number given (0: none yet; batches count from 1).
@@ -86,16 +86,9 @@ impl Received {
             at: now,
             bytes,
         });
-        while self.batches.len() > 1
-            && let Some(oldest) = self.batches.front()
-            && (self.bytes > RING_BYTES || now.duration_since(oldest.at) > RING_AGE)
-        {
-            let Some(oldest) = self.batches.pop_front() else {
-                break;
-            };
-            self.bytes -= oldest.bytes;
-            self.pruned = oldest.seq;
-        }
+        let pruned = &mut self.pruned;
+        let ring = (&mut self.batches, &mut self.bytes);
+        positions::prune(ring, now, |g| (g.at, g.bytes), |g| *pruned = g.seq);
         seq
     }
 
@@ -119,6 +112,7 @@ mod tests {
     use bytes::Bytes;
 
     use super::*;
+    use crate::cluster::positions::RING_AGE;
 
     /// One message on `topic` at `qos`, its payload `payload`.
     fn batch(topic: &str, payload: &'static str, qos: QoS) -> Arc<Vec<Message>> {
