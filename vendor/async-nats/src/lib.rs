@@ -469,7 +469,18 @@ pub(crate) struct ConnectionHandler {
     should_reconnect: bool,
     flush_observers: Vec<oneshot::Sender<()>>,
     is_draining: bool,
-    drain_pings: VecDeque<u64>,
+    /// The subscriptions being drained, each with the number of the PING
+    /// sent after its UNSUB (fanmq: see `pings_sent`).
+    drain_pings: VecDeque<(u64, u64)>,
+    /// fanmq: the PINGs this handler sent on the current connection, and the
+    /// PONGs it received. The server answers PINGs in order, so PONG number
+    /// n answers PING number n: a subscription drained before PING n ends
+    /// at PONG n, once the server processed its UNSUB and everything it
+    /// sent the subscription before that was delivered (upstream removed it
+    /// at the next poll after the UNSUB was written, and dropped what the
+    /// server had sent it meanwhile).
+    pings_sent: u64,
+    pongs_received: u64,
 }
 
 impl ConnectionHandler {
@@ -494,6 +505,8 @@ impl ConnectionHandler {
             flush_observers: Vec::new(),
             is_draining: false,
             drain_pings: VecDeque::new(),
+            pings_sent: 0,
+            pongs_received: 0,
         }
     }
 
@@ -527,6 +540,7 @@ impl ConnectionHandler {
                     Poll::Ready(ExitReason::Disconnected(None))
                 } else {
                     self.handler.connection.enqueue_write_op(&ClientOp::Ping);
+                    self.handler.pings_sent += 1;
 
                     Poll::Pending
                 }
@@ -574,12 +588,13 @@ impl ConnectionHandler {
                     }
                 }
 
-                // Before handling any commands, drop any subscriptions which are draining
-                // Note: safe to assume subscription drain has completed at this point, as we would have flushed
-                // all outgoing UNSUB messages in the previous call to this fn, and we would have processed and
-                // delivered any remaining messages to the subscription in the loop above.
-                while let Some(sid) = self.handler.drain_pings.pop_front() {
-                    self.handler.subscriptions.remove(&sid);
+                // A drained subscription ends at the PONG that answers the PING
+                // sent after its UNSUB (`handle_server_op`). fanmq: a drain of the
+                // entire connection still drops its subscriptions here.
+                if self.handler.is_draining {
+                    while let Some((sid, _)) = self.handler.drain_pings.pop_front() {
+                        self.handler.subscriptions.remove(&sid);
+                    }
                 }
 
                 if self.handler.is_draining {
@@ -716,6 +731,16 @@ impl ConnectionHandler {
             ServerOp::Pong => {
                 debug!("received PONG");
                 self.pending_pings = self.pending_pings.saturating_sub(1);
+                self.pongs_received += 1;
+                // fanmq: the server processed the UNSUBs sent before this
+                // PONG's PING, and sent nothing more for those subscriptions.
+                while let Some(&(sid, ping)) = self.drain_pings.front() {
+                    if ping > self.pongs_received {
+                        break;
+                    }
+                    self.drain_pings.pop_front();
+                    self.subscriptions.remove(&sid);
+                }
             }
             ServerOp::Error(error) => {
                 debug!("received ERROR: {:?}", error);
@@ -844,8 +869,11 @@ impl ConnectionHandler {
                 self.flush_observers.push(observer);
             }
             Command::Drain { sid } => {
+                // fanmq: the number of the PING below.
+                self.pings_sent += 1;
+                let ping = self.pings_sent;
                 let mut drain_sub = |sid: u64| {
-                    self.drain_pings.push_back(sid);
+                    self.drain_pings.push_back((sid, ping));
                     self.connection
                         .enqueue_write_op(&ClientOp::Unsubscribe { sid, max: None });
                 };
@@ -980,6 +1008,14 @@ impl ConnectionHandler {
 
     async fn handle_disconnect(&mut self) -> Result<(), ConnectError> {
         self.pending_pings = 0;
+        // fanmq: the new connection counts its own PINGs; a subscription
+        // being drained ends now (the server it was on sends nothing more)
+        // rather than being subscribed again.
+        self.pings_sent = 0;
+        self.pongs_received = 0;
+        while let Some((sid, _)) = self.drain_pings.pop_front() {
+            self.subscriptions.remove(&sid);
+        }
         self.connector.events_tx.try_send(Event::Disconnected).ok();
         self.connector.state_tx.send(State::Disconnected).ok();
 
