@@ -1221,7 +1221,9 @@ async fn read_queue_subscription(
                 draining = true;
                 if changed.is_ok() && *drain.borrow() {
                     // UNSUB, then a PING: the stream ends at the PONG, after
-                    // everything the server sent before the UNSUB.
+                    // everything the server sent before the UNSUB (the
+                    // vendored async-nats': as released it ended earlier and
+                    // dropped those, vendor/async-nats/README.fanmq.md).
                     if let Err(e) = sub.drain().await {
                         debug!("cluster: cannot drain a queue subscription of {share}: {e}");
                         return;

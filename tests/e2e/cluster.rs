@@ -1763,35 +1763,150 @@ fn a_session_moving_between_the_shards_of_a_node_gets_each_message_once() {
 /// meanwhile to nobody (tens of numbers lost a run on the code before).
 #[test]
 fn a_session_moving_between_nodes_with_a_shared_subscription_misses_nothing() {
-    moving_shared("cluster hand-over window, shared subscription", &[2], true);
+    moving_shared("cluster hand-over window, shared subscription", &[2]);
 }
 
 /// [`a_session_moving_between_nodes_with_a_shared_subscription_misses_nothing`]
 /// with a publisher on each of A, B and C: a node's own publishes reach
 /// the group through NATS's queue group too (design §7), so the moving
-/// session's share gets them as it gets the third node's.
+/// session's share gets them as it gets the third node's. With async-nats'
+/// drain as released (the old owner's queue subscription dropped before the
+/// server read its UNSUB, [`a_drained_queue_subscription_gets_all_the_server_gave_it`])
+/// 1 to 3 numbers were lost in 13 of 24 runs.
 #[test]
 fn a_session_moving_between_nodes_with_a_shared_subscription_misses_nothing_of_all_three() {
     let test = "cluster hand-over window, shared subscription, publishers on A, B, C";
-    moving_shared(test, &[0, 1, 2], false);
+    moving_shared(test, &[0, 1, 2]);
 }
 
 /// The shared subscription move tests: [`moving_while_publishing_as`] to
 /// `$share/g/win/#` on one NATS server, publishers on `publishers`, every
-/// number required if `complete`. With publishers on all three nodes one
-/// number was lost once in about 12 runs, cause not found
-/// (docs/design/cluster.md §9, "Shared subscriptions during a move"): that
-/// test checks once and in order, and prints what is missing.
-fn moving_shared(test: &str, publishers: &[usize], complete: bool) {
+/// number required.
+fn moving_shared(test: &str, publishers: &[usize]) {
     let Some(nats) = Nats::start(test) else {
         return;
     };
     let [a, b, c] = nats.move_test_nodes();
     let routed = || nats.wait_subscriptions("fanmq.t.win.>", 1);
     let nodes = [&a, &b, &c];
-    let kind = (false, complete);
+    let kind = (false, true);
     let what = ("$share/g/win/#", "win/n");
     moving_while_publishing_as(nodes, publishers, what, kind, routed, |_| {}, Move::Nodes);
+}
+
+/// A queue subscription drained while the server keeps giving it messages
+/// gets every one the server sent it before it read the UNSUB (the stream
+/// ends at the PONG after it): the old owner of a moving session leaves its
+/// shares' groups so (`bridge::drain_shares`, docs/design/cluster.md §9).
+/// async-nats 0.51 as released ended the stream at its next poll after
+/// writing the UNSUB and dropped what came after (vendor/async-nats): of
+/// the numbers a publisher spread over the drained member and another, some
+/// reached neither, in every run here; the shared subscription move test
+/// lost one about every twelfth run.
+#[test]
+fn a_drained_queue_subscription_gets_all_the_server_gave_it() {
+    use futures_lite::StreamExt;
+    let Some(nats) = Nats::start("drained queue subscription") else {
+        return;
+    };
+    /// Drains of the leaving member, each after a new subscription.
+    const ROUNDS: usize = 100;
+    /// Numbers published per round.
+    const EACH: usize = 1000;
+    /// Holds once the server answered a request sent on `client` after all
+    /// it sent before (its subscriptions, its publishes).
+    async fn held(client: &async_nats::Client) {
+        let _ = client.request(client.new_inbox(), Vec::new().into()).await;
+    }
+    let number = |m: async_nats::Message| -> Option<usize> {
+        std::str::from_utf8(&m.payload).ok()?.parse().ok()
+    };
+    let url = format!("nats://127.0.0.1:{}", nats.port);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let (mut got, staying) = runtime.block_on(async move {
+        let connect = || async_nats::connect(url.clone());
+        let leaving = connect().await.expect("connect");
+        let staying = connect().await.expect("connect");
+        let publisher = connect().await.expect("connect");
+        let mut stays = staying
+            .queue_subscribe("drain.n", "g".into())
+            .await
+            .expect("sub");
+        held(&staying).await;
+        // The other member, until the end mark (only it is left by then).
+        let staying = tokio::spawn(async move {
+            let mut got = Vec::new();
+            while let Some(m) = stays.next().await {
+                match number(m) {
+                    Some(n) => got.push(n),
+                    None => break,
+                }
+            }
+            got
+        });
+        let mut got = Vec::new();
+        for round in 0..ROUNDS {
+            let mut leaves = leaving
+                .queue_subscribe("drain.n", "g".into())
+                .await
+                .expect("sub");
+            held(&leaving).await;
+            let publishing = tokio::spawn({
+                let publisher = publisher.clone();
+                async move {
+                    for i in round * EACH..(round + 1) * EACH {
+                        let payload = i.to_string().into_bytes().into();
+                        publisher
+                            .publish("drain.n", payload)
+                            .await
+                            .expect("publish");
+                        if i % 16 == 0 {
+                            tokio::task::yield_now().await;
+                        }
+                    }
+                    held(&publisher).await;
+                }
+            });
+            // Drained while the publisher is in full flow.
+            let (mut draining, start) = (false, got.len());
+            let read = async {
+                while let Some(m) = leaves.next().await {
+                    got.extend(number(m));
+                    if !draining && got.len() - start > EACH / 8 {
+                        draining = true;
+                        leaves.drain().await.expect("drain");
+                    }
+                }
+            };
+            tokio::time::timeout(TIMEOUT, read)
+                .await
+                .expect("the drained stream ends");
+            publishing.await.expect("published");
+        }
+        publisher
+            .publish("drain.n", "end".into())
+            .await
+            .expect("publish");
+        held(&publisher).await;
+        (got, staying.await.expect("the other member"))
+    });
+    let on_leaving = got.len();
+    got.extend(staying);
+    got.sort_unstable();
+    let total = got.len();
+    got.dedup();
+    assert_eq!(total, got.len(), "a number came twice");
+    let missing: Vec<usize> = (0..ROUNDS * EACH)
+        .filter(|n| got.binary_search(n).is_err())
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} numbers reached neither member ({on_leaving} the drained one): {missing:?}",
+        missing.len()
+    );
 }
 
 /// [`a_session_moving_between_the_shards_of_a_node_gets_each_message_once`]
