@@ -633,15 +633,20 @@ async fn run_shard(mut setup: ShardSetup) -> Result<(), ShardError> {
         watch: watch.clone(),
         started: false,
     };
+    // Each stage logged (debug): a start that times out
+    // (`BrokerError::StartTimeout`) shows where each shard stopped.
+    debug!("a shard's executor runs: joining the mesh");
     let (senders, receivers) = match setup.mesh.join().await {
         Ok(joined) => joined,
         Err(e) => return Err(watch.fail(ShardError::Mesh(e))),
     };
     let id = senders.peer_id();
+    debug!("shard {id}: in the mesh, joining the load mesh");
     let load_mesh = match setup.load_mesh.join().await {
         Ok(joined) => joined,
         Err(e) => return Err(watch.fail(ShardError::Mesh(e))),
     };
+    debug!("shard {id}: in the load mesh");
     // Pinned before the load, so what it allocates is the shard's own
     // memory (first touch on its NUMA node).
     let cpu = setup.pinned[id];
