@@ -666,20 +666,28 @@ async fn lend(
 /// The addition of `filter` for `shard` was applied: if `shard` is a
 /// lend's pseudo shard, its claim's shard gets the filter's batches since
 /// those the session's state holds, then (after this, in its queue) every
-/// later one ([`ToShard::Lent`], cluster::received).
-fn lent_since(b: &Bridge, shard: usize, filter: &ByteString) {
+/// later one ([`ToShard::Lent`], cluster::received); the escaped subject's
+/// too, once, when the filter is the lend's first to hold it.
+fn lent_since(b: &mut Bridge, shard: usize, filter: &ByteString) {
     let Some(lend) = b.moving.lend_of(shard) else {
         return;
     };
-    let (batches, whole) = b.received.since(filter, lend.after);
-    let marker = ToShard::Lent {
-        token: lend.token,
-        filter: filter.clone(),
-        batches,
-        whole,
-    };
-    // In order with the deliveries, never dropped (cluster::backlog).
-    let _ = b.to_shards.control(lend.shard, marker);
+    let escaped = b.filters.get(filter).is_some_and(|h| h.escaped);
+    let mut lent = vec![Some(filter.clone())];
+    if escaped && b.moving.lend_escaped(shard) {
+        lent.push(None);
+    }
+    for filter in lent {
+        let (batches, whole) = b.received.since(filter.as_deref(), lend.after);
+        let marker = ToShard::Lent {
+            token: lend.token,
+            filter,
+            batches,
+            whole,
+        };
+        // In order with the deliveries, never dropped (cluster::backlog).
+        let _ = b.to_shards.control(lend.shard, marker);
+    }
 }
 
 /// Which NATS connections got new subscriptions that a flush must confirm.
@@ -721,7 +729,7 @@ async fn apply_interest(bridge: Shared, changes: async_channel::Receiver<Interes
                 let new = add_interest(&bridge, shard, change.filter).await;
                 // No await from here to the marker: what NATS brings of the
                 // filter from now on reaches the claim's shard after it.
-                lent_since(&bridge.borrow(), shard, &filter);
+                lent_since(&mut bridge.borrow_mut(), shard, &filter);
                 for pseudo in lent {
                     remove_interest(&bridge, pseudo, &filter);
                 }

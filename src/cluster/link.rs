@@ -316,8 +316,9 @@ pub enum ToShard {
     Lent {
         /// The claim's token on this shard.
         token: u64,
-        /// The lent filter.
-        filter: ByteString,
+        /// The lent filter (None: the escaped subject, which some of the
+        /// lent filters hold).
+        filter: Option<ByteString>,
         /// Its batches since the state's last, oldest first.
         batches: Vec<Arc<Vec<Message>>>,
         /// Whether the bridge still held all of them (false: a move slower

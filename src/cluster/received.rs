@@ -11,7 +11,8 @@
 //! a filter for the claim's shard, the bridge sends that shard, in its
 //! queue and before any later batch of the filter, the filter's batches
 //! numbered after it ([`Received::since`]): those the old shard got after
-//! the session had gone, and those the claim's shard got before the lend.
+//! the session had gone, and those the claim's shard got before the lend
+//! (the escaped subject's once, with the first lent filter that holds it).
 //! So the claim takes every batch of its filters once, in order: from the
 //! lend on, as they come.
 
@@ -25,13 +26,14 @@ use crate::cluster::positions;
 use crate::protocol::message::Message;
 use crate::protocol::v3::QoS;
 
-/// One batch of a plain filter's NATS subscription.
+/// One batch of a plain filter's NATS subscription, or of the escaped
+/// subject.
 #[derive(Debug)]
 struct Got {
     /// Its number.
     seq: u64,
-    /// The subscription's filter.
-    filter: ByteString,
+    /// The subscription's filter (None: the escaped subject).
+    filter: Option<ByteString>,
     /// The batch (the shards' own `Arc`).
     messages: Arc<Vec<Message>>,
     /// When it came.
@@ -41,10 +43,10 @@ struct Got {
 }
 
 /// The bridge's numbering of NATS batches and its ring of the recent ones
-/// that a moving session may need: those of plain filters with a QoS 1/2
-/// message (a claim keeps no QoS 0 message), bounded as the ring of this
-/// node's own publishes ([`positions::prune`]: 3 s, 32 MiB; the newest
-/// always stays). The escaped subject's batches are numbered but not kept.
+/// that a moving session may need: those with a QoS 1/2 message (a claim
+/// keeps no QoS 0 message), of plain filters and of the escaped subject,
+/// bounded as the ring of this node's own publishes ([`positions::prune`]:
+/// 3 s, 32 MiB; the newest always stays).
 #[derive(Debug, Default)]
 pub struct Received {
     /// The last number given (0: none yet; batches count from 1).
@@ -68,9 +70,6 @@ impl Received {
     ) -> u64 {
         self.last += 1;
         let seq = self.last;
-        let Some(filter) = filter else {
-            return seq;
-        };
         if messages.iter().all(|m| m.qos == QoS::AtMostOnce) {
             return seq;
         }
@@ -81,7 +80,7 @@ impl Received {
         self.bytes += bytes;
         self.batches.push_back(Got {
             seq,
-            filter: filter.clone(),
+            filter: filter.cloned(),
             messages: messages.clone(),
             at: now,
             bytes,
@@ -92,13 +91,14 @@ impl Received {
         seq
     }
 
-    /// The batches of `filter` numbered after `after`, oldest first, and
-    /// whether the ring still reached back to all of them.
-    pub fn since(&self, filter: &str, after: u64) -> (Vec<Arc<Vec<Message>>>, bool) {
+    /// The batches of `filter` (None: the escaped subject) numbered after
+    /// `after`, oldest first, and whether the ring still reached back to
+    /// all of them.
+    pub fn since(&self, filter: Option<&str>, after: u64) -> (Vec<Arc<Vec<Message>>>, bool) {
         let batches = self
             .batches
             .iter()
-            .filter(|g| g.seq > after && g.filter == filter)
+            .filter(|g| g.seq > after && g.filter.as_deref() == filter)
             .map(|g| g.messages.clone())
             .collect();
         (batches, self.pruned <= after)
@@ -160,16 +160,21 @@ mod tests {
             received.number(Some(&a), &batch("a/1", "3", QoS::ExactlyOnce), now),
             5
         );
-        let (since, whole) = received.since("a/#", 1);
+        let (since, whole) = received.since(Some("a/#"), 1);
         assert_eq!(payloads(&since), ["2", "3"]);
         assert!(whole);
-        let (since, _) = received.since("a/#", 0);
+        let (since, _) = received.since(Some("a/#"), 0);
         assert_eq!(payloads(&since), ["1", "2", "3"]);
         assert!(
-            received.since("a/#", 5).0.is_empty(),
+            received.since(Some("a/#"), 5).0.is_empty(),
             "nothing after the last"
         );
-        assert!(received.since("c/#", 0).0.is_empty(), "another filter's");
+        assert!(
+            received.since(Some("c/#"), 0).0.is_empty(),
+            "another filter's"
+        );
+        let (escaped, _) = received.since(None, 0);
+        assert_eq!(payloads(&escaped), ["e"], "the escaped subject's");
     }
 
     /// Batches of QoS 0 messages alone are numbered but not kept: a claim
@@ -184,7 +189,7 @@ mod tests {
             received.number(Some(&a), &batch("a/1", "1", QoS::AtLeastOnce), now),
             2
         );
-        let (since, whole) = received.since("a/#", 0);
+        let (since, whole) = received.since(Some("a/#"), 0);
         assert_eq!(payloads(&since), ["1"]);
         assert!(whole);
     }
@@ -200,10 +205,10 @@ mod tests {
         received.number(Some(&a), &batch("a/1", "2", QoS::AtLeastOnce), start);
         let later = start + RING_AGE + Duration::from_millis(1);
         received.number(Some(&a), &batch("a/1", "3", QoS::AtLeastOnce), later);
-        let (since, whole) = received.since("a/#", 0);
+        let (since, whole) = received.since(Some("a/#"), 0);
         assert_eq!(payloads(&since), ["3"]);
         assert!(!whole, "1 and 2 are gone");
-        let (since, whole) = received.since("a/#", 2);
+        let (since, whole) = received.since(Some("a/#"), 2);
         assert_eq!(payloads(&since), ["3"]);
         assert!(whole, "nothing after 2 is gone");
     }

@@ -733,6 +733,9 @@ pub(super) struct Lend {
     /// The number of the last NATS batch the state holds
     /// (cluster::received).
     pub(super) after: u64,
+    /// Whether the escaped subject's batches were sent (once per lend:
+    /// several of its filters may hold that subject).
+    pub(super) escaped: bool,
 }
 
 /// Sessions moving to or from this node, in the bridge.
@@ -981,6 +984,7 @@ impl Moving {
                 shard,
                 token,
                 after,
+                escaped: false,
             },
         );
         (pseudo, self.lent.insert(client_id, pseudo))
@@ -989,6 +993,14 @@ impl Moving {
     /// The lend of pseudo shard `pseudo`, if it is one still open.
     pub(super) fn lend_of(&self, pseudo: usize) -> Option<Lend> {
         self.lends.get(&pseudo).copied()
+    }
+
+    /// The lend of pseudo shard `pseudo` holds the escaped subject now:
+    /// whether that is new (its batches are then to be sent, once).
+    pub(super) fn lend_escaped(&mut self, pseudo: usize) -> bool {
+        self.lends
+            .get_mut(&pseudo)
+            .is_some_and(|l| !std::mem::replace(&mut l.escaped, true))
     }
 
     /// Real shard `shard` holds `filter` itself now: the lends for it that
@@ -1833,9 +1845,12 @@ mod tests {
             shard: 3,
             token: 70,
             after: 12,
+            escaped: false,
         };
         assert_eq!(moving.lend_of(lent), Some(lend), "its claim and position");
         assert_eq!(moving.lend_of(1), None, "a real shard");
+        assert!(moving.lend_escaped(lent), "the escaped subject, once");
+        assert!(!moving.lend_escaped(lent));
         assert_eq!(
             moving.holds.get(&lent).map(Vec::as_slice),
             Some(&filters[..])

@@ -786,12 +786,14 @@ impl Shard {
                 retain: false,
                 ..m.clone()
             });
-            if self.cluster_handing.is_empty() {
+            if self.cluster_handing.is_empty() && !self.has_attaching() {
                 let unretained: Vec<Message> = unretained.collect();
                 self.route_batch(&unretained);
             } else {
                 // A session being handed over takes none of them (its
-                // collector has them), as on the other subjects.
+                // collector has them), as on the other subjects; a claim
+                // attaching takes them as NATS's (a lend may bring them,
+                // shard::lend).
                 for message in unretained {
                     self.route_escaped_from_cluster(&message);
                 }

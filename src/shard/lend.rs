@@ -25,6 +25,7 @@ use std::sync::Arc;
 use bytestring::ByteString;
 
 use crate::cluster::positions::RING_BYTES;
+use crate::cluster::subject;
 use crate::protocol::message::Message;
 use crate::router::shared;
 use crate::session::SessionState;
@@ -36,11 +37,13 @@ pub struct ClaimLend {
     /// (`ToShard::Deliver::seq`). Then the claim expects a lend for each
     /// of its plain filters.
     pub after: Option<u64>,
-    /// The filters whose lend began (`ToShard::Lent` came).
-    started: Vec<ByteString>,
+    /// The filters whose lend began (`ToShard::Lent` came; None: the
+    /// escaped subject, which a wildcard filter, or one that cannot be a
+    /// subject, also holds).
+    started: Vec<Option<ByteString>>,
     /// Before the state came: the lent filters' batches, in the order they
     /// came, with their filter.
-    kept: Vec<(ByteString, Arc<Vec<Message>>)>,
+    kept: Vec<(Option<ByteString>, Arc<Vec<Message>>)>,
     /// Bytes (topics and payloads) of `kept`, at most [`RING_BYTES`] (as
     /// the bridge's ring of them).
     bytes: usize,
@@ -48,54 +51,61 @@ pub struct ClaimLend {
 
 impl ClaimLend {
     /// The lend of `filter` began.
-    pub fn start(&mut self, filter: ByteString) {
+    pub fn start(&mut self, filter: Option<ByteString>) {
         if !self.started.contains(&filter) {
             self.started.push(filter);
         }
     }
 
     /// Whether the lend of `filter` began.
-    pub fn started(&self, filter: &str) -> bool {
-        self.started.iter().any(|f| f == filter)
+    pub fn started(&self, filter: Option<&str>) -> bool {
+        self.started.iter().any(|f| f.as_deref() == filter)
     }
 
     /// Whether a message NATS brought through `filter` (None: the escaped
-    /// subject, not lent) is the attaching claim's to take as it comes:
-    /// not while the claim waits for that filter's lend, which brings it.
+    /// subject) is the attaching claim's to take as it comes: not while the
+    /// claim waits for that filter's lend, which brings it. (No escaped
+    /// topic matches a session none of whose filters holds that subject:
+    /// its lend never comes, and nothing is left out.)
     pub fn takes(&self, filter: Option<&str>) -> bool {
-        match filter {
-            Some(filter) => self.after.is_none() || self.started(filter),
-            None => true,
-        }
+        self.after.is_none() || self.started(filter)
     }
 
     /// Keeps `batch` of `filter` until the state comes: false when over
     /// the bound (not kept).
-    pub fn keep(&mut self, filter: &ByteString, batch: &Arc<Vec<Message>>) -> bool {
+    pub fn keep(&mut self, filter: Option<&ByteString>, batch: &Arc<Vec<Message>>) -> bool {
         let bytes: usize = batch.iter().map(|m| m.topic.len() + m.payload.len()).sum();
         if self.bytes + bytes > RING_BYTES {
             return false;
         }
         self.bytes += bytes;
-        self.kept.push((filter.clone(), batch.clone()));
+        self.kept.push((filter.cloned(), batch.clone()));
         true
     }
 
     /// What was kept before the state came, taken.
-    pub fn take_kept(&mut self) -> Vec<(ByteString, Arc<Vec<Message>>)> {
+    pub fn take_kept(&mut self) -> Vec<(Option<ByteString>, Arc<Vec<Message>>)> {
         self.bytes = 0;
         std::mem::take(&mut self.kept)
     }
 
     /// Whether the claim, with `state`, still waits for the lend of one of
-    /// its plain filters.
+    /// its plain filters, or of the escaped subject that one of them holds.
     pub fn waits(&self, state: &SessionState) -> bool {
+        let mut plain = state
+            .subscriptions
+            .iter()
+            .map(|(f, _)| &**f)
+            .filter(|f| !shared::is_shared(f));
         self.after.is_some()
-            && state
-                .subscriptions
-                .iter()
-                .any(|(f, _)| !shared::is_shared(f) && !self.started(f))
+            && plain.any(|f| !self.started(Some(f)) || (holds_escaped(f) && !self.started(None)))
     }
+}
+
+/// Whether the NATS interest in `filter` also holds the escaped subject
+/// (cluster::subject).
+fn holds_escaped(filter: &str) -> bool {
+    subject::filter_subjects("", filter).1
 }
 
 #[cfg(test)]
@@ -122,21 +132,23 @@ mod tests {
     #[test]
     fn a_claim_with_its_state_waits_for_each_plain_filters_lend() {
         let mut state = SessionState::default();
-        for f in ["a/#", "b", "$share/g/c"] {
+        for f in ["a/+/c", "b", "$share/g/c"] {
             state.subscriptions.push((f.into(), QoS::AtLeastOnce));
         }
         let mut lend = ClaimLend::default();
         assert!(!lend.waits(&state), "no state yet");
-        assert!(lend.takes(Some("a/#")), "no lend expected");
+        assert!(lend.takes(Some("a/+/c")), "no lend expected");
         lend.after = Some(7);
         assert!(lend.waits(&state));
-        assert!(!lend.takes(Some("a/#")), "the lend brings it");
-        assert!(lend.takes(None), "the escaped subject is not lent");
-        lend.start("a/#".into());
-        assert!(lend.takes(Some("a/#")));
+        assert!(!lend.takes(Some("a/+/c")), "the lend brings it");
+        lend.start(Some("a/+/c".into()));
+        assert!(lend.takes(Some("a/+/c")));
         assert!(!lend.takes(Some("b")));
-        assert!(lend.waits(&state), "b's lend is still to come");
-        lend.start("b".into());
+        lend.start(Some("b".into()));
+        assert!(lend.waits(&state), "the escaped subject's is still to come");
+        assert!(!lend.takes(None));
+        lend.start(None);
+        assert!(lend.takes(None));
         assert!(!lend.waits(&state), "the shared one is not lent");
     }
 
@@ -146,8 +158,9 @@ mod tests {
     fn kept_batches_are_taken_once_in_order_and_bounded() {
         let mut lend = ClaimLend::default();
         let filter = ByteString::from("a/#");
-        assert!(lend.keep(&filter, &batch("a/1")));
-        assert!(lend.keep(&filter, &batch("a/2")));
+        let filter = Some(&filter);
+        assert!(lend.keep(filter, &batch("a/1")));
+        assert!(lend.keep(filter, &batch("a/2")));
         let topics: Vec<String> = lend
             .take_kept()
             .iter()
@@ -161,7 +174,7 @@ mod tests {
             QoS::AtLeastOnce,
             false,
         )]);
-        assert!(!lend.keep(&filter, &large), "over the bound");
-        assert!(lend.keep(&filter, &batch("a/4")), "room for a small one");
+        assert!(!lend.keep(filter, &large), "over the bound");
+        assert!(lend.keep(filter, &batch("a/4")), "room for a small one");
     }
 }

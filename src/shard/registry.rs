@@ -1223,6 +1223,12 @@ impl Shard {
         }
     }
 
+    /// Whether a claim of this shard may be attaching
+    /// ([`Registry::attaching`]; pruned when routed).
+    pub(super) fn has_attaching(&self) -> bool {
+        !self.registry.attaching.is_empty()
+    }
+
     /// This shard took batch number `seq` from NATS (`ToShard::Deliver`),
     /// `messages` of the subscription of `filter`: the claims whose lend
     /// of that filter began before their state came keep it
@@ -1245,14 +1251,11 @@ impl Shard {
                 .get(token)
                 .is_some_and(|c| c.outcome.is_none() && c.lend.is_some())
         });
-        let Some(filter) = filter else {
-            return;
-        };
         for token in lending.iter() {
             let Some(lend) = claims.get_mut(token).and_then(|c| c.lend.as_mut()) else {
                 continue;
             };
-            if lend.started(filter) && !lend.keep(filter, messages) {
+            if lend.started(filter.map(|f| &**f)) && !lend.keep(filter, messages) {
                 self.stats.publish_dropped += messages.len() as u64;
             }
         }
@@ -1267,18 +1270,19 @@ impl Shard {
     pub fn lent(
         &mut self,
         token: u64,
-        filter: ByteString,
+        filter: Option<ByteString>,
         batches: Vec<Arc<Vec<Message>>>,
         whole: bool,
     ) {
+        let name = filter.as_deref().unwrap_or("the escaped subject");
         if !whole {
             log::info!(
-                "shard {}: claim {token}: the batches of {filter} since the session left its shard are no longer all kept: it may miss some",
+                "shard {}: claim {token}: the batches of {name} since the session left its shard are no longer all kept: it may miss some",
                 self.id
             );
         }
         let Some(claim) = self.registry.claims.get_mut(&token) else {
-            debug!("lend of {filter} for claim {token}, gone meanwhile, dropped");
+            debug!("lend of {name} for claim {token}, gone meanwhile, dropped");
             return;
         };
         if claim.away || claim.superseded_by.is_some() {
@@ -1292,7 +1296,7 @@ impl Shard {
         match &mut claim.outcome {
             None => {
                 for batch in &batches {
-                    if !lend.keep(&filter, batch) {
+                    if !lend.keep(filter.as_ref(), batch) {
                         self.stats.publish_dropped += batch.len() as u64;
                     }
                 }
@@ -1319,10 +1323,14 @@ impl Shard {
     /// Keeps in `state` the QoS 1/2 messages of `batches` (each of the
     /// NATS subscription of its filter) the session takes, in order, as
     /// [`Shard::queue_for_attaching`] does.
-    fn keep_lent(&mut self, state: &mut SessionState, batches: &[(ByteString, Arc<Vec<Message>>)]) {
+    fn keep_lent(
+        &mut self,
+        state: &mut SessionState,
+        batches: &[(Option<ByteString>, Arc<Vec<Message>>)],
+    ) {
         for (filter, batch) in batches {
             for message in batch.iter().filter(|m| m.qos != QoS::AtMostOnce) {
-                let Some(granted) = copy_qos(state, Some(filter), &message.topic) else {
+                let Some(granted) = copy_qos(state, filter.as_deref(), &message.topic) else {
                     continue;
                 };
                 if state.keep(message, granted, &self.limits) == Delivery::Dropped {
@@ -2231,23 +2239,27 @@ mod tests {
         let filter = ByteString::from("m/#");
         let other = ByteString::from("o/#");
         new.took_from_cluster(6, Some(&filter), &from_nats("m/1", "too early"));
-        new.lent(9, filter.clone(), vec![from_nats("m/1", "gap")], true);
+        new.lent(9, Some(filter.clone()), vec![from_nats("m/1", "gap")], true);
+        // `m/#` also holds the escaped subject (a topic with a space).
+        new.lent(9, None, vec![from_nats("m/a b", "escaped gap")], true);
         new.took_from_cluster(7, Some(&filter), &from_nats("m/1", "live"));
-        new.took_from_cluster(8, Some(&other), &from_nats("o/1", "other filter"));
+        new.took_from_cluster(8, None, &from_nats("m/a b", "escaped live"));
+        new.took_from_cluster(9, Some(&other), &from_nats("o/1", "other filter"));
         let qos0 = Arc::new(vec![Message::new(
             ByteString::from("m/1"),
             bytes::Bytes::from_static(b"qos 0"),
             QoS::AtMostOnce,
             false,
         )]);
-        new.took_from_cluster(9, Some(&filter), &qos0);
+        new.took_from_cluster(10, Some(&filter), &qos0);
         new.claim_answered_after(token, state, routed, lent);
-        new.took_from_cluster(10, Some(&filter), &from_nats("m/1", "not kept"));
+        new.took_from_cluster(11, Some(&filter), &from_nats("m/1", "not kept"));
         assert!(new.registry.lending.is_empty(), "it has its state now");
         let Some(Outcome::Granted(Some(state))) = take_claim_outcome(&new, 9) else {
             panic!("claim not granted with the state");
         };
-        assert_eq!(pending_payloads(&state), ["before", "gap", "live"]);
+        let kept = ["before", "gap", "escaped gap", "live", "escaped live"];
+        assert_eq!(pending_payloads(&state), kept);
     }
 
     /// A claim whose state comes first is attaching, but takes a lent
@@ -2271,8 +2283,10 @@ mod tests {
         let gap = from_nats("m/1", "gap");
         new.took_from_cluster(6, Some(&filter), &gap);
         new.route_from_cluster(Some("m/#"), &gap);
-        new.lent(9, filter.clone(), vec![gap], true);
-        assert!(!waits(&new), "every filter's lend began");
+        new.lent(9, Some(filter.clone()), vec![gap], true);
+        assert!(waits(&new), "the escaped subject's lend is still to come");
+        new.lent(9, None, Vec::new(), true);
+        assert!(!waits(&new), "every lend began");
         let live = from_nats("m/1", "live");
         new.took_from_cluster(7, Some(&filter), &live);
         new.route_from_cluster(Some("m/#"), &live);
@@ -2287,13 +2301,13 @@ mod tests {
     #[test]
     fn a_lend_for_a_claim_gone_or_away_is_dropped() {
         let mut shard = crate::shard::testing::shard_with(1, 2, Config::default());
-        shard.lent(4, "m/#".into(), vec![from_nats("m/1", "x")], true);
+        shard.lent(4, Some("m/#".into()), vec![from_nats("m/1", "x")], true);
         assert!(shard.registry.lending.is_empty(), "no claim 4");
         pending(&mut shard, "mover", 9);
         if let Some(claim) = shard.registry.claims.get_mut(&9) {
             claim.away = true;
         }
-        shard.lent(9, "m/#".into(), vec![from_nats("m/1", "x")], true);
+        shard.lent(9, Some("m/#".into()), vec![from_nats("m/1", "x")], true);
         let lend = shard.registry.claims.get(&9).map(|c| c.lend.is_some());
         assert_eq!(lend, Some(false), "away: the tail has it");
     }
