@@ -38,11 +38,11 @@ use crate::cluster::link::{ClaimAnswer, Withdrawn};
 use crate::cluster::ownership::CLAIM_DEADLINE;
 use crate::cluster::positions::Seen;
 use crate::mesh::ShardMsg;
+use crate::observe::counters::Counters;
 use crate::protocol::message::Message;
 use crate::protocol::v3::QoS;
-use crate::session::Delivery;
 use crate::session::link::CloseReason;
-use crate::session::{Session, SessionState};
+use crate::session::{Delivery, Limits, Session, SessionState};
 use crate::shard::cluster::{copy_qos, decode_image};
 use crate::shard::lend::ClaimLend;
 use crate::shard::{Ctx, Shard};
@@ -823,7 +823,15 @@ impl Shard {
             return;
         }
         if let Some(state) = &mut state {
-            self.keep_lent(state, &lent_kept);
+            for (filter, batch) in &lent_kept {
+                keep_batch(
+                    state,
+                    filter.as_deref(),
+                    batch,
+                    &self.limits,
+                    &mut self.stats,
+                );
+            }
         }
         let Some(claim) = self.registry.claims.get_mut(&token) else {
             return;
@@ -863,12 +871,7 @@ impl Shard {
         }
         let missed: Vec<Message> = missed.into_iter().cloned().collect();
         for message in &missed {
-            let Some(granted) = copy_qos(state, None, &message.topic) else {
-                continue;
-            };
-            if state.keep(message, granted, &self.limits) == Delivery::Dropped {
-                self.stats.publish_dropped += 1;
-            }
+            keep_for_claim_state(state, None, message, &self.limits, &mut self.stats);
         }
     }
 
@@ -1060,12 +1063,7 @@ impl Shard {
             return;
         };
         for message in messages {
-            let Some(granted) = copy_qos(state, None, &message.topic) else {
-                continue;
-            };
-            if state.keep(message, granted, &self.limits) == Delivery::Dropped {
-                self.stats.publish_dropped += 1;
-            }
+            keep_for_claim_state(state, None, message, &self.limits, &mut self.stats);
         }
     }
 
@@ -1214,12 +1212,7 @@ impl Shard {
             if from_cluster && !handing.is_empty() && handing.contains(&**client_id) {
                 continue;
             }
-            let Some(granted) = copy_qos(state, filter, &message.topic) else {
-                continue;
-            };
-            if state.keep(message, granted, &self.limits) == Delivery::Dropped {
-                self.stats.publish_dropped += 1;
-            }
+            keep_for_claim_state(state, filter, message, &self.limits, &mut self.stats);
         }
     }
 
@@ -1281,7 +1274,13 @@ impl Shard {
                 self.id
             );
         }
-        let Some(claim) = self.registry.claims.get_mut(&token) else {
+        let Shard {
+            registry,
+            limits,
+            stats,
+            ..
+        } = self;
+        let Some(claim) = registry.claims.get_mut(&token) else {
             debug!("lend of {name} for claim {token}, gone meanwhile, dropped");
             return;
         };
@@ -1297,47 +1296,53 @@ impl Shard {
             None => {
                 for batch in &batches {
                     if !lend.keep(filter.as_ref(), batch) {
-                        self.stats.publish_dropped += batch.len() as u64;
+                        stats.publish_dropped += batch.len() as u64;
                     }
                 }
-                if !self.registry.lending.contains(&token) {
-                    self.registry.lending.push(token);
+                if !registry.lending.contains(&token) {
+                    registry.lending.push(token);
                 }
             }
             Some(Outcome::Granted(Some(state))) => {
-                let mut state = std::mem::take(state);
-                let lent: Vec<_> = batches.into_iter().map(|b| (filter.clone(), b)).collect();
-                self.keep_lent(&mut state, &lent);
-                if let Some(PendingClaim {
-                    outcome: Some(Outcome::Granted(Some(held))),
-                    ..
-                }) = self.registry.claims.get_mut(&token)
-                {
-                    *held = state;
+                for batch in &batches {
+                    keep_batch(state, filter.as_deref(), batch, limits, stats);
                 }
             }
             Some(_) => {}
         }
     }
+}
 
-    /// Keeps in `state` the QoS 1/2 messages of `batches` (each of the
-    /// NATS subscription of its filter) the session takes, in order, as
-    /// [`Shard::queue_for_attaching`] does.
-    fn keep_lent(
-        &mut self,
-        state: &mut SessionState,
-        batches: &[(Option<ByteString>, Arc<Vec<Message>>)],
-    ) {
-        for (filter, batch) in batches {
-            for message in batch.iter().filter(|m| m.qos != QoS::AtMostOnce) {
-                let Some(granted) = copy_qos(state, filter.as_deref(), &message.topic) else {
-                    continue;
-                };
-                if state.keep(message, granted, &self.limits) == Delivery::Dropped {
-                    self.stats.publish_dropped += 1;
-                }
-            }
-        }
+/// Keeps `message` in `state`, held by a claim of this shard that has not
+/// attached it yet, if the session takes it (from the NATS subscription of
+/// `filter` as `shard::cluster` routes it; None: through any matching
+/// filter), as an offline session keeps it: within the queue's limits
+/// (`limits`), else counted dropped.
+fn keep_for_claim_state(
+    state: &mut SessionState,
+    filter: Option<&str>,
+    message: &Message,
+    limits: &Limits,
+    stats: &mut Counters,
+) {
+    let Some(granted) = copy_qos(state, filter, &message.topic) else {
+        return;
+    };
+    if state.keep(message, granted, limits) == Delivery::Dropped {
+        stats.publish_dropped += 1;
+    }
+}
+
+/// [`keep_for_claim_state`] for the QoS 1/2 messages of `batch`, in order.
+fn keep_batch(
+    state: &mut SessionState,
+    filter: Option<&str>,
+    batch: &[Message],
+    limits: &Limits,
+    stats: &mut Counters,
+) {
+    for message in batch.iter().filter(|m| m.qos != QoS::AtMostOnce) {
+        keep_for_claim_state(state, filter, message, limits, stats);
     }
 }
 
